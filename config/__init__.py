@@ -1,0 +1,1 @@
+"""Settings: TOML defaults shipped here, loaded once at the edge into frozen dataclasses."""

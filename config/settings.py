@@ -1,0 +1,172 @@
+"""Load settings once: shipped defaults < config file < LTX2_* environment < explicit overrides.
+
+The result is a frozen dataclass passed to whoever needs it; nothing reads the environment at
+import time and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
+# Environment variables that override one setting each: name -> (section, key).
+ENV_OVERRIDES = {
+    "LTX2_STATE_DIR": ("paths", "state_dir"),
+    "LTX2_OUTPUT_DIR": ("paths", "output_dir"),
+    "LTX2_DEFAULT_MODEL": ("models", "default"),
+    "LTX2_PROFILE": ("decode", "profile"),
+    "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is unreadable or names an unknown setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Defaults a model brings for flags the user did not give."""
+
+    steps: int
+    guidance_scale: float
+    schedule: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """Inputs of the decode plan (orchestrator.decode_plan)."""
+
+    profile: str
+    budget_gib: float
+    tile_size: int
+    tile_overlap: int
+    chunk_overlap_latent_frames: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the CLI and orchestrator need, resolved to concrete values."""
+
+    state_dir: Path
+    output_dir: Path
+    default_model: str
+    fallback_model: str
+    presets: Mapping[str, Preset]
+    heartbeat_s: float
+    hung_after_s: float
+    stderr_tail_lines: int
+    decode: DecodeSettings
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job directories live."""
+        return self.state_dir / "jobs"
+
+    def preset_for(self, model: str) -> Preset:
+        """The preset of a repo id; local folders and unknown ids get the default model's."""
+        return self.presets.get(model) or self.presets[self.default_model]
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Merge the layers and build Settings; raises ConfigError naming the bad layer and key."""
+    environ = os.environ if environ is None else environ
+    data = _read_toml(DEFAULTS_FILE)
+    user_file = config_file or _user_config_file(environ)
+    if user_file is not None:
+        _merge(data, _read_toml(user_file), str(user_file))
+    for name, (section, key) in ENV_OVERRIDES.items():
+        if environ.get(name):
+            _merge(data, {section: {key: _coerce(data[section][key], environ[name], name)}}, name)
+    if overrides:
+        _merge(data, {k: dict(v) for k, v in overrides.items()}, "overrides")
+    return _build(data, environ)
+
+
+def _user_config_file(environ: Mapping[str, str]) -> Path | None:
+    if environ.get("LTX2_CONFIG"):
+        return Path(environ["LTX2_CONFIG"])
+    candidate = Path(environ.get("XDG_CONFIG_HOME") or _home(environ) / ".config") / "ltx2-stages" / "config.toml"
+    return candidate if candidate.is_file() else None
+
+
+def _home(environ: Mapping[str, str]) -> Path:
+    return Path(environ["HOME"]) if environ.get("HOME") else Path.home()
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
+    """Overlay `layer` on `base` in place; unknown sections or keys are errors, not ignored."""
+    for section, values in layer.items():
+        if section == "presets":
+            base.setdefault("presets", {}).update(values)
+            continue
+        if section not in base or not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: unknown config section [{section}]")
+        if section == "profiles":
+            base[section].update(values)
+            continue
+        for key, value in values.items():
+            if key not in base[section]:
+                raise ConfigError(f"{origin}: unknown setting {section}.{key}")
+            base[section][key] = value
+
+
+def _coerce(default: object, text: str, origin: str) -> object:
+    """Environment values are strings; convert to the type of the shipped default."""
+    if isinstance(default, float):
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{origin}: expected a number, got {text!r}") from None
+    return text
+
+
+def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
+    paths, models, worker, decode = data["paths"], data["models"], data["worker"], data["decode"]
+    profiles = data["profiles"]
+    if decode["profile"] not in profiles:
+        raise ConfigError(f"unknown profile {decode['profile']!r}; known: {', '.join(sorted(profiles))}")
+    try:
+        presets = {name: Preset(**values) for name, values in data.get("presets", {}).items()}
+    except TypeError as exc:
+        raise ConfigError(f"bad preset: {exc}") from None
+    if models["default"] not in presets:
+        raise ConfigError(f"no preset for the default model {models['default']!r}")
+    state_home = Path(environ.get("XDG_STATE_HOME") or _home(environ) / ".local" / "state")
+    return Settings(
+        state_dir=Path(paths["state_dir"]).expanduser() if paths["state_dir"] else state_home / "ltx2-stages",
+        output_dir=Path(paths["output_dir"]).expanduser(),
+        default_model=models["default"],
+        fallback_model=models["fallback"],
+        presets=presets,
+        heartbeat_s=float(worker["heartbeat_s"]),
+        hung_after_s=float(worker["hung_after_s"]),
+        stderr_tail_lines=int(worker["stderr_tail_lines"]),
+        decode=DecodeSettings(
+            profile=decode["profile"],
+            budget_gib=float(profiles[decode["profile"]]["decode_budget_gib"]),
+            tile_size=int(decode["tile_size"]),
+            tile_overlap=int(decode["tile_overlap"]),
+            chunk_overlap_latent_frames=int(decode["chunk_overlap_latent_frames"]),
+        ),
+    )

@@ -1,0 +1,219 @@
+"""Start one stage worker, follow it over ZeroMQ, and classify how it ended.
+
+The orchestrator binds one ROUTER socket (WorkerLink) on an `ipc://` path inside a 0700 runtime
+directory; each worker connects a DEALER to it, says READY, gets GO, streams progress and
+heartbeats, and exits. Whatever the worker says, the verdict comes from its exit status
+(protocol.errors.classify_exit): a worker killed by the kernel says nothing at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from orchestrator.jobdir import JobDir, tail
+from protocol import codec, stages
+from protocol.errors import Failure, classify_exit, describe_exit
+from protocol.files import Stage
+
+log = logging.getLogger("ltx2.orchestrator")
+# Poll interval of the follow loop: short enough that progress feels live and an exit is noticed
+# at once, long enough to cost nothing.
+POLL_MS = 200
+# After a worker exits, messages it sent just before may still be in flight.
+DRAIN_MS = 300
+# SIGTERM first so a worker can close its files; SIGKILL if it has not gone after this long.
+KILL_GRACE_S = 10.0
+
+EventHandler = Callable[[codec.Message], None]
+
+
+def runtime_dir() -> Path:
+    """A private (0700) directory for ipc:// socket files; paths must stay short (108 bytes)."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    path = Path(base) / f"ltx2-stages-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+class WorkerLink:
+    """The ROUTER socket workers connect to; one per orchestrator process."""
+
+    def __init__(self, context: zmq.Context, endpoint: str | None = None) -> None:
+        self.socket = context.socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.endpoint = endpoint or f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
+        self.socket.bind(self.endpoint)
+
+    def receive(self, timeout_ms: int) -> tuple[bytes, codec.Message] | None:
+        """One decoded message with its sender, or None on timeout or a bad frame."""
+        if not self.socket.poll(timeout_ms):
+            return None
+        parts = self.socket.recv_multipart()
+        if len(parts) != 2:
+            log.warning("dropped a worker message of %d frames", len(parts))
+            return None
+        try:
+            return parts[0], codec.decode(parts[1])
+        except codec.ProtocolError as exc:
+            log.warning("dropped a bad worker message: %s", exc)
+            return None
+
+    def send(self, identity: bytes, message: codec.Message) -> None:
+        self.socket.send_multipart([identity, codec.encode(message)])
+
+    def close(self) -> None:
+        self.socket.close()
+        if self.endpoint.startswith("ipc://"):
+            Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class StageOutcome:
+    """How one attempt ended."""
+
+    returncode: int
+    failure: Failure | None
+    reason: str  #: one line: the worker's own error, or how the process ended
+    log_tail: str
+    seconds: float
+    peak_gpu_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+
+@dataclasses.dataclass
+class StageSettings:
+    """Timing knobs of the follow loop."""
+
+    heartbeat_s: float
+    hung_after_s: float
+    stderr_tail_lines: int
+
+
+def worker_command(
+    job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
+) -> list[str]:
+    """The command line of one worker process."""
+    return [
+        sys.executable, "-m", stage.module,
+        "--job-dir", str(job.path),
+        "--endpoint", endpoint,
+        "--attempt", str(attempt),
+        "--plan", json.dumps(plan),
+        "--heartbeat-s", str(heartbeat_s),
+    ]  # fmt: skip
+
+
+def run_stage(
+    job: JobDir,
+    stage: Stage,
+    attempt: int,
+    plan: dict[str, Any],
+    link: WorkerLink,
+    settings: StageSettings,
+    on_event: EventHandler,
+    should_cancel: Callable[[], bool] = lambda: False,
+) -> StageOutcome:
+    """Run one attempt of a stage to its end and classify it."""
+    log_path = job.log_path(stage, attempt)
+    started = time.monotonic()
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            worker_command(job, stage, attempt, plan, link.endpoint, settings.heartbeat_s),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    follower = _Follower(job, stage, link, on_event)
+    forced: Failure | None = None
+    while (returncode := process.poll()) is None:
+        if follower.pump(POLL_MS):
+            continue
+        if should_cancel():
+            forced = Failure.CANCELLED
+        elif time.monotonic() - follower.last_heard > settings.hung_after_s:
+            forced = Failure.HUNG
+        if forced is not None:
+            returncode = stop_process(process)
+            break
+    while follower.pump(DRAIN_MS):
+        pass
+    failure = forced or classify_exit(returncode)
+    if failure is None and not all((job.path / name).is_file() for name in stage.outputs):
+        failure = Failure.CRASH
+        follower.reason = "exited 0 without writing its outputs"
+    reason = follower.reason or describe_exit(returncode)
+    if forced is Failure.HUNG:
+        reason = f"no message for {settings.hung_after_s:.0f} s; killed"
+    done = follower.done
+    return StageOutcome(
+        returncode=returncode,
+        failure=failure,
+        reason=reason if failure else "",
+        log_tail=tail(log_path, settings.stderr_tail_lines) if failure else "",
+        seconds=time.monotonic() - started,
+        peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
+        peak_rss_bytes=done.peak_rss_bytes if done else 0,
+    )
+
+
+class _Follower:
+    """Consumes a worker's messages: answers READY with GO, forwards the rest."""
+
+    def __init__(self, job: JobDir, stage: Stage, link: WorkerLink, on_event: EventHandler) -> None:
+        self.job, self.stage, self.link, self.on_event = job, stage, link, on_event
+        self.last_heard = time.monotonic()
+        self.done: stages.Done | None = None
+        self.reason = ""
+
+    def pump(self, timeout_ms: int) -> bool:
+        """Handle at most one message; False when none came within the timeout."""
+        received = self.link.receive(timeout_ms)
+        if received is None:
+            return False
+        identity, message = received
+        if message.id != self.job.id or getattr(message, "stage", None) != self.stage.value:
+            log.warning("ignored a message from another worker: %s", type(message).__name__)
+            return True
+        self.last_heard = time.monotonic()
+        if isinstance(message, stages.Ready):
+            self.link.send(identity, stages.Go(self.job.id, self.stage.value))
+        elif isinstance(message, stages.Done):
+            self.done = message
+        elif isinstance(message, stages.Failed):
+            self.reason = message.error
+        self.on_event(message)
+        return True
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status."""
+    for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.wait()

@@ -1,0 +1,89 @@
+"""Exit codes of stage workers and how the orchestrator classifies a finished process.
+
+The table lives here, in the torch-free protocol package, so a worker (which raises) and the
+orchestrator (which reads return codes) share it without importing each other.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+
+
+class ExitCode(enum.IntEnum):
+    """What a stage worker's exit status means (DESIGN.md rule 3)."""
+
+    OK = 0  #: outputs written and renamed into place
+    OTHER = 1  #: any failure not listed below (a bug, a corrupt file, ...)
+    INVALID_INPUT = 2  #: the job spec or an input file was rejected; retrying cannot help
+    OUT_OF_MEMORY = 3  #: the accelerator ran out of memory (torch.OutOfMemoryError)
+    MODEL_NOT_FOUND = 4  #: a model or LoRA is missing from the local cache; retrying cannot help
+
+
+class Failure(enum.Enum):
+    """Why a stage attempt failed, as the retry policy sees it."""
+
+    INVALID_INPUT = "invalid_input"  #: exit 2
+    CUDA_OOM = "cuda_oom"  #: exit 3
+    MODEL_NOT_FOUND = "model_not_found"  #: exit 4
+    HOST_OOM = "host_oom"  #: killed by SIGKILL, which on a healthy box means the kernel's OOM killer
+    CRASH = "crash"  #: exit 1, any other code, or death by another signal
+    HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
+    CANCELLED = "cancelled"  #: stopped on request
+
+    @property
+    def is_retryable(self) -> bool:
+        """Bad input and missing models fail the same way every time, so they are not retried."""
+        return self not in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED)
+
+
+def classify_exit(returncode: int) -> Failure | None:
+    """Map a `subprocess` return code (negative for signals) to a failure, or None for success."""
+    if returncode == ExitCode.OK:
+        return None
+    if returncode == -signal.SIGKILL:
+        return Failure.HOST_OOM
+    by_code = {
+        ExitCode.INVALID_INPUT: Failure.INVALID_INPUT,
+        ExitCode.OUT_OF_MEMORY: Failure.CUDA_OOM,
+        ExitCode.MODEL_NOT_FOUND: Failure.MODEL_NOT_FOUND,
+    }
+    return by_code.get(returncode, Failure.CRASH)
+
+
+def describe_exit(returncode: int) -> str:
+    """A human sentence for a return code, used in error reports."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"killed by {name}"
+    try:
+        return f"exit {returncode} ({ExitCode(returncode).name.lower()})"
+    except ValueError:
+        return f"exit {returncode}"
+
+
+class StageError(Exception):
+    """A failure a stage understands; its class decides the worker's exit code."""
+
+    exit_code = ExitCode.OTHER
+
+
+class InvalidInput(StageError):
+    """The spec or an input file is unusable (a stale latents file, an unreadable image...)."""
+
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class ModelNotFound(StageError):
+    """A model or LoRA is not in the local cache or folder."""
+
+    exit_code = ExitCode.MODEL_NOT_FOUND
+
+
+class OutOfMemory(StageError):
+    """Raised deliberately (fault injection) with the same meaning as torch.OutOfMemoryError."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY

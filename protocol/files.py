@@ -1,0 +1,85 @@
+"""The file contract: what each stage writes into a job directory and how it is verified.
+
+File names are written here once. A stage is finished when every output it declares exists and
+matches the size and SHA-256 recorded in `job.json` when the stage succeeded (DESIGN.md rule 1);
+such a stage is skipped on a re-run, which makes crash recovery and "decode from saved latents"
+the same code path as a normal run.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import os
+from pathlib import Path
+
+JOB_FILE = "job.json"
+EVENTS_FILE = "events.log"
+LATENTS_FILE = "latents.safetensors"
+AUDIO_FILE = "audio.wav"
+VIDEO_FILE = "video.mp4"
+# Hashing reads files in pieces so a multi-GB MP4 never sits in memory.
+HASH_CHUNK_BYTES = 4 << 20
+
+
+class Stage(enum.StrEnum):
+    """The stages of a job, in the order they run."""
+
+    ENCODE_DIFFUSE = "encode_diffuse"  #: prompt -> latents.safetensors
+    AUDIO_DECODE = "audio_decode"  #: latents -> audio.wav
+    VIDEO_DECODE = "video_decode"  #: latents (+ audio.wav) -> video.mp4
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Files this stage produces inside the job directory."""
+        return STAGE_OUTPUTS[self]
+
+    @property
+    def module(self) -> str:
+        """The module a worker for this stage runs as (`python -m <module>`)."""
+        return f"services.{self.value}"
+
+
+STAGE_OUTPUTS: dict[Stage, tuple[str, ...]] = {
+    Stage.ENCODE_DIFFUSE: (LATENTS_FILE,),
+    Stage.AUDIO_DECODE: (AUDIO_FILE,),
+    Stage.VIDEO_DECODE: (VIDEO_FILE,),
+}
+STAGE_ORDER: tuple[Stage, ...] = (Stage.ENCODE_DIFFUSE, Stage.AUDIO_DECODE, Stage.VIDEO_DECODE)
+
+
+def fingerprint_file(path: Path) -> dict[str, int | str]:
+    """Size and SHA-256 of a file, as recorded in job.json for later verification."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def matches_fingerprint(path: Path, expected: dict[str, int | str]) -> bool:
+    """True when `path` exists with the recorded size and hash (size is checked first: cheap)."""
+    if not path.is_file() or path.stat().st_size != expected.get("size"):
+        return False
+    return fingerprint_file(path) == expected
+
+
+def temp_path_for(path: Path) -> Path:
+    """The name a file is written under before its atomic rename (same directory, same suffix)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def publish(temp: Path, final: Path) -> None:
+    """fsync a finished temp file and rename it into place, then fsync the directory.
+
+    After this returns the file survives a crash or power loss under its final name, and no reader
+    ever sees a half-written file under that name.
+    """
+    with temp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temp, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,174 @@
+"""The job spec: every input of one clip, validated before any process starts.
+
+A rule broken here fails fast with a message naming the CLI flag, the value given and what is
+allowed. Nothing is rounded silently: a frame count that is not 8n+1 is an error that names the
+two nearest valid counts, so the user decides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import typing
+from typing import Any
+
+from protocol.codec import is_instance_of
+
+# LTX-2's VAE compresses 8x in time with a causal first frame: a clip has 8n+1 frames.
+FRAME_MULTIPLE = 8
+# Height and width must be divisible by 32 (the VAE's spatial compression); diffusers checks this too.
+SIZE_MULTIPLE = 32
+MIN_SIZE, MAX_SIZE = 64, 4096
+MIN_FRAMES, MAX_FRAMES = 9, 1025
+MAX_STEPS = 500
+MAX_SEED = 2**63 - 1
+# Long enough for the seed project's paragraph prompts, short enough to bound job.json.
+MAX_PROMPT_CHARS = 20_000
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+DTYPES = ("auto", "bfloat16", "float32")
+SCHEDULES = ("distilled", "default")
+# The distilled checkpoint was trained on one fixed 8-sigma schedule.
+DISTILLED_STEPS = 8
+
+
+class SpecError(ValueError):
+    """A spec field broke a rule; `flag` is the CLI flag a user would change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        self.flag = "--" + field.replace("_", "-")
+        super().__init__(f"{self.flag}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """One clip's inputs; `model` is a Hugging Face repo id or a local diffusers folder."""
+
+    prompt: str
+    model: str
+    width: int
+    height: int
+    num_frames: int
+    steps: int
+    seed: int
+    negative_prompt: str = ""
+    fps: float = 24.0
+    guidance_scale: float = 1.0
+    schedule: str = "distilled"
+    dtype: str = "auto"
+    name: str = "video"
+    vae_chunk_frames: int | None = None
+    vae_tiling: bool | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
+        """Build and validate a spec from plain data (a msgpack map, job.json or CLI flags)."""
+        if not isinstance(raw, dict):
+            raise SpecError("spec", "the job spec must be a map of fields")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise SpecError(str(unknown[0]), f"unknown field; allowed fields are {', '.join(sorted(fields))}")
+        for name, field in fields.items():
+            if name not in raw:
+                if field.default is dataclasses.MISSING:
+                    raise SpecError(name, "is required")
+                continue
+            if not is_instance_of(raw[name], hints[name]):
+                raise SpecError(name, f"must be of type {_describe(hints[name])}, got {raw[name]!r}")
+        spec = cls(**raw)
+        spec.require_valid()
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for job.json and messages."""
+        return dataclasses.asdict(self)
+
+    def with_changes(self, **changes: Any) -> JobSpec:
+        """A validated copy with some fields replaced."""
+        return JobSpec.from_dict({**self.to_dict(), **changes})
+
+    def require_valid(self) -> None:
+        """Raise SpecError for the first rule this spec breaks."""
+        _require_text(self.prompt, "prompt", allow_empty=False)
+        _require_text(self.negative_prompt, "negative_prompt", allow_empty=True)
+        if not self.model.strip():
+            raise SpecError("model", "must name a Hugging Face repo id or a local folder")
+        for field, value in (("width", self.width), ("height", self.height)):
+            if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+                low = max(MIN_SIZE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+                raise SpecError(
+                    field,
+                    f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
+                    f" (nearest allowed: {low} or {low + SIZE_MULTIPLE})",
+                )
+        _require_frames(self.num_frames)
+        _require_range("steps", self.steps, 1, MAX_STEPS)
+        _require_range("seed", self.seed, 0, MAX_SEED)
+        _require_range("fps", self.fps, 1.0, 240.0)
+        _require_range("guidance_scale", self.guidance_scale, 1.0, 30.0)
+        _require_choice("schedule", self.schedule, SCHEDULES)
+        if self.schedule == "distilled" and self.steps != DISTILLED_STEPS:
+            raise SpecError(
+                "steps",
+                f"the distilled schedule has exactly {DISTILLED_STEPS} steps; got {self.steps}"
+                " (use --schedule default for another step count)",
+            )
+        _require_choice("dtype", self.dtype, DTYPES)
+        if not NAME_PATTERN.match(self.name):
+            raise SpecError(
+                "name", f"must match {NAME_PATTERN.pattern} (used in the output file name); got {self.name!r}"
+            )
+        if self.vae_chunk_frames is not None:
+            _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
+
+    @property
+    def latent_frames(self) -> int:
+        """Frames of the video latent: the first frame alone, then one per 8."""
+        return (self.num_frames - 1) // FRAME_MULTIPLE + 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Classifier-free guidance runs only above 1.0; at 1.0 a negative prompt has no effect."""
+        return self.guidance_scale > 1.0
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the spec; recorded in every stage output."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
+    if not allow_empty and not value.strip():
+        raise SpecError(field, "must not be empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+
+
+def _require_frames(value: int) -> None:
+    if value % FRAME_MULTIPLE == 1 and MIN_FRAMES <= value <= MAX_FRAMES:
+        return
+    below = min(MAX_FRAMES, max(MIN_FRAMES, (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1))
+    above = min(MAX_FRAMES, below + FRAME_MULTIPLE) if below < value else below
+    raise SpecError(
+        "num_frames",
+        f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
+        f" (nearest allowed: {below} or {above})",
+    )
+
+
+def _require_range(field: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise SpecError(field, f"must be between {low} and {high}; got {value}")
+
+
+def _require_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpecError(field, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _describe(annotation: object) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation)

@@ -1,0 +1,82 @@
+"""Messages between a stage worker and the orchestrator that started it.
+
+A worker connects a DEALER socket to the endpoint it was given, says `ready` once its imports are
+done, and waits for `go` before it touches the accelerator or loads a weight (DESIGN.md rule 5).
+While it works it sends `progress` at each phase and step and a `heartbeat` on a timer; it ends
+with `done` or `failed` and then exits with the matching code (protocol.errors.ExitCode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from protocol.codec import Message, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Ready(Message):
+    """The worker has imported its libraries and connected; nothing heavy is allocated yet."""
+
+    TYPE = "ready"
+    stage: str
+    attempt: int
+    pid: int
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Go(Message):
+    """Orchestrator to worker: start loading and computing now."""
+
+    TYPE = "go"
+    stage: str
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Progress(Message):
+    """A phase started (`step == 0`) or a step of it finished (`step` of `total`)."""
+
+    TYPE = "progress"
+    stage: str
+    phase: str
+    step: int
+    total: int
+    gpu_bytes: int = 0
+    rss_bytes: int = 0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Heartbeat(Message):
+    """Sent on a timer from a side thread, so a long kernel does not look like a hang."""
+
+    TYPE = "heartbeat"
+    stage: str
+    gpu_bytes: int = 0
+    rss_bytes: int = 0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Done(Message):
+    """Outputs are in place; peaks are for the whole process."""
+
+    TYPE = "done"
+    stage: str
+    outputs: list[str]
+    seconds: float
+    peak_gpu_bytes: int = 0
+    peak_rss_bytes: int = 0
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Failed(Message):
+    """The worker caught an error at its edge and is about to exit with `exit_code`."""
+
+    TYPE = "failed"
+    stage: str
+    exit_code: int
+    error: str

@@ -1,0 +1,40 @@
+"""audio_decode -> audio.wav: mel latents through the audio VAE and the vocoder.
+
+Loads only the audio VAE and the vocoder (a few hundred MB at full size) and mirrors the decode
+branch of diffusers' LTX2Pipeline (0.42.1): `audio_vae.decode` on the denormalized latents, then
+the vocoder on the mel spectrogram.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from protocol.errors import InvalidInput
+from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
+from services import models
+from services.latents import read_latents
+from services.media import write_wav
+from services.runtime import WorkerContext, run_worker
+
+
+def run(ctx: WorkerContext) -> list[str]:
+    """The stage: latents file -> float WAV at the vocoder's output rate."""
+    device = models.resolve_device()
+    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.digest())
+    latents = tensors["audio"]
+    if latents.ndim != 4 or latents.shape[0] != 1:
+        raise InvalidInput(f"audio latents must be [1, C, L, M], got {list(latents.shape)}")
+    ctx.progress("load audio decoder")
+    audio_vae, vocoder = models.load_audio_decoder(ctx.model_root, dtype, device)
+    ctx.progress("decode audio", 0, 1)
+    with torch.no_grad():
+        mel = audio_vae.decode(latents.to(device, audio_vae.dtype), return_dict=False)[0]
+        waveform = vocoder(mel)[0]
+    ctx.progress("decode audio", 1, 1)
+    write_wav(ctx.job_dir / AUDIO_FILE, waveform.float().cpu().numpy(), int(vocoder.config.output_sampling_rate))
+    return [AUDIO_FILE]
+
+
+if __name__ == "__main__":
+    run_worker(Stage.AUDIO_DECODE, run)

@@ -1,0 +1,134 @@
+"""encode_diffuse -> latents.safetensors: encode the prompt, then run the denoising loop.
+
+Both halves run in one process because the prompt embeddings (about 385 MB per prompt at full
+size) would otherwise make a round trip through disk; the text encoder is dropped before the
+transformer is loaded, so the two never share memory. The denoising itself is diffusers'
+LTX2Pipeline (0.42.1) called with `output_type="latent"`, which is what makes the staged result
+equal the single-process one (DESIGN.md rule 6).
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+
+from protocol.files import LATENTS_FILE, Stage
+from services import guidance, models
+from services.latents import write_latents
+from services.runtime import WorkerContext, run_worker
+
+
+def encode_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Prompt embeddings and masks (negative ones only with CFG), via LTX2Pipeline.encode_prompt."""
+    ctx.progress("load text encoder")
+    # The pipeline object is the only holder of the encoder, so releasing it frees the memory.
+    encoder_only = models.load_prompt_encoder(ctx.model_root, dtype, device)
+    ctx.progress("encode prompt")
+    with torch.no_grad():
+        embeds, mask, negative_embeds, negative_mask = encoder_only.encode_prompt(
+            prompt=ctx.spec.prompt,
+            negative_prompt=ctx.spec.negative_prompt,
+            do_classifier_free_guidance=ctx.spec.uses_cfg,
+            max_sequence_length=guidance.MAX_SEQUENCE_LENGTH,
+            device=device,
+        )
+    release_text_encoder(encoder_only)
+    return {
+        "prompt_embeds": embeds,
+        "prompt_attention_mask": mask,
+        "negative_prompt_embeds": negative_embeds,
+        "negative_prompt_attention_mask": negative_mask,
+    }
+
+
+def release_text_encoder(pipeline: Any) -> None:
+    """Free the text encoder before the transformer loads (the one deliberate free in a stage).
+
+    Every other model lives until its process exits; this one must go earlier because the
+    transformer follows it in the same process and the two together would double the peak.
+    """
+    pipeline.text_encoder = None
+    pipeline.tokenizer = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Run the denoising loop; returns the latents, generator state and transformer call count."""
+    from diffusers import LTX2Pipeline
+
+    ctx.progress("load transformer")
+    connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
+    video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
+    scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, scheduler)
+    pipe = LTX2Pipeline(
+        scheduler=scheduler,
+        vae=video_stats,
+        audio_vae=audio_stats,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
+    total = ctx.spec.steps
+
+    def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        ctx.progress("denoise", step + 1, total)
+        return {}
+
+    ctx.progress("denoise", 0, total)
+    with torch.no_grad():
+        video, audio = pipe(
+            **embeddings,
+            **guidance.pinned_guidance(ctx.spec.guidance_scale),
+            width=ctx.spec.width,
+            height=ctx.spec.height,
+            num_frames=ctx.spec.num_frames,
+            frame_rate=ctx.spec.fps,
+            num_inference_steps=total,
+            sigmas=sigmas,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
+            callback_on_step_end=on_step_end,
+        )
+    return {"video": video, "audio": audio, "generator_state": generator.get_state(), "calls": len(calls)}
+
+
+def run(ctx: WorkerContext) -> list[str]:
+    """The stage: prompt -> embeddings -> latents file."""
+    device = models.resolve_device()
+    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    embeddings = encode_prompt(ctx, device, dtype)
+    result = denoise(ctx, embeddings, device, dtype)
+    ctx.progress("write latents")
+    write_latents(
+        ctx.job_dir / LATENTS_FILE,
+        {"video": result["video"], "audio": result["audio"], "generator_state": result["generator_state"]},
+        {
+            "spec_digest": ctx.spec.digest(),
+            "seed": ctx.spec.seed,
+            "model": ctx.spec.model,
+            "revision": ctx.job.get("revision", ""),
+            "fps": ctx.spec.fps,
+            "num_frames": ctx.spec.num_frames,
+            "video_shape": list(result["video"].shape),
+            "audio_shape": list(result["audio"].shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+            "transformer_calls": result["calls"],
+        },
+    )
+    return [LATENTS_FILE]
+
+
+if __name__ == "__main__":
+    run_worker(Stage.ENCODE_DIFFUSE, run)

@@ -1,0 +1,44 @@
+"""Read and write `latents.safetensors`, the hand-over from diffusion to the decoders.
+
+The file holds the video latents `[B, C, F, H, W]` and audio latents `[B, C, L, M]` exactly as
+diffusers' LTX2Pipeline returns them with `output_type="latent"` (unpacked, denormalized, fp32),
+the random generator's state after denoising (the VAE's optional decode noise continues from it)
+and string metadata: spec digest, seed, model id and revision, fps and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from protocol.errors import InvalidInput
+from protocol.files import publish, temp_path_for
+
+LATENTS_FORMAT = "ltx2-stages/latents/1"
+
+
+def write_latents(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:
+    """Write tensors plus metadata atomically (temp name, fsync, rename)."""
+    text = {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}
+    text["format"] = LATENTS_FORMAT
+    temp = temp_path_for(path)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(temp), metadata=text)
+    publish(temp, path)
+
+
+def read_latents(path: Path, spec_digest: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor and the metadata; refuse files of another format or another spec."""
+    if not path.is_file():
+        raise InvalidInput(f"latents file {path} does not exist")
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    if metadata.get("format") != LATENTS_FORMAT:
+        raise InvalidInput(f"{path} is not an ltx2-stages latents file (format {metadata.get('format')!r})")
+    if spec_digest is not None and metadata.get("spec_digest") != spec_digest:
+        raise InvalidInput(f"{path} was made for another job spec; delete it to regenerate")
+    return tensors, metadata

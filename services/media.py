@@ -1,0 +1,123 @@
+"""WAV and MP4 files through PyAV: float WAV for the hand-over, H.264 + AAC for the result.
+
+`audio.wav` is 32-bit float PCM so the waveform crosses the process boundary bit-exact (16-bit
+PCM would round it by up to 3e-5). The MP4 writer takes frames in pieces, so a long clip is
+encoded while the VAE is still decoding and the whole video never sits in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+
+import av
+import numpy as np
+
+from protocol.files import publish, temp_path_for
+
+# AAC encodes 1024 samples per frame; feeding whole frames avoids a resampler FIFO.
+AAC_FRAME_SAMPLES = 1024
+# Visually lossless for H.264 at this project's content; users keep the latents for re-encodes.
+DEFAULT_CRF = 18
+
+
+def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
+    """Write `[channels, samples]` float32 audio as a float WAV, atomically."""
+    waveform = np.ascontiguousarray(waveform, dtype=np.float32)
+    layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
+    temp = temp_path_for(path)
+    with av.open(str(temp), "w", format="wav") as container:
+        stream = container.add_stream("pcm_f32le", rate=sample_rate, layout=layout)
+        frame = av.AudioFrame.from_ndarray(waveform, format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    publish(temp, path)
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """(`[channels, samples]` float32, sample rate) of a WAV written by write_wav."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        pieces = [frame.to_ndarray() for frame in container.decode(stream)]
+        rate = stream.rate
+    planar = [p.reshape(-1, stream.channels).T if p.shape[0] == 1 and stream.channels > 1 else p for p in pieces]
+    return np.concatenate(planar, axis=1).astype(np.float32), rate
+
+
+class Mp4Writer:
+    """Stream RGB frames and one audio track into an MP4 written under a temp name.
+
+    The file appears under its final name only after `close()` checked the frame count, so a
+    crash or a short decode never leaves a truncated video behind.
+    """
+
+    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = DEFAULT_CRF) -> None:
+        self.path = path
+        self.temp = temp_path_for(path)
+        self.frames_written = 0
+        self.container = av.open(str(self.temp), "w", format="mp4")
+        self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self.video.width, self.video.height = width, height
+        self.video.pix_fmt = "yuv420p"
+        self.video.options = {"crf": str(crf)}
+        self.fps = fps
+
+    def add_audio(self, waveform: np.ndarray, sample_rate: int, cover_frames: int) -> None:
+        """Encode the audio track, padded with silence so it lasts as long as `cover_frames` of video.
+
+        LTX-2's vocoder output ends 3 mel frames (about 30 ms) before the video does; padding keeps
+        players from ending the clip early.
+        """
+        needed = math.ceil(cover_frames / self.fps * sample_rate)
+        if waveform.shape[1] < needed:
+            waveform = np.pad(waveform, ((0, 0), (0, needed - waveform.shape[1])))
+        layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
+        stream = self.container.add_stream("aac", rate=sample_rate, layout=layout)
+        waveform = np.ascontiguousarray(waveform, dtype=np.float32)
+        for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
+            frame = av.AudioFrame.from_ndarray(
+                waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout
+            )
+            frame.sample_rate = sample_rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                self.container.mux(packet)
+        for packet in stream.encode(None):
+            self.container.mux(packet)
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode `[n, H, W, 3]` uint8 RGB frames."""
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            for packet in self.video.encode(frame):
+                self.container.mux(packet)
+        self.frames_written += len(frames)
+
+    def close(self, expected_frames: int) -> None:
+        """Flush, check the frame count, then publish under the final name."""
+        for packet in self.video.encode(None):
+            self.container.mux(packet)
+        self.container.close()
+        if self.frames_written != expected_frames:
+            self.temp.unlink(missing_ok=True)
+            raise RuntimeError(f"decoded {self.frames_written} frames, expected exactly {expected_frames}")
+        publish(self.temp, self.path)
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self.container.close()
+        self.temp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,155 @@
+"""Load exactly the components a stage needs from a diffusers-layout LTX-2 folder.
+
+The orchestrator resolves the model (repo id in the Hugging Face cache, or a local folder) and
+records its path in job.json; workers only read that folder, so `HF_HUB_OFFLINE` is never an
+issue inside a stage. Each loader raises ModelNotFound naming the missing subfolder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from protocol.errors import ModelNotFound
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+def resolve_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on an accelerator and fp32 on the CPU (bf16 matmuls are slow there)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def require_subfolder(root: Path, name: str) -> Path:
+    """The component folder, or ModelNotFound naming it."""
+    folder = root / name
+    if not folder.is_dir():
+        raise ModelNotFound(f"model folder {root} has no '{name}' component")
+    return folder
+
+
+def component_class_name(root: Path, name: str) -> str:
+    """The class that model_index.json records for a component (e.g. the vocoder variant)."""
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+        return str(index[name][1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ModelNotFound(f"{root}/model_index.json does not describe '{name}': {exc}") from exc
+
+
+def load_prompt_encoder(root: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """An LTX2Pipeline holding only the tokenizer and text encoder (on `device`).
+
+    Its `encode_prompt` is the very code the single-process pipeline runs, and being the sole
+    owner of the encoder it can be emptied to free it.
+    """
+    import transformers
+    from diffusers import LTX2Pipeline
+
+    require_subfolder(root, "tokenizer")
+    require_subfolder(root, "text_encoder")
+    tokenizer_cls = getattr(transformers, component_class_name(root, "tokenizer"))
+    encoder_cls = getattr(transformers, component_class_name(root, "text_encoder"))
+    tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer")
+    encoder = encoder_cls.from_pretrained(root, subfolder="text_encoder", dtype=dtype).to(device).eval()
+    return LTX2Pipeline(
+        scheduler=None,
+        vae=None,
+        audio_vae=None,
+        text_encoder=encoder,
+        tokenizer=tokenizer,
+        connectors=None,
+        transformer=None,
+        vocoder=None,
+    )
+
+
+def load_denoiser(root: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, Any]:
+    """(connectors, transformer, scheduler) on `device`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
+    from diffusers.pipelines.ltx2 import LTX2TextConnectors
+
+    for name in ("connectors", "transformer", "scheduler"):
+        require_subfolder(root, name)
+    connectors = LTX2TextConnectors.from_pretrained(root, subfolder="connectors", dtype=dtype)
+    transformer = LTX2VideoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+    return connectors.to(device).eval(), transformer.to(device).eval(), scheduler
+
+
+def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """The video VAE on `device`."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    require_subfolder(root, "vae")
+    return AutoencoderKLLTX2Video.from_pretrained(root, subfolder="vae", dtype=dtype).to(device).eval()
+
+
+def load_audio_decoder(root: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """(audio VAE, vocoder) on `device`; the vocoder class follows model_index.json."""
+    from diffusers import AutoencoderKLLTX2Audio
+    from diffusers.pipelines.ltx2 import vocoder as vocoders
+
+    require_subfolder(root, "audio_vae")
+    require_subfolder(root, "vocoder")
+    vocoder_cls = getattr(vocoders, component_class_name(root, "vocoder"))
+    audio_vae = AutoencoderKLLTX2Audio.from_pretrained(root, subfolder="audio_vae", dtype=dtype)
+    vocoder = vocoder_cls.from_pretrained(root, subfolder="vocoder", dtype=dtype)
+    return audio_vae.to(device).eval(), vocoder.to(device).eval()
+
+
+class LatentStatistics:
+    """Stands in for a VAE inside the denoising process: its config and statistics, no weights.
+
+    With `output_type="latent"` LTX2Pipeline still reads from both VAEs their normalisation
+    statistics (`latents_mean`/`latents_std`), a few config values and the compression ratios.
+    Loading the video VAE for that would cost 2.4 GiB and seconds at full size, so this object
+    reads only the two statistics tensors from the safetensors file and takes the ratios from the
+    real class instantiated on the meta device (no memory, no weights).
+    """
+
+    def __init__(self, model_cls: type, root: Path, subfolder: str) -> None:
+        folder = require_subfolder(root, subfolder)
+        config = model_cls.load_config(root, subfolder=subfolder)
+        with torch.device("meta"):
+            shell = model_cls.from_config(config)
+        self.config = shell.config
+        for name in ("spatial_compression_ratio", "temporal_compression_ratio", "mel_compression_ratio"):
+            if hasattr(shell, name):
+                setattr(self, name, getattr(shell, name))
+        self.latents_mean = read_tensor(folder, "latents_mean")
+        self.latents_std = read_tensor(folder, "latents_std")
+        self.dtype = torch.float32
+
+
+def read_tensor(folder: Path, name: str) -> torch.Tensor:
+    """One tensor from a (possibly sharded) diffusers weights folder, without reading the rest."""
+    weights = folder / WEIGHTS_FILE
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        weights = folder / json.loads(index.read_text())["weight_map"][name]
+    if not weights.is_file():
+        raise ModelNotFound(f"{folder} has no {WEIGHTS_FILE}")
+    with safe_open(str(weights), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def load_latent_statistics(root: Path) -> tuple[LatentStatistics, LatentStatistics]:
+    """(video VAE statistics, audio VAE statistics) for the denoising process."""
+    from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video
+
+    return LatentStatistics(AutoencoderKLLTX2Video, root, "vae"), LatentStatistics(
+        AutoencoderKLLTX2Audio, root, "audio_vae"
+    )

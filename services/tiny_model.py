@@ -1,0 +1,257 @@
+"""Build a tiny, randomly initialised LTX-2 pipeline and save it in diffusers layout.
+
+No hub access exists where tests and CI run, and diffusers' own tiny test configs download
+`hf-internal-testing/tiny-gemma3`. This module builds every component from the real diffusers and
+transformers classes instead (seeded, so two builds are identical), with shapes chosen so the
+whole pipeline runs in about a second on two CPU cores:
+
+- the Gemma-3 text hidden size (32) equals the connectors' heads x head_dim (4 x 8);
+- the audio VAE's `base_channels` equals `latent_channels * mel_bins / 4` (packed audio width);
+- the vocoder upsamples by 10 x 4 x 4 = 160 samples per mel frame, the audio VAE's hop length at
+  16 kHz, so the waveform lasts as long as the video;
+- the video VAE compresses 4x in space and time and states both ratios explicitly (without them
+  diffusers reports wrong ratios and tiled decode returns wrong sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
+    FlowMatchEulerDiscreteScheduler,
+    LTX2Pipeline,
+    LTX2VideoTransformer3DModel,
+)
+from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from tokenizers import Tokenizer, models, normalizers, trainers
+from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
+
+from protocol.models import TINY_REPO_ID
+
+# A fixed commit-like revision so the Hugging Face cache layout (snapshots/<rev>) is stable.
+TINY_REVISION = "0" * 39 + "1"
+TEXT_HIDDEN = 32  # must equal connector heads (4) x head_dim (8)
+VOCAB_SIZE = 512  # room for 5 specials, 256 byte-fallback tokens and the trained merges
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+# Any text works as training material: it only decides which merges the tokenizer learns.
+TOKENIZER_CORPUS = [
+    "a slow dolly in through a rain soaked alleyway at night with neon signs",
+    "a robot dancing in a sunlit forge while sparks fly and steam rises",
+    "puppies chase each other across wet grass under a cloudy sky",
+    "the camera cranes up over ancient stone ruins at golden hour",
+]
+
+
+def build_tokenizer() -> GemmaTokenizer:
+    """Train a byte-fallback BPE in memory and wrap it as the Gemma tokenizer diffusers expects."""
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "\u2581")
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 16, special_tokens=SPECIAL_TOKENS + byte_tokens)
+    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(pair) for pair in state["merges"]]
+    return GemmaTokenizer(vocab=state["vocab"], merges=merges)
+
+
+def build_text_encoder() -> Gemma3ForConditionalGeneration:
+    """A two-layer Gemma-3 whose text hidden size matches the tiny connectors."""
+    config = Gemma3Config(
+        text_config={
+            "vocab_size": VOCAB_SIZE,
+            "hidden_size": TEXT_HIDDEN,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "sliding_window": 64,
+            "query_pre_attn_scalar": 16,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 28,
+            "patch_size": 14,
+        },
+        mm_tokens_per_image=4,
+        boi_token_index=VOCAB_SIZE - 3,
+        eoi_token_index=VOCAB_SIZE - 2,
+        image_token_index=VOCAB_SIZE - 1,
+    )
+    return Gemma3ForConditionalGeneration(config).eval()
+
+
+def build_components(seed: int = 0) -> dict[str, object]:
+    """Every LTX2Pipeline component, each built right after `torch.manual_seed(seed)`."""
+    torch.manual_seed(seed)
+    text_encoder = build_text_encoder()
+    torch.manual_seed(seed)
+    transformer = LTX2VideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        audio_in_channels=4,
+        audio_out_channels=4,
+        audio_num_attention_heads=2,
+        audio_attention_head_dim=4,
+        audio_cross_attention_dim=8,
+        num_layers=2,
+        qk_norm="rms_norm_across_heads",
+        caption_channels=TEXT_HIDDEN,
+        rope_double_precision=False,
+        rope_type="split",
+    )
+    torch.manual_seed(seed)
+    connectors = LTX2TextConnectors(
+        caption_channels=TEXT_HIDDEN,
+        text_proj_in_factor=text_encoder.config.text_config.num_hidden_layers + 1,
+        video_connector_num_attention_heads=4,
+        video_connector_attention_head_dim=8,
+        video_connector_num_layers=1,
+        video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=4,
+        audio_connector_attention_head_dim=8,
+        audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None,
+        connector_rope_base_seq_len=32,
+        rope_theta=10000.0,
+        rope_double_precision=False,
+        causal_temporal_positioning=False,
+        rope_type="split",
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        spatio_temporal_scaling=(True, True),
+        decoder_spatio_temporal_scaling=(True, True),
+        decoder_inject_noise=(False, False, False),
+        downsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal", "spatiotemporal"),
+        upsample_residual=(False, False),
+        upsample_factor=(1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    )
+    # Non-trivial normalisation statistics, so a stage that skips them cannot match the pipeline.
+    vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, 4))
+    vae.latents_std.copy_(torch.linspace(0.8, 1.2, 4))
+    torch.manual_seed(seed)
+    audio_vae = AutoencoderKLLTX2Audio(
+        base_channels=4,
+        output_channels=2,
+        ch_mult=(1,),
+        num_res_blocks=1,
+        attn_resolutions=None,
+        in_channels=2,
+        resolution=32,
+        latent_channels=2,
+        norm_type="pixel",
+        causality_axis="height",
+        dropout=0.0,
+        mid_block_add_attention=False,
+        sample_rate=16000,
+        mel_hop_length=160,
+        is_causal=True,
+        mel_bins=8,
+    )
+    audio_vae.latents_mean.copy_(torch.linspace(-0.1, 0.1, 4))
+    audio_vae.latents_std.copy_(torch.linspace(0.9, 1.1, 4))
+    torch.manual_seed(seed)
+    vocoder = LTX2Vocoder(
+        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[20, 8, 8],
+        upsample_factors=[10, 4, 4],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        leaky_relu_negative_slope=0.1,
+        output_sampling_rate=16000,
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "vae": vae,
+        "audio_vae": audio_vae,
+        "text_encoder": text_encoder,
+        "tokenizer": build_tokenizer(),
+        "connectors": connectors,
+        "transformer": transformer,
+        "vocoder": vocoder,
+        "processor": None,
+        "prompt_enhancer": None,
+        "duration_head": None,
+    }
+
+
+def write_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """Save the tiny pipeline with `save_pretrained` into `directory` (created if missing)."""
+    pipe = LTX2Pipeline(**build_components(seed))
+    directory.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(directory)
+    return directory
+
+
+def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0) -> Path:
+    """Save the tiny pipeline as `TINY_REPO_ID` in a Hugging Face hub cache layout.
+
+    The layout (`models--org--name/snapshots/<rev>` plus `refs/main`) is what `snapshot_download`
+    reads offline, so looking the model up by repo id goes through the same code path as a real
+    downloaded checkpoint. The snapshot is written beside its final name and renamed, so a crash
+    never leaves a half-written model that later runs would pick up.
+    """
+    repo_dir = hub_cache / ("models--" + TINY_REPO_ID.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / TINY_REVISION
+    if not (snapshot / "model_index.json").exists():
+        partial = repo_dir / "snapshots" / f".{TINY_REVISION}.partial-{os.getpid()}"
+        write_tiny_model(partial, seed)
+        partial.rename(snapshot)
+    refs = repo_dir / "refs"
+    refs.mkdir(parents=True, exist_ok=True)
+    (refs / "main").write_text(TINY_REVISION)
+    return snapshot
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.tiny_model (--hf-cache | DIR)`: write the tiny model, print where."""
+    import argparse
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("directory", nargs="?", type=Path, help="write a plain diffusers folder here")
+    target.add_argument("--hf-cache", action="store_true", help=f"write {TINY_REPO_ID} into the Hugging Face cache")
+    args = parser.parse_args(argv)
+    path = write_tiny_model_to_hf_cache(Path(HF_HUB_CACHE)) if args.hf_cache else write_tiny_model(args.directory)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""video_decode -> video.mp4: latents through the video VAE, streamed into H.264, audio muxed.
+
+Loads only the video VAE. The decode plan (protocol.plans.DecodePlan, chosen by the orchestrator)
+says whether to tile spatially and whether to decode in temporal pieces; either way frames go to
+the encoder as soon as they are final, as uint8, so no float copy of the whole clip is ever made
+on the host. The file is published only when it holds exactly the requested number of frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from protocol.errors import InvalidInput
+from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE, Stage
+from protocol.plans import DecodePlan, piece_ranges
+from services import models
+from services.latents import read_latents
+from services.media import Mp4Writer, read_wav
+from services.runtime import WorkerContext, run_worker
+
+# Frames converted to uint8 and handed to the encoder at a time: bounds the host copy to a few
+# hundred MB at 1080p while keeping the device-to-host transfers large.
+FRAMES_PER_WRITE = 8
+
+
+def configure_vae(vae: Any, plan: DecodePlan) -> None:
+    """Apply the plan's spatial tiling; temporal pieces are cut here, not by diffusers."""
+    vae.use_framewise_decoding = False
+    if plan.tiling:
+        stride = plan.tile_size - plan.tile_overlap
+        vae.enable_tiling(
+            tile_sample_min_height=plan.tile_size,
+            tile_sample_min_width=plan.tile_size,
+            tile_sample_stride_height=stride,
+            tile_sample_stride_width=stride,
+        )
+
+
+def decode_frames(vae: Any, latents: torch.Tensor, plan: DecodePlan) -> Iterator[torch.Tensor]:
+    """Yield decoded frames `[n, 3, H, W]` in [0, 1] on the VAE's device, in order.
+
+    `latents` are denormalized `[1, C, F, h, w]` (as LTX2Pipeline returns with output_type="latent").
+    With temporal pieces, neighbours overlap by `plan.overlap_latent_frames` latent frames and
+    the shared pixel frames are cross-faded linearly; a piece starting at latent frame `a` covers
+    pixel frames `ratio*a` onwards, because the decoder turns its first latent into one frame.
+    """
+    ratio = vae.temporal_compression_ratio
+    timestep = None
+    if vae.config.timestep_conditioning:
+        # The pipeline's default decode_timestep is 0: no decode noise, but the VAE wants the value.
+        timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
+    ranges = piece_ranges(latents.shape[2], plan.chunk_latent_frames, plan.overlap_latent_frames)
+    pending: torch.Tensor | None = None
+    for index, (start, end) in enumerate(ranges):
+        with torch.no_grad():
+            video = vae.decode(latents[:, :, start:end].to(vae.dtype), timestep, return_dict=False)[0]
+        # Same order as diffusers' postprocess: denormalize in the VAE's dtype, then widen.
+        frames = (video[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1).float()
+        if pending is not None:
+            shared = pending.shape[0]
+            weight = torch.arange(1, shared + 1, device=frames.device, dtype=frames.dtype) / (shared + 1)
+            weight = weight.view(-1, 1, 1, 1)
+            frames[:shared] = pending * (1 - weight) + frames[:shared] * weight
+        if index + 1 < len(ranges):
+            shared_next = ratio * (end - 1 - ranges[index + 1][0]) + 1
+            pending = frames[-shared_next:]
+            frames = frames[:-shared_next]
+        yield frames
+
+
+def to_uint8(frames: torch.Tensor) -> Any:
+    """`[n, 3, H, W]` floats in [0, 1] -> `[n, H, W, 3]` uint8 numpy, converted on the device."""
+    return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def run(ctx: WorkerContext) -> list[str]:
+    """The stage: latents file + audio.wav -> MP4 with exactly `num_frames` frames."""
+    device = models.resolve_device()
+    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    plan = DecodePlan.from_dict(ctx.plan["decode"])
+    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.digest())
+    latents = tensors["video"]
+    if latents.ndim != 5 or latents.shape[0] != 1:
+        raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
+    waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
+    ctx.progress("load video VAE")
+    vae = models.load_video_vae(ctx.model_root, dtype, device)
+    configure_vae(vae, plan)
+    expected = ctx.spec.num_frames
+    if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:
+        raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
+    ctx.progress(f"decode video ({plan.label})", 0, expected)
+    with Mp4Writer(ctx.job_dir / VIDEO_FILE, ctx.spec.width, ctx.spec.height, ctx.spec.fps) as writer:
+        writer.add_audio(waveform, sample_rate, expected)
+        for frames in decode_frames(vae, latents.to(device), plan):
+            for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
+                writer.write(to_uint8(frames[start : start + FRAMES_PER_WRITE]))
+            ctx.progress(f"decode video ({plan.label})", writer.frames_written, expected)
+        writer.close(expected)
+    return [VIDEO_FILE]
+
+
+if __name__ == "__main__":
+    run_worker(Stage.VIDEO_DECODE, run)

@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random LTX-2 in a real Hugging Face cache layout, and isolated state.
+
+Every end-to-end test runs real worker processes on that model; nothing in diffusers, torch,
+ZeroMQ or PyAV is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
+TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An HF_HOME whose hub cache holds the tiny model under its repo id."""
+    home = tmp_path_factory.mktemp("hf_home")
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "services.tiny_model", "--hf-cache"], env=env, check=True, capture_output=True
+    )
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(hf_home: Path) -> Path:
+    """The tiny model's snapshot folder inside the hub cache."""
+    snapshots = list((hf_home / "hub").glob("models--ltx2-stages--tiny-random-ltx2/snapshots/*"))
+    assert len(snapshots) == 1
+    return snapshots[0]
+
+
+@pytest.fixture
+def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for running `ltx2` in a subprocess: offline tiny cache, private state and outputs."""
+    return {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "LTX2_STATE_DIR": str(tmp_path / "state"),
+        "LTX2_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "LTX2_CONFIG": "",
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+    }
+
+
+def run_ltx2(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+    )
+
+
+def probe_mp4(path: Path) -> dict[str, object]:
+    """What a player sees in an MP4: streams, decoded frame count and durations (via PyAV)."""
+    import av
+
+    with av.open(str(path)) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        info = {
+            "video_codec": video.codec_context.name,
+            "width": video.width,
+            "height": video.height,
+            "fps": float(video.average_rate),
+            "video_seconds": float(video.duration * video.time_base),
+            "audio_codec": audio.codec_context.name if audio else None,
+            "audio_rate": audio.rate if audio else None,
+            "audio_seconds": float(audio.duration * audio.time_base) if audio else 0.0,
+        }
+        info["frames"] = sum(1 for _ in container.decode(video=0))
+    return info

@@ -1,0 +1,138 @@
+"""`ltx2 generate` end to end: real CLI, real worker processes, the MP4 checked with PyAV."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import TINY_ARGS, probe_mp4, run_ltx2
+
+from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
+
+
+@pytest.fixture(scope="module")
+def generated(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """One default-model run (no weights cached, so the tiny model) shared by the assertions below."""
+    import os
+
+    root = tmp_path_factory.mktemp("generate")
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "LTX2_STATE_DIR": str(root / "state"),
+        "LTX2_OUTPUT_DIR": str(root / "outputs"),
+        "LTX2_CONFIG": "",
+        "XDG_CONFIG_HOME": str(root / "cfg"),
+    }
+    result = run_ltx2(
+        [
+            "generate",
+            "--prompt",
+            "a puppy in the mud",
+            "--negative-prompt",
+            "blurry",
+            "--seed",
+            "5",
+            "--name",
+            "pup",
+            *TINY_ARGS,
+        ],
+        env,
+    )
+    return {"result": result, "root": root}
+
+
+def test_generate_without_weights_says_so_in_one_line_and_uses_the_tiny_model(generated: dict):
+    result = generated["result"]
+    assert result.returncode == 0, result.stderr
+    notices = [line for line in result.stderr.splitlines() if "no weights for" in line]
+    assert len(notices) == 1
+    assert "hf download rootonchair/LTX-2-19b-distilled" in notices[0]
+    assert "tiny-random-ltx2" in notices[0]
+
+
+def test_generate_writes_a_timestamped_mp4_with_exact_frames_and_audio(generated: dict):
+    output = Path(generated["result"].stdout.strip())
+    assert output.parent == (generated["root"] / "outputs").resolve()
+    assert re.fullmatch(r"pup_\d{8}_\d{6}\.mp4", output.name)
+    info = probe_mp4(output)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
+    assert (info["width"], info["height"], info["frames"]) == (64, 64, 17)
+    assert info["fps"] == 24.0
+    assert info["audio_rate"] == 16000
+    assert info["audio_seconds"] == pytest.approx(info["video_seconds"], abs=0.07)
+    assert info["audio_seconds"] >= info["video_seconds"] - 1 / 24
+
+
+def test_generate_leaves_a_complete_job_directory(generated: dict):
+    (job_dir,) = (generated["root"] / "state" / "jobs").iterdir()
+    record = json.loads((job_dir / "job.json").read_text())
+    assert record["status"] == "done"
+    assert record["spec"]["seed"] == 5 and record["spec"]["model"] == "ltx2-stages/tiny-random-ltx2"
+    for stage, output in (("encode_diffuse", LATENTS_FILE), ("audio_decode", AUDIO_FILE), ("video_decode", VIDEO_FILE)):
+        assert record["stages"][stage]["status"] == "succeeded"
+        assert record["stages"][stage]["outputs"][output]["size"] == (job_dir / output).stat().st_size
+        assert [a["result"] for a in record["stages"][stage]["attempts"]] == ["ok"]
+    assert not [p.name for p in job_dir.iterdir() if ".tmp" in p.name]
+    events = [json.loads(line)["event"] for line in (job_dir / "events.log").read_text().splitlines()]
+    assert events.count("stage_finished") == 3 and events[-1] == "job_done"
+
+
+def test_progress_shows_each_stage_and_denoise_steps(generated: dict):
+    stderr = generated["result"].stderr
+    for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+        assert f"{stage}: succeeded" in stderr
+    assert "encode_diffuse: denoise" in stderr and "8/8" in stderr
+
+
+def test_invalid_frame_count_exits_2_naming_the_flag(ltx2_env: dict):
+    result = run_ltx2(
+        ["generate", "--prompt", "x", "--num-frames", "20", "--model", "ltx2-stages/tiny-random-ltx2"], ltx2_env
+    )
+    assert result.returncode == 2
+    assert "--num-frames: must be 8n+1" in result.stderr and "17 or 25" in result.stderr
+
+
+def test_missing_model_exits_4_with_the_download_command(ltx2_env: dict):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", "Lightricks/LTX-2"], ltx2_env)
+    assert result.returncode == 4
+    assert "hf download Lightricks/LTX-2" in result.stderr
+
+
+def test_negative_prompt_without_cfg_warns(generated: dict):
+    assert "--negative-prompt has no effect with --guidance-scale 1.0" in generated["result"].stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "label"),
+    [
+        (["--vae-tiling"], "spatial tiling"),
+        (["--vae-chunk-frames", "3"], "temporal pieces of 3"),
+    ],
+)
+def test_every_decode_plan_yields_exactly_the_requested_frames(ltx2_env: dict, tmp_path: Path, flags: list, label: str):
+    config = tmp_path / "small-tiles.toml"
+    config.write_text("[decode]\ntile_size = 32\ntile_overlap = 8\nchunk_overlap_latent_frames = 1\n")
+    result = run_ltx2(
+        [
+            "--config",
+            str(config),
+            "generate",
+            "--prompt",
+            "a jib up over ruins",
+            "--seed",
+            "3",
+            "--model",
+            "ltx2-stages/tiny-random-ltx2",
+            *TINY_ARGS,
+            *flags,
+        ],
+        ltx2_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"decode video ({label})" in result.stderr
+    info = probe_mp4(Path(result.stdout.strip()))
+    assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)

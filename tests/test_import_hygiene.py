@@ -1,0 +1,43 @@
+"""The orchestrator, protocol and config stay torch-free, so the CLI and daemon start fast."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+HEAVY = ("torch", "diffusers", "transformers", "av", "safetensors")
+
+
+def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
+    modules = [
+        "orchestrator.cli",
+        "orchestrator.pipeline",
+        "orchestrator.runner",
+        "orchestrator.progress",
+        "protocol.codec",
+        "protocol.stages",
+        "protocol.spec",
+        "protocol.files",
+        "protocol.plans",
+        "config.settings",
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + (f"loaded = [m for m in {HEAVY!r} if m in sys.modules]\nprint(','.join(loaded))")
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert result.stdout.strip() == ""
+
+
+def test_cli_help_runs_without_heavy_imports():
+    code = (
+        "import sys, runpy\nsys.argv=['ltx2','--help']\n"
+        "try:\n    runpy.run_module('orchestrator.cli', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert "generate" in result.stdout
+    assert result.stdout.strip().endswith("HEAVY=")

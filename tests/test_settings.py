@@ -1,0 +1,47 @@
+"""Settings load order: shipped defaults < config file < environment < explicit overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config.settings import ConfigError, load_settings
+
+
+def test_defaults_alone_give_the_distilled_model_and_thor_profile(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    assert settings.default_model == "rootonchair/LTX-2-19b-distilled"
+    assert settings.preset_for("rootonchair/LTX-2-19b-distilled").steps == 8
+    assert settings.preset_for("Lightricks/LTX-2").guidance_scale == 3.5
+    assert settings.decode.profile == "thor-128g"
+    assert settings.state_dir == tmp_path / ".local" / "state" / "ltx2-stages"
+
+
+def test_each_layer_overrides_the_one_below(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[paths]\nstate_dir = "/from/file"\noutput_dir = "/file/out"\n[decode]\nprofile = "low-64g"\n')
+    settings = load_settings(
+        environ={"LTX2_CONFIG": str(config), "LTX2_OUTPUT_DIR": "/env/out", "LTX2_PROFILE": "h100-80g"},
+        overrides={"paths": {"output_dir": "/flag/out"}},
+    )
+    assert settings.state_dir == Path("/from/file")
+    assert settings.output_dir == Path("/flag/out")
+    assert settings.decode.profile == "h100-80g" and settings.decode.budget_gib == 40.0
+
+
+def test_unknown_setting_in_a_config_file_is_an_error(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text("[paths]\nstate_dri = 'typo'\n")
+    with pytest.raises(ConfigError, match="unknown setting paths.state_dri"):
+        load_settings(environ={"LTX2_CONFIG": str(config)})
+
+
+def test_unknown_profile_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="unknown profile 'pc-8g'"):
+        load_settings(environ={"LTX2_PROFILE": "pc-8g", "HOME": str(tmp_path)})
+
+
+def test_non_numeric_environment_value_is_an_error(tmp_path: Path):
+    with pytest.raises(ConfigError, match="LTX2_HUNG_AFTER_S"):
+        load_settings(environ={"LTX2_HUNG_AFTER_S": "soon", "HOME": str(tmp_path)})

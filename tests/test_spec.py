@@ -1,0 +1,63 @@
+"""Job spec validation: every rule fails with the flag, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol.spec import JobSpec, SpecError
+
+VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
+
+
+def spec(**changes: object) -> JobSpec:
+    return JobSpec.from_dict({**VALID, **changes})
+
+
+def test_valid_spec_round_trips_through_plain_data():
+    original = spec(negative_prompt="blur", vae_chunk_frames=8)
+    assert JobSpec.from_dict(original.to_dict()) == original
+    assert original.latent_frames == 16
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag", "fragment"),
+    [
+        ({"num_frames": 100}, "--num-frames", "nearest allowed: 97 or 105"),
+        ({"num_frames": 1}, "--num-frames", "8n+1"),
+        ({"width": 770}, "--width", "multiple of 32"),
+        ({"height": 32}, "--height", "between 64 and 4096"),
+        ({"steps": 0}, "--steps", "between 1"),
+        ({"seed": -1}, "--seed", "between 0"),
+        ({"guidance_scale": 0.5}, "--guidance-scale", "between 1.0"),
+        ({"prompt": "   "}, "--prompt", "must not be empty"),
+        ({"name": "../etc/passwd"}, "--name", "must match"),
+        ({"schedule": "karras"}, "--schedule", "one of distilled, default"),
+        ({"steps": 4}, "--steps", "distilled schedule has exactly 8"),
+        ({"vae_chunk_frames": 40}, "--vae-chunk-frames", "between 2 and 16"),
+        ({"width": "768"}, "--width", "must be of type int"),
+        ({"colour": "red"}, "--colour", "unknown field"),
+    ],
+)
+def test_rule_violations_name_the_flag(changes: dict, flag: str, fragment: str):
+    with pytest.raises(SpecError) as caught:
+        spec(**changes)
+    message = str(caught.value)
+    assert message.startswith(flag + ":")
+    assert fragment in message
+
+
+def test_missing_required_field_is_reported():
+    raw = dict(VALID)
+    del raw["prompt"]
+    with pytest.raises(SpecError, match="--prompt: is required"):
+        JobSpec.from_dict(raw)
+
+
+def test_digest_changes_with_any_field_and_not_otherwise():
+    assert spec().digest() == spec().digest()
+    assert spec().digest() != spec(seed=2).digest()
+
+
+def test_cfg_is_on_only_above_one():
+    assert not spec().uses_cfg
+    assert spec(guidance_scale=3.5, schedule="default", steps=40).uses_cfg
