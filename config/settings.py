@@ -21,6 +21,7 @@ ENV_OVERRIDES = {
     "LTX2_DEFAULT_MODEL": ("models", "default"),
     "LTX2_PROFILE": ("decode", "profile"),
     "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
+    "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
 }
 
 
@@ -53,6 +54,18 @@ class DecodeSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class DaemonSettings:
+    """Where the daemon listens and the CURVE key files for tcp (empty strings: unset)."""
+
+    endpoint: str
+    curve_server_secret_key: str
+    curve_authorized_keys_dir: str
+    curve_server_public_key: str
+    curve_client_secret_key: str
+    request_timeout_s: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the CLI and orchestrator need, resolved to concrete values."""
 
@@ -64,7 +77,10 @@ class Settings:
     heartbeat_s: float
     hung_after_s: float
     stderr_tail_lines: int
+    max_attempts_per_stage: int
+    same_plan_retries: int
     decode: DecodeSettings
+    daemon: DaemonSettings
 
     @property
     def jobs_dir(self) -> Path:
@@ -162,6 +178,8 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         heartbeat_s=float(worker["heartbeat_s"]),
         hung_after_s=float(worker["hung_after_s"]),
         stderr_tail_lines=int(worker["stderr_tail_lines"]),
+        max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
+        same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(
             profile=decode["profile"],
             budget_gib=float(profiles[decode["profile"]]["decode_budget_gib"]),
@@ -169,4 +187,5 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             tile_overlap=int(decode["tile_overlap"]),
             chunk_overlap_latent_frames=int(decode["chunk_overlap_latent_frames"]),
         ),
+        daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
     )

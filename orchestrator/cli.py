@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,15 @@ from typing import Any
 import zmq
 
 from config.settings import ConfigError, Settings, load_settings
+from orchestrator import client_commands
 from orchestrator.jobdir import JobDir
-from orchestrator.models import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from orchestrator.pipeline import JobFailed, run_job
+from orchestrator.jobspec import build_spec
+from orchestrator.pipeline import JobFailed, JobHooks, run_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import WorkerLink
 from protocol.errors import ExitCode, Failure, ModelNotFound
 from protocol.models import TINY_REPO_ID
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import SpecError
 
 # Exit status of the CLI for a failed job, by how its last stage failed.
 FAILURE_EXIT = {
@@ -33,8 +33,24 @@ FAILURE_EXIT = {
     Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
 }
-# Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
-RANDOM_SEED_LIMIT = 2**31
+# CLI flags that map one-to-one onto JobSpec fields.
+SPEC_FLAGS = (
+    "prompt",
+    "negative_prompt",
+    "model",
+    "width",
+    "height",
+    "num_frames",
+    "fps",
+    "steps",
+    "guidance_scale",
+    "schedule",
+    "seed",
+    "name",
+    "dtype",
+    "vae_chunk_frames",
+    "vae_tiling",
+)
 
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
     generate.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    submit = commands.add_parser("submit", help="queue a clip on the daemon; prints its job id")
+    add_spec_flags(submit)
+    for name, text in (
+        ("status", "a job's state, attempts and progress"),
+        ("watch", "follow a job live until it ends"),
+        ("cancel", "stop a queued or running job"),
+        ("resume", "queue a failed or cancelled job again"),
+        ("logs", "a job's events and worker log"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("job_id", nargs="?" if name == "status" else None, help="job id (see `ltx2 jobs`)")
+        if name in ("status", "jobs"):
+            command.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+        if name == "logs":
+            command.add_argument("--lines", type=int, default=40, help="lines of each log (default 40)")
+    jobs = commands.add_parser("jobs", help="list recent jobs")
+    jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")
+    commands.add_parser("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
+    keys = commands.add_parser("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
+    keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
+
     tiny = commands.add_parser("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
@@ -94,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides=cli_overrides(args))
         if args.command == "tiny-model":
             return build_tiny_model(args)
-        return generate(args, settings)
+        if args.command == "generate":
+            return generate(args, settings)
+        return client_commands.run(args, settings)
     except ConfigError as exc:
         return fail(f"config: {exc}", ExitCode.INVALID_INPUT)
     except SpecError as exc:
@@ -121,71 +161,24 @@ def notice(message: str) -> None:
     sys.stderr.write(f"ltx2: {message}\n")
 
 
-def resolve_requested_model(requested: str | None, settings: Settings) -> ResolvedModel:
-    """The model to run: as asked, else the default if cached, else the tiny model (with a notice)."""
-    if requested == TINY_REPO_ID:
-        return ensure_tiny_model()
-    if requested:
-        return resolve_model(requested)
-    if is_cached(settings.default_model):
-        return resolve_model(settings.default_model)
-    notice(
-        f"no weights for {settings.default_model} in the Hugging Face cache; using the tiny random model "
-        f"{TINY_REPO_ID} (output is noise; get the real one with: hf download {settings.default_model})"
-    )
-    return ensure_tiny_model()
-
-
-def spec_from_args(args: argparse.Namespace, model: ResolvedModel, settings: Settings) -> JobSpec:
-    """Preset defaults overlaid with the flags the user gave, validated."""
-    preset = settings.preset_for(model.name)
-    fields = {
-        "prompt": args.prompt,
-        "model": model.name,
-        "width": preset.width,
-        "height": preset.height,
-        "num_frames": preset.num_frames,
-        "fps": preset.fps,
-        "steps": preset.steps,
-        "guidance_scale": preset.guidance_scale,
-        "schedule": preset.schedule,
-        "seed": secrets.randbelow(RANDOM_SEED_LIMIT),
-    }
-    for name in (
-        "negative_prompt",
-        "width",
-        "height",
-        "num_frames",
-        "fps",
-        "steps",
-        "guidance_scale",
-        "schedule",
-        "seed",
-        "name",
-        "dtype",
-        "vae_chunk_frames",
-        "vae_tiling",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            fields[name] = value
-    spec = JobSpec.from_dict(fields)
-    if spec.negative_prompt and not spec.uses_cfg:
-        notice("warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off)")
-    return spec
+def spec_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec fields the user gave on the command line (the rest come from the preset)."""
+    return {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 generate`: run one job in this process's embedded orchestrator."""
-    model = resolve_requested_model(args.model, settings)
-    spec = spec_from_args(args, model, settings)
+    built = build_spec(spec_request(args), settings)
+    for line in built.notices:
+        notice(line)
+    spec, model = built.spec, built.model
     job = JobDir.create(settings.jobs_dir, spec, model)
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
     link = WorkerLink(context)
     try:
-        output = run_job(job, settings, link, view)
+        output = run_job(job, settings, link, JobHooks(listener=view))
     except JobFailed as exc:
         view.close()
         details = (

@@ -91,8 +91,18 @@ class JobDir:
             return False
         return all(matches_fingerprint(self.path / name, recorded[name]) for name in stage.outputs)
 
+    def remove_partial_files(self) -> list[str]:
+        """Delete temp files a killed worker left behind (only one worker per job runs at a time)."""
+        removed = []
+        for partial in self.path.glob(".*.tmp-*"):
+            partial.unlink(missing_ok=True)
+            removed.append(partial.name)
+        return removed
+
     def start_attempt(self, stage: Stage, plan: dict[str, Any]) -> int:
         """Record a new attempt as running; returns its number (1-based)."""
+        for name in self.remove_partial_files():
+            self.log_event("partial_file_removed", name=name)
         record = self.stage_record(stage)
         attempt = len(record["attempts"]) + 1
         record["attempts"].append({"attempt": attempt, "plan": plan, "started": utc_now(), "result": "running"})
@@ -113,6 +123,15 @@ class JobDir:
             record["status"] = "failed"
         self.save()
         self.log_event("stage_finished", stage=stage.value, result=result, **details)
+
+    def interrupt_running_attempts(self) -> None:
+        """Close attempts left "running" by an orchestrator that died mid-stage."""
+        for stage in Stage:
+            for attempt in self.stage_record(stage)["attempts"]:
+                if attempt["result"] == "running":
+                    attempt.update(result="interrupted", ended=utc_now(), reason="orchestrator stopped")
+        self.save()
+        self.log_event("job_interrupted")
 
     def mark_skipped(self, stage: Stage) -> None:
         self.log_event("stage_skipped", stage=stage.value, reason="outputs verified")

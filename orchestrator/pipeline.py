@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.decode_plan import choose_decode_plan
 from orchestrator.jobdir import JobDir
+from orchestrator.policy import Attempt, describe_plan, initial_plan, next_plan
 from orchestrator.runner import StageOutcome, StageSettings, WorkerLink, run_stage
 from protocol import codec
 from protocol.errors import Failure
@@ -28,11 +28,12 @@ from protocol.files import STAGE_ORDER, VIDEO_FILE, Stage
 class JobFailed(Exception):
     """A stage failed and no lower-memory plan is left; `failure` says how."""
 
-    def __init__(self, stage: Stage, outcome: StageOutcome) -> None:
+    def __init__(self, stage: Stage, outcome: StageOutcome, reason: str) -> None:
         self.stage = stage
         self.failure = outcome.failure or Failure.CRASH
         self.outcome = outcome
-        super().__init__(f"stage {stage.value} failed ({self.failure.value}): {outcome.reason}")
+        self.reason = reason
+        super().__init__(f"stage {stage.value} failed ({self.failure.value}): {reason}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class StageEvent:
     """Orchestrator-side events for progress displays (stage skipped, attempt started/ended)."""
 
     stage: str
-    kind: str  #: "skipped", "started", "succeeded", "failed"
+    kind: str  #: "skipped", "started", "succeeded", "failed" (a retry may follow)
     attempt: int = 0
     detail: str = ""
 
@@ -48,44 +49,60 @@ class StageEvent:
 Listener = Callable[[codec.Message | StageEvent], None]
 
 
-def initial_plan(stage: Stage, job: JobDir, settings: Settings) -> dict[str, Any]:
-    """The first memory plan of a stage for this job."""
-    if stage is Stage.VIDEO_DECODE:
-        spec = job.spec
-        plan = choose_decode_plan(
-            spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
-        )
-        return {"decode": plan.to_dict()}
-    return {}
+@dataclasses.dataclass
+class JobHooks:
+    """How a caller follows a job: events for displays, cancellation, and bookkeeping callbacks."""
+
+    listener: Listener = lambda event: None
+    should_cancel: Callable[[], bool] = lambda: False
+    on_spawn: Callable[[int], None] = lambda pid: None
+    on_attempt: Callable[[Stage, int, dict[str, Any], StageOutcome], None] = lambda *args: None
 
 
-def run_job(
-    job: JobDir,
-    settings: Settings,
-    link: WorkerLink,
-    listener: Listener,
-    should_cancel: Callable[[], bool] = lambda: False,
-) -> Path:
-    """Run every unfinished stage, then publish the video; returns the published path."""
-    stage_settings = StageSettings(settings.heartbeat_s, settings.hung_after_s, settings.stderr_tail_lines)
+def run_job(job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks) -> Path:
+    """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path."""
     for stage in STAGE_ORDER:
         if job.has_outputs(stage):
             job.mark_skipped(stage)
-            listener(StageEvent(stage.value, "skipped"))
+            hooks.listener(StageEvent(stage.value, "skipped"))
             continue
-        plan = initial_plan(stage, job, settings)
-        attempt = job.start_attempt(stage, plan)
-        listener(StageEvent(stage.value, "started", attempt))
-        outcome = run_stage(job, stage, attempt, plan, link, stage_settings, listener, should_cancel)
-        record_outcome(job, stage, outcome)
-        if not outcome.ok:
-            listener(StageEvent(stage.value, "failed", attempt, outcome.reason))
-            job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=outcome.reason)
-            raise JobFailed(stage, outcome)
-        listener(StageEvent(stage.value, "succeeded", attempt, f"{outcome.seconds:.1f} s"))
+        run_stage_until_done(job, stage, settings, link, hooks)
     output = publish_video(job, settings.output_dir)
     job.finish("done", output=str(output))
     return output
+
+
+def run_stage_until_done(job: JobDir, stage: Stage, settings: Settings, link: WorkerLink, hooks: JobHooks) -> None:
+    """Attempt a stage until it succeeds or the policy gives up (then JobFailed)."""
+    stage_settings = StageSettings(settings.heartbeat_s, settings.hung_after_s, settings.stderr_tail_lines)
+    previous = job.stage_record(stage)["attempts"]
+    # A resumed stage starts from its last plan: a lower-memory plan found earlier stays.
+    plan = previous[-1]["plan"] if previous else initial_plan(stage, job.spec, settings)
+    history: list[Attempt] = []
+    while True:
+        attempt = job.start_attempt(stage, plan)
+        hooks.listener(StageEvent(stage.value, "started", attempt, describe_plan(stage, plan)))
+        outcome = run_stage(
+            job, stage, attempt, plan, link, stage_settings, hooks.listener, hooks.should_cancel, hooks.on_spawn
+        )
+        record_outcome(job, stage, outcome)
+        hooks.on_attempt(stage, attempt, plan, outcome)
+        if outcome.ok:
+            hooks.listener(StageEvent(stage.value, "succeeded", attempt, f"{outcome.seconds:.1f} s"))
+            return
+        history.append(Attempt(plan, outcome.failure))
+        following = next_plan(stage, history, job.spec, settings)
+        hooks.listener(StageEvent(stage.value, "failed", attempt, f"{outcome.failure.value}: {outcome.reason}"))
+        if following is None:
+            exhausted = outcome.failure.is_retryable
+            reason = (
+                f"{outcome.reason} (after {len(history)} attempt(s); no lower-memory plan left)"
+                if exhausted
+                else outcome.reason
+            )
+            job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=reason)
+            raise JobFailed(stage, outcome, reason)
+        plan = following
 
 
 def record_outcome(job: JobDir, stage: Stage, outcome: StageOutcome) -> None:

@@ -130,6 +130,7 @@ def run_stage(
     settings: StageSettings,
     on_event: EventHandler,
     should_cancel: Callable[[], bool] = lambda: False,
+    on_spawn: Callable[[int], None] = lambda pid: None,
 ) -> StageOutcome:
     """Run one attempt of a stage to its end and classify it."""
     log_path = job.log_path(stage, attempt)
@@ -143,6 +144,7 @@ def run_stage(
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
+    on_spawn(process.pid)
     follower = _Follower(job, stage, link, on_event)
     forced: Failure | None = None
     while (returncode := process.poll()) is None:

@@ -19,7 +19,8 @@ from services.runtime import WorkerContext, run_worker
 
 def run(ctx: WorkerContext) -> list[str]:
     """The stage: latents file -> float WAV at the vocoder's output rate."""
-    device = models.resolve_device()
+    # The lower-memory plan moves this small decoder to the CPU.
+    device = torch.device("cpu") if ctx.plan.get("device") == "cpu" else models.resolve_device()
     dtype = models.resolve_dtype(ctx.spec.dtype, device)
     tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.digest())
     latents = tensors["audio"]

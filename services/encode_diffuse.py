@@ -61,7 +61,13 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
     from diffusers import LTX2Pipeline
 
     ctx.progress("load transformer")
-    connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
+    connectors, transformer, scheduler = models.load_denoiser(
+        ctx.model_root,
+        dtype,
+        device,
+        fp8=ctx.plan.get("weights") == "fp8",
+        sequential_offload=ctx.plan.get("offload") == "sequential",
+    )
     video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
     scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, scheduler)
     pipe = LTX2Pipeline(

@@ -76,8 +76,16 @@ def load_prompt_encoder(root: Path, dtype: torch.dtype, device: torch.device) ->
     )
 
 
-def load_denoiser(root: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, Any]:
-    """(connectors, transformer, scheduler) on `device`."""
+def load_denoiser(
+    root: Path, dtype: torch.dtype, device: torch.device, *, fp8: bool = False, sequential_offload: bool = False
+) -> tuple[Any, Any, Any]:
+    """(connectors, transformer, scheduler) ready to run on `device`.
+
+    `fp8` stores the transformer's weights in float8_e4m3fn and computes in `dtype` (about half the
+    weight memory). `sequential_offload` keeps the transformer's layers in host memory and moves
+    each to the accelerator only while it runs (slowest, smallest); on a CPU-only host it changes
+    nothing.
+    """
     from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
 
@@ -86,7 +94,15 @@ def load_denoiser(root: Path, dtype: torch.dtype, device: torch.device) -> tuple
     connectors = LTX2TextConnectors.from_pretrained(root, subfolder="connectors", dtype=dtype)
     transformer = LTX2VideoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
-    return connectors.to(device).eval(), transformer.to(device).eval(), scheduler
+    if fp8:
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    if sequential_offload and device.type == "cuda":
+        transformer.enable_group_offload(
+            onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level"
+        )
+    else:
+        transformer.to(device)
+    return connectors.to(device).eval(), transformer.eval(), scheduler
 
 
 def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:

@@ -29,6 +29,7 @@ from protocol import codec, stages
 from protocol.errors import ExitCode, InvalidInput, StageError
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
+from services import faults
 
 log = logging.getLogger("ltx2.worker")
 # How long a worker waits for GO before concluding its orchestrator is gone.
@@ -58,6 +59,7 @@ class WorkerContext:
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
         """Report that `phase` started (step 0) or finished `step` of `total`."""
         self.reporter.progress(phase, step, total)
+        faults.pause_if_requested(self.stage.value, phase, step, os.environ)
 
 
 class Reporter:
@@ -147,6 +149,7 @@ def run_worker(stage: Stage, work: Callable[[WorkerContext], list[str]], argv: l
         if socket is not None:
             wait_for_go(reporter, socket, args.attempt)
         reporter.start_heartbeat(args.heartbeat_s)
+        faults.inject_at_start(stage.value, args.attempt, os.environ)
         ctx = WorkerContext(stage, args.job_dir, spec, job, json.loads(args.plan), args.attempt, reporter)
         outputs = work(ctx)
         gpu, rss = peak_memory()

@@ -18,7 +18,8 @@ from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.models import resolve_model
-from orchestrator.pipeline import initial_plan, run_job
+from orchestrator.pipeline import JobHooks, run_job
+from orchestrator.policy import initial_plan
 from orchestrator.runner import WorkerLink
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.plans import DecodePlan
@@ -53,7 +54,7 @@ def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
     context = zmq.Context()
     link = WorkerLink(context)
     try:
-        run_job(job, settings, link, lambda event: None)
+        run_job(job, settings, link, JobHooks())
     finally:
         link.close()
         context.term()
@@ -138,7 +139,9 @@ def test_staged_audio_waveform_equals_single_process_audio(distilled_job: JobDir
 
 
 def test_staged_decoded_frames_equal_single_process_frames(distilled_job: JobDir, distilled_reference: dict):
-    plan = DecodePlan.from_dict(initial_plan(Stage.VIDEO_DECODE, distilled_job, load_settings(environ={}))["decode"])
+    plan = DecodePlan.from_dict(
+        initial_plan(Stage.VIDEO_DECODE, distilled_job.spec, load_settings(environ={}))["decode"]
+    )
     assert plan.label == "single pass"
     vae = load_video_vae(Path(distilled_job.record["model_path"]), torch.float32, torch.device("cpu"))
     configure_vae(vae, plan)

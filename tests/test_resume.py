@@ -12,7 +12,7 @@ from conftest import run_ltx2
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.models import resolve_model
-from orchestrator.pipeline import StageEvent, run_job
+from orchestrator.pipeline import JobHooks, StageEvent, run_job
 from orchestrator.runner import WorkerLink
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
@@ -26,7 +26,8 @@ def run(job: JobDir, state: Path) -> list[tuple[str, str]]:
     context = zmq.Context()
     link = WorkerLink(context)
     try:
-        run_job(job, settings, link, lambda e: events.append((e.stage, e.kind)) if isinstance(e, StageEvent) else None)
+        hooks = JobHooks(listener=lambda e: events.append((e.stage, e.kind)) if isinstance(e, StageEvent) else None)
+        run_job(job, settings, link, hooks)
     finally:
         link.close()
         context.term()

@@ -1,0 +1,52 @@
+"""The client side of the daemon protocol: one request, one reply, never an endless wait."""
+
+from __future__ import annotations
+
+import zmq
+
+from orchestrator.transport import DaemonAddress, connect_client
+from protocol import codec, jobs
+
+
+class DaemonError(Exception):
+    """The daemon answered with an error reply, or did not answer in time."""
+
+    def __init__(self, message: str, code: str = "unreachable", field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.field = field
+
+
+class DaemonClient:
+    """A connection to the daemon; use as a context manager."""
+
+    def __init__(self, address: DaemonAddress, timeout_s: float) -> None:
+        self.address = address
+        self.timeout_ms = int(timeout_s * 1000)
+        self.context = zmq.Context()
+        self.socket = connect_client(self.context, address)
+
+    def request(self, message: codec.Message) -> dict:
+        """Send `message`; return the `ok` reply's data or raise DaemonError."""
+        self.socket.send(codec.encode(message))
+        if not self.socket.poll(self.timeout_ms):
+            raise DaemonError(
+                f"no reply from the daemon at {self.address.endpoint} within "
+                f"{self.timeout_ms / 1000:.0f} s (is it running? supervisord -c supervisord.conf)"
+            )
+        reply = codec.decode(self.socket.recv())
+        if isinstance(reply, jobs.Error):
+            raise DaemonError(reply.message, reply.code, reply.field)
+        if not isinstance(reply, jobs.Ok):
+            raise DaemonError(f"unexpected reply type {reply.TYPE!r}", "malformed")
+        return reply.data
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+        self.context.term()
+
+    def __enter__(self) -> DaemonClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

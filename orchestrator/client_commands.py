@@ -1,0 +1,180 @@
+"""The daemon side of the CLI: `daemon`, `keys` and the client commands that talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.client import DaemonClient, DaemonError
+from orchestrator.pipeline import StageEvent
+from orchestrator.progress import ProgressView
+from orchestrator.transport import TransportError, address_from_settings, create_keys
+from protocol import jobs, stages
+from protocol.errors import ExitCode
+
+# How often `watch` asks for progress: live enough for a bar, negligible load on the daemon.
+WATCH_INTERVAL_S = 0.5
+ERROR_EXIT = {"invalid_spec": ExitCode.INVALID_INPUT, "not_found": ExitCode.OTHER}
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Dispatch a daemon-related command; returns the exit status."""
+    if args.command == "daemon":
+        return run_daemon(settings)
+    if args.command == "keys":
+        return make_keys(args)
+    try:
+        with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
+            return COMMANDS[args.command](client, args)
+    except (DaemonError, TransportError) as exc:
+        code = getattr(exc, "code", "unreachable")
+        if code == "not_found" and getattr(exc, "field", "") == "model":
+            return report(str(exc), ExitCode.MODEL_NOT_FOUND)
+        return report(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
+
+
+def report(message: str, code: int) -> int:
+    sys.stderr.write(f"ltx2: error: {message}\n")
+    return int(code)
+
+
+def run_daemon(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM)."""
+    from orchestrator.daemon import Daemon
+
+    logging.getLogger().setLevel(logging.INFO)
+    daemon = Daemon(settings, address_from_settings(settings.daemon))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.stop.set())
+    daemon.serve()
+    return 0
+
+
+def make_keys(args: argparse.Namespace) -> int:
+    paths = create_keys(args.directory)
+    for name, path in paths.items():
+        sys.stdout.write(f"{name}: {path}\n")
+    return 0
+
+
+def submit(client: DaemonClient, args: argparse.Namespace) -> int:
+    from orchestrator.cli import spec_request
+
+    data = client.request(jobs.Submit("", spec_request(args)))
+    for line in data["notices"]:
+        sys.stderr.write(f"ltx2: {line}\n")
+    sys.stdout.write(f"{data['id']}\n")
+    return 0
+
+
+def status(client: DaemonClient, args: argparse.Namespace) -> int:
+    if args.job_id is None:
+        return list_jobs(client, argparse.Namespace(limit=20, json=args.json))
+    job = client.request(jobs.Status(args.job_id))["job"]
+    if args.json:
+        sys.stdout.write(json.dumps(job, indent=2) + "\n")
+        return 0
+    lines = [
+        f"job {job['id']}: {job['state']}",
+        f"  prompt: {job.get('prompt', '')}",
+        f"  model: {job.get('model', '')}  size: {job.get('size', '')}  seed: {job.get('seed', '')}",
+    ]
+    for attempt in job["attempts"]:
+        lines.append(
+            f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]: {attempt['result']}"
+            f" {attempt['seconds']:.1f} s {attempt['reason']}".rstrip()
+        )
+    if job.get("progress"):
+        p = job["progress"]
+        lines.append(f"  now: {p.get('stage')} {p.get('phase')} {p.get('step', 0)}/{p.get('total', 0)}")
+    if job["error"]:
+        lines.append(f"  error: {job['error']}")
+    if job["output"]:
+        lines.append(f"  output: {job['output']}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def list_jobs(client: DaemonClient, args: argparse.Namespace) -> int:
+    listed = client.request(jobs.ListJobs("", args.limit))["jobs"]
+    if args.json:
+        sys.stdout.write(json.dumps(listed, indent=2) + "\n")
+        return 0
+    for job in listed:
+        prompt = job.get("prompt", "")
+        prompt = prompt if len(prompt) <= 50 else prompt[:47] + "..."
+        sys.stdout.write(f"{job['id']}  {job['state']:<9}  {job.get('size', ''):<14}  {prompt}\n")
+    return 0
+
+
+def watch(client: DaemonClient, args: argparse.Namespace) -> int:
+    """Render a job's progress until it ends; exit 0 only if it is done."""
+    view = ProgressView()
+    shown: tuple[Any, ...] = ()
+    while True:
+        job = client.request(jobs.Status(args.job_id))["job"]
+        progress = job.get("progress")
+        if progress:
+            key = (progress.get("stage"), progress.get("phase"), progress.get("step"), progress.get("attempt"))
+            if key != shown:
+                shown = key
+                view(to_event(args.job_id, progress))
+        if job["state"] in ("done", "failed", "cancelled"):
+            view.close()
+            if job["state"] == "done":
+                sys.stdout.write(f"{job['output']}\n")
+                return 0
+            return report(f"job {job['id']} {job['state']}: {job['error']}", ExitCode.OTHER)
+        time.sleep(WATCH_INTERVAL_S)
+
+
+def to_event(job_id: str, progress: dict[str, Any]) -> stages.Progress | StageEvent:
+    """Turn a progress-board entry back into the event the view renders."""
+    if progress.get("phase") in ("started", "succeeded", "failed", "skipped"):
+        return StageEvent(progress["stage"], progress["phase"], progress.get("attempt", 0), progress.get("detail", ""))
+    return stages.Progress(
+        job_id,
+        progress["stage"],
+        progress["phase"],
+        progress.get("step", 0),
+        progress.get("total", 0),
+        progress.get("gpu_bytes", 0),
+        progress.get("rss_bytes", 0),
+    )
+
+
+def cancel(client: DaemonClient, args: argparse.Namespace) -> int:
+    data = client.request(jobs.Cancel(args.job_id))
+    sys.stdout.write(f"{args.job_id}: {data['state']}\n")
+    return 0
+
+
+def resume(client: DaemonClient, args: argparse.Namespace) -> int:
+    data = client.request(jobs.Resume(args.job_id))
+    sys.stdout.write(f"{args.job_id}: {data['state']}\n")
+    return 0
+
+
+def logs(client: DaemonClient, args: argparse.Namespace) -> int:
+    data = client.request(jobs.Logs(args.job_id, args.lines))
+    sys.stdout.write(f"--- events ---\n{data['events']}\n")
+    if data["worker_log_name"]:
+        sys.stdout.write(f"--- {data['worker_log_name']} ---\n{data['worker_log']}\n")
+    return 0
+
+
+COMMANDS = {
+    "submit": submit,
+    "status": status,
+    "jobs": list_jobs,
+    "watch": watch,
+    "cancel": cancel,
+    "resume": resume,
+    "logs": logs,
+}

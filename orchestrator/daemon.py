@@ -1,0 +1,209 @@
+"""The orchestrator daemon: answers clients over ZeroMQ while the executor runs the queue.
+
+Life of a job: `submit` validates the spec, creates the job directory and queues it in the store
+(QUEUED). The executor thread claims it (RUNNING) and runs its stages as worker processes
+(orchestrator.pipeline); it ends DONE, FAILED or CANCELLED. If the daemon dies meanwhile,
+supervisord restarts it and `recover_interrupted` kills the orphaned worker and re-queues the job,
+which then resumes at its first unfinished stage.
+
+The main loop never blocks on a peer: it polls with a timeout, every frame is decoded and
+validated (protocol.codec), and every request gets exactly one reply, `ok` or a typed `error`.
+Nothing a client sends can raise past `answer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from config.settings import Settings
+from orchestrator.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.jobdir import JobDir, tail
+from orchestrator.jobspec import build_spec
+from orchestrator.policy import describe_plan
+from orchestrator.states import JobState, TransitionError
+from orchestrator.store import JobStore
+from orchestrator.transport import DaemonAddress, bind_server
+from protocol import codec, jobs
+from protocol.codec import ErrorCode, ProtocolError
+from protocol.errors import ModelNotFound
+from protocol.files import EVENTS_FILE
+from protocol.spec import SpecError
+
+log = logging.getLogger("ltx2.daemon")
+# Poll timeout of the main loop: how fast a stop request is noticed.
+POLL_MS = 500
+STORE_FILE = "jobs.sqlite"
+MAX_LIST = 1000
+
+
+class Daemon:
+    """Serves requests until `stop` is set."""
+
+    def __init__(self, settings: Settings, address: DaemonAddress) -> None:
+        self.settings = settings
+        self.address = address
+        self.board = ProgressBoard()
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.store_path = settings.state_dir / STORE_FILE
+        self.handlers: dict[type[codec.Message], Callable[[Any, JobStore], codec.Message]] = {
+            jobs.Submit: self.submit,
+            jobs.Status: self.status,
+            jobs.ListJobs: self.list_jobs,
+            jobs.Cancel: self.cancel,
+            jobs.Resume: self.resume,
+            jobs.Logs: self.logs,
+            jobs.Ping: self.ping,
+        }
+
+    def serve(self) -> None:
+        store = JobStore(self.store_path)
+        for job_id in recover_interrupted(store):
+            log.warning("job %s was interrupted; re-queued to resume", job_id)
+        context = zmq.Context()
+        socket, authenticator = bind_server(context, self.address)
+        executor = Executor(self.settings, self.store_path, context, self.board, self.stop)
+        executor.start()
+        log.info("listening on %s (pid %d)", self.address.endpoint, os.getpid())
+        self.ready.set()
+        try:
+            while not self.stop.is_set():
+                if socket.poll(POLL_MS):
+                    frames = socket.recv_multipart()
+                    reply = self.answer(frames, store)
+                    socket.send_multipart([frames[0], codec.encode(reply)], flags=zmq.NOBLOCK)
+        finally:
+            self.stop.set()
+            executor.join()
+            socket.close()
+            if authenticator is not None:
+                authenticator.stop()
+            context.term()
+            store.close()
+            if self.address.endpoint.startswith("ipc://"):
+                Path(self.address.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
+            log.info("stopped")
+
+    def answer(self, frames: list[bytes], store: JobStore) -> codec.Message:
+        """The one reply to one request; never raises."""
+        if len(frames) != 2:
+            return jobs.Error("", ErrorCode.MALFORMED, f"expected one message frame, got {len(frames) - 1}")
+        try:
+            request = codec.decode(frames[1])
+        except ProtocolError as exc:
+            return jobs.Error("", exc.code, str(exc), exc.field)
+        handler = self.handlers.get(type(request))
+        if handler is None:
+            return jobs.Error(request.id, ErrorCode.UNKNOWN_TYPE, f"{request.TYPE!r} is not a request", "type")
+        try:
+            return handler(request, store)
+        except ProtocolError as exc:
+            return jobs.Error(request.id, exc.code, str(exc), exc.field)
+        except Exception as exc:  # the socket loop must survive any handler bug
+            log.exception("request %s failed", request.TYPE)
+            return jobs.Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    def submit(self, request: jobs.Submit, store: JobStore) -> codec.Message:
+        try:
+            built = build_spec(dict(request.spec), self.settings)
+        except SpecError as exc:
+            return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
+        except ModelNotFound as exc:
+            return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), "model")
+        job = JobDir.create(self.settings.jobs_dir, built.spec, built.model)
+        store.add(job.id, job.path)
+        log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
+        return jobs.Ok(
+            job.id, {"id": job.id, "seed": built.spec.seed, "model": built.model.name, "notices": list(built.notices)}
+        )
+
+    def status(self, request: jobs.Status, store: JobStore) -> codec.Message:
+        return jobs.Ok(request.id, {"job": self.summary(self.require_job(request.id, store), store)})
+
+    def list_jobs(self, request: jobs.ListJobs, store: JobStore) -> codec.Message:
+        limit = max(1, min(request.limit, MAX_LIST))
+        rows = store.list(limit)
+        return jobs.Ok("", {"jobs": [self.summary(row, store, detailed=False) for row in rows]})
+
+    def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
+        row = self.require_job(request.id, store)
+        state = JobState(row["state"])
+        if state is JobState.QUEUED:
+            store.transition(request.id, JobState.CANCELLED, error="cancelled on request")
+        elif state is JobState.RUNNING:
+            store.request_cancel(request.id)  # the executor stops the worker within a poll interval
+        else:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {state.value}")
+        return jobs.Ok(request.id, {"state": "cancelling" if state is JobState.RUNNING else "cancelled"})
+
+    def resume(self, request: jobs.Resume, store: JobStore) -> codec.Message:
+        self.require_job(request.id, store)
+        try:
+            store.transition(request.id, JobState.QUEUED, error="")
+        except TransitionError as exc:
+            raise ProtocolError(ErrorCode.CONFLICT, str(exc)) from None
+        return jobs.Ok(request.id, {"state": JobState.QUEUED.value})
+
+    def logs(self, request: jobs.Logs, store: JobStore) -> codec.Message:
+        row = self.require_job(request.id, store)
+        job_dir = Path(row["job_dir"])
+        lines = max(1, min(request.lines, 1000))
+        worker_logs = sorted((job_dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
+        latest = worker_logs[-1] if worker_logs else None
+        return jobs.Ok(
+            request.id,
+            {
+                "events": tail(job_dir / EVENTS_FILE, lines),
+                "worker_log_name": latest.name if latest else "",
+                "worker_log": tail(latest, lines) if latest else "",
+            },
+        )
+
+    def ping(self, request: jobs.Ping, store: JobStore) -> codec.Message:
+        return jobs.Ok("", {"pid": os.getpid(), "protocol": codec.PROTOCOL_VERSION})
+
+    @staticmethod
+    def require_job(job_id: str, store: JobStore) -> dict[str, Any]:
+        row = store.get(job_id)
+        if row is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no job {job_id!r}", "id")
+        return row
+
+    def summary(self, row: dict[str, Any], store: JobStore, detailed: bool = True) -> dict[str, Any]:
+        """What `status` and `jobs` show about a job."""
+        result = {key: row[key] for key in ("id", "state", "created", "updated", "error", "output")}
+        try:
+            spec = JobDir.load(Path(row["job_dir"])).spec
+            result["prompt"] = spec.prompt
+            result["size"] = f"{spec.width}x{spec.height}x{spec.num_frames}"
+            result["seed"] = spec.seed
+            result["model"] = spec.model
+        except (OSError, ValueError):
+            result["prompt"] = "(job.json unreadable)"
+        if detailed:
+            result["job_dir"] = row["job_dir"]
+            result["attempts"] = [
+                {
+                    **{k: a[k] for k in ("stage", "attempt", "result", "reason", "seconds")},
+                    "plan": describe_plan_text(a["stage"], a["plan"]),
+                }
+                for a in store.attempts(row["id"])
+            ]
+            result["progress"] = self.board.get(row["id"])
+        return result
+
+
+def describe_plan_text(stage: str, plan: dict[str, Any]) -> str:
+    from protocol.files import Stage
+
+    try:
+        return describe_plan(Stage(stage), plan)
+    except (ValueError, KeyError, TypeError):
+        return str(plan)

@@ -1,0 +1,190 @@
+"""The daemon's executor thread: runs queued jobs one at a time, in submission order.
+
+A GPU runs one clip at a time, so one thread suffices. It claims the oldest queued job in the
+store, runs it (orchestrator.pipeline.run_job: stage processes, retries by the policy) and
+records the end state. It owns its own sqlite connection and worker socket; the daemon's main
+thread talks to it only through the store (cancel requests) and the progress board.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from config.settings import Settings
+from orchestrator.jobdir import JobDir
+from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, run_job
+from orchestrator.policy import describe_plan
+from orchestrator.runner import StageOutcome, WorkerLink
+from orchestrator.states import JobState
+from orchestrator.store import JobStore
+from protocol import codec, stages
+from protocol.errors import Failure
+from protocol.files import Stage
+
+log = logging.getLogger("ltx2.executor")
+# How often an idle executor looks for queued jobs; submit latency is at most this.
+IDLE_POLL_S = 0.2
+# How long recovery waits for a killed orphan worker to disappear.
+ORPHAN_EXIT_WAIT_S = 10.0
+
+
+class ProgressBoard:
+    """The latest progress of each running job, shared with the daemon's main thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[str, dict[str, Any]] = {}
+
+    def update(self, job_id: str, event: codec.Message | StageEvent) -> None:
+        with self._lock:
+            entry = self._latest.setdefault(job_id, {})
+            if isinstance(event, StageEvent):
+                entry.update(
+                    stage=event.stage, phase=event.kind, step=0, total=0, detail=event.detail, attempt=event.attempt
+                )
+            elif isinstance(event, stages.Progress):
+                entry.update(
+                    stage=event.stage,
+                    phase=event.phase,
+                    step=event.step,
+                    total=event.total,
+                    gpu_bytes=event.gpu_bytes,
+                    rss_bytes=event.rss_bytes,
+                )
+            elif isinstance(event, stages.Heartbeat):
+                entry.update(gpu_bytes=event.gpu_bytes, rss_bytes=event.rss_bytes)
+            entry["updated"] = time.time()
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._latest.get(job_id)
+            return dict(entry) if entry else None
+
+    def clear(self, job_id: str) -> None:
+        with self._lock:
+            self._latest.pop(job_id, None)
+
+
+class Executor(threading.Thread):
+    """Runs jobs until `stop` is set; a job interrupted by the stop goes back to the queue."""
+
+    def __init__(
+        self, settings: Settings, store_path: Path, context: zmq.Context, board: ProgressBoard, stop: threading.Event
+    ) -> None:
+        super().__init__(name="executor", daemon=True)
+        self.settings, self.store_path, self.context, self.board, self.stop = settings, store_path, context, board, stop
+
+    def run(self) -> None:
+        store = JobStore(self.store_path)
+        link = WorkerLink(self.context)
+        try:
+            while not self.stop.is_set():
+                row = store.claim_next()
+                if row is None:
+                    self.stop.wait(IDLE_POLL_S)
+                    continue
+                self.run_one(store, link, row)
+        finally:
+            link.close()
+            store.close()
+
+    def run_one(self, store: JobStore, link: WorkerLink, row: dict[str, Any]) -> None:
+        job_id = row["id"]
+        log.info("job %s: running", job_id)
+        try:
+            job = JobDir.load(Path(row["job_dir"]))
+            output = run_job(job, self.settings, link, self.hooks(store, job_id))
+            store.transition(job_id, JobState.DONE, output=str(output), worker_pid=0)
+            log.info("job %s: done -> %s", job_id, output)
+        except JobFailed as exc:
+            self.record_failure(store, job_id, exc)
+        except Exception as exc:  # a job must never take the executor down with it
+            log.exception("job %s: orchestration error", job_id)
+            store.transition(job_id, JobState.FAILED, error=f"orchestration error: {exc}", worker_pid=0)
+        finally:
+            self.board.clear(job_id)
+
+    def hooks(self, store: JobStore, job_id: str) -> JobHooks:
+        def on_attempt(stage: Stage, attempt: int, plan: dict[str, Any], outcome: StageOutcome) -> None:
+            result = "ok" if outcome.ok else outcome.failure.value
+            store.record_attempt(job_id, stage.value, attempt, plan, result, outcome.reason, outcome.seconds)
+            store.set_worker_pid(job_id, 0)
+            log.info(
+                "job %s: %s attempt %d (%s): %s %s",
+                job_id,
+                stage.value,
+                attempt,
+                describe_plan(stage, plan),
+                result,
+                outcome.reason,
+            )
+
+        return JobHooks(
+            listener=lambda event: self.board.update(job_id, event),
+            should_cancel=lambda: self.stop.is_set() or store.is_cancel_requested(job_id),
+            on_spawn=lambda pid: store.set_worker_pid(job_id, pid),
+            on_attempt=on_attempt,
+        )
+
+    def record_failure(self, store: JobStore, job_id: str, exc: JobFailed) -> None:
+        if exc.failure is Failure.CANCELLED and not store.is_cancel_requested(job_id):
+            # RUNNING -> QUEUED: the daemon is stopping; the job resumes at its next start.
+            store.transition(job_id, JobState.QUEUED, worker_pid=0)
+            log.info("job %s: interrupted by shutdown, re-queued", job_id)
+        elif exc.failure is Failure.CANCELLED:
+            store.transition(job_id, JobState.CANCELLED, error="cancelled on request", worker_pid=0)
+        else:
+            store.transition(job_id, JobState.FAILED, error=str(exc), worker_pid=0)
+            log.info("job %s: failed: %s", job_id, exc)
+
+
+def recover_interrupted(store: JobStore) -> list[str]:
+    """After a daemon crash: kill orphaned workers and put RUNNING jobs back in the queue."""
+    recovered = []
+    for row in store.in_state(JobState.RUNNING):
+        kill_orphan(int(row["worker_pid"]), row["job_dir"])
+        try:
+            JobDir.load(Path(row["job_dir"])).interrupt_running_attempts()
+        except (OSError, ValueError) as exc:
+            log.warning("job %s: cannot update job.json: %s", row["id"], exc)
+        # RUNNING -> QUEUED: resumes at its first unfinished stage.
+        store.transition(row["id"], JobState.QUEUED, worker_pid=0)
+        recovered.append(row["id"])
+    return recovered
+
+
+def kill_orphan(pid: int, job_dir: str) -> None:
+    """SIGKILL a previous daemon's worker, if `pid` is still that worker (not a reused pid)."""
+    if pid <= 0:
+        return
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return
+    if job_dir not in cmdline:
+        return
+    log.warning("killing orphaned worker %d of %s", pid, job_dir)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + ORPHAN_EXIT_WAIT_S
+    while is_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def is_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting for its new parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -1,0 +1,64 @@
+"""Turn a user's request (flags, or a client's partial spec) into a validated JobSpec.
+
+Shared by `ltx2 generate` (embedded) and the daemon's `submit`, so both fill defaults, resolve
+the model and warn the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.models import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
+from protocol.models import TINY_REPO_ID
+from protocol.spec import JobSpec, SpecError
+
+# Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
+RANDOM_SEED_LIMIT = 2**31
+# Fields a request may leave out; the model's preset fills them in.
+PRESET_FIELDS = ("width", "height", "num_frames", "fps", "steps", "guidance_scale", "schedule")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltSpec:
+    """A validated spec, its resolved model and lines the user should see."""
+
+    spec: JobSpec
+    model: ResolvedModel
+    notices: tuple[str, ...]
+
+
+def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
+    """The model to run: as asked, else the default if cached, else the tiny model (with a notice)."""
+    if requested == TINY_REPO_ID:
+        return ensure_tiny_model(), []
+    if requested:
+        return resolve_model(requested), []
+    if is_cached(settings.default_model):
+        return resolve_model(settings.default_model), []
+    notice = (
+        f"no weights for {settings.default_model} in the Hugging Face cache; using the tiny random model "
+        f"{TINY_REPO_ID} (output is noise; get the real one with: hf download {settings.default_model})"
+    )
+    return ensure_tiny_model(), [notice]
+
+
+def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
+    """Fill preset defaults and a random seed into `request`, resolve the model, validate."""
+    if not isinstance(request, dict):
+        raise SpecError("spec", "must be a map of fields")
+    model_name = request.get("model")
+    if model_name is not None and not isinstance(model_name, str):
+        raise SpecError("model", f"must be a string, got {model_name!r}")
+    model, notices = resolve_requested_model(model_name, settings)
+    preset = settings.preset_for(model.name)
+    fields = {name: getattr(preset, name) for name in PRESET_FIELDS}
+    fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
+    fields.update({key: value for key, value in request.items() if value is not None})
+    fields["model"] = model.name
+    spec = JobSpec.from_dict(fields)
+    if spec.negative_prompt and not spec.uses_cfg:
+        notices.append("warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off)")
+    return BuiltSpec(spec, model, tuple(notices))

@@ -1,0 +1,82 @@
+"""The retry policy: after a failed attempt, which plan runs next (or none: the job fails).
+
+One function decides, from (stage, failure, the attempts so far): invalid input and missing
+models are never retried; a CUDA OOM moves straight to the next lower-memory plan; a host OOM
+kill, a crash or a hang first retries the same plan once (a SIGKILL may come from another
+process's memory pressure or a person, and a deterministic run repeats bit for bit), then moves
+down the ladder. The ladders are data:
+
+- encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload
+- audio_decode:   on the accelerator -> on the CPU (the audio decoder is small)
+- video_decode:   single pass -> spatial tiling -> temporal pieces of 11 -> 8 -> 4 latent frames
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.decode_plan import choose_decode_plan, next_decode_plan
+from protocol.errors import Failure
+from protocol.files import Stage
+from protocol.plans import DecodePlan
+from protocol.spec import JobSpec
+
+DIFFUSION_LADDER: tuple[dict[str, str], ...] = (
+    {"weights": "native", "offload": "none"},
+    {"weights": "fp8", "offload": "none"},
+    {"weights": "fp8", "offload": "sequential"},
+)
+AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"})
+# Failures that may not recur with the same plan.
+TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """What the policy needs to know about one finished attempt."""
+
+    plan: dict[str, Any]
+    failure: Failure | None
+
+
+def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, Any]:
+    """The first plan of a stage: the best quality that the user's flags and the size allow."""
+    if stage is Stage.VIDEO_DECODE:
+        plan = choose_decode_plan(
+            spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
+        )
+        return {"decode": plan.to_dict()}
+    if stage is Stage.AUDIO_DECODE:
+        return dict(AUDIO_LADDER[0])
+    return dict(DIFFUSION_LADDER[0])
+
+
+def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Settings) -> dict[str, Any] | None:
+    """The next rung below `plan` on the stage's ladder, or None at the bottom."""
+    if stage is Stage.VIDEO_DECODE:
+        lower = next_decode_plan(DecodePlan.from_dict(plan["decode"]), spec.latent_frames, settings.decode)
+        return {"decode": lower.to_dict()} if lower else None
+    ladder = AUDIO_LADDER if stage is Stage.AUDIO_DECODE else DIFFUSION_LADDER
+    rung = ladder.index(plan) if plan in ladder else 0
+    return dict(ladder[rung + 1]) if rung + 1 < len(ladder) else None
+
+
+def next_plan(stage: Stage, attempts: list[Attempt], spec: JobSpec, settings: Settings) -> dict[str, Any] | None:
+    """The plan of the next attempt after the last of `attempts` failed; None means give up."""
+    last = attempts[-1]
+    if last.failure is None or not last.failure.is_retryable or len(attempts) >= settings.max_attempts_per_stage:
+        return None
+    if last.failure in TRANSIENT:
+        same = sum(1 for a in attempts if a.plan == last.plan and a.failure in TRANSIENT)
+        if same <= settings.same_plan_retries:
+            return last.plan
+    return lower_plan(stage, last.plan, spec, settings)
+
+
+def describe_plan(stage: Stage, plan: dict[str, Any]) -> str:
+    """A short human label for progress lines and `ltx2 status`."""
+    if stage is Stage.VIDEO_DECODE:
+        return DecodePlan.from_dict(plan["decode"]).label
+    return ", ".join(f"{key} {value}" for key, value in sorted(plan.items()))

@@ -1,0 +1,120 @@
+"""Client<->daemon sockets: ipc:// in a private directory by default, tcp:// only with CURVE.
+
+An ipc socket lives in a 0700 runtime directory, so only the daemon's user can reach it. A tcp
+endpoint is refused unless CURVE keys are configured: the daemon then accepts only clients whose
+public keys are in the authorized-keys folder, and all traffic is encrypted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from config.settings import DaemonSettings
+from orchestrator.runner import runtime_dir
+from protocol.codec import MAX_MESSAGE_BYTES
+
+
+class TransportError(ValueError):
+    """The endpoint or key configuration cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonAddress:
+    """Where the daemon listens and, for tcp, the CURVE material."""
+
+    endpoint: str
+    server_secret_key: Path | None = None  #: daemon side: its secret key file
+    authorized_keys_dir: Path | None = None  #: daemon side: clients' public key files
+    server_public_key: Path | None = None  #: client side: the daemon's public key file
+    client_secret_key: Path | None = None  #: client side: its own secret key file
+
+    @property
+    def uses_tcp(self) -> bool:
+        return self.endpoint.startswith("tcp://")
+
+
+def default_endpoint() -> str:
+    return f"ipc://{runtime_dir()}/daemon.sock"
+
+
+def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socket, ThreadAuthenticator | None]:
+    """The daemon's ROUTER socket; with tcp, also the running CURVE authenticator."""
+    socket = context.socket(zmq.ROUTER)
+    socket.setsockopt(zmq.LINGER, 0)
+    # Peers sending a frame over the limit are disconnected by libzmq before it is buffered.
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    # A client that vanished before its reply must not make the daemon block or queue forever.
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    socket.setsockopt(zmq.SNDHWM, 1000)
+    authenticator = None
+    if address.uses_tcp:
+        if not (address.server_secret_key and address.authorized_keys_dir):
+            raise TransportError(
+                f"{address.endpoint}: tcp endpoints need daemon.curve_server_secret_key and "
+                "daemon.curve_authorized_keys_dir (create them with `ltx2 keys DIR`)"
+            )
+        if not zmq.has("curve"):
+            raise TransportError("this libzmq has no CURVE support; use an ipc:// endpoint")
+        authenticator = ThreadAuthenticator(context)
+        authenticator.start()
+        authenticator.configure_curve(domain="*", location=str(address.authorized_keys_dir))
+        public, secret = zmq.auth.load_certificate(str(address.server_secret_key))
+        socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
+    socket.bind(address.endpoint)
+    return socket, authenticator
+
+
+def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
+    """A DEALER connected to the daemon (with CURVE for tcp)."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    if address.uses_tcp:
+        if not (address.server_public_key and address.client_secret_key):
+            raise TransportError(
+                f"{address.endpoint}: tcp needs daemon.curve_server_public_key and daemon.curve_client_secret_key"
+            )
+        server_public, _ = zmq.auth.load_certificate(str(address.server_public_key))
+        public, secret = zmq.auth.load_certificate(str(address.client_secret_key))
+        socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
+    elif address.endpoint.startswith("ipc://") and not Path(address.endpoint.removeprefix("ipc://")).exists():
+        raise TransportError(
+            f"no daemon is listening at {address.endpoint} (start it: supervisord -c supervisord.conf)"
+        )
+    socket.connect(address.endpoint)
+    return socket
+
+
+def create_keys(directory: Path) -> dict[str, Path]:
+    """Write a server and a client key pair; the client's public key is authorized."""
+    authorized = directory / "authorized"
+    authorized.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
+    client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
+    (authorized / "client.key").write_bytes(Path(client_public).read_bytes())
+    return {
+        "server_secret": Path(server_secret),
+        "server_public": Path(server_public),
+        "client_secret": Path(client_secret),
+        "authorized_dir": authorized,
+    }
+
+
+def address_from_settings(daemon: DaemonSettings) -> DaemonAddress:
+    """The configured address (empty endpoint: the default ipc socket)."""
+
+    def path(value: str) -> Path | None:
+        return Path(value).expanduser() if value else None
+
+    return DaemonAddress(
+        endpoint=daemon.endpoint or default_endpoint(),
+        server_secret_key=path(daemon.curve_server_secret_key),
+        authorized_keys_dir=path(daemon.curve_authorized_keys_dir),
+        server_public_key=path(daemon.curve_server_public_key),
+        client_secret_key=path(daemon.curve_client_secret_key),
+    )

@@ -1,0 +1,92 @@
+"""Messages between a client (the `ltx2` CLI) and the orchestrator daemon.
+
+Every request is answered with exactly one reply: `ok` carrying a data map, or `error` with a
+code (protocol.codec.ErrorCode), a message and the offending field. A request's `id` is the job
+id it concerns (empty for submit and list); the reply echoes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from protocol.codec import Message, register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Submit(Message):
+    """Queue a job; `spec` is a JobSpec as plain data. Replies ok{id}."""
+
+    TYPE = "submit"
+    spec: dict[str, Any]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Status(Message):
+    """One job's state, attempts and live progress. Replies ok{job}."""
+
+    TYPE = "status"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class ListJobs(Message):
+    """Recent jobs, newest last. Replies ok{jobs: [...]}."""
+
+    TYPE = "list"
+    limit: int = 50
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Cancel(Message):
+    """Stop a queued or running job; its finished stages stay on disk. Replies ok{status}."""
+
+    TYPE = "cancel"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Resume(Message):
+    """Queue a cancelled or failed job again; it restarts at its first unfinished stage."""
+
+    TYPE = "resume"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Logs(Message):
+    """The job's event log and the tail of its latest worker log. Replies ok{events, worker_log}."""
+
+    TYPE = "logs"
+    lines: int = 40
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Ping(Message):
+    """Liveness check. Replies ok{pid, version}."""
+
+    TYPE = "ping"
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Ok(Message):
+    """Success reply."""
+
+    TYPE = "ok"
+    data: dict[str, Any]
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    """Failure reply; `code` is a protocol.codec.ErrorCode value."""
+
+    TYPE = "error"
+    code: str
+    message: str
+    field: str = ""

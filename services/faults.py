@@ -1,0 +1,55 @@
+"""Deliberate failures for testing recovery, switched on by environment variables.
+
+They make the failure paths of the orchestrator testable with real processes and real signals:
+
+- `LTX2_FAULT_PAUSE=STAGE:PHASE:STEP[,STAGE:PHASE:STEP...]` with `LTX2_FAULT_DIR=DIR` - the first
+  worker (of any job) that reports that step of that phase creates `DIR/paused-STAGE.pid` holding
+  its pid and sleeps until killed, so a test can SIGKILL it at a known point; each entry fires
+  once per DIR (the file is created exclusively), so the retry runs through;
+- `LTX2_FAULT_OOM=STAGE:N` - attempts 1..N of the stage raise torch.OutOfMemoryError at the start;
+- `LTX2_FAULT_KILL=STAGE:N` - attempts 1..N of the stage SIGKILL themselves at the start, as the
+  kernel's OOM killer would.
+
+Unset (the normal case), nothing here does anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+
+def _parse(value: str, parts: int) -> list[str] | None:
+    fields = value.split(":")
+    return fields if len(fields) == parts else None
+
+
+def inject_at_start(stage: str, attempt: int, environ: Mapping[str, str]) -> None:
+    """Raise a CUDA OOM or SIGKILL this process if the environment asks for it."""
+    oom = _parse(environ.get("LTX2_FAULT_OOM", ""), 2)
+    if oom and oom[0] == stage and attempt <= int(oom[1]):
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by LTX2_FAULT_OOM, attempt {attempt})")
+    kill = _parse(environ.get("LTX2_FAULT_KILL", ""), 2)
+    if kill and kill[0] == stage and attempt <= int(kill[1]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_if_requested(stage: str, phase: str, step: int, environ: Mapping[str, str]) -> None:
+    """Block forever at a requested step (once per fault dir), after leaving a pid file."""
+    entries = [_parse(entry, 3) for entry in environ.get("LTX2_FAULT_PAUSE", "").split(",") if entry]
+    if not any(e and e[0] == stage and e[1] == phase and int(e[2]) == step for e in entries):
+        return
+    marker = Path(environ["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid"
+    try:
+        descriptor = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    os.write(descriptor, str(os.getpid()).encode())
+    os.close(descriptor)
+    while True:
+        time.sleep(3600)

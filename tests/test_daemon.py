@@ -1,0 +1,126 @@
+"""The daemon under the repo's supervisord.conf: queue, CLI, crash recovery, stage retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from safetensors.torch import load_file
+from supervised import Supervised, wait_for_file
+
+from protocol import jobs
+from protocol.files import LATENTS_FILE
+
+
+@pytest.fixture
+def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "faults").mkdir()
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+
+
+def submit(env: dict, *extra: str) -> str:
+    result = run_ltx2(["submit", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS, *extra], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_supervised_daemon_runs_submitted_jobs_in_order(daemon_env: dict, tmp_path: Path):
+    with Supervised(tmp_path, daemon_env):
+        first, second = submit(daemon_env), submit(daemon_env, "--name", "second")
+        third = submit(daemon_env)
+        cancelled = run_ltx2(["cancel", third], daemon_env)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        watched = run_ltx2(["watch", second], daemon_env)
+        assert watched.returncode == 0, watched.stderr
+        info = probe_mp4(Path(watched.stdout.strip()))
+        assert (info["frames"], info["width"], info["height"], info["audio_codec"]) == (17, 64, 64, "aac")
+        listing = json.loads(run_ltx2(["jobs", "--json"], daemon_env).stdout)
+        assert [(j["id"], j["state"]) for j in listing] == [(first, "done"), (second, "done"), (third, "cancelled")]
+        assert listing[0]["updated"] < listing[1]["updated"]
+        status = run_ltx2(["status", second], daemon_env).stdout
+        assert "video_decode attempt 1 [single pass]: ok" in status
+        assert run_ltx2(["cancel", first], daemon_env).returncode == 1
+        assert "already done" in run_ltx2(["cancel", first], daemon_env).stderr
+
+
+def test_submit_with_bad_flag_is_rejected_with_exit_2(daemon_env: dict, tmp_path: Path):
+    with Supervised(tmp_path, daemon_env):
+        result = run_ltx2(["submit", "--prompt", "x", "--width", "100"], daemon_env)
+        assert result.returncode == 2
+        assert "--width: must be a multiple of 32" in result.stderr
+
+
+def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(daemon_env: dict, tmp_path: Path):
+    pauses = "encode_diffuse:denoise:3,audio_decode:decode audio:0,video_decode:load video VAE:0"
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": pauses}
+    with Supervised(tmp_path / "run", env) as supervised:
+        job_id = submit(env)
+        for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+            marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid")
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+        job = supervised.wait_for_state(job_id, {"done", "failed"})
+    assert job["state"] == "done", job["error"]
+    results = [(a["stage"], a["result"]) for a in job["attempts"]]
+    assert results == [
+        ("encode_diffuse", "host_oom"),
+        ("encode_diffuse", "ok"),
+        ("audio_decode", "host_oom"),
+        ("audio_decode", "ok"),
+        ("video_decode", "host_oom"),
+        ("video_decode", "ok"),
+    ]
+    reference = run_ltx2(["generate", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS], daemon_env)
+    assert reference.returncode == 0, reference.stderr
+    reference_dir = next(p for p in (Path(daemon_env["LTX2_STATE_DIR"]) / "jobs").iterdir() if p.name != job_id)
+    killed, undisturbed = load_file(Path(job["job_dir"]) / LATENTS_FILE), load_file(reference_dir / LATENTS_FILE)
+    assert all(np.array_equal(killed[k].numpy(), undisturbed[k].numpy()) for k in ("video", "audio"))
+    assert np.array_equal(decoded_frames(Path(job["output"])), decoded_frames(Path(reference.stdout.strip())))
+    assert not list(Path(job["job_dir"]).glob(".*.tmp-*"))
+
+
+def test_daemon_killed_mid_job_is_restarted_and_finishes_every_job(daemon_env: dict, tmp_path: Path):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with Supervised(tmp_path, env) as supervised:
+        first, second = submit(env), submit(env)
+        marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid")
+        orphan = int(marker.read_text())
+        with supervised.client() as client:
+            old_pid = client.request(jobs.Ping(""))["pid"]
+        os.kill(old_pid, signal.SIGKILL)
+        supervised.wait_until_serving(previous_pid=old_pid)
+        done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in (first, second)]
+    assert [job["state"] for job in done] == ["done", "done"], [job["error"] for job in done]
+    assert not Path(f"/proc/{orphan}").exists() or "Z" in Path(f"/proc/{orphan}/stat").read_text().split()[2]
+    record = json.loads((Path(done[0]["job_dir"]) / "job.json").read_text())
+    assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["interrupted", "ok"]
+    for job in done:
+        assert probe_mp4(Path(job["output"]))["frames"] == 17
+
+
+def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(daemon_env: dict, tmp_path: Path):
+    env = {**daemon_env, "LTX2_FAULT_OOM": "video_decode:1", "LTX2_FAULT_KILL": "audio_decode:2"}
+    with Supervised(tmp_path, env) as supervised:
+        job_id = submit(env)
+        job = supervised.wait_for_state(job_id, {"done", "failed"})
+        status = run_ltx2(["status", job_id], env).stdout
+    assert job["state"] == "done", job["error"]
+    assert "audio_decode attempt 1 [device auto]: host_oom" in status
+    assert "audio_decode attempt 2 [device auto]: host_oom" in status
+    assert "audio_decode attempt 3 [device cpu]: ok" in status
+    assert "video_decode attempt 1 [single pass]: cuda_oom" in status
+    assert "video_decode attempt 2 [spatial tiling]: ok" in status
+    assert probe_mp4(Path(job["output"]))["frames"] == 17
