@@ -124,6 +124,13 @@ class JobDir:
         self.save()
         self.log_event("stage_finished", stage=stage.value, result=result, **details)
 
+    def invalidate(self, stage: Stage) -> None:
+        """Forget a stage's recorded outputs: it is about to run again (attempts are kept)."""
+        record = self.stage_record(stage)
+        if record["status"] == "succeeded":
+            record.update(status="pending", outputs={})
+            self.save()
+
     def interrupt_running_attempts(self) -> None:
         """Close attempts left "running" by an orchestrator that died mid-stage."""
         for stage in Stage:

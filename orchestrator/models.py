@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from protocol.errors import ModelNotFound
-from protocol.models import TINY_REPO_ID
+from protocol.models import TINY_REPO_ID, hub_cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,7 @@ def resolve_model(name: str) -> ResolvedModel:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        snapshot = Path(snapshot_download(name, local_files_only=True))
+        snapshot = Path(snapshot_download(name, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, ValueError, OSError) as exc:
         raise ModelNotFound(
             f"model {name!r} is not in the Hugging Face cache; download it first with: hf download {name}"

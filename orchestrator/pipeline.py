@@ -19,7 +19,15 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.jobdir import JobDir
 from orchestrator.policy import Attempt, describe_plan, initial_plan, next_plan
-from orchestrator.runner import StageOutcome, StageSettings, WorkerLink, run_stage
+from orchestrator.runner import (
+    SpawnedWorker,
+    StageOutcome,
+    StageSettings,
+    WorkerLink,
+    discard_worker,
+    run_stage,
+    spawn_worker,
+)
 from protocol import codec
 from protocol.errors import Failure
 from protocol.files import STAGE_ORDER, VIDEO_FILE, Stage
@@ -60,49 +68,100 @@ class JobHooks:
 
 
 def run_job(job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks) -> Path:
-    """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path."""
-    for stage in STAGE_ORDER:
-        if job.has_outputs(stage):
-            job.mark_skipped(stage)
-            hooks.listener(StageEvent(stage.value, "skipped"))
-            continue
-        run_stage_until_done(job, stage, settings, link, hooks)
+    """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path.
+
+    Stages before the first one whose outputs fail to verify are skipped; that stage and every
+    later one run, since later outputs derive from earlier ones. While a stage runs, the next
+    stage's worker is already started (imports done, waiting for GO), so its start-up overlaps.
+    """
+    first = next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
+    for stage in STAGE_ORDER[:first]:
+        job.mark_skipped(stage)
+        hooks.listener(StageEvent(stage.value, "skipped"))
+    pending = STAGE_ORDER[first:]
+    for stage in pending:
+        job.invalidate(stage)
+    prestarted: SpawnedWorker | None = None
+    try:
+        for index, stage in enumerate(pending):
+            following = pending[index + 1] if index + 1 < len(pending) else None
+            prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
+    finally:
+        discard_worker(prestarted, link, job.id)
     output = publish_video(job, settings.output_dir)
     job.finish("done", output=str(output))
     return output
 
 
-def run_stage_until_done(job: JobDir, stage: Stage, settings: Settings, link: WorkerLink, hooks: JobHooks) -> None:
-    """Attempt a stage until it succeeds or the policy gives up (then JobFailed)."""
-    stage_settings = StageSettings(settings.heartbeat_s, settings.hung_after_s, settings.stderr_tail_lines)
+def next_attempt(job: JobDir, stage: Stage, settings: Settings) -> tuple[int, dict[str, Any]]:
+    """(number, plan) of a stage's next attempt; a resumed stage keeps its last (lower-memory) plan."""
     previous = job.stage_record(stage)["attempts"]
-    # A resumed stage starts from its last plan: a lower-memory plan found earlier stays.
-    plan = previous[-1]["plan"] if previous else initial_plan(stage, job.spec, settings)
+    return len(previous) + 1, previous[-1]["plan"] if previous else initial_plan(stage, job.spec, settings)
+
+
+def run_stage_until_done(
+    job: JobDir,
+    stage: Stage,
+    settings: Settings,
+    link: WorkerLink,
+    hooks: JobHooks,
+    prestarted: SpawnedWorker | None = None,
+    following: Stage | None = None,
+) -> SpawnedWorker | None:
+    """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
+    gives up (JobFailed)."""
+    stage_settings = StageSettings(settings.heartbeat_s, settings.hung_after_s, settings.stderr_tail_lines)
+    _, plan = next_attempt(job, stage, settings)
     history: list[Attempt] = []
-    while True:
-        attempt = job.start_attempt(stage, plan)
-        hooks.listener(StageEvent(stage.value, "started", attempt, describe_plan(stage, plan)))
-        outcome = run_stage(
-            job, stage, attempt, plan, link, stage_settings, hooks.listener, hooks.should_cancel, hooks.on_spawn
-        )
-        record_outcome(job, stage, outcome)
-        hooks.on_attempt(stage, attempt, plan, outcome)
-        if outcome.ok:
-            hooks.listener(StageEvent(stage.value, "succeeded", attempt, f"{outcome.seconds:.1f} s"))
-            return
-        history.append(Attempt(plan, outcome.failure))
-        following = next_plan(stage, history, job.spec, settings)
-        hooks.listener(StageEvent(stage.value, "failed", attempt, f"{outcome.failure.value}: {outcome.reason}"))
-        if following is None:
-            exhausted = outcome.failure.is_retryable
-            reason = (
-                f"{outcome.reason} (after {len(history)} attempt(s); no lower-memory plan left)"
-                if exhausted
-                else outcome.reason
+    next_worker: SpawnedWorker | None = None
+
+    def prestart_following(pid: int) -> None:
+        nonlocal next_worker
+        hooks.on_spawn(pid)
+        if following is not None and next_worker is None:
+            next_worker = spawn_worker(
+                job, following, *next_attempt(job, following, settings), link, settings.heartbeat_s
             )
-            job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=reason)
-            raise JobFailed(stage, outcome, reason)
-        plan = following
+
+    try:
+        while True:
+            attempt = job.start_attempt(stage, plan)
+            hooks.listener(StageEvent(stage.value, "started", attempt, describe_plan(stage, plan)))
+            outcome = run_stage(
+                job,
+                stage,
+                attempt,
+                plan,
+                link,
+                stage_settings,
+                hooks.listener,
+                hooks.should_cancel,
+                prestart_following,
+                prestarted,
+            )
+            prestarted = None
+            record_outcome(job, stage, outcome)
+            hooks.on_attempt(stage, attempt, plan, outcome)
+            if outcome.ok:
+                hooks.listener(StageEvent(stage.value, "succeeded", attempt, f"{outcome.seconds:.1f} s"))
+                handed_over, next_worker = next_worker, None
+                return handed_over
+            history.append(Attempt(plan, outcome.failure))
+            plan = next_plan(stage, history, job.spec, settings)
+            hooks.listener(StageEvent(stage.value, "failed", attempt, f"{outcome.failure.value}: {outcome.reason}"))
+            if plan is None:
+                raise_job_failed(job, stage, outcome, len(history))
+    finally:
+        discard_worker(next_worker, link, job.id)
+
+
+def raise_job_failed(job: JobDir, stage: Stage, outcome: StageOutcome, attempts: int) -> None:
+    """Record the job's end and raise JobFailed with a readable reason."""
+    reason = outcome.reason
+    if outcome.failure.is_retryable:
+        reason += f" (after {attempts} attempt(s); no lower-memory plan left)"
+    job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=reason)
+    raise JobFailed(stage, outcome, reason)
 
 
 def record_outcome(job: JobDir, stage: Stage, outcome: StageOutcome) -> None:

@@ -1,10 +1,10 @@
 """The retry policy: after a failed attempt, which plan runs next (or none: the job fails).
 
 One function decides, from (stage, failure, the attempts so far): invalid input and missing
-models are never retried; a CUDA OOM moves straight to the next lower-memory plan; a host OOM
-kill, a crash or a hang first retries the same plan once (a SIGKILL may come from another
-process's memory pressure or a person, and a deterministic run repeats bit for bit), then moves
-down the ladder. The ladders are data:
+models are never retried; a CUDA OOM moves straight to the next lower-memory plan; the first
+host-OOM kill, crash or hang of a stage retries the same plan (a SIGKILL may come from another
+process's memory pressure or a person, and a deterministic run repeats bit for bit); later ones
+move down the ladder. The ladders are data:
 
 - encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload
 - audio_decode:   on the accelerator -> on the CPU (the audio decoder is small)
@@ -68,10 +68,8 @@ def next_plan(stage: Stage, attempts: list[Attempt], spec: JobSpec, settings: Se
     last = attempts[-1]
     if last.failure is None or not last.failure.is_retryable or len(attempts) >= settings.max_attempts_per_stage:
         return None
-    if last.failure in TRANSIENT:
-        same = sum(1 for a in attempts if a.plan == last.plan and a.failure in TRANSIENT)
-        if same <= settings.same_plan_retries:
-            return last.plan
+    if last.failure in TRANSIENT and sum(a.failure in TRANSIENT for a in attempts) <= settings.same_plan_retries:
+        return last.plan
     return lower_plan(stage, last.plan, spec, settings)
 
 

@@ -8,6 +8,7 @@ heartbeats, and exits. Whatever the worker says, the verdict comes from its exit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -36,6 +37,8 @@ POLL_MS = 200
 DRAIN_MS = 300
 # SIGTERM first so a worker can close its files; SIGKILL if it has not gone after this long.
 KILL_GRACE_S = 10.0
+# Messages kept per worker that nobody follows yet; a waiting worker sends only READY.
+WAITING_LIMIT = 100
 
 EventHandler = Callable[[codec.Message], None]
 
@@ -57,10 +60,32 @@ class WorkerLink:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.endpoint = endpoint or f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
         self.socket.bind(self.endpoint)
+        # Messages of workers nobody is following yet (a prestarted worker's READY).
+        self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}
 
-    def receive(self, timeout_ms: int) -> tuple[bytes, codec.Message] | None:
+    def receive_for(self, job_id: str, stage: str, timeout_ms: int) -> tuple[bytes, codec.Message] | None:
+        """The next message of one (job, stage) worker; others' messages are kept for later."""
+        key = (job_id, stage)
+        if self.waiting.get(key):
+            return self.waiting[key].popleft()
+        deadline = time.monotonic() + timeout_ms / 1000
+        while (remaining := deadline - time.monotonic()) > 0:
+            received = self._receive(int(remaining * 1000))
+            if received is None:
+                continue
+            sender = (received[1].id, str(getattr(received[1], "stage", "")))
+            if sender == key:
+                return received
+            self.waiting.setdefault(sender, collections.deque(maxlen=WAITING_LIMIT)).append(received)
+        return None
+
+    def forget(self, job_id: str, stage: str) -> None:
+        """Drop kept messages of a worker that will not be followed."""
+        self.waiting.pop((job_id, stage), None)
+
+    def _receive(self, timeout_ms: int) -> tuple[bytes, codec.Message] | None:
         """One decoded message with its sender, or None on timeout or a bad frame."""
-        if not self.socket.poll(timeout_ms):
+        if not self.socket.poll(max(timeout_ms, 0)):
             return None
         parts = self.socket.recv_multipart()
         if len(parts) != 2:
@@ -121,6 +146,43 @@ def worker_command(
     ]  # fmt: skip
 
 
+@dataclasses.dataclass
+class SpawnedWorker:
+    """A started worker process and the attempt it was started for."""
+
+    process: subprocess.Popen[bytes]
+    stage: Stage
+    attempt: int
+    plan: dict[str, Any]
+
+    def matches(self, stage: Stage, attempt: int, plan: dict[str, Any]) -> bool:
+        """Still running and started for exactly this attempt."""
+        return self.process.poll() is None and (self.stage, self.attempt, self.plan) == (stage, attempt, plan)
+
+
+def spawn_worker(
+    job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], link: WorkerLink, heartbeat_s: float
+) -> SpawnedWorker:
+    """Start a worker; it imports its libraries, says READY and waits for GO (DESIGN.md rule 5)."""
+    with job.log_path(stage, attempt).open("ab") as log_file:
+        process = subprocess.Popen(
+            worker_command(job, stage, attempt, plan, link.endpoint, heartbeat_s),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return SpawnedWorker(process, stage, attempt, plan)
+
+
+def discard_worker(worker: SpawnedWorker | None, link: WorkerLink, job_id: str) -> None:
+    """Stop a prestarted worker that will not be used."""
+    if worker is not None:
+        stop_process(worker.process)
+        link.forget(job_id, worker.stage.value)
+
+
 def run_stage(
     job: JobDir,
     stage: Stage,
@@ -131,19 +193,20 @@ def run_stage(
     on_event: EventHandler,
     should_cancel: Callable[[], bool] = lambda: False,
     on_spawn: Callable[[int], None] = lambda pid: None,
+    prestarted: SpawnedWorker | None = None,
 ) -> StageOutcome:
-    """Run one attempt of a stage to its end and classify it."""
-    log_path = job.log_path(stage, attempt)
+    """Run one attempt of a stage to its end and classify it.
+
+    A `prestarted` worker started for this very attempt is adopted (its imports are already done);
+    otherwise, or if it died while waiting, a new one is started.
+    """
     started = time.monotonic()
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            worker_command(job, stage, attempt, plan, link.endpoint, settings.heartbeat_s),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    if prestarted is not None and prestarted.matches(stage, attempt, plan):
+        worker = prestarted
+    else:
+        discard_worker(prestarted, link, job.id)
+        worker = spawn_worker(job, stage, attempt, plan, link, settings.heartbeat_s)
+    process = worker.process
     on_spawn(process.pid)
     follower = _Follower(job, stage, link, on_event)
     forced: Failure | None = None
@@ -171,7 +234,7 @@ def run_stage(
         returncode=returncode,
         failure=failure,
         reason=reason if failure else "",
-        log_tail=tail(log_path, settings.stderr_tail_lines) if failure else "",
+        log_tail=tail(job.log_path(stage, attempt), settings.stderr_tail_lines) if failure else "",
         seconds=time.monotonic() - started,
         peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
         peak_rss_bytes=done.peak_rss_bytes if done else 0,
@@ -189,13 +252,10 @@ class _Follower:
 
     def pump(self, timeout_ms: int) -> bool:
         """Handle at most one message; False when none came within the timeout."""
-        received = self.link.receive(timeout_ms)
+        received = self.link.receive_for(self.job.id, self.stage.value, timeout_ms)
         if received is None:
             return False
         identity, message = received
-        if message.id != self.job.id or getattr(message, "stage", None) != self.stage.value:
-            log.warning("ignored a message from another worker: %s", type(message).__name__)
-            return True
         self.last_heard = time.monotonic()
         if isinstance(message, stages.Ready):
             self.link.send(identity, stages.Go(self.job.id, self.stage.value))

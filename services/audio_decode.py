@@ -7,7 +7,11 @@ the vocoder on the mel spectrogram.
 
 from __future__ import annotations
 
+import diffusers.pipelines.ltx2.vocoder  # noqa: F401
 import torch
+
+# Imported at module level on purpose: a prestarted worker pays this before READY.
+from diffusers import AutoencoderKLLTX2Audio  # noqa: F401
 
 from protocol.errors import InvalidInput
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage

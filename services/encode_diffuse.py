@@ -14,6 +14,10 @@ from typing import Any
 
 import torch
 
+# Imported at module level on purpose: a prestarted worker pays this before READY, overlapping
+# the previous stage (DESIGN.md rule 5).
+from diffusers import LTX2Pipeline
+
 from protocol.files import LATENTS_FILE, Stage
 from services import guidance, models
 from services.latents import write_latents
@@ -58,8 +62,6 @@ def release_text_encoder(pipeline: Any) -> None:
 
 def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Run the denoising loop; returns the latents, generator state and transformer call count."""
-    from diffusers import LTX2Pipeline
-
     ctx.progress("load transformer")
     connectors, transformer, scheduler = models.load_denoiser(
         ctx.model_root,

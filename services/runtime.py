@@ -32,8 +32,9 @@ from protocol.spec import JobSpec
 from services import faults
 
 log = logging.getLogger("ltx2.worker")
-# How long a worker waits for GO before concluding its orchestrator is gone.
-GO_TIMEOUT_S = 600.0
+# A prestarted worker may wait for GO through a whole diffusion run (15 min on a Thor at 1080p);
+# it gives up after a day, or at once when its orchestrator dies (it is then re-parented).
+GO_TIMEOUT_S = 86400.0
 # Queued progress messages are dropped after this long if the orchestrator stopped reading, so a
 # dead orchestrator can never keep a finished worker from exiting.
 LINGER_MS = 2000
@@ -187,14 +188,15 @@ def connect(context: zmq.Context, endpoint: str) -> zmq.Socket:
 
 def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
     """Say READY, then block until GO arrives (or give up if the orchestrator never answers)."""
+    parent = os.getppid()
     reporter.send(stages.Ready(reporter.job_id, reporter.stage.value, attempt, os.getpid()))
     deadline = time.monotonic() + GO_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and os.getppid() == parent:
         if socket.poll(timeout=1000):
             message = codec.decode(socket.recv())
             if isinstance(message, stages.Go):
                 return
-    raise TimeoutError(f"no GO from the orchestrator within {GO_TIMEOUT_S:.0f} s")
+    raise TimeoutError("no GO from the orchestrator (it stopped or never answered)")
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:

@@ -33,7 +33,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from protocol.models import TINY_REPO_ID
+from protocol.models import TINY_REPO_ID, hub_cache_dir
 
 # A fixed commit-like revision so the Hugging Face cache layout (snapshots/<rev>) is stable.
 TINY_REVISION = "0" * 39 + "1"
@@ -241,14 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m services.tiny_model (--hf-cache | DIR)`: write the tiny model, print where."""
     import argparse
 
-    from huggingface_hub.constants import HF_HUB_CACHE
-
     parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a plain diffusers folder here")
     target.add_argument("--hf-cache", action="store_true", help=f"write {TINY_REPO_ID} into the Hugging Face cache")
     args = parser.parse_args(argv)
-    path = write_tiny_model_to_hf_cache(Path(HF_HUB_CACHE)) if args.hf_cache else write_tiny_model(args.directory)
+    path = write_tiny_model_to_hf_cache(hub_cache_dir()) if args.hf_cache else write_tiny_model(args.directory)
     sys.stdout.write(f"{path}\n")
     return 0
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+# Imported at module level on purpose: a prestarted worker pays this before READY.
+from diffusers import AutoencoderKLLTX2Video  # noqa: F401
+
 from protocol.errors import InvalidInput
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.plans import DecodePlan, piece_ranges

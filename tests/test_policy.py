@@ -1,0 +1,59 @@
+"""The retry policy is one pure function: (stage, attempts so far) -> next plan or give up."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from config.settings import load_settings
+from orchestrator.policy import DIFFUSION_LADDER, Attempt, initial_plan, next_plan
+from protocol.errors import Failure
+from protocol.files import Stage
+from protocol.spec import JobSpec
+
+SETTINGS = load_settings(environ={"HOME": "/nonexistent"})
+SPEC = JobSpec.from_dict(
+    {"prompt": "p", "model": "m", "width": 1920, "height": 1088, "num_frames": 161, "steps": 8, "seed": 1}
+)
+
+
+def walk(stage: Stage, failure: Failure, settings=SETTINGS) -> list[dict]:
+    plans = [initial_plan(stage, SPEC, settings)]
+    history: list[Attempt] = []
+    while True:
+        history.append(Attempt(plans[-1], failure))
+        following = next_plan(stage, history, SPEC, settings)
+        if following is None:
+            return plans
+        plans.append(following)
+
+
+def test_cuda_oom_in_decode_steps_down_every_rung_then_gives_up():
+    labels = [walk_label(p) for p in walk(Stage.VIDEO_DECODE, Failure.CUDA_OOM)]
+    assert labels == [(True, None), (True, 11), (True, 8), (True, 4)]
+
+
+def walk_label(plan: dict) -> tuple:
+    return plan["decode"]["tiling"], plan["decode"]["chunk_latent_frames"]
+
+
+def test_host_oom_retries_the_same_plan_once_before_stepping_down():
+    plans = walk(Stage.ENCODE_DIFFUSE, Failure.HOST_OOM)
+    assert plans == [DIFFUSION_LADDER[0], DIFFUSION_LADDER[0], DIFFUSION_LADDER[1], DIFFUSION_LADDER[2]]
+
+
+def test_audio_decode_falls_back_to_the_cpu():
+    assert walk(Stage.AUDIO_DECODE, Failure.CUDA_OOM) == [{"device": "auto"}, {"device": "cpu"}]
+
+
+def test_invalid_input_missing_model_and_cancel_are_never_retried():
+    for failure in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED):
+        assert len(walk(Stage.ENCODE_DIFFUSE, failure)) == 1
+
+
+def test_attempt_limit_caps_same_plan_retries():
+    strict = dataclasses.replace(SETTINGS, max_attempts_per_stage=2)
+    assert len(walk(Stage.ENCODE_DIFFUSE, Failure.CRASH, strict)) == 2
+
+
+def test_success_needs_no_next_plan():
+    assert next_plan(Stage.AUDIO_DECODE, [Attempt({"device": "auto"}, None)], SPEC, SETTINGS) is None
