@@ -20,14 +20,14 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.jobdir import JobDir
-from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, run_job
+from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, next_attempt, run_job
 from orchestrator.policy import describe_plan
-from orchestrator.runner import StageOutcome, WorkerLink
+from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.states import JobState
 from orchestrator.store import JobStore
 from protocol import codec, stages
 from protocol.errors import Failure
-from protocol.files import Stage
+from protocol.files import STAGE_ORDER, Stage
 
 log = logging.getLogger("ltx2.executor")
 # How often an idle executor looks for queued jobs; submit latency is at most this.
@@ -81,6 +81,8 @@ class Executor(threading.Thread):
     ) -> None:
         super().__init__(name="executor", daemon=True)
         self.settings, self.store_path, self.context, self.board, self.stop = settings, store_path, context, board, stop
+        # The next queued job's first worker, started while the current job's last stage runs.
+        self.next_worker: tuple[str, SpawnedWorker] | None = None
 
     def run(self) -> None:
         store = JobStore(self.store_path)
@@ -93,15 +95,25 @@ class Executor(threading.Thread):
                     continue
                 self.run_one(store, link, row)
         finally:
+            if self.next_worker is not None:
+                discard_worker(self.next_worker[1], link, self.next_worker[0])
             link.close()
             store.close()
 
     def run_one(self, store: JobStore, link: WorkerLink, row: dict[str, Any]) -> None:
         job_id = row["id"]
         log.info("job %s: running", job_id)
+        prestarted = None
+        if self.next_worker is not None:
+            owner, worker = self.next_worker
+            self.next_worker = None
+            if owner == job_id:
+                prestarted = worker
+            else:
+                discard_worker(worker, link, owner)
         try:
             job = JobDir.load(Path(row["job_dir"]))
-            output = run_job(job, self.settings, link, self.hooks(store, job_id))
+            output = run_job(job, self.settings, link, self.hooks(store, link, job_id), prestarted)
             store.transition(job_id, JobState.DONE, output=str(output), worker_pid=0)
             log.info("job %s: done -> %s", job_id, output)
         except JobFailed as exc:
@@ -112,7 +124,23 @@ class Executor(threading.Thread):
         finally:
             self.board.clear(job_id)
 
-    def hooks(self, store: JobStore, job_id: str) -> JobHooks:
+    def prestart_next_job(self, store: JobStore, link: WorkerLink) -> None:
+        """Start the next queued job's first worker so its imports overlap this job's last stage."""
+        row = store.peek_next()
+        if row is None or self.next_worker is not None:
+            return
+        try:
+            job = JobDir.load(Path(row["job_dir"]))
+            stage = next((s for s in STAGE_ORDER if not job.has_outputs(s)), None)
+            if stage is not None:
+                worker = spawn_worker(
+                    job, stage, *next_attempt(job, stage, self.settings), link, self.settings.heartbeat_s
+                )
+                self.next_worker = (job.id, worker)
+        except (OSError, ValueError) as exc:
+            log.warning("could not prestart job %s: %s", row["id"], exc)
+
+    def hooks(self, store: JobStore, link: WorkerLink, job_id: str) -> JobHooks:
         def on_attempt(stage: Stage, attempt: int, plan: dict[str, Any], outcome: StageOutcome) -> None:
             result = "ok" if outcome.ok else outcome.failure.value
             store.record_attempt(job_id, stage.value, attempt, plan, result, outcome.reason, outcome.seconds)
@@ -132,6 +160,7 @@ class Executor(threading.Thread):
             should_cancel=lambda: self.stop.is_set() or store.is_cancel_requested(job_id),
             on_spawn=lambda pid: store.set_worker_pid(job_id, pid),
             on_attempt=on_attempt,
+            on_last_stage=lambda: self.prestart_next_job(store, link),
         )
 
     def record_failure(self, store: JobStore, job_id: str, exc: JobFailed) -> None:

@@ -65,14 +65,19 @@ class JobHooks:
     should_cancel: Callable[[], bool] = lambda: False
     on_spawn: Callable[[int], None] = lambda pid: None
     on_attempt: Callable[[Stage, int, dict[str, Any], StageOutcome], None] = lambda *args: None
+    #: called as the job's last stage starts; the daemon prestarts the next job's first worker
+    on_last_stage: Callable[[], None] = lambda: None
 
 
-def run_job(job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks) -> Path:
+def run_job(
+    job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks, prestarted: SpawnedWorker | None = None
+) -> Path:
     """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path.
 
     Stages before the first one whose outputs fail to verify are skipped; that stage and every
     later one run, since later outputs derive from earlier ones. While a stage runs, the next
-    stage's worker is already started (imports done, waiting for GO), so its start-up overlaps.
+    stage's worker is already started (imports done, waiting for GO), so its start-up overlaps;
+    `prestarted` is such a worker for this job's first stage, started during the previous job.
     """
     first = next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
     for stage in STAGE_ORDER[:first]:
@@ -81,10 +86,11 @@ def run_job(job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks) 
     pending = STAGE_ORDER[first:]
     for stage in pending:
         job.invalidate(stage)
-    prestarted: SpawnedWorker | None = None
     try:
         for index, stage in enumerate(pending):
             following = pending[index + 1] if index + 1 < len(pending) else None
+            if following is None:
+                hooks.on_last_stage()
             prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
     finally:
         discard_worker(prestarted, link, job.id)

@@ -121,6 +121,13 @@ class JobStore:
             raise
         return dict(row) if row else None
 
+    def peek_next(self) -> dict[str, Any] | None:
+        """The job `claim_next` would take now, without taking it."""
+        row = self.db.execute(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.QUEUED.value,)
+        ).fetchone()
+        return dict(row) if row else None
+
     def request_cancel(self, job_id: str) -> None:
         self.db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (_now(), job_id))
 
