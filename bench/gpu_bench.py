@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
 """GPU benchmark: full-size LTX-2.0 (random weights), single-process diffusers vs the staged pipeline.
 
-One entry point, several sub-commands; `all` runs everything in order on one machine and is what
-bench/run_on_device.sh calls:
+One entry point, several sub-commands; `all` runs everything on one machine and is what
+bench/run_on_device.sh calls (docs/benchmarks.md has the commands and the results):
 
     python bench/gpu_bench.py all --out DIR [--budget-s 560] [--scale full|smoke|tiny]
+                                  [--phases build,baseline_large] [--sequence staged_small,baseline,staged_large]
 
-Phases, each in its own process so every number is a cold process where it says so:
+`build` (unless a finished folder is already there) builds every LTX-2.0 component at full size
+with random bf16 weights directly on the accelerator, checks the parameter counts and saves a
+diffusers folder (safetensors, 5 GB shards, model_index.json through LTX2Pipeline.save_config),
+then `sync`s. Then the runs of --sequence, in order, each in fresh processes:
 
-1. `build`    - build every LTX-2.0 component at full size with random bf16 weights directly on
-                the accelerator, check the parameter counts, save a diffusers folder (safetensors,
-                5 GB shards, model_index.json through LTX2Pipeline.save_config), `sync`.
-2. staged     - `python -m orchestrator.cli generate ...` (the project's pipeline) at 768x512x121,
-                then per-stage times from job.json / events.log / the worker logs.
-3. `baseline` - one process: LTX2Pipeline.from_pretrained + .to(cuda), the same clip twice (cold
-                = first call of a fresh process, warm = second call), then 1920x1088x161 once.
-4. staged 1920x1088x161 if time is left.
+- staged_small / staged_large: `python -m orchestrator.cli generate ...` (the project's pipeline)
+  at --small / --large; per-stage times from job.json, events.log and the worker logs.
+- baseline: one process: LTX2Pipeline.from_pretrained + .to(cuda), the small clip twice (cold =
+  first call of a fresh process, warm = the second call), then the large clip once if `phases`
+  holds baseline_large and time is left.
+- imports: import times of torch / transformers / diffusers in two fresh interpreters.
 
-Every phase writes into DIR/results.json as soon as it ends; the last thing printed is a table.
+Every run writes into DIR/results.json as soon as it ends; the last thing printed is a table.
 `--scale smoke` runs the same code with the real component configs but 1 transformer / 1 Gemma
-layer and tiny clips (for a CPU check); `--scale tiny` uses the project's tiny model.
+layer (for a CPU check with small clips); `--scale tiny` uses the project's tiny model.
 """
 
 from __future__ import annotations
@@ -124,7 +126,12 @@ GEMMA_VISION_CONFIG: dict[str, Any] = {
     "hidden_size": 1152, "image_size": 896, "intermediate_size": 4304, "num_attention_heads": 16,
     "num_hidden_layers": 27, "patch_size": 14, "vision_use_head": False,
 }  # fmt: skip
-GEMMA_MM = {"mm_tokens_per_image": 256, "boi_token_index": 255999, "eoi_token_index": 256000, "image_token_index": 262144}
+GEMMA_MM = {
+    "mm_tokens_per_image": 256,
+    "boi_token_index": 255999,
+    "eoi_token_index": 256000,
+    "image_token_index": 262144,
+}
 # Parameter counts the brief expects at full size (checked to 1%).
 EXPECTED_PARAMS = {"transformer": 18.876e9, "text_encoder": 12.19e9, "connectors": 1.431e9, "vae": 1.222e9}
 # Save order: largest first, so a full disk shows up before minutes are spent on the small parts.
@@ -184,7 +191,9 @@ def audio_latent_frames(num_frames: int, fps: float = FPS) -> int:
     return round(num_frames / fps * 16000 / 160 / 4)
 
 
-def transformer_flops(cfg: dict[str, Any], width: int, height: int, num_frames: int, text_tokens: int) -> dict[str, Any]:
+def transformer_flops(
+    cfg: dict[str, Any], width: int, height: int, num_frames: int, text_tokens: int
+) -> dict[str, Any]:
     """Matmul FLOPs (2 per multiply-add) of one LTX2VideoTransformer3DModel forward.
 
     Per block, with Nv video / Na audio / T text tokens, Dv = video width, Da = audio width,
@@ -231,7 +240,9 @@ def fs_type(path: Path) -> str:
     best, kind = "", "?"
     resolved = str(path.resolve())
     for mount_point, fstype in mounts():
-        if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(best):
+        if (resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")) and len(mount_point) > len(
+            best
+        ):
             best, kind = mount_point, fstype
     return kind
 
@@ -251,6 +262,30 @@ def storage_report() -> dict[str, Any]:
             except OSError as exc:
                 report[name] = {"error": str(exc)}
     return report
+
+
+ROOT_CANDIDATES = ("/tmp", "/var/tmp", "/root", "/home", "/opt", "/srv", "/mnt", "/workspace", "/data", "/scratch")
+# bf16 bytes of the full-size LTX-2.0 folder (33.83 B parameters), for choosing where it goes.
+FULL_MODEL_BYTES = 67.7e9
+
+
+def choose_root(requested: str, name: str = "ltx2-full") -> Path:
+    """`auto`: a finished folder from an earlier call on this machine, else the writable
+    non-tmpfs folder with the most free space (a tmpfs would hold ~68 GB of weights in RAM)."""
+    if requested != "auto":
+        return Path(requested)
+    usable = []
+    for candidate in ROOT_CANDIDATES:
+        folder = Path(candidate)
+        if (folder / name / "BUILD_OK").is_file():
+            return folder / name
+        if folder.is_dir() and os.access(folder, os.W_OK) and fs_type(folder) not in ("tmpfs", "ramfs", "overlay-ro"):
+            try:
+                usable.append((fs_free(folder), candidate))
+            except OSError:
+                continue
+    best = max(usable) if usable else (0, "/tmp")
+    return Path(best[1]) / name
 
 
 def mem_total_bytes() -> int:
@@ -274,7 +309,10 @@ def ram_dir(needed: int) -> Path | None:
     if fs_type(target) != "tmpfs":
         size_gib = int(needed / GIB) + 2
         result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_gib}g", "tmpfs", str(target)], capture_output=True, text=True
+            ["mount", "-t", "tmpfs", "-o", f"size={size_gib}g", "tmpfs", str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             log(f"could not mount a tmpfs: {result.stderr.strip()}")
@@ -378,7 +416,7 @@ def meta_param_counts(cfgs: dict[str, dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_build(args: argparse.Namespace) -> int:  # noqa: PLR0912, PLR0915 - one linear script
     import torch
 
     root = Path(args.root)
@@ -411,7 +449,11 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from services.tiny_model import build_tokenizer
 
-    info["versions"] = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    info["versions"] = {
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
     full_layers = scaled_configs(args.scale)["text"]["num_hidden_layers"]
     counts = meta_param_counts(scaled_configs(args.scale))
     te1 = meta_param_counts(scaled_configs(args.scale, te_layers=1))["text_encoder"]
@@ -527,7 +569,7 @@ def rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def cmd_baseline(args: argparse.Namespace) -> int:
+def cmd_baseline(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one linear script
     """Load once, then one clip per entry of --runs; results appended to --result after each."""
     spawned = float(os.environ.get("BENCH_SPAWN_T", T_PROCESS))
     result_path = Path(args.result)
@@ -620,6 +662,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     pipe.transformer.register_forward_hook(t_post)
     res["runs"] = []
     write_json(result_path, res)
+    steps: list[float] = []  # end of each denoising step (synchronized), refilled per run
 
     for index, spec in enumerate(args.runs.split(",")):
         size_text, _, label = spec.partition(":")
@@ -639,7 +682,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         marks.clear()
         calls.clear()
         host_calls.clear()
-        steps: list[float] = []
+        steps.clear()
 
         def on_step(_p: Any, _i: int, _t: Any, _k: dict[str, Any]) -> dict[str, Any]:
             sync()
@@ -690,7 +733,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
             "text_encode_s": marks.get("text_encode"),
             "connectors_s": marks.get("connectors"),
             "denoise_s": steps[-1] - denoise_start if steps else None,
-            "step_ends": steps,
+            "step_ends": list(steps),
+            "first_step_s": steps[0] - denoise_start if steps else None,
             "s_per_step": (steps[-1] - denoise_start) / len(steps) if steps else None,
             "s_per_step_steady": (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else None,
             "transformer_calls": len(host_calls),
@@ -821,6 +865,7 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
                 denoise_s=diff(t_d0, t_w),
                 s_per_step=(diff(t_d0, t_w) or 0) / STEPS if t_w and t_d0 else None,
                 s_per_step_steady=(diff(t_d1, t_dn) or 0) / (STEPS - 1) if t_dn and t_d1 else None,
+                first_step_s=diff(t_d0, t_d1),
                 write_latents_and_exit_s=diff(t_w, finished.get(stage)),
             )
         elif stage == "audio_decode":
@@ -870,9 +915,10 @@ def run_staged(size: tuple[int, int, int], args: argparse.Namespace, timeout_s: 
         "LTX2_STATE_DIR": str(state),
         "LTX2_OUTPUT_DIR": str(outputs),
         "HF_HUB_OFFLINE": "1",
-        "LTX2_PROFILE": args.profile,
         "PYTHONUNBUFFERED": "1",
     }
+    if args.profile:
+        env["LTX2_PROFILE"] = args.profile
     command = [
         sys.executable, "-m", "orchestrator.cli", "generate", "--model", args.root, "--prompt", PROMPT,
         "--width", str(size[0]), "--height", str(size[1]), "--num-frames", str(size[2]),
@@ -967,7 +1013,7 @@ def probe_environment() -> dict[str, Any]:
     if shutil.which("nvidia-smi"):
         query = "name,memory.total,driver_version,clocks.max.sm,clocks.sm,power.limit,temperature.gpu"
         out = subprocess.run(
-            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True, check=False
         )
         env["nvidia_smi"] = out.stdout.strip()
     versions = subprocess.run(
@@ -981,6 +1027,7 @@ def probe_environment() -> dict[str, Any]:
         ],
         capture_output=True,
         text=True,
+        check=False,
     )
     try:
         env["versions"] = json.loads(versions.stdout.strip().splitlines()[-1])
@@ -989,7 +1036,7 @@ def probe_environment() -> dict[str, Any]:
     env["mem_total_bytes"] = mem_total_bytes()
     env["storage"] = storage_report()
     env["git_head"] = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
     ).stdout.strip()
     return env
 
@@ -1000,7 +1047,13 @@ def run_child(command: list[str], timeout_s: float, log_path: Path) -> tuple[int
     env = {**os.environ, "BENCH_SPAWN_T": repr(spawned), "PYTHONUNBUFFERED": "1"}
     with log_path.open("a") as handle:
         process = subprocess.Popen(
-            command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
         )
         timed_out = False
 
@@ -1025,7 +1078,7 @@ def run_child(command: list[str], timeout_s: float, log_path: Path) -> tuple[int
     return process.returncode, spawned, time.time(), timed_out
 
 
-def cmd_all(args: argparse.Namespace) -> int:
+def cmd_all(args: argparse.Namespace) -> int:  # noqa: PLR0912, PLR0915 - one linear script
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
@@ -1048,7 +1101,10 @@ def cmd_all(args: argparse.Namespace) -> int:
     log(f"environment: {json.dumps(results['environment'])}")
     save()
     phases = set(args.phases.split(","))
-    root = Path(args.root)
+    root = choose_root(args.root)
+    args.root = str(root)
+    results["root"] = str(root)
+    log(f"model folder: {root} ({fs_type(root.parent)}, {fs_free(root.parent) / 1e9:.1f} GB free)")
     small, large = parse_size(args.small), parse_size(args.large)
 
     # 1. build (skipped when a finished folder of the same scale is already there: a warm machine)
@@ -1074,59 +1130,97 @@ def cmd_all(args: argparse.Namespace) -> int:
         results["phases"]["build"] = {**json.loads(marker.read_text()), "reused": True}
     save()
 
-    # 2. staged, small clip
-    if "staged" in phases:
-        staged = run_staged(small, args, min(args.stage_timeout_s, left() - 30), work)
-        staged["gpu_peak_mib"] = sampler.peak_mib(staged["spawn_t"], staged["exit_t"])
-        results["phases"][f"staged_{size_label(small)}"] = staged
-        save()
-        log(f"staged {size_label(small)}: rc {staged['returncode']}, {staged['exit_t'] - staged['spawn_t']:.1f} s")
+    # 2.. the measured runs, in the order --sequence gives (a repeated name gets the key "name#n")
+    seen: dict[str, int] = {}
 
-    # 3. baseline: cold + warm small clip, then the large clip if time is left
-    if "baseline" in phases and left() > 60:
-        base_file = work / "baseline.json"
-        base_file.unlink(missing_ok=True)
-        runs = f"{args.small}:cold,{args.small}:warm"
-        if "large" in phases:
-            runs += f",{args.large}:large"
-        child_deadline = deadline - (args.reserve_large_staged_s if "large" in phases else 0) - 15
-        rc, t0, t1, timed_out = run_child(
-            [
-                sys.executable, __file__, "baseline", "--root", str(root), "--runs", runs,
-                "--result", str(base_file), "--work", str(work), "--deadline", repr(child_deadline),
-            ],  # fmt: skip
-            min(args.stage_timeout_s * 2, left() - 20),
-            child_log,
-        )
-        base = json.loads(base_file.read_text()) if base_file.is_file() else {}
-        base.update(returncode=rc, wall_s=t1 - t0, timed_out=timed_out, gpu_peak_mib=sampler.peak_mib(t0, t1))
-        for run in base.get("runs", []):
-            if "t_call" in run:
-                run["gpu_peak_mib_call"] = sampler.peak_mib(run["t_call"], run["t_mp4"])
-        results["phases"]["baseline"] = base
-        save()
+    def key_for(name: str) -> str:
+        seen[name] = seen.get(name, 0) + 1
+        return name if seen[name] == 1 else f"{name}#{seen[name]}"
 
-    # 4. staged, large clip
-    if "staged" in phases and "large" in phases:
-        if left() > args.min_large_staged_s:
-            staged = run_staged(large, args, left() - 15, work)
+    for token in args.sequence.split(","):
+        if token == "imports":
+            results["phases"][key_for("imports")] = measure_imports()
+        elif token in ("staged_small", "staged_large"):
+            size = small if token == "staged_small" else large
+            key = key_for(f"staged_{size_label(size)}")
+            if token == "staged_large" and left() < args.min_large_staged_s:
+                results["phases"][key] = {"skipped": f"only {left():.0f} s left"}
+                save()
+                continue
+            limit = args.stage_timeout_s if token == "staged_small" else left() - 15
+            staged = run_staged(size, args, min(limit, left() - 30), work)
             staged["gpu_peak_mib"] = sampler.peak_mib(staged["spawn_t"], staged["exit_t"])
-            results["phases"][f"staged_{size_label(large)}"] = staged
-        else:
-            results["phases"][f"staged_{size_label(large)}"] = {"skipped": f"only {left():.0f} s left"}
+            staged["mp4_check"] = [check_mp4(Path(mp4)) for mp4 in staged.get("mp4", [])]
+            results["phases"][key] = staged
+            log(f"{key}: rc {staged['returncode']}, {staged['exit_t'] - staged['spawn_t']:.1f} s")
+        elif token == "baseline" and left() > 60:
+            results["phases"][key_for("baseline")] = run_baseline(args, root, work, deadline, sampler, child_log)
         save()
 
-    for phase in results["phases"].values():  # MP4 sanity: frame count, size, audio
-        for mp4 in phase.get("mp4", []) if isinstance(phase.get("mp4"), list) else []:
-            phase.setdefault("mp4_check", []).append(check_mp4(Path(mp4)))
-        for run in phase.get("runs", []):
-            if run.get("mp4"):
-                run["mp4_check"] = check_mp4(Path(run["mp4"]))
     results["derived"] = derive(results)
     sampler.stop()
     save()
     print_table(results)
     return 0
+
+
+def run_baseline(
+    args: argparse.Namespace, root: Path, work: Path, deadline: float, sampler: GpuSampler, child_log: Path
+) -> dict[str, Any]:
+    """The single-process baseline in a fresh process: cold + warm small clip (+ the large clip)."""
+    base_file = work / "baseline.json"
+    base_file.unlink(missing_ok=True)
+    phases = set(args.phases.split(","))
+    runs = f"{args.small}:cold,{args.small}:warm"
+    if "baseline_large" in phases:
+        runs += f",{args.large}:large"
+    staged_large_left = "staged_large" in args.sequence.split(",")[-1:]
+    child_deadline = deadline - (args.reserve_large_staged_s if staged_large_left else 0) - 15
+    command = [
+        sys.executable, __file__, "baseline", "--root", str(root), "--runs", runs, "--result", str(base_file),
+        "--work", str(work), "--deadline", repr(child_deadline),
+    ]  # fmt: skip
+    rc, t0, t1, timed_out = run_child(command, min(args.stage_timeout_s * 2, deadline - time.time() - 20), child_log)
+    base = json.loads(base_file.read_text()) if base_file.is_file() else {}
+    base.update(returncode=rc, wall_s=t1 - t0, timed_out=timed_out, gpu_peak_mib=sampler.peak_mib(t0, t1))
+    for run in base.get("runs", []):
+        if "t_call" in run:
+            run["gpu_peak_mib_call"] = sampler.peak_mib(run["t_call"], run["t_mp4"])
+            run["mp4_check"] = check_mp4(Path(run["mp4"]))
+    return base
+
+
+IMPORT_PROBE = """
+import json, sys, time
+t = [time.time()]
+import torch
+t.append(time.time())
+import transformers
+t.append(time.time())
+from diffusers import LTX2Pipeline
+t.append(time.time())
+import av, zmq, services.encode_diffuse
+t.append(time.time())
+names = ["torch", "transformers", "diffusers LTX2Pipeline", "av+zmq+services.encode_diffuse"]
+print(json.dumps({n: t[i + 1] - t[i] for i, n in enumerate(names)}))
+"""
+
+
+def measure_imports() -> dict[str, Any]:
+    """Where a stage process's start-up goes: import times, twice (the second with warm caches)."""
+    result: dict[str, Any] = {}
+    for attempt in (1, 2):
+        spawned = time.time()
+        out = subprocess.run(
+            [sys.executable, "-c", IMPORT_PROBE], cwd=REPO, capture_output=True, text=True, check=False
+        )
+        try:
+            result[f"run{attempt}"] = json.loads(out.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            result[f"run{attempt}"] = {"error": out.stderr[-1000:]}
+        result[f"run{attempt}"]["process_wall_s"] = time.time() - spawned
+    log(f"import times: {result}")
+    return result
 
 
 def check_mp4(path: Path) -> dict[str, Any]:
@@ -1157,11 +1251,14 @@ def peak_flops(gpu: str) -> float | None:
     return None
 
 
-def derive(results: dict[str, Any]) -> dict[str, Any]:
+def derive(results: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0912 - one report
     phases = results["phases"]
     base = phases.get("baseline", {})
     derived: dict[str, Any] = {}
     cfg = base.get("transformer_config")
+    config_file = Path(results.get("root", "")) / "transformer" / "config.json"
+    if not cfg and config_file.is_file():
+        cfg = json.loads(config_file.read_text())
     gpu = results["environment"].get("versions", {}).get("gpu", "")
     peak = peak_flops(gpu)
     matmul = phases.get("build", {}).get("matmul", {}).get("tflops")
@@ -1196,9 +1293,25 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
                     if peak:
                         derived[name]["mfu_step_vs_datasheet"] = flops / step / peak
     runs = {r.get("label"): r for r in base.get("runs", [])}
-    staged_small = next((p for n, p in phases.items() if n.startswith("staged_") and p.get("size") == results["args"]["small"]), None)
+    staged_small = next(
+        (p for n, p in phases.items() if n.startswith("staged_") and p.get("size") == results["args"]["small"]), None
+    )
     if staged_small and staged_small.get("returncode") == 0 and runs.get("cold", {}).get("cold_total_s"):
         derived["staged_over_baseline_cold"] = staged_small["cli_wall_s"] / runs["cold"]["cold_total_s"]
+    staged_walls = [
+        p["cli_wall_s"]
+        for n, p in phases.items()
+        if n.startswith(f"staged_{results['args']['small']}") and p.get("returncode") == 0
+    ]
+    base_walls = [
+        r["cold_total_s"]
+        for n, p in phases.items()
+        if n.startswith("baseline")
+        for r in p.get("runs", [])
+        if r.get("cold_total_s")
+    ]
+    if len(staged_walls) > 1 and len(base_walls) > 1:
+        derived["staged_over_baseline_cold_pairs"] = [a / b for a, b in zip(staged_walls, base_walls, strict=False)]
     return derived
 
 
@@ -1212,104 +1325,201 @@ def fmt(value: Any, unit: str = "s", digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-def print_table(results: dict[str, Any]) -> None:
+def staged_value(phase: dict[str, Any], stage: str, key: str) -> Any:
+    return phase.get("stages", {}).get(stage, {}).get(key)
+
+
+def staged_peak(phase: dict[str, Any], key: str) -> Any:
+    values = [s.get(key) or 0 for s in phase.get("stages", {}).values()]
+    return max(values) if values else None
+
+
+def staged_loads(phase: dict[str, Any]) -> str:
+    parts = [
+        staged_value(phase, "encode_diffuse", "text_encoder_load_s"),
+        staged_value(phase, "encode_diffuse", "transformer_load_s"),
+        staged_value(phase, "audio_decode", "load_s"),
+        staged_value(phase, "video_decode", "load_s"),
+    ]
+    return "+".join(fmt(p) for p in parts) if any(p is not None for p in parts) else "-"
+
+
+def base_cell(metric: str, run: dict[str, Any], base: dict[str, Any], first: bool) -> str:
+    """One baseline column; process-level numbers only in the column of the process's first call."""
+    if not run:
+        return "-"
+    audio = (run.get("audio_vae_decode_s") or 0) + (run.get("vocoder_s") or 0)
+    total = run.get("cold_total_s") if first else (run.get("call_s") or 0) + (run.get("mp4_encode_s") or 0)
+    values = {
+        "start+import (s)": fmt(base.get("start_import_s")) if first else "-",
+        "weight load (s) [TE+DiT+aud+vae]": fmt(base.get("load_s")) if first else "-",
+        "text encode (s)": fmt(run.get("text_encode_s"), digits=2),
+        "denoise total (s)": fmt(run.get("denoise_s")),
+        "denoise s/step": fmt(run.get("s_per_step"), digits=3),
+        "transformer GPU s/call (median)": fmt(median(run.get("transformer_gpu_s")), digits=3),
+        "video decode (s)": fmt(run.get("vae_decode_s"), digits=2),
+        "audio decode (s)": fmt(audio, digits=2),
+        "np postprocess + rest (s)": fmt(run.get("postprocess_and_rest_s"), digits=2),
+        "mp4 encode (s)": fmt(run.get("mp4_encode_s")),
+        "stage seconds enc/aud/vid": "-",
+        "TOTAL wall (s)": fmt(total),
+        "peak GPU alloc (GiB, torch)": fmt(run.get("peak_gpu_alloc_bytes"), "GiB"),
+        "peak GPU used (GiB, nvidia-smi)": fmt(run.get("gpu_peak_mib_call"), "MiB"),
+        "peak host RSS (GiB)": fmt(run.get("rss_peak_bytes"), "GiB"),
+    }
+    return values.get(metric, "-")
+
+
+def staged_cell(metric: str, phase: dict[str, Any]) -> str:
+    if not phase.get("stages"):
+        return "-"
+    encode = "encode_diffuse"
+    values = {
+        "start+import (s)": fmt(staged_value(phase, encode, "start_import_handshake_s")),
+        "weight load (s) [TE+DiT+aud+vae]": staged_loads(phase),
+        "text encode (s)": fmt(staged_value(phase, encode, "text_encode_s"), digits=2),
+        "denoise total (s)": fmt(staged_value(phase, encode, "denoise_s")),
+        "denoise s/step": fmt(staged_value(phase, encode, "s_per_step"), digits=3),
+        "video decode (s)": "+mp4 " + fmt(staged_value(phase, "video_decode", "decode_and_encode_s"), digits=2),
+        "audio decode (s)": fmt(staged_value(phase, "audio_decode", "decode_s"), digits=2),
+        "mp4 encode (s)": "in video decode",
+        "stage seconds enc/aud/vid": "/".join(
+            fmt(staged_value(phase, s, "seconds")) for s in ("encode_diffuse", "audio_decode", "video_decode")
+        ),
+        "TOTAL wall (s)": fmt(phase.get("cli_wall_s")),
+        "peak GPU alloc (GiB, torch)": fmt(staged_peak(phase, "peak_gpu_bytes"), "GiB"),
+        "peak GPU used (GiB, nvidia-smi)": fmt(phase.get("gpu_peak_mib"), "MiB"),
+        "peak host RSS (GiB)": fmt(staged_peak(phase, "peak_rss_bytes"), "GiB"),
+    }
+    return values.get(metric, "-")
+
+
+def median(values: list[float] | None) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+TABLE_METRICS = (
+    "start+import (s)",
+    "weight load (s) [TE+DiT+aud+vae]",
+    "text encode (s)",
+    "denoise total (s)",
+    "denoise s/step",
+    "transformer GPU s/call (median)",
+    "video decode (s)",
+    "audio decode (s)",
+    "np postprocess + rest (s)",
+    "mp4 encode (s)",
+    "stage seconds enc/aud/vid",
+    "TOTAL wall (s)",
+    "peak GPU alloc (GiB, torch)",
+    "peak GPU used (GiB, nvidia-smi)",
+    "peak host RSS (GiB)",
+    "MFU denoise step (datasheet)",
+    "MFU transformer call (datasheet)",
+)
+
+
+def table_lines(results: dict[str, Any]) -> list[str]:
+    """The summary table: one column per measured configuration."""
     phases = results["phases"]
-    env = results.get("environment", {})
     base = phases.get("baseline", {})
     runs = {r.get("label"): r for r in base.get("runs", []) if "call_s" in r}
     small, large = results["args"]["small"], results["args"]["large"]
-    staged_small = phases.get(f"staged_{small}", {})
-    staged_large = phases.get(f"staged_{large}", {})
-    build = phases.get("build", {})
-    lines = ["", "=" * 100, f"GPU: {env.get('versions', {}).get('gpu')} | {env.get('nvidia_smi')}"]
-    lines.append(f"versions: {env.get('versions')}")
-    if build:
-        lines.append(
-            f"build: {build.get('total_bytes', 0) / 1e9:.1f} GB in {build.get('wall_s') or 0:.0f} s, "
-            f"TE layers {build.get('text_encoder_layers')}, matmul {build.get('matmul', {}).get('tflops', 0):.0f} TFLOP/s, "
-            f"placement {build.get('storage', {}).get('plan', {}).get('placement')}"
-            + (f", DEVIATION: {build['deviation']}" if build.get("deviation") else "")
-        )
-    header = f"{'metric':34s}|{'base cold ' + small:>22s}|{'base warm':>10s}|{'staged ' + small:>22s}|{'base ' + large:>20s}|{'staged ' + large:>22s}"
-    lines += [header, "-" * len(header)]
-    cold, warm, big = runs.get("cold", {}), runs.get("warm", {}), runs.get("large", {})
-
-    def stage(phase: dict[str, Any], name: str, key: str) -> Any:
-        return phase.get("stages", {}).get(name, {}).get(key)
-
-    def staged_load(phase: dict[str, Any]) -> str:
-        parts = [stage(phase, "encode_diffuse", "text_encoder_load_s"), stage(phase, "encode_diffuse", "transformer_load_s")]
-        parts += [stage(phase, "audio_decode", "load_s"), stage(phase, "video_decode", "load_s")]
-        return "+".join(fmt(p) for p in parts) if any(p is not None for p in parts) else "-"
-
-    def staged_peak(phase: dict[str, Any], key: str) -> Any:
-        values = [s.get(key) or 0 for s in phase.get("stages", {}).values()]
-        return max(values) if values else None
-
-    def row(label: str, a: str, b: str, c: str, d: str, e: str) -> None:
-        lines.append(f"{label:34s}|{a:>22s}|{b:>10s}|{c:>22s}|{d:>20s}|{e:>22s}")
-
-    row("start+import (s)", fmt(base.get("start_import_s")), "-",
-        fmt(stage(staged_small, "encode_diffuse", "start_import_handshake_s")), "-",
-        fmt(stage(staged_large, "encode_diffuse", "start_import_handshake_s")))  # fmt: skip
-    row("weight load (s) [TE+DiT+aud+vae]", fmt(base.get("load_s")), "-", staged_load(staged_small), "-", staged_load(staged_large))
-    row("text encode (s)", fmt(cold.get("text_encode_s"), digits=2), fmt(warm.get("text_encode_s"), digits=2),
-        fmt(stage(staged_small, "encode_diffuse", "text_encode_s"), digits=2), fmt(big.get("text_encode_s"), digits=2),
-        fmt(stage(staged_large, "encode_diffuse", "text_encode_s"), digits=2))  # fmt: skip
-    row("denoise total (s)", fmt(cold.get("denoise_s")), fmt(warm.get("denoise_s")),
-        fmt(stage(staged_small, "encode_diffuse", "denoise_s")), fmt(big.get("denoise_s")),
-        fmt(stage(staged_large, "encode_diffuse", "denoise_s")))  # fmt: skip
-    row("denoise s/step", fmt(cold.get("s_per_step"), digits=3), fmt(warm.get("s_per_step"), digits=3),
-        fmt(stage(staged_small, "encode_diffuse", "s_per_step"), digits=3), fmt(big.get("s_per_step"), digits=3),
-        fmt(stage(staged_large, "encode_diffuse", "s_per_step"), digits=3))  # fmt: skip
-    row("video decode (s)", fmt(cold.get("vae_decode_s"), digits=2), fmt(warm.get("vae_decode_s"), digits=2),
-        "(with mp4) " + fmt(stage(staged_small, "video_decode", "decode_and_encode_s"), digits=2),
-        fmt(big.get("vae_decode_s"), digits=2),
-        "(with mp4) " + fmt(stage(staged_large, "video_decode", "decode_and_encode_s"), digits=2))  # fmt: skip
-    audio = [
-        (r.get("audio_vae_decode_s") or 0) + (r.get("vocoder_s") or 0) if r else None for r in (cold, warm, big)
-    ]
-    row("audio decode (s)", fmt(audio[0], digits=2), fmt(audio[1], digits=2),
-        fmt(stage(staged_small, "audio_decode", "decode_s"), digits=2), fmt(audio[2], digits=2),
-        fmt(stage(staged_large, "audio_decode", "decode_s"), digits=2))  # fmt: skip
-    row("np postprocess + rest (s)", fmt(cold.get("postprocess_and_rest_s")), fmt(warm.get("postprocess_and_rest_s")), "-",
-        fmt(big.get("postprocess_and_rest_s")), "-")  # fmt: skip
-    row("mp4 encode (s)", fmt(cold.get("mp4_encode_s")), fmt(warm.get("mp4_encode_s")), "(in video decode)",
-        fmt(big.get("mp4_encode_s")), "(in video decode)")  # fmt: skip
-    row("stage seconds enc/aud/vid", "-", "-",
-        "/".join(fmt(stage(staged_small, s, "seconds")) for s in ("encode_diffuse", "audio_decode", "video_decode")), "-",
-        "/".join(fmt(stage(staged_large, s, "seconds")) for s in ("encode_diffuse", "audio_decode", "video_decode")))  # fmt: skip
-    row("TOTAL wall (s)", fmt(cold.get("cold_total_s")), fmt((warm.get("call_s") or 0) + (warm.get("mp4_encode_s") or 0)) if warm else "-",
-        fmt(staged_small.get("cli_wall_s")), fmt((big.get("call_s") or 0) + (big.get("mp4_encode_s") or 0)) if big else "-",
-        fmt(staged_large.get("cli_wall_s")))  # fmt: skip
-    row("peak GPU alloc (GiB, torch)", fmt(cold.get("peak_gpu_alloc_bytes"), "GiB"), fmt(warm.get("peak_gpu_alloc_bytes"), "GiB"),
-        fmt(staged_peak(staged_small, "peak_gpu_bytes"), "GiB"), fmt(big.get("peak_gpu_alloc_bytes"), "GiB"),
-        fmt(staged_peak(staged_large, "peak_gpu_bytes"), "GiB"))  # fmt: skip
-    row("peak GPU used (GiB, nvidia-smi)", fmt(cold.get("gpu_peak_mib_call"), "MiB"), fmt(warm.get("gpu_peak_mib_call"), "MiB"),
-        fmt(staged_small.get("gpu_peak_mib"), "MiB"), fmt(big.get("gpu_peak_mib_call"), "MiB"),
-        fmt(staged_large.get("gpu_peak_mib"), "MiB"))  # fmt: skip
-    row("peak host RSS (GiB)", fmt(cold.get("rss_peak_bytes"), "GiB"), fmt(warm.get("rss_peak_bytes"), "GiB"),
-        fmt(staged_peak(staged_small, "peak_rss_bytes"), "GiB"), fmt(big.get("rss_peak_bytes"), "GiB"),
-        fmt(staged_peak(staged_large, "peak_rss_bytes"), "GiB"))  # fmt: skip
     derived = results.get("derived", {})
+    columns: list[tuple[str, Any, str]] = [
+        ("base cold " + small, lambda m: base_cell(m, runs.get("cold", {}), base, True), "baseline_cold"),
+        ("base warm", lambda m: base_cell(m, runs.get("warm", {}), base, False), "baseline_warm"),
+        ("staged " + small, lambda m: staged_cell(m, phases.get(f"staged_{small}", {})), f"staged_{small}"),
+        ("base " + large, lambda m: base_cell(m, runs.get("large", {}), base, False), "baseline_large"),
+        ("staged " + large, lambda m: staged_cell(m, phases.get(f"staged_{large}", {})), f"staged_{large}"),
+    ]
 
-    def mfu(key: str, field: str = "mfu_step_vs_datasheet") -> str:
+    def mfu(key: str, field: str) -> str:
         value = derived.get(key, {}).get(field)
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    row("MFU denoise step (datasheet)", mfu("baseline_cold"), mfu("baseline_warm"), mfu(f"staged_{small}"),
-        mfu("baseline_large"), mfu(f"staged_{large}"))  # fmt: skip
-    row("MFU transformer call (datasheet)", mfu("baseline_cold", "mfu_transformer_vs_datasheet"),
-        mfu("baseline_warm", "mfu_transformer_vs_datasheet"), "-", mfu("baseline_large", "mfu_transformer_vs_datasheet"), "-")  # fmt: skip
+    widths = [max(17, len(title)) for title, _, _ in columns]
+    lines = [f"{'metric':33s}|" + "|".join(f"{t:>{w}s}" for (t, _, _), w in zip(columns, widths, strict=True))]
+    lines.append("-" * len(lines[0]))
+    for metric in TABLE_METRICS:
+        cells = []
+        for (_title, cell, key), width in zip(columns, widths, strict=True):
+            if metric.startswith("MFU denoise"):
+                text = mfu(key, "mfu_step_vs_datasheet")
+            elif metric.startswith("MFU transformer"):
+                text = mfu(key, "mfu_transformer_vs_datasheet")
+            else:
+                text = cell(metric)
+            cells.append(f"{text:>{width}s}")
+        lines.append(f"{metric:33s}|" + "|".join(cells))
+    return lines
+
+
+def repeat_lines(results: dict[str, Any]) -> list[str]:
+    """One line per measured process, in run order (repeats included), for the small clip."""
+    small = results["args"]["small"]
+    lines = ["runs in order (small clip): wall | start+import | loads | text enc | 1st step | s/step steady | decode"]
+    for key, phase in results["phases"].items():
+        if key.startswith(f"staged_{small}") and phase.get("stages"):
+            enc = phase["stages"]["encode_diffuse"]
+            lines.append(
+                f"  {key:28s} {fmt(phase.get('cli_wall_s')):>6s} | {fmt(enc.get('start_import_handshake_s')):>5s} | "
+                f"{staged_loads(phase):>19s} | {fmt(enc.get('text_encode_s'), digits=2):>5s} | "
+                f"{fmt(enc.get('first_step_s'), digits=2):>5s} | {fmt(enc.get('s_per_step_steady'), digits=3):>6s} | "
+                f"vid+mp4 {fmt(staged_value(phase, 'video_decode', 'decode_and_encode_s'), digits=2)}"
+            )
+        elif key.startswith("baseline"):
+            for run in phase.get("runs", []):
+                if run.get("size") != small or "call_s" not in run:
+                    continue
+                cold = run["label"] == "cold"
+                wall = run.get("cold_total_s") if cold else run["call_s"] + run["mp4_encode_s"]
+                start = fmt(phase.get("start_import_s")) if cold else "-"
+                load = fmt(phase.get("load_s")) if cold else "-"
+                encode, first_step = fmt(run.get("text_encode_s"), digits=2), fmt(run.get("first_step_s"), digits=2)
+                lines.append(
+                    f"  {key + ' ' + run['label']:28s} {fmt(wall):>6s} | {start:>5s} | {load:>19s} | {encode:>5s} | "
+                    f"{first_step:>5s} | {fmt(run.get('s_per_step_steady'), digits=3):>6s} | "
+                    f"vae {fmt(run.get('vae_decode_s'), digits=2)} + mp4 {fmt(run.get('mp4_encode_s'))}"
+                )
+    ratios = results.get("derived", {}).get("staged_over_baseline_cold_pairs")
+    if ratios:
+        lines.append(f"staged/baseline cold ratio per pair (in run order): {', '.join(f'{r:.3f}' for r in ratios)}")
+    return lines
+
+
+def print_table(results: dict[str, Any]) -> None:
+    phases = results["phases"]
+    env = results.get("environment", {})
+    build = phases.get("build", {})
+    derived = results.get("derived", {})
+    lines = ["", "=" * 100, f"GPU: {env.get('versions', {}).get('gpu')} | {env.get('nvidia_smi')}"]
+    lines.append(f"versions: {env.get('versions')} | model folder {results.get('root')}")
+    if build:
+        plan = build.get("storage", {}).get("plan", {}).get("placement")
+        lines.append(
+            f"build: {build.get('total_bytes', 0) / 1e9:.1f} GB in {build.get('wall_s') or 0:.0f} s "
+            f"(sync {build.get('sync_s') or 0:.0f} s), TE layers {build.get('text_encoder_layers')}, "
+            f"bf16 matmul {build.get('matmul', {}).get('tflops', 0):.0f} TFLOP/s, placement {plan}"
+        )
+        if build.get("deviation"):
+            lines.append(f"DEVIATION: {build['deviation']}")
+    lines += table_lines(results)
+    lines += repeat_lines(results)
     flops = {k: v.get("flops") for k, v in derived.items() if isinstance(v, dict) and v.get("flops")}
     lines.append(f"FLOPs per step: {', '.join(f'{k} {v:.4g}' for k, v in flops.items())}")
     if derived.get("staged_over_baseline_cold"):
-        lines.append(f"staged / baseline (cold, {small}, process start to MP4): {derived['staged_over_baseline_cold']:.3f}")
+        ratio = derived["staged_over_baseline_cold"]
+        lines.append(f"staged / baseline, cold, {results['args']['small']}, process start to MP4: {ratio:.3f}")
     for name, phase in phases.items():
         if name.startswith("staged_") and phase.get("returncode") not in (0, None):
             lines.append(f"{name} FAILED rc={phase.get('returncode')}: {phase.get('stderr_tail', '')[-600:]}")
         if name.startswith("staged_") and phase.get("skipped"):
             lines.append(f"{name} skipped: {phase['skipped']}")
+    base = phases.get("baseline", {})
     for run in base.get("runs", []):
         if run.get("skipped"):
             lines.append(f"baseline {run['label']} skipped: {run['skipped']}")
@@ -1328,17 +1538,26 @@ def main(argv: list[str] | None = None) -> int:
     p_all = sub.add_parser("all", help="build, staged, baseline, staged-large; results under --out")
     p_all.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench-out"))
     p_all.add_argument("--work", default="/tmp/bench-work", help="job dirs, MP4s, intermediate JSON")
-    p_all.add_argument("--root", default="/tmp/ltx2-full", help="model folder to build and load")
+    p_all.add_argument("--root", default="auto", help="model folder to build and load (auto: see choose_root)")
     p_all.add_argument("--scale", choices=["full", "smoke", "tiny"], default="full")
     p_all.add_argument("--small", default="768x512x121")
     p_all.add_argument("--large", default="1920x1088x161")
-    p_all.add_argument("--phases", default="build,staged,baseline,large")
+    p_all.add_argument(
+        "--phases",
+        default="build,baseline_large",
+        help="build: build the model; baseline_large: the baseline process also runs the large clip",
+    )
+    p_all.add_argument(
+        "--sequence",
+        default="staged_small,baseline,staged_large",
+        help="measured runs in order: staged_small, staged_large, baseline, imports (repeats allowed)",
+    )
     p_all.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget of this command")
-    p_all.add_argument("--build-timeout-s", type=float, default=300.0)
+    p_all.add_argument("--build-timeout-s", type=float, default=330.0)
     p_all.add_argument("--stage-timeout-s", type=float, default=240.0)
     p_all.add_argument("--reserve-large-staged-s", type=float, default=0.0)
-    p_all.add_argument("--min-large-staged-s", type=float, default=120.0)
-    p_all.add_argument("--profile", default="h100-80g", help="LTX2_PROFILE for the staged runs")
+    p_all.add_argument("--min-large-staged-s", type=float, default=150.0)
+    p_all.add_argument("--profile", default="", help="LTX2_PROFILE for the staged runs (default: the config's)")
     p_all.add_argument("--staged-dtype", default="", help="--dtype for the staged CLI (default: its auto)")
     p_all.add_argument("--host-ram-gib", type=float, default=0.0, help="RAM of the machine (default MemTotal)")
 
@@ -1366,7 +1585,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "baseline":
         return cmd_baseline(args)
     for size in args.sizes:
-        sys.stdout.write(f"{size}: {json.dumps(transformer_flops(TRANSFORMER_CONFIG, *parse_size(size), MAX_SEQUENCE_LENGTH))}\n")
+        sys.stdout.write(
+            f"{size}: {json.dumps(transformer_flops(TRANSFORMER_CONFIG, *parse_size(size), MAX_SEQUENCE_LENGTH))}\n"
+        )
     return 0
 
 

@@ -21,6 +21,7 @@ ENV_OVERRIDES = {
     "LTX2_DEFAULT_MODEL": ("models", "default"),
     "LTX2_PROFILE": ("decode", "profile"),
     "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
+    "LTX2_FORK_SERVER": ("worker", "fork_server"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
 }
 
@@ -71,10 +72,13 @@ class Settings:
 
     state_dir: Path
     output_dir: Path
+    input_roots: tuple[Path, ...]
+    cameras: Mapping[str, tuple[str, str]]
     default_model: str
     fallback_model: str
     presets: Mapping[str, Preset]
     heartbeat_s: float
+    fork_server: bool
     hung_after_s: float
     stderr_tail_lines: int
     max_attempts_per_stage: int
@@ -138,7 +142,7 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
             continue
         if section not in base or not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: unknown config section [{section}]")
-        if section == "profiles":
+        if section in ("profiles", "cameras"):
             base[section].update(values)
             continue
         for key, value in values.items():
@@ -149,6 +153,10 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
 
 def _coerce(default: object, text: str, origin: str) -> object:
     """Environment values are strings; convert to the type of the shipped default."""
+    if isinstance(default, bool):
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"{origin}: expected true or false, got {text!r}")
+        return text.lower() in ("1", "true", "yes")
     if isinstance(default, float):
         try:
             return float(text)
@@ -172,10 +180,13 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     return Settings(
         state_dir=Path(paths["state_dir"]).expanduser() if paths["state_dir"] else state_home / "ltx2-stages",
         output_dir=Path(paths["output_dir"]).expanduser(),
+        input_roots=tuple(Path(root).expanduser() for root in paths["input_roots"]),
+        cameras={name: (str(pair[0]), str(pair[1])) for name, pair in data["cameras"].items()},
         default_model=models["default"],
         fallback_model=models["fallback"],
         presets=presets,
         heartbeat_s=float(worker["heartbeat_s"]),
+        fork_server=bool(worker["fork_server"]),
         hung_after_s=float(worker["hung_after_s"]),
         stderr_tail_lines=int(worker["stderr_tail_lines"]),
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),

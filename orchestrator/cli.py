@@ -7,7 +7,9 @@ directory and protocol the daemon uses, without needing the daemon.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,12 +21,14 @@ from config.settings import ConfigError, Settings, load_settings
 from orchestrator import client_commands
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
+from orchestrator.models import resolve_model
 from orchestrator.pipeline import JobFailed, JobHooks, run_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import WorkerLink
 from protocol.errors import ExitCode, Failure, ModelNotFound
+from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.models import TINY_REPO_ID
-from protocol.spec import SpecError
+from protocol.spec import JobSpec, SpecError
 
 # Exit status of the CLI for a failed job, by how its last stage failed.
 FAILURE_EXIT = {
@@ -50,7 +54,28 @@ SPEC_FLAGS = (
     "dtype",
     "vae_chunk_frames",
     "vae_tiling",
+    "loras",
+    "camera",
+    "fp8",
+    "sequential_offload",
+    "drop_caches",
 )
+
+
+class LoraAction(argparse.Action):
+    """`--lora SOURCE` starts a LoRA entry; `--lora-weight-name`/`--lora-scale` set the last one's."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: str | None = None
+    ) -> None:
+        entries = list(getattr(namespace, "loras", None) or [])
+        if option == "--lora":
+            entries.append({"source": value})
+        elif not entries:
+            parser.error(f"{option} must follow a --lora")
+        else:
+            entries[-1]["weight_name" if option == "--lora-weight-name" else "scale"] = value
+        namespace.loras = entries
 
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +98,50 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="output file stem (default: video)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        default=None,
+        help="flush the kernel page cache after the video is written (needs root; warns otherwise)",
+    )
+    parser.add_argument(
+        "--camera",
+        help="camera-control LoRA by name: dolly-in, dolly-out, dolly-left, dolly-right, jib-up, jib-down, static",
+    )
+    parser.add_argument(
+        "--lora",
+        dest="loras",
+        action=LoraAction,
+        metavar="REPO_OR_PATH",
+        help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
+    )
+    parser.add_argument(
+        "--lora-weight-name",
+        dest="loras",
+        action=LoraAction,
+        metavar="FILE",
+        help="weight file inside the preceding --lora's repo or folder",
+    )
+    parser.add_argument(
+        "--lora-scale",
+        dest="loras",
+        action=LoraAction,
+        type=float,
+        metavar="S",
+        help="strength 0.0-1.0 of the preceding --lora (default 1.0)",
+    )
+    parser.add_argument(
+        "--fp8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
+    )
+    parser.add_argument(
+        "--sequential-offload",
+        action="store_true",
+        default=None,
+        help="keep transformer layers in host memory, moving each to the GPU as it runs",
+    )
     parser.add_argument(
         "--vae-tiling",
         action=argparse.BooleanOptionalAction,
@@ -117,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
     keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
 
+    decode = commands.add_parser("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
+    decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
+    decode.add_argument("--output", type=Path, required=True, help="the MP4 to write (PNGs and .json beside it)")
+    decode.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
+    decode.add_argument(
+        "--vae-tiling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="force spatial tiling on/off (default: chosen from the size)",
+    )
+    decode.add_argument("--quiet", action="store_true", help="no progress bars")
+
     tiny = commands.add_parser("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
@@ -134,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return build_tiny_model(args)
         if args.command == "generate":
             return generate(args, settings)
+        if args.command == "decode":
+            return decode(args, settings)
         return client_commands.run(args, settings)
     except ConfigError as exc:
         return fail(f"config: {exc}", ExitCode.INVALID_INPUT)
@@ -172,13 +255,18 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     for line in built.notices:
         notice(line)
     spec, model = built.spec, built.model
-    job = JobDir.create(settings.jobs_dir, spec, model)
+    job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras)
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
-    view = ProgressView(enabled=not args.quiet)
+    return run_embedded(job, settings, args.quiet)
+
+
+def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | None = None) -> int:
+    """Run a job in this process's embedded orchestrator; print the MP4 path; return the exit code."""
+    view = ProgressView(enabled=not quiet)
     context = zmq.Context()
-    link = WorkerLink(context)
+    link = WorkerLink(context, fork_server=settings.fork_server)
     try:
-        output = run_job(job, settings, link, JobHooks(listener=view))
+        output = run_job(job, settings, link, JobHooks(listener=view), target=target)
     except JobFailed as exc:
         view.close()
         details = (
@@ -191,6 +279,34 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     view.close()
     sys.stdout.write(f"{output}\n")
     return 0
+
+
+def decode(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 decode`: run the decode stages on saved latents (the crash-recovery path)."""
+    job = recovery_job(args.input.expanduser(), settings)
+    overrides = {"vae_chunk_frames": args.vae_chunk_frames, "vae_tiling": args.vae_tiling}
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if overrides:
+        job.replace_spec(job.spec.with_changes(**overrides))
+    notice(f"decoding job {job.id} ({job.path})")
+    return run_embedded(job, settings, args.quiet, target=args.output.expanduser())
+
+
+def recovery_job(source: Path, settings: Settings) -> JobDir:
+    """The job to decode: an existing job directory, or a new one around a latents file."""
+    if source.is_dir():
+        if not (source / JOB_FILE).is_file():
+            raise SpecError("input", f"{source} is not a job directory (no {JOB_FILE})")
+        return JobDir.load(source)
+    try:
+        metadata = read_safetensors_metadata(source)
+        spec = JobSpec.from_dict(json.loads(metadata["spec"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpecError("input", f"{source} is not a latents file written by ltx2-stages ({exc})") from None
+    job = JobDir.create(settings.jobs_dir, spec, resolve_model(spec.model))
+    shutil.copyfile(source, job.path / LATENTS_FILE)
+    job.adopt_outputs(Stage.ENCODE_DIFFUSE, f"copied from {source}")
+    return job
 
 
 def build_tiny_model(args: argparse.Namespace) -> int:

@@ -86,7 +86,7 @@ class Executor(threading.Thread):
 
     def run(self) -> None:
         store = JobStore(self.store_path)
-        link = WorkerLink(self.context)
+        link = WorkerLink(self.context, fork_server=self.settings.fork_server)
         try:
             while not self.stop.is_set():
                 row = store.claim_next()
@@ -191,14 +191,18 @@ def recover_interrupted(store: JobStore) -> list[str]:
 
 
 def kill_orphan(pid: int, job_dir: str) -> None:
-    """SIGKILL a previous daemon's worker, if `pid` is still that worker (not a reused pid)."""
+    """SIGKILL a previous daemon's worker, if `pid` is still that worker (not a reused pid).
+
+    A worker's stdout is its log file inside the job directory, whether it was forked or exec'd,
+    which tells it apart from an unrelated process that reused the pid.
+    """
     if pid <= 0:
         return
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        stdout = os.readlink(f"/proc/{pid}/fd/1")
     except OSError:
         return
-    if job_dir not in cmdline:
+    if not stdout.startswith(job_dir):
         return
     log.warning("killing orphaned worker %d of %s", pid, job_dir)
     try:

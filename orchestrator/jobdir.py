@@ -43,8 +43,15 @@ class JobDir:
         return str(self.record["id"])
 
     @classmethod
-    def create(cls, jobs_dir: Path, spec: JobSpec, model: ResolvedModel, job_id: str | None = None) -> JobDir:
-        """Make the directory and write the first job.json."""
+    def create(
+        cls,
+        jobs_dir: Path,
+        spec: JobSpec,
+        model: ResolvedModel,
+        job_id: str | None = None,
+        loras: tuple[dict[str, Any], ...] = (),
+    ) -> JobDir:
+        """Make the directory and write the first job.json (with the resolved LoRA files)."""
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
@@ -55,6 +62,7 @@ class JobDir:
             "spec_digest": spec.digest(),
             "model_path": str(model.path),
             "revision": model.revision,
+            "loras": list(loras),
             "status": "queued",
             "stages": {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage},
         }
@@ -123,6 +131,32 @@ class JobDir:
             record["status"] = "failed"
         self.save()
         self.log_event("stage_finished", stage=stage.value, result=result, **details)
+
+    def adopt_outputs(self, stage: Stage, note: str) -> None:
+        """Record outputs placed in the directory by hand (e.g. saved latents) as the stage's result."""
+        record = self.stage_record(stage)
+        record["attempts"].append(
+            {
+                "attempt": len(record["attempts"]) + 1,
+                "plan": {},
+                "result": "ok",
+                "reason": note,
+                "started": utc_now(),
+                "ended": utc_now(),
+                "seconds": 0.0,
+            }
+        )
+        record["status"] = "succeeded"
+        record["outputs"] = {name: fingerprint_file(self.path / name) for name in stage.outputs}
+        self.save()
+        self.log_event("stage_adopted", stage=stage.value, note=note)
+
+    def replace_spec(self, spec: JobSpec) -> None:
+        """Change decode-only settings of an existing job (the latents stay valid)."""
+        self.record["spec"] = spec.to_dict()
+        self.record["spec_digest"] = spec.digest()
+        self.spec = spec
+        self.save()
 
     def invalidate(self, stage: Stage) -> None:
         """Forget a stage's recorded outputs: it is about to run again (attempts are kept)."""

@@ -11,6 +11,7 @@ import secrets
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.loras import resolve_lora
 from orchestrator.models import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
 from protocol.models import TINY_REPO_ID
 from protocol.spec import JobSpec, SpecError
@@ -28,6 +29,7 @@ class BuiltSpec:
     spec: JobSpec
     model: ResolvedModel
     notices: tuple[str, ...]
+    loras: tuple[dict[str, Any], ...] = ()  #: the spec's LoRAs with local `path` and `revision`
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -58,7 +60,19 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
+    camera = fields.pop("camera", None)
+    if camera is not None:
+        fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
     spec = JobSpec.from_dict(fields)
     if spec.negative_prompt and not spec.uses_cfg:
         notices.append("warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off)")
-    return BuiltSpec(spec, model, tuple(notices))
+    loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
+    return BuiltSpec(spec, model, tuple(notices), loras)
+
+
+def camera_lora(name: object, settings: Settings) -> dict[str, Any]:
+    """The LoRA entry for a camera move name (see [cameras] in config/defaults.toml)."""
+    if not isinstance(name, str) or name not in settings.cameras:
+        raise SpecError("camera", f"must be one of {', '.join(sorted(settings.cameras))}; got {name!r}")
+    repo_id, weight_name = settings.cameras[name]
+    return {"source": repo_id, "weight_name": weight_name, "scale": 1.0}

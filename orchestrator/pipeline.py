@@ -28,9 +28,18 @@ from orchestrator.runner import (
     run_stage,
     spawn_worker,
 )
+from orchestrator.sidecar import build_sidecar, write_sidecar
 from protocol import codec
 from protocol.errors import Failure
-from protocol.files import STAGE_ORDER, VIDEO_FILE, Stage
+from protocol.files import (
+    FIRST_FRAME_FILE,
+    LAST_FRAME_FILE,
+    STAGE_ORDER,
+    VIDEO_FILE,
+    Stage,
+    publish,
+    temp_path_for,
+)
 
 
 class JobFailed(Exception):
@@ -70,7 +79,12 @@ class JobHooks:
 
 
 def run_job(
-    job: JobDir, settings: Settings, link: WorkerLink, hooks: JobHooks, prestarted: SpawnedWorker | None = None
+    job: JobDir,
+    settings: Settings,
+    link: WorkerLink,
+    hooks: JobHooks,
+    prestarted: SpawnedWorker | None = None,
+    target: Path | None = None,
 ) -> Path:
     """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path.
 
@@ -94,15 +108,25 @@ def run_job(
             prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
     finally:
         discard_worker(prestarted, link, job.id)
-    output = publish_video(job, settings.output_dir)
+    output = publish_outputs(job, settings.output_dir, target)
     job.finish("done", output=str(output))
+    if job.spec.drop_caches and (warning := drop_page_cache()):
+        job.log_event("warning", message=warning)
+        hooks.listener(StageEvent("publish", "warning", 0, warning))
     return output
 
 
 def next_attempt(job: JobDir, stage: Stage, settings: Settings) -> tuple[int, dict[str, Any]]:
-    """(number, plan) of a stage's next attempt; a resumed stage keeps its last (lower-memory) plan."""
+    """(number, plan) of a stage's next attempt.
+
+    A stage whose last attempt failed or was interrupted resumes with that attempt's plan (a
+    lower-memory plan found earlier stays); otherwise the plan comes from the spec, so a re-run
+    after changing decode settings (`ltx2 decode --vae-chunk-frames`) uses the new ones.
+    """
     previous = job.stage_record(stage)["attempts"]
-    return len(previous) + 1, previous[-1]["plan"] if previous else initial_plan(stage, job.spec, settings)
+    if previous and previous[-1]["result"] not in ("ok", "cancelled"):
+        return len(previous) + 1, previous[-1]["plan"]
+    return len(previous) + 1, initial_plan(stage, job.spec, settings)
 
 
 def run_stage_until_done(
@@ -183,14 +207,32 @@ def record_outcome(job: JobDir, stage: Stage, outcome: StageOutcome) -> None:
     )
 
 
-def publish_video(job: JobDir, output_dir: Path, now: dt.datetime | None = None) -> Path:
-    """Copy the job's MP4 to `output_dir/<name>_<YYYYmmdd_HHMMSS>.mp4`, never overwriting.
+def publish_outputs(job: JobDir, output_dir: Path, target: Path | None = None, now: dt.datetime | None = None) -> Path:
+    """Publish the MP4 with its first/last frame PNGs and sidecar JSON; returns the MP4's path.
 
-    The copy is made under a temp name, then hard-linked to the first free name: a link fails if
-    the name exists, so two jobs finishing in the same second cannot overwrite each other.
+    Without `target` the name is `output_dir/<name>_<YYYYmmdd_HHMMSS>.mp4`, never overwriting: the
+    copy is made under a temp name, then hard-linked to the first free name (a link fails if the
+    name exists, so two jobs finishing in the same second cannot collide). With `target` that
+    exact path is used (and replaced). The PNGs and JSON take the MP4's stem.
     """
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_path_for(target)
+        shutil.copyfile(job.path / VIDEO_FILE, temp)
+        publish(temp, target)
+        video = target.resolve()
+    else:
+        video = link_to_free_name(job, output_dir, f"{(now or dt.datetime.now()):%Y%m%d_%H%M%S}")
+    for suffix, name in (("_first.png", FIRST_FRAME_FILE), ("_last.png", LAST_FRAME_FILE)):
+        temp = temp_path_for(video.with_name(video.stem + suffix))
+        shutil.copyfile(job.path / name, temp)
+        publish(temp, video.with_name(video.stem + suffix))
+    write_sidecar(video.with_suffix(".json"), build_sidecar(job, video))
+    return video
+
+
+def link_to_free_name(job: JobDir, output_dir: Path, stamp: str) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
-    stamp = f"{(now or dt.datetime.now()):%Y%m%d_%H%M%S}"
     temp = output_dir / f".{job.id}.mp4.tmp"
     shutil.copyfile(job.path / VIDEO_FILE, temp)
     os.chmod(temp, 0o644)
@@ -208,3 +250,18 @@ def publish_video(job: JobDir, output_dir: Path, now: dt.datetime | None = None)
     finally:
         temp.unlink(missing_ok=True)
     raise AssertionError("unreachable")
+
+
+def drop_page_cache() -> str:
+    """Flush the kernel page cache (needs root); returns a warning, or "" when it worked.
+
+    Only called after the job's last file is written: on unified-memory machines model weights
+    can still be backed by cached pages while a model is alive, and every model is gone by then.
+    """
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as handle:
+            handle.write("3\n")
+    except OSError as exc:
+        return f"warning: --drop-caches: could not drop the page cache ({exc.strerror}); needs root"
+    return ""

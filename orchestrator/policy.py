@@ -6,7 +6,8 @@ host-OOM kill, crash or hang of a stage retries the same plan (a SIGKILL may com
 process's memory pressure or a person, and a deterministic run repeats bit for bit); later ones
 move down the ladder. The ladders are data:
 
-- encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload
+- encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload (a user's
+  --fp8 / --sequential-offload start further down)
 - audio_decode:   on the accelerator -> on the CPU (the audio decoder is small)
 - video_decode:   single pass -> spatial tiling -> temporal pieces of 11 -> 8 -> 4 latent frames
 """
@@ -23,11 +24,6 @@ from protocol.files import Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
 
-DIFFUSION_LADDER: tuple[dict[str, str], ...] = (
-    {"weights": "native", "offload": "none"},
-    {"weights": "fp8", "offload": "none"},
-    {"weights": "fp8", "offload": "sequential"},
-)
 AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"})
 # Failures that may not recur with the same plan.
 TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
@@ -50,7 +46,7 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, A
         return {"decode": plan.to_dict()}
     if stage is Stage.AUDIO_DECODE:
         return dict(AUDIO_LADDER[0])
-    return dict(DIFFUSION_LADDER[0])
+    return {"weights": "fp8" if spec.fp8 else "native", "offload": "sequential" if spec.sequential_offload else "none"}
 
 
 def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Settings) -> dict[str, Any] | None:
@@ -58,9 +54,14 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     if stage is Stage.VIDEO_DECODE:
         lower = next_decode_plan(DecodePlan.from_dict(plan["decode"]), spec.latent_frames, settings.decode)
         return {"decode": lower.to_dict()} if lower else None
-    ladder = AUDIO_LADDER if stage is Stage.AUDIO_DECODE else DIFFUSION_LADDER
-    rung = ladder.index(plan) if plan in ladder else 0
-    return dict(ladder[rung + 1]) if rung + 1 < len(ladder) else None
+    if stage is Stage.AUDIO_DECODE:
+        rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
+        return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None
+    if plan.get("weights") != "fp8":
+        return {**plan, "weights": "fp8"}
+    if plan.get("offload") != "sequential":
+        return {**plan, "offload": "sequential"}
+    return None
 
 
 def next_plan(stage: Stage, attempts: list[Attempt], spec: JobSpec, settings: Settings) -> dict[str, Any] | None:

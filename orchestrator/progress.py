@@ -23,6 +23,9 @@ class ProgressView:
         self.bar_key: tuple[str, str] | None = None
 
     def __call__(self, event: codec.Message | StageEvent) -> None:
+        if isinstance(event, StageEvent) and event.kind == "warning":
+            self._line(f"ltx2: {event.detail}")  # warnings show even with --quiet
+            return
         if not self.enabled:
             return
         if isinstance(event, StageEvent):

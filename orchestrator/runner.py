@@ -24,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from orchestrator.forkserver import ForkedProcess, ForkServer
 from orchestrator.jobdir import JobDir, tail
 from protocol import codec, stages
 from protocol.errors import Failure, classify_exit, describe_exit
@@ -55,7 +56,10 @@ def runtime_dir() -> Path:
 class WorkerLink:
     """The ROUTER socket workers connect to; one per orchestrator process."""
 
-    def __init__(self, context: zmq.Context, endpoint: str | None = None) -> None:
+    def __init__(self, context: zmq.Context, endpoint: str | None = None, fork_server: bool = True) -> None:
+        # Workers are forked from a server that imported torch once (orchestrator.forkserver),
+        # or, with fork_server=False, exec'd as `python -m services.<stage>` each time.
+        self.fork_server = ForkServer() if fork_server else None
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.endpoint = endpoint or f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
@@ -101,6 +105,8 @@ class WorkerLink:
         self.socket.send_multipart([identity, codec.encode(message)])
 
     def close(self) -> None:
+        if self.fork_server is not None:
+            self.fork_server.close()
         self.socket.close()
         if self.endpoint.startswith("ipc://"):
             Path(self.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
@@ -132,12 +138,11 @@ class StageSettings:
     stderr_tail_lines: int
 
 
-def worker_command(
+def worker_args(
     job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
 ) -> list[str]:
-    """The command line of one worker process."""
+    """The arguments of one worker (after `python -m services.<stage>`)."""
     return [
-        sys.executable, "-m", stage.module,
         "--job-dir", str(job.path),
         "--endpoint", endpoint,
         "--attempt", str(attempt),
@@ -150,7 +155,7 @@ def worker_command(
 class SpawnedWorker:
     """A started worker process and the attempt it was started for."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | ForkedProcess
     stage: Stage
     attempt: int
     plan: dict[str, Any]
@@ -163,10 +168,14 @@ class SpawnedWorker:
 def spawn_worker(
     job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], link: WorkerLink, heartbeat_s: float
 ) -> SpawnedWorker:
-    """Start a worker; it imports its libraries, says READY and waits for GO (DESIGN.md rule 5)."""
+    """Start a worker; it says READY and waits for GO before it touches the GPU (DESIGN.md rule 5)."""
+    args = worker_args(job, stage, attempt, plan, link.endpoint, heartbeat_s)
+    if link.fork_server is not None:
+        process = link.fork_server.spawn(stage.value, args, job.log_path(stage, attempt))
+        return SpawnedWorker(process, stage, attempt, plan)
     with job.log_path(stage, attempt).open("ab") as log_file:
         process = subprocess.Popen(
-            worker_command(job, stage, attempt, plan, link.endpoint, heartbeat_s),
+            [sys.executable, "-m", stage.module, *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -267,7 +276,7 @@ class _Follower:
         return True
 
 
-def stop_process(process: subprocess.Popen[bytes]) -> int:
+def stop_process(process: subprocess.Popen[bytes] | ForkedProcess) -> int:
     """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status."""
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:

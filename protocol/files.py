@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,8 +19,12 @@ EVENTS_FILE = "events.log"
 LATENTS_FILE = "latents.safetensors"
 AUDIO_FILE = "audio.wav"
 VIDEO_FILE = "video.mp4"
+FIRST_FRAME_FILE = "first.png"
+LAST_FRAME_FILE = "last.png"
 # Hashing reads files in pieces so a multi-GB MP4 never sits in memory.
 HASH_CHUNK_BYTES = 4 << 20
+# safetensors caps its JSON header at 100 MB; anything larger is not a safetensors file.
+SAFETENSORS_HEADER_LIMIT = 100_000_000
 
 
 class Stage(enum.StrEnum):
@@ -43,7 +48,7 @@ class Stage(enum.StrEnum):
 STAGE_OUTPUTS: dict[Stage, tuple[str, ...]] = {
     Stage.ENCODE_DIFFUSE: (LATENTS_FILE,),
     Stage.AUDIO_DECODE: (AUDIO_FILE,),
-    Stage.VIDEO_DECODE: (VIDEO_FILE,),
+    Stage.VIDEO_DECODE: (VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE),
 }
 STAGE_ORDER: tuple[Stage, ...] = (Stage.ENCODE_DIFFUSE, Stage.AUDIO_DECODE, Stage.VIDEO_DECODE)
 
@@ -67,6 +72,19 @@ def matches_fingerprint(path: Path, expected: dict[str, int | str]) -> bool:
 def temp_path_for(path: Path) -> Path:
     """The name a file is written under before its atomic rename (same directory, same suffix)."""
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its JSON header (no torch needed).
+
+    The format starts with an 8-byte little-endian header length and that many bytes of JSON.
+    """
+    with path.open("rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
+            raise ValueError(f"{path} is not a safetensors file")
+        header = json.loads(handle.read(size))
+    return dict(header.get("__metadata__") or {})
 
 
 def publish(temp: Path, final: Path) -> None:

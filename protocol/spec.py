@@ -28,6 +28,9 @@ MAX_SEED = 2**63 - 1
 MAX_PROMPT_CHARS = 20_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DTYPES = ("auto", "bfloat16", "float32")
+LORA_KEYS = frozenset({"source", "weight_name", "scale"})
+# Fields that do not change the latents (see JobSpec.latents_digest).
+DECODE_ONLY_FIELDS = frozenset({"name", "vae_chunk_frames", "vae_tiling", "drop_caches"})
 SCHEDULES = ("distilled", "default")
 # The distilled checkpoint was trained on one fixed 8-sigma schedule.
 DISTILLED_STEPS = 8
@@ -61,6 +64,10 @@ class JobSpec:
     name: str = "video"
     vae_chunk_frames: int | None = None
     vae_tiling: bool | None = None
+    loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    fp8: bool = False
+    sequential_offload: bool = False
+    drop_caches: bool = False
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -74,7 +81,7 @@ class JobSpec:
             raise SpecError(str(unknown[0]), f"unknown field; allowed fields are {', '.join(sorted(fields))}")
         for name, field in fields.items():
             if name not in raw:
-                if field.default is dataclasses.MISSING:
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                     raise SpecError(name, "is required")
                 continue
             if not is_instance_of(raw[name], hints[name]):
@@ -124,6 +131,8 @@ class JobSpec:
             )
         if self.vae_chunk_frames is not None:
             _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
+        for lora in self.loras:
+            _require_lora(lora)
 
     @property
     def latent_frames(self) -> int:
@@ -136,9 +145,20 @@ class JobSpec:
         return self.guidance_scale > 1.0
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the spec; recorded in every stage output."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """SHA-256 of the canonical JSON of the whole spec."""
+        return _sha256_json(self.to_dict())
+
+    def latents_digest(self) -> str:
+        """SHA-256 of the fields that shape the latents; decoders check it before using them.
+
+        Decode and output settings are left out, so saved latents can be decoded again with
+        another decode plan or name (`ltx2 decode`).
+        """
+        return _sha256_json({k: v for k, v in self.to_dict().items() if k not in DECODE_ONLY_FIELDS})
+
+
+def _sha256_json(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
@@ -158,6 +178,21 @@ def _require_frames(value: int) -> None:
         f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
         f" (nearest allowed: {below} or {above})",
     )
+
+
+def _require_lora(lora: dict[str, Any]) -> None:
+    unknown = set(lora) - LORA_KEYS
+    if unknown:
+        raise SpecError("lora", f"unknown LoRA key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(LORA_KEYS))}")
+    source = lora.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise SpecError("lora", "needs a repo id or a path to a .safetensors file")
+    weight_name = lora.get("weight_name")
+    if weight_name is not None and (not isinstance(weight_name, str) or "/" in weight_name):
+        raise SpecError("lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}")
+    scale = lora.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
+        raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
 
 
 def _require_range(field: str, value: float, low: float, high: float) -> None:

@@ -7,6 +7,8 @@ the vocoder on the mel spectrogram.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import diffusers.pipelines.ltx2.vocoder  # noqa: F401
 import torch
 
@@ -26,7 +28,7 @@ def run(ctx: WorkerContext) -> list[str]:
     # The lower-memory plan moves this small decoder to the CPU.
     device = torch.device("cpu") if ctx.plan.get("device") == "cpu" else models.resolve_device()
     dtype = models.resolve_dtype(ctx.spec.dtype, device)
-    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.digest())
+    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["audio"]
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise InvalidInput(f"audio latents must be [1, C, L, M], got {list(latents.shape)}")
@@ -41,5 +43,10 @@ def run(ctx: WorkerContext) -> list[str]:
     return [AUDIO_FILE]
 
 
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of `python -m services.audio_decode` and of the fork server's children."""
+    run_worker(Stage.AUDIO_DECODE, run, argv)
+
+
 if __name__ == "__main__":
-    run_worker(Stage.AUDIO_DECODE, run)
+    main()

@@ -10,7 +10,7 @@ equal the single-process one (DESIGN.md rule 6).
 from __future__ import annotations
 
 import gc
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -21,6 +21,7 @@ from diffusers import LTX2Pipeline
 from protocol.files import LATENTS_FILE, Stage
 from services import guidance, models
 from services.latents import write_latents
+from services.loras import fuse_loras
 from services.runtime import WorkerContext, run_worker
 
 
@@ -61,15 +62,9 @@ def release_text_encoder(pipeline: Any) -> None:
 
 
 def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Run the denoising loop; returns the latents, generator state and transformer call count."""
+    """Run the denoising loop; returns the latents and the number of transformer calls."""
     ctx.progress("load transformer")
-    connectors, transformer, scheduler = models.load_denoiser(
-        ctx.model_root,
-        dtype,
-        device,
-        fp8=ctx.plan.get("weights") == "fp8",
-        sequential_offload=ctx.plan.get("offload") == "sequential",
-    )
+    connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
     scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, scheduler)
     pipe = LTX2Pipeline(
@@ -83,6 +78,17 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         vocoder=None,
     )
     pipe.set_progress_bar_config(disable=True)
+    # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
+    if ctx.job.get("loras"):
+        ctx.progress("fuse LoRAs")
+        fuse_loras(pipe, ctx.job["loras"])
+    models.apply_memory_plan(
+        transformer,
+        dtype,
+        device,
+        fp8=ctx.plan.get("weights") == "fp8",
+        sequential_offload=ctx.plan.get("offload") == "sequential",
+    )
     calls = []
     transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
     generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
@@ -108,7 +114,7 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
             return_dict=False,
             callback_on_step_end=on_step_end,
         )
-    return {"video": video, "audio": audio, "generator_state": generator.get_state(), "calls": len(calls)}
+    return {"video": video, "audio": audio, "calls": len(calls)}
 
 
 def run(ctx: WorkerContext) -> list[str]:
@@ -120,9 +126,10 @@ def run(ctx: WorkerContext) -> list[str]:
     ctx.progress("write latents")
     write_latents(
         ctx.job_dir / LATENTS_FILE,
-        {"video": result["video"], "audio": result["audio"], "generator_state": result["generator_state"]},
+        {"video": result["video"], "audio": result["audio"]},
         {
-            "spec_digest": ctx.spec.digest(),
+            "latents_digest": ctx.spec.latents_digest(),
+            "spec": ctx.spec.to_dict(),
             "seed": ctx.spec.seed,
             "model": ctx.spec.model,
             "revision": ctx.job.get("revision", ""),
@@ -133,10 +140,17 @@ def run(ctx: WorkerContext) -> list[str]:
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "transformer_calls": result["calls"],
+            "loras": [{k: lora[k] for k in ("source", "scale", "revision")} for lora in ctx.job.get("loras", [])],
+            "plan": ctx.plan,
         },
     )
     return [LATENTS_FILE]
 
 
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of `python -m services.encode_diffuse` and of the fork server's children."""
+    run_worker(Stage.ENCODE_DIFFUSE, run, argv)
+
+
 if __name__ == "__main__":
-    run_worker(Stage.ENCODE_DIFFUSE, run)
+    main()

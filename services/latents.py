@@ -2,8 +2,8 @@
 
 The file holds the video latents `[B, C, F, H, W]` and audio latents `[B, C, L, M]` exactly as
 diffusers' LTX2Pipeline returns them with `output_type="latent"` (unpacked, denormalized, fp32),
-the random generator's state after denoising (the VAE's optional decode noise continues from it)
-and string metadata: spec digest, seed, model id and revision, fps and shapes.
+and string metadata: the full spec and the digest of its latent-shaping fields, seed, model id and
+revision, fps, shapes, LoRAs and the memory plan.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def write_latents(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     publish(temp, path)
 
 
-def read_latents(path: Path, spec_digest: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_latents(path: Path, latents_digest: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor and the metadata; refuse files of another format or another spec."""
     if not path.is_file():
         raise InvalidInput(f"latents file {path} does not exist")
@@ -39,6 +39,6 @@ def read_latents(path: Path, spec_digest: str | None = None) -> tuple[dict[str, 
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     if metadata.get("format") != LATENTS_FORMAT:
         raise InvalidInput(f"{path} is not an ltx2-stages latents file (format {metadata.get('format')!r})")
-    if spec_digest is not None and metadata.get("spec_digest") != spec_digest:
+    if latents_digest is not None and metadata.get("latents_digest") != latents_digest:
         raise InvalidInput(f"{path} was made for another job spec; delete it to regenerate")
     return tensors, metadata

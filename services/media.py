@@ -49,6 +49,15 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(planar, axis=1).astype(np.float32), rate
 
 
+def write_png(path: Path, rgb: np.ndarray) -> None:
+    """Write one `[H, W, 3]` uint8 frame as a PNG, atomically."""
+    from PIL import Image
+
+    temp = temp_path_for(path)
+    Image.fromarray(rgb).save(temp, format="PNG")
+    publish(temp, path)
+
+
 class Mp4Writer:
     """Stream RGB frames and one audio track into an MP4 written under a temp name.
 

@@ -76,15 +76,11 @@ def load_prompt_encoder(root: Path, dtype: torch.dtype, device: torch.device) ->
     )
 
 
-def load_denoiser(
-    root: Path, dtype: torch.dtype, device: torch.device, *, fp8: bool = False, sequential_offload: bool = False
-) -> tuple[Any, Any, Any]:
-    """(connectors, transformer, scheduler) ready to run on `device`.
+def load_denoiser(root: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any, Any]:
+    """(connectors on `device`, transformer still on the CPU, scheduler).
 
-    `fp8` stores the transformer's weights in float8_e4m3fn and computes in `dtype` (about half the
-    weight memory). `sequential_offload` keeps the transformer's layers in host memory and moves
-    each to the accelerator only while it runs (slowest, smallest); on a CPU-only host it changes
-    nothing.
+    The transformer stays where it was loaded until `apply_memory_plan` places it, because LoRAs
+    must be fused into its full-precision weights first.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
@@ -94,6 +90,22 @@ def load_denoiser(
     connectors = LTX2TextConnectors.from_pretrained(root, subfolder="connectors", dtype=dtype)
     transformer = LTX2VideoTransformer3DModel.from_pretrained(root, subfolder="transformer", dtype=dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
+    return connectors.to(device).eval(), transformer.eval(), scheduler
+
+
+def apply_memory_plan(
+    transformer: Any, dtype: torch.dtype, device: torch.device, *, fp8: bool, sequential_offload: bool
+) -> None:
+    """Place the transformer per the plan: FP8 storage and/or sequential offload, else all on `device`.
+
+    `fp8` stores weights in float8_e4m3fn and computes in `dtype` (about half the weight memory).
+    `sequential_offload` keeps the layers in host memory and moves each to the accelerator only
+    while it runs (slowest, smallest); on a CPU-only host it changes nothing. LoRAs must already
+    be fused: casting first would merge adapters into quantised weights, so that order is refused.
+    """
+    from services.loras import require_no_adapters
+
+    require_no_adapters(transformer)
     if fp8:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     if sequential_offload and device.type == "cuda":
@@ -102,7 +114,6 @@ def load_denoiser(
         )
     else:
         transformer.to(device)
-    return connectors.to(device).eval(), transformer.eval(), scheduler
 
 
 def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:

@@ -9,7 +9,7 @@ on the host. The file is published only when it holds exactly the requested numb
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -17,11 +17,11 @@ import torch
 from diffusers import AutoencoderKLLTX2Video  # noqa: F401
 
 from protocol.errors import InvalidInput
-from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE, Stage
+from protocol.files import AUDIO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.plans import DecodePlan, piece_ranges
 from services import models
 from services.latents import read_latents
-from services.media import Mp4Writer, read_wav
+from services.media import Mp4Writer, read_wav, write_png
 from services.runtime import WorkerContext, run_worker
 
 # Frames converted to uint8 and handed to the encoder at a time: bounds the host copy to a few
@@ -84,7 +84,7 @@ def run(ctx: WorkerContext) -> list[str]:
     device = models.resolve_device()
     dtype = models.resolve_dtype(ctx.spec.dtype, device)
     plan = DecodePlan.from_dict(ctx.plan["decode"])
-    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.digest())
+    tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["video"]
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
@@ -98,13 +98,23 @@ def run(ctx: WorkerContext) -> list[str]:
     ctx.progress(f"decode video ({plan.label})", 0, expected)
     with Mp4Writer(ctx.job_dir / VIDEO_FILE, ctx.spec.width, ctx.spec.height, ctx.spec.fps) as writer:
         writer.add_audio(waveform, sample_rate, expected)
+        first = None
         for frames in decode_frames(vae, latents.to(device), plan):
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
                 writer.write(to_uint8(frames[start : start + FRAMES_PER_WRITE]))
             ctx.progress(f"decode video ({plan.label})", writer.frames_written, expected)
+            first = first if first is not None else to_uint8(frames[:1])[0]
+            last = to_uint8(frames[-1:])[0]
         writer.close(expected)
-    return [VIDEO_FILE]
+    write_png(ctx.job_dir / FIRST_FRAME_FILE, first)
+    write_png(ctx.job_dir / LAST_FRAME_FILE, last)
+    return [VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE]
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of `python -m services.video_decode` and of the fork server's children."""
+    run_worker(Stage.VIDEO_DECODE, run, argv)
 
 
 if __name__ == "__main__":
-    run_worker(Stage.VIDEO_DECODE, run)
+    main()

@@ -136,3 +136,19 @@ def test_every_decode_plan_yields_exactly_the_requested_frames(ltx2_env: dict, t
     assert f"decode video ({label})" in result.stderr
     info = probe_mp4(Path(result.stdout.strip()))
     assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)
+
+
+def test_generate_publishes_first_and_last_frames_and_a_sidecar(generated: dict):
+    from PIL import Image
+
+    output = Path(generated["result"].stdout.strip())
+    for suffix in ("_first.png", "_last.png"):
+        with Image.open(output.with_name(output.stem + suffix)) as image:
+            assert image.size == (64, 64) and image.mode == "RGB"
+    sidecar = json.loads(output.with_suffix(".json").read_text())
+    assert sidecar["video"] == output.name and sidecar["seed"] == 5
+    assert sidecar["model"]["name"] == "ltx2-stages/tiny-random-ltx2" and sidecar["model"]["revision"]
+    assert sidecar["versions"]["diffusers"] == "0.42.1" and sidecar["versions"]["torch"]
+    for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+        assert sidecar["stages"][stage]["attempts"] == 1 and sidecar["stages"][stage]["seconds"] > 0
+        assert sidecar["stages"][stage]["peak_rss_bytes"] > 0

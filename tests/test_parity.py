@@ -123,7 +123,7 @@ def distilled_reference(tiny_model_dir: Path, distilled_job: JobDir) -> dict[str
 
 
 def test_staged_latents_equal_single_process_latents(distilled_job: JobDir, distilled_reference: dict):
-    tensors, metadata = read_latents(distilled_job.path / LATENTS_FILE, distilled_job.spec.digest())
+    tensors, metadata = read_latents(distilled_job.path / LATENTS_FILE, distilled_job.spec.latents_digest())
     assert tensors["video"].shape == distilled_reference["video_latents"].shape == (1, 4, 5, 16, 16)
     assert max_diff(tensors["video"], distilled_reference["video_latents"]) <= TOLERANCE
     assert max_diff(tensors["audio"], distilled_reference["audio_latents"]) <= TOLERANCE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from config.settings import load_settings
-from orchestrator.policy import DIFFUSION_LADDER, Attempt, initial_plan, next_plan
+from orchestrator.policy import Attempt, initial_plan, next_plan
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec
@@ -38,7 +38,16 @@ def walk_label(plan: dict) -> tuple:
 
 def test_host_oom_retries_the_same_plan_once_before_stepping_down():
     plans = walk(Stage.ENCODE_DIFFUSE, Failure.HOST_OOM)
-    assert plans == [DIFFUSION_LADDER[0], DIFFUSION_LADDER[0], DIFFUSION_LADDER[1], DIFFUSION_LADDER[2]]
+    native, fp8 = {"weights": "native", "offload": "none"}, {"weights": "fp8", "offload": "none"}
+    assert plans == [native, native, fp8, {"weights": "fp8", "offload": "sequential"}]
+
+
+def test_fp8_flag_starts_the_diffusion_ladder_lower():
+    spec = SPEC.with_changes(fp8=True)
+    assert initial_plan(Stage.ENCODE_DIFFUSE, spec, SETTINGS) == {"weights": "fp8", "offload": "none"}
+    assert next_plan(
+        Stage.ENCODE_DIFFUSE, [Attempt({"weights": "fp8", "offload": "none"}, Failure.CUDA_OOM)], spec, SETTINGS
+    ) == {"weights": "fp8", "offload": "sequential"}
 
 
 def test_audio_decode_falls_back_to_the_cpu():

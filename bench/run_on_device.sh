@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Run bench/gpu_bench.py on the lent GPU machine (one `run` call; see docs/benchmarks.md).
+#
+# The machine has torch, transformers, accelerate, peft, safetensors, msgpack and numpy, but no
+# diffusers, PyAV or pyzmq and no network: those travel as wheels in .whl/ (ignored by git, named
+# in the call's `carry`) and are installed into /tmp/site. Extra arguments go to `gpu_bench.py all`.
+#
+#   bash bench/run_on_device.sh [--phases ...] [--budget-s N]
+set -uo pipefail
+started=$(date +%s)
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-/tmp/bench-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Keep NVLink multicast off, as the machine's notes ask (no effect on one GPU).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 3; }
+export PYTHONPATH="/tmp/site:$PWD"
+# The whole command must end inside the call's 600 s: budget what is left, minus a margin.
+budget=$((575 - ($(date +%s) - started)))
+python3 bench/gpu_bench.py all --out "$OUT" --budget-s "$budget" --host-ram-gib 128 "$@" 2>&1 | tee "$OUT/bench.log"

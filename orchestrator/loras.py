@@ -1,0 +1,63 @@
+"""Resolve LoRA requests to local .safetensors files, without torch and without the network.
+
+A source is a file, a folder (with `weight_name`, or holding exactly one .safetensors file) or a
+Hugging Face repo id in the local cache. Local paths must lie inside the configured input roots,
+so a client of the daemon cannot make it read arbitrary files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ModelNotFound
+from protocol.models import hub_cache_dir
+from protocol.spec import SpecError
+
+
+def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[str, Any]:
+    """`{source, weight_name, scale}` -> the same plus `path` (a file) and `revision`."""
+    source, weight_name = lora["source"], lora.get("weight_name")
+    local = Path(source).expanduser()
+    if local.exists():
+        require_inside_roots(local, input_roots)
+        folder, revision = (local.parent if local.is_file() else local), "local"
+        weight_name = weight_name or (local.name if local.is_file() else None)
+    else:
+        folder = cached_repo(source)
+        revision = folder.name  # the snapshot's commit hash
+    path = folder / weight_name if weight_name else only_safetensors(folder, source)
+    if not path.is_file():
+        raise ModelNotFound(f"LoRA {source!r} has no file {path.name!r}")
+    return {**lora, "path": str(path.resolve()), "revision": revision, "scale": float(lora.get("scale", 1.0))}
+
+
+def cached_repo(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
+    except (LocalEntryNotFoundError, ValueError, OSError) as exc:
+        raise ModelNotFound(
+            f"LoRA {repo_id!r} is neither a local file nor in the Hugging Face cache; "
+            f"download it first with: hf download {repo_id}"
+        ) from exc
+
+
+def only_safetensors(folder: Path, source: str) -> Path:
+    candidates = sorted(folder.glob("*.safetensors"))
+    if len(candidates) != 1:
+        names = ", ".join(p.name for p in candidates) or "none"
+        raise SpecError(
+            "lora_weight_name",
+            f"{source!r} holds {len(candidates)} .safetensors files ({names}); name one with --lora-weight-name",
+        )
+    return candidates[0]
+
+
+def require_inside_roots(path: Path, roots: tuple[Path, ...]) -> None:
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise SpecError("lora", f"{path} is outside the allowed input folders ({allowed}; see paths.input_roots)")

@@ -1,0 +1,77 @@
+"""The record published next to each video: what made it, how long each stage took, peak memory.
+
+`<name>_<stamp>.json` holds the full spec (seed included), the model and LoRAs with their
+revisions, the versions of the packages that ran, and per-stage seconds, attempts, final plan and
+peak GPU/host memory, so a clip can be reproduced or its cost compared later.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+from orchestrator.jobdir import JobDir
+from protocol.files import Stage, publish, temp_path_for
+
+PACKAGES = (
+    "ltx2-stages",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "av",
+    "pyzmq",
+    "msgpack",
+    "numpy",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def stage_summary(job: JobDir, stage: Stage) -> dict[str, Any]:
+    attempts = job.stage_record(stage)["attempts"]
+    return {
+        "attempts": len(attempts),
+        "results": [attempt["result"] for attempt in attempts],
+        "seconds": round(sum(attempt.get("seconds", 0.0) for attempt in attempts), 3),
+        "final_plan": attempts[-1]["plan"] if attempts else None,
+        "peak_gpu_bytes": max((attempt.get("peak_gpu_bytes", 0) for attempt in attempts), default=0),
+        "peak_rss_bytes": max((attempt.get("peak_rss_bytes", 0) for attempt in attempts), default=0),
+    }
+
+
+def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
+    record = job.record
+    return {
+        "video": video.name,
+        "job_id": job.id,
+        "job_dir": str(job.path),
+        "created": record["created"],
+        "spec": record["spec"],
+        "seed": record["spec"]["seed"],
+        "model": {"name": record["spec"]["model"], "path": record["model_path"], "revision": record["revision"]},
+        "loras": [
+            {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")} for lora in record.get("loras", [])
+        ],
+        "versions": package_versions(),
+        "stages": {stage.value: stage_summary(job, stage) for stage in Stage},
+    }
+
+
+def write_sidecar(path: Path, sidecar: dict[str, Any]) -> None:
+    temp = temp_path_for(path)
+    temp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
+    publish(temp, path)

@@ -1,0 +1,88 @@
+"""`python -m services.forkserver`: import torch and every stage once, then fork one worker per request.
+
+Importing torch + diffusers costs 4 s of CPU here and 12-25 s on a GPU host, paid by every stage
+process. This server pays it once per orchestrator: each request forks a child that already has
+the modules loaded and runs exactly like `python -m services.<stage>` (own session, own log file,
+READY/GO, exit code). Memory isolation is unchanged: the server allocates nothing on the
+accelerator (it never initialises CUDA, and sets the NVML-based availability check so importing
+cannot either), every model is loaded by a child after GO, and the child's exit frees it.
+
+Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}`; stdout answers
+`{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
+signal -C), and `{"ready": true}` once the imports are done. EOF on stdin stops the server.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+from typing import Any
+
+from protocol.files import Stage
+
+# Stop-and-reap cadence of the single-threaded loop; also the exit-report latency.
+POLL_S = 0.05
+
+
+def emit(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()  # nothing may sit in the buffer when we fork
+
+
+def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
+    """Fork a child that becomes the requested stage worker; returns its pid (in the parent)."""
+    module = modules[request["stage"]]
+    pid = os.fork()
+    if pid:
+        return pid
+    try:  # the child
+        os.setsid()
+        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        module.main(request["argv"])
+    finally:
+        os._exit(1)  # main never returns; this only runs if it raised before run_worker took over
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        emit({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+
+
+def main() -> None:
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    modules = {stage.value: importlib.import_module(stage.module) for stage in Stage}
+    emit({"ready": True})
+    pending = b""
+    while True:
+        readable, _, _ = select.select([0], [], [], POLL_S)
+        if readable:
+            chunk = os.read(0, 65536)
+            if not chunk:
+                break
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                request = json.loads(line)
+                emit({"pid": fork_worker(modules, request), "stage": request["stage"]})
+        reap()
+    reap()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""LoRAs and FP8 on the tiny model: effects asserted on real latents, order enforced."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_ARGS, run_ltx2
+from safetensors.torch import save_file
+
+from config.settings import load_settings
+from orchestrator.jobdir import JobDir
+from orchestrator.jobspec import build_spec
+from orchestrator.loras import resolve_lora
+from protocol.errors import InvalidInput
+from protocol.files import LATENTS_FILE, Stage
+from protocol.spec import SpecError
+from services import encode_diffuse, models
+from services.latents import read_latents
+from services.runtime import Reporter, WorkerContext
+
+CAMERA_REPO = "Lightricks/LTX-2-19b-LoRA-Camera-Control-Dolly-In"
+CAMERA_FILE = "ltx-2-19b-lora-camera-control-dolly-in.safetensors"
+
+
+def lora_tensors(prefix: str) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on the tiny transformer's video self-attention, keys under `prefix`."""
+    generator = torch.Generator().manual_seed(3)
+    tensors = {}
+    for block in range(2):
+        for projection in ("to_q", "to_k", "to_v"):
+            key = f"{prefix}transformer_blocks.{block}.attn1.{projection}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, 16, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(16, 4, generator=generator)
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("loras")
+    files = {"original": folder / "original.safetensors", "diffusers": folder / "diffusers.safetensors"}
+    save_file(lora_tensors("diffusion_model."), str(files["original"]))
+    save_file(lora_tensors("transformer."), str(files["diffusers"]))
+    return files
+
+
+@pytest.fixture(scope="module")
+def camera_cache(hf_home: Path, lora_files: dict[str, Path]) -> Path:
+    """Lightricks' dolly-in repo in the HF cache layout, holding our synthetic LoRA."""
+    repo = hf_home / "hub" / ("models--" + CAMERA_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (snapshot / CAMERA_FILE).write_bytes(lora_files["original"].read_bytes())
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("c" * 40)
+    return snapshot / CAMERA_FILE
+
+
+def encode(tiny_model_dir: Path, tmp_path: Path, name: str, **request: object) -> dict[str, torch.Tensor]:
+    """Run the encode_diffuse stage function in this process on a fresh job; return its latents."""
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    fields = {
+        "prompt": "a dolly in",
+        "model": str(tiny_model_dir),
+        "width": 64,
+        "height": 64,
+        "num_frames": 9,
+        "seed": 4,
+        "dtype": "float32",
+        **request,
+    }
+    built = build_spec(fields, settings)
+    job = JobDir.create(tmp_path / name, built.spec, built.model, loras=built.loras)
+    plan = {"weights": "fp8" if built.spec.fp8 else "native", "offload": "none"}
+    ctx = WorkerContext(
+        Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
+    )
+    encode_diffuse.run(ctx)
+    return read_latents(job.path / LATENTS_FILE)[0]
+
+
+def test_lora_changes_the_output_and_scale_zero_reproduces_the_base_exactly(
+    tiny_model_dir: Path, tmp_path: Path, lora_files: dict[str, Path]
+):
+    base = encode(tiny_model_dir, tmp_path, "base")
+    full = encode(tiny_model_dir, tmp_path, "full", loras=[{"source": str(lora_files["original"]), "scale": 1.0}])
+    zero = encode(tiny_model_dir, tmp_path, "zero", loras=[{"source": str(lora_files["original"]), "scale": 0.0}])
+    assert torch.equal(zero["video"], base["video"]) and torch.equal(zero["audio"], base["audio"])
+    assert (full["video"] - base["video"]).abs().max() > 1e-3
+
+
+def test_original_and_diffusers_key_formats_give_the_same_result(
+    tiny_model_dir: Path, tmp_path: Path, lora_files: dict[str, Path]
+):
+    original = encode(tiny_model_dir, tmp_path, "o", loras=[{"source": str(lora_files["original"]), "scale": 0.7}])
+    converted = encode(tiny_model_dir, tmp_path, "d", loras=[{"source": str(lora_files["diffusers"]), "scale": 0.7}])
+    assert torch.equal(original["video"], converted["video"])
+
+
+def test_lora_survives_fp8_because_it_is_fused_first(tiny_model_dir: Path, tmp_path: Path, lora_files: dict):
+    fp8 = encode(tiny_model_dir, tmp_path, "fp8", fp8=True)
+    fp8_lora = encode(
+        tiny_model_dir, tmp_path, "fp8l", fp8=True, loras=[{"source": str(lora_files["original"]), "scale": 1.0}]
+    )
+    native_lora = encode(tiny_model_dir, tmp_path, "nl", loras=[{"source": str(lora_files["original"]), "scale": 1.0}])
+    assert (fp8_lora["video"] - fp8["video"]).abs().max() > 1e-3
+    # FP8 storage only perturbs the result; the LoRA's effect dominates the difference.
+    assert (fp8_lora["video"] - native_lora["video"]).abs().max() < (fp8_lora["video"] - fp8["video"]).abs().max()
+
+
+def test_fp8_cast_is_refused_while_adapters_are_attached(tiny_model_dir: Path, lora_files: dict[str, Path]):
+    from diffusers import LTX2Pipeline
+
+    pipe = LTX2Pipeline.from_pretrained(tiny_model_dir)
+    pipe.load_lora_weights(str(lora_files["original"].parent), weight_name="original.safetensors", adapter_name="a")
+    with pytest.raises(InvalidInput, match="fused before FP8"):
+        models.apply_memory_plan(
+            pipe.transformer, torch.float32, torch.device("cpu"), fp8=True, sequential_offload=False
+        )
+
+
+def test_lora_outside_the_input_roots_is_refused(lora_files: dict[str, Path], tmp_path: Path):
+    with pytest.raises(SpecError, match="outside the allowed input folders"):
+        resolve_lora({"source": str(lora_files["original"]), "scale": 1.0}, (tmp_path / "elsewhere",))
+
+
+def test_camera_name_resolves_lightricks_lora_from_the_cache(ltx2_env: dict, camera_cache: Path):
+    result = run_ltx2(
+        [
+            "generate",
+            "--prompt",
+            "a dolly in",
+            "--camera",
+            "dolly-in",
+            "--seed",
+            "1",
+            "--quiet",
+            "--model",
+            "ltx2-stages/tiny-random-ltx2",
+            *TINY_ARGS,
+        ],
+        ltx2_env,
+    )
+    assert result.returncode == 0, result.stderr
+    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    job = JobDir.load(job_dir)
+    assert job.record["loras"][0]["source"] == CAMERA_REPO
+    assert Path(job.record["loras"][0]["path"]) == camera_cache.resolve()
+    assert "fuse LoRAs" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--camera", "sideways"], "--camera: must be one of dolly-in"),
+        (["--lora", "x.safetensors", "--lora-scale", "1.5"], "--lora-scale: must be between 0.0 and 1.0"),
+        (["--lora-scale", "0.5"], "--lora-scale must follow a --lora"),
+        (["--lora", "Nobody/NoSuchLoRA"], "hf download Nobody/NoSuchLoRA"),
+    ],
+)
+def test_bad_lora_flags_fail_before_any_work(ltx2_env: dict, flags: list, message: str):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", "ltx2-stages/tiny-random-ltx2", *flags], ltx2_env)
+    assert result.returncode in (2, 4)
+    assert message in result.stderr
