@@ -19,6 +19,7 @@ import zmq
 
 from config.settings import ConfigError, Settings, load_settings
 from orchestrator import client_commands
+from orchestrator.batch import BatchError, run_batch, write_summary
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.models import resolve_model
@@ -59,6 +60,7 @@ SPEC_FLAGS = (
     "fp8",
     "sequential_offload",
     "drop_caches",
+    "image",
 )
 
 
@@ -98,6 +100,7 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="output file stem (default: video)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
+    parser.add_argument("--image", help="first-frame image for image-to-video (centre-cropped to the clip's shape)")
     parser.add_argument(
         "--drop-caches",
         action="store_true",
@@ -198,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    batch = commands.add_parser("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
+    batch.add_argument("file", type=Path, help="batch file: [defaults] + [[clips]] (TOML) or JSON Lines")
+    batch.add_argument("--output-dir", type=Path, help="where the MP4s and the summary go (default: ./outputs)")
+    batch.add_argument("--quiet", action="store_true", help="no progress bars")
+
     tiny = commands.add_parser("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
@@ -217,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             return generate(args, settings)
         if args.command == "decode":
             return decode(args, settings)
+        if args.command == "batch":
+            return render_batch(args, settings)
         return client_commands.run(args, settings)
     except ConfigError as exc:
         return fail(f"config: {exc}", ExitCode.INVALID_INPUT)
@@ -224,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except ModelNotFound as exc:
         return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
+    except BatchError as exc:
+        return fail(str(exc), ExitCode.INVALID_INPUT)
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -255,7 +267,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     for line in built.notices:
         notice(line)
     spec, model = built.spec, built.model
-    job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras)
+    job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras, image=built.image)
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
 
@@ -307,6 +319,27 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
     shutil.copyfile(source, job.path / LATENTS_FILE)
     job.adopt_outputs(Stage.ENCODE_DIFFUSE, f"copied from {source}")
     return job
+
+
+def render_batch(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 batch`: every clip through the embedded orchestrator, one fork server for all."""
+    view = ProgressView(enabled=not args.quiet)
+    context = zmq.Context()
+    link = WorkerLink(context, fork_server=settings.fork_server)
+    try:
+        rows = run_batch(
+            args.file.expanduser(), settings, lambda job: run_job(job, settings, link, JobHooks(listener=view)), notice
+        )
+    finally:
+        view.close()
+        link.close()
+        context.term()
+    summary_path = settings.output_dir / f"{args.file.stem}_summary.txt"
+    sys.stdout.write(write_summary(summary_path, rows))
+    failed = sum(1 for row in rows if row["status"] == "failed")
+    if failed:
+        return fail(f"{failed} of {len(rows)} clips failed; see {summary_path}", ExitCode.OTHER)
+    return 0
 
 
 def build_tiny_model(args: argparse.Namespace) -> int:

@@ -117,7 +117,7 @@ class Daemon:
             return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
         except ModelNotFound as exc:
             return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), "model")
-        job = JobDir.create(self.settings.jobs_dir, built.spec, built.model, loras=built.loras)
+        job = JobDir.create(self.settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
         store.add(job.id, job.path)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
         return jobs.Ok(

@@ -15,8 +15,18 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from orchestrator.inputs import store_image
 from orchestrator.models import ResolvedModel
-from protocol.files import EVENTS_FILE, JOB_FILE, Stage, fingerprint_file, matches_fingerprint, publish, temp_path_for
+from protocol.files import (
+    EVENTS_FILE,
+    INPUT_IMAGE_FILE,
+    JOB_FILE,
+    Stage,
+    fingerprint_file,
+    matches_fingerprint,
+    publish,
+    temp_path_for,
+)
 from protocol.spec import JobSpec
 
 
@@ -50,11 +60,14 @@ class JobDir:
         model: ResolvedModel,
         job_id: str | None = None,
         loras: tuple[dict[str, Any], ...] = (),
+        image: Path | None = None,
     ) -> JobDir:
-        """Make the directory and write the first job.json (with the resolved LoRA files)."""
+        """Make the directory, copy the conditioning image in, write the first job.json."""
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
+        if image is not None:
+            store_image(image, path / INPUT_IMAGE_FILE)
         record = {
             "id": job_id,
             "created": utc_now(),

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.inputs import require_image
 from orchestrator.loras import resolve_lora
 from orchestrator.models import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
 from protocol.models import TINY_REPO_ID
@@ -30,6 +32,7 @@ class BuiltSpec:
     model: ResolvedModel
     notices: tuple[str, ...]
     loras: tuple[dict[str, Any], ...] = ()  #: the spec's LoRAs with local `path` and `revision`
+    image: Path | None = None  #: the validated conditioning image
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -67,7 +70,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if spec.negative_prompt and not spec.uses_cfg:
         notices.append("warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off)")
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
-    return BuiltSpec(spec, model, tuple(notices), loras)
+    image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
+    return BuiltSpec(spec, model, tuple(notices), loras, image)
 
 
 def camera_lora(name: object, settings: Settings) -> dict[str, Any]:

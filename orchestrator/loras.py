@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from orchestrator.inputs import require_inside_roots
 from protocol.errors import ModelNotFound
 from protocol.models import hub_cache_dir
 from protocol.spec import SpecError
@@ -20,7 +21,7 @@ def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[st
     source, weight_name = lora["source"], lora.get("weight_name")
     local = Path(source).expanduser()
     if local.exists():
-        require_inside_roots(local, input_roots)
+        require_inside_roots(local, input_roots, "lora")
         folder, revision = (local.parent if local.is_file() else local), "local"
         weight_name = weight_name or (local.name if local.is_file() else None)
     else:
@@ -54,10 +55,3 @@ def only_safetensors(folder: Path, source: str) -> Path:
             f"{source!r} holds {len(candidates)} .safetensors files ({names}); name one with --lora-weight-name",
         )
     return candidates[0]
-
-
-def require_inside_roots(path: Path, roots: tuple[Path, ...]) -> None:
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
-        allowed = ", ".join(str(root) for root in roots)
-        raise SpecError("lora", f"{path} is outside the allowed input folders ({allowed}; see paths.input_roots)")

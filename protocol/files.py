@@ -19,6 +19,7 @@ EVENTS_FILE = "events.log"
 LATENTS_FILE = "latents.safetensors"
 AUDIO_FILE = "audio.wav"
 VIDEO_FILE = "video.mp4"
+INPUT_IMAGE_FILE = "input_image.png"
 FIRST_FRAME_FILE = "first.png"
 LAST_FRAME_FILE = "last.png"
 # Hashing reads files in pieces so a multi-GB MP4 never sits in memory.

@@ -68,6 +68,7 @@ class JobSpec:
     fp8: bool = False
     sequential_offload: bool = False
     drop_caches: bool = False
+    image: str | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -133,6 +134,8 @@ class JobSpec:
             _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
         for lora in self.loras:
             _require_lora(lora)
+        if self.image is not None and not self.image.strip():
+            raise SpecError("image", "must be a path to an image file")
 
     @property
     def latent_frames(self) -> int:

@@ -10,15 +10,16 @@ equal the single-process one (DESIGN.md rule 6).
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
 # Imported at module level on purpose: a prestarted worker pays this before READY, overlapping
 # the previous stage (DESIGN.md rule 5).
-from diffusers import LTX2Pipeline
+from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
-from protocol.files import LATENTS_FILE, Stage
+from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
 from services import guidance, models
 from services.latents import write_latents
 from services.loras import fuse_loras
@@ -67,7 +68,15 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
     connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
     scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, scheduler)
-    pipe = LTX2Pipeline(
+    image_inputs: dict[str, Any] = {}
+    pipeline_cls: type = LTX2Pipeline
+    if ctx.spec.image is not None:
+        # Image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
+        ctx.progress("load video VAE for the conditioning image")
+        video_stats = models.load_video_vae(ctx.model_root, dtype, device)
+        image_inputs["image"] = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, ctx.spec.width, ctx.spec.height)
+        pipeline_cls = LTX2ImageToVideoPipeline
+    pipe = pipeline_cls(
         scheduler=scheduler,
         vae=video_stats,
         audio_vae=audio_stats,
@@ -101,6 +110,7 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
     ctx.progress("denoise", 0, total)
     with torch.no_grad():
         video, audio = pipe(
+            **image_inputs,
             **embeddings,
             **guidance.pinned_guidance(ctx.spec.guidance_scale),
             width=ctx.spec.width,
@@ -115,6 +125,20 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
             callback_on_step_end=on_step_end,
         )
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def load_conditioning_image(path: Path, width: int, height: int) -> Any:
+    """The first-frame image, centre-cropped to the clip's aspect ratio (the pipeline then resizes).
+
+    Cropping instead of stretching keeps proportions when the image's shape differs from the clip's.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        rgb = image.convert("RGB")
+    if rgb.width * height == rgb.height * width:
+        return rgb
+    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)
 
 
 def run(ctx: WorkerContext) -> list[str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -230,7 +231,12 @@ def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0) -> Path:
     if not (snapshot / "model_index.json").exists():
         partial = repo_dir / "snapshots" / f".{TINY_REVISION}.partial-{os.getpid()}"
         write_tiny_model(partial, seed)
-        partial.rename(snapshot)
+        try:
+            partial.rename(snapshot)
+        except OSError:  # another process finished first; its copy is identical (same seed)
+            if not (snapshot / "model_index.json").exists():
+                raise
+            shutil.rmtree(partial)
     refs = repo_dir / "refs"
     refs.mkdir(parents=True, exist_ok=True)
     (refs / "main").write_text(TINY_REVISION)

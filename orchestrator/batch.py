@@ -1,0 +1,176 @@
+"""`ltx2 batch FILE`: render a list of clips unattended, resumably (replaces the seed's batch*.sh).
+
+A batch file is TOML (`[defaults]` plus `[[clips]]` tables) or JSON Lines (one clip per line, an
+optional first line `{"defaults": {...}}`). Each clip is a map of `ltx2 generate` flags in
+snake_case (`prompt`, `camera`, `seed`, `num_frames`, `name`, `loras`, `image`, ...). The whole
+file is validated before the first clip runs. Progress is recorded in a state file, so running
+the same batch again skips finished clips and resumes an interrupted one at its first
+unfinished stage. A summary table (clip, seconds, output) is printed and saved beside the videos.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import secrets
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.jobdir import JobDir
+from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
+from orchestrator.pipeline import JobFailed
+from protocol.files import publish, temp_path_for
+from protocol.spec import SpecError
+
+
+class BatchError(ValueError):
+    """The batch file cannot be used; the message names the clip and the flag."""
+
+
+@dataclasses.dataclass
+class Clip:
+    """One validated clip of a batch."""
+
+    key: str  #: stable identity within the batch: its position and name
+    built: BuiltSpec
+
+
+def read_batch(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(defaults, clips) from a TOML or JSON Lines batch file."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise BatchError(f"cannot read {path}: {exc}") from None
+    try:
+        if path.suffix in (".jsonl", ".ndjson"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            defaults = rows.pop(0)["defaults"] if rows and "defaults" in rows[0] else {}
+            return defaults, rows
+        data = tomllib.loads(text)
+    except (ValueError, KeyError) as exc:
+        raise BatchError(f"{path} is not valid {'JSON Lines' if path.suffix != '.toml' else 'TOML'}: {exc}") from None
+    unknown = set(data) - {"defaults", "clips"}
+    if unknown:
+        raise BatchError(f"{path}: unknown top-level key {sorted(unknown)[0]!r}; use [defaults] and [[clips]]")
+    return data.get("defaults", {}), data.get("clips", [])
+
+
+def validate_batch(path: Path, settings: Settings, seeds: dict[str, int]) -> list[Clip]:
+    """Build every clip's spec (defaults < clip); any error stops the batch before it starts.
+
+    Clips without a seed get one that is recorded in the state file, so a re-run keeps it.
+    """
+    defaults, rows = read_batch(path)
+    if not rows:
+        raise BatchError(f"{path} has no clips")
+    clips = []
+    for index, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise BatchError(f"clip {index}: must be a table of flags")
+        request = {**defaults, **row}
+        key = f"{index:03d}-{request.get('name', 'clip')}"
+        if request.get("seed") is None:
+            request["seed"] = seeds.setdefault(key, secrets.randbelow(RANDOM_SEED_LIMIT))
+        try:
+            clips.append(Clip(key, build_spec(request, settings)))
+        except SpecError as exc:
+            raise BatchError(f"clip {index} ({request.get('name', 'unnamed')}): {exc}") from None
+    return clips
+
+
+class BatchState:
+    """Which job renders which clip, and which clips are done; survives crashes (atomic writes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"seeds": {}, "clips": {}}
+
+    @classmethod
+    def for_batch(cls, batch_file: Path, settings: Settings) -> BatchState:
+        key = hashlib.sha256(str(batch_file.resolve()).encode()).hexdigest()[:16]
+        return cls(settings.state_dir / "batches" / f"{batch_file.stem}-{key}.json")
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_path_for(self.path)
+        temp.write_text(json.dumps(self.data, indent=2, sort_keys=True))
+        publish(temp, self.path)
+
+    def entry(self, clip: Clip) -> dict[str, Any]:
+        return self.data["clips"].setdefault(clip.key, {})
+
+
+def run_batch(
+    path: Path, settings: Settings, run_one: Callable[[JobDir], Path], report: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Run every unfinished clip in order; returns the summary rows (clip, seconds, output, status)."""
+    state = BatchState.for_batch(path, settings)
+    clips = validate_batch(path, settings, state.data["seeds"])
+    state.save()
+    for line in dict.fromkeys(notice for clip in clips for notice in clip.built.notices):
+        report(line)
+    report(f"batch {path.name}: {len(clips)} clips validated; state in {state.path}")
+    durations: list[float] = []
+    rows = []
+    for number, clip in enumerate(clips, start=1):
+        entry = state.entry(clip)
+        spec_digest = clip.built.spec.digest()
+        if entry.get("status") == "done" and entry.get("digest") == spec_digest and Path(entry["output"]).is_file():
+            report(f"clip {number}/{len(clips)} {clip.key}: done earlier, skipped")
+            rows.append({"clip": clip.key, "seconds": entry["seconds"], "output": entry["output"], "status": "skipped"})
+            continue
+        job = resume_or_create(entry, clip, spec_digest, settings)
+        entry.update(job_id=job.id, job_dir=str(job.path), digest=spec_digest, status="running")
+        state.save()
+        started = time.monotonic()
+        try:
+            output = run_one(job)
+        except JobFailed as exc:  # unattended: record it and go on with the next clip
+            entry.update(status="failed", error=str(exc))
+            state.save()
+            report(f"clip {number}/{len(clips)} {clip.key}: FAILED: {exc} (job {job.path})")
+            rows.append(
+                {
+                    "clip": clip.key,
+                    "seconds": round(time.monotonic() - started, 1),
+                    "output": str(exc),
+                    "status": "failed",
+                }
+            )
+            continue
+        seconds = round(time.monotonic() - started, 1)
+        entry.update(status="done", output=str(output), seconds=seconds)
+        state.save()
+        durations.append(seconds)
+        remaining = sum(1 for c in clips[number:] if state.entry(c).get("status") != "done")
+        eta = sum(durations) / len(durations) * remaining
+        report(f"clip {number}/{len(clips)} {clip.key}: {seconds:.1f} s -> {output} (ETA for the rest {eta:.0f} s)")
+        rows.append({"clip": clip.key, "seconds": seconds, "output": str(output), "status": "rendered"})
+    return rows
+
+
+def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settings: Settings) -> JobDir:
+    """The clip's earlier job if it is for the same spec (it resumes), else a new job."""
+    job_dir = Path(entry.get("job_dir", ""))
+    if entry.get("digest") == spec_digest and (job_dir / "job.json").is_file():
+        return JobDir.load(job_dir)
+    built = clip.built
+    return JobDir.create(settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
+
+
+def write_summary(path: Path, rows: list[dict[str, Any]]) -> str:
+    """The summary as an aligned text table, also written to `path`."""
+    width = max([len("clip")] + [len(row["clip"]) for row in rows])
+    lines = [f"{'clip':<{width}}  {'seconds':>8}  {'status':<8}  output"]
+    lines += [f"{row['clip']:<{width}}  {row['seconds']:>8.1f}  {row['status']:<8}  {row['output']}" for row in rows]
+    text = "\n".join(lines) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_for(path)
+    temp.write_text(text)
+    publish(temp, path)
+    return text
