@@ -76,6 +76,8 @@ class JobDir:
             "model_path": str(model.path),
             "revision": model.revision,
             "loras": list(loras),
+            # Prompt embeddings are cached beside the jobs (services/embedding_cache.py).
+            "embeddings_dir": str(jobs_dir.parent / "embeddings"),
             "status": "queued",
             "stages": {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage},
         }

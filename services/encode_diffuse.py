@@ -20,10 +20,33 @@ import torch
 from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
 from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
-from services import guidance, models
+from services import embedding_cache, guidance, models
 from services.latents import write_latents
 from services.loras import fuse_loras
 from services.runtime import WorkerContext, run_worker
+
+
+def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Prompt embeddings from the on-disk cache, else from the text encoder (then cached)."""
+    identity = {
+        "model": str(ctx.model_root),
+        "revision": ctx.job.get("revision", ""),
+        "prompt": ctx.spec.prompt,
+        "negative_prompt": ctx.spec.negative_prompt if ctx.spec.uses_cfg else None,
+        "max_sequence_length": guidance.MAX_SEQUENCE_LENGTH,
+        "dtype": str(dtype),
+        "device": device.type,
+    }
+    if not ctx.job.get("embeddings_dir"):  # a job made before the cache existed
+        return encode_prompt(ctx, device, dtype)
+    path = embedding_cache.cache_path(Path(ctx.job["embeddings_dir"]), identity)
+    cached = embedding_cache.load(path, device)
+    if cached is not None:
+        ctx.progress("prompt embeddings from cache")
+        return cached
+    embeddings = encode_prompt(ctx, device, dtype)
+    embedding_cache.store(path, embeddings)
+    return embeddings
 
 
 def encode_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -145,7 +168,7 @@ def run(ctx: WorkerContext) -> list[str]:
     """The stage: prompt -> embeddings -> latents file."""
     device = models.resolve_device()
     dtype = models.resolve_dtype(ctx.spec.dtype, device)
-    embeddings = encode_prompt(ctx, device, dtype)
+    embeddings = cached_or_encoded_prompt(ctx, device, dtype)
     result = denoise(ctx, embeddings, device, dtype)
     ctx.progress("write latents")
     write_latents(

@@ -175,3 +175,16 @@ def test_sequential_offload_is_recorded_and_is_exact_on_a_cpu_host(tiny_model_di
     assert torch.equal(plain["video"], offload["video"])
     (job_dir,) = (tmp_path / "offload").iterdir()
     assert json.loads(read_latents(job_dir / LATENTS_FILE)[1]["plan"]) == {"weights": "native", "offload": "sequential"}
+
+
+def test_repeated_prompt_reuses_cached_embeddings_without_loading_the_text_encoder(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level("INFO", logger="ltx2.worker")
+    first = encode(tiny_model_dir, tmp_path, "first", prompt="a lighthouse in fog")
+    assert "load text encoder" in caplog.text
+    caplog.clear()
+    again = encode(tiny_model_dir, tmp_path, "again", prompt="a lighthouse in fog")
+    assert "prompt embeddings from cache" in caplog.text and "load text encoder" not in caplog.text
+    assert torch.equal(first["video"], again["video"]) and torch.equal(first["audio"], again["audio"])
+    assert len(list((tmp_path / "embeddings").glob("*.safetensors"))) == 1
