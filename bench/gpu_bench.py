@@ -4,7 +4,7 @@
 One entry point, several sub-commands; `all` runs everything on one machine and is what
 bench/run_on_device.sh calls (docs/benchmarks.md has the commands and the results):
 
-    python bench/gpu_bench.py all --out DIR [--budget-s 560] [--scale full|smoke|tiny]
+    python bench/gpu_bench.py all --out DIR [--budget-s 560] [--scale full|smoke|tiny] [--plan v1|fork]
                                   [--phases build,baseline_large] [--sequence staged_small,baseline,staged_large]
 
 `build` (unless a finished folder is already there) builds every LTX-2.0 component at full size
@@ -13,11 +13,20 @@ diffusers folder (safetensors, 5 GB shards, model_index.json through LTX2Pipelin
 then `sync`s. Then the runs of --sequence, in order, each in fresh processes:
 
 - staged_small / staged_large: `python -m orchestrator.cli generate ...` (the project's pipeline)
-  at --small / --large; per-stage times from job.json, events.log and the worker logs.
+  at --small / --large, workers forked from the fork server (LTX2_FORK_SERVER=true); per-stage
+  times from job.json, events.log and the worker logs. staged_small_nofork / staged_large_nofork:
+  the same with LTX2_FORK_SERVER=false (every worker a fresh `python -m services.<stage>`). Once a
+  fork-server run fails, later fork-server runs of the small clip are skipped and the large clip
+  runs without the fork server; a failed run prints the tails of its worker logs.
 - baseline: one process: LTX2Pipeline.from_pretrained + .to(cuda), the small clip twice (cold =
-  first call of a fresh process, warm = the second call), then the large clip once if `phases`
-  holds baseline_large and time is left.
+  first call of a fresh process, warm = the second call; only the cold one if `phases` holds
+  baseline_cold_only), then the large clip once if `phases` holds baseline_large and time is left.
 - imports: import times of torch / transformers / diffusers in two fresh interpreters.
+
+--plan picks --phases / --sequence (and the small-clip timeout) unless they are given:
+  v1   (default) build,baseline_large / staged_small,baseline,staged_large: docs/benchmarks.md version 1
+  fork build,baseline_cold_only / staged_small,baseline,staged_small,staged_small_nofork,staged_large:
+       the fork server's measurement (version 2), about 480 s after the wheels are installed
 
 Every run writes into DIR/results.json as soon as it ends; the last thing printed is a table.
 `--scale smoke` runs the same code with the real component configs but 1 transformer / 1 Gemma
@@ -841,6 +850,8 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
         entry: dict[str, Any] = {
             "attempts": len(attempts),
             "result": last.get("result"),
+            "reason": last.get("reason"),
+            "all_attempts": [{k: a.get(k) for k in ("attempt", "result", "reason", "seconds")} for a in attempts],
             "plan": last.get("plan"),
             "seconds": last.get("seconds"),
             "peak_gpu_bytes": last.get("peak_gpu_bytes"),
@@ -891,29 +902,47 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
     return out
 
 
-def worker_pids(job_root: Path) -> list[int]:
-    """Worker processes whose command line names a job directory under `job_root`."""
-    pids = []
+def worker_pids(job_root: Path) -> dict[int, str]:
+    """pid -> command line of the processes of one staged run: exec'd workers name a job directory
+    under `job_root` on their command line; the fork server and its forked workers (and the CLI)
+    carry LTX2_STATE_DIR=`job_root` in their environment."""
+    pids = {}
+    marker = f"LTX2_STATE_DIR={job_root}".encode()
     for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(job_root) in cmdline and "services." in cmdline:
-                pids.append(int(proc.name))
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (str(job_root) in cmdline and "services." in cmdline) or marker in environ:
+            pids[int(proc.name)] = cmdline.strip()
     return pids
 
 
-def run_staged(size: tuple[int, int, int], args: argparse.Namespace, timeout_s: float, work: Path) -> dict[str, Any]:
+def kill_pids(pids: dict[int, str]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def run_staged(  # noqa: PLR0912 - one linear run
+    size: tuple[int, int, int], args: argparse.Namespace, timeout_s: float, work: Path, fork_server: bool = True
+) -> dict[str, Any]:
     label = size_label(size)
-    state = work / f"state-{label}"
-    outputs = work / f"outputs-{label}"
+    suffix = "" if fork_server else "-nofork"
+    state = work / f"state-{label}{suffix}"
+    outputs = work / f"outputs-{label}{suffix}"
     shutil.rmtree(state, ignore_errors=True)
+    shutil.rmtree(outputs, ignore_errors=True)  # mp4_check then sees this run's MP4 alone
     env = {
         **os.environ,
         "LTX2_STATE_DIR": str(state),
         "LTX2_OUTPUT_DIR": str(outputs),
+        "LTX2_FORK_SERVER": "true" if fork_server else "false",
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
@@ -926,7 +955,10 @@ def run_staged(size: tuple[int, int, int], args: argparse.Namespace, timeout_s: 
     ]  # fmt: skip
     if args.staged_dtype:
         command += ["--dtype", args.staged_dtype]
-    log(f"staged {label}: {' '.join(command[:4])} ... (timeout {timeout_s:.0f} s)")
+    log(
+        f"staged {label}{suffix} (LTX2_FORK_SERVER={env['LTX2_FORK_SERVER']}): {' '.join(command[:4])} ... "
+        f"(timeout {timeout_s:.0f} s)"
+    )
     spawned = time.time()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     timed_out = False
@@ -935,17 +967,25 @@ def run_staged(size: tuple[int, int, int], args: argparse.Namespace, timeout_s: 
     except subprocess.TimeoutExpired:
         timed_out = True
         process.kill()
-        for pid in worker_pids(state):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_pids(worker_pids(state))
         stdout, stderr = process.communicate()
     exited = time.time()
+    # Nothing of the run may outlive the CLI for long: the fork server ends on EOF, workers exit.
+    leftover: dict[int, str] = {}
+    for _ in range(20):
+        leftover = worker_pids(state)
+        if not leftover:
+            break
+        time.sleep(0.25)
+    if leftover:
+        log(f"staged {label}{suffix}: processes left after the CLI exited (killed): {leftover}")
+        kill_pids(leftover)
     result: dict[str, Any] = {
         "size": label,
+        "fork_server": fork_server,
         "returncode": process.returncode,
         "timed_out": timed_out,
+        "leftover_processes": {str(k): v for k, v in leftover.items()},
         "stdout": stdout[-2000:],
         "stderr_tail": stderr[-3000:],
         "spawn_t": spawned,
@@ -965,7 +1005,27 @@ def run_staged(size: tuple[int, int, int], args: argparse.Namespace, timeout_s: 
         result["worker_logs_tail"] = logs
     mp4 = outputs.glob("*.mp4")
     result["mp4"] = [str(p) for p in mp4]
+    if process.returncode != 0 or timed_out:
+        print_failure(f"staged {label}{suffix}", result)
     return result
+
+
+def print_failure(name: str, result: dict[str, Any]) -> None:
+    """A failed staged run: the CLI's stderr (the fork server's too), attempts and worker-log tails."""
+    lines = [f"---- {name} FAILED: rc {result.get('returncode')}, timed out {result.get('timed_out')}"]
+    lines.append("-- CLI stderr (tail):")
+    lines.append(result.get("stderr_tail", "")[-2500:])
+    for stage, entry in result.get("stages", {}).items():
+        lines.append(f"-- {stage}: attempts {entry.get('attempts')}, last result {entry.get('result')!r}, "
+                     f"reason {entry.get('reason')!r}")  # fmt: skip
+    for name_, text in result.get("worker_logs_tail", {}).items():
+        lines.append(f"-- worker log {name_} (tail):")
+        lines.append(text[-2500:])
+    if result.get("parse_error"):
+        lines.append(f"-- job directory not parsed: {result['parse_error']}")
+    lines.append("---- end of failure report")
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1097,9 +1157,16 @@ def cmd_all(args: argparse.Namespace) -> int:  # noqa: PLR0912, PLR0915 - one li
     def left() -> float:
         return deadline - time.time()
 
-    results["environment"] = probe_environment()
-    log(f"environment: {json.dumps(results['environment'])}")
-    save()
+    # The versions probe (a fresh interpreter importing torch + diffusers) runs beside the build.
+    probe = threading.Thread(target=lambda: results.__setitem__("environment", probe_environment()), daemon=True)
+    probe.start()
+    results["environment"] = {}
+
+    def probe_done() -> None:
+        probe.join()
+        log(f"environment: {json.dumps(results['environment'])}")
+        save()
+
     phases = set(args.phases.split(","))
     root = choose_root(args.root)
     args.root = str(root)
@@ -1124,10 +1191,12 @@ def cmd_all(args: argparse.Namespace) -> int:  # noqa: PLR0912, PLR0915 - one li
         save()
         if rc != 0 or not marker.is_file():
             log(f"build failed (rc {rc}); see children.log")
+            probe_done()
             print_table(results)
             return 1
     elif reuse:
         results["phases"]["build"] = {**json.loads(marker.read_text()), "reused": True}
+    probe_done()
     save()
 
     # 2.. the measured runs, in the order --sequence gives (a repeated name gets the key "name#n")
@@ -1137,24 +1206,39 @@ def cmd_all(args: argparse.Namespace) -> int:  # noqa: PLR0912, PLR0915 - one li
         seen[name] = seen.get(name, 0) + 1
         return name if seen[name] == 1 else f"{name}#{seen[name]}"
 
+    fork_failed = ""  # set by the first failed fork-server run: later ones are skipped or run without it
+    staged_tokens = ("staged_small", "staged_large", "staged_small_nofork", "staged_large_nofork")
     for token in args.sequence.split(","):
         if token == "imports":
             results["phases"][key_for("imports")] = measure_imports()
-        elif token in ("staged_small", "staged_large"):
-            size = small if token == "staged_small" else large
-            key = key_for(f"staged_{size_label(size)}")
-            if token == "staged_large" and left() < args.min_large_staged_s:
-                results["phases"][key] = {"skipped": f"only {left():.0f} s left"}
+        elif token in staged_tokens:
+            is_small = token.startswith("staged_small")
+            fork = not token.endswith("_nofork")
+            size = small if is_small else large
+            if fork and fork_failed:
+                if is_small:
+                    results["phases"][key_for(f"staged_{size_label(size)}")] = {"skipped": fork_failed}
+                    save()
+                    continue
+                fork = False  # the large clip still gets measured, the old way
+            key = key_for(f"staged_{size_label(size)}" + ("" if fork else "_nofork"))
+            need = args.min_small_staged_s if is_small else args.min_large_staged_s
+            if left() < need:
+                results["phases"][key] = {"skipped": f"only {left():.0f} s left (needs {need:.0f})"}
                 save()
                 continue
-            limit = args.stage_timeout_s if token == "staged_small" else left() - 15
-            staged = run_staged(size, args, min(limit, left() - 30), work)
+            limit = args.stage_timeout_s if is_small else left() - 15
+            staged = run_staged(size, args, min(limit, left() - 30), work, fork_server=fork)
             staged["gpu_peak_mib"] = sampler.peak_mib(staged["spawn_t"], staged["exit_t"])
             staged["mp4_check"] = [check_mp4(Path(mp4)) for mp4 in staged.get("mp4", [])]
             results["phases"][key] = staged
             log(f"{key}: rc {staged['returncode']}, {staged['exit_t'] - staged['spawn_t']:.1f} s")
+            if fork and (staged["returncode"] != 0 or staged["timed_out"]) and not fork_failed:
+                fork_failed = f"fork-server run {key} failed (rc {staged['returncode']})"
         elif token == "baseline" and left() > 60:
             results["phases"][key_for("baseline")] = run_baseline(args, root, work, deadline, sampler, child_log)
+        elif token != "baseline":
+            raise SystemExit(f"unknown --sequence entry {token!r}")
         save()
 
     results["derived"] = derive(results)
@@ -1171,7 +1255,7 @@ def run_baseline(
     base_file = work / "baseline.json"
     base_file.unlink(missing_ok=True)
     phases = set(args.phases.split(","))
-    runs = f"{args.small}:cold,{args.small}:warm"
+    runs = f"{args.small}:cold" + ("" if "baseline_cold_only" in phases else f",{args.small}:warm")
     if "baseline_large" in phases:
         runs += f",{args.large}:large"
     staged_large_left = "staged_large" in args.sequence.split(",")[-1:]
@@ -1293,15 +1377,29 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0912 - one re
                     if peak:
                         derived[name]["mfu_step_vs_datasheet"] = flops / step / peak
     runs = {r.get("label"): r for r in base.get("runs", [])}
+    small = results["args"]["small"]
+    # Fork-server runs (every run before the fork server existed counts as one: no "fork_server" key).
     staged_small = next(
-        (p for n, p in phases.items() if n.startswith("staged_") and p.get("size") == results["args"]["small"]), None
+        (
+            p
+            for n, p in phases.items()
+            if n.startswith("staged_") and p.get("size") == small and p.get("fork_server", True)
+        ),
+        None,
     )
-    if staged_small and staged_small.get("returncode") == 0 and runs.get("cold", {}).get("cold_total_s"):
-        derived["staged_over_baseline_cold"] = staged_small["cli_wall_s"] / runs["cold"]["cold_total_s"]
+    base_cold = runs.get("cold", {}).get("cold_total_s")
+    if staged_small and staged_small.get("returncode") == 0 and base_cold:
+        derived["staged_over_baseline_cold"] = staged_small["cli_wall_s"] / base_cold
+    if base_cold:  # every staged small-clip run against the (first) baseline process's cold call
+        derived["staged_over_baseline_cold_each"] = {
+            n: p["cli_wall_s"] / base_cold
+            for n, p in phases.items()
+            if n.startswith("staged_") and p.get("size") == small and p.get("returncode") == 0
+        }
     staged_walls = [
         p["cli_wall_s"]
         for n, p in phases.items()
-        if n.startswith(f"staged_{results['args']['small']}") and p.get("returncode") == 0
+        if n.startswith(f"staged_{small}") and p.get("returncode") == 0 and p.get("fork_server", True)
     ]
     base_walls = [
         r["cold_total_s"]
@@ -1433,9 +1531,21 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         ("base cold " + small, lambda m: base_cell(m, runs.get("cold", {}), base, True), "baseline_cold"),
         ("base warm", lambda m: base_cell(m, runs.get("warm", {}), base, False), "baseline_warm"),
         ("staged " + small, lambda m: staged_cell(m, phases.get(f"staged_{small}", {})), f"staged_{small}"),
+        (
+            "nofork " + small,
+            lambda m: staged_cell(m, phases.get(f"staged_{small}_nofork", {})),
+            f"staged_{small}_nofork",
+        ),
         ("base " + large, lambda m: base_cell(m, runs.get("large", {}), base, False), "baseline_large"),
         ("staged " + large, lambda m: staged_cell(m, phases.get(f"staged_{large}", {})), f"staged_{large}"),
+        (
+            "nofork " + large,
+            lambda m: staged_cell(m, phases.get(f"staged_{large}_nofork", {})),
+            f"staged_{large}_nofork",
+        ),
     ]
+    # Columns with nothing measured (no warm call, no run without the fork server, ...) are left out.
+    columns = [c for c in columns if any(c[1](m) != "-" for m in TABLE_METRICS if not m.startswith("MFU"))]
 
     def mfu(key: str, field: str) -> str:
         value = derived.get(key, {}).get(field)
@@ -1491,6 +1601,42 @@ def repeat_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def fork_lines(results: dict[str, Any]) -> list[str]:
+    """Every staged run in order: fork server on/off, wall, ratio, per-stage start-up, memory."""
+    phases = results["phases"]
+    each = results.get("derived", {}).get("staged_over_baseline_cold_each", {})
+    lines = [
+        "staged runs in order: fork | wall | /base cold | start+import enc/aud/vid | stage s enc/aud/vid | "
+        "peak alloc GiB | smi GiB | left over"
+    ]
+    for key, phase in phases.items():
+        if not key.startswith("staged_"):
+            continue
+        if phase.get("skipped"):
+            lines.append(f"  {key:30s} skipped: {phase['skipped']}")
+            continue
+        ratio = each.get(key)
+        starts = "/".join(
+            fmt(staged_value(phase, stage, field))
+            for stage, field in (
+                ("encode_diffuse", "start_import_handshake_s"),
+                ("audio_decode", "until_load_s"),
+                ("video_decode", "until_load_s"),
+            )
+        )
+        seconds = "/".join(
+            fmt(staged_value(phase, s, "seconds")) for s in ("encode_diffuse", "audio_decode", "video_decode")
+        )
+        status = "" if phase.get("returncode") == 0 else f"  FAILED rc={phase.get('returncode')}"
+        lines.append(
+            f"  {key:30s} {'on ' if phase.get('fork_server', True) else 'off'} | {fmt(phase.get('cli_wall_s')):>6s} | "
+            f"{'-' if ratio is None else f'{ratio:.3f}':>6s} | {starts:>16s} | {seconds:>15s} | "
+            f"{fmt(staged_peak(phase, 'peak_gpu_bytes'), 'GiB'):>5s} | {fmt(phase.get('gpu_peak_mib'), 'MiB'):>5s} | "
+            f"{len(phase.get('leftover_processes') or {})}{status}"
+        )
+    return lines
+
+
 def print_table(results: dict[str, Any]) -> None:
     phases = results["phases"]
     env = results.get("environment", {})
@@ -1509,6 +1655,7 @@ def print_table(results: dict[str, Any]) -> None:
             lines.append(f"DEVIATION: {build['deviation']}")
     lines += table_lines(results)
     lines += repeat_lines(results)
+    lines += fork_lines(results)
     flops = {k: v.get("flops") for k, v in derived.items() if isinstance(v, dict) and v.get("flops")}
     lines.append(f"FLOPs per step: {', '.join(f'{k} {v:.4g}' for k, v in flops.items())}")
     if derived.get("staged_over_baseline_cold"):
@@ -1531,6 +1678,20 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+PLANS: dict[str, dict[str, Any]] = {
+    "v1": {
+        "phases": "build,baseline_large",
+        "sequence": "staged_small,baseline,staged_large",
+        "stage_timeout_s": 240.0,
+    },
+    "fork": {
+        "phases": "build,baseline_cold_only",
+        "sequence": "staged_small,baseline,staged_small,staged_small_nofork,staged_large",
+        "stage_timeout_s": 150.0,
+    },
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1542,19 +1703,23 @@ def main(argv: list[str] | None = None) -> int:
     p_all.add_argument("--scale", choices=["full", "smoke", "tiny"], default="full")
     p_all.add_argument("--small", default="768x512x121")
     p_all.add_argument("--large", default="1920x1088x161")
+    p_all.add_argument("--plan", choices=sorted(PLANS), default="v1", help="preset of --phases/--sequence (see top)")
     p_all.add_argument(
         "--phases",
-        default="build,baseline_large",
-        help="build: build the model; baseline_large: the baseline process also runs the large clip",
+        default=None,
+        help="build: build the model; baseline_large: the baseline process also runs the large clip; "
+        "baseline_cold_only: no warm call (default: the plan's)",
     )
     p_all.add_argument(
         "--sequence",
-        default="staged_small,baseline,staged_large",
-        help="measured runs in order: staged_small, staged_large, baseline, imports (repeats allowed)",
+        default=None,
+        help="measured runs in order: staged_small, staged_large, staged_small_nofork, staged_large_nofork, "
+        "baseline, imports (repeats allowed; default: the plan's)",
     )
     p_all.add_argument("--budget-s", type=float, default=560.0, help="wall-clock budget of this command")
     p_all.add_argument("--build-timeout-s", type=float, default=330.0)
-    p_all.add_argument("--stage-timeout-s", type=float, default=240.0)
+    p_all.add_argument("--stage-timeout-s", type=float, default=None, help="small staged clip (default: the plan's)")
+    p_all.add_argument("--min-small-staged-s", type=float, default=90.0, help="skip a small staged run with less left")
     p_all.add_argument("--reserve-large-staged-s", type=float, default=0.0)
     p_all.add_argument("--min-large-staged-s", type=float, default=150.0)
     p_all.add_argument("--profile", default="", help="LTX2_PROFILE for the staged runs (default: the config's)")
@@ -1579,6 +1744,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "all":
+        for name, value in PLANS[args.plan].items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
         return cmd_all(args)
     if args.command == "build":
         return cmd_build(args)

@@ -5,7 +5,7 @@
 # diffusers, PyAV or pyzmq and no network: those travel as wheels in .whl/ (ignored by git, named
 # in the call's `carry`) and are installed into /tmp/site. Extra arguments go to `gpu_bench.py all`.
 #
-#   bash bench/run_on_device.sh [--phases ...] [--budget-s N]
+#   bash bench/run_on_device.sh [--plan v1|fork] [--phases ...] [--sequence ...]
 set -uo pipefail
 started=$(date +%s)
 cd "$(dirname "$0")/.."

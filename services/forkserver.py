@@ -82,6 +82,8 @@ def main() -> None:
                 emit({"pid": fork_worker(modules, request), "stage": request["stage"]})
         reap()
     reap()
+    sys.stdout.flush()
+    os._exit(0)  # tearing down torch and diffusers takes about a second and frees nothing the OS would not
 
 
 if __name__ == "__main__":

@@ -37,18 +37,22 @@ def tiny_model_dir(hf_home: Path) -> Path:
     return snapshots[0]
 
 
-@pytest.fixture
-def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
+def ltx2_environment(hf_home: Path, root: Path) -> dict[str, str]:
     """Environment for running `ltx2` in a subprocess: offline tiny cache, private state and outputs."""
     return {
         **os.environ,
         "HF_HOME": str(hf_home),
         "HF_HUB_OFFLINE": "1",
-        "LTX2_STATE_DIR": str(tmp_path / "state"),
-        "LTX2_OUTPUT_DIR": str(tmp_path / "outputs"),
+        "LTX2_STATE_DIR": str(root / "state"),
+        "LTX2_OUTPUT_DIR": str(root / "outputs"),
         "LTX2_CONFIG": "",
-        "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
+        "XDG_CONFIG_HOME": str(root / "xdg-config"),
     }
+
+
+@pytest.fixture
+def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
+    return ltx2_environment(hf_home, tmp_path)
 
 
 def run_ltx2(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:

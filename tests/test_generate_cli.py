@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from conftest import TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2
 
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 
@@ -15,18 +15,8 @@ from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 @pytest.fixture(scope="module")
 def generated(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     """One default-model run (no weights cached, so the tiny model) shared by the assertions below."""
-    import os
-
     root = tmp_path_factory.mktemp("generate")
-    env = {
-        **os.environ,
-        "HF_HOME": str(hf_home),
-        "HF_HUB_OFFLINE": "1",
-        "LTX2_STATE_DIR": str(root / "state"),
-        "LTX2_OUTPUT_DIR": str(root / "outputs"),
-        "LTX2_CONFIG": "",
-        "XDG_CONFIG_HOME": str(root / "cfg"),
-    }
+    env = ltx2_environment(hf_home, root)
     result = run_ltx2(
         [
             "generate",
