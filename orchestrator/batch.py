@@ -106,26 +106,44 @@ class BatchState:
 
 
 def run_batch(
-    path: Path, settings: Settings, run_one: Callable[[JobDir], Path], report: Callable[[str], None]
+    path: Path,
+    settings: Settings,
+    run_one: Callable[[JobDir], Path],
+    report: Callable[[str], None],
+    prepare_prompts: Callable[[list[JobDir]], None] = lambda jobs: None,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished clip in order; returns the summary rows (clip, seconds, output, status)."""
+    """Run every unfinished clip in order; returns the summary rows (clip, seconds, output, status).
+
+    Before the first clip, `prepare_prompts` gets every unfinished clip's job, so the text encoder
+    runs once for all their prompts (the first step of stage-major scheduling).
+    """
     state = BatchState.for_batch(path, settings)
     clips = validate_batch(path, settings, state.data["seeds"])
     state.save()
     for line in dict.fromkeys(notice for clip in clips for notice in clip.built.notices):
         report(line)
     report(f"batch {path.name}: {len(clips)} clips validated; state in {state.path}")
+    jobs: dict[str, JobDir] = {}
+    for clip in clips:
+        entry = state.entry(clip)
+        spec_digest = clip.built.spec.digest()
+        if entry.get("status") == "done" and entry.get("digest") == spec_digest and Path(entry["output"]).is_file():
+            continue
+        jobs[clip.key] = resume_or_create(entry, clip, spec_digest, settings)
+        entry.update(job_id=jobs[clip.key].id, job_dir=str(jobs[clip.key].path), digest=spec_digest, status="queued")
+    state.save()
+    if jobs:
+        prepare_prompts(list(jobs.values()))
     durations: list[float] = []
     rows = []
     for number, clip in enumerate(clips, start=1):
         entry = state.entry(clip)
-        spec_digest = clip.built.spec.digest()
-        if entry.get("status") == "done" and entry.get("digest") == spec_digest and Path(entry["output"]).is_file():
+        if clip.key not in jobs:
             report(f"clip {number}/{len(clips)} {clip.key}: done earlier, skipped")
             rows.append({"clip": clip.key, "seconds": entry["seconds"], "output": entry["output"], "status": "skipped"})
             continue
-        job = resume_or_create(entry, clip, spec_digest, settings)
-        entry.update(job_id=job.id, job_dir=str(job.path), digest=spec_digest, status="running")
+        job = jobs[clip.key]
+        entry.update(status="running")
         state.save()
         started = time.monotonic()
         try:

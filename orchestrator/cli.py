@@ -328,7 +328,11 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     link = WorkerLink(context, fork_server=settings.fork_server)
     try:
         rows = run_batch(
-            args.file.expanduser(), settings, lambda job: run_job(job, settings, link, JobHooks(listener=view)), notice
+            args.file.expanduser(),
+            settings,
+            lambda job: run_job(job, settings, link, JobHooks(listener=view)),
+            notice,
+            prepare_prompts,
         )
     finally:
         view.close()
@@ -340,6 +344,16 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     if failed:
         return fail(f"{failed} of {len(rows)} clips failed; see {summary_path}", ExitCode.OTHER)
     return 0
+
+
+def prepare_prompts(jobs: list[JobDir]) -> None:
+    """Encode every job's prompt in one process (one text-encoder load) into the embedding cache."""
+    command = [sys.executable, "-m", "services.prepare_prompts", *(str(job.path) for job in jobs)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode == 0:
+        notice(f"batch: {result.stdout.strip()}")
+    else:  # not fatal: each clip then encodes its own prompt
+        notice(f"warning: batch prompt pre-encoding failed; clips encode their own prompts:\n{result.stderr[-2000:]}")
 
 
 def build_tiny_model(args: argparse.Namespace) -> int:

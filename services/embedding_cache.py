@@ -16,14 +16,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from protocol.files import publish, temp_path_for
+from protocol.spec import JobSpec
+from services.guidance import MAX_SEQUENCE_LENGTH
 
 # About 50 full-size prompts; the cache is a convenience, so it stays well below a disk's size.
 MAX_CACHE_BYTES = 20 << 30
 KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 
-def cache_path(directory: Path, identity: dict[str, object]) -> Path:
-    """The file for one (model, revision, prompt, negative prompt, CFG, length, dtype, device) combination."""
+def cache_path(
+    directory: Path, model_root: Path, revision: str, spec: JobSpec, dtype: torch.dtype, device: torch.device
+) -> Path:
+    """The file for one (model, revision, prompt, negative prompt if CFG, length, dtype, device) combination."""
+    identity = {
+        "model": str(model_root),
+        "revision": revision,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt if spec.uses_cfg else None,
+        "max_sequence_length": MAX_SEQUENCE_LENGTH,
+        "dtype": str(dtype),
+        "device": device.type,
+    }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     return directory / f"{digest}.safetensors"
 

@@ -20,6 +20,7 @@ import torch
 from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
 from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
+from protocol.spec import JobSpec
 from services import embedding_cache, guidance, models
 from services.latents import write_latents
 from services.loras import fuse_loras
@@ -28,48 +29,47 @@ from services.runtime import WorkerContext, run_worker
 
 def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Prompt embeddings from the on-disk cache, else from the text encoder (then cached)."""
-    identity = {
-        "model": str(ctx.model_root),
-        "revision": ctx.job.get("revision", ""),
-        "prompt": ctx.spec.prompt,
-        "negative_prompt": ctx.spec.negative_prompt if ctx.spec.uses_cfg else None,
-        "max_sequence_length": guidance.MAX_SEQUENCE_LENGTH,
-        "dtype": str(dtype),
-        "device": device.type,
-    }
     if not ctx.job.get("embeddings_dir"):  # a job made before the cache existed
-        return encode_prompt(ctx, device, dtype)
-    path = embedding_cache.cache_path(Path(ctx.job["embeddings_dir"]), identity)
+        ctx.progress("load text encoder")
+        return encode_prompts(ctx.model_root, dtype, device, [ctx.spec])[0]
+    path = embedding_cache.cache_path(
+        Path(ctx.job["embeddings_dir"]), ctx.model_root, ctx.job.get("revision", ""), ctx.spec, dtype, device
+    )
     cached = embedding_cache.load(path, device)
     if cached is not None:
         ctx.progress("prompt embeddings from cache")
         return cached
-    embeddings = encode_prompt(ctx, device, dtype)
+    ctx.progress("load text encoder")
+    (embeddings,) = encode_prompts(ctx.model_root, dtype, device, [ctx.spec])
     embedding_cache.store(path, embeddings)
     return embeddings
 
 
-def encode_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Prompt embeddings and masks (negative ones only with CFG), via LTX2Pipeline.encode_prompt."""
-    ctx.progress("load text encoder")
+def encode_prompts(model_root: Path, dtype: torch.dtype, device: torch.device, specs: list[JobSpec]) -> list[dict]:
+    """Embeddings and masks of each spec's prompt (negative ones only with CFG), loading the text
+    encoder once; via LTX2Pipeline.encode_prompt, the code the single-process pipeline runs."""
     # The pipeline object is the only holder of the encoder, so releasing it frees the memory.
-    encoder_only = models.load_prompt_encoder(ctx.model_root, dtype, device)
-    ctx.progress("encode prompt")
+    encoder_only = models.load_prompt_encoder(model_root, dtype, device)
+    results = []
     with torch.no_grad():
-        embeds, mask, negative_embeds, negative_mask = encoder_only.encode_prompt(
-            prompt=ctx.spec.prompt,
-            negative_prompt=ctx.spec.negative_prompt,
-            do_classifier_free_guidance=ctx.spec.uses_cfg,
-            max_sequence_length=guidance.MAX_SEQUENCE_LENGTH,
-            device=device,
-        )
+        for spec in specs:
+            embeds, mask, negative_embeds, negative_mask = encoder_only.encode_prompt(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                do_classifier_free_guidance=spec.uses_cfg,
+                max_sequence_length=guidance.MAX_SEQUENCE_LENGTH,
+                device=device,
+            )
+            results.append(
+                {
+                    "prompt_embeds": embeds,
+                    "prompt_attention_mask": mask,
+                    "negative_prompt_embeds": negative_embeds,
+                    "negative_prompt_attention_mask": negative_mask,
+                }
+            )
     release_text_encoder(encoder_only)
-    return {
-        "prompt_embeds": embeds,
-        "prompt_attention_mask": mask,
-        "negative_prompt_embeds": negative_embeds,
-        "negative_prompt_attention_mask": negative_mask,
-    }
+    return results
 
 
 def release_text_encoder(pipeline: Any) -> None:

@@ -1,0 +1,53 @@
+"""`python -m services.prepare_prompts JOB_DIR...`: fill the prompt-embedding cache for many jobs.
+
+The text-encoder half of stage-major scheduling: a batch runs this once before its clips, so the
+text encoder (22.7 GiB at full size) is loaded once per model for every distinct prompt instead of
+once per clip; each clip's encode_diffuse then finds its embeddings cached. Prints one line:
+how many prompts were encoded and how many were cached already.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from protocol.files import JOB_FILE
+from protocol.spec import JobSpec
+from services import embedding_cache, models
+from services.encode_diffuse import encode_prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    job_dirs = [Path(arg) for arg in (sys.argv[1:] if argv is None else argv)]
+    device = models.resolve_device()
+    missing: dict[tuple[Path, str], dict[Path, JobSpec]] = defaultdict(dict)
+    cached = 0
+    for job_dir in job_dirs:
+        job = json.loads((job_dir / JOB_FILE).read_text())
+        if not job.get("embeddings_dir"):
+            continue
+        spec, root = JobSpec.from_dict(job["spec"]), Path(job["model_path"])
+        dtype = models.resolve_dtype(spec.dtype, device)
+        path = embedding_cache.cache_path(
+            Path(job["embeddings_dir"]), root, job.get("revision", ""), spec, dtype, device
+        )
+        if path.is_file():
+            cached += 1
+        else:
+            missing[(root, spec.dtype)][path] = spec
+    encoded = 0
+    for (root, dtype_name), wanted in missing.items():
+        paths, specs = list(wanted), list(wanted.values())
+        for path, embeddings in zip(
+            paths, encode_prompts(root, models.resolve_dtype(dtype_name, device), device, specs), strict=True
+        ):
+            embedding_cache.store(path, embeddings)
+            encoded += 1
+    sys.stdout.write(f"encoded {encoded} prompt(s) with {len(missing)} text-encoder load(s); {cached} cached already\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
