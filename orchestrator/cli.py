@@ -20,6 +20,7 @@ import zmq
 from config.settings import ConfigError, Settings, load_settings
 from orchestrator import client_commands
 from orchestrator.batch import BatchError, run_batch, write_summary
+from orchestrator.client_commands import fail
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.models import resolve_model
@@ -245,11 +246,6 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if getattr(args, "output_dir", None):
         overrides["paths"]["output_dir"] = str(args.output_dir)
     return overrides
-
-
-def fail(message: str, code: int) -> int:
-    sys.stderr.write(f"ltx2: error: {message}\n")
-    return int(code)
 
 
 def notice(message: str) -> None:

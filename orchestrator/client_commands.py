@@ -14,6 +14,7 @@ from config.settings import Settings
 from orchestrator.client import DaemonClient, DaemonError
 from orchestrator.pipeline import StageEvent
 from orchestrator.progress import ProgressView
+from orchestrator.states import JobState
 from orchestrator.transport import TransportError, address_from_settings, create_keys
 from protocol import jobs, stages
 from protocol.errors import ExitCode
@@ -35,11 +36,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (DaemonError, TransportError) as exc:
         code = getattr(exc, "code", "unreachable")
         if code == "not_found" and getattr(exc, "field", "") == "model":
-            return report(str(exc), ExitCode.MODEL_NOT_FOUND)
-        return report(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
+            return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
+        return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
 
 
-def report(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
+    """Print an error line for the user; returns the exit code to use."""
     sys.stderr.write(f"ltx2: error: {message}\n")
     return int(code)
 
@@ -125,12 +127,12 @@ def watch(client: DaemonClient, args: argparse.Namespace) -> int:
             if key != shown:
                 shown = key
                 view(to_event(args.job_id, progress))
-        if job["state"] in ("done", "failed", "cancelled"):
+        if JobState(job["state"]).is_terminal:
             view.close()
             if job["state"] == "done":
                 sys.stdout.write(f"{job['output']}\n")
                 return 0
-            return report(f"job {job['id']} {job['state']}: {job['error']}", ExitCode.OTHER)
+            return fail(f"job {job['id']} {job['state']}: {job['error']}", ExitCode.OTHER)
         time.sleep(WATCH_INTERVAL_S)
 
 

@@ -36,18 +36,23 @@ class BuiltSpec:
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
-    """The model to run: as asked, else the default if cached, else the tiny model (with a notice)."""
-    if requested == TINY_REPO_ID:
-        return ensure_tiny_model(), []
+    """The model to run: as asked, else the default if cached, else the fallback (with a notice)."""
     if requested:
-        return resolve_model(requested), []
+        return resolve_local(requested), []
     if is_cached(settings.default_model):
         return resolve_model(settings.default_model), []
+    fallback = settings.fallback_model
+    using = f"the tiny random model {fallback} (output is noise; " if fallback == TINY_REPO_ID else f"{fallback} ("
     notice = (
-        f"no weights for {settings.default_model} in the Hugging Face cache; using the tiny random model "
-        f"{TINY_REPO_ID} (output is noise; get the real one with: hf download {settings.default_model})"
+        f"no weights for {settings.default_model} in the Hugging Face cache; using {using}"
+        f"get the real one with: hf download {settings.default_model})"
     )
-    return ensure_tiny_model(), [notice]
+    return resolve_local(fallback), [notice]
+
+
+def resolve_local(name: str) -> ResolvedModel:
+    """`resolve_model`, except that the tiny model is built locally when missing."""
+    return ensure_tiny_model() if name == TINY_REPO_ID else resolve_model(name)
 
 
 def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:

@@ -81,9 +81,3 @@ class ModelNotFound(StageError):
     """A model or LoRA is not in the local cache or folder."""
 
     exit_code = ExitCode.MODEL_NOT_FOUND
-
-
-class OutOfMemory(StageError):
-    """Raised deliberately (fault injection) with the same meaning as torch.OutOfMemoryError."""
-
-    exit_code = ExitCode.OUT_OF_MEMORY

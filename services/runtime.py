@@ -71,7 +71,6 @@ class Reporter:
         self.job_id = job_id
         self.socket = socket
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     def send(self, message: codec.Message) -> None:
         """Send one message (no-op without a socket)."""
@@ -86,17 +85,15 @@ class Reporter:
         self.send(stages.Progress(self.job_id, self.stage.value, phase, step, total, gpu, rss))
 
     def start_heartbeat(self, interval_s: float) -> None:
-        """Send heartbeats every `interval_s` until stop_heartbeat()."""
+        """Send heartbeats every `interval_s` until the process exits (a daemon thread)."""
 
         def beat() -> None:
-            while not self._stop.wait(interval_s):
+            while True:
+                time.sleep(interval_s)
                 gpu, rss = memory_in_use()
                 self.send(stages.Heartbeat(self.job_id, self.stage.value, gpu, rss))
 
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
-
-    def stop_heartbeat(self) -> None:
-        self._stop.set()
 
 
 def memory_in_use() -> tuple[int, int]:
