@@ -26,6 +26,17 @@ START_TIMEOUT_S = 300.0
 UNKNOWN_EXIT = 1
 
 
+def worker_environment() -> dict[str, str]:
+    """The environment of stage workers (and of the fork server they come from).
+
+    MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
+    aligned, so two runs of the same job could differ in the last bits. `MKL_CBWR=AUTO,STRICT`
+    makes results reproducible on the same CPU, which is what lets a retried attempt reproduce the
+    killed one exactly. A value the user set is kept.
+    """
+    return {"MKL_CBWR": "AUTO,STRICT", **os.environ, "PYTHONUNBUFFERED": "1"}
+
+
 class ForkServerError(RuntimeError):
     """The fork server could not be started or stopped answering."""
 
@@ -108,7 +119,7 @@ class ForkServer:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=worker_environment(),
         )
         threading.Thread(target=self._read, args=(self.process,), name="forkserver-reader", daemon=True).start()
         try:

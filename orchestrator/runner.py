@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from orchestrator.forkserver import ForkedProcess, ForkServer
+from orchestrator.forkserver import ForkedProcess, ForkServer, worker_environment
 from orchestrator.jobdir import JobDir, tail
 from protocol import codec, stages
 from protocol.errors import Failure, classify_exit, describe_exit
@@ -180,7 +180,7 @@ def spawn_worker(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=worker_environment(),
         )
     return SpawnedWorker(process, stage, attempt, plan)
 
