@@ -22,6 +22,7 @@ ENV_OVERRIDES = {
     "LTX2_PROFILE": ("decode", "profile"),
     "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
     "LTX2_FORK_SERVER": ("worker", "fork_server"),
+    "LTX2_GROUP_SIZE": ("worker", "group_size"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
 }
 
@@ -81,6 +82,7 @@ class Settings:
     fork_server: bool
     hung_after_s: float
     stderr_tail_lines: int
+    group_size: int
     max_attempts_per_stage: int
     same_plan_retries: int
     decode: DecodeSettings
@@ -157,6 +159,11 @@ def _coerce(default: object, text: str, origin: str) -> object:
         if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ConfigError(f"{origin}: expected true or false, got {text!r}")
         return text.lower() in ("1", "true", "yes")
+    if isinstance(default, int):
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{origin}: expected a whole number, got {text!r}") from None
     if isinstance(default, float):
         try:
             return float(text)
@@ -168,6 +175,8 @@ def _coerce(default: object, text: str, origin: str) -> object:
 def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     paths, models, worker, decode = data["paths"], data["models"], data["worker"], data["decode"]
     profiles = data["profiles"]
+    if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
+        raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
     if decode["profile"] not in profiles:
         raise ConfigError(f"unknown profile {decode['profile']!r}; known: {', '.join(sorted(profiles))}")
     try:
@@ -189,6 +198,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         fork_server=bool(worker["fork_server"]),
         hung_after_s=float(worker["hung_after_s"]),
         stderr_tail_lines=int(worker["stderr_tail_lines"]),
+        group_size=int(worker["group_size"]),
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
         same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(

@@ -6,6 +6,10 @@ snake_case (`prompt`, `camera`, `seed`, `num_frames`, `name`, `loras`, `image`, 
 file is validated before the first clip runs. Progress is recorded in a state file, so running
 the same batch again skips finished clips and resumes an interrupted one at its first
 unfinished stage. A summary table (clip, seconds, output) is printed and saved beside the videos.
+
+Clips render stage-major (orchestrator.stage_major): every prompt is encoded first with one
+text-encoder load, then diffusion runs for all clips in one process per group of clips that share
+model and LoRAs, then audio decoding, then video decoding, each model loaded once per group.
 """
 
 from __future__ import annotations
@@ -23,9 +27,16 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
-from orchestrator.pipeline import JobFailed
-from protocol.files import publish, temp_path_for
+from orchestrator.pipeline import JobFailed, first_unfinished
+from orchestrator.runner import StageOutcome
+from protocol.files import STAGE_ORDER, Stage, publish, temp_path_for
 from protocol.spec import SpecError
+
+#: Called after each attempt of a clip's stage: (job, stage, how it ended).
+StageReport = Callable[[JobDir, Stage, StageOutcome], None]
+#: Renders jobs (by clip key) to their MP4s stage-major, calling the StageReport as stages end;
+#: returns each job's (by job id) MP4 path or failure.
+Render = Callable[[dict[str, JobDir], StageReport], dict[str, Path | JobFailed]]
 
 
 class BatchError(ValueError):
@@ -108,14 +119,15 @@ class BatchState:
 def run_batch(
     path: Path,
     settings: Settings,
-    run_one: Callable[[JobDir], Path],
+    render: Render,
     report: Callable[[str], None],
     prepare_prompts: Callable[[list[JobDir]], None] = lambda jobs: None,
 ) -> list[dict[str, Any]]:
-    """Run every unfinished clip in order; returns the summary rows (clip, seconds, output, status).
+    """Render every unfinished clip; returns the summary rows (clip, seconds, output, status).
 
-    Before the first clip, `prepare_prompts` gets every unfinished clip's job, so the text encoder
-    runs once for all their prompts (the first step of stage-major scheduling).
+    First `prepare_prompts` gets every unfinished clip's job, so the text encoder runs once for
+    all their prompts; then `render` runs the clips stage-major. A clip's seconds are the time
+    its stages spent on it (a group worker's model loading counts for the group's first clip).
     """
     state = BatchState.for_batch(path, settings)
     clips = validate_batch(path, settings, state.data["seeds"])
@@ -131,10 +143,14 @@ def run_batch(
             continue
         jobs[clip.key] = resume_or_create(entry, clip, spec_digest, settings)
         entry.update(job_id=jobs[clip.key].id, job_dir=str(jobs[clip.key].path), digest=spec_digest, status="queued")
+    for clip in clips:
+        if clip.key in jobs:
+            state.entry(clip).update(status="running")
     state.save()
     if jobs:
         prepare_prompts(list(jobs.values()))
-    durations: list[float] = []
+    tracker = BatchProgress(jobs, report)
+    results = render(jobs, tracker.stage_ended) if jobs else {}
     rows = []
     for number, clip in enumerate(clips, start=1):
         entry = state.entry(clip)
@@ -143,33 +159,46 @@ def run_batch(
             rows.append({"clip": clip.key, "seconds": entry["seconds"], "output": entry["output"], "status": "skipped"})
             continue
         job = jobs[clip.key]
-        entry.update(status="running")
+        result = results[job.id]
+        seconds = round(tracker.seconds.get(job.id, 0.0), 1)
+        if isinstance(result, JobFailed):  # unattended: recorded, the other clips went on
+            entry.update(status="failed", error=str(result))
+            report(f"clip {number}/{len(clips)} {clip.key}: FAILED: {result} (job {job.path})")
+            rows.append({"clip": clip.key, "seconds": seconds, "output": str(result), "status": "failed"})
+        else:
+            entry.update(status="done", output=str(result), seconds=seconds)
+            report(f"clip {number}/{len(clips)} {clip.key}: {seconds:.1f} s -> {result}")
+            rows.append({"clip": clip.key, "seconds": seconds, "output": str(result), "status": "rendered"})
         state.save()
-        started = time.monotonic()
-        try:
-            output = run_one(job)
-        except JobFailed as exc:  # unattended: record it and go on with the next clip
-            entry.update(status="failed", error=str(exc))
-            state.save()
-            report(f"clip {number}/{len(clips)} {clip.key}: FAILED: {exc} (job {job.path})")
-            rows.append(
-                {
-                    "clip": clip.key,
-                    "seconds": round(time.monotonic() - started, 1),
-                    "output": str(exc),
-                    "status": "failed",
-                }
-            )
-            continue
-        seconds = round(time.monotonic() - started, 1)
-        entry.update(status="done", output=str(output), seconds=seconds)
-        state.save()
-        durations.append(seconds)
-        remaining = sum(1 for c in clips[number:] if state.entry(c).get("status") != "done")
-        eta = sum(durations) / len(durations) * remaining
-        report(f"clip {number}/{len(clips)} {clip.key}: {seconds:.1f} s -> {output} (ETA for the rest {eta:.0f} s)")
-        rows.append({"clip": clip.key, "seconds": seconds, "output": str(output), "status": "rendered"})
     return rows
+
+
+class BatchProgress:
+    """Overall progress of a stage-major batch: one line per finished clip stage, with an ETA.
+
+    Units of work are (clip, stage) pairs; the ETA assumes the remaining ones take as long on
+    average as the finished ones, which holds because each stage's model loads once per group.
+    """
+
+    def __init__(self, jobs: dict[str, JobDir], report: Callable[[str], None]) -> None:
+        self.keys = {job.id: key for key, job in jobs.items()}
+        self.report = report
+        self.started = time.monotonic()
+        self.total = sum(len(STAGE_ORDER) - first_unfinished(job) for job in jobs.values())
+        self.finished = 0
+        self.seconds: dict[str, float] = {}  #: job id -> seconds its stages took
+
+    def stage_ended(self, job: JobDir, stage: Stage, outcome: StageOutcome) -> None:
+        self.seconds[job.id] = self.seconds.get(job.id, 0.0) + outcome.seconds
+        if not outcome.ok:
+            return
+        self.finished += 1
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.finished * max(self.total - self.finished, 0)
+        self.report(
+            f"batch: {self.keys.get(job.id, job.id)} {stage.value} done in {outcome.seconds:.1f} s "
+            f"({self.finished}/{self.total} clip stages, ETA for the rest {eta:.0f} s)"
+        )
 
 
 def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settings: Settings) -> JobDir:

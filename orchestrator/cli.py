@@ -19,14 +19,15 @@ import zmq
 
 from config.settings import ConfigError, Settings, load_settings
 from orchestrator import client_commands
-from orchestrator.batch import BatchError, run_batch, write_summary
+from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
 from orchestrator.client_commands import fail
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.models import resolve_model
 from orchestrator.pipeline import JobFailed, JobHooks, run_job
 from orchestrator.progress import ProgressView
-from orchestrator.runner import WorkerLink
+from orchestrator.runner import StageOutcome, WorkerLink
+from orchestrator.stage_major import run_stage_major
 from protocol.errors import ExitCode, Failure, ModelNotFound
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.models import TINY_REPO_ID
@@ -318,18 +319,24 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
 
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """`ltx2 batch`: every clip through the embedded orchestrator, one fork server for all."""
+    """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, one fork server."""
     view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
     link = WorkerLink(context, fork_server=settings.fork_server)
+
+    def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobFailed]:
+        labels = {job.id: key for key, job in jobs.items()}
+
+        def hooks_for(job: JobDir) -> JobHooks:
+            def on_attempt(stage: Stage, _attempt: int, _plan: dict[str, Any], outcome: StageOutcome) -> None:
+                stage_ended(job, stage, outcome)
+
+            return JobHooks(listener=view.labelled(labels[job.id]), on_attempt=on_attempt)
+
+        return run_stage_major(list(jobs.values()), settings, link, hooks_for)
+
     try:
-        rows = run_batch(
-            args.file.expanduser(),
-            settings,
-            lambda job: run_job(job, settings, link, JobHooks(listener=view)),
-            notice,
-            prepare_prompts,
-        )
+        rows = run_batch(args.file.expanduser(), settings, render, notice, prepare_prompts)
     finally:
         view.close()
         link.close()

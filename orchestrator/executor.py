@@ -2,7 +2,10 @@
 
 A GPU runs one clip at a time, so one thread suffices. It claims the oldest queued job in the
 store, runs it (orchestrator.pipeline.run_job: stage processes, retries by the policy) and
-records the end state. It owns its own sqlite connection and worker socket; the daemon's main
+records the end state. When the jobs queued right behind it use the same model (and dtype), it
+claims those too, up to `[worker] group_size`, and runs them stage-major
+(orchestrator.stage_major): each stage's models load once for the group. Jobs are never taken
+out of submission order for this. It owns its own sqlite connection and worker socket; the daemon's main
 thread talks to it only through the store (cancel requests) and the progress board.
 """
 
@@ -23,6 +26,7 @@ from orchestrator.jobdir import JobDir
 from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, next_attempt, run_job
 from orchestrator.policy import describe_plan
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
+from orchestrator.stage_major import run_stage_major
 from orchestrator.states import JobState
 from orchestrator.store import JobStore
 from protocol import codec, stages
@@ -93,7 +97,11 @@ class Executor(threading.Thread):
                 if row is None:
                     self.stop.wait(IDLE_POLL_S)
                     continue
-                self.run_one(store, link, row)
+                group = [row, *self.claim_followers(store, row)]
+                if len(group) == 1:
+                    self.run_one(store, link, row)
+                else:
+                    self.run_group(store, link, group)
         finally:
             if self.next_worker is not None:
                 discard_worker(self.next_worker[1], link, self.next_worker[0])
@@ -122,6 +130,48 @@ class Executor(threading.Thread):
             log.exception("job %s: orchestration error", job_id)
             store.transition(job_id, JobState.FAILED, error=f"orchestration error: {exc}", worker_pid=0)
         finally:
+            self.board.clear(job_id)
+
+    def claim_followers(self, store: JobStore, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Claim the queued jobs right behind `row` that use the same model, for a stage-major group."""
+        try:
+            key = model_key(JobDir.load(Path(row["job_dir"])))
+        except (OSError, ValueError):
+            return []
+        followers: list[dict[str, Any]] = []
+        while len(followers) + 1 < self.settings.group_size and (following := store.peek_next()) is not None:
+            try:
+                same = model_key(JobDir.load(Path(following["job_dir"]))) == key
+            except (OSError, ValueError):
+                same = False
+            claimed = store.claim_next(following["id"]) if same else None
+            if claimed is None:
+                break
+            followers.append(claimed)
+        return followers
+
+    def run_group(self, store: JobStore, link: WorkerLink, rows: list[dict[str, Any]]) -> None:
+        """Run several claimed jobs stage-major and record each one's end state."""
+        if self.next_worker is not None:  # prestarted for a single job; the group starts its own
+            discard_worker(self.next_worker[1], link, self.next_worker[0])
+            self.next_worker = None
+        ids = [row["id"] for row in rows]
+        log.info("jobs %s: running as one stage-major group", ", ".join(ids))
+        hooks = {job_id: self.hooks(store, link, job_id) for job_id in ids}
+        try:
+            jobs = [JobDir.load(Path(row["job_dir"])) for row in rows]
+            results = run_stage_major(jobs, self.settings, link, lambda job: hooks[job.id])
+        except Exception as exc:  # a group must never take the executor down with it
+            log.exception("jobs %s: orchestration error", ", ".join(ids))
+            for job_id in ids:
+                store.transition(job_id, JobState.FAILED, error=f"orchestration error: {exc}", worker_pid=0)
+            results = {}
+        for job_id, result in results.items():
+            if isinstance(result, JobFailed):
+                self.record_failure(store, job_id, result)
+            else:
+                store.transition(job_id, JobState.DONE, output=str(result), worker_pid=0)
+                log.info("job %s: done -> %s", job_id, result)
             self.board.clear(job_id)
 
     def prestart_next_job(self, store: JobStore, link: WorkerLink) -> None:
@@ -173,6 +223,11 @@ class Executor(threading.Thread):
         else:
             store.transition(job_id, JobState.FAILED, error=str(exc), worker_pid=0)
             log.info("job %s: failed: %s", job_id, exc)
+
+
+def model_key(job: JobDir) -> tuple[str, str, str]:
+    """Jobs with equal keys load the same weights: they may share stage processes."""
+    return (job.record["model_path"], job.record.get("revision", ""), job.spec.dtype)
 
 
 def recover_interrupted(store: JobStore) -> list[str]:

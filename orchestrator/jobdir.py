@@ -114,25 +114,30 @@ class JobDir:
             return False
         return all(matches_fingerprint(self.path / name, recorded[name]) for name in stage.outputs)
 
-    def remove_partial_files(self) -> list[str]:
-        """Delete temp files a killed worker left behind (only one worker per job runs at a time)."""
-        removed = []
+    def clean_partial_files(self) -> None:
+        """Delete temp files a killed worker left behind (call only while no worker of the job runs)."""
         for partial in self.path.glob(".*.tmp-*"):
             partial.unlink(missing_ok=True)
-            removed.append(partial.name)
-        return removed
+            self.log_event("partial_file_removed", name=partial.name)
 
-    def start_attempt(self, stage: Stage, plan: dict[str, Any]) -> int:
-        """Record a new attempt as running; returns its number (1-based)."""
-        for name in self.remove_partial_files():
-            self.log_event("partial_file_removed", name=name)
+    def start_attempt(self, stage: Stage, plan: dict[str, Any], clean: bool = True, **details: Any) -> int:
+        """Record a new attempt as running; returns its number (1-based). `details` (e.g. the
+        group a stage-major attempt ran in) are kept in the attempt's record.
+
+        With `clean`, temp files of a killed earlier worker are removed first; a group's later
+        members pass False because their worker is already running (it cleans up front instead).
+        """
+        if clean:
+            self.clean_partial_files()
         record = self.stage_record(stage)
         attempt = len(record["attempts"]) + 1
-        record["attempts"].append({"attempt": attempt, "plan": plan, "started": utc_now(), "result": "running"})
+        record["attempts"].append(
+            {"attempt": attempt, "plan": plan, "started": utc_now(), "result": "running", **details}
+        )
         record["status"] = "running"
         self.record["status"] = "running"
         self.save()
-        self.log_event("stage_started", stage=stage.value, attempt=attempt, plan=plan)
+        self.log_event("stage_started", stage=stage.value, attempt=attempt, plan=plan, **details)
         return attempt
 
     def finish_attempt(self, stage: Stage, result: str, **details: Any) -> None:

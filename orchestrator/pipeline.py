@@ -93,13 +93,7 @@ def run_job(
     stage's worker is already started (imports done, waiting for GO), so its start-up overlaps;
     `prestarted` is such a worker for this job's first stage, started during the previous job.
     """
-    first = next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
-    for stage in STAGE_ORDER[:first]:
-        job.mark_skipped(stage)
-        hooks.listener(StageEvent(stage.value, "skipped"))
-    pending = STAGE_ORDER[first:]
-    for stage in pending:
-        job.invalidate(stage)
+    pending = pending_stages(job, hooks)
     try:
         for index, stage in enumerate(pending):
             following = pending[index + 1] if index + 1 < len(pending) else None
@@ -108,6 +102,31 @@ def run_job(
             prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
     finally:
         discard_worker(prestarted, link, job.id)
+    return finish_job(job, settings, hooks, target)
+
+
+def pending_stages(job: JobDir, hooks: JobHooks) -> list[Stage]:
+    """The stages left to run: from the first one whose outputs fail to verify to the end.
+
+    Stages before it are reported as skipped; it and every later stage are invalidated, since
+    later outputs derive from earlier ones.
+    """
+    first = first_unfinished(job)
+    for stage in STAGE_ORDER[:first]:
+        job.mark_skipped(stage)
+        hooks.listener(StageEvent(stage.value, "skipped"))
+    for stage in STAGE_ORDER[first:]:
+        job.invalidate(stage)
+    return list(STAGE_ORDER[first:])
+
+
+def first_unfinished(job: JobDir) -> int:
+    """Index in STAGE_ORDER of the job's first stage whose outputs do not verify (len if none)."""
+    return next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
+
+
+def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
+    """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path."""
     output = publish_outputs(job, settings.output_dir, target)
     job.finish("done", output=str(output))
     if job.spec.drop_caches and (warning := drop_page_cache()):

@@ -1,8 +1,13 @@
-"""Render stage events as tqdm bars: stage and phase, step i/n, elapsed, ETA and memory in use."""
+"""Render stage events as tqdm bars: stage and phase, step i/n, elapsed, ETA and memory in use.
+
+In a batch several jobs share the view; `labelled(name)` gives a listener that prefixes one
+job's lines and bars with its name.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from tqdm import tqdm
@@ -20,11 +25,12 @@ class ProgressView:
         self.stream = stream
         self.enabled = enabled
         self.bar: tqdm | None = None
-        self.bar_key: tuple[str, str] | None = None
+        self.bar_key: tuple[str, str, str] | None = None
 
-    def __call__(self, event: codec.Message | StageEvent) -> None:
+    def __call__(self, event: codec.Message | StageEvent, label: str = "") -> None:
+        prefix = f"{label} " if label else ""
         if isinstance(event, StageEvent) and event.kind == "warning":
-            self._line(f"ltx2: {event.detail}")  # warnings show even with --quiet
+            self._line(f"ltx2: {prefix}{event.detail}")  # warnings show even with --quiet
             return
         if not self.enabled:
             return
@@ -32,23 +38,27 @@ class ProgressView:
             self._close_bar()
             detail = f" ({event.detail})" if event.detail else ""
             attempt = f" attempt {event.attempt}" if event.attempt > 1 else ""
-            self._line(f"{event.stage}: {event.kind}{attempt}{detail}")
-        elif isinstance(event, stages.Progress):
-            self._progress(event)
+            self._line(f"{prefix}{event.stage}: {event.kind}{attempt}{detail}")
+        elif isinstance(event, stages.Progress) and event.phase != stages.JOB_STARTED_PHASE:
+            self._progress(event, prefix)
         elif isinstance(event, stages.Heartbeat) and self.bar is not None:
             self.bar.set_postfix_str(memory_text(event.gpu_bytes, event.rss_bytes), refresh=True)
 
-    def _progress(self, event: stages.Progress) -> None:
-        key = (event.stage, event.phase)
+    def labelled(self, label: str) -> Callable[[codec.Message | StageEvent], None]:
+        """A listener for one job of several: its lines and bars start with `label`."""
+        return lambda event: self(event, label)
+
+    def _progress(self, event: stages.Progress, prefix: str = "") -> None:
+        key = (event.id, event.stage, event.phase)
         if event.total <= 0:
             self._close_bar()
-            self._line(f"{event.stage}: {event.phase}")
+            self._line(f"{prefix}{event.stage}: {event.phase}")
             return
         if key != self.bar_key:
             self._close_bar()
             self.bar = tqdm(
                 total=event.total,
-                desc=f"{event.stage}: {event.phase}",
+                desc=f"{prefix}{event.stage}: {event.phase}",
                 file=self.stream,
                 unit="step",
                 dynamic_ncols=True,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -67,18 +67,22 @@ class WorkerLink:
         # Messages of workers nobody is following yet (a prestarted worker's READY).
         self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}
 
-    def receive_for(self, job_id: str, stage: str, timeout_ms: int) -> tuple[bytes, codec.Message] | None:
-        """The next message of one (job, stage) worker; others' messages are kept for later."""
-        key = (job_id, stage)
-        if self.waiting.get(key):
-            return self.waiting[key].popleft()
+    def receive_for(
+        self, job_ids: str | Collection[str], stage: str, timeout_ms: int
+    ) -> tuple[bytes, codec.Message] | None:
+        """The next message of the worker running `stage` for `job_ids` (one job, or a group's);
+        others' messages are kept for later."""
+        keys = {(job_id, stage) for job_id in ([job_ids] if isinstance(job_ids, str) else job_ids)}
+        for key in keys:
+            if self.waiting.get(key):
+                return self.waiting[key].popleft()
         deadline = time.monotonic() + timeout_ms / 1000
         while (remaining := deadline - time.monotonic()) > 0:
             received = self._receive(int(remaining * 1000))
             if received is None:
                 continue
             sender = (received[1].id, str(getattr(received[1], "stage", "")))
-            if sender == key:
+            if sender in keys:
                 return received
             self.waiting.setdefault(sender, collections.deque(maxlen=WAITING_LIMIT)).append(received)
         return None
@@ -139,11 +143,11 @@ class StageSettings:
 
 
 def worker_args(
-    job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
+    jobs: list[JobDir], stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
 ) -> list[str]:
-    """The arguments of one worker (after `python -m services.<stage>`)."""
+    """The arguments of one worker (after `python -m services.<stage>`); several jobs make a group."""
     return [
-        "--job-dir", str(job.path),
+        *(arg for job in jobs for arg in ("--job-dir", str(job.path))),
         "--endpoint", endpoint,
         "--attempt", str(attempt),
         "--plan", json.dumps(plan),
@@ -166,14 +170,24 @@ class SpawnedWorker:
 
 
 def spawn_worker(
-    job: JobDir, stage: Stage, attempt: int, plan: dict[str, Any], link: WorkerLink, heartbeat_s: float
+    job: JobDir | list[JobDir],
+    stage: Stage,
+    attempt: int,
+    plan: dict[str, Any],
+    link: WorkerLink,
+    heartbeat_s: float,
 ) -> SpawnedWorker:
-    """Start a worker; it says READY and waits for GO before it touches the GPU (DESIGN.md rule 5)."""
-    args = worker_args(job, stage, attempt, plan, link.endpoint, heartbeat_s)
+    """Start a worker; it says READY and waits for GO before it touches the GPU (DESIGN.md rule 5).
+
+    Given a list of jobs it is a group worker (stage-major); its log is the first job's.
+    """
+    jobs = job if isinstance(job, list) else [job]
+    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
+    log_path = jobs[0].log_path(stage, attempt)
     if link.fork_server is not None:
-        process = link.fork_server.spawn(stage.value, args, job.log_path(stage, attempt))
+        process = link.fork_server.spawn(stage.value, args, log_path)
         return SpawnedWorker(process, stage, attempt, plan)
-    with job.log_path(stage, attempt).open("ab") as log_file:
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", stage.module, *args],
             stdout=log_file,

@@ -103,13 +103,19 @@ class JobStore:
             self.db.execute("ROLLBACK")
             raise
 
-    def claim_next(self) -> dict[str, Any] | None:
-        """Atomically take the oldest queued job and mark it running."""
+    def claim_next(self, job_id: str | None = None) -> dict[str, Any] | None:
+        """Atomically take the oldest queued job (or `job_id`, if it is still queued) and mark it
+        running; None when there is none."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            row = self.db.execute(
-                "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.QUEUED.value,)
-            ).fetchone()
+            if job_id is None:
+                row = self.db.execute(
+                    "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.QUEUED.value,)
+                ).fetchone()
+            else:
+                row = self.db.execute(
+                    "SELECT * FROM jobs WHERE state = ? AND id = ?", (JobState.QUEUED.value, job_id)
+                ).fetchone()
             if row is not None:
                 self.db.execute(
                     "UPDATE jobs SET state = ?, updated = ?, cancel_requested = 0 WHERE id = ?",

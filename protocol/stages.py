@@ -4,6 +4,10 @@ A worker connects a DEALER socket to the endpoint it was given, says `ready` onc
 done, and waits for `go` before it touches the accelerator or loads a weight (DESIGN.md rule 5).
 While it works it sends `progress` at each phase and step and a `heartbeat` on a timer; it ends
 with `done` or `failed` and then exits with the matching code (protocol.errors.ExitCode).
+
+A worker started for a group of jobs (stage-major scheduling) says `ready` with the first job's
+id, then opens each job with a `progress` of phase JOB_STARTED_PHASE (step = the job's position,
+total = the group's size) and ends each with its own `done` or `failed`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 
 from protocol.codec import Message, register
+
+#: The progress phase that opens each job of a group worker.
+JOB_STARTED_PHASE = "job started"
 
 
 @register

@@ -2,7 +2,7 @@
 
 Loads only the audio VAE and the vocoder (a few hundred MB at full size) and mirrors the decode
 branch of diffusers' LTX2Pipeline (0.42.1): `audio_vae.decode` on the denormalized latents, then
-the vocoder on the mel spectrogram.
+the vocoder on the mel spectrogram. A group process (stage-major) loads them once for all its jobs.
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def run(ctx: WorkerContext) -> list[str]:
     latents = tensors["audio"]
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise InvalidInput(f"audio latents must be [1, C, L, M], got {list(latents.shape)}")
-    ctx.progress("load audio decoder")
-    audio_vae, vocoder = models.load_audio_decoder(ctx.model_root, dtype, device)
+    if "audio_decoder" not in ctx.shared:
+        ctx.progress("load audio decoder")
+        ctx.shared["audio_decoder"] = models.load_audio_decoder(ctx.model_root, dtype, device)
+    audio_vae, vocoder = ctx.shared["audio_decoder"]
     ctx.progress("decode audio", 0, 1)
     with torch.no_grad():
         mel = audio_vae.decode(latents.to(device, audio_vae.dtype), return_dict=False)[0]

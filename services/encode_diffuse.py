@@ -5,11 +5,16 @@ size) would otherwise make a round trip through disk; the text encoder is droppe
 transformer is loaded, so the two never share memory. The denoising itself is diffusers'
 LTX2Pipeline (0.42.1) called with `output_type="latent"`, which is what makes the staged result
 equal the single-process one (DESIGN.md rule 6).
+
+For a group of jobs (stage-major scheduling, services/runtime.py) every prompt not yet in the
+embedding cache is encoded first with one text-encoder load, then the transformer is loaded,
+LoRA-fused and placed once and denoises each job in turn.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,14 +32,42 @@ from services.loras import fuse_loras
 from services.runtime import WorkerContext, run_worker
 
 
-def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Prompt embeddings from the on-disk cache, else from the text encoder (then cached)."""
-    if not ctx.job.get("embeddings_dir"):  # a job made before the cache existed
-        ctx.progress("load text encoder")
-        return encode_prompts(ctx.model_root, dtype, device, [ctx.spec])[0]
-    path = embedding_cache.cache_path(
+def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> Path | None:
+    """Where the job's prompt embeddings are cached (None for a job made before the cache existed)."""
+    if not ctx.job.get("embeddings_dir"):
+        return None
+    return embedding_cache.cache_path(
         Path(ctx.job["embeddings_dir"]), ctx.model_root, ctx.job.get("revision", ""), ctx.spec, dtype, device
     )
+
+
+def encode_group_prompts(contexts: list[WorkerContext]) -> None:
+    """Before a group's first job: encode every prompt missing from the cache with one encoder load,
+    so the text encoder never shares the process's memory with the transformer."""
+    device = models.resolve_device()
+    missing: dict[Path, WorkerContext] = {}
+    for ctx in contexts:
+        if ctx.spec is None:
+            continue
+        path = embeddings_path(ctx, device, models.resolve_dtype(ctx.spec.dtype, device))
+        if path is not None and not path.is_file():
+            missing.setdefault(path, ctx)
+    if not missing:
+        return
+    first = next(iter(missing.values()))
+    first.progress(f"load text encoder for {len(missing)} prompt(s)")
+    dtype = models.resolve_dtype(first.spec.dtype, device)
+    specs = [ctx.spec for ctx in missing.values()]
+    for path, embeddings in zip(missing, encode_prompts(first.model_root, dtype, device, specs), strict=True):
+        embedding_cache.store(path, embeddings)
+
+
+def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Prompt embeddings from the on-disk cache, else from the text encoder (then cached)."""
+    path = embeddings_path(ctx, device, dtype)
+    if path is None:
+        ctx.progress("load text encoder")
+        return encode_prompts(ctx.model_root, dtype, device, [ctx.spec])[0]
     cached = embedding_cache.load(path, device)
     if cached is not None:
         ctx.progress("prompt embeddings from cache")
@@ -85,35 +118,23 @@ def release_text_encoder(pipeline: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Run the denoising loop; returns the latents and the number of transformer calls."""
+def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The placed, LoRA-fused denoiser components, loaded once per process and kept in
+    `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
+    dtype, LoRAs and plan are equal; anything else replaces them)."""
+    key = json.dumps([str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan], sort_keys=True)
+    kept = ctx.shared.get("denoiser")
+    if kept is not None and kept["key"] == key:
+        return kept
+    ctx.shared.pop("denoiser", None)  # another configuration: let the old weights go first
     ctx.progress("load transformer")
     connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
-    scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, scheduler)
-    image_inputs: dict[str, Any] = {}
-    pipeline_cls: type = LTX2Pipeline
-    if ctx.spec.image is not None:
-        # Image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
-        ctx.progress("load video VAE for the conditioning image")
-        video_stats = models.load_video_vae(ctx.model_root, dtype, device)
-        image_inputs["image"] = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, ctx.spec.width, ctx.spec.height)
-        pipeline_cls = LTX2ImageToVideoPipeline
-    pipe = pipeline_cls(
-        scheduler=scheduler,
-        vae=video_stats,
-        audio_vae=audio_stats,
-        text_encoder=None,
-        tokenizer=None,
-        connectors=connectors,
-        transformer=transformer,
-        vocoder=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
     if ctx.job.get("loras"):
         ctx.progress("fuse LoRAs")
-        fuse_loras(pipe, ctx.job["loras"])
+        base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
+        fuse_loras(base, ctx.job["loras"])
     models.apply_memory_plan(
         transformer,
         dtype,
@@ -121,8 +142,55 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         fp8=ctx.plan.get("weights") == "fp8",
         sequential_offload=ctx.plan.get("offload") == "sequential",
     )
+    kept = {
+        "key": key,
+        "connectors": connectors,
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "video_stats": video_stats,
+        "audio_stats": audio_stats,
+    }
+    ctx.shared["denoiser"] = kept
+    return kept
+
+
+def pipeline(cls: type, scheduler: Any, vae: Any, audio_vae: Any, connectors: Any, transformer: Any) -> Any:
+    """A diffusers pipeline around already-loaded components (no text encoder, no vocoder)."""
+    pipe = cls(
+        scheduler=scheduler,
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Run the denoising loop; returns the latents and the number of transformer calls."""
+    parts = loaded_denoiser(ctx, device, dtype)
+    # A fresh scheduler per job: set_timesteps mutates it, and a group reuses the loaded one.
+    fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
+    scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, fresh)
+    image_inputs: dict[str, Any] = {}
+    pipeline_cls: type = LTX2Pipeline
+    video_stats = parts["video_stats"]
+    if ctx.spec.image is not None:
+        # Image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
+        if "video_vae" not in ctx.shared:
+            ctx.progress("load video VAE for the conditioning image")
+            ctx.shared["video_vae"] = models.load_video_vae(ctx.model_root, dtype, device)
+        video_stats = ctx.shared["video_vae"]
+        image_inputs["image"] = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, ctx.spec.width, ctx.spec.height)
+        pipeline_cls = LTX2ImageToVideoPipeline
+    transformer = parts["transformer"]
+    pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
     calls = []
-    transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
     generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
     total = ctx.spec.steps
 
@@ -147,6 +215,7 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
             return_dict=False,
             callback_on_step_end=on_step_end,
         )
+    counter.remove()
     return {"video": video, "audio": audio, "calls": len(calls)}
 
 
@@ -196,7 +265,7 @@ def run(ctx: WorkerContext) -> list[str]:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `python -m services.encode_diffuse` and of the fork server's children."""
-    run_worker(Stage.ENCODE_DIFFUSE, run, argv)
+    run_worker(Stage.ENCODE_DIFFUSE, run, argv, prepare=encode_group_prompts)
 
 
 if __name__ == "__main__":

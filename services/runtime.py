@@ -5,6 +5,12 @@ With an endpoint it connects a DEALER socket, says READY and waits for GO before
 anything heavy (DESIGN.md rule 5). Without one it runs at once and logs progress to stderr, which
 is handy for running a stage by hand. Errors are caught once, here, and turned into the exit
 codes of protocol.errors.
+
+`--job-dir` may be repeated: the worker then runs the stage for a *group* of jobs in one process
+(stage-major scheduling), so each model is loaded once for the group; stage functions keep what
+they loaded in `WorkerContext.shared`. Each job gets its own Done or Failed message. A job whose
+input is invalid fails alone and the group goes on; any other error ends the process, and the
+orchestrator runs the jobs this process did not finish one by one.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class WorkerContext:
     plan: dict[str, Any]
     attempt: int
     reporter: Reporter
+    #: models loaded by an earlier job of the same group process, reused by the next (by name)
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def model_root(self) -> Path:
@@ -121,7 +129,13 @@ def peak_memory() -> tuple[int, int]:
 
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.")
-    parser.add_argument("--job-dir", type=Path, required=True, help="job directory holding job.json")
+    parser.add_argument(
+        "--job-dir",
+        type=Path,
+        action="append",
+        required=True,
+        help="job directory holding job.json; repeat it to run the stage for a group of jobs in one process",
+    )
     parser.add_argument("--endpoint", default="", help="orchestrator ZeroMQ endpoint (omit to run standalone)")
     parser.add_argument("--attempt", type=int, default=1, help="attempt number, for reports")
     parser.add_argument("--plan", default="{}", help="JSON object: the memory plan for this attempt")
@@ -129,35 +143,43 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_worker(stage: Stage, work: Callable[[WorkerContext], list[str]], argv: list[str] | None = None) -> NoReturn:
-    """Run one stage function as a process and exit with its code; never returns."""
+Work = Callable[[WorkerContext], list[str]]
+#: Runs once after GO with every job of the process, before the first job's `work` (e.g. to
+#: encode all prompts of a group with one text-encoder load before the transformer loads).
+Prepare = Callable[[list[WorkerContext]], None]
+
+
+def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare: Prepare | None = None) -> NoReturn:
+    """Run a stage function for one job (or a group of jobs) as a process and exit with its code."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(stage, argv)
     started = time.monotonic()
     context = zmq.Context()
     socket = None
-    job_id = ""
+    reporter = Reporter(stage, "", None)
     code = ExitCode.OTHER
     try:
-        spec, job = read_job(args.job_dir)
-        job_id = str(job["id"])
+        spec, job = read_job(args.job_dir[0])
+        reporter.job_id = str(job["id"])
         if args.endpoint:
             socket = connect(context, args.endpoint)
-        reporter = Reporter(stage, job_id, socket)
+            reporter.socket = socket
         if socket is not None:
             wait_for_go(reporter, socket, args.attempt)
         reporter.start_heartbeat(args.heartbeat_s)
         faults.inject_at_start(stage.value, args.attempt, os.environ)
-        ctx = WorkerContext(stage, args.job_dir, spec, job, json.loads(args.plan), args.attempt, reporter)
-        outputs = work(ctx)
-        gpu, rss = peak_memory()
-        reporter.send(stages.Done(job_id, stage.value, outputs, time.monotonic() - started, gpu, rss))
+        plan, shared = json.loads(args.plan), {}
+        first = WorkerContext(stage, args.job_dir[0], spec, job, plan, args.attempt, reporter, shared)
+        contexts = [first] + [group_member(stage, path, plan, reporter, shared) for path in args.job_dir[1:]]
+        if prepare is not None and len(contexts) > 1:
+            prepare(contexts)
+        for index, ctx in enumerate(contexts, start=1):
+            run_one_job(ctx, work, started if ctx is first else time.monotonic(), index, len(contexts))
         code = ExitCode.OK
     except BaseException as exc:  # the process edge: every failure becomes an exit code
         code = exit_code_for(exc)
         traceback.print_exc()
-        if socket is not None:
-            Reporter(stage, job_id, socket).send(stages.Failed(job_id, stage.value, int(code), summarize(exc)))
+        reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc)))
     finally:
         if socket is not None:
             socket.close(linger=LINGER_MS)
@@ -165,6 +187,45 @@ def run_worker(stage: Stage, work: Callable[[WorkerContext], list[str]], argv: l
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code))  # skip interpreter teardown: the OS frees the memory faster than Python
+
+
+def group_member(stage: Stage, job_dir: Path, plan: dict[str, Any], reporter: Reporter, shared: dict) -> WorkerContext:
+    """The context of a later job of a group; an unreadable job.json fails when its turn comes."""
+    try:
+        spec, job = read_job(job_dir)
+    except InvalidInput:
+        spec, job = None, {"id": job_dir.name}
+    return WorkerContext(stage, job_dir, spec, job, plan, 1, reporter, shared)  # type: ignore[arg-type]
+
+
+def run_one_job(ctx: WorkerContext, work: Work, started: float, index: int, count: int) -> None:
+    """Job `index` of `count` in this process: Done with its outputs, or Failed if its own input is
+    invalid (the group goes on); any other error propagates and ends the process."""
+    reporter = ctx.reporter
+    reporter.job_id = str(ctx.job["id"])
+    grouped = count > 1
+    if grouped:
+        ctx.progress(stages.JOB_STARTED_PHASE, index, count)
+        reset_peak_memory()
+    try:
+        if ctx.spec is None:
+            read_job(ctx.job_dir)  # raises the InvalidInput that explains it
+        outputs = work(ctx)
+    except InvalidInput as exc:
+        if not grouped:
+            raise
+        traceback.print_exc()
+        reporter.send(stages.Failed(reporter.job_id, ctx.stage.value, int(exc.exit_code), summarize(exc)))
+        return
+    gpu, rss = peak_memory()
+    reporter.send(stages.Done(reporter.job_id, ctx.stage.value, outputs, time.monotonic() - started, gpu, rss))
+
+
+def reset_peak_memory() -> None:
+    """Start a new accelerator peak for the next job of a group (host RSS peaks are per process)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def read_job(job_dir: Path) -> tuple[JobSpec, dict[str, Any]]:

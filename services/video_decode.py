@@ -4,6 +4,7 @@ Loads only the video VAE. The decode plan (protocol.plans.DecodePlan, chosen by 
 says whether to tile spatially and whether to decode in temporal pieces; either way frames go to
 the encoder as soon as they are final, as uint8, so no float copy of the whole clip is ever made
 on the host. The file is published only when it holds exactly the requested number of frames.
+A group process (stage-major) loads the VAE once and decodes each of its jobs with it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FRAMES_PER_WRITE = 8
 def configure_vae(vae: Any, plan: DecodePlan) -> None:
     """Apply the plan's spatial tiling; temporal pieces are cut here, not by diffusers."""
     vae.use_framewise_decoding = False
+    vae.use_tiling = False  # a VAE kept from an earlier job of a group may have been tiled
     if plan.tiling:
         stride = plan.tile_size - plan.tile_overlap
         vae.enable_tiling(
@@ -89,8 +91,10 @@ def run(ctx: WorkerContext) -> list[str]:
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
     waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
-    ctx.progress("load video VAE")
-    vae = models.load_video_vae(ctx.model_root, dtype, device)
+    if "video_vae" not in ctx.shared:
+        ctx.progress("load video VAE")
+        ctx.shared["video_vae"] = models.load_video_vae(ctx.model_root, dtype, device)
+    vae = ctx.shared["video_vae"]
     configure_vae(vae, plan)
     expected = ctx.spec.num_frames
     if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:

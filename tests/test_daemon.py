@@ -124,3 +124,22 @@ def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(daemon_
     assert "video_decode attempt 1 [single pass]: cuda_oom" in status
     assert "video_decode attempt 2 [spatial tiling]: ok" in status
     assert probe_mp4(Path(job["output"]))["frames"] == 17
+
+
+def test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group(daemon_env: dict, tmp_path: Path):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with Supervised(tmp_path, env) as supervised:
+        first = submit(env)
+        marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid")
+        # While the first job runs, two more queue up behind it; the executor then claims both.
+        queued = [submit(env, "--seed", "12"), submit(env, "--seed", "13", "--name", "third")]
+        os.kill(int(marker.read_text()), signal.SIGKILL)
+        done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in (first, *queued)]
+    assert [job["state"] for job in done] == ["done"] * 3, [job["error"] for job in done]
+    for job in done[1:]:
+        record = json.loads((Path(job["job_dir"]) / "job.json").read_text())
+        for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+            assert [(a["result"], a["group"]) for a in record["stages"][stage]["attempts"]] == [("ok", queued)]
+        assert probe_mp4(Path(job["output"]))["frames"] == 17
+    first_record = json.loads((Path(done[0]["job_dir"]) / "job.json").read_text())
+    assert all("group" not in a for a in first_record["stages"]["encode_diffuse"]["attempts"])

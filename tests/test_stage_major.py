@@ -1,0 +1,160 @@
+"""Stage-major batches: one worker process per stage for a group of clips, each model loaded once,
+results equal to clips rendered one by one, and a crash inside a group costs only the crashed clip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from supervised import wait_for_file
+from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
+
+from config.settings import load_settings
+from orchestrator.jobdir import JobDir
+from orchestrator.models import ResolvedModel
+from orchestrator.stage_major import form_groups
+from protocol.files import LATENTS_FILE, Stage
+from protocol.spec import JobSpec
+from services.latents import read_latents
+
+TINY = "ltx2-stages/tiny-random-ltx2"
+TINY_FLAGS = ["--width", "64", "--height", "64", "--num-frames", "9"]
+
+
+def write_batch(path: Path, clips: list[dict[str, object]]) -> Path:
+    lines = [f'[defaults]\nmodel = "{TINY}"\nwidth = 64\nheight = 64\nnum_frames = 9\n']
+    for clip in clips:
+        lines.append("[[clips]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in clip.items()))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def jobs_by_name(env: dict[str, str]) -> dict[str, JobDir]:
+    jobs = [JobDir.load(path) for path in (Path(env["LTX2_STATE_DIR"]) / "jobs").iterdir()]
+    return {job.spec.name: job for job in jobs}
+
+
+def attempts(job: JobDir, stage: Stage) -> list[tuple[str, int]]:
+    """(result, size of the group it ran in; 1 when alone) of each attempt of a stage."""
+    return [(a["result"], len(a.get("group", [job.id]))) for a in job.stage_record(stage)["attempts"]]
+
+
+def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
+    ltx2_env: dict,
+    tmp_path: Path,
+    picture: Path,  # noqa: F811
+):
+    clips = [
+        {"name": "kite", "prompt": "a red kite over dunes", "seed": 1},
+        {"name": "harbour", "prompt": "a harbour at dawn", "seed": 2, "image": str(picture)},
+        {"name": "forest", "prompt": "fog in a pine forest", "seed": 3},
+    ]
+    result = run_ltx2(["batch", str(write_batch(tmp_path / "three.toml", clips)), "--quiet"], ltx2_env)
+    assert result.returncode == 0, result.stderr
+    jobs = jobs_by_name(ltx2_env)
+    order = [jobs[name].id for name in ("kite", "harbour", "forest")]
+    for job in jobs.values():
+        for stage in Stage:
+            record = job.stage_record(stage)["attempts"]
+            assert [(a["result"], a["group"]) for a in record] == [("ok", order)], (job.spec.name, stage)
+    # One process per stage for all three clips: each model appears once in the group's log,
+    # and every member's log is that same file.
+    leader = jobs["kite"]
+    logs = {stage: leader.log_path(stage, 1) for stage in Stage}
+    diffusion_log = logs[Stage.ENCODE_DIFFUSE].read_text()
+    assert diffusion_log.count("load transformer") == 1
+    assert diffusion_log.count("load video VAE for the conditioning image") == 1
+    assert diffusion_log.count("job started") == 3
+    assert logs[Stage.AUDIO_DECODE].read_text().count("load audio decoder") == 1
+    assert logs[Stage.VIDEO_DECODE].read_text().count("load video VAE") == 1
+    for job in jobs.values():
+        for stage in Stage:
+            assert os.path.samefile(job.log_path(stage, 1), logs[stage])
+        assert probe_mp4(Path(job.record["output"]))["frames"] == 9
+    assert "(9/9 clip stages, ETA for the rest 0 s)" in result.stderr
+    # Same seed, same bits as each clip rendered on its own by `ltx2 generate` (the second and
+    # third clips ran on a transformer that had already denoised another clip).
+    alone_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone")}
+    for clip in clips[1:]:
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in clip.items()]
+        single = run_ltx2(["generate", "--model", TINY, *TINY_FLAGS, *flags, "--quiet"], alone_env)
+        assert single.returncode == 0, single.stderr
+        alone, _ = read_latents(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)
+        grouped, _ = read_latents(jobs[clip["name"]].path / LATENTS_FILE)
+        assert torch.equal(grouped["video"], alone["video"]), clip["name"]
+        assert torch.equal(grouped["audio"], alone["audio"]), clip["name"]
+
+
+def test_clip_killed_inside_a_group_reruns_alone_and_the_unreached_clips_regroup(ltx2_env: dict, tmp_path: Path):
+    clips = [{"name": f"clip{i}", "prompt": f"scene number {i}", "seed": i} for i in range(1, 5)]
+    batch = write_batch(tmp_path / "four.toml", clips)
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    # The group worker stops as it opens its second clip; we SIGKILL it there, like the OOM killer.
+    env = {**ltx2_env, "LTX2_FAULT_PAUSE": "encode_diffuse:job started:2", "LTX2_FAULT_DIR": str(faults)}
+    command = [sys.executable, "-m", "orchestrator.cli", "batch", str(batch), "--quiet"]
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        pid = int(wait_for_file(faults / "paused-encode_diffuse.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr.decode()
+    jobs = jobs_by_name(ltx2_env)
+    # clip1 finished inside the first group and was not redone; clip2 was killed there and ran
+    # alone; clip3 and clip4, never reached, formed a second group.
+    assert attempts(jobs["clip1"], Stage.ENCODE_DIFFUSE) == [("ok", 4)]
+    assert attempts(jobs["clip2"], Stage.ENCODE_DIFFUSE) == [("host_oom", 4), ("ok", 1)]
+    assert attempts(jobs["clip3"], Stage.ENCODE_DIFFUSE) == [("ok", 2)]
+    assert attempts(jobs["clip4"], Stage.ENCODE_DIFFUSE) == [("ok", 2)]
+    for job in jobs.values():
+        assert attempts(job, Stage.AUDIO_DECODE) == [("ok", 4)]
+        assert attempts(job, Stage.VIDEO_DECODE) == [("ok", 4)]
+        assert probe_mp4(Path(job.record["output"]))["frames"] == 9
+    summary = stdout.decode().splitlines()
+    assert [line.split()[2] for line in summary[1:]] == ["rendered"] * 4
+
+
+def make_job(root: Path, name: str, loras: tuple[dict, ...] = (), **fields: object) -> JobDir:
+    base = {"prompt": name, "model": TINY, "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+    spec = JobSpec.from_dict({**base, **fields})
+    return JobDir.create(root, spec, ResolvedModel(TINY, root / "model", "abc"), job_id=name, loras=loras)
+
+
+@pytest.mark.parametrize("group_size, expected", [(8, [["a", "c", "e"], ["b", "d"]]), (2, [["a", "c"], ["b", "d"]])])
+def test_groups_share_model_and_loras_keep_order_and_respect_the_size_limit(
+    tmp_path: Path, group_size: int, expected: list[list[str]]
+):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_GROUP_SIZE": str(group_size)})
+    lora = ({"source": "dolly-in", "path": "/x.safetensors", "scale": 1.0, "revision": "r"},)
+    jobs = [
+        make_job(tmp_path, "a"),
+        make_job(tmp_path, "b", loras=lora),
+        make_job(tmp_path, "c"),
+        make_job(tmp_path, "d", loras=lora),
+        make_job(tmp_path, "e"),
+        make_job(tmp_path, "f", dtype="bfloat16"),  # different weights in memory: alone
+    ]
+    groups = form_groups(jobs, Stage.ENCODE_DIFFUSE, settings)
+    assert [[job.id for job in members] for _, members in groups] == expected
+    # The decoders never see LoRAs: those clips share decoder processes.
+    decode_groups = form_groups(jobs, Stage.AUDIO_DECODE, settings)
+    assert [[job.id for job in members] for _, members in decode_groups] == (
+        [["a", "b", "c", "d", "e"]] if group_size == 8 else [["a", "b"], ["c", "d"]]
+    )
+
+
+def test_group_size_one_turns_stage_major_off(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_GROUP_SIZE": "1"})
+    jobs = [make_job(tmp_path, name) for name in "abc"]
+    assert form_groups(jobs, Stage.VIDEO_DECODE, settings) == []
+    with pytest.raises(ValueError, match="group_size must be a whole number >= 1"):
+        load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_GROUP_SIZE": "0"})
