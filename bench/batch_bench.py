@@ -106,7 +106,12 @@ def summarize(state: Path) -> dict[str, Any]:
             },
         }
     for stage in ("encode_diffuse", "audio_decode", "video_decode"):
-        logs = sorted({p.resolve() for job_dir in jobs for p in (job_dir / "logs").glob(f"{stage}-*.log")})
+        # Members of a group share the group's log through hard links: one file per process.
+        by_inode = {}
+        for job_dir in jobs:
+            for path in sorted((job_dir / "logs").glob(f"{stage}-*.log")):
+                by_inode.setdefault((path.stat().st_dev, path.stat().st_ino), path)
+        logs = sorted(by_inode.values())
         entry: dict[str, Any] = {"processes": len(logs), "loads": {}, "per_job": []}
         for path in logs:
             rows = gb.parse_worker_log(path)
@@ -141,6 +146,8 @@ def run_cli(name: str, command: list[str], env: dict[str, str], timeout_s: float
             timed_out = True
     ended = time.time()
     gb.log(f"{name}: rc {process.returncode} in {ended - started:.1f} s")
+    if process.returncode != 0:
+        sys.stdout.write(log_path.read_text(errors="replace")[-4000:] + "\n")
     return {"returncode": process.returncode, "timed_out": timed_out, "t0": started, "t1": ended, "stdout": stdout}
 
 
@@ -163,7 +170,9 @@ def psnr(first: Path, second: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench-out"))
-    parser.add_argument("--work", default="/tmp/bench-work")
+    # Job folders, MP4s and the compile cache live in RAM: the model folder fills the lent machine's disk.
+    shm = Path("/dev/shm")
+    parser.add_argument("--work", default=str(shm / "ltx2-bench-work") if shm.is_dir() else "/tmp/bench-work")
     parser.add_argument("--root", default="auto")
     parser.add_argument("--scale", choices=["full", "smoke", "tiny"], default="full")
     parser.add_argument("--small", default="768x512x121")
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
             "LTX2_OUTPUT_DIR": str(outputs),
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
-            "TORCHINDUCTOR_CACHE_DIR": str(cache),
+            "LTX2_COMPILE_CACHE_DIR": str(cache),
         }
         cli = [sys.executable, "-m", "orchestrator.cli"]
         if name.startswith("batch"):

@@ -3,9 +3,11 @@
 #
 # The machine has torch, transformers, accelerate, peft, safetensors, msgpack and numpy, but no
 # diffusers, PyAV or pyzmq and no network: those travel as wheels in .whl/ (ignored by git, named
-# in the call's `carry`) and are installed into /tmp/site. Extra arguments go to `gpu_bench.py all`.
+# in the call's `carry`) and are installed into /tmp/site. Extra arguments go to `gpu_bench.py all`,
+# or, after a first argument `batch`, to bench/batch_bench.py (version 3: stage-major batches, compile).
 #
 #   bash bench/run_on_device.sh [--plan v1|fork] [--phases ...] [--sequence ...]
+#   bash bench/run_on_device.sh batch [--sequence batch,batch_compile,...]
 set -uo pipefail
 started=$(date +%s)
 cd "$(dirname "$0")/.."
@@ -19,4 +21,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD"
 # The whole command must end inside the call's 600 s: budget what is left, minus a margin.
 budget=$((575 - ($(date +%s) - started)))
-python3 bench/gpu_bench.py all --out "$OUT" --budget-s "$budget" --host-ram-gib 128 "$@" 2>&1 | tee "$OUT/bench.log"
+if [ "${1:-}" = batch ]; then
+    shift
+    python3 bench/batch_bench.py --out "$OUT" --budget-s "$budget" --host-ram-gib 128 "$@" 2>&1 | tee "$OUT/bench.log"
+else
+    python3 bench/gpu_bench.py all --out "$OUT" --budget-s "$budget" --host-ram-gib 128 "$@" 2>&1 | tee "$OUT/bench.log"
+fi

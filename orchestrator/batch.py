@@ -29,6 +29,7 @@ from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
 from orchestrator.pipeline import JobFailed, first_unfinished
 from orchestrator.runner import StageOutcome
+from orchestrator.stage_major import diffusion_processes
 from protocol.files import STAGE_ORDER, Stage, publish, temp_path_for
 from protocol.spec import SpecError
 
@@ -125,9 +126,11 @@ def run_batch(
 ) -> list[dict[str, Any]]:
     """Render every unfinished clip; returns the summary rows (clip, seconds, output, status).
 
-    First `prepare_prompts` gets every unfinished clip's job, so the text encoder runs once for
-    all their prompts; then `render` runs the clips stage-major. A clip's seconds are the time
-    its stages spent on it (a group worker's model loading counts for the group's first clip).
+    `render` runs the clips stage-major. When their diffusion needs more than one process (clips
+    with different LoRAs, or more clips than `[worker] group_size`), `prepare_prompts` first
+    encodes every prompt with one text-encoder load; a single diffusion group encodes its own
+    prompts up front, which saves starting that extra process. A clip's seconds are the time its
+    stages spent on it (a group worker's model loading counts for the group's first clip).
     """
     state = BatchState.for_batch(path, settings)
     clips = validate_batch(path, settings, state.data["seeds"])
@@ -147,8 +150,9 @@ def run_batch(
         if clip.key in jobs:
             state.entry(clip).update(status="running")
     state.save()
-    if jobs:
-        prepare_prompts(list(jobs.values()))
+    undiffused = [job for job in jobs.values() if not job.has_outputs(Stage.ENCODE_DIFFUSE)]
+    if diffusion_processes(undiffused, settings) > 1:
+        prepare_prompts(undiffused)
     tracker = BatchProgress(jobs, report)
     results = render(jobs, tracker.stage_ended) if jobs else {}
     rows = []

@@ -60,6 +60,7 @@ SPEC_FLAGS = (
     "loras",
     "camera",
     "fp8",
+    "compile",
     "sequential_offload",
     "drop_caches",
     "image",
@@ -140,6 +141,12 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the transformer's repeated blocks (torch.compile; the compiled code is cached on disk)",
     )
     parser.add_argument(
         "--sequential-offload",

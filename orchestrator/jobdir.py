@@ -78,6 +78,8 @@ class JobDir:
             "loras": list(loras),
             # Prompt embeddings are cached beside the jobs (services/embedding_cache.py).
             "embeddings_dir": str(jobs_dir.parent / "embeddings"),
+            # Code compiled by --compile is cached beside them, shared by every later job.
+            "compile_cache_dir": str(jobs_dir.parent / "compile-cache"),
             "status": "queued",
             "stages": {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage},
         }

@@ -16,9 +16,11 @@ does worse than one process per clip.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -71,6 +73,14 @@ def form_groups(jobs: list[JobDir], stage: Stage, settings: Settings) -> list[tu
             if len(chunk) > 1:
                 groups.append((plan, chunk))
     return groups
+
+
+def diffusion_processes(jobs: list[JobDir], settings: Settings) -> int:
+    """How many encode_diffuse processes a stage-major run of `jobs` starts (one per group or lone
+    job, if nothing fails); each loads the text encoder for its prompts not yet cached."""
+    stage = Stage.ENCODE_DIFFUSE
+    keys = Counter(group_key(job, stage, next_attempt(job, stage, settings)[1]) for job in jobs)
+    return sum(math.ceil(count / settings.group_size) for count in keys.values())
 
 
 def run_stage_major(

@@ -66,6 +66,7 @@ class JobSpec:
     vae_tiling: bool | None = None
     loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     fp8: bool = False
+    compile: bool = False
     sequential_offload: bool = False
     drop_caches: bool = False
     image: str | None = None

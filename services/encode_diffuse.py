@@ -142,6 +142,9 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
         fp8=ctx.plan.get("weights") == "fp8",
         sequential_offload=ctx.plan.get("offload") == "sequential",
     )
+    if ctx.plan.get("compile") == "regional":
+        ctx.progress("compile transformer blocks (on the first step)")
+        models.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
     kept = {
         "key": key,
         "connectors": connectors,

@@ -8,6 +8,7 @@ issue inside a stage. Each loader raises ModelNotFound naming the missing subfol
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,23 @@ def apply_memory_plan(
         )
     else:
         transformer.to(device)
+
+
+def compile_blocks(transformer: Any, cache_dir: str | None) -> None:
+    """Regional compile: torch.compile each of the transformer's repeated blocks (one graph,
+    compiled once and reused by all 48 blocks) instead of the whole model, which compiles in a
+    fraction of the time. The compilation itself happens at the first forward pass.
+
+    Short-lived workers would pay it on every clip, so inductor's caches (compiled graphs, kernels,
+    autotuning) go to `cache_dir` (the job's, under the state directory; LTX2_COMPILE_CACHE_DIR
+    overrides it), kept across processes: a later worker finds them there and only re-traces.
+    The variable is set, not defaulted, because importing diffusers already set it to inductor's
+    per-user temp folder, which does not survive a reboot.
+    """
+    chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or cache_dir
+    if chosen:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
+    transformer.compile_repeated_blocks(fullgraph=True)
 
 
 def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:

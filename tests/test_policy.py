@@ -66,3 +66,13 @@ def test_attempt_limit_caps_same_plan_retries():
 
 def test_success_needs_no_next_plan():
     assert next_plan(Stage.AUDIO_DECODE, [Attempt({"device": "auto"}, None)], SPEC, SETTINGS) is None
+
+
+def test_compile_runs_on_the_top_rung_only():
+    spec = SPEC.with_changes(compile=True)
+    top = initial_plan(Stage.ENCODE_DIFFUSE, spec, SETTINGS)
+    assert top == {"weights": "native", "offload": "none", "compile": "regional"}
+    following = next_plan(Stage.ENCODE_DIFFUSE, [Attempt(top, Failure.CUDA_OOM)], spec, SETTINGS)
+    assert following == {"weights": "fp8", "offload": "none"}
+    # FP8 storage hooks and offloading are not compiled: --compile with them is plain eager.
+    assert "compile" not in initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8=True), SETTINGS)

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO_ROOT, probe_mp4, run_ltx2
 from supervised import wait_for_file
 from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
+from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
@@ -121,6 +122,36 @@ def test_clip_killed_inside_a_group_reruns_alone_and_the_unreached_clips_regroup
         assert probe_mp4(Path(job.record["output"]))["frames"] == 9
     summary = stdout.decode().splitlines()
     assert [line.split()[2] for line in summary[1:]] == ["rendered"] * 4
+
+
+def test_clips_with_different_loras_get_their_own_diffusion_process_after_one_prompt_encoding(
+    ltx2_env: dict,
+    tmp_path: Path,
+    lora_files: dict[str, Path],  # noqa: F811
+):
+    lora = [{"source": str(lora_files["diffusers"]), "scale": 0.8}]
+    clips = [
+        {"name": "plain1", "prompt": "a quiet pond", "seed": 1},
+        {"name": "styled", "prompt": "a quiet pond", "seed": 1, "loras": lora},
+        {"name": "plain2", "prompt": "a busy street", "seed": 2},
+    ]
+    batch = tmp_path / "loras.jsonl"  # JSON Lines: the LoRA lists are plain JSON
+    defaults = {"model": TINY, "width": 64, "height": 64, "num_frames": 9}
+    batch.write_text("\n".join(json.dumps(row) for row in [{"defaults": defaults}, *clips]))
+    result = run_ltx2(["batch", str(batch), "--quiet"], ltx2_env)
+    assert result.returncode == 0, result.stderr
+    # Two diffusion processes (the LoRA is fused into the transformer), so the prompts were
+    # encoded first, in one process, with one text-encoder load; no diffusion process loads it.
+    assert "batch: encoded 2 prompt(s) with 1 text-encoder load(s); 0 cached already" in result.stderr
+    jobs = jobs_by_name(ltx2_env)
+    assert attempts(jobs["plain1"], Stage.ENCODE_DIFFUSE) == [("ok", 2)]
+    assert attempts(jobs["plain2"], Stage.ENCODE_DIFFUSE) == [("ok", 2)]
+    assert attempts(jobs["styled"], Stage.ENCODE_DIFFUSE) == [("ok", 1)]
+    for job in jobs.values():
+        assert "load text encoder" not in job.log_path(Stage.ENCODE_DIFFUSE, 1).read_text()
+        assert attempts(job, Stage.VIDEO_DECODE) == [("ok", 3)]  # decoders never see LoRAs
+    plain, styled = (read_latents(jobs[name].path / LATENTS_FILE)[0]["video"] for name in ("plain1", "styled"))
+    assert float((plain - styled).abs().max()) > 1e-3  # same prompt and seed: the LoRA made the difference
 
 
 def make_job(root: Path, name: str, loras: tuple[dict, ...] = (), **fields: object) -> JobDir:

@@ -1,0 +1,43 @@
+"""--compile: regional torch.compile of the transformer blocks, equal to eager within float
+tolerance, with inductor's caches kept under the state directory for later workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import run_ltx2
+
+from protocol.files import LATENTS_FILE
+from services.latents import read_latents
+
+FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite", "--seed", "3"]
+FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet"]
+
+
+def latest_latents(state: Path) -> dict[str, torch.Tensor]:
+    job = max((state / "jobs").iterdir(), key=lambda path: path.name)
+    return read_latents(job / LATENTS_FILE)[0]
+
+
+def cached_graphs(cache: Path) -> set[str]:
+    return {str(path.relative_to(cache)) for path in (cache / "fxgraph").rglob("*") if path.is_file()}
+
+
+def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(ltx2_env: dict):
+    state = Path(ltx2_env["LTX2_STATE_DIR"])
+    eager = run_ltx2(["generate", *FLAGS], ltx2_env)
+    assert eager.returncode == 0, eager.stderr
+    reference = latest_latents(state)
+    compiled = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
+    assert compiled.returncode == 0, compiled.stderr
+    result = latest_latents(state)
+    for key in ("video", "audio"):
+        assert float((result[key] - reference[key]).abs().max()) <= 1e-5
+    cache = state / "compile-cache"
+    graphs = cached_graphs(cache)
+    assert graphs, "inductor wrote no compiled graph into the state directory's cache"
+    # A new worker (a new job, same shapes) loads the compiled graphs instead of compiling again.
+    again = run_ltx2(["generate", *FLAGS, "--compile", "--seed", "4"], ltx2_env)
+    assert again.returncode == 0, again.stderr
+    assert cached_graphs(cache) == graphs
