@@ -12,7 +12,11 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
   repeated blocks), starting from an empty compile cache;
 - batch_compile_warm: the same again, the compile cache left by batch_compile kept (what every
   later batch on the machine sees);
-- large_compile: one clip at --large with `--compile` (denoise seconds per step at 1080p).
+- large_compile: one clip at --large with `--compile` (denoise seconds per step at 1080p);
+- batch_fp8mm: the batch clips with `--fp8-matmul` and `--compile` (warm compile cache), PSNR
+  against the eager bf16 clips;
+- large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
+- large_eager: the same clip in eager bf16, the reference of the large clips' PSNR.
 
 Per run: wall time from process start to exit, per-clip time (wall / clips, and the warm per-clip
 cost: what each clip after the first adds inside the group processes), model loads per stage,
@@ -50,7 +54,9 @@ PROMPTS = [
 ]
 
 
-def write_batch(path: Path, root: str, size: tuple[int, int, int], clips: int, compile_: bool) -> Path:
+def write_batch(
+    path: Path, root: str, size: tuple[int, int, int], clips: int, compile_: bool, fp8_matmul: bool = False
+) -> Path:
     """A batch TOML of `clips` clips (prompt i, seed i) at `size`."""
     width, height, frames = size
     lines = [
@@ -59,6 +65,7 @@ def write_batch(path: Path, root: str, size: tuple[int, int, int], clips: int, c
         f"width = {width}\nheight = {height}\nnum_frames = {frames}",
         f'steps = {gb.STEPS}\nschedule = "distilled"',
         f"compile = {'true' if compile_ else 'false'}",
+        f"fp8_matmul = {'true' if fp8_matmul else 'false'}",
         "",
     ]
     for index in range(clips):
@@ -66,6 +73,9 @@ def write_batch(path: Path, root: str, size: tuple[int, int, int], clips: int, c
         lines += [f"seed = {index + 1}", ""]
     path.write_text("\n".join(lines))
     return path
+
+
+LARGE_RUNS = {"large_compile": ["--compile"], "large_fp8mm": ["--fp8-matmul", "--compile"], "large_eager": []}
 
 
 def split_jobs(rows: list[tuple[float, str, int, int]]) -> list[list[tuple[float, str, int, int]]]:
@@ -167,7 +177,7 @@ def psnr(first: Path, second: Path) -> float | None:
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear script
+def main(argv: list[str] | None = None) -> int:  # noqa: PLR0912, PLR0915 - one linear script
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/bench-out"))
     # Job folders, MP4s and the compile cache live in RAM: the model folder fills the lent machine's disk.
@@ -193,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
 
     def save() -> None:
         gb.write_json(out / "results.json", results)
+        gb.write_json(work / "results.json", results)
+
+    # A later call on the same warm machine adds its runs to the earlier call's (its MP4s are
+    # still in the work folder, so the PSNR pass can pair runs of both calls).
+    if (work / "results.json").is_file():
+        earlier = json.loads((work / "results.json").read_text())
+        results["runs"] = earlier.get("runs", {})
+        results["earlier_calls"] = [*earlier.get("earlier_calls", []), earlier.get("args")]
 
     root = gb.choose_root(args.root, name=f"ltx2-{args.scale}")
     marker = root / "BUILD_OK"
@@ -211,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
     save()
     small, large = gb.parse_size(args.small), gb.parse_size(args.large)
     cache = work / "compile-cache"
-    shutil.rmtree(cache, ignore_errors=True)
+    if not results.get("earlier_calls"):
+        shutil.rmtree(cache, ignore_errors=True)
     for name in args.sequence.split(","):
         left = deadline - time.time() - 20
         if left < 60:
@@ -231,12 +250,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         cli = [sys.executable, "-m", "orchestrator.cli"]
         if name.startswith("batch"):
             size = small
-            batch = write_batch(work / f"{name}.toml", str(root), size, args.clips, name != "batch")
+            fp8mm = name == "batch_fp8mm"
+            batch = write_batch(work / f"{name}.toml", str(root), size, args.clips, name != "batch", fp8mm)
             command = [*cli, "batch", str(batch), "--quiet"]
-        elif name == "large_compile":
+        elif name in LARGE_RUNS:
             size = large
-            command = [*cli, "generate", "--model", str(root), "--prompt", gb.PROMPT, "--seed", "1", "--compile"]
+            command = [*cli, "generate", "--model", str(root), "--prompt", gb.PROMPT, "--seed", "1", "--name", "clip1"]
             command += ["--width", str(size[0]), "--height", str(size[1]), "--num-frames", str(size[2]), "--quiet"]
+            command += LARGE_RUNS[name]
         else:
             raise SystemExit(f"unknown run {name!r}")
         run = run_cli(name, command, env, left, child_log)
@@ -259,16 +280,19 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - one linear sc
         rates = [j["s_per_step_steady"] for j in per_job if j.get("s_per_step_steady")]
         if rates and peak:
             run["mfu_steady"] = flops["flops"] / (sum(rates) / len(rates)) / peak
-        if name.startswith("batch_compile") and "batch" in results["runs"]:
-            eager = results["runs"]["batch"]["jobs"]
-            run["psnr_vs_eager_db"] = {
-                job: psnr(Path(eager[job]["output"]), Path(data["output"]))
-                for job, data in run["jobs"].items()
-                if data.get("output") and eager.get(job, {}).get("output")
-            }
         results["runs"][name] = run
         save()
     sampler.stop()
+    for name, run in results["runs"].items():
+        reference = results["runs"].get("large_eager" if name.startswith("large") else "batch", {})
+        if name in ("batch", "large_eager") or "jobs" not in run or "jobs" not in reference:
+            continue
+        eager = reference["jobs"]
+        run["psnr_vs_eager_db"] = {
+            job: psnr(Path(eager[job]["output"]), Path(data["output"]))
+            for job, data in run["jobs"].items()
+            if data.get("output") and eager.get(job, {}).get("output")
+        }
     save()
     print_table(results)
     return 0

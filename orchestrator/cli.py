@@ -60,6 +60,7 @@ SPEC_FLAGS = (
     "loras",
     "camera",
     "fp8",
+    "fp8_matmul",
     "compile",
     "sequential_offload",
     "drop_caches",
@@ -141,6 +142,12 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
+    )
+    parser.add_argument(
+        "--fp8-matmul",
+        action="store_true",
+        default=None,
+        help="FP8 weights and FP8 matmuls (rowwise scales) in the transformer blocks; fastest with --compile",
     )
     parser.add_argument(
         "--compile",

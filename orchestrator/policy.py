@@ -7,7 +7,8 @@ process's memory pressure or a person, and a deterministic run repeats bit for b
 move down the ladder. The ladders are data:
 
 - encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload (a user's
-  --fp8 / --sequential-offload start further down; --compile is dropped below the first rung)
+  --fp8 / --sequential-offload start further down; --fp8-matmul starts with FP8 weights and
+  steps down to offloading them; --compile is dropped below the first rung)
 - audio_decode:   on the accelerator -> on the CPU (the audio decoder is small)
 - video_decode:   single pass -> spatial tiling -> temporal pieces of 11 -> 8 -> 4 latent frames
 """
@@ -46,7 +47,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, A
         return {"decode": plan.to_dict()}
     if stage is Stage.AUDIO_DECODE:
         return dict(AUDIO_LADDER[0])
-    plan = {"weights": "fp8" if spec.fp8 else "native", "offload": "sequential" if spec.sequential_offload else "none"}
+    weights = "fp8-matmul" if spec.fp8_matmul else "fp8" if spec.fp8 else "native"
+    plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
     return plan
@@ -61,7 +63,7 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
         return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None
     plan = {key: value for key, value in plan.items() if key != "compile"}  # eager below the top rung
-    if plan.get("weights") != "fp8":
+    if plan.get("weights") not in ("fp8", "fp8-matmul"):
         return {**plan, "weights": "fp8"}
     if plan.get("offload") != "sequential":
         return {**plan, "offload": "sequential"}

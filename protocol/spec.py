@@ -66,6 +66,7 @@ class JobSpec:
     vae_tiling: bool | None = None
     loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     fp8: bool = False
+    fp8_matmul: bool = False
     compile: bool = False
     sequential_offload: bool = False
     drop_caches: bool = False
@@ -131,6 +132,8 @@ class JobSpec:
             raise SpecError(
                 "name", f"must match {NAME_PATTERN.pattern} (used in the output file name); got {self.name!r}"
             )
+        if self.fp8 and self.fp8_matmul:
+            raise SpecError("fp8_matmul", "choose one of --fp8 (FP8 storage, bf16 compute) and --fp8-matmul")
         if self.vae_chunk_frames is not None:
             _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
         for lora in self.loras:

@@ -50,7 +50,9 @@ def test_supervised_daemon_runs_submitted_jobs_in_order(daemon_env: dict, tmp_pa
         assert (info["frames"], info["width"], info["height"], info["audio_codec"]) == (17, 64, 64, "aac")
         listing = json.loads(run_ltx2(["jobs", "--json"], daemon_env).stdout)
         assert [(j["id"], j["state"]) for j in listing] == [(first, "done"), (second, "done"), (third, "cancelled")]
-        assert listing[0]["updated"] < listing[1]["updated"]
+        # In order: the first never ends after the second (equal when the executor claimed both
+        # as one stage-major group because the second was queued before the first started).
+        assert listing[0]["updated"] <= listing[1]["updated"]
         status = run_ltx2(["status", second], daemon_env).stdout
         assert "video_decode attempt 1 [single pass]: ok" in status
         assert run_ltx2(["cancel", first], daemon_env).returncode == 1
