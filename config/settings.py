@@ -27,6 +27,11 @@ ENV_OVERRIDES = {
 }
 
 
+X264_PRESETS = (
+    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo"
+)  # fmt: skip
+
+
 class ConfigError(ValueError):
     """A config file or override is unreadable or names an unknown setting."""
 
@@ -53,6 +58,7 @@ class DecodeSettings:
     tile_size: int
     tile_overlap: int
     chunk_overlap_latent_frames: int
+    x264_preset: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +183,8 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     profiles = data["profiles"]
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
+    if decode["x264_preset"] not in X264_PRESETS:
+        raise ConfigError(f"decode.x264_preset must be one of {', '.join(X264_PRESETS)}; got {decode['x264_preset']!r}")
     if decode["profile"] not in profiles:
         raise ConfigError(f"unknown profile {decode['profile']!r}; known: {', '.join(sorted(profiles))}")
     try:
@@ -207,6 +215,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             tile_size=int(decode["tile_size"]),
             tile_overlap=int(decode["tile_overlap"]),
             chunk_overlap_latent_frames=int(decode["chunk_overlap_latent_frames"]),
+            x264_preset=str(decode["x264_preset"]),
         ),
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
     )

@@ -44,7 +44,7 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, A
         plan = choose_decode_plan(
             spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
         )
-        return {"decode": plan.to_dict()}
+        return {"decode": plan.to_dict(), "x264_preset": settings.decode.x264_preset}
     if stage is Stage.AUDIO_DECODE:
         return dict(AUDIO_LADDER[0])
     weights = "fp8-matmul" if spec.fp8_matmul else "fp8" if spec.fp8 else "native"
@@ -58,7 +58,7 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     """The next rung below `plan` on the stage's ladder, or None at the bottom."""
     if stage is Stage.VIDEO_DECODE:
         lower = next_decode_plan(DecodePlan.from_dict(plan["decode"]), spec.latent_frames, settings.decode)
-        return {"decode": lower.to_dict()} if lower else None
+        return {**plan, "decode": lower.to_dict()} if lower else None
     if stage is Stage.AUDIO_DECODE:
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
         return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None

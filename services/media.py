@@ -21,6 +21,8 @@ from protocol.files import publish, temp_path_for
 AAC_FRAME_SAMPLES = 1024
 # Visually lossless for H.264 at this project's content; users keep the latents for re-encodes.
 DEFAULT_CRF = 18
+# x264's own default; the video stage passes the configured one ([decode] x264_preset).
+DEFAULT_PRESET = "medium"
 
 
 def write_wav(path: Path, waveform: np.ndarray, sample_rate: int) -> None:
@@ -65,7 +67,9 @@ class Mp4Writer:
     crash or a short decode never leaves a truncated video behind.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = DEFAULT_CRF) -> None:
+    def __init__(
+        self, path: Path, width: int, height: int, fps: float, crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET
+    ) -> None:
         self.path = path
         self.temp = temp_path_for(path)
         self.frames_written = 0
@@ -73,7 +77,10 @@ class Mp4Writer:
         self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self.video.width, self.video.height = width, height
         self.video.pix_fmt = "yuv420p"
-        self.video.options = {"crf": str(crf)}
+        # Frame threads: x264 encodes several frames at once (PyAV's default, slice threads, splits
+        # each frame instead, which scales worse: 3.1 s instead of 4.0 s for 768x512x121 on 16 cores).
+        self.video.codec_context.thread_type = "FRAME"
+        self.video.options = {"crf": str(crf), "preset": preset}
         self.fps = fps
 
     def add_audio(self, waveform: np.ndarray, sample_rate: int, cover_frames: int) -> None:

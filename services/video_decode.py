@@ -22,7 +22,7 @@ from protocol.files import AUDIO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, LATENT
 from protocol.plans import DecodePlan, piece_ranges
 from services import models
 from services.latents import read_latents
-from services.media import Mp4Writer, read_wav, write_png
+from services.media import DEFAULT_PRESET, Mp4Writer, read_wav, write_png
 from services.runtime import WorkerContext, run_worker
 
 # Frames converted to uint8 and handed to the encoder at a time: bounds the host copy to a few
@@ -100,7 +100,8 @@ def run(ctx: WorkerContext) -> list[str]:
     if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
     ctx.progress(f"decode video ({plan.label})", 0, expected)
-    with Mp4Writer(ctx.job_dir / VIDEO_FILE, ctx.spec.width, ctx.spec.height, ctx.spec.fps) as writer:
+    preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
+    with Mp4Writer(ctx.job_dir / VIDEO_FILE, ctx.spec.width, ctx.spec.height, ctx.spec.fps, preset=preset) as writer:
         writer.add_audio(waveform, sample_rate, expected)
         first = None
         for frames in decode_frames(vae, latents.to(device), plan):

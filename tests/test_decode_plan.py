@@ -11,7 +11,12 @@ from orchestrator.decode_plan import INDEX_LIMIT, choose_decode_plan, decode_lad
 from protocol.plans import piece_ranges
 
 BIG = DecodeSettings(
-    profile="thor-128g", budget_gib=60.0, tile_size=512, tile_overlap=128, chunk_overlap_latent_frames=2
+    profile="thor-128g",
+    budget_gib=60.0,
+    tile_size=512,
+    tile_overlap=128,
+    chunk_overlap_latent_frames=2,
+    x264_preset="veryfast",
 )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from config.settings import load_settings
 from orchestrator.policy import Attempt, initial_plan, next_plan
 from protocol.errors import Failure
@@ -76,3 +78,15 @@ def test_compile_runs_on_the_top_rung_only():
     assert following == {"weights": "fp8", "offload": "none"}
     # FP8 storage hooks and offloading are not compiled: --compile with them is plain eager.
     assert "compile" not in initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8=True), SETTINGS)
+
+
+def test_video_plan_carries_the_configured_x264_preset_down_the_ladder(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[decode]\nx264_preset = "medium"\n')
+    settings = load_settings(config_file=config, environ={"HOME": "/nonexistent"})
+    plans = walk(Stage.VIDEO_DECODE, Failure.CUDA_OOM, settings)
+    assert len(plans) == 4 and {plan["x264_preset"] for plan in plans} == {"medium"}
+    assert initial_plan(Stage.VIDEO_DECODE, SPEC, SETTINGS)["x264_preset"] == "veryfast"  # the shipped default
+    config.write_text('[decode]\nx264_preset = "fastest"\n')
+    with pytest.raises(ValueError, match="decode.x264_preset must be one of ultrafast"):
+        load_settings(config_file=config, environ={"HOME": "/nonexistent"})
