@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
 from conftest import REPO_ROOT, probe_mp4, run_ltx2
 from supervised import wait_for_file
 from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
@@ -20,7 +21,10 @@ from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.models import ResolvedModel
-from orchestrator.stage_major import form_groups
+from orchestrator.pipeline import JobFailed, JobHooks
+from orchestrator.runner import WorkerLink
+from orchestrator.stage_major import form_groups, run_stage_major
+from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
 from services.latents import read_latents
@@ -189,3 +193,42 @@ def test_group_size_one_turns_stage_major_off(tmp_path: Path):
     assert form_groups(jobs, Stage.VIDEO_DECODE, settings) == []
     with pytest.raises(ValueError, match="group_size must be a whole number >= 1"):
         load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_GROUP_SIZE": "0"})
+
+
+def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(tiny_model_dir: Path, tmp_path: Path):
+    settings = load_settings(
+        environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "LTX2_OUTPUT_DIR": str(tmp_path / "out"), "HOME": "/x"}
+    )
+    model = ResolvedModel(str(tiny_model_dir), tiny_model_dir, "local")
+    base = {"model": str(tiny_model_dir), "width": 64, "height": 64, "num_frames": 9, "steps": 8}
+    jobs = [
+        JobDir.create(settings.jobs_dir, JobSpec.from_dict({**base, "prompt": f"clip {n}", "seed": n}), model)
+        for n in range(3)
+    ]
+    context = zmq.Context()
+    link = WorkerLink(context)
+    try:
+        first = run_stage_major(jobs, settings, link, lambda job: JobHooks())
+        assert all(isinstance(result, Path) for result in first.values())
+        # The middle job's spec no longer matches its latents (as if job.json had been edited):
+        # its audio decode must refuse them, alone, while the others decode again in one group.
+        broken = jobs[1]
+        broken.record["spec"]["seed"] = 99
+        broken.save()
+        jobs = [JobDir.load(job.path) for job in jobs]
+        for job in jobs:
+            job.invalidate(Stage.AUDIO_DECODE)
+        second = run_stage_major(jobs, settings, link, lambda job: JobHooks())
+    finally:
+        link.close()
+        context.term()
+    failure = second[broken.id]
+    assert isinstance(failure, JobFailed) and failure.failure is Failure.INVALID_INPUT
+    assert "made for another job spec" in failure.reason
+    reloaded = {job.id: JobDir.load(job.path) for job in jobs}
+    # One attempt in the group of three and no solo retry: bad input fails the same way every time.
+    assert attempts(reloaded[broken.id], Stage.AUDIO_DECODE) == [("ok", 3), ("invalid_input", 3)]
+    for job_id in (jobs[0].id, jobs[2].id):
+        assert attempts(reloaded[job_id], Stage.AUDIO_DECODE) == [("ok", 3), ("ok", 3)]
+        assert attempts(reloaded[job_id], Stage.VIDEO_DECODE) == [("ok", 3), ("ok", 2)]
+        assert isinstance(second[job_id], Path) and probe_mp4(second[job_id])["frames"] == 9
