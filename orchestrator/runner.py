@@ -232,26 +232,16 @@ def run_stage(
     process = worker.process
     on_spawn(process.pid)
     follower = _Follower(job, stage, link, on_event)
-    forced: Failure | None = None
-    while (returncode := process.poll()) is None:
-        if follower.pump(POLL_MS):
-            continue
-        if should_cancel():
-            forced = Failure.CANCELLED
-        elif time.monotonic() - follower.last_heard > settings.hung_after_s:
-            forced = Failure.HUNG
-        if forced is not None:
-            returncode = stop_process(process)
-            break
-    while follower.pump(DRAIN_MS):
-        pass
+    returncode, forced = follow_until_exit(
+        process, follower.pump, lambda: follower.last_heard, should_cancel, settings.hung_after_s
+    )
     failure = forced or classify_exit(returncode)
     if failure is None and not all((job.path / name).is_file() for name in stage.outputs):
         failure = Failure.CRASH
         follower.reason = "exited 0 without writing its outputs"
     reason = follower.reason or describe_exit(returncode)
     if forced is Failure.HUNG:
-        reason = f"no message for {settings.hung_after_s:.0f} s; killed"
+        reason = hung_reason(settings.hung_after_s)
     done = follower.done
     return StageOutcome(
         returncode=returncode,
@@ -262,6 +252,35 @@ def run_stage(
         peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
         peak_rss_bytes=done.peak_rss_bytes if done else 0,
     )
+
+
+def follow_until_exit(
+    process: subprocess.Popen[bytes] | ForkedProcess,
+    pump: Callable[[int], bool],
+    last_heard: Callable[[], float],
+    should_cancel: Callable[[], bool],
+    hung_after_s: float,
+) -> tuple[int, Failure | None]:
+    """Handle a worker's messages (`pump`) until it exits, stopping it when cancelled or silent
+    for `hung_after_s`; returns (exit status, CANCELLED/HUNG if it was stopped, else None)."""
+    forced: Failure | None = None
+    while (returncode := process.poll()) is None:
+        if pump(POLL_MS):
+            continue
+        if should_cancel():
+            forced = Failure.CANCELLED
+        elif time.monotonic() - last_heard() > hung_after_s:
+            forced = Failure.HUNG
+        if forced is not None:
+            returncode = stop_process(process)
+            break
+    while pump(DRAIN_MS):  # messages sent just before the exit
+        pass
+    return returncode, forced
+
+
+def hung_reason(hung_after_s: float) -> str:
+    return f"no message for {hung_after_s:.0f} s; killed"
 
 
 class _Follower:

@@ -39,7 +39,7 @@ from orchestrator.pipeline import (
     run_stage_until_done,
 )
 from orchestrator.policy import describe_plan
-from orchestrator.runner import DRAIN_MS, POLL_MS, StageOutcome, WorkerLink, spawn_worker, stop_process
+from orchestrator.runner import StageOutcome, WorkerLink, follow_until_exit, hung_reason, spawn_worker
 from protocol import stages
 from protocol.errors import Failure, classify_exit, describe_exit
 from protocol.files import STAGE_ORDER, Stage
@@ -158,24 +158,17 @@ def run_group_attempt(
     moment the worker opens it, and the group's log is hard-linked into each member's logs.
     """
     group = _Group(members, stage, plan, settings, link, hooks_for)
-    process = group.worker.process
-    forced: Failure | None = None
-    while (returncode := process.poll()) is None:
-        if group.pump(POLL_MS):
-            continue
-        if any(hooks_for(job).should_cancel() for job in members):
-            forced = Failure.CANCELLED
-        elif time.monotonic() - group.last_heard > settings.hung_after_s:
-            forced = Failure.HUNG
-        if forced is not None:
-            returncode = stop_process(process)
-            break
-    while group.pump(DRAIN_MS):
-        pass
+    returncode, forced = follow_until_exit(
+        group.worker.process,
+        group.pump,
+        lambda: group.last_heard,
+        lambda: any(hooks_for(job).should_cancel() for job in members),
+        settings.hung_after_s,
+    )
     for job_id in list(group.running):
         failure = forced or classify_exit(returncode) or Failure.CRASH
         if forced is Failure.HUNG:
-            reason = f"no message for {settings.hung_after_s:.0f} s; killed"
+            reason = hung_reason(settings.hung_after_s)
         elif forced is Failure.CANCELLED:
             reason = "cancelled"
         else:
