@@ -57,8 +57,13 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
     first = next(iter(missing.values()))
     first.progress(f"load text encoder for {len(missing)} prompt(s)")
     dtype = models.resolve_dtype(first.spec.dtype, device)
-    specs = [ctx.spec for ctx in missing.values()]
-    for path, embeddings in zip(missing, encode_prompts(first.model_root, dtype, device, specs), strict=True):
+    fill_cache({path: ctx.spec for path, ctx in missing.items()}, first.model_root, dtype, device)
+
+
+def fill_cache(wanted: dict[Path, JobSpec], model_root: Path, dtype: torch.dtype, device: torch.device) -> None:
+    """Encode each spec's prompt with one text-encoder load and store it at its cache path."""
+    specs = list(wanted.values())
+    for path, embeddings in zip(wanted, encode_prompts(model_root, dtype, device, specs), strict=True):
         embedding_cache.store(path, embeddings)
 
 

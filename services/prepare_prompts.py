@@ -16,7 +16,7 @@ from pathlib import Path
 from protocol.files import JOB_FILE
 from protocol.spec import JobSpec
 from services import embedding_cache, models
-from services.encode_diffuse import encode_prompts
+from services.encode_diffuse import fill_cache
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,14 +37,9 @@ def main(argv: list[str] | None = None) -> int:
             cached += 1
         else:
             missing[(root, spec.dtype)][path] = spec
-    encoded = 0
     for (root, dtype_name), wanted in missing.items():
-        paths, specs = list(wanted), list(wanted.values())
-        for path, embeddings in zip(
-            paths, encode_prompts(root, models.resolve_dtype(dtype_name, device), device, specs), strict=True
-        ):
-            embedding_cache.store(path, embeddings)
-            encoded += 1
+        fill_cache(wanted, root, models.resolve_dtype(dtype_name, device), device)
+    encoded = sum(len(wanted) for wanted in missing.values())
     sys.stdout.write(f"encoded {encoded} prompt(s) with {len(missing)} text-encoder load(s); {cached} cached already\n")
     return 0
 
