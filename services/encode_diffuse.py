@@ -131,7 +131,9 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     kept = ctx.shared.get("denoiser")
     if kept is not None and kept["key"] == key:
         return kept
-    ctx.shared.pop("denoiser", None)  # another configuration: let the old weights go first
+    # Another configuration: drop both references to the old weights before loading new ones.
+    ctx.shared.pop("denoiser", None)
+    kept = None
     ctx.progress("load transformer")
     connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)

@@ -20,14 +20,18 @@ from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
+from orchestrator.jobspec import build_spec
 from orchestrator.models import ResolvedModel
 from orchestrator.pipeline import JobFailed, JobHooks
+from orchestrator.policy import initial_plan
 from orchestrator.runner import WorkerLink
 from orchestrator.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
+from services.encode_diffuse import loaded_denoiser
 from services.latents import read_latents
+from services.runtime import Reporter, WorkerContext
 
 TINY = "ltx2-stages/tiny-random-ltx2"
 TINY_FLAGS = ["--width", "64", "--height", "64", "--num-frames", "9"]
@@ -232,3 +236,22 @@ def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(tiny_model_
         assert attempts(reloaded[job_id], Stage.AUDIO_DECODE) == [("ok", 3), ("ok", 3)]
         assert attempts(reloaded[job_id], Stage.VIDEO_DECODE) == [("ok", 3), ("ok", 2)]
         assert isinstance(second[job_id], Path) and probe_mp4(second[job_id])["frames"] == 9
+
+
+def test_group_worker_reuses_the_denoiser_only_for_the_same_configuration(tiny_model_dir: Path, tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    shared: dict = {}
+
+    def context(name: str, **fields: object) -> WorkerContext:
+        request = {"prompt": name, "model": str(tiny_model_dir), "width": 64, "height": 64, "num_frames": 9}
+        built = build_spec({**request, "seed": 1, "dtype": "float32", **fields}, settings)
+        job = JobDir.create(tmp_path / name, built.spec, built.model)
+        plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
+        reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
+        return WorkerContext(Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, reporter, shared)
+
+    cpu = torch.device("cpu")
+    first = loaded_denoiser(context("a"), cpu, torch.float32)
+    assert loaded_denoiser(context("b"), cpu, torch.float32)["transformer"] is first["transformer"]
+    other = loaded_denoiser(context("c", fp8_matmul=True), cpu, torch.float32)
+    assert other["transformer"] is not first["transformer"] and shared["denoiser"] is other
