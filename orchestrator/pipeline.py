@@ -199,18 +199,18 @@ def run_stage_until_done(
             plan = next_plan(stage, history, job.spec, settings)
             hooks.listener(StageEvent(stage.value, "failed", attempt, f"{outcome.failure.value}: {outcome.reason}"))
             if plan is None:
-                raise_job_failed(job, stage, outcome, len(history))
+                raise job_failed(job, stage, outcome, len(history))
     finally:
         discard_worker(next_worker, link, job.id)
 
 
-def raise_job_failed(job: JobDir, stage: Stage, outcome: StageOutcome, attempts: int) -> None:
-    """Record the job's end and raise JobFailed with a readable reason."""
+def job_failed(job: JobDir, stage: Stage, outcome: StageOutcome, attempts: int) -> JobFailed:
+    """Record the job's end; returns the JobFailed (with a readable reason) for the caller to raise."""
     reason = outcome.reason
     if outcome.failure.is_retryable:
         reason += f" (after {attempts} attempt(s); no lower-memory plan left)"
     job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=reason)
-    raise JobFailed(stage, outcome, reason)
+    return JobFailed(stage, outcome, reason)
 
 
 def record_outcome(job: JobDir, stage: Stage, outcome: StageOutcome) -> None:

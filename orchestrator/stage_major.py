@@ -32,9 +32,9 @@ from orchestrator.pipeline import (
     JobHooks,
     StageEvent,
     finish_job,
+    job_failed,
     next_attempt,
     pending_stages,
-    raise_job_failed,
     record_outcome,
     run_stage_until_done,
 )
@@ -128,19 +128,10 @@ def run_groups(
                     cancelled = True
                 elif outcome.failure is not None and not outcome.failure.is_retryable:
                     # Bad input or a missing model fails alone the same way: no solo retry.
-                    failures[job_id] = failed(next(j for j in members if j.id == job_id), stage, outcome)
+                    failures[job_id] = job_failed(next(j for j in members if j.id == job_id), stage, outcome, 1)
         if cancelled:  # the rest run (and see the cancellation) the ordinary way
             break
     return failures
-
-
-def failed(job: JobDir, stage: Stage, outcome: StageOutcome) -> JobFailed:
-    """Record a job's end after a failure that no retry can fix, and return the exception."""
-    try:
-        raise_job_failed(job, stage, outcome, 1)
-    except JobFailed as exc:
-        return exc
-    raise AssertionError("raise_job_failed returned")
 
 
 def run_group_attempt(
@@ -172,9 +163,7 @@ def run_group_attempt(
         elif forced is Failure.CANCELLED:
             reason = "cancelled"
         else:
-            reason = group.reasons.get(job_id) or (
-                describe_exit(returncode) if returncode else "the group worker exited before finishing this job"
-            )
+            reason = describe_exit(returncode) if returncode else "the group worker exited before finishing this job"
         group.settle(job_id, failure, reason, returncode)
     return group.outcomes
 
@@ -195,7 +184,6 @@ class _Group:
         self.stage, self.plan, self.settings, self.link, self.hooks_for = stage, plan, settings, link, hooks_for
         self.running: dict[str, tuple[int, float]] = {}  #: job id -> (attempt, start time)
         self.outcomes: dict[str, StageOutcome] = {}
-        self.reasons: dict[str, str] = {}
         self.done: dict[str, stages.Done] = {}
         for job in members:  # before the worker starts: later members' attempts start mid-run
             job.clean_partial_files()
@@ -241,7 +229,6 @@ class _Group:
             else:
                 self.settle(job_id, None, "")
         elif isinstance(message, stages.Failed) and job_id in self.running:
-            self.reasons[job_id] = message.error
             failure = classify_exit(message.exit_code) or Failure.CRASH
             self.settle(job_id, failure, message.error, message.exit_code)
         self.hooks_for(self.by_id[job_id]).listener(message)
