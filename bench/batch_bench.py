@@ -16,10 +16,14 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
 - batch_fp8mm: the batch clips with `--fp8-matmul` and `--compile` (warm compile cache), PSNR
   against the eager bf16 clips;
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
+- large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
+  accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
 - large_eager: the same clip in eager bf16, the reference of the large clips' PSNR.
 
 Per run: wall time from process start to exit, per-clip time (wall / clips, and the warm per-clip
-cost: what each clip after the first adds inside the group processes), model loads per stage,
+cost: what each clip after the first adds inside the group processes, both as the sum of its
+stage attempts' seconds and as the spacing of the clips' stage ends, which is the honest figure
+once the video stage overlaps clips), model loads per stage,
 denoise s/step and MFU, peak GPU memory (nvidia-smi, every 250 ms) and per stage (torch).
 Compiled clips are compared with the eager ones of the same seed by the PSNR of their decoded
 frames. Results go to DIR/results.json as each run ends; the last thing printed is a table.
@@ -32,6 +36,7 @@ import time
 T_PROCESS = time.time()
 
 import argparse  # noqa: E402
+import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -75,7 +80,14 @@ def write_batch(
     return path
 
 
-LARGE_RUNS = {"large_compile": ["--compile"], "large_fp8mm": ["--fp8-matmul", "--compile"], "large_eager": []}
+LARGE_RUNS = {
+    "large_compile": ["--compile"],
+    "large_fp8mm": ["--fp8-matmul", "--compile"],
+    "large_fp8mm_exact": ["--fp8-matmul", "--compile"],
+    "large_eager": [],
+}
+# Runs that change a setting through the environment: the FP8 GEMMs without fast accumulation.
+RUN_ENV = {"large_fp8mm_exact": {"LTX2_FP8_FAST_ACCUMULATION": "false"}}
 
 
 def split_jobs(rows: list[tuple[float, str, int, int]]) -> list[list[tuple[float, str, int, int]]]:
@@ -107,9 +119,13 @@ def summarize(state: Path) -> dict[str, Any]:
         out["jobs"][record["spec"]["name"]] = {
             "status": record["status"],
             "output": record.get("output"),
+            "finished_at": stage_finish_times(job_dir),
             "stages": {
                 stage: [
-                    {k: a.get(k) for k in ("result", "seconds", "peak_gpu_bytes", "peak_rss_bytes", "group", "reason")}
+                    {
+                        k: a.get(k)
+                        for k in ("result", "seconds", "peak_gpu_bytes", "peak_rss_bytes", "group", "reason", "plan")
+                    }
                     for a in data["attempts"]
                 ]
                 for stage, data in record["stages"].items()
@@ -134,9 +150,36 @@ def summarize(state: Path) -> dict[str, Any]:
                     item.update(denoise_rate(part))
                     load = gb.first(part, "load transformer")
                     item["transformer_load_s"] = gb.diff(load, gb.first(part, "denoise", 0))
+                if stage == "video_decode":  # the main thread's share: VAE decode, YUV, PNGs
+                    item["decode_s"] = gb.diff(gb.first(part, "decode video", 0), gb.first(part, "encode H.264"))
                 entry["per_job"].append(item)
         out["stages"][stage] = entry
     return out
+
+
+def stage_finish_times(job_dir: Path) -> dict[str, float]:
+    """Stage -> UNIX time of its last successful attempt's end, from the job's events.log."""
+    finished: dict[str, float] = {}
+    for line in (job_dir / "events.log").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "stage_finished" and event["result"] == "ok":
+            finished[event["stage"]] = dt.datetime.fromisoformat(event["t"]).timestamp()
+    return finished
+
+
+def stage_gaps(jobs: dict[str, Any]) -> dict[str, float]:
+    """Per stage, the wall time each clip after the first adds: (last end - first end) / (clips - 1).
+
+    A group worker may overlap clips (the video stage encodes clip N while it decodes clip N+1),
+    so summing each clip's attempt seconds would count the overlap twice; the spacing of the
+    clips' ends is what a longer batch pays per clip.
+    """
+    gaps: dict[str, float] = {}
+    for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+        ends = sorted(job["finished_at"][stage] for job in jobs.values() if stage in job.get("finished_at", {}))
+        if len(ends) > 1:
+            gaps[stage] = (ends[-1] - ends[0]) / (len(ends) - 1)
+    return gaps
 
 
 def run_cli(name: str, command: list[str], env: dict[str, str], timeout_s: float, log_path: Path) -> dict[str, Any]:
@@ -246,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0912, PLR0915 - one 
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
             "LTX2_COMPILE_CACHE_DIR": str(cache),
+            **RUN_ENV.get(name, {}),
         }
         cli = [sys.executable, "-m", "orchestrator.cli"]
         if name.startswith("batch"):
@@ -274,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0912, PLR0915 - one 
             if job_name != "clip1"
         ]
         run["warm_per_clip_s"] = sum(later) / len(later) if later else None
+        run["stage_gap_s"] = stage_gaps(run["jobs"])
+        run["warm_per_clip_wall_s"] = sum(run["stage_gap_s"].values()) if run["stage_gap_s"] else None
         flops = gb.transformer_flops(gb.TRANSFORMER_CONFIG, *size, gb.MAX_SEQUENCE_LENGTH)
         peak = gb.peak_flops(results["environment"].get("versions", {}).get("gpu", ""))
         per_job = run["stages"]["encode_diffuse"]["per_job"]
@@ -314,7 +360,9 @@ def print_table(results: dict[str, Any]) -> None:
         }
         sys.stdout.write(
             f"{name} [{run['size']}, {len(run['jobs'])} clip(s)]: rc {run['returncode']}, wall {run['wall_s']:.1f} s, "
-            f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {gb.fmt(run.get('warm_per_clip_s'), 's', 2)}; "
+            f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {gb.fmt(run.get('warm_per_clip_s'), 's', 2)} "
+            f"(attempt seconds) / {gb.fmt(run.get('warm_per_clip_wall_s'), 's', 2)} (wall, per stage "
+            f"{ {k: round(v, 2) for k, v in run.get('stage_gap_s', {}).items()} }); "
             f"processes per stage {[s['processes'] for s in run['stages'].values()]}, loads {diffusion['loads']}; "
             f"steady s/step {[gb.fmt(r, '', 3) for r in rates]}, first step {[gb.fmt(f, '', 2) for f in firsts]}, "
             f"MFU {gb.fmt(run.get('mfu_steady'), '', 3)}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "

@@ -23,6 +23,7 @@ ENV_OVERRIDES = {
     "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
     "LTX2_FORK_SERVER": ("worker", "fork_server"),
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
+    "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
 }
 
@@ -89,6 +90,7 @@ class Settings:
     hung_after_s: float
     stderr_tail_lines: int
     group_size: int
+    fp8_fast_accumulation: bool
     max_attempts_per_stage: int
     same_plan_retries: int
     decode: DecodeSettings
@@ -207,6 +209,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         hung_after_s=float(worker["hung_after_s"]),
         stderr_tail_lines=int(worker["stderr_tail_lines"]),
         group_size=int(worker["group_size"]),
+        fp8_fast_accumulation=bool(worker["fp8_fast_accumulation"]),
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
         same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(

@@ -49,6 +49,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, A
         return dict(AUDIO_LADDER[0])
     weights = "fp8-matmul" if spec.fp8_matmul else "fp8" if spec.fp8 else "native"
     plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
+    if spec.fp8_matmul:
+        plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
     return plan

@@ -149,6 +149,7 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
         fp8=ctx.plan.get("weights") == "fp8",
         sequential_offload=ctx.plan.get("offload") == "sequential",
         fp8_matmul=ctx.plan.get("weights") == "fp8-matmul",
+        fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
     )
     if ctx.plan.get("compile") == "regional":
         ctx.progress("compile transformer blocks (on the first step)")

@@ -40,9 +40,10 @@ def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Fp8Linear(nn.Module):
     """A linear layer computing `x @ W.T + b` with FP8 operands and rowwise scales."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, fast_accumulation: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.fast_accumulation = fast_accumulation
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)  # [out, in], FP8
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, out], float32
@@ -51,13 +52,22 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         quantized, scale = quantize_rows(rows)
-        out = torch._scaled_mm(quantized, self.weight.t(), scale_a=scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        out = torch._scaled_mm(
+            quantized,
+            self.weight.t(),
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            out_dtype=x.dtype,
+            use_fast_accum=self.fast_accumulation,
+        )
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 rowwise"
+        accumulation = "fast" if self.fast_accumulation else "exact"
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, fp8 rowwise, {accumulation} accumulation"
 
 
 def eligible(module: nn.Module) -> bool:
@@ -65,16 +75,19 @@ def eligible(module: nn.Module) -> bool:
     return type(module) is nn.Linear and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
 
 
-def convert_blocks(transformer: Any, device: torch.device) -> int:
+def convert_blocks(transformer: Any, device: torch.device, fast_accumulation: bool = False) -> int:
     """Move the transformer to `device`, turning each eligible linear layer of its repeated blocks
-    into an Fp8Linear on the way (one block at a time); returns how many were converted."""
+    into an Fp8Linear on the way (one block at a time); returns how many were converted.
+
+    `fast_accumulation` lets Hopper's tensor cores accumulate in their faster reduced-precision
+    mode instead of promoting every partial sum to fp32 (a no-op on CPUs)."""
     converted = 0
     for block in transformer.transformer_blocks:
         block.to(device)
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if eligible(child):
-                    setattr(parent, name, Fp8Linear(child))
+                    setattr(parent, name, Fp8Linear(child, fast_accumulation))
                     converted += 1
     transformer.to(device)
     return converted

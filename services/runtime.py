@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -143,7 +144,10 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-Work = Callable[[WorkerContext], list[str]]
+#: A stage function returns its output file names, or a future of them when it hands the end of
+#: its work to a background thread (the video stage's H.264 encode): the runtime then starts the
+#: group's next job and reports this one done once the future is.
+Work = Callable[[WorkerContext], "list[str] | Future[list[str]]"]
 #: Runs once after GO with every job of the process, before the first job's `work` (e.g. to
 #: encode all prompts of a group with one text-encoder load before the transformer loads).
 Prepare = Callable[[list[WorkerContext]], None]
@@ -173,8 +177,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         contexts = [first] + [group_member(stage, path, plan, reporter, shared) for path in args.job_dir[1:]]
         if prepare is not None and len(contexts) > 1:
             prepare(contexts)
-        for index, ctx in enumerate(contexts, start=1):
-            run_one_job(ctx, work, started if ctx is first else time.monotonic(), index, len(contexts))
+        run_jobs(contexts, work, started)
         code = ExitCode.OK
     except BaseException as exc:  # the process edge: every failure becomes an exit code
         code = exit_code_for(exc)
@@ -198,9 +201,57 @@ def group_member(stage: Stage, job_dir: Path, plan: dict[str, Any], reporter: Re
     return WorkerContext(stage, job_dir, spec, job, plan, 1, reporter, shared)  # type: ignore[arg-type]
 
 
-def run_one_job(ctx: WorkerContext, work: Work, started: float, index: int, count: int) -> None:
-    """Job `index` of `count` in this process: Done with its outputs, or Failed if its own input is
-    invalid (the group goes on); any other error propagates and ends the process."""
+@dataclasses.dataclass
+class StartedJob:
+    """A job whose stage function returned; its outputs may still be in the making."""
+
+    ctx: WorkerContext
+    started: float
+    outputs: Future[list[str]]
+    peak_gpu: int  #: taken when the stage function returned, before the next job resets it
+    grouped: bool
+    reported: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def job_id(self) -> str:
+        return str(self.ctx.job["id"])
+
+    def report(self, outputs: Future[list[str]]) -> None:
+        """Send Done the moment the outputs exist (or Failed for a group member's invalid input).
+
+        A done-callback of `outputs`: it runs on the thread that finished them (the encode thread),
+        or at once when they were finished already, so a synchronous stage reports before the next
+        job starts. Other errors are left to `finish_job`, which ends the process.
+        """
+        try:
+            error = outputs.exception()
+            if error is None:
+                seconds = time.monotonic() - self.started
+                stage, rss = self.ctx.stage.value, peak_memory()[1]
+                done = stages.Done(self.job_id, stage, outputs.result(), seconds, self.peak_gpu, rss)
+                self.ctx.reporter.send(done)
+            elif isinstance(error, InvalidInput) and self.grouped:
+                fail_alone(self.ctx, error)
+        finally:
+            self.reported.set()
+
+
+def run_jobs(contexts: list[WorkerContext], work: Work, started: float) -> None:
+    """Run the jobs in order; a job whose outputs are still being written (a future) overlaps the
+    next one, and the process ends only after every job is reported."""
+    pending: StartedJob | None = None
+    for index, ctx in enumerate(contexts, start=1):
+        current = start_job(ctx, work, started if index == 1 else time.monotonic(), index, len(contexts))
+        if pending is not None:
+            finish_job(pending)
+        pending = current
+    if pending is not None:
+        finish_job(pending)
+
+
+def start_job(ctx: WorkerContext, work: Work, started: float, index: int, count: int) -> StartedJob | None:
+    """Job `index` of `count` in this process; None when it failed on its own invalid input (the
+    group goes on). Any other error propagates and ends the process."""
     reporter = ctx.reporter
     reporter.job_id = str(ctx.job["id"])
     grouped = count > 1
@@ -214,11 +265,30 @@ def run_one_job(ctx: WorkerContext, work: Work, started: float, index: int, coun
     except InvalidInput as exc:
         if not grouped:
             raise
-        traceback.print_exc()
-        reporter.send(stages.Failed(reporter.job_id, ctx.stage.value, int(exc.exit_code), summarize(exc)))
-        return
-    gpu, rss = peak_memory()
-    reporter.send(stages.Done(reporter.job_id, ctx.stage.value, outputs, time.monotonic() - started, gpu, rss))
+        fail_alone(ctx, exc)
+        return None
+    if not isinstance(outputs, Future):
+        finished: Future[list[str]] = Future()
+        finished.set_result(outputs)
+        outputs = finished
+    job = StartedJob(ctx, started, outputs, peak_memory()[0], grouped)
+    outputs.add_done_callback(job.report)
+    return job
+
+
+def finish_job(job: StartedJob) -> None:
+    """Wait until the job is reported; re-raise an error that must end the process, naming the job."""
+    error = job.outputs.exception()
+    job.reported.wait()
+    if error is not None and not (isinstance(error, InvalidInput) and job.grouped):
+        job.ctx.reporter.job_id = job.job_id  # the process's Failed message names this job
+        raise error
+
+
+def fail_alone(ctx: WorkerContext, exc: InvalidInput) -> None:
+    """Report one group member's invalid input; the process goes on with the others."""
+    traceback.print_exception(exc)
+    ctx.reporter.send(stages.Failed(str(ctx.job["id"]), ctx.stage.value, int(exc.exit_code), summarize(exc)))
 
 
 def reset_peak_memory() -> None:

@@ -2,16 +2,23 @@
 
 Loads only the video VAE. The decode plan (protocol.plans.DecodePlan, chosen by the orchestrator)
 says whether to tile spatially and whether to decode in temporal pieces; either way frames go to
-the encoder as soon as they are final, as uint8, so no float copy of the whole clip is ever made
-on the host. The file is published only when it holds exactly the requested number of frames.
-A group process (stage-major) loads the VAE once and decodes each of its jobs with it.
+the encoder as soon as they are final, converted on the device to the encoder's YUV 4:2:0
+(services.color), so no float copy of the whole clip is ever made on the host. The file is
+published only when it holds exactly the requested number of frames. A group process
+(stage-major) loads the VAE once and decodes each of its jobs with it, and encodes on a
+background thread (services.background_encode) so clip N+1 decodes while clip N is encoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 
 # Imported at module level on purpose: a prestarted worker pays this before READY.
@@ -21,12 +28,14 @@ from protocol.errors import InvalidInput
 from protocol.files import AUDIO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.plans import DecodePlan, piece_ranges
 from services import models
+from services.background_encode import BackgroundEncoder
+from services.color import rgb_to_yuv420
 from services.latents import read_latents
 from services.media import DEFAULT_PRESET, Mp4Writer, read_wav, write_png
 from services.runtime import WorkerContext, run_worker
 
-# Frames converted to uint8 and handed to the encoder at a time: bounds the host copy to a few
-# hundred MB at 1080p while keeping the device-to-host transfers large.
+# Frames converted to YUV and copied to the host at a time: bounds the conversion's temporaries
+# on the device while keeping the device-to-host transfers large (25 MB at 1080p).
 FRAMES_PER_WRITE = 8
 
 
@@ -81,8 +90,13 @@ def to_uint8(frames: torch.Tensor) -> Any:
     return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def run(ctx: WorkerContext) -> list[str]:
-    """The stage: latents file + audio.wav -> MP4 with exactly `num_frames` frames."""
+def run(ctx: WorkerContext) -> Future[list[str]]:
+    """The stage: latents file + audio.wav -> MP4 with exactly `num_frames` frames.
+
+    Decodes here and returns while the clip is still being encoded on the background thread, so
+    a group process decodes its next clip meanwhile; the runtime reports the job done when the
+    returned future is (the MP4 and both PNGs published).
+    """
     device = models.resolve_device()
     dtype = models.resolve_dtype(ctx.spec.dtype, device)
     plan = DecodePlan.from_dict(ctx.plan["decode"])
@@ -99,20 +113,55 @@ def run(ctx: WorkerContext) -> list[str]:
     expected = ctx.spec.num_frames
     if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
-    ctx.progress(f"decode video ({plan.label})", 0, expected)
+    encoder = ctx.shared.setdefault("encoder", BackgroundEncoder())
+    stills: dict[str, np.ndarray] = {}
+    clip = ClipFiles(ctx.job_dir, ctx.spec.width, ctx.spec.height, ctx.spec.fps, expected)
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
-    with Mp4Writer(ctx.job_dir / VIDEO_FILE, ctx.spec.width, ctx.spec.height, ctx.spec.fps, preset=preset) as writer:
-        writer.add_audio(waveform, sample_rate, expected)
-        first = None
+    feed = encoder.start(functools.partial(encode_clip, clip, preset, waveform, sample_rate))
+    ctx.progress(f"decode video ({plan.label})", 0, expected)
+    try:
+        decoded = 0
         for frames in decode_frames(vae, latents.to(device), plan):
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
-                writer.write(to_uint8(frames[start : start + FRAMES_PER_WRITE]))
-            ctx.progress(f"decode video ({plan.label})", writer.frames_written, expected)
-            first = first if first is not None else to_uint8(frames[:1])[0]
-            last = to_uint8(frames[-1:])[0]
-        writer.close(expected)
-    write_png(ctx.job_dir / FIRST_FRAME_FILE, first)
-    write_png(ctx.job_dir / LAST_FRAME_FILE, last)
+                feed.put(rgb_to_yuv420(frames[start : start + FRAMES_PER_WRITE]).cpu().numpy())
+            decoded += frames.shape[0]
+            stills.setdefault(FIRST_FRAME_FILE, to_uint8(frames[:1])[0])
+            stills[LAST_FRAME_FILE] = to_uint8(frames[-1:])[0]
+            ctx.progress(f"decode video ({plan.label})", decoded, expected)
+        # Here rather than on the encode thread, which is the busier of the two.
+        for name, rgb in stills.items():
+            write_png(ctx.job_dir / name, rgb)
+    except BaseException:
+        feed.abort()
+        raise
+    ctx.progress("encode H.264")
+    return feed.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipFiles:
+    """Where and what the encode thread writes for one job."""
+
+    job_dir: Path
+    width: int
+    height: int
+    fps: float
+    num_frames: int
+
+
+def encode_clip(
+    clip: ClipFiles, preset: str, waveform: np.ndarray, sample_rate: int, pieces: Iterator[np.ndarray]
+) -> list[str]:
+    """On the encode thread: the audio track, then the YUV pieces as they come; the stage's outputs.
+
+    The decoding side writes the first/last-frame PNGs before it closes the feed, so they exist
+    by the time `pieces` ends.
+    """
+    with Mp4Writer(clip.job_dir / VIDEO_FILE, clip.width, clip.height, clip.fps, preset=preset) as writer:
+        writer.add_audio(waveform, sample_rate, clip.num_frames)
+        for piece in pieces:
+            writer.write(piece)
+        writer.close(clip.num_frames)
     return [VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE]
 
 

@@ -43,9 +43,10 @@ def test_only_aligned_linear_layers_inside_the_blocks_are_converted(tiny_model_d
     outside = {name for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     outside = {name for name in outside if not name.startswith("transformer_blocks.")}
     assert in_blocks > 0
-    assert convert_blocks(transformer, torch.device("cpu")) == in_blocks
-    fp8 = [name for name, m in transformer.named_modules() if isinstance(m, Fp8Linear)]
+    assert convert_blocks(transformer, torch.device("cpu"), fast_accumulation=True) == in_blocks
+    fp8 = {name: m for name, m in transformer.named_modules() if isinstance(m, Fp8Linear)}
     assert len(fp8) == in_blocks and all(name.startswith("transformer_blocks.") for name in fp8)
+    assert all(m.fast_accumulation for m in fp8.values()) and "fast accumulation" in repr(transformer)
     # Unaligned layers (the tiny audio path is 8 wide) and everything outside the blocks stay.
     plain = {name for name, m in transformer.named_modules() if type(m) is torch.nn.Linear}
     assert any(name.startswith("transformer_blocks.") for name in plain)
@@ -65,8 +66,11 @@ def test_fp8_matmul_plan_and_its_ladder():
         {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
     ).with_changes(fp8_matmul=True, compile=True)
     top = initial_plan(Stage.ENCODE_DIFFUSE, spec, settings)
-    assert top == {"weights": "fp8-matmul", "offload": "none", "compile": "regional"}
+    assert top == {"weights": "fp8-matmul", "offload": "none", "compile": "regional", "fp8_accumulation": "fast"}
     lower = next_plan(Stage.ENCODE_DIFFUSE, [Attempt(top, Failure.CUDA_OOM)], spec, settings)
-    assert lower == {"weights": "fp8-matmul", "offload": "sequential"}
+    assert lower == {"weights": "fp8-matmul", "offload": "sequential", "fp8_accumulation": "fast"}
+    exact = load_settings(environ={"HOME": "/nonexistent", "LTX2_FP8_FAST_ACCUMULATION": "false"})
+    assert initial_plan(Stage.ENCODE_DIFFUSE, spec, exact)["fp8_accumulation"] == "exact"
+    assert "fp8_accumulation" not in initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8_matmul=False), exact)
     with pytest.raises(SpecError, match="--fp8-matmul: choose one of --fp8"):
         spec.with_changes(fp8=True)
