@@ -18,7 +18,9 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
 - large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
-- large_eager: the same clip in eager bf16, the reference of the large clips' PSNR.
+- large_eager: the same clip in eager bf16, the reference of the large clips' PSNR;
+- large_eager_plain: large_eager with `PYTORCH_CUDA_ALLOC_CONF` emptied, i.e. torch's default
+  allocator instead of the workers' expandable segments (peak memory as nvidia-smi sees it).
 
 Per run: wall time from process start to exit, per-clip time (wall / clips, and the warm per-clip
 cost: what each clip after the first adds inside the group processes, both as the sum of its
@@ -85,9 +87,14 @@ LARGE_RUNS = {
     "large_fp8mm": ["--fp8-matmul", "--compile"],
     "large_fp8mm_exact": ["--fp8-matmul", "--compile"],
     "large_eager": [],
+    "large_eager_plain": [],
 }
-# Runs that change a setting through the environment: the FP8 GEMMs without fast accumulation.
-RUN_ENV = {"large_fp8mm_exact": {"LTX2_FP8_FAST_ACCUMULATION": "false"}}
+# Runs that change a setting through the environment: the FP8 GEMMs without fast accumulation;
+# torch's default CUDA allocator instead of the expandable segments the workers get.
+RUN_ENV = {
+    "large_fp8mm_exact": {"LTX2_FP8_FAST_ACCUMULATION": "false"},
+    "large_eager_plain": {"PYTORCH_CUDA_ALLOC_CONF": ""},
+}
 
 
 def split_jobs(rows: list[tuple[float, str, int, int]]) -> list[list[tuple[float, str, int, int]]]:

@@ -32,9 +32,15 @@ def worker_environment() -> dict[str, str]:
     MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
     aligned, so two runs of the same job could differ in the last bits. `MKL_CBWR=AUTO,STRICT`
     makes results reproducible on the same CPU, which is what lets a retried attempt reproduce the
-    killed one exactly. A value the user set is kept.
+    killed one exactly.
+
+    `expandable_segments` lets torch's CUDA allocator grow its blocks in place instead of caching
+    many fixed-size ones, so what a stage holds on the device stays close to what it uses: on a
+    unified-memory box (Jetson Thor) the allocator's slack is taken from the host's RAM too.
+    A value the user set is kept, for both.
     """
-    return {"MKL_CBWR": "AUTO,STRICT", **os.environ, "PYTHONUNBUFFERED": "1"}
+    defaults = {"MKL_CBWR": "AUTO,STRICT", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 class ForkServerError(RuntimeError):

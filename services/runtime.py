@@ -241,7 +241,17 @@ def run_jobs(contexts: list[WorkerContext], work: Work, started: float) -> None:
     next one, and the process ends only after every job is reported."""
     pending: StartedJob | None = None
     for index, ctx in enumerate(contexts, start=1):
-        current = start_job(ctx, work, started if index == 1 else time.monotonic(), index, len(contexts))
+        try:
+            current = start_job(ctx, work, started if index == 1 else time.monotonic(), index, len(contexts))
+        except BaseException:
+            # This job ends the process; the one still encoding may yet finish and be reported
+            # done, so the orchestrator need not redo it. Its own error, if any, is left unsaid:
+            # without a Done it is rerun anyway.
+            if pending is not None:
+                pending.outputs.exception()
+                pending.reported.wait()
+            ctx.reporter.job_id = str(ctx.job["id"])
+            raise
         if pending is not None:
             finish_job(pending)
         pending = current

@@ -125,7 +125,8 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
                 feed.put(rgb_to_yuv420(frames[start : start + FRAMES_PER_WRITE]).cpu().numpy())
             decoded += frames.shape[0]
-            stills.setdefault(FIRST_FRAME_FILE, to_uint8(frames[:1])[0])
+            if FIRST_FRAME_FILE not in stills:
+                stills[FIRST_FRAME_FILE] = to_uint8(frames[:1])[0]
             stills[LAST_FRAME_FILE] = to_uint8(frames[-1:])[0]
             ctx.progress(f"decode video ({plan.label})", decoded, expected)
         # Here rather than on the encode thread, which is the busier of the two.

@@ -4,6 +4,7 @@ right job, and a group worker that reports a job done only once its encode finis
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -205,3 +206,33 @@ def test_an_encode_that_crashes_names_its_own_job(tiny_model_dir: Path, tmp_path
         ("Progress", "b"),
         ("Done", "b"),
     ]
+
+
+def test_a_job_that_fails_waits_for_the_one_still_encoding_to_be_reported(tiny_model_dir: Path, tmp_path: Path):
+    reporter = RecordingReporter()
+    jobs = contexts(tmp_path, tiny_model_dir, ["a", "b"], reporter)
+    encoding: Future[list[str]] = Future()
+    b_failing = threading.Event()
+
+    def finish_encode_later() -> None:
+        b_failing.wait(WAIT_S)
+        time.sleep(0.2)  # well after b raised: a finishes only while the process is failing
+        encoding.set_result(["a.mp4"])
+
+    threading.Thread(target=finish_encode_later).start()
+
+    def work(ctx: WorkerContext) -> Future[list[str]]:
+        if ctx.job_dir.parent.name == "a":
+            return encoding
+        b_failing.set()
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory while decoding b")
+
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run_jobs(jobs, work, started=0.0)
+    ids = {ctx.job["id"]: ctx.job_dir.parent.name for ctx in jobs}
+    assert [(kind, ids[job_id]) for kind, job_id, _ in reporter.sent] == [
+        ("Progress", "a"),
+        ("Progress", "b"),
+        ("Done", "a"),  # a's MP4 was finished: it is not redone
+    ]
+    assert reporter.job_id == jobs[1].job["id"]  # the process's Failed message goes to job b
