@@ -57,14 +57,20 @@ class FrameFeed(Generic[Result]):
         return self.future
 
     def abort(self) -> None:
-        """Make the encode function raise FeedAborted (or never run, if it has not started)."""
-        if self.future.cancel() or self.future.done():
+        """Make the encode function raise FeedAborted (or never run, if it has not started).
+
+        Never raises: it is called while another error is on its way out, which must not be
+        replaced by the encoder's own.
+        """
+        if self.future.cancel():
             return
-        self._append(self._ABORT, 0)
+        with self._changed:
+            self._items.append((self._ABORT, 0))
+            self._changed.notify_all()
 
     def _append(self, item: object, size: int) -> None:
         with self._changed:
-            while self.pending_bytes and self.pending_bytes + size > self.max_pending_bytes:
+            while size and self.pending_bytes and self.pending_bytes + size > self.max_pending_bytes:
                 self._raise_if_encoder_ended()
                 self._changed.wait(WAIT_S)
             self._raise_if_encoder_ended()

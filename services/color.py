@@ -1,8 +1,8 @@
 """RGB frames to H.264's input format (YUV 4:2:0, BT.709, limited range) on the accelerator.
 
 Converting on the GPU, where the frames already are, takes swscale off the host (about 1.6 ms
-per 768x512 frame on one core, so seconds for a 1080p clip) and halves the bytes copied to the
-host. BT.709 is the matrix of HD video; the MP4 writer tags the stream with it, so players and
+per 768x512 frame on one core, well over a second for a 1080p x 161 clip) and halves the bytes
+copied to the host. BT.709 is the matrix of HD video; the MP4 writer tags the stream with it, so players and
 decoders convert back with the same matrix (swscale's default, BT.601 on an untagged stream,
 shifts saturated colours).
 """

@@ -102,6 +102,7 @@ def test_an_encoder_error_reaches_the_producer_and_the_future():
             feed.put(piece(value))
     with pytest.raises(OSError, match="disk full"):
         feed.future.result(WAIT_S)
+    feed.abort()  # what the decoding side does on its way out: quiet, whatever the encoder did
     # The thread is free for the next clip.
     after = encoder.start(lambda pieces: [int(p[0]) for p in pieces])
     after.put(piece(9))
