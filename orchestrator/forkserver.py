@@ -37,9 +37,12 @@ def worker_environment() -> dict[str, str]:
     `expandable_segments` lets torch's CUDA allocator grow its blocks in place instead of caching
     many fixed-size ones, so what a stage holds on the device stays close to what it uses: on a
     unified-memory box (Jetson Thor) the allocator's slack is taken from the host's RAM too.
-    A value the user set is kept, for both.
+    A value the user set is kept, for both; so is an allocator configuration given under torch's
+    newer, device-neutral name `PYTORCH_ALLOC_CONF`.
     """
-    defaults = {"MKL_CBWR": "AUTO,STRICT", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    defaults = {"MKL_CBWR": "AUTO,STRICT"}
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1"}
 
 
