@@ -18,19 +18,19 @@ from typing import Any
 import zmq
 
 from config.settings import ConfigError, Settings, load_settings
-from orchestrator import client_commands
 from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
-from orchestrator.client_commands import fail
+from orchestrator.cli_flags import add_spec_flags, spec_request
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
-from orchestrator.models import resolve_model
+from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobFailed, JobHooks, run_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import StageOutcome, WorkerLink
 from orchestrator.stage_major import run_stage_major
+from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
-from protocol.models import TINY_REPO_ID
+from protocol.model_ids import TINY_REPO_ID
 from protocol.spec import JobSpec, SpecError
 
 # Exit status of the CLI for a failed job, by how its last stage failed.
@@ -40,133 +40,6 @@ FAILURE_EXIT = {
     Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
 }
-# CLI flags that map one-to-one onto JobSpec fields.
-SPEC_FLAGS = (
-    "prompt",
-    "negative_prompt",
-    "model",
-    "width",
-    "height",
-    "num_frames",
-    "fps",
-    "steps",
-    "guidance_scale",
-    "schedule",
-    "seed",
-    "name",
-    "dtype",
-    "vae_chunk_frames",
-    "vae_tiling",
-    "loras",
-    "camera",
-    "fp8",
-    "fp8_matmul",
-    "compile",
-    "sequential_offload",
-    "drop_caches",
-    "image",
-)
-
-
-class LoraAction(argparse.Action):
-    """`--lora SOURCE` starts a LoRA entry; `--lora-weight-name`/`--lora-scale` set the last one's."""
-
-    def __call__(
-        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: str | None = None
-    ) -> None:
-        entries = list(getattr(namespace, "loras", None) or [])
-        if option == "--lora":
-            entries.append({"source": value})
-        elif not entries:
-            parser.error(f"{option} must follow a --lora")
-        else:
-            entries[-1]["weight_name" if option == "--lora-weight-name" else "scale"] = value
-        namespace.loras = entries
-
-
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that become JobSpec fields (defaults None: the model's preset fills them in)."""
-    parser.add_argument("--prompt", required=True, help="what the clip shows (a paragraph works best)")
-    parser.add_argument("--negative-prompt", help="what to avoid; only has an effect with --guidance-scale > 1")
-    parser.add_argument(
-        "--model",
-        help="HF repo id or local diffusers folder (default: the distilled model if "
-        "cached, else the tiny offline model)",
-    )
-    parser.add_argument("--width", type=int, help="multiple of 32 (preset default)")
-    parser.add_argument("--height", type=int, help="multiple of 32 (preset default)")
-    parser.add_argument("--num-frames", type=int, help="8n+1: 9, 17, ..., 121, 161, 257 (preset default)")
-    parser.add_argument("--fps", type=float, help="frames per second (default 24)")
-    parser.add_argument("--steps", type=int, help="denoising steps (preset default: 8 distilled, 40 dev)")
-    parser.add_argument("--guidance-scale", type=float, help="CFG scale; 1.0 turns CFG off (preset default)")
-    parser.add_argument("--schedule", choices=["distilled", "default"], help="sigma schedule (preset default)")
-    parser.add_argument("--seed", type=int, help="random when absent; always recorded")
-    parser.add_argument("--name", help="output file stem (default: video)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
-    parser.add_argument("--image", help="first-frame image for image-to-video (centre-cropped to the clip's shape)")
-    parser.add_argument(
-        "--drop-caches",
-        action="store_true",
-        default=None,
-        help="flush the kernel page cache after the video is written (needs root; warns otherwise)",
-    )
-    parser.add_argument(
-        "--camera",
-        help="camera-control LoRA by name: dolly-in, dolly-out, dolly-left, dolly-right, jib-up, jib-down, static",
-    )
-    parser.add_argument(
-        "--lora",
-        dest="loras",
-        action=LoraAction,
-        metavar="REPO_OR_PATH",
-        help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
-    )
-    parser.add_argument(
-        "--lora-weight-name",
-        dest="loras",
-        action=LoraAction,
-        metavar="FILE",
-        help="weight file inside the preceding --lora's repo or folder",
-    )
-    parser.add_argument(
-        "--lora-scale",
-        dest="loras",
-        action=LoraAction,
-        type=float,
-        metavar="S",
-        help="strength 0.0-1.0 of the preceding --lora (default 1.0)",
-    )
-    parser.add_argument(
-        "--fp8",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
-    )
-    parser.add_argument(
-        "--fp8-matmul",
-        action="store_true",
-        default=None,
-        help="FP8 weights and FP8 matmuls (rowwise scales) in the transformer blocks; fastest with --compile",
-    )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="compile the transformer's repeated blocks (torch.compile; the compiled code is cached on disk)",
-    )
-    parser.add_argument(
-        "--sequential-offload",
-        action="store_true",
-        default=None,
-        help="keep transformer layers in host memory, moving each to the GPU as it runs",
-    )
-    parser.add_argument(
-        "--vae-tiling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force spatial tiling on/off (default: chosen from the size)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return decode(args, settings)
         if args.command == "batch":
             return render_batch(args, settings)
+        from orchestrator.daemon import client_commands
+
         return client_commands.run(args, settings)
     except ConfigError as exc:
         return fail(f"config: {exc}", ExitCode.INVALID_INPUT)
@@ -261,15 +136,6 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if getattr(args, "output_dir", None):
         overrides["paths"]["output_dir"] = str(args.output_dir)
     return overrides
-
-
-def notice(message: str) -> None:
-    sys.stderr.write(f"ltx2: {message}\n")
-
-
-def spec_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec fields the user gave on the command line (the rest come from the preset)."""
-    return {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
 
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:

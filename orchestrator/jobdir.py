@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.inputs import store_image
-from orchestrator.models import ResolvedModel
+from orchestrator.model_lookup import ResolvedModel
 from protocol.files import (
     EVENTS_FILE,
     INPUT_IMAGE_FILE,

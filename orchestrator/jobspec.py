@@ -13,9 +13,9 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.inputs import require_image
-from orchestrator.loras import resolve_lora
-from orchestrator.models import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from protocol.models import TINY_REPO_ID
+from orchestrator.lora_lookup import resolve_lora
+from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
+from protocol.model_ids import TINY_REPO_ID
 from protocol.spec import JobSpec, SpecError
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.

@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from orchestrator.forkserver import ForkedProcess, ForkServer, worker_environment
+from orchestrator.fork_client import ForkedProcess, ForkServer, worker_environment
 from orchestrator.jobdir import JobDir, tail
 from protocol import codec, stages
 from protocol.errors import Failure, classify_exit, describe_exit
@@ -57,7 +57,7 @@ class WorkerLink:
     """The ROUTER socket workers connect to; one per orchestrator process."""
 
     def __init__(self, context: zmq.Context, endpoint: str | None = None, fork_server: bool = True) -> None:
-        # Workers are forked from a server that imported torch once (orchestrator.forkserver),
+        # Workers are forked from a server that imported torch once (orchestrator.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time.
         self.fork_server = ForkServer() if fork_server else None
         self.socket = context.socket(zmq.ROUTER)

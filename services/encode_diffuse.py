@@ -28,7 +28,7 @@ from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
 from protocol.spec import JobSpec
 from services import embedding_cache, guidance, models
 from services.latents import write_latents
-from services.loras import fuse_loras
+from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext, run_worker
 
 

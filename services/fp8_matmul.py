@@ -10,7 +10,7 @@ returning the compute dtype. Layers whose sizes are not multiples of 16 (what th
 need) and everything outside the blocks (embeddings, projections in and out, norms) stay in bf16.
 Rowwise scales keep one outlier channel or token from crushing the precision of the others.
 
-LoRAs are fused into the bf16 weights before quantisation (services/loras.py refuses otherwise).
+LoRAs are fused into the bf16 weights before quantisation (services/lora_fusing.py refuses otherwise).
 The quantisation happens block by block on the accelerator, so the full bf16 transformer is never
 resident there: the peak is the FP8 weights plus one bf16 block.
 """

@@ -34,7 +34,7 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from protocol.models import TINY_REPO_ID, hub_cache_dir
+from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
 
 # A fixed commit-like revision so the Hugging Face cache layout (snapshots/<rev>) is stable.
 TINY_REVISION = "0" * 39 + "1"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from conftest import REPO_ROOT
 
-from orchestrator.client import DaemonClient, DaemonError
-from orchestrator.transport import DaemonAddress
+from orchestrator.daemon.client import DaemonClient, DaemonError
+from orchestrator.daemon.transport import DaemonAddress
 from protocol import jobs
 
 START_TIMEOUT_S = 30.0

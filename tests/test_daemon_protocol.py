@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from config.settings import load_settings
-from orchestrator.client import DaemonClient, DaemonError
-from orchestrator.daemon import Daemon
-from orchestrator.transport import DaemonAddress, TransportError, create_keys
+from orchestrator.daemon.client import DaemonClient, DaemonError
+from orchestrator.daemon.server import Daemon
+from orchestrator.daemon.transport import DaemonAddress, TransportError, create_keys
 from protocol import codec, jobs
 from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
-from orchestrator.loras import resolve_lora
+from orchestrator.lora_lookup import resolve_lora
 from orchestrator.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage

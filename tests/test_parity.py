@@ -17,7 +17,7 @@ from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
-from orchestrator.models import resolve_model
+from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobHooks, run_job
 from orchestrator.policy import initial_plan
 from orchestrator.runner import WorkerLink
@@ -26,7 +26,7 @@ from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
 from services.latents import read_latents
 from services.media import read_wav
-from services.models import load_video_vae
+from services.model_loading import load_video_vae
 from services.video_decode import configure_vae, decode_frames
 
 TOLERANCE = 1e-5

@@ -11,7 +11,7 @@ from conftest import run_ltx2
 
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
-from orchestrator.models import resolve_model
+from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobHooks, StageEvent, run_job
 from orchestrator.runner import WorkerLink
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE

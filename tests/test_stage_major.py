@@ -21,7 +21,7 @@ from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
-from orchestrator.models import ResolvedModel
+from orchestrator.model_lookup import ResolvedModel
 from orchestrator.pipeline import JobFailed, JobHooks
 from orchestrator.policy import initial_plan
 from orchestrator.runner import WorkerLink

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.forkserver import worker_environment
+from orchestrator.fork_client import worker_environment
 
 
 def test_workers_get_expandable_segments_and_strict_mkl_by_default(monkeypatch: pytest.MonkeyPatch):

@@ -22,13 +22,13 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
+from orchestrator.daemon.store import JobStore
 from orchestrator.jobdir import JobDir
 from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, next_attempt, run_job
 from orchestrator.policy import describe_plan
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.stage_major import run_stage_major
 from orchestrator.states import JobState
-from orchestrator.store import JobStore
 from protocol import codec, stages
 from protocol.errors import Failure
 from protocol.files import STAGE_ORDER, Stage

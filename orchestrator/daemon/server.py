@@ -23,13 +23,13 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
-from orchestrator.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.store import JobStore
+from orchestrator.daemon.transport import DaemonAddress, bind_server
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.policy import describe_plan
 from orchestrator.states import JobState, TransitionError
-from orchestrator.store import JobStore
-from orchestrator.transport import DaemonAddress, bind_server
 from protocol import codec, jobs
 from protocol.codec import ErrorCode, ProtocolError
 from protocol.errors import ModelNotFound

@@ -11,11 +11,13 @@ import time
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.client import DaemonClient, DaemonError
+from orchestrator.cli_flags import spec_request
+from orchestrator.daemon.client import DaemonClient, DaemonError
+from orchestrator.daemon.transport import TransportError, address_from_settings, create_keys
 from orchestrator.pipeline import StageEvent
 from orchestrator.progress import ProgressView
 from orchestrator.states import JobState
-from orchestrator.transport import TransportError, address_from_settings, create_keys
+from orchestrator.terminal import fail
 from protocol import jobs, stages
 from protocol.errors import ExitCode
 
@@ -40,15 +42,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
 
 
-def fail(message: str, code: int) -> int:
-    """Print an error line for the user; returns the exit code to use."""
-    sys.stderr.write(f"ltx2: error: {message}\n")
-    return int(code)
-
-
 def run_daemon(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM)."""
-    from orchestrator.daemon import Daemon
+    from orchestrator.daemon.server import Daemon
 
     logging.getLogger().setLevel(logging.INFO)
     daemon = Daemon(settings, address_from_settings(settings.daemon))
@@ -66,8 +62,6 @@ def make_keys(args: argparse.Namespace) -> int:
 
 
 def submit(client: DaemonClient, args: argparse.Namespace) -> int:
-    from orchestrator.cli import spec_request
-
     data = client.request(jobs.Submit("", spec_request(args)))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")

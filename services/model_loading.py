@@ -113,7 +113,7 @@ def apply_memory_plan(
     while it runs (slowest, smallest); on a CPU-only host it changes nothing. LoRAs must already
     be fused: casting first would merge adapters into quantised weights, so that order is refused.
     """
-    from services.loras import require_no_adapters
+    from services.lora_fusing import require_no_adapters
 
     require_no_adapters(transformer)
     if fp8_matmul:

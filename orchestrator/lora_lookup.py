@@ -12,7 +12,7 @@ from typing import Any
 
 from orchestrator.inputs import require_inside_roots
 from protocol.errors import ModelNotFound
-from protocol.models import hub_cache_dir
+from protocol.model_ids import hub_cache_dir
 from protocol.spec import SpecError
 
 

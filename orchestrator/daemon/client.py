@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from orchestrator.transport import DaemonAddress, connect_client
+from orchestrator.daemon.transport import DaemonAddress, connect_client
 from protocol import codec, jobs
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from protocol.errors import ModelNotFound
-from protocol.models import TINY_REPO_ID, hub_cache_dir
+from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
 
 
 @dataclasses.dataclass(frozen=True)

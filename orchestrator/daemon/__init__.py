@@ -1,0 +1,5 @@
+"""The daemon's own modules: the ZeroMQ server, its executor, the sqlite queue, and the client side.
+
+Nothing outside this package imports it at CLI start except `ltx2 daemon` and the client commands,
+so `ltx2 generate` and `ltx2 batch` never load sqlite or the server's code.
+"""
