@@ -17,7 +17,7 @@ from diffusers import AutoencoderKLLTX2Audio  # noqa: F401
 
 from protocol.errors import InvalidInput
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
-from services import models
+from services import model_loading
 from services.latents import read_latents
 from services.media import write_wav
 from services.runtime import WorkerContext, run_worker
@@ -26,15 +26,15 @@ from services.runtime import WorkerContext, run_worker
 def run(ctx: WorkerContext) -> list[str]:
     """The stage: latents file -> float WAV at the vocoder's output rate."""
     # The lower-memory plan moves this small decoder to the CPU.
-    device = torch.device("cpu") if ctx.plan.get("device") == "cpu" else models.resolve_device()
-    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    device = torch.device("cpu") if ctx.plan.get("device") == "cpu" else model_loading.resolve_device()
+    dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["audio"]
     if latents.ndim != 4 or latents.shape[0] != 1:
         raise InvalidInput(f"audio latents must be [1, C, L, M], got {list(latents.shape)}")
     if "audio_decoder" not in ctx.shared:
         ctx.progress("load audio decoder")
-        ctx.shared["audio_decoder"] = models.load_audio_decoder(ctx.model_root, dtype, device)
+        ctx.shared["audio_decoder"] = model_loading.load_audio_decoder(ctx.model_root, dtype, device)
     audio_vae, vocoder = ctx.shared["audio_decoder"]
     ctx.progress("decode audio", 0, 1)
     with torch.no_grad():

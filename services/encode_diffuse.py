@@ -26,7 +26,7 @@ from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
 from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
 from protocol.spec import JobSpec
-from services import embedding_cache, guidance, models
+from services import embedding_cache, guidance, model_loading
 from services.latents import write_latents
 from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext, run_worker
@@ -44,19 +44,19 @@ def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
 def encode_group_prompts(contexts: list[WorkerContext]) -> None:
     """Before a group's first job: encode every prompt missing from the cache with one encoder load,
     so the text encoder never shares the process's memory with the transformer."""
-    device = models.resolve_device()
+    device = model_loading.resolve_device()
     missing: dict[Path, WorkerContext] = {}
     for ctx in contexts:
         if ctx.spec is None:
             continue
-        path = embeddings_path(ctx, device, models.resolve_dtype(ctx.spec.dtype, device))
+        path = embeddings_path(ctx, device, model_loading.resolve_dtype(ctx.spec.dtype, device))
         if path is not None and not path.is_file():
             missing.setdefault(path, ctx)
     if not missing:
         return
     first = next(iter(missing.values()))
     first.progress(f"load text encoder for {len(missing)} prompt(s)")
-    dtype = models.resolve_dtype(first.spec.dtype, device)
+    dtype = model_loading.resolve_dtype(first.spec.dtype, device)
     fill_cache({path: ctx.spec for path, ctx in missing.items()}, first.model_root, dtype, device)
 
 
@@ -87,7 +87,7 @@ def encode_prompts(model_root: Path, dtype: torch.dtype, device: torch.device, s
     """Embeddings and masks of each spec's prompt (negative ones only with CFG), loading the text
     encoder once; via LTX2Pipeline.encode_prompt, the code the single-process pipeline runs."""
     # The pipeline object is the only holder of the encoder, so releasing it frees the memory.
-    encoder_only = models.load_prompt_encoder(model_root, dtype, device)
+    encoder_only = model_loading.load_prompt_encoder(model_root, dtype, device)
     results = []
     with torch.no_grad():
         for spec in specs:
@@ -135,14 +135,14 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     ctx.shared.pop("denoiser", None)
     kept = None
     ctx.progress("load transformer")
-    connectors, transformer, scheduler = models.load_denoiser(ctx.model_root, dtype, device)
-    video_stats, audio_stats = models.load_latent_statistics(ctx.model_root)
+    connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
+    video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
     if ctx.job.get("loras"):
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
         fuse_loras(base, ctx.job["loras"])
-    models.apply_memory_plan(
+    model_loading.apply_memory_plan(
         transformer,
         dtype,
         device,
@@ -153,7 +153,7 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     )
     if ctx.plan.get("compile") == "regional":
         ctx.progress("compile transformer blocks (on the first step)")
-        models.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
+        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
     kept = {
         "key": key,
         "connectors": connectors,
@@ -195,7 +195,7 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         # Image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
         if "video_vae" not in ctx.shared:
             ctx.progress("load video VAE for the conditioning image")
-            ctx.shared["video_vae"] = models.load_video_vae(ctx.model_root, dtype, device)
+            ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
         video_stats = ctx.shared["video_vae"]
         image_inputs["image"] = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, ctx.spec.width, ctx.spec.height)
         pipeline_cls = LTX2ImageToVideoPipeline
@@ -247,8 +247,8 @@ def load_conditioning_image(path: Path, width: int, height: int) -> Any:
 
 def run(ctx: WorkerContext) -> list[str]:
     """The stage: prompt -> embeddings -> latents file."""
-    device = models.resolve_device()
-    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    device = model_loading.resolve_device()
+    dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     embeddings = cached_or_encoded_prompt(ctx, device, dtype)
     result = denoise(ctx, embeddings, device, dtype)
     ctx.progress("write latents")

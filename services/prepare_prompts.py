@@ -15,13 +15,13 @@ from pathlib import Path
 
 from protocol.files import JOB_FILE
 from protocol.spec import JobSpec
-from services import embedding_cache, models
+from services import embedding_cache, model_loading
 from services.encode_diffuse import fill_cache
 
 
 def main(argv: list[str] | None = None) -> int:
     job_dirs = [Path(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    device = models.resolve_device()
+    device = model_loading.resolve_device()
     missing: dict[tuple[Path, str], dict[Path, JobSpec]] = defaultdict(dict)
     cached = 0
     for job_dir in job_dirs:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         if not job.get("embeddings_dir"):
             continue
         spec, root = JobSpec.from_dict(job["spec"]), Path(job["model_path"])
-        dtype = models.resolve_dtype(spec.dtype, device)
+        dtype = model_loading.resolve_dtype(spec.dtype, device)
         path = embedding_cache.cache_path(
             Path(job["embeddings_dir"]), root, job.get("revision", ""), spec, dtype, device
         )
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             missing[(root, spec.dtype)][path] = spec
     for (root, dtype_name), wanted in missing.items():
-        fill_cache(wanted, root, models.resolve_dtype(dtype_name, device), device)
+        fill_cache(wanted, root, model_loading.resolve_dtype(dtype_name, device), device)
     encoded = sum(len(wanted) for wanted in missing.values())
     sys.stdout.write(f"encoded {encoded} prompt(s) with {len(missing)} text-encoder load(s); {cached} cached already\n")
     return 0

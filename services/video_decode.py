@@ -27,7 +27,7 @@ from diffusers import AutoencoderKLLTX2Video  # noqa: F401
 from protocol.errors import InvalidInput
 from protocol.files import AUDIO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.plans import DecodePlan, piece_ranges
-from services import models
+from services import model_loading
 from services.background_encode import BackgroundEncoder
 from services.color import rgb_to_yuv420
 from services.latents import read_latents
@@ -97,8 +97,8 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     a group process decodes its next clip meanwhile; the runtime reports the job done when the
     returned future is (the MP4 and both PNGs published).
     """
-    device = models.resolve_device()
-    dtype = models.resolve_dtype(ctx.spec.dtype, device)
+    device = model_loading.resolve_device()
+    dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     plan = DecodePlan.from_dict(ctx.plan["decode"])
     tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["video"]
@@ -107,7 +107,7 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
     if "video_vae" not in ctx.shared:
         ctx.progress("load video VAE")
-        ctx.shared["video_vae"] = models.load_video_vae(ctx.model_root, dtype, device)
+        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
     vae = ctx.shared["video_vae"]
     configure_vae(vae, plan)
     expected = ctx.spec.num_frames

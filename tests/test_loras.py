@@ -18,7 +18,7 @@ from orchestrator.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import SpecError
-from services import encode_diffuse, models
+from services import encode_diffuse, model_loading
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
 
@@ -117,7 +117,7 @@ def test_fp8_cast_is_refused_while_adapters_are_attached(tiny_model_dir: Path, l
     pipe = LTX2Pipeline.from_pretrained(tiny_model_dir)
     pipe.load_lora_weights(str(lora_files["original"].parent), weight_name="original.safetensors", adapter_name="a")
     with pytest.raises(InvalidInput, match="fused before FP8"):
-        models.apply_memory_plan(
+        model_loading.apply_memory_plan(
             pipe.transformer, torch.float32, torch.device("cpu"), fp8=True, sequential_offload=False
         )
 
