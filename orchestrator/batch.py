@@ -30,6 +30,7 @@ from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
 from orchestrator.pipeline import JobFailed, first_unfinished
 from orchestrator.runner import StageOutcome
 from orchestrator.stage_major import diffusion_processes
+from orchestrator.states import JobState
 from protocol.files import STAGE_ORDER, Stage, publish, temp_path_for
 from protocol.spec import SpecError
 
@@ -142,13 +143,19 @@ def run_batch(
     for clip in clips:
         entry = state.entry(clip)
         spec_digest = clip.built.spec.digest()
-        if entry.get("status") == "done" and entry.get("digest") == spec_digest and Path(entry["output"]).is_file():
+        if (
+            entry.get("status") == JobState.DONE
+            and entry.get("digest") == spec_digest
+            and Path(entry["output"]).is_file()
+        ):
             continue
         jobs[clip.key] = resume_or_create(entry, clip, spec_digest, settings)
-        entry.update(job_id=jobs[clip.key].id, job_dir=str(jobs[clip.key].path), digest=spec_digest, status="queued")
+        entry.update(
+            job_id=jobs[clip.key].id, job_dir=str(jobs[clip.key].path), digest=spec_digest, status=JobState.QUEUED.value
+        )
     for clip in clips:
         if clip.key in jobs:
-            state.entry(clip).update(status="running")
+            state.entry(clip).update(status=JobState.RUNNING.value)
     state.save()
     undiffused = [job for job in jobs.values() if not job.has_outputs(Stage.ENCODE_DIFFUSE)]
     if diffusion_processes(undiffused, settings) > 1:
@@ -165,12 +172,16 @@ def run_batch(
         job = jobs[clip.key]
         result = results[job.id]
         seconds = round(tracker.seconds.get(job.id, 0.0), 1)
-        if isinstance(result, JobFailed):  # unattended: recorded, the other clips went on
-            entry.update(status="failed", error=str(result))
+        if isinstance(result, JobFailed) and result.job_state is JobState.QUEUED:  # Ctrl-C: resumes on a rerun
+            entry.update(status=JobState.QUEUED.value)
+            report(f"clip {number}/{len(clips)} {clip.key}: interrupted (job {job.path})")
+            rows.append({"clip": clip.key, "seconds": seconds, "output": "", "status": "stopped"})
+        elif isinstance(result, JobFailed):  # unattended: recorded, the other clips went on
+            entry.update(status=JobState.FAILED.value, error=str(result))
             report(f"clip {number}/{len(clips)} {clip.key}: FAILED: {result} (job {job.path})")
             rows.append({"clip": clip.key, "seconds": seconds, "output": str(result), "status": "failed"})
         else:
-            entry.update(status="done", output=str(result), seconds=seconds)
+            entry.update(status=JobState.DONE.value, output=str(result), seconds=seconds)
             report(f"clip {number}/{len(clips)} {clip.key}: {seconds:.1f} s -> {result}")
             rows.append({"clip": clip.key, "seconds": seconds, "output": str(result), "status": "rendered"})
         state.save()

@@ -20,13 +20,15 @@ import zmq
 from config.settings import ConfigError, Settings, load_settings
 from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
 from orchestrator.cli_flags import add_spec_flags, spec_request
+from orchestrator.job_hooks import JobHooks
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobFailed, JobHooks, run_job
+from orchestrator.pipeline import JobFailed, run_job, take_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import StageOutcome, WorkerLink
 from orchestrator.stage_major import run_stage_major
+from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
@@ -150,24 +152,39 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | None = None) -> int:
-    """Run a job in this process's embedded orchestrator; print the MP4 path; return the exit code."""
+    """Run a job in this process's embedded orchestrator; print the MP4 path; return the exit code.
+
+    Ctrl-C (or SIGTERM) stops the running worker (SIGTERM, then SIGKILL after the grace period),
+    leaves the job resumable and exits 130 with one line saying how to resume.
+    """
     view = ProgressView(enabled=not quiet)
     context = zmq.Context()
     link = WorkerLink(context, fork_server=settings.fork_server)
-    try:
-        output = run_job(job, settings, link, JobHooks(listener=view), target=target)
-    except JobFailed as exc:
-        view.close()
-        details = (
-            f"\n--- last lines of the {exc.stage.value} log ---\n{exc.outcome.log_tail}" if exc.outcome.log_tail else ""
-        )
-        return fail(f"{exc}{details}\njob directory: {job.path}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
-    finally:
-        link.close()
-        context.term()
+    with StopOnSignals() as stop:
+        try:
+            take_job(job)
+            output = run_job(job, settings, link, JobHooks(listener=view, should_stop=stop.reason), target=target)
+        except JobFailed as exc:
+            view.close()
+            return report_job_failed(exc, job)
+        finally:
+            link.close()
+            context.term()
     view.close()
     sys.stdout.write(f"{output}\n")
     return 0
+
+
+def report_job_failed(exc: JobFailed, job: JobDir) -> int:
+    """One error for a job that ended without a video; returns the exit code."""
+    if exc.failure is Failure.INTERRUPTED:
+        return fail(
+            f"interrupted; job {job.id} stopped and left resumable: ltx2 decode --input {job.path} --output PATH.mp4",
+            ExitCode.INTERRUPTED,
+        )
+    log_tail = exc.outcome.log_tail
+    details = f"\n--- last lines of the {exc.stage.value} log ---\n{log_tail}" if log_tail else ""
+    return fail(f"{exc}{details}\njob directory: {job.path}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
 
 
 def decode(args: argparse.Namespace, settings: Settings) -> int:
@@ -206,21 +223,26 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
 
     def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobFailed]:
         labels = {job.id: key for key, job in jobs.items()}
+        for job in jobs.values():
+            take_job(job)
 
         def hooks_for(job: JobDir) -> JobHooks:
             def on_attempt(stage: Stage, _attempt: int, _plan: dict[str, Any], outcome: StageOutcome) -> None:
                 stage_ended(job, stage, outcome)
 
-            return JobHooks(listener=view.labelled(labels[job.id]), on_attempt=on_attempt)
+            return JobHooks(listener=view.labelled(labels[job.id]), should_stop=stop.reason, on_attempt=on_attempt)
 
         return run_stage_major(list(jobs.values()), settings, link, hooks_for)
 
-    try:
-        rows = run_batch(args.file.expanduser(), settings, render, notice, prepare_prompts)
-    finally:
-        view.close()
-        link.close()
-        context.term()
+    with StopOnSignals() as stop:
+        try:
+            rows = run_batch(args.file.expanduser(), settings, render, notice, prepare_prompts)
+        finally:
+            view.close()
+            link.close()
+            context.term()
+    if stop.reason() is not None:
+        return fail(f"interrupted; run `ltx2 batch {args.file}` again to resume", ExitCode.INTERRUPTED)
     summary_path = settings.output_dir / f"{args.file.stem}_summary.txt"
     sys.stdout.write(write_summary(summary_path, rows))
     failed = sum(1 for row in rows if row["status"] == "failed")

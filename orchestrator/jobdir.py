@@ -1,22 +1,41 @@
-"""A job directory and its `job.json`: the durable record of one clip.
+"""A job directory and its `job.json`: the durable record of one clip, and its only writer.
 
 Only the orchestrator writes job.json (atomically); workers read it. It holds the validated spec,
-the resolved model, each stage's attempts (plan, result, time, peak memory) and the fingerprints
-of finished outputs, which is how a re-run knows which stages to skip (DESIGN.md rule 1).
-`events.log` beside it gets one JSON line per event, for `ltx2 logs` and post-mortems.
+the resolved model, each stage's attempts (plan, result, time, peak memory, worker pid) and the
+fingerprints of finished outputs, which is how a re-run knows which stages to skip (DESIGN.md
+rule 1). `events.log` beside it gets one JSON line per event, for `ltx2 logs` and post-mortems.
+
+Every state in job.json (the job's, each stage's, each attempt's result) is changed here and only
+here, each change checked against orchestrator/states.py (DESIGN.md rule 7). A job's state
+changes under an flock of the job directory and against the state on disk, so two threads or
+processes (the daemon's request loop cancelling a queued job while its executor claims it) cannot
+both move it; the daemon's sqlite queue is told of each change through `mirror`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator.inputs import store_image
 from orchestrator.model_lookup import ResolvedModel
+from orchestrator.states import (
+    ATTEMPT_TRANSITIONS,
+    JOB_TRANSITIONS,
+    STAGE_TRANSITIONS,
+    AttemptResult,
+    EventKind,
+    JobState,
+    StageState,
+    require_transition,
+)
 from protocol.files import (
     EVENTS_FILE,
     INPUT_IMAGE_FILE,
@@ -28,6 +47,12 @@ from protocol.files import (
     temp_path_for,
 )
 from protocol.spec import JobSpec
+
+#: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
+Mirror = Callable[["JobDir"], None]
+# A lock file in each job directory serialises changes of the job's state between threads and
+# processes (flock: released by the kernel when its holder dies, so it can never go stale).
+LOCK_FILE = ".lock"
 
 
 def new_job_id(now: dt.datetime | None = None) -> str:
@@ -43,10 +68,15 @@ def utc_now() -> str:
 class JobDir:
     """Read and update one job's directory."""
 
-    def __init__(self, path: Path, record: dict[str, Any]) -> None:
+    def __init__(self, path: Path, record: dict[str, Any], mirror: Mirror | None = None) -> None:
         self.path = path
         self.record = record
         self.spec = JobSpec.from_dict(record["spec"])
+        self.mirror = mirror
+
+    @property
+    def state(self) -> JobState:
+        return JobState(self.record["status"])
 
     @property
     def id(self) -> str:
@@ -80,17 +110,59 @@ class JobDir:
             "embeddings_dir": str(jobs_dir.parent / "embeddings"),
             # Code compiled by --compile is cached beside them, shared by every later job.
             "compile_cache_dir": str(jobs_dir.parent / "compile-cache"),
-            "status": "queued",
-            "stages": {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage},
+            "status": JobState.QUEUED.value,
+            "stages": {
+                stage.value: {"status": StageState.PENDING.value, "attempts": [], "outputs": {}} for stage in Stage
+            },
         }
         job = cls(path, record)
         job.save()
+        job.log_event(EventKind.JOB_QUEUED)
         return job
 
     @classmethod
-    def load(cls, path: Path) -> JobDir:
+    def load(cls, path: Path, mirror: Mirror | None = None) -> JobDir:
         """Open an existing job directory."""
-        return cls(path, json.loads((path / JOB_FILE).read_text()))
+        return cls(path, json.loads((path / JOB_FILE).read_text()), mirror)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the job directory's lock (see LOCK_FILE)."""
+        with (self.path / LOCK_FILE).open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def transition(self, target: JobState, **details: Any) -> None:
+        """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
+        atomically, logged, mirrored. The only code that changes a job's state.
+
+        `details` are fields of the record set with it (`error`, `output`); entering QUEUED or
+        RUNNING clears `error`, and a terminal state stamps `finished`.
+        """
+        with self.locked():
+            on_disk = json.loads((self.path / JOB_FILE).read_text())
+            if on_disk["status"] != self.record["status"]:
+                # Another thread or process moved the job while it was not running here: its
+                # record is the truth (nothing else of a job that is not running changes).
+                self.record = on_disk
+            require_transition(JOB_TRANSITIONS, self.state, target)
+            changes: dict[str, Any] = {"status": target.value, **details}
+            if target in (JobState.QUEUED, JobState.RUNNING):
+                changes.setdefault("error", "")
+            if target.is_terminal:
+                changes["finished"] = utc_now()
+            self.record.update(changes)
+            self.save()
+            self.log_event(EventKind.for_job(target), **details)
+            if self.mirror is not None:
+                self.mirror(self)
+
+    def _set_stage_state(self, stage: Stage, target: StageState) -> dict[str, Any]:
+        """Change a stage's state (checked against STAGE_TRANSITIONS); returns its record, unsaved."""
+        record = self.stage_record(stage)
+        require_transition(STAGE_TRANSITIONS, StageState(record["status"]), target)
+        record["status"] = target.value
+        return record
 
     def save(self) -> None:
         """Write job.json atomically."""
@@ -99,9 +171,9 @@ class JobDir:
         temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
         publish(temp, target)
 
-    def log_event(self, kind: str, **fields: Any) -> None:
+    def log_event(self, kind: EventKind, **fields: Any) -> None:
         """Append one line to events.log (appends of one short line are atomic on POSIX)."""
-        line = json.dumps({"t": utc_now(), "event": kind, **fields}, sort_keys=True)
+        line = json.dumps({"t": utc_now(), "event": kind.value, **fields}, sort_keys=True)
         with (self.path / EVENTS_FILE).open("a") as handle:
             handle.write(line + "\n")
 
@@ -112,7 +184,7 @@ class JobDir:
         """True when the stage succeeded earlier and its outputs still match their fingerprints."""
         record = self.stage_record(stage)
         recorded = record.get("outputs", {})
-        if record.get("status") != "succeeded" or set(recorded) != set(stage.outputs):
+        if record.get("status") != StageState.SUCCEEDED or set(recorded) != set(stage.outputs):
             return False
         return all(matches_fingerprint(self.path / name, recorded[name]) for name in stage.outputs)
 
@@ -120,7 +192,7 @@ class JobDir:
         """Delete temp files a killed worker left behind (call only while no worker of the job runs)."""
         for partial in self.path.glob(".*.tmp-*"):
             partial.unlink(missing_ok=True)
-            self.log_event("partial_file_removed", name=partial.name)
+            self.log_event(EventKind.PARTIAL_FILE_REMOVED, name=partial.name)
 
     def start_attempt(self, stage: Stage, plan: dict[str, Any], clean: bool = True, **details: Any) -> int:
         """Record a new attempt as running; returns its number (1-based). `details` (e.g. the
@@ -131,47 +203,54 @@ class JobDir:
         """
         if clean:
             self.clean_partial_files()
-        record = self.stage_record(stage)
+        record = self._set_stage_state(stage, StageState.RUNNING)
         attempt = len(record["attempts"]) + 1
         record["attempts"].append(
-            {"attempt": attempt, "plan": plan, "started": utc_now(), "result": "running", **details}
+            {"attempt": attempt, "plan": plan, "started": utc_now(), "result": AttemptResult.RUNNING.value, **details}
         )
-        record["status"] = "running"
-        self.record["status"] = "running"
         self.save()
-        self.log_event("stage_started", stage=stage.value, attempt=attempt, plan=plan, **details)
+        self.log_event(EventKind.STAGE_STARTED, stage=stage.value, attempt=attempt, plan=plan, **details)
         return attempt
 
-    def finish_attempt(self, stage: Stage, result: str, **details: Any) -> None:
-        """Close the latest attempt with `result` ("ok" or a failure name) and details."""
+    def note_worker(self, stage: Stage, pid: int) -> None:
+        """Record the pid of the process running the stage's current attempt: a daemon restarted
+        after a crash reads it to stop that orphan before the job runs again."""
+        attempt = self.stage_record(stage)["attempts"][-1]
+        if attempt["result"] == AttemptResult.RUNNING and attempt.get("pid") != pid:
+            attempt["pid"] = pid
+            self.save()
+
+    def finish_attempt(self, stage: Stage, result: AttemptResult, **details: Any) -> None:
+        """Close the latest attempt with `result` and details; OK records the outputs' fingerprints."""
         record = self.stage_record(stage)
-        record["attempts"][-1].update({"result": result, "ended": utc_now(), **details})
-        if result == "ok":
-            record["status"] = "succeeded"
+        attempt = record["attempts"][-1]
+        require_transition(ATTEMPT_TRANSITIONS, AttemptResult(attempt["result"]), result)
+        attempt.update({"result": result.value, "ended": utc_now(), **details})
+        if result is AttemptResult.OK:
+            self._set_stage_state(stage, StageState.SUCCEEDED)
             record["outputs"] = {name: fingerprint_file(self.path / name) for name in stage.outputs}
         else:
-            record["status"] = "failed"
+            self._set_stage_state(stage, StageState.FAILED)
         self.save()
-        self.log_event("stage_finished", stage=stage.value, result=result, **details)
+        self.log_event(EventKind.STAGE_FINISHED, stage=stage.value, result=result.value, **details)
 
     def adopt_outputs(self, stage: Stage, note: str) -> None:
         """Record outputs placed in the directory by hand (e.g. saved latents) as the stage's result."""
-        record = self.stage_record(stage)
+        record = self._set_stage_state(stage, StageState.SUCCEEDED)
         record["attempts"].append(
             {
                 "attempt": len(record["attempts"]) + 1,
                 "plan": {},
-                "result": "ok",
+                "result": AttemptResult.OK.value,
                 "reason": note,
                 "started": utc_now(),
                 "ended": utc_now(),
                 "seconds": 0.0,
             }
         )
-        record["status"] = "succeeded"
         record["outputs"] = {name: fingerprint_file(self.path / name) for name in stage.outputs}
         self.save()
-        self.log_event("stage_adopted", stage=stage.value, note=note)
+        self.log_event(EventKind.STAGE_ADOPTED, stage=stage.value, note=note)
 
     def replace_spec(self, spec: JobSpec) -> None:
         """Change decode-only settings of an existing job (the latents stay valid)."""
@@ -183,27 +262,27 @@ class JobDir:
     def invalidate(self, stage: Stage) -> None:
         """Forget a stage's recorded outputs: it is about to run again (attempts are kept)."""
         record = self.stage_record(stage)
-        if record["status"] == "succeeded":
-            record.update(status="pending", outputs={})
+        if record["status"] in (StageState.SUCCEEDED, StageState.FAILED):
+            self._set_stage_state(stage, StageState.PENDING)
+            record["outputs"] = {}
             self.save()
+            self.log_event(EventKind.STAGE_INVALIDATED, stage=stage.value)
 
-    def interrupt_running_attempts(self) -> None:
-        """Close attempts left "running" by an orchestrator that died mid-stage."""
+    def interrupt_running_attempts(self, reason: str) -> list[int]:
+        """Close attempts left running by an orchestrator that stopped or died mid-stage; returns
+        the worker pids they recorded (the caller stops any that still run)."""
+        pids = []
         for stage in Stage:
-            for attempt in self.stage_record(stage)["attempts"]:
-                if attempt["result"] == "running":
-                    attempt.update(result="interrupted", ended=utc_now(), reason="orchestrator stopped")
-        self.save()
-        self.log_event("job_interrupted")
+            attempts = self.stage_record(stage)["attempts"]
+            if attempts and attempts[-1]["result"] == AttemptResult.RUNNING:
+                pids.append(int(attempts[-1].get("pid", 0)))
+                self.finish_attempt(stage, AttemptResult.INTERRUPTED, reason=reason)
+        if pids:
+            self.log_event(EventKind.JOB_INTERRUPTED, reason=reason)
+        return [pid for pid in pids if pid > 0]
 
     def mark_skipped(self, stage: Stage) -> None:
-        self.log_event("stage_skipped", stage=stage.value, reason="outputs verified")
-
-    def finish(self, status: str, **details: Any) -> None:
-        """Set the job's final status (done, failed, cancelled) and details such as the output path."""
-        self.record.update({"status": status, "finished": utc_now(), **details})
-        self.save()
-        self.log_event("job_" + status, **details)
+        self.log_event(EventKind.STAGE_SKIPPED, stage=stage.value, reason="outputs verified")
 
     def log_path(self, stage: Stage, attempt: int) -> Path:
         return self.path / "logs" / f"{stage.value}-{attempt}.log"

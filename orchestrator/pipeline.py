@@ -7,29 +7,21 @@ resumes at the first unfinished stage. The finished video is copied to the outpu
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import itertools
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
-from orchestrator.policy import Attempt, describe_plan, initial_plan, next_plan
-from orchestrator.runner import (
-    SpawnedWorker,
-    StageOutcome,
-    StageSettings,
-    WorkerLink,
-    discard_worker,
-    run_stage,
-    spawn_worker,
-)
+from orchestrator.policy import Attempt, Decision, decide, initial_plan
+from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.sidecar import build_sidecar, write_sidecar
-from protocol import codec
+from orchestrator.stage_attempt import run_attempt
+from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
 from protocol.errors import Failure
 from protocol.files import (
     FIRST_FRAME_FILE,
@@ -43,39 +35,16 @@ from protocol.files import (
 
 
 class JobFailed(Exception):
-    """A stage failed and no lower-memory plan is left; `failure` says how."""
+    """The job ended without a video: the policy's decision (`job_state` FAILED, CANCELLED, or
+    QUEUED when the orchestrator was interrupted) after `stage` failed with `outcome`."""
 
-    def __init__(self, stage: Stage, outcome: StageOutcome, reason: str) -> None:
+    def __init__(self, stage: Stage, outcome: StageOutcome, decision: Decision) -> None:
         self.stage = stage
         self.failure = outcome.failure or Failure.CRASH
         self.outcome = outcome
-        self.reason = reason
-        super().__init__(f"stage {stage.value} failed ({self.failure.value}): {reason}")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageEvent:
-    """Orchestrator-side events for progress displays (stage skipped, attempt started/ended)."""
-
-    stage: str
-    kind: str  #: "skipped", "started", "succeeded", "failed" (a retry may follow)
-    attempt: int = 0
-    detail: str = ""
-
-
-Listener = Callable[[codec.Message | StageEvent], None]
-
-
-@dataclasses.dataclass
-class JobHooks:
-    """How a caller follows a job: events for displays, cancellation, and bookkeeping callbacks."""
-
-    listener: Listener = lambda event: None
-    should_cancel: Callable[[], bool] = lambda: False
-    on_spawn: Callable[[int], None] = lambda pid: None
-    on_attempt: Callable[[Stage, int, dict[str, Any], StageOutcome], None] = lambda *args: None
-    #: called as the job's last stage starts; the daemon prestarts the next job's first worker
-    on_last_stage: Callable[[], None] = lambda: None
+        self.reason = decision.reason
+        self.job_state = decision.job_state or JobState.FAILED
+        super().__init__(f"stage {stage.value} failed ({self.failure.value}): {self.reason}")
 
 
 def run_job(
@@ -93,6 +62,8 @@ def run_job(
     stage's worker is already started (imports done, waiting for GO), so its start-up overlaps;
     `prestarted` is such a worker for this job's first stage, started during the previous job.
     """
+    if job.state is not JobState.RUNNING:  # the daemon's executor claimed it already
+        take_job(job)
     pending = pending_stages(job, hooks)
     try:
         for index, stage in enumerate(pending):
@@ -101,8 +72,22 @@ def run_job(
                 hooks.on_last_stage()
             prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
     finally:
-        discard_worker(prestarted, link, job.id)
+        discard_worker(prestarted, link)
     return finish_job(job, settings, hooks, target)
+
+
+def take_job(job: JobDir) -> None:
+    """Move a job to RUNNING for an orchestrator that is about to run it, whatever it was.
+
+    A job found RUNNING was left so by an orchestrator that died: its attempts are closed as
+    interrupted first. A finished, failed or cancelled one is queued again (a re-run, a decode).
+    """
+    if job.state is JobState.RUNNING:
+        job.interrupt_running_attempts("its orchestrator stopped")
+        job.transition(JobState.QUEUED)
+    elif job.state is not JobState.QUEUED:
+        job.transition(JobState.QUEUED)
+    job.transition(JobState.RUNNING)
 
 
 def pending_stages(job: JobDir, hooks: JobHooks) -> list[Stage]:
@@ -114,7 +99,7 @@ def pending_stages(job: JobDir, hooks: JobHooks) -> list[Stage]:
     first = first_unfinished(job)
     for stage in STAGE_ORDER[:first]:
         job.mark_skipped(stage)
-        hooks.listener(StageEvent(stage.value, "skipped"))
+        hooks.listener(StageEvent(stage.value, StageEventKind.SKIPPED))
     for stage in STAGE_ORDER[first:]:
         job.invalidate(stage)
     return list(STAGE_ORDER[first:])
@@ -128,10 +113,10 @@ def first_unfinished(job: JobDir) -> int:
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path."""
     output = publish_outputs(job, settings.output_dir, target)
-    job.finish("done", output=str(output))
+    job.transition(JobState.DONE, output=str(output))
     if job.spec.drop_caches and (warning := drop_page_cache()):
-        job.log_event("warning", message=warning)
-        hooks.listener(StageEvent("publish", "warning", 0, warning))
+        job.log_event(EventKind.WARNING, message=warning)
+        hooks.listener(StageEvent("publish", StageEventKind.WARNING, 0, warning))
     return output
 
 
@@ -143,7 +128,7 @@ def next_attempt(job: JobDir, stage: Stage, settings: Settings) -> tuple[int, di
     after changing decode settings (`ltx2 decode --vae-chunk-frames`) uses the new ones.
     """
     previous = job.stage_record(stage)["attempts"]
-    if previous and previous[-1]["result"] not in ("ok", "cancelled"):
+    if previous and previous[-1]["result"] not in (AttemptResult.OK, AttemptResult.CANCELLED):
         return len(previous) + 1, previous[-1]["plan"]
     return len(previous) + 1, initial_plan(stage, job.spec, settings)
 
@@ -156,17 +141,17 @@ def run_stage_until_done(
     hooks: JobHooks,
     prestarted: SpawnedWorker | None = None,
     following: Stage | None = None,
+    history: tuple[Attempt, ...] = (),
 ) -> SpawnedWorker | None:
     """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
-    gives up (JobFailed)."""
-    stage_settings = StageSettings(settings.heartbeat_s, settings.hung_after_s, settings.stderr_tail_lines)
-    _, plan = next_attempt(job, stage, settings)
-    history: list[Attempt] = []
+    ends the job (JobFailed). `history` holds attempts this run already made elsewhere (a failed
+    stage-major group attempt), so the policy sees them."""
+    attempts = list(history)
+    plan = next_attempt(job, stage, settings)[1]
     next_worker: SpawnedWorker | None = None
 
-    def prestart_following(pid: int) -> None:
+    def prestart_following() -> None:
         nonlocal next_worker
-        hooks.on_spawn(pid)
         if following is not None and next_worker is None:
             next_worker = spawn_worker(
                 job, following, *next_attempt(job, following, settings), link, settings.heartbeat_s
@@ -174,56 +159,33 @@ def run_stage_until_done(
 
     try:
         while True:
-            attempt = job.start_attempt(stage, plan)
-            hooks.listener(StageEvent(stage.value, "started", attempt, describe_plan(stage, plan)))
-            outcome = run_stage(
-                job,
-                stage,
-                attempt,
-                plan,
-                link,
-                stage_settings,
-                hooks.listener,
-                hooks.should_cancel,
-                prestart_following,
-                prestarted,
-            )
+            if why := hooks.should_stop():  # no worker is started for a job already told to stop
+                outcome = StageOutcome(0, why, "stopped before the stage started", "", 0.0)
+            else:
+                outcomes = run_attempt(
+                    [job], stage, plan, settings, link, lambda _: hooks, prestarted, prestart_following
+                )
+                outcome = outcomes.get(job.id) or StageOutcome(
+                    0, Failure.INTERRUPTED, "stopped with its group", "", 0.0
+                )
             prestarted = None
-            record_outcome(job, stage, outcome)
-            hooks.on_attempt(stage, attempt, plan, outcome)
             if outcome.ok:
-                hooks.listener(StageEvent(stage.value, "succeeded", attempt, f"{outcome.seconds:.1f} s"))
                 handed_over, next_worker = next_worker, None
                 return handed_over
-            history.append(Attempt(plan, outcome.failure))
-            plan = next_plan(stage, history, job.spec, settings)
-            hooks.listener(StageEvent(stage.value, "failed", attempt, f"{outcome.failure.value}: {outcome.reason}"))
-            if plan is None:
-                raise job_failed(job, stage, outcome, len(history))
+            attempts.append(Attempt(plan, outcome.failure))
+            decision = decide(stage, attempts, outcome.reason, job.spec, settings)
+            if decision.plan is None:
+                raise end_job(job, stage, outcome, decision)
+            plan = decision.plan
     finally:
-        discard_worker(next_worker, link, job.id)
+        discard_worker(next_worker, link)
 
 
-def job_failed(job: JobDir, stage: Stage, outcome: StageOutcome, attempts: int) -> JobFailed:
-    """Record the job's end; returns the JobFailed (with a readable reason) for the caller to raise."""
-    reason = outcome.reason
-    if outcome.failure.is_retryable:
-        reason += f" (after {attempts} attempt(s); no lower-memory plan left)"
-    job.finish("cancelled" if outcome.failure is Failure.CANCELLED else "failed", error=reason)
-    return JobFailed(stage, outcome, reason)
-
-
-def record_outcome(job: JobDir, stage: Stage, outcome: StageOutcome) -> None:
-    """Write an attempt's result into job.json."""
-    job.finish_attempt(
-        stage,
-        "ok" if outcome.ok else outcome.failure.value,
-        returncode=outcome.returncode,
-        reason=outcome.reason,
-        seconds=round(outcome.seconds, 3),
-        peak_gpu_bytes=outcome.peak_gpu_bytes,
-        peak_rss_bytes=outcome.peak_rss_bytes,
-    )
+def end_job(job: JobDir, stage: Stage, outcome: StageOutcome, decision: Decision) -> JobFailed:
+    """Move the job to the state the policy decided; returns the JobFailed for the caller to raise."""
+    assert decision.job_state is not None
+    job.transition(decision.job_state, error=decision.reason)
+    return JobFailed(stage, outcome, decision)
 
 
 def publish_outputs(job: JobDir, output_dir: Path, target: Path | None = None, now: dt.datetime | None = None) -> Path:

@@ -1,6 +1,8 @@
-"""The retry policy: after a failed attempt, which plan runs next (or none: the job fails).
+"""The retry policy: after a failed attempt, which plan runs next, or how the job ends.
 
-One function decides, from (stage, failure, the attempts so far): invalid input and missing
+`decide` is the one place that answers it, for every outcome (DESIGN.md rule 7): a cancelled
+attempt ends the job CANCELLED; an interrupted one (the orchestrator is stopping: SIGTERM,
+Ctrl-C) puts it back to QUEUED, to resume at its next start; invalid input and missing
 models are never retried; a CUDA OOM moves straight to the next lower-memory plan; the first
 host-OOM kill, crash or hang of a stage retries the same plan (a SIGKILL may come from another
 process's memory pressure or a person, and a deterministic run repeats bit for bit); later ones
@@ -20,6 +22,7 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.decode_plan import choose_decode_plan, next_decode_plan
+from orchestrator.states import JobState
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.plans import DecodePlan
@@ -80,6 +83,31 @@ def next_plan(stage: Stage, attempts: list[Attempt], spec: JobSpec, settings: Se
     if last.failure in TRANSIENT and sum(a.failure in TRANSIENT for a in attempts) <= settings.same_plan_retries:
         return last.plan
     return lower_plan(stage, last.plan, spec, settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What follows a failed attempt: another attempt with `plan`, or the job ends in `job_state`
+    (FAILED, CANCELLED, or QUEUED to resume later) with `reason` as its error."""
+
+    plan: dict[str, Any] | None
+    job_state: JobState | None = None
+    reason: str = ""
+
+
+def decide(stage: Stage, attempts: list[Attempt], reason: str, spec: JobSpec, settings: Settings) -> Decision:
+    """The one retry-or-end decision after the last of `attempts` failed with `reason`."""
+    failure = attempts[-1].failure
+    if failure is Failure.CANCELLED:
+        return Decision(None, JobState.CANCELLED, "cancelled on request")
+    if failure is Failure.INTERRUPTED:
+        return Decision(None, JobState.QUEUED, f"interrupted ({reason}); resumes at its first unfinished stage")
+    plan = next_plan(stage, attempts, spec, settings)
+    if plan is not None:
+        return Decision(plan)
+    if failure is not None and failure.is_retryable:
+        reason += f" (after {len(attempts)} attempt(s); no lower-memory plan left)"
+    return Decision(None, JobState.FAILED, reason)
 
 
 def describe_plan(stage: Stage, plan: dict[str, Any]) -> str:

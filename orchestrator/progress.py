@@ -12,7 +12,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from orchestrator.pipeline import StageEvent
+from orchestrator.job_hooks import StageEvent
+from orchestrator.states import StageEventKind
 from protocol import codec, stages
 
 GIB = float(1 << 30)
@@ -29,7 +30,7 @@ class ProgressView:
 
     def __call__(self, event: codec.Message | StageEvent, label: str = "") -> None:
         prefix = f"{label} " if label else ""
-        if isinstance(event, StageEvent) and event.kind == "warning":
+        if isinstance(event, StageEvent) and event.kind is StageEventKind.WARNING:
             self._line(f"ltx2: {prefix}{event.detail}")  # warnings show even with --quiet
             return
         if not self.enabled:
@@ -38,7 +39,7 @@ class ProgressView:
             self._close_bar()
             detail = f" ({event.detail})" if event.detail else ""
             attempt = f" attempt {event.attempt}" if event.attempt > 1 else ""
-            self._line(f"{prefix}{event.stage}: {event.kind}{attempt}{detail}")
+            self._line(f"{prefix}{event.stage}: {event.kind.value}{attempt}{detail}")
         elif isinstance(event, stages.Progress) and event.phase != stages.JOB_STARTED_PHASE:
             self._progress(event, prefix)
         elif isinstance(event, stages.Heartbeat) and self.bar is not None:

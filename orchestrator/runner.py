@@ -25,9 +25,9 @@ from typing import Any
 import zmq
 
 from orchestrator.fork_client import ForkedProcess, ForkServer, worker_environment
-from orchestrator.jobdir import JobDir, tail
-from protocol import codec, stages
-from protocol.errors import Failure, classify_exit, describe_exit
+from orchestrator.jobdir import JobDir
+from protocol import codec
+from protocol.errors import Failure
 from protocol.files import Stage
 
 log = logging.getLogger("ltx2.orchestrator")
@@ -40,8 +40,6 @@ DRAIN_MS = 300
 KILL_GRACE_S = 10.0
 # Messages kept per worker that nobody follows yet; a waiting worker sends only READY.
 WAITING_LIMIT = 100
-
-EventHandler = Callable[[codec.Message], None]
 
 
 def runtime_dir() -> Path:
@@ -133,15 +131,6 @@ class StageOutcome:
         return self.failure is None
 
 
-@dataclasses.dataclass
-class StageSettings:
-    """Timing knobs of the follow loop."""
-
-    heartbeat_s: float
-    hung_after_s: float
-    stderr_tail_lines: int
-
-
 def worker_args(
     jobs: list[JobDir], stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
 ) -> list[str]:
@@ -163,10 +152,12 @@ class SpawnedWorker:
     stage: Stage
     attempt: int
     plan: dict[str, Any]
+    job_ids: tuple[str, ...]
 
-    def matches(self, stage: Stage, attempt: int, plan: dict[str, Any]) -> bool:
-        """Still running and started for exactly this attempt."""
-        return self.process.poll() is None and (self.stage, self.attempt, self.plan) == (stage, attempt, plan)
+    def matches(self, job_ids: tuple[str, ...], stage: Stage, attempt: int, plan: dict[str, Any]) -> bool:
+        """Still running and started for exactly this attempt of exactly these jobs."""
+        started_for = (self.job_ids, self.stage, self.attempt, self.plan)
+        return self.process.poll() is None and started_for == (job_ids, stage, attempt, plan)
 
 
 def spawn_worker(
@@ -184,9 +175,10 @@ def spawn_worker(
     jobs = job if isinstance(job, list) else [job]
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
     log_path = jobs[0].log_path(stage, attempt)
+    job_ids = tuple(job.id for job in jobs)
     if link.fork_server is not None:
         process = link.fork_server.spawn(stage.value, args, log_path)
-        return SpawnedWorker(process, stage, attempt, plan)
+        return SpawnedWorker(process, stage, attempt, plan, job_ids)
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", stage.module, *args],
@@ -196,80 +188,33 @@ def spawn_worker(
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
             env=worker_environment(),
         )
-    return SpawnedWorker(process, stage, attempt, plan)
+    return SpawnedWorker(process, stage, attempt, plan, job_ids)
 
 
-def discard_worker(worker: SpawnedWorker | None, link: WorkerLink, job_id: str) -> None:
+def discard_worker(worker: SpawnedWorker | None, link: WorkerLink) -> None:
     """Stop a prestarted worker that will not be used."""
     if worker is not None:
         stop_process(worker.process)
-        link.forget(job_id, worker.stage.value)
-
-
-def run_stage(
-    job: JobDir,
-    stage: Stage,
-    attempt: int,
-    plan: dict[str, Any],
-    link: WorkerLink,
-    settings: StageSettings,
-    on_event: EventHandler,
-    should_cancel: Callable[[], bool] = lambda: False,
-    on_spawn: Callable[[int], None] = lambda pid: None,
-    prestarted: SpawnedWorker | None = None,
-) -> StageOutcome:
-    """Run one attempt of a stage to its end and classify it.
-
-    A `prestarted` worker started for this very attempt is adopted (its imports are already done);
-    otherwise, or if it died while waiting, a new one is started.
-    """
-    started = time.monotonic()
-    if prestarted is not None and prestarted.matches(stage, attempt, plan):
-        worker = prestarted
-    else:
-        discard_worker(prestarted, link, job.id)
-        worker = spawn_worker(job, stage, attempt, plan, link, settings.heartbeat_s)
-    process = worker.process
-    on_spawn(process.pid)
-    follower = _Follower(job, stage, link, on_event)
-    returncode, forced = follow_until_exit(
-        process, follower.pump, lambda: follower.last_heard, should_cancel, settings.hung_after_s
-    )
-    failure = forced or classify_exit(returncode)
-    if failure is None and not all((job.path / name).is_file() for name in stage.outputs):
-        failure = Failure.CRASH
-        follower.reason = "exited 0 without writing its outputs"
-    reason = follower.reason or describe_exit(returncode)
-    if forced is Failure.HUNG:
-        reason = hung_reason(settings.hung_after_s)
-    done = follower.done
-    return StageOutcome(
-        returncode=returncode,
-        failure=failure,
-        reason=reason if failure else "",
-        log_tail=tail(job.log_path(stage, attempt), settings.stderr_tail_lines) if failure else "",
-        seconds=time.monotonic() - started,
-        peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
-        peak_rss_bytes=done.peak_rss_bytes if done else 0,
-    )
+        for job_id in worker.job_ids:
+            link.forget(job_id, worker.stage.value)
 
 
 def follow_until_exit(
     process: subprocess.Popen[bytes] | ForkedProcess,
     pump: Callable[[int], bool],
     last_heard: Callable[[], float],
-    should_cancel: Callable[[], bool],
+    should_stop: Callable[[], Failure | None],
     hung_after_s: float,
 ) -> tuple[int, Failure | None]:
-    """Handle a worker's messages (`pump`) until it exits, stopping it when cancelled or silent
-    for `hung_after_s`; returns (exit status, CANCELLED/HUNG if it was stopped, else None)."""
+    """Handle a worker's messages (`pump`) until it exits, stopping it when `should_stop` says
+    why (cancelled, interrupted) or when it is silent for `hung_after_s`; returns (exit status,
+    the reason it was stopped or None)."""
     forced: Failure | None = None
     while (returncode := process.poll()) is None:
         if pump(POLL_MS):
             continue
-        if should_cancel():
-            forced = Failure.CANCELLED
-        elif time.monotonic() - last_heard() > hung_after_s:
+        forced = should_stop()
+        if forced is None and time.monotonic() - last_heard() > hung_after_s:
             forced = Failure.HUNG
         if forced is not None:
             returncode = stop_process(process)
@@ -281,32 +226,6 @@ def follow_until_exit(
 
 def hung_reason(hung_after_s: float) -> str:
     return f"no message for {hung_after_s:.0f} s; killed"
-
-
-class _Follower:
-    """Consumes a worker's messages: answers READY with GO, forwards the rest."""
-
-    def __init__(self, job: JobDir, stage: Stage, link: WorkerLink, on_event: EventHandler) -> None:
-        self.job, self.stage, self.link, self.on_event = job, stage, link, on_event
-        self.last_heard = time.monotonic()
-        self.done: stages.Done | None = None
-        self.reason = ""
-
-    def pump(self, timeout_ms: int) -> bool:
-        """Handle at most one message; False when none came within the timeout."""
-        received = self.link.receive_for(self.job.id, self.stage.value, timeout_ms)
-        if received is None:
-            return False
-        identity, message = received
-        self.last_heard = time.monotonic()
-        if isinstance(message, stages.Ready):
-            self.link.send(identity, stages.Go(self.job.id, self.stage.value))
-        elif isinstance(message, stages.Done):
-            self.done = message
-        elif isinstance(message, stages.Failed):
-            self.reason = message.error
-        self.on_event(message)
-        return True
 
 
 def stop_process(process: subprocess.Popen[bytes] | ForkedProcess) -> int:

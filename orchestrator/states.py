@@ -1,43 +1,171 @@
-"""Job states and the transitions allowed between them (stdlib only, imported everywhere).
+"""Every lifecycle of the orchestrator, in one place: job, stage, attempt result and event kind.
 
-A job is entered as QUEUED by `submit`. The executor moves the oldest QUEUED job to RUNNING.
-RUNNING ends in DONE (the MP4 is published), FAILED (a stage failed and its memory ladder ran out,
-or the failure is not retryable) or CANCELLED (a person asked). A daemon that dies while a job
-runs finds it RUNNING on restart and puts it back to QUEUED; it then resumes at its first
-unfinished stage. FAILED and CANCELLED jobs go back to QUEUED only when a person resumes them.
+Import-free (stdlib only), so the CLI, the daemon, the store and the tests share it. Each state
+machine is an enum whose members say, in their comment, how they are entered, with a table of
+allowed transitions beside it. `JobDir` (orchestrator/jobdir.py) is the only writer of these
+states: it checks each change against the tables here before it saves job.json, and the daemon's
+sqlite queue only mirrors what job.json says. docs/states.md is generated from this module
+(`python -m orchestrator.states`); a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 
 
 class JobState(enum.StrEnum):
-    QUEUED = "queued"  #: waiting for the GPU, in submission order
-    RUNNING = "running"  #: a stage worker is (or is about to be) running
-    DONE = "done"  #: the MP4 is in the output folder
-    FAILED = "failed"  #: gave up; `error` says why
-    CANCELLED = "cancelled"  #: stopped on request; finished stages kept
+    QUEUED = "queued"  #: `submit`/`generate` created it; a stop or crash put it back; a person resumed it
+    RUNNING = "running"  #: an orchestrator (daemon executor, `generate`, `batch`, `decode`) took it to run
+    DONE = "done"  #: every stage succeeded and the MP4 with its PNGs and JSON was published
+    FAILED = "failed"  #: the retry policy gave up (bad input, missing model, ladder ran out); `error` says why
+    CANCELLED = "cancelled"  #: a person cancelled it; finished stages are kept
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
 
+class StageState(enum.StrEnum):
+    PENDING = "pending"  #: not run yet, or invalidated because an earlier stage ran again
+    RUNNING = "running"  #: an attempt was started and has not ended
+    SUCCEEDED = "succeeded"  #: the last attempt wrote outputs whose fingerprints are recorded
+    FAILED = "failed"  #: the last attempt failed or was interrupted; a retry or a resume may follow
+
+
+class AttemptResult(enum.StrEnum):
+    """How one stage attempt ended: `ok`, or the failure (protocol.errors.Failure) by value."""
+
+    RUNNING = "running"  #: the worker was started and has not ended
+    OK = "ok"  #: exit 0 with every output present
+    INVALID_INPUT = "invalid_input"  #: exit 2: the spec or an input file is unusable; never retried
+    CUDA_OOM = "cuda_oom"  #: exit 3: the accelerator ran out of memory; the next plan uses less
+    MODEL_NOT_FOUND = "model_not_found"  #: exit 4: a model or LoRA is not cached; never retried
+    HOST_OOM = "host_oom"  #: killed by SIGKILL (the kernel's OOM killer, or its fork server died)
+    CRASH = "crash"  #: exit 1, another code or signal, or exit 0 without the outputs
+    HUNG = "hung"  #: silent for longer than `hung_after_s`; the orchestrator killed it
+    CANCELLED = "cancelled"  #: a person cancelled the job; the orchestrator stopped the worker
+    INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died during it
+
+
+class EventKind(enum.StrEnum):
+    """The `event` field of each line of a job's events.log."""
+
+    JOB_QUEUED = "job_queued"  #: the job entered QUEUED
+    JOB_RUNNING = "job_running"  #: the job entered RUNNING
+    JOB_DONE = "job_done"  #: the job entered DONE
+    JOB_FAILED = "job_failed"  #: the job entered FAILED
+    JOB_CANCELLED = "job_cancelled"  #: the job entered CANCELLED
+    JOB_INTERRUPTED = "job_interrupted"  #: running attempts were closed as interrupted
+    STAGE_STARTED = "stage_started"  #: an attempt began (plan, attempt number, group)
+    STAGE_FINISHED = "stage_finished"  #: an attempt ended (result, reason, seconds, peaks)
+    STAGE_SKIPPED = "stage_skipped"  #: the stage's outputs verified, so it did not run
+    STAGE_ADOPTED = "stage_adopted"  #: outputs put there by hand (saved latents) were recorded
+    STAGE_INVALIDATED = "stage_invalidated"  #: recorded outputs were forgotten; the stage runs again
+    PARTIAL_FILE_REMOVED = "partial_file_removed"  #: a killed worker's temp file was deleted
+    WARNING = "warning"  #: something the user should know that did not fail the job
+
+    @classmethod
+    def for_job(cls, state: JobState) -> EventKind:
+        return cls(f"job_{state.value}")
+
+
+class StageEventKind(enum.StrEnum):
+    """What a progress display (`ltx2 generate`'s lines, `ltx2 watch`, the daemon's board) is told."""
+
+    SKIPPED = "skipped"  #: the stage's outputs verified, so it does not run
+    STARTED = "started"  #: an attempt began
+    SUCCEEDED = "succeeded"  #: an attempt ended with its outputs written
+    FAILED = "failed"  #: an attempt failed; the policy may start another
+    WARNING = "warning"  #: a line the user should see even with --quiet
+
+
 TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+
+JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # RUNNING -> QUEUED: the orchestrator stopped or died; the job resumes at its next start.
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
-    JobState.DONE: frozenset(),
+    # DONE -> QUEUED: `ltx2 decode --input <job dir>` decodes a finished job again.
+    JobState.DONE: frozenset({JobState.QUEUED}),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.QUEUED}),
 }
 
+STAGE_TRANSITIONS: Mapping[StageState, frozenset[StageState]] = {
+    # PENDING -> SUCCEEDED: outputs adopted (saved latents given to `ltx2 decode`).
+    StageState.PENDING: frozenset({StageState.RUNNING, StageState.SUCCEEDED}),
+    StageState.RUNNING: frozenset({StageState.SUCCEEDED, StageState.FAILED}),
+    StageState.SUCCEEDED: frozenset({StageState.PENDING, StageState.SUCCEEDED}),
+    StageState.FAILED: frozenset({StageState.RUNNING, StageState.PENDING, StageState.SUCCEEDED}),
+}
+
+ATTEMPT_TRANSITIONS: Mapping[AttemptResult, frozenset[AttemptResult]] = {
+    AttemptResult.RUNNING: frozenset(set(AttemptResult) - {AttemptResult.RUNNING}),
+    **{result: frozenset() for result in AttemptResult if result is not AttemptResult.RUNNING},
+}
+
 
 class TransitionError(ValueError):
-    """A requested state change is not in TRANSITIONS."""
+    """A requested state change is not in its table."""
 
 
-def require_transition(current: JobState, target: JobState) -> None:
-    if target not in TRANSITIONS[current]:
-        raise TransitionError(f"a {current.value} job cannot become {target.value}")
+def require_transition(table: Mapping[enum.StrEnum, frozenset], current: enum.StrEnum, target: enum.StrEnum) -> None:
+    """Raise TransitionError unless `table` allows `current` -> `target`."""
+    if target not in table[current]:
+        raise TransitionError(
+            f"a {current.value} {type(current).__name__.removesuffix('State').lower()} cannot become {target.value}"
+        )
+
+
+def member_notes(enum_type: type[enum.Enum]) -> dict[str, str]:
+    """Each member's `#:` comment from this file: how the state is entered (for docs/states.md)."""
+    import inspect
+
+    notes: dict[str, str] = {}
+    for line in inspect.getsource(enum_type).splitlines():
+        name, _, rest = line.strip().partition(" = ")
+        if "#:" in rest and name in enum_type.__members__:
+            notes[enum_type[name].value] = rest.split("#:", 1)[1].strip()
+    return notes
+
+
+def render_markdown() -> str:
+    """docs/states.md: every lifecycle's states, how each is entered, and where each may go."""
+    sections = [
+        ("Job states", JobState, JOB_TRANSITIONS, "job.json `status`; the daemon's sqlite row mirrors it"),
+        ("Stage states", StageState, STAGE_TRANSITIONS, "job.json `stages.<stage>.status`"),
+        ("Attempt results", AttemptResult, ATTEMPT_TRANSITIONS, "job.json `stages.<stage>.attempts[].result`"),
+    ]
+    lines = [
+        "# States",
+        "",
+        "Generated from `orchestrator/states.py` by `python -m orchestrator.states > docs/states.md`;",
+        "a test fails when the two differ. `orchestrator/jobdir.py` (`JobDir`) is the only code that",
+        "writes any of these states; it checks every change against the tables below.",
+    ]
+    for title, enum_type, table, where in sections:
+        notes = member_notes(enum_type)
+        lines += ["", f"## {title}", "", f"Stored in {where}.", ""]
+        lines += ["| state | how it is entered | may become |", "|---|---|---|"]
+        for member in enum_type:
+            targets = ", ".join(f"`{t.value}`" for t in enum_type if t in table[member]) or "(final)"
+            lines.append(f"| `{member.value}` | {notes.get(member.value, '')} | {targets} |")
+    notes = member_notes(EventKind)
+    lines += [
+        "",
+        "## Event kinds",
+        "",
+        "The `event` field of each line of a job's `events.log`.",
+        "",
+        "| event | when |",
+        "|---|---|",
+    ]
+    lines += [f"| `{kind.value}` | {notes.get(kind.value, '')} |" for kind in EventKind]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(render_markdown())

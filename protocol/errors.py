@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 2  #: the job spec or an input file was rejected; retrying cannot help
     OUT_OF_MEMORY = 3  #: the accelerator ran out of memory (torch.OutOfMemoryError)
     MODEL_NOT_FOUND = 4  #: a model or LoRA is missing from the local cache; retrying cannot help
+    INTERRUPTED = 130  #: the CLI was stopped by Ctrl-C/SIGTERM (128 + SIGINT, the shell's convention)
 
 
 class Failure(enum.Enum):
@@ -30,11 +31,13 @@ class Failure(enum.Enum):
     CRASH = "crash"  #: exit 1, any other code, or death by another signal
     HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
     CANCELLED = "cancelled"  #: stopped on request
+    INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died while it ran
 
     @property
     def is_retryable(self) -> bool:
-        """Bad input and missing models fail the same way every time, so they are not retried."""
-        return self not in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED)
+        """Bad input and missing models fail the same way every time, so they are not retried;
+        a cancelled or interrupted attempt was stopped on purpose, so it is not retried now."""
+        return self not in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED, Failure.INTERRUPTED)
 
 
 def classify_exit(returncode: int) -> Failure | None:

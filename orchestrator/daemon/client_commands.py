@@ -14,9 +14,9 @@ from config.settings import Settings
 from orchestrator.cli_flags import spec_request
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import TransportError, address_from_settings, create_keys
-from orchestrator.pipeline import StageEvent
+from orchestrator.job_hooks import StageEvent
 from orchestrator.progress import ProgressView
-from orchestrator.states import JobState
+from orchestrator.states import JobState, StageEventKind
 from orchestrator.terminal import fail
 from protocol import jobs, stages
 from protocol.errors import ExitCode
@@ -123,7 +123,7 @@ def watch(client: DaemonClient, args: argparse.Namespace) -> int:
                 view(to_event(args.job_id, progress))
         if JobState(job["state"]).is_terminal:
             view.close()
-            if job["state"] == "done":
+            if job["state"] == JobState.DONE:
                 sys.stdout.write(f"{job['output']}\n")
                 return 0
             return fail(f"job {job['id']} {job['state']}: {job['error']}", ExitCode.OTHER)
@@ -132,8 +132,9 @@ def watch(client: DaemonClient, args: argparse.Namespace) -> int:
 
 def to_event(job_id: str, progress: dict[str, Any]) -> stages.Progress | StageEvent:
     """Turn a progress-board entry back into the event the view renders."""
-    if progress.get("phase") in ("started", "succeeded", "failed", "skipped"):
-        return StageEvent(progress["stage"], progress["phase"], progress.get("attempt", 0), progress.get("detail", ""))
+    if progress.get("phase") in set(StageEventKind):
+        kind = StageEventKind(progress["phase"])
+        return StageEvent(progress["stage"], kind, progress.get("attempt", 0), progress.get("detail", ""))
     return stages.Progress(
         job_id,
         progress["stage"],

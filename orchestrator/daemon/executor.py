@@ -1,12 +1,14 @@
 """The daemon's executor thread: runs queued jobs one at a time, in submission order.
 
 A GPU runs one clip at a time, so one thread suffices. It claims the oldest queued job in the
-store, runs it (orchestrator.pipeline.run_job: stage processes, retries by the policy) and
-records the end state. When the jobs queued right behind it use the same model (and dtype), it
-claims those too, up to `[worker] group_size`, and runs them stage-major
-(orchestrator.stage_major): each stage's models load once for the group. Jobs are never taken
-out of submission order for this. It owns its own sqlite connection and worker socket; the daemon's main
-thread talks to it only through the store (cancel requests) and the progress board.
+store (QUEUED -> RUNNING through JobDir.transition, which the store mirrors) and runs it
+(orchestrator.pipeline.run_job: stage processes; the policy decides retries and how the job
+ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
+it use the same model (and dtype), it claims those too, up to `[worker] group_size`, and runs
+them stage-major (orchestrator.stage_major): each stage's models load once for the group. Jobs
+are never taken out of submission order for this. It owns its own sqlite connection and worker
+socket; the daemon's main thread talks to it only through the store (cancel requests), the job
+directories (transitions under their lock) and the progress board.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
-from orchestrator.daemon.store import JobStore
+from orchestrator.daemon.store import JobStore, read_job_dirs
+from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
-from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, next_attempt, run_job
+from orchestrator.pipeline import JobFailed, next_attempt, run_job
 from orchestrator.policy import describe_plan
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.stage_major import run_stage_major
-from orchestrator.states import JobState
+from orchestrator.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
 from protocol.files import STAGE_ORDER, Stage
@@ -86,143 +89,122 @@ class Executor(threading.Thread):
         super().__init__(name="executor", daemon=True)
         self.settings, self.store_path, self.context, self.board, self.stop = settings, store_path, context, board, stop
         # The next queued job's first worker, started while the current job's last stage runs.
-        self.next_worker: tuple[str, SpawnedWorker] | None = None
+        self.next_worker: SpawnedWorker | None = None
 
     def run(self) -> None:
         store = JobStore(self.store_path)
         link = WorkerLink(self.context, fork_server=self.settings.fork_server)
         try:
             while not self.stop.is_set():
-                row = store.claim_next()
-                if row is None:
+                jobs = self.claim(store)
+                if not jobs:
                     self.stop.wait(IDLE_POLL_S)
-                    continue
-                group = [row, *self.claim_followers(store, row)]
-                if len(group) == 1:
-                    self.run_one(store, link, row)
+                elif len(jobs) == 1:
+                    self.run_one(store, link, jobs[0])
                 else:
-                    self.run_group(store, link, group)
+                    self.run_group(store, link, jobs)
         finally:
-            if self.next_worker is not None:
-                discard_worker(self.next_worker[1], link, self.next_worker[0])
+            discard_worker(self.next_worker, link)
             link.close()
             store.close()
 
-    def run_one(self, store: JobStore, link: WorkerLink, row: dict[str, Any]) -> None:
-        job_id = row["id"]
-        log.info("job %s: running", job_id)
-        prestarted = None
-        if self.next_worker is not None:
-            owner, worker = self.next_worker
-            self.next_worker = None
-            if owner == job_id:
-                prestarted = worker
-            else:
-                discard_worker(worker, link, owner)
-        try:
-            job = JobDir.load(Path(row["job_dir"]))
-            output = run_job(job, self.settings, link, self.hooks(store, link, job_id), prestarted)
-            store.transition(job_id, JobState.DONE, output=str(output), worker_pid=0)
-            log.info("job %s: done -> %s", job_id, output)
-        except JobFailed as exc:
-            self.record_failure(store, job_id, exc)
-        except Exception as exc:  # a job must never take the executor down with it
-            log.exception("job %s: orchestration error", job_id)
-            store.transition(job_id, JobState.FAILED, error=f"orchestration error: {exc}", worker_pid=0)
-        finally:
-            self.board.clear(job_id)
-
-    def claim_followers(self, store: JobStore, row: dict[str, Any]) -> list[dict[str, Any]]:
-        """Claim the queued jobs right behind `row` that use the same model, for a stage-major group."""
-        try:
-            key = model_key(JobDir.load(Path(row["job_dir"])))
-        except (OSError, ValueError):
-            return []
-        followers: list[dict[str, Any]] = []
-        while len(followers) + 1 < self.settings.group_size and (following := store.peek_next()) is not None:
+    def claim(self, store: JobStore) -> list[JobDir]:
+        """Take the oldest queued job, and the jobs queued right behind it that use the same model
+        (up to `group_size`, never out of order), moving each to RUNNING."""
+        claimed: list[JobDir] = []
+        for row in store.queued(self.settings.group_size):
             try:
-                same = model_key(JobDir.load(Path(following["job_dir"]))) == key
-            except (OSError, ValueError):
-                same = False
-            claimed = store.claim_next(following["id"]) if same else None
-            if claimed is None:
+                job = JobDir.load(Path(row["job_dir"]), mirror=store.mirror)
+            except (OSError, ValueError, KeyError) as exc:
+                if claimed:
+                    break
+                store.mark_unreadable(row["id"], f"job.json unreadable: {exc}")
+                continue
+            if claimed and model_key(job) != model_key(claimed[0]):
                 break
-            followers.append(claimed)
-        return followers
+            try:
+                job.transition(JobState.RUNNING)
+            except TransitionError:  # cancelled meanwhile; its row was mirrored then
+                store.mirror(job)
+                break
+            store.clear_cancel(job.id)
+            claimed.append(job)
+        return claimed
 
-    def run_group(self, store: JobStore, link: WorkerLink, rows: list[dict[str, Any]]) -> None:
-        """Run several claimed jobs stage-major and record each one's end state."""
-        if self.next_worker is not None:  # prestarted for a single job; the group starts its own
-            discard_worker(self.next_worker[1], link, self.next_worker[0])
-            self.next_worker = None
-        ids = [row["id"] for row in rows]
+    def run_one(self, store: JobStore, link: WorkerLink, job: JobDir) -> None:
+        log.info("job %s: running", job.id)
+        prestarted, self.next_worker = self.next_worker, None
+        try:
+            output = run_job(job, self.settings, link, self.hooks(store, link, job.id), prestarted)
+            log.info("job %s: done -> %s", job.id, output)
+        except JobFailed as exc:
+            log.info("job %s: %s: %s", job.id, exc.job_state.value, exc)
+        except Exception as exc:  # a job must never take the executor down with it
+            log.exception("job %s: orchestration error", job.id)
+            fail_job(job, f"orchestration error: {exc}")
+        finally:
+            self.board.clear(job.id)
+
+    def run_group(self, store: JobStore, link: WorkerLink, jobs: list[JobDir]) -> None:
+        """Run several claimed jobs stage-major; each ends through the policy (or fails here)."""
+        discard_worker(self.next_worker, link)  # prestarted for a single job; the group starts its own
+        self.next_worker = None
+        ids = [job.id for job in jobs]
         log.info("jobs %s: running as one stage-major group", ", ".join(ids))
         hooks = {job_id: self.hooks(store, link, job_id) for job_id in ids}
         try:
-            jobs = [JobDir.load(Path(row["job_dir"])) for row in rows]
             results = run_stage_major(jobs, self.settings, link, lambda job: hooks[job.id])
         except Exception as exc:  # a group must never take the executor down with it
             log.exception("jobs %s: orchestration error", ", ".join(ids))
-            for job_id in ids:
-                store.transition(job_id, JobState.FAILED, error=f"orchestration error: {exc}", worker_pid=0)
+            for job in jobs:
+                fail_job(job, f"orchestration error: {exc}")
             results = {}
         for job_id, result in results.items():
             if isinstance(result, JobFailed):
-                self.record_failure(store, job_id, result)
+                log.info("job %s: %s: %s", job_id, result.job_state.value, result)
             else:
-                store.transition(job_id, JobState.DONE, output=str(result), worker_pid=0)
                 log.info("job %s: done -> %s", job_id, result)
             self.board.clear(job_id)
 
     def prestart_next_job(self, store: JobStore, link: WorkerLink) -> None:
         """Start the next queued job's first worker so its imports overlap this job's last stage."""
-        row = store.peek_next()
-        if row is None or self.next_worker is not None:
+        queued = store.queued(1)
+        if not queued or self.next_worker is not None:
             return
         try:
-            job = JobDir.load(Path(row["job_dir"]))
+            job = JobDir.load(Path(queued[0]["job_dir"]))
             stage = next((s for s in STAGE_ORDER if not job.has_outputs(s)), None)
             if stage is not None:
-                worker = spawn_worker(
+                self.next_worker = spawn_worker(
                     job, stage, *next_attempt(job, stage, self.settings), link, self.settings.heartbeat_s
                 )
-                self.next_worker = (job.id, worker)
         except (OSError, ValueError) as exc:
-            log.warning("could not prestart job %s: %s", row["id"], exc)
+            log.warning("could not prestart job %s: %s", queued[0]["id"], exc)
 
     def hooks(self, store: JobStore, link: WorkerLink, job_id: str) -> JobHooks:
         def on_attempt(stage: Stage, attempt: int, plan: dict[str, Any], outcome: StageOutcome) -> None:
             result = "ok" if outcome.ok else outcome.failure.value
-            store.record_attempt(job_id, stage.value, attempt, plan, result, outcome.reason, outcome.seconds)
-            store.set_worker_pid(job_id, 0)
-            log.info(
-                "job %s: %s attempt %d (%s): %s %s",
-                job_id,
-                stage.value,
-                attempt,
-                describe_plan(stage, plan),
-                result,
-                outcome.reason,
-            )
+            log.info("job %s: %s attempt %d (%s): %s %s", job_id, stage.value, attempt,
+                     describe_plan(stage, plan), result, outcome.reason)  # fmt: skip
+
+        def should_stop() -> Failure | None:
+            if self.stop.is_set():
+                return Failure.INTERRUPTED
+            return Failure.CANCELLED if store.is_cancel_requested(job_id) else None
 
         return JobHooks(
             listener=lambda event: self.board.update(job_id, event),
-            should_cancel=lambda: self.stop.is_set() or store.is_cancel_requested(job_id),
-            on_spawn=lambda pid: store.set_worker_pid(job_id, pid),
+            should_stop=should_stop,
             on_attempt=on_attempt,
             on_last_stage=lambda: self.prestart_next_job(store, link),
         )
 
-    def record_failure(self, store: JobStore, job_id: str, exc: JobFailed) -> None:
-        if exc.failure is Failure.CANCELLED and not store.is_cancel_requested(job_id):
-            # RUNNING -> QUEUED: the daemon is stopping; the job resumes at its next start.
-            store.transition(job_id, JobState.QUEUED, worker_pid=0)
-            log.info("job %s: interrupted by shutdown, re-queued", job_id)
-        elif exc.failure is Failure.CANCELLED:
-            store.transition(job_id, JobState.CANCELLED, error="cancelled on request", worker_pid=0)
-        else:
-            store.transition(job_id, JobState.FAILED, error=str(exc), worker_pid=0)
-            log.info("job %s: failed: %s", job_id, exc)
+
+def fail_job(job: JobDir, error: str) -> None:
+    """End a job the orchestrator itself broke on: its running attempts closed, then FAILED."""
+    job.interrupt_running_attempts(error)
+    if not job.state.is_terminal:
+        job.transition(JobState.FAILED, error=error)
 
 
 def model_key(job: JobDir) -> tuple[str, str, str]:
@@ -230,18 +212,21 @@ def model_key(job: JobDir) -> tuple[str, str, str]:
     return (job.record["model_path"], job.record.get("revision", ""), job.spec.dtype)
 
 
-def recover_interrupted(store: JobStore) -> list[str]:
-    """After a daemon crash: kill orphaned workers and put RUNNING jobs back in the queue."""
+def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:
+    """After a daemon crash: stop orphaned workers and put RUNNING jobs back in the queue.
+
+    Runs before the executor starts, on the job directories (the truth): each attempt a dead
+    daemon left running names its worker's pid, which is killed if it still runs.
+    """
     recovered = []
-    for row in store.in_state(JobState.RUNNING):
-        kill_orphan(int(row["worker_pid"]), row["job_dir"])
-        try:
-            JobDir.load(Path(row["job_dir"])).interrupt_running_attempts()
-        except (OSError, ValueError) as exc:
-            log.warning("job %s: cannot update job.json: %s", row["id"], exc)
-        # RUNNING -> QUEUED: resumes at its first unfinished stage.
-        store.transition(row["id"], JobState.QUEUED, worker_pid=0)
-        recovered.append(row["id"])
+    for job in read_job_dirs(jobs_dir):
+        if job.state is not JobState.RUNNING:
+            continue
+        job.mirror = store.mirror
+        for pid in job.interrupt_running_attempts("the daemon stopped during this attempt"):
+            kill_orphan(pid, str(job.path))
+        job.transition(JobState.QUEUED)  # resumes at its first unfinished stage
+        recovered.append(job.id)
     return recovered
 
 

@@ -24,7 +24,7 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
-from orchestrator.daemon.store import JobStore
+from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_server
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
@@ -64,8 +64,8 @@ class Daemon:
         }
 
     def serve(self) -> None:
-        store = JobStore(self.store_path)
-        for job_id in recover_interrupted(store):
+        store = open_store(self.store_path, self.settings.jobs_dir)
+        for job_id in recover_interrupted(store, self.settings.jobs_dir):
             log.warning("job %s was interrupted; re-queued to resume", job_id)
         context = zmq.Context()
         socket, authenticator = bind_server(context, self.address)
@@ -118,7 +118,7 @@ class Daemon:
         except ModelNotFound as exc:
             return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), "model")
         job = JobDir.create(self.settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
-        store.add(job.id, job.path)
+        store.mirror(job)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
         return jobs.Ok(
             job.id, {"id": job.id, "seed": built.spec.seed, "model": built.model.name, "notices": list(built.notices)}
@@ -133,20 +133,25 @@ class Daemon:
         return jobs.Ok("", {"jobs": [self.summary(row, store, detailed=False) for row in rows]})
 
     def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
-        row = self.require_job(request.id, store)
-        state = JobState(row["state"])
-        if state is JobState.QUEUED:
-            store.transition(request.id, JobState.CANCELLED, error="cancelled on request")
-        elif state is JobState.RUNNING:
+        job = self.require_job_dir(request.id, store)
+        if job.state is JobState.RUNNING:
             store.request_cancel(request.id)  # the executor stops the worker within a poll interval
-        else:
-            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {state.value}")
-        return jobs.Ok(request.id, {"state": "cancelling" if state is JobState.RUNNING else "cancelled"})
+            return jobs.Ok(request.id, {"state": "cancelling"})
+        try:  # under the job's lock: if the executor claimed it just now, this fails cleanly
+            job.transition(JobState.CANCELLED, error="cancelled on request")
+        except TransitionError:
+            if job.state is JobState.RUNNING:
+                store.request_cancel(request.id)
+                return jobs.Ok(request.id, {"state": "cancelling"})
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {job.state.value}") from None
+        return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
 
     def resume(self, request: jobs.Resume, store: JobStore) -> codec.Message:
-        self.require_job(request.id, store)
+        job = self.require_job_dir(request.id, store)
+        if job.state is JobState.DONE:  # allowed for `ltx2 decode`, which decodes again; not here
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already done")
         try:
-            store.transition(request.id, JobState.QUEUED, error="")
+            job.transition(JobState.QUEUED)
         except TransitionError as exc:
             raise ProtocolError(ErrorCode.CONFLICT, str(exc)) from None
         return jobs.Ok(request.id, {"state": JobState.QUEUED.value})
@@ -176,28 +181,50 @@ class Daemon:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no job {job_id!r}", "id")
         return row
 
+    def require_job_dir(self, job_id: str, store: JobStore) -> JobDir:
+        """The job's directory, its state changes mirrored into `store`."""
+        row = self.require_job(job_id, store)
+        try:
+            return JobDir.load(Path(row["job_dir"]), mirror=store.mirror)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {job_id}: job.json unreadable: {exc}") from None
+
     def summary(self, row: dict[str, Any], store: JobStore, detailed: bool = True) -> dict[str, Any]:
         """What `status` and `jobs` show about a job."""
         result = {key: row[key] for key in ("id", "state", "created", "updated", "error", "output")}
+        job = None
         try:
-            spec = JobDir.load(Path(row["job_dir"])).spec
+            job = JobDir.load(Path(row["job_dir"]))
+            spec = job.spec
             result["prompt"] = spec.prompt
             result["size"] = f"{spec.width}x{spec.height}x{spec.num_frames}"
             result["seed"] = spec.seed
             result["model"] = spec.model
-        except (OSError, ValueError):
+        except (OSError, ValueError, KeyError):
             result["prompt"] = "(job.json unreadable)"
         if detailed:
             result["job_dir"] = row["job_dir"]
-            result["attempts"] = [
-                {
-                    **{k: a[k] for k in ("stage", "attempt", "result", "reason", "seconds")},
-                    "plan": describe_plan_text(a["stage"], a["plan"]),
-                }
-                for a in store.attempts(row["id"])
-            ]
+            result["attempts"] = attempt_summaries(job) if job else []
             result["progress"] = self.board.get(row["id"])
         return result
+
+
+def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
+    """Every attempt of every stage, from job.json, in the order they started."""
+    rows = [
+        {
+            "stage": stage,
+            "attempt": attempt["attempt"],
+            "result": attempt["result"],
+            "reason": attempt.get("reason", ""),
+            "seconds": float(attempt.get("seconds", 0.0)),
+            "plan": describe_plan_text(stage, attempt.get("plan", {})),
+            "started": attempt.get("started", ""),
+        }
+        for stage, record in job.record["stages"].items()
+        for attempt in record["attempts"]
+    ]
+    return sorted(rows, key=lambda row: row["started"])
 
 
 def describe_plan_text(stage: str, plan: dict[str, Any]) -> str:

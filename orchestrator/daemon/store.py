@@ -1,22 +1,27 @@
-"""The durable job queue: sqlite in WAL mode, beside the job directories.
+"""The daemon's job queue: sqlite in WAL mode, beside the job directories; a mirror of job.json.
 
-The store says which jobs exist, in what order they run and what state each is in; job.json in
-each job directory holds the details. Every state change goes through `transition`, which checks
-orchestrator.states inside a write transaction, so two threads (or a restarted daemon) can never
-move a job along an edge that does not exist. Each thread opens its own JobStore (one sqlite
-connection per thread).
+The store keeps the order in which jobs run (submission order), cancel requests, and a copy of
+each job's state, error and output for fast listing. It decides nothing: every state change is
+made by `JobDir.transition` (orchestrator/jobdir.py), which checks it and calls `mirror`. At
+start the daemon re-derives every row from the job directories (`sync_from_job_dirs`), so a
+crash between job.json and the store, a lost store or a corrupt one (`open_store` moves it aside
+and starts a new one) loses no job: the job directories are the truth (DESIGN.md rule 1).
+Each thread opens its own JobStore (one sqlite connection per thread).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import logging
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.states import JobState, require_transition
+from orchestrator.jobdir import JobDir
+from orchestrator.states import JobState
 
+log = logging.getLogger("ltx2.store")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -27,19 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
     output TEXT NOT NULL DEFAULT '',
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    worker_pid INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS attempts (
-    job_id TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    plan TEXT NOT NULL,
-    result TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    seconds REAL NOT NULL DEFAULT 0,
-    recorded TEXT NOT NULL,
-    PRIMARY KEY (job_id, stage, attempt)
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 """
 # A writer waits this long for another connection's transaction before giving up; transactions
@@ -57,21 +50,42 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a queued job must survive power loss
-        self.db.executescript(SCHEMA)
+        try:
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a queued job must survive power loss
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
 
-    def add(self, job_id: str, job_dir: Path) -> None:
-        """Queue a new job behind every job queued before it."""
-        now = _now()
+    def mirror(self, job: JobDir) -> None:
+        """Copy a job's state, error and output from its job.json (called by JobDir.transition);
+        a job not in the store yet is added at the end of the queue."""
+        record, now = job.record, _now()
         self.db.execute(
-            "INSERT INTO jobs (id, state, job_dir, created, updated) VALUES (?, ?, ?, ?, ?)",
-            (job_id, JobState.QUEUED.value, str(job_dir), now, now),
-        )
+            "INSERT INTO jobs (id, state, job_dir, created, updated, error, output) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET state = excluded.state, updated = excluded.updated, "
+            "error = excluded.error, output = excluded.output",
+            (job.id, record["status"], str(job.path), record.get("created", now), now,
+             record.get("error", ""), record.get("output", "")),
+        )  # fmt: skip
+
+    def sync_from_job_dirs(self, jobs: Iterable[JobDir]) -> int:
+        """Make the rows equal to the job directories' job.json (in job id order, which is
+        creation order, for rows the store did not have); returns how many rows changed."""
+        changed = 0
+        for job in sorted(jobs, key=lambda j: j.id):
+            row = self.get(job.id)
+            if row is None or (row["state"], row["error"], row["output"]) != (
+                job.record["status"], job.record.get("error", ""), job.record.get("output", "")
+            ):  # fmt: skip
+                self.mirror(job)
+                changed += 1
+        return changed
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -82,80 +96,64 @@ class JobStore:
         rows = self.db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [dict(row) for row in reversed(rows)]
 
-    def transition(self, job_id: str, target: JobState, **fields: Any) -> None:
-        """Move a job to `target` (checked against the allowed transitions) and set columns."""
-        allowed = {"error", "output", "cancel_requested", "worker_pid"}
-        if set(fields) - allowed:
-            raise ValueError(f"cannot set {sorted(set(fields) - allowed)}")
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise KeyError(job_id)
-            require_transition(JobState(row["state"]), target)
-            assignments = "".join(f", {name} = ?" for name in fields)
-            self.db.execute(
-                f"UPDATE jobs SET state = ?, updated = ?{assignments} WHERE id = ?",  # noqa: S608 (names are fixed)
-                (target.value, _now(), *fields.values(), job_id),
-            )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-
-    def claim_next(self, job_id: str | None = None) -> dict[str, Any] | None:
-        """Atomically take the oldest queued job (or `job_id`, if it is still queued) and mark it
-        running; None when there is none."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            if job_id is None:
-                row = self.db.execute(
-                    "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.QUEUED.value,)
-                ).fetchone()
-            else:
-                row = self.db.execute(
-                    "SELECT * FROM jobs WHERE state = ? AND id = ?", (JobState.QUEUED.value, job_id)
-                ).fetchone()
-            if row is not None:
-                self.db.execute(
-                    "UPDATE jobs SET state = ?, updated = ?, cancel_requested = 0 WHERE id = ?",
-                    (JobState.RUNNING.value, _now(), row["id"]),
-                )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        return dict(row) if row else None
-
-    def peek_next(self) -> dict[str, Any] | None:
-        """The job `claim_next` would take now, without taking it."""
-        row = self.db.execute(
-            "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT 1", (JobState.QUEUED.value,)
-        ).fetchone()
-        return dict(row) if row else None
+    def queued(self, limit: int) -> list[dict[str, Any]]:
+        """The oldest `limit` queued jobs, in submission order."""
+        rows = self.db.execute(
+            "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (JobState.QUEUED.value, limit)
+        ).fetchall()
+        return [dict(row) for row in rows]
 
     def request_cancel(self, job_id: str) -> None:
         self.db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (_now(), job_id))
+
+    def clear_cancel(self, job_id: str) -> None:
+        self.db.execute("UPDATE jobs SET cancel_requested = 0 WHERE id = ?", (job_id,))
 
     def is_cancel_requested(self, job_id: str) -> bool:
         row = self.db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return bool(row and row["cancel_requested"])
 
-    def set_worker_pid(self, job_id: str, pid: int) -> None:
-        self.db.execute("UPDATE jobs SET worker_pid = ? WHERE id = ?", (pid, job_id))
-
-    def in_state(self, state: JobState) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM jobs WHERE state = ? ORDER BY seq", (state.value,)).fetchall()
-        return [dict(row) for row in rows]
-
-    def record_attempt(
-        self, job_id: str, stage: str, attempt: int, plan: dict[str, Any], result: str, reason: str, seconds: float
-    ) -> None:
+    def mark_unreadable(self, job_id: str, error: str) -> None:
+        """Fail a row whose job.json cannot be read: there is no job.json state to change, so
+        the store records why the job can never run."""
         self.db.execute(
-            "INSERT OR REPLACE INTO attempts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (job_id, stage, attempt, json.dumps(plan, sort_keys=True), result, reason, seconds, _now()),
+            "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+            (JobState.FAILED.value, error, _now(), job_id),
         )
 
-    def attempts(self, job_id: str) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY recorded", (job_id,)).fetchall()
-        return [{**dict(row), "plan": json.loads(row["plan"])} for row in rows]
+
+def open_store(path: Path, jobs_dir: Path) -> JobStore:
+    """Open the store and re-derive it from the job directories.
+
+    A file sqlite cannot read (garbage, a zeroed header, a half truncation) is moved aside as
+    `<name>.corrupt-<time>` with its WAL files and a new store is built, so a corrupt file never
+    crash-loops the daemon; a store emptied (truncated to 0 bytes) is refilled the same way.
+    """
+    try:
+        store = JobStore(path)
+        if store.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            store.close()
+            raise sqlite3.DatabaseError("quick_check failed")
+    except sqlite3.DatabaseError as exc:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            damaged = path.with_name(path.name + suffix)
+            if damaged.exists():
+                damaged.rename(path.with_name(f"{path.name}.corrupt-{stamp}{suffix}"))
+        log.warning("%s is unreadable (%s); moved aside, rebuilding from %s", path, exc, jobs_dir)
+        store = JobStore(path)
+    changed = store.sync_from_job_dirs(read_job_dirs(jobs_dir))
+    if changed:
+        log.warning("store: %d job(s) re-derived from their job.json", changed)
+    return store
+
+
+def read_job_dirs(jobs_dir: Path) -> list[JobDir]:
+    """Every job directory with a readable job.json (an unreadable one is logged and skipped)."""
+    found = []
+    for job_file in sorted(jobs_dir.glob("*/job.json")):
+        try:
+            found.append(JobDir.load(job_file.parent))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("skipping %s: %s", job_file, exc)
+    return found

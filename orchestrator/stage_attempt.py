@@ -1,0 +1,212 @@
+"""One attempt of a stage for one or more jobs: start its worker, follow it, record each job's end.
+
+The one follower of worker processes (DESIGN.md rule 7): a single job is a group of one. The
+worker is given every member's directory (`--job-dir` repeated); it opens them in order, saying
+"job started" for each after the first, and sends each member's Done or Failed on its own. A
+member's attempt is recorded in its job.json from the moment the worker opens it, with the
+worker's pid (so a restarted daemon can stop an orphan) and, in a group, the group's job ids; the
+group's log is hard-linked into each member's logs. When the process exits, members it was
+still working on are settled by its exit status; members it never reached get no attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.job_hooks import HooksFor, StageEvent
+from orchestrator.jobdir import JobDir, tail
+from orchestrator.policy import describe_plan
+from orchestrator.runner import (
+    SpawnedWorker,
+    StageOutcome,
+    WorkerLink,
+    discard_worker,
+    follow_until_exit,
+    hung_reason,
+    spawn_worker,
+)
+from orchestrator.states import AttemptResult, StageEventKind
+from protocol import stages
+from protocol.errors import Failure, classify_exit, describe_exit
+from protocol.files import Stage
+
+
+def run_attempt(
+    members: list[JobDir],
+    stage: Stage,
+    plan: dict[str, Any],
+    settings: Settings,
+    link: WorkerLink,
+    hooks_for: HooksFor,
+    prestarted: SpawnedWorker | None = None,
+    on_spawn: Callable[[], None] = lambda: None,
+) -> dict[str, StageOutcome]:
+    """Run one worker process for `stage` over `members`, in order; returns the outcome of each
+    member it started. `prestarted`, a worker started earlier for exactly this attempt (imports
+    done, waiting for GO), is adopted; any other is stopped. `on_spawn` runs once the worker is
+    up (the caller may prestart the next stage's worker then)."""
+    follower = AttemptFollower(members, stage, plan, settings, link, hooks_for, prestarted)
+    on_spawn()
+    returncode, forced = follow_until_exit(
+        follower.worker.process, follower.pump, lambda: follower.last_heard, follower.should_stop, settings.hung_after_s
+    )
+    follower.settle_unfinished(returncode, forced)
+    return follower.outcomes
+
+
+class AttemptFollower:
+    """Follows one worker: starts members' attempts as the worker opens them, settles them."""
+
+    def __init__(
+        self,
+        members: list[JobDir],
+        stage: Stage,
+        plan: dict[str, Any],
+        settings: Settings,
+        link: WorkerLink,
+        hooks_for: HooksFor,
+        prestarted: SpawnedWorker | None = None,
+    ) -> None:
+        self.by_id = {job.id: job for job in members}
+        self.stage, self.plan, self.settings, self.link, self.hooks_for = stage, plan, settings, link, hooks_for
+        self.running: dict[str, tuple[int, float]] = {}  #: job id -> (attempt, start time)
+        self.outcomes: dict[str, StageOutcome] = {}
+        self.done: dict[str, stages.Done] = {}
+        self.worker: SpawnedWorker | None = None
+        for job in members:  # before the worker starts: later members' attempts start mid-run
+            job.clean_partial_files()
+        leader = members[0]
+        attempt = self.start(leader.id)
+        self.log = leader.log_path(stage, attempt)
+        job_ids = tuple(self.by_id)
+        if prestarted is not None and prestarted.matches(job_ids, stage, attempt, plan):
+            self.worker = prestarted
+        else:
+            discard_worker(prestarted, link)
+            self.worker = spawn_worker(members, stage, attempt, plan, link, settings.heartbeat_s)
+        leader.note_worker(stage, self.worker.process.pid)
+        self.last_heard = time.monotonic()
+
+    def start(self, job_id: str) -> int:
+        """Record a member's attempt as running; its log is the group's log."""
+        job = self.by_id[job_id]
+        group = {"group": list(self.by_id)} if len(self.by_id) > 1 else {}
+        attempt = job.start_attempt(self.stage, self.plan, clean=False, **group)
+        if self.worker is not None:  # a later member of a group: the worker writes the leader's log
+            link_log(self.log, job.log_path(self.stage, attempt))
+            job.note_worker(self.stage, self.worker.process.pid)
+        self.running[job_id] = (attempt, time.monotonic())
+        detail = describe_plan(self.stage, self.plan)
+        if group:
+            detail += f"; one process for {len(self.by_id)} jobs"
+        self.hooks_for(job).listener(StageEvent(self.stage.value, StageEventKind.STARTED, attempt, detail))
+        return attempt
+
+    def should_stop(self) -> Failure | None:
+        """Why the worker must stop now (any member's cancel, or the orchestrator stopping)."""
+        return next((why for job in self.by_id.values() if (why := self.hooks_for(job).should_stop())), None)
+
+    def pump(self, timeout_ms: int) -> bool:
+        """Handle at most one message of the worker; False when none came in time."""
+        received = self.link.receive_for(list(self.by_id), self.stage.value, timeout_ms)
+        if received is None:
+            return False
+        identity, message = received
+        self.last_heard = time.monotonic()
+        job_id = message.id
+        if isinstance(message, stages.Ready):
+            self.link.send(identity, stages.Go(job_id, self.stage.value))
+        elif isinstance(message, stages.Progress) and message.phase == stages.JOB_STARTED_PHASE:
+            if job_id not in self.running and job_id not in self.outcomes:
+                self.start(job_id)
+            return True
+        elif isinstance(message, stages.Done) and job_id in self.running:
+            self.done[job_id] = message
+            missing = [name for name in self.stage.outputs if not (self.by_id[job_id].path / name).is_file()]
+            if missing:
+                self.settle(job_id, Failure.CRASH, f"reported done without writing {', '.join(missing)}", 1)
+            else:
+                self.settle(job_id, None, "")
+        elif isinstance(message, stages.Failed) and job_id in self.running:
+            failure = classify_exit(message.exit_code) or Failure.CRASH
+            self.settle(job_id, failure, message.error, message.exit_code)
+        self.hooks_for(self.by_id[job_id]).listener(message)
+        return True
+
+    def settle_unfinished(self, returncode: int, forced: Failure | None) -> None:
+        """Settle the members the worker was still working on when it exited.
+
+        A member stopped only because another member of its group was cancelled gets no outcome:
+        its attempt is closed as interrupted and the scheduler runs it again.
+        """
+        for job_id in list(self.running):
+            own = self.hooks_for(self.by_id[job_id]).should_stop() if forced in STOPS else None
+            if forced in STOPS and own is None:
+                self.running.pop(job_id)
+                self.by_id[job_id].finish_attempt(
+                    self.stage, AttemptResult.INTERRUPTED, reason="stopped with its group for another job"
+                )
+                continue
+            failure = own or forced or classify_exit(returncode) or Failure.CRASH
+            self.settle(job_id, failure, self.exit_reason(failure, returncode), returncode)
+
+    def exit_reason(self, failure: Failure, returncode: int) -> str:
+        if failure is Failure.HUNG:
+            return hung_reason(self.settings.hung_after_s)
+        if failure in STOPS:
+            return "cancelled on request" if failure is Failure.CANCELLED else "the orchestrator is stopping"
+        if returncode:
+            return describe_exit(returncode)
+        return "the worker exited 0 before writing this job's outputs"
+
+    def settle(self, job_id: str, failure: Failure | None, reason: str, returncode: int = 0) -> None:
+        """Close a member's attempt in its job.json and tell its hooks."""
+        attempt, started = self.running.pop(job_id)
+        job, done = self.by_id[job_id], self.done.get(job_id)
+        outcome = StageOutcome(
+            returncode=returncode,
+            failure=failure,
+            reason=reason,
+            log_tail=tail(self.log, self.settings.stderr_tail_lines) if failure else "",
+            seconds=done.seconds if done else time.monotonic() - started,
+            peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
+            peak_rss_bytes=done.peak_rss_bytes if done else 0,
+        )
+        job.finish_attempt(
+            self.stage,
+            AttemptResult(failure.value) if failure else AttemptResult.OK,
+            returncode=outcome.returncode,
+            reason=outcome.reason,
+            seconds=round(outcome.seconds, 3),
+            peak_gpu_bytes=outcome.peak_gpu_bytes,
+            peak_rss_bytes=outcome.peak_rss_bytes,
+        )
+        hooks = self.hooks_for(job)
+        hooks.on_attempt(self.stage, attempt, self.plan, outcome)
+        if failure is None:
+            event = StageEvent(self.stage.value, StageEventKind.SUCCEEDED, attempt, f"{outcome.seconds:.1f} s")
+        else:
+            event = StageEvent(self.stage.value, StageEventKind.FAILED, attempt, f"{failure.value}: {reason}")
+        hooks.listener(event)
+        self.outcomes[job_id] = outcome
+
+
+#: Failures the orchestrator causes by stopping a worker on purpose.
+STOPS = frozenset({Failure.CANCELLED, Failure.INTERRUPTED})
+
+
+def link_log(source: Path, target: Path) -> None:
+    """Make a member's attempt log the group's log (a hard link, so it grows with it)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        pass
+    except OSError:  # another file system, or links not allowed: a copy of what exists now
+        if source.is_file():
+            shutil.copyfile(source, target)
