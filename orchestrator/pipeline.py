@@ -19,6 +19,7 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.jobdir import JobDir
 from orchestrator.policy import Attempt, describe_plan, initial_plan, next_plan
+from orchestrator.publishing import kill_if_requested
 from orchestrator.runner import (
     SpawnedWorker,
     StageOutcome,
@@ -247,6 +248,7 @@ def publish_outputs(job: JobDir, output_dir: Path, target: Path | None = None, n
         shutil.copyfile(job.path / name, temp)
         publish(temp, video.with_name(video.stem + suffix))
     write_sidecar(video.with_suffix(".json"), build_sidecar(job, video))
+    kill_if_requested("done")
     return video
 
 
@@ -265,6 +267,8 @@ def link_to_free_name(job: JobDir, output_dir: Path, stamp: str) -> Path:
                 os.link(temp, target)
             except FileExistsError:
                 continue
+            kill_if_requested("first-file")
+            kill_if_requested("video")
             return target.resolve()
     finally:
         temp.unlink(missing_ok=True)
