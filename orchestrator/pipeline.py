@@ -1,16 +1,13 @@
 """Run one job: its stages in order, each in its own process, then publish the MP4.
 
 A stage whose outputs verify against job.json is skipped, so running a job again after a crash
-resumes at the first unfinished stage. The finished video is copied to the output folder as
-`<name>_<YYYYmmdd_HHMMSS>.mp4`.
+resumes at the first unfinished stage. The finished video is published to the output folder as
+`<name>_<YYYYmmdd_HHMMSS>.mp4` once (orchestrator.publishing).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import itertools
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,20 +15,12 @@ from config.settings import Settings
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
 from orchestrator.policy import Attempt, Decision, decide, initial_plan
+from orchestrator.publishing import publish_job
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
-from orchestrator.sidecar import build_sidecar, write_sidecar
 from orchestrator.stage_attempt import run_attempt
 from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
 from protocol.errors import Failure
-from protocol.files import (
-    FIRST_FRAME_FILE,
-    LAST_FRAME_FILE,
-    STAGE_ORDER,
-    VIDEO_FILE,
-    Stage,
-    publish,
-    temp_path_for,
-)
+from protocol.files import STAGE_ORDER, Stage
 
 
 class JobFailed(Exception):
@@ -112,7 +101,7 @@ def first_unfinished(job: JobDir) -> int:
 
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path."""
-    output = publish_outputs(job, settings.output_dir, target)
+    output = publish_job(job, settings.output_dir, target)
     job.transition(JobState.DONE, output=str(output))
     if job.spec.drop_caches and (warning := drop_page_cache()):
         job.log_event(EventKind.WARNING, message=warning)
@@ -186,51 +175,6 @@ def end_job(job: JobDir, stage: Stage, outcome: StageOutcome, decision: Decision
     assert decision.job_state is not None
     job.transition(decision.job_state, error=decision.reason)
     return JobFailed(stage, outcome, decision)
-
-
-def publish_outputs(job: JobDir, output_dir: Path, target: Path | None = None, now: dt.datetime | None = None) -> Path:
-    """Publish the MP4 with its first/last frame PNGs and sidecar JSON; returns the MP4's path.
-
-    Without `target` the name is `output_dir/<name>_<YYYYmmdd_HHMMSS>.mp4`, never overwriting: the
-    copy is made under a temp name, then hard-linked to the first free name (a link fails if the
-    name exists, so two jobs finishing in the same second cannot collide). With `target` that
-    exact path is used (and replaced). The PNGs and JSON take the MP4's stem.
-    """
-    if target is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_path_for(target)
-        shutil.copyfile(job.path / VIDEO_FILE, temp)
-        publish(temp, target)
-        video = target.resolve()
-    else:
-        video = link_to_free_name(job, output_dir, f"{(now or dt.datetime.now()):%Y%m%d_%H%M%S}")
-    for suffix, name in (("_first.png", FIRST_FRAME_FILE), ("_last.png", LAST_FRAME_FILE)):
-        temp = temp_path_for(video.with_name(video.stem + suffix))
-        shutil.copyfile(job.path / name, temp)
-        publish(temp, video.with_name(video.stem + suffix))
-    write_sidecar(video.with_suffix(".json"), build_sidecar(job, video))
-    return video
-
-
-def link_to_free_name(job: JobDir, output_dir: Path, stamp: str) -> Path:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    temp = output_dir / f".{job.id}.mp4.tmp"
-    shutil.copyfile(job.path / VIDEO_FILE, temp)
-    os.chmod(temp, 0o644)
-    with temp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    try:
-        for counter in itertools.count():
-            suffix = f"_{counter}" if counter else ""
-            target = output_dir / f"{job.spec.name}_{stamp}{suffix}.mp4"
-            try:
-                os.link(temp, target)
-            except FileExistsError:
-                continue
-            return target.resolve()
-    finally:
-        temp.unlink(missing_ok=True)
-    raise AssertionError("unreachable")
 
 
 def drop_page_cache() -> str:

@@ -8,12 +8,11 @@ peak GPU/host memory, so a clip can be reproduced or its cost compared later.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 from pathlib import Path
 from typing import Any
 
 from orchestrator.jobdir import JobDir
-from protocol.files import Stage, publish, temp_path_for
+from protocol.files import Stage
 
 PACKAGES = (
     "ltx2-stages",
@@ -69,9 +68,3 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "versions": package_versions(),
         "stages": {stage.value: stage_summary(job, stage) for stage in Stage},
     }
-
-
-def write_sidecar(path: Path, sidecar: dict[str, Any]) -> None:
-    temp = temp_path_for(path)
-    temp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n")
-    publish(temp, path)

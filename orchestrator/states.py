@@ -64,6 +64,10 @@ class EventKind(enum.StrEnum):
     STAGE_INVALIDATED = "stage_invalidated"  #: recorded outputs were forgotten; the stage runs again
     PARTIAL_FILE_REMOVED = "partial_file_removed"  #: a killed worker's temp file was deleted
     WARNING = "warning"  #: something the user should know that did not fail the job
+    PUBLISH_STARTED = "publish_started"  #: the output names were recorded; files are being written
+    PUBLISHED = "published"  #: the MP4, its PNGs and JSON are all in place (recorded complete)
+    PUBLISH_TEMP_REMOVED = "publish_temp_removed"  #: a cut-short publish's temp file was deleted
+    PUBLISH_ABANDONED = "publish_abandoned"  #: a cut-short publish to another target was dropped
 
     @classmethod
     def for_job(cls, state: JobState) -> EventKind:

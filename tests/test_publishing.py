@@ -1,0 +1,215 @@
+"""Publishing is one recorded step: all files or none, never repeated for a job already published.
+
+The crashes are real: `LTX2_FAULT_PUBLISH_KILL` makes the publishing process (the CLI's embedded
+orchestrator, `ltx2 batch`, or the daemon) SIGKILL itself at a point of the publish; then the job
+is run again the way a user (or supervisord) would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
+from supervised import Supervised, wait_for_file
+
+from config.settings import load_settings
+from orchestrator.jobdir import JobDir
+from orchestrator.model_lookup import ResolvedModel
+from orchestrator.pipeline import JobHooks, finish_job, take_job
+from orchestrator.publishing import FAULT_POINTS
+from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE
+from protocol.spec import JobSpec
+
+TINY = ["--model", "ltx2-stages/tiny-random-ltx2", "--quiet", *TINY_ARGS]
+# A job spec for the in-process tests; their jobs never run a stage (the files are put in place).
+SPEC = {"prompt": "x", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+
+
+def published_set(video: Path) -> set[str]:
+    """The names one published video comes with."""
+    return {video.name, f"{video.stem}_first.png", f"{video.stem}_last.png", f"{video.stem}.json"}
+
+
+def assert_complete_set(video: Path) -> None:
+    """The MP4 and its PNGs and sidecar are all there, and the sidecar names this MP4."""
+    assert published_set(video) <= {p.name for p in video.parent.iterdir()}
+    assert json.loads(video.with_suffix(".json").read_text())["video"] == video.name
+    assert video.stat().st_mode & 0o777 == 0o644
+
+
+def assert_every_mp4_has_its_companions(folder: Path) -> None:
+    """The invariant that holds at every moment: an MP4 in the output folder is never alone."""
+    for video in folder.glob("*.mp4"):
+        assert published_set(video) <= {p.name for p in folder.iterdir()}, f"{video.name} without PNGs/JSON"
+
+
+def settings_for(root: Path):  # noqa: ANN201 - Settings, as the CLI builds it from the environment
+    return load_settings(
+        environ={"LTX2_STATE_DIR": str(root / "state"), "LTX2_OUTPUT_DIR": str(root / "outputs"), "HOME": str(root)}
+    )
+
+
+@pytest.fixture
+def finished_job(tmp_path: Path) -> JobDir:
+    """A job whose stages are done: its video and frames are in place (publishing only copies them)."""
+    spec = JobSpec.from_dict({**SPEC, "prompt": "a lighthouse"})
+    model = ResolvedModel("ltx2-stages/tiny-random-ltx2", tmp_path / "model", "local")
+    job = JobDir.create(settings_for(tmp_path).jobs_dir, spec, model)
+    (job.path / VIDEO_FILE).write_bytes(b"not really an mp4 " * 1000)
+    (job.path / FIRST_FRAME_FILE).write_bytes(b"first frame")
+    (job.path / LAST_FRAME_FILE).write_bytes(b"last frame")
+    return job
+
+
+def test_finishing_a_published_job_again_returns_the_same_path_and_one_set(finished_job: JobDir, tmp_path: Path):
+    settings = settings_for(tmp_path)
+    take_job(finished_job)  # finishing is the last step of a running job
+    first = finish_job(finished_job, settings, JobHooks())
+    again = JobDir.load(finished_job.path)
+    take_job(again)  # done -> queued -> running: a re-run of a finished job
+    second = finish_job(again, settings, JobHooks())
+    assert second == first
+    assert {p.name for p in settings.output_dir.iterdir()} == published_set(first)
+    assert first.read_bytes() == (finished_job.path / VIDEO_FILE).read_bytes()
+    assert_complete_set(first)
+
+
+# Finishes the job in another process, which the fault switch may kill.
+FINISH_IN_CHILD = """
+import sys
+from pathlib import Path
+from config.settings import load_settings
+from orchestrator.jobdir import JobDir
+from orchestrator.pipeline import JobHooks, finish_job, take_job
+from orchestrator.publishing import FAULT_POINTS
+root = Path(sys.argv[2])
+settings = load_settings(environ={"LTX2_STATE_DIR": str(root / "state"), "LTX2_OUTPUT_DIR": str(root / "outputs"),
+                                  "HOME": str(root)})
+job = JobDir.load(Path(sys.argv[1]))
+take_job(job)
+print(finish_job(job, settings, JobHooks()))
+"""
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_publish_killed_at_each_point_then_run_again_leaves_one_set(finished_job: JobDir, tmp_path: Path, point: str):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LTX2_FAULT_PUBLISH_KILL": point}
+    command = [sys.executable, "-c", FINISH_IN_CHILD, str(finished_job.path), str(tmp_path)]
+    killed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    outputs = settings_for(tmp_path).output_dir
+    assert_every_mp4_has_its_companions(outputs)
+    video = finish_job(JobDir.load(finished_job.path), settings_for(tmp_path), JobHooks())
+    assert {p.name for p in outputs.iterdir()} == published_set(video)  # no second copy, no temp file
+    assert_complete_set(video)
+    assert JobDir.load(finished_job.path).record["status"] == "done"
+
+
+def test_generate_killed_as_its_first_output_lands_is_recovered_by_decode_to_one_set(ltx2_env: dict):
+    killed = run_ltx2(
+        ["generate", "--prompt", "a crane over a harbour", "--seed", "3", *TINY],
+        {
+            **ltx2_env,
+            "LTX2_FAULT_PUBLISH_KILL": "first-file",
+        },
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    outputs = Path(ltx2_env["LTX2_OUTPUT_DIR"])
+    assert_every_mp4_has_its_companions(outputs)
+    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    target = outputs / "recovered.mp4"
+    rerun = run_ltx2(["decode", "--input", str(job_dir), "--output", str(target), "--quiet"], ltx2_env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert Path(rerun.stdout.strip()) == target.resolve()
+    assert {p.name for p in outputs.iterdir()} == published_set(target)  # nothing else, no `.*.tmp*`
+    assert_complete_set(target)
+    assert probe_mp4(target)["frames"] == 17
+    record = json.loads((job_dir / "job.json").read_text())
+    assert (record["status"], record["output"]) == ("done", str(target.resolve()))
+
+
+@pytest.fixture
+def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "faults").mkdir()
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+
+
+def test_daemon_killed_as_the_mp4_lands_publishes_once_after_its_restart(daemon_env: dict, tmp_path: Path):
+    env = {**daemon_env, "LTX2_FAULT_PUBLISH_KILL": "video"}
+    with Supervised(tmp_path, env) as supervised:
+        submitted = run_ltx2(["submit", "--prompt", "a forge at night", "--seed", "12", *TINY_ARGS], env)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip()
+        marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "publish-killed-video", timeout_s=300)
+        supervised.wait_until_serving(previous_pid=int(marker.read_text()))
+        job = supervised.wait_for_state(job_id, {"done", "failed"})
+    assert job["state"] == "done", job["error"]
+    video = Path(job["output"])
+    outputs = Path(env["LTX2_OUTPUT_DIR"])
+    assert {p.name for p in outputs.iterdir()} == published_set(video)
+    assert_complete_set(video)
+    assert probe_mp4(video)["frames"] == 17
+
+
+def test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip(ltx2_env: dict):
+    demo = REPO_ROOT / "examples" / "batches" / "tiny-demo.toml"
+    killed = run_ltx2(["batch", str(demo), "--quiet"], {**ltx2_env, "LTX2_FAULT_PUBLISH_KILL": "done"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    outputs = Path(ltx2_env["LTX2_OUTPUT_DIR"])
+    assert [p.name.split("_")[0] for p in outputs.glob("*.mp4")] == ["demo-one"]
+    rerun = run_ltx2(["batch", str(demo), "--quiet"], ltx2_env)
+    assert rerun.returncode == 0, rerun.stderr
+    videos = sorted(outputs.glob("*.mp4"))
+    assert [v.name.split("_")[0] for v in videos] == ["demo-one", "demo-two"]
+    expected = published_set(videos[0]) | published_set(videos[1]) | {"tiny-demo_summary.txt"}
+    assert {p.name for p in outputs.iterdir()} == expected
+    for video in videos:
+        assert_complete_set(video)
+        assert str(video) in rerun.stdout
+
+
+def test_two_jobs_in_the_same_second_get_their_own_names_and_a_target_is_replaced(tmp_path: Path):
+    from orchestrator.publishing import publish_job  # imported here: the fault tests also run against older code
+
+    settings = settings_for(tmp_path)
+    spec = JobSpec.from_dict({**SPEC, "name": "same"})
+    jobs = [JobDir.create(settings.jobs_dir, spec, ResolvedModel("m", tmp_path, "local")) for _ in range(2)]
+    for number, job in enumerate(jobs):
+        for name in (VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE):
+            (job.path / name).write_text(f"{name} of job {number}")
+    now = dt.datetime(2026, 1, 2, 3, 4, 5)
+    videos = [publish_job(job, settings.output_dir, now=now) for job in jobs]
+    assert [v.name for v in videos] == ["same_20260102_030405.mp4", "same_20260102_030405_1.mp4"]
+    assert [v.read_text() for v in videos] == ["video.mp4 of job 0", "video.mp4 of job 1"]
+    assert [publish_job(JobDir.load(job.path), settings.output_dir) for job in jobs] == videos
+    target = tmp_path / "elsewhere" / "exact.mp4"
+    target.parent.mkdir()
+    target.write_text("an older file the user asked to replace")
+    assert publish_job(jobs[0], settings.output_dir, target=target) == target.resolve()
+    assert target.read_text() == "video.mp4 of job 0"
+    assert {p.name for p in target.parent.iterdir()} == published_set(target)
+    assert all(v.is_file() for v in videos)  # the earlier complete publish stays
+
+
+def test_a_job_whose_video_changed_is_published_anew_and_the_earlier_publish_stays(
+    finished_job: JobDir, tmp_path: Path
+):
+    from orchestrator.publishing import publish_job
+
+    output_dir = settings_for(tmp_path).output_dir
+    first = publish_job(finished_job, output_dir, now=dt.datetime(2026, 1, 2, 3, 4, 5))
+    (finished_job.path / VIDEO_FILE).write_bytes(b"decoded again, differently")  # the video stage ran again
+    second = publish_job(JobDir.load(finished_job.path), output_dir, now=dt.datetime(2026, 1, 2, 3, 9, 0))
+    assert (first.name, second.name) == ("video_20260102_030405.mp4", "video_20260102_030900.mp4")
+    assert {p.name for p in output_dir.iterdir()} == published_set(first) | published_set(second)
+    assert second.read_bytes() == b"decoded again, differently"
+    assert publish_job(JobDir.load(finished_job.path), output_dir) == second
