@@ -75,10 +75,10 @@ class JobStore:
         )  # fmt: skip
 
     def sync_from_job_dirs(self, jobs: Iterable[JobDir]) -> int:
-        """Make the rows equal to the job directories' job.json (in job id order, which is
-        creation order, for rows the store did not have); returns how many rows changed."""
+        """Make the rows equal to the job directories' job.json (rows the store did not have are
+        added in creation order, so the queue keeps submission order); returns how many changed."""
         changed = 0
-        for job in sorted(jobs, key=lambda j: j.id):
+        for job in sorted(jobs, key=lambda j: (j.record.get("created", ""), j.id)):
             row = self.get(job.id)
             if row is None or (row["state"], row["error"], row["output"]) != (
                 job.record["status"], job.record.get("error", ""), job.record.get("output", "")
