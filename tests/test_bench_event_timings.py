@@ -60,7 +60,9 @@ def test_numbers_agree_with_job_json(job_dir: Path) -> None:
         # events.log is written just after job.json: the stamps differ by file writes, not seconds
         assert last.started == pytest.approx(parse_time(attempt["started"]), abs=1.0)
         assert last.ended == pytest.approx(parse_time(attempt["ended"]), abs=1.0)
-        assert last.wall_s == pytest.approx(attempt["seconds"], abs=max(1.0, 0.1 * attempt["seconds"]))
+        # `seconds` is the worker's own time for this job (as in a group); the attempt's wall time
+        # from its events adds the worker's start-up and the wait for GO.
+        assert last.wall_s >= attempt["seconds"] - 1.0
     assert job.output == record["output"]
 
 
