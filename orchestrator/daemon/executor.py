@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
+from orchestrator.daemon import fault_switches
 from orchestrator.daemon.store import JobStore
 from orchestrator.jobdir import JobDir
 from orchestrator.pipeline import JobFailed, JobHooks, StageEvent, next_attempt, run_job
@@ -97,6 +98,7 @@ class Executor(threading.Thread):
                 if row is None:
                     self.stop.wait(IDLE_POLL_S)
                     continue
+                fault_switches.raise_in_executor_if_requested()
                 group = [row, *self.claim_followers(store, row)]
                 if len(group) == 1:
                     self.run_one(store, link, row)
