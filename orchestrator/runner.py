@@ -310,7 +310,12 @@ class _Follower:
 
 
 def stop_process(process: subprocess.Popen[bytes] | ForkedProcess) -> int:
-    """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status."""
+    """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status.
+
+    A worker whose end is already known is not signalled: its pid may belong to another process now.
+    """
+    if (returncode := process.poll()) is not None:
+        return returncode
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)

@@ -1,0 +1,76 @@
+"""The daemon's guards against its own failures: a killed fork server. Real daemons, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from daemon_process import (
+    DaemonProcess,
+    children_of,
+    cmdline,
+    is_running,
+    kill_group,
+    parent_of,
+    running_writers_into,
+)
+from supervised import wait_for_file
+
+
+@pytest.fixture
+def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "faults").mkdir()
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+
+
+def submit(env: dict, *extra: str) -> str:
+    result = run_ltx2(["submit", "--prompt", "a lighthouse in fog", "--seed", "11", *TINY_ARGS, *extra], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def kill_workers_left_in(state_dir: Path) -> None:
+    """Cleanup after a failed test: workers are identified by their log inside the state dir."""
+    for pid in running_writers_into(state_dir):
+        kill_group(pid)
+
+
+def test_fork_server_killed_mid_stage_its_workers_die_and_the_job_is_retried_to_the_end(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    state_dir = Path(env["LTX2_STATE_DIR"])
+    try:
+        with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+            job_id = submit(env)
+            worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+            server = parent_of(worker)
+            assert "services.forkserver" in cmdline(server)
+            # The paused diffusion worker and the audio worker prestarted behind it (waiting for GO).
+            forked = children_of(server)
+            assert worker in forked and len(forked) == 2, forked
+            os.kill(server, signal.SIGKILL)
+
+            job = daemon.wait_for_state(job_id, {"done", "failed"})
+            assert job["state"] == "done", job["error"]
+            assert [(a["stage"], a["result"]) for a in job["attempts"]] == [
+                ("encode_diffuse", "host_oom"),
+                ("encode_diffuse", "ok"),
+                ("audio_decode", "ok"),
+                ("video_decode", "ok"),
+            ]
+            assert probe_mp4(Path(job["output"]))["frames"] == 17
+            assert [pid for pid in forked if is_running(pid)] == []
+            assert running_writers_into(state_dir) == []
+
+            later = submit(env, "--seed", "12")
+            assert daemon.wait_for_state(later, {"done", "failed"})["state"] == "done", daemon.log()[-3000:]
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=60) == 0, daemon.log()[-3000:]
+    finally:
+        kill_workers_left_in(state_dir)
