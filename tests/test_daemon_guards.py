@@ -1,4 +1,5 @@
-"""The daemon's guards against its own failures: a killed fork server. Real daemons, real signals."""
+"""The daemon's guards against its own failures: a killed fork server, a second daemon on the same
+state dir. Real daemons, real signals."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from daemon_process import (
     running_writers_into,
 )
 from supervised import wait_for_file
+
+from protocol import jobs
 
 
 @pytest.fixture
@@ -72,5 +75,30 @@ def test_fork_server_killed_mid_stage_its_workers_die_and_the_job_is_retried_to_
             assert daemon.wait_for_state(later, {"done", "failed"})["state"] == "done", daemon.log()[-3000:]
             daemon.process.send_signal(signal.SIGTERM)
             assert daemon.process.wait(timeout=60) == 0, daemon.log()[-3000:]
+    finally:
+        kill_workers_left_in(state_dir)
+
+
+def test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lock_is_taken_over(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    state_dir = Path(env["LTX2_STATE_DIR"])
+    try:
+        with DaemonProcess(env, tmp_path / "first.log") as first:
+            submit(env)
+            worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+            second = run_ltx2(["daemon"], env, timeout=60)
+            assert second.returncode != 0
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr
+            # The refused daemon touched nothing: the first's worker runs, its socket answers.
+            assert is_running(worker)
+            with first.client() as client:
+                assert client.request(jobs.Ping(""))["pid"] == first.pid
+            first.process.kill()
+            first.process.wait()
+        with DaemonProcess(env, tmp_path / "third.log") as third, third.client() as client:
+            assert client.request(jobs.Ping(""))["pid"] == third.pid
     finally:
         kill_workers_left_in(state_dir)

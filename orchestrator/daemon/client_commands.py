@@ -43,14 +43,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_daemon(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM)."""
+    """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM); exit non-zero if another
+    daemon holds the state dir."""
     from orchestrator.daemon.server import Daemon
+    from orchestrator.daemon.state_lock import StateDirLocked
 
     logging.getLogger().setLevel(logging.INFO)
     daemon = Daemon(settings, address_from_settings(settings.daemon))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
-    daemon.serve()
+    try:
+        daemon.serve()
+    except StateDirLocked as exc:
+        return fail(str(exc), ExitCode.OTHER)
     return 0
 
 

@@ -4,7 +4,8 @@ Life of a job: `submit` validates the spec, creates the job directory and queues
 (QUEUED). The executor thread claims it (RUNNING) and runs its stages as worker processes
 (orchestrator.pipeline); it ends DONE, FAILED or CANCELLED. If the daemon dies meanwhile,
 supervisord restarts it and `recover_interrupted` kills the orphaned worker and re-queues the job,
-which then resumes at its first unfinished stage.
+which then resumes at its first unfinished stage. One daemon per state dir: it takes the state
+dir's lock (orchestrator.daemon.state_lock) before anything touches the store.
 
 The main loop never blocks on a peer: it polls with a timeout, every frame is decoded and
 validated (protocol.codec), and every request gets exactly one reply, `ok` or a typed `error`.
@@ -24,6 +25,7 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore
 from orchestrator.daemon.transport import DaemonAddress, bind_server
 from orchestrator.jobdir import JobDir, tail
@@ -64,6 +66,11 @@ class Daemon:
         }
 
     def serve(self) -> None:
+        """Serve until `stop` is set; raises StateDirLocked if another daemon has the state dir."""
+        with lock_state_dir(self.settings.state_dir):
+            self._serve()
+
+    def _serve(self) -> None:
         store = JobStore(self.store_path)
         for job_id in recover_interrupted(store):
             log.warning("job %s was interrupted; re-queued to resume", job_id)
