@@ -1,5 +1,5 @@
 """The daemon's guards against its own failures: a killed fork server, a second daemon on the same
-state dir. Real daemons, real signals."""
+state dir, a dead executor thread. Real daemons, real signals."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from daemon_process import (
     parent_of,
     running_writers_into,
 )
-from supervised import wait_for_file
+from supervised import Supervised, wait_for_file
 
 from protocol import jobs
 
@@ -102,3 +102,37 @@ def test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lo
             assert client.request(jobs.Ping(""))["pid"] == third.pid
     finally:
         kill_workers_left_in(state_dir)
+
+
+def test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_run_the_job(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_EXECUTOR": "1"}
+    with Supervised(tmp_path, env) as supervised:
+        with supervised.client() as client:
+            first_pid = client.request(jobs.Ping(""))["pid"]
+        job_id = submit(env)
+        # The executor dies on claiming the job; the daemon exits and supervisord starts another.
+        restarted_pid = supervised.wait_until_serving(previous_pid=first_pid)
+        job = supervised.wait_for_state(job_id, {"done", "failed"})
+        check = run_ltx2(["daemon", "--check"], env)
+    assert (Path(env["LTX2_FAULT_DIR"]) / "executor-raised").exists()
+    assert job["state"] == "done", job["error"]
+    assert probe_mp4(Path(job["output"]))["frames"] == 17
+    assert "executor thread died" in supervised.daemon_log()
+    supervisord_log = (supervised.var / "supervisord.log").read_text()
+    assert "exited: ltx2d (exit status 1; not expected)" in supervisord_log, supervisord_log
+    assert check.returncode == 0 and f"pid {restarted_pid}" in check.stdout, check.stderr
+
+
+def test_daemon_check_exits_0_for_a_healthy_daemon_and_non_zero_without_one(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        healthy = run_ltx2(["daemon", "--check"], daemon_env)
+        with daemon.client() as client:
+            ping = client.request(jobs.Ping(""))
+    down = run_ltx2(["daemon", "--check"], daemon_env)
+    assert healthy.returncode == 0, healthy.stderr
+    assert f"pid {daemon.pid}" in healthy.stdout
+    assert ping["executor_alive"] is True
+    assert down.returncode != 0
+    assert len(down.stderr.strip().splitlines()) == 1, down.stderr
