@@ -26,6 +26,7 @@ import zmq
 
 from orchestrator.fork_client import ForkedProcess, ForkServer, worker_environment
 from orchestrator.jobdir import JobDir, tail
+from orchestrator.stale_sockets import remove_stale_worker_sockets
 from protocol import codec, stages
 from protocol.errors import Failure, classify_exit, describe_exit
 from protocol.files import Stage
@@ -62,7 +63,11 @@ class WorkerLink:
         self.fork_server = ForkServer() if fork_server else None
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.endpoint = endpoint or f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
+        if endpoint is None:
+            directory = runtime_dir()
+            remove_stale_worker_sockets(directory)  # those of orchestrators killed before they closed
+            endpoint = f"ipc://{directory}/workers-{os.getpid()}.sock"
+        self.endpoint = endpoint
         self.socket.bind(self.endpoint)
         # Messages of workers nobody is following yet (a prestarted worker's READY).
         self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}

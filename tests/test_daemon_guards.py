@@ -1,10 +1,13 @@
 """The daemon's guards against its own failures: a killed fork server, a second daemon on the same
-state dir, a dead executor thread. Real daemons, real signals."""
+state dir, a dead executor thread, socket files left by killed daemons. Real daemons, real signals."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,9 @@ from daemon_process import (
 from supervised import Supervised, wait_for_file
 
 from protocol import jobs
+
+# How long a test waits for a file the daemon is about to create (a hang guard, not a measurement).
+FILE_WAIT_S = 60.0
 
 
 @pytest.fixture
@@ -41,6 +47,13 @@ def kill_workers_left_in(state_dir: Path) -> None:
     """Cleanup after a failed test: workers are identified by their log inside the state dir."""
     for pid in running_writers_into(state_dir):
         kill_group(pid)
+
+
+def wait_until_exists(path: Path) -> None:
+    deadline = time.monotonic() + FILE_WAIT_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
 
 
 def test_fork_server_killed_mid_stage_its_workers_die_and_the_job_is_retried_to_the_end(
@@ -136,3 +149,44 @@ def test_daemon_check_exits_0_for_a_healthy_daemon_and_non_zero_without_one(daem
     assert ping["executor_alive"] is True
     assert down.returncode != 0
     assert len(down.stderr.strip().splitlines()) == 1, down.stderr
+
+
+def test_worker_sockets_of_dead_processes_are_removed_at_start_and_live_ones_stay(daemon_env: dict, tmp_path: Path):
+    runtime = Path(daemon_env["XDG_RUNTIME_DIR"]) / f"ltx2-stages-{os.getuid()}"
+    runtime.mkdir(mode=0o700)
+    # A live process holding a worker socket of its own, as another `ltx2 generate` would.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.bind(f'{sys.argv[1]}/workers-{os.getpid()}.sock')\n"
+            "s.listen()\n"
+            "print('bound', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(runtime),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with DaemonProcess(daemon_env, tmp_path / "killed.log") as killed:
+            stale = runtime / f"workers-{killed.pid}.sock"
+            wait_until_exists(stale)
+            killed.process.send_signal(signal.SIGKILL)
+            killed.process.wait()
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        live = runtime / f"workers-{holder.pid}.sock"
+        unrelated = runtime / "workers-notapid.sock"
+        unrelated.touch()
+        assert stale.exists() and live.exists()
+        with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+            own = runtime / f"workers-{daemon.pid}.sock"
+            wait_until_exists(own)
+            assert not stale.exists()
+            assert live.exists() and unrelated.exists()
+    finally:
+        holder.kill()
+        holder.wait()
