@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")
-    commands.add_parser("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
+    daemon = commands.add_parser("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
+    daemon.add_argument(
+        "--check",
+        action="store_true",
+        help="only ping the configured daemon: exit 0 if it answers and its executor runs (for health checks)",
+    )
     keys = commands.add_parser("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
     keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
 

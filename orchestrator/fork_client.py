@@ -2,8 +2,11 @@
 
 `ForkServer.spawn` returns a `ForkedProcess` with the subset of `subprocess.Popen` the runner
 uses (`pid`, `poll`, `wait`), so the runner treats forked and exec'd workers alike. Exit codes
-come from the server, which is the workers' parent and reaps them. If the server itself dies,
-its children are checked through /proc: one that is gone without a report counts as a crash.
+come from the server, which is the workers' parent and reaps them. A server that dies (killed,
+crashed) reports nothing more, so once its last reports are read, every worker it forked and did
+not report is killed (SIGKILL of its session) and counts as killed by SIGKILL, as the kernel's OOM
+killer would leave it: the policy retries it (host_oom), nothing waits forever on a dead server's
+child, and no worker of it lives on holding memory. The next spawn starts a new server.
 """
 
 from __future__ import annotations
@@ -12,18 +15,25 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
+
+from orchestrator import processes
 
 log = logging.getLogger("ltx2.forkserver")
 # The server imports torch and diffusers before it answers: 5 s here, up to 30 s on a cold GPU
 # host. Give it ample time before declaring it broken.
 START_TIMEOUT_S = 300.0
-# Exit status reported for a worker whose parent (the server) vanished before reporting it.
-UNKNOWN_EXIT = 1
+# After the server died, how long its last lines (exit reports written just before) may take to be
+# read; the pipe holds them, so this is only a bound, not a delay.
+DRAIN_TIMEOUT_S = 5.0
+# Exit status given to a worker its dead server never reported: killed by SIGKILL (host_oom).
+LOST_EXIT = -signal.SIGKILL
 
 
 def worker_environment() -> dict[str, str]:
@@ -50,12 +60,16 @@ class ForkServerError(RuntimeError):
     """The fork server could not be started or stopped answering."""
 
 
-class ForkedProcess:
-    """A worker forked by the server; mirrors the parts of Popen the runner needs."""
+class _ServerDied(ForkServerError):
+    """The server exited while a request was under way."""
 
-    def __init__(self, pid: int, server: ForkServer) -> None:
+
+class ForkedProcess:
+    """A worker forked by a server; mirrors the parts of Popen the runner needs."""
+
+    def __init__(self, pid: int, server: _Server) -> None:
         self.pid = pid
-        self.server = server
+        self.server = server  #: the server that forked it, even after a newer one replaced it
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -64,6 +78,7 @@ class ForkedProcess:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        """Its exit status; never endless: a dead server's unreported workers are killed and reported."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while (code := self.poll()) is None:
             if deadline is not None and time.monotonic() > deadline:
@@ -72,57 +87,10 @@ class ForkedProcess:
         return code
 
 
-class ForkServer:
-    """One server process per orchestrator, started on first use."""
+class _Server:
+    """One fork-server process: its requests, the workers it forked, the exits it reported."""
 
     def __init__(self) -> None:
-        self.process: subprocess.Popen[bytes] | None = None
-        self.replies: queue.Queue[dict] = queue.Queue()
-        self.exits: dict[int, int] = {}
-        self.lock = threading.Lock()
-
-    def spawn(self, stage: str, argv: list[str], log_path: Path) -> ForkedProcess:
-        """Fork a worker for `stage` with the worker's command-line `argv`."""
-        with self.lock:
-            self._ensure_started()
-            assert self.process is not None and self.process.stdin is not None
-            request = {"stage": stage, "argv": argv, "log": str(log_path)}
-            try:
-                self.process.stdin.write((json.dumps(request) + "\n").encode())
-                self.process.stdin.flush()
-                reply = self.replies.get(timeout=START_TIMEOUT_S)
-            except (OSError, queue.Empty) as exc:
-                self.process = None
-                raise ForkServerError(f"fork server did not answer: {exc}") from exc
-        if "pid" not in reply:
-            raise ForkServerError(f"fork server failed: {reply}")
-        return ForkedProcess(int(reply["pid"]), self)
-
-    def exit_code(self, pid: int) -> int | None:
-        """The worker's exit code once reported; a worker lost with its server counts as a crash."""
-        if pid in self.exits:
-            return self.exits[pid]
-        if self.process is not None and self.process.poll() is None:
-            return None
-        return None if Path(f"/proc/{pid}").exists() else self.exits.get(pid, UNKNOWN_EXIT)
-
-    def close(self) -> None:
-        """Stop the server (EOF on its stdin); running workers are left to their own sessions."""
-        if self.process is None:
-            return
-        try:
-            if self.process.stdin:
-                self.process.stdin.close()
-            self.process.wait(timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            self.process.kill()
-            self.process.wait()
-        self.process = None
-
-    def _ensure_started(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            return
-        self.replies = queue.Queue()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "services.forkserver"],
             stdin=subprocess.PIPE,
@@ -130,25 +98,144 @@ class ForkServer:
             start_new_session=True,
             env=worker_environment(),
         )
-        threading.Thread(target=self._read, args=(self.process,), name="forkserver-reader", daemon=True).start()
+        self.replies: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.lock = threading.Lock()
+        self.exits: dict[int, int] = {}
+        # Workers forked and not reported yet, with their start times (pids get reused).
+        self.running: dict[int, int | None] = {}
+        self.drained = threading.Event()  # set once everything the server wrote has been read
+        threading.Thread(target=self._read, name="forkserver-reader", daemon=True).start()
+
+    def is_alive(self) -> bool:
+        return self.process.poll() is None
+
+    def wait_ready(self) -> None:
+        """Block until the server has imported everything; a server that cannot is killed."""
         try:
             ready = self.replies.get(timeout=START_TIMEOUT_S)
         except queue.Empty:
             ready = {}
         if not ready.get("ready"):
             self.process.kill()
-            self.process = None
+            self.process.wait()
             raise ForkServerError("fork server did not start (see the daemon's stderr)")
 
-    def _read(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
+    def request(self, request: dict[str, Any]) -> int:
+        """Have the server fork a worker; returns its pid."""
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+        except OSError as exc:
+            raise _ServerDied(f"fork server is gone: {exc}") from exc
+        try:
+            reply = self.replies.get(timeout=START_TIMEOUT_S)
+        except queue.Empty:
+            self.process.kill()  # hung: its workers are settled as a dead server's
+            self.process.wait()
+            raise ForkServerError(f"fork server did not answer within {START_TIMEOUT_S:.0f} s") from None
+        if reply.get("eof"):
+            raise _ServerDied("fork server exited before it answered")
+        if "pid" not in reply:
+            raise ForkServerError(f"fork server failed: {reply}")
+        return int(reply["pid"])
+
+    def exit_code(self, pid: int) -> int | None:
+        """The worker's exit status once reported; if the server died, killed by SIGKILL."""
+        with self.lock:
+            if pid in self.exits:
+                return self.exits[pid]
+        if self.is_alive():
+            return None
+        self.settle()
+        with self.lock:
+            return self.exits.get(pid, LOST_EXIT)
+
+    def settle(self) -> None:
+        """After the server died: read its last reports, then kill every worker it did not report."""
+        self.drained.wait(DRAIN_TIMEOUT_S)
+        with self.lock:
+            lost, self.running = self.running, {}
+            for pid, started in lost.items():
+                log.warning("fork server %d died; killing its worker %d", self.process.pid, pid)
+                processes.kill_session(pid, started)
+                self.exits[pid] = LOST_EXIT
+
+    def stop(self) -> None:
+        """EOF on stdin stops the server; running workers are left to their own sessions."""
+        try:
+            if self.process.stdin:
+                self.process.stdin.close()
+            self.process.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+
+    def _read(self) -> None:
+        """Reader thread: route the server's lines (fork replies to the requester, exit reports to
+        `exits`), so exits are recorded even while nobody is waiting for a reply."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             try:
                 message = json.loads(line)
             except ValueError:
                 log.warning("fork server said: %r", line[:200])
                 continue
             if "exit" in message:
-                self.exits[int(message["exit"])] = int(message["code"])
-            else:
-                self.replies.put(message)
+                with self.lock:
+                    pid = int(message["exit"])
+                    self.running.pop(pid, None)
+                    self.exits[pid] = int(message["code"])
+                continue
+            if "pid" in message:
+                with self.lock:
+                    pid = int(message["pid"])
+                    self.exits.pop(pid, None)  # an earlier worker's report, if the kernel reused its pid
+                    self.running[pid] = processes.start_time(pid)
+            self.replies.put(message)
+        self.drained.set()
+        self.replies.put({"eof": True})  # a request waiting for an answer gets one at once
+
+
+class ForkServer:
+    """Forks workers through one server process, started on first use and again after it died."""
+
+    def __init__(self) -> None:
+        self.server: _Server | None = None
+        self.lock = threading.Lock()
+
+    def spawn(self, stage: str, argv: list[str], log_path: Path) -> ForkedProcess:
+        """Fork a worker for `stage` with the worker's command-line `argv`."""
+        request = {"stage": stage, "argv": argv, "log": str(log_path)}
+        with self.lock:
+            try:
+                server = self._running_server()
+                return ForkedProcess(server.request(request), server)
+            except _ServerDied:  # it died between the check and the request: once more, on a new one
+                server = self._running_server()
+                return ForkedProcess(server.request(request), server)
+
+    def close(self) -> None:
+        """Stop the server; a server that had died has its unreported workers killed."""
+        if self.server is None:
+            return
+        if self.server.is_alive():
+            self.server.stop()
+        else:
+            self.server.settle()
+        self.server = None
+
+    def _running_server(self) -> _Server:
+        """The live server, starting one if there is none; a dead one's lost workers are killed first,
+        so they free their memory before the next worker starts."""
+        if self.server is not None and self.server.is_alive():
+            return self.server
+        if self.server is not None:
+            self.server.settle()
+        self.server = _Server()
+        try:
+            self.server.wait_ready()
+        except ForkServerError:
+            self.server = None
+            raise
+        return self.server

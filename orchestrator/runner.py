@@ -26,6 +26,7 @@ import zmq
 
 from orchestrator.fork_client import ForkedProcess, ForkServer, worker_environment
 from orchestrator.jobdir import JobDir
+from orchestrator.stale_sockets import remove_stale_worker_sockets
 from protocol import codec
 from protocol.errors import Failure
 from protocol.files import Stage
@@ -60,7 +61,11 @@ class WorkerLink:
         self.fork_server = ForkServer() if fork_server else None
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.endpoint = endpoint or f"ipc://{runtime_dir()}/workers-{os.getpid()}.sock"
+        if endpoint is None:
+            directory = runtime_dir()
+            remove_stale_worker_sockets(directory)  # those of orchestrators killed before they closed
+            endpoint = f"ipc://{directory}/workers-{os.getpid()}.sock"
+        self.endpoint = endpoint
         self.socket.bind(self.endpoint)
         # Messages of workers nobody is following yet (a prestarted worker's READY).
         self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}
@@ -229,7 +234,12 @@ def hung_reason(hung_after_s: float) -> str:
 
 
 def stop_process(process: subprocess.Popen[bytes] | ForkedProcess) -> int:
-    """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status."""
+    """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status.
+
+    A worker whose end is already known is not signalled: its pid may belong to another process now.
+    """
+    if (returncode := process.poll()) is not None:
+        return returncode
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)

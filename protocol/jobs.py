@@ -67,7 +67,7 @@ class Logs(Message):
 @register
 @dataclasses.dataclass(frozen=True)
 class Ping(Message):
-    """Liveness check. Replies ok{pid, version}."""
+    """Liveness check. Replies ok{pid, protocol, executor_alive}."""
 
     TYPE = "ping"
 

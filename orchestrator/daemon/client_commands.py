@@ -29,7 +29,7 @@ ERROR_EXIT = {"invalid_spec": ExitCode.INVALID_INPUT, "not_found": ExitCode.OTHE
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Dispatch a daemon-related command; returns the exit status."""
     if args.command == "daemon":
-        return run_daemon(settings)
+        return check_daemon(settings) if args.check else run_daemon(settings)
     if args.command == "keys":
         return make_keys(args)
     try:
@@ -43,14 +43,35 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_daemon(settings: Settings) -> int:
-    """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM)."""
-    from orchestrator.daemon.server import Daemon
+    """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM); exit non-zero if another
+    daemon holds the state dir, or if the executor thread died (supervisord then restarts it)."""
+    from orchestrator.daemon.server import Daemon, ExecutorDied
+    from orchestrator.daemon.state_lock import StateDirLocked
 
     logging.getLogger().setLevel(logging.INFO)
     daemon = Daemon(settings, address_from_settings(settings.daemon))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
-    daemon.serve()
+    try:
+        daemon.serve()
+    except StateDirLocked as exc:
+        return fail(str(exc), ExitCode.OTHER)
+    except ExecutorDied as exc:
+        return fail(f"{exc}; exiting so that supervisord restarts the daemon", ExitCode.OTHER)
+    return 0
+
+
+def check_daemon(settings: Settings) -> int:
+    """`ltx2 daemon --check`, for health checks: exit 0 only if the configured daemon answers a ping
+    and its executor thread (the one that runs the jobs) is alive."""
+    try:
+        with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
+            data = client.request(jobs.Ping(""))
+    except (DaemonError, TransportError) as exc:
+        return fail(str(exc), ExitCode.OTHER)
+    if not data.get("executor_alive"):
+        return fail(f"daemon pid {data['pid']} answers, but its executor thread is not running", ExitCode.OTHER)
+    sys.stdout.write(f"daemon pid {data['pid']}: serving, executor alive\n")
     return 0
 
 

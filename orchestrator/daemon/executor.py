@@ -24,6 +24,7 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
+from orchestrator.daemon import fault_switches
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
@@ -99,7 +100,9 @@ class Executor(threading.Thread):
                 jobs = self.claim(store)
                 if not jobs:
                     self.stop.wait(IDLE_POLL_S)
-                elif len(jobs) == 1:
+                    continue
+                fault_switches.raise_in_executor_if_requested()
+                if len(jobs) == 1:
                     self.run_one(store, link, jobs[0])
                 else:
                     self.run_group(store, link, jobs)

@@ -6,6 +6,10 @@ Life of a job: `submit` validates the spec, creates the job directory and queues
 supervisord restarts it and `recover_interrupted` kills the orphaned worker and re-queues the job,
 which then resumes at its first unfinished stage.
 
+Guards: one daemon per state dir (orchestrator.daemon.state_lock, taken before anything touches the
+store), and a daemon whose executor thread died exits non-zero instead of queueing jobs that never
+run, so supervisord restarts it and the restarted daemon resumes the queue.
+
 The main loop never blocks on a peer: it polls with a timeout, every frame is decoded and
 validated (protocol.codec), and every request gets exactly one reply, `ok` or a typed `error`.
 Nothing a client sends can raise past `answer`.
@@ -24,6 +28,7 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_server
 from orchestrator.jobdir import JobDir, tail
@@ -43,6 +48,10 @@ STORE_FILE = "jobs.sqlite"
 MAX_LIST = 1000
 
 
+class ExecutorDied(RuntimeError):
+    """The executor thread ended while the daemon was serving: queued jobs would never run."""
+
+
 class Daemon:
     """Serves requests until `stop` is set."""
 
@@ -53,6 +62,7 @@ class Daemon:
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.store_path = settings.state_dir / STORE_FILE
+        self.executor: Executor | None = None
         self.handlers: dict[type[codec.Message], Callable[[Any, JobStore], codec.Message]] = {
             jobs.Submit: self.submit,
             jobs.Status: self.status,
@@ -64,17 +74,26 @@ class Daemon:
         }
 
     def serve(self) -> None:
+        """Serve until `stop` is set; raises StateDirLocked if another daemon has the state dir and
+        ExecutorDied if the executor thread ends on its own."""
+        with lock_state_dir(self.settings.state_dir):
+            self._serve()
+
+    def _serve(self) -> None:
         store = open_store(self.store_path, self.settings.jobs_dir)
         for job_id in recover_interrupted(store, self.settings.jobs_dir):
             log.warning("job %s was interrupted; re-queued to resume", job_id)
         context = zmq.Context()
         socket, authenticator = bind_server(context, self.address)
-        executor = Executor(self.settings, self.store_path, context, self.board, self.stop)
+        executor = self.executor = Executor(self.settings, self.store_path, context, self.board, self.stop)
         executor.start()
         log.info("listening on %s (pid %d)", self.address.endpoint, os.getpid())
         self.ready.set()
         try:
             while not self.stop.is_set():
+                if not executor.is_alive() and not self.stop.is_set():
+                    log.error("executor thread died; exiting so that supervisord restarts the daemon")
+                    raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 if socket.poll(POLL_MS):
                     frames = socket.recv_multipart()
                     reply = self.answer(frames, store)
@@ -85,7 +104,9 @@ class Daemon:
             socket.close()
             if authenticator is not None:
                 authenticator.stop()
-            context.term()
+            # destroy, not term: a dead executor may have left its worker socket open, and term
+            # would wait for it forever. The executor has ended, so every socket left is ours.
+            context.destroy(linger=0)
             store.close()
             if self.address.endpoint.startswith("ipc://"):
                 Path(self.address.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
@@ -172,7 +193,8 @@ class Daemon:
         )
 
     def ping(self, request: jobs.Ping, store: JobStore) -> codec.Message:
-        return jobs.Ok("", {"pid": os.getpid(), "protocol": codec.PROTOCOL_VERSION})
+        alive = self.executor is not None and self.executor.is_alive()
+        return jobs.Ok("", {"pid": os.getpid(), "protocol": codec.PROTOCOL_VERSION, "executor_alive": alive})
 
     @staticmethod
     def require_job(job_id: str, store: JobStore) -> dict[str, Any]:

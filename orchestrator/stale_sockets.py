@@ -1,0 +1,44 @@
+"""Remove worker socket files left behind by orchestrators that were killed outright.
+
+Every orchestrator (the daemon, `ltx2 generate`, `ltx2 batch`) binds `workers-<its pid>.sock` in
+the private runtime directory and removes it when it closes. One killed by SIGKILL or the OOM
+killer cannot, so each such death used to leave a file there for good. When an orchestrator
+starts, files of exactly that name whose pid is not running are removed; any other name, and the
+socket of any running process (another daemon, a `generate` in another shell), is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from pathlib import Path
+
+from orchestrator import processes
+
+log = logging.getLogger("ltx2.orchestrator")
+WORKER_SOCKET = re.compile(r"workers-(\d+)\.sock")
+
+
+def remove_stale_worker_sockets(directory: Path) -> list[Path]:
+    """Remove `workers-<pid>.sock` files in `directory` whose process is gone; returns them."""
+    removed = []
+    for path in directory.iterdir():
+        match = WORKER_SOCKET.fullmatch(path.name)
+        if match is None or processes.is_running(int(match.group(1))) or accepts_connections(path):
+            continue
+        path.unlink(missing_ok=True)
+        log.info("removed %s: its process is gone", path)
+        removed.append(path)
+    return removed
+
+
+def accepts_connections(path: Path) -> bool:
+    """True if some process listens on the socket file, so it is in use whatever its name says
+    (e.g. a new process got the dead one's pid and bound it just now)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True

@@ -1,0 +1,192 @@
+"""The daemon's guards against its own failures: a killed fork server, a second daemon on the same
+state dir, a dead executor thread, socket files left by killed daemons. Real daemons, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from daemon_process import (
+    DaemonProcess,
+    children_of,
+    cmdline,
+    is_running,
+    kill_group,
+    parent_of,
+    running_writers_into,
+)
+from supervised import Supervised, wait_for_file
+
+from protocol import jobs
+
+# How long a test waits for a file the daemon is about to create (a hang guard, not a measurement).
+FILE_WAIT_S = 60.0
+
+
+@pytest.fixture
+def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "faults").mkdir()
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+
+
+def submit(env: dict, *extra: str) -> str:
+    result = run_ltx2(["submit", "--prompt", "a lighthouse in fog", "--seed", "11", *TINY_ARGS, *extra], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def kill_workers_left_in(state_dir: Path) -> None:
+    """Cleanup after a failed test: workers are identified by their log inside the state dir."""
+    for pid in running_writers_into(state_dir):
+        kill_group(pid)
+
+
+def wait_until_exists(path: Path) -> None:
+    deadline = time.monotonic() + FILE_WAIT_S
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_fork_server_killed_mid_stage_its_workers_die_and_the_job_is_retried_to_the_end(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    state_dir = Path(env["LTX2_STATE_DIR"])
+    try:
+        with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+            job_id = submit(env)
+            worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+            server = parent_of(worker)
+            assert "services.forkserver" in cmdline(server)
+            # The paused diffusion worker and the audio worker prestarted behind it (waiting for GO).
+            forked = children_of(server)
+            assert worker in forked and len(forked) == 2, forked
+            os.kill(server, signal.SIGKILL)
+
+            job = daemon.wait_for_state(job_id, {"done", "failed"})
+            assert job["state"] == "done", job["error"]
+            assert [(a["stage"], a["result"]) for a in job["attempts"]] == [
+                ("encode_diffuse", "host_oom"),
+                ("encode_diffuse", "ok"),
+                ("audio_decode", "ok"),
+                ("video_decode", "ok"),
+            ]
+            assert probe_mp4(Path(job["output"]))["frames"] == 17
+            assert [pid for pid in forked if is_running(pid)] == []
+            assert running_writers_into(state_dir) == []
+
+            later = submit(env, "--seed", "12")
+            assert daemon.wait_for_state(later, {"done", "failed"})["state"] == "done", daemon.log()[-3000:]
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(timeout=60) == 0, daemon.log()[-3000:]
+    finally:
+        kill_workers_left_in(state_dir)
+
+
+def test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lock_is_taken_over(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    state_dir = Path(env["LTX2_STATE_DIR"])
+    try:
+        with DaemonProcess(env, tmp_path / "first.log") as first:
+            submit(env)
+            worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+            second = run_ltx2(["daemon"], env, timeout=60)
+            assert second.returncode != 0
+            lines = second.stderr.strip().splitlines()
+            assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr
+            # The refused daemon touched nothing: the first's worker runs, its socket answers.
+            assert is_running(worker)
+            with first.client() as client:
+                assert client.request(jobs.Ping(""))["pid"] == first.pid
+            first.process.kill()
+            first.process.wait()
+        with DaemonProcess(env, tmp_path / "third.log") as third, third.client() as client:
+            assert client.request(jobs.Ping(""))["pid"] == third.pid
+    finally:
+        kill_workers_left_in(state_dir)
+
+
+def test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_run_the_job(
+    daemon_env: dict, tmp_path: Path
+):
+    env = {**daemon_env, "LTX2_FAULT_EXECUTOR": "1"}
+    with Supervised(tmp_path, env) as supervised:
+        with supervised.client() as client:
+            first_pid = client.request(jobs.Ping(""))["pid"]
+        job_id = submit(env)
+        # The executor dies on claiming the job; the daemon exits and supervisord starts another.
+        restarted_pid = supervised.wait_until_serving(previous_pid=first_pid)
+        job = supervised.wait_for_state(job_id, {"done", "failed"})
+        check = run_ltx2(["daemon", "--check"], env)
+    assert (Path(env["LTX2_FAULT_DIR"]) / "executor-raised").exists()
+    assert job["state"] == "done", job["error"]
+    assert probe_mp4(Path(job["output"]))["frames"] == 17
+    assert "executor thread died" in supervised.daemon_log()
+    supervisord_log = (supervised.var / "supervisord.log").read_text()
+    assert "exited: ltx2d (exit status 1; not expected)" in supervisord_log, supervisord_log
+    assert check.returncode == 0 and f"pid {restarted_pid}" in check.stdout, check.stderr
+
+
+def test_daemon_check_exits_0_for_a_healthy_daemon_and_non_zero_without_one(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        healthy = run_ltx2(["daemon", "--check"], daemon_env)
+        with daemon.client() as client:
+            ping = client.request(jobs.Ping(""))
+    down = run_ltx2(["daemon", "--check"], daemon_env)
+    assert healthy.returncode == 0, healthy.stderr
+    assert f"pid {daemon.pid}" in healthy.stdout
+    assert ping["executor_alive"] is True
+    assert down.returncode != 0
+    assert len(down.stderr.strip().splitlines()) == 1, down.stderr
+
+
+def test_worker_sockets_of_dead_processes_are_removed_at_start_and_live_ones_stay(daemon_env: dict, tmp_path: Path):
+    runtime = Path(daemon_env["XDG_RUNTIME_DIR"]) / f"ltx2-stages-{os.getuid()}"
+    runtime.mkdir(mode=0o700)
+    # A live process holding a worker socket of its own, as another `ltx2 generate` would.
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "s.bind(f'{sys.argv[1]}/workers-{os.getpid()}.sock')\n"
+            "s.listen()\n"
+            "print('bound', flush=True)\n"
+            "sys.stdin.read()\n",
+            str(runtime),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with DaemonProcess(daemon_env, tmp_path / "killed.log") as killed:
+            stale = runtime / f"workers-{killed.pid}.sock"
+            wait_until_exists(stale)
+            killed.process.send_signal(signal.SIGKILL)
+            killed.process.wait()
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "bound"
+        live = runtime / f"workers-{holder.pid}.sock"
+        unrelated = runtime / "workers-notapid.sock"
+        unrelated.touch()
+        assert stale.exists() and live.exists()
+        with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+            own = runtime / f"workers-{daemon.pid}.sock"
+            wait_until_exists(own)
+            assert not stale.exists()
+            assert live.exists() and unrelated.exists()
+    finally:
+        holder.kill()
+        holder.wait()
