@@ -8,7 +8,11 @@ They make the failure paths of the orchestrator testable with real processes and
   once per DIR (the file is created exclusively), so the retry runs through;
 - `LTX2_FAULT_OOM=STAGE:N` - attempts 1..N of the stage raise torch.OutOfMemoryError at the start;
 - `LTX2_FAULT_KILL=STAGE:N` - attempts 1..N of the stage SIGKILL themselves at the start, as the
-  kernel's OOM killer would.
+  kernel's OOM killer would;
+- `LTX2_FAULT_CUDA_AT_IMPORT=MODULE[:hidden]` - the fork server behaves as if importing MODULE had
+  initialised CUDA (as torchao and Transformer Engine do on a GPU host): the server reports it
+  (unless `:hidden`, which models an initialisation it cannot see) and every worker it forks fails at
+  its first accelerator use with torch's own "Cannot re-initialize CUDA in forked subprocess".
 
 Unset (the normal case), nothing here does anything.
 """
@@ -53,3 +57,27 @@ def pause_if_requested(stage: str, phase: str, step: int, environ: Mapping[str, 
     os.close(descriptor)
     while True:
         time.sleep(3600)
+
+
+# The fork server's pid, set in its environment by `initialise_cuda_at_import`: its children know
+# they were forked from a process that "initialised CUDA".
+CUDA_OWNER_VARIABLE = "LTX2_FAULT_CUDA_OWNER"
+
+
+def initialise_cuda_at_import(environ: dict[str, str] | os._Environ[str]) -> str:
+    """In the fork server after its imports: the module the switch says initialised CUDA ("" when
+    unset or hidden); marks the environment so forked children fail as torch would make them."""
+    module, _, mode = environ.get("LTX2_FAULT_CUDA_AT_IMPORT", "").partition(":")
+    if not module:
+        return ""
+    environ[CUDA_OWNER_VARIABLE] = str(os.getpid())
+    return "" if mode == "hidden" else module
+
+
+def fail_if_cuda_was_initialised_before_fork(environ: Mapping[str, str]) -> None:
+    """At a worker's first accelerator use: raise torch's error if its parent "initialised CUDA"."""
+    if environ.get(CUDA_OWNER_VARIABLE) == str(os.getppid()):
+        raise RuntimeError(
+            "Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you must use "
+            "the 'spawn' start method (injected by LTX2_FAULT_CUDA_AT_IMPORT)"
+        )

@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from protocol.files import Stage
+from services import faults
 
 # Stop-and-reap cadence of the single-threaded loop; also the exit-report latency.
 POLL_S = 0.05
@@ -67,6 +68,7 @@ def reap() -> None:
 def main() -> None:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     modules = {stage.value: importlib.import_module(stage.module) for stage in Stage}
+    faults.initialise_cuda_at_import(os.environ)
     emit({"ready": True})
     pending = b""
     while True:

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from protocol.errors import ModelNotFound
+from services import faults
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -23,6 +24,7 @@ WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 def resolve_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
+    faults.fail_if_cuda_was_initialised_before_fork(os.environ)
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
