@@ -41,6 +41,7 @@ FAILURE_EXIT = {
     Failure.CUDA_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
+    Failure.ENVIRONMENT: ExitCode.ENVIRONMENT,
 }
 
 

@@ -60,6 +60,10 @@ class ForkServerError(RuntimeError):
     """The fork server could not be started or stopped answering."""
 
 
+class ForkServerUnusable(ForkServerError):
+    """The server's imports initialised CUDA, so a worker forked from it could not use the GPU."""
+
+
 class _ServerDied(ForkServerError):
     """The server exited while a request was under way."""
 
@@ -119,6 +123,13 @@ class _Server:
             self.process.kill()
             self.process.wait()
             raise ForkServerError("fork server did not start (see the daemon's stderr)")
+        if culprit := ready.get("cuda_initialised_by"):
+            self.stop()
+            raise ForkServerUnusable(
+                f"fork server off: importing the stage modules initialised CUDA (likely {culprit}), so a "
+                "worker forked from it could not use the GPU; every stage worker now starts as a fresh "
+                "process (a few seconds more per stage). `[worker] fork_server = false` skips this check."
+            )
 
     def request(self, request: dict[str, Any]) -> int:
         """Have the server fork a worker; returns its pid."""

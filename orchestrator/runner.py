@@ -24,7 +24,7 @@ from typing import Any
 
 import zmq
 
-from orchestrator.fork_client import ForkedProcess, ForkServer, worker_environment
+from orchestrator.fork_client import ForkedProcess, ForkServer, ForkServerUnusable, worker_environment
 from orchestrator.jobdir import JobDir
 from orchestrator.stale_sockets import remove_stale_worker_sockets
 from protocol import codec
@@ -182,8 +182,13 @@ def spawn_worker(
     log_path = jobs[0].log_path(stage, attempt)
     job_ids = tuple(job.id for job in jobs)
     if link.fork_server is not None:
-        process = link.fork_server.spawn(stage.value, args, log_path)
-        return SpawnedWorker(process, stage, attempt, plan, job_ids)
+        try:
+            process = link.fork_server.spawn(stage.value, args, log_path)
+            return SpawnedWorker(process, stage, attempt, plan, job_ids)
+        except ForkServerUnusable as exc:  # said once: the link execs workers from now on
+            log.warning("%s", exc)
+            link.fork_server.close()
+            link.fork_server = None
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", stage.module, *args],

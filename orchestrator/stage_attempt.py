@@ -79,6 +79,7 @@ class AttemptFollower:
         self.outcomes: dict[str, StageOutcome] = {}
         self.done: dict[str, stages.Done] = {}
         self.worker: SpawnedWorker | None = None
+        self.ready = False  #: the worker said READY: its imports worked
         for job in members:  # before the worker starts: later members' attempts start mid-run
             job.clean_partial_files()
         leader = members[0]
@@ -121,6 +122,7 @@ class AttemptFollower:
         self.last_heard = time.monotonic()
         job_id = message.id
         if isinstance(message, stages.Ready):
+            self.ready = True
             self.link.send(identity, stages.Go(job_id, self.stage.value))
         elif isinstance(message, stages.Progress) and message.phase == stages.JOB_STARTED_PHASE:
             if job_id not in self.running and job_id not in self.outcomes:
@@ -154,6 +156,8 @@ class AttemptFollower:
                 )
                 continue
             failure = own or forced or classify_exit(returncode) or Failure.CRASH
+            if failure is Failure.CRASH and returncode > 0 and not self.ready:
+                failure = Failure.ENVIRONMENT  # it died importing: no plan of this stage can help
             self.settle(job_id, failure, self.exit_reason(failure, returncode), returncode)
 
     def exit_reason(self, failure: Failure, returncode: int) -> str:
@@ -161,6 +165,8 @@ class AttemptFollower:
             return hung_reason(self.settings.hung_after_s)
         if failure in STOPS:
             return "cancelled on request" if failure is Failure.CANCELLED else "the orchestrator is stopping"
+        if failure is Failure.ENVIRONMENT and not self.ready:
+            return f"the worker {describe_exit(returncode)} before it was ready (an import or environment error)"
         if returncode:
             return describe_exit(returncode)
         return "the worker exited 0 before writing this job's outputs"

@@ -46,6 +46,7 @@ class AttemptResult(enum.StrEnum):
     HUNG = "hung"  #: silent for longer than `hung_after_s`; the orchestrator killed it
     CANCELLED = "cancelled"  #: a person cancelled the job; the orchestrator stopped the worker
     INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died during it
+    ENVIRONMENT = "environment"  #: exit 6, or the worker died before READY (import error, CUDA unusable)
 
 
 class EventKind(enum.StrEnum):

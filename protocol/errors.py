@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 2  #: the job spec or an input file was rejected; retrying cannot help
     OUT_OF_MEMORY = 3  #: the accelerator ran out of memory (torch.OutOfMemoryError)
     MODEL_NOT_FOUND = 4  #: a model or LoRA is missing from the local cache; retrying cannot help
+    ENVIRONMENT = 6  #: the worker could not start its work here (import error, CUDA unusable); not retried
     INTERRUPTED = 130  #: the CLI was stopped by Ctrl-C/SIGTERM (128 + SIGINT, the shell's convention)
 
 
@@ -32,12 +33,19 @@ class Failure(enum.Enum):
     HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
     CANCELLED = "cancelled"  #: stopped on request
     INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died while it ran
+    ENVIRONMENT = "environment"  #: exit 6, or died before READY: the host, not the plan, is at fault
 
     @property
     def is_retryable(self) -> bool:
         """Bad input and missing models fail the same way every time, so they are not retried;
         a cancelled or interrupted attempt was stopped on purpose, so it is not retried now."""
-        return self not in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED, Failure.INTERRUPTED)
+        return self not in NOT_RETRIED
+
+
+# A lower-memory plan cannot help these: the same input, cache, host or request fails the same way.
+NOT_RETRIED = frozenset(
+    {Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED, Failure.INTERRUPTED, Failure.ENVIRONMENT}
+)
 
 
 def classify_exit(returncode: int) -> Failure | None:
@@ -50,6 +58,7 @@ def classify_exit(returncode: int) -> Failure | None:
         ExitCode.INVALID_INPUT: Failure.INVALID_INPUT,
         ExitCode.OUT_OF_MEMORY: Failure.CUDA_OOM,
         ExitCode.MODEL_NOT_FOUND: Failure.MODEL_NOT_FOUND,
+        ExitCode.ENVIRONMENT: Failure.ENVIRONMENT,
     }
     return by_code.get(returncode, Failure.CRASH)
 
@@ -78,6 +87,12 @@ class InvalidInput(StageError):
     """The spec or an input file is unusable (a stale latents file, an unreadable image...)."""
 
     exit_code = ExitCode.INVALID_INPUT
+
+
+class EnvironmentFailure(StageError):
+    """This host cannot run the stage at all (a module fails to import, CUDA cannot be used)."""
+
+    exit_code = ExitCode.ENVIRONMENT
 
 
 class ModelNotFound(StageError):

@@ -9,7 +9,9 @@ cannot either), every model is loaded by a child after GO, and the child's exit 
 
 Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}`; stdout answers
 `{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
-signal -C), and `{"ready": true}` once the imports are done. EOF on stdin stops the server.
+signal -C), and `{"ready": true, "cuda_initialised_by": NAME}` once the imports are done (NAME is ""
+unless an import initialised CUDA, which makes forking useless: see `cuda_initialised_by`). EOF on
+stdin stops the server.
 """
 
 from __future__ import annotations
@@ -54,6 +56,21 @@ def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
         os._exit(1)  # main never returns; this only runs if it raised before run_worker took over
 
 
+# Packages known to initialise CUDA when imported (diffusers imports torchao when it is installed;
+# NGC images ship Transformer Engine): named in the message when CUDA turns out initialised.
+CUDA_INITIALISING_PACKAGES = ("torchao", "transformer_engine", "apex")
+
+
+def cuda_initialised_by() -> str:
+    """ "" while CUDA is untouched; else the likely culprit. A child forked after CUDA was
+    initialised cannot use it, so the orchestrator then starts fresh workers instead."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return ""
+    present = [name for name in CUDA_INITIALISING_PACKAGES if name in sys.modules]
+    return " or ".join(present) or "an imported module"
+
+
 def reap() -> None:
     while True:
         try:
@@ -68,8 +85,8 @@ def reap() -> None:
 def main() -> None:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     modules = {stage.value: importlib.import_module(stage.module) for stage in Stage}
-    faults.initialise_cuda_at_import(os.environ)
-    emit({"ready": True})
+    culprit = faults.initialise_cuda_at_import(os.environ) or cuda_initialised_by()
+    emit({"ready": True, "cuda_initialised_by": culprit})
     pending = b""
     while True:
         readable, _, _ = select.select([0], [], [], POLL_S)

@@ -337,10 +337,17 @@ def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
     raise TimeoutError("no GO from the orchestrator (it stopped or never answered)")
 
 
+# torch's error when a process forked after CUDA was initialised touches CUDA: the fork server's
+# imports initialised it (DESIGN.md rule 10); no plan of this stage can succeed in this process.
+FORKED_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
+
+
 def exit_code_for(exc: BaseException) -> ExitCode:
     """Classify an exception into a worker exit code (CUDA OOM without importing torch here)."""
     if isinstance(exc, StageError):
         return exc.exit_code
+    if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
+        return ExitCode.ENVIRONMENT
     if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
         return ExitCode.OUT_OF_MEMORY
     return ExitCode.OTHER
