@@ -128,7 +128,7 @@ class _Server:
             raise ForkServerUnusable(
                 f"fork server off: importing the stage modules initialised CUDA (likely {culprit}), so a "
                 "worker forked from it could not use the GPU; every stage worker now starts as a fresh "
-                "process (a few seconds more per stage). `[worker] fork_server = false` skips this check."
+                "process, which imports torch and diffusers itself. `[worker] fork_server = false` skips this check."
             )
 
     def request(self, request: dict[str, Any]) -> int:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# On the lent GPU machine: does an importable torchao initialise CUDA in the fork server, and do
+# jobs still succeed (README "Failure policy", docs/benchmarks.md "Fork server and torchao")?
+#
+# Wheels in .whl/ (carried): diffusers, pyzmq, av and torchao. torchao goes into its own folder,
+# so the same tiny job runs once without it (control: forked workers) and once with it.
+#   bash bench/fork_server_cuda_check.sh      # run call: carry [".whl"], timeout_s 600
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-/tmp/fork-check-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+install() {  # install() TARGET WHEEL...
+    local target=$1
+    shift
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@"
+}
+install /tmp/site .whl/diffusers-*.whl .whl/pyzmq-*.whl .whl/av-*.whl || { echo "wheel install failed"; exit 3; }
+install /tmp/site-torchao .whl/torchao-*.whl || { echo "torchao install failed"; exit 3; }
+base="/tmp/site:$PWD"
+export HF_HOME=/tmp/hf
+PYTHONPATH=$base python3 -m services.tiny_model --hf-cache >"$OUT/tiny_model.log" 2>&1 || { tail "$OUT/tiny_model.log"; exit 4; }
+
+probe() {  # probe LABEL PYTHONPATH: is CUDA initialised after importing what the fork server imports?
+    PYTHONPATH=$2 PYTORCH_NVML_BASED_CUDA_CHECK=1 python3 - "$1" <<'EOF'
+import importlib, sys, time
+import torch
+from protocol.files import Stage
+started = time.monotonic()
+for stage in Stage:
+    importlib.import_module(stage.module)
+present = [m for m in ("torchao", "transformer_engine") if m in sys.modules]
+print(f"{sys.argv[1]}: torch {torch.__version__}, imported {present}, "
+      f"cuda initialised after the stage imports: {torch.cuda.is_initialized()} ({time.monotonic() - started:.1f} s)")
+EOF
+}
+
+run_job() {  # run_job LABEL PYTHONPATH: one tiny job on the GPU through the fork server
+    local dir="/tmp/run-$1"
+    rm -rf "$dir"
+    local start=$(date +%s.%N)
+    PYTHONPATH=$2 LTX2_STATE_DIR="$dir/state" LTX2_OUTPUT_DIR="$dir/out" LTX2_CONFIG= LTX2_FORK_SERVER=true \
+        python3 -m orchestrator.cli generate --prompt "a harbour at dawn" --seed 3 \
+        --width 256 --height 256 --num-frames 33 --quiet >"$OUT/$1.stdout" 2>"$OUT/$1.stderr"
+    local code=$?
+    echo "$1: exit $code in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s; output $(cat "$OUT/$1.stdout")"
+    grep -h "fork server" "$OUT/$1.stderr" | sed "s/^/$1 stderr: /"
+    python3 - "$dir" "$1" <<'EOF'
+import glob, json, sys
+for path in glob.glob(f"{sys.argv[1]}/state/jobs/*/job.json"):
+    record = json.load(open(path))
+    attempts = {stage: [a["result"] for a in rec["attempts"]] for stage, rec in record["stages"].items()}
+    print(f"{sys.argv[2]}: job {record['status']}; attempts {attempts}")
+EOF
+}
+
+{
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+    probe control "$base"
+    probe torchao "$base:/tmp/site-torchao"
+    run_job control "$base"
+    run_job torchao "$base:/tmp/site-torchao"
+} 2>&1 | tee "$OUT/summary.txt"
