@@ -7,7 +7,7 @@ stage_started / stage_finished / stage_skipped / stage_adopted / job_done / job_
 fields such as `stage`, `attempt`, `result`, `seconds`, `peak_gpu_bytes`, `peak_rss_bytes`), and
 job.json's `stages.<stage>.attempts[]` carry `started`, `ended`, `seconds`, the peaks, `plan` and
 `result`. This module turns those into start/end/seconds/peaks per stage and nothing more; it
-imports only the standard library (the orchestrator is torch-free, and so is this reader).
+imports only the standard library and the import-free orchestrator.states (the state names).
 
 Start and end come from events.log (the stage_started of the attempt, the stage_finished after
 it); job.json's own stamps stand in when an event is missing (an adopted stage, an orchestrator
@@ -21,6 +21,8 @@ import datetime as dt
 import json
 from pathlib import Path
 from typing import Any
+
+from orchestrator.states import AttemptResult
 
 STAGE_ORDER = ("encode_diffuse", "audio_decode", "video_decode")
 JOB_END_EVENTS = ("job_done", "job_failed", "job_cancelled", "job_interrupted")
@@ -200,5 +202,5 @@ def finish_times(job: JobTiming) -> dict[str, float]:
     return {
         name: stage.ended
         for name, stage in job.stages.items()
-        if stage.ended is not None and stage.value("result") == "ok"
+        if stage.ended is not None and stage.value("result") == AttemptResult.OK
     }

@@ -23,6 +23,8 @@ from typing import Any
 from event_timings import AttemptTiming, JobTiming, read_events, read_job
 from gpu_common import PROMPT, REPO, SEED, STEPS, log, size_label
 
+from orchestrator.states import JobState
+
 
 def worker_pids(job_root: Path) -> dict[int, str]:
     """pid -> command line of the processes of one staged run: exec'd workers name a job directory
@@ -83,7 +85,7 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
     """
     job = read_job(job_dir)
     video_end = job.stages["video_decode"].ended if "video_decode" in job.stages else None
-    done = job.ended if job.status == "done" else None
+    done = job.ended if job.status == JobState.DONE else None
     return {
         "job_id": job.job_id,
         "status": job.status,
