@@ -204,3 +204,21 @@ def finish_times(job: JobTiming) -> dict[str, float]:
         for name, stage in job.stages.items()
         if stage.ended is not None and stage.value("result") == AttemptResult.OK
     }
+
+
+def progress_rows(events: list[dict[str, Any]], stage: str) -> list[tuple[float, str, int]]:
+    """(time, phase, step) of each progress event of the stage's last attempt, in order."""
+    rows: list[tuple[float, str, int]] = []
+    for event in events:
+        if event.get("stage") != stage:
+            continue
+        if event["event"] == "stage_started":
+            rows = []  # a retry: only the last attempt's progress counts
+        elif event["event"] == "stage_progress":
+            rows.append((parse_time(event["t"]), str(event.get("phase", "")), int(event.get("step", 0))))
+    return rows
+
+
+def first_mark(rows: list[tuple[float, str, int]], prefix: str, step: int | None = None) -> float | None:
+    """When the stage first reported a phase starting with `prefix` (at `step`, if given)."""
+    return next((t for t, phase, at in rows if phase.startswith(prefix) and (step is None or at == step)), None)

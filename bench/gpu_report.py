@@ -86,10 +86,8 @@ def staged_ratios(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
-    """MFU of every baseline call and the staged / baseline wall-time ratios.
-
-    The staged runs get no MFU: their denoising time is not in events.log or job.json.
-    """
+    """MFU of every baseline call and staged run (its s/step from the stage_progress events) and
+    the staged / baseline wall-time ratios."""
     phases = results["phases"]
     derived: dict[str, Any] = {}
     cfg = model_config(results)
@@ -98,6 +96,13 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     for run in phases.get("baseline", {}).get("runs", []) if cfg else []:
         if run.get("s_per_step"):
             derived[f"baseline_{run['label']}"] = baseline_mfu(run, cfg, peak, matmul)
+    for name, phase in phases.items() if cfg else []:
+        step = staged_value(phase, "encode_diffuse", "s_per_step") if name.startswith("staged_") else None
+        if step:
+            flops = transformer_flops(cfg, *parse_size(phase["size"]), MAX_SEQUENCE_LENGTH)["flops"]
+            derived[name] = {"achieved_tflops_step": flops / step / 1e12}
+            if peak:
+                derived[name]["mfu_step_vs_datasheet"] = flops / step / peak
     derived.update(staged_ratios(results))
     return derived
 
@@ -169,7 +174,21 @@ def staged_cell(metric: str, phase: dict[str, Any]) -> str:
     """One staged column: what events.log and job.json say per stage, and the CLI's wall time."""
     if not phase.get("stages"):
         return "-"
+    encode = "encode_diffuse"
+    loads = (
+        staged_value(phase, encode, "text_encoder_load_s"),
+        staged_value(phase, encode, "transformer_load_s"),
+        staged_value(phase, "audio_decode", "load_s"),
+        staged_value(phase, "video_decode", "load_s"),
+    )
     values = {
+        "start+import (s)": fmt(staged_value(phase, encode, "start_import_handshake_s")),
+        "weight load (s) [TE+DiT+aud+vae]": "+".join(fmt(value, digits=1) for value in loads),
+        "text encode (s)": fmt(staged_value(phase, encode, "text_encode_s"), digits=2),
+        "denoise total (s)": fmt(staged_value(phase, encode, "denoise_s")),
+        "denoise s/step": fmt(staged_value(phase, encode, "s_per_step"), digits=3),
+        "video decode (s)": "+mp4 " + fmt(staged_value(phase, "video_decode", "decode_s"), digits=2),
+        "audio decode (s)": fmt(staged_value(phase, "audio_decode", "decode_s"), digits=2),
         "mp4 encode (s)": "in video stage",
         "job created (s) [CLI start ->]": fmt(phase.get("cli_start_to_job_created_s")),
         "stage lead-in enc/aud/vid (s)": per_stage(phase, "lead_in_s", digits=2),

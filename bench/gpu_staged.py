@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from event_timings import AttemptTiming, JobTiming, read_events, read_job
+from event_timings import AttemptTiming, JobTiming, first_mark, progress_rows, read_events, read_job
 from gpu_common import PROMPT, REPO, SEED, STEPS, log, size_label
 
 from orchestrator.states import JobState
@@ -54,11 +54,49 @@ def kill_pids(pids: dict[int, str]) -> None:
             pass
 
 
-def stage_entry(job: JobTiming, name: str) -> dict[str, Any]:
-    """One stage of the job: its last attempt's numbers, every attempt's outcome, the lead-in."""
+def between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+def phase_times(name: str, rows: list[tuple[float, str, int]], started: float | None, ended: float | None) -> dict:
+    """Load, encode and step times of a stage from its progress events (the phases each stage reports)."""
+    if name == "encode_diffuse":
+        text_load, encode, load = (
+            first_mark(rows, p) for p in ("load text encoder", "encode prompt", "load transformer")
+        )
+        step0, step1, last_step = (first_mark(rows, "denoise", step) for step in (0, 1, STEPS))
+        write = first_mark(rows, "write latents")
+        denoise = between(step0, write)
+        steady = between(step1, last_step)
+        return {
+            "start_import_handshake_s": between(started, text_load or load),
+            # Without an "encode prompt" phase, text_encode_s holds the text encoder's load too.
+            "text_encoder_load_s": between(text_load, encode),
+            "text_encode_s": between(encode or text_load, load),
+            "transformer_load_s": between(load, step0),
+            "denoise_s": denoise,
+            "s_per_step": None if denoise is None else denoise / STEPS,
+            "s_per_step_steady": None if steady is None else steady / (STEPS - 1),
+            "first_step_s": between(step0, step1),
+            "write_latents_and_exit_s": between(write, ended),
+        }
+    prefix = "load audio decoder" if name == "audio_decode" else "load video VAE"
+    load = first_mark(rows, prefix)
+    decode0 = first_mark(rows, "decode", 0)
+    return {
+        "until_load_s": between(started, load),
+        "load_s": between(load, decode0),
+        "decode_s": between(decode0, ended),
+    }
+
+
+def stage_entry(job: JobTiming, name: str, events: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage of the job: its last attempt's numbers, every attempt's outcome, the lead-in, and
+    the phase times its progress events give."""
     stage = job.stages[name]
     last = stage.last or AttemptTiming(attempt=0)
     return {
+        **phase_times(name, progress_rows(events, name), last.started, last.ended),
         "attempts": len(stage.attempts),
         "result": last.result,
         "reason": last.reason,
@@ -84,6 +122,7 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
     (the orchestrator's own time between stages); publish_s: video_decode's end to job_done.
     """
     job = read_job(job_dir)
+    events = read_events(job_dir)
     video_end = job.stages["video_decode"].ended if "video_decode" in job.stages else None
     done = job.ended if job.status == JobState.DONE else None
     return {
@@ -91,8 +130,8 @@ def summarize_job(job_dir: Path, spawned: float, exited: float) -> dict[str, Any
         "status": job.status,
         "cli_wall_s": exited - spawned,
         "cli_start_to_job_created_s": None if job.created is None else job.created - spawned,
-        "stages": {name: stage_entry(job, name) for name in job.stages},
-        "events": read_events(job_dir),
+        "stages": {name: stage_entry(job, name, events) for name in job.stages},
+        "events": events,
         "publish_s": None if video_end is None or done is None else done - video_end,
         "job_end_to_cli_exit_s": None if job.ended is None else exited - job.ended,
         "output": job.output,

@@ -31,7 +31,7 @@ from orchestrator.runner import (
     hung_reason,
     spawn_worker,
 )
-from orchestrator.states import AttemptResult, StageEventKind
+from orchestrator.states import AttemptResult, EventKind, StageEventKind
 from protocol import stages
 from protocol.errors import Failure, classify_exit, describe_exit
 from protocol.files import Stage
@@ -128,6 +128,12 @@ class AttemptFollower:
             if job_id not in self.running and job_id not in self.outcomes:
                 self.start(job_id)
             return True
+        elif isinstance(message, stages.Progress) and job_id in self.running:
+            # Timestamped by the orchestrator as it arrives: benchmarks read load times and s/step here.
+            self.by_id[job_id].log_event(
+                EventKind.STAGE_PROGRESS, stage=self.stage.value, phase=message.phase, step=message.step,
+                total=message.total,
+            )  # fmt: skip
         elif isinstance(message, stages.Done) and job_id in self.running:
             self.done[job_id] = message
             missing = [name for name in self.stage.outputs if not (self.by_id[job_id].path / name).is_file()]

@@ -60,6 +60,7 @@ class EventKind(enum.StrEnum):
     JOB_INTERRUPTED = "job_interrupted"  #: running attempts were closed as interrupted
     STAGE_STARTED = "stage_started"  #: an attempt began (plan, attempt number, group)
     STAGE_FINISHED = "stage_finished"  #: an attempt ended (result, reason, seconds, peaks)
+    STAGE_PROGRESS = "stage_progress"  #: the worker began a phase or finished a step (phase, step, total)
     STAGE_SKIPPED = "stage_skipped"  #: the stage's outputs verified, so it did not run
     STAGE_ADOPTED = "stage_adopted"  #: outputs put there by hand (saved latents) were recorded
     STAGE_INVALIDATED = "stage_invalidated"  #: recorded outputs were forgotten; the stage runs again

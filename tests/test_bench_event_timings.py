@@ -113,3 +113,17 @@ def test_a_retried_stage_reports_its_last_attempt_and_a_skipped_one_says_so(tmp_
     assert job.stages["audio_decode"].skipped
     assert job.ended == parse_time(stamp(8))
     assert job.name == "c"
+
+
+def test_load_times_and_seconds_per_step_come_from_the_progress_events(job_dir: Path) -> None:
+    from gpu_staged import summarize_job
+
+    created = parse_time(json.loads((job_dir / "job.json").read_text())["created"])
+    stages = summarize_job(job_dir, created, created + 60)["stages"]
+    encode = stages["encode_diffuse"]
+    for key in ("text_encode_s", "transformer_load_s", "denoise_s", "first_step_s"):
+        assert encode[key] is not None and encode[key] >= 0, key
+    assert encode["s_per_step"] == pytest.approx(encode["denoise_s"] / 8)
+    assert 0 < encode["s_per_step_steady"] <= encode["denoise_s"]
+    for name in ("audio_decode", "video_decode"):
+        assert stages[name]["load_s"] >= 0 and stages[name]["decode_s"] > 0, name
