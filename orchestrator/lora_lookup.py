@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.inputs import require_inside_roots
-from protocol.errors import ModelNotFound
+from protocol.errors import LoraNotFound
 from protocol.model_ids import hub_cache_dir
 from protocol.spec import SpecError
 
@@ -29,7 +29,7 @@ def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[st
         revision = folder.name  # the snapshot's commit hash
     path = folder / weight_name if weight_name else only_safetensors(folder, source)
     if not path.is_file():
-        raise ModelNotFound(f"LoRA {source!r} has no file {path.name!r}")
+        raise LoraNotFound(f"--lora: {source!r} has no file {path.name!r}")
     return {**lora, "path": str(path.resolve()), "revision": revision, "scale": float(lora.get("scale", 1.0))}
 
 
@@ -40,8 +40,8 @@ def cached_repo(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, ValueError, OSError) as exc:
-        raise ModelNotFound(
-            f"LoRA {repo_id!r} is neither a local file nor in the Hugging Face cache; "
+        raise LoraNotFound(
+            f"--lora: {repo_id!r} is neither a local file nor in the Hugging Face cache; "
             f"download it first with: hf download {repo_id}"
         ) from exc
 

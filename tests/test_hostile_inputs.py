@@ -7,13 +7,18 @@ Real processes throughout: the CLI, a daemon as a child process, a real short-li
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
+import pytest
 from conftest import TINY_ARGS, run_ltx2
+from daemon_process import DaemonProcess, kill_group, running_writers_into
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.daemon.client import DaemonError
+from protocol import jobs
 from protocol.spec import JobSpec, SpecError
 
 TINY = "ltx2-stages/tiny-random-ltx2"
@@ -49,3 +54,38 @@ def test_every_suggested_size_is_itself_allowed(field: str, value: int):
     assert hint, message
     for suggestion in (int(group) for group in hint.groups() if group is not None):
         JobSpec.from_dict({**SPEC, field: suggestion})  # raises if the hint suggested an invalid size
+
+
+@pytest.fixture
+def daemon(ltx2_env: dict, tmp_path: Path):  # noqa: ANN201 - a generator of DaemonProcess
+    """A daemon as a child process whose only input roots are the test's folder (HOME) and /tmp."""
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "HOME": str(tmp_path)}
+    try:
+        with DaemonProcess(env, tmp_path / "daemon.log") as running:
+            yield running
+    finally:
+        for pid in running_writers_into(Path(env["LTX2_STATE_DIR"])):
+            kill_group(pid)
+
+
+def submit_error(daemon: DaemonProcess, **fields: object) -> DaemonError:
+    """The daemon's typed error for a submit that must be refused."""
+    with daemon.client() as client, pytest.raises(DaemonError) as refused:
+        client.request(jobs.Submit("", {"prompt": "x", "model": TINY, **fields}))
+    return refused.value
+
+
+def test_missing_lora_names_lora_and_a_missing_model_names_model_both_exit_4(daemon: DaemonProcess, tmp_path: Path):
+    lora = submit_error(daemon, loras=[{"source": "Nobody/NoSuchLoRA"}])
+    assert (lora.code, lora.field) == ("not_found", "lora"), str(lora)
+    model = submit_error(daemon, model="Nobody/NoSuchModel")
+    assert (model.code, model.field) == ("not_found", "model"), str(model)
+
+    submitted = run_ltx2(["submit", "--prompt", "x", "--model", TINY, "--lora", "Nobody/NoSuchLoRA"], daemon.env)
+    assert submitted.returncode == 4, submitted.stderr
+    assert "--lora" in submitted.stderr
+    embedded = run_ltx2(["generate", "--prompt", "x", "--model", TINY, "--lora", "Nobody/NoSuchLoRA"], daemon.env)
+    assert embedded.returncode == 4, embedded.stderr
+    assert "--lora: " in embedded.stderr and "hf download Nobody/NoSuchLoRA" in embedded.stderr
