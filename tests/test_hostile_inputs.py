@@ -16,6 +16,7 @@ from conftest import TINY_ARGS, run_ltx2
 from daemon_process import DaemonProcess, kill_group, running_writers_into
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from orchestrator.daemon.client import DaemonError
 from protocol import jobs
@@ -89,3 +90,52 @@ def test_missing_lora_names_lora_and_a_missing_model_names_model_both_exit_4(dae
     embedded = run_ltx2(["generate", "--prompt", "x", "--model", TINY, "--lora", "Nobody/NoSuchLoRA"], daemon.env)
     assert embedded.returncode == 4, embedded.stderr
     assert "--lora: " in embedded.stderr and "hf download Nobody/NoSuchLoRA" in embedded.stderr
+
+
+@pytest.mark.parametrize("field", ["image", "lora"])
+def test_paths_outside_the_input_roots_get_one_error_whether_or_not_they_exist(daemon: DaemonProcess, field: str):
+    existing, missing = "/etc/passwd", "/etc/no-such-file-here"
+    assert Path(existing).exists() and not Path(missing).exists()
+
+    def refusal(path: str) -> tuple[str, str, str]:
+        fields = {"image": path} if field == "image" else {"loras": [{"source": path}]}
+        error = submit_error(daemon, **fields)
+        return error.code, error.field, str(error).replace(path, "PATH")
+
+    assert refusal(existing) == refusal(missing)
+    assert "outside the allowed input folders" in refusal(missing)[2]
+
+
+def test_symlink_inside_the_roots_to_a_file_outside_is_refused_like_any_outside_path(
+    daemon: DaemonProcess, tmp_path: Path
+):
+    (tmp_path / "innocent.png").symlink_to("/etc/passwd")
+    error = submit_error(daemon, image=str(tmp_path / "innocent.png"))
+    assert error.field == "image" and "outside the allowed input folders" in str(error)
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """A memory figure of a live process from /proc/PID/status (VmRSS now, VmHWM its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for process {pid}")
+
+
+def test_daemon_reads_only_the_header_of_a_huge_image_and_i2v_still_works(daemon: DaemonProcess, tmp_path: Path):
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (HUGE_SIDE, HUGE_SIDE), (40, 90, 160)).save(huge)  # compresses to a small file
+    normal = tmp_path / "normal.jpg"
+    Image.new("RGB", (96, 64), (200, 120, 30)).save(normal)
+    with daemon.client() as client:
+        args = {"width": 64, "height": 64, "num_frames": 9, "seed": 3}
+        huge_id = client.request(jobs.Submit("", {"prompt": "sky", "model": TINY, "image": str(huge), **args}))["id"]
+        rss, peak = vm_kib(daemon.pid, "VmRSS") * 1024, vm_kib(daemon.pid, "VmHWM") * 1024
+        client.request(jobs.Cancel(huge_id))  # only its acceptance mattered; a worker may decode it
+        normal_id = client.request(jobs.Submit("", {"prompt": "sun", "model": TINY, "image": str(normal), **args}))
+    assert rss < DAEMON_RSS_LIMIT_BYTES and peak < DAEMON_RSS_LIMIT_BYTES, (rss >> 20, peak >> 20)
+    job = daemon.wait_for_state(normal_id["id"], {"done", "failed", "cancelled"})
+    assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    job_dir = Path(job["job_dir"])
+    assert (job_dir / "input_image.png").read_bytes() == normal.read_bytes()  # as given; the worker decodes it
+    assert "load video VAE for the conditioning image" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
