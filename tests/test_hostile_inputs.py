@@ -9,17 +9,29 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import zmq
 from conftest import TINY_ARGS, run_ltx2
 from daemon_process import DaemonProcess, kill_group, running_writers_into
 from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from config.settings import load_settings
 from orchestrator.daemon.client import DaemonError
+from orchestrator.job_hooks import JobHooks
+from orchestrator.jobdir import JobDir
+from orchestrator.model_lookup import ResolvedModel
+from orchestrator.runner import SpawnedWorker, WorkerLink
+from orchestrator.stage_attempt import run_attempt
+from orchestrator.states import AttemptResult
 from protocol import jobs
+from protocol.errors import Failure
+from protocol.files import AUDIO_FILE, Stage
 from protocol.spec import JobSpec, SpecError
 
 TINY = "ltx2-stages/tiny-random-ltx2"
@@ -139,3 +151,62 @@ def test_daemon_reads_only_the_header_of_a_huge_image_and_i2v_still_works(daemon
     job_dir = Path(job["job_dir"])
     assert (job_dir / "input_image.png").read_bytes() == normal.read_bytes()  # as given; the worker decodes it
     assert "load video VAE for the conditioning image" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
+
+
+# A stand-in worker: waits until released, writes the stage's output and exits 0. It never speaks
+# ZeroMQ, so its Done is "lost": only its exit status and its file say it finished.
+FINISHING_WORKER = """
+import pathlib, sys, time
+job_dir, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+while not release.exists():
+    time.sleep(0.01)
+(job_dir / "audio.wav").write_bytes(b"RIFF")
+"""
+
+
+def test_cancel_arriving_as_the_worker_exits_0_with_its_outputs_does_not_relabel_the_attempt(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
+    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
+    release = tmp_path / "release"
+    process = subprocess.Popen([sys.executable, "-c", FINISHING_WORKER, str(job.path), str(release)])
+    plan: dict = {}
+    prestarted = SpawnedWorker(process, Stage.AUDIO_DECODE, 1, plan, (job.id,))
+
+    def cancel_as_it_exits() -> Failure | None:
+        """The cancel request that is read just after the worker finished (the race, made certain)."""
+        release.touch()
+        process.wait()
+        return Failure.CANCELLED
+
+    context = zmq.Context()
+    link = WorkerLink(context, endpoint=f"ipc://{tmp_path}/w.sock", fork_server=False)
+    try:
+        hooks = JobHooks(should_stop=cancel_as_it_exits)
+        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
+    finally:
+        link.close()
+        context.term()
+    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE)["attempts"][-1]
+    assert (attempt["result"], attempt["returncode"]) == (AttemptResult.OK, 0), attempt
+    assert outcomes[job.id].ok and (job.path / AUDIO_FILE).is_file()
+
+
+def test_cancel_of_a_worker_that_had_not_finished_still_cancels(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
+    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
+    plan: dict = {}
+    prestarted = SpawnedWorker(process, Stage.AUDIO_DECODE, 1, plan, (job.id,))
+    context = zmq.Context()
+    link = WorkerLink(context, endpoint=f"ipc://{tmp_path}/w.sock", fork_server=False)
+    try:
+        hooks = JobHooks(should_stop=lambda: Failure.CANCELLED)
+        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
+    finally:
+        link.close()
+        context.term()
+        if process.poll() is None:
+            process.kill()
+    assert outcomes[job.id].failure is Failure.CANCELLED
+    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE)["attempts"][-1]
+    assert attempt["result"] == AttemptResult.CANCELLED and attempt["returncode"] != 0, attempt
