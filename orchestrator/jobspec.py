@@ -36,8 +36,14 @@ class BuiltSpec:
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
-    """The model to run: as asked, else the default if cached, else the fallback (with a notice)."""
-    if requested:
+    """The model to run: as asked, else the default if cached, else the fallback (with a notice).
+
+    Only an absent model means the default: an empty one (`--model ''`, an unset variable in a
+    script) is an error, so a typo never runs a different model than the user meant.
+    """
+    if requested is not None:
+        if not requested.strip():
+            raise SpecError("model", "must name a Hugging Face repo id or a local folder; got an empty string")
         return resolve_local(requested), []
     if is_cached(settings.default_model):
         return resolve_model(settings.default_model), []

@@ -11,26 +11,55 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.inputs import require_inside_roots
-from protocol.errors import ModelNotFound
+from protocol.errors import LoraNotFound
 from protocol.model_ids import hub_cache_dir
 from protocol.spec import SpecError
 
 
 def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[str, Any]:
-    """`{source, weight_name, scale}` -> the same plus `path` (a file) and `revision`."""
+    """`{source, weight_name, scale}` -> the same plus `path` (a file) and `revision`.
+
+    A source written as a path (absolute, `~`, `./`, or a .safetensors name) must lie inside the
+    input roots, checked before it is looked for, so that an outside path gets one error whether
+    or not it exists. Another source is a local path only if it exists inside the roots; else it
+    is a repo id.
+    """
     source, weight_name = lora["source"], lora.get("weight_name")
     local = Path(source).expanduser()
-    if local.exists():
-        require_inside_roots(local, input_roots, "lora")
+    if looks_like_path(source):
+        local = require_inside_roots(local, input_roots, "lora")
+        if not local.exists():
+            raise LoraNotFound(f"--lora: {source} does not exist")
+    elif inside_roots(local, input_roots) and local.resolve().exists():
+        local = local.resolve()
+    else:  # a repo id: its cache folder is found by the hub, never by this path
+        local = None
+    if local is not None:
         folder, revision = (local.parent if local.is_file() else local), "local"
         weight_name = weight_name or (local.name if local.is_file() else None)
     else:
         folder = cached_repo(source)
         revision = folder.name  # the snapshot's commit hash
     path = folder / weight_name if weight_name else only_safetensors(folder, source)
+    if local is not None:  # a weight file inside the folder may still be a symlink leading out
+        require_inside_roots(path, input_roots, "lora")
     if not path.is_file():
-        raise ModelNotFound(f"LoRA {source!r} has no file {path.name!r}")
+        raise LoraNotFound(f"--lora: {source!r} has no file {path.name!r}")
     return {**lora, "path": str(path.resolve()), "revision": revision, "scale": float(lora.get("scale", 1.0))}
+
+
+def looks_like_path(source: str) -> bool:
+    """True for a source only a file path can mean (repo ids are `owner/name`, never these)."""
+    return source.startswith(("/", "~", ".")) or source.endswith(".safetensors")
+
+
+def inside_roots(path: Path, input_roots: tuple[Path, ...]) -> bool:
+    """Whether `path` passes the input-roots check (which looks at nothing outside them)."""
+    try:
+        require_inside_roots(path, input_roots, "lora")
+    except SpecError:
+        return False
+    return True
 
 
 def cached_repo(repo_id: str) -> Path:
@@ -40,8 +69,8 @@ def cached_repo(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, ValueError, OSError) as exc:
-        raise ModelNotFound(
-            f"LoRA {repo_id!r} is neither a local file nor in the Hugging Face cache; "
+        raise LoraNotFound(
+            f"--lora: {repo_id!r} is neither a local file nor in the Hugging Face cache; "
             f"download it first with: hf download {repo_id}"
         ) from exc
 

@@ -151,9 +151,14 @@ class AttemptFollower:
         """Settle the members the worker was still working on when it exited.
 
         A member stopped only because another member of its group was cancelled gets no outcome:
-        its attempt is closed as interrupted and the scheduler runs it again.
+        its attempt is closed as interrupted and the scheduler runs it again. A worker that exited
+        0 with a member's outputs written had finished it, whatever stop came after (its Done
+        may be lost in the race): that member succeeded, never "cancelled ... exit 0".
         """
         for job_id in list(self.running):
+            if returncode == 0 and self.wrote_outputs(job_id):
+                self.settle(job_id, None, "")
+                continue
             own = self.hooks_for(self.by_id[job_id]).should_stop() if forced in STOPS else None
             if forced in STOPS and own is None:
                 self.running.pop(job_id)
@@ -165,6 +170,11 @@ class AttemptFollower:
             if failure is Failure.CRASH and returncode > 0 and not self.ready:
                 failure = Failure.ENVIRONMENT  # it died importing: no plan of this stage can help
             self.settle(job_id, failure, self.exit_reason(failure, returncode), returncode)
+
+    def wrote_outputs(self, job_id: str) -> bool:
+        """Every output of the stage is in the member's directory; workers write them atomically
+        (temp name, fsync, rename), so a file present is a file complete."""
+        return all((self.by_id[job_id].path / name).is_file() for name in self.stage.outputs)
 
     def exit_reason(self, failure: Failure, returncode: int) -> str:
         if failure is Failure.HUNG:

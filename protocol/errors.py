@@ -96,6 +96,13 @@ class EnvironmentFailure(StageError):
 
 
 class ModelNotFound(StageError):
-    """A model or LoRA is not in the local cache or folder."""
+    """A model or LoRA is not in the local cache or folder; `field` is the spec field to change."""
 
     exit_code = ExitCode.MODEL_NOT_FOUND
+    field = "model"
+
+
+class LoraNotFound(ModelNotFound):
+    """A LoRA is not in the local cache or folder: the same exit code, but `--lora` is what to change."""
+
+    field = "lora"

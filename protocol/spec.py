@@ -26,7 +26,9 @@ MAX_STEPS = 500
 MAX_SEED = 2**63 - 1
 # Long enough for the seed project's paragraph prompts, short enough to bound job.json.
 MAX_PROMPT_CHARS = 20_000
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# Matched with fullmatch: `$` would also accept a trailing newline, which breaks "stdout is only
+# the output path" and puts a line break into the file name.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DTYPES = ("auto", "bfloat16", "float32")
 LORA_KEYS = frozenset({"source", "weight_name", "scale"})
 # Fields that do not change the latents (see JobSpec.latents_digest).
@@ -109,11 +111,10 @@ class JobSpec:
             raise SpecError("model", "must name a Hugging Face repo id or a local folder")
         for field, value in (("width", self.width), ("height", self.height)):
             if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-                low = max(MIN_SIZE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
                 raise SpecError(
                     field,
                     f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
-                    f" (nearest allowed: {low} or {low + SIZE_MULTIPLE})",
+                    f" (nearest allowed: {' or '.join(map(str, nearest_sizes(value)))})",
                 )
         _require_frames(self.num_frames)
         _require_range("steps", self.steps, 1, MAX_STEPS)
@@ -128,7 +129,7 @@ class JobSpec:
                 " (use --schedule default for another step count)",
             )
         _require_choice("dtype", self.dtype, DTYPES)
-        if not NAME_PATTERN.match(self.name):
+        if not NAME_PATTERN.fullmatch(self.name):
             raise SpecError(
                 "name", f"must match {NAME_PATTERN.pattern} (used in the output file name); got {self.name!r}"
             )
@@ -173,6 +174,14 @@ def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
         raise SpecError(field, "must not be empty")
     if len(value) > MAX_PROMPT_CHARS:
         raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+
+
+def nearest_sizes(value: int) -> list[int]:
+    """The allowed sizes nearest to an invalid `value`: the multiples of 32 either side of it,
+    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
+    below = value // SIZE_MULTIPLE * SIZE_MULTIPLE
+    candidates = (below, below + SIZE_MULTIPLE) if below != value else (value,)
+    return sorted({min(MAX_SIZE, max(MIN_SIZE, size)) for size in candidates})
 
 
 def _require_frames(value: int) -> None:

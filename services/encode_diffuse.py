@@ -24,6 +24,7 @@ import torch
 # the previous stage (DESIGN.md rule 5).
 from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
+from protocol.errors import InvalidInput
 from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
 from protocol.spec import JobSpec
 from services import embedding_cache, guidance, model_loading
@@ -238,8 +239,11 @@ def load_conditioning_image(path: Path, width: int, height: int) -> Any:
     """
     from PIL import Image, ImageOps
 
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+    try:  # the daemon read only the header; a file broken further in is the user's input to fix
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"--image: cannot decode the conditioning image: {exc}") from exc
     if rgb.width * height == rgb.height * width:
         return rgb
     return ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             return COMMANDS[args.command](client, args)
     except (DaemonError, TransportError) as exc:
         code = getattr(exc, "code", "unreachable")
-        if code == "not_found" and getattr(exc, "field", "") == "model":
+        if code == "not_found" and getattr(exc, "field", "") in ("model", "lora"):
             return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
         return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
 

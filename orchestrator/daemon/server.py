@@ -137,7 +137,7 @@ class Daemon:
         except SpecError as exc:
             return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
         except ModelNotFound as exc:
-            return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), "model")
+            return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), exc.field)  # "model" or "lora"
         job = JobDir.create(self.settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
         store.mirror(job)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
