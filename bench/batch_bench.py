@@ -27,8 +27,9 @@ cost: what each clip after the first adds inside the group processes, both as th
 stage attempts' seconds and as the spacing of the clips' stage ends, which is the honest figure
 once the video stage overlaps clips), worker processes per stage, each clip's stage seconds,
 peak GPU memory (nvidia-smi, every 250 ms) and per stage (torch). Every per-stage number comes
-from the jobs' events.log and job.json (bench/event_timings.py), not from the worker logs' text;
-so the worker-internal phases (model loads, denoising s/step and the MFU from it) are not reported.
+from the jobs' events.log and job.json (bench/event_timings.py), not from the worker logs' text:
+model loads per stage, each clip's first denoising step and steady s/step (and the MFU from it)
+come from the workers' progress events (`stage_progress`), timestamped as they arrive.
 Compiled clips are compared with the eager ones of the same seed by the PSNR of their decoded
 frames. Results go to DIR/results.json as each run ends; the last thing printed is a table.
 """
@@ -50,8 +51,20 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from event_timings import AttemptTiming, JobTiming, finish_times, read_job  # noqa: E402
-from gpu_common import ENTRY, GIB, PROMPT, REPO, STEPS, log, parse_size, size_label, write_json  # noqa: E402
+from event_timings import AttemptTiming, JobTiming, finish_times, first_mark, progress_rows, read_events, read_job  # noqa: E402,E501
+from gpu_common import (  # noqa: E402
+    ENTRY,
+    GIB,
+    MAX_SEQUENCE_LENGTH,
+    PROMPT,
+    REPO,
+    STEPS,
+    log,
+    parse_size,
+    size_label,
+    write_json,
+)  # fmt: skip
+from gpu_configs import TRANSFORMER_CONFIG, peak_flops, transformer_flops  # noqa: E402
 from gpu_report import fmt  # noqa: E402
 from gpu_run import GpuSampler, probe_environment, run_child  # noqa: E402
 from gpu_staged import kill_pids, worker_pids  # noqa: E402
@@ -120,6 +133,25 @@ def process_count(job_dirs: list[Path], stage: str) -> int:
     return len(inodes)
 
 
+def denoise_rate(rows: list[tuple[float, str, int]]) -> dict[str, float | None]:
+    """A clip's first denoising step and its steady s/step (steps 1..STEPS) from progress events."""
+    t0, t1, tn = (first_mark(rows, "denoise", step) for step in (0, 1, STEPS))
+    return {
+        "first_step_s": None if t0 is None or t1 is None else t1 - t0,
+        "s_per_step_steady": None if t1 is None or tn is None else (tn - t1) / (STEPS - 1),
+    }
+
+
+def load_counts(events_by_job: list[list[dict[str, Any]]], stage: str) -> dict[str, int]:
+    """How often each model was loaded for a stage (a group worker reports a load once)."""
+    counts: dict[str, int] = {}
+    for events in events_by_job:
+        for _, phase, _ in progress_rows(events, stage):
+            if phase.startswith("load "):
+                counts[phase] = counts.get(phase, 0) + 1
+    return counts
+
+
 def summarize(state: Path) -> dict[str, Any]:
     """Per job: status, output, stage end times and attempts; per stage: processes and each job's
     start, end and seconds. All of it from the jobs' events.log and job.json."""
@@ -133,14 +165,29 @@ def summarize(state: Path) -> dict[str, Any]:
             "finished_at": finish_times(job),
             "stages": {name: [attempt_record(a) for a in stage.attempts] for name, stage in job.stages.items()},
         }
+    events = {job.job_id: read_events(state / "jobs" / job.job_id) for job in timings}
     for stage in STAGES:
         per_job = [
             {"job": job.name, "start": t.started, "end": t.ended, "seconds": t.seconds}
+            | (denoise_rate(progress_rows(events[job.job_id], stage)) if stage == "encode_diffuse" else {})
             for job in timings
             if (t := job.stages.get(stage)) is not None and t.attempts
         ]
-        out["stages"][stage] = {"processes": process_count(job_dirs, stage), "per_job": per_job}
+        out["stages"][stage] = {
+            "processes": process_count(job_dirs, stage),
+            "loads": load_counts(list(events.values()), stage),
+            "per_job": per_job,
+        }
     return out
+
+
+def add_mfu(run: dict[str, Any], environment: dict[str, Any]) -> None:
+    """MFU of the clips' mean steady s/step against the GPU's datasheet bf16 peak."""
+    peak = peak_flops(environment.get("versions", {}).get("gpu", ""))
+    rates = [j["s_per_step_steady"] for j in run["stages"]["encode_diffuse"]["per_job"] if j.get("s_per_step_steady")]
+    if rates and peak:
+        flops = transformer_flops(TRANSFORMER_CONFIG, *parse_size(run["size"]), MAX_SEQUENCE_LENGTH)["flops"]
+        run["mfu_steady"] = flops / (sum(rates) / len(rates)) / peak
 
 
 def stage_gaps(jobs: dict[str, Any]) -> dict[str, float]:
@@ -331,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         run["size"] = size_label(size)
         run.update(summarize(state))
         add_clip_numbers(run)
+        add_mfu(run, results["environment"])
         results["runs"][name] = run
         save()
     sampler.stop()
@@ -357,7 +405,10 @@ def print_table(results: dict[str, Any]) -> None:
             f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {fmt(run.get('warm_per_clip_s'), 's', 2)} "
             f"(attempt seconds) / {fmt(run.get('warm_per_clip_wall_s'), 's', 2)} (wall, per stage "
             f"{ {k: round(v, 2) for k, v in run.get('stage_gap_s', {}).items()} }); "
-            f"processes per stage {[s['processes'] for s in run['stages'].values()]}; "
+            f"processes per stage {[s['processes'] for s in run['stages'].values()]}, "
+            f"loads {[s.get('loads') for s in run['stages'].values()]}; steady s/step "
+            f"{[fmt(j.get('s_per_step_steady'), '', 3) for j in run['stages']['encode_diffuse']['per_job']]}, "
+            f"MFU {fmt(run.get('mfu_steady'), '', 3)}; "
             f"stage seconds per clip {seconds}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "
             f"torch per stage {', '.join(f'{k} {v:.1f} GiB' for k, v in peaks.items())}; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}\n"
