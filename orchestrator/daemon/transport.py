@@ -8,6 +8,7 @@ public keys are in the authorized-keys folder, and all traffic is encrypted.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import zmq
@@ -17,6 +18,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from config.settings import DaemonSettings
 from orchestrator.runner import runtime_dir
 from protocol.codec import MAX_MESSAGE_BYTES
+
+# Owner read/write only: a CURVE secret key is a credential.
+SECRET_KEY_MODE = 0o600
 
 
 class TransportError(ValueError):
@@ -96,6 +100,10 @@ def create_keys(directory: Path) -> dict[str, Path]:
     directory.chmod(0o700)
     server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
     client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
+    # pyzmq writes every certificate with the umask's mode (usually 0644); a secret key readable by
+    # other users lets them impersonate the daemon or an authorized client.
+    for secret in (server_secret, client_secret):
+        os.chmod(secret, SECRET_KEY_MODE)
     (authorized / "client.key").write_bytes(Path(client_public).read_bytes())
     return {
         "server_secret": Path(server_secret),
