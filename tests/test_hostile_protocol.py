@@ -147,13 +147,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_daemon_on_tcp_without_curve_keys_exits_2_with_one_line(daemon_env: dict):
+def test_daemon_on_tcp_without_curve_keys_exits_2_with_one_line(daemon_env: dict, tmp_path: Path):
     env = {**daemon_env, "LTX2_DAEMON_ENDPOINT": f"tcp://127.0.0.1:{free_port()}"}
     refused = run_cli(["daemon"], env)
     assert refused.returncode == 2, refused.stderr
     assert "Traceback" not in refused.stderr
     errors = [line for line in refused.stderr.splitlines() if line.startswith("ltx2: error:")]
     assert len(errors) == 1 and "daemon.curve_server_secret_key" in errors[0], refused.stderr
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\ncurve_server_secret_key = "{tmp_path}/missing.key_secret"\n'
+        f'curve_authorized_keys_dir = "{tmp_path}"\n'
+    )
+    missing = run_cli(["daemon"], {**env, "LTX2_CONFIG": str(config)})
+    assert missing.returncode == 2, missing.stderr
+    assert "Traceback" not in missing.stderr and "missing.key_secret" in missing.stderr, missing.stderr
 
 
 def test_keys_writes_secret_keys_readable_by_the_owner_only(ltx2_env: dict, tmp_path: Path):

@@ -58,6 +58,8 @@ def run_daemon(settings: Settings) -> int:
         return fail(str(exc), ExitCode.OTHER)
     except ExecutorDied as exc:
         return fail(f"{exc}; exiting so that supervisord restarts the daemon", ExitCode.OTHER)
+    except TransportError as exc:  # an endpoint or key configuration the daemon cannot serve
+        return fail(str(exc), ExitCode.INVALID_INPUT)
     return 0
 
 

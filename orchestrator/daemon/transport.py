@@ -64,10 +64,16 @@ def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socke
             )
         if not zmq.has("curve"):
             raise TransportError("this libzmq has no CURVE support; use an ipc:// endpoint")
+        # Read the key before the authenticator thread starts, so a bad key leaves nothing running.
+        public, secret = load_key(address.server_secret_key, "daemon.curve_server_secret_key")
+        if not address.authorized_keys_dir.is_dir():
+            raise TransportError(
+                f"daemon.curve_authorized_keys_dir = {address.authorized_keys_dir}: not a directory "
+                "(create keys with `ltx2 keys DIR`)"
+            )
         authenticator = ThreadAuthenticator(context)
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(address.authorized_keys_dir))
-        public, secret = zmq.auth.load_certificate(str(address.server_secret_key))
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     socket.bind(address.endpoint)
     return socket, authenticator
@@ -82,8 +88,8 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
             raise TransportError(
                 f"{address.endpoint}: tcp needs daemon.curve_server_public_key and daemon.curve_client_secret_key"
             )
-        server_public, _ = zmq.auth.load_certificate(str(address.server_public_key))
-        public, secret = zmq.auth.load_certificate(str(address.client_secret_key))
+        server_public, _ = load_key(address.server_public_key, "daemon.curve_server_public_key")
+        public, secret = load_key(address.client_secret_key, "daemon.curve_client_secret_key")
         socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
     elif address.endpoint.startswith("ipc://") and not Path(address.endpoint.removeprefix("ipc://")).exists():
         raise TransportError(
@@ -91,6 +97,17 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
         )
     socket.connect(address.endpoint)
     return socket
+
+
+def load_key(path: Path, setting: str) -> tuple[bytes, bytes | None]:
+    """A CURVE key file's (public, secret) keys; a missing or broken file is a configuration error
+    naming the setting, not a traceback."""
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise TransportError(
+            f"{setting} = {path}: cannot read the key ({exc}); create keys with `ltx2 keys DIR`"
+        ) from None
 
 
 def create_keys(directory: Path) -> dict[str, Path]:
