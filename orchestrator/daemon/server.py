@@ -30,7 +30,7 @@ from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
-from orchestrator.daemon.transport import DaemonAddress, bind_server
+from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.policy import describe_plan
@@ -95,9 +95,9 @@ class Daemon:
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 if socket.poll(POLL_MS):
-                    frames = socket.recv_multipart()
-                    reply = self.answer(frames, store)
-                    socket.send_multipart([frames[0], codec.encode(reply)], flags=zmq.NOBLOCK)
+                    identity, payload = receive_request(socket)  # never buffers a multipart flood
+                    reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
+                    socket.send_multipart([identity, codec.encode(reply)], flags=zmq.NOBLOCK)
         finally:
             self.stop.set()
             executor.join()
