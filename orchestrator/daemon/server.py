@@ -28,6 +28,7 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
@@ -97,7 +98,7 @@ class Daemon:
                 if socket.poll(POLL_MS):
                     identity, payload = receive_request(socket)  # never buffers a multipart flood
                     reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
-                    socket.send_multipart([identity, codec.encode(reply)], flags=zmq.NOBLOCK)
+                    socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
         finally:
             self.stop.set()
             executor.join()
@@ -151,7 +152,7 @@ class Daemon:
     def list_jobs(self, request: jobs.ListJobs, store: JobStore) -> codec.Message:
         limit = max(1, min(request.limit, MAX_LIST))
         rows = store.list(limit)
-        return jobs.Ok("", {"jobs": [self.summary(row, store, detailed=False) for row in rows]})
+        return jobs.Ok("", fit_listing([self.summary(row, store, detailed=False) for row in rows]))
 
     def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
         job = self.require_job_dir(request.id, store)
