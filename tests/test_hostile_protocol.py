@@ -15,6 +15,7 @@ import zmq
 from conftest import REPO_ROOT, run_ltx2
 from daemon_process import DaemonProcess
 
+from orchestrator.daemon.replies import LIST_TEXT_CHARS, encode_reply, fit_listing
 from protocol import codec, jobs
 from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
 
@@ -172,3 +173,21 @@ def test_keys_writes_secret_keys_readable_by_the_owner_only(ltx2_env: dict, tmp_
     for path in secrets:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == 0o600, f"{path.name} is {mode:o}"
+
+
+def test_a_listing_too_long_for_one_frame_keeps_the_newest_jobs_and_counts_the_rest():
+    rows = [
+        {"id": f"job-{n:04d}", "state": "queued", "prompt": "\U0001f30a" * 20_000, "error": "x" * 10_000}
+        for n in range(2000)
+    ]
+    data = fit_listing(rows)
+    frame = codec.encode(jobs.Ok("", data))
+    assert len(frame) <= MAX_MESSAGE_BYTES
+    assert data["omitted"] > 0 and len(data["jobs"]) + data["omitted"] == len(rows)
+    assert data["jobs"][-1]["id"] == "job-1999"
+    assert all(len(job["prompt"]) <= LIST_TEXT_CHARS and len(job["error"]) <= LIST_TEXT_CHARS for job in data["jobs"])
+
+
+def test_a_reply_over_one_frame_becomes_a_too_large_error():
+    reply = codec.decode(encode_reply(jobs.Ok("job-1", {"blob": b"\x00" * (MAX_MESSAGE_BYTES + 1)})))
+    assert isinstance(reply, jobs.Error) and reply.code == ErrorCode.TOO_LARGE and reply.id == "job-1"
