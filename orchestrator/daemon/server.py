@@ -96,7 +96,7 @@ class Daemon:
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 if socket.poll(POLL_MS):
-                    identity, payload = receive_request(socket)  # never buffers a multipart flood
+                    identity, payload = receive_request(socket)  # extra frames are dropped as read
                     reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
                     socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
         finally:
