@@ -4,10 +4,12 @@ someone else owns, tcp without CURVE, readable secret keys. Real daemons, real s
 from __future__ import annotations
 
 import os
+import shutil
 import socket as pysocket
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,16 +37,18 @@ REFUSAL_TIMEOUT_S = 60.0
 OTHER_UID = 65534
 
 
-def short_runtime_parent(tmp_path: Path) -> Path:
-    """An XDG_RUNTIME_DIR short enough for ipc:// paths (108 bytes)."""
+@pytest.fixture
+def runtime_parent(tmp_path: Path) -> Iterator[Path]:
+    """An XDG_RUNTIME_DIR short enough for ipc:// paths (108 bytes), removed afterwards."""
     parent = Path(f"/tmp/ltx2-hostile-{os.getpid()}-{tmp_path.name[-12:]}")
-    parent.mkdir(mode=0o700, exist_ok=True)
-    return parent
+    parent.mkdir(mode=0o700)
+    yield parent
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(short_runtime_parent(tmp_path))}
+def daemon_env(ltx2_env: dict, runtime_parent: Path) -> dict[str, str]:
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime_parent)}
 
 
 def rss_bytes(pid: int) -> int:
@@ -119,11 +123,10 @@ def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(daemon_en
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
-def test_runtime_dir_of_another_user_or_open_to_others_is_refused(ltx2_env: dict, tmp_path: Path):
-    parent = short_runtime_parent(tmp_path)
-    runtime = parent / f"ltx2-stages-{os.getuid()}"
+def test_runtime_dir_of_another_user_or_open_to_others_is_refused(ltx2_env: dict, runtime_parent: Path, tmp_path: Path):
+    runtime = runtime_parent / f"ltx2-stages-{os.getuid()}"
     runtime.mkdir(mode=0o700)
-    env = {**ltx2_env, "XDG_RUNTIME_DIR": str(parent)}
+    env = {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime_parent)}
     os.chown(runtime, OTHER_UID, OTHER_UID)
     os.chmod(runtime, 0o777)
     for args in (["daemon"], ["jobs"]):
