@@ -26,7 +26,7 @@ from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobFailed, run_job, take_job
 from orchestrator.progress import ProgressView
-from orchestrator.runner import StageOutcome, WorkerLink
+from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
 from orchestrator.stage_major import run_stage_major
 from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
     except BatchError as exc:
         return fail(str(exc), ExitCode.INVALID_INPUT)
+    except UnsafeRuntimeDir as exc:
+        return fail(str(exc), ExitCode.OTHER)
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

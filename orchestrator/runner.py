@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,13 +44,44 @@ KILL_GRACE_S = 10.0
 WAITING_LIMIT = 100
 
 
+class UnsafeRuntimeDir(Exception):
+    """The ipc:// socket directory exists but another user owns it or may write into it."""
+
+
 def runtime_dir() -> Path:
-    """A private (0700) directory for ipc:// socket files; paths must stay short (108 bytes)."""
+    """A private (0700) directory for ipc:// socket files; paths must stay short (108 bytes).
+
+    Under /tmp (XDG_RUNTIME_DIR unset) another local user can create the directory first and then
+    replace the daemon's socket with their own, so an existing directory is used only if it is a
+    real directory of ours that nobody else can enter; otherwise UnsafeRuntimeDir says what to do.
+    It is never chmod-ed into shape: a directory that was open to others may hold their files.
+    """
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     path = Path(base) / f"ltx2-stages-{os.getuid()}"
-    path.mkdir(mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
     return path
+
+
+def check_private_dir(path: Path) -> None:
+    """Raise UnsafeRuntimeDir unless `path` is a directory (not a link) owned by us, mode 0700 or less."""
+    info = os.lstat(path)
+    uid = os.getuid()
+    if not stat.S_ISDIR(info.st_mode):
+        problem = "is not a directory (a symlink or a file)"
+    elif info.st_uid != uid:
+        problem = f"is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    elif info.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(info.st_mode):o}: other users may replace its sockets"
+    else:
+        return
+    raise UnsafeRuntimeDir(
+        f"socket directory {path} {problem}; remove it (or chmod 700 it if it is yours and you trust "
+        "its contents), or set XDG_RUNTIME_DIR to a private directory"
+    )
 
 
 class WorkerLink:

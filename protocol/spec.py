@@ -26,6 +26,10 @@ MAX_STEPS = 500
 MAX_SEED = 2**63 - 1
 # Long enough for the seed project's paragraph prompts, short enough to bound job.json.
 MAX_PROMPT_CHARS = 20_000
+# Characters are not bytes: 20,000 emoji are 80 kB of UTF-8, and 14 such jobs made a job listing
+# overflow one protocol frame. 32 KiB still holds any 20,000-character ASCII prompt and keeps a
+# spec (prompt and negative prompt) far below protocol.codec.MAX_MESSAGE_BYTES.
+MAX_PROMPT_BYTES = 32 * 1024
 # Matched with fullmatch: `$` would also accept a trailing newline, which breaks "stdout is only
 # the output path" and puts a line break into the file name.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -174,6 +178,12 @@ def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
         raise SpecError(field, "must not be empty")
     if len(value) > MAX_PROMPT_CHARS:
         raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
+        raise SpecError(field, "is not valid UTF-8 text") from None
+    if size > MAX_PROMPT_BYTES:
+        raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
 
 
 def nearest_sizes(value: int) -> list[int]:

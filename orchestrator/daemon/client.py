@@ -34,7 +34,10 @@ class DaemonClient:
                 f"no reply from the daemon at {self.address.endpoint} within "
                 f"{self.timeout_ms / 1000:.0f} s (is it running? supervisord -c supervisord.conf)"
             )
-        reply = codec.decode(self.socket.recv())
+        try:
+            reply = codec.decode(self.socket.recv())
+        except codec.ProtocolError as exc:  # e.g. an older daemon's reply over the frame limit
+            raise DaemonError(f"unreadable reply from the daemon: {exc}", exc.code, exc.field) from None
         if isinstance(reply, jobs.Error):
             raise DaemonError(reply.message, reply.code, reply.field)
         if not isinstance(reply, jobs.Ok):

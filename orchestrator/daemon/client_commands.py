@@ -17,7 +17,7 @@ from orchestrator.daemon.transport import TransportError, address_from_settings,
 from orchestrator.job_hooks import StageEvent
 from orchestrator.progress import ProgressView
 from orchestrator.states import JobState, StageEventKind
-from orchestrator.terminal import fail
+from orchestrator.terminal import fail, notice
 from protocol import jobs, stages
 from protocol.errors import ExitCode
 
@@ -58,6 +58,8 @@ def run_daemon(settings: Settings) -> int:
         return fail(str(exc), ExitCode.OTHER)
     except ExecutorDied as exc:
         return fail(f"{exc}; exiting so that supervisord restarts the daemon", ExitCode.OTHER)
+    except TransportError as exc:  # an endpoint or key configuration the daemon cannot serve
+        return fail(str(exc), ExitCode.INVALID_INPUT)
     return 0
 
 
@@ -119,7 +121,10 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
 
 
 def list_jobs(client: DaemonClient, args: argparse.Namespace) -> int:
-    listed = client.request(jobs.ListJobs("", args.limit))["jobs"]
+    data = client.request(jobs.ListJobs("", args.limit))
+    listed = data["jobs"]
+    if data.get("omitted"):  # the daemon keeps a listing within one protocol frame
+        notice(f"{data['omitted']} older jobs left out to fit the reply; ask for a smaller --limit")
     if args.json:
         sys.stdout.write(json.dumps(listed, indent=2) + "\n")
         return 0

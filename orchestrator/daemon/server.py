@@ -28,9 +28,10 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
-from orchestrator.daemon.transport import DaemonAddress, bind_server
+from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.policy import describe_plan
@@ -95,9 +96,9 @@ class Daemon:
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 if socket.poll(POLL_MS):
-                    frames = socket.recv_multipart()
-                    reply = self.answer(frames, store)
-                    socket.send_multipart([frames[0], codec.encode(reply)], flags=zmq.NOBLOCK)
+                    identity, payload = receive_request(socket)  # extra frames are dropped as read
+                    reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
+                    socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
         finally:
             self.stop.set()
             executor.join()
@@ -151,7 +152,7 @@ class Daemon:
     def list_jobs(self, request: jobs.ListJobs, store: JobStore) -> codec.Message:
         limit = max(1, min(request.limit, MAX_LIST))
         rows = store.list(limit)
-        return jobs.Ok("", {"jobs": [self.summary(row, store, detailed=False) for row in rows]})
+        return jobs.Ok("", fit_listing([self.summary(row, store, detailed=False) for row in rows]))
 
     def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
         job = self.require_job_dir(request.id, store)

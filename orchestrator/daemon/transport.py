@@ -8,6 +8,7 @@ public keys are in the authorized-keys folder, and all traffic is encrypted.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import zmq
@@ -16,7 +17,11 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from config.settings import DaemonSettings
 from orchestrator.runner import runtime_dir
-from protocol.codec import MAX_MESSAGE_BYTES
+from protocol import jobs
+from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
+
+# Owner read/write only: a CURVE secret key is a credential.
+SECRET_KEY_MODE = 0o600
 
 
 class TransportError(ValueError):
@@ -60,13 +65,48 @@ def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socke
             )
         if not zmq.has("curve"):
             raise TransportError("this libzmq has no CURVE support; use an ipc:// endpoint")
+        # Read the key before the authenticator thread starts, so a bad key leaves nothing running.
+        public, secret = load_key(address.server_secret_key, "daemon.curve_server_secret_key")
+        if not address.authorized_keys_dir.is_dir():
+            raise TransportError(
+                f"daemon.curve_authorized_keys_dir = {address.authorized_keys_dir}: not a directory "
+                "(create keys with `ltx2 keys DIR`)"
+            )
         authenticator = ThreadAuthenticator(context)
         authenticator.start()
         authenticator.configure_curve(domain="*", location=str(address.authorized_keys_dir))
-        public, secret = zmq.auth.load_certificate(str(address.server_secret_key))
         socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     socket.bind(address.endpoint)
     return socket, authenticator
+
+
+def receive_request(socket: zmq.Socket) -> tuple[bytes, bytes | jobs.Error]:
+    """One client message off the daemon's ROUTER: the client's identity, and its one payload frame
+    or the error reply to send instead.
+
+    MAXMSGSIZE bounds each frame, not the message: one message of 1,000 frames of 1 MiB took the
+    daemon to 2 GB when it was read with recv_multipart, which copies every frame into Python and
+    left most of it to the allocator. Here only the first payload frame is kept; any further frame
+    (a request is exactly one) is received zero-copy and dropped at once, so its memory is returned
+    as it is read, and only its size is counted for the error. libzmq delivers a message whole, so
+    draining the rest never waits on the peer.
+    """
+    identity = socket.recv()
+    if not socket.getsockopt(zmq.RCVMORE):  # a ROUTER always prefixes the identity; be safe anyway
+        return identity, jobs.Error("", ErrorCode.MALFORMED, "empty message")
+    payload = socket.recv(copy=False)
+    extra_frames, extra_bytes = 0, 0
+    while socket.getsockopt(zmq.RCVMORE):
+        extra_frames += 1
+        extra_bytes += len(socket.recv(copy=False))
+    if extra_frames:
+        return identity, jobs.Error(
+            "",
+            ErrorCode.MALFORMED,
+            f"expected one message frame, got {extra_frames + 1} ({len(payload) + extra_bytes} bytes); "
+            "multipart requests are refused",
+        )
+    return identity, payload.bytes
 
 
 def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
@@ -78,8 +118,8 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
             raise TransportError(
                 f"{address.endpoint}: tcp needs daemon.curve_server_public_key and daemon.curve_client_secret_key"
             )
-        server_public, _ = zmq.auth.load_certificate(str(address.server_public_key))
-        public, secret = zmq.auth.load_certificate(str(address.client_secret_key))
+        server_public, _ = load_key(address.server_public_key, "daemon.curve_server_public_key")
+        public, secret = load_key(address.client_secret_key, "daemon.curve_client_secret_key")
         socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
     elif address.endpoint.startswith("ipc://") and not Path(address.endpoint.removeprefix("ipc://")).exists():
         raise TransportError(
@@ -89,6 +129,17 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
     return socket
 
 
+def load_key(path: Path, setting: str) -> tuple[bytes, bytes | None]:
+    """A CURVE key file's (public, secret) keys; a missing or broken file is a configuration error
+    naming the setting, not a traceback."""
+    try:
+        return zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise TransportError(
+            f"{setting} = {path}: cannot read the key ({exc}); create keys with `ltx2 keys DIR`"
+        ) from None
+
+
 def create_keys(directory: Path) -> dict[str, Path]:
     """Write a server and a client key pair; the client's public key is authorized."""
     authorized = directory / "authorized"
@@ -96,6 +147,10 @@ def create_keys(directory: Path) -> dict[str, Path]:
     directory.chmod(0o700)
     server_public, server_secret = zmq.auth.create_certificates(str(directory), "server")
     client_public, client_secret = zmq.auth.create_certificates(str(directory), "client")
+    # pyzmq writes every certificate with the umask's mode (usually 0644); a secret key readable by
+    # other users lets them impersonate the daemon or an authorized client.
+    for secret in (server_secret, client_secret):
+        os.chmod(secret, SECRET_KEY_MODE)
     (authorized / "client.key").write_bytes(Path(client_public).read_bytes())
     return {
         "server_secret": Path(server_secret),

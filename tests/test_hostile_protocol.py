@@ -1,0 +1,196 @@
+"""Hostile peers and environments: multipart floods, listings larger than a frame, a runtime dir
+someone else owns, tcp without CURVE, readable secret keys. Real daemons, real sockets, the real CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket as pysocket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import REPO_ROOT, run_ltx2
+from daemon_process import DaemonProcess
+
+from orchestrator.daemon.replies import LIST_TEXT_CHARS, encode_reply, fit_listing
+from protocol import codec, jobs
+from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
+
+# The issue's flood: 1,000 frames just under the per-frame limit, about 1 GiB in one message.
+FLOOD_FRAMES = 1000
+# What the daemon may keep after the flood: far below the ~1 GiB sent (the unfixed daemon kept 1.5 GB).
+RSS_GROWTH_LIMIT = 128 * 1024 * 1024
+# A hang guard for one reply, not a measurement: a 1 GiB message takes a few seconds on two cores.
+REPLY_WAIT_MS = 120_000
+# Enough 32,000-byte prompts that a listing of all of them with full prompts exceeds one frame.
+LONG_PROMPT_JOBS = 40
+# 8,000 four-byte characters: within the per-prompt byte limit, 40 of them make 1.3 MB.
+LONG_PROMPT = "\U0001f30a" * 8000
+# A hang guard for a CLI command that should refuse at once (an unfixed `ltx2 daemon` serves forever).
+REFUSAL_TIMEOUT_S = 60.0
+# `nobody`: a uid that is not ours, to play the other local user.
+OTHER_UID = 65534
+
+
+@pytest.fixture
+def runtime_parent(tmp_path: Path) -> Iterator[Path]:
+    """An XDG_RUNTIME_DIR short enough for ipc:// paths (108 bytes), removed afterwards."""
+    parent = Path(f"/tmp/ltx2-hostile-{os.getpid()}-{tmp_path.name[-12:]}")
+    parent.mkdir(mode=0o700)
+    yield parent
+    shutil.rmtree(parent, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon_env(ltx2_env: dict, runtime_parent: Path) -> dict[str, str]:
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime_parent)}
+
+
+def rss_bytes(pid: int) -> int:
+    """The process's resident set size now, from /proc/PID/status (VmRSS, in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The real CLI; a command that should refuse but keeps running fails the test instead of hanging it."""
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=REFUSAL_TIMEOUT_S,
+            cwd=REPO_ROOT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"`ltx2 {' '.join(args)}` did not refuse; it ran on:\n{exc.stderr}")
+
+
+def test_multipart_flood_gets_one_error_and_does_not_grow_the_daemon(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        before = rss_bytes(daemon.pid)
+        context = zmq.Context()
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(daemon.endpoint)
+        frame = b"\x00" * (MAX_MESSAGE_BYTES - 1)  # sent zero-copy: the test itself stays small
+        for _ in range(FLOOD_FRAMES - 1):
+            dealer.send(frame, flags=zmq.SNDMORE, copy=False)
+        dealer.send(frame, copy=False)
+        assert dealer.poll(REPLY_WAIT_MS), f"no reply to the flood; daemon log:\n{daemon.log()[-3000:]}"
+        reply = codec.decode(dealer.recv())
+        assert isinstance(reply, jobs.Error)
+        assert reply.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE)
+        grown = rss_bytes(daemon.pid) - before
+        assert grown < RSS_GROWTH_LIMIT, f"daemon RSS grew by {grown >> 20} MiB after a {FLOOD_FRAMES} MiB message"
+        dealer.send(codec.encode(jobs.Ping("")))
+        assert dealer.poll(REPLY_WAIT_MS)
+        assert codec.decode(dealer.recv()).data["pid"] == daemon.pid
+        dealer.close()
+        context.term()
+
+
+def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        ids = []
+        with daemon.client(timeout_s=60) as client:
+            for n in range(LONG_PROMPT_JOBS):
+                spec = {"prompt": f"{n} {LONG_PROMPT}", "width": 64, "height": 64, "num_frames": 9, "seed": n}
+                ids.append(client.request(jobs.Submit("", spec))["id"])
+            for job_id in ids:  # nothing here needs them to run
+                client.request(jobs.Cancel(job_id))
+        listed = run_ltx2(["jobs", "--limit", "100"], daemon_env)
+        assert listed.returncode == 0, listed.stderr
+        assert all(job_id in listed.stdout for job_id in ids)
+        as_json = run_ltx2(["jobs", "--limit", "100", "--json"], daemon_env)
+        assert as_json.returncode == 0, as_json.stderr
+        shown = run_ltx2(["status", ids[-1]], daemon_env)
+        assert shown.returncode == 0, shown.stderr
+        assert f"prompt: {LONG_PROMPT_JOBS - 1} \U0001f30a" in shown.stdout
+        too_long = run_ltx2(["submit", "--prompt", "\U0001f30a" * 20_000], daemon_env)
+        assert too_long.returncode == 2, too_long.stderr
+        assert "--prompt" in too_long.stderr and "bytes" in too_long.stderr
+        assert "Traceback" not in too_long.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
+def test_runtime_dir_of_another_user_or_open_to_others_is_refused(ltx2_env: dict, runtime_parent: Path, tmp_path: Path):
+    runtime = runtime_parent / f"ltx2-stages-{os.getuid()}"
+    runtime.mkdir(mode=0o700)
+    env = {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime_parent)}
+    os.chown(runtime, OTHER_UID, OTHER_UID)
+    os.chmod(runtime, 0o777)
+    for args in (["daemon"], ["jobs"]):
+        refused = run_cli(args, env)
+        assert refused.returncode != 0
+        assert "Traceback" not in refused.stderr
+        assert str(runtime) in refused.stderr and f"owned by uid {OTHER_UID}" in refused.stderr, refused.stderr
+    os.chown(runtime, os.getuid(), os.getgid())
+    os.chmod(runtime, 0o755)
+    refused = run_cli(["daemon"], env)
+    assert refused.returncode != 0
+    assert str(runtime) in refused.stderr and "chmod 700" in refused.stderr, refused.stderr
+    os.chmod(runtime, 0o700)
+    with DaemonProcess(env, tmp_path / "daemon.log"):
+        listed = run_cli(["jobs"], env)
+        assert listed.returncode == 0, listed.stderr
+
+
+def free_port() -> int:
+    with pysocket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_daemon_on_tcp_without_curve_keys_exits_2_with_one_line(daemon_env: dict, tmp_path: Path):
+    env = {**daemon_env, "LTX2_DAEMON_ENDPOINT": f"tcp://127.0.0.1:{free_port()}"}
+    refused = run_cli(["daemon"], env)
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("ltx2: error:")]
+    assert len(errors) == 1 and "daemon.curve_server_secret_key" in errors[0], refused.stderr
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[daemon]\ncurve_server_secret_key = "{tmp_path}/missing.key_secret"\n'
+        f'curve_authorized_keys_dir = "{tmp_path}"\n'
+    )
+    missing = run_cli(["daemon"], {**env, "LTX2_CONFIG": str(config)})
+    assert missing.returncode == 2, missing.stderr
+    assert "Traceback" not in missing.stderr and "missing.key_secret" in missing.stderr, missing.stderr
+
+
+def test_keys_writes_secret_keys_readable_by_the_owner_only(ltx2_env: dict, tmp_path: Path):
+    made = run_cli(["keys", str(tmp_path / "keys")], ltx2_env)
+    assert made.returncode == 0, made.stderr
+    secrets = sorted((tmp_path / "keys").glob("*.key_secret"))
+    assert [path.name for path in secrets] == ["client.key_secret", "server.key_secret"]
+    for path in secrets:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o600, f"{path.name} is {mode:o}"
+
+
+def test_a_listing_too_long_for_one_frame_keeps_the_newest_jobs_and_counts_the_rest():
+    rows = [
+        {"id": f"job-{n:04d}", "state": "queued", "prompt": "\U0001f30a" * 20_000, "error": "x" * 10_000}
+        for n in range(2000)
+    ]
+    data = fit_listing(rows)
+    frame = codec.encode(jobs.Ok("", data))
+    assert len(frame) <= MAX_MESSAGE_BYTES
+    assert data["omitted"] > 0 and len(data["jobs"]) + data["omitted"] == len(rows)
+    assert data["jobs"][-1]["id"] == "job-1999"
+    assert all(len(job["prompt"]) <= LIST_TEXT_CHARS and len(job["error"]) <= LIST_TEXT_CHARS for job in data["jobs"])
+
+
+def test_a_reply_over_one_frame_becomes_a_too_large_error():
+    reply = codec.decode(encode_reply(jobs.Ok("job-1", {"blob": b"\x00" * (MAX_MESSAGE_BYTES + 1)})))
+    assert isinstance(reply, jobs.Error) and reply.code == ErrorCode.TOO_LARGE and reply.id == "job-1"
