@@ -24,10 +24,10 @@ from orchestrator.job_hooks import JobHooks
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobFailed, run_job, take_job
+from orchestrator.pipeline import JobFailed, take_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
-from orchestrator.stage_major import run_stage_major
+from orchestrator.stage_major import run_job, run_stage_major
 from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound

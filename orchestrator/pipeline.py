@@ -1,4 +1,5 @@
-"""Run one job: its stages in order, each in its own process, then publish the MP4.
+"""One job's steps: take it, find its unfinished stages, attempt a stage until the policy is done
+with it, publish the MP4. orchestrator.stage_major runs them for one job or many.
 
 A stage whose outputs verify against job.json is skipped, so running a job again after a crash
 resumes at the first unfinished stage. The finished video is published to the output folder as
@@ -34,35 +35,6 @@ class JobFailed(Exception):
         self.reason = decision.reason
         self.job_state = decision.job_state or JobState.FAILED
         super().__init__(f"stage {stage.value} failed ({self.failure.value}): {self.reason}")
-
-
-def run_job(
-    job: JobDir,
-    settings: Settings,
-    link: WorkerLink,
-    hooks: JobHooks,
-    prestarted: SpawnedWorker | None = None,
-    target: Path | None = None,
-) -> Path:
-    """Run every unfinished stage, retrying per the policy, then publish; returns the MP4's path.
-
-    Stages before the first one whose outputs fail to verify are skipped; that stage and every
-    later one run, since later outputs derive from earlier ones. While a stage runs, the next
-    stage's worker is already started (imports done, waiting for GO), so its start-up overlaps;
-    `prestarted` is such a worker for this job's first stage, started during the previous job.
-    """
-    if job.state is not JobState.RUNNING:  # the daemon's executor claimed it already
-        take_job(job)
-    pending = pending_stages(job, hooks)
-    try:
-        for index, stage in enumerate(pending):
-            following = pending[index + 1] if index + 1 < len(pending) else None
-            if following is None:
-                hooks.on_last_stage()
-            prestarted = run_stage_until_done(job, stage, settings, link, hooks, prestarted, following)
-    finally:
-        discard_worker(prestarted, link)
-    return finish_job(job, settings, hooks, target)
 
 
 def take_job(job: JobDir) -> None:

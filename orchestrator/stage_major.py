@@ -35,7 +35,7 @@ from orchestrator.pipeline import (
     take_job,
 )
 from orchestrator.policy import Attempt, decide
-from orchestrator.runner import StageOutcome, WorkerLink
+from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker
 from orchestrator.stage_attempt import STOPS, run_attempt
 from orchestrator.states import JobState
 from protocol.files import STAGE_ORDER, Stage
@@ -76,38 +76,92 @@ def diffusion_processes(jobs: list[JobDir], settings: Settings) -> int:
     return sum(math.ceil(count / settings.group_size) for count in keys.values())
 
 
+def run_job(
+    job: JobDir,
+    settings: Settings,
+    link: WorkerLink,
+    hooks: JobHooks,
+    prestarted: SpawnedWorker | None = None,
+    target: Path | None = None,
+) -> Path:
+    """Run one job to its published MP4 (at `target` if given): a stage-major run of one job.
+    Raises JobFailed when the policy ends it otherwise."""
+    result = run_stage_major([job], settings, link, lambda _: hooks, prestarted, target)[job.id]
+    if isinstance(result, JobFailed):
+        raise result
+    return result
+
+
 def run_stage_major(
-    jobs: list[JobDir], settings: Settings, link: WorkerLink, hooks_for: HooksFor
+    jobs: list[JobDir],
+    settings: Settings,
+    link: WorkerLink,
+    hooks_for: HooksFor,
+    prestarted: SpawnedWorker | None = None,
+    target: Path | None = None,
 ) -> dict[str, Path | JobFailed]:
     """Run every job to its published MP4, stage by stage; returns each job's MP4 path or failure.
 
-    Each job resumes at its first stage whose outputs do not verify (as run_job does). A group
-    member that failed is given to the policy with that attempt; if it may try again, it runs
-    the stage on its own.
+    Each job resumes at its first stage whose outputs do not verify. A group member that failed
+    is given to the policy with that attempt; if it may try again, it runs the stage on its own.
+    A single job has its next stage's worker started while a stage runs (imports done, waiting
+    for GO: DESIGN.md rule 5); `prestarted` is such a worker for its first stage, started during
+    the job before. Each job's last stage tells its hooks (`on_last_stage`) as it begins.
     """
     results: dict[str, Path | JobFailed] = {}
     for job in jobs:
         if job.state is not JobState.RUNNING:  # the daemon's executor claimed them already
             take_job(job)
         pending_stages(job, hooks_for(job))
+    handed = {jobs[0].id: prestarted} if prestarted is not None else {}
     active = list(jobs)
-    for stage in STAGE_ORDER:
-        needing = [job for job in active if not job.has_outputs(stage)]
-        failed_in_group = run_groups(needing, stage, settings, link, hooks_for)
-        for job in needing:
-            if job.has_outputs(stage):
-                continue
-            try:
-                if job.id in failed_in_group:
-                    run_after_group(job, stage, failed_in_group[job.id], settings, link, hooks_for(job))
-                else:
-                    run_stage_until_done(job, stage, settings, link, hooks_for(job))
-            except JobFailed as exc:
-                results[job.id] = exc
-        active = [job for job in active if job.id not in results]
-    for job in active:
-        results[job.id] = finish_job(job, settings, hooks_for(job))
+    try:
+        for index, stage in enumerate(STAGE_ORDER):
+            following = STAGE_ORDER[index + 1] if len(jobs) == 1 and index + 1 < len(STAGE_ORDER) else None
+            needing = [job for job in active if not job.has_outputs(stage)]
+            if index == len(STAGE_ORDER) - 1:
+                for job in needing:
+                    hooks_for(job).on_last_stage()
+            failed_in_group = run_groups(needing, stage, settings, link, hooks_for)
+            for job in needing:
+                worker, failed = handed.pop(job.id, None), failed_in_group.get(job.id)
+                try:
+                    next_worker = run_outside_group(
+                        job, stage, failed, settings, link, hooks_for(job), worker, following
+                    )
+                except JobFailed as exc:
+                    results[job.id] = exc
+                    continue
+                if next_worker is not None:
+                    handed[job.id] = next_worker
+            active = [job for job in active if job.id not in results]
+        for job in active:
+            results[job.id] = finish_job(job, settings, hooks_for(job), target)
+    finally:
+        for worker in handed.values():
+            discard_worker(worker, link)
     return results
+
+
+def run_outside_group(
+    job: JobDir,
+    stage: Stage,
+    failed: tuple[Attempt, StageOutcome] | None,
+    settings: Settings,
+    link: WorkerLink,
+    hooks: JobHooks,
+    worker: SpawnedWorker | None,
+    following: Stage | None,
+) -> SpawnedWorker | None:
+    """A job's stage after the groups ran: nothing if a group did it, the policy's decision if its
+    group attempt `failed`, else the stage alone (adopting `worker`, prestarting `following`).
+    Returns the next stage's prestarted worker, if one was started."""
+    if failed is not None or job.has_outputs(stage):
+        discard_worker(worker, link)
+        if failed is not None:
+            run_after_group(job, stage, failed, settings, link, hooks)
+        return None
+    return run_stage_until_done(job, stage, settings, link, hooks, worker, following)
 
 
 def run_after_group(

@@ -18,9 +18,10 @@ from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobHooks, run_job
+from orchestrator.pipeline import JobHooks
 from orchestrator.policy import initial_plan
 from orchestrator.runner import WorkerLink
+from orchestrator.stage_major import run_job
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec

@@ -12,8 +12,9 @@ from conftest import run_ltx2
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobHooks, StageEvent, run_job
+from orchestrator.pipeline import JobHooks, StageEvent
 from orchestrator.runner import WorkerLink
+from orchestrator.stage_major import run_job
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
 

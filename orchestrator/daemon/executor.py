@@ -28,10 +28,10 @@ from orchestrator.daemon import fault_switches
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
-from orchestrator.pipeline import JobFailed, next_attempt, run_job
+from orchestrator.pipeline import JobFailed, next_attempt
 from orchestrator.policy import describe_plan
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
-from orchestrator.stage_major import run_stage_major
+from orchestrator.stage_major import run_job, run_stage_major
 from orchestrator.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
