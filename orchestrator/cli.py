@@ -7,6 +7,7 @@ directory and protocol the daemon uses, without needing the daemon.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -45,20 +46,31 @@ FAILURE_EXIT = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltx2", description="LTX-2 video+audio generation in isolated stages.")
+    parser = argparse.ArgumentParser(
+        prog="ltx2", description="LTX-2 video+audio generation in isolated stages.", allow_abbrev=False
+    )
     parser.add_argument(
         "--config", type=Path, help="config file (default: $LTX2_CONFIG or ~/.config/ltx2-stages/config.toml)"
     )
     parser.add_argument("--state-dir", type=Path, help="job directories live here (default from config)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log orchestrator details")
     commands = parser.add_subparsers(dest="command", required=True)
+    # `--output` must never be read as an abbreviation of `--output-dir` (or any flag of another).
+    add_command = functools.partial(commands.add_parser, allow_abbrev=False)
 
-    generate = commands.add_parser("generate", help="generate one clip now (no daemon needed)")
+    generate = add_command("generate", help="generate one clip now (no daemon needed)")
     add_spec_flags(generate)
-    generate.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
+    where = generate.add_mutually_exclusive_group()
+    where.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
+    where.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH.mp4",
+        help="folder and file stem of the MP4, timestamp appended: /outputs/video.mp4 -> /outputs/video_<stamp>.mp4",
+    )
     generate.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    submit = commands.add_parser("submit", help="queue a clip on the daemon; prints its job id")
+    submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
     for name, text in (
         ("status", "a job's state, attempts and progress"),
@@ -67,25 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "queue a failed or cancelled job again"),
         ("logs", "a job's events and worker log"),
     ):
-        command = commands.add_parser(name, help=text)
+        command = add_command(name, help=text)
         command.add_argument("job_id", nargs="?" if name == "status" else None, help="job id (see `ltx2 jobs`)")
         if name in ("status", "jobs"):
             command.add_argument("--json", action="store_true", help="print the raw reply as JSON")
         if name == "logs":
             command.add_argument("--lines", type=int, default=40, help="lines of each log (default 40)")
-    jobs = commands.add_parser("jobs", help="list recent jobs")
+    jobs = add_command("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")
-    daemon = commands.add_parser("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
+    daemon = add_command("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
     daemon.add_argument(
         "--check",
         action="store_true",
         help="only ping the configured daemon: exit 0 if it answers and its executor runs (for health checks)",
     )
-    keys = commands.add_parser("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
+    keys = add_command("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
     keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
 
-    decode = commands.add_parser("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
+    decode = add_command("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
     decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
     decode.add_argument("--output", type=Path, required=True, help="the MP4 to write (PNGs and .json beside it)")
     decode.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
@@ -97,12 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    batch = commands.add_parser("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
+    batch = add_command("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
     batch.add_argument("file", type=Path, help="batch file: [defaults] + [[clips]] (TOML) or JSON Lines")
     batch.add_argument("--output-dir", type=Path, help="where the MP4s and the summary go (default: ./outputs)")
     batch.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    tiny = commands.add_parser("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
+    tiny = add_command("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
     target.add_argument("--hf-cache", action="store_true", help=f"write it into the HF cache as {TINY_REPO_ID}")
@@ -112,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "output", None) is not None and args.command == "generate":
+        split_output_path(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         settings = load_settings(args.config, overrides=cli_overrides(args))
@@ -134,6 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
     except BatchError as exc:
         return fail(str(exc), ExitCode.INVALID_INPUT)
+
+
+def split_output_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`generate --output DIR/STEM.mp4` (the seed script's flag): the MP4 goes to DIR as
+    `STEM_<YYYYmmdd_HHMMSS>.mp4`, i.e. it sets the output folder and the name, never an exact file."""
+    output = args.output.expanduser()
+    if output.suffix.lower() != ".mp4":
+        parser.error(f"--output: {output} must end in .mp4 (the timestamp goes before it)")
+    if args.name is not None:
+        parser.error("--output already names the file; give either --output or --name")
+    args.output_dir, args.name = output.parent, output.stem
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

@@ -129,7 +129,9 @@ def peak_memory() -> tuple[int, int]:
 
 
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.", allow_abbrev=False
+    )
     parser.add_argument(
         "--job-dir",
         type=Path,

