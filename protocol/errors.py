@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 2  #: the job spec or an input file was rejected; retrying cannot help
     OUT_OF_MEMORY = 3  #: the accelerator ran out of memory (torch.OutOfMemoryError)
     MODEL_NOT_FOUND = 4  #: a model or LoRA is missing from the local cache; retrying cannot help
+    NO_SPACE = 5  #: a disk is full (OSError ENOSPC); retrying or using less memory cannot help
     INTERRUPTED = 130  #: the CLI was stopped by Ctrl-C/SIGTERM (128 + SIGINT, the shell's convention)
 
 
@@ -27,6 +28,7 @@ class Failure(enum.Enum):
     INVALID_INPUT = "invalid_input"  #: exit 2
     CUDA_OOM = "cuda_oom"  #: exit 3
     MODEL_NOT_FOUND = "model_not_found"  #: exit 4
+    NO_SPACE = "no_space"  #: exit 5: a disk is full; never retried, never a lower-memory plan
     HOST_OOM = "host_oom"  #: killed by SIGKILL, which on a healthy box means the kernel's OOM killer
     CRASH = "crash"  #: exit 1, any other code, or death by another signal
     HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
@@ -37,7 +39,13 @@ class Failure(enum.Enum):
     def is_retryable(self) -> bool:
         """Bad input and missing models fail the same way every time, so they are not retried;
         a cancelled or interrupted attempt was stopped on purpose, so it is not retried now."""
-        return self not in (Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED, Failure.INTERRUPTED)
+        return self not in (
+            Failure.INVALID_INPUT,
+            Failure.MODEL_NOT_FOUND,
+            Failure.NO_SPACE,
+            Failure.CANCELLED,
+            Failure.INTERRUPTED,
+        )
 
 
 def classify_exit(returncode: int) -> Failure | None:
@@ -50,6 +58,7 @@ def classify_exit(returncode: int) -> Failure | None:
         ExitCode.INVALID_INPUT: Failure.INVALID_INPUT,
         ExitCode.OUT_OF_MEMORY: Failure.CUDA_OOM,
         ExitCode.MODEL_NOT_FOUND: Failure.MODEL_NOT_FOUND,
+        ExitCode.NO_SPACE: Failure.NO_SPACE,
     }
     return by_code.get(returncode, Failure.CRASH)
 
