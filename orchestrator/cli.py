@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ FAILURE_EXIT = {
     Failure.CUDA_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
+    Failure.NO_SPACE: ExitCode.NO_SPACE,
 }
 
 
@@ -172,6 +174,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 generate`: run one job in this process's embedded orchestrator."""
+    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
     built = build_spec(spec_request(args), settings)
     for line in built.notices:
         notice(line)
@@ -179,6 +182,20 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras, image=built.image)
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
+
+
+def check_output_dir(folder: Path, field: str) -> None:
+    """Before any stage runs: the output folder exists (or is created) and takes a new file.
+
+    A file in the way, a read-only or pseudo filesystem (/proc), a missing parent that cannot be
+    made: a SpecError naming the flag of `field` (exit 2), instead of a failed publish after the whole run.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ltx2-write-check-"):
+            pass
+    except OSError as exc:
+        raise SpecError(field, f"cannot write the video into {folder}: {exc.strerror or exc}") from None
 
 
 def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | None = None) -> int:
@@ -219,6 +236,7 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
 
 def decode(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 decode`: run the decode stages on saved latents (the crash-recovery path)."""
+    check_output_dir(args.output.expanduser().absolute().parent, "output")
     job = recovery_job(args.input.expanduser(), settings)
     overrides = {"vae_chunk_frames": args.vae_chunk_frames, "vae_tiling": args.vae_tiling}
     overrides = {key: value for key, value in overrides.items() if value is not None}

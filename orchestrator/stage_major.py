@@ -106,7 +106,10 @@ def run_stage_major(
                 results[job.id] = exc
         active = [job for job in active if job.id not in results]
     for job in active:
-        results[job.id] = finish_job(job, settings, hooks_for(job))
+        try:
+            results[job.id] = finish_job(job, settings, hooks_for(job))
+        except JobFailed as exc:  # publishing failed (PublishFailed): the other clips still publish
+            results[job.id] = exc
     return results
 
 

@@ -7,8 +7,10 @@ Real processes on the tiny model throughout; a full disk in a worker is a fault 
 
 from __future__ import annotations
 
+import errno
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,88 @@ def test_abbreviated_flags_are_refused(ltx2_env: dict, flag: str):
     assert result.returncode == 2
     assert "unrecognized arguments" in result.stderr
     assert jobs_of(ltx2_env) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 1 MiB tmpfs (skipped where mounting is not allowed); `remount(options)` changes it."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into `folder` until its filesystem is full."""
+    filler = folder / "filler.bin"
+    with filler.open("wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+@pytest.mark.parametrize("where", ["file-in-the-way", "proc", "read-only"])
+def test_an_unwritable_output_folder_is_refused_before_any_stage(
+    ltx2_env: dict, tmp_path: Path, small_disk: Path, where: str
+):
+    if where == "file-in-the-way":
+        folder = tmp_path / "taken"
+        folder.write_text("not a folder")
+    elif where == "proc":
+        folder = Path("/proc/ltx2-outputs")
+    else:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        folder = small_disk
+    result = run_ltx2(["generate", "--prompt", "x", "--output-dir", str(folder), *TINY_ARGS], ltx2_env)
+    assert result.returncode == 2, result.stderr
+    assert f"--output-dir: cannot write the video into {folder}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert jobs_of(ltx2_env) == []  # nothing ran
+
+
+def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_no_temp_file(
+    ltx2_env: dict, small_disk: Path
+):
+    filler = fill(small_disk)
+    result = run_ltx2(["generate", "--prompt", "x", "--output-dir", str(small_disk), "--quiet", *TINY_ARGS], ltx2_env)
+    assert result.returncode == 5, result.stderr
+    assert "Traceback" not in result.stderr
+    (job,) = jobs_of(ltx2_env)
+    assert job.state.value == "failed"
+    recover = f"ltx2 decode --input {job.path} --output PATH.mp4"
+    assert recover in job.record["error"] and "No space left on device" in job.record["error"]
+    (line,) = [line for line in result.stderr.splitlines() if recover in line]
+    assert str(small_disk) in line
+    assert sorted(path.name for path in small_disk.iterdir()) == ["filler.bin"]  # no temp file left
+    # The command it names recovers the video once there is space.
+    filler.unlink()
+    recovered = small_disk / "recovered.mp4"
+    result = run_ltx2(["decode", "--input", str(job.path), "--output", str(recovered), "--quiet"], ltx2_env)
+    assert result.returncode == 0, result.stderr
+    assert recovered.is_file()
+    assert JobDir.load(job.path).state.value == "done"
+
+
+def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_env: dict):
+    env = {**ltx2_env, "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
+    result = run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env)
+    assert result.returncode == 5, result.stderr
+    (job,) = jobs_of(ltx2_env)
+    assert job.state.value == "failed"
+    assert attempts_of(job) == {"encode_diffuse": 1}
+    (attempt,) = job.record["stages"]["encode_diffuse"]["attempts"]
+    assert attempt["result"] == "no_space"
+    assert attempt["plan"]["weights"] == "native" and attempt["plan"]["offload"] == "none"
+    assert "No space left on device" in job.record["error"] and str(job.path) in job.record["error"]
+    assert "no lower-memory plan" not in job.record["error"]
+    assert list(job.path.rglob("*.tmp-*")) == []  # the half-written temp file was removed
