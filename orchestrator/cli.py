@@ -251,16 +251,31 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
     if source.is_dir():
         if not (source / JOB_FILE).is_file():
             raise SpecError("input", f"{source} is not a job directory (no {JOB_FILE})")
-        return JobDir.load(source)
+        return load_job_file(source)
     try:
         metadata = read_safetensors_metadata(source)
         spec = JobSpec.from_dict(json.loads(metadata["spec"]))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise SpecError("input", f"{source} is not a latents file written by ltx2-stages ({exc})") from None
     job = JobDir.create(settings.jobs_dir, spec, resolve_model(spec.model))
     shutil.copyfile(source, job.path / LATENTS_FILE)
     job.adopt_outputs(Stage.ENCODE_DIFFUSE, f"copied from {source}")
     return job
+
+
+def load_job_file(source: Path) -> JobDir:
+    """A job directory given to `ltx2 decode`; a corrupt or foreign job.json is invalid input that
+    names the file (never a JSON traceback, nor a spec error about a flag the user never passed)."""
+    try:
+        job = JobDir.load(source)
+        job.state  # noqa: B018 - the status must be one the lifecycle knows
+    except SpecError as exc:
+        reason = f"its spec field {exc.field!r} {str(exc).split(': ', 1)[-1]}"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        return job
+    raise SpecError("input", f"{source / JOB_FILE} is not a readable ltx2-stages job file ({reason})")
 
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:

@@ -8,17 +8,20 @@ Real processes on the tiny model throughout; a full disk in a worker is a fault 
 from __future__ import annotations
 
 import errno
+import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, run_ltx2
+from conftest import TINY_ARGS, ltx2_environment, run_ltx2
 from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
 from orchestrator.jobdir import JobDir
+from protocol.files import JOB_FILE, LATENTS_FILE
 
 # The generate command line of the seed README (section "3. Generate a video"), after the image
 # name `ltx2`, with the seed's default `--output` written out.
@@ -39,8 +42,12 @@ def jobs_of(env: dict[str, str]) -> list[JobDir]:
 
 
 def attempts_of(job: JobDir) -> dict[str, int]:
-    """Attempts per stage that ran at least once."""
-    return {name: len(record["attempts"]) for name, record in job.record["stages"].items() if record["attempts"]}
+    """Attempts per stage that ran at least once (saved latents adopted by `decode` are not run)."""
+    counts = {
+        name: sum(not str(attempt.get("reason", "")).startswith("copied from") for attempt in record["attempts"])
+        for name, record in job.record["stages"].items()
+    }
+    return {name: count for name, count in counts.items() if count}
 
 
 @pytest.fixture
@@ -166,3 +173,86 @@ def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_
     assert "No space left on device" in job.record["error"] and str(job.path) in job.record["error"]
     assert "no lower-memory plan" not in job.record["error"]
     assert list(job.path.rglob("*.tmp-*")) == []  # the half-written temp file was removed
+
+
+@pytest.fixture(scope="module")
+def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny job (its latents are the raw material for the corrupt ones)."""
+    root = tmp_path_factory.mktemp("finished")
+    env = ltx2_environment(hf_home, root)
+    result = run_ltx2(["generate", "--prompt", "x", "--seed", "5", "--quiet", *TINY_ARGS], env)
+    assert result.returncode == 0, result.stderr
+    (job_dir,) = (root / "state" / "jobs").iterdir()
+    return job_dir
+
+
+def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dict, named: Path, stage: str) -> None:
+    """Exit 2, the file named, no traceback, and the stage that read it attempted once."""
+    assert result.returncode == 2, result.stderr
+    assert str(named) in result.stderr
+    (job,) = jobs_of(env)
+    assert job.state.value == "failed"
+    assert attempts_of(job) == {stage: 1}
+    (attempt,) = job.record["stages"][stage]["attempts"]
+    assert attempt["result"] == "invalid_input"
+
+
+def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(bytes(range(256)) * 64)
+    result = run_ltx2(["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS], ltx2_env)
+    assert_invalid_input_once(result, ltx2_env, garbage, "encode_diffuse")
+
+
+def cut_short(latents: Path, into: Path) -> Path:
+    """A copy of a latents file whose header parses but whose tensor data is half missing."""
+    data = latents.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    into.write_bytes(data[: header + (len(data) - header) // 2])
+    return into
+
+
+def test_truncated_latents_file_is_refused_before_any_stage(ltx2_env: dict, tmp_path: Path, finished_job: Path):
+    cut = cut_short(finished_job / LATENTS_FILE, tmp_path / "cut.safetensors")
+    result = run_ltx2(["decode", "--input", str(cut), "--output", str(tmp_path / "out.mp4"), "--quiet"], ltx2_env)
+    assert result.returncode == 2, result.stderr
+    assert f"--input: {cut} is not a latents file written by ltx2-stages" in result.stderr
+    assert "cut short" in result.stderr
+    assert jobs_of(ltx2_env) == []
+
+
+def test_latents_full_of_nan_are_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path, finished_job: Path):
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(finished_job / LATENTS_FILE), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: torch.full_like(handle.get_tensor(key), float("nan")) for key in handle.keys()}
+    nan = tmp_path / "nan.safetensors"
+    save_file(tensors, str(nan), metadata=metadata)
+    result = run_ltx2(["decode", "--input", str(nan), "--output", str(tmp_path / "out.mp4"), "--quiet"], ltx2_env)
+    (job,) = jobs_of(ltx2_env)  # the stage names the job's copy of the file
+    assert_invalid_input_once(result, ltx2_env, job.path / LATENTS_FILE, "audio_decode")
+    assert "NaN" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["zero-filled", "spec-without-model"])
+def test_a_corrupt_job_file_given_to_decode_is_invalid_input_naming_it(
+    ltx2_env: dict, tmp_path: Path, finished_job: Path, damage: str
+):
+    job_dir = tmp_path / "copied-job"
+    shutil.copytree(finished_job, job_dir)
+    job_file = job_dir / JOB_FILE
+    if damage == "zero-filled":
+        job_file.write_bytes(b"\0" * job_file.stat().st_size)
+    else:
+        record = json.loads(job_file.read_text())
+        del record["spec"]["model"]
+        job_file.write_text(json.dumps(record))
+    before = job_file.read_bytes()
+    result = run_ltx2(["decode", "--input", str(job_dir), "--output", str(tmp_path / "out.mp4")], ltx2_env)
+    assert result.returncode == 2, result.stderr
+    assert f"--input: {job_file} is not a readable ltx2-stages job file" in result.stderr
+    assert "Traceback" not in result.stderr and "--model" not in result.stderr
+    assert job_file.read_bytes() == before  # nothing ran, nothing was rewritten
+    assert not (tmp_path / "out.mp4").exists()
