@@ -280,6 +280,7 @@ def load_job_file(source: Path) -> JobDir:
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, one fork server."""
+    check_output_dir(settings.output_dir, "output_dir")
     view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
     link = WorkerLink(context, fork_server=settings.fork_server)
