@@ -345,8 +345,11 @@ def remove_own_temp_files(job_dirs: list[Path]) -> None:
     """Delete the temp files this process left half-written (protocol.files.temp_path_for names
     them after its pid), so a full disk is not made fuller by the attempt that found it full."""
     for job_dir in job_dirs:
-        for leftover in job_dir.rglob(f".*.tmp-{os.getpid()}*"):
-            leftover.unlink(missing_ok=True)
+        try:
+            for leftover in job_dir.rglob(f".*.tmp-{os.getpid()}*"):
+                leftover.unlink(missing_ok=True)
+        except OSError:  # the exit code and the Failed report matter more than the cleanup
+            log.warning("could not remove temp files in %s", job_dir, exc_info=True)
 
 
 def exit_code_for(exc: BaseException) -> ExitCode:
