@@ -7,11 +7,13 @@ directory and protocol the daemon uses, without needing the daemon.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +43,37 @@ FAILURE_EXIT = {
     Failure.CUDA_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
     Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
+    Failure.NO_SPACE: ExitCode.NO_SPACE,
     Failure.ENVIRONMENT: ExitCode.ENVIRONMENT,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltx2", description="LTX-2 video+audio generation in isolated stages.")
+    parser = argparse.ArgumentParser(
+        prog="ltx2", description="LTX-2 video+audio generation in isolated stages.", allow_abbrev=False
+    )
     parser.add_argument(
         "--config", type=Path, help="config file (default: $LTX2_CONFIG or ~/.config/ltx2-stages/config.toml)"
     )
     parser.add_argument("--state-dir", type=Path, help="job directories live here (default from config)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log orchestrator details")
     commands = parser.add_subparsers(dest="command", required=True)
+    # `--output` must never be read as an abbreviation of `--output-dir` (or any flag of another).
+    add_command = functools.partial(commands.add_parser, allow_abbrev=False)
 
-    generate = commands.add_parser("generate", help="generate one clip now (no daemon needed)")
+    generate = add_command("generate", help="generate one clip now (no daemon needed)")
     add_spec_flags(generate)
-    generate.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
+    where = generate.add_mutually_exclusive_group()
+    where.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
+    where.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH.mp4",
+        help="folder and file stem of the MP4, timestamp appended: /outputs/video.mp4 -> /outputs/video_<stamp>.mp4",
+    )
     generate.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    submit = commands.add_parser("submit", help="queue a clip on the daemon; prints its job id")
+    submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
     for name, text in (
         ("status", "a job's state, attempts and progress"),
@@ -68,25 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
         ("resume", "queue a failed or cancelled job again"),
         ("logs", "a job's events and worker log"),
     ):
-        command = commands.add_parser(name, help=text)
+        command = add_command(name, help=text)
         command.add_argument("job_id", nargs="?" if name == "status" else None, help="job id (see `ltx2 jobs`)")
         if name in ("status", "jobs"):
             command.add_argument("--json", action="store_true", help="print the raw reply as JSON")
         if name == "logs":
             command.add_argument("--lines", type=int, default=40, help="lines of each log (default 40)")
-    jobs = commands.add_parser("jobs", help="list recent jobs")
+    jobs = add_command("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")
-    daemon = commands.add_parser("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
+    daemon = add_command("daemon", help="run the orchestrator daemon in the foreground (supervisord does this)")
     daemon.add_argument(
         "--check",
         action="store_true",
         help="only ping the configured daemon: exit 0 if it answers and its executor runs (for health checks)",
     )
-    keys = commands.add_parser("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
+    keys = add_command("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
     keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
 
-    decode = commands.add_parser("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
+    decode = add_command("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
     decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
     decode.add_argument("--output", type=Path, required=True, help="the MP4 to write (PNGs and .json beside it)")
     decode.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
@@ -98,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decode.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    batch = commands.add_parser("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
+    batch = add_command("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
     batch.add_argument("file", type=Path, help="batch file: [defaults] + [[clips]] (TOML) or JSON Lines")
     batch.add_argument("--output-dir", type=Path, help="where the MP4s and the summary go (default: ./outputs)")
     batch.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    tiny = commands.add_parser("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
+    tiny = add_command("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
     target.add_argument("--hf-cache", action="store_true", help=f"write it into the HF cache as {TINY_REPO_ID}")
@@ -113,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "output", None) is not None and args.command == "generate":
+        split_output_path(parser, args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         settings = load_settings(args.config, overrides=cli_overrides(args))
@@ -139,6 +155,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.OTHER)
 
 
+def split_output_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`generate --output DIR/STEM.mp4` (the seed script's flag): the MP4 goes to DIR as
+    `STEM_<YYYYmmdd_HHMMSS>.mp4`, i.e. it sets the output folder and the name, never an exact file."""
+    output = args.output.expanduser()
+    if output.suffix.lower() != ".mp4":
+        parser.error(f"--output: {output} must end in .mp4 (the timestamp goes before it)")
+    if args.name is not None:
+        parser.error("--output already names the file; give either --output or --name")
+    args.output_dir, args.name = output.parent, output.stem
+
+
 def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {"paths": {}}
     if args.state_dir:
@@ -150,6 +177,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 generate`: run one job in this process's embedded orchestrator."""
+    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
     built = build_spec(spec_request(args), settings)
     for line in built.notices:
         notice(line)
@@ -157,6 +185,20 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras, image=built.image)
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
+
+
+def check_output_dir(folder: Path, field: str) -> None:
+    """Before any stage runs: the output folder exists (or is created) and takes a new file.
+
+    A file in the way, a read-only or pseudo filesystem (/proc), a missing parent that cannot be
+    made: a SpecError naming the flag of `field` (exit 2), instead of a failed publish after the whole run.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ltx2-write-check-"):
+            pass
+    except OSError as exc:
+        raise SpecError(field, f"cannot write the video into {folder}: {exc.strerror or exc}") from None
 
 
 def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | None = None) -> int:
@@ -197,6 +239,7 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
 
 def decode(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 decode`: run the decode stages on saved latents (the crash-recovery path)."""
+    check_output_dir(args.output.expanduser().absolute().parent, "output")
     job = recovery_job(args.input.expanduser(), settings)
     overrides = {"vae_chunk_frames": args.vae_chunk_frames, "vae_tiling": args.vae_tiling}
     overrides = {key: value for key, value in overrides.items() if value is not None}
@@ -211,11 +254,11 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
     if source.is_dir():
         if not (source / JOB_FILE).is_file():
             raise SpecError("input", f"{source} is not a job directory (no {JOB_FILE})")
-        return JobDir.load(source)
+        return load_job_file(source)
     try:
         metadata = read_safetensors_metadata(source)
         spec = JobSpec.from_dict(json.loads(metadata["spec"]))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise SpecError("input", f"{source} is not a latents file written by ltx2-stages ({exc})") from None
     job = JobDir.create(settings.jobs_dir, spec, resolve_model(spec.model))
     shutil.copyfile(source, job.path / LATENTS_FILE)
@@ -223,8 +266,24 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
     return job
 
 
+def load_job_file(source: Path) -> JobDir:
+    """A job directory given to `ltx2 decode`; a corrupt or foreign job.json is invalid input that
+    names the file (never a JSON traceback, nor a spec error about a flag the user never passed)."""
+    try:
+        job = JobDir.load(source)
+        job.state  # noqa: B018 - the status must be one the lifecycle knows
+    except SpecError as exc:
+        reason = f"its spec field {exc.field!r} {str(exc).split(': ', 1)[-1]}"
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        return job
+    raise SpecError("input", f"{source / JOB_FILE} is not a readable ltx2-stages job file ({reason})")
+
+
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, one fork server."""
+    check_output_dir(settings.output_dir, "output_dir")
     view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
     link = WorkerLink(context, fork_server=settings.fork_server)

@@ -8,6 +8,7 @@ resumes at the first unfinished stage. The finished video is published to the ou
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -71,9 +72,37 @@ def first_unfinished(job: JobDir) -> int:
     return next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
 
 
+class PublishFailed(JobFailed):
+    """Every stage succeeded but the MP4 could not be copied out (full, read-only or missing
+    output folder); the job is FAILED and its video stays in the job directory."""
+
+    def __init__(self, job: JobDir, error: OSError, where: Path) -> None:
+        failure = Failure.NO_SPACE if error.errno == errno.ENOSPC else Failure.INVALID_INPUT
+        where = error.filename or where
+        reason = (
+            f"cannot publish the video to {where}: {error.strerror or error}; it is kept in the job, "
+            f"recover it with: ltx2 decode --input {job.path} --output PATH.mp4"
+        )
+        outcome = StageOutcome(0, failure, reason, "", 0.0)
+        super().__init__(STAGE_ORDER[-1], outcome, Decision(None, JobState.FAILED, reason))
+        self.args = (reason,)
+
+    def __str__(self) -> str:
+        return self.reason
+
+
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
-    """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path."""
-    output = publish_job(job, settings.output_dir, target)
+    """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
+
+    A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
+    the command that recovers the video (PublishFailed); it is never left RUNNING.
+    """
+    try:
+        output = publish_job(job, settings.output_dir, target)
+    except OSError as exc:
+        failed = PublishFailed(job, exc, target or settings.output_dir)
+        job.transition(JobState.FAILED, error=failed.reason)
+        raise failed from exc
     job.transition(JobState.DONE, output=str(output))
     if job.spec.drop_caches and (warning := drop_page_cache()):
         job.log_event(EventKind.WARNING, message=warning)

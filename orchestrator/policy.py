@@ -3,8 +3,9 @@
 `decide` is the one place that answers it, for every outcome (DESIGN.md rule 7): a cancelled
 attempt ends the job CANCELLED; an interrupted one (the orchestrator is stopping: SIGTERM,
 Ctrl-C) puts it back to QUEUED, to resume at its next start; invalid input and missing
-models are never retried; a CUDA OOM moves straight to the next lower-memory plan; the first
-host-OOM kill, crash or hang of a stage retries the same plan (a SIGKILL may come from another
+models are never retried; a full disk (no space) ends the job naming the path and never lowers
+the plan; a CUDA OOM moves straight to the next lower-memory plan; the first host-OOM
+kill, crash or hang of a stage retries the same plan (a SIGKILL may come from another
 process's memory pressure or a person, and a deterministic run repeats bit for bit); later ones
 move down the ladder. The ladders are data:
 
@@ -102,6 +103,8 @@ def decide(stage: Stage, attempts: list[Attempt], reason: str, spec: JobSpec, se
         return Decision(None, JobState.CANCELLED, "cancelled on request")
     if failure is Failure.INTERRUPTED:
         return Decision(None, JobState.QUEUED, f"interrupted ({reason}); resumes at its first unfinished stage")
+    if failure is Failure.NO_SPACE:  # a full disk: no plan uses less of it, so the job ends now
+        return Decision(None, JobState.FAILED, f"{reason}; free space there, then resume the job")
     plan = next_plan(stage, attempts, spec, settings)
     if plan is not None:
         return Decision(plan)

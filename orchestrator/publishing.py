@@ -198,12 +198,16 @@ def land_sidecar(job: JobDir, video: Path, replace: bool) -> bool:
     """
     final = video.with_suffix(".json")
     temp = temp_name(final, job)
-    temp.write_text(json.dumps(build_sidecar(job, video), indent=2, sort_keys=True) + "\n")
-    os.chmod(temp, PUBLISHED_MODE)
     if replace:
-        publish(temp, final)
+        try:
+            write_sidecar(job, video, temp)
+            publish(temp, final)
+        except OSError:  # a full disk must not keep the half copy
+            temp.unlink(missing_ok=True)
+            raise
         return True
     try:
+        write_sidecar(job, video, temp)
         with temp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.link(temp, final)
@@ -215,12 +219,21 @@ def land_sidecar(job: JobDir, video: Path, replace: bool) -> bool:
     return True
 
 
+def write_sidecar(job: JobDir, video: Path, temp: Path) -> None:
+    temp.write_text(json.dumps(build_sidecar(job, video), indent=2, sort_keys=True) + "\n")
+    os.chmod(temp, PUBLISHED_MODE)
+
+
 def land_copy(job: JobDir, source: Path, final: Path) -> None:
     """Copy a job file under its temp name, then fsync and rename it into place."""
     temp = temp_name(final, job)
-    shutil.copyfile(source, temp)
-    os.chmod(temp, PUBLISHED_MODE)
-    publish(temp, final)
+    try:
+        shutil.copyfile(source, temp)
+        os.chmod(temp, PUBLISHED_MODE)
+        publish(temp, final)
+    except OSError:  # a full disk must not keep the half copy
+        temp.unlink(missing_ok=True)
+        raise
 
 
 def fsync_directory(directory: Path) -> None:

@@ -136,7 +136,10 @@ def run_stage_major(
                     handed[job.id] = next_worker
             active = [job for job in active if job.id not in results]
         for job in active:
-            results[job.id] = finish_job(job, settings, hooks_for(job), target)
+            try:
+                results[job.id] = finish_job(job, settings, hooks_for(job), target)
+            except JobFailed as exc:  # publishing failed (PublishFailed): the other clips still publish
+                results[job.id] = exc
     finally:
         for worker in handed.values():
             discard_worker(worker, link)

@@ -41,6 +41,7 @@ class AttemptResult(enum.StrEnum):
     INVALID_INPUT = "invalid_input"  #: exit 2: the spec or an input file is unusable; never retried
     CUDA_OOM = "cuda_oom"  #: exit 3: the accelerator ran out of memory; the next plan uses less
     MODEL_NOT_FOUND = "model_not_found"  #: exit 4: a model or LoRA is not cached; never retried
+    NO_SPACE = "no_space"  #: exit 5: a disk was full (ENOSPC); never retried, the plan is never lowered
     HOST_OOM = "host_oom"  #: killed by SIGKILL (the kernel's OOM killer, or its fork server died)
     CRASH = "crash"  #: exit 1, another code or signal, or exit 0 without the outputs
     HUNG = "hung"  #: silent for longer than `hung_after_s`; the orchestrator killed it

@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 2  #: the job spec or an input file was rejected; retrying cannot help
     OUT_OF_MEMORY = 3  #: the accelerator ran out of memory (torch.OutOfMemoryError)
     MODEL_NOT_FOUND = 4  #: a model or LoRA is missing from the local cache; retrying cannot help
+    NO_SPACE = 5  #: a disk is full (OSError ENOSPC); retrying or using less memory cannot help
     ENVIRONMENT = 6  #: the worker could not start its work here (import error, CUDA unusable); not retried
     INTERRUPTED = 130  #: the CLI was stopped by Ctrl-C/SIGTERM (128 + SIGINT, the shell's convention)
 
@@ -28,6 +29,7 @@ class Failure(enum.Enum):
     INVALID_INPUT = "invalid_input"  #: exit 2
     CUDA_OOM = "cuda_oom"  #: exit 3
     MODEL_NOT_FOUND = "model_not_found"  #: exit 4
+    NO_SPACE = "no_space"  #: exit 5: a disk is full; never retried, never a lower-memory plan
     HOST_OOM = "host_oom"  #: killed by SIGKILL, which on a healthy box means the kernel's OOM killer
     CRASH = "crash"  #: exit 1, any other code, or death by another signal
     HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
@@ -44,7 +46,14 @@ class Failure(enum.Enum):
 
 # A lower-memory plan cannot help these: the same input, cache, host or request fails the same way.
 NOT_RETRIED = frozenset(
-    {Failure.INVALID_INPUT, Failure.MODEL_NOT_FOUND, Failure.CANCELLED, Failure.INTERRUPTED, Failure.ENVIRONMENT}
+    {
+        Failure.INVALID_INPUT,
+        Failure.MODEL_NOT_FOUND,
+        Failure.NO_SPACE,
+        Failure.CANCELLED,
+        Failure.INTERRUPTED,
+        Failure.ENVIRONMENT,
+    }
 )
 
 
@@ -58,6 +67,7 @@ def classify_exit(returncode: int) -> Failure | None:
         ExitCode.INVALID_INPUT: Failure.INVALID_INPUT,
         ExitCode.OUT_OF_MEMORY: Failure.CUDA_OOM,
         ExitCode.MODEL_NOT_FOUND: Failure.MODEL_NOT_FOUND,
+        ExitCode.NO_SPACE: Failure.NO_SPACE,
         ExitCode.ENVIRONMENT: Failure.ENVIRONMENT,
     }
     return by_code.get(returncode, Failure.CRASH)

@@ -78,13 +78,21 @@ def temp_path_for(path: Path) -> Path:
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, read from its JSON header (no torch needed).
 
-    The format starts with an 8-byte little-endian header length and that many bytes of JSON.
+    The format starts with an 8-byte little-endian header length and that many bytes of JSON; the
+    tensors' data follows, and a file shorter than the header's offsets say (cut short by a full
+    disk or a killed copy) is refused with a ValueError, as is a header that is not JSON.
     """
     with path.open("rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
         if not 0 < size <= SAFETENSORS_HEADER_LIMIT:
             raise ValueError(f"{path} is not a safetensors file")
         header = json.loads(handle.read(size))
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file")
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    data = path.stat().st_size - 8 - size
+    if data < max(ends, default=0):
+        raise ValueError(f"its tensor data is cut short: {data} of {max(ends)} bytes")
     return dict(header.get("__metadata__") or {})
 
 

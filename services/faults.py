@@ -9,6 +9,9 @@ They make the failure paths of the orchestrator testable with real processes and
 - `LTX2_FAULT_OOM=STAGE:N` - attempts 1..N of the stage raise torch.OutOfMemoryError at the start;
 - `LTX2_FAULT_KILL=STAGE:N` - attempts 1..N of the stage SIGKILL themselves at the start, as the
   kernel's OOM killer would;
+- `LTX2_FAULT_ENOSPC=STAGE:N` - attempts 1..N of the stage raise OSError(ENOSPC) at the start,
+  naming a file in the job directory, as a full disk would (after leaving a half-written temp
+  file there, which the worker must remove);
 - `LTX2_FAULT_CUDA_AT_IMPORT=MODULE[:hidden]` - the fork server behaves as if importing MODULE had
   initialised CUDA (as torchao and Transformer Engine do on a GPU host): the server reports it
   (unless `:hidden`, which models an initialisation it cannot see) and every worker it forks fails at
@@ -19,6 +22,7 @@ Unset (the normal case), nothing here does anything.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -31,8 +35,8 @@ def _parse(value: str, parts: int) -> list[str] | None:
     return fields if len(fields) == parts else None
 
 
-def inject_at_start(stage: str, attempt: int, environ: Mapping[str, str]) -> None:
-    """Raise a CUDA OOM or SIGKILL this process if the environment asks for it."""
+def inject_at_start(stage: str, attempt: int, environ: Mapping[str, str], job_dir: Path | None = None) -> None:
+    """Raise a CUDA OOM or a full disk, or SIGKILL this process, if the environment asks for it."""
     oom = _parse(environ.get("LTX2_FAULT_OOM", ""), 2)
     if oom and oom[0] == stage and attempt <= int(oom[1]):
         import torch
@@ -41,6 +45,14 @@ def inject_at_start(stage: str, attempt: int, environ: Mapping[str, str]) -> Non
     kill = _parse(environ.get("LTX2_FAULT_KILL", ""), 2)
     if kill and kill[0] == stage and attempt <= int(kill[1]):
         os.kill(os.getpid(), signal.SIGKILL)
+    full = _parse(environ.get("LTX2_FAULT_ENOSPC", ""), 2)
+    if full and full[0] == stage and attempt <= int(full[1]):
+        folder = job_dir or Path.cwd()
+        temp = folder / f".{stage}-output.tmp-{os.getpid()}.bin"
+        temp.write_bytes(b"\0" * 4096)  # what a write cut short by the full disk leaves
+        raise OSError(
+            errno.ENOSPC, f"No space left on device (injected by LTX2_FAULT_ENOSPC, attempt {attempt})", str(temp)
+        )
 
 
 def pause_if_requested(stage: str, phase: str, step: int, environ: Mapping[str, str]) -> None:

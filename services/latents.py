@@ -34,9 +34,15 @@ def read_latents(path: Path, latents_digest: str | None = None) -> tuple[dict[st
     """Load every tensor and the metadata; refuse files of another format or another spec."""
     if not path.is_file():
         raise InvalidInput(f"latents file {path} does not exist")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a cut or garbled file
+        raise InvalidInput(f"{path} is not a readable latents file (truncated or corrupt: {exc})") from exc
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidInput(f"{path}: the {key} tensor holds NaN or infinite values; regenerate the latents")
     if metadata.get("format") != LATENTS_FORMAT:
         raise InvalidInput(f"{path} is not an ltx2-stages latents file (format {metadata.get('format')!r})")
     if latents_digest is not None and metadata.get("latents_digest") != latents_digest:

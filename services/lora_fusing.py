@@ -27,6 +27,7 @@ def fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
         path = Path(lora["path"])
         if not path.is_file():
             raise ModelNotFound(f"LoRA file {path} does not exist")
+        require_readable_safetensors(path, lora.get("source", path))
         name = f"lora_{index}"
         try:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
@@ -36,6 +37,18 @@ def fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
     pipe.set_adapters(names, adapter_weights=[float(lora["scale"]) for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
+
+
+def require_readable_safetensors(path: Path, source: object) -> None:
+    """Refuse a LoRA file that is not a whole .safetensors file (garbage, cut short), naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as exc:  # safetensors raises its own error types for a garbled file
+        raise InvalidInput(f"LoRA {source}: {path} is not a readable .safetensors file ({exc})") from exc
 
 
 def has_adapter_layers(module: Any) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -129,7 +130,9 @@ def peak_memory() -> tuple[int, int]:
 
 
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.", allow_abbrev=False
+    )
     parser.add_argument(
         "--job-dir",
         type=Path,
@@ -171,7 +174,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         if socket is not None:
             wait_for_go(reporter, socket, args.attempt)
         reporter.start_heartbeat(args.heartbeat_s)
-        faults.inject_at_start(stage.value, args.attempt, os.environ)
+        faults.inject_at_start(stage.value, args.attempt, os.environ, args.job_dir[0])
         plan, shared = json.loads(args.plan), {}
         first = WorkerContext(stage, args.job_dir[0], spec, job, plan, args.attempt, reporter, shared)
         contexts = [first] + [group_member(stage, path, plan, reporter, shared) for path in args.job_dir[1:]]
@@ -182,6 +185,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     except BaseException as exc:  # the process edge: every failure becomes an exit code
         code = exit_code_for(exc)
         traceback.print_exc()
+        remove_own_temp_files(args.job_dir)
         reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc)))
     finally:
         if socket is not None:
@@ -337,6 +341,17 @@ def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
     raise TimeoutError("no GO from the orchestrator (it stopped or never answered)")
 
 
+def remove_own_temp_files(job_dirs: list[Path]) -> None:
+    """Delete the temp files this process left half-written (protocol.files.temp_path_for names
+    them after its pid), so a full disk is not made fuller by the attempt that found it full."""
+    for job_dir in job_dirs:
+        try:
+            for leftover in job_dir.rglob(f".*.tmp-{os.getpid()}*"):
+                leftover.unlink(missing_ok=True)
+        except OSError:  # the exit code and the Failed report matter more than the cleanup
+            log.warning("could not remove temp files in %s", job_dir, exc_info=True)
+
+
 # torch's error when a process forked after CUDA was initialised touches CUDA: the fork server's
 # imports initialised it (DESIGN.md rule 10); no plan of this stage can succeed in this process.
 FORKED_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
@@ -346,6 +361,8 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """Classify an exception into a worker exit code (CUDA OOM without importing torch here)."""
     if isinstance(exc, StageError):
         return exc.exit_code
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return ExitCode.NO_SPACE
     if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
         return ExitCode.ENVIRONMENT
     if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):

@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m services.tiny_model (--hf-cache | DIR)`: write the tiny model, print where."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.")
+    parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.", allow_abbrev=False)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a plain diffusers folder here")
     target.add_argument("--hf-cache", action="store_true", help=f"write {TINY_REPO_ID} into the Hugging Face cache")
