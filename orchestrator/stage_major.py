@@ -12,6 +12,9 @@ the policy with that attempt (orchestrator.policy.decide); if it may try again i
 on its own through the ordinary path (orchestrator.pipeline); jobs it never reached form a new
 group. The worker is followed by the same code as a single job's (orchestrator.stage_attempt).
 Finished outputs are never redone, and a group never does worse than one process per clip.
+
+This is the only scheduler: `run_job` (`ltx2 generate`, `decode`, the daemon's lone jobs) is a
+stage-major run of one job, which also starts its next stage's worker while a stage runs.
 """
 
 from __future__ import annotations
