@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.settings import load_settings  # noqa: E402
-from orchestrator.lanes import Lane, resolve_lanes  # noqa: E402
+from orchestrator.lanes import Lane, resolve_lanes, visible_cuda_devices  # noqa: E402
 
 
 def say(line: str) -> None:
@@ -42,7 +42,7 @@ def main() -> int:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # as services.forkserver does
     from services.forkserver import fork_worker
 
-    settings = load_settings(environ={"LTX2_CONFIG": ""})
+    settings = load_settings(environ={**os.environ, "LTX2_CONFIG": ""})  # LTX2_DEVICES applies
     lanes = resolve_lanes(settings) + [Lane(99, "cpu", "")]
     try:
         listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False).stdout
@@ -64,7 +64,7 @@ def main() -> int:
             _, status = os.waitpid(pid, 0)
             seen = Path(log.name).read_text().strip()
         if lane.visible_devices is None:  # the one lane that pins nothing: it sees what we see
-            expected = f"count={len(physical)}"
+            expected = f"count={len(visible_cuda_devices())}"
         elif lane.device == "cpu":
             expected = "count=0 uuids=[]"
         else:
