@@ -115,6 +115,9 @@ class Executor(threading.Thread):
             while not self.stop.is_set():
                 jobs = self.claim(store)
                 if not jobs:
+                    # The job a worker was prestarted for went to another lane (or was cancelled).
+                    discard_worker(self.next_worker, link)
+                    self.next_worker = None
                     self.stop.wait(IDLE_POLL_S)
                     continue
                 fault_switches.raise_in_executor_if_requested()
