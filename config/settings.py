@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,10 @@ ENV_OVERRIDES = {
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
+    "LTX2_DEVICES": ("cluster", "devices"),
 }
+# A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
+DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
 
 
 X264_PRESETS = (
@@ -95,6 +99,9 @@ class Settings:
     same_plan_retries: int
     decode: DecodeSettings
     daemon: DaemonSettings
+    #: Lanes (DESIGN.md rule 8): "auto", a number of lanes, or device names; orchestrator.lanes
+    #: turns it into lanes.
+    devices: str | int | tuple[str, ...] = "auto"
 
     @property
     def jobs_dir(self) -> Path:
@@ -119,7 +126,9 @@ def load_settings(
         _merge(data, _read_toml(user_file), str(user_file))
     for name, (section, key) in ENV_OVERRIDES.items():
         if environ.get(name):
-            _merge(data, {section: {key: _coerce(data[section][key], environ[name], name)}}, name)
+            value = _devices_from_env(environ[name]) if name == "LTX2_DEVICES" else None
+            value = value or _coerce(data[section][key], environ[name], name)
+            _merge(data, {section: {key: value}}, name)
     if overrides:
         _merge(data, {k: dict(v) for k, v in overrides.items()}, "overrides")
     return _build(data, environ)
@@ -180,6 +189,36 @@ def _coerce(default: object, text: str, origin: str) -> object:
     return text
 
 
+def _devices_from_env(text: str) -> int | list[str]:
+    """`LTX2_DEVICES`: a number of lanes (`2`) or comma-separated device names (`cpu,cpu`)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    return [part.strip() for part in text.split(",")] if text != "auto" else []
+
+
+def _devices(value: object) -> str | int | tuple[str, ...]:
+    """`[cluster] devices`, checked: "auto", a whole number >= 1, or a list of device names."""
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"cluster.devices must be at least 1 lane, got {value!r}")
+        return value
+    if isinstance(value, list) and value and all(isinstance(name, str) for name in value):
+        bad = [name for name in value if not DEVICE_NAME.fullmatch(name)]
+        if bad:
+            raise ConfigError(f'cluster.devices: {bad[0]!r} is not a device; name them like "cuda:0" or "cpu"')
+        cuda = [name for name in value if name != "cpu"]
+        if len(set(cuda)) != len(cuda):
+            raise ConfigError(f"cluster.devices names a device twice: {value!r}; a lane is a device")
+        return tuple(value)
+    raise ConfigError(
+        f'cluster.devices must be "auto", a number of lanes (1 = one lane, as before), or a list of '
+        f'devices like ["cuda:0", "cuda:2"] (["cpu", "cpu"] for CPU lanes); got {value!r}'
+    )
+
+
 def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     paths, models, worker, decode = data["paths"], data["models"], data["worker"], data["decode"]
     profiles = data["profiles"]
@@ -221,4 +260,5 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
             x264_preset=str(decode["x264_preset"]),
         ),
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
+        devices=_devices(data["cluster"]["devices"]),
     )

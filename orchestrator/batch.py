@@ -10,6 +10,8 @@ unfinished stage. A summary table (clip, seconds, output) is printed and saved b
 Clips render stage-major (orchestrator.stage_major): every prompt is encoded first with one
 text-encoder load, then diffusion runs for all clips in one process per group of clips that share
 model and LoRAs, then audio decoding, then video decoding, each model loaded once per group.
+With several lanes (GPUs: orchestrator.lanes) the clips are split into one contiguous run per
+lane, each rendered this way on its own lane at the same time (stage_major.run_across_lanes).
 """
 
 from __future__ import annotations

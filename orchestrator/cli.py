@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from orchestrator.cli_flags import add_spec_flags, spec_request
 from orchestrator.job_hooks import JobHooks
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
+from orchestrator.lanes import resolve_lanes
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobFailed, take_job
 from orchestrator.progress import ProgressView
 from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
-from orchestrator.stage_major import run_job, run_stage_major
+from orchestrator.stage_major import run_across_lanes, run_job
 from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound
@@ -282,11 +284,13 @@ def load_job_file(source: Path) -> JobDir:
 
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
-    """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, one fork server."""
+    """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, on every lane
+    (orchestrator.lanes: the clips split into one contiguous run per lane), one fork server each."""
     check_output_dir(settings.output_dir, "output_dir")
+    lanes = resolve_lanes(settings)
     view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
-    link = WorkerLink(context, fork_server=settings.fork_server)
+    shared = threading.Lock()  # the lanes' threads share the progress view and the batch's tally
 
     def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobFailed]:
         labels = {job.id: key for key, job in jobs.items()}
@@ -294,19 +298,25 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
             take_job(job)
 
         def hooks_for(job: JobDir) -> JobHooks:
+            show = view.labelled(labels[job.id])
+
             def on_attempt(stage: Stage, _attempt: int, _plan: dict[str, Any], outcome: StageOutcome) -> None:
-                stage_ended(job, stage, outcome)
+                with shared:
+                    stage_ended(job, stage, outcome)
 
-            return JobHooks(listener=view.labelled(labels[job.id]), should_stop=stop.reason, on_attempt=on_attempt)
+            def listener(event: Any) -> None:
+                with shared:
+                    show(event)
 
-        return run_stage_major(list(jobs.values()), settings, link, hooks_for)
+            return JobHooks(listener=listener, should_stop=stop.reason, on_attempt=on_attempt)
+
+        return run_across_lanes(list(jobs.values()), settings, lanes, context, hooks_for)
 
     with StopOnSignals() as stop:
         try:
             rows = run_batch(args.file.expanduser(), settings, render, notice, prepare_prompts)
         finally:
             view.close()
-            link.close()
             context.term()
     if stop.reason() is not None:
         return fail(f"interrupted; run `ltx2 batch {args.file}` again to resume", ExitCode.INTERRUPTED)

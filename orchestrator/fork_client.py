@@ -36,7 +36,7 @@ DRAIN_TIMEOUT_S = 5.0
 LOST_EXIT = -signal.SIGKILL
 
 
-def worker_environment() -> dict[str, str]:
+def worker_environment(visible_devices: str | None = None) -> dict[str, str]:
     """The environment of stage workers (and of the fork server they come from).
 
     MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
@@ -49,11 +49,14 @@ def worker_environment() -> dict[str, str]:
     unified-memory box (Jetson Thor) the allocator's slack is taken from the host's RAM too.
     A value the user set is kept, for both; so is an allocator configuration given under torch's
     newer, device-neutral name `PYTORCH_ALLOC_CONF`.
+
+    `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`.
     """
     defaults = {"MKL_CBWR": "AUTO,STRICT"}
     if "PYTORCH_ALLOC_CONF" not in os.environ:
         defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1"}
+    lane = {} if visible_devices is None else {"CUDA_VISIBLE_DEVICES": visible_devices}
+    return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1", **lane}
 
 
 class ForkServerError(RuntimeError):
@@ -215,9 +218,12 @@ class ForkServer:
         self.server: _Server | None = None
         self.lock = threading.Lock()
 
-    def spawn(self, stage: str, argv: list[str], log_path: Path) -> ForkedProcess:
-        """Fork a worker for `stage` with the worker's command-line `argv`."""
-        request = {"stage": stage, "argv": argv, "log": str(log_path)}
+    def spawn(self, stage: str, argv: list[str], log_path: Path, visible_devices: str | None = None) -> ForkedProcess:
+        """Fork a worker for `stage` with the worker's command-line `argv`; `visible_devices`
+        (its lane's device) becomes its `CUDA_VISIBLE_DEVICES`, set in the child before CUDA starts."""
+        request: dict[str, Any] = {"stage": stage, "argv": argv, "log": str(log_path)}
+        if visible_devices is not None:
+            request["cuda_visible_devices"] = visible_devices
         with self.lock:
             try:
                 server = self._running_server()

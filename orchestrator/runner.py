@@ -27,6 +27,7 @@ import zmq
 
 from orchestrator.fork_client import ForkedProcess, ForkServer, ForkServerUnusable, worker_environment
 from orchestrator.jobdir import JobDir
+from orchestrator.lanes import Lane
 from orchestrator.stale_sockets import remove_stale_worker_sockets
 from protocol import codec
 from protocol.errors import Failure
@@ -85,18 +86,23 @@ def check_private_dir(path: Path) -> None:
 
 
 class WorkerLink:
-    """The ROUTER socket workers connect to; one per orchestrator process."""
+    """The ROUTER socket workers connect to; one per lane of an orchestrator process (each lane is
+    followed by one thread), and the lane's workers run on the lane's device."""
 
-    def __init__(self, context: zmq.Context, endpoint: str | None = None, fork_server: bool = True) -> None:
+    def __init__(
+        self, context: zmq.Context, endpoint: str | None = None, fork_server: bool = True, lane: Lane | None = None
+    ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time.
         self.fork_server = ForkServer() if fork_server else None
+        self.lane = lane or Lane(0, "", None)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if endpoint is None:
             directory = runtime_dir()
             remove_stale_worker_sockets(directory)  # those of orchestrators killed before they closed
-            endpoint = f"ipc://{directory}/workers-{os.getpid()}.sock"
+            suffix = f"-{self.lane.index}" if self.lane.index else ""
+            endpoint = f"ipc://{directory}/workers-{os.getpid()}{suffix}.sock"
         self.endpoint = endpoint
         self.socket.bind(self.endpoint)
         # Messages of workers nobody is following yet (a prestarted worker's READY).
@@ -207,15 +213,17 @@ def spawn_worker(
 ) -> SpawnedWorker:
     """Start a worker; it says READY and waits for GO before it touches the GPU (DESIGN.md rule 5).
 
-    Given a list of jobs it is a group worker (stage-major); its log is the first job's.
+    Given a list of jobs it is a group worker (stage-major); its log is the first job's. It sees
+    only the link's lane's device (`CUDA_VISIBLE_DEVICES`), if the lane pins one.
     """
     jobs = job if isinstance(job, list) else [job]
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
     log_path = jobs[0].log_path(stage, attempt)
     job_ids = tuple(job.id for job in jobs)
+    visible = link.lane.visible_devices
     if link.fork_server is not None:
         try:
-            process = link.fork_server.spawn(stage.value, args, log_path)
+            process = link.fork_server.spawn(stage.value, args, log_path, visible)
             return SpawnedWorker(process, stage, attempt, plan, job_ids)
         except ForkServerUnusable as exc:  # said once: the link execs workers from now on
             log.warning("%s", exc)
@@ -228,7 +236,7 @@ def spawn_worker(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env=worker_environment(),
+            env=worker_environment(visible),
         )
     return SpawnedWorker(process, stage, attempt, plan, job_ids)
 

@@ -4,9 +4,10 @@ The one follower of worker processes (DESIGN.md rule 7): a single job is a group
 worker is given every member's directory (`--job-dir` repeated); it opens them in order, saying
 "job started" for each after the first, and sends each member's Done or Failed on its own. A
 member's attempt is recorded in its job.json from the moment the worker opens it, with the
-worker's pid (so a restarted daemon can stop an orphan) and, in a group, the group's job ids; the
-group's log is hard-linked into each member's logs. When the process exits, members it was
-still working on are settled by its exit status; members it never reached get no attempt.
+worker's pid (so a restarted daemon can stop an orphan), its lane (`"lane": 1, "device": "cuda:1"`,
+when the lane pins a device) and, in a group, the group's job ids; the group's log is
+hard-linked into each member's logs. When the process exits, members it was still working on are
+settled by its exit status; members it never reached get no attempt.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class AttemptFollower:
         """Record a member's attempt as running; its log is the group's log."""
         job = self.by_id[job_id]
         group = {"group": list(self.by_id)} if len(self.by_id) > 1 else {}
-        attempt = job.start_attempt(self.stage, self.plan, clean=False, **group)
+        lane = self.link.lane
+        lane = {"lane": lane.index, "device": lane.device} if lane.device else {}  # where it runs
+        attempt = job.start_attempt(self.stage, self.plan, clean=False, **group, **lane)
         if self.worker is not None:  # a later member of a group: the worker writes the leader's log
             link_log(self.log, job.log_path(self.stage, attempt))
             job.note_worker(self.stage, self.worker.process.pid)

@@ -15,19 +15,27 @@ Finished outputs are never redone, and a group never does worse than one process
 
 This is the only scheduler: `run_job` (`ltx2 generate`, `decode`, the daemon's lone jobs) is a
 stage-major run of one job, which also starts its next stage's worker while a stage runs.
+
+With several lanes (orchestrator.lanes), `run_across_lanes` splits the jobs into one contiguous
+run per lane, in order, and runs each stage-major in its own thread over its own WorkerLink: the
+lanes work at the same time, each one stage process at a time, and a job stays on its lane.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 from config.settings import Settings
 from orchestrator.job_hooks import HooksFor, JobHooks
 from orchestrator.jobdir import JobDir
+from orchestrator.lanes import Lane, split_for_lanes
 from orchestrator.pipeline import (
     JobFailed,
     end_job,
@@ -146,6 +154,42 @@ def run_stage_major(
     finally:
         for worker in handed.values():
             discard_worker(worker, link)
+    return results
+
+
+def run_across_lanes(
+    jobs: list[JobDir], settings: Settings, lanes: list[Lane], context: zmq.Context, hooks_for: HooksFor
+) -> dict[str, Path | JobFailed]:
+    """Run every job to its published MP4 on `lanes`: one contiguous run of the jobs per lane,
+    each a stage-major run in its own thread (its own WorkerLink and fork server); returns each
+    job's MP4 path or failure. `hooks_for` is called from every lane's thread.
+
+    An error of the orchestration itself (not a job's failure) in any lane is raised here once
+    every lane has ended; the other lanes finish their jobs first.
+    """
+    runs = split_for_lanes(jobs, len(lanes))
+    results: dict[str, Path | JobFailed] = {}
+    errors: list[BaseException] = []
+
+    def run_lane(lane: Lane, lane_jobs: list[JobDir]) -> None:
+        link = WorkerLink(context, fork_server=settings.fork_server, lane=lane)
+        try:
+            results.update(run_stage_major(lane_jobs, settings, link, hooks_for))
+        except BaseException as exc:  # re-raised by the caller's thread below
+            errors.append(exc)
+        finally:
+            link.close()
+
+    threads = [
+        threading.Thread(target=run_lane, args=(lane, lane_jobs), name=f"lane-{lane.device or lane.index}")
+        for lane, lane_jobs in zip(lanes, runs, strict=False)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     return results
 
 

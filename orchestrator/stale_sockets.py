@@ -1,6 +1,7 @@
 """Remove worker socket files left behind by orchestrators that were killed outright.
 
-Every orchestrator (the daemon, `ltx2 generate`, `ltx2 batch`) binds `workers-<its pid>.sock` in
+Every orchestrator (the daemon, `ltx2 generate`, `ltx2 batch`) binds `workers-<its pid>.sock` (and
+`workers-<its pid>-<lane>.sock` for each further lane) in
 the private runtime directory and removes it when it closes. One killed by SIGKILL or the OOM
 killer cannot, so each such death used to leave a file there for good. When an orchestrator
 starts, files of exactly that name whose pid is not running are removed; any other name, and the
@@ -17,11 +18,11 @@ from pathlib import Path
 from orchestrator import processes
 
 log = logging.getLogger("ltx2.orchestrator")
-WORKER_SOCKET = re.compile(r"workers-(\d+)\.sock")
+WORKER_SOCKET = re.compile(r"workers-(\d+)(?:-\d+)?\.sock")  # -N: lane N's socket, for lanes after the first
 
 
 def remove_stale_worker_sockets(directory: Path) -> list[Path]:
-    """Remove `workers-<pid>.sock` files in `directory` whose process is gone; returns them."""
+    """Remove `workers-<pid>[-<lane>].sock` files in `directory` whose process is gone; returns them."""
     removed = []
     for path in directory.iterdir():
         match = WORKER_SOCKET.fullmatch(path.name)

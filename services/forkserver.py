@@ -7,7 +7,10 @@ READY/GO, exit code). Memory isolation is unchanged: the server allocates nothin
 accelerator (it never initialises CUDA, and sets the NVML-based availability check so importing
 cannot either), every model is loaded by a child after GO, and the child's exit frees it.
 
-Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}`; stdout answers
+Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}` (plus
+`"cuda_visible_devices": DEVICES` for a worker of a lane that pins a device: the child sets it
+before anything touches CUDA, which reads it at its initialisation, so it holds although the
+server's own environment differs); stdout answers
 `{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
 signal -C), and `{"ready": true, "cuda_initialised_by": NAME}` once the imports are done (NAME is ""
 unless an import initialised CUDA, which makes forking useless: see `cuda_initialised_by`). EOF on
@@ -51,6 +54,8 @@ def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
         os.dup2(log, 2)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if "cuda_visible_devices" in request:
+            os.environ["CUDA_VISIBLE_DEVICES"] = request["cuda_visible_devices"]
         module.main(request["argv"])
     finally:
         os._exit(1)  # main never returns; this only runs if it raised before run_worker took over

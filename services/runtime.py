@@ -168,6 +168,8 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     try:
         spec, job = read_job(args.job_dir[0])
         reporter.job_id = str(job["id"])
+        if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.lanes), in its log
+            logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         if args.endpoint:
             socket = connect(context, args.endpoint)
             reporter.socket = socket

@@ -47,6 +47,7 @@ def ltx2_environment(hf_home: Path, root: Path) -> dict[str, str]:
         "LTX2_OUTPUT_DIR": str(root / "outputs"),
         "LTX2_CONFIG": "",
         "XDG_CONFIG_HOME": str(root / "xdg-config"),
+        "LTX2_DEVICES": "1",  # one lane whatever GPUs the host has; tests of lanes set their own
     }
 
 

@@ -21,6 +21,8 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "orchestrator.daemon.client",
         "orchestrator.daemon.client_commands",
         "orchestrator.fork_client",
+        "orchestrator.lanes",
+        "orchestrator.stage_major",
         "orchestrator.lora_lookup",
         "orchestrator.sidecar",
         "orchestrator.daemon.store",

@@ -92,6 +92,11 @@ def submit(client: DaemonClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def on_lane(attempt: dict[str, Any]) -> str:
+    """Where an attempt ran, when its lane pins a device: " on cuda:1 (lane 1)"."""
+    return f" on {attempt['device']} (lane {attempt.get('lane', 0)})" if attempt.get("device") else ""
+
+
 def status(client: DaemonClient, args: argparse.Namespace) -> int:
     if args.job_id is None:
         return list_jobs(client, argparse.Namespace(limit=20, json=args.json))
@@ -106,7 +111,8 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
     ]
     for attempt in job["attempts"]:
         lines.append(
-            f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]: {attempt['result']}"
+            f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]"
+            f"{on_lane(attempt)}: {attempt['result']}"
             f" {attempt['seconds']:.1f} s {attempt['reason']}".rstrip()
         )
     if job.get("progress"):

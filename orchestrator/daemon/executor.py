@@ -1,19 +1,26 @@
-"""The daemon's executor thread: runs queued jobs one at a time, in submission order.
+"""The daemon's executor threads: one per lane, each running queued jobs one at a time, in
+submission order.
 
-A GPU runs one clip at a time, so one thread suffices. It claims the oldest queued job in the
+A lane (a GPU: DESIGN.md rule 8) runs one clip's stage at a time, so one thread per lane
+suffices; every worker it starts runs on its lane's device, over its own worker socket and fork
+server. Each claims the oldest queued job in the
 store (QUEUED -> RUNNING through JobDir.transition, which the store mirrors) and runs it
 (orchestrator.pipeline.run_job: stage processes; the policy decides retries and how the job
 ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
 it use the same model (and dtype), it claims those too, up to `[worker] group_size`, and runs
 them stage-major (orchestrator.stage_major): each stage's models load once for the group. Jobs
-are never taken out of submission order for this. It owns its own sqlite connection and worker
-socket; the daemon's main thread talks to it only through the store (cancel requests), the job
-directories (transitions under their lock) and the progress board.
+are never taken out of submission order for this; with several lanes a claim takes at most its
+share of the queue (queued jobs / lanes), so that the other lanes get work too. Two lanes never
+both claim a job: the claim is the QUEUED -> RUNNING transition, checked against job.json under
+the job's lock. A job stays on the lane that claimed it for all its stages. Each thread owns its
+own sqlite connection and worker socket; the daemon's main thread talks to them only through the
+store (cancel requests), the job directories (transitions under their lock) and the progress board.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -28,6 +35,7 @@ from orchestrator.daemon import fault_switches
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
+from orchestrator.lanes import Lane
 from orchestrator.pipeline import JobFailed, next_attempt
 from orchestrator.policy import describe_plan
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
@@ -85,20 +93,31 @@ class Executor(threading.Thread):
     """Runs jobs until `stop` is set; a job interrupted by the stop goes back to the queue."""
 
     def __init__(
-        self, settings: Settings, store_path: Path, context: zmq.Context, board: ProgressBoard, stop: threading.Event
+        self,
+        settings: Settings,
+        store_path: Path,
+        context: zmq.Context,
+        board: ProgressBoard,
+        stop: threading.Event,
+        lane: Lane | None = None,
+        lane_count: int = 1,
     ) -> None:
-        super().__init__(name="executor", daemon=True)
+        self.lane, self.lane_count = lane or Lane(0, "", None), lane_count
+        super().__init__(name=f"executor-{self.lane.device or self.lane.index}", daemon=True)
         self.settings, self.store_path, self.context, self.board, self.stop = settings, store_path, context, board, stop
         # The next queued job's first worker, started while the current job's last stage runs.
         self.next_worker: SpawnedWorker | None = None
 
     def run(self) -> None:
         store = JobStore(self.store_path)
-        link = WorkerLink(self.context, fork_server=self.settings.fork_server)
+        link = WorkerLink(self.context, fork_server=self.settings.fork_server, lane=self.lane)
         try:
             while not self.stop.is_set():
                 jobs = self.claim(store)
                 if not jobs:
+                    # The job a worker was prestarted for went to another lane (or was cancelled).
+                    discard_worker(self.next_worker, link)
+                    self.next_worker = None
                     self.stop.wait(IDLE_POLL_S)
                     continue
                 fault_switches.raise_in_executor_if_requested()
@@ -113,9 +132,14 @@ class Executor(threading.Thread):
 
     def claim(self, store: JobStore) -> list[JobDir]:
         """Take the oldest queued job, and the jobs queued right behind it that use the same model
-        (up to `group_size`, never out of order), moving each to RUNNING."""
+        (up to `group_size` and this lane's share of the queue, never out of order), moving each
+        to RUNNING. A job another lane claimed first is passed over."""
         claimed: list[JobDir] = []
-        for row in store.queued(self.settings.group_size):
+        rows = store.queued(self.settings.group_size * self.lane_count)
+        share = min(self.settings.group_size, max(1, math.ceil(len(rows) / self.lane_count)))
+        for row in rows:
+            if len(claimed) >= share:
+                break
             try:
                 job = JobDir.load(Path(row["job_dir"]), mirror=store.mirror)
             except (OSError, ValueError, KeyError) as exc:
@@ -127,8 +151,11 @@ class Executor(threading.Thread):
                 break
             try:
                 job.transition(JobState.RUNNING)
-            except TransitionError:  # cancelled meanwhile; its row was mirrored then
-                store.mirror(job)
+            except TransitionError:
+                if job.state is JobState.RUNNING and not claimed:  # another lane's now; it mirrors it
+                    continue
+                if job.state is not JobState.RUNNING:  # cancelled meanwhile; its row was mirrored then
+                    store.mirror(job)
                 break
             store.clear_cancel(job.id)
             claimed.append(job)

@@ -34,6 +34,7 @@ from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
+from orchestrator.lanes import resolve_lanes
 from orchestrator.policy import describe_plan
 from orchestrator.states import JobState, TransitionError
 from protocol import codec, jobs
@@ -63,7 +64,7 @@ class Daemon:
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.store_path = settings.state_dir / STORE_FILE
-        self.executor: Executor | None = None
+        self.executors: list[Executor] = []  #: one per lane (orchestrator.lanes)
         self.handlers: dict[type[codec.Message], Callable[[Any, JobStore], codec.Message]] = {
             jobs.Submit: self.submit,
             jobs.Status: self.status,
@@ -86,13 +87,18 @@ class Daemon:
             log.warning("job %s was interrupted; re-queued to resume", job_id)
         context = zmq.Context()
         socket, authenticator = bind_server(context, self.address)
-        executor = self.executor = Executor(self.settings, self.store_path, context, self.board, self.stop)
-        executor.start()
+        lanes = resolve_lanes(self.settings)
+        self.executors = [
+            Executor(self.settings, self.store_path, context, self.board, self.stop, lane, len(lanes)) for lane in lanes
+        ]
+        for executor in self.executors:
+            executor.start()
+        log.info("lanes: %s", ", ".join(lane.device or "one lane, every device" for lane in lanes))
         log.info("listening on %s (pid %d)", self.address.endpoint, os.getpid())
         self.ready.set()
         try:
             while not self.stop.is_set():
-                if not executor.is_alive() and not self.stop.is_set():
+                if not all(executor.is_alive() for executor in self.executors) and not self.stop.is_set():
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 if socket.poll(POLL_MS):
@@ -101,7 +107,8 @@ class Daemon:
                     socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
         finally:
             self.stop.set()
-            executor.join()
+            for executor in self.executors:
+                executor.join()
             socket.close()
             if authenticator is not None:
                 authenticator.stop()
@@ -194,7 +201,7 @@ class Daemon:
         )
 
     def ping(self, request: jobs.Ping, store: JobStore) -> codec.Message:
-        alive = self.executor is not None and self.executor.is_alive()
+        alive = bool(self.executors) and all(executor.is_alive() for executor in self.executors)
         return jobs.Ok("", {"pid": os.getpid(), "protocol": codec.PROTOCOL_VERSION, "executor_alive": alive})
 
     @staticmethod
@@ -243,6 +250,8 @@ def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
             "seconds": float(attempt.get("seconds", 0.0)),
             "plan": describe_plan_text(stage, attempt.get("plan", {})),
             "started": attempt.get("started", ""),
+            "device": attempt.get("device", ""),
+            "lane": attempt.get("lane", 0),
         }
         for stage, record in job.record["stages"].items()
         for attempt in record["attempts"]

@@ -1,0 +1,102 @@
+"""Lanes (DESIGN.md rule 8): the devices stage processes run on, one stage process at a time each.
+
+`[cluster] devices` names them: "auto" is every CUDA device this process can see, a list picks
+them, 1 is a single lane that sees what the orchestrator sees (as before lanes existed). A worker
+of lane `cuda:N` starts with `CUDA_VISIBLE_DEVICES` set to that one device (so it is `cuda:0`
+inside the worker); a CPU lane hides every GPU. The devices are counted without importing torch,
+which the orchestrator never does: `CUDA_VISIBLE_DEVICES`, else `nvidia-smi -L`, else the
+driver's /proc entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from config.settings import ConfigError, Settings
+
+# `nvidia-smi -L` answers in well under a second; a hung driver must not hold up a start.
+NVIDIA_SMI_TIMEOUT_S = 3.0
+# One entry per GPU the NVIDIA driver has bound (present even where nvidia-smi is not installed).
+DRIVER_GPUS_DIR = Path("/proc/driver/nvidia/gpus")
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """One device: its name as the orchestrator sees it, and what its workers may see."""
+
+    index: int  #: position among the lanes (names its worker socket)
+    device: str  #: "cuda:N" or "cpu"; "" for the single lane that pins nothing
+    visible_devices: str | None  #: CUDA_VISIBLE_DEVICES of its workers; None leaves it as it is
+
+
+def visible_cuda_devices(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The CUDA devices this process can see, as `CUDA_VISIBLE_DEVICES` entries for its workers."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        entries = []
+        for raw in environ["CUDA_VISIBLE_DEVICES"].split(","):
+            entry = raw.strip()
+            if not entry or entry.startswith("-"):  # CUDA ignores this entry and every one after it
+                break
+            entries.append(entry)
+        return entries
+    return [str(index) for index in range(count_driver_gpus())]
+
+
+def count_driver_gpus() -> int:
+    """GPUs of the machine: `nvidia-smi -L`, else /proc/driver/nvidia/gpus; 0 without a driver."""
+    try:
+        listing = subprocess.run(
+            ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False
+        )
+        if listing.returncode == 0:
+            return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        return sum(1 for _ in DRIVER_GPUS_DIR.iterdir())
+    except OSError:
+        return 0
+
+
+def resolve_lanes(settings: Settings, environ: Mapping[str, str] | None = None) -> list[Lane]:
+    """The lanes of `[cluster] devices`; raises ConfigError naming the key when it cannot hold."""
+    devices = settings.devices
+    if devices == 1:
+        return [Lane(0, "", None)]
+    visible = visible_cuda_devices(environ)
+    if devices == "auto":
+        if not visible:  # no GPU: one lane, exactly as before
+            return [Lane(0, "", None)]
+        return [Lane(index, f"cuda:{index}", entry) for index, entry in enumerate(visible)]
+    if isinstance(devices, int):
+        if devices > len(visible):
+            raise ConfigError(f"cluster.devices = {devices}, but only {len(visible)} CUDA devices are visible")
+        return [Lane(index, f"cuda:{index}", visible[index]) for index in range(devices)]
+    lanes = []
+    for index, name in enumerate(devices):
+        if name == "cpu":
+            lanes.append(Lane(index, "cpu", ""))
+            continue
+        number = int(name.removeprefix("cuda:"))
+        if number >= len(visible):
+            raise ConfigError(f"cluster.devices names {name}, but only {len(visible)} CUDA devices are visible")
+        lanes.append(Lane(index, name, visible[number]))
+    return lanes
+
+
+def split_for_lanes(items: list[T], count: int) -> list[list[T]]:
+    """`items` in `count` contiguous runs, in order, as even as can be; empty runs left out."""
+    size, extra = divmod(len(items), count)
+    runs, start = [], 0
+    for index in range(count):
+        end = start + size + (1 if index < extra else 0)
+        runs.append(items[start:end])
+        start = end
+    return [run for run in runs if run]

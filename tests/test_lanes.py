@@ -1,0 +1,239 @@
+"""Lanes (DESIGN.md rule 8): one stage process at a time per device, every device at work.
+
+CPU lanes (`LTX2_DEVICES=cpu,cpu`) stand in for GPUs: their workers start with an empty
+`CUDA_VISIBLE_DEVICES`, and the scheduling is the same as for `cuda:N` lanes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from conftest import run_ltx2
+from safetensors.torch import load_file
+from supervised import Supervised
+from test_daemon import daemon_env, submit  # noqa: F401  (daemon_env is a fixture)
+from test_stage_major import TINY, TINY_FLAGS, jobs_by_name, make_job, write_batch
+
+from config.settings import ConfigError, load_settings
+from orchestrator.daemon.executor import Executor, ProgressBoard
+from orchestrator.daemon.store import JobStore
+from orchestrator.fork_client import worker_environment
+from orchestrator.jobdir import JobDir
+from orchestrator.lanes import Lane, resolve_lanes, split_for_lanes
+from orchestrator.states import JobState
+from protocol.files import LATENTS_FILE, Stage
+
+
+def settings_with(devices: object = None, environ: dict[str, str] | None = None):
+    overrides = {"cluster": {"devices": devices}} if devices is not None else None
+    return load_settings(environ={"LTX2_CONFIG": "", **(environ or {})}, overrides=overrides)
+
+
+def test_devices_setting_accepts_auto_a_count_a_list_and_the_environment():
+    assert settings_with().devices == "auto"
+    assert settings_with(1).devices == 1
+    assert settings_with(["cuda:0", "cuda:2"]).devices == ("cuda:0", "cuda:2")
+    assert settings_with(environ={"LTX2_DEVICES": "cpu,cpu"}).devices == ("cpu", "cpu")
+    assert settings_with(environ={"LTX2_DEVICES": "1"}).devices == 1
+    assert settings_with(environ={"LTX2_DEVICES": "auto"}).devices == "auto"
+
+
+@pytest.mark.parametrize(
+    "devices, message",
+    [
+        (0, "cluster.devices must be at least 1 lane"),
+        (True, "cluster.devices must be"),
+        ([], "cluster.devices must be"),
+        ("cuda", "cluster.devices must be"),
+        (["gpu:1"], "cluster.devices: 'gpu:1' is not a device"),
+        (["cuda:0", "cuda:0"], "cluster.devices names a device twice"),
+        ([0, 1], "cluster.devices must be"),
+    ],
+)
+def test_bad_devices_setting_is_an_error_naming_the_key(devices: object, message: str):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        settings_with(devices)
+
+
+def test_bad_devices_variable_fails_the_command_with_exit_2(ltx2_env: dict):
+    result = run_ltx2(["batch", "nothing.toml"], {**ltx2_env, "LTX2_DEVICES": "cuda:0,tpu:1"})
+    assert result.returncode == 2
+    assert "cluster.devices: 'tpu:1' is not a device" in result.stderr
+
+
+def test_lanes_follow_cuda_visible_devices():
+    def lanes(devices: object, visible: str) -> list[tuple[str, str | None]]:
+        found = resolve_lanes(settings_with(devices), {"CUDA_VISIBLE_DEVICES": visible})
+        return [(lane.device, lane.visible_devices) for lane in found]
+
+    # The orchestrator's cuda:N is the Nth entry of its own CUDA_VISIBLE_DEVICES.
+    assert lanes("auto", "2,3") == [("cuda:0", "2"), ("cuda:1", "3")]
+    assert lanes(["cuda:1"], "2,3") == [("cuda:1", "3")]
+    assert lanes(2, "GPU-a,GPU-b,GPU-c") == [("cuda:0", "GPU-a"), ("cuda:1", "GPU-b")]
+    assert lanes("auto", "0,-1,2") == [("cuda:0", "0")]  # CUDA stops at the first invalid entry
+    assert lanes("auto", "") == [("", None)]  # no GPU: one lane, as before lanes existed
+    assert lanes(1, "0,1") == [("", None)]  # one lane that sees every GPU
+    assert lanes(["cpu", "cpu"], "0") == [("cpu", ""), ("cpu", "")]
+    with pytest.raises(ConfigError, match="cluster.devices names cuda:2, but only 2 CUDA devices are visible"):
+        lanes(["cuda:2"], "0,1")
+    with pytest.raises(ConfigError, match="cluster.devices = 3, but only 2"):
+        lanes(3, "0,1")
+
+
+def test_a_lanes_device_reaches_an_execd_workers_environment():
+    assert worker_environment("")["CUDA_VISIBLE_DEVICES"] == ""
+    assert worker_environment("3")["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_jobs_split_into_contiguous_runs_in_order():
+    assert split_for_lanes([1, 2, 3, 4], 2) == [[1, 2], [3, 4]]
+    assert split_for_lanes([1, 2, 3], 2) == [[1, 2], [3]]
+    assert split_for_lanes([1], 3) == [[1]]
+
+
+def queued_job(store: JobStore, root: Path, name: str) -> JobDir:
+    job = make_job(root, name)
+    job.mirror = store.mirror
+    store.mirror(job)
+    return job
+
+
+def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_CONFIG": ""})
+    store_path = tmp_path / "jobs.sqlite"
+    context = zmq.Context.instance()
+    executors = [
+        Executor(settings, store_path, context, ProgressBoard(), threading.Event(), Lane(n, "cpu", ""), 2)
+        for n in range(2)
+    ]
+    main_store = JobStore(store_path)
+    rounds = 12
+    barrier = threading.Barrier(3)  # both lanes and this thread, which queues each round's job
+    claims: dict[int, list[list[str]]] = defaultdict(list)
+
+    def claim_each_round(index: int) -> None:
+        store = JobStore(store_path)
+        for _ in range(rounds):
+            barrier.wait()  # the round's job is queued; both lanes claim at once
+            claims[index].append([job.id for job in executors[index].claim(store)])
+            barrier.wait()
+        store.close()
+
+    threads = [threading.Thread(target=claim_each_round, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for number in range(rounds):
+        job = queued_job(main_store, tmp_path / "jobs", f"job{number}")
+        barrier.wait()
+        barrier.wait()
+        winners = [lane for lane in range(2) if claims[lane][number] == [job.id]]
+        assert len(winners) == 1, (number, claims)
+        assert JobDir.load(job.path).state is JobState.RUNNING
+        events = (job.path / "events.log").read_text().splitlines()
+        assert sum(json.loads(line)["event"] == "job_running" for line in events) == 1
+    for thread in threads:
+        thread.join()
+    main_store.close()
+
+
+def test_a_lane_claims_its_share_of_the_queue(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_CONFIG": ""})
+    store = JobStore(tmp_path / "jobs.sqlite")
+    jobs = [queued_job(store, tmp_path / "jobs", f"job{n}") for n in range(5)]
+    context = zmq.Context.instance()
+    lane = Executor(
+        settings, tmp_path / "jobs.sqlite", context, ProgressBoard(), threading.Event(), Lane(0, "cpu", ""), 2
+    )
+    assert [job.id for job in lane.claim(store)] == [job.id for job in jobs[:3]]  # 5 queued, 2 lanes
+    assert [job.id for job in lane.claim(store)] == [jobs[3].id]
+    store.close()
+
+
+def attempts_of(records: list[dict]) -> list[tuple[str, dict]]:
+    return [(stage, a) for r in records for stage, s in r["stages"].items() for a in s["attempts"]]
+
+
+def assert_each_lane_runs_one_process_at_a_time(records: list[dict]) -> None:
+    """From the attempts' lane, pid and times: a lane's stage processes (a group's members share
+    one pid) never overlap, each spanning its members' first start to their last end."""
+    spans: dict[tuple[int, int, str], list[dt.datetime]] = {}
+    for stage, attempt in attempts_of(records):
+        times = [dt.datetime.fromisoformat(attempt[key]) for key in ("started", "ended")]
+        key = (attempt["lane"], attempt["pid"], stage)
+        span = spans.setdefault(key, times)
+        spans[key] = [min(span[0], times[0]), max(span[1], times[1])]
+    by_lane: dict[int, list[list[dt.datetime]]] = defaultdict(list)
+    for (lane, _, _), span in spans.items():
+        by_lane[lane].append(span)
+    for lane, lane_spans in by_lane.items():
+        ordered = sorted(lane_spans)
+        for (_, end), (start, _) in zip(ordered, ordered[1:], strict=False):
+            assert end <= start, (lane, ordered)
+
+
+def test_batch_on_two_cpu_lanes_runs_them_at_once_one_process_each_with_clips_equal_to_generate(
+    ltx2_env: dict, tmp_path: Path
+):
+    clips = [{"name": f"clip{n}", "prompt": f"a lighthouse, take {n}", "seed": n} for n in range(1, 5)]
+    env = {**ltx2_env, "LTX2_DEVICES": "cpu,cpu"}
+    result = run_ltx2(["batch", str(write_batch(tmp_path / "four.toml", clips)), "--quiet"], env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    jobs = jobs_by_name(env)
+    records = [jobs[clip["name"]].record for clip in clips]
+    # The lanes take contiguous runs of the clips, in order; a clip stays on one lane.
+    lanes = [{(a["lane"], a["device"]) for _, a in attempts_of([record])} for record in records]
+    assert lanes == [{(0, "cpu")}, {(0, "cpu")}, {(1, "cpu")}, {(1, "cpu")}]
+
+    # Both lanes' diffusion ran at the same time (from events.log)...
+    def diffusion_span(name: str) -> tuple[str, str]:
+        events = [json.loads(line) for line in (jobs[name].path / "events.log").read_text().splitlines()]
+        times = {e["event"]: e["t"] for e in events if e.get("stage") == "encode_diffuse"}
+        return times["stage_started"], times["stage_finished"]
+
+    first, second = diffusion_span("clip1"), diffusion_span("clip3")
+    assert first[0] < second[1] and second[0] < first[1], (first, second)
+    # ... while each lane ran one stage process at a time.
+    assert_each_lane_runs_one_process_at_a_time(records)
+    # Every worker of a CPU lane saw no GPU.
+    log = jobs["clip3"].log_path(Stage.VIDEO_DECODE, 1).read_text()
+    assert "CUDA_VISIBLE_DEVICES=''" in log
+    # Each clip's latents are the bits `ltx2 generate` makes of it alone.
+    alone_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone")}
+    for clip in clips:
+        flags = [f"--{key.replace('_', '-')}={value}" for key, value in clip.items()]
+        single = run_ltx2(["generate", "--model", TINY, *TINY_FLAGS, *flags, "--quiet"], alone_env)
+        assert single.returncode == 0, single.stderr
+        alone = load_file(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)
+        laned = load_file(jobs[clip["name"]].path / LATENTS_FILE)
+        assert alone.keys() == laned.keys()
+        for key in alone:
+            assert torch.equal(alone[key], laned[key]), (clip["name"], key)
+
+
+def test_daemon_refuses_lanes_it_cannot_see(daemon_env: dict):  # noqa: F811
+    env = {**daemon_env, "LTX2_DEVICES": "cuda:0,cuda:1", "CUDA_VISIBLE_DEVICES": ""}
+    result = run_ltx2(["daemon"], env, timeout=60)
+    assert result.returncode == 2
+    assert "cluster.devices names cuda:0, but only 0 CUDA devices are visible" in result.stderr
+
+
+def test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time(daemon_env: dict, tmp_path: Path):  # noqa: F811
+    env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu"}
+    with Supervised(tmp_path, env) as supervised:
+        ids = [submit(env, "--seed", str(seed)) for seed in range(21, 25)]
+        done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
+        status = run_ltx2(["status", ids[0]], env).stdout
+    assert [job["state"] for job in done] == ["done"] * 4, [job["error"] for job in done]
+    assert "encode_diffuse attempt 1 [" in status and "] on cpu (lane " in status, status
+    records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
+    assert {(a["lane"], a["device"]) for _, a in attempts_of(records)} == {(0, "cpu"), (1, "cpu")}
+    for record in records:  # a job stays on the lane that claimed it
+        assert len({a["lane"] for _, a in attempts_of([record])}) == 1
+    assert_each_lane_runs_one_process_at_a_time(records)
