@@ -15,6 +15,9 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
 - large_compile: one clip at --large with `--compile` (denoise seconds per step at 1080p);
 - batch_fp8mm: the batch clips with `--fp8-matmul` and `--compile` (warm compile cache), PSNR
   against the eager bf16 clips;
+- batch_fp8mm_warmup: 2 of the batch_fp8mm clips, to fill the compile cache for the runs below;
+- batch_fp8mm_lanes1 / batch_fp8mm_lanes: batch_fp8mm with one lane (`LTX2_DEVICES=1`) and with
+  a lane per visible GPU (`auto`); the lanes' clips are compared frame by frame with one lane's;
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
 - large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
@@ -114,7 +117,14 @@ LARGE_RUNS = {
 RUN_ENV = {
     "large_fp8mm_exact": {"LTX2_FP8_FAST_ACCUMULATION": "false"},
     "large_eager_plain": {"PYTORCH_CUDA_ALLOC_CONF": ""},
+    "batch_fp8mm_lanes1": {"LTX2_DEVICES": "1"},
+    "batch_fp8mm_lanes": {"LTX2_DEVICES": "auto"},
 }
+# Runs compared clip by clip with another run rather than with the eager clips (same settings, so
+# the frames must be identical: PSNR inf).
+SAME_AS = {"batch_fp8mm_lanes": "batch_fp8mm_lanes1"}
+# The compile warm-up batch needs only enough clips to compile every shape once.
+WARMUP_CLIPS = 2
 
 
 def attempt_record(attempt: AttemptTiming) -> dict[str, Any]:
@@ -291,8 +301,9 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
     cli = [sys.executable, "-m", "orchestrator.cli"]
     if name.startswith("batch"):
         size = parse_size(args.small)
-        fp8mm = name == "batch_fp8mm"
-        batch = write_batch(work / f"{name}.toml", str(root), size, args.clips, name != "batch", fp8mm)
+        fp8mm = name.startswith("batch_fp8mm")
+        clips = WARMUP_CLIPS if name.endswith("_warmup") else args.clips
+        batch = write_batch(work / f"{name}.toml", str(root), size, clips, name != "batch", fp8mm)
         return [*cli, "batch", str(batch), "--quiet"], size
     if name in LARGE_RUNS:
         size = parse_size(args.large)
@@ -320,6 +331,14 @@ def add_clip_numbers(run: dict[str, Any]) -> None:
 def add_psnr(results: dict[str, Any]) -> None:
     """Every run's clips against the eager run's clips of the same name (batch, or large_eager)."""
     for name, run in results["runs"].items():
+        if name in SAME_AS and "jobs" in run and "jobs" in results["runs"].get(SAME_AS[name], {}):
+            other = results["runs"][SAME_AS[name]]["jobs"]
+            run["psnr_vs_same_settings_db"] = {
+                job: psnr(Path(other[job]["output"]), Path(data["output"]))
+                for job, data in run["jobs"].items()
+                if data.get("output") and other.get(job, {}).get("output")
+            }
+            continue
         reference = results["runs"].get("large_eager" if name.startswith("large") else "batch", {})
         if name in ("batch", "large_eager") or "jobs" not in run or "jobs" not in reference:
             continue
@@ -411,7 +430,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"MFU {fmt(run.get('mfu_steady'), '', 3)}; "
             f"stage seconds per clip {seconds}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "
             f"torch per stage {', '.join(f'{k} {v:.1f} GiB' for k, v in peaks.items())}; "
-            f"PSNR vs eager {run.get('psnr_vs_eager_db')}\n"
+            f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; "
+            f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
 
 
