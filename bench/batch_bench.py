@@ -18,6 +18,8 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
 - batch_fp8mm_warmup: 2 of the batch_fp8mm clips, to fill the compile cache for the runs below;
 - batch_fp8mm_lanes1 / batch_fp8mm_lanes: batch_fp8mm with one lane (`LTX2_DEVICES=1`) and with
   a lane per visible GPU (`auto`); the lanes' clips are compared frame by frame with one lane's;
+- batch_fp8mm_lanes1_again / batch_fp8mm_gpu1: the one-lane batch again on GPU 0, and on GPU 1
+  alone (`LTX2_DEVICES=cuda:1`), compared with the first one-lane run (is a difference the GPU's?);
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
 - large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
@@ -119,10 +121,16 @@ RUN_ENV = {
     "large_eager_plain": {"PYTORCH_CUDA_ALLOC_CONF": ""},
     "batch_fp8mm_lanes1": {"LTX2_DEVICES": "1"},
     "batch_fp8mm_lanes": {"LTX2_DEVICES": "auto"},
+    "batch_fp8mm_lanes1_again": {"LTX2_DEVICES": "1"},
+    "batch_fp8mm_gpu1": {"LTX2_DEVICES": "cuda:1"},
 }
 # Runs compared clip by clip with another run rather than with the eager clips (same settings, so
 # the frames must be identical: PSNR inf).
-SAME_AS = {"batch_fp8mm_lanes": "batch_fp8mm_lanes1"}
+SAME_AS = {
+    "batch_fp8mm_lanes": "batch_fp8mm_lanes1",
+    "batch_fp8mm_lanes1_again": "batch_fp8mm_lanes1",  # run to run, same GPU
+    "batch_fp8mm_gpu1": "batch_fp8mm_lanes1",  # the other GPU, alone
+}
 # The compile warm-up batch needs only enough clips to compile every shape once.
 WARMUP_CLIPS = 2
 
