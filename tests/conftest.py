@@ -56,6 +56,23 @@ def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
     return ltx2_environment(hf_home, tmp_path)
 
 
+@pytest.fixture
+def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
+    """ltx2_env plus a short private runtime dir (ipc paths must stay under 108 bytes) and a
+    fault dir for the LTX2_FAULT_* switches."""
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (tmp_path / "faults").mkdir()
+    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+
+
+def submit_tiny(env: dict[str, str], prompt: str, *extra: str) -> str:
+    """`ltx2 submit` of a tiny clip (seed 11 unless `extra` says otherwise); returns the job id."""
+    result = run_ltx2(["submit", "--prompt", prompt, "--seed", "11", *TINY_ARGS, *extra], env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def run_ltx2(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run the real CLI as a user would."""
     return subprocess.run(

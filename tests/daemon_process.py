@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from conftest import REPO_ROOT
+from supervised import wait_for_job_state
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress, TransportError
@@ -82,14 +83,7 @@ class DaemonProcess:
         return self.log_path.read_text() if self.log_path.exists() else "(no log)"
 
     def wait_for_state(self, job_id: str, states: set[str], timeout_s: float = 180.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self.client() as client:
-                job = client.request(jobs.Status(job_id))["job"]
-            if job["state"] in states:
-                return job
-            time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} never reached {states}; daemon log:\n{self.log()[-3000:]}")
+        return wait_for_job_state(self.client, job_id, states, self.log, timeout_s)
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import REPO_ROOT
@@ -78,14 +79,21 @@ class Supervised:
         return path.read_text() if path.exists() else "(no log)"
 
     def wait_for_state(self, job_id: str, states: set[str], timeout_s: float = 180.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self.client() as client:
-                job = client.request(jobs.Status(job_id))["job"]
-            if job["state"] in states:
-                return job
-            time.sleep(0.3)
-        raise TimeoutError(f"job {job_id} never reached {states}; daemon log:\n{self.daemon_log()[-3000:]}")
+        return wait_for_job_state(self.client, job_id, states, self.daemon_log, timeout_s)
+
+
+def wait_for_job_state(
+    client: Callable[[], DaemonClient], job_id: str, states: set[str], log: Callable[[], str], timeout_s: float
+) -> dict:
+    """Poll `status` until the job is in one of `states`; its summary, or TimeoutError with the log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with client() as connected:
+            job = connected.request(jobs.Status(job_id))["job"]
+        if job["state"] in states:
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id} never reached {states}; daemon log:\n{log()[-3000:]}")
 
 
 def wait_for_file(path: Path, timeout_s: float = 120.0) -> Path:

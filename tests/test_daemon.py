@@ -8,8 +8,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
-import pytest
-from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from conftest import TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
 from safetensors.torch import load_file
 from supervised import Supervised, wait_for_file
 
@@ -17,18 +16,8 @@ from protocol import jobs
 from protocol.files import LATENTS_FILE
 
 
-@pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
-
-
 def submit(env: dict, *extra: str) -> str:
-    result = run_ltx2(["submit", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS, *extra], env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return submit_tiny(env, "a jib shot over a forge", *extra)
 
 
 def decoded_frames(path: Path) -> np.ndarray:

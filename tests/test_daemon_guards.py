@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from conftest import probe_mp4, run_ltx2, submit_tiny
 from daemon_process import (
     DaemonProcess,
     children_of,
@@ -29,18 +28,8 @@ from protocol import jobs
 FILE_WAIT_S = 60.0
 
 
-@pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
-
-
 def submit(env: dict, *extra: str) -> str:
-    result = run_ltx2(["submit", "--prompt", "a lighthouse in fog", "--seed", "11", *TINY_ARGS, *extra], env)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return submit_tiny(env, "a lighthouse in fog", *extra)
 
 
 def kill_workers_left_in(state_dir: Path) -> None:

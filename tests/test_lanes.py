@@ -18,7 +18,7 @@ import zmq
 from conftest import run_ltx2
 from safetensors.torch import load_file
 from supervised import Supervised
-from test_daemon import daemon_env, submit  # noqa: F401  (daemon_env is a fixture)
+from test_daemon import submit
 from test_stage_major import TINY, TINY_FLAGS, jobs_by_name, make_job, write_batch
 
 from config.settings import ConfigError, load_settings
