@@ -8,13 +8,12 @@ import shutil
 import socket as pysocket
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import REPO_ROOT, run_ltx2
+from conftest import run_ltx2
 from daemon_process import DaemonProcess
 
 from orchestrator.daemon.replies import LIST_TEXT_CHARS, encode_reply, fit_listing
@@ -62,15 +61,7 @@ def rss_bytes(pid: int) -> int:
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The real CLI; a command that should refuse but keeps running fails the test instead of hanging it."""
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=REFUSAL_TIMEOUT_S,
-            cwd=REPO_ROOT,
-            check=False,
-        )
+        return run_ltx2(args, env, timeout=REFUSAL_TIMEOUT_S)
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"`ltx2 {' '.join(args)}` did not refuse; it ran on:\n{exc.stderr}")
 
