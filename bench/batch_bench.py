@@ -20,6 +20,9 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
   a lane per visible GPU (`auto`); the lanes' clips are compared frame by frame with one lane's;
 - batch_fp8mm_lanes1_again / batch_fp8mm_gpu1: the one-lane batch again on GPU 0, and on GPU 1
   alone (`LTX2_DEVICES=cuda:1`), compared with the first one-lane run (is a difference the GPU's?);
+- batch_fp8mm_ray: batch_fp8mm on a Ray farm of this host (`[cluster] backend = "ray"`: a Ray
+  head started with every visible GPU before the run, stopped after it; the batch joins it), one
+  lane per GPU, compared frame by frame with one local lane's clips;
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
 - large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
@@ -46,12 +49,14 @@ import time
 T_PROCESS = time.time()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -74,6 +79,8 @@ from gpu_report import fmt  # noqa: E402
 from gpu_run import GpuSampler, probe_environment, run_child  # noqa: E402
 from gpu_staged import kill_pids, worker_pids  # noqa: E402
 from gpu_storage import choose_root  # noqa: E402
+
+from orchestrator.lanes import visible_cuda_devices  # noqa: E402
 
 STAGES = ("encode_diffuse", "audio_decode", "video_decode")
 PROMPTS = [
@@ -123,6 +130,7 @@ RUN_ENV = {
     "batch_fp8mm_lanes": {"LTX2_DEVICES": "auto"},
     "batch_fp8mm_lanes1_again": {"LTX2_DEVICES": "1"},
     "batch_fp8mm_gpu1": {"LTX2_DEVICES": "cuda:1"},
+    "batch_fp8mm_ray": {"LTX2_CLUSTER_BACKEND": "ray", "LTX2_RAY_ADDRESS": "auto"},
 }
 # Runs compared clip by clip with another run rather than with the eager clips (same settings, so
 # the frames must be identical: PSNR inf).
@@ -130,7 +138,11 @@ SAME_AS = {
     "batch_fp8mm_lanes": "batch_fp8mm_lanes1",
     "batch_fp8mm_lanes1_again": "batch_fp8mm_lanes1",  # run to run, same GPU
     "batch_fp8mm_gpu1": "batch_fp8mm_lanes1",  # the other GPU, alone
+    "batch_fp8mm_ray": "batch_fp8mm_lanes1",
 }
+# `ray start` of a one-host farm takes a few seconds; it runs before the measured batch, as a
+# farm is up before its jobs come.
+RAY_START_TIMEOUT_S = 120
 # The compile warm-up batch needs only enough clips to compile every shape once.
 WARMUP_CLIPS = 2
 
@@ -243,6 +255,24 @@ def run_cli(name: str, command: list[str], env: dict[str, str], timeout_s: float
     if process.returncode != 0:
         sys.stdout.write(log_path.read_text(errors="replace")[-4000:] + "\n")
     return {"returncode": process.returncode, "timed_out": timed_out, "t0": started, "t1": ended, "stdout": stdout}
+
+
+@contextlib.contextmanager
+def ray_head(name: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
+    """For a farm run (`*_ray`): a Ray head on this host with every visible GPU, started with the
+    run's environment (a farm's stages get their node's environment, not the batch's), stopped after."""
+    if not name.endswith("_ray"):
+        yield
+        return
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    gpus = str(len(visible_cuda_devices(env)))
+    start = [*ray_cli, "start", "--head", "--num-gpus", gpus, "--include-dashboard=false", "--disable-usage-stats"]
+    with log_path.open("a") as handle:
+        subprocess.run(start, env=env, stdout=handle, stderr=handle, timeout=RAY_START_TIMEOUT_S, check=True)
+        try:
+            yield
+        finally:
+            subprocess.run([*ray_cli, "stop", "--force"], env=env, stdout=handle, stderr=handle, check=False)
 
 
 def psnr(first: Path, second: Path) -> float | None:
@@ -399,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(outputs, ignore_errors=True)
         command, size = run_command(name, args, root, work)
-        run = run_cli(name, command, run_environment(name, state, outputs, cache), left, child_log)
+        environment = run_environment(name, state, outputs, cache)
+        with ray_head(name, environment, child_log):
+            run = run_cli(name, command, environment, left, child_log)
         run["gpu_peak_mib"] = sampler.peak_mib(run["t0"], run["t1"])
         run["wall_s"] = run["t1"] - run["t0"]
         run["size"] = size_label(size)

@@ -2,7 +2,7 @@
 # Run bench/gpu_bench.py on the lent GPU machine (one `run` call; see docs/benchmarks.md).
 #
 # The machine has torch, transformers, accelerate, peft, safetensors, msgpack and numpy, but no
-# diffusers, PyAV or pyzmq and no network: those travel as wheels in .whl/ (ignored by git, named
+# diffusers, PyAV, pyzmq or Ray and no network: those travel as wheels in .whl/ (ignored by git, named
 # in the call's `carry`) and are installed into /tmp/site. Extra arguments go to `gpu_bench.py all`,
 # or, after a first argument `batch`, to bench/batch_bench.py (version 3: stage-major batches, compile).
 #
@@ -18,6 +18,15 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 3; }
+# Ray's wheel (79 MB) does not fit a call's 64 MiB; it travels as an xz tarball of the wheel's
+# contents without its Java jars, dashboard web build and ML libraries (data, train, tune, serve,
+# rllib, llm), which the farm never imports. Made here with: unzip ray-2.60.0-cp312-*.whl -d x &&
+# rm -rf x/ray/{jars,dashboard/client/build,rllib,data,serve,tune,train,llm} &&
+# tar -C x -cf - . | xz -9 > .whl/ray-2.60.0-slim-cp312.tar.xz (plus jsonschema, jsonschema-specifications,
+# referencing and rpds-py wheels, which Ray needs and the machine lacks).
+for tarball in .whl/*.tar.xz; do
+    [ -e "$tarball" ] && { tar -xJf "$tarball" -C /tmp/site || { echo "unpacking $tarball failed"; exit 3; }; }
+done
 export PYTHONPATH="/tmp/site:$PWD"
 # The whole command must end inside the call's 600 s: budget what is left, minus a margin.
 budget=$((575 - ($(date +%s) - started)))

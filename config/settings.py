@@ -27,7 +27,12 @@ ENV_OVERRIDES = {
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
     "LTX2_DEVICES": ("cluster", "devices"),
+    "LTX2_CLUSTER_BACKEND": ("cluster", "backend"),
+    "LTX2_RAY_ADDRESS": ("cluster", "address"),
+    "LTX2_RAY_RESOURCE": ("cluster", "ray_resource"),
 }
+# Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.ray_farm).
+CLUSTER_BACKENDS = ("local", "ray")
 # A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
 DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
 
@@ -102,6 +107,12 @@ class Settings:
     #: Lanes (DESIGN.md rule 8): "auto", a number of lanes, or device names; orchestrator.lanes
     #: turns it into lanes.
     devices: str | int | tuple[str, ...] = "auto"
+    #: "local" (this host's lanes) or "ray" (a lane per unit of `ray_resource` in the Ray cluster).
+    backend: str = "local"
+    #: The Ray cluster to join ("auto": RAY_ADDRESS or the cluster started on this host).
+    address: str = "auto"
+    #: The Ray resource one stage task takes one unit of ("GPU"; tests name a custom one).
+    ray_resource: str = "GPU"
 
     @property
     def jobs_dir(self) -> Path:
@@ -219,6 +230,16 @@ def _devices(value: object) -> str | int | tuple[str, ...]:
     )
 
 
+def _cluster_backend(cluster: Mapping[str, Any]) -> dict[str, str]:
+    """`[cluster] backend`, `address` and `ray_resource`, checked."""
+    if cluster["backend"] not in CLUSTER_BACKENDS:
+        raise ConfigError(f"cluster.backend must be one of {', '.join(CLUSTER_BACKENDS)}; got {cluster['backend']!r}")
+    for key in ("address", "ray_resource"):
+        if not isinstance(cluster[key], str) or not cluster[key].strip():
+            raise ConfigError(f"cluster.{key} must be a non-empty string, got {cluster[key]!r}")
+    return {"backend": cluster["backend"], "address": cluster["address"], "ray_resource": cluster["ray_resource"]}
+
+
 def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     paths, models, worker, decode = data["paths"], data["models"], data["worker"], data["decode"]
     profiles = data["profiles"]
@@ -261,4 +282,5 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         ),
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
         devices=_devices(data["cluster"]["devices"]),
+        **_cluster_backend(data["cluster"]),
     )

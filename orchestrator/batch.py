@@ -29,6 +29,7 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
+from orchestrator.lanes import split_for_lanes
 from orchestrator.pipeline import JobFailed, first_unfinished
 from orchestrator.runner import StageOutcome
 from orchestrator.stage_major import diffusion_processes
@@ -120,20 +121,34 @@ class BatchState:
         return self.data["clips"].setdefault(clip.key, {})
 
 
+def prompts_to_prepare(jobs: list[JobDir], settings: Settings, lanes: int) -> list[JobDir]:
+    """The jobs whose prompts a batch encodes before it starts: those of each lane whose diffusion
+    needs more than one process (split as run_across_lanes splits them)."""
+    unprepared = []
+    for run in split_for_lanes(jobs, lanes):
+        undiffused = [job for job in run if not job.has_outputs(Stage.ENCODE_DIFFUSE)]
+        if diffusion_processes(undiffused, settings) > 1:
+            unprepared += undiffused
+    return unprepared
+
+
 def run_batch(
     path: Path,
     settings: Settings,
     render: Render,
     report: Callable[[str], None],
     prepare_prompts: Callable[[list[JobDir]], None] = lambda jobs: None,
+    lanes: int = 1,
 ) -> list[dict[str, Any]]:
     """Render every unfinished clip; returns the summary rows (clip, seconds, output, status).
 
-    `render` runs the clips stage-major. When their diffusion needs more than one process (clips
-    with different LoRAs, or more clips than `[worker] group_size`), `prepare_prompts` first
-    encodes every prompt with one text-encoder load; a single diffusion group encodes its own
-    prompts up front, which saves starting that extra process. A clip's seconds are the time its
-    stages spent on it (a group worker's model loading counts for the group's first clip).
+    `render` runs the clips stage-major, split into one contiguous run per lane. When a lane's
+    diffusion needs more than one process (clips with different LoRAs, or more clips than
+    `[worker] group_size`), `prepare_prompts` first encodes that lane's prompts with one
+    text-encoder load; a lane whose clips form a single diffusion group encodes its own prompts
+    up front, on its own device and at the same time as the other lanes, which saves starting that
+    extra process. A clip's seconds are the time its stages spent on it (a group worker's model
+    loading counts for the group's first clip).
     """
     state = BatchState.for_batch(path, settings)
     clips = validate_batch(path, settings, state.data["seeds"])
@@ -159,9 +174,8 @@ def run_batch(
         if clip.key in jobs:
             state.entry(clip).update(status=JobState.RUNNING.value)
     state.save()
-    undiffused = [job for job in jobs.values() if not job.has_outputs(Stage.ENCODE_DIFFUSE)]
-    if diffusion_processes(undiffused, settings) > 1:
-        prepare_prompts(undiffused)
+    if unprepared := prompts_to_prepare(list(jobs.values()), settings, lanes):
+        prepare_prompts(unprepared)
     tracker = BatchProgress(jobs, report)
     results = render(jobs, tracker.stage_ended) if jobs else {}
     rows = []

@@ -26,7 +26,7 @@ from orchestrator.cli_flags import add_spec_flags, spec_request
 from orchestrator.job_hooks import JobHooks
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
-from orchestrator.lanes import resolve_lanes
+from orchestrator.lane_links import open_lanes
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobFailed, take_job
 from orchestrator.progress import ProgressView
@@ -285,11 +285,16 @@ def load_job_file(source: Path) -> JobDir:
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, on every lane
-    (orchestrator.lanes: the clips split into one contiguous run per lane), one fork server each."""
+    (orchestrator.lanes: the clips split into one contiguous run per lane), one fork server each
+    locally, or on a Ray farm's lanes (`[cluster] backend = "ray"`)."""
     check_output_dir(settings.output_dir, "output_dir")
-    lanes = resolve_lanes(settings)
-    view = ProgressView(enabled=not args.quiet)
     context = zmq.Context()
+    try:
+        source = open_lanes(settings, context)
+    except BaseException:
+        context.term()
+        raise
+    view = ProgressView(enabled=not args.quiet)
     shared = threading.Lock()  # the lanes' threads share the progress view and the batch's tally
 
     def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobFailed]:
@@ -310,13 +315,16 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
 
             return JobHooks(listener=listener, should_stop=stop.reason, on_attempt=on_attempt)
 
-        return run_across_lanes(list(jobs.values()), settings, lanes, context, hooks_for)
+        return run_across_lanes(list(jobs.values()), settings, source, hooks_for)
 
     with StopOnSignals() as stop:
         try:
-            rows = run_batch(args.file.expanduser(), settings, render, notice, prepare_prompts)
+            # A farm's head may have no GPU: there each lane's first group encodes its own prompts.
+            prepare = prepare_prompts if settings.backend == "local" else lambda jobs: None
+            rows = run_batch(args.file.expanduser(), settings, render, notice, prepare, len(source.lanes))
         finally:
             view.close()
+            source.close()
             context.term()
     if stop.reason() is not None:
         return fail(f"interrupted; run `ltx2 batch {args.file}` again to resume", ExitCode.INTERRUPTED)

@@ -212,12 +212,14 @@ class JobDir:
         self.log_event(EventKind.STAGE_STARTED, stage=stage.value, attempt=attempt, plan=plan, **details)
         return attempt
 
-    def note_worker(self, stage: Stage, pid: int) -> None:
+    def note_worker(self, stage: Stage, pid: int, **where: Any) -> None:
         """Record the pid of the process running the stage's current attempt: a daemon restarted
-        after a crash reads it to stop that orphan before the job runs again."""
+        after a crash reads it to stop that orphan before the job runs again. A process of another
+        host has pid 0 here; `where` records its node, host and pids there."""
         attempt = self.stage_record(stage)["attempts"][-1]
-        if attempt["result"] == AttemptResult.RUNNING and attempt.get("pid") != pid:
-            attempt["pid"] = pid
+        noted = {"pid": pid, **where}
+        if attempt["result"] == AttemptResult.RUNNING and any(attempt.get(k) != v for k, v in noted.items()):
+            attempt.update(noted)
             self.save()
 
     def finish_attempt(self, stage: Stage, result: AttemptResult, **details: Any) -> None:

@@ -142,7 +142,7 @@ def run_stage_until_done(
 
     def prestart_following() -> None:
         nonlocal next_worker
-        if following is not None and next_worker is None:
+        if following is not None and next_worker is None and link.prestarts:
             next_worker = spawn_worker(
                 job, following, *next_attempt(job, following, settings), link, settings.heartbeat_s
             )

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import zmq
 
@@ -85,26 +85,82 @@ def check_private_dir(path: Path) -> None:
     )
 
 
+@runtime_checkable
+class RemoteProcess(Protocol):
+    """A stage process another host's scheduler runs (orchestrator.ray_farm): the parts of Popen
+    the runner uses, plus the wait for a place to run and where it runs once placed."""
+
+    pid: int  #: 0: not a process of this host, never signalled from here
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def stop(self) -> int:
+        """Stop it wherever it runs and return its exit status."""
+        ...
+
+    @property
+    def queued(self) -> bool:
+        """Still waiting for a node with a free unit of the resource; silence then is not a hang."""
+        ...
+
+    @property
+    def placement(self) -> dict[str, Any] | None:
+        """Where it runs (node, host, pids there), once placed; recorded in each member's attempt."""
+        ...
+
+
+class RemoteSpawner(Protocol):
+    """Starts stage processes elsewhere (orchestrator.ray_farm.RayFarm)."""
+
+    def spawn(self, module: str, args: list[str], log_path: Path) -> RemoteProcess: ...
+
+
+#: A stage process as the runner follows it.
+WorkerProcess = subprocess.Popen[bytes] | ForkedProcess | RemoteProcess
+
+
 class WorkerLink:
     """The ROUTER socket workers connect to; one per lane of an orchestrator process (each lane is
-    followed by one thread), and the lane's workers run on the lane's device."""
+    followed by one thread), and the lane's workers run on the lane's device.
+
+    Locally the socket is an ipc:// path in the private runtime directory. A lane of a farm
+    (`spawner` given) binds `endpoint` on tcp with the farm's CURVE server key (`curve`: public,
+    secret), and advertises it as `tcp://<advertise_host>:<port>`; its workers are started by
+    the spawner, never prestarted (a waiting worker would hold a farm's GPU).
+    """
 
     def __init__(
-        self, context: zmq.Context, endpoint: str | None = None, fork_server: bool = True, lane: Lane | None = None
+        self,
+        context: zmq.Context,
+        endpoint: str | None = None,
+        fork_server: bool = True,
+        lane: Lane | None = None,
+        spawner: RemoteSpawner | None = None,
+        curve: tuple[bytes, bytes] | None = None,
+        advertise_host: str = "",
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time.
-        self.fork_server = ForkServer() if fork_server else None
+        self.fork_server = ForkServer() if fork_server and spawner is None else None
+        self.spawner = spawner
         self.lane = lane or Lane(0, "", None)
         self.socket = context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            self.socket.curve_publickey, self.socket.curve_secretkey = curve
+            self.socket.curve_server = True
         if endpoint is None:
             directory = runtime_dir()
             remove_stale_worker_sockets(directory)  # those of orchestrators killed before they closed
             suffix = f"-{self.lane.index}" if self.lane.index else ""
             endpoint = f"ipc://{directory}/workers-{os.getpid()}{suffix}.sock"
+        self.socket.bind(endpoint)
         self.endpoint = endpoint
-        self.socket.bind(self.endpoint)
+        if endpoint.startswith("tcp://"):  # a wildcard port or address becomes the one bound
+            port = self.socket.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+            self.endpoint = f"tcp://{advertise_host or endpoint.removeprefix('tcp://').rsplit(':', 1)[0]}:{port}"
         # Messages of workers nobody is following yet (a prestarted worker's READY).
         self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}
 
@@ -145,6 +201,11 @@ class WorkerLink:
         except codec.ProtocolError as exc:
             log.warning("dropped a bad worker message: %s", exc)
             return None
+
+    @property
+    def prestarts(self) -> bool:
+        """Whether a worker may be started ahead of its turn (only on this host's own lanes)."""
+        return self.spawner is None
 
     def send(self, identity: bytes, message: codec.Message) -> None:
         self.socket.send_multipart([identity, codec.encode(message)])
@@ -191,7 +252,7 @@ def worker_args(
 class SpawnedWorker:
     """A started worker process and the attempt it was started for."""
 
-    process: subprocess.Popen[bytes] | ForkedProcess
+    process: WorkerProcess
     stage: Stage
     attempt: int
     plan: dict[str, Any]
@@ -220,6 +281,8 @@ def spawn_worker(
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
     log_path = jobs[0].log_path(stage, attempt)
     job_ids = tuple(job.id for job in jobs)
+    if link.spawner is not None:
+        return SpawnedWorker(link.spawner.spawn(stage.module, args, log_path), stage, attempt, plan, job_ids)
     visible = link.lane.visible_devices
     if link.fork_server is not None:
         try:
@@ -250,7 +313,7 @@ def discard_worker(worker: SpawnedWorker | None, link: WorkerLink) -> None:
 
 
 def follow_until_exit(
-    process: subprocess.Popen[bytes] | ForkedProcess,
+    process: WorkerProcess,
     pump: Callable[[int], bool],
     last_heard: Callable[[], float],
     should_stop: Callable[[], Failure | None],
@@ -258,13 +321,17 @@ def follow_until_exit(
 ) -> tuple[int, Failure | None]:
     """Handle a worker's messages (`pump`) until it exits, stopping it when `should_stop` says
     why (cancelled, interrupted) or when it is silent for `hung_after_s`; returns (exit status,
-    the reason it was stopped or None)."""
+    the reason it was stopped or None). A remote process still queued for a node is not silent:
+    the hang clock starts when it is placed."""
     forced: Failure | None = None
+    queued_until = 0.0
     while (returncode := process.poll()) is None:
+        if isinstance(process, RemoteProcess) and process.queued:
+            queued_until = time.monotonic()
         if pump(POLL_MS):
             continue
         forced = should_stop()
-        if forced is None and time.monotonic() - last_heard() > hung_after_s:
+        if forced is None and time.monotonic() - max(last_heard(), queued_until) > hung_after_s:
             forced = Failure.HUNG
         if forced is not None:
             returncode = stop_process(process)
@@ -278,13 +345,16 @@ def hung_reason(hung_after_s: float) -> str:
     return f"no message for {hung_after_s:.0f} s; killed"
 
 
-def stop_process(process: subprocess.Popen[bytes] | ForkedProcess) -> int:
+def stop_process(process: WorkerProcess) -> int:
     """SIGTERM the worker's process group, SIGKILL after a grace period; returns its exit status.
 
     A worker whose end is already known is not signalled: its pid may belong to another process now.
+    A remote one is stopped by its own scheduler.
     """
     if (returncode := process.poll()) is not None:
         return returncode
+    if isinstance(process, RemoteProcess):
+        return process.stop()
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:
             os.killpg(process.pid, sig)

@@ -24,6 +24,7 @@ from orchestrator.job_hooks import HooksFor, StageEvent
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.policy import describe_plan
 from orchestrator.runner import (
+    RemoteProcess,
     SpawnedWorker,
     StageOutcome,
     WorkerLink,
@@ -93,6 +94,7 @@ class AttemptFollower:
             discard_worker(prestarted, link)
             self.worker = spawn_worker(members, stage, attempt, plan, link, settings.heartbeat_s)
         leader.note_worker(stage, self.worker.process.pid)
+        self.where: dict[str, Any] = {}  #: a remote process's node and pids, once it is placed
         self.last_heard = time.monotonic()
 
     def start(self, job_id: str) -> int:
@@ -104,7 +106,7 @@ class AttemptFollower:
         attempt = job.start_attempt(self.stage, self.plan, clean=False, **group, **lane)
         if self.worker is not None:  # a later member of a group: the worker writes the leader's log
             link_log(self.log, job.log_path(self.stage, attempt))
-            job.note_worker(self.stage, self.worker.process.pid)
+            job.note_worker(self.stage, self.worker.process.pid, **self.where)
         self.running[job_id] = (attempt, time.monotonic())
         detail = describe_plan(self.stage, self.plan)
         if group:
@@ -116,8 +118,18 @@ class AttemptFollower:
         """Why the worker must stop now (any member's cancel, or the orchestrator stopping)."""
         return next((why for job in self.by_id.values() if (why := self.hooks_for(job).should_stop())), None)
 
+    def note_placement(self) -> None:
+        """Record where a remote worker runs in its members' attempts, once, as soon as it is known."""
+        process = self.worker.process if self.worker else None
+        if self.where or not isinstance(process, RemoteProcess) or not process.placement:
+            return
+        self.where = dict(process.placement)
+        for job_id in self.running:
+            self.by_id[job_id].note_worker(self.stage, 0, **self.where)
+
     def pump(self, timeout_ms: int) -> bool:
         """Handle at most one message of the worker; False when none came in time."""
+        self.note_placement()
         received = self.link.receive_for(list(self.by_id), self.stage.value, timeout_ms)
         if received is None:
             return False

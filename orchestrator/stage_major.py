@@ -30,11 +30,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from config.settings import Settings
 from orchestrator.job_hooks import HooksFor, JobHooks
 from orchestrator.jobdir import JobDir
+from orchestrator.lane_links import LaneSource
 from orchestrator.lanes import Lane, split_for_lanes
 from orchestrator.pipeline import (
     JobFailed,
@@ -158,21 +157,23 @@ def run_stage_major(
 
 
 def run_across_lanes(
-    jobs: list[JobDir], settings: Settings, lanes: list[Lane], context: zmq.Context, hooks_for: HooksFor
+    jobs: list[JobDir], settings: Settings, source: LaneSource, hooks_for: HooksFor
 ) -> dict[str, Path | JobFailed]:
-    """Run every job to its published MP4 on `lanes`: one contiguous run of the jobs per lane,
-    each a stage-major run in its own thread (its own WorkerLink and fork server); returns each
-    job's MP4 path or failure. `hooks_for` is called from every lane's thread.
+    """Run every job to its published MP4 on the lanes of `source`: one contiguous run of the jobs
+    per lane, each a stage-major run in its own thread (its own WorkerLink, and locally its own
+    fork server); returns each job's MP4 path or failure. `hooks_for` is called from every lane's
+    thread.
 
     An error of the orchestration itself (not a job's failure) in any lane is raised here once
     every lane has ended; the other lanes finish their jobs first.
     """
+    lanes = source.lanes
     runs = split_for_lanes(jobs, len(lanes))
     results: dict[str, Path | JobFailed] = {}
     errors: list[BaseException] = []
 
     def run_lane(lane: Lane, lane_jobs: list[JobDir]) -> None:
-        link = WorkerLink(context, fork_server=settings.fork_server, lane=lane)
+        link = source.link(lane)
         try:
             results.update(run_stage_major(lane_jobs, settings, link, hooks_for))
         except BaseException as exc:  # re-raised by the caller's thread below

@@ -18,6 +18,11 @@ from protocol.codec import Message, register
 
 #: The progress phase that opens each job of a group worker.
 JOB_STARTED_PHASE = "job started"
+#: A farm worker's CURVE keys, "server-public own-public own-secret" (Z85,
+#: whose alphabet has no space), in its environment
+#: (never its command line, which every user of the node can read): ephemeral keys the
+#: orchestrator made for its own workers (orchestrator.ray_farm).
+WORKER_CURVE_ENV = "LTX2_WORKER_CURVE"
 
 
 @register

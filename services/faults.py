@@ -16,6 +16,9 @@ They make the failure paths of the orchestrator testable with real processes and
   initialised CUDA (as torchao and Transformer Engine do on a GPU host): the server reports it
   (unless `:hidden`, which models an initialisation it cannot see) and every worker it forks fails at
   its first accelerator use with torch's own "Cannot re-initialize CUDA in forked subprocess".
+- `LTX2_FAULT_HIDE_PATH=DIR` - in a farm node's environment: the state-dir probe
+  (orchestrator.ray_farm) does not see files under DIR, as on a node that does not mount the
+  shared storage (nodes of a test cluster all run on one host and see the same files).
 
 Unset (the normal case), nothing here does anything.
 """
@@ -93,3 +96,9 @@ def fail_if_cuda_was_initialised_before_fork(environ: Mapping[str, str]) -> None
             "Cannot re-initialize CUDA in forked subprocess. To use CUDA with multiprocessing, you must use "
             "the 'spawn' start method (injected by LTX2_FAULT_CUDA_AT_IMPORT)"
         )
+
+
+def hides_path(path: str, environ: Mapping[str, str]) -> bool:
+    """Whether `LTX2_FAULT_HIDE_PATH` hides `path` from this node's state-dir probe."""
+    hidden = environ.get("LTX2_FAULT_HIDE_PATH", "")
+    return bool(hidden) and Path(path).is_relative_to(hidden)

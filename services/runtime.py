@@ -34,9 +34,10 @@ from typing import Any, NoReturn
 import zmq
 
 from protocol import codec, stages
-from protocol.errors import ExitCode, InvalidInput, StageError
+from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
+from protocol.stages import WORKER_CURVE_ENV
 from services import faults
 
 log = logging.getLogger("ltx2.worker")
@@ -324,8 +325,15 @@ def read_job(job_dir: Path) -> tuple[JobSpec, dict[str, Any]]:
 
 
 def connect(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER to the orchestrator; over tcp (a farm's worker) with the CURVE keys of
+    `WORKER_CURVE_ENV`, never in the command line, where any user of the node could read them."""
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, LINGER_MS)
+    if endpoint.startswith("tcp://"):
+        keys = os.environ.get(WORKER_CURVE_ENV, "").split()
+        if len(keys) != 3:
+            raise EnvironmentFailure(f"{endpoint}: a tcp endpoint needs CURVE keys in {WORKER_CURVE_ENV}")
+        socket.curve_serverkey, socket.curve_publickey, socket.curve_secretkey = (key.encode() for key in keys)
     socket.connect(endpoint)
     return socket
 

@@ -7,7 +7,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-HEAVY = ("torch", "diffusers", "transformers", "av", "safetensors")
+HEAVY = ("torch", "diffusers", "transformers", "av", "safetensors", "ray")
 
 
 def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
@@ -22,6 +22,7 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "orchestrator.daemon.client_commands",
         "orchestrator.fork_client",
         "orchestrator.lanes",
+        "orchestrator.lane_links",
         "orchestrator.stage_major",
         "orchestrator.lora_lookup",
         "orchestrator.sidecar",

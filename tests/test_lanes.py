@@ -26,6 +26,7 @@ from orchestrator.daemon.executor import Executor, ProgressBoard
 from orchestrator.daemon.store import JobStore
 from orchestrator.fork_client import worker_environment
 from orchestrator.jobdir import JobDir
+from orchestrator.lane_links import LocalLanes
 from orchestrator.lanes import Lane, resolve_lanes, split_for_lanes
 from orchestrator.states import JobState
 from protocol.files import LATENTS_FILE, Stage
@@ -109,10 +110,9 @@ def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
     settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_CONFIG": ""})
     store_path = tmp_path / "jobs.sqlite"
     context = zmq.Context.instance()
-    executors = [
-        Executor(settings, store_path, context, ProgressBoard(), threading.Event(), Lane(n, "cpu", ""), 2)
-        for n in range(2)
-    ]
+    source = LocalLanes(settings, context)
+    board, stop = ProgressBoard(), threading.Event()
+    executors = [Executor(settings, store_path, source, board, stop, Lane(n, "cpu", ""), 2) for n in range(2)]
     main_store = JobStore(store_path)
     rounds = 12
     barrier = threading.Barrier(3)  # both lanes and this thread, which queues each round's job
@@ -149,7 +149,13 @@ def test_a_lane_claims_its_share_of_the_queue(tmp_path: Path):
     jobs = [queued_job(store, tmp_path / "jobs", f"job{n}") for n in range(5)]
     context = zmq.Context.instance()
     lane = Executor(
-        settings, tmp_path / "jobs.sqlite", context, ProgressBoard(), threading.Event(), Lane(0, "cpu", ""), 2
+        settings,
+        tmp_path / "jobs.sqlite",
+        LocalLanes(settings, context),
+        ProgressBoard(),
+        threading.Event(),
+        Lane(0, "cpu", ""),
+        2,
     )
     assert [job.id for job in lane.claim(store)] == [job.id for job in jobs[:3]]  # 5 queued, 2 lanes
     assert [job.id for job in lane.claim(store)] == [jobs[3].id]

@@ -93,8 +93,12 @@ def submit(client: DaemonClient, args: argparse.Namespace) -> int:
 
 
 def on_lane(attempt: dict[str, Any]) -> str:
-    """Where an attempt ran, when its lane pins a device: " on cuda:1 (lane 1)"."""
-    return f" on {attempt['device']} (lane {attempt.get('lane', 0)})" if attempt.get("device") else ""
+    """Where an attempt ran, when its lane pins a device: " on cuda:1 (lane 1)", or on a farm
+    " on ray (lane 1, host gpu-07)"."""
+    if not attempt.get("device"):
+        return ""
+    host = f", host {attempt['host']}" if attempt.get("host") else ""
+    return f" on {attempt['device']} (lane {attempt.get('lane', 0)}{host})"
 
 
 def status(client: DaemonClient, args: argparse.Namespace) -> int:

@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import zmq
-
 from config.settings import Settings
 from orchestrator.daemon import fault_switches
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
+from orchestrator.lane_links import LaneSource
 from orchestrator.lanes import Lane
 from orchestrator.pipeline import JobFailed, next_attempt
 from orchestrator.policy import describe_plan
@@ -96,7 +95,7 @@ class Executor(threading.Thread):
         self,
         settings: Settings,
         store_path: Path,
-        context: zmq.Context,
+        lane_source: LaneSource,
         board: ProgressBoard,
         stop: threading.Event,
         lane: Lane | None = None,
@@ -104,13 +103,14 @@ class Executor(threading.Thread):
     ) -> None:
         self.lane, self.lane_count = lane or Lane(0, "", None), lane_count
         super().__init__(name=f"executor-{self.lane.device or self.lane.index}", daemon=True)
-        self.settings, self.store_path, self.context, self.board, self.stop = settings, store_path, context, board, stop
+        self.settings, self.store_path, self.board, self.stop = settings, store_path, board, stop
+        self.lane_source = lane_source
         # The next queued job's first worker, started while the current job's last stage runs.
         self.next_worker: SpawnedWorker | None = None
 
     def run(self) -> None:
         store = JobStore(self.store_path)
-        link = WorkerLink(self.context, fork_server=self.settings.fork_server, lane=self.lane)
+        link = self.lane_source.link(self.lane)
         try:
             while not self.stop.is_set():
                 jobs = self.claim(store)
@@ -199,7 +199,7 @@ class Executor(threading.Thread):
     def prestart_next_job(self, store: JobStore, link: WorkerLink) -> None:
         """Start the next queued job's first worker so its imports overlap this job's last stage."""
         queued = store.queued(1)
-        if not queued or self.next_worker is not None:
+        if not queued or self.next_worker is not None or not link.prestarts:
             return
         try:
             job = JobDir.load(Path(queued[0]["job_dir"]))

@@ -34,7 +34,7 @@ from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
-from orchestrator.lanes import resolve_lanes
+from orchestrator.lane_links import open_lanes
 from orchestrator.policy import describe_plan
 from orchestrator.states import JobState, TransitionError
 from protocol import codec, jobs
@@ -87,9 +87,17 @@ class Daemon:
             log.warning("job %s was interrupted; re-queued to resume", job_id)
         context = zmq.Context()
         socket, authenticator = bind_server(context, self.address)
-        lanes = resolve_lanes(self.settings)
+        try:
+            source = open_lanes(self.settings, context)
+        except BaseException:
+            socket.close()
+            if authenticator is not None:
+                authenticator.stop()
+            context.destroy(linger=0)
+            raise
+        lanes = source.lanes
         self.executors = [
-            Executor(self.settings, self.store_path, context, self.board, self.stop, lane, len(lanes)) for lane in lanes
+            Executor(self.settings, self.store_path, source, self.board, self.stop, lane, len(lanes)) for lane in lanes
         ]
         for executor in self.executors:
             executor.start()
@@ -109,6 +117,7 @@ class Daemon:
             self.stop.set()
             for executor in self.executors:
                 executor.join()
+            source.close()
             socket.close()
             if authenticator is not None:
                 authenticator.stop()
@@ -252,6 +261,7 @@ def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
             "started": attempt.get("started", ""),
             "device": attempt.get("device", ""),
             "lane": attempt.get("lane", 0),
+            "host": attempt.get("host", ""),  # a farm's node, once Ray placed the stage
         }
         for stage, record in job.record["stages"].items()
         for attempt in record["attempts"]

@@ -1,0 +1,54 @@
+"""Where lanes come from: this host's devices, or a Ray cluster (`[cluster] backend`).
+
+Each lane is followed by one thread with its own WorkerLink (orchestrator.runner); this module
+gives the lanes and makes their links, so the daemon and `ltx2 batch` need not know which backend
+runs them. The Ray backend is imported only when it is configured: ray is never imported at CLI
+start (the orchestrator starts in well under a second).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import zmq
+
+from config.settings import ConfigError, Settings
+from orchestrator.lanes import Lane, resolve_lanes
+from orchestrator.runner import WorkerLink
+
+
+class LaneSource(Protocol):
+    """The lanes of a run and the link of each."""
+
+    lanes: list[Lane]
+
+    def link(self, lane: Lane) -> WorkerLink: ...
+
+    def close(self) -> None: ...
+
+
+class LocalLanes:
+    """This host's lanes (orchestrator.lanes); their workers are forked or exec'd here."""
+
+    def __init__(self, settings: Settings, context: zmq.Context) -> None:
+        self.lanes = resolve_lanes(settings)
+        self.settings, self.context = settings, context
+
+    def link(self, lane: Lane) -> WorkerLink:
+        return WorkerLink(self.context, fork_server=self.settings.fork_server, lane=lane)
+
+    def close(self) -> None:
+        """Nothing to release: each link closes itself, the context is the caller's."""
+
+
+def open_lanes(settings: Settings, context: zmq.Context) -> LaneSource:
+    """The configured lanes; raises ConfigError (FarmUnusable for a farm) when they cannot run."""
+    if settings.backend == "ray":
+        try:
+            from orchestrator.ray_farm import RayFarm
+        except ImportError as exc:
+            raise ConfigError(
+                f"cluster.backend = \"ray\" needs Ray: pip install 'ltx2-stages[cluster]' ({exc})"
+            ) from None
+        return RayFarm(settings)
+    return LocalLanes(settings, context)

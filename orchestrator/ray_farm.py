@@ -1,0 +1,255 @@
+"""A render farm on Ray (DESIGN.md rule 8): each stage attempt is a task on some node of a cluster.
+
+The only module that imports ray, and only a daemon or `ltx2 batch` with `[cluster] backend =
+"ray"` imports it (`pip install 'ltx2-stages[cluster]'`). The head keeps everything it owns today:
+the queue, every job's state and the retry policy. Ray only places processes. Each stage attempt
+(or stage-major group) is one task taking one unit of `[cluster] ray_resource` ("GPU"), in a fresh
+Ray worker process that runs that one task and exits (`max_calls=1`): it starts the stage exactly
+as a local lane execs it (`python -m services.<stage> ...`, through services.parent_bound so the
+stage dies with it) and waits for it. Ray never retries a task (`max_retries=0`): the policy does.
+The task is a generator: its first item says where the stage runs once Ray placed it, its last
+the stage's exit status. A Ray worker or node that dies mid-stage reads as a stage killed by
+SIGKILL, as the kernel's OOM killer leaves one locally: host_oom, which the policy retries.
+
+Workers report to the head over tcp:// with CURVE: keys made at start for this run only; the
+head accepts no client key but the one it hands its own tasks. Job directories and the model
+cache must be at the same path on every node (`paths.state_dir` on shared storage); at start one
+probe task per node reads a file just written in the state dir, and the farm refuses to start,
+naming each node that cannot. Nodes that join later are not probed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.exceptions
+import zmq
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from zmq.auth.thread import ThreadAuthenticator
+
+from config.settings import ConfigError, Settings
+from orchestrator.fork_client import worker_environment
+from orchestrator.lanes import Lane
+from orchestrator.runner import WorkerLink
+from protocol.errors import ExitCode
+from protocol.stages import WORKER_CURVE_ENV
+from services import faults
+
+log = logging.getLogger("ltx2.farm")
+# Every stage task: one per fresh Ray worker process (nothing of a stage outlives it; Ray's own
+# default for GPU tasks, and ours for any resource) and never retried by Ray, only by the policy.
+STAGE_TASK_OPTIONS: dict[str, Any] = {"max_calls": 1, "max_retries": 0, "num_cpus": 0, "num_returns": "streaming"}
+# The head passes its test fault switches (services/faults.py) on to its tasks; nothing else of
+# its environment, which describes the head, not the node.
+FORWARDED_ENV_PREFIX = "LTX2_FAULT_"
+# How long the start waits for each node's probe; a node that cannot run a task that long is lost.
+PROBE_TIMEOUT_S = 60.0
+# Exit status given to a stage whose Ray worker or node died: killed by SIGKILL (host_oom).
+LOST_EXIT = -signal.SIGKILL
+# How often `wait` asks Ray about a task.
+WAIT_POLL_S = 0.05
+
+
+class FarmUnusable(ConfigError):
+    """The Ray cluster cannot run this farm (unreachable, no resource, a node without the state dir)."""
+
+
+def run_stage(module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str]) -> Iterator[dict]:
+    """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it."""
+    environment = {**worker_environment(), **forwarded, WORKER_CURVE_ENV: curve}
+    command = [sys.executable, "-m", "services.parent_bound", str(os.getpid()), module, *args]
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment
+        )
+    yield {
+        "node": ray.get_runtime_context().get_node_id()[:12],
+        "host": socket.gethostname(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "remote_pid": child.pid,
+        "ray_worker_pid": os.getpid(),
+    }
+    yield {"returncode": child.wait()}
+
+
+def read_probe(path: str) -> str:
+    """The probe task: the text of the file the head just wrote, as this node sees it."""
+    if faults.hides_path(path, os.environ):
+        raise FileNotFoundError(f"{path} (hidden by LTX2_FAULT_HIDE_PATH)")
+    return Path(path).read_text()
+
+
+stage_task = ray.remote(**STAGE_TASK_OPTIONS)(run_stage)
+probe_task = ray.remote(num_cpus=0, max_retries=0)(read_probe)
+
+
+class RayStageProcess:
+    """A stage running as a Ray task: what the runner needs of a process (runner.RemoteProcess)."""
+
+    pid = 0  # not a process of this host: never signalled from here
+
+    def __init__(self, generator: ray.ObjectRefGenerator, log_path: Path) -> None:
+        self.generator = generator
+        self.log_path = log_path
+        self.returncode: int | None = None
+        self._placement: dict[str, Any] | None = None
+
+    @property
+    def placement(self) -> dict[str, Any] | None:
+        return self._placement
+
+    @property
+    def queued(self) -> bool:
+        return self.poll() is None and self._placement is None
+
+    def poll(self) -> int | None:
+        while self.returncode is None and ray.wait([self.generator], timeout=0)[0]:
+            try:
+                item = ray.get(next(self.generator))
+            except StopIteration:  # cannot happen: the task yields its exit status last
+                self.returncode = LOST_EXIT
+            except ray.exceptions.RayTaskError as exc:  # the task itself failed: this node cannot run it
+                self.note(f"the farm task failed before the stage ran: {exc}")
+                self.returncode = int(ExitCode.ENVIRONMENT)
+            except ray.exceptions.RayError as exc:  # its Ray worker or node died, or it was cancelled
+                self.note(f"the Ray worker of this stage was lost: {type(exc).__name__}: {exc}")
+                self.returncode = LOST_EXIT
+            else:
+                if "returncode" in item:
+                    self.returncode = int(item["returncode"])
+                else:
+                    self._placement = item
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("ray task", timeout or 0)
+            time.sleep(WAIT_POLL_S)
+        return code
+
+    def stop(self) -> int:
+        """Cancel the task: Ray kills its worker, and the stage dies with it (services.parent_bound)."""
+        ray.cancel(self.generator, force=True)
+        return self.wait()
+
+    def note(self, line: str) -> None:
+        """Add why the task ended to the stage's log, where the attempt's error tail is read."""
+        try:
+            with self.log_path.open("a") as log_file:
+                log_file.write(f"ltx2 farm: {line.splitlines()[0] if line else line}\n")
+        except OSError:
+            log.warning("%s: %s", self.log_path, line)
+
+
+class RayFarm:
+    """The lanes of a Ray cluster (one per unit of `ray_resource`) and the stage tasks they start."""
+
+    def __init__(self, settings: Settings) -> None:
+        if STAGE_TASK_OPTIONS["max_calls"] != 1 or STAGE_TASK_OPTIONS["max_retries"] != 0:
+            raise RuntimeError("stage tasks must run one per Ray worker and never be retried by Ray")
+        self.settings = settings
+        try:
+            ray.init(address=settings.address, namespace="ltx2-stages", log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise FarmUnusable(f"cluster.address = {settings.address!r}: cannot join the Ray cluster ({exc})") from None
+        resource = settings.ray_resource
+        units = int(ray.cluster_resources().get(resource, 0))
+        if units < 1:
+            ray.shutdown()
+            raise FarmUnusable(f"cluster.ray_resource = {resource!r}: the Ray cluster has none of it")
+        self.lanes = [Lane(index, "ray", None) for index in range(units)]
+        placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
+        self.task = stage_task.options(**placement)
+        self.forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
+        self.context = zmq.Context()
+        server_public, server_secret = zmq.curve_keypair()
+        self.client_public, client_secret = zmq.curve_keypair()
+        self.server_keys = (server_public, server_secret)
+        self.worker_keys = b" ".join((server_public, self.client_public, client_secret)).decode()
+        self.authenticator = ThreadAuthenticator(self.context)
+        self.authenticator.start()
+        self.authenticator.configure_curve_callback(domain="*", credentials_provider=self)
+        self.head_ip = ray.util.get_node_ip_address()
+        try:
+            self.probe_state_dir(settings.state_dir)
+        except BaseException:
+            self.close()
+            raise
+        log.info("Ray farm: %d lanes of %s, head %s", units, resource, self.head_ip)
+
+    def callback(self, _domain: str, client_key: bytes) -> bool:
+        """CURVE authentication: only this farm's own workers may connect."""
+        return secrets.compare_digest(client_key, self.client_public)
+
+    def probe_state_dir(self, state_dir: Path) -> None:
+        """One task per node that can run stages reads a file just written in the state dir;
+        raises FarmUnusable naming every node that cannot see it."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_hex(16)
+        probe = state_dir / f".farm-probe-{token[:8]}"
+        probe.write_text(token)
+        try:
+            nodes = [
+                node
+                for node in ray.nodes()
+                if node["Alive"] and node["Resources"].get(self.settings.ray_resource, 0) > 0
+            ]
+            answers = {
+                node["NodeID"]: probe_task.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+                ).remote(str(probe))
+                for node in nodes
+            }
+            blind = []
+            for node in nodes:
+                try:
+                    seen = ray.get(answers[node["NodeID"]], timeout=PROBE_TIMEOUT_S)
+                    problem = "" if seen == token else "reads different contents (another file system)"
+                except ray.exceptions.GetTimeoutError:
+                    problem = f"did not answer within {PROBE_TIMEOUT_S:.0f} s"
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    problem = f"cannot read it ({type(cause).__name__}: {str(cause).splitlines()[0]})"
+                if problem:
+                    blind.append(f"node {node['NodeManagerAddress']} ({node['NodeID'][:12]}) {problem}")
+        finally:
+            probe.unlink(missing_ok=True)
+        if blind:
+            raise FarmUnusable(
+                f"paths.state_dir = {state_dir} must be on storage every node mounts at the same path; "
+                + "; ".join(blind)
+            )
+
+    def link(self, lane: Lane) -> WorkerLink:
+        """A lane's socket: tcp on every interface, CURVE, advertised at the head's address."""
+        return WorkerLink(
+            self.context,
+            endpoint="tcp://*:*",
+            fork_server=False,
+            lane=lane,
+            spawner=self,
+            curve=self.server_keys,
+            advertise_host=self.head_ip,
+        )
+
+    def spawn(self, module: str, args: list[str], log_path: Path) -> RayStageProcess:
+        generator = self.task.remote(module, args, str(log_path), self.worker_keys, self.forwarded)
+        return RayStageProcess(generator, log_path)
+
+    def close(self) -> None:
+        self.authenticator.stop()
+        self.context.destroy(linger=0)
+        ray.shutdown()

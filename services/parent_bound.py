@@ -1,0 +1,36 @@
+"""`python -m services.parent_bound PARENT_PID MODULE [ARGS...]`: run a stage module that dies with its parent.
+
+A farm's task (orchestrator.ray_farm) starts the stage process and waits for it. When Ray stops
+that task (`ray.cancel(force=True)`), or the node's OOM killer takes it, the task's process dies
+without a chance to stop its child; a stage left running would hold the GPU the farm believes
+free. So the child asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), before
+its heavy imports, and exits at once if the parent died before it could ask.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+
+# linux/prctl.h
+PR_SET_PDEATHSIG = 1
+# What a shell reports for a process killed by SIGKILL: the parent is gone, so is the work.
+KILLED_EXIT = 128 + signal.SIGKILL
+
+
+def main() -> None:
+    parent, module, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(KILLED_EXIT)
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

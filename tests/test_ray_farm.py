@@ -1,0 +1,218 @@
+"""The Ray farm backend with a real Ray cluster of three nodes on this machine (ray.cluster_utils).
+
+The head node has no lane resource, so every stage task runs on one of two worker nodes, each
+holding one unit of `ltx2_lane` (standing for one GPU); either worker node can be removed mid-stage.
+The cluster is shared by the tests of this module so CI starts Ray once. Daemons are real
+`ltx2 daemon` processes joining the cluster as Ray drivers; jobs use the tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import probe_mp4, run_ltx2, submit_tiny
+from daemon_process import DaemonProcess, is_running, parent_of
+from safetensors.torch import load_file
+from supervised import wait_for_file
+from test_stage_major import write_batch
+
+from protocol.files import LATENTS_FILE
+
+ray = pytest.importorskip("ray", reason="the farm tests need Ray: pip install 'ltx2-stages[cluster]'")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+RESOURCE = "ltx2_lane"
+# Ray's object store is not used by the farm; the smallest store keeps three nodes light.
+OBJECT_STORE_BYTES = 80 * 1024**2
+NODE_WAIT_S = 60.0
+
+
+class Farm:
+    """The shared cluster: a head without lanes and two worker nodes of one lane each."""
+
+    def __init__(self, node_env: dict[str, str]) -> None:
+        self.node_env = node_env
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 1, "object_store_memory": OBJECT_STORE_BYTES, "env_vars": node_env},
+        )
+        self.workers = [self.add_lane_node() for _ in range(2)]
+
+    def add_lane_node(self, **extra_env: str) -> object:
+        node = self.cluster.add_node(
+            num_cpus=1,
+            resources={RESOURCE: 1},
+            object_store_memory=OBJECT_STORE_BYTES,
+            env_vars={**self.node_env, **extra_env},
+        )
+        self.cluster.wait_for_nodes()
+        return node
+
+    def node_of_raylet(self, raylet_pid: int) -> object:
+        return next(node for node in self.workers if node.all_processes["raylet"][0].process.pid == raylet_pid)
+
+    def replace(self, node: object) -> None:
+        """Remove a worker node (as if the host died) and add a fresh one for the next tests."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.workers.remove(node)
+        self.workers.append(self.add_lane_node())
+
+    def wait_for_lanes(self, units: int) -> None:
+        """Until the cluster holds `units` lanes again (a removed node's resources linger a while)."""
+        deadline = time.monotonic() + NODE_WAIT_S
+        ray.init(address=self.cluster.address)
+        try:
+            while ray.available_resources().get(RESOURCE, 0) != units:
+                assert time.monotonic() < deadline, ray.available_resources()
+                time.sleep(0.5)
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def farm(hf_home: Path) -> Iterator[Farm]:
+    node_env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    farm = Farm(node_env)
+    try:
+        yield farm
+    finally:
+        farm.cluster.shutdown()
+
+
+@pytest.fixture
+def farm_env(farm: Farm, daemon_env: dict) -> dict[str, str]:
+    farm.wait_for_lanes(2)
+    return {
+        **daemon_env,
+        "LTX2_CLUSTER_BACKEND": "ray",
+        "LTX2_RAY_ADDRESS": farm.cluster.address,
+        "LTX2_RAY_RESOURCE": RESOURCE,
+    }
+
+
+def job_record(env: dict[str, str], job_id: str) -> dict:
+    return json.loads((Path(env["LTX2_STATE_DIR"]) / "jobs" / job_id / "job.json").read_text())
+
+
+def attempts(record: dict, stage: str) -> list[dict]:
+    return record["stages"][stage]["attempts"]
+
+
+def test_stage_tasks_are_never_retried_by_ray_and_run_one_per_ray_worker():
+    from orchestrator import ray_farm
+
+    options = ray_farm.stage_task._default_options
+    assert options["max_calls"] == 1 and options["max_retries"] == 0
+
+
+def test_queued_jobs_run_across_both_nodes_each_stage_in_a_fresh_ray_worker(farm_env: dict, tmp_path: Path):
+    with DaemonProcess(farm_env, tmp_path / "daemon.log") as daemon:
+        job_ids = [submit_tiny(farm_env, f"farm clip {n}", "--seed", str(20 + n)) for n in range(4)]
+        for job_id in job_ids:
+            job = daemon.wait_for_state(job_id, {"done", "failed"})
+            assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+            assert probe_mp4(Path(job["output"]))["frames"] == 17
+        shown = run_ltx2(["status", job_ids[0]], farm_env)
+        assert shown.stdout.count(f", host {socket.gethostname()}): ok") == 3, shown.stdout  # one per stage
+    records = [job_record(farm_env, job_id) for job_id in job_ids]
+    tasks = {}  # one entry per stage task: (node, its Ray worker's pid) -> members
+    for record in records:
+        for stage in record["stages"]:
+            for attempt in attempts(record, stage):
+                assert attempt["result"] == "ok" and attempt["device"] == "ray" and attempt["pid"] == 0
+                key = (attempt["node"], attempt["ray_worker_pid"], attempt["remote_pid"])
+                tasks.setdefault(key, []).append(record["id"])
+    assert len({node for node, _, _ in tasks}) == 2, tasks  # both worker nodes ran stages
+    ray_workers = [(node, pid) for node, pid, _ in tasks]
+    assert len(set(ray_workers)) == len(ray_workers), tasks  # max_calls=1: no Ray worker ran two tasks
+
+
+def test_node_removed_mid_diffusion_its_job_finishes_on_the_other_node_with_equal_latents(
+    farm: Farm, farm_env: dict, tmp_path: Path
+):
+    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}  # forwarded to the tasks
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        # The same clip twice: one lane each; whichever pauses first loses its node.
+        job_ids = [submit_tiny(env, "a lighthouse at dusk") for _ in range(2)]
+        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+        ray_worker = parent_of(stage_pid)
+        farm.replace(farm.node_of_raylet(parent_of(ray_worker)))
+        for job_id in job_ids:
+            job = daemon.wait_for_state(job_id, {"done", "failed"})
+            assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    assert not is_running(stage_pid)
+    records = [job_record(env, job_id) for job_id in job_ids]
+    disturbed = [r for r in records if len(attempts(r, "encode_diffuse")) == 2]
+    assert len(disturbed) == 1, [attempts(r, "encode_diffuse") for r in records]
+    first, second = attempts(disturbed[0], "encode_diffuse")
+    assert first["result"] == "host_oom" and first["ray_worker_pid"] == ray_worker
+    assert second["result"] == "ok" and second["node"] != first["node"] and second["plan"] == first["plan"]
+    latents = [load_file(Path(env["LTX2_STATE_DIR"]) / "jobs" / r["id"] / LATENTS_FILE) for r in records]
+    assert latents[0].keys() == latents[1].keys()
+    assert all(torch.equal(latents[0][key], latents[1][key]) for key in latents[0])
+
+
+def test_ray_worker_killed_is_host_oom_and_retried_by_the_policy_exactly_once(farm_env: dict, tmp_path: Path):
+    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a paper boat")
+        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+        ray_worker = parent_of(stage_pid)
+        os.kill(ray_worker, signal.SIGKILL)  # as the node's OOM killer would
+        job = daemon.wait_for_state(job_id, {"done", "failed"})
+        assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    assert not is_running(stage_pid)  # the stage died with its Ray worker
+    tried = attempts(job_record(env, job_id), "encode_diffuse")
+    assert [a["result"] for a in tried] == ["host_oom", "ok"]  # Ray's own retry would leave one attempt
+    assert tried[0]["ray_worker_pid"] == ray_worker and tried[1]["ray_worker_pid"] != ray_worker
+    assert tried[0]["plan"] == tried[1]["plan"]
+
+
+def test_cancel_reaches_the_ray_task_and_its_stage_process(farm_env: dict, tmp_path: Path):
+    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a slow train")
+        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+        ray_worker = parent_of(stage_pid)
+        assert run_ltx2(["cancel", job_id], env).returncode == 0
+        job = daemon.wait_for_state(job_id, {"cancelled", "failed", "done"})
+        assert job["state"] == "cancelled", job
+        deadline = time.monotonic() + 30
+        while is_running(stage_pid) or is_running(ray_worker):
+            assert time.monotonic() < deadline, "the cancelled task's processes still run"
+            time.sleep(0.2)
+    assert attempts(job_record(env, job_id), "encode_diffuse")[-1]["result"] == "cancelled"
+
+
+def test_a_node_that_cannot_see_the_state_dir_stops_the_farm_from_starting(farm: Farm, farm_env: dict):
+    state_dir = Path(farm_env["LTX2_STATE_DIR"])
+    blind = farm.add_lane_node(LTX2_FAULT_HIDE_PATH=str(state_dir))
+    farm.workers.append(blind)
+    try:
+        result = run_ltx2(["daemon"], farm_env, timeout=120)
+    finally:
+        farm.cluster.remove_node(blind)
+        farm.workers.remove(blind)
+    assert result.returncode == 2, result.stderr
+    blind_id = blind.node_id[:12]
+    assert f"paths.state_dir = {state_dir}" in result.stderr and blind_id in result.stderr, result.stderr
+    assert sum(line.startswith("node ") for line in result.stderr.split("; ")) == 1, result.stderr  # only that one
+    assert list(state_dir.glob(".farm-probe-*")) == []
+
+
+def test_batch_on_the_farm(farm_env: dict, tmp_path: Path):
+    clips = [{"name": f"c{n}", "prompt": f"farm batch clip {n}", "seed": n} for n in range(3)]
+    result = run_ltx2(["batch", str(write_batch(tmp_path / "clips.toml", clips)), "--quiet"], farm_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted(Path(farm_env["LTX2_OUTPUT_DIR"]).glob("c*.mp4"))
+    assert len(outputs) == 3 and all(probe_mp4(path)["frames"] == 9 for path in outputs)
+    records = [json.loads(path.read_text()) for path in (Path(farm_env["LTX2_STATE_DIR"]) / "jobs").glob("*/job.json")]
+    assert {a["device"] for r in records for stage in r["stages"] for a in attempts(r, stage)} == {"ray"}
