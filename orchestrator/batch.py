@@ -59,9 +59,12 @@ class Clip:
 def read_batch(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(defaults, clips) from a TOML or JSON Lines batch file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # not the locale's: prompts are UTF-8 wherever the batch runs
     except OSError as exc:
         raise BatchError(f"cannot read {path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise BatchError(f"{path} must be UTF-8 text; byte {exc.start} (0x{bad:02x}) is not") from None
     try:
         if path.suffix in (".jsonl", ".ndjson"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]

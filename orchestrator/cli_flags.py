@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from protocol.spec import NOT_UTF8, SpecError
+
 # CLI flags that map one-to-one onto JobSpec fields.
 SPEC_FLAGS = (
     "prompt",
@@ -139,5 +141,26 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def spec_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec fields the user gave on the command line (the rest come from the preset)."""
-    return {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
+    """The spec fields the user gave on the command line (the rest come from the preset).
+
+    Raises SpecError for text that is not UTF-8: Python hands undecodable argv bytes over as lone
+    surrogates, which no protocol frame or job.json can carry (`ltx2 submit` died encoding them).
+    """
+    request = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
+    for name, value in request.items():
+        require_utf8("lora" if name == "loras" else name, value)
+    return request
+
+
+def require_utf8(field: str, value: Any) -> None:
+    """SpecError naming `field` if `value` (or any text inside it) cannot be encoded as UTF-8."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            require_utf8(field, item)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(field, NOT_UTF8) from None

@@ -2,7 +2,8 @@
 
 Every orchestrator (the daemon, `ltx2 generate`, `ltx2 batch`) binds `workers-<its pid>.sock` (and
 `workers-<its pid>-<lane>.sock` for each further lane) in
-the private runtime directory and removes it when it closes. One killed by SIGKILL or the OOM
+the private runtime directory and removes it when it closes (a daemon also binds
+`daemon-core-<its pid>.sock`, its link to its client front). One killed by SIGKILL or the OOM
 killer cannot, so each such death used to leave a file there for good. When an orchestrator
 starts, files of exactly that name whose pid is not running are removed; any other name, and the
 socket of any running process (another daemon, a `generate` in another shell), is left alone.
@@ -18,7 +19,8 @@ from pathlib import Path
 from orchestrator import processes
 
 log = logging.getLogger("ltx2.orchestrator")
-WORKER_SOCKET = re.compile(r"workers-(\d+)(?:-\d+)?\.sock")  # -N: lane N's socket, for lanes after the first
+# -N: lane N's socket, for lanes after the first; daemon-core-PID: a daemon's link to its client front.
+WORKER_SOCKET = re.compile(r"(?:workers|daemon-core)-(\d+)(?:-\d+)?\.sock")
 
 
 def remove_stale_worker_sockets(directory: Path) -> list[Path]:

@@ -38,6 +38,7 @@ LORA_KEYS = frozenset({"source", "weight_name", "scale"})
 # Fields that do not change the latents (see JobSpec.latents_digest).
 DECODE_ONLY_FIELDS = frozenset({"name", "vae_chunk_frames", "vae_tiling", "drop_caches"})
 SCHEDULES = ("distilled", "default")
+NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
 # The distilled checkpoint was trained on one fixed 8-sigma schedule.
 DISTILLED_STEPS = 8
 
@@ -181,7 +182,7 @@ def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
-        raise SpecError(field, "is not valid UTF-8 text") from None
+        raise SpecError(field, NOT_UTF8) from None
     if size > MAX_PROMPT_BYTES:
         raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
 
@@ -194,15 +195,21 @@ def nearest_sizes(value: int) -> list[int]:
     return sorted({min(MAX_SIZE, max(MIN_SIZE, size)) for size in candidates})
 
 
+def nearest_frames(value: int) -> list[int]:
+    """The allowed frame counts nearest to an invalid `value`: the 8n+1 counts either side of it,
+    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
+    below = (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1
+    candidates = (below, below + FRAME_MULTIPLE) if below != value else (value,)
+    return sorted({min(MAX_FRAMES, max(MIN_FRAMES, frames)) for frames in candidates})
+
+
 def _require_frames(value: int) -> None:
     if value % FRAME_MULTIPLE == 1 and MIN_FRAMES <= value <= MAX_FRAMES:
         return
-    below = min(MAX_FRAMES, max(MIN_FRAMES, (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1))
-    above = min(MAX_FRAMES, below + FRAME_MULTIPLE) if below < value else below
     raise SpecError(
         "num_frames",
         f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
-        f" (nearest allowed: {below} or {above})",
+        f" (nearest allowed: {' or '.join(map(str, nearest_frames(value)))})",
     )
 
 

@@ -56,8 +56,8 @@ def test_empty_model_exits_2_naming_model_instead_of_meaning_the_default(ltx2_en
     assert not (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").exists()
 
 
-@given(st.sampled_from(["width", "height"]), st.integers(-(10**6), 10**6))
-def test_every_suggested_size_is_itself_allowed(field: str, value: int):
+@given(st.sampled_from(["width", "height", "num_frames"]), st.integers(-(10**6), 10**6))
+def test_every_suggested_size_or_frame_count_is_itself_allowed(field: str, value: int):
     try:
         JobSpec.from_dict({**SPEC, field: value})
         return
@@ -65,8 +65,35 @@ def test_every_suggested_size_is_itself_allowed(field: str, value: int):
         message = str(exc)
     hint = re.search(r"nearest allowed: (-?\d+)(?: or (-?\d+))?\)", message)
     assert hint, message
-    for suggestion in (int(group) for group in hint.groups() if group is not None):
-        JobSpec.from_dict({**SPEC, field: suggestion})  # raises if the hint suggested an invalid size
+    suggestions = [int(group) for group in hint.groups() if group is not None]
+    assert len(set(suggestions)) == len(suggestions), message  # never "1025 or 1025"
+    for suggestion in suggestions:
+        JobSpec.from_dict({**SPEC, field: suggestion})  # raises if the hint suggested an invalid value
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single `ltx2: error:` line of a refused command (and no traceback)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ltx2: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_a_prompt_that_is_not_utf8_exits_2_naming_it_in_submit_generate_and_batch(daemon, tmp_path: Path):
+    not_utf8 = b"\xff\xfe a cat".decode("utf-8", "surrogateescape")  # what Python makes of such argv bytes
+    for command in (["submit"], ["generate", "--model", TINY, *TINY_ARGS]):
+        refused = run_ltx2([*command, "--prompt", not_utf8], daemon.env)
+        assert refused.returncode == 2, refused.stderr
+        line = one_error_line(refused)
+        assert "--prompt" in line and "UTF-8" in line, line
+    with daemon.client() as client:
+        assert client.request(jobs.ListJobs("", 10))["jobs"] == []
+    batch = tmp_path / "latin1.toml"
+    batch.write_bytes('[[clips]]\nprompt = "un caf\u00e9 au lait"\n'.encode("latin-1"))
+    refused = run_ltx2(["batch", str(batch)], daemon.env)
+    assert refused.returncode == 2, refused.stderr
+    line = one_error_line(refused)
+    assert str(batch) in line and "UTF-8" in line, line
 
 
 @pytest.fixture

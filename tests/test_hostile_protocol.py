@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket as pysocket
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
-from conftest import run_ltx2
-from daemon_process import DaemonProcess
+from conftest import run_ltx2, submit_tiny
+from daemon_process import DaemonProcess, children_of, cmdline, is_running
+from zmq.utils.monitor import recv_monitor_message
 
 from orchestrator.daemon.replies import LIST_TEXT_CHARS, encode_reply, fit_listing
 from protocol import codec, jobs
@@ -22,8 +25,11 @@ from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
 
 # The issue's flood: 1,000 frames just under the per-frame limit, about 1 GiB in one message.
 FLOOD_FRAMES = 1000
-# What the daemon may keep after the flood: far below the ~1 GiB sent (the unfixed daemon kept 1.5 GB).
-RSS_GROWTH_LIMIT = 128 * 1024 * 1024
+# The daemon's peak RSS through the flood: it never sees the flood (its client front does), so it
+# stays near its idle ~35 MiB; a daemon that read clients itself peaked at 1,036 MiB.
+DAEMON_PEAK_LIMIT = 200 * 1024 * 1024
+# How long a replacement client front may take to start, and an orphaned one to notice it is alone.
+FRONT_WAIT_S = 30.0
 # A hang guard for one reply, not a measurement: a 1 GiB message takes a few seconds on two cores.
 REPLY_WAIT_MS = 120_000
 # Enough 32,000-byte prompts that a listing of all of them with full prompts exceeds one frame.
@@ -50,12 +56,35 @@ def daemon_env(ltx2_env: dict, runtime_parent: Path) -> dict[str, str]:
     return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime_parent)}
 
 
-def rss_bytes(pid: int) -> int:
-    """The process's resident set size now, from /proc/PID/status (VmRSS, in kB)."""
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size so far, from /proc/PID/status (VmHWM, in kB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
+    raise AssertionError(f"no VmHWM for {pid}")
+
+
+def client_fronts(daemon_pid: int) -> list[int]:
+    """The daemon's running client front processes (one, normally)."""
+    return [pid for pid in children_of(daemon_pid) if "client_front" in cmdline(pid) and is_running(pid)]
+
+
+def front_of(daemon_pid: int) -> int:
+    """The daemon's client front process."""
+    fronts = client_fronts(daemon_pid)
+    assert len(fronts) == 1, f"daemon {daemon_pid} has client fronts {fronts}"
+    return fronts[0]
+
+
+def wait_for_front(daemon_pid: int, other_than: int) -> int:
+    """The daemon's next client front, once it has replaced `other_than`."""
+    deadline = time.monotonic() + FRONT_WAIT_S
+    while time.monotonic() < deadline:
+        fronts = client_fronts(daemon_pid)
+        if fronts and fronts != [other_than]:
+            return fronts[0]
+        time.sleep(0.1)
+    pytest.fail(f"daemon {daemon_pid} started no new client front after {other_than} died")
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -66,28 +95,63 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
         pytest.fail(f"`ltx2 {' '.join(args)}` did not refuse; it ran on:\n{exc.stderr}")
 
 
-def test_multipart_flood_gets_one_error_and_does_not_grow_the_daemon(daemon_env: dict, tmp_path: Path):
+def test_multipart_flood_never_reaches_the_daemon_and_the_cli_still_works(daemon_env: dict, tmp_path: Path):
     with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
-        before = rss_bytes(daemon.pid)
+        fronts = client_fronts(daemon.pid)
         context = zmq.Context()
         dealer = context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
+        monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         dealer.connect(daemon.endpoint)
         frame = b"\x00" * (MAX_MESSAGE_BYTES - 1)  # sent zero-copy: the test itself stays small
         for _ in range(FLOOD_FRAMES - 1):
             dealer.send(frame, flags=zmq.SNDMORE, copy=False)
         dealer.send(frame, copy=False)
-        assert dealer.poll(REPLY_WAIT_MS), f"no reply to the flood; daemon log:\n{daemon.log()[-3000:]}"
-        reply = codec.decode(dealer.recv())
-        assert isinstance(reply, jobs.Error)
-        assert reply.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE)
-        grown = rss_bytes(daemon.pid) - before
-        assert grown < RSS_GROWTH_LIMIT, f"daemon RSS grew by {grown >> 20} MiB after a {FLOOD_FRAMES} MiB message"
-        dealer.send(codec.encode(jobs.Ping("")))
-        assert dealer.poll(REPLY_WAIT_MS)
-        assert codec.decode(dealer.recv()).data["pid"] == daemon.pid
+        # Under its memory bound the front refuses the message; past it, it drops the connection.
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        events = dict(poller.poll(REPLY_WAIT_MS))
+        assert events, f"no reply and no disconnect after the flood; daemon log:\n{daemon.log()[-3000:]}"
+        if dealer in events:
+            reply = codec.decode(dealer.recv())
+            assert isinstance(reply, jobs.Error) and reply.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE)
+        else:
+            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        dealer.disable_monitor()
+        monitor.close()
         dealer.close()
         context.term()
+        peak = peak_rss_bytes(daemon.pid)
+        assert peak < DAEMON_PEAK_LIMIT, f"daemon peak RSS {peak >> 20} MiB after a {FLOOD_FRAMES} MiB message"
+        job_id = submit_tiny(daemon_env, "after the flood")
+        listed = run_cli(["jobs"], daemon_env)
+        assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+        with daemon.client() as client:
+            assert client.request(jobs.Ping(""))["pid"] == daemon.pid
+        assert len(fronts) == 1, f"daemon {daemon.pid} has client fronts {fronts}"
+        if not is_running(fronts[0]):  # it died of the flood (libzmq aborts where it cannot allocate)
+            assert "client front" in daemon.log() and "died" in daemon.log()
+
+
+def test_a_client_front_that_dies_is_replaced_and_none_outlives_the_daemon(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        first = front_of(daemon.pid)
+        os.kill(first, signal.SIGKILL)  # as libzmq's abort would
+        second = wait_for_front(daemon.pid, other_than=first)
+        listed = run_cli(["jobs"], daemon_env)
+        assert listed.returncode == 0, listed.stderr
+        died = [line for line in daemon.log().splitlines() if f"client front {first} died" in line]
+        assert len(died) == 1, daemon.log()
+    assert not is_running(second), f"client front {second} outlived its daemon"
+    with DaemonProcess(daemon_env, tmp_path / "daemon2.log") as daemon:
+        orphan = front_of(daemon.pid)
+        daemon.process.kill()  # no chance to stop its front: the front notices on its own
+        daemon.process.wait()
+        deadline = time.monotonic() + FRONT_WAIT_S
+        while is_running(orphan) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_running(orphan), f"client front {orphan} outlived its SIGKILLed daemon"
 
 
 def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(daemon_env: dict, tmp_path: Path):

@@ -20,6 +20,8 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "orchestrator.daemon.executor",
         "orchestrator.daemon.client",
         "orchestrator.daemon.client_commands",
+        "orchestrator.daemon.client_front",
+        "orchestrator.daemon.front_process",
         "orchestrator.fork_client",
         "orchestrator.lanes",
         "orchestrator.lane_links",

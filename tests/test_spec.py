@@ -32,7 +32,7 @@ def test_valid_spec_round_trips_through_plain_data():
         ({"prompt": "   "}, "--prompt", "must not be empty"),
         ({"prompt": "\U0001f30a" * 10_000}, "--prompt", "40000 bytes in UTF-8; at most 32768"),
         ({"negative_prompt": "\u00e9" * 17_000}, "--negative-prompt", "34000 bytes in UTF-8"),
-        ({"prompt": "a \udcff cat"}, "--prompt", "not valid UTF-8"),
+        ({"prompt": "a \udcff cat"}, "--prompt", "must be valid UTF-8"),
         ({"name": "../etc/passwd"}, "--name", "must match"),
         ({"schedule": "karras"}, "--schedule", "one of distilled, default"),
         ({"steps": 4}, "--steps", "distilled schedule has exactly 8"),
@@ -47,6 +47,24 @@ def test_rule_violations_name_the_flag(changes: dict, flag: str, fragment: str):
     message = str(caught.value)
     assert message.startswith(flag + ":")
     assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("frames", "hint"),
+    [
+        (100, "(nearest allowed: 97 or 105)"),
+        (2000, "(nearest allowed: 1025)"),  # was "1025 or 1025"
+        (1030, "(nearest allowed: 1025)"),  # 1033 is over the limit
+        (0, "(nearest allowed: 9)"),  # was "9 or 9"
+        (5, "(nearest allowed: 9)"),
+        (-40, "(nearest allowed: 9)"),
+        (10**12, "(nearest allowed: 1025)"),
+    ],
+)
+def test_frame_count_hint_names_only_allowed_counts_once_each(frames: int, hint: str):
+    with pytest.raises(SpecError) as caught:
+        spec(num_frames=frames)
+    assert str(caught.value).endswith(hint), str(caught.value)
 
 
 def test_missing_required_field_is_reported():

@@ -10,6 +10,10 @@ Guards: one daemon per state dir (orchestrator.daemon.state_lock, taken before a
 store), and a daemon whose executor thread died exits non-zero instead of queueing jobs that never
 run, so supervisord restarts it and the restarted daemon resumes the queue.
 
+Clients never reach this process directly: a client front process (orchestrator.daemon.client_front)
+binds the public endpoint under a memory bound and passes on one-frame requests over a private ipc
+socket, so a multipart flood exhausts the front, which is restarted, never the daemon.
+
 The main loop never blocks on a peer: it polls with a timeout, every frame is decoded and
 validated (protocol.codec), and every request gets exactly one reply, `ok` or a typed `error`.
 Nothing a client sends can raise past `answer`.
@@ -28,13 +32,14 @@ import zmq
 
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
+from orchestrator.daemon.front_process import ClientFront
 from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
-from orchestrator.daemon.transport import DaemonAddress, bind_server, receive_request
+from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_request
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
-from orchestrator.lane_links import open_lanes
+from orchestrator.lane_links import LaneSource, open_lanes
 from orchestrator.policy import describe_plan
 from orchestrator.states import JobState, TransitionError
 from protocol import codec, jobs
@@ -86,45 +91,48 @@ class Daemon:
         for job_id in recover_interrupted(store, self.settings.jobs_dir):
             log.warning("job %s was interrupted; re-queued to resume", job_id)
         context = zmq.Context()
-        socket, authenticator = bind_server(context, self.address)
+        endpoint = core_endpoint(os.getpid())
+        socket = bind_core(context, endpoint)
+        front = ClientFront(self.address, endpoint)
+        source: LaneSource | None = None
         try:
-            source = open_lanes(self.settings, context)
-        except BaseException:
-            socket.close()
-            if authenticator is not None:
-                authenticator.stop()
-            context.destroy(linger=0)
-            raise
-        lanes = source.lanes
-        self.executors = [
-            Executor(self.settings, self.store_path, source, self.board, self.stop, lane, len(lanes)) for lane in lanes
-        ]
-        for executor in self.executors:
-            executor.start()
-        log.info("lanes: %s", ", ".join(lane.device or "one lane, every device" for lane in lanes))
-        log.info("listening on %s (pid %d)", self.address.endpoint, os.getpid())
-        self.ready.set()
-        try:
+            front.start()  # TransportError if the public endpoint or its keys cannot be used
+            source = open_lanes(self.settings, context)  # FarmUnusable if a Ray farm cannot run
+            lanes = source.lanes
+            self.executors = [
+                Executor(self.settings, self.store_path, source, self.board, self.stop, lane, len(lanes))
+                for lane in lanes
+            ]
+            for executor in self.executors:
+                executor.start()
+            log.info("lanes: %s", ", ".join(lane.device or "one lane, every device" for lane in lanes))
+            log.info("listening on %s (pid %d, client front %d)", self.address.endpoint, os.getpid(), front.pid)
+            self.ready.set()
             while not self.stop.is_set():
                 if not all(executor.is_alive() for executor in self.executors) and not self.stop.is_set():
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
+                front.keep_running()
                 if socket.poll(POLL_MS):
-                    identity, payload = receive_request(socket)  # extra frames are dropped as read
+                    identity, payload = receive_request(socket)  # the front forwards one-frame requests only
                     reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
-                    socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
+                    try:
+                        socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
+                    except zmq.Again:  # the front died since it asked: its clients reconnect and ask again
+                        log.warning("reply to a %s request dropped: no client front connected", type(reply).__name__)
         finally:
             self.stop.set()
             for executor in self.executors:
                 executor.join()
-            source.close()
+            if source is not None:
+                source.close()
+            front.stop()
             socket.close()
-            if authenticator is not None:
-                authenticator.stop()
             # destroy, not term: a dead executor may have left its worker socket open, and term
             # would wait for it forever. The executor has ended, so every socket left is ours.
             context.destroy(linger=0)
             store.close()
+            Path(endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             if self.address.endpoint.startswith("ipc://"):
                 Path(self.address.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             log.info("stopped")

@@ -47,8 +47,25 @@ def default_endpoint() -> str:
     return f"ipc://{runtime_dir()}/daemon.sock"
 
 
+def core_endpoint(pid: int) -> str:
+    """The daemon's private socket, which only its client front (client_front) connects to; named by
+    the daemon's pid so daemons of different state dirs sharing a runtime dir never meet."""
+    return f"ipc://{runtime_dir()}/daemon-core-{pid}.sock"
+
+
+def bind_core(context: zmq.Context, endpoint: str) -> zmq.Socket:
+    """The daemon's end of the private link to its client front: a DEALER that receives
+    [client identity, request] and sends [client identity, reply]."""
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # the front forwards one-frame requests only
+    socket.setsockopt(zmq.SNDHWM, 1000)
+    socket.bind(endpoint)
+    return socket
+
+
 def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socket, ThreadAuthenticator | None]:
-    """The daemon's ROUTER socket; with tcp, also the running CURVE authenticator."""
+    """The public ROUTER socket (bound by the client front); with tcp, also the running CURVE authenticator."""
     socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     # Peers sending a frame over the limit are disconnected by libzmq before it is buffered.
@@ -81,15 +98,16 @@ def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socke
 
 
 def receive_request(socket: zmq.Socket) -> tuple[bytes, bytes | jobs.Error]:
-    """One client message off the daemon's ROUTER: the client's identity, and its one payload frame
-    or the error reply to send instead.
+    """One client message off the client front's ROUTER (or the daemon's link to its front): the
+    client's identity, and its one payload frame or the error reply to send instead.
 
     MAXMSGSIZE bounds each frame, not the message: one message of 1,000 frames of 1 MiB took the
     daemon to 2 GB when it was read with recv_multipart, which copies every frame into Python and
     left most of it to the allocator. Here only the first payload frame is kept; any further frame
     (a request is exactly one) is received zero-copy and dropped at once, so its memory is returned
     as it is read, and only its size is counted for the error. libzmq delivers a message whole, so
-    draining the rest never waits on the peer.
+    draining the rest never waits on the peer. That whole-message buffering is why the ROUTER lives
+    in the client front, a process with a memory bound (client_front), and not in the daemon.
     """
     identity = socket.recv()
     if not socket.getsockopt(zmq.RCVMORE):  # a ROUTER always prefixes the identity; be safe anyway
