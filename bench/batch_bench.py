@@ -149,7 +149,8 @@ WARMUP_CLIPS = 2
 
 def attempt_record(attempt: AttemptTiming) -> dict[str, Any]:
     """One attempt as the results keep it (times as UNIX seconds)."""
-    keys = ("result", "seconds", "peak_gpu_bytes", "peak_rss_bytes", "group", "reason", "plan", "started", "ended")
+    keys = ("result", "seconds", "peak_gpu_bytes", "peak_rss_bytes", "group", "lane", "reason", "plan")
+    keys += ("started", "ended")
     return {key: getattr(attempt, key) for key in keys}
 
 
@@ -232,6 +233,30 @@ def stage_gaps(jobs: dict[str, Any]) -> dict[str, float]:
         ends = sorted(job["finished_at"][stage] for job in jobs.values() if stage in job.get("finished_at", {}))
         if len(ends) > 1:
             gaps[stage] = (ends[-1] - ends[0]) / (len(ends) - 1)
+    return gaps
+
+
+def lane_stage_gaps(jobs: dict[str, Any]) -> dict[str, float]:
+    """Per stage, what each further clip costs the batch with its lanes working side by side: the
+    spacing of stage ends within each lane's diffusion group ((last - first) / (clips - 1)), the
+    lanes' rates added up. stage_gaps mixes the lanes' ends, which interleave at random; a lane's
+    own spacing is what a longer batch pays there. One lane with two groups: their mean."""
+    gaps: dict[str, float] = {}
+    for stage in STAGES:
+        spacing: dict[int, list[float]] = {}
+        groups: dict[tuple[str, ...], list[float]] = {}
+        lanes: dict[tuple[str, ...], int] = {}
+        for name, job in jobs.items():
+            diffusion = job["stages"].get("encode_diffuse") or [{}]
+            key = tuple(diffusion[-1].get("group") or [name])
+            if stage in job.get("finished_at", {}):
+                groups.setdefault(key, []).append(job["finished_at"][stage])
+                lanes[key] = diffusion[-1].get("lane", 0)
+        for key, ends in groups.items():
+            if len(ends) > 1:
+                spacing.setdefault(lanes[key], []).append((max(ends) - min(ends)) / (len(ends) - 1))
+        if spacing:
+            gaps[stage] = 1 / sum(1 / (sum(per) / len(per)) for per in spacing.values() if sum(per) > 0)
     return gaps
 
 
@@ -364,6 +389,8 @@ def add_clip_numbers(run: dict[str, Any]) -> None:
     run["warm_per_clip_s"] = sum(later) / len(later) if later else None
     run["stage_gap_s"] = stage_gaps(run["jobs"])
     run["warm_per_clip_wall_s"] = sum(run["stage_gap_s"].values()) if run["stage_gap_s"] else None
+    run["lane_stage_gap_s"] = lane_stage_gaps(run["jobs"])
+    run["steady_per_clip_s"] = sum(run["lane_stage_gap_s"].values()) if run["lane_stage_gap_s"] else None
 
 
 def add_psnr(results: dict[str, Any]) -> None:
@@ -470,7 +497,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"MFU {fmt(run.get('mfu_steady'), '', 3)}; "
             f"stage seconds per clip {seconds}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "
             f"torch per stage {', '.join(f'{k} {v:.1f} GiB' for k, v in peaks.items())}; "
-            f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; "
+            f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; steady per clip (lanes side by side) "
+            f"{fmt(run.get('steady_per_clip_s'), 's', 3)} "
+            f"{ {k: round(v, 3) for k, v in run.get('lane_stage_gap_s', {}).items()} }; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
 

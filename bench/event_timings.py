@@ -67,6 +67,7 @@ class AttemptTiming:
     peak_gpu_bytes: int | None = None
     peak_rss_bytes: int | None = None
     group: list[str] | None = None  #: the jobs of a stage-major group worker, when it ran in one
+    lane: int = 0  #: the lane that ran it (orchestrator.lanes; 0 for the single lane)
 
     @property
     def wall_s(self) -> float | None:
@@ -159,6 +160,7 @@ def merge_attempt(record: dict[str, Any], seen: dict[str, Any]) -> AttemptTiming
         peak_gpu_bytes=pick("peak_gpu_bytes"),
         peak_rss_bytes=pick("peak_rss_bytes"),
         group=record.get("group"),
+        lane=int(record.get("lane", 0)),
     )
 
 

@@ -127,3 +127,24 @@ def test_load_times_and_seconds_per_step_come_from_the_progress_events(job_dir: 
     assert 0 < encode["s_per_step_steady"] <= encode["denoise_s"]
     for name in ("audio_decode", "video_decode"):
         assert stages[name]["load_s"] >= 0 and stages[name]["decode_s"] > 0, name
+
+
+def test_steady_clip_cost_adds_up_the_lanes_rates_and_averages_one_lanes_groups():
+    from batch_bench import lane_stage_gaps
+
+    def job(lane: int, group: list[str], ends: dict[str, float]) -> dict:
+        return {"finished_at": ends, "stages": {"encode_diffuse": [{"group": group, "lane": lane}]}}
+
+    def lane_jobs(lane: int, names: list[str], start: float, spacing: float) -> dict:
+        return {
+            name: job(lane, names, {stage: start + i * spacing for stage in ("encode_diffuse", "video_decode")})
+            for i, name in enumerate(names)
+        }
+
+    # Two lanes side by side, 2 s between their clips' ends: one clip per 1 s for the batch,
+    # although the lanes' ends interleave unevenly.
+    two = lane_jobs(0, ["a", "b", "c"], 10.0, 2.0) | lane_jobs(1, ["d", "e", "f"], 10.3, 2.0)
+    assert lane_stage_gaps(two) == pytest.approx({"encode_diffuse": 1.0, "video_decode": 1.0})
+    # One lane, two groups one after the other (2 s and 4 s apart): their mean, 3 s.
+    one = lane_jobs(0, ["a", "b"], 0.0, 2.0) | lane_jobs(0, ["c", "d"], 50.0, 4.0)
+    assert lane_stage_gaps(one) == pytest.approx({"encode_diffuse": 3.0, "video_decode": 3.0})
