@@ -57,6 +57,8 @@ FORWARDED_ENV_PREFIX = "LTX2_FAULT_"
 PROBE_TIMEOUT_S = 60.0
 # Exit status given to a stage whose Ray worker or node died: killed by SIGKILL (host_oom).
 LOST_EXIT = -signal.SIGKILL
+# How long the start waits for the cluster's address to accept a connection.
+CONNECT_TIMEOUT_S = 5.0
 # How often `wait` asks Ray about a task.
 WAIT_POLL_S = 0.05
 
@@ -92,6 +94,19 @@ def read_probe(path: str) -> str:
 
 stage_task = ray.remote(**STAGE_TASK_OPTIONS)(run_stage)
 probe_task = ray.remote(num_cpus=0, max_retries=0)(read_probe)
+
+
+def check_reachable(address: str) -> None:
+    """Refuse at once an address nothing listens on: ray.init would retry it for minutes."""
+    if address == "auto":
+        address = os.environ.get("RAY_ADDRESS", "")  # empty: Ray looks for a cluster of this host
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" without RAY_ADDRESS, or a form Ray itself will judge
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise FarmUnusable(f"cluster.address = {address!r}: nothing answers at {host}:{port} ({exc})") from None
 
 
 class RayStageProcess:
@@ -161,6 +176,7 @@ class RayFarm:
         if STAGE_TASK_OPTIONS["max_calls"] != 1 or STAGE_TASK_OPTIONS["max_retries"] != 0:
             raise RuntimeError("stage tasks must run one per Ray worker and never be retried by Ray")
         self.settings = settings
+        check_reachable(settings.address)
         try:
             ray.init(address=settings.address, namespace="ltx2-stages", log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -216,3 +216,13 @@ def test_batch_on_the_farm(farm_env: dict, tmp_path: Path):
     assert len(outputs) == 3 and all(probe_mp4(path)["frames"] == 9 for path in outputs)
     records = [json.loads(path.read_text()) for path in (Path(farm_env["LTX2_STATE_DIR"]) / "jobs").glob("*/job.json")]
     assert {a["device"] for r in records for stage in r["stages"] for a in attempts(r, stage)} == {"ray"}
+
+
+def test_a_cluster_address_nothing_answers_at_is_refused_at_once(daemon_env: dict):
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again before the daemon tries it
+    env = {**daemon_env, "LTX2_CLUSTER_BACKEND": "ray", "LTX2_RAY_ADDRESS": f"127.0.0.1:{port}"}
+    result = run_ltx2(["daemon"], env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"cluster.address = '127.0.0.1:{port}': nothing answers" in result.stderr
