@@ -71,33 +71,37 @@ class Gateway:
 
     def __enter__(self) -> Gateway:
         self.daemon.__enter__()
-        with (self.root / "serve.log").open("ab") as log:
-            self.server = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(self.port)],
-                env=self.env,
+        try:
+            self.server = self.start_server(self.port, self.env, "serve.log")
+        except BaseException:
+            self.daemon.__exit__()
+            raise
+        return self
+
+    def start_server(self, port: int, env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+        """`ltx2 serve --port PORT`, once it answers /healthz."""
+        with (self.root / log_name).open("ab") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port)],
+                env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,
             )
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.server.poll() is None, self.log()
+        while time.monotonic() < deadline and server.poll() is None:
             try:
-                if self.get("/healthz")[0] == 200:
-                    return self
+                if self.request("GET", "/healthz", port=port)[0] == 200:
+                    return server
             except OSError:
                 pass
             time.sleep(0.2)
-        raise TimeoutError(f"ltx2 serve never answered /healthz:\n{self.log()}")
+        stop(server)
+        raise TimeoutError(f"ltx2 serve never answered /healthz:\n{(self.root / log_name).read_text()}")
 
     def __exit__(self, *exc_info: object) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait()
+        if self.server is not None:
+            stop(self.server)
         self.daemon.__exit__()
 
     def log(self) -> str:
@@ -109,10 +113,16 @@ class Gateway:
         )
 
     def request(
-        self, method: str, path: str, key: str | None = None, body: bytes | None = None, headers: dict | None = None
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        port: int | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         """A raw HTTP request (for what the openai client cannot send: no key, Range)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=120)
         try:
             sent = dict(headers or {})
             if key is not None:
@@ -143,6 +153,16 @@ class Gateway:
     def daemon_pid(self) -> int:
         with self.daemon.client() as client:
             return client.request(jobs.Ping(""))["pid"]
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +231,7 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
     done = wait_until(client, first.id, {"completed", "failed"})
     assert done.status == "completed", gateway.daemon_job(first.id)
     assert done.progress == 100 and done.completed_at >= done.created_at and done.error is None
+    assert done.model_extra["seconds_mapping"] == first.model_extra["seconds_mapping"]
     mp4 = gateway.root / "first.mp4"
     client.videos.download_content(first.id).write_to_file(mp4)
     probe = probe_mp4(mp4)
@@ -252,8 +273,9 @@ def test_missing_or_wrong_key_is_401_and_other_keys_jobs_are_404(gateway):
     status, _, body = gateway.request("POST", "/v1/videos", "wrong", b"{}", {"Content-Type": "application/json"})
     assert status == 401
 
-    status, _, video = gateway.post_json("alice", {"prompt": "owned by alice", "model": TINY, "size": "64x64"})
-    assert status == 200, video
+    owned = {"prompt": "owned by alice", "model": TINY, "size": "64x64", "seconds": 0.3}  # JSON: seconds a number
+    status, _, video = gateway.post_json("alice", owned)
+    assert status == 200 and video["num_frames"] == 9 and video["seconds"] == "0.3", video
     bob = gateway.client("bob")
     with pytest.raises(openai.NotFoundError):
         bob.videos.retrieve(video["id"])
@@ -332,6 +354,15 @@ def test_oversized_upload_is_413_and_queues_nothing(gateway):
     with pytest.raises(openai.BadRequestError) as refused:  # not an image at all
         gateway.client().videos.create(prompt="x", model=TINY, input_reference=("a.png", b"#!/bin/sh", "image/png"))
     assert refused.value.param == "input_reference"
+    # A body declared over http.max_body_bytes is refused before the gateway reads it.
+    status, _, body = gateway.request(
+        "POST",
+        "/v1/videos",
+        "alice",
+        b"{}",
+        {"Content-Type": "application/json", "Content-Length": str(5 * 1024 * 1024)},
+    )
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
     assert len(gateway.daemon_jobs()) == before
     assert list((Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "uploads").iterdir()) == []
 
@@ -368,6 +399,21 @@ def test_200_concurrent_retrieves_while_a_job_runs(gateway, capsys: pytest.Captu
     deleted = client.videos.delete(video.id)  # cancels it if it still runs
     assert deleted.deleted
     assert gateway.daemon_job(video.id)["state"] in ("cancelled", "done")
+
+
+def test_requests_over_the_per_minute_limit_are_429_with_retry_after(gateway):
+    strict = gateway.root / "strict.toml"
+    strict.write_text(HTTP_CONFIG.replace("requests_per_minute = 100000", "requests_per_minute = 3"))
+    port = free_port()
+    server = gateway.start_server(port, {**gateway.env, "LTX2_CONFIG": str(strict)}, "strict-serve.log")
+    try:
+        assert [gateway.request("GET", "/v1/videos", "alice", port=port)[0] for _ in range(3)] == [200] * 3
+        status, headers, body = gateway.request("GET", "/v1/videos", "alice", port=port)
+        assert status == 429 and 0 < int(headers["retry-after"]) <= 60
+        assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+        assert gateway.request("GET", "/v1/videos", "bob", port=port)[0] == 200  # each key has its own minute
+    finally:
+        stop(server)
 
 
 def test_healthz_and_metrics(gateway):

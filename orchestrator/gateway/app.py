@@ -38,7 +38,13 @@ from orchestrator.gateway.daemon_pool import DaemonPool
 from orchestrator.gateway.keys import KeyRing
 from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.store import FINAL_STATES, GatewayStore
-from orchestrator.gateway.video_requests import RequestError, VideoRequest, param_of, parse_video_request
+from orchestrator.gateway.video_requests import (
+    RequestError,
+    VideoRequest,
+    describe_mapping,
+    param_of,
+    parse_video_request,
+)
 from orchestrator.inputs import require_inside_roots
 from orchestrator.publishing import companions
 from protocol import jobs
@@ -323,6 +329,13 @@ def progress_percent(job: dict[str, Any]) -> int:
     return min(99, int(share * 100))
 
 
+def as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def completed_at(record: dict[str, Any], job: dict[str, Any]) -> int | None:
     """When the job ended: as the store remembers it, else the daemon's last update of the job."""
     return record.get("completed_at") or iso_seconds(job.get("updated", ""))
@@ -355,6 +368,8 @@ def video_object(
     }
     if seconds_note:
         result["seconds_mapping"] = seconds_note
+    elif (asked := as_number(record["seconds"])) is not None:
+        result["seconds_mapping"] = describe_mapping(asked, record["fps"], record["num_frames"])
     if notices:
         result["notices"] = notices
     return result
@@ -381,7 +396,7 @@ def endpoint(
     return wrapped
 
 
-async def not_found(request: Request, exc: Exception) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (no route, wrong method) in OpenAI's shape too."""
     status = getattr(exc, "status_code", 500)
     message = getattr(exc, "detail", "") or "server error"
@@ -474,7 +489,7 @@ def build_app(settings: Settings) -> Starlette:
         gateway.close()
 
     return Starlette(
-        routes=routes, exception_handlers={HTTPException: not_found, Exception: server_error}, lifespan=lifespan
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan
     )
 
 

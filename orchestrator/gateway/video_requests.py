@@ -99,8 +99,11 @@ def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
         raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}")
     values: dict[str, Any] = {}
     for name in TEXT_FIELDS:
-        if fields.get(name) is not None:
-            values[name] = text(fields[name], name)
+        value = fields.get(name)
+        if name == "seconds" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = f"{value:g}"  # OpenAI sends "4"; a JSON client may well send 4
+        if value is not None:
+            values[name] = text(value, name)
     for name, kind in NUMBER_FIELDS.items():
         if fields.get(name) is not None:
             values[name] = number(fields[name], name, kind)
@@ -163,7 +166,12 @@ def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
         raise RequestError(
             "seconds", f"{seconds:g} s at {fps:g} fps needs {frames} frames; at most {MAX_FRAMES} are allowed"
         )
-    return frames, f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"
+    return frames, describe_mapping(seconds, fps, frames)
+
+
+def describe_mapping(seconds: float, fps: float, frames: int) -> str:
+    """How a requested duration became a frame count, as the video object reports it."""
+    return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"
 
 
 def parse_loras(raw: object) -> list[dict[str, Any]]:
