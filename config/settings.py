@@ -84,6 +84,19 @@ class DaemonSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class HttpSettings:
+    """`ltx2 serve`, the HTTP gateway: where it listens, its key file and its per-key limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    keys_file: str = ""  #: empty: <state dir>/http/keys.json
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_body_bytes: int = 12 * 1024 * 1024
+    max_active_jobs_per_key: int = 4
+    requests_per_minute: int = 600
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything the CLI and orchestrator need, resolved to concrete values."""
 
@@ -113,11 +126,22 @@ class Settings:
     address: str = "auto"
     #: The Ray resource one stage task takes one unit of ("GPU"; tests name a custom one).
     ray_resource: str = "GPU"
+    http: HttpSettings = dataclasses.field(default_factory=HttpSettings)
 
     @property
     def jobs_dir(self) -> Path:
         """Where job directories live."""
         return self.state_dir / "jobs"
+
+    @property
+    def http_dir(self) -> Path:
+        """The HTTP gateway's own files: its ownership store and the uploads it passes to the daemon."""
+        return self.state_dir / "http"
+
+    @property
+    def http_keys_file(self) -> Path:
+        """Where the gateway's API key hashes live."""
+        return Path(self.http.keys_file).expanduser() if self.http.keys_file else self.http_dir / "keys.json"
 
     def preset_for(self, model: str) -> Preset:
         """The preset of a repo id; local folders and unknown ids get the default model's."""
@@ -283,4 +307,28 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
         devices=_devices(data["cluster"]["devices"]),
         **_cluster_backend(data["cluster"]),
+        http=_http(data["http"]),
     )
+
+
+def _http(values: dict[str, Any]) -> HttpSettings:
+    """`[http]`, checked: a host, a port, positive limits, and a body cap that holds the upload cap."""
+    if not isinstance(values["host"], str) or not values["host"].strip():
+        raise ConfigError(f"http.host must be a host name or address, got {values['host']!r}")
+    if not isinstance(values["keys_file"], str):
+        raise ConfigError(f"http.keys_file must be a path, got {values['keys_file']!r}")
+    if not _whole(values["port"]) or not 1 <= values["port"] <= 65535:
+        raise ConfigError(f"http.port must be a whole number 1-65535, got {values['port']!r}")
+    for key in ("max_upload_bytes", "max_body_bytes", "max_active_jobs_per_key", "requests_per_minute"):
+        if not _whole(values[key]) or values[key] < 1:
+            raise ConfigError(f"http.{key} must be a whole number >= 1, got {values[key]!r}")
+    if values["max_body_bytes"] <= values["max_upload_bytes"]:
+        raise ConfigError(
+            f"http.max_body_bytes ({values['max_body_bytes']}) must exceed http.max_upload_bytes "
+            f"({values['max_upload_bytes']}): a request carries the upload and its form fields"
+        )
+    return HttpSettings(**values)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

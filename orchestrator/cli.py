@@ -99,8 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only ping the configured daemon: exit 0 if it answers and its executor runs (for health checks)",
     )
-    keys = add_command("keys", help="create CURVE key pairs for a tcp:// daemon endpoint")
-    keys.add_argument("directory", type=Path, help="folder for the keys (created, mode 0700)")
+    keys = add_command("keys", help="create CURVE key pairs for a tcp:// daemon endpoint, or an HTTP API key")
+    which = keys.add_mutually_exclusive_group(required=True)
+    which.add_argument("directory", nargs="?", type=Path, help="folder for the CURVE keys (created, mode 0700)")
+    which.add_argument(
+        "--http", metavar="NAME", help="create an API key for `ltx2 serve` called NAME; prints the key once"
+    )
+    serve = add_command("serve", help="run the OpenAI-style HTTP gateway (a client of the daemon)")
+    serve.add_argument("--host", help="address to bind (default: http.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: http.port, 8000)")
 
     decode = add_command("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
     decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             return decode(args, settings)
         if args.command == "batch":
             return render_batch(args, settings)
+        if args.command == "serve":
+            return serve(args, settings)
         from orchestrator.daemon import client_commands
 
         return client_commands.run(args, settings)
@@ -155,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except UnsafeRuntimeDir as exc:
         return fail(str(exc), ExitCode.OTHER)
+
+
+def serve(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 serve`: the HTTP gateway (the `[serve]` extra: Starlette, uvicorn, prometheus-client)."""
+    try:
+        from orchestrator.gateway.server import serve as run_gateway
+    except ImportError as exc:
+        return fail(f"serve needs the [serve] extra ({exc}): pip install 'ltx2-stages[serve]'", ExitCode.ENVIRONMENT)
+    return run_gateway(settings, args.host or settings.http.host, args.port or settings.http.port)
 
 
 def split_output_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

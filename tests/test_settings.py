@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,29 @@ def test_unknown_profile_is_an_error(tmp_path: Path):
 def test_non_numeric_environment_value_is_an_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="LTX2_HUNG_AFTER_S"):
         load_settings(environ={"LTX2_HUNG_AFTER_S": "soon", "HOME": str(tmp_path)})
+
+
+def test_http_section_defaults_to_loopback_and_keys_under_the_state_dir(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path), "LTX2_STATE_DIR": str(tmp_path / "state")})
+    assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8000)
+    assert settings.http_keys_file == tmp_path / "state" / "http" / "keys.json"
+    assert settings.http.max_body_bytes > settings.http.max_upload_bytes
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port = 0", "http.port must be a whole number 1-65535"),
+        ('port = "8000"', "http.port must be a whole number 1-65535"),
+        ('host = ""', "http.host must be a host name"),
+        ("requests_per_minute = 0", "http.requests_per_minute must be a whole number >= 1"),
+        ("max_active_jobs_per_key = true", "http.max_active_jobs_per_key must be a whole number >= 1"),
+        ("max_body_bytes = 1024", "http.max_body_bytes (1024) must exceed http.max_upload_bytes"),
+        ("tls = true", "unknown setting http.tls"),
+    ],
+)
+def test_bad_http_settings_are_errors_naming_the_key(tmp_path: Path, text: str, message: str):
+    config = tmp_path / "config.toml"
+    config.write_text(f"[http]\n{text}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(environ={"LTX2_CONFIG": str(config), "HOME": str(tmp_path)})

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "daemon":
         return check_daemon(settings) if args.check else run_daemon(settings)
     if args.command == "keys":
-        return make_keys(args)
+        return make_keys(args, settings)
     try:
         with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
             return COMMANDS[args.command](client, args)
@@ -77,7 +77,18 @@ def check_daemon(settings: Settings) -> int:
     return 0
 
 
-def make_keys(args: argparse.Namespace) -> int:
+def make_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 keys DIR` (CURVE pairs) or `ltx2 keys --http NAME` (a gateway API key, shown only now)."""
+    if args.http is not None:
+        from orchestrator.gateway.keys import KeyFileError, create_key
+
+        try:
+            key = create_key(settings.http_keys_file, args.http)
+        except (KeyFileError, OSError) as exc:
+            return fail(str(exc), ExitCode.INVALID_INPUT)
+        notice(f"HTTP API key {args.http!r} added to {settings.http_keys_file}; it is shown only this once")
+        sys.stdout.write(f"{key}\n")
+        return 0
     paths = create_keys(args.directory)
     for name, path in paths.items():
         sys.stdout.write(f"{name}: {path}\n")

@@ -1,0 +1,5 @@
+"""`ltx2 serve`: an OpenAI-style HTTP gateway that is a thin client of the daemon (README, HTTP gateway).
+
+It holds no job logic: every job is the daemon's, reached over the same ZeroMQ protocol as `ltx2 submit`.
+The gateway keeps only what HTTP needs on top: API keys, which key owns which job, uploads, limits.
+"""

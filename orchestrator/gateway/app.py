@@ -1,0 +1,575 @@
+"""The HTTP gateway's Starlette app: OpenAI's `/v1/videos` endpoints on top of the daemon protocol.
+
+Every job operation is one daemon request (submit, status, cancel, list) through a DaemonPool; the
+gateway adds only keys, ownership, uploads and limits. Blocking daemon calls run in Starlette's
+thread pool, so a slow daemon reply never stalls the event loop. Errors are always OpenAI's JSON
+shape, `{"error": {"message", "type", "param", "code"}}`; a client-given path never reaches the
+file system (uploads get names the gateway makes; files served are the ones the daemon published).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from config.settings import HttpSettings, Settings
+from orchestrator.daemon.client import DaemonError
+from orchestrator.daemon.transport import TransportError, address_from_settings
+from orchestrator.gateway.daemon_pool import DaemonPool
+from orchestrator.gateway.keys import KeyRing
+from orchestrator.gateway.metrics import GatewayMetrics
+from orchestrator.gateway.store import FINAL_STATES, GatewayStore
+from orchestrator.gateway.video_requests import (
+    RequestError,
+    VideoRequest,
+    describe_mapping,
+    param_of,
+    parse_video_request,
+)
+from orchestrator.inputs import require_inside_roots
+from orchestrator.publishing import companions
+from protocol import jobs
+from protocol.files import Stage
+from protocol.spec import SpecError
+
+log = logging.getLogger("ltx2.http")
+# OpenAI's states, from the daemon's; a cancelled job is a failed video with code "cancelled".
+STATUS = {"queued": "queued", "running": "in_progress", "done": "completed", "failed": "failed", "cancelled": "failed"}
+# Share of the whole job each stage stands for in `progress` (the denoising dominates).
+STAGE_WEIGHTS = {Stage.ENCODE_DIFFUSE.value: 0.8, Stage.AUDIO_DECODE.value: 0.05, Stage.VIDEO_DECODE.value: 0.15}
+# Image types accepted as input_reference, by their first bytes.
+IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
+# How long DELETE waits for a running job's worker to stop (the daemon gives it 10 s before SIGKILL).
+CANCEL_WAIT_S = 60.0
+# Retry-After of a refused create: a tiny clip takes about this long, a real one longer.
+QUEUE_FULL_RETRY_S = 30
+MAX_LIST_LIMIT = 100
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers or {}
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class RateLimiter:
+    """Requests per rolling minute, per key."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def check(self, owner: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen[owner]
+            while seen and now - seen[0] >= 60.0:
+                seen.popleft()
+            if len(seen) >= self.per_minute:
+                wait = max(1, math.ceil(60.0 - (now - seen[0])))
+                raise ApiError(
+                    429,
+                    f"more than {self.per_minute} requests in a minute for this key; retry in {wait} s",
+                    "rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(wait)},
+                )
+            seen.append(now)
+
+
+class Gateway:
+    """State shared by the routes: settings, keys, the ownership store, the daemon pool, limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = KeyRing(settings.http_keys_file)
+        self.store = GatewayStore(settings.http_dir / "gateway.sqlite")
+        self.uploads = settings.http_dir / "uploads"
+        self.uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.daemon = DaemonPool(address_from_settings(settings.daemon), settings.daemon.request_timeout_s)
+        self.rate = RateLimiter(settings.http.requests_per_minute)
+        self.metrics = GatewayMetrics(self.daemon_request)
+        self._owner_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+    def close(self) -> None:
+        self.daemon.close()
+        self.store.close()
+
+    # --- the daemon -------------------------------------------------------------------------------
+
+    def daemon_request(self, message: Any) -> dict[str, Any]:
+        """One daemon request; an unreachable daemon is 503, a daemon error keeps its meaning."""
+        try:
+            return self.daemon.request(message)
+        except TransportError as exc:
+            message = f"the daemon is not reachable: {exc}"
+            raise ApiError(503, message, "server_error", code="daemon_unavailable") from None
+        except DaemonError as exc:
+            if exc.code == "unreachable":
+                raise ApiError(503, str(exc), "server_error", code="daemon_unavailable") from None
+            raise
+
+    def job(self, video_id: str) -> dict[str, Any]:
+        """The daemon's status of a job, its latest state remembered in the store."""
+        try:
+            job = self.daemon_request(jobs.Status(video_id))["job"]
+        except DaemonError as exc:
+            if exc.code == "not_found":
+                raise ApiError(404, f"video {video_id!r} no longer exists on the daemon", code="not_found") from None
+            raise ApiError(502, f"daemon: {exc}", "server_error", code=exc.code) from None
+        completed = None
+        if job["state"] in FINAL_STATES:
+            completed = iso_seconds(job.get("updated", "")) or int(time.time())
+        if self.store.note_state(video_id, job["state"], completed):
+            self.metrics.observe_attempts(job.get("attempts", []))
+        return job
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> str:
+        """The owner (key hash) of the request's bearer key; 401 without a known key, 429 over the rate."""
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        owner = self.keys.owner_of(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if owner is None:
+            raise ApiError(
+                401,
+                "missing or unknown API key: send `Authorization: Bearer <key>`"
+                " (create one with `ltx2 keys --http NAME`)",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        self.rate.check(owner)
+        return owner
+
+    def owned(self, owner: str, video_id: str) -> dict[str, Any]:
+        """The owner's video record; 404 for any other (another key's looks exactly like none)."""
+        record = self.store.get(owner, video_id)
+        if record is None:
+            raise ApiError(404, f"no video {video_id!r}", param="video_id", code="not_found")
+        return record
+
+    def create(self, owner: str, request: VideoRequest, upload: tuple[bytes, str] | None) -> dict[str, Any]:
+        """Submit the job (at most `max_active_jobs_per_key` queued or running per key)."""
+        with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
+            active = [row for row in self.store.active(owner) if self.job(row["id"])["state"] not in FINAL_STATES]
+            cap = self.settings.http.max_active_jobs_per_key
+            if len(active) >= cap:
+                raise ApiError(
+                    429,
+                    f"this key already has {len(active)} queued or running videos (at most {cap}); retry later",
+                    "rate_limit_error",
+                    code="too_many_active_videos",
+                    headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
+                )
+            spec = dict(request.spec)
+            image = self.store_upload(*upload) if upload else None
+            if image is not None:
+                spec["image"] = str(image)
+            try:
+                reply = self.daemon_request(jobs.Submit("", spec))
+            except DaemonError as exc:
+                raise daemon_spec_error(exc, request) from None
+            finally:
+                if image is not None:  # the daemon copied it into the job directory, or refused it
+                    image.unlink(missing_ok=True)
+            job = self.job(reply["id"])
+            width, height, frames = (int(part) for part in job["size"].split("x"))
+            record = {
+                "id": reply["id"],
+                "owner": owner,
+                "created_at": int(time.time()),
+                "model": reply["model"],
+                "size": f"{width}x{height}",
+                "seconds": request.seconds or f"{frames / request.fps:g}",
+                "num_frames": frames,
+                "fps": request.fps,
+                "prompt": job.get("prompt", ""),
+            }
+            self.store.add(record)
+            self.store.note_state(record["id"], job["state"], None)
+        return video_object({**record, "state": job["state"]}, job, request.seconds_note, reply.get("notices", []))
+
+    def store_upload(self, data: bytes, suffix: str) -> Path:
+        """Write an upload under a name the gateway makes, inside the uploads dir the daemon may read."""
+        try:
+            require_inside_roots(self.uploads, self.settings.input_roots, "input_reference")
+        except SpecError:
+            raise ApiError(
+                500,
+                f"image-to-video is off: the gateway's uploads dir {self.uploads} is not inside paths.input_roots",
+                "server_error",
+                param="input_reference",
+                code="uploads_outside_input_roots",
+            ) from None
+        path = self.uploads / f"{secrets.token_hex(16)}.{suffix}"
+        with path.open("xb") as handle:
+            handle.write(data)
+        path.chmod(0o600)
+        return path
+
+    def retrieve(self, owner: str, video_id: str) -> dict[str, Any]:
+        record = self.owned(owner, video_id)
+        job = self.job(video_id)
+        return video_object({**record, "state": job["state"]}, job)
+
+    def listing(self, owner: str, limit: int, after: str | None, newest_first: bool) -> dict[str, Any]:
+        rows, more = self.store.page(owner, limit, after, newest_first)
+        data = []
+        for row in rows:
+            try:
+                job = self.job(row["id"])
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                job = {"state": "failed", "error": "the daemon no longer knows this job"}
+            data.append(video_object({**row, "state": job["state"]}, job))
+        return {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
+
+    def delete(self, owner: str, video_id: str) -> dict[str, Any]:
+        """Cancel the job if it has not ended, then remove the files it published."""
+        self.owned(owner, video_id)
+        job = self.job(video_id)
+        if job["state"] not in FINAL_STATES:
+            try:
+                self.daemon_request(jobs.Cancel(video_id))
+            except DaemonError as exc:
+                if exc.code != "conflict":  # conflict: it ended meanwhile
+                    raise ApiError(502, f"daemon: {exc}", "server_error", code=exc.code) from None
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while (job := self.job(video_id))["state"] not in FINAL_STATES:
+                if time.monotonic() > deadline:
+                    raise ApiError(409, f"video {video_id} is still stopping; retry the delete", code="still_stopping")
+                time.sleep(0.2)
+        if job.get("output"):  # the daemon's path, never the client's
+            for path in companions(Path(job["output"])):
+                path.unlink(missing_ok=True)
+        self.store.mark_deleted(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    def content(self, owner: str, video_id: str, variant: str) -> Path:
+        self.owned(owner, video_id)
+        job = self.job(video_id)
+        if job["state"] != "done" or not job.get("output"):
+            raise ApiError(409, f"video {video_id} is {STATUS[job['state']]}, not completed", code="video_not_ready")
+        video = Path(job["output"])
+        path = video if variant == "video" else companions(video)[1]
+        if not path.is_file():
+            raise ApiError(404, f"the {variant} of video {video_id} is gone from the output folder", code="not_found")
+        return path
+
+
+def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
+    """A refused submit as a 400 naming the HTTP field (the daemon names its spec field)."""
+    if exc.code in ("invalid_spec", "not_found"):
+        param = param_of(exc.field or "", request)
+        code = "model_not_found" if exc.code == "not_found" and param == "model" else "invalid_value"
+        return ApiError(400, str(exc), param=param or None, code=code)
+    return ApiError(502, f"daemon: {exc}", "server_error", code=exc.code)
+
+
+def iso_seconds(text: str) -> int | None:
+    try:
+        return int(dt.datetime.fromisoformat(text).timestamp())
+    except (TypeError, ValueError):
+        return None
+
+
+def progress_percent(job: dict[str, Any]) -> int:
+    """0-100 from the stages finished and the running stage's step (the daemon's progress board)."""
+    state = job["state"]
+    if state == "done":
+        return 100
+    if state == "queued":
+        return 0
+    finished = {a["stage"] for a in job.get("attempts", []) if a.get("result") == "ok"}
+    share = sum(STAGE_WEIGHTS.get(stage, 0.0) for stage in finished)
+    now = job.get("progress") or {}
+    if now.get("stage") in STAGE_WEIGHTS and now["stage"] not in finished and now.get("total"):
+        share += STAGE_WEIGHTS[now["stage"]] * min(1.0, now.get("step", 0) / now["total"])
+    return min(99, int(share * 100))
+
+
+def as_number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def completed_at(record: dict[str, Any], job: dict[str, Any]) -> int | None:
+    """When the job ended: as the store remembers it, else the daemon's last update of the job."""
+    return record.get("completed_at") or iso_seconds(job.get("updated", ""))
+
+
+def video_object(
+    record: dict[str, Any], job: dict[str, Any], seconds_note: str = "", notices: list[str] | None = None
+) -> dict[str, Any]:
+    """OpenAI's `video` object, plus what it has no field for (frames, fps, the seconds mapping)."""
+    state = record["state"]
+    error = None
+    if state in ("failed", "cancelled"):
+        error = {"code": "cancelled" if state == "cancelled" else "generation_failed", "message": job.get("error", "")}
+    result = {
+        "id": record["id"],
+        "object": "video",
+        "status": STATUS[state],
+        "progress": progress_percent({**job, "state": state}),
+        "created_at": record["created_at"],
+        "completed_at": completed_at(record, job) if state in FINAL_STATES else None,
+        "expires_at": None,
+        "model": record["model"],
+        "size": record["size"],
+        "seconds": record["seconds"],
+        "prompt": record["prompt"],
+        "error": error,
+        "remixed_from_video_id": None,
+        "num_frames": record["num_frames"],
+        "fps": record["fps"],
+    }
+    if seconds_note:
+        result["seconds_mapping"] = seconds_note
+    elif (asked := as_number(record["seconds"])) is not None:
+        result["seconds_mapping"] = describe_mapping(asked, record["fps"], record["num_frames"])
+    if notices:
+        result["notices"] = notices
+    return result
+
+
+# --- the ASGI app -----------------------------------------------------------------------------------
+
+
+def endpoint(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """Every error of a handler becomes OpenAI's JSON error."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except RequestError as exc:
+            return ApiError(400, str(exc), param=exc.param, code=exc.code).response()
+        except DaemonError as exc:
+            return ApiError(502, f"daemon: {exc}", "server_error", code=exc.code).response()
+
+    return wrapped
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no route, wrong method) in OpenAI's shape too."""
+    status = getattr(exc, "status_code", 500)
+    message = getattr(exc, "detail", "") or "server error"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return ApiError(status, f"{request.method} {request.url.path}: {message}", kind).response()
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.exception("%s %s failed", request.method, request.url.path)
+    return ApiError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal").response()
+
+
+def build_app(settings: Settings) -> Starlette:
+    """The gateway's app (one Gateway; closed when the server stops)."""
+    gateway = Gateway(settings)
+    limits = settings.http
+
+    async def authorized(request: Request) -> str:
+        return await run_in_threadpool(gateway.authorize, request)
+
+    @endpoint
+    async def create_video(request: Request) -> Response:
+        owner = await authorized(request)
+        fields, upload = await read_fields(request, limits)
+        parsed = parse_video_request(fields, settings)
+        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload))
+
+    @endpoint
+    async def list_videos(request: Request) -> Response:
+        owner = await authorized(request)
+        query = request.query_params
+        try:
+            limit = int(query.get("limit", "20"))
+        except ValueError:
+            raise ApiError(400, "limit must be a whole number", param="limit") from None
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ApiError(400, f"limit must be between 1 and {MAX_LIST_LIMIT}", param="limit")
+        order = query.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be asc or desc", param="order")
+        listing = await run_in_threadpool(gateway.listing, owner, limit, query.get("after"), order == "desc")
+        return JSONResponse(listing)
+
+    @endpoint
+    async def retrieve_video(request: Request) -> Response:
+        owner = await authorized(request)
+        return JSONResponse(await run_in_threadpool(gateway.retrieve, owner, request.path_params["video_id"]))
+
+    @endpoint
+    async def delete_video(request: Request) -> Response:
+        owner = await authorized(request)
+        return JSONResponse(await run_in_threadpool(gateway.delete, owner, request.path_params["video_id"]))
+
+    @endpoint
+    async def video_content(request: Request) -> Response:
+        owner = await authorized(request)
+        variant = request.query_params.get("variant", "video")
+        if variant not in ("video", "thumbnail"):
+            raise ApiError(400, f"variant must be video or thumbnail; got {variant!r}", param="variant")
+        path = await run_in_threadpool(gateway.content, owner, request.path_params["video_id"], variant)
+        media = "video/mp4" if variant == "video" else "image/png"
+        return FileResponse(path, media_type=media, filename=f"{request.path_params['video_id']}{path.suffix}")
+
+    @endpoint
+    async def healthz(request: Request) -> Response:
+        data = await run_in_threadpool(gateway.daemon_request, jobs.Ping(""))
+        if not data.get("executor_alive"):
+            raise ApiError(503, "the daemon answers but its executor is not running", "server_error", code="unhealthy")
+        return JSONResponse({"status": "ok", "daemon_pid": data["pid"], "protocol": data["protocol"]})
+
+    @endpoint
+    async def metrics(request: Request) -> Response:
+        await authorized(request)
+        body, content_type = await run_in_threadpool(gateway.metrics.render)
+        return Response(body, media_type=content_type)
+
+    routes = [
+        Route("/v1/videos", create_video, methods=["POST"]),
+        Route("/v1/videos", list_videos, methods=["GET"]),
+        Route("/v1/videos/{video_id}", retrieve_video, methods=["GET"]),
+        Route("/v1/videos/{video_id}", delete_video, methods=["DELETE"]),
+        Route("/v1/videos/{video_id}/content", video_content, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        gateway.close()
+
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan
+    )
+
+
+async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:
+    """The request's fields (JSON or multipart form) and its input_reference upload, within the caps."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_body_bytes:
+        raise too_large("request body", int(declared), limits.max_body_bytes)
+    body, received = bytearray(), 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limits.max_body_bytes:
+            raise too_large("request body", received, limits.max_body_bytes)
+        body += chunk
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        return json_fields(bytes(body)), None
+    if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        raise ApiError(415, f"send JSON or multipart/form-data, not {kind or 'no content type'}", code="bad_type")
+
+    async def replay() -> dict[str, Any]:  # the body was read already, under the cap
+        return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(
+            max_files=1, max_fields=64, max_part_size=limits.max_body_bytes
+        )
+    except (MultiPartException, HTTPException) as exc:
+        message = getattr(exc, "message", None) or exc
+        raise ApiError(400, f"unreadable form: {message}", code="invalid_form") from None
+    try:
+        return await form_fields(form, limits)
+    finally:
+        await form.close()
+
+
+def json_fields(body: bytes) -> dict[str, Any]:
+    try:
+        fields = json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(fields, dict):
+        raise ApiError(400, "the JSON body must be an object of fields", code="invalid_json")
+    if fields.get("input_reference") is not None:  # OpenAI's {image_url}/{file_id} references: not here
+        raise ApiError(
+            400, "input_reference must be an image file upload (multipart/form-data)", param="input_reference"
+        )
+    return fields
+
+
+async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:
+    """A form's text fields, and its input_reference (the only file it may carry)."""
+    fields: dict[str, Any] = {}
+    upload = None
+    for name, value in form.multi_items():
+        if name in fields or (name == "input_reference" and upload is not None):
+            raise ApiError(400, f"field {name!r} is given twice", param=name)
+        if name == "input_reference":
+            if not isinstance(value, UploadFile):
+                raise ApiError(400, "input_reference must be an image file upload", param="input_reference")
+            upload = await read_upload(value, limits)
+        elif isinstance(value, UploadFile):
+            raise ApiError(400, f"field {name!r} takes no file", param=name)
+        else:
+            fields[name] = value
+    return fields, upload
+
+
+async def read_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, str]:
+    """The upload's bytes (at most the cap) and the suffix of its image type, judged by its first bytes."""
+    data = await upload.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise too_large("input_reference", len(data), limits.max_upload_bytes, "input_reference")
+    for magic, suffix in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return data, suffix
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return data, "webp"
+    raise ApiError(400, "input_reference must be a PNG, JPEG, WebP, GIF or BMP image", param="input_reference")
+
+
+def too_large(what: str, size: int, limit: int, param: str | None = None) -> ApiError:
+    return ApiError(413, f"{what} is {size} bytes or more; at most {limit} are allowed", param=param, code="too_large")

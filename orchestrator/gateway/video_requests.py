@@ -1,0 +1,221 @@
+"""An OpenAI `POST /v1/videos` request -> the spec fields of a daemon `submit`, or an error naming the field.
+
+The gateway checks only what it must before the daemon sees the request: the HTTP shape of each
+field (size "WxH", seconds, numbers), the model against our ids and aliases (never a path), LoRAs
+as Hugging Face cache names (never paths), and the prompt's size (a 1 MB prompt would not fit in
+one protocol frame). Everything else (multiples of 32, 8n+1 frames, ranges) is the daemon's
+JobSpec validation, whose field names `field_of` maps back to the HTTP fields. The spec is built by
+`orchestrator.cli_flags.spec_request`, exactly as `ltx2 submit` builds it from its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from typing import Any
+
+from config.settings import Settings
+from orchestrator.cli_flags import SPEC_FLAGS, spec_request
+from protocol.model_ids import TINY_REPO_ID
+from protocol.spec import FRAME_MULTIPLE, MAX_FRAMES, MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, MIN_FRAMES
+
+# Short names a client may send as `model`, besides the repo ids that have a preset.
+MODEL_ALIASES = {
+    "ltx-2": "Lightricks/LTX-2",
+    "ltx-2-distilled": "rootonchair/LTX-2-19b-distilled",
+    "ltx-2-tiny": TINY_REPO_ID,
+}
+SIZE_PATTERN = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
+# A Hugging Face repo id: `owner/name`, never anything a file system could read as a path.
+REPO_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*"  # dots only between other characters: no ".."
+REPO_ID_PATTERN = re.compile(f"{REPO_PART}/{REPO_PART}")
+WEIGHT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
+# Form fields the gateway reads; anything else is refused so a typo is never silently ignored.
+TEXT_FIELDS = ("prompt", "negative_prompt", "model", "size", "seconds", "camera")
+NUMBER_FIELDS = {"num_frames": int, "fps": float, "seed": int, "steps": int, "guidance_scale": float}
+KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "input_reference"})
+MAX_SECONDS = 3600.0
+MAX_LORAS = 8
+
+
+class RequestError(ValueError):
+    """A field the gateway refuses before the daemon sees it; `param` names it as the client sent it."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoRequest:
+    """What one create request asks for: the daemon spec fields and what the video object reports."""
+
+    spec: dict[str, Any]
+    seconds: str | None  #: as the client asked, when it did
+    fps: float
+    seconds_note: str  #: how `seconds` became a frame count, or ""
+
+
+def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequest:
+    """Check and translate the request's fields (already decoded from JSON or the form)."""
+    values = typed_fields(fields)
+    if "prompt" not in values or not values["prompt"].strip():
+        raise RequestError("prompt", "prompt is required and must not be empty", "missing_required_parameter")
+    for name in ("prompt", "negative_prompt"):
+        if name in values:
+            require_prompt_size(values[name], name)
+    if "model" in values:
+        values["model"] = known_model(values["model"], settings)
+    if "size" in values:
+        match = SIZE_PATTERN.fullmatch(values.pop("size").strip())
+        if match is None:
+            raise RequestError("size", "size must be WIDTHxHEIGHT in pixels, e.g. 768x512")
+        values["width"], values["height"] = int(match[1]), int(match[2])
+    preset = settings.preset_for(values.get("model", settings.default_model))
+    fps = float(values.get("fps", preset.fps))
+    if fps <= 0 or not math.isfinite(fps):
+        raise RequestError("fps", f"fps must be a positive number; got {fps}")
+    seconds, note = values.pop("seconds", None), ""
+    if seconds is not None:
+        if "num_frames" in values:
+            raise RequestError("seconds", "give seconds or num_frames, not both")
+        values["num_frames"], note = frames_for(seconds, fps)
+    if fields.get("loras") is not None:
+        values["loras"] = parse_loras(fields["loras"])
+    namespace = argparse.Namespace(**dict.fromkeys(SPEC_FLAGS))
+    for name, value in values.items():
+        setattr(namespace, name, value)
+    return VideoRequest(spec_request(namespace), seconds, fps, note)
+
+
+def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The known fields, each of its type (numbers from a form's text too); unknown fields are refused."""
+    unknown = sorted(set(fields) - KNOWN_FIELDS)
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; known: {', '.join(sorted(KNOWN_FIELDS))}")
+    values: dict[str, Any] = {}
+    for name in TEXT_FIELDS:
+        value = fields.get(name)
+        if name == "seconds" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = f"{value:g}"  # OpenAI sends "4"; a JSON client may well send 4
+        if value is not None:
+            values[name] = text(value, name)
+    for name, kind in NUMBER_FIELDS.items():
+        if fields.get(name) is not None:
+            values[name] = number(fields[name], name, kind)
+    return values
+
+
+def text(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise RequestError(name, f"{name} must be a string; got {type(value).__name__}")
+    return value
+
+
+def number(value: object, name: str, kind: type) -> int | float:
+    """A number from JSON or from a form's text; booleans and fractions of whole fields are refused."""
+    if isinstance(value, bool):
+        raise RequestError(name, f"{name} must be a number; got {value!r}")
+    try:
+        parsed = kind(value.strip()) if isinstance(value, str) else value
+    except ValueError:
+        raise RequestError(name, f"{name} must be a{' whole' if kind is int else ''} number; got {value!r}") from None
+    if not isinstance(parsed, (int, float)) or (kind is int and not isinstance(parsed, int)):
+        raise RequestError(name, f"{name} must be a{' whole' if kind is int else ''} number; got {value!r}")
+    if isinstance(parsed, float) and not math.isfinite(parsed):
+        raise RequestError(name, f"{name} must be finite; got {value!r}")
+    return kind(parsed)
+
+
+def require_prompt_size(value: str, name: str) -> None:
+    """The daemon's limits, checked here too: a larger prompt would not even fit into one request frame."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if len(value) > MAX_PROMPT_CHARS or size > MAX_PROMPT_BYTES:
+        raise RequestError(
+            name,
+            f"{name} is {len(value)} characters ({size} bytes of UTF-8); at most {MAX_PROMPT_CHARS} characters"
+            f" and {MAX_PROMPT_BYTES} bytes are allowed",
+            "string_above_max_length",
+        )
+
+
+def known_model(name: str, settings: Settings) -> str:
+    """A model id with a preset, or an alias of one; never a local folder (a client names no paths)."""
+    model = MODEL_ALIASES.get(name.strip(), name.strip())
+    if model not in settings.presets:
+        known = sorted({*settings.presets, *MODEL_ALIASES})
+        raise RequestError("model", f"unknown model {name!r}; known: {', '.join(known)}", "model_not_found")
+    return model
+
+
+def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
+    """The smallest valid frame count (8n+1) whose clip lasts at least `seconds` at `fps`."""
+    try:
+        seconds = float(seconds_text)
+    except ValueError:
+        raise RequestError("seconds", f"seconds must be a number of seconds; got {seconds_text!r}") from None
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
+        raise RequestError("seconds", f"seconds must be above 0 and at most {MAX_SECONDS:g}; got {seconds_text!r}")
+    wanted = math.ceil(seconds * fps - 1e-9)
+    frames = max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
+    if frames > MAX_FRAMES:
+        raise RequestError(
+            "seconds", f"{seconds:g} s at {fps:g} fps needs {frames} frames; at most {MAX_FRAMES} are allowed"
+        )
+    return frames, describe_mapping(seconds, fps, frames)
+
+
+def describe_mapping(seconds: float, fps: float, frames: int) -> str:
+    """How a requested duration became a frame count, as the video object reports it."""
+    return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"
+
+
+def parse_loras(raw: object) -> list[dict[str, Any]]:
+    """`loras`: a JSON list (or its text in a form) of cache names, or of {name, weight_name, scale}."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise RequestError("loras", "loras must be a JSON list of Hugging Face repo ids") from None
+    if not isinstance(raw, list) or len(raw) > MAX_LORAS:
+        raise RequestError("loras", f"loras must be a list of at most {MAX_LORAS} Hugging Face repo ids")
+    loras = []
+    for item in raw:
+        entry = {"name": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or set(entry) - {"name", "weight_name", "scale"}:
+            raise RequestError("loras", "each LoRA is a repo id or {name, weight_name, scale}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not REPO_ID_PATTERN.fullmatch(name) or name.endswith(".safetensors"):
+            raise RequestError("loras", f"{name!r} is not a Hugging Face repo id (owner/name); paths are not accepted")
+        lora: dict[str, Any] = {"source": name}
+        if entry.get("weight_name") is not None:
+            weight = entry["weight_name"]
+            if not isinstance(weight, str) or not WEIGHT_NAME_PATTERN.fullmatch(weight):
+                raise RequestError("loras", f"weight_name must be a .safetensors file name; got {weight!r}")
+            lora["weight_name"] = weight
+        if entry.get("scale") is not None:
+            lora["scale"] = number(entry["scale"], "loras", float)
+        loras.append(lora)
+    return loras
+
+
+# The daemon's JobSpec fields, as the HTTP request names them.
+SPEC_TO_PARAM = {
+    "width": "size",
+    "height": "size",
+    "image": "input_reference",
+    "lora": "loras",
+    "lora_scale": "loras",
+    "lora_weight_name": "loras",
+}
+
+
+def param_of(field: str, request: VideoRequest | None) -> str:
+    """The HTTP field a daemon error's spec field came from."""
+    if field == "num_frames" and request is not None and request.seconds is not None:
+        return "seconds"
+    return SPEC_TO_PARAM.get(field, field)

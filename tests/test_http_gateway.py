@@ -1,0 +1,437 @@
+"""`ltx2 serve`, the OpenAI-style HTTP gateway: the official `openai` client against a real uvicorn
+(`ltx2 serve` in a subprocess) in front of a real daemon rendering the tiny model on CPU.
+
+Nothing is mocked: keys come from `ltx2 keys --http`, every check asks the daemon itself what was
+queued, and the videos are probed with PyAV.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, ltx2_environment, probe_mp4, run_ltx2
+from daemon_process import DaemonProcess
+
+from protocol import jobs
+
+openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks the Sora API deprecated
+
+TINY = "ltx-2-tiny"
+HTTP_CONFIG = """
+[http]
+max_upload_bytes = 524288
+max_body_bytes = 4194304
+max_active_jobs_per_key = 2
+requests_per_minute = 100000
+"""
+RENDER_TIMEOUT_S = 400.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Gateway:
+    """The daemon, `ltx2 serve` and three API keys, for the whole module."""
+
+    def __init__(self, root: Path, hf_home: Path) -> None:
+        runtime = Path(f"/tmp/ltx2-http-{os.getpid()}")
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        (root / "config.toml").write_text(HTTP_CONFIG)
+        self.env = {
+            **ltx2_environment(hf_home, root),
+            "XDG_RUNTIME_DIR": str(runtime),
+            "LTX2_CONFIG": str(root / "config.toml"),
+        }
+        self.root = root
+        self.port = free_port()
+        self.keys = {}
+        for name in ("alice", "bob", "carol"):
+            made = run_ltx2(["keys", "--http", name], self.env)
+            assert made.returncode == 0, made.stderr
+            self.keys[name] = made.stdout.strip()
+        self.daemon = DaemonProcess(self.env, root / "daemon.log")
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Gateway:
+        self.daemon.__enter__()
+        try:
+            self.server = self.start_server(self.port, self.env, "serve.log")
+        except BaseException:
+            self.daemon.__exit__()
+            raise
+        return self
+
+    def start_server(self, port: int, env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+        """`ltx2 serve --port PORT`, once it answers /healthz."""
+        with (self.root / log_name).open("ab") as log:
+            server = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if self.request("GET", "/healthz", port=port)[0] == 200:
+                    return server
+            except OSError:
+                pass
+            time.sleep(0.2)
+        stop(server)
+        raise TimeoutError(f"ltx2 serve never answered /healthz:\n{(self.root / log_name).read_text()}")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.server is not None:
+            stop(self.server)
+        self.daemon.__exit__()
+
+    def log(self) -> str:
+        return (self.root / "serve.log").read_text(errors="replace")
+
+    def client(self, key: str = "alice") -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.keys.get(key, key), max_retries=0, timeout=120
+        )
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        body: bytes | None = None,
+        headers: dict | None = None,
+        port: int | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A raw HTTP request (for what the openai client cannot send: no key, Range)."""
+        connection = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=120)
+        try:
+            sent = dict(headers or {})
+            if key is not None:
+                sent["Authorization"] = f"Bearer {self.keys.get(key, key)}"
+            connection.request(method, path, body=body, headers=sent)
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def get(self, path: str, key: str | None = None, headers: dict | None = None) -> tuple[int, dict[str, str], bytes]:
+        return self.request("GET", path, key, headers=headers)
+
+    def post_json(self, key: str, fields: dict) -> tuple[int, dict[str, str], dict]:
+        status, headers, body = self.request(
+            "POST", "/v1/videos", key, json.dumps(fields).encode(), {"Content-Type": "application/json"}
+        )
+        return status, headers, json.loads(body)
+
+    def daemon_jobs(self) -> list[dict]:
+        with self.daemon.client() as client:
+            return client.request(jobs.ListJobs("", 1000))["jobs"]
+
+    def daemon_job(self, job_id: str) -> dict:
+        with self.daemon.client() as client:
+            return client.request(jobs.Status(job_id))["job"]
+
+    def daemon_pid(self) -> int:
+        with self.daemon.client() as client:
+            return client.request(jobs.Ping(""))["pid"]
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(hf_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    with Gateway(tmp_path_factory.mktemp("http"), hf_home) as running:
+        yield running
+
+
+def png_bytes(width: int, height: int, size_hint: int = 0) -> bytes:
+    """A real PNG (noise when `size_hint` asks for a large file)."""
+    from PIL import Image
+
+    pixels = os.urandom(width * height * 3) if size_hint else bytes(range(256)) * (width * height * 3 // 256 + 1)
+    image = Image.frombytes("RGB", (width, height), pixels[: width * height * 3])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def wait_until(client: openai.OpenAI, video_id: str, statuses: set[str], timeout_s: float = RENDER_TIMEOUT_S):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        if video.status in statuses:
+            return video
+        time.sleep(0.5)
+    raise TimeoutError(f"video {video_id} never reached {statuses}")
+
+
+def test_keys_are_stored_hashed_and_printed_once(gateway):
+    keys_file = Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "keys.json"
+    stored = keys_file.read_text()
+    assert oct(keys_file.stat().st_mode & 0o777) == "0o600"
+    assert set(json.loads(stored)) == {"alice", "bob", "carol"}
+    for key in gateway.keys.values():
+        assert key.startswith("ltx2-") and key not in stored
+    again = run_ltx2(["keys", "--http", "alice"], gateway.env)
+    assert again.returncode == 2 and "already exists" in again.stderr and again.stdout == ""
+
+
+def test_openai_client_renders_lists_downloads_and_deletes(gateway):
+    client = gateway.client()
+    image = png_bytes(64, 64)
+    first = client.videos.create(
+        prompt="a red ball rolls across a table",
+        model=TINY,
+        size="64x64",
+        seconds="0.7",
+        input_reference=("first.png", image, "image/png"),
+        extra_body={"seed": 11},
+    )
+    assert first.object == "video" and first.status in ("queued", "in_progress")
+    assert first.model == "ltx2-stages/tiny-random-ltx2" and first.size == "64x64" and first.seconds == "0.7"
+    assert first.model_extra["num_frames"] == 17  # 0.7 s x 24 fps = 16.8 -> the next 8n+1
+    assert "17 frames" in first.model_extra["seconds_mapping"]
+    # The upload reached the daemon as a path inside the gateway's uploads dir, was copied into the
+    # job and removed from the uploads dir.
+    uploads = Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "uploads"
+    job_dir = Path(gateway.daemon_job(first.id)["job_dir"])
+    assert json.loads((job_dir / "job.json").read_text())["spec"]["image"].startswith(str(uploads))
+    assert list(uploads.iterdir()) == []
+
+    second = client.videos.create(prompt="a short blue wave", model=TINY, size="64x64", seconds="0.3")
+    assert second.model_extra["num_frames"] == 9
+
+    done = wait_until(client, first.id, {"completed", "failed"})
+    assert done.status == "completed", gateway.daemon_job(first.id)
+    assert done.progress == 100 and done.completed_at >= done.created_at and done.error is None
+    assert done.model_extra["seconds_mapping"] == first.model_extra["seconds_mapping"]
+    mp4 = gateway.root / "first.mp4"
+    client.videos.download_content(first.id).write_to_file(mp4)
+    probe = probe_mp4(mp4)
+    assert (probe["frames"], probe["width"], probe["height"]) == (17, 64, 64)
+    assert probe["video_codec"] == "h264" and probe["audio_codec"] == "aac" and probe["audio_seconds"] > 0.6
+
+    thumbnail = client.videos.download_content(first.id, variant="thumbnail").content
+    assert thumbnail.startswith(b"\x89PNG\r\n\x1a\n")
+    assert struct.unpack(">II", thumbnail[16:24]) == (64, 64)
+
+    whole = mp4.read_bytes()
+    status, headers, part = gateway.get(f"/v1/videos/{first.id}/content", "alice", {"Range": "bytes=100-1099"})
+    assert status == 206 and part == whole[100:1100]
+    assert headers["content-range"] == f"bytes 100-1099/{len(whole)}"
+
+    assert wait_until(client, second.id, {"completed", "failed"}).status == "completed"
+    page = client.videos.list(limit=1)
+    assert [video.id for video in page.data] == [second.id] and page.has_more
+    assert [video.id for video in client.videos.list(limit=1)]  # every page == [second.id, first.id]
+    assert [video.id for video in client.videos.list(order="asc").data] == [first.id, second.id]
+
+    published = Path(gateway.daemon_job(first.id)["output"])
+    assert published.is_file() and published.with_name(f"{published.stem}_first.png").is_file()
+    deleted = client.videos.delete(first.id)
+    assert deleted.deleted and deleted.id == first.id and deleted.object == "video.deleted"
+    assert not published.exists() and not published.with_name(f"{published.stem}_first.png").exists()
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(first.id)
+    assert [video.id for video in client.videos.list().data] == [second.id]
+    client.videos.delete(second.id)
+
+
+def test_missing_or_wrong_key_is_401_and_other_keys_jobs_are_404(gateway):
+    status, headers, body = gateway.get("/v1/videos")
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client("ltx2-not-a-key").videos.list()
+    status, _, body = gateway.request("POST", "/v1/videos", "wrong", b"{}", {"Content-Type": "application/json"})
+    assert status == 401
+
+    owned = {"prompt": "owned by alice", "model": TINY, "size": "64x64", "seconds": 0.3}  # JSON: seconds a number
+    status, _, video = gateway.post_json("alice", owned)
+    assert status == 200 and video["num_frames"] == 9 and video["seconds"] == "0.3", video
+    bob = gateway.client("bob")
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.retrieve(video["id"])
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.download_content(video["id"])
+    with pytest.raises(openai.NotFoundError):
+        bob.videos.delete(video["id"])
+    assert video["id"] not in [v.id for v in bob.videos.list().data]
+    assert gateway.client().videos.retrieve(video["id"]).id == video["id"]  # bob's delete did nothing
+    assert gateway.client().videos.delete(video["id"]).deleted
+    assert gateway.daemon_job(video["id"])["state"] in ("cancelled", "done")
+
+
+def test_per_key_queue_cap_is_429_with_retry_after(gateway):
+    before = len(gateway.daemon_jobs())
+    made = []
+    for n in range(2):
+        status, _, video = gateway.post_json("carol", {"prompt": f"carol {n}", "model": TINY, "size": "64x64"})
+        assert status == 200, video
+        made.append(video["id"])
+    status, headers, refused = gateway.post_json("carol", {"prompt": "one too many", "model": TINY, "size": "64x64"})
+    assert status == 429 and int(headers["retry-after"]) > 0
+    assert refused["error"]["code"] == "too_many_active_videos"
+    assert len(gateway.daemon_jobs()) == before + 2
+    for video_id in made:
+        assert gateway.client("carol").videos.delete(video_id).deleted
+    status, _, video = gateway.post_json("carol", {"prompt": "room again", "model": TINY, "size": "64x64"})
+    assert status == 200  # both ended: the key may queue again
+    assert gateway.client("carol").videos.delete(video["id"]).deleted
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"size": "abc"}, "size"),
+        ({"size": "65x64"}, "size"),  # refused by the daemon's spec validation, named as the HTTP field
+        ({"seconds": "-1"}, "seconds"),
+        ({"seconds": "many"}, "seconds"),
+        ({"model": "sora-2"}, "model"),
+        ({"model": "/etc"}, "model"),
+        ({"prompt": "x" * 1_000_000}, "prompt"),
+        ({"num_frames": 10}, "num_frames"),
+        ({"seed": "eleven"}, "seed"),
+        ({"loras": '["/tmp/evil.safetensors"]'}, "loras"),
+        ({"loras": '["../../etc"]'}, "loras"),
+    ],
+)
+def test_malformed_fields_are_400_naming_the_field_and_queue_nothing(gateway, fields, param):
+    before, pid = len(gateway.daemon_jobs()), gateway.daemon_pid()
+    request = {"prompt": "a valid prompt", "model": TINY, "size": "64x64", **fields}
+    client = gateway.client()
+    with pytest.raises(openai.BadRequestError) as refused:  # as multipart, the way the client sends
+        extra = {k: v for k, v in request.items() if k not in ("prompt", "model", "size", "seconds")}
+        client.videos.create(
+            prompt=request["prompt"],
+            model=request["model"],
+            size=request["size"],
+            **({"seconds": request["seconds"]} if "seconds" in request else {}),
+            extra_body=extra or None,
+        )
+    assert refused.value.param == param, refused.value.body
+    status, _, body = gateway.post_json("alice", request)  # and as JSON
+    assert status == 400 and body["error"]["param"] == param and body["error"]["type"] == "invalid_request_error"
+    assert len(gateway.daemon_jobs()) == before and gateway.daemon_pid() == pid
+
+
+def test_oversized_upload_is_413_and_queues_nothing(gateway):
+    before = len(gateway.daemon_jobs())
+    big = png_bytes(512, 512, size_hint=1)
+    assert len(big) > 524288
+    with pytest.raises(openai.APIStatusError) as refused:
+        gateway.client().videos.create(
+            prompt="too big", model=TINY, size="64x64", input_reference=("big.png", big, "image/png")
+        )
+    assert refused.value.status_code == 413 and refused.value.param == "input_reference"
+    with pytest.raises(openai.BadRequestError) as refused:  # not an image at all
+        gateway.client().videos.create(prompt="x", model=TINY, input_reference=("a.png", b"#!/bin/sh", "image/png"))
+    assert refused.value.param == "input_reference"
+    # A body declared over http.max_body_bytes is refused before the gateway reads it.
+    status, _, body = gateway.request(
+        "POST",
+        "/v1/videos",
+        "alice",
+        b"{}",
+        {"Content-Type": "application/json", "Content-Length": str(5 * 1024 * 1024)},
+    )
+    assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert len(gateway.daemon_jobs()) == before
+    assert list((Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "uploads").iterdir()) == []
+
+
+def test_200_concurrent_retrieves_while_a_job_runs(gateway, capsys: pytest.CaptureFixture):
+    client = gateway.client("bob")
+    video = client.videos.create(prompt="load test", model=TINY, size="64x64", seconds="0.7", extra_body={"seed": 5})
+    wait_until(client, video.id, {"in_progress", "completed"})
+    path = f"/v1/videos/{video.id}"
+    barrier = threading.Barrier(200)
+    results: list[tuple[int, float, str]] = [(0, 0.0, "")] * 200
+
+    def fetch(index: int) -> None:
+        barrier.wait()
+        started = time.perf_counter()
+        status, _, body = gateway.get(path, "bob")
+        results[index] = (status, time.perf_counter() - started, json.loads(body).get("id", ""))
+
+    threads = [threading.Thread(target=fetch, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [status for status, _, _ in results] == [200] * 200
+    assert {video_id for _, _, video_id in results} == {video.id}
+    latencies = sorted(seconds for _, seconds, _ in results)
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    with capsys.disabled():  # reported, not asserted: latency depends on the host
+        sys.stdout.write(
+            f"\n200 concurrent GET /v1/videos/{{id}}: p50 {statistics.median(latencies) * 1000:.0f} ms, "
+            f"p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms\n"
+        )
+    assert gateway.daemon_job(video.id)["state"] in ("running", "done")
+    deleted = client.videos.delete(video.id)  # cancels it if it still runs
+    assert deleted.deleted
+    assert gateway.daemon_job(video.id)["state"] in ("cancelled", "done")
+
+
+def test_requests_over_the_per_minute_limit_are_429_with_retry_after(gateway):
+    strict = gateway.root / "strict.toml"
+    strict.write_text(HTTP_CONFIG.replace("requests_per_minute = 100000", "requests_per_minute = 3"))
+    port = free_port()
+    server = gateway.start_server(port, {**gateway.env, "LTX2_CONFIG": str(strict)}, "strict-serve.log")
+    try:
+        assert [gateway.request("GET", "/v1/videos", "alice", port=port)[0] for _ in range(3)] == [200] * 3
+        status, headers, body = gateway.request("GET", "/v1/videos", "alice", port=port)
+        assert status == 429 and 0 < int(headers["retry-after"]) <= 60
+        assert json.loads(body)["error"]["code"] == "rate_limit_exceeded"
+        assert gateway.request("GET", "/v1/videos", "bob", port=port)[0] == 200  # each key has its own minute
+    finally:
+        stop(server)
+
+
+def test_healthz_and_metrics(gateway):
+    status, _, body = gateway.get("/healthz")
+    assert status == 200 and json.loads(body)["daemon_pid"] == gateway.daemon_pid()
+    assert gateway.get("/metrics")[0] == 401
+    status, headers, body = gateway.get("/metrics", "alice")
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert "ltx2_daemon_up 1.0" in text
+    done = sum(1 for job in gateway.daemon_jobs() if job["state"] == "done")
+    assert f'ltx2_jobs{{state="done"}} {float(done)}' in text
+    assert "ltx2_queue_depth" in text
+    assert 'ltx2_stage_seconds_count{result="ok",stage="encode_diffuse"}' in text
+
+
+def test_unknown_routes_and_methods_answer_openai_errors(gateway):
+    status, _, body = gateway.get(f"/v1/nothing-{uuid.uuid4().hex}", "alice")
+    assert status == 404 and "error" in json.loads(body)
+    status, _, body = gateway.request("PUT", "/v1/videos", "alice", b"")
+    assert status == 405 and json.loads(body)["error"]["type"] == "invalid_request_error"
