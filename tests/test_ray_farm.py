@@ -226,3 +226,24 @@ def test_a_cluster_address_nothing_answers_at_is_refused_at_once(daemon_env: dic
     result = run_ltx2(["daemon"], env, timeout=60)
     assert result.returncode == 2, result.stderr
     assert f"cluster.address = '127.0.0.1:{port}': nothing answers" in result.stderr
+
+
+def test_daemon_killed_mid_stage_its_ray_task_dies_and_the_restarted_daemon_finishes_the_job(
+    farm_env: dict, tmp_path: Path
+):
+    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a kite over the dunes")
+        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+        ray_worker = parent_of(stage_pid)
+        daemon.process.send_signal(signal.SIGKILL)
+        daemon.process.wait()
+    deadline = time.monotonic() + 60
+    while is_running(stage_pid) or is_running(ray_worker):  # Ray stops a dead driver's tasks
+        assert time.monotonic() < deadline, "the dead daemon's Ray task still runs"
+        time.sleep(0.2)
+    with DaemonProcess(env, tmp_path / "daemon-2.log") as restarted:
+        job = restarted.wait_for_state(job_id, {"done", "failed"})
+        assert job["state"] == "done", (job["error"], restarted.log()[-3000:])
+    tried = attempts(job_record(env, job_id), "encode_diffuse")
+    assert [a["result"] for a in tried] == ["interrupted", "ok"]
