@@ -12,6 +12,8 @@ import torch
 from conftest import run_ltx2
 from diffusers import LTX2Pipeline
 from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
+from safetensors.torch import save_file
+from test_loras import encode, lora_tensors
 
 from protocol.files import LATENTS_FILE
 from services import guidance
@@ -187,7 +189,7 @@ def runs(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, o
     results: dict[str, object] = {"env": env}
     for label, extra in (
         ("plain", []),
-        ("off", ["--nag-scale", "1"]),
+        ("off", ["--nag-scale", "1", "--nag-tau", "3"]),
         ("nag", ["--nag-scale", "5"]),
         ("again", ["--nag-scale", "5"]),
         ("compiled", ["--nag-scale", "5", "--compile"]),
@@ -204,6 +206,7 @@ def test_nag_scale_one_is_bit_equal_to_no_nag_and_five_changes_the_latents(runs:
     for key in ("video", "audio"):
         assert torch.equal(plain[key], off[key])
     assert not torch.equal(plain["video"], nag["video"])
+    assert "--nag-tau has no effect without --nag-scale > 1" in runs["off"]["result"].stderr
 
 
 def test_the_same_nag_run_twice_is_bit_equal(runs: dict):
@@ -248,6 +251,35 @@ def test_invalid_nag_flags_exit_2_naming_the_flag(ltx2_env: dict, extra: list[st
     result = run_ltx2(["generate", *FLAGS, *extra], ltx2_env)
     assert result.returncode == 2, result.stderr
     assert flag in result.stderr
+
+
+def test_nag_with_a_lora_and_fp8_matmuls_stays_close_to_nag_in_full_precision(tiny_model_dir: Path, tmp_path: Path):
+    lora = tmp_path / "lora.safetensors"
+    save_file(lora_tensors("transformer."), str(lora))
+    request = {"negative_prompt": "blurry, dark", "loras": [{"source": str(lora), "scale": 1.0}]}
+    reference = encode(tiny_model_dir, tmp_path, "nag", nag_scale=5.0, **request)
+    result = encode(tiny_model_dir, tmp_path, "nag-fp8mm", nag_scale=5.0, fp8_matmul=True, **request)
+    unguided = encode(tiny_model_dir, tmp_path, "fp8mm", fp8_matmul=True, **request)
+    for key in ("video", "audio"):
+        error = float((result[key] - reference[key]).norm() / reference[key].norm())
+        assert 0 < error < 0.02
+    assert not torch.equal(result["video"], unguided["video"])
+
+
+def test_the_prompt_cache_keys_the_negative_prompt_only_where_it_acts(tmp_path: Path):
+    from protocol.spec import JobSpec
+    from services.embedding_cache import cache_path
+
+    base = {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+
+    def path(**changes: object) -> Path:
+        return cache_path(
+            tmp_path, tmp_path, "", JobSpec.from_dict({**base, **changes}), torch.float32, torch.device("cpu")
+        )
+
+    assert path(negative_prompt="a") == path(negative_prompt="b") == path()
+    assert path(negative_prompt="a", nag_scale=5.0) != path(negative_prompt="b", nag_scale=5.0)
+    assert path(negative_prompt="a", nag_scale=5.0) != path(negative_prompt="a")
 
 
 def test_batch_file_nag_fields_are_validated_by_the_spec():
