@@ -36,6 +36,10 @@ SPEC_FLAGS = (
     "sequential_offload",
     "drop_caches",
     "image",
+    "nag_scale",
+    "nag_tau",
+    "nag_alpha",
+    "nag_steps",
 )
 
 
@@ -58,7 +62,9 @@ class LoraAction(argparse.Action):
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that become JobSpec fields (defaults None: the model's preset fills them in)."""
     parser.add_argument("--prompt", required=True, help="what the clip shows (a paragraph works best)")
-    parser.add_argument("--negative-prompt", help="what to avoid; only has an effect with --guidance-scale > 1")
+    parser.add_argument(
+        "--negative-prompt", help="what to avoid; has an effect with --guidance-scale > 1 or with --nag-scale > 1"
+    )
     parser.add_argument(
         "--model",
         help="HF repo id or local diffusers folder (default: the distilled model if "
@@ -70,6 +76,18 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, help="frames per second (default 24)")
     parser.add_argument("--steps", type=int, help="denoising steps (preset default: 8 distilled, 40 dev)")
     parser.add_argument("--guidance-scale", type=float, help="CFG scale; 1.0 turns CFG off (preset default)")
+    parser.add_argument(
+        "--nag-scale",
+        type=float,
+        metavar="PHI",
+        help="Normalized Attention Guidance: the negative prompt acts at CFG 1.0 in the text cross-attention"
+        " (1.0-30.0; 1.0, the default, is off; ComfyUI's LTX-2 node uses 11)",
+    )
+    parser.add_argument("--nag-tau", type=float, metavar="TAU", help="NAG's clamp on the norm ratio (default 2.5)")
+    parser.add_argument(
+        "--nag-alpha", type=float, metavar="A", help="NAG's blend of guided and plain attention, 0-1 (default 0.25)"
+    )
+    parser.add_argument("--nag-steps", type=int, metavar="N", help="apply NAG in the first N steps only (default all)")
     parser.add_argument("--schedule", choices=["distilled", "default"], help="sigma schedule (preset default)")
     parser.add_argument("--seed", type=int, help="random when absent; always recorded")
     parser.add_argument("--name", help="output file stem (default: video)")

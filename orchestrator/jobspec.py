@@ -22,6 +22,8 @@ from protocol.spec import JobSpec, SpecError
 RANDOM_SEED_LIMIT = 2**31
 # Fields a request may leave out; the model's preset fills them in.
 PRESET_FIELDS = ("width", "height", "num_frames", "fps", "steps", "guidance_scale", "schedule")
+# NAG settings that only matter when --nag-scale turns NAG on.
+NAG_TUNING = ("nag_tau", "nag_alpha", "nag_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +80,14 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
     spec = JobSpec.from_dict(fields)
-    if spec.negative_prompt and not spec.uses_cfg:
-        notices.append("warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off)")
+    if spec.negative_prompt and not spec.uses_negative_prompt:
+        notices.append(
+            "warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off) unless --nag-scale > 1"
+        )
+    unused_nag = [name for name in NAG_TUNING if name in request and request[name] is not None]
+    if unused_nag and not spec.uses_nag:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused_nag)
+        notices.append(f"warning: {flags} has no effect without --nag-scale > 1 (NAG is off)")
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
     return BuiltSpec(spec, model, tuple(notices), loras, image)

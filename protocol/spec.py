@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import typing
 from typing import Any
@@ -41,6 +42,11 @@ SCHEDULES = ("distilled", "default")
 NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
 # The distilled checkpoint was trained on one fixed 8-sigma schedule.
 DISTILLED_STEPS = 8
+# Normalized Attention Guidance (services/nag.py): phi = 1 is exactly off; the ComfyUI LTX-2 node uses 11,
+# so 30 (the CFG ceiling) leaves room without admitting values that only produce noise.
+MAX_NAG_SCALE = 30.0
+# Defaults of the NAG paper's reference code for other models (tau: norm-ratio clamp, alpha: blend).
+NAG_DEFAULTS = {"nag_scale": 1.0, "nag_tau": 2.5, "nag_alpha": 0.25, "nag_steps": None}
 
 
 class SpecError(ValueError):
@@ -78,6 +84,10 @@ class JobSpec:
     sequential_offload: bool = False
     drop_caches: bool = False
     image: str | None = None
+    nag_scale: float = 1.0
+    nag_tau: float = 2.5
+    nag_alpha: float = 0.25
+    nag_steps: int | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -146,6 +156,27 @@ class JobSpec:
             _require_lora(lora)
         if self.image is not None and not self.image.strip():
             raise SpecError("image", "must be a path to an image file")
+        self._require_valid_nag()
+
+    def _require_valid_nag(self) -> None:
+        """NAG's ranges, and its refusal next to CFG.
+
+        NAG with CFG > 1 is refused rather than combined: CFG already spends a second (batched) pass
+        on the negative prompt, so NAG there would apply the same prompt twice in two different ways,
+        a combination no LTX-2 reference tunes or checks; NAG exists for the CFG = 1 (distilled) case.
+        """
+        _require_range("nag_scale", self.nag_scale, 1.0, MAX_NAG_SCALE)
+        if not (0.0 < self.nag_tau and math.isfinite(self.nag_tau)):
+            raise SpecError("nag_tau", f"must be a finite number above 0; got {self.nag_tau}")
+        _require_range("nag_alpha", self.nag_alpha, 0.0, 1.0)
+        if self.nag_steps is not None and self.nag_steps < 0:
+            raise SpecError("nag_steps", f"must be 0 or more (NAG applies in the first N steps); got {self.nag_steps}")
+        if self.uses_nag and self.uses_cfg:
+            raise SpecError(
+                "nag_scale",
+                f"NAG is for --guidance-scale 1.0 (got {self.guidance_scale}): with CFG on the negative prompt already"
+                " acts through CFG's second pass; use one of the two",
+            )
 
     @property
     def latent_frames(self) -> int:
@@ -157,6 +188,23 @@ class JobSpec:
         """Classifier-free guidance runs only above 1.0; at 1.0 a negative prompt has no effect."""
         return self.guidance_scale > 1.0
 
+    @property
+    def uses_nag(self) -> bool:
+        """Normalized Attention Guidance runs when its scale is above 1.0 and at least one step uses it."""
+        return self.nag_scale > 1.0 and self.nag_steps != 0
+
+    @property
+    def uses_negative_prompt(self) -> bool:
+        """Whether the negative prompt is encoded and acts on the latents (through CFG or NAG)."""
+        return self.uses_cfg or self.uses_nag
+
+    @property
+    def nag_step_count(self) -> int:
+        """How many leading denoising steps NAG guides (0 when off)."""
+        if not self.uses_nag:
+            return 0
+        return self.steps if self.nag_steps is None else min(self.nag_steps, self.steps)
+
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of the whole spec."""
         return _sha256_json(self.to_dict())
@@ -167,7 +215,14 @@ class JobSpec:
         Decode and output settings are left out, so saved latents can be decoded again with
         another decode plan or name (`ltx2 decode`).
         """
-        return _sha256_json({k: v for k, v in self.to_dict().items() if k not in DECODE_ONLY_FIELDS})
+        # NAG fields at their defaults are left out, so latents written before NAG existed still match.
+        return _sha256_json(
+            {
+                k: v
+                for k, v in self.to_dict().items()
+                if k not in DECODE_ONLY_FIELDS and not (k in NAG_DEFAULTS and v == NAG_DEFAULTS[k])
+            }
+        )
 
 
 def _sha256_json(data: dict[str, Any]) -> str:

@@ -27,12 +27,12 @@ KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "neg
 def cache_path(
     directory: Path, model_root: Path, revision: str, spec: JobSpec, dtype: torch.dtype, device: torch.device
 ) -> Path:
-    """The file for one (model, revision, prompt, negative prompt if CFG, length, dtype, device) combination."""
+    """The file for one (model, revision, prompt, negative prompt if CFG or NAG, length, dtype, device) combination."""
     identity = {
         "model": str(model_root),
         "revision": revision,
         "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt if spec.uses_cfg else None,
+        "negative_prompt": spec.negative_prompt if spec.uses_negative_prompt else None,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         "dtype": str(dtype),
         "device": device.type,

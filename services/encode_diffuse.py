@@ -13,6 +13,7 @@ LoRA-fused and placed once and denoises each job in turn.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -27,7 +28,7 @@ from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 from protocol.errors import InvalidInput
 from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
 from protocol.spec import JobSpec
-from services import embedding_cache, guidance, model_loading
+from services import embedding_cache, guidance, model_loading, nag
 from services.latents import write_latents
 from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext, run_worker
@@ -85,7 +86,7 @@ def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: to
 
 
 def encode_prompts(model_root: Path, dtype: torch.dtype, device: torch.device, specs: list[JobSpec]) -> list[dict]:
-    """Embeddings and masks of each spec's prompt (negative ones only with CFG), loading the text
+    """Embeddings and masks of each spec's prompt (negative ones only with CFG or NAG), loading the text
     encoder once; via LTX2Pipeline.encode_prompt, the code the single-process pipeline runs."""
     # The pipeline object is the only holder of the encoder, so releasing it frees the memory.
     encoder_only = model_loading.load_prompt_encoder(model_root, dtype, device)
@@ -95,7 +96,8 @@ def encode_prompts(model_root: Path, dtype: torch.dtype, device: torch.device, s
             embeds, mask, negative_embeds, negative_mask = encoder_only.encode_prompt(
                 prompt=spec.prompt,
                 negative_prompt=spec.negative_prompt,
-                do_classifier_free_guidance=spec.uses_cfg,
+                # NAG needs the negative prompt's embeddings at CFG = 1 too.
+                do_classifier_free_guidance=spec.uses_negative_prompt,
                 max_sequence_length=guidance.MAX_SEQUENCE_LENGTH,
                 device=device,
             )
@@ -212,7 +214,8 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         return {}
 
     ctx.progress("denoise", 0, total)
-    with torch.no_grad():
+    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"])
+    with torch.no_grad(), guided:
         video, audio = pipe(
             **image_inputs,
             **embeddings,
@@ -230,6 +233,25 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         )
     counter.remove()
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def nag_context(
+    spec: JobSpec, embeddings: dict[str, Any], transformer: Any, connectors: Any
+) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+    """(the pipeline's embeddings, a context that applies NAG around its call).
+
+    With NAG the negative embeddings go to services/nag.py instead of the pipeline (which at CFG = 1
+    would not use them); without it nothing changes, so such a run stays bit-equal to one before NAG.
+    """
+    if not spec.uses_nag:
+        return embeddings, contextlib.nullcontext()
+    negative = {key: embeddings[key] for key in ("negative_prompt_embeds", "negative_prompt_attention_mask")}
+    if any(value is None for value in negative.values()):
+        raise RuntimeError("NAG needs the negative prompt's embeddings, but the prompt cache entry has none")
+    prompt_only = {key: value for key, value in embeddings.items() if key not in negative}
+    settings = nag.NagSettings(scale=spec.nag_scale, tau=spec.nag_tau, alpha=spec.nag_alpha)
+    # LTX2Pipeline passes its connectors padding_side "left" when it has no tokenizer, as here.
+    return prompt_only, nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count)
 
 
 def load_conditioning_image(path: Path, width: int, height: int) -> Any:
