@@ -66,6 +66,9 @@ class ProgressBoard:
                     stage=event.stage, phase=event.kind, step=0, total=0, detail=event.detail, attempt=event.attempt
                 )
             elif isinstance(event, stages.Progress):
+                if (entry.get("stage"), entry.get("phase")) != (event.stage, event.phase):
+                    # A new phase: its step rate (for the ETA) is measured from here.
+                    entry.update(phase_started=time.time(), phase_first_step=event.step)
                 entry.update(
                     stage=event.stage,
                     phase=event.phase,
@@ -79,13 +82,27 @@ class ProgressBoard:
             entry["updated"] = time.time()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
+        """The job's latest progress, with `eta_s` (seconds left in the current phase) once a step was timed."""
         with self._lock:
             entry = self._latest.get(job_id)
-            return dict(entry) if entry else None
+            return {**entry, "eta_s": phase_eta(entry)} if entry else None
 
     def clear(self, job_id: str) -> None:
         with self._lock:
             self._latest.pop(job_id, None)
+
+
+def phase_eta(entry: dict[str, Any]) -> float | None:
+    """Seconds left in the current phase at its mean step time so far; None before a step is timed.
+
+    Measured from the phase's first report, so a model load before step 1 does not count as a step.
+    """
+    step, total = entry.get("step", 0), entry.get("total", 0)
+    done = step - entry.get("phase_first_step", step)
+    if not total or done <= 0 or "phase_started" not in entry:
+        return None
+    per_step = (entry["updated"] - entry["phase_started"]) / done
+    return round(max(0.0, per_step * (total - step)), 1)
 
 
 class Executor(threading.Thread):

@@ -9,12 +9,15 @@ file system (uploads get names the gateway makes; files served are the ones the 
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -28,7 +31,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from config.settings import HttpSettings, Settings
@@ -63,6 +66,8 @@ CANCEL_WAIT_S = 60.0
 # Retry-After of a refused create: a tiny clip takes about this long, a real one longer.
 QUEUE_FULL_RETRY_S = 30
 MAX_LIST_LIMIT = 100
+# The job page served at `/` (package data; see page.html for why the key never enters a URL).
+PAGE_FILE = Path(__file__).with_name("page.html")
 
 
 class ApiError(Exception):
@@ -341,6 +346,22 @@ def completed_at(record: dict[str, Any], job: dict[str, Any]) -> int | None:
     return record.get("completed_at") or iso_seconds(job.get("updated", ""))
 
 
+def stage_fields(state: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Where a running job is (stage, phase, step i/n, ETA of the phase), for the job page and `watch`-like clients.
+
+    OpenAI's object has only `progress`; these come from the daemon's progress board and are null
+    (steps 0) whenever the job is not running.
+    """
+    now = (job.get("progress") or {}) if state == "running" else {}
+    return {
+        "stage": now.get("stage"),
+        "phase": now.get("phase"),
+        "step": int(now.get("step") or 0),
+        "steps": int(now.get("total") or 0),
+        "eta_seconds": now.get("eta_s"),
+    }
+
+
 def video_object(
     record: dict[str, Any], job: dict[str, Any], seconds_note: str = "", notices: list[str] | None = None
 ) -> dict[str, Any]:
@@ -365,6 +386,7 @@ def video_object(
         "remixed_from_video_id": None,
         "num_frames": record["num_frames"],
         "fps": record["fps"],
+        **stage_fields(state, job),
     }
     if seconds_note:
         result["seconds_mapping"] = seconds_note
@@ -473,7 +495,14 @@ def build_app(settings: Settings) -> Starlette:
         body, content_type = await run_in_threadpool(gateway.metrics.render)
         return Response(body, media_type=content_type)
 
+    page, page_headers = job_page_parts()
+
+    async def job_page(request: Request) -> Response:
+        # No key needed: the page holds no data; it asks for the key and keeps it in the browser.
+        return HTMLResponse(page, headers=page_headers)
+
     routes = [
+        Route("/", job_page, methods=["GET"]),
         Route("/v1/videos", create_video, methods=["POST"]),
         Route("/v1/videos", list_videos, methods=["GET"]),
         Route("/v1/videos/{video_id}", retrieve_video, methods=["GET"]),
@@ -491,6 +520,32 @@ def build_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan
     )
+
+
+def job_page_parts() -> tuple[str, dict[str, str]]:
+    """The job page and its headers, with a Content-Security-Policy allowing only its own script and style.
+
+    The page escapes job text itself; the policy is the second wall: an injected `<script>` or
+    `onerror=` would not run, and the page may talk to nothing but this gateway (and play blob: URLs).
+    """
+    html = PAGE_FILE.read_text(encoding="utf-8")
+
+    def hashes(tag: str) -> str:
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)
+        digests = (base64.b64encode(hashlib.sha256(block.encode()).digest()).decode() for block in blocks)
+        return " ".join(f"'sha256-{digest}'" for digest in digests)
+
+    policy = (
+        f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+        "media-src blob:; img-src 'self' blob:; form-action 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+    headers = {
+        "Content-Security-Policy": policy,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+        "Cache-Control": "no-cache",
+    }
+    return html, headers
 
 
 async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:
