@@ -24,6 +24,9 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
   head started with every visible GPU before the run, stopped after it; the batch joins it), one
   lane per GPU, compared frame by frame with one local lane's clips;
 - large_fp8mm: one clip at --large with `--fp8-matmul --compile` (s/step and peak memory at 1080p);
+- large_fp8mm_nag / small_fp8mm / small_fp8mm_nag: the same with Normalized Attention Guidance
+  (`--nag-scale 11` and a negative prompt), and one clip at --small without and with it: the
+  per-step price of NAG (services/nag.py);
 - large_fp8mm_exact: large_fp8mm with `LTX2_FP8_FAST_ACCUMULATION=false` (every FP8 product
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
 - large_eager: the same clip in eager bf16, the reference of the large clips' PSNR;
@@ -114,12 +117,20 @@ def write_batch(
     return path
 
 
+# A negative prompt for the NAG runs, and the NAG scale the ComfyUI LTX-2 node uses.
+NAG_FLAGS = ["--nag-scale", "11", "--negative-prompt", "blurry, low quality, distorted, watermark, text"]
 LARGE_RUNS = {
     "large_compile": ["--compile"],
     "large_fp8mm": ["--fp8-matmul", "--compile"],
+    "large_fp8mm_nag": ["--fp8-matmul", "--compile", *NAG_FLAGS],
     "large_fp8mm_exact": ["--fp8-matmul", "--compile"],
     "large_eager": [],
     "large_eager_plain": [],
+}
+# One clip at --small: the per-step price of NAG against the same clip without it.
+SMALL_RUNS = {
+    "small_fp8mm": ["--fp8-matmul", "--compile"],
+    "small_fp8mm_nag": ["--fp8-matmul", "--compile", *NAG_FLAGS],
 }
 # Runs that change a setting through the environment: the FP8 GEMMs without fast accumulation;
 # torch's default CUDA allocator instead of the expandable segments the workers get.
@@ -368,11 +379,11 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
         clips = WARMUP_CLIPS if name.endswith("_warmup") else args.clips
         batch = write_batch(work / f"{name}.toml", str(root), size, clips, name != "batch", fp8mm)
         return [*cli, "batch", str(batch), "--quiet"], size
-    if name in LARGE_RUNS:
-        size = parse_size(args.large)
+    if name in LARGE_RUNS or name in SMALL_RUNS:
+        size = parse_size(args.large if name in LARGE_RUNS else args.small)
         command = [*cli, "generate", "--model", str(root), "--prompt", PROMPT, "--seed", "1", "--name", "clip1"]
         command += ["--width", str(size[0]), "--height", str(size[1]), "--num-frames", str(size[2]), "--quiet"]
-        return command + LARGE_RUNS[name], size
+        return command + (LARGE_RUNS.get(name) or SMALL_RUNS[name]), size
     raise SystemExit(f"unknown run {name!r}")
 
 
