@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import probe_mp4, run_ltx2
 from gateway_process import HTTP_CONFIG, TINY, Gateway, free_port, stop
+from prometheus_client.parser import text_string_to_metric_families
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks the Sora API deprecated
@@ -280,6 +281,9 @@ def test_requests_over_the_per_minute_limit_are_429_with_retry_after(gateway):
 
 
 def test_healthz_and_metrics(gateway):
+    client = gateway.client()  # one video of its own, so the test holds when run alone
+    video = client.videos.create(prompt="a metronome", model=TINY, size="64x64", extra_body={"num_frames": 9})
+    assert wait_until(client, video.id, {"completed", "failed"}).status == "completed"
     status, _, body = gateway.get("/healthz")
     assert status == 200 and json.loads(body)["daemon_pid"] == gateway.daemon_pid()
     assert gateway.get("/metrics")[0] == 401
@@ -291,6 +295,19 @@ def test_healthz_and_metrics(gateway):
     assert f'ltx2_jobs{{state="done"}} {float(done)}' in text
     assert "ltx2_queue_depth" in text
     assert 'ltx2_stage_seconds_count{result="ok",stage="encode_diffuse"}' in text
+    peaks = {}  # the gateway saw each of these jobs end (its own retrieves, and the earlier tests')
+    for listed in gateway.daemon_jobs():
+        for attempt in gateway.daemon_job(listed["id"])["attempts"]:
+            peaks[attempt["stage"]] = max(peaks.get(attempt["stage"], 0), attempt["peak_rss_bytes"])
+    samples = {
+        (sample.name, sample.labels.get("stage")): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert set(peaks) == {"encode_diffuse", "audio_decode", "video_decode"}
+    for stage, peak in peaks.items():
+        assert peak > 0 and samples[("ltx2_stage_peak_rss_bytes", stage)] == peak, (stage, peak)
+        assert samples[("ltx2_stage_peak_gpu_bytes", stage)] == 0  # CPU workers: no GPU memory
 
 
 def test_unknown_routes_and_methods_answer_openai_errors(gateway):

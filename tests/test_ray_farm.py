@@ -102,6 +102,12 @@ def job_record(env: dict[str, str], job_id: str) -> dict:
     return json.loads((Path(env["LTX2_STATE_DIR"]) / "jobs" / job_id / "job.json").read_text())
 
 
+def paused_stage(env: dict[str, str]) -> tuple[int, int]:
+    """The stage process paused by LTX2_FAULT_PAUSE, and the Ray worker whose task started it."""
+    stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+    return stage_pid, parent_of(stage_pid)
+
+
 def attempts(record: dict, stage: str) -> list[dict]:
     return record["stages"][stage]["attempts"]
 
@@ -142,8 +148,7 @@ def test_node_removed_mid_diffusion_its_job_finishes_on_the_other_node_with_equa
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
         # The same clip twice: one lane each; whichever pauses first loses its node.
         job_ids = [submit_tiny(env, "a lighthouse at dusk") for _ in range(2)]
-        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
-        ray_worker = parent_of(stage_pid)
+        stage_pid, ray_worker = paused_stage(env)
         farm.replace(farm.node_of_raylet(parent_of(ray_worker)))
         for job_id in job_ids:
             job = daemon.wait_for_state(job_id, {"done", "failed"})
@@ -164,8 +169,7 @@ def test_ray_worker_killed_is_host_oom_and_retried_by_the_policy_exactly_once(fa
     env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
         job_id = submit_tiny(env, "a paper boat")
-        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
-        ray_worker = parent_of(stage_pid)
+        stage_pid, ray_worker = paused_stage(env)
         os.kill(ray_worker, signal.SIGKILL)  # as the node's OOM killer would
         job = daemon.wait_for_state(job_id, {"done", "failed"})
         assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
@@ -180,8 +184,7 @@ def test_cancel_reaches_the_ray_task_and_its_stage_process(farm_env: dict, tmp_p
     env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
         job_id = submit_tiny(env, "a slow train")
-        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
-        ray_worker = parent_of(stage_pid)
+        stage_pid, ray_worker = paused_stage(env)
         assert run_ltx2(["cancel", job_id], env).returncode == 0
         job = daemon.wait_for_state(job_id, {"cancelled", "failed", "done"})
         assert job["state"] == "cancelled", job
@@ -234,8 +237,7 @@ def test_daemon_killed_mid_stage_its_ray_task_dies_and_the_restarted_daemon_fini
     env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
         job_id = submit_tiny(env, "a kite over the dunes")
-        stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
-        ray_worker = parent_of(stage_pid)
+        stage_pid, ray_worker = paused_stage(env)
         daemon.process.send_signal(signal.SIGKILL)
         daemon.process.wait()
     deadline = time.monotonic() + 60

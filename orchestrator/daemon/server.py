@@ -270,6 +270,8 @@ def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
             "device": attempt.get("device", ""),
             "lane": attempt.get("lane", 0),
             "host": attempt.get("host", ""),  # a farm's node, once Ray placed the stage
+            "peak_gpu_bytes": int(attempt.get("peak_gpu_bytes") or 0),
+            "peak_rss_bytes": int(attempt.get("peak_rss_bytes") or 0),
         }
         for stage, record in job.record["stages"].items()
         for attempt in record["attempts"]

@@ -1,8 +1,8 @@
 """`GET /metrics`: Prometheus text made at scrape time from the daemon's own listing.
 
 Job counts and the queue depth are read from the daemon at each scrape (the daemon is the truth;
-the gateway caches nothing). Stage seconds come from the attempts of jobs this gateway saw end, so
-the histogram starts empty when the gateway starts.
+the gateway caches nothing). Stage seconds and memory peaks come from the attempts of jobs this
+gateway saw end, so they start empty when the gateway starts.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from protocol import jobs
@@ -62,9 +62,25 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        # The highest memory a stage's process reached, over the jobs seen ending: what to size a
+        # GPU (or a unified-memory box) for; workers report both peaks with each Done.
+        self.peak_gpu = Gauge(
+            "ltx2_stage_peak_gpu_bytes", "highest GPU memory of a stage attempt seen ending", ["stage"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.peak_rss = Gauge(
+            "ltx2_stage_peak_rss_bytes", "highest resident memory of a stage attempt seen ending", ["stage"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.peaks: dict[tuple[str, str], int] = {}
+
     def observe_attempts(self, attempts: list[dict[str, Any]]) -> None:
         for attempt in attempts:
             self.stage_seconds.labels(attempt["stage"], attempt["result"]).observe(float(attempt["seconds"]))
+            for kind, gauge in (("peak_gpu_bytes", self.peak_gpu), ("peak_rss_bytes", self.peak_rss)):
+                key = (attempt["stage"], kind)
+                self.peaks[key] = max(self.peaks.get(key, 0), int(attempt.get(kind) or 0))
+                gauge.labels(attempt["stage"]).set(self.peaks[key])
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
