@@ -27,9 +27,11 @@ How it reaches LTX-2 through diffusers 0.42.1 without touching its files:
 The negative K/V are recomputed at every guided step, not cached per job: diffusers hands the
 processor the context, not K/V, and on LTX-2.3 the per-block prompt modulation that precedes the
 K/V projections changes with the timestep, so a cache would be wrong there; keeping a cache inside
-regionally compiled blocks would also mutate module state inside the graph. The cost is the
-negative half's two linear projections over its 1024 text tokens per layer, small next to the
-attention over the video tokens.
+regionally compiled blocks would also mutate module state inside the graph. The extra work per
+layer is the negative half's two linear projections over its 1024 text tokens and a second
+attention over them; measured on an H200 with FP8 matmuls and compile (docs/benchmarks.md,
+version 8) it costs +3.4 % per step at 1920x1088x161 and +11.9 % at 768x512x121, where the
+fixed 1024 tokens weigh more against the video's.
 """
 
 from __future__ import annotations

@@ -50,13 +50,20 @@ from orchestrator.gateway.video_requests import (
 )
 from orchestrator.inputs import require_inside_roots
 from orchestrator.publishing import companions
+from orchestrator.states import JobState
 from protocol import jobs
 from protocol.files import Stage
 from protocol.spec import SpecError
 
 log = logging.getLogger("ltx2.http")
 # OpenAI's states, from the daemon's; a cancelled job is a failed video with code "cancelled".
-STATUS = {"queued": "queued", "running": "in_progress", "done": "completed", "failed": "failed", "cancelled": "failed"}
+STATUS = {
+    JobState.QUEUED: "queued",
+    JobState.RUNNING: "in_progress",
+    JobState.DONE: "completed",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "failed",
+}
 # Share of the whole job each stage stands for in `progress` (the denoising dominates).
 STAGE_WEIGHTS = {Stage.ENCODE_DIFFUSE.value: 0.8, Stage.AUDIO_DECODE.value: 0.05, Stage.VIDEO_DECODE.value: 0.15}
 # Image types accepted as input_reference, by their first bytes.
@@ -260,7 +267,7 @@ class Gateway:
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-                job = {"state": "failed", "error": "the daemon no longer knows this job"}
+                job = {"state": JobState.FAILED.value, "error": "the daemon no longer knows this job"}
             data.append(video_object({**row, "state": job["state"]}, job))
         return {
             "object": "list",
@@ -294,7 +301,7 @@ class Gateway:
     def content(self, owner: str, video_id: str, variant: str) -> Path:
         self.owned(owner, video_id)
         job = self.job(video_id)
-        if job["state"] != "done" or not job.get("output"):
+        if job["state"] != JobState.DONE or not job.get("output"):
             raise ApiError(409, f"video {video_id} is {STATUS[job['state']]}, not completed", code="video_not_ready")
         video = Path(job["output"])
         path = video if variant == "video" else companions(video)[1]
@@ -322,9 +329,9 @@ def iso_seconds(text: str) -> int | None:
 def progress_percent(job: dict[str, Any]) -> int:
     """0-100 from the stages finished and the running stage's step (the daemon's progress board)."""
     state = job["state"]
-    if state == "done":
+    if state == JobState.DONE:
         return 100
-    if state == "queued":
+    if state == JobState.QUEUED:
         return 0
     finished = {a["stage"] for a in job.get("attempts", []) if a.get("result") == "ok"}
     share = sum(STAGE_WEIGHTS.get(stage, 0.0) for stage in finished)
@@ -352,7 +359,7 @@ def stage_fields(state: str, job: dict[str, Any]) -> dict[str, Any]:
     OpenAI's object has only `progress`; these come from the daemon's progress board and are null
     (steps 0) whenever the job is not running.
     """
-    now = (job.get("progress") or {}) if state == "running" else {}
+    now = (job.get("progress") or {}) if state == JobState.RUNNING else {}
     return {
         "stage": now.get("stage"),
         "phase": now.get("phase"),
@@ -368,8 +375,9 @@ def video_object(
     """OpenAI's `video` object, plus what it has no field for (frames, fps, the seconds mapping)."""
     state = record["state"]
     error = None
-    if state in ("failed", "cancelled"):
-        error = {"code": "cancelled" if state == "cancelled" else "generation_failed", "message": job.get("error", "")}
+    if state in (JobState.FAILED, JobState.CANCELLED):
+        code = "cancelled" if state == JobState.CANCELLED else "generation_failed"
+        error = {"code": code, "message": job.get("error", "")}
     result = {
         "id": record["id"],
         "object": "video",

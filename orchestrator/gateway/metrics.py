@@ -13,9 +13,10 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from orchestrator.states import JobState
 from protocol import jobs
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JOB_STATES = tuple(state.value for state in JobState)
 # The daemon lists at most this many jobs; counts cover the newest ones.
 LISTED_JOBS = 1000
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600)
@@ -44,7 +45,7 @@ class DaemonJobsCollector:
             by_state.add_metric([state], sum(1 for job in listed if job["state"] == state))
         yield by_state
         depth = GaugeMetricFamily("ltx2_queue_depth", "jobs waiting for a lane")
-        depth.add_metric([], sum(1 for job in listed if job["state"] == "queued"))
+        depth.add_metric([], sum(1 for job in listed if job["state"] == JobState.QUEUED))
         yield depth
 
 

@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from orchestrator.states import JobState
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -31,8 +33,8 @@ CREATE TABLE IF NOT EXISTS videos (
 );
 CREATE INDEX IF NOT EXISTS videos_owner ON videos (owner, seq);
 """
-# States after which a job never changes again (orchestrator.states.JobState's terminal ones).
-FINAL_STATES = ("done", "failed", "cancelled")
+# States after which a job never changes again.
+FINAL_STATES = tuple(state.value for state in JobState if state.is_terminal)
 
 
 class GatewayStore:
