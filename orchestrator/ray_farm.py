@@ -1,7 +1,8 @@
 """A render farm on Ray (DESIGN.md rule 8): each stage attempt is a task on some node of a cluster.
 
-The only module that imports ray, and only a daemon or `ltx2 batch` with `[cluster] backend =
-"ray"` imports it (`pip install 'ltx2-stages[cluster]'`). The head keeps everything it owns today:
+The only module that imports ray, and only inside its functions: a daemon or `ltx2 batch` with
+`[cluster] backend = "ray"` reaches them (`pip install 'ltx2-stages[cluster]'`); importing this
+module loads no ray, so `orchestrator/` stays ray-free at start. The head keeps everything it owns today:
 the queue, every job's state and the retry policy. Ray only places processes. Each stage attempt
 (or stage-major group) is one task taking one unit of `[cluster] ray_resource` ("GPU"), in a fresh
 Ray worker process that runs that one task and exits (`max_calls=1`): it starts the stage exactly
@@ -29,13 +30,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import ray
-import ray.exceptions
 import zmq
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from zmq.auth.thread import ThreadAuthenticator
 
 from config.settings import ConfigError, Settings
@@ -45,6 +45,10 @@ from orchestrator.runner import WorkerLink
 from protocol.errors import ExitCode
 from protocol.stages import WORKER_CURVE_ENV
 from services import faults
+
+if TYPE_CHECKING:
+    from ray import ObjectRefGenerator
+    from ray.remote_function import RemoteFunction
 
 log = logging.getLogger("ltx2.farm")
 # Every stage task: one per fresh Ray worker process (nothing of a stage outlives it; Ray's own
@@ -67,8 +71,18 @@ class FarmUnusable(ConfigError):
     """The Ray cluster cannot run this farm (unreachable, no resource, a node without the state dir)."""
 
 
+def ray_module() -> ModuleType:
+    """Ray, imported on first use (with the submodules this farm uses)."""
+    import ray
+    import ray.exceptions
+    import ray.util
+
+    return ray
+
+
 def run_stage(module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str]) -> Iterator[dict]:
     """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it."""
+    ray = ray_module()
     environment = {**worker_environment(), **forwarded, WORKER_CURVE_ENV: curve}
     command = [sys.executable, "-m", "services.parent_bound", str(os.getpid()), module, *args]
     with open(log_path, "ab") as log_file:
@@ -92,8 +106,16 @@ def read_probe(path: str) -> str:
     return Path(path).read_text()
 
 
-stage_task = ray.remote(**STAGE_TASK_OPTIONS)(run_stage)
-probe_task = ray.remote(num_cpus=0, max_retries=0)(read_probe)
+@cache
+def stage_task() -> RemoteFunction:
+    """`run_stage` as a Ray task with STAGE_TASK_OPTIONS (made once, on first use)."""
+    return ray_module().remote(**STAGE_TASK_OPTIONS)(run_stage)
+
+
+@cache
+def probe_task() -> RemoteFunction:
+    """`read_probe` as a Ray task that takes no resources and is never retried."""
+    return ray_module().remote(num_cpus=0, max_retries=0)(read_probe)
 
 
 def check_reachable(address: str) -> None:
@@ -114,7 +136,7 @@ class RayStageProcess:
 
     pid = 0  # not a process of this host: never signalled from here
 
-    def __init__(self, generator: ray.ObjectRefGenerator, log_path: Path) -> None:
+    def __init__(self, generator: ObjectRefGenerator, log_path: Path) -> None:
         self.generator = generator
         self.log_path = log_path
         self.returncode: int | None = None
@@ -129,6 +151,7 @@ class RayStageProcess:
         return self.poll() is None and self._placement is None
 
     def poll(self) -> int | None:
+        ray = ray_module()
         while self.returncode is None and ray.wait([self.generator], timeout=0)[0]:
             try:
                 item = ray.get(next(self.generator))
@@ -157,7 +180,7 @@ class RayStageProcess:
 
     def stop(self) -> int:
         """Cancel the task: Ray kills its worker, and the stage dies with it (services.parent_bound)."""
-        ray.cancel(self.generator, force=True)
+        ray_module().cancel(self.generator, force=True)
         return self.wait()
 
     def note(self, line: str) -> None:
@@ -176,6 +199,7 @@ class RayFarm:
         if STAGE_TASK_OPTIONS["max_calls"] != 1 or STAGE_TASK_OPTIONS["max_retries"] != 0:
             raise RuntimeError("stage tasks must run one per Ray worker and never be retried by Ray")
         self.settings = settings
+        ray = ray_module()
         check_reachable(settings.address)
         try:
             ray.init(address=settings.address, namespace="ltx2-stages", log_to_driver=False, configure_logging=False)
@@ -188,7 +212,7 @@ class RayFarm:
             raise FarmUnusable(f"cluster.ray_resource = {resource!r}: the Ray cluster has none of it")
         self.lanes = [Lane(index, "ray", None) for index in range(units)]
         placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
-        self.task = stage_task.options(**placement)
+        self.task = stage_task().options(**placement)
         self.forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
         self.context = zmq.Context()
         server_public, server_secret = zmq.curve_keypair()
@@ -213,6 +237,9 @@ class RayFarm:
     def probe_state_dir(self, state_dir: Path) -> None:
         """One task per node that can run stages reads a file just written in the state dir;
         raises FarmUnusable naming every node that cannot see it."""
+        ray = ray_module()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         state_dir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(16)
         probe = state_dir / f".farm-probe-{token[:8]}"
@@ -224,9 +251,9 @@ class RayFarm:
                 if node["Alive"] and node["Resources"].get(self.settings.ray_resource, 0) > 0
             ]
             answers = {
-                node["NodeID"]: probe_task.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
-                ).remote(str(probe))
+                node["NodeID"]: probe_task()
+                .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                .remote(str(probe))
                 for node in nodes
             }
             blind = []
@@ -268,4 +295,4 @@ class RayFarm:
     def close(self) -> None:
         self.authenticator.stop()
         self.context.destroy(linger=0)
-        ray.shutdown()
+        ray_module().shutdown()

@@ -25,6 +25,7 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "orchestrator.fork_client",
         "orchestrator.lanes",
         "orchestrator.lane_links",
+        "orchestrator.ray_farm",  # the Ray backend imports ray only when a farm is used
         "orchestrator.stage_major",
         "orchestrator.lora_lookup",
         "orchestrator.sidecar",

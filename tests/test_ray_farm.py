@@ -115,7 +115,7 @@ def attempts(record: dict, stage: str) -> list[dict]:
 def test_stage_tasks_are_never_retried_by_ray_and_run_one_per_ray_worker():
     from orchestrator import ray_farm
 
-    options = ray_farm.stage_task._default_options
+    options = ray_farm.stage_task()._default_options
     assert options["max_calls"] == 1 and options["max_retries"] == 0
 
 
