@@ -113,13 +113,8 @@ class RateLimiter:
                 seen.popleft()
             if len(seen) >= self.per_minute:
                 wait = max(1, math.ceil(60.0 - (now - seen[0])))
-                raise ApiError(
-                    429,
-                    f"more than {self.per_minute} requests in a minute for this key; retry in {wait} s",
-                    "rate_limit_error",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": str(wait)},
-                )
+                message = f"more than {self.per_minute} requests in a minute for this key; retry in {wait} s"
+                raise too_many(message, "rate_limit_exceeded", wait)
             seen.append(now)
 
 
@@ -200,13 +195,8 @@ class Gateway:
             active = [row for row in self.store.active(owner) if self.job(row["id"])["state"] not in FINAL_STATES]
             cap = self.settings.http.max_active_jobs_per_key
             if len(active) >= cap:
-                raise ApiError(
-                    429,
-                    f"this key already has {len(active)} queued or running videos (at most {cap}); retry later",
-                    "rate_limit_error",
-                    code="too_many_active_videos",
-                    headers={"Retry-After": str(QUEUE_FULL_RETRY_S)},
-                )
+                message = f"this key already has {len(active)} queued or running videos (at most {cap}); retry later"
+                raise too_many(message, "too_many_active_videos", QUEUE_FULL_RETRY_S)
             spec = dict(request.spec)
             image = self.store_upload(*upload) if upload else None
             if image is not None:
@@ -632,6 +622,11 @@ async def read_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, 
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return data, "webp"
     raise ApiError(400, "input_reference must be a PNG, JPEG, WebP, GIF or BMP image", param="input_reference")
+
+
+def too_many(message: str, code: str, retry_after_s: int) -> ApiError:
+    """A 429 in OpenAI's shape, with the seconds after which the same request may pass."""
+    return ApiError(429, message, "rate_limit_error", code=code, headers={"Retry-After": str(retry_after_s)})
 
 
 def too_large(what: str, size: int, limit: int, param: str | None = None) -> ApiError:

@@ -21,6 +21,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from protocol.files import publish
+
 KEY_PREFIX = "ltx2-"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 FILE_MODE = 0o600
@@ -70,9 +72,7 @@ def create_key(path: Path, name: str) -> str:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
         with os.fdopen(fd, "w") as handle:
             json.dump(keys, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
+        publish(temp, path)  # fsync, rename, fsync the folder: a crash keeps the old file or the new
     return key
 
 
