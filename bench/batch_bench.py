@@ -194,6 +194,20 @@ def load_counts(events_by_job: list[list[dict[str, Any]]], stage: str) -> dict[s
     return counts
 
 
+def lead_in(rows: list[tuple[float, str, int]], started: float | None) -> list[list[Any]]:
+    """What a stage process did up to its first unit of work (a denoising step, a decoded piece):
+    [seconds since the attempt started, phase, step] per progress event, up to the first one with
+    a step. Where a lane's fixed cost per process goes (loads, placement, compile, first step)."""
+    if started is None:
+        return []
+    marks: list[list[Any]] = []
+    for t, phase, step in rows:
+        marks.append([round(t - started, 2), phase, step])
+        if step >= 1:
+            break
+    return marks
+
+
 def summarize(state: Path) -> dict[str, Any]:
     """Per job: status, output, stage end times and attempts; per stage: processes and each job's
     start, end and seconds. All of it from the jobs' events.log and job.json."""
@@ -215,8 +229,16 @@ def summarize(state: Path) -> dict[str, Any]:
             for job in timings
             if (t := job.stages.get(stage)) is not None and t.attempts
         ]
+        firsts = {
+            job.name: lead_in(progress_rows(events[job.job_id], stage), t.started)
+            for job in timings
+            if (t := job.stages.get(stage)) is not None
+            and t.last is not None
+            and (t.last.group or [job.job_id])[0] == job.job_id
+        }
         out["stages"][stage] = {
             "processes": process_count(job_dirs, stage),
+            "lead_in": firsts,
             "loads": load_counts(list(events.values()), stage),
             "per_job": per_job,
         }
@@ -511,6 +533,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; steady per clip (lanes side by side) "
             f"{fmt(run.get('steady_per_clip_s'), 's', 3)} "
             f"{ {k: round(v, 3) for k, v in run.get('lane_stage_gap_s', {}).items()} }; "
+            f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
 

@@ -212,16 +212,27 @@ class _Server:
 
 
 class ForkServer:
-    """Forks workers through one server process, started on first use and again after it died."""
+    """Forks workers through one server process, started on first use and again after it died.
 
-    def __init__(self) -> None:
+    `die_with_server`: each worker dies with the server that forked it (a farm node's server,
+    orchestrator.node_forker); locally workers outlive it, so a restarted daemon can adopt them."""
+
+    def __init__(self, die_with_server: bool = False) -> None:
         self.server: _Server | None = None
         self.lock = threading.Lock()
+        self.die_with_server = die_with_server
+
+    def start(self) -> None:
+        """Start the server now rather than at the first spawn (raises ForkServerError if it cannot)."""
+        with self.lock:
+            self._running_server()
 
     def spawn(self, stage: str, argv: list[str], log_path: Path, visible_devices: str | None = None) -> ForkedProcess:
         """Fork a worker for `stage` with the worker's command-line `argv`; `visible_devices`
         (its lane's device) becomes its `CUDA_VISIBLE_DEVICES`, set in the child before CUDA starts."""
         request: dict[str, Any] = {"stage": stage, "argv": argv, "log": str(log_path)}
+        if self.die_with_server:
+            request["die_with_server"] = True
         if visible_devices is not None:
             request["cuda_visible_devices"] = visible_devices
         with self.lock:

@@ -48,6 +48,7 @@ from services import faults
 
 if TYPE_CHECKING:
     from ray import ObjectRefGenerator
+    from ray.actor import ActorClass, ActorHandle
     from ray.remote_function import RemoteFunction
 
 log = logging.getLogger("ltx2.farm")
@@ -65,6 +66,8 @@ LOST_EXIT = -signal.SIGKILL
 CONNECT_TIMEOUT_S = 5.0
 # How often `wait` asks Ray about a task.
 WAIT_POLL_S = 0.05
+# Threads of a node's fork-server actor: each stage task on the node keeps one waiting for its stage.
+FORKER_THREADS = 64
 
 
 class FarmUnusable(ConfigError):
@@ -80,23 +83,49 @@ def ray_module() -> ModuleType:
     return ray
 
 
-def run_stage(module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str]) -> Iterator[dict]:
-    """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it."""
+def run_stage(
+    module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str], forkers: str
+) -> Iterator[dict]:
+    """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it.
+
+    The stage is forked by the node's fork server (orchestrator.node_forker, the actor named
+    `forkers` + node id) when the node has a usable one, else started as a new process that dies
+    with this one (services.parent_bound)."""
     ray = ray_module()
-    environment = {**worker_environment(), **forwarded, WORKER_CURVE_ENV: curve}
-    command = [sys.executable, "-m", "services.parent_bound", str(os.getpid()), module, *args]
-    with open(log_path, "ab") as log_file:
-        child = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment
-        )
-    yield {
+    where = {
         "node": ray.get_runtime_context().get_node_id()[:12],
         "host": socket.gethostname(),
         "node_ip": ray.util.get_node_ip_address(),
-        "remote_pid": child.pid,
         "ray_worker_pid": os.getpid(),
     }
+    forker = node_forker_of(forkers, ray.get_runtime_context().get_node_id()) if forkers else None
+    if forker is not None:
+        devices = os.environ.get("CUDA_VISIBLE_DEVICES")  # Ray's choice for this task, if it made one
+        pid = ray.get(forker.spawn.remote(module, args, log_path, devices, os.getpid()))
+        if pid:
+            yield where | {"remote_pid": pid, "forked": True}
+            yield {"returncode": ray.get(forker.wait.remote(pid))}
+            return
+    environment = {**worker_environment(), **forwarded, WORKER_CURVE_ENV: curve}
+    command = [sys.executable, "-m", "services.parent_bound", str(os.getpid()), module, *args]
+    with open(log_path, "ab") as log_file:
+        if forkers:
+            reason = "none on this node" if forker is None else ray.get(forker.warm.remote())
+            log_file.write(f"ltx2 farm: no fork server ({reason}); the stage starts as a new process\n".encode())
+            log_file.flush()
+        child = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment
+        )
+    yield where | {"remote_pid": child.pid, "forked": False}
     yield {"returncode": child.wait()}
+
+
+def node_forker_of(prefix: str, node_id: str) -> ActorHandle | None:
+    """This farm's fork-server actor on the node, if it has one (a node that joined later has not)."""
+    try:
+        return ray_module().get_actor(f"{prefix}-{node_id}")
+    except ValueError:
+        return None
 
 
 def read_probe(path: str) -> str:
@@ -110,6 +139,17 @@ def read_probe(path: str) -> str:
 def stage_task() -> RemoteFunction:
     """`run_stage` as a Ray task with STAGE_TASK_OPTIONS (made once, on first use)."""
     return ray_module().remote(**STAGE_TASK_OPTIONS)(run_stage)
+
+
+@cache
+def node_forker_actor() -> ActorClass:
+    """orchestrator.node_forker.NodeForker as a Ray actor: no resources (the stage tasks hold the
+    GPUs), never restarted by Ray, many threads (one per stage task waiting on it)."""
+    from orchestrator.node_forker import NodeForker
+
+    return ray_module().remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=FORKER_THREADS)(
+        NodeForker
+    )
 
 
 @cache
@@ -223,8 +263,13 @@ class RayFarm:
         self.authenticator.start()
         self.authenticator.configure_curve_callback(domain="*", credentials_provider=self)
         self.head_ip = ray.util.get_node_ip_address()
+        # This farm's fork-server actors (one per lane node), named after a token of this start.
+        self.forkers = f"ltx2-forker-{secrets.token_hex(6)}" if settings.fork_server else ""
+        self.forker_handles: list[ActorHandle] = []
         try:
             self.probe_state_dir(settings.state_dir)
+            if self.forkers:
+                self.start_forkers()
         except BaseException:
             self.close()
             raise
@@ -233,6 +278,32 @@ class RayFarm:
     def callback(self, _domain: str, client_key: bytes) -> bool:
         """CURVE authentication: only this farm's own workers may connect."""
         return secrets.compare_digest(client_key, self.client_public)
+
+    def lane_nodes(self) -> list[dict[str, Any]]:
+        """The live nodes holding some of `ray_resource`: where stage tasks can run."""
+        return [
+            node
+            for node in ray_module().nodes()
+            if node["Alive"] and node["Resources"].get(self.settings.ray_resource, 0) > 0
+        ]
+
+    def start_forkers(self) -> None:
+        """One fork-server actor per lane node, its imports started now and not waited for: they
+        overlap the farm's start, and a stage task that comes sooner waits for them on its node."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        environment = {**self.forwarded, WORKER_CURVE_ENV: self.worker_keys}
+        for node in self.lane_nodes():
+            handle = (
+                node_forker_actor()
+                .options(
+                    name=f"{self.forkers}-{node['NodeID']}",
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
+                )
+                .remote(environment)
+            )
+            handle.warm.remote()
+            self.forker_handles.append(handle)  # the actor lives while its handle does
 
     def probe_state_dir(self, state_dir: Path) -> None:
         """One task per node that can run stages reads a file just written in the state dir;
@@ -245,11 +316,7 @@ class RayFarm:
         probe = state_dir / f".farm-probe-{token[:8]}"
         probe.write_text(token)
         try:
-            nodes = [
-                node
-                for node in ray.nodes()
-                if node["Alive"] and node["Resources"].get(self.settings.ray_resource, 0) > 0
-            ]
+            nodes = self.lane_nodes()
             answers = {
                 node["NodeID"]: probe_task()
                 .options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
@@ -289,10 +356,11 @@ class RayFarm:
         )
 
     def spawn(self, module: str, args: list[str], log_path: Path) -> RayStageProcess:
-        generator = self.task.remote(module, args, str(log_path), self.worker_keys, self.forwarded)
+        generator = self.task.remote(module, args, str(log_path), self.worker_keys, self.forwarded, self.forkers)
         return RayStageProcess(generator, log_path)
 
     def close(self) -> None:
+        self.forker_handles.clear()
         self.authenticator.stop()
         self.context.destroy(linger=0)
         ray_module().shutdown()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -59,13 +60,19 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
     first = next(iter(missing.values()))
     first.progress(f"load text encoder for {len(missing)} prompt(s)")
     dtype = model_loading.resolve_dtype(first.spec.dtype, device)
-    fill_cache({path: ctx.spec for path, ctx in missing.items()}, first.model_root, dtype, device)
+    fill_cache({path: ctx.spec for path, ctx in missing.items()}, first.model_root, dtype, device, first.progress)
 
 
-def fill_cache(wanted: dict[Path, JobSpec], model_root: Path, dtype: torch.dtype, device: torch.device) -> None:
+def fill_cache(
+    wanted: dict[Path, JobSpec],
+    model_root: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Encode each spec's prompt with one text-encoder load and store it at its cache path."""
     specs = list(wanted.values())
-    for path, embeddings in zip(wanted, encode_prompts(model_root, dtype, device, specs), strict=True):
+    for path, embeddings in zip(wanted, encode_prompts(model_root, dtype, device, specs, progress), strict=True):
         embedding_cache.store(path, embeddings)
 
 
@@ -74,22 +81,31 @@ def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: to
     path = embeddings_path(ctx, device, dtype)
     if path is None:
         ctx.progress("load text encoder")
-        return encode_prompts(ctx.model_root, dtype, device, [ctx.spec])[0]
+        return encode_prompts(ctx.model_root, dtype, device, [ctx.spec], ctx.progress)[0]
     cached = embedding_cache.load(path, device)
     if cached is not None:
         ctx.progress("prompt embeddings from cache")
         return cached
     ctx.progress("load text encoder")
-    (embeddings,) = encode_prompts(ctx.model_root, dtype, device, [ctx.spec])
+    (embeddings,) = encode_prompts(ctx.model_root, dtype, device, [ctx.spec], ctx.progress)
     embedding_cache.store(path, embeddings)
     return embeddings
 
 
-def encode_prompts(model_root: Path, dtype: torch.dtype, device: torch.device, specs: list[JobSpec]) -> list[dict]:
+def encode_prompts(
+    model_root: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    specs: list[JobSpec],
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
     """Embeddings and masks of each spec's prompt (negative ones only with CFG or NAG), loading the text
-    encoder once; via LTX2Pipeline.encode_prompt, the code the single-process pipeline runs."""
+    encoder once; via LTX2Pipeline.encode_prompt, the code the single-process pipeline runs.
+    `progress` hears when the encoder is loaded and encoding starts (the two costs apart)."""
     # The pipeline object is the only holder of the encoder, so releasing it frees the memory.
     encoder_only = model_loading.load_prompt_encoder(model_root, dtype, device)
+    if progress is not None:
+        progress(f"encode {len(specs)} prompt(s)")
     results = []
     with torch.no_grad():
         for spec in specs:
@@ -145,6 +161,7 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
         fuse_loras(base, ctx.job["loras"])
+    ctx.progress(f"place transformer ({ctx.plan.get('weights', 'native')})")
     model_loading.apply_memory_plan(
         transformer,
         dtype,

@@ -10,7 +10,8 @@ cannot either), every model is loaded by a child after GO, and the child's exit 
 Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}` (plus
 `"cuda_visible_devices": DEVICES` for a worker of a lane that pins a device: the child sets it
 before anything touches CUDA, which reads it at its initialisation, so it holds although the
-server's own environment differs); stdout answers
+server's own environment differs; and `"die_with_server": true` on a farm node, where the child
+asks the kernel to kill it when the server exits, see orchestrator.node_forker); stdout answers
 `{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
 signal -C), and `{"ready": true, "cuda_initialised_by": NAME}` once the imports are done (NAME is ""
 unless an import initialised CUDA, which makes forking useless: see `cuda_initialised_by`). EOF on
@@ -28,7 +29,7 @@ import sys
 from typing import Any
 
 from protocol.files import Stage
-from services import faults
+from services import faults, parent_bound
 
 # Stop-and-reap cadence of the single-threaded loop; also the exit-report latency.
 POLL_S = 0.05
@@ -42,10 +43,13 @@ def emit(message: dict[str, Any]) -> None:
 def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
     """Fork a child that becomes the requested stage worker; returns its pid (in the parent)."""
     module = modules[request["stage"]]
+    server = os.getpid()
     pid = os.fork()
     if pid:
         return pid
     try:  # the child
+        if request.get("die_with_server"):
+            parent_bound.die_with(server)
         os.setsid()
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)

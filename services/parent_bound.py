@@ -21,13 +21,19 @@ PR_SET_PDEATHSIG = 1
 KILLED_EXIT = 128 + signal.SIGKILL
 
 
-def main() -> None:
-    parent, module, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+def die_with(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` (its parent) exits; exit at once if it
+    already has. Also used by the fork server's children on a farm (services.forkserver)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(KILLED_EXIT)
+
+
+def main() -> None:
+    parent, module, args = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    die_with(parent)
     sys.argv = [module, *args]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 

@@ -148,3 +148,18 @@ def test_steady_clip_cost_adds_up_the_lanes_rates_and_averages_one_lanes_groups(
     # One lane, two groups one after the other (2 s and 4 s apart): their mean, 3 s.
     one = lane_jobs(0, ["a", "b"], 0.0, 2.0) | lane_jobs(0, ["c", "d"], 50.0, 4.0)
     assert lane_stage_gaps(one) == pytest.approx({"encode_diffuse": 3.0, "video_decode": 3.0})
+
+
+def test_a_process_lead_in_lists_its_loads_in_order_up_to_the_first_step(job_dir: Path) -> None:
+    from batch_bench import lead_in
+    from event_timings import progress_rows
+
+    events = read_events(job_dir)
+    marks = lead_in(progress_rows(events, "encode_diffuse"), read_job(job_dir).stages["encode_diffuse"].started)
+    phases = [phase for _, phase, _ in marks]
+    assert phases[:4] == ["load text encoder", "encode 1 prompt(s)", "load transformer", "place transformer (native)"]
+    assert marks[-1][1:] == ["denoise", 1]
+    offsets = [seconds for seconds, _, _ in marks]
+    assert offsets == sorted(offsets) and offsets[0] >= 0
+    audio = lead_in(progress_rows(events, "audio_decode"), read_job(job_dir).stages["audio_decode"].started)
+    assert [phase for _, phase, _ in audio] == ["load audio decoder", "decode audio", "decode audio"]

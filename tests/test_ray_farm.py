@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import probe_mp4, run_ltx2, submit_tiny
-from daemon_process import DaemonProcess, is_running, parent_of
+from daemon_process import DaemonProcess, cmdline, is_running, parent_of
 from safetensors.torch import load_file
 from supervised import wait_for_file
 from test_stage_major import write_batch
@@ -103,9 +103,30 @@ def job_record(env: dict[str, str], job_id: str) -> dict:
 
 
 def paused_stage(env: dict[str, str]) -> tuple[int, int]:
-    """The stage process paused by LTX2_FAULT_PAUSE, and the Ray worker whose task started it."""
+    """The stage process paused by LTX2_FAULT_PAUSE, and the Ray worker whose task it belongs to
+    (from the attempt's record: the stage's parent is its node's fork server, not that worker)."""
     stage_pid = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
-    return stage_pid, parent_of(stage_pid)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for path in (Path(env["LTX2_STATE_DIR"]) / "jobs").glob("*/job.json"):
+            for attempt in attempts(json.loads(path.read_text()), "encode_diffuse"):
+                if attempt.get("remote_pid") == stage_pid and attempt.get("ray_worker_pid"):
+                    return stage_pid, attempt["ray_worker_pid"]
+        time.sleep(0.1)
+    raise AssertionError(f"no attempt records the paused stage {stage_pid}")
+
+
+def node_fork_servers() -> list[int]:
+    """The fork servers of the farm's node actors (orchestrator.node_forker) now running."""
+    servers = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and "services.forkserver" in cmdline(int(entry.name)):
+            try:
+                if cmdline(parent_of(int(entry.name))).startswith("ray::NodeForker"):
+                    servers.append(int(entry.name))
+            except AssertionError:  # gone meanwhile
+                continue
+    return servers
 
 
 def attempts(record: dict, stage: str) -> list[dict]:
@@ -122,6 +143,8 @@ def test_stage_tasks_are_never_retried_by_ray_and_run_one_per_ray_worker():
 def test_queued_jobs_run_across_both_nodes_each_stage_in_a_fresh_ray_worker(farm_env: dict, tmp_path: Path):
     with DaemonProcess(farm_env, tmp_path / "daemon.log") as daemon:
         job_ids = [submit_tiny(farm_env, f"farm clip {n}", "--seed", str(20 + n)) for n in range(4)]
+        fork_servers = node_fork_servers()
+        assert len(fork_servers) == 2, fork_servers  # one per lane node (the head has no lanes)
         for job_id in job_ids:
             job = daemon.wait_for_state(job_id, {"done", "failed"})
             assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
@@ -134,11 +157,17 @@ def test_queued_jobs_run_across_both_nodes_each_stage_in_a_fresh_ray_worker(farm
         for stage in record["stages"]:
             for attempt in attempts(record, stage):
                 assert attempt["result"] == "ok" and attempt["device"] == "ray" and attempt["pid"] == 0
+                assert attempt["forked"] is True, attempt  # by its node's fork server, no cold imports
                 key = (attempt["node"], attempt["ray_worker_pid"], attempt["remote_pid"])
                 tasks.setdefault(key, []).append(record["id"])
     assert len({node for node, _, _ in tasks}) == 2, tasks  # both worker nodes ran stages
     ray_workers = [(node, pid) for node, pid, _ in tasks]
     assert len(set(ray_workers)) == len(ray_workers), tasks  # max_calls=1: no Ray worker ran two tasks
+    # Nothing of the farm outlives the daemon that made it: the node fork servers exit with it.
+    deadline = time.monotonic() + 30
+    while any(is_running(pid) for pid in fork_servers):
+        assert time.monotonic() < deadline, "a node fork server outlived its daemon"
+        time.sleep(0.2)
 
 
 def test_node_removed_mid_diffusion_its_job_finishes_on_the_other_node_with_equal_latents(
@@ -219,6 +248,19 @@ def test_batch_on_the_farm(farm_env: dict, tmp_path: Path):
     assert len(outputs) == 3 and all(probe_mp4(path)["frames"] == 9 for path in outputs)
     records = [json.loads(path.read_text()) for path in (Path(farm_env["LTX2_STATE_DIR"]) / "jobs").glob("*/job.json")]
     assert {a["device"] for r in records for stage in r["stages"] for a in attempts(r, stage)} == {"ray"}
+
+
+def test_a_node_without_a_usable_fork_server_starts_each_stage_as_a_new_process(farm_env: dict, tmp_path: Path):
+    env = {**farm_env, "LTX2_FAULT_CUDA_AT_IMPORT": "torchao"}  # the server's imports "initialise CUDA"
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a lantern on a pier")
+        job = daemon.wait_for_state(job_id, {"done", "failed"})
+        assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    record = job_record(env, job_id)
+    assert all(attempt["forked"] is False for stage in record["stages"] for attempt in attempts(record, stage))
+    stage_log = (Path(env["LTX2_STATE_DIR"]) / "jobs" / job_id / "logs" / "encode_diffuse-1.log").read_text()
+    expected = "ltx2 farm: no fork server (fork server off: importing the stage modules initialised CUDA (likely torch"
+    assert expected in stage_log, stage_log[:2000]
 
 
 def test_a_cluster_address_nothing_answers_at_is_refused_at_once(daemon_env: dict):
