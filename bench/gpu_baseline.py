@@ -173,7 +173,7 @@ def call_pipeline(torch: Any, pipe: Any, probes: Probes, size: tuple[int, int, i
     """One clip through the pipeline: (video frames, audio, call start, call end)."""
     from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
-    from services.guidance import pinned_guidance
+    from services.guidance import guidance_off
 
     width, height, frames = size
     if probes.cuda:
@@ -185,7 +185,7 @@ def call_pipeline(torch: Any, pipe: Any, probes: Probes, size: tuple[int, int, i
         video, audio = pipe(
             prompt=PROMPT, negative_prompt="", width=width, height=height, num_frames=frames, frame_rate=FPS,
             num_inference_steps=STEPS, sigmas=list(DISTILLED_SIGMA_VALUES), generator=generator,
-            output_type="np", return_dict=False, callback_on_step_end=probes.on_step, **pinned_guidance(1.0),
+            output_type="np", return_dict=False, callback_on_step_end=probes.on_step, **guidance_off(),
         )  # fmt: skip
     probes.sync()
     return video, audio, t_call, time.time()

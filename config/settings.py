@@ -14,6 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from config.presets import FamilyPresets, Preset, build_family_presets, resolve_preset_fields
+from protocol.families import FAMILIES
+
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 # Environment variables that override one setting each: name -> (section, key).
 ENV_OVERRIDES = {
@@ -44,19 +47,6 @@ X264_PRESETS = (
 
 class ConfigError(ValueError):
     """A config file or override is unreadable or names an unknown setting."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Defaults a model brings for flags the user did not give."""
-
-    steps: int
-    guidance_scale: float
-    schedule: str
-    width: int
-    height: int
-    num_frames: int
-    fps: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +97,8 @@ class Settings:
     default_model: str
     fallback_model: str
     presets: Mapping[str, Preset]
+    #: Guidance presets per model family (protocol/families.py names the families).
+    families: Mapping[str, FamilyPresets]
     heartbeat_s: float
     fork_server: bool
     hung_after_s: float
@@ -146,6 +138,11 @@ class Settings:
     def preset_for(self, model: str) -> Preset:
         """The preset of a repo id; local folders and unknown ids get the default model's."""
         return self.presets.get(model) or self.presets[self.default_model]
+
+    def preset_fields(self, model: str, family: str, requested_schedule: str | None = None) -> dict[str, Any]:
+        """Every JobSpec default for `model` of `family` (config/presets.py says which layer wins)."""
+        own = self.presets.get(model)
+        return resolve_preset_fields(own, self.presets[self.default_model], self.families[family], requested_schedule)
 
 
 def load_settings(
@@ -193,6 +190,13 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
     for section, values in layer.items():
         if section == "presets":
             base.setdefault("presets", {}).update(values)
+            continue
+        if section == "families":  # a layer may change single values of a family's preset
+            for name, tables in values.items():
+                for variant, preset in tables.items():
+                    if not isinstance(preset, Mapping):
+                        raise ConfigError(f'{origin}: families."{name}".{variant} must be a table')
+                    base.setdefault("families", {}).setdefault(name, {}).setdefault(variant, {}).update(preset)
             continue
         if section not in base or not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: unknown config section [{section}]")
@@ -279,6 +283,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"bad preset: {exc}") from None
     if models["default"] not in presets:
         raise ConfigError(f"no preset for the default model {models['default']!r}")
+    families = _family_presets(data.get("families", {}))
     state_home = Path(environ.get("XDG_STATE_HOME") or _home(environ) / ".local" / "state")
     return Settings(
         state_dir=Path(paths["state_dir"]).expanduser() if paths["state_dir"] else state_home / "ltx2-stages",
@@ -288,6 +293,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         default_model=models["default"],
         fallback_model=models["fallback"],
         presets=presets,
+        families=families,
         heartbeat_s=float(worker["heartbeat_s"]),
         fork_server=bool(worker["fork_server"]),
         hung_after_s=float(worker["hung_after_s"]),
@@ -309,6 +315,18 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         **_cluster_backend(data["cluster"]),
         http=_http(data["http"]),
     )
+
+
+def _family_presets(data: Mapping[str, Any]) -> dict[str, FamilyPresets]:
+    """`[families]`, checked: a distilled and a dev table for every family protocol/families.py knows."""
+    try:
+        families = build_family_presets(data)
+    except (TypeError, KeyError) as exc:
+        raise ConfigError(f"bad family preset: {exc}") from None
+    missing = [family.name for family in FAMILIES if family.name not in families]
+    if missing:
+        raise ConfigError(f'no [families."{missing[0]}"] preset (needs a distilled and a dev table)')
+    return families
 
 
 def _http(values: dict[str, Any]) -> HttpSettings:

@@ -36,7 +36,7 @@ from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
-from protocol.model_ids import TINY_REPO_ID
+from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec, SpecError
 
 # Exit status of the CLI for a failed job, by how its last stage failed.
@@ -129,7 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = add_command("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
-    target.add_argument("--hf-cache", action="store_true", help=f"write it into the HF cache as {TINY_REPO_ID}")
+    target.add_argument(
+        "--hf-cache",
+        action="store_true",
+        help=f"write it into the HF cache as {', '.join(f'{repo} ({name})' for name, repo in TINY_REPO_IDS.items())}",
+    )
+    tiny.add_argument(
+        "--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family to build (default 2.0)"
+    )
     return parser
 
 
@@ -366,7 +373,7 @@ def prepare_prompts(jobs: list[JobDir]) -> None:
 
 def build_tiny_model(args: argparse.Namespace) -> int:
     """`ltx2 tiny-model`: delegate to the torch-side builder in a child process."""
-    command = [sys.executable, "-m", "services.tiny_model"]
+    command = [sys.executable, "-m", "services.tiny_model", "--family", args.family]
     command += ["--hf-cache"] if args.hf_cache else [str(args.directory)]
     return subprocess.run(command, check=False).returncode
 

@@ -22,6 +22,10 @@ SPEC_FLAGS = (
     "fps",
     "steps",
     "guidance_scale",
+    "audio_guidance_scale",
+    "stg_scale",
+    "modality_scale",
+    "guidance_rescale",
     "schedule",
     "seed",
     "name",
@@ -76,6 +80,22 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=float, help="frames per second (default 24)")
     parser.add_argument("--steps", type=int, help="denoising steps (preset default: 8 distilled, 40 dev)")
     parser.add_argument("--guidance-scale", type=float, help="CFG scale; 1.0 turns CFG off (preset default)")
+    parser.add_argument(
+        "--audio-guidance-scale",
+        type=float,
+        help="CFG scale of the audio (family preset: 7.0 for LTX-2.3 dev; else follows --guidance-scale)",
+    )
+    parser.add_argument(
+        "--stg-scale",
+        type=float,
+        help="spatio-temporal guidance, one extra transformer call per step; 0.0 is off (family preset)",
+    )
+    parser.add_argument(
+        "--modality-scale",
+        type=float,
+        help="modality isolation guidance, one extra transformer call per step; 1.0 is off (family preset)",
+    )
+    parser.add_argument("--guidance-rescale", type=float, help="CFG rescale 0.0-1.0; 0.0 is off (family preset)")
     parser.add_argument(
         "--nag-scale",
         type=float,

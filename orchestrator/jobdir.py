@@ -105,6 +105,9 @@ class JobDir:
             "spec_digest": spec.digest(),
             "model_path": str(model.path),
             "revision": model.revision,
+            # Read from the checkpoint's configs (protocol/families.py); the denoiser takes STG blocks and
+            # cross-timestep from here, and the sidecar reports it.
+            "family": model.family.to_record() if model.family else None,
             "loras": list(loras),
             # Prompt embeddings are cached beside the jobs (services/embedding_cache.py).
             "embeddings_dir": str(jobs_dir.parent / "embeddings"),

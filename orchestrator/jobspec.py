@@ -15,13 +15,12 @@ from config.settings import Settings
 from orchestrator.inputs import require_image
 from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from protocol.model_ids import TINY_REPO_ID
+from protocol.families import LEGACY_FAMILY
+from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
 from protocol.spec import JobSpec, SpecError
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
-# Fields a request may leave out; the model's preset fills them in.
-PRESET_FIELDS = ("width", "height", "num_frames", "fps", "steps", "guidance_scale", "schedule")
 # NAG settings that only matter when --nag-scale turns NAG on.
 NAG_TUNING = ("nag_tau", "nag_alpha", "nag_steps")
 
@@ -59,8 +58,8 @@ def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[
 
 
 def resolve_local(name: str) -> ResolvedModel:
-    """`resolve_model`, except that the tiny model is built locally when missing."""
-    return ensure_tiny_model() if name == TINY_REPO_ID else resolve_model(name)
+    """`resolve_model`, except that a tiny model is built locally when missing."""
+    return ensure_tiny_model(name) if name in TINY_REPO_IDS.values() else resolve_model(name)
 
 
 def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
@@ -71,8 +70,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if model_name is not None and not isinstance(model_name, str):
         raise SpecError("model", f"must be a string, got {model_name!r}")
     model, notices = resolve_requested_model(model_name, settings)
-    preset = settings.preset_for(model.name)
-    fields = {name: getattr(preset, name) for name in PRESET_FIELDS}
+    family = model.family.name if model.family else LEGACY_FAMILY
+    fields = settings.preset_fields(model.name, family, request.get("schedule"))
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name

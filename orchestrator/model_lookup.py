@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from protocol.errors import ModelNotFound
-from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
+from protocol.families import CheckpointFamily, detect_family
+from protocol.model_ids import TINY_REPO_IDS, hub_cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +24,18 @@ class ResolvedModel:
     name: str  #: what the user asked for (repo id or folder)
     path: Path  #: the diffusers-layout folder workers load from
     revision: str  #: the cache snapshot's commit hash, or "local"
+    #: read from the checkpoint's configs; None only for models made up by tests that never run a stage
+    family: CheckpointFamily | None = None
 
 
 def resolve_model(name: str) -> ResolvedModel:
-    """Find `name` locally; raises ModelNotFound with the command that would fetch it."""
+    """Find `name` locally and read its family; raises ModelNotFound with the command that would
+    fetch it, or UnsupportedCheckpoint (a SpecError) for a checkpoint of no supported family."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         if not (folder / "model_index.json").is_file():
             raise ModelNotFound(f"{folder} is not a diffusers model folder (no model_index.json)")
-        return ResolvedModel(name, folder.resolve(), "local")
+        return ResolvedModel(name, folder.resolve(), "local", detect_family(folder))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -43,11 +47,11 @@ def resolve_model(name: str) -> ResolvedModel:
         ) from exc
     if not (snapshot / "model_index.json").is_file():
         raise ModelNotFound(f"cached snapshot {snapshot} of {name!r} has no model_index.json; re-download it")
-    return ResolvedModel(name, snapshot, snapshot.name)
+    return ResolvedModel(name, snapshot, snapshot.name, detect_family(snapshot))
 
 
 def is_cached(name: str) -> bool:
-    """Whether `resolve_model(name)` would succeed."""
+    """Whether `resolve_model(name)` would find the model (an unsupported one still raises)."""
     try:
         resolve_model(name)
     except ModelNotFound:
@@ -55,11 +59,13 @@ def is_cached(name: str) -> bool:
     return True
 
 
-def ensure_tiny_model() -> ResolvedModel:
-    """Build the tiny random model into the hub cache if missing (a torch process), then resolve it."""
-    if not is_cached(TINY_REPO_ID):
-        command = [sys.executable, "-m", "services.tiny_model", "--hf-cache"]
+def ensure_tiny_model(name: str) -> ResolvedModel:
+    """Build tiny model `name` (a value of TINY_REPO_IDS) into the hub cache if missing (a torch
+    process), then resolve it."""
+    if not is_cached(name):
+        family = next(family for family, repo_id in TINY_REPO_IDS.items() if repo_id == name)
+        command = [sys.executable, "-m", "services.tiny_model", "--hf-cache", "--family", family]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise ModelNotFound(f"could not build the tiny model: {result.stderr.strip()[-2000:]}")
-    return resolve_model(TINY_REPO_ID)
+    return resolve_model(name)

@@ -62,6 +62,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "spec": record["spec"],
         "seed": record["spec"]["seed"],
         "model": {"name": record["spec"]["model"], "path": record["model_path"], "revision": record["revision"]},
+        # Jobs recorded before families existed have none: they ran LTX-2.0.
+        "family": record.get("family"),
         "loras": [
             {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")} for lora in record.get("loras", [])
         ],

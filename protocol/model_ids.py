@@ -9,6 +9,8 @@ from pathlib import Path
 # The tiny random LTX-2 that tests and the offline demo use; built locally into the HF cache
 # by `python -m services.tiny_model --hf-cache` (real diffusers classes, random weights).
 TINY_REPO_ID = "ltx2-stages/tiny-random-ltx2"
+# The tiny model of each family (`ltx2 tiny-model --family`); 2.0's is the one tests and the demo use.
+TINY_REPO_IDS = {"2.0": TINY_REPO_ID, "2.3": "ltx2-stages/tiny-random-ltx2.3"}
 
 
 def hub_cache_dir(environ: Mapping[str, str] | None = None) -> Path:

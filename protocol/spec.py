@@ -47,6 +47,15 @@ DISTILLED_STEPS = 8
 MAX_NAG_SCALE = 30.0
 # Defaults of the NAG paper's reference code for other models (tau: norm-ratio clamp, alpha: blend).
 NAG_DEFAULTS = {"nag_scale": 1.0, "nag_tau": 2.5, "nag_alpha": 0.25, "nag_steps": None}
+# Guidance beyond CFG (LTX-2.3's recipe: config/defaults.toml [families]); these values switch it off, as
+# LTX-2.0 ran before the fields existed. None: audio CFG follows --guidance-scale.
+GUIDANCE_DEFAULTS = {"audio_guidance_scale": None, "stg_scale": 0.0, "modality_scale": 1.0, "guidance_rescale": 0.0}
+# Fields left out of the latents digest at their default, so latents written before they existed still match.
+LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS}
+# diffusers puts no bound on these; the bounds keep a typo from running a useless clip. LTX-2.3 uses
+# STG 1 and modality 3 (LTX2Pipeline.__call__ defaults), so 10 leaves room for experiments.
+MAX_STG_SCALE = 10.0
+MAX_MODALITY_SCALE = 10.0
 
 
 class SpecError(ValueError):
@@ -72,6 +81,10 @@ class JobSpec:
     negative_prompt: str = ""
     fps: float = 24.0
     guidance_scale: float = 1.0
+    audio_guidance_scale: float | None = None
+    stg_scale: float = 0.0
+    modality_scale: float = 1.0
+    guidance_rescale: float = 0.0
     schedule: str = "distilled"
     dtype: str = "auto"
     name: str = "video"
@@ -136,6 +149,11 @@ class JobSpec:
         _require_range("seed", self.seed, 0, MAX_SEED)
         _require_range("fps", self.fps, 1.0, 240.0)
         _require_range("guidance_scale", self.guidance_scale, 1.0, 30.0)
+        if self.audio_guidance_scale is not None:
+            _require_range("audio_guidance_scale", self.audio_guidance_scale, 1.0, 30.0)
+        _require_range("stg_scale", self.stg_scale, 0.0, MAX_STG_SCALE)
+        _require_range("modality_scale", self.modality_scale, 1.0, MAX_MODALITY_SCALE)
+        _require_range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
         _require_choice("schedule", self.schedule, SCHEDULES)
         if self.schedule == "distilled" and self.steps != DISTILLED_STEPS:
             raise SpecError(
@@ -174,8 +192,9 @@ class JobSpec:
         if self.uses_nag and self.uses_cfg:
             raise SpecError(
                 "nag_scale",
-                f"NAG is for --guidance-scale 1.0 (got {self.guidance_scale}): with CFG on the negative prompt already"
-                " acts through CFG's second pass; use one of the two",
+                f"NAG is for CFG off (got --guidance-scale {self.guidance_scale}, --audio-guidance-scale"
+                f" {self.effective_audio_guidance_scale}): with CFG on the negative prompt already acts through"
+                " CFG's second pass; use one of the two",
             )
 
     @property
@@ -184,9 +203,15 @@ class JobSpec:
         return (self.num_frames - 1) // FRAME_MULTIPLE + 1
 
     @property
+    def effective_audio_guidance_scale(self) -> float:
+        """Audio CFG: its own value when given, else the video CFG (what LTX2Pipeline does with a falsy value)."""
+        return self.guidance_scale if self.audio_guidance_scale is None else self.audio_guidance_scale
+
+    @property
     def uses_cfg(self) -> bool:
-        """Classifier-free guidance runs only above 1.0; at 1.0 a negative prompt has no effect."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs when either modality's scale is above 1.0 (LTX2Pipeline then
+        makes its batched negative+positive call); otherwise a negative prompt has no effect."""
+        return self.guidance_scale > 1.0 or self.effective_audio_guidance_scale > 1.0
 
     @property
     def uses_nag(self) -> bool:
@@ -215,12 +240,12 @@ class JobSpec:
         Decode and output settings are left out, so saved latents can be decoded again with
         another decode plan or name (`ltx2 decode`).
         """
-        # NAG fields at their defaults are left out, so latents written before NAG existed still match.
+        # NAG and guidance fields at their defaults are left out, so latents written before they existed still match.
         return _sha256_json(
             {
                 k: v
                 for k, v in self.to_dict().items()
-                if k not in DECODE_ONLY_FIELDS and not (k in NAG_DEFAULTS and v == NAG_DEFAULTS[k])
+                if k not in DECODE_ONLY_FIELDS and not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
             }
         )
 

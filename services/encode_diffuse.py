@@ -236,7 +236,7 @@ def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device
         video, audio = pipe(
             **image_inputs,
             **embeddings,
-            **guidance.pinned_guidance(ctx.spec.guidance_scale),
+            **guidance.pinned_guidance(ctx.spec, ctx.job.get("family")),
             width=ctx.spec.width,
             height=ctx.spec.height,
             num_frames=ctx.spec.num_frames,
@@ -304,6 +304,7 @@ def run(ctx: WorkerContext) -> list[str]:
             "seed": ctx.spec.seed,
             "model": ctx.spec.model,
             "revision": ctx.job.get("revision", ""),
+            "family": (ctx.job.get("family") or {}).get("name", ""),
             "fps": ctx.spec.fps,
             "num_frames": ctx.spec.num_frames,
             "video_shape": list(result["video"].shape),

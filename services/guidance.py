@@ -1,39 +1,72 @@
-"""Guidance and sigma settings for LTX-2.0, pinned explicitly for every call.
+"""Guidance and sigma settings, pinned explicitly for every call.
 
 diffusers 0.42.1's LTX2Pipeline defaults are LTX-2.3/2.5 settings (audio CFG 7, STG 1, modality
-guidance 3, cross-timestep on): with them every step makes three transformer calls even at
-guidance_scale=1. Passing all eight guidance values, the STG blocks and `use_cross_timestep`
-here keeps a distilled run at exactly one transformer call per step and a CFG run at one
-batched call.
+guidance 3, cross-timestep on): left to them, every step of an LTX-2.0 run would make three
+transformer calls even at guidance_scale=1. So every guidance argument is passed here, from the
+job's spec (the scales, filled in from its family's preset) and its checkpoint's family (the STG
+blocks and cross-timestep, protocol/families.py). A distilled run is then exactly one transformer
+call per step, a CFG-only run one batched call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+
+from protocol.families import LEGACY_FAMILY, CheckpointFamily, family_named
+from protocol.spec import JobSpec
 
 # Prompt tokens fed to Gemma; LTX-2's connectors were trained with 1024.
 MAX_SEQUENCE_LENGTH = 1024
-# Spatio-temporal guidance blocks recommended for LTX-2.0 (2.3 uses [28]); unused while STG is off.
-LTX2_0_STG_BLOCKS = [29]
 
 
-def pinned_guidance(guidance_scale: float) -> dict[str, Any]:
-    """Every guidance argument of LTX2Pipeline.__call__: CFG at `guidance_scale`, STG and modality off.
+def family_facts(record: Mapping[str, Any] | None) -> tuple[list[int], bool]:
+    """(STG blocks, use_cross_timestep) of the family job.json recorded; a job recorded before
+    families existed ran LTX-2.0."""
+    if record:
+        family = CheckpointFamily.from_record(record)
+        return list(family.stg_blocks), family.cross_timestep
+    legacy = family_named(LEGACY_FAMILY)
+    return list(legacy.stg_blocks), legacy.cross_timestep
 
-    Audio CFG follows video CFG, because the pipeline substitutes `guidance_scale` for a falsy
-    audio scale anyway and LTX-2.0's reference uses one CFG scale for both.
+
+def pinned_guidance(spec: JobSpec, family: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every guidance argument of LTX2Pipeline.__call__ for this job and its recorded family.
+
+    STG, modality guidance and rescale take one value for both modalities, as LTX-2.3's recipe
+    does; audio CFG has its own (LTX-2.3 dev: 7 against video's 3) and otherwise follows video CFG.
     """
+    return guidance_arguments(
+        (spec.guidance_scale, spec.effective_audio_guidance_scale),
+        stg=spec.stg_scale,
+        modality=spec.modality_scale,
+        rescale=spec.guidance_rescale,
+        family=family,
+    )
+
+
+def guidance_off(family: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every guidance argument with all guidance off: one transformer call per step (the distilled
+    recipe); for references and benchmarks that call LTX2Pipeline without a job."""
+    return guidance_arguments((1.0, 1.0), stg=0.0, modality=1.0, rescale=0.0, family=family)
+
+
+def guidance_arguments(
+    cfg: tuple[float, float], *, stg: float, modality: float, rescale: float, family: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """LTX2Pipeline.__call__'s guidance keywords: CFG as (video, audio), the rest shared by both."""
+    stg_blocks, cross_timestep = family_facts(family)
     return {
-        "guidance_scale": guidance_scale,
-        "audio_guidance_scale": guidance_scale,
-        "stg_scale": 0.0,
-        "audio_stg_scale": 0.0,
-        "modality_scale": 1.0,
-        "audio_modality_scale": 1.0,
-        "guidance_rescale": 0.0,
-        "audio_guidance_rescale": 0.0,
-        "spatio_temporal_guidance_blocks": LTX2_0_STG_BLOCKS,
-        "use_cross_timestep": False,
+        "guidance_scale": cfg[0],
+        "audio_guidance_scale": cfg[1],
+        "stg_scale": stg,
+        "audio_stg_scale": stg,
+        "modality_scale": modality,
+        "audio_modality_scale": modality,
+        "guidance_rescale": rescale,
+        "audio_guidance_rescale": rescale,
+        "spatio_temporal_guidance_blocks": stg_blocks,
+        "use_cross_timestep": cross_timestep,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
     }
 

@@ -11,6 +11,11 @@ whole pipeline runs in about a second on two CPU cores:
   16 kHz, so the waveform lasts as long as the video;
 - the video VAE compresses 4x in space and time and states both ratios explicitly (without them
   diffusers reports wrong ratios and tiled decode returns wrong sizes).
+
+`--family 2.3` builds the LTX-2.3 variant under its own repo id: the transformer with 2.3's flags
+(gated attention, cross-attention modulation, no prompt projection: the connectors project per
+modality straight to the transformer's widths, STG-capable attention) and the vocoder with
+bandwidth extension, which turns the 16 kHz waveform into 48 kHz as the real one does.
 """
 
 from __future__ import annotations
@@ -30,15 +35,27 @@ from diffusers import (
     LTX2VideoTransformer3DModel,
 )
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
-from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
+from protocol.model_ids import TINY_REPO_IDS, hub_cache_dir
 
 # A fixed commit-like revision so the Hugging Face cache layout (snapshots/<rev>) is stable.
 TINY_REVISION = "0" * 39 + "1"
-TEXT_HIDDEN = 32  # must equal connector heads (4) x head_dim (8)
+TEXT_HIDDEN = 32  # 2.0: must equal connector heads (4) x head_dim (8)
+# Transformer widths: video 2 heads x 8 = 16, audio 2 heads x 4 = 8. LTX-2.3's connectors project the
+# text straight to these (per_modality_projections), so its connector heads x head_dim must match them.
+VIDEO_HEADS, VIDEO_HEAD_DIM, AUDIO_HEADS, AUDIO_HEAD_DIM = 2, 8, 2, 4
+# LTX-2.3's transformer flags (diffusers' conversion config for version "2.3"; protocol/families.py).
+LTX2_3_TRANSFORMER_FLAGS = {
+    "gated_attn": True,
+    "cross_attn_mod": True,
+    "audio_gated_attn": True,
+    "audio_cross_attn_mod": True,
+    "use_prompt_embeddings": False,
+    "perturbed_attn": True,
+}
 VOCAB_SIZE = 512  # room for 5 specials, 256 byte-fallback tokens and the trained merges
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # Any text works as training material: it only decides which merges the tokenizer learns.
@@ -93,40 +110,90 @@ def build_text_encoder() -> Gemma3ForConditionalGeneration:
     return Gemma3ForConditionalGeneration(config).eval()
 
 
-def build_components(seed: int = 0) -> dict[str, object]:
-    """Every LTX2Pipeline component, each built right after `torch.manual_seed(seed)`."""
+def build_components(seed: int = 0, family: str = "2.0") -> dict[str, object]:
+    """Every LTX2Pipeline component of `family`, each built right after `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
     text_encoder = build_text_encoder()
     torch.manual_seed(seed)
-    transformer = LTX2VideoTransformer3DModel(
+    transformer = build_transformer(family)
+    torch.manual_seed(seed)
+    connectors = build_connectors(family, text_encoder.config.text_config.num_hidden_layers + 1)
+    torch.manual_seed(seed)
+    vae = build_video_vae()
+    torch.manual_seed(seed)
+    audio_vae = build_audio_vae()
+    torch.manual_seed(seed)
+    mel_channels = audio_vae.config.output_channels * audio_vae.config.mel_bins
+    vocoder = build_bwe_vocoder(mel_channels) if family == "2.3" else build_vocoder(mel_channels)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "vae": vae,
+        "audio_vae": audio_vae,
+        "text_encoder": text_encoder,
+        "tokenizer": build_tokenizer(),
+        "connectors": connectors,
+        "transformer": transformer,
+        "vocoder": vocoder,
+        "processor": None,
+        "prompt_enhancer": None,
+        "duration_head": None,
+    }
+
+
+def build_transformer(family: str) -> LTX2VideoTransformer3DModel:
+    """Two blocks at the tiny widths; 2.3 adds its flags (so STG's block 28 lies beyond the second
+    block: the STG pass still runs, as a second unperturbed call)."""
+    flags = LTX2_3_TRANSFORMER_FLAGS if family == "2.3" else {}
+    return LTX2VideoTransformer3DModel(
         in_channels=4,
         out_channels=4,
         patch_size=1,
         patch_size_t=1,
-        num_attention_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=16,
+        num_attention_heads=VIDEO_HEADS,
+        attention_head_dim=VIDEO_HEAD_DIM,
+        cross_attention_dim=VIDEO_HEADS * VIDEO_HEAD_DIM,
         audio_in_channels=4,
         audio_out_channels=4,
-        audio_num_attention_heads=2,
-        audio_attention_head_dim=4,
-        audio_cross_attention_dim=8,
+        audio_num_attention_heads=AUDIO_HEADS,
+        audio_attention_head_dim=AUDIO_HEAD_DIM,
+        audio_cross_attention_dim=AUDIO_HEADS * AUDIO_HEAD_DIM,
         num_layers=2,
         qk_norm="rms_norm_across_heads",
         caption_channels=TEXT_HIDDEN,
         rope_double_precision=False,
         rope_type="split",
+        **flags,
     )
-    torch.manual_seed(seed)
-    connectors = LTX2TextConnectors(
+
+
+def build_connectors(family: str, text_layers: int) -> LTX2TextConnectors:
+    """2.0: one projection to the text width, then 4 x 8 connectors. 2.3: RMS-normed per-modality
+    projections with bias and gated attention, the connectors as wide as the transformer streams."""
+    if family == "2.3":
+        widths = {
+            "video_connector_num_attention_heads": VIDEO_HEADS,
+            "video_connector_attention_head_dim": VIDEO_HEAD_DIM,
+            "audio_connector_num_attention_heads": AUDIO_HEADS,
+            "audio_connector_attention_head_dim": AUDIO_HEAD_DIM,
+            "per_modality_projections": True,
+            "video_hidden_dim": VIDEO_HEADS * VIDEO_HEAD_DIM,
+            "audio_hidden_dim": AUDIO_HEADS * AUDIO_HEAD_DIM,
+            "proj_bias": True,
+            "video_gated_attn": True,
+            "audio_gated_attn": True,
+        }
+    else:
+        widths = {
+            "video_connector_num_attention_heads": 4,
+            "video_connector_attention_head_dim": 8,
+            "audio_connector_num_attention_heads": 4,
+            "audio_connector_attention_head_dim": 8,
+        }
+    return LTX2TextConnectors(
         caption_channels=TEXT_HIDDEN,
-        text_proj_in_factor=text_encoder.config.text_config.num_hidden_layers + 1,
-        video_connector_num_attention_heads=4,
-        video_connector_attention_head_dim=8,
+        text_proj_in_factor=text_layers,
         video_connector_num_layers=1,
         video_connector_num_learnable_registers=None,
-        audio_connector_num_attention_heads=4,
-        audio_connector_attention_head_dim=8,
         audio_connector_num_layers=1,
         audio_connector_num_learnable_registers=None,
         connector_rope_base_seq_len=32,
@@ -134,8 +201,12 @@ def build_components(seed: int = 0) -> dict[str, object]:
         rope_double_precision=False,
         causal_temporal_positioning=False,
         rope_type="split",
+        **widths,
     )
-    torch.manual_seed(seed)
+
+
+def build_video_vae() -> AutoencoderKLLTX2Video:
+    """4x in space and time, with non-trivial latent statistics."""
     vae = AutoencoderKLLTX2Video(
         in_channels=3,
         out_channels=3,
@@ -162,7 +233,11 @@ def build_components(seed: int = 0) -> dict[str, object]:
     # Non-trivial normalisation statistics, so a stage that skips them cannot match the pipeline.
     vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, 4))
     vae.latents_std.copy_(torch.linspace(0.8, 1.2, 4))
-    torch.manual_seed(seed)
+    return vae
+
+
+def build_audio_vae() -> AutoencoderKLLTX2Audio:
+    """8 mel bins at 16 kHz with a 160-sample hop (100 mel frames per second, as the real one)."""
     audio_vae = AutoencoderKLLTX2Audio(
         base_channels=4,
         output_channels=2,
@@ -183,9 +258,13 @@ def build_components(seed: int = 0) -> dict[str, object]:
     )
     audio_vae.latents_mean.copy_(torch.linspace(-0.1, 0.1, 4))
     audio_vae.latents_std.copy_(torch.linspace(0.9, 1.1, 4))
-    torch.manual_seed(seed)
-    vocoder = LTX2Vocoder(
-        in_channels=audio_vae.config.output_channels * audio_vae.config.mel_bins,
+    return audio_vae
+
+
+def build_vocoder(mel_channels: int) -> LTX2Vocoder:
+    """LTX-2.0's vocoder: 10 x 4 x 4 = 160 samples per mel frame, i.e. 16 kHz."""
+    return LTX2Vocoder(
+        in_channels=mel_channels,
         hidden_channels=32,
         out_channels=2,
         upsample_kernel_sizes=[20, 8, 8],
@@ -195,42 +274,63 @@ def build_components(seed: int = 0) -> dict[str, object]:
         leaky_relu_negative_slope=0.1,
         output_sampling_rate=16000,
     )
-    return {
-        "scheduler": FlowMatchEulerDiscreteScheduler(),
-        "vae": vae,
-        "audio_vae": audio_vae,
-        "text_encoder": text_encoder,
-        "tokenizer": build_tokenizer(),
-        "connectors": connectors,
-        "transformer": transformer,
-        "vocoder": vocoder,
-        "processor": None,
-        "prompt_enhancer": None,
-        "duration_head": None,
-    }
 
 
-def write_tiny_model(directory: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline with `save_pretrained` into `directory` (created if missing)."""
-    pipe = LTX2Pipeline(**build_components(seed))
+def build_bwe_vocoder(mel_channels: int) -> LTX2VocoderWithBWE:
+    """LTX-2.3's vocoder: a snakebeta vocoder to 16 kHz (160 samples per mel frame), then bandwidth
+    extension to 48 kHz: a mel of that waveform every 16 samples, 16 x 3 = 48 samples per mel frame
+    out of the BWE generator (4 x 4 x 3) plus the 3x resampled waveform. Kernel minus stride is even
+    in every layer, so each upsampler gives exactly stride x input samples, as the real config does."""
+    bwe_mel_channels = 8
+    vocoder = LTX2VocoderWithBWE(
+        in_channels=mel_channels,
+        hidden_channels=32,
+        out_channels=2,
+        upsample_kernel_sizes=[20, 8, 8],
+        upsample_factors=[10, 4, 4],
+        resnet_kernel_sizes=[3],
+        resnet_dilations=[[1, 3, 5]],
+        bwe_in_channels=2 * bwe_mel_channels,
+        bwe_hidden_channels=32,
+        bwe_out_channels=2,
+        bwe_upsample_kernel_sizes=[8, 8, 7],
+        bwe_upsample_factors=[4, 4, 3],
+        bwe_resnet_kernel_sizes=[3],
+        bwe_resnet_dilations=[[1, 3, 5]],
+        filter_length=64,
+        hop_length=16,
+        window_length=64,
+        num_mel_channels=bwe_mel_channels,
+        input_sampling_rate=16000,
+        output_sampling_rate=48000,
+    )
+    # The real mel filterbank is loaded from the checkpoint (a zero buffer until then); a random
+    # positive one makes the BWE generator see a real spectrogram.
+    vocoder.mel_stft.mel_basis.copy_(torch.rand(vocoder.mel_stft.mel_basis.shape) * 0.1)
+    return vocoder
+
+
+def write_tiny_model(directory: Path, seed: int = 0, family: str = "2.0") -> Path:
+    """Save the tiny pipeline of `family` with `save_pretrained` into `directory` (created if missing)."""
+    pipe = LTX2Pipeline(**build_components(seed, family))
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory)
     return directory
 
 
-def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0) -> Path:
-    """Save the tiny pipeline as `TINY_REPO_ID` in a Hugging Face hub cache layout.
+def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0, family: str = "2.0") -> Path:
+    """Save the tiny pipeline of `family` as its TINY_REPO_IDS entry in a Hugging Face hub cache layout.
 
     The layout (`models--org--name/snapshots/<rev>` plus `refs/main`) is what `snapshot_download`
     reads offline, so looking the model up by repo id goes through the same code path as a real
     downloaded checkpoint. The snapshot is written beside its final name and renamed, so a crash
     never leaves a half-written model that later runs would pick up.
     """
-    repo_dir = hub_cache / ("models--" + TINY_REPO_ID.replace("/", "--"))
+    repo_dir = hub_cache / ("models--" + TINY_REPO_IDS[family].replace("/", "--"))
     snapshot = repo_dir / "snapshots" / TINY_REVISION
     if not (snapshot / "model_index.json").exists():
         partial = repo_dir / "snapshots" / f".{TINY_REVISION}.partial-{os.getpid()}"
-        write_tiny_model(partial, seed)
+        write_tiny_model(partial, seed, family)
         try:
             partial.rename(snapshot)
         except OSError:  # another process finished first; its copy is identical (same seed)
@@ -244,15 +344,19 @@ def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.tiny_model (--hf-cache | DIR)`: write the tiny model, print where."""
+    """`python -m services.tiny_model [--family 2.0|2.3] (--hf-cache | DIR)`: write the tiny model, print where."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.", allow_abbrev=False)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a plain diffusers folder here")
-    target.add_argument("--hf-cache", action="store_true", help=f"write {TINY_REPO_ID} into the Hugging Face cache")
+    target.add_argument("--hf-cache", action="store_true", help="write it into the Hugging Face cache")
+    parser.add_argument("--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family (default 2.0)")
     args = parser.parse_args(argv)
-    path = write_tiny_model_to_hf_cache(hub_cache_dir()) if args.hf_cache else write_tiny_model(args.directory)
+    if args.hf_cache:
+        path = write_tiny_model_to_hf_cache(hub_cache_dir(), family=args.family)
+    else:
+        path = write_tiny_model(args.directory, family=args.family)
     sys.stdout.write(f"{path}\n")
     return 0
 

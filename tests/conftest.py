@@ -37,6 +37,24 @@ def tiny_model_dir(hf_home: Path) -> Path:
     return snapshots[0]
 
 
+@pytest.fixture(scope="session")
+def tiny_23_model_dir(hf_home: Path) -> Path:
+    """The tiny LTX-2.3 model (BWE vocoder, 2.3 transformer flags), built into the same hub cache
+    under its own repo id by `ltx2 tiny-model --family 2.3 --hf-cache`."""
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "tiny-model", "--family", "2.3", "--hf-cache"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO_ROOT,
+    )
+    snapshot = Path(result.stdout.strip())
+    assert snapshot.parent.parent.name == "models--ltx2-stages--tiny-random-ltx2.3"
+    return snapshot
+
+
 def ltx2_environment(hf_home: Path, root: Path) -> dict[str, str]:
     """Environment for running `ltx2` in a subprocess: offline tiny cache, private state and outputs."""
     return {

@@ -45,7 +45,9 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "protocol.spec",
         "protocol.files",
         "protocol.plans",
+        "protocol.families",
         "config.settings",
+        "config.presets",
     ]
     code = (
         "import sys\n"

@@ -135,7 +135,7 @@ def denoise(pipe: LTX2Pipeline, embeddings: dict[str, torch.Tensor]) -> torch.Te
         video, _audio = pipe(
             prompt_embeds=embeddings["prompt_embeds"],
             prompt_attention_mask=embeddings["prompt_attention_mask"],
-            **guidance.pinned_guidance(1.0),
+            **guidance.guidance_off(),
             width=64,
             height=64,
             num_frames=9,

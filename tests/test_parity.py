@@ -1,17 +1,20 @@
 """Same seed, same result: the staged pipeline equals diffusers' single-process LTX2Pipeline.
 
-The staged side runs the real worker processes on the tiny model (fp32, CPU); the reference is
-`LTX2Pipeline.from_pretrained` on the same folder with the same prompt, seed and settings.
+The staged side runs the real worker processes on the tiny model of each family (fp32, CPU); the
+reference is `LTX2Pipeline.from_pretrained` on the same folder with the same prompt, seed and
+settings, its guidance arguments written out here per family rather than taken from our code.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zmq
+from conftest import probe_mp4
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
@@ -32,6 +35,15 @@ from services.video_decode import configure_vae, decode_frames
 
 TOLERANCE = 1e-5
 PROMPT = "a slow dolly in through a rainy neon alley"
+FAMILIES = ("2.0", "2.3")
+# What each family's trained model needs, from diffusers 0.42.1's LTX2Pipeline.__call__ docstring:
+# STG blocks [29] for LTX-2.0 and [28] for 2.3; cross-timestep off for 2.0 ("legacy"), on for 2.3.
+FAMILY_CALL = {
+    "2.0": {"spatio_temporal_guidance_blocks": [29], "use_cross_timestep": False},
+    "2.3": {"spatio_temporal_guidance_blocks": [28], "use_cross_timestep": True},
+}
+# The rate each tiny vocoder writes: 2.0's upsamples 160x to 16 kHz; 2.3's BWE ends at 48 kHz as the real one.
+AUDIO_RATE = {"2.0": 16000, "2.3": 48000}
 
 
 def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
@@ -62,21 +74,20 @@ def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
     return job
 
 
-def reference_call(pipe: LTX2Pipeline, spec: JobSpec, output_type: str, **guidance: object) -> tuple:
-    """One single-process call with every guidance argument pinned for LTX-2.0."""
+def reference_call(pipe: LTX2Pipeline, spec: JobSpec, output_type: str, family: str = "2.0") -> tuple:
+    """One single-process call with every guidance argument pinned from the spec and the family."""
+    audio_cfg = spec.guidance_scale if spec.audio_guidance_scale is None else spec.audio_guidance_scale
     pinned = {
         "guidance_scale": spec.guidance_scale,
-        "audio_guidance_scale": spec.guidance_scale,
-        "stg_scale": 0.0,
-        "audio_stg_scale": 0.0,
-        "modality_scale": 1.0,
-        "audio_modality_scale": 1.0,
-        "guidance_rescale": 0.0,
-        "audio_guidance_rescale": 0.0,
-        "spatio_temporal_guidance_blocks": [29],
-        "use_cross_timestep": False,
+        "audio_guidance_scale": audio_cfg,
+        "stg_scale": spec.stg_scale,
+        "audio_stg_scale": spec.stg_scale,
+        "modality_scale": spec.modality_scale,
+        "audio_modality_scale": spec.modality_scale,
+        "guidance_rescale": spec.guidance_rescale,
+        "audio_guidance_rescale": spec.guidance_rescale,
+        **FAMILY_CALL[family],
     }
-    pinned.update(guidance)
     sigmas = list(DISTILLED_SIGMA_VALUES) if spec.schedule == "distilled" else None
     with torch.no_grad():
         return pipe(
@@ -110,16 +121,27 @@ def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-@pytest.fixture(scope="module")
-def distilled_job(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> JobDir:
-    return run_staged(tiny_model_dir, tmp_path_factory.mktemp("distilled"))
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request: pytest.FixtureRequest) -> str:
+    """Each test that uses the distilled job runs once per supported family."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def distilled_reference(tiny_model_dir: Path, distilled_job: JobDir) -> dict[str, object]:
-    pipe = load_reference(tiny_model_dir, "distilled")
-    video_latents, audio_latents = reference_call(pipe, distilled_job.spec, "latent")
-    frames, audio = reference_call(pipe, distilled_job.spec, "np")
+def family_model_dir(family: str, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("tiny_model_dir" if family == "2.0" else "tiny_23_model_dir")
+
+
+@pytest.fixture(scope="module")
+def distilled_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> JobDir:
+    return run_staged(family_model_dir, tmp_path_factory.mktemp("distilled"))
+
+
+@pytest.fixture(scope="module")
+def distilled_reference(family: str, family_model_dir: Path, distilled_job: JobDir) -> dict[str, object]:
+    pipe = load_reference(family_model_dir, "distilled")
+    video_latents, audio_latents = reference_call(pipe, distilled_job.spec, "latent", family)
+    frames, audio = reference_call(pipe, distilled_job.spec, "np", family)
     return {"video_latents": video_latents, "audio_latents": audio_latents, "frames": frames, "audio": audio}
 
 
@@ -131,12 +153,30 @@ def test_staged_latents_equal_single_process_latents(distilled_job: JobDir, dist
     assert metadata["seed"] == "1234" and metadata["dtype"] == "float32"
 
 
-def test_staged_audio_waveform_equals_single_process_audio(distilled_job: JobDir, distilled_reference: dict):
+def test_staged_audio_waveform_equals_single_process_audio(
+    family: str, distilled_job: JobDir, distilled_reference: dict
+):
     waveform, rate = read_wav(distilled_job.path / AUDIO_FILE)
     reference = distilled_reference["audio"][0].numpy()
-    assert rate == 16000
+    vocoder_config = json.loads((Path(distilled_job.record["model_path"]) / "vocoder" / "config.json").read_text())
+    assert rate == vocoder_config["output_sampling_rate"] == AUDIO_RATE[family]
     assert waveform.shape == reference.shape
     assert max_diff(waveform, reference) <= TOLERANCE
+
+
+def test_mp4_holds_every_frame_and_aac_at_the_vocoder_rate(family: str, distilled_job: JobDir):
+    info = probe_mp4(Path(distilled_job.record["output"]))
+    assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)
+    assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
+    assert info["audio_rate"] == AUDIO_RATE[family]
+    assert info["audio_seconds"] == pytest.approx(info["video_seconds"], abs=0.07)
+
+
+def test_job_json_and_sidecar_record_the_detected_family(family: str, distilled_job: JobDir):
+    recorded = JobDir.load(distilled_job.path).record["family"]
+    sidecar = json.loads(Path(distilled_job.record["output"]).with_suffix(".json").read_text())
+    assert recorded["name"] == sidecar["family"]["name"] == family
+    assert recorded["audio_sample_rate"] == sidecar["family"]["audio_sample_rate"] == AUDIO_RATE[family]
 
 
 def test_staged_decoded_frames_equal_single_process_frames(distilled_job: JobDir, distilled_reference: dict):
@@ -152,9 +192,10 @@ def test_staged_decoded_frames_equal_single_process_frames(distilled_job: JobDir
     assert max_diff(frames, distilled_reference["frames"][0]) <= TOLERANCE
 
 
-def test_distilled_run_makes_one_transformer_call_per_step(distilled_job: JobDir):
+def test_distilled_run_makes_one_transformer_call_per_step(family: str, distilled_job: JobDir):
     _, metadata = read_latents(distilled_job.path / LATENTS_FILE)
     assert int(metadata["transformer_calls"]) == distilled_job.spec.steps == 8
+    assert metadata["family"] == family
 
 
 def test_diffusers_defaults_would_make_three_calls_per_step(tiny_model_dir: Path):
@@ -192,3 +233,19 @@ def test_cfg_run_with_negative_prompt_matches_and_batches_one_call_per_step(tiny
     assert max_diff(tensors["video"], video) <= TOLERANCE
     assert max_diff(tensors["audio"], audio) <= TOLERANCE
     assert int(metadata["transformer_calls"]) == 3
+
+
+def test_ltx2_3_dev_preset_matches_and_makes_cfg_stg_and_modality_calls_each_step(
+    tiny_23_model_dir: Path, tmp_path: Path
+):
+    """The 2.3 dev preset (audio CFG 7, STG, modality guidance, rescale) through the stages equals the
+    single-process pipeline, at three transformer calls per step: CFG (batched), STG, modality."""
+    dev = load_settings(environ={}).families["2.3"].dev
+    assert (dev.guidance_scale, dev.audio_guidance_scale, dev.stg_scale, dev.modality_scale) == (3.0, 7.0, 1.0, 3.0)
+    guidance = {k: v for k, v in dev.spec_fields().items() if k not in ("steps", "schedule")}
+    job = run_staged(tiny_23_model_dir, tmp_path, **guidance, schedule="default", steps=2, num_frames=9)
+    tensors, metadata = read_latents(job.path / LATENTS_FILE)
+    video, audio = reference_call(load_reference(tiny_23_model_dir, "default"), job.spec, "latent", "2.3")
+    assert max_diff(tensors["video"], video) <= TOLERANCE
+    assert max_diff(tensors["audio"], audio) <= TOLERANCE
+    assert int(metadata["transformer_calls"]) == 3 * 2

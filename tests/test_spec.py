@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import DECODE_ONLY_FIELDS, GUIDANCE_DEFAULTS, NAG_DEFAULTS, JobSpec, SpecError
 
 VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
 
@@ -39,6 +42,10 @@ def test_valid_spec_round_trips_through_plain_data():
         ({"vae_chunk_frames": 40}, "--vae-chunk-frames", "between 2 and 16"),
         ({"width": "768"}, "--width", "must be of type int"),
         ({"colour": "red"}, "--colour", "unknown field"),
+        ({"audio_guidance_scale": 0.5}, "--audio-guidance-scale", "between 1.0 and 30.0"),
+        ({"stg_scale": -1.0}, "--stg-scale", "between 0.0 and 10.0"),
+        ({"modality_scale": 0.0}, "--modality-scale", "between 1.0 and 10.0"),
+        ({"guidance_rescale": 1.5}, "--guidance-rescale", "between 0.0 and 1.0"),
     ],
 )
 def test_rule_violations_name_the_flag(changes: dict, flag: str, fragment: str):
@@ -82,3 +89,22 @@ def test_digest_changes_with_any_field_and_not_otherwise():
 def test_cfg_is_on_only_above_one():
     assert not spec().uses_cfg
     assert spec(guidance_scale=3.5, schedule="default", steps=40).uses_cfg
+
+
+def test_audio_cfg_alone_turns_cfg_on_and_otherwise_follows_video_cfg():
+    assert spec(audio_guidance_scale=7.0).uses_cfg
+    assert spec(guidance_scale=3.0, schedule="default").effective_audio_guidance_scale == 3.0
+    assert not spec(audio_guidance_scale=1.0).uses_cfg
+
+
+def test_guidance_fields_at_their_defaults_keep_the_latents_digest_of_older_specs():
+    """Latents written before the LTX-2.3 guidance fields existed still match their spec."""
+    # The digest as it was computed before: the spec's fields without decode-only ones and NAG defaults.
+    before = {
+        k: v
+        for k, v in spec().to_dict().items()
+        if k not in GUIDANCE_DEFAULTS and k not in DECODE_ONLY_FIELDS and k not in NAG_DEFAULTS
+    }
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert spec().latents_digest() == hashlib.sha256(text.encode()).hexdigest()
+    assert spec(stg_scale=1.0).latents_digest() != spec().latents_digest()

@@ -1,0 +1,92 @@
+"""Presets: the defaults a run takes for flags the user did not give.
+
+Two layers, both data in config/defaults.toml. A *family* preset (`[families."2.3".dev]`) holds a
+model family's guidance recipe for one kind of run, distilled or dev; the family itself is read
+from the checkpoint (protocol/families.py). A *model* preset (`[presets."<repo id>"]`) holds what
+belongs to one published checkpoint: its size, length and fps, and the steps, CFG and schedule it
+was released with. A flag beats a model preset, which beats the family preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+# The schedule name that selects a family's distilled preset; every other schedule runs the dev one.
+DISTILLED_SCHEDULE = "distilled"
+# A model without a preset of its own runs its family's distilled preset: one transformer call per
+# step, the cheapest run (and what every unknown model got before families existed).
+FALLBACK_SCHEDULE = DISTILLED_SCHEDULE
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Defaults a published model brings for flags the user did not give."""
+
+    steps: int
+    guidance_scale: float
+    schedule: str
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidancePreset:
+    """One family's guidance for one kind of run; each field is a JobSpec field of the same name."""
+
+    steps: int
+    schedule: str
+    guidance_scale: float
+    stg_scale: float
+    modality_scale: float
+    guidance_rescale: float
+    audio_guidance_scale: float | None = None  #: None: audio CFG follows guidance_scale
+
+    def spec_fields(self) -> dict[str, Any]:
+        """The preset as JobSpec fields."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyPresets:
+    """A model family's two guidance presets."""
+
+    distilled: GuidancePreset
+    dev: GuidancePreset
+
+    def for_schedule(self, schedule: str) -> GuidancePreset:
+        """The distilled preset for the distilled schedule, else the dev one."""
+        return self.distilled if schedule == DISTILLED_SCHEDULE else self.dev
+
+
+def build_family_presets(data: Mapping[str, Any]) -> dict[str, FamilyPresets]:
+    """`[families]` of the merged config as FamilyPresets; TypeError/KeyError name what is wrong."""
+    families = {}
+    for name, tables in data.items():
+        unknown = set(tables) - {"distilled", "dev"}
+        if unknown:
+            raise KeyError(f'families."{name}" has unknown table {sorted(unknown)[0]!r}; expected distilled and dev')
+        families[name] = FamilyPresets(
+            distilled=GuidancePreset(**tables["distilled"]), dev=GuidancePreset(**tables["dev"])
+        )
+    return families
+
+
+def resolve_preset_fields(
+    own: Preset | None, fallback: Preset, family: FamilyPresets, requested_schedule: str | None
+) -> dict[str, Any]:
+    """JobSpec defaults for a model: its own preset (`own`, None for a local folder or an unknown
+    repo id) over its family's preset for the schedule the run will use.
+
+    `fallback` (the default model's preset) gives the size, length and fps of a model without its own.
+    """
+    schedule = requested_schedule or (own.schedule if own else FALLBACK_SCHEDULE)
+    fields = family.for_schedule(schedule).spec_fields()
+    sized = own or fallback
+    fields.update(width=sized.width, height=sized.height, num_frames=sized.num_frames, fps=sized.fps)
+    if own is not None:
+        fields.update(steps=own.steps, guidance_scale=own.guidance_scale, schedule=own.schedule)
+    return fields

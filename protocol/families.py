@@ -1,0 +1,199 @@
+"""Which LTX-2 family a diffusers checkpoint belongs to, read from its own configs, never its name.
+
+A folder called `LTX-2.3-finetune` may hold LTX-2.0 weights, and a repo id says nothing about a
+local copy, so the family is read from what diffusers itself builds the models from:
+`model_index.json` (the vocoder and text encoder classes) and `transformer/config.json` (the
+flags that switch on 2.3's gated attention, cross-attention modulation and per-modality prompt
+projections). Torch-free: the orchestrator decides a job's family before any worker starts.
+
+A family is a row of FAMILIES. Its guidance *preferences* (steps, CFG, STG scale...) are data in
+config/defaults.toml `[families]`; the facts here are what the trained model needs whatever the
+preference: which block STG perturbs and whether the cross-modality timestep modulates the a2v/v2a
+cross-attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import ModelNotFound
+from protocol.spec import SpecError
+
+MODEL_INDEX = "model_index.json"
+TRANSFORMER_CONFIG = "transformer/config.json"
+VOCODER_CONFIG = "vocoder/config.json"
+# The LTX2VideoTransformer3DModel.__init__ defaults (diffusers 0.42.1) of the flags FAMILIES look at:
+# a config written by an older converter leaves out flags that did not exist yet, and diffusers then
+# builds the model with these values (tests/test_families.py checks them against the signature).
+TRANSFORMER_DEFAULTS: Mapping[str, Any] = {
+    "gated_attn": False,
+    "cross_attn_mod": False,
+    "audio_gated_attn": False,
+    "audio_cross_attn_mod": False,
+    "use_prompt_embeddings": True,
+    "perturbed_attn": False,
+    "ff_bias": True,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySignature:
+    """What a family's checkpoint looks like, and the facts its trained model needs at inference."""
+
+    name: str  #: short name used in config and job.json ("2.3")
+    label: str  #: what a user reads ("LTX-2.3")
+    vocoder: str  #: model_index.json class of `vocoder`
+    text_encoder: str  #: model_index.json class of `text_encoder`
+    transformer: Mapping[str, Any]  #: transformer/config.json flags that must hold (absent: TRANSFORMER_DEFAULTS)
+    stg_blocks: tuple[int, ...]  #: `spatio_temporal_guidance_blocks`: the block STG perturbs
+    cross_timestep: bool  #: `use_cross_timestep` of LTX2Pipeline.__call__
+
+
+# Transformer flags: diffusers' LTX-2 conversion configs (get_ltx2_transformer_config, versions "2.0" and
+# "2.3", in the huggingface/diffusers repository; not shipped in the 0.42.1 wheel). 2.5 also sets
+# ff_bias=False and needs a Gemma 4 text encoder, so it matches neither row.
+# stg_blocks: LTX2Pipeline.__call__'s docstring (0.42.1), `spatio_temporal_guidance_blocks`: "[29] is
+# recommended for LTX-2.0 and [28] is recommended for LTX-2.3".
+# cross_timestep: the same docstring, `use_cross_timestep`: "True is the LTX-2.3/2.5 behavior; False is the
+# legacy LTX-2.0 behavior".
+FAMILIES: tuple[FamilySignature, ...] = (
+    FamilySignature(
+        name="2.0",
+        label="LTX-2.0",
+        vocoder="LTX2Vocoder",
+        text_encoder="Gemma3ForConditionalGeneration",
+        transformer={"cross_attn_mod": False, "audio_cross_attn_mod": False, "use_prompt_embeddings": True},
+        stg_blocks=(29,),
+        cross_timestep=False,
+    ),
+    FamilySignature(
+        name="2.3",
+        label="LTX-2.3",
+        vocoder="LTX2VocoderWithBWE",
+        text_encoder="Gemma3ForConditionalGeneration",
+        transformer={
+            "gated_attn": True,
+            "cross_attn_mod": True,
+            "audio_gated_attn": True,
+            "audio_cross_attn_mod": True,
+            "use_prompt_embeddings": False,
+            "perturbed_attn": True,
+            "ff_bias": True,
+        },
+        stg_blocks=(28,),
+        cross_timestep=True,
+    ),
+)
+# Jobs recorded before families existed ran LTX-2.0 (the only family then supported).
+LEGACY_FAMILY = "2.0"
+
+
+class UnsupportedCheckpoint(SpecError):
+    """The folder is a diffusers checkpoint, but of no family this version can run (exit 2)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("model", message)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFamily:
+    """A checkpoint's family plus what was read from its configs; recorded in job.json."""
+
+    name: str
+    label: str
+    vocoder: str
+    text_encoder: str
+    audio_sample_rate: int  #: the vocoder's `output_sampling_rate`: the rate of audio.wav and the MP4's AAC
+    stg_blocks: tuple[int, ...]
+    cross_timestep: bool
+
+    def to_record(self) -> dict[str, Any]:
+        """Plain data for job.json and the sidecar."""
+        return {**dataclasses.asdict(self), "stg_blocks": list(self.stg_blocks)}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CheckpointFamily:
+        """Read back what `to_record` wrote."""
+        return cls(**{**record, "stg_blocks": tuple(record["stg_blocks"])})
+
+
+def supported_labels() -> str:
+    """ "LTX-2.0, LTX-2.3": for error messages and help."""
+    return ", ".join(family.label for family in FAMILIES)
+
+
+def family_named(name: str) -> FamilySignature:
+    """The FAMILIES row called `name` (KeyError naming the known ones)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise KeyError(f"unknown model family {name!r}; known: {', '.join(f.name for f in FAMILIES)}")
+
+
+def detect_family(folder: Path) -> CheckpointFamily:
+    """The family of the diffusers checkpoint in `folder`.
+
+    Raises ModelNotFound when a config file is missing or unreadable (an incomplete download) and
+    UnsupportedCheckpoint, one line naming the files read, when the configs match no family.
+    """
+    index = read_config(folder, MODEL_INDEX)
+    transformer = read_config(folder, TRANSFORMER_CONFIG)
+    seen = {
+        "vocoder": component_class(index, "vocoder"),
+        "text_encoder": component_class(index, "text_encoder"),
+        **{key: transformer.get(key, default) for key, default in TRANSFORMER_DEFAULTS.items()},
+    }
+    mismatches = {family.name: differences(family, seen) for family in FAMILIES}
+    match = next((family for family in FAMILIES if not mismatches[family.name]), None)
+    if match is None:
+        nearest = min(FAMILIES, key=lambda family: len(mismatches[family.name]))
+        raise UnsupportedCheckpoint(
+            f"{folder} is no LTX-2 checkpoint this version can run: its {MODEL_INDEX} and {TRANSFORMER_CONFIG}"
+            f" match no supported family ({supported_labels()}); nearest is {nearest.label}, which needs"
+            f" {mismatches[nearest.name][0]}"
+        )
+    return CheckpointFamily(
+        name=match.name,
+        label=match.label,
+        vocoder=match.vocoder,
+        text_encoder=match.text_encoder,
+        audio_sample_rate=vocoder_sample_rate(folder),
+        stg_blocks=match.stg_blocks,
+        cross_timestep=match.cross_timestep,
+    )
+
+
+def differences(family: FamilySignature, seen: Mapping[str, Any]) -> list[str]:
+    """What `seen` would need to be `family`, as 'key=value (found other)' phrases."""
+    wanted = {"vocoder": family.vocoder, "text_encoder": family.text_encoder, **family.transformer}
+    return [f"{key}={value} (found {seen[key]})" for key, value in wanted.items() if seen[key] != value]
+
+
+def read_config(folder: Path, name: str) -> dict[str, Any]:
+    """A JSON config of the checkpoint, or ModelNotFound naming it."""
+    path = folder / name
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(f"cannot read {path} ({exc}); is the model complete? re-download it") from None
+    if not isinstance(data, dict):
+        raise ModelNotFound(f"{path} is not a JSON object; re-download the model")
+    return data
+
+
+def component_class(index: Mapping[str, Any], name: str) -> str | None:
+    """The class model_index.json records for component `name` (None if absent or optional)."""
+    entry = index.get(name)
+    return str(entry[1]) if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
+
+
+def vocoder_sample_rate(folder: Path) -> int:
+    """The rate the vocoder's waveform comes out at (24 kHz for LTX2Vocoder, 48 kHz after BWE), from its config."""
+    rate = read_config(folder, VOCODER_CONFIG).get("output_sampling_rate")
+    if not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
+        raise UnsupportedCheckpoint(f"{folder / VOCODER_CONFIG} has no valid output_sampling_rate (got {rate!r})")
+    return rate
