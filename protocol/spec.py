@@ -231,8 +231,9 @@ class JobSpec:
         return self.steps if self.nag_steps is None else min(self.nag_steps, self.steps)
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON of the whole spec."""
-        return _sha256_json(self.to_dict())
+        """SHA-256 of the canonical JSON of the whole spec; fields added later count only when set,
+        so a batch re-run after an upgrade still recognises the clips it finished before."""
+        return _sha256_json(self.fields_set_since_added())
 
     def latents_digest(self) -> str:
         """SHA-256 of the fields that shape the latents; decoders check it before using them.
@@ -241,13 +242,14 @@ class JobSpec:
         another decode plan or name (`ltx2 decode`).
         """
         # NAG and guidance fields at their defaults are left out, so latents written before they existed still match.
-        return _sha256_json(
-            {
-                k: v
-                for k, v in self.to_dict().items()
-                if k not in DECODE_ONLY_FIELDS and not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
-            }
-        )
+        return _sha256_json({k: v for k, v in self.fields_set_since_added().items() if k not in DECODE_ONLY_FIELDS})
+
+    def fields_set_since_added(self) -> dict[str, Any]:
+        """`to_dict()` without the fields added in later versions (LATER_FIELD_DEFAULTS) that hold their
+        default: what a spec of the version before them had, which the digests are computed from."""
+        return {
+            k: v for k, v in self.to_dict().items() if not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])
+        }
 
 
 def _sha256_json(data: dict[str, Any]) -> str:

@@ -86,6 +86,16 @@ def test_digest_changes_with_any_field_and_not_otherwise():
     assert spec().digest() != spec(seed=2).digest()
 
 
+def test_fields_added_later_at_their_defaults_keep_the_digest_of_older_specs():
+    """A batch file run again after an upgrade still skips the clips it rendered before (batch.py
+    compares job.json's spec_digest): NAG and guidance fields at their defaults do not count."""
+    older = {k: v for k, v in spec().to_dict().items() if k not in GUIDANCE_DEFAULTS and k not in NAG_DEFAULTS}
+    text = json.dumps(older, sort_keys=True, separators=(",", ":"))
+    assert spec().digest() == hashlib.sha256(text.encode()).hexdigest()
+    assert spec(stg_scale=1.0).digest() != spec().digest()
+    assert spec(nag_scale=5.0, negative_prompt="blur").digest() != spec(negative_prompt="blur").digest()
+
+
 def test_cfg_is_on_only_above_one():
     assert not spec().uses_cfg
     assert spec(guidance_scale=3.5, schedule="default", steps=40).uses_cfg
