@@ -221,11 +221,26 @@ class ForkServer:
         self.server: _Server | None = None
         self.lock = threading.Lock()
         self.die_with_server = die_with_server
+        # Once a server's imports initialised CUDA, every later one's would too: said once, kept.
+        self.unusable: ForkServerUnusable | None = None
 
     def start(self) -> None:
         """Start the server now rather than at the first spawn (raises ForkServerError if it cannot)."""
         with self.lock:
             self._running_server()
+
+    def warm(self) -> None:
+        """Start the server in the background: its imports (10 s on a GPU host) then overlap whatever
+        the caller does before its first spawn, which waits for them. A failure is left for that
+        spawn to raise (a broken server is tried again then; an unusable one is not)."""
+
+        def start_quietly() -> None:
+            try:
+                self.start()
+            except ForkServerError as exc:
+                log.info("fork server not started in advance: %s", exc)
+
+        threading.Thread(target=start_quietly, name="forkserver-warm", daemon=True).start()
 
     def spawn(self, stage: str, argv: list[str], log_path: Path, visible_devices: str | None = None) -> ForkedProcess:
         """Fork a worker for `stage` with the worker's command-line `argv`; `visible_devices`
@@ -256,6 +271,8 @@ class ForkServer:
     def _running_server(self) -> _Server:
         """The live server, starting one if there is none; a dead one's lost workers are killed first,
         so they free their memory before the next worker starts."""
+        if self.unusable is not None:
+            raise self.unusable
         if self.server is not None and self.server.is_alive():
             return self.server
         if self.server is not None:
@@ -263,6 +280,9 @@ class ForkServer:
         self.server = _Server()
         try:
             self.server.wait_ready()
+        except ForkServerUnusable as exc:
+            self.server, self.unusable = None, exc
+            raise
         except ForkServerError:
             self.server = None
             raise

@@ -13,6 +13,7 @@ from typing import Protocol
 import zmq
 
 from config.settings import ConfigError, Settings
+from orchestrator.fork_client import ForkServer
 from orchestrator.lanes import Lane, resolve_lanes
 from orchestrator.runner import WorkerLink
 
@@ -28,17 +29,28 @@ class LaneSource(Protocol):
 
 
 class LocalLanes:
-    """This host's lanes (orchestrator.lanes); their workers are forked or exec'd here."""
+    """This host's lanes (orchestrator.lanes); their workers are forked or exec'd here.
+
+    All lanes fork from one server (each child is pinned to its lane's device as it starts), which
+    starts importing as the lanes are opened: a daemon's first job, and a batch's first stage after
+    its prompt pre-encoding, no longer wait the 10 s of imports (docs/benchmarks.md, version 9)."""
 
     def __init__(self, settings: Settings, context: zmq.Context) -> None:
         self.lanes = resolve_lanes(settings)
         self.settings, self.context = settings, context
+        self.fork_server = ForkServer() if settings.fork_server else None
+        if self.fork_server is not None:
+            self.fork_server.warm()
 
     def link(self, lane: Lane) -> WorkerLink:
-        return WorkerLink(self.context, fork_server=self.settings.fork_server, lane=lane)
+        return WorkerLink(
+            self.context, fork_server=self.settings.fork_server, lane=lane, shared_fork_server=self.fork_server
+        )
 
     def close(self) -> None:
-        """Nothing to release: each link closes itself, the context is the caller's."""
+        """Stop the lanes' fork server (each link closes its own socket; the context is the caller's)."""
+        if self.fork_server is not None:
+            self.fork_server.close()
 
 
 def open_lanes(settings: Settings, context: zmq.Context) -> LaneSource:

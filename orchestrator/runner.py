@@ -140,10 +140,13 @@ class WorkerLink:
         spawner: RemoteSpawner | None = None,
         curve: tuple[bytes, bytes] | None = None,
         advertise_host: str = "",
+        shared_fork_server: ForkServer | None = None,
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.fork_client),
-        # or, with fork_server=False, exec'd as `python -m services.<stage>` each time.
-        self.fork_server = ForkServer() if fork_server and spawner is None else None
+        # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
+        # shared by all lanes of a host (orchestrator.lane_links) is its owner's to close.
+        self.owns_fork_server = shared_fork_server is None
+        self.fork_server = shared_fork_server or (ForkServer() if fork_server and spawner is None else None)
         self.spawner = spawner
         self.lane = lane or Lane(0, "", None)
         self.socket = context.socket(zmq.ROUTER)
@@ -211,7 +214,7 @@ class WorkerLink:
         self.socket.send_multipart([identity, codec.encode(message)])
 
     def close(self) -> None:
-        if self.fork_server is not None:
+        if self.fork_server is not None and self.owns_fork_server:
             self.fork_server.close()
         self.socket.close()
         if self.endpoint.startswith("ipc://"):
@@ -290,7 +293,8 @@ def spawn_worker(
             return SpawnedWorker(process, stage, attempt, plan, job_ids)
         except ForkServerUnusable as exc:  # said once: the link execs workers from now on
             log.warning("%s", exc)
-            link.fork_server.close()
+            if link.owns_fork_server:
+                link.fork_server.close()
             link.fork_server = None
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(

@@ -16,6 +16,7 @@ import pytest
 import torch
 import zmq
 from conftest import run_ltx2
+from daemon_process import DaemonProcess, children_of, cmdline, is_running
 from safetensors.torch import load_file
 from supervised import Supervised
 from test_daemon import submit
@@ -243,3 +244,23 @@ def test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time(daemon_env:
     for record in records:  # a job stays on the lane that claimed it
         assert len({a["lane"] for _, a in attempts_of([record])}) == 1
     assert_each_lane_runs_one_process_at_a_time(records)
+
+
+def fork_servers_of(pid: int) -> list[int]:
+    return [child for child in children_of(pid) if "services.forkserver" in cmdline(child)]
+
+
+def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(daemon_env: dict, tmp_path: Path):  # noqa: F811
+    """The imports (10 s on a GPU host) overlap the daemon's idle start, once for all lanes, not
+    per lane at its first job."""
+    env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu", "LTX2_FORK_SERVER": "true"}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        servers = fork_servers_of(daemon.pid)  # no job submitted yet
+        assert len(servers) == 1, (servers, daemon.log()[-2000:])
+        ids = [submit(env, "--seed", str(seed)) for seed in (31, 32)]
+        done = [daemon.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
+        assert [job["state"] for job in done] == ["done"] * 2, [job["error"] for job in done]
+        records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
+        assert {a["lane"] for _, a in attempts_of(records)} == {0, 1}  # both lanes forked workers
+        assert fork_servers_of(daemon.pid) == servers  # from that one server
+    assert not is_running(servers[0])  # and it stopped with the daemon
