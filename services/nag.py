@@ -30,8 +30,9 @@ keys get no rotary embedding. On LTX-2.0 nothing of this depends on the timestep
 LoRAs and offload hooks apply) over the negative tokens once, and each block's processor gets its
 K/V and attention bias as tensors. That removes per step and block the negative half's K and V
 projections, its k-norm and its caption projection; the second attention over the 1024 negative
-tokens remains. The price is memory held for the job: at full size (48 blocks, 1024 tokens,
-4096 video + 2048 audio channels, K and V, bf16) about 1.1 GiB, freed when the job's NAG ends.
+tokens remains (unmasked where the mask keeps every token, as the connectors' does). The price is
+memory held for the job: at full size (48 blocks, 1024 tokens, 4096 video + 2048 audio channels,
+K and V, bf16) about 1.1 GiB, freed when the job's NAG ends.
 
 Where the config makes that input step-dependent, the K/V are computed per step as before:
 LTX-2.3-style configs (`cross_attn_mod` with `use_prompt_adaln_single`) modulate the text context
@@ -45,9 +46,9 @@ are step-invariant and cached, with the block's table applied as the block appli
 Compiled blocks (`--compile`, regional, fullgraph): the K/V are computed outside the compiled region
 and read as attributes of each module's processor, which dynamo lifts as graph inputs, so one graph
 serves every block and every job's negative prompt (tests/test_nag.py counts the graphs).
-Measured before the cache, on an H200 with FP8 matmuls and compile (docs/benchmarks.md, version 8),
-NAG cost +3.4 % per step at 1920x1088x161 and +11.9 % at 768x512x121, where the fixed 1024 tokens
-weigh more against the video's.
+Measured before the cache (not yet with it), on an H200 with FP8 matmuls and compile
+(docs/benchmarks.md, version 8), NAG cost +3.4 % per step at 1920x1088x161 and +11.9 % at
+768x512x121, where the fixed 1024 tokens weigh more against the video's.
 """
 
 from __future__ import annotations
@@ -231,7 +232,13 @@ def negative_key_values(
     (diffusers 0.42.1) apply to the context before a text cross-attention, in the same dtype, so
     the result equals what the processor would compute at every step. Valid only where
     `is_text_context_step_invariant` holds.
+
+    A mask that keeps every token gives no bias rather than one of zeros: the sum is the same, and
+    without a mask SDPA may take its flash kernel. LTX2TextConnectors (diffusers 0.42.1) returns such
+    a mask: learnable registers replace the padding where the model has them (LTX-2.0), and its
+    binarisation (`additive mask < 1e-6`) marks padding valid too where it has none.
     """
+    keeps_every_token = bool(mask.all())  # read here, once, outside any compiled region
     if transformer.config.use_prompt_embeddings:  # LTX-2.0's caption projection (forward, step 4)
         video_context = transformer.caption_projection(video_context)
         audio_context = transformer.audio_caption_projection(audio_context)
@@ -245,9 +252,10 @@ def negative_key_values(
                 shift, scale = table.to(device=context.device, dtype=context.dtype).unbind(dim=2)
                 context = context * (1 + scale) + shift
             attn = getattr(block, name)
-            bias = (1 - mask.to(context.dtype)) * MASKED_BIAS
-            key, value = project_key_value(attn, context)
-            result.append(NegativeKeyValue(key, value, attention_bias(attn, bias.unsqueeze(1), context.shape[0])))
+            bias = None
+            if not keeps_every_token:
+                bias = attention_bias(attn, ((1 - mask.to(context.dtype)) * MASKED_BIAS).unsqueeze(1), len(context))
+            result.append(NegativeKeyValue(*project_key_value(attn, context), bias))
     return result
 
 

@@ -26,6 +26,7 @@ from services.nag import (
     is_text_context_step_invariant,
     nag_blend,
     nag_guidance,
+    negative_key_values,
     text_cross_attention,
 )
 
@@ -247,6 +248,26 @@ def test_negative_kv_are_projected_once_per_job_and_equal_the_per_step_computati
     assert (per_step_setup, per_step_loop) == ([0] * layers, [6] * layers)
     for key in ("video", "audio"):
         assert float((cached[key] - per_step[key]).abs().max()) <= 1e-6
+
+
+def test_a_negative_mask_keeping_every_token_gives_no_bias_and_the_same_latents(tiny_pipeline: tuple):
+    """The connectors' mask keeps every token (services/nag.py says why), so the cached attention runs
+    unmasked; the per-step path still adds a bias of zeros, and both give the same latents."""
+    pipe, embeddings = tiny_pipeline
+    with torch.no_grad():
+        video, audio, mask = pipe.connectors(
+            embeddings["negative_prompt_embeds"], embeddings["negative_prompt_attention_mask"], padding_side="left"
+        )
+        assert bool(mask.all())
+        assert all(kv.bias is None for kv in negative_key_values(pipe.transformer, video, audio, mask))
+        padded = mask.clone()
+        padded[:, :100] = 0
+        biases = [kv.bias for kv in negative_key_values(pipe.transformer, video, audio, padded)]
+    assert all(bias is not None and bool((bias[..., :100] == -10000.0).all()) for bias in biases)
+    unmasked, _setup, _loop = key_projections(pipe, embeddings)
+    zero_bias, _setup, _loop = key_projections(pipe, embeddings, reuse_negative_kv=False)
+    for key in ("video", "audio"):
+        assert float((unmasked[key] - zero_bias[key]).abs().max()) <= 1e-6
 
 
 @pytest.mark.parametrize("changes,invariant", [({}, True), (STEP_DEPENDENT, False), (STATIC_TABLE, True)])
