@@ -15,23 +15,40 @@ How it reaches LTX-2 through diffusers 0.42.1 without touching its files:
 
 - The negative prompt's embeddings go through the text connectors once per job (the pipeline
   runs them inside `__call__` for the prompt only), here in `nag_guidance`.
-- A forward pre-hook on the transformer appends the negative tokens to the prompt's tokens along
-  the *sequence* axis (video and audio contexts and their masks) for each guided step. Everything
-  the transformer does to text before the cross-attention is per token (caption projection, the
-  per-block prompt modulation, which on LTX-2.3 depends on the timestep), so the negative half
-  arrives in each block exactly as a negative prompt would, still in one transformer call per step.
 - `NagAttnProcessor`, set with `set_processor` on every block's `attn2` (video-text) and
-  `audio_attn2` (audio-text) cross-attention, splits the context again, attends once per half
-  with the same queries, and blends as above. The processors of other attention layers are untouched.
+  `audio_attn2` (audio-text) cross-attention, attends once to the prompt and once to the negative
+  prompt with the same queries, and blends as above, still in one transformer call per step. The
+  processors of other attention layers are untouched.
 
-The negative K/V are recomputed at every guided step, not cached per job: diffusers hands the
-processor the context, not K/V, and on LTX-2.3 the per-block prompt modulation that precedes the
-K/V projections changes with the timestep, so a cache would be wrong there; keeping a cache inside
-regionally compiled blocks would also mutate module state inside the graph. The extra work per
-layer is the negative half's two linear projections over its 1024 text tokens and a second
-attention over them; measured on an H200 with FP8 matmuls and compile (docs/benchmarks.md,
-version 8) it costs +3.4 % per step at 1920x1088x161 and +11.9 % at 768x512x121, where the
-fixed 1024 tokens weigh more against the video's.
+The negative prompt's keys and values are computed once per job, before the denoising loop, where
+they are the same at every step. What a block's text cross-attention projects into K/V (diffusers
+0.42.1, transformer_ltx2.py) is the connectors' output, passed through the transformer's
+`caption_projection` (a per-token MLP, LTX-2.0) and then, only in configs with `cross_attn_mod`,
+shifted and scaled per block; `to_k`, `norm_k` (RMS norm across heads) and `to_v` follow, and text
+keys get no rotary embedding. On LTX-2.0 nothing of this depends on the timestep, so
+`negative_key_values` runs those same modules (the blocks' own linear layers: FP8 matmuls, fused
+LoRAs and offload hooks apply) over the negative tokens once, and each block's processor gets its
+K/V and attention bias as tensors. That removes per step and block the negative half's K and V
+projections, its k-norm and its caption projection; the second attention over the 1024 negative
+tokens remains (unmasked where the mask keeps every token, as the connectors' does). The price is
+memory held for the job: at full size (48 blocks, 1024 tokens, 4096 video + 2048 audio channels,
+K and V, bf16) about 1.1 GiB, freed when the job's NAG ends.
+
+Where the config makes that input step-dependent, the K/V are computed per step as before:
+LTX-2.3-style configs (`cross_attn_mod` with `use_prompt_adaln_single`) modulate the text context
+of each block by a timestep embedding (`prompt_adaln` of sigma). There a forward pre-hook on the
+transformer appends the negative tokens to the prompt's along the sequence axis (contexts and
+masks) for each guided step, so they get that step's modulation, and the processor splits the
+context again. `is_text_context_step_invariant` decides from the loaded model's modules, not its
+name. Configs with `cross_attn_mod` but without `use_prompt_adaln_single` (LTX-2.5's static table)
+are step-invariant and cached, with the block's table applied as the block applies it.
+
+Compiled blocks (`--compile`, regional, fullgraph): the K/V are computed outside the compiled region
+and read as attributes of each module's processor, which dynamo lifts as graph inputs, so one graph
+serves every block and every job's negative prompt (tests/test_nag.py counts the graphs).
+Measured before the cache (not yet with it), on an H200 with FP8 matmuls and compile
+(docs/benchmarks.md, version 8), NAG cost +3.4 % per step at 1920x1088x161 and +11.9 % at
+768x512x121, where the fixed 1024 tokens weigh more against the video's.
 """
 
 from __future__ import annotations
@@ -46,6 +63,10 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 # LTX2VideoTransformerBlock's text cross-attention modules: video queries, audio queries.
 TEXT_CROSS_ATTENTION = ("attn2", "audio_attn2")
+# The block's per-layer K/V modulation table for each (diffusers' names, configs with cross_attn_mod).
+PROMPT_TABLES = {"attn2": "prompt_scale_shift_table", "audio_attn2": "audio_prompt_scale_shift_table"}
+# LTX2VideoTransformer3DModel.forward turns a 0/1 context mask into this additive bias.
+MASKED_BIAS = -10000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,18 +98,40 @@ def nag_blend(positive: torch.Tensor, negative: torch.Tensor, settings: NagSetti
     return settings.alpha * normalized + (1.0 - settings.alpha) * positive
 
 
-class NagAttnProcessor:
-    """An LTX2Attention processor for text cross-attention whose context is [prompt tokens, negative tokens].
+@dataclasses.dataclass(frozen=True)
+class NegativeKeyValue:
+    """The negative prompt as one text cross-attention module attends to it, computed once per job."""
 
-    It mirrors diffusers' `LTX2AudioVideoAttnProcessor` (projections, RMS norms of q and k, the
-    attention dispatch and its backend, LTX-2.3's per-head gates, the output projection) and
-    inserts `nag_blend` on the attention output before the gates and the output projection, where
-    the reference code applies it. Text cross-attention has no rotary embedding, so none is taken.
+    key: torch.Tensor  #: [B, tokens, heads, head_dim], after to_k and norm_k
+    value: torch.Tensor  #: [B, tokens, heads, head_dim], after to_v
+    bias: torch.Tensor | None  #: additive attention bias [B, heads, 1, tokens], or None without a mask
+
+
+class NagAttnProcessor:
+    """An LTX2Attention processor for text cross-attention that blends the prompt's and the negative
+    prompt's attention outputs.
+
+    The negative side comes either as `negative_kv` (projected once per job) or, with
+    `negative_tokens`, as the last tokens of the context (projected at every step, where the context
+    changes between steps). It mirrors diffusers' `LTX2AudioVideoAttnProcessor` (projections, RMS
+    norms of q and k, the attention dispatch and its backend, LTX-2.3's per-head gates, the output
+    projection) and inserts `nag_blend` on the attention output before the gates and the output
+    projection, where the reference code applies it. Text cross-attention has no rotary embedding,
+    so none is taken.
     """
 
-    def __init__(self, settings: NagSettings, negative_tokens: int, base: Any = None) -> None:
+    def __init__(
+        self,
+        settings: NagSettings,
+        negative_tokens: int = 0,
+        base: Any = None,
+        negative_kv: NegativeKeyValue | None = None,
+    ) -> None:
+        if (negative_kv is None) == (negative_tokens <= 0):
+            raise ValueError("NagAttnProcessor takes either negative_kv or a count of negative_tokens, not both")
         self.settings = settings
         self.negative_tokens = negative_tokens
+        self.negative_kv = negative_kv
         # The same attention backend as the processor it replaces (diffusers sets it per processor).
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
@@ -104,14 +147,23 @@ class NagAttnProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is None or query_rotary_emb is not None or key_rotary_emb is not None:
             raise ValueError("NagAttnProcessor belongs on text cross-attention (a context, no rotary embedding)")
-        split = encoder_hidden_states.shape[1] - self.negative_tokens
         gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
-        positive_mask = negative_mask = None
-        if attention_mask is not None:
-            positive_mask, negative_mask = attention_mask[..., :split], attention_mask[..., split:]
-        positive = self.attend(attn, query, encoder_hidden_states[:, :split], positive_mask)
-        negative = self.attend(attn, query, encoder_hidden_states[:, split:], negative_mask)
+        batch_size = encoder_hidden_states.shape[0]
+        if self.negative_kv is None:  # the context is [prompt tokens, negative tokens]: split it
+            split = encoder_hidden_states.shape[1] - self.negative_tokens
+            negative_bias = None
+            if attention_mask is not None:
+                attention_mask, negative_bias = attention_mask[..., :split], attention_mask[..., split:]
+            negative_key, negative_value = project_key_value(attn, encoder_hidden_states[:, split:])
+            negative_bias = attention_bias(attn, negative_bias, batch_size)
+            encoder_hidden_states = encoder_hidden_states[:, :split]
+        else:
+            negative_key, negative_value = self.negative_kv.key, self.negative_kv.value
+            negative_bias = self.negative_kv.bias
+        key, value = project_key_value(attn, encoder_hidden_states)
+        positive = self.attend(query, key, value, attention_bias(attn, attention_mask, batch_size))
+        negative = self.attend(query, negative_key, negative_value, negative_bias)
         hidden_states = nag_blend(positive, negative, self.settings)
         if gate_logits is not None:
             gates = 2.0 * torch.sigmoid(gate_logits)  # as diffusers: zero logits give gates of 1
@@ -119,14 +171,10 @@ class NagAttnProcessor:
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
 
-    def attend(self, attn: Any, query: torch.Tensor, context: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Attention of `query` ([B, T, heads, dim]) over one context, heads flattened: [B, T, channels]."""
-        batch_size = context.shape[0]
-        key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(context).unflatten(2, (attn.heads, -1))
-        if bias is not None:
-            bias = attn.prepare_attention_mask(bias, context.shape[1], batch_size)
-            bias = bias.view(batch_size, attn.heads, -1, bias.shape[-1])
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention of `query` ([B, T, heads, dim]) over one context's K/V, heads flattened: [B, T, channels]."""
         output = dispatch_attention_fn(
             query,
             key,
@@ -140,9 +188,102 @@ class NagAttnProcessor:
         return output.flatten(2, 3).to(query.dtype)
 
 
+def project_key_value(attn: Any, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) of a context as `LTX2AudioVideoAttnProcessor` makes them: to_k, norm_k, to_v, heads split."""
+    key = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+    value = attn.to_v(context).unflatten(2, (attn.heads, -1))
+    return key, value
+
+
+def attention_bias(attn: Any, bias: torch.Tensor | None, batch_size: int) -> torch.Tensor | None:
+    """The transformer's additive context bias ([B, 1, tokens]) per head, [B, heads, 1, tokens], as diffusers
+    prepares it."""
+    if bias is None:
+        return None
+    bias = attn.prepare_attention_mask(bias, bias.shape[-1], batch_size)
+    return bias.view(batch_size, attn.heads, -1, bias.shape[-1])
+
+
 def text_cross_attention(transformer: Any) -> list[Any]:
     """Every block's video-text and audio-text cross-attention module."""
     return [getattr(block, name) for block in transformer.transformer_blocks for name in TEXT_CROSS_ATTENTION]
+
+
+def is_text_context_step_invariant(transformer: Any) -> bool:
+    """Whether the text context each block's cross-attention projects into K/V is the same at every step.
+
+    It is not where blocks modulate it (`cross_attn_adaln`, from the config's `cross_attn_mod`) by the
+    transformer's timestep embedding of the prompt (`prompt_adaln`, present with
+    `use_prompt_adaln_single`): LTX-2.3. Read from the modules diffusers built, so a renamed or
+    converted checkpoint is judged by what it computes.
+    """
+    modulated = any(getattr(block, "cross_attn_adaln", False) for block in transformer.transformer_blocks)
+    timestep_dependent = getattr(transformer, "prompt_adaln", None) is not None
+    timestep_dependent |= getattr(transformer, "audio_prompt_adaln", None) is not None
+    return not (modulated and timestep_dependent)
+
+
+def negative_key_values(
+    transformer: Any, video_context: torch.Tensor, audio_context: torch.Tensor, mask: torch.Tensor
+) -> list[NegativeKeyValue]:
+    """K/V and bias of the negative prompt for each module of `text_cross_attention`, in its order.
+
+    The same operations as LTX2VideoTransformer3DModel.forward and LTX2VideoTransformerBlock.forward
+    (diffusers 0.42.1) apply to the context before a text cross-attention, in the same dtype, so
+    the result equals what the processor would compute at every step. Valid only where
+    `is_text_context_step_invariant` holds.
+
+    A mask that keeps every token gives no bias rather than one of zeros: the sum is the same, and
+    without a mask SDPA may take its flash kernel. LTX2TextConnectors (diffusers 0.42.1) returns such
+    a mask: learnable registers replace the padding where the model has them (LTX-2.0), and its
+    binarisation (`additive mask < 1e-6`) marks padding valid too where it has none.
+    """
+    keeps_every_token = bool(mask.all())  # read here, once, outside any compiled region
+    if transformer.config.use_prompt_embeddings:  # LTX-2.0's caption projection (forward, step 4)
+        video_context = transformer.caption_projection(video_context)
+        audio_context = transformer.audio_caption_projection(audio_context)
+    contexts = {"attn2": video_context, "audio_attn2": audio_context}
+    result = []
+    for block in transformer.transformer_blocks:
+        for name in TEXT_CROSS_ATTENTION:
+            context = contexts[name]
+            if block.cross_attn_adaln:  # a static per-layer table here (block forward, step 2)
+                table = getattr(block, PROMPT_TABLES[name])[None, None]
+                shift, scale = table.to(device=context.device, dtype=context.dtype).unbind(dim=2)
+                context = context * (1 + scale) + shift
+            attn = getattr(block, name)
+            bias = None
+            if not keeps_every_token:
+                bias = attention_bias(attn, ((1 - mask.to(context.dtype)) * MASKED_BIAS).unsqueeze(1), len(context))
+            result.append(NegativeKeyValue(*project_key_value(attn, context), bias))
+    return result
+
+
+def set_processors(modules: list[Any], processors: list[Any]) -> None:
+    """Give each module its processor (a function, so no loop variable outlives the call holding one)."""
+    for module, processor in zip(modules, processors, strict=True):
+        module.set_processor(processor)
+
+
+def nag_processors(
+    transformer: Any,
+    settings: NagSettings,
+    originals: list[Any],
+    contexts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    per_step: bool,
+) -> list[NagAttnProcessor]:
+    """One processor per module of `text_cross_attention`, holding that module's negative K/V unless
+    `per_step`; the returned list and the modules are then their only holders.
+
+    One per module rather than one for all: dynamo lifts a processor's tensors as graph inputs, so the
+    compiled block still meets one graph for all blocks and all jobs (tests/test_nag.py counts them).
+    """
+    video_context, audio_context, mask = contexts
+    if per_step:
+        return [NagAttnProcessor(settings, video_context.shape[1], original) for original in originals]
+    with torch.no_grad():
+        cached = negative_key_values(transformer, video_context, audio_context, mask)
+    return [NagAttnProcessor(settings, base=base, negative_kv=kv) for base, kv in zip(originals, cached, strict=True)]
 
 
 @contextlib.contextmanager
@@ -153,13 +294,17 @@ def nag_guidance(
     settings: NagSettings,
     steps: int,
     padding_side: str = "left",
+    reuse_negative_kv: bool = True,
 ) -> Iterator[None]:
     """Guide the first `steps` transformer calls (one per denoising step at CFG = 1) with NAG.
 
     `negative` holds `negative_prompt_embeds` and `negative_prompt_attention_mask` from the text
     encoder; `padding_side` must be the one the pipeline passes its connectors (left for Gemma).
-    Afterwards, and from step `steps` on, the transformer's own processors and inputs are back, so
-    the rest of the run (and the next job of a group, which reuses the transformer) is unguided.
+    The negative K/V are computed here once, unless the model's text context changes per step or
+    `reuse_negative_kv` is False (the per-step computation, kept to compare the two). Afterwards,
+    and from step `steps` on, the transformer's own processors and inputs are back and the
+    negative K/V are released, so the rest of the run (and the next job of a group, which reuses
+    the transformer) is unguided.
     """
     with torch.no_grad():
         video_context, audio_context, context_mask = connectors(
@@ -167,18 +312,25 @@ def nag_guidance(
         )
     modules = text_cross_attention(transformer)
     originals = [module.processor for module in modules]
+    per_step = not (reuse_negative_kv and is_text_context_step_invariant(transformer))
+    processors: list[NagAttnProcessor] = []
+    if steps > 0:
+        contexts = (video_context, audio_context, context_mask)
+        processors = nag_processors(transformer, settings, originals, contexts, per_step)
     calls = 0
 
     def restore() -> None:
-        for module, original in zip(modules, originals, strict=True):
-            module.set_processor(original)
+        set_processors(modules, originals)
+        processors.clear()  # the only other holder of the negative K/V: they are freed here
 
-    def append_negative(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def count_and_append(_module: Any, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         nonlocal calls
         calls += 1
         if calls > steps:
             if calls == steps + 1:
                 restore()
+            return args, kwargs
+        if not per_step:
             return args, kwargs
         kwargs = dict(kwargs)
         for key, extra in (
@@ -190,12 +342,9 @@ def nag_guidance(
             kwargs[key] = torch.cat([kwargs[key], extra.to(kwargs[key].dtype)], dim=1)
         return args, kwargs
 
-    if steps > 0:
-        # One instance for all layers: the compiled block then meets the same processor in every block.
-        processor = NagAttnProcessor(settings, video_context.shape[1], originals[0])
-        for module in modules:
-            module.set_processor(processor)
-    hook = transformer.register_forward_pre_hook(append_negative, with_kwargs=True)
+    if processors:
+        set_processors(modules, processors)
+    hook = transformer.register_forward_pre_hook(count_and_append, with_kwargs=True)
     try:
         yield
     finally:

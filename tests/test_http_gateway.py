@@ -206,6 +206,47 @@ def test_malformed_fields_are_400_naming_the_field_and_queue_nothing(gateway, fi
     assert len(gateway.daemon_jobs()) == before and gateway.daemon_pid() == pid
 
 
+NAG_FIELDS = {"negative_prompt": "blurry, dark", "nag_scale": 5, "nag_tau": 3, "nag_alpha": 0.5, "nag_steps": 2}
+
+
+def test_nag_fields_reach_the_job_spec_and_the_video_renders(gateway):
+    client = gateway.client("bob")
+    extra = {key: value for key, value in NAG_FIELDS.items() if key != "negative_prompt"}
+    video = client.videos.create(  # multipart: the numbers travel as text
+        prompt="a kite over a beach",
+        model=TINY,
+        size="64x64",
+        seconds="0.3",
+        extra_body={"negative_prompt": NAG_FIELDS["negative_prompt"], **extra},
+    )
+    job_dir = Path(gateway.daemon_job(video.id)["job_dir"])
+    spec = json.loads((job_dir / "job.json").read_text())["spec"]
+    expected = {**NAG_FIELDS, "nag_scale": 5.0, "nag_tau": 3.0}
+    assert {key: spec[key] for key in expected} == expected
+    assert wait_until(client, video.id, {"completed", "failed"}).status == "completed", gateway.daemon_job(video.id)
+    client.videos.delete(video.id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"nag_scale": 0}, "nag_scale", "--nag-scale: must be between 1.0 and 30.0; got 0.0"),
+        ({"nag_scale": "strong"}, "nag_scale", "nag_scale must be a number; got 'strong'"),
+        ({"nag_scale": 5, "nag_tau": 0}, "nag_tau", "--nag-tau: must be a finite number above 0; got 0.0"),
+        ({"nag_scale": 5, "nag_alpha": 1.5}, "nag_alpha", "--nag-alpha: must be between 0.0 and 1.0; got 1.5"),
+        ({"nag_scale": 5, "nag_steps": -1}, "nag_steps", "--nag-steps: must be 0 or more"),
+        ({"nag_scale": 5, "nag_steps": 1.5}, "nag_steps", "nag_steps must be a whole number; got 1.5"),
+    ],
+)
+def test_invalid_nag_fields_are_400_naming_the_field_with_the_flags_rule(gateway, fields, param, message):
+    before = len(gateway.daemon_jobs())
+    request = {"prompt": "a kite", "model": TINY, "size": "64x64", "negative_prompt": "blurry", **fields}
+    status, _, body = gateway.post_json("alice", request)
+    assert status == 400 and body["error"]["param"] == param, body
+    assert message in body["error"]["message"]
+    assert len(gateway.daemon_jobs()) == before
+
+
 def test_oversized_upload_is_413_and_queues_nothing(gateway):
     before = len(gateway.daemon_jobs())
     big = png_bytes(512, 512, size_hint=1)

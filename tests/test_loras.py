@@ -59,8 +59,13 @@ def camera_cache(hf_home: Path, lora_files: dict[str, Path]) -> Path:
     return snapshot / CAMERA_FILE
 
 
-def encode(tiny_model_dir: Path, tmp_path: Path, name: str, **request: object) -> dict[str, torch.Tensor]:
-    """Run the encode_diffuse stage function in this process on a fresh job; return its latents."""
+def encode(
+    tiny_model_dir: Path, tmp_path: Path, name: str, shared: dict | None = None, **request: object
+) -> dict[str, torch.Tensor]:
+    """Run the encode_diffuse stage function in this process on a fresh job; return its latents.
+
+    `shared` is the group worker's dict of loaded models: pass one dict to several calls to run
+    them as the jobs of one stage-major group (one transformer, loaded once)."""
     settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path)})
     fields = {
         "prompt": "a dolly in",
@@ -75,8 +80,9 @@ def encode(tiny_model_dir: Path, tmp_path: Path, name: str, **request: object) -
     built = build_spec(fields, settings)
     job = JobDir.create(tmp_path / name, built.spec, built.model, loras=built.loras, image=built.image)
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
+    reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
     ctx = WorkerContext(
-        Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
+        Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, reporter, {} if shared is None else shared
     )
     encode_diffuse.run(ctx)
     return read_latents(job.path / LATENTS_FILE)[0]

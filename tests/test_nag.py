@@ -4,13 +4,15 @@ the guided denoise loop on the tiny model in-process, and `ltx2 generate --nag-*
 from __future__ import annotations
 
 import copy
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_ltx2
-from diffusers import LTX2Pipeline
+from diffusers import LTX2Pipeline, LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
 from safetensors.torch import save_file
 from test_loras import encode, lora_tensors
@@ -18,10 +20,23 @@ from test_loras import encode, lora_tensors
 from protocol.files import LATENTS_FILE
 from services import guidance
 from services.latents import read_latents
-from services.nag import NagAttnProcessor, NagSettings, nag_blend, nag_guidance, text_cross_attention
+from services.nag import (
+    NagAttnProcessor,
+    NagSettings,
+    is_text_context_step_invariant,
+    nag_blend,
+    nag_guidance,
+    negative_key_values,
+    text_cross_attention,
+)
 
 FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite over a beach", "--seed", "3"]
 FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet", "--negative-prompt", "blurry, dark"]
+SETTINGS = NagSettings(scale=5.0, tau=2.5, alpha=0.25)
+# Transformer configs beside LTX-2.0's (the tiny model's): LTX-2.3's text context modulated per block by
+# a timestep embedding, and the same modulation from a static per-layer table (LTX-2.5, "KV-cacheable").
+STEP_DEPENDENT = {"cross_attn_mod": True, "audio_cross_attn_mod": True}
+STATIC_TABLE = {**STEP_DEPENDENT, "use_prompt_adaln_single": False}
 
 
 def formula(positive: torch.Tensor, negative: torch.Tensor, phi: float, tau: float, alpha: float) -> torch.Tensor:
@@ -130,9 +145,36 @@ def tiny_pipeline(tiny_model_dir: Path) -> tuple[LTX2Pipeline, dict[str, torch.T
     return pipe, embeddings
 
 
-def denoise(pipe: LTX2Pipeline, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+def negative_embeddings(pipe: LTX2Pipeline, negative_prompt: str) -> dict[str, torch.Tensor]:
+    """Another negative prompt's embeddings, from the fixture's text encoder."""
     with torch.no_grad():
-        video, _audio = pipe(
+        _embeds, _mask, negative_embeds, negative_mask = pipe.encode_prompt(
+            prompt="a kite over a beach",
+            negative_prompt=negative_prompt,
+            do_classifier_free_guidance=True,
+            max_sequence_length=guidance.MAX_SEQUENCE_LENGTH,
+        )
+    return {"negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask}
+
+
+def with_transformer(pipe: LTX2Pipeline, transformer: LTX2VideoTransformer3DModel) -> LTX2Pipeline:
+    """The same pipeline around another transformer."""
+    other = LTX2Pipeline(**{**pipe.components, "transformer": transformer})
+    other.set_progress_bar_config(disable=True)
+    return other
+
+
+def variant(pipe: LTX2Pipeline, **changes: object) -> LTX2Pipeline:
+    """The pipeline around a random transformer of the tiny config with `changes`, built by diffusers' own class."""
+    torch.manual_seed(0)
+    config = {**pipe.transformer.config, **changes}
+    return with_transformer(pipe, LTX2VideoTransformer3DModel.from_config(config).eval())
+
+
+def denoise_both(pipe: LTX2Pipeline, embeddings: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The video and audio latents of 3 steps at CFG 1."""
+    with torch.no_grad():
+        video, audio = pipe(
             prompt_embeds=embeddings["prompt_embeds"],
             prompt_attention_mask=embeddings["prompt_attention_mask"],
             **guidance.guidance_off(),
@@ -144,7 +186,11 @@ def denoise(pipe: LTX2Pipeline, embeddings: dict[str, torch.Tensor]) -> torch.Te
             output_type="latent",
             return_dict=False,
         )
-    return video
+    return {"video": video, "audio": audio}
+
+
+def denoise(pipe: LTX2Pipeline, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+    return denoise_both(pipe, embeddings)["video"]
 
 
 def test_nag_guides_the_first_steps_in_one_transformer_call_each_then_restores(tiny_pipeline: tuple):
@@ -157,20 +203,177 @@ def test_nag_guides_the_first_steps_in_one_transformer_call_each_then_restores(t
         processor = type(transformer.transformer_blocks[0].audio_attn2.processor).__name__
         seen.append((processor, kwargs["encoder_hidden_states"].shape[1]))
 
-    settings = NagSettings(scale=5.0, tau=2.5, alpha=0.25)
-    with nag_guidance(transformer, pipe.connectors, embeddings, settings, steps=2):
+    with nag_guidance(transformer, pipe.connectors, embeddings, SETTINGS, steps=2):
         # Registered after NAG's own pre-hook, so it sees the inputs the blocks get.
         hook = transformer.register_forward_pre_hook(record, with_kwargs=True)
         guided = denoise(pipe, embeddings)
         hook.remove()
+    # The blocks get the prompt's tokens only: the negative prompt comes as K/V computed beforehand.
     tokens = embeddings["prompt_embeds"].shape[1]
-    assert seen == [("NagAttnProcessor", 2 * tokens)] * 2 + [("LTX2AudioVideoAttnProcessor", tokens)]
+    assert seen == [("NagAttnProcessor", tokens)] * 2 + [("LTX2AudioVideoAttnProcessor", tokens)]
     assert not torch.equal(guided, plain)
     assert all(type(module.processor) is LTX2AudioVideoAttnProcessor for module in text_cross_attention(transformer))
     # Restored: the same transformer again gives the unguided result bit for bit.
     assert torch.equal(denoise(pipe, embeddings), plain)
-    with nag_guidance(transformer, pipe.connectors, embeddings, settings, steps=0):
+    with nag_guidance(transformer, pipe.connectors, embeddings, SETTINGS, steps=0):
         assert torch.equal(denoise(pipe, embeddings), plain)
+
+
+def key_projections(pipe: LTX2Pipeline, embeddings: dict, **options: object) -> tuple[dict, list[int], list[int]]:
+    """(latents of 3 steps guided by NAG, to_k calls of each text cross-attention while NAG was set up,
+    then during the denoising loop), counted by forward hooks on the modules' own to_k layers."""
+    modules = text_cross_attention(pipe.transformer)
+    calls = [0] * len(modules)
+    hooks = [
+        module.to_k.register_forward_hook(lambda *_args, index=index: calls.__setitem__(index, calls[index] + 1))
+        for index, module in enumerate(modules)
+    ]
+    try:
+        with nag_guidance(pipe.transformer, pipe.connectors, embeddings, SETTINGS, steps=3, **options):
+            at_setup = list(calls)
+            latents = denoise_both(pipe, embeddings)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return latents, at_setup, [total - before for total, before in zip(calls, at_setup, strict=True)]
+
+
+def test_negative_kv_are_projected_once_per_job_and_equal_the_per_step_computation(tiny_pipeline: tuple):
+    pipe, embeddings = tiny_pipeline
+    cached, at_setup, in_loop = key_projections(pipe, embeddings)
+    per_step, per_step_setup, per_step_loop = key_projections(pipe, embeddings, reuse_negative_kv=False)
+    layers = len(text_cross_attention(pipe.transformer))
+    # Cached: each module projects the negative prompt once before the loop, then only the prompt per step.
+    assert (at_setup, in_loop) == ([1] * layers, [3] * layers)
+    assert (per_step_setup, per_step_loop) == ([0] * layers, [6] * layers)
+    for key in ("video", "audio"):
+        assert float((cached[key] - per_step[key]).abs().max()) <= 1e-6
+
+
+def test_a_negative_mask_keeping_every_token_gives_no_bias_and_the_same_latents(tiny_pipeline: tuple):
+    """The connectors' mask keeps every token (services/nag.py says why), so the cached attention runs
+    unmasked; the per-step path still adds a bias of zeros, and both give the same latents."""
+    pipe, embeddings = tiny_pipeline
+    with torch.no_grad():
+        video, audio, mask = pipe.connectors(
+            embeddings["negative_prompt_embeds"], embeddings["negative_prompt_attention_mask"], padding_side="left"
+        )
+        assert bool(mask.all())
+        assert all(kv.bias is None for kv in negative_key_values(pipe.transformer, video, audio, mask))
+        padded = mask.clone()
+        padded[:, :100] = 0
+        biases = [kv.bias for kv in negative_key_values(pipe.transformer, video, audio, padded)]
+    assert all(bias is not None and bool((bias[..., :100] == -10000.0).all()) for bias in biases)
+    unmasked, _setup, _loop = key_projections(pipe, embeddings)
+    zero_bias, _setup, _loop = key_projections(pipe, embeddings, reuse_negative_kv=False)
+    for key in ("video", "audio"):
+        assert float((unmasked[key] - zero_bias[key]).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("changes,invariant", [({}, True), (STEP_DEPENDENT, False), (STATIC_TABLE, True)])
+def test_the_text_context_at_the_cross_attention_changes_per_step_only_under_timestep_prompt_modulation(
+    tiny_pipeline: tuple, changes: dict, invariant: bool
+):
+    """The premise of the cache, on diffusers' own blocks: what attn2 and audio_attn2 get as context."""
+    pipe, embeddings = tiny_pipeline
+    model = variant(pipe, **changes)
+    contexts: list[torch.Tensor] = []
+    block = model.transformer.transformer_blocks[1]
+    hooks = [
+        getattr(block, name).register_forward_pre_hook(
+            lambda _module, _args, kwargs: contexts.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+        )
+        for name in ("attn2", "audio_attn2")
+    ]
+    denoise(model, embeddings)
+    for hook in hooks:
+        hook.remove()
+    video_steps, audio_steps = contexts[0::2], contexts[1::2]
+    assert len(video_steps) == 3
+    unchanged = all(torch.equal(steps[0], later) for steps in (video_steps, audio_steps) for later in steps[1:])
+    assert unchanged is invariant
+    assert is_text_context_step_invariant(model.transformer) is invariant
+
+
+@pytest.mark.parametrize("changes,cached", [(STEP_DEPENDENT, False), (STATIC_TABLE, True)])
+def test_nag_computes_negative_kv_per_step_only_where_the_text_context_changes_per_step(
+    tiny_pipeline: tuple, changes: dict, cached: bool
+):
+    pipe, embeddings = tiny_pipeline
+    model = variant(pipe, **changes)
+    latents, at_setup, in_loop = key_projections(model, embeddings)
+    reference, _setup, _loop = key_projections(model, embeddings, reuse_negative_kv=False)
+    layers = len(text_cross_attention(model.transformer))
+    assert (at_setup, in_loop) == (([1] * layers, [3] * layers) if cached else ([0] * layers, [6] * layers))
+    for key in ("video", "audio"):
+        assert float((latents[key] - reference[key]).abs().max()) <= 1e-6
+    assert not torch.equal(latents["video"], denoise(model, embeddings))
+
+
+def cached_keys(transformer: LTX2VideoTransformer3DModel) -> list[weakref.ref]:
+    """Weak references to the negative keys the NAG processors hold now."""
+    return [weakref.ref(module.processor.negative_kv.key) for module in text_cross_attention(transformer)]
+
+
+def test_the_negative_kv_are_released_when_nag_ends(tiny_pipeline: tuple):
+    pipe, embeddings = tiny_pipeline
+    with nag_guidance(pipe.transformer, pipe.connectors, embeddings, SETTINGS, steps=3):
+        whole_job = cached_keys(pipe.transformer)
+        denoise(pipe, embeddings)
+        gc.collect()
+        assert all(ref() is not None for ref in whole_job)
+    gc.collect()
+    assert all(ref() is None for ref in whole_job)
+    # With NAG on the first steps only, they go as soon as those steps are over.
+    with nag_guidance(pipe.transformer, pipe.connectors, embeddings, SETTINGS, steps=2):
+        first_steps = cached_keys(pipe.transformer)
+        denoise(pipe, embeddings)
+        gc.collect()
+        assert all(ref() is None for ref in first_steps)
+
+
+def test_compiled_blocks_keep_one_graph_for_jobs_with_other_negative_prompts(tiny_pipeline: tuple):
+    """Three jobs on one regionally compiled transformer (`compile_blocks`' fullgraph=True), each with its own
+    negative prompt, as a stage-major group runs them. The graphs are counted by dynamo; dynamo decides
+    what to trace, guard and recompile before any backend sees a graph, so the test uses the "eager"
+    backend and spares two CPU cores inductor's code generation (test_compiled_nag_equals_eager_nag
+    runs inductor end to end)."""
+    from torch._dynamo.utils import counters
+
+    pipe, embeddings = tiny_pipeline
+    compiled = copy.deepcopy(pipe.transformer)
+    compiled.compile_repeated_blocks(fullgraph=True, backend="eager")
+    compiled_pipe = with_transformer(pipe, compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = []
+    for negative_prompt in ("blurry, dark", "grainy, pale", "a crowd of people"):
+        negative = negative_embeddings(pipe, negative_prompt)
+        with nag_guidance(pipe.transformer, pipe.connectors, negative, SETTINGS, steps=3):
+            eager = denoise(pipe, embeddings)
+        with nag_guidance(compiled, pipe.connectors, negative, SETTINGS, steps=3):
+            keys = cached_keys(compiled)
+            result = denoise(compiled_pipe, embeddings)
+        graphs.append(counters["stats"]["unique_graphs"])
+        # This job's own K/V, not those the graph was traced with, and gone once the job is over.
+        assert float((result - eager).abs().max()) <= 1e-6, negative_prompt
+        gc.collect()
+        assert all(ref() is None for ref in keys)
+    # One graph serves both blocks and all three negative prompts.
+    assert graphs == [1, 1, 1]
+
+
+def test_a_group_gives_each_clip_the_kv_of_its_own_negative_prompt(tiny_model_dir: Path, tmp_path: Path):
+    """Two clips denoised in one process on one transformer (a stage-major group), each equal to its clip alone."""
+    shared: dict = {}
+    first = encode(tiny_model_dir, tmp_path, "dark", shared, negative_prompt="blurry, dark", nag_scale=5.0)
+    transformer = shared["denoiser"]["transformer"]
+    second = encode(tiny_model_dir, tmp_path, "pale", shared, negative_prompt="grainy, pale", nag_scale=5.0)
+    assert shared["denoiser"]["transformer"] is transformer
+    alone = encode(tiny_model_dir, tmp_path, "pale-alone", negative_prompt="grainy, pale", nag_scale=5.0)
+    for key in ("video", "audio"):
+        assert torch.equal(second[key], alone[key])
+    assert not torch.equal(first["video"], second["video"])
 
 
 def latest(state: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:

@@ -35,7 +35,19 @@ REPO_ID_PATTERN = re.compile(f"{REPO_PART}/{REPO_PART}")
 WEIGHT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
 # Form fields the gateway reads; anything else is refused so a typo is never silently ignored.
 TEXT_FIELDS = ("prompt", "negative_prompt", "model", "size", "seconds", "camera")
-NUMBER_FIELDS = {"num_frames": int, "fps": float, "seed": int, "steps": int, "guidance_scale": float}
+# Numbers as the CLI flags of the same names take them; their ranges are the daemon's JobSpec checks,
+# so a refusal here carries the message `ltx2 generate` gives for the flag.
+NUMBER_FIELDS = {
+    "num_frames": int,
+    "fps": float,
+    "seed": int,
+    "steps": int,
+    "guidance_scale": float,
+    "nag_scale": float,
+    "nag_tau": float,
+    "nag_alpha": float,
+    "nag_steps": int,
+}
 KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "input_reference"})
 MAX_SECONDS = 3600.0
 MAX_LORAS = 8
