@@ -101,23 +101,40 @@ def run_stage(
     forker = node_forker_of(forkers, ray.get_runtime_context().get_node_id()) if forkers else None
     if forker is not None:
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")  # Ray's choice for this task, if it made one
-        pid = ray.get(forker.spawn.remote(module, args, log_path, devices, os.getpid()))
+        try:
+            pid = ray.get(forker.spawn.remote(module, args, log_path, devices, os.getpid()))
+        except ray.exceptions.RayActorError:  # the node's fork server is gone: a new process, below
+            pid = 0
         if pid:
             yield where | {"remote_pid": pid, "forked": True}
-            yield {"returncode": ray.get(forker.wait.remote(pid))}
+            try:
+                code = ray.get(forker.wait.remote(pid))
+            except ray.exceptions.RayActorError:  # the stage died with the server (PR_SET_PDEATHSIG)
+                code = LOST_EXIT
+            yield {"returncode": code}
             return
     environment = {**worker_environment(), **forwarded, WORKER_CURVE_ENV: curve}
     command = [sys.executable, "-m", "services.parent_bound", str(os.getpid()), module, *args]
     with open(log_path, "ab") as log_file:
         if forkers:
-            reason = "none on this node" if forker is None else ray.get(forker.warm.remote())
-            log_file.write(f"ltx2 farm: no fork server ({reason}); the stage starts as a new process\n".encode())
+            note = f"ltx2 farm: no fork server ({why_no_forker(forker)}); the stage starts as a new process\n"
+            log_file.write(note.encode())
             log_file.flush()
         child = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment
         )
     yield where | {"remote_pid": child.pid, "forked": False}
     yield {"returncode": child.wait()}
+
+
+def why_no_forker(forker: ActorHandle | None) -> str:
+    """Why a stage task on this node could not have its stage forked, for the stage's log."""
+    if forker is None:
+        return "none on this node: it joined the cluster after the farm started"
+    try:
+        return ray_module().get(forker.warm.remote()) or "it refused the stage"
+    except ray_module().exceptions.RayActorError:
+        return "this node's fork-server actor died"
 
 
 def node_forker_of(prefix: str, node_id: str) -> ActorHandle | None:

@@ -209,6 +209,22 @@ def test_ray_worker_killed_is_host_oom_and_retried_by_the_policy_exactly_once(fa
     assert tried[0]["plan"] == tried[1]["plan"]
 
 
+def test_a_node_fork_server_killed_mid_stage_is_host_oom_and_the_job_still_finishes(farm_env: dict, tmp_path: Path):
+    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a heron in the reeds")
+        stage_pid, _ = paused_stage(env)
+        server = parent_of(stage_pid)
+        actor = parent_of(server)
+        assert cmdline(actor).startswith("ray::NodeForker"), cmdline(actor)
+        os.kill(actor, signal.SIGKILL)
+        job = daemon.wait_for_state(job_id, {"done", "failed"})
+        assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    assert not is_running(stage_pid) and not is_running(server)  # the stage went with its server
+    tried = attempts(job_record(env, job_id), "encode_diffuse")
+    assert [a["result"] for a in tried] == ["host_oom", "ok"], tried
+
+
 def test_cancel_reaches_the_ray_task_and_its_stage_process(farm_env: dict, tmp_path: Path):
     env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
