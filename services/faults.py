@@ -16,6 +16,9 @@ They make the failure paths of the orchestrator testable with real processes and
   initialised CUDA (as torchao and Transformer Engine do on a GPU host): the server reports it
   (unless `:hidden`, which models an initialisation it cannot see) and every worker it forks fails at
   its first accelerator use with torch's own "Cannot re-initialize CUDA in forked subprocess".
+- `LTX2_FAULT_FRONT_REFUSE=FILE` - while FILE exists, a starting client front
+  (orchestrator.daemon.client_front) refuses to serve, as one whose endpoint another process took
+  meanwhile would;
 - `LTX2_FAULT_HIDE_PATH=DIR` - in a farm node's environment: the state-dir probe
   (orchestrator.ray_farm) does not see files under DIR, as on a node that does not mount the
   shared storage (nodes of a test cluster all run on one host and see the same files).
@@ -102,3 +105,9 @@ def hides_path(path: str, environ: Mapping[str, str]) -> bool:
     """Whether `LTX2_FAULT_HIDE_PATH` hides `path` from this node's state-dir probe."""
     hidden = environ.get("LTX2_FAULT_HIDE_PATH", "")
     return bool(hidden) and Path(path).is_relative_to(hidden)
+
+
+def front_refusal(environ: Mapping[str, str]) -> str:
+    """In a starting client front: why it must refuse to start ("" unless the switch's file exists)."""
+    path = environ.get("LTX2_FAULT_FRONT_REFUSE", "")
+    return f"refused while {path} exists (LTX2_FAULT_FRONT_REFUSE)" if path and Path(path).exists() else ""

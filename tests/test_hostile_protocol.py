@@ -249,3 +249,22 @@ def test_a_listing_too_long_for_one_frame_keeps_the_newest_jobs_and_counts_the_r
 def test_a_reply_over_one_frame_becomes_a_too_large_error():
     reply = codec.decode(encode_reply(jobs.Ok("job-1", {"blob": b"\x00" * (MAX_MESSAGE_BYTES + 1)})))
     assert isinstance(reply, jobs.Error) and reply.code == ErrorCode.TOO_LARGE and reply.id == "job-1"
+
+
+def test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on(daemon_env: dict, tmp_path: Path):
+    blocker = tmp_path / "front-refuses"
+    env = {**daemon_env, "LTX2_FAULT_FRONT_REFUSE": str(blocker)}
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        first = front_of(daemon.pid)
+        blocker.touch()  # from now on a starting front refuses, as if its port were taken
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + FRONT_WAIT_S
+        while daemon.log().count("client front could not start") < 2:  # retried, with backoff
+            assert daemon.process.poll() is None, daemon.log()[-3000:]
+            assert time.monotonic() < deadline, daemon.log()[-3000:]
+            time.sleep(0.2)
+        blocker.unlink()
+        wait_for_front(daemon.pid, other_than=first)
+        listed = run_cli(["jobs"], env)
+        assert listed.returncode == 0, listed.stderr
+        assert daemon.process.poll() is None

@@ -31,6 +31,7 @@ import zmq
 from orchestrator.daemon.transport import DaemonAddress, TransportError, bind_server, receive_request
 from protocol import codec, jobs
 from protocol.codec import ErrorCode
+from services import faults
 
 # The front's data segment (heap and private mappings; RLIMIT_DATA, so shared libraries and
 # reserved-but-unused arena space do not count). An idle front uses 32 MiB of it (41 MiB on tcp, with
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     limit_memory()
     address = DaemonAddress(args.endpoint, args.server_secret_key, args.authorized_keys_dir)
     context = zmq.Context()
+    if refusal := faults.front_refusal(os.environ):
+        return refuse(context, refusal)
     try:
         public, authenticator = bind_server(context, address)
     except TransportError as exc:

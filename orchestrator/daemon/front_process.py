@@ -3,8 +3,10 @@ dies, start another after a backoff, and stop it when the daemon stops.
 
 A front may die when a client floods it past its memory bound (libzmq aborts where it cannot
 allocate), or be killed; clients connected then lose their connection and reconnect to the new
-front. A front that cannot start (a bad CURVE key, an endpoint in use) is a configuration error:
-TransportError with its one line, which `ltx2 daemon` turns into exit status 2.
+front. The first front that cannot start (a bad CURVE key, an endpoint in use) is a configuration
+error: TransportError with its one line, which `ltx2 daemon` turns into exit status 2. A later one
+that cannot (another process took the port meanwhile) is retried with the same backoff: the
+daemon's running jobs go on, and clients are served again once a front starts.
 """
 
 from __future__ import annotations
@@ -92,7 +94,13 @@ class ClientFront:
             self.restart_at = time.monotonic() + self.backoff_s
             self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
         if self.process is None and self.restart_at is not None and time.monotonic() >= self.restart_at:
-            self.start()
+            try:
+                self.start()
+            except TransportError as exc:
+                log.error("client front could not start (%s); trying again in %.1f s", exc, self.backoff_s)
+                self.restart_at = time.monotonic() + self.backoff_s
+                self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
+                return
             log.info("client front %d serves %s", self.pid, self.address.endpoint)
 
     def stop(self) -> None:
