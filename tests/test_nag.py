@@ -20,15 +20,8 @@ from test_loras import encode, lora_tensors
 from protocol.files import LATENTS_FILE
 from services import guidance
 from services.latents import read_latents
-from services.nag import (
-    NagAttnProcessor,
-    NagSettings,
-    is_text_context_step_invariant,
-    nag_blend,
-    nag_guidance,
-    negative_key_values,
-    text_cross_attention,
-)
+from services.nag import NagAttnProcessor, NagSettings, nag_blend, nag_guidance
+from services.nag_key_values import is_text_context_step_invariant, negative_key_values, text_cross_attention
 
 FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite over a beach", "--seed", "3"]
 FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet", "--negative-prompt", "blurry, dark"]
