@@ -310,8 +310,8 @@ def load_job_file(source: Path) -> JobDir:
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, on every lane
-    (orchestrator.lanes: the clips split into one contiguous run per lane), one fork server each
-    locally, or on a Ray farm's lanes (`[cluster] backend = "ray"`)."""
+    (orchestrator.lanes: the clips split into one contiguous run per lane), forked from one fork
+    server shared by the lanes locally, or on a Ray farm's lanes (`[cluster] backend = "ray"`)."""
     check_output_dir(settings.output_dir, "output_dir")
     context = zmq.Context()
     try:

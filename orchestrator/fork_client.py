@@ -111,6 +111,7 @@ class _Server:
         # Workers forked and not reported yet, with their start times (pids get reused).
         self.running: dict[int, int | None] = {}
         self.drained = threading.Event()  # set once everything the server wrote has been read
+        self.ready = False  #: its imports are done (wait_ready returned)
         threading.Thread(target=self._read, name="forkserver-reader", daemon=True).start()
 
     def is_alive(self) -> bool:
@@ -133,6 +134,7 @@ class _Server:
                 "worker forked from it could not use the GPU; every stage worker now starts as a fresh "
                 "process, which imports torch and diffusers itself. `[worker] fork_server = false` skips this check."
             )
+        self.ready = True
 
     def request(self, request: dict[str, Any]) -> int:
         """Have the server fork a worker; returns its pid."""
@@ -223,6 +225,7 @@ class ForkServer:
         self.die_with_server = die_with_server
         # Once a server's imports initialised CUDA, every later one's would too: said once, kept.
         self.unusable: ForkServerUnusable | None = None
+        self.closed = False
 
     def start(self) -> None:
         """Start the server now rather than at the first spawn (raises ForkServerError if it cannot)."""
@@ -259,13 +262,19 @@ class ForkServer:
                 return ForkedProcess(server.request(request), server)
 
     def close(self) -> None:
-        """Stop the server; a server that had died has its unreported workers killed."""
-        if self.server is None:
+        """Stop the server; a server that had died has its unreported workers killed, and one still
+        importing (started by `warm` for a run that ended first, e.g. on an invalid batch file) is
+        killed at once rather than waited for."""
+        self.closed = True
+        server = self.server
+        if server is None:
             return
-        if self.server.is_alive():
-            self.server.stop()
+        if not server.ready and server.is_alive():
+            server.process.kill()  # its wait_ready, in the warming thread, then fails quietly
+        elif server.is_alive():
+            server.stop()
         else:
-            self.server.settle()
+            server.settle()
         self.server = None
 
     def _running_server(self) -> _Server:
@@ -273,6 +282,8 @@ class ForkServer:
         so they free their memory before the next worker starts."""
         if self.unusable is not None:
             raise self.unusable
+        if self.closed:
+            raise ForkServerError("fork server closed")
         if self.server is not None and self.server.is_alive():
             return self.server
         if self.server is not None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from daemon_process import is_running
 
 from config.settings import load_settings
 from orchestrator.batch import read_batch
@@ -25,6 +27,24 @@ def test_invalid_clip_stops_the_batch_before_any_job(ltx2_env: dict, tmp_path: P
     assert result.returncode == 2
     assert "clip 2 (broken): --num-frames: must be 8n+1" in result.stderr
     assert not (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").exists()
+    # The lanes' fork server, warming since the lanes opened, went with the run (not left importing).
+    deadline = time.monotonic() + 2.0
+    while fork_servers_with(f"LTX2_STATE_DIR={ltx2_env['LTX2_STATE_DIR']}"):
+        assert time.monotonic() < deadline, "a fork server outlived the batch that started it"
+        time.sleep(0.05)
+
+
+def fork_servers_with(variable: str) -> list[int]:
+    """Running fork servers whose environment holds `variable` (NAME=value)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"services.forkserver" in (entry / "cmdline").read_bytes():
+                if variable.encode() in (entry / "environ").read_bytes().split(b"\0") and is_running(int(entry.name)):
+                    found.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
 
 
 def test_batch_renders_every_clip_then_a_rerun_skips_them(ltx2_env: dict):

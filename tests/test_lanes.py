@@ -107,8 +107,14 @@ def queued_job(store: JobStore, root: Path, name: str) -> JobDir:
     return job
 
 
+def claims_only_settings(state_dir: Path):
+    """Settings for lanes that only claim jobs: no fork server (one would be started, and outlive
+    the test, for workers that never come)."""
+    return load_settings(environ={"LTX2_STATE_DIR": str(state_dir), "LTX2_CONFIG": "", "LTX2_FORK_SERVER": "false"})
+
+
 def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_CONFIG": ""})
+    settings = claims_only_settings(tmp_path)
     store_path = tmp_path / "jobs.sqlite"
     context = zmq.Context.instance()
     source = LocalLanes(settings, context)
@@ -145,7 +151,7 @@ def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
 
 
 def test_a_lane_claims_its_share_of_the_queue(tmp_path: Path):
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_CONFIG": ""})
+    settings = claims_only_settings(tmp_path)
     store = JobStore(tmp_path / "jobs.sqlite")
     jobs = [queued_job(store, tmp_path / "jobs", f"job{n}") for n in range(5)]
     context = zmq.Context.instance()
