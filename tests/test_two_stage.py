@@ -293,3 +293,24 @@ def test_loras_act_in_both_stages_and_scale_zero_reproduces_the_base_exactly(
     full = encode(tiny_model_dir, tmp_path, "full", loras=[{**lora, "scale": 1.0}], **request)
     assert torch.equal(zero["video"], base["video"]) and torch.equal(zero["audio"], base["audio"])
     assert max_diff(full["video"], base["video"]) > 1e-3
+
+
+def test_two_stage_jobs_of_one_group_share_the_upsampler_and_match_jobs_run_alone(tiny_model_dir: Path, tmp_path: Path):
+    request = {"num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128}
+    shared: dict = {}
+    grouped = [encode(tiny_model_dir, tmp_path, f"g{seed}", shared, seed=seed, **request) for seed in (1, 2)]
+    upsampler = shared["latent_upsampler"]
+    alone = encode(tiny_model_dir, tmp_path, "alone", seed=2, **request)
+    assert shared["latent_upsampler"] is upsampler
+    assert torch.equal(grouped[1]["video"], alone["video"]) and torch.equal(grouped[1]["audio"], alone["audio"])
+    assert max_diff(grouped[0]["video"], grouped[1]["video"]) > 1e-3
+
+
+def test_nag_guides_stage_1_only_and_adds_no_transformer_call(tiny_model_dir: Path, tmp_path: Path):
+    request = {"num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128, "negative_prompt": "blurry"}
+    plain = encode(tiny_model_dir, tmp_path, "plain", **request)
+    guided = encode(tiny_model_dir, tmp_path, "nag", nag_scale=11.0, **request)
+    (job_dir,) = (tmp_path / "nag").iterdir()
+    _, metadata = read_latents(job_dir / LATENTS_FILE)
+    assert json.loads(metadata["stage_calls"]) == [8, 3]
+    assert max_diff(guided["video"], plain["video"]) > 1e-3
