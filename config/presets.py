@@ -13,6 +13,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from protocol.spec import ONE_STAGE, TWO_STAGE
+
 # The schedule name that selects a family's distilled preset; every other schedule runs the dev one.
 DISTILLED_SCHEDULE = "distilled"
 # A model without a preset of its own runs its family's distilled preset: one transformer call per
@@ -35,7 +37,8 @@ class Preset:
 
 @dataclasses.dataclass(frozen=True)
 class GuidancePreset:
-    """One family's guidance for one kind of run; each field is a JobSpec field of the same name."""
+    """One family's guidance for one kind of run; each field but `two_stage_min_width` is a JobSpec
+    field of the same name."""
 
     steps: int
     schedule: str
@@ -44,10 +47,19 @@ class GuidancePreset:
     modality_scale: float
     guidance_rescale: float
     audio_guidance_scale: float | None = None  #: None: audio CFG follows guidance_scale
+    #: clips at least this wide run two-stage unless --pipeline says otherwise; None: always one-stage
+    two_stage_min_width: int | None = None
 
     def spec_fields(self) -> dict[str, Any]:
         """The preset as JobSpec fields."""
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        fields.pop("two_stage_min_width")
+        return fields
+
+    def pipeline_for(self, width: int) -> str:
+        """The pipeline a clip `width` pixels wide runs when the user did not pick one."""
+        wide = self.two_stage_min_width is not None and width >= self.two_stage_min_width
+        return TWO_STAGE if wide else ONE_STAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,3 +102,13 @@ def resolve_preset_fields(
     if own is not None:
         fields.update(steps=own.steps, guidance_scale=own.guidance_scale, schedule=own.schedule)
     return fields
+
+
+def resolve_pipeline(family: FamilyPresets, schedule: str, width: object) -> str:
+    """The default `pipeline` of a run: its family preset's for the schedule and width it will use.
+
+    A width of the wrong type is left for the spec's validation to name; it gets one-stage here.
+    """
+    if not isinstance(width, int) or isinstance(width, bool):
+        return ONE_STAGE
+    return family.for_schedule(schedule).pipeline_for(width)

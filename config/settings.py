@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from config.presets import FamilyPresets, Preset, build_family_presets, resolve_preset_fields
+from config.presets import FamilyPresets, Preset, build_family_presets, resolve_pipeline, resolve_preset_fields
 from protocol.families import FAMILIES
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
@@ -143,6 +143,10 @@ class Settings:
         """Every JobSpec default for `model` of `family` (config/presets.py says which layer wins)."""
         own = self.presets.get(model)
         return resolve_preset_fields(own, self.presets[self.default_model], self.families[family], requested_schedule)
+
+    def preset_pipeline(self, family: str, schedule: str, width: object) -> str:
+        """The pipeline a run of `family` takes when no flag picks one (config/presets.py)."""
+        return resolve_pipeline(self.families[family], schedule, width)
 
 
 def load_settings(

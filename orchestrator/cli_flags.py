@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from protocol.spec import NOT_UTF8, SpecError
+from protocol.spec import NOT_UTF8, PIPELINES, SpecError
 
 # CLI flags that map one-to-one onto JobSpec fields.
 SPEC_FLAGS = (
@@ -44,6 +44,7 @@ SPEC_FLAGS = (
     "nag_tau",
     "nag_alpha",
     "nag_steps",
+    "pipeline",
 )
 
 
@@ -109,6 +110,12 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--nag-steps", type=int, metavar="N", help="apply NAG in the first N steps only (default all)")
     parser.add_argument("--schedule", choices=["distilled", "default"], help="sigma schedule (preset default)")
+    parser.add_argument(
+        "--pipeline",
+        choices=list(PIPELINES),
+        help="two-stage: half size, latent upsampler x2, 3 refining steps at full size (sizes divide by 64;"
+        " distilled schedule); preset default: two-stage for LTX-2.3 distilled at >= 1280 px wide",
+    )
     parser.add_argument("--seed", type=int, help="random when absent; always recorded")
     parser.add_argument("--name", help="output file stem (default: video)")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on GPU, fp32 on CPU")

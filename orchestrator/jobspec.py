@@ -15,9 +15,10 @@ from config.settings import Settings
 from orchestrator.inputs import require_image
 from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from protocol.families import LEGACY_FAMILY
+from protocol.errors import ModelNotFound
+from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import TWO_STAGE, JobSpec, SpecError
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
@@ -75,10 +76,14 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
+    if fields.get("pipeline") is None:
+        fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], fields.get("width"))
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
     spec = JobSpec.from_dict(fields)
+    if spec.pipeline == TWO_STAGE:
+        require_latent_upsampler(model)
     if spec.negative_prompt and not spec.uses_negative_prompt:
         notices.append(
             "warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off) unless --nag-scale > 1"
@@ -90,6 +95,23 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
     return BuiltSpec(spec, model, tuple(notices), loras, image)
+
+
+def require_latent_upsampler(model: ResolvedModel) -> None:
+    """ModelNotFound (exit 4), in one line naming the folder looked for, when a two-stage run's
+    checkpoint has no latent upsampler; checked before any stage runs, not after stage 1."""
+    folder = model.path / LATENT_UPSAMPLER
+    if (folder / "config.json").is_file():
+        return
+    fetch = (
+        f"put the checkpoint's {LATENT_UPSAMPLER} folder there"
+        if model.revision == "local"
+        else f"download it (hf download {model.name} --include '{LATENT_UPSAMPLER}/*')"
+    )
+    raise ModelNotFound(
+        f"--pipeline two-stage needs the latent upsampler, but {folder} does not exist or holds no config.json;"
+        f" {fetch} or use --pipeline one-stage"
+    )
 
 
 def camera_lora(name: object, settings: Settings) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from protocol.errors import ModelNotFound
 from protocol.families import CheckpointFamily, detect_family
-from protocol.model_ids import TINY_REPO_IDS, hub_cache_dir
+from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,13 @@ def is_cached(name: str) -> bool:
 
 
 def ensure_tiny_model(name: str) -> ResolvedModel:
-    """Build tiny model `name` (a value of TINY_REPO_IDS) into the hub cache if missing (a torch
-    process), then resolve it."""
-    if not is_cached(name):
+    """Build tiny model `name` (a value of TINY_REPO_IDS) into the hub cache if missing or of an
+    older TINY_REVISION (a torch process), then resolve it.
+
+    An older build lacks what later code loads (revision 1 had no latent_upsampler), so the current
+    revision is built beside it and `refs/main` moved to it; jobs recorded with the old snapshot keep it.
+    """
+    if not is_cached(name) or resolve_model(name).revision != TINY_REVISION:
         family = next(family for family, repo_id in TINY_REPO_IDS.items() if repo_id == name)
         command = [sys.executable, "-m", "services.tiny_model", "--hf-cache", "--family", family]
         result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -13,6 +13,7 @@ from typing import Any
 
 from orchestrator.jobdir import JobDir
 from protocol.files import Stage
+from protocol.spec import ONE_STAGE
 
 PACKAGES = (
     "ltx2-stages",
@@ -64,6 +65,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "model": {"name": record["spec"]["model"], "path": record["model_path"], "revision": record["revision"]},
         # Jobs recorded before families existed have none: they ran LTX-2.0.
         "family": record.get("family"),
+        # one-stage or two-stage (services/two_stage.py); jobs recorded before the field ran one-stage.
+        "pipeline": record["spec"].get("pipeline", ONE_STAGE),
         "loras": [
             {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")} for lora in record.get("loras", [])
         ],

@@ -26,6 +26,9 @@ from protocol.spec import SpecError
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_CONFIG = "transformer/config.json"
 VOCODER_CONFIG = "vocoder/config.json"
+# The latent upsampler of two-stage runs (LTX2LatentUpsamplerModel): a subfolder of the checkpoint that
+# model_index.json does not list (Lightricks/LTX-2 and diffusers' examples load it by subfolder).
+LATENT_UPSAMPLER = "latent_upsampler"
 # The LTX2VideoTransformer3DModel.__init__ defaults (diffusers 0.42.1) of the flags FAMILIES look at:
 # a config written by an older converter leaves out flags that did not exist yet, and diffusers then
 # builds the model with these values (tests/test_families.py checks them against the signature).

@@ -17,6 +17,9 @@ from pathlib import Path
 JOB_FILE = "job.json"
 EVENTS_FILE = "events.log"
 LATENTS_FILE = "latents.safetensors"
+# Two-stage runs only: stage 1's half-size latents and generator state, kept so a retry resumes at stage 2
+# (services/two_stage.py verifies it); an intermediate file of encode_diffuse, not one of its declared outputs.
+STAGE1_LATENTS_FILE = "latents_stage1.safetensors"
 AUDIO_FILE = "audio.wav"
 VIDEO_FILE = "video.mp4"
 INPUT_IMAGE_FILE = "input_image.png"

@@ -50,8 +50,16 @@ NAG_DEFAULTS = {"nag_scale": 1.0, "nag_tau": 2.5, "nag_alpha": 0.25, "nag_steps"
 # Guidance beyond CFG (LTX-2.3's recipe: config/defaults.toml [families]); these values switch it off, as
 # LTX-2.0 ran before the fields existed. None: audio CFG follows --guidance-scale.
 GUIDANCE_DEFAULTS = {"audio_guidance_scale": None, "stg_scale": 0.0, "modality_scale": 1.0, "guidance_rescale": 0.0}
+# How the latents are made (services/two_stage.py): one pass at the full size, or Lightricks' two-stage recipe
+# (half size, the latent upsampler x2, three distilled refining steps at the full size).
+ONE_STAGE, TWO_STAGE = "one-stage", "two-stage"
+PIPELINES = (ONE_STAGE, TWO_STAGE)
+# Two-stage runs stage 1 at half the width and height, which must itself be a multiple of 32 and
+# at least MIN_SIZE; so the full size is a multiple of 64 and at least 128.
+TWO_STAGE_SIZE_MULTIPLE = 2 * SIZE_MULTIPLE
+TWO_STAGE_MIN_SIZE = 2 * MIN_SIZE
 # Fields left out of the latents digest at their default, so latents written before they existed still match.
-LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS}
+LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS, "pipeline": ONE_STAGE}
 # diffusers puts no bound on these; the bounds keep a typo from running a useless clip. LTX-2.3 uses
 # STG 1 and modality 3 (LTX2Pipeline.__call__ defaults), so 10 leaves room for experiments.
 MAX_STG_SCALE = 10.0
@@ -101,6 +109,7 @@ class JobSpec:
     nag_tau: float = 2.5
     nag_alpha: float = 0.25
     nag_steps: int | None = None
+    pipeline: str = ONE_STAGE
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -175,6 +184,36 @@ class JobSpec:
         if self.image is not None and not self.image.strip():
             raise SpecError("image", "must be a path to an image file")
         self._require_valid_nag()
+        self._require_valid_pipeline()
+
+    def _require_valid_pipeline(self) -> None:
+        """Two-stage's sizes and schedule.
+
+        A dev (non-distilled) schedule is refused rather than run: stage 2 is three steps on the
+        distilled sigmas with guidance off, which a dev model was not trained for (Lightricks' dev
+        recipe fuses its distilled LoRA for stage 2, which this version does not do), so the clip
+        would come out softer than a one-stage run at the full size, for more work.
+        """
+        _require_choice("pipeline", self.pipeline, PIPELINES)
+        if self.pipeline != TWO_STAGE:
+            return
+        if self.schedule != "distilled":
+            raise SpecError(
+                "pipeline",
+                "two-stage refines at the full size with three distilled steps and guidance off, which needs the"
+                f" distilled schedule; got --schedule {self.schedule} (a dev recipe would need Lightricks'"
+                " distilled LoRA for stage 2, which this version does not fuse); use --schedule distilled or"
+                " --pipeline one-stage",
+            )
+        for field, value in (("width", self.width), ("height", self.height)):
+            if value % TWO_STAGE_SIZE_MULTIPLE or value < TWO_STAGE_MIN_SIZE:
+                nearest = nearest_sizes(value, TWO_STAGE_SIZE_MULTIPLE, TWO_STAGE_MIN_SIZE)
+                raise SpecError(
+                    field,
+                    f"two-stage needs a multiple of {TWO_STAGE_SIZE_MULTIPLE} between {TWO_STAGE_MIN_SIZE} and"
+                    f" {MAX_SIZE} (stage 1 runs at half the size, in multiples of {SIZE_MULTIPLE}); got {value}"
+                    f" (nearest allowed: {' or '.join(map(str, nearest))}; or --pipeline one-stage)",
+                )
 
     def _require_valid_nag(self) -> None:
         """NAG's ranges, and its refusal next to CFG.
@@ -269,12 +308,12 @@ def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
         raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
 
 
-def nearest_sizes(value: int) -> list[int]:
-    """The allowed sizes nearest to an invalid `value`: the multiples of 32 either side of it,
-    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
-    below = value // SIZE_MULTIPLE * SIZE_MULTIPLE
-    candidates = (below, below + SIZE_MULTIPLE) if below != value else (value,)
-    return sorted({min(MAX_SIZE, max(MIN_SIZE, size)) for size in candidates})
+def nearest_sizes(value: int, multiple: int = SIZE_MULTIPLE, low: int = MIN_SIZE) -> list[int]:
+    """The allowed sizes nearest to an invalid `value`: the multiples of `multiple` either side of
+    it, clamped into `low`..MAX_SIZE, so every suggestion is itself valid (one when they meet)."""
+    below = value // multiple * multiple
+    candidates = (below, below + multiple) if below != value else (value,)
+    return sorted({min(MAX_SIZE, max(low, size)) for size in candidates})
 
 
 def nearest_frames(value: int) -> list[int]:

@@ -3,8 +3,9 @@
 Both halves run in one process because the prompt embeddings (about 385 MB per prompt at full
 size) would otherwise make a round trip through disk; the text encoder is dropped before the
 transformer is loaded, so the two never share memory. The denoising itself is diffusers'
-LTX2Pipeline (0.42.1) called with `output_type="latent"`, which is what makes the staged result
-equal the single-process one (DESIGN.md rule 6).
+LTX2Pipeline (0.42.1) called with `output_type="latent"` (services/denoising.py), which is what
+makes the staged result equal the single-process one (DESIGN.md rule 6): one pass for a one-stage
+job, two over the same loaded transformer for a two-stage one (services/two_stage.py).
 
 For a group of jobs (stage-major scheduling, services/runtime.py) every prompt not yet in the
 embedding cache is encoded first with one text-encoder load, then the transformer is loaded,
@@ -13,26 +14,23 @@ LoRA-fused and placed once and denoises each job in turn.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
 
-# Imported at module level on purpose: a prestarted worker pays this before READY, overlapping
-# the previous stage (DESIGN.md rule 5).
-from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+from protocol.files import LATENTS_FILE, Stage
+from protocol.spec import TWO_STAGE, JobSpec
+from services import embedding_cache, guidance, model_loading
 
-from protocol.errors import InvalidInput
-from protocol.files import INPUT_IMAGE_FILE, LATENTS_FILE, Stage
-from protocol.spec import JobSpec
-from services import embedding_cache, guidance, model_loading, nag
+# Imported at module level on purpose (they import diffusers' LTX-2 pipelines): a prestarted worker
+# pays this before READY, overlapping the previous stage (DESIGN.md rule 5).
+from services.denoising import DenoisePass, denoise
 from services.latents import write_latents
-from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext, run_worker
+from services.two_stage import denoise_two_stage
 
 
 def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> Path | None:
@@ -142,150 +140,20 @@ def release_text_encoder(pipeline: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The placed, LoRA-fused denoiser components, loaded once per process and kept in
-    `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
-    dtype, LoRAs and plan are equal; anything else replaces them)."""
-    key = json.dumps([str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan], sort_keys=True)
-    kept = ctx.shared.get("denoiser")
-    if kept is not None and kept["key"] == key:
-        return kept
-    # Another configuration: drop both references to the old weights before loading new ones.
-    ctx.shared.pop("denoiser", None)
-    kept = None
-    ctx.progress("load transformer")
-    connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
-    video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
-    # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
-    if ctx.job.get("loras"):
-        ctx.progress("fuse LoRAs")
-        base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
-        fuse_loras(base, ctx.job["loras"])
-    ctx.progress(f"place transformer ({ctx.plan.get('weights', 'native')})")
-    model_loading.apply_memory_plan(
-        transformer,
-        dtype,
-        device,
-        fp8=ctx.plan.get("weights") == "fp8",
-        sequential_offload=ctx.plan.get("offload") == "sequential",
-        fp8_matmul=ctx.plan.get("weights") == "fp8-matmul",
-        fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
+def denoise_one_stage(
+    ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """One pass at the clip's size with its schedule, steps, guidance and NAG."""
+    spec = ctx.spec
+    run = DenoisePass(
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        schedule=spec.schedule,
+        guidance=guidance.pinned_guidance(spec, ctx.job.get("family")),
+        nag=True,
     )
-    if ctx.plan.get("compile") == "regional":
-        ctx.progress("compile transformer blocks (on the first step)")
-        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
-    kept = {
-        "key": key,
-        "connectors": connectors,
-        "transformer": transformer,
-        "scheduler": scheduler,
-        "video_stats": video_stats,
-        "audio_stats": audio_stats,
-    }
-    ctx.shared["denoiser"] = kept
-    return kept
-
-
-def pipeline(cls: type, scheduler: Any, vae: Any, audio_vae: Any, connectors: Any, transformer: Any) -> Any:
-    """A diffusers pipeline around already-loaded components (no text encoder, no vocoder)."""
-    pipe = cls(
-        scheduler=scheduler,
-        vae=vae,
-        audio_vae=audio_vae,
-        text_encoder=None,
-        tokenizer=None,
-        connectors=connectors,
-        transformer=transformer,
-        vocoder=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def denoise(ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Run the denoising loop; returns the latents and the number of transformer calls."""
-    parts = loaded_denoiser(ctx, device, dtype)
-    # A fresh scheduler per job: set_timesteps mutates it, and a group reuses the loaded one.
-    fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
-    scheduler, sigmas = guidance.resolve_schedule(ctx.spec.schedule, fresh)
-    image_inputs: dict[str, Any] = {}
-    pipeline_cls: type = LTX2Pipeline
-    video_stats = parts["video_stats"]
-    if ctx.spec.image is not None:
-        # Image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
-        if "video_vae" not in ctx.shared:
-            ctx.progress("load video VAE for the conditioning image")
-            ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
-        video_stats = ctx.shared["video_vae"]
-        image_inputs["image"] = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, ctx.spec.width, ctx.spec.height)
-        pipeline_cls = LTX2ImageToVideoPipeline
-    transformer = parts["transformer"]
-    pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
-    calls = []
-    counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
-    total = ctx.spec.steps
-
-    def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
-        ctx.progress("denoise", step + 1, total)
-        return {}
-
-    ctx.progress("denoise", 0, total)
-    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"])
-    with torch.no_grad(), guided:
-        video, audio = pipe(
-            **image_inputs,
-            **embeddings,
-            **guidance.pinned_guidance(ctx.spec, ctx.job.get("family")),
-            width=ctx.spec.width,
-            height=ctx.spec.height,
-            num_frames=ctx.spec.num_frames,
-            frame_rate=ctx.spec.fps,
-            num_inference_steps=total,
-            sigmas=sigmas,
-            generator=generator,
-            output_type="latent",
-            return_dict=False,
-            callback_on_step_end=on_step_end,
-        )
-    counter.remove()
-    return {"video": video, "audio": audio, "calls": len(calls)}
-
-
-def nag_context(
-    spec: JobSpec, embeddings: dict[str, Any], transformer: Any, connectors: Any
-) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
-    """(the pipeline's embeddings, a context that applies NAG around its call).
-
-    With NAG the negative embeddings go to services/nag.py instead of the pipeline (which at CFG = 1
-    would not use them); without it nothing changes, so such a run stays bit-equal to one before NAG.
-    """
-    if not spec.uses_nag:
-        return embeddings, contextlib.nullcontext()
-    negative = {key: embeddings[key] for key in ("negative_prompt_embeds", "negative_prompt_attention_mask")}
-    if any(value is None for value in negative.values()):
-        raise RuntimeError("NAG needs the negative prompt's embeddings, but the prompt cache entry has none")
-    prompt_only = {key: value for key, value in embeddings.items() if key not in negative}
-    settings = nag.NagSettings(scale=spec.nag_scale, tau=spec.nag_tau, alpha=spec.nag_alpha)
-    # LTX2Pipeline passes its connectors padding_side "left" when it has no tokenizer, as here.
-    return prompt_only, nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count)
-
-
-def load_conditioning_image(path: Path, width: int, height: int) -> Any:
-    """The first-frame image, centre-cropped to the clip's aspect ratio (the pipeline then resizes).
-
-    Cropping instead of stretching keeps proportions when the image's shape differs from the clip's.
-    """
-    from PIL import Image, ImageOps
-
-    try:  # the daemon read only the header; a file broken further in is the user's input to fix
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"--image: cannot decode the conditioning image: {exc}") from exc
-    if rgb.width * height == rgb.height * width:
-        return rgb
-    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)
+    return denoise(ctx, embeddings, device, dtype, torch.Generator(device=device).manual_seed(spec.seed), run)
 
 
 def run(ctx: WorkerContext) -> list[str]:
@@ -293,7 +161,8 @@ def run(ctx: WorkerContext) -> list[str]:
     device = model_loading.resolve_device()
     dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     embeddings = cached_or_encoded_prompt(ctx, device, dtype)
-    result = denoise(ctx, embeddings, device, dtype)
+    two_stage = ctx.spec.pipeline == TWO_STAGE
+    result = (denoise_two_stage if two_stage else denoise_one_stage)(ctx, embeddings, device, dtype)
     ctx.progress("write latents")
     write_latents(
         ctx.job_dir / LATENTS_FILE,
@@ -312,6 +181,9 @@ def run(ctx: WorkerContext) -> list[str]:
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "transformer_calls": result["calls"],
+            "pipeline": ctx.spec.pipeline,
+            # Two-stage: the calls of each stage, and whether stage 1 came from latents_stage1.safetensors.
+            **({key: result[key] for key in ("stage_calls", "stage1_reused")} if two_stage else {}),
             "loras": [{k: lora[k] for k in ("source", "scale", "revision")} for lora in ctx.job.get("loras", [])],
             "plan": ctx.plan,
         },

@@ -18,6 +18,9 @@ from protocol.spec import JobSpec
 
 # Prompt tokens fed to Gemma; LTX-2's connectors were trained with 1024.
 MAX_SEQUENCE_LENGTH = 1024
+# Two-stage's refining pass: STAGE_2_DISTILLED_SIGMA_VALUES (diffusers 0.42.1 pipelines/ltx2/utils.py, "reduced
+# schedule for super-resolution stage 2"), which no pipeline of the wheel uses itself; never a JobSpec schedule.
+STAGE_2_SCHEDULE = "stage 2"
 
 
 def family_facts(record: Mapping[str, Any] | None) -> tuple[list[int], bool]:
@@ -77,13 +80,15 @@ def resolve_schedule(schedule: str, scheduler: Any) -> tuple[Any, list[float] | 
     "distilled" is the distilled checkpoint's fixed 8-sigma schedule with dynamic shifting off
     (the shift would move sigmas the model was distilled on); "default" keeps the checkpoint's
     scheduler and lets the pipeline use linspace sigmas with its resolution-dependent shift.
+    STAGE_2_SCHEDULE is two-stage's refining pass: the last three distilled sigmas, fixed the same way.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
+    from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES, STAGE_2_DISTILLED_SIGMA_VALUES
 
-    if schedule == "distilled":
+    fixed_sigmas = {"distilled": DISTILLED_SIGMA_VALUES, STAGE_2_SCHEDULE: STAGE_2_DISTILLED_SIGMA_VALUES}
+    if schedule in fixed_sigmas:
         fixed = FlowMatchEulerDiscreteScheduler.from_config(
             scheduler.config, use_dynamic_shifting=False, shift_terminal=None
         )
-        return fixed, list(DISTILLED_SIGMA_VALUES)
+        return fixed, list(fixed_sigmas[schedule])
     return scheduler, None

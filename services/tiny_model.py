@@ -16,6 +16,9 @@ whole pipeline runs in about a second on two CPU cores:
 (gated attention, cross-attention modulation, no prompt projection: the connectors project per
 modality straight to the transformer's widths, STG-capable attention) and the vocoder with
 bandwidth extension, which turns the 16 kHz waveform into 48 kHz as the real one does.
+
+Both carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
+(model_index.json does not list it, as in Lightricks/LTX-2).
 """
 
 from __future__ import annotations
@@ -35,14 +38,14 @@ from diffusers import (
     LTX2VideoTransformer3DModel,
 )
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from protocol.model_ids import TINY_REPO_IDS, hub_cache_dir
+from protocol.families import LATENT_UPSAMPLER
+from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
 
-# A fixed commit-like revision so the Hugging Face cache layout (snapshots/<rev>) is stable.
-TINY_REVISION = "0" * 39 + "1"
 TEXT_HIDDEN = 32  # 2.0: must equal connector heads (4) x head_dim (8)
 # Transformer widths: video 2 heads x 8 = 16, audio 2 heads x 4 = 8. LTX-2.3's connectors project the
 # text straight to these (per_modality_projections), so its connector heads x head_dim must match them.
@@ -310,11 +313,33 @@ def build_bwe_vocoder(mel_channels: int) -> LTX2VocoderWithBWE:
     return vocoder
 
 
+def build_latent_upsampler(family: str) -> LTX2LatentUpsamplerModel:
+    """The real upsampler's layout (3-D convolutions, x2 spatially) at the tiny latent width, one block per stage.
+
+    The mid width stays 32 because every GroupNorm has 32 groups. diffusers' conversion configs use the rational
+    resampler for LTX-2.0 and the plain conv + pixel shuffle for 2.3: at scale 2 both compute the same thing, but
+    their weights are stored under different names, which is what a loader has to get right.
+    """
+    return LTX2LatentUpsamplerModel(
+        in_channels=4,
+        mid_channels=32,
+        num_blocks_per_stage=1,
+        dims=3,
+        spatial_upsample=True,
+        temporal_upsample=False,
+        rational_spatial_scale=2.0,
+        use_rational_resampler=family == "2.0",
+    )
+
+
 def write_tiny_model(directory: Path, seed: int = 0, family: str = "2.0") -> Path:
-    """Save the tiny pipeline of `family` with `save_pretrained` into `directory` (created if missing)."""
+    """Save the tiny pipeline of `family` with `save_pretrained` into `directory` (created if missing),
+    plus its latent upsampler in the `latent_upsampler` subfolder."""
     pipe = LTX2Pipeline(**build_components(seed, family))
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory)
+    torch.manual_seed(seed)
+    build_latent_upsampler(family).save_pretrained(directory / LATENT_UPSAMPLER)
     return directory
 
 

@@ -55,6 +55,18 @@ def tiny_23_model_dir(hf_home: Path) -> Path:
     return snapshot
 
 
+@pytest.fixture(scope="module", params=("2.0", "2.3"))
+def family(request: pytest.FixtureRequest) -> str:
+    """A test (or module fixture) that uses it runs once per supported model family."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def family_model_dir(family: str, request: pytest.FixtureRequest) -> Path:
+    """The tiny model of `family`."""
+    return request.getfixturevalue("tiny_model_dir" if family == "2.0" else "tiny_23_model_dir")
+
+
 def ltx2_environment(hf_home: Path, root: Path) -> dict[str, str]:
     """Environment for running `ltx2` in a subprocess: offline tiny cache, private state and outputs."""
     return {

@@ -35,7 +35,6 @@ from services.video_decode import configure_vae, decode_frames
 
 TOLERANCE = 1e-5
 PROMPT = "a slow dolly in through a rainy neon alley"
-FAMILIES = ("2.0", "2.3")
 # What each family's trained model needs, from diffusers 0.42.1's LTX2Pipeline.__call__ docstring:
 # STG blocks [29] for LTX-2.0 and [28] for 2.3; cross-timestep off for 2.0 ("legacy"), on for 2.3.
 FAMILY_CALL = {
@@ -74,8 +73,18 @@ def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
     return job
 
 
-def reference_call(pipe: LTX2Pipeline, spec: JobSpec, output_type: str, family: str = "2.0") -> tuple:
-    """One single-process call with every guidance argument pinned from the spec and the family."""
+def reference_call(
+    pipe: LTX2Pipeline,
+    spec: JobSpec,
+    output_type: str,
+    family: str = "2.0",
+    generator: torch.Generator | None = None,
+    **overrides: object,
+) -> tuple:
+    """One single-process call with every guidance argument pinned from the spec and the family.
+
+    `generator` defaults to a fresh one seeded with the spec's seed; `overrides` replace or add call
+    arguments (a two-stage reference's size, latents and sigmas)."""
     audio_cfg = spec.guidance_scale if spec.audio_guidance_scale is None else spec.audio_guidance_scale
     pinned = {
         "guidance_scale": spec.guidance_scale,
@@ -88,23 +97,24 @@ def reference_call(pipe: LTX2Pipeline, spec: JobSpec, output_type: str, family: 
         "audio_guidance_rescale": spec.guidance_rescale,
         **FAMILY_CALL[family],
     }
-    sigmas = list(DISTILLED_SIGMA_VALUES) if spec.schedule == "distilled" else None
+    arguments = {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "width": spec.width,
+        "height": spec.height,
+        "num_frames": spec.num_frames,
+        "frame_rate": spec.fps,
+        "num_inference_steps": spec.steps,
+        "sigmas": list(DISTILLED_SIGMA_VALUES) if spec.schedule == "distilled" else None,
+        "generator": generator or torch.Generator().manual_seed(spec.seed),
+        "output_type": output_type,
+        "return_dict": False,
+        "max_sequence_length": 1024,
+        **pinned,
+        **overrides,
+    }
     with torch.no_grad():
-        return pipe(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            width=spec.width,
-            height=spec.height,
-            num_frames=spec.num_frames,
-            frame_rate=spec.fps,
-            num_inference_steps=spec.steps,
-            sigmas=sigmas,
-            generator=torch.Generator().manual_seed(spec.seed),
-            output_type=output_type,
-            return_dict=False,
-            max_sequence_length=1024,
-            **pinned,
-        )
+        return pipe(**arguments)
 
 
 def load_reference(model_dir: Path, schedule: str) -> LTX2Pipeline:
@@ -119,17 +129,6 @@ def load_reference(model_dir: Path, schedule: str) -> LTX2Pipeline:
 
 def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request: pytest.FixtureRequest) -> str:
-    """Each test that uses the distilled job runs once per supported family."""
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def family_model_dir(family: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue("tiny_model_dir" if family == "2.0" else "tiny_23_model_dir")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from protocol.spec import DECODE_ONLY_FIELDS, GUIDANCE_DEFAULTS, NAG_DEFAULTS, JobSpec, SpecError
+from protocol.spec import DECODE_ONLY_FIELDS, LATER_FIELD_DEFAULTS, JobSpec, SpecError
 
 VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
 
@@ -46,6 +46,9 @@ def test_valid_spec_round_trips_through_plain_data():
         ({"stg_scale": -1.0}, "--stg-scale", "between 0.0 and 10.0"),
         ({"modality_scale": 0.0}, "--modality-scale", "between 1.0 and 10.0"),
         ({"guidance_rescale": 1.5}, "--guidance-rescale", "between 0.0 and 1.0"),
+        ({"pipeline": "three-stage"}, "--pipeline", "one of one-stage, two-stage"),
+        ({"pipeline": "two-stage", "height": 480}, "--height", "nearest allowed: 448 or 512; or --pipeline one-stage"),
+        ({"pipeline": "two-stage", "width": 64}, "--width", "multiple of 64 between 128 and 4096"),
     ],
 )
 def test_rule_violations_name_the_flag(changes: dict, flag: str, fragment: str):
@@ -88,12 +91,13 @@ def test_digest_changes_with_any_field_and_not_otherwise():
 
 def test_fields_added_later_at_their_defaults_keep_the_digest_of_older_specs():
     """A batch file run again after an upgrade still skips the clips it rendered before (batch.py
-    compares job.json's spec_digest): NAG and guidance fields at their defaults do not count."""
-    older = {k: v for k, v in spec().to_dict().items() if k not in GUIDANCE_DEFAULTS and k not in NAG_DEFAULTS}
+    compares job.json's spec_digest): NAG, guidance and pipeline fields at their defaults do not count."""
+    older = {k: v for k, v in spec().to_dict().items() if k not in LATER_FIELD_DEFAULTS}
     text = json.dumps(older, sort_keys=True, separators=(",", ":"))
     assert spec().digest() == hashlib.sha256(text.encode()).hexdigest()
     assert spec(stg_scale=1.0).digest() != spec().digest()
     assert spec(nag_scale=5.0, negative_prompt="blur").digest() != spec(negative_prompt="blur").digest()
+    assert spec(pipeline="two-stage").digest() != spec().digest()
 
 
 def test_cfg_is_on_only_above_one():
@@ -109,11 +113,9 @@ def test_audio_cfg_alone_turns_cfg_on_and_otherwise_follows_video_cfg():
 
 def test_guidance_fields_at_their_defaults_keep_the_latents_digest_of_older_specs():
     """Latents written before the LTX-2.3 guidance fields existed still match their spec."""
-    # The digest as it was computed before: the spec's fields without decode-only ones and NAG defaults.
+    # The digest as it was computed before: the spec's fields without decode-only ones and later defaults.
     before = {
-        k: v
-        for k, v in spec().to_dict().items()
-        if k not in GUIDANCE_DEFAULTS and k not in DECODE_ONLY_FIELDS and k not in NAG_DEFAULTS
+        k: v for k, v in spec().to_dict().items() if k not in LATER_FIELD_DEFAULTS and k not in DECODE_ONLY_FIELDS
     }
     text = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert spec().latents_digest() == hashlib.sha256(text.encode()).hexdigest()

@@ -29,7 +29,7 @@ from orchestrator.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
-from services.encode_diffuse import loaded_denoiser
+from services.denoising import loaded_denoiser
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
 

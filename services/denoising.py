@@ -1,0 +1,214 @@
+"""One denoising pass of diffusers' LTX-2 pipeline over the loaded, LoRA-fused, placed transformer.
+
+A one-stage run is one pass at the clip's size; a two-stage run (services/two_stage.py) is two, at
+half and at full size, over the same transformer. Each pass is LTX2Pipeline (or, with a
+conditioning image, LTX2ImageToVideoPipeline) of diffusers 0.42.1 called with
+`output_type="latent"`, which is what makes the staged result equal the single-process one
+(DESIGN.md rule 6).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+
+from protocol.errors import InvalidInput
+from protocol.files import INPUT_IMAGE_FILE
+from protocol.spec import JobSpec
+from services import guidance, model_loading, nag
+from services.lora_fusing import fuse_loras
+from services.runtime import WorkerContext
+
+# Embedding keys of the negative prompt: only CFG and NAG read them.
+NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_prompt_attention_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoisePass:
+    """What one pipeline call denoises, and how: all that differs between a one-stage run and the
+    two stages of a two-stage one."""
+
+    width: int
+    height: int
+    steps: int
+    schedule: str  #: a JobSpec schedule, or guidance.STAGE_2_SCHEDULE
+    guidance: dict[str, Any]  #: every guidance keyword of the call (services/guidance.py)
+    nag: bool  #: apply the spec's NAG around the call
+    phase: str = "denoise"  #: the progress phase its steps are reported under
+    latents: torch.Tensor | None = None  #: video latents to start from (denormalized, 5-D), else noise
+    audio_latents: torch.Tensor | None = None  #: audio latents to start from (denormalized, 4-D), else noise
+    noise_scale: float = 0.0  #: how much fresh noise is mixed into given latents (the first sigma)
+
+
+def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The placed, LoRA-fused denoiser components, loaded once per process and kept in
+    `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
+    dtype, LoRAs and plan are equal; anything else replaces them)."""
+    key = json.dumps([str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan], sort_keys=True)
+    kept = ctx.shared.get("denoiser")
+    if kept is not None and kept["key"] == key:
+        return kept
+    # Another configuration: drop both references to the old weights before loading new ones.
+    ctx.shared.pop("denoiser", None)
+    kept = None
+    ctx.progress("load transformer")
+    connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
+    video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
+    # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
+    if ctx.job.get("loras"):
+        ctx.progress("fuse LoRAs")
+        base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
+        fuse_loras(base, ctx.job["loras"])
+    ctx.progress(f"place transformer ({ctx.plan.get('weights', 'native')})")
+    model_loading.apply_memory_plan(
+        transformer,
+        dtype,
+        device,
+        fp8=ctx.plan.get("weights") == "fp8",
+        sequential_offload=ctx.plan.get("offload") == "sequential",
+        fp8_matmul=ctx.plan.get("weights") == "fp8-matmul",
+        fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
+    )
+    if ctx.plan.get("compile") == "regional":
+        ctx.progress("compile transformer blocks (on the first step)")
+        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
+    kept = {
+        "key": key,
+        "connectors": connectors,
+        "transformer": transformer,
+        "scheduler": scheduler,
+        "video_stats": video_stats,
+        "audio_stats": audio_stats,
+    }
+    ctx.shared["denoiser"] = kept
+    return kept
+
+
+def pipeline(cls: type, scheduler: Any, vae: Any, audio_vae: Any, connectors: Any, transformer: Any) -> Any:
+    """A diffusers pipeline around already-loaded components (no text encoder, no vocoder)."""
+    pipe = cls(
+        scheduler=scheduler,
+        vae=vae,
+        audio_vae=audio_vae,
+        text_encoder=None,
+        tokenizer=None,
+        connectors=connectors,
+        transformer=transformer,
+        vocoder=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoise(
+    ctx: WorkerContext,
+    embeddings: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    run: DenoisePass,
+) -> dict[str, Any]:
+    """Run one pass; returns its latents (denormalized, fp32) and the number of transformer calls.
+
+    `generator` is the job's, shared by the passes of a two-stage run as one diffusers script
+    would pass one generator to both calls.
+    """
+    parts = loaded_denoiser(ctx, device, dtype)
+    # A fresh scheduler per pass: set_timesteps mutates it, and a group reuses the loaded one.
+    fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
+    scheduler, sigmas = guidance.resolve_schedule(run.schedule, fresh)
+    pipeline_cls, video_stats, image_inputs = conditioning(ctx, device, dtype, parts["video_stats"], run)
+    transformer = parts["transformer"]
+    pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
+    calls = []
+    counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    starts = {"latents": run.latents, "audio_latents": run.audio_latents, "noise_scale": run.noise_scale}
+
+    def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        ctx.progress(run.phase, step + 1, run.steps)
+        return {}
+
+    ctx.progress(run.phase, 0, run.steps)
+    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag)
+    with torch.no_grad(), guided:
+        video, audio = pipe(
+            **image_inputs,
+            **embeddings,
+            **run.guidance,
+            **starts,
+            width=run.width,
+            height=run.height,
+            num_frames=ctx.spec.num_frames,
+            frame_rate=ctx.spec.fps,
+            num_inference_steps=run.steps,
+            sigmas=sigmas,
+            generator=generator,
+            output_type="latent",
+            return_dict=False,
+            callback_on_step_end=on_step_end,
+        )
+    counter.remove()
+    return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def conditioning(
+    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, video_stats: Any, run: DenoisePass
+) -> tuple[type, Any, dict[str, Any]]:
+    """(pipeline class, its `vae`, its image keywords) for the job: text-to-video needs only the VAE's
+    statistics; image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
+
+    Given latents to start from, LTX2ImageToVideoPipeline encodes no image: it keeps their first
+    latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
+    """
+    if ctx.spec.image is None:
+        return LTX2Pipeline, video_stats, {}
+    if "video_vae" not in ctx.shared:
+        ctx.progress("load video VAE for the conditioning image")
+        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
+    image = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, run.width, run.height)
+    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image}
+
+
+def nag_context(
+    spec: JobSpec, embeddings: dict[str, Any], transformer: Any, connectors: Any, apply: bool = True
+) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
+    """(the pipeline's embeddings, a context that applies NAG around its call).
+
+    With NAG the negative embeddings go to services/nag.py instead of the pipeline (which at CFG = 1
+    would not use them); without it nothing changes, so such a run stays bit-equal to one before NAG.
+    A pass that does not `apply` it (two-stage's guidance-free second pass) gets the prompt alone.
+    """
+    if not spec.uses_nag:
+        return embeddings, contextlib.nullcontext()
+    prompt_only = {key: value for key, value in embeddings.items() if key not in NEGATIVE_KEYS}
+    if not apply:
+        return prompt_only, contextlib.nullcontext()
+    negative = {key: embeddings[key] for key in NEGATIVE_KEYS}
+    if any(value is None for value in negative.values()):
+        raise RuntimeError("NAG needs the negative prompt's embeddings, but the prompt cache entry has none")
+    settings = nag.NagSettings(scale=spec.nag_scale, tau=spec.nag_tau, alpha=spec.nag_alpha)
+    # LTX2Pipeline passes its connectors padding_side "left" when it has no tokenizer, as here.
+    return prompt_only, nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count)
+
+
+def load_conditioning_image(path: Path, width: int, height: int) -> Any:
+    """The first-frame image, centre-cropped to the clip's aspect ratio (the pipeline then resizes).
+
+    Cropping instead of stretching keeps proportions when the image's shape differs from the clip's.
+    """
+    from PIL import Image, ImageOps
+
+    try:  # the daemon read only the header; a file broken further in is the user's input to fix
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"--image: cannot decode the conditioning image: {exc}") from exc
+    if rgb.width * height == rgb.height * width:
+        return rgb
+    return ImageOps.fit(rgb, (width, height), method=Image.Resampling.BICUBIC)

@@ -1,0 +1,152 @@
+"""Two-stage denoising -> latents_stage1.safetensors, then the full-size latents encode_diffuse writes.
+
+Lightricks' recipe for large clips, as diffusers' LTX-2 docs ("Distilled checkpoint generation",
+0.42.1) compose it from library parts: stage 1 denoises at half the width and height with the
+run's own schedule, steps and guidance; `LTX2LatentUpsamplePipeline` doubles the latents'
+width and height; stage 2 mixes fresh noise at the first of STAGE_2_DISTILLED_SIGMA_VALUES into
+them and denoises those three sigmas at the full size with all guidance off. Both stages run in
+the encode_diffuse process, over the transformer it loaded once, and draw from one generator,
+as the docs pass one generator to both calls.
+
+Stage 1's result is written to latents_stage1.safetensors together with the generator's state,
+so an attempt that dies in the upsampler or stage 2 is retried from stage 2 and still gives the
+latents an undisturbed run gives (the file is verified as latents.safetensors is: its format, its
+spec digest, finite values).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from diffusers import LTX2LatentUpsamplePipeline
+from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
+
+from protocol.errors import InvalidInput
+from protocol.files import STAGE1_LATENTS_FILE
+from services import guidance, model_loading
+from services.denoising import DenoisePass, denoise, loaded_denoiser
+from services.latents import read_latents, write_latents
+from services.runtime import WorkerContext
+
+log = logging.getLogger("ltx2.worker")
+
+
+def denoise_two_stage(
+    ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Stage 1 (or its verified file), the upsampler, stage 2; returns the full-size latents, the
+    transformer calls of both stages and whether stage 1 came from its file."""
+    family = ctx.job.get("family")
+    first = verified_stage1(ctx, device, dtype)
+    if first is None:
+        generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
+        first = denoise(ctx, embeddings, device, dtype, generator, stage1_pass(ctx, family))
+        first["generator_state"] = generator.get_state()
+        write_stage1(ctx, first, device, dtype)
+        reused = False
+    else:
+        ctx.progress("stage 1 latents verified, skipped")
+        reused = True
+    generator = torch.Generator(device=device)
+    generator.set_state(first["generator_state"])
+    upsampled = upsample(ctx, first["video"], device, dtype)
+    second = denoise(ctx, embeddings, device, dtype, generator, stage2_pass(ctx, family, upsampled, first["audio"]))
+    return {
+        "video": second["video"],
+        "audio": second["audio"],
+        "calls": first["calls"] + second["calls"],
+        "stage_calls": [first["calls"], second["calls"]],
+        "stage1_reused": reused,
+    }
+
+
+def stage1_pass(ctx: WorkerContext, family: Any) -> DenoisePass:
+    """Half the width and height, the run's own schedule, steps, guidance and NAG."""
+    spec = ctx.spec
+    return DenoisePass(
+        width=spec.width // 2,
+        height=spec.height // 2,
+        steps=spec.steps,
+        schedule=spec.schedule,
+        guidance=guidance.pinned_guidance(spec, family),
+        nag=True,
+        phase="denoise stage 1",
+    )
+
+
+def stage2_pass(ctx: WorkerContext, family: Any, video: torch.Tensor, audio: torch.Tensor) -> DenoisePass:
+    """The full size from the upsampled video and stage 1's audio, re-noised to the first stage-2 sigma
+    (Lightricks' ti2vid_two_stages.py and distilled.py do the same), three steps, guidance off."""
+    return DenoisePass(
+        width=ctx.spec.width,
+        height=ctx.spec.height,
+        steps=len(STAGE_2_DISTILLED_SIGMA_VALUES),
+        schedule=guidance.STAGE_2_SCHEDULE,
+        guidance=guidance.guidance_off(family),
+        nag=False,
+        phase="denoise stage 2",
+        latents=video,
+        audio_latents=audio,
+        noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0],
+    )
+
+
+def upsample(ctx: WorkerContext, video: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Stage 1's (denormalized) video latents at twice the width and height, still denormalized.
+
+    The upsampler loads only now, after stage 1, and stays for a group's next job. The pipeline's
+    `vae` serves only its compression ratios here, so the latent statistics stand in for it.
+    """
+    ctx.progress("upsample latents")
+    key = (str(ctx.model_root), str(dtype))
+    kept = ctx.shared.get("latent_upsampler")
+    if kept is None or kept[0] != key:
+        ctx.progress("load latent upsampler")
+        kept = (key, model_loading.load_latent_upsampler(ctx.model_root, dtype, device))
+        ctx.shared["latent_upsampler"] = kept
+    video_stats = loaded_denoiser(ctx, device, dtype)["video_stats"]
+    pipe = LTX2LatentUpsamplePipeline(vae=video_stats, latent_upsampler=kept[1])
+    pipe.set_progress_bar_config(disable=True)
+    (upsampled,) = pipe(
+        latents=video, width=ctx.spec.width // 2, height=ctx.spec.height // 2, output_type="latent", return_dict=False
+    )
+    return upsampled
+
+
+def write_stage1(ctx: WorkerContext, first: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
+    """latents_stage1.safetensors: stage 1's latents and the generator's state after it."""
+    ctx.progress("write stage 1 latents")
+    write_latents(
+        ctx.job_dir / STAGE1_LATENTS_FILE,
+        {"video": first["video"], "audio": first["audio"], "generator_state": first["generator_state"]},
+        {
+            "latents_digest": ctx.spec.latents_digest(),
+            "stage": 1,
+            "seed": ctx.spec.seed,
+            "video_shape": list(first["video"].shape),
+            "audio_shape": list(first["audio"].shape),
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+            "transformer_calls": first["calls"],
+        },
+    )
+
+
+def verified_stage1(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """Stage 1's result from its file when an earlier attempt wrote it for this spec, dtype and
+    device type (a generator's state does not carry across device types); None to run stage 1."""
+    path = ctx.job_dir / STAGE1_LATENTS_FILE
+    if not path.is_file():
+        return None
+    try:
+        tensors, metadata = read_latents(path, ctx.spec.latents_digest())
+    except InvalidInput as exc:  # an intermediate file: redo the stage rather than fail the job
+        log.warning("not reusing %s: %s", path, exc)
+        return None
+    made_here = metadata.get("dtype") == str(dtype).removeprefix("torch.") and metadata.get("device") == device.type
+    if not made_here or set(tensors) != {"video", "audio", "generator_state"}:
+        log.warning("not reusing %s: written for %s on %s", path, metadata.get("dtype"), metadata.get("device"))
+        return None
+    return {**tensors, "calls": int(metadata["transformer_calls"])}

@@ -1,0 +1,316 @@
+"""--pipeline two-stage: half size, the latent upsampler x2, three distilled steps at full size.
+
+The staged side runs the real worker processes on each family's tiny model (fp32, CPU); the
+reference is diffusers' own composition from its LTX-2 docs, written out here: LTX2Pipeline at
+half size with `output_type="latent"`, LTX2LatentUpsamplePipeline, then LTX2Pipeline again on the
+upsampled latents with STAGE_2_DISTILLED_SIGMA_VALUES and all guidance off, one generator
+passed to both calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2LatentUpsamplePipeline
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
+from PIL import Image
+from supervised import wait_for_file
+from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
+from test_loras import encode, lora_files  # noqa: F401  (lora_files is a module-scoped fixture)
+from test_parity import (
+    AUDIO_RATE,
+    TOLERANCE,
+    load_reference,
+    max_diff,
+    reference_call,
+    run_staged,
+)
+
+from config.settings import load_settings
+from orchestrator.jobdir import JobDir
+from orchestrator.jobspec import build_spec
+from orchestrator.model_lookup import ensure_tiny_model
+from protocol.errors import ExitCode
+from protocol.files import AUDIO_FILE, LATENTS_FILE, STAGE1_LATENTS_FILE
+from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION
+from protocol.spec import JobSpec, SpecError
+from services.latents import read_latents
+from services.media import read_wav
+
+# Stage 1 at 64x64 (the tiny VAE compresses 4x: 16x16 latents), stage 2 at 128x128 (32x32).
+TWO_STAGE = {"width": 128, "height": 128, "pipeline": "two-stage"}
+GUIDANCE_OFF = {
+    "guidance_scale": 1.0,
+    "audio_guidance_scale": 1.0,
+    "stg_scale": 0.0,
+    "audio_stg_scale": 0.0,
+    "modality_scale": 1.0,
+    "audio_modality_scale": 1.0,
+    "guidance_rescale": 0.0,
+    "audio_guidance_rescale": 0.0,
+}
+
+
+def reference_two_stage(pipe: object, model_dir: Path, spec: JobSpec, family: str, **inputs: object) -> dict:
+    """diffusers' two-stage composition: stage 1's latents, the upsampled ones, and stage 2's
+    latents and decoded frames and waveform (each from the same generator state)."""
+    generator = torch.Generator().manual_seed(spec.seed)
+    half = {"width": spec.width // 2, "height": spec.height // 2}
+    video, audio = reference_call(pipe, spec, "latent", family, generator, **half, **inputs)
+    upsampler = LTX2LatentUpsamplerModel.from_pretrained(model_dir, subfolder="latent_upsampler", dtype=torch.float32)
+    with torch.no_grad():
+        (upsampled,) = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler)(
+            latents=video, output_type="latent", return_dict=False
+        )
+    state = generator.get_state()
+    stage2 = {
+        "latents": upsampled,
+        "audio_latents": audio,
+        "noise_scale": STAGE_2_DISTILLED_SIGMA_VALUES[0],
+        "sigmas": list(STAGE_2_DISTILLED_SIGMA_VALUES),
+        "num_inference_steps": len(STAGE_2_DISTILLED_SIGMA_VALUES),
+        **GUIDANCE_OFF,
+        **inputs,
+    }
+    results = {"stage1": (video, audio), "upsampled": upsampled}
+    for output_type in ("latent", "np"):
+        generator.set_state(state)
+        results[output_type] = reference_call(pipe, spec, output_type, family, generator, **stage2)
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_stage_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> JobDir:
+    return run_staged(family_model_dir, tmp_path_factory.mktemp("two-stage"), **TWO_STAGE)
+
+
+@pytest.fixture(scope="module")
+def two_stage_reference(family: str, family_model_dir: Path, two_stage_job: JobDir) -> dict:
+    pipe = load_reference(family_model_dir, "distilled")
+    return reference_two_stage(pipe, family_model_dir, two_stage_job.spec, family)
+
+
+def test_two_stage_latents_equal_diffusers_composition(two_stage_job: JobDir, two_stage_reference: dict):
+    tensors, metadata = read_latents(two_stage_job.path / LATENTS_FILE, two_stage_job.spec.latents_digest())
+    video, audio = two_stage_reference["latent"]
+    assert tensors["video"].shape == video.shape == (1, 4, 5, 32, 32)
+    assert max_diff(tensors["video"], video) <= TOLERANCE
+    assert max_diff(tensors["audio"], audio) <= TOLERANCE
+    stage1, _ = read_latents(two_stage_job.path / STAGE1_LATENTS_FILE, two_stage_job.spec.latents_digest())
+    assert stage1["video"].shape == (1, 4, 5, 16, 16)
+    assert max_diff(stage1["video"], two_stage_reference["stage1"][0]) <= TOLERANCE
+    assert metadata["pipeline"] == "two-stage" and metadata["stage1_reused"] == "false"
+
+
+def test_two_stage_audio_waveform_equals_diffusers_composition(
+    family: str, two_stage_job: JobDir, two_stage_reference: dict
+):
+    waveform, rate = read_wav(two_stage_job.path / AUDIO_FILE)
+    reference = two_stage_reference["np"][1][0].numpy()
+    assert rate == AUDIO_RATE[family]
+    assert waveform.shape == reference.shape
+    assert max_diff(waveform, reference) <= TOLERANCE
+
+
+def test_two_stage_mp4_has_full_size_frames_and_audio_at_the_vocoder_rate(family: str, two_stage_job: JobDir):
+    info = probe_mp4(Path(two_stage_job.record["output"]))
+    assert (info["frames"], info["width"], info["height"]) == (17, 128, 128)
+    assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
+    assert info["audio_rate"] == AUDIO_RATE[family]
+
+
+def test_two_stage_makes_stage_1_steps_plus_three_unguided_calls(two_stage_job: JobDir):
+    _, metadata = read_latents(two_stage_job.path / LATENTS_FILE)
+    assert json.loads(metadata["stage_calls"]) == [8, 3]
+    assert int(metadata["transformer_calls"]) == 8 + 3
+
+
+def test_job_json_and_sidecar_record_the_pipeline(two_stage_job: JobDir):
+    sidecar = json.loads(Path(two_stage_job.record["output"]).with_suffix(".json").read_text())
+    assert JobDir.load(two_stage_job.path).record["spec"]["pipeline"] == "two-stage"
+    assert sidecar["pipeline"] == sidecar["spec"]["pipeline"] == "two-stage"
+
+
+def test_image_to_video_two_stage_equals_diffusers_composition_and_keeps_the_first_frame(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    picture: Path,  # noqa: F811
+):
+    """diffusers conditions stage 2 through LTX2ImageToVideoPipeline given 5-D latents: their first
+    latent frame (the upsampled image) is held clean and unnoised through the three steps."""
+    request = {"image": str(picture), "num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128}
+    staged = encode(tiny_model_dir, tmp_path, "i2v", **request)
+    pipe = LTX2ImageToVideoPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    spec = JobSpec.from_dict({"prompt": "a dolly in", "model": str(tiny_model_dir), "steps": 8, "seed": 4, **request})
+    reference = reference_two_stage(pipe, tiny_model_dir, spec, "2.0", image=Image.open(picture).convert("RGB"))
+    video, audio = reference["latent"]
+    assert max_diff(staged["video"], video) <= TOLERANCE
+    assert max_diff(staged["audio"], audio) <= TOLERANCE
+    assert max_diff(staged["video"][:, :, 0], reference["upsampled"][:, :, 0]) <= TOLERANCE
+    text_only = encode(tiny_model_dir, tmp_path, "t2v", **{k: v for k, v in request.items() if k != "image"})
+    assert max_diff(staged["video"], text_only["video"]) > 1e-3
+
+
+def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", *args],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_sigkill_after_stage_1_resumes_at_stage_2_with_the_undisturbed_latents(ltx2_env: dict, tmp_path: Path):
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    args = ["generate", "--prompt", "a lighthouse", "--seed", "5", "--model", TINY_REPO_IDS["2.0"], "--quiet"]
+    args += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage"]
+    pause = {"LTX2_FAULT_DIR": str(faults), "LTX2_FAULT_PAUSE": "encode_diffuse:upsample latents:0"}
+    cli = start_cli(args, {**ltx2_env, **pause})
+    worker = int(wait_for_file(faults / "paused-encode_diffuse.pid").read_text())
+    os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would, after latents_stage1.safetensors
+    _, err = cli.communicate(timeout=300)
+    assert cli.returncode == 0, err
+    (job_dir,) = (tmp_path / "state" / "jobs").iterdir()
+    record = json.loads((job_dir / "job.json").read_text())
+    assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["host_oom", "ok"]
+    events = [json.loads(line) for line in (job_dir / "events.log").read_text().splitlines()]
+    phases = [e["phase"] for e in events if e["event"] == "stage_progress" and e["stage"] == "encode_diffuse"]
+    retry = phases[phases.index("upsample latents") + 1 :]  # the second attempt's phases
+    assert "stage 1 latents verified, skipped" in retry and "denoise stage 1" not in retry
+    resumed, metadata = read_latents(job_dir / LATENTS_FILE)
+    assert metadata["stage1_reused"] == "true" and json.loads(metadata["stage_calls"]) == [8, 3]
+
+    undisturbed = run_ltx2(args, {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "undisturbed")})
+    assert undisturbed.returncode == 0, undisturbed.stderr
+    (other_dir,) = (tmp_path / "undisturbed" / "jobs").iterdir()
+    expected, _ = read_latents(other_dir / LATENTS_FILE)
+    assert torch.equal(resumed["video"], expected["video"]) and torch.equal(resumed["audio"], expected["audio"])
+
+
+@pytest.mark.parametrize(
+    ("size", "flag", "nearest"), [(("96", "128"), "--width", "128"), (("128", "160"), "--height", "128 or 192")]
+)
+def test_two_stage_size_not_a_multiple_of_64_exits_2_naming_the_flag(
+    ltx2_env: dict, size: tuple[str, str], flag: str, nearest: str
+):
+    result = run_ltx2(
+        ["generate", "--prompt", "x", "--model", TINY_REPO_IDS["2.0"], "--pipeline", "two-stage",
+         "--width", size[0], "--height", size[1]],
+        ltx2_env,
+    )  # fmt: skip
+    assert result.returncode == ExitCode.INVALID_INPUT
+    assert f"{flag}: two-stage needs a multiple of 64" in result.stderr
+    assert f"nearest allowed: {nearest}; or --pipeline one-stage" in result.stderr
+
+
+def test_two_stage_with_a_dev_schedule_is_refused_naming_the_pipeline_flag():
+    with pytest.raises(SpecError, match="--schedule distilled or --pipeline one-stage") as caught:
+        JobSpec.from_dict(
+            {"prompt": "x", "model": "m", "width": 128, "height": 128, "num_frames": 9, "steps": 30, "seed": 1,
+             "schedule": "default", "pipeline": "two-stage"}
+        )  # fmt: skip
+    assert caught.value.flag == "--pipeline"
+
+
+def test_a_checkpoint_without_a_latent_upsampler_exits_4_naming_the_folder(
+    ltx2_env: dict, tiny_model_dir: Path, tmp_path: Path
+):
+    model = tmp_path / "no-upsampler"
+    shutil.copytree(tiny_model_dir, model, ignore=shutil.ignore_patterns("latent_upsampler"))
+    args = ["generate", "--prompt", "x", "--model", str(model), "--width", "128", "--height", "128"]
+    result = run_ltx2([*args, "--pipeline", "two-stage"], ltx2_env)
+    assert result.returncode == ExitCode.MODEL_NOT_FOUND
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{model / 'latent_upsampler'} does not exist" in line and "--pipeline one-stage" in line
+    assert not (tmp_path / "state" / "jobs").exists() or not any((tmp_path / "state" / "jobs").iterdir())
+
+
+def test_the_preset_picks_two_stage_only_for_ltx2_3_distilled_from_1280_px_wide(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    assert settings.families["2.3"].distilled.two_stage_min_width == 1280
+    picks = {
+        (name, schedule, width): settings.preset_pipeline(name, schedule, width)
+        for name in ("2.0", "2.3")
+        for schedule in ("distilled", "default")
+        for width in (768, 1216, 1280, 1920)
+    }
+    two_stage = {key for key, pipeline in picks.items() if pipeline == "two-stage"}
+    assert two_stage == {("2.3", "distilled", 1280), ("2.3", "distilled", 1920)}
+
+
+def test_build_spec_defaults_the_pipeline_from_the_preset_and_a_flag_overrides_it(
+    hf_home: Path, tiny_23_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    wide = {"prompt": "x", "model": TINY_REPO_IDS["2.3"], "width": 1280, "height": 704}
+    assert build_spec(wide, settings).spec.pipeline == "two-stage"
+    assert build_spec({**wide, "pipeline": "one-stage"}, settings).spec.pipeline == "one-stage"
+    assert build_spec({**wide, "width": 1216}, settings).spec.pipeline == "one-stage"
+    assert build_spec({**wide, "model": TINY_REPO_IDS["2.0"]}, settings).spec.pipeline == "one-stage"
+
+
+def test_a_cached_tiny_model_of_an_older_revision_is_rebuilt_with_its_upsampler(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """Revision 1 of the tiny models had no latent_upsampler; a cache holding it gets the current one."""
+    repo = tmp_path / "hub" / ("models--" + TINY_REPO_IDS["2.0"].replace("/", "--"))
+    old = "0" * 39 + "1"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / old, ignore=shutil.ignore_patterns("latent_upsampler"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    rebuilt = ensure_tiny_model(TINY_REPO_IDS["2.0"])
+    assert rebuilt.revision == TINY_REVISION != old
+    assert (rebuilt.path / "latent_upsampler" / "config.json").is_file()
+    assert (repo / "snapshots" / old / "model_index.json").is_file()  # jobs recorded with it keep it
+
+
+def test_loras_act_in_both_stages_and_scale_zero_reproduces_the_base_exactly(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    lora_files: dict[str, Path],  # noqa: F811
+):
+    request = {"num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128}
+    base = encode(tiny_model_dir, tmp_path, "base", **request)
+    lora = {"source": str(lora_files["original"])}
+    zero = encode(tiny_model_dir, tmp_path, "zero", loras=[{**lora, "scale": 0.0}], **request)
+    full = encode(tiny_model_dir, tmp_path, "full", loras=[{**lora, "scale": 1.0}], **request)
+    assert torch.equal(zero["video"], base["video"]) and torch.equal(zero["audio"], base["audio"])
+    assert max_diff(full["video"], base["video"]) > 1e-3
+
+
+def test_two_stage_jobs_of_one_group_share_the_upsampler_and_match_jobs_run_alone(tiny_model_dir: Path, tmp_path: Path):
+    request = {"num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128}
+    shared: dict = {}
+    grouped = [encode(tiny_model_dir, tmp_path, f"g{seed}", shared, seed=seed, **request) for seed in (1, 2)]
+    upsampler = shared["latent_upsampler"]
+    alone = encode(tiny_model_dir, tmp_path, "alone", seed=2, **request)
+    assert shared["latent_upsampler"] is upsampler
+    assert torch.equal(grouped[1]["video"], alone["video"]) and torch.equal(grouped[1]["audio"], alone["audio"])
+    assert max_diff(grouped[0]["video"], grouped[1]["video"]) > 1e-3
+
+
+def test_nag_guides_stage_1_only_and_adds_no_transformer_call(tiny_model_dir: Path, tmp_path: Path):
+    request = {"num_frames": 9, "pipeline": "two-stage", "width": 128, "height": 128, "negative_prompt": "blurry"}
+    plain = encode(tiny_model_dir, tmp_path, "plain", **request)
+    guided = encode(tiny_model_dir, tmp_path, "nag", nag_scale=11.0, **request)
+    (job_dir,) = (tmp_path / "nag").iterdir()
+    _, metadata = read_latents(job_dir / LATENTS_FILE)
+    assert json.loads(metadata["stage_calls"]) == [8, 3]
+    assert max_diff(guided["video"], plain["video"]) > 1e-3
