@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.spec import ONE_STAGE, TWO_STAGE
+from protocol.spec import ONE_STAGE, TWO_STAGE, TWO_STAGE_SIZE_MULTIPLE
 
 # The schedule name that selects a family's distilled preset; every other schedule runs the dev one.
 DISTILLED_SCHEDULE = "distilled"
@@ -56,10 +56,13 @@ class GuidancePreset:
         fields.pop("two_stage_min_width")
         return fields
 
-    def pipeline_for(self, width: int) -> str:
-        """The pipeline a clip `width` pixels wide runs when the user did not pick one."""
+    def pipeline_for(self, width: int, height: int) -> str:
+        """The pipeline a `width` x `height` clip runs when the user did not pick one: two-stage from
+        `two_stage_min_width` on, where the size suits it (both sides multiples of 64, as its half-size
+        first stage needs); one-stage otherwise, so a default never turns a valid size into an error."""
         wide = self.two_stage_min_width is not None and width >= self.two_stage_min_width
-        return TWO_STAGE if wide else ONE_STAGE
+        fits = width % TWO_STAGE_SIZE_MULTIPLE == 0 and height % TWO_STAGE_SIZE_MULTIPLE == 0
+        return TWO_STAGE if wide and fits else ONE_STAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +107,11 @@ def resolve_preset_fields(
     return fields
 
 
-def resolve_pipeline(family: FamilyPresets, schedule: str, width: object) -> str:
-    """The default `pipeline` of a run: its family preset's for the schedule and width it will use.
+def resolve_pipeline(family: FamilyPresets, schedule: str, width: object, height: object) -> str:
+    """The default `pipeline` of a run: its family preset's for the schedule and size it will use.
 
-    A width of the wrong type is left for the spec's validation to name; it gets one-stage here.
+    A size of the wrong type is left for the spec's validation to name; it gets one-stage here.
     """
-    if not isinstance(width, int) or isinstance(width, bool):
+    if not all(isinstance(side, int) and not isinstance(side, bool) for side in (width, height)):
         return ONE_STAGE
-    return family.for_schedule(schedule).pipeline_for(width)
+    return family.for_schedule(schedule).pipeline_for(width, height)  # type: ignore[arg-type]

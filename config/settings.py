@@ -144,9 +144,9 @@ class Settings:
         own = self.presets.get(model)
         return resolve_preset_fields(own, self.presets[self.default_model], self.families[family], requested_schedule)
 
-    def preset_pipeline(self, family: str, schedule: str, width: object) -> str:
+    def preset_pipeline(self, family: str, schedule: str, width: object, height: object) -> str:
         """The pipeline a run of `family` takes when no flag picks one (config/presets.py)."""
-        return resolve_pipeline(self.families[family], schedule, width)
+        return resolve_pipeline(self.families[family], schedule, width, height)
 
 
 def load_settings(

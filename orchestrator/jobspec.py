@@ -77,7 +77,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
     if fields.get("pipeline") is None:
-        fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], fields.get("width"))
+        size = (fields.get("width"), fields.get("height"))
+        fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]

@@ -242,13 +242,26 @@ def test_the_preset_picks_two_stage_only_for_ltx2_3_distilled_from_1280_px_wide(
     settings = load_settings(environ={"HOME": str(tmp_path)})
     assert settings.families["2.3"].distilled.two_stage_min_width == 1280
     picks = {
-        (name, schedule, width): settings.preset_pipeline(name, schedule, width)
+        (name, schedule, width): settings.preset_pipeline(name, schedule, width, 1088)
         for name in ("2.0", "2.3")
         for schedule in ("distilled", "default")
         for width in (768, 1216, 1280, 1920)
     }
     two_stage = {key for key, pipeline in picks.items() if pipeline == "two-stage"}
     assert two_stage == {("2.3", "distilled", 1280), ("2.3", "distilled", 1920)}
+
+
+def test_a_size_two_stage_cannot_take_defaults_to_one_stage_instead_of_an_error(tmp_path: Path):
+    """1280x736 is a valid one-stage size (multiples of 32) but not a two-stage one (64): the preset's
+    default must not turn it into a refusal; asked for explicitly, two-stage still refuses it."""
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    assert settings.preset_pipeline("2.3", "distilled", 1280, 736) == "one-stage"
+    assert settings.preset_pipeline("2.3", "distilled", 1344, 768) == "two-stage"
+    with pytest.raises(SpecError, match="two-stage needs a multiple of 64"):
+        JobSpec.from_dict(
+            {"prompt": "x", "model": "m", "width": 1280, "height": 736, "num_frames": 9, "steps": 8, "seed": 1,
+             "pipeline": "two-stage"}
+        )  # fmt: skip
 
 
 def test_build_spec_defaults_the_pipeline_from_the_preset_and_a_flag_overrides_it(
