@@ -247,6 +247,33 @@ def test_invalid_nag_fields_are_400_naming_the_field_with_the_flags_rule(gateway
     assert len(gateway.daemon_jobs()) == before
 
 
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"pipeline": "three-stage"}, "pipeline", "--pipeline: must be one of one-stage, two-stage"),
+        ({"pipeline": "two-stage"}, "size", "two-stage needs a multiple of 64"),  # 64x64 is too small for it
+        ({"stg_scale": 11}, "stg_scale", "--stg-scale: must be between 0.0 and 10.0"),
+        ({"guidance_rescale": "high"}, "guidance_rescale", "guidance_rescale must be a number; got 'high'"),
+    ],
+)
+def test_pipeline_and_guidance_fields_are_checked_as_the_flags_are(gateway, fields, param, message):
+    before = len(gateway.daemon_jobs())
+    status, _, body = gateway.post_json("alice", {"prompt": "a kite", "model": TINY, "size": "64x64", **fields})
+    assert status == 400 and body["error"]["param"] == param, body
+    assert message in body["error"]["message"], body
+    assert len(gateway.daemon_jobs()) == before
+
+
+def test_a_two_stage_request_records_its_pipeline(gateway):
+    status, _, body = gateway.post_json(
+        "alice", {"prompt": "a kite", "model": TINY, "size": "128x128", "pipeline": "two-stage", "stg_scale": 0.5}
+    )
+    assert status == 200, body
+    spec = json.loads((Path(gateway.daemon_job(body["id"])["job_dir"]) / "job.json").read_text())["spec"]
+    assert (spec["pipeline"], spec["stg_scale"]) == ("two-stage", 0.5)
+    gateway.client("alice").videos.delete(body["id"])
+
+
 def test_oversized_upload_is_413_and_queues_nothing(gateway):
     before = len(gateway.daemon_jobs())
     big = png_bytes(512, 512, size_hint=1)

@@ -34,7 +34,7 @@ REPO_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*"  # dots only between
 REPO_ID_PATTERN = re.compile(f"{REPO_PART}/{REPO_PART}")
 WEIGHT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
 # Form fields the gateway reads; anything else is refused so a typo is never silently ignored.
-TEXT_FIELDS = ("prompt", "negative_prompt", "model", "size", "seconds", "camera")
+TEXT_FIELDS = ("prompt", "negative_prompt", "model", "size", "seconds", "camera", "pipeline")
 # Numbers as the CLI flags of the same names take them; their ranges are the daemon's JobSpec checks,
 # so a refusal here carries the message `ltx2 generate` gives for the flag.
 NUMBER_FIELDS = {
@@ -43,6 +43,10 @@ NUMBER_FIELDS = {
     "seed": int,
     "steps": int,
     "guidance_scale": float,
+    "audio_guidance_scale": float,
+    "stg_scale": float,
+    "modality_scale": float,
+    "guidance_rescale": float,
     "nag_scale": float,
     "nag_tau": float,
     "nag_alpha": float,
