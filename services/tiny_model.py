@@ -43,22 +43,13 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 from tokenizers import Tokenizer, models, normalizers, trainers
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
-from protocol.families import LATENT_UPSAMPLER
+from protocol.families import LATENT_UPSAMPLER, family_named
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
 
 TEXT_HIDDEN = 32  # 2.0: must equal connector heads (4) x head_dim (8)
 # Transformer widths: video 2 heads x 8 = 16, audio 2 heads x 4 = 8. LTX-2.3's connectors project the
 # text straight to these (per_modality_projections), so its connector heads x head_dim must match them.
 VIDEO_HEADS, VIDEO_HEAD_DIM, AUDIO_HEADS, AUDIO_HEAD_DIM = 2, 8, 2, 4
-# LTX-2.3's transformer flags (diffusers' conversion config for version "2.3"; protocol/families.py).
-LTX2_3_TRANSFORMER_FLAGS = {
-    "gated_attn": True,
-    "cross_attn_mod": True,
-    "audio_gated_attn": True,
-    "audio_cross_attn_mod": True,
-    "use_prompt_embeddings": False,
-    "perturbed_attn": True,
-}
 VOCAB_SIZE = 512  # room for 5 specials, 256 byte-fallback tokens and the trained merges
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # Any text works as training material: it only decides which merges the tokenizer learns.
@@ -146,7 +137,7 @@ def build_components(seed: int = 0, family: str = "2.0") -> dict[str, object]:
 def build_transformer(family: str) -> LTX2VideoTransformer3DModel:
     """Two blocks at the tiny widths; 2.3 adds its flags (so STG's block 28 lies beyond the second
     block: the STG pass still runs, as a second unperturbed call)."""
-    flags = LTX2_3_TRANSFORMER_FLAGS if family == "2.3" else {}
+    flags = dict(family_named(family).transformer)  # what detection reads back (protocol/families.py)
     return LTX2VideoTransformer3DModel(
         in_channels=4,
         out_channels=4,
@@ -264,18 +255,21 @@ def build_audio_vae() -> AutoencoderKLLTX2Audio:
     return audio_vae
 
 
+# The tiny snakebeta vocoder both families start from: 10 x 4 x 4 = 160 samples per mel frame, 16 kHz.
+TINY_VOCODER = {
+    "hidden_channels": 32,
+    "out_channels": 2,
+    "upsample_kernel_sizes": [20, 8, 8],
+    "upsample_factors": [10, 4, 4],
+    "resnet_kernel_sizes": [3],
+    "resnet_dilations": [[1, 3, 5]],
+}
+
+
 def build_vocoder(mel_channels: int) -> LTX2Vocoder:
-    """LTX-2.0's vocoder: 10 x 4 x 4 = 160 samples per mel frame, i.e. 16 kHz."""
+    """LTX-2.0's vocoder: TINY_VOCODER, so 16 kHz out."""
     return LTX2Vocoder(
-        in_channels=mel_channels,
-        hidden_channels=32,
-        out_channels=2,
-        upsample_kernel_sizes=[20, 8, 8],
-        upsample_factors=[10, 4, 4],
-        resnet_kernel_sizes=[3],
-        resnet_dilations=[[1, 3, 5]],
-        leaky_relu_negative_slope=0.1,
-        output_sampling_rate=16000,
+        in_channels=mel_channels, **TINY_VOCODER, leaky_relu_negative_slope=0.1, output_sampling_rate=16000
     )
 
 
@@ -287,12 +281,7 @@ def build_bwe_vocoder(mel_channels: int) -> LTX2VocoderWithBWE:
     bwe_mel_channels = 8
     vocoder = LTX2VocoderWithBWE(
         in_channels=mel_channels,
-        hidden_channels=32,
-        out_channels=2,
-        upsample_kernel_sizes=[20, 8, 8],
-        upsample_factors=[10, 4, 4],
-        resnet_kernel_sizes=[3],
-        resnet_dilations=[[1, 3, 5]],
+        **TINY_VOCODER,
         bwe_in_channels=2 * bwe_mel_channels,
         bwe_hidden_channels=32,
         bwe_out_channels=2,
