@@ -217,7 +217,8 @@ class ForkServer:
     """Forks workers through one server process, started on first use and again after it died.
 
     `die_with_server`: each worker dies with the server that forked it (a farm node's server,
-    orchestrator.node_forker); locally workers outlive it, so a restarted daemon can adopt them."""
+    orchestrator.node_forker, whose orchestrator is on another host); locally a stopped server's
+    workers are left to their own sessions, and this side kills those of a server that died."""
 
     def __init__(self, die_with_server: bool = False) -> None:
         self.server: _Server | None = None
