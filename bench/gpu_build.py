@@ -205,7 +205,7 @@ def save_pipeline_files(torch: Any, root: Path, cfgs: dict[str, dict[str, Any]])
     """Scheduler, tokenizer and model_index.json (as LTX2Pipeline.save_pretrained writes it)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 
-    from services.tiny_model import build_tokenizer
+    from services.tiny_text_encoder import build_tokenizer
 
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     scheduler.save_pretrained(root / "scheduler")

@@ -4,7 +4,8 @@ A folder called `LTX-2.3-finetune` may hold LTX-2.0 weights, and a repo id says 
 local copy, so the family is read from what diffusers itself builds the models from:
 `model_index.json` (the vocoder and text encoder classes) and `transformer/config.json` (the
 flags that switch on 2.3's gated attention, cross-attention modulation and per-modality prompt
-projections). Torch-free: the orchestrator decides a job's family before any worker starts.
+projections, and 2.5's bias-free feed-forward and static prompt modulation). Torch-free: the
+orchestrator decides a job's family before any worker starts.
 
 A family is a row of FAMILIES. Its guidance *preferences* (steps, CFG, STG scale...) are data in
 config/defaults.toml `[families]`; the facts here are what the trained model needs whatever the
@@ -40,6 +41,7 @@ TRANSFORMER_DEFAULTS: Mapping[str, Any] = {
     "use_prompt_embeddings": True,
     "perturbed_attn": False,
     "ff_bias": True,
+    "use_prompt_adaln_single": True,
 }
 
 
@@ -57,12 +59,38 @@ class FamilySignature:
 
 
 # Transformer flags: diffusers' LTX-2 conversion configs (get_ltx2_transformer_config, versions "2.0" and
-# "2.3", in the huggingface/diffusers repository; not shipped in the 0.42.1 wheel). 2.5 also sets
-# ff_bias=False and needs a Gemma 4 text encoder, so it matches neither row.
+# "2.3", in the huggingface/diffusers repository; not shipped in the 0.42.1 wheel).
 # stg_blocks: LTX2Pipeline.__call__'s docstring (0.42.1), `spatio_temporal_guidance_blocks`: "[29] is
 # recommended for LTX-2.0 and [28] is recommended for LTX-2.3".
 # cross_timestep: the same docstring, `use_cross_timestep`: "True is the LTX-2.3/2.5 behavior; False is the
 # legacy LTX-2.0 behavior".
+#
+# LTX-2.5, from the installed diffusers 0.42.1 and transformers 5.24 (the conversion config for "2.5" is not
+# in the wheel, so only what the installed code states is required here):
+# - text_encoder: LTX2Pipeline.__init__ takes `Gemma3ForConditionalGeneration | Gemma4UnifiedForConditionalGeneration`,
+#   and pipelines/ltx2/utils.py `resolve_default_image_crf`: "LTX-2.5 uses a Gemma 4 (`gemma4_unified` / `gemma4`)
+#   text encoder". LTX2Pipeline._get_gemma_prompt_embeds has no branch on the encoder's type: both are encoded alike.
+# - ff_bias=False: LTX2VideoTransformer3DModel's docstring, `ff_bias`: "`False` for LTX-2.5".
+# - use_prompt_adaln_single=False with cross_attn_mod: transformer_ltx2.py, "When `use_prompt_adaln_single=False`
+#   (LTX-2.5 KV-cacheable cross-attention), this MLP is dropped so the cross-attention K/V modulation becomes
+#   timestep-independent (static per-layer table only)"; that table exists only with cross_attn_mod, so 2.5 sets it.
+# - Not confirmed by the installed code, taken from 2.3 (the generation 2.5 follows): gated_attn, audio_gated_attn,
+#   audio_cross_attn_mod, use_prompt_embeddings=False, perturbed_attn; the vocoder class LTX2VocoderWithBWE (the
+#   pipeline accepts both vocoders; vocoder.py calls the BWE one the "LTX-2.X vocoder"); stg_blocks [28] (the
+#   LTX-2.5 modular blocks, modular_pipelines/ltx2/modular_blocks_ltx25.py, reuse LTX2AutoCoreDenoiseStep, whose
+#   guider defaults to spatio_temporal_guidance_blocks=[28]; no docstring names a block for 2.5).
+# - use_keyframes_abs_pos_embedding ("LTX-2.5 and later") is not required: its docstring calls the argument
+#   optional and says omitting it "leaves the distilled forward path unchanged".
+LTX_2_3_TRANSFORMER: Mapping[str, Any] = {
+    "gated_attn": True,
+    "cross_attn_mod": True,
+    "audio_gated_attn": True,
+    "audio_cross_attn_mod": True,
+    "use_prompt_embeddings": False,
+    "perturbed_attn": True,
+    "ff_bias": True,
+    "use_prompt_adaln_single": True,
+}
 FAMILIES: tuple[FamilySignature, ...] = (
     FamilySignature(
         name="2.0",
@@ -78,15 +106,16 @@ FAMILIES: tuple[FamilySignature, ...] = (
         label="LTX-2.3",
         vocoder="LTX2VocoderWithBWE",
         text_encoder="Gemma3ForConditionalGeneration",
-        transformer={
-            "gated_attn": True,
-            "cross_attn_mod": True,
-            "audio_gated_attn": True,
-            "audio_cross_attn_mod": True,
-            "use_prompt_embeddings": False,
-            "perturbed_attn": True,
-            "ff_bias": True,
-        },
+        transformer=LTX_2_3_TRANSFORMER,
+        stg_blocks=(28,),
+        cross_timestep=True,
+    ),
+    FamilySignature(
+        name="2.5",
+        label="LTX-2.5",
+        vocoder="LTX2VocoderWithBWE",
+        text_encoder="Gemma4UnifiedForConditionalGeneration",
+        transformer={**LTX_2_3_TRANSFORMER, "ff_bias": False, "use_prompt_adaln_single": False},
         stg_blocks=(28,),
         cross_timestep=True,
     ),
@@ -125,7 +154,7 @@ class CheckpointFamily:
 
 
 def supported_labels() -> str:
-    """ "LTX-2.0, LTX-2.3": for error messages and help."""
+    """ "LTX-2.0, LTX-2.3, LTX-2.5": for error messages and help."""
     return ", ".join(family.label for family in FAMILIES)
 
 

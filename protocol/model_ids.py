@@ -10,7 +10,11 @@ from pathlib import Path
 # by `python -m services.tiny_model --hf-cache` (real diffusers classes, random weights).
 TINY_REPO_ID = "ltx2-stages/tiny-random-ltx2"
 # The tiny model of each family (`ltx2 tiny-model --family`); 2.0's is the one tests and the demo use.
-TINY_REPO_IDS = {"2.0": TINY_REPO_ID, "2.3": "ltx2-stages/tiny-random-ltx2.3"}
+TINY_REPO_IDS = {
+    "2.0": TINY_REPO_ID,
+    "2.3": "ltx2-stages/tiny-random-ltx2.3",
+    "2.5": "ltx2-stages/tiny-random-ltx2.5",
+}
 # The tiny models' fixed, commit-like revision (the cache's snapshots/<rev>). A new one is a new build, as a hub
 # repo's new commit is: a cache holding an older one is rebuilt (orchestrator.model_lookup.ensure_tiny_model).
 # 2: adds the latent_upsampler subfolder that two-stage runs load.

@@ -5,7 +5,7 @@ No hub access exists where tests and CI run, and diffusers' own tiny test config
 transformers classes instead (seeded, so two builds are identical), with shapes chosen so the
 whole pipeline runs in about a second on two CPU cores:
 
-- the Gemma-3 text hidden size (32) equals the connectors' heads x head_dim (4 x 8);
+- the Gemma text hidden size (32) equals the connectors' heads x head_dim (4 x 8);
 - the audio VAE's `base_channels` equals `latent_channels * mel_bins / 4` (packed audio width);
 - the vocoder upsamples by 10 x 4 x 4 = 160 samples per mel frame, the audio VAE's hop length at
   16 kHz, so the waveform lasts as long as the video;
@@ -17,13 +17,16 @@ whole pipeline runs in about a second on two CPU cores:
 modality straight to the transformer's widths, STG-capable attention) and the vocoder with
 bandwidth extension, which turns the 16 kHz waveform into 48 kHz as the real one does.
 
-Both carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
+`--family 2.5` builds LTX-2.5: a Gemma 4 unified text encoder (services/tiny_text_encoder.py), 2.3's
+connectors and vocoder, and the transformer with 2.5's flags on top of 2.3's (feed-forward without bias,
+the prompt's cross-attention modulation a static per-layer table instead of a timestep MLP).
+
+All carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
 (model_index.json does not list it, as in Lightricks/LTX-2).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -40,85 +43,32 @@ from diffusers import (
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
-from tokenizers import Tokenizer, models, normalizers, trainers
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GemmaTokenizer
 
 from protocol.families import LATENT_UPSAMPLER, family_named
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
+from services.tiny_text_encoder import TEXT_HIDDEN, TEXT_LAYERS, build_text_encoder, build_tokenizer
 
-TEXT_HIDDEN = 32  # 2.0: must equal connector heads (4) x head_dim (8)
 # Transformer widths: video 2 heads x 8 = 16, audio 2 heads x 4 = 8. LTX-2.3's connectors project the
 # text straight to these (per_modality_projections), so its connector heads x head_dim must match them.
 VIDEO_HEADS, VIDEO_HEAD_DIM, AUDIO_HEADS, AUDIO_HEAD_DIM = 2, 8, 2, 4
-VOCAB_SIZE = 512  # room for 5 specials, 256 byte-fallback tokens and the trained merges
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-# Any text works as training material: it only decides which merges the tokenizer learns.
-TOKENIZER_CORPUS = [
-    "a slow dolly in through a rain soaked alleyway at night with neon signs",
-    "a robot dancing in a sunlit forge while sparks fly and steam rises",
-    "puppies chase each other across wet grass under a cloudy sky",
-    "the camera cranes up over ancient stone ruins at golden hour",
-]
-
-
-def build_tokenizer() -> GemmaTokenizer:
-    """Train a byte-fallback BPE in memory and wrap it as the Gemma tokenizer diffusers expects."""
-    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    bpe.normalizer = normalizers.Replace(" ", "\u2581")
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 16, special_tokens=SPECIAL_TOKENS + byte_tokens)
-    bpe.train_from_iterator(TOKENIZER_CORPUS, trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(pair) for pair in state["merges"]]
-    return GemmaTokenizer(vocab=state["vocab"], merges=merges)
-
-
-def build_text_encoder() -> Gemma3ForConditionalGeneration:
-    """A two-layer Gemma-3 whose text hidden size matches the tiny connectors."""
-    config = Gemma3Config(
-        text_config={
-            "vocab_size": VOCAB_SIZE,
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "max_position_embeddings": 512,
-            "sliding_window": 64,
-            "query_pre_attn_scalar": 16,
-        },
-        vision_config={
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        mm_tokens_per_image=4,
-        boi_token_index=VOCAB_SIZE - 3,
-        eoi_token_index=VOCAB_SIZE - 2,
-        image_token_index=VOCAB_SIZE - 1,
-    )
-    return Gemma3ForConditionalGeneration(config).eval()
 
 
 def build_components(seed: int = 0, family: str = "2.0") -> dict[str, object]:
     """Every LTX2Pipeline component of `family`, each built right after `torch.manual_seed(seed)`."""
     torch.manual_seed(seed)
-    text_encoder = build_text_encoder()
+    text_encoder = build_text_encoder(family)
     torch.manual_seed(seed)
     transformer = build_transformer(family)
     torch.manual_seed(seed)
-    connectors = build_connectors(family, text_encoder.config.text_config.num_hidden_layers + 1)
+    connectors = build_connectors(family, TEXT_LAYERS + 1)
     torch.manual_seed(seed)
     vae = build_video_vae()
     torch.manual_seed(seed)
     audio_vae = build_audio_vae()
     torch.manual_seed(seed)
     mel_channels = audio_vae.config.output_channels * audio_vae.config.mel_bins
-    vocoder = build_bwe_vocoder(mel_channels) if family == "2.3" else build_vocoder(mel_channels)
+    has_bwe = family_named(family).vocoder == "LTX2VocoderWithBWE"
+    vocoder = build_bwe_vocoder(mel_channels) if has_bwe else build_vocoder(mel_channels)
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": vae,
@@ -161,9 +111,10 @@ def build_transformer(family: str) -> LTX2VideoTransformer3DModel:
 
 
 def build_connectors(family: str, text_layers: int) -> LTX2TextConnectors:
-    """2.0: one projection to the text width, then 4 x 8 connectors. 2.3: RMS-normed per-modality
-    projections with bias and gated attention, the connectors as wide as the transformer streams."""
-    if family == "2.3":
+    """2.0: one projection to the text width, then 4 x 8 connectors. 2.3 and 2.5 (no prompt projection in
+    their transformer): RMS-normed per-modality projections with bias and gated attention, the connectors as
+    wide as the transformer streams."""
+    if not family_named(family).transformer.get("use_prompt_embeddings", True):
         widths = {
             "video_connector_num_attention_heads": VIDEO_HEADS,
             "video_connector_attention_head_dim": VIDEO_HEAD_DIM,
@@ -358,7 +309,7 @@ def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0, family: str = "
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.tiny_model [--family 2.0|2.3] (--hf-cache | DIR)`: write the tiny model, print where."""
+    """`python -m services.tiny_model [--family 2.0|2.3|2.5] (--hf-cache | DIR)`: write the tiny model, print where."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.", allow_abbrev=False)

@@ -37,13 +37,11 @@ def tiny_model_dir(hf_home: Path) -> Path:
     return snapshots[0]
 
 
-@pytest.fixture(scope="session")
-def tiny_23_model_dir(hf_home: Path) -> Path:
-    """The tiny LTX-2.3 model (BWE vocoder, 2.3 transformer flags), built into the same hub cache
-    under its own repo id by `ltx2 tiny-model --family 2.3 --hf-cache`."""
+def build_tiny_family(hf_home: Path, family: str) -> Path:
+    """`ltx2 tiny-model --family FAMILY --hf-cache` into `hf_home`'s hub cache; its snapshot folder."""
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "tiny-model", "--family", "2.3", "--hf-cache"],
+        [sys.executable, "-m", "orchestrator.cli", "tiny-model", "--family", family, "--hf-cache"],
         env=env,
         capture_output=True,
         text=True,
@@ -51,11 +49,29 @@ def tiny_23_model_dir(hf_home: Path) -> Path:
         cwd=REPO_ROOT,
     )
     snapshot = Path(result.stdout.strip())
-    assert snapshot.parent.parent.name == "models--ltx2-stages--tiny-random-ltx2.3"
+    assert snapshot.parent.parent.name == f"models--ltx2-stages--tiny-random-ltx{family}"
     return snapshot
 
 
-@pytest.fixture(scope="module", params=("2.0", "2.3"))
+@pytest.fixture(scope="session")
+def tiny_23_model_dir(hf_home: Path) -> Path:
+    """The tiny LTX-2.3 model (BWE vocoder, 2.3 transformer flags), built into the same hub cache
+    under its own repo id by `ltx2 tiny-model --family 2.3 --hf-cache`."""
+    return build_tiny_family(hf_home, "2.3")
+
+
+@pytest.fixture(scope="session")
+def tiny_25_model_dir(hf_home: Path) -> Path:
+    """The tiny LTX-2.5 model (Gemma 4 unified text encoder, 2.5 transformer flags), built by
+    `ltx2 tiny-model --family 2.5 --hf-cache`."""
+    return build_tiny_family(hf_home, "2.5")
+
+
+# The fixture holding each family's tiny model.
+FAMILY_MODEL_FIXTURES = {"2.0": "tiny_model_dir", "2.3": "tiny_23_model_dir", "2.5": "tiny_25_model_dir"}
+
+
+@pytest.fixture(scope="module", params=tuple(FAMILY_MODEL_FIXTURES))
 def family(request: pytest.FixtureRequest) -> str:
     """A test (or module fixture) that uses it runs once per supported model family."""
     return request.param
@@ -64,7 +80,7 @@ def family(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def family_model_dir(family: str, request: pytest.FixtureRequest) -> Path:
     """The tiny model of `family`."""
-    return request.getfixturevalue("tiny_model_dir" if family == "2.0" else "tiny_23_model_dir")
+    return request.getfixturevalue(FAMILY_MODEL_FIXTURES[family])
 
 
 def ltx2_environment(hf_home: Path, root: Path) -> dict[str, str]:

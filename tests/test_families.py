@@ -170,3 +170,41 @@ def test_tiny_model_without_family_builds_ltx2_0(tmp_path: Path, hf_home: Path):
     result = run_ltx2(["tiny-model", str(tmp_path / "tiny")], ltx2_environment(hf_home, tmp_path))
     assert result.returncode == 0, result.stderr
     assert detect_family(tmp_path / "tiny").name == "2.0"
+
+
+def test_ltx2_5_is_read_from_its_gemma_4_encoder_and_transformer_flags(tiny_25_model_dir: Path, tmp_path: Path):
+    family = detect_family(copy_configs(tiny_25_model_dir, tmp_path / "LTX-2.3-Distilled-Diffusers"))
+    assert (family.name, family.label) == ("2.5", "LTX-2.5")
+    assert family.text_encoder == "Gemma4UnifiedForConditionalGeneration"
+    assert (family.vocoder, family.audio_sample_rate) == ("LTX2VocoderWithBWE", 48000)
+    assert (family.stg_blocks, family.cross_timestep) == ((28,), True)
+
+
+def test_a_2_5_checkpoint_missing_its_static_prompt_flag_names_ltx2_5_as_nearest(
+    tiny_25_model_dir: Path, tmp_path: Path
+):
+    folder = copy_configs(tiny_25_model_dir, tmp_path / "m")
+    config = json.loads((folder / TRANSFORMER_CONFIG).read_text())
+    del config["use_prompt_adaln_single"]  # an older converter: diffusers then builds the timestep MLP (True)
+    (folder / TRANSFORMER_CONFIG).write_text(json.dumps(config))
+    with pytest.raises(UnsupportedCheckpoint) as caught:
+        detect_family(folder)
+    message = str(caught.value)
+    assert "LTX-2.0, LTX-2.3, LTX-2.5" in message
+    assert "nearest is LTX-2.5, which needs use_prompt_adaln_single=False (found True)" in message
+
+
+def test_ltx2_5_presets_run_one_stage_even_for_a_wide_distilled_clip(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    distilled = settings.preset_fields("/some/local/folder", "2.5")
+    assert (distilled["steps"], distilled["schedule"], distilled["guidance_scale"], distilled["stg_scale"]) == (
+        8,
+        "distilled",
+        1.0,
+        0.0,
+    )
+    assert settings.preset_pipeline("2.5", "distilled", 1280, 704) == "one-stage"
+    dev = settings.preset_fields("/some/local/folder", "2.5", "default")
+    expected_dev = {"guidance_scale": 3.0, "audio_guidance_scale": 7.0, "stg_scale": 1.0, "modality_scale": 3.0}
+    assert {key: dev[key] for key in expected_dev} == expected_dev
+    assert (dev["guidance_rescale"], dev["steps"]) == (0.7, 30)

@@ -36,13 +36,15 @@ from services.video_decode import configure_vae, decode_frames
 TOLERANCE = 1e-5
 PROMPT = "a slow dolly in through a rainy neon alley"
 # What each family's trained model needs, from diffusers 0.42.1's LTX2Pipeline.__call__ docstring:
-# STG blocks [29] for LTX-2.0 and [28] for 2.3; cross-timestep off for 2.0 ("legacy"), on for 2.3.
+# STG blocks [29] for LTX-2.0 and [28] for 2.3; cross-timestep off for 2.0 ("legacy"), on for 2.3 and 2.5
+# ("the LTX-2.3/2.5 behavior"). No docstring names 2.5's STG block: [28] is the modular LTX-2.5 blocks' guider default.
 FAMILY_CALL = {
     "2.0": {"spatio_temporal_guidance_blocks": [29], "use_cross_timestep": False},
     "2.3": {"spatio_temporal_guidance_blocks": [28], "use_cross_timestep": True},
+    "2.5": {"spatio_temporal_guidance_blocks": [28], "use_cross_timestep": True},
 }
-# The rate each tiny vocoder writes: 2.0's upsamples 160x to 16 kHz; 2.3's BWE ends at 48 kHz as the real one.
-AUDIO_RATE = {"2.0": 16000, "2.3": 48000}
+# The rate each tiny vocoder writes: 2.0's upsamples 160x to 16 kHz; the BWE of 2.3 and 2.5 ends at 48 kHz.
+AUDIO_RATE = {"2.0": 16000, "2.3": 48000, "2.5": 48000}
 
 
 def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
