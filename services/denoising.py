@@ -172,7 +172,26 @@ def conditioning(
         ctx.progress("load video VAE for the conditioning image")
         ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
     image = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, run.width, run.height)
-    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image}
+    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image, "image_crf": image_crf(ctx.job)}
+
+
+# Text encoders whose model_type diffusers' resolve_default_image_crf (0.42.1) treats as LTX-2.5's
+# ("gemma4_unified" / "gemma4"), by the model_index.json class names that carry those types.
+GEMMA_4_ENCODERS = ("Gemma4UnifiedForConditionalGeneration", "Gemma4ForConditionalGeneration")
+
+
+def image_crf(job: dict[str, Any]) -> int:
+    """The H.264 CRF the conditioning image is re-compressed at before it is encoded.
+
+    LTX2ImageToVideoPipeline picks it from its text encoder (`resolve_default_image_crf`: 18, the CRF
+    LTX-2.5 was trained with, for a Gemma 4 encoder; 33 otherwise). The denoising process holds no text
+    encoder, so left to itself the pipeline would always pick 33; the class comes from the family
+    job.json recorded instead (none recorded: LTX-2.0, a Gemma 3).
+    """
+    from diffusers.pipelines.ltx2.utils import DEFAULT_IMAGE_CRF, LTX2_5_IMAGE_CRF
+
+    family = job.get("family") or {}
+    return LTX2_5_IMAGE_CRF if family.get("text_encoder") in GEMMA_4_ENCODERS else DEFAULT_IMAGE_CRF
 
 
 def nag_context(

@@ -13,6 +13,7 @@ from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 from PIL import Image
 from test_loras import encode
 
+from protocol.families import detect_family
 from services.guidance import guidance_off
 
 
@@ -26,17 +27,15 @@ def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_image_to_video_latents_equal_the_single_process_i2v_pipeline(
-    tiny_model_dir: Path, tmp_path: Path, picture: Path
-):
-    staged = encode(tiny_model_dir, tmp_path, "i2v", image=str(picture))
-    pipe = LTX2ImageToVideoPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32)
+def reference_i2v(model_dir: Path, picture: Path, **extra: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """LTX2ImageToVideoPipeline's latents for `encode`'s tiny request, guidance off for the model's family."""
+    pipe = LTX2ImageToVideoPipeline.from_pretrained(model_dir, dtype=torch.float32)
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
     )
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        video, audio = pipe(
+        return pipe(
             image=Image.open(picture).convert("RGB"),
             prompt="a dolly in",
             negative_prompt="",
@@ -49,12 +48,33 @@ def test_image_to_video_latents_equal_the_single_process_i2v_pipeline(
             generator=torch.Generator().manual_seed(4),
             output_type="latent",
             return_dict=False,
-            **guidance_off(),
+            **guidance_off(detect_family(model_dir).to_record()),
+            **extra,
         )
+
+
+def test_image_to_video_latents_equal_the_single_process_i2v_pipeline(
+    tiny_model_dir: Path, tmp_path: Path, picture: Path
+):
+    staged = encode(tiny_model_dir, tmp_path, "i2v", image=str(picture))
+    video, audio = reference_i2v(tiny_model_dir, picture)
     assert float((staged["video"] - video).abs().max()) <= 1e-5
     assert float((staged["audio"] - audio).abs().max()) <= 1e-5
     text_only = encode(tiny_model_dir, tmp_path, "t2v")
     assert float((staged["video"] - text_only["video"]).abs().max()) > 1e-3
+
+
+def test_ltx2_5_image_is_recompressed_at_its_crf_18_as_the_single_process_pipeline_does(
+    tiny_25_model_dir: Path, tmp_path: Path, picture: Path
+):
+    """With a Gemma 4 encoder LTX2ImageToVideoPipeline re-compresses the image at CRF 18 (LTX-2.5's),
+    not 33; the denoising process has no encoder, so it takes the CRF from the recorded family."""
+    staged = encode(tiny_25_model_dir, tmp_path, "i2v", image=str(picture))
+    video, audio = reference_i2v(tiny_25_model_dir, picture)
+    assert float((staged["video"] - video).abs().max()) <= 1e-5
+    assert float((staged["audio"] - audio).abs().max()) <= 1e-5
+    at_crf_33, _ = reference_i2v(tiny_25_model_dir, picture, image_crf=33)
+    assert float((staged["video"] - at_crf_33).abs().max()) > 1e-5
 
 
 @pytest.mark.parametrize(

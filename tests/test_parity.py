@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from conftest import probe_mp4
+from conftest import FAMILY_MODEL_FIXTURES, probe_mp4
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
@@ -236,17 +236,20 @@ def test_cfg_run_with_negative_prompt_matches_and_batches_one_call_per_step(tiny
     assert int(metadata["transformer_calls"]) == 3
 
 
-def test_ltx2_3_dev_preset_matches_and_makes_cfg_stg_and_modality_calls_each_step(
-    tiny_23_model_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("dev_family", ["2.3", "2.5"])
+def test_dev_preset_matches_and_makes_cfg_stg_and_modality_calls_each_step(
+    dev_family: str, request: pytest.FixtureRequest, tmp_path: Path
 ):
-    """The 2.3 dev preset (audio CFG 7, STG, modality guidance, rescale) through the stages equals the
-    single-process pipeline, at three transformer calls per step: CFG (batched), STG, modality."""
-    dev = load_settings(environ={}).families["2.3"].dev
+    """The 2.3 and 2.5 dev presets (audio CFG 7, STG, modality guidance, rescale) through the stages equal
+    the single-process pipeline, at three transformer calls per step: CFG (batched), STG, modality. On 2.5
+    the prompt's cross-attention modulation is the static per-layer table (no `prompt_adaln`)."""
+    model_dir = request.getfixturevalue(FAMILY_MODEL_FIXTURES[dev_family])
+    dev = load_settings(environ={}).families[dev_family].dev
     assert (dev.guidance_scale, dev.audio_guidance_scale, dev.stg_scale, dev.modality_scale) == (3.0, 7.0, 1.0, 3.0)
     guidance = {k: v for k, v in dev.spec_fields().items() if k not in ("steps", "schedule")}
-    job = run_staged(tiny_23_model_dir, tmp_path, **guidance, schedule="default", steps=2, num_frames=9)
+    job = run_staged(model_dir, tmp_path, **guidance, schedule="default", steps=2, num_frames=9)
     tensors, metadata = read_latents(job.path / LATENTS_FILE)
-    video, audio = reference_call(load_reference(tiny_23_model_dir, "default"), job.spec, "latent", "2.3")
+    video, audio = reference_call(load_reference(model_dir, "default"), job.spec, "latent", dev_family)
     assert max_diff(tensors["video"], video) <= TOLERANCE
     assert max_diff(tensors["audio"], audio) <= TOLERANCE
     assert int(metadata["transformer_calls"]) == 3 * 2
