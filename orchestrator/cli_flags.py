@@ -84,7 +84,7 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--audio-guidance-scale",
         type=float,
-        help="CFG scale of the audio (family preset: 7.0 for LTX-2.3 dev; else follows --guidance-scale)",
+        help="CFG scale of the audio (family preset: 7.0 for LTX-2.3 and 2.5 dev; else follows --guidance-scale)",
     )
     parser.add_argument(
         "--stg-scale",

@@ -57,7 +57,9 @@ def load_prompt_encoder(root: Path, dtype: torch.dtype, device: torch.device) ->
     """An LTX2Pipeline holding only the tokenizer and text encoder (on `device`).
 
     Its `encode_prompt` is the very code the single-process pipeline runs, and being the sole
-    owner of the encoder it can be emptied to free it.
+    owner of the encoder it can be emptied to free it. The classes are the ones model_index.json
+    names: Gemma 3 for LTX-2.0 and 2.3, Gemma 4 unified for 2.5, which diffusers 0.42.1 encodes
+    alike (`_get_gemma_prompt_embeds` stacks every hidden state, whichever Gemma produced them).
     """
     import transformers
     from diffusers import LTX2Pipeline

@@ -83,7 +83,7 @@ def test_transformer_defaults_are_those_of_the_installed_diffusers():
 def test_a_checkpoint_of_no_supported_family_is_named_with_the_nearest_difference(
     tiny_23_model_dir: Path, tmp_path: Path
 ):
-    folder = copy_configs(tiny_23_model_dir, tmp_path / "ltx-2.5-like")
+    folder = copy_configs(tiny_23_model_dir, tmp_path / "ltx-2.3-without-ff-bias")
     edit_config(folder, TRANSFORMER_CONFIG, ff_bias=False)
     with pytest.raises(UnsupportedCheckpoint) as caught:
         detect_family(folder)
