@@ -5,12 +5,15 @@ The only module that imports ray, and only inside its functions: a daemon or `lt
 module loads no ray, so `orchestrator/` stays ray-free at start. The head keeps everything it owns today:
 the queue, every job's state and the retry policy. Ray only places processes. Each stage attempt
 (or stage-major group) is one task taking one unit of `[cluster] ray_resource` ("GPU"), in a fresh
-Ray worker process that runs that one task and exits (`max_calls=1`): it starts the stage exactly
-as a local lane execs it (`python -m services.<stage> ...`, through services.parent_bound so the
-stage dies with it) and waits for it. Ray never retries a task (`max_retries=0`): the policy does.
-The task is a generator: its first item says where the stage runs once Ray placed it, its last
-the stage's exit status. A Ray worker or node that dies mid-stage reads as a stage killed by
-SIGKILL, as the kernel's OOM killer leaves one locally: host_oom, which the policy retries.
+Ray worker process that runs that one task and exits (`max_calls=1`): it has its node's fork
+server fork the stage (orchestrator.node_forker: one actor per lane node, started with the farm,
+so a stage does not import torch and diffusers itself) or, on a node without a usable one, starts
+it as a local lane execs it (`python -m services.<stage> ...`, through services.parent_bound), and
+waits for it; either way the stage dies with the task. Ray never retries a task
+(`max_retries=0`): the policy does. The task is a generator: its first item says where the stage
+runs once Ray placed it, its last the stage's exit status. A Ray worker or node that dies
+mid-stage reads as a stage killed by SIGKILL, as the kernel's OOM killer leaves one locally:
+host_oom, which the policy retries.
 
 Workers report to the head over tcp:// with CURVE: keys made at start for this run only; the
 head accepts no client key but the one it hands its own tasks. Job directories and the model
@@ -236,7 +239,8 @@ class RayStageProcess:
         return code
 
     def stop(self) -> int:
-        """Cancel the task: Ray kills its worker, and the stage dies with it (services.parent_bound)."""
+        """Cancel the task: Ray kills its worker, and the stage dies with it (the node fork server's
+        watcher, or services.parent_bound)."""
         ray_module().cancel(self.generator, force=True)
         return self.wait()
 
