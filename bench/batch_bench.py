@@ -535,7 +535,7 @@ def add_issue14(runs: dict[str, Any]) -> dict[str, Any]:
     diffusion_two, diffusion_one = two.get("diffusion_warm_per_clip_s"), one.get("diffusion_warm_per_clip_s")
     speedup = diffusion_one / diffusion_two if diffusion_one and diffusion_two else None
     peaks = {name: run.get("stage_peak_gib") for name, run in runs.items() if name in HD_RUNS and "jobs" in run}
-    bf16 = [v for name, p in peaks.items() if name.endswith("_bf16") for v in (p or {}).values()]
+    bf16 = [v for name, p in peaks.items() if name.endswith("_bf16") for v in (p or {}).values() if v]  # 0: unmeasured
     return {
         "two_stage_warm_per_clip_s": warm,
         "one_stage_warm_per_clip_s": one.get("warm_per_clip_wall_s"),
@@ -653,6 +653,7 @@ def print_table(results: dict[str, Any]) -> None:
             for stage in STAGES
         }
         seconds = {stage: [fmt(j["seconds"], "", 2) for j in run["stages"][stage]["per_job"]] for stage in STAGES}
+        diffusion = run["stages"]["encode_diffuse"]["per_job"]
         sys.stdout.write(
             f"{name} [{run['size']}, {len(run['jobs'])} clip(s)]: rc {run['returncode']}, wall {run['wall_s']:.1f} s, "
             f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {fmt(run.get('warm_per_clip_s'), 's', 2)} "
@@ -661,7 +662,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"processes per stage {[s['processes'] for s in run['stages'].values()]}, "
             f"loads {[s.get('loads') for s in run['stages'].values()]}; steady s/step "
             f"{[fmt(j.get('s_per_step_steady'), '', 3) for j in run['stages']['encode_diffuse']['per_job']]}, "
-            f"MFU {fmt(run.get('mfu_steady'), '', 3)}; "
+            f"stage-2 s/step {[fmt(j.get('stage2_s_per_step_steady'), '', 3) for j in diffusion]}, "
+            f"MFU {fmt(run.get('mfu_steady'), '', 3)}, "
+            f"diffusion warm per clip {fmt(run.get('diffusion_warm_per_clip_s'), 's', 2)}; "
             f"stage seconds per clip {seconds}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "
             f"torch per stage {', '.join(f'{k} {v:.1f} GiB' for k, v in peaks.items())}; "
             f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; steady per clip (lanes side by side) "
@@ -670,6 +673,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
+    if any(name in HD_RUNS for name in results["runs"]):
+        sys.stdout.write(f"issue 14: {json.dumps(results.get('issue14'), default=str)}\n")
 
 
 if __name__ == "__main__":
