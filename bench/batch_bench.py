@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """GPU benchmark, version 3: stage-major batches and regional compile on the full-size model.
 
-    python bench/batch_bench.py --out DIR [--budget-s 560] [--scale full|smoke|tiny]
+    python bench/batch_bench.py --out DIR [--budget-s 560] [--scale full|smoke|tiny] [--family 2.0|2.3]
                                 [--sequence batch,batch_compile,batch_compile_warm,large_compile]
 
-Builds the full-size LTX-2.0 folder with random weights (bench/gpu_bench.py `build`, reused when
-an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI process:
+Builds the full-size LTX-2.0 folder (`--family 2.3`: LTX-2.3, with its latent upsampler) with random
+weights (bench/gpu_bench.py `build`, reused when an earlier call on the machine left one of the same
+scale and family), then runs, each as a fresh `ltx2` CLI process:
 
 - batch: `ltx2 batch` of --clips clips at --small (different prompts and seeds), stage-major, eager;
 - batch_compile: the same clips with `compile = true` (regional compile of the transformer's
@@ -31,12 +32,23 @@ an earlier call on the machine left one), then runs, each as a fresh `ltx2` CLI 
   accumulated in fp32), to price the tensor cores' fast accumulation in speed and PSNR;
 - large_eager: the same clip in eager bf16, the reference of the large clips' PSNR;
 - large_eager_plain: large_eager with `PYTORCH_CUDA_ALLOC_CONF` emptied, i.e. torch's default
-  allocator instead of the workers' expandable segments (peak memory as nvidia-smi sees it).
+  allocator instead of the workers' expandable segments (peak memory as nvidia-smi sees it);
+- hd_two_stage_fp8mm / hd_fp8mm (issue 14, meant for `--family 2.3`): a stage-major batch of --clips
+  clips at --hd (1920x1088x121), distilled schedule, `--fp8-matmul --compile`, `pipeline =
+  "two-stage"` / `"one-stage"`; hd_two_stage_fp8mm_warmup / hd_fp8mm_warmup: one such clip each, to
+  fill the compile cache; hd_two_stage_bf16 / hd_bf16: one clip in eager bf16 (per-stage peaks for
+  the issue's 48 GiB target). results.json "issue14" compares them with the targets; the comment
+  above HD_TARGETS estimates the two device calls:
+
+      bash bench/run_on_device.sh batch --family 2.3 \
+          --sequence hd_two_stage_fp8mm_warmup,hd_fp8mm_warmup,hd_two_stage_bf16
+      bash bench/run_on_device.sh batch --family 2.3 --sequence hd_two_stage_fp8mm,hd_fp8mm
 
 Per run: wall time from process start to exit, per-clip time (wall / clips, and the warm per-clip
 cost: what each clip after the first adds inside the group processes, both as the sum of its
 stage attempts' seconds and as the spacing of the clips' stage ends, which is the honest figure
-once the video stage overlaps clips), worker processes per stage, each clip's stage seconds,
+once the video stage overlaps clips; the diffusion stage's own warm seconds per clip), worker
+processes per stage, each clip's stage seconds,
 peak GPU memory (nvidia-smi, every 250 ms) and per stage (torch). Every per-stage number comes
 from the jobs' events.log and job.json (bench/event_timings.py), not from the worker logs' text:
 model loads per stage, each clip's first denoising step and steady s/step (and the MFU from it)
@@ -78,7 +90,7 @@ from gpu_common import (  # noqa: E402
     size_label,
     write_json,
 )  # fmt: skip
-from gpu_configs import TRANSFORMER_CONFIG, peak_flops, transformer_flops  # noqa: E402
+from gpu_configs import FAMILIES, peak_flops, scaled_configs, transformer_flops  # noqa: E402
 from gpu_report import fmt  # noqa: E402
 from gpu_run import GpuSampler, probe_environment, run_child  # noqa: E402
 from gpu_staged import kill_pids, worker_pids  # noqa: E402
@@ -98,9 +110,16 @@ PROMPTS = [
 
 
 def write_batch(
-    path: Path, root: str, size: tuple[int, int, int], clips: int, compile_: bool, fp8_matmul: bool = False
+    path: Path,
+    root: str,
+    size: tuple[int, int, int],
+    clips: int,
+    compile_: bool,
+    fp8_matmul: bool = False,
+    pipeline: str | None = None,
 ) -> Path:
-    """A batch TOML of `clips` clips (prompt i, seed i) at `size`."""
+    """A batch TOML of `clips` clips (prompt i, seed i) at `size`; `pipeline` ("one-stage" /
+    "two-stage") is written only when given (else the family's preset decides)."""
     width, height, frames = size
     lines = [
         "[defaults]",
@@ -109,6 +128,7 @@ def write_batch(
         f'steps = {STEPS}\nschedule = "distilled"',
         f"compile = {'true' if compile_ else 'false'}",
         f"fp8_matmul = {'true' if fp8_matmul else 'false'}",
+        *([f"pipeline = {json.dumps(pipeline)}"] if pipeline else []),
         "",
     ]
     for index in range(clips):
@@ -158,6 +178,37 @@ RAY_START_TIMEOUT_S = 120
 # The compile warm-up batch needs only enough clips to compile every shape once.
 WARMUP_CLIPS = 2
 
+# Issue 14 (version 10, planned): LTX-2.3 at --hd (1920x1088x121), two-stage against one-stage, each a
+# stage-major batch of --clips clips (distilled schedule, `--fp8-matmul --compile`). Run -> (pipeline,
+# clips: None = --clips, fp8-matmul and compile). The warm-ups (one clip each) fill the compile cache for
+# the shapes of each pipeline (two-stage: stage 1 at half size, stage 2 at full size); the *_bf16 runs
+# (one clip, eager bf16) give the per-stage peaks the issue's "<= 48 GiB in bf16" target is about.
+HD_RUNS: dict[str, tuple[str, int | None, bool]] = {
+    "hd_fp8mm_warmup": ("one-stage", 1, True),
+    "hd_two_stage_fp8mm_warmup": ("two-stage", 1, True),
+    "hd_fp8mm": ("one-stage", None, True),
+    "hd_two_stage_fp8mm": ("two-stage", None, True),
+    "hd_bf16": ("one-stage", 1, False),
+    "hd_two_stage_bf16": ("two-stage", 1, False),
+}
+# Version 10 (planned; numbers go to docs/benchmarks.md only after the run). Estimate for one H200, from
+# version 9's LTX-2.0 figures (the 2.3 transformer has 18.99 B parameters against 2.0's 18.88 B, plus
+# gated attention; 2.3's connectors grow to 3.17 B but run once per clip): build ~100-120 s (~70 GB);
+# one-stage 1080p x 121 ~2.9-3.2 s/step x 8 steps = ~25 s of diffusion per clip, plus decodes; two-stage
+# 8 steps at 960x544 (a quarter of the tokens, ~0.6 s/step) + upsampler + 3 steps at full size = ~12-14 s.
+# Cold compile, loads and the build do not fit one 600 s call with both 4-clip batches, so two calls on
+# one warm machine (the second reuses the folder, BUILD_OK records the family, and the compile cache,
+# kept when the work folder holds an earlier call's results.json):
+#   call 1 (~110 s build + 2 x ~100 s cold warm-ups + ~80 s bf16 peaks, ~420 s):
+#     bash bench/run_on_device.sh batch --family 2.3 \
+#         --sequence hd_two_stage_fp8mm_warmup,hd_fp8mm_warmup,hd_two_stage_bf16
+#   call 2 (~45 s loads + 4 x ~20 s two-stage, ~45 s + 4 x ~32 s one-stage, ~300 s):
+#     bash bench/run_on_device.sh batch --family 2.3 --sequence hd_two_stage_fp8mm,hd_fp8mm
+# If the machine was given back in between, call 2 rebuilds (~110 s) and compiles cold (the first clip
+# of each batch absorbs it; warm per clip counts only clips 2..4), still ~500 s; then run hd_bf16 /
+# hd_two_stage_bf16 in a third call. results.json "issue14" holds the targets' verdicts (add_issue14).
+HD_TARGETS = {"two_stage_warm_per_clip_s": 15.0, "stretch_s": 10.0, "diffusion_speedup": 2.5, "stage_peak_gib": 48.0}
+
 
 def attempt_record(attempt: AttemptTiming) -> dict[str, Any]:
     """One attempt as the results keep it (times as UNIX seconds)."""
@@ -176,13 +227,25 @@ def process_count(job_dirs: list[Path], stage: str) -> int:
     return len(inodes)
 
 
+# Two-stage clips: stage 2 refines with this many steps (services/two_stage.py).
+STAGE2_STEPS = 3
+
+
 def denoise_rate(rows: list[tuple[float, str, int]]) -> dict[str, float | None]:
-    """A clip's first denoising step and its steady s/step (steps 1..STEPS) from progress events."""
+    """A clip's first denoising step and its steady s/step (steps 1..STEPS) from progress events;
+    for a two-stage clip these are stage 1's ("denoise stage 1"), plus stage 2's steady s/step and
+    the seconds from stage 1's last step to stage 2's first (the latent upsampler and re-noising)."""
     t0, t1, tn = (first_mark(rows, "denoise", step) for step in (0, 1, STEPS))
-    return {
+    rate = {
         "first_step_s": None if t0 is None or t1 is None else t1 - t0,
         "s_per_step_steady": None if t1 is None or tn is None else (tn - t1) / (STEPS - 1),
     }
+    u1, un = (first_mark(rows, "denoise stage 2", step) for step in (1, STAGE2_STEPS))
+    if u1 is not None:
+        u0 = first_mark(rows, "denoise stage 2", 0)
+        rate["stage2_s_per_step_steady"] = None if un is None else (un - u1) / (STAGE2_STEPS - 1)
+        rate["stage1_to_stage2_s"] = None if tn is None or u0 is None else u0 - tn
+    return rate
 
 
 def load_counts(events_by_job: list[list[dict[str, Any]]], stage: str) -> dict[str, int]:
@@ -246,12 +309,14 @@ def summarize(state: Path) -> dict[str, Any]:
     return out
 
 
-def add_mfu(run: dict[str, Any], environment: dict[str, Any]) -> None:
-    """MFU of the clips' mean steady s/step against the GPU's datasheet bf16 peak."""
+def add_mfu(run: dict[str, Any], environment: dict[str, Any], family: str = "2.0") -> None:
+    """MFU of the clips' mean steady s/step against the GPU's datasheet bf16 peak (one-stage runs:
+    a two-stage clip's steps are at two sizes)."""
     peak = peak_flops(environment.get("versions", {}).get("gpu", ""))
     rates = [j["s_per_step_steady"] for j in run["stages"]["encode_diffuse"]["per_job"] if j.get("s_per_step_steady")]
-    if rates and peak:
-        flops = transformer_flops(TRANSFORMER_CONFIG, *parse_size(run["size"]), MAX_SEQUENCE_LENGTH)["flops"]
+    if rates and peak and run.get("pipeline") != "two-stage":
+        config = scaled_configs("full", family=family)["transformer"]
+        flops = transformer_flops(config, *parse_size(run["size"]), MAX_SEQUENCE_LENGTH)["flops"]
         run["mfu_steady"] = flops / (sum(rates) / len(rates)) / peak
 
 
@@ -367,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small", default="768x512x121")
     parser.add_argument("--large", default="1920x1088x161")
     parser.add_argument("--clips", type=int, default=4)
+    parser.add_argument("--family", choices=FAMILIES, default="2.0", help="LTX-2 family of the built folder")
+    parser.add_argument("--hd", default="1920x1088x121", help="clip size of the hd_* runs (issue 14)")
     parser.add_argument("--sequence", default="batch,batch_compile,batch_compile_warm,large_compile")
     parser.add_argument("--budget-s", type=float, default=560.0)
     parser.add_argument("--host-ram-gib", type=float, default=0.0)
@@ -376,9 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
 def ensure_model(args: argparse.Namespace, root: Path, work: Path, deadline: float, child_log: Path) -> dict[str, Any]:
     """Build the model folder in a `gpu_bench.py build` child unless one of the same scale is there."""
     marker = root / "BUILD_OK"
-    if marker.is_file() and json.loads(marker.read_text()).get("scale") == args.scale:
-        return {"reused": True}
-    build = [sys.executable, str(ENTRY), "build", "--root", str(root), "--scale", args.scale]
+    if marker.is_file():
+        built = json.loads(marker.read_text())
+        if built.get("scale") == args.scale and built.get("family", "2.0") == args.family:
+            return {"reused": True}
+    build = [sys.executable, str(ENTRY), "build", "--root", str(root), "--scale", args.scale, "--family", args.family]
     build += ["--result", str(work / "build.json")]
     build += ["--host-ram-gib", str(args.host_ram_gib)] if args.host_ram_gib else []
     rc, t0, t1, _ = run_child(build, max(deadline - time.time() - 60, 10), child_log)
@@ -401,6 +470,11 @@ def run_environment(name: str, state: Path, outputs: Path, cache: Path) -> dict[
 def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> tuple[list[str], tuple[int, int, int]]:
     """The CLI command of run `name` and its clip size: a batch of --clips small clips, or one large clip."""
     cli = [sys.executable, "-m", "orchestrator.cli"]
+    if name in HD_RUNS:
+        pipeline, clips, fast = HD_RUNS[name]
+        size = parse_size(args.hd)
+        batch = write_batch(work / f"{name}.toml", str(root), size, clips or args.clips, fast, fast, pipeline)
+        return [*cli, "batch", str(batch), "--quiet"], size
     if name.startswith("batch"):
         size = parse_size(args.small)
         fp8mm = name.startswith("batch_fp8mm")
@@ -432,6 +506,50 @@ def add_clip_numbers(run: dict[str, Any]) -> None:
     run["steady_per_clip_s"] = sum(run["lane_stage_gap_s"].values()) if run["lane_stage_gap_s"] else None
 
 
+def add_stage_peaks(run: dict[str, Any]) -> None:
+    """Per stage, the highest torch peak of any clip's last attempt (GiB), and the diffusion stage's
+    warm seconds per clip: the mean of clips 2..N's attempt seconds (the group's loads and compile
+    land on clip 1)."""
+    peaks: dict[str, float] = {}
+    for stage in STAGES:
+        attempts = [job["stages"][stage] for job in run["jobs"].values() if job["stages"].get(stage)]
+        values = [a[-1].get("peak_gpu_bytes") or 0 for a in attempts]
+        if values:
+            peaks[stage] = max(values) / GIB
+    run["stage_peak_gib"] = peaks
+    later = [
+        job["stages"]["encode_diffuse"][-1]["seconds"]
+        for name, job in sorted(run["jobs"].items())
+        if name != "clip1" and job["stages"].get("encode_diffuse") and job["stages"]["encode_diffuse"][-1]["seconds"]
+    ]
+    run["diffusion_warm_per_clip_s"] = sum(later) / len(later) if later else None
+
+
+def add_issue14(runs: dict[str, Any]) -> dict[str, Any]:
+    """Issue 14's targets from the hd_* runs present (None where a run is missing): two-stage warm per
+    clip (wall spacing of the clips' stage ends, so overlapping decodes count once) <= 15 s (stretch
+    10 s); the diffusion stage >= 2.5x faster two-stage than one-stage (warm attempt seconds per clip);
+    every stage <= 48 GiB in the bf16 runs (and, for information, in the fp8-matmul runs)."""
+    two, one = runs.get("hd_two_stage_fp8mm", {}), runs.get("hd_fp8mm", {})
+    warm = two.get("warm_per_clip_wall_s")
+    diffusion_two, diffusion_one = two.get("diffusion_warm_per_clip_s"), one.get("diffusion_warm_per_clip_s")
+    speedup = diffusion_one / diffusion_two if diffusion_one and diffusion_two else None
+    peaks = {name: run.get("stage_peak_gib") for name, run in runs.items() if name in HD_RUNS and "jobs" in run}
+    bf16 = [v for name, p in peaks.items() if name.endswith("_bf16") for v in (p or {}).values() if v]  # 0: unmeasured
+    return {
+        "two_stage_warm_per_clip_s": warm,
+        "one_stage_warm_per_clip_s": one.get("warm_per_clip_wall_s"),
+        "two_stage_ok": None if warm is None else warm <= HD_TARGETS["two_stage_warm_per_clip_s"],
+        "two_stage_stretch_ok": None if warm is None else warm <= HD_TARGETS["stretch_s"],
+        "diffusion_warm_per_clip_s": {"two-stage": diffusion_two, "one-stage": diffusion_one},
+        "diffusion_speedup": speedup,
+        "diffusion_speedup_ok": None if speedup is None else speedup >= HD_TARGETS["diffusion_speedup"],
+        "stage_peak_gib": peaks,
+        "bf16_peaks_ok": (max(bf16) <= HD_TARGETS["stage_peak_gib"]) if bf16 else None,
+        "targets": HD_TARGETS,
+    }
+
+
 def add_psnr(results: dict[str, Any]) -> None:
     """Every run's clips against the eager run's clips of the same name (batch, or large_eager)."""
     for name, run in results["runs"].items():
@@ -452,6 +570,20 @@ def add_psnr(results: dict[str, Any]) -> None:
             for job, data in run["jobs"].items()
             if data.get("output") and eager.get(job, {}).get("output")
         }
+
+
+def finish_run(
+    run: dict[str, Any], name: str, size: tuple[int, int, int], state: Path, environment: dict[str, Any], family: str
+) -> dict[str, Any]:
+    """A finished run's record: wall time, size, pipeline, the jobs' timings and the numbers made from them."""
+    run["wall_s"] = run["t1"] - run["t0"]
+    run["size"] = size_label(size)
+    run["pipeline"] = HD_RUNS[name][0] if name in HD_RUNS else "one-stage"
+    run.update(summarize(state))
+    add_clip_numbers(run)
+    add_stage_peaks(run)
+    add_mfu(run, environment, family)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -499,15 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         with ray_head(name, environment, child_log):
             run = run_cli(name, command, environment, left, child_log)
         run["gpu_peak_mib"] = sampler.peak_mib(run["t0"], run["t1"])
-        run["wall_s"] = run["t1"] - run["t0"]
-        run["size"] = size_label(size)
-        run.update(summarize(state))
-        add_clip_numbers(run)
-        add_mfu(run, results["environment"])
-        results["runs"][name] = run
+        results["runs"][name] = finish_run(run, name, size, state, results["environment"], args.family)
         save()
     sampler.stop()
     add_psnr(results)  # 5
+    results["issue14"] = add_issue14(results["runs"])
     save()
     print_table(results)  # 6
     return 0
@@ -525,6 +653,7 @@ def print_table(results: dict[str, Any]) -> None:
             for stage in STAGES
         }
         seconds = {stage: [fmt(j["seconds"], "", 2) for j in run["stages"][stage]["per_job"]] for stage in STAGES}
+        diffusion = run["stages"]["encode_diffuse"]["per_job"]
         sys.stdout.write(
             f"{name} [{run['size']}, {len(run['jobs'])} clip(s)]: rc {run['returncode']}, wall {run['wall_s']:.1f} s, "
             f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {fmt(run.get('warm_per_clip_s'), 's', 2)} "
@@ -533,7 +662,9 @@ def print_table(results: dict[str, Any]) -> None:
             f"processes per stage {[s['processes'] for s in run['stages'].values()]}, "
             f"loads {[s.get('loads') for s in run['stages'].values()]}; steady s/step "
             f"{[fmt(j.get('s_per_step_steady'), '', 3) for j in run['stages']['encode_diffuse']['per_job']]}, "
-            f"MFU {fmt(run.get('mfu_steady'), '', 3)}; "
+            f"stage-2 s/step {[fmt(j.get('stage2_s_per_step_steady'), '', 3) for j in diffusion]}, "
+            f"MFU {fmt(run.get('mfu_steady'), '', 3)}, "
+            f"diffusion warm per clip {fmt(run.get('diffusion_warm_per_clip_s'), 's', 2)}; "
             f"stage seconds per clip {seconds}; peak GPU nvidia-smi {run['gpu_peak_mib']} MiB, "
             f"torch per stage {', '.join(f'{k} {v:.1f} GiB' for k, v in peaks.items())}; "
             f"clips/hour {3600 * len(run['jobs']) / run['wall_s']:.0f}; steady per clip (lanes side by side) "
@@ -542,6 +673,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
+    if any(name in HD_RUNS for name in results["runs"]):
+        sys.stdout.write(f"issue 14: {json.dumps(results.get('issue14'), default=str)}\n")
 
 
 if __name__ == "__main__":

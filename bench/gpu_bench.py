@@ -36,7 +36,7 @@ layer (for a CPU check with small clips); `--scale tiny` uses the project's tiny
 # The entry point is only the command line; the work is split by concern into modules beside it
 # (on sys.path as this script's folder, as batch_bench.py imports them):
 #   gpu_common    clock (T_PROCESS), clip settings, log and JSON helpers
-#   gpu_configs   LTX-2.0 component configs, parameter targets, FLOPs per step
+#   gpu_configs   LTX-2.0 / 2.3 component configs, parameter targets, FLOPs per step
 #   gpu_storage   where the weights can go (disks, tmpfs, host RAM)
 #   gpu_build     `build`: the random full-size folder
 #   gpu_baseline  `baseline`: diffusers' LTX2Pipeline in one process
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_build = sub.add_parser("build")
     p_build.add_argument("--root", required=True)
     p_build.add_argument("--scale", choices=["full", "smoke", "tiny"], default="full")
+    p_build.add_argument("--family", choices=["2.0", "2.3"], default="2.0", help="LTX-2 family of the folder")
     p_build.add_argument("--result", required=True)
     p_build.add_argument("--host-ram-gib", type=float, default=0.0)
 

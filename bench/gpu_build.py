@@ -1,4 +1,5 @@
-"""`gpu_bench.py build`: the full-size LTX-2.0 folder with random bf16 weights, made on the accelerator.
+"""`gpu_bench.py build`: the full-size LTX-2.0 (or, `--family 2.3`, LTX-2.3) folder with random bf16
+weights, made on the accelerator; 2.3's has the two-stage pipeline's `latent_upsampler/` too.
 
 It exists because no real weights travel to the lent machines: every component is built at full
 size from its config (gpu_configs), its parameter count checked, and saved as a diffusers folder
@@ -19,12 +20,12 @@ from typing import Any
 
 from gpu_common import GIB, T_PROCESS, log, write_json
 from gpu_configs import (
-    CLASS_NAMES,
-    COMPONENTS,
-    EXPECTED_PARAMS,
     GEMMA_MM,
     GEMMA_VISION_CONFIG,
     SCHEDULER_CONFIG,
+    family_class_names,
+    family_components,
+    family_expected_params,
     scaled_configs,
 )
 from gpu_storage import mem_total_bytes, plan_storage, ram_dir, storage_report
@@ -58,24 +59,32 @@ def count_params(module: Any) -> int:
 
 
 def component_factories(cfgs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Component name -> a function that makes it (on torch's current default device) from `cfgs`."""
+    """Component name -> a function that makes it (on torch's current default device) from `cfgs`.
+
+    2.3's configs (a BWE vocoder config, a "latent_upsampler" entry) make LTX2VocoderWithBWE and
+    LTX2LatentUpsamplerModel."""
     from diffusers import AutoencoderKLLTX2Audio, AutoencoderKLLTX2Video, LTX2VideoTransformer3DModel
     from diffusers.pipelines.ltx2 import LTX2TextConnectors
-    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder
+    from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
+    from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     def text_encoder() -> Any:
         config = Gemma3Config(text_config=cfgs["text"], vision_config=dict(GEMMA_VISION_CONFIG), **GEMMA_MM)
         return Gemma3ForConditionalGeneration(config)
 
-    return {
+    vocoder = LTX2VocoderWithBWE if "bwe_in_channels" in cfgs["vocoder"] else LTX2Vocoder
+    factories = {
         "transformer": lambda: LTX2VideoTransformer3DModel(**cfgs["transformer"]),
         "text_encoder": text_encoder,
         "connectors": lambda: LTX2TextConnectors(**cfgs["connectors"]),
         "vae": lambda: AutoencoderKLLTX2Video(**cfgs["vae"]),
         "audio_vae": lambda: AutoencoderKLLTX2Audio(**cfgs["audio_vae"]),
-        "vocoder": lambda: LTX2Vocoder(**cfgs["vocoder"]),
+        "vocoder": lambda: vocoder(**cfgs["vocoder"]),
     }
+    if "latent_upsampler" in cfgs:
+        factories["latent_upsampler"] = lambda: LTX2LatentUpsamplerModel(**cfgs["latent_upsampler"])
+    return factories
 
 
 def meta_param_counts(cfgs: dict[str, dict[str, Any]]) -> dict[str, int]:
@@ -91,7 +100,8 @@ def meta_param_counts(cfgs: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 def start_info(args: argparse.Namespace, torch: Any) -> dict[str, Any]:
     """The build record's first fields; on a GPU also its name and the bf16 matmul ceiling."""
-    info: dict[str, Any] = {"scale": args.scale, "root": str(args.root), "t_start": T_PROCESS}
+    info: dict[str, Any] = {"scale": args.scale, "family": family_of(args), "root": str(args.root)}
+    info["t_start"] = T_PROCESS
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["matmul"] = measure_matmul(torch)
@@ -99,12 +109,17 @@ def start_info(args: argparse.Namespace, torch: Any) -> dict[str, Any]:
     return info
 
 
-def build_tiny(root: Path, info: dict[str, Any], result_path: Path) -> int:
-    """`--scale tiny`: the project's tiny random model instead of the LTX-2.0 configs."""
+def family_of(args: argparse.Namespace) -> str:
+    """The family a build makes (`--family`, 2.0 when the option is absent)."""
+    return getattr(args, "family", None) or "2.0"
+
+
+def build_tiny(root: Path, info: dict[str, Any], result_path: Path, family: str = "2.0") -> int:
+    """`--scale tiny`: the project's tiny random model (of `family`) instead of the full-size configs."""
     from services.tiny_model import write_tiny_model
 
     t0 = time.time()
-    write_tiny_model(root)
+    write_tiny_model(root, family=family)
     info["build_s"] = time.time() - t0
     info["text_encoder_layers"] = 2
     (root / "BUILD_OK").write_text(json.dumps(info))
@@ -118,10 +133,11 @@ def plan_folder(args: argparse.Namespace, root: Path, info: dict[str, Any]) -> t
     The text encoder's fixed and per-layer sizes come from a 1- and a 2-layer count, so the plan
     can give it fewer layers when it does not fit.
     """
-    full_layers = scaled_configs(args.scale)["text"]["num_hidden_layers"]
-    counts = meta_param_counts(scaled_configs(args.scale))
-    te1 = meta_param_counts(scaled_configs(args.scale, te_layers=1))["text_encoder"]
-    te2 = meta_param_counts(scaled_configs(args.scale, te_layers=2))["text_encoder"]
+    family = family_of(args)
+    full_layers = scaled_configs(args.scale, family=family)["text"]["num_hidden_layers"]
+    counts = meta_param_counts(scaled_configs(args.scale, family=family))
+    te1 = meta_param_counts(scaled_configs(args.scale, te_layers=1, family=family))["text_encoder"]
+    te2 = meta_param_counts(scaled_configs(args.scale, te_layers=2, family=family))["text_encoder"]
     te_per_layer, te_fixed = (te2 - te1) * 2, (te1 - (te2 - te1)) * 2
     sizes = {name: n * 2 for name, n in counts.items()}  # bf16
     info["param_counts"] = counts
@@ -181,17 +197,18 @@ def save_components(
     torch: Any, args: argparse.Namespace, root: Path, plan: dict[str, Any], ram_root: Path | None, info: dict[str, Any]
 ) -> None:
     """Every component, largest first, into `info["components"]` (the result file rewritten after each)."""
-    te_layers = plan["text_encoder_layers"]
+    te_layers, family = plan["text_encoder_layers"], family_of(args)
     full_size = args.scale == "full" and te_layers == scaled_configs("full")["text"]["num_hidden_layers"]
-    factories = component_factories(scaled_configs(args.scale, te_layers=te_layers))
+    factories = component_factories(scaled_configs(args.scale, te_layers=te_layers, family=family))
+    expected = family_expected_params(family)
     info["components"] = {}
     torch.set_default_dtype(torch.bfloat16)
-    for name in COMPONENTS:
+    for name in family_components(family):
         where = plan["placement"][name]
         target = component_target(root, name, where, ram_root)
         record = {"where": where, **save_component(torch, factories[name], target, name == "vae")}
-        if full_size and name in EXPECTED_PARAMS:
-            record["params_ok"] = abs(record["params"] - EXPECTED_PARAMS[name]) / EXPECTED_PARAMS[name] < 0.01
+        if full_size and name in expected:
+            record["params_ok"] = abs(record["params"] - expected[name]) / expected[name] < 0.01
         info["components"][name] = record
         log(
             f"{name}: {record['params'] / 1e9:.3f} B params, built in {record['build_s']:.1f} s, "
@@ -201,8 +218,9 @@ def save_components(
     torch.set_default_dtype(torch.float32)
 
 
-def save_pipeline_files(torch: Any, root: Path, cfgs: dict[str, dict[str, Any]]) -> None:
-    """Scheduler, tokenizer and model_index.json (as LTX2Pipeline.save_pretrained writes it)."""
+def save_pipeline_files(torch: Any, root: Path, cfgs: dict[str, dict[str, Any]], family: str = "2.0") -> None:
+    """Scheduler, tokenizer and model_index.json (as LTX2Pipeline.save_pretrained writes it; the latent
+    upsampler is no pipeline component, so the index leaves it out, as in Lightricks' checkpoints)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 
     from services.tiny_text_encoder import build_tokenizer
@@ -212,10 +230,10 @@ def save_pipeline_files(torch: Any, root: Path, cfgs: dict[str, dict[str, Any]])
     tokenizer = build_tokenizer()  # ids < 512 < Gemma's vocabulary: any id is a valid embedding row
     tokenizer.save_pretrained(root / "tokenizer")
     with torch.device("meta"):  # weightless shells: only the class names go into the index
-        shells = {name: make() for name, make in component_factories(cfgs).items()}
+        shells = {name: make() for name, make in component_factories(cfgs).items() if name != "latent_upsampler"}
     LTX2Pipeline(scheduler=scheduler, tokenizer=tokenizer, **shells).save_config(root)
     index = json.loads((root / "model_index.json").read_text())
-    for name, expected in CLASS_NAMES.items():
+    for name, expected in family_class_names(family).items():
         if list(index.get(name, [])) != list(expected):
             raise RuntimeError(f"model_index.json records {name} as {index.get(name)}, expected {expected}")
 
@@ -246,7 +264,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     if args.scale == "tiny":
-        return build_tiny(root, info, result_path)
+        return build_tiny(root, info, result_path, family_of(args))
     info["versions"] = library_versions(torch)
     plan, sizes = plan_folder(args, root, info)  # 2
     if plan["missing"]:
@@ -257,7 +275,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         return fail(info, result_path, "no tmpfs for the components that do not fit on disk")
     save_components(torch, args, root, plan, ram_root, info)  # 3
     t0 = time.time()
-    save_pipeline_files(torch, root, scaled_configs(args.scale, te_layers=plan["text_encoder_layers"]))  # 4
+    family = family_of(args)
+    configs = scaled_configs(args.scale, te_layers=plan["text_encoder_layers"], family=family)
+    save_pipeline_files(torch, root, configs, family)  # 4
     info["index_s"] = time.time() - t0
     t0 = time.time()
     os.sync()  # 5

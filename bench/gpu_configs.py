@@ -1,4 +1,4 @@
-"""The LTX-2.0 architecture as numbers: component configs, their parameter targets, FLOPs per step.
+"""The LTX-2.0 and LTX-2.3 architectures as numbers: component configs, their parameter targets, FLOPs per step.
 
 It exists so the builder (gpu_build), the single-process baseline (gpu_baseline), the report
 (gpu_report) and batch_bench.py use one copy of the configs and one FLOP formula. Pure data and
@@ -86,10 +86,79 @@ GEMMA_MM = {
     "eoi_token_index": 256000,
     "image_token_index": 262144,
 }
+# ---------------------------------------------------------------------------------------------
+# LTX-2.3 (issue 14): diffusers scripts/convert_ltx2_to_diffusers.py at huggingface/diffusers commit
+# 58eb52c0803ea9af3abec60841c2a093bdf1f951 (file last changed in 7564fb016dabda0c943416190fc92398c50b1b20),
+# version "2.3" of get_ltx2_transformer_config, get_ltx2_connectors_config, get_ltx2_video_vae_config
+# (timestep_conditioning=False, as for 2.0 above), get_ltx2_audio_vae_config ("Same config as LTX-2.0"),
+# get_ltx2_vocoder_config (LTX2VocoderWithBWE) and get_ltx2_spatial_latent_upsampler_config. The text
+# encoder is Gemma 3 12B as for 2.0 (the script's --text_encoder_model_id default "for LTX 2.0/2.3").
+# tests/test_bench_configs.py checks the transformer flags against protocol/families.py's 2.3 row.
+# ---------------------------------------------------------------------------------------------
+TRANSFORMER_CONFIG_2_3: dict[str, Any] = {
+    **TRANSFORMER_CONFIG,
+    "gated_attn": True, "cross_attn_mod": True, "audio_gated_attn": True, "audio_cross_attn_mod": True,
+    "use_prompt_embeddings": False, "perturbed_attn": True,
+}  # fmt: skip
+CONNECTORS_CONFIG_2_3: dict[str, Any] = {
+    "caption_channels": 3840, "text_proj_in_factor": 49,
+    "video_connector_num_attention_heads": 32, "video_connector_attention_head_dim": 128,
+    "video_connector_num_layers": 8, "video_connector_num_learnable_registers": 128, "video_gated_attn": True,
+    "audio_connector_num_attention_heads": 32, "audio_connector_attention_head_dim": 64,
+    "audio_connector_num_layers": 8, "audio_connector_num_learnable_registers": 128, "audio_gated_attn": True,
+    "connector_rope_base_seq_len": 4096, "rope_theta": 10000.0, "rope_double_precision": True,
+    "causal_temporal_positioning": False, "rope_type": "split", "per_modality_projections": True,
+    "video_hidden_dim": 4096, "audio_hidden_dim": 2048, "proj_bias": True,
+}  # fmt: skip
+VAE_CONFIG_2_3: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 128,
+    "block_out_channels": (256, 512, 1024, 1024), "down_block_types": ("LTX2VideoDownBlock3D",) * 4,
+    "decoder_block_out_channels": (256, 512, 512, 1024),
+    "layers_per_block": (4, 6, 4, 2, 2), "decoder_layers_per_block": (4, 6, 4, 2, 2),
+    "spatio_temporal_scaling": (True, True, True, True), "decoder_spatio_temporal_scaling": (True, True, True, True),
+    "decoder_inject_noise": (False, False, False, False, False),
+    "downsample_type": ("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+    "upsample_type": ("spatiotemporal", "spatiotemporal", "temporal", "spatial"),
+    "upsample_residual": (False, False, False, False), "upsample_factor": (2, 2, 1, 2),
+    "timestep_conditioning": False, "patch_size": 4, "patch_size_t": 1,
+    "resnet_norm_eps": 1e-6, "encoder_causal": True, "decoder_causal": False,
+    "encoder_spatial_padding_mode": "zeros", "decoder_spatial_padding_mode": "zeros",
+    "spatial_compression_ratio": 32, "temporal_compression_ratio": 8,
+}  # fmt: skip
+VOCODER_CONFIG_2_3: dict[str, Any] = {
+    "in_channels": 128, "hidden_channels": 1536, "out_channels": 2,
+    "upsample_kernel_sizes": [11, 4, 4, 4, 4, 4], "upsample_factors": [5, 2, 2, 2, 2, 2],
+    "resnet_kernel_sizes": [3, 7, 11], "resnet_dilations": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    "act_fn": "snakebeta", "leaky_relu_negative_slope": 0.1, "antialias": True, "antialias_ratio": 2,
+    "antialias_kernel_size": 12, "final_act_fn": None, "final_bias": False,
+    "bwe_in_channels": 128, "bwe_hidden_channels": 512, "bwe_out_channels": 2,
+    "bwe_upsample_kernel_sizes": [12, 11, 4, 4, 4], "bwe_upsample_factors": [6, 5, 2, 2, 2],
+    "bwe_resnet_kernel_sizes": [3, 7, 11], "bwe_resnet_dilations": [[1, 3, 5], [1, 3, 5], [1, 3, 5]],
+    "bwe_act_fn": "snakebeta", "bwe_leaky_relu_negative_slope": 0.1, "bwe_antialias": True,
+    "bwe_antialias_ratio": 2, "bwe_antialias_kernel_size": 12, "bwe_final_act_fn": None, "bwe_final_bias": False,
+    "filter_length": 512, "hop_length": 80, "window_length": 512, "num_mel_channels": 64,
+    "input_sampling_rate": 16000, "output_sampling_rate": 48000,
+}  # fmt: skip
+# 2.3's upsampler: the plain conv + pixel shuffle (use_rational_resampler=False; 2.0's is True).
+LATENT_UPSAMPLER_CONFIG_2_3: dict[str, Any] = {
+    "in_channels": 128, "mid_channels": 1024, "num_blocks_per_stage": 4, "dims": 3, "spatial_upsample": True,
+    "temporal_upsample": False, "rational_spatial_scale": 2.0, "use_rational_resampler": False,
+}  # fmt: skip
+FAMILIES = ("2.0", "2.3")
 # Parameter counts the brief expects at full size (checked to 1%).
 EXPECTED_PARAMS = {"transformer": 18.876e9, "text_encoder": 12.19e9, "connectors": 1.431e9, "vae": 1.222e9}
+# LTX-2.3 at full size: the meta-device counts of the configs above (diffusers 0.42.1; checked in
+# tests/test_bench_configs.py). The "22B" of LTX-2.3 is the original single checkpoint, which holds the
+# transformer and the text connectors (the conversion script splits them): 18.989 + 3.172 = 22.16 B.
+# The transformer alone is barely larger than 2.0's (gated attention, cross-attention modulation).
+EXPECTED_PARAMS_2_3 = {
+    "transformer": 18.989e9, "text_encoder": 12.19e9, "connectors": 3.172e9, "vae": 0.7261e9,
+    "latent_upsampler": 0.4979e9,
+}  # fmt: skip
 # Save order: largest first, so a full disk shows up before minutes are spent on the small parts.
 COMPONENTS = ("transformer", "text_encoder", "connectors", "vae", "audio_vae", "vocoder")
+# LTX-2.3 adds the two-stage pipeline's latent upsampler (a subfolder model_index.json does not list).
+COMPONENTS_2_3 = (*COMPONENTS, "latent_upsampler")
 CLASS_NAMES = {
     "transformer": ("diffusers", "LTX2VideoTransformer3DModel"),
     "text_encoder": ("transformers", "Gemma3ForConditionalGeneration"),
@@ -98,13 +167,34 @@ CLASS_NAMES = {
     "audio_vae": ("diffusers", "AutoencoderKLLTX2Audio"),
     "vocoder": ("ltx2", "LTX2Vocoder"),
 }
+# model_index.json of 2.3: the BWE vocoder is what protocol/families.py tells 2.3 by.
+CLASS_NAMES_2_3 = {**CLASS_NAMES, "vocoder": ("ltx2", "LTX2VocoderWithBWE")}
 
 
-def scaled_configs(scale: str, te_layers: int | None = None) -> dict[str, dict[str, Any]]:
-    """Component configs for a scale; `te_layers` overrides the Gemma layer count (storage fallback)."""
+def family_components(family: str) -> tuple[str, ...]:
+    """The folders a build of `family` saves, in save order."""
+    return COMPONENTS_2_3 if family == "2.3" else COMPONENTS
+
+
+def family_class_names(family: str) -> dict[str, tuple[str, str]]:
+    """model_index.json's (library, class) per component of `family`."""
+    return CLASS_NAMES_2_3 if family == "2.3" else CLASS_NAMES
+
+
+def family_expected_params(family: str) -> dict[str, float]:
+    """Full-size parameter counts a build of `family` is checked against (to 1%)."""
+    return EXPECTED_PARAMS_2_3 if family == "2.3" else EXPECTED_PARAMS
+
+
+def scaled_configs(scale: str, te_layers: int | None = None, family: str = "2.0") -> dict[str, dict[str, Any]]:
+    """Component configs of `family` ("2.0" or "2.3") for a scale; `te_layers` overrides the Gemma
+    layer count (storage fallback). 2.3's also hold "latent_upsampler"."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r} (known: {', '.join(FAMILIES)})")
+    two_three = family == "2.3"
     text = dict(GEMMA_TEXT_CONFIG)
-    transformer = dict(TRANSFORMER_CONFIG)
-    connectors = dict(CONNECTORS_CONFIG)
+    transformer = dict(TRANSFORMER_CONFIG_2_3 if two_three else TRANSFORMER_CONFIG)
+    connectors = dict(CONNECTORS_CONFIG_2_3 if two_three else CONNECTORS_CONFIG)
     if scale == "smoke":  # real widths, one layer each: a CPU can run the whole benchmark
         transformer["num_layers"] = 1
         text["num_hidden_layers"] = 1
@@ -116,14 +206,17 @@ def scaled_configs(scale: str, te_layers: int | None = None) -> dict[str, dict[s
         "full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(text["num_hidden_layers"])
     ]
     connectors["text_proj_in_factor"] = text["num_hidden_layers"] + 1  # one input per Gemma hidden state
-    return {
+    configs = {
         "transformer": transformer,
         "connectors": connectors,
-        "vae": dict(VAE_CONFIG),
+        "vae": dict(VAE_CONFIG_2_3 if two_three else VAE_CONFIG),
         "audio_vae": dict(AUDIO_VAE_CONFIG),
-        "vocoder": dict(VOCODER_CONFIG),
+        "vocoder": dict(VOCODER_CONFIG_2_3 if two_three else VOCODER_CONFIG),
         "text": text,
     }
+    if two_three:
+        configs["latent_upsampler"] = dict(LATENT_UPSAMPLER_CONFIG_2_3)
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 #
 #   bash bench/run_on_device.sh [--plan v1|fork] [--phases ...] [--sequence ...]
 #   bash bench/run_on_device.sh batch [--sequence batch,batch_compile,...]
+#   bash bench/run_on_device.sh batch --family 2.3 --sequence hd_two_stage_fp8mm,hd_fp8mm   (issue 14;
+#       the two calls it takes are in bench/batch_bench.py above HD_TARGETS)
 set -uo pipefail
 started=$(date +%s)
 cd "$(dirname "$0")/.."
