@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from orchestrator import processes
@@ -107,4 +108,4 @@ class NodeForker:
             for pid, stage in orphans:
                 log.warning("stage %d lost its task (process %d); killing it", pid, stage.owner)
                 processes.kill_session(pid, stage.started)
-            threading.Event().wait(WATCH_S)
+            time.sleep(WATCH_S)

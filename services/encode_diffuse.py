@@ -28,7 +28,7 @@ from services import embedding_cache, guidance, model_loading
 # Imported at module level on purpose (they import diffusers' LTX-2 pipelines): a prestarted worker
 # pays this before READY, overlapping the previous stage (DESIGN.md rule 5).
 from services.denoising import DenoisePass, denoise
-from services.latents import write_latents
+from services.latents import denoised_metadata, write_latents
 from services.runtime import WorkerContext, run_worker
 from services.two_stage import denoise_two_stage
 
@@ -168,19 +168,13 @@ def run(ctx: WorkerContext) -> list[str]:
         ctx.job_dir / LATENTS_FILE,
         {"video": result["video"], "audio": result["audio"]},
         {
-            "latents_digest": ctx.spec.latents_digest(),
+            **denoised_metadata(ctx.spec.latents_digest(), ctx.spec.seed, result, dtype, device),
             "spec": ctx.spec.to_dict(),
-            "seed": ctx.spec.seed,
             "model": ctx.spec.model,
             "revision": ctx.job.get("revision", ""),
             "family": (ctx.job.get("family") or {}).get("name", ""),
             "fps": ctx.spec.fps,
             "num_frames": ctx.spec.num_frames,
-            "video_shape": list(result["video"].shape),
-            "audio_shape": list(result["audio"].shape),
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type,
-            "transformer_calls": result["calls"],
             "pipeline": ctx.spec.pipeline,
             # Two-stage: the calls of each stage, and whether stage 1 came from latents_stage1.safetensors.
             **({key: result[key] for key in ("stage_calls", "stage1_reused")} if two_stage else {}),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,27 @@ from protocol.errors import InvalidInput
 from protocol.files import publish, temp_path_for
 
 LATENTS_FORMAT = "ltx2-stages/latents/1"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """How a latents file names the dtype it was made in ("float32" for torch.float32)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def denoised_metadata(
+    latents_digest: str, seed: int, result: dict[str, Any], dtype: torch.dtype, device: torch.device
+) -> dict[str, object]:
+    """What a file of denoised latents (the final ones, or two-stage's stage 1) records of how they
+    were made: the spec's digest and seed, the shapes, dtype and device type, the transformer calls."""
+    return {
+        "latents_digest": latents_digest,
+        "seed": seed,
+        "video_shape": list(result["video"].shape),
+        "audio_shape": list(result["audio"].shape),
+        "dtype": dtype_name(dtype),
+        "device": device.type,
+        "transformer_calls": result["calls"],
+    }
 
 
 def write_latents(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, object]) -> None:

@@ -27,7 +27,7 @@ from protocol.errors import InvalidInput
 from protocol.files import STAGE1_LATENTS_FILE
 from services import guidance, model_loading
 from services.denoising import DenoisePass, denoise, loaded_denoiser
-from services.latents import read_latents, write_latents
+from services.latents import denoised_metadata, dtype_name, read_latents, write_latents
 from services.runtime import WorkerContext
 
 log = logging.getLogger("ltx2.worker")
@@ -121,16 +121,7 @@ def write_stage1(ctx: WorkerContext, first: dict[str, Any], device: torch.device
     write_latents(
         ctx.job_dir / STAGE1_LATENTS_FILE,
         {"video": first["video"], "audio": first["audio"], "generator_state": first["generator_state"]},
-        {
-            "latents_digest": ctx.spec.latents_digest(),
-            "stage": 1,
-            "seed": ctx.spec.seed,
-            "video_shape": list(first["video"].shape),
-            "audio_shape": list(first["audio"].shape),
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type,
-            "transformer_calls": first["calls"],
-        },
+        {**denoised_metadata(ctx.spec.latents_digest(), ctx.spec.seed, first, dtype, device), "stage": 1},
     )
 
 
@@ -145,7 +136,7 @@ def verified_stage1(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     except InvalidInput as exc:  # an intermediate file: redo the stage rather than fail the job
         log.warning("not reusing %s: %s", path, exc)
         return None
-    made_here = metadata.get("dtype") == str(dtype).removeprefix("torch.") and metadata.get("device") == device.type
+    made_here = metadata.get("dtype") == dtype_name(dtype) and metadata.get("device") == device.type
     if not made_here or set(tensors) != {"video", "audio", "generator_state"}:
         log.warning("not reusing %s: written for %s on %s", path, metadata.get("dtype"), metadata.get("device"))
         return None
