@@ -114,6 +114,23 @@ def children_of(pid: int) -> list[int]:
     return children
 
 
+def fork_servers() -> list[int]:
+    """Every running fork server (services.forkserver) of this host, whoever started it."""
+    return [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and "services.forkserver" in cmdline(int(entry.name)) and is_running(int(entry.name))
+    ]
+
+
+def environment_of(pid: int) -> list[str]:
+    """The process's environment as NAME=value entries ([] once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, probe_mp4, run_ltx2
-from daemon_process import is_running
+from daemon_process import environment_of, fork_servers
 
 from config.settings import load_settings
 from orchestrator.batch import read_batch
@@ -36,15 +36,7 @@ def test_invalid_clip_stops_the_batch_before_any_job(ltx2_env: dict, tmp_path: P
 
 def fork_servers_with(variable: str) -> list[int]:
     """Running fork servers whose environment holds `variable` (NAME=value)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"services.forkserver" in (entry / "cmdline").read_bytes():
-                if variable.encode() in (entry / "environ").read_bytes().split(b"\0") and is_running(int(entry.name)):
-                    found.append(int(entry.name))
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return found
+    return [pid for pid in fork_servers() if variable in environment_of(pid)]
 
 
 def test_batch_renders_every_clip_then_a_rerun_skips_them(ltx2_env: dict):

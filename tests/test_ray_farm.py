@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import probe_mp4, run_ltx2, submit_tiny
-from daemon_process import DaemonProcess, cmdline, is_running, parent_of
+from daemon_process import DaemonProcess, cmdline, fork_servers, is_running, parent_of, proc_stat
 from safetensors.torch import load_file
 from supervised import wait_for_file
 from test_stage_major import write_batch
@@ -118,15 +118,11 @@ def paused_stage(env: dict[str, str]) -> tuple[int, int]:
 
 def node_fork_servers() -> list[int]:
     """The fork servers of the farm's node actors (orchestrator.node_forker) now running."""
-    servers = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and "services.forkserver" in cmdline(int(entry.name)):
-            try:
-                if cmdline(parent_of(int(entry.name))).startswith("ray::NodeForker"):
-                    servers.append(int(entry.name))
-            except AssertionError:  # gone meanwhile
-                continue
-    return servers
+    return [
+        pid
+        for pid in fork_servers()
+        if (stat := proc_stat(pid)) is not None and cmdline(int(stat[1])).startswith("ray::NodeForker")
+    ]
 
 
 def attempts(record: dict, stage: str) -> list[dict]:
