@@ -125,6 +125,15 @@ def node_fork_servers() -> list[int]:
     ]
 
 
+def wait_for_node_fork_servers(count: int) -> list[int]:
+    """The node fork servers once `count` run: the farm starts its node actors without waiting for
+    them (ray_farm.start_forkers), so a job can be queued before the last one has forked its server."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(found := node_fork_servers()) < count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
 def attempts(record: dict, stage: str) -> list[dict]:
     return record["stages"][stage]["attempts"]
 
@@ -139,7 +148,7 @@ def test_stage_tasks_are_never_retried_by_ray_and_run_one_per_ray_worker():
 def test_queued_jobs_run_across_both_nodes_each_stage_in_a_fresh_ray_worker(farm_env: dict, tmp_path: Path):
     with DaemonProcess(farm_env, tmp_path / "daemon.log") as daemon:
         job_ids = [submit_tiny(farm_env, f"farm clip {n}", "--seed", str(20 + n)) for n in range(4)]
-        fork_servers = node_fork_servers()
+        fork_servers = wait_for_node_fork_servers(2)
         assert len(fork_servers) == 2, fork_servers  # one per lane node (the head has no lanes)
         for job_id in job_ids:
             job = daemon.wait_for_state(job_id, {"done", "failed"})
