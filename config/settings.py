@@ -33,6 +33,7 @@ ENV_OVERRIDES = {
     "LTX2_CLUSTER_BACKEND": ("cluster", "backend"),
     "LTX2_RAY_ADDRESS": ("cluster", "address"),
     "LTX2_RAY_RESOURCE": ("cluster", "ray_resource"),
+    "LTX2_LANE_THREADS": ("cluster", "lane_threads"),
 }
 # Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.ray_farm).
 CLUSTER_BACKENDS = ("local", "ray")
@@ -112,6 +113,9 @@ class Settings:
     #: Lanes (DESIGN.md rule 8): "auto", a number of lanes, or device names; orchestrator.lanes
     #: turns it into lanes.
     devices: str | int | tuple[str, ...] = "auto"
+    #: CPU threads of each local lane's stage processes: "auto" (the host's CPUs shared evenly when
+    #: there are several lanes) or a number; orchestrator.lanes applies it.
+    lane_threads: str | int = "auto"
     #: "local" (this host's lanes) or "ray" (a lane per unit of `ray_resource` in the Ray cluster).
     backend: str = "local"
     #: The Ray cluster to join ("auto": RAY_ADDRESS or the cluster started on this host).
@@ -262,6 +266,18 @@ def _devices(value: object) -> str | int | tuple[str, ...]:
     )
 
 
+def _lane_threads(value: object) -> str | int:
+    """`[cluster] lane_threads`, checked: "auto" or a whole number >= 1 (from LTX2_LANE_THREADS, a digit string)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise ConfigError(
+        f'cluster.lane_threads must be "auto" (the CPUs shared evenly between lanes) or a number of threads'
+        f" of at least 1; got {value!r}"
+    )
+
+
 def _cluster_backend(cluster: Mapping[str, Any]) -> dict[str, str]:
     """`[cluster] backend`, `address` and `ray_resource`, checked."""
     if cluster["backend"] not in CLUSTER_BACKENDS:
@@ -316,6 +332,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         ),
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
         devices=_devices(data["cluster"]["devices"]),
+        lane_threads=_lane_threads(data["cluster"]["lane_threads"]),
         **_cluster_backend(data["cluster"]),
         http=_http(data["http"]),
     )

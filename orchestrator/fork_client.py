@@ -36,7 +36,7 @@ DRAIN_TIMEOUT_S = 5.0
 LOST_EXIT = -signal.SIGKILL
 
 
-def worker_environment(visible_devices: str | None = None) -> dict[str, str]:
+def worker_environment(visible_devices: str | None = None, threads: int | None = None) -> dict[str, str]:
     """The environment of stage workers (and of the fork server they come from).
 
     MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
@@ -50,12 +50,15 @@ def worker_environment(visible_devices: str | None = None) -> dict[str, str]:
     A value the user set is kept, for both; so is an allocator configuration given under torch's
     newer, device-neutral name `PYTORCH_ALLOC_CONF`.
 
-    `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`.
+    `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
+    `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it).
     """
     defaults = {"MKL_CBWR": "AUTO,STRICT"}
     if "PYTORCH_ALLOC_CONF" not in os.environ:
         defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     lane = {} if visible_devices is None else {"CUDA_VISIBLE_DEVICES": visible_devices}
+    if threads is not None:
+        lane["OMP_NUM_THREADS"] = str(threads)
     return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1", **lane}
 
 
@@ -246,14 +249,24 @@ class ForkServer:
 
         threading.Thread(target=start_quietly, name="forkserver-warm", daemon=True).start()
 
-    def spawn(self, stage: str, argv: list[str], log_path: Path, visible_devices: str | None = None) -> ForkedProcess:
+    def spawn(
+        self,
+        stage: str,
+        argv: list[str],
+        log_path: Path,
+        visible_devices: str | None = None,
+        threads: int | None = None,
+    ) -> ForkedProcess:
         """Fork a worker for `stage` with the worker's command-line `argv`; `visible_devices`
-        (its lane's device) becomes its `CUDA_VISIBLE_DEVICES`, set in the child before CUDA starts."""
+        (its lane's device) becomes its `CUDA_VISIBLE_DEVICES`, set in the child before CUDA starts,
+        and `threads` (its lane's share of the CPUs) the size of its torch thread pool."""
         request: dict[str, Any] = {"stage": stage, "argv": argv, "log": str(log_path)}
         if self.die_with_server:
             request["die_with_server"] = True
         if visible_devices is not None:
             request["cuda_visible_devices"] = visible_devices
+        if threads is not None:
+            request["threads"] = threads
         with self.lock:
             try:
                 server = self._running_server()

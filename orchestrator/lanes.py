@@ -6,6 +6,11 @@ of lane `cuda:N` starts with `CUDA_VISIBLE_DEVICES` set to that one device (so i
 inside the worker); a CPU lane hides every GPU. The devices are counted without importing torch,
 which the orchestrator never does: `CUDA_VISIBLE_DEVICES`, else `nvidia-smi -L`, else the
 driver's /proc entries.
+
+Lanes that work at once share the host's CPUs: with several lanes, `[cluster] lane_threads =
+"auto"` gives each lane's stage processes an even share of them as their CPU thread count
+(`Lane.threads`), since every process otherwise sizes torch's OpenMP pool for the whole host and
+the pools, spinning while they wait, slow each other down.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Lane:
     index: int  #: position among the lanes (names its worker socket)
     device: str  #: "cuda:N" or "cpu"; "" for the single lane that pins nothing
     visible_devices: str | None  #: CUDA_VISIBLE_DEVICES of its workers; None leaves it as it is
+    threads: int | None = None  #: CPU threads of its workers (OMP_NUM_THREADS); None leaves them as they are
 
 
 def visible_cuda_devices(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -66,7 +72,26 @@ def count_driver_gpus() -> int:
 
 
 def resolve_lanes(settings: Settings, environ: Mapping[str, str] | None = None) -> list[Lane]:
-    """The lanes of `[cluster] devices`; raises ConfigError naming the key when it cannot hold."""
+    """The lanes of `[cluster] devices`, with their CPU threads (`[cluster] lane_threads`); raises
+    ConfigError naming the key when it cannot hold."""
+    lanes = lanes_of_devices(settings, environ)
+    threads = lane_threads(settings.lane_threads, len(lanes), os.environ if environ is None else environ)
+    return [dataclasses.replace(lane, threads=threads) for lane in lanes]
+
+
+def lane_threads(setting: str | int, lane_count: int, environ: Mapping[str, str]) -> int | None:
+    """The CPU threads of each lane's workers: a number given, or for "auto" with several lanes an
+    even share of the CPUs this process may run on (at least 1); None (torch's default) for one
+    lane, or where the user set OMP_NUM_THREADS."""
+    if isinstance(setting, int):
+        return setting
+    if lane_count < 2 or environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // lane_count)
+
+
+def lanes_of_devices(settings: Settings, environ: Mapping[str, str] | None) -> list[Lane]:
+    """The lanes `[cluster] devices` names, each on its device."""
     devices = settings.devices
     if devices == 1:
         return [Lane(0, "", None)]

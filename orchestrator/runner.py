@@ -286,10 +286,10 @@ def spawn_worker(
     job_ids = tuple(job.id for job in jobs)
     if link.spawner is not None:
         return SpawnedWorker(link.spawner.spawn(stage.module, args, log_path), stage, attempt, plan, job_ids)
-    visible = link.lane.visible_devices
+    visible, threads = link.lane.visible_devices, link.lane.threads
     if link.fork_server is not None:
         try:
-            process = link.fork_server.spawn(stage.value, args, log_path, visible)
+            process = link.fork_server.spawn(stage.value, args, log_path, visible, threads)
             return SpawnedWorker(process, stage, attempt, plan, job_ids)
         except ForkServerUnusable as exc:  # said once: the link execs workers from now on
             log.warning("%s", exc)
@@ -303,7 +303,7 @@ def spawn_worker(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env=worker_environment(visible),
+            env=worker_environment(visible, threads),
         )
     return SpawnedWorker(process, stage, attempt, plan, job_ids)
 

@@ -95,6 +95,7 @@ class AttemptFollower:
             self.worker = spawn_worker(members, stage, attempt, plan, link, settings.heartbeat_s)
         leader.note_worker(stage, self.worker.process.pid)
         self.where: dict[str, Any] = {}  #: a remote process's node and pids, once it is placed
+        self.threads: dict[str, int] = {}  #: the worker's CPU threads, once it said READY
         self.last_heard = time.monotonic()
 
     def start(self, job_id: str) -> int:
@@ -106,7 +107,7 @@ class AttemptFollower:
         attempt = job.start_attempt(self.stage, self.plan, clean=False, **group, **lane)
         if self.worker is not None:  # a later member of a group: the worker writes the leader's log
             link_log(self.log, job.log_path(self.stage, attempt))
-            job.note_worker(self.stage, self.worker.process.pid, **self.where)
+            job.note_worker(self.stage, self.worker.process.pid, **self.where, **self.threads)
         self.running[job_id] = (attempt, time.monotonic())
         detail = describe_plan(self.stage, self.plan)
         if group:
@@ -139,6 +140,10 @@ class AttemptFollower:
         if isinstance(message, stages.Ready):
             self.ready = True
             self.link.send(identity, stages.Go(job_id, self.stage.value))
+            if message.cpu_threads:  # what its lane's share of the CPUs came to (orchestrator.lanes)
+                self.threads = {"cpu_threads": message.cpu_threads}
+                for member in self.running:
+                    self.by_id[member].note_worker(self.stage, self.worker.process.pid, **self.where, **self.threads)
         elif isinstance(message, stages.Progress) and message.phase == stages.JOB_STARTED_PHASE:
             if job_id not in self.running and job_id not in self.outcomes:
                 self.start(job_id)

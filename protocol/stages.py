@@ -34,6 +34,8 @@ class Ready(Message):
     stage: str
     attempt: int
     pid: int
+    #: the size of its torch CPU thread pool (its lane's share of the CPUs: orchestrator.lanes)
+    cpu_threads: int = 0
 
 
 @register

@@ -10,7 +10,8 @@ cannot either), every model is loaded by a child after GO, and the child's exit 
 Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}` (plus
 `"cuda_visible_devices": DEVICES` for a worker of a lane that pins a device: the child sets it
 before anything touches CUDA, which reads it at its initialisation, so it holds although the
-server's own environment differs; and `"die_with_server": true` on a farm node, where the child
+server's own environment differs; `"threads": N` for a lane's share of the CPUs, the size of the
+child's torch thread pool; and `"die_with_server": true` on a farm node, where the child
 asks the kernel to kill it when the server exits, see orchestrator.node_forker); stdout answers
 `{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
 signal -C), and `{"ready": true, "cuda_initialised_by": NAME}` once the imports are done (NAME is ""
@@ -60,6 +61,9 @@ def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if "cuda_visible_devices" in request:
             os.environ["CUDA_VISIBLE_DEVICES"] = request["cuda_visible_devices"]
+        if "threads" in request:  # torch read OMP_NUM_THREADS when the server imported it: size the pool here
+            os.environ["OMP_NUM_THREADS"] = str(request["threads"])
+            sys.modules["torch"].set_num_threads(request["threads"])
         module.main(request["argv"])
     finally:
         os._exit(1)  # main never returns; this only runs if it raised before run_worker took over

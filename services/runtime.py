@@ -341,7 +341,9 @@ def connect(context: zmq.Context, endpoint: str) -> zmq.Socket:
 def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
     """Say READY, then block until GO arrives (or give up if the orchestrator never answers)."""
     parent = os.getppid()
-    reporter.send(stages.Ready(reporter.job_id, reporter.stage.value, attempt, os.getpid()))
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else 0
+    reporter.send(stages.Ready(reporter.job_id, reporter.stage.value, attempt, os.getpid(), threads))
     deadline = time.monotonic() + GO_TIMEOUT_S
     while time.monotonic() < deadline and os.getppid() == parent:
         if socket.poll(timeout=1000):

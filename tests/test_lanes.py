@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -92,6 +93,32 @@ def test_lanes_follow_cuda_visible_devices():
 def test_a_lanes_device_reaches_an_execd_workers_environment():
     assert worker_environment("")["CUDA_VISIBLE_DEVICES"] == ""
     assert worker_environment("3")["CUDA_VISIBLE_DEVICES"] == "3"
+    assert worker_environment("3", 4)["OMP_NUM_THREADS"] == "4"
+
+
+def lane_share() -> int:
+    """Each of two lanes' share of the CPUs this process may run on."""
+    return max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+def test_several_lanes_share_the_cpus_and_one_lane_keeps_torchs_default():
+    def threads(lane_threads: object, visible: str, **environ: str) -> list[int | None]:
+        settings = settings_with(environ={"LTX2_LANE_THREADS": str(lane_threads)})
+        return [lane.threads for lane in resolve_lanes(settings, {"CUDA_VISIBLE_DEVICES": visible, **environ})]
+
+    assert threads("auto", "0,1") == [lane_share()] * 2
+    assert threads("auto", "0") == [None]  # one lane: every core, as before lanes existed
+    assert threads("auto", "") == [None]
+    assert threads("auto", "0,1", OMP_NUM_THREADS="3") == [None, None]  # the user's setting wins
+    assert threads(5, "0,1") == [5, 5]
+    assert threads(2, "0") == [2]
+    assert settings_with().lane_threads == "auto"
+
+
+@pytest.mark.parametrize("value", ["0", "many", "-2", "1.5"])
+def test_bad_lane_threads_is_an_error_naming_the_key(value: str):
+    with pytest.raises(ConfigError, match="cluster.lane_threads must be"):
+        settings_with(environ={"LTX2_LANE_THREADS": value})
 
 
 def test_jobs_split_into_contiguous_runs_in_order():
@@ -212,8 +239,9 @@ def test_batch_on_two_cpu_lanes_runs_them_at_once_one_process_each_with_clips_eq
 
     first, second = diffusion_span("clip1"), diffusion_span("clip3")
     assert first[0] < second[1] and second[0] < first[1], (first, second)
-    # ... while each lane ran one stage process at a time.
+    # ... while each lane ran one stage process at a time, on its share of the CPUs.
     assert_each_lane_runs_one_process_at_a_time(records)
+    assert {a["cpu_threads"] for _, a in attempts_of(records)} == {lane_share()}
     # Every worker of a CPU lane saw no GPU.
     log = jobs["clip3"].log_path(Stage.VIDEO_DECODE, 1).read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log
@@ -268,5 +296,7 @@ def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(daem
         assert [job["state"] for job in done] == ["done"] * 2, [job["error"] for job in done]
         records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
         assert {a["lane"] for _, a in attempts_of(records)} == {0, 1}  # both lanes forked workers
+        # A forked worker's torch pool is sized in the child, for its lane (the server's is the host's).
+        assert {a["cpu_threads"] for _, a in attempts_of(records)} == {lane_share()}
         assert fork_servers_of(daemon.pid) == servers  # from that one server
     assert not is_running(servers[0])  # and it stopped with the daemon
