@@ -10,7 +10,8 @@ whole pipeline runs in about a second on two CPU cores:
 - the vocoder upsamples by 10 x 4 x 4 = 160 samples per mel frame, the audio VAE's hop length at
   16 kHz, so the waveform lasts as long as the video;
 - the video VAE compresses 4x in space and time and states both ratios explicitly (without them
-  diffusers reports wrong ratios and tiled decode returns wrong sizes).
+  diffusers reports wrong ratios and tiled decode returns wrong sizes); 2.3's and 2.5's has LTX-2.3's
+  kinds of blocks (spatiotemporal, temporal-only and spatial-only upsamplers, zeros padding).
 
 `--family 2.3` builds the LTX-2.3 variant under its own repo id: the transformer with 2.3's flags
 (gated attention, cross-attention modulation, no prompt projection: the connectors project per
@@ -62,7 +63,7 @@ def build_components(seed: int = 0, family: str = "2.0") -> dict[str, object]:
     torch.manual_seed(seed)
     connectors = build_connectors(family, TEXT_LAYERS + 1)
     torch.manual_seed(seed)
-    vae = build_video_vae()
+    vae = build_video_vae() if family == "2.0" else build_ltx23_video_vae()
     torch.manual_seed(seed)
     audio_vae = build_audio_vae()
     torch.manual_seed(seed)
@@ -178,6 +179,50 @@ def build_video_vae() -> AutoencoderKLLTX2Video:
     # Non-trivial normalisation statistics, so a stage that skips them cannot match the pipeline.
     vae.latents_mean.copy_(torch.linspace(-0.2, 0.2, 4))
     vae.latents_std.copy_(torch.linspace(0.8, 1.2, 4))
+    return vae
+
+
+def build_ltx23_video_vae() -> AutoencoderKLLTX2Video:
+    """LTX-2.3's kinds of blocks (the 2.5 tiny model shares it), still 4x in space and time.
+
+    The real 2.3 VAE (bench/gpu_configs.VAE_CONFIG_2_3) has four levels on each side and zeros padding;
+    its decoder upsamples, from the latents outwards, spatiotemporal (with a 2x channel factor),
+    spatiotemporal, temporal only, then spatial only, none of them residual. The tuples below are the
+    real ones; only the second decoder level's upsampler is switched off (its channel factor is 1, so
+    its entry resnet changes the width), which leaves one 2x2x2, one 2x1x1 and one 1x2x2 upsampler:
+    4x in time and space with patch size 1. diffusers reverses every per-level decoder tuple except
+    `upsample_type`, hence the order of `decoder_spatio_temporal_scaling`. The encoder mirrors it:
+    spatial, temporal and spatiotemporal downsamplers and a last level that keeps its size.
+    The widths halve where a channel factor of 2 takes them in, which is what diffusers requires.
+    """
+    vae = AutoencoderKLLTX2Video(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("LTX2VideoDownBlock3D",) * 4,
+        decoder_block_out_channels=(8, 16, 16, 32),
+        layers_per_block=(1, 2, 1, 1, 1),
+        decoder_layers_per_block=(1, 2, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, False, True),
+        decoder_inject_noise=(False,) * 5,
+        downsample_type=("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+        upsample_type=("spatiotemporal", "spatiotemporal", "temporal", "spatial"),
+        upsample_residual=(False,) * 4,
+        upsample_factor=(2, 2, 1, 2),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+        encoder_spatial_padding_mode="zeros",
+        decoder_spatial_padding_mode="zeros",
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    )
+    vae.latents_mean.copy_(torch.linspace(-0.3, 0.1, 4))
+    vae.latents_std.copy_(torch.linspace(0.7, 1.3, 4))
     return vae
 
 

@@ -8,10 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, probe_mp4, run_ltx2
 
 from orchestrator.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
+from protocol.plans import DecodePlan, piece_ranges
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
 def frames(path: Path) -> np.ndarray:
@@ -85,3 +90,116 @@ def test_drop_caches_flag_flushes_or_warns_without_failing(finished_job: dict):
     spec = json.loads((finished_job["job_dir"] / "job.json").read_text())["spec"]
     assert spec["drop_caches"] is True
     assert (warning in finished_job["stderr"]) if warning else "drop-caches" not in finished_job["stderr"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The video_decode stage's decode plans against diffusers' own AutoencoderKLLTX2Video.decode, on the
+# tiny 2.0 VAE (every level spatiotemporal) and on the 2.3 one (spatiotemporal, temporal-only and
+# spatial-only upsamplers: the layout 2.5 shares), with latents of the shape the pipeline makes for
+# 33 frames at 128x128.
+# ---------------------------------------------------------------------------------------------
+DECODE_TOLERANCE = 1e-5  # as tests/test_parity.py
+LATENT_SHAPE = (1, 4, 9, 32, 32)
+# Tiles of 64 px overlapping by 16 (3 x 3 tiles over 128 px); pieces of 4 latent frames sharing 1 or 2.
+DECODE_PLANS = {
+    "tiled": DecodePlan(True, None, 1, 64, 16),
+    "pieces": DecodePlan(False, 4, 1, 64, 16),
+    "pieces-overlap-2": DecodePlan(False, 4, 2, 64, 16),
+    "pieces+tiled": DecodePlan(True, 4, 1, 64, 16),
+}
+
+
+@pytest.fixture(scope="module", params=["2.0", "2.3"])
+def decode_case(request: pytest.FixtureRequest) -> dict:
+    """Our loaded VAE and diffusers' own, on one family's tiny model, with seeded latents."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Video
+
+    from services.model_loading import load_video_vae
+
+    model_dir = request.getfixturevalue(FAMILY_MODEL_FIXTURES[request.param])
+    generator = torch.Generator().manual_seed(21)
+    return {
+        "family": request.param,
+        "ours": load_video_vae(model_dir, torch.float32, torch.device("cpu")),
+        "diffusers": AutoencoderKLLTX2Video.from_pretrained(model_dir, subfolder="vae").eval(),
+        "latents": torch.randn(LATENT_SHAPE, generator=generator),
+    }
+
+
+def reference_frames(vae: object, latents: object, plan: DecodePlan) -> np.ndarray:
+    """diffusers' decode of `latents` ([n, H, W, 3] in [0, 1] as the pipeline postprocesses), tiled as the
+    plan says with diffusers' own `enable_tiling`."""
+    import torch
+    from diffusers.video_processor import VideoProcessor
+
+    vae.use_tiling = False
+    if plan.tiling:
+        stride = plan.tile_size - plan.tile_overlap
+        vae.enable_tiling(plan.tile_size, plan.tile_size, None, stride, stride)
+    with torch.no_grad():
+        video = vae.decode(latents, return_dict=False)[0]
+    return VideoProcessor(vae_scale_factor=4).postprocess_video(video, output_type="np")[0]
+
+
+def stitched_reference(vae: object, latents: object, plan: DecodePlan) -> np.ndarray:
+    """diffusers' decode of each temporal piece alone, laid out by pixel frame: a piece starting at latent
+    frame `a` shows pixel frames 4a..; where two pieces show a frame, the later one's weight rises
+    linearly over the shared frames (1/(n+1) .. n/(n+1))."""
+    latent_frames = latents.shape[2]
+    pieces = [
+        (4 * start, reference_frames(vae, latents[:, :, start:end], plan))
+        for start, end in piece_ranges(latent_frames, plan.chunk_latent_frames, plan.overlap_latent_frames)
+    ]
+    frames = []
+    for t in range(4 * (latent_frames - 1) + 1):
+        showing = [(first, piece) for first, piece in pieces if first <= t < first + len(piece)]
+        if len(showing) == 1:
+            ((first, piece),) = showing
+            frames.append(piece[t - first])
+            continue
+        (first_a, a), (first_b, b) = showing
+        shared = first_a + len(a) - first_b
+        weight = (t - first_b + 1) / (shared + 1)
+        frames.append(a[t - first_a] * (1 - weight) + b[t - first_b] * weight)
+    return np.stack(frames)
+
+
+def staged_frames(vae: object, latents: object, plan: DecodePlan) -> np.ndarray:
+    import torch
+
+    from services.video_decode import configure_vae, decode_frames
+
+    configure_vae(vae, plan)
+    return torch.cat(list(decode_frames(vae, latents, plan))).permute(0, 2, 3, 1).numpy()
+
+
+def test_single_pass_decode_equals_diffusers_and_keeps_the_causal_first_frame(decode_case: dict):
+    single = DecodePlan(False, None, 1, 64, 16)
+    ours = staged_frames(decode_case["ours"], decode_case["latents"], single)
+    assert ours.shape == (33, 128, 128, 3)  # (33 - 1) / 4 + 1 = 9 latent frames
+    reference = reference_frames(decode_case["diffusers"], decode_case["latents"], single)
+    assert max_diff(ours, reference) <= DECODE_TOLERANCE
+
+
+@pytest.mark.parametrize("plan_name", ["tiled", "pieces+tiled"])
+def test_tiled_decode_equals_diffusers_tiled_decode(decode_case: dict, plan_name: str):
+    plan = DECODE_PLANS[plan_name]
+    ours = staged_frames(decode_case["ours"], decode_case["latents"], plan)
+    if plan.chunk_latent_frames is None:
+        reference = reference_frames(decode_case["diffusers"], decode_case["latents"], plan)
+        untiled = reference_frames(decode_case["diffusers"], decode_case["latents"], DECODE_PLANS["pieces"])
+        assert max_diff(reference, untiled) > 1e-3  # the tiles really are decoded apart
+    else:
+        reference = stitched_reference(decode_case["diffusers"], decode_case["latents"], plan)
+    assert ours.shape == reference.shape == (33, 128, 128, 3)
+    assert max_diff(ours, reference) <= DECODE_TOLERANCE
+
+
+@pytest.mark.parametrize("plan_name", ["pieces", "pieces-overlap-2"])
+def test_temporal_pieces_equal_diffusers_pieces_cross_faded_by_pixel_frame(decode_case: dict, plan_name: str):
+    plan = DECODE_PLANS[plan_name]
+    ours = staged_frames(decode_case["ours"], decode_case["latents"], plan)
+    reference = stitched_reference(decode_case["diffusers"], decode_case["latents"], plan)
+    assert ours.shape == reference.shape == (33, 128, 128, 3)
+    assert max_diff(ours, reference) <= DECODE_TOLERANCE

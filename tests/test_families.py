@@ -208,3 +208,43 @@ def test_ltx2_5_presets_run_one_stage_even_for_a_wide_distilled_clip(tmp_path: P
     expected_dev = {"guidance_scale": 3.0, "audio_guidance_scale": 7.0, "stg_scale": 1.0, "modality_scale": 3.0}
     assert {key: dev[key] for key in expected_dev} == expected_dev
     assert (dev["guidance_rescale"], dev["steps"]) == (0.7, 30)
+
+
+# The real LTX-2.3 video VAE's kinds of blocks (bench/gpu_configs.VAE_CONFIG_2_3, from diffusers' conversion script).
+LTX2_3_VAE_BLOCKS = {
+    "upsample_type": ("spatiotemporal", "spatiotemporal", "temporal", "spatial"),
+    "upsample_factor": (2, 2, 1, 2),
+    "upsample_residual": (False, False, False, False),
+    "down_block_types": ("LTX2VideoDownBlock3D",) * 4,
+    "downsample_type": ("spatial", "temporal", "spatiotemporal", "spatiotemporal"),
+}
+
+
+def test_the_2_3_and_2_5_tiny_video_vaes_have_ltx2_3s_decoder_layout(
+    tiny_model_dir: Path, tiny_23_model_dir: Path, tiny_25_model_dir: Path
+):
+    """2.3's kinds of decoder blocks (bench/gpu_configs.VAE_CONFIG_2_3) at the tiny model's 4x, so a build
+    cannot fall back to 2.0's layout unnoticed; 2.0 keeps its own."""
+    import torch
+    from diffusers import AutoencoderKLLTX2Video
+
+    def vae_config(model_dir: Path) -> dict:
+        return json.loads((model_dir / "vae" / "config.json").read_text())
+
+    two_three, two_five, two_oh = (vae_config(d) for d in (tiny_23_model_dir, tiny_25_model_dir, tiny_model_dir))
+    assert two_five == two_three
+    assert {"temporal", "spatial"} <= set(two_three["upsample_type"])
+    assert two_three["decoder_spatial_padding_mode"] == two_three["encoder_spatial_padding_mode"] == "zeros"
+    for key, real in LTX2_3_VAE_BLOCKS.items():
+        assert tuple(two_three[key]) == real, key
+    assert set(two_oh["upsample_type"]) == {"spatiotemporal"} and two_oh["decoder_spatial_padding_mode"] == "reflect"
+
+    vae = AutoencoderKLLTX2Video.from_pretrained(tiny_23_model_dir, subfolder="vae").eval()
+    strides = [block.upsamplers[0].stride for block in vae.decoder.up_blocks if block.upsamplers is not None]
+    assert sorted(strides) == [(1, 2, 2), (2, 1, 1), (2, 2, 2)]  # spatial, temporal and spatiotemporal
+    assert (vae.spatial_compression_ratio, vae.temporal_compression_ratio) == (4, 4)
+    assert not torch.equal(vae.latents_mean, torch.zeros(4)) and not torch.equal(vae.latents_std, torch.ones(4))
+    with torch.no_grad():
+        for latent_frames in (1, 2, 5):  # the causal first frame: F latent frames -> 4 (F - 1) + 1 frames
+            decoded = vae.decode(torch.randn(1, 4, latent_frames, 4, 6), return_dict=False)[0]
+            assert decoded.shape == (1, 3, 4 * (latent_frames - 1) + 1, 16, 24)

@@ -294,6 +294,24 @@ def test_a_cached_tiny_model_of_an_older_revision_is_rebuilt_with_its_upsampler(
     assert (repo / "snapshots" / old / "model_index.json").is_file()  # jobs recorded with it keep it
 
 
+def test_a_cached_2_3_tiny_model_of_revision_2_is_rebuilt_with_ltx2_3s_vae_layout(
+    tiny_model_dir: Path, tiny_23_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """Revision 2 gave every family 2.0's video VAE; a cache holding that 2.3 build gets revision 3's."""
+    repo = tmp_path / "hub" / ("models--" + TINY_REPO_IDS["2.3"].replace("/", "--"))
+    old = "0" * 39 + "2"
+    shutil.copytree(tiny_23_model_dir, repo / "snapshots" / old, ignore=shutil.ignore_patterns("vae"))
+    shutil.copytree(tiny_model_dir / "vae", repo / "snapshots" / old / "vae")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    rebuilt = ensure_tiny_model(TINY_REPO_IDS["2.3"])
+    assert rebuilt.revision == TINY_REVISION != old
+    vae_config = json.loads((rebuilt.path / "vae" / "config.json").read_text())
+    assert "temporal" in vae_config["upsample_type"] and vae_config["decoder_spatial_padding_mode"] == "zeros"
+
+
 def test_loras_act_in_both_stages_and_scale_zero_reproduces_the_base_exactly(
     tiny_model_dir: Path,
     tmp_path: Path,
