@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -284,12 +285,21 @@ def fork_servers_of(pid: int) -> list[int]:
     return [child for child in children_of(pid) if "services.forkserver" in cmdline(child)]
 
 
+def wait_for_fork_servers_of(pid: int, deadline_s: float = 30.0) -> list[int]:
+    """The process's fork servers once there is one: the lanes start theirs from a thread
+    (ForkServer.warm), which a loaded machine may run only after the daemon answers."""
+    deadline = time.monotonic() + deadline_s
+    while not (servers := fork_servers_of(pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return servers
+
+
 def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(daemon_env: dict, tmp_path: Path):  # noqa: F811
     """The imports (10 s on a GPU host) overlap the daemon's idle start, once for all lanes, not
     per lane at its first job."""
     env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu", "LTX2_FORK_SERVER": "true"}
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        servers = fork_servers_of(daemon.pid)  # no job submitted yet
+        servers = wait_for_fork_servers_of(daemon.pid)  # no job submitted yet
         assert len(servers) == 1, (servers, daemon.log()[-2000:])
         ids = [submit(env, "--seed", str(seed)) for seed in (31, 32)]
         done = [daemon.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
