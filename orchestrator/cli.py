@@ -137,12 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family to build (default 2.0)"
     )
-    tiny.add_argument(
-        "--stage2-lora",
-        action="store_true",
-        help="with --hf-cache: also a tiny stand-in for the family's stage-2 distilled LoRA (dev two-stage), under"
-        " the repo id and file name of its dev preset; never over a copy of that repo already in the cache",
-    )
     return parser
 
 
@@ -155,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides=cli_overrides(args))
         if args.command == "tiny-model":
-            return build_tiny_model(args, settings)
+            return build_tiny_model(args)
         if args.command == "generate":
             return generate(args, settings)
         if args.command == "decode":
@@ -379,19 +373,10 @@ def prepare_prompts(jobs: list[JobDir]) -> None:
         notice(f"warning: batch prompt pre-encoding failed; clips encode their own prompts:\n{result.stderr[-2000:]}")
 
 
-def build_tiny_model(args: argparse.Namespace, settings: Settings) -> int:
+def build_tiny_model(args: argparse.Namespace) -> int:
     """`ltx2 tiny-model`: delegate to the torch-side builder in a child process."""
     command = [sys.executable, "-m", "services.tiny_model", "--family", args.family]
     command += ["--hf-cache"] if args.hf_cache else [str(args.directory)]
-    if args.stage2_lora:
-        dev = settings.families[args.family].dev
-        if not args.hf_cache or dev.stage2_lora_repo is None or dev.stage2_lora_file is None:
-            notice(
-                f"ltx2 tiny-model: --stage2-lora needs --hf-cache and a family with a stage-2 LoRA"
-                f" ({args.family} has none)"
-            )
-            return int(ExitCode.INVALID_INPUT)
-        command += ["--stage2-lora", dev.stage2_lora_repo, dev.stage2_lora_file]
     return subprocess.run(command, check=False).returncode
 
 

@@ -81,4 +81,4 @@ def stage2_lora_summary(lora: dict[str, Any] | None) -> dict[str, Any] | None:
     """What the sidecar says of a dev two-stage run's stage-2 LoRA: where it came from and which file."""
     if lora is None:
         return None
-    return {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision", "path")}
+    return {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")}

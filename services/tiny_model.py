@@ -24,11 +24,11 @@ the prompt's cross-attention modulation a static per-layer table instead of a ti
 All carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
 (model_index.json does not list it, as in Lightricks/LTX-2).
 
-`--stage2-lora REPO FILE` (with `--hf-cache`; `ltx2 tiny-model --stage2-lora` passes the family's repo
-and file from config/defaults.toml) also writes a tiny stand-in for the family's distilled LoRA, which
-dev two-stage fuses for stage 2, as `FILE` in a snapshot of `REPO` in the cache: a random rank-4 LoRA
-in diffusers' key format on the tiny transformer's video self-attention. It never replaces a snapshot
-of that repo the cache already holds (a real download).
+`write_tiny_stage2_lora_to_hf_cache` writes a tiny stand-in for a family's distilled LoRA, which dev
+two-stage fuses for stage 2, as a file in a snapshot of the real LoRA's repo id (a random rank-4 LoRA in
+diffusers' key format on the tiny transformer's video self-attention). It is for tests' own caches
+only, with no command: a stand-in under a real repo id in a user's cache would hide that the real
+model is missing. It never replaces a snapshot of that repo the cache already holds.
 """
 
 from __future__ import annotations
@@ -358,8 +358,7 @@ def write_tiny_stage2_lora_to_hf_cache(hub_cache: Path, repo_id: str, file_name:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.tiny_model [--family 2.0|2.3|2.5] (--hf-cache [--stage2-lora REPO FILE] | DIR)`: write
-    the tiny model (and the tiny stage-2 LoRA), print where."""
+    """`python -m services.tiny_model [--family 2.0|2.3|2.5] (--hf-cache | DIR)`: write the tiny model, print where."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny random LTX-2 pipeline.", allow_abbrev=False)
@@ -367,19 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("directory", nargs="?", type=Path, help="write a plain diffusers folder here")
     target.add_argument("--hf-cache", action="store_true", help="write it into the Hugging Face cache")
     parser.add_argument("--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family (default 2.0)")
-    parser.add_argument(
-        "--stage2-lora", nargs=2, metavar=("REPO", "FILE"), help="also write a tiny stage-2 LoRA as FILE of REPO"
-    )
     args = parser.parse_args(argv)
-    if args.stage2_lora and not args.hf_cache:
-        parser.error("--stage2-lora needs --hf-cache")
     if args.hf_cache:
         path = write_tiny_model_to_hf_cache(hub_cache_dir(), family=args.family)
     else:
         path = write_tiny_model(args.directory, family=args.family)
     sys.stdout.write(f"{path}\n")
-    if args.stage2_lora:
-        sys.stdout.write(f"{write_tiny_stage2_lora_to_hf_cache(hub_cache_dir(), *args.stage2_lora)}\n")
     return 0
 
 

@@ -49,6 +49,7 @@ from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION
 from protocol.spec import JobSpec, SpecError
 from services.latents import read_latents
 from services.media import read_wav
+from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
 
 # Stage 1 at 64x64 (the tiny VAE compresses 4x: 16x16 latents), stage 2 at 128x128 (32x32).
 TWO_STAGE = {"width": 128, "height": 128, "pipeline": "two-stage"}
@@ -379,14 +380,11 @@ def hf_home_with_tiny_models(hf_home: Path, home: Path, families: tuple[str, ...
 @pytest.fixture(scope="module")
 def dev_hf_home(hf_home: Path, tiny_model_dir: Path, tiny_23_model_dir: Path, tmp_path_factory) -> Path:
     """The tiny 2.0 and 2.3 models plus each family's tiny stage-2 LoRA, under the repo ids and file
-    names of config/defaults.toml (`ltx2 tiny-model --family F --hf-cache --stage2-lora`)."""
+    names of config/defaults.toml, in an HF_HOME of these tests' own."""
     home = hf_home_with_tiny_models(hf_home, tmp_path_factory.mktemp("dev-hf-home"), DEV_FAMILIES)
     for name in DEV_FAMILIES:
-        result = run_ltx2(
-            ["tiny-model", "--family", name, "--hf-cache", "--stage2-lora"],
-            ltx2_environment(home, tmp_path_factory.mktemp("tiny")),
-        )
-        assert result.returncode == 0, result.stderr
+        dev = load_settings(environ={"LTX2_CONFIG": ""}).families[name].dev
+        write_tiny_stage2_lora_to_hf_cache(home / "hub", dev.stage2_lora_repo, dev.stage2_lora_file)
     return home
 
 
@@ -445,7 +443,7 @@ def test_dev_two_stage_job_json_and_sidecar_record_the_stage_2_lora(dev_two_stag
     assert job.record["stage2_lora"]["path"] == str(lora.resolve())
     assert job.record["stage2_lora"]["source"] == str(lora) and job.record["stage2_lora"]["revision"] == "local"
     sidecar = json.loads(Path(job.record["output"]).with_suffix(".json").read_text())
-    assert sidecar["stage2_lora"]["source"] == str(lora) and sidecar["stage2_lora"]["path"] == str(lora.resolve())
+    assert sidecar["stage2_lora"]["source"] == str(lora) and "path" not in sidecar["stage2_lora"]
     assert sidecar["stage2_lora"]["scale"] == 1.0
 
 
