@@ -37,8 +37,8 @@ class Preset:
 
 @dataclasses.dataclass(frozen=True)
 class GuidancePreset:
-    """One family's guidance for one kind of run; each field but `two_stage_min_width` is a JobSpec
-    field of the same name."""
+    """One family's guidance for one kind of run; each field but `two_stage_min_width` and the stage-2
+    LoRA's repo and file is a JobSpec field of the same name."""
 
     steps: int
     schedule: str
@@ -49,12 +49,25 @@ class GuidancePreset:
     audio_guidance_scale: float | None = None  #: None: audio CFG follows guidance_scale
     #: clips at least this wide run two-stage unless --pipeline says otherwise; None: always one-stage
     two_stage_min_width: int | None = None
+    #: dev two-stage: the repo id and file of the distilled LoRA fused for stage 2; None: the family has none
+    stage2_lora_repo: str | None = None
+    stage2_lora_file: str | None = None
 
     def spec_fields(self) -> dict[str, Any]:
         """The preset as JobSpec fields."""
         fields = dataclasses.asdict(self)
-        fields.pop("two_stage_min_width")
+        for not_a_field in ("two_stage_min_width", "stage2_lora_repo", "stage2_lora_file"):
+            fields.pop(not_a_field)
         return fields
+
+    def stage2_lora(self) -> dict[str, str] | None:
+        """The spec's `stage2_lora` entry for a dev two-stage run, None when the family names no LoRA."""
+        if self.stage2_lora_repo is None:
+            return None
+        return {
+            "source": self.stage2_lora_repo,
+            **({"weight_name": self.stage2_lora_file} if self.stage2_lora_file else {}),
+        }
 
     def pipeline_for(self, width: int, height: int) -> str:
         """The pipeline a `width` x `height` clip runs when the user did not pick one: two-stage from

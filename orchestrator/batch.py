@@ -241,7 +241,9 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
     if entry.get("digest") == spec_digest and (job_dir / "job.json").is_file():
         return JobDir.load(job_dir)
     built = clip.built
-    return JobDir.create(settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
+    return JobDir.create(
+        settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image, stage2_lora=built.stage2_lora
+    )
 
 
 def write_summary(path: Path, rows: list[dict[str, Any]]) -> str:

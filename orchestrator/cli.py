@@ -209,7 +209,9 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     for line in built.notices:
         notice(line)
     spec, model = built.spec, built.model
-    job = JobDir.create(settings.jobs_dir, spec, model, loras=built.loras, image=built.image)
+    job = JobDir.create(
+        settings.jobs_dir, spec, model, loras=built.loras, image=built.image, stage2_lora=built.stage2_lora
+    )
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
 

@@ -154,6 +154,17 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         help="strength 0.0-1.0 of the preceding --lora (default 1.0)",
     )
     parser.add_argument(
+        "--stage2-lora",
+        metavar="REPO_OR_PATH",
+        help="dev two-stage: the distilled LoRA fused for stage 2 (HF repo id in the cache or .safetensors file;"
+        " default: the model family's, e.g. Lightricks/LTX-2's ltx-2-19b-distilled-lora-384.safetensors)",
+    )
+    parser.add_argument(
+        "--stage2-lora-weight-name",
+        metavar="FILE",
+        help="weight file inside the --stage2-lora repo or folder",
+    )
+    parser.add_argument(
         "--fp8",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -192,9 +203,23 @@ def spec_request(args: argparse.Namespace) -> dict[str, Any]:
     surrogates, which no protocol frame or job.json can carry (`ltx2 submit` died encoding them).
     """
     request = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
+    stage2_lora = stage2_lora_request(args)
+    if stage2_lora is not None:
+        request["stage2_lora"] = stage2_lora
     for name, value in request.items():
         require_utf8("lora" if name == "loras" else name, value)
     return request
+
+
+def stage2_lora_request(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The `stage2_lora` field from --stage2-lora and --stage2-lora-weight-name (None when neither is given)."""
+    source = getattr(args, "stage2_lora", None)
+    weight_name = getattr(args, "stage2_lora_weight_name", None)
+    if source is None:
+        if weight_name is not None:
+            raise SpecError("stage2_lora_weight_name", "needs --stage2-lora (the repo or folder holding the file)")
+        return None
+    return {"source": source, **({"weight_name": weight_name} if weight_name is not None else {})}
 
 
 def require_utf8(field: str, value: Any) -> None:

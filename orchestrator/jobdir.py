@@ -91,6 +91,7 @@ class JobDir:
         job_id: str | None = None,
         loras: tuple[dict[str, Any], ...] = (),
         image: Path | None = None,
+        stage2_lora: dict[str, Any] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image in, write the first job.json."""
         job_id = job_id or new_job_id()
@@ -109,6 +110,8 @@ class JobDir:
             # cross-timestep from here, and the sidecar reports it.
             "family": model.family.to_record() if model.family else None,
             "loras": list(loras),
+            # Dev two-stage: the distilled LoRA fused for stage 2 only (services/two_stage.py), resolved like `loras`.
+            "stage2_lora": stage2_lora,
             # Prompt embeddings are cached beside the jobs (services/embedding_cache.py).
             "embeddings_dir": str(jobs_dir.parent / "embeddings"),
             # Code compiled by --compile is cached beside them, shared by every later job.

@@ -11,6 +11,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+from config.presets import DISTILLED_SCHEDULE
 from config.settings import Settings
 from orchestrator.inputs import require_image
 from orchestrator.lora_lookup import resolve_lora
@@ -18,7 +19,7 @@ from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cache
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import TWO_STAGE, JobSpec, SpecError
+from protocol.spec import SCHEDULES, TWO_STAGE, JobSpec, SpecError
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
@@ -35,6 +36,8 @@ class BuiltSpec:
     notices: tuple[str, ...]
     loras: tuple[dict[str, Any], ...] = ()  #: the spec's LoRAs with local `path` and `revision`
     image: Path | None = None  #: the validated conditioning image
+    #: dev two-stage: the spec's stage-2 distilled LoRA with local `path`, `revision` and scale 1.0
+    stage2_lora: dict[str, Any] | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -82,6 +85,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
+    if needs_stage2_lora(fields) and fields.get("stage2_lora") is None:
+        fields["stage2_lora"] = family_stage2_lora(settings, family, fields["schedule"])
     spec = JobSpec.from_dict(fields)
     if spec.pipeline == TWO_STAGE:
         require_latent_upsampler(model)
@@ -94,8 +99,31 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         flags = ", ".join("--" + name.replace("_", "-") for name in unused_nag)
         notices.append(f"warning: {flags} has no effect without --nag-scale > 1 (NAG is off)")
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
+    stage2_lora = None
+    if spec.stage2_lora is not None:
+        stage2_lora = resolve_lora({**spec.stage2_lora, "scale": 1.0}, settings.input_roots, "stage2_lora")
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
-    return BuiltSpec(spec, model, tuple(notices), loras, image)
+    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora=stage2_lora)
+
+
+def needs_stage2_lora(fields: dict[str, Any]) -> bool:
+    """Whether the run is two-stage with a dev schedule, the one kind that fuses a stage-2 LoRA."""
+    schedule = fields.get("schedule")
+    return fields.get("pipeline") == TWO_STAGE and schedule in SCHEDULES and schedule != DISTILLED_SCHEDULE
+
+
+def family_stage2_lora(settings: Settings, family: str, schedule: object) -> dict[str, Any]:
+    """The family's stage-2 distilled LoRA ({source, weight_name}) for a dev two-stage run; SpecError
+    naming --pipeline when the family has none (LTX-2.5: config/defaults.toml names no file for it)."""
+    lora = settings.families[family].dev.stage2_lora()
+    if lora is None:
+        raise SpecError(
+            "pipeline",
+            f"two-stage with --schedule {schedule} fuses a distilled LoRA for stage 2, and none is known for"
+            f' LTX-{family} (config/defaults.toml [families."{family}".dev] names no stage2_lora_repo); name one'
+            " with --stage2-lora, or use --schedule distilled or --pipeline one-stage",
+        )
+    return lora
 
 
 def require_latent_upsampler(model: ResolvedModel) -> None:

@@ -16,8 +16,8 @@ from protocol.model_ids import hub_cache_dir
 from protocol.spec import SpecError
 
 
-def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[str, Any]:
-    """`{source, weight_name, scale}` -> the same plus `path` (a file) and `revision`.
+def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...], flag: str = "lora") -> dict[str, Any]:
+    """`{source, weight_name, scale}` -> the same plus `path` (a file) and `revision`; errors name `--{flag}`.
 
     A source written as a path (absolute, `~`, `./`, or a .safetensors name) must lie inside the
     input roots, checked before it is looked for, so that an outside path gets one error whether
@@ -27,9 +27,9 @@ def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[st
     source, weight_name = lora["source"], lora.get("weight_name")
     local = Path(source).expanduser()
     if looks_like_path(source):
-        local = require_inside_roots(local, input_roots, "lora")
+        local = require_inside_roots(local, input_roots, flag)
         if not local.exists():
-            raise LoraNotFound(f"--lora: {source} does not exist")
+            raise lora_not_found(flag, f"{source} does not exist")
     elif inside_roots(local, input_roots) and local.resolve().exists():
         local = local.resolve()
     else:  # a repo id: its cache folder is found by the hub, never by this path
@@ -38,14 +38,22 @@ def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...]) -> dict[st
         folder, revision = (local.parent if local.is_file() else local), "local"
         weight_name = weight_name or (local.name if local.is_file() else None)
     else:
-        folder = cached_repo(source)
+        folder = cached_repo(source, weight_name, flag)
         revision = folder.name  # the snapshot's commit hash
-    path = folder / weight_name if weight_name else only_safetensors(folder, source)
+    path = folder / weight_name if weight_name else only_safetensors(folder, source, flag)
     if local is not None:  # a weight file inside the folder may still be a symlink leading out
-        require_inside_roots(path, input_roots, "lora")
+        require_inside_roots(path, input_roots, flag)
     if not path.is_file():
-        raise LoraNotFound(f"--lora: {source!r} has no file {path.name!r}")
+        fetch = "" if local is not None else f"; download it with: hf download {source} {path.name}"
+        raise lora_not_found(flag, f"{source!r} has no file {path.name!r}{fetch}")
     return {**lora, "path": str(path.resolve()), "revision": revision, "scale": float(lora.get("scale", 1.0))}
+
+
+def lora_not_found(flag: str, message: str) -> LoraNotFound:
+    """LoraNotFound (exit 4) whose message and `field` name the spec field `flag` ("lora", "stage2_lora")."""
+    error = LoraNotFound(f"--{flag.replace('_', '-')}: {message}")
+    error.field = flag
+    return error
 
 
 def looks_like_path(source: str) -> bool:
@@ -62,25 +70,27 @@ def inside_roots(path: Path, input_roots: tuple[Path, ...]) -> bool:
     return True
 
 
-def cached_repo(repo_id: str) -> Path:
+def cached_repo(repo_id: str, weight_name: str | None = None, flag: str = "lora") -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=hub_cache_dir()))
     except (LocalEntryNotFoundError, ValueError, OSError) as exc:
-        raise LoraNotFound(
-            f"--lora: {repo_id!r} is neither a local file nor in the Hugging Face cache; "
-            f"download it first with: hf download {repo_id}"
+        raise lora_not_found(
+            flag,
+            f"{repo_id!r} is neither a local file nor in the Hugging Face cache; "
+            f"download it first with: hf download {repo_id}{' ' + weight_name if weight_name else ''}",
         ) from exc
 
 
-def only_safetensors(folder: Path, source: str) -> Path:
+def only_safetensors(folder: Path, source: str, flag: str = "lora") -> Path:
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) != 1:
         names = ", ".join(p.name for p in candidates) or "none"
         raise SpecError(
-            "lora_weight_name",
-            f"{source!r} holds {len(candidates)} .safetensors files ({names}); name one with --lora-weight-name",
+            f"{flag}_weight_name",
+            f"{source!r} holds {len(candidates)} .safetensors files ({names}); name one with"
+            f" --{flag.replace('_', '-')}-weight-name",
         )
     return candidates[0]

@@ -70,6 +70,15 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "loras": [
             {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")} for lora in record.get("loras", [])
         ],
+        # Dev two-stage: the distilled LoRA fused for stage 2 only; None for every other run.
+        "stage2_lora": stage2_lora_summary(record.get("stage2_lora")),
         "versions": package_versions(),
         "stages": {stage.value: stage_summary(job, stage) for stage in Stage},
     }
+
+
+def stage2_lora_summary(lora: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the sidecar says of a dev two-stage run's stage-2 LoRA: where it came from and which file."""
+    if lora is None:
+        return None
+    return {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")}

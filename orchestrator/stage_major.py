@@ -55,10 +55,15 @@ def group_key(job: JobDir, stage: Stage, plan: dict[str, Any]) -> str:
     """Jobs with equal keys can share one worker process for `stage`: same weights, same placement.
 
     LoRAs count only for diffusion, where they are fused into the transformer; the decoders
-    never see them.
+    never see them. So does a dev two-stage run's stage-2 LoRA: its group switches once to the
+    transformer with it fused (services/two_stage.py), which other jobs would have to switch back from.
     """
-    loras = job.record.get("loras", []) if stage is Stage.ENCODE_DIFFUSE else []
+    diffusion = stage is Stage.ENCODE_DIFFUSE
+    loras = job.record.get("loras", []) if diffusion else []
+    stage2_lora = job.record.get("stage2_lora") if diffusion else None
     fields = [job.record["model_path"], job.record.get("revision", ""), job.spec.dtype, plan, loras]
+    if stage2_lora is not None:  # left out otherwise, so other jobs' keys stay as they were
+        fields.append(stage2_lora)
     return json.dumps(fields, sort_keys=True)
 
 

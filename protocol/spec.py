@@ -36,6 +36,8 @@ MAX_PROMPT_BYTES = 32 * 1024
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 DTYPES = ("auto", "bfloat16", "float32")
 LORA_KEYS = frozenset({"source", "weight_name", "scale"})
+# Dev two-stage's stage-2 distilled LoRA (services/two_stage.py): always fused at 1.0, as Lightricks' recipe does.
+STAGE2_LORA_KEYS = frozenset({"source", "weight_name"})
 # Fields that do not change the latents (see JobSpec.latents_digest).
 DECODE_ONLY_FIELDS = frozenset({"name", "vae_chunk_frames", "vae_tiling", "drop_caches"})
 SCHEDULES = ("distilled", "default")
@@ -51,7 +53,8 @@ NAG_DEFAULTS = {"nag_scale": 1.0, "nag_tau": 2.5, "nag_alpha": 0.25, "nag_steps"
 # LTX-2.0 ran before the fields existed. None: audio CFG follows --guidance-scale.
 GUIDANCE_DEFAULTS = {"audio_guidance_scale": None, "stg_scale": 0.0, "modality_scale": 1.0, "guidance_rescale": 0.0}
 # How the latents are made (services/two_stage.py): one pass at the full size, or Lightricks' two-stage recipe
-# (half size, the latent upsampler x2, three distilled refining steps at the full size).
+# (half size, the latent upsampler x2, three distilled refining steps at the full size; with a dev schedule those
+# three steps run with the distilled LoRA `stage2_lora` fused into the transformer).
 ONE_STAGE, TWO_STAGE = "one-stage", "two-stage"
 PIPELINES = (ONE_STAGE, TWO_STAGE)
 # Two-stage runs stage 1 at half the width and height, which must itself be a multiple of 32 and
@@ -59,7 +62,7 @@ PIPELINES = (ONE_STAGE, TWO_STAGE)
 TWO_STAGE_SIZE_MULTIPLE = 2 * SIZE_MULTIPLE
 TWO_STAGE_MIN_SIZE = 2 * MIN_SIZE
 # Fields left out of the latents digest at their default, so latents written before they existed still match.
-LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS, "pipeline": ONE_STAGE}
+LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS, "pipeline": ONE_STAGE, "stage2_lora": None}
 # diffusers puts no bound on these; the bounds keep a typo from running a useless clip. LTX-2.3 uses
 # STG 1 and modality 3 (LTX2Pipeline.__call__ defaults), so 10 leaves room for experiments.
 MAX_STG_SCALE = 10.0
@@ -110,6 +113,8 @@ class JobSpec:
     nag_alpha: float = 0.25
     nag_steps: int | None = None
     pipeline: str = ONE_STAGE
+    #: dev two-stage only: {source, weight_name} of the distilled LoRA fused (at 1.0) for stage 2
+    stage2_lora: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -187,23 +192,32 @@ class JobSpec:
         self._require_valid_pipeline()
 
     def _require_valid_pipeline(self) -> None:
-        """Two-stage's sizes and schedule.
+        """Two-stage's sizes and schedule, and the stage-2 LoRA a dev schedule needs.
 
-        A dev (non-distilled) schedule is refused rather than run: stage 2 is three steps on the
-        distilled sigmas with guidance off, which a dev model was not trained for (Lightricks' dev
-        recipe fuses its distilled LoRA for stage 2, which this version does not do), so the clip
-        would come out softer than a one-stage run at the full size, for more work.
+        Stage 2 is three steps on the distilled sigmas with guidance off. A distilled model was trained
+        for them; a dev (non-distilled) one was not, so with a dev schedule stage 2 runs on the transformer
+        with Lightricks' distilled LoRA fused at 1.0 (diffusers' LTX-2 docs, "Two-stages Generation").
+        Which LoRA is `stage2_lora`, which orchestrator/jobspec.py fills from the model family's dev preset
+        (config/defaults.toml) unless --stage2-lora names one; a dev two-stage spec without it is refused
+        (a family with no known distilled LoRA, LTX-2.5), as is a stage-2 LoRA that no stage would use.
         """
         _require_choice("pipeline", self.pipeline, PIPELINES)
+        if self.stage2_lora is not None:
+            _require_stage2_lora(self.stage2_lora)
+            if self.pipeline != TWO_STAGE or self.schedule == "distilled":
+                raise SpecError(
+                    "stage2_lora",
+                    "only two-stage with a dev schedule (--pipeline two-stage --schedule default) fuses a stage-2"
+                    f" LoRA; got --pipeline {self.pipeline} --schedule {self.schedule}",
+                )
         if self.pipeline != TWO_STAGE:
             return
-        if self.schedule != "distilled":
+        if self.schedule != "distilled" and self.stage2_lora is None:
             raise SpecError(
                 "pipeline",
-                "two-stage refines at the full size with three distilled steps and guidance off, which needs the"
-                f" distilled schedule; got --schedule {self.schedule} (a dev recipe would need Lightricks'"
-                " distilled LoRA for stage 2, which this version does not fuse); use --schedule distilled or"
-                " --pipeline one-stage",
+                "two-stage refines at the full size with three distilled steps and guidance off; with"
+                f" --schedule {self.schedule} that needs a distilled LoRA fused for stage 2, and none is set;"
+                " name one with --stage2-lora, or use --schedule distilled or --pipeline one-stage",
             )
         for field, value in (("width", self.width), ("height", self.height)):
             if value % TWO_STAGE_SIZE_MULTIPLE or value < TWO_STAGE_MIN_SIZE:
@@ -347,6 +361,22 @@ def _require_lora(lora: dict[str, Any]) -> None:
     scale = lora.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
         raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
+
+
+def _require_stage2_lora(lora: dict[str, Any]) -> None:
+    unknown = set(lora) - STAGE2_LORA_KEYS
+    if unknown:
+        raise SpecError(
+            "stage2_lora", f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(STAGE2_LORA_KEYS))}"
+        )
+    source = lora.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise SpecError("stage2_lora", "needs a repo id or a path to a .safetensors file")
+    weight_name = lora.get("weight_name")
+    if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or "/" in weight_name):
+        raise SpecError(
+            "stage2_lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}"
+        )
 
 
 def _require_range(field: str, value: float, low: float, high: float) -> None:

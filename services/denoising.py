@@ -1,7 +1,8 @@
 """One denoising pass of diffusers' LTX-2 pipeline over the loaded, LoRA-fused, placed transformer.
 
 A one-stage run is one pass at the clip's size; a two-stage run (services/two_stage.py) is two, at
-half and at full size, over the same transformer. Each pass is LTX2Pipeline (or, with a
+half and at full size, over the same transformer (with a dev schedule, stage 2 runs over a second
+load of it with the distilled LoRA fused as well). Each pass is LTX2Pipeline (or, with a
 conditioning image, LTX2ImageToVideoPipeline) of diffusers 0.42.1 called with
 `output_type="latent"`, which is what makes the staged result equal the single-process one
 (DESIGN.md rule 6).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -46,25 +48,36 @@ class DenoisePass:
     noise_scale: float = 0.0  #: how much fresh noise is mixed into given latents (the first sigma)
 
 
-def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def loaded_denoiser(
+    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, stage2_lora: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The placed, LoRA-fused denoiser components, loaded once per process and kept in
     `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
-    dtype, LoRAs and plan are equal; anything else replaces them)."""
-    key = json.dumps([str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan], sort_keys=True)
+    dtype, LoRAs and plan are equal; anything else replaces them).
+
+    `stage2_lora` (dev two-stage's stage 2) is fused on top of the job's LoRAs: another set of weights,
+    so another key. Only one denoiser is ever held: the old one is released before the next loads.
+    """
+    fields: list[Any] = [str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan]
+    if stage2_lora is not None:  # left out otherwise, so the key of every other run stays as it was
+        fields.append(stage2_lora)
+    key = json.dumps(fields, sort_keys=True)
     kept = ctx.shared.get("denoiser")
     if kept is not None and kept["key"] == key:
         return kept
     # Another configuration: drop both references to the old weights before loading new ones.
-    ctx.shared.pop("denoiser", None)
     kept = None
-    ctx.progress("load transformer")
+    if ctx.shared.pop("denoiser", None) is not None:
+        release_memory()
+    ctx.progress("load transformer" if stage2_lora is None else "load transformer with stage-2 distilled LoRA")
     connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
-    if ctx.job.get("loras"):
+    loras = [*ctx.job.get("loras", []), *([stage2_lora] if stage2_lora is not None else [])]
+    if loras:
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
-        fuse_loras(base, ctx.job["loras"])
+        fuse_loras(base, loras)
     ctx.progress(f"place transformer ({ctx.plan.get('weights', 'native')})")
     model_loading.apply_memory_plan(
         transformer,
@@ -90,6 +103,13 @@ def loaded_denoiser(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     return kept
 
 
+def release_memory() -> None:
+    """Return what dropped weights held (host and GPU) before another transformer loads."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def pipeline(cls: type, scheduler: Any, vae: Any, audio_vae: Any, connectors: Any, transformer: Any) -> Any:
     """A diffusers pipeline around already-loaded components (no text encoder, no vocoder)."""
     pipe = cls(
@@ -113,13 +133,15 @@ def denoise(
     dtype: torch.dtype,
     generator: torch.Generator,
     run: DenoisePass,
+    stage2_lora: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run one pass; returns its latents (denormalized, fp32) and the number of transformer calls.
 
     `generator` is the job's, shared by the passes of a two-stage run as one diffusers script
-    would pass one generator to both calls.
+    would pass one generator to both calls. `stage2_lora`: run over the transformer with that LoRA
+    fused too (dev two-stage's stage 2).
     """
-    parts = loaded_denoiser(ctx, device, dtype)
+    parts = loaded_denoiser(ctx, device, dtype, stage2_lora)
     # A fresh scheduler per pass: set_timesteps mutates it, and a group reuses the loaded one.
     fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     scheduler, sigmas = guidance.resolve_schedule(run.schedule, fresh)

@@ -9,7 +9,9 @@ job, two over the same loaded transformer for a two-stage one (services/two_stag
 
 For a group of jobs (stage-major scheduling, services/runtime.py) every prompt not yet in the
 embedding cache is encoded first with one text-encoder load, then the transformer is loaded,
-LoRA-fused and placed once and denoises each job in turn.
+LoRA-fused and placed once and denoises each job in turn. Dev two-stage jobs run every member's
+stage 1 before the first job's turn, so the group loads the transformer with the stage-2 LoRA once
+too (services/two_stage.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from services import embedding_cache, guidance, model_loading
 from services.denoising import DenoisePass, denoise
 from services.latents import denoised_metadata, write_latents
 from services.runtime import WorkerContext, run_worker
-from services.two_stage import denoise_two_stage
+from services.two_stage import denoise_two_stage, run_group_stage1
 
 
 def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> Path | None:
@@ -59,6 +61,12 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
     first.progress(f"load text encoder for {len(missing)} prompt(s)")
     dtype = model_loading.resolve_dtype(first.spec.dtype, device)
     fill_cache({path: ctx.spec for path, ctx in missing.items()}, first.model_root, dtype, device, first.progress)
+
+
+def prepare_group(contexts: list[WorkerContext]) -> None:
+    """Before a group's first job: its prompts into the cache, then dev two-stage members' stage 1."""
+    encode_group_prompts(contexts)
+    run_group_stage1(contexts, cached_or_encoded_prompt)
 
 
 def fill_cache(
@@ -179,15 +187,25 @@ def run(ctx: WorkerContext) -> list[str]:
             # Two-stage: the calls of each stage, and whether stage 1 came from latents_stage1.safetensors.
             **({key: result[key] for key in ("stage_calls", "stage1_reused")} if two_stage else {}),
             "loras": [{k: lora[k] for k in ("source", "scale", "revision")} for lora in ctx.job.get("loras", [])],
+            # Dev two-stage: the distilled LoRA stage 2 ran with (fused at 1.0 on top of `loras`).
+            **stage2_lora_metadata(ctx),
             "plan": ctx.plan,
         },
     )
     return [LATENTS_FILE]
 
 
+def stage2_lora_metadata(ctx: WorkerContext) -> dict[str, Any]:
+    """`stage2_lora` (source, weight name, revision) for the latents file of a dev two-stage run; {} otherwise."""
+    lora = ctx.job.get("stage2_lora") if ctx.spec.pipeline == TWO_STAGE else None
+    if lora is None or ctx.spec.schedule == "distilled":
+        return {}
+    return {"stage2_lora": {k: lora.get(k) for k in ("source", "weight_name", "revision")}}
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point of `python -m services.encode_diffuse` and of the fork server's children."""
-    run_worker(Stage.ENCODE_DIFFUSE, run, argv, prepare=encode_group_prompts)
+    run_worker(Stage.ENCODE_DIFFUSE, run, argv, prepare=prepare_group)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ the prompt's cross-attention modulation a static per-layer table instead of a ti
 
 All carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
 (model_index.json does not list it, as in Lightricks/LTX-2).
+
+`write_tiny_stage2_lora_to_hf_cache` writes a tiny stand-in for a family's distilled LoRA, which dev
+two-stage fuses for stage 2, as a file in a snapshot of the real LoRA's repo id (a random rank-4 LoRA in
+diffusers' key format on the tiny transformer's video self-attention). It is for tests' own caches
+only, with no command: a stand-in under a real repo id in a user's cache would hide that the real
+model is missing. It never replaces a snapshot of that repo the cache already holds.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 from protocol.families import LATENT_UPSAMPLER, family_named
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
 from services.tiny_text_encoder import TEXT_HIDDEN, TEXT_LAYERS, build_text_encoder, build_tokenizer
+
+# The revision of the tiny stage-2 LoRA's snapshot (the cache's snapshots/<rev> under the real repo's id).
+TINY_LORA_REVISION = "1" * 40
+# The tiny stage-2 LoRA's seed: another LoRA than lora_tensors' default (the tests' own LoRA files).
+TINY_STAGE2_LORA_SEED = 7
 
 # Transformer widths: video 2 heads x 8 = 16, audio 2 heads x 4 = 8. LTX-2.3's connectors project the
 # text straight to these (per_modality_projections), so its connector heads x head_dim must match them.
@@ -351,6 +362,44 @@ def write_tiny_model_to_hf_cache(hub_cache: Path, seed: int = 0, family: str = "
     refs.mkdir(parents=True, exist_ok=True)
     (refs / "main").write_text(TINY_REVISION)
     return snapshot
+
+
+def lora_tensors(prefix: str, seed: int = 3) -> dict[str, torch.Tensor]:
+    """A rank-4 LoRA on the tiny transformer's video self-attention (the query, key and value projections
+    of both blocks, 16 wide in every family), keys under `prefix` ("transformer." is diffusers' format,
+    "diffusion_model." Lightricks' own); A and B drawn from N(0, 1), so the LoRA visibly changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(2):
+        for projection in ("to_q", "to_k", "to_v"):
+            key = f"{prefix}transformer_blocks.{block}.attn1.{projection}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(4, VIDEO_HEADS * VIDEO_HEAD_DIM, generator=generator)
+            tensors[f"{key}.lora_B.weight"] = torch.randn(VIDEO_HEADS * VIDEO_HEAD_DIM, 4, generator=generator)
+    return tensors
+
+
+def write_tiny_stage2_lora_to_hf_cache(hub_cache: Path, repo_id: str, file_name: str) -> Path:
+    """The tiny stage-2 distilled LoRA as `file_name` in a snapshot of `repo_id` in a hub cache layout.
+
+    A cache that already holds `repo_id` at another revision keeps it untouched (RuntimeError): that
+    is a real download, which a tiny file must never shadow.
+    """
+    from safetensors.torch import save_file
+
+    repo_dir = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    main_ref = repo_dir / "refs" / "main"
+    if main_ref.is_file() and main_ref.read_text().strip() != TINY_LORA_REVISION:
+        raise RuntimeError(f"{repo_id} is already in the Hugging Face cache ({repo_dir}); not writing a tiny LoRA")
+    snapshot = repo_dir / "snapshots" / TINY_LORA_REVISION
+    snapshot.mkdir(parents=True, exist_ok=True)
+    target = snapshot / file_name
+    if not target.is_file():
+        partial = snapshot / f".{file_name}.partial-{os.getpid()}"
+        save_file(lora_tensors("transformer.", TINY_STAGE2_LORA_SEED), str(partial))
+        partial.rename(target)
+    main_ref.parent.mkdir(parents=True, exist_ok=True)
+    main_ref.write_text(TINY_LORA_REVISION)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,15 @@ Stage 1's result is written to latents_stage1.safetensors together with the gene
 so an attempt that dies in the upsampler or stage 2 is retried from stage 2 and still gives the
 latents an undisturbed run gives (the file is verified as latents.safetensors is: its format, its
 spec digest, finite values).
+
+With a dev (non-distilled) schedule the recipe is the docs' "Two-stages Generation": stage 1 runs
+the dev schedule with its guidance on the job's transformer, and stage 2 the same three distilled
+sigmas with guidance off, but on the transformer with Lightricks' distilled LoRA (the job record's
+`stage2_lora`) fused at 1.0 on top of the job's own LoRAs. LoRAs are fused before any FP8 cast, so
+that is a second load of the transformer, made after the first is released (never two at once).
+A group of such jobs (stage-major) runs every member's stage 1 first, from the group's `prepare`
+(`run_group_stage1`), each written to its latents_stage1.safetensors, then switches once: each
+job's own turn finds its stage 1 there and runs the upsampler and stage 2 on the LoRA'd transformer.
 """
 
 from __future__ import annotations
@@ -25,12 +34,16 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 
 from protocol.errors import InvalidInput
 from protocol.files import STAGE1_LATENTS_FILE
+from protocol.spec import TWO_STAGE
 from services import guidance, model_loading
 from services.denoising import DenoisePass, denoise, loaded_denoiser
 from services.latents import denoised_metadata, dtype_name, read_latents, write_latents
 from services.runtime import WorkerContext
 
 log = logging.getLogger("ltx2.worker")
+# ctx.shared: the job folders whose stage 1 this process ran in the group's prepare (not reused from
+# an earlier attempt, though their turn reads it back from latents_stage1.safetensors).
+STAGE1_MADE_HERE = "stage1_made_here"
 
 
 def denoise_two_stage(
@@ -39,20 +52,15 @@ def denoise_two_stage(
     """Stage 1 (or its verified file), the upsampler, stage 2; returns the full-size latents, the
     transformer calls of both stages and whether stage 1 came from its file."""
     family = ctx.job.get("family")
-    first = verified_stage1(ctx, device, dtype)
-    if first is None:
-        generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
-        first = denoise(ctx, embeddings, device, dtype, generator, stage1_pass(ctx, family))
-        first["generator_state"] = generator.get_state()
-        write_stage1(ctx, first, device, dtype)
-        reused = False
-    else:
-        ctx.progress("stage 1 latents verified, skipped")
-        reused = True
+    lora = stage2_lora(ctx)
+    first, reused = stage1(ctx, embeddings, device, dtype)
     generator = torch.Generator(device=device)
     generator.set_state(first["generator_state"])
-    upsampled = upsample(ctx, first["video"], device, dtype)
-    second = denoise(ctx, embeddings, device, dtype, generator, stage2_pass(ctx, family, upsampled, first["audio"]))
+    if lora is not None:  # switch before upsampling, which needs only the latent statistics
+        loaded_denoiser(ctx, device, dtype, lora)
+    upsampled = upsample(ctx, first["video"], device, dtype, lora)
+    run = stage2_pass(ctx, family, upsampled, first["audio"])
+    second = denoise(ctx, embeddings, device, dtype, generator, run, lora)
     return {
         "video": second["video"],
         "audio": second["audio"],
@@ -60,6 +68,61 @@ def denoise_two_stage(
         "stage_calls": [first["calls"], second["calls"]],
         "stage1_reused": reused,
     }
+
+
+def stage2_lora(ctx: WorkerContext) -> dict[str, Any] | None:
+    """The resolved distilled LoRA stage 2 fuses (dev two-stage), None for a distilled run."""
+    if ctx.spec.schedule == "distilled":
+        return None
+    lora = ctx.job.get("stage2_lora")
+    if lora is None:  # the orchestrator resolves it with the spec; never run stage 2 without it
+        raise InvalidInput("job.json has no resolved stage2_lora for this dev two-stage job (see --stage2-lora)")
+    return lora
+
+
+def stage1(
+    ctx: WorkerContext, embeddings: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> tuple[dict[str, Any], bool]:
+    """(stage 1's result with the generator's state after it, whether it came from an earlier attempt)."""
+    first = verified_stage1(ctx, device, dtype)
+    if first is not None:
+        if str(ctx.job_dir) in ctx.shared.get(STAGE1_MADE_HERE, ()):
+            return first, False
+        ctx.progress("stage 1 latents verified, skipped")
+        return first, True
+    generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
+    first = denoise(ctx, embeddings, device, dtype, generator, stage1_pass(ctx, ctx.job.get("family")))
+    first["generator_state"] = generator.get_state()
+    write_stage1(ctx, first, device, dtype)
+    return first, False
+
+
+def run_group_stage1(contexts: list[WorkerContext], prompt_embeddings: Any) -> None:
+    """Before a group's first job: stage 1 of every dev two-stage member, on the base transformer.
+
+    Each result goes to its latents_stage1.safetensors, so the members' own turns switch to the
+    transformer with the stage-2 LoRA once, for all of them. `prompt_embeddings(ctx, device, dtype)`
+    gives a member's embeddings. A member whose input is invalid is left to fail in its own turn.
+    """
+    members = [
+        ctx
+        for ctx in contexts
+        if ctx.spec is not None and ctx.spec.pipeline == TWO_STAGE and ctx.spec.schedule != "distilled"
+    ]
+    if not members:
+        return
+    device = model_loading.resolve_device()
+    made = members[0].shared.setdefault(STAGE1_MADE_HERE, set())
+    for ctx in members:
+        dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
+        if verified_stage1(ctx, device, dtype) is not None:
+            continue
+        try:
+            stage1(ctx, prompt_embeddings(ctx, device, dtype), device, dtype)
+        except InvalidInput as exc:
+            log.warning("%s: stage 1 left to the job's own turn: %s", ctx.job_dir.name, exc)
+            continue
+        made.add(str(ctx.job_dir))
 
 
 def stage1_pass(ctx: WorkerContext, family: Any) -> DenoisePass:
@@ -93,11 +156,18 @@ def stage2_pass(ctx: WorkerContext, family: Any, video: torch.Tensor, audio: tor
     )
 
 
-def upsample(ctx: WorkerContext, video: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def upsample(
+    ctx: WorkerContext,
+    video: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    lora: dict[str, Any] | None = None,
+) -> torch.Tensor:
     """Stage 1's (denormalized) video latents at twice the width and height, still denormalized.
 
     The upsampler loads only now, after stage 1, and stays for a group's next job. The pipeline's
-    `vae` serves only its compression ratios here, so the latent statistics stand in for it.
+    `vae` serves only its compression ratios here, so the latent statistics stand in for it (taken
+    from the denoiser stage 2 runs on: `lora` names its stage-2 LoRA, if any).
     """
     ctx.progress("upsample latents")
     key = (str(ctx.model_root), str(dtype))
@@ -106,7 +176,7 @@ def upsample(ctx: WorkerContext, video: torch.Tensor, device: torch.device, dtyp
         ctx.progress("load latent upsampler")
         kept = (key, model_loading.load_latent_upsampler(ctx.model_root, dtype, device))
         ctx.shared["latent_upsampler"] = kept
-    video_stats = loaded_denoiser(ctx, device, dtype)["video_stats"]
+    video_stats = loaded_denoiser(ctx, device, dtype, lora)["video_stats"]
     pipe = LTX2LatentUpsamplePipeline(vae=video_stats, latent_upsampler=kept[1])
     pipe.set_progress_bar_config(disable=True)
     (upsampled,) = pipe(

@@ -21,21 +21,10 @@ from protocol.spec import SpecError
 from services import encode_diffuse, model_loading
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
+from services.tiny_model import lora_tensors
 
 CAMERA_REPO = "Lightricks/LTX-2-19b-LoRA-Camera-Control-Dolly-In"
 CAMERA_FILE = "ltx-2-19b-lora-camera-control-dolly-in.safetensors"
-
-
-def lora_tensors(prefix: str) -> dict[str, torch.Tensor]:
-    """A rank-4 LoRA on the tiny transformer's video self-attention, keys under `prefix`."""
-    generator = torch.Generator().manual_seed(3)
-    tensors = {}
-    for block in range(2):
-        for projection in ("to_q", "to_k", "to_v"):
-            key = f"{prefix}transformer_blocks.{block}.attn1.{projection}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(4, 16, generator=generator)
-            tensors[f"{key}.lora_B.weight"] = torch.randn(16, 4, generator=generator)
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,9 @@ def encode(
         **request,
     }
     built = build_spec(fields, settings)
-    job = JobDir.create(tmp_path / name, built.spec, built.model, loras=built.loras, image=built.image)
+    job = JobDir.create(
+        tmp_path / name, built.spec, built.model, loras=built.loras, image=built.image, stage2_lora=built.stage2_lora
+    )
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
     reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
     ctx = WorkerContext(

@@ -20,6 +20,7 @@ from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
+from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobHooks
 from orchestrator.policy import initial_plan
@@ -47,8 +48,9 @@ FAMILY_CALL = {
 AUDIO_RATE = {"2.0": 16000, "2.3": 48000, "2.5": 48000}
 
 
-def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
-    """Run a whole job through real worker processes and return its directory."""
+def run_staged(model_dir: Path, state: Path, stage2_lora: Path | None = None, **changes: object) -> JobDir:
+    """Run a whole job through real worker processes and return its directory; `stage2_lora` (a
+    .safetensors file): dev two-stage's distilled LoRA, resolved as `ltx2 generate --stage2-lora` does."""
     settings = load_settings(
         environ={"LTX2_STATE_DIR": str(state), "LTX2_OUTPUT_DIR": str(state / "out"), "HOME": str(state)}
     )
@@ -64,7 +66,12 @@ def run_staged(model_dir: Path, state: Path, **changes: object) -> JobDir:
         "dtype": "float32",
         **changes,
     }
-    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(fields), resolve_model(str(model_dir)))
+    resolved = None
+    if stage2_lora is not None:
+        fields["stage2_lora"] = {"source": str(stage2_lora)}
+        resolved = resolve_lora({**fields["stage2_lora"], "scale": 1.0}, settings.input_roots, "stage2_lora")
+    spec = JobSpec.from_dict(fields)
+    job = JobDir.create(settings.jobs_dir, spec, resolve_model(str(model_dir)), stage2_lora=resolved)
     context = zmq.Context()
     link = WorkerLink(context)
     try:

@@ -4,7 +4,9 @@ The staged side runs the real worker processes on each family's tiny model (fp32
 reference is diffusers' own composition from its LTX-2 docs, written out here: LTX2Pipeline at
 half size with `output_type="latent"`, LTX2LatentUpsamplePipeline, then LTX2Pipeline again on the
 upsampled latents with STAGE_2_DISTILLED_SIGMA_VALUES and all guidance off, one generator
-passed to both calls.
+passed to both calls. With a dev schedule (the docs' "Two-stages Generation"), stage 2 runs with
+the distilled LoRA loaded as an adapter at 1.0 and the scheduler rebuilt without dynamic shifting;
+the tiny stand-in for that LoRA is `ltx2 tiny-model --stage2-lora`'s, in a cache of the tests' own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, ltx2_environment, probe_mp4, run_ltx2
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2LatentUpsamplePipeline
 from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
@@ -37,6 +39,7 @@ from test_parity import (
 )
 
 from config.settings import load_settings
+from orchestrator.cli import build_parser
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import ensure_tiny_model
@@ -46,6 +49,7 @@ from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION
 from protocol.spec import JobSpec, SpecError
 from services.latents import read_latents
 from services.media import read_wav
+from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
 
 # Stage 1 at 64x64 (the tiny VAE compresses 4x: 16x16 latents), stage 2 at 128x128 (32x32).
 TWO_STAGE = {"width": 128, "height": 128, "pipeline": "two-stage"}
@@ -61,9 +65,22 @@ GUIDANCE_OFF = {
 }
 
 
-def reference_two_stage(pipe: object, model_dir: Path, spec: JobSpec, family: str, **inputs: object) -> dict:
+def reference_two_stage(
+    pipe: object,
+    model_dir: Path,
+    spec: JobSpec,
+    family: str,
+    stage2_lora: Path | None = None,
+    stage2_scheduler: bool = False,
+    output_types: tuple[str, ...] = ("latent", "np"),
+    **inputs: object,
+) -> dict:
     """diffusers' two-stage composition: stage 1's latents, the upsampled ones, and stage 2's
-    latents and decoded frames and waveform (each from the same generator state)."""
+    latents and decoded frames and waveform (each from the same generator state).
+
+    `stage2_lora`: the dev recipe, whose stage 2 loads that LoRA as adapter "stage_2_distilled" at 1.0
+    and rebuilds the scheduler with from_config(use_dynamic_shifting=False, shift_terminal=None);
+    `stage2_scheduler` rebuilds it without loading the LoRA (the recipe less the LoRA). Both change `pipe`."""
     generator = torch.Generator().manual_seed(spec.seed)
     half = {"width": spec.width // 2, "height": spec.height // 2}
     video, audio = reference_call(pipe, spec, "latent", family, generator, **half, **inputs)
@@ -73,6 +90,13 @@ def reference_two_stage(pipe: object, model_dir: Path, spec: JobSpec, family: st
             latents=video, output_type="latent", return_dict=False
         )
     state = generator.get_state()
+    if stage2_lora is not None:
+        pipe.load_lora_weights(str(stage2_lora.parent), adapter_name="stage_2_distilled", weight_name=stage2_lora.name)
+        pipe.set_adapters("stage_2_distilled", 1.0)
+    if stage2_lora is not None or stage2_scheduler:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+        )
     stage2 = {
         "latents": upsampled,
         "audio_latents": audio,
@@ -83,7 +107,7 @@ def reference_two_stage(pipe: object, model_dir: Path, spec: JobSpec, family: st
         **inputs,
     }
     results = {"stage1": (video, audio), "upsampled": upsampled}
-    for output_type in ("latent", "np"):
+    for output_type in output_types:
         generator.set_state(state)
         results[output_type] = reference_call(pipe, spec, output_type, family, generator, **stage2)
     return results
@@ -216,13 +240,21 @@ def test_two_stage_size_not_a_multiple_of_64_exits_2_naming_the_flag(
     assert f"nearest allowed: {nearest}; or --pipeline one-stage" in result.stderr
 
 
-def test_two_stage_with_a_dev_schedule_is_refused_naming_the_pipeline_flag():
-    with pytest.raises(SpecError, match="--schedule distilled or --pipeline one-stage") as caught:
-        JobSpec.from_dict(
-            {"prompt": "x", "model": "m", "width": 128, "height": 128, "num_frames": 9, "steps": 30, "seed": 1,
-             "schedule": "default", "pipeline": "two-stage"}
-        )  # fmt: skip
+def test_two_stage_with_a_dev_schedule_needs_a_stage_2_lora_and_only_it_takes_one():
+    """A dev two-stage spec without its stage-2 LoRA is refused naming --pipeline and --stage2-lora (the
+    orchestrator fills the LoRA from the family, so only a family without one gets here); with one it is
+    valid; a stage-2 LoRA that no stage would fuse (distilled, one-stage) is refused naming its flag."""
+    dev = {"prompt": "x", "model": "m", "width": 128, "height": 128, "num_frames": 9, "steps": 30, "seed": 1,
+           "schedule": "default", "pipeline": "two-stage"}  # fmt: skip
+    with pytest.raises(SpecError, match="--stage2-lora, or use --schedule distilled or --pipeline one-stage") as caught:
+        JobSpec.from_dict(dev)
     assert caught.value.flag == "--pipeline"
+    lora = {"source": "Lightricks/LTX-2", "weight_name": "ltx-2-19b-distilled-lora-384.safetensors"}
+    assert JobSpec.from_dict({**dev, "stage2_lora": lora}).stage2_lora == lora
+    for unused in ({"schedule": "distilled", "steps": 8}, {"pipeline": "one-stage"}):
+        with pytest.raises(SpecError, match="only two-stage with a dev schedule") as caught:
+            JobSpec.from_dict({**dev, **unused, "stage2_lora": lora})
+        assert caught.value.flag == "--stage2-lora"
 
 
 def test_a_checkpoint_without_a_latent_upsampler_exits_4_naming_the_folder(
@@ -345,3 +377,176 @@ def test_nag_guides_stage_1_only_and_adds_no_transformer_call(tiny_model_dir: Pa
     _, metadata = read_latents(job_dir / LATENTS_FILE)
     assert json.loads(metadata["stage_calls"]) == [8, 3]
     assert max_diff(guided["video"], plain["video"]) > 1e-3
+
+
+# Dev two-stage: 2 dev steps with CFG at half size, then the 3 distilled steps with the stage-2 LoRA.
+DEV_TWO_STAGE = {**TWO_STAGE, "schedule": "default", "steps": 2, "guidance_scale": 3.0}
+# The dev families of the tiny models whose dev preset names a stage-2 LoRA (2.5 names none).
+DEV_FAMILIES = ("2.0", "2.3")
+
+
+def hf_home_with_tiny_models(hf_home: Path, home: Path, families: tuple[str, ...]) -> Path:
+    """A fresh HF_HOME whose hub cache links the session's tiny models of `families` (built already),
+    so a stage-2 LoRA written into it stays out of the session's cache."""
+    (home / "hub").mkdir(parents=True)
+    for name in families:
+        repo = "models--" + TINY_REPO_IDS[name].replace("/", "--")
+        (home / "hub" / repo).symlink_to(hf_home / "hub" / repo, target_is_directory=True)
+    return home
+
+
+@pytest.fixture(scope="module")
+def dev_hf_home(hf_home: Path, tiny_model_dir: Path, tiny_23_model_dir: Path, tmp_path_factory) -> Path:
+    """The tiny 2.0 and 2.3 models plus each family's tiny stage-2 LoRA, under the repo ids and file
+    names of config/defaults.toml, in an HF_HOME of these tests' own."""
+    home = hf_home_with_tiny_models(hf_home, tmp_path_factory.mktemp("dev-hf-home"), DEV_FAMILIES)
+    for name in DEV_FAMILIES:
+        dev = load_settings(environ={"LTX2_CONFIG": ""}).families[name].dev
+        write_tiny_stage2_lora_to_hf_cache(home / "hub", dev.stage2_lora_repo, dev.stage2_lora_file)
+    return home
+
+
+def stage2_lora_file(hf_home: Path, family: str) -> Path:
+    """The tiny stage-2 LoRA of `family` in `hf_home`'s cache (the snapshot's file under its repo id)."""
+    dev = load_settings(environ={"HOME": "/nonexistent"}).families[family].dev
+    repo = hf_home / "hub" / ("models--" + dev.stage2_lora_repo.replace("/", "--"))
+    (path,) = (repo / "snapshots").glob(f"*/{dev.stage2_lora_file}")
+    return path
+
+
+@pytest.fixture(scope="module", params=DEV_FAMILIES)
+def dev_family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def dev_two_stage(dev_family: str, dev_hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The staged dev two-stage job (real workers) and diffusers' compositions with and without the LoRA."""
+    model_dir = dev_hf_home / "hub" / ("models--" + TINY_REPO_IDS[dev_family].replace("/", "--"))
+    (model_dir,) = (model_dir / "snapshots").iterdir()
+    lora = stage2_lora_file(dev_hf_home, dev_family)
+    job = run_staged(model_dir, tmp_path_factory.mktemp("dev-two-stage"), stage2_lora=lora, **DEV_TWO_STAGE)
+    compose = {"output_types": ("latent",)}
+    with_lora = reference_two_stage(load_reference(model_dir, "default"), model_dir, job.spec, dev_family,
+                                    stage2_lora=lora, **compose)  # fmt: skip
+    without = reference_two_stage(load_reference(model_dir, "default"), model_dir, job.spec, dev_family,
+                                  stage2_scheduler=True, **compose)  # fmt: skip
+    return {"job": job, "lora": lora, "reference": with_lora, "without_lora": without}
+
+
+def test_dev_two_stage_latents_equal_diffusers_recipe_with_the_distilled_lora(dev_two_stage: dict):
+    job = dev_two_stage["job"]
+    tensors, metadata = read_latents(job.path / LATENTS_FILE, job.spec.latents_digest())
+    video, audio = dev_two_stage["reference"]["latent"]
+    assert tensors["video"].shape == video.shape == (1, 4, 5, 32, 32)
+    assert max_diff(tensors["video"], video) <= TOLERANCE
+    assert max_diff(tensors["audio"], audio) <= TOLERANCE
+    stage1, _ = read_latents(job.path / STAGE1_LATENTS_FILE, job.spec.latents_digest())
+    assert max_diff(stage1["video"], dev_two_stage["reference"]["stage1"][0]) <= TOLERANCE
+    assert json.loads(metadata["stage_calls"])[1] == 3 and metadata["stage1_reused"] == "false"
+    assert json.loads(metadata["stage2_lora"])["source"] == str(dev_two_stage["lora"])
+
+
+def test_dev_two_stage_without_the_lora_would_differ(dev_two_stage: dict):
+    """The recipe less load_lora_weights gives other latents, so the parity above needs the LoRA."""
+    tensors, _ = read_latents(dev_two_stage["job"].path / LATENTS_FILE)
+    video, audio = dev_two_stage["without_lora"]["latent"]
+    assert max_diff(dev_two_stage["without_lora"]["stage1"][0], dev_two_stage["reference"]["stage1"][0]) == 0
+    assert max_diff(tensors["video"], video) > 1e-3
+
+
+def test_dev_two_stage_job_json_and_sidecar_record_the_stage_2_lora(dev_two_stage: dict):
+    job = JobDir.load(dev_two_stage["job"].path)
+    lora = dev_two_stage["lora"]
+    assert job.record["stage2_lora"]["path"] == str(lora.resolve())
+    assert job.record["stage2_lora"]["source"] == str(lora) and job.record["stage2_lora"]["revision"] == "local"
+    sidecar = json.loads(Path(job.record["output"]).with_suffix(".json").read_text())
+    assert sidecar["stage2_lora"]["source"] == str(lora) and "path" not in sidecar["stage2_lora"]
+    assert sidecar["stage2_lora"]["scale"] == 1.0
+
+
+def test_missing_stage_2_lora_is_refused_before_any_job_naming_the_flag_repo_and_file(
+    hf_home: Path, tiny_model_dir: Path, tmp_path: Path
+):
+    env = ltx2_environment(hf_home_with_tiny_models(hf_home, tmp_path / "hf", ("2.0",)), tmp_path)
+    args = ["generate", "--prompt", "x", "--model", TINY_REPO_IDS["2.0"], "--width", "128", "--height", "128",
+            "--num-frames", "9", "--steps", "2", "--schedule", "default", "--pipeline", "two-stage"]  # fmt: skip
+    result = run_ltx2(args, env)
+    missing_lora = run_ltx2(["generate", "--prompt", "x", "--model", TINY_REPO_IDS["2.0"], "--lora", "a/b"], env)
+    assert result.returncode == missing_lora.returncode == ExitCode.MODEL_NOT_FOUND
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(
+        "ltx2: error: --stage2-lora: 'Lightricks/LTX-2' is neither a local file nor in the Hugging Face"
+    )
+    assert line.endswith("hf download Lightricks/LTX-2 ltx-2-19b-distilled-lora-384.safetensors")
+    assert not (tmp_path / "state" / "jobs").exists() or not any((tmp_path / "state" / "jobs").iterdir())
+    named = run_ltx2([*args, "--stage2-lora", str(tmp_path / "absent.safetensors")], env)
+    assert named.returncode == ExitCode.MODEL_NOT_FOUND
+    assert f"--stage2-lora: {tmp_path / 'absent.safetensors'} does not exist" in named.stderr
+
+
+def test_dev_two_stage_of_ltx2_5_is_refused_naming_the_family_and_the_flag(
+    hf_home: Path, tiny_25_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    request = {"prompt": "x", "model": TINY_REPO_IDS["2.5"], "width": 128, "height": 128, "num_frames": 9,
+               "schedule": "default", "steps": 2, "pipeline": "two-stage"}  # fmt: skip
+    with pytest.raises(SpecError, match="none is known for LTX-2.5") as caught:
+        build_spec(request, settings)
+    assert caught.value.flag == "--pipeline" and "--stage2-lora" in str(caught.value)
+    assert build_spec({**request, "pipeline": None}, settings).spec.pipeline == "one-stage"  # never a default
+
+
+def test_a_group_of_dev_two_stage_jobs_loads_each_transformer_once_and_matches_jobs_run_alone(
+    dev_hf_home: Path, tmp_path: Path
+):
+    batch = tmp_path / "clips.toml"
+    batch.write_text(
+        f'[defaults]\nmodel = "{TINY_REPO_IDS["2.0"]}"\npipeline = "two-stage"\nschedule = "default"\nsteps = 2\n'
+        "guidance_scale = 3.0\nwidth = 128\nheight = 128\nnum_frames = 9\n"
+        '[[clips]]\nprompt = "a lighthouse"\nseed = 1\nname = "a"\n'
+        '[[clips]]\nprompt = "a harbour at night"\nseed = 2\nname = "b"\n'
+    )
+    latents = {}
+    for run, group_size in (("grouped", "8"), ("alone", "1")):
+        env = {**ltx2_environment(dev_hf_home, tmp_path / run), "LTX2_GROUP_SIZE": group_size}
+        result = run_ltx2(["batch", str(batch), "--quiet", "--output-dir", str(tmp_path / run / "out")], env)
+        assert result.returncode == 0, result.stderr
+        jobs = sorted((tmp_path / run / "state" / "jobs").iterdir(), key=lambda d: JobDir.load(d).spec.seed)
+        latents[run] = [read_latents(job / LATENTS_FILE) for job in jobs]
+    log = (jobs[0] / "logs" / "encode_diffuse-1.log").read_text()  # the alone run: one process per job
+    assert log.count("load transformer 0/0") == log.count("load transformer with stage-2 distilled LoRA") == 1
+    grouped_jobs = list((tmp_path / "grouped" / "state" / "jobs").iterdir())
+    log = (grouped_jobs[0] / "logs" / "encode_diffuse-1.log").read_text()  # the group's one process
+    assert log.count("job started") == 2
+    assert log.count("load transformer 0/0") == log.count("load transformer with stage-2 distilled LoRA") == 1
+    assert log.index("write stage 1 latents") < log.rindex("write stage 1 latents") < log.index("job started 1/2")
+    for (grouped, metadata), (alone, _) in zip(latents["grouped"], latents["alone"], strict=True):
+        assert torch.equal(grouped["video"], alone["video"]) and torch.equal(grouped["audio"], alone["audio"])
+        assert metadata["stage1_reused"] == "false"
+    assert max_diff(latents["grouped"][0][0]["video"], latents["grouped"][1][0]["video"]) > 1e-3
+
+
+def test_the_cli_flags_and_the_gateway_field_give_the_stage2_lora_spec_field(tmp_path: Path):
+    from orchestrator.cli_flags import spec_request
+    from orchestrator.gateway.video_requests import RequestError, parse_video_request
+
+    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
+    args = generate.parse_args(["--prompt", "x", "--stage2-lora", "a/b", "--stage2-lora-weight-name", "c.safetensors"])
+    assert spec_request(args)["stage2_lora"] == {"source": "a/b", "weight_name": "c.safetensors"}
+    with pytest.raises(SpecError, match="needs --stage2-lora") as caught:
+        spec_request(generate.parse_args(["--prompt", "x", "--stage2-lora-weight-name", "c.safetensors"]))
+    assert caught.value.flag == "--stage2-lora-weight-name"
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    field = '{"name": "Lightricks/LTX-2", "weight_name": "ltx-2-19b-distilled-lora-384.safetensors"}'
+    spec = parse_video_request({"prompt": "x", "stage2_lora": field}, settings).spec
+    assert spec["stage2_lora"] == {
+        "source": "Lightricks/LTX-2",
+        "weight_name": "ltx-2-19b-distilled-lora-384.safetensors",
+    }
+    assert parse_video_request({"prompt": "x", "stage2_lora": "a/b"}, settings).spec["stage2_lora"] == {"source": "a/b"}
+    with pytest.raises(RequestError, match="paths are not accepted") as refused:
+        parse_video_request({"prompt": "x", "stage2_lora": "/tmp/evil.safetensors"}, settings)
+    assert refused.value.param == "stage2_lora"

@@ -163,7 +163,14 @@ class Daemon:
             return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
         except ModelNotFound as exc:
             return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), exc.field)  # "model" or "lora"
-        job = JobDir.create(self.settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image)
+        job = JobDir.create(
+            self.settings.jobs_dir,
+            built.spec,
+            built.model,
+            loras=built.loras,
+            image=built.image,
+            stage2_lora=built.stage2_lora,
+        )
         store.mirror(job)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
         return jobs.Ok(

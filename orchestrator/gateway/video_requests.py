@@ -52,7 +52,7 @@ NUMBER_FIELDS = {
     "nag_alpha": float,
     "nag_steps": int,
 }
-KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "input_reference"})
+KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference"})
 MAX_SECONDS = 3600.0
 MAX_LORAS = 8
 
@@ -102,6 +102,8 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
         values["num_frames"], note = frames_for(seconds, fps)
     if fields.get("loras") is not None:
         values["loras"] = parse_loras(fields["loras"])
+    if fields.get("stage2_lora") is not None:
+        values["stage2_lora"], values["stage2_lora_weight_name"] = parse_stage2_lora(fields["stage2_lora"])
     namespace = argparse.Namespace(**dict.fromkeys(SPEC_FLAGS))
     for name, value in values.items():
         setattr(namespace, name, value)
@@ -219,6 +221,27 @@ def parse_loras(raw: object) -> list[dict[str, Any]]:
     return loras
 
 
+def parse_stage2_lora(raw: object) -> tuple[str, str | None]:
+    """`stage2_lora` (dev two-stage): a cache repo id, or {name, weight_name} (as JSON text in a form);
+    (repo id, weight name or None), as --stage2-lora and --stage2-lora-weight-name take them."""
+    if isinstance(raw, str) and raw.lstrip().startswith("{"):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise RequestError("stage2_lora", "stage2_lora must be a repo id or JSON {name, weight_name}") from None
+    entry = {"name": raw} if isinstance(raw, str) else raw
+    if not isinstance(entry, dict) or set(entry) - {"name", "weight_name"}:
+        raise RequestError("stage2_lora", "stage2_lora is a repo id or {name, weight_name}")
+    name, weight = entry.get("name"), entry.get("weight_name")
+    if not isinstance(name, str) or not REPO_ID_PATTERN.fullmatch(name) or name.endswith(".safetensors"):
+        raise RequestError(
+            "stage2_lora", f"{name!r} is not a Hugging Face repo id (owner/name); paths are not accepted"
+        )
+    if weight is not None and (not isinstance(weight, str) or not WEIGHT_NAME_PATTERN.fullmatch(weight)):
+        raise RequestError("stage2_lora", f"weight_name must be a .safetensors file name; got {weight!r}")
+    return name, weight
+
+
 # The daemon's JobSpec fields, as the HTTP request names them.
 SPEC_TO_PARAM = {
     "width": "size",
@@ -227,6 +250,7 @@ SPEC_TO_PARAM = {
     "lora": "loras",
     "lora_scale": "loras",
     "lora_weight_name": "loras",
+    "stage2_lora_weight_name": "stage2_lora",
 }
 
 
