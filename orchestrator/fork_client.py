@@ -230,6 +230,10 @@ class ForkServer:
         # Once a server's imports initialised CUDA, every later one's would too: said once, kept.
         self.unusable: ForkServerUnusable | None = None
         self.closed = False
+        # Guards `closed` and the start of a server process against each other (not held while a
+        # server imports, unlike `lock`): a close racing a warming start either finds the new
+        # server and kills it, or keeps it from being started at all.
+        self.starting = threading.Lock()
 
     def start(self) -> None:
         """Start the server now rather than at the first spawn (raises ForkServerError if it cannot)."""
@@ -279,8 +283,9 @@ class ForkServer:
         """Stop the server; a server that had died has its unreported workers killed, and one still
         importing (started by `warm` for a run that ended first, e.g. on an invalid batch file) is
         killed at once rather than waited for."""
-        self.closed = True
-        server = self.server
+        with self.starting:
+            self.closed = True
+            server = self.server
         if server is None:
             return
         if not server.ready and server.is_alive():
@@ -302,7 +307,10 @@ class ForkServer:
             return self.server
         if self.server is not None:
             self.server.settle()
-        self.server = _Server()
+        with self.starting:
+            if self.closed:
+                raise ForkServerError("fork server closed")
+            self.server = _Server()
         try:
             self.server.wait_ready()
         except ForkServerUnusable as exc:

@@ -37,8 +37,14 @@ POLL_S = 0.05
 
 
 def emit(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()  # nothing may sit in the buffer when we fork
+    """One line to the orchestrator; if it has closed our stdout (it ended, or closed us while we were
+    still importing), nobody is left to serve: exit quietly rather than print a traceback into the
+    stderr we share with it."""
+    try:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()  # nothing may sit in the buffer when we fork
+    except BrokenPipeError:
+        os._exit(0)
 
 
 def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:

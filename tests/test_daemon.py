@@ -78,7 +78,8 @@ def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(d
     assert reference.returncode == 0, reference.stderr
     reference_dir = next(p for p in (Path(daemon_env["LTX2_STATE_DIR"]) / "jobs").iterdir() if p.name != job_id)
     killed, undisturbed = load_file(Path(job["job_dir"]) / LATENTS_FILE), load_file(reference_dir / LATENTS_FILE)
-    assert all(np.array_equal(killed[k].numpy(), undisturbed[k].numpy()) for k in ("video", "audio"))
+    differ = {k: float((killed[k] - undisturbed[k]).abs().max()) for k in ("video", "audio")}
+    assert not any(differ.values()), (differ, job["attempts"], (reference_dir / "job.json").read_text())
     assert np.array_equal(decoded_frames(Path(job["output"])), decoded_frames(Path(reference.stdout.strip())))
     assert not list(Path(job["job_dir"]).glob(".*.tmp-*"))
 

@@ -9,9 +9,11 @@ message), since a CPU cannot initialise CUDA.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import TINY_ARGS, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
 
 from protocol.errors import ExitCode
 from protocol.files import JOB_FILE
@@ -68,3 +70,19 @@ def test_a_worker_that_cannot_import_fails_once_as_an_environment_failure(ltx2_e
     assert "diffusers is broken on this host" in result.stderr
     (record,) = job_records(tmp_path)
     assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["environment"]
+
+
+def test_a_fork_server_whose_orchestrator_is_gone_exits_quietly(ltx2_env: dict):
+    """An orchestrator that ends (a refused batch) while its warming server still imports closes the
+    server's stdout; the server, which shares the orchestrator's stderr, must not print a traceback
+    into it when it then says it is ready (CI saw one under `ltx2: error:`)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.forkserver"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT, env=ltx2_env,
+    )  # fmt: skip
+    assert server.stdout is not None
+    server.stdout.close()  # gone before the imports end
+    server.stdout = None
+    _, err = server.communicate(timeout=120)
+    assert server.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode(), err.decode()
