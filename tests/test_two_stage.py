@@ -313,33 +313,35 @@ def test_a_cached_tiny_model_of_an_older_revision_is_rebuilt_with_its_upsampler(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """Revision 1 of the tiny models had no latent_upsampler; a cache holding it gets the current one."""
-    repo = tmp_path / "hub" / ("models--" + TINY_REPO_IDS["2.0"].replace("/", "--"))
-    old = "0" * 39 + "1"
-    shutil.copytree(tiny_model_dir, repo / "snapshots" / old, ignore=shutil.ignore_patterns("latent_upsampler"))
-    (repo / "refs").mkdir()
+    old = older_tiny_cache(tmp_path, monkeypatch, "2.0", "1")
+    shutil.copytree(tiny_model_dir, old, ignore=shutil.ignore_patterns("latent_upsampler"))
+    rebuilt = ensure_tiny_model(TINY_REPO_IDS["2.0"])
+    assert rebuilt.revision == TINY_REVISION != old.name
+    assert (rebuilt.path / "latent_upsampler" / "config.json").is_file()
+    assert (old / "model_index.json").is_file()  # jobs recorded with it keep it
+
+
+def older_tiny_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str, revision: str) -> Path:
+    """The snapshot folder of an older tiny build (revision `0…0<revision>`, left for the caller to
+    fill), made the cache's `main` in an HF_HOME of the test's own."""
+    repo = tmp_path / "hub" / ("models--" + TINY_REPO_IDS[family].replace("/", "--"))
+    old = "0" * 39 + revision
+    (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(old)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    rebuilt = ensure_tiny_model(TINY_REPO_IDS["2.0"])
-    assert rebuilt.revision == TINY_REVISION != old
-    assert (rebuilt.path / "latent_upsampler" / "config.json").is_file()
-    assert (repo / "snapshots" / old / "model_index.json").is_file()  # jobs recorded with it keep it
+    return repo / "snapshots" / old
 
 
 def test_a_cached_2_3_tiny_model_of_revision_2_is_rebuilt_with_ltx2_3s_vae_layout(
     tiny_model_dir: Path, tiny_23_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     """Revision 2 gave every family 2.0's video VAE; a cache holding that 2.3 build gets revision 3's."""
-    repo = tmp_path / "hub" / ("models--" + TINY_REPO_IDS["2.3"].replace("/", "--"))
-    old = "0" * 39 + "2"
-    shutil.copytree(tiny_23_model_dir, repo / "snapshots" / old, ignore=shutil.ignore_patterns("vae"))
-    shutil.copytree(tiny_model_dir / "vae", repo / "snapshots" / old / "vae")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(old)
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    old = older_tiny_cache(tmp_path, monkeypatch, "2.3", "2")
+    shutil.copytree(tiny_23_model_dir, old, ignore=shutil.ignore_patterns("vae"))
+    shutil.copytree(tiny_model_dir / "vae", old / "vae")
     rebuilt = ensure_tiny_model(TINY_REPO_IDS["2.3"])
-    assert rebuilt.revision == TINY_REVISION != old
+    assert rebuilt.revision == TINY_REVISION != old.name
     vae_config = json.loads((rebuilt.path / "vae" / "config.json").read_text())
     assert "temporal" in vae_config["upsample_type"] and vae_config["decoder_spatial_padding_mode"] == "zeros"
 
