@@ -16,7 +16,6 @@ too (services/two_stage.py).
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -29,7 +28,7 @@ from services import embedding_cache, guidance, model_loading
 
 # Imported at module level on purpose (they import diffusers' LTX-2 pipelines): a prestarted worker
 # pays this before READY, overlapping the previous stage (DESIGN.md rule 5).
-from services.denoising import DenoisePass, denoise
+from services.denoising import DenoisePass, denoise, release_memory
 from services.latents import denoised_metadata, write_latents
 from services.runtime import WorkerContext, run_worker
 from services.two_stage import denoise_two_stage, run_group_stage1
@@ -136,16 +135,15 @@ def encode_prompts(
 
 
 def release_text_encoder(pipeline: Any) -> None:
-    """Free the text encoder before the transformer loads (the one deliberate free in a stage).
+    """Free the text encoder before the transformer loads.
 
-    Every other model lives until its process exits; this one must go earlier because the
-    transformer follows it in the same process and the two together would double the peak.
+    Models otherwise live until their process exits (but for dev two-stage's switch of transformer,
+    services/denoising.loaded_denoiser); this one must go earlier because the transformer follows it
+    in the same process and the two together would double the peak.
     """
     pipeline.text_encoder = None
     pipeline.tokenizer = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_memory()
 
 
 def denoise_one_stage(
