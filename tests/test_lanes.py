@@ -7,6 +7,7 @@ CPU lanes (`LTX2_DEVICES=cpu,cpu`) stand in for GPUs: their workers start with a
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import json
 import os
 import threading
@@ -26,6 +27,7 @@ from test_stage_major import TINY, TINY_FLAGS, jobs_by_name, make_job, write_bat
 
 from config.settings import ConfigError, load_settings
 from orchestrator.daemon.executor import Executor, ProgressBoard
+from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore
 from orchestrator.fork_client import worker_environment
 from orchestrator.jobdir import JobDir
@@ -147,7 +149,8 @@ def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
     context = zmq.Context.instance()
     source = LocalLanes(settings, context)
     board, stop = ProgressBoard(), threading.Event()
-    executors = [Executor(settings, store_path, source, board, stop, Lane(n, "cpu", ""), 2) for n in range(2)]
+    occupancy = LaneOccupancy(2)
+    executors = [Executor(settings, store_path, source, board, stop, Lane(n, "cpu", ""), occupancy) for n in range(2)]
     main_store = JobStore(store_path)
     rounds = 12
     barrier = threading.Barrier(3)  # both lanes and this thread, which queues each round's job
@@ -190,11 +193,66 @@ def test_a_lane_claims_its_share_of_the_queue(tmp_path: Path):
         ProgressBoard(),
         threading.Event(),
         Lane(0, "cpu", ""),
-        2,
+        LaneOccupancy(2),
     )
     assert [job.id for job in lane.claim(store)] == [job.id for job in jobs[:3]]  # 5 queued, 2 lanes
     assert [job.id for job in lane.claim(store)] == [jobs[3].id]
     store.close()
+
+
+# A simulated burst on 8 lanes (issue 17's CPU part: no 4- or 8-GPU machine is lent). Each lane is a
+# real Executor claiming from the real job store; running a claimed group is simulated as taking a
+# diffusion process's fixed cost plus a cost per clip, run 6's figures for one lane of two H200s
+# (docs/benchmarks.md, version 9): 27.9 s to the first step, then 2.2 s per clip.
+FIXED_S, PER_CLIP_S = 27.9, 2.2
+
+
+def simulate_lanes(tmp_path: Path, lanes: int, queued: int) -> tuple[list[tuple[float, int, list[str]]], list[str]]:
+    """(claims as (time, lane, job ids) in the order they were made, the jobs in submission order)."""
+    settings = claims_only_settings(tmp_path)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    jobs = [queued_job(store, tmp_path / "jobs", f"job{n:03d}") for n in range(queued)]
+    occupancy, context = LaneOccupancy(lanes), zmq.Context.instance()
+    executors = [
+        Executor(
+            settings,
+            tmp_path / "jobs.sqlite",
+            LocalLanes(settings, context),
+            ProgressBoard(),
+            threading.Event(),
+            Lane(n, "cpu", ""),
+            occupancy,
+        )
+        for n in range(lanes)
+    ]
+    free_at = [(0.0, lane) for lane in range(lanes)]  # (when the lane is free, lane), earliest first
+    claims: list[tuple[float, int, list[str]]] = []
+    while free_at:
+        now, lane = heapq.heappop(free_at)
+        occupancy.release(lane)  # its simulated run has ended
+        claimed = [job.id for job in executors[lane].claim(store)]
+        if not claimed:
+            assert not store.queued(1), f"lane {lane} idle at {now:.1f} s while jobs wait"
+            continue
+        claims.append((now, lane, claimed))
+        heapq.heappush(free_at, (now + FIXED_S + PER_CLIP_S * len(claimed), lane))
+    store.close()
+    return claims, [job.id for job in jobs]
+
+
+def test_eight_lanes_take_a_burst_in_submission_order_one_full_group_each(tmp_path: Path):
+    """64 jobs queued at once on 8 lanes: claimed in submission order, every lane a full group of 8
+    in one round (a lane's share counts only the lanes free to take work), no lane idle while jobs
+    wait; the simulated batch ends after one group's time."""
+    claims, submitted = simulate_lanes(tmp_path, lanes=8, queued=64)
+    assert [job for _, _, ids in claims for job in ids] == submitted
+    assert sorted(lane for _, lane, _ in claims) == list(range(8))
+    assert [len(ids) for _, _, ids in claims] == [8] * 8
+    assert max(when for when, _, _ in claims) == 0.0
+    # And a burst that does not divide: 20 jobs on 8 lanes, every lane busy at once, none idle.
+    claims, submitted = simulate_lanes(tmp_path / "uneven", lanes=8, queued=20)
+    assert [job for _, _, ids in claims for job in ids] == submitted
+    assert [len(ids) for _, _, ids in claims] == [3, 3, 3, 3, 2, 2, 2, 2]
 
 
 def attempts_of(records: list[dict]) -> list[tuple[str, dict]]:

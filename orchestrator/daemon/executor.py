@@ -30,6 +30,7 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.daemon import fault_switches
+from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
@@ -116,9 +117,9 @@ class Executor(threading.Thread):
         board: ProgressBoard,
         stop: threading.Event,
         lane: Lane | None = None,
-        lane_count: int = 1,
+        occupancy: LaneOccupancy | None = None,
     ) -> None:
-        self.lane, self.lane_count = lane or Lane(0, "", None), lane_count
+        self.lane, self.occupancy = lane or Lane(0, "", None), occupancy or LaneOccupancy(1)
         super().__init__(name=f"executor-{self.lane.device or self.lane.index}", daemon=True)
         self.settings, self.store_path, self.board, self.stop = settings, store_path, board, stop
         self.lane_source = lane_source
@@ -137,11 +138,14 @@ class Executor(threading.Thread):
                     self.next_worker = None
                     self.stop.wait(IDLE_POLL_S)
                     continue
-                fault_switches.raise_in_executor_if_requested()
-                if len(jobs) == 1:
-                    self.run_one(store, link, jobs[0])
-                else:
-                    self.run_group(store, link, jobs)
+                try:
+                    fault_switches.raise_in_executor_if_requested()
+                    if len(jobs) == 1:
+                        self.run_one(store, link, jobs[0])
+                    else:
+                        self.run_group(store, link, jobs)
+                finally:
+                    self.occupancy.release(self.lane.index)
         finally:
             discard_worker(self.next_worker, link)
             link.close()
@@ -149,11 +153,19 @@ class Executor(threading.Thread):
 
     def claim(self, store: JobStore) -> list[JobDir]:
         """Take the oldest queued job, and the jobs queued right behind it that use the same model
-        (up to `group_size` and this lane's share of the queue, never out of order), moving each
-        to RUNNING. A job another lane claimed first is passed over."""
+        (up to `group_size` and this lane's share of the queue among the lanes free to take work,
+        never out of order), moving each to RUNNING; the lane counts as busy until its run ends
+        (`run` releases it). A job another lane claimed first is passed over."""
+        with self.occupancy.claiming(self.lane.index) as free_lanes:
+            claimed = self._claim(store, free_lanes)
+            if claimed:
+                self.occupancy.mark_busy(self.lane.index)
+        return claimed
+
+    def _claim(self, store: JobStore, free_lanes: int) -> list[JobDir]:
         claimed: list[JobDir] = []
-        rows = store.queued(self.settings.group_size * self.lane_count)
-        share = min(self.settings.group_size, max(1, math.ceil(len(rows) / self.lane_count)))
+        rows = store.queued(self.settings.group_size * self.occupancy.lanes)
+        share = min(self.settings.group_size, max(1, math.ceil(len(rows) / free_lanes)))
         for row in rows:
             if len(claimed) >= share:
                 break

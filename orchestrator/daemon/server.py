@@ -33,6 +33,7 @@ import zmq
 from config.settings import Settings
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.front_process import ClientFront
+from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
@@ -99,8 +100,9 @@ class Daemon:
             front.start()  # TransportError if the public endpoint or its keys cannot be used
             source = open_lanes(self.settings, context)  # FarmUnusable if a Ray farm cannot run
             lanes = source.lanes
+            occupancy = LaneOccupancy(len(lanes))
             self.executors = [
-                Executor(self.settings, self.store_path, source, self.board, self.stop, lane, len(lanes))
+                Executor(self.settings, self.store_path, source, self.board, self.stop, lane, occupancy)
                 for lane in lanes
             ]
             for executor in self.executors:
