@@ -3,11 +3,12 @@ counted against the lanes free to take it.
 
 A lane claims the oldest queued jobs up to its share of the queue (and `group_size`), so that a
 burst of jobs spreads over the lanes instead of filling the first lane's group. Dividing the queue
-by every lane undercounts that share whenever other lanes are busy: 16 jobs queued on 2 lanes gave
-the first lane 8 and the second, claiming next while the first was busy, 4, so the other 4 became a
-third group that paid the fixed cost of a diffusion process again (about 28 s on an H200 in
-docs/benchmarks.md, version 9), and on 8 lanes a burst of 64 jobs ran in two rounds instead of one.
-Claims are taken one at a time under one lock, which is what makes the count exact.
+by every lane undercounts that share whenever other lanes are busy: 16 jobs queued on 2 lanes made
+groups of 8, 4, 2, 1 and 1 (the second lane claimed while the first was busy), each group a
+diffusion process paying its fixed cost again (about 28 s on an H200, docs/benchmarks.md version 9).
+Simulated with those costs (tests/test_lanes.py), that burst took 71 s instead of one round's
+45.5 s, and 64 jobs on 8 lanes 21 groups and 102 s instead of 8 groups and 45.5 s. Claims are
+taken one at a time under one lock, which is what makes the count exact.
 """
 
 from __future__ import annotations
