@@ -42,10 +42,7 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
     aligned, so two runs of the same job could differ in the last bits. `MKL_CBWR=AUTO,STRICT`
     makes results reproducible on the same CPU, which is what lets a retried attempt reproduce the
-    killed one exactly. Strict mode covers only the GEMM family; for the rest Intel's reproducibility
-    conditions also ask for a constant thread count, with `MKL_DYNAMIC` and `OMP_DYNAMIC` FALSE so
-    that neither library lowers it at run time (a retried job once differed from an undisturbed run
-    by 5e-7 on a loaded CI machine, where a dynamic thread count is the likeliest cause).
+    killed one exactly.
 
     `expandable_segments` lets torch's CUDA allocator grow its blocks in place instead of caching
     many fixed-size ones, so what a stage holds on the device stays close to what it uses: on a
@@ -56,7 +53,7 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
     `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it).
     """
-    defaults = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+    defaults = {"MKL_CBWR": "AUTO,STRICT"}
     if "PYTORCH_ALLOC_CONF" not in os.environ:
         defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     lane = {} if visible_devices is None else {"CUDA_VISIBLE_DEVICES": visible_devices}
