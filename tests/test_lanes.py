@@ -143,14 +143,21 @@ def claims_only_settings(state_dir: Path):
     return load_settings(environ={"LTX2_STATE_DIR": str(state_dir), "LTX2_CONFIG": "", "LTX2_FORK_SERVER": "false"})
 
 
+def claiming_executors(state_dir: Path, lanes: int) -> list[Executor]:
+    """One claim-only executor per CPU lane over `state_dir`'s job store, sharing one LaneOccupancy
+    as a daemon's executors do (never started: the tests call `claim` themselves)."""
+    settings = claims_only_settings(state_dir)
+    source, occupancy = LocalLanes(settings, zmq.Context.instance()), LaneOccupancy(lanes)
+    store_path, stop = state_dir / "jobs.sqlite", threading.Event()
+    return [
+        Executor(settings, store_path, source, ProgressBoard(), stop, Lane(n, "cpu", ""), occupancy)
+        for n in range(lanes)
+    ]
+
+
 def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
-    settings = claims_only_settings(tmp_path)
     store_path = tmp_path / "jobs.sqlite"
-    context = zmq.Context.instance()
-    source = LocalLanes(settings, context)
-    board, stop = ProgressBoard(), threading.Event()
-    occupancy = LaneOccupancy(2)
-    executors = [Executor(settings, store_path, source, board, stop, Lane(n, "cpu", ""), occupancy) for n in range(2)]
+    executors = claiming_executors(tmp_path, 2)
     main_store = JobStore(store_path)
     rounds = 12
     barrier = threading.Barrier(3)  # both lanes and this thread, which queues each round's job
@@ -182,19 +189,9 @@ def test_two_lanes_never_both_claim_a_job(tmp_path: Path):
 
 
 def test_a_lane_claims_its_share_of_the_queue(tmp_path: Path):
-    settings = claims_only_settings(tmp_path)
     store = JobStore(tmp_path / "jobs.sqlite")
     jobs = [queued_job(store, tmp_path / "jobs", f"job{n}") for n in range(5)]
-    context = zmq.Context.instance()
-    lane = Executor(
-        settings,
-        tmp_path / "jobs.sqlite",
-        LocalLanes(settings, context),
-        ProgressBoard(),
-        threading.Event(),
-        Lane(0, "cpu", ""),
-        LaneOccupancy(2),
-    )
+    lane = claiming_executors(tmp_path, 2)[0]
     assert [job.id for job in lane.claim(store)] == [job.id for job in jobs[:3]]  # 5 queued, 2 lanes
     assert [job.id for job in lane.claim(store)] == [jobs[3].id]
     store.close()
@@ -209,22 +206,10 @@ FIXED_S, PER_CLIP_S = 27.9, 2.2
 
 def simulate_lanes(tmp_path: Path, lanes: int, queued: int) -> tuple[list[tuple[float, int, list[str]]], list[str]]:
     """(claims as (time, lane, job ids) in the order they were made, the jobs in submission order)."""
-    settings = claims_only_settings(tmp_path)
     store = JobStore(tmp_path / "jobs.sqlite")
     jobs = [queued_job(store, tmp_path / "jobs", f"job{n:03d}") for n in range(queued)]
-    occupancy, context = LaneOccupancy(lanes), zmq.Context.instance()
-    executors = [
-        Executor(
-            settings,
-            tmp_path / "jobs.sqlite",
-            LocalLanes(settings, context),
-            ProgressBoard(),
-            threading.Event(),
-            Lane(n, "cpu", ""),
-            occupancy,
-        )
-        for n in range(lanes)
-    ]
+    executors = claiming_executors(tmp_path, lanes)
+    occupancy = executors[0].occupancy
     free_at = [(0.0, lane) for lane in range(lanes)]  # (when the lane is free, lane), earliest first
     claims: list[tuple[float, int, list[str]]] = []
     while free_at:
