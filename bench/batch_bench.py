@@ -172,6 +172,26 @@ SAME_AS = {
     "batch_fp8mm_gpu1": "batch_fp8mm_lanes1",  # the other GPU, alone
     "batch_fp8mm_ray": "batch_fp8mm_lanes1",
 }
+# Issue 23 (version 11): the fast path twice with `[worker] deterministic` on and once off, each run from a
+# cold compile cache of its own, so the second "on" run proves that compiling again gives the same kernels
+# and bits (a user's other host, a wiped cache). Files must be identical between the "on" runs; the "off"
+# run gives the time the deterministic mode is compared with (per step and per clip, within 2 %).
+#   bash bench/run_on_device.sh batch --sequence batch_fp8mm_det,batch_fp8mm_det_again,batch_fp8mm_nondet
+# LTX-2.3 two-stage at --hd, if a second call's time allows (one shared cache: cold compiles of both
+# stage shapes for three runs do not fit one call; the "on" runs then differ in cache state, not in code):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 \
+#       --sequence hd_two_stage_det,hd_two_stage_det_again,hd_two_stage_nondet
+REPEAT_RUNS = {
+    "batch_fp8mm_det": ("batch_fp8mm_det_again", "batch_fp8mm_nondet"),
+    "hd_two_stage_det": ("hd_two_stage_det_again", "hd_two_stage_nondet"),
+}
+RUN_ENV.update(
+    {"batch_fp8mm_nondet": {"LTX2_DETERMINISTIC": "false"}, "hd_two_stage_nondet": {"LTX2_DETERMINISTIC": "false"}}
+)
+SAME_AS.update({again: first for first, (again, _) in REPEAT_RUNS.items()})
+SAME_AS.update({off: first for first, (_, off) in REPEAT_RUNS.items()})
+# Runs whose compile starts from an empty cache of their own.
+OWN_COMPILE_CACHE = {"batch_fp8mm_det", "batch_fp8mm_det_again", "batch_fp8mm_nondet"}
 # `ray start` of a one-host farm takes a few seconds; it runs before the measured batch, as a
 # farm is up before its jobs come.
 RAY_START_TIMEOUT_S = 120
@@ -190,6 +210,9 @@ HD_RUNS: dict[str, tuple[str, int | None, bool]] = {
     "hd_two_stage_fp8mm": ("two-stage", None, True),
     "hd_bf16": ("one-stage", 1, False),
     "hd_two_stage_bf16": ("two-stage", 1, False),
+    "hd_two_stage_det": ("two-stage", None, True),
+    "hd_two_stage_det_again": ("two-stage", None, True),
+    "hd_two_stage_nondet": ("two-stage", None, True),
 }
 # Version 10 (planned; numbers go to docs/benchmarks.md only after the run). Estimate for one H200, from
 # version 9's LTX-2.0 figures (the 2.3 transformer has 18.99 B parameters against 2.0's 18.88 B, plus
@@ -462,7 +485,7 @@ def run_environment(name: str, state: Path, outputs: Path, cache: Path) -> dict[
         "LTX2_OUTPUT_DIR": str(outputs),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
-        "LTX2_COMPILE_CACHE_DIR": str(cache),
+        "LTX2_COMPILE_CACHE_DIR": str(state.parent / f"compile-cache-{name}" if name in OWN_COMPILE_CACHE else cache),
         **RUN_ENV.get(name, {}),
     }
 
@@ -572,6 +595,68 @@ def add_psnr(results: dict[str, Any]) -> None:
         }
 
 
+def add_repeatability(results: dict[str, Any]) -> dict[str, Any]:
+    """Issue 23: per clip, whether the second deterministic run's MP4, WAV and latents equal the first's, PSNR
+    of both against it; per run, steady s/step and warm seconds per clip, and "on" over "off" for each."""
+    verdicts: dict[str, Any] = {}
+    runs = results["runs"]
+    for first, (again, off) in REPEAT_RUNS.items():
+        if "jobs" not in runs.get(first, {}):
+            continue
+        verdict: dict[str, Any] = {"clips": {}, "timing": {}}
+        for clip, data in runs[first]["jobs"].items():
+            row: dict[str, Any] = {}
+            for other in (again, off):
+                theirs = runs.get(other, {}).get("jobs", {}).get(clip, {})
+                if data.get("output") and theirs.get("output"):
+                    row[other] = same_outputs(Path(data["output"]), Path(theirs["output"]))
+            verdict["clips"][clip] = row
+        for name in (first, again, off):
+            if "jobs" in runs.get(name, {}):
+                verdict["timing"][name] = run_speed(runs[name])
+        on, slow = verdict["timing"].get(first, {}), verdict["timing"].get(off, {})
+        verdict["on_over_off"] = {
+            key: on[key] / slow[key]
+            for key in ("s_per_step_steady", "warm_per_clip_wall_s")
+            if on.get(key) and slow.get(key)
+        }
+        verdicts[first] = verdict
+    return verdicts
+
+
+def same_outputs(first: Path, second: Path) -> dict[str, Any]:
+    """Two clips of one request: MP4 and WAV bytes equal, latents bit-equal, and the MP4s' PSNR."""
+    import torch
+    from safetensors.torch import load_file
+
+    dirs = [Path(json.loads(path.with_suffix(".json").read_text())["job_dir"]) for path in (first, second)]
+    latents = [load_file(str(folder / "latents.safetensors")) for folder in dirs]
+    return {
+        "mp4_identical": first.read_bytes() == second.read_bytes(),
+        "wav_identical": (dirs[0] / "audio.wav").read_bytes() == (dirs[1] / "audio.wav").read_bytes(),
+        "latents_equal": all(torch.equal(latents[0][key], latents[1][key]) for key in latents[0]),
+        "latents_max_abs_diff": max(
+            float((latents[0][k].float() - latents[1][k].float()).abs().max()) for k in latents[0]
+        ),
+        "psnr_db": psnr(first, second),
+    }
+
+
+def run_speed(run: dict[str, Any]) -> dict[str, float | None]:
+    """A run's mean steady s/step over its warm clips (2..N; clip 1 carries loads and compile) and its warm
+    wall seconds per clip (the spacing of the clips' stage ends)."""
+    steps = [
+        job["s_per_step_steady"]
+        for job in run["stages"]["encode_diffuse"]["per_job"]
+        if job["job"] != "clip1" and job.get("s_per_step_steady")
+    ]
+    return {
+        "s_per_step_steady": sum(steps) / len(steps) if steps else None,
+        "warm_per_clip_wall_s": run.get("warm_per_clip_wall_s"),
+        "per_clip_wall_s": run.get("per_clip_wall_s"),
+    }
+
+
 def finish_run(
     run: dict[str, Any], name: str, size: tuple[int, int, int], state: Path, environment: dict[str, Any], family: str
 ) -> dict[str, Any]:
@@ -636,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     sampler.stop()
     add_psnr(results)  # 5
     results["issue14"] = add_issue14(results["runs"])
+    results["issue23"] = add_repeatability(results)
     save()
     print_table(results)  # 6
     return 0
@@ -673,6 +759,8 @@ def print_table(results: dict[str, Any]) -> None:
             f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
+    if results.get("issue23"):
+        sys.stdout.write(f"issue 23: {json.dumps(results['issue23'], default=str)}\n")
     if any(name in HD_RUNS for name in results["runs"]):
         sys.stdout.write(f"issue 14: {json.dumps(results.get('issue14'), default=str)}\n")
 

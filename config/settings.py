@@ -28,6 +28,7 @@ ENV_OVERRIDES = {
     "LTX2_FORK_SERVER": ("worker", "fork_server"),
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
+    "LTX2_DETERMINISTIC": ("worker", "deterministic"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
     "LTX2_DEVICES": ("cluster", "devices"),
     "LTX2_CLUSTER_BACKEND": ("cluster", "backend"),
@@ -123,6 +124,9 @@ class Settings:
     #: The Ray resource one stage task takes one unit of ("GPU"; tests name a custom one).
     ray_resource: str = "GPU"
     http: HttpSettings = dataclasses.field(default_factory=HttpSettings)
+    #: Same request, same bits: compiled kernels in Inductor's deterministic mode, x264 on a fixed
+    #: thread count (config/defaults.toml says why); recorded in each job at its creation.
+    deterministic: bool = True
 
     @property
     def jobs_dir(self) -> Path:
@@ -293,6 +297,8 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     profiles = data["profiles"]
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
+    if not isinstance(worker["deterministic"], bool):
+        raise ConfigError(f"worker.deterministic must be true or false, got {worker['deterministic']!r}")
     if decode["x264_preset"] not in X264_PRESETS:
         raise ConfigError(f"decode.x264_preset must be one of {', '.join(X264_PRESETS)}; got {decode['x264_preset']!r}")
     if decode["profile"] not in profiles:
@@ -335,6 +341,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         lane_threads=_lane_threads(data["cluster"]["lane_threads"]),
         **_cluster_backend(data["cluster"]),
         http=_http(data["http"]),
+        deterministic=worker["deterministic"],
     )
 
 

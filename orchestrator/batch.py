@@ -242,7 +242,13 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         return JobDir.load(job_dir)
     built = clip.built
     return JobDir.create(
-        settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image, stage2_lora=built.stage2_lora
+        settings.jobs_dir,
+        built.spec,
+        built.model,
+        loras=built.loras,
+        image=built.image,
+        stage2_lora=built.stage2_lora,
+        identity=built.identity,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from config.settings import ConfigError, Settings, load_settings
+from orchestrator import reuse
 from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
 from orchestrator.cli_flags import add_spec_flags, spec_request
 from orchestrator.job_hooks import JobHooks
@@ -30,6 +31,7 @@ from orchestrator.lane_links import open_lanes
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobFailed, take_job
 from orchestrator.progress import ProgressView
+from orchestrator.request_digest import identify
 from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
 from orchestrator.stage_major import run_across_lanes, run_job
 from orchestrator.stop_signals import StopOnSignals
@@ -74,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder and file stem of the MP4, timestamp appended: /outputs/video.mp4 -> /outputs/video_<stamp>.mp4",
     )
     generate.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_reuse_flag(generate, "print its MP4")
 
     submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
+    add_reuse_flag(submit, "print its job id")
     for name, text in (
         ("status", "a job's state, attempts and progress"),
         ("watch", "follow a job live until it ends"),
@@ -138,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family to build (default 2.0)"
     )
     return parser
+
+
+def add_reuse_flag(command: argparse.ArgumentParser, returns: str) -> None:
+    command.add_argument(
+        "--reuse",
+        action="store_true",
+        help=f"if a finished job rendered exactly this request (the same request digest: spec with --seed, model"
+        f" files, LoRA and image bytes, plans, software versions, GPU model), {returns} instead of rendering again",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,8 +222,18 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
     for line in built.notices:
         notice(line)
     spec, model = built.spec, built.model
+    if args.reuse and built.identity and (found := reuse.find(built.identity.digest, settings)) is not None:
+        notice(f"{reuse.describe(found)}: nothing rendered")
+        sys.stdout.write(f"{reuse.published_video(found)}\n")
+        return 0
     job = JobDir.create(
-        settings.jobs_dir, spec, model, loras=built.loras, image=built.image, stage2_lora=built.stage2_lora
+        settings.jobs_dir,
+        spec,
+        model,
+        loras=built.loras,
+        image=built.image,
+        stage2_lora=built.stage2_lora,
+        identity=built.identity,
     )
     notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
@@ -289,7 +312,10 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
         spec = JobSpec.from_dict(json.loads(metadata["spec"]))
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
         raise SpecError("input", f"{source} is not a latents file written by ltx2-stages ({exc})") from None
-    job = JobDir.create(settings.jobs_dir, spec, resolve_model(spec.model))
+    model = resolve_model(spec.model)
+    # Its latents come from the file, not from rendering the request: the digest is kept for the record, and
+    # the adopted stage's plan ({}) tells the sidecar that the output is not the request's own render.
+    job = JobDir.create(settings.jobs_dir, spec, model, identity=identify(spec, model, settings))
     shutil.copyfile(source, job.path / LATENTS_FILE)
     job.adopt_outputs(Stage.ENCODE_DIFFUSE, f"copied from {source}")
     return job

@@ -26,6 +26,7 @@ from typing import Any
 
 from orchestrator.inputs import store_image
 from orchestrator.model_lookup import ResolvedModel
+from orchestrator.request_digest import RequestIdentity
 from orchestrator.states import (
     ATTEMPT_TRANSITIONS,
     JOB_TRANSITIONS,
@@ -82,6 +83,11 @@ class JobDir:
     def id(self) -> str:
         return str(self.record["id"])
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether its stages run in deterministic mode; jobs recorded before the setting ran without it."""
+        return bool(self.record.get("deterministic", False))
+
     @classmethod
     def create(
         cls,
@@ -92,8 +98,13 @@ class JobDir:
         loras: tuple[dict[str, Any], ...] = (),
         image: Path | None = None,
         stage2_lora: dict[str, Any] | None = None,
+        identity: RequestIdentity | None = None,
     ) -> JobDir:
-        """Make the directory, copy the conditioning image in, write the first job.json."""
+        """Make the directory, copy the conditioning image in, write the first job.json.
+
+        `identity` (orchestrator.request_digest) gives the request digest and the deterministic mode;
+        without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
+        """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
@@ -104,6 +115,11 @@ class JobDir:
             "created": utc_now(),
             "spec": spec.to_dict(),
             "spec_digest": spec.digest(),
+            # What decides the output's bits, hashed (DESIGN.md rule 6); `ltx2 generate --reuse` finds jobs by it.
+            "request_digest": identity.digest if identity else None,
+            "digest_inputs": identity.inputs if identity else None,
+            # Compiled kernels in Inductor's deterministic mode, x264 on fixed threads (orchestrator.policy).
+            "deterministic": identity.deterministic if identity else True,
             "model_path": str(model.path),
             "revision": model.revision,
             # Read from the checkpoint's configs (protocol/families.py); the denoiser takes STG blocks and
@@ -264,6 +280,8 @@ class JobDir:
         """Change decode-only settings of an existing job (the latents stay valid)."""
         self.record["spec"] = spec.to_dict()
         self.record["spec_digest"] = spec.digest()
+        # The request digest was of the spec as created: a changed job is no longer the request it names.
+        self.record["request_digest"] = self.record["digest_inputs"] = None
         self.spec = spec
         self.save()
 

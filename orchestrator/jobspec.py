@@ -16,6 +16,7 @@ from config.settings import Settings
 from orchestrator.inputs import require_image
 from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
+from orchestrator.request_digest import RequestIdentity, identify
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
@@ -38,6 +39,8 @@ class BuiltSpec:
     image: Path | None = None  #: the validated conditioning image
     #: dev two-stage: the spec's stage-2 distilled LoRA with local `path`, `revision` and scale 1.0
     stage2_lora: dict[str, Any] | None = None
+    #: the request's digest and what it was computed from (orchestrator.request_digest)
+    identity: RequestIdentity | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -103,7 +106,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if spec.stage2_lora is not None:
         stage2_lora = resolve_lora({**spec.stage2_lora, "scale": 1.0}, settings.input_roots, "stage2_lora")
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
-    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora=stage2_lora)
+    identity = identify(spec, model, settings, loras, stage2_lora, image)
+    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity)
 
 
 def needs_stage2_lora(fields: dict[str, Any]) -> bool:

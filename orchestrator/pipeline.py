@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from orchestrator import reuse
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import JobDir
 from orchestrator.policy import Attempt, Decision, decide, initial_plan
@@ -104,6 +105,10 @@ def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | 
         job.transition(JobState.FAILED, error=failed.reason)
         raise failed from exc
     job.transition(JobState.DONE, output=str(output))
+    try:  # a render of exactly its request is found again by its digest (`--reuse`)
+        reuse.remember(job, settings.state_dir)
+    except OSError as exc:  # the video is out; only a later --reuse misses it
+        job.log_event(EventKind.WARNING, message=f"not indexed for --reuse: {exc}")
     if job.spec.drop_caches and (warning := drop_page_cache()):
         job.log_event(EventKind.WARNING, message=warning)
         hooks.listener(StageEvent("publish", StageEventKind.WARNING, 0, warning))
@@ -120,7 +125,7 @@ def next_attempt(job: JobDir, stage: Stage, settings: Settings) -> tuple[int, di
     previous = job.stage_record(stage)["attempts"]
     if previous and previous[-1]["result"] not in (AttemptResult.OK, AttemptResult.CANCELLED):
         return len(previous) + 1, previous[-1]["plan"]
-    return len(previous) + 1, initial_plan(stage, job.spec, settings)
+    return len(previous) + 1, initial_plan(stage, job.spec, settings, job.deterministic)
 
 
 def run_stage_until_done(

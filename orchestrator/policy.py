@@ -30,6 +30,12 @@ from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
 
 AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"})
+# x264's output depends on its thread count, which it otherwise takes from the cores it may run on
+# (the same frames gave five different files for 1, 2, 4, 8 and 16 threads): a fixed count makes the MP4
+# the same on every host and lane. 24 is what x264 picks by itself on a 16-core host (1.5 per core), the
+# lent H100/H200 machines: 16 there cost 0.09 s of video stage per 768x512x121 clip (docs/benchmarks.md,
+# version 11). It caps the count further for small frames, identically everywhere.
+X264_THREADS = 24
 # Failures that may not recur with the same plan.
 TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
 
@@ -42,13 +48,20 @@ class Attempt:
     failure: Failure | None
 
 
-def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, Any]:
-    """The first plan of a stage: the best quality that the user's flags and the size allow."""
+def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic: bool | None = None) -> dict[str, Any]:
+    """The first plan of a stage: the best quality that the user's flags and the size allow.
+
+    `deterministic` is the job's (recorded at its creation; None: the settings'): when on, a compiled
+    transformer runs Inductor's deterministic mode and x264 a fixed number of threads (DESIGN.md rule 6).
+    Being part of the plan, it keeps jobs that differ in it out of one group process.
+    """
+    deterministic = settings.deterministic if deterministic is None else deterministic
     if stage is Stage.VIDEO_DECODE:
         plan = choose_decode_plan(
             spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
         )
-        return {"decode": plan.to_dict(), "x264_preset": settings.decode.x264_preset}
+        decode = {"decode": plan.to_dict(), "x264_preset": settings.decode.x264_preset}
+        return {**decode, "x264_threads": X264_THREADS} if deterministic else decode
     if stage is Stage.AUDIO_DECODE:
         return dict(AUDIO_LADDER[0])
     weights = "fp8-matmul" if spec.fp8_matmul else "fp8" if spec.fp8 else "native"
@@ -57,6 +70,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings) -> dict[str, A
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
+        if deterministic:
+            plan["deterministic"] = True
     return plan
 
 
@@ -68,7 +83,8 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     if stage is Stage.AUDIO_DECODE:
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
         return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None
-    plan = {key: value for key, value in plan.items() if key != "compile"}  # eager below the top rung
+    # Eager below the top rung (Inductor's deterministic mode goes with the compile).
+    plan = {key: value for key, value in plan.items() if key not in ("compile", "deterministic")}
     if plan.get("weights") not in ("fp8", "fp8-matmul"):
         return {**plan, "weights": "fp8"}
     if plan.get("offload") != "sequential":

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.jobdir import JobDir
+from orchestrator.reuse import reproducibility
 from protocol.files import Stage
 from protocol.spec import ONE_STAGE
 
@@ -73,6 +74,11 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         # Dev two-stage: the distilled LoRA fused for stage 2 only; None for every other run.
         "stage2_lora": stage2_lora_summary(record.get("stage2_lora")),
         "versions": package_versions(),
+        # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
+        # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
+        "request_digest": record.get("request_digest"),
+        "deterministic": record.get("deterministic", False),
+        "reproducible": reproducibility(job),
         "stages": {stage.value: stage_summary(job, stage) for stage in Stage},
     }
 

@@ -16,10 +16,15 @@ from protocol.codec import Message, register
 @register
 @dataclasses.dataclass(frozen=True)
 class Submit(Message):
-    """Queue a job; `spec` is a JobSpec as plain data. Replies ok{id}."""
+    """Queue a job; `spec` is a JobSpec as plain data. Replies ok{id}.
+
+    With `reuse`, a finished job that rendered exactly this request (orchestrator.reuse) is named
+    instead (ok{id, reused: true}) and nothing is queued.
+    """
 
     TYPE = "submit"
     spec: dict[str, Any]
+    reuse: bool = False
 
 
 @register

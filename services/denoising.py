@@ -89,8 +89,9 @@ def loaded_denoiser(
         fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
     )
     if ctx.plan.get("compile") == "regional":
-        ctx.progress("compile transformer blocks (on the first step)")
-        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"))
+        deterministic = bool(ctx.plan.get("deterministic"))
+        ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
+        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"), deterministic)
     kept = {
         "key": key,
         "connectors": connectors,

@@ -72,7 +72,14 @@ class Mp4Writer:
     """
 
     def __init__(
-        self, path: Path, width: int, height: int, fps: float, crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        fps: float,
+        crf: int = DEFAULT_CRF,
+        preset: str = DEFAULT_PRESET,
+        threads: int = 0,
     ) -> None:
         self.path = path
         self.temp = temp_path_for(path)
@@ -84,6 +91,10 @@ class Mp4Writer:
         # Frame threads: x264 encodes several frames at once (PyAV's default, slice threads, splits
         # each frame instead, which scales worse: 3.1 s instead of 4.0 s for 768x512x121 on 16 cores).
         self.video.codec_context.thread_type = "FRAME"
+        # The bitstream depends on the number of frame threads; 0 lets x264 size it from the cores this
+        # process may use, which differ between hosts and lanes: a fixed count (the video stage's plan,
+        # orchestrator.policy.X264_THREADS) makes the file the same everywhere.
+        self.video.codec_context.thread_count = threads
         self.video.options = {"crf": str(crf), "preset": preset}
         # Frames arrive already converted with BT.709 in limited range (services.color); say so in
         # the stream, or decoders assume BT.601 for anything they cannot tell.

@@ -136,7 +136,7 @@ def apply_memory_plan(
         transformer.to(device)
 
 
-def compile_blocks(transformer: Any, cache_dir: str | None) -> None:
+def compile_blocks(transformer: Any, cache_dir: str | None, deterministic: bool = False) -> None:
     """Regional compile: torch.compile each of the transformer's repeated blocks (one graph,
     compiled once and reused by all 48 blocks) instead of the whole model, which compiles in a
     fraction of the time. The compilation itself happens at the first forward pass.
@@ -146,7 +146,17 @@ def compile_blocks(transformer: Any, cache_dir: str | None) -> None:
     overrides it), kept across processes: a later worker finds them there and only re-traces.
     The variable is set, not defaulted, because importing diffusers already set it to inductor's
     per-user temp folder, which does not survive a reboot.
+
+    `deterministic` (the plan's, from `[worker] deterministic`) turns on Inductor's deterministic mode:
+    without it Inductor benchmarks kernel variants on the device and keeps the fastest, whose sums may
+    be ordered differently run to run (two compiled runs on an H100 differed by up to 6.6e-2 in the
+    latents). It is set on the config object, not through TORCHINDUCTOR_DETERMINISTIC, because a
+    worker forked from the fork server imported Inductor's config before its job existed. Both values
+    are set, so a group process never carries one job's mode into the next.
     """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.deterministic = deterministic
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or cache_dir
     if chosen:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen

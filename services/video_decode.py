@@ -117,7 +117,8 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     stills: dict[str, np.ndarray] = {}
     clip = ClipFiles(ctx.job_dir, ctx.spec.width, ctx.spec.height, ctx.spec.fps, expected)
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
-    feed = encoder.start(functools.partial(encode_clip, clip, preset, waveform, sample_rate))
+    threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
+    feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
     ctx.progress(f"decode video ({plan.label})", 0, expected)
     try:
         decoded = 0
@@ -151,14 +152,15 @@ class ClipFiles:
 
 
 def encode_clip(
-    clip: ClipFiles, preset: str, waveform: np.ndarray, sample_rate: int, pieces: Iterator[np.ndarray]
+    clip: ClipFiles, preset: str, threads: int, waveform: np.ndarray, sample_rate: int, pieces: Iterator[np.ndarray]
 ) -> list[str]:
     """On the encode thread: the audio track, then the YUV pieces as they come; the stage's outputs.
 
     The decoding side writes the first/last-frame PNGs before it closes the feed, so they exist
     by the time `pieces` ends.
     """
-    with Mp4Writer(clip.job_dir / VIDEO_FILE, clip.width, clip.height, clip.fps, preset=preset) as writer:
+    path = clip.job_dir / VIDEO_FILE
+    with Mp4Writer(path, clip.width, clip.height, clip.fps, preset=preset, threads=threads) as writer:
         writer.add_audio(waveform, sample_rate, clip.num_frames)
         for piece in pieces:
             writer.write(piece)

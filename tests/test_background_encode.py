@@ -113,7 +113,7 @@ def test_abort_removes_the_partial_mp4_and_a_queued_clip_never_starts(tmp_path: 
     encoder = BackgroundEncoder()
     clip = ClipFiles(tmp_path, 32, 32, 24.0, 9)
     audio = np.zeros((1, 9000), dtype=np.float32)
-    feed = encoder.start(lambda pieces: encode_clip(clip, "veryfast", audio, 24000, pieces))
+    feed = encoder.start(lambda pieces: encode_clip(clip, "veryfast", 16, audio, 24000, pieces))
     feed.put(rgb_to_yuv420(torch.rand(4, 3, 32, 32)).numpy())
     ran: list[str] = []
     queued = encoder.start(lambda pieces: ran.append("queued"))

@@ -44,6 +44,15 @@ def test_supervised_daemon_runs_submitted_jobs_in_order(daemon_env: dict, tmp_pa
         assert listing[0]["updated"] <= listing[1]["updated"]
         status = run_ltx2(["status", second], daemon_env).stdout
         assert "video_decode attempt 1 [single pass]: ok" in status
+        digest = json.loads(Path(listing[1]["output"]).with_suffix(".json").read_text())["request_digest"]
+        assert f"request digest: {digest}\n" in status  # exact: no "not reproducible" after it
+        # The same request again with --reuse: a finished job of its digest is named, nothing is queued.
+        reused = run_ltx2(
+            ["submit", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS, "--reuse"], daemon_env
+        )
+        assert reused.returncode == 0, reused.stderr
+        assert reused.stdout.strip() in (first, second) and "reused job" in reused.stderr
+        assert len(json.loads(run_ltx2(["jobs", "--json"], daemon_env).stdout)) == 3
         assert run_ltx2(["cancel", first], daemon_env).returncode == 1
         assert "already done" in run_ltx2(["cancel", first], daemon_env).stderr
 
@@ -121,6 +130,8 @@ def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(daemon_
     assert "video_decode attempt 1 [single pass]: cuda_oom" in status
     assert "video_decode attempt 2 [spatial tiling]: ok" in status
     assert probe_mp4(Path(job["output"]))["frames"] == 17
+    # Its files are not what the request renders undisturbed, and `ltx2 status` says why.
+    assert "(not reproducible: audio_decode ran on another plan than its request's (device cpu))" in status
 
 
 def test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group(daemon_env: dict, tmp_path: Path):

@@ -117,6 +117,8 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
     assert [video.id for video in client.videos.list(limit=1)]  # every page == [second.id, first.id]
     assert [video.id for video in client.videos.list(order="asc").data] == [first.id, second.id]
 
+    assert_reuse_returns_this_keys_video_only(gateway, first.id, image)
+
     published = Path(gateway.daemon_job(first.id)["output"])
     assert published.is_file() and published.with_name(f"{published.stem}_first.png").is_file()
     deleted = client.videos.delete(first.id)
@@ -126,6 +128,20 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
         client.videos.retrieve(first.id)
     assert [video.id for video in client.videos.list().data] == [second.id]
     client.videos.delete(second.id)
+
+
+def assert_reuse_returns_this_keys_video_only(gateway, video_id: str, image: bytes) -> None:
+    """The finished video's request again with `reuse`: this key's video comes back and nothing renders;
+    another key never gets it (its request renders as its own video)."""
+    request = {"prompt": "a red ball rolls across a table", "model": TINY, "size": "64x64", "seconds": "0.7"}
+    reference = ("again.png", image, "image/png")
+    again = gateway.client().videos.create(**request, input_reference=reference, extra_body={"seed": 11, "reuse": True})
+    assert again.id == video_id and again.status == "completed", again
+    assert again.model_extra["notices"][0].startswith(f"reused job {video_id} ")
+    bob = gateway.client("bob")
+    theirs = bob.videos.create(**request, input_reference=reference, extra_body={"seed": 11, "reuse": True})
+    assert theirs.id != video_id and "notices" not in theirs.model_extra
+    bob.videos.delete(theirs.id)
 
 
 def test_missing_or_wrong_key_is_401_and_other_keys_jobs_are_404(gateway):

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from config.settings import load_settings
-from orchestrator.policy import Attempt, initial_plan, next_plan
+from orchestrator.policy import X264_THREADS, Attempt, initial_plan, next_plan
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec
@@ -73,7 +73,7 @@ def test_success_needs_no_next_plan():
 def test_compile_runs_on_the_top_rung_only():
     spec = SPEC.with_changes(compile=True)
     top = initial_plan(Stage.ENCODE_DIFFUSE, spec, SETTINGS)
-    assert top == {"weights": "native", "offload": "none", "compile": "regional"}
+    assert top == {"weights": "native", "offload": "none", "compile": "regional", "deterministic": True}
     following = next_plan(Stage.ENCODE_DIFFUSE, [Attempt(top, Failure.CUDA_OOM)], spec, SETTINGS)
     assert following == {"weights": "fp8", "offload": "none"}
     # FP8 storage hooks and offloading are not compiled: --compile with them is plain eager.
@@ -86,6 +86,7 @@ def test_video_plan_carries_the_configured_x264_preset_down_the_ladder(tmp_path)
     settings = load_settings(config_file=config, environ={"HOME": "/nonexistent"})
     plans = walk(Stage.VIDEO_DECODE, Failure.CUDA_OOM, settings)
     assert len(plans) == 4 and {plan["x264_preset"] for plan in plans} == {"medium"}
+    assert {plan["x264_threads"] for plan in plans} == {X264_THREADS}  # the same file on any host, any rung
     assert initial_plan(Stage.VIDEO_DECODE, SPEC, SETTINGS)["x264_preset"] == "veryfast"  # the shipped default
     config.write_text('[decode]\nx264_preset = "fastest"\n')
     with pytest.raises(ValueError, match="decode.x264_preset must be one of ultrafast"):

@@ -96,7 +96,7 @@ def make_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def submit(client: DaemonClient, args: argparse.Namespace) -> int:
-    data = client.request(jobs.Submit("", spec_request(args)))
+    data = client.request(jobs.Submit("", spec_request(args), reuse=args.reuse))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")
     sys.stdout.write(f"{data['id']}\n")
@@ -124,6 +124,8 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         f"  prompt: {job.get('prompt', '')}",
         f"  model: {job.get('model', '')}  size: {job.get('size', '')}  seed: {job.get('seed', '')}",
     ]
+    if job.get("request_digest"):
+        lines.append(f"  request digest: {job['request_digest']}{reproducible_note(job.get('reproducible'))}")
     for attempt in job["attempts"]:
         lines.append(
             f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]"
@@ -139,6 +141,13 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(f"  output: {job['output']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def reproducible_note(reproducible: dict[str, Any] | None) -> str:
+    """ " (not reproducible: why)" for a job whose files are not what a fresh render of its request makes."""
+    if not reproducible or reproducible.get("exact") or not reproducible.get("why"):
+        return ""
+    return f" (not reproducible: {reproducible['why']})"
 
 
 def list_jobs(client: DaemonClient, args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
+from orchestrator import reuse
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.front_process import ClientFront
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
@@ -165,6 +166,19 @@ class Daemon:
             return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
         except ModelNotFound as exc:
             return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), exc.field)  # "model" or "lora"
+        if request.reuse and built.identity and (found := reuse.find(built.identity.digest, self.settings)):
+            store.mirror(found)  # rendered by `ltx2 generate` in this state dir, it may be new to the store
+            notices = [*built.notices, f"{reuse.describe(found)}: nothing queued"]
+            return jobs.Ok(
+                found.id,
+                {
+                    "id": found.id,
+                    "seed": found.spec.seed,
+                    "model": found.spec.model,
+                    "notices": notices,
+                    "reused": True,
+                },
+            )
         job = JobDir.create(
             self.settings.jobs_dir,
             built.spec,
@@ -172,6 +186,7 @@ class Daemon:
             loras=built.loras,
             image=built.image,
             stage2_lora=built.stage2_lora,
+            identity=built.identity,
         )
         store.mirror(job)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
@@ -256,6 +271,9 @@ class Daemon:
             result["size"] = f"{spec.width}x{spec.height}x{spec.num_frames}"
             result["seed"] = spec.seed
             result["model"] = spec.model
+            result["request_digest"] = job.record.get("request_digest")
+            if detailed:
+                result["reproducible"] = reuse.reproducibility(job)
         except (OSError, ValueError, KeyError):
             result["prompt"] = "(job.json unreadable)"
         if detailed:

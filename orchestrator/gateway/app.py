@@ -202,12 +202,19 @@ class Gateway:
             if image is not None:
                 spec["image"] = str(image)
             try:
-                reply = self.daemon_request(jobs.Submit("", spec))
+                reply = self.daemon_request(jobs.Submit("", spec, reuse=request.reuse))
+                reused = self.store.get(owner, reply["id"]) if reply.get("reused") else None
+                if reply.get("reused") and reused is None:  # another key's render is never shown: render anew
+                    reply = self.daemon_request(jobs.Submit("", spec))
             except DaemonError as exc:
                 raise daemon_spec_error(exc, request) from None
             finally:
                 if image is not None:  # the daemon copied it into the job directory, or refused it
                     image.unlink(missing_ok=True)
+            if reused is not None:
+                job = self.job(reused["id"])
+                notices = [line for line in reply.get("notices", []) if line.startswith("reused job")]
+                return video_object({**reused, "state": job["state"]}, job, notices=notices)
             job = self.job(reply["id"])
             width, height, frames = (int(part) for part in job["size"].split("x"))
             record = {

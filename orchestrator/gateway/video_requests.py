@@ -52,7 +52,9 @@ NUMBER_FIELDS = {
     "nag_alpha": float,
     "nag_steps": int,
 }
-KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference"})
+KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference", "reuse"})
+# `reuse` as a form sends it (JSON clients send true or false).
+FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 MAX_SECONDS = 3600.0
 MAX_LORAS = 8
 
@@ -74,6 +76,8 @@ class VideoRequest:
     seconds: str | None  #: as the client asked, when it did
     fps: float
     seconds_note: str  #: how `seconds` became a frame count, or ""
+    #: return this key's finished video of exactly this request instead of rendering it again (orchestrator.reuse)
+    reuse: bool = False
 
 
 def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequest:
@@ -107,7 +111,7 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
     namespace = argparse.Namespace(**dict.fromkeys(SPEC_FLAGS))
     for name, value in values.items():
         setattr(namespace, name, value)
-    return VideoRequest(spec_request(namespace), seconds, fps, note)
+    return VideoRequest(spec_request(namespace), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
 
 
 def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -131,6 +135,15 @@ def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
 def text(value: object, name: str) -> str:
     if not isinstance(value, str):
         raise RequestError(name, f"{name} must be a string; got {type(value).__name__}")
+    return value
+
+
+def boolean(value: object, name: str) -> bool:
+    """true or false from JSON, or its text from a form."""
+    if isinstance(value, str) and value.strip().lower() in FORM_BOOLEANS:
+        return FORM_BOOLEANS[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise RequestError(name, f"{name} must be true or false; got {value!r}")
     return value
 
 
