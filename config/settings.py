@@ -86,6 +86,8 @@ class HttpSettings:
     max_body_bytes: int = 12 * 1024 * 1024
     max_active_jobs_per_key: int = 4
     requests_per_minute: int = 600
+    #: how long a create sends its submit again while the daemon does not answer, before a 503
+    create_timeout_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +370,12 @@ def _http(values: dict[str, Any]) -> HttpSettings:
     for key in ("max_upload_bytes", "max_body_bytes", "max_active_jobs_per_key", "requests_per_minute"):
         if not _whole(values[key]) or values[key] < 1:
             raise ConfigError(f"http.{key} must be a whole number >= 1, got {values[key]!r}")
+    timeout = values["create_timeout_s"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise ConfigError(
+            f"http.create_timeout_s must be a number of seconds above 0 and at most 3600, got {timeout!r}"
+        )
+    values["create_timeout_s"] = float(timeout)
     if values["max_body_bytes"] <= values["max_upload_bytes"]:
         raise ConfigError(
             f"http.max_body_bytes ({values['max_body_bytes']}) must exceed http.max_upload_bytes "

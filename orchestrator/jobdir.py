@@ -19,6 +19,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +61,11 @@ def new_job_id(now: dt.datetime | None = None) -> str:
     """Sortable and unique: `YYYYmmdd-HHMMSS-<6 hex>`."""
     now = now or dt.datetime.now()
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+#: What `new_job_id` makes; an id a client chose (protocol.jobs.Submit.job_id) must look the same, so it
+#: names a directory under the jobs folder and nothing else.
+JOB_ID_PATTERN = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
 
 
 def utc_now() -> str:

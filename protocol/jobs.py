@@ -20,11 +20,16 @@ class Submit(Message):
 
     With `reuse`, a finished job that rendered exactly this request (orchestrator.reuse) is named
     instead (ok{id, reused: true}) and nothing is queued.
+
+    `job_id`, when given, is the id the new job gets (the HTTP gateway records its key's claim to it
+    before sending): a submit naming a job that exists answers with that job and queues nothing, so a
+    submit sent again after a lost reply never makes a second job.
     """
 
     TYPE = "submit"
     spec: dict[str, Any]
     reuse: bool = False
+    job_id: str = ""
 
 
 @register

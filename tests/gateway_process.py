@@ -43,10 +43,10 @@ def free_port() -> int:
 class Gateway:
     """The daemon, `ltx2 serve` and three API keys, for the whole module."""
 
-    def __init__(self, root: Path, hf_home: Path) -> None:
+    def __init__(self, root: Path, hf_home: Path, config: str = HTTP_CONFIG) -> None:
         runtime = Path(f"/tmp/ltx2-http-{os.getpid()}-{root.name[-12:]}")  # one per gateway: short ipc paths
         runtime.mkdir(mode=0o700, exist_ok=True)
-        (root / "config.toml").write_text(HTTP_CONFIG)
+        (root / "config.toml").write_text(config)
         self.env = {
             **ltx2_environment(hf_home, root),
             "XDG_RUNTIME_DIR": str(runtime),
@@ -100,11 +100,14 @@ class Gateway:
     def log(self) -> str:
         return (self.root / "serve.log").read_text(errors="replace")
 
-    def client(self, key: str = "alice") -> openai.OpenAI:
+    def client(self, key: str = "alice", max_retries: int = 0) -> openai.OpenAI:
         import openai  # only the tests that drive the official client need it
 
         return openai.OpenAI(
-            base_url=f"http://127.0.0.1:{self.port}/v1", api_key=self.keys.get(key, key), max_retries=0, timeout=120
+            base_url=f"http://127.0.0.1:{self.port}/v1",
+            api_key=self.keys.get(key, key),
+            max_retries=max_retries,
+            timeout=120,
         )
 
     def request(

@@ -39,7 +39,7 @@ from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_request
-from orchestrator.jobdir import JobDir, tail
+from orchestrator.jobdir import JOB_ID_PATTERN, JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.lane_links import LaneSource, open_lanes
 from orchestrator.policy import describe_plan
@@ -47,7 +47,7 @@ from orchestrator.states import JobState, TransitionError
 from protocol import codec, jobs
 from protocol.codec import ErrorCode, ProtocolError
 from protocol.errors import ModelNotFound
-from protocol.files import EVENTS_FILE
+from protocol.files import EVENTS_FILE, JOB_FILE
 from protocol.spec import SpecError
 
 log = logging.getLogger("ltx2.daemon")
@@ -160,6 +160,14 @@ class Daemon:
             return jobs.Error(request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def submit(self, request: jobs.Submit, store: JobStore) -> codec.Message:
+        if request.job_id:
+            if not JOB_ID_PATTERN.fullmatch(request.job_id):
+                message = (
+                    f"job_id must look like {JOB_ID_PATTERN.pattern} (what the daemon makes); got {request.job_id!r}"
+                )
+                return jobs.Error("", ErrorCode.INVALID_SPEC, message, "job_id")
+            if (self.settings.jobs_dir / request.job_id / JOB_FILE).is_file():
+                return self.submitted_before(request.job_id, store)
         try:
             built = build_spec(dict(request.spec), self.settings)
         except SpecError as exc:
@@ -183,6 +191,7 @@ class Daemon:
             self.settings.jobs_dir,
             built.spec,
             built.model,
+            job_id=request.job_id or None,
             loras=built.loras,
             image=built.image,
             stage2_lora=built.stage2_lora,
@@ -193,6 +202,18 @@ class Daemon:
         return jobs.Ok(
             job.id, {"id": job.id, "seed": built.spec.seed, "model": built.model.name, "notices": list(built.notices)}
         )
+
+    def submitted_before(self, job_id: str, store: JobStore) -> codec.Message:
+        """The answer to a submit whose job exists (a resend after a lost reply): that job, nothing queued."""
+        try:
+            job = JobDir.load(self.settings.jobs_dir / job_id)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ProtocolError(
+                ErrorCode.CONFLICT, f"job {job_id} exists but its job.json is unreadable: {exc}"
+            ) from None
+        store.mirror(job)
+        log.info("job %s: submitted again; answered with the job it made", job_id)
+        return jobs.Ok(job.id, {"id": job.id, "seed": job.spec.seed, "model": job.spec.model, "notices": []})
 
     def status(self, request: jobs.Status, store: JobStore) -> codec.Message:
         return jobs.Ok(request.id, {"job": self.summary(self.require_job(request.id, store), store)})

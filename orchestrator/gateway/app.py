@@ -40,7 +40,7 @@ from orchestrator.daemon.transport import TransportError, address_from_settings
 from orchestrator.gateway.daemon_pool import DaemonPool
 from orchestrator.gateway.keys import KeyRing
 from orchestrator.gateway.metrics import GatewayMetrics
-from orchestrator.gateway.store import FINAL_STATES, GatewayStore
+from orchestrator.gateway.store import FINAL_STATES, SUBMITTING, GatewayStore
 from orchestrator.gateway.video_requests import (
     RequestError,
     VideoRequest,
@@ -49,6 +49,7 @@ from orchestrator.gateway.video_requests import (
     parse_video_request,
 )
 from orchestrator.inputs import require_inside_roots
+from orchestrator.jobdir import new_job_id
 from orchestrator.publishing import companions
 from orchestrator.states import JobState
 from protocol import jobs
@@ -56,6 +57,11 @@ from protocol.files import Stage
 from protocol.spec import SpecError
 
 log = logging.getLogger("ltx2.http")
+# Between resends of a submit the daemon did not answer (each waits daemon.request_timeout_s first).
+RESUBMIT_PAUSE_S = 0.5
+# How long past http.create_timeout_s a claimed video the daemon does not know still shows as queued.
+CLAIM_GRACE_S = 60.0
+IDEMPOTENCY_KEY_CHARS = 255
 # OpenAI's states, from the daemon's; a cancelled job is a failed video with code "cancelled".
 STATUS = {
     JobState.QUEUED: "queued",
@@ -155,6 +161,8 @@ class Gateway:
         try:
             job = self.daemon_request(jobs.Status(video_id))["job"]
         except DaemonError as exc:
+            if exc.code == "not_found" and (claimed := self.unsubmitted(video_id)) is not None:
+                return claimed
             if exc.code == "not_found":
                 raise ApiError(404, f"video {video_id!r} no longer exists on the daemon", code="not_found") from None
             raise ApiError(502, f"daemon: {exc}", "server_error", code=exc.code) from None
@@ -164,6 +172,17 @@ class Gateway:
         if self.store.note_state(video_id, job["state"], completed):
             self.metrics.observe_attempts(job.get("attempts", []))
         return job
+
+    def unsubmitted(self, video_id: str) -> dict[str, Any] | None:
+        """The view of a claimed video the daemon has no job for: queued while its create may still be
+        sending the submit, then failed (the gateway stopped, or the daemon never answered)."""
+        known = self.store.state_of(video_id)
+        if known is None or known[0] != SUBMITTING:
+            return None
+        if time.time() - known[1] <= self.settings.http.create_timeout_s + CLAIM_GRACE_S:
+            return {"state": JobState.QUEUED.value, "error": "", "output": ""}
+        reason = "the daemon never took this video's request (the gateway stopped, or the daemon did not answer)"
+        return {"state": JobState.FAILED.value, "error": f"{reason}; create it again", "output": ""}
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -189,48 +208,123 @@ class Gateway:
             raise ApiError(404, f"no video {video_id!r}", param="video_id", code="not_found")
         return record
 
-    def create(self, owner: str, request: VideoRequest, upload: tuple[bytes, str] | None) -> dict[str, Any]:
-        """Submit the job (at most `max_active_jobs_per_key` queued or running per key)."""
+    def create(
+        self, owner: str, request: VideoRequest, upload: tuple[bytes, str] | None, idempotency_key: str = ""
+    ) -> dict[str, Any]:
+        """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
+
+        The video's id is chosen here and the key's claim to it recorded before the daemon can see the
+        request; the submit names it (`Submit.job_id`) and is sent again while no answer comes, until
+        `http.create_timeout_s`: the daemon answers a resend with the job the first one made. A stalled
+        daemon therefore costs the client a slower reply, not a second job (a 5xx would make the official
+        client send the create again, a new request), and a gateway killed mid-create leaves a video its
+        key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
+        another request under a used key is refused (409).
+        """
+        body = request_fingerprint(request, upload)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
-            active = [row for row in self.store.active(owner) if self.job(row["id"])["state"] not in FINAL_STATES]
-            cap = self.settings.http.max_active_jobs_per_key
-            if len(active) >= cap:
-                message = f"this key already has {len(active)} queued or running videos (at most {cap}); retry later"
-                raise too_many(message, "too_many_active_videos", QUEUE_FULL_RETRY_S)
-            spec = dict(request.spec)
-            image = self.store_upload(*upload) if upload else None
-            if image is not None:
-                spec["image"] = str(image)
-            try:
-                reply = self.daemon_request(jobs.Submit("", spec, reuse=request.reuse))
-                reused = self.store.get(owner, reply["id"]) if reply.get("reused") else None
-                if reply.get("reused") and reused is None:  # another key's render is never shown: render anew
-                    reply = self.daemon_request(jobs.Submit("", spec))
-            except DaemonError as exc:
-                raise daemon_spec_error(exc, request) from None
-            finally:
-                if image is not None:  # the daemon copied it into the job directory, or refused it
-                    image.unlink(missing_ok=True)
-            if reused is not None:
-                job = self.job(reused["id"])
+            video_id = self.video_of_key(owner, idempotency_key, body)
+            if video_id is None:
+                self.require_room(owner)
+                video_id = new_job_id()
+                self.store.add(claim_record(video_id, owner, request))
+                if idempotency_key:
+                    self.store.remember_key(owner, idempotency_key, body, video_id, int(time.time()))
+            elif (claimed := self.owned(owner, video_id))["state"] != SUBMITTING:
+                job = self.job(video_id)
+                return video_object({**claimed, "state": job["state"]}, job, request.seconds_note)
+            reply = self.submit(owner, video_id, request, upload)
+            if reply["id"] != video_id:  # reuse named this key's finished video of the same request
+                self.store.discard(video_id)
+                if idempotency_key:
+                    self.store.remember_key(owner, idempotency_key, body, reply["id"], int(time.time()))
+                reused = self.owned(owner, reply["id"])
+                job = self.job(reply["id"])
                 notices = [line for line in reply.get("notices", []) if line.startswith("reused job")]
                 return video_object({**reused, "state": job["state"]}, job, notices=notices)
-            job = self.job(reply["id"])
+            job = self.job(video_id)
             width, height, frames = (int(part) for part in job["size"].split("x"))
             record = {
-                "id": reply["id"],
-                "owner": owner,
-                "created_at": int(time.time()),
+                **self.owned(owner, video_id),
                 "model": reply["model"],
                 "size": f"{width}x{height}",
                 "seconds": request.seconds or f"{frames / request.fps:g}",
                 "num_frames": frames,
-                "fps": request.fps,
                 "prompt": job.get("prompt", ""),
+                "state": job["state"],
             }
-            self.store.add(record)
-            self.store.note_state(record["id"], job["state"], None)
-        return video_object({**record, "state": job["state"]}, job, request.seconds_note, reply.get("notices", []))
+            self.store.submitted(video_id, record)
+        return video_object(record, job, request.seconds_note, reply.get("notices", []))
+
+    def video_of_key(self, owner: str, idempotency_key: str, body: str) -> str | None:
+        """The video an earlier create with this `Idempotency-Key` made; 409 if its request was another."""
+        if not idempotency_key:
+            return None
+        earlier = self.store.keyed(owner, idempotency_key)
+        if earlier is None:
+            return None
+        if earlier["body"] != body:
+            raise ApiError(
+                409,
+                f"Idempotency-Key {idempotency_key!r} was used for another request (video {earlier['video_id']});"
+                " use a new key for a new request",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        return str(earlier["video_id"])
+
+    def require_room(self, owner: str) -> None:
+        """429 when the key already has its cap of queued or running videos."""
+        active = [row for row in self.store.active(owner) if self.job(row["id"])["state"] not in FINAL_STATES]
+        cap = self.settings.http.max_active_jobs_per_key
+        if len(active) >= cap:
+            message = f"this key already has {len(active)} queued or running videos (at most {cap}); retry later"
+            raise too_many(message, "too_many_active_videos", QUEUE_FULL_RETRY_S)
+
+    def submit(
+        self, owner: str, video_id: str, request: VideoRequest, upload: tuple[bytes, str] | None
+    ) -> dict[str, Any]:
+        """The daemon's answer to the video's submit (sent again while lost); with `reuse`, another key's
+        render is never taken: the request is then submitted to render as this key's own."""
+        spec = dict(request.spec)
+        image = self.store_upload(*upload) if upload else None
+        if image is not None:
+            spec["image"] = str(image)
+        try:
+            reply = self.submit_until_answered(jobs.Submit("", spec, reuse=request.reuse, job_id=video_id))
+            if reply["id"] != video_id and self.store.get(owner, reply["id"]) is None:
+                reply = self.submit_until_answered(jobs.Submit("", spec, job_id=video_id))
+        except DaemonError as exc:
+            self.store.discard(video_id)  # refused: no job came of it
+            raise daemon_spec_error(exc, request) from None
+        finally:
+            if image is not None:  # the daemon copied it into the job directory, or refused it
+                image.unlink(missing_ok=True)
+        return reply
+
+    def submit_until_answered(self, message: jobs.Submit) -> dict[str, Any]:
+        """Send the submit until the daemon answers it or `http.create_timeout_s` passes (then 503: the
+        claim stays recorded, and the job appears if the daemon takes a submit sent meanwhile)."""
+        deadline = time.monotonic() + self.settings.http.create_timeout_s
+        while True:
+            try:
+                return self.daemon.request(message)
+            except TransportError as exc:
+                lost: Exception = exc
+            except DaemonError as exc:
+                if exc.code != "unreachable":
+                    raise
+                lost = exc
+            if time.monotonic() >= deadline:
+                raise ApiError(
+                    503,
+                    f"the daemon did not answer within {self.settings.http.create_timeout_s:g} s ({lost}); video"
+                    f" {message.job_id} stays recorded for this key and starts if the daemon takes it",
+                    "server_error",
+                    code="daemon_unavailable",
+                )
+            log.warning("video %s: no answer from the daemon (%s); sending its submit again", message.job_id, lost)
+            time.sleep(RESUBMIT_PAUSE_S)
 
     def store_upload(self, data: bytes, suffix: str) -> Path:
         """Write an upload under a name the gateway makes, inside the uploads dir the daemon may read."""
@@ -305,6 +399,39 @@ class Gateway:
         if not path.is_file():
             raise ApiError(404, f"the {variant} of video {video_id} is gone from the output folder", code="not_found")
         return path
+
+
+def claim_record(video_id: str, owner: str, request: VideoRequest) -> dict[str, Any]:
+    """A video's row as recorded before its submit: what the request says, the rest filled in once taken."""
+    return {
+        "id": video_id,
+        "owner": owner,
+        "created_at": int(time.time()),
+        "model": request.spec.get("model") or "",
+        "size": "",
+        "seconds": request.seconds or "",
+        "num_frames": 0,
+        "fps": request.fps,
+        "prompt": request.spec.get("prompt", ""),
+        "state": SUBMITTING,
+    }
+
+
+def request_fingerprint(request: VideoRequest, upload: tuple[bytes, str] | None) -> str:
+    """SHA-256 of everything a create asks for (the fields as parsed, the upload's bytes), for Idempotency-Key."""
+    parts = {"spec": request.spec, "seconds": request.seconds, "fps": request.fps, "reuse": request.reuse}
+    if upload is not None:
+        parts["upload"] = [hashlib.sha256(upload[0]).hexdigest(), upload[1]]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def idempotency_key(request: Request) -> str:
+    """The `Idempotency-Key` header ("" if absent): printable ASCII, at most IDEMPOTENCY_KEY_CHARS."""
+    key = request.headers.get("idempotency-key", "")
+    if len(key) > IDEMPOTENCY_KEY_CHARS or not all(" " <= char <= "~" for char in key):
+        message = f"Idempotency-Key must be at most {IDEMPOTENCY_KEY_CHARS} printable ASCII characters"
+        raise ApiError(400, message, param="Idempotency-Key", code="invalid_value")
+    return key.strip()
 
 
 def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
@@ -449,7 +576,8 @@ def build_app(settings: Settings) -> Starlette:
         owner = await authorized(request)
         fields, upload = await read_fields(request, limits)
         parsed = parse_video_request(fields, settings)
-        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload))
+        key = idempotency_key(request)
+        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload, key))
 
     @endpoint
     async def list_videos(request: Request) -> Response:

@@ -32,7 +32,17 @@ CREATE TABLE IF NOT EXISTS videos (
     deleted INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS videos_owner ON videos (owner, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    owner TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    video_id TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (owner, key)
+);
 """
+#: A video whose claim is recorded and whose submit the daemon has not answered yet (not a daemon state).
+SUBMITTING = "submitting"
 # States after which a job never changes again.
 FINAL_STATES = tuple(state.value for state in JobState if state.is_terminal)
 
@@ -53,12 +63,46 @@ class GatewayStore:
             self.db.close()
 
     def add(self, record: dict[str, Any]) -> None:
-        """Record a job the daemon just queued for `record['owner']`."""
-        columns = ("id", "owner", "created_at", "model", "size", "seconds", "num_frames", "fps", "prompt")
+        """Record `record['owner']`'s claim to a video, before its submit reaches the daemon (state SUBMITTING)."""
+        columns = ("id", "owner", "created_at", "model", "size", "seconds", "num_frames", "fps", "prompt", "state")
         with self._lock:
             self.db.execute(
                 f"INSERT INTO videos ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
                 tuple(record[column] for column in columns),
+            )
+
+    def submitted(self, video_id: str, record: dict[str, Any]) -> None:
+        """Fill in what the daemon resolved once it took the video's submit (model, size, frames, state)."""
+        columns = ("model", "size", "seconds", "num_frames", "prompt", "state")
+        with self._lock:
+            self.db.execute(
+                f"UPDATE videos SET {', '.join(f'{column} = ?' for column in columns)} WHERE id = ?",
+                (*(record[column] for column in columns), video_id),
+            )
+
+    def discard(self, video_id: str) -> None:
+        """Forget a claim no job came of (the daemon refused the request, or named a reused video instead)."""
+        with self._lock:
+            self.db.execute("DELETE FROM videos WHERE id = ? AND state = ?", (video_id, SUBMITTING))
+            self.db.execute("DELETE FROM idempotency WHERE video_id = ?", (video_id,))
+
+    def state_of(self, video_id: str) -> tuple[str, int] | None:
+        """(last known state, created_at) of any key's video, for views of videos the daemon does not know."""
+        with self._lock:
+            row = self.db.execute("SELECT state, created_at FROM videos WHERE id = ?", (video_id,)).fetchone()
+        return (row["state"], row["created_at"]) if row else None
+
+    def keyed(self, owner: str, key: str) -> dict[str, Any] | None:
+        """The video an `Idempotency-Key` of this owner was first used for, with the request's fingerprint."""
+        with self._lock:
+            row = self.db.execute("SELECT * FROM idempotency WHERE owner = ? AND key = ?", (owner, key)).fetchone()
+        return dict(row) if row else None
+
+    def remember_key(self, owner: str, key: str, body: str, video_id: str, created_at: int) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO idempotency (owner, key, body, video_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                (owner, key, body, video_id, created_at),
             )
 
     def get(self, owner: str, video_id: str) -> dict[str, Any] | None:
