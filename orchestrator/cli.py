@@ -7,16 +7,18 @@ directory and protocol the daemon uses, without needing the daemon.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import zmq
 
@@ -52,8 +54,44 @@ FAILURE_EXIT = {
 }
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse, plus the nearest known flag for each unknown one in its error (`--promt` -> `--prompt`).
+
+    argparse reports a missing required flag before an unknown one, so `--promt x` alone said only
+    that --prompt is required; Python 3.14's `suggest_on_error` is not available on the 3.11 we support.
+    """
+
+    #: the command line being parsed (main sets it), so a subcommand's parser can name what it did not know
+    argv: tuple[str, ...] = ()
+
+    def error(self, message: str) -> NoReturn:
+        parser = self.command_parser()
+        listed = message.removeprefix("unrecognized arguments: ").split() if message.startswith("unrecognized") else []
+        known = [option for option in parser._option_string_actions if option.startswith("--")]
+        hints = []
+        for token in listed or SuggestingParser.argv:
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--") and flag not in parser._option_string_actions:
+                nearest = difflib.get_close_matches(flag, known, n=1)
+                hint = f"; did you mean {nearest[0]}?" if nearest else ""
+                hints.append(f"{flag} is not a flag of {parser.prog}{hint}")
+        if choice := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+            nearest = difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1)
+            hints += [f"did you mean {nearest[0]}?"] if nearest else []
+        super().error("; ".join([message, *hints]) if choice else "; ".join([*hints, message]))
+
+    def command_parser(self) -> argparse.ArgumentParser:
+        """The parser of the subcommand named on the command line (this one if none, or if this is it)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for token in SuggestingParser.argv:
+                    if token in action.choices:
+                        return action.choices[token]
+        return self
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = SuggestingParser(
         prog="ltx2", description="LTX-2 video+audio generation in isolated stages.", allow_abbrev=False
     )
     parser.add_argument(
@@ -155,6 +193,7 @@ def add_reuse_flag(command: argparse.ArgumentParser, returns: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    SuggestingParser.argv = tuple(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if getattr(args, "output", None) is not None and args.command == "generate":
         split_output_path(parser, args)
@@ -240,13 +279,21 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_output_dir(folder: Path, field: str) -> None:
-    """Before any stage runs: the output folder exists (or is created) and takes a new file.
+    """Before any stage runs: the output folder exists (or is created, saying so) and takes a new file.
 
-    A file in the way, a read-only or pseudo filesystem (/proc), a missing parent that cannot be
-    made: a SpecError naming the flag of `field` (exit 2), instead of a failed publish after the whole run.
+    Only the folder itself is created, never its parents: `--output-dir /nonexistent/dir` is far more
+    often a typo than a wish for a new tree under /. A file in the way, a read-only or pseudo filesystem
+    (/proc), a missing parent: a SpecError naming the flag of `field` (exit 2), instead of a failed
+    publish after the whole run.
     """
+    folder = folder.expanduser()
+    if not folder.exists() and not folder.absolute().parent.is_dir():
+        parent = folder.absolute().parent
+        raise SpecError(field, f"{folder}: its parent folder {parent} does not exist; create it first or pick another")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.exists():
+            folder.mkdir()
+            notice(f"created the output folder {folder}")
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ltx2-write-check-"):
             pass
     except OSError as exc:

@@ -63,6 +63,12 @@ def runtime_dir() -> Path:
         path.mkdir(mode=0o700)
     except FileExistsError:
         pass
+    except OSError as exc:  # XDG_RUNTIME_DIR names a folder that is gone (a closed login session) or read-only
+        source = "XDG_RUNTIME_DIR" if os.environ.get("XDG_RUNTIME_DIR") else "the temp folder"
+        raise UnsafeRuntimeDir(
+            f"cannot make the socket directory {path} ({exc.strerror}): {source} = {base} must be an existing folder"
+            " this user may write; unset XDG_RUNTIME_DIR or point it at one"
+        ) from None
     check_private_dir(path)
     return path
 

@@ -8,6 +8,7 @@ two nearest valid counts, so the user decides.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -125,7 +126,9 @@ class JobSpec:
         hints = typing.get_type_hints(cls)
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise SpecError(str(unknown[0]), f"unknown field; allowed fields are {', '.join(sorted(fields))}")
+            nearest = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+            hint = f"did you mean {nearest[0]}? " if nearest else ""
+            raise SpecError(str(unknown[0]), f"unknown field; {hint}allowed fields are {', '.join(sorted(fields))}")
         for name, field in fields.items():
             if name not in raw:
                 if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zmq
 
-from orchestrator.daemon.transport import DaemonAddress, connect_client
+from orchestrator.daemon.transport import DaemonAddress, connect_client, start_hint
 from protocol import codec, jobs
 
 
@@ -32,7 +32,7 @@ class DaemonClient:
         if not self.socket.poll(self.timeout_ms):
             raise DaemonError(
                 f"no reply from the daemon at {self.address.endpoint} within "
-                f"{self.timeout_ms / 1000:.0f} s (is it running? supervisord -c supervisord.conf)"
+                f"{self.timeout_ms / 1000:.0f} s (is it running? start it: {start_hint()})"
             )
         try:
             reply = codec.decode(self.socket.recv())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 
 import zmq
@@ -127,6 +128,18 @@ def receive_request(socket: zmq.Socket) -> tuple[bytes, bytes | jobs.Error]:
     return identity, payload.bytes
 
 
+def start_hint() -> str:
+    """The command that starts the daemon from here, as a new user can paste it: the supervisord of this
+    Python's environment (./install.sh puts it in .venv/bin, which is rarely on PATH) and the repo's
+    supervisord.conf by its full path; without that file (an installed wheel) the foreground daemon."""
+    config = Path(__file__).resolve().parents[2] / "supervisord.conf"
+    supervisord = Path(sys.executable).parent / "supervisord"
+    if not config.is_file():
+        return "ltx2 daemon (in the foreground)"
+    program = supervisord if supervisord.is_file() else Path("supervisord")
+    return f"{program} -c {config}"
+
+
 def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
     """A DEALER connected to the daemon (with CURVE for tcp)."""
     socket = context.socket(zmq.DEALER)
@@ -140,9 +153,7 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
         public, secret = load_key(address.client_secret_key, "daemon.curve_client_secret_key")
         socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
     elif address.endpoint.startswith("ipc://") and not Path(address.endpoint.removeprefix("ipc://")).exists():
-        raise TransportError(
-            f"no daemon is listening at {address.endpoint} (start it: supervisord -c supervisord.conf)"
-        )
+        raise TransportError(f"no daemon is listening at {address.endpoint} (start it: {start_hint()})")
     socket.connect(address.endpoint)
     return socket
 
