@@ -3,10 +3,13 @@ parent refused instead of created under /, and a daemon hint that works from a f
 
 from __future__ import annotations
 
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import run_ltx2
+from conftest import REPO_ROOT, run_ltx2
 
 
 def test_a_mistyped_flag_names_the_flag_it_was_meant_to_be(ltx2_env: dict):
@@ -55,3 +58,28 @@ def test_a_runtime_dir_that_is_gone_is_one_line_naming_the_variable(ltx2_env: di
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert f"XDG_RUNTIME_DIR = {tmp_path / 'gone'} must be an existing folder" in result.stderr
+
+
+CALL = """
+import warnings
+{silence}
+from openai import APIConnectionError, OpenAI
+client = OpenAI(base_url="http://127.0.0.1:9/v1", api_key="ltx2-x", max_retries=0, timeout=2)
+try:
+    client.videos.retrieve("video_1")
+except APIConnectionError:
+    print("no warning")
+"""
+
+
+def test_the_readme_line_silences_the_clients_sora_deprecation_warning():
+    readme = (REPO_ROOT / "README.md").read_text()
+    line = re.search(r"^warnings\.filterwarnings\(.*\)$", readme, re.MULTILINE)[0]  # the README's line, as written
+
+    def call(silence: str) -> subprocess.CompletedProcess[str]:
+        # -W error: a DeprecationWarning the client raises ends the script with a traceback.
+        command = [sys.executable, "-W", "error::DeprecationWarning", "-c", CALL.format(silence=silence)]
+        return subprocess.run(command, capture_output=True, text=True, check=False)
+
+    assert call(line).stdout.strip() == "no warning"
+    assert "The Sora API is scheduled to permanently shut down" in call("").stderr  # the client does warn
