@@ -55,12 +55,16 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(planar, axis=1).astype(np.float32), rate
 
 
-def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write one `[H, W, 3]` uint8 frame as a PNG, atomically."""
+def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -> None:
+    """Write one `[H, W, 3]` uint8 frame as a PNG, atomically, with `text` as its tEXt/iTXt chunks."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_itxt(key, value)
     temp = temp_path_for(path)
-    Image.fromarray(rgb).save(temp, format="PNG")
+    Image.fromarray(rgb).save(temp, format="PNG", pnginfo=info)
     publish(temp, path)
 
 
@@ -80,11 +84,14 @@ class Mp4Writer:
         crf: int = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
         threads: int = 0,
+        tags: dict[str, str] | None = None,
     ) -> None:
         self.path = path
         self.temp = temp_path_for(path)
         self.frames_written = 0
         self.container = av.open(str(self.temp), "w", format="mp4")
+        # `title` and `comment` are the tags the MP4 muxer writes and players show (what made the clip).
+        self.container.metadata.update(tags or {})
         self.video = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         self.video.width, self.video.height = width, height
         self.video.pix_fmt = "yuv420p"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -115,7 +116,7 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
     encoder = ctx.shared.setdefault("encoder", BackgroundEncoder())
     stills: dict[str, np.ndarray] = {}
-    clip = ClipFiles(ctx.job_dir, ctx.spec.width, ctx.spec.height, ctx.spec.fps, expected)
+    clip = ClipFiles(ctx.job_dir, ctx.spec.width, ctx.spec.height, ctx.spec.fps, expected, clip_tags(ctx))
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
     threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
     feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
@@ -132,7 +133,7 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
             ctx.progress(f"decode video ({plan.label})", decoded, expected)
         # Here rather than on the encode thread, which is the busier of the two.
         for name, rgb in stills.items():
-            write_png(ctx.job_dir / name, rgb)
+            write_png(ctx.job_dir / name, rgb, clip.tags)
     except BaseException:
         feed.abort()
         raise
@@ -149,6 +150,20 @@ class ClipFiles:
     height: int
     fps: float
     num_frames: int
+    #: what made the clip, written into the MP4 and the PNGs (clip_tags)
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def clip_tags(ctx: WorkerContext) -> dict[str, str]:
+    """What made the clip, inside its files (as image tools keep theirs): the prompt as the title, and the
+    request as JSON in `comment` (seed, model, sizes, guidance, LoRAs; the conditioning image by file name;
+    not the output's file stem) with the request digest. Nothing here differs between two renders of one
+    request, so the files stay byte-identical."""
+    request = {k: v for k, v in ctx.spec.to_dict().items() if k not in ("name", "drop_caches")}
+    if request.get("image"):
+        request["image"] = Path(request["image"]).name
+    request["request_digest"] = ctx.job.get("request_digest")
+    return {"title": ctx.spec.prompt, "comment": json.dumps(request, sort_keys=True, ensure_ascii=False)}
 
 
 def encode_clip(
@@ -160,7 +175,7 @@ def encode_clip(
     by the time `pieces` ends.
     """
     path = clip.job_dir / VIDEO_FILE
-    with Mp4Writer(path, clip.width, clip.height, clip.fps, preset=preset, threads=threads) as writer:
+    with Mp4Writer(path, clip.width, clip.height, clip.fps, preset=preset, threads=threads, tags=clip.tags) as writer:
         writer.add_audio(waveform, sample_rate, clip.num_frames)
         for piece in pieces:
             writer.write(piece)

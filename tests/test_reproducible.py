@@ -68,6 +68,21 @@ def test_one_request_rendered_twice_gives_the_same_bits(renders: tuple[dict, lis
     assert plan["x264_threads"] == X264_THREADS
 
 
+def test_the_mp4_and_pngs_carry_the_prompt_seed_and_settings_that_made_them(renders: tuple[dict, list[Render]]):
+    import av
+    from PIL import Image
+
+    _, (first, _) = renders
+    with av.open(str(first.output)) as container:
+        tags = dict(container.metadata)
+    assert tags["title"] == "a lighthouse in a gale"
+    request = json.loads(tags["comment"])
+    assert (request["seed"], request["width"], request["num_frames"]) == (7, 64, 9)
+    assert request["request_digest"] == first.job.record["request_digest"] and "name" not in request
+    with Image.open(first.output.with_name(f"{first.output.stem}_first.png")) as still:
+        assert json.loads(still.text["comment"]) == request and still.text["title"] == "a lighthouse in a gale"
+
+
 def test_reuse_returns_the_last_render_of_the_digest_without_starting_a_stage(renders: tuple[dict, list[Render]]):
     env, (_, second) = renders
     jobs = Path(env["LTX2_STATE_DIR"]) / "jobs"
