@@ -31,6 +31,8 @@ max_upload_bytes = 524288
 max_body_bytes = 4194304
 max_active_jobs_per_key = 2
 requests_per_minute = 100000
+# carol is also the operator: the only key that may read /metrics.
+metrics_keys = ["carol"]
 """
 
 
@@ -43,10 +45,10 @@ def free_port() -> int:
 class Gateway:
     """The daemon, `ltx2 serve` and three API keys, for the whole module."""
 
-    def __init__(self, root: Path, hf_home: Path) -> None:
+    def __init__(self, root: Path, hf_home: Path, config: str = HTTP_CONFIG) -> None:
         runtime = Path(f"/tmp/ltx2-http-{os.getpid()}-{root.name[-12:]}")  # one per gateway: short ipc paths
         runtime.mkdir(mode=0o700, exist_ok=True)
-        (root / "config.toml").write_text(HTTP_CONFIG)
+        (root / "config.toml").write_text(config)
         self.env = {
             **ltx2_environment(hf_home, root),
             "XDG_RUNTIME_DIR": str(runtime),
@@ -136,6 +138,11 @@ class Gateway:
             "POST", "/v1/videos", key, json.dumps(fields).encode(), {"Content-Type": "application/json"}
         )
         return status, headers, json.loads(body)
+
+    def upload_files(self) -> list[Path]:
+        """Every file under the gateway's uploads dir (each gateway process keeps its own folder there)."""
+        uploads = Path(self.env["LTX2_STATE_DIR"]) / "http" / "uploads"
+        return sorted(path for path in uploads.rglob("*") if path.is_file())
 
     def daemon_jobs(self) -> list[dict]:
         with self.daemon.client() as client:
