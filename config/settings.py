@@ -40,6 +40,17 @@ ENV_OVERRIDES = {
 CLUSTER_BACKENDS = ("local", "ray")
 # A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
 DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
+# `[http]` limits that are whole numbers of at least 1.
+HTTP_WHOLE_LIMITS = (
+    "max_upload_bytes",
+    "max_body_bytes",
+    "max_active_jobs_per_key",
+    "requests_per_minute",
+    "failed_auth_per_minute",
+    "max_connections",
+)
+# A day: no HTTP read or idle bound needs more, and a typo of many digits is caught.
+MAX_HTTP_TIMEOUT_S = 86400.0
 
 
 X264_PRESETS = (
@@ -88,6 +99,13 @@ class HttpSettings:
     requests_per_minute: int = 600
     #: how long a create sends its submit again while the daemon does not answer, before a 503
     create_timeout_s: float = 120.0
+    failed_auth_per_minute: int = 20
+    #: key names that may read /metrics (every key's job counts); none by default
+    metrics_keys: tuple[str, ...] = ()
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_timeout_s: float = 5.0
+    max_connections: int = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,22 +385,26 @@ def _http(values: dict[str, Any]) -> HttpSettings:
         raise ConfigError(f"http.keys_file must be a path, got {values['keys_file']!r}")
     if not _whole(values["port"]) or not 1 <= values["port"] <= 65535:
         raise ConfigError(f"http.port must be a whole number 1-65535, got {values['port']!r}")
-    for key in ("max_upload_bytes", "max_body_bytes", "max_active_jobs_per_key", "requests_per_minute"):
+    for key in HTTP_WHOLE_LIMITS:
         if not _whole(values[key]) or values[key] < 1:
             raise ConfigError(f"http.{key} must be a whole number >= 1, got {values[key]!r}")
-    timeout = values["create_timeout_s"]
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
-        raise ConfigError(
-            f"http.create_timeout_s must be a number of seconds above 0 and at most 3600, got {timeout!r}"
-        )
-    values["create_timeout_s"] = float(timeout)
+    for key in ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "create_timeout_s"):
+        if not _number(values[key]) or not 0 < values[key] <= MAX_HTTP_TIMEOUT_S:
+            raise ConfigError(f"http.{key} must be a number of seconds above 0 and at most {MAX_HTTP_TIMEOUT_S:g}")
     if values["max_body_bytes"] <= values["max_upload_bytes"]:
         raise ConfigError(
             f"http.max_body_bytes ({values['max_body_bytes']}) must exceed http.max_upload_bytes "
             f"({values['max_upload_bytes']}): a request carries the upload and its form fields"
         )
-    return HttpSettings(**values)
+    names = values["metrics_keys"]
+    if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
+        raise ConfigError(f"http.metrics_keys must be a list of key names, got {names!r}")
+    return HttpSettings(**{**values, "metrics_keys": tuple(names)})
 
 
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -31,6 +31,8 @@ max_upload_bytes = 524288
 max_body_bytes = 4194304
 max_active_jobs_per_key = 2
 requests_per_minute = 100000
+# carol is also the operator: the only key that may read /metrics.
+metrics_keys = ["carol"]
 """
 
 
@@ -139,6 +141,11 @@ class Gateway:
             "POST", "/v1/videos", key, json.dumps(fields).encode(), {"Content-Type": "application/json"}
         )
         return status, headers, json.loads(body)
+
+    def upload_files(self) -> list[Path]:
+        """Every file under the gateway's uploads dir (each gateway process keeps its own folder there)."""
+        uploads = Path(self.env["LTX2_STATE_DIR"]) / "http" / "uploads"
+        return sorted(path for path in uploads.rglob("*") if path.is_file())
 
     def daemon_jobs(self) -> list[dict]:
         with self.daemon.client() as client:

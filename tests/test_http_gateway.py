@@ -87,7 +87,7 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
     uploads = Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "uploads"
     job_dir = Path(gateway.daemon_job(first.id)["job_dir"])
     assert json.loads((job_dir / "job.json").read_text())["spec"]["image"].startswith(str(uploads))
-    assert list(uploads.iterdir()) == []
+    assert gateway.upload_files() == []
 
     second = client.videos.create(prompt="a short blue wave", model=TINY, size="64x64", seconds="0.3")
     assert second.model_extra["num_frames"] == 9
@@ -312,7 +312,7 @@ def test_oversized_upload_is_413_and_queues_nothing(gateway):
     )
     assert status == 413 and json.loads(body)["error"]["code"] == "too_large"
     assert len(gateway.daemon_jobs()) == before
-    assert list((Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "uploads").iterdir()) == []
+    assert gateway.upload_files() == []
 
 
 def test_200_concurrent_retrieves_while_a_job_runs(gateway, capsys: pytest.CaptureFixture):
@@ -369,9 +369,10 @@ def test_healthz_and_metrics(gateway):
     video = client.videos.create(prompt="a metronome", model=TINY, size="64x64", extra_body={"num_frames": 9})
     assert wait_until(client, video.id, {"completed", "failed"}).status == "completed"
     status, _, body = gateway.get("/healthz")
-    assert status == 200 and json.loads(body)["daemon_pid"] == gateway.daemon_pid()
+    assert status == 200 and json.loads(body)["status"] == "ok"
     assert gateway.get("/metrics")[0] == 401
-    status, headers, body = gateway.get("/metrics", "alice")
+    assert gateway.get("/metrics", "alice")[0] == 403  # only http.metrics_keys may read every key's counts
+    status, headers, body = gateway.get("/metrics", "carol")
     text = body.decode()
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert "ltx2_daemon_up 1.0" in text

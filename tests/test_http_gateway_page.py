@@ -4,19 +4,27 @@ the tiny model on CPU.
 The browser does what a user does: enters the key, submits prompts through the form, watches the
 table and plays the finished clip. Chromium is required, never skipped (a skipped browser test
 would hide a broken page): `.ci/run` installs Debian's chromium and chromium-driver.
+
+Nothing here may reach the network: Selenium gets both paths and SE_OFFLINE=1 (its driver manager
+never downloads), Chromium runs with its background services off and a resolver that finds no
+host, and the last test checks that no process this module started held a socket to an address
+other than loopback (tests/network_watch.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from gateway_process import TINY, Gateway
+from network_watch import NetworkWatch
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
@@ -36,25 +44,66 @@ ROWS_JS = """return [...document.querySelectorAll('#jobs tbody tr')].map((row) =
 PLAYER_JS = """const video = document.querySelector(`tr[data-id="${arguments[0]}"] video`);
 return video ? {ready: video.readyState, duration: video.duration, src: video.src} : null;"""
 HOSTILE_PROMPT = "<img src=x onerror=\"document.title='pwned'\"><b>bold</b> & </td><script>alert(1)</script>"
+# Debian's browser itself, not /usr/bin/chromium: that launcher adds the flags of /etc/chromium.d
+# (remote extensions among them) and Google API keys. Its driver is the same package's.
+CHROMIUM = Path("/usr/lib/chromium/chromium")
+CHROMEDRIVER = Path("/usr/lib/chromium/chromedriver")
+# Every process this module starts inherits RUN_MARK=<a value of this run>: how the network watch finds them.
+RUN_MARK = "LTX2_TEST_RUN"
+CHROMIUM_ARGUMENTS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-dev-shm-usage",
+    "--disable-gpu",
+    "--mute-audio",
+    # Off the network: no background services, updates, sync, metrics or crash reports, no proxy
+    # lookup, and a resolver that finds no host but the gateway's loopback address.
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--metrics-recording-only",
+    "--disable-breakpad",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--no-pings",
+    "--no-proxy-server",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
 
 
 @pytest.fixture(scope="module")
-def gateway(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def network() -> Iterator[NetworkWatch]:
+    """The watch over every process this module starts (they inherit the marker and SE_OFFLINE=1)."""
+    run = uuid.uuid4().hex
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(RUN_MARK, run)
+        patch.setenv("SE_OFFLINE", "1")  # Selenium Manager: never download a driver or a browser
+        watch = NetworkWatch(f"{RUN_MARK}={run}")
+        watch.start()
+        try:
+            yield watch
+        finally:
+            watch.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(network: NetworkWatch, hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with Gateway(tmp_path_factory.mktemp("page"), hf_home) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[webdriver.Chrome]:
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    assert chromium and driver, (
+def browser(network: NetworkWatch) -> Iterator[webdriver.Chrome]:
+    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), (
         "the job page test needs Chromium: apt-get install chromium chromium-driver (.ci/run does)"
     )
     options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--mute-audio"):
+    options.binary_location = str(CHROMIUM)
+    for argument in CHROMIUM_ARGUMENTS:
         options.add_argument(argument)
-    session = webdriver.Chrome(options=options, service=Service(executable_path=driver))
+    session = webdriver.Chrome(options=options, service=Service(executable_path=str(CHROMEDRIVER)))
     try:
         yield session
     finally:
@@ -158,3 +207,36 @@ def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
     assert video["num_frames"] == 17
     assert player["duration"] == pytest.approx(17 / video["fps"], abs=0.1)
     assert key not in gateway.log()  # the access log saw no URL carrying the key
+
+
+def test_the_network_watch_sees_a_socket_to_an_outside_address():
+    """The check below is not vacuous: a marked process holding a UDP socket connected to a
+    documentation address (connecting UDP sends nothing) is seen as outside."""
+    mark = uuid.uuid4().hex
+    script = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n    s.connect(('198.51.100.7', 9))\nexcept OSError:\n    sys.exit(3)\n"
+        "print('connected', flush=True)\ntime.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], env={RUN_MARK: mark}, stdout=subprocess.PIPE, text=True)
+    try:
+        if child.stdout.readline().strip() != "connected":
+            pytest.skip("this host has no route to any outside address")
+        watch = NetworkWatch(f"{RUN_MARK}={mark}")
+        watch.sample()
+    finally:
+        child.kill()
+        child.wait()
+    assert [(peer.pid, str(peer.address), peer.port) for peer in watch.outside] == [(child.pid, "198.51.100.7", 9)]
+
+
+def test_no_process_of_this_module_talked_to_anything_but_loopback(gateway, browser, network):
+    """Runs last: every process the module started (Chromium and its helpers, chromedriver, the
+    gateway, the daemon and its workers) held sockets to loopback only, sampled all along."""
+    network.sample()
+    assert network.samples > 10
+    assert {gateway.daemon.pid, gateway.server.pid} <= network.pids
+    assert {"chromium", "chromedriver"} <= {command.split()[0] for command in network.commands}, network.commands
+    assert any(peer.port == gateway.port for peer in network.peers)  # it did see the browser's connections
+    assert network.outside == [], network.outside

@@ -53,6 +53,8 @@ def test_http_section_defaults_to_loopback_and_keys_under_the_state_dir(tmp_path
     assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8000)
     assert settings.http_keys_file == tmp_path / "state" / "http" / "keys.json"
     assert settings.http.max_body_bytes > settings.http.max_upload_bytes
+    assert settings.http.metrics_keys == () and settings.http.failed_auth_per_minute >= 1
+    assert 0 < settings.http.header_timeout_s < settings.http.body_timeout_s
 
 
 @pytest.mark.parametrize(
@@ -65,6 +67,12 @@ def test_http_section_defaults_to_loopback_and_keys_under_the_state_dir(tmp_path
         ("max_active_jobs_per_key = true", "http.max_active_jobs_per_key must be a whole number >= 1"),
         ("max_body_bytes = 1024", "http.max_body_bytes (1024) must exceed http.max_upload_bytes"),
         ("tls = true", "unknown setting http.tls"),
+        ("header_timeout_s = 0", "http.header_timeout_s must be a number of seconds above 0"),
+        ('body_timeout_s = "soon"', "http.body_timeout_s must be a number of seconds above 0"),
+        ("keep_alive_timeout_s = 1e9", "http.keep_alive_timeout_s must be a number of seconds above 0"),
+        ("max_connections = 0", "http.max_connections must be a whole number >= 1"),
+        ("failed_auth_per_minute = 2.5", "http.failed_auth_per_minute must be a whole number >= 1"),
+        ('metrics_keys = "ops"', "http.metrics_keys must be a list of key names"),
     ],
 )
 def test_bad_http_settings_are_errors_naming_the_key(tmp_path: Path, text: str, message: str):

@@ -9,6 +9,7 @@ file system (uploads get names the gateway makes; files served are the ones the 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import contextlib
@@ -18,7 +19,6 @@ import json
 import logging
 import math
 import re
-import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,14 +33,17 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive, Scope, Send
 
 from config.settings import HttpSettings, Settings
 from orchestrator.daemon.client import DaemonError
 from orchestrator.daemon.transport import TransportError, address_from_settings
 from orchestrator.gateway.daemon_pool import DaemonPool
+from orchestrator.gateway.forms import StrictFormParser, StrictMultiPartParser
 from orchestrator.gateway.keys import KeyRing
 from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.store import FINAL_STATES, SUBMITTING, GatewayStore
+from orchestrator.gateway.uploads import UploadDir
 from orchestrator.gateway.video_requests import (
     RequestError,
     VideoRequest,
@@ -79,6 +82,14 @@ CANCEL_WAIT_S = 60.0
 # Retry-After of a refused create: a tiny clip takes about this long, a real one longer.
 QUEUE_FULL_RETRY_S = 30
 MAX_LIST_LIMIT = 100
+# Form fields a create may have at most (it knows about 25).
+MAX_FORM_FIELDS = 64
+# An absolute path (or a ~/ one) in a daemon message: never shown to a client. Not after a word,
+# a dot or a colon, so `owner/name`, `1/2` and URLs stay.
+SERVER_PATH = re.compile(r"(?<![\w.~:/-])~?/[^\s'\",;:()\[\]{}<>]+")
+# Rolling-minute counters forget names not seen for a minute once they track this many.
+MAX_TRACKED_NAMES = 10_000
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # The job page served at `/` (package data; see page.html for why the key never enters a URL).
 PAGE_FILE = Path(__file__).with_name("page.html")
 
@@ -98,30 +109,53 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers or {}
 
-    def response(self) -> JSONResponse:
+    def response(self) -> Response:
+        """The JSON error; ASCII-escaped, since a message may quote a client's lone surrogate (no UTF-8)."""
         body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        return Response(json.dumps(body), self.status, self.headers, media_type="application/json")
 
 
 class RateLimiter:
-    """Requests per rolling minute, per key."""
+    """Events per rolling minute, per name: a key's requests, or a client address's failed keys."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._seen: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._seen: dict[str, collections.deque[float]] = {}
         self._lock = threading.Lock()
 
     def check(self, owner: str) -> None:
-        now = time.monotonic()
+        """Count one request of the key; 429 if it already made `per_minute` in the last minute."""
         with self._lock:
-            seen = self._seen[owner]
-            while seen and now - seen[0] >= 60.0:
-                seen.popleft()
-            if len(seen) >= self.per_minute:
-                wait = max(1, math.ceil(60.0 - (now - seen[0])))
-                message = f"more than {self.per_minute} requests in a minute for this key; retry in {wait} s"
-                raise too_many(message, "rate_limit_exceeded", wait)
-            seen.append(now)
+            wait = self._retry_after(owner)
+            if wait is None:
+                self._note(owner)
+        if wait is not None:
+            message = f"more than {self.per_minute} requests in a minute for this key; retry in {wait} s"
+            raise too_many(message, "rate_limit_exceeded", wait)
+
+    def retry_after(self, name: str) -> int | None:
+        """Seconds until `name` may have one more event, or None if it may now (nothing is counted)."""
+        with self._lock:
+            return self._retry_after(name)
+
+    def note(self, name: str) -> None:
+        """Count one event of `name`."""
+        with self._lock:
+            self._note(name)
+
+    def _retry_after(self, name: str) -> int | None:
+        now, seen = time.monotonic(), self._seen.get(name)
+        while seen and now - seen[0] >= 60.0:
+            seen.popleft()
+        if not seen or len(seen) < self.per_minute:
+            return None
+        return max(1, math.ceil(60.0 - (now - seen[0])))
+
+    def _note(self, name: str) -> None:
+        now = time.monotonic()
+        if name not in self._seen and len(self._seen) >= MAX_TRACKED_NAMES:  # addresses come and go
+            self._seen = {key: seen for key, seen in self._seen.items() if seen and now - seen[-1] < 60.0}
+        self._seen.setdefault(name, collections.deque()).append(now)
 
 
 class Gateway:
@@ -131,16 +165,18 @@ class Gateway:
         self.settings = settings
         self.keys = KeyRing(settings.http_keys_file)
         self.store = GatewayStore(settings.http_dir / "gateway.sqlite")
-        self.uploads = settings.http_dir / "uploads"
-        self.uploads.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.upload_dir = UploadDir(settings.http_dir / "uploads")  # sweeps what dead gateways left
+        self.uploads = self.upload_dir.folder
         self.daemon = DaemonPool(address_from_settings(settings.daemon), settings.daemon.request_timeout_s)
         self.rate = RateLimiter(settings.http.requests_per_minute)
+        self.failed_auth = RateLimiter(settings.http.failed_auth_per_minute)
         self.metrics = GatewayMetrics(self.daemon_request)
         self._owner_locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 
     def close(self) -> None:
         self.daemon.close()
         self.store.close()
+        self.upload_dir.close()
 
     # --- the daemon -------------------------------------------------------------------------------
 
@@ -165,7 +201,7 @@ class Gateway:
                 return claimed
             if exc.code == "not_found":
                 raise ApiError(404, f"video {video_id!r} no longer exists on the daemon", code="not_found") from None
-            raise ApiError(502, f"daemon: {exc}", "server_error", code=exc.code) from None
+            raise bad_gateway(exc) from None
         completed = None
         if job["state"] in FINAL_STATES:
             completed = iso_seconds(job.get("updated", "")) or int(time.time())
@@ -187,10 +223,20 @@ class Gateway:
     # --- requests ---------------------------------------------------------------------------------
 
     def authorize(self, request: Request) -> str:
-        """The owner (key hash) of the request's bearer key; 401 without a known key, 429 over the rate."""
+        """The owner (key hash) of the request's bearer key; 401 without a known key, 429 over the rate.
+
+        An address that sent `failed_auth_per_minute` unknown keys in the last minute gets 429 without
+        its key being checked: were a right key still let through, the 429s would not slow guessing.
+        """
+        address = request.client.host if request.client else "unknown"
+        if (wait := self.failed_auth.retry_after(address)) is not None:
+            limit = self.settings.http.failed_auth_per_minute
+            message = f"more than {limit} requests with unknown keys in a minute from this address; retry in {wait} s"
+            raise too_many(message, "too_many_failed_authentications", wait)
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         owner = self.keys.owner_of(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
         if owner is None:
+            self.failed_auth.note(address)
             raise ApiError(
                 401,
                 "missing or unknown API key: send `Authorization: Bearer <key>`"
@@ -200,6 +246,11 @@ class Gateway:
             )
         self.rate.check(owner)
         return owner
+
+    def require_operator(self, owner: str) -> None:
+        """403 unless the key is one of `http.metrics_keys` (they see every key's job counts)."""
+        if self.keys.name_of(owner) not in self.settings.http.metrics_keys:
+            raise ApiError(403, "this key may not read /metrics (see http.metrics_keys)", code="permission_denied")
 
     def owned(self, owner: str, video_id: str) -> dict[str, Any]:
         """The owner's video record; 404 for any other (another key's looks exactly like none)."""
@@ -331,18 +382,15 @@ class Gateway:
         try:
             require_inside_roots(self.uploads, self.settings.input_roots, "input_reference")
         except SpecError:
-            raise ApiError(
+            log.error("image-to-video is off: the uploads dir %s is not inside paths.input_roots", self.uploads)
+            raise ApiError(  # the folder is the operator's to know, not the client's
                 500,
-                f"image-to-video is off: the gateway's uploads dir {self.uploads} is not inside paths.input_roots",
+                "image-to-video is off: the gateway's uploads dir is not inside paths.input_roots",
                 "server_error",
                 param="input_reference",
                 code="uploads_outside_input_roots",
             ) from None
-        path = self.uploads / f"{secrets.token_hex(16)}.{suffix}"
-        with path.open("xb") as handle:
-            handle.write(data)
-        path.chmod(0o600)
-        return path
+        return self.upload_dir.store(data, suffix)
 
     def retrieve(self, owner: str, video_id: str) -> dict[str, Any]:
         record = self.owned(owner, video_id)
@@ -377,7 +425,7 @@ class Gateway:
                 self.daemon_request(jobs.Cancel(video_id))
             except DaemonError as exc:
                 if exc.code != "conflict":  # conflict: it ended meanwhile
-                    raise ApiError(502, f"daemon: {exc}", "server_error", code=exc.code) from None
+                    raise bad_gateway(exc) from None
             deadline = time.monotonic() + CANCEL_WAIT_S
             while (job := self.job(video_id))["state"] not in FINAL_STATES:
                 if time.monotonic() > deadline:
@@ -439,8 +487,21 @@ def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
     if exc.code in ("invalid_spec", "not_found"):
         param = param_of(exc.field or "", request)
         code = "model_not_found" if exc.code == "not_found" and param == "model" else "invalid_value"
-        return ApiError(400, str(exc), param=param or None, code=code)
-    return ApiError(502, f"daemon: {exc}", "server_error", code=exc.code)
+        # The only path in an input_reference message is the upload's, named here as the field.
+        message = without_paths(str(exc), "input_reference" if param == "input_reference" else "<path>")
+        return ApiError(400, message, param=param or None, code=code)
+    return bad_gateway(exc)
+
+
+def bad_gateway(exc: DaemonError) -> ApiError:
+    """A daemon error no client field caused: 502, its message without server paths."""
+    return ApiError(502, f"daemon: {without_paths(str(exc))}", "server_error", code=exc.code)
+
+
+def without_paths(text: str, name: str = "<path>") -> str:
+    """A daemon message with every absolute path replaced by `name`: clients are never told where
+    the state dir, the uploads, the models or the outputs lie on the server."""
+    return SERVER_PATH.sub(name, text)
 
 
 def iso_seconds(text: str) -> int | None:
@@ -501,7 +562,7 @@ def video_object(
     error = None
     if state in (JobState.FAILED, JobState.CANCELLED):
         code = "cancelled" if state == JobState.CANCELLED else "generation_failed"
-        error = {"code": code, "message": job.get("error", "")}
+        error = {"code": code, "message": without_paths(job.get("error", ""))}
     result = {
         "id": record["id"],
         "object": "video",
@@ -532,6 +593,39 @@ def video_object(
 # --- the ASGI app -----------------------------------------------------------------------------------
 
 
+class ContentResponse(FileResponse):
+    """Starlette's FileResponse (Range requests, If-Range), its own refusals in OpenAI's JSON shape.
+
+    Starlette answers a bad Range with plain text (400) and an unsatisfiable one with an empty 416;
+    those two answers are caught on their way out and sent as ApiError instead.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refused: list[Message] = []
+
+        async def send_as_openai(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                refused.append(message)  # its body follows
+            elif refused and message["type"] == "http.response.body":
+                await range_error(refused[0], message.get("body", b""))(scope, receive, send)
+            else:
+                await send(message)
+
+        await super().__call__(scope, receive, send_as_openai)
+
+
+def range_error(start: Message, body: bytes) -> Response:
+    """The OpenAI error for Starlette's refusal of a Range header (status `start["status"]`)."""
+    if start["status"] != 416:
+        message = body.decode("utf-8", "replace") or "Range header: malformed"
+        return ApiError(start["status"], message, code="invalid_range").response()
+    content_range = dict(start.get("headers", [])).get(b"content-range", b"").decode("latin-1")  # bytes */SIZE
+    size = content_range.partition("/")[2]
+    message = f"Range header: the range starts at or after the end of the file ({size} bytes)"
+    headers = {"Content-Range": content_range} if content_range else {}
+    return ApiError(416, message, code="range_not_satisfiable", headers=headers).response()
+
+
 def endpoint(
     handler: Callable[[Request], Awaitable[Response]],
 ) -> Callable[[Request], Awaitable[Response]]:
@@ -545,7 +639,7 @@ def endpoint(
         except RequestError as exc:
             return ApiError(400, str(exc), param=exc.param, code=exc.code).response()
         except DaemonError as exc:
-            return ApiError(502, f"daemon: {exc}", "server_error", code=exc.code).response()
+            return bad_gateway(exc).response()
 
     return wrapped
 
@@ -613,18 +707,18 @@ def build_app(settings: Settings) -> Starlette:
             raise ApiError(400, f"variant must be video or thumbnail; got {variant!r}", param="variant")
         path = await run_in_threadpool(gateway.content, owner, request.path_params["video_id"], variant)
         media = "video/mp4" if variant == "video" else "image/png"
-        return FileResponse(path, media_type=media, filename=f"{request.path_params['video_id']}{path.suffix}")
+        return ContentResponse(path, media_type=media, filename=f"{request.path_params['video_id']}{path.suffix}")
 
     @endpoint
     async def healthz(request: Request) -> Response:
         data = await run_in_threadpool(gateway.daemon_request, jobs.Ping(""))
         if not data.get("executor_alive"):
             raise ApiError(503, "the daemon answers but its executor is not running", "server_error", code="unhealthy")
-        return JSONResponse({"status": "ok", "daemon_pid": data["pid"], "protocol": data["protocol"]})
+        return JSONResponse({"status": "ok", "protocol": data["protocol"]})  # no pid: a local fact
 
     @endpoint
     async def metrics(request: Request) -> Response:
-        await authorized(request)
+        gateway.require_operator(await authorized(request))
         body, content_type = await run_in_threadpool(gateway.metrics.render)
         return Response(body, media_type=content_type)
 
@@ -686,32 +780,52 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_large("request body", int(declared), limits.max_body_bytes)
-    body, received = bytearray(), 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limits.max_body_bytes:
-            raise too_large("request body", received, limits.max_body_bytes)
-        body += chunk
+    body = await read_body(request, limits)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        return json_fields(bytes(body)), None
+        return json_fields(body), None
     if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise ApiError(415, f"send JSON or multipart/form-data, not {kind or 'no content type'}", code="bad_type")
 
-    async def replay() -> dict[str, Any]:  # the body was read already, under the cap
-        return {"type": "http.request", "body": bytes(body), "more_body": False}
+    async def replay() -> AsyncIterator[bytes]:  # the body was read already, under the caps
+        yield body
 
-    try:
-        form = await Request(request.scope, replay).form(
-            max_files=1, max_fields=64, max_part_size=limits.max_body_bytes
+    if kind == "multipart/form-data":
+        parser: StrictMultiPartParser | StrictFormParser = StrictMultiPartParser(
+            request.headers, replay(), max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=limits.max_body_bytes
         )
-    except (MultiPartException, HTTPException) as exc:
-        message = getattr(exc, "message", None) or exc
-        raise ApiError(400, f"unreadable form: {message}", code="invalid_form") from None
+    else:
+        parser = StrictFormParser(
+            request.headers, replay(), max_fields=MAX_FORM_FIELDS, max_part_size=limits.max_body_bytes
+        )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise ApiError(400, f"unreadable form: {exc.message}", code="invalid_form") from None
     try:
         return await form_fields(form, limits)
     finally:
         await form.close()
+
+
+async def read_body(request: Request, limits: HttpSettings) -> bytes:
+    """The whole body, refused with 413 past `max_body_bytes` and with 408 past `body_timeout_s`.
+
+    The deadline is what stops a client sending a byte now and then (uvicorn has none; the
+    connection protocol closes a body nobody reads, see gateway.connections); the 408 closes the
+    connection, whose request cannot be finished.
+    """
+    body = bytearray()
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limits.max_body_bytes:
+                    raise too_large("request body", len(body), limits.max_body_bytes)
+    except TimeoutError:
+        message = f"the request body did not arrive within {limits.body_timeout_s:g} s (http.body_timeout_s)"
+        raise ApiError(408, message, code="request_timeout", headers={"Connection": "close"}) from None
+    return bytes(body)
 
 
 def json_fields(body: bytes) -> dict[str, Any]:
@@ -719,6 +833,9 @@ def json_fields(body: bytes) -> dict[str, Any]:
         fields = json.loads(body)
     except ValueError as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:  # nested deeper than Python's stack: no field of ours nests past 3 levels
+        field = too_deep_field(body)
+        raise ApiError(400, f"{field or 'the body'} is nested too deeply", param=field, code="invalid_json") from None
     if not isinstance(fields, dict):
         raise ApiError(400, "the JSON body must be an object of fields", code="invalid_json")
     if fields.get("input_reference") is not None:  # OpenAI's {image_url}/{file_id} references: not here
@@ -726,6 +843,34 @@ def json_fields(body: bytes) -> dict[str, Any]:
             400, "input_reference must be an image file upload (multipart/form-data)", param="input_reference"
         )
     return fields
+
+
+def too_deep_field(body: bytes) -> str | None:
+    """The top-level field whose value the JSON decoder could not nest into, found by decoding the
+    object one field at a time (None if the body is not an object of fields)."""
+    text, decoder = body.decode("utf-8", "replace"), json.JSONDecoder()
+
+    def skip(index: int) -> int:
+        return JSON_SPACE.match(text, index).end()  # the pattern matches the empty string too
+
+    index = skip(0) + 1
+    if not text.startswith("{", index - 1):
+        return None
+    while True:
+        try:
+            name, index = decoder.raw_decode(text, skip(index))
+            index = skip(index)
+            if not text.startswith(":", index):
+                return None
+            _, index = decoder.raw_decode(text, skip(index + 1))
+        except RecursionError:
+            return name if isinstance(name, str) else None
+        except ValueError:
+            return None
+        index = skip(index)
+        if not text.startswith(",", index):
+            return None
+        index += 1
 
 
 async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:

@@ -97,6 +97,11 @@ class KeyRing:
                 self._hashes = {entry["sha256"]: name for name, entry in keys.items()}
                 self._stamp = stamp
 
+    def name_of(self, owner: str) -> str | None:
+        """The name of the key whose hash is `owner` (None once its entry left the file)."""
+        self._refresh()
+        return self._hashes.get(owner)
+
     def owner_of(self, key: str) -> str | None:
         """The key's hash if it is a known key, else None (compared in constant time)."""
         self._refresh()

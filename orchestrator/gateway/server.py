@@ -22,6 +22,7 @@ def serve(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from orchestrator.gateway.app import build_app
+    from orchestrator.gateway.connections import protocol_for
 
     if not is_loopback(host):
         notice(f"serve: listening on {host}, not loopback: keys travel in clear text unless a TLS proxy is in front")
@@ -30,6 +31,8 @@ def serve(settings: Settings, host: str, port: int) -> int:
         build_app(settings),
         host=host,
         port=port,
+        http=protocol_for(settings.http),  # h11 with header/body deadlines and the connection cap
+        timeout_keep_alive=settings.http.keep_alive_timeout_s,  # uvicorn says int; its timer takes any number
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

@@ -20,7 +20,7 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.cli_flags import SPEC_FLAGS, spec_request
 from protocol.model_ids import TINY_REPO_ID
-from protocol.spec import FRAME_MULTIPLE, MAX_FRAMES, MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, MIN_FRAMES
+from protocol.spec import FRAME_MULTIPLE, MAX_FRAMES, MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, MIN_FRAMES, SpecError
 
 # Short names a client may send as `model`, besides the repo ids that have a preset.
 MODEL_ALIASES = {
@@ -57,6 +57,10 @@ KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", 
 FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 MAX_SECONDS = 3600.0
 MAX_LORAS = 8
+# The whole numbers a request frame can carry (msgpack's signed 64 bits); the daemon's own ranges
+# are narrower and give the message, but a larger number would not even reach it.
+WHOLE_RANGE = (-(2**63), 2**63 - 1)
+NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8, or a lone surrogate)"
 
 
 class RequestError(ValueError):
@@ -108,10 +112,18 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
         values["loras"] = parse_loras(fields["loras"])
     if fields.get("stage2_lora") is not None:
         values["stage2_lora"], values["stage2_lora_weight_name"] = parse_stage2_lora(fields["stage2_lora"])
+    return VideoRequest(spec_of(values), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
+
+
+def spec_of(values: dict[str, Any]) -> dict[str, Any]:
+    """The spec fields, built as `ltx2 submit` builds them from its flags, and refused as it refuses them."""
     namespace = argparse.Namespace(**dict.fromkeys(SPEC_FLAGS))
     for name, value in values.items():
         setattr(namespace, name, value)
-    return VideoRequest(spec_request(namespace), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
+    try:
+        return spec_request(namespace)
+    except SpecError as exc:  # text that is not UTF-8
+        raise RequestError(SPEC_TO_PARAM.get(exc.field, exc.field), str(exc)) from None
 
 
 def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +135,7 @@ def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
     for name in TEXT_FIELDS:
         value = fields.get(name)
         if name == "seconds" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = f"{value:g}"  # OpenAI sends "4"; a JSON client may well send 4
+            value = f"{number(value, name, float):g}"  # OpenAI sends "4"; a JSON client may well send 4
         if value is not None:
             values[name] = text(value, name)
     for name, kind in NUMBER_FIELDS.items():
@@ -133,8 +145,14 @@ def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def text(value: object, name: str) -> str:
+    """A string field that UTF-8 can carry: a JSON lone surrogate, or a form's bytes that were not
+    UTF-8 (read as surrogates, see gateway.forms), is refused as `ltx2 submit` refuses such text."""
     if not isinstance(value, str):
         raise RequestError(name, f"{name} must be a string; got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(name, f"{name} {NOT_UTF8}") from None
     return value
 
 
@@ -148,18 +166,34 @@ def boolean(value: object, name: str) -> bool:
 
 
 def number(value: object, name: str, kind: type) -> int | float:
-    """A number from JSON or from a form's text; booleans and fractions of whole fields are refused."""
+    """A number from JSON or from a form's text; booleans, fractions of whole fields, and numbers no
+    request frame can carry (a float beyond 1.8e308, a whole number beyond 64 bits) are refused."""
+    wanted = f"a{' whole' if kind is int else ''} number"
     if isinstance(value, bool):
         raise RequestError(name, f"{name} must be a number; got {value!r}")
     try:
         parsed = kind(value.strip()) if isinstance(value, str) else value
     except ValueError:
-        raise RequestError(name, f"{name} must be a{' whole' if kind is int else ''} number; got {value!r}") from None
+        raise RequestError(name, f"{name} must be {wanted}; got {shown(value)}") from None
     if not isinstance(parsed, (int, float)) or (kind is int and not isinstance(parsed, int)):
-        raise RequestError(name, f"{name} must be a{' whole' if kind is int else ''} number; got {value!r}")
-    if isinstance(parsed, float) and not math.isfinite(parsed):
-        raise RequestError(name, f"{name} must be finite; got {value!r}")
-    return kind(parsed)
+        raise RequestError(name, f"{name} must be {wanted}; got {shown(value)}")
+    if kind is int and not WHOLE_RANGE[0] <= parsed <= WHOLE_RANGE[1]:
+        raise RequestError(name, f"{name} must be a whole number of at most 64 bits; got {shown(value)}")
+    try:
+        parsed = kind(parsed)
+    except OverflowError:  # an integer far beyond any float
+        parsed = math.inf
+    if not math.isfinite(parsed):
+        raise RequestError(name, f"{name} must be finite; got {shown(value)}")
+    return parsed
+
+
+def shown(value: object) -> str:
+    """A client's value for an error message, cut short (a number may have thousands of digits)."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"a {math.floor(math.log10(abs(value))) + 1}-digit number"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def require_prompt_size(value: str, name: str) -> None:
@@ -191,12 +225,14 @@ def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
         raise RequestError("seconds", f"seconds must be a number of seconds; got {seconds_text!r}") from None
     if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
         raise RequestError("seconds", f"seconds must be above 0 and at most {MAX_SECONDS:g}; got {seconds_text!r}")
+    # Checked before rounding, which would overflow on 3600 s at 1e308 fps (MAX_FRAMES is 8n+1, so
+    # a count up to it never rounds past it).
+    if not seconds * fps <= MAX_FRAMES:
+        raise RequestError(
+            "seconds", f"{seconds:g} s at {fps:g} fps needs more than {MAX_FRAMES} frames, the most allowed"
+        )
     wanted = math.ceil(seconds * fps - 1e-9)
     frames = max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
-    if frames > MAX_FRAMES:
-        raise RequestError(
-            "seconds", f"{seconds:g} s at {fps:g} fps needs {frames} frames; at most {MAX_FRAMES} are allowed"
-        )
     return frames, describe_mapping(seconds, fps, frames)
 
 
@@ -210,7 +246,7 @@ def parse_loras(raw: object) -> list[dict[str, Any]]:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
             raise RequestError("loras", "loras must be a JSON list of Hugging Face repo ids") from None
     if not isinstance(raw, list) or len(raw) > MAX_LORAS:
         raise RequestError("loras", f"loras must be a list of at most {MAX_LORAS} Hugging Face repo ids")
@@ -240,7 +276,7 @@ def parse_stage2_lora(raw: object) -> tuple[str, str | None]:
     if isinstance(raw, str) and raw.lstrip().startswith("{"):
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RequestError("stage2_lora", "stage2_lora must be a repo id or JSON {name, weight_name}") from None
     entry = {"name": raw} if isinstance(raw, str) else raw
     if not isinstance(entry, dict) or set(entry) - {"name", "weight_name"}:
