@@ -7,6 +7,7 @@ import time and nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -184,18 +185,28 @@ def load_settings(
 ) -> Settings:
     """Merge the layers and build Settings; raises ConfigError naming the bad layer and key."""
     environ = os.environ if environ is None else environ
+    data, _ = layered_config(config_file, environ, overrides)
+    return _build(data, environ)
+
+
+def layered_config(
+    config_file: Path | None, environ: Mapping[str, str], overrides: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The merged config data, and for every value a layer set (`section.key`), the layer: the config
+    file's path, the environment variable's name or "command line" (`ltx2 config` shows them)."""
+    origins: dict[str, str] = {}
     data = _read_toml(DEFAULTS_FILE)
     user_file = config_file or _user_config_file(environ)
     if user_file is not None:
-        _merge(data, _read_toml(user_file), str(user_file))
+        _merge(data, _read_toml(user_file), str(user_file), origins)
     for name, (section, key) in ENV_OVERRIDES.items():
         if environ.get(name):
             value = _devices_from_env(environ[name]) if name == "LTX2_DEVICES" else None
             value = value or _coerce(data[section][key], environ[name], name)
-            _merge(data, {section: {key: value}}, name)
+            _merge(data, {section: {key: value}}, name, origins)
     if overrides:
-        _merge(data, {k: dict(v) for k, v in overrides.items()}, "overrides")
-    return _build(data, environ)
+        _merge(data, {k: dict(v) for k, v in overrides.items()}, "command line", origins)
+    return data, origins
 
 
 def _user_config_file(environ: Mapping[str, str]) -> Path | None:
@@ -217,11 +228,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
 
 
-def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
-    """Overlay `layer` on `base` in place; unknown sections or keys are errors, not ignored."""
+def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str, origins: dict[str, str]) -> None:
+    """Overlay `layer` on `base` in place, noting `origin` for each value; unknown sections or keys are
+    errors (naming the nearest known one), not ignored."""
     for section, values in layer.items():
         if section == "presets":
             base.setdefault("presets", {}).update(values)
+            origins.update({f'presets."{name}"': origin for name in values})
             continue
         if section == "families":  # a layer may change single values of a family's preset
             for name, tables in values.items():
@@ -229,16 +242,25 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str) -> None:
                     if not isinstance(preset, Mapping):
                         raise ConfigError(f'{origin}: families."{name}".{variant} must be a table')
                     base.setdefault("families", {}).setdefault(name, {}).setdefault(variant, {}).update(preset)
+                    origins.update({f'families."{name}".{variant}.{key}': origin for key in preset})
             continue
         if section not in base or not isinstance(values, Mapping):
-            raise ConfigError(f"{origin}: unknown config section [{section}]")
+            raise ConfigError(f"{origin}: unknown config section [{section}]{nearest_hint(section, base)}")
         if section in ("profiles", "cameras"):
             base[section].update(values)
+            origins.update({f"{section}.{key}": origin for key in values})
             continue
         for key, value in values.items():
             if key not in base[section]:
-                raise ConfigError(f"{origin}: unknown setting {section}.{key}")
+                raise ConfigError(f"{origin}: unknown setting {section}.{key}{nearest_hint(key, base[section])}")
             base[section][key] = value
+            origins[f"{section}.{key}"] = origin
+
+
+def nearest_hint(name: str, known: Mapping[str, Any]) -> str:
+    """ "; did you mean X?" for the known name nearest to a mistyped one ("" if none is near)."""
+    nearest = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {nearest[0]}?" if nearest else ""
 
 
 def _coerce(default: object, text: str, origin: str) -> object:

@@ -11,18 +11,20 @@ import difflib
 import functools
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import zmq
 
-from config.settings import ConfigError, Settings, load_settings
+from config.settings import ConfigError, Settings, layered_config, load_settings
 from orchestrator import reuse
 from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
 from orchestrator.cli_flags import add_spec_flags, spec_request
@@ -151,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default: http.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default: http.port, 8000)")
 
+    add_local_commands(add_command)
+    return parser
+
+
+def add_local_commands(add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The commands that work on files here without the daemon: decode, batch, config, tiny-model."""
     decode = add_command("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
     decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
     decode.add_argument("--output", type=Path, required=True, help="the MP4 to write (PNGs and .json beside it)")
@@ -168,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--output-dir", type=Path, help="where the MP4s and the summary go (default: ./outputs)")
     batch.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    config = add_command("config", help="print the settings in effect and where each value came from")
+    config.add_argument("--json", action="store_true", help="print them as JSON: {setting: {value, from}}")
+
     tiny = add_command("tiny-model", help="build the tiny random LTX-2 model (for tests and demos)")
     target = tiny.add_mutually_exclusive_group(required=True)
     target.add_argument("directory", nargs="?", type=Path, help="write a diffusers folder here")
@@ -179,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument(
         "--family", choices=sorted(TINY_REPO_IDS), default="2.0", help="model family to build (default 2.0)"
     )
-    return parser
 
 
 def add_reuse_flag(command: argparse.ArgumentParser, returns: str) -> None:
@@ -202,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.config, overrides=cli_overrides(args))
         if args.command == "tiny-model":
             return build_tiny_model(args)
+        if args.command == "config":
+            return print_config(args)
         if args.command == "generate":
             return generate(args, settings)
         if args.command == "decode":
@@ -444,6 +456,32 @@ def prepare_prompts(jobs: list[JobDir]) -> None:
         notice(f"batch: {result.stdout.strip()}")
     else:  # not fatal: each clip then encodes its own prompt
         notice(f"warning: batch prompt pre-encoding failed; clips encode their own prompts:\n{result.stderr[-2000:]}")
+
+
+# Sections of scalar settings `ltx2 config` lists (presets, families, cameras and profiles are tables of data).
+CONFIG_SECTIONS = ("paths", "models", "worker", "policy", "decode", "daemon", "cluster", "http")
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """`ltx2 config`: every setting in effect as TOML a config file could hold, each with the layer it came
+    from (the shipped defaults, a config file, an LTX2_* variable, a flag); `--json` for scripts."""
+    data, origins = layered_config(args.config, os.environ, cli_overrides(args))
+    rows = {
+        f"{section}.{key}": {"value": value, "from": origins.get(f"{section}.{key}", "default")}
+        for section in CONFIG_SECTIONS
+        for key, value in data[section].items()
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return 0
+    lines: list[str] = []
+    for section in CONFIG_SECTIONS:
+        lines.append(f"\n[{section}]")
+        for key in data[section]:
+            row = rows[f"{section}.{key}"]
+            lines.append(f"{key} = {json.dumps(row['value'])}  # {row['from']}")
+    sys.stdout.write("\n".join(lines).lstrip("\n") + "\n")
+    return 0
 
 
 def build_tiny_model(args: argparse.Namespace) -> int:

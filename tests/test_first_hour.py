@@ -83,3 +83,24 @@ def test_the_readme_line_silences_the_clients_sora_deprecation_warning():
 
     assert call(line).stdout.strip() == "no warning"
     assert "The Sora API is scheduled to permanently shut down" in call("").stderr  # the client does warn
+
+
+def test_config_prints_every_setting_with_the_layer_it_came_from(ltx2_env: dict, tmp_path: Path):
+    import json
+
+    config = tmp_path / "config.toml"
+    config.write_text("[worker]\ngroup_size = 3\n")
+    env = {**ltx2_env, "LTX2_CONFIG": str(config), "LTX2_DETERMINISTIC": "false"}
+    result = run_ltx2(["--state-dir", str(tmp_path / "state"), "config"], env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert f'state_dir = "{tmp_path / "state"}"  # command line' in lines
+    assert f"group_size = 3  # {config}" in lines
+    assert "deterministic = false  # LTX2_DETERMINISTIC" in lines
+    assert 'x264_preset = "veryfast"  # default' in lines
+    listed = json.loads(run_ltx2(["config", "--json"], env).stdout)
+    assert listed["worker.group_size"] == {"value": 3, "from": str(config)}
+    config.write_text("[worker]\ndeterministc = false\n")
+    typo = run_ltx2(["config"], env)
+    assert typo.returncode == 2
+    assert "unknown setting worker.deterministc; did you mean deterministic?" in typo.stderr
