@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "output", None) is not None and args.command == "generate":
         split_output_path(parser, args)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    configure_logging(args.command, args.verbose)
     try:
         settings = load_settings(args.config, overrides=cli_overrides(args))
         if args.command == "tiny-model":
@@ -235,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except UnsafeRuntimeDir as exc:
         return fail(str(exc), ExitCode.OTHER)
+
+
+def configure_logging(command: str, verbose: bool) -> None:
+    """Warnings (everything with -v); the daemon and the gateway, whose logs are read later
+    (var/ltx2d.log), stamp each line with its time and say what happened to each job by default."""
+    service = command in ("daemon", "serve")
+    stamp = "%(asctime)s " if service else ""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=f"{stamp}%(name)s: %(message)s")
+    if service:  # other libraries stay at warnings
+        logging.getLogger("ltx2").setLevel(logging.INFO)
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -59,6 +60,15 @@ def test_a_create_while_the_daemon_stalls_makes_one_video_with_the_retrying_offi
     assert [v.id for v in client.videos.list().data].count(video.id) == 1
     assert "sending its submit again" in gateway.log()  # replies were lost, and no second job came of it
     client.videos.delete(video.id)
+
+
+def test_the_gateway_and_the_daemon_log_each_line_with_its_time(gateway):
+    video = gateway.client().videos.create(**REQUEST)
+    gateway.client().videos.delete(video.id)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} "
+    assert f"the job page at http://127.0.0.1:{gateway.port}/" in gateway.log()
+    assert re.search(f'^{stamp}INFO: +127\\.0\\.0\\.1:\\d+ - "POST /v1/videos HTTP/1\\.1" 200', gateway.log(), re.M)
+    assert re.search(f"^{stamp}ltx2\\.daemon: job {video.id}: queued", gateway.daemon.log(), re.M)
 
 
 def test_idempotency_key_answers_the_same_request_with_the_same_video_and_refuses_another(gateway):

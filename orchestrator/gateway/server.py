@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
+from typing import Any
 
 from config.settings import Settings
 from orchestrator.terminal import notice
@@ -17,6 +19,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def timestamped_logging() -> dict[str, Any]:
+    """uvicorn's logging configuration with a time stamp on every line (its own has none), so a request
+    can be matched with the daemon's log."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    for formatter in config["formatters"].values():
+        formatter["fmt"] = "%(asctime)s " + formatter["fmt"]
+    return config
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     """Serve the gateway; returns the exit status."""
     import uvicorn
@@ -26,15 +39,17 @@ def serve(settings: Settings, host: str, port: int) -> int:
 
     if not is_loopback(host):
         notice(f"serve: listening on {host}, not loopback: keys travel in clear text unless a TLS proxy is in front")
-    notice(f"serve: http://{host}:{port}/v1/videos (keys: {settings.http_keys_file})")
+    notice(f"serve: the job page at http://{host}:{port}/, the API at http://{host}:{port}/v1/videos")
+    notice(f"serve: API keys in {settings.http_keys_file} (make one: ltx2 keys --http NAME)")
     uvicorn.run(
         build_app(settings),
         host=host,
         port=port,
         http=protocol_for(settings.http),  # h11 with header/body deadlines and the connection cap
         timeout_keep_alive=settings.http.keep_alive_timeout_s,  # uvicorn says int; its timer takes any number
-        log_level="warning",
-        access_log=False,
+        log_config=timestamped_logging(),
+        log_level="info",
+        access_log=True,  # one line per request (address, request line, status); never a header, so never a key
         timeout_graceful_shutdown=5,
     )
     return 0
