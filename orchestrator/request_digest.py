@@ -152,14 +152,18 @@ def file_sha256(path: Path) -> str:
 
 @functools.cache
 def numeric_versions() -> dict[str, str | None]:
-    """Installed versions of NUMERIC_PACKAGES, from package metadata (nothing is imported)."""
+    """Installed versions of NUMERIC_PACKAGES and the stage code's hash."""
+    return {**installed_versions(NUMERIC_PACKAGES), "ltx2-stages code": stage_code()}
+
+
+def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed versions of `names` (None for one not installed), from package metadata: nothing is imported."""
     versions: dict[str, str | None] = {}
-    for name in NUMERIC_PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    versions["ltx2-stages code"] = stage_code()
     return versions
 
 

@@ -7,11 +7,11 @@ peak GPU/host memory, so a clip can be reproduced or its cost compared later.
 
 from __future__ import annotations
 
-import importlib.metadata
 from pathlib import Path
 from typing import Any
 
 from orchestrator.jobdir import JobDir
+from orchestrator.request_digest import installed_versions
 from orchestrator.reuse import reproducibility
 from protocol.files import Stage
 from protocol.spec import ONE_STAGE
@@ -32,14 +32,8 @@ PACKAGES = (
 
 
 def package_versions() -> dict[str, str | None]:
-    """Installed versions, read from package metadata (nothing is imported)."""
-    versions: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    """Installed versions of PACKAGES, read from package metadata (nothing is imported)."""
+    return installed_versions(PACKAGES)
 
 
 def stage_summary(job: JobDir, stage: Stage) -> dict[str, Any]:
