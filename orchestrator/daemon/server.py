@@ -38,7 +38,7 @@ from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
-from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_request
+from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
 from orchestrator.jobdir import JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.lane_links import LaneSource, open_lanes
@@ -117,12 +117,7 @@ class Daemon:
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 front.keep_running()
                 if socket.poll(POLL_MS):
-                    identity, payload = receive_request(socket)  # the front forwards one-frame requests only
-                    reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
-                    try:
-                        socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
-                    except zmq.Again:  # the front died since it asked: its clients reconnect and ask again
-                        log.warning("reply to a %s request dropped: no client front connected", type(reply).__name__)
+                    self.serve_one(socket, front.token, store)
         finally:
             self.stop.set()
             for executor in self.executors:
@@ -139,6 +134,20 @@ class Daemon:
             if self.address.endpoint.startswith("ipc://"):
                 Path(self.address.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             log.info("stopped")
+
+    def serve_one(self, socket: zmq.Socket, token: bytes, store: JobStore) -> None:
+        """Answer one request of the client front; a message without the front's token (another
+        process of this user connected to the private socket) is dropped unanswered."""
+        received = receive_from_front(socket, token)  # the front forwards one-frame requests only
+        if received is None:
+            log.warning("dropped a message on the daemon's private socket that did not come from its client front")
+            return
+        front, identity, payload = received
+        reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
+        try:
+            socket.send_multipart([front, identity, encode_reply(reply)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the front died since it asked: its clients reconnect and ask again
+            log.warning("reply to a %s request dropped: its client front is gone", type(reply).__name__)
 
     def answer(self, frames: list[bytes], store: JobStore) -> codec.Message:
         """The one reply to one request; never raises."""
