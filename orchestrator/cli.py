@@ -284,9 +284,17 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
             f"interrupted; job {job.id} stopped and left resumable: ltx2 decode --input {job.path} --output PATH.mp4",
             ExitCode.INTERRUPTED,
         )
-    log_tail = exc.outcome.log_tail
-    details = f"\n--- last lines of the {exc.stage.value} log ---\n{log_tail}" if log_tail else ""
-    return fail(f"{exc}{details}\njob directory: {job.path}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
+    return fail(f"{exc}; {where_to_look(exc, job)}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
+
+
+def where_to_look(exc: JobFailed, job: JobDir) -> str:
+    """Where the details of a failed job are: the failed attempt's worker log (its traceback stays
+    there, never on the terminal: the error line already says what failed), else the job directory."""
+    attempts = len(job.stage_record(exc.stage)["attempts"])
+    log_path = job.log_path(exc.stage, attempts) if attempts else None
+    if log_path is not None and log_path.is_file() and exc.outcome.returncode:
+        return f"worker log: {log_path}"
+    return f"job directory: {job.path}"
 
 
 def decode(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
 from orchestrator.jobdir import JobDir
-from protocol.files import JOB_FILE, LATENTS_FILE
+from protocol.files import JOB_FILE, LATENTS_FILE, Stage
 
 # The generate command line of the seed README (section "3. Generate a video"), after the image
 # name `ltx2`, with the seed's default `--output` written out.
@@ -187,14 +187,20 @@ def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dict, named: Path, stage: str) -> None:
-    """Exit 2, the file named, no traceback, and the stage that read it attempted once."""
+    """Exit 2 with one error line naming the file and the worker log, the stage that read it
+    attempted once; the worker's traceback is in its log, never on the terminal."""
     assert result.returncode == 2, result.stderr
-    assert str(named) in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("ltx2: error:")]
+    assert str(named) in line
+    assert not [line for line in result.stderr.splitlines() if not line.startswith("ltx2: ")], result.stderr
     (job,) = jobs_of(env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {stage: 1}
     (attempt,) = job.record["stages"][stage]["attempts"]
     assert attempt["result"] == "invalid_input"
+    log = job.log_path(Stage(stage), 1)
+    assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 
 
 def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path):
