@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,6 @@ class JobDir:
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
-        if image is not None:
-            store_image(image, path / INPUT_IMAGE_FILE)
         record = {
             "id": job_id,
             "created": utc_now(),
@@ -138,8 +137,14 @@ class JobDir:
             },
         }
         job = cls(path, record)
-        job.save()
-        job.log_event(EventKind.JOB_QUEUED)
+        try:
+            if image is not None:
+                store_image(image, path / INPUT_IMAGE_FILE)
+            job.save()
+            job.log_event(EventKind.JOB_QUEUED)
+        except OSError:  # a full state dir: no directory without a job.json is left behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return job
 
     @classmethod
@@ -190,8 +195,12 @@ class JobDir:
         """Write job.json atomically."""
         target = self.path / JOB_FILE
         temp = temp_path_for(target)
-        temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
-        publish(temp, target)
+        try:
+            temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
+            publish(temp, target)
+        except OSError:  # a full disk: the half-written copy must not take what little is left
+            temp.unlink(missing_ok=True)
+            raise
 
     def log_event(self, kind: EventKind, **fields: Any) -> None:
         """Append one line to events.log (appends of one short line are atomic on POSIX)."""

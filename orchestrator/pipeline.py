@@ -8,7 +8,6 @@ resumes at the first unfinished stage. The finished video is published to the ou
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from orchestrator.publishing import publish_job
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.stage_attempt import run_attempt
 from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
-from protocol.errors import Failure
+from protocol.errors import Failure, is_no_space
 from protocol.files import STAGE_ORDER, Stage
 
 
@@ -77,9 +76,9 @@ class PublishFailed(JobFailed):
     """Every stage succeeded but the MP4 could not be copied out (full, read-only or missing
     output folder); the job is FAILED and its video stays in the job directory."""
 
-    def __init__(self, job: JobDir, error: OSError, where: Path) -> None:
-        failure = Failure.NO_SPACE if error.errno == errno.ENOSPC else Failure.INVALID_INPUT
-        where = error.filename or where
+    def __init__(self, job: JobDir, error: OSError, folder: Path) -> None:
+        failure = Failure.NO_SPACE if is_no_space(error) else Failure.INVALID_INPUT
+        where = failed_folder(error, folder)
         reason = (
             f"cannot publish the video to {where}: {error.strerror or error}; it is kept in the job, "
             f"recover it with: ltx2 decode --input {job.path} --output PATH.mp4"
@@ -92,6 +91,13 @@ class PublishFailed(JobFailed):
         return self.reason
 
 
+def failed_folder(error: OSError, folder: Path) -> Path:
+    """The folder a publish could not write: where its file was going (a copy's error names the
+    job's file it read first and the destination second), else the output folder."""
+    name = error.filename2 or error.filename
+    return Path(name).parent if name else folder
+
+
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
 
@@ -101,7 +107,7 @@ def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | 
     try:
         output = publish_job(job, settings.output_dir, target)
     except OSError as exc:
-        failed = PublishFailed(job, exc, target or settings.output_dir)
+        failed = PublishFailed(job, exc, target.parent if target else settings.output_dir)
         job.transition(JobState.FAILED, error=failed.reason)
         raise failed from exc
     job.transition(JobState.DONE, output=str(output))

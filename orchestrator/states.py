@@ -71,6 +71,7 @@ class EventKind(enum.StrEnum):
     PUBLISHED = "published"  #: the MP4, its PNGs and JSON are all in place (recorded complete)
     PUBLISH_TEMP_REMOVED = "publish_temp_removed"  #: a cut-short publish's temp file was deleted
     PUBLISH_ABANDONED = "publish_abandoned"  #: a cut-short publish to another target was dropped
+    PUBLISH_UNDONE = "publish_undone"  #: a publish that failed (a full disk) removed the files it had placed
 
     @classmethod
     def for_job(cls, state: JobState) -> EventKind:

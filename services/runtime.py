@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from typing import Any, NoReturn
 import zmq
 
 from protocol import codec, stages
-from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError
+from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError, is_no_space
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
 from protocol.stages import WORKER_CURVE_ENV
@@ -189,7 +188,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         code = exit_code_for(exc)
         traceback.print_exc()
         remove_own_temp_files(args.job_dir)
-        reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc)))
+        reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc, args.job_dir[0])))
     finally:
         if socket is not None:
             socket.close(linger=LINGER_MS)
@@ -373,7 +372,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """Classify an exception into a worker exit code (CUDA OOM without importing torch here)."""
     if isinstance(exc, StageError):
         return exc.exit_code
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if is_no_space(exc):  # OSError(ENOSPC) or a writer's own error for it (safetensors, torch)
         return ExitCode.NO_SPACE
     if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
         return ExitCode.ENVIRONMENT
@@ -382,7 +381,11 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     return ExitCode.OTHER
 
 
-def summarize(exc: BaseException) -> str:
-    """One line for reports; the full traceback goes to the worker log."""
+def summarize(exc: BaseException, job_dir: Path | None = None) -> str:
+    """One line for reports; the full traceback goes to the worker log. A full disk is named by
+    the path its error gave, or, when the writer gave none (safetensors), by the job's directory."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    if job_dir is not None and is_no_space(exc) and not getattr(exc, "filename", None):
+        line += f" (writing for the job in {job_dir}; free space on its disk, then resume it)"
+    return line[:500]
