@@ -127,7 +127,7 @@ class Executor(threading.Thread):
         self.next_worker: SpawnedWorker | None = None
 
     def run(self) -> None:
-        store = JobStore(self.store_path)
+        store = JobStore(self.store_path, self.settings.jobs_dir)
         link = self.lane_source.link(self.lane)
         try:
             while not self.stop.is_set():
