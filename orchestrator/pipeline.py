@@ -14,8 +14,9 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator import reuse
+from orchestrator.fault_holds import hold_if_requested
 from orchestrator.job_hooks import JobHooks, StageEvent
-from orchestrator.jobdir import JobDir
+from orchestrator.jobdir import CANCEL_REASON, JobDir
 from orchestrator.policy import Attempt, Decision, decide, initial_plan
 from orchestrator.publishing import publish_job
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
@@ -101,9 +102,16 @@ def failed_folder(error: OSError, folder: Path) -> Path:
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
 
+    A cancel that came in after the last stage's worker ended still wins until publishing begins
+    (the job ends CANCELLED, JobFailed); from then on it is answered "too late" (JobDir.request_cancel).
     A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
     the command that recovers the video (PublishFailed); it is never left RUNNING.
     """
+    hold_if_requested("publish", job)
+    if not job.commit_to_finish():
+        outcome = StageOutcome(0, Failure.CANCELLED, CANCEL_REASON, "", 0.0)
+        raise end_job(job, STAGE_ORDER[-1], outcome, Decision(None, JobState.CANCELLED, CANCEL_REASON))
+    hold_if_requested("publishing", job)
     try:
         output = publish_job(job, settings.output_dir, target)
     except OSError as exc:
@@ -147,6 +155,7 @@ def run_stage_until_done(
     """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
     ends the job (JobFailed). `history` holds attempts this run already made elsewhere (a failed
     stage-major group attempt), so the policy sees them."""
+    hold_if_requested(f"before-{stage.value}", job)
     attempts = list(history)
     plan = next_attempt(job, stage, settings)[1]
     next_worker: SpawnedWorker | None = None
@@ -163,13 +172,11 @@ def run_stage_until_done(
             if why := hooks.should_stop():  # no worker is started for a job already told to stop
                 outcome = StageOutcome(0, why, "stopped before the stage started", "", 0.0)
             else:
-                outcomes = run_attempt(
-                    [job], stage, plan, settings, link, lambda _: hooks, prestarted, prestart_following
-                )
+                adopted, prestarted = prestarted, None  # the attempt adopts it or stops it
+                outcomes = run_attempt([job], stage, plan, settings, link, lambda _: hooks, adopted, prestart_following)
                 outcome = outcomes.get(job.id) or StageOutcome(
                     0, Failure.INTERRUPTED, "stopped with its group", "", 0.0
                 )
-            prestarted = None
             if outcome.ok:
                 handed_over, next_worker = next_worker, None
                 return handed_over
@@ -179,6 +186,10 @@ def run_stage_until_done(
                 raise end_job(job, stage, outcome, decision)
             plan = decision.plan
     finally:
+        # The worker started ahead for this stage, if no attempt took it (the job was stopped
+        # before the stage began), and the one started for the next stage, if this one never ended
+        # well: each waits for a GO that will not come.
+        discard_worker(prestarted, link)
         discard_worker(next_worker, link)
 
 

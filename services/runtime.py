@@ -37,12 +37,15 @@ from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageErr
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
 from protocol.stages import WORKER_CURVE_ENV
-from services import faults
+from services import faults, parent_bound
 
 log = logging.getLogger("ltx2.worker")
 # A prestarted worker may wait for GO through a whole diffusion run (15 min on a Thor at 1080p);
-# it gives up after a day, or at once when its orchestrator dies (it is then re-parented).
+# it gives up after a day, or within GO_POLL_MS when its orchestrator is gone (wait_for_go).
 GO_TIMEOUT_S = 86400.0
+# How often a waiting worker checks that its orchestrator still exists (the bound on how long it
+# outlives one that died).
+GO_POLL_MS = 500
 # Queued progress messages are dropped after this long if the orchestrator stopped reading, so a
 # dead orchestrator can never keep a finished worker from exiting.
 LINGER_MS = 2000
@@ -144,6 +147,12 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attempt", type=int, default=1, help="attempt number, for reports")
     parser.add_argument("--plan", default="{}", help="JSON object: the memory plan for this attempt")
     parser.add_argument("--heartbeat-s", type=float, default=2.0, help="seconds between heartbeats")
+    parser.add_argument(
+        "--orchestrator-pid",
+        type=int,
+        default=0,
+        help="the orchestrator's pid on this host: a worker waiting for GO exits once it is gone (0: not watched)",
+    )
     return parser.parse_args(argv)
 
 
@@ -160,7 +169,6 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     """Run a stage function for one job (or a group of jobs) as a process and exit with its code."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(stage, argv)
-    started = time.monotonic()
     context = zmq.Context()
     socket = None
     reporter = Reporter(stage, "", None)
@@ -174,7 +182,10 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
             socket = connect(context, args.endpoint)
             reporter.socket = socket
         if socket is not None:
-            wait_for_go(reporter, socket, args.attempt)
+            wait_for_go(reporter, socket, args.attempt, args.orchestrator_pid)
+        # A stage's seconds count from GO: a worker started ahead of its turn may have waited through
+        # a whole diffusion run, which is the orchestrator's to report (as the attempt's `waited_s`).
+        started = time.monotonic()
         reporter.start_heartbeat(args.heartbeat_s)
         faults.inject_at_start(stage.value, args.attempt, os.environ, args.job_dir[0])
         plan, shared = json.loads(args.plan), {}
@@ -337,19 +348,33 @@ def connect(context: zmq.Context, endpoint: str) -> zmq.Socket:
     return socket
 
 
-def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
-    """Say READY, then block until GO arrives (or give up if the orchestrator never answers)."""
+def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int, orchestrator_pid: int = 0) -> None:
+    """Say READY, then block until GO arrives; give up when the orchestrator is gone or never answers.
+
+    A prestarted worker holds its imports (~300 MB) while it waits, so it must not outlive the
+    orchestrator it waits for. Its parent is that orchestrator (exec'd) or the orchestrator's fork
+    server, which exits with it; either way a new parent means the orchestrator is gone. The
+    orchestrator's own pid (`orchestrator_pid`, checked with its start time so a reused pid does not
+    count) covers a fork server that outlives it (stopped, hung): the worker then exits as well.
+    """
     parent = os.getppid()
+    orchestrator = parent_bound.Watched.of(orchestrator_pid) if orchestrator_pid else None
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else 0
     reporter.send(stages.Ready(reporter.job_id, reporter.stage.value, attempt, os.getpid(), threads))
     deadline = time.monotonic() + GO_TIMEOUT_S
-    while time.monotonic() < deadline and os.getppid() == parent:
-        if socket.poll(timeout=1000):
+    while time.monotonic() < deadline:
+        if os.getppid() != parent or (orchestrator is not None and not orchestrator.is_running()):
+            raise OrchestratorGone("the orchestrator that started this worker is gone; nobody will send GO")
+        if socket.poll(timeout=GO_POLL_MS):
             message = codec.decode(socket.recv())
             if isinstance(message, stages.Go):
                 return
     raise TimeoutError("no GO from the orchestrator (it stopped or never answered)")
+
+
+class OrchestratorGone(RuntimeError):
+    """A worker waiting for GO found its orchestrator gone (it then exits at once)."""
 
 
 def remove_own_temp_files(job_dirs: list[Path]) -> None:

@@ -1,9 +1,10 @@
 """The daemon's job queue: sqlite in WAL mode, beside the job directories; a mirror of job.json.
 
-The store keeps the order in which jobs run (submission order), cancel requests, and a copy of
-each job's state, error and output for fast listing. It decides nothing: every state change is
-made by `JobDir.transition` (orchestrator/jobdir.py), which checks it and calls `mirror`. So the
-store can be re-derived from the job directories (`sync_from_job_dirs`: rows added for jobs it lacks, rows
+The store keeps the order in which jobs run (submission order) and a copy of each job's state,
+error and output for fast listing. It decides nothing and holds nothing that is not in a job
+directory: every state change is made by `JobDir.transition` (orchestrator/jobdir.py), which checks
+it and calls `mirror`; a cancel request is a file in the job's directory. So the store can always
+be re-derived from the job directories (`sync_from_job_dirs`: rows added for jobs it lacks, rows
 dropped for jobs whose directory is gone), and it is, at every start and whenever it is found
 damaged: a crash between job.json and the store, a lost store or a corrupt one loses no job and
 keeps no phantom (DESIGN.md rule 1).
@@ -40,8 +41,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    output TEXT NOT NULL DEFAULT '',
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    output TEXT NOT NULL DEFAULT ''
 );
 """
 # A writer waits this long for another connection's transaction before giving up; transactions
@@ -177,16 +177,6 @@ class JobStore:
             ).fetchall()
         )
         return [dict(row) for row in rows]
-
-    def request_cancel(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (_now(), job_id))
-
-    def clear_cancel(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET cancel_requested = 0 WHERE id = ?", (job_id,))
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        row = self.db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return bool(row and row["cancel_requested"])
 
     def mark_unreadable(self, job_id: str, error: str) -> None:
         """Fail a row whose job.json cannot be read: there is no job.json state to change, so
