@@ -40,7 +40,7 @@ from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
 from orchestrator.stage_major import run_across_lanes, run_job
 from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
-from protocol.errors import ExitCode, Failure, ModelNotFound
+from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec, SpecError
@@ -209,22 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         split_output_path(parser, args)
     configure_logging(args.command, args.verbose)
     try:
-        settings = load_settings(args.config, overrides=cli_overrides(args))
-        if args.command == "tiny-model":
-            return build_tiny_model(args)
-        if args.command == "config":
-            return print_config(args)
-        if args.command == "generate":
-            return generate(args, settings)
-        if args.command == "decode":
-            return decode(args, settings)
-        if args.command == "batch":
-            return render_batch(args, settings)
-        if args.command == "serve":
-            return serve(args, settings)
-        from orchestrator.daemon import client_commands
-
-        return client_commands.run(args, settings)
+        return dispatch(args, load_settings(args.config, overrides=cli_overrides(args)))
     except ConfigError as exc:
         return fail(f"config: {exc}", ExitCode.INVALID_INPUT)
     except SpecError as exc:
@@ -245,6 +230,45 @@ def configure_logging(command: str, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format=f"{stamp}%(name)s: %(message)s")
     if service:  # other libraries stay at warnings
         logging.getLogger("ltx2").setLevel(logging.INFO)
+
+
+def dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the command; returns its exit status. A disk the orchestrator itself finds full is exit 5
+    in one line, as a stage's full disk is."""
+    try:
+        return run_command(args, settings)
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        return fail(describe_full_disk(exc, settings.state_dir), ExitCode.NO_SPACE)
+
+
+def run_command(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "tiny-model":
+        return build_tiny_model(args)
+    if args.command == "config":
+        return print_config(args)
+    if args.command == "generate":
+        return generate(args, settings)
+    if args.command == "decode":
+        return decode(args, settings)
+    if args.command == "batch":
+        return render_batch(args, settings)
+    if args.command == "serve":
+        return serve(args, settings)
+    from orchestrator.daemon import client_commands
+
+    return client_commands.run(args, settings)
+
+
+def describe_full_disk(exc: OSError, state_dir: Path) -> str:
+    """One line for a disk found full by the orchestrator itself (a job.json, an events.log of the
+    state dir): what it could not write and what to do. Stage workers report their own (exit 5)."""
+    where = exc.filename or state_dir  # a write that fails after its open names no file
+    return (
+        f"no space left on the disk of {where} ({exc.strerror or exc}); free space there, then run the command"
+        " again (a job it created resumes with: ltx2 decode --input JOB_DIR --output PATH.mp4)"
+    )
 
 
 def serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -353,9 +377,17 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
             f"interrupted; job {job.id} stopped and left resumable: ltx2 decode --input {job.path} --output PATH.mp4",
             ExitCode.INTERRUPTED,
         )
-    log_tail = exc.outcome.log_tail
-    details = f"\n--- last lines of the {exc.stage.value} log ---\n{log_tail}" if log_tail else ""
-    return fail(f"{exc}{details}\njob directory: {job.path}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
+    return fail(f"{exc}; {where_to_look(exc, job)}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
+
+
+def where_to_look(exc: JobFailed, job: JobDir) -> str:
+    """Where the details of a failed job are: the failed attempt's worker log (its traceback stays
+    there, never on the terminal: the error line already says what failed), else the job directory."""
+    attempts = len(job.stage_record(exc.stage)["attempts"])
+    log_path = job.log_path(exc.stage, attempts) if attempts else None
+    if log_path is not None and log_path.is_file() and exc.outcome.returncode:
+        return f"worker log: {log_path}"
+    return f"job directory: {job.path}"
 
 
 def decode(args: argparse.Namespace, settings: Settings) -> int:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,14 @@ Mirror = Callable[["JobDir"], None]
 # A lock file in each job directory serialises changes of the job's state between threads and
 # processes (flock: released by the kernel when its holder dies, so it can never go stale).
 LOCK_FILE = ".lock"
+# A cancel of a running job, asked for (under the lock) and not yet carried out: the job's orchestrator
+# stops its worker when it sees it. A file, not a job.json field: job.json is written by the
+# orchestrator running the job, which would overwrite a field another process set.
+CANCEL_FILE = "cancel-requested"
+# The job.json field set (under the lock) when a job passed its last point of cancel: its stages
+# succeeded and publishing began; a cancel from then on is answered "too late".
+FINISHING_KEY = "finishing"
+CANCEL_REASON = "cancelled on request"
 
 
 def new_job_id(now: dt.datetime | None = None) -> str:
@@ -114,8 +123,6 @@ class JobDir:
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
-        if image is not None:
-            store_image(image, path / INPUT_IMAGE_FILE)
         record = {
             "id": job_id,
             "created": utc_now(),
@@ -144,8 +151,14 @@ class JobDir:
             },
         }
         job = cls(path, record)
-        job.save()
-        job.log_event(EventKind.JOB_QUEUED)
+        try:
+            if image is not None:
+                store_image(image, path / INPUT_IMAGE_FILE)
+            job.save()
+            job.log_event(EventKind.JOB_QUEUED)
+        except OSError:  # a full state dir: no directory without a job.json is left behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return job
 
     @classmethod
@@ -177,13 +190,55 @@ class JobDir:
             changes: dict[str, Any] = {"status": target.value, **details}
             if target in (JobState.QUEUED, JobState.RUNNING):
                 changes.setdefault("error", "")
+                self.record.pop(FINISHING_KEY, None)  # a new run has its own point of no cancel
             if target.is_terminal:
                 changes["finished"] = utc_now()
             self.record.update(changes)
             self.save()
+            if target is not JobState.RUNNING:  # a cancel asked of this run is carried out or moot now
+                (self.path / CANCEL_FILE).unlink(missing_ok=True)
             self.log_event(EventKind.for_job(target), **details)
             if self.mirror is not None:
                 self.mirror(self)
+
+    @property
+    def cancel_requested(self) -> bool:
+        """A person asked to cancel this running job and its orchestrator has not ended it yet."""
+        return (self.path / CANCEL_FILE).exists()
+
+    def request_cancel(self) -> bool:
+        """Ask the orchestrator running this job to cancel it; True when the request is recorded.
+
+        False when it is too late: the job is no longer RUNNING (`state` says what it became) or it
+        already passed its last point of cancel (`finishing`: its stages are done and its video is
+        being published). Decided under the job's lock against job.json on disk, the same lock
+        `commit_to_finish` holds, so a cancel answered "cancelling" is always carried out.
+        """
+        with self.locked():
+            self.record = json.loads((self.path / JOB_FILE).read_text())
+            if self.state is not JobState.RUNNING or self.finishing:
+                return False
+            (self.path / CANCEL_FILE).touch()
+        self.log_event(EventKind.CANCEL_REQUESTED)
+        return True
+
+    @property
+    def finishing(self) -> bool:
+        """Its stages succeeded and it passed the point after which a cancel is too late."""
+        return bool(self.record.get(FINISHING_KEY))
+
+    def commit_to_finish(self) -> bool:
+        """Pass the last point of cancel before publishing, unless a cancel came first (False).
+
+        After this, `request_cancel` answers too late; before it, a recorded cancel wins and the
+        job must end CANCELLED instead of publishing (its finished stages stay in the directory).
+        """
+        with self.locked():
+            if self.cancel_requested:
+                return False
+            self.record[FINISHING_KEY] = utc_now()
+            self.save()
+        return True
 
     def _set_stage_state(self, stage: Stage, target: StageState) -> dict[str, Any]:
         """Change a stage's state (checked against STAGE_TRANSITIONS); returns its record, unsaved."""
@@ -196,8 +251,12 @@ class JobDir:
         """Write job.json atomically."""
         target = self.path / JOB_FILE
         temp = temp_path_for(target)
-        temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
-        publish(temp, target)
+        try:
+            temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
+            publish(temp, target)
+        except OSError:  # a full disk: the half-written copy must not take what little is left
+            temp.unlink(missing_ok=True)
+            raise
 
     def log_event(self, kind: EventKind, **fields: Any) -> None:
         """Append one line to events.log (appends of one short line are atomic on POSIX)."""

@@ -20,7 +20,7 @@ from orchestrator.request_digest import RequestIdentity, identify
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import SCHEDULES, TWO_STAGE, JobSpec, SpecError
+from protocol.spec import SCHEDULES, TWO_STAGE, JobSpec, SpecError, require_path_text
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
@@ -52,6 +52,7 @@ def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[
     if requested is not None:
         if not requested.strip():
             raise SpecError("model", "must name a Hugging Face repo id or a local folder; got an empty string")
+        require_path_text(requested, "model")
         return resolve_local(requested), []
     if is_cached(settings.default_model):
         return resolve_model(settings.default_model), []

@@ -8,21 +8,21 @@ resumes at the first unfinished stage. The finished video is published to the ou
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
 from orchestrator import reuse
+from orchestrator.fault_holds import hold_if_requested
 from orchestrator.job_hooks import JobHooks, StageEvent
-from orchestrator.jobdir import JobDir
+from orchestrator.jobdir import CANCEL_REASON, JobDir
 from orchestrator.policy import Attempt, Decision, decide, initial_plan
 from orchestrator.publishing import publish_job
 from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
 from orchestrator.stage_attempt import run_attempt
 from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
-from protocol.errors import Failure
+from protocol.errors import Failure, is_no_space
 from protocol.files import STAGE_ORDER, Stage
 
 
@@ -77,9 +77,9 @@ class PublishFailed(JobFailed):
     """Every stage succeeded but the MP4 could not be copied out (full, read-only or missing
     output folder); the job is FAILED and its video stays in the job directory."""
 
-    def __init__(self, job: JobDir, error: OSError, where: Path) -> None:
-        failure = Failure.NO_SPACE if error.errno == errno.ENOSPC else Failure.INVALID_INPUT
-        where = error.filename or where
+    def __init__(self, job: JobDir, error: OSError, folder: Path) -> None:
+        failure = Failure.NO_SPACE if is_no_space(error) else Failure.INVALID_INPUT
+        where = failed_folder(error, folder)
         reason = (
             f"cannot publish the video to {where}: {error.strerror or error}; it is kept in the job, "
             f"recover it with: ltx2 decode --input {job.path} --output PATH.mp4"
@@ -92,16 +92,30 @@ class PublishFailed(JobFailed):
         return self.reason
 
 
+def failed_folder(error: OSError, folder: Path) -> Path:
+    """The folder a publish could not write: where its file was going (a copy's error names the
+    job's file it read first and the destination second), else the output folder."""
+    name = error.filename2 or error.filename
+    return Path(name).parent if name else folder
+
+
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
 
+    A cancel that came in after the last stage's worker ended still wins until publishing begins
+    (the job ends CANCELLED, JobFailed); from then on it is answered "too late" (JobDir.request_cancel).
     A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
     the command that recovers the video (PublishFailed); it is never left RUNNING.
     """
+    hold_if_requested("publish", job)
+    if not job.commit_to_finish():
+        outcome = StageOutcome(0, Failure.CANCELLED, CANCEL_REASON, "", 0.0)
+        raise end_job(job, STAGE_ORDER[-1], outcome, Decision(None, JobState.CANCELLED, CANCEL_REASON))
+    hold_if_requested("publishing", job)
     try:
         output = publish_job(job, settings.output_dir, target)
     except OSError as exc:
-        failed = PublishFailed(job, exc, target or settings.output_dir)
+        failed = PublishFailed(job, exc, target.parent if target else settings.output_dir)
         job.transition(JobState.FAILED, error=failed.reason)
         raise failed from exc
     job.transition(JobState.DONE, output=str(output))
@@ -141,6 +155,7 @@ def run_stage_until_done(
     """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
     ends the job (JobFailed). `history` holds attempts this run already made elsewhere (a failed
     stage-major group attempt), so the policy sees them."""
+    hold_if_requested(f"before-{stage.value}", job)
     attempts = list(history)
     plan = next_attempt(job, stage, settings)[1]
     next_worker: SpawnedWorker | None = None
@@ -157,13 +172,11 @@ def run_stage_until_done(
             if why := hooks.should_stop():  # no worker is started for a job already told to stop
                 outcome = StageOutcome(0, why, "stopped before the stage started", "", 0.0)
             else:
-                outcomes = run_attempt(
-                    [job], stage, plan, settings, link, lambda _: hooks, prestarted, prestart_following
-                )
+                adopted, prestarted = prestarted, None  # the attempt adopts it or stops it
+                outcomes = run_attempt([job], stage, plan, settings, link, lambda _: hooks, adopted, prestart_following)
                 outcome = outcomes.get(job.id) or StageOutcome(
                     0, Failure.INTERRUPTED, "stopped with its group", "", 0.0
                 )
-            prestarted = None
             if outcome.ok:
                 handed_over, next_worker = next_worker, None
                 return handed_over
@@ -173,6 +186,10 @@ def run_stage_until_done(
                 raise end_job(job, stage, outcome, decision)
             plan = decision.plan
     finally:
+        # The worker started ahead for this stage, if no attempt took it (the job was stopped
+        # before the stage began), and the one started for the next stage, if this one never ended
+        # well: each waits for a GO that will not come.
+        discard_worker(prestarted, link)
         discard_worker(next_worker, link)
 
 

@@ -25,6 +25,9 @@ Running the step again (a restarted daemon re-runs its interrupted job, `ltx2 ba
   had reserved (an explicit target's files are left, as they replaced the user's);
 - the job's video changed since (a stage ran again): a new publish; the earlier one stays.
 
+A publish that fails midway (the output folder filled up) removes the files it had landed before
+it reports the error, so the folder is left as it was before the publish began (all or nothing).
+
 Fault switch for tests, in the style of services/faults.py (real processes, real signals):
 
 - `LTX2_FAULT_PUBLISH_KILL=POINT` - the orchestrator process that publishes a job (`ltx2 generate`,
@@ -93,16 +96,45 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
     else:
         video = reserve_name(job, output_dir, source, recorded, now)
     kill_if_requested("first-file")
-    first, last = companions(video)[1:3]
-    land_copy(job, job.path / FIRST_FRAME_FILE, first)
-    land_copy(job, job.path / LAST_FRAME_FILE, last)
-    land_copy(job, job.path / VIDEO_FILE, video)
+    land_rest(job, video)
     kill_if_requested("video")
     job.record[RECORD_KEY] = {**job.record[RECORD_KEY], "complete": True}
     job.save()
     job.log_event(EventKind.PUBLISHED, video=str(video))
     kill_if_requested("done")
     return video
+
+
+def land_rest(job: JobDir, video: Path) -> None:
+    """Land the PNGs and then the MP4 beside the sidecar already in place; if one cannot be written
+    (the folder filled up), the files of this publish already there are removed again, the MP4
+    first, so the folder never keeps a sidecar or PNGs without their video (all or nothing)."""
+    sidecar, first, last = companions(video)[:3]
+    landed = [sidecar]
+    try:
+        for source, final in ((FIRST_FRAME_FILE, first), (LAST_FRAME_FILE, last), (VIDEO_FILE, video)):
+            land_copy(job, job.path / source, final)
+            landed.append(final)
+    except OSError:
+        undo(job, video, landed)
+        raise
+
+
+def undo(job: JobDir, video: Path, landed: list[Path]) -> None:
+    """Remove the files a failed publish of `video` had landed, newest first (the record keeps the
+    names, so a later run publishes under them again; a file it never replaced is left alone).
+    Best effort: the publish's own error is what the caller reports."""
+    removed = []
+    for path in reversed(landed):
+        try:
+            path.unlink(missing_ok=True)
+            removed.append(str(path))
+        except OSError:
+            continue
+    try:
+        job.log_event(EventKind.PUBLISH_UNDONE, video=str(video), removed=removed)
+    except OSError:  # the state dir may be the full disk
+        pass
 
 
 def companions(video: Path) -> list[Path]:

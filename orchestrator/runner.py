@@ -172,6 +172,9 @@ class WorkerLink:
             self.endpoint = f"tcp://{advertise_host or endpoint.removeprefix('tcp://').rsplit(':', 1)[0]}:{port}"
         # Messages of workers nobody is following yet (a prestarted worker's READY).
         self.waiting: dict[tuple[str, str], collections.deque[tuple[bytes, codec.Message]]] = {}
+        # Every worker started over this link and not known to have ended: whatever path a job
+        # ends by, `stop_workers_of` leaves none of its workers waiting for a GO that never comes.
+        self.started: list[SpawnedWorker] = []
 
     def receive_for(
         self, job_ids: str | Collection[str], stage: str, timeout_ms: int
@@ -219,7 +222,25 @@ class WorkerLink:
     def send(self, identity: bytes, message: codec.Message) -> None:
         self.socket.send_multipart([identity, codec.encode(message)])
 
+    def stop_workers_of(self, job_ids: Collection[str]) -> list[int]:
+        """Stop every worker started over this link for any of `job_ids` that still runs (a
+        prestarted one no scheduler adopted); returns their pids. Called when jobs end."""
+        wanted = set(job_ids)
+        stopped = []
+        for worker in list(self.started):
+            if wanted & set(worker.job_ids) and worker.process.poll() is None:
+                log.info("stopping %s worker %d of ended job(s) %s", worker.stage.value, worker.process.pid,
+                         ", ".join(worker.job_ids))  # fmt: skip
+                discard_worker(worker, self)
+                stopped.append(worker.process.pid)
+        self.started = [worker for worker in self.started if worker.process.poll() is None]
+        return stopped
+
     def close(self) -> None:
+        """Stop every worker still running (the orchestrator is stopping), then the fork server and socket."""
+        for worker in self.started:
+            discard_worker(worker, self)
+        self.started = []
         if self.fork_server is not None and self.owns_fork_server:
             self.fork_server.close()
         self.socket.close()
@@ -235,9 +256,10 @@ class StageOutcome:
     failure: Failure | None
     reason: str  #: one line: the worker's own error, or how the process ended
     log_tail: str
-    seconds: float
+    seconds: float  #: from GO to the end: the stage's own time
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    waited_s: float = 0.0  #: from the worker's start to GO (imports; for a prestarted one, its wait)
 
     @property
     def ok(self) -> bool:
@@ -245,15 +267,24 @@ class StageOutcome:
 
 
 def worker_args(
-    jobs: list[JobDir], stage: Stage, attempt: int, plan: dict[str, Any], endpoint: str, heartbeat_s: float
+    jobs: list[JobDir],
+    stage: Stage,
+    attempt: int,
+    plan: dict[str, Any],
+    endpoint: str,
+    heartbeat_s: float,
+    orchestrator_pid: int = 0,
 ) -> list[str]:
-    """The arguments of one worker (after `python -m services.<stage>`); several jobs make a group."""
+    """The arguments of one worker (after `python -m services.<stage>`); several jobs make a group.
+    `orchestrator_pid`, this process on this host, lets a waiting worker notice when it is gone."""
+    watch = ["--orchestrator-pid", str(orchestrator_pid)] if orchestrator_pid else []
     return [
         *(arg for job in jobs for arg in ("--job-dir", str(job.path))),
         "--endpoint", endpoint,
         "--attempt", str(attempt),
         "--plan", json.dumps(plan),
         "--heartbeat-s", str(heartbeat_s),
+        *watch,
     ]  # fmt: skip
 
 
@@ -266,6 +297,8 @@ class SpawnedWorker:
     attempt: int
     plan: dict[str, Any]
     job_ids: tuple[str, ...]
+    #: when it was started (monotonic): a worker started ahead of its turn waits for GO from here
+    spawned: float = dataclasses.field(default_factory=time.monotonic)
 
     def matches(self, job_ids: tuple[str, ...], stage: Stage, attempt: int, plan: dict[str, Any]) -> bool:
         """Still running and started for exactly this attempt of exactly these jobs."""
@@ -287,23 +320,32 @@ def spawn_worker(
     only the link's lane's device (`CUDA_VISIBLE_DEVICES`), if the lane pins one.
     """
     jobs = job if isinstance(job, list) else [job]
-    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
-    log_path = jobs[0].log_path(stage, attempt)
     job_ids = tuple(job.id for job in jobs)
-    if link.spawner is not None:
-        return SpawnedWorker(link.spawner.spawn(stage.module, args, log_path), stage, attempt, plan, job_ids)
+    worker = SpawnedWorker(start_process(jobs, stage, attempt, plan, link, heartbeat_s), stage, attempt, plan, job_ids)
+    link.started.append(worker)
+    return worker
+
+
+def start_process(
+    jobs: list[JobDir], stage: Stage, attempt: int, plan: dict[str, Any], link: WorkerLink, heartbeat_s: float
+) -> WorkerProcess:
+    """The worker's process: on the link's farm, forked by its fork server, or exec'd."""
+    log_path = jobs[0].log_path(stage, attempt)
+    if link.spawner is not None:  # another host: its scheduler, not a pid here, bounds its life
+        args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
+        return link.spawner.spawn(stage.module, args, log_path)
+    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid())
     visible, threads = link.lane.visible_devices, link.lane.threads
     if link.fork_server is not None:
         try:
-            process = link.fork_server.spawn(stage.value, args, log_path, visible, threads)
-            return SpawnedWorker(process, stage, attempt, plan, job_ids)
+            return link.fork_server.spawn(stage.value, args, log_path, visible, threads)
         except ForkServerUnusable as exc:  # said once: the link execs workers from now on
             log.warning("%s", exc)
             if link.owns_fork_server:
                 link.fork_server.close()
             link.fork_server = None
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", stage.module, *args],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -311,7 +353,6 @@ def spawn_worker(
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
             env=worker_environment(visible, threads),
         )
-    return SpawnedWorker(process, stage, attempt, plan, job_ids)
 
 
 def discard_worker(worker: SpawnedWorker | None, link: WorkerLink) -> None:

@@ -41,7 +41,9 @@ def stage_summary(job: JobDir, stage: Stage) -> dict[str, Any]:
     return {
         "attempts": len(attempts),
         "results": [attempt["result"] for attempt in attempts],
+        # From GO: a worker started ahead of its turn waited `waited_s` before it (imports, the stage before).
         "seconds": round(sum(attempt.get("seconds", 0.0) for attempt in attempts), 3),
+        "waited_s": round(sum(attempt.get("waited_s", 0.0) for attempt in attempts), 3),
         "final_plan": attempts[-1]["plan"] if attempts else None,
         "peak_gpu_bytes": max((attempt.get("peak_gpu_bytes", 0) for attempt in attempts), default=0),
         "peak_rss_bytes": max((attempt.get("peak_rss_bytes", 0) for attempt in attempts), default=0),

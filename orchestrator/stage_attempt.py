@@ -82,6 +82,7 @@ class AttemptFollower:
         self.done: dict[str, stages.Done] = {}
         self.worker: SpawnedWorker | None = None
         self.ready = False  #: the worker said READY: its imports worked
+        self.go_at: float | None = None  #: when it was sent GO: its stage's seconds count from here
         for job in members:  # before the worker starts: later members' attempts start mid-run
             job.clean_partial_files()
         leader = members[0]
@@ -140,6 +141,7 @@ class AttemptFollower:
         if isinstance(message, stages.Ready):
             self.ready = True
             self.link.send(identity, stages.Go(job_id, self.stage.value))
+            self.go_at = time.monotonic()
             if message.cpu_threads:  # what its lane's share of the CPUs came to (orchestrator.lanes)
                 self.threads = {"cpu_threads": message.cpu_threads}
                 for member in self.running:
@@ -207,8 +209,20 @@ class AttemptFollower:
             return describe_exit(returncode)
         return "the worker exited 0 before writing this job's outputs"
 
+    @property
+    def waited_s(self) -> float:
+        """How long the worker waited between its start and GO: its imports, and for a worker
+        started ahead of its turn the stage before it (0 until GO was sent)."""
+        if self.go_at is None or self.worker is None:
+            return 0.0
+        return max(0.0, self.go_at - self.worker.spawned)
+
     def settle(self, job_id: str, failure: Failure | None, reason: str, returncode: int = 0) -> None:
-        """Close a member's attempt in its job.json and tell its hooks."""
+        """Close a member's attempt in its job.json and tell its hooks.
+
+        Its `seconds` count from GO (the worker's own count when it reported done), never from the
+        start of a worker that was started ahead and waited; that wait is recorded as `waited_s`.
+        """
         attempt, started = self.running.pop(job_id)
         job, done = self.by_id[job_id], self.done.get(job_id)
         outcome = StageOutcome(
@@ -216,9 +230,10 @@ class AttemptFollower:
             failure=failure,
             reason=reason,
             log_tail=tail(self.log, self.settings.stderr_tail_lines) if failure else "",
-            seconds=done.seconds if done else time.monotonic() - started,
+            seconds=done.seconds if done else time.monotonic() - max(started, self.go_at or started),
             peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
             peak_rss_bytes=done.peak_rss_bytes if done else 0,
+            waited_s=self.waited_s,
         )
         job.finish_attempt(
             self.stage,
@@ -226,6 +241,7 @@ class AttemptFollower:
             returncode=outcome.returncode,
             reason=outcome.reason,
             seconds=round(outcome.seconds, 3),
+            waited_s=round(outcome.waited_s, 3),
             peak_gpu_bytes=outcome.peak_gpu_bytes,
             peak_rss_bytes=outcome.peak_rss_bytes,
         )

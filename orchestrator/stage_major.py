@@ -158,6 +158,9 @@ def run_stage_major(
     finally:
         for worker in handed.values():
             discard_worker(worker, link)
+        # Every job of the run has ended (done, failed, cancelled or interrupted): none of its
+        # workers may go on waiting for a GO, whichever path it ended by.
+        link.stop_workers_of([job.id for job in jobs])
     return results
 
 

@@ -59,6 +59,7 @@ class EventKind(enum.StrEnum):
     JOB_FAILED = "job_failed"  #: the job entered FAILED
     JOB_CANCELLED = "job_cancelled"  #: the job entered CANCELLED
     JOB_INTERRUPTED = "job_interrupted"  #: running attempts were closed as interrupted
+    CANCEL_REQUESTED = "cancel_requested"  #: a person cancelled the running job; its worker is being stopped
     STAGE_STARTED = "stage_started"  #: an attempt began (plan, attempt number, group)
     STAGE_FINISHED = "stage_finished"  #: an attempt ended (result, reason, seconds, peaks)
     STAGE_PROGRESS = "stage_progress"  #: the worker began a phase or finished a step (phase, step, total)
@@ -71,6 +72,7 @@ class EventKind(enum.StrEnum):
     PUBLISHED = "published"  #: the MP4, its PNGs and JSON are all in place (recorded complete)
     PUBLISH_TEMP_REMOVED = "publish_temp_removed"  #: a cut-short publish's temp file was deleted
     PUBLISH_ABANDONED = "publish_abandoned"  #: a cut-short publish to another target was dropped
+    PUBLISH_UNDONE = "publish_undone"  #: a publish that failed (a full disk) removed the files it had placed
 
     @classmethod
     def for_job(cls, state: JobState) -> EventKind:

@@ -7,6 +7,7 @@ orchestrator (which reads return codes) share it without importing each other.
 from __future__ import annotations
 
 import enum
+import errno
 import signal
 
 
@@ -116,3 +117,31 @@ class LoraNotFound(ModelNotFound):
     """A LoRA is not in the local cache or folder: the same exit code, but `--lora` is what to change."""
 
     field = "lora"
+
+
+# errno values of a full disk: no blocks left, or the user's quota spent (a quota is a disk that is
+# full for this user; a smaller plan cannot help either).
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# How writers that do not raise OSError say the same: safetensors' Rust I/O error ("No space left on
+# device (os error 28)"), torch's and libraries' wrapped messages.
+NO_SPACE_TEXTS = ("No space left on device", "Disk quota exceeded", "(os error 28)", "(os error 122)", "[Errno 28]")
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an exception it was raised from, says a disk is full.
+
+    Not only OSError(ENOSPC): safetensors raises SafetensorError("... No space left on device (os
+    error 28)"), and libraries re-raise I/O errors as RuntimeError with the cause chained or quoted.
+    Every writer of a stage's files goes through this test, so a full state dir is exit 5 (no retry)
+    whoever noticed it.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(text in str(current) for text in NO_SPACE_TEXTS):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

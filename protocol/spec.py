@@ -154,6 +154,7 @@ class JobSpec:
         _require_text(self.negative_prompt, "negative_prompt", allow_empty=True)
         if not self.model.strip():
             raise SpecError("model", "must name a Hugging Face repo id or a local folder")
+        require_path_text(self.model, "model")
         for field, value in (("width", self.width), ("height", self.height)):
             if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
                 raise SpecError(
@@ -191,6 +192,8 @@ class JobSpec:
             _require_lora(lora)
         if self.image is not None and not self.image.strip():
             raise SpecError("image", "must be a path to an image file")
+        if self.image is not None:
+            require_path_text(self.image, "image")
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -325,6 +328,13 @@ def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
         raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
 
 
+def require_path_text(value: str, field: str) -> None:
+    """A path or repo id holds no NUL byte: no file name can, and the OS refuses one with a ValueError
+    deep in the lookup, which a client must see as an invalid field, never as an internal error."""
+    if "\0" in value:
+        raise SpecError(field, "must not contain a NUL byte (\\0); no file name or repo id can hold one")
+
+
 def nearest_sizes(value: int, multiple: int = SIZE_MULTIPLE, low: int = MIN_SIZE) -> list[int]:
     """The allowed sizes nearest to an invalid `value`: the multiples of `multiple` either side of
     it, clamped into `low`..MAX_SIZE, so every suggestion is itself valid (one when they meet)."""
@@ -358,9 +368,12 @@ def _require_lora(lora: dict[str, Any]) -> None:
     source = lora.get("source")
     if not isinstance(source, str) or not source.strip():
         raise SpecError("lora", "needs a repo id or a path to a .safetensors file")
+    require_path_text(source, "lora")
     weight_name = lora.get("weight_name")
     if weight_name is not None and (not isinstance(weight_name, str) or "/" in weight_name):
         raise SpecError("lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}")
+    if weight_name is not None:
+        require_path_text(weight_name, "lora_weight_name")
     scale = lora.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
         raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
@@ -375,11 +388,14 @@ def _require_stage2_lora(lora: dict[str, Any]) -> None:
     source = lora.get("source")
     if not isinstance(source, str) or not source.strip():
         raise SpecError("stage2_lora", "needs a repo id or a path to a .safetensors file")
+    require_path_text(source, "stage2_lora")
     weight_name = lora.get("weight_name")
     if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or "/" in weight_name):
         raise SpecError(
             "stage2_lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}"
         )
+    if weight_name is not None:
+        require_path_text(weight_name, "stage2_lora_weight_name")
 
 
 def _require_range(field: str, value: float, low: float, high: float) -> None:

@@ -10,6 +10,7 @@ its heavy imports, and exits at once if the parent died before it could ask.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import runpy
 import signal
@@ -29,6 +30,34 @@ def die_with(parent: int) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(KILLED_EXIT)
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started (clock ticks after boot, field 22 of /proc/PID/stat), or None if it is
+    gone or a zombie: tells a process from a later one that reuses its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+@dataclasses.dataclass(frozen=True)
+class Watched:
+    """A process that is not our parent but whose end we must notice (a worker's orchestrator, when
+    a fork server stands between them)."""
+
+    pid: int
+    started: int | None
+
+    @classmethod
+    def of(cls, pid: int) -> Watched:
+        return cls(pid, start_time(pid))
+
+    def is_running(self) -> bool:
+        """Still the same process, not ended and not a zombie (a gone one never comes back)."""
+        return self.started is not None and start_time(self.pid) == self.started
 
 
 def main() -> None:

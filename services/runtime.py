@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -34,16 +33,19 @@ from typing import Any, NoReturn
 import zmq
 
 from protocol import codec, stages
-from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError
+from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError, is_no_space
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
 from protocol.stages import WORKER_CURVE_ENV
-from services import faults
+from services import faults, parent_bound
 
 log = logging.getLogger("ltx2.worker")
 # A prestarted worker may wait for GO through a whole diffusion run (15 min on a Thor at 1080p);
-# it gives up after a day, or at once when its orchestrator dies (it is then re-parented).
+# it gives up after a day, or within GO_POLL_MS when its orchestrator is gone (wait_for_go).
 GO_TIMEOUT_S = 86400.0
+# How often a waiting worker checks that its orchestrator still exists (the bound on how long it
+# outlives one that died).
+GO_POLL_MS = 500
 # Queued progress messages are dropped after this long if the orchestrator stopped reading, so a
 # dead orchestrator can never keep a finished worker from exiting.
 LINGER_MS = 2000
@@ -145,6 +147,12 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attempt", type=int, default=1, help="attempt number, for reports")
     parser.add_argument("--plan", default="{}", help="JSON object: the memory plan for this attempt")
     parser.add_argument("--heartbeat-s", type=float, default=2.0, help="seconds between heartbeats")
+    parser.add_argument(
+        "--orchestrator-pid",
+        type=int,
+        default=0,
+        help="the orchestrator's pid on this host: a worker waiting for GO exits once it is gone (0: not watched)",
+    )
     return parser.parse_args(argv)
 
 
@@ -161,7 +169,6 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     """Run a stage function for one job (or a group of jobs) as a process and exit with its code."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
     args = parse_args(stage, argv)
-    started = time.monotonic()
     context = zmq.Context()
     socket = None
     reporter = Reporter(stage, "", None)
@@ -175,7 +182,10 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
             socket = connect(context, args.endpoint)
             reporter.socket = socket
         if socket is not None:
-            wait_for_go(reporter, socket, args.attempt)
+            wait_for_go(reporter, socket, args.attempt, args.orchestrator_pid)
+        # A stage's seconds count from GO: a worker started ahead of its turn may have waited through
+        # a whole diffusion run, which is the orchestrator's to report (as the attempt's `waited_s`).
+        started = time.monotonic()
         reporter.start_heartbeat(args.heartbeat_s)
         faults.inject_at_start(stage.value, args.attempt, os.environ, args.job_dir[0])
         plan, shared = json.loads(args.plan), {}
@@ -189,7 +199,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         code = exit_code_for(exc)
         traceback.print_exc()
         remove_own_temp_files(args.job_dir)
-        reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc)))
+        reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc, args.job_dir[0])))
     finally:
         if socket is not None:
             socket.close(linger=LINGER_MS)
@@ -338,19 +348,33 @@ def connect(context: zmq.Context, endpoint: str) -> zmq.Socket:
     return socket
 
 
-def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int) -> None:
-    """Say READY, then block until GO arrives (or give up if the orchestrator never answers)."""
+def wait_for_go(reporter: Reporter, socket: zmq.Socket, attempt: int, orchestrator_pid: int = 0) -> None:
+    """Say READY, then block until GO arrives; give up when the orchestrator is gone or never answers.
+
+    A prestarted worker holds its imports (~300 MB) while it waits, so it must not outlive the
+    orchestrator it waits for. Its parent is that orchestrator (exec'd) or the orchestrator's fork
+    server, which exits with it; either way a new parent means the orchestrator is gone. The
+    orchestrator's own pid (`orchestrator_pid`, checked with its start time so a reused pid does not
+    count) covers a fork server that outlives it (stopped, hung): the worker then exits as well.
+    """
     parent = os.getppid()
+    orchestrator = parent_bound.Watched.of(orchestrator_pid) if orchestrator_pid else None
     torch = sys.modules.get("torch")
     threads = torch.get_num_threads() if torch is not None else 0
     reporter.send(stages.Ready(reporter.job_id, reporter.stage.value, attempt, os.getpid(), threads))
     deadline = time.monotonic() + GO_TIMEOUT_S
-    while time.monotonic() < deadline and os.getppid() == parent:
-        if socket.poll(timeout=1000):
+    while time.monotonic() < deadline:
+        if os.getppid() != parent or (orchestrator is not None and not orchestrator.is_running()):
+            raise OrchestratorGone("the orchestrator that started this worker is gone; nobody will send GO")
+        if socket.poll(timeout=GO_POLL_MS):
             message = codec.decode(socket.recv())
             if isinstance(message, stages.Go):
                 return
     raise TimeoutError("no GO from the orchestrator (it stopped or never answered)")
+
+
+class OrchestratorGone(RuntimeError):
+    """A worker waiting for GO found its orchestrator gone (it then exits at once)."""
 
 
 def remove_own_temp_files(job_dirs: list[Path]) -> None:
@@ -373,7 +397,7 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     """Classify an exception into a worker exit code (CUDA OOM without importing torch here)."""
     if isinstance(exc, StageError):
         return exc.exit_code
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if is_no_space(exc):  # OSError(ENOSPC) or a writer's own error for it (safetensors, torch)
         return ExitCode.NO_SPACE
     if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
         return ExitCode.ENVIRONMENT
@@ -382,7 +406,11 @@ def exit_code_for(exc: BaseException) -> ExitCode:
     return ExitCode.OTHER
 
 
-def summarize(exc: BaseException) -> str:
-    """One line for reports; the full traceback goes to the worker log."""
+def summarize(exc: BaseException, job_dir: Path | None = None) -> str:
+    """One line for reports; the full traceback goes to the worker log. A full disk is named by
+    the path its error gave, or, when the writer gave none (safetensors), by the job's directory."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    if job_dir is not None and is_no_space(exc) and not getattr(exc, "filename", None):
+        line += f" (writing for the job in {job_dir}; free space on its disk, then resume it)"
+    return line[:500]

@@ -1,17 +1,21 @@
-"""The orchestrator's own parts crash: Ctrl-C of the CLI, a corrupt or lost job store."""
+"""The orchestrator's own parts crash: Ctrl-C of the CLI, a corrupt or lost job store, a job store
+damaged under a running daemon, job directories deleted behind its back."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
+from daemon_process import DaemonProcess
 from supervised import wait_for_file
 
 from protocol.files import JOB_FILE
@@ -140,3 +144,41 @@ def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(fault_env: dict
         assert probe_mp4(Path(job["output"]))["frames"] == 17
     if corruption in ("garbage", "zeroed_header"):  # unreadable to sqlite: kept aside for a post-mortem
         assert list(store.parent.glob("jobs.sqlite.corrupt-*"))
+
+
+def test_a_job_whose_directory_was_deleted_is_gone_from_the_store_after_a_restart(daemon_env: dict, tmp_path: Path):
+    with DaemonProcess(daemon_env, tmp_path / "first.log") as daemon:
+        ids = [submit_tiny(daemon_env, "a mill", "--num-frames", "9", "--seed", seed) for seed in ("1", "2")]
+        for job_id in ids:  # nothing needs to render: queued or running, each ends cancelled
+            assert run_ltx2(["cancel", job_id], daemon_env).returncode == 0
+            daemon.wait_for_state(job_id, {"cancelled"})
+    kept, deleted = ids
+    shutil.rmtree(Path(daemon_env["LTX2_STATE_DIR"]) / "jobs" / deleted)
+    with DaemonProcess(daemon_env, tmp_path / "second.log"):
+        listed = json.loads(run_ltx2(["jobs", "--json"], daemon_env).stdout)
+        status = run_ltx2(["status", deleted], daemon_env)
+    assert [(job["id"], job["state"]) for job in listed] == [(kept, "cancelled")]
+    assert status.returncode == 1 and f"no job '{deleted}'" in status.stderr
+
+
+def test_a_store_overwritten_under_a_running_job_is_rebuilt_and_the_job_finishes(fault_env: dict, tmp_path: Path):
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-garbage")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**fault_env, "XDG_RUNTIME_DIR": str(runtime)}
+    store = tmp_path / "state" / "jobs.sqlite"
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        job_id = submit_tiny(env, "a mill", "--num-frames", "9")
+        worker = int(wait_for_file(tmp_path / "faults" / "paused-encode_diffuse.pid").read_text())
+        # What a backup tool's checkpoint, then `cat garbage > jobs.sqlite`, does to the file.
+        with sqlite3.connect(store) as external:
+            assert external.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy
+        store.write_bytes(os.urandom(8192))
+        os.kill(worker, signal.SIGKILL)  # the job goes on (a retry) over the damaged store
+        job = daemon.wait_for_state(job_id, {"done", "failed", "cancelled"})
+        listed = json.loads(run_ltx2(["jobs", "--json"], env).stdout)
+        log = daemon.log()
+    assert job["state"] == "done", job["error"]
+    assert probe_mp4(Path(job["output"]))["frames"] == 9
+    assert [(row["id"], row["state"]) for row in listed] == [(job_id, "done")]
+    assert "damaged under the daemon" in log
+    assert list(store.parent.glob("jobs.sqlite.corrupt-*"))  # the garbage is kept for a post-mortem

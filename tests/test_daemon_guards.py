@@ -179,3 +179,31 @@ def test_worker_sockets_of_dead_processes_are_removed_at_start_and_live_ones_sta
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_worker_waiting_for_go_exits_when_its_daemon_dies_though_its_fork_server_lives_on(
+    daemon_env: dict, tmp_path: Path
+):
+    """A prestarted worker's parent is the fork server, not the daemon: it must also notice the
+    daemon itself is gone (here the server is stopped, so it cannot exit with the daemon)."""
+    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    state_dir = Path(env["LTX2_STATE_DIR"])
+    server = 0
+    try:
+        with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+            submit(env, "--num-frames", "9")
+            worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
+            server = parent_of(worker)
+            (waiting,) = [pid for pid in children_of(server) if pid != worker]  # audio, waiting for GO
+            os.kill(server, signal.SIGSTOP)
+            daemon.process.kill()
+            daemon.process.wait()
+            deadline = time.monotonic() + FILE_WAIT_S
+            while is_running(waiting) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not is_running(waiting), f"worker {waiting} still waits for a GO from a dead daemon"
+            assert parent_of(worker) == server  # the stopped server never let its children go
+    finally:
+        if server:
+            kill_group(server)
+        kill_workers_left_in(state_dir)

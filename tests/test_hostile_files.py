@@ -21,8 +21,10 @@ from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
 from orchestrator.jobdir import JobDir
-from protocol.files import JOB_FILE, LATENTS_FILE
+from protocol.files import JOB_FILE, LATENTS_FILE, Stage
 
+# The cheapest clip: 9 frames are 3 latent frames.
+SMALL_ARGS = [*TINY_ARGS[:4], "--num-frames", "9"]
 # The generate command line of the seed README (section "3. Generate a video"), after the image
 # name `ltx2`, with the seed's default `--output` written out.
 SEED_COMMAND = (
@@ -94,20 +96,15 @@ def test_abbreviated_flags_are_refused(ltx2_env: dict, flag: str):
 def small_disk(tmp_path: Path):
     """A real 1 MiB tmpfs (skipped where mounting is not allowed); `remount(options)` changes it."""
     mount = tmp_path / "small-disk"
-    mount.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=False, capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    mount_tmpfs(mount, "1m")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill(folder: Path) -> Path:
-    """Write a file into `folder` until its filesystem is full."""
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Write a file into `folder` until its filesystem is full, then give `leave` bytes back."""
     filler = folder / "filler.bin"
     with filler.open("wb", buffering=0) as handle:
         try:
@@ -115,7 +112,18 @@ def fill(folder: Path) -> Path:
                 handle.write(b"\0" * 4096)
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
+        handle.truncate(max(0, handle.tell() - leave))
     return filler
+
+
+def mount_tmpfs(mount: Path, size: str) -> None:
+    """A real tmpfs of `size` at `mount` (the test is skipped where mounting is not allowed)."""
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], check=False, capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
 
 
 @pytest.mark.parametrize("where", ["file-in-the-way", "proc", "read-only"])
@@ -137,10 +145,11 @@ def test_an_unwritable_output_folder_is_refused_before_any_stage(
     assert jobs_of(ltx2_env) == []  # nothing ran
 
 
-def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_no_temp_file(
+def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_leaves_nothing_there(
     ltx2_env: dict, small_disk: Path
 ):
-    filler = fill(small_disk)
+    # Room for the sidecar and both PNGs (4 KiB pages: 1 + 3 + 3), not for the MP4 after them.
+    filler = fill(small_disk, leave=32 * 1024)
     result = run_ltx2(["generate", "--prompt", "x", "--output-dir", str(small_disk), "--quiet", *TINY_ARGS], ltx2_env)
     assert result.returncode == 5, result.stderr
     assert "Traceback" not in result.stderr
@@ -149,8 +158,11 @@ def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_no_tem
     recover = f"ltx2 decode --input {job.path} --output PATH.mp4"
     assert recover in job.record["error"] and "No space left on device" in job.record["error"]
     (line,) = [line for line in result.stderr.splitlines() if recover in line]
-    assert str(small_disk) in line
-    assert sorted(path.name for path in small_disk.iterdir()) == ["filler.bin"]  # no temp file left
+    assert f"cannot publish the video to {small_disk}: No space left on device" in line  # the folder, not a job file
+    # All or nothing: the sidecar and PNGs that fitted were taken back with the temp files.
+    assert sorted(path.name for path in small_disk.iterdir()) == ["filler.bin"]
+    events = [json.loads(line)["event"] for line in (job.path / "events.log").read_text().splitlines()]
+    assert "publish_undone" in events
     # The command it names recovers the video once there is space.
     filler.unlink()
     recovered = small_disk / "recovered.mp4"
@@ -175,6 +187,36 @@ def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_
     assert list(job.path.rglob("*.tmp-*")) == []  # the half-written temp file was removed
 
 
+def test_a_full_state_dir_is_exit_5_in_one_line_never_a_retried_crash(ltx2_env: dict, tmp_path: Path):
+    """A real 300 KiB state dir: the job directory fits, the diffusion stage's first write does not
+    (safetensors' own error, not an OSError); then a state dir too full for a job.json at all."""
+    state = tmp_path / "small-state"
+    mount_tmpfs(state, "300k")
+    try:
+        command = ["--state-dir", str(state), "generate", "--prompt", "x", "--quiet", *SMALL_ARGS]
+        result = run_ltx2(command, ltx2_env)
+        assert result.returncode == 5, result.stderr
+        assert "Traceback" not in result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("ltx2: error:")]
+        (job_dir,) = (state / "jobs").iterdir()
+        job = JobDir.load(job_dir)
+        assert attempts_of(job) == {"encode_diffuse": 1}  # no retry, no lower-memory plan
+        (attempt,) = job.record["stages"]["encode_diffuse"]["attempts"]
+        assert (attempt["result"], attempt["returncode"]) == ("no_space", 5)
+        assert "No space left on device" in line and str(job_dir) in line
+        # Full before the job directory can be written: the orchestrator's own write, the same exit.
+        shutil.rmtree(job_dir)
+        fill(state)
+        result = run_ltx2(command, ltx2_env)
+        assert result.returncode == 5, result.stderr
+        assert "Traceback" not in result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("ltx2: error:")]
+        assert f"no space left on the disk of {state}" in line
+        assert list((state / "jobs").iterdir()) == []  # no half-made job directory left behind
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
 @pytest.fixture(scope="module")
 def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished tiny job (its latents are the raw material for the corrupt ones)."""
@@ -187,14 +229,20 @@ def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dict, named: Path, stage: str) -> None:
-    """Exit 2, the file named, no traceback, and the stage that read it attempted once."""
+    """Exit 2 with one error line naming the file and the worker log, the stage that read it
+    attempted once; the worker's traceback is in its log, never on the terminal."""
     assert result.returncode == 2, result.stderr
-    assert str(named) in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("ltx2: error:")]
+    assert str(named) in line
+    assert not [line for line in result.stderr.splitlines() if not line.startswith("ltx2: ")], result.stderr
     (job,) = jobs_of(env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {stage: 1}
     (attempt,) = job.record["stages"][stage]["attempts"]
     assert attempt["result"] == "invalid_input"
+    log = job.log_path(Stage(stage), 1)
+    assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 
 
 def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path):

@@ -117,6 +117,22 @@ def submit_error(daemon: DaemonProcess, **fields: object) -> DaemonError:
     return refused.value
 
 
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"image": "/tmp/a\0b.png"}, "image"),
+        ({"loras": [{"source": "/tmp/a\0b.safetensors"}]}, "lora"),
+        ({"model": "ltx2-stages/tiny\0"}, "model"),
+    ],
+)
+def test_a_nul_byte_in_a_path_is_an_invalid_spec_naming_the_field(daemon: DaemonProcess, fields: dict, field: str):
+    """No file name can hold a NUL byte; the OS refuses one with a ValueError deep in the lookup,
+    which reached clients as `internal: ValueError: embedded null byte`."""
+    refused = submit_error(daemon, **fields)
+    assert (refused.code, refused.field) == ("invalid_spec", field), refused
+    assert "NUL byte" in str(refused)
+
+
 def test_missing_lora_names_lora_and_a_missing_model_names_model_both_exit_4(daemon: DaemonProcess, tmp_path: Path):
     lora = submit_error(daemon, loras=[{"source": "Nobody/NoSuchLoRA"}])
     assert (lora.code, lora.field) == ("not_found", "lora"), str(lora)

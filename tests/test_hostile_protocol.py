@@ -268,3 +268,27 @@ def test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on(d
         listed = run_cli(["jobs"], env)
         assert listed.returncode == 0, listed.stderr
         assert daemon.process.poll() is None
+
+
+def test_another_process_on_the_daemons_private_socket_is_never_answered(daemon_env: dict, tmp_path: Path):
+    """The daemon's private socket (daemon-core-<pid>.sock) is in the 0700 runtime dir, but any process
+    of the same user can connect to it: it must get no reply, neither to its own requests nor to
+    other clients', and the clients of the client front must all be answered meanwhile."""
+    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+        core = Path(daemon_env["XDG_RUNTIME_DIR"]) / f"ltx2-stages-{os.getuid()}" / f"daemon-core-{daemon.pid}.sock"
+        assert core.exists()
+        context = zmq.Context()
+        rogue = context.socket(zmq.DEALER)
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.connect(f"ipc://{core}")
+        try:
+            ping = codec.encode(jobs.Ping(""))
+            rogue.send_multipart([b"rogue", ping])  # what the front forwards
+            rogue.send_multipart([os.urandom(32), b"rogue", ping])  # with a guessed token
+            for _ in range(6):  # a DEALER in the daemon would deal some of these replies to the rogue
+                with daemon.client() as client:
+                    assert client.request(jobs.Ping(""))["pid"] == daemon.pid
+            assert rogue.poll(2000) == 0, rogue.recv_multipart()
+        finally:
+            context.destroy(linger=0)
+        assert "did not come from its client front" in daemon.log()

@@ -19,9 +19,9 @@ import pytest
 import torch
 import zmq
 from conftest import run_ltx2
-from daemon_process import DaemonProcess, children_of, cmdline, is_running
+from daemon_process import DaemonProcess, children_of, cmdline, is_running, kill_group, running_writers_into
 from safetensors.torch import load_file
-from supervised import Supervised
+from supervised import Supervised, wait_for_file
 from test_daemon import submit
 from test_stage_major import TINY, TINY_FLAGS, jobs_by_name, make_job, write_batch
 
@@ -353,3 +353,39 @@ def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(daem
         assert {a["cpu_threads"] for _, a in attempts_of(records)} == {lane_share()}
         assert fork_servers_of(daemon.pid) == servers  # from that one server
     assert not is_running(servers[0])  # and it stopped with the daemon
+
+
+def test_a_worker_started_ahead_for_a_job_another_lane_claimed_is_stopped(daemon_env: dict, tmp_path: Path):  # noqa: F811
+    """A lane starts the next queued job's first worker while its own job's last stage runs; when
+    another lane claims that job, the worker must go then, not when this lane's job ends. Holds
+    (LTX2_FAULT_HOLD) put each job where the scene needs it."""
+    holds = "publish@zero,before-video_decode@one,before-encode_diffuse@two,publish@one"
+    env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu", "LTX2_FAULT_HOLD": holds}
+    faults = Path(env["LTX2_FAULT_DIR"])
+
+    def held(entry: str) -> str:
+        return wait_for_file(faults / f"held-{entry}").read_text()
+
+    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        try:
+            zero = submit(env, "--num-frames", "9", "--name", "zero")
+            assert held("publish@zero") == zero  # one lane busy until released
+            one = submit(env, "--num-frames", "9", "--name", "one", "--seed", "12")
+            daemon.wait_for_state(one, {"running"})  # claimed by the other lane
+            two = submit(env, "--num-frames", "9", "--name", "two", "--seed", "13")
+            assert held("before-video_decode@one") == one  # its lane started job two's first worker
+            two_dir = Path(env["LTX2_STATE_DIR"]) / "jobs" / two
+            assert len(running_writers_into(two_dir)) == 1
+            (faults / "release-publish@zero").touch()  # the first lane is free: it claims job two
+            assert held("before-encode_diffuse@two") == two  # and has started no worker for it yet
+            (faults / "release-before-video_decode@one").touch()
+            assert held("publish@one") == one  # job one ran its last stage and is not done yet
+            deadline = time.monotonic() + 15
+            while running_writers_into(two_dir) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert running_writers_into(two_dir) == []
+        finally:
+            for entry in holds.split(","):
+                (faults / f"release-{entry}").touch()
+            for pid in running_writers_into(Path(env["LTX2_STATE_DIR"])):
+                kill_group(pid)

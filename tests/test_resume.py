@@ -68,7 +68,9 @@ def test_rerun_redoes_only_stages_whose_outputs_are_missing_or_changed(tiny_mode
     assert published.count((job.path / VIDEO_FILE).read_bytes()) == 1
 
 
-def test_failed_stage_reports_its_log_tail_and_exit_code(tiny_model_dir: Path, tmp_path: Path, ltx2_env: dict):
+def test_failed_stage_reports_one_line_naming_its_log_and_its_exit_code(
+    tiny_model_dir: Path, tmp_path: Path, ltx2_env: dict
+):
     broken = tmp_path / "no-vae-model"
     shutil.copytree(tiny_model_dir, broken)
     shutil.rmtree(broken / "vae")
@@ -79,8 +81,10 @@ def test_failed_stage_reports_its_log_tail_and_exit_code(tiny_model_dir: Path, t
     assert result.returncode == 4
     assert "stage encode_diffuse failed (model_not_found)" in result.stderr
     assert "has no 'vae' component" in result.stderr
-    assert "last lines of the encode_diffuse log" in result.stderr
     (job_dir,) = (tmp_path / "state" / "jobs").iterdir()
+    # One line: the worker's log is named, its traceback stays there.
+    assert "Traceback" not in result.stderr
+    assert f"worker log: {job_dir / 'logs' / 'encode_diffuse-1.log'}" in result.stderr
     record = json.loads((job_dir / "job.json").read_text())
     assert record["status"] == "failed"
     assert record["stages"]["encode_diffuse"]["attempts"][0]["returncode"] == 4

@@ -130,7 +130,7 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(
             f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]"
             f"{on_lane(attempt)}: {attempt['result']}"
-            f" {attempt['seconds']:.1f} s {attempt['reason']}".rstrip()
+            f" {attempt['seconds']:.1f} s{waited(attempt)} {attempt['reason']}".rstrip()
         )
     if job.get("progress"):
         p = job["progress"]
@@ -141,6 +141,12 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(f"  output: {job['output']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def waited(attempt: dict[str, Any]) -> str:
+    """ " (after 12.8 s waiting for GO)" for a worker started ahead of its turn; its seconds count from GO."""
+    seconds = float(attempt.get("waited_s") or 0.0)
+    return f" (after {seconds:.1f} s waiting for GO)" if seconds >= 0.1 else ""
 
 
 def reproducible_note(reproducible: dict[str, Any] | None) -> str:

@@ -52,8 +52,9 @@ def limit_memory(limit: int = MEMORY_BOUND_BYTES) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
-def relay(public: zmq.Socket, core: zmq.Socket, daemon_pid: int) -> None:
-    """Pass single-frame requests to the daemon and its replies back, until the daemon is gone."""
+def relay(public: zmq.Socket, core: zmq.Socket, daemon_pid: int, token: bytes) -> None:
+    """Pass single-frame requests to the daemon (with the token it gave this front) and its replies
+    back, until the daemon is gone."""
     poller = zmq.Poller()
     poller.register(public, zmq.POLLIN)
     poller.register(core, zmq.POLLIN)
@@ -63,7 +64,7 @@ def relay(public: zmq.Socket, core: zmq.Socket, daemon_pid: int) -> None:
             identity, payload = receive_request(public)  # extra frames are dropped as read
             if isinstance(payload, bytes):
                 try:
-                    core.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+                    core.send_multipart([token, identity, payload], flags=zmq.NOBLOCK)
                     payload = None
                 except zmq.Again:  # the daemon is not connected or is far behind
                     payload = jobs.Error("", ErrorCode.INTERNAL, "the daemon is not taking requests; try again")
@@ -93,6 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def read_token() -> bytes:
+    """The daemon's secret for this front, one hex line on stdin (a pipe only the two share)."""
+    line = sys.stdin.readline().strip()
+    sys.stdin.close()
+    return bytes.fromhex(line)
+
+
 def refuse(context: zmq.Context, reason: str) -> int:
     """Tell the daemon why this front cannot serve (one line); returns the exit status."""
     sys.stdout.write(f"{ERROR_PREFIX}{reason}\n")
@@ -103,6 +111,7 @@ def refuse(context: zmq.Context, reason: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the daemon, which stops the front
+    token = read_token()
     limit_memory()
     address = DaemonAddress(args.endpoint, args.server_secret_key, args.authorized_keys_dir)
     context = zmq.Context()
@@ -120,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"{READY}\n")
     sys.stdout.close()  # the daemon reads one line; nothing else goes there
     try:
-        relay(public, core, args.daemon_pid)
+        relay(public, core, args.daemon_pid, token)
     finally:
         if authenticator is not None:
             authenticator.stop()

@@ -14,7 +14,7 @@ share of the queue (queued jobs / lanes), so that the other lanes get work too. 
 both claim a job: the claim is the QUEUED -> RUNNING transition, checked against job.json under
 the job's lock. A job stays on the lane that claimed it for all its stages. Each thread owns its
 own sqlite connection and worker socket; the daemon's main thread talks to them only through the
-store (cancel requests), the job directories (transitions under their lock) and the progress board.
+store, the job directories (transitions and cancel requests, under their lock) and the progress board.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from orchestrator.daemon import fault_switches
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
-from orchestrator.jobdir import JobDir
+from orchestrator.jobdir import CANCEL_REASON, JobDir
 from orchestrator.lane_links import LaneSource
 from orchestrator.lanes import Lane
 from orchestrator.pipeline import JobFailed, next_attempt
@@ -50,6 +50,8 @@ log = logging.getLogger("ltx2.executor")
 IDLE_POLL_S = 0.2
 # How long recovery waits for a killed orphan worker to disappear.
 ORPHAN_EXIT_WAIT_S = 10.0
+# How often a running lane checks that the job it started a worker ahead for is still queued.
+STALE_CHECK_S = 1.0
 
 
 class ProgressBoard:
@@ -125,9 +127,10 @@ class Executor(threading.Thread):
         self.lane_source = lane_source
         # The next queued job's first worker, started while the current job's last stage runs.
         self.next_worker: SpawnedWorker | None = None
+        self.stale_check_at = 0.0  #: when drop_stale_prestart looks at the next job's state again
 
     def run(self) -> None:
-        store = JobStore(self.store_path)
+        store = JobStore(self.store_path, self.settings.jobs_dir)
         link = self.lane_source.link(self.lane)
         try:
             while not self.stop.is_set():
@@ -186,7 +189,6 @@ class Executor(threading.Thread):
                 if job.state is not JobState.RUNNING:  # cancelled meanwhile; its row was mirrored then
                     store.mirror(job)
                 break
-            store.clear_cancel(job.id)
             claimed.append(job)
         return claimed
 
@@ -194,7 +196,7 @@ class Executor(threading.Thread):
         log.info("job %s: running", job.id)
         prestarted, self.next_worker = self.next_worker, None
         try:
-            output = run_job(job, self.settings, link, self.hooks(store, link, job.id), prestarted)
+            output = run_job(job, self.settings, link, self.hooks(store, link, job), prestarted)
             log.info("job %s: done -> %s", job.id, output)
         except JobFailed as exc:
             log.info("job %s: %s: %s", job.id, exc.job_state.value, exc)
@@ -210,7 +212,7 @@ class Executor(threading.Thread):
         self.next_worker = None
         ids = [job.id for job in jobs]
         log.info("jobs %s: running as one stage-major group", ", ".join(ids))
-        hooks = {job_id: self.hooks(store, link, job_id) for job_id in ids}
+        hooks = {job.id: self.hooks(store, link, job) for job in jobs}
         try:
             results = run_stage_major(jobs, self.settings, link, lambda job: hooks[job.id])
         except Exception as exc:  # a group must never take the executor down with it
@@ -224,6 +226,21 @@ class Executor(threading.Thread):
             else:
                 log.info("job %s: done -> %s", job_id, result)
             self.board.clear(job_id)
+
+    def drop_stale_prestart(self, store: JobStore, link: WorkerLink) -> None:
+        """Stop the worker started ahead for the next queued job once that job is no longer queued
+        here: another lane claimed it (it runs its own workers there) or it was cancelled. Checked
+        at most every STALE_CHECK_S while this lane's current job runs, so the worker never waits
+        for the end of that job."""
+        worker = self.next_worker
+        if worker is None or time.monotonic() < self.stale_check_at:
+            return
+        self.stale_check_at = time.monotonic() + STALE_CHECK_S
+        row = store.get(worker.job_ids[0])
+        if row is None or row["state"] != JobState.QUEUED:
+            log.info("job %s left the queue; stopping the worker started ahead for it", worker.job_ids[0])
+            discard_worker(worker, link)
+            self.next_worker = None
 
     def prestart_next_job(self, store: JobStore, link: WorkerLink) -> None:
         """Start the next queued job's first worker so its imports overlap this job's last stage."""
@@ -240,16 +257,19 @@ class Executor(threading.Thread):
         except (OSError, ValueError) as exc:
             log.warning("could not prestart job %s: %s", queued[0]["id"], exc)
 
-    def hooks(self, store: JobStore, link: WorkerLink, job_id: str) -> JobHooks:
+    def hooks(self, store: JobStore, link: WorkerLink, job: JobDir) -> JobHooks:
+        job_id = job.id
+
         def on_attempt(stage: Stage, attempt: int, plan: dict[str, Any], outcome: StageOutcome) -> None:
             result = "ok" if outcome.ok else outcome.failure.value
             log.info("job %s: %s attempt %d (%s): %s %s", job_id, stage.value, attempt,
                      describe_plan(stage, plan), result, outcome.reason)  # fmt: skip
 
         def should_stop() -> Failure | None:
+            self.drop_stale_prestart(store, link)
             if self.stop.is_set():
                 return Failure.INTERRUPTED
-            return Failure.CANCELLED if store.is_cancel_requested(job_id) else None
+            return Failure.CANCELLED if job.cancel_requested else None
 
         return JobHooks(
             listener=lambda event: self.board.update(job_id, event),
@@ -284,6 +304,9 @@ def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:
         job.mirror = store.mirror
         for pid in job.interrupt_running_attempts("the daemon stopped during this attempt"):
             kill_orphan(pid, str(job.path))
+        if job.cancel_requested:  # answered "cancelling" before the daemon died: carried out now
+            job.transition(JobState.CANCELLED, error=CANCEL_REASON)
+            continue
         job.transition(JobState.QUEUED)  # resumes at its first unfinished stage
         recovered.append(job.id)
     return recovered

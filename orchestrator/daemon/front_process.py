@@ -19,7 +19,7 @@ import sys
 import time
 
 from orchestrator.daemon.client_front import ERROR_PREFIX, READY
-from orchestrator.daemon.transport import DaemonAddress, TransportError
+from orchestrator.daemon.transport import DaemonAddress, TransportError, new_front_token
 
 log = logging.getLogger("ltx2.daemon")
 # How long a front may take to bind and say so: Python start-up and zmq, on a loaded two-core host.
@@ -44,6 +44,8 @@ class ClientFront:
         self.started_at = 0.0
         self.restart_at: float | None = None  #: when the next front starts, after one died
         self.backoff_s = FIRST_BACKOFF_S
+        #: what the running front sends with each request; a random one until a front runs
+        self.token = new_front_token()
 
     @property
     def pid(self) -> int | None:
@@ -62,8 +64,11 @@ class ClientFront:
     def start(self) -> None:
         """Start a front and wait until it has bound the endpoint; TransportError if it cannot."""
         # stderr is the daemon's: libzmq's abort message and any traceback land in the daemon's log.
-        process = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        assert process.stdout is not None
+        process = subprocess.Popen(self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert process.stdin is not None and process.stdout is not None
+        token = new_front_token()
+        with process.stdin:  # the token goes through a pipe, never argv or the environment
+            process.stdin.write(token.hex().encode() + b"\n")
         with process.stdout:
             ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
             line = process.stdout.readline().decode(errors="replace").strip() if ready else ""
@@ -76,6 +81,7 @@ class ClientFront:
                 reason or f"the client front for {self.address.endpoint} did not start (exit status {status})"
             )
         self.process, self.started_at, self.restart_at = process, time.monotonic(), None
+        self.token = token
 
     def keep_running(self) -> None:
         """Called from the daemon's loop: notice a dead front, and start the next one when its backoff is over."""

@@ -38,8 +38,8 @@ from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
-from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_request
-from orchestrator.jobdir import JOB_ID_PATTERN, JobDir, tail
+from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
+from orchestrator.jobdir import CANCEL_REASON, JOB_ID_PATTERN, JobDir, tail
 from orchestrator.jobspec import build_spec
 from orchestrator.lane_links import LaneSource, open_lanes
 from orchestrator.policy import describe_plan
@@ -117,12 +117,7 @@ class Daemon:
                     raise ExecutorDied("the executor thread died (its traceback is in the daemon's log)")
                 front.keep_running()
                 if socket.poll(POLL_MS):
-                    identity, payload = receive_request(socket)  # the front forwards one-frame requests only
-                    reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
-                    try:
-                        socket.send_multipart([identity, encode_reply(reply)], flags=zmq.NOBLOCK)
-                    except zmq.Again:  # the front died since it asked: its clients reconnect and ask again
-                        log.warning("reply to a %s request dropped: no client front connected", type(reply).__name__)
+                    self.serve_one(socket, front.token, store)
         finally:
             self.stop.set()
             for executor in self.executors:
@@ -139,6 +134,20 @@ class Daemon:
             if self.address.endpoint.startswith("ipc://"):
                 Path(self.address.endpoint.removeprefix("ipc://")).unlink(missing_ok=True)
             log.info("stopped")
+
+    def serve_one(self, socket: zmq.Socket, token: bytes, store: JobStore) -> None:
+        """Answer one request of the client front; a message without the front's token (another
+        process of this user connected to the private socket) is dropped unanswered."""
+        received = receive_from_front(socket, token)  # the front forwards one-frame requests only
+        if received is None:
+            log.warning("dropped a message on the daemon's private socket that did not come from its client front")
+            return
+        front, identity, payload = received
+        reply = payload if isinstance(payload, jobs.Error) else self.answer([identity, payload], store)
+        try:
+            socket.send_multipart([front, identity, encode_reply(reply)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:  # the front died since it asked: its clients reconnect and ask again
+            log.warning("reply to a %s request dropped: its client front is gone", type(reply).__name__)
 
     def answer(self, frames: list[bytes], store: JobStore) -> codec.Message:
         """The one reply to one request; never raises."""
@@ -224,18 +233,23 @@ class Daemon:
         return jobs.Ok("", fit_listing([self.summary(row, store, detailed=False) for row in rows]))
 
     def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
+        """Cancel a queued job at once; ask the executor to stop a running one ("cancelling", always
+        carried out); or answer conflict: already finished, or too late (publishing has begun)."""
         job = self.require_job_dir(request.id, store)
+        if job.state is not JobState.RUNNING:
+            try:  # under the job's lock: if the executor claimed it just now, this fails cleanly
+                job.transition(JobState.CANCELLED, error=CANCEL_REASON)
+                return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
+            except TransitionError:
+                pass
+        if job.request_cancel():  # under the lock the executor takes to begin publishing
+            return jobs.Ok(request.id, {"state": "cancelling"})  # the executor stops the worker within a poll
         if job.state is JobState.RUNNING:
-            store.request_cancel(request.id)  # the executor stops the worker within a poll interval
-            return jobs.Ok(request.id, {"state": "cancelling"})
-        try:  # under the job's lock: if the executor claimed it just now, this fails cleanly
-            job.transition(JobState.CANCELLED, error="cancelled on request")
-        except TransitionError:
-            if job.state is JobState.RUNNING:
-                store.request_cancel(request.id)
-                return jobs.Ok(request.id, {"state": "cancelling"})
-            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {job.state.value}") from None
-        return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                f"too late: job {request.id} is done with its stages and its video is being published",
+            )
+        raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {job.state.value}")
 
     def resume(self, request: jobs.Resume, store: JobStore) -> codec.Message:
         job = self.require_job_dir(request.id, store)
@@ -312,7 +326,8 @@ def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
             "attempt": attempt["attempt"],
             "result": attempt["result"],
             "reason": attempt.get("reason", ""),
-            "seconds": float(attempt.get("seconds", 0.0)),
+            "seconds": float(attempt.get("seconds", 0.0)),  # from GO: the stage's own time
+            "waited_s": float(attempt.get("waited_s", 0.0)),  # its worker's wait for GO (started ahead)
             "plan": describe_plan_text(stage, attempt.get("plan", {})),
             "started": attempt.get("started", ""),
             "device": attempt.get("device", ""),

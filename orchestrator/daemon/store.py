@@ -1,25 +1,35 @@
 """The daemon's job queue: sqlite in WAL mode, beside the job directories; a mirror of job.json.
 
-The store keeps the order in which jobs run (submission order), cancel requests, and a copy of
-each job's state, error and output for fast listing. It decides nothing: every state change is
-made by `JobDir.transition` (orchestrator/jobdir.py), which checks it and calls `mirror`. At
-start the daemon re-derives every row from the job directories (`sync_from_job_dirs`), so a
-crash between job.json and the store, a lost store or a corrupt one (`open_store` moves it aside
-and starts a new one) loses no job: the job directories are the truth (DESIGN.md rule 1).
-Each thread opens its own JobStore (one sqlite connection per thread).
+The store keeps the order in which jobs run (submission order) and a copy of each job's state,
+error and output for fast listing. It decides nothing and holds nothing that is not in a job
+directory: every state change is made by `JobDir.transition` (orchestrator/jobdir.py), which checks
+it and calls `mirror`; a cancel request is a file in the job's directory. So the store can always
+be re-derived from the job directories (`sync_from_job_dirs`: rows added for jobs it lacks, rows
+dropped for jobs whose directory is gone), and it is, at every start and whenever it is found
+damaged: a crash between job.json and the store, a lost store or a corrupt one loses no job and
+keeps no phantom (DESIGN.md rule 1).
+
+A store damaged under a running daemon (garbage written over it, the file replaced or deleted) is
+noticed by whichever connection touches it next: the file is moved aside as
+`jobs.sqlite.corrupt-<time>` and a new one is built from the job directories under the running jobs
+(`JobStore.recover`), so no job fails for it. Each thread opens its own JobStore (one sqlite
+connection per thread); a process-wide lock per file keeps two threads from rebuilding at once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sqlite3
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.jobdir import JobDir
 from orchestrator.states import JobState
+from protocol.files import JOB_FILE
 
 log = logging.getLogger("ltx2.store")
 SCHEMA = """
@@ -31,117 +41,219 @@ CREATE TABLE IF NOT EXISTS jobs (
     created TEXT NOT NULL,
     updated TEXT NOT NULL,
     error TEXT NOT NULL DEFAULT '',
-    output TEXT NOT NULL DEFAULT '',
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    output TEXT NOT NULL DEFAULT ''
 );
 """
 # A writer waits this long for another connection's transaction before giving up; transactions
 # here are single statements, so contention is short.
 BUSY_TIMEOUT_S = 30.0
+# The first 16 bytes of every sqlite 3 database file: anything else there is damage.
+SQLITE_HEADER = b"SQLite format 3\0"
+# sqlite's primary result codes for a file that is not (or no longer) a readable database.
+SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26
+T = TypeVar("T")
+# One lock per store file, shared by every thread's JobStore: a damaged file is rebuilt once.
+_REBUILDING: dict[Path, threading.Lock] = {}
+_REBUILDING_GUARD = threading.Lock()
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
-class JobStore:
-    """One connection to the job database."""
+class StoreDamaged(sqlite3.DatabaseError):
+    """The store file is not the database this connection opened (replaced, deleted, overwritten)."""
 
-    def __init__(self, path: Path) -> None:
+
+class JobStore:
+    """One connection to the job database; it rebuilds the file from the job directories when it
+    finds it damaged, and then runs the statement again."""
+
+    def __init__(self, path: Path, jobs_dir: Path | None = None) -> None:
+        """Open the store at `path`; a file sqlite cannot read is moved aside and a new one is
+        built from the job directories in `jobs_dir` (default: `jobs` beside the store)."""
+        self.path = path
+        self.jobs_dir = jobs_dir or path.parent / "jobs"  #: where `recover` re-derives the rows from
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        try:
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a queued job must survive power loss
-            self.db.executescript(SCHEMA)
-        except sqlite3.DatabaseError:
-            self.db.close()
-            raise
+        with rebuild_lock(path):
+            self.db, rebuilt = open_or_rebuild(path)
+            self.identity = file_identity(path)
+            if rebuilt:
+                self.sync_from_job_dirs(read_job_dirs(self.jobs_dir))
 
     def close(self) -> None:
         self.db.close()
 
+    def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` on the connection; a damaged store is rebuilt (`recover`) and `work` runs again."""
+        try:
+            self.check()
+            return work(self.db)
+        except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise
+            self.recover(exc)
+            return work(self.db)
+
+    def check(self) -> None:
+        """Raise StoreDamaged if the file at `path` is no longer the database this connection opened.
+
+        sqlite does not notice by itself: a connection keeps reading its page cache and WAL while
+        the file holds garbage, and then fails (or checkpoints over the garbage) at some later
+        statement. A stat and a 16-byte read per statement notice it before the statement runs.
+        """
+        if file_identity(self.path) != self.identity:
+            raise StoreDamaged(f"{self.path} was replaced or removed")
+        try:
+            with self.path.open("rb") as handle:
+                header = handle.read(len(SQLITE_HEADER))
+        except OSError as exc:
+            raise StoreDamaged(f"{self.path} cannot be read: {exc}") from None
+        if header != SQLITE_HEADER:
+            raise StoreDamaged(f"{self.path} is not a database any more")
+
+    def recover(self, why: Exception) -> None:
+        """Reopen the store; if the file is unreadable, move it aside and build a new one; then
+        re-derive every row from the job directories (another thread may have done the first part)."""
+        with rebuild_lock(self.path):
+            self.db.close()
+            self.db, _ = open_or_rebuild(self.path)
+            self.identity = file_identity(self.path)
+            changed = self.sync_from_job_dirs(read_job_dirs(self.jobs_dir))
+        log.warning(
+            "store %s was damaged under the daemon (%s); reopened, %d row(s) re-derived", self.path, why, changed
+        )
+
     def mirror(self, job: JobDir) -> None:
         """Copy a job's state, error and output from its job.json (called by JobDir.transition);
         a job not in the store yet is added at the end of the queue."""
+        self._run(lambda db: self._mirror(db, job))
+
+    @staticmethod
+    def _mirror(db: sqlite3.Connection, job: JobDir) -> None:
         record, now = job.record, _now()
-        self.db.execute(
+        db.execute(
             "INSERT INTO jobs (id, state, job_dir, created, updated, error, output) VALUES (?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(id) DO UPDATE SET state = excluded.state, updated = excluded.updated, "
-            "error = excluded.error, output = excluded.output",
+            "ON CONFLICT(id) DO UPDATE SET state = excluded.state, job_dir = excluded.job_dir, "
+            "updated = excluded.updated, error = excluded.error, output = excluded.output",
             (job.id, record["status"], str(job.path), record.get("created", now), now,
              record.get("error", ""), record.get("output", "")),
         )  # fmt: skip
 
     def sync_from_job_dirs(self, jobs: Iterable[JobDir]) -> int:
-        """Make the rows equal to the job directories' job.json (rows the store did not have are
-        added in creation order, so the queue keeps submission order); returns how many changed."""
+        """Make the rows equal to the job directories' job.json: rows the store did not have are
+        added in creation order (so the queue keeps submission order), changed ones updated, and
+        rows of jobs whose directory (or job.json) is gone are dropped; returns how many changed.
+        Runs on the connection as it is (`recover` calls it while rebuilding)."""
         changed = 0
         for job in sorted(jobs, key=lambda j: (j.record.get("created", ""), j.id)):
-            row = self.get(job.id)
-            if row is None or (row["state"], row["error"], row["output"]) != (
-                job.record["status"], job.record.get("error", ""), job.record.get("output", "")
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            if row is None or (row["state"], row["error"], row["output"], row["job_dir"]) != (
+                job.record["status"], job.record.get("error", ""), job.record.get("output", ""), str(job.path)
             ):  # fmt: skip
-                self.mirror(job)
+                self._mirror(self.db, job)
+                changed += 1
+        for row in self.db.execute("SELECT id, job_dir FROM jobs").fetchall():
+            if not (Path(row["job_dir"]) / JOB_FILE).exists():
+                self.db.execute("DELETE FROM jobs WHERE id = ?", (row["id"],))
+                log.warning("store: job %s dropped: %s is gone", row["id"], row["job_dir"])
                 changed += 1
         return changed
 
     def get(self, job_id: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._run(lambda db: db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
         return dict(row) if row else None
 
     def list(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` most recent jobs, oldest first."""
-        rows = self.db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._run(lambda db: db.execute("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,)).fetchall())
         return [dict(row) for row in reversed(rows)]
 
     def queued(self, limit: int) -> list[dict[str, Any]]:
         """The oldest `limit` queued jobs, in submission order."""
-        rows = self.db.execute(
-            "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (JobState.QUEUED.value, limit)
-        ).fetchall()
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY seq LIMIT ?", (JobState.QUEUED.value, limit)
+            ).fetchall()
+        )
         return [dict(row) for row in rows]
-
-    def request_cancel(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET cancel_requested = 1, updated = ? WHERE id = ?", (_now(), job_id))
-
-    def clear_cancel(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET cancel_requested = 0 WHERE id = ?", (job_id,))
-
-    def is_cancel_requested(self, job_id: str) -> bool:
-        row = self.db.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return bool(row and row["cancel_requested"])
 
     def mark_unreadable(self, job_id: str, error: str) -> None:
         """Fail a row whose job.json cannot be read: there is no job.json state to change, so
         the store records why the job can never run."""
-        self.db.execute(
-            "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
-            (JobState.FAILED.value, error, _now(), job_id),
+        self._run(
+            lambda db: db.execute(
+                "UPDATE jobs SET state = ?, error = ?, updated = ? WHERE id = ?",
+                (JobState.FAILED.value, error, _now(), job_id),
+            )
         )
 
 
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection in WAL mode with the schema; sqlite3.DatabaseError if the file is not a database."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a queued job must survive power loss
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
+
+
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file, or None when there is none: tells a replaced file from ours."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """An error that says the file is not a readable database (not a busy or locked one)."""
+    if isinstance(exc, StoreDamaged):
+        return True
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (SQLITE_CORRUPT, SQLITE_NOTADB)
+
+
+def rebuild_lock(path: Path) -> threading.Lock:
+    with _REBUILDING_GUARD:
+        return _REBUILDING.setdefault(path.resolve(), threading.Lock())
+
+
+def open_or_rebuild(path: Path) -> tuple[sqlite3.Connection, bool]:
+    """A connection to the store at `path` and whether it is new: the file there if sqlite can read
+    it whole, else a new one, the unreadable file moved aside as `<name>.corrupt-<time>` with its WAL
+    files (kept for a post-mortem). Call it holding `rebuild_lock(path)`."""
+    try:
+        db = connect(path)
+        if db.execute("PRAGMA quick_check").fetchone()[0] == "ok":
+            return db, False
+        db.close()
+        why: Exception = sqlite3.DatabaseError("quick_check failed")
+    except sqlite3.DatabaseError as exc:
+        why = exc
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    for suffix in ("", "-wal", "-shm"):
+        damaged = path.with_name(path.name + suffix)
+        if damaged.exists():
+            damaged.rename(path.with_name(f"{path.name}.corrupt-{stamp}{suffix}"))
+    log.warning("%s is unreadable (%s); moved aside, rebuilding it from the job directories", path, why)
+    return connect(path), True
+
+
 def open_store(path: Path, jobs_dir: Path) -> JobStore:
-    """Open the store and re-derive it from the job directories.
+    """Open the store and re-derive it from the job directories (the daemon does this at start).
 
     A file sqlite cannot read (garbage, a zeroed header, a half truncation) is moved aside as
     `<name>.corrupt-<time>` with its WAL files and a new store is built, so a corrupt file never
-    crash-loops the daemon; a store emptied (truncated to 0 bytes) is refilled the same way.
+    crash-loops the daemon; a store emptied (truncated to 0 bytes) is refilled the same way; rows
+    of jobs whose directory was deleted are dropped.
     """
-    try:
-        store = JobStore(path)
-        if store.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            store.close()
-            raise sqlite3.DatabaseError("quick_check failed")
-    except sqlite3.DatabaseError as exc:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        for suffix in ("", "-wal", "-shm"):
-            damaged = path.with_name(path.name + suffix)
-            if damaged.exists():
-                damaged.rename(path.with_name(f"{path.name}.corrupt-{stamp}{suffix}"))
-        log.warning("%s is unreadable (%s); moved aside, rebuilding from %s", path, exc, jobs_dir)
-        store = JobStore(path)
+    store = JobStore(path, jobs_dir)
     changed = store.sync_from_job_dirs(read_job_dirs(jobs_dir))
     if changed:
         log.warning("store: %d job(s) re-derived from their job.json", changed)

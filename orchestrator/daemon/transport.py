@@ -8,7 +8,9 @@ public keys are in the authorized-keys folder, and all traffic is encrypted.
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
 
 # Owner read/write only: a CURVE secret key is a credential.
 SECRET_KEY_MODE = 0o600
+# The daemon's secret for its client front (bytes): unguessable, like a CURVE key.
+FRONT_TOKEN_BYTES = 32
 
 
 class TransportError(ValueError):
@@ -55,14 +59,52 @@ def core_endpoint(pid: int) -> str:
 
 
 def bind_core(context: zmq.Context, endpoint: str) -> zmq.Socket:
-    """The daemon's end of the private link to its client front: a DEALER that receives
-    [client identity, request] and sends [client identity, reply]."""
-    socket = context.socket(zmq.DEALER)
+    """The daemon's end of the private link to its client front: a ROUTER that receives
+    [front, token, client identity, request] and sends [front, client identity, reply].
+
+    A ROUTER, not a DEALER: a DEALER deals its replies round-robin to every peer connected, so any
+    process of the daemon's user that connected to this socket received other clients' replies.
+    The ROUTER answers only the peer that asked, and the daemon answers only requests that carry the
+    token it gave its current front (`receive_from_front`).
+    """
+    socket = context.socket(zmq.ROUTER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # the front forwards one-frame requests only
     socket.setsockopt(zmq.SNDHWM, 1000)
+    socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a front that is gone fails at once, never queues
     socket.bind(endpoint)
     return socket
+
+
+def new_front_token() -> bytes:
+    """A secret the daemon gives its client front over a pipe (never argv or the environment, which
+    /proc shows): the front sends it with every request, so the daemon answers the front alone."""
+    return secrets.token_bytes(FRONT_TOKEN_BYTES)
+
+
+def receive_from_front(socket: zmq.Socket, token: bytes) -> tuple[bytes, bytes, bytes | jobs.Error] | None:
+    """One request off the daemon's core ROUTER: (front's routing id, client identity, payload or the
+    error reply to send instead), or None when the sender lacks the current front's token (any other
+    process that connected): its frames are dropped as they are read and it is not answered."""
+    front = socket.recv()
+    if not socket.getsockopt(zmq.RCVMORE):
+        return None
+    presented = socket.recv(copy=False)
+    if not hmac.compare_digest(presented.bytes, token) or not socket.getsockopt(zmq.RCVMORE):
+        drop_rest(socket)
+        return None
+    identity, payload = receive_request(socket)
+    return front, identity, payload
+
+
+def drop_rest(socket: zmq.Socket) -> tuple[int, int]:
+    """Read and drop the remaining frames of the current message, zero-copy, so their memory is
+    returned as it is read; returns (frames, bytes) dropped."""
+    frames, dropped = 0, 0
+    while socket.getsockopt(zmq.RCVMORE):
+        frames += 1
+        dropped += len(socket.recv(copy=False))
+    return frames, dropped
 
 
 def bind_server(context: zmq.Context, address: DaemonAddress) -> tuple[zmq.Socket, ThreadAuthenticator | None]:
@@ -114,10 +156,7 @@ def receive_request(socket: zmq.Socket) -> tuple[bytes, bytes | jobs.Error]:
     if not socket.getsockopt(zmq.RCVMORE):  # a ROUTER always prefixes the identity; be safe anyway
         return identity, jobs.Error("", ErrorCode.MALFORMED, "empty message")
     payload = socket.recv(copy=False)
-    extra_frames, extra_bytes = 0, 0
-    while socket.getsockopt(zmq.RCVMORE):
-        extra_frames += 1
-        extra_bytes += len(socket.recv(copy=False))
+    extra_frames, extra_bytes = drop_rest(socket)
     if extra_frames:
         return identity, jobs.Error(
             "",
