@@ -62,6 +62,20 @@ def test_a_create_while_the_daemon_stalls_makes_one_video_with_the_retrying_offi
     client.videos.delete(video.id)
 
 
+def test_a_daemon_that_does_not_answer_is_503_naming_no_server_path(gateway):
+    video = gateway.client().videos.create(**REQUEST)
+    pid = gateway.daemon_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status, _, body = gateway.get(f"/v1/videos/{video.id}", "alice")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    error = json.loads(body)["error"]
+    assert status == 503 and error["code"] == "daemon_unavailable", body
+    assert "ipc://" not in error["message"] and "/tmp/" not in error["message"] and "<path>" in error["message"]
+    gateway.client().videos.delete(video.id)
+
+
 def test_the_gateway_and_the_daemon_log_each_line_with_its_time(gateway):
     video = gateway.client().videos.create(**REQUEST)
     gateway.client().videos.delete(video.id)

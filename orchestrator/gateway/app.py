@@ -84,9 +84,9 @@ QUEUE_FULL_RETRY_S = 30
 MAX_LIST_LIMIT = 100
 # Form fields a create may have at most (it knows about 25).
 MAX_FORM_FIELDS = 64
-# An absolute path (or a ~/ one) in a daemon message: never shown to a client. Not after a word,
-# a dot or a colon, so `owner/name`, `1/2` and URLs stay.
-SERVER_PATH = re.compile(r"(?<![\w.~:/-])~?/[^\s'\",;:()\[\]{}<>]+")
+# An absolute path (or a ~/ one, or an ipc:// socket path) in a daemon message: never shown to a client.
+# Not after a word, a dot or a colon, so `owner/name`, `1/2` and other URLs stay.
+SERVER_PATH = re.compile(r"ipc://[^\s'\",;()\[\]{}<>]+|(?<![\w.~:/-])~?/[^\s'\",;:()\[\]{}<>]+")
 # Rolling-minute counters forget names not seen for a minute once they track this many.
 MAX_TRACKED_NAMES = 10_000
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -185,11 +185,11 @@ class Gateway:
         try:
             return self.daemon.request(message)
         except TransportError as exc:
-            message = f"the daemon is not reachable: {exc}"
+            message = f"the daemon is not reachable: {without_paths(str(exc))}"
             raise ApiError(503, message, "server_error", code="daemon_unavailable") from None
         except DaemonError as exc:
             if exc.code == "unreachable":
-                raise ApiError(503, str(exc), "server_error", code="daemon_unavailable") from None
+                raise ApiError(503, without_paths(str(exc)), "server_error", code="daemon_unavailable") from None
             raise
 
     def job(self, video_id: str) -> dict[str, Any]:
@@ -369,7 +369,8 @@ class Gateway:
             if time.monotonic() >= deadline:
                 raise ApiError(
                     503,
-                    f"the daemon did not answer within {self.settings.http.create_timeout_s:g} s ({lost}); video"
+                    f"the daemon did not answer within {self.settings.http.create_timeout_s:g} s"
+                    f" ({without_paths(str(lost))}); video"
                     f" {message.job_id} stays recorded for this key and starts if the daemon takes it",
                     "server_error",
                     code="daemon_unavailable",
