@@ -325,7 +325,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def check_output_dir(folder: Path, field: str) -> None:
-    """Before any stage runs: the output folder exists (or is created, saying so) and takes a new file.
+    """Before any stage runs: the output folder exists (or is created) and takes a new file.
 
     Only the folder itself is created, never its parents: `--output-dir /nonexistent/dir` is far more
     often a typo than a wish for a new tree under /. A file in the way, a read-only or pseudo filesystem
@@ -337,9 +337,7 @@ def check_output_dir(folder: Path, field: str) -> None:
         parent = folder.absolute().parent
         raise SpecError(field, f"{folder}: its parent folder {parent} does not exist; create it first or pick another")
     try:
-        if not folder.exists():
-            folder.mkdir()
-            notice(f"created the output folder {folder}")
+        folder.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".ltx2-write-check-"):
             pass
     except OSError as exc:
