@@ -514,6 +514,7 @@ def test_a_group_of_dev_two_stage_jobs_loads_each_transformer_once_and_matches_j
     latents = {}
     for run, group_size in (("grouped", "8"), ("alone", "1")):
         env = {**ltx2_environment(dev_hf_home, tmp_path / run), "LTX2_GROUP_SIZE": group_size}
+        (tmp_path / run).mkdir(exist_ok=True)  # --output-dir makes only its last folder, never a parent
         result = run_ltx2(["batch", str(batch), "--quiet", "--output-dir", str(tmp_path / run / "out")], env)
         assert result.returncode == 0, result.stderr
         jobs = sorted((tmp_path / run / "state" / "jobs").iterdir(), key=lambda d: JobDir.load(d).spec.seed)
