@@ -303,7 +303,7 @@ def cli_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def generate(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 generate`: run one job in this process's embedded orchestrator."""
     check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
-    built = build_spec(spec_request(args), settings)
+    built = build_spec(spec_request(vars(args)), settings)
     for line in built.notices:
         notice(line)
     spec, model = built.spec, built.model

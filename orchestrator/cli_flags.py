@@ -1,51 +1,23 @@
-"""The `ltx2` flags that become job spec fields, shared by `generate` and `submit`.
+"""The `ltx2` flags that become job spec fields, shared by `generate` and `submit`, derived from
+the fields' declarations (protocol.request_fields; the fields are declared in protocol/spec.py).
 
 A module of its own so that the daemon's client commands and the embedded CLI both use them
-without importing each other.
+without importing each other. Only the LoRA flags are built here by hand: a LoRA entry spans
+three flags (`--lora` starts one, the next two set its file and scale).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
-from protocol.spec import NOT_UTF8, PIPELINES, SpecError
+from protocol.request_fields import Declared
+from protocol.spec import NOT_UTF8, REQUEST_ONLY, SPEC_FIELDS, SpecError
 
-# CLI flags that map one-to-one onto JobSpec fields.
-SPEC_FLAGS = (
-    "prompt",
-    "negative_prompt",
-    "model",
-    "width",
-    "height",
-    "num_frames",
-    "fps",
-    "steps",
-    "guidance_scale",
-    "audio_guidance_scale",
-    "stg_scale",
-    "modality_scale",
-    "guidance_rescale",
-    "schedule",
-    "seed",
-    "name",
-    "dtype",
-    "vae_chunk_frames",
-    "vae_tiling",
-    "loras",
-    "camera",
-    "fp8",
-    "fp8_matmul",
-    "compile",
-    "sequential_offload",
-    "drop_caches",
-    "image",
-    "nag_scale",
-    "nag_tau",
-    "nag_alpha",
-    "nag_steps",
-    "pipeline",
-)
+# What the command line takes: every spec field and the inputs resolved into them (camera, seconds).
+CLI_FIELDS = tuple(declared for declared in (*SPEC_FIELDS, *REQUEST_ONLY) if declared.cli != "none")
 
 
 class LoraAction(argparse.Action):
@@ -66,144 +38,104 @@ class LoraAction(argparse.Action):
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that become JobSpec fields (defaults None: the model's preset fills them in)."""
-    parser.add_argument("--prompt", required=True, help="what the clip shows (a paragraph works best)")
-    parser.add_argument(
-        "--negative-prompt", help="what to avoid; has an effect with --guidance-scale > 1 or with --nag-scale > 1"
-    )
-    parser.add_argument(
-        "--model",
-        help="HF repo id or local diffusers folder (default: the distilled model if "
-        "cached, else the tiny offline model)",
-    )
-    parser.add_argument("--width", type=int, help="multiple of 32 (preset default)")
-    parser.add_argument("--height", type=int, help="multiple of 32 (preset default)")
-    parser.add_argument("--num-frames", type=int, help="8n+1: 9, 17, ..., 121, 161, 257 (preset default)")
-    parser.add_argument("--fps", type=float, help="frames per second (default 24)")
-    parser.add_argument("--steps", type=int, help="denoising steps (preset default: 8 distilled, 40 dev)")
-    parser.add_argument("--guidance-scale", type=float, help="CFG scale; 1.0 turns CFG off (preset default)")
-    parser.add_argument(
-        "--audio-guidance-scale",
-        type=float,
-        help="CFG scale of the audio (family preset: 7.0 for LTX-2.3 and 2.5 dev; else follows --guidance-scale)",
-    )
-    parser.add_argument(
-        "--stg-scale",
-        type=float,
-        help="spatio-temporal guidance, one extra transformer call per step; 0.0 is off (family preset)",
-    )
-    parser.add_argument(
-        "--modality-scale",
-        type=float,
-        help="modality isolation guidance, one extra transformer call per step; 1.0 is off (family preset)",
-    )
-    parser.add_argument("--guidance-rescale", type=float, help="CFG rescale 0.0-1.0; 0.0 is off (family preset)")
-    parser.add_argument(
-        "--nag-scale",
-        type=float,
-        metavar="PHI",
-        help="Normalized Attention Guidance: the negative prompt acts at CFG 1.0 in the text cross-attention"
-        " (1.0-30.0; 1.0, the default, is off; ComfyUI's LTX-2 node uses 11)",
-    )
-    parser.add_argument("--nag-tau", type=float, metavar="TAU", help="NAG's clamp on the norm ratio (default 2.5)")
-    parser.add_argument(
-        "--nag-alpha", type=float, metavar="A", help="NAG's blend of guided and plain attention, 0-1 (default 0.25)"
-    )
-    parser.add_argument("--nag-steps", type=int, metavar="N", help="apply NAG in the first N steps only (default all)")
-    parser.add_argument("--schedule", choices=["distilled", "default"], help="sigma schedule (preset default)")
-    parser.add_argument(
-        "--pipeline",
-        choices=list(PIPELINES),
-        help="two-stage: half size, latent upsampler x2, 3 refining steps at full size (sizes divide by 64;"
-        " distilled schedule); preset default: two-stage for LTX-2.3 distilled at >= 1280 px wide",
-    )
-    parser.add_argument("--seed", type=int, help="random when absent; always recorded")
-    parser.add_argument("--name", help="output file stem (default: video)")
-    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], help="auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
-    parser.add_argument("--image", help="first-frame image for image-to-video (centre-cropped to the clip's shape)")
-    parser.add_argument(
-        "--drop-caches",
-        action="store_true",
-        default=None,
-        help="flush the kernel page cache after the video is written (needs root; warns otherwise)",
-    )
-    parser.add_argument(
-        "--camera",
-        help="camera-control LoRA by name: dolly-in, dolly-out, dolly-left, dolly-right, jib-up, jib-down, static",
-    )
-    parser.add_argument(
-        "--lora",
-        dest="loras",
-        action=LoraAction,
-        metavar="REPO_OR_PATH",
-        help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
-    )
-    parser.add_argument(
+    for declared in CLI_FIELDS:
+        if declared.name == "loras":
+            add_lora_flags(parser, declared)
+        elif declared.name == "stage2_lora":
+            add_stage2_lora_flags(parser, declared)
+        else:
+            add_declared_flag(parser, declared)
+
+
+def add_declared_flag(parser: argparse.ArgumentParser, declared: Declared) -> None:
+    """One field's flag, as its declaration describes it; argparse keeps None for a flag not given."""
+    if declared.cli == "switch":
+        parser.add_argument(declared.flag, action="store_true", default=None, help=declared.help)
+    elif declared.cli == "toggle":
+        parser.add_argument(declared.flag, action=argparse.BooleanOptionalAction, default=None, help=declared.help)
+    elif declared.choices:
+        parser.add_argument(declared.flag, choices=list(declared.choices), help=declared.help)
+    else:
+        parser.add_argument(
+            declared.flag,
+            type=declared.kind if declared.kind in (int, float) else str,
+            required=declared.default_from == "required",
+            metavar=declared.metavar,
+            help=declared.help,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SubFlag:
+    """A flag that sets a part of a field declared in protocol/spec.py (a LoRA entry's file or scale),
+    described here once for `--help` and the README."""
+
+    flag: str
+    metavar: str
+    help: str
+    default_doc: str
+    doc: str
+    kind: type = str
+
+
+LORA_SUB_FLAGS = (
+    SubFlag(
         "--lora-weight-name",
-        dest="loras",
-        action=LoraAction,
-        metavar="FILE",
-        help="weight file inside the preceding --lora's repo or folder",
-    )
-    parser.add_argument(
+        "FILE",
+        "weight file inside the preceding --lora's repo or folder",
+        default_doc="the only `.safetensors`",
+        doc="weight file of the preceding `--lora`",
+    ),
+    SubFlag(
         "--lora-scale",
-        dest="loras",
-        action=LoraAction,
-        type=float,
-        metavar="S",
-        help="strength 0.0-1.0 of the preceding --lora (default 1.0)",
-    )
-    parser.add_argument(
-        "--stage2-lora",
-        metavar="REPO_OR_PATH",
-        help="dev two-stage: the distilled LoRA fused for stage 2 (HF repo id in the cache or .safetensors file;"
-        " default: the model family's, e.g. Lightricks/LTX-2's ltx-2-19b-distilled-lora-384.safetensors)",
-    )
-    parser.add_argument(
+        "S",
+        "strength 0.0-1.0 of the preceding --lora (default 1.0)",
+        default_doc="1.0",
+        doc="strength 0.0–1.0 of the preceding `--lora` (0 reproduces the base model exactly)",
+        kind=float,
+    ),
+)
+STAGE2_LORA_SUB_FLAGS = (
+    SubFlag(
         "--stage2-lora-weight-name",
-        metavar="FILE",
-        help="weight file inside the --stage2-lora repo or folder",
-    )
-    parser.add_argument(
-        "--fp8",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
-    )
-    parser.add_argument(
-        "--fp8-matmul",
-        action="store_true",
-        default=None,
-        help="FP8 weights and FP8 matmuls (rowwise scales) in the transformer blocks; fastest with --compile",
-    )
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="compile the transformer's repeated blocks (torch.compile; the compiled code is cached on disk)",
-    )
-    parser.add_argument(
-        "--sequential-offload",
-        action="store_true",
-        default=None,
-        help="keep transformer layers in host memory, moving each to the GPU as it runs",
-    )
-    parser.add_argument(
-        "--vae-tiling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force spatial tiling on/off (default: chosen from the size)",
-    )
+        "FILE",
+        "weight file inside the --stage2-lora repo or folder",
+        default_doc="the family's (`ltx-2-19b-distilled-lora-384.safetensors`, "
+        "`ltx-2.3-22b-distilled-lora-384.safetensors`)",
+        doc="weight file inside the `--stage2-lora` repo or folder",
+    ),
+)
 
 
-def spec_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec fields the user gave on the command line (the rest come from the preset).
+def add_lora_flags(parser: argparse.ArgumentParser, declared: Declared) -> None:
+    """`--lora` and the two flags that describe the LoRA before it."""
+    parser.add_argument("--lora", dest="loras", action=LoraAction, metavar=declared.metavar, help=declared.help)
+    for sub in LORA_SUB_FLAGS:
+        parser.add_argument(
+            sub.flag, dest="loras", action=LoraAction, type=sub.kind, metavar=sub.metavar, help=sub.help
+        )
+
+
+def add_stage2_lora_flags(parser: argparse.ArgumentParser, declared: Declared) -> None:
+    """`--stage2-lora` and the file inside it (the two halves of the `stage2_lora` field)."""
+    parser.add_argument("--stage2-lora", metavar=declared.metavar, help=declared.help)
+    for sub in STAGE2_LORA_SUB_FLAGS:
+        parser.add_argument(sub.flag, metavar=sub.metavar, help=sub.help)
+
+
+def spec_request(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec fields given (the rest come from the preset), from the command line's values
+    (`vars(args)`) or the gateway's, which use the same names.
 
     Raises SpecError for text that is not UTF-8: Python hands undecodable argv bytes over as lone
     surrogates, which no protocol frame or job.json can carry (`ltx2 submit` died encoding them).
     """
-    request = {name: getattr(args, name) for name in SPEC_FLAGS if getattr(args, name) is not None}
-    stage2_lora = stage2_lora_request(args)
+    request = {
+        declared.name: values[declared.name]
+        for declared in CLI_FIELDS
+        if declared.name != "stage2_lora" and values.get(declared.name) is not None
+    }
+    stage2_lora = stage2_lora_request(values)
     if stage2_lora is not None:
         request["stage2_lora"] = stage2_lora
     for name, value in request.items():
@@ -211,10 +143,10 @@ def spec_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
-def stage2_lora_request(args: argparse.Namespace) -> dict[str, Any] | None:
+def stage2_lora_request(values: Mapping[str, Any]) -> dict[str, Any] | None:
     """The `stage2_lora` field from --stage2-lora and --stage2-lora-weight-name (None when neither is given)."""
-    source = getattr(args, "stage2_lora", None)
-    weight_name = getattr(args, "stage2_lora_weight_name", None)
+    source = values.get("stage2_lora")
+    weight_name = values.get("stage2_lora_weight_name")
     if source is None:
         if weight_name is not None:
             raise SpecError("stage2_lora_weight_name", "needs --stage2-lora (the repo or folder holding the file)")

@@ -17,10 +17,19 @@ from orchestrator.inputs import require_image
 from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
 from orchestrator.request_digest import RequestIdentity, identify
+from protocol.codec import is_instance_of
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import SCHEDULES, TWO_STAGE, JobSpec, SpecError, require_path_text
+from protocol.spec import (
+    SCHEDULES,
+    TWO_STAGE,
+    JobSpec,
+    SpecError,
+    describe_duration,
+    frames_lasting,
+    require_path_text,
+)
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
@@ -83,6 +92,9 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
+    seconds = fields.pop("seconds", None)
+    if seconds is not None:
+        fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
     if fields.get("pipeline") is None:
         size = (fields.get("width"), fields.get("height"))
         fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
@@ -109,6 +121,20 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
     identity = identify(spec, model, settings, loras, stage2_lora, image)
     return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity)
+
+
+def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:
+    """The frame count a `seconds` request asks for at the clip's fps (the request's or the preset's),
+    with a notice saying how it was rounded; SpecError naming `seconds` for a bad or doubled length."""
+    if request.get("num_frames") is not None:
+        raise SpecError("seconds", "give --seconds or --num-frames, not both")
+    if not is_instance_of(seconds, float):
+        raise SpecError("seconds", f"must be a number of seconds; got {seconds!r}")
+    if not is_instance_of(fps, float):
+        raise SpecError("fps", f"must be of type float, got {fps!r}")
+    frames = frames_lasting(float(seconds), float(fps))  # type: ignore[arg-type]
+    notices.append(f"--seconds: {describe_duration(float(seconds), float(fps), frames)}")  # type: ignore[arg-type]
+    return frames
 
 
 def needs_stage2_lora(fields: dict[str, Any]) -> bool:

@@ -39,12 +39,12 @@ from config.settings import Settings
 from orchestrator.model_lookup import ResolvedModel
 from orchestrator.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
-from protocol.spec import JobSpec
+from protocol.spec import SPEC_FIELDS, JobSpec
 
 # Packages whose code computes the latents, the waveform or the MP4's bytes (PyAV carries FFmpeg and x264).
 NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "av")
-# Spec fields that change no bit of the output.
-UNDIGESTED_FIELDS = frozenset({"name", "drop_caches"})
+# Spec fields that change no bit of the output (declared with digest=False in protocol/spec.py).
+UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
 FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora"})
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")

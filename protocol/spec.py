@@ -17,6 +17,7 @@ import typing
 from typing import Any
 
 from protocol.codec import is_instance_of
+from protocol.request_fields import Declared, declare, fields_of
 
 # LTX-2's VAE compresses 8x in time with a causal first frame: a clip has 8n+1 frames.
 FRAME_MULTIPLE = 8
@@ -39,8 +40,6 @@ DTYPES = ("auto", "bfloat16", "float32")
 LORA_KEYS = frozenset({"source", "weight_name", "scale"})
 # Dev two-stage's stage-2 distilled LoRA (services/two_stage.py): always fused at 1.0, as Lightricks' recipe does.
 STAGE2_LORA_KEYS = frozenset({"source", "weight_name"})
-# Fields that do not change the latents (see JobSpec.latents_digest).
-DECODE_ONLY_FIELDS = frozenset({"name", "vae_chunk_frames", "vae_tiling", "drop_caches"})
 SCHEDULES = ("distilled", "default")
 NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
 # The distilled checkpoint was trained on one fixed 8-sigma schedule.
@@ -48,11 +47,6 @@ DISTILLED_STEPS = 8
 # Normalized Attention Guidance (services/nag.py): phi = 1 is exactly off; the ComfyUI LTX-2 node uses 11,
 # so 30 (the CFG ceiling) leaves room without admitting values that only produce noise.
 MAX_NAG_SCALE = 30.0
-# Defaults of the NAG paper's reference code for other models (tau: norm-ratio clamp, alpha: blend).
-NAG_DEFAULTS = {"nag_scale": 1.0, "nag_tau": 2.5, "nag_alpha": 0.25, "nag_steps": None}
-# Guidance beyond CFG (LTX-2.3's recipe: config/defaults.toml [families]); these values switch it off, as
-# LTX-2.0 ran before the fields existed. None: audio CFG follows --guidance-scale.
-GUIDANCE_DEFAULTS = {"audio_guidance_scale": None, "stg_scale": 0.0, "modality_scale": 1.0, "guidance_rescale": 0.0}
 # How the latents are made (services/two_stage.py): one pass at the full size, or Lightricks' two-stage recipe
 # (half size, the latent upsampler x2, three distilled refining steps at the full size; with a dev schedule those
 # three steps run with the distilled LoRA `stage2_lora` fused into the transformer).
@@ -62,11 +56,11 @@ PIPELINES = (ONE_STAGE, TWO_STAGE)
 # at least MIN_SIZE; so the full size is a multiple of 64 and at least 128.
 TWO_STAGE_SIZE_MULTIPLE = 2 * SIZE_MULTIPLE
 TWO_STAGE_MIN_SIZE = 2 * MIN_SIZE
-# Fields left out of the latents digest at their default, so latents written before they existed still match.
-LATER_FIELD_DEFAULTS = {**NAG_DEFAULTS, **GUIDANCE_DEFAULTS, "pipeline": ONE_STAGE, "stage2_lora": None}
 # diffusers puts no bound on these; the bounds keep a typo from running a useless clip. LTX-2.3 uses
 # STG 1 and modality 3 (LTX2Pipeline.__call__ defaults), so 10 leaves room for experiments.
 MAX_STG_SCALE = 10.0
+# An hour of video: far beyond what one clip can hold (MAX_FRAMES), so the frame limit gives the message.
+MAX_SECONDS = 3600.0
 MAX_MODALITY_SCALE = 10.0
 
 
@@ -76,46 +70,537 @@ class SpecError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         self.field = field
         self.flag = "--" + field.replace("_", "-")
+        self.reason = message  #: the message without the flag, for a front door that names the field its own way
         super().__init__(f"{self.flag}: {message}")
+
+
+def _sha256_json(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
+    if not allow_empty and not value.strip():
+        raise SpecError(field, "must not be empty")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
+        raise SpecError(field, NOT_UTF8) from None
+    if size > MAX_PROMPT_BYTES:
+        raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
+
+
+def require_path_text(value: str, field: str) -> None:
+    """A path or repo id holds no NUL byte: no file name can, and the OS refuses one with a ValueError
+    deep in the lookup, which a client must see as an invalid field, never as an internal error."""
+    if "\0" in value:
+        raise SpecError(field, "must not contain a NUL byte (\\0); no file name or repo id can hold one")
+
+
+def nearest_sizes(value: int, multiple: int = SIZE_MULTIPLE, low: int = MIN_SIZE) -> list[int]:
+    """The allowed sizes nearest to an invalid `value`: the multiples of `multiple` either side of
+    it, clamped into `low`..MAX_SIZE, so every suggestion is itself valid (one when they meet)."""
+    below = value // multiple * multiple
+    candidates = (below, below + multiple) if below != value else (value,)
+    return sorted({min(MAX_SIZE, max(low, size)) for size in candidates})
+
+
+def nearest_frames(value: int) -> list[int]:
+    """The allowed frame counts nearest to an invalid `value`: the 8n+1 counts either side of it,
+    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
+    below = (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1
+    candidates = (below, below + FRAME_MULTIPLE) if below != value else (value,)
+    return sorted({min(MAX_FRAMES, max(MIN_FRAMES, frames)) for frames in candidates})
+
+
+def _require_frames(value: int, field: str = "num_frames") -> None:
+    if value % FRAME_MULTIPLE == 1 and MIN_FRAMES <= value <= MAX_FRAMES:
+        return
+    raise SpecError(
+        "num_frames",
+        f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
+        f" (nearest allowed: {' or '.join(map(str, nearest_frames(value)))})",
+    )
+
+
+def _require_lora(lora: dict[str, Any]) -> None:
+    unknown = set(lora) - LORA_KEYS
+    if unknown:
+        raise SpecError("lora", f"unknown LoRA key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(LORA_KEYS))}")
+    source = lora.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise SpecError("lora", "needs a repo id or a path to a .safetensors file")
+    require_path_text(source, "lora")
+    weight_name = lora.get("weight_name")
+    if weight_name is not None and (not isinstance(weight_name, str) or "/" in weight_name):
+        raise SpecError("lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}")
+    if weight_name is not None:
+        require_path_text(weight_name, "lora_weight_name")
+    scale = lora.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
+        raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
+
+
+def _require_stage2_lora(lora: dict[str, Any], field: str = "stage2_lora") -> None:
+    unknown = set(lora) - STAGE2_LORA_KEYS
+    if unknown:
+        raise SpecError(
+            "stage2_lora", f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(STAGE2_LORA_KEYS))}"
+        )
+    source = lora.get("source")
+    if not isinstance(source, str) or not source.strip():
+        raise SpecError("stage2_lora", "needs a repo id or a path to a .safetensors file")
+    require_path_text(source, "stage2_lora")
+    weight_name = lora.get("weight_name")
+    if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or "/" in weight_name):
+        raise SpecError(
+            "stage2_lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}"
+        )
+    if weight_name is not None:
+        require_path_text(weight_name, "stage2_lora_weight_name")
+
+
+def _require_range(field: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise SpecError(field, f"must be between {low} and {high}; got {value}")
+
+
+def _require_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise SpecError(field, f"must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _describe(annotation: object) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def _require_prompt(value: str, field: str) -> None:
+    _require_text(value, field, allow_empty=False)
+
+
+def _require_negative_prompt(value: str, field: str) -> None:
+    _require_text(value, field, allow_empty=True)
+
+
+def _require_model(value: str, field: str) -> None:
+    if not value.strip():
+        raise SpecError(field, "must name a Hugging Face repo id or a local folder")
+    require_path_text(value, field)
+
+
+def _require_size(value: int, field: str) -> None:
+    if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+        raise SpecError(
+            field,
+            f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
+            f" (nearest allowed: {' or '.join(map(str, nearest_sizes(value)))})",
+        )
+
+
+def _require_name(value: str, field: str) -> None:
+    if not NAME_PATTERN.fullmatch(value):
+        raise SpecError(field, f"must match {NAME_PATTERN.pattern} (used in the output file name); got {value!r}")
+
+
+def _require_loras(value: list[dict[str, Any]], field: str) -> None:
+    for lora in value:
+        _require_lora(lora)
+
+
+def _require_image(value: str, field: str) -> None:
+    if not value.strip():
+        raise SpecError(field, "must be a path to an image file")
+    require_path_text(value, field)
+
+
+def _require_nag_tau(value: float, field: str) -> None:
+    if not (0.0 < value and math.isfinite(value)):
+        raise SpecError(field, f"must be a finite number above 0; got {value}")
+
+
+def _require_nag_steps(value: int, field: str) -> None:
+    if value < 0:
+        raise SpecError(field, f"must be 0 or more (NAG applies in the first N steps); got {value}")
+
+
+def require_declared(declared: Declared, value: Any) -> None:
+    """A value's own checks, as its declaration states them (its rule, its range, its choices)."""
+    if declared.rule is not None:
+        declared.rule(value, declared.name)
+    if declared.low is not None and declared.high is not None:
+        _require_range(declared.name, value, declared.low, declared.high)
+    if declared.choices:
+        _require_choice(declared.name, value, declared.choices)
 
 
 @dataclasses.dataclass(frozen=True)
 class JobSpec:
-    """One clip's inputs; `model` is a Hugging Face repo id or a local diffusers folder."""
+    """One clip's inputs; `model` is a Hugging Face repo id or a local diffusers folder.
 
-    prompt: str
-    model: str
-    width: int
-    height: int
-    num_frames: int
-    steps: int
-    seed: int
-    negative_prompt: str = ""
-    fps: float = 24.0
-    guidance_scale: float = 1.0
-    audio_guidance_scale: float | None = None
-    stg_scale: float = 0.0
-    modality_scale: float = 1.0
-    guidance_rescale: float = 0.0
-    schedule: str = "distilled"
-    dtype: str = "auto"
-    name: str = "video"
-    vae_chunk_frames: int | None = None
-    vae_tiling: bool | None = None
-    loras: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    fp8: bool = False
-    fp8_matmul: bool = False
-    compile: bool = False
-    sequential_offload: bool = False
-    drop_caches: bool = False
-    image: str | None = None
-    nag_scale: float = 1.0
-    nag_tau: float = 2.5
-    nag_alpha: float = 0.25
-    nag_steps: int | None = None
-    pipeline: str = ONE_STAGE
+    Each field is declared here once (protocol.request_fields): the CLI flags, the HTTP fields, the
+    per-field checks and docs/request-fields.md are derived from these declarations.
+    """
+
+    prompt: str = declare(
+        help="what the clip shows (a paragraph works best)",
+        default_from="required",
+        rule=_require_prompt,
+        allowed=f"non-empty text, at most {MAX_PROMPT_CHARS} characters and {MAX_PROMPT_BYTES} bytes of UTF-8",
+        http="text",
+        doc="what the clip shows; a paragraph works best; at most 20,000 characters and 32 KiB of UTF-8 (also for "
+        "`--negative-prompt`)",
+        default_doc="required",
+        metavar="TEXT",
+    )
+    model: str = declare(
+        help="HF repo id or local diffusers folder (default: the distilled model if cached, else the tiny offline"
+        " model)",
+        default_from="settings",
+        rule=_require_model,
+        allowed="a repo id in the Hugging Face cache or a folder",
+        http="own",
+        doc="Hugging Face repo id (from the local cache) or a local diffusers folder",
+        default_doc="distilled if cached, else tiny",
+        metavar="ID_OR_DIR",
+    )
+    width: int = declare(
+        help="multiple of 32 (preset default)",
+        default_from="model preset",
+        rule=_require_size,
+        allowed=f"multiple of {SIZE_MULTIPLE}, {MIN_SIZE} to {MAX_SIZE} (two-stage: of {TWO_STAGE_SIZE_MULTIPLE})",
+        http="own",
+        http_name="size",
+        doc="multiples of 32, 64–4096",
+        default_doc="preset (768×512; tiny 128×128)",
+        metavar="N",
+    )
+    height: int = declare(
+        help="multiple of 32 (preset default)",
+        default_from="model preset",
+        rule=_require_size,
+        allowed=f"multiple of {SIZE_MULTIPLE}, {MIN_SIZE} to {MAX_SIZE} (two-stage: of {TWO_STAGE_SIZE_MULTIPLE})",
+        http="own",
+        http_name="size",
+        doc="multiples of 32, 64–4096",
+        default_doc="preset (768×512; tiny 128×128)",
+        metavar="N",
+    )
+    num_frames: int = declare(
+        help="8n+1: 9, 17, ..., 121, 161, 257 (preset default)",
+        default_from="model preset",
+        rule=_require_frames,
+        allowed=f"8n+1, {MIN_FRAMES} to {MAX_FRAMES}",
+        http="number",
+        doc="8n+1 (9, 17, …, 121, 161, 257); never rounded silently: the error names the nearest valid counts",
+        default_doc="preset (121; tiny 33)",
+        metavar="N",
+    )
+    steps: int = declare(
+        help="denoising steps (preset default: 8 distilled, 40 dev)",
+        default_from="model preset",
+        low=1,
+        high=MAX_STEPS,
+        allowed=f"1 to {MAX_STEPS}; exactly {DISTILLED_STEPS} with the distilled schedule",
+        http="number",
+        doc="denoising steps; the distilled schedule has exactly 8",
+        default_doc="preset (8 distilled, 40 dev)",
+        metavar="N",
+    )
+    seed: int = declare(
+        help="random when absent; always recorded",
+        default_from="random",
+        low=0,
+        high=MAX_SEED,
+        http="number",
+        doc="always recorded in job.json, the latents and the output's record",
+        default_doc="random",
+        metavar="N",
+    )
+    negative_prompt: str = declare(
+        "",
+        help="what to avoid; has an effect with --guidance-scale > 1 or with --nag-scale > 1",
+        rule=_require_negative_prompt,
+        allowed=f"text, at most {MAX_PROMPT_CHARS} characters",
+        http="text",
+        doc="has an effect with CFG on (`--guidance-scale` > 1) or with NAG on (`--nag-scale` > 1); a warning says "
+        "so otherwise",
+        default_doc='`""`',
+        metavar="TEXT",
+    )
+    fps: float = declare(
+        24.0,
+        help="frames per second (default 24)",
+        default_from="model preset",
+        low=1.0,
+        high=240.0,
+        http="number",
+        doc="frame rate of the video and of the model's conditioning",
+        default_doc="24",
+        metavar="F",
+    )
+    guidance_scale: float = declare(
+        1.0,
+        help="CFG scale; 1.0 turns CFG off (preset default)",
+        default_from="model preset",
+        low=1.0,
+        high=30.0,
+        http="number",
+        doc="CFG scale; 1.0 turns CFG off (one transformer call per step)",
+        default_doc="preset (1.0 distilled, 3.5 dev)",
+        metavar="F",
+    )
+    # Guidance beyond CFG (LTX-2.3's recipe: config/defaults.toml [families]); the defaults switch it off, as
+    # LTX-2.0 ran before these fields existed. None: audio CFG follows --guidance-scale.
+    audio_guidance_scale: float | None = declare(
+        None,
+        help="CFG scale of the audio (family preset: 7.0 for LTX-2.3 and 2.5 dev; else follows --guidance-scale)",
+        default_from="family preset",
+        low=1.0,
+        high=30.0,
+        http="number",
+        added_later=True,
+        doc="CFG scale of the audio, 1.0–30.0; above 1.0 CFG runs (and the negative prompt acts) even at "
+        "`--guidance-scale` 1.0",
+        default_doc="family preset (7.0 for LTX-2.3 and 2.5 dev; else follows `--guidance-scale`)",
+        metavar="F",
+    )
+    stg_scale: float = declare(
+        0.0,
+        help="spatio-temporal guidance, one extra transformer call per step; 0.0 is off (family preset)",
+        default_from="family preset",
+        low=0.0,
+        high=MAX_STG_SCALE,
+        http="number",
+        added_later=True,
+        doc="spatio-temporal guidance on the family's STG block, 0.0–10.0; above 0 it costs one more transformer "
+        "call per step",
+        default_doc="family preset (1.0 for LTX-2.3 and 2.5 dev, else 0.0)",
+        metavar="F",
+    )
+    modality_scale: float = declare(
+        1.0,
+        help="modality isolation guidance, one extra transformer call per step; 1.0 is off (family preset)",
+        default_from="family preset",
+        low=1.0,
+        high=MAX_MODALITY_SCALE,
+        http="number",
+        added_later=True,
+        doc="modality isolation guidance, 1.0–10.0; above 1 it costs one more transformer call per step",
+        default_doc="family preset (3.0 for LTX-2.3 and 2.5 dev, else 1.0)",
+        metavar="F",
+    )
+    guidance_rescale: float = declare(
+        0.0,
+        help="CFG rescale 0.0-1.0; 0.0 is off (family preset)",
+        default_from="family preset",
+        low=0.0,
+        high=1.0,
+        http="number",
+        added_later=True,
+        doc="CFG rescale, 0.0–1.0 (video and audio)",
+        default_doc="family preset (0.7 for LTX-2.3 and 2.5 dev, else 0.0)",
+        metavar="F",
+    )
+    # NAG's tau and alpha default to the NAG paper's reference code for other models (tau: norm-ratio clamp,
+    # alpha: blend).
+    nag_scale: float = declare(
+        1.0,
+        help="Normalized Attention Guidance: the negative prompt acts at CFG 1.0 in the text cross-attention"
+        " (1.0-30.0; 1.0, the default, is off; ComfyUI's LTX-2 node uses 11)",
+        low=1.0,
+        high=MAX_NAG_SCALE,
+        metavar="PHI",
+        http="number",
+        added_later=True,
+        doc="Normalized Attention Guidance (see NAG below): the negative prompt acts at CFG 1.0 through the text "
+        "cross-attention, still one transformer call per step; 1.0–30.0, where 1.0 is exactly off (ComfyUI's "
+        "LTX-2 node uses 11); refused with `--guidance-scale` > 1",
+        default_doc="1.0 (off)",
+    )
+    nag_tau: float = declare(
+        2.5,
+        help="NAG's clamp on the norm ratio (default 2.5)",
+        rule=_require_nag_tau,
+        allowed="a finite number above 0",
+        metavar="TAU",
+        http="number",
+        added_later=True,
+        doc="NAG's clamp: per token the guided attention output's L1 norm may grow to at most TAU times the "
+        "prompt's; > 0",
+        default_doc="2.5",
+    )
+    nag_alpha: float = declare(
+        0.25,
+        help="NAG's blend of guided and plain attention, 0-1 (default 0.25)",
+        low=0.0,
+        high=1.0,
+        metavar="A",
+        http="number",
+        added_later=True,
+        doc="NAG's blend: A × guided + (1 − A) × the prompt's plain attention output; 0–1",
+        default_doc="0.25",
+    )
+    nag_steps: int | None = declare(
+        None,
+        help="apply NAG in the first N steps only (default all)",
+        rule=_require_nag_steps,
+        allowed="0 or more",
+        metavar="N",
+        http="number",
+        added_later=True,
+        doc="apply NAG in the first N denoising steps only (0 turns it off; more than `--steps` means all)",
+        default_doc="all",
+    )
+    schedule: str = declare(
+        "distilled",
+        help="sigma schedule (preset default)",
+        default_from="model preset",
+        choices=SCHEDULES,
+        http="text",
+        doc="`distilled`: the 8 distilled sigmas, no shift; `default`: linspace sigmas with the resolution shift",
+        default_doc="preset",
+    )
+    pipeline: str = declare(
+        ONE_STAGE,
+        help="two-stage: half size, latent upsampler x2, 3 refining steps at full size (sizes divide by 64;"
+        " distilled schedule); preset default: two-stage for LTX-2.3 distilled at >= 1280 px wide",
+        default_from="family preset",
+        choices=PIPELINES,
+        http="text",
+        added_later=True,
+        doc="`two-stage`: denoise at half width and height, upsample the latents ×2, refine at full size in 3 "
+        "distilled steps (see Two-stage pipeline); width and height must be multiples of 64 (at least 128); "
+        "with a dev schedule stage 2 fuses the family's distilled LoRA (`--stage2-lora`)",
+        default_doc="preset (two-stage for LTX-2.3 distilled at ≥ 1280 px wide, sides multiples of 64)",
+    )
     #: dev two-stage only: {source, weight_name} of the distilled LoRA fused (at 1.0) for stage 2
-    stage2_lora: dict[str, Any] | None = None
+    stage2_lora: dict[str, Any] | None = declare(
+        None,
+        help="dev two-stage: the distilled LoRA fused for stage 2 (HF repo id in the cache or .safetensors file;"
+        " default: the model family's, e.g. Lightricks/LTX-2's ltx-2-19b-distilled-lora-384.safetensors)",
+        default_from="family preset",
+        rule=_require_stage2_lora,
+        allowed="{source, weight_name}",
+        cli="own",
+        http="own",
+        added_later=True,
+        doc="dev two-stage only (`--pipeline two-stage --schedule default`): the distilled LoRA fused at 1.0 for "
+        "stage 2, an HF repo id in the local cache, folder or `.safetensors` file (inside "
+        "`paths.input_roots`), found as `--lora` is; missing: exit 4 before any job, naming the flag and the "
+        "`hf download` command; `stage2_lora = {source, weight_name}` in a batch file",
+        default_doc="the family's (LTX-2.0: `Lightricks/LTX-2`, LTX-2.3: `Lightricks/LTX-2.3`)",
+        metavar="REPO_OR_PATH",
+    )
+    name: str = declare(
+        "video",
+        help="output file stem (default: video)",
+        rule=_require_name,
+        allowed=NAME_PATTERN.pattern,
+        latents=False,
+        digest=False,
+        doc="output file stem: `<stem>_<YYYYmmdd_HHMMSS>.mp4`",
+        default_doc="`video`",
+        metavar="STEM",
+    )
+    dtype: str = declare(
+        "auto",
+        help="auto: bf16 on GPU, fp32 on CPU",
+        choices=DTYPES,
+        doc="auto = bf16 on GPU, fp32 on CPU",
+        default_doc="`auto`",
+    )
+    image: str | None = declare(
+        None,
+        help="first-frame image for image-to-video (centre-cropped to the clip's shape)",
+        default_from="none",
+        rule=_require_image,
+        allowed="an image file",
+        http="own",
+        http_name="input_reference",
+        doc="image-to-video: the first frame (diffusers' `LTX2ImageToVideoPipeline`); must lie inside "
+        "`paths.input_roots` and be an image of at most 8192×8192 (the daemon reads only its header; the "
+        "worker decodes it); copied into the job as it is and centre-cropped to the clip's aspect ratio (never "
+        "stretched), then resized by the pipeline; H.264 re-compressed at the CRF the family was trained with, "
+        "as diffusers picks it: 33 through LTX-2.3, 18 for LTX-2.5 (Gemma 4 encoder)",
+        default_doc="none",
+        metavar="PATH",
+    )
+    loras: list[dict[str, Any]] = declare(
+        factory=list,
+        help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
+        rule=_require_loras,
+        allowed="repo ids in the cache, folders or .safetensors files; scale 0.0 to 1.0",
+        cli="own",
+        http="own",
+        doc="a LoRA: HF repo id (local cache), folder or `.safetensors` file; repeatable; Lightricks' original "
+        "keys and diffusers keys both load",
+        default_doc="none",
+        metavar="REPO_OR_PATH",
+        cli_flag="--lora",
+    )
+    fp8: bool = declare(
+        False,
+        help="store transformer weights in FP8 (bf16 compute; LoRAs are fused first)",
+        cli="toggle",
+        doc="store transformer weights in float8_e4m3fn, compute in bf16 (LoRAs are fused first)",
+        default_doc="off",
+    )
+    fp8_matmul: bool = declare(
+        False,
+        help="FP8 weights and FP8 matmuls (rowwise scales) in the transformer blocks; fastest with --compile",
+        cli="switch",
+        doc="FP8 weights *and* FP8 matmuls in the transformer blocks' linear layers (per-row scales for weights "
+        "and activations, `torch._scaled_mm`); about half the weight memory like `--fp8`, but faster, not "
+        "slower; not with `--fp8`",
+        default_doc="off",
+    )
+    compile: bool = declare(
+        False,
+        help="compile the transformer's repeated blocks (torch.compile; the compiled code is cached on disk)",
+        cli="toggle",
+        doc="regional `torch.compile` of the transformer's repeated blocks (compiled at the first step; inductor's "
+        "cache is kept in `<state>/compile-cache`, or `LTX2_COMPILE_CACHE_DIR`, so later workers reuse it); "
+        "eager again on lower-memory retries",
+        default_doc="off",
+    )
+    sequential_offload: bool = declare(
+        False,
+        help="keep transformer layers in host memory, moving each to the GPU as it runs",
+        cli="switch",
+        doc="keep the transformer's layers in host memory and move each to the GPU while it runs (slowest, least "
+        "GPU memory)",
+        default_doc="off",
+    )
+    vae_chunk_frames: int | None = declare(
+        None,
+        help="decode in temporal pieces of N latent frames",
+        default_from="none",
+        allowed="2 to the clip's latent frames",
+        latents=False,
+        doc="decode in temporal pieces of N latent frames (cross-faded; fewer pieces, fewer seams)",
+        default_doc="auto",
+        metavar="N",
+    )
+    vae_tiling: bool | None = declare(
+        None,
+        help="force spatial tiling on/off (default: chosen from the size)",
+        default_from="none",
+        cli="toggle",
+        latents=False,
+        doc="force spatial tiling of the VAE decode on or off",
+        default_doc="auto",
+    )
+    drop_caches: bool = declare(
+        False,
+        help="flush the kernel page cache after the video is written (needs root; warns otherwise)",
+        cli="switch",
+        latents=False,
+        digest=False,
+        doc="after the video is written, flush the kernel page cache (`/proc/sys/vm/drop_caches`; needs root, "
+        "warns otherwise)",
+        default_doc="off",
+    )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> JobSpec:
@@ -149,51 +634,22 @@ class JobSpec:
         return JobSpec.from_dict({**self.to_dict(), **changes})
 
     def require_valid(self) -> None:
-        """Raise SpecError for the first rule this spec breaks."""
-        _require_text(self.prompt, "prompt", allow_empty=False)
-        _require_text(self.negative_prompt, "negative_prompt", allow_empty=True)
-        if not self.model.strip():
-            raise SpecError("model", "must name a Hugging Face repo id or a local folder")
-        require_path_text(self.model, "model")
-        for field, value in (("width", self.width), ("height", self.height)):
-            if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-                raise SpecError(
-                    field,
-                    f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
-                    f" (nearest allowed: {' or '.join(map(str, nearest_sizes(value)))})",
-                )
-        _require_frames(self.num_frames)
-        _require_range("steps", self.steps, 1, MAX_STEPS)
-        _require_range("seed", self.seed, 0, MAX_SEED)
-        _require_range("fps", self.fps, 1.0, 240.0)
-        _require_range("guidance_scale", self.guidance_scale, 1.0, 30.0)
-        if self.audio_guidance_scale is not None:
-            _require_range("audio_guidance_scale", self.audio_guidance_scale, 1.0, 30.0)
-        _require_range("stg_scale", self.stg_scale, 0.0, MAX_STG_SCALE)
-        _require_range("modality_scale", self.modality_scale, 1.0, MAX_MODALITY_SCALE)
-        _require_range("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
-        _require_choice("schedule", self.schedule, SCHEDULES)
+        """Raise SpecError for the first rule this spec breaks: each field's declared checks in
+        declaration order, then the rules that relate fields to each other."""
+        for declared in SPEC_FIELDS:
+            value = getattr(self, declared.name)
+            if value is not None:
+                require_declared(declared, value)
         if self.schedule == "distilled" and self.steps != DISTILLED_STEPS:
             raise SpecError(
                 "steps",
                 f"the distilled schedule has exactly {DISTILLED_STEPS} steps; got {self.steps}"
                 " (use --schedule default for another step count)",
             )
-        _require_choice("dtype", self.dtype, DTYPES)
-        if not NAME_PATTERN.fullmatch(self.name):
-            raise SpecError(
-                "name", f"must match {NAME_PATTERN.pattern} (used in the output file name); got {self.name!r}"
-            )
         if self.fp8 and self.fp8_matmul:
             raise SpecError("fp8_matmul", "choose one of --fp8 (FP8 storage, bf16 compute) and --fp8-matmul")
         if self.vae_chunk_frames is not None:
             _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
-        for lora in self.loras:
-            _require_lora(lora)
-        if self.image is not None and not self.image.strip():
-            raise SpecError("image", "must be a path to an image file")
-        if self.image is not None:
-            require_path_text(self.image, "image")
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -207,9 +663,7 @@ class JobSpec:
         (config/defaults.toml) unless --stage2-lora names one; a dev two-stage spec without it is refused
         (a family with no known distilled LoRA, LTX-2.5), as is a stage-2 LoRA that no stage would use.
         """
-        _require_choice("pipeline", self.pipeline, PIPELINES)
         if self.stage2_lora is not None:
-            _require_stage2_lora(self.stage2_lora)
             if self.pipeline != TWO_STAGE or self.schedule == "distilled":
                 raise SpecError(
                     "stage2_lora",
@@ -236,18 +690,12 @@ class JobSpec:
                 )
 
     def _require_valid_nag(self) -> None:
-        """NAG's ranges, and its refusal next to CFG.
+        """NAG's refusal next to CFG.
 
         NAG with CFG > 1 is refused rather than combined: CFG already spends a second (batched) pass
         on the negative prompt, so NAG there would apply the same prompt twice in two different ways,
         a combination no LTX-2 reference tunes or checks; NAG exists for the CFG = 1 (distilled) case.
         """
-        _require_range("nag_scale", self.nag_scale, 1.0, MAX_NAG_SCALE)
-        if not (0.0 < self.nag_tau and math.isfinite(self.nag_tau)):
-            raise SpecError("nag_tau", f"must be a finite number above 0; got {self.nag_tau}")
-        _require_range("nag_alpha", self.nag_alpha, 0.0, 1.0)
-        if self.nag_steps is not None and self.nag_steps < 0:
-            raise SpecError("nag_steps", f"must be 0 or more (NAG applies in the first N steps); got {self.nag_steps}")
         if self.uses_nag and self.uses_cfg:
             raise SpecError(
                 "nag_scale",
@@ -311,102 +759,63 @@ class JobSpec:
         }
 
 
-def _sha256_json(data: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+#: Every spec field's declaration, in declaration order.
+SPEC_FIELDS = fields_of(JobSpec)
+# Fields that do not change the latents (see JobSpec.latents_digest).
+DECODE_ONLY_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.latents)
+# Fields left out of the spec digests at their default, so latents written before they existed still match.
+LATER_FIELD_DEFAULTS = {
+    field.name: field.default
+    for field, declared in zip(dataclasses.fields(JobSpec), SPEC_FIELDS, strict=True)
+    if declared.added_later
+}
+
+#: Inputs a request may carry that are resolved into spec fields before validation
+#: (orchestrator/jobspec.py) and never stored: a camera move becomes a LoRA, seconds a frame count.
+REQUEST_ONLY = (
+    Declared(
+        name="camera",
+        doc="camera-control LoRA: `dolly-in`, `dolly-out`, `dolly-left`, `dolly-right`, `jib-up`, `jib-down`, "
+        "`static` (`Lightricks/LTX-2-19b-LoRA-Camera-Control-*` from the HF cache)",
+        default_doc="none",
+        metavar="NAME",
+        help="camera-control LoRA by name: dolly-in, dolly-out, dolly-left, dolly-right, jib-up, jib-down, static",
+        default_from="none",
+        allowed="a name under [cameras] in config/defaults.toml",
+        http="text",
+    ),
+    Declared(
+        name="seconds",
+        kind=float,
+        help="clip length in seconds instead of --num-frames: the fewest 8n+1 frames lasting at least that long"
+        " at the clip's fps (5 s at 24 fps: 121 frames, 5.042 s)",
+        default_from="none",
+        allowed=f"above 0, at most {MAX_FRAMES} frames at the clip's fps",
+        metavar="S",
+        doc="clip length in seconds instead of `--num-frames`: the fewest 8n+1 frames that last at least that"
+        " long at the clip's fps (`--seconds 5` at 24 fps: 121 frames, 5.042 s); a notice says what it became;"
+        " not with `--num-frames`",
+        default_doc="none",
+        http="own",
+    ),
+)
 
 
-def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
-    if not allow_empty and not value.strip():
-        raise SpecError(field, "must not be empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
-        raise SpecError(field, NOT_UTF8) from None
-    if size > MAX_PROMPT_BYTES:
-        raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
-
-
-def require_path_text(value: str, field: str) -> None:
-    """A path or repo id holds no NUL byte: no file name can, and the OS refuses one with a ValueError
-    deep in the lookup, which a client must see as an invalid field, never as an internal error."""
-    if "\0" in value:
-        raise SpecError(field, "must not contain a NUL byte (\\0); no file name or repo id can hold one")
-
-
-def nearest_sizes(value: int, multiple: int = SIZE_MULTIPLE, low: int = MIN_SIZE) -> list[int]:
-    """The allowed sizes nearest to an invalid `value`: the multiples of `multiple` either side of
-    it, clamped into `low`..MAX_SIZE, so every suggestion is itself valid (one when they meet)."""
-    below = value // multiple * multiple
-    candidates = (below, below + multiple) if below != value else (value,)
-    return sorted({min(MAX_SIZE, max(low, size)) for size in candidates})
-
-
-def nearest_frames(value: int) -> list[int]:
-    """The allowed frame counts nearest to an invalid `value`: the 8n+1 counts either side of it,
-    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
-    below = (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1
-    candidates = (below, below + FRAME_MULTIPLE) if below != value else (value,)
-    return sorted({min(MAX_FRAMES, max(MIN_FRAMES, frames)) for frames in candidates})
-
-
-def _require_frames(value: int) -> None:
-    if value % FRAME_MULTIPLE == 1 and MIN_FRAMES <= value <= MAX_FRAMES:
-        return
-    raise SpecError(
-        "num_frames",
-        f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
-        f" (nearest allowed: {' or '.join(map(str, nearest_frames(value)))})",
-    )
-
-
-def _require_lora(lora: dict[str, Any]) -> None:
-    unknown = set(lora) - LORA_KEYS
-    if unknown:
-        raise SpecError("lora", f"unknown LoRA key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(LORA_KEYS))}")
-    source = lora.get("source")
-    if not isinstance(source, str) or not source.strip():
-        raise SpecError("lora", "needs a repo id or a path to a .safetensors file")
-    require_path_text(source, "lora")
-    weight_name = lora.get("weight_name")
-    if weight_name is not None and (not isinstance(weight_name, str) or "/" in weight_name):
-        raise SpecError("lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}")
-    if weight_name is not None:
-        require_path_text(weight_name, "lora_weight_name")
-    scale = lora.get("scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
-        raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
-
-
-def _require_stage2_lora(lora: dict[str, Any]) -> None:
-    unknown = set(lora) - STAGE2_LORA_KEYS
-    if unknown:
+def frames_lasting(seconds: float, fps: float) -> int:
+    """The fewest valid frames (8n+1) whose clip lasts at least `seconds` at `fps`; SpecError naming
+    `seconds` when no clip can (not a finite duration above 0, or more frames than MAX_FRAMES)."""
+    if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
+        raise SpecError("seconds", f"must be above 0 and at most {MAX_SECONDS:g}; got {seconds:g}")
+    # Checked before rounding, which would overflow on 3600 s at 1e308 fps (MAX_FRAMES is 8n+1, so a count
+    # up to it never rounds past it).
+    if not seconds * fps <= MAX_FRAMES:
         raise SpecError(
-            "stage2_lora", f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(STAGE2_LORA_KEYS))}"
+            "seconds", f"{seconds:g} s at {fps:g} fps needs more than {MAX_FRAMES} frames, the most allowed"
         )
-    source = lora.get("source")
-    if not isinstance(source, str) or not source.strip():
-        raise SpecError("stage2_lora", "needs a repo id or a path to a .safetensors file")
-    require_path_text(source, "stage2_lora")
-    weight_name = lora.get("weight_name")
-    if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or "/" in weight_name):
-        raise SpecError(
-            "stage2_lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}"
-        )
-    if weight_name is not None:
-        require_path_text(weight_name, "stage2_lora_weight_name")
+    wanted = math.ceil(seconds * fps - 1e-9)
+    return max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
 
 
-def _require_range(field: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise SpecError(field, f"must be between {low} and {high}; got {value}")
-
-
-def _require_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SpecError(field, f"must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _describe(annotation: object) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation)
+def describe_duration(seconds: float, fps: float, frames: int) -> str:
+    """How a requested duration became a frame count, as a notice and the HTTP video object say it."""
+    return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"

@@ -538,9 +538,9 @@ def test_the_cli_flags_and_the_gateway_field_give_the_stage2_lora_spec_field(tmp
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     args = generate.parse_args(["--prompt", "x", "--stage2-lora", "a/b", "--stage2-lora-weight-name", "c.safetensors"])
-    assert spec_request(args)["stage2_lora"] == {"source": "a/b", "weight_name": "c.safetensors"}
+    assert spec_request(vars(args))["stage2_lora"] == {"source": "a/b", "weight_name": "c.safetensors"}
     with pytest.raises(SpecError, match="needs --stage2-lora") as caught:
-        spec_request(generate.parse_args(["--prompt", "x", "--stage2-lora-weight-name", "c.safetensors"]))
+        spec_request(vars(generate.parse_args(["--prompt", "x", "--stage2-lora-weight-name", "c.safetensors"])))
     assert caught.value.flag == "--stage2-lora-weight-name"
     settings = load_settings(environ={"HOME": str(tmp_path)})
     field = '{"name": "Lightricks/LTX-2", "weight_name": "ltx-2-19b-distilled-lora-384.safetensors"}'

@@ -96,7 +96,7 @@ def make_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def submit(client: DaemonClient, args: argparse.Namespace) -> int:
-    data = client.request(jobs.Submit("", spec_request(args), reuse=args.reuse))
+    data = client.request(jobs.Submit("", spec_request(vars(args)), reuse=args.reuse))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")
     sys.stdout.write(f"{data['id']}\n")

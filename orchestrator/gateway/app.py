@@ -47,7 +47,6 @@ from orchestrator.gateway.uploads import UploadDir
 from orchestrator.gateway.video_requests import (
     RequestError,
     VideoRequest,
-    describe_mapping,
     param_of,
     parse_video_request,
 )
@@ -57,7 +56,7 @@ from orchestrator.publishing import companions
 from orchestrator.states import JobState
 from protocol import jobs
 from protocol.files import Stage
-from protocol.spec import SpecError
+from protocol.spec import SpecError, describe_duration
 
 log = logging.getLogger("ltx2.http")
 # Between resends of a submit the daemon did not answer (each waits daemon.request_timeout_s first).
@@ -585,7 +584,7 @@ def video_object(
     if seconds_note:
         result["seconds_mapping"] = seconds_note
     elif (asked := as_number(record["seconds"])) is not None:
-        result["seconds_mapping"] = describe_mapping(asked, record["fps"], record["num_frames"])
+        result["seconds_mapping"] = describe_duration(asked, record["fps"], record["num_frames"])
     if notices:
         result["notices"] = notices
     return result

@@ -4,13 +4,13 @@ The gateway checks only what it must before the daemon sees the request: the HTT
 field (size "WxH", seconds, numbers), the model against our ids and aliases (never a path), LoRAs
 as Hugging Face cache names (never paths), and the prompt's size (a 1 MB prompt would not fit in
 one protocol frame). Everything else (multiples of 32, 8n+1 frames, ranges) is the daemon's
-JobSpec validation, whose field names `field_of` maps back to the HTTP fields. The spec is built by
+JobSpec validation, whose field names `param_of` maps back to the HTTP fields. Which fields exist,
+their HTTP names and kinds come from the fields' declarations (protocol/spec.py); the spec is built by
 `orchestrator.cli_flags.spec_request`, exactly as `ltx2 submit` builds it from its flags.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -18,9 +18,17 @@ import re
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.cli_flags import SPEC_FLAGS, spec_request
+from orchestrator.cli_flags import spec_request
 from protocol.model_ids import TINY_REPO_ID
-from protocol.spec import FRAME_MULTIPLE, MAX_FRAMES, MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, MIN_FRAMES, SpecError
+from protocol.spec import (
+    MAX_PROMPT_BYTES,
+    MAX_PROMPT_CHARS,
+    REQUEST_ONLY,
+    SPEC_FIELDS,
+    SpecError,
+    describe_duration,
+    frames_lasting,
+)
 
 # Short names a client may send as `model`, besides the repo ids that have a preset.
 MODEL_ALIASES = {
@@ -33,29 +41,16 @@ SIZE_PATTERN = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
 REPO_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*"  # dots only between other characters: no ".."
 REPO_ID_PATTERN = re.compile(f"{REPO_PART}/{REPO_PART}")
 WEIGHT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors")
-# Form fields the gateway reads; anything else is refused so a typo is never silently ignored.
-TEXT_FIELDS = ("prompt", "negative_prompt", "model", "size", "seconds", "camera", "pipeline")
+DECLARED = (*SPEC_FIELDS, *REQUEST_ONLY)
+# Form fields the gateway reads; anything else is refused so a typo is never silently ignored. Text:
+# the fields declared as such, and those the gateway parses itself from text (model, size, seconds).
+TEXT_FIELDS = (*(declared.name for declared in DECLARED if declared.http == "text"), "model", "size", "seconds")
 # Numbers as the CLI flags of the same names take them; their ranges are the daemon's JobSpec checks,
 # so a refusal here carries the message `ltx2 generate` gives for the flag.
-NUMBER_FIELDS = {
-    "num_frames": int,
-    "fps": float,
-    "seed": int,
-    "steps": int,
-    "guidance_scale": float,
-    "audio_guidance_scale": float,
-    "stg_scale": float,
-    "modality_scale": float,
-    "guidance_rescale": float,
-    "nag_scale": float,
-    "nag_tau": float,
-    "nag_alpha": float,
-    "nag_steps": int,
-}
+NUMBER_FIELDS = {declared.name: declared.kind for declared in DECLARED if declared.http == "number"}
 KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference", "reuse"})
 # `reuse` as a form sends it (JSON clients send true or false).
 FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
-MAX_SECONDS = 3600.0
 MAX_LORAS = 8
 # The whole numbers a request frame can carry (msgpack's signed 64 bits); the daemon's own ranges
 # are narrower and give the message, but a larger number would not even reach it.
@@ -117,11 +112,8 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
 
 def spec_of(values: dict[str, Any]) -> dict[str, Any]:
     """The spec fields, built as `ltx2 submit` builds them from its flags, and refused as it refuses them."""
-    namespace = argparse.Namespace(**dict.fromkeys(SPEC_FLAGS))
-    for name, value in values.items():
-        setattr(namespace, name, value)
     try:
-        return spec_request(namespace)
+        return spec_request(values)
     except SpecError as exc:  # text that is not UTF-8
         raise RequestError(SPEC_TO_PARAM.get(exc.field, exc.field), str(exc)) from None
 
@@ -223,22 +215,11 @@ def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
         seconds = float(seconds_text)
     except ValueError:
         raise RequestError("seconds", f"seconds must be a number of seconds; got {seconds_text!r}") from None
-    if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
-        raise RequestError("seconds", f"seconds must be above 0 and at most {MAX_SECONDS:g}; got {seconds_text!r}")
-    # Checked before rounding, which would overflow on 3600 s at 1e308 fps (MAX_FRAMES is 8n+1, so
-    # a count up to it never rounds past it).
-    if not seconds * fps <= MAX_FRAMES:
-        raise RequestError(
-            "seconds", f"{seconds:g} s at {fps:g} fps needs more than {MAX_FRAMES} frames, the most allowed"
-        )
-    wanted = math.ceil(seconds * fps - 1e-9)
-    frames = max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
-    return frames, describe_mapping(seconds, fps, frames)
-
-
-def describe_mapping(seconds: float, fps: float, frames: int) -> str:
-    """How a requested duration became a frame count, as the video object reports it."""
-    return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"
+    try:
+        frames = frames_lasting(seconds, fps)
+    except SpecError as exc:
+        raise RequestError("seconds", f"seconds: {exc.reason}") from None
+    return frames, describe_duration(seconds, fps, frames)
 
 
 def parse_loras(raw: object) -> list[dict[str, Any]]:
@@ -291,11 +272,9 @@ def parse_stage2_lora(raw: object) -> tuple[str, str | None]:
     return name, weight
 
 
-# The daemon's JobSpec fields, as the HTTP request names them.
+# The daemon's JobSpec fields, as the HTTP request names them (the LoRA checks name sub-fields of their own).
 SPEC_TO_PARAM = {
-    "width": "size",
-    "height": "size",
-    "image": "input_reference",
+    **{declared.name: declared.http_field for declared in DECLARED if declared.http_name},
     "lora": "loras",
     "lora_scale": "loras",
     "lora_weight_name": "loras",
