@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from protocol.spec import ONE_STAGE, TWO_STAGE, TWO_STAGE_SIZE_MULTIPLE
+from protocol.spec_rules import ONE_STAGE, TWO_STAGE, TWO_STAGE_SIZE_MULTIPLE
 
 # The schedule name that selects a family's distilled preset; every other schedule runs the dev one.
 DISTILLED_SCHEDULE = "distilled"

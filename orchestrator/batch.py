@@ -35,7 +35,7 @@ from orchestrator.runner import StageOutcome
 from orchestrator.stage_major import diffusion_processes
 from orchestrator.states import JobState
 from protocol.files import STAGE_ORDER, Stage, publish, temp_path_for
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 
 #: Called after each attempt of a clip's stage: (job, stage, how it ended).
 StageReport = Callable[[JobDir, Stage, StageOutcome], None]

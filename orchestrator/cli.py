@@ -43,7 +43,8 @@ from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.model_ids import TINY_REPO_IDS
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 
 # Exit status of the CLI for a failed job, by how its last stage failed.
 FAILURE_EXIT = {

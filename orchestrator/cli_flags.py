@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from protocol.request_fields import Declared
-from protocol.spec import NOT_UTF8, REQUEST_ONLY, SPEC_FIELDS, SpecError
+from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
+from protocol.spec_rules import NOT_UTF8, SpecError
 
 # What the command line takes: every spec field and the inputs resolved into them (camera, seconds).
 CLI_FIELDS = tuple(declared for declared in (*SPEC_FIELDS, *REQUEST_ONLY) if declared.cli != "none")

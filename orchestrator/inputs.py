@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 
 # Larger images are refused from their header, before anything decodes them: 8K x 8K.
 MAX_IMAGE_PIXELS = 8192 * 8192

@@ -21,15 +21,8 @@ from protocol.codec import is_instance_of
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import (
-    SCHEDULES,
-    TWO_STAGE,
-    JobSpec,
-    SpecError,
-    describe_duration,
-    frames_lasting,
-    require_path_text,
-)
+from protocol.spec import JobSpec
+from protocol.spec_rules import SCHEDULES, TWO_STAGE, SpecError, describe_duration, frames_lasting, require_path_text
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.inputs import require_inside_roots
 from protocol.errors import LoraNotFound
 from protocol.model_ids import hub_cache_dir
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 
 
 def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...], flag: str = "lora") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from orchestrator.jobdir import JobDir
 from orchestrator.request_digest import installed_versions
 from orchestrator.reuse import reproducibility
 from protocol.files import Stage
-from protocol.spec import ONE_STAGE
+from protocol.spec_rules import ONE_STAGE
 
 PACKAGES = (
     "ltx2-stages",

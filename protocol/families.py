@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import ModelNotFound
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_CONFIG = "transformer/config.json"

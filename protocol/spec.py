@@ -1,8 +1,8 @@
-"""The job spec: every input of one clip, validated before any process starts.
+"""The job spec: every input of one clip, each field declared once, validated before any process starts.
 
-A rule broken here fails fast with a message naming the CLI flag, the value given and what is
-allowed. Nothing is rounded silently: a frame count that is not 8n+1 is an error that names the
-two nearest valid counts, so the user decides.
+A field's declaration (protocol.request_fields.declare) says how every front door offers it and
+which rules of protocol/spec_rules.py check it; a rule broken fails fast with a message naming the
+CLI flag, the value given and what is allowed.
 """
 
 from __future__ import annotations
@@ -11,227 +11,55 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
-import re
 import typing
 from typing import Any
 
 from protocol.codec import is_instance_of
 from protocol.request_fields import Declared, declare, fields_of
-
-# LTX-2's VAE compresses 8x in time with a causal first frame: a clip has 8n+1 frames.
-FRAME_MULTIPLE = 8
-# Height and width must be divisible by 32 (the VAE's spatial compression); diffusers checks this too.
-SIZE_MULTIPLE = 32
-MIN_SIZE, MAX_SIZE = 64, 4096
-MIN_FRAMES, MAX_FRAMES = 9, 1025
-MAX_STEPS = 500
-MAX_SEED = 2**63 - 1
-# Long enough for the seed project's paragraph prompts, short enough to bound job.json.
-MAX_PROMPT_CHARS = 20_000
-# Characters are not bytes: 20,000 emoji are 80 kB of UTF-8, and 14 such jobs made a job listing
-# overflow one protocol frame. 32 KiB still holds any 20,000-character ASCII prompt and keeps a
-# spec (prompt and negative prompt) far below protocol.codec.MAX_MESSAGE_BYTES.
-MAX_PROMPT_BYTES = 32 * 1024
-# Matched with fullmatch: `$` would also accept a trailing newline, which breaks "stdout is only
-# the output path" and puts a line break into the file name.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-DTYPES = ("auto", "bfloat16", "float32")
-LORA_KEYS = frozenset({"source", "weight_name", "scale"})
-# Dev two-stage's stage-2 distilled LoRA (services/two_stage.py): always fused at 1.0, as Lightricks' recipe does.
-STAGE2_LORA_KEYS = frozenset({"source", "weight_name"})
-SCHEDULES = ("distilled", "default")
-NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8)"
-# The distilled checkpoint was trained on one fixed 8-sigma schedule.
-DISTILLED_STEPS = 8
-# Normalized Attention Guidance (services/nag.py): phi = 1 is exactly off; the ComfyUI LTX-2 node uses 11,
-# so 30 (the CFG ceiling) leaves room without admitting values that only produce noise.
-MAX_NAG_SCALE = 30.0
-# How the latents are made (services/two_stage.py): one pass at the full size, or Lightricks' two-stage recipe
-# (half size, the latent upsampler x2, three distilled refining steps at the full size; with a dev schedule those
-# three steps run with the distilled LoRA `stage2_lora` fused into the transformer).
-ONE_STAGE, TWO_STAGE = "one-stage", "two-stage"
-PIPELINES = (ONE_STAGE, TWO_STAGE)
-# Two-stage runs stage 1 at half the width and height, which must itself be a multiple of 32 and
-# at least MIN_SIZE; so the full size is a multiple of 64 and at least 128.
-TWO_STAGE_SIZE_MULTIPLE = 2 * SIZE_MULTIPLE
-TWO_STAGE_MIN_SIZE = 2 * MIN_SIZE
-# diffusers puts no bound on these; the bounds keep a typo from running a useless clip. LTX-2.3 uses
-# STG 1 and modality 3 (LTX2Pipeline.__call__ defaults), so 10 leaves room for experiments.
-MAX_STG_SCALE = 10.0
-# An hour of video: far beyond what one clip can hold (MAX_FRAMES), so the frame limit gives the message.
-MAX_SECONDS = 3600.0
-MAX_MODALITY_SCALE = 10.0
-
-
-class SpecError(ValueError):
-    """A spec field broke a rule; `flag` is the CLI flag a user would change."""
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.flag = "--" + field.replace("_", "-")
-        self.reason = message  #: the message without the flag, for a front door that names the field its own way
-        super().__init__(f"{self.flag}: {message}")
+from protocol.spec_rules import (
+    DISTILLED_STEPS,
+    DTYPES,
+    FRAME_MULTIPLE,
+    MAX_FRAMES,
+    MAX_MODALITY_SCALE,
+    MAX_NAG_SCALE,
+    MAX_PROMPT_BYTES,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MAX_STG_SCALE,
+    MIN_FRAMES,
+    MIN_SIZE,
+    NAME_PATTERN,
+    ONE_STAGE,
+    PIPELINES,
+    SCHEDULES,
+    SIZE_MULTIPLE,
+    TWO_STAGE,
+    TWO_STAGE_MIN_SIZE,
+    TWO_STAGE_SIZE_MULTIPLE,
+    SpecError,
+    describe,
+    nearest_sizes,
+    require_declared,
+    require_frames,
+    require_image,
+    require_loras,
+    require_model,
+    require_nag_steps,
+    require_nag_tau,
+    require_name,
+    require_negative_prompt,
+    require_prompt,
+    require_range,
+    require_size,
+    require_stage2_lora,
+)
 
 
 def _sha256_json(data: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _require_text(value: str, field: str, *, allow_empty: bool) -> None:
-    if not allow_empty and not value.strip():
-        raise SpecError(field, "must not be empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise SpecError(field, f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes from a command line
-        raise SpecError(field, NOT_UTF8) from None
-    if size > MAX_PROMPT_BYTES:
-        raise SpecError(field, f"is {size} bytes in UTF-8; at most {MAX_PROMPT_BYTES} are allowed")
-
-
-def require_path_text(value: str, field: str) -> None:
-    """A path or repo id holds no NUL byte: no file name can, and the OS refuses one with a ValueError
-    deep in the lookup, which a client must see as an invalid field, never as an internal error."""
-    if "\0" in value:
-        raise SpecError(field, "must not contain a NUL byte (\\0); no file name or repo id can hold one")
-
-
-def nearest_sizes(value: int, multiple: int = SIZE_MULTIPLE, low: int = MIN_SIZE) -> list[int]:
-    """The allowed sizes nearest to an invalid `value`: the multiples of `multiple` either side of
-    it, clamped into `low`..MAX_SIZE, so every suggestion is itself valid (one when they meet)."""
-    below = value // multiple * multiple
-    candidates = (below, below + multiple) if below != value else (value,)
-    return sorted({min(MAX_SIZE, max(low, size)) for size in candidates})
-
-
-def nearest_frames(value: int) -> list[int]:
-    """The allowed frame counts nearest to an invalid `value`: the 8n+1 counts either side of it,
-    clamped into the allowed range, so every suggestion is itself valid (one when they meet)."""
-    below = (value - 1) // FRAME_MULTIPLE * FRAME_MULTIPLE + 1
-    candidates = (below, below + FRAME_MULTIPLE) if below != value else (value,)
-    return sorted({min(MAX_FRAMES, max(MIN_FRAMES, frames)) for frames in candidates})
-
-
-def _require_frames(value: int, field: str = "num_frames") -> None:
-    if value % FRAME_MULTIPLE == 1 and MIN_FRAMES <= value <= MAX_FRAMES:
-        return
-    raise SpecError(
-        "num_frames",
-        f"must be 8n+1 between {MIN_FRAMES} and {MAX_FRAMES} (e.g. 97, 121, 161); got {value}"
-        f" (nearest allowed: {' or '.join(map(str, nearest_frames(value)))})",
-    )
-
-
-def _require_lora(lora: dict[str, Any]) -> None:
-    unknown = set(lora) - LORA_KEYS
-    if unknown:
-        raise SpecError("lora", f"unknown LoRA key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(LORA_KEYS))}")
-    source = lora.get("source")
-    if not isinstance(source, str) or not source.strip():
-        raise SpecError("lora", "needs a repo id or a path to a .safetensors file")
-    require_path_text(source, "lora")
-    weight_name = lora.get("weight_name")
-    if weight_name is not None and (not isinstance(weight_name, str) or "/" in weight_name):
-        raise SpecError("lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}")
-    if weight_name is not None:
-        require_path_text(weight_name, "lora_weight_name")
-    scale = lora.get("scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0.0 <= scale <= 1.0:
-        raise SpecError("lora_scale", f"must be between 0.0 and 1.0; got {scale!r}")
-
-
-def _require_stage2_lora(lora: dict[str, Any], field: str = "stage2_lora") -> None:
-    unknown = set(lora) - STAGE2_LORA_KEYS
-    if unknown:
-        raise SpecError(
-            "stage2_lora", f"unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(STAGE2_LORA_KEYS))}"
-        )
-    source = lora.get("source")
-    if not isinstance(source, str) or not source.strip():
-        raise SpecError("stage2_lora", "needs a repo id or a path to a .safetensors file")
-    require_path_text(source, "stage2_lora")
-    weight_name = lora.get("weight_name")
-    if weight_name is not None and (not isinstance(weight_name, str) or not weight_name or "/" in weight_name):
-        raise SpecError(
-            "stage2_lora_weight_name", f"must be a file name inside the LoRA repo or folder; got {weight_name!r}"
-        )
-    if weight_name is not None:
-        require_path_text(weight_name, "stage2_lora_weight_name")
-
-
-def _require_range(field: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
-        raise SpecError(field, f"must be between {low} and {high}; got {value}")
-
-
-def _require_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise SpecError(field, f"must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _describe(annotation: object) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation)
-
-
-def _require_prompt(value: str, field: str) -> None:
-    _require_text(value, field, allow_empty=False)
-
-
-def _require_negative_prompt(value: str, field: str) -> None:
-    _require_text(value, field, allow_empty=True)
-
-
-def _require_model(value: str, field: str) -> None:
-    if not value.strip():
-        raise SpecError(field, "must name a Hugging Face repo id or a local folder")
-    require_path_text(value, field)
-
-
-def _require_size(value: int, field: str) -> None:
-    if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
-        raise SpecError(
-            field,
-            f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
-            f" (nearest allowed: {' or '.join(map(str, nearest_sizes(value)))})",
-        )
-
-
-def _require_name(value: str, field: str) -> None:
-    if not NAME_PATTERN.fullmatch(value):
-        raise SpecError(field, f"must match {NAME_PATTERN.pattern} (used in the output file name); got {value!r}")
-
-
-def _require_loras(value: list[dict[str, Any]], field: str) -> None:
-    for lora in value:
-        _require_lora(lora)
-
-
-def _require_image(value: str, field: str) -> None:
-    if not value.strip():
-        raise SpecError(field, "must be a path to an image file")
-    require_path_text(value, field)
-
-
-def _require_nag_tau(value: float, field: str) -> None:
-    if not (0.0 < value and math.isfinite(value)):
-        raise SpecError(field, f"must be a finite number above 0; got {value}")
-
-
-def _require_nag_steps(value: int, field: str) -> None:
-    if value < 0:
-        raise SpecError(field, f"must be 0 or more (NAG applies in the first N steps); got {value}")
-
-
-def require_declared(declared: Declared, value: Any) -> None:
-    """A value's own checks, as its declaration states them (its rule, its range, its choices)."""
-    if declared.rule is not None:
-        declared.rule(value, declared.name)
-    if declared.low is not None and declared.high is not None:
-        _require_range(declared.name, value, declared.low, declared.high)
-    if declared.choices:
-        _require_choice(declared.name, value, declared.choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,7 +73,7 @@ class JobSpec:
     prompt: str = declare(
         help="what the clip shows (a paragraph works best)",
         default_from="required",
-        rule=_require_prompt,
+        rule=require_prompt,
         allowed=f"non-empty text, at most {MAX_PROMPT_CHARS} characters and {MAX_PROMPT_BYTES} bytes of UTF-8",
         http="text",
         doc="what the clip shows; a paragraph works best; at most 20,000 characters and 32 KiB of UTF-8 (also for "
@@ -257,7 +85,7 @@ class JobSpec:
         help="HF repo id or local diffusers folder (default: the distilled model if cached, else the tiny offline"
         " model)",
         default_from="settings",
-        rule=_require_model,
+        rule=require_model,
         allowed="a repo id in the Hugging Face cache or a folder",
         http="own",
         doc="Hugging Face repo id (from the local cache) or a local diffusers folder",
@@ -267,7 +95,7 @@ class JobSpec:
     width: int = declare(
         help="multiple of 32 (preset default)",
         default_from="model preset",
-        rule=_require_size,
+        rule=require_size,
         allowed=f"multiple of {SIZE_MULTIPLE}, {MIN_SIZE} to {MAX_SIZE} (two-stage: of {TWO_STAGE_SIZE_MULTIPLE})",
         http="own",
         http_name="size",
@@ -278,7 +106,7 @@ class JobSpec:
     height: int = declare(
         help="multiple of 32 (preset default)",
         default_from="model preset",
-        rule=_require_size,
+        rule=require_size,
         allowed=f"multiple of {SIZE_MULTIPLE}, {MIN_SIZE} to {MAX_SIZE} (two-stage: of {TWO_STAGE_SIZE_MULTIPLE})",
         http="own",
         http_name="size",
@@ -289,7 +117,7 @@ class JobSpec:
     num_frames: int = declare(
         help="8n+1: 9, 17, ..., 121, 161, 257 (preset default)",
         default_from="model preset",
-        rule=_require_frames,
+        rule=require_frames,
         allowed=f"8n+1, {MIN_FRAMES} to {MAX_FRAMES}",
         http="number",
         doc="8n+1 (9, 17, …, 121, 161, 257); never rounded silently: the error names the nearest valid counts",
@@ -320,7 +148,7 @@ class JobSpec:
     negative_prompt: str = declare(
         "",
         help="what to avoid; has an effect with --guidance-scale > 1 or with --nag-scale > 1",
-        rule=_require_negative_prompt,
+        rule=require_negative_prompt,
         allowed=f"text, at most {MAX_PROMPT_CHARS} characters",
         http="text",
         doc="has an effect with CFG on (`--guidance-scale` > 1) or with NAG on (`--nag-scale` > 1); a warning says "
@@ -421,7 +249,7 @@ class JobSpec:
     nag_tau: float = declare(
         2.5,
         help="NAG's clamp on the norm ratio (default 2.5)",
-        rule=_require_nag_tau,
+        rule=require_nag_tau,
         allowed="a finite number above 0",
         metavar="TAU",
         http="number",
@@ -444,7 +272,7 @@ class JobSpec:
     nag_steps: int | None = declare(
         None,
         help="apply NAG in the first N steps only (default all)",
-        rule=_require_nag_steps,
+        rule=require_nag_steps,
         allowed="0 or more",
         metavar="N",
         http="number",
@@ -480,7 +308,7 @@ class JobSpec:
         help="dev two-stage: the distilled LoRA fused for stage 2 (HF repo id in the cache or .safetensors file;"
         " default: the model family's, e.g. Lightricks/LTX-2's ltx-2-19b-distilled-lora-384.safetensors)",
         default_from="family preset",
-        rule=_require_stage2_lora,
+        rule=require_stage2_lora,
         allowed="{source, weight_name}",
         cli="own",
         http="own",
@@ -495,7 +323,7 @@ class JobSpec:
     name: str = declare(
         "video",
         help="output file stem (default: video)",
-        rule=_require_name,
+        rule=require_name,
         allowed=NAME_PATTERN.pattern,
         latents=False,
         digest=False,
@@ -514,7 +342,7 @@ class JobSpec:
         None,
         help="first-frame image for image-to-video (centre-cropped to the clip's shape)",
         default_from="none",
-        rule=_require_image,
+        rule=require_image,
         allowed="an image file",
         http="own",
         http_name="input_reference",
@@ -529,7 +357,7 @@ class JobSpec:
     loras: list[dict[str, Any]] = declare(
         factory=list,
         help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
-        rule=_require_loras,
+        rule=require_loras,
         allowed="repo ids in the cache, folders or .safetensors files; scale 0.0 to 1.0",
         cli="own",
         http="own",
@@ -620,7 +448,7 @@ class JobSpec:
                     raise SpecError(name, "is required")
                 continue
             if not is_instance_of(raw[name], hints[name]):
-                raise SpecError(name, f"must be of type {_describe(hints[name])}, got {raw[name]!r}")
+                raise SpecError(name, f"must be of type {describe(hints[name])}, got {raw[name]!r}")
         spec = cls(**raw)
         spec.require_valid()
         return spec
@@ -649,7 +477,7 @@ class JobSpec:
         if self.fp8 and self.fp8_matmul:
             raise SpecError("fp8_matmul", "choose one of --fp8 (FP8 storage, bf16 compute) and --fp8-matmul")
         if self.vae_chunk_frames is not None:
-            _require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
+            require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -799,23 +627,3 @@ REQUEST_ONLY = (
         http="own",
     ),
 )
-
-
-def frames_lasting(seconds: float, fps: float) -> int:
-    """The fewest valid frames (8n+1) whose clip lasts at least `seconds` at `fps`; SpecError naming
-    `seconds` when no clip can (not a finite duration above 0, or more frames than MAX_FRAMES)."""
-    if not math.isfinite(seconds) or not 0 < seconds <= MAX_SECONDS:
-        raise SpecError("seconds", f"must be above 0 and at most {MAX_SECONDS:g}; got {seconds:g}")
-    # Checked before rounding, which would overflow on 3600 s at 1e308 fps (MAX_FRAMES is 8n+1, so a count
-    # up to it never rounds past it).
-    if not seconds * fps <= MAX_FRAMES:
-        raise SpecError(
-            "seconds", f"{seconds:g} s at {fps:g} fps needs more than {MAX_FRAMES} frames, the most allowed"
-        )
-    wanted = math.ceil(seconds * fps - 1e-9)
-    return max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
-
-
-def describe_duration(seconds: float, fps: float, frames: int) -> str:
-    """How a requested duration became a frame count, as a notice and the HTTP video object say it."""
-    return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"

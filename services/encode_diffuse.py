@@ -23,7 +23,8 @@ from typing import Any, NoReturn
 import torch
 
 from protocol.files import LATENTS_FILE, Stage
-from protocol.spec import TWO_STAGE, JobSpec
+from protocol.spec import JobSpec
+from protocol.spec_rules import TWO_STAGE
 from services import embedding_cache, guidance, model_loading
 
 # Imported at module level on purpose (they import diffusers' LTX-2 pipelines): a prestarted worker

@@ -34,7 +34,7 @@ from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 
 from protocol.errors import InvalidInput
 from protocol.files import STAGE1_LATENTS_FILE
-from protocol.spec import TWO_STAGE
+from protocol.spec_rules import TWO_STAGE
 from services import guidance, model_loading
 from services.denoising import DenoisePass, denoise, loaded_denoiser
 from services.latents import denoised_metadata, dtype_name, read_latents, write_latents

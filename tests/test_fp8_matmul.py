@@ -13,7 +13,8 @@ from config.settings import load_settings
 from orchestrator.policy import Attempt, initial_plan, next_plan
 from protocol.errors import Failure
 from protocol.files import Stage
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 from services.fp8_matmul import Fp8Linear, convert_blocks, eligible
 
 

@@ -32,7 +32,8 @@ from orchestrator.states import AttemptResult
 from protocol import jobs
 from protocol.errors import Failure
 from protocol.files import AUDIO_FILE, Stage
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 
 TINY = "ltx2-stages/tiny-random-ltx2"
 SPEC = {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}

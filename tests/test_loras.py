@@ -17,7 +17,7 @@ from orchestrator.lora_lookup import resolve_lora
 from orchestrator.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 from services import encode_diffuse, model_loading
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext

@@ -479,7 +479,8 @@ def test_the_prompt_cache_keys_the_negative_prompt_only_where_it_acts(tmp_path: 
 
 
 def test_batch_file_nag_fields_are_validated_by_the_spec():
-    from protocol.spec import JobSpec, SpecError
+    from protocol.spec import JobSpec
+    from protocol.spec_rules import SpecError
 
     base = {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
     spec = JobSpec.from_dict({**base, "nag_scale": 11, "nag_steps": 4})

@@ -20,7 +20,8 @@ from orchestrator.cli_flags import CLI_FIELDS
 from orchestrator.gateway.video_requests import KNOWN_FIELDS, RequestError, parse_video_request
 from orchestrator.request_docs import FIELD_TABLE, README, field_table, readme_with_rows
 from protocol.request_fields import Declared, declare, fields_of
-from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec, SpecError, frames_lasting
+from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
+from protocol.spec_rules import SpecError, frames_lasting
 
 VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
 
@@ -65,7 +66,10 @@ def test_every_field_declared_for_http_is_read_by_the_gateway(tmp_path: Path):
 def test_a_declared_range_is_checked_with_a_message_naming_the_flag_and_the_bounds(declared: Declared):
     with pytest.raises(SpecError) as caught:
         JobSpec.from_dict({**VALID, declared.name: declared.high + 1})
-    assert str(caught.value) == f"{declared.flag}: must be between {declared.low} and {declared.high}; got {declared.high + 1}"
+    assert (
+        str(caught.value)
+        == f"{declared.flag}: must be between {declared.low} and {declared.high}; got {declared.high + 1}"
+    )
 
 
 def test_a_field_without_a_declaration_is_refused_when_the_spec_is_defined():

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from protocol.spec import DECODE_ONLY_FIELDS, LATER_FIELD_DEFAULTS, JobSpec, SpecError
+from protocol.spec import DECODE_ONLY_FIELDS, LATER_FIELD_DEFAULTS, JobSpec
+from protocol.spec_rules import SpecError
 
 VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
 

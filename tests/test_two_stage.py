@@ -46,7 +46,8 @@ from orchestrator.model_lookup import ensure_tiny_model
 from protocol.errors import ExitCode
 from protocol.files import AUDIO_FILE, LATENTS_FILE, STAGE1_LATENTS_FILE
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION
-from protocol.spec import JobSpec, SpecError
+from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 from services.latents import read_latents
 from services.media import read_wav
 from services.tiny_model import write_tiny_stage2_lora_to_hf_cache

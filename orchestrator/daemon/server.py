@@ -48,7 +48,7 @@ from protocol import codec, jobs
 from protocol.codec import ErrorCode, ProtocolError
 from protocol.errors import ModelNotFound
 from protocol.files import EVENTS_FILE, JOB_FILE
-from protocol.spec import SpecError
+from protocol.spec_rules import SpecError
 
 log = logging.getLogger("ltx2.daemon")
 # Poll timeout of the main loop: how fast a stop request is noticed.

@@ -56,7 +56,7 @@ from orchestrator.publishing import companions
 from orchestrator.states import JobState
 from protocol import jobs
 from protocol.files import Stage
-from protocol.spec import SpecError, describe_duration
+from protocol.spec_rules import SpecError, describe_duration
 
 log = logging.getLogger("ltx2.http")
 # Between resends of a submit the daemon did not answer (each waits daemon.request_timeout_s first).

@@ -20,15 +20,8 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.cli_flags import spec_request
 from protocol.model_ids import TINY_REPO_ID
-from protocol.spec import (
-    MAX_PROMPT_BYTES,
-    MAX_PROMPT_CHARS,
-    REQUEST_ONLY,
-    SPEC_FIELDS,
-    SpecError,
-    describe_duration,
-    frames_lasting,
-)
+from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
+from protocol.spec_rules import MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, SpecError, describe_duration, frames_lasting
 
 # Short names a client may send as `model`, besides the repo ids that have a preset.
 MODEL_ALIASES = {
