@@ -246,11 +246,11 @@ def test_nag_fields_reach_the_job_spec_and_the_video_renders(gateway):
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"nag_scale": 0}, "nag_scale", "--nag-scale: must be between 1.0 and 30.0; got 0.0"),
+        ({"nag_scale": 0}, "nag_scale", "nag_scale: must be between 1.0 and 30.0; got 0.0"),
         ({"nag_scale": "strong"}, "nag_scale", "nag_scale must be a number; got 'strong'"),
-        ({"nag_scale": 5, "nag_tau": 0}, "nag_tau", "--nag-tau: must be a finite number above 0; got 0.0"),
-        ({"nag_scale": 5, "nag_alpha": 1.5}, "nag_alpha", "--nag-alpha: must be between 0.0 and 1.0; got 1.5"),
-        ({"nag_scale": 5, "nag_steps": -1}, "nag_steps", "--nag-steps: must be 0 or more"),
+        ({"nag_scale": 5, "nag_tau": 0}, "nag_tau", "nag_tau: must be a finite number above 0; got 0.0"),
+        ({"nag_scale": 5, "nag_alpha": 1.5}, "nag_alpha", "nag_alpha: must be between 0.0 and 1.0; got 1.5"),
+        ({"nag_scale": 5, "nag_steps": -1}, "nag_steps", "nag_steps: must be 0 or more"),
         ({"nag_scale": 5, "nag_steps": 1.5}, "nag_steps", "nag_steps must be a whole number; got 1.5"),
     ],
 )
@@ -260,16 +260,19 @@ def test_invalid_nag_fields_are_400_naming_the_field_with_the_flags_rule(gateway
     status, _, body = gateway.post_json("alice", request)
     assert status == 400 and body["error"]["param"] == param, body
     assert message in body["error"]["message"]
+    assert "--" not in body["error"]["message"], body  # HTTP field names, never the CLI's flags
     assert len(gateway.daemon_jobs()) == before
 
 
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"pipeline": "three-stage"}, "pipeline", "--pipeline: must be one of one-stage, two-stage"),
-        ({"pipeline": "two-stage"}, "size", "two-stage needs a multiple of 64"),  # 64x64 is too small for it
-        ({"stg_scale": 11}, "stg_scale", "--stg-scale: must be between 0.0 and 10.0"),
+        ({"pipeline": "three-stage"}, "pipeline", "pipeline: must be one of one-stage, two-stage"),
+        ({"pipeline": "two-stage"}, "size", "size: width two-stage needs a multiple of 64"),  # 64x64: too small
+        ({"stg_scale": 11}, "stg_scale", "stg_scale: must be between 0.0 and 10.0"),
         ({"guidance_rescale": "high"}, "guidance_rescale", "guidance_rescale must be a number; got 'high'"),
+        ({"size": "96x80"}, "size", "size: height must be a multiple of 32 between 64 and 4096; got 80"),
+        ({"steps": 4}, "steps", "steps: the distilled schedule has exactly 8 steps; got 4 (use schedule default for"),
     ],
 )
 def test_pipeline_and_guidance_fields_are_checked_as_the_flags_are(gateway, fields, param, message):
@@ -277,6 +280,7 @@ def test_pipeline_and_guidance_fields_are_checked_as_the_flags_are(gateway, fiel
     status, _, body = gateway.post_json("alice", {"prompt": "a kite", "model": TINY, "size": "64x64", **fields})
     assert status == 400 and body["error"]["param"] == param, body
     assert message in body["error"]["message"], body
+    assert "--" not in body["error"]["message"], body  # HTTP field names, never the CLI's flags
     assert len(gateway.daemon_jobs()) == before
 
 

@@ -47,6 +47,7 @@ from orchestrator.gateway.uploads import UploadDir
 from orchestrator.gateway.video_requests import (
     RequestError,
     VideoRequest,
+    http_message,
     param_of,
     parse_video_request,
 )
@@ -488,7 +489,8 @@ def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
         param = param_of(exc.field or "", request)
         code = "model_not_found" if exc.code == "not_found" and param == "model" else "invalid_value"
         # The only path in an input_reference message is the upload's, named here as the field.
-        message = without_paths(str(exc), "input_reference" if param == "input_reference" else "<path>")
+        named = "input_reference" if param == "input_reference" else "<path>"
+        message = without_paths(http_message(exc.field or "", str(exc), request), named)
         return ApiError(400, message, param=param or None, code=code)
     return bad_gateway(exc)
 

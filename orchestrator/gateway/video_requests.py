@@ -108,7 +108,7 @@ def spec_of(values: dict[str, Any]) -> dict[str, Any]:
     try:
         return spec_request(values)
     except SpecError as exc:  # text that is not UTF-8
-        raise RequestError(SPEC_TO_PARAM.get(exc.field, exc.field), str(exc)) from None
+        raise RequestError(param_of(exc.field, None), http_message(exc.field, str(exc), None)) from None
 
 
 def typed_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -273,6 +273,30 @@ SPEC_TO_PARAM = {
     "lora_weight_name": "loras",
     "stage2_lora_weight_name": "stage2_lora",
 }
+
+
+# The CLI's flags as the HTTP request names their fields, for messages written for the command line.
+FLAG_TO_PARAM = {
+    **{declared.flag: declared.http_field for declared in DECLARED if declared.http != "none"},
+    "--lora-weight-name": "loras",
+    "--lora-scale": "loras",
+    "--stage2-lora-weight-name": "stage2_lora",
+}
+FLAG_PATTERN = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+def http_message(field: str, message: str, request: VideoRequest | None) -> str:
+    """A spec error as an HTTP client reads it: led by the HTTP field, with the HTTP field's name
+    wherever the message (written for the command line) names a flag the gateway takes as a field.
+
+    `size` carries two fields, so its message says which side: "size: height must be ...".
+    """
+    param = param_of(field, request)
+    flag = "--" + field.replace("_", "-")
+    reason = message.removeprefix(f"{flag}: ")
+    if reason != message:
+        reason = f"{param}: {field} {reason}" if param == "size" else f"{param}: {reason}"
+    return FLAG_PATTERN.sub(lambda match: FLAG_TO_PARAM.get(match[0], match[0]), reason)
 
 
 def param_of(field: str, request: VideoRequest | None) -> str:
