@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true", help="print the raw reply as JSON")
         if name == "logs":
             command.add_argument("--lines", type=int, default=40, help="lines of each log (default 40)")
+            command.add_argument("--json", action="store_true", help="print events.log's lines as stored (JSON)")
     jobs = add_command("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")

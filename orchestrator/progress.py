@@ -59,6 +59,9 @@ class ProgressView:
             self._close_bar()
             self.bar = tqdm(
                 total=event.total,
+                # A view that attaches mid-phase (`ltx2 watch`) starts counting from the step it first
+                # sees, so the rate covers only steps it watched (it read 129055 step/s otherwise).
+                initial=event.step,
                 desc=f"{prefix}{event.stage}: {event.phase}",
                 file=self.stream,
                 unit="step",

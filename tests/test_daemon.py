@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def test_supervised_daemon_runs_submitted_jobs_in_order(daemon_env: dict, tmp_pa
         assert "video_decode attempt 1 [single pass]: ok" in status
         digest = json.loads(Path(listing[1]["output"]).with_suffix(".json").read_text())["request_digest"]
         assert f"request digest: {digest}\n" in status  # exact: no "not reproducible" after it
+        events = run_ltx2(["logs", second], daemon_env).stdout.split("--- events ---\n")[1].split("\n--- ")[0]
+        assert re.search(r"^\d\d:\d\d:\d\d\.\d{3}  job_done\b", events, re.MULTILINE), events  # read, not JSON
+        stored = run_ltx2(["logs", second, "--json"], daemon_env).stdout.split("--- events ---\n")[1].split("\n--- ")[0]
+        assert "job_done" in [json.loads(line)["event"] for line in stored.splitlines()]  # --json: as stored
         # The same request again with --reuse: a finished job of its digest is named, nothing is queued.
         reused = run_ltx2(
             ["submit", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS, "--reuse"], daemon_env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import signal
@@ -14,6 +15,7 @@ from config.settings import Settings
 from orchestrator.cli_flags import spec_request
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import TransportError, address_from_settings, create_keys
+from orchestrator.event_lines import format_event_line
 from orchestrator.job_hooks import StageEvent
 from orchestrator.progress import ProgressView
 from orchestrator.states import JobState, StageEventKind
@@ -130,7 +132,7 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(
             f"  {attempt['stage']} attempt {attempt['attempt']} [{attempt['plan']}]"
             f"{on_lane(attempt)}: {attempt['result']}"
-            f" {attempt['seconds']:.1f} s{waited(attempt)} {attempt['reason']}".rstrip()
+            f" {attempt_seconds(attempt)}{waited(attempt)} {attempt['reason']}".rstrip()
         )
     if job.get("progress"):
         p = job["progress"]
@@ -141,6 +143,18 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(f"  output: {job['output']}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def attempt_seconds(attempt: dict[str, Any]) -> str:
+    """ "12.3 s" for an ended attempt; "for 4.2 s so far" for a running one, whose seconds are
+    recorded only when it ends (it would otherwise read "running 0.0 s")."""
+    if attempt["result"] != "running":
+        return f"{attempt['seconds']:.1f} s"
+    try:
+        started = dt.datetime.fromisoformat(attempt.get("started", ""))
+    except ValueError:
+        return "(started at an unknown time)"
+    return f"for {(dt.datetime.now(dt.UTC) - started).total_seconds():.1f} s so far"
 
 
 def waited(attempt: dict[str, Any]) -> str:
@@ -221,8 +235,10 @@ def resume(client: DaemonClient, args: argparse.Namespace) -> int:
 
 
 def logs(client: DaemonClient, args: argparse.Namespace) -> int:
+    """A job's last events (formatted; `--json`: as stored) and the tail of its latest worker log."""
     data = client.request(jobs.Logs(args.job_id, args.lines))
-    sys.stdout.write(f"--- events ---\n{data['events']}\n")
+    events = data["events"] if args.json else "\n".join(map(format_event_line, data["events"].splitlines()))
+    sys.stdout.write(f"--- events ---\n{events}\n")
     if data["worker_log_name"]:
         sys.stdout.write(f"--- {data['worker_log_name']} ---\n{data['worker_log']}\n")
     return 0
