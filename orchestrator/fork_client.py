@@ -39,10 +39,8 @@ LOST_EXIT = -signal.SIGKILL
 def worker_environment(visible_devices: str | None = None, threads: int | None = None) -> dict[str, str]:
     """The environment of stage workers (and of the fork server they come from).
 
-    MKL, torch's CPU BLAS, may pick different kernels depending on how a buffer happens to be
-    aligned, so two runs of the same job could differ in the last bits. `MKL_CBWR=AUTO,STRICT`
-    makes results reproducible on the same CPU, which is what lets a retried attempt reproduce the
-    killed one exactly.
+    (Reproducible CPU maths, `MKL_CBWR=AUTO,STRICT`, is set by the workers' own package,
+    services/__init__.py, so that every process running them has it, not only those started here.)
 
     `expandable_segments` lets torch's CUDA allocator grow its blocks in place instead of caching
     many fixed-size ones, so what a stage holds on the device stays close to what it uses: on a
@@ -53,7 +51,7 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
     `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it).
     """
-    defaults = {"MKL_CBWR": "AUTO,STRICT"}
+    defaults: dict[str, str] = {}
     if "PYTORCH_ALLOC_CONF" not in os.environ:
         defaults["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     lane = {} if visible_devices is None else {"CUDA_VISIBLE_DEVICES": visible_devices}

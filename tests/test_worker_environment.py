@@ -3,19 +3,43 @@ unless the user chose otherwise."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from orchestrator.fork_client import worker_environment
+from orchestrator.jobdir import JobDir
+from orchestrator.model_lookup import ResolvedModel
+from protocol.model_ids import TINY_REPO_ID
+from protocol.spec import JobSpec
 
 
-def test_workers_get_expandable_segments_and_strict_mkl_by_default(monkeypatch: pytest.MonkeyPatch):
+def test_workers_get_expandable_segments_by_default(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("MKL_CBWR", raising=False)
     env = worker_environment()
     assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    assert env["MKL_CBWR"] == "AUTO,STRICT"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_a_batchs_prompt_pre_encoding_computes_in_mkls_reproducible_mode(tiny_model_dir: Path, tmp_path: Path):
+    """`ltx2 batch` starts services.prepare_prompts with the CLI's own environment; its GEMMs ran with MKL's
+    CNR off, so a clip's embeddings could differ in the last bits from those `generate` computes (issue 23).
+    MKL_VERBOSE makes MKL name the mode of every call it makes, in the process itself."""
+    spec = JobSpec.from_dict(
+        {"prompt": "a forge", "model": TINY_REPO_ID, "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+    )
+    job = JobDir.create(tmp_path / "jobs", spec, ResolvedModel(TINY_REPO_ID, tiny_model_dir, "tiny"))
+    env = {**{key: value for key, value in os.environ.items() if key != "MKL_CBWR"}, "MKL_VERBOSE": "1"}
+    command = [sys.executable, "-m", "services.prepare_prompts", str(job.path)]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "encoded 1 prompt(s)" in result.stdout
+    assert set(re.findall(r"CNR:(\S+)", result.stdout)) == {"AUTO,STRICT"}, result.stdout[-2000:]
 
 
 def test_a_users_allocator_settings_win(monkeypatch: pytest.MonkeyPatch):
