@@ -74,7 +74,9 @@ class NetworkWatch:
         self.commands: set[str] = set()
         self.peers: set[Peer] = set()  #: every connected socket seen
         self.samples = 0
-        self._others: set[int] = set()
+        #: (pid, command) of processes seen without the marker: a pid is looked at again once it exec'd,
+        #: since a child caught between fork and exec still shows its parent's environment, not its own
+        self._others: set[tuple[int, str]] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="network-watch", daemon=True)
 
@@ -98,9 +100,13 @@ class NetworkWatch:
     def marked(self) -> set[int]:
         """The running processes that carry the marker, or whose parent is watched (Chromium rewrites
         its children's environment block when it sets their titles); others are remembered and skipped."""
-        parents = {}
+        parents, commands = {}, {}
         for entry in os.scandir("/proc"):
-            if not entry.name.isdigit() or int(entry.name) in self._others or int(entry.name) in self.pids:
+            if not entry.name.isdigit() or int(entry.name) in self.pids:
+                continue
+            pid = int(entry.name)
+            commands[pid] = command_of(pid)
+            if (pid, commands[pid]) in self._others:
                 continue
             try:
                 environ = Path(entry.path, "environ").read_bytes().split(b"\0")
@@ -108,14 +114,14 @@ class NetworkWatch:
             except OSError:
                 continue
             if self.marker in environ:
-                self.pids.add(int(entry.name))
+                self.pids.add(pid)
             else:
-                parents[int(entry.name)] = parent
+                parents[pid] = parent
         while adopted := [pid for pid, parent in parents.items() if parent in self.pids]:
             for pid in adopted:
                 self.pids.add(pid)
                 del parents[pid]
-        self._others.update(parents)
+        self._others.update((pid, commands[pid]) for pid in parents)
         return {pid for pid in self.pids if Path(f"/proc/{pid}").exists()}
 
     def sample(self) -> None:

@@ -231,6 +231,24 @@ def test_the_network_watch_sees_a_socket_to_an_outside_address():
     assert [(peer.pid, str(peer.address), peer.port) for peer in watch.outside] == [(child.pid, "198.51.100.7", 9)]
 
 
+def test_the_network_watch_marks_a_process_first_seen_between_fork_and_exec():
+    """A child caught before its exec shows its parent's environment (no marker); it is looked at again
+    once it exec'd. Under load a sample caught chromedriver there and never watched it or Chromium."""
+    mark = uuid.uuid4().hex
+    child = subprocess.Popen(["sh", "-c", f"sleep 1; exec env {RUN_MARK}={mark} sleep 30"])
+    try:
+        watch = NetworkWatch(f"{RUN_MARK}={mark}")
+        assert child.pid not in watch.marked()  # still the shell: no marker yet
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/comm").read_text().strip() != "sleep":
+            assert time.monotonic() < deadline, "the child never exec'd"
+            time.sleep(0.05)
+        assert child.pid in watch.marked()
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_no_process_of_this_module_talked_to_anything_but_loopback(gateway, browser, network):
     """Runs last: every process the module started (Chromium and its helpers, chromedriver, the
     gateway, the daemon and its workers) held sockets to loopback only, sampled all along."""
