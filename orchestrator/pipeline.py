@@ -14,7 +14,6 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator import reuse
-from orchestrator.fault_holds import hold_if_requested
 from orchestrator.job_hooks import JobHooks, StageEvent
 from orchestrator.jobdir import CANCEL_REASON, JobDir
 from orchestrator.policy import Attempt, Decision, decide, initial_plan
@@ -23,6 +22,7 @@ from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard
 from orchestrator.stage_attempt import run_attempt
 from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
 from protocol.errors import Failure, is_no_space
+from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage
 
 
@@ -107,11 +107,11 @@ def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | 
     A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
     the command that recovers the video (PublishFailed); it is never left RUNNING.
     """
-    hold_if_requested("publish", job)
+    fault_point("job.before_publish", job_id=job.id, job_name=job.spec.name)
     if not job.commit_to_finish():
         outcome = StageOutcome(0, Failure.CANCELLED, CANCEL_REASON, "", 0.0)
         raise end_job(job, STAGE_ORDER[-1], outcome, Decision(None, JobState.CANCELLED, CANCEL_REASON))
-    hold_if_requested("publishing", job)
+    fault_point("job.publishing", job_id=job.id, job_name=job.spec.name)
     try:
         output = publish_job(job, settings.output_dir, target)
     except OSError as exc:
@@ -155,7 +155,7 @@ def run_stage_until_done(
     """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
     ends the job (JobFailed). `history` holds attempts this run already made elsewhere (a failed
     stage-major group attempt), so the policy sees them."""
-    hold_if_requested(f"before-{stage.value}", job)
+    fault_point("job.before_stage", job_id=job.id, job_name=job.spec.name, stage=stage.value)
     attempts = list(history)
     plan = next_attempt(job, stage, settings)[1]
     next_worker: SpawnedWorker | None = None

@@ -28,16 +28,8 @@ Running the step again (a restarted daemon re-runs its interrupted job, `ltx2 ba
 A publish that fails midway (the output folder filled up) removes the files it had landed before
 it reports the error, so the folder is left as it was before the publish began (all or nothing).
 
-Fault switch for tests, in the style of services/faults.py (real processes, real signals):
-
-- `LTX2_FAULT_PUBLISH_KILL=POINT` - the orchestrator process that publishes a job (`ltx2 generate`,
-  `ltx2 batch`, `ltx2 decode` or the daemon) SIGKILLs itself at POINT: `first-file` (right after the
-  first file of the publish got its final name), `video` (right after the MP4 got its final name),
-  `done` (right after the publish ended, before the job is marked done). With `LTX2_FAULT_DIR=DIR`
-  it fires once per DIR (it first creates `DIR/publish-killed-POINT` exclusively), so a daemon that
-  supervisord restarts with the same environment goes on; without it, it fires every time.
-
-Unset (the normal case), the switch does nothing.
+The tests kill the publishing process at three fault points (`publish.first_file`, `publish.video`,
+`publish.done`; protocol/fault_points.py) to check that running the step again finishes it.
 
 From the job it uses only `path`, `id`, `spec`, `record`, `save()` and `log_event()` (and the sidecar
 builder), so it does not depend on how the job's lifecycle is kept.
@@ -50,18 +42,16 @@ import itertools
 import json
 import os
 import shutil
-import signal
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from orchestrator.jobdir import JobDir
 from orchestrator.sidecar import build_sidecar
 from orchestrator.states import EventKind
+from protocol.fault_points import fault_point
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE, fingerprint_file, publish
 
-# Where the fault switch can kill the publishing process (see the module docstring).
-FAULT_POINTS = ("first-file", "video", "done")
 # The job.json key that records the publish step.
 RECORD_KEY = "publish"
 # Published files are for people and players, whatever the umask of the orchestrator.
@@ -95,13 +85,13 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
         video = wanted
     else:
         video = reserve_name(job, output_dir, source, recorded, now)
-    kill_if_requested("first-file")
+    fault_point("publish.first_file")
     land_rest(job, video)
-    kill_if_requested("video")
+    fault_point("publish.video")
     job.record[RECORD_KEY] = {**job.record[RECORD_KEY], "complete": True}
     job.save()
     job.log_event(EventKind.PUBLISHED, video=str(video))
-    kill_if_requested("done")
+    fault_point("publish.done")
     return video
 
 
@@ -299,21 +289,3 @@ def abandon(job: JobDir, record: dict[str, Any]) -> None:
                 path.unlink()
                 removed.append(str(path))
     job.log_event(EventKind.PUBLISH_ABANDONED, video=str(video), removed=removed)
-
-
-def kill_if_requested(point: str, environ: Mapping[str, str] = os.environ) -> None:
-    """SIGKILL this process at `point` when LTX2_FAULT_PUBLISH_KILL asks for it (once per LTX2_FAULT_DIR).
-
-    A kill, not an exception: the test is what a crash, the OOM killer or `kill -9` leaves behind.
-    """
-    if environ.get("LTX2_FAULT_PUBLISH_KILL") != point:
-        return
-    if fault_dir := environ.get("LTX2_FAULT_DIR"):
-        try:
-            marker = Path(fault_dir) / f"publish-killed-{point}"
-            descriptor = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return
-        os.write(descriptor, str(os.getpid()).encode())
-        os.close(descriptor)
-    os.kill(os.getpid(), signal.SIGKILL)

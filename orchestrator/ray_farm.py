@@ -46,8 +46,8 @@ from orchestrator.fork_client import worker_environment
 from orchestrator.lanes import Lane
 from orchestrator.runner import WorkerLink
 from protocol.errors import ExitCode
+from protocol.fault_points import fault_point, fault_switches
 from protocol.stages import WORKER_CURVE_ENV
-from services import faults
 
 if TYPE_CHECKING:
     from ray import ObjectRefGenerator
@@ -58,9 +58,6 @@ log = logging.getLogger("ltx2.farm")
 # Every stage task: one per fresh Ray worker process (nothing of a stage outlives it; Ray's own
 # default for GPU tasks, and ours for any resource) and never retried by Ray, only by the policy.
 STAGE_TASK_OPTIONS: dict[str, Any] = {"max_calls": 1, "max_retries": 0, "num_cpus": 0, "num_returns": "streaming"}
-# The head passes its test fault switches (services/faults.py) on to its tasks; nothing else of
-# its environment, which describes the head, not the node.
-FORWARDED_ENV_PREFIX = "LTX2_FAULT_"
 # How long the start waits for each node's probe; a node that cannot run a task that long is lost.
 PROBE_TIMEOUT_S = 60.0
 # Exit status given to a stage whose Ray worker or node died: killed by SIGKILL (host_oom).
@@ -150,8 +147,7 @@ def node_forker_of(prefix: str, node_id: str) -> ActorHandle | None:
 
 def read_probe(path: str) -> str:
     """The probe task: the text of the file the head just wrote, as this node sees it."""
-    if faults.hides_path(path, os.environ):
-        raise FileNotFoundError(f"{path} (hidden by LTX2_FAULT_HIDE_PATH)")
+    fault_point("farm.probe_read", path=path)
     return Path(path).read_text()
 
 
@@ -274,7 +270,9 @@ class RayFarm:
         self.lanes = [Lane(index, "ray", None) for index in range(units)]
         placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
         self.task = stage_task().options(**placement)
-        self.forwarded = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIX)}
+        # The head's test fault switches go on to its tasks; nothing else of its environment, which
+        # describes the head, not the node.
+        self.forwarded = fault_switches()
         self.context = zmq.Context()
         server_public, server_secret = zmq.curve_keypair()
         self.client_public, client_secret = zmq.curve_keypair()

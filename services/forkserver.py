@@ -29,8 +29,9 @@ import signal
 import sys
 from typing import Any
 
+from protocol.fault_points import fault_point
 from protocol.files import Stage
-from services import faults, parent_bound
+from services import parent_bound
 
 # Stop-and-reap cadence of the single-threaded loop; also the exit-report latency.
 POLL_S = 0.05
@@ -104,7 +105,7 @@ def reap() -> None:
 def main() -> None:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     modules = {stage.value: importlib.import_module(stage.module) for stage in Stage}
-    culprit = faults.initialise_cuda_at_import(os.environ) or cuda_initialised_by()
+    culprit = fault_point("forkserver.imported") or cuda_initialised_by()
     emit({"ready": True, "cuda_initialised_by": culprit})
     pending = b""
     while True:

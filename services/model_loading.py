@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER
-from services import faults
+from protocol.fault_points import fault_point
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -25,7 +25,7 @@ WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 def resolve_device() -> torch.device:
     """The first CUDA device when there is one, else the CPU."""
-    faults.fail_if_cuda_was_initialised_before_fork(os.environ)
+    fault_point("worker.first_device_use")
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 

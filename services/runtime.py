@@ -34,10 +34,11 @@ import zmq
 
 from protocol import codec, stages
 from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError, is_no_space
+from protocol.fault_points import fault_point
 from protocol.files import JOB_FILE, Stage
 from protocol.spec import JobSpec
 from protocol.stages import WORKER_CURVE_ENV
-from services import faults, parent_bound
+from services import parent_bound
 
 log = logging.getLogger("ltx2.worker")
 # A prestarted worker may wait for GO through a whole diffusion run (15 min on a Thor at 1080p);
@@ -73,7 +74,7 @@ class WorkerContext:
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
         """Report that `phase` started (step 0) or finished `step` of `total`."""
         self.reporter.progress(phase, step, total)
-        faults.pause_if_requested(self.stage.value, phase, step, os.environ)
+        fault_point("worker.progress", stage=self.stage.value, phase=phase, step=step)
 
 
 class Reporter:
@@ -187,7 +188,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         # a whole diffusion run, which is the orchestrator's to report (as the attempt's `waited_s`).
         started = time.monotonic()
         reporter.start_heartbeat(args.heartbeat_s)
-        faults.inject_at_start(stage.value, args.attempt, os.environ, args.job_dir[0])
+        fault_point("worker.started", stage=stage.value, attempt=args.attempt, job_dir=args.job_dir[0])
         plan, shared = json.loads(args.plan), {}
         first = WorkerContext(stage, args.job_dir[0], spec, job, plan, args.attempt, reporter, shared)
         contexts = [first] + [group_member(stage, path, plan, reporter, shared) for path in args.job_dir[1:]]

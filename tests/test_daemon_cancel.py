@@ -2,7 +2,7 @@
 
 One real daemon under the repo's supervisord.conf for the module. Where a cancel must land in a
 window of milliseconds (between two stages, just before or after publishing begins), the daemon
-holds the job there itself (LTX2_FAULT_HOLD, orchestrator/fault_holds.py) until the test has sent
+holds the job there itself (LTX2_FAULT_HOLD, protocol/fault_points.py) until the test has sent
 its cancel, so every race is reproduced each time with real workers.
 """
 

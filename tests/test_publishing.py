@@ -23,7 +23,7 @@ from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.model_lookup import ResolvedModel
 from orchestrator.pipeline import JobHooks, finish_job, take_job
-from orchestrator.publishing import FAULT_POINTS
+from protocol.fault_points import PUBLISH_KILL_POINTS
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
 
@@ -88,7 +88,7 @@ from pathlib import Path
 from config.settings import load_settings
 from orchestrator.jobdir import JobDir
 from orchestrator.pipeline import JobHooks, finish_job, take_job
-from orchestrator.publishing import FAULT_POINTS
+from protocol.fault_points import PUBLISH_KILL_POINTS
 root = Path(sys.argv[2])
 settings = load_settings(environ={"LTX2_STATE_DIR": str(root / "state"), "LTX2_OUTPUT_DIR": str(root / "outputs"),
                                   "HOME": str(root)})
@@ -98,7 +98,7 @@ print(finish_job(job, settings, JobHooks()))
 """
 
 
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@pytest.mark.parametrize("point", PUBLISH_KILL_POINTS)
 def test_publish_killed_at_each_point_then_run_again_leaves_one_set(finished_job: JobDir, tmp_path: Path, point: str):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "LTX2_FAULT_PUBLISH_KILL": point}
     command = [sys.executable, "-c", FINISH_IN_CHILD, str(finished_job.path), str(tmp_path)]

@@ -31,7 +31,7 @@ import zmq
 from orchestrator.daemon.transport import DaemonAddress, TransportError, bind_server, receive_request
 from protocol import codec, jobs
 from protocol.codec import ErrorCode
-from services import faults
+from protocol.fault_points import fault_point
 
 # The front's data segment (heap and private mappings; RLIMIT_DATA, so shared libraries and
 # reserved-but-unused arena space do not count). An idle front uses 32 MiB of it (41 MiB on tcp, with
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     limit_memory()
     address = DaemonAddress(args.endpoint, args.server_secret_key, args.authorized_keys_dir)
     context = zmq.Context()
-    if refusal := faults.front_refusal(os.environ):
+    if refusal := fault_point("front.starting"):
         return refuse(context, refusal)
     try:
         public, authenticator = bind_server(context, address)

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.daemon import fault_switches
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.job_hooks import JobHooks, StageEvent
@@ -43,6 +42,7 @@ from orchestrator.stage_major import run_job, run_stage_major
 from orchestrator.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
+from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage
 
 log = logging.getLogger("ltx2.executor")
@@ -142,7 +142,7 @@ class Executor(threading.Thread):
                     self.stop.wait(IDLE_POLL_S)
                     continue
                 try:
-                    fault_switches.raise_in_executor_if_requested()
+                    fault_point("executor.claimed")
                     if len(jobs) == 1:
                         self.run_one(store, link, jobs[0])
                     else:
