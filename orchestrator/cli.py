@@ -321,7 +321,11 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         stage2_lora=built.stage2_lora,
         identity=built.identity,
     )
-    notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
+    _, _, width, height = spec.crop_box
+    size = f"{width}x{height}x{spec.num_frames}"
+    if (width, height) != (spec.width, spec.height):
+        size += f", centre of {spec.width}x{spec.height}"
+    notice(f"job {job.id} (seed {spec.seed}, {size}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
 
 
