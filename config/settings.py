@@ -117,6 +117,8 @@ class Settings:
     output_dir: Path
     input_roots: tuple[Path, ...]
     cameras: Mapping[str, tuple[str, str]]
+    #: `model` names the HTTP gateway takes besides repo ids (`[model_aliases]`): name -> repo id with a preset
+    model_aliases: Mapping[str, str]
     default_model: str
     fallback_model: str
     presets: Mapping[str, Preset]
@@ -246,7 +248,7 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str, origins:
             continue
         if section not in base or not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: unknown config section [{section}]{nearest_hint(section, base)}")
-        if section in ("profiles", "cameras"):
+        if section in ("profiles", "cameras", "model_aliases"):
             base[section].update(values)
             origins.update({f"{section}.{key}": origin for key in values})
             continue
@@ -352,12 +354,17 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if models["default"] not in presets:
         raise ConfigError(f"no preset for the default model {models['default']!r}")
     families = _family_presets(data.get("families", {}))
+    aliases = data["model_aliases"]
+    for alias, model in aliases.items():
+        if not isinstance(model, str) or model not in presets:
+            raise ConfigError(f'model_aliases.{alias}: {model!r} has no preset (a [presets."{model}"] table)')
     state_home = Path(environ.get("XDG_STATE_HOME") or _home(environ) / ".local" / "state")
     return Settings(
         state_dir=Path(paths["state_dir"]).expanduser() if paths["state_dir"] else state_home / "ltx2-stages",
         output_dir=Path(paths["output_dir"]).expanduser(),
         input_roots=tuple(Path(root).expanduser() for root in paths["input_roots"]),
         cameras={name: (str(pair[0]), str(pair[1])) for name, pair in data["cameras"].items()},
+        model_aliases=dict(aliases),
         default_model=models["default"],
         fallback_model=models["fallback"],
         presets=presets,

@@ -503,7 +503,8 @@ def prepare_prompts(jobs: list[JobDir]) -> None:
         notice(f"warning: batch prompt pre-encoding failed; clips encode their own prompts:\n{result.stderr[-2000:]}")
 
 
-# Sections of scalar settings `ltx2 config` lists (presets, families, cameras and profiles are tables of data).
+# Sections of scalar settings `ltx2 config` lists (presets, families, cameras, model aliases and profiles are tables
+# of data).
 CONFIG_SECTIONS = ("paths", "models", "worker", "policy", "decode", "daemon", "cluster", "http")
 
 

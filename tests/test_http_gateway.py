@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+import typing
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import pytest
 from conftest import probe_mp4, run_ltx2
 from gateway_process import HTTP_CONFIG, TINY, Gateway, free_port, stop
 from prometheus_client.parser import text_string_to_metric_families
+
+from config.settings import load_settings
+from orchestrator.gateway.video_requests import parse_video_request
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks the Sora API deprecated
@@ -130,6 +134,19 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
     client.videos.delete(second.id)
 
 
+def test_openais_model_names_are_aliases_and_the_default_models_leave_the_choice_to_the_daemon(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    (names,) = [typing.get_args(arg) for arg in typing.get_args(openai.types.VideoModel) if typing.get_args(arg)]
+    for name in names:
+        spec = parse_video_request({"prompt": "a cat", "model": name}, settings).spec
+        # No model: the daemon's default, or its fallback when not cached (orchestrator.jobspec).
+        assert spec.get("model") == ("Lightricks/LTX-2" if name.startswith("sora-2-pro") else None), name
+    assert "model" not in parse_video_request({"prompt": "a cat", "model": "ltx-2-distilled"}, settings).spec
+    # A repo id in full names exact weights, as --model does: no fallback for it.
+    named = parse_video_request({"prompt": "a cat", "model": "rootonchair/LTX-2-19b-distilled"}, settings)
+    assert named.spec["model"] == "rootonchair/LTX-2-19b-distilled"
+
+
 def assert_reuse_returns_this_keys_video_only(gateway, video_id: str, image: bytes) -> None:
     """The finished video's request again with `reuse`: this key's video comes back and nothing renders;
     another key never gets it (its request renders as its own video)."""
@@ -194,7 +211,7 @@ def test_per_key_queue_cap_is_429_with_retry_after(gateway):
         ({"size": "65x64"}, "size"),  # refused by the daemon's spec validation, named as the HTTP field
         ({"seconds": "-1"}, "seconds"),
         ({"seconds": "many"}, "seconds"),
-        ({"model": "sora-2"}, "model"),
+        ({"model": "sora-3"}, "model"),
         ({"model": "/etc"}, "model"),
         ({"prompt": "x" * 1_000_000}, "prompt"),
         ({"num_frames": 10}, "num_frames"),
