@@ -73,6 +73,9 @@ def test_http_section_defaults_to_loopback_and_keys_under_the_state_dir(tmp_path
         ("max_connections = 0", "http.max_connections must be a whole number >= 1"),
         ("failed_auth_per_minute = 2.5", "http.failed_auth_per_minute must be a whole number >= 1"),
         ('metrics_keys = "ops"', "http.metrics_keys must be a list of key names"),
+        ('exact_sizes = "720x1280"', "http.exact_sizes must be a list of sizes"),
+        ('exact_sizes = ["721x1280"]', "http.exact_sizes: '721x1280' is not WIDTHxHEIGHT with even sides from 16"),
+        ("exact_sizes = [720]", "http.exact_sizes: 720 is not WIDTHxHEIGHT"),
     ],
 )
 def test_bad_http_settings_are_errors_naming_the_key(tmp_path: Path, text: str, message: str):

@@ -539,6 +539,14 @@ def as_number(text: str) -> float | None:
         return None
 
 
+def clip_seconds(record: dict[str, Any]) -> str:
+    """OpenAI's `seconds`: how long the clip lasts (97 frames at 24 fps: "4.042", where "4" was asked, since
+    a clip has 8n+1 frames), to the millisecond as `seconds_mapping` says it; as asked until the frames are known."""
+    if not record["num_frames"]:
+        return record["seconds"]
+    return f"{record['num_frames'] / record['fps']:.3f}".rstrip("0").rstrip(".")
+
+
 def completed_at(record: dict[str, Any], job: dict[str, Any]) -> int | None:
     """When the job ended: as the store remembers it, else the daemon's last update of the job."""
     return record.get("completed_at") or iso_seconds(job.get("updated", ""))
@@ -581,7 +589,7 @@ def video_object(
         "model": record["model"],
         "model_note": TINY_MODEL_NOTE if record["model"] in TINY_REPO_IDS.values() else None,
         "size": record["size"],
-        "seconds": record["seconds"],
+        "seconds": clip_seconds(record),
         "prompt": record["prompt"],
         "error": error,
         "remixed_from_video_id": None,

@@ -20,7 +20,16 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.cli_flags import spec_request
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
-from protocol.spec_rules import MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, SpecError, describe_duration, frames_lasting
+from protocol.spec_rules import (
+    MAX_PROMPT_BYTES,
+    MAX_PROMPT_CHARS,
+    SIZE_MULTIPLE,
+    TWO_STAGE,
+    TWO_STAGE_SIZE_MULTIPLE,
+    SpecError,
+    describe_duration,
+    frames_lasting,
+)
 
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
 # A Hugging Face repo id: `owner/name`, never anything a file system could read as a path.
@@ -78,10 +87,7 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
         if model is not None:
             values["model"] = model
     if "size" in values:
-        match = SIZE_PATTERN.fullmatch(values.pop("size").strip())
-        if match is None:
-            raise RequestError("size", "size must be WIDTHxHEIGHT in pixels, e.g. 768x512")
-        values["width"], values["height"] = int(match[1]), int(match[2])
+        values.update(size_fields(values.pop("size"), values.get("pipeline"), settings.http.exact_sizes))
     preset = settings.preset_for(values.get("model", settings.default_model))
     fps = float(values.get("fps", preset.fps))
     if fps <= 0 or not math.isfinite(fps):
@@ -206,6 +212,32 @@ def known_model(name: str, settings: Settings) -> str | None:
     if asked in settings.model_aliases and model == settings.default_model:
         return None
     return model
+
+
+def size_fields(size: str, pipeline: object, exact_sizes: tuple[str, ...]) -> dict[str, int]:
+    """`size` ("WxH") as the spec's width and height; a size of `http.exact_sizes` (OpenAI's 720x1280,
+    whose 720 is no multiple of 32) as the size it renders at and the crop that delivers it (render_size;
+    JobSpec.crop_box says why a crop). Any other size is taken as --width and --height take it."""
+    match = SIZE_PATTERN.fullmatch(size.strip())
+    if match is None:
+        raise RequestError("size", "size must be WIDTHxHEIGHT in pixels, e.g. 768x512")
+    width, height = int(match[1]), int(match[2])
+    if match[0] in exact_sizes:
+        return render_size(width, height, pipeline)
+    return {"width": width, "height": height}
+
+
+def render_size(width: int, height: int, pipeline: object) -> dict[str, int]:
+    """The spec's size fields for a size to deliver exactly: rendered at the next size up that the pipeline
+    takes (multiples of 32; of 64 for two-stage, whose first stage runs at half the size), and cropped back
+    to the size asked on a side where that differs. Up, never down: a crop never enlarges."""
+    multiple = TWO_STAGE_SIZE_MULTIPLE if pipeline == TWO_STAGE else SIZE_MULTIPLE
+    fields = {"width": math.ceil(width / multiple) * multiple, "height": math.ceil(height / multiple) * multiple}
+    if fields["width"] != width:
+        fields["crop_width"] = width
+    if fields["height"] != height:
+        fields["crop_height"] = height
+    return fields
 
 
 def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
