@@ -17,6 +17,7 @@ from typing import Any
 
 from config.presets import FamilyPresets, Preset, build_family_presets, resolve_pipeline, resolve_preset_fields
 from protocol.families import FAMILIES
+from protocol.spec_rules import CROP_MULTIPLE, MAX_SIZE, MIN_CROP_SIZE
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 # Environment variables that override one setting each: name -> (section, key).
@@ -50,6 +51,8 @@ HTTP_WHOLE_LIMITS = (
     "failed_auth_per_minute",
     "max_connections",
 )
+# A size of `[http] exact_sizes`: "WIDTHxHEIGHT".
+EXACT_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 # A day: no HTTP read or idle bound needs more, and a typo of many digits is caught.
 MAX_HTTP_TIMEOUT_S = 86400.0
 
@@ -107,6 +110,8 @@ class HttpSettings:
     body_timeout_s: float = 60.0
     keep_alive_timeout_s: float = 5.0
     max_connections: int = 256
+    #: sizes ("WxH") delivered exactly by rendering at the next size up and centre-cropping (OpenAI's 720x1280)
+    exact_sizes: tuple[str, ...] = ("720x1280", "1280x720", "1024x1792", "1792x1024")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +122,8 @@ class Settings:
     output_dir: Path
     input_roots: tuple[Path, ...]
     cameras: Mapping[str, tuple[str, str]]
+    #: `model` names the HTTP gateway takes besides repo ids (`[model_aliases]`): name -> repo id with a preset
+    model_aliases: Mapping[str, str]
     default_model: str
     fallback_model: str
     presets: Mapping[str, Preset]
@@ -246,7 +253,7 @@ def _merge(base: dict[str, Any], layer: Mapping[str, Any], origin: str, origins:
             continue
         if section not in base or not isinstance(values, Mapping):
             raise ConfigError(f"{origin}: unknown config section [{section}]{nearest_hint(section, base)}")
-        if section in ("profiles", "cameras"):
+        if section in ("profiles", "cameras", "model_aliases"):
             base[section].update(values)
             origins.update({f"{section}.{key}": origin for key in values})
             continue
@@ -352,12 +359,17 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if models["default"] not in presets:
         raise ConfigError(f"no preset for the default model {models['default']!r}")
     families = _family_presets(data.get("families", {}))
+    aliases = data["model_aliases"]
+    for alias, model in aliases.items():
+        if not isinstance(model, str) or model not in presets:
+            raise ConfigError(f'model_aliases.{alias}: {model!r} has no preset (a [presets."{model}"] table)')
     state_home = Path(environ.get("XDG_STATE_HOME") or _home(environ) / ".local" / "state")
     return Settings(
         state_dir=Path(paths["state_dir"]).expanduser() if paths["state_dir"] else state_home / "ltx2-stages",
         output_dir=Path(paths["output_dir"]).expanduser(),
         input_roots=tuple(Path(root).expanduser() for root in paths["input_roots"]),
         cameras={name: (str(pair[0]), str(pair[1])) for name, pair in data["cameras"].items()},
+        model_aliases=dict(aliases),
         default_model=models["default"],
         fallback_model=models["fallback"],
         presets=presets,
@@ -421,7 +433,21 @@ def _http(values: dict[str, Any]) -> HttpSettings:
     names = values["metrics_keys"]
     if not isinstance(names, list) or not all(isinstance(name, str) and name.strip() for name in names):
         raise ConfigError(f"http.metrics_keys must be a list of key names, got {names!r}")
-    return HttpSettings(**{**values, "metrics_keys": tuple(names)})
+    return HttpSettings(**{**values, "metrics_keys": tuple(names), "exact_sizes": _exact_sizes(values["exact_sizes"])})
+
+
+def _exact_sizes(sizes: object) -> tuple[str, ...]:
+    """`[http] exact_sizes`, checked: "WxH" sizes whose sides a crop can deliver (even, MIN_CROP_SIZE to MAX_SIZE)."""
+    if not isinstance(sizes, list):
+        raise ConfigError(f'http.exact_sizes must be a list of sizes like "720x1280", got {sizes!r}')
+    for size in sizes:
+        match = EXACT_SIZE.fullmatch(size) if isinstance(size, str) else None
+        sides = (int(match[1]), int(match[2])) if match else (0,)
+        if not all(side % CROP_MULTIPLE == 0 and MIN_CROP_SIZE <= side <= MAX_SIZE for side in sides):
+            raise ConfigError(
+                f"http.exact_sizes: {size!r} is not WIDTHxHEIGHT with even sides from {MIN_CROP_SIZE} to {MAX_SIZE}"
+            )
+    return tuple(sizes)
 
 
 def _whole(value: object) -> bool:

@@ -322,7 +322,11 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         stage2_lora=built.stage2_lora,
         identity=built.identity,
     )
-    notice(f"job {job.id} (seed {spec.seed}, {spec.width}x{spec.height}x{spec.num_frames}, model {model.name})")
+    _, _, width, height = spec.crop_box
+    size = f"{width}x{height}x{spec.num_frames}"
+    if (width, height) != (spec.width, spec.height):
+        size += f", centre of {spec.width}x{spec.height}"
+    notice(f"job {job.id} (seed {spec.seed}, {size}, model {model.name})")
     return run_embedded(job, settings, args.quiet)
 
 
@@ -500,7 +504,8 @@ def prepare_prompts(jobs: list[JobDir]) -> None:
         notice(f"warning: batch prompt pre-encoding failed; clips encode their own prompts:\n{result.stderr[-2000:]}")
 
 
-# Sections of scalar settings `ltx2 config` lists (presets, families, cameras and profiles are tables of data).
+# Sections of scalar settings `ltx2 config` lists (presets, families, cameras, model aliases and profiles are tables
+# of data).
 CONFIG_SECTIONS = ("paths", "models", "worker", "policy", "decode", "daemon", "cluster", "http")
 
 

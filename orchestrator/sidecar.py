@@ -1,8 +1,8 @@
 """The record published next to each video: what made it, how long each stage took, peak memory.
 
-`<name>_<stamp>.json` holds the full spec (seed included), the model and LoRAs with their
-revisions, the versions of the packages that ran, and per-stage seconds, attempts, final plan and
-peak GPU/host memory, so a clip can be reproduced or its cost compared later.
+`<name>_<stamp>.json` holds the full spec (seed included), the rendered and delivered size, the
+model and LoRAs with their revisions, the versions of the packages that ran, and per-stage seconds,
+attempts, final plan and peak GPU/host memory, so a clip can be reproduced or its cost compared later.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "family": record.get("family"),
         # one-stage or two-stage (services/two_stage.py); jobs recorded before the field ran one-stage.
         "pipeline": record["spec"].get("pipeline", ONE_STAGE),
+        # The frames as rendered and as delivered (centre-cropped: --crop-width/--crop-height, OpenAI's sizes).
+        "size": size_summary(job),
         "loras": [
             {k: lora.get(k) for k in ("source", "weight_name", "scale", "revision")} for lora in record.get("loras", [])
         ],
@@ -77,6 +79,13 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "reproducible": reproducibility(job),
         "stages": {stage.value: stage_summary(job, stage) for stage in Stage},
     }
+
+
+def size_summary(job: JobDir) -> dict[str, list[int]]:
+    """The rendered size, the delivered one and where it lies in the rendered frames (left, top, width, height)."""
+    spec = job.spec
+    box = spec.crop_box
+    return {"rendered": [spec.width, spec.height], "delivered": [box[2], box[3]], "crop_box": list(box)}
 
 
 def stage2_lora_summary(lora: dict[str, Any] | None) -> dict[str, Any] | None:

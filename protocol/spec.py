@@ -29,6 +29,7 @@ from protocol.spec_rules import (
     MAX_SIZE,
     MAX_STEPS,
     MAX_STG_SCALE,
+    MIN_CROP_SIZE,
     MIN_FRAMES,
     MIN_SIZE,
     NAME_PATTERN,
@@ -42,6 +43,7 @@ from protocol.spec_rules import (
     SpecError,
     describe,
     nearest_sizes,
+    require_crop_side,
     require_declared,
     require_frames,
     require_image,
@@ -419,6 +421,38 @@ class JobSpec:
         doc="force spatial tiling of the VAE decode on or off",
         default_doc="auto",
     )
+    # The frames delivered, centre-cropped from the rendered ones: how a size that is no multiple of 32
+    # (OpenAI's 720x1280) is delivered exactly (see crop_box for why a crop and not a resize).
+    crop_width: int | None = declare(
+        None,
+        help="deliver frames N pixels wide, centre-cropped from the rendered --width (even; at most --width)",
+        default_from="none",
+        rule=require_crop_side,
+        allowed=f"even, {MIN_CROP_SIZE} to --width",
+        http="own",
+        http_name="size",
+        latents=False,
+        added_later=True,
+        doc="deliver the video and PNGs N pixels wide, centre-cropped from the rendered `--width` (never scaled):"
+        " how the gateway delivers OpenAI's 720-pixel sides, rendered at 736; even, at most `--width`",
+        default_doc="none (`--width`)",
+        metavar="N",
+    )
+    crop_height: int | None = declare(
+        None,
+        help="deliver frames N pixels high, centre-cropped from the rendered --height (even; at most --height)",
+        default_from="none",
+        rule=require_crop_side,
+        allowed=f"even, {MIN_CROP_SIZE} to --height",
+        http="own",
+        http_name="size",
+        latents=False,
+        added_later=True,
+        doc="deliver the video and PNGs N pixels high, centre-cropped from the rendered `--height`; even, at most"
+        " `--height`",
+        default_doc="none (`--height`)",
+        metavar="N",
+    )
     drop_caches: bool = declare(
         False,
         help="flush the kernel page cache after the video is written (needs root; warns otherwise)",
@@ -478,6 +512,12 @@ class JobSpec:
             raise SpecError("fp8_matmul", "choose one of --fp8 (FP8 storage, bf16 compute) and --fp8-matmul")
         if self.vae_chunk_frames is not None:
             require_range("vae_chunk_frames", self.vae_chunk_frames, 2, self.latent_frames)
+        for crop, side, name in (("crop_width", self.width, "width"), ("crop_height", self.height, "height")):
+            value = getattr(self, crop)
+            if value is not None and value > side:
+                raise SpecError(
+                    crop, f"must be at most --{name} {side} (a crop of the rendered frames never enlarges); got {value}"
+                )
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -531,6 +571,19 @@ class JobSpec:
                 f" {self.effective_audio_guidance_scale}): with CFG on the negative prompt already acts through"
                 " CFG's second pass; use one of the two",
             )
+
+    @property
+    def crop_box(self) -> tuple[int, int, int, int]:
+        """(left, top, width, height) of the delivered frames inside the rendered ones; the whole frame
+        when no crop is set.
+
+        Centred, and a crop rather than a resize: rendering at the next size the VAE accepts and
+        cutting off at most 31 px of margin keeps every delivered pixel as the VAE decoded it, with no
+        resampling blur and no change of aspect (scaling 736 to 720 squeezes the picture by 2 %).
+        """
+        width = self.width if self.crop_width is None else self.crop_width
+        height = self.height if self.crop_height is None else self.crop_height
+        return (self.width - width) // 2, (self.height - height) // 2, width, height
 
     @property
     def latent_frames(self) -> int:

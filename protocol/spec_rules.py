@@ -57,6 +57,10 @@ MAX_STG_SCALE = 10.0
 # An hour of video: far beyond what one clip can hold (MAX_FRAMES), so the frame limit gives the message.
 MAX_SECONDS = 3600.0
 MAX_MODALITY_SCALE = 10.0
+# A delivered (cropped) side is even: H.264's 4:2:0 chroma covers 2x2 pixels, so x264 refuses an odd
+# side. At least one macroblock (16 px): nothing smaller is a picture anyone asked for.
+CROP_MULTIPLE = 2
+MIN_CROP_SIZE = 16
 
 
 class SpecError(ValueError):
@@ -186,6 +190,15 @@ def require_size(value: int, field: str) -> None:
             field,
             f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE}; got {value}"
             f" (nearest allowed: {' or '.join(map(str, nearest_sizes(value)))})",
+        )
+
+
+def require_crop_side(value: int, field: str) -> None:
+    if value % CROP_MULTIPLE or not MIN_CROP_SIZE <= value <= MAX_SIZE:
+        raise SpecError(
+            field,
+            f"must be an even number of pixels (H.264 stores colour per 2x2 pixels) between {MIN_CROP_SIZE} and"
+            f" {MAX_SIZE}; got {value}",
         )
 
 

@@ -24,7 +24,7 @@ def rgb_to_yuv420(frames: torch.Tensor) -> torch.Tensor:
 
     The layout is the one `av.VideoFrame.from_ndarray(..., format="yuv420p")` reads. Chroma is
     the mean of each 2x2 block (the conversion is linear, so averaging RGB first is the same).
-    H and W must be even (this project's sizes are multiples of 32).
+    H and W must be even (this project's sizes are multiples of 32, its crops even).
     """
     n, channels, height, width = frames.shape
     if channels != 3 or height % 2 or width % 2:

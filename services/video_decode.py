@@ -86,6 +86,13 @@ def decode_frames(vae: Any, latents: torch.Tensor, plan: DecodePlan) -> Iterator
         yield frames
 
 
+def crop_frames(frames: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    """`[n, 3, H, W]` frames cut to the spec's crop box (JobSpec.crop_box: left, top, width, height), a view
+    on the device: the video and the PNGs hold the delivered size, never the rendered margin."""
+    left, top, width, height = box
+    return frames[:, :, top : top + height, left : left + width]
+
+
 def to_uint8(frames: torch.Tensor) -> Any:
     """`[n, 3, H, W]` floats in [0, 1] -> `[n, H, W, 3]` uint8 numpy, converted on the device."""
     return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -116,14 +123,16 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
     encoder = ctx.shared.setdefault("encoder", BackgroundEncoder())
     stills: dict[str, np.ndarray] = {}
-    clip = ClipFiles(ctx.job_dir, ctx.spec.width, ctx.spec.height, ctx.spec.fps, expected, clip_tags(ctx))
+    box = ctx.spec.crop_box
+    clip = ClipFiles(ctx.job_dir, box[2], box[3], ctx.spec.fps, expected, clip_tags(ctx))
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
     threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
     feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
     ctx.progress(f"decode video ({plan.label})", 0, expected)
     try:
         decoded = 0
-        for frames in decode_frames(vae, latents.to(device), plan):
+        for decoded_frames in decode_frames(vae, latents.to(device), plan):
+            frames = crop_frames(decoded_frames, box)
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
                 feed.put(rgb_to_yuv420(frames[start : start + FRAMES_PER_WRITE]).cpu().numpy())
             decoded += frames.shape[0]

@@ -33,6 +33,9 @@ max_active_jobs_per_key = 2
 requests_per_minute = 100000
 # carol is also the operator: the only key that may read /metrics.
 metrics_keys = ["carol"]
+# OpenAI's sizes, and a small one delivered the same way (rendered at 96x64, cropped): the tiny model's VAE
+# compresses 4x, so OpenAI's own sizes take many minutes on CPU.
+exact_sizes = ["720x1280", "1280x720", "1024x1792", "1792x1024", "72x40"]
 """
 
 

@@ -12,6 +12,7 @@ from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, probe_mp4, run_ltx2
 
 from orchestrator.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
+from protocol.model_ids import TINY_REPO_ID
 from protocol.plans import DecodePlan, piece_ranges
 
 
@@ -82,6 +83,28 @@ def test_decode_refuses_a_file_that_is_not_ltx2_latents(ltx2_env: dict, tmp_path
     result = run_ltx2(["decode", "--input", str(bogus), "--output", str(tmp_path / "x.mp4")], ltx2_env)
     assert result.returncode == 2
     assert "--input:" in result.stderr and "not a latents file" in result.stderr
+
+
+def test_a_crop_delivers_the_exact_centre_of_the_rendered_frames(finished_job: dict, ltx2_env: dict):
+    """--crop-width/--crop-height (how the gateway delivers OpenAI's 720-pixel sides): the same request
+    cropped gives the same latents, and its lossless PNGs are exactly the centre of the uncropped ones."""
+    from PIL import Image
+
+    request = ["generate", "--prompt", "recover me", "--seed", "8", *TINY_ARGS, "--model", TINY_REPO_ID]
+    result = run_ltx2([*request, "--crop-width", "48", "--crop-height", "40", "--quiet"], ltx2_env)
+    assert result.returncode == 0, result.stderr
+    assert "48x40x17, centre of 64x64" in result.stderr
+    video = Path(result.stdout.strip())
+    probe = probe_mp4(video)
+    assert (probe["width"], probe["height"], probe["frames"]) == (48, 40, 17)
+    whole = finished_job["video"]
+    for suffix in ("_first.png", "_last.png"):
+        rendered = np.asarray(Image.open(whole.with_name(whole.stem + suffix)))
+        delivered = np.asarray(Image.open(video.with_name(video.stem + suffix)))
+        assert delivered.shape == (40, 48, 3) and np.array_equal(delivered, rendered[12:52, 8:56]), suffix
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar["size"] == {"rendered": [64, 64], "delivered": [48, 40], "crop_box": [8, 12, 48, 40]}
+    assert (sidecar["spec"]["crop_width"], sidecar["spec"]["crop_height"]) == (48, 40)
 
 
 def test_drop_caches_flag_flushes_or_warns_without_failing(finished_job: dict):

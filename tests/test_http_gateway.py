@@ -15,6 +15,7 @@ import struct
 import sys
 import threading
 import time
+import typing
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,11 @@ import pytest
 from conftest import probe_mp4, run_ltx2
 from gateway_process import HTTP_CONFIG, TINY, Gateway, free_port, stop
 from prometheus_client.parser import text_string_to_metric_families
+
+from config.settings import load_settings
+from orchestrator.gateway.video_requests import parse_video_request
+from protocol.model_ids import TINY_REPO_ID
+from protocol.spec import JobSpec
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks the Sora API deprecated
@@ -79,7 +85,8 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
         extra_body={"seed": 11},
     )
     assert first.object == "video" and first.status in ("queued", "in_progress")
-    assert first.model == "ltx2-stages/tiny-random-ltx2" and first.size == "64x64" and first.seconds == "0.7"
+    assert first.model == "ltx2-stages/tiny-random-ltx2" and first.size == "64x64"
+    assert first.seconds == "0.708"  # as long as the clip lasts: 17 frames at 24 fps (0.7 s was asked)
     assert first.model_extra["num_frames"] == 17  # 0.7 s x 24 fps = 16.8 -> the next 8n+1
     assert "17 frames" in first.model_extra["seconds_mapping"]
     # The upload reached the daemon as a path inside the gateway's uploads dir, was copied into the
@@ -130,6 +137,80 @@ def test_openai_client_renders_lists_downloads_and_deletes(gateway):
     client.videos.delete(second.id)
 
 
+def test_openais_example_falls_back_to_the_tiny_model_and_is_delivered_at_the_size_asked(gateway):
+    """OpenAI's own create (`sora-2`, the client's default size 720x1280, seconds "4") on a machine
+    without the default model's weights (the test cache holds only the tiny model): it runs the
+    fallback as `ltx2 generate` does, and says so; 720 is no multiple of 32, so it renders at
+    736x1280 and is cropped back. The tiny VAE compresses 4x, so that size takes many minutes on CPU:
+    it is checked at create and dropped, and a small size delivered the same way (72x40, an
+    `http.exact_sizes` of this gateway: rendered at 96x64) renders and arrives at exactly that size."""
+    client = gateway.client()
+    openai_default = client.videos.create(prompt="a lighthouse", model="sora-2", size="720x1280", seconds="4")
+    assert openai_default.model == TINY_REPO_ID, openai_default
+    assert openai_default.model_extra["model_note"].startswith("tiny offline model")
+    assert openai_default.model_extra["notices"][0].startswith("no weights for rootonchair/LTX-2-19b-distilled in")
+    assert (openai_default.size, openai_default.seconds) == ("720x1280", "4.042")  # as long as 97 frames last
+    spec = json.loads((Path(gateway.daemon_job(openai_default.id)["job_dir"]) / "job.json").read_text())["spec"]
+    assert (spec["width"], spec["height"], spec["crop_width"], spec["crop_height"]) == (736, 1280, 720, None)
+    assert client.videos.delete(openai_default.id).deleted
+
+    # The README's example names the default model by its short name: the same fallback.
+    readme = client.videos.create(prompt="a quiet pond", model="ltx-2-distilled", size="64x64", seconds="0.3")
+    assert readme.model == TINY_REPO_ID and readme.model_extra["model_note"] is not None
+    assert client.videos.delete(readme.id).deleted
+
+    video = client.videos.create(
+        prompt="a lighthouse at dusk", model="sora-2", size="72x40", seconds="4", extra_body={"fps": 2, "seed": 3}
+    )
+    assert (video.model, video.size, video.seconds) == (TINY_REPO_ID, "72x40", "4.5")
+    assert video.model_extra["num_frames"] == 9  # 4 s at 2 fps: 8 frames, and a clip has 8n+1
+    assert video.model_extra["seconds_mapping"] == "4 s at 2 fps -> 9 frames (4.500 s)"
+    done = wait_until(client, video.id, {"completed", "failed"})
+    assert done.status == "completed", gateway.daemon_job(video.id)
+    assert (done.model, done.size, done.seconds) == (TINY_REPO_ID, "72x40", "4.5")
+    assert done.model_extra["seconds_mapping"] == video.model_extra["seconds_mapping"]
+    mp4 = gateway.root / "exact.mp4"
+    client.videos.download_content(video.id).write_to_file(mp4)
+    probe = probe_mp4(mp4)
+    assert (probe["width"], probe["height"], probe["frames"]) == (72, 40, 9)
+    assert probe["audio_seconds"] >= 4.5
+    thumbnail = client.videos.download_content(video.id, variant="thumbnail").content
+    assert struct.unpack(">II", thumbnail[16:24]) == (72, 40)
+    sidecar = json.loads(Path(gateway.daemon_job(video.id)["output"]).with_suffix(".json").read_text())
+    assert sidecar["size"] == {"rendered": [96, 64], "delivered": [72, 40], "crop_box": [12, 12, 72, 40]}
+    client.videos.delete(video.id)
+
+
+@pytest.mark.parametrize("size", typing.get_args(openai.types.VideoSize))
+@pytest.mark.parametrize("pipeline", [None, "two-stage"])
+def test_every_size_the_openai_client_offers_renders_at_the_next_size_up_and_crops_to_it(
+    size: str, pipeline: str | None, tmp_path: Path
+):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    asked = tuple(int(side) for side in size.split("x"))
+    fields = {"prompt": "a cat", "size": size, **({"pipeline": pipeline} if pipeline else {})}
+    spec = parse_video_request(fields, settings).spec
+    multiple = 64 if pipeline else 32  # two-stage's first stage runs at half the size
+    rendered = (spec["width"], spec["height"])
+    assert all(side % multiple == 0 and 0 <= side - want < multiple for side, want in zip(rendered, asked, strict=True))
+    full = JobSpec.from_dict({**spec, "model": "m", "num_frames": 9, "steps": 8, "seed": 1})
+    assert full.crop_box[2:] == asked  # delivered exactly; centred in the render
+    assert full.crop_box[:2] == ((rendered[0] - asked[0]) // 2, (rendered[1] - asked[1]) // 2)
+
+
+def test_openais_model_names_are_aliases_and_the_default_models_leave_the_choice_to_the_daemon(tmp_path: Path):
+    settings = load_settings(environ={"HOME": str(tmp_path)})
+    (names,) = [typing.get_args(arg) for arg in typing.get_args(openai.types.VideoModel) if typing.get_args(arg)]
+    for name in names:
+        spec = parse_video_request({"prompt": "a cat", "model": name}, settings).spec
+        # No model: the daemon's default, or its fallback when not cached (orchestrator.jobspec).
+        assert spec.get("model") == ("Lightricks/LTX-2" if name.startswith("sora-2-pro") else None), name
+    assert "model" not in parse_video_request({"prompt": "a cat", "model": "ltx-2-distilled"}, settings).spec
+    # A repo id in full names exact weights, as --model does: no fallback for it.
+    named = parse_video_request({"prompt": "a cat", "model": "rootonchair/LTX-2-19b-distilled"}, settings)
+    assert named.spec["model"] == "rootonchair/LTX-2-19b-distilled"
+
+
 def assert_reuse_returns_this_keys_video_only(gateway, video_id: str, image: bytes) -> None:
     """The finished video's request again with `reuse`: this key's video comes back and nothing renders;
     another key never gets it (its request renders as its own video)."""
@@ -155,7 +236,8 @@ def test_missing_or_wrong_key_is_401_and_other_keys_jobs_are_404(gateway):
 
     owned = {"prompt": "owned by alice", "model": TINY, "size": "64x64", "seconds": 0.3}  # JSON: seconds a number
     status, _, video = gateway.post_json("alice", owned)
-    assert status == 200 and video["num_frames"] == 9 and video["seconds"] == "0.3", video
+    assert status == 200 and video["num_frames"] == 9 and video["seconds_mapping"].startswith("0.3 s at"), video
+    assert video["seconds"] == "0.375"  # as long as the 9 frames last
     bob = gateway.client("bob")
     with pytest.raises(openai.NotFoundError):
         bob.videos.retrieve(video["id"])
@@ -194,7 +276,7 @@ def test_per_key_queue_cap_is_429_with_retry_after(gateway):
         ({"size": "65x64"}, "size"),  # refused by the daemon's spec validation, named as the HTTP field
         ({"seconds": "-1"}, "seconds"),
         ({"seconds": "many"}, "seconds"),
-        ({"model": "sora-2"}, "model"),
+        ({"model": "sora-3"}, "model"),
         ({"model": "/etc"}, "model"),
         ({"prompt": "x" * 1_000_000}, "prompt"),
         ({"num_frames": 10}, "num_frames"),

@@ -32,12 +32,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from orchestrator.daemon.executor import ProgressBoard
 from protocol import stages
 from protocol.files import Stage
+from protocol.model_ids import TINY_REPO_ID
 
 RENDER_TIMEOUT_S = 400.0
 KEY_ITEM = "ltx2-api-key"  # the sessionStorage item page.html keeps the key in
 ROWS_JS = """return [...document.querySelectorAll('#jobs tbody tr')].map((row) => ({
     id: row.dataset.id,
     prompt: row.querySelector('.prompt').textContent,
+    model: row.querySelector('.model').textContent,
     status: row.querySelector('.status').textContent,
     detail: row.querySelector('.detail').textContent,
 }));"""
@@ -122,9 +124,9 @@ def row_of(browser: webdriver.Chrome, prompt: str, timeout_s: float = 30.0) -> d
     return found
 
 
-def submit(browser: webdriver.Chrome, prompt: str) -> dict[str, str]:
-    """Fill the form as a user would and submit it; returns the new job's row."""
-    for field, value in (("prompt", prompt), ("model", TINY), ("size", "64x64"), ("seconds", "0.7")):
+def submit(browser: webdriver.Chrome, prompt: str, model: str = TINY) -> dict[str, str]:
+    """Fill the form as a user would and submit it (an empty model: the daemon's default); returns the new job's row."""
+    for field, value in (("prompt", prompt), ("model", model), ("size", "64x64"), ("seconds", "0.7")):
         element = browser.find_element("id", field)
         element.clear()
         element.send_keys(value)
@@ -181,8 +183,9 @@ def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
     WebDriverWait(browser, 90).until(lambda b: all(row["id"] != hostile["id"] for row in rows(b)))
     assert api_video(gateway, hostile["id"])[0] == 404
 
+    # No model: the default, which is not cached here, so the tiny model runs and the page says so.
     prompt = "a paper boat drifts down a rainy street"
-    video_id = submit(browser, prompt)["id"]
+    video_id = submit(browser, prompt, model="")["id"]
     shown, running = [], []
     deadline = time.monotonic() + RENDER_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -196,6 +199,7 @@ def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
             break
         time.sleep(0.2)
     assert row["status"] == "completed", (video, gateway.daemon_job(video_id))
+    assert row["model"].startswith(f"{TINY_REPO_ID} (tiny offline model"), row
     assert video["stage"] is None and video["steps"] == 0 and video["eta_seconds"] is None  # only while running
     stages_seen = {video["stage"] for video in running} - {None}
     assert stages_seen and stages_seen <= {stage.value for stage in Stage}, running

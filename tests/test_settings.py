@@ -73,10 +73,29 @@ def test_http_section_defaults_to_loopback_and_keys_under_the_state_dir(tmp_path
         ("max_connections = 0", "http.max_connections must be a whole number >= 1"),
         ("failed_auth_per_minute = 2.5", "http.failed_auth_per_minute must be a whole number >= 1"),
         ('metrics_keys = "ops"', "http.metrics_keys must be a list of key names"),
+        ('exact_sizes = "720x1280"', "http.exact_sizes must be a list of sizes"),
+        ('exact_sizes = ["721x1280"]', "http.exact_sizes: '721x1280' is not WIDTHxHEIGHT with even sides from 16"),
+        ("exact_sizes = [720]", "http.exact_sizes: 720 is not WIDTHxHEIGHT"),
     ],
 )
 def test_bad_http_settings_are_errors_naming_the_key(tmp_path: Path, text: str, message: str):
     config = tmp_path / "config.toml"
     config.write_text(f"[http]\n{text}\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(environ={"LTX2_CONFIG": str(config), "HOME": str(tmp_path)})
+
+
+def test_a_config_file_adds_a_model_alias_beside_the_shipped_ones(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[model_aliases]\nhouse = "Lightricks/LTX-2"\n')
+    settings = load_settings(environ={"LTX2_CONFIG": str(config), "HOME": str(tmp_path)})
+    assert settings.model_aliases["house"] == "Lightricks/LTX-2"
+    assert settings.model_aliases["sora-2"] == settings.default_model  # the shipped names stay
+    assert settings.model_aliases["sora-2-pro"] == "Lightricks/LTX-2"
+
+
+def test_a_model_alias_of_a_model_without_a_preset_is_an_error(tmp_path: Path):
+    config = tmp_path / "config.toml"
+    config.write_text('[model_aliases]\nsora-2 = "someone/unknown"\n')
+    with pytest.raises(ConfigError, match=re.escape("model_aliases.sora-2: 'someone/unknown' has no preset")):
         load_settings(environ={"LTX2_CONFIG": str(config), "HOME": str(tmp_path)})

@@ -50,6 +50,9 @@ def test_valid_spec_round_trips_through_plain_data():
         ({"pipeline": "three-stage"}, "--pipeline", "one of one-stage, two-stage"),
         ({"pipeline": "two-stage", "height": 480}, "--height", "nearest allowed: 448 or 512; or --pipeline one-stage"),
         ({"pipeline": "two-stage", "width": 64}, "--width", "multiple of 64 between 128 and 4096"),
+        ({"crop_width": 721}, "--crop-width", "must be an even number of pixels"),
+        ({"crop_height": 8}, "--crop-height", "between 16 and 4096; got 8"),
+        ({"crop_width": 800}, "--crop-width", "must be at most --width 768 (a crop of the rendered frames never"),
     ],
 )
 def test_rule_violations_name_the_flag(changes: dict, flag: str, fragment: str):
@@ -121,3 +124,12 @@ def test_guidance_fields_at_their_defaults_keep_the_latents_digest_of_older_spec
     text = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert spec().latents_digest() == hashlib.sha256(text.encode()).hexdigest()
     assert spec(stg_scale=1.0).latents_digest() != spec().latents_digest()
+
+
+def test_a_crop_is_centred_in_the_rendered_frames_and_shapes_no_latents():
+    cropped = spec(width=736, height=1280, crop_width=720)
+    assert cropped.crop_box == (8, 0, 720, 1280)
+    assert spec(crop_width=736, crop_height=500).crop_box == (16, 6, 736, 500)
+    assert spec().crop_box == (0, 0, 768, 512)
+    assert cropped.latents_digest() == spec(width=736, height=1280).latents_digest()  # decode-only
+    assert cropped.digest() != spec(width=736, height=1280).digest()  # but another output

@@ -303,7 +303,8 @@ class Daemon:
             job = JobDir.load(Path(row["job_dir"]))
             spec = job.spec
             result["prompt"] = spec.prompt
-            result["size"] = f"{spec.width}x{spec.height}x{spec.num_frames}"
+            _, _, width, height = spec.crop_box  # as delivered: a crop's size, not the rendered one
+            result["size"] = f"{width}x{height}x{spec.num_frames}"
             result["seed"] = spec.seed
             result["model"] = spec.model
             result["request_digest"] = job.record.get("request_digest")

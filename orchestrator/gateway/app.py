@@ -57,6 +57,7 @@ from orchestrator.publishing import companions
 from orchestrator.states import JobState
 from protocol import jobs
 from protocol.files import Stage
+from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec_rules import SpecError, describe_duration
 
 log = logging.getLogger("ltx2.http")
@@ -92,6 +93,9 @@ MAX_TRACKED_NAMES = 10_000
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # The job page served at `/` (package data; see page.html for why the key never enters a URL).
 PAGE_FILE = Path(__file__).with_name("page.html")
+# What the video object and the job page say of a clip the tiny model made (the fallback on a machine
+# without the real weights): its `model` is a repo id few would recognise as random weights.
+TINY_MODEL_NOTE = "tiny offline model: random weights, the clip is coloured noise"
 
 
 class ApiError(Exception):
@@ -535,6 +539,14 @@ def as_number(text: str) -> float | None:
         return None
 
 
+def clip_seconds(record: dict[str, Any]) -> str:
+    """OpenAI's `seconds`: how long the clip lasts (97 frames at 24 fps: "4.042", where "4" was asked, since
+    a clip has 8n+1 frames), to the millisecond as `seconds_mapping` says it; as asked until the frames are known."""
+    if not record["num_frames"]:
+        return record["seconds"]
+    return f"{record['num_frames'] / record['fps']:.3f}".rstrip("0").rstrip(".")
+
+
 def completed_at(record: dict[str, Any], job: dict[str, Any]) -> int | None:
     """When the job ended: as the store remembers it, else the daemon's last update of the job."""
     return record.get("completed_at") or iso_seconds(job.get("updated", ""))
@@ -559,7 +571,8 @@ def stage_fields(state: str, job: dict[str, Any]) -> dict[str, Any]:
 def video_object(
     record: dict[str, Any], job: dict[str, Any], seconds_note: str = "", notices: list[str] | None = None
 ) -> dict[str, Any]:
-    """OpenAI's `video` object, plus what it has no field for (frames, fps, the seconds mapping)."""
+    """OpenAI's `video` object, plus what it has no field for (frames, fps, the seconds mapping, a note on
+    the model that ran)."""
     state = record["state"]
     error = None
     if state in (JobState.FAILED, JobState.CANCELLED):
@@ -574,8 +587,9 @@ def video_object(
         "completed_at": completed_at(record, job) if state in FINAL_STATES else None,
         "expires_at": None,
         "model": record["model"],
+        "model_note": TINY_MODEL_NOTE if record["model"] in TINY_REPO_IDS.values() else None,
         "size": record["size"],
-        "seconds": record["seconds"],
+        "seconds": clip_seconds(record),
         "prompt": record["prompt"],
         "error": error,
         "remixed_from_video_id": None,

@@ -19,16 +19,18 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.cli_flags import spec_request
-from protocol.model_ids import TINY_REPO_ID
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
-from protocol.spec_rules import MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, SpecError, describe_duration, frames_lasting
+from protocol.spec_rules import (
+    MAX_PROMPT_BYTES,
+    MAX_PROMPT_CHARS,
+    SIZE_MULTIPLE,
+    TWO_STAGE,
+    TWO_STAGE_SIZE_MULTIPLE,
+    SpecError,
+    describe_duration,
+    frames_lasting,
+)
 
-# Short names a client may send as `model`, besides the repo ids that have a preset.
-MODEL_ALIASES = {
-    "ltx-2": "Lightricks/LTX-2",
-    "ltx-2-distilled": "rootonchair/LTX-2-19b-distilled",
-    "ltx-2-tiny": TINY_REPO_ID,
-}
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{1,4})x([1-9][0-9]{1,4})")
 # A Hugging Face repo id: `owner/name`, never anything a file system could read as a path.
 REPO_PART = r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*"  # dots only between other characters: no ".."
@@ -81,12 +83,11 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
         if name in values:
             require_prompt_size(values[name], name)
     if "model" in values:
-        values["model"] = known_model(values["model"], settings)
+        model = known_model(values.pop("model"), settings)
+        if model is not None:
+            values["model"] = model
     if "size" in values:
-        match = SIZE_PATTERN.fullmatch(values.pop("size").strip())
-        if match is None:
-            raise RequestError("size", "size must be WIDTHxHEIGHT in pixels, e.g. 768x512")
-        values["width"], values["height"] = int(match[1]), int(match[2])
+        values.update(size_fields(values.pop("size"), values.get("pipeline"), settings.http.exact_sizes))
     preset = settings.preset_for(values.get("model", settings.default_model))
     fps = float(values.get("fps", preset.fps))
     if fps <= 0 or not math.isfinite(fps):
@@ -193,13 +194,50 @@ def require_prompt_size(value: str, name: str) -> None:
         )
 
 
-def known_model(name: str, settings: Settings) -> str:
-    """A model id with a preset, or an alias of one; never a local folder (a client names no paths)."""
-    model = MODEL_ALIASES.get(name.strip(), name.strip())
+def known_model(name: str, settings: Settings) -> str | None:
+    """The repo id a request's `model` names: a repo id with a preset, or an alias of one
+    (`[model_aliases]`); never a local folder (a client names no paths).
+
+    None for an alias of the default model: the request then leaves `model` out, so the daemon runs
+    the default if its weights are cached and else the fallback with a notice, as `ltx2 generate`
+    without --model does; the README's example (`ltx-2-distilled`) and OpenAI's (`sora-2`) thus run
+    on a machine without the real weights. A repo id given in full is taken as `--model` takes it:
+    the client named exact weights, so their absence is an error, not another model.
+    """
+    asked = name.strip()
+    model = settings.model_aliases.get(asked, asked)
     if model not in settings.presets:
-        known = sorted({*settings.presets, *MODEL_ALIASES})
+        known = sorted({*settings.presets, *settings.model_aliases})
         raise RequestError("model", f"unknown model {name!r}; known: {', '.join(known)}", "model_not_found")
+    if asked in settings.model_aliases and model == settings.default_model:
+        return None
     return model
+
+
+def size_fields(size: str, pipeline: object, exact_sizes: tuple[str, ...]) -> dict[str, int]:
+    """`size` ("WxH") as the spec's width and height; a size of `http.exact_sizes` (OpenAI's 720x1280,
+    whose 720 is no multiple of 32) as the size it renders at and the crop that delivers it (render_size;
+    JobSpec.crop_box says why a crop). Any other size is taken as --width and --height take it."""
+    match = SIZE_PATTERN.fullmatch(size.strip())
+    if match is None:
+        raise RequestError("size", "size must be WIDTHxHEIGHT in pixels, e.g. 768x512")
+    width, height = int(match[1]), int(match[2])
+    if match[0] in exact_sizes:
+        return render_size(width, height, pipeline)
+    return {"width": width, "height": height}
+
+
+def render_size(width: int, height: int, pipeline: object) -> dict[str, int]:
+    """The spec's size fields for a size to deliver exactly: rendered at the next size up that the pipeline
+    takes (multiples of 32; of 64 for two-stage, whose first stage runs at half the size), and cropped back
+    to the size asked on a side where that differs. Up, never down: a crop never enlarges."""
+    multiple = TWO_STAGE_SIZE_MULTIPLE if pipeline == TWO_STAGE else SIZE_MULTIPLE
+    fields = {"width": math.ceil(width / multiple) * multiple, "height": math.ceil(height / multiple) * multiple}
+    if fields["width"] != width:
+        fields["crop_width"] = width
+    if fields["height"] != height:
+        fields["crop_height"] = height
+    return fields
 
 
 def frames_for(seconds_text: str, fps: float) -> tuple[int, str]:
