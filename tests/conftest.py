@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from orchestrator.fork_client import ForkServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
@@ -65,6 +68,21 @@ def tiny_25_model_dir(hf_home: Path) -> Path:
     """The tiny LTX-2.5 model (Gemma 4 unified text encoder, 2.5 transformer flags), built by
     `ltx2 tiny-model --family 2.5 --hf-cache`."""
     return build_tiny_family(hf_home, "2.5")
+
+
+@pytest.fixture(scope="session")
+def fork_server() -> Iterator[ForkServer]:
+    """One fork server for the orchestrators that tests run inside this process (pass it to
+    `WorkerLink(shared_fork_server=...)`), as a daemon's lanes share theirs.
+
+    A link with a server of its own starts one per job, and each imports torch, diffusers and every
+    stage module before its first fork: 4-5 s of one of CI's two cores, a dozen times a session. The
+    workers are the same either way: forked from those modules, with this process's environment.
+    """
+    server = ForkServer()
+    server.warm()  # the imports overlap whatever the first user does before its first worker
+    yield server
+    server.close()
 
 
 # The fixture holding each family's tiny model.

@@ -19,6 +19,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
 from config.settings import load_settings
+from orchestrator.fork_client import ForkServer
 from orchestrator.jobdir import JobDir
 from orchestrator.lora_lookup import resolve_lora
 from orchestrator.model_lookup import resolve_model
@@ -48,9 +49,12 @@ FAMILY_CALL = {
 AUDIO_RATE = {"2.0": 16000, "2.3": 48000, "2.5": 48000}
 
 
-def run_staged(model_dir: Path, state: Path, stage2_lora: Path | None = None, **changes: object) -> JobDir:
-    """Run a whole job through real worker processes and return its directory; `stage2_lora` (a
-    .safetensors file): dev two-stage's distilled LoRA, resolved as `ltx2 generate --stage2-lora` does."""
+def run_staged(
+    model_dir: Path, state: Path, fork_server: ForkServer, stage2_lora: Path | None = None, **changes: object
+) -> JobDir:
+    """Run a whole job through real worker processes, forked by the session's `fork_server`, and
+    return its directory; `stage2_lora` (a .safetensors file): dev two-stage's distilled LoRA,
+    resolved as `ltx2 generate --stage2-lora` does."""
     settings = load_settings(
         environ={"LTX2_STATE_DIR": str(state), "LTX2_OUTPUT_DIR": str(state / "out"), "HOME": str(state)}
     )
@@ -73,7 +77,7 @@ def run_staged(model_dir: Path, state: Path, stage2_lora: Path | None = None, **
     spec = JobSpec.from_dict(fields)
     job = JobDir.create(settings.jobs_dir, spec, resolve_model(str(model_dir)), stage2_lora=resolved)
     context = zmq.Context()
-    link = WorkerLink(context)
+    link = WorkerLink(context, shared_fork_server=fork_server)
     try:
         run_job(job, settings, link, JobHooks())
     finally:
@@ -141,8 +145,8 @@ def max_diff(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
 
 
 @pytest.fixture(scope="module")
-def distilled_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> JobDir:
-    return run_staged(family_model_dir, tmp_path_factory.mktemp("distilled"))
+def distilled_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> JobDir:
+    return run_staged(family_model_dir, tmp_path_factory.mktemp("distilled"), fork_server)
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +230,13 @@ def test_diffusers_defaults_would_make_three_calls_per_step(tiny_model_dir: Path
     assert len(calls) == 3 * 2
 
 
-def test_cfg_run_with_negative_prompt_matches_and_batches_one_call_per_step(tiny_model_dir: Path, tmp_path: Path):
+def test_cfg_run_with_negative_prompt_matches_and_batches_one_call_per_step(
+    tiny_model_dir: Path, tmp_path: Path, fork_server: ForkServer
+):
     job = run_staged(
         tiny_model_dir,
         tmp_path,
+        fork_server,
         guidance_scale=3.0,
         schedule="default",
         steps=3,
@@ -245,7 +252,7 @@ def test_cfg_run_with_negative_prompt_matches_and_batches_one_call_per_step(tiny
 
 @pytest.mark.parametrize("dev_family", ["2.3", "2.5"])
 def test_dev_preset_matches_and_makes_cfg_stg_and_modality_calls_each_step(
-    dev_family: str, request: pytest.FixtureRequest, tmp_path: Path
+    dev_family: str, request: pytest.FixtureRequest, tmp_path: Path, fork_server: ForkServer
 ):
     """The 2.3 and 2.5 dev presets (audio CFG 7, STG, modality guidance, rescale) through the stages equal
     the single-process pipeline, at three transformer calls per step: CFG (batched), STG, modality. On 2.5
@@ -254,7 +261,7 @@ def test_dev_preset_matches_and_makes_cfg_stg_and_modality_calls_each_step(
     dev = load_settings(environ={}).families[dev_family].dev
     assert (dev.guidance_scale, dev.audio_guidance_scale, dev.stg_scale, dev.modality_scale) == (3.0, 7.0, 1.0, 3.0)
     guidance = {k: v for k, v in dev.spec_fields().items() if k not in ("steps", "schedule")}
-    job = run_staged(model_dir, tmp_path, **guidance, schedule="default", steps=2, num_frames=9)
+    job = run_staged(model_dir, tmp_path, fork_server, **guidance, schedule="default", steps=2, num_frames=9)
     tensors, metadata = read_latents(job.path / LATENTS_FILE)
     video, audio = reference_call(load_reference(model_dir, "default"), job.spec, "latent", dev_family)
     assert max_diff(tensors["video"], video) <= TOLERANCE

@@ -10,6 +10,7 @@ import zmq
 from conftest import run_ltx2
 
 from config.settings import load_settings
+from orchestrator.fork_client import ForkServer
 from orchestrator.jobdir import JobDir
 from orchestrator.model_lookup import resolve_model
 from orchestrator.pipeline import JobHooks, StageEvent
@@ -19,13 +20,13 @@ from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
 
 
-def run(job: JobDir, state: Path) -> list[tuple[str, str]]:
+def run(job: JobDir, state: Path, fork_server: ForkServer) -> list[tuple[str, str]]:
     settings = load_settings(
         environ={"LTX2_STATE_DIR": str(state), "LTX2_OUTPUT_DIR": str(state / "out"), "HOME": str(state)}
     )
     events: list[tuple[str, str]] = []
     context = zmq.Context()
-    link = WorkerLink(context)
+    link = WorkerLink(context, shared_fork_server=fork_server)
     try:
         hooks = JobHooks(listener=lambda e: events.append((e.stage, e.kind)) if isinstance(e, StageEvent) else None)
         run_job(job, settings, link, hooks)
@@ -35,7 +36,9 @@ def run(job: JobDir, state: Path) -> list[tuple[str, str]]:
     return events
 
 
-def test_rerun_redoes_only_stages_whose_outputs_are_missing_or_changed(tiny_model_dir: Path, tmp_path: Path):
+def test_rerun_redoes_only_stages_whose_outputs_are_missing_or_changed(
+    tiny_model_dir: Path, tmp_path: Path, fork_server: ForkServer
+):
     spec = JobSpec.from_dict(
         {
             "prompt": "waves",
@@ -48,12 +51,12 @@ def test_rerun_redoes_only_stages_whose_outputs_are_missing_or_changed(tiny_mode
         }
     )
     job = JobDir.create(tmp_path / "jobs", spec, resolve_model(str(tiny_model_dir)))
-    run(job, tmp_path)
+    run(job, tmp_path, fork_server)
     latents_before = (job.path / LATENTS_FILE).read_bytes()
     (job.path / VIDEO_FILE).unlink()
     with (job.path / AUDIO_FILE).open("ab") as handle:
         handle.write(b"\0")
-    events = run(JobDir.load(job.path), tmp_path)
+    events = run(JobDir.load(job.path), tmp_path, fork_server)
     assert events == [
         ("encode_diffuse", "skipped"),
         ("audio_decode", "started"),

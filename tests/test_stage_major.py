@@ -19,6 +19,7 @@ from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
 from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 
 from config.settings import load_settings
+from orchestrator.fork_client import ForkServer
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import ResolvedModel
@@ -199,7 +200,9 @@ def test_group_size_one_turns_stage_major_off(tmp_path: Path):
         load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "LTX2_GROUP_SIZE": "0"})
 
 
-def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(tiny_model_dir: Path, tmp_path: Path):
+def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(
+    tiny_model_dir: Path, tmp_path: Path, fork_server: ForkServer
+):
     settings = load_settings(
         environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "LTX2_OUTPUT_DIR": str(tmp_path / "out"), "HOME": "/x"}
     )
@@ -210,7 +213,7 @@ def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(tiny_model_
         for n in range(3)
     ]
     context = zmq.Context()
-    link = WorkerLink(context)
+    link = WorkerLink(context, shared_fork_server=fork_server)
     try:
         first = run_stage_major(jobs, settings, link, lambda job: JobHooks())
         assert all(isinstance(result, Path) for result in first.values())

@@ -40,6 +40,7 @@ from test_parity import (
 
 from config.settings import load_settings
 from orchestrator.cli import build_parser
+from orchestrator.fork_client import ForkServer
 from orchestrator.jobdir import JobDir
 from orchestrator.jobspec import build_spec
 from orchestrator.model_lookup import ensure_tiny_model
@@ -115,8 +116,8 @@ def reference_two_stage(
 
 
 @pytest.fixture(scope="module")
-def two_stage_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> JobDir:
-    return run_staged(family_model_dir, tmp_path_factory.mktemp("two-stage"), **TWO_STAGE)
+def two_stage_job(family_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer) -> JobDir:
+    return run_staged(family_model_dir, tmp_path_factory.mktemp("two-stage"), fork_server, **TWO_STAGE)
 
 
 @pytest.fixture(scope="module")
@@ -423,12 +424,16 @@ def dev_family(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def dev_two_stage(dev_family: str, dev_hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def dev_two_stage(
+    dev_family: str, dev_hf_home: Path, tmp_path_factory: pytest.TempPathFactory, fork_server: ForkServer
+) -> dict:
     """The staged dev two-stage job (real workers) and diffusers' compositions with and without the LoRA."""
     model_dir = dev_hf_home / "hub" / ("models--" + TINY_REPO_IDS[dev_family].replace("/", "--"))
     (model_dir,) = (model_dir / "snapshots").iterdir()
     lora = stage2_lora_file(dev_hf_home, dev_family)
-    job = run_staged(model_dir, tmp_path_factory.mktemp("dev-two-stage"), stage2_lora=lora, **DEV_TWO_STAGE)
+    job = run_staged(
+        model_dir, tmp_path_factory.mktemp("dev-two-stage"), fork_server, stage2_lora=lora, **DEV_TWO_STAGE
+    )
     compose = {"output_types": ("latent",)}
     with_lora = reference_two_stage(load_reference(model_dir, "default"), model_dir, job.spec, dev_family,
                                     stage2_lora=lora, **compose)  # fmt: skip
