@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from conftest import run_ltx2
+from conftest import run_ltx2, run_ltx2_two_at_a_time
 from daemon_process import DaemonProcess, children_of, cmdline, is_running, kill_group, running_writers_into
 from safetensors.torch import load_file
 from supervised import Supervised, wait_for_file
 from test_daemon import submit
-from test_stage_major import TINY, TINY_FLAGS, jobs_by_name, make_job, write_batch
+from test_stage_major import TINY, TINY_FLAGS, clip_flags, jobs_by_name, make_job, write_batch
 
 from config.settings import ConfigError, load_settings
 from orchestrator.daemon.executor import Executor, ProgressBoard
@@ -290,10 +290,10 @@ def test_batch_on_two_cpu_lanes_runs_them_at_once_one_process_each_with_clips_eq
     log = jobs["clip3"].log_path(Stage.VIDEO_DECODE, 1).read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log
     # Each clip's latents are the bits `ltx2 generate` makes of it alone.
-    alone_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone")}
-    for clip in clips:
-        flags = [f"--{key.replace('_', '-')}={value}" for key, value in clip.items()]
-        single = run_ltx2(["generate", "--model", TINY, *TINY_FLAGS, *flags, "--quiet"], alone_env)
+    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in clips]
+    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in clips]
+    singles = run_ltx2_two_at_a_time(list(zip(commands, alone_envs, strict=True)))
+    for clip, single, alone_env in zip(clips, singles, alone_envs, strict=True):
         assert single.returncode == 0, single.stderr
         alone = load_file(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)
         laned = load_file(jobs[clip["name"]].path / LATENTS_FILE)

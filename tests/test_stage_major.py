@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, probe_mp4, run_ltx2, run_ltx2_two_at_a_time
 from supervised import wait_for_file
 from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
 from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
@@ -44,6 +44,11 @@ def write_batch(path: Path, clips: list[dict[str, object]]) -> Path:
         lines.append("[[clips]]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in clip.items()))
     path.write_text("\n".join(lines))
     return path
+
+
+def clip_flags(clip: dict[str, object]) -> list[str]:
+    """The `ltx2 generate` flags of a batch file's clip."""
+    return [f"--{key.replace('_', '-')}={value}" for key, value in clip.items()]
 
 
 def jobs_by_name(env: dict[str, str]) -> dict[str, JobDir]:
@@ -91,10 +96,10 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     assert "(9/9 clip stages, ETA for the rest 0 s)" in result.stderr
     # Same seed, same bits as each clip rendered on its own by `ltx2 generate` (the second and
     # third clips ran on a transformer that had already denoised another clip).
-    alone_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone")}
-    for clip in clips[1:]:
-        flags = [f"--{key.replace('_', '-')}={value}" for key, value in clip.items()]
-        single = run_ltx2(["generate", "--model", TINY, *TINY_FLAGS, *flags, "--quiet"], alone_env)
+    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in clips[1:]]
+    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in clips[1:]]
+    singles = run_ltx2_two_at_a_time(list(zip(commands, alone_envs, strict=True)))
+    for clip, single, alone_env in zip(clips[1:], singles, alone_envs, strict=True):
         assert single.returncode == 0, single.stderr
         alone, _ = read_latents(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)
         grouped, _ = read_latents(jobs[clip["name"]].path / LATENTS_FILE)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, ltx2_environment, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, ltx2_environment, probe_mp4, run_ltx2, run_ltx2_two_at_a_time
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2ImageToVideoPipeline, LTX2LatentUpsamplePipeline
 from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
@@ -204,10 +204,15 @@ def test_sigkill_after_stage_1_resumes_at_stage_2_with_the_undisturbed_latents(l
     args = ["generate", "--prompt", "a lighthouse", "--seed", "5", "--model", TINY_REPO_IDS["2.0"], "--quiet"]
     args += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage"]
     pause = {"LTX2_FAULT_DIR": str(faults), "LTX2_FAULT_PAUSE": "encode_diffuse:upsample latents:0"}
-    cli = start_cli(args, {**ltx2_env, **pause})
-    worker = int(wait_for_file(faults / "paused-encode_diffuse.pid").read_text())
-    os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would, after latents_stage1.safetensors
-    _, err = cli.communicate(timeout=300)
+    # The undisturbed run, in a state dir of its own, goes beside the one that is killed and resumed.
+    undisturbed = start_cli(args, {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "undisturbed")})
+    try:
+        cli = start_cli(args, {**ltx2_env, **pause})
+        worker = int(wait_for_file(faults / "paused-encode_diffuse.pid").read_text())
+        os.kill(worker, signal.SIGKILL)  # as the kernel's OOM killer would, after latents_stage1.safetensors
+        _, err = cli.communicate(timeout=300)
+    finally:
+        _, undisturbed_err = undisturbed.communicate(timeout=300)
     assert cli.returncode == 0, err
     (job_dir,) = (tmp_path / "state" / "jobs").iterdir()
     record = json.loads((job_dir / "job.json").read_text())
@@ -219,8 +224,7 @@ def test_sigkill_after_stage_1_resumes_at_stage_2_with_the_undisturbed_latents(l
     resumed, metadata = read_latents(job_dir / LATENTS_FILE)
     assert metadata["stage1_reused"] == "true" and json.loads(metadata["stage_calls"]) == [8, 3]
 
-    undisturbed = run_ltx2(args, {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "undisturbed")})
-    assert undisturbed.returncode == 0, undisturbed.stderr
+    assert undisturbed.returncode == 0, undisturbed_err
     (other_dir,) = (tmp_path / "undisturbed" / "jobs").iterdir()
     expected, _ = read_latents(other_dir / LATENTS_FILE)
     assert torch.equal(resumed["video"], expected["video"]) and torch.equal(resumed["audio"], expected["audio"])
@@ -518,10 +522,17 @@ def test_a_group_of_dev_two_stage_jobs_loads_each_transformer_once_and_matches_j
         '[[clips]]\nprompt = "a harbour at night"\nseed = 2\nname = "b"\n'
     )
     latents = {}
-    for run, group_size in (("grouped", "8"), ("alone", "1")):
-        env = {**ltx2_environment(dev_hf_home, tmp_path / run), "LTX2_GROUP_SIZE": group_size}
+    runs = (("grouped", "8"), ("alone", "1"))
+    for run, _ in runs:
         (tmp_path / run).mkdir(exist_ok=True)  # --output-dir makes only its last folder, never a parent
-        result = run_ltx2(["batch", str(batch), "--quiet", "--output-dir", str(tmp_path / run / "out")], env)
+    commands = [
+        (
+            ["batch", str(batch), "--quiet", "--output-dir", str(tmp_path / run / "out")],
+            {**ltx2_environment(dev_hf_home, tmp_path / run), "LTX2_GROUP_SIZE": group_size},
+        )
+        for run, group_size in runs
+    ]
+    for (run, _), result in zip(runs, run_ltx2_two_at_a_time(commands), strict=True):  # independent: side by side
         assert result.returncode == 0, result.stderr
         jobs = sorted((tmp_path / run / "state" / "jobs").iterdir(), key=lambda d: JobDir.load(d).spec.seed)
         latents[run] = [read_latents(job / LATENTS_FILE) for job in jobs]
