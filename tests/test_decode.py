@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, probe_mp4, run_ltx2
+from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2
 
 from orchestrator.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
@@ -27,8 +27,11 @@ def frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-@pytest.fixture
-def finished_job(ltx2_env: dict) -> dict:
+@pytest.fixture(scope="module")
+def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One `ltx2 generate` run that the tests below recover videos from; they only read it (a test
+    that changes the job directory changes its own copy, see `job_dir_copy`)."""
+    ltx2_env = ltx2_environment(hf_home, tmp_path_factory.mktemp("finished"))
     result = run_ltx2(
         [
             "generate",
@@ -49,6 +52,16 @@ def finished_job(ltx2_env: dict) -> dict:
     return {"job_dir": job_dir, "video": Path(result.stdout.strip()), "stderr": result.stderr}
 
 
+def job_dir_copy(finished_job: dict, ltx2_env: dict) -> Path:
+    """The finished job's directory copied into this test's own state dir, as a user moves a job
+    directory to recover it elsewhere: the test may change it without touching the shared run."""
+    return Path(
+        shutil.copytree(
+            finished_job["job_dir"], Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs" / finished_job["job_dir"].name
+        )
+    )
+
+
 def test_decode_from_a_bare_latents_file_reproduces_the_video(finished_job: dict, ltx2_env: dict, tmp_path: Path):
     saved = tmp_path / "saved_latents.safetensors"
     shutil.copyfile(finished_job["job_dir"] / LATENTS_FILE, saved)
@@ -67,7 +80,7 @@ def test_decode_from_a_bare_latents_file_reproduces_the_video(finished_job: dict
 def test_decode_of_a_job_dir_reruns_only_the_missing_stage_with_a_new_plan(
     finished_job: dict, ltx2_env: dict, tmp_path: Path
 ):
-    job_dir = finished_job["job_dir"]
+    job_dir = job_dir_copy(finished_job, ltx2_env)
     (job_dir / VIDEO_FILE).unlink()
     target = tmp_path / "again.mp4"
     result = run_ltx2(["decode", "--input", str(job_dir), "--output", str(target), "--vae-chunk-frames", "3"], ltx2_env)
