@@ -18,7 +18,10 @@ from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
 from daemon_process import DaemonProcess
 from supervised import wait_for_file
 
+from orchestrator.daemon.client import DaemonClient, DaemonError
+from orchestrator.daemon.transport import DaemonAddress
 from protocol.files import JOB_FILE
+from protocol.jobs import ListJobs
 
 
 def is_running(pid: int) -> bool:
@@ -91,14 +94,25 @@ def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def wait_for_states(env: dict[str, str], wanted: set[str], count: int, timeout_s: float = 240.0) -> list[dict]:
+    """`ltx2 jobs --json` once `count` jobs are all in `wanted` states. Until then the daemon is asked
+    from this process: a CLI process per poll would take a core for a third of a second, twice a second,
+    from the workers it waits for."""
+    address = DaemonAddress(f"ipc://{env['XDG_RUNTIME_DIR']}/ltx2-stages-{os.getuid()}/daemon.sock")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        listed = run_ltx2(["jobs", "--json"], env)
-        if listed.returncode == 0:
-            jobs = json.loads(listed.stdout)
-            if len(jobs) == count and all(job["state"] in wanted for job in jobs):
-                return jobs
+        try:
+            with DaemonClient(address, timeout_s=2.0) as client:
+                listed = client.request(ListJobs(""))["jobs"]
+        except DaemonError:  # not serving yet (restarting)
+            listed = []
+        if len(listed) == count and all(job["state"] in wanted for job in listed):
+            break
         time.sleep(0.5)
+    listed = run_ltx2(["jobs", "--json"], env)
+    if listed.returncode == 0:
+        jobs = json.loads(listed.stdout)
+        if len(jobs) == count and all(job["state"] in wanted for job in jobs):
+            return jobs
     raise TimeoutError(f"jobs never all reached {wanted}: {run_ltx2(['jobs'], env).stdout}")
 
 
