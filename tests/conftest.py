@@ -162,6 +162,12 @@ def run_ltx2_two_at_a_time(runs: list[tuple[list[str], dict[str, str]]]) -> list
         return list(pool.map(lambda run: run_ltx2(*run), runs))
 
 
+def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:
+    """The tests of the requesting fixture's module that this session runs (after -k, node ids, ...):
+    a module fixture that starts the tests' runs ahead of them starts only those."""
+    return [item for item in request.session.items if item.module is request.module]
+
+
 def probe_mp4(path: Path) -> dict[str, object]:
     """What a player sees in an MP4: streams, decoded frame count and durations (via PyAV)."""
     import av

@@ -11,10 +11,12 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
+from conftest import REPO_ROOT, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module, submit_tiny
 from daemon_process import DaemonProcess
 from supervised import wait_for_file
 
@@ -124,12 +126,19 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(fault_env: dict, tmp_path: Path, corruption: str):
+def corrupt_store_run(root: Path, hf_home: Path, corruption: str) -> dict[str, object]:
+    """A daemon killed while the first of its two jobs is paused in diffusion, its job store damaged by
+    `corruption`, then a new daemon on the same state dir until both jobs end; what the test checks."""
+    (root / "faults").mkdir()
     runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{corruption[:6]}")
     runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**fault_env, "XDG_RUNTIME_DIR": str(runtime)}
-    log = tmp_path / "daemon.log"
+    env = {
+        **ltx2_environment(hf_home, root),
+        "LTX2_FAULT_DIR": str(root / "faults"),
+        "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2",
+        "XDG_RUNTIME_DIR": str(runtime),
+    }
+    log = root / "daemon.log"
     daemon = start_daemon(env, log)
     try:
         ids = []
@@ -140,10 +149,10 @@ def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(fault_env: dict
                     break
                 time.sleep(0.2)
             ids.append(submitted.stdout.strip())
-        worker = int(wait_for_file(tmp_path / "faults" / "paused-encode_diffuse.pid").read_text())
+        worker = int(wait_for_file(root / "faults" / "paused-encode_diffuse.pid").read_text())
         daemon.kill()
         daemon.wait()
-        store = tmp_path / "state" / "jobs.sqlite"
+        store = root / "state" / "jobs.sqlite"
         for suffix in ("-wal", "-shm"):  # the damage is to the main file alone
             store.with_name(store.name + suffix).unlink(missing_ok=True)
         CORRUPTIONS[corruption](store)
@@ -152,12 +161,39 @@ def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(fault_env: dict
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
-    assert [(job["id"], job["state"]) for job in jobs] == [(ids[0], "done"), (ids[1], "done")], log.read_text()[-3000:]
-    assert not is_running(worker)
+    return {"ids": ids, "jobs": jobs, "log": log, "store": store, "worker_running": is_running(worker)}
+
+
+@pytest.fixture(scope="module")
+def corrupt_store_runs(
+    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Future]]:
+    """The run of each corruption this session tests (`corrupt_store_run`), two at a time: a run waits on
+    its daemons' imports and on tiny stages that leave a core idle, so two take little longer than one on
+    CI's two cores. Each has its own state dir, runtime dir and daemons; a test gets its own run's result,
+    or its exception."""
+    selected = {
+        item.callspec.params["corruption"]
+        for item in selected_in_module(request)
+        if item.originalname == "test_a_corrupt_job_store_is_rebuilt_from_the_job_directories"
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {
+            corruption: pool.submit(corrupt_store_run, tmp_path_factory.mktemp(corruption), hf_home, corruption)
+            for corruption in sorted(selected)
+        }
+
+
+@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
+def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(corrupt_store_runs: dict, corruption: str):
+    run = corrupt_store_runs[corruption].result()
+    jobs, ids, log_tail = run["jobs"], run["ids"], run["log"].read_text()[-3000:]
+    assert [(job["id"], job["state"]) for job in jobs] == [(ids[0], "done"), (ids[1], "done")], log_tail
+    assert not run["worker_running"]
     for job in jobs:
         assert probe_mp4(Path(job["output"]))["frames"] == 17
     if corruption in ("garbage", "zeroed_header"):  # unreadable to sqlite: kept aside for a post-mortem
-        assert list(store.parent.glob("jobs.sqlite.corrupt-*"))
+        assert list(run["store"].parent.glob("jobs.sqlite.corrupt-*"))
 
 
 def test_a_job_whose_directory_was_deleted_is_gone_from_the_store_after_a_restart(daemon_env: dict, tmp_path: Path):
