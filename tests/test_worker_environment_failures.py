@@ -11,66 +11,131 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
+import pytest
+from conftest import REPO_ROOT, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module
 
 from protocol.errors import ExitCode
 from protocol.files import JOB_FILE
 
 FORK_WARNING = "fork server"
+T = TypeVar("T")
 
 
 def job_records(root: Path) -> list[dict]:
     return [json.loads((path / JOB_FILE).read_text()) for path in sorted((root / "state" / "jobs").iterdir())]
 
 
-def test_fork_server_whose_imports_initialise_cuda_gives_way_to_fresh_workers(ltx2_env: dict, tmp_path: Path):
-    env = {**ltx2_env, "LTX2_FAULT_CUDA_AT_IMPORT": "torchao", "LTX2_FORK_SERVER": "true"}
-    result = run_ltx2(["generate", "--prompt", "a harbour", "--seed", "3", *TINY_ARGS, "--quiet"], env)
+GENERATE = ["generate", "--prompt", "a harbour", "--seed", "3", *TINY_ARGS, "--quiet"]
+# The `ltx2` run of each test below (a function of the run's root folder and the HF_HOME), by test name:
+# started ahead of the tests, two at a time (`started_runs`).
+RUNS: dict[str, Callable[[Path, Path], subprocess.CompletedProcess[str]]] = {}
+
+
+def run_ahead(run: Callable[[Path, Path], subprocess.CompletedProcess[str]]) -> Callable[[T], T]:
+    """Register `run` as the decorated test's `ltx2` run; the test gets it as `finished`."""
+
+    def register(test: T) -> T:
+        RUNS[test.__name__] = run
+        return test
+
+    return register
+
+
+def run_in(root: Path, hf_home: Path, args: list[str], **environ: str) -> subprocess.CompletedProcess[str]:
+    """`ltx2 ARGS` with state and outputs under `root`, plus `environ`."""
+    return run_ltx2(args, {**ltx2_environment(hf_home, root), **environ})
+
+
+@pytest.fixture(scope="module")
+def started_runs(
+    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future, Path]]]:
+    """The runs of the tests this session runs, two at a time, in test order: with the fork server unusable
+    every stage imports torch anew, and a process importing holds one core, so two runs take little longer
+    than one on CI's two cores. Each run has its own root folder (state, outputs)."""
+    selected = {item.originalname for item in selected_in_module(request)}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        started = {}
+        for name, run in RUNS.items():
+            if name in selected:
+                root = tmp_path_factory.mktemp("run")
+                started[name] = (pool.submit(run, root, hf_home), root)
+        yield started
+
+
+@pytest.fixture
+def finished(started_runs: dict, request: pytest.FixtureRequest) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """This test's run (its result, or the exception it raised) and its root folder."""
+    future, root = started_runs[request.node.originalname]
+    return future.result(), root
+
+
+@run_ahead(
+    lambda root, hf_home: run_in(root, hf_home, GENERATE, LTX2_FAULT_CUDA_AT_IMPORT="torchao", LTX2_FORK_SERVER="true")
+)
+def test_fork_server_whose_imports_initialise_cuda_gives_way_to_fresh_workers(finished: tuple):
+    result, root = finished
     assert result.returncode == 0, result.stderr
     assert probe_mp4(Path(result.stdout.strip()))["frames"] == 17
     warnings = [line for line in result.stderr.splitlines() if FORK_WARNING in line]
     assert len(warnings) == 1 and "torchao" in warnings[0], result.stderr
-    (record,) = job_records(tmp_path)
+    (record,) = job_records(root)
     assert [len(stage["attempts"]) for stage in record["stages"].values()] == [1, 1, 1]
 
 
-def test_a_batch_says_it_once_and_every_clip_renders(ltx2_env: dict, tmp_path: Path):
-    env = {**ltx2_env, "LTX2_FAULT_CUDA_AT_IMPORT": "transformer_engine", "LTX2_FORK_SERVER": "true"}
-    batch = tmp_path / "clips.toml"
+def batch_of_two(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    batch = root / "clips.toml"
     batch.write_text(
         '[defaults]\nwidth = 64\nheight = 64\nnum_frames = 9\n\n[[clips]]\nprompt = "one"\nseed = 1\n\n'
         '[[clips]]\nprompt = "two"\nseed = 2\nname = "second"\n'
     )
-    result = run_ltx2(["batch", str(batch), "--quiet"], env)
+    cuda = {"LTX2_FAULT_CUDA_AT_IMPORT": "transformer_engine", "LTX2_FORK_SERVER": "true"}
+    return run_in(root, hf_home, ["batch", str(batch), "--quiet"], **cuda)
+
+
+@run_ahead(batch_of_two)
+def test_a_batch_says_it_once_and_every_clip_renders(finished: tuple):
+    result, root = finished
     assert result.returncode == 0, result.stderr
     assert sum(FORK_WARNING in line for line in result.stderr.splitlines()) == 1, result.stderr
-    assert len(list((tmp_path / "outputs").glob("*.mp4"))) == 2
+    assert len(list((root / "outputs").glob("*.mp4"))) == 2
 
 
-def test_a_forked_worker_that_cannot_use_cuda_fails_once_without_walking_the_ladder(ltx2_env: dict, tmp_path: Path):
-    env = {**ltx2_env, "LTX2_FAULT_CUDA_AT_IMPORT": "transformer_engine:hidden", "LTX2_FORK_SERVER": "true"}
-    result = run_ltx2(["generate", "--prompt", "a harbour", "--seed", "3", *TINY_ARGS, "--quiet"], env)
+@run_ahead(
+    lambda root, hf_home: run_in(
+        root, hf_home, GENERATE, LTX2_FAULT_CUDA_AT_IMPORT="transformer_engine:hidden", LTX2_FORK_SERVER="true"
+    )
+)
+def test_a_forked_worker_that_cannot_use_cuda_fails_once_without_walking_the_ladder(finished: tuple):
+    result, root = finished
     assert result.returncode == ExitCode.ENVIRONMENT, result.stderr
     assert "re-initialize CUDA" in result.stderr
-    (record,) = job_records(tmp_path)
+    (record,) = job_records(root)
     attempts = record["stages"]["encode_diffuse"]["attempts"]
     assert [a["result"] for a in attempts] == ["environment"]
     assert record["status"] == "failed"
 
 
-def test_a_worker_that_cannot_import_fails_once_as_an_environment_failure(ltx2_env: dict, tmp_path: Path):
-    broken = tmp_path / "broken-site"
+def with_broken_diffusers(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    broken = root / "broken-site"
     (broken / "diffusers").mkdir(parents=True)
     (broken / "diffusers" / "__init__.py").write_text("raise ImportError('diffusers is broken on this host')\n")
-    env = {**ltx2_env, "LTX2_FORK_SERVER": "false", "PYTHONPATH": str(broken)}
-    result = run_ltx2(["generate", "--prompt", "a harbour", "--seed", "3", *TINY_ARGS, "--quiet"], env)
+    return run_in(root, hf_home, GENERATE, LTX2_FORK_SERVER="false", PYTHONPATH=str(broken))
+
+
+@run_ahead(with_broken_diffusers)
+def test_a_worker_that_cannot_import_fails_once_as_an_environment_failure(finished: tuple):
+    result, root = finished
     assert result.returncode == ExitCode.ENVIRONMENT, result.stderr
     # One line naming the worker's log, which holds the import error (the CLI prints no traceback).
     log = Path(result.stderr.strip().rsplit("worker log: ", 1)[1])
     assert "diffusers is broken on this host" in log.read_text()
-    (record,) = job_records(tmp_path)
+    (record,) = job_records(root)
     assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["environment"]
 
 
