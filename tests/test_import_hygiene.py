@@ -49,6 +49,7 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "protocol.files",
         "protocol.plans",
         "protocol.families",
+        "protocol.job_record",
         "config.settings",
         "config.presets",
     ]
