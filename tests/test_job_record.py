@@ -17,8 +17,11 @@ from orchestrator.jobdir import JobDir
 from orchestrator.model_lookup import ResolvedModel
 from orchestrator.sidecar import build_sidecar
 from orchestrator.states import JobState
+from protocol.errors import InvalidInput
 from protocol.files import JOB_FILE, Stage
 from protocol.job_record import SCHEMA_VERSION, JobRecord, JobRecordError, NewerRecordError, load_record
+from protocol.stage_request import StageRequest
+from services.runtime import read_request
 
 RECORDS = Path(__file__).parent / "job_records"
 WRITTEN_BEFORE_THE_TYPED_RECORD = sorted(RECORDS.glob("*.json"))
@@ -80,6 +83,8 @@ def test_a_first_release_job_json_loads_with_the_defaults_its_readers_used(tmp_p
     assert (record.loras, record.embeddings_dir, record.compile_cache_dir) == ([], None, None)
     assert (record.error, record.output, record.finished, record.finishing, record.publish) == (None,) * 5
     assert (job.spec.pipeline, job.spec.nag_scale, job.state, job.finishing) == ("one-stage", 1.0, JobState.DONE, False)
+    request = StageRequest.of(record)
+    assert (request.embeddings_dir, request.compile_cache_dir, request.family, request.loras) == (None, None, None, ())
     sidecar = build_sidecar(job, tmp_path / "clip.mp4")
     assert (sidecar["deterministic"], sidecar["family"], sidecar["pipeline"]) == (False, None, "one-stage")
 
@@ -105,6 +110,8 @@ def test_a_record_of_a_newer_schema_version_is_refused_naming_the_file_and_the_v
     message = str(refused.value)
     assert message.startswith(f"{job_dir / JOB_FILE}: job record schema version 2 is newer than this ltx2-stages")
     assert "(up to 1)" in message
+    with pytest.raises(InvalidInput, match=r"cannot read .*job\.json: job record schema version 2 is newer"):
+        read_request(job_dir)  # a worker refuses it too, as invalid input
 
 
 def test_decode_refuses_a_newer_job_json_in_one_line_exit_2(ltx2_env: dict, tmp_path: Path):
@@ -161,3 +168,12 @@ def test_a_new_job_writes_todays_keys_and_its_version(tmp_path: Path):
     assert set(written) == {*raw(RECORDS / "done-one-stage.json"), "schema_version"} - finished
     assert written["schema_version"] == SCHEMA_VERSION
     assert written["stages"] == {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage}
+
+
+def test_a_worker_reads_a_typed_request_of_the_job(tmp_path: Path):
+    job_dir = write_job_dir(tmp_path, raw(RECORDS / "done-with-lora.json"))
+    request = read_request(job_dir)
+    record = load_record(job_dir / JOB_FILE)
+    assert (request.job_id, request.spec, request.revision) == (record.id, record.spec, record.revision)
+    assert request.model_path == Path(record.model_path) and request.loras == tuple(record.loras)
+    assert request.embeddings_dir == Path(record.embeddings_dir) and request.request_digest == record.request_digest

@@ -18,6 +18,7 @@ from orchestrator.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import SpecError
+from protocol.stage_request import StageRequest
 from services import encode_diffuse, model_loading
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
@@ -72,16 +73,8 @@ def encode(
     )
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
     reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
-    ctx = WorkerContext(
-        Stage.ENCODE_DIFFUSE,
-        job.path,
-        built.spec,
-        job.record.to_json(),
-        plan,
-        1,
-        reporter,
-        {} if shared is None else shared,
-    )
+    request = StageRequest.of(job.record)
+    ctx = WorkerContext(Stage.ENCODE_DIFFUSE, job.path, request, plan, 1, reporter, {} if shared is None else shared)
     encode_diffuse.run(ctx)
     return read_latents(job.path / LATENTS_FILE)[0]
 

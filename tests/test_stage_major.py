@@ -29,6 +29,7 @@ from orchestrator.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
+from protocol.stage_request import StageRequest
 from services.denoising import loaded_denoiser
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
@@ -248,9 +249,8 @@ def test_group_worker_reuses_the_denoiser_only_for_the_same_configuration(tiny_m
         job = JobDir.create(tmp_path / name, built.spec, built.model)
         plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
         reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
-        return WorkerContext(
-            Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record.to_json(), plan, 1, reporter, shared
-        )
+        request = StageRequest.of(job.record)
+        return WorkerContext(Stage.ENCODE_DIFFUSE, job.path, request, plan, 1, reporter, shared)
 
     cpu = torch.device("cpu")
     first = loaded_denoiser(context("a"), cpu, torch.float32)
