@@ -32,6 +32,7 @@ resumed correctly, so it is refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from collections.abc import Callable, Mapping
@@ -89,8 +90,7 @@ class RecordFields:
         start every error message."""
         if not isinstance(raw, dict):
             raise JobRecordError(where, f"{at or 'the record'} must be a JSON object, got {type(raw).__name__}")
-        fields = {field.name: field for field in dataclasses.fields(cls) if field.name != "extra"}  # type: ignore[arg-type]
-        hints = typing.get_type_hints(cls)
+        fields, hints = record_fields(cls)
         values: dict[str, Any] = {}
         for name, value in raw.items():
             if name in cls.readers:
@@ -123,6 +123,14 @@ class RecordFields:
         for name, value in fields.items():
             setattr(self, name, value)
         return changed
+
+
+@functools.cache
+def record_fields(cls: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """(field name -> field, field name -> type hint) of a record class, `extra` left out; computed once
+    per class, because the daemon reads every job's record at each start and at each state change."""
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.name != "extra"}
+    return fields, typing.get_type_hints(cls)
 
 
 def join(at: str, name: str) -> str:
