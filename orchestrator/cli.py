@@ -42,6 +42,7 @@ from orchestrator.stop_signals import StopOnSignals
 from orchestrator.terminal import fail, notice
 from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
+from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
@@ -387,7 +388,7 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
 def where_to_look(exc: JobFailed, job: JobDir) -> str:
     """Where the details of a failed job are: the failed attempt's worker log (its traceback stays
     there, never on the terminal: the error line already says what failed), else the job directory."""
-    attempts = len(job.stage_record(exc.stage)["attempts"])
+    attempts = len(job.stage_record(exc.stage).attempts)
     log_path = job.log_path(exc.stage, attempts) if attempts else None
     if log_path is not None and log_path.is_file() and exc.outcome.returncode:
         return f"worker log: {log_path}"
@@ -434,6 +435,8 @@ def load_job_file(source: Path) -> JobDir:
         job.state  # noqa: B018 - the status must be one the lifecycle knows
     except SpecError as exc:
         reason = f"its spec field {exc.field!r} {str(exc).split(': ', 1)[-1]}"
+    except JobRecordError as exc:
+        reason = exc.problem
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
     else:

@@ -1,9 +1,11 @@
 """A job directory and its `job.json`: the durable record of one clip, and its only writer.
 
-Only the orchestrator writes job.json (atomically); workers read it. It holds the validated spec,
-the resolved model, each stage's attempts (plan, result, time, peak memory, worker pid) and the
-fingerprints of finished outputs, which is how a re-run knows which stages to skip (DESIGN.md
-rule 1). `events.log` beside it gets one JSON line per event, for `ltx2 logs` and post-mortems.
+Only the orchestrator writes job.json (atomically); workers read it (as a protocol.stage_request.
+StageRequest). Its schema is protocol/job_record.py's `JobRecord`: the validated spec, the resolved
+model, each stage's attempts (plan, result, time, peak memory, worker pid) and the fingerprints of
+finished outputs, which is how a re-run knows which stages to skip (DESIGN.md rule 1). A JobDir holds
+the record typed and is the one place that reads job.json into it and writes it back. `events.log`
+beside it gets one JSON line per event, for `ltx2 logs` and post-mortems.
 
 Every state in job.json (the job's, each stage's, each attempt's result) is changed here and only
 here, each change checked against orchestrator/states.py (DESIGN.md rule 7). A job's state
@@ -49,6 +51,7 @@ from protocol.files import (
     publish,
     temp_path_for,
 )
+from protocol.job_record import AttemptRecord, JobRecord, ResolvedLora, StageRecord, load_record
 from protocol.spec import JobSpec
 
 #: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
@@ -60,9 +63,6 @@ LOCK_FILE = ".lock"
 # stops its worker when it sees it. A file, not a job.json field: job.json is written by the
 # orchestrator running the job, which would overwrite a field another process set.
 CANCEL_FILE = "cancel-requested"
-# The job.json field set (under the lock) when a job passed its last point of cancel: its stages
-# succeeded and publishing began; a cancel from then on is answered "too late".
-FINISHING_KEY = "finishing"
 CANCEL_REASON = "cancelled on request"
 
 
@@ -84,24 +84,27 @@ def utc_now() -> str:
 class JobDir:
     """Read and update one job's directory."""
 
-    def __init__(self, path: Path, record: dict[str, Any], mirror: Mirror | None = None) -> None:
+    def __init__(self, path: Path, record: JobRecord, mirror: Mirror | None = None) -> None:
         self.path = path
         self.record = record
-        self.spec = JobSpec.from_dict(record["spec"])
         self.mirror = mirror
 
     @property
+    def spec(self) -> JobSpec:
+        return self.record.spec
+
+    @property
     def state(self) -> JobState:
-        return JobState(self.record["status"])
+        return JobState(self.record.status)
 
     @property
     def id(self) -> str:
-        return str(self.record["id"])
+        return self.record.id
 
     @property
     def deterministic(self) -> bool:
         """Whether its stages run in deterministic mode; jobs recorded before the setting ran without it."""
-        return bool(self.record.get("deterministic", False))
+        return self.record.deterministic
 
     @classmethod
     def create(
@@ -119,37 +122,31 @@ class JobDir:
 
         `identity` (orchestrator.request_digest) gives the request digest and the deterministic mode;
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
+        `loras` and `stage2_lora` are orchestrator.lora_lookup.resolve_lora's results, recorded as
+        protocol.job_record.ResolvedLora.
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
-        record = {
-            "id": job_id,
-            "created": utc_now(),
-            "spec": spec.to_dict(),
-            "spec_digest": spec.digest(),
-            # What decides the output's bits, hashed (DESIGN.md rule 6); `ltx2 generate --reuse` finds jobs by it.
-            "request_digest": identity.digest if identity else None,
-            "digest_inputs": identity.inputs if identity else None,
-            # Compiled kernels in Inductor's deterministic mode, x264 on fixed threads (orchestrator.policy).
-            "deterministic": identity.deterministic if identity else True,
-            "model_path": str(model.path),
-            "revision": model.revision,
-            # Read from the checkpoint's configs (protocol/families.py); the denoiser takes STG blocks and
-            # cross-timestep from here, and the sidecar reports it.
-            "family": model.family.to_record() if model.family else None,
-            "loras": list(loras),
-            # Dev two-stage: the distilled LoRA fused for stage 2 only (services/two_stage.py), resolved like `loras`.
-            "stage2_lora": stage2_lora,
-            # Prompt embeddings are cached beside the jobs (services/embedding_cache.py).
-            "embeddings_dir": str(jobs_dir.parent / "embeddings"),
-            # Code compiled by --compile is cached beside them, shared by every later job.
-            "compile_cache_dir": str(jobs_dir.parent / "compile-cache"),
-            "status": JobState.QUEUED.value,
-            "stages": {
-                stage.value: {"status": StageState.PENDING.value, "attempts": [], "outputs": {}} for stage in Stage
-            },
-        }
+        record = JobRecord(
+            id=job_id,
+            created=utc_now(),
+            spec=spec,
+            spec_digest=spec.digest(),
+            request_digest=identity.digest if identity else None,
+            digest_inputs=identity.inputs if identity else None,
+            deterministic=identity.deterministic if identity else True,
+            model_path=str(model.path),
+            revision=model.revision,
+            family=model.family,
+            loras=[ResolvedLora.from_json(lora, at=f"loras[{index}]") for index, lora in enumerate(loras)],
+            stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
+            # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
+            embeddings_dir=str(jobs_dir.parent / "embeddings"),
+            compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
+            status=JobState.QUEUED.value,
+            stages={stage: StageRecord(status=StageState.PENDING.value) for stage in Stage},
+        )
         job = cls(path, record)
         try:
             if image is not None:
@@ -163,8 +160,9 @@ class JobDir:
 
     @classmethod
     def load(cls, path: Path, mirror: Mirror | None = None) -> JobDir:
-        """Open an existing job directory."""
-        return cls(path, json.loads((path / JOB_FILE).read_text()), mirror)
+        """Open an existing job directory (OSError, or ValueError for a job.json that is not a readable
+        job record: protocol.job_record.load_record)."""
+        return cls(path, load_record(path / JOB_FILE), mirror)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -173,27 +171,31 @@ class JobDir:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def transition(self, target: JobState, **details: Any) -> None:
+    def transition(self, target: JobState, error: str | None = None, output: str | None = None) -> None:
         """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
         atomically, logged, mirrored. The only code that changes a job's state.
 
-        `details` are fields of the record set with it (`error`, `output`); entering QUEUED or
-        RUNNING clears `error`, and a terminal state stamps `finished`.
+        `error` and `output` are set with it (and logged); entering QUEUED or RUNNING clears `error`,
+        and a terminal state stamps `finished`.
         """
+        details = {name: value for name, value in (("error", error), ("output", output)) if value is not None}
         with self.locked():
-            on_disk = json.loads((self.path / JOB_FILE).read_text())
-            if on_disk["status"] != self.record["status"]:
+            on_disk = load_record(self.path / JOB_FILE)
+            if on_disk.status != self.record.status:
                 # Another thread or process moved the job while it was not running here: its
                 # record is the truth (nothing else of a job that is not running changes).
                 self.record = on_disk
             require_transition(JOB_TRANSITIONS, self.state, target)
-            changes: dict[str, Any] = {"status": target.value, **details}
+            self.record.status = target.value
             if target in (JobState.QUEUED, JobState.RUNNING):
-                changes.setdefault("error", "")
-                self.record.pop(FINISHING_KEY, None)  # a new run has its own point of no cancel
+                self.record.error = ""
+                self.record.finishing = None  # a new run has its own point of no cancel
+            if error is not None:
+                self.record.error = error
+            if output is not None:
+                self.record.output = output
             if target.is_terminal:
-                changes["finished"] = utc_now()
-            self.record.update(changes)
+                self.record.finished = utc_now()
             self.save()
             if target is not JobState.RUNNING:  # a cancel asked of this run is carried out or moot now
                 (self.path / CANCEL_FILE).unlink(missing_ok=True)
@@ -215,7 +217,7 @@ class JobDir:
         `commit_to_finish` holds, so a cancel answered "cancelling" is always carried out.
         """
         with self.locked():
-            self.record = json.loads((self.path / JOB_FILE).read_text())
+            self.record = load_record(self.path / JOB_FILE)
             if self.state is not JobState.RUNNING or self.finishing:
                 return False
             (self.path / CANCEL_FILE).touch()
@@ -225,7 +227,7 @@ class JobDir:
     @property
     def finishing(self) -> bool:
         """Its stages succeeded and it passed the point after which a cancel is too late."""
-        return bool(self.record.get(FINISHING_KEY))
+        return self.record.finishing is not None
 
     def commit_to_finish(self) -> bool:
         """Pass the last point of cancel before publishing, unless a cancel came first (False).
@@ -236,15 +238,15 @@ class JobDir:
         with self.locked():
             if self.cancel_requested:
                 return False
-            self.record[FINISHING_KEY] = utc_now()
+            self.record.finishing = utc_now()
             self.save()
         return True
 
-    def _set_stage_state(self, stage: Stage, target: StageState) -> dict[str, Any]:
+    def _set_stage_state(self, stage: Stage, target: StageState) -> StageRecord:
         """Change a stage's state (checked against STAGE_TRANSITIONS); returns its record, unsaved."""
         record = self.stage_record(stage)
-        require_transition(STAGE_TRANSITIONS, StageState(record["status"]), target)
-        record["status"] = target.value
+        require_transition(STAGE_TRANSITIONS, StageState(record.status), target)
+        record.status = target.value
         return record
 
     def save(self) -> None:
@@ -252,7 +254,7 @@ class JobDir:
         target = self.path / JOB_FILE
         temp = temp_path_for(target)
         try:
-            temp.write_text(json.dumps(self.record, indent=2, sort_keys=True))
+            temp.write_text(self.record.to_text())
             publish(temp, target)
         except OSError:  # a full disk: the half-written copy must not take what little is left
             temp.unlink(missing_ok=True)
@@ -264,14 +266,14 @@ class JobDir:
         with (self.path / EVENTS_FILE).open("a") as handle:
             handle.write(line + "\n")
 
-    def stage_record(self, stage: Stage) -> dict[str, Any]:
-        return self.record["stages"][stage.value]
+    def stage_record(self, stage: Stage) -> StageRecord:
+        return self.record.stages[stage]
 
     def has_outputs(self, stage: Stage) -> bool:
         """True when the stage succeeded earlier and its outputs still match their fingerprints."""
         record = self.stage_record(stage)
-        recorded = record.get("outputs", {})
-        if record.get("status") != StageState.SUCCEEDED or set(recorded) != set(stage.outputs):
+        recorded = record.outputs
+        if record.status != StageState.SUCCEEDED or set(recorded) != set(stage.outputs):
             return False
         return all(matches_fingerprint(self.path / name, recorded[name]) for name in stage.outputs)
 
@@ -291,10 +293,10 @@ class JobDir:
         if clean:
             self.clean_partial_files()
         record = self._set_stage_state(stage, StageState.RUNNING)
-        attempt = len(record["attempts"]) + 1
-        record["attempts"].append(
-            {"attempt": attempt, "plan": plan, "started": utc_now(), "result": AttemptResult.RUNNING.value, **details}
-        )
+        attempt = len(record.attempts) + 1
+        started = AttemptRecord(attempt=attempt, plan=plan, started=utc_now(), result=AttemptResult.RUNNING.value)
+        started.note(**details)
+        record.attempts.append(started)
         self.save()
         self.log_event(EventKind.STAGE_STARTED, stage=stage.value, attempt=attempt, plan=plan, **details)
         return attempt
@@ -303,21 +305,19 @@ class JobDir:
         """Record the pid of the process running the stage's current attempt: a daemon restarted
         after a crash reads it to stop that orphan before the job runs again. A process of another
         host has pid 0 here; `where` records its node, host and pids there."""
-        attempt = self.stage_record(stage)["attempts"][-1]
-        noted = {"pid": pid, **where}
-        if attempt["result"] == AttemptResult.RUNNING and any(attempt.get(k) != v for k, v in noted.items()):
-            attempt.update(noted)
+        attempt = self.stage_record(stage).attempts[-1]
+        if attempt.result == AttemptResult.RUNNING and attempt.note(pid=pid, **where):
             self.save()
 
     def finish_attempt(self, stage: Stage, result: AttemptResult, **details: Any) -> None:
         """Close the latest attempt with `result` and details; OK records the outputs' fingerprints."""
         record = self.stage_record(stage)
-        attempt = record["attempts"][-1]
-        require_transition(ATTEMPT_TRANSITIONS, AttemptResult(attempt["result"]), result)
-        attempt.update({"result": result.value, "ended": utc_now(), **details})
+        attempt = record.attempts[-1]
+        require_transition(ATTEMPT_TRANSITIONS, AttemptResult(attempt.result), result)
+        attempt.note(result=result.value, ended=utc_now(), **details)
         if result is AttemptResult.OK:
             self._set_stage_state(stage, StageState.SUCCEEDED)
-            record["outputs"] = {name: fingerprint_file(self.path / name) for name in stage.outputs}
+            record.outputs = {name: fingerprint_file(self.path / name) for name in stage.outputs}
         else:
             self._set_stage_state(stage, StageState.FAILED)
         self.save()
@@ -326,36 +326,35 @@ class JobDir:
     def adopt_outputs(self, stage: Stage, note: str) -> None:
         """Record outputs placed in the directory by hand (e.g. saved latents) as the stage's result."""
         record = self._set_stage_state(stage, StageState.SUCCEEDED)
-        record["attempts"].append(
-            {
-                "attempt": len(record["attempts"]) + 1,
-                "plan": {},
-                "result": AttemptResult.OK.value,
-                "reason": note,
-                "started": utc_now(),
-                "ended": utc_now(),
-                "seconds": 0.0,
-            }
+        record.attempts.append(
+            AttemptRecord(
+                attempt=len(record.attempts) + 1,
+                plan={},
+                result=AttemptResult.OK.value,
+                reason=note,
+                started=utc_now(),
+                ended=utc_now(),
+                seconds=0.0,
+            )
         )
-        record["outputs"] = {name: fingerprint_file(self.path / name) for name in stage.outputs}
+        record.outputs = {name: fingerprint_file(self.path / name) for name in stage.outputs}
         self.save()
         self.log_event(EventKind.STAGE_ADOPTED, stage=stage.value, note=note)
 
     def replace_spec(self, spec: JobSpec) -> None:
         """Change decode-only settings of an existing job (the latents stay valid)."""
-        self.record["spec"] = spec.to_dict()
-        self.record["spec_digest"] = spec.digest()
+        self.record.spec = spec
+        self.record.spec_digest = spec.digest()
         # The request digest was of the spec as created: a changed job is no longer the request it names.
-        self.record["request_digest"] = self.record["digest_inputs"] = None
-        self.spec = spec
+        self.record.request_digest = self.record.digest_inputs = None
         self.save()
 
     def invalidate(self, stage: Stage) -> None:
         """Forget a stage's recorded outputs: it is about to run again (attempts are kept)."""
         record = self.stage_record(stage)
-        if record["status"] in (StageState.SUCCEEDED, StageState.FAILED):
+        if record.status in (StageState.SUCCEEDED, StageState.FAILED):
             self._set_stage_state(stage, StageState.PENDING)
-            record["outputs"] = {}
+            record.outputs = {}
             self.save()
             self.log_event(EventKind.STAGE_INVALIDATED, stage=stage.value)
 
@@ -364,9 +363,9 @@ class JobDir:
         the worker pids they recorded (the caller stops any that still run)."""
         pids = []
         for stage in Stage:
-            attempts = self.stage_record(stage)["attempts"]
-            if attempts and attempts[-1]["result"] == AttemptResult.RUNNING:
-                pids.append(int(attempts[-1].get("pid", 0)))
+            attempts = self.stage_record(stage).attempts
+            if attempts and attempts[-1].result == AttemptResult.RUNNING:
+                pids.append(attempts[-1].pid or 0)
                 self.finish_attempt(stage, AttemptResult.INTERRUPTED, reason=reason)
         if pids:
             self.log_event(EventKind.JOB_INTERRUPTED, reason=reason)

@@ -136,9 +136,9 @@ def next_attempt(job: JobDir, stage: Stage, settings: Settings) -> tuple[int, di
     lower-memory plan found earlier stays); otherwise the plan comes from the spec, so a re-run
     after changing decode settings (`ltx2 decode --vae-chunk-frames`) uses the new ones.
     """
-    previous = job.stage_record(stage)["attempts"]
-    if previous and previous[-1]["result"] not in (AttemptResult.OK, AttemptResult.CANCELLED):
-        return len(previous) + 1, previous[-1]["plan"]
+    previous = job.stage_record(stage).attempts
+    if previous and previous[-1].result not in (AttemptResult.OK, AttemptResult.CANCELLED):
+        return len(previous) + 1, previous[-1].plan
     return len(previous) + 1, initial_plan(stage, job.spec, settings, job.deterministic)
 
 

@@ -31,12 +31,14 @@ it reports the error, so the folder is left as it was before the publish began (
 The tests kill the publishing process at three fault points (`publish.first_file`, `publish.video`,
 `publish.done`; protocol/fault_points.py) to check that running the step again finishes it.
 
-From the job it uses only `path`, `id`, `spec`, `record`, `save()` and `log_event()` (and the sidecar
-builder), so it does not depend on how the job's lifecycle is kept.
+From the job it uses only `path`, `id`, `spec`, `record.publish` (protocol.job_record.PublishRecord),
+`save()` and `log_event()` (and the sidecar builder), so it does not depend on how the job's lifecycle
+is kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import itertools
 import json
@@ -44,16 +46,14 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from orchestrator.jobdir import JobDir
 from orchestrator.sidecar import build_sidecar
 from orchestrator.states import EventKind
 from protocol.fault_points import fault_point
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE, fingerprint_file, publish
+from protocol.job_record import Fingerprint, PublishRecord
 
-# The job.json key that records the publish step.
-RECORD_KEY = "publish"
 # Published files are for people and players, whatever the umask of the orchestrator.
 PUBLISHED_MODE = 0o644
 
@@ -66,17 +66,17 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
     docstring for what a second call does.
     """
     source = fingerprint_file(job.path / VIDEO_FILE)
-    previous = job.record.get(RECORD_KEY)
+    previous = job.record.publish
     wanted = target.resolve() if target is not None else None
     recorded = None
     if previous is not None:
         if is_published(previous, source, wanted):
-            return Path(previous["video"])
+            return Path(previous.video)
         remove_temp_files(job, previous)
-        if wanted is None and (not previous["complete"] or previous["source"] == source):
-            recorded = Path(previous["video"])  # the same names again
-            wanted = recorded if previous["explicit"] else None
-        elif not previous["complete"] and wanted != Path(previous["video"]):
+        if wanted is None and (not previous.complete or previous.source == source):
+            recorded = Path(previous.video)  # the same names again
+            wanted = recorded if previous.explicit else None
+        elif not previous.complete and wanted != Path(previous.video):
             abandon(job, previous)
     if wanted is not None:
         wanted.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +88,7 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
     fault_point("publish.first_file")
     land_rest(job, video)
     fault_point("publish.video")
-    job.record[RECORD_KEY] = {**job.record[RECORD_KEY], "complete": True}
+    job.record.publish = dataclasses.replace(job.record.publish, complete=True)
     job.save()
     job.log_event(EventKind.PUBLISHED, video=str(video))
     fault_point("publish.done")
@@ -143,35 +143,35 @@ def temp_name(final: Path, job: JobDir) -> Path:
     return final.with_name(f".{final.name}.{job.id}.tmp")
 
 
-def is_published(record: dict[str, Any], source: dict[str, Any], wanted: Path | None) -> bool:
+def is_published(record: PublishRecord, source: Fingerprint, wanted: Path | None) -> bool:
     """True when the recorded publish finished, for this video, where it is wanted, and its files
     exist (the MP4 with the job video's size: a cheap check that it was not cut or edited since)."""
-    video = Path(record["video"])
+    video = Path(record.video)
     return (
-        record["complete"]
-        and record["source"] == source
+        record.complete
+        and record.source == source
         and wanted in (None, video)
-        and all(Path(name).is_file() for name in record["files"])
+        and all(Path(name).is_file() for name in record.files)
         and video.stat().st_size == source["size"]
     )
 
 
-def start(job: JobDir, video: Path, source: dict[str, Any], explicit: bool) -> None:
+def start(job: JobDir, video: Path, source: Fingerprint, explicit: bool) -> None:
     """Record the names before any of them is touched (step 1)."""
-    again = job.record.get(RECORD_KEY, {}).get("video") == str(video)
-    job.record[RECORD_KEY] = {
-        "video": str(video),
-        "files": [str(path) for path in companions(video)],
-        "explicit": explicit,
-        "source": source,
-        "complete": False,
-    }
+    again = job.record.publish is not None and job.record.publish.video == str(video)
+    job.record.publish = PublishRecord(
+        video=str(video),
+        files=[str(path) for path in companions(video)],
+        explicit=explicit,
+        source=source,
+        complete=False,
+    )
     job.save()
     job.log_event(EventKind.PUBLISH_STARTED, video=str(video), again=again)
 
 
 def reserve_name(
-    job: JobDir, output_dir: Path, source: dict[str, Any], recorded: Path | None, now: dt.datetime | None
+    job: JobDir, output_dir: Path, source: Fingerprint, recorded: Path | None, now: dt.datetime | None
 ) -> Path:
     """Record a free stem and land the sidecar under it (step 1 and the first file); the MP4's path.
 
@@ -267,23 +267,23 @@ def fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
-def remove_temp_files(job: JobDir, record: dict[str, Any]) -> None:
+def remove_temp_files(job: JobDir, record: PublishRecord) -> None:
     """Delete temp files a killed earlier publish of this job left beside its recorded names."""
-    for directory in {Path(name).parent for name in record["files"]}:
+    for directory in {Path(name).parent for name in record.files}:
         for leftover in directory.glob(f".*.{job.id}.tmp"):
             leftover.unlink(missing_ok=True)
             job.log_event(EventKind.PUBLISH_TEMP_REMOVED, name=str(leftover))
 
 
-def abandon(job: JobDir, record: dict[str, Any]) -> None:
+def abandon(job: JobDir, record: PublishRecord) -> None:
     """Undo an unfinished publish that a publish elsewhere replaces, so no half set stays behind.
 
     Files under a stem this job reserved are its own and go, the MP4 first (the order keeps every
     MP4 with its companions). Files under an explicit target replaced the user's and stay.
     """
-    video = Path(record["video"])
+    video = Path(record.video)
     removed = []
-    if not record["explicit"] and owns_name(job, video):
+    if not record.explicit and owns_name(job, video):
         for path in reversed(companions(video)):
             if path.exists():
                 path.unlink()

@@ -31,20 +31,20 @@ def reproducibility(job: JobDir) -> dict[str, Any]:
 
     "why" names the first reason it is not (empty when it is), for the sidecar and `ltx2 status`.
     """
-    inputs = job.record.get("digest_inputs")
-    if not job.record.get("request_digest") or not isinstance(inputs, dict):
+    inputs = job.record.digest_inputs
+    if not job.record.request_digest or inputs is None:
         return {"exact": False, "why": "no request digest (created before digests, or its spec changed since)"}
     if not inputs.get("deterministic"):
         return {"exact": False, "why": "rendered with [worker] deterministic = false"}
     for stage in Stage:
         wanted = canonical(inputs["plans"].get(stage.value))
-        for attempt in job.stage_record(stage)["attempts"]:
-            plan = attempt.get("plan")
+        for attempt in job.stage_record(stage).attempts:
+            plan = attempt.plan
             if canonical(plan) == wanted:
                 continue
             if plan == {}:
                 return {"exact": False, "why": f"its {stage.value} outputs were adopted from a file"}
-            label = describe_plan(stage, plan or {})
+            label = describe_plan(stage, plan)
             return {"exact": False, "why": f"{stage.value} ran on another plan than its request's ({label})"}
     return {"exact": True, "why": ""}
 
@@ -56,10 +56,10 @@ def canonical(plan: object) -> str:
 
 def remember(job: JobDir, state_dir: Path) -> bool:
     """Index a DONE, published job under its digest if it rendered exactly its request; True if it was."""
-    digest = job.record.get("request_digest")
+    digest = job.record.request_digest
     if not digest or not reproducibility(job)["exact"]:
         return False
-    entry = state_dir / DIGESTS_DIR / str(digest)
+    entry = state_dir / DIGESTS_DIR / digest
     entry.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(entry)
     temp.write_text(job.id)
@@ -79,22 +79,22 @@ def find(digest: str, settings: Settings) -> JobDir | None:
         job = JobDir.load(settings.jobs_dir / job_id)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if job.state is not JobState.DONE or job.record.get("request_digest") != digest:
+    if job.state is not JobState.DONE or job.record.request_digest != digest:
         return None
     return job if published_video(job) is not None else None
 
 
 def published_video(job: JobDir) -> Path | None:
     """The job's published MP4 if its publish finished and every file of it is still in place."""
-    record = job.record.get("publish")
-    if not isinstance(record, dict) or not record.get("complete"):
+    record = job.record.publish
+    if record is None or not record.complete:
         return None
-    video = Path(record["video"])
-    if not all(Path(name).is_file() for name in record["files"]):
+    video = Path(record.video)
+    if not all(Path(name).is_file() for name in record.files):
         return None
-    return video if video.stat().st_size == record["source"]["size"] else None
+    return video if video.stat().st_size == record.source["size"] else None
 
 
 def describe(job: JobDir) -> str:
     """One line naming the reused job, for the CLI and the daemon's notices."""
-    return f"reused job {job.id} (request digest {str(job.record['request_digest'])[:16]}..., seed {job.spec.seed})"
+    return f"reused job {job.id} (request digest {str(job.record.request_digest)[:16]}..., seed {job.spec.seed})"

@@ -59,11 +59,11 @@ def group_key(job: JobDir, stage: Stage, plan: dict[str, Any]) -> str:
     transformer with it fused (services/two_stage.py), which other jobs would have to switch back from.
     """
     diffusion = stage is Stage.ENCODE_DIFFUSE
-    loras = job.record.get("loras", []) if diffusion else []
-    stage2_lora = job.record.get("stage2_lora") if diffusion else None
-    fields = [job.record["model_path"], job.record.get("revision", ""), job.spec.dtype, plan, loras]
+    loras = [lora.to_json() for lora in job.record.loras] if diffusion else []
+    stage2_lora = job.record.stage2_lora if diffusion else None
+    fields = [job.record.model_path, job.record.revision, job.spec.dtype, plan, loras]
     if stage2_lora is not None:  # left out otherwise, so other jobs' keys stay as they were
-        fields.append(stage2_lora)
+        fields.append(stage2_lora.to_json())
     return json.dumps(fields, sort_keys=True)
 
 

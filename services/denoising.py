@@ -21,7 +21,9 @@ import torch
 from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
 
 from protocol.errors import InvalidInput
+from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
+from protocol.job_record import ResolvedLora
 from protocol.spec import JobSpec
 from services import guidance, model_loading, nag
 from services.lora_fusing import fuse_loras
@@ -49,7 +51,7 @@ class DenoisePass:
 
 
 def loaded_denoiser(
-    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, stage2_lora: dict[str, Any] | None = None
+    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, stage2_lora: ResolvedLora | None = None
 ) -> dict[str, Any]:
     """The placed, LoRA-fused denoiser components, loaded once per process and kept in
     `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
@@ -58,9 +60,10 @@ def loaded_denoiser(
     `stage2_lora` (dev two-stage's stage 2) is fused on top of the job's LoRAs: another set of weights,
     so another key. Only one denoiser is ever held: the old one is released before the next loads.
     """
-    fields: list[Any] = [str(ctx.model_root), str(dtype), ctx.job.get("loras", []), ctx.plan]
+    request = ctx.request
+    fields: list[Any] = [str(ctx.model_root), str(dtype), [lora.to_json() for lora in request.loras], ctx.plan]
     if stage2_lora is not None:  # left out otherwise, so the key of every other run stays as it was
-        fields.append(stage2_lora)
+        fields.append(stage2_lora.to_json())
     key = json.dumps(fields, sort_keys=True)
     kept = ctx.shared.get("denoiser")
     if kept is not None and kept["key"] == key:
@@ -73,7 +76,7 @@ def loaded_denoiser(
     connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
-    loras = [*ctx.job.get("loras", []), *([stage2_lora] if stage2_lora is not None else [])]
+    loras = [*request.loras, *([stage2_lora] if stage2_lora is not None else [])]
     if loras:
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
@@ -91,7 +94,7 @@ def loaded_denoiser(
     if ctx.plan.get("compile") == "regional":
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
-        model_loading.compile_blocks(transformer, ctx.job.get("compile_cache_dir"), deterministic)
+        model_loading.compile_blocks(transformer, request.compile_cache_dir, deterministic)
     kept = {
         "key": key,
         "connectors": connectors,
@@ -134,7 +137,7 @@ def denoise(
     dtype: torch.dtype,
     generator: torch.Generator,
     run: DenoisePass,
-    stage2_lora: dict[str, Any] | None = None,
+    stage2_lora: ResolvedLora | None = None,
 ) -> dict[str, Any]:
     """Run one pass; returns its latents (denormalized, fp32) and the number of transformer calls.
 
@@ -195,7 +198,8 @@ def conditioning(
         ctx.progress("load video VAE for the conditioning image")
         ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
     image = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, run.width, run.height)
-    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image, "image_crf": image_crf(ctx.job)}
+    crf = image_crf(ctx.request.family)
+    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image, "image_crf": crf}
 
 
 # Text encoders whose model_type diffusers' resolve_default_image_crf (0.42.1) treats as LTX-2.5's
@@ -203,7 +207,7 @@ def conditioning(
 GEMMA_4_ENCODERS = ("Gemma4UnifiedForConditionalGeneration", "Gemma4ForConditionalGeneration")
 
 
-def image_crf(job: dict[str, Any]) -> int:
+def image_crf(family: CheckpointFamily | None) -> int:
     """The H.264 CRF the conditioning image is re-compressed at before it is encoded.
 
     LTX2ImageToVideoPipeline picks it from its text encoder (`resolve_default_image_crf`: 18, the CRF
@@ -213,8 +217,8 @@ def image_crf(job: dict[str, Any]) -> int:
     """
     from diffusers.pipelines.ltx2.utils import DEFAULT_IMAGE_CRF, LTX2_5_IMAGE_CRF
 
-    family = job.get("family") or {}
-    return LTX2_5_IMAGE_CRF if family.get("text_encoder") in GEMMA_4_ENCODERS else DEFAULT_IMAGE_CRF
+    encoder = family.text_encoder if family is not None else None
+    return LTX2_5_IMAGE_CRF if encoder in GEMMA_4_ENCODERS else DEFAULT_IMAGE_CRF
 
 
 def nag_context(

@@ -37,11 +37,10 @@ from services.two_stage import denoise_two_stage, run_group_stage1
 
 def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> Path | None:
     """Where the job's prompt embeddings are cached (None for a job made before the cache existed)."""
-    if not ctx.job.get("embeddings_dir"):
+    request = ctx.request
+    if request.embeddings_dir is None:
         return None
-    return embedding_cache.cache_path(
-        Path(ctx.job["embeddings_dir"]), ctx.model_root, ctx.job.get("revision", ""), ctx.spec, dtype, device
-    )
+    return embedding_cache.cache_path(request.embeddings_dir, ctx.model_root, request.revision, ctx.spec, dtype, device)
 
 
 def encode_group_prompts(contexts: list[WorkerContext]) -> None:
@@ -50,7 +49,7 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
     device = model_loading.resolve_device()
     missing: dict[Path, WorkerContext] = {}
     for ctx in contexts:
-        if ctx.spec is None:
+        if ctx.stage_request is None:
             continue
         path = embeddings_path(ctx, device, model_loading.resolve_dtype(ctx.spec.dtype, device))
         if path is not None and not path.is_file():
@@ -157,7 +156,7 @@ def denoise_one_stage(
         height=spec.height,
         steps=spec.steps,
         schedule=spec.schedule,
-        guidance=guidance.pinned_guidance(spec, ctx.job.get("family")),
+        guidance=guidance.pinned_guidance(spec, ctx.request.family),
         nag=True,
     )
     return denoise(ctx, embeddings, device, dtype, torch.Generator(device=device).manual_seed(spec.seed), run)
@@ -165,6 +164,7 @@ def denoise_one_stage(
 
 def run(ctx: WorkerContext) -> list[str]:
     """The stage: prompt -> embeddings -> latents file."""
+    request = ctx.request
     device = model_loading.resolve_device()
     dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     embeddings = cached_or_encoded_prompt(ctx, device, dtype)
@@ -178,14 +178,16 @@ def run(ctx: WorkerContext) -> list[str]:
             **denoised_metadata(ctx.spec.latents_digest(), ctx.spec.seed, result, dtype, device),
             "spec": ctx.spec.to_dict(),
             "model": ctx.spec.model,
-            "revision": ctx.job.get("revision", ""),
-            "family": (ctx.job.get("family") or {}).get("name", ""),
+            "revision": request.revision,
+            "family": request.family.name if request.family else "",
             "fps": ctx.spec.fps,
             "num_frames": ctx.spec.num_frames,
             "pipeline": ctx.spec.pipeline,
             # Two-stage: the calls of each stage, and whether stage 1 came from latents_stage1.safetensors.
             **({key: result[key] for key in ("stage_calls", "stage1_reused")} if two_stage else {}),
-            "loras": [{k: lora[k] for k in ("source", "scale", "revision")} for lora in ctx.job.get("loras", [])],
+            "loras": [
+                {"source": lora.source, "scale": lora.scale, "revision": lora.revision} for lora in request.loras
+            ],
             # Dev two-stage: the distilled LoRA stage 2 ran with (fused at 1.0 on top of `loras`).
             **stage2_lora_metadata(ctx),
             "plan": ctx.plan,
@@ -196,10 +198,10 @@ def run(ctx: WorkerContext) -> list[str]:
 
 def stage2_lora_metadata(ctx: WorkerContext) -> dict[str, Any]:
     """`stage2_lora` (source, weight name, revision) for the latents file of a dev two-stage run; {} otherwise."""
-    lora = ctx.job.get("stage2_lora") if ctx.spec.pipeline == TWO_STAGE else None
+    lora = ctx.request.stage2_lora if ctx.spec.pipeline == TWO_STAGE else None
     if lora is None or ctx.spec.schedule == "distilled":
         return {}
-    return {"stage2_lora": {k: lora.get(k) for k in ("source", "weight_name", "revision")}}
+    return {"stage2_lora": {"source": lora.source, "weight_name": lora.weight_name, "revision": lora.revision}}
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

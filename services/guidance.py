@@ -10,7 +10,6 @@ call per step, a CFG-only run one batched call.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from protocol.families import LEGACY_FAMILY, CheckpointFamily, family_named
@@ -23,17 +22,16 @@ MAX_SEQUENCE_LENGTH = 1024
 STAGE_2_SCHEDULE = "stage 2"
 
 
-def family_facts(record: Mapping[str, Any] | None) -> tuple[list[int], bool]:
+def family_facts(family: CheckpointFamily | None) -> tuple[list[int], bool]:
     """(STG blocks, use_cross_timestep) of the family job.json recorded; a job recorded before
     families existed ran LTX-2.0."""
-    if record:
-        family = CheckpointFamily.from_record(record)
+    if family is not None:
         return list(family.stg_blocks), family.cross_timestep
     legacy = family_named(LEGACY_FAMILY)
     return list(legacy.stg_blocks), legacy.cross_timestep
 
 
-def pinned_guidance(spec: JobSpec, family: Mapping[str, Any] | None) -> dict[str, Any]:
+def pinned_guidance(spec: JobSpec, family: CheckpointFamily | None) -> dict[str, Any]:
     """Every guidance argument of LTX2Pipeline.__call__ for this job and its recorded family.
 
     STG, modality guidance and rescale take one value for both modalities, as LTX-2.3's recipe
@@ -48,14 +46,14 @@ def pinned_guidance(spec: JobSpec, family: Mapping[str, Any] | None) -> dict[str
     )
 
 
-def guidance_off(family: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def guidance_off(family: CheckpointFamily | None = None) -> dict[str, Any]:
     """Every guidance argument with all guidance off: one transformer call per step (the distilled
     recipe); for references and benchmarks that call LTX2Pipeline without a job."""
     return guidance_arguments((1.0, 1.0), stg=0.0, modality=1.0, rescale=0.0, family=family)
 
 
 def guidance_arguments(
-    cfg: tuple[float, float], *, stg: float, modality: float, rescale: float, family: Mapping[str, Any] | None
+    cfg: tuple[float, float], *, stg: float, modality: float, rescale: float, family: CheckpointFamily | None
 ) -> dict[str, Any]:
     """LTX2Pipeline.__call__'s guidance keywords: CFG as (video, audio), the rest shared by both."""
     stg_blocks, cross_timestep = family_facts(family)

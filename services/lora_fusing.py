@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from protocol.errors import InvalidInput, ModelNotFound
+from protocol.job_record import ResolvedLora
 
 
-def fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
+def fuse_loras(pipe: Any, loras: list[ResolvedLora]) -> None:
     """Load each LoRA file, set its scale, fuse them all, then drop the adapter layers.
 
     After this the pipeline's weights are plain tensors again (adapter effect included), ready
@@ -24,17 +25,17 @@ def fuse_loras(pipe: Any, loras: list[dict[str, Any]]) -> None:
         return
     names = []
     for index, lora in enumerate(loras):
-        path = Path(lora["path"])
+        path = Path(lora.path)
         if not path.is_file():
             raise ModelNotFound(f"LoRA file {path} does not exist")
-        require_readable_safetensors(path, lora.get("source", path))
+        require_readable_safetensors(path, lora.source)
         name = f"lora_{index}"
         try:
             pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
         except ValueError as exc:
-            raise InvalidInput(f"{lora.get('source', path)}: not a usable LTX-2 LoRA: {exc}") from exc
+            raise InvalidInput(f"{lora.source}: not a usable LTX-2 LoRA: {exc}") from exc
         names.append(name)
-    pipe.set_adapters(names, adapter_weights=[float(lora["scale"]) for lora in loras])
+    pipe.set_adapters(names, adapter_weights=[float(lora.scale) for lora in loras])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
 

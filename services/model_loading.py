@@ -136,7 +136,7 @@ def apply_memory_plan(
         transformer.to(device)
 
 
-def compile_blocks(transformer: Any, cache_dir: str | None, deterministic: bool = False) -> None:
+def compile_blocks(transformer: Any, cache_dir: Path | None, deterministic: bool = False) -> None:
     """Regional compile: torch.compile each of the transformer's repeated blocks (one graph,
     compiled once and reused by all 48 blocks) instead of the whole model, which compiles in a
     fraction of the time. The compilation itself happens at the first forward pass.
@@ -157,7 +157,7 @@ def compile_blocks(transformer: Any, cache_dir: str | None, deterministic: bool 
     import torch._inductor.config as inductor_config
 
     inductor_config.deterministic = deterministic
-    chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or cache_dir
+    chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
     if chosen:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
     transformer.compile_repeated_blocks(fullgraph=True)

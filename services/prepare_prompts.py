@@ -8,13 +8,12 @@ how many prompts were encoded and how many were cached already.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from protocol.files import JOB_FILE
 from protocol.spec import JobSpec
+from protocol.stage_request import read_stage_request
 from services import embedding_cache, model_loading
 from services.encode_diffuse import fill_cache
 
@@ -25,14 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     missing: dict[tuple[Path, str], dict[Path, JobSpec]] = defaultdict(dict)
     cached = 0
     for job_dir in job_dirs:
-        job = json.loads((job_dir / JOB_FILE).read_text())
-        if not job.get("embeddings_dir"):
+        request = read_stage_request(job_dir)
+        if request.embeddings_dir is None:
             continue
-        spec, root = JobSpec.from_dict(job["spec"]), Path(job["model_path"])
+        spec, root = request.spec, request.model_path
         dtype = model_loading.resolve_dtype(spec.dtype, device)
-        path = embedding_cache.cache_path(
-            Path(job["embeddings_dir"]), root, job.get("revision", ""), spec, dtype, device
-        )
+        path = embedding_cache.cache_path(request.embeddings_dir, root, request.revision, spec, dtype, device)
         if path.is_file():
             cached += 1
         else:

@@ -36,7 +36,9 @@ from protocol import codec, stages
 from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError, is_no_space
 from protocol.fault_points import fault_point
 from protocol.files import JOB_FILE, Stage
+from protocol.job_record import JobRecordError
 from protocol.spec import JobSpec
+from protocol.stage_request import StageRequest, read_stage_request
 from protocol.stages import WORKER_CURVE_ENV
 from services import parent_bound
 
@@ -54,12 +56,13 @@ LINGER_MS = 2000
 
 @dataclasses.dataclass
 class WorkerContext:
-    """What a stage function receives: its inputs and a way to report progress."""
+    """What a stage function receives: its job's request, its plan and a way to report progress."""
 
     stage: Stage
     job_dir: Path
-    spec: JobSpec
-    job: dict[str, Any]
+    #: the job's inputs (protocol.stage_request), read as the worker started; None only for a later job
+    #: of a group whose job.json could not be read, which fails when its turn comes (see `request`)
+    stage_request: StageRequest | None
     plan: dict[str, Any]
     attempt: int
     reporter: Reporter
@@ -67,9 +70,23 @@ class WorkerContext:
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
+    def request(self) -> StageRequest:
+        """The job's request; for a job whose job.json could not be read, the InvalidInput saying why."""
+        return self.stage_request if self.stage_request is not None else read_request(self.job_dir)
+
+    @property
+    def job_id(self) -> str:
+        """The job's id; a job whose record could not be read is named by its directory, as ids are."""
+        return self.stage_request.job_id if self.stage_request is not None else self.job_dir.name
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.request.spec
+
+    @property
     def model_root(self) -> Path:
         """The diffusers-layout model folder the orchestrator resolved for this job."""
-        return Path(self.job["model_path"])
+        return self.request.model_path
 
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
         """Report that `phase` started (step 0) or finished `step` of `total`."""
@@ -175,8 +192,8 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     reporter = Reporter(stage, "", None)
     code = ExitCode.OTHER
     try:
-        spec, job = read_job(args.job_dir[0])
-        reporter.job_id = str(job["id"])
+        request = read_request(args.job_dir[0])
+        reporter.job_id = request.job_id
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         if args.endpoint:
@@ -190,7 +207,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         reporter.start_heartbeat(args.heartbeat_s)
         fault_point("worker.started", stage=stage.value, attempt=args.attempt, job_dir=args.job_dir[0])
         plan, shared = json.loads(args.plan), {}
-        first = WorkerContext(stage, args.job_dir[0], spec, job, plan, args.attempt, reporter, shared)
+        first = WorkerContext(stage, args.job_dir[0], request, plan, args.attempt, reporter, shared)
         contexts = [first] + [group_member(stage, path, plan, reporter, shared) for path in args.job_dir[1:]]
         if prepare is not None and len(contexts) > 1:
             prepare(contexts)
@@ -213,10 +230,10 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
 def group_member(stage: Stage, job_dir: Path, plan: dict[str, Any], reporter: Reporter, shared: dict) -> WorkerContext:
     """The context of a later job of a group; an unreadable job.json fails when its turn comes."""
     try:
-        spec, job = read_job(job_dir)
+        request = read_request(job_dir)
     except InvalidInput:
-        spec, job = None, {"id": job_dir.name}
-    return WorkerContext(stage, job_dir, spec, job, plan, 1, reporter, shared)  # type: ignore[arg-type]
+        request = None
+    return WorkerContext(stage, job_dir, request, plan, 1, reporter, shared)
 
 
 @dataclasses.dataclass
@@ -232,7 +249,7 @@ class StartedJob:
 
     @property
     def job_id(self) -> str:
-        return str(self.ctx.job["id"])
+        return self.ctx.job_id
 
     def report(self, outputs: Future[list[str]]) -> None:
         """Send Done the moment the outputs exist (or Failed for a group member's invalid input).
@@ -268,7 +285,7 @@ def run_jobs(contexts: list[WorkerContext], work: Work, started: float) -> None:
             if pending is not None:
                 pending.outputs.exception()
                 pending.reported.wait()
-            ctx.reporter.job_id = str(ctx.job["id"])
+            ctx.reporter.job_id = ctx.job_id
             raise
         if pending is not None:
             finish_job(pending)
@@ -281,14 +298,13 @@ def start_job(ctx: WorkerContext, work: Work, started: float, index: int, count:
     """Job `index` of `count` in this process; None when it failed on its own invalid input (the
     group goes on). Any other error propagates and ends the process."""
     reporter = ctx.reporter
-    reporter.job_id = str(ctx.job["id"])
+    reporter.job_id = ctx.job_id
     grouped = count > 1
     if grouped:
         ctx.progress(stages.JOB_STARTED_PHASE, index, count)
         reset_peak_memory()
     try:
-        if ctx.spec is None:
-            read_job(ctx.job_dir)  # raises the InvalidInput that explains it
+        ctx.request  # noqa: B018 - an unreadable job.json raises the InvalidInput that explains it
         outputs = work(ctx)
     except InvalidInput as exc:
         if not grouped:
@@ -316,7 +332,7 @@ def finish_job(job: StartedJob) -> None:
 def fail_alone(ctx: WorkerContext, exc: InvalidInput) -> None:
     """Report one group member's invalid input; the process goes on with the others."""
     traceback.print_exception(exc)
-    ctx.reporter.send(stages.Failed(str(ctx.job["id"]), ctx.stage.value, int(exc.exit_code), summarize(exc)))
+    ctx.reporter.send(stages.Failed(ctx.job_id, ctx.stage.value, int(exc.exit_code), summarize(exc)))
 
 
 def reset_peak_memory() -> None:
@@ -326,12 +342,13 @@ def reset_peak_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def read_job(job_dir: Path) -> tuple[JobSpec, dict[str, Any]]:
-    """The validated spec and the whole job record from job.json."""
+def read_request(job_dir: Path) -> StageRequest:
+    """The job's request, read from its job.json (protocol.stage_request); InvalidInput when it cannot be."""
     try:
-        job = json.loads((job_dir / JOB_FILE).read_text())
-        return JobSpec.from_dict(job["spec"]), job
-    except (OSError, ValueError, KeyError) as exc:
+        return read_stage_request(job_dir)
+    except JobRecordError as exc:  # its message names the file already
+        raise InvalidInput(f"cannot read {exc.where}: {exc.problem}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(f"cannot read {job_dir / JOB_FILE}: {exc}") from exc
 
 

@@ -33,7 +33,9 @@ from diffusers import LTX2LatentUpsamplePipeline
 from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 
 from protocol.errors import InvalidInput
+from protocol.families import CheckpointFamily
 from protocol.files import STAGE1_LATENTS_FILE
+from protocol.job_record import ResolvedLora
 from protocol.spec_rules import TWO_STAGE
 from services import guidance, model_loading
 from services.denoising import DenoisePass, denoise, loaded_denoiser
@@ -51,7 +53,7 @@ def denoise_two_stage(
 ) -> dict[str, Any]:
     """Stage 1 (or its verified file), the upsampler, stage 2; returns the full-size latents, the
     transformer calls of both stages and whether stage 1 came from its file."""
-    family = ctx.job.get("family")
+    family = ctx.request.family
     lora = stage2_lora(ctx)
     first, reused = stage1(ctx, embeddings, device, dtype)
     generator = torch.Generator(device=device)
@@ -70,11 +72,11 @@ def denoise_two_stage(
     }
 
 
-def stage2_lora(ctx: WorkerContext) -> dict[str, Any] | None:
+def stage2_lora(ctx: WorkerContext) -> ResolvedLora | None:
     """The resolved distilled LoRA stage 2 fuses (dev two-stage), None for a distilled run."""
     if ctx.spec.schedule == "distilled":
         return None
-    lora = ctx.job.get("stage2_lora")
+    lora = ctx.request.stage2_lora
     if lora is None:  # the orchestrator resolves it with the spec; never run stage 2 without it
         raise InvalidInput("job.json has no resolved stage2_lora for this dev two-stage job (see --stage2-lora)")
     return lora
@@ -91,7 +93,7 @@ def stage1(
         ctx.progress("stage 1 latents verified, skipped")
         return first, True
     generator = torch.Generator(device=device).manual_seed(ctx.spec.seed)
-    first = denoise(ctx, embeddings, device, dtype, generator, stage1_pass(ctx, ctx.job.get("family")))
+    first = denoise(ctx, embeddings, device, dtype, generator, stage1_pass(ctx, ctx.request.family))
     first["generator_state"] = generator.get_state()
     write_stage1(ctx, first, device, dtype)
     return first, False
@@ -107,7 +109,7 @@ def run_group_stage1(contexts: list[WorkerContext], prompt_embeddings: Any) -> N
     members = [
         ctx
         for ctx in contexts
-        if ctx.spec is not None and ctx.spec.pipeline == TWO_STAGE and ctx.spec.schedule != "distilled"
+        if ctx.stage_request is not None and ctx.spec.pipeline == TWO_STAGE and ctx.spec.schedule != "distilled"
     ]
     if not members:
         return
@@ -125,7 +127,7 @@ def run_group_stage1(contexts: list[WorkerContext], prompt_embeddings: Any) -> N
         made.add(str(ctx.job_dir))
 
 
-def stage1_pass(ctx: WorkerContext, family: Any) -> DenoisePass:
+def stage1_pass(ctx: WorkerContext, family: CheckpointFamily | None) -> DenoisePass:
     """Half the width and height, the run's own schedule, steps, guidance and NAG."""
     spec = ctx.spec
     return DenoisePass(
@@ -139,7 +141,9 @@ def stage1_pass(ctx: WorkerContext, family: Any) -> DenoisePass:
     )
 
 
-def stage2_pass(ctx: WorkerContext, family: Any, video: torch.Tensor, audio: torch.Tensor) -> DenoisePass:
+def stage2_pass(
+    ctx: WorkerContext, family: CheckpointFamily | None, video: torch.Tensor, audio: torch.Tensor
+) -> DenoisePass:
     """The full size from the upsampled video and stage 1's audio, re-noised to the first stage-2 sigma
     (Lightricks' ti2vid_two_stages.py and distilled.py do the same), three steps, guidance off."""
     return DenoisePass(
@@ -161,7 +165,7 @@ def upsample(
     video: torch.Tensor,
     device: torch.device,
     dtype: torch.dtype,
-    lora: dict[str, Any] | None = None,
+    lora: ResolvedLora | None = None,
 ) -> torch.Tensor:
     """Stage 1's (denormalized) video latents at twice the width and height, still denormalized.
 

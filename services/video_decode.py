@@ -171,7 +171,7 @@ def clip_tags(ctx: WorkerContext) -> dict[str, str]:
     request = {k: v for k, v in ctx.spec.to_dict().items() if k not in ("name", "drop_caches")}
     if request.get("image"):
         request["image"] = Path(request["image"]).name
-    request["request_digest"] = ctx.job.get("request_digest")
+    request["request_digest"] = ctx.request.request_digest
     return {"title": ctx.spec.prompt, "comment": json.dumps(request, sort_keys=True, ensure_ascii=False)}
 
 

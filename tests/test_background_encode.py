@@ -19,6 +19,7 @@ from orchestrator.jobspec import build_spec
 from protocol import stages
 from protocol.errors import InvalidInput
 from protocol.files import Stage
+from protocol.stage_request import StageRequest
 from services.background_encode import BackgroundEncoder, FeedAborted
 from services.color import rgb_to_yuv420
 from services.runtime import Reporter, WorkerContext, run_jobs
@@ -146,14 +147,15 @@ def contexts(tmp_path: Path, model: Path, names: list[str], reporter: Reporter) 
         request = {"prompt": name, "model": str(model), "width": 64, "height": 64, "num_frames": 9, "seed": 1}
         built = build_spec(request, settings)
         job = JobDir.create(tmp_path / name, built.spec, built.model)
-        result.append(WorkerContext(Stage.VIDEO_DECODE, job.path, built.spec, job.record, {}, 1, reporter, shared))
+        request = StageRequest.of(job.record)
+        result.append(WorkerContext(Stage.VIDEO_DECODE, job.path, request, {}, 1, reporter, shared))
     return result
 
 
 def test_group_reports_a_job_done_after_the_next_job_started(tiny_model_dir: Path, tmp_path: Path):
     reporter = RecordingReporter()
     jobs = contexts(tmp_path, tiny_model_dir, ["a", "b", "c", "d"], reporter)
-    ids = {ctx.job["id"]: ctx.job_dir.parent.name for ctx in jobs}
+    ids = {ctx.job_id: ctx.job_dir.parent.name for ctx in jobs}
     futures: dict[str, Future] = {}
 
     def work(ctx: WorkerContext) -> Future[list[str]]:
@@ -198,8 +200,8 @@ def test_an_encode_that_crashes_names_its_own_job(tiny_model_dir: Path, tmp_path
 
     with pytest.raises(OSError, match="no space"):
         run_jobs(jobs, work, started=0.0)
-    assert reporter.job_id == jobs[0].job["id"]  # the process's Failed message goes to job a
-    ids = {ctx.job["id"]: ctx.job_dir.parent.name for ctx in jobs}
+    assert reporter.job_id == jobs[0].job_id  # the process's Failed message goes to job a
+    ids = {ctx.job_id: ctx.job_dir.parent.name for ctx in jobs}
     # b finished before a's encode was found broken, so b is done and only a fails (the runtime's
     # caller sends its Failed with the exit code of the error).
     assert [(kind, ids[job_id]) for kind, job_id, _ in reporter.sent] == [
@@ -230,10 +232,10 @@ def test_a_job_that_fails_waits_for_the_one_still_encoding_to_be_reported(tiny_m
 
     with pytest.raises(torch.cuda.OutOfMemoryError):
         run_jobs(jobs, work, started=0.0)
-    ids = {ctx.job["id"]: ctx.job_dir.parent.name for ctx in jobs}
+    ids = {ctx.job_id: ctx.job_dir.parent.name for ctx in jobs}
     assert [(kind, ids[job_id]) for kind, job_id, _ in reporter.sent] == [
         ("Progress", "a"),
         ("Progress", "b"),
         ("Done", "a"),  # a's MP4 was finished: it is not redone
     ]
-    assert reporter.job_id == jobs[1].job["id"]  # the process's Failed message goes to job b
+    assert reporter.job_id == jobs[1].job_id  # the process's Failed message goes to job b

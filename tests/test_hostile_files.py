@@ -46,8 +46,8 @@ def jobs_of(env: dict[str, str]) -> list[JobDir]:
 def attempts_of(job: JobDir) -> dict[str, int]:
     """Attempts per stage that ran at least once (saved latents adopted by `decode` are not run)."""
     counts = {
-        name: sum(not str(attempt.get("reason", "")).startswith("copied from") for attempt in record["attempts"])
-        for name, record in job.record["stages"].items()
+        name.value: sum(not (attempt.reason or "").startswith("copied from") for attempt in record.attempts)
+        for name, record in job.record.stages.items()
     }
     return {name: count for name, count in counts.items() if count}
 
@@ -80,7 +80,7 @@ def test_the_seed_readme_generate_command_line_writes_a_timestamped_mp4(
     assert video.is_file()
     assert not (tmp_path / "outputs" / "video.mp4").exists()
     (job,) = jobs_of(ltx2_env)
-    assert job.record["loras"][0]["source"] == CAMERA_REPO
+    assert job.record.loras[0].source == CAMERA_REPO
     assert job.spec.fp8 is False and job.spec.seed == 101
 
 
@@ -156,7 +156,7 @@ def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_leaves
     (job,) = jobs_of(ltx2_env)
     assert job.state.value == "failed"
     recover = f"ltx2 decode --input {job.path} --output PATH.mp4"
-    assert recover in job.record["error"] and "No space left on device" in job.record["error"]
+    assert recover in job.record.error and "No space left on device" in job.record.error
     (line,) = [line for line in result.stderr.splitlines() if recover in line]
     assert f"cannot publish the video to {small_disk}: No space left on device" in line  # the folder, not a job file
     # All or nothing: the sidecar and PNGs that fitted were taken back with the temp files.
@@ -179,11 +179,11 @@ def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_
     (job,) = jobs_of(ltx2_env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {"encode_diffuse": 1}
-    (attempt,) = job.record["stages"]["encode_diffuse"]["attempts"]
-    assert attempt["result"] == "no_space"
-    assert attempt["plan"]["weights"] == "native" and attempt["plan"]["offload"] == "none"
-    assert "No space left on device" in job.record["error"] and str(job.path) in job.record["error"]
-    assert "no lower-memory plan" not in job.record["error"]
+    (attempt,) = job.stage_record(Stage.ENCODE_DIFFUSE).attempts
+    assert attempt.result == "no_space"
+    assert attempt.plan["weights"] == "native" and attempt.plan["offload"] == "none"
+    assert "No space left on device" in job.record.error and str(job.path) in job.record.error
+    assert "no lower-memory plan" not in job.record.error
     assert list(job.path.rglob("*.tmp-*")) == []  # the half-written temp file was removed
 
 
@@ -201,8 +201,8 @@ def test_a_full_state_dir_is_exit_5_in_one_line_never_a_retried_crash(ltx2_env: 
         (job_dir,) = (state / "jobs").iterdir()
         job = JobDir.load(job_dir)
         assert attempts_of(job) == {"encode_diffuse": 1}  # no retry, no lower-memory plan
-        (attempt,) = job.record["stages"]["encode_diffuse"]["attempts"]
-        assert (attempt["result"], attempt["returncode"]) == ("no_space", 5)
+        (attempt,) = job.stage_record(Stage.ENCODE_DIFFUSE).attempts
+        assert (attempt.result, attempt.returncode) == ("no_space", 5)
         assert "No space left on device" in line and str(job_dir) in line
         # Full before the job directory can be written: the orchestrator's own write, the same exit.
         shutil.rmtree(job_dir)
@@ -239,8 +239,8 @@ def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dic
     (job,) = jobs_of(env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {stage: 1}
-    (attempt,) = job.record["stages"][stage]["attempts"]
-    assert attempt["result"] == "invalid_input"
+    (attempt,) = job.stage_record(Stage(stage)).attempts
+    assert attempt.result == "invalid_input"
     log = job.log_path(Stage(stage), 1)
     assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 

@@ -230,8 +230,8 @@ def test_cancel_arriving_as_the_worker_exits_0_with_its_outputs_does_not_relabel
     finally:
         link.close()
         context.term()
-    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE)["attempts"][-1]
-    assert (attempt["result"], attempt["returncode"]) == (AttemptResult.OK, 0), attempt
+    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
+    assert (attempt.result, attempt.returncode) == (AttemptResult.OK, 0), attempt
     assert outcomes[job.id].ok and (job.path / AUDIO_FILE).is_file()
 
 
@@ -252,5 +252,5 @@ def test_cancel_of_a_worker_that_had_not_finished_still_cancels(tmp_path: Path):
         if process.poll() is None:
             process.kill()
     assert outcomes[job.id].failure is Failure.CANCELLED
-    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE)["attempts"][-1]
-    assert attempt["result"] == AttemptResult.CANCELLED and attempt["returncode"] != 0, attempt
+    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
+    assert attempt.result == AttemptResult.CANCELLED and attempt.returncode != 0, attempt

@@ -48,7 +48,7 @@ def reference_i2v(model_dir: Path, picture: Path, **extra: object) -> tuple[torc
             generator=torch.Generator().manual_seed(4),
             output_type="latent",
             return_dict=False,
-            **guidance_off(detect_family(model_dir).to_record()),
+            **guidance_off(detect_family(model_dir)),
             **extra,
         )
 

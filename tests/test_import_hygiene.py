@@ -50,6 +50,8 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "protocol.plans",
         "protocol.families",
         "protocol.fault_points",
+        "protocol.job_record",
+        "protocol.stage_request",
         "config.settings",
         "config.presets",
     ]

@@ -270,7 +270,7 @@ def test_batch_on_two_cpu_lanes_runs_them_at_once_one_process_each_with_clips_eq
     result = run_ltx2(["batch", str(write_batch(tmp_path / "four.toml", clips)), "--quiet"], env, timeout=600)
     assert result.returncode == 0, result.stderr
     jobs = jobs_by_name(env)
-    records = [jobs[clip["name"]].record for clip in clips]
+    records = [jobs[clip["name"]].record.to_json() for clip in clips]
     # The lanes take contiguous runs of the clips, in order; a clip stays on one lane.
     lanes = [{(a["lane"], a["device"]) for _, a in attempts_of([record])} for record in records]
     assert lanes == [{(0, "cpu")}, {(0, "cpu")}, {(1, "cpu")}, {(1, "cpu")}]

@@ -57,7 +57,7 @@ def test_no_bare_state_strings_outside_states_py():
 
 def test_job_transition_is_checked_saved_logged_and_mirrored(tmp_path: Path):
     mirrored: list[str] = []
-    job = JobDir.load(make_job(tmp_path).path, mirror=lambda j: mirrored.append(j.record["status"]))
+    job = JobDir.load(make_job(tmp_path).path, mirror=lambda j: mirrored.append(j.record.status))
     job.transition(JobState.RUNNING)
     job.transition(JobState.FAILED, error="boom")
     with pytest.raises(TransitionError, match="a failed job cannot become done"):
@@ -92,8 +92,8 @@ def test_interrupting_returns_the_recorded_worker_pid_and_closes_the_attempt(tmp
     job.start_attempt(Stage.ENCODE_DIFFUSE, {"weights": "native"})
     job.note_worker(Stage.ENCODE_DIFFUSE, 4242)
     assert job.interrupt_running_attempts("daemon died") == [4242]
-    attempt = JobDir.load(job.path).stage_record(Stage.ENCODE_DIFFUSE)["attempts"][-1]
-    assert (attempt["result"], attempt["reason"]) == ("interrupted", "daemon died")
+    attempt = JobDir.load(job.path).stage_record(Stage.ENCODE_DIFFUSE).attempts[-1]
+    assert (attempt.result, attempt.reason) == ("interrupted", "daemon died")
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from orchestrator.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec_rules import SpecError
+from protocol.stage_request import StageRequest
 from services import encode_diffuse, model_loading
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
@@ -72,9 +73,8 @@ def encode(
     )
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
     reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
-    ctx = WorkerContext(
-        Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, reporter, {} if shared is None else shared
-    )
+    request = StageRequest.of(job.record)
+    ctx = WorkerContext(Stage.ENCODE_DIFFUSE, job.path, request, plan, 1, reporter, {} if shared is None else shared)
     encode_diffuse.run(ctx)
     return read_latents(job.path / LATENTS_FILE)[0]
 
@@ -144,8 +144,8 @@ def test_camera_name_resolves_lightricks_lora_from_the_cache(ltx2_env: dict, cam
     assert result.returncode == 0, result.stderr
     (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
     job = JobDir.load(job_dir)
-    assert job.record["loras"][0]["source"] == CAMERA_REPO
-    assert Path(job.record["loras"][0]["path"]) == camera_cache.resolve()
+    assert job.record.loras[0].source == CAMERA_REPO
+    assert Path(job.record.loras[0].path) == camera_cache.resolve()
     assert "fuse LoRAs" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
 
 

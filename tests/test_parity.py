@@ -170,14 +170,14 @@ def test_staged_audio_waveform_equals_single_process_audio(
 ):
     waveform, rate = read_wav(distilled_job.path / AUDIO_FILE)
     reference = distilled_reference["audio"][0].numpy()
-    vocoder_config = json.loads((Path(distilled_job.record["model_path"]) / "vocoder" / "config.json").read_text())
+    vocoder_config = json.loads((Path(distilled_job.record.model_path) / "vocoder" / "config.json").read_text())
     assert rate == vocoder_config["output_sampling_rate"] == AUDIO_RATE[family]
     assert waveform.shape == reference.shape
     assert max_diff(waveform, reference) <= TOLERANCE
 
 
 def test_mp4_holds_every_frame_and_aac_at_the_vocoder_rate(family: str, distilled_job: JobDir):
-    info = probe_mp4(Path(distilled_job.record["output"]))
+    info = probe_mp4(Path(distilled_job.record.output))
     assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)
     assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
     assert info["audio_rate"] == AUDIO_RATE[family]
@@ -185,10 +185,10 @@ def test_mp4_holds_every_frame_and_aac_at_the_vocoder_rate(family: str, distille
 
 
 def test_job_json_and_sidecar_record_the_detected_family(family: str, distilled_job: JobDir):
-    recorded = JobDir.load(distilled_job.path).record["family"]
-    sidecar = json.loads(Path(distilled_job.record["output"]).with_suffix(".json").read_text())
-    assert recorded["name"] == sidecar["family"]["name"] == family
-    assert recorded["audio_sample_rate"] == sidecar["family"]["audio_sample_rate"] == AUDIO_RATE[family]
+    recorded = JobDir.load(distilled_job.path).record.family
+    sidecar = json.loads(Path(distilled_job.record.output).with_suffix(".json").read_text())
+    assert recorded.name == sidecar["family"]["name"] == family
+    assert recorded.audio_sample_rate == sidecar["family"]["audio_sample_rate"] == AUDIO_RATE[family]
 
 
 def test_staged_decoded_frames_equal_single_process_frames(distilled_job: JobDir, distilled_reference: dict):
@@ -196,7 +196,7 @@ def test_staged_decoded_frames_equal_single_process_frames(distilled_job: JobDir
         initial_plan(Stage.VIDEO_DECODE, distilled_job.spec, load_settings(environ={}))["decode"]
     )
     assert plan.label == "single pass"
-    vae = load_video_vae(Path(distilled_job.record["model_path"]), torch.float32, torch.device("cpu"))
+    vae = load_video_vae(Path(distilled_job.record.model_path), torch.float32, torch.device("cpu"))
     configure_vae(vae, plan)
     tensors, _ = read_latents(distilled_job.path / LATENTS_FILE)
     frames = torch.cat(list(decode_frames(vae, tensors["video"], plan))).permute(0, 2, 3, 1).numpy()

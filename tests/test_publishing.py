@@ -109,7 +109,7 @@ def test_publish_killed_at_each_point_then_run_again_leaves_one_set(finished_job
     video = finish_job(JobDir.load(finished_job.path), settings_for(tmp_path), JobHooks())
     assert {p.name for p in outputs.iterdir()} == published_set(video)  # no second copy, no temp file
     assert_complete_set(video)
-    assert JobDir.load(finished_job.path).record["status"] == "done"
+    assert JobDir.load(finished_job.path).record.status == "done"
 
 
 def test_generate_killed_as_its_first_output_lands_is_recovered_by_decode_to_one_set(ltx2_env: dict):

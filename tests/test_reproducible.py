@@ -59,12 +59,12 @@ def test_one_request_rendered_twice_gives_the_same_bits(renders: tuple[dict, lis
         assert torch.equal(latents[0][key], latents[1][key]), key
     # One digest for both, shown in the sidecar with the mode and the verdict.
     sidecars = [json.loads(render.output.with_suffix(".json").read_text()) for render in (first, second)]
-    assert sidecars[0]["request_digest"] == sidecars[1]["request_digest"] == first.job.record["request_digest"]
+    assert sidecars[0]["request_digest"] == sidecars[1]["request_digest"] == first.job.record.request_digest
     assert len(sidecars[0]["request_digest"]) == 64
     assert sidecars[0]["deterministic"] is True
     assert sidecars[0]["reproducible"] == {"exact": True, "why": ""}
     # x264 ran on the fixed thread count, recorded in the attempt's plan.
-    plan = first.job.stage_record(Stage.VIDEO_DECODE)["attempts"][-1]["plan"]
+    plan = first.job.stage_record(Stage.VIDEO_DECODE).attempts[-1].plan
     assert plan["x264_threads"] == X264_THREADS
 
 
@@ -78,7 +78,7 @@ def test_the_mp4_and_pngs_carry_the_prompt_seed_and_settings_that_made_them(rend
     assert tags["title"] == "a lighthouse in a gale"
     request = json.loads(tags["comment"])
     assert (request["seed"], request["width"], request["num_frames"]) == (7, 64, 9)
-    assert request["request_digest"] == first.job.record["request_digest"] and "name" not in request
+    assert request["request_digest"] == first.job.record.request_digest and "name" not in request
     with Image.open(first.output.with_name(f"{first.output.stem}_first.png")) as still:
         assert json.loads(still.text["comment"]) == request and still.text["title"] == "a lighthouse in a gale"
 
@@ -97,7 +97,7 @@ def test_reuse_returns_the_last_render_of_the_digest_without_starting_a_stage(re
 def test_reuse_never_returns_a_render_whose_files_are_gone_or_changed(renders: tuple[dict, list[Render]], tmp_path):
     env, (_, second) = renders
     settings = load_settings(environ={**env, "LTX2_STATE_DIR": env["LTX2_STATE_DIR"]})
-    digest = second.job.record["request_digest"]
+    digest = second.job.record.request_digest
     assert reuse.find(digest, settings).id == second.job.id
     copy = tmp_path / "kept.mp4"
     copy.write_bytes(second.output.read_bytes())
@@ -115,12 +115,10 @@ def test_reuse_never_returns_a_render_whose_files_are_gone_or_changed(renders: t
 def test_a_job_finished_on_a_lower_memory_plan_is_not_exact_and_not_indexed(renders: tuple[dict, list[Render]]):
     env, (first, _) = renders
     job = JobDir.load(first.job.path)
-    attempts = job.stage_record(Stage.VIDEO_DECODE)["attempts"]
-    tiled = {**attempts[-1]["plan"], "decode": {**attempts[-1]["plan"]["decode"], "tiling": True}}
-    job.record["stages"][Stage.VIDEO_DECODE.value]["attempts"] = [
-        {**attempts[-1], "result": "cuda_oom"},
-        {**attempts[-1], "attempt": 2, "plan": tiled},
-    ]
+    stage = job.stage_record(Stage.VIDEO_DECODE)
+    last = stage.attempts[-1]
+    tiled = {**last.plan, "decode": {**last.plan["decode"], "tiling": True}}
+    stage.attempts = [dataclasses.replace(last, result="cuda_oom"), dataclasses.replace(last, attempt=2, plan=tiled)]
     verdict = reuse.reproducibility(job)
     assert verdict["exact"] is False and "video_decode ran on another plan" in verdict["why"], verdict
     assert reuse.remember(job, Path(env["LTX2_STATE_DIR"])) is False

@@ -30,6 +30,7 @@ from orchestrator.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
+from protocol.stage_request import StageRequest
 from services.denoising import loaded_denoiser
 from services.latents import read_latents
 from services.runtime import Reporter, WorkerContext
@@ -58,7 +59,7 @@ def jobs_by_name(env: dict[str, str]) -> dict[str, JobDir]:
 
 def attempts(job: JobDir, stage: Stage) -> list[tuple[str, int]]:
     """(result, size of the group it ran in; 1 when alone) of each attempt of a stage."""
-    return [(a["result"], len(a.get("group", [job.id]))) for a in job.stage_record(stage)["attempts"]]
+    return [(a.result, len(a.group or [job.id])) for a in job.stage_record(stage).attempts]
 
 
 def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
@@ -77,8 +78,8 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     order = [jobs[name].id for name in ("kite", "harbour", "forest")]
     for job in jobs.values():
         for stage in Stage:
-            record = job.stage_record(stage)["attempts"]
-            assert [(a["result"], a["group"]) for a in record] == [("ok", order)], (job.spec.name, stage)
+            record = job.stage_record(stage).attempts
+            assert [(a.result, a.group) for a in record] == [("ok", order)], (job.spec.name, stage)
     # One process per stage for all three clips: each model appears once in the group's log,
     # and every member's log is that same file.
     leader = jobs["kite"]
@@ -92,7 +93,7 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     for job in jobs.values():
         for stage in Stage:
             assert os.path.samefile(job.log_path(stage, 1), logs[stage])
-        assert probe_mp4(Path(job.record["output"]))["frames"] == 9
+        assert probe_mp4(Path(job.record.output))["frames"] == 9
     assert "(9/9 clip stages, ETA for the rest 0 s)" in result.stderr
     # Same seed, same bits as each clip rendered on its own by `ltx2 generate` (the second and
     # third clips ran on a transformer that had already denoised another clip).
@@ -133,7 +134,7 @@ def test_clip_killed_inside_a_group_reruns_alone_and_the_unreached_clips_regroup
     for job in jobs.values():
         assert attempts(job, Stage.AUDIO_DECODE) == [("ok", 4)]
         assert attempts(job, Stage.VIDEO_DECODE) == [("ok", 4)]
-        assert probe_mp4(Path(job.record["output"]))["frames"] == 9
+        assert probe_mp4(Path(job.record.output))["frames"] == 9
     summary = stdout.decode().splitlines()
     assert [line.split()[2] for line in summary[1:]] == ["rendered"] * 4
 
@@ -225,7 +226,7 @@ def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(
         # The middle job's spec no longer matches its latents (as if job.json had been edited):
         # its audio decode must refuse them, alone, while the others decode again in one group.
         broken = jobs[1]
-        broken.record["spec"]["seed"] = 99
+        broken.record.spec = broken.spec.with_changes(seed=99)
         broken.save()
         jobs = [JobDir.load(job.path) for job in jobs]
         for job in jobs:
@@ -256,7 +257,8 @@ def test_group_worker_reuses_the_denoiser_only_for_the_same_configuration(tiny_m
         job = JobDir.create(tmp_path / name, built.spec, built.model)
         plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
         reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
-        return WorkerContext(Stage.ENCODE_DIFFUSE, job.path, built.spec, job.record, plan, 1, reporter, shared)
+        request = StageRequest.of(job.record)
+        return WorkerContext(Stage.ENCODE_DIFFUSE, job.path, request, plan, 1, reporter, shared)
 
     cpu = torch.device("cpu")
     first = loaded_denoiser(context("a"), cpu, torch.float32)

@@ -149,7 +149,7 @@ def test_two_stage_audio_waveform_equals_diffusers_composition(
 
 
 def test_two_stage_mp4_has_full_size_frames_and_audio_at_the_vocoder_rate(family: str, two_stage_job: JobDir):
-    info = probe_mp4(Path(two_stage_job.record["output"]))
+    info = probe_mp4(Path(two_stage_job.record.output))
     assert (info["frames"], info["width"], info["height"]) == (17, 128, 128)
     assert (info["video_codec"], info["audio_codec"]) == ("h264", "aac")
     assert info["audio_rate"] == AUDIO_RATE[family]
@@ -162,8 +162,8 @@ def test_two_stage_makes_stage_1_steps_plus_three_unguided_calls(two_stage_job: 
 
 
 def test_job_json_and_sidecar_record_the_pipeline(two_stage_job: JobDir):
-    sidecar = json.loads(Path(two_stage_job.record["output"]).with_suffix(".json").read_text())
-    assert JobDir.load(two_stage_job.path).record["spec"]["pipeline"] == "two-stage"
+    sidecar = json.loads(Path(two_stage_job.record.output).with_suffix(".json").read_text())
+    assert JobDir.load(two_stage_job.path).spec.pipeline == "two-stage"
     assert sidecar["pipeline"] == sidecar["spec"]["pipeline"] == "two-stage"
 
 
@@ -470,9 +470,9 @@ def test_dev_two_stage_without_the_lora_would_differ(dev_two_stage: dict):
 def test_dev_two_stage_job_json_and_sidecar_record_the_stage_2_lora(dev_two_stage: dict):
     job = JobDir.load(dev_two_stage["job"].path)
     lora = dev_two_stage["lora"]
-    assert job.record["stage2_lora"]["path"] == str(lora.resolve())
-    assert job.record["stage2_lora"]["source"] == str(lora) and job.record["stage2_lora"]["revision"] == "local"
-    sidecar = json.loads(Path(job.record["output"]).with_suffix(".json").read_text())
+    assert job.record.stage2_lora.path == str(lora.resolve())
+    assert job.record.stage2_lora.source == str(lora) and job.record.stage2_lora.revision == "local"
+    sidecar = json.loads(Path(job.record.output).with_suffix(".json").read_text())
     assert sidecar["stage2_lora"]["source"] == str(lora) and "path" not in sidecar["stage2_lora"]
     assert sidecar["stage2_lora"]["scale"] == 1.0
 

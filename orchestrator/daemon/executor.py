@@ -288,7 +288,7 @@ def fail_job(job: JobDir, error: str) -> None:
 
 def model_key(job: JobDir) -> tuple[str, str, str]:
     """Jobs with equal keys load the same weights: they may share stage processes."""
-    return (job.record["model_path"], job.record.get("revision", ""), job.spec.dtype)
+    return (job.record.model_path, job.record.revision, job.spec.dtype)
 
 
 def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:

@@ -307,7 +307,7 @@ class Daemon:
             result["size"] = f"{width}x{height}x{spec.num_frames}"
             result["seed"] = spec.seed
             result["model"] = spec.model
-            result["request_digest"] = job.record.get("request_digest")
+            result["request_digest"] = job.record.request_digest
             if detailed:
                 result["reproducible"] = reuse.reproducibility(job)
         except (OSError, ValueError, KeyError):
@@ -323,22 +323,22 @@ def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
     """Every attempt of every stage, from job.json, in the order they started."""
     rows = [
         {
-            "stage": stage,
-            "attempt": attempt["attempt"],
-            "result": attempt["result"],
-            "reason": attempt.get("reason", ""),
-            "seconds": float(attempt.get("seconds", 0.0)),  # from GO: the stage's own time
-            "waited_s": float(attempt.get("waited_s", 0.0)),  # its worker's wait for GO (started ahead)
-            "plan": describe_plan_text(stage, attempt.get("plan", {})),
-            "started": attempt.get("started", ""),
-            "device": attempt.get("device", ""),
-            "lane": attempt.get("lane", 0),
-            "host": attempt.get("host", ""),  # a farm's node, once Ray placed the stage
-            "peak_gpu_bytes": int(attempt.get("peak_gpu_bytes") or 0),
-            "peak_rss_bytes": int(attempt.get("peak_rss_bytes") or 0),
+            "stage": stage.value,
+            "attempt": attempt.attempt,
+            "result": attempt.result,
+            "reason": attempt.reason or "",
+            "seconds": float(attempt.seconds or 0.0),  # from GO: the stage's own time
+            "waited_s": float(attempt.waited_s or 0.0),  # its worker's wait for GO (started ahead)
+            "plan": describe_plan_text(stage.value, attempt.plan),
+            "started": attempt.started,
+            "device": attempt.device or "",
+            "lane": attempt.lane or 0,
+            "host": attempt.host or "",  # a farm's node, once Ray placed the stage
+            "peak_gpu_bytes": attempt.peak_gpu_bytes or 0,
+            "peak_rss_bytes": attempt.peak_rss_bytes or 0,
         }
-        for stage, record in job.record["stages"].items()
-        for attempt in record["attempts"]
+        for stage, record in job.record.stages.items()
+        for attempt in record.attempts
     ]
     return sorted(rows, key=lambda row: row["started"])
 

@@ -136,9 +136,8 @@ class JobStore:
             "INSERT INTO jobs (id, state, job_dir, created, updated, error, output) VALUES (?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT(id) DO UPDATE SET state = excluded.state, job_dir = excluded.job_dir, "
             "updated = excluded.updated, error = excluded.error, output = excluded.output",
-            (job.id, record["status"], str(job.path), record.get("created", now), now,
-             record.get("error", ""), record.get("output", "")),
-        )  # fmt: skip
+            (job.id, record.status, str(job.path), record.created, now, record.error or "", record.output or ""),
+        )
 
     def sync_from_job_dirs(self, jobs: Iterable[JobDir]) -> int:
         """Make the rows equal to the job directories' job.json: rows the store did not have are
@@ -146,10 +145,10 @@ class JobStore:
         rows of jobs whose directory (or job.json) is gone are dropped; returns how many changed.
         Runs on the connection as it is (`recover` calls it while rebuilding)."""
         changed = 0
-        for job in sorted(jobs, key=lambda j: (j.record.get("created", ""), j.id)):
+        for job in sorted(jobs, key=lambda j: (j.record.created, j.id)):
             row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is None or (row["state"], row["error"], row["output"], row["job_dir"]) != (
-                job.record["status"], job.record.get("error", ""), job.record.get("output", ""), str(job.path)
+                job.record.status, job.record.error or "", job.record.output or "", str(job.path)
             ):  # fmt: skip
                 self._mirror(self.db, job)
                 changed += 1
