@@ -20,6 +20,7 @@ from orchestrator.states import JobState
 from protocol.errors import InvalidInput
 from protocol.files import JOB_FILE, Stage
 from protocol.job_record import SCHEMA_VERSION, JobRecord, JobRecordError, NewerRecordError, load_record
+from protocol.spec import LATER_FIELD_DEFAULTS
 from protocol.stage_request import StageRequest
 from services.runtime import read_request
 
@@ -58,6 +59,9 @@ def test_a_job_json_written_before_the_typed_record_writes_back_byte_for_byte_pl
     record = load_record(path)
     written = json.loads(record.to_text())
     assert written.pop("schema_version") == SCHEMA_VERSION == 1
+    # Spec fields declared since the file was written come back at their defaults; nothing else changes.
+    added = {key: written["spec"].pop(key) for key in set(written["spec"]) - set(json.loads(path.read_text())["spec"])}
+    assert added == {key: LATER_FIELD_DEFAULTS[key] for key in added}
     assert json.dumps(written, indent=2, sort_keys=True) == path.read_text()
     assert record.to_text() == json.dumps(record.to_json(), indent=2, sort_keys=True)  # the one format
 
