@@ -18,7 +18,7 @@ from orchestrator.daemon.transport import TransportError, address_from_settings,
 from orchestrator.event_lines import format_event_line
 from orchestrator.job_hooks import StageEvent
 from orchestrator.progress import ProgressView
-from orchestrator.states import JobState, StageEventKind
+from orchestrator.states import AttemptResult, JobState, StageEventKind
 from orchestrator.terminal import fail, notice
 from protocol import jobs, stages
 from protocol.errors import ExitCode
@@ -148,7 +148,7 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
 def attempt_seconds(attempt: dict[str, Any]) -> str:
     """ "12.3 s" for an ended attempt; "for 4.2 s so far" for a running one, whose seconds are
     recorded only when it ends (it would otherwise read "running 0.0 s")."""
-    if attempt["result"] != "running":
+    if attempt["result"] != AttemptResult.RUNNING:
         return f"{attempt['seconds']:.1f} s"
     try:
         started = dt.datetime.fromisoformat(attempt.get("started", ""))
