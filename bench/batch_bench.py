@@ -96,7 +96,7 @@ from gpu_run import GpuSampler, probe_environment, run_child  # noqa: E402
 from gpu_staged import kill_pids, worker_pids  # noqa: E402
 from gpu_storage import choose_root  # noqa: E402
 
-from orchestrator.lanes import visible_cuda_devices  # noqa: E402
+from orchestrator.placement.lanes import visible_cuda_devices  # noqa: E402
 
 STAGES = ("encode_diffuse", "audio_decode", "video_decode")
 PROMPTS = [

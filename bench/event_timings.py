@@ -7,7 +7,7 @@ stage_started / stage_finished / stage_skipped / stage_adopted / job_done / job_
 fields such as `stage`, `attempt`, `result`, `seconds`, `peak_gpu_bytes`, `peak_rss_bytes`), and
 job.json's `stages.<stage>.attempts[]` carry `started`, `ended`, `seconds`, the peaks, `plan` and
 `result`. This module turns those into start/end/seconds/peaks per stage and nothing more; it
-imports only the standard library and the import-free orchestrator.states (the state names).
+imports only the standard library and the import-free orchestrator.run.states (the state names).
 
 Start and end come from events.log (the stage_started of the attempt, the stage_finished after
 it); job.json's own stamps stand in when an event is missing (an adopted stage, an orchestrator
@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from orchestrator.states import AttemptResult
+from orchestrator.run.states import AttemptResult
 
 STAGE_ORDER = ("encode_diffuse", "audio_decode", "video_decode")
 JOB_END_EVENTS = ("job_done", "job_failed", "job_cancelled", "job_interrupted")
@@ -67,7 +67,7 @@ class AttemptTiming:
     peak_gpu_bytes: int | None = None
     peak_rss_bytes: int | None = None
     group: list[str] | None = None  #: the jobs of a stage-major group worker, when it ran in one
-    lane: int = 0  #: the lane that ran it (orchestrator.lanes; 0 for the single lane)
+    lane: int = 0  #: the lane that ran it (orchestrator.placement.lanes; 0 for the single lane)
 
     @property
     def wall_s(self) -> float | None:

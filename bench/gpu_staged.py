@@ -23,7 +23,7 @@ from typing import Any
 from event_timings import AttemptTiming, JobTiming, first_mark, progress_rows, read_events, read_job
 from gpu_common import PROMPT, REPO, SEED, STEPS, log, size_label
 
-from orchestrator.states import JobState
+from orchestrator.run.states import JobState
 
 
 def worker_pids(job_root: Path) -> dict[int, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.settings import load_settings  # noqa: E402
-from orchestrator.lanes import Lane, resolve_lanes, visible_cuda_devices  # noqa: E402
+from orchestrator.placement.lanes import Lane, resolve_lanes, visible_cuda_devices  # noqa: E402
 
 
 def say(line: str) -> None:

@@ -38,7 +38,7 @@ ENV_OVERRIDES = {
     "LTX2_RAY_RESOURCE": ("cluster", "ray_resource"),
     "LTX2_LANE_THREADS": ("cluster", "lane_threads"),
 }
-# Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.ray_farm).
+# Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.placement.ray_farm).
 CLUSTER_BACKENDS = ("local", "ray")
 # A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
 DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
@@ -68,7 +68,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-    """Inputs of the decode plan (orchestrator.decode_plan)."""
+    """Inputs of the decode plan (orchestrator.run.decode_plan)."""
 
     profile: str
     budget_gib: float
@@ -139,11 +139,11 @@ class Settings:
     same_plan_retries: int
     decode: DecodeSettings
     daemon: DaemonSettings
-    #: Lanes (DESIGN.md rule 8): "auto", a number of lanes, or device names; orchestrator.lanes
+    #: Lanes (DESIGN.md rule 8): "auto", a number of lanes, or device names; orchestrator.placement.lanes
     #: turns it into lanes.
     devices: str | int | tuple[str, ...] = "auto"
     #: CPU threads of each local lane's stage processes: "auto" (the host's CPUs shared evenly when
-    #: there are several lanes) or a number; orchestrator.lanes applies it.
+    #: there are several lanes) or a number; orchestrator.placement.lanes applies it.
     lane_threads: str | int = "auto"
     #: "local" (this host's lanes) or "ray" (a lane per unit of `ray_resource` in the Ray cluster).
     backend: str = "local"

@@ -25,21 +25,22 @@ from typing import Any, NoReturn
 import zmq
 
 from config.settings import ConfigError, Settings, layered_config, load_settings
-from orchestrator import reuse
-from orchestrator.batch import BatchError, StageReport, run_batch, write_summary
-from orchestrator.cli_flags import add_spec_flags, spec_request
-from orchestrator.job_hooks import JobHooks
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
-from orchestrator.lane_links import open_lanes
-from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobFailed, take_job
-from orchestrator.progress import ProgressView
-from orchestrator.request_digest import identify
-from orchestrator.runner import StageOutcome, UnsafeRuntimeDir, WorkerLink
-from orchestrator.stage_major import run_across_lanes, run_job
-from orchestrator.stop_signals import StopOnSignals
-from orchestrator.terminal import fail, notice
+from orchestrator.command_line.batch import BatchError, StageReport, run_batch, write_summary
+from orchestrator.command_line.cli_flags import add_spec_flags
+from orchestrator.command_line.progress import ProgressView
+from orchestrator.command_line.stop_signals import StopOnSignals
+from orchestrator.command_line.terminal import fail, notice
+from orchestrator.placement.lane_links import open_lanes
+from orchestrator.placement.worker_link import UnsafeRuntimeDir, WorkerLink
+from orchestrator.run import reuse
+from orchestrator.run.job_hooks import JobHooks
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec, spec_request
+from orchestrator.run.model_lookup import resolve_model
+from orchestrator.run.pipeline import JobFailed, take_job
+from orchestrator.run.request_digest import identify
+from orchestrator.run.runner import StageOutcome
+from orchestrator.run.stage_major import run_across_lanes, run_job
 from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
@@ -259,7 +260,7 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         return render_batch(args, settings)
     if args.command == "serve":
         return serve(args, settings)
-    from orchestrator.daemon import client_commands
+    from orchestrator.command_line import client_commands
 
     return client_commands.run(args, settings)
 
@@ -446,7 +447,7 @@ def load_job_file(source: Path) -> JobDir:
 
 def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 batch`: every clip through the embedded orchestrator, stage-major, on every lane
-    (orchestrator.lanes: the clips split into one contiguous run per lane), forked from one fork
+    (orchestrator.placement.lanes: the clips split into one contiguous run per lane), forked from one fork
     server shared by the lanes locally, or on a Ray farm's lanes (`[cluster] backend = "ray"`)."""
     check_output_dir(settings.output_dir, "output_dir")
     context = zmq.Context()

@@ -31,14 +31,14 @@ Points (where each fires, what arms it, what it does):
 - `front.starting` (orchestrator/daemon/client_front.py: a client front, before it binds):
   `LTX2_FAULT_FRONT_REFUSE=FILE` - while FILE exists the point answers why the front refuses to
   serve, as one whose endpoint another process took meanwhile would.
-- `farm.probe_read` (orchestrator/ray_farm.py: a node reads the state-dir probe the head wrote):
+- `farm.probe_read` (orchestrator/placement/ray_farm.py: a node reads the state-dir probe the head wrote):
   `LTX2_FAULT_HIDE_PATH=DIR`, in the node's environment - files under DIR raise FileNotFoundError, as
   on a node that does not mount the shared storage (nodes of a test cluster share one host's files).
 - `executor.claimed` (orchestrator/daemon/executor.py: the executor thread claimed a job):
   `LTX2_FAULT_EXECUTOR=1` with `LTX2_FAULT_DIR=DIR` - the thread raises InjectedFault, as an
   unexpected error (a sqlite failure, a bug) would, leaving the job RUNNING; once per DIR (it creates
   `DIR/executor-raised` exclusively), so the restarted daemon runs the job.
-- `job.before_stage`, `job.before_publish`, `job.publishing` (orchestrator/pipeline.py: a job's stage
+- `job.before_stage`, `job.before_publish`, `job.publishing` (orchestrator/run/pipeline.py: a job's stage
   is about to start after the one before it succeeded, its worker started ahead waiting for GO; every
   stage succeeded, before the point after which a cancel is too late; just after that point):
   `LTX2_FAULT_HOLD=ENTRY[,ENTRY...]` with `LTX2_FAULT_DIR=DIR`, each ENTRY a HOLD (any job) or
@@ -46,7 +46,7 @@ Points (where each fires, what arms it, what it does):
   `publishing` - the orchestrator (the daemon's executor, `ltx2 generate`, `batch` or `decode`)
   writes the job id into `DIR/held-ENTRY` and waits until `DIR/release-ENTRY` exists (at most
   HOLD_LIMIT_S), so a test lands a cancel in a window of milliseconds. Each ENTRY holds once per DIR.
-- `publish.first_file`, `publish.video`, `publish.done` (orchestrator/publishing.py: the first file
+- `publish.first_file`, `publish.video`, `publish.done` (orchestrator/run/publishing.py: the first file
   of a publish got its final name; the MP4 did; the publish ended, before the job is marked done):
   `LTX2_FAULT_PUBLISH_KILL=first-file|video|done` - the publishing process (`ltx2 generate`, `batch`,
   `decode` or the daemon) SIGKILLs itself there. With `LTX2_FAULT_DIR=DIR` once per DIR (it first

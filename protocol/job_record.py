@@ -2,8 +2,8 @@
 
 job.json is a job's durable truth: the validated spec, the model and LoRAs it resolved to, the request
 digest, each stage's attempts and output fingerprints, the publish step. The classes here are its only
-schema. orchestrator/jobdir.py is its one writer (under the job's lock, each state change checked against
-orchestrator/states.py); workers read it only through protocol/stage_request.py's `StageRequest`. States
+schema. orchestrator/run/jobdir.py is its one writer (under the job's lock, each state change checked against
+orchestrator/run/states.py); workers read it only through protocol/stage_request.py's `StageRequest`. States
 are kept as their enum values (str) because the enums live in orchestrator/, which protocol/ and the
 workers never import.
 
@@ -170,7 +170,7 @@ def plain(value: object) -> object:
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedLora(RecordFields):
-    """A LoRA of the spec resolved to one local file by the orchestrator (orchestrator/lora_lookup.py),
+    """A LoRA of the spec resolved to one local file by the orchestrator (orchestrator/run/lora_lookup.py),
     before any worker starts: workers never look a LoRA up, they fuse the file named here."""
 
     source: str  #: what the request named: a repo id in the local cache, or a path inside the input roots
@@ -193,7 +193,7 @@ def read_loras(raw: object, where: str, at: str) -> list[ResolvedLora]:
 
 @dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
-    """The publish step of orchestrator/publishing.py, recorded before the output folder is touched so a
+    """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
 
     video: str  #: the MP4's final path; its companions are derived from it (publishing.companions)
@@ -206,12 +206,12 @@ class PublishRecord(RecordFields):
 
 @dataclasses.dataclass
 class AttemptRecord(RecordFields):
-    """One run of a stage's worker for this job (orchestrator/stage_attempt.py follows it; JobDir records it)."""
+    """One run of a stage's worker for this job (orchestrator/run/stage_attempt.py follows it; JobDir records it)."""
 
     attempt: int  #: its number, from 1 (JobDir.start_attempt)
-    plan: dict[str, Any]  #: the memory plan it ran (orchestrator.policy); {} for outputs adopted from a file
+    plan: dict[str, Any]  #: the memory plan it ran (orchestrator.run.policy); {} for outputs adopted from a file
     started: str  #: ISO time it was recorded as running
-    result: str  #: an AttemptResult value (orchestrator/states.py): "running" until JobDir.finish_attempt
+    result: str  #: an AttemptResult value (orchestrator/run/states.py): "running" until JobDir.finish_attempt
     ended: str | None = None  #: ISO time it ended
     reason: str | None = None  #: one line on why it ended so ("" when ok); for adopted outputs, where they came from
     returncode: int | None = None  #: the worker's exit status (negative: the signal that killed it)
@@ -220,11 +220,13 @@ class AttemptRecord(RecordFields):
     peak_gpu_bytes: int | None = None  #: the worker's peak accelerator memory, as it reported it
     peak_rss_bytes: int | None = None  #: the worker's peak resident host memory
     group: list[str] | None = None  #: stage-major: the ids of every job its one process ran, in order
-    lane: int | None = None  #: the lane that ran it, when its lane pins a device (orchestrator/lanes.py)
+    lane: int | None = None  #: the lane that ran it, when its lane pins a device (orchestrator/placement/lanes.py)
     device: str | None = None  #: that lane's device ("cuda:1")
     pid: int | None = None  #: the worker's pid on this host, 0 on a farm node; a restarted daemon stops an orphan by it
     cpu_threads: int | None = None  #: torch's CPU threads in the worker (its lane's share), from its READY
-    node: str | None = None  #: Ray farm (orchestrator/ray_farm.py): the node it ran on (its id's first 12 characters)
+    node: str | None = (
+        None  #: Ray farm (orchestrator/placement/ray_farm.py): the node it ran on (its id's first 12 characters)
+    )
     host: str | None = None  #: Ray farm: that node's host name
     node_ip: str | None = None  #: Ray farm: that node's address
     ray_worker_pid: int | None = None  #: Ray farm: the pid of the Ray task that started the stage
@@ -243,7 +245,7 @@ def read_attempts(raw: object, where: str, at: str) -> list[AttemptRecord]:
 class StageRecord(RecordFields):
     """One stage of the job: its state, every attempt, and the fingerprints that let a re-run skip it."""
 
-    status: str  #: a StageState value (orchestrator/states.py), changed only by JobDir
+    status: str  #: a StageState value (orchestrator/run/states.py), changed only by JobDir
     attempts: list[AttemptRecord] = dataclasses.field(default_factory=list)  #: oldest first, numbered from 1
     #: output file name -> its fingerprint, recorded when the stage succeeded; outputs that still match
     #: are not made again (DESIGN.md rule 1)
@@ -287,17 +289,17 @@ def read_publish(raw: object, where: str, at: str) -> PublishRecord | None:
 
 @dataclasses.dataclass
 class JobRecord(RecordFields):
-    """One job's job.json. Changed in place and saved by JobDir (orchestrator/jobdir.py) alone."""
+    """One job's job.json. Changed in place and saved by JobDir (orchestrator/run/jobdir.py) alone."""
 
     id: str  #: `YYYYmmdd-HHMMSS-<6 hex>`, the job directory's name (JobDir.create)
     created: str  #: ISO time (UTC, milliseconds) JobDir.create made the job
     spec: JobSpec  #: the validated request; JobDir.replace_spec changes only decode settings (`ltx2 decode`)
     spec_digest: str  #: JobSpec.digest() of `spec`, kept equal to it by JobDir
-    model_path: str  #: the diffusers-layout folder the model resolved to (orchestrator/model_lookup.py)
-    status: str  #: a JobState value (orchestrator/states.py); only JobDir.transition changes it
+    model_path: str  #: the diffusers-layout folder the model resolved to (orchestrator/run/model_lookup.py)
+    status: str  #: a JobState value (orchestrator/run/states.py); only JobDir.transition changes it
     stages: dict[Stage, StageRecord]  #: every Stage, in order: attempts and output fingerprints (JobDir)
     revision: str = ""  #: the model's cache snapshot (its commit hash), or "local" for a folder
-    #: SHA-256 of everything that decides the output's bits (orchestrator/request_digest.py; DESIGN.md rule 6),
+    #: SHA-256 of everything that decides the output's bits (orchestrator/run/request_digest.py; DESIGN.md rule 6),
     #: by which `--reuse` finds a render; None: made before digests, by a test, or its spec changed since
     request_digest: str | None = dataclasses.field(default=None, metadata=WRITTEN_AS_NULL)
     #: what the digest was computed from (request, model, files, plans, versions, device), for a person
@@ -319,7 +321,7 @@ class JobRecord(RecordFields):
     output: str | None = None  #: the published MP4, set when it became DONE
     finished: str | None = None  #: ISO time it last entered a terminal state
     finishing: str | None = None  #: ISO time its run passed the last point of cancel (JobDir.commit_to_finish)
-    publish: PublishRecord | None = None  #: the publish step (orchestrator/publishing.py); None before the first
+    publish: PublishRecord | None = None  #: the publish step (orchestrator/run/publishing.py); None before the first
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     readers: ClassVar[Mapping[str, Reader]] = {

@@ -18,7 +18,7 @@ from protocol.codec import Message, register
 class Submit(Message):
     """Queue a job; `spec` is a JobSpec as plain data. Replies ok{id}.
 
-    With `reuse`, a finished job that rendered exactly this request (orchestrator.reuse) is named
+    With `reuse`, a finished job that rendered exactly this request (orchestrator.run.reuse) is named
     instead (ok{id, reused: true}) and nothing is queued.
 
     `job_id`, when given, is the id the new job gets (the HTTP gateway records its key's claim to it

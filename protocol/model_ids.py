@@ -16,7 +16,7 @@ TINY_REPO_IDS = {
     "2.5": "ltx2-stages/tiny-random-ltx2.5",
 }
 # The tiny models' fixed, commit-like revision (the cache's snapshots/<rev>). A new one is a new build, as a hub
-# repo's new commit is: a cache holding an older one is rebuilt (orchestrator.model_lookup.ensure_tiny_model).
+# repo's new commit is: a cache holding an older one is rebuilt (orchestrator.run.model_lookup.ensure_tiny_model).
 # 2: adds the latent_upsampler subfolder that two-stage runs load.
 # 3: the 2.3/2.5 tiny VAE has LTX-2.3's decoder layout
 TINY_REVISION = "0" * 39 + "3"

@@ -1,6 +1,6 @@
 """Memory plans: what the orchestrator tells a stage worker about how to run this attempt.
 
-The orchestrator chooses a plan (orchestrator.decode_plan, orchestrator.policy) and passes it to
+The orchestrator chooses a plan (orchestrator.run.decode_plan, orchestrator.run.policy) and passes it to
 the worker as JSON; the worker only executes it. Both sides use these dataclasses.
 """
 

@@ -4,7 +4,7 @@ A field of a clip's request is described in one place: its JobSpec field in prot
 carries a `Declared` in its metadata (`declare(...)`), and the few inputs that are not stored in
 the spec but resolved into it (a camera move becomes a LoRA, seconds become a frame count) are
 declared in `protocol.spec.REQUEST_ONLY`. Everything else is derived from these declarations:
-the `ltx2 generate`/`submit` flags (orchestrator/cli_flags.py), the fields the HTTP gateway takes
+the `ltx2 generate`/`submit` flags (orchestrator/command_line/cli_flags.py), the fields the HTTP gateway takes
 (orchestrator/gateway/video_requests.py), the spec's per-field checks (range, choices and their
 messages), which fields shape the latents or enter the request digest, and the table in
 docs/request-fields.md. Adding a field is its declaration plus the worker code that uses it.

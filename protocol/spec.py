@@ -527,7 +527,7 @@ class JobSpec:
         Stage 2 is three steps on the distilled sigmas with guidance off. A distilled model was trained
         for them; a dev (non-distilled) one was not, so with a dev schedule stage 2 runs on the transformer
         with Lightricks' distilled LoRA fused at 1.0 (diffusers' LTX-2 docs, "Two-stages Generation").
-        Which LoRA is `stage2_lora`, which orchestrator/jobspec.py fills from the model family's dev preset
+        Which LoRA is `stage2_lora`, which orchestrator/run/jobspec.py fills from the model family's dev preset
         (config/defaults.toml) unless --stage2-lora names one; a dev two-stage spec without it is refused
         (a family with no known distilled LoRA, LTX-2.5), as is a stage-2 LoRA that no stage would use.
         """
@@ -652,7 +652,7 @@ LATER_FIELD_DEFAULTS = {
 }
 
 #: Inputs a request may carry that are resolved into spec fields before validation
-#: (orchestrator/jobspec.py) and never stored: a camera move becomes a LoRA, seconds a frame count.
+#: (orchestrator/run/jobspec.py) and never stored: a camera move becomes a LoRA, seconds a frame count.
 REQUEST_ONLY = (
     Declared(
         name="camera",

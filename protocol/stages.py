@@ -21,7 +21,7 @@ JOB_STARTED_PHASE = "job started"
 #: A farm worker's CURVE keys, "server-public own-public own-secret" (Z85,
 #: whose alphabet has no space), in its environment
 #: (never its command line, which every user of the node can read): ephemeral keys the
-#: orchestrator made for its own workers (orchestrator.ray_farm).
+#: orchestrator made for its own workers (orchestrator.placement.ray_farm).
 WORKER_CURVE_ENV = "LTX2_WORKER_CURVE"
 
 
@@ -34,7 +34,7 @@ class Ready(Message):
     stage: str
     attempt: int
     pid: int
-    #: the size of its torch CPU thread pool (its lane's share of the CPUs: orchestrator.lanes)
+    #: the size of its torch CPU thread pool (its lane's share of the CPUs: orchestrator.placement.lanes)
     cpu_threads: int = 0
 
 

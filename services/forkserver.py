@@ -12,7 +12,7 @@ Wire (JSON lines): stdin gets `{"stage": NAME, "argv": [...], "log": PATH}` (plu
 before anything touches CUDA, which reads it at its initialisation, so it holds although the
 server's own environment differs; `"threads": N` for a lane's share of the CPUs, the size of the
 child's torch thread pool; and `"die_with_server": true` on a farm node, where the child
-asks the kernel to kill it when the server exits, see orchestrator.node_forker); stdout answers
+asks the kernel to kill it when the server exits, see orchestrator.placement.node_forker); stdout answers
 `{"pid": N}` per request, `{"exit": N, "code": C}` when a child ends (negative C: killed by
 signal -C), and `{"ready": true, "cuda_initialised_by": NAME}` once the imports are done (NAME is ""
 unless an import initialised CUDA, which makes forking useless: see `cuda_initialised_by`). EOF on

@@ -100,7 +100,7 @@ class Mp4Writer:
         self.video.codec_context.thread_type = "FRAME"
         # The bitstream depends on the number of frame threads; 0 lets x264 size it from the cores this
         # process may use, which differ between hosts and lanes: a fixed count (the video stage's plan,
-        # orchestrator.policy.X264_THREADS) makes the file the same everywhere.
+        # orchestrator.run.policy.X264_THREADS) makes the file the same everywhere.
         self.video.codec_context.thread_count = threads
         self.video.options = {"crf": str(crf), "preset": preset}
         # Frames arrive already converted with BT.709 in limited range (services.color); say so in

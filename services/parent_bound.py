@@ -1,6 +1,6 @@
 """`python -m services.parent_bound PARENT_PID MODULE [ARGS...]`: run a stage module that dies with its parent.
 
-A farm's task (orchestrator.ray_farm) starts the stage process and waits for it. When Ray stops
+A farm's task (orchestrator.placement.ray_farm) starts the stage process and waits for it. When Ray stops
 that task (`ray.cancel(force=True)`), or the node's OOM killer takes it, the task's process dies
 without a chance to stop its child; a stage left running would hold the GPU the farm believes
 free. So the child asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), before

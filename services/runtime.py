@@ -194,7 +194,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     try:
         request = read_request(args.job_dir[0])
         reporter.job_id = request.job_id
-        if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.lanes), in its log
+        if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         if args.endpoint:
             socket = connect(context, args.endpoint)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.fork_client import ForkServer
+from orchestrator.placement.fork_client import ForkServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from config.settings import load_settings
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec
 from protocol import stages
 from protocol.errors import InvalidInput
 from protocol.files import Stage

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, probe_mp4, run_ltx2
 from daemon_process import environment_of, fork_servers
 
 from config.settings import load_settings
-from orchestrator.batch import read_batch
+from orchestrator.command_line.batch import read_batch
 from protocol.spec import JobSpec
 
 EXAMPLES = sorted((REPO_ROOT / "examples" / "batches").iterdir())

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO_ROOT
 
 from config.settings import load_settings
-from orchestrator.batch import validate_batch
+from orchestrator.command_line.batch import validate_batch
 from protocol.families import LATENT_UPSAMPLER, detect_family, family_named
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))

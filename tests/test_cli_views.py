@@ -8,9 +8,9 @@ import io
 import json
 import re
 
-from orchestrator.daemon.client_commands import attempt_seconds
-from orchestrator.event_lines import format_event_line
-from orchestrator.progress import ProgressView
+from orchestrator.command_line.client_commands import attempt_seconds
+from orchestrator.command_line.event_lines import format_event_line
+from orchestrator.command_line.progress import ProgressView
 from protocol import stages
 
 

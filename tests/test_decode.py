@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2
 
-from orchestrator.pipeline import drop_page_cache
+from orchestrator.run.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
 from protocol.model_ids import TINY_REPO_ID
 from protocol.plans import DecodePlan, piece_ranges

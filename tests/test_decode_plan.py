@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from config.settings import DecodeSettings
-from orchestrator.decode_plan import INDEX_LIMIT, choose_decode_plan, decode_ladder, estimate_peak, next_decode_plan
+from orchestrator.run.decode_plan import INDEX_LIMIT, choose_decode_plan, decode_ladder, estimate_peak, next_decode_plan
 from protocol.plans import piece_ranges
 
 BIG = DecodeSettings(

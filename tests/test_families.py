@@ -16,7 +16,7 @@ from conftest import ltx2_environment, run_ltx2
 from diffusers import LTX2VideoTransformer3DModel
 
 from config.settings import ConfigError, load_settings
-from orchestrator.jobspec import build_spec
+from orchestrator.run.jobspec import build_spec
 from protocol.errors import ExitCode
 from protocol.families import (
     MODEL_INDEX,

@@ -10,7 +10,7 @@ from diffusers import LTX2VideoTransformer3DModel
 from test_loras import encode
 
 from config.settings import load_settings
-from orchestrator.policy import Attempt, initial_plan, next_plan
+from orchestrator.run.policy import Attempt, initial_plan, next_plan
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec

@@ -20,7 +20,7 @@ from conftest import TINY_ARGS, ltx2_environment, run_ltx2
 from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
-from orchestrator.jobdir import JobDir
+from orchestrator.run.jobdir import JobDir
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage
 
 # The cheapest clip: 9 frames are 3 latent frames.

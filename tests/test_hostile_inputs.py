@@ -23,12 +23,12 @@ from PIL import Image
 
 from config.settings import load_settings
 from orchestrator.daemon.client import DaemonError
-from orchestrator.job_hooks import JobHooks
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.runner import SpawnedWorker, WorkerLink
-from orchestrator.stage_attempt import run_attempt
-from orchestrator.states import AttemptResult
+from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink
+from orchestrator.run.job_hooks import JobHooks
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.stage_attempt import run_attempt
+from orchestrator.run.states import AttemptResult
 from protocol import jobs
 from protocol.errors import Failure
 from protocol.files import AUDIO_FILE, Stage

@@ -203,7 +203,7 @@ def test_openais_model_names_are_aliases_and_the_default_models_leave_the_choice
     (names,) = [typing.get_args(arg) for arg in typing.get_args(openai.types.VideoModel) if typing.get_args(arg)]
     for name in names:
         spec = parse_video_request({"prompt": "a cat", "model": name}, settings).spec
-        # No model: the daemon's default, or its fallback when not cached (orchestrator.jobspec).
+        # No model: the daemon's default, or its fallback when not cached (orchestrator.run.jobspec).
         assert spec.get("model") == ("Lightricks/LTX-2" if name.startswith("sora-2-pro") else None), name
     assert "model" not in parse_video_request({"prompt": "a cat", "model": "ltx-2-distilled"}, settings).spec
     # A repo id in full names exact weights, as --model does: no fallback for it.

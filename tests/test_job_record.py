@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import run_ltx2
 
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.sidecar import build_sidecar
-from orchestrator.states import JobState
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.sidecar import build_sidecar
+from orchestrator.run.states import JobState
 from protocol.errors import InvalidInput
 from protocol.files import JOB_FILE, Stage
 from protocol.job_record import SCHEMA_VERSION, JobRecord, JobRecordError, NewerRecordError, load_record

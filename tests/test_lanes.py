@@ -29,11 +29,11 @@ from config.settings import ConfigError, load_settings
 from orchestrator.daemon.executor import Executor, ProgressBoard
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore
-from orchestrator.fork_client import worker_environment
-from orchestrator.jobdir import JobDir
-from orchestrator.lane_links import LocalLanes
-from orchestrator.lanes import Lane, resolve_lanes, split_for_lanes
-from orchestrator.states import JobState
+from orchestrator.placement.fork_client import worker_environment
+from orchestrator.placement.lane_links import LocalLanes
+from orchestrator.placement.lanes import Lane, resolve_lanes, split_for_lanes
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.states import JobState
 from protocol.files import LATENTS_FILE, Stage
 
 

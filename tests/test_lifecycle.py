@@ -12,10 +12,10 @@ import pytest
 from conftest import REPO_ROOT
 
 from config.settings import load_settings
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.policy import Attempt, decide, initial_plan
-from orchestrator.states import AttemptResult, JobState, TransitionError, render_markdown
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.policy import Attempt, decide, initial_plan
+from orchestrator.run.states import AttemptResult, JobState, TransitionError, render_markdown
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec
@@ -25,7 +25,7 @@ SPEC = JobSpec.from_dict(
     {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
 )
 # Files that may spell a state: the tables themselves, and the job directory that writes them.
-STATE_OWNERS = {"orchestrator/states.py"}
+STATE_OWNERS = {"orchestrator/run/states.py"}
 
 
 def make_job(root: Path) -> JobDir:
@@ -122,6 +122,6 @@ def test_the_policy_retries_a_crash_with_the_same_plan_then_fails_with_the_ladde
 
 def test_states_module_imports_nothing_of_the_project():
     project = "('orchestrator', 'protocol', 'config')"
-    code = f"import sys, orchestrator.states; print(sorted(m for m in sys.modules if m.split('.')[0] in {project}))"
+    code = f"import sys, orchestrator.run.states; print(sorted(m for m in sys.modules if m.split('.')[0] in {project}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
-    assert result.stdout.strip() == "['orchestrator', 'orchestrator.states']"
+    assert result.stdout.strip() == "['orchestrator', 'orchestrator.run', 'orchestrator.run.states']"

@@ -11,10 +11,10 @@ from conftest import TINY_ARGS, run_ltx2
 from safetensors.torch import save_file
 
 from config.settings import load_settings
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
-from orchestrator.lora_lookup import resolve_lora
-from orchestrator.policy import initial_plan
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec
+from orchestrator.run.lora_lookup import resolve_lora
+from orchestrator.run.policy import initial_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec_rules import SpecError

@@ -19,14 +19,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
 from config.settings import load_settings
-from orchestrator.fork_client import ForkServer
-from orchestrator.jobdir import JobDir
-from orchestrator.lora_lookup import resolve_lora
-from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobHooks
-from orchestrator.policy import initial_plan
-from orchestrator.runner import WorkerLink
-from orchestrator.stage_major import run_job
+from orchestrator.placement.fork_client import ForkServer
+from orchestrator.placement.worker_link import WorkerLink
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.lora_lookup import resolve_lora
+from orchestrator.run.model_lookup import resolve_model
+from orchestrator.run.pipeline import JobHooks
+from orchestrator.run.policy import initial_plan
+from orchestrator.run.stage_major import run_job
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec

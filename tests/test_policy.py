@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from config.settings import load_settings
-from orchestrator.policy import X264_THREADS, Attempt, initial_plan, next_plan
+from orchestrator.run.policy import X264_THREADS, Attempt, initial_plan, next_plan
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec

@@ -20,9 +20,9 @@ from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
 from supervised import Supervised, wait_for_file
 
 from config.settings import load_settings
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.pipeline import JobHooks, finish_job, take_job
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.pipeline import JobHooks, finish_job, take_job
 from protocol.fault_points import PUBLISH_KILL_POINTS
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
@@ -86,8 +86,8 @@ FINISH_IN_CHILD = """
 import sys
 from pathlib import Path
 from config.settings import load_settings
-from orchestrator.jobdir import JobDir
-from orchestrator.pipeline import JobHooks, finish_job, take_job
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.pipeline import JobHooks, finish_job, take_job
 from protocol.fault_points import PUBLISH_KILL_POINTS
 root = Path(sys.argv[2])
 settings = load_settings(environ={"LTX2_STATE_DIR": str(root / "state"), "LTX2_OUTPUT_DIR": str(root / "outputs"),
@@ -178,7 +178,7 @@ def test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip(lt
 
 
 def test_two_jobs_in_the_same_second_get_their_own_names_and_a_target_is_replaced(tmp_path: Path):
-    from orchestrator.publishing import publish_job  # imported here: the fault tests also run against older code
+    from orchestrator.run.publishing import publish_job  # imported here: the fault tests also run against older code
 
     settings = settings_for(tmp_path)
     spec = JobSpec.from_dict({**SPEC, "name": "same"})
@@ -203,7 +203,7 @@ def test_two_jobs_in_the_same_second_get_their_own_names_and_a_target_is_replace
 def test_a_job_whose_video_changed_is_published_anew_and_the_earlier_publish_stays(
     finished_job: JobDir, tmp_path: Path
 ):
-    from orchestrator.publishing import publish_job
+    from orchestrator.run.publishing import publish_job
 
     output_dir = settings_for(tmp_path).output_dir
     first = publish_job(finished_job, output_dir, now=dt.datetime(2026, 1, 2, 3, 4, 5))

@@ -117,7 +117,7 @@ def paused_stage(env: dict[str, str]) -> tuple[int, int]:
 
 
 def node_fork_servers() -> list[int]:
-    """The fork servers of the farm's node actors (orchestrator.node_forker) now running."""
+    """The fork servers of the farm's node actors (orchestrator.placement.node_forker) now running."""
     return [
         pid
         for pid in fork_servers()
@@ -139,7 +139,7 @@ def attempts(record: dict, stage: str) -> list[dict]:
 
 
 def test_stage_tasks_are_never_retried_by_ray_and_run_one_per_ray_worker():
-    from orchestrator import ray_farm
+    from orchestrator.placement import ray_farm
 
     options = ray_farm.stage_task()._default_options
     assert options["max_calls"] == 1 and options["max_retries"] == 0

@@ -16,10 +16,10 @@ import torch
 from conftest import REPO_ROOT, ltx2_environment, run_ltx2
 
 from config.settings import load_settings
-from orchestrator import reuse
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
-from orchestrator.policy import X264_THREADS, initial_plan
+from orchestrator.run import reuse
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec
+from orchestrator.run.policy import X264_THREADS, initial_plan
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.model_ids import TINY_REPO_ID
 from services.latents import read_latents

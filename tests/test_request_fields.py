@@ -2,7 +2,7 @@
 the CLI's flags, batch files, the HTTP gateway, the spec's checks, the README and docs tables.
 
 `--seconds` is the field added this way (its declaration in REQUEST_ONLY plus its conversion in
-orchestrator/jobspec.py); its tests run it through the CLI, a batch file and a real render.
+orchestrator/run/jobspec.py); its tests run it through the CLI, a batch file and a real render.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import pytest
 from conftest import probe_mp4, run_ltx2
 
 from config.settings import load_settings
-from orchestrator.batch import validate_batch
 from orchestrator.cli import build_parser
-from orchestrator.cli_flags import CLI_FIELDS
+from orchestrator.command_line.batch import validate_batch
+from orchestrator.command_line.request_docs import FIELD_TABLE, README, field_table, readme_with_rows
 from orchestrator.gateway.video_requests import KNOWN_FIELDS, RequestError, parse_video_request
-from orchestrator.request_docs import FIELD_TABLE, README, field_table, readme_with_rows
+from orchestrator.run.jobspec import CLI_FIELDS
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import SpecError, frames_lasting
@@ -32,8 +32,8 @@ def subcommand(name: str) -> argparse.ArgumentParser:
 
 def test_the_readme_rows_and_the_field_table_are_rendered_from_the_declarations():
     readme = README.read_text()
-    assert readme_with_rows(readme) == readme, "run: python -m orchestrator.request_docs"
-    assert FIELD_TABLE.read_text() == field_table(), "run: python -m orchestrator.request_docs"
+    assert readme_with_rows(readme) == readme, "run: python -m orchestrator.command_line.request_docs"
+    assert FIELD_TABLE.read_text() == field_table(), "run: python -m orchestrator.command_line.request_docs"
 
 
 @pytest.mark.parametrize("command", ["generate", "submit"])

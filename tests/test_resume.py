@@ -10,12 +10,12 @@ import zmq
 from conftest import run_ltx2
 
 from config.settings import load_settings
-from orchestrator.fork_client import ForkServer
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import resolve_model
-from orchestrator.pipeline import JobHooks, StageEvent
-from orchestrator.runner import WorkerLink
-from orchestrator.stage_major import run_job
+from orchestrator.placement.fork_client import ForkServer
+from orchestrator.placement.worker_link import WorkerLink
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import resolve_model
+from orchestrator.run.pipeline import JobHooks, StageEvent
+from orchestrator.run.stage_major import run_job
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
 

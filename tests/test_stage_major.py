@@ -19,14 +19,14 @@ from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
 from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 
 from config.settings import load_settings
-from orchestrator.fork_client import ForkServer
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.pipeline import JobFailed, JobHooks
-from orchestrator.policy import initial_plan
-from orchestrator.runner import WorkerLink
-from orchestrator.stage_major import form_groups, run_stage_major
+from orchestrator.placement.fork_client import ForkServer
+from orchestrator.placement.worker_link import WorkerLink
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.pipeline import JobFailed, JobHooks
+from orchestrator.run.policy import initial_plan
+from orchestrator.run.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec

@@ -40,10 +40,10 @@ from test_parity import (
 
 from config.settings import load_settings
 from orchestrator.cli import build_parser
-from orchestrator.fork_client import ForkServer
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import build_spec
-from orchestrator.model_lookup import ensure_tiny_model
+from orchestrator.placement.fork_client import ForkServer
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import build_spec
+from orchestrator.run.model_lookup import ensure_tiny_model
 from protocol.errors import ExitCode
 from protocol.files import AUDIO_FILE, LATENTS_FILE, STAGE1_LATENTS_FILE
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION
@@ -550,8 +550,8 @@ def test_a_group_of_dev_two_stage_jobs_loads_each_transformer_once_and_matches_j
 
 
 def test_the_cli_flags_and_the_gateway_field_give_the_stage2_lora_spec_field(tmp_path: Path):
-    from orchestrator.cli_flags import spec_request
     from orchestrator.gateway.video_requests import RequestError, parse_video_request
+    from orchestrator.run.jobspec import spec_request
 
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     args = generate.parse_args(["--prompt", "x", "--stage2-lora", "a/b", "--stage2-lora-weight-name", "c.safetensors"])

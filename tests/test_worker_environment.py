@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.fork_client import worker_environment
-from orchestrator.jobdir import JobDir
-from orchestrator.model_lookup import ResolvedModel
+from orchestrator.placement.fork_client import worker_environment
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.model_lookup import ResolvedModel
 from protocol.model_ids import TINY_REPO_ID
 from protocol.spec import JobSpec
 

@@ -5,10 +5,10 @@ A lane (a GPU: DESIGN.md rule 8) runs one clip's stage at a time, so one thread 
 suffices; every worker it starts runs on its lane's device, over its own worker socket and fork
 server. Each claims the oldest queued job in the
 store (QUEUED -> RUNNING through JobDir.transition, which the store mirrors) and runs it
-(orchestrator.pipeline.run_job: stage processes; the policy decides retries and how the job
+(orchestrator.run.pipeline.run_job: stage processes; the policy decides retries and how the job
 ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
 it use the same model (and dtype), it claims those too, up to `[worker] group_size`, and runs
-them stage-major (orchestrator.stage_major): each stage's models load once for the group. Jobs
+them stage-major (orchestrator.run.stage_major): each stage's models load once for the group. Jobs
 are never taken out of submission order for this; with several lanes a claim takes at most its
 share of the queue (queued jobs / lanes), so that the other lanes get work too. Two lanes never
 both claim a job: the claim is the QUEUED -> RUNNING transition, checked against job.json under
@@ -31,15 +31,16 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
-from orchestrator.job_hooks import JobHooks, StageEvent
-from orchestrator.jobdir import CANCEL_REASON, JobDir
-from orchestrator.lane_links import LaneSource
-from orchestrator.lanes import Lane
-from orchestrator.pipeline import JobFailed, next_attempt
-from orchestrator.policy import describe_plan
-from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
-from orchestrator.stage_major import run_job, run_stage_major
-from orchestrator.states import JobState, TransitionError
+from orchestrator.placement.lane_links import LaneSource
+from orchestrator.placement.lanes import Lane
+from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run.job_hooks import JobHooks, StageEvent
+from orchestrator.run.jobdir import CANCEL_REASON, JobDir
+from orchestrator.run.pipeline import JobFailed, next_attempt
+from orchestrator.run.policy import describe_plan
+from orchestrator.run.runner import StageOutcome, spawn_worker
+from orchestrator.run.stage_major import run_job, run_stage_major
+from orchestrator.run.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
 from protocol.fault_points import fault_point

@@ -2,7 +2,7 @@
 
 Life of a job: `submit` validates the spec, creates the job directory and queues it in the store
 (QUEUED). The executor thread claims it (RUNNING) and runs its stages as worker processes
-(orchestrator.pipeline); it ends DONE, FAILED or CANCELLED. If the daemon dies meanwhile,
+(orchestrator.run.pipeline); it ends DONE, FAILED or CANCELLED. If the daemon dies meanwhile,
 supervisord restarts it and `recover_interrupted` kills the orphaned worker and re-queues the job,
 which then resumes at its first unfinished stage.
 
@@ -31,7 +31,6 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
-from orchestrator import reuse
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.front_process import ClientFront
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
@@ -39,11 +38,12 @@ from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
-from orchestrator.jobdir import CANCEL_REASON, JOB_ID_PATTERN, JobDir, tail
-from orchestrator.jobspec import build_spec
-from orchestrator.lane_links import LaneSource, open_lanes
-from orchestrator.policy import describe_plan
-from orchestrator.states import JobState, TransitionError
+from orchestrator.placement.lane_links import LaneSource, open_lanes
+from orchestrator.run import reuse
+from orchestrator.run.jobdir import CANCEL_REASON, JOB_ID_PATTERN, JobDir, tail
+from orchestrator.run.jobspec import build_spec
+from orchestrator.run.policy import describe_plan
+from orchestrator.run.states import JobState, TransitionError
 from protocol import codec, jobs
 from protocol.codec import ErrorCode, ProtocolError
 from protocol.errors import ModelNotFound
@@ -71,7 +71,7 @@ class Daemon:
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.store_path = settings.state_dir / STORE_FILE
-        self.executors: list[Executor] = []  #: one per lane (orchestrator.lanes)
+        self.executors: list[Executor] = []  #: one per lane (orchestrator.placement.lanes)
         self.handlers: dict[type[codec.Message], Callable[[Any, JobStore], codec.Message]] = {
             jobs.Submit: self.submit,
             jobs.Status: self.status,

@@ -2,7 +2,7 @@
 
 The store keeps the order in which jobs run (submission order) and a copy of each job's state,
 error and output for fast listing. It decides nothing and holds nothing that is not in a job
-directory: every state change is made by `JobDir.transition` (orchestrator/jobdir.py), which checks
+directory: every state change is made by `JobDir.transition` (orchestrator/run/jobdir.py), which checks
 it and calls `mirror`; a cancel request is a file in the job's directory. So the store can always
 be re-derived from the job directories (`sync_from_job_dirs`: rows added for jobs it lacks, rows
 dropped for jobs whose directory is gone), and it is, at every start and whenever it is found
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator.jobdir import JobDir
-from orchestrator.states import JobState
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.states import JobState
 from protocol.files import JOB_FILE
 
 log = logging.getLogger("ltx2.store")

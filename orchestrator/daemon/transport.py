@@ -19,7 +19,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from config.settings import DaemonSettings
-from orchestrator.runner import runtime_dir
+from orchestrator.placement.worker_link import runtime_dir
 from protocol import jobs
 from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
 

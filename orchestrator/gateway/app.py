@@ -51,10 +51,10 @@ from orchestrator.gateway.video_requests import (
     param_of,
     parse_video_request,
 )
-from orchestrator.inputs import require_inside_roots
-from orchestrator.jobdir import new_job_id
-from orchestrator.publishing import companions
-from orchestrator.states import JobState
+from orchestrator.run.inputs import require_inside_roots
+from orchestrator.run.jobdir import new_job_id
+from orchestrator.run.publishing import companions
+from orchestrator.run.states import JobState
 from protocol import jobs
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS

@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from orchestrator.states import JobState
+from orchestrator.run.states import JobState
 from protocol import jobs
 
 JOB_STATES = tuple(state.value for state in JobState)

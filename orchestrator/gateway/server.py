@@ -7,7 +7,7 @@ import ipaddress
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.terminal import notice
+from orchestrator.command_line.terminal import notice
 
 
 def is_loopback(host: str) -> bool:

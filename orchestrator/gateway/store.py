@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from orchestrator.states import JobState
+from orchestrator.run.states import JobState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (

@@ -6,7 +6,7 @@ as Hugging Face cache names (never paths), and the prompt's size (a 1 MB prompt 
 one protocol frame). Everything else (multiples of 32, 8n+1 frames, ranges) is the daemon's
 JobSpec validation, whose field names `param_of` maps back to the HTTP fields. Which fields exist,
 their HTTP names and kinds come from the fields' declarations (protocol/spec.py); the spec is built by
-`orchestrator.cli_flags.spec_request`, exactly as `ltx2 submit` builds it from its flags.
+`orchestrator.run.jobspec.spec_request`, exactly as `ltx2 submit` builds it from its flags.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.cli_flags import spec_request
+from orchestrator.run.jobspec import spec_request
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 from protocol.spec_rules import (
     MAX_PROMPT_BYTES,
@@ -70,7 +70,7 @@ class VideoRequest:
     seconds: str | None  #: as the client asked, when it did
     fps: float
     seconds_note: str  #: how `seconds` became a frame count, or ""
-    #: return this key's finished video of exactly this request instead of rendering it again (orchestrator.reuse)
+    #: return this key's finished video of exactly this request instead of rendering it again (orchestrator.run.reuse)
     reuse: bool = False
 
 

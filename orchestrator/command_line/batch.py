@@ -7,10 +7,10 @@ file is validated before the first clip runs. Progress is recorded in a state fi
 the same batch again skips finished clips and resumes an interrupted one at its first
 unfinished stage. A summary table (clip, seconds, output) is printed and saved beside the videos.
 
-Clips render stage-major (orchestrator.stage_major): every prompt is encoded first with one
+Clips render stage-major (orchestrator.run.stage_major): every prompt is encoded first with one
 text-encoder load, then diffusion runs for all clips in one process per group of clips that share
 model and LoRAs, then audio decoding, then video decoding, each model loaded once per group.
-With several lanes (GPUs: orchestrator.lanes) the clips are split into one contiguous run per
+With several lanes (GPUs: orchestrator.placement.lanes) the clips are split into one contiguous run per
 lane, each rendered this way on its own lane at the same time (stage_major.run_across_lanes).
 """
 
@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.jobdir import JobDir
-from orchestrator.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
-from orchestrator.lanes import split_for_lanes
-from orchestrator.pipeline import JobFailed, first_unfinished
-from orchestrator.runner import StageOutcome
-from orchestrator.stage_major import diffusion_processes
-from orchestrator.states import JobState
+from orchestrator.placement.lanes import split_for_lanes
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
+from orchestrator.run.pipeline import JobFailed, first_unfinished
+from orchestrator.run.runner import StageOutcome
+from orchestrator.run.stage_major import diffusion_processes
+from orchestrator.run.states import JobState
 from protocol.files import STAGE_ORDER, Stage, publish, temp_path_for
 from protocol.spec_rules import SpecError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.inputs import require_inside_roots
+from orchestrator.run.inputs import require_inside_roots
 from protocol.errors import LoraNotFound
 from protocol.model_ids import hub_cache_dir
 from protocol.spec_rules import SpecError

@@ -1,9 +1,9 @@
 """One job's steps: take it, find its unfinished stages, attempt a stage until the policy is done
-with it, publish the MP4. orchestrator.stage_major runs them for one job or many.
+with it, publish the MP4. orchestrator.run.stage_major runs them for one job or many.
 
 A stage whose outputs verify against job.json is skipped, so running a job again after a crash
 resumes at the first unfinished stage. The finished video is published to the output folder as
-`<name>_<YYYYmmdd_HHMMSS>.mp4` once (orchestrator.publishing).
+`<name>_<YYYYmmdd_HHMMSS>.mp4` once (orchestrator.run.publishing).
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator import reuse
-from orchestrator.job_hooks import JobHooks, StageEvent
-from orchestrator.jobdir import CANCEL_REASON, JobDir
-from orchestrator.policy import Attempt, Decision, decide, initial_plan
-from orchestrator.publishing import publish_job
-from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker, spawn_worker
-from orchestrator.stage_attempt import run_attempt
-from orchestrator.states import AttemptResult, EventKind, JobState, StageEventKind
+from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run import reuse
+from orchestrator.run.job_hooks import JobHooks, StageEvent
+from orchestrator.run.jobdir import CANCEL_REASON, JobDir
+from orchestrator.run.policy import Attempt, Decision, decide, initial_plan
+from orchestrator.run.publishing import publish_job
+from orchestrator.run.runner import StageOutcome, spawn_worker
+from orchestrator.run.stage_attempt import run_attempt
+from orchestrator.run.states import AttemptResult, EventKind, JobState, StageEventKind
 from protocol.errors import Failure, is_no_space
 from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage

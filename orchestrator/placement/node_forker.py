@@ -1,11 +1,11 @@
 """One fork server per farm node, so a stage task starts its stage in a second, not after 10 s of imports.
 
-On a Ray farm every stage attempt is a task in a fresh Ray worker (orchestrator.ray_farm). Started
+On a Ray farm every stage attempt is a task in a fresh Ray worker (orchestrator.placement.ray_farm). Started
 as a new process, each stage imported torch and diffusers itself: about 11 s per stage on an H200
 host, which made each clip group's two decoder stages cost 12 and 17 s instead of 1.6 and 5.7 s
 (docs/benchmarks.md, version 7). A node's `NodeForker` (run by ray_farm as a Ray actor pinned to
 that node, started with the farm so its imports overlap the farm's start) keeps one fork server
-(orchestrator.fork_client, services.forkserver) and forks each stage of a task on its node from it.
+(orchestrator.placement.fork_client, services.forkserver) and forks each stage of a task on its node from it.
 
 The stage still belongs to its task, as it did when the task was its parent: a task that dies
 (cancelled with `ray.cancel(force=True)`, its worker OOM-killed) takes its stage with it, because
@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator import processes
-from orchestrator.fork_client import ForkedProcess, ForkServer, ForkServerError
+from orchestrator.placement import processes
+from orchestrator.placement.fork_client import ForkedProcess, ForkServer, ForkServerError
 from protocol.files import Stage
 
 log = logging.getLogger("ltx2.farm")

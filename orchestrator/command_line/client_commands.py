@@ -12,14 +12,14 @@ import time
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.cli_flags import spec_request
+from orchestrator.command_line.event_lines import format_event_line
+from orchestrator.command_line.progress import ProgressView
+from orchestrator.command_line.terminal import fail, notice
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import TransportError, address_from_settings, create_keys
-from orchestrator.event_lines import format_event_line
-from orchestrator.job_hooks import StageEvent
-from orchestrator.progress import ProgressView
-from orchestrator.states import AttemptResult, JobState, StageEventKind
-from orchestrator.terminal import fail, notice
+from orchestrator.run.job_hooks import StageEvent
+from orchestrator.run.jobspec import spec_request
+from orchestrator.run.states import AttemptResult, JobState, StageEventKind
 from protocol import jobs, stages
 from protocol.errors import ExitCode
 

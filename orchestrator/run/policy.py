@@ -22,8 +22,8 @@ import dataclasses
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.decode_plan import choose_decode_plan, next_decode_plan
-from orchestrator.states import JobState
+from orchestrator.run.decode_plan import choose_decode_plan, next_decode_plan
+from orchestrator.run.states import JobState
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.plans import DecodePlan

@@ -12,7 +12,7 @@ kept beside the digest in job.json (`digest_inputs`) so a user can see why two d
   minutes), so an edit that keeps both is not seen;
 - `loras`, `stage2_lora`, `image`: the SHA-256 of each file's bytes (a cached blob's name, else
   hashed once and remembered by path, size, time and inode under `<state>/file-hashes`), with the scale;
-- `plans`: each stage's first plan (orchestrator.policy.initial_plan), which carries every setting that
+- `plans`: each stage's first plan (orchestrator.run.policy.initial_plan), which carries every setting that
   changes numerics: FP8 accumulation, compile and Inductor's deterministic mode, the decode plan the
   memory profile picks, x264's preset and thread count, where the audio decodes;
 - `versions`: the packages whose code computes the bits (torch's version names its CUDA build), and
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.policy import initial_plan
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
 from protocol.spec import SPEC_FIELDS, JobSpec
 
@@ -76,7 +76,7 @@ def identify(
     stage2_lora: dict[str, Any] | None = None,
     image: Path | None = None,
 ) -> RequestIdentity:
-    """The identity of a validated request whose files were resolved (orchestrator.jobspec.BuiltSpec)."""
+    """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec)."""
     hashes = FileHashes(settings.state_dir / "file-hashes")
     inputs = {
         "request": {k: v for k, v in spec.to_dict().items() if k not in UNDIGESTED_FIELDS | FILE_FIELDS},
@@ -169,7 +169,7 @@ def installed_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 
 def stage_code() -> str:
     """One hash of the stage workers' source files (services/), which compute every bit of a clip."""
-    folder = Path(__file__).resolve().parent.parent / "services"
+    folder = Path(__file__).resolve().parents[2] / "services"
     return sha256_json({path.name: file_sha256(path) for path in sorted(folder.glob("*.py"))})
 
 

@@ -12,8 +12,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from orchestrator.job_hooks import StageEvent
-from orchestrator.states import StageEventKind
+from orchestrator.run.job_hooks import StageEvent
+from orchestrator.run.states import StageEventKind
 from protocol import codec, stages
 
 GIB = float(1 << 30)

@@ -1,7 +1,7 @@
 """Publishing a finished job into the output folder: one recorded step, all files or none.
 
 A published clip is four files: `<stem>.mp4`, `<stem>_first.png`, `<stem>_last.png` and the sidecar
-`<stem>.json` (orchestrator.sidecar). Four renames cannot happen at once, so the step is recorded
+`<stem>.json` (orchestrator.run.sidecar). Four renames cannot happen at once, so the step is recorded
 in job.json under `publish` before the output folder is touched:
 
 1. the final names are chosen and recorded (`complete: false`, with the size and SHA-256 of the
@@ -47,9 +47,9 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.jobdir import JobDir
-from orchestrator.sidecar import build_sidecar
-from orchestrator.states import EventKind
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.sidecar import build_sidecar
+from orchestrator.run.states import EventKind
 from protocol.fault_points import fault_point
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE, fingerprint_file, publish
 from protocol.job_record import Fingerprint, PublishRecord

@@ -20,20 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.job_hooks import HooksFor, StageEvent
-from orchestrator.jobdir import JobDir, tail
-from orchestrator.policy import describe_plan
-from orchestrator.runner import (
-    RemoteProcess,
-    SpawnedWorker,
-    StageOutcome,
-    WorkerLink,
-    discard_worker,
-    follow_until_exit,
-    hung_reason,
-    spawn_worker,
-)
-from orchestrator.states import AttemptResult, EventKind, StageEventKind
+from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run.job_hooks import HooksFor, StageEvent
+from orchestrator.run.jobdir import JobDir, tail
+from orchestrator.run.policy import describe_plan
+from orchestrator.run.runner import StageOutcome, follow_until_exit, hung_reason, spawn_worker
+from orchestrator.run.states import AttemptResult, EventKind, StageEventKind
 from protocol import stages
 from protocol.errors import Failure, classify_exit, describe_exit
 from protocol.files import Stage
@@ -142,7 +134,7 @@ class AttemptFollower:
             self.ready = True
             self.link.send(identity, stages.Go(job_id, self.stage.value))
             self.go_at = time.monotonic()
-            if message.cpu_threads:  # what its lane's share of the CPUs came to (orchestrator.lanes)
+            if message.cpu_threads:  # what its lane's share of the CPUs came to (orchestrator.placement.lanes)
                 self.threads = {"cpu_threads": message.cpu_threads}
                 for member in self.running:
                     self.by_id[member].note_worker(self.stage, self.worker.process.pid, **self.where, **self.threads)

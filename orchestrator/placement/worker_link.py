@@ -1,44 +1,36 @@
-"""Start one stage worker, follow it over ZeroMQ, and classify how it ended.
+"""The socket stage workers connect to (WorkerLink), the processes it starts and how they stop.
 
-The orchestrator binds one ROUTER socket (WorkerLink) on an `ipc://` path inside a 0700 runtime
-directory; each worker connects a DEALER to it, says READY, gets GO, streams progress and
-heartbeats, and exits. Whatever the worker says, the verdict comes from its exit status
-(protocol.errors.classify_exit): a worker killed by the kernel says nothing at all.
+The orchestrator binds one ROUTER socket per lane on an `ipc://` path inside a 0700 runtime
+directory (or on tcp for a farm's lane); each worker connects a DEALER to it. A worker is a local
+process (exec'd or forked: orchestrator.placement.fork_client) or a remote one (RemoteProcess:
+orchestrator.placement.ray_farm); `stop_process` ends either. What a worker is started for is the
+run's business (orchestrator.run.runner); this module knows a job only by its id.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import signal
 import stat
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import zmq
 
-from orchestrator.fork_client import ForkedProcess, ForkServer, ForkServerUnusable, worker_environment
-from orchestrator.jobdir import JobDir
-from orchestrator.lanes import Lane
-from orchestrator.stale_sockets import remove_stale_worker_sockets
+from orchestrator.placement.fork_client import ForkedProcess, ForkServer
+from orchestrator.placement.lanes import Lane
+from orchestrator.placement.stale_sockets import remove_stale_worker_sockets
 from protocol import codec
-from protocol.errors import Failure
 from protocol.files import Stage
 
 log = logging.getLogger("ltx2.orchestrator")
-# Poll interval of the follow loop: short enough that progress feels live and an exit is noticed
-# at once, long enough to cost nothing.
-POLL_MS = 200
-# After a worker exits, messages it sent just before may still be in flight.
-DRAIN_MS = 300
 # SIGTERM first so a worker can close its files; SIGKILL if it has not gone after this long.
 KILL_GRACE_S = 10.0
 # Messages kept per worker that nobody follows yet; a waiting worker sends only READY.
@@ -93,7 +85,7 @@ def check_private_dir(path: Path) -> None:
 
 @runtime_checkable
 class RemoteProcess(Protocol):
-    """A stage process another host's scheduler runs (orchestrator.ray_farm): the parts of Popen
+    """A stage process another host's scheduler runs (orchestrator.placement.ray_farm): the parts of Popen
     the runner uses, plus the wait for a place to run and where it runs once placed."""
 
     pid: int  #: 0: not a process of this host, never signalled from here
@@ -118,7 +110,7 @@ class RemoteProcess(Protocol):
 
 
 class RemoteSpawner(Protocol):
-    """Starts stage processes elsewhere (orchestrator.ray_farm.RayFarm)."""
+    """Starts stage processes elsewhere (orchestrator.placement.ray_farm.RayFarm)."""
 
     def spawn(self, module: str, args: list[str], log_path: Path) -> RemoteProcess: ...
 
@@ -148,9 +140,9 @@ class WorkerLink:
         advertise_host: str = "",
         shared_fork_server: ForkServer | None = None,
     ) -> None:
-        # Workers are forked from a server that imported torch once (orchestrator.fork_client),
+        # Workers are forked from a server that imported torch once (orchestrator.placement.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
-        # shared by all lanes of a host (orchestrator.lane_links) is its owner's to close.
+        # shared by all lanes of a host (orchestrator.placement.lane_links) is its owner's to close.
         self.owns_fork_server = shared_fork_server is None
         self.fork_server = shared_fork_server or (ForkServer() if fork_server and spawner is None else None)
         self.spawner = spawner
@@ -249,46 +241,6 @@ class WorkerLink:
 
 
 @dataclasses.dataclass
-class StageOutcome:
-    """How one attempt ended."""
-
-    returncode: int
-    failure: Failure | None
-    reason: str  #: one line: the worker's own error, or how the process ended
-    log_tail: str
-    seconds: float  #: from GO to the end: the stage's own time
-    peak_gpu_bytes: int = 0
-    peak_rss_bytes: int = 0
-    waited_s: float = 0.0  #: from the worker's start to GO (imports; for a prestarted one, its wait)
-
-    @property
-    def ok(self) -> bool:
-        return self.failure is None
-
-
-def worker_args(
-    jobs: list[JobDir],
-    stage: Stage,
-    attempt: int,
-    plan: dict[str, Any],
-    endpoint: str,
-    heartbeat_s: float,
-    orchestrator_pid: int = 0,
-) -> list[str]:
-    """The arguments of one worker (after `python -m services.<stage>`); several jobs make a group.
-    `orchestrator_pid`, this process on this host, lets a waiting worker notice when it is gone."""
-    watch = ["--orchestrator-pid", str(orchestrator_pid)] if orchestrator_pid else []
-    return [
-        *(arg for job in jobs for arg in ("--job-dir", str(job.path))),
-        "--endpoint", endpoint,
-        "--attempt", str(attempt),
-        "--plan", json.dumps(plan),
-        "--heartbeat-s", str(heartbeat_s),
-        *watch,
-    ]  # fmt: skip
-
-
-@dataclasses.dataclass
 class SpawnedWorker:
     """A started worker process and the attempt it was started for."""
 
@@ -306,94 +258,12 @@ class SpawnedWorker:
         return self.process.poll() is None and started_for == (job_ids, stage, attempt, plan)
 
 
-def spawn_worker(
-    job: JobDir | list[JobDir],
-    stage: Stage,
-    attempt: int,
-    plan: dict[str, Any],
-    link: WorkerLink,
-    heartbeat_s: float,
-) -> SpawnedWorker:
-    """Start a worker; it says READY and waits for GO before it touches the GPU (DESIGN.md rule 5).
-
-    Given a list of jobs it is a group worker (stage-major); its log is the first job's. It sees
-    only the link's lane's device (`CUDA_VISIBLE_DEVICES`), if the lane pins one.
-    """
-    jobs = job if isinstance(job, list) else [job]
-    job_ids = tuple(job.id for job in jobs)
-    worker = SpawnedWorker(start_process(jobs, stage, attempt, plan, link, heartbeat_s), stage, attempt, plan, job_ids)
-    link.started.append(worker)
-    return worker
-
-
-def start_process(
-    jobs: list[JobDir], stage: Stage, attempt: int, plan: dict[str, Any], link: WorkerLink, heartbeat_s: float
-) -> WorkerProcess:
-    """The worker's process: on the link's farm, forked by its fork server, or exec'd."""
-    log_path = jobs[0].log_path(stage, attempt)
-    if link.spawner is not None:  # another host: its scheduler, not a pid here, bounds its life
-        args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
-        return link.spawner.spawn(stage.module, args, log_path)
-    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid())
-    visible, threads = link.lane.visible_devices, link.lane.threads
-    if link.fork_server is not None:
-        try:
-            return link.fork_server.spawn(stage.value, args, log_path, visible, threads)
-        except ForkServerUnusable as exc:  # said once: the link execs workers from now on
-            log.warning("%s", exc)
-            if link.owns_fork_server:
-                link.fork_server.close()
-            link.fork_server = None
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", stage.module, *args],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env=worker_environment(visible, threads),
-        )
-
-
 def discard_worker(worker: SpawnedWorker | None, link: WorkerLink) -> None:
     """Stop a prestarted worker that will not be used."""
     if worker is not None:
         stop_process(worker.process)
         for job_id in worker.job_ids:
             link.forget(job_id, worker.stage.value)
-
-
-def follow_until_exit(
-    process: WorkerProcess,
-    pump: Callable[[int], bool],
-    last_heard: Callable[[], float],
-    should_stop: Callable[[], Failure | None],
-    hung_after_s: float,
-) -> tuple[int, Failure | None]:
-    """Handle a worker's messages (`pump`) until it exits, stopping it when `should_stop` says
-    why (cancelled, interrupted) or when it is silent for `hung_after_s`; returns (exit status,
-    the reason it was stopped or None). A remote process still queued for a node is not silent:
-    the hang clock starts when it is placed."""
-    forced: Failure | None = None
-    queued_until = 0.0
-    while (returncode := process.poll()) is None:
-        if isinstance(process, RemoteProcess) and process.queued:
-            queued_until = time.monotonic()
-        if pump(POLL_MS):
-            continue
-        forced = should_stop()
-        if forced is None and time.monotonic() - max(last_heard(), queued_until) > hung_after_s:
-            forced = Failure.HUNG
-        if forced is not None:
-            returncode = stop_process(process)
-            break
-    while pump(DRAIN_MS):  # messages sent just before the exit
-        pass
-    return returncode, forced
-
-
-def hung_reason(hung_after_s: float) -> str:
-    return f"no message for {hung_after_s:.0f} s; killed"
 
 
 def stop_process(process: WorkerProcess) -> int:

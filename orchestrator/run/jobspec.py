@@ -8,26 +8,39 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from config.presets import DISTILLED_SCHEDULE
 from config.settings import Settings
-from orchestrator.inputs import require_image
-from orchestrator.lora_lookup import resolve_lora
-from orchestrator.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from orchestrator.request_digest import RequestIdentity, identify
+from orchestrator.run.inputs import require_image
+from orchestrator.run.lora_lookup import resolve_lora
+from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
+from orchestrator.run.request_digest import RequestIdentity, identify
 from protocol.codec import is_instance_of
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
-from protocol.spec import JobSpec
-from protocol.spec_rules import SCHEDULES, TWO_STAGE, SpecError, describe_duration, frames_lasting, require_path_text
+from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
+from protocol.spec_rules import (
+    NOT_UTF8,
+    SCHEDULES,
+    TWO_STAGE,
+    SpecError,
+    describe_duration,
+    frames_lasting,
+    require_path_text,
+)
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
 # NAG settings that only matter when --nag-scale turns NAG on.
 NAG_TUNING = ("nag_tau", "nag_alpha", "nag_steps")
+
+
+# What the command line takes: every spec field and the inputs resolved into them (camera, seconds).
+CLI_FIELDS = tuple(declared for declared in (*SPEC_FIELDS, *REQUEST_ONLY) if declared.cli != "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +54,7 @@ class BuiltSpec:
     image: Path | None = None  #: the validated conditioning image
     #: dev two-stage: the spec's stage-2 distilled LoRA with local `path`, `revision` and scale 1.0
     stage2_lora: dict[str, Any] | None = None
-    #: the request's digest and what it was computed from (orchestrator.request_digest)
+    #: the request's digest and what it was computed from (orchestrator.run.request_digest)
     identity: RequestIdentity | None = None
 
 
@@ -173,3 +186,48 @@ def camera_lora(name: object, settings: Settings) -> dict[str, Any]:
         raise SpecError("camera", f"must be one of {', '.join(sorted(settings.cameras))}; got {name!r}")
     repo_id, weight_name = settings.cameras[name]
     return {"source": repo_id, "weight_name": weight_name, "scale": 1.0}
+
+
+def spec_request(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec fields given (the rest come from the preset), from the command line's values
+    (`vars(args)`) or the gateway's, which use the same names.
+
+    Raises SpecError for text that is not UTF-8: Python hands undecodable argv bytes over as lone
+    surrogates, which no protocol frame or job.json can carry (`ltx2 submit` died encoding them).
+    """
+    request = {
+        declared.name: values[declared.name]
+        for declared in CLI_FIELDS
+        if declared.name != "stage2_lora" and values.get(declared.name) is not None
+    }
+    stage2_lora = stage2_lora_request(values)
+    if stage2_lora is not None:
+        request["stage2_lora"] = stage2_lora
+    for name, value in request.items():
+        require_utf8("lora" if name == "loras" else name, value)
+    return request
+
+
+def stage2_lora_request(values: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The `stage2_lora` field from --stage2-lora and --stage2-lora-weight-name (None when neither is given)."""
+    source = values.get("stage2_lora")
+    weight_name = values.get("stage2_lora_weight_name")
+    if source is None:
+        if weight_name is not None:
+            raise SpecError("stage2_lora_weight_name", "needs --stage2-lora (the repo or folder holding the file)")
+        return None
+    return {"source": source, **({"weight_name": weight_name} if weight_name is not None else {})}
+
+
+def require_utf8(field: str, value: Any) -> None:
+    """SpecError naming `field` if `value` (or any text inside it) cannot be encoded as UTF-8."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        for item in value:
+            require_utf8(field, item)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(field, NOT_UTF8) from None

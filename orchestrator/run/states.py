@@ -2,10 +2,10 @@
 
 Import-free (stdlib only), so the CLI, the daemon, the store and the tests share it. Each state
 machine is an enum whose members say, in their comment, how they are entered, with a table of
-allowed transitions beside it. `JobDir` (orchestrator/jobdir.py) is the only writer of these
+allowed transitions beside it. `JobDir` (orchestrator/run/jobdir.py) is the only writer of these
 states: it checks each change against the tables here before it saves job.json, and the daemon's
 sqlite queue only mirrors what job.json says. docs/states.md is generated from this module
-(`python -m orchestrator.states`); a test keeps the two equal.
+(`python -m orchestrator.run.states`); a test keeps the two equal.
 """
 
 from __future__ import annotations
@@ -149,8 +149,8 @@ def render_markdown() -> str:
     lines = [
         "# States",
         "",
-        "Generated from `orchestrator/states.py` by `python -m orchestrator.states > docs/states.md`;",
-        "a test fails when the two differ. `orchestrator/jobdir.py` (`JobDir`) is the only code that",
+        "Generated from `orchestrator/run/states.py` by `python -m orchestrator.run.states > docs/states.md`;",
+        "a test fails when the two differ. `orchestrator/run/jobdir.py` (`JobDir`) is the only code that",
         "writes any of these states; it checks every change against the tables below.",
     ]
     for title, enum_type, table, where in sections:

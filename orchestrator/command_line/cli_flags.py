@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.run.jobspec import CLI_FIELDS
 from protocol.request_fields import Declared
-from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
-from protocol.spec_rules import NOT_UTF8, SpecError
-
-# What the command line takes: every spec field and the inputs resolved into them (camera, seconds).
-CLI_FIELDS = tuple(declared for declared in (*SPEC_FIELDS, *REQUEST_ONLY) if declared.cli != "none")
 
 
 class LoraAction(argparse.Action):
@@ -122,48 +117,3 @@ def add_stage2_lora_flags(parser: argparse.ArgumentParser, declared: Declared) -
     parser.add_argument("--stage2-lora", metavar=declared.metavar, help=declared.help)
     for sub in STAGE2_LORA_SUB_FLAGS:
         parser.add_argument(sub.flag, metavar=sub.metavar, help=sub.help)
-
-
-def spec_request(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The spec fields given (the rest come from the preset), from the command line's values
-    (`vars(args)`) or the gateway's, which use the same names.
-
-    Raises SpecError for text that is not UTF-8: Python hands undecodable argv bytes over as lone
-    surrogates, which no protocol frame or job.json can carry (`ltx2 submit` died encoding them).
-    """
-    request = {
-        declared.name: values[declared.name]
-        for declared in CLI_FIELDS
-        if declared.name != "stage2_lora" and values.get(declared.name) is not None
-    }
-    stage2_lora = stage2_lora_request(values)
-    if stage2_lora is not None:
-        request["stage2_lora"] = stage2_lora
-    for name, value in request.items():
-        require_utf8("lora" if name == "loras" else name, value)
-    return request
-
-
-def stage2_lora_request(values: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The `stage2_lora` field from --stage2-lora and --stage2-lora-weight-name (None when neither is given)."""
-    source = values.get("stage2_lora")
-    weight_name = values.get("stage2_lora_weight_name")
-    if source is None:
-        if weight_name is not None:
-            raise SpecError("stage2_lora_weight_name", "needs --stage2-lora (the repo or folder holding the file)")
-        return None
-    return {"source": source, **({"weight_name": weight_name} if weight_name is not None else {})}
-
-
-def require_utf8(field: str, value: Any) -> None:
-    """SpecError naming `field` if `value` (or any text inside it) cannot be encoded as UTF-8."""
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, list):
-        for item in value:
-            require_utf8(field, item)
-    elif isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise SpecError(field, NOT_UTF8) from None

@@ -16,7 +16,7 @@ import re
 import socket
 from pathlib import Path
 
-from orchestrator import processes
+from orchestrator.placement import processes
 
 log = logging.getLogger("ltx2.orchestrator")
 # -N: lane N's socket, for lanes after the first; daemon-core-PID: a daemon's link to its client front.

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import processes
+from orchestrator.placement import processes
 
 log = logging.getLogger("ltx2.forkserver")
 # The server imports torch and diffusers before it answers: 5 s here, up to 30 s on a cold GPU
@@ -48,7 +48,7 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     A value the user set is kept, for both; so is an allocator configuration given under torch's
     newer, device-neutral name `PYTORCH_ALLOC_CONF`.
 
-    `visible_devices`, a lane's device (orchestrator.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
+    `visible_devices`, a lane's device (orchestrator.placement.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
     `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it).
     """
     defaults: dict[str, str] = {}
@@ -218,7 +218,7 @@ class ForkServer:
     """Forks workers through one server process, started on first use and again after it died.
 
     `die_with_server`: each worker dies with the server that forked it (a farm node's server,
-    orchestrator.node_forker, whose orchestrator is on another host); locally a stopped server's
+    orchestrator.placement.node_forker, whose orchestrator is on another host); locally a stopped server's
     workers are left to their own sessions, and this side kills those of a server that died."""
 
     def __init__(self, die_with_server: bool = False) -> None:

@@ -8,7 +8,7 @@ the record typed and is the one place that reads job.json into it and writes it 
 beside it gets one JSON line per event, for `ltx2 logs` and post-mortems.
 
 Every state in job.json (the job's, each stage's, each attempt's result) is changed here and only
-here, each change checked against orchestrator/states.py (DESIGN.md rule 7). A job's state
+here, each change checked against orchestrator/run/states.py (DESIGN.md rule 7). A job's state
 changes under an flock of the job directory and against the state on disk, so two threads or
 processes (the daemon's request loop cancelling a queued job while its executor claims it) cannot
 both move it; the daemon's sqlite queue is told of each change through `mirror`.
@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.inputs import store_image
-from orchestrator.model_lookup import ResolvedModel
-from orchestrator.request_digest import RequestIdentity
-from orchestrator.states import (
+from orchestrator.run.inputs import store_image
+from orchestrator.run.model_lookup import ResolvedModel
+from orchestrator.run.request_digest import RequestIdentity
+from orchestrator.run.states import (
     ATTEMPT_TRANSITIONS,
     JOB_TRANSITIONS,
     STAGE_TRANSITIONS,
@@ -120,9 +120,9 @@ class JobDir:
     ) -> JobDir:
         """Make the directory, copy the conditioning image in, write the first job.json.
 
-        `identity` (orchestrator.request_digest) gives the request digest and the deterministic mode;
+        `identity` (orchestrator.run.request_digest) gives the request digest and the deterministic mode;
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
-        `loras` and `stage2_lora` are orchestrator.lora_lookup.resolve_lora's results, recorded as
+        `loras` and `stage2_lora` are orchestrator.run.lora_lookup.resolve_lora's results, recorded as
         protocol.job_record.ResolvedLora.
         """
         job_id = job_id or new_job_id()

@@ -1,6 +1,6 @@
 """events.log lines as a person reads them: `06:22:40.838  stage_progress  encode_diffuse  denoise 1/8`.
 
-events.log is JSON Lines (one object per event, orchestrator/jobdir.log_event) so that tools can
+events.log is JSON Lines (one object per event, orchestrator/run/jobdir.log_event) so that tools can
 parse it; `ltx2 logs` shows it this way instead, and `ltx2 logs --json` prints the lines as stored.
 """
 

@@ -1,6 +1,6 @@
 """Where lanes come from: this host's devices, or a Ray cluster (`[cluster] backend`).
 
-Each lane is followed by one thread with its own WorkerLink (orchestrator.runner); this module
+Each lane is followed by one thread with its own WorkerLink (orchestrator.run.runner); this module
 gives the lanes and makes their links, so the daemon and `ltx2 batch` need not know which backend
 runs them. The Ray backend is imported only when it is configured: ray is never imported at CLI
 start (the orchestrator starts in well under a second).
@@ -13,9 +13,9 @@ from typing import Protocol
 import zmq
 
 from config.settings import ConfigError, Settings
-from orchestrator.fork_client import ForkServer
-from orchestrator.lanes import Lane, resolve_lanes
-from orchestrator.runner import WorkerLink
+from orchestrator.placement.fork_client import ForkServer
+from orchestrator.placement.lanes import Lane, resolve_lanes
+from orchestrator.placement.worker_link import WorkerLink
 
 
 class LaneSource(Protocol):
@@ -29,7 +29,7 @@ class LaneSource(Protocol):
 
 
 class LocalLanes:
-    """This host's lanes (orchestrator.lanes); their workers are forked or exec'd here.
+    """This host's lanes (orchestrator.placement.lanes); their workers are forked or exec'd here.
 
     All lanes fork from one server (each child is pinned to its lane's device as it starts), which
     starts importing as the lanes are opened: a daemon's first job, and a batch's first stage after
@@ -57,7 +57,7 @@ def open_lanes(settings: Settings, context: zmq.Context) -> LaneSource:
     """The configured lanes; raises ConfigError (FarmUnusable for a farm) when they cannot run."""
     if settings.backend == "ray":
         try:
-            from orchestrator.ray_farm import RayFarm
+            from orchestrator.placement.ray_farm import RayFarm
         except ImportError as exc:
             raise ConfigError(
                 f"cluster.backend = \"ray\" needs Ray: pip install 'ltx2-stages[cluster]' ({exc})"

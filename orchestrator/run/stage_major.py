@@ -8,15 +8,15 @@ start, progress and end on its own. Still one process per stage: the group proce
 after another, and each exits before the next stage's process starts.
 
 A job the group process did not finish (it crashed, ran out of memory or was killed) is given to
-the policy with that attempt (orchestrator.policy.decide); if it may try again it runs the stage
-on its own through the ordinary path (orchestrator.pipeline); jobs it never reached form a new
-group. The worker is followed by the same code as a single job's (orchestrator.stage_attempt).
+the policy with that attempt (orchestrator.run.policy.decide); if it may try again it runs the stage
+on its own through the ordinary path (orchestrator.run.pipeline); jobs it never reached form a new
+group. The worker is followed by the same code as a single job's (orchestrator.run.stage_attempt).
 Finished outputs are never redone, and a group never does worse than one process per clip.
 
 This is the only scheduler: `run_job` (`ltx2 generate`, `decode`, the daemon's lone jobs) is a
 stage-major run of one job, which also starts its next stage's worker while a stage runs.
 
-With several lanes (orchestrator.lanes), `run_across_lanes` splits the jobs into one contiguous
+With several lanes (orchestrator.placement.lanes), `run_across_lanes` splits the jobs into one contiguous
 run per lane, in order, and runs each stage-major in its own thread over its own WorkerLink: the
 lanes work at the same time, each one stage process at a time, and a job stays on its lane.
 """
@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.job_hooks import HooksFor, JobHooks
-from orchestrator.jobdir import JobDir
-from orchestrator.lane_links import LaneSource
-from orchestrator.lanes import Lane, split_for_lanes
-from orchestrator.pipeline import (
+from orchestrator.placement.lane_links import LaneSource
+from orchestrator.placement.lanes import Lane, split_for_lanes
+from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run.job_hooks import HooksFor, JobHooks
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.pipeline import (
     JobFailed,
     end_job,
     finish_job,
@@ -44,10 +45,10 @@ from orchestrator.pipeline import (
     run_stage_until_done,
     take_job,
 )
-from orchestrator.policy import Attempt, decide
-from orchestrator.runner import SpawnedWorker, StageOutcome, WorkerLink, discard_worker
-from orchestrator.stage_attempt import STOPS, run_attempt
-from orchestrator.states import JobState
+from orchestrator.run.policy import Attempt, decide
+from orchestrator.run.runner import StageOutcome
+from orchestrator.run.stage_attempt import STOPS, run_attempt
+from orchestrator.run.states import JobState
 from protocol.files import STAGE_ORDER, Stage
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.jobdir import JobDir
-from orchestrator.policy import describe_plan
-from orchestrator.states import JobState
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.policy import describe_plan
+from orchestrator.run.states import JobState
 from protocol.files import Stage, publish, temp_path_for
 
 DIGESTS_DIR = "digests"

@@ -11,13 +11,13 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.states import StageEventKind
+from orchestrator.run.states import StageEventKind
 from protocol import codec
 from protocol.errors import Failure
 from protocol.files import Stage
 
 if TYPE_CHECKING:
-    from orchestrator.jobdir import JobDir
+    from orchestrator.run.jobdir import JobDir
 
 
 @dataclasses.dataclass(frozen=True)

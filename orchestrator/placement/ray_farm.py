@@ -6,7 +6,7 @@ module loads no ray, so `orchestrator/` stays ray-free at start. The head keeps 
 the queue, every job's state and the retry policy. Ray only places processes. Each stage attempt
 (or stage-major group) is one task taking one unit of `[cluster] ray_resource` ("GPU"), in a fresh
 Ray worker process that runs that one task and exits (`max_calls=1`): it has its node's fork
-server fork the stage (orchestrator.node_forker: one actor per lane node, started with the farm,
+server fork the stage (orchestrator.placement.node_forker: one actor per lane node, started with the farm,
 so a stage does not import torch and diffusers itself) or, on a node without a usable one, starts
 it as a local lane execs it (`python -m services.<stage> ...`, through services.parent_bound), and
 waits for it; either way the stage dies with the task. Ray never retries a task
@@ -42,9 +42,9 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from config.settings import ConfigError, Settings
-from orchestrator.fork_client import worker_environment
-from orchestrator.lanes import Lane
-from orchestrator.runner import WorkerLink
+from orchestrator.placement.fork_client import worker_environment
+from orchestrator.placement.lanes import Lane
+from orchestrator.placement.worker_link import WorkerLink
 from protocol.errors import ExitCode
 from protocol.fault_points import fault_point, fault_switches
 from protocol.stages import WORKER_CURVE_ENV
@@ -88,7 +88,7 @@ def run_stage(
 ) -> Iterator[dict]:
     """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it.
 
-    The stage is forked by the node's fork server (orchestrator.node_forker, the actor named
+    The stage is forked by the node's fork server (orchestrator.placement.node_forker, the actor named
     `forkers` + node id) when the node has a usable one, else started as a new process that dies
     with this one (services.parent_bound)."""
     ray = ray_module()
@@ -159,9 +159,9 @@ def stage_task() -> RemoteFunction:
 
 @cache
 def node_forker_actor() -> ActorClass:
-    """orchestrator.node_forker.NodeForker as a Ray actor: no resources (the stage tasks hold the
+    """orchestrator.placement.node_forker.NodeForker as a Ray actor: no resources (the stage tasks hold the
     GPUs), never restarted by Ray, many threads (one per stage task waiting on it)."""
-    from orchestrator.node_forker import NodeForker
+    from orchestrator.placement.node_forker import NodeForker
 
     return ray_module().remote(num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=FORKER_THREADS)(
         NodeForker
@@ -188,7 +188,7 @@ def check_reachable(address: str) -> None:
 
 
 class RayStageProcess:
-    """A stage running as a Ray task: what the runner needs of a process (runner.RemoteProcess)."""
+    """A stage running as a Ray task: what the runner needs of a process (worker_link.RemoteProcess)."""
 
     pid = 0  # not a process of this host: never signalled from here
 

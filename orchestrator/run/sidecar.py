@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from orchestrator.jobdir import JobDir
-from orchestrator.request_digest import installed_versions
-from orchestrator.reuse import reproducibility
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.request_digest import installed_versions
+from orchestrator.run.reuse import reproducibility
 from protocol.files import Stage
 from protocol.job_record import ResolvedLora
 
