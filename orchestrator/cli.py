@@ -279,9 +279,13 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 serve`: the HTTP gateway (the `[serve]` extra: Starlette, uvicorn, prometheus-client)."""
     try:
         from orchestrator.gateway.server import serve as run_gateway
+        from orchestrator.gateway.server import serving_notices
     except ImportError as exc:
         return fail(f"serve needs the [serve] extra ({exc}): pip install 'ltx2-stages[serve]'", ExitCode.ENVIRONMENT)
-    return run_gateway(settings, args.host or settings.http.host, args.port or settings.http.port)
+    host, port = args.host or settings.http.host, args.port or settings.http.port
+    for line in serving_notices(settings, host, port):
+        notice(f"serve: {line}")
+    return run_gateway(settings, host, port)
 
 
 def split_output_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -7,7 +7,6 @@ import ipaddress
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.command_line.terminal import notice
 
 
 def is_loopback(host: str) -> bool:
@@ -30,6 +29,17 @@ def timestamped_logging() -> dict[str, Any]:
     return config
 
 
+def serving_notices(settings: Settings, host: str, port: int) -> list[str]:
+    """What `ltx2 serve` tells the person who starts it: where the page, the API and the keys are,
+    and a warning when it listens beyond loopback. The command prints them; the gateway only serves."""
+    notices = []
+    if not is_loopback(host):
+        notices.append(f"listening on {host}, not loopback: keys travel in clear text unless a TLS proxy is in front")
+    notices.append(f"the job page at http://{host}:{port}/, the API at http://{host}:{port}/v1/videos")
+    notices.append(f"API keys in {settings.http_keys_file} (make one: ltx2 keys --http NAME)")
+    return notices
+
+
 def serve(settings: Settings, host: str, port: int) -> int:
     """Serve the gateway; returns the exit status."""
     import uvicorn
@@ -37,10 +47,6 @@ def serve(settings: Settings, host: str, port: int) -> int:
     from orchestrator.gateway.app import build_app
     from orchestrator.gateway.connections import protocol_for
 
-    if not is_loopback(host):
-        notice(f"serve: listening on {host}, not loopback: keys travel in clear text unless a TLS proxy is in front")
-    notice(f"serve: the job page at http://{host}:{port}/, the API at http://{host}:{port}/v1/videos")
-    notice(f"serve: API keys in {settings.http_keys_file} (make one: ltx2 keys --http NAME)")
     uvicorn.run(
         build_app(settings),
         host=host,
