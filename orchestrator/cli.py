@@ -40,7 +40,7 @@ from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.pipeline import JobFailed, take_job
 from orchestrator.run.request_digest import identify
 from orchestrator.run.runner import StageOutcome
-from orchestrator.run.stage_major import run_across_lanes, run_job
+from orchestrator.run.stage_major import run_across_lanes, run_job_stage_major
 from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
@@ -368,7 +368,9 @@ def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | No
     with StopOnSignals() as stop:
         try:
             take_job(job)
-            output = run_job(job, settings, link, JobHooks(listener=view, should_stop=stop.reason), target=target)
+            output = run_job_stage_major(
+                job, settings, link, JobHooks(listener=view, should_stop=stop.reason), target=target
+            )
         except JobFailed as exc:
             view.close()
             return report_job_failed(exc, job)

@@ -26,7 +26,7 @@ from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.pipeline import JobHooks
 from orchestrator.run.policy import initial_plan
-from orchestrator.run.stage_major import run_job
+from orchestrator.run.stage_major import run_job_stage_major
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
@@ -79,7 +79,7 @@ def run_staged(
     context = zmq.Context()
     link = WorkerLink(context, shared_fork_server=fork_server)
     try:
-        run_job(job, settings, link, JobHooks())
+        run_job_stage_major(job, settings, link, JobHooks())
     finally:
         link.close()
         context.term()

@@ -15,7 +15,7 @@ from orchestrator.placement.worker_link import WorkerLink
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.pipeline import JobHooks, StageEvent
-from orchestrator.run.stage_major import run_job
+from orchestrator.run.stage_major import run_job_stage_major
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
 
@@ -29,7 +29,7 @@ def run(job: JobDir, state: Path, fork_server: ForkServer) -> list[tuple[str, st
     link = WorkerLink(context, shared_fork_server=fork_server)
     try:
         hooks = JobHooks(listener=lambda e: events.append((e.stage, e.kind)) if isinstance(e, StageEvent) else None)
-        run_job(job, settings, link, hooks)
+        run_job_stage_major(job, settings, link, hooks)
     finally:
         link.close()
         context.term()

@@ -5,8 +5,8 @@ A lane (a GPU: DESIGN.md rule 8) runs one clip's stage at a time, so one thread 
 suffices; every worker it starts runs on its lane's device, over its own worker socket and fork
 server. Each claims the oldest queued job in the
 store (QUEUED -> RUNNING through JobDir.transition, which the store mirrors) and runs it
-(orchestrator.run.pipeline.run_job: stage processes; the policy decides retries and how the job
-ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
+(orchestrator.run.stage_major.run_job_stage_major: stage processes; the policy decides retries and
+how the job ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
 it use the same model (and dtype), it claims those too, up to `[worker] group_size`, and runs
 them stage-major (orchestrator.run.stage_major): each stage's models load once for the group. Jobs
 are never taken out of submission order for this; with several lanes a claim takes at most its
@@ -39,7 +39,7 @@ from orchestrator.run.jobdir import CANCEL_REASON, JobDir
 from orchestrator.run.pipeline import JobFailed, next_attempt
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.runner import StageOutcome, spawn_worker
-from orchestrator.run.stage_major import run_job, run_stage_major
+from orchestrator.run.stage_major import run_job_stage_major, run_stage_major
 from orchestrator.run.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
@@ -197,7 +197,7 @@ class Executor(threading.Thread):
         log.info("job %s: running", job.id)
         prestarted, self.next_worker = self.next_worker, None
         try:
-            output = run_job(job, self.settings, link, self.hooks(store, link, job), prestarted)
+            output = run_job_stage_major(job, self.settings, link, self.hooks(store, link, job), prestarted)
             log.info("job %s: done -> %s", job.id, output)
         except JobFailed as exc:
             log.info("job %s: %s: %s", job.id, exc.job_state.value, exc)

@@ -13,8 +13,8 @@ on its own through the ordinary path (orchestrator.run.pipeline); jobs it never 
 group. The worker is followed by the same code as a single job's (orchestrator.run.stage_attempt).
 Finished outputs are never redone, and a group never does worse than one process per clip.
 
-This is the only scheduler: `run_job` (`ltx2 generate`, `decode`, the daemon's lone jobs) is a
-stage-major run of one job, which also starts its next stage's worker while a stage runs.
+This is the only scheduler: `run_job_stage_major` (`ltx2 generate`, `decode`, the daemon's lone
+jobs) is a stage-major run of one job, which also starts its next stage's worker while a stage runs.
 
 With several lanes (orchestrator.placement.lanes), `run_across_lanes` splits the jobs into one contiguous
 run per lane, in order, and runs each stage-major in its own thread over its own WorkerLink: the
@@ -92,7 +92,7 @@ def diffusion_processes(jobs: list[JobDir], settings: Settings) -> int:
     return sum(math.ceil(count / settings.group_size) for count in keys.values())
 
 
-def run_job(
+def run_job_stage_major(
     job: JobDir,
     settings: Settings,
     link: WorkerLink,
