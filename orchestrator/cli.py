@@ -37,7 +37,7 @@ from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec, spec_request
 from orchestrator.run.model_lookup import resolve_model
-from orchestrator.run.pipeline import JobFailed, take_job
+from orchestrator.run.pipeline import JobStopped, take_job
 from orchestrator.run.request_digest import identify
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import run_across_lanes, run_job_stage_major
@@ -371,9 +371,9 @@ def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | No
             output = run_job_stage_major(
                 job, settings, link, JobHooks(listener=view, should_stop=stop.reason), target=target
             )
-        except JobFailed as exc:
+        except JobStopped as exc:
             view.close()
-            return report_job_failed(exc, job)
+            return report_job_stopped(exc, job)
         finally:
             link.close()
             context.term()
@@ -382,7 +382,7 @@ def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | No
     return 0
 
 
-def report_job_failed(exc: JobFailed, job: JobDir) -> int:
+def report_job_stopped(exc: JobStopped, job: JobDir) -> int:
     """One error for a job that ended without a video; returns the exit code."""
     if exc.failure is Failure.INTERRUPTED:
         return fail(
@@ -392,7 +392,7 @@ def report_job_failed(exc: JobFailed, job: JobDir) -> int:
     return fail(f"{exc}; {where_to_look(exc, job)}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
 
 
-def where_to_look(exc: JobFailed, job: JobDir) -> str:
+def where_to_look(exc: JobStopped, job: JobDir) -> str:
     """Where the details of a failed job are: the failed attempt's worker log (its traceback stays
     there, never on the terminal: the error line already says what failed), else the job directory."""
     attempts = len(job.stage_record(exc.stage).attempts)
@@ -465,7 +465,7 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     view = ProgressView(enabled=not args.quiet)
     shared = threading.Lock()  # the lanes' threads share the progress view and the batch's tally
 
-    def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobFailed]:
+    def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobStopped]:
         labels = {job.id: key for key, job in jobs.items()}
         for job in jobs.values():
             take_job(job)

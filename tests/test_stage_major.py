@@ -24,7 +24,7 @@ from orchestrator.placement.worker_link import WorkerLink
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec
 from orchestrator.run.model_lookup import ResolvedModel
-from orchestrator.run.pipeline import JobFailed, JobHooks
+from orchestrator.run.pipeline import JobHooks, JobStopped
 from orchestrator.run.policy import initial_plan
 from orchestrator.run.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure
@@ -236,7 +236,7 @@ def test_member_with_invalid_input_fails_alone_and_the_group_goes_on(
         link.close()
         context.term()
     failure = second[broken.id]
-    assert isinstance(failure, JobFailed) and failure.failure is Failure.INVALID_INPUT
+    assert isinstance(failure, JobStopped) and failure.failure is Failure.INVALID_INPUT
     assert "made for another job spec" in failure.reason
     reloaded = {job.id: JobDir.load(job.path) for job in jobs}
     # One attempt in the group of three and no solo retry: bad input fails the same way every time.

@@ -30,7 +30,7 @@ from config.settings import Settings
 from orchestrator.placement.lanes import split_for_lanes
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
-from orchestrator.run.pipeline import JobFailed, first_unfinished
+from orchestrator.run.pipeline import JobStopped, first_unfinished
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import diffusion_processes
 from orchestrator.run.states import JobState
@@ -41,7 +41,7 @@ from protocol.spec_rules import SpecError
 StageReport = Callable[[JobDir, Stage, StageOutcome], None]
 #: Renders jobs (by clip key) to their MP4s stage-major, calling the StageReport as stages end;
 #: returns each job's (by job id) MP4 path or failure.
-Render = Callable[[dict[str, JobDir], StageReport], dict[str, Path | JobFailed]]
+Render = Callable[[dict[str, JobDir], StageReport], dict[str, Path | JobStopped]]
 
 
 class BatchError(ValueError):
@@ -191,11 +191,11 @@ def run_batch(
         job = jobs[clip.key]
         result = results[job.id]
         seconds = round(tracker.seconds.get(job.id, 0.0), 1)
-        if isinstance(result, JobFailed) and result.job_state is JobState.QUEUED:  # Ctrl-C: resumes on a rerun
+        if isinstance(result, JobStopped) and result.job_state is JobState.QUEUED:  # Ctrl-C: resumes on a rerun
             entry.update(status=JobState.QUEUED.value)
             report(f"clip {number}/{len(clips)} {clip.key}: interrupted (job {job.path})")
             rows.append({"clip": clip.key, "seconds": seconds, "output": "", "status": "stopped"})
-        elif isinstance(result, JobFailed):  # unattended: recorded, the other clips went on
+        elif isinstance(result, JobStopped):  # unattended: recorded, the other clips went on
             entry.update(status=JobState.FAILED.value, error=str(result))
             report(f"clip {number}/{len(clips)} {clip.key}: FAILED: {result} (job {job.path})")
             rows.append({"clip": clip.key, "seconds": seconds, "output": str(result), "status": "failed"})

@@ -36,7 +36,7 @@ from orchestrator.placement.lanes import Lane
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_hooks import JobHooks, StageEvent
 from orchestrator.run.jobdir import CANCEL_REASON, JobDir
-from orchestrator.run.pipeline import JobFailed, next_attempt
+from orchestrator.run.pipeline import JobStopped, next_attempt
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.runner import StageOutcome, spawn_worker
 from orchestrator.run.stage_major import run_job_stage_major, run_stage_major
@@ -199,7 +199,7 @@ class Executor(threading.Thread):
         try:
             output = run_job_stage_major(job, self.settings, link, self.hooks(store, link, job), prestarted)
             log.info("job %s: done -> %s", job.id, output)
-        except JobFailed as exc:
+        except JobStopped as exc:
             log.info("job %s: %s: %s", job.id, exc.job_state.value, exc)
         except Exception as exc:  # a job must never take the executor down with it
             log.exception("job %s: orchestration error", job.id)
@@ -222,7 +222,7 @@ class Executor(threading.Thread):
                 fail_job(job, f"orchestration error: {exc}")
             results = {}
         for job_id, result in results.items():
-            if isinstance(result, JobFailed):
+            if isinstance(result, JobStopped):
                 log.info("job %s: %s: %s", job_id, result.job_state.value, result)
             else:
                 log.info("job %s: done -> %s", job_id, result)

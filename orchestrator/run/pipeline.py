@@ -27,9 +27,10 @@ from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage
 
 
-class JobFailed(Exception):
-    """The job ended without a video: the policy's decision (`job_state` FAILED, CANCELLED, or
-    QUEUED when the orchestrator was interrupted) after `stage` failed with `outcome`."""
+class JobStopped(Exception):
+    """The job stopped without a video, by the policy's decision after `stage` failed with
+    `outcome`: `job_state` says how it stopped (FAILED; CANCELLED on request; QUEUED again when the
+    orchestrator was interrupted, to be resumed). Not every stop is a failure, hence the name."""
 
     def __init__(self, stage: Stage, outcome: StageOutcome, decision: Decision) -> None:
         self.stage = stage
@@ -74,7 +75,7 @@ def first_unfinished(job: JobDir) -> int:
     return next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
 
 
-class PublishFailed(JobFailed):
+class PublishFailed(JobStopped):
     """Every stage succeeded but the MP4 could not be copied out (full, read-only or missing
     output folder); the job is FAILED and its video stays in the job directory."""
 
@@ -104,7 +105,7 @@ def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | 
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
 
     A cancel that came in after the last stage's worker ended still wins until publishing begins
-    (the job ends CANCELLED, JobFailed); from then on it is answered "too late" (JobDir.request_cancel).
+    (the job ends CANCELLED, JobStopped); from then on it is answered "too late" (JobDir.request_cancel).
     A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
     the command that recovers the video (PublishFailed); it is never left RUNNING.
     """
@@ -154,7 +155,7 @@ def run_stage_until_done(
     history: tuple[Attempt, ...] = (),
 ) -> SpawnedWorker | None:
     """Attempt a stage until it succeeds (returns the next stage's prestarted worker) or the policy
-    ends the job (JobFailed). `history` holds attempts this run already made elsewhere (a failed
+    ends the job (JobStopped). `history` holds attempts this run already made elsewhere (a failed
     stage-major group attempt), so the policy sees them."""
     fault_point("job.before_stage", job_id=job.id, job_name=job.spec.name, stage=stage.value)
     attempts = list(history)
@@ -194,11 +195,11 @@ def run_stage_until_done(
         discard_worker(next_worker, link)
 
 
-def end_job(job: JobDir, stage: Stage, outcome: StageOutcome, decision: Decision) -> JobFailed:
-    """Move the job to the state the policy decided; returns the JobFailed for the caller to raise."""
+def end_job(job: JobDir, stage: Stage, outcome: StageOutcome, decision: Decision) -> JobStopped:
+    """Move the job to the state the policy decided; returns the JobStopped for the caller to raise."""
     assert decision.job_state is not None
     job.transition(decision.job_state, error=decision.reason)
-    return JobFailed(stage, outcome, decision)
+    return JobStopped(stage, outcome, decision)
 
 
 def drop_page_cache() -> str:

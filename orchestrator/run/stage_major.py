@@ -37,7 +37,7 @@ from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discar
 from orchestrator.run.job_hooks import HooksFor, JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.pipeline import (
-    JobFailed,
+    JobStopped,
     end_job,
     finish_job,
     next_attempt,
@@ -101,9 +101,9 @@ def run_job_stage_major(
     target: Path | None = None,
 ) -> Path:
     """Run one job to its published MP4 (at `target` if given): a stage-major run of one job.
-    Raises JobFailed when the policy ends it otherwise."""
+    Raises JobStopped when the policy ends it otherwise."""
     result = run_stage_major([job], settings, link, lambda _: hooks, prestarted, target)[job.id]
-    if isinstance(result, JobFailed):
+    if isinstance(result, JobStopped):
         raise result
     return result
 
@@ -115,7 +115,7 @@ def run_stage_major(
     hooks_for: HooksFor,
     prestarted: SpawnedWorker | None = None,
     target: Path | None = None,
-) -> dict[str, Path | JobFailed]:
+) -> dict[str, Path | JobStopped]:
     """Run every job to its published MP4, stage by stage; returns each job's MP4 path or failure.
 
     Each job resumes at its first stage whose outputs do not verify. A group member that failed
@@ -124,7 +124,7 @@ def run_stage_major(
     for GO: DESIGN.md rule 5); `prestarted` is such a worker for its first stage, started during
     the job before. Each job's last stage tells its hooks (`on_last_stage`) as it begins.
     """
-    results: dict[str, Path | JobFailed] = {}
+    results: dict[str, Path | JobStopped] = {}
     for job in jobs:
         if job.state is not JobState.RUNNING:  # the daemon's executor claimed them already
             take_job(job)
@@ -145,7 +145,7 @@ def run_stage_major(
                     next_worker = run_outside_group(
                         job, stage, failed, settings, link, hooks_for(job), worker, following
                     )
-                except JobFailed as exc:
+                except JobStopped as exc:
                     results[job.id] = exc
                     continue
                 if next_worker is not None:
@@ -154,7 +154,7 @@ def run_stage_major(
         for job in active:
             try:
                 results[job.id] = finish_job(job, settings, hooks_for(job), target)
-            except JobFailed as exc:  # publishing failed (PublishFailed): the other clips still publish
+            except JobStopped as exc:  # publishing failed (PublishFailed): the other clips still publish
                 results[job.id] = exc
     finally:
         for worker in handed.values():
@@ -167,7 +167,7 @@ def run_stage_major(
 
 def run_across_lanes(
     jobs: list[JobDir], settings: Settings, source: LaneSource, hooks_for: HooksFor
-) -> dict[str, Path | JobFailed]:
+) -> dict[str, Path | JobStopped]:
     """Run every job to its published MP4 on the lanes of `source`: one contiguous run of the jobs
     per lane, each a stage-major run in its own thread (its own WorkerLink, and locally its own
     fork server); returns each job's MP4 path or failure. `hooks_for` is called from every lane's
@@ -178,7 +178,7 @@ def run_across_lanes(
     """
     lanes = source.lanes
     runs = split_for_lanes(jobs, len(lanes))
-    results: dict[str, Path | JobFailed] = {}
+    results: dict[str, Path | JobStopped] = {}
     errors: list[BaseException] = []
 
     def run_lane(lane: Lane, lane_jobs: list[JobDir]) -> None:
@@ -232,7 +232,7 @@ def run_after_group(
     link: WorkerLink,
     hooks: JobHooks,
 ) -> None:
-    """The policy's decision for a member whose group attempt failed: end the job (JobFailed),
+    """The policy's decision for a member whose group attempt failed: end the job (JobStopped),
     or run the stage alone from the plan it chose."""
     attempt, outcome = failed
     decision = decide(stage, [attempt], outcome.reason, job.spec, settings)
