@@ -1,20 +1,20 @@
 """The daemon's executor threads: one per lane, each running queued jobs one at a time, in
 submission order.
 
-A lane (a GPU: DESIGN.md rule 8) runs one clip's stage at a time, so one thread per lane
-suffices; every worker it starts runs on its lane's device, over its own worker socket and fork
-server. Each claims the oldest queued job in the
-store (QUEUED -> RUNNING through JobDir.transition, which the store mirrors) and runs it
-(orchestrator.run.stage_major.run_job_stage_major: stage processes; the policy decides retries and
-how the job ends, including INTERRUPTED -> QUEUED when the daemon stops). When the jobs queued right behind
-it use the same model (and dtype), it claims those too, up to `[worker] group_size`, and runs
-them stage-major (orchestrator.run.stage_major): each stage's models load once for the group. Jobs
-are never taken out of submission order for this; with several lanes a claim takes at most its
-share of the queue (queued jobs / lanes), so that the other lanes get work too. Two lanes never
-both claim a job: the claim is the QUEUED -> RUNNING transition, checked against job.json under
-the job's lock. A job stays on the lane that claimed it for all its stages. Each thread owns its
-own sqlite connection and worker socket; the daemon's main thread talks to them only through the
-store, the job directories (transitions and cancel requests, under their lock) and the progress board.
+A lane (a GPU: DESIGN.md rule 8) runs one clip's stage at a time, so one thread per lane suffices;
+every worker it starts runs on its lane's device, over its own worker socket and fork server. Each
+claims the oldest queued job in the store (QUEUED -> RUNNING through JobDir.transition, which the
+store mirrors) and runs it (orchestrator.run.stage_major.run_job_stage_major: stage processes; the
+policy decides retries and how the job ends, including INTERRUPTED -> QUEUED when the daemon
+stops). When the jobs queued right behind it have the same claim_key (model, revision, dtype), it
+claims those too, up to `[worker] group_size`, and runs them stage-major
+(orchestrator.run.stage_major): each stage's models load once for the group. Jobs are never taken
+out of submission order for this; with several lanes a claim takes at most its share of the queue
+(queued jobs / lanes), so that the other lanes get work too. Two lanes never both claim a job: the
+claim is the QUEUED -> RUNNING transition, checked against job.json under the job's lock. A job
+stays on the lane that claimed it for all its stages. Each thread owns its own sqlite connection
+and worker socket; the daemon's main thread talks to them only through the store, the job
+directories (transitions and cancel requests, under their lock) and the progress board.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class Executor(threading.Thread):
                     break
                 store.mark_unreadable(row["id"], f"job.json unreadable: {exc}")
                 continue
-            if claimed and model_key(job) != model_key(claimed[0]):
+            if claimed and claim_key(job) != claim_key(claimed[0]):
                 break
             try:
                 job.transition(JobState.RUNNING)
@@ -287,8 +287,11 @@ def fail_job(job: JobDir, error: str) -> None:
         job.transition(JobState.FAILED, error=error)
 
 
-def model_key(job: JobDir) -> tuple[str, str, str]:
-    """Jobs with equal keys load the same weights: they may share stage processes."""
+def claim_key(job: JobDir) -> tuple[str, str, str]:
+    """Jobs with equal keys may be claimed together: same model, revision and dtype, so some of
+    their stages can share a worker. Which ones do is decided per stage by
+    orchestrator.run.stage_major.group_key (plan and LoRAs too); a claimed job that shares
+    nothing runs alone."""
     return (job.record.model_path, job.record.revision, job.spec.dtype)
 
 

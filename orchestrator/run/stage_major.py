@@ -58,6 +58,8 @@ def group_key(job: JobDir, stage: Stage, plan: dict[str, Any]) -> str:
     LoRAs count only for diffusion, where they are fused into the transformer; the decoders
     never see them. So does a dev two-stage run's stage-2 LoRA: its group switches once to the
     transformer with it fused (services/two_stage.py), which other jobs would have to switch back from.
+    The daemon claims queued jobs together by a coarser key (model, revision, dtype: claim_key in
+    orchestrator/daemon/executor.py); this one decides which of them share a worker, stage by stage.
     """
     diffusion = stage is Stage.ENCODE_DIFFUSE
     loras = [lora.to_json() for lora in job.record.loras] if diffusion else []
