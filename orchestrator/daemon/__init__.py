@@ -2,4 +2,7 @@
 
 Nothing outside this package imports it at CLI start except `ltx2 daemon` and the client commands,
 so `ltx2 generate` and `ltx2 batch` never load sqlite or the server's code.
+
+May import orchestrator.placement and orchestrator.run; never the gateway or the command line
+(tests/test_import_layers.py).
 """

@@ -1,7 +1,9 @@
 """Turn a user's request (flags, or a client's partial spec) into a validated JobSpec.
 
-Shared by `ltx2 generate` (embedded) and the daemon's `submit`, so both fill defaults, resolve
-the model and warn the same way.
+`spec_request` makes the request from a front door's values (the command line's flags, the
+gateway's fields: the same names); `build_spec` makes the spec from it. Shared by `ltx2 generate`
+(embedded), `ltx2 submit`, the daemon and the gateway, so all fill defaults, resolve the model and
+warn the same way.
 """
 
 from __future__ import annotations
