@@ -16,9 +16,9 @@ from conftest import probe_mp4, run_ltx2
 from config.settings import load_settings
 from orchestrator.cli import build_parser
 from orchestrator.command_line.batch import validate_batch
+from orchestrator.command_line.cli_flags import CLI_FIELDS
 from orchestrator.command_line.request_docs import FIELD_TABLE, README, field_table, readme_with_rows
 from orchestrator.gateway.video_requests import KNOWN_FIELDS, RequestError, parse_video_request
-from orchestrator.run.jobspec import CLI_FIELDS
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import SpecError, frames_lasting

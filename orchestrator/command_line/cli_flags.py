@@ -12,8 +12,11 @@ import argparse
 import dataclasses
 from typing import Any
 
-from orchestrator.run.jobspec import CLI_FIELDS
+from orchestrator.run.jobspec import REQUEST_FIELDS
 from protocol.request_fields import Declared
+
+# The fields the command line offers as flags (all but those declared `cli="none"`).
+CLI_FIELDS = tuple(declared for declared in REQUEST_FIELDS if declared.cli != "none")
 
 
 class LoraAction(argparse.Action):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from orchestrator.command_line.cli_flags import LORA_SUB_FLAGS, STAGE2_LORA_SUB_FLAGS, SubFlag
-from orchestrator.run.jobspec import CLI_FIELDS
+from orchestrator.command_line.cli_flags import CLI_FIELDS, LORA_SUB_FLAGS, STAGE2_LORA_SUB_FLAGS, SubFlag
 from protocol.request_fields import Declared
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 

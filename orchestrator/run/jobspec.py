@@ -41,8 +41,9 @@ RANDOM_SEED_LIMIT = 2**31
 NAG_TUNING = ("nag_tau", "nag_alpha", "nag_steps")
 
 
-# What the command line takes: every spec field and the inputs resolved into them (camera, seconds).
-CLI_FIELDS = tuple(declared for declared in (*SPEC_FIELDS, *REQUEST_ONLY) if declared.cli != "none")
+# What a request may give, at any front door: every spec field and the inputs resolved into them
+# (camera, seconds).
+REQUEST_FIELDS = (*SPEC_FIELDS, *REQUEST_ONLY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +200,7 @@ def spec_request(values: Mapping[str, Any]) -> dict[str, Any]:
     """
     request = {
         declared.name: values[declared.name]
-        for declared in CLI_FIELDS
+        for declared in REQUEST_FIELDS
         if declared.name != "stage2_lora" and values.get(declared.name) is not None
     }
     stage2_lora = stage2_lora_request(values)
