@@ -6,7 +6,7 @@ processes. Product code only marks where: a one-line `fault_point(NAME, **contex
 happen there, which environment variable arms it and which marker files it leaves all live here, so
 no product module carries a test-only branch, and unset (the normal case) a point costs a table
 lookup and an environment lookup and does nothing. Torch-free: the orchestrator and the workers
-both import it; the one point that needs torch imports it when it fires.
+both import it; the one point that raises torch's error takes torch from the worker that fires it.
 
 Points (where each fires, what arms it, what it does):
 
@@ -64,6 +64,7 @@ import errno
 import functools
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,8 +135,9 @@ def _fail_at_start(*, stage: str, attempt: int, job_dir: Path | None = None) -> 
     """Raise a CUDA OOM or a full disk, or SIGKILL this process, if the environment asks for it."""
     oom = _parse(os.environ.get("LTX2_FAULT_OOM", ""), 2)
     if oom and oom[0] == stage and attempt <= int(oom[1]):
-        import torch
-
+        # torch's own error, taken from the worker that fires this point (it imported torch before GO):
+        # protocol/ never imports torch, so the orchestrator stays free of it.
+        torch = sys.modules["torch"]
         raise torch.OutOfMemoryError(f"CUDA out of memory (injected by LTX2_FAULT_OOM, attempt {attempt})")
     kill = _parse(os.environ.get("LTX2_FAULT_KILL", ""), 2)
     if kill and kill[0] == stage and attempt <= int(kill[1]):

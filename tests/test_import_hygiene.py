@@ -73,3 +73,23 @@ def test_cli_help_runs_without_heavy_imports():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     assert "generate" in result.stdout
     assert result.stdout.strip().endswith("HEAVY=")
+
+
+def test_no_torch_free_module_holds_an_import_of_torch_even_inside_a_function():
+    """A lazy `import torch` in a function is invisible to the import check above until it runs, and then
+    it loads torch into the orchestrator; none may exist (Ray, imported only when a farm is used, may)."""
+    import ast
+
+    found = []
+    for package in ("orchestrator", "protocol", "config"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                found += [
+                    f"{path.relative_to(REPO_ROOT)}:{node.lineno} {name}"
+                    for name in names
+                    if name.split(".")[0] in HEAVY and name.split(".")[0] != "ray"
+                ]
+    assert found == []
