@@ -32,6 +32,11 @@ HttpKind = Literal["text", "number", "own", "none"]
 METADATA_KEY = "request"
 
 
+def flag_of(name: str) -> str:
+    """The command-line flag of a field name (`num_frames` -> `--num-frames`): how every message names it."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class Declared:
     """Everything the front doors, the checks and the docs need to know about one request field."""
@@ -65,7 +70,7 @@ class Declared:
     @property
     def flag(self) -> str:
         """The command-line flag of the field."""
-        return self.cli_flag or "--" + self.name.replace("_", "-")
+        return self.cli_flag or flag_of(self.name)
 
     @property
     def http_field(self) -> str:

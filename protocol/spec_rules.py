@@ -12,7 +12,7 @@ import math
 import re
 from typing import Any
 
-from protocol.request_fields import Declared
+from protocol.request_fields import Declared, flag_of
 
 # LTX-2's VAE compresses 8x in time with a causal first frame: a clip has 8n+1 frames.
 FRAME_MULTIPLE = 8
@@ -68,7 +68,7 @@ class SpecError(ValueError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
-        self.flag = "--" + field.replace("_", "-")
+        self.flag = flag_of(field)
         self.reason = message  #: the message without the flag, for a front door that names the field its own way
         super().__init__(f"{self.flag}: {message}")
 

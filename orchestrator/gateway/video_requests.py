@@ -19,6 +19,7 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.run.jobspec import spec_request
+from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 from protocol.spec_rules import (
     MAX_PROMPT_BYTES,
@@ -330,8 +331,7 @@ def http_message(field: str, message: str, request: VideoRequest | None) -> str:
     `size` carries two fields, so its message says which side: "size: height must be ...".
     """
     param = param_of(field, request)
-    flag = "--" + field.replace("_", "-")
-    reason = message.removeprefix(f"{flag}: ")
+    reason = message.removeprefix(f"{flag_of(field)}: ")
     if reason != message:
         reason = f"{param}: {field} {reason}" if param == "size" else f"{param}: {reason}"
     return FLAG_PATTERN.sub(lambda match: FLAG_TO_PARAM.get(match[0], match[0]), reason)

@@ -24,6 +24,7 @@ from protocol.codec import is_instance_of
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
+from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import (
     NOT_UTF8,
@@ -121,7 +122,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         )
     unused_nag = [name for name in NAG_TUNING if name in request and request[name] is not None]
     if unused_nag and not spec.uses_nag:
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused_nag)
+        flags = ", ".join(map(flag_of, unused_nag))
         notices.append(f"warning: {flags} has no effect without --nag-scale > 1 (NAG is off)")
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
     stage2_lora = None

@@ -13,6 +13,7 @@ from typing import Any
 from orchestrator.run.inputs import require_inside_roots
 from protocol.errors import LoraNotFound
 from protocol.model_ids import hub_cache_dir
+from protocol.request_fields import flag_of
 from protocol.spec_rules import SpecError
 
 
@@ -51,7 +52,7 @@ def resolve_lora(lora: dict[str, Any], input_roots: tuple[Path, ...], flag: str 
 
 def lora_not_found(flag: str, message: str) -> LoraNotFound:
     """LoraNotFound (exit 4) whose message and `field` name the spec field `flag` ("lora", "stage2_lora")."""
-    error = LoraNotFound(f"--{flag.replace('_', '-')}: {message}")
+    error = LoraNotFound(f"{flag_of(flag)}: {message}")
     error.field = flag
     return error
 
