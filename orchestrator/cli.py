@@ -33,30 +33,20 @@ from orchestrator.command_line.terminal import fail, notice
 from orchestrator.placement.lane_links import open_lanes
 from orchestrator.placement.worker_link import UnsafeRuntimeDir, WorkerLink
 from orchestrator.run import reuse
+from orchestrator.run.job_end import JobStopped, take_job
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec, spec_request
 from orchestrator.run.model_lookup import resolve_model
-from orchestrator.run.pipeline import JobStopped, take_job
 from orchestrator.run.request_digest import identify
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import run_across_lanes, run_job_stage_major
-from protocol.errors import ExitCode, Failure, ModelNotFound, is_no_space
+from protocol.errors import ExitCode, Failure, ModelNotFound, cli_exit_code, is_no_space
 from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
-
-# Exit status of the CLI for a failed job, by how its last stage failed.
-FAILURE_EXIT = {
-    Failure.INVALID_INPUT: ExitCode.INVALID_INPUT,
-    Failure.CUDA_OOM: ExitCode.OUT_OF_MEMORY,
-    Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
-    Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
-    Failure.NO_SPACE: ExitCode.NO_SPACE,
-    Failure.ENVIRONMENT: ExitCode.ENVIRONMENT,
-}
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -389,14 +379,14 @@ def report_job_stopped(exc: JobStopped, job: JobDir) -> int:
             f"interrupted; job {job.id} stopped and left resumable: ltx2 decode --input {job.path} --output PATH.mp4",
             ExitCode.INTERRUPTED,
         )
-    return fail(f"{exc}; {where_to_look(exc, job)}", FAILURE_EXIT.get(exc.failure, ExitCode.OTHER))
+    return fail(f"{exc}; {where_to_look(exc, job)}", cli_exit_code(exc.failure))
 
 
 def where_to_look(exc: JobStopped, job: JobDir) -> str:
     """Where the details of a failed job are: the failed attempt's worker log (its traceback stays
     there, never on the terminal: the error line already says what failed), else the job directory."""
-    attempts = len(job.stage_record(exc.stage).attempts)
-    log_path = job.log_path(exc.stage, attempts) if attempts else None
+    attempts = len(job.stage_record(exc.stage).attempts) if exc.stage else 0
+    log_path = job.log_path(exc.stage, attempts) if exc.stage and attempts else None
     if log_path is not None and log_path.is_file() and exc.outcome.returncode:
         return f"worker log: {log_path}"
     return f"job directory: {job.path}"

@@ -37,6 +37,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"  #: no such job
     CONFLICT = "conflict"  #: the request does not fit the job's state
     INTERNAL = "internal"  #: the server failed; the message says where
+    UNREACHABLE = "unreachable"  #: no reply came (the daemon is not running); set by the client, never sent
 
 
 class ProtocolError(Exception):

@@ -1,7 +1,11 @@
-"""Exit codes of stage workers and how the orchestrator classifies a finished process.
+"""The one failure vocabulary: how a worker's exception becomes its exit code, how an exit code
+becomes a `Failure`, and what each failure means to the retry policy.
 
-The table lives here, in the torch-free protocol package, so a worker (which raises) and the
-orchestrator (which reads return codes) share it without importing each other.
+Every classification lives here, in the torch-free protocol package, so a worker (which raises:
+`exit_code_of`) and the orchestrator (which reads return codes: `classify_exit`) share it without
+importing each other. From there the same `Failure` value is an attempt's result in job.json
+(orchestrator.run.states.AttemptResult is built from it), the job's `failure` when the policy ends it,
+the CLI's exit code (orchestrator.cli) and the `failure` of the HTTP error (orchestrator.gateway.app).
 """
 
 from __future__ import annotations
@@ -24,19 +28,20 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  #: the CLI was stopped by Ctrl-C/SIGTERM (128 + SIGINT, the shell's convention)
 
 
-class Failure(enum.Enum):
-    """Why a stage attempt failed, as the retry policy sees it."""
+class Failure(enum.StrEnum):
+    """Why a stage attempt, or a job's run, failed, as the retry policy sees it."""
 
-    INVALID_INPUT = "invalid_input"  #: exit 2
-    CUDA_OOM = "cuda_oom"  #: exit 3
-    MODEL_NOT_FOUND = "model_not_found"  #: exit 4
-    NO_SPACE = "no_space"  #: exit 5: a disk is full; never retried, never a lower-memory plan
-    HOST_OOM = "host_oom"  #: killed by SIGKILL, which on a healthy box means the kernel's OOM killer
-    CRASH = "crash"  #: exit 1, any other code, or death by another signal
-    HUNG = "hung"  #: no heartbeat within the configured time; the orchestrator killed it
-    CANCELLED = "cancelled"  #: stopped on request
-    INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died while it ran
-    ENVIRONMENT = "environment"  #: exit 6, or died before READY: the host, not the plan, is at fault
+    INVALID_INPUT = "invalid_input"  #: exit 2: the spec or an input file is unusable; never retried
+    CUDA_OOM = "cuda_oom"  #: exit 3: the accelerator ran out of memory; the next plan uses less
+    MODEL_NOT_FOUND = "model_not_found"  #: exit 4: a model or LoRA is not cached; never retried
+    NO_SPACE = "no_space"  #: exit 5: a disk was full (ENOSPC); never retried, the plan is never lowered
+    HOST_OOM = "host_oom"  #: killed by SIGKILL (the kernel's OOM killer on a healthy box, or its fork server died)
+    CRASH = "crash"  #: exit 1, another code or signal, or exit 0 without the outputs
+    HUNG = "hung"  #: silent for longer than `hung_after_s`; the orchestrator killed it
+    CANCELLED = "cancelled"  #: a person cancelled the job; the orchestrator stopped the worker
+    INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died during it
+    ENVIRONMENT = "environment"  #: exit 6, or the worker died before READY (import error, CUDA unusable)
+    INTERNAL = "internal"  #: the orchestrator itself failed on the job (a bug; the daemon's log has the traceback)
 
     @property
     def is_retryable(self) -> bool:
@@ -54,12 +59,37 @@ NOT_RETRIED = frozenset(
         Failure.CANCELLED,
         Failure.INTERRUPTED,
         Failure.ENVIRONMENT,
+        Failure.INTERNAL,
     }
 )
 
 
-def classify_exit(returncode: int) -> Failure | None:
-    """Map a `subprocess` return code (negative for signals) to a failure, or None for success."""
+# The exit status of a CLI command whose job ended with a failure (`generate`, `decode`, `watch`): the
+# worker's own code where it has one, OUT_OF_MEMORY for either memory, OTHER for the rest.
+CLI_EXIT_CODES = {
+    Failure.INVALID_INPUT: ExitCode.INVALID_INPUT,
+    Failure.CUDA_OOM: ExitCode.OUT_OF_MEMORY,
+    Failure.HOST_OOM: ExitCode.OUT_OF_MEMORY,
+    Failure.MODEL_NOT_FOUND: ExitCode.MODEL_NOT_FOUND,
+    Failure.NO_SPACE: ExitCode.NO_SPACE,
+    Failure.ENVIRONMENT: ExitCode.ENVIRONMENT,
+}
+
+
+def cli_exit_code(failure: str | None) -> ExitCode:
+    """The CLI's exit status for a job that ended with `failure` (a Failure or its value as job.json and
+    the daemon carry it; None or unknown, as for jobs ended before it was recorded: OTHER)."""
+    known = Failure._value2member_map_.get(failure) if failure else None
+    return CLI_EXIT_CODES.get(known, ExitCode.OTHER)  # type: ignore[arg-type]
+
+
+def classify_exit(returncode: int, ready: bool = True) -> Failure | None:
+    """Map a worker's return code (negative for signals) to a failure, or None for success.
+
+    `ready`: the worker had said READY (its imports worked). One that exited with an unexplained
+    error before that could not start here at all (an import error, CUDA unusable), which no plan of
+    the stage can help: ENVIRONMENT rather than CRASH.
+    """
     if returncode == ExitCode.OK:
         return None
     if returncode == -signal.SIGKILL:
@@ -71,7 +101,8 @@ def classify_exit(returncode: int) -> Failure | None:
         ExitCode.NO_SPACE: Failure.NO_SPACE,
         ExitCode.ENVIRONMENT: Failure.ENVIRONMENT,
     }
-    return by_code.get(returncode, Failure.CRASH)
+    failure = by_code.get(returncode, Failure.CRASH)
+    return Failure.ENVIRONMENT if failure is Failure.CRASH and returncode > 0 and not ready else failure
 
 
 def describe_exit(returncode: int) -> str:
@@ -86,6 +117,29 @@ def describe_exit(returncode: int) -> str:
         return f"exit {returncode} ({ExitCode(returncode).name.lower()})"
     except ValueError:
         return f"exit {returncode}"
+
+
+# torch's error when a process forked after CUDA was initialised touches CUDA: the fork server's
+# imports initialised it (DESIGN.md rule 10); no plan of this stage can succeed in this process.
+FORKED_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
+
+
+def exit_code_of(exc: BaseException) -> ExitCode:
+    """The exit code a worker that raised `exc` ends with (CUDA OOM recognised without importing torch).
+
+    A StageError says its own; a full disk is NO_SPACE whoever raised it (is_no_space); an import
+    error or a forked process touching CUDA is ENVIRONMENT; torch's OutOfMemoryError, or an error
+    quoting CUDA's out-of-memory message (some libraries re-raise it as RuntimeError), is OUT_OF_MEMORY.
+    """
+    if isinstance(exc, StageError):
+        return exc.exit_code
+    if is_no_space(exc):
+        return ExitCode.NO_SPACE
+    if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
+        return ExitCode.ENVIRONMENT
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        return ExitCode.OUT_OF_MEMORY
+    return ExitCode.OTHER
 
 
 class StageError(Exception):

@@ -318,6 +318,9 @@ class JobRecord(RecordFields):
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
     error: str | None = None  #: why it failed or was cancelled; "" once it ran; None: it never left QUEUED
+    #: the protocol.errors.Failure value its run ended with (orchestrator/run/job_end.py), when it ended
+    #: FAILED, CANCELLED or back to QUEUED (interrupted); None: done, running, never run, or ended before this
+    failure: str | None = None
     output: str | None = None  #: the published MP4, set when it became DONE
     finished: str | None = None  #: ISO time it last entered a terminal state
     finishing: str | None = None  #: ISO time its run passed the last point of cancel (JobDir.commit_to_finish)

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 import zmq
 
 from protocol import codec, stages
-from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, StageError, is_no_space
+from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, exit_code_of, is_no_space
 from protocol.fault_points import fault_point
 from protocol.files import JOB_FILE, Stage
 from protocol.job_record import JobRecordError
@@ -214,7 +214,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         run_jobs(contexts, work, started)
         code = ExitCode.OK
     except BaseException as exc:  # the process edge: every failure becomes an exit code
-        code = exit_code_for(exc)
+        code = exit_code_of(exc)
         traceback.print_exc()
         remove_own_temp_files(args.job_dir)
         reporter.send(stages.Failed(reporter.job_id, stage.value, int(code), summarize(exc, args.job_dir[0])))
@@ -404,24 +404,6 @@ def remove_own_temp_files(job_dirs: list[Path]) -> None:
                 leftover.unlink(missing_ok=True)
         except OSError:  # the exit code and the Failed report matter more than the cleanup
             log.warning("could not remove temp files in %s", job_dir, exc_info=True)
-
-
-# torch's error when a process forked after CUDA was initialised touches CUDA: the fork server's
-# imports initialised it (DESIGN.md rule 10); no plan of this stage can succeed in this process.
-FORKED_CUDA_ERROR = "Cannot re-initialize CUDA in forked subprocess"
-
-
-def exit_code_for(exc: BaseException) -> ExitCode:
-    """Classify an exception into a worker exit code (CUDA OOM without importing torch here)."""
-    if isinstance(exc, StageError):
-        return exc.exit_code
-    if is_no_space(exc):  # OSError(ENOSPC) or a writer's own error for it (safetensors, torch)
-        return ExitCode.NO_SPACE
-    if isinstance(exc, ImportError) or FORKED_CUDA_ERROR in str(exc):
-        return ExitCode.ENVIRONMENT
-    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
-        return ExitCode.OUT_OF_MEMORY
-    return ExitCode.OTHER
 
 
 def summarize(exc: BaseException, job_dir: Path | None = None) -> str:

@@ -97,7 +97,8 @@ def test_a_cancel_before_publishing_wins_though_every_stage_succeeded(daemon: Su
     assert (cancelled.returncode, cancelled.stdout.strip()) == (0, f"{job_id}: cancelling"), cancelled.stderr
     release(daemon, "publish@before")
     job = daemon.wait_for_state(job_id, {"done", "failed", "cancelled"})
-    assert (job["state"], job["error"], job["output"]) == ("cancelled", "cancelled on request", "")
+    ended = (job["state"], job["error"], job["output"], job["failure"])
+    assert ended == ("cancelled", "cancelled on request", "", "cancelled")
     job_dir = Path(job["job_dir"])
     assert (job_dir / "video.mp4").is_file()  # finished stages stay in the job
     assert not list((Path(daemon.env["LTX2_OUTPUT_DIR"])).glob("before_*"))  # nothing was published

@@ -91,7 +91,7 @@ def test_interrupting_returns_the_recorded_worker_pid_and_closes_the_attempt(tmp
     job = make_job(tmp_path)
     job.start_attempt(Stage.ENCODE_DIFFUSE, {"weights": "native"})
     job.note_worker(Stage.ENCODE_DIFFUSE, 4242)
-    assert job.interrupt_running_attempts("daemon died") == [4242]
+    assert job.close_running_attempts(Failure.INTERRUPTED, "daemon died") == [4242]
     attempt = JobDir.load(job.path).stage_record(Stage.ENCODE_DIFFUSE).attempts[-1]
     assert (attempt.result, attempt.reason) == ("interrupted", "daemon died")
 

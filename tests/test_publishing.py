@@ -20,9 +20,10 @@ from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
 from supervised import Supervised, wait_for_file
 
 from config.settings import load_settings
+from orchestrator.run.job_end import take_job
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.model_lookup import ResolvedModel
-from orchestrator.run.pipeline import JobHooks, finish_job, take_job
+from orchestrator.run.pipeline import JobHooks, finish_job
 from protocol.fault_points import PUBLISH_KILL_POINTS
 from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE
 from protocol.spec import JobSpec
@@ -87,7 +88,8 @@ import sys
 from pathlib import Path
 from config.settings import load_settings
 from orchestrator.run.jobdir import JobDir
-from orchestrator.run.pipeline import JobHooks, finish_job, take_job
+from orchestrator.run.job_end import take_job
+from orchestrator.run.pipeline import JobHooks, finish_job
 from protocol.fault_points import PUBLISH_KILL_POINTS
 root = Path(sys.argv[2])
 settings = load_settings(environ={"LTX2_STATE_DIR": str(root / "state"), "LTX2_OUTPUT_DIR": str(root / "outputs"),

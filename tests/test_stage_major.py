@@ -21,10 +21,11 @@ from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
 from config.settings import load_settings
 from orchestrator.placement.fork_client import ForkServer
 from orchestrator.placement.worker_link import WorkerLink
+from orchestrator.run.job_end import JobStopped
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec
 from orchestrator.run.model_lookup import ResolvedModel
-from orchestrator.run.pipeline import JobHooks, JobStopped
+from orchestrator.run.pipeline import JobHooks
 from orchestrator.run.policy import initial_plan
 from orchestrator.run.stage_major import form_groups, run_stage_major
 from protocol.errors import Failure

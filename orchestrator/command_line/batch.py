@@ -28,9 +28,10 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.placement.lanes import split_for_lanes
+from orchestrator.run.job_end import JobStopped
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
-from orchestrator.run.pipeline import JobStopped, first_unfinished
+from orchestrator.run.pipeline import first_unfinished
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import diffusion_processes
 from orchestrator.run.states import JobState

@@ -21,11 +21,12 @@ from orchestrator.run.job_hooks import StageEvent
 from orchestrator.run.jobspec import spec_request
 from orchestrator.run.states import AttemptResult, JobState, StageEventKind
 from protocol import jobs, stages
-from protocol.errors import ExitCode
+from protocol.codec import ErrorCode
+from protocol.errors import ExitCode, cli_exit_code
 
 # How often `watch` asks for progress: live enough for a bar, negligible load on the daemon.
 WATCH_INTERVAL_S = 0.5
-ERROR_EXIT = {"invalid_spec": ExitCode.INVALID_INPUT, "not_found": ExitCode.OTHER}
+ERROR_EXIT = {ErrorCode.INVALID_SPEC: ExitCode.INVALID_INPUT, ErrorCode.NOT_FOUND: ExitCode.OTHER}
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
             return COMMANDS[args.command](client, args)
     except (DaemonError, TransportError) as exc:
-        code = getattr(exc, "code", "unreachable")
-        if code == "not_found" and getattr(exc, "field", "") in ("model", "lora"):
+        code = getattr(exc, "code", ErrorCode.UNREACHABLE)
+        if code == ErrorCode.NOT_FOUND and getattr(exc, "field", "") in ("model", "lora"):
             return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
         return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
 
@@ -138,7 +139,7 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         p = job["progress"]
         lines.append(f"  now: {p.get('stage')} {p.get('phase')} {p.get('step', 0)}/{p.get('total', 0)}")
     if job["error"]:
-        lines.append(f"  error: {job['error']}")
+        lines.append(f"  error: {job['error']}{f' ({failure})' if (failure := job.get('failure')) else ''}")
     if job["output"]:
         lines.append(f"  output: {job['output']}")
     sys.stdout.write("\n".join(lines) + "\n")
@@ -202,7 +203,7 @@ def watch(client: DaemonClient, args: argparse.Namespace) -> int:
             if job["state"] == JobState.DONE:
                 sys.stdout.write(f"{job['output']}\n")
                 return 0
-            return fail(f"job {job['id']} {job['state']}: {job['error']}", ExitCode.OTHER)
+            return fail(f"job {job['id']} {job['state']}: {job['error']}", cli_exit_code(job.get("failure")))
         time.sleep(WATCH_INTERVAL_S)
 
 

@@ -6,12 +6,14 @@ import zmq
 
 from orchestrator.daemon.transport import DaemonAddress, connect_client, start_hint
 from protocol import codec, jobs
+from protocol.codec import ErrorCode
 
 
 class DaemonError(Exception):
-    """The daemon answered with an error reply, or did not answer in time."""
+    """The daemon answered with an error reply, or did not answer in time; `code` is a
+    protocol.codec.ErrorCode value (a plain str when a newer daemon sent one this code lacks)."""
 
-    def __init__(self, message: str, code: str = "unreachable", field: str = "") -> None:
+    def __init__(self, message: str, code: str = ErrorCode.UNREACHABLE, field: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.field = field
@@ -41,7 +43,7 @@ class DaemonClient:
         if isinstance(reply, jobs.Error):
             raise DaemonError(reply.message, reply.code, reply.field)
         if not isinstance(reply, jobs.Ok):
-            raise DaemonError(f"unexpected reply type {reply.TYPE!r}", "malformed")
+            raise DaemonError(f"unexpected reply type {reply.TYPE!r}", ErrorCode.MALFORMED)
         return reply.data
 
     def close(self) -> None:

@@ -34,9 +34,10 @@ from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.placement.lane_links import LaneSource
 from orchestrator.placement.lanes import Lane
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run.job_end import JobStopped, internal_error, requeue_orphan
 from orchestrator.run.job_hooks import JobHooks, StageEvent
-from orchestrator.run.jobdir import CANCEL_REASON, JobDir
-from orchestrator.run.pipeline import JobStopped, next_attempt
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.pipeline import next_attempt
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.runner import StageOutcome, spawn_worker
 from orchestrator.run.stage_major import run_job_stage_major, run_stage_major
@@ -203,7 +204,7 @@ class Executor(threading.Thread):
             log.info("job %s: %s: %s", job.id, exc.job_state.value, exc)
         except Exception as exc:  # a job must never take the executor down with it
             log.exception("job %s: orchestration error", job.id)
-            fail_job(job, f"orchestration error: {exc}")
+            internal_error(job, f"orchestration error: {exc}")
         finally:
             self.board.clear(job.id)
 
@@ -219,7 +220,7 @@ class Executor(threading.Thread):
         except Exception as exc:  # a group must never take the executor down with it
             log.exception("jobs %s: orchestration error", ", ".join(ids))
             for job in jobs:
-                fail_job(job, f"orchestration error: {exc}")
+                internal_error(job, f"orchestration error: {exc}")
             results = {}
         for job_id, result in results.items():
             if isinstance(result, JobStopped):
@@ -280,13 +281,6 @@ class Executor(threading.Thread):
         )
 
 
-def fail_job(job: JobDir, error: str) -> None:
-    """End a job the orchestrator itself broke on: its running attempts closed, then FAILED."""
-    job.interrupt_running_attempts(error)
-    if not job.state.is_terminal:
-        job.transition(JobState.FAILED, error=error)
-
-
 def claim_key(job: JobDir) -> tuple[str, str, str]:
     """Jobs with equal keys may be claimed together: same model, revision and dtype, so some of
     their stages can share a worker. Which ones do is decided per stage by
@@ -299,20 +293,19 @@ def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:
     """After a daemon crash: stop orphaned workers and put RUNNING jobs back in the queue.
 
     Runs before the executor starts, on the job directories (the truth): each attempt a dead
-    daemon left running names its worker's pid, which is killed if it still runs.
+    daemon left running names its worker's pid, which is killed if it still runs. The run ends
+    through orchestrator.run.job_end like any other: QUEUED to resume at its first unfinished stage,
+    or CANCELLED when a person was answered "cancelling" before the daemon died.
     """
     recovered = []
     for job in read_job_dirs(jobs_dir):
         if job.state is not JobState.RUNNING:
             continue
         job.mirror = store.mirror
-        for pid in job.interrupt_running_attempts("the daemon stopped during this attempt"):
+        for pid in requeue_orphan(job, "the daemon stopped during this attempt"):
             kill_orphan(pid, str(job.path))
-        if job.cancel_requested:  # answered "cancelling" before the daemon died: carried out now
-            job.transition(JobState.CANCELLED, error=CANCEL_REASON)
-            continue
-        job.transition(JobState.QUEUED)  # resumes at its first unfinished stage
-        recovered.append(job.id)
+        if job.state is JobState.QUEUED:
+            recovered.append(job.id)
     return recovered
 
 

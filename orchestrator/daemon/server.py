@@ -40,7 +40,8 @@ from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
 from orchestrator.placement.lane_links import LaneSource, open_lanes
 from orchestrator.run import reuse
-from orchestrator.run.jobdir import CANCEL_REASON, JOB_ID_PATTERN, JobDir, tail
+from orchestrator.run.job_end import cancel_waiting
+from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir, tail
 from orchestrator.run.jobspec import build_spec
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.states import JobState, TransitionError
@@ -236,12 +237,8 @@ class Daemon:
         """Cancel a queued job at once; ask the executor to stop a running one ("cancelling", always
         carried out); or answer conflict: already finished, or too late (publishing has begun)."""
         job = self.require_job_dir(request.id, store)
-        if job.state is not JobState.RUNNING:
-            try:  # under the job's lock: if the executor claimed it just now, this fails cleanly
-                job.transition(JobState.CANCELLED, error=CANCEL_REASON)
-                return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
-            except TransitionError:
-                pass
+        if cancel_waiting(job):  # under the job's lock: if the executor claimed it just now, this fails cleanly
+            return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
         if job.request_cancel():  # under the lock the executor takes to begin publishing
             return jobs.Ok(request.id, {"state": "cancelling"})  # the executor stops the worker within a poll
         if job.state is JobState.RUNNING:
@@ -308,6 +305,7 @@ class Daemon:
             result["seed"] = spec.seed
             result["model"] = spec.model
             result["request_digest"] = job.record.request_digest
+            result["failure"] = job.record.failure  # protocol.errors.Failure's value: the one vocabulary
             if detailed:
                 result["reproducible"] = reuse.reproducibility(job)
         except (OSError, ValueError, KeyError):

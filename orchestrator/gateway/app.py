@@ -56,6 +56,7 @@ from orchestrator.run.jobdir import new_job_id
 from orchestrator.run.publishing import companions
 from orchestrator.run.states import JobState
 from protocol import jobs
+from protocol.codec import ErrorCode
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec_rules import SpecError, describe_duration
@@ -192,7 +193,7 @@ class Gateway:
             message = f"the daemon is not reachable: {without_paths(str(exc))}"
             raise ApiError(503, message, "server_error", code="daemon_unavailable") from None
         except DaemonError as exc:
-            if exc.code == "unreachable":
+            if exc.code == ErrorCode.UNREACHABLE:
                 raise ApiError(503, without_paths(str(exc)), "server_error", code="daemon_unavailable") from None
             raise
 
@@ -201,9 +202,9 @@ class Gateway:
         try:
             job = self.daemon_request(jobs.Status(video_id))["job"]
         except DaemonError as exc:
-            if exc.code == "not_found" and (claimed := self.unsubmitted(video_id)) is not None:
+            if exc.code == ErrorCode.NOT_FOUND and (claimed := self.unsubmitted(video_id)) is not None:
                 return claimed
-            if exc.code == "not_found":
+            if exc.code == ErrorCode.NOT_FOUND:
                 raise ApiError(404, f"video {video_id!r} no longer exists on the daemon", code="not_found") from None
             raise bad_gateway(exc) from None
         completed = None
@@ -367,7 +368,7 @@ class Gateway:
             except TransportError as exc:
                 lost: Exception = exc
             except DaemonError as exc:
-                if exc.code != "unreachable":
+                if exc.code != ErrorCode.UNREACHABLE:
                     raise
                 lost = exc
             if time.monotonic() >= deadline:
@@ -429,7 +430,7 @@ class Gateway:
             try:
                 self.daemon_request(jobs.Cancel(video_id))
             except DaemonError as exc:
-                if exc.code != "conflict":  # conflict: it ended meanwhile
+                if exc.code != ErrorCode.CONFLICT:  # conflict: it ended meanwhile
                     raise bad_gateway(exc) from None
             deadline = time.monotonic() + CANCEL_WAIT_S
             while (job := self.job(video_id))["state"] not in FINAL_STATES:
@@ -489,9 +490,9 @@ def idempotency_key(request: Request) -> str:
 
 def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
     """A refused submit as a 400 naming the HTTP field (the daemon names its spec field)."""
-    if exc.code in ("invalid_spec", "not_found"):
+    if exc.code in (ErrorCode.INVALID_SPEC, ErrorCode.NOT_FOUND):
         param = param_of(exc.field or "", request)
-        code = "model_not_found" if exc.code == "not_found" and param == "model" else "invalid_value"
+        code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and param == "model" else "invalid_value"
         # The only path in an input_reference message is the upload's, named here as the field.
         named = "input_reference" if param == "input_reference" else "<path>"
         message = without_paths(http_message(exc.field or "", str(exc), request), named)
@@ -577,7 +578,9 @@ def video_object(
     error = None
     if state in (JobState.FAILED, JobState.CANCELLED):
         code = "cancelled" if state == JobState.CANCELLED else "generation_failed"
-        error = {"code": code, "message": without_paths(job.get("error", ""))}
+        # `failure`: why, in the vocabulary the worker's exit, job.json and the CLI's exit code share
+        # (protocol.errors.Failure: cuda_oom, no_space, invalid_input, ...); None for jobs ended before it was kept.
+        error = {"code": code, "message": without_paths(job.get("error", "")), "failure": job.get("failure")}
     result = {
         "id": record["id"],
         "object": "video",

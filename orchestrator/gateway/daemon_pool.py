@@ -13,9 +13,10 @@ from typing import Any
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress
 from protocol import codec
+from protocol.codec import ErrorCode
 
 # Error codes after which the socket may hold a stray frame: drop the client.
-BROKEN_CODES = frozenset({"unreachable", "malformed", "too_large", "bad_version"})
+BROKEN_CODES = frozenset({ErrorCode.UNREACHABLE, ErrorCode.MALFORMED, ErrorCode.TOO_LARGE, ErrorCode.BAD_VERSION})
 
 
 class DaemonPool:

@@ -39,8 +39,10 @@ from orchestrator.run.states import (
     EventKind,
     JobState,
     StageState,
+    attempt_result,
     require_transition,
 )
+from protocol.errors import Failure
 from protocol.files import (
     EVENTS_FILE,
     INPUT_IMAGE_FILE,
@@ -51,7 +53,7 @@ from protocol.files import (
     publish,
     temp_path_for,
 )
-from protocol.job_record import AttemptRecord, JobRecord, ResolvedLora, StageRecord, load_record
+from protocol.job_record import AttemptRecord, JobRecord, PublishRecord, ResolvedLora, StageRecord, load_record
 from protocol.spec import JobSpec
 
 #: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
@@ -171,14 +173,19 @@ class JobDir:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def transition(self, target: JobState, error: str | None = None, output: str | None = None) -> None:
+    def transition(
+        self, target: JobState, error: str | None = None, output: str | None = None, failure: Failure | None = None
+    ) -> None:
         """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
-        atomically, logged, mirrored. The only code that changes a job's state.
+        atomically, logged, mirrored. The only code that changes a job's state; a run's end comes here
+        through orchestrator/run/job_end.py.
 
-        `error` and `output` are set with it (and logged); entering QUEUED or RUNNING clears `error`,
-        and a terminal state stamps `finished`.
+        `error`, `output` and `failure` are set with it (and logged); entering RUNNING clears `error`
+        and `failure`, entering QUEUED too unless given (an interrupted run says so), and a terminal
+        state stamps `finished`.
         """
-        details = {name: value for name, value in (("error", error), ("output", output)) if value is not None}
+        given = (("error", error), ("output", output), ("failure", failure and failure.value))
+        details = {name: value for name, value in given if value is not None}
         with self.locked():
             on_disk = load_record(self.path / JOB_FILE)
             if on_disk.status != self.record.status:
@@ -189,9 +196,12 @@ class JobDir:
             self.record.status = target.value
             if target in (JobState.QUEUED, JobState.RUNNING):
                 self.record.error = ""
+                self.record.failure = None
                 self.record.finishing = None  # a new run has its own point of no cancel
             if error is not None:
                 self.record.error = error
+            if failure is not None:
+                self.record.failure = failure.value
             if output is not None:
                 self.record.output = output
             if target.is_terminal:
@@ -248,6 +258,12 @@ class JobDir:
         require_transition(STAGE_TRANSITIONS, StageState(record.status), target)
         record.status = target.value
         return record
+
+    def record_publish(self, publish: PublishRecord) -> None:
+        """Record the publish step's names and progress (orchestrator/run/publishing.py), saved at once:
+        a publish cut short finds what it had reserved and placed."""
+        self.record.publish = publish
+        self.save()
 
     def save(self) -> None:
         """Write job.json atomically."""
@@ -358,15 +374,16 @@ class JobDir:
             self.save()
             self.log_event(EventKind.STAGE_INVALIDATED, stage=stage.value)
 
-    def interrupt_running_attempts(self, reason: str) -> list[int]:
-        """Close attempts left running by an orchestrator that stopped or died mid-stage; returns
-        the worker pids they recorded (the caller stops any that still run)."""
+    def close_running_attempts(self, failure: Failure, reason: str) -> list[int]:
+        """Close attempts left running by an orchestrator that stopped, died or broke mid-stage, with
+        `failure` as their result; returns the worker pids they recorded (the caller stops any that
+        still run)."""
         pids = []
         for stage in Stage:
             attempts = self.stage_record(stage).attempts
             if attempts and attempts[-1].result == AttemptResult.RUNNING:
                 pids.append(attempts[-1].pid or 0)
-                self.finish_attempt(stage, AttemptResult.INTERRUPTED, reason=reason)
+                self.finish_attempt(stage, attempt_result(failure), reason=reason)
         if pids:
             self.log_event(EventKind.JOB_INTERRUPTED, reason=reason)
         return [pid for pid in pids if pid > 0]

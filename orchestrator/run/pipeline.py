@@ -1,5 +1,7 @@
-"""One job's steps: take it, find its unfinished stages, attempt a stage until the policy is done
-with it, publish the MP4. orchestrator.run.stage_major runs them for one job or many.
+"""One job's steps: find its unfinished stages, attempt a stage until the policy is done with it,
+publish the MP4. orchestrator.run.stage_major runs them for one job or many; every way a run ends
+(a failed attempt the policy gives up on, a cancel, a failed publish, DONE) is carried out by
+orchestrator.run.job_end.
 
 A stage whose outputs verify against job.json is skipped, so running a job again after a crash
 resumes at the first unfinished stage. The finished video is published to the output folder as
@@ -15,44 +17,17 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run import reuse
+from orchestrator.run.job_end import after_failed_attempt, cancelled_before_publish, mark_done, publish_failed
 from orchestrator.run.job_hooks import JobHooks, StageEvent
-from orchestrator.run.jobdir import CANCEL_REASON, JobDir
-from orchestrator.run.policy import Attempt, Decision, decide, initial_plan
+from orchestrator.run.jobdir import JobDir
+from orchestrator.run.policy import Attempt, initial_plan
 from orchestrator.run.publishing import publish_job
 from orchestrator.run.runner import StageOutcome, spawn_worker
 from orchestrator.run.stage_attempt import run_attempt
-from orchestrator.run.states import AttemptResult, EventKind, JobState, StageEventKind
-from protocol.errors import Failure, is_no_space
+from orchestrator.run.states import AttemptResult, EventKind, StageEventKind
+from protocol.errors import Failure
 from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage
-
-
-class JobStopped(Exception):
-    """The job stopped without a video, by the policy's decision after `stage` failed with
-    `outcome`: `job_state` says how it stopped (FAILED; CANCELLED on request; QUEUED again when the
-    orchestrator was interrupted, to be resumed). Not every stop is a failure, hence the name."""
-
-    def __init__(self, stage: Stage, outcome: StageOutcome, decision: Decision) -> None:
-        self.stage = stage
-        self.failure = outcome.failure or Failure.CRASH
-        self.outcome = outcome
-        self.reason = decision.reason
-        self.job_state = decision.job_state or JobState.FAILED
-        super().__init__(f"stage {stage.value} failed ({self.failure.value}): {self.reason}")
-
-
-def take_job(job: JobDir) -> None:
-    """Move a job to RUNNING for an orchestrator that is about to run it, whatever it was.
-
-    A job found RUNNING was left so by an orchestrator that died: its attempts are closed as
-    interrupted first. A finished, failed or cancelled one is queued again (a re-run, a decode).
-    """
-    if job.state is JobState.RUNNING:
-        job.interrupt_running_attempts("its orchestrator stopped")
-        job.transition(JobState.QUEUED)
-    elif job.state is not JobState.QUEUED:
-        job.transition(JobState.QUEUED)
-    job.transition(JobState.RUNNING)
 
 
 def pending_stages(job: JobDir, hooks: JobHooks) -> list[Stage]:
@@ -75,52 +50,23 @@ def first_unfinished(job: JobDir) -> int:
     return next((i for i, stage in enumerate(STAGE_ORDER) if not job.has_outputs(stage)), len(STAGE_ORDER))
 
 
-class PublishFailed(JobStopped):
-    """Every stage succeeded but the MP4 could not be copied out (full, read-only or missing
-    output folder); the job is FAILED and its video stays in the job directory."""
-
-    def __init__(self, job: JobDir, error: OSError, folder: Path) -> None:
-        failure = Failure.NO_SPACE if is_no_space(error) else Failure.INVALID_INPUT
-        where = failed_folder(error, folder)
-        reason = (
-            f"cannot publish the video to {where}: {error.strerror or error}; it is kept in the job, "
-            f"recover it with: ltx2 decode --input {job.path} --output PATH.mp4"
-        )
-        outcome = StageOutcome(0, failure, reason, "", 0.0)
-        super().__init__(STAGE_ORDER[-1], outcome, Decision(None, JobState.FAILED, reason))
-        self.args = (reason,)
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-def failed_folder(error: OSError, folder: Path) -> Path:
-    """The folder a publish could not write: where its file was going (a copy's error names the
-    job's file it read first and the destination second), else the output folder."""
-    name = error.filename2 or error.filename
-    return Path(name).parent if name else folder
-
-
 def finish_job(job: JobDir, settings: Settings, hooks: JobHooks, target: Path | None = None) -> Path:
     """Publish a job whose stages all succeeded, mark it done, flush caches if asked; the MP4's path.
 
     A cancel that came in after the last stage's worker ended still wins until publishing begins
     (the job ends CANCELLED, JobStopped); from then on it is answered "too late" (JobDir.request_cancel).
     A publish that fails (the output folder is full, read-only or gone) ends the job FAILED with
-    the command that recovers the video (PublishFailed); it is never left RUNNING.
+    the command that recovers the video (orchestrator.run.job_end.publish_failed); it is never left RUNNING.
     """
     fault_point("job.before_publish", job_id=job.id, job_name=job.spec.name)
     if not job.commit_to_finish():
-        outcome = StageOutcome(0, Failure.CANCELLED, CANCEL_REASON, "", 0.0)
-        raise end_job(job, STAGE_ORDER[-1], outcome, Decision(None, JobState.CANCELLED, CANCEL_REASON))
+        raise cancelled_before_publish(job)
     fault_point("job.publishing", job_id=job.id, job_name=job.spec.name)
     try:
         output = publish_job(job, settings.output_dir, target)
     except OSError as exc:
-        failed = PublishFailed(job, exc, target.parent if target else settings.output_dir)
-        job.transition(JobState.FAILED, error=failed.reason)
-        raise failed from exc
-    job.transition(JobState.DONE, output=str(output))
+        raise publish_failed(job, exc, target.parent if target else settings.output_dir) from exc
+    mark_done(job, output)
     try:  # a render of exactly its request is found again by its digest (`--reuse`)
         reuse.remember(job, settings.state_dir)
     except OSError as exc:  # the video is out; only a later --reuse misses it
@@ -183,23 +129,13 @@ def run_stage_until_done(
                 handed_over, next_worker = next_worker, None
                 return handed_over
             attempts.append(Attempt(plan, outcome.failure))
-            decision = decide(stage, attempts, outcome.reason, job.spec, settings)
-            if decision.plan is None:
-                raise end_job(job, stage, outcome, decision)
-            plan = decision.plan
+            plan = after_failed_attempt(job, stage, attempts, outcome, settings)
     finally:
         # The worker started ahead for this stage, if no attempt took it (the job was stopped
         # before the stage began), and the one started for the next stage, if this one never ended
         # well: each waits for a GO that will not come.
         discard_worker(prestarted, link)
         discard_worker(next_worker, link)
-
-
-def end_job(job: JobDir, stage: Stage, outcome: StageOutcome, decision: Decision) -> JobStopped:
-    """Move the job to the state the policy decided; returns the JobStopped for the caller to raise."""
-    assert decision.job_state is not None
-    job.transition(decision.job_state, error=decision.reason)
-    return JobStopped(stage, outcome, decision)
 
 
 def drop_page_cache() -> str:

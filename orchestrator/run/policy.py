@@ -1,13 +1,14 @@
 """The retry policy: after a failed attempt, which plan runs next, or how the job ends.
 
-`decide` is the one place that answers it, for every outcome (DESIGN.md rule 7): a cancelled
-attempt ends the job CANCELLED; an interrupted one (the orchestrator is stopping: SIGTERM,
-Ctrl-C) puts it back to QUEUED, to resume at its next start; invalid input and missing
-models are never retried; a full disk (no space) ends the job naming the path and never lowers
-the plan; a CUDA OOM moves straight to the next lower-memory plan; the first host-OOM
-kill, crash or hang of a stage retries the same plan (a SIGKILL may come from another
-process's memory pressure or a person, and a deterministic run repeats bit for bit); later ones
-move down the ladder. The ladders are data:
+`decide` answers it after a failed stage attempt, `decide_run_end` when a run ends without one (a
+publish that failed, an internal error, an orchestrator found gone); orchestrator.run.job_end carries
+out both (DESIGN.md rule 7). After an attempt: a cancelled attempt ends the job CANCELLED; an
+interrupted one (the orchestrator is stopping: SIGTERM, Ctrl-C) puts it back to QUEUED, to resume at
+its next start; invalid input and missing models are never retried; a full disk (no space) ends the
+job naming the path and never lowers the plan; a CUDA OOM moves straight to the next lower-memory
+plan; the first host-OOM kill, crash or hang of a stage retries the same plan (a SIGKILL may come from
+another process's memory pressure or a person, and a deterministic run repeats bit for bit); later
+ones move down the ladder. The ladders are data:
 
 - encode_diffuse: native weights -> fp8 weight storage -> fp8 + sequential offload (a user's
   --fp8 / --sequential-offload start further down; --fp8-matmul starts with FP8 weights and
@@ -126,6 +127,21 @@ def decide(stage: Stage, attempts: list[Attempt], reason: str, spec: JobSpec, se
         return Decision(plan)
     if failure is not None and failure.is_retryable:
         reason += f" (after {len(attempts)} attempt(s); no lower-memory plan left)"
+    return Decision(None, JobState.FAILED, reason)
+
+
+def decide_run_end(failure: Failure, reason: str, cancel_requested: bool = False) -> Decision:
+    """How a run ends when no stage attempt is left to retry: a cancel before publishing, a publish
+    that failed, the orchestrator breaking on the job (INTERNAL) or found gone (INTERRUPTED).
+
+    Nothing here is retried: a failed publish leaves the video safe in the job (its reason says how to
+    recover it), an internal error is a bug that would recur. An interrupted run resumes at its next
+    start (QUEUED), unless a person had asked to cancel it, which is carried out now.
+    """
+    if failure is Failure.CANCELLED or (failure is Failure.INTERRUPTED and cancel_requested):
+        return Decision(None, JobState.CANCELLED, "cancelled on request")
+    if failure is Failure.INTERRUPTED:
+        return Decision(None, JobState.QUEUED, f"interrupted ({reason}); resumes at its first unfinished stage")
     return Decision(None, JobState.FAILED, reason)
 
 

@@ -31,9 +31,9 @@ it reports the error, so the folder is left as it was before the publish began (
 The tests kill the publishing process at three fault points (`publish.first_file`, `publish.video`,
 `publish.done`; protocol/fault_points.py) to check that running the step again finishes it.
 
-From the job it uses only `path`, `id`, `spec`, `record.publish` (protocol.job_record.PublishRecord),
-`save()` and `log_event()` (and the sidecar builder), so it does not depend on how the job's lifecycle
-is kept.
+From the job it uses only `path`, `id`, `spec`, `record.publish` (protocol.job_record.PublishRecord,
+read; written through `record_publish()`) and `log_event()` (and the sidecar builder), so it does not
+depend on how the job's lifecycle is kept.
 """
 
 from __future__ import annotations
@@ -88,8 +88,7 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
     fault_point("publish.first_file")
     land_rest(job, video)
     fault_point("publish.video")
-    job.record.publish = dataclasses.replace(job.record.publish, complete=True)
-    job.save()
+    job.record_publish(dataclasses.replace(job.record.publish, complete=True))
     job.log_event(EventKind.PUBLISHED, video=str(video))
     fault_point("publish.done")
     return video
@@ -159,14 +158,15 @@ def is_published(record: PublishRecord, source: Fingerprint, wanted: Path | None
 def start(job: JobDir, video: Path, source: Fingerprint, explicit: bool) -> None:
     """Record the names before any of them is touched (step 1)."""
     again = job.record.publish is not None and job.record.publish.video == str(video)
-    job.record.publish = PublishRecord(
-        video=str(video),
-        files=[str(path) for path in companions(video)],
-        explicit=explicit,
-        source=source,
-        complete=False,
+    job.record_publish(
+        PublishRecord(
+            video=str(video),
+            files=[str(path) for path in companions(video)],
+            explicit=explicit,
+            source=source,
+            complete=False,
+        )
     )
-    job.save()
     job.log_event(EventKind.PUBLISH_STARTED, video=str(video), again=again)
 
 

@@ -25,7 +25,7 @@ from orchestrator.run.job_hooks import HooksFor, StageEvent
 from orchestrator.run.jobdir import JobDir, tail
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.runner import StageOutcome, follow_until_exit, hung_reason, spawn_worker
-from orchestrator.run.states import AttemptResult, EventKind, StageEventKind
+from orchestrator.run.states import AttemptResult, EventKind, StageEventKind, attempt_result
 from protocol import stages
 from protocol.errors import Failure, classify_exit, describe_exit
 from protocol.files import Stage
@@ -180,9 +180,7 @@ class AttemptFollower:
                     self.stage, AttemptResult.INTERRUPTED, reason="stopped with its group for another job"
                 )
                 continue
-            failure = own or forced or classify_exit(returncode) or Failure.CRASH
-            if failure is Failure.CRASH and returncode > 0 and not self.ready:
-                failure = Failure.ENVIRONMENT  # it died importing: no plan of this stage can help
+            failure = own or forced or classify_exit(returncode, self.ready) or Failure.CRASH
             self.settle(job_id, failure, self.exit_reason(failure, returncode), returncode)
 
     def wrote_outputs(self, job_id: str) -> bool:
@@ -229,7 +227,7 @@ class AttemptFollower:
         )
         job.finish_attempt(
             self.stage,
-            AttemptResult(failure.value) if failure else AttemptResult.OK,
+            attempt_result(failure),
             returncode=outcome.returncode,
             reason=outcome.reason,
             seconds=round(outcome.seconds, 3),

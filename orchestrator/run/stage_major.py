@@ -8,7 +8,7 @@ start, progress and end on its own. Still one process per stage: the group proce
 after another, and each exits before the next stage's process starts.
 
 A job the group process did not finish (it crashed, ran out of memory or was killed) is given to
-the policy with that attempt (orchestrator.run.policy.decide); if it may try again it runs the stage
+the policy with that attempt (orchestrator.run.job_end.after_failed_attempt); if it may try again it runs the stage
 on its own through the ordinary path (orchestrator.run.pipeline); jobs it never reached form a new
 group. The worker is followed by the same code as a single job's (orchestrator.run.stage_attempt).
 Finished outputs are never redone, and a group never does worse than one process per clip.
@@ -34,18 +34,11 @@ from config.settings import Settings
 from orchestrator.placement.lane_links import LaneSource
 from orchestrator.placement.lanes import Lane, split_for_lanes
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
+from orchestrator.run.job_end import JobStopped, after_failed_attempt, take_job
 from orchestrator.run.job_hooks import HooksFor, JobHooks
 from orchestrator.run.jobdir import JobDir
-from orchestrator.run.pipeline import (
-    JobStopped,
-    end_job,
-    finish_job,
-    next_attempt,
-    pending_stages,
-    run_stage_until_done,
-    take_job,
-)
-from orchestrator.run.policy import Attempt, decide
+from orchestrator.run.pipeline import finish_job, next_attempt, pending_stages, run_stage_until_done
+from orchestrator.run.policy import Attempt
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_attempt import STOPS, run_attempt
 from orchestrator.run.states import JobState
@@ -156,7 +149,7 @@ def run_stage_major(
         for job in active:
             try:
                 results[job.id] = finish_job(job, settings, hooks_for(job), target)
-            except JobStopped as exc:  # publishing failed (PublishFailed): the other clips still publish
+            except JobStopped as exc:  # publishing failed or a late cancel: the other clips still publish
                 results[job.id] = exc
     finally:
         for worker in handed.values():
@@ -237,9 +230,7 @@ def run_after_group(
     """The policy's decision for a member whose group attempt failed: end the job (JobStopped),
     or run the stage alone from the plan it chose."""
     attempt, outcome = failed
-    decision = decide(stage, [attempt], outcome.reason, job.spec, settings)
-    if decision.plan is None:
-        raise end_job(job, stage, outcome, decision)
+    after_failed_attempt(job, stage, [attempt], outcome, settings)
     run_stage_until_done(job, stage, settings, link, hooks, history=(attempt,))
 
 

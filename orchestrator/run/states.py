@@ -1,8 +1,9 @@
 """Every lifecycle of the orchestrator, in one place: job, stage, attempt result and event kind.
 
-Import-free (stdlib only), so the CLI, the daemon, the store and the tests share it. Each state
-machine is an enum whose members say, in their comment, how they are entered, with a table of
-allowed transitions beside it. `JobDir` (orchestrator/run/jobdir.py) is the only writer of these
+Free of heavy imports (the stdlib, and protocol.errors, since a failed attempt's result is its
+`Failure`), so the CLI, the daemon, the store and the tests share it. Each state machine is an enum
+whose members say, in their comment, how they are entered, with a table of allowed transitions
+beside it. `JobDir` (orchestrator/run/jobdir.py) is the only writer of these
 states: it checks each change against the tables here before it saves job.json, and the daemon's
 sqlite queue only mirrors what job.json says. docs/states.md is generated from this module
 (`python -m orchestrator.run.states`); a test keeps the two equal.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+
+from protocol.errors import Failure
 
 
 class JobState(enum.StrEnum):
@@ -33,21 +36,33 @@ class StageState(enum.StrEnum):
     FAILED = "failed"  #: the last attempt failed or was interrupted; a retry or a resume may follow
 
 
-class AttemptResult(enum.StrEnum):
-    """How one stage attempt ended: `ok`, or the failure (protocol.errors.Failure) by value."""
+class AttemptProgress(enum.StrEnum):
+    """An attempt's result while it runs and when it succeeds; every other result is a Failure."""
 
     RUNNING = "running"  #: the worker was started and has not ended
     OK = "ok"  #: exit 0 with every output present
-    INVALID_INPUT = "invalid_input"  #: exit 2: the spec or an input file is unusable; never retried
-    CUDA_OOM = "cuda_oom"  #: exit 3: the accelerator ran out of memory; the next plan uses less
-    MODEL_NOT_FOUND = "model_not_found"  #: exit 4: a model or LoRA is not cached; never retried
-    NO_SPACE = "no_space"  #: exit 5: a disk was full (ENOSPC); never retried, the plan is never lowered
-    HOST_OOM = "host_oom"  #: killed by SIGKILL (the kernel's OOM killer, or its fork server died)
-    CRASH = "crash"  #: exit 1, another code or signal, or exit 0 without the outputs
-    HUNG = "hung"  #: silent for longer than `hung_after_s`; the orchestrator killed it
-    CANCELLED = "cancelled"  #: a person cancelled the job; the orchestrator stopped the worker
-    INTERRUPTED = "interrupted"  #: the orchestrator stopped (shutdown, Ctrl-C) or died during it
-    ENVIRONMENT = "environment"  #: exit 6, or the worker died before READY (import error, CUDA unusable)
+
+
+#: How one stage attempt ended (job.json `stages.<stage>.attempts[].result`): `running`, `ok`, or a
+#: protocol.errors.Failure by name and value. Built from the two, so the failures are declared once,
+#: beside the exit codes they come from, and an attempt's result is the failure itself
+#: (`AttemptResult[failure.name]`), not a second list kept in step with it.
+AttemptResult = enum.StrEnum(
+    "AttemptResult",
+    [(member.name, member.value) for member in AttemptProgress]
+    + [(failure.name, failure.value) for failure in Failure],
+    module=__name__,
+)
+
+
+def attempt_result(failure: Failure | None) -> AttemptResult:
+    """The result recorded for an attempt that ended with `failure` (None: it succeeded)."""
+    return AttemptResult.OK if failure is None else AttemptResult[failure.name]
+
+
+def attempt_failure(result: str) -> Failure | None:
+    """The failure an ended attempt's recorded result names; None for `ok` and `running`."""
+    return None if result in AttemptProgress._value2member_map_ else Failure(result)
 
 
 class EventKind(enum.StrEnum):
@@ -128,7 +143,7 @@ def require_transition(table: Mapping[enum.StrEnum, frozenset], current: enum.St
 
 
 def member_notes(enum_type: type[enum.Enum]) -> dict[str, str]:
-    """Each member's `#:` comment from this file: how the state is entered (for docs/states.md)."""
+    """Each member's `#:` comment in its source: how the state is entered (for docs/states.md)."""
     import inspect
 
     notes: dict[str, str] = {}
@@ -154,7 +169,11 @@ def render_markdown() -> str:
         "writes any of these states; it checks every change against the tables below.",
     ]
     for title, enum_type, table, where in sections:
-        notes = member_notes(enum_type)
+        notes = (
+            member_notes(AttemptProgress) | member_notes(Failure)
+            if enum_type is AttemptResult
+            else member_notes(enum_type)
+        )
         lines += ["", f"## {title}", "", f"Stored in {where}.", ""]
         lines += ["| state | how it is entered | may become |", "|---|---|---|"]
         for member in enum_type:
