@@ -12,6 +12,12 @@ here, each change checked against orchestrator/run/states.py (DESIGN.md rule 7).
 changes under an flock of the job directory and against the state on disk, so two threads or
 processes (the daemon's request loop cancelling a queued job while its executor claims it) cannot
 both move it; the daemon's sqlite queue is told of each change through `mirror`.
+
+Each job records its owner (protocol.job_record.OwnerRecord): the daemon's queue, or the `ltx2` command
+(`generate`, `batch`, `decode`, `resume`) that runs it in its own process. The daemon runs only its own
+jobs and lists the others. Whoever takes a job to run it becomes its owner, with its pid, so a job found
+running is known to be another live process's (`live_runner`) rather than one its orchestrator left
+behind when it died.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.placement.processes import start_time
 from orchestrator.run.inputs import store_image
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.request_digest import RequestIdentity
@@ -51,7 +59,15 @@ from protocol.files import (
     publish,
     temp_path_for,
 )
-from protocol.job_record import AttemptRecord, JobRecord, ResolvedLora, StageRecord, load_record
+from protocol.job_record import (
+    DAEMON_OWNER,
+    AttemptRecord,
+    JobRecord,
+    OwnerRecord,
+    ResolvedLora,
+    StageRecord,
+    load_record,
+)
 from protocol.spec import JobSpec
 
 #: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
@@ -81,6 +97,27 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def owner_here(command: str) -> OwnerRecord:
+    """This process as a job's owner, for `command` (DAEMON_OWNER or the `ltx2` command running the job)."""
+    pid = os.getpid()
+    return OwnerRecord(command=command, pid=pid, host=socket.gethostname(), pid_started=start_time(pid))
+
+
+def is_alive(owner: OwnerRecord) -> bool:
+    """Whether the owner's process still runs. A process of another host cannot be checked from here:
+    it counts as alive, so nothing here takes a job another host may be running."""
+    if owner.host != socket.gethostname():
+        return True
+    return owner.pid_started is not None and start_time(owner.pid) == owner.pid_started
+
+
+def describe_owner(owner: OwnerRecord) -> str:
+    """Who runs a job, as a person reads it: "the daemon (pid 12)", "`ltx2 generate` (pid 34 on gpu-07)"."""
+    where = f"pid {owner.pid}" + (f" on {owner.host}" if owner.host != socket.gethostname() else "")
+    who = "the daemon" if owner.command == DAEMON_OWNER else f"`ltx2 {owner.command}`"
+    return f"{who} ({where})"
+
+
 class JobDir:
     """Read and update one job's directory."""
 
@@ -102,6 +139,25 @@ class JobDir:
         return self.record.id
 
     @property
+    def owner_command(self) -> str:
+        """DAEMON_OWNER for a job of the daemon's queue (and for one recorded before owners), else the
+        `ltx2` command that runs it in its own process."""
+        return self.record.owner.command if self.record.owner else DAEMON_OWNER
+
+    @property
+    def in_daemon_queue(self) -> bool:
+        """The daemon runs this job; a job of any other owner it lists, never runs."""
+        return self.owner_command == DAEMON_OWNER
+
+    def live_runner(self) -> OwnerRecord | None:
+        """The live process running this job, when it is RUNNING and its owner's process is alive
+        (this process included); None for a job that is not running or whose orchestrator died."""
+        owner = self.record.owner
+        if self.state is not JobState.RUNNING or owner is None or not is_alive(owner):
+            return None
+        return owner
+
+    @property
     def deterministic(self) -> bool:
         """Whether its stages run in deterministic mode; jobs recorded before the setting ran without it."""
         return self.record.deterministic
@@ -117,8 +173,12 @@ class JobDir:
         image: Path | None = None,
         stage2_lora: dict[str, Any] | None = None,
         identity: RequestIdentity | None = None,
+        owner: str = DAEMON_OWNER,
     ) -> JobDir:
         """Make the directory, copy the conditioning image in, write the first job.json.
+
+        `owner` is who will run it: DAEMON_OWNER (its queue), or the `ltx2` command that made it to run it
+        in its own process ("generate", "batch", "decode"), recorded with this process.
 
         `identity` (orchestrator.run.request_digest) gives the request digest and the deterministic mode;
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
@@ -146,6 +206,7 @@ class JobDir:
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
             status=JobState.QUEUED.value,
             stages={stage: StageRecord(status=StageState.PENDING.value) for stage in Stage},
+            owner=owner_here(owner),
         )
         job = cls(path, record)
         try:
@@ -171,14 +232,20 @@ class JobDir:
             fcntl.flock(handle, fcntl.LOCK_EX)
             yield
 
-    def transition(self, target: JobState, error: str | None = None, output: str | None = None) -> None:
+    def transition(
+        self, target: JobState, error: str | None = None, output: str | None = None, owner: str | None = None
+    ) -> None:
         """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
         atomically, logged, mirrored. The only code that changes a job's state.
 
         `error` and `output` are set with it (and logged); entering QUEUED or RUNNING clears `error`,
-        and a terminal state stamps `finished`.
+        and a terminal state stamps `finished`. `owner` hands the job to that owner, this process: the
+        daemon queueing a job a command left, a command taking a job to run it. Entering RUNNING always
+        records this process as the owner's (keeping the recorded command unless `owner` names one), since
+        the process that takes a job runs it.
         """
-        details = {name: value for name, value in (("error", error), ("output", output)) if value is not None}
+        fields = (("error", error), ("output", output), ("owner", owner))
+        details = {name: value for name, value in fields if value is not None}
         with self.locked():
             on_disk = load_record(self.path / JOB_FILE)
             if on_disk.status != self.record.status:
@@ -196,6 +263,8 @@ class JobDir:
                 self.record.output = output
             if target.is_terminal:
                 self.record.finished = utc_now()
+            if owner is not None or target is JobState.RUNNING:
+                self.record.owner = owner_here(owner or self.owner_command)
             self.save()
             if target is not JobState.RUNNING:  # a cancel asked of this run is carried out or moot now
                 (self.path / CANCEL_FILE).unlink(missing_ok=True)

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.placement.processes import kill_orphan
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run import reuse
 from orchestrator.run.job_hooks import JobHooks, StageEvent
-from orchestrator.run.jobdir import CANCEL_REASON, JobDir
+from orchestrator.run.jobdir import CANCEL_REASON, JobDir, describe_owner
 from orchestrator.run.policy import Attempt, Decision, decide, initial_plan
 from orchestrator.run.publishing import publish_job
 from orchestrator.run.runner import StageOutcome, spawn_worker
 from orchestrator.run.stage_attempt import run_attempt
-from orchestrator.run.states import AttemptResult, EventKind, JobState, StageEventKind
+from orchestrator.run.states import AttemptResult, EventKind, JobState, StageEventKind, TransitionError
 from protocol.errors import Failure, is_no_space
 from protocol.fault_points import fault_point
 from protocol.files import STAGE_ORDER, Stage
@@ -41,18 +42,45 @@ class JobStopped(Exception):
         super().__init__(f"stage {stage.value} failed ({self.failure.value}): {self.reason}")
 
 
-def take_job(job: JobDir) -> None:
-    """Move a job to RUNNING for an orchestrator that is about to run it, whatever it was.
+class JobBusy(Exception):
+    """The job is running in another live process (the daemon, or another `ltx2` command): two
+    orchestrators must never run one job."""
 
-    A job found RUNNING was left so by an orchestrator that died: its attempts are closed as
-    interrupted first. A finished, failed or cancelled one is queued again (a re-run, a decode).
+    def __init__(self, job: JobDir) -> None:
+        runner = job.live_runner()
+        who = describe_owner(runner) if runner else "another process"
+        super().__init__(f"job {job.id} is running in {who}; wait for it to end, or stop it there first")
+
+
+def take_job(job: JobDir, owner: str | None = None) -> None:
+    """Move a job to RUNNING for this process, about to run it, whatever it was; `owner` (the `ltx2`
+    command doing so) becomes its owner (None: the recorded one stays).
+
+    A job running in another live process is refused (JobBusy). A job found RUNNING otherwise was left
+    so by an orchestrator that died: its attempts are closed as interrupted and the workers it left
+    are stopped first (`release_orphaned`). A finished, failed or cancelled one is queued again (a
+    re-run, a decode, a resume).
     """
+    if job.live_runner() is not None:
+        raise JobBusy(job)
     if job.state is JobState.RUNNING:
-        job.interrupt_running_attempts("its orchestrator stopped")
-        job.transition(JobState.QUEUED)
+        release_orphaned(job)
     elif job.state is not JobState.QUEUED:
         job.transition(JobState.QUEUED)
-    job.transition(JobState.RUNNING)
+    try:
+        job.transition(JobState.RUNNING, owner=owner)
+    except TransitionError:  # checked against job.json: another process took it a moment ago
+        if job.live_runner() is not None:
+            raise JobBusy(job) from None
+        raise
+
+
+def release_orphaned(job: JobDir, owner: str | None = None) -> None:
+    """Put a job whose orchestrator died while running it back to QUEUED (for `owner`, if given): its
+    running attempts closed as interrupted, the stage workers they recorded stopped if they still run."""
+    for pid in job.interrupt_running_attempts("its orchestrator stopped"):
+        kill_orphan(pid, str(job.path))
+    job.transition(JobState.QUEUED, owner=owner)
 
 
 def pending_stages(job: JobDir, hooks: JobHooks) -> list[Stage]:
