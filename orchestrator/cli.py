@@ -1,7 +1,8 @@
 """The `ltx2` command line (torch-free: it starts in a fraction of a second).
 
 `ltx2 generate` runs a job with an embedded orchestrator: the same stage processes, job
-directory and protocol the daemon uses, without needing the daemon.
+directory and protocol the daemon uses, without needing the daemon. So do `decode`, `batch`, and
+`resume` when no daemon answers: it goes on with a job from its first unfinished stage.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from orchestrator.command_line.terminal import fail, notice
 from orchestrator.placement.lane_links import open_lanes
 from orchestrator.placement.worker_link import UnsafeRuntimeDir, WorkerLink
 from orchestrator.run import reuse
-from orchestrator.run.job_end import JobStopped, take_job
+from orchestrator.run.job_end import JobBusy, JobStopped, take_job
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec, spec_request
@@ -41,8 +42,9 @@ from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.request_digest import identify
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import run_across_lanes, run_job_stage_major
+from orchestrator.run.states import JobState
 from protocol.errors import ExitCode, Failure, ModelNotFound, cli_exit_code, is_no_space
-from protocol.files import JOB_FILE, LATENTS_FILE, Stage, read_safetensors_metadata
+from protocol.files import JOB_FILE, LATENTS_FILE, STAGE_ORDER, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "a job's state, attempts and progress"),
         ("watch", "follow a job live until it ends"),
         ("cancel", "stop a queued or running job"),
-        ("resume", "queue a failed or cancelled job again"),
+        ("resume", "continue an interrupted, failed or cancelled job (the daemon's, or here without one)"),
         ("logs", "a job's events and worker log"),
     ):
         command = add_command(name, help=text)
@@ -128,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "logs":
             command.add_argument("--lines", type=int, default=40, help="lines of each log (default 40)")
             command.add_argument("--json", action="store_true", help="print events.log's lines as stored (JSON)")
+        if name == "resume":
+            command.add_argument(
+                "--output-dir", type=Path, help="without a daemon: where the MP4 goes (default: ./outputs)"
+            )
+            command.add_argument("--quiet", action="store_true", help="without a daemon: no progress bars")
     jobs = add_command("jobs", help="list recent jobs")
     jobs.add_argument("--limit", type=int, default=20, help="how many (default 20)")
     jobs.add_argument("--json", action="store_true", help="print the raw reply as JSON")
@@ -214,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except UnsafeRuntimeDir as exc:
         return fail(str(exc), ExitCode.OTHER)
+    except JobBusy as exc:
+        return fail(str(exc), ExitCode.OTHER)
 
 
 def configure_logging(command: str, verbose: bool) -> None:
@@ -250,6 +259,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         return render_batch(args, settings)
     if args.command == "serve":
         return serve(args, settings)
+    if args.command == "resume":
+        return resume(args, settings)
     from orchestrator.command_line import client_commands
 
     return client_commands.run(args, settings)
@@ -261,7 +272,7 @@ def describe_full_disk(exc: OSError, state_dir: Path) -> str:
     where = exc.filename or state_dir  # a write that fails after its open names no file
     return (
         f"no space left on the disk of {where} ({exc.strerror or exc}); free space there, then run the command"
-        " again (a job it created resumes with: ltx2 decode --input JOB_DIR --output PATH.mp4)"
+        " again (a job it created goes on with: ltx2 resume JOB_ID; `ltx2 jobs` lists them)"
     )
 
 
@@ -317,13 +328,14 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         image=built.image,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
+        owner="generate",
     )
     _, _, width, height = spec.crop_box
     size = f"{width}x{height}x{spec.num_frames}"
     if (width, height) != (spec.width, spec.height):
         size += f", centre of {spec.width}x{spec.height}"
     notice(f"job {job.id} (seed {spec.seed}, {size}, model {model.name})")
-    return run_embedded(job, settings, args.quiet)
+    return run_embedded(job, settings, args.quiet, "generate", named_output_dir=args.output_dir)
 
 
 def check_output_dir(folder: Path, field: str) -> None:
@@ -346,24 +358,33 @@ def check_output_dir(folder: Path, field: str) -> None:
         raise SpecError(field, f"cannot write the video into {folder}: {exc.strerror or exc}") from None
 
 
-def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | None = None) -> int:
-    """Run a job in this process's embedded orchestrator; print the MP4 path; return the exit code.
+def run_embedded(
+    job: JobDir,
+    settings: Settings,
+    quiet: bool,
+    owner: str,
+    target: Path | None = None,
+    named_output_dir: Path | None = None,
+) -> int:
+    """Run a job in this process's embedded orchestrator, as `ltx2 <owner>`; print the MP4 path; return
+    the exit code. A job another live process runs is refused (JobBusy).
 
     Ctrl-C (or SIGTERM) stops the running worker (SIGTERM, then SIGKILL after the grace period),
-    leaves the job resumable and exits 130 with one line saying how to resume.
+    leaves the job resumable and exits 130 with one line saying how to resume: the command that ends
+    the job as this one would have (`named_output_dir`: the output folder the command line named).
     """
     view = ProgressView(enabled=not quiet)
     context = zmq.Context()
     link = WorkerLink(context, fork_server=settings.fork_server)
     with StopOnSignals() as stop:
         try:
-            take_job(job)
+            take_job(job, owner)
             output = run_job_stage_major(
                 job, settings, link, JobHooks(listener=view, should_stop=stop.reason), target=target
             )
         except JobStopped as exc:
             view.close()
-            return report_job_stopped(exc, job)
+            return report_job_stopped(exc, job, resume_command(job, target, named_output_dir))
         finally:
             link.close()
             context.term()
@@ -372,13 +393,20 @@ def run_embedded(job: JobDir, settings: Settings, quiet: bool, target: Path | No
     return 0
 
 
-def report_job_stopped(exc: JobStopped, job: JobDir) -> int:
-    """One error for a job that ended without a video; returns the exit code."""
+def resume_command(job: JobDir, target: Path | None, output_dir: Path | None) -> str:
+    """The command that goes on with an interrupted run to the video it was making: `ltx2 decode` again
+    for an exact target, else `ltx2 resume ID` (with the output folder the command line had named)."""
+    if target is not None:
+        return f"ltx2 decode --input {job.path} --output {target}"
+    folder = f" --output-dir {output_dir.expanduser().absolute()}" if output_dir is not None else ""
+    return f"ltx2 resume {job.id}{folder}"
+
+
+def report_job_stopped(exc: JobStopped, job: JobDir, resume_with: str) -> int:
+    """One error for a job that ended without a video; returns the exit code. An interrupted job is
+    resumable, and the line says how: `resume_with`."""
     if exc.failure is Failure.INTERRUPTED:
-        return fail(
-            f"interrupted; job {job.id} stopped and left resumable: ltx2 decode --input {job.path} --output PATH.mp4",
-            ExitCode.INTERRUPTED,
-        )
+        return fail(f"interrupted; job {job.id} stopped and left resumable: {resume_with}", ExitCode.INTERRUPTED)
     return fail(f"{exc}; {where_to_look(exc, job)}", cli_exit_code(exc.failure))
 
 
@@ -401,7 +429,39 @@ def decode(args: argparse.Namespace, settings: Settings) -> int:
     if overrides:
         job.replace_spec(job.spec.with_changes(**overrides))
     notice(f"decoding job {job.id} ({job.path})")
-    return run_embedded(job, settings, args.quiet, target=args.output.expanduser())
+    return run_embedded(job, settings, args.quiet, "decode", target=args.output.expanduser())
+
+
+def resume(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 resume ID`: the daemon queues the job again when one answers; without one, this process
+    goes on with it from its first unfinished stage (finished stages' files verify and are kept), as
+    the `ltx2 generate` that was interrupted would have."""
+    from orchestrator.command_line import client_commands
+
+    answered = client_commands.resume_through_daemon(args, settings)
+    if answered is not None:
+        return answered
+    return resume_here(args, settings, f"no daemon answered at {client_commands.endpoint(settings)}")
+
+
+def resume_here(args: argparse.Namespace, settings: Settings, why: str) -> int:
+    """Run an interrupted, failed or cancelled job on in this process (`why` here, for the notice); a
+    done job, an unknown id or a job another live process runs is one line (exit 1)."""
+    from orchestrator.daemon.job_views import UnknownJob, job_path
+
+    try:
+        job = load_job_file(job_path(settings.jobs_dir, args.job_id))
+    except UnknownJob as exc:
+        return fail(str(exc), ExitCode.OTHER)
+    if job.state is JobState.DONE:
+        return fail(f"job {job.id} is already done; its video: {job.record.output}; nothing to resume", ExitCode.OTHER)
+    if job.live_runner() is not None:
+        raise JobBusy(job)
+    check_output_dir(settings.output_dir, "output_dir")
+    done = [stage.value for stage in STAGE_ORDER if job.has_outputs(stage)]
+    kept = f"; its finished stages are kept: {', '.join(done)}" if done else ""
+    notice(f"{why}; resuming job {job.id} in this process from its first unfinished stage{kept}")
+    return run_embedded(job, settings, args.quiet, "resume", named_output_dir=args.output_dir)
 
 
 def recovery_job(source: Path, settings: Settings) -> JobDir:
@@ -418,7 +478,7 @@ def recovery_job(source: Path, settings: Settings) -> JobDir:
     model = resolve_model(spec.model)
     # Its latents come from the file, not from rendering the request: the digest is kept for the record, and
     # the adopted stage's plan ({}) tells the sidecar that the output is not the request's own render.
-    job = JobDir.create(settings.jobs_dir, spec, model, identity=identify(spec, model, settings))
+    job = JobDir.create(settings.jobs_dir, spec, model, identity=identify(spec, model, settings), owner="decode")
     shutil.copyfile(source, job.path / LATENTS_FILE)
     job.adopt_outputs(Stage.ENCODE_DIFFUSE, f"copied from {source}")
     return job
@@ -458,7 +518,7 @@ def render_batch(args: argparse.Namespace, settings: Settings) -> int:
     def render(jobs: dict[str, JobDir], stage_ended: StageReport) -> dict[str, Path | JobStopped]:
         labels = {job.id: key for key, job in jobs.items()}
         for job in jobs.values():
-            take_job(job)
+            take_job(job, "batch")
 
         def hooks_for(job: JobDir) -> JobHooks:
             show = view.labelled(labels[job.id])

@@ -287,6 +287,29 @@ def read_publish(raw: object, where: str, at: str) -> PublishRecord | None:
     return None if raw is None else PublishRecord.from_json(raw, where, at)
 
 
+#: OwnerRecord.command of a job in the daemon's queue; any other is the `ltx2` command running it itself.
+DAEMON_OWNER = "daemon"
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnerRecord(RecordFields):
+    """Who runs the job: the daemon's queue, or an `ltx2` command that runs it in its own process.
+
+    The daemon runs only its own jobs and lists the others; a job found running is another process's
+    while the process named here is alive (its pid, with its start time against pid reuse), so no second
+    orchestrator takes it (orchestrator/run/jobdir.py: JobDir.live_runner)."""
+
+    command: str  #: DAEMON_OWNER, or the command running it itself: "generate", "batch", "decode", "resume"
+    pid: int  #: the process that made the job or last took it to run, on `host`
+    host: str  #: that process's host name (a pid says nothing about another host)
+    pid_started: int | None = None  #: its start time in clock ticks after boot (/proc/PID/stat), against pid reuse
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_owner(raw: object, where: str, at: str) -> OwnerRecord | None:
+    return None if raw is None else OwnerRecord.from_json(raw, where, at)
+
+
 @dataclasses.dataclass
 class JobRecord(RecordFields):
     """One job's job.json. Changed in place and saved by JobDir (orchestrator/run/jobdir.py) alone."""
@@ -325,6 +348,9 @@ class JobRecord(RecordFields):
     finished: str | None = None  #: ISO time it last entered a terminal state
     finishing: str | None = None  #: ISO time its run passed the last point of cancel (JobDir.commit_to_finish)
     publish: PublishRecord | None = None  #: the publish step (orchestrator/run/publishing.py); None before the first
+    #: who runs it: set by JobDir.create and by each orchestrator that takes it to run or into its queue;
+    #: None: recorded before owners were, a job of the daemon's queue (every daemon adopted them at its start)
+    owner: OwnerRecord | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     readers: ClassVar[Mapping[str, Reader]] = {
@@ -334,6 +360,7 @@ class JobRecord(RecordFields):
         "loras": read_loras,
         "stage2_lora": read_optional_lora,
         "publish": read_publish,
+        "owner": read_owner,
     }
 
     @classmethod

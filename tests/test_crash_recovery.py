@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,27 +49,198 @@ def fault_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
     return {**ltx2_env, "LTX2_FAULT_DIR": str(tmp_path / "faults"), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
 
 
-def test_ctrl_c_during_generate_stops_the_worker_and_leaves_the_job_resumable(fault_env: dict, tmp_path: Path):
-    cli = start_cli(["generate", "--prompt", "a lighthouse", "--seed", "5", *TINY_ARGS, "--quiet"], fault_env)
-    worker = int(wait_for_file(tmp_path / "faults" / "paused-encode_diffuse.pid").read_text())
-    os.killpg(cli.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's whole foreground group
-    out, err = cli.communicate(timeout=60)
-    assert cli.returncode == 130, err
-    assert "Traceback" not in err and "interrupted" in err
-    deadline = time.monotonic() + 15
-    while is_running(worker) and time.monotonic() < deadline:
+def files_of(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time: what a reader must leave as it was."""
+    return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*") if path.is_file()}
+
+
+def accepts_connections(path: Path) -> bool:
+    """Whether a process listens on the unix socket at `path` (a killed daemon's client front, until it exits)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def timed_ltx2(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = run_ltx2(args, env)
+    return result, time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def interrupted_generate(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """One `ltx2 generate` paused mid-diffusion, and what every command said about its job as it went:
+
+    1. while it runs, with no daemon: `status`, `resume`;
+    2. a daemon started on the same state dir while it runs: the worker's fate, `status`, `jobs`, `resume`;
+    3. Ctrl-C of the generate while the daemon is up, then a second of the daemon's idle polls: the job;
+    4. `resume` asked of the daemon (which holds its executor before the stage, LTX2_FAULT_HOLD), `status`
+       as the daemon runs it, `cancel`; then the daemon SIGKILLed, leaving its socket file behind;
+    5. no daemon: `status`, `jobs`, `logs`, and the state dir's files before and after them;
+    6. `resume` with no daemon, which renders the clip; then `resume` again, and of a mistyped id.
+    """
+    root = tmp_path_factory.mktemp("interrupted")
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-ctrlc")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (root / "faults").mkdir()
+    env = {
+        **ltx2_environment(hf_home, root),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "LTX2_FAULT_DIR": str(root / "faults"),
+        "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2",
+    }
+    cli = start_cli(["generate", "--prompt", "a lighthouse", "--seed", "5", *TINY_ARGS, "--quiet"], env)
+    try:
+        worker = int(wait_for_file(root / "faults" / "paused-encode_diffuse.pid").read_text())
+        (job_dir,) = (root / "state" / "jobs").iterdir()
+        seen: dict[str, object] = {"root": root, "id": job_dir.name, "generate_pid": cli.pid}
+        seen["running_alone"] = {cmd: run_ltx2([cmd, job_dir.name], env) for cmd in ("status", "resume")}
+        seen.update(beside_a_daemon(env, job_dir, cli, worker))
+        seen.update(without_a_daemon(env, job_dir))
+        seen["worker_alive_at_the_end"] = is_running(worker)
+        yield seen
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+
+
+def beside_a_daemon(env: dict[str, str], job_dir: Path, cli: subprocess.Popen[str], worker: int) -> dict[str, object]:
+    """Steps 2 to 4 of `interrupted_generate`, with a daemon started while the generate runs."""
+    job_id, faults, seen = job_dir.name, Path(env["LTX2_FAULT_DIR"]), {}
+    holding = {**env, "LTX2_FAULT_HOLD": "before-encode_diffuse"}  # its executor waits before the stage
+    with DaemonProcess(holding, job_dir.parents[2] / "daemon.log") as daemon:
+        seen["daemon_pid"] = daemon.pid
+        seen["worker_alive_beside_the_daemon"] = is_running(worker)
+        seen["running_beside_the_daemon"] = {cmd: run_ltx2([cmd, job_id], env) for cmd in ("status", "resume")}
+        seen["running_beside_the_daemon"]["jobs"] = run_ltx2(["jobs"], env)
+        os.killpg(cli.pid, signal.SIGINT)  # what Ctrl-C does: the terminal's whole foreground group
+        _, seen["generate_stderr"] = cli.communicate(timeout=60)
+        seen["generate_exit"] = cli.returncode
+        time.sleep(1.0)  # five of the executor's idle polls: a queued job of its own would be claimed
+        seen["interrupted_record"] = json.loads((job_dir / JOB_FILE).read_text())
+        seen["interrupted_status"] = run_ltx2(["status", job_id], env)
+        seen["interrupted_status_json"] = json.loads(run_ltx2(["status", job_id, "--json"], env).stdout)
+        seen["resume_by_daemon"] = run_ltx2(["resume", job_id], env)
+        seen["held"] = wait_for_file(faults / "held-before-encode_diffuse").read_text()
+        seen["taken_over"] = json.loads(run_ltx2(["status", job_id, "--json"], env).stdout)
+        seen["cancel"] = run_ltx2(["cancel", job_id], env)
+        (faults / "release-before-encode_diffuse").touch()
+        daemon.wait_for_state(job_id, {"cancelled"})
+        daemon.process.kill()  # its socket file stays behind: nothing listens there any more
+        daemon.process.wait()
+    return seen
+
+
+def without_a_daemon(env: dict[str, str], job_dir: Path) -> dict[str, object]:
+    """Steps 5 and 6 of `interrupted_generate`: the daemon is dead, its socket file left behind."""
+    job_id, state, seen = job_dir.name, job_dir.parents[1], {}
+    socket_file = Path(env["XDG_RUNTIME_DIR"]) / f"ltx2-stages-{os.getuid()}" / "daemon.sock"
+    seen["stale_socket_left"] = socket_file.exists()
+    deadline = time.monotonic() + 10
+    while accepts_connections(socket_file) and time.monotonic() < deadline:  # its client front exits after it
         time.sleep(0.1)
-    assert not is_running(worker)
-    (job_dir,) = (tmp_path / "state" / "jobs").iterdir()
-    record = json.loads((job_dir / JOB_FILE).read_text())
-    assert record["status"] == "queued"
+    before = files_of(state)
+    seen["alone"] = {
+        "status": timed_ltx2(["status", job_id], env),
+        "status_json": timed_ltx2(["status", job_id, "--json"], env),
+        "jobs": timed_ltx2(["jobs"], env),
+        "logs": timed_ltx2(["logs", job_id], env),
+    }
+    seen["state_unchanged"] = files_of(state) == before
+    seen["resume"] = run_ltx2(["resume", job_id, "--quiet"], env)
+    seen["record"] = json.loads((job_dir / JOB_FILE).read_text())
+    seen["resume_again"] = run_ltx2(["resume", job_id], env)
+    seen["typo"] = job_id[:-1] + ("0" if job_id[-1] != "0" else "1")
+    seen["resume_typo"] = run_ltx2(["resume", seen["typo"]], env)
+    return seen
+
+
+def test_ctrl_c_during_generate_stops_the_worker_and_names_ltx2_resume(interrupted_generate: dict):
+    seen = interrupted_generate
+    assert seen["generate_exit"] == 130, seen["generate_stderr"]
+    err = seen["generate_stderr"]
+    assert "Traceback" not in err
+    assert f"interrupted; job {seen['id']} stopped and left resumable: ltx2 resume {seen['id']}" in err
+    assert "decode" not in err
+    assert not seen["worker_alive_at_the_end"]
+
+
+def test_status_jobs_and_logs_without_a_daemon_read_the_state_dir_and_write_nothing(interrupted_generate: dict):
+    seen, job_id = interrupted_generate, interrupted_generate["id"]
+    running = seen["running_alone"]["status"]
+    assert running.returncode == 0, running.stderr
+    assert running.stderr.count("ltx2: no daemon answered at ipc://") == 1
+    assert "reading the state dir" in running.stderr
+    assert f"job {job_id}: running" in running.stdout
+    assert f"run by: `ltx2 generate` (pid {seen['generate_pid']})\n" in running.stdout
+    results = {name: result for name, (result, _) in seen["alone"].items()}
+    for name, (result, seconds) in seen["alone"].items():
+        assert result.returncode == 0, (name, result.stderr)
+        assert result.stderr.count("reading the state dir") == 1, (name, result.stderr)
+        assert seconds < 10, f"{name} waited {seconds:.1f} s for a daemon whose socket file is stale"
+    assert seen["stale_socket_left"]
+    assert results["status"].stdout.startswith(f"job {job_id}: cancelled\n")
+    assert re.search(rf"^{job_id}  cancelled  64x64x17 +a lighthouse$", results["jobs"].stdout, re.M)
+    events = results["logs"].stdout
+    assert events.startswith("--- events ---") and "result=interrupted" in events and "job_cancelled" in events
+    # The same shape as the daemon's reply, read from the files alone.
+    assert set(json.loads(results["status_json"].stdout)) == set(seen["interrupted_status_json"])
+    assert seen["state_unchanged"]
+
+
+def test_a_daemon_lists_a_generate_job_and_never_runs_it_on_its_own(interrupted_generate: dict):
+    seen, job_id = interrupted_generate, interrupted_generate["id"]
+    # Started while the generate ran, the daemon left its worker and its job alone, and sees the job.
+    assert seen["worker_alive_beside_the_daemon"]
+    beside = seen["running_beside_the_daemon"]
+    assert beside["status"].returncode == 0 and "reading the state dir" not in beside["status"].stderr
+    assert f"job {job_id}: running" in beside["status"].stdout
+    assert re.search(rf"^{job_id}  running ", beside["jobs"].stdout, re.M), beside["jobs"].stdout
+    # Interrupted while the daemon was up: left queued for `ltx2 resume`, not taken into the daemon's queue.
+    record = seen["interrupted_record"]
+    assert record["status"] == "queued" and record["owner"]["command"] == "generate"
     assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["interrupted"]
-    resumed = run_ltx2(
-        ["decode", "--input", str(job_dir), "--output", str(tmp_path / "clip.mp4"), "--quiet"], fault_env
-    )
+    assert f"continue it with: ltx2 resume {job_id}" in seen["interrupted_status"].stdout
+
+
+def test_resume_refuses_a_job_another_process_runs(interrupted_generate: dict):
+    seen, job_id = interrupted_generate, interrupted_generate["id"]
+    running_in = f"job {job_id} is running in `ltx2 generate` (pid {seen['generate_pid']})"
+    for result in (seen["running_alone"]["resume"], seen["running_beside_the_daemon"]["resume"]):
+        assert result.returncode == 1 and running_in in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_the_daemon_takes_over_an_interrupted_generate_job_asked_to_resume_it(interrupted_generate: dict):
+    seen, job_id = interrupted_generate, interrupted_generate["id"]
+    assert seen["resume_by_daemon"].returncode == 0, seen["resume_by_daemon"].stderr
+    assert seen["resume_by_daemon"].stdout == f"{job_id}: queued\n"
+    assert seen["held"] == job_id  # its executor claimed it
+    runner = seen["taken_over"]["runner"]
+    assert (seen["taken_over"]["state"], runner["command"], runner["pid"]) == ("running", "daemon", seen["daemon_pid"])
+    assert seen["cancel"].stdout == f"{job_id}: cancelling\n"
+
+
+def test_resume_without_a_daemon_finishes_the_job_and_explains_what_it_cannot_resume(interrupted_generate: dict):
+    seen, job_id = interrupted_generate, interrupted_generate["id"]
+    resumed = seen["resume"]
     assert resumed.returncode == 0, resumed.stderr
-    assert probe_mp4(tmp_path / "clip.mp4")["frames"] == 17
-    assert json.loads((job_dir / JOB_FILE).read_text())["status"] == "done"
+    assert "no daemon answered at ipc://" in resumed.stderr
+    assert f"resuming job {job_id} in this process" in resumed.stderr
+    output = Path(resumed.stdout.strip())
+    assert output.parent == seen["root"] / "outputs" and probe_mp4(output)["frames"] == 17
+    record = seen["record"]
+    assert (record["status"], record["output"], record["owner"]["command"]) == ("done", str(output), "resume")
+    attempts = [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]]
+    assert attempts[0] == "interrupted" and attempts[-1] == "ok"
+    again, typo = seen["resume_again"], seen["resume_typo"]
+    assert again.returncode == 1 and f"job {job_id} is already done; its video: {output}" in again.stderr
+    assert typo.returncode == 1 and f"no job '{seen['typo']}'" in typo.stderr and f"nearest: {job_id}" in typo.stderr
+    assert "ltx2 jobs" in typo.stderr
 
 
 def test_ctrl_c_during_a_batch_stops_the_worker_and_a_rerun_finishes(fault_env: dict, tmp_path: Path):

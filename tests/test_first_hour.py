@@ -45,7 +45,7 @@ def test_an_output_folder_whose_parent_is_missing_is_refused(ltx2_env: dict, tmp
 
 def test_the_daemon_hint_is_a_command_that_exists_from_a_fresh_clone(ltx2_env: dict, tmp_path: Path):
     env = {**ltx2_env, "XDG_RUNTIME_DIR": str(tmp_path)}
-    result = run_ltx2(["status", "20260101-000000-abcdef"], env)
+    result = run_ltx2(["cancel", "20260101-000000-abcdef"], env)  # a command only the daemon can carry out
     assert result.returncode == 1
     hint = result.stderr.split("start it: ", 1)[1].rstrip(")\n")
     program, flag, config = shlex.split(hint)

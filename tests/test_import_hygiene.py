@@ -30,6 +30,8 @@ def test_orchestrator_import_does_not_load_torch_diffusers_or_av():
         "orchestrator.run.lora_lookup",
         "orchestrator.run.sidecar",
         "orchestrator.daemon.store",
+        "orchestrator.daemon.job_views",
+        "orchestrator.daemon.state_reader",
         "orchestrator.run.policy",
         "orchestrator.gateway.app",
         "orchestrator.gateway.server",

@@ -146,9 +146,18 @@ def test_an_orphaned_run_a_person_cancelled_ends_cancelled(tmp_path: Path):
     assert (record["status"], record["failure"], record["error"]) == ("cancelled", "cancelled", "cancelled on request")
 
 
+def died(job: JobDir) -> JobDir:
+    """The job as another process finds it after its orchestrator died (the owner's start time no longer
+    matches its pid: a pid gone or reused)."""
+    record = on_disk(job)
+    record["owner"]["pid_started"] = -1
+    (job.path / JOB_FILE).write_text(json.dumps(record))
+    return JobDir.load(job.path)
+
+
 def test_take_job_ends_a_dead_orchestrators_run_before_starting_its_own(tmp_path: Path):
     job = running_job(tmp_path, pid=4242)
-    take_job(JobDir.load(job.path))
+    take_job(died(job))
     events = [json.loads(line)["event"] for line in (job.path / "events.log").read_text().splitlines()]
     assert events[-3:] == ["job_interrupted", "job_queued", "job_running"]
     assert on_disk(job)["stages"]["encode_diffuse"]["attempts"][-1]["result"] == "interrupted"

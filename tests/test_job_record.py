@@ -7,6 +7,7 @@ record was typed (one plain, one with a LoRA); they must load and write back as 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -169,8 +170,10 @@ def test_a_new_job_writes_todays_keys_and_its_version(tmp_path: Path):
     job = JobDir.create(tmp_path / "jobs", old.spec, model)
     written = raw(job.path / JOB_FILE)
     finished = {"error", "output", "finished", "finishing", "publish"}  # set by its run, not by its creation
-    assert set(written) == {*raw(RECORDS / "done-one-stage.json"), "schema_version"} - finished
+    # `owner` was recorded after the fixture was written: who runs the job, this process for the daemon's queue.
+    assert set(written) == {*raw(RECORDS / "done-one-stage.json"), "schema_version", "owner"} - finished
     assert written["schema_version"] == SCHEMA_VERSION
+    assert (written["owner"]["command"], written["owner"]["pid"]) == ("daemon", os.getpid())
     assert written["stages"] == {stage.value: {"status": "pending", "attempts": [], "outputs": {}} for stage in Stage}
 
 

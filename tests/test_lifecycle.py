@@ -120,8 +120,10 @@ def test_the_policy_retries_a_crash_with_the_same_plan_then_fails_with_the_ladde
     assert spent.job_state is JobState.FAILED and "no lower-memory plan left" in spent.reason
 
 
-def test_states_module_imports_nothing_of_the_project():
+def test_states_module_imports_nothing_of_the_project_but_the_failure_vocabulary():
+    """A failed attempt's result is a protocol.errors.Failure; nothing else of the project comes with it."""
     project = "('orchestrator', 'protocol', 'config')"
     code = f"import sys, orchestrator.run.states; print(sorted(m for m in sys.modules if m.split('.')[0] in {project}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
-    assert result.stdout.strip() == "['orchestrator', 'orchestrator.run', 'orchestrator.run.states']"
+    expected = ["orchestrator", "orchestrator.run", "orchestrator.run.states", "protocol", "protocol.errors"]
+    assert result.stdout.strip() == str(expected)

@@ -250,6 +250,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         image=built.image,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
+        owner="batch",
     )
 
 

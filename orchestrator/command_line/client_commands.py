@@ -1,4 +1,10 @@
-"""The daemon side of the CLI: `daemon`, `keys` and the client commands that talk to it."""
+"""The daemon side of the CLI: `daemon`, `keys` and the client commands that talk to it.
+
+`status`, `jobs` and `logs` only read: when no daemon answers they read the state dir's job
+directories themselves (orchestrator.daemon.state_reader), say so once on stderr, and print the same
+lines. `resume` asks the daemon when one answers; without one, orchestrator/cli.py runs the job on in
+its own process (`resume_through_daemon` tells it which).
+"""
 
 from __future__ import annotations
 
@@ -9,24 +15,34 @@ import logging
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from config.settings import Settings
 from orchestrator.command_line.event_lines import format_event_line
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.terminal import fail, notice
 from orchestrator.daemon.client import DaemonClient, DaemonError
-from orchestrator.daemon.transport import TransportError, address_from_settings, create_keys
+from orchestrator.daemon.state_reader import StateDirReader
+from orchestrator.daemon.transport import DaemonNotListening, TransportError, address_from_settings, create_keys
 from orchestrator.run.job_hooks import StageEvent
 from orchestrator.run.jobspec import spec_request
 from orchestrator.run.states import AttemptResult, JobState, StageEventKind
-from protocol import jobs, stages
+from protocol import codec, jobs, stages
 from protocol.codec import ErrorCode
 from protocol.errors import ExitCode, cli_exit_code
+from protocol.job_record import DAEMON_OWNER
 
 # How often `watch` asks for progress: live enough for a bar, negligible load on the daemon.
 WATCH_INTERVAL_S = 0.5
 ERROR_EXIT = {ErrorCode.INVALID_SPEC: ExitCode.INVALID_INPUT, ErrorCode.NOT_FOUND: ExitCode.OTHER}
+#: Commands that only read: with no daemon answering they read the state dir directly.
+READ_ONLY = frozenset({"status", "jobs", "logs"})
+
+
+class Answerer(Protocol):
+    """What a client command asks: the daemon (DaemonClient), or the state dir read directly (StateDirReader)."""
+
+    def request(self, message: codec.Message) -> dict[str, Any]: ...
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -39,10 +55,50 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
             return COMMANDS[args.command](client, args)
     except (DaemonError, TransportError) as exc:
-        code = getattr(exc, "code", ErrorCode.UNREACHABLE)
-        if code == ErrorCode.NOT_FOUND and getattr(exc, "field", "") in ("model", "lora"):
-            return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
-        return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
+        if args.command in READ_ONLY and no_daemon_answers(exc):
+            return read_state_dir(args, settings)
+        return report_error(exc)
+
+
+def endpoint(settings: Settings) -> str:
+    """Where the configured daemon listens."""
+    return address_from_settings(settings.daemon).endpoint
+
+
+def no_daemon_answers(exc: DaemonError | TransportError) -> bool:
+    """No daemon listens at the endpoint, or none replied in time (an error reply is an answer)."""
+    return isinstance(exc, DaemonNotListening) or (isinstance(exc, DaemonError) and exc.code == ErrorCode.UNREACHABLE)
+
+
+def report_error(exc: DaemonError | TransportError) -> int:
+    """The one error line for a failed request; returns the exit status its code maps to."""
+    code = getattr(exc, "code", ErrorCode.UNREACHABLE)
+    if code == ErrorCode.NOT_FOUND and getattr(exc, "field", "") in ("model", "lora"):
+        return fail(str(exc), ExitCode.MODEL_NOT_FOUND)
+    return fail(str(exc), ERROR_EXIT.get(code, ExitCode.OTHER))
+
+
+def read_state_dir(args: argparse.Namespace, settings: Settings) -> int:
+    """A read-only command answered from the state dir's files, after one notice saying why."""
+    notice(f"no daemon answered at {endpoint(settings)}; reading the state dir {settings.state_dir} directly")
+    try:
+        return COMMANDS[args.command](StateDirReader(settings.jobs_dir), args)
+    except DaemonError as exc:
+        return report_error(exc)
+
+
+def resume_through_daemon(args: argparse.Namespace, settings: Settings) -> int | None:
+    """`ltx2 resume ID` asked of the daemon: its exit status, or None when no daemon answers (the job is
+    then resumed in this process)."""
+    try:
+        with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
+            data = client.request(jobs.Resume(args.job_id))
+    except (DaemonError, TransportError) as exc:
+        return None if no_daemon_answers(exc) else report_error(exc)
+    if args.output_dir is not None:
+        notice("--output-dir is for a resume without a daemon; the daemon publishes into its own output folder")
+    sys.stdout.write(f"{args.job_id}: {data['state']}\n")
+    return 0
 
 
 def run_daemon(settings: Settings) -> int:
@@ -98,7 +154,7 @@ def make_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def submit(client: DaemonClient, args: argparse.Namespace) -> int:
+def submit(client: Answerer, args: argparse.Namespace) -> int:
     data = client.request(jobs.Submit("", spec_request(vars(args)), reuse=args.reuse))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")
@@ -115,7 +171,7 @@ def on_lane(attempt: dict[str, Any]) -> str:
     return f" on {attempt['device']} (lane {attempt.get('lane', 0)}{host})"
 
 
-def status(client: DaemonClient, args: argparse.Namespace) -> int:
+def status(client: Answerer, args: argparse.Namespace) -> int:
     if args.job_id is None:
         return list_jobs(client, argparse.Namespace(limit=20, json=args.json))
     job = client.request(jobs.Status(args.job_id))["job"]
@@ -142,8 +198,24 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         lines.append(f"  error: {job['error']}{f' ({failure})' if (failure := job.get('failure')) else ''}")
     if job["output"]:
         lines.append(f"  output: {job['output']}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.write("\n".join([*lines, *runner_lines(job)]) + "\n")
     return 0
+
+
+def runner_lines(job: dict[str, Any]) -> list[str]:
+    """Who runs a job that is not simply one of the daemon's queue (an `ltx2 generate` running it in its
+    own process, whether that process still runs), and the command that goes on with a job left
+    behind: one an interrupted command queued, or one whose orchestrator died while running it."""
+    runner = job.get("runner")
+    if not runner:
+        return []
+    lines = []
+    if runner["command"] != DAEMON_OWNER:
+        lines.append(f"  run by: {runner['described']}" + ("" if runner["alive"] else ", which has exited"))
+    orphaned = job["state"] == JobState.RUNNING and not runner["alive"]
+    if orphaned or (job["state"] == JobState.QUEUED and runner["command"] != DAEMON_OWNER):
+        lines.append(f"  continue it with: ltx2 resume {job['id']}")
+    return lines
 
 
 def attempt_seconds(attempt: dict[str, Any]) -> str:
@@ -171,7 +243,7 @@ def reproducible_note(reproducible: dict[str, Any] | None) -> str:
     return f" (not reproducible: {reproducible['why']})"
 
 
-def list_jobs(client: DaemonClient, args: argparse.Namespace) -> int:
+def list_jobs(client: Answerer, args: argparse.Namespace) -> int:
     data = client.request(jobs.ListJobs("", args.limit))
     listed = data["jobs"]
     if data.get("omitted"):  # the daemon keeps a listing within one protocol frame
@@ -186,7 +258,7 @@ def list_jobs(client: DaemonClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def watch(client: DaemonClient, args: argparse.Namespace) -> int:
+def watch(client: Answerer, args: argparse.Namespace) -> int:
     """Render a job's progress until it ends; exit 0 only if it is done."""
     view = ProgressView()
     shown: tuple[Any, ...] = ()
@@ -223,19 +295,13 @@ def to_event(job_id: str, progress: dict[str, Any]) -> stages.Progress | StageEv
     )
 
 
-def cancel(client: DaemonClient, args: argparse.Namespace) -> int:
+def cancel(client: Answerer, args: argparse.Namespace) -> int:
     data = client.request(jobs.Cancel(args.job_id))
     sys.stdout.write(f"{args.job_id}: {data['state']}\n")
     return 0
 
 
-def resume(client: DaemonClient, args: argparse.Namespace) -> int:
-    data = client.request(jobs.Resume(args.job_id))
-    sys.stdout.write(f"{args.job_id}: {data['state']}\n")
-    return 0
-
-
-def logs(client: DaemonClient, args: argparse.Namespace) -> int:
+def logs(client: Answerer, args: argparse.Namespace) -> int:
     """A job's last events (formatted; `--json`: as stored) and the tail of its latest worker log."""
     data = client.request(jobs.Logs(args.job_id, args.lines))
     events = data["events"] if args.json else "\n".join(map(format_event_line, data["events"].splitlines()))
@@ -251,6 +317,5 @@ COMMANDS = {
     "jobs": list_jobs,
     "watch": watch,
     "cancel": cancel,
-    "resume": resume,
     "logs": logs,
 }

@@ -26,7 +26,11 @@ class DaemonClient:
         self.address = address
         self.timeout_ms = int(timeout_s * 1000)
         self.context = zmq.Context()
-        self.socket = connect_client(self.context, address)
+        try:
+            self.socket = connect_client(self.context, address)
+        except BaseException:  # no daemon listens, or a key cannot be read: nothing is left open
+            self.context.term()
+            raise
 
     def request(self, message: codec.Message) -> dict:
         """Send `message`; return the `ok` reply's data or raise DaemonError."""

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -33,6 +31,7 @@ from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.placement.lane_links import LaneSource
 from orchestrator.placement.lanes import Lane
+from orchestrator.placement.processes import kill_orphan
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_end import JobStopped, internal_error, requeue_orphan
 from orchestrator.run.job_hooks import JobHooks, StageEvent
@@ -50,8 +49,6 @@ from protocol.files import STAGE_ORDER, Stage
 log = logging.getLogger("ltx2.executor")
 # How often an idle executor looks for queued jobs; submit latency is at most this.
 IDLE_POLL_S = 0.2
-# How long recovery waits for a killed orphan worker to disappear.
-ORPHAN_EXIT_WAIT_S = 10.0
 # How often a running lane checks that the job it started a worker ahead for is still queued.
 STALE_CHECK_S = 1.0
 
@@ -181,6 +178,9 @@ class Executor(threading.Thread):
                     break
                 store.mark_unreadable(row["id"], f"job.json unreadable: {exc}")
                 continue
+            if not job.in_daemon_queue:  # `ltx2 resume` took it to run in its own process
+                store.forget(job.id)
+                continue
             if claimed and claim_key(job) != claim_key(claimed[0]):
                 break
             try:
@@ -295,11 +295,12 @@ def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:
     Runs before the executor starts, on the job directories (the truth): each attempt a dead
     daemon left running names its worker's pid, which is killed if it still runs. The run ends
     through orchestrator.run.job_end like any other: QUEUED to resume at its first unfinished stage,
-    or CANCELLED when a person was answered "cancelling" before the daemon died.
+    or CANCELLED when a person was answered "cancelling" before the daemon died. Only the daemon's
+    own jobs: a job `ltx2 generate` (or batch, decode, resume) runs is that process's, alive or not.
     """
     recovered = []
     for job in read_job_dirs(jobs_dir):
-        if job.state is not JobState.RUNNING:
+        if job.state is not JobState.RUNNING or not job.in_daemon_queue:
             continue
         job.mirror = store.mirror
         for pid in requeue_orphan(job, "the daemon stopped during this attempt"):
@@ -307,36 +308,3 @@ def recover_interrupted(store: JobStore, jobs_dir: Path) -> list[str]:
         if job.state is JobState.QUEUED:
             recovered.append(job.id)
     return recovered
-
-
-def kill_orphan(pid: int, job_dir: str) -> None:
-    """SIGKILL a previous daemon's worker, if `pid` is still that worker (not a reused pid).
-
-    A worker's stdout is its log file inside the job directory, whether it was forked or exec'd,
-    which tells it apart from an unrelated process that reused the pid.
-    """
-    if pid <= 0:
-        return
-    try:
-        stdout = os.readlink(f"/proc/{pid}/fd/1")
-    except OSError:
-        return
-    if not stdout.startswith(job_dir):
-        return
-    log.warning("killing orphaned worker %d of %s", pid, job_dir)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + ORPHAN_EXIT_WAIT_S
-    while is_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
-def is_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie waiting for its new parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -31,8 +31,10 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
+from orchestrator.daemon import job_views
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.front_process import ClientFront
+from orchestrator.daemon.job_views import MAX_LIST, Listed, UnknownJob
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.replies import encode_reply, fit_listing
 from orchestrator.daemon.state_lock import lock_state_dir
@@ -40,22 +42,21 @@ from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
 from orchestrator.placement.lane_links import LaneSource, open_lanes
 from orchestrator.run import reuse
-from orchestrator.run.job_end import cancel_waiting
-from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir, tail
+from orchestrator.run.job_end import cancel_waiting, release_orphaned
+from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir, describe_owner
 from orchestrator.run.jobspec import build_spec
-from orchestrator.run.policy import describe_plan
 from orchestrator.run.states import JobState, TransitionError
 from protocol import codec, jobs
 from protocol.codec import ErrorCode, ProtocolError
 from protocol.errors import ModelNotFound
-from protocol.files import EVENTS_FILE, JOB_FILE
+from protocol.files import JOB_FILE
+from protocol.job_record import DAEMON_OWNER
 from protocol.spec_rules import SpecError
 
 log = logging.getLogger("ltx2.daemon")
 # Poll timeout of the main loop: how fast a stop request is noticed.
 POLL_MS = 500
 STORE_FILE = "jobs.sqlite"
-MAX_LIST = 1000
 
 
 class ExecutorDied(RuntimeError):
@@ -185,7 +186,7 @@ class Daemon:
         except ModelNotFound as exc:
             return jobs.Error("", ErrorCode.NOT_FOUND, str(exc), exc.field)  # "model" or "lora"
         if request.reuse and built.identity and (found := reuse.find(built.identity.digest, self.settings)):
-            store.mirror(found)  # rendered by `ltx2 generate` in this state dir, it may be new to the store
+            # It may be a job `ltx2 generate` rendered into this state dir: `status` finds it by its directory.
             notices = [*built.notices, f"{reuse.describe(found)}: nothing queued"]
             return jobs.Ok(
                 found.id,
@@ -206,6 +207,7 @@ class Daemon:
             image=built.image,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
+            owner=DAEMON_OWNER,
         )
         store.mirror(job)
         log.info("job %s: queued (%s)", job.id, built.spec.prompt[:60])
@@ -226,19 +228,29 @@ class Daemon:
         return jobs.Ok(job.id, {"id": job.id, "seed": job.spec.seed, "model": job.spec.model, "notices": []})
 
     def status(self, request: jobs.Status, store: JobStore) -> codec.Message:
-        return jobs.Ok(request.id, {"job": self.summary(self.require_job(request.id, store), store)})
+        return jobs.Ok(request.id, {"job": self.summary(self.find(request.id, store), detailed=True)})
 
     def list_jobs(self, request: jobs.ListJobs, store: JobStore) -> codec.Message:
+        """The newest jobs of the state dir: the daemon's (its store) and those `ltx2 generate`, `batch`
+        or `resume` run in their own processes (their directories; the daemon never runs them)."""
         limit = max(1, min(request.limit, MAX_LIST))
-        rows = store.list(limit)
-        return jobs.Ok("", fit_listing([self.summary(row, store, detailed=False) for row in rows]))
+        ours = [(row, job_views.load_job(Path(row["job_dir"]))) for row in store.list(limit)]
+        theirs = job_views.jobs_outside(self.settings.jobs_dir, store.ids(), limit)
+        listed = job_views.newest([*ours, *theirs], limit)
+        return jobs.Ok("", fit_listing([self.summary(entry, detailed=False) for entry in listed]))
 
     def cancel(self, request: jobs.Cancel, store: JobStore) -> codec.Message:
         """Cancel a queued job at once; ask the executor to stop a running one ("cancelling", always
-        carried out); or answer conflict: already finished, or too late (publishing has begun)."""
+        carried out); or answer conflict: already finished, too late (publishing has begun), or running
+        in another process (`ltx2 generate`), which only that process can stop."""
         job = self.require_job_dir(request.id, store)
         if cancel_waiting(job):  # under the job's lock: if the executor claimed it just now, this fails cleanly
             return jobs.Ok(request.id, {"state": JobState.CANCELLED.value})
+        if not job.in_daemon_queue and (runner := job.live_runner()) is not None:
+            raise ProtocolError(
+                ErrorCode.CONFLICT,
+                f"job {request.id} runs in {describe_owner(runner)}, not in the daemon: stop it there (Ctrl-C)",
+            )
         if job.request_cancel():  # under the lock the executor takes to begin publishing
             return jobs.Ok(request.id, {"state": "cancelling"})  # the executor stops the worker within a poll
         if job.state is JobState.RUNNING:
@@ -249,102 +261,62 @@ class Daemon:
         raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already {job.state.value}")
 
     def resume(self, request: jobs.Resume, store: JobStore) -> codec.Message:
+        """Queue a failed, cancelled or interrupted job again; it restarts at its first unfinished stage.
+
+        A job another process left (an interrupted `ltx2 generate`, one whose `ltx2` process died) is
+        taken into the daemon's queue. Refused: a done job (its video is named), a queued one of the
+        daemon's, and one running in a live process (the daemon's executor, or an `ltx2` command).
+        """
         job = self.require_job_dir(request.id, store)
         if job.state is JobState.DONE:  # allowed for `ltx2 decode`, which decodes again; not here
-            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already done")
+            output = f"; its video: {job.record.output}" if job.record.output else ""
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already done{output}; nothing to resume")
+        if (runner := job.live_runner()) is not None:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is running in {describe_owner(runner)}")
+        if job.state is JobState.QUEUED and job.in_daemon_queue:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already queued")
         try:
-            job.transition(JobState.QUEUED)
-        except TransitionError as exc:
-            raise ProtocolError(ErrorCode.CONFLICT, str(exc)) from None
+            if job.state is JobState.RUNNING:  # its orchestrator died: stop what it left, then queue it here
+                release_orphaned(job, owner=DAEMON_OWNER)
+            else:
+                job.transition(JobState.QUEUED, owner=DAEMON_OWNER)
+        except TransitionError as exc:  # moved by another process since it was read
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id}: {exc}") from None
+        log.info("job %s: queued again on request", job.id)
         return jobs.Ok(request.id, {"state": JobState.QUEUED.value})
 
     def logs(self, request: jobs.Logs, store: JobStore) -> codec.Message:
-        row = self.require_job(request.id, store)
-        job_dir = Path(row["job_dir"])
-        lines = max(1, min(request.lines, 1000))
-        worker_logs = sorted((job_dir / "logs").glob("*.log"), key=lambda p: p.stat().st_mtime)
-        latest = worker_logs[-1] if worker_logs else None
-        return jobs.Ok(
-            request.id,
-            {
-                "events": tail(job_dir / EVENTS_FILE, lines),
-                "worker_log_name": latest.name if latest else "",
-                "worker_log": tail(latest, lines) if latest else "",
-            },
-        )
+        row, _ = self.find(request.id, store)
+        return jobs.Ok(request.id, job_views.logs_reply(Path(row["job_dir"]), request.lines))
 
     def ping(self, request: jobs.Ping, store: JobStore) -> codec.Message:
         alive = bool(self.executors) and all(executor.is_alive() for executor in self.executors)
         return jobs.Ok("", {"pid": os.getpid(), "protocol": codec.PROTOCOL_VERSION, "executor_alive": alive})
 
-    @staticmethod
-    def require_job(job_id: str, store: JobStore) -> dict[str, Any]:
+    def find(self, job_id: str, store: JobStore) -> Listed:
+        """A job's row and directory: the store's, or, for a job the store does not hold (one `ltx2
+        generate` ran into this state dir), read from its directory; not_found names the nearest ids."""
         row = store.get(job_id)
-        if row is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no job {job_id!r}", "id")
-        return row
+        if row is not None:
+            return row, job_views.load_job(Path(row["job_dir"]))
+        try:
+            path = job_views.job_path(self.settings.jobs_dir, job_id)
+        except UnknownJob as exc:
+            raise ProtocolError(ErrorCode.NOT_FOUND, str(exc), "id") from None
+        job = job_views.load_job(path)
+        if job is None:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {job_id}: job.json unreadable")
+        return job_views.directory_row(job), job
 
     def require_job_dir(self, job_id: str, store: JobStore) -> JobDir:
-        """The job's directory, its state changes mirrored into `store`."""
-        row = self.require_job(job_id, store)
+        """The job's directory, its state changes mirrored into `store` (for the daemon's jobs)."""
+        row, _ = self.find(job_id, store)
         try:
             return JobDir.load(Path(row["job_dir"]), mirror=store.mirror)
         except (OSError, ValueError, KeyError) as exc:
             raise ProtocolError(ErrorCode.CONFLICT, f"job {job_id}: job.json unreadable: {exc}") from None
 
-    def summary(self, row: dict[str, Any], store: JobStore, detailed: bool = True) -> dict[str, Any]:
-        """What `status` and `jobs` show about a job."""
-        result = {key: row[key] for key in ("id", "state", "created", "updated", "error", "output")}
-        job = None
-        try:
-            job = JobDir.load(Path(row["job_dir"]))
-            spec = job.spec
-            result["prompt"] = spec.prompt
-            _, _, width, height = spec.crop_box  # as delivered: a crop's size, not the rendered one
-            result["size"] = f"{width}x{height}x{spec.num_frames}"
-            result["seed"] = spec.seed
-            result["model"] = spec.model
-            result["request_digest"] = job.record.request_digest
-            result["failure"] = job.record.failure  # protocol.errors.Failure's value: the one vocabulary
-            if detailed:
-                result["reproducible"] = reuse.reproducibility(job)
-        except (OSError, ValueError, KeyError):
-            result["prompt"] = "(job.json unreadable)"
-        if detailed:
-            result["job_dir"] = row["job_dir"]
-            result["attempts"] = attempt_summaries(job) if job else []
-            result["progress"] = self.board.get(row["id"])
-        return result
-
-
-def attempt_summaries(job: JobDir) -> list[dict[str, Any]]:
-    """Every attempt of every stage, from job.json, in the order they started."""
-    rows = [
-        {
-            "stage": stage.value,
-            "attempt": attempt.attempt,
-            "result": attempt.result,
-            "reason": attempt.reason or "",
-            "seconds": float(attempt.seconds or 0.0),  # from GO: the stage's own time
-            "waited_s": float(attempt.waited_s or 0.0),  # its worker's wait for GO (started ahead)
-            "plan": describe_plan_text(stage.value, attempt.plan),
-            "started": attempt.started,
-            "device": attempt.device or "",
-            "lane": attempt.lane or 0,
-            "host": attempt.host or "",  # a farm's node, once Ray placed the stage
-            "peak_gpu_bytes": attempt.peak_gpu_bytes or 0,
-            "peak_rss_bytes": attempt.peak_rss_bytes or 0,
-        }
-        for stage, record in job.record.stages.items()
-        for attempt in record.attempts
-    ]
-    return sorted(rows, key=lambda row: row["started"])
-
-
-def describe_plan_text(stage: str, plan: dict[str, Any]) -> str:
-    from protocol.files import Stage
-
-    try:
-        return describe_plan(Stage(stage), plan)
-    except (ValueError, KeyError, TypeError):
-        return str(plan)
+    def summary(self, entry: Listed, detailed: bool) -> dict[str, Any]:
+        """What `status` and `jobs` show about a job, with its live progress when it runs here."""
+        row, job = entry
+        return job_views.summary(row, job, detailed, self.board.get(row["id"]) if detailed else None)

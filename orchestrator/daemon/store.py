@@ -9,6 +9,10 @@ dropped for jobs whose directory is gone), and it is, at every start and wheneve
 damaged: a crash between job.json and the store, a lost store or a corrupt one loses no job and
 keeps no phantom (DESIGN.md rule 1).
 
+It holds the daemon's jobs only (JobDir.in_daemon_queue): a job that `ltx2 generate`, `batch`, `decode`
+or `resume` runs in its own process is never queued here, so the daemon never runs it; the daemon
+lists it from its directory (orchestrator.daemon.job_views).
+
 A store damaged under a running daemon (garbage written over it, the file replaced or deleted) is
 noticed by whichever connection touches it next: the file is moved aside as
 `jobs.sqlite.corrupt-<time>` and a new one is built from the job directories under the running jobs
@@ -126,8 +130,16 @@ class JobStore:
 
     def mirror(self, job: JobDir) -> None:
         """Copy a job's state, error and output from its job.json (called by JobDir.transition);
-        a job not in the store yet is added at the end of the queue."""
+        a job not in the store yet is added at the end of the queue, a job no longer the daemon's
+        (`ltx2 resume` took it) is dropped from it."""
+        if not job.in_daemon_queue:
+            self.forget(job.id)
+            return
         self._run(lambda db: self._mirror(db, job))
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job's row: its job is not the daemon's to run (its directory stays, and it is still listed)."""
+        self._run(lambda db: db.execute("DELETE FROM jobs WHERE id = ?", (job_id,)))
 
     @staticmethod
     def _mirror(db: sqlite3.Connection, job: JobDir) -> None:
@@ -142,10 +154,16 @@ class JobStore:
     def sync_from_job_dirs(self, jobs: Iterable[JobDir]) -> int:
         """Make the rows equal to the job directories' job.json: rows the store did not have are
         added in creation order (so the queue keeps submission order), changed ones updated, and
-        rows of jobs whose directory (or job.json) is gone are dropped; returns how many changed.
-        Runs on the connection as it is (`recover` calls it while rebuilding)."""
+        rows of jobs whose directory (or job.json) is gone, or that are not the daemon's, are dropped;
+        returns how many changed. Runs on the connection as it is (`recover` calls it while rebuilding)."""
         changed = 0
-        for job in sorted(jobs, key=lambda j: (j.record.created, j.id)):
+        ours = []
+        for job in jobs:
+            if job.in_daemon_queue:
+                ours.append(job)
+            elif self.db.execute("DELETE FROM jobs WHERE id = ?", (job.id,)).rowcount:
+                changed += 1
+        for job in sorted(ours, key=lambda j: (j.record.created, j.id)):
             row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
             if row is None or (row["state"], row["error"], row["output"], row["job_dir"]) != (
                 job.record.status, job.record.error or "", job.record.output or "", str(job.path)
@@ -162,6 +180,10 @@ class JobStore:
     def get(self, job_id: str) -> dict[str, Any] | None:
         row = self._run(lambda db: db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
         return dict(row) if row else None
+
+    def ids(self) -> set[str]:
+        """The id of every job in the store."""
+        return {row["id"] for row in self._run(lambda db: db.execute("SELECT id FROM jobs").fetchall())}
 
     def list(self, limit: int) -> list[dict[str, Any]]:
         """The `limit` most recent jobs, oldest first."""

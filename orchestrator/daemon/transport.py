@@ -8,9 +8,11 @@ public keys are in the authorized-keys folder, and all traffic is encrypted.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hmac
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -31,6 +33,10 @@ FRONT_TOKEN_BYTES = 32
 
 class TransportError(ValueError):
     """The endpoint or key configuration cannot be used."""
+
+
+class DaemonNotListening(TransportError):
+    """No daemon listens at the ipc endpoint: no socket file, or one a killed daemon left behind."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,21 +186,40 @@ def start_hint() -> str:
 
 
 def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
-    """A DEALER connected to the daemon (with CURVE for tcp)."""
+    """A DEALER connected to the daemon (with CURVE for tcp); DaemonNotListening at once when no daemon
+    listens at an ipc endpoint, TransportError for unusable keys (no socket is left open either way)."""
+    if address.endpoint.startswith("ipc://") and not is_listening(Path(address.endpoint.removeprefix("ipc://"))):
+        raise DaemonNotListening(f"no daemon is listening at {address.endpoint} (start it: {start_hint()})")
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    if address.uses_tcp:
-        if not (address.server_public_key and address.client_secret_key):
-            raise TransportError(
-                f"{address.endpoint}: tcp needs daemon.curve_server_public_key and daemon.curve_client_secret_key"
-            )
-        server_public, _ = load_key(address.server_public_key, "daemon.curve_server_public_key")
-        public, secret = load_key(address.client_secret_key, "daemon.curve_client_secret_key")
-        socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
-    elif address.endpoint.startswith("ipc://") and not Path(address.endpoint.removeprefix("ipc://")).exists():
-        raise TransportError(f"no daemon is listening at {address.endpoint} (start it: {start_hint()})")
-    socket.connect(address.endpoint)
+    try:
+        if address.uses_tcp:
+            if not (address.server_public_key and address.client_secret_key):
+                raise TransportError(
+                    f"{address.endpoint}: tcp needs daemon.curve_server_public_key and daemon.curve_client_secret_key"
+                )
+            server_public, _ = load_key(address.server_public_key, "daemon.curve_server_public_key")
+            public, secret = load_key(address.client_secret_key, "daemon.curve_client_secret_key")
+            socket.curve_secretkey, socket.curve_publickey, socket.curve_serverkey = secret, public, server_public
+        socket.connect(address.endpoint)
+    except BaseException:
+        socket.close(linger=0)
+        raise
     return socket
+
+
+def is_listening(path: Path) -> bool:
+    """Whether a process accepts connections on the unix socket at `path`. A daemon killed outright
+    leaves its socket file behind; ZeroMQ would connect to it and wait out the request timeout, so a
+    plain connect tells a listening daemon from a stale file at once (refused: nobody listens)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        return exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK)
+    finally:
+        probe.close()
+    return True
 
 
 def load_key(path: Path, setting: str) -> tuple[bytes, bytes | None]:

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from orchestrator.run.states import JobState
 from protocol import jobs
+from protocol.job_record import DAEMON_OWNER
 
 JOB_STATES = tuple(state.value for state in JobState)
 # The daemon lists at most this many jobs; counts cover the newest ones.
@@ -45,7 +46,9 @@ class DaemonJobsCollector:
             by_state.add_metric([state], sum(1 for job in listed if job["state"] == state))
         yield by_state
         depth = GaugeMetricFamily("ltx2_queue_depth", "jobs waiting for a lane")
-        depth.add_metric([], sum(1 for job in listed if job["state"] == JobState.QUEUED))
+        # A queued job of another owner (an interrupted `ltx2 generate`) is listed, but waits for no lane.
+        waiting = [job for job in listed if job.get("owner", DAEMON_OWNER) == DAEMON_OWNER]
+        depth.add_metric([], sum(1 for job in waiting if job["state"] == JobState.QUEUED))
         yield depth
 
 

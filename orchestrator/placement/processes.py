@@ -65,3 +65,28 @@ def kill_session(pid: int, started: int | None) -> None:
             log.warning("process %d is still running %.0f s after SIGKILL", pid, KILL_WAIT_S)
             return
         time.sleep(0.02)
+
+
+def kill_orphan(pid: int, job_dir: str) -> None:
+    """SIGKILL a stage worker that a dead orchestrator left running for the job in `job_dir`, if `pid` is
+    still that worker (not a reused pid), and wait until it is gone.
+
+    A worker's stdout is its log file inside the job directory, whether it was forked or exec'd,
+    which tells it apart from an unrelated process that reused the pid.
+    """
+    if pid <= 0:
+        return
+    try:
+        stdout = os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return
+    if not stdout.startswith(job_dir):
+        return
+    log.warning("killing orphaned worker %d of %s", pid, job_dir)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + KILL_WAIT_S
+    while is_running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)

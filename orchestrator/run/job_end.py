@@ -14,8 +14,9 @@ it) and hands back the JobStopped its caller raises or reports:
   invalid_input); FAILED, the video kept in the job;
 - the orchestrator broke on the job, a bug: `internal_error` (internal), called by the daemon's
   executor; FAILED;
-- the orchestrator stopped or died mid-run, found at the next start: `take_job`, or the daemon's
-  recovery through `requeue_orphan` (interrupted); QUEUED, or CANCELLED if a cancel was asked;
+- the orchestrator stopped or died mid-run, found at the next start: `take_job` and the daemon's
+  `resume` through `release_orphaned` (its workers stopped), or the daemon's recovery through
+  `requeue_orphan` (interrupted); QUEUED, or CANCELLED if a cancel was asked;
 - a person cancelled a job that was not running: `cancel_waiting` (cancelled);
 - every stage and the publish succeeded: `mark_done`; DONE.
 
@@ -32,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.run.jobdir import CANCEL_REASON, JobDir
+from orchestrator.placement.processes import kill_orphan
+from orchestrator.run.jobdir import CANCEL_REASON, JobDir, describe_owner
 from orchestrator.run.policy import Attempt, Decision, decide, decide_run_end
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.states import AttemptResult, JobState, TransitionError
@@ -125,17 +127,46 @@ def internal_error(job: JobDir, error: str) -> None:
         end_without_attempt(job, running_stage(job), Failure.INTERNAL, error)
 
 
-def take_job(job: JobDir) -> None:
-    """Move a job to RUNNING for an orchestrator that is about to run it, whatever it was.
+class JobBusy(Exception):
+    """The job is running in another live process (the daemon, or another `ltx2` command): two
+    orchestrators must never run one job."""
 
-    A job found RUNNING was left so by an orchestrator that died: that run ends first, as interrupted
-    (its open attempts closed). A finished, failed or cancelled one is queued again (a re-run, a decode).
+    def __init__(self, job: JobDir) -> None:
+        runner = job.live_runner()
+        who = describe_owner(runner) if runner else "another process"
+        super().__init__(f"job {job.id} is running in {who}; wait for it to end, or stop it there first")
+
+
+def take_job(job: JobDir, owner: str | None = None) -> None:
+    """Move a job to RUNNING for this process, about to run it, whatever it was; `owner` (the `ltx2`
+    command doing so) becomes its owner (None: the recorded one stays).
+
+    A job running in another live process is refused (JobBusy). A job found RUNNING otherwise was left
+    so by an orchestrator that died: that run ends first, as interrupted (`release_orphaned`). A
+    finished, failed or cancelled one is queued again (a re-run, a decode, a resume).
     """
+    if job.live_runner() is not None:
+        raise JobBusy(job)
     if job.state is JobState.RUNNING:
-        end_without_attempt(job, running_stage(job), Failure.INTERRUPTED, "its orchestrator stopped")
-    if job.state is not JobState.QUEUED:
+        release_orphaned(job)
+    elif job.state is not JobState.QUEUED:
         job.transition(JobState.QUEUED)
-    job.transition(JobState.RUNNING)
+    try:
+        job.transition(JobState.RUNNING, owner=owner)
+    except TransitionError:  # checked against job.json: another process took it a moment ago
+        if job.live_runner() is not None:
+            raise JobBusy(job) from None
+        raise
+
+
+def release_orphaned(job: JobDir, owner: str | None = None) -> None:
+    """End the run of a job whose orchestrator died while running it (`requeue_orphan`), stop the stage
+    workers it left if they still run, and leave the job QUEUED (for `owner`, if given: the daemon
+    taking over a job an `ltx2` command left), even one whose cancel the dead run still owed."""
+    for pid in requeue_orphan(job, "its orchestrator stopped"):
+        kill_orphan(pid, str(job.path))
+    if job.state is not JobState.QUEUED or owner is not None:
+        job.transition(JobState.QUEUED, owner=owner)
 
 
 def requeue_orphan(job: JobDir, reason: str) -> list[int]:

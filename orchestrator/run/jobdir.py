@@ -12,6 +12,12 @@ here, each change checked against orchestrator/run/states.py (DESIGN.md rule 7).
 changes under an flock of the job directory and against the state on disk, so two threads or
 processes (the daemon's request loop cancelling a queued job while its executor claims it) cannot
 both move it; the daemon's sqlite queue is told of each change through `mirror`.
+
+Each job records its owner (protocol.job_record.OwnerRecord): the daemon's queue, or the `ltx2` command
+(`generate`, `batch`, `decode`, `resume`) that runs it in its own process. The daemon runs only its own
+jobs and lists the others. Whoever takes a job to run it becomes its owner, with its pid, so a job found
+running is known to be another live process's (`live_runner`) rather than one its orchestrator left
+behind when it died.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from orchestrator.placement.processes import start_time
 from orchestrator.run.inputs import store_image
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.request_digest import RequestIdentity
@@ -53,7 +61,16 @@ from protocol.files import (
     publish,
     temp_path_for,
 )
-from protocol.job_record import AttemptRecord, JobRecord, PublishRecord, ResolvedLora, StageRecord, load_record
+from protocol.job_record import (
+    DAEMON_OWNER,
+    AttemptRecord,
+    JobRecord,
+    OwnerRecord,
+    PublishRecord,
+    ResolvedLora,
+    StageRecord,
+    load_record,
+)
 from protocol.spec import JobSpec
 
 #: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
@@ -83,6 +100,27 @@ def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
 
+def owner_here(command: str) -> OwnerRecord:
+    """This process as a job's owner, for `command` (DAEMON_OWNER or the `ltx2` command running the job)."""
+    pid = os.getpid()
+    return OwnerRecord(command=command, pid=pid, host=socket.gethostname(), pid_started=start_time(pid))
+
+
+def is_alive(owner: OwnerRecord) -> bool:
+    """Whether the owner's process still runs. A process of another host cannot be checked from here:
+    it counts as alive, so nothing here takes a job another host may be running."""
+    if owner.host != socket.gethostname():
+        return True
+    return owner.pid_started is not None and start_time(owner.pid) == owner.pid_started
+
+
+def describe_owner(owner: OwnerRecord) -> str:
+    """Who runs a job, as a person reads it: "the daemon (pid 12)", "`ltx2 generate` (pid 34 on gpu-07)"."""
+    where = f"pid {owner.pid}" + (f" on {owner.host}" if owner.host != socket.gethostname() else "")
+    who = "the daemon" if owner.command == DAEMON_OWNER else f"`ltx2 {owner.command}`"
+    return f"{who} ({where})"
+
+
 class JobDir:
     """Read and update one job's directory."""
 
@@ -104,6 +142,25 @@ class JobDir:
         return self.record.id
 
     @property
+    def owner_command(self) -> str:
+        """DAEMON_OWNER for a job of the daemon's queue (and for one recorded before owners), else the
+        `ltx2` command that runs it in its own process."""
+        return self.record.owner.command if self.record.owner else DAEMON_OWNER
+
+    @property
+    def in_daemon_queue(self) -> bool:
+        """The daemon runs this job; a job of any other owner it lists, never runs."""
+        return self.owner_command == DAEMON_OWNER
+
+    def live_runner(self) -> OwnerRecord | None:
+        """The live process running this job, when it is RUNNING and its owner's process is alive
+        (this process included); None for a job that is not running or whose orchestrator died."""
+        owner = self.record.owner
+        if self.state is not JobState.RUNNING or owner is None or not is_alive(owner):
+            return None
+        return owner
+
+    @property
     def deterministic(self) -> bool:
         """Whether its stages run in deterministic mode; jobs recorded before the setting ran without it."""
         return self.record.deterministic
@@ -119,8 +176,12 @@ class JobDir:
         image: Path | None = None,
         stage2_lora: dict[str, Any] | None = None,
         identity: RequestIdentity | None = None,
+        owner: str = DAEMON_OWNER,
     ) -> JobDir:
         """Make the directory, copy the conditioning image in, write the first job.json.
+
+        `owner` is who will run it: DAEMON_OWNER (its queue), or the `ltx2` command that made it to run it
+        in its own process ("generate", "batch", "decode"), recorded with this process.
 
         `identity` (orchestrator.run.request_digest) gives the request digest and the deterministic mode;
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
@@ -148,6 +209,7 @@ class JobDir:
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
             status=JobState.QUEUED.value,
             stages={stage: StageRecord(status=StageState.PENDING.value) for stage in Stage},
+            owner=owner_here(owner),
         )
         job = cls(path, record)
         try:
@@ -174,17 +236,25 @@ class JobDir:
             yield
 
     def transition(
-        self, target: JobState, error: str | None = None, output: str | None = None, failure: Failure | None = None
+        self,
+        target: JobState,
+        error: str | None = None,
+        output: str | None = None,
+        failure: Failure | None = None,
+        owner: str | None = None,
     ) -> None:
         """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
         atomically, logged, mirrored. The only code that changes a job's state; a run's end comes here
         through orchestrator/run/job_end.py.
 
-        `error`, `output` and `failure` are set with it (and logged); entering RUNNING clears `error`
-        and `failure`, entering QUEUED too unless given (an interrupted run says so), and a terminal
-        state stamps `finished`.
+        `error`, `output` and `failure` are set with it (and logged); entering QUEUED or RUNNING clears
+        `error` and `failure` unless given (an interrupted run says why it was queued again), and a
+        terminal state stamps `finished`. `owner` hands the job to that owner, this process: the daemon
+        queueing a job a command left, a command taking a job to run it. Entering RUNNING always records
+        this process as the owner's (keeping the recorded command unless `owner` names one), since the
+        process that takes a job runs it.
         """
-        given = (("error", error), ("output", output), ("failure", failure and failure.value))
+        given = (("error", error), ("output", output), ("failure", failure and failure.value), ("owner", owner))
         details = {name: value for name, value in given if value is not None}
         with self.locked():
             on_disk = load_record(self.path / JOB_FILE)
@@ -206,6 +276,8 @@ class JobDir:
                 self.record.output = output
             if target.is_terminal:
                 self.record.finished = utc_now()
+            if owner is not None or target is JobState.RUNNING:
+                self.record.owner = owner_here(owner or self.owner_command)
             self.save()
             if target is not JobState.RUNNING:  # a cancel asked of this run is carried out or moot now
                 (self.path / CANCEL_FILE).unlink(missing_ok=True)

@@ -18,8 +18,8 @@ from protocol.errors import Failure
 
 
 class JobState(enum.StrEnum):
-    QUEUED = "queued"  #: `submit`/`generate` created it; a stop or crash put it back; a person resumed it
-    RUNNING = "running"  #: an orchestrator (daemon executor, `generate`, `batch`, `decode`) took it to run
+    QUEUED = "queued"  #: `submit`/`generate` made it; a stop or crash put it back; a person resumed or handed it over
+    RUNNING = "running"  #: an orchestrator (daemon executor, `generate`, `batch`, `decode`, `resume`) took it to run
     DONE = "done"  #: every stage succeeded and the MP4 with its PNGs and JSON was published
     FAILED = "failed"  #: the retry policy gave up (bad input, missing model, ladder ran out); `error` says why
     CANCELLED = "cancelled"  #: a person cancelled it; finished stages are kept
@@ -107,7 +107,9 @@ class StageEventKind(enum.StrEnum):
 TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED}),
+    # QUEUED -> QUEUED: another owner takes the waiting job over (the daemon queueing a job that an
+    # interrupted `ltx2 generate` left, when asked to resume it).
+    JobState.QUEUED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),
     # RUNNING -> QUEUED: the orchestrator stopped or died; the job resumes at its next start.
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     # DONE -> QUEUED: `ltx2 decode --input <job dir>` decodes a finished job again.
