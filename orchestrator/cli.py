@@ -291,7 +291,8 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
 
 def split_output_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`generate --output DIR/STEM.mp4` (the seed script's flag): the MP4 goes to DIR as
-    `STEM_<YYYYmmdd_HHMMSS>.mp4`, i.e. it sets the output folder and the name, never an exact file."""
+    `STEM_<YYYYmmdd-HHMMSS>.mp4` (the job id's stamp), i.e. it sets the output folder and the name,
+    never an exact file."""
     output = args.output.expanduser()
     if output.suffix.lower() != ".mp4":
         parser.error(f"--output: {output} must end in .mp4 (the timestamp goes before it)")

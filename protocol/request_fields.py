@@ -42,8 +42,8 @@ class Declared:
     """Everything the front doors, the checks and the docs need to know about one request field."""
 
     help: str  #: the CLI's help line
-    doc: str = ""  #: the README's description (the help line when empty)
-    default_doc: str = ""  #: the README's default cell (derived from default_from when empty)
+    doc: str = ""  #: docs/cli.md's description (the help line when empty)
+    default_doc: str = ""  #: the docs' default cell (derived from default_from when empty)
     default_from: DefaultSource = "fixed"
     low: float | None = None  #: inclusive bounds, checked for every value given (None: no bound)
     high: float | None = None

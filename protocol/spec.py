@@ -19,6 +19,7 @@ from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec_rules import (
     DISTILLED_STEPS,
     DTYPES,
+    FALLBACK_NAME,
     FRAME_MULTIPLE,
     MAX_FRAMES,
     MAX_MODALITY_SCALE,
@@ -243,9 +244,9 @@ class JobSpec:
         metavar="PHI",
         http="number",
         added_later=True,
-        doc="Normalized Attention Guidance (see NAG below): the negative prompt acts at CFG 1.0 through the text "
-        "cross-attention, still one transformer call per step; 1.0–30.0, where 1.0 is exactly off (ComfyUI's "
-        "LTX-2 node uses 11); refused with `--guidance-scale` > 1",
+        doc="Normalized Attention Guidance (see [NAG](rendering.md#normalized-attention-guidance-nag)): the negative"
+        " prompt acts at CFG 1.0 through the text cross-attention, still one transformer call per step; 1.0–30.0,"
+        " where 1.0 is exactly off (ComfyUI's LTX-2 node uses 11); refused with `--guidance-scale` > 1",
         default_doc="1.0 (off)",
     )
     nag_tau: float = declare(
@@ -300,8 +301,9 @@ class JobSpec:
         http="text",
         added_later=True,
         doc="`two-stage`: denoise at half width and height, upsample the latents ×2, refine at full size in 3 "
-        "distilled steps (see Two-stage pipeline); width and height must be multiples of 64 (at least 128); "
-        "with a dev schedule stage 2 fuses the family's distilled LoRA (`--stage2-lora`)",
+        "distilled steps (see [Two-stage pipeline](rendering.md#two-stage-pipeline)); width and height must be"
+        " multiples of 64 (at least 128); with a dev schedule stage 2 fuses the family's distilled LoRA"
+        " (`--stage2-lora`)",
         default_doc="preset (two-stage for LTX-2.3 distilled at ≥ 1280 px wide, sides multiples of 64)",
     )
     #: dev two-stage only: {source, weight_name} of the distilled LoRA fused (at 1.0) for stage 2
@@ -322,15 +324,19 @@ class JobSpec:
         default_doc="the family's (LTX-2.0: `Lightricks/LTX-2`, LTX-2.3: `Lightricks/LTX-2.3`)",
         metavar="REPO_OR_PATH",
     )
+    #: the output file stem; a request without one gets the prompt's first words (spec_rules.name_from_prompt,
+    #: filled in by orchestrator/run/jobspec.build_spec); "video" only for a spec built without a request
     name: str = declare(
-        "video",
-        help="output file stem (default: video)",
+        FALLBACK_NAME,
+        help="output file stem (default: the prompt's first words, e.g. a-slow-dolly-in-through)",
         rule=require_name,
         allowed=NAME_PATTERN.pattern,
         latents=False,
         digest=False,
-        doc="output file stem: `<stem>_<YYYYmmdd_HHMMSS>.mp4`",
-        default_doc="`video`",
+        doc="output file stem: `<stem>_<YYYYmmdd-HHMMSS>.mp4`, the stamp of its job id (`ltx2 jobs`); by default"
+        " the prompt's first words in lowercase ASCII, hyphenated (at most 5 words, 40 characters; `video` when"
+        " none are left)",
+        default_doc="the prompt's first words",
         metavar="STEM",
     )
     dtype: str = declare(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any
 
 from protocol.request_fields import Declared, flag_of
@@ -31,6 +32,11 @@ MAX_PROMPT_BYTES = 32 * 1024
 # Matched with fullmatch: `$` would also accept a trailing newline, which breaks "stdout is only
 # the output path" and puts a line break into the file name.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+# The output stem a request without a name gets (orchestrator/run/jobspec.py): the prompt's first
+# words, so `ls outputs/` says what each clip shows. A few words, bounded, in characters every file
+# system and shell takes as they are; "video" when the prompt has none of them (e.g. all CJK).
+NAME_WORDS, NAME_FROM_PROMPT_CHARS = 5, 40
+FALLBACK_NAME = "video"
 DTYPES = ("auto", "bfloat16", "float32")
 LORA_KEYS = frozenset({"source", "weight_name", "scale"})
 # Dev two-stage's stage-2 distilled LoRA (services/two_stage.py): always fused at 1.0, as Lightricks' recipe does.
@@ -256,3 +262,20 @@ def frames_lasting(seconds: float, fps: float) -> int:
 def describe_duration(seconds: float, fps: float, frames: int) -> str:
     """How a requested duration became a frame count, as a notice and the HTTP video object say it."""
     return f"{seconds:g} s at {fps:g} fps -> {frames} frames ({frames / fps:.3f} s)"
+
+
+def name_from_prompt(prompt: str) -> str:
+    """The default output stem of a clip: the prompt's first NAME_WORDS words as a lowercase ASCII slug
+    (`A slow dolly-in, at night` -> `a-slow-dolly-in-at`), at most NAME_FROM_PROMPT_CHARS characters,
+    cut at a word; FALLBACK_NAME when no ASCII letter or digit is left. Accents are dropped
+    (`café` -> `cafe`) rather than the letter, so a Latin prompt keeps its words. The result always
+    matches NAME_PATTERN, so it passes the same check as a `--name`."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()
+    slug = ""
+    for word in re.findall(r"[a-z0-9]+", ascii_text)[:NAME_WORDS]:
+        longer = f"{slug}-{word}" if slug else word
+        if len(longer) > NAME_FROM_PROMPT_CHARS:
+            slug = slug or word[:NAME_FROM_PROMPT_CHARS]  # one long first word is cut, not dropped
+            break
+        slug = longer
+    return slug or FALLBACK_NAME

@@ -9,8 +9,8 @@ import json
 import re
 
 from orchestrator.command_line.client_commands import attempt_seconds
-from orchestrator.command_line.event_lines import format_event_line
 from orchestrator.command_line.progress import ProgressView
+from orchestrator.run.event_lines import format_event_line
 from protocol import stages
 
 

@@ -72,9 +72,9 @@ except APIConnectionError:
 """
 
 
-def test_the_readme_line_silences_the_clients_sora_deprecation_warning():
-    readme = (REPO_ROOT / "README.md").read_text()
-    line = re.search(r"^warnings\.filterwarnings\(.*\)$", readme, re.MULTILINE)[0]  # the README's line, as written
+def test_the_documented_line_silences_the_clients_sora_deprecation_warning():
+    example = (REPO_ROOT / "docs" / "http-api.md").read_text()
+    line = re.search(r"^warnings\.filterwarnings\(.*\)$", example, re.MULTILINE)[0]  # the example's line, as written
 
     def call(silence: str) -> subprocess.CompletedProcess[str]:
         # -W error: a DeprecationWarning the client raises ends the script with a traceback.

@@ -47,7 +47,9 @@ def test_generate_without_weights_says_so_in_one_line_and_uses_the_tiny_model(ge
 def test_generate_writes_a_timestamped_mp4_with_exact_frames_and_audio(generated: dict):
     output = Path(generated["result"].stdout.strip())
     assert output.parent == (generated["root"] / "outputs").resolve()
-    assert re.fullmatch(r"pup_\d{8}_\d{6}\.mp4", output.name)
+    (job_dir,) = (generated["root"] / "state" / "jobs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", job_dir.name)
+    assert output.name == f"pup_{job_dir.name[:15]}.mp4"  # --name, and the stamp of the job id: one search finds both
     info = probe_mp4(output)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
     assert (info["width"], info["height"], info["frames"]) == (64, 64, 17)
@@ -124,7 +126,10 @@ def test_every_decode_plan_yields_exactly_the_requested_frames(ltx2_env: dict, t
     )
     assert result.returncode == 0, result.stderr
     assert f"decode video ({label})" in result.stderr
-    info = probe_mp4(Path(result.stdout.strip()))
+    output = Path(result.stdout.strip())
+    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    assert output.name == f"a-jib-up-over-ruins_{job_dir.name[:15]}.mp4"  # no --name: the prompt's first words
+    info = probe_mp4(output)
     assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)
 
 

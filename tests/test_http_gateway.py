@@ -154,7 +154,7 @@ def test_openais_example_falls_back_to_the_tiny_model_and_is_delivered_at_the_si
     assert (spec["width"], spec["height"], spec["crop_width"], spec["crop_height"]) == (736, 1280, 720, None)
     assert client.videos.delete(openai_default.id).deleted
 
-    # The README's example names the default model by its short name: the same fallback.
+    # The example of docs/http-api.md names the default model by its short name: the same fallback.
     readme = client.videos.create(prompt="a quiet pond", model="ltx-2-distilled", size="64x64", seconds="0.3")
     assert readme.model == TINY_REPO_ID and readme.model_extra["model_note"] is not None
     assert client.videos.delete(readme.id).deleted
@@ -246,6 +246,17 @@ def test_missing_or_wrong_key_is_401_and_other_keys_jobs_are_404(gateway):
     with pytest.raises(openai.NotFoundError):
         bob.videos.delete(video["id"])
     assert video["id"] not in [v.id for v in bob.videos.list().data]
+    # The job's log (the job page's) is alice's alone too: bob gets what an unknown id gets, no key 401.
+    log = f"/v1/videos/{video['id']}/log"
+    assert gateway.get(log, "bob")[0] == 404 and gateway.get(log)[0] == 401
+    status, _, body = gateway.get(log, "alice")
+    mine = json.loads(body)
+    assert status == 200 and mine["object"] == "video.log" and mine["id"] == video["id"], mine
+    assert "job_queued" in mine["events"][0], mine  # formatted as `ltx2 logs` shows them
+    assert len(json.loads(gateway.get(log + "?lines=1", "alice")[2])["events"]) == 1
+    assert gateway.get(log + "?lines=0", "alice")[0] == 400
+    # Which key is in use, by name: what the job page shows.
+    assert [json.loads(gateway.get("/v1/key", name)[2])["name"] for name in ("alice", "bob")] == ["alice", "bob"]
     assert gateway.client().videos.retrieve(video["id"]).id == video["id"]  # bob's delete did nothing
     assert gateway.client().videos.delete(video["id"]).deleted
     assert gateway.daemon_job(video["id"])["state"] in ("cancelled", "done")

@@ -14,6 +14,7 @@ other than loopback (tests/network_watch.py).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -39,12 +40,16 @@ KEY_ITEM = "ltx2-api-key"  # the sessionStorage item page.html keeps the key in
 ROWS_JS = """return [...document.querySelectorAll('#jobs tbody tr')].map((row) => ({
     id: row.dataset.id,
     prompt: row.querySelector('.prompt').textContent,
+    seed: row.querySelector('.seed').textContent,
     model: row.querySelector('.model').textContent,
     status: row.querySelector('.status').textContent,
     detail: row.querySelector('.detail').textContent,
 }));"""
 PLAYER_JS = """const video = document.querySelector(`tr[data-id="${arguments[0]}"] video`);
 return video ? {ready: video.readyState, duration: video.duration, src: video.src} : null;"""
+# What the page calls each stage (page.html's STAGE_NAMES): a user reads "audio", not "audio_decode".
+STAGE_NAMES = {"encode_diffuse": "text+diffusion", "audio_decode": "audio", "video_decode": "video"}
+VISIBLE_JS = "return Object.fromEntries(arguments[0].map((id) => [id, document.getElementById(id).checkVisibility()]));"
 HOSTILE_PROMPT = "<img src=x onerror=\"document.title='pwned'\"><b>bold</b> & </td><script>alert(1)</script>"
 # Debian's browser itself, not /usr/bin/chromium: that launcher adds the flags of /etc/chromium.d
 # (remote extensions among them) and Google API keys. Its driver is the same package's.
@@ -148,6 +153,14 @@ def test_page_is_served_without_a_key_under_a_strict_policy(gateway):
     assert "unsafe-inline" not in policy and headers["x-content-type-options"] == "nosniff"
     assert "innerHTML" not in page and "http://" not in page and "https://" not in page  # no CDN, no raw HTML
     assert gateway.get("/v1/videos")[0] == 401  # the page is open; the API behind it is not
+    # Every stage has a name on the page, and only those.
+    names = json.loads(re.sub(r"(\w+):", r'"\1":', re.search(r"const STAGE_NAMES = (\{.*?\});", page)[1]))
+    assert names == STAGE_NAMES and set(STAGE_NAMES) == {stage.value for stage in Stage}
+    # The icon browsers ask for by themselves, and the one the page names.
+    for path in ("/favicon.ico", "/favicon.svg"):
+        status, headers, icon = gateway.get(path)
+        assert status == 200 and headers["content-type"] == "image/svg+xml" and icon.startswith(b"<svg")
+    assert '<link rel="icon" type="image/svg+xml" href="/favicon.svg">' in page
 
 
 def test_progress_board_times_the_phase_for_an_eta():
@@ -165,21 +178,47 @@ def test_progress_board_times_the_phase_for_an_eta():
     assert board.get("job")["eta_s"] is None  # a new phase starts its own clock
 
 
-def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
+def visible(browser: webdriver.Chrome, *ids: str) -> dict[str, bool]:
+    """Whether each element is rendered (not hidden by itself or a parent)."""
+    return browser.execute_script(VISIBLE_JS, list(ids))
+
+
+def use_key(browser: webdriver.Chrome, key: str) -> None:
+    browser.find_element("id", "key").send_keys(key)
+    browser.find_element("id", "use-key").click()
+
+
+def test_the_first_screen_says_how_to_get_a_key_and_folds_away_naming_the_key_in_use(gateway, browser):
     key = gateway.keys["alice"]
     browser.get(f"http://127.0.0.1:{gateway.port}/")
-    browser.find_element("id", "key").send_keys(key)
-    browser.find_element("css selector", "#key-form button").click()
+    # The first screen says where a key comes from, and shows nothing but the key form.
+    assert "ltx2 keys --http" in browser.find_element("id", "key-section").text
+    assert visible(browser, "key-section", "app") == {"key-section": True, "app": False}
+    use_key(browser, "ltx2-not-a-key")  # refused before it is kept
+    WebDriverWait(browser, 10).until(lambda b: "does not know this key" in b.find_element("id", "message").text)
+    assert browser.execute_script(f"return sessionStorage.getItem('{KEY_ITEM}')") is None
+    browser.find_element("id", "key").clear()
+    use_key(browser, key)
     WebDriverWait(browser, 10).until(lambda b: b.find_element("id", "submit").is_displayed())
     assert browser.execute_script(f"return sessionStorage.getItem('{KEY_ITEM}')") == key
     assert key not in browser.current_url
+    # The key form folds away; the key in use is named (never shown), with a way to change it.
+    shown = visible(browser, "key-section", "key-bar", "change-key")
+    assert shown == {"key-section": False, "key-bar": True, "change-key": True}
+    assert browser.find_element("id", "key-name").text == "alice" and key not in browser.page_source
+
+
+def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
+    # Signed in as alice by the test above; a reload keeps the tab's key and names it again.
+    browser.get(f"http://127.0.0.1:{gateway.port}/")
+    WebDriverWait(browser, 10).until(lambda b: b.find_element("id", "key-name").text == "alice")
 
     # A prompt full of markup is shown as text: no element injected, no script run.
     hostile = submit(browser, HOSTILE_PROMPT)
     injected = browser.execute_script("return document.querySelectorAll('#jobs img, #jobs b, #jobs script').length")
     assert injected == 0 and browser.title == "ltx2 jobs"
     assert len(browser.find_elements("css selector", "#jobs tbody tr")) == len(rows(browser))
-    browser.find_element("css selector", f'tr[data-id="{hostile["id"]}"] .actions button').click()  # Delete
+    browser.find_element("css selector", f'tr[data-id="{hostile["id"]}"] button.delete').click()
     WebDriverWait(browser, 90).until(lambda b: all(row["id"] != hostile["id"] for row in rows(b)))
     assert api_video(gateway, hostile["id"])[0] == 404
 
@@ -201,16 +240,45 @@ def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
     assert row["status"] == "completed", (video, gateway.daemon_job(video_id))
     assert row["model"].startswith(f"{TINY_REPO_ID} (tiny offline model"), row
     assert video["stage"] is None and video["steps"] == 0 and video["eta_seconds"] is None  # only while running
+    assert row["seed"] == str(video["seed"]) and isinstance(video["seed"], int)  # the random seed it drew
     stages_seen = {video["stage"] for video in running} - {None}
     assert stages_seen and stages_seen <= {stage.value for stage in Stage}, running
-    assert any(f"{stage}:" in detail for detail in shown for stage in stages_seen), shown  # the page showed it
+    # The page showed where it was in the user's words, never the worker module's.
+    assert any(f"{STAGE_NAMES[stage]}:" in detail for detail in shown for stage in stages_seen), shown
+    assert not any(stage.value in detail for detail in shown for stage in Stage), shown
+    # No --name over HTTP: the published file is named after the prompt, with the stamp of the job's id.
+    published = Path(gateway.daemon_job(video_id)["output"]).name
+    assert published == f"a-paper-boat-drifts-down_{video_id[:15]}.mp4"
 
     WebDriverWait(browser, 60).until(lambda b: (b.execute_script(PLAYER_JS, video_id) or {}).get("ready", 0) >= 2)
     player = browser.execute_script(PLAYER_JS, video_id)
     assert player["src"].startswith("blob:")  # fetched with the key in a header, never in a URL
     assert video["num_frames"] == 17
     assert player["duration"] == pytest.approx(17 / video["fps"], abs=0.1)
-    assert key not in gateway.log()  # the access log saw no URL carrying the key
+    assert gateway.keys["alice"] not in gateway.log()  # the access log saw no URL carrying the key
+
+
+def test_a_row_shows_its_jobs_log_and_the_key_can_be_changed_or_forgotten(gateway, browser):
+    listed = json.loads(gateway.get("/v1/videos", "alice")[2])["data"]
+    (done,) = [video for video in listed if video["status"] == "completed"]  # the clip of the test above
+    browser.find_element("css selector", f'tr[data-id="{done["id"]}"] button.log').click()
+    WebDriverWait(browser, 30).until(lambda b: "job_done" in b.find_element("id", "log-text").text)
+    # The events as `ltx2 logs` shows them and the latest worker log, fetched with the key.
+    log = browser.find_element("id", "log-text").text
+    assert "stage_finished  video_decode" in log and "--- video_decode-1.log ---" in log, log
+    assert str(gateway.root) not in log and "<path>" in log  # where the job lies is not the client's to know
+    assert done["prompt"] in browser.find_element("id", "log-title").text
+
+    # Change key: the form comes back above the jobs; Cancel keeps the key in use.
+    browser.find_element("id", "change-key").click()
+    shown = visible(browser, "key-section", "app", "cancel-key")
+    assert shown == {"key-section": True, "app": True, "cancel-key": True}
+    browser.find_element("id", "cancel-key").click()
+    assert visible(browser, "key-section")["key-section"] is False
+    browser.find_element("id", "forget").click()  # Forget key: back to the first screen, nothing kept
+    shown = visible(browser, "key-section", "app", "log-panel")
+    assert shown == {"key-section": True, "app": False, "log-panel": False}
+    assert browser.execute_script(f"return sessionStorage.getItem('{KEY_ITEM}')") is None
 
 
 def test_the_network_watch_sees_a_socket_to_an_outside_address():

@@ -21,7 +21,7 @@ from supervised import Supervised, wait_for_file
 
 from config.settings import load_settings
 from orchestrator.run.job_end import take_job
-from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobdir import JobDir, new_job_id
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.pipeline import JobHooks, finish_job
 from protocol.fault_points import PUBLISH_KILL_POINTS
@@ -184,13 +184,16 @@ def test_two_jobs_in_the_same_second_get_their_own_names_and_a_target_is_replace
 
     settings = settings_for(tmp_path)
     spec = JobSpec.from_dict({**SPEC, "name": "same"})
-    jobs = [JobDir.create(settings.jobs_dir, spec, ResolvedModel("m", tmp_path, "local")) for _ in range(2)]
+    made = dt.datetime(2026, 1, 2, 3, 4, 5)
+    model = ResolvedModel("m", tmp_path, "local")
+    jobs = [JobDir.create(settings.jobs_dir, spec, model, job_id=new_job_id(made)) for _ in range(2)]
     for number, job in enumerate(jobs):
         for name in (VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE):
             (job.path / name).write_text(f"{name} of job {number}")
-    now = dt.datetime(2026, 1, 2, 3, 4, 5)
-    videos = [publish_job(job, settings.output_dir, now=now) for job in jobs]
-    assert [v.name for v in videos] == ["same_20260102_030405.mp4", "same_20260102_030405_1.mp4"]
+    videos = [publish_job(job, settings.output_dir) for job in jobs]
+    # The stamp is the job id's (when the job was made), not the time of the publish.
+    assert [v.name for v in videos] == ["same_20260102-030405.mp4", "same_20260102-030405_1.mp4"]
+    assert all(job.id.startswith("20260102-030405-") for job in jobs)
     assert [v.read_text() for v in videos] == ["video.mp4 of job 0", "video.mp4 of job 1"]
     assert [publish_job(JobDir.load(job.path), settings.output_dir) for job in jobs] == videos
     target = tmp_path / "elsewhere" / "exact.mp4"
@@ -208,10 +211,11 @@ def test_a_job_whose_video_changed_is_published_anew_and_the_earlier_publish_sta
     from orchestrator.run.publishing import publish_job
 
     output_dir = settings_for(tmp_path).output_dir
-    first = publish_job(finished_job, output_dir, now=dt.datetime(2026, 1, 2, 3, 4, 5))
+    first = publish_job(finished_job, output_dir)
     (finished_job.path / VIDEO_FILE).write_bytes(b"decoded again, differently")  # the video stage ran again
-    second = publish_job(JobDir.load(finished_job.path), output_dir, now=dt.datetime(2026, 1, 2, 3, 9, 0))
-    assert (first.name, second.name) == ("video_20260102_030405.mp4", "video_20260102_030900.mp4")
+    second = publish_job(JobDir.load(finished_job.path), output_dir)
+    stamp = finished_job.id[: len("YYYYmmdd-HHMMSS")]  # the job's stamp, kept by every publish of it
+    assert (first.name, second.name) == (f"video_{stamp}.mp4", f"video_{stamp}_1.mp4")
     assert {p.name for p in output_dir.iterdir()} == published_set(first) | published_set(second)
     assert second.read_bytes() == b"decoded again, differently"
     assert publish_job(JobDir.load(finished_job.path), output_dir) == second

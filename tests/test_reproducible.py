@@ -154,6 +154,15 @@ def test_the_digest_names_what_decides_the_bits_and_nothing_else(settings, tmp_p
     assert digest_of(off, compile=True) != digest_of(settings, compile=True)
 
 
+def test_a_request_without_a_name_is_named_after_its_prompt_and_keeps_its_digest(settings):
+    request = {"prompt": "A lighthouse, in the storm!", "model": TINY_REPO_ID, "seed": 7}
+    unnamed = build_spec(request, settings)
+    assert unnamed.spec.name == "a-lighthouse-in-the-storm"  # what every front door (CLI, batch, HTTP) gets
+    named = build_spec({**request, "name": "keeper"}, settings)
+    assert named.spec.name == "keeper"  # a --name is kept as given
+    assert named.identity.digest == unnamed.identity.digest
+
+
 def test_deterministic_mode_is_in_the_plans_and_leaves_with_the_compile(settings):
     spec = build_spec({"prompt": "a lighthouse", "model": TINY_REPO_ID, "compile": True}, settings).spec
     top = initial_plan(Stage.ENCODE_DIFFUSE, spec, settings)

@@ -1,5 +1,6 @@
 """A request field is declared once (protocol/spec.py) and every front door takes it from there:
-the CLI's flags, batch files, the HTTP gateway, the spec's checks, the README and docs tables.
+the CLI's flags, batch files, the HTTP gateway, the spec's checks and the docs tables (docs/cli.md,
+docs/request-fields.md).
 
 `--seconds` is the field added this way (its declaration in REQUEST_ONLY plus its conversion in
 orchestrator/run/jobspec.py); its tests run it through the CLI, a batch file and a real render.
@@ -17,7 +18,7 @@ from config.settings import load_settings
 from orchestrator.cli import build_parser
 from orchestrator.command_line.batch import validate_batch
 from orchestrator.command_line.cli_flags import CLI_FIELDS
-from orchestrator.command_line.request_docs import FIELD_TABLE, README, field_table, readme_with_rows
+from orchestrator.command_line.request_docs import CLI_DOC, FIELD_TABLE, cli_doc_with_rows, field_table
 from orchestrator.gateway.video_requests import KNOWN_FIELDS, RequestError, parse_video_request
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
@@ -30,9 +31,9 @@ def subcommand(name: str) -> argparse.ArgumentParser:
     return build_parser()._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
 
 
-def test_the_readme_rows_and_the_field_table_are_rendered_from_the_declarations():
-    readme = README.read_text()
-    assert readme_with_rows(readme) == readme, "run: python -m orchestrator.command_line.request_docs"
+def test_the_cli_docs_rows_and_the_field_table_are_rendered_from_the_declarations():
+    cli_doc = CLI_DOC.read_text()
+    assert cli_doc_with_rows(cli_doc) == cli_doc, "run: python -m orchestrator.command_line.request_docs"
     assert FIELD_TABLE.read_text() == field_table(), "run: python -m orchestrator.command_line.request_docs"
 
 

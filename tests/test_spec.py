@@ -8,7 +8,7 @@ import json
 import pytest
 
 from protocol.spec import DECODE_ONLY_FIELDS, LATER_FIELD_DEFAULTS, JobSpec
-from protocol.spec_rules import SpecError
+from protocol.spec_rules import NAME_PATTERN, SpecError, name_from_prompt
 
 VALID = {"prompt": "a cat", "model": "m", "width": 768, "height": 512, "num_frames": 121, "steps": 8, "seed": 1}
 
@@ -133,3 +133,20 @@ def test_a_crop_is_centred_in_the_rendered_frames_and_shapes_no_latents():
     assert spec().crop_box == (0, 0, 768, 512)
     assert cropped.latents_digest() == spec(width=736, height=1280).latents_digest()  # decode-only
     assert cropped.digest() != spec(width=736, height=1280).digest()  # but another output
+
+
+@pytest.mark.parametrize(
+    ("prompt", "name"),
+    [
+        ("A slow dolly-in through a rain-soaked alley at night, neon reflections", "a-slow-dolly-in-through"),
+        ("Café Über 42", "cafe-uber-42"),  # accents dropped, not the letters
+        ('<img src=x onerror="alert(1)"> ../../etc', "img-src-x-onerror-alert"),  # nothing of a path or markup
+        ("Supercalifragilisticexpialidocious-and-then-some-more-words", "supercalifragilisticexpialidocious-and"),
+        ("x" * 80, "x" * 40),  # one long word is cut
+        ("雨の夜の東京", "video"),  # no ASCII word left
+        ("   ...   ", "video"),
+    ],
+)
+def test_a_name_from_the_prompt_is_its_first_words_as_a_safe_bounded_slug(prompt: str, name: str):
+    assert name_from_prompt(prompt) == name
+    assert NAME_PATTERN.fullmatch(name) and len(name) <= 40

@@ -67,7 +67,7 @@ def add_declared_flag(parser: argparse.ArgumentParser, declared: Declared) -> No
 @dataclasses.dataclass(frozen=True)
 class SubFlag:
     """A flag that sets a part of a field declared in protocol/spec.py (a LoRA entry's file or scale),
-    described here once for `--help` and the README."""
+    described here once for `--help` and docs/cli.md."""
 
     flag: str
     metavar: str

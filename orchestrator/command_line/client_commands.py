@@ -18,12 +18,12 @@ import time
 from typing import Any, Protocol
 
 from config.settings import Settings
-from orchestrator.command_line.event_lines import format_event_line
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.terminal import fail, notice
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.state_reader import StateDirReader
 from orchestrator.daemon.transport import DaemonNotListening, TransportError, address_from_settings, create_keys
+from orchestrator.run.event_lines import format_event_line
 from orchestrator.run.job_hooks import StageEvent
 from orchestrator.run.jobspec import spec_request
 from orchestrator.run.states import AttemptResult, JobState, StageEventKind

@@ -1,4 +1,4 @@
-"""The README's `ltx2 generate` flag rows and docs/request-fields.md, rendered from the field declarations.
+"""docs/cli.md's `ltx2 generate` flag rows and docs/request-fields.md, rendered from the field declarations.
 
 The declarations (protocol/spec.py) are the only description of a request field; these tables are
 their printout, so they cannot drift from what the CLI, the batch files and the gateway accept.
@@ -16,16 +16,17 @@ from protocol.request_fields import Declared
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-README = REPO_ROOT / "README.md"
+# The command line's reference, whose `ltx2 generate` table holds the rows (the README links to it).
+CLI_DOC = REPO_ROOT / "docs" / "cli.md"
 FIELD_TABLE = REPO_ROOT / "docs" / "request-fields.md"
-# The README section whose table holds the rows, and the row every generated run of rows follows.
-README_SECTION = "### `ltx2 generate`"
+# The section of docs/cli.md whose table holds the rows, and the row every generated run of rows follows.
+CLI_SECTION = "## `ltx2 generate`"
 TABLE_HEADER = "|---|---|---|"
 ESCAPED_BAR = "\\|"  # a `|` inside a table cell
 
 
 def flag_cell(declared: Declared) -> str:
-    """How the README writes a field's flag: with its value, its choices, or as a switch."""
+    """How docs/cli.md writes a field's flag: with its value, its choices, or as a switch."""
     if declared.cli == "toggle":
         return f"`{declared.flag} / --no-{declared.flag[2:]}`"
     if declared.cli == "switch":
@@ -36,7 +37,7 @@ def flag_cell(declared: Declared) -> str:
 
 
 def default_cell(declared: Declared) -> str:
-    """The README's default: the declaration's own words, else where the value comes from."""
+    """The docs' default cell: the declaration's own words, else where the value comes from."""
     if declared.default_doc:
         return declared.default_doc
     if declared.default_from == "fixed":
@@ -72,7 +73,8 @@ def field_table() -> str:
         "do not edit. A field is declared once there (`declare(...)` on its JobSpec field, or in",
         "`REQUEST_ONLY` for an input resolved into other fields); the CLI flags, batch keys, HTTP fields,",
         "the checks below and this table are derived from it. *Digest*: whether the field enters the",
-        "request digest (see Reproducible renders in the README); *latents*: whether it shapes the latents",
+        "request digest (see [Reproducible renders](rendering.md#reproducible-renders)); *latents*: whether it"
+        " shapes the latents",
         "(a field that does not can change in `ltx2 decode`).",
         "",
         "| field (batch key) | CLI | HTTP | type | default | allowed | digest | latents |",
@@ -98,23 +100,24 @@ def yes_no(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def readme_with_rows(readme: str) -> str:
-    """The README with its generated flag rows replaced by the current rendering: the rows from the
+def cli_doc_with_rows(text: str) -> str:
+    """docs/cli.md with its generated flag rows replaced by the current rendering: the rows from the
     table's header to the last row naming a declared flag are the generated run."""
-    head, section = readme.split(README_SECTION, 1)
+    head, section = text.split(CLI_SECTION, 1)
     before, table = section.split(TABLE_HEADER + "\n", 1)
     rows = table.split("\n")
     generated = flag_rows()
     known = {row.split(" | ", 1)[0] for row in generated}
     end = max(index for index, row in enumerate(rows) if row.split(" | ", 1)[0] in known) + 1
-    return head + README_SECTION + before + TABLE_HEADER + "\n" + "\n".join(generated + rows[end:])
+    return head + CLI_SECTION + before + TABLE_HEADER + "\n" + "\n".join(generated + rows[end:])
 
 
 def main() -> int:
     """Rewrite both files from the declarations."""
-    README.write_text(readme_with_rows(README.read_text()))
+    CLI_DOC.write_text(cli_doc_with_rows(CLI_DOC.read_text()))
     FIELD_TABLE.write_text(field_table())
-    sys.stderr.write(f"wrote {README.name} (flag rows) and {FIELD_TABLE.relative_to(REPO_ROOT)}\n")
+    written = (path.relative_to(REPO_ROOT) for path in (CLI_DOC, FIELD_TABLE))
+    sys.stderr.write(f"wrote {' (flag rows) and '.join(map(str, written))}\n")
     return 0
 
 

@@ -51,6 +51,7 @@ from orchestrator.gateway.video_requests import (
     param_of,
     parse_video_request,
 )
+from orchestrator.run.event_lines import format_event_line
 from orchestrator.run.inputs import require_inside_roots
 from orchestrator.run.jobdir import new_job_id
 from orchestrator.run.publishing import companions
@@ -84,6 +85,9 @@ CANCEL_WAIT_S = 60.0
 # Retry-After of a refused create: a tiny clip takes about this long, a real one longer.
 QUEUE_FULL_RETRY_S = 30
 MAX_LIST_LIMIT = 100
+# Lines of a job's events and of its latest worker log that GET /v1/videos/{id}/log returns (`lines`);
+# the daemon caps a logs request at 1000.
+DEFAULT_LOG_LINES, MAX_LOG_LINES = 200, 1000
 # Form fields a create may have at most (it knows about 25).
 MAX_FORM_FIELDS = 64
 # An absolute path (or a ~/ one, or an ipc:// socket path) in a daemon message: never shown to a client.
@@ -94,6 +98,9 @@ MAX_TRACKED_NAMES = 10_000
 JSON_SPACE = re.compile(r"[ \t\n\r]*")
 # The job page served at `/` (package data; see page.html for why the key never enters a URL).
 PAGE_FILE = Path(__file__).with_name("page.html")
+# The page's icon, also served at /favicon.ico, which browsers ask for by themselves (a 404 there
+# filled the access log): a play triangle on a frame, as a small SVG (package data).
+FAVICON_FILE = Path(__file__).with_name("favicon.svg")
 # What the video object and the job page say of a clip the tiny model made (the fallback on a machine
 # without the real weights): its `model` is a repo id few would recognise as random weights.
 TINY_MODEL_NOTE = "tiny offline model: random weights, the clip is coloured noise"
@@ -454,6 +461,28 @@ class Gateway:
             raise ApiError(404, f"the {variant} of video {video_id} is gone from the output folder", code="not_found")
         return path
 
+    def log(self, owner: str, video_id: str, lines: int) -> dict[str, Any]:
+        """The owner's job's events (as `ltx2 logs` shows them) and the tail of its latest worker log.
+
+        Read-only and owned like every video route (another key's job is 404). Absolute paths in them
+        (the job directory, the model cache, a traceback's files) are replaced by `<path>`, as in every
+        answer; a video whose submit the daemon has not taken yet has an empty log.
+        """
+        self.owned(owner, video_id)
+        try:
+            data = self.daemon_request(jobs.Logs(video_id, lines))
+        except DaemonError as exc:
+            if exc.code != "not_found":
+                raise bad_gateway(exc) from None
+            data = {"events": "", "worker_log_name": "", "worker_log": ""}
+        return {
+            "id": video_id,
+            "object": "video.log",
+            "events": [without_paths(format_event_line(line)) for line in data["events"].splitlines()],
+            "worker_log_name": data["worker_log_name"],
+            "worker_log": without_paths(data["worker_log"]),
+        }
+
 
 def claim_record(video_id: str, owner: str, request: VideoRequest) -> dict[str, Any]:
     """A video's row as recorded before its submit: what the request says, the rest filled in once taken."""
@@ -598,6 +627,7 @@ def video_object(
         "remixed_from_video_id": None,
         "num_frames": record["num_frames"],
         "fps": record["fps"],
+        "seed": job.get("seed"),  # the daemon's record of the job; null until it has taken the submit
         **stage_fields(state, job),
     }
     if seconds_note:
@@ -729,6 +759,18 @@ def build_app(settings: Settings) -> Starlette:
         return ContentResponse(path, media_type=media, filename=f"{request.path_params['video_id']}{path.suffix}")
 
     @endpoint
+    async def video_log(request: Request) -> Response:
+        owner = await authorized(request)
+        lines = log_lines(request.query_params.get("lines", str(DEFAULT_LOG_LINES)))
+        return JSONResponse(await run_in_threadpool(gateway.log, owner, request.path_params["video_id"], lines))
+
+    @endpoint
+    async def key_name(request: Request) -> Response:
+        # Which key is in use, for the job page to show: its name, never the key or its hash.
+        owner = await authorized(request)
+        return JSONResponse({"object": "api_key", "name": gateway.keys.name_of(owner)})
+
+    @endpoint
     async def healthz(request: Request) -> Response:
         data = await run_in_threadpool(gateway.daemon_request, jobs.Ping(""))
         if not data.get("executor_alive"):
@@ -741,19 +783,15 @@ def build_app(settings: Settings) -> Starlette:
         body, content_type = await run_in_threadpool(gateway.metrics.render)
         return Response(body, media_type=content_type)
 
-    page, page_headers = job_page_parts()
-
-    async def job_page(request: Request) -> Response:
-        # No key needed: the page holds no data; it asks for the key and keeps it in the browser.
-        return HTMLResponse(page, headers=page_headers)
-
     routes = [
-        Route("/", job_page, methods=["GET"]),
+        *page_routes(),
+        Route("/v1/key", key_name, methods=["GET"]),
         Route("/v1/videos", create_video, methods=["POST"]),
         Route("/v1/videos", list_videos, methods=["GET"]),
         Route("/v1/videos/{video_id}", retrieve_video, methods=["GET"]),
         Route("/v1/videos/{video_id}", delete_video, methods=["DELETE"]),
         Route("/v1/videos/{video_id}/content", video_content, methods=["GET"]),
+        Route("/v1/videos/{video_id}/log", video_log, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
@@ -766,6 +804,36 @@ def build_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan
     )
+
+
+def page_routes() -> list[Route]:
+    """The job page at `/` and its icon; no key needed: they hold no data (the page asks for the key and
+    keeps it in the browser). The icon is also at /favicon.ico, which browsers ask for by themselves."""
+    page, page_headers = job_page_parts()
+    icon = FAVICON_FILE.read_bytes()
+
+    async def job_page(request: Request) -> Response:
+        return HTMLResponse(page, headers=page_headers)
+
+    async def favicon(request: Request) -> Response:
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+    return [
+        Route("/", job_page, methods=["GET"]),
+        Route("/favicon.svg", favicon, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
+    ]
+
+
+def log_lines(text: str) -> int:
+    """The `lines` of a log request: a whole number from 1 to MAX_LOG_LINES, else 400 naming it."""
+    try:
+        lines = int(text)
+    except ValueError:
+        raise ApiError(400, "lines must be a whole number", param="lines") from None
+    if not 1 <= lines <= MAX_LOG_LINES:
+        raise ApiError(400, f"lines must be between 1 and {MAX_LOG_LINES}", param="lines")
+    return lines
 
 
 def job_page_parts() -> tuple[str, dict[str, str]]:

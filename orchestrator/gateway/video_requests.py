@@ -201,8 +201,8 @@ def known_model(name: str, settings: Settings) -> str | None:
 
     None for an alias of the default model: the request then leaves `model` out, so the daemon runs
     the default if its weights are cached and else the fallback with a notice, as `ltx2 generate`
-    without --model does; the README's example (`ltx-2-distilled`) and OpenAI's (`sora-2`) thus run
-    on a machine without the real weights. A repo id given in full is taken as `--model` takes it:
+    without --model does; the example of docs/http-api.md (`ltx-2-distilled`) and OpenAI's (`sora-2`)
+    thus run on a machine without the real weights. A repo id given in full is taken as `--model` takes it:
     the client named exact weights, so their absence is an error, not another model.
     """
     asked = name.strip()

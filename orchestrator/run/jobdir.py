@@ -91,6 +91,15 @@ def new_job_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
+def job_stamp(job_id: str) -> str:
+    """The `YYYYmmdd-HHMMSS` a job id starts with: when the job was made. Its published files carry
+    the same stamp (`<name>_<stamp>.mp4`, orchestrator.run.publishing), so a file in the output folder
+    and its line in `ltx2 jobs` are found by one search, and a re-publish keeps the stamp."""
+    return job_id[:STAMP_LENGTH]
+
+
+#: The length of the stamp a job id starts with (`YYYYmmdd-HHMMSS`).
+STAMP_LENGTH = len("YYYYmmdd-HHMMSS")
 #: What `new_job_id` makes; an id a client chose (protocol.jobs.Submit.job_id) must look the same, so it
 #: names a directory under the jobs folder and nothing else.
 JOB_ID_PATTERN = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")

@@ -33,6 +33,7 @@ from protocol.spec_rules import (
     SpecError,
     describe_duration,
     frames_lasting,
+    name_from_prompt,
     require_path_text,
 )
 
@@ -90,7 +91,7 @@ def resolve_local(name: str) -> ResolvedModel:
 
 
 def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
-    """Fill preset defaults and a random seed into `request`, resolve the model, validate."""
+    """Fill preset defaults, a random seed and a name from the prompt into `request`, resolve the model, validate."""
     if not isinstance(request, dict):
         raise SpecError("spec", "must be a map of fields")
     model_name = request.get("model")
@@ -102,6 +103,10 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
+    if fields.get("name") is None and isinstance(fields.get("prompt"), str):
+        # No --name: the files are named after what they show (a prompt of the wrong type is left
+        # for the spec's validation to name).
+        fields["name"] = name_from_prompt(fields["prompt"])
     seconds = fields.pop("seconds", None)
     if seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)

@@ -5,7 +5,7 @@ orchestrator.run.job_end.
 
 A stage whose outputs verify against job.json is skipped, so running a job again after a crash
 resumes at the first unfinished stage. The finished video is published to the output folder as
-`<name>_<YYYYmmdd_HHMMSS>.mp4` once (orchestrator.run.publishing).
+`<name>_<YYYYmmdd-HHMMSS>.mp4` once (orchestrator.run.publishing).
 """
 
 from __future__ import annotations

@@ -11,9 +11,12 @@ in job.json under `publish` before the output folder is touched:
    its PNGs and sidecar beside it;
 3. `complete: true` is recorded and `published` logged.
 
-Without an explicit target the stem is `<name>_<YYYYmmdd_HHMMSS>[_N]`, and the sidecar is
-hard-linked into place rather than renamed: a link fails if the name exists, so it reserves the stem
-and two jobs finishing in the same second never take (or overwrite) each other's names. With a
+Without an explicit target the stem is `<name>_<stamp>[_N]`, where the stamp is the job id's own
+(`YYYYmmdd-HHMMSS`, when the job was made: orchestrator.run.jobdir.job_stamp), so a file and its job
+are matched by eye; the name is the request's (`--name`) or its prompt's first words
+(orchestrator.run.jobspec.build_spec). The sidecar is hard-linked into place rather than renamed: a
+link fails if the name exists, so it reserves the stem and two jobs made in the same second never
+take (or overwrite) each other's names. With a
 target (`ltx2 decode --output`) that exact path and its companions are replaced.
 
 Running the step again (a restarted daemon re-runs its interrupted job, `ltx2 batch` its file,
@@ -39,7 +42,6 @@ depend on how the job's lifecycle is kept.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import itertools
 import json
 import os
@@ -47,7 +49,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobdir import JobDir, job_stamp
 from orchestrator.run.sidecar import build_sidecar
 from orchestrator.run.states import EventKind
 from protocol.fault_points import fault_point
@@ -58,12 +60,11 @@ from protocol.job_record import Fingerprint, PublishRecord
 PUBLISHED_MODE = 0o644
 
 
-def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: dt.datetime | None = None) -> Path:
+def publish_job(job: JobDir, output_dir: Path, target: Path | None = None) -> Path:
     """Publish the job's MP4 with its PNGs and sidecar, once; returns the MP4's path.
 
-    Without `target` the MP4 gets the first free `output_dir/<name>_<YYYYmmdd_HHMMSS>[_N].mp4`
-    (`now` sets the stamp); with it, exactly `target` (replaced if it exists). See the module
-    docstring for what a second call does.
+    Without `target` the MP4 gets the first free `output_dir/<name>_<job stamp>[_N].mp4`; with it,
+    exactly `target` (replaced if it exists). See the module docstring for what a second call does.
     """
     source = fingerprint_file(job.path / VIDEO_FILE)
     previous = job.record.publish
@@ -84,7 +85,7 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None, now: 
         land_sidecar(job, wanted, replace=True)
         video = wanted
     else:
-        video = reserve_name(job, output_dir, source, recorded, now)
+        video = reserve_name(job, output_dir, source, recorded)
     fault_point("publish.first_file")
     land_rest(job, video)
     fault_point("publish.video")
@@ -170,9 +171,7 @@ def start(job: JobDir, video: Path, source: Fingerprint, explicit: bool) -> None
     job.log_event(EventKind.PUBLISH_STARTED, video=str(video), again=again)
 
 
-def reserve_name(
-    job: JobDir, output_dir: Path, source: Fingerprint, recorded: Path | None, now: dt.datetime | None
-) -> Path:
+def reserve_name(job: JobDir, output_dir: Path, source: Fingerprint, recorded: Path | None) -> Path:
     """Record a free stem and land the sidecar under it (step 1 and the first file); the MP4's path.
 
     The recorded name of an unfinished publish comes first: its sidecar is either this job's (the
@@ -180,7 +179,7 @@ def reserve_name(
     four files exist. Linking the sidecar is what takes a stem; when another job got there first
     (between the look and the link), or another program's file uses the stem, the next one is tried.
     """
-    stamp = f"{(now or dt.datetime.now()):%Y%m%d_%H%M%S}"
+    stamp = job_stamp(job.id)
     for video in itertools.chain([recorded] if recorded else [], free_names(job, output_dir, stamp)):
         video.parent.mkdir(parents=True, exist_ok=True)
         start(job, video, source, explicit=False)

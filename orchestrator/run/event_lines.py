@@ -1,7 +1,9 @@
 """events.log lines as a person reads them: `06:22:40.838  stage_progress  encode_diffuse  denoise 1/8`.
 
 events.log is JSON Lines (one object per event, orchestrator/run/jobdir.log_event) so that tools can
-parse it; `ltx2 logs` shows it this way instead, and `ltx2 logs --json` prints the lines as stored.
+parse it; `ltx2 logs` and the gateway's `GET /v1/videos/{id}/log` (the job page's log) show it this
+way instead, and `ltx2 logs --json` prints the lines as stored. It lives in run/, beside the writer of
+events.log, so both the command line and the gateway (rooms above it) can use it.
 """
 
 from __future__ import annotations
