@@ -51,3 +51,35 @@ def test_a_users_allocator_settings_win(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:256")  # torch's newer name
     env = worker_environment()
     assert "PYTORCH_CUDA_ALLOC_CONF" not in env and env["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:256"
+
+
+def probe_torchao(root: Path, marker: Path) -> Path:
+    """An installed package named torchao (with its dist-info, as pip leaves it) whose import writes
+    `marker`: whether a process imported torchao shows on disk. Not a stand-in for torchao's API: a
+    process of ours must never get as far as using it."""
+    site = root / "site"
+    (site / "torchao").mkdir(parents=True)
+    (site / "torchao" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    info = site / "torchao-0.18.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: torchao\nVersion: 0.18.0\n")
+    (info / "RECORD").write_text("")
+    return site
+
+
+def test_the_fork_server_never_imports_torchao_where_it_is_installed(tmp_path: Path):
+    """transformers and diffusers import an installed torchao with their model code, and torchao sets CUDA
+    up at import on a GPU host, which turns the fork server off (issue 28: 44.9 s per job instead of
+    20.2 s on NGC images). The fork server's imports are every stage's, so none may reach torchao."""
+    marker = tmp_path / "torchao-was-imported"
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{probe_torchao(tmp_path, marker)}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.forkserver"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=env, text=True,
+    )  # fmt: skip
+    ready, errors = server.communicate(timeout=300)  # EOF on its stdin once its imports are done: it exits
+    assert '"ready": true' in ready and '"cuda_initialised_by": ""' in ready, errors[-3000:]
+    assert not marker.exists()
