@@ -59,9 +59,12 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 def read_video_frames(path: Path) -> np.ndarray:
     """Every frame of the first video stream as `[frames, H, W, 3]` uint8 RGB (a keyframe video: the
     orchestrator counted its frames from the header; diffusers takes the array as it is)."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError) as exc:  # IndexError: no video stream at all
+        raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc
     if not frames:
         raise ValueError(f"{path} holds no decodable video frame")
     return np.stack(frames)
