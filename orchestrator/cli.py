@@ -327,6 +327,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         model,
         loras=built.loras,
         image=built.image,
+        conditions=built.conditions,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",

@@ -27,6 +27,10 @@ from protocol.spec_rules import SpecError
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_CONFIG = "transformer/config.json"
 VOCODER_CONFIG = "vocoder/config.json"
+VIDEO_VAE_CONFIG = "vae/config.json"
+# AutoencoderKLLTX2Video.__init__'s defaults (diffusers 0.42.1) for a config that leaves these out.
+VAE_DEFAULT_PATCH_SIZE_T = 1
+VAE_DEFAULT_SCALING = (True, True, True, True)
 # The latent upsampler of two-stage runs (LTX2LatentUpsamplerModel): a subfolder of the checkpoint that
 # model_index.json does not list (Lightricks/LTX-2 and diffusers' examples load it by subfolder).
 LATENT_UPSAMPLER = "latent_upsampler"
@@ -229,3 +233,23 @@ def vocoder_sample_rate(folder: Path) -> int:
     if not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
         raise UnsupportedCheckpoint(f"{folder / VOCODER_CONFIG} has no valid output_sampling_rate (got {rate!r})")
     return rate
+
+
+def vae_temporal_ratio(folder: Path) -> int:
+    """How many pixel frames the checkpoint's video VAE packs into one latent frame (after the first):
+    where keyframes may start (protocol/conditions.py).
+
+    Read as diffusers builds it: `temporal_compression_ratio` when the config sets it (the real
+    checkpoints: 8), else `patch_size_t * 2 ** sum(spatio_temporal_scaling)`.
+    """
+    config = read_config(folder, VIDEO_VAE_CONFIG)
+    ratio = config.get("temporal_compression_ratio")
+    if ratio is None:
+        scaling = config.get("spatio_temporal_scaling", VAE_DEFAULT_SCALING)
+        scaling = scaling if isinstance(scaling, list | tuple) else [scaling] * len(VAE_DEFAULT_SCALING)
+        ratio = config.get("patch_size_t", VAE_DEFAULT_PATCH_SIZE_T) * 2 ** sum(bool(step) for step in scaling)
+    if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
+        raise UnsupportedCheckpoint(
+            f"{folder / VIDEO_VAE_CONFIG} has no valid temporal_compression_ratio (got {ratio!r})"
+        )
+    return ratio

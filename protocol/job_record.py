@@ -192,6 +192,32 @@ def read_loras(raw: object, where: str, at: str) -> list[ResolvedLora]:
 
 
 @dataclasses.dataclass(frozen=True)
+class ResolvedCondition(RecordFields):
+    """A condition (keyframe) of the request as the orchestrator checked and stored it before any worker
+    started (orchestrator/run/jobspec.py): the diffusion stage encodes `file` at `latent_index` and never
+    redoes the frame math; the sidecar reports it."""
+
+    source: str  #: what the request named (a path inside the input roots, or the gateway's upload)
+    file: str  #: its copy inside the job directory (protocol.conditions.stored_name; the image's own file)
+    sha256: str  #: the SHA-256 of its bytes, as the request digest holds it
+    kind: str  #: "image" (one frame, re-compressed at the CRF) or "video" (its frames, as they are)
+    frames: int  #: the frames in the file (1 for an image)
+    frame: int  #: the pixel frame it starts at (-1 resolved)
+    latent_index: int  #: diffusers' LTX2VideoCondition.index: the latent frame starting at `frame`
+    strength: float  #: 0..1
+    crf: int | None = None  #: an image's re-compression CRF as requested; None: the family's (diffusers' default)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_conditions(raw: object, where: str, at: str) -> list[ResolvedCondition] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise JobRecordError(where, f"{at} must be a list of conditions, got {shown(raw)}")
+    return [ResolvedCondition.from_json(item, where, f"{at}[{index}]") for index, item in enumerate(raw)]
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
     """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
@@ -337,6 +363,9 @@ class JobRecord(RecordFields):
     loras: list[ResolvedLora] = dataclasses.field(default_factory=list)  #: the spec's LoRAs, resolved; fused in order
     #: dev two-stage: the distilled LoRA fused for stage 2 only (services/two_stage.py), resolved like `loras`
     stage2_lora: ResolvedLora | None = dataclasses.field(default=None, metadata=WRITTEN_AS_NULL)
+    #: the keyframes, resolved and copied into the job (with the image first when both were given), in the order
+    #: diffusers applies them; None: none (left out of job.json, as for jobs made before conditions existed)
+    conditions: list[ResolvedCondition] | None = None
     #: the prompt-embedding cache beside the jobs (services/embedding_cache.py); None: made before it existed
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
@@ -359,6 +388,7 @@ class JobRecord(RecordFields):
         "family": read_family,
         "loras": read_loras,
         "stage2_lora": read_optional_lora,
+        "conditions": read_conditions,
         "publish": read_publish,
         "owner": read_owner,
     }

@@ -15,6 +15,7 @@ import typing
 from typing import Any
 
 from protocol.codec import is_instance_of
+from protocol.conditions import require_conditions, require_frames_inside
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec_rules import (
     DISTILLED_STEPS,
@@ -358,9 +359,31 @@ class JobSpec:
         "`paths.input_roots` and be an image of at most 8192×8192 (the daemon reads only its header; the "
         "worker decodes it); copied into the job as it is and centre-cropped to the clip's aspect ratio (never "
         "stretched), then resized by the pipeline; H.264 re-compressed at the CRF the family was trained with, "
-        "as diffusers picks it: 33 through LTX-2.3, 18 for LTX-2.5 (Gemma 4 encoder)",
+        "as diffusers picks it: 33 through LTX-2.3, 18 for LTX-2.5 (Gemma 4 encoder); with `--condition` it is the"
+        " first keyframe (`PATH@0`, diffusers' `LTX2ConditionPipeline` then crops and resizes it)",
         default_doc="none",
         metavar="PATH",
+    )
+    #: keyframes: {source, frame, strength, crf} each (protocol/conditions.py); the image above, if any, joins them
+    conditions: list[dict[str, Any]] = declare(
+        factory=list,
+        help="a keyframe: an image (one frame) or a video (its frames from FRAME on) the clip shows at pixel frame"
+        " FRAME (default 0; -1: the last start) with STRENGTH 0-1 (default 1); repeatable",
+        rule=require_conditions,
+        allowed="image or video files; FRAME a latent frame's start (0, 1, 9, 17, ... for LTX-2), inside the clip;"
+        " STRENGTH 0.0 to 1.0",
+        cli="own",
+        http="own",
+        added_later=True,
+        doc="keyframes (diffusers' `LTX2ConditionPipeline`): `PATH[@FRAME][:STRENGTH]`, repeatable; an image is one"
+        " frame, a video its run of frames from FRAME on (trimmed to r·m+1 frames, r the VAE's temporal"
+        " compression: 8); FRAME a pixel frame where a latent frame starts (0, 1, 9, 17, …; `-1`: the last start;"
+        " refused with the nearest allowed otherwise, or when outside the clip or a video runs past its end);"
+        " files inside `paths.input_roots`, copied into the job and hashed into its digest; `--image` with"
+        " conditions is the condition `PATH@0`; `conditions = [{source, frame, strength, crf}]` in a batch file",
+        default_doc="none",
+        metavar="PATH[@FRAME][:STRENGTH]",
+        cli_flag="--condition",
     )
     loras: list[dict[str, Any]] = declare(
         factory=list,
@@ -524,6 +547,7 @@ class JobSpec:
                 raise SpecError(
                     crop, f"must be at most --{name} {side} (a crop of the rendered frames never enlarges); got {value}"
                 )
+        require_frames_inside(self.conditions, self.num_frames)
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -651,11 +675,8 @@ SPEC_FIELDS = fields_of(JobSpec)
 # Fields that do not change the latents (see JobSpec.latents_digest).
 DECODE_ONLY_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.latents)
 # Fields left out of the spec digests at their default, so latents written before they existed still match.
-LATER_FIELD_DEFAULTS = {
-    field.name: field.default
-    for field, declared in zip(dataclasses.fields(JobSpec), SPEC_FIELDS, strict=True)
-    if declared.added_later
-}
+# (A declaration's default is the field's, a factory's value included: `conditions` defaults to [].)
+LATER_FIELD_DEFAULTS = {declared.name: declared.default for declared in SPEC_FIELDS if declared.added_later}
 
 #: Inputs a request may carry that are resolved into spec fields before validation
 #: (orchestrator/run/jobspec.py) and never stored: a camera move becomes a LoRA, seconds a frame count.

@@ -4,7 +4,8 @@ A worker needs the request and what the orchestrator resolved for it before any 
 model folder, the LoRA files, the model family); not the job's states, attempts or publish step, which
 belong to the orchestrator and change while the worker runs. So a worker sees this view of the job
 record (protocol/job_record.py), taken once as it starts; its memory plan comes on its command line
-(`--plan`) and the conditioning image is the job directory's INPUT_IMAGE_FILE (protocol/files.py).
+(`--plan`) and the conditioning image is the job directory's INPUT_IMAGE_FILE (protocol/files.py); keyframes
+are files of the job directory too, each named by its ResolvedCondition.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from protocol.families import CheckpointFamily
 from protocol.files import JOB_FILE
-from protocol.job_record import JobRecord, ResolvedLora, load_record
+from protocol.job_record import JobRecord, ResolvedCondition, ResolvedLora, load_record
 from protocol.spec import JobSpec
 
 
@@ -32,6 +33,8 @@ class StageRequest:
     embeddings_dir: Path | None  #: the prompt-embedding cache; None: a job made before it (encode every time)
     compile_cache_dir: Path | None  #: where --compile's code is cached; None: a job made before it
     request_digest: str | None  #: the request's digest, written into the MP4's tags (None: none recorded)
+    #: keyframes to encode, each a file in the job directory at a latent index (empty: text- or image-to-video)
+    conditions: tuple[ResolvedCondition, ...] = ()
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -47,6 +50,7 @@ class StageRequest:
             embeddings_dir=Path(record.embeddings_dir) if record.embeddings_dir else None,
             compile_cache_dir=Path(record.compile_cache_dir) if record.compile_cache_dir else None,
             request_digest=record.request_digest,
+            conditions=tuple(record.conditions or ()),
         )
 
 

@@ -3,9 +3,9 @@
 A one-stage run is one pass at the clip's size; a two-stage run (services/two_stage.py) is two, at
 half and at full size, over the same transformer (with a dev schedule, stage 2 runs over a second
 load of it with the distilled LoRA fused as well). Each pass is LTX2Pipeline (or, with a
-conditioning image, LTX2ImageToVideoPipeline) of diffusers 0.42.1 called with
-`output_type="latent"`, which is what makes the staged result equal the single-process one
-(DESIGN.md rule 6).
+conditioning image, LTX2ImageToVideoPipeline; with keyframes, LTX2ConditionPipeline) of diffusers
+0.42.1 called with `output_type="latent"`, which is what makes the staged result equal the
+single-process one (DESIGN.md rule 6).
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers import LTX2ConditionPipeline, LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
 from protocol.errors import InvalidInput
 from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
-from protocol.job_record import ResolvedLora
+from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import guidance, model_loading, nag
+from services import guidance, media, model_loading, nag
 from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext
 
@@ -154,7 +155,12 @@ def denoise(
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
     calls = []
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    starts = {"latents": run.latents, "audio_latents": run.audio_latents, "noise_scale": run.noise_scale}
+    starts = {"latents": run.latents, "audio_latents": run.audio_latents}
+    if run.latents is not None:
+        # Only with latents to start from: without them LTX2ConditionPipeline's noise_scale must stay at its
+        # default (the first sigma: pure noise where nothing is conditioned), which 0.0 would turn into zeros;
+        # the other pipelines ignore it then.
+        starts["noise_scale"] = run.noise_scale
 
     def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(run.phase, step + 1, run.steps)
@@ -186,20 +192,56 @@ def denoise(
 def conditioning(
     ctx: WorkerContext, device: torch.device, dtype: torch.dtype, video_stats: Any, run: DenoisePass
 ) -> tuple[type, Any, dict[str, Any]]:
-    """(pipeline class, its `vae`, its image keywords) for the job: text-to-video needs only the VAE's
-    statistics; image-to-video encodes the first frame, so it needs the real VAE (its encoder half).
+    """(pipeline class, its `vae`, its conditioning keywords) for the job: text-to-video needs only the
+    VAE's statistics; image-to-video and keyframes encode pixels, so they need the real VAE (its encoder).
 
     Given latents to start from, LTX2ImageToVideoPipeline encodes no image: it keeps their first
     latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
+    LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
+    latents, as it does on noise: two-stage conditions both passes.
     """
+    if ctx.request.conditions:
+        conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
+        return LTX2ConditionPipeline, video_vae(ctx, device, dtype, "the keyframes"), {"conditions": conditions}
     if ctx.spec.image is None:
         return LTX2Pipeline, video_stats, {}
-    if "video_vae" not in ctx.shared:
-        ctx.progress("load video VAE for the conditioning image")
-        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
+    vae = video_vae(ctx, device, dtype, "the conditioning image")
     image = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, run.width, run.height)
     crf = image_crf(ctx.request.family)
-    return LTX2ImageToVideoPipeline, ctx.shared["video_vae"], {"image": image, "image_crf": crf}
+    return LTX2ImageToVideoPipeline, vae, {"image": image, "image_crf": crf}
+
+
+def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
+    """The video VAE, loaded once per process (a group's next job reuses it)."""
+    if "video_vae" not in ctx.shared:
+        ctx.progress(f"load video VAE for {purpose}")
+        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
+    return ctx.shared["video_vae"]
+
+
+def keyframe(ctx: WorkerContext, condition: ResolvedCondition) -> LTX2VideoCondition:
+    """A recorded condition as diffusers takes it: the file's pixels as they are (the pipeline resizes
+    and centre-crops them itself), the latent index the orchestrator placed it at, and the CRF a single
+    frame is re-compressed at (the request's, else the family's: the pipeline has no text encoder here
+    to pick it from)."""
+    path = ctx.job_dir / condition.file
+    frames = load_keyframe_pixels(path, condition.kind)
+    crf = condition.crf if condition.crf is not None else image_crf(ctx.request.family)
+    return LTX2VideoCondition(frames=frames, index=condition.latent_index, strength=condition.strength, crf=crf)
+
+
+def load_keyframe_pixels(path: Path, kind: str) -> Any:
+    """An image as RGB (PIL), or a video's frames as a `[F, H, W, 3]` uint8 array; InvalidInput when the
+    file does not decode (the orchestrator read only its header)."""
+    from PIL import Image
+
+    try:
+        if kind == "video":
+            return media.read_video_frames(path)
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"--condition: cannot decode {path.name}: {exc}") from exc
 
 
 # Text encoders whose model_type diffusers' resolve_default_image_crf (0.42.1) treats as LTX-2.5's

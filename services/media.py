@@ -1,4 +1,5 @@
-"""WAV and MP4 files through PyAV: float WAV for the hand-over, H.264 + AAC for the result.
+"""WAV and MP4 files through PyAV: float WAV for the hand-over, H.264 + AAC for the result, and the
+frames of a keyframe video.
 
 `audio.wav` is 32-bit float PCM so the waveform crosses the process boundary bit-exact (16-bit
 PCM would round it by up to 3e-5). The MP4 writer takes frames in pieces, so a long clip is
@@ -53,6 +54,20 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
         rate = stream.rate
     planar = [p.reshape(-1, stream.channels).T if p.shape[0] == 1 and stream.channels > 1 else p for p in pieces]
     return np.concatenate(planar, axis=1).astype(np.float32), rate
+
+
+def read_video_frames(path: Path) -> np.ndarray:
+    """Every frame of the first video stream as `[frames, H, W, 3]` uint8 RGB (a keyframe video: the
+    orchestrator counted its frames from the header; diffusers takes the array as it is)."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError) as exc:  # IndexError: no video stream at all
+        raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc
+    if not frames:
+        raise ValueError(f"{path} holds no decodable video frame")
+    return np.stack(frames)
 
 
 def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -> None:

@@ -165,12 +165,16 @@ class ClipFiles:
 
 def clip_tags(ctx: WorkerContext) -> dict[str, str]:
     """What made the clip, inside its files (as image tools keep theirs): the prompt as the title, and the
-    request as JSON in `comment` (seed, model, sizes, guidance, LoRAs; the conditioning image by file name;
-    not the output's file stem) with the request digest. Nothing here differs between two renders of one
-    request, so the files stay byte-identical."""
+    request as JSON in `comment` (seed, model, sizes, guidance, LoRAs; the conditioning image and the
+    keyframes by file name; not the output's file stem) with the request digest. Nothing here differs
+    between two renders of one request, so the files stay byte-identical."""
     request = {k: v for k, v in ctx.spec.to_dict().items() if k not in ("name", "drop_caches")}
     if request.get("image"):
         request["image"] = Path(request["image"]).name
+    if request.get("conditions"):  # by file name, as the image; none: left out, as before keyframes existed
+        request["conditions"] = [{**entry, "source": Path(entry["source"]).name} for entry in request["conditions"]]
+    else:
+        request.pop("conditions", None)
     request["request_digest"] = ctx.request.request_digest
     return {"title": ctx.spec.prompt, "comment": json.dumps(request, sort_keys=True, ensure_ascii=False)}
 

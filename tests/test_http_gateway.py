@@ -387,6 +387,38 @@ def test_a_two_stage_request_records_its_pipeline(gateway):
     gateway.client("alice").videos.delete(body["id"])
 
 
+def test_keyframes_are_file_parts_named_by_conditions(gateway):
+    """`conditions` names the form's file parts; the daemon receives them as uploads it copies into the
+    job, and refuses a bad frame naming the part, never the server's path to it."""
+    from test_http_gateway_hostile import multipart, openai_error
+
+    fields = {"prompt": b"a bird lands", "model": TINY.encode(), "size": b"64x64", "num_frames": b"17"}
+    last = png_bytes(80, 64)
+    body, headers = multipart({**fields, "conditions": b'["last@-1:0.5"]'}, {"last": last})
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    assert status == 200, answer
+    video_id = json.loads(answer)["id"]
+    record = json.loads((Path(gateway.daemon_job(video_id)["job_dir"]) / "job.json").read_text())
+    (condition,) = record["conditions"]
+    assert (condition["frame"], condition["latent_index"], condition["strength"]) == (13, 4, 0.5)
+    assert (Path(record["spec"]["conditions"][0]["source"]).parent.parent.name, condition["file"]) == (
+        "uploads",
+        "condition_0.png",
+    )
+    assert gateway.upload_files() == []
+    gateway.client("alice").videos.delete(video_id)
+
+    before = len(gateway.daemon_jobs())
+    body, headers = multipart({**fields, "conditions": b'["last@3"]'}, {"last": last})
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    error = openai_error(answer)
+    assert status == 400 and error["param"] == "conditions", answer
+    assert error["message"].startswith("conditions: last@3:1: frame 3 is not where") and "/" not in error["message"]
+    status, _, answer = gateway.post_json("alice", {"prompt": "x", "conditions": ["last"]})
+    assert status == 400 and answer["error"]["param"] == "conditions"
+    assert len(gateway.daemon_jobs()) == before and gateway.upload_files() == []
+
+
 def test_oversized_upload_is_413_and_queues_nothing(gateway):
     before = len(gateway.daemon_jobs())
     big = png_bytes(512, 512, size_hint=1)

@@ -248,6 +248,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         built.model,
         loras=built.loras,
         image=built.image,
+        conditions=built.conditions,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="batch",

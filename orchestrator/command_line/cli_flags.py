@@ -2,8 +2,9 @@
 the fields' declarations (protocol.request_fields; the fields are declared in protocol/spec.py).
 
 A module of its own so that the daemon's client commands and the embedded CLI both use them
-without importing each other. Only the LoRA flags are built here by hand: a LoRA entry spans
-three flags (`--lora` starts one, the next two set its file and scale).
+without importing each other. Only the LoRA and keyframe flags are built here by hand: a LoRA entry
+spans three flags (`--lora` starts one, the next two set its file and scale), a keyframe two
+(`--condition PATH[@FRAME][:STRENGTH]` starts one, `--condition-crf` sets its CRF).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import dataclasses
 from typing import Any
 
 from orchestrator.run.jobspec import REQUEST_FIELDS
+from protocol.conditions import parse_condition_flag
 from protocol.request_fields import Declared
+from protocol.spec_rules import SpecError
 
 # The fields the command line offers as flags (all but those declared `cli="none"`).
 CLI_FIELDS = tuple(declared for declared in REQUEST_FIELDS if declared.cli != "none")
@@ -35,6 +38,25 @@ class LoraAction(argparse.Action):
         namespace.loras = entries
 
 
+class ConditionAction(argparse.Action):
+    """`--condition PATH[@FRAME][:STRENGTH]` starts a keyframe entry; `--condition-crf` sets the last one's CRF."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: str | None = None
+    ) -> None:
+        entries = list(getattr(namespace, "conditions", None) or [])
+        if option == "--condition":
+            try:
+                entries.append(parse_condition_flag(value))
+            except SpecError as exc:
+                parser.error(str(exc))
+        elif not entries:
+            parser.error(f"{option} must follow a --condition")
+        else:
+            entries[-1]["crf"] = value
+        namespace.conditions = entries
+
+
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
     """Flags that become JobSpec fields (defaults None: the model's preset fills them in)."""
     for declared in CLI_FIELDS:
@@ -42,6 +64,8 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
             add_lora_flags(parser, declared)
         elif declared.name == "stage2_lora":
             add_stage2_lora_flags(parser, declared)
+        elif declared.name == "conditions":
+            add_condition_flags(parser, declared)
         else:
             add_declared_flag(parser, declared)
 
@@ -104,6 +128,29 @@ STAGE2_LORA_SUB_FLAGS = (
         doc="weight file inside the `--stage2-lora` repo or folder",
     ),
 )
+
+CONDITION_SUB_FLAGS = (
+    SubFlag(
+        "--condition-crf",
+        "N",
+        "H.264 CRF 0-51 the preceding --condition's image is re-compressed at before encoding (0: not at all)",
+        default_doc="the family's (33 through LTX-2.3, 18 for LTX-2.5)",
+        doc="CRF 0–51 at which the preceding `--condition`'s image is H.264 re-compressed before the VAE encodes it,"
+        " as the model was trained (0 skips it); videos are never re-compressed",
+        kind=int,
+    ),
+)
+
+
+def add_condition_flags(parser: argparse.ArgumentParser, declared: Declared) -> None:
+    """`--condition` and the flag that sets the CRF of the keyframe before it."""
+    parser.add_argument(
+        "--condition", dest="conditions", action=ConditionAction, metavar=declared.metavar, help=declared.help
+    )
+    for sub in CONDITION_SUB_FLAGS:
+        parser.add_argument(
+            sub.flag, dest="conditions", action=ConditionAction, type=sub.kind, metavar=sub.metavar, help=sub.help
+        )
 
 
 def add_lora_flags(parser: argparse.ArgumentParser, declared: Declared) -> None:

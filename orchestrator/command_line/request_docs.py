@@ -11,7 +11,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from orchestrator.command_line.cli_flags import CLI_FIELDS, LORA_SUB_FLAGS, STAGE2_LORA_SUB_FLAGS, SubFlag
+from orchestrator.command_line.cli_flags import (
+    CLI_FIELDS,
+    CONDITION_SUB_FLAGS,
+    LORA_SUB_FLAGS,
+    STAGE2_LORA_SUB_FLAGS,
+    SubFlag,
+)
 from protocol.request_fields import Declared
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 
@@ -55,6 +61,8 @@ def flag_rows() -> list[str]:
             subs = LORA_SUB_FLAGS
         elif declared.name == "stage2_lora":
             subs = STAGE2_LORA_SUB_FLAGS
+        elif declared.name == "conditions":
+            subs = CONDITION_SUB_FLAGS
         rows.extend(f"| `{sub.flag} {sub.metavar}` | {sub.default_doc} | {sub.doc} |" for sub in subs)
     return rows
 

@@ -205,6 +205,7 @@ class Daemon:
             job_id=request.job_id or None,
             loras=built.loras,
             image=built.image,
+            conditions=built.conditions,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
             owner=DAEMON_OWNER,

@@ -45,6 +45,8 @@ from orchestrator.gateway.metrics import GatewayMetrics
 from orchestrator.gateway.store import FINAL_STATES, SUBMITTING, GatewayStore
 from orchestrator.gateway.uploads import UploadDir
 from orchestrator.gateway.video_requests import (
+    KNOWN_FIELDS,
+    UPLOAD_NAME_PATTERN,
     RequestError,
     VideoRequest,
     http_message,
@@ -58,6 +60,7 @@ from orchestrator.run.publishing import companions
 from orchestrator.run.states import JobState
 from protocol import jobs
 from protocol.codec import ErrorCode
+from protocol.conditions import MAX_CONDITIONS
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec_rules import SpecError, describe_duration
@@ -80,6 +83,10 @@ STATUS = {
 STAGE_WEIGHTS = {Stage.ENCODE_DIFFUSE.value: 0.8, Stage.AUDIO_DECODE.value: 0.05, Stage.VIDEO_DECODE.value: 0.15}
 # Image types accepted as input_reference, by their first bytes.
 IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
+# The first box types of an MP4 or QuickTime file (bytes 4-8): a keyframe may also be a video.
+VIDEO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+#: A form's uploads: part name -> (bytes, the suffix its first bytes call for).
+Uploads = dict[str, tuple[bytes, str]]
 # How long DELETE waits for a running job's worker to stop (the daemon gives it 10 s before SIGKILL).
 CANCEL_WAIT_S = 60.0
 # Retry-After of a refused create: a tiny clip takes about this long, a real one longer.
@@ -272,7 +279,12 @@ class Gateway:
         return record
 
     def create(
-        self, owner: str, request: VideoRequest, upload: tuple[bytes, str] | None, idempotency_key: str = ""
+        self,
+        owner: str,
+        request: VideoRequest,
+        upload: tuple[bytes, str] | None,
+        idempotency_key: str = "",
+        keyframes: Uploads | None = None,
     ) -> dict[str, Any]:
         """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
 
@@ -282,9 +294,10 @@ class Gateway:
         daemon therefore costs the client a slower reply, not a second job (a 5xx would make the official
         client send the create again, a new request), and a gateway killed mid-create leaves a video its
         key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
-        another request under a used key is refused (409).
+        another request under a used key is refused (409). `keyframes` are the uploads `conditions` names.
         """
-        body = request_fingerprint(request, upload)
+        keyframes = keyframes or {}
+        body = request_fingerprint(request, upload, keyframes)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
@@ -296,7 +309,7 @@ class Gateway:
             elif (claimed := self.owned(owner, video_id))["state"] != SUBMITTING:
                 job = self.job(video_id)
                 return video_object({**claimed, "state": job["state"]}, job, request.seconds_note)
-            reply = self.submit(owner, video_id, request, upload)
+            reply = self.submit(owner, video_id, request, upload, keyframes)
             if reply["id"] != video_id:  # reuse named this key's finished video of the same request
                 self.store.discard(video_id)
                 if idempotency_key:
@@ -345,24 +358,34 @@ class Gateway:
             raise too_many(message, "too_many_active_videos", QUEUE_FULL_RETRY_S)
 
     def submit(
-        self, owner: str, video_id: str, request: VideoRequest, upload: tuple[bytes, str] | None
+        self,
+        owner: str,
+        video_id: str,
+        request: VideoRequest,
+        upload: tuple[bytes, str] | None,
+        keyframes: Uploads | None = None,
     ) -> dict[str, Any]:
         """The daemon's answer to the video's submit (sent again while lost); with `reuse`, another key's
-        render is never taken: the request is then submitted to render as this key's own."""
+        render is never taken: the request is then submitted to render as this key's own. Each keyframe
+        upload is stored as the image is, and its stored path replaces its part name in `conditions`."""
         spec = dict(request.spec)
         image = self.store_upload(*upload) if upload else None
         if image is not None:
             spec["image"] = str(image)
+        stored = {name: self.store_upload(*data, field="conditions") for name, data in (keyframes or {}).items()}
+        if stored:
+            spec["conditions"] = [{**entry, "source": str(stored[entry["source"]])} for entry in spec["conditions"]]
         try:
             reply = self.submit_until_answered(jobs.Submit("", spec, reuse=request.reuse, job_id=video_id))
             if reply["id"] != video_id and self.store.get(owner, reply["id"]) is None:
                 reply = self.submit_until_answered(jobs.Submit("", spec, job_id=video_id))
         except DaemonError as exc:
             self.store.discard(video_id)  # refused: no job came of it
-            raise daemon_spec_error(exc, request) from None
+            raise daemon_spec_error(exc, request, {str(path): name for name, path in stored.items()}) from None
         finally:
-            if image is not None:  # the daemon copied it into the job directory, or refused it
-                image.unlink(missing_ok=True)
+            for path in [image, *stored.values()]:  # the daemon copied them into the job directory, or refused them
+                if path is not None:
+                    path.unlink(missing_ok=True)
         return reply
 
     def submit_until_answered(self, message: jobs.Submit) -> dict[str, Any]:
@@ -390,17 +413,17 @@ class Gateway:
             log.warning("video %s: no answer from the daemon (%s); sending its submit again", message.job_id, lost)
             time.sleep(RESUBMIT_PAUSE_S)
 
-    def store_upload(self, data: bytes, suffix: str) -> Path:
+    def store_upload(self, data: bytes, suffix: str, field: str = "input_reference") -> Path:
         """Write an upload under a name the gateway makes, inside the uploads dir the daemon may read."""
         try:
-            require_inside_roots(self.uploads, self.settings.input_roots, "input_reference")
+            require_inside_roots(self.uploads, self.settings.input_roots, field)
         except SpecError:
-            log.error("image-to-video is off: the uploads dir %s is not inside paths.input_roots", self.uploads)
+            log.error("uploads are off: the uploads dir %s is not inside paths.input_roots", self.uploads)
             raise ApiError(  # the folder is the operator's to know, not the client's
                 500,
                 "image-to-video is off: the gateway's uploads dir is not inside paths.input_roots",
                 "server_error",
-                param="input_reference",
+                param=field,
                 code="uploads_outside_input_roots",
             ) from None
         return self.upload_dir.store(data, suffix)
@@ -500,11 +523,17 @@ def claim_record(video_id: str, owner: str, request: VideoRequest) -> dict[str, 
     }
 
 
-def request_fingerprint(request: VideoRequest, upload: tuple[bytes, str] | None) -> str:
-    """SHA-256 of everything a create asks for (the fields as parsed, the upload's bytes), for Idempotency-Key."""
+def request_fingerprint(
+    request: VideoRequest, upload: tuple[bytes, str] | None, keyframes: Uploads | None = None
+) -> str:
+    """SHA-256 of everything a create asks for (the fields as parsed, the uploads' bytes), for Idempotency-Key."""
     parts = {"spec": request.spec, "seconds": request.seconds, "fps": request.fps, "reuse": request.reuse}
     if upload is not None:
         parts["upload"] = [hashlib.sha256(upload[0]).hexdigest(), upload[1]]
+    if keyframes:  # left out without them, so earlier requests keep their fingerprints
+        parts["keyframes"] = {
+            name: [hashlib.sha256(data).hexdigest(), suffix] for name, (data, suffix) in keyframes.items()
+        }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -517,14 +546,18 @@ def idempotency_key(request: Request) -> str:
     return key.strip()
 
 
-def daemon_spec_error(exc: DaemonError, request: VideoRequest) -> ApiError:
-    """A refused submit as a 400 naming the HTTP field (the daemon names its spec field)."""
+def daemon_spec_error(exc: DaemonError, request: VideoRequest, uploads: dict[str, str] | None = None) -> ApiError:
+    """A refused submit as a 400 naming the HTTP field (the daemon names its spec field); `uploads` maps
+    the stored path of each keyframe upload to its part name, which the message says instead."""
     if exc.code in (ErrorCode.INVALID_SPEC, ErrorCode.NOT_FOUND):
         param = param_of(exc.field or "", request)
         code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and param == "model" else "invalid_value"
         # The only path in an input_reference message is the upload's, named here as the field.
         named = "input_reference" if param == "input_reference" else "<path>"
-        message = without_paths(http_message(exc.field or "", str(exc), request), named)
+        text = str(exc)
+        for path, name in (uploads or {}).items():
+            text = text.replace(path, name)
+        message = without_paths(http_message(exc.field or "", text, request), named)
         return ApiError(400, message, param=param or None, code=code)
     return bad_gateway(exc)
 
@@ -717,10 +750,11 @@ def build_app(settings: Settings) -> Starlette:
     @endpoint
     async def create_video(request: Request) -> Response:
         owner = await authorized(request)
-        fields, upload = await read_fields(request, limits)
-        parsed = parse_video_request(fields, settings)
+        fields, uploads = await read_fields(request, limits)
+        upload = uploads.pop("input_reference", None)
+        parsed = parse_video_request(fields, settings, uploads.keys())
         key = idempotency_key(request)
-        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload, key))
+        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload, key, uploads))
 
     @endpoint
     async def list_videos(request: Request) -> Response:
@@ -862,15 +896,15 @@ def job_page_parts() -> tuple[str, dict[str, str]]:
     return html, headers
 
 
-async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:
-    """The request's fields (JSON or multipart form) and its input_reference upload, within the caps."""
+async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
+    """The request's fields (JSON or multipart form) and its uploads (input_reference, keyframes), within the caps."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_large("request body", int(declared), limits.max_body_bytes)
     body = await read_body(request, limits)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        return json_fields(body), None
+        return json_fields(body), {}
     if kind not in ("multipart/form-data", "application/x-www-form-urlencoded"):
         raise ApiError(415, f"send JSON or multipart/form-data, not {kind or 'no content type'}", code="bad_type")
 
@@ -879,7 +913,11 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
 
     if kind == "multipart/form-data":
         parser: StrictMultiPartParser | StrictFormParser = StrictMultiPartParser(
-            request.headers, replay(), max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=limits.max_body_bytes
+            request.headers,
+            replay(),
+            max_files=1 + MAX_CONDITIONS,
+            max_fields=MAX_FORM_FIELDS,
+            max_part_size=limits.max_body_bytes,
         )
     else:
         parser = StrictFormParser(
@@ -929,6 +967,8 @@ def json_fields(body: bytes) -> dict[str, Any]:
         raise ApiError(
             400, "input_reference must be an image file upload (multipart/form-data)", param="input_reference"
         )
+    if fields.get("conditions") is not None:  # keyframes are files, and JSON carries none
+        raise ApiError(400, "conditions name file uploads: send multipart/form-data", param="conditions")
     return fields
 
 
@@ -960,35 +1000,41 @@ def too_deep_field(body: bytes) -> str | None:
         index += 1
 
 
-async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], tuple[bytes, str] | None]:
-    """A form's text fields, and its input_reference (the only file it may carry)."""
+async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
+    """A form's text fields, and its files: input_reference and the keyframes `conditions` names."""
     fields: dict[str, Any] = {}
-    upload = None
+    uploads: Uploads = {}
     for name, value in form.multi_items():
-        if name in fields or (name == "input_reference" and upload is not None):
+        if name in fields or name in uploads:
             raise ApiError(400, f"field {name!r} is given twice", param=name)
         if name == "input_reference":
             if not isinstance(value, UploadFile):
                 raise ApiError(400, "input_reference must be an image file upload", param="input_reference")
-            upload = await read_upload(value, limits)
+            uploads[name] = await read_upload(value, limits, name)
         elif isinstance(value, UploadFile):
-            raise ApiError(400, f"field {name!r} takes no file", param=name)
+            if name in KNOWN_FIELDS or not UPLOAD_NAME_PATTERN.fullmatch(name):
+                raise ApiError(400, f"field {name!r} takes no file", param=name)
+            uploads[name] = await read_upload(value, limits, name, videos=True)
         else:
             fields[name] = value
-    return fields, upload
+    return fields, uploads
 
 
-async def read_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, str]:
-    """The upload's bytes (at most the cap) and the suffix of its image type, judged by its first bytes."""
+async def read_upload(upload: UploadFile, limits: HttpSettings, name: str, videos: bool = False) -> tuple[bytes, str]:
+    """The upload's bytes (at most the cap) and the suffix of its type, judged by its first bytes: an
+    image, or (a keyframe's) an MP4/QuickTime video."""
     data = await upload.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
-        raise too_large("input_reference", len(data), limits.max_upload_bytes, "input_reference")
+        raise too_large(name, len(data), limits.max_upload_bytes, name)
     for magic, suffix in IMAGE_MAGIC:
         if data.startswith(magic):
             return data, suffix
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return data, "webp"
-    raise ApiError(400, "input_reference must be a PNG, JPEG, WebP, GIF or BMP image", param="input_reference")
+    if videos and data[4:8] in VIDEO_BOXES:
+        return data, "mp4"
+    kinds = "a PNG, JPEG, WebP, GIF or BMP image" + (", or an MP4 or QuickTime video" if videos else "")
+    raise ApiError(400, f"{name} must be {kinds}", param=name)
 
 
 def too_many(message: str, code: str, retry_after_s: int) -> ApiError:

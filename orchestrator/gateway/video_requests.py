@@ -2,10 +2,11 @@
 
 The gateway checks only what it must before the daemon sees the request: the HTTP shape of each
 field (size "WxH", seconds, numbers), the model against our ids and aliases (never a path), LoRAs
-as Hugging Face cache names (never paths), and the prompt's size (a 1 MB prompt would not fit in
-one protocol frame). Everything else (multiples of 32, 8n+1 frames, ranges) is the daemon's
-JobSpec validation, whose field names `param_of` maps back to the HTTP fields. Which fields exist,
-their HTTP names and kinds come from the fields' declarations (protocol/spec.py); the spec is built by
+as Hugging Face cache names (never paths), keyframes as the names of file parts of the same form
+(never paths), and the prompt's size (a 1 MB prompt would not fit in one protocol frame).
+Everything else (multiples of 32, 8n+1 frames, ranges, keyframe frames) is the daemon's JobSpec
+validation, whose field names `param_of` maps back to the HTTP fields. Which fields exist, their
+HTTP names and kinds come from the fields' declarations (protocol/spec.py); the spec is built by
 `orchestrator.run.jobspec.spec_request`, exactly as `ltx2 submit` builds it from its flags.
 """
 
@@ -15,10 +16,12 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 from config.settings import Settings
 from orchestrator.run.jobspec import spec_request
+from protocol.conditions import MAX_CONDITIONS, parse_condition_flag
 from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 from protocol.spec_rules import (
@@ -44,7 +47,16 @@ TEXT_FIELDS = (*(declared.name for declared in DECLARED if declared.http == "tex
 # Numbers as the CLI flags of the same names take them; their ranges are the daemon's JobSpec checks,
 # so a refusal here carries the message `ltx2 generate` gives for the flag.
 NUMBER_FIELDS = {declared.name: declared.kind for declared in DECLARED if declared.http == "number"}
-KNOWN_FIELDS = frozenset({*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference", "reuse"})
+KNOWN_FIELDS = frozenset(
+    {*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference", "conditions", "reuse"}
+)
+# The name of a form's file part holding a keyframe, as `conditions` refers to it.
+UPLOAD_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+CONDITION_ENTRY_KEYS = frozenset({"upload", "frame", "strength", "crf"})
+CONDITIONS_SHAPE = (
+    'conditions must be a JSON list of keyframes, each "NAME@FRAME:STRENGTH" or {upload, frame, strength, crf},'
+    " NAME a file part of this form"
+)
 # `reuse` as a form sends it (JSON clients send true or false).
 FORM_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 MAX_LORAS = 8
@@ -75,8 +87,9 @@ class VideoRequest:
     reuse: bool = False
 
 
-def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequest:
-    """Check and translate the request's fields (already decoded from JSON or the form)."""
+def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Collection[str] = ()) -> VideoRequest:
+    """Check and translate the request's fields (already decoded from JSON or the form); `uploads` names the
+    form's keyframe file parts, which `conditions` must name (their paths are filled in at submit)."""
     values = typed_fields(fields)
     if "prompt" not in values or not values["prompt"].strip():
         raise RequestError("prompt", "prompt is required and must not be empty", "missing_required_parameter")
@@ -102,6 +115,8 @@ def parse_video_request(fields: dict[str, Any], settings: Settings) -> VideoRequ
         values["loras"] = parse_loras(fields["loras"])
     if fields.get("stage2_lora") is not None:
         values["stage2_lora"], values["stage2_lora_weight_name"] = parse_stage2_lora(fields["stage2_lora"])
+    if fields.get("conditions") is not None or uploads:
+        values["conditions"] = parse_conditions(fields.get("conditions", "[]"), uploads)
     return VideoRequest(spec_of(values), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
 
 
@@ -304,6 +319,42 @@ def parse_stage2_lora(raw: object) -> tuple[str, str | None]:
     return name, weight
 
 
+def parse_conditions(raw: object, uploads: Collection[str]) -> list[dict[str, Any]]:
+    """`conditions`: a JSON list (its text in a form) of keyframes, each `"NAME@FRAME:STRENGTH"` (the
+    flag's form, NAME a file part) or {upload, frame, strength, crf}; the spec entries, sourced from the
+    part names. Every named part must be uploaded, and every uploaded part named."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise RequestError("conditions", CONDITIONS_SHAPE) from None
+    if not isinstance(raw, list) or len(raw) > MAX_CONDITIONS:
+        raise RequestError("conditions", f"{CONDITIONS_SHAPE}; at most {MAX_CONDITIONS}")
+    entries = [condition_entry(item) for item in raw]
+    named = {entry["source"] for entry in entries}
+    if missing := sorted(named - set(uploads)):
+        raise RequestError("conditions", f"{missing[0]!r} names no file part of this form; upload each keyframe as one")
+    if unnamed := sorted(set(uploads) - named):
+        raise RequestError(unnamed[0], f"the file part {unnamed[0]!r} is no keyframe named in conditions")
+    return entries
+
+
+def condition_entry(item: object) -> dict[str, Any]:
+    """One keyframe of `conditions` as a spec entry whose source is the file part's name."""
+    if isinstance(item, str):
+        try:
+            entry = parse_condition_flag(item)
+        except SpecError:
+            raise RequestError("conditions", CONDITIONS_SHAPE) from None
+    elif isinstance(item, dict) and not set(item) - CONDITION_ENTRY_KEYS and "upload" in item:
+        entry = {"source": item["upload"], **{key: value for key, value in item.items() if key != "upload"}}
+    else:
+        raise RequestError("conditions", CONDITIONS_SHAPE)
+    if not isinstance(entry["source"], str) or not UPLOAD_NAME_PATTERN.fullmatch(entry["source"]):
+        raise RequestError("conditions", f"{entry['source']!r} is not the name of a file part; paths are not accepted")
+    return entry
+
+
 # The daemon's JobSpec fields, as the HTTP request names them (the LoRA checks name sub-fields of their own).
 SPEC_TO_PARAM = {
     **{declared.name: declared.http_field for declared in DECLARED if declared.http_name},
@@ -311,6 +362,8 @@ SPEC_TO_PARAM = {
     "lora_scale": "loras",
     "lora_weight_name": "loras",
     "stage2_lora_weight_name": "stage2_lora",
+    "condition": "conditions",
+    "condition_crf": "conditions",
 }
 
 
@@ -320,6 +373,7 @@ FLAG_TO_PARAM = {
     "--lora-weight-name": "loras",
     "--lora-scale": "loras",
     "--stage2-lora-weight-name": "stage2_lora",
+    "--condition-crf": "conditions",
 }
 FLAG_PATTERN = re.compile(r"--[a-z0-9][a-z0-9-]*")
 

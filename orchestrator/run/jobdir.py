@@ -67,6 +67,7 @@ from protocol.job_record import (
     JobRecord,
     OwnerRecord,
     PublishRecord,
+    ResolvedCondition,
     ResolvedLora,
     StageRecord,
     load_record,
@@ -186,8 +187,9 @@ class JobDir:
         stage2_lora: dict[str, Any] | None = None,
         identity: RequestIdentity | None = None,
         owner: str = DAEMON_OWNER,
+        conditions: tuple[tuple[Path, ResolvedCondition], ...] = (),
     ) -> JobDir:
-        """Make the directory, copy the conditioning image in, write the first job.json.
+        """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
         `owner` is who will run it: DAEMON_OWNER (its queue), or the `ltx2` command that made it to run it
         in its own process ("generate", "batch", "decode"), recorded with this process.
@@ -195,7 +197,8 @@ class JobDir:
         `identity` (orchestrator.run.request_digest) gives the request digest and the deterministic mode;
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
         `loras` and `stage2_lora` are orchestrator.run.lora_lookup.resolve_lora's results, recorded as
-        protocol.job_record.ResolvedLora.
+        protocol.job_record.ResolvedLora; `conditions` orchestrator.run.condition_lookup.resolve_conditions's
+        (each file copied under its record's `file`, the image's by `image` already).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -213,6 +216,7 @@ class JobDir:
             family=model.family,
             loras=[ResolvedLora.from_json(lora, at=f"loras[{index}]") for index, lora in enumerate(loras)],
             stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
+            conditions=[record for _, record in conditions] or None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -224,6 +228,9 @@ class JobDir:
         try:
             if image is not None:
                 store_image(image, path / INPUT_IMAGE_FILE)
+            for source, record in conditions:
+                if record.file != INPUT_IMAGE_FILE:
+                    store_image(source, path / record.file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind

@@ -16,11 +16,13 @@ from typing import Any
 
 from config.presets import DISTILLED_SCHEDULE
 from config.settings import Settings
+from orchestrator.run.condition_lookup import CheckedCondition, resolve_conditions
 from orchestrator.run.inputs import require_image
 from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
-from orchestrator.run.request_digest import RequestIdentity, identify
+from orchestrator.run.request_digest import FileHashes, RequestIdentity, identify
 from protocol.codec import is_instance_of
+from protocol.conditions import parse_condition_flag
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
@@ -39,6 +41,8 @@ from protocol.spec_rules import (
 
 # Random seeds stay below 2**31 so they are easy to retype and fit every tool's int.
 RANDOM_SEED_LIMIT = 2**31
+# List fields whose messages name the flag that adds one entry (`--lora`, `--condition`).
+FLAG_FIELDS = {"loras": "lora", "conditions": "condition"}
 # NAG settings that only matter when --nag-scale turns NAG on.
 NAG_TUNING = ("nag_tau", "nag_alpha", "nag_steps")
 
@@ -61,6 +65,8 @@ class BuiltSpec:
     stage2_lora: dict[str, Any] | None = None
     #: the request's digest and what it was computed from (orchestrator.run.request_digest)
     identity: RequestIdentity | None = None
+    #: the keyframes checked and placed (with the image first when both were given): copied into the job
+    conditions: tuple[CheckedCondition, ...] = ()
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -107,6 +113,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         # No --name: the files are named after what they show (a prompt of the wrong type is left
         # for the spec's validation to name).
         fields["name"] = name_from_prompt(fields["prompt"])
+    if "conditions" in fields:
+        fields["conditions"] = conditions_request(fields["conditions"])
     seconds = fields.pop("seconds", None)
     if seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
@@ -134,8 +142,10 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if spec.stage2_lora is not None:
         stage2_lora = resolve_lora({**spec.stage2_lora, "scale": 1.0}, settings.input_roots, "stage2_lora")
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
-    identity = identify(spec, model, settings, loras, stage2_lora, image)
-    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity)
+    hashes = FileHashes(settings.state_dir / "file-hashes")
+    conditions = resolve_conditions(spec, model, image, settings.input_roots, hashes, notices)
+    identity = identify(spec, model, settings, loras, stage2_lora, image, tuple(record for _, record in conditions))
+    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions)
 
 
 def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:
@@ -213,8 +223,17 @@ def spec_request(values: Mapping[str, Any]) -> dict[str, Any]:
     if stage2_lora is not None:
         request["stage2_lora"] = stage2_lora
     for name, value in request.items():
-        require_utf8("lora" if name == "loras" else name, value)
+        require_utf8(FLAG_FIELDS.get(name, name), value)
     return request
+
+
+def conditions_request(value: object) -> list[Any]:
+    """The `conditions` field with each entry a map: a batch file or a client may write an entry as the
+    flag does (`"key.png@48:0.8"`); the entries' own checks are the spec's."""
+    if not isinstance(value, list):
+        wanted = "a list of keyframes (maps, or PATH@FRAME:STRENGTH as the flag takes it)"
+        raise SpecError("condition", f"conditions must be {wanted}; got {value!r}")
+    return [parse_condition_flag(entry) if isinstance(entry, str) else entry for entry in value]
 
 
 def stage2_lora_request(values: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -12,6 +12,8 @@ kept beside the digest in job.json (`digest_inputs`) so a user can see why two d
   minutes), so an edit that keeps both is not seen;
 - `loras`, `stage2_lora`, `image`: the SHA-256 of each file's bytes (a cached blob's name, else
   hashed once and remembered by path, size, time and inode under `<state>/file-hashes`), with the scale;
+- `conditions` (only when the request has keyframes): each keyframe's SHA-256, the pixel frame it starts
+  at (a requested -1 resolved), its strength and CRF, in the order the pipeline applies them;
 - `plans`: each stage's first plan (orchestrator.run.policy.initial_plan), which carries every setting that
   changes numerics: FP8 accumulation, compile and Inductor's deterministic mode, the decode plan the
   memory profile picks, x264's preset and thread count, where the audio decodes;
@@ -39,6 +41,7 @@ from config.settings import Settings
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
+from protocol.job_record import ResolvedCondition
 from protocol.spec import SPEC_FIELDS, JobSpec
 
 # Packages whose code computes the latents, the waveform or the MP4's bytes (PyAV carries FFmpeg and x264).
@@ -46,7 +49,7 @@ NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft",
 # Spec fields that change no bit of the output (declared with digest=False in protocol/spec.py).
 UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora"})
+FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions"})
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
@@ -75,8 +78,12 @@ def identify(
     loras: tuple[dict[str, Any], ...] = (),
     stage2_lora: dict[str, Any] | None = None,
     image: Path | None = None,
+    conditions: tuple[ResolvedCondition, ...] = (),
 ) -> RequestIdentity:
-    """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec)."""
+    """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec).
+
+    `conditions` enter only when there are any, so the digest of every request without them is what it was.
+    """
     hashes = FileHashes(settings.state_dir / "file-hashes")
     inputs = {
         "request": {k: v for k, v in spec.to_dict().items() if k not in UNDIGESTED_FIELDS | FILE_FIELDS},
@@ -89,7 +96,14 @@ def identify(
         "versions": numeric_versions(),
         "device": device_identity(),
     }
+    if conditions:
+        inputs["conditions"] = [condition_identity(condition) for condition in conditions]
     return RequestIdentity(sha256_json(inputs), inputs)
+
+
+def condition_identity(condition: ResolvedCondition) -> dict[str, Any]:
+    """What of a keyframe decides the output: its bytes, where it starts, how strongly, its CRF."""
+    return {"sha256": condition.sha256, "frame": condition.frame, "strength": condition.strength, "crf": condition.crf}
 
 
 def sha256_json(data: object) -> str:

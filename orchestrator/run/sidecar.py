@@ -1,8 +1,9 @@
 """The record published next to each video: what made it, how long each stage took, peak memory.
 
 `<name>_<stamp>.json` holds the full spec (seed included), the rendered and delivered size, the
-model and LoRAs with their revisions, the versions of the packages that ran, and per-stage seconds,
-attempts, final plan and peak GPU/host memory, so a clip can be reproduced or its cost compared later.
+model and LoRAs with their revisions, the keyframes (file hash, frame, strength), the versions of
+the packages that ran, and per-stage seconds, attempts, final plan and peak GPU/host memory, so a
+clip can be reproduced or its cost compared later.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from orchestrator.run.jobdir import JobDir
 from orchestrator.run.request_digest import installed_versions
 from orchestrator.run.reuse import reproducibility
 from protocol.files import Stage
-from protocol.job_record import ResolvedLora
+from protocol.job_record import ResolvedCondition, ResolvedLora
 
 PACKAGES = (
     "ltx2-stages",
@@ -69,6 +70,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "loras": [lora_summary(lora) for lora in record.loras],
         # Dev two-stage: the distilled LoRA fused for stage 2 only; None for every other run.
         "stage2_lora": lora_summary(record.stage2_lora) if record.stage2_lora else None,
+        # Keyframes (with --image first when both were given), in the order the pipeline applied them.
+        "conditions": [condition_summary(condition) for condition in record.conditions or ()],
         "versions": package_versions(),
         # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
         # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
@@ -89,3 +92,18 @@ def size_summary(job: JobDir) -> dict[str, list[int]]:
 def lora_summary(lora: ResolvedLora) -> dict[str, Any]:
     """What the sidecar says of a LoRA: where it came from, which file, how strongly (not its local path)."""
     return {"source": lora.source, "weight_name": lora.weight_name, "scale": lora.scale, "revision": lora.revision}
+
+
+def condition_summary(condition: ResolvedCondition) -> dict[str, Any]:
+    """What the sidecar says of a keyframe: the file it was (by name, not its local path) and its bytes'
+    SHA-256, what it is, where it starts (pixel frame and latent index), how strongly, at which CRF."""
+    return {
+        "source": Path(condition.source).name,
+        "sha256": condition.sha256,
+        "kind": condition.kind,
+        "frames": condition.frames,
+        "frame": condition.frame,
+        "latent_index": condition.latent_index,
+        "strength": condition.strength,
+        "crf": condition.crf,
+    }
