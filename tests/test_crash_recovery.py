@@ -258,7 +258,7 @@ def test_ctrl_c_during_a_batch_stops_the_worker_and_a_rerun_finishes(fault_env: 
     assert not is_running(worker)
     rerun = run_ltx2(["batch", str(batch), "--quiet"], fault_env)
     assert rerun.returncode == 0, rerun.stderr
-    assert sorted(p.name.split("_")[0] for p in (tmp_path / "outputs").glob("*.mp4")) == ["video", "video"]
+    assert sorted(p.name.split("_")[0] for p in (tmp_path / "outputs").glob("*.mp4")) == ["one", "two"]  # the prompts
 
 
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
