@@ -443,7 +443,7 @@ def resume(args: argparse.Namespace, settings: Settings) -> int:
     answered = client_commands.resume_through_daemon(args, settings)
     if answered is not None:
         return answered
-    return resume_here(args, settings, f"no daemon answered at {client_commands.endpoint(settings)}")
+    return resume_here(args, settings, f"no daemon answered at {client_commands.daemon_endpoint(settings)}")
 
 
 def resume_here(args: argparse.Namespace, settings: Settings, why: str) -> int:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return report_error(exc)
 
 
-def endpoint(settings: Settings) -> str:
+def daemon_endpoint(settings: Settings) -> str:
     """Where the configured daemon listens."""
     return address_from_settings(settings.daemon).endpoint
 
@@ -80,7 +80,7 @@ def report_error(exc: DaemonError | TransportError) -> int:
 
 def read_state_dir(args: argparse.Namespace, settings: Settings) -> int:
     """A read-only command answered from the state dir's files, after one notice saying why."""
-    notice(f"no daemon answered at {endpoint(settings)}; reading the state dir {settings.state_dir} directly")
+    notice(f"no daemon answered at {daemon_endpoint(settings)}; reading the state dir {settings.state_dir} directly")
     try:
         return COMMANDS[args.command](StateDirReader(settings.jobs_dir), args)
     except DaemonError as exc:

@@ -122,7 +122,7 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
         result["failure"] = record.failure  # protocol.errors.Failure's value: the one vocabulary
         result["owner"] = job.owner_command
         if detailed:
-            result["reproducible"] = reproducibility(job)
+            result["reproducible"] = reproducibility_if_judged(job)
             result["runner"] = runner_summary(job)
     if detailed:
         result["job_dir"] = row["job_dir"]
@@ -131,7 +131,7 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
     return result
 
 
-def reproducibility(job: JobDir) -> dict[str, Any] | None:
+def reproducibility_if_judged(job: JobDir) -> dict[str, Any] | None:
     """reuse.reproducibility, or None for a record it cannot judge (a hand-edited digest's inputs)."""
     try:
         return reuse.reproducibility(job)
