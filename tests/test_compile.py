@@ -49,7 +49,12 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
     assert again.returncode == 0, again.stderr
     assert cached_graphs(cache) == graphs
     repeated = latest_latents(state)
-    assert all(torch.equal(repeated[key], result[key]) for key in ("video", "audio"))
-    assert Path(again.stdout.strip()).read_bytes() == Path(compiled.stdout.strip()).read_bytes()
+    # Bit-equal in every local run; on CI (2026-12-06) the second worker once differed by 1.0e-6 (video) and
+    # 4.8e-7 (audio), the CPU drift between two processes issue 23 leaves open (GPU runs are bit-equal:
+    # docs/benchmarks.md version 11). Compiling anew instead of loading the graphs would differ far more.
+    differ = {key: float((repeated[key] - result[key]).abs().max()) for key in ("video", "audio")}
+    assert max(differ.values()) <= 1e-5, differ
+    if max(differ.values()) == 0.0:  # the same latents make the same file (x264 on fixed threads)
+        assert Path(again.stdout.strip()).read_bytes() == Path(compiled.stdout.strip()).read_bytes()
     log = max((state / "jobs").iterdir(), key=lambda path: path.name) / "logs" / "encode_diffuse-1.log"
     assert "compile transformer blocks (on the first step, deterministic)" in log.read_text()
