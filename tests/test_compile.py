@@ -51,7 +51,7 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
     repeated = latest_latents(state)
     # Bit-equal in every local run; on CI (2026-12-06) the second worker once differed by 1.0e-6 (video) and
     # 4.8e-7 (audio), the CPU drift between two processes issue 23 leaves open (GPU runs are bit-equal:
-    # docs/benchmarks.md version 11). Compiling anew instead of loading the graphs would differ far more.
+    # docs/benchmarks.md version 11). Other inputs (another seed, the wrong noise) differ by O(1).
     differ = {key: float((repeated[key] - result[key]).abs().max()) for key in ("video", "audio")}
     assert max(differ.values()) <= 1e-5, differ
     if max(differ.values()) == 0.0:  # the same latents make the same file (x264 on fixed threads)
