@@ -3,7 +3,8 @@
 # jobs still succeed (README "Failure policy", docs/benchmarks.md "Fork server and torchao")?
 #
 # Wheels in .whl/ (carried): diffusers, pyzmq, av and torchao. torchao goes into its own folder,
-# so the same tiny job runs once without it (control: forked workers) and once with it.
+# so the same tiny job runs once without it (control: forked workers), once with it, and once with it
+# on a copy of the tree without services/__init__.py's torchao line (the behaviour before it).
 #   bash bench/fork_server_cuda_check.sh      # run call: carry [".whl"], timeout_s 600
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ from protocol.files import Stage
 started = time.monotonic()
 for stage in Stage:
     importlib.import_module(stage.module)
-present = [m for m in ("torchao", "transformer_engine") if m in sys.modules]
+present = [m for m in ("torchao", "transformer_engine") if sys.modules.get(m) is not None]  # None: hidden
 print(f"{sys.argv[1]}: torch {torch.__version__}, imported {present}, "
       f"cuda initialised after the stage imports: {torch.cuda.is_initialized()} ({time.monotonic() - started:.1f} s)")
 EOF
@@ -39,6 +40,7 @@ EOF
 run_job() {  # run_job LABEL PYTHONPATH: one tiny job on the GPU through the fork server
     local dir="/tmp/run-$1"
     rm -rf "$dir"
+    mkdir -p "$dir"  # the output folder's parent must exist (ltx2 refuses to create a missing one)
     local start=$(date +%s.%N)
     PYTHONPATH=$2 LTX2_STATE_DIR="$dir/state" LTX2_OUTPUT_DIR="$dir/out" LTX2_CONFIG= LTX2_FORK_SERVER=true \
         python3 -m orchestrator.cli generate --prompt "a harbour at dawn" --seed 3 \
@@ -61,4 +63,8 @@ EOF
     probe torchao "$base:/tmp/site-torchao"
     run_job control "$base"
     run_job torchao "$base:/tmp/site-torchao"
+    # The same with the tree as it was before services/__init__.py hid torchao (version 13's "before").
+    rm -rf /tmp/before && cp -r "$PWD" /tmp/before && sed -i '/sys.modules.setdefault("torchao"/d' /tmp/before/services/__init__.py
+    (cd /tmp/before && probe torchao-before "/tmp/site:/tmp/before:/tmp/site-torchao")
+    (cd /tmp/before && run_job torchao-before "/tmp/site:/tmp/before:/tmp/site-torchao")
 } 2>&1 | tee "$OUT/summary.txt"
