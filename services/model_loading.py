@@ -8,6 +8,7 @@ issue inside a stage. Each loader raises ModelNotFound naming the missing subfol
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,12 @@ def compile_blocks(transformer: Any, cache_dir: Path | None, deterministic: bool
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
     if chosen:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
+    if next(transformer.parameters()).device.type == "cpu":
+        # The vector instruction set Inductor builds its CPU kernels for (it probes the host once per
+        # process): a process that picked another would make other last bits (issue 23's open CPU drift).
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+        logging.getLogger("ltx2.worker").info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
     transformer.compile_repeated_blocks(fullgraph=True)
 
 

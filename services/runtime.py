@@ -196,6 +196,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         reporter.job_id = request.job_id
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
+        log_cpu_kernels()
         if args.endpoint:
             socket = connect(context, args.endpoint)
             reporter.socket = socket
@@ -225,6 +226,16 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code))  # skip interpreter teardown: the OS frees the memory faster than Python
+
+
+def log_cpu_kernels() -> None:
+    """Name, in the worker's log, the instruction set ATen's CPU kernels were dispatched to and the number of
+    threads they use: two CPU processes with equal inputs have drifted apart by ~1e-6 on CI now and then
+    (issue 23, cause open), and only a different kernel path or thread count reproduced those numbers. With
+    this line in both workers' logs, the next drift says whether that is it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        log.info("CPU kernels: %s, %d threads", torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())
 
 
 def group_member(stage: Stage, job_dir: Path, plan: dict[str, Any], reporter: Reporter, shared: dict) -> WorkerContext:
