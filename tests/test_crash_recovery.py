@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from supervised import wait_for_file
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress
+from orchestrator.placement.stale_sockets import accepts_connections
 from protocol.files import JOB_FILE
 from protocol.jobs import ListJobs
 
@@ -52,16 +52,6 @@ def fault_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
 def files_of(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file under `folder` with its size and modification time: what a reader must leave as it was."""
     return {str(path): (path.stat().st_size, path.stat().st_mtime_ns) for path in folder.rglob("*") if path.is_file()}
-
-
-def accepts_connections(path: Path) -> bool:
-    """Whether a process listens on the unix socket at `path` (a killed daemon's client front, until it exits)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def timed_ltx2(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], float]:
