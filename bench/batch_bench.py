@@ -147,12 +147,17 @@ LARGE_RUNS = {
     "large_fp8mm_exact": ["--fp8-matmul", "--compile"],
     "large_eager": [],
     "large_eager_plain": [],
+    "large_fp8mm_fp8attn": ["--fp8-matmul", "--compile", "--fp8-attention"],
 }
 # One clip at --small: the per-step price of NAG against the same clip without it.
 SMALL_RUNS = {
     "small_fp8mm": ["--fp8-matmul", "--compile"],
     "small_fp8mm_nag": ["--fp8-matmul", "--compile", *NAG_FLAGS],
+    "small_fp8mm_fp8attn": ["--fp8-matmul", "--compile", "--fp8-attention"],
 }
+# Issue 28 item 2: FP8 attention against the same clip with bf16 attention (PSNR of the MP4s, s/step).
+#   bash bench/run_on_device.sh batch --sequence large_fp8mm,large_fp8mm_fp8attn,small_fp8mm,small_fp8mm_fp8attn
+VERSUS = {"large_fp8mm_fp8attn": "large_fp8mm", "small_fp8mm_fp8attn": "small_fp8mm"}
 # Runs that change a setting through the environment: the FP8 GEMMs without fast accumulation;
 # torch's default CUDA allocator instead of the expandable segments the workers get.
 RUN_ENV = {
@@ -576,9 +581,11 @@ def add_issue14(runs: dict[str, Any]) -> dict[str, Any]:
 def add_psnr(results: dict[str, Any]) -> None:
     """Every run's clips against the eager run's clips of the same name (batch, or large_eager)."""
     for name, run in results["runs"].items():
-        if name in SAME_AS and "jobs" in run and "jobs" in results["runs"].get(SAME_AS[name], {}):
-            other = results["runs"][SAME_AS[name]]["jobs"]
-            run["psnr_vs_same_settings_db"] = {
+        other_name = SAME_AS.get(name) or VERSUS.get(name)
+        if other_name and "jobs" in run and "jobs" in results["runs"].get(other_name, {}):
+            other = results["runs"][other_name]["jobs"]
+            key = "psnr_vs_same_settings_db" if name in SAME_AS else f"psnr_vs_{other_name}_db"
+            run[key] = {
                 job: psnr(Path(other[job]["output"]), Path(data["output"]))
                 for job, data in run["jobs"].items()
                 if data.get("output") and other.get(job, {}).get("output")

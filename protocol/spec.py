@@ -414,6 +414,17 @@ class JobSpec:
         "slower; not with `--fp8`",
         default_doc="off",
     )
+    fp8_attention: bool = declare(
+        False,
+        help="FP8 self-attention in the transformer (cuDNN's FP8 kernel on Hopper; bf16 where it cannot run)",
+        cli="switch",
+        doc="the transformer blocks' video and audio self-attention in FP8 (cuDNN's FP8 attention through "
+        "`pip install nvidia-cudnn-frontend`, Hopper GPUs; per-tensor scales from each call's own q, k, v); "
+        "opt-in until its quality is shown (docs/benchmarks.md); bf16 attention, with a notice in the stage "
+        "log, where the kernel cannot run (no such GPU or package)",
+        default_doc="off",
+        added_later=True,
+    )
     compile: bool = declare(
         False,
         help="compile the transformer's repeated blocks (torch.compile; the compiled code is cached on disk)",

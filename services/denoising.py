@@ -92,6 +92,8 @@ def loaded_denoiser(
         fp8_matmul=ctx.plan.get("weights") == "fp8-matmul",
         fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
     )
+    if ctx.plan.get("attention") == "fp8":
+        use_fp8_attention(ctx, transformer)
     if ctx.plan.get("compile") == "regional":
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
@@ -106,6 +108,18 @@ def loaded_denoiser(
     }
     ctx.shared["denoiser"] = kept
     return kept
+
+
+def use_fp8_attention(ctx: WorkerContext, transformer: Any) -> None:
+    """Self-attention in FP8 (`--fp8-attention`), or a notice of why it stays bf16 on this machine."""
+    from services import fp8_attention
+
+    count = fp8_attention.install(transformer)
+    reason = fp8_attention.kernel_unavailable()
+    if reason is None:
+        ctx.progress(f"FP8 self-attention in {count} attention layers (cuDNN)")
+    else:
+        ctx.progress(f"FP8 self-attention unavailable, bf16 attention instead: {reason}")
 
 
 def release_memory() -> None:

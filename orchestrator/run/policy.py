@@ -69,6 +69,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
     plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
     if spec.fp8_matmul:
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
+    if spec.fp8_attention:
+        plan["attention"] = "fp8"
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
         if deterministic:
