@@ -8,11 +8,9 @@ public keys are in the authorized-keys folder, and all traffic is encrypted.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hmac
 import os
 import secrets
-import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from config.settings import DaemonSettings
+from orchestrator.placement.stale_sockets import accepts_connections
 from orchestrator.placement.worker_link import runtime_dir
 from protocol import jobs
 from protocol.codec import MAX_MESSAGE_BYTES, ErrorCode
@@ -188,7 +187,7 @@ def start_hint() -> str:
 def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
     """A DEALER connected to the daemon (with CURVE for tcp); DaemonNotListening at once when no daemon
     listens at an ipc endpoint, TransportError for unusable keys (no socket is left open either way)."""
-    if address.endpoint.startswith("ipc://") and not is_listening(Path(address.endpoint.removeprefix("ipc://"))):
+    if address.endpoint.startswith("ipc://") and not accepts_connections(Path(address.endpoint.removeprefix("ipc://"))):
         raise DaemonNotListening(f"no daemon is listening at {address.endpoint} (start it: {start_hint()})")
     socket = context.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
@@ -206,20 +205,6 @@ def connect_client(context: zmq.Context, address: DaemonAddress) -> zmq.Socket:
         socket.close(linger=0)
         raise
     return socket
-
-
-def is_listening(path: Path) -> bool:
-    """Whether a process accepts connections on the unix socket at `path`. A daemon killed outright
-    leaves its socket file behind; ZeroMQ would connect to it and wait out the request timeout, so a
-    plain connect tells a listening daemon from a stale file at once (refused: nobody listens)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError as exc:
-        return exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK)
-    finally:
-        probe.close()
-    return True
 
 
 def load_key(path: Path, setting: str) -> tuple[bytes, bytes | None]:

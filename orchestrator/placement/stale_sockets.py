@@ -11,6 +11,7 @@ socket of any running process (another daemon, a `generate` in another shell), i
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import socket
@@ -37,11 +38,15 @@ def remove_stale_worker_sockets(directory: Path) -> list[Path]:
 
 
 def accepts_connections(path: Path) -> bool:
-    """True if some process listens on the socket file, so it is in use whatever its name says
-    (e.g. a new process got the dead one's pid and bound it just now)."""
+    """True if some process listens on the unix socket file at `path`, so it is in use whatever its
+    name says (e.g. a new process got the dead one's pid and bound it just now), and a client may
+    connect. A process killed outright leaves its socket file behind; ZeroMQ would connect to it and
+    wait out a timeout, so a plain connect tells a listener from a stale file at once. Only "absent",
+    "refused" and "not a socket" mean nobody listens: any other error (a full backlog, no permission)
+    leaves a file that may belong to a live process, which is never removed on a guess."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         try:
             probe.connect(str(path))
-        except OSError:
-            return False
+        except OSError as exc:
+            return exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK)
     return True
