@@ -60,11 +60,6 @@ def attempt_result(failure: Failure | None) -> AttemptResult:
     return AttemptResult.OK if failure is None else AttemptResult[failure.name]
 
 
-def attempt_failure(result: str) -> Failure | None:
-    """The failure an ended attempt's recorded result names; None for `ok` and `running`."""
-    return None if result in AttemptProgress._value2member_map_ else Failure(result)
-
-
 class EventKind(enum.StrEnum):
     """The `event` field of each line of a job's events.log."""
 
