@@ -70,6 +70,20 @@ def read_video_frames(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
+def read_video_tail(path: Path, start: int) -> np.ndarray:
+    """The frames of the first video stream from frame `start` on, as `[frames, H, W, 3]` uint8 RGB; the
+    earlier ones are decoded and dropped as they come (a long source never sits in memory whole)."""
+    try:
+        with av.open(str(path)) as container:
+            decoded = container.decode(container.streams.video[0])
+            frames = [frame.to_ndarray(format="rgb24") for index, frame in enumerate(decoded) if index >= start]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc
+    if not frames:
+        raise ValueError(f"{path} holds no decodable video frame from frame {start} on")
+    return np.stack(frames)
+
+
 def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -> None:
     """Write one `[H, W, 3]` uint8 frame as a PNG, atomically, with `text` as its tEXt/iTXt chunks."""
     from PIL import Image
