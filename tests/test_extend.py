@@ -213,3 +213,39 @@ def test_extend_refuses_a_missing_source_or_an_unfinished_job_before_any_job(
         assert result.returncode == 2, result.stderr
         assert f"extend: {given}: " in result.stderr and message in result.stderr, result.stderr
     assert sorted(path.name for path in settings.jobs_dir.iterdir()) == jobs_before
+
+
+def test_a_batch_clip_extends_a_finished_job_by_its_extend_key(source: JobDir, root: Path, tmp_path: Path):
+    from orchestrator.command_line.batch import BatchError, validate_batch
+
+    batch = tmp_path / "more.toml"
+    batch.write_text(f'[defaults]\nnum_frames = 17\n[[clips]]\nprompt = "on"\nextend = "{source.id}"\noverlap = 9\n')
+    (clip,) = validate_batch(batch, settings_for(root), {})
+    path, extension = clip.built.extension
+    assert path == source.path / VIDEO_FILE and (extension.source_job, extension.overlap) == (source.id, 9)
+    assert (clip.built.spec.model, clip.built.spec.width) == (source.spec.model, 64)  # lent by the source job
+    batch.write_text(f'[[clips]]\nname = "late"\nprompt = "on"\nextend = "{source.id}"\noverlap = 8\n')
+    with pytest.raises(BatchError, match=r"clip 1 \(late\): --overlap: 8 frames cannot be a video condition"):
+        validate_batch(batch, settings_for(root), {})
+
+
+def test_the_daemon_queues_an_extension_submitted_by_job_id_and_refuses_an_unknown_one(
+    source: JobDir, root: Path, tmp_path: Path
+):
+    """A submit's spec carries `extend` as `ltx2 submit --extend` sends it; the daemon resolves it as
+    `generate` does (nothing is rendered here: the daemon is not serving)."""
+    from orchestrator.daemon.server import Daemon
+    from orchestrator.daemon.store import open_store
+    from orchestrator.daemon.transport import DaemonAddress
+    from protocol import jobs
+
+    settings = settings_for(root)
+    daemon = Daemon(settings, DaemonAddress(f"ipc://{tmp_path}/d.sock"))
+    store = open_store(tmp_path / "jobs.sqlite", settings.jobs_dir)
+    reply = daemon.submit(jobs.Submit("", {"prompt": "on", "extend": source.id, "num_frames": 17}), store)
+    assert isinstance(reply, jobs.Ok), reply
+    queued = JobDir.load(settings.jobs_dir / reply.data["id"])
+    assert queued.record.extension.source_job == source.id and queued.spec.overlap == 13  # the default: 3·4+1
+    assert (queued.path / EXTEND_SOURCE_FILE).read_bytes() == (source.path / VIDEO_FILE).read_bytes()
+    refused = daemon.submit(jobs.Submit("", {"prompt": "on", "extend": "20990101-000000-abcdef"}), store)
+    assert isinstance(refused, jobs.Error) and refused.field == "extend" and "no job" in refused.message
