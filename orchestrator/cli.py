@@ -163,8 +163,24 @@ def add_extend_command(add_command: Callable[..., argparse.ArgumentParser]) -> N
         " Publishes <stem>.mp4 (SOURCE, then the new frames after the overlap) and <stem>_new.mp4 (the new part"
         f" alone). Audio: {AUDIO_NOTE}.",
     )
-    extend.add_argument("source", metavar="JOB_ID_OR_MP4", help="the finished job (its id) or video file to continue")
+    extend.add_argument(
+        "source",
+        nargs="?",
+        metavar="JOB_ID_OR_MP4",
+        help="the finished job (its id) or video file to continue (with --chain: optional; without it the first"
+        " prompt starts a new video)",
+    )
     add_spec_flags(extend, leave_out=(EXTEND_FIELD,))
+    for action in extend._actions:
+        if "--prompt" in action.option_strings:
+            action.required = False  # --chain gives the prompts instead: extend() asks for one of the two
+    extend.add_argument(
+        "--chain",
+        type=Path,
+        metavar="PROMPTS_FILE",
+        help="render one long video: a segment per prompt of the file (one a line; # comments), each extending the"
+        " one before; running it again skips the segments that are done",
+    )
     add_output_flags(extend)
     add_reuse_flag(extend, "print its MP4")
 
@@ -368,15 +384,47 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def extend(args: argparse.Namespace, settings: Settings) -> int:
-    """`ltx2 extend SOURCE`: `ltx2 generate --extend SOURCE`; what is wrong with SOURCE names it as the
-    command line gave it."""
-    args.extend = args.source
+    """`ltx2 extend SOURCE`: `ltx2 generate --extend SOURCE`, or with --chain one segment per prompt of a
+    file; what is wrong with SOURCE names it as the command line gave it."""
     try:
+        if args.chain is not None:
+            return extend_chain(args, settings)
+        if args.source is None or args.prompt is None:
+            missing = "JOB_ID_OR_MP4" if args.source is None else "--prompt"
+            return fail(
+                f"extend: needs {missing} (or --chain PROMPTS_FILE, for one segment a prompt)", ExitCode.INVALID_INPUT
+            )
+        args.extend = args.source
         return generate(args, settings)
     except SpecError as exc:
         if exc.field != EXTEND_FIELD:
             raise
         return fail(f"extend: {args.source}: {exc.reason}", ExitCode.INVALID_INPUT)
+
+
+def extend_chain(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 extend [SOURCE] --chain PROMPTS_FILE` (orchestrator.command_line.chain): the segments one after
+    another in this process's embedded orchestrator, on one fork server; prints the last one's MP4."""
+    from orchestrator.command_line.chain import run_chain_here
+
+    for given, why in (
+        ("prompt", "the --chain file gives the prompts"),
+        ("image", "segments after the first start with the frames before them"),
+        ("reuse", "each segment is looked up by itself"),
+    ):
+        if getattr(args, given):
+            raise SpecError(given, f"not with --chain: {why}")
+    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
+    base = {key: value for key, value in spec_request(vars(args)).items() if key != EXTEND_FIELD}
+    try:
+        output = run_chain_here(args.chain.expanduser(), base, args.source, settings, args.quiet)
+    except JobStopped as exc:
+        again = "run the same ltx2 extend --chain command again to go on from this segment"
+        if exc.failure is Failure.INTERRUPTED:
+            return fail(f"interrupted; {again}", ExitCode.INTERRUPTED)
+        return fail(f"{exc}; the chain stopped there; {again}", cli_exit_code(exc.failure))
+    sys.stdout.write(f"{output}\n")
+    return 0
 
 
 def check_output_dir(folder: Path, field: str) -> None:

@@ -28,7 +28,7 @@ from orchestrator.run.jobspec import build_spec
 from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.stage_major import run_job_stage_major
 from protocol.extension import AUDIO_NOTE
-from protocol.files import EXTEND_SOURCE_FILE, JOINED_FILE, LATENTS_FILE, VIDEO_FILE
+from protocol.files import EXTEND_SOURCE_FILE, JOINED_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.spec_rules import SpecError
 from services.joined_video import joined_audio
 from services.latents import read_latents
@@ -249,3 +249,59 @@ def test_the_daemon_queues_an_extension_submitted_by_job_id_and_refuses_an_unkno
     assert (queued.path / EXTEND_SOURCE_FILE).read_bytes() == (source.path / VIDEO_FILE).read_bytes()
     refused = daemon.submit(jobs.Submit("", {"prompt": "on", "extend": "20990101-000000-abcdef"}), store)
     assert isinstance(refused, jobs.Error) and refused.field == "extend" and "no job" in refused.message
+
+
+def test_a_chain_renders_each_segment_once_and_a_rerun_skips_the_finished_ones(
+    source: JobDir, root: Path, tmp_path: Path, fork_server: ForkServer
+):
+    """Segment 1 extends the source, segment 2 segment 1; the second run, with a prompt added, renders
+    only the new segment (one job run, no attempt added to segment 1, its files untouched). The last
+    joined video is the whole chain, each earlier part's frames in it bit for bit."""
+    from orchestrator.command_line.chain import run_chain
+    from orchestrator.run.job_end import take_job
+
+    settings = settings_for(root)
+    base = {key: CHEAP[key] for key in ("num_frames", "steps", "schedule", "dtype")} | {"overlap": OVERLAP, "seed": 5}
+    prompts = tmp_path / "story.txt"
+    prompts.write_text("# the ball's day\nthe ball rolls on\n")
+    ran: list[str] = []
+    context = zmq.Context()
+    link = WorkerLink(context, shared_fork_server=fork_server)
+
+    def run_job(job: JobDir) -> Path:
+        ran.append(job.id)
+        take_job(job, "extend")
+        return run_job_stage_major(job, settings, link, JobHooks())
+
+    try:
+        first = run_chain(prompts, base, source.id, settings, run_job, lambda line: None)
+        segment = JobDir.load(settings.jobs_dir / ran[0])
+        before = {path.name: path.stat().st_mtime_ns for path in segment.path.glob("*.*")}
+        prompts.write_text("# the ball's day\nthe ball rolls on\n\nit stops by a wall\n")
+        lines: list[str] = []
+        whole = run_chain(prompts, base, source.id, settings, run_job, lines.append)
+    finally:
+        link.close()
+        context.term()
+    assert len(ran) == 2 and any("segment 1/2: done earlier" in line for line in lines)
+    assert {path.name: path.stat().st_mtime_ns for path in segment.path.glob("*.*")} == before
+    assert [len(JobDir.load(segment.path).stage_record(stage).attempts) for stage in Stage] == [1, 1, 1]
+    last = JobDir.load(settings.jobs_dir / ran[1])
+    assert last.record.extension.source_job == segment.id
+    frames = decoded(whole)
+    assert len(frames) == SOURCE_FRAMES + 2 * (NEW_FRAMES - OVERLAP)
+    assert np.array_equal(frames[: SOURCE_FRAMES + NEW_FRAMES - OVERLAP], decoded(first))
+    assert np.array_equal(frames[:SOURCE_FRAMES], decoded(source.path / VIDEO_FILE))
+
+
+def test_extend_chain_refuses_a_prompt_flag_and_needs_a_source_or_a_chain(root: Path, hf_home: Path, tmp_path: Path):
+    env = ltx2_environment(hf_home, root)
+    prompts = tmp_path / "story.txt"
+    prompts.write_text("one\n")
+    both = run_ltx2(["extend", "--chain", str(prompts), "--prompt", "two"], env)
+    assert both.returncode == 2 and "--prompt: not with --chain: the --chain file gives the prompts" in both.stderr
+    neither = run_ltx2(["extend", "--prompt", "two"], env)
+    assert neither.returncode == 2 and "extend: needs JOB_ID_OR_MP4" in neither.stderr
+    prompts.write_text("# nothing but a comment\n")
+    empty = run_ltx2(["extend", "--chain", str(prompts)], env)
+    assert empty.returncode == 2 and "holds no prompt" in empty.stderr
