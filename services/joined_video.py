@@ -27,10 +27,11 @@ import numpy as np
 from protocol.extension import joined_frames
 from protocol.files import JOINED_FILE, publish, temp_path_for
 from protocol.job_record import ResolvedExtension
-from services.media import AAC_FRAME_SAMPLES, AVCOL_BT709, AVCOL_RANGE_MPEG, DEFAULT_CRF, Mp4Writer
+from services.media import AVCOL_BT709, AVCOL_RANGE_MPEG, DEFAULT_CRF, Mp4Writer, add_aac_track
 
 # H.264 NAL unit types of the parameter sets (ITU-T H.264 table 7-1): compared, never copied in-band.
 SPS_NAL, PPS_NAL = 7, 8
+PARAMETER_SETS = (SPS_NAL, PPS_NAL)
 START_CODE = b"\x00\x00\x01"
 
 
@@ -100,7 +101,7 @@ def avcc_parameter_sets(extradata: bytes) -> tuple[list[bytes], int] | None:
 def to_length_prefixed(data: bytes, length_size: int) -> bytes:
     """An Annex B packet as MP4 stores it: each NAL unit after its length; parameter sets left out (the
     source's `avcC` holds equal ones)."""
-    units = [unit for unit in annexb_units(data) if unit[0] & 0x1F not in (SPS_NAL, PPS_NAL)]
+    units = [unit for unit in annexb_units(data) if unit[0] & 0x1F not in PARAMETER_SETS]
     return b"".join(len(unit).to_bytes(length_size, "big") + unit for unit in units)
 
 
@@ -118,8 +119,9 @@ class JoinedWriter:
         self.encoder = new_encoder(width, height, fps, preset, threads)
         with av.open(str(source)) as probe:
             stream = probe.streams.video[0]
-            known = avcc_parameter_sets(bytes(stream.codec_context.extradata or b""))
-        ours = [unit for unit in annexb_units(bytes(self.encoder.extradata or b"")) if unit[0] & 0x1F in (7, 8)]
+            h264 = stream.codec_context.name == "h264"
+            known = avcc_parameter_sets(bytes(stream.codec_context.extradata or b"")) if h264 else None
+        ours = [unit for unit in annexb_units(bytes(self.encoder.extradata or b"")) if unit[0] & 0x1F in PARAMETER_SETS]
         self.copying = known is not None and sorted(known[0]) == sorted(ours)
         self.length_size = known[1] if known is not None else 4
         self.reencoded: Mp4Writer | None = None
@@ -138,20 +140,8 @@ class JoinedWriter:
         """Encode the joined soundtrack (joined_audio), padded to last `cover_frames` of video."""
         if self.reencoded is not None:
             self.reencoded.add_audio(waveform, sample_rate, cover_frames)
-            return
-        needed = math.ceil(cover_frames / self.fps * sample_rate)
-        waveform = np.ascontiguousarray(fit(waveform, max(needed, waveform.shape[1])), dtype=np.float32)
-        layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
-        stream = self.container.add_stream("aac", rate=sample_rate, layout=layout)
-        for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
-            frame = av.AudioFrame.from_ndarray(
-                waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout
-            )
-            frame.sample_rate, frame.pts = sample_rate, start
-            for packet in stream.encode(frame):
-                self.container.mux(packet)
-        for packet in stream.encode(None):
-            self.container.mux(packet)
+        else:
+            add_aac_track(self.container, waveform, sample_rate, cover_frames / self.fps)
 
     def write_source(self) -> None:
         """The source's frames: its packets copied, or decoded and encoded again."""

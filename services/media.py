@@ -97,6 +97,31 @@ def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -
     publish(temp, path)
 
 
+def add_aac_track(
+    container: av.container.OutputContainer, waveform: np.ndarray, sample_rate: int, seconds: float
+) -> None:
+    """Encode `[channels, samples]` audio into an AAC track of `container`, padded with silence to last
+    `seconds` (the video's length).
+
+    LTX-2's vocoder output ends 3 mel frames (about 30 ms) before the video does; padding keeps
+    players from ending the clip early.
+    """
+    needed = math.ceil(seconds * sample_rate)
+    if waveform.shape[1] < needed:
+        waveform = np.pad(waveform, ((0, 0), (0, needed - waveform.shape[1])))
+    layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
+    stream = container.add_stream("aac", rate=sample_rate, layout=layout)
+    waveform = np.ascontiguousarray(waveform, dtype=np.float32)
+    for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
+        frame = av.AudioFrame.from_ndarray(waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
 class Mp4Writer:
     """Stream YUV 4:2:0 frames and one audio track into an MP4 written under a temp name.
 
@@ -140,27 +165,8 @@ class Mp4Writer:
         self.fps = fps
 
     def add_audio(self, waveform: np.ndarray, sample_rate: int, cover_frames: int) -> None:
-        """Encode the audio track, padded with silence so it lasts as long as `cover_frames` of video.
-
-        LTX-2's vocoder output ends 3 mel frames (about 30 ms) before the video does; padding keeps
-        players from ending the clip early.
-        """
-        needed = math.ceil(cover_frames / self.fps * sample_rate)
-        if waveform.shape[1] < needed:
-            waveform = np.pad(waveform, ((0, 0), (0, needed - waveform.shape[1])))
-        layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
-        stream = self.container.add_stream("aac", rate=sample_rate, layout=layout)
-        waveform = np.ascontiguousarray(waveform, dtype=np.float32)
-        for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
-            frame = av.AudioFrame.from_ndarray(
-                waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout
-            )
-            frame.sample_rate = sample_rate
-            frame.pts = start
-            for packet in stream.encode(frame):
-                self.container.mux(packet)
-        for packet in stream.encode(None):
-            self.container.mux(packet)
+        """Encode the audio track, padded with silence so it lasts as long as `cover_frames` of video."""
+        add_aac_track(self.container, waveform, sample_rate, cover_frames / self.fps)
 
     def write(self, frames: np.ndarray) -> None:
         """Encode `[n, H * 3 // 2, W]` uint8 YUV 4:2:0 frames (BT.709, limited range; see

@@ -305,3 +305,43 @@ def test_extend_chain_refuses_a_prompt_flag_and_needs_a_source_or_a_chain(root: 
     prompts.write_text("# nothing but a comment\n")
     empty = run_ltx2(["extend", "--chain", str(prompts)], env)
     assert empty.returncode == 2 and "holds no prompt" in empty.stderr
+
+
+def write_gradient_clip(path: Path, frames: int, preset: str) -> np.ndarray:
+    """A smooth moving gradient (H.264 keeps it within a level or two), encoded as the video stage does;
+    its RGB frames."""
+    from services.color import rgb_to_yuv420
+    from services.media import Mp4Writer
+
+    ramp = torch.linspace(0, 1, 64)
+    pictures = torch.stack([torch.stack([ramp.roll(3 * i)[None].expand(64, 64), ramp[:, None].expand(64, 64),
+                                         torch.full((64, 64), i / frames)]) for i in range(frames)])  # fmt: skip
+    with Mp4Writer(path, 64, 64, 24.0, preset=preset, threads=1) as writer:
+        writer.add_audio(np.zeros((2, 16000), np.float32), 16000, frames)
+        writer.write(rgb_to_yuv420(pictures).numpy())
+        writer.close(frames)
+    return (pictures * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def test_a_source_from_other_x264_settings_is_encoded_again_into_the_joined_video(tmp_path: Path):
+    """Parameter sets that differ from this encoder's (another preset) cannot share one stream: the
+    source's frames are decoded and encoded again, within H.264's error of a smooth picture (CRF 18:
+    2 levels of 255 on average against the source's decoded frames), and the new frames follow them (4
+    levels against their RGB, which 4:2:0 chroma subsampling loses at the gradient's wrapped edge)."""
+    from services.color import rgb_to_yuv420
+    from services.joined_video import JoinedWriter
+
+    source = tmp_path / "fast.mp4"
+    write_gradient_clip(source, 9, "ultrafast")
+    new = write_gradient_clip(tmp_path / "new.mp4", 9, "medium")
+
+    writer = JoinedWriter(tmp_path / "joined.mp4", source, 64, 64, 24.0, "medium", 1, {}, overlap=5)
+    assert not writer.copying
+    writer.add_audio(np.zeros((2, 8000), np.float32), 16000, 13)
+    writer.write_source()
+    writer.write(rgb_to_yuv420(torch.from_numpy(new).permute(0, 3, 1, 2).float() / 255).numpy())
+    writer.close(13)
+    joined = decoded(tmp_path / "joined.mp4").astype(np.int16)
+    assert len(joined) == 9 + 9 - 5
+    assert float(np.abs(joined[:9] - decoded(source)).mean()) <= 2.0
+    assert float(np.abs(joined[9:] - new[5:]).mean()) <= 4.0
