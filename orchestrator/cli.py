@@ -44,6 +44,7 @@ from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_major import run_across_lanes, run_job_stage_major
 from orchestrator.run.states import JobState
 from protocol.errors import ExitCode, Failure, ModelNotFound, cli_exit_code, is_no_space
+from protocol.extension import AUDIO_NOTE, EXTEND_FIELD
 from protocol.files import JOB_FILE, LATENTS_FILE, STAGE_ORDER, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
@@ -102,16 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = add_command("generate", help="generate one clip now (no daemon needed)")
     add_spec_flags(generate)
-    where = generate.add_mutually_exclusive_group()
-    where.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
-    where.add_argument(
-        "--output",
-        type=Path,
-        metavar="PATH.mp4",
-        help="folder and file stem of the MP4, timestamp appended: /outputs/video.mp4 -> /outputs/video_<stamp>.mp4",
-    )
-    generate.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_output_flags(generate)
     add_reuse_flag(generate, "print its MP4")
+
+    add_extend_command(add_command)
 
     submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
@@ -156,6 +151,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_local_commands(add_command)
     return parser
+
+
+def add_extend_command(add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`ltx2 extend SOURCE`: `generate --extend SOURCE`, with the output flags generate has."""
+    extend = add_command(
+        "extend",
+        help="continue a finished job's video or an MP4: a new clip whose first --overlap frames are its last",
+        description="Render a clip that continues SOURCE (a finished job's id or an MP4/MOV file): its first"
+        " --overlap frames are SOURCE's last, held at full strength; model, size and fps default to SOURCE's."
+        " Publishes <stem>.mp4 (SOURCE, then the new frames after the overlap) and <stem>_new.mp4 (the new part"
+        f" alone). Audio: {AUDIO_NOTE}.",
+    )
+    extend.add_argument(
+        "source",
+        nargs="?",
+        metavar="JOB_ID_OR_MP4",
+        help="the finished job (its id) or video file to continue (with --chain: optional; without it the first"
+        " prompt starts a new video)",
+    )
+    add_spec_flags(extend, leave_out=(EXTEND_FIELD,))
+    for action in extend._actions:
+        if "--prompt" in action.option_strings:
+            action.required = False  # --chain gives the prompts instead: extend() asks for one of the two
+    extend.add_argument(
+        "--chain",
+        type=Path,
+        metavar="PROMPTS_FILE",
+        help="render one long video: a segment per prompt of the file (one a line; # comments), each extending the"
+        " one before; running it again skips the segments that are done",
+    )
+    add_output_flags(extend)
+    add_reuse_flag(extend, "print its MP4")
+
+
+def add_output_flags(command: argparse.ArgumentParser) -> None:
+    """Where a command that renders now puts its MP4 (--output-dir or --output), and --quiet."""
+    where = command.add_mutually_exclusive_group()
+    where.add_argument("--output-dir", type=Path, help="where the MP4 goes (default: ./outputs)")
+    where.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH.mp4",
+        help="folder and file stem of the MP4, timestamp appended: /outputs/video.mp4 -> /outputs/video_<stamp>.mp4",
+    )
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_local_commands(add_command: Callable[..., argparse.ArgumentParser]) -> None:
@@ -206,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     SuggestingParser.argv = tuple(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if getattr(args, "output", None) is not None and args.command == "generate":
+    if getattr(args, "output", None) is not None and args.command in ("generate", "extend"):
         split_output_path(parser, args)
     configure_logging(args.command, args.verbose)
     try:
@@ -253,6 +293,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         return print_config(args)
     if args.command == "generate":
         return generate(args, settings)
+    if args.command == "extend":
+        return extend(args, settings)
     if args.command == "decode":
         return decode(args, settings)
     if args.command == "batch":
@@ -328,6 +370,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         loras=built.loras,
         image=built.image,
         conditions=built.conditions,
+        extension=built.extension,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",
@@ -338,6 +381,50 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         size += f", centre of {spec.width}x{spec.height}"
     notice(f"job {job.id} (seed {spec.seed}, {size}, model {model.name})")
     return run_embedded(job, settings, args.quiet, "generate", named_output_dir=args.output_dir)
+
+
+def extend(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 extend SOURCE`: `ltx2 generate --extend SOURCE`, or with --chain one segment per prompt of a
+    file; what is wrong with SOURCE names it as the command line gave it."""
+    try:
+        if args.chain is not None:
+            return extend_chain(args, settings)
+        if args.source is None or args.prompt is None:
+            missing = "JOB_ID_OR_MP4" if args.source is None else "--prompt"
+            return fail(
+                f"extend: needs {missing} (or --chain PROMPTS_FILE, for one segment a prompt)", ExitCode.INVALID_INPUT
+            )
+        args.extend = args.source
+        return generate(args, settings)
+    except SpecError as exc:
+        if exc.field != EXTEND_FIELD:
+            raise
+        return fail(f"extend: {args.source}: {exc.reason}", ExitCode.INVALID_INPUT)
+
+
+def extend_chain(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 extend [SOURCE] --chain PROMPTS_FILE` (orchestrator.command_line.chain): the segments one after
+    another in this process's embedded orchestrator, on one fork server; prints the last one's MP4."""
+    from orchestrator.command_line.chain import run_chain_here
+
+    for given, why in (
+        ("prompt", "the --chain file gives the prompts"),
+        ("image", "segments after the first start with the frames before them"),
+        ("reuse", "each segment is looked up by itself"),
+    ):
+        if getattr(args, given):
+            raise SpecError(given, f"not with --chain: {why}")
+    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
+    base = {key: value for key, value in spec_request(vars(args)).items() if key != EXTEND_FIELD}
+    try:
+        output = run_chain_here(args.chain.expanduser(), base, args.source, settings, args.quiet)
+    except JobStopped as exc:
+        again = "run the same ltx2 extend --chain command again to go on from this segment"
+        if exc.failure is Failure.INTERRUPTED:
+            return fail(f"interrupted; {again}", ExitCode.INTERRUPTED)
+        return fail(f"{exc}; the chain stopped there; {again}", cli_exit_code(exc.failure))
+    sys.stdout.write(f"{output}\n")
+    return 0
 
 
 def check_output_dir(folder: Path, field: str) -> None:

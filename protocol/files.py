@@ -23,6 +23,10 @@ STAGE1_LATENTS_FILE = "latents_stage1.safetensors"
 AUDIO_FILE = "audio.wav"
 VIDEO_FILE = "video.mp4"
 INPUT_IMAGE_FILE = "input_image.png"
+# Extension jobs (protocol/extension.py): the source video as the job copied it, and the video_decode stage's
+# second output, the source followed by the new frames after the overlap.
+EXTEND_SOURCE_FILE = "extend_source.mp4"
+JOINED_FILE = "joined.mp4"
 FIRST_FRAME_FILE = "first.png"
 LAST_FRAME_FILE = "last.png"
 # Hashing reads files in pieces so a multi-GB MP4 never sits in memory.

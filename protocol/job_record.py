@@ -218,6 +218,34 @@ def read_conditions(raw: object, where: str, at: str) -> list[ResolvedCondition]
 
 
 @dataclasses.dataclass(frozen=True)
+class ResolvedExtension(RecordFields):
+    """The video a job extends, as the orchestrator checked and stored it before any worker started
+    (orchestrator/run/extension_lookup.py): the diffusion stage holds the clip's first `overlap` frames at
+    the last `overlap` frames of `file`; the video stage writes the joined video from it; the sidecar reports
+    where it came from."""
+
+    source: str  #: what the request named: a job id, or a path inside the input roots
+    source_job: str | None  #: the job whose video it is (None: a file)
+    file: str  #: its copy inside the job directory (protocol.files.EXTEND_SOURCE_FILE)
+    sha256: str  #: the SHA-256 of its bytes, as the request digest holds it
+    frames: int  #: the source's frame count, from its header
+    width: int  #: its picture size, which the clip delivers too
+    height: int
+    fps: float  #: its frame rate, which the clip plays at too
+    overlap: int  #: K: the clip's first K frames are the source's last K
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def skipped(self) -> int:
+        """The source's frames before the overlap (its first frame of the condition's)."""
+        return self.frames - self.overlap
+
+
+def read_extension(raw: object, where: str, at: str) -> ResolvedExtension | None:
+    return None if raw is None else ResolvedExtension.from_json(raw, where, at)
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
     """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
@@ -366,6 +394,8 @@ class JobRecord(RecordFields):
     #: the keyframes, resolved and copied into the job (with the image first when both were given), in the order
     #: diffusers applies them; None: none (left out of job.json, as for jobs made before conditions existed)
     conditions: list[ResolvedCondition] | None = None
+    #: the video it extends, copied into the job; None: not an extension (left out of job.json)
+    extension: ResolvedExtension | None = None
     #: the prompt-embedding cache beside the jobs (services/embedding_cache.py); None: made before it existed
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
@@ -389,6 +419,7 @@ class JobRecord(RecordFields):
         "loras": read_loras,
         "stage2_lora": read_optional_lora,
         "conditions": read_conditions,
+        "extension": read_extension,
         "publish": read_publish,
         "owner": read_owner,
     }

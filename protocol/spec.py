@@ -16,6 +16,7 @@ from typing import Any
 
 from protocol.codec import is_instance_of
 from protocol.conditions import require_conditions, require_frames_inside
+from protocol.extension import AUDIO_NOTE, OVERLAP_FIELD
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec_rules import (
     DISTILLED_STEPS,
@@ -47,6 +48,7 @@ from protocol.spec_rules import (
     nearest_sizes,
     require_crop_side,
     require_declared,
+    require_extend_source,
     require_frames,
     require_image,
     require_loras,
@@ -385,6 +387,42 @@ class JobSpec:
         metavar="PATH[@FRAME][:STRENGTH]",
         cli_flag="--condition",
     )
+    #: extension (protocol/extension.py): a finished job's id or a video file whose last `overlap` frames the clip
+    #: starts with; the joined video (source + the new frames) is published beside the new part
+    extend: str | None = declare(
+        None,
+        help="continue a video: a finished job's id or an MP4/MOV file; the clip's first --overlap frames are its last"
+        " (model, size and fps default to the source's); published joined to the source, and alone as _new.mp4;"
+        " the new audio is not conditioned on the source's (diffusers cannot), the two are crossfaded over the overlap",
+        default_from="none",
+        rule=require_extend_source,
+        allowed="a finished job's id, or an MP4/MOV file inside paths.input_roots",
+        added_later=True,
+        doc="extension (`ltx2 extend SOURCE` is `generate --extend SOURCE`; see [Extension](rendering.md#extension)):"
+        " a finished job's id (its video: the joined one of an extension) or an MP4/MOV file inside"
+        " `paths.input_roots`, copied into the job and hashed into its digest; the clip's first `--overlap` frames"
+        " are the source's last, held at strength 1 (a video keyframe at frame 0); `--model`, `--width`, `--height`"
+        " and `--fps` default to the source job's (a file: its size and frame rate), and the delivered size and"
+        " frame rate must be the source's; published as `<stem>.mp4` (the source, then the new frames after the"
+        " overlap: source + N − K frames) and `<stem>_new.mp4` (the new part alone); " + AUDIO_NOTE,
+        default_doc="none",
+        metavar="JOB_ID_OR_MP4",
+    )
+    overlap: int | None = declare(
+        None,
+        help="frames the new clip shares with the source's end: r*m+1, r the VAE's temporal compression (LTX-2: 1, 9,"
+        " 17, 25, ...; default 25, or the longest that fits)",
+        default_from="none",
+        low=1,
+        high=MAX_FRAMES,
+        allowed="r·m+1 (1, 9, 17, 25, ... for LTX-2), below --num-frames, at most the source's frames",
+        added_later=True,
+        doc="with `--extend`: how many of the clip's first frames are the source's last; r·m+1 with r the VAE's"
+        " temporal compression (LTX-2: 1, 9, 17, 25, …; refused with the nearest allowed otherwise), below"
+        " `--num-frames` and at most the source's frame count",
+        default_doc="3r+1 (25 for LTX-2), or the longest that fits",
+        metavar="K",
+    )
     loras: list[dict[str, Any]] = declare(
         factory=list,
         help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
@@ -559,6 +597,7 @@ class JobSpec:
                     crop, f"must be at most --{name} {side} (a crop of the rendered frames never enlarges); got {value}"
                 )
         require_frames_inside(self.conditions, self.num_frames)
+        self._require_valid_extension()
         self._require_valid_nag()
         self._require_valid_pipeline()
 
@@ -597,6 +636,21 @@ class JobSpec:
                     f" {MAX_SIZE} (stage 1 runs at half the size, in multiples of {SIZE_MULTIPLE}); got {value}"
                     f" (nearest allowed: {' or '.join(map(str, nearest))}; or --pipeline one-stage)",
                 )
+
+    def _require_valid_extension(self) -> None:
+        """--overlap belongs to an extension and leaves the new part frames of its own; an extension's first
+        frames are the source's, so no --image replaces them (the frame math against the VAE and the source
+        is orchestrator/run/extension_lookup.py's, which knows both)."""
+        if self.overlap is not None and self.extend is None:
+            raise SpecError(OVERLAP_FIELD, "needs --extend SOURCE (or ltx2 extend SOURCE): the video it overlaps")
+        if self.overlap is not None and self.overlap >= self.num_frames:
+            raise SpecError(OVERLAP_FIELD, f"{self.overlap} must be below --num-frames {self.num_frames}")
+        if self.extend is not None and self.image is not None:
+            raise SpecError(
+                "image",
+                "an extension starts with the source's last frames, which --image would replace; give keyframes"
+                " after the overlap with --condition",
+            )
 
     def _require_valid_nag(self) -> None:
         """NAG's refusal next to CFG.

@@ -224,6 +224,12 @@ def require_image(value: str, field: str) -> None:
     require_path_text(value, field)
 
 
+def require_extend_source(value: str, field: str) -> None:
+    if not value.strip():
+        raise SpecError(field, "must name a finished job's id or a video file")
+    require_path_text(value, field)
+
+
 def require_nag_tau(value: float, field: str) -> None:
     if not (0.0 < value and math.isfinite(value)):
         raise SpecError(field, f"must be a finite number above 0; got {value}")

@@ -5,7 +5,8 @@ model folder, the LoRA files, the model family); not the job's states, attempts 
 belong to the orchestrator and change while the worker runs. So a worker sees this view of the job
 record (protocol/job_record.py), taken once as it starts; its memory plan comes on its command line
 (`--plan`) and the conditioning image is the job directory's INPUT_IMAGE_FILE (protocol/files.py); keyframes
-are files of the job directory too, each named by its ResolvedCondition.
+are files of the job directory too, each named by its ResolvedCondition, and so is the video an extension
+continues (its ResolvedExtension).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from protocol.families import CheckpointFamily
 from protocol.files import JOB_FILE
-from protocol.job_record import JobRecord, ResolvedCondition, ResolvedLora, load_record
+from protocol.job_record import JobRecord, ResolvedCondition, ResolvedExtension, ResolvedLora, load_record
 from protocol.spec import JobSpec
 
 
@@ -35,6 +36,8 @@ class StageRequest:
     request_digest: str | None  #: the request's digest, written into the MP4's tags (None: none recorded)
     #: keyframes to encode, each a file in the job directory at a latent index (empty: text- or image-to-video)
     conditions: tuple[ResolvedCondition, ...] = ()
+    #: the video this clip continues (None: not an extension)
+    extension: ResolvedExtension | None = None
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -51,6 +54,7 @@ class StageRequest:
             compile_cache_dir=Path(record.compile_cache_dir) if record.compile_cache_dir else None,
             request_digest=record.request_digest,
             conditions=tuple(record.conditions or ()),
+            extension=record.extension,
         )
 
 

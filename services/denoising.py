@@ -3,7 +3,7 @@
 A one-stage run is one pass at the clip's size; a two-stage run (services/two_stage.py) is two, at
 half and at full size, over the same transformer (with a dev schedule, stage 2 runs over a second
 load of it with the distilled LoRA fused as well). Each pass is LTX2Pipeline (or, with a
-conditioning image, LTX2ImageToVideoPipeline; with keyframes, LTX2ConditionPipeline) of diffusers
+conditioning image, LTX2ImageToVideoPipeline; with keyframes or a video to extend, LTX2ConditionPipeline) of diffusers
 0.42.1 called with `output_type="latent"`, which is what makes the staged result equal the
 single-process one (DESIGN.md rule 6).
 """
@@ -28,6 +28,7 @@ from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
 from services import guidance, media, model_loading, nag
 from services.lora_fusing import fuse_loras
+from services.overlap_frames import load_overlap_frames
 from services.runtime import WorkerContext
 
 # Embedding keys of the negative prompt: only CFG and NAG read them.
@@ -214,9 +215,14 @@ def conditioning(
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
     """
-    if ctx.request.conditions:
-        conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
-        return LTX2ConditionPipeline, video_vae(ctx, device, dtype, "the keyframes"), {"conditions": conditions}
+    conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
+    extension = ctx.request.extension
+    if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
+        frames = load_overlap_frames(ctx.job_dir, extension, ctx.spec)
+        conditions.insert(0, LTX2VideoCondition(frames=frames, index=0, strength=1.0))
+    if conditions:
+        purpose = "the keyframes" if extension is None else "the extension's frames"
+        return LTX2ConditionPipeline, video_vae(ctx, device, dtype, purpose), {"conditions": conditions}
     if ctx.spec.image is None:
         return LTX2Pipeline, video_stats, {}
     vae = video_vae(ctx, device, dtype, "the conditioning image")

@@ -70,6 +70,20 @@ def read_video_frames(path: Path) -> np.ndarray:
     return np.stack(frames)
 
 
+def read_video_tail(path: Path, start: int) -> np.ndarray:
+    """The frames of the first video stream from frame `start` on, as `[frames, H, W, 3]` uint8 RGB; the
+    earlier ones are decoded and dropped as they come (a long source never sits in memory whole)."""
+    try:
+        with av.open(str(path)) as container:
+            decoded = container.decode(container.streams.video[0])
+            frames = [frame.to_ndarray(format="rgb24") for index, frame in enumerate(decoded) if index >= start]
+    except (av.error.FFmpegError, IndexError) as exc:
+        raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc
+    if not frames:
+        raise ValueError(f"{path} holds no decodable video frame from frame {start} on")
+    return np.stack(frames)
+
+
 def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -> None:
     """Write one `[H, W, 3]` uint8 frame as a PNG, atomically, with `text` as its tEXt/iTXt chunks."""
     from PIL import Image
@@ -81,6 +95,31 @@ def write_png(path: Path, rgb: np.ndarray, text: dict[str, str] | None = None) -
     temp = temp_path_for(path)
     Image.fromarray(rgb).save(temp, format="PNG", pnginfo=info)
     publish(temp, path)
+
+
+def add_aac_track(
+    container: av.container.OutputContainer, waveform: np.ndarray, sample_rate: int, seconds: float
+) -> None:
+    """Encode `[channels, samples]` audio into an AAC track of `container`, padded with silence to last
+    `seconds` (the video's length).
+
+    LTX-2's vocoder output ends 3 mel frames (about 30 ms) before the video does; padding keeps
+    players from ending the clip early.
+    """
+    needed = math.ceil(seconds * sample_rate)
+    if waveform.shape[1] < needed:
+        waveform = np.pad(waveform, ((0, 0), (0, needed - waveform.shape[1])))
+    layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
+    stream = container.add_stream("aac", rate=sample_rate, layout=layout)
+    waveform = np.ascontiguousarray(waveform, dtype=np.float32)
+    for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
+        frame = av.AudioFrame.from_ndarray(waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
 
 
 class Mp4Writer:
@@ -126,27 +165,8 @@ class Mp4Writer:
         self.fps = fps
 
     def add_audio(self, waveform: np.ndarray, sample_rate: int, cover_frames: int) -> None:
-        """Encode the audio track, padded with silence so it lasts as long as `cover_frames` of video.
-
-        LTX-2's vocoder output ends 3 mel frames (about 30 ms) before the video does; padding keeps
-        players from ending the clip early.
-        """
-        needed = math.ceil(cover_frames / self.fps * sample_rate)
-        if waveform.shape[1] < needed:
-            waveform = np.pad(waveform, ((0, 0), (0, needed - waveform.shape[1])))
-        layout = {1: "mono", 2: "stereo"}[waveform.shape[0]]
-        stream = self.container.add_stream("aac", rate=sample_rate, layout=layout)
-        waveform = np.ascontiguousarray(waveform, dtype=np.float32)
-        for start in range(0, waveform.shape[1], AAC_FRAME_SAMPLES):
-            frame = av.AudioFrame.from_ndarray(
-                waveform[:, start : start + AAC_FRAME_SAMPLES], format="fltp", layout=layout
-            )
-            frame.sample_rate = sample_rate
-            frame.pts = start
-            for packet in stream.encode(frame):
-                self.container.mux(packet)
-        for packet in stream.encode(None):
-            self.container.mux(packet)
+        """Encode the audio track, padded with silence so it lasts as long as `cover_frames` of video."""
+        add_aac_track(self.container, waveform, sample_rate, cover_frames / self.fps)
 
     def write(self, frames: np.ndarray) -> None:
         """Encode `[n, H * 3 // 2, W]` uint8 YUV 4:2:0 frames (BT.709, limited range; see

@@ -1,4 +1,5 @@
-"""video_decode -> video.mp4: latents through the video VAE, streamed into H.264, audio muxed.
+"""video_decode -> video.mp4: latents through the video VAE, streamed into H.264, audio muxed (an
+extension's joined.mp4 beside it: services/joined_video.py).
 
 Loads only the video VAE. The decode plan (protocol.plans.DecodePlan, chosen by the orchestrator)
 says whether to tile spatially and whether to decode in temporal pieces; either way frames go to
@@ -26,11 +27,22 @@ import torch
 from diffusers import AutoencoderKLLTX2Video  # noqa: F401
 
 from protocol.errors import InvalidInput
-from protocol.files import AUDIO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, LATENTS_FILE, VIDEO_FILE, Stage
+from protocol.extension import joined_frames
+from protocol.files import (
+    AUDIO_FILE,
+    FIRST_FRAME_FILE,
+    JOINED_FILE,
+    LAST_FRAME_FILE,
+    LATENTS_FILE,
+    VIDEO_FILE,
+    Stage,
+)
+from protocol.job_record import ResolvedExtension
 from protocol.plans import DecodePlan, piece_ranges
 from services import model_loading
 from services.background_encode import BackgroundEncoder
 from services.color import rgb_to_yuv420
+from services.joined_video import open_joined
 from services.latents import read_latents
 from services.media import DEFAULT_PRESET, Mp4Writer, read_wav, write_png
 from services.runtime import WorkerContext, run_worker
@@ -124,7 +136,7 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     encoder = ctx.shared.setdefault("encoder", BackgroundEncoder())
     stills: dict[str, np.ndarray] = {}
     box = ctx.spec.crop_box
-    clip = ClipFiles(ctx.job_dir, box[2], box[3], ctx.spec.fps, expected, clip_tags(ctx))
+    clip = ClipFiles(ctx.job_dir, box[2], box[3], ctx.spec.fps, expected, clip_tags(ctx), ctx.request.extension)
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
     threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
     feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
@@ -161,6 +173,8 @@ class ClipFiles:
     num_frames: int
     #: what made the clip, written into the MP4 and the PNGs (clip_tags)
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: the video it extends: joined.mp4 is written too (services/joined_video.py)
+    extension: ResolvedExtension | None = None
 
 
 def clip_tags(ctx: WorkerContext) -> dict[str, str]:
@@ -171,6 +185,8 @@ def clip_tags(ctx: WorkerContext) -> dict[str, str]:
     request = {k: v for k, v in ctx.spec.to_dict().items() if k not in ("name", "drop_caches")}
     if request.get("image"):
         request["image"] = Path(request["image"]).name
+    if request.get("extend"):  # a file by its name, as the image (a job by its id)
+        request["extend"] = Path(request["extend"]).name
     if request.get("conditions"):  # by file name, as the image; none: left out, as before keyframes existed
         request["conditions"] = [{**entry, "source": Path(entry["source"]).name} for entry in request["conditions"]]
     else:
@@ -188,12 +204,26 @@ def encode_clip(
     by the time `pieces` ends.
     """
     path = clip.job_dir / VIDEO_FILE
-    with Mp4Writer(path, clip.width, clip.height, clip.fps, preset=preset, threads=threads, tags=clip.tags) as writer:
-        writer.add_audio(waveform, sample_rate, clip.num_frames)
-        for piece in pieces:
-            writer.write(piece)
-        writer.close(clip.num_frames)
-    return [VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE]
+    joined = None
+    if clip.extension is not None:
+        size = (clip.width, clip.height, clip.fps, clip.num_frames)
+        joined = open_joined(clip.job_dir, clip.extension, size, (preset, threads), clip.tags, (waveform, sample_rate))
+    try:
+        with Mp4Writer(path, clip.width, clip.height, clip.fps, preset=preset, threads=threads, tags=clip.tags) as out:
+            out.add_audio(waveform, sample_rate, clip.num_frames)
+            for piece in pieces:
+                out.write(piece)
+                if joined is not None:
+                    joined.write(piece)
+            out.close(clip.num_frames)
+        if joined is not None:
+            extension = clip.extension
+            joined.close(joined_frames(extension.frames, clip.num_frames, extension.overlap))
+    except BaseException:
+        if joined is not None:
+            joined.abort()
+        raise
+    return [VIDEO_FILE, FIRST_FRAME_FILE, LAST_FRAME_FILE, *([JOINED_FILE] if joined is not None else [])]
 
 
 def main(argv: list[str] | None = None) -> NoReturn:

@@ -57,9 +57,12 @@ class ConditionAction(argparse.Action):
         namespace.conditions = entries
 
 
-def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that become JobSpec fields (defaults None: the model's preset fills them in)."""
+def add_spec_flags(parser: argparse.ArgumentParser, leave_out: tuple[str, ...] = ()) -> None:
+    """Flags that become JobSpec fields (defaults None: the model's preset fills them in), but those of
+    the fields `leave_out` names (a command that takes one of them its own way: `ltx2 extend SOURCE`)."""
     for declared in CLI_FIELDS:
+        if declared.name in leave_out:
+            continue
         if declared.name == "loras":
             add_lora_flags(parser, declared)
         elif declared.name == "stage2_lora":

@@ -10,12 +10,19 @@ never runs) is still shown; job.json, the truth, gives the state shown.
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 from pathlib import Path
 from typing import Any
 
 from orchestrator.run import reuse
-from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir, describe_owner, is_alive, tail
+from orchestrator.run.jobdir import (
+    JOB_ID_PATTERN,
+    JobDir,
+    describe_owner,
+    is_alive,
+    job_ids,
+    tail,
+    unknown_job_message,
+)
 from orchestrator.run.policy import describe_plan
 from protocol.files import EVENTS_FILE, JOB_FILE, Stage
 
@@ -23,10 +30,6 @@ from protocol.files import EVENTS_FILE, JOB_FILE, Stage
 MAX_LIST = 1000
 # The most lines of a log one `logs` reply carries.
 MAX_LOG_LINES = 1000
-# Ids suggested for an id that names no job: enough to spot a typo, few enough for one line.
-NEAREST_IDS = 3
-# Characters of an unknown id quoted back (a client may send anything).
-SHOWN_ID_CHARS = 80
 #: A job as listed: its row (the store's columns: id, state, job_dir, created, updated, error, output)
 #: and its directory, None when its job.json cannot be read.
 Listed = tuple[dict[str, Any], JobDir | None]
@@ -36,15 +39,6 @@ class UnknownJob(LookupError):
     """No job directory has this id; the message names the closest ids and how to list them."""
 
 
-def job_ids(jobs_dir: Path) -> list[str]:
-    """Every job id with a directory under `jobs_dir`, oldest first (ids begin with their creation time)."""
-    try:
-        names = [path.name for path in jobs_dir.iterdir() if JOB_ID_PATTERN.fullmatch(path.name)]
-    except OSError:  # no jobs folder yet: no jobs
-        return []
-    return sorted(names)
-
-
 def job_path(jobs_dir: Path, job_id: str) -> Path:
     """The directory of job `job_id`; UnknownJob when none has a job.json. Only an id of the form the
     orchestrator makes is looked up, so a client's id never names another path."""
@@ -52,13 +46,6 @@ def job_path(jobs_dir: Path, job_id: str) -> Path:
     if JOB_ID_PATTERN.fullmatch(job_id) and (path / JOB_FILE).is_file():
         return path
     raise UnknownJob(unknown_job_message(jobs_dir, job_id))
-
-
-def unknown_job_message(jobs_dir: Path, job_id: str) -> str:
-    """ "no job 'X' in DIR; nearest: A, B (`ltx2 jobs` lists them)": a typo is seen at a glance."""
-    nearest = difflib.get_close_matches(job_id, job_ids(jobs_dir), n=NEAREST_IDS, cutoff=0.6)
-    hint = f"; nearest: {', '.join(nearest)}" if nearest else ""
-    return f"no job {job_id[:SHOWN_ID_CHARS]!r} in {jobs_dir}{hint} (`ltx2 jobs` lists them)"
 
 
 def load_job(path: Path) -> JobDir | None:

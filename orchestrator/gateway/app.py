@@ -468,7 +468,7 @@ class Gateway:
                     raise ApiError(409, f"video {video_id} is still stopping; retry the delete", code="still_stopping")
                 time.sleep(0.2)
         if job.get("output"):  # the daemon's path, never the client's
-            for path in companions(Path(job["output"])):
+            for path in companions(Path(job["output"]), extension=True):  # an extension's new part too
                 path.unlink(missing_ok=True)
         self.store.mark_deleted(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}

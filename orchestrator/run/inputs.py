@@ -109,3 +109,13 @@ def store_image(source: Path, target: Path) -> None:
     """Copy an input file (the image, a keyframe) into the job directory as it is, so the job never
     depends on the original; the worker decodes it (any format PIL or PyAV reads, whatever the suffix)."""
     shutil.copyfile(source, target)
+
+
+def store_video(source: Path, target: Path) -> None:
+    """Put a video to extend into the job directory: a hard link where both lie on one file system (a
+    finished job's video is never rewritten in place, and a chain's growing joined video would otherwise
+    be copied whole by every segment), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)

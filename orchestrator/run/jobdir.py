@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import difflib
 import fcntl
 import json
 import os
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.placement.processes import start_time
-from orchestrator.run.inputs import store_image
+from orchestrator.run.inputs import store_image, store_video
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.request_digest import RequestIdentity
 from orchestrator.run.states import (
@@ -55,6 +56,7 @@ from protocol.files import (
     EVENTS_FILE,
     INPUT_IMAGE_FILE,
     JOB_FILE,
+    JOINED_FILE,
     Stage,
     fingerprint_file,
     matches_fingerprint,
@@ -68,6 +70,7 @@ from protocol.job_record import (
     OwnerRecord,
     PublishRecord,
     ResolvedCondition,
+    ResolvedExtension,
     ResolvedLora,
     StageRecord,
     load_record,
@@ -104,6 +107,28 @@ STAMP_LENGTH = len("YYYYmmdd-HHMMSS")
 #: What `new_job_id` makes; an id a client chose (protocol.jobs.Submit.job_id) must look the same, so it
 #: names a directory under the jobs folder and nothing else.
 JOB_ID_PATTERN = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9a-f]{6}")
+
+
+# Ids suggested for an id that names no job: enough to spot a typo, few enough for one line.
+NEAREST_IDS = 3
+# Characters of an unknown id quoted back (a client may send anything).
+SHOWN_ID_CHARS = 80
+
+
+def job_ids(jobs_dir: Path) -> list[str]:
+    """Every job id with a directory under `jobs_dir`, oldest first (ids begin with their creation time)."""
+    try:
+        names = [path.name for path in jobs_dir.iterdir() if JOB_ID_PATTERN.fullmatch(path.name)]
+    except OSError:  # no jobs folder yet: no jobs
+        return []
+    return sorted(names)
+
+
+def unknown_job_message(jobs_dir: Path, job_id: str) -> str:
+    """ "no job 'X' in DIR; nearest: A, B (`ltx2 jobs` lists them)": a typo is seen at a glance."""
+    nearest = difflib.get_close_matches(job_id, job_ids(jobs_dir), n=NEAREST_IDS, cutoff=0.6)
+    hint = f"; nearest: {', '.join(nearest)}" if nearest else ""
+    return f"no job {job_id[:SHOWN_ID_CHARS]!r} in {jobs_dir}{hint} (`ltx2 jobs` lists them)"
 
 
 def utc_now() -> str:
@@ -188,6 +213,7 @@ class JobDir:
         identity: RequestIdentity | None = None,
         owner: str = DAEMON_OWNER,
         conditions: tuple[tuple[Path, ResolvedCondition], ...] = (),
+        extension: tuple[Path, ResolvedExtension] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -198,7 +224,8 @@ class JobDir:
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
         `loras` and `stage2_lora` are orchestrator.run.lora_lookup.resolve_lora's results, recorded as
         protocol.job_record.ResolvedLora; `conditions` orchestrator.run.condition_lookup.resolve_conditions's
-        (each file copied under its record's `file`, the image's by `image` already).
+        (each file copied under its record's `file`, the image's by `image` already); `extension`
+        orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -217,6 +244,7 @@ class JobDir:
             loras=[ResolvedLora.from_json(lora, at=f"loras[{index}]") for index, lora in enumerate(loras)],
             stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
             conditions=[record for _, record in conditions] or None,
+            extension=extension[1] if extension is not None else None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -231,6 +259,8 @@ class JobDir:
             for source, record in conditions:
                 if record.file != INPUT_IMAGE_FILE:
                     store_image(source, path / record.file)
+            if extension is not None:
+                store_video(extension[0], path / extension[1].file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind
@@ -373,13 +403,21 @@ class JobDir:
     def stage_record(self, stage: Stage) -> StageRecord:
         return self.record.stages[stage]
 
+    def outputs_of(self, stage: Stage) -> tuple[str, ...]:
+        """The files `stage` writes for this job: its declared outputs, and for an extension's video stage
+        the joined video too."""
+        if stage is Stage.VIDEO_DECODE and self.record.extension is not None:
+            return (*stage.outputs, JOINED_FILE)
+        return stage.outputs
+
     def has_outputs(self, stage: Stage) -> bool:
         """True when the stage succeeded earlier and its outputs still match their fingerprints."""
         record = self.stage_record(stage)
         recorded = record.outputs
-        if record.status != StageState.SUCCEEDED or set(recorded) != set(stage.outputs):
+        outputs = self.outputs_of(stage)
+        if record.status != StageState.SUCCEEDED or set(recorded) != set(outputs):
             return False
-        return all(matches_fingerprint(self.path / name, recorded[name]) for name in stage.outputs)
+        return all(matches_fingerprint(self.path / name, recorded[name]) for name in outputs)
 
     def clean_partial_files(self) -> None:
         """Delete temp files a killed worker left behind (call only while no worker of the job runs)."""
@@ -421,7 +459,7 @@ class JobDir:
         attempt.note(result=result.value, ended=utc_now(), **details)
         if result is AttemptResult.OK:
             self._set_stage_state(stage, StageState.SUCCEEDED)
-            record.outputs = {name: fingerprint_file(self.path / name) for name in stage.outputs}
+            record.outputs = {name: fingerprint_file(self.path / name) for name in self.outputs_of(stage)}
         else:
             self._set_stage_state(stage, StageState.FAILED)
         self.save()
@@ -441,7 +479,7 @@ class JobDir:
                 seconds=0.0,
             )
         )
-        record.outputs = {name: fingerprint_file(self.path / name) for name in stage.outputs}
+        record.outputs = {name: fingerprint_file(self.path / name) for name in self.outputs_of(stage)}
         self.save()
         self.log_event(EventKind.STAGE_ADOPTED, stage=stage.value, note=note)
 

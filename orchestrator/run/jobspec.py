@@ -17,6 +17,13 @@ from typing import Any
 from config.presets import DISTILLED_SCHEDULE
 from config.settings import Settings
 from orchestrator.run.condition_lookup import CheckedCondition, resolve_conditions
+from orchestrator.run.extension_lookup import (
+    ExtensionSource,
+    default_overlap_for,
+    find_source,
+    resolve_extension,
+    source_defaults,
+)
 from orchestrator.run.inputs import require_image
 from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
@@ -24,7 +31,8 @@ from orchestrator.run.request_digest import FileHashes, RequestIdentity, identif
 from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
 from protocol.errors import ModelNotFound
-from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY
+from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
+from protocol.job_record import ResolvedExtension
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
 from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
@@ -67,6 +75,8 @@ class BuiltSpec:
     identity: RequestIdentity | None = None
     #: the keyframes checked and placed (with the image first when both were given): copied into the job
     conditions: tuple[CheckedCondition, ...] = ()
+    #: the video it extends (its file, to copy into the job, and what job.json records of it)
+    extension: tuple[Path, ResolvedExtension] | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -100,6 +110,9 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     """Fill preset defaults, a random seed and a name from the prompt into `request`, resolve the model, validate."""
     if not isinstance(request, dict):
         raise SpecError("spec", "must be a map of fields")
+    found = find_source(request["extend"], settings) if request.get("extend") is not None else None
+    if found is not None:  # the source's model, size and frame rate unless the request gives its own
+        request = {**request, **source_defaults(found, request)}
     model_name = request.get("model")
     if model_name is not None and not isinstance(model_name, str):
         raise SpecError("model", f"must be a string, got {model_name!r}")
@@ -121,6 +134,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if fields.get("pipeline") is None:
         size = (fields.get("width"), fields.get("height"))
         fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
+    if found is not None and fields.get("overlap") is None:
+        fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
@@ -129,14 +144,29 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     spec = JobSpec.from_dict(fields)
     if spec.pipeline == TWO_STAGE:
         require_latent_upsampler(model)
+    notices += unused_field_warnings(spec, request)
+    return resolve_files(spec, model, settings, notices, found)
+
+
+def unused_field_warnings(spec: JobSpec, request: dict[str, Any]) -> list[str]:
+    """Warnings for fields the request set that the spec's other fields leave without effect."""
+    warnings = []
     if spec.negative_prompt and not spec.uses_negative_prompt:
-        notices.append(
+        warnings.append(
             "warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off) unless --nag-scale > 1"
         )
     unused_nag = [name for name in NAG_TUNING if name in request and request[name] is not None]
     if unused_nag and not spec.uses_nag:
         flags = ", ".join(map(flag_of, unused_nag))
-        notices.append(f"warning: {flags} has no effect without --nag-scale > 1 (NAG is off)")
+        warnings.append(f"warning: {flags} has no effect without --nag-scale > 1 (NAG is off)")
+    return warnings
+
+
+def resolve_files(
+    spec: JobSpec, model: ResolvedModel, settings: Settings, notices: list[str], found: ExtensionSource | None
+) -> BuiltSpec:
+    """The spec's files looked up and checked (LoRAs, image, keyframes, the video it extends), and the
+    request's digest over them."""
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
     stage2_lora = None
     if spec.stage2_lora is not None:
@@ -144,8 +174,29 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     image = require_image(spec.image, settings.input_roots) if spec.image is not None else None
     hashes = FileHashes(settings.state_dir / "file-hashes")
     conditions = resolve_conditions(spec, model, image, settings.input_roots, hashes, notices)
-    identity = identify(spec, model, settings, loras, stage2_lora, image, tuple(record for _, record in conditions))
-    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions)
+    records = tuple(record for _, record in conditions)
+    extension = None
+    if found is not None:
+        record = resolve_extension(spec, found, vae_temporal_ratio(model.path), records, hashes)
+        extension = (found.path, record)
+    identity = identify(
+        spec, model, settings, loras, stage2_lora, image, records, extension[1] if extension is not None else None
+    )
+    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension)
+
+
+def extension_overlap(
+    found: ExtensionSource, model: ResolvedModel, num_frames: object, notices: list[str]
+) -> int | None:
+    """The default --overlap of an extension, with a notice saying what it became."""
+    ratio = vae_temporal_ratio(model.path)
+    overlap = default_overlap_for(found, ratio, num_frames)
+    if overlap is not None:
+        notices.append(
+            f"--overlap {overlap}: the clip's first {overlap} frames are the source's last (of its"
+            f" {found.header.frames}; {ratio}·m+1 frames for this model's VAE)"
+        )
+    return overlap
 
 
 def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:

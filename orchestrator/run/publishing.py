@@ -1,8 +1,10 @@
 """Publishing a finished job into the output folder: one recorded step, all files or none.
 
 A published clip is four files: `<stem>.mp4`, `<stem>_first.png`, `<stem>_last.png` and the sidecar
-`<stem>.json` (orchestrator.run.sidecar). Four renames cannot happen at once, so the step is recorded
-in job.json under `publish` before the output folder is touched:
+`<stem>.json` (orchestrator.run.sidecar); an extension's is five: `<stem>.mp4` is its joined video (the
+source, then the new frames) and `<stem>_new.mp4` the new part alone, whose first and last frames the
+PNGs are. Several renames cannot happen at once, so the step is recorded in job.json under `publish`
+before the output folder is touched:
 
 1. the final names are chosen and recorded (`complete: false`, with the size and SHA-256 of the
    job's video.mp4), and `publish_started` is logged;
@@ -53,7 +55,7 @@ from orchestrator.run.jobdir import JobDir, job_stamp
 from orchestrator.run.sidecar import build_sidecar
 from orchestrator.run.states import EventKind
 from protocol.fault_points import fault_point
-from protocol.files import FIRST_FRAME_FILE, LAST_FRAME_FILE, VIDEO_FILE, fingerprint_file, publish
+from protocol.files import FIRST_FRAME_FILE, JOINED_FILE, LAST_FRAME_FILE, VIDEO_FILE, fingerprint_file, publish
 from protocol.job_record import Fingerprint, PublishRecord
 
 # Published files are for people and players, whatever the umask of the orchestrator.
@@ -66,7 +68,7 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None) -> Pa
     Without `target` the MP4 gets the first free `output_dir/<name>_<job stamp>[_N].mp4`; with it,
     exactly `target` (replaced if it exists). See the module docstring for what a second call does.
     """
-    source = fingerprint_file(job.path / VIDEO_FILE)
+    source = fingerprint_file(job.path / main_video(job))
     previous = job.record.publish
     wanted = target.resolve() if target is not None else None
     recorded = None
@@ -95,14 +97,25 @@ def publish_job(job: JobDir, output_dir: Path, target: Path | None = None) -> Pa
     return video
 
 
+def main_video(job: JobDir) -> str:
+    """The job file published as `<stem>.mp4`: an extension's joined video (the new part alone is
+    `<stem>_new.mp4`), else the video."""
+    return JOINED_FILE if is_extension(job) else VIDEO_FILE
+
+
+def is_extension(job: JobDir) -> bool:
+    return job.record.extension is not None
+
+
 def land_rest(job: JobDir, video: Path) -> None:
-    """Land the PNGs and then the MP4 beside the sidecar already in place; if one cannot be written
-    (the folder filled up), the files of this publish already there are removed again, the MP4
-    first, so the folder never keeps a sidecar or PNGs without their video (all or nothing)."""
-    sidecar, first, last = companions(video)[:3]
-    landed = [sidecar]
+    """Land the PNGs (and an extension's new part) and then the MP4 beside the sidecar already in place;
+    if one cannot be written (the folder filled up), the files of this publish already there are removed
+    again, the MP4 first, so the folder never keeps a sidecar or PNGs without their video (all or nothing)."""
+    files = companions(video, is_extension(job))
+    sources = [FIRST_FRAME_FILE, LAST_FRAME_FILE, *([VIDEO_FILE] if is_extension(job) else []), main_video(job)]
+    landed = [files[0]]
     try:
-        for source, final in ((FIRST_FRAME_FILE, first), (LAST_FRAME_FILE, last), (VIDEO_FILE, video)):
+        for source, final in zip(sources, files[1:], strict=True):
             land_copy(job, job.path / source, final)
             landed.append(final)
     except OSError:
@@ -127,12 +140,15 @@ def undo(job: JobDir, video: Path, landed: list[Path]) -> None:
         pass
 
 
-def companions(video: Path) -> list[Path]:
-    """Every file of one publish, in the order they land: sidecar, first and last frame, the MP4 last."""
+def companions(video: Path, extension: bool = False) -> list[Path]:
+    """Every file of one publish, in the order they land: sidecar, first and last frame, for an
+    `extension` its new part alone (`_new.mp4`), the MP4 last."""
+    new_part = [video.with_name(f"{video.stem}_new.mp4")] if extension else []
     return [
         video.with_suffix(".json"),
         video.with_name(f"{video.stem}_first.png"),
         video.with_name(f"{video.stem}_last.png"),
+        *new_part,
         video,
     ]
 
@@ -162,7 +178,7 @@ def start(job: JobDir, video: Path, source: Fingerprint, explicit: bool) -> None
     job.record_publish(
         PublishRecord(
             video=str(video),
-            files=[str(path) for path in companions(video)],
+            files=[str(path) for path in companions(video, is_extension(job))],
             explicit=explicit,
             source=source,
             complete=False,
@@ -187,7 +203,7 @@ def reserve_name(job: JobDir, output_dir: Path, source: Fingerprint, recorded: P
             land_sidecar(job, video, replace=True)
             return video
         if land_sidecar(job, video, replace=False):
-            if not any(path.exists() for path in companions(video)[1:]):
+            if not any(path.exists() for path in companions(video, is_extension(job))[1:]):
                 return video
             video.with_suffix(".json").unlink()
     raise AssertionError("unreachable: free_names never ends")
@@ -198,7 +214,7 @@ def free_names(job: JobDir, output_dir: Path, stamp: str) -> Iterator[Path]:
     folder = output_dir.resolve()
     for counter in itertools.count():
         video = folder / f"{job.spec.name}_{stamp}{f'_{counter}' if counter else ''}.mp4"
-        if not any(path.exists() for path in companions(video)):
+        if not any(path.exists() for path in companions(video, is_extension(job))):
             yield video
 
 
@@ -283,7 +299,7 @@ def abandon(job: JobDir, record: PublishRecord) -> None:
     video = Path(record.video)
     removed = []
     if not record.explicit and owns_name(job, video):
-        for path in reversed(companions(video)):
+        for path in reversed(companions(video, is_extension(job))):
             if path.exists():
                 path.unlink()
                 removed.append(str(path))

@@ -14,6 +14,8 @@ kept beside the digest in job.json (`digest_inputs`) so a user can see why two d
   hashed once and remembered by path, size, time and inode under `<state>/file-hashes`), with the scale;
 - `conditions` (only when the request has keyframes): each keyframe's SHA-256, the pixel frame it starts
   at (a requested -1 resolved), its strength and CRF, in the order the pipeline applies them;
+- `extension` (only for an extension): the source video's SHA-256, its frame count and the overlap (the
+  request names the source by job id or path; its bytes are what decide the output);
 - `plans`: each stage's first plan (orchestrator.run.policy.initial_plan), which carries every setting that
   changes numerics: FP8 accumulation, compile and Inductor's deterministic mode, the decode plan the
   memory profile picks, x264's preset and thread count, where the audio decodes;
@@ -41,7 +43,7 @@ from config.settings import Settings
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
-from protocol.job_record import ResolvedCondition
+from protocol.job_record import ResolvedCondition, ResolvedExtension
 from protocol.spec import SPEC_FIELDS, JobSpec
 
 # Packages whose code computes the latents, the waveform or the MP4's bytes (PyAV carries FFmpeg and x264).
@@ -49,7 +51,7 @@ NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft",
 # Spec fields that change no bit of the output (declared with digest=False in protocol/spec.py).
 UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions"})
+FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "extend"})
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
@@ -79,10 +81,12 @@ def identify(
     stage2_lora: dict[str, Any] | None = None,
     image: Path | None = None,
     conditions: tuple[ResolvedCondition, ...] = (),
+    extension: ResolvedExtension | None = None,
 ) -> RequestIdentity:
     """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec).
 
-    `conditions` enter only when there are any, so the digest of every request without them is what it was.
+    `conditions` and `extension` enter only when there are any, so the digest of every request without them
+    is what it was.
     """
     hashes = FileHashes(settings.state_dir / "file-hashes")
     inputs = {
@@ -98,6 +102,8 @@ def identify(
     }
     if conditions:
         inputs["conditions"] = [condition_identity(condition) for condition in conditions]
+    if extension is not None:
+        inputs["extension"] = {"sha256": extension.sha256, "frames": extension.frames, "overlap": extension.overlap}
     return RequestIdentity(sha256_json(inputs), inputs)
 
 

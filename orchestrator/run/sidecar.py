@@ -1,9 +1,9 @@
 """The record published next to each video: what made it, how long each stage took, peak memory.
 
 `<name>_<stamp>.json` holds the full spec (seed included), the rendered and delivered size, the
-model and LoRAs with their revisions, the keyframes (file hash, frame, strength), the versions of
-the packages that ran, and per-stage seconds, attempts, final plan and peak GPU/host memory, so a
-clip can be reproduced or its cost compared later.
+model and LoRAs with their revisions, the keyframes (file hash, frame, strength), the video it extends
+(job or file, hash, overlap, what became of the audio), the versions of the packages that ran, and per-stage
+seconds, attempts, final plan and peak GPU/host memory, so a clip can be reproduced or its cost compared later.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.request_digest import installed_versions
 from orchestrator.run.reuse import reproducibility
+from protocol.extension import AUDIO_NOTE, joined_frames
 from protocol.files import Stage
-from protocol.job_record import ResolvedCondition, ResolvedLora
+from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedLora
 
 PACKAGES = (
     "ltx2-stages",
@@ -72,6 +73,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "stage2_lora": lora_summary(record.stage2_lora) if record.stage2_lora else None,
         # Keyframes (with --image first when both were given), in the order the pipeline applied them.
         "conditions": [condition_summary(condition) for condition in record.conditions or ()],
+        # The video it continues (None: not an extension): where it came from, its hash, the overlap, the audio.
+        "extension": extension_summary(record.extension, record.spec.num_frames) if record.extension else None,
         "versions": package_versions(),
         # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
         # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
@@ -106,4 +109,21 @@ def condition_summary(condition: ResolvedCondition) -> dict[str, Any]:
         "latent_index": condition.latent_index,
         "strength": condition.strength,
         "crf": condition.crf,
+    }
+
+
+def extension_summary(extension: ResolvedExtension, num_frames: int) -> dict[str, Any]:
+    """What the sidecar says of the video a clip extends: the job or file it was (a file by name, not its
+    local path) and its bytes' SHA-256, its frames and rate, the overlap, the joined video's frames and
+    what was done with the audio."""
+    return {
+        "source": extension.source if extension.source_job else Path(extension.source).name,
+        "source_job": extension.source_job,
+        "sha256": extension.sha256,
+        "source_frames": extension.frames,
+        "fps": extension.fps,
+        "overlap": extension.overlap,
+        "new_frames": num_frames,
+        "joined_frames": joined_frames(extension.frames, num_frames, extension.overlap),
+        "audio": AUDIO_NOTE,
     }

@@ -150,7 +150,8 @@ class AttemptFollower:
             )  # fmt: skip
         elif isinstance(message, stages.Done) and job_id in self.running:
             self.done[job_id] = message
-            missing = [name for name in self.stage.outputs if not (self.by_id[job_id].path / name).is_file()]
+            job = self.by_id[job_id]
+            missing = [name for name in job.outputs_of(self.stage) if not (job.path / name).is_file()]
             if missing:
                 self.settle(job_id, Failure.CRASH, f"reported done without writing {', '.join(missing)}", 1)
             else:
@@ -186,7 +187,8 @@ class AttemptFollower:
     def wrote_outputs(self, job_id: str) -> bool:
         """Every output of the stage is in the member's directory; workers write them atomically
         (temp name, fsync, rename), so a file present is a file complete."""
-        return all((self.by_id[job_id].path / name).is_file() for name in self.stage.outputs)
+        job = self.by_id[job_id]
+        return all((job.path / name).is_file() for name in job.outputs_of(self.stage))
 
     def exit_reason(self, failure: Failure, returncode: int) -> str:
         if failure is Failure.HUNG:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,8 @@ class VideoHeader:
     frames: int
     width: int
     height: int
+    #: frames per second: the frame count over the track's sample durations (`stts`), in its time scale (`mdhd`)
+    fps: float | None = None
 
 
 def read_video_header(path: Path) -> VideoHeader:
@@ -120,7 +123,26 @@ def video_track(trak: bytes) -> VideoHeader | None:
     if frames == 0:
         raise VideoHeaderError("its video track holds no frames in its sample table (a fragmented MP4?)")
     width, height = track_size(tkhd)
-    return VideoHeader(frames, width, height)
+    return VideoHeader(frames, width, height, frame_rate(trak, frames))
+
+
+def frame_rate(trak: bytes, frames: int) -> float | None:
+    """Frames per second of a video track: its frames over their summed durations (`stts` entries of
+    sample count and duration) in the media's time scale (`mdhd`); None when either box is unreadable."""
+    mdhd = child(trak, (b"mdia", b"mdhd"))
+    stts = child(trak, (b"mdia", b"minf", b"stbl", b"stts"))
+    if mdhd is None or stts is None or len(stts) < 8:
+        return None
+    offset = 20 if mdhd[:1] == b"\x01" else 12  # version 1 has 64-bit creation and modification times
+    if len(mdhd) < offset + 4:
+        return None
+    (timescale,) = struct.unpack(">I", mdhd[offset : offset + 4])
+    (entries,) = struct.unpack(">I", stts[4:8])
+    table = stts[8 : 8 + 8 * entries]
+    total = sum(count * delta for count, delta in struct.iter_unpack(">II", table[: len(table) // 8 * 8]))
+    if timescale == 0 or total == 0:
+        return None
+    return float(Fraction(frames * timescale, total).limit_denominator(1001))
 
 
 def track_size(tkhd: bytes) -> tuple[int, int]:
