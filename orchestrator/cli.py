@@ -328,6 +328,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         loras=built.loras,
         image=built.image,
         conditions=built.conditions,
+        reference=built.reference,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",

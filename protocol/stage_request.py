@@ -15,7 +15,7 @@ from pathlib import Path
 
 from protocol.families import CheckpointFamily
 from protocol.files import JOB_FILE
-from protocol.job_record import JobRecord, ResolvedCondition, ResolvedLora, load_record
+from protocol.job_record import JobRecord, ResolvedCondition, ResolvedLora, ResolvedReference, load_record
 from protocol.spec import JobSpec
 
 
@@ -35,6 +35,8 @@ class StageRequest:
     request_digest: str | None  #: the request's digest, written into the MP4's tags (None: none recorded)
     #: keyframes to encode, each a file in the job directory at a latent index (empty: text- or image-to-video)
     conditions: tuple[ResolvedCondition, ...] = ()
+    #: the IC-LoRA control video in the job directory (None: none)
+    reference: ResolvedReference | None = None
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -51,6 +53,7 @@ class StageRequest:
             compile_cache_dir=Path(record.compile_cache_dir) if record.compile_cache_dir else None,
             request_digest=record.request_digest,
             conditions=tuple(record.conditions or ()),
+            reference=record.reference,
         )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import LTX2ConditionPipeline, LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers import LTX2ConditionPipeline, LTX2ImageToVideoPipeline, LTX2InContextPipeline, LTX2Pipeline
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
 from protocol.errors import InvalidInput
@@ -26,7 +26,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import guidance, media, model_loading, nag
+from services import control_video, guidance, media, model_loading, nag
 from services.lora_fusing import fuse_loras
 from services.runtime import WorkerContext
 
@@ -213,7 +213,12 @@ def conditioning(
     latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
+    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions.
     """
+    if ctx.request.reference is not None:
+        keyframes = [keyframe(ctx, condition) for condition in ctx.request.conditions]
+        inputs = control_video.in_context_inputs(ctx.job_dir, ctx.request.reference, keyframes)
+        return LTX2InContextPipeline, video_vae(ctx, device, dtype, "the control video"), inputs
     if ctx.request.conditions:
         conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
         return LTX2ConditionPipeline, video_vae(ctx, device, dtype, "the keyframes"), {"conditions": conditions}

@@ -249,6 +249,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         loras=built.loras,
         image=built.image,
         conditions=built.conditions,
+        reference=built.reference,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="batch",

@@ -206,6 +206,7 @@ class Daemon:
             loras=built.loras,
             image=built.image,
             conditions=built.conditions,
+            reference=built.reference,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
             owner=DAEMON_OWNER,

@@ -69,6 +69,7 @@ from protocol.job_record import (
     PublishRecord,
     ResolvedCondition,
     ResolvedLora,
+    ResolvedReference,
     StageRecord,
     load_record,
 )
@@ -188,6 +189,7 @@ class JobDir:
         identity: RequestIdentity | None = None,
         owner: str = DAEMON_OWNER,
         conditions: tuple[tuple[Path, ResolvedCondition], ...] = (),
+        reference: tuple[Path, ResolvedReference] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -198,7 +200,8 @@ class JobDir:
         without one (jobs made up by tests) there is no digest and the mode is on, the shipped default.
         `loras` and `stage2_lora` are orchestrator.run.lora_lookup.resolve_lora's results, recorded as
         protocol.job_record.ResolvedLora; `conditions` orchestrator.run.condition_lookup.resolve_conditions's
-        (each file copied under its record's `file`, the image's by `image` already).
+        (each file copied under its record's `file`, the image's by `image` already); `reference`
+        orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -217,6 +220,7 @@ class JobDir:
             loras=[ResolvedLora.from_json(lora, at=f"loras[{index}]") for index, lora in enumerate(loras)],
             stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
             conditions=[record for _, record in conditions] or None,
+            reference=reference[1] if reference is not None else None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -231,6 +235,8 @@ class JobDir:
             for source, record in conditions:
                 if record.file != INPUT_IMAGE_FILE:
                     store_image(source, path / record.file)
+            if reference is not None:
+                store_image(reference[0], path / reference[1].file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind
