@@ -371,6 +371,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         image=built.image,
         conditions=built.conditions,
         extension=built.extension,
+        reference=built.reference,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",

@@ -30,6 +30,8 @@ VOCODER_CONFIG = "vocoder/config.json"
 VIDEO_VAE_CONFIG = "vae/config.json"
 # AutoencoderKLLTX2Video.__init__'s defaults (diffusers 0.42.1) for a config that leaves these out.
 VAE_DEFAULT_PATCH_SIZE_T = 1
+# diffusers AutoencoderKLLTX2Video's default spatial patch size (its `patch_size=4`).
+VAE_DEFAULT_PATCH_SIZE = 4
 VAE_DEFAULT_SCALING = (True, True, True, True)
 # The latent upsampler of two-stage runs (LTX2LatentUpsamplerModel): a subfolder of the checkpoint that
 # model_index.json does not list (Lightricks/LTX-2 and diffusers' examples load it by subfolder).
@@ -251,5 +253,25 @@ def vae_temporal_ratio(folder: Path) -> int:
     if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
         raise UnsupportedCheckpoint(
             f"{folder / VIDEO_VAE_CONFIG} has no valid temporal_compression_ratio (got {ratio!r})"
+        )
+    return ratio
+
+
+def vae_spatial_ratio(folder: Path) -> int:
+    """How many pixels of a side the checkpoint's video VAE packs into one latent (32 for LTX-2; 4 for
+    the tiny test models): the grid a control video's reduced size must lie on (protocol/control_video.py).
+
+    Read as diffusers builds it: `spatial_compression_ratio` when the config sets it, else
+    `patch_size * 2 ** sum(spatio_temporal_scaling)`.
+    """
+    config = read_config(folder, VIDEO_VAE_CONFIG)
+    ratio = config.get("spatial_compression_ratio")
+    if ratio is None:
+        scaling = config.get("spatio_temporal_scaling", VAE_DEFAULT_SCALING)
+        scaling = scaling if isinstance(scaling, list | tuple) else [scaling] * len(VAE_DEFAULT_SCALING)
+        ratio = config.get("patch_size", VAE_DEFAULT_PATCH_SIZE) * 2 ** sum(bool(step) for step in scaling)
+    if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
+        raise UnsupportedCheckpoint(
+            f"{folder / VIDEO_VAE_CONFIG} has no valid spatial_compression_ratio (got {ratio!r})"
         )
     return ratio

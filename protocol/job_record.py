@@ -246,6 +246,27 @@ def read_extension(raw: object, where: str, at: str) -> ResolvedExtension | None
 
 
 @dataclasses.dataclass(frozen=True)
+class ResolvedReference(RecordFields):
+    """The IC-LoRA control video as the orchestrator checked and stored it (orchestrator/run/reference_lookup.py):
+    the diffusion stage hands `file`'s first `frames_used` frames to LTX2InContextPipeline; the sidecar reports it."""
+
+    source: str  #: what the request named (a path inside the input roots, or the gateway's upload)
+    file: str  #: its copy inside the job directory (protocol.control_video.stored_reference_name)
+    sha256: str  #: the SHA-256 of its bytes, as the request digest holds it
+    frames: int  #: the frames in the file
+    width: int  #: its picture size, as its header states it
+    height: int
+    frames_used: int  #: its first frames the pipeline encodes: the clip's frame count
+    strength: float  #: 0..1 (diffusers' LTX2ReferenceCondition.strength)
+    downscale: int  #: the factor it is encoded at (diffusers' reference_downscale_factor), resolved
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_optional_reference(raw: object, where: str, at: str) -> ResolvedReference | None:
+    return None if raw is None else ResolvedReference.from_json(raw, where, at)
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
     """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
@@ -396,6 +417,8 @@ class JobRecord(RecordFields):
     conditions: list[ResolvedCondition] | None = None
     #: the video it extends, copied into the job; None: not an extension (left out of job.json)
     extension: ResolvedExtension | None = None
+    #: the IC-LoRA control video, resolved and copied into the job; None: none (left out of job.json)
+    reference: ResolvedReference | None = None
     #: the prompt-embedding cache beside the jobs (services/embedding_cache.py); None: made before it existed
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
@@ -420,6 +443,7 @@ class JobRecord(RecordFields):
         "stage2_lora": read_optional_lora,
         "conditions": read_conditions,
         "extension": read_extension,
+        "reference": read_optional_reference,
         "publish": read_publish,
         "owner": read_owner,
     }

@@ -16,6 +16,7 @@ from typing import Any
 
 from protocol.codec import is_instance_of
 from protocol.conditions import require_conditions, require_frames_inside
+from protocol.control_video import MAX_DOWNSCALE, require_reference, require_reference_fits_request
 from protocol.extension import AUDIO_NOTE, OVERLAP_FIELD
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.spec_rules import (
@@ -423,6 +424,38 @@ class JobSpec:
         default_doc="3r+1 (25 for LTX-2), or the longest that fits",
         metavar="K",
     )
+    #: IC-LoRA control video: {source, strength} (protocol/control_video.py); the flag writes PATH[:STRENGTH]
+    reference_video: dict[str, Any] | None = declare(
+        None,
+        help="control video for an IC-LoRA (--lora), PATH[:STRENGTH] (strength 0-1, default 1); one-stage only",
+        default_from="none",
+        rule=require_reference,
+        allowed="an MP4/MOV video of at least --num-frames frames (its first ones are used, resized and"
+        " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA; one-stage",
+        added_later=True,
+        doc="IC-LoRA control video (diffusers' `LTX2InContextPipeline`): `PATH[:STRENGTH]`; its first"
+        " `--num-frames` frames are resized and centre-cropped to the clip's size / `--reference-downscale` and"
+        " appended as clean tokens (STRENGTH 1: kept clean; lower: starts that far into the noise); a shorter"
+        " one is refused; needs `--lora` (the IC-LoRA); one-stage only; inside `paths.input_roots`, copied into"
+        ' the job and hashed into its digest; `reference_video = "depth.mp4:0.8"` in a batch file',
+        default_doc="none",
+        metavar="PATH[:STRENGTH]",
+    )
+    reference_downscale: int | None = declare(
+        None,
+        help="the control video is encoded at the clip's size / N (default: the IC-LoRA's metadata, else 1)",
+        default_from="none",
+        low=1,
+        high=MAX_DOWNSCALE,
+        allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N",
+        added_later=True,
+        doc="the control video is encoded at the clip's width and height / N, its positions scaled back by N"
+        " (diffusers' `reference_downscale_factor`); must match the IC-LoRA's training: when absent, its"
+        " `reference_downscale_factor` metadata (as ltx-pipelines reads it), else 1; a value the LoRA contradicts"
+        " is refused",
+        default_doc="the IC-LoRA's metadata, else 1",
+        metavar="N",
+    )
     loras: list[dict[str, Any]] = declare(
         factory=list,
         help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
@@ -598,6 +631,7 @@ class JobSpec:
                 )
         require_frames_inside(self.conditions, self.num_frames)
         self._require_valid_extension()
+        require_reference_fits_request(self.reference_video, self.pipeline, self.loras)
         self._require_valid_nag()
         self._require_valid_pipeline()
 

@@ -16,7 +16,14 @@ from pathlib import Path
 
 from protocol.families import CheckpointFamily
 from protocol.files import JOB_FILE
-from protocol.job_record import JobRecord, ResolvedCondition, ResolvedExtension, ResolvedLora, load_record
+from protocol.job_record import (
+    JobRecord,
+    ResolvedCondition,
+    ResolvedExtension,
+    ResolvedLora,
+    ResolvedReference,
+    load_record,
+)
 from protocol.spec import JobSpec
 
 
@@ -38,6 +45,8 @@ class StageRequest:
     conditions: tuple[ResolvedCondition, ...] = ()
     #: the video this clip continues (None: not an extension)
     extension: ResolvedExtension | None = None
+    #: the IC-LoRA control video in the job directory (None: none)
+    reference: ResolvedReference | None = None
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -55,6 +64,7 @@ class StageRequest:
             request_digest=record.request_digest,
             conditions=tuple(record.conditions or ()),
             extension=record.extension,
+            reference=record.reference,
         )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import LTX2ConditionPipeline, LTX2ImageToVideoPipeline, LTX2Pipeline
+from diffusers import LTX2ConditionPipeline, LTX2ImageToVideoPipeline, LTX2InContextPipeline, LTX2Pipeline
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 
 from protocol.errors import InvalidInput
@@ -26,7 +26,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import guidance, media, model_loading, nag
+from services import control_video, guidance, media, model_loading, nag
 from services.lora_fusing import fuse_loras
 from services.overlap_frames import load_overlap_frames
 from services.runtime import WorkerContext
@@ -214,12 +214,16 @@ def conditioning(
     latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
+    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions.
     """
     conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
     extension = ctx.request.extension
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
         frames = load_overlap_frames(ctx.job_dir, extension, ctx.spec)
         conditions.insert(0, LTX2VideoCondition(frames=frames, index=0, strength=1.0))
+    if ctx.request.reference is not None:  # the keyframes (and an extension's frames) are its frame conditions
+        inputs = control_video.in_context_inputs(ctx.job_dir, ctx.request.reference, conditions)
+        return LTX2InContextPipeline, video_vae(ctx, device, dtype, "the control video"), inputs
     if conditions:
         purpose = "the keyframes" if extension is None else "the extension's frames"
         return LTX2ConditionPipeline, video_vae(ctx, device, dtype, purpose), {"conditions": conditions}

@@ -191,6 +191,12 @@ def clip_tags(ctx: WorkerContext) -> dict[str, str]:
         request["conditions"] = [{**entry, "source": Path(entry["source"]).name} for entry in request["conditions"]]
     else:
         request.pop("conditions", None)
+    if request.get("reference_video"):  # by file name too; none: left out, as before control videos existed
+        reference = request["reference_video"]
+        request["reference_video"] = {**reference, "source": Path(reference["source"]).name}
+    else:
+        request.pop("reference_video", None)
+        request.pop("reference_downscale", None)
     request["request_digest"] = ctx.request.request_digest
     return {"title": ctx.spec.prompt, "comment": json.dumps(request, sort_keys=True, ensure_ascii=False)}
 

@@ -250,6 +250,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         image=built.image,
         conditions=built.conditions,
         extension=built.extension,
+        reference=built.reference,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="batch",

@@ -207,6 +207,7 @@ class Daemon:
             image=built.image,
             conditions=built.conditions,
             extension=built.extension,
+            reference=built.reference,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
             owner=DAEMON_OWNER,

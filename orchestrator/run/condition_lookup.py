@@ -48,7 +48,7 @@ def resolve_conditions(
 ) -> tuple[CheckedCondition, ...]:
     """The spec's conditions (with the image first when both are given), checked and placed; a
     notice for each video of which diffusers uses fewer frames than it has."""
-    if not spec.conditions:
+    if not spec.conditions and spec.reference_video is None:  # with a control video, the image is a condition
         return ()
     ratio = vae_temporal_ratio(model.path)
     checked = []

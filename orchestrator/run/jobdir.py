@@ -72,6 +72,7 @@ from protocol.job_record import (
     ResolvedCondition,
     ResolvedExtension,
     ResolvedLora,
+    ResolvedReference,
     StageRecord,
     load_record,
 )
@@ -214,6 +215,7 @@ class JobDir:
         owner: str = DAEMON_OWNER,
         conditions: tuple[tuple[Path, ResolvedCondition], ...] = (),
         extension: tuple[Path, ResolvedExtension] | None = None,
+        reference: tuple[Path, ResolvedReference] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -226,6 +228,8 @@ class JobDir:
         protocol.job_record.ResolvedLora; `conditions` orchestrator.run.condition_lookup.resolve_conditions's
         (each file copied under its record's `file`, the image's by `image` already); `extension`
         orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`).
+        (each file copied under its record's `file`, the image's by `image` already); `reference`
+        orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -245,6 +249,7 @@ class JobDir:
             stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
             conditions=[record for _, record in conditions] or None,
             extension=extension[1] if extension is not None else None,
+            reference=reference[1] if reference is not None else None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -261,6 +266,8 @@ class JobDir:
                     store_image(source, path / record.file)
             if extension is not None:
                 store_video(extension[0], path / extension[1].file)
+            if reference is not None:
+                store_image(reference[0], path / reference[1].file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind

@@ -27,9 +27,11 @@ from orchestrator.run.extension_lookup import (
 from orchestrator.run.inputs import require_image
 from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
+from orchestrator.run.reference_lookup import CheckedReference, resolve_reference
 from orchestrator.run.request_digest import FileHashes, RequestIdentity, identify
 from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
+from protocol.control_video import reference_request
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
 from protocol.job_record import ResolvedExtension
@@ -38,6 +40,7 @@ from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import (
     NOT_UTF8,
+    ONE_STAGE,
     SCHEDULES,
     TWO_STAGE,
     SpecError,
@@ -77,6 +80,8 @@ class BuiltSpec:
     conditions: tuple[CheckedCondition, ...] = ()
     #: the video it extends (its file, to copy into the job, and what job.json records of it)
     extension: tuple[Path, ResolvedExtension] | None = None
+    #: the IC-LoRA control video checked: copied into the job
+    reference: CheckedReference | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -126,8 +131,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         # No --name: the files are named after what they show (a prompt of the wrong type is left
         # for the spec's validation to name).
         fields["name"] = name_from_prompt(fields["prompt"])
-    if "conditions" in fields:
-        fields["conditions"] = conditions_request(fields["conditions"])
+    write_entries_as_maps(fields)
     seconds = fields.pop("seconds", None)
     if seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
@@ -136,6 +140,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
     if found is not None and fields.get("overlap") is None:
         fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
+        fields["pipeline"] = default_pipeline(fields, settings, family)
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
@@ -179,10 +184,19 @@ def resolve_files(
     if found is not None:
         record = resolve_extension(spec, found, vae_temporal_ratio(model.path), records, hashes)
         extension = (found.path, record)
+    spec, reference = resolve_reference(spec, model, loras, settings.input_roots, hashes, notices)
     identity = identify(
-        spec, model, settings, loras, stage2_lora, image, records, extension[1] if extension is not None else None
+        spec,
+        model,
+        settings,
+        loras,
+        stage2_lora,
+        image,
+        records,
+        extension[1] if extension is not None else None,
+        reference[1] if reference is not None else None,
     )
-    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension)
+    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension, reference)
 
 
 def extension_overlap(
@@ -197,6 +211,22 @@ def extension_overlap(
             f" {found.header.frames}; {ratio}·m+1 frames for this model's VAE)"
         )
     return overlap
+
+
+def write_entries_as_maps(fields: dict[str, Any]) -> None:
+    """Keyframes and the control video as maps: a batch file or a client may write them as the flags do."""
+    if "conditions" in fields:
+        fields["conditions"] = conditions_request(fields["conditions"])
+    if fields.get("reference_video") is not None:
+        fields["reference_video"] = reference_request(fields["reference_video"])
+
+
+def default_pipeline(fields: dict[str, Any], settings: Settings, family: str) -> str:
+    """The family preset's pipeline for the size; one-stage with an IC-LoRA control video, the only one it runs
+    (protocol/control_video.py), so a large LTX-2.3 clip is not refused for a choice the user never made."""
+    if fields.get("reference_video") is not None:
+        return ONE_STAGE
+    return settings.preset_pipeline(family, fields["schedule"], fields.get("width"), fields.get("height"))
 
 
 def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:

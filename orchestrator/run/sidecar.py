@@ -16,7 +16,7 @@ from orchestrator.run.request_digest import installed_versions
 from orchestrator.run.reuse import reproducibility
 from protocol.extension import AUDIO_NOTE, joined_frames
 from protocol.files import Stage
-from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedLora
+from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedLora, ResolvedReference
 
 PACKAGES = (
     "ltx2-stages",
@@ -75,6 +75,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "conditions": [condition_summary(condition) for condition in record.conditions or ()],
         # The video it continues (None: not an extension): where it came from, its hash, the overlap, the audio.
         "extension": extension_summary(record.extension, record.spec.num_frames) if record.extension else None,
+        # The IC-LoRA control video (by file name, not its local path); None without one.
+        "reference_video": reference_summary(record.reference) if record.reference else None,
         "versions": package_versions(),
         # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
         # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
@@ -95,6 +97,12 @@ def size_summary(job: JobDir) -> dict[str, list[int]]:
 def lora_summary(lora: ResolvedLora) -> dict[str, Any]:
     """What the sidecar says of a LoRA: where it came from, which file, how strongly (not its local path)."""
     return {"source": lora.source, "weight_name": lora.weight_name, "scale": lora.scale, "revision": lora.revision}
+
+
+def reference_summary(reference: ResolvedReference) -> dict[str, Any]:
+    """What the sidecar says of a control video: the file it was (by name) and its bytes' SHA-256, its frames
+    and size, the frames used, how strongly and at which downscale factor it was applied."""
+    return {**reference.to_json(), "source": Path(reference.source).name}
 
 
 def condition_summary(condition: ResolvedCondition) -> dict[str, Any]:
