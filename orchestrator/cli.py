@@ -48,6 +48,7 @@ from protocol.extension import AUDIO_NOTE, EXTEND_FIELD
 from protocol.files import JOB_FILE, LATENTS_FILE, STAGE_ORDER, Stage, read_safetensors_metadata
 from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
+from protocol.retake import RETAKE_AUDIO_NOTE, RETAKE_FIELD
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reuse_flag(generate, "print its MP4")
 
     add_extend_command(add_command)
+    add_retake_command(add_command)
 
     submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
@@ -185,6 +187,22 @@ def add_extend_command(add_command: Callable[..., argparse.ArgumentParser]) -> N
     add_reuse_flag(extend, "print its MP4")
 
 
+def add_retake_command(add_command: Callable[..., argparse.ArgumentParser]) -> None:
+    """`ltx2 retake SOURCE --from-frame A --to-frame B`: `generate --retake SOURCE`, with generate's output flags."""
+    retake = add_command(
+        "retake",
+        help="regenerate frames A..B of a finished job's clip, keeping its other latent frames bit for bit",
+        description="Render SOURCE (a finished job's id) again with frames --from-frame A to --to-frame B (whole"
+        " latent frames) regenerated from the prompt and every other latent frame held at SOURCE's latents, as"
+        " ltx-pipelines' retake does; model, size, frames and fps are SOURCE's. Publishes one MP4 of SOURCE's"
+        f" length. Audio: {RETAKE_AUDIO_NOTE}.",
+    )
+    retake.add_argument("source", metavar="JOB_ID", help="the finished job whose clip is retaken")
+    add_spec_flags(retake, leave_out=(RETAKE_FIELD,))
+    add_output_flags(retake)
+    add_reuse_flag(retake, "print its MP4")
+
+
 def add_output_flags(command: argparse.ArgumentParser) -> None:
     """Where a command that renders now puts its MP4 (--output-dir or --output), and --quiet."""
     where = command.add_mutually_exclusive_group()
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     SuggestingParser.argv = tuple(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if getattr(args, "output", None) is not None and args.command in ("generate", "extend"):
+    if getattr(args, "output", None) is not None and args.command in ("generate", "extend", "retake"):
         split_output_path(parser, args)
     configure_logging(args.command, args.verbose)
     try:
@@ -295,6 +313,8 @@ def run_command(args: argparse.Namespace, settings: Settings) -> int:
         return generate(args, settings)
     if args.command == "extend":
         return extend(args, settings)
+    if args.command == "retake":
+        return retake(args, settings)
     if args.command == "decode":
         return decode(args, settings)
     if args.command == "batch":
@@ -372,6 +392,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         conditions=built.conditions,
         extension=built.extension,
         reference=built.reference,
+        retake=built.retake,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",
@@ -401,6 +422,17 @@ def extend(args: argparse.Namespace, settings: Settings) -> int:
         if exc.field != EXTEND_FIELD:
             raise
         return fail(f"extend: {args.source}: {exc.reason}", ExitCode.INVALID_INPUT)
+
+
+def retake(args: argparse.Namespace, settings: Settings) -> int:
+    """`ltx2 retake SOURCE`: `ltx2 generate --retake SOURCE`; what is wrong with SOURCE names it as given."""
+    args.retake = args.source
+    try:
+        return generate(args, settings)
+    except SpecError as exc:
+        if exc.field != RETAKE_FIELD:
+            raise
+        return fail(f"retake: {args.source}: {exc.reason}", ExitCode.INVALID_INPUT)
 
 
 def extend_chain(args: argparse.Namespace, settings: Settings) -> int:

@@ -27,6 +27,8 @@ INPUT_IMAGE_FILE = "input_image.png"
 # second output, the source followed by the new frames after the overlap.
 EXTEND_SOURCE_FILE = "extend_source.mp4"
 JOINED_FILE = "joined.mp4"
+# Retake jobs (protocol/retake.py): the source job's latents as the job holds them (hard-linked).
+RETAKE_SOURCE_FILE = "retake_source.safetensors"
 FIRST_FRAME_FILE = "first.png"
 LAST_FRAME_FILE = "last.png"
 # Hashing reads files in pieces so a multi-GB MP4 never sits in memory.

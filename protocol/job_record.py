@@ -246,6 +246,26 @@ def read_extension(raw: object, where: str, at: str) -> ResolvedExtension | None
 
 
 @dataclasses.dataclass(frozen=True)
+class ResolvedRetake(RecordFields):
+    """The clip a job retakes, as the orchestrator checked and stored it (orchestrator/run/retake_lookup.py): the
+    diffusion stage starts from `file`'s latents, regenerates latent frames [start, stop) and holds the rest."""
+
+    source: str  #: what the request named: the source job's id
+    file: str  #: the source's latents inside the job directory (protocol.files.RETAKE_SOURCE_FILE)
+    sha256: str  #: the SHA-256 of those latents' bytes, as the request digest holds it
+    frames: int  #: the source's frame count (the retake's too)
+    from_frame: int  #: the first pixel frame regenerated
+    to_frame: int  #: the last pixel frame regenerated
+    start: int  #: the first latent frame regenerated
+    stop: int  #: one past the last latent frame regenerated
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_retake(raw: object, where: str, at: str) -> ResolvedRetake | None:
+    return None if raw is None else ResolvedRetake.from_json(raw, where, at)
+
+
+@dataclasses.dataclass(frozen=True)
 class ResolvedReference(RecordFields):
     """The IC-LoRA control video as the orchestrator checked and stored it (orchestrator/run/reference_lookup.py):
     the diffusion stage hands `file`'s first `frames_used` frames to LTX2InContextPipeline; the sidecar reports it."""
@@ -419,6 +439,8 @@ class JobRecord(RecordFields):
     extension: ResolvedExtension | None = None
     #: the IC-LoRA control video, resolved and copied into the job; None: none (left out of job.json)
     reference: ResolvedReference | None = None
+    #: the clip it retakes (its latents copied into the job); None: not a retake (left out of job.json)
+    retake: ResolvedRetake | None = None
     #: the prompt-embedding cache beside the jobs (services/embedding_cache.py); None: made before it existed
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
@@ -444,6 +466,7 @@ class JobRecord(RecordFields):
         "conditions": read_conditions,
         "extension": read_extension,
         "reference": read_optional_reference,
+        "retake": read_retake,
         "publish": read_publish,
         "owner": read_owner,
     }

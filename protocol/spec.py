@@ -19,6 +19,7 @@ from protocol.conditions import require_conditions, require_frames_inside
 from protocol.control_video import MAX_DOWNSCALE, require_reference, require_reference_fits_request
 from protocol.extension import AUDIO_NOTE, OVERLAP_FIELD
 from protocol.request_fields import Declared, declare, fields_of
+from protocol.retake import FROM_FIELD, RETAKE_AUDIO_NOTE, RETAKE_FIELD, TO_FIELD
 from protocol.spec_rules import (
     DISTILLED_STEPS,
     DTYPES,
@@ -424,6 +425,52 @@ class JobSpec:
         default_doc="3r+1 (25 for LTX-2), or the longest that fits",
         metavar="K",
     )
+    #: retake (protocol/retake.py): a finished job's id whose frames from_frame..to_frame are regenerated, the
+    #: rest of its latents kept bit for bit
+    retake: str | None = declare(
+        None,
+        help="regenerate frames --from-frame..--to-frame of a finished job's clip (its id), keeping its other latent"
+        " frames bit for bit (model, size, frames and fps are the source's); " + RETAKE_AUDIO_NOTE,
+        default_from="none",
+        rule=require_extend_source,
+        allowed="a finished job's id (not an extension's)",
+        added_later=True,
+        doc="retake (`ltx2 retake SOURCE` is `generate --retake SOURCE`; see [Retake](rendering.md#retake)): a"
+        " finished job's id; its latents are copied into the job and hashed into its digest, the latent frames"
+        " of `--from-frame`..`--to-frame` are regenerated from noise and every other one is held at the"
+        " source's latents (ltx-pipelines' `TemporalRegionMask`), so the MP4 has the source's frame count;"
+        " `--model`, `--width`, `--height`, `--num-frames` and `--fps` are the source job's; " + RETAKE_AUDIO_NOTE,
+        default_doc="none",
+        metavar="JOB_ID",
+    )
+    from_frame: int | None = declare(
+        None,
+        help="with --retake: the first pixel frame to regenerate, where a latent frame starts (0, 1, 9, 17, ... for"
+        " LTX-2)",
+        default_from="none",
+        low=0,
+        high=MAX_FRAMES,
+        allowed="0 or r·m+1 (0, 1, 9, 17, ... for LTX-2), at most --to-frame",
+        added_later=True,
+        doc="with `--retake`: the first pixel frame regenerated; where a latent frame starts (0, 1, 9, 17, … with"
+        " r = 8; refused with the nearest allowed otherwise)",
+        default_doc="none",
+        metavar="A",
+    )
+    to_frame: int | None = declare(
+        None,
+        help="with --retake: the last pixel frame to regenerate, where a latent frame ends (0, 8, 16, 24, ... for"
+        " LTX-2)",
+        default_from="none",
+        low=0,
+        high=MAX_FRAMES,
+        allowed="0 or r·m (0, 8, 16, 24, ... for LTX-2), inside the source",
+        added_later=True,
+        doc="with `--retake`: the last pixel frame regenerated; where a latent frame ends (0, 8, 16, 24, … with"
+        " r = 8; refused with the nearest allowed otherwise), inside the source's frames",
+        default_doc="none",
+        metavar="B",
+    )
     #: IC-LoRA control video: {source, strength} (protocol/control_video.py); the flag writes PATH[:STRENGTH]
     reference_video: dict[str, Any] | None = declare(
         None,
@@ -631,6 +678,7 @@ class JobSpec:
                 )
         require_frames_inside(self.conditions, self.num_frames)
         self._require_valid_extension()
+        self._require_valid_retake()
         require_reference_fits_request(self.reference_video, self.pipeline, self.loras)
         self._require_valid_nag()
         self._require_valid_pipeline()
@@ -684,6 +732,32 @@ class JobSpec:
                 "image",
                 "an extension starts with the source's last frames, which --image would replace; give keyframes"
                 " after the overlap with --condition",
+            )
+
+    def _require_valid_retake(self) -> None:
+        """A retake's range comes with its source and is in order; the retake regenerates part of a clip with
+        one pass at its size, so nothing else may place frames in it (the latent-grid and source checks are
+        orchestrator/run/retake_lookup.py's, which knows the VAE and the source)."""
+        given = [name for name in (FROM_FIELD, TO_FIELD) if getattr(self, name) is not None]
+        if self.retake is None:
+            if given:
+                raise SpecError(given[0], "needs --retake SOURCE (or ltx2 retake SOURCE): the clip to retake")
+            return
+        if len(given) < 2:
+            missing = TO_FIELD if FROM_FIELD in given else FROM_FIELD
+            raise SpecError(missing, "a retake needs both --from-frame A and --to-frame B (the frames regenerated)")
+        if self.from_frame > self.to_frame:
+            raise SpecError(FROM_FIELD, f"{self.from_frame} is after --to-frame {self.to_frame}; A must be <= B")
+        taken = {"extend": self.extend, "image": self.image, "condition": self.conditions or None}
+        taken["reference_video"] = self.reference_video
+        for name, value in taken.items():
+            if value is not None:
+                raise SpecError(name, "cannot be combined with --retake: the frames outside the range are the source's")
+        if self.pipeline == TWO_STAGE:
+            raise SpecError(
+                RETAKE_FIELD,
+                "a retake is one pass at the source's size (its latents are held as they are); use --pipeline"
+                " one-stage",
             )
 
     def _require_valid_nag(self) -> None:

@@ -22,6 +22,7 @@ from protocol.job_record import (
     ResolvedExtension,
     ResolvedLora,
     ResolvedReference,
+    ResolvedRetake,
     load_record,
 )
 from protocol.spec import JobSpec
@@ -47,6 +48,8 @@ class StageRequest:
     extension: ResolvedExtension | None = None
     #: the IC-LoRA control video in the job directory (None: none)
     reference: ResolvedReference | None = None
+    #: the clip whose latents this one regenerates in part (None: not a retake)
+    retake: ResolvedRetake | None = None
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -65,6 +68,7 @@ class StageRequest:
             conditions=tuple(record.conditions or ()),
             extension=record.extension,
             reference=record.reference,
+            retake=record.retake,
         )
 
 

@@ -3,7 +3,8 @@
 A one-stage run is one pass at the clip's size; a two-stage run (services/two_stage.py) is two, at
 half and at full size, over the same transformer (with a dev schedule, stage 2 runs over a second
 load of it with the distilled LoRA fused as well). Each pass is LTX2Pipeline (or, with a
-conditioning image, LTX2ImageToVideoPipeline; with keyframes or a video to extend, LTX2ConditionPipeline) of diffusers
+conditioning image, LTX2ImageToVideoPipeline; with keyframes or a video to extend, LTX2ConditionPipeline; for a
+retake, services/retake_pipeline.py's subclass of it) of diffusers
 0.42.1 called with `output_type="latent"`, which is what makes the staged result equal the
 single-process one (DESIGN.md rule 6).
 """
@@ -27,8 +28,10 @@ from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
 from services import control_video, guidance, media, model_loading, nag
+from services.latents import read_latents
 from services.lora_fusing import fuse_loras
 from services.overlap_frames import load_overlap_frames
+from services.retake_pipeline import LTX2RetakePipeline, RetakeRegion
 from services.runtime import WorkerContext
 
 # Embedding keys of the negative prompt: only CFG and NAG read them.
@@ -215,7 +218,11 @@ def conditioning(
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
     An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions.
+    A retake runs services/retake_pipeline.py's LTX2RetakePipeline from the source's latents, which it only
+    normalizes: the VAE's statistics suffice.
     """
+    if ctx.request.retake is not None:  # the source's latents, its frames outside the range held
+        return LTX2RetakePipeline, video_stats, {"retake": retake_region(ctx, device)}
     conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
     extension = ctx.request.extension
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
@@ -233,6 +240,20 @@ def conditioning(
     image = load_conditioning_image(ctx.job_dir / INPUT_IMAGE_FILE, run.width, run.height)
     crf = image_crf(ctx.request.family)
     return LTX2ImageToVideoPipeline, vae, {"image": image, "image_crf": crf}
+
+
+def retake_region(ctx: WorkerContext, device: torch.device) -> RetakeRegion:
+    """The retaken job's source latents (the job's copy) and the range it regenerates."""
+    retake = ctx.request.retake
+    tensors, _ = read_latents(ctx.job_dir / retake.file)
+    return RetakeRegion(
+        video=tensors["video"].to(device),
+        audio=tensors["audio"].to(device),
+        start=retake.start,
+        stop=retake.stop,
+        first=retake.from_frame,
+        last=retake.to_frame,
+    )
 
 
 def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:

@@ -251,6 +251,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         conditions=built.conditions,
         extension=built.extension,
         reference=built.reference,
+        retake=built.retake,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="batch",

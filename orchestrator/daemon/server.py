@@ -208,6 +208,7 @@ class Daemon:
             conditions=built.conditions,
             extension=built.extension,
             reference=built.reference,
+            retake=built.retake,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
             owner=DAEMON_OWNER,

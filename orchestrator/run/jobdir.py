@@ -73,6 +73,7 @@ from protocol.job_record import (
     ResolvedExtension,
     ResolvedLora,
     ResolvedReference,
+    ResolvedRetake,
     StageRecord,
     load_record,
 )
@@ -216,6 +217,7 @@ class JobDir:
         conditions: tuple[tuple[Path, ResolvedCondition], ...] = (),
         extension: tuple[Path, ResolvedExtension] | None = None,
         reference: tuple[Path, ResolvedReference] | None = None,
+        retake: tuple[Path, ResolvedRetake] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -229,7 +231,8 @@ class JobDir:
         (each file copied under its record's `file`, the image's by `image` already); `extension`
         orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`).
         (each file copied under its record's `file`, the image's by `image` already); `reference`
-        orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise).
+        orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise); `retake`
+        orchestrator.run.retake_lookup's source latents and their record (linked under its `file`).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -250,6 +253,7 @@ class JobDir:
             conditions=[record for _, record in conditions] or None,
             extension=extension[1] if extension is not None else None,
             reference=reference[1] if reference is not None else None,
+            retake=retake[1] if retake is not None else None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -268,6 +272,8 @@ class JobDir:
                 store_video(extension[0], path / extension[1].file)
             if reference is not None:
                 store_image(reference[0], path / reference[1].file)
+            if retake is not None:
+                store_video(retake[0], path / retake[1].file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind

@@ -29,12 +29,13 @@ from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_cached, resolve_model
 from orchestrator.run.reference_lookup import CheckedReference, resolve_reference
 from orchestrator.run.request_digest import FileHashes, RequestIdentity, identify
+from orchestrator.run.retake_lookup import RetakeSource, find_retake_source, resolve_retake, retake_defaults
 from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
 from protocol.control_video import reference_request
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
-from protocol.job_record import ResolvedExtension
+from protocol.job_record import ResolvedExtension, ResolvedRetake
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
 from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
@@ -82,6 +83,8 @@ class BuiltSpec:
     extension: tuple[Path, ResolvedExtension] | None = None
     #: the IC-LoRA control video checked: copied into the job
     reference: CheckedReference | None = None
+    #: the clip it retakes (its latents file, to link into the job, and what job.json records of it)
+    retake: tuple[Path, ResolvedRetake] | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -118,6 +121,9 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     found = find_source(request["extend"], settings) if request.get("extend") is not None else None
     if found is not None:  # the source's model, size and frame rate unless the request gives its own
         request = {**request, **source_defaults(found, request)}
+    retaken = find_retake_source(request["retake"], settings) if request.get("retake") is not None else None
+    if retaken is not None:  # the source's model, size, frames and frame rate: its latents have that shape
+        request = {**request, **retake_defaults(retaken, request)}
     model_name = request.get("model")
     if model_name is not None and not isinstance(model_name, str):
         raise SpecError("model", f"must be a string, got {model_name!r}")
@@ -141,6 +147,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if found is not None and fields.get("overlap") is None:
         fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
         fields["pipeline"] = default_pipeline(fields, settings, family)
+    if retaken is not None and request.get("pipeline") is None:
+        fields["pipeline"] = ONE_STAGE  # the only pipeline a retake runs (protocol/spec.py)
     camera = fields.pop("camera", None)
     if camera is not None:
         fields["loras"] = [camera_lora(camera, settings), *fields.get("loras", [])]
@@ -150,7 +158,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if spec.pipeline == TWO_STAGE:
         require_latent_upsampler(model)
     notices += unused_field_warnings(spec, request)
-    return resolve_files(spec, model, settings, notices, found)
+    return resolve_files(spec, model, settings, notices, found, retaken)
 
 
 def unused_field_warnings(spec: JobSpec, request: dict[str, Any]) -> list[str]:
@@ -168,10 +176,15 @@ def unused_field_warnings(spec: JobSpec, request: dict[str, Any]) -> list[str]:
 
 
 def resolve_files(
-    spec: JobSpec, model: ResolvedModel, settings: Settings, notices: list[str], found: ExtensionSource | None
+    spec: JobSpec,
+    model: ResolvedModel,
+    settings: Settings,
+    notices: list[str],
+    found: ExtensionSource | None,
+    retaken: RetakeSource | None = None,
 ) -> BuiltSpec:
-    """The spec's files looked up and checked (LoRAs, image, keyframes, the video it extends), and the
-    request's digest over them."""
+    """The spec's files looked up and checked (LoRAs, image, keyframes, the video it extends, the clip it
+    retakes), and the request's digest over them."""
     loras = tuple(resolve_lora(lora, settings.input_roots) for lora in spec.loras)
     stage2_lora = None
     if spec.stage2_lora is not None:
@@ -184,6 +197,9 @@ def resolve_files(
     if found is not None:
         record = resolve_extension(spec, found, vae_temporal_ratio(model.path), records, hashes)
         extension = (found.path, record)
+    retake = None
+    if retaken is not None:
+        retake = (retaken.latents, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
     spec, reference = resolve_reference(spec, model, loras, settings.input_roots, hashes, notices)
     identity = identify(
         spec,
@@ -195,8 +211,11 @@ def resolve_files(
         records,
         extension[1] if extension is not None else None,
         reference[1] if reference is not None else None,
+        retake[1] if retake is not None else None,
     )
-    return BuiltSpec(spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension, reference)
+    return BuiltSpec(
+        spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension, reference, retake
+    )
 
 
 def extension_overlap(

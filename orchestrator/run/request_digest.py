@@ -18,6 +18,8 @@ kept beside the digest in job.json (`digest_inputs`) so a user can see why two d
   request names the source by job id or path; its bytes are what decide the output);
 - `reference_video` (only when the request has an IC-LoRA control video): its SHA-256 and strength (its
   downscale factor, resolved, is in `request`);
+- `retake` (only for a retake): the SHA-256 of the source job's latents file and the range (the request
+  names the source by job id; a rerun of that job could hold other bytes);
 - `plans`: each stage's first plan (orchestrator.run.policy.initial_plan), which carries every setting that
   changes numerics: FP8 accumulation, compile and Inductor's deterministic mode, the decode plan the
   memory profile picks, x264's preset and thread count, where the audio decodes;
@@ -45,7 +47,7 @@ from config.settings import Settings
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
-from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedReference
+from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedReference, ResolvedRetake
 from protocol.spec import SPEC_FIELDS, JobSpec
 
 # Packages whose code computes the latents, the waveform or the MP4's bytes (PyAV carries FFmpeg and x264).
@@ -53,7 +55,7 @@ NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft",
 # Spec fields that change no bit of the output (declared with digest=False in protocol/spec.py).
 UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "extend"})
+FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "extend", "retake"})
 FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "reference_video"})
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -86,6 +88,7 @@ def identify(
     conditions: tuple[ResolvedCondition, ...] = (),
     extension: ResolvedExtension | None = None,
     reference: ResolvedReference | None = None,
+    retake: ResolvedRetake | None = None,
 ) -> RequestIdentity:
     """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec).
 
@@ -110,6 +113,8 @@ def identify(
         inputs["extension"] = {"sha256": extension.sha256, "frames": extension.frames, "overlap": extension.overlap}
     if reference is not None:  # left out otherwise, so every digest made before control videos stays
         inputs["reference_video"] = {"sha256": reference.sha256, "strength": reference.strength}
+    if retake is not None:  # the source's latents by their bytes (its id would name other bytes after a rerun)
+        inputs["retake"] = {"sha256": retake.sha256, "from_frame": retake.from_frame, "to_frame": retake.to_frame}
     return RequestIdentity(sha256_json(inputs), inputs)
 
 

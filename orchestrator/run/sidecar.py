@@ -16,7 +16,14 @@ from orchestrator.run.request_digest import installed_versions
 from orchestrator.run.reuse import reproducibility
 from protocol.extension import AUDIO_NOTE, joined_frames
 from protocol.files import Stage
-from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedLora, ResolvedReference
+from protocol.job_record import (
+    ResolvedCondition,
+    ResolvedExtension,
+    ResolvedLora,
+    ResolvedReference,
+    ResolvedRetake,
+)
+from protocol.retake import RETAKE_AUDIO_NOTE
 
 PACKAGES = (
     "ltx2-stages",
@@ -77,6 +84,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "extension": extension_summary(record.extension, record.spec.num_frames) if record.extension else None,
         # The IC-LoRA control video (by file name, not its local path); None without one.
         "reference_video": reference_summary(record.reference) if record.reference else None,
+        # The clip it retakes (only for a retake): the source job, its latents' hash, the range, the audio.
+        **({"retake": retake_summary(record.retake)} if record.retake else {}),
         "versions": package_versions(),
         # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
         # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
@@ -117,6 +126,20 @@ def condition_summary(condition: ResolvedCondition) -> dict[str, Any]:
         "latent_index": condition.latent_index,
         "strength": condition.strength,
         "crf": condition.crf,
+    }
+
+
+def retake_summary(retake: ResolvedRetake) -> dict[str, Any]:
+    """What the sidecar says of the clip a job retakes: its job, its latents' SHA-256, the frames and latent
+    frames regenerated, and what became of the audio."""
+    return {
+        "source_job": retake.source,
+        "sha256": retake.sha256,
+        "frames": retake.frames,
+        "from_frame": retake.from_frame,
+        "to_frame": retake.to_frame,
+        "latent_frames": [retake.start, retake.stop - 1],
+        "audio": RETAKE_AUDIO_NOTE,
     }
 
 
