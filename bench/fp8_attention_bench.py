@@ -5,8 +5,8 @@ a 768x512 LTX-2.0 clip; batch 1, 32 heads of 128) and input kind:
 
 - times (CUDA events, median of --repeats after warm-ups) of torch's bf16 SDPA as the stage runs it
   (torch picks the backend), cuDNN's and FlashAttention's bf16 backends forced, and
-  services.fp8_attention (quantisation of q, k, v included), plus the FP8 kernel alone on operands
-  quantised beforehand;
+  services.fp8_attention (quantisation of q, k, v included) eager and compiled (the quantisation fused by
+  Inductor, as `--compile` runs it), and the quantisation alone (eager);
 - the error of bf16 SDPA and of FP8 attention against an fp32 reference on the first
   --reference-queries queries: relative RMS, PSNR (peak = the reference's max |value|) and max |error|;
 - whether two FP8 calls on the same inputs give equal bits.
@@ -160,6 +160,8 @@ def main() -> int:
     path.write_text(json.dumps(report, indent=1))
     if report["unavailable"]:
         return 1
+    # As `--compile` runs it: Inductor fuses the quantisation around the kernel's operator.
+    compiled_fp8 = torch.compile(fp8_attention.fp8_attention, dynamic=False)
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         for kind in KINDS:
@@ -185,6 +187,7 @@ def main() -> int:
                 "bf16_cudnn": (sdpa("cudnn"), (q, k, v)),
                 "bf16_flash": (sdpa("flash"), (q, k, v)),
                 "fp8": (fp8_attention.fp8_attention, (q, k, v)),
+                "fp8_compiled": (compiled_fp8, (q, k, v)),
             }
             for label, (function, call_args) in timings.items():
                 try:
