@@ -49,13 +49,31 @@ def camera_cache(hf_home: Path, lora_files: dict[str, Path]) -> Path:
     return snapshot / CAMERA_FILE
 
 
+# The plain request's latents per model folder, rendered once per test session: several files compare
+# their variant (a LoRA, FP8, offload, an image) with it, and equal requests give equal bits (rule 6).
+PLAIN_LATENTS: dict[str, dict[str, torch.Tensor]] = {}
+
+
 def encode(
     tiny_model_dir: Path, tmp_path: Path, name: str, shared: dict | None = None, **request: object
 ) -> dict[str, torch.Tensor]:
     """Run the encode_diffuse stage function in this process on a fresh job; return its latents.
 
     `shared` is the group worker's dict of loaded models: pass one dict to several calls to run
-    them as the jobs of one stage-major group (one transformer, loaded once)."""
+    them as the jobs of one stage-major group (one transformer, loaded once). The plain request
+    (no extra fields, no group) is rendered once per model folder and session; callers get copies."""
+    if shared is None and not request:
+        key = str(tiny_model_dir)
+        if key not in PLAIN_LATENTS:
+            PLAIN_LATENTS[key] = encode_job(tiny_model_dir, tmp_path, name, None)
+        return {stream: tensor.clone() for stream, tensor in PLAIN_LATENTS[key].items()}
+    return encode_job(tiny_model_dir, tmp_path, name, shared, **request)
+
+
+def encode_job(
+    tiny_model_dir: Path, tmp_path: Path, name: str, shared: dict | None, **request: object
+) -> dict[str, torch.Tensor]:
+    """`encode` without the session's copy of the plain request: always a fresh job."""
     settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path)})
     fields = {
         "prompt": "a dolly in",
