@@ -3,17 +3,15 @@ tolerance, with inductor's caches kept under the state directory for later worke
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from conftest import run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, StartedRender, run_ltx2
 
 from protocol.files import LATENTS_FILE
 from services.latents import read_latents
 
-FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite", "--seed", "3"]
-FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet"]
+FLAGS = LIGHTHOUSE_FLAGS
 
 
 def latest_latents(state: Path) -> dict[str, torch.Tensor]:
@@ -25,17 +23,16 @@ def cached_graphs(cache: Path) -> set[str]:
     return {str(path.relative_to(cache)) for path in (cache / "fxgraph").rglob("*") if path.is_file()}
 
 
-def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(ltx2_env: dict, tmp_path: Path):
+def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(
+    ltx2_env: dict, eager_lighthouse: StartedRender
+):
     state = Path(ltx2_env["LTX2_STATE_DIR"])
-    # The eager reference runs beside the compiled run, in a state dir of its own: two independent
-    # processes keep CI's two cores busy while either spends seconds on one (imports, inductor's codegen).
-    eager_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "eager-state")}
-    with ThreadPoolExecutor(max_workers=1) as beside:
-        eager_run = beside.submit(run_ltx2, ["generate", *FLAGS], eager_env)
-        compiled = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
-        eager = eager_run.result()
-    assert eager.returncode == 0, eager.stderr
-    reference = latest_latents(Path(eager_env["LTX2_STATE_DIR"]))
+    # The eager reference (the session's render of FLAGS, which test_reproducible renders again) runs
+    # beside the compiled run, in a state dir of its own: two independent processes keep CI's two cores
+    # busy while either spends seconds on one (imports, inductor's codegen).
+    compiled = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
+    _, eager_job = eager_lighthouse.finished()
+    reference = read_latents(eager_job / LATENTS_FILE)[0]
     assert compiled.returncode == 0, compiled.stderr
     result = latest_latents(state)
     for key in ("video", "audio"):
