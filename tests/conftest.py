@@ -200,6 +200,32 @@ def eager_lighthouse(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield StartedRender(env, pool.submit(run_ltx2, ["generate", *LIGHTHOUSE_FLAGS], env))
 
 
+@dataclasses.dataclass
+class CompiledRender:
+    """A finished `ltx2 generate --compile` and the environment it ran in (its state dir holds the
+    inductor cache it wrote, `compile-cache`)."""
+
+    result: subprocess.CompletedProcess[str]
+    env: dict[str, str]
+
+    @property
+    def compile_cache(self) -> Path:
+        """The inductor cache the run left in its state dir (the run must have succeeded)."""
+        assert self.result.returncode == 0, self.result.stderr
+        return Path(self.env["LTX2_STATE_DIR"]) / "compile-cache"
+
+
+@pytest.fixture(scope="session")
+def compiled_lighthouse(
+    hf_home: Path, tmp_path_factory: pytest.TempPathFactory, eager_lighthouse: StartedRender
+) -> CompiledRender:
+    """LIGHTHOUSE_FLAGS rendered with --compile, beside `eager_lighthouse` (which it starts): test_compile's
+    first compiled render. test_nag's compiled run starts from a copy of its inductor cache, as a later
+    job of the same state dir would: the kernels both graphs share are compiled once a session."""
+    env = ltx2_environment(hf_home, tmp_path_factory.mktemp("compiled-lighthouse"))
+    return CompiledRender(run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--compile"], env), env)
+
+
 def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:
     """The tests of the requesting fixture's module that this session runs (after -k, node ids, ...):
     a module fixture that starts the tests' runs ahead of them starts only those."""

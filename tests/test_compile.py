@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from conftest import LIGHTHOUSE_FLAGS, StartedRender, run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, run_ltx2
 
 from protocol.files import LATENTS_FILE
 from services.latents import read_latents
@@ -24,13 +24,14 @@ def cached_graphs(cache: Path) -> set[str]:
 
 
 def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(
-    ltx2_env: dict, eager_lighthouse: StartedRender
+    compiled_lighthouse: CompiledRender, eager_lighthouse: StartedRender
 ):
-    state = Path(ltx2_env["LTX2_STATE_DIR"])
-    # The eager reference (the session's render of FLAGS, which test_reproducible renders again) runs
-    # beside the compiled run, in a state dir of its own: two independent processes keep CI's two cores
-    # busy while either spends seconds on one (imports, inductor's codegen).
-    compiled = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
+    # The compiled run (the session's: test_nag's compiled run starts from a copy of its cache) ran beside
+    # the eager reference (which test_reproducible renders again), each in a state dir of its own: two
+    # independent processes keep CI's two cores busy while either spends seconds on one (imports,
+    # inductor's codegen).
+    compiled, env = compiled_lighthouse.result, compiled_lighthouse.env
+    state = Path(env["LTX2_STATE_DIR"])
     _, eager_job = eager_lighthouse.finished()
     reference = read_latents(eager_job / LATENTS_FILE)[0]
     assert compiled.returncode == 0, compiled.stderr
@@ -42,7 +43,7 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
     assert graphs, "inductor wrote no compiled graph into the state directory's cache"
     # A new worker (a new job of the same request) loads the compiled graphs instead of compiling again,
     # and makes the same bits: bit-equal latents, a byte-identical MP4 (DESIGN.md rule 6).
-    again = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
+    again = run_ltx2(["generate", *FLAGS, "--compile"], env)
     assert again.returncode == 0, again.stderr
     assert cached_graphs(cache) == graphs
     repeated = latest_latents(state)
