@@ -6,16 +6,19 @@ ZeroMQ or PyAV is mocked.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from orchestrator.placement.fork_client import ForkServer
+from protocol.model_ids import TINY_REPO_ID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
@@ -160,6 +163,67 @@ def run_ltx2_two_at_a_time(runs: list[tuple[list[str], dict[str, str]]]) -> list
     """
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda run: run_ltx2(*run), runs))
+
+
+# One tiny request that two modules render eagerly: test_reproducible renders it twice, test_compile
+# compares its compiled render with it.
+LIGHTHOUSE_FLAGS = ["--model", TINY_REPO_ID, "--prompt", "a lighthouse in a gale", "--seed", "7"]
+LIGHTHOUSE_FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet"]
+
+
+@dataclasses.dataclass
+class StartedRender:
+    """An `ltx2 generate` running in the background, in a state dir and output folder of its own."""
+
+    env: dict[str, str]  #: its environment: another render of the same request may go beside it
+    run: Future[subprocess.CompletedProcess[str]]
+
+    def finished(self) -> tuple[subprocess.CompletedProcess[str], Path]:
+        """Its result, once it succeeded, and its job's directory (from the sidecar of its MP4)."""
+        result = self.run.result()
+        assert result.returncode == 0, result.stderr
+        return result, job_dir_of(result)
+
+
+def job_dir_of(result: subprocess.CompletedProcess[str]) -> Path:
+    """The job directory of a finished `ltx2 generate`, named by the sidecar beside the MP4 it printed."""
+    return Path(json.loads(Path(result.stdout.strip()).with_suffix(".json").read_text())["job_dir"])
+
+
+@pytest.fixture(scope="session")
+def eager_lighthouse(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartedRender]:
+    """LIGHTHOUSE_FLAGS rendered once for the session, started in the background when first asked
+    for: test_compile renders the compiled variant meanwhile (two processes keep CI's two cores busy),
+    and test_reproducible takes it as the first of its two renders."""
+    env = ltx2_environment(hf_home, tmp_path_factory.mktemp("lighthouse"))
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield StartedRender(env, pool.submit(run_ltx2, ["generate", *LIGHTHOUSE_FLAGS], env))
+
+
+@dataclasses.dataclass
+class CompiledRender:
+    """A finished `ltx2 generate --compile` and the environment it ran in (its state dir holds the
+    inductor cache it wrote, `compile-cache`)."""
+
+    result: subprocess.CompletedProcess[str]
+    env: dict[str, str]
+
+    @property
+    def compile_cache(self) -> Path:
+        """The inductor cache the run left in its state dir (the run must have succeeded)."""
+        assert self.result.returncode == 0, self.result.stderr
+        return Path(self.env["LTX2_STATE_DIR"]) / "compile-cache"
+
+
+@pytest.fixture(scope="session")
+def compiled_lighthouse(
+    hf_home: Path, tmp_path_factory: pytest.TempPathFactory, eager_lighthouse: StartedRender
+) -> CompiledRender:
+    """LIGHTHOUSE_FLAGS rendered with --compile, beside `eager_lighthouse` (which it starts): test_compile's
+    first compiled render. test_nag's compiled run starts from a copy of its inductor cache, as a later
+    job of the same state dir would: the kernels both graphs share are compiled once a session."""
+    env = ltx2_environment(hf_home, tmp_path_factory.mktemp("compiled-lighthouse"))
+    return CompiledRender(run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--compile"], env), env)
 
 
 def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:

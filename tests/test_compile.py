@@ -3,17 +3,15 @@ tolerance, with inductor's caches kept under the state directory for later worke
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from conftest import run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, run_ltx2
 
 from protocol.files import LATENTS_FILE
 from services.latents import read_latents
 
-FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite", "--seed", "3"]
-FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet"]
+FLAGS = LIGHTHOUSE_FLAGS
 
 
 def latest_latents(state: Path) -> dict[str, torch.Tensor]:
@@ -25,17 +23,17 @@ def cached_graphs(cache: Path) -> set[str]:
     return {str(path.relative_to(cache)) for path in (cache / "fxgraph").rglob("*") if path.is_file()}
 
 
-def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(ltx2_env: dict, tmp_path: Path):
-    state = Path(ltx2_env["LTX2_STATE_DIR"])
-    # The eager reference runs beside the compiled run, in a state dir of its own: two independent
-    # processes keep CI's two cores busy while either spends seconds on one (imports, inductor's codegen).
-    eager_env = {**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "eager-state")}
-    with ThreadPoolExecutor(max_workers=1) as beside:
-        eager_run = beside.submit(run_ltx2, ["generate", *FLAGS], eager_env)
-        compiled = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
-        eager = eager_run.result()
-    assert eager.returncode == 0, eager.stderr
-    reference = latest_latents(Path(eager_env["LTX2_STATE_DIR"]))
+def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graphs(
+    compiled_lighthouse: CompiledRender, eager_lighthouse: StartedRender
+):
+    # The compiled run (the session's: test_nag's compiled run starts from a copy of its cache) ran beside
+    # the eager reference (which test_reproducible renders again), each in a state dir of its own: two
+    # independent processes keep CI's two cores busy while either spends seconds on one (imports,
+    # inductor's codegen).
+    compiled, env = compiled_lighthouse.result, compiled_lighthouse.env
+    state = Path(env["LTX2_STATE_DIR"])
+    _, eager_job = eager_lighthouse.finished()
+    reference = read_latents(eager_job / LATENTS_FILE)[0]
     assert compiled.returncode == 0, compiled.stderr
     result = latest_latents(state)
     for key in ("video", "audio"):
@@ -45,7 +43,7 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
     assert graphs, "inductor wrote no compiled graph into the state directory's cache"
     # A new worker (a new job of the same request) loads the compiled graphs instead of compiling again,
     # and makes the same bits: bit-equal latents, a byte-identical MP4 (DESIGN.md rule 6).
-    again = run_ltx2(["generate", *FLAGS, "--compile"], ltx2_env)
+    again = run_ltx2(["generate", *FLAGS, "--compile"], env)
     assert again.returncode == 0, again.stderr
     assert cached_graphs(cache) == graphs
     repeated = latest_latents(state)

@@ -359,20 +359,21 @@ def test_a_worker_started_ahead_for_a_job_another_lane_claimed_is_stopped(daemon
     """A lane starts the next queued job's first worker while its own job's last stage runs; when
     another lane claims that job, the worker must go then, not when this lane's job ends. Holds
     (LTX2_FAULT_HOLD) put each job where the scene needs it."""
-    holds = "publish@zero,before-video_decode@one,before-encode_diffuse@two,publish@one"
+    holds = "publish@zero,before-audio_decode@one,before-video_decode@one,before-encode_diffuse@two,publish@one"
     env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu", "LTX2_FAULT_HOLD": holds}
     faults = Path(env["LTX2_FAULT_DIR"])
 
     def held(entry: str) -> str:
         return wait_for_file(faults / f"held-{entry}").read_text()
 
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+    with DaemonProcess(env, tmp_path / "daemon.log"):
         try:
             zero = submit(env, "--num-frames", "9", "--name", "zero")
             assert held("publish@zero") == zero  # one lane busy until released
             one = submit(env, "--num-frames", "9", "--name", "one", "--seed", "12")
-            daemon.wait_for_state(one, {"running"})  # claimed by the other lane
+            assert held("before-audio_decode@one") == one  # claimed by the other lane
             two = submit(env, "--num-frames", "9", "--name", "two", "--seed", "13")
+            (faults / "release-before-audio_decode@one").touch()  # job two is queued before one's last stage
             assert held("before-video_decode@one") == one  # its lane started job two's first worker
             two_dir = Path(env["LTX2_STATE_DIR"]) / "jobs" / two
             assert len(running_writers_into(two_dir)) == 1

@@ -3,7 +3,9 @@
 The head node has no lane resource, so every stage task runs on one of two worker nodes, each
 holding one unit of `ltx2_lane` (standing for one GPU); either worker node can be removed mid-stage.
 The cluster is shared by the tests of this module so CI starts Ray once. Daemons are real
-`ltx2 daemon` processes joining the cluster as Ray drivers; jobs use the tiny model.
+`ltx2 daemon` processes joining the cluster as Ray drivers; jobs use the tiny model. The tests that
+pause a job's diffusion and then kill or cancel its stage share one daemon (`pausing_daemon`, last in
+the module): each start of a farm daemon costs its node fork servers' imports, seconds of CI's two cores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import probe_mp4, run_ltx2, submit_tiny
+from conftest import ltx2_environment, probe_mp4, run_ltx2, submit_tiny
 from daemon_process import DaemonProcess, cmdline, fork_servers, is_running, parent_of, proc_stat
 from safetensors.torch import load_file
 from supervised import wait_for_file
@@ -87,15 +89,76 @@ def farm(hf_home: Path) -> Iterator[Farm]:
         farm.cluster.shutdown()
 
 
-@pytest.fixture
-def farm_env(farm: Farm, daemon_env: dict) -> dict[str, str]:
-    farm.wait_for_lanes(2)
+def farm_environment(farm: Farm, env: dict[str, str]) -> dict[str, str]:
+    """`env` (a daemon's) with the farm as its cluster backend."""
     return {
-        **daemon_env,
+        **env,
         "LTX2_CLUSTER_BACKEND": "ray",
         "LTX2_RAY_ADDRESS": farm.cluster.address,
         "LTX2_RAY_RESOURCE": RESOURCE,
     }
+
+
+@pytest.fixture
+def farm_env(farm: Farm, daemon_env: dict) -> dict[str, str]:
+    farm.wait_for_lanes(2)
+    return farm_environment(farm, daemon_env)
+
+
+# The first encode_diffuse (of any job) that reaches this step pauses there: the stage a test then
+# kills or cancels. It fires once per fault dir, so a job's retry runs through.
+PAUSE = {"LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+
+
+class PausingDaemon:
+    """A farm daemon with PAUSE armed, shared by the tests that pause a job and then kill or cancel
+    its stage (each ends with its job finished or cancelled and its stage gone). `armed` re-arms
+    the pause for the next test; a test that kills the daemon starts its successor with `restart`,
+    which then serves the tests after it."""
+
+    def __init__(self, env: dict[str, str], root: Path) -> None:
+        self.env = env
+        self.root = root
+        self.daemons: list[DaemonProcess] = []
+
+    def armed(self) -> DaemonProcess:
+        """The serving daemon (started if none serves), its next encode_diffuse to pause at PAUSE:
+        the marker of the last pause is removed (no stage runs between two tests)."""
+        (Path(self.env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").unlink(missing_ok=True)
+        if not self.daemons or self.daemons[-1].process.poll() is not None:
+            return self.restart()
+        return self.daemons[-1]
+
+    def restart(self) -> DaemonProcess:
+        """A new daemon on the same state dir (the last one is dead), the pause left as it is."""
+        daemon = DaemonProcess(self.env, self.root / f"daemon-{len(self.daemons) + 1}.log")
+        self.daemons.append(daemon.__enter__())
+        return daemon
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.__exit__()
+
+
+@pytest.fixture(scope="module")
+def pausing_daemon(farm: Farm, hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PausingDaemon]:
+    root = tmp_path_factory.mktemp("pausing-farm")
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-pausing")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (root / "faults").mkdir()
+    env = {**ltx2_environment(hf_home, root), "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(root / "faults")}
+    shared = PausingDaemon({**farm_environment(farm, env), **PAUSE}, root)
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture
+def paused_farm(farm: Farm, pausing_daemon: PausingDaemon) -> tuple[PausingDaemon, DaemonProcess, dict[str, str]]:
+    """The shared pausing daemon, re-armed for this test, and its environment."""
+    farm.wait_for_lanes(2)
+    return pausing_daemon, pausing_daemon.armed(), pausing_daemon.env
 
 
 def job_record(env: dict[str, str], job_id: str) -> dict:
@@ -178,7 +241,7 @@ def test_queued_jobs_run_across_both_nodes_each_stage_in_a_fresh_ray_worker(farm
 def test_node_removed_mid_diffusion_its_job_finishes_on_the_other_node_with_equal_latents(
     farm: Farm, farm_env: dict, tmp_path: Path
 ):
-    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}  # forwarded to the tasks
+    env = {**farm_env, **PAUSE}  # forwarded to the tasks
     with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
         # The same clip twice: one lane each; whichever pauses first loses its node.
         job_ids = [submit_tiny(env, "a lighthouse at dusk") for _ in range(2)]
@@ -197,52 +260,6 @@ def test_node_removed_mid_diffusion_its_job_finishes_on_the_other_node_with_equa
     latents = [load_file(Path(env["LTX2_STATE_DIR"]) / "jobs" / r["id"] / LATENTS_FILE) for r in records]
     assert latents[0].keys() == latents[1].keys()
     assert all(torch.equal(latents[0][key], latents[1][key]) for key in latents[0])
-
-
-def test_ray_worker_killed_is_host_oom_and_retried_by_the_policy_exactly_once(farm_env: dict, tmp_path: Path):
-    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        job_id = submit_tiny(env, "a paper boat")
-        stage_pid, ray_worker = paused_stage(env)
-        os.kill(ray_worker, signal.SIGKILL)  # as the node's OOM killer would
-        job = daemon.wait_for_state(job_id, {"done", "failed"})
-        assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
-    assert not is_running(stage_pid)  # the stage died with its Ray worker
-    tried = attempts(job_record(env, job_id), "encode_diffuse")
-    assert [a["result"] for a in tried] == ["host_oom", "ok"]  # Ray's own retry would leave one attempt
-    assert tried[0]["ray_worker_pid"] == ray_worker and tried[1]["ray_worker_pid"] != ray_worker
-    assert tried[0]["plan"] == tried[1]["plan"]
-
-
-def test_a_node_fork_server_killed_mid_stage_is_host_oom_and_the_job_still_finishes(farm_env: dict, tmp_path: Path):
-    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        job_id = submit_tiny(env, "a heron in the reeds")
-        stage_pid, _ = paused_stage(env)
-        server = parent_of(stage_pid)
-        actor = parent_of(server)
-        assert cmdline(actor).startswith("ray::NodeForker"), cmdline(actor)
-        os.kill(actor, signal.SIGKILL)
-        job = daemon.wait_for_state(job_id, {"done", "failed"})
-        assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
-    assert not is_running(stage_pid) and not is_running(server)  # the stage went with its server
-    tried = attempts(job_record(env, job_id), "encode_diffuse")
-    assert [a["result"] for a in tried] == ["host_oom", "ok"], tried
-
-
-def test_cancel_reaches_the_ray_task_and_its_stage_process(farm_env: dict, tmp_path: Path):
-    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        job_id = submit_tiny(env, "a slow train")
-        stage_pid, ray_worker = paused_stage(env)
-        assert run_ltx2(["cancel", job_id], env).returncode == 0
-        job = daemon.wait_for_state(job_id, {"cancelled", "failed", "done"})
-        assert job["state"] == "cancelled", job
-        deadline = time.monotonic() + 30
-        while is_running(stage_pid) or is_running(ray_worker):
-            assert time.monotonic() < deadline, "the cancelled task's processes still run"
-            time.sleep(0.2)
-    assert attempts(job_record(env, job_id), "encode_diffuse")[-1]["result"] == "cancelled"
 
 
 def test_a_node_that_cannot_see_the_state_dir_stops_the_farm_from_starting(farm: Farm, farm_env: dict):
@@ -294,21 +311,62 @@ def test_a_cluster_address_nothing_answers_at_is_refused_at_once(daemon_env: dic
     assert f"cluster.address = '127.0.0.1:{port}': nothing answers" in result.stderr
 
 
-def test_daemon_killed_mid_stage_its_ray_task_dies_and_the_restarted_daemon_finishes_the_job(
-    farm_env: dict, tmp_path: Path
-):
-    env = {**farm_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        job_id = submit_tiny(env, "a kite over the dunes")
-        stage_pid, ray_worker = paused_stage(env)
-        daemon.process.send_signal(signal.SIGKILL)
-        daemon.process.wait()
+def test_ray_worker_killed_is_host_oom_and_retried_by_the_policy_exactly_once(paused_farm: tuple):
+    _, daemon, env = paused_farm
+    job_id = submit_tiny(env, "a paper boat")
+    stage_pid, ray_worker = paused_stage(env)
+    os.kill(ray_worker, signal.SIGKILL)  # as the node's OOM killer would
+    job = daemon.wait_for_state(job_id, {"done", "failed"})
+    assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    assert not is_running(stage_pid)  # the stage died with its Ray worker
+    tried = attempts(job_record(env, job_id), "encode_diffuse")
+    assert [a["result"] for a in tried] == ["host_oom", "ok"]  # Ray's own retry would leave one attempt
+    assert tried[0]["ray_worker_pid"] == ray_worker and tried[1]["ray_worker_pid"] != ray_worker
+    assert tried[0]["plan"] == tried[1]["plan"]
+
+
+def test_cancel_reaches_the_ray_task_and_its_stage_process(paused_farm: tuple):
+    _, daemon, env = paused_farm
+    job_id = submit_tiny(env, "a slow train")
+    stage_pid, ray_worker = paused_stage(env)
+    assert run_ltx2(["cancel", job_id], env).returncode == 0
+    job = daemon.wait_for_state(job_id, {"cancelled", "failed", "done"})
+    assert job["state"] == "cancelled", job
+    deadline = time.monotonic() + 30
+    while is_running(stage_pid) or is_running(ray_worker):
+        assert time.monotonic() < deadline, "the cancelled task's processes still run"
+        time.sleep(0.2)
+    assert attempts(job_record(env, job_id), "encode_diffuse")[-1]["result"] == "cancelled"
+
+
+def test_daemon_killed_mid_stage_its_ray_task_dies_and_the_restarted_daemon_finishes_the_job(paused_farm: tuple):
+    shared, daemon, env = paused_farm
+    job_id = submit_tiny(env, "a kite over the dunes")
+    stage_pid, ray_worker = paused_stage(env)
+    daemon.process.send_signal(signal.SIGKILL)
+    daemon.process.wait()
     deadline = time.monotonic() + 60
     while is_running(stage_pid) or is_running(ray_worker):  # Ray stops a dead driver's tasks
         assert time.monotonic() < deadline, "the dead daemon's Ray task still runs"
         time.sleep(0.2)
-    with DaemonProcess(env, tmp_path / "daemon-2.log") as restarted:
-        job = restarted.wait_for_state(job_id, {"done", "failed"})
-        assert job["state"] == "done", (job["error"], restarted.log()[-3000:])
+    restarted = shared.restart()  # serves the tests after this one
+    job = restarted.wait_for_state(job_id, {"done", "failed"})
+    assert job["state"] == "done", (job["error"], restarted.log()[-3000:])
     tried = attempts(job_record(env, job_id), "encode_diffuse")
     assert [a["result"] for a in tried] == ["interrupted", "ok"]
+
+
+def test_a_node_fork_server_killed_mid_stage_is_host_oom_and_the_job_still_finishes(paused_farm: tuple):
+    # Last of the daemon's tests: one of its nodes is left without a fork server.
+    _, daemon, env = paused_farm
+    job_id = submit_tiny(env, "a heron in the reeds")
+    stage_pid, _ = paused_stage(env)
+    server = parent_of(stage_pid)
+    actor = parent_of(server)
+    assert cmdline(actor).startswith("ray::NodeForker"), cmdline(actor)
+    os.kill(actor, signal.SIGKILL)
+    job = daemon.wait_for_state(job_id, {"done", "failed"})
+    assert job["state"] == "done", (job["error"], daemon.log()[-3000:])
+    assert not is_running(stage_pid) and not is_running(server)  # the stage went with its server
+    tried = attempts(job_record(env, job_id), "encode_diffuse")
+    assert [a["result"] for a in tried] == ["host_oom", "ok"], tried

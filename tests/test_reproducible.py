@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, ltx2_environment, run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, REPO_ROOT, StartedRender, job_dir_of, run_ltx2
 
 from config.settings import load_settings
 from orchestrator.run import reuse
@@ -24,8 +24,7 @@ from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.model_ids import TINY_REPO_ID
 from services.latents import read_latents
 
-FLAGS = ["--model", TINY_REPO_ID, "--prompt", "a lighthouse in a gale", "--seed", "7"]
-FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet"]
+FLAGS = LIGHTHOUSE_FLAGS
 
 
 @dataclasses.dataclass
@@ -35,17 +34,15 @@ class Render:
 
 
 @pytest.fixture(scope="module")
-def renders(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], list[Render]]:
-    """One request rendered twice by `ltx2 generate`, each a fresh set of stage processes."""
-    env = ltx2_environment(hf_home, tmp_path_factory.mktemp("twice"))
-    done = []
-    for _ in range(2):
-        result = run_ltx2(["generate", *FLAGS], env)
-        assert result.returncode == 0, result.stderr
-        output = Path(result.stdout.strip())
-        sidecar = json.loads(output.with_suffix(".json").read_text())
-        done.append(Render(output, JobDir.load(Path(sidecar["job_dir"]))))
-    return env, done
+def renders(eager_lighthouse: StartedRender) -> tuple[dict[str, str], list[Render]]:
+    """One request rendered twice by `ltx2 generate`, each a fresh set of stage processes, in one
+    state dir: the session's render of it (which test_compile compares its compiled render with),
+    then this module's."""
+    env = eager_lighthouse.env
+    first, _ = eager_lighthouse.finished()
+    second = run_ltx2(["generate", *FLAGS], env)
+    assert second.returncode == 0, second.stderr
+    return env, [Render(Path(result.stdout.strip()), JobDir.load(job_dir_of(result))) for result in (first, second)]
 
 
 def test_one_request_rendered_twice_gives_the_same_bits(renders: tuple[dict, list[Render]]):

@@ -30,6 +30,11 @@ log = logging.getLogger("ltx2.orchestrator")
 POLL_MS = 200
 # After a worker exits, messages it sent just before may still be in flight.
 DRAIN_MS = 300
+# Once a worker has settled every job it was given (Done or Failed of each), nothing it still sends
+# can change an outcome: its exit is looked for this often instead of every POLL_MS, and no drain
+# follows it, so the next stage starts as soon as the process is gone (POLL_MS + DRAIN_MS, half a
+# second per stage, was most of a tiny job's time between its stages).
+SETTLED_POLL_MS = 10
 
 
 @dataclasses.dataclass
@@ -127,17 +132,19 @@ def follow_until_exit(
     last_heard: Callable[[], float],
     should_stop: Callable[[], Failure | None],
     hung_after_s: float,
+    has_settled_all: Callable[[], bool] = lambda: False,
 ) -> tuple[int, Failure | None]:
     """Handle a worker's messages (`pump`) until it exits, stopping it when `should_stop` says
     why (cancelled, interrupted) or when it is silent for `hung_after_s`; returns (exit status,
     the reason it was stopped or None). A remote process still queued for a node is not silent:
-    the hang clock starts when it is placed."""
+    the hang clock starts when it is placed. Once `has_settled_all` (the worker said its last
+    word), its exit is awaited in SETTLED_POLL_MS steps and only messages already here are read."""
     forced: Failure | None = None
     queued_until = 0.0
     while (returncode := process.poll()) is None:
         if isinstance(process, RemoteProcess) and process.queued:
             queued_until = time.monotonic()
-        if pump(POLL_MS):
+        if pump(SETTLED_POLL_MS if has_settled_all() else POLL_MS):
             continue
         forced = should_stop()
         if forced is None and time.monotonic() - max(last_heard(), queued_until) > hung_after_s:
@@ -145,7 +152,7 @@ def follow_until_exit(
         if forced is not None:
             returncode = stop_process(process)
             break
-    while pump(DRAIN_MS):  # messages sent just before the exit
+    while pump(0 if has_settled_all() else DRAIN_MS):  # messages sent just before the exit
         pass
     return returncode, forced
 

@@ -48,7 +48,12 @@ def run_attempt(
     follower = AttemptFollower(members, stage, plan, settings, link, hooks_for, prestarted)
     on_spawn()
     returncode, forced = follow_until_exit(
-        follower.worker.process, follower.pump, lambda: follower.last_heard, follower.should_stop, settings.hung_after_s
+        follower.worker.process,
+        follower.pump,
+        lambda: follower.last_heard,
+        follower.should_stop,
+        settings.hung_after_s,
+        follower.has_settled_all,
     )
     follower.settle_unfinished(returncode, forced)
     return follower.outcomes
@@ -111,6 +116,11 @@ class AttemptFollower:
     def should_stop(self) -> Failure | None:
         """Why the worker must stop now (any member's cancel, or the orchestrator stopping)."""
         return next((why for job in self.by_id.values() if (why := self.hooks_for(job).should_stop())), None)
+
+    def has_settled_all(self) -> bool:
+        """Every member has its outcome (the worker sent each one's Done or Failed): nothing the
+        worker still sends can change one, so only its exit is left to wait for."""
+        return len(self.outcomes) == len(self.by_id)
 
     def note_placement(self) -> None:
         """Record where a remote worker runs in its members' attempts, once, as soon as it is known."""
