@@ -12,6 +12,7 @@ import enum
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 JOB_FILE = "job.json"
@@ -80,8 +81,10 @@ def matches_fingerprint(path: Path, expected: dict[str, int | str]) -> bool:
 
 
 def temp_path_for(path: Path) -> Path:
-    """The name a file is written under before its atomic rename (same directory, same suffix)."""
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    """The name a file is written under before its atomic rename (same directory, same suffix): its own
+    per process *and thread*, so two threads of one daemon saving one job.json (a cancel and the executor)
+    never rename each other's half of it away (the second rename then found no file)."""
+    return path.with_name(f".{path.stem}.tmp-{os.getpid()}-{threading.get_native_id()}{path.suffix}")
 
 
 def read_safetensors_metadata(path: Path) -> dict[str, str]:

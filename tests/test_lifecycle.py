@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,33 @@ def test_a_cancel_and_a_claim_of_one_queued_job_cannot_both_win(tmp_path: Path):
     with pytest.raises(TransitionError, match="a cancelled job cannot become running"):
         executor.transition(JobState.RUNNING)
     assert json.loads((created.path / "job.json").read_text())["status"] == "cancelled"
+
+
+def test_two_threads_of_one_process_saving_one_job_never_lose_each_others_file(tmp_path: Path):
+    """The daemon's request loop (a cancel) and its executor save job.json from two threads of one
+    process: each writes its own temp file, so neither rename finds its file gone (CI, 2026-12-06: a
+    delete through the gateway answered 502 FileNotFoundError)."""
+    created = make_job(tmp_path)
+    holders = [JobDir.load(created.path) for _ in range(2)]
+    start = threading.Barrier(len(holders))
+    errors: list[BaseException] = []
+
+    def save_often(job: JobDir) -> None:
+        start.wait()
+        try:
+            for _ in range(300):
+                job.save()
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save_often, args=(job,)) for job in holders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert json.loads((created.path / "job.json").read_text())["status"] == "queued"
+    assert list(created.path.glob(".*.tmp-*")) == []
 
 
 def test_an_attempt_result_is_set_once(tmp_path: Path):

@@ -24,6 +24,7 @@ from config.settings import Settings
 from orchestrator.run.inputs import require_file, require_pixels
 from orchestrator.run.jobdir import JOB_ID_PATTERN, unknown_job_message
 from orchestrator.run.request_digest import FileHashes
+from orchestrator.run.states import JobState
 from orchestrator.run.video_header import VideoHeader, VideoHeaderError, read_video_header
 from protocol.conditions import describe_entry
 from protocol.extension import EXTEND_FIELD, default_overlap, require_overlap
@@ -67,7 +68,7 @@ def job_source(job_id: str, jobs_dir: Path) -> ExtensionSource:
         record = load_record(folder / JOB_FILE)
     except (OSError, ValueError) as exc:
         raise SpecError(EXTEND_FIELD, f"job {job_id}'s {JOB_FILE} cannot be read ({exc})") from None
-    if record.status != "done":
+    if record.status != JobState.DONE:
         raise SpecError(
             EXTEND_FIELD,
             f"job {job_id} is {record.status}, not done: only a finished job's video can be extended"

@@ -22,6 +22,7 @@ from typing import Any
 from config.settings import Settings
 from orchestrator.run.jobdir import JOB_ID_PATTERN, unknown_job_message
 from orchestrator.run.request_digest import FileHashes
+from orchestrator.run.states import JobState
 from protocol.files import JOB_FILE, LATENTS_FILE, RETAKE_SOURCE_FILE
 from protocol.job_record import JobRecord, ResolvedRetake, load_record
 from protocol.retake import RETAKE_FIELD, latent_span, require_range
@@ -55,7 +56,7 @@ def find_retake_source(source: object, settings: Settings) -> RetakeSource:
         record = load_record(folder / JOB_FILE)
     except (OSError, ValueError) as exc:
         raise SpecError(RETAKE_FIELD, f"job {source}'s {JOB_FILE} cannot be read ({exc})") from None
-    if record.status != "done":
+    if record.status != JobState.DONE:
         raise SpecError(
             RETAKE_FIELD,
             f"job {source} is {record.status}, not done: only a finished job can be retaken"
