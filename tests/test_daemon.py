@@ -6,10 +6,11 @@ import json
 import os
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from conftest import TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
+from conftest import TINY_ARGS, job_dir_of, probe_mp4, run_ltx2, submit_tiny
 from safetensors.torch import load_file
 from supervised import Supervised, wait_for_file
 
@@ -72,12 +73,23 @@ def test_submit_with_bad_flag_is_rejected_with_exit_2(daemon_env: dict, tmp_path
 def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(daemon_env: dict, tmp_path: Path):
     pauses = "encode_diffuse:denoise:3,audio_decode:decode audio:0,video_decode:load video VAE:0"
     env = {**daemon_env, "LTX2_FAULT_PAUSE": pauses}
-    with Supervised(tmp_path / "run", env) as supervised:
-        job_id = submit(env)
-        for stage in ("encode_diffuse", "audio_decode", "video_decode"):
-            marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid")
-            os.kill(int(marker.read_text()), signal.SIGKILL)
-        job = supervised.wait_for_state(job_id, {"done", "failed"})
+    # The undisturbed run goes beside the killed one, in a state dir and output folder of its own: the
+    # daemon's run mostly waits (for a pause, a kill, a retry), leaving a core to it.
+    undisturbed_env = {
+        **daemon_env,
+        "LTX2_STATE_DIR": str(tmp_path / "undisturbed"),
+        "LTX2_OUTPUT_DIR": str(tmp_path / "undisturbed-outputs"),
+    }
+    request = ["generate", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS]
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        undisturbed_run = beside.submit(run_ltx2, request, undisturbed_env)
+        with Supervised(tmp_path / "run", env) as supervised:
+            job_id = submit(env)
+            for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+                marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid")
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            job = supervised.wait_for_state(job_id, {"done", "failed"})
+        reference = undisturbed_run.result()
     assert job["state"] == "done", job["error"]
     results = [(a["stage"], a["result"]) for a in job["attempts"]]
     assert results == [
@@ -88,9 +100,8 @@ def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(d
         ("video_decode", "host_oom"),
         ("video_decode", "ok"),
     ]
-    reference = run_ltx2(["generate", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS], daemon_env)
     assert reference.returncode == 0, reference.stderr
-    reference_dir = next(p for p in (Path(daemon_env["LTX2_STATE_DIR"]) / "jobs").iterdir() if p.name != job_id)
+    reference_dir = job_dir_of(reference)
     killed, undisturbed = load_file(Path(job["job_dir"]) / LATENTS_FILE), load_file(reference_dir / LATENTS_FILE)
     # Equal to the last bit in every run seen since MKL's reproducible mode is on for all our processes
     # (services/__init__.py), but two CPU processes with the same inputs still drifted by ~1e-6 once more on
