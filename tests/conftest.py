@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -230,6 +230,28 @@ def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:
     """The tests of the requesting fixture's module that this session runs (after -k, node ids, ...):
     a module fixture that starts the tests' runs ahead of them starts only those."""
     return [item for item in request.session.items if item.module is request.module]
+
+
+#: An `ltx2` run a module starts ahead of the tests that check it: a function of the run's root folder
+#: (its state and outputs) and the HF_HOME.
+RunAhead = Callable[[Path, Path], subprocess.CompletedProcess[str]]
+
+
+def start_runs_ahead(
+    runs: dict[str, RunAhead], hf_home: Path, tmp_path_factory: pytest.TempPathFactory, workers: int
+) -> Iterator[dict[str, tuple[Future[subprocess.CompletedProcess[str]], Path]]]:
+    """For a module fixture: start `runs` in the background, `workers` at a time in the order given, each
+    in a root folder of its own; yields each one's (future, root) by its name until the module ends.
+
+    An `ltx2` run spends seconds on one core (its fork server importing torch and diffusers, the tiny
+    model's mostly single-threaded stages), so a run beside another, or beside the tests that need no
+    run of their own, keeps CI's two cores busy."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        started = {}
+        for name, run in runs.items():
+            root = tmp_path_factory.mktemp("run")
+            started[name] = (pool.submit(run, root, hf_home), root)
+        yield started
 
 
 def probe_mp4(path: Path) -> dict[str, object]:

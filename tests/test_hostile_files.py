@@ -12,10 +12,12 @@ import json
 import shlex
 import shutil
 import subprocess
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, ltx2_environment, run_ltx2
+from conftest import TINY_ARGS, RunAhead, ltx2_environment, run_ltx2, selected_in_module, start_runs_ahead
 from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
@@ -171,11 +173,16 @@ def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_leaves
     assert JobDir.load(job.path).state.value == "done"
 
 
-def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_env: dict):
-    env = {**ltx2_env, "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
-    result = run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env)
+def full_state_disk_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    """`generate` whose diffusion stage finds the state disk full (LTX2_FAULT_ENOSPC) in every attempt."""
+    env = {**ltx2_environment(hf_home, root), "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
+    return run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env)
+
+
+def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(finished: tuple):
+    result, env = finished
     assert result.returncode == 5, result.stderr
-    (job,) = jobs_of(ltx2_env)
+    (job,) = jobs_of(env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {"encode_diffuse": 1}
     (attempt,) = job.stage_record(Stage.ENCODE_DIFFUSE).attempts
@@ -216,12 +223,17 @@ def test_a_full_state_dir_is_exit_5_in_one_line_never_a_retried_crash(ltx2_env: 
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+def finished_job_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    return run_ltx2(
+        ["generate", "--prompt", "x", "--seed", "5", "--quiet", *TINY_ARGS], ltx2_environment(hf_home, root)
+    )
+
+
 @pytest.fixture(scope="module")
-def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One finished tiny job (its latents are the raw material for the corrupt ones)."""
-    root = tmp_path_factory.mktemp("finished")
-    env = ltx2_environment(hf_home, root)
-    result = run_ltx2(["generate", "--prompt", "x", "--seed", "5", "--quiet", *TINY_ARGS], env)
+def finished_job(runs_ahead: dict) -> Path:
+    """One finished tiny job (its latents are the raw material for the corrupt ones), run ahead."""
+    future, root = runs_ahead["finished_job"]
+    result = future.result()
     assert result.returncode == 0, result.stderr
     (job_dir,) = (root / "state" / "jobs").iterdir()
     return job_dir
@@ -244,11 +256,18 @@ def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dic
     assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 
 
-def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path):
-    garbage = tmp_path / "garbage.safetensors"
+def garbage_lora_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    """`generate` with a LoRA file of garbage (`root`/garbage.safetensors)."""
+    garbage = root / "garbage.safetensors"
     garbage.write_bytes(bytes(range(256)) * 64)
-    result = run_ltx2(["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS], ltx2_env)
-    assert_invalid_input_once(result, ltx2_env, garbage, "encode_diffuse")
+    command = ["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS]
+    return run_ltx2(command, ltx2_environment(hf_home, root))
+
+
+def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(finished: tuple):
+    result, env = finished
+    garbage = Path(env["LTX2_STATE_DIR"]).parent / "garbage.safetensors"  # in the run's root, beside its state
+    assert_invalid_input_once(result, env, garbage, "encode_diffuse")
 
 
 def cut_short(latents: Path, into: Path) -> Path:
@@ -303,3 +322,31 @@ def test_a_corrupt_job_file_given_to_decode_is_invalid_input_naming_it(
     assert "Traceback" not in result.stderr and "--model" not in result.stderr
     assert job_file.read_bytes() == before  # nothing ran, nothing was rewritten
     assert not (tmp_path / "out.mp4").exists()
+
+
+# The runs this module starts ahead (`runs_ahead`), by the name of the test or fixture that checks each,
+# in the order the tests need them.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan": full_state_disk_run,
+    "finished_job": finished_job_run,
+    "test_a_garbage_lora_file_is_invalid_input_after_one_attempt": garbage_lora_run,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs_ahead(
+    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future, Path]]]:
+    """The RUNS_AHEAD this session needs (its tests, or those of its tests using the fixture), started one
+    at a time from the module's first test on, beside the tests that make runs of their own."""
+    selected = selected_in_module(request)
+    wanted = {item.originalname for item in selected} | {name for item in selected for name in item.fixturenames}
+    runs = {name: run for name, run in RUNS_AHEAD.items() if name in wanted}
+    yield from start_runs_ahead(runs, hf_home, tmp_path_factory, workers=1)
+
+
+@pytest.fixture
+def finished(runs_ahead: dict, request: pytest.FixtureRequest, hf_home: Path) -> tuple:
+    """This test's run ahead, once finished, and the environment it ran in."""
+    future, root = runs_ahead[request.node.originalname]
+    return future.result(), ltx2_environment(hf_home, root)
