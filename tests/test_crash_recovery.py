@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module, submit_tiny
 from daemon_process import DaemonProcess
-from supervised import wait_for_file
+from supervised import STATUS_POLL_S, wait_for_file
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress
@@ -272,7 +272,7 @@ def wait_for_states(env: dict[str, str], wanted: set[str], count: int, timeout_s
             listed = []
         if len(listed) == count and all(job["state"] in wanted for job in listed):
             break
-        time.sleep(0.5)
+        time.sleep(STATUS_POLL_S)
     listed = run_ltx2(["jobs", "--json"], env)
     if listed.returncode == 0:
         jobs = json.loads(listed.stdout)
