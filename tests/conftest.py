@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,14 +125,18 @@ def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
     return ltx2_environment(hf_home, tmp_path)
 
 
-@pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    """ltx2_env plus a short private runtime dir (ipc paths must stay under 108 bytes) and a
-    fault dir for the LTX2_FAULT_* switches."""
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+def daemon_environment(hf_home: Path, root: Path) -> dict[str, str]:
+    """ltx2_environment plus a short private runtime dir (ipc paths must stay under 108 bytes) and a
+    fault dir for the LTX2_FAULT_* switches (`root`/faults)."""
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{root.name[-12:]}")
     runtime.mkdir(mode=0o700, exist_ok=True)
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+    (root / "faults").mkdir()
+    return {**ltx2_environment(hf_home, root), "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(root / "faults")}
+
+
+@pytest.fixture
+def daemon_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
+    return daemon_environment(hf_home, tmp_path)
 
 
 def submit_tiny(env: dict[str, str], prompt: str, *extra: str) -> str:
@@ -232,26 +237,53 @@ def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:
     return [item for item in request.session.items if item.module is request.module]
 
 
-#: An `ltx2` run a module starts ahead of the tests that check it: a function of the run's root folder
-#: (its state and outputs) and the HF_HOME.
-RunAhead = Callable[[Path, Path], subprocess.CompletedProcess[str]]
+#: What a module starts ahead of the tests that check it (an `ltx2` run, or a daemon's whole scene): a
+#: function of a root folder of its own (state, outputs, a daemon's files) and the HF_HOME, returning
+#: what the test checks.
+RunAhead = Callable[[Path, Path], Any]
 
 
 def start_runs_ahead(
     runs: dict[str, RunAhead], hf_home: Path, tmp_path_factory: pytest.TempPathFactory, workers: int
-) -> Iterator[dict[str, tuple[Future[subprocess.CompletedProcess[str]], Path]]]:
+) -> Iterator[dict[str, tuple[Future[Any], Path]]]:
     """For a module fixture: start `runs` in the background, `workers` at a time in the order given, each
     in a root folder of its own; yields each one's (future, root) by its name until the module ends.
 
     An `ltx2` run spends seconds on one core (its fork server importing torch and diffusers, the tiny
-    model's mostly single-threaded stages), so a run beside another, or beside the tests that need no
-    run of their own, keeps CI's two cores busy."""
+    model's mostly single-threaded stages) and a daemon's scene mostly waits (on a pause, a kill, a
+    restart), so a run beside another, or beside the tests that need no run of their own, keeps CI's two
+    cores busy."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         started = {}
         for name, run in runs.items():
             root = tmp_path_factory.mktemp("run")
             started[name] = (pool.submit(run, root, hf_home), root)
         yield started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs_ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future[Any], Path]]]:
+    """The module's RUNS_AHEAD, if it has any (a dict of RunAhead by the name of the test, or of the
+    fixture, that checks each), that this session needs: started from the module's first test on,
+    RUNS_AHEAD_AT_ONCE (default 1) at a time in the order given, beside the tests that make their own
+    runs (start_runs_ahead). A test gets its own with `ran_ahead`."""
+    registry: dict[str, RunAhead] = getattr(request.module, "RUNS_AHEAD", {})
+    selected = selected_in_module(request)
+    wanted = {item.originalname for item in selected} | {name for item in selected for name in item.fixturenames}
+    runs = {name: run for name, run in registry.items() if name in wanted}
+    if not runs:
+        yield {}
+        return
+    at_once = getattr(request.module, "RUNS_AHEAD_AT_ONCE", 1)
+    yield from start_runs_ahead(runs, request.getfixturevalue("hf_home"), tmp_path_factory, at_once)
+
+
+@pytest.fixture
+def ran_ahead(runs_ahead: dict[str, tuple[Future[Any], Path]], request: pytest.FixtureRequest) -> Any:
+    """What this test's run in its module's RUNS_AHEAD returned, once it has finished (or its exception)."""
+    return runs_ahead[request.node.originalname][0].result()
 
 
 def probe_mp4(path: Path) -> dict[str, object]:

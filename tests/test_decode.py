@@ -5,21 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    FAMILY_MODEL_FIXTURES,
-    TINY_ARGS,
-    ltx2_environment,
-    probe_mp4,
-    run_ltx2,
-    selected_in_module,
-    start_runs_ahead,
-)
+from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, RunAhead, ltx2_environment, probe_mp4, run_ltx2
 
 from orchestrator.run.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
@@ -52,16 +42,10 @@ def cropped_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
     return run_ltx2([*REQUEST, "--crop-width", "48", "--crop-height", "40", "--quiet"], ltx2_environment(hf_home, root))
 
 
-@pytest.fixture(scope="module")
-def runs_ahead(
-    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, tuple[Future, Path]]]:
-    """The request rendered whole (`finished_job`) and cropped (the crop test), side by side as the first
-    of them is needed: two independent processes keep CI's two cores busy."""
-    runs = {"finished_job": finished_run}
-    if any(item.originalname == CROP_TEST for item in selected_in_module(request)):
-        runs[CROP_TEST] = cropped_run
-    yield from start_runs_ahead(runs, hf_home, tmp_path_factory, workers=2)
+# Started ahead (conftest's `runs_ahead`), side by side as the first of them is needed: two
+# independent processes keep CI's two cores busy.
+RUNS_AHEAD: dict[str, RunAhead] = {"finished_job": finished_run, CROP_TEST: cropped_run}
+RUNS_AHEAD_AT_ONCE = 2
 
 
 @pytest.fixture(scope="module")
@@ -121,12 +105,14 @@ def test_decode_refuses_a_file_that_is_not_ltx2_latents(ltx2_env: dict, tmp_path
     assert "--input:" in result.stderr and "not a latents file" in result.stderr
 
 
-def test_a_crop_delivers_the_exact_centre_of_the_rendered_frames(finished_job: dict, runs_ahead: dict):
+def test_a_crop_delivers_the_exact_centre_of_the_rendered_frames(
+    finished_job: dict, ran_ahead: subprocess.CompletedProcess[str]
+):
     """--crop-width/--crop-height (how the gateway delivers OpenAI's 720-pixel sides): the same request
     cropped gives the same latents, and its lossless PNGs are exactly the centre of the uncropped ones."""
     from PIL import Image
 
-    result = runs_ahead[CROP_TEST][0].result()
+    result = ran_ahead
     assert result.returncode == 0, result.stderr
     assert "48x40x17, centre of 64x64" in result.stderr
     video = Path(result.stdout.strip())

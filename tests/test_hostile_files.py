@@ -12,12 +12,10 @@ import json
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, RunAhead, ltx2_environment, run_ltx2, selected_in_module, start_runs_ahead
+from conftest import TINY_ARGS, RunAhead, ltx2_environment, run_ltx2
 from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
@@ -173,14 +171,15 @@ def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_leaves
     assert JobDir.load(job.path).state.value == "done"
 
 
-def full_state_disk_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
-    """`generate` whose diffusion stage finds the state disk full (LTX2_FAULT_ENOSPC) in every attempt."""
+def full_state_disk_run(root: Path, hf_home: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """`generate` whose diffusion stage finds the state disk full (LTX2_FAULT_ENOSPC) in every attempt;
+    its result and environment."""
     env = {**ltx2_environment(hf_home, root), "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
-    return run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env)
+    return run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env), env
 
 
-def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(finished: tuple):
-    result, env = finished
+def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ran_ahead: tuple):
+    result, env = ran_ahead
     assert result.returncode == 5, result.stderr
     (job,) = jobs_of(env)
     assert job.state.value == "failed"
@@ -256,17 +255,16 @@ def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dic
     assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 
 
-def garbage_lora_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
-    """`generate` with a LoRA file of garbage (`root`/garbage.safetensors)."""
+def garbage_lora_run(root: Path, hf_home: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, str], Path]:
+    """`generate` with a LoRA file of garbage; its result, environment and that file."""
     garbage = root / "garbage.safetensors"
     garbage.write_bytes(bytes(range(256)) * 64)
-    command = ["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS]
-    return run_ltx2(command, ltx2_environment(hf_home, root))
+    env = ltx2_environment(hf_home, root)
+    return run_ltx2(["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS], env), env, garbage
 
 
-def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(finished: tuple):
-    result, env = finished
-    garbage = Path(env["LTX2_STATE_DIR"]).parent / "garbage.safetensors"  # in the run's root, beside its state
+def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ran_ahead: tuple):
+    result, env, garbage = ran_ahead
     assert_invalid_input_once(result, env, garbage, "encode_diffuse")
 
 
@@ -324,29 +322,10 @@ def test_a_corrupt_job_file_given_to_decode_is_invalid_input_naming_it(
     assert not (tmp_path / "out.mp4").exists()
 
 
-# The runs this module starts ahead (`runs_ahead`), by the name of the test or fixture that checks each,
-# in the order the tests need them.
+# The runs this module starts ahead (conftest's `runs_ahead`), by the name of the test or fixture that
+# checks each, in the order the tests need them.
 RUNS_AHEAD: dict[str, RunAhead] = {
     "test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan": full_state_disk_run,
     "finished_job": finished_job_run,
     "test_a_garbage_lora_file_is_invalid_input_after_one_attempt": garbage_lora_run,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def runs_ahead(
-    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, tuple[Future, Path]]]:
-    """The RUNS_AHEAD this session needs (its tests, or those of its tests using the fixture), started one
-    at a time from the module's first test on, beside the tests that make runs of their own."""
-    selected = selected_in_module(request)
-    wanted = {item.originalname for item in selected} | {name for item in selected for name in item.fixturenames}
-    runs = {name: run for name, run in RUNS_AHEAD.items() if name in wanted}
-    yield from start_runs_ahead(runs, hf_home, tmp_path_factory, workers=1)
-
-
-@pytest.fixture
-def finished(runs_ahead: dict, request: pytest.FixtureRequest, hf_home: Path) -> tuple:
-    """This test's run ahead, once finished, and the environment it ran in."""
-    future, root = runs_ahead[request.node.originalname]
-    return future.result(), ltx2_environment(hf_home, root)
