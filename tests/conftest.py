@@ -26,25 +26,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
 
 
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An HF_HOME whose hub cache holds the tiny model under its repo id."""
-    home = tmp_path_factory.mktemp("hf_home")
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "services.tiny_model", "--hf-cache"], env=env, check=True, capture_output=True
-    )
-    return home
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(hf_home: Path) -> Path:
-    """The tiny model's snapshot folder inside the hub cache."""
-    snapshots = list((hf_home / "hub").glob("models--ltx2-stages--tiny-random-ltx2/snapshots/*"))
-    assert len(snapshots) == 1
-    return snapshots[0]
-
-
 def build_tiny_family(hf_home: Path, family: str) -> Path:
     """`ltx2 tiny-model --family FAMILY --hf-cache` into `hf_home`'s hub cache; its snapshot folder."""
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
@@ -61,18 +42,78 @@ def build_tiny_family(hf_home: Path, family: str) -> Path:
     return snapshot
 
 
+# The families whose tiny models the session builds beside its first tests, and the fixture of each.
+OTHER_FAMILY_FIXTURES = {"2.3": "tiny_23_model_dir", "2.5": "tiny_25_model_dir"}
+
+
+@dataclasses.dataclass
+class TinyModels:
+    """The session's HF_HOME and the builds of the other families' tiny models started in it."""
+
+    home: Path
+    builds: dict[str, Future[Path]]
+
+    def snapshot(self, family: str) -> Path:
+        """The family's snapshot folder, from its build started at the session's start, or built now."""
+        build = self.builds.get(family)
+        return build.result() if build is not None else build_tiny_family(self.home, family)
+
+
+def other_families_needed(session: pytest.Session) -> list[str]:
+    """The families of OTHER_FAMILY_FIXTURES whose tiny model a selected test uses: through its fixture,
+    or as a family parameter (the fixtures that pick a model by family as the test runs)."""
+    needed = set()
+    for item in session.items:
+        params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+        for family, fixture in OTHER_FAMILY_FIXTURES.items():
+            if fixture in item.fixturenames or any(value == family for value in params):
+                needed.add(family)
+    return sorted(needed)
+
+
 @pytest.fixture(scope="session")
-def tiny_23_model_dir(hf_home: Path) -> Path:
+def tiny_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyModels]:
+    """An HF_HOME whose hub cache holds the tiny model under its repo id, built first; the other families'
+    models the session needs are built one at a time beside it and the tests that need only it (each
+    build is a process importing torch and diffusers on one core), for their fixtures to take."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        builds = {
+            family: beside.submit(build_tiny_family, home, family) for family in other_families_needed(request.session)
+        }
+        env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        subprocess.run(
+            [sys.executable, "-m", "services.tiny_model", "--hf-cache"], env=env, check=True, capture_output=True
+        )
+        yield TinyModels(home, builds)
+
+
+@pytest.fixture(scope="session")
+def hf_home(tiny_models: TinyModels) -> Path:
+    """An HF_HOME whose hub cache holds the tiny model under its repo id."""
+    return tiny_models.home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(hf_home: Path) -> Path:
+    """The tiny model's snapshot folder inside the hub cache."""
+    snapshots = list((hf_home / "hub").glob("models--ltx2-stages--tiny-random-ltx2/snapshots/*"))
+    assert len(snapshots) == 1
+    return snapshots[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_23_model_dir(tiny_models: TinyModels) -> Path:
     """The tiny LTX-2.3 model (BWE vocoder, 2.3 transformer flags), built into the same hub cache
     under its own repo id by `ltx2 tiny-model --family 2.3 --hf-cache`."""
-    return build_tiny_family(hf_home, "2.3")
+    return tiny_models.snapshot("2.3")
 
 
 @pytest.fixture(scope="session")
-def tiny_25_model_dir(hf_home: Path) -> Path:
+def tiny_25_model_dir(tiny_models: TinyModels) -> Path:
     """The tiny LTX-2.5 model (Gemma 4 unified text encoder, 2.5 transformer flags), built by
     `ltx2 tiny-model --family 2.5 --hf-cache`."""
-    return build_tiny_family(hf_home, "2.5")
+    return tiny_models.snapshot("2.5")
 
 
 @pytest.fixture(scope="session")
