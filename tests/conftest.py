@@ -11,9 +11,10 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,25 +24,6 @@ from protocol.model_ids import TINY_REPO_ID
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
-
-
-@pytest.fixture(scope="session")
-def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An HF_HOME whose hub cache holds the tiny model under its repo id."""
-    home = tmp_path_factory.mktemp("hf_home")
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
-    subprocess.run(
-        [sys.executable, "-m", "services.tiny_model", "--hf-cache"], env=env, check=True, capture_output=True
-    )
-    return home
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(hf_home: Path) -> Path:
-    """The tiny model's snapshot folder inside the hub cache."""
-    snapshots = list((hf_home / "hub").glob("models--ltx2-stages--tiny-random-ltx2/snapshots/*"))
-    assert len(snapshots) == 1
-    return snapshots[0]
 
 
 def build_tiny_family(hf_home: Path, family: str) -> Path:
@@ -60,18 +42,78 @@ def build_tiny_family(hf_home: Path, family: str) -> Path:
     return snapshot
 
 
+# The families whose tiny models the session builds beside its first tests, and the fixture of each.
+OTHER_FAMILY_FIXTURES = {"2.3": "tiny_23_model_dir", "2.5": "tiny_25_model_dir"}
+
+
+@dataclasses.dataclass
+class TinyModels:
+    """The session's HF_HOME and the builds of the other families' tiny models started in it."""
+
+    home: Path
+    builds: dict[str, Future[Path]]
+
+    def snapshot(self, family: str) -> Path:
+        """The family's snapshot folder, from its build started at the session's start, or built now."""
+        build = self.builds.get(family)
+        return build.result() if build is not None else build_tiny_family(self.home, family)
+
+
+def other_families_needed(session: pytest.Session) -> list[str]:
+    """The families of OTHER_FAMILY_FIXTURES whose tiny model a selected test uses: through its fixture,
+    or as a family parameter (the fixtures that pick a model by family as the test runs)."""
+    needed = set()
+    for item in session.items:
+        params = item.callspec.params.values() if hasattr(item, "callspec") else ()
+        for family, fixture in OTHER_FAMILY_FIXTURES.items():
+            if fixture in item.fixturenames or any(value == family for value in params):
+                needed.add(family)
+    return sorted(needed)
+
+
 @pytest.fixture(scope="session")
-def tiny_23_model_dir(hf_home: Path) -> Path:
+def tiny_models(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyModels]:
+    """An HF_HOME whose hub cache holds the tiny model under its repo id, built first; the other families'
+    models the session needs are built one at a time beside it and the tests that need only it (each
+    build is a process importing torch and diffusers on one core), for their fixtures to take."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        builds = {
+            family: beside.submit(build_tiny_family, home, family) for family in other_families_needed(request.session)
+        }
+        env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        subprocess.run(
+            [sys.executable, "-m", "services.tiny_model", "--hf-cache"], env=env, check=True, capture_output=True
+        )
+        yield TinyModels(home, builds)
+
+
+@pytest.fixture(scope="session")
+def hf_home(tiny_models: TinyModels) -> Path:
+    """An HF_HOME whose hub cache holds the tiny model under its repo id."""
+    return tiny_models.home
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(hf_home: Path) -> Path:
+    """The tiny model's snapshot folder inside the hub cache."""
+    snapshots = list((hf_home / "hub").glob("models--ltx2-stages--tiny-random-ltx2/snapshots/*"))
+    assert len(snapshots) == 1
+    return snapshots[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_23_model_dir(tiny_models: TinyModels) -> Path:
     """The tiny LTX-2.3 model (BWE vocoder, 2.3 transformer flags), built into the same hub cache
     under its own repo id by `ltx2 tiny-model --family 2.3 --hf-cache`."""
-    return build_tiny_family(hf_home, "2.3")
+    return tiny_models.snapshot("2.3")
 
 
 @pytest.fixture(scope="session")
-def tiny_25_model_dir(hf_home: Path) -> Path:
+def tiny_25_model_dir(tiny_models: TinyModels) -> Path:
     """The tiny LTX-2.5 model (Gemma 4 unified text encoder, 2.5 transformer flags), built by
     `ltx2 tiny-model --family 2.5 --hf-cache`."""
-    return build_tiny_family(hf_home, "2.5")
+    return tiny_models.snapshot("2.5")
 
 
 @pytest.fixture(scope="session")
@@ -124,14 +166,18 @@ def ltx2_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
     return ltx2_environment(hf_home, tmp_path)
 
 
-@pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    """ltx2_env plus a short private runtime dir (ipc paths must stay under 108 bytes) and a
-    fault dir for the LTX2_FAULT_* switches."""
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
+def daemon_environment(hf_home: Path, root: Path) -> dict[str, str]:
+    """ltx2_environment plus a short private runtime dir (ipc paths must stay under 108 bytes) and a
+    fault dir for the LTX2_FAULT_* switches (`root`/faults)."""
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{root.name[-12:]}")
     runtime.mkdir(mode=0o700, exist_ok=True)
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
+    (root / "faults").mkdir()
+    return {**ltx2_environment(hf_home, root), "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(root / "faults")}
+
+
+@pytest.fixture
+def daemon_env(hf_home: Path, tmp_path: Path) -> dict[str, str]:
+    return daemon_environment(hf_home, tmp_path)
 
 
 def submit_tiny(env: dict[str, str], prompt: str, *extra: str) -> str:
@@ -230,6 +276,55 @@ def selected_in_module(request: pytest.FixtureRequest) -> list[pytest.Function]:
     """The tests of the requesting fixture's module that this session runs (after -k, node ids, ...):
     a module fixture that starts the tests' runs ahead of them starts only those."""
     return [item for item in request.session.items if item.module is request.module]
+
+
+#: What a module starts ahead of the tests that check it (an `ltx2` run, or a daemon's whole scene): a
+#: function of a root folder of its own (state, outputs, a daemon's files) and the HF_HOME, returning
+#: what the test checks.
+RunAhead = Callable[[Path, Path], Any]
+
+
+def start_runs_ahead(
+    runs: dict[str, RunAhead], hf_home: Path, tmp_path_factory: pytest.TempPathFactory, workers: int
+) -> Iterator[dict[str, tuple[Future[Any], Path]]]:
+    """For a module fixture: start `runs` in the background, `workers` at a time in the order given, each
+    in a root folder of its own; yields each one's (future, root) by its name until the module ends.
+
+    An `ltx2` run spends seconds on one core (its fork server importing torch and diffusers, the tiny
+    model's mostly single-threaded stages) and a daemon's scene mostly waits (on a pause, a kill, a
+    restart), so a run beside another, or beside the tests that need no run of their own, keeps CI's two
+    cores busy."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        started = {}
+        for name, run in runs.items():
+            root = tmp_path_factory.mktemp("run")
+            started[name] = (pool.submit(run, root, hf_home), root)
+        yield started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs_ahead(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future[Any], Path]]]:
+    """The module's RUNS_AHEAD, if it has any (a dict of RunAhead by the name of the test, or of the
+    fixture, that checks each), that this session needs: started from the module's first test on,
+    RUNS_AHEAD_AT_ONCE (default 1) at a time in the order given, beside the tests that make their own
+    runs (start_runs_ahead). A test gets its own with `ran_ahead`."""
+    registry: dict[str, RunAhead] = getattr(request.module, "RUNS_AHEAD", {})
+    selected = selected_in_module(request)
+    wanted = {item.originalname for item in selected} | {name for item in selected for name in item.fixturenames}
+    runs = {name: run for name, run in registry.items() if name in wanted}
+    if not runs:
+        yield {}
+        return
+    at_once = getattr(request.module, "RUNS_AHEAD_AT_ONCE", 1)
+    yield from start_runs_ahead(runs, request.getfixturevalue("hf_home"), tmp_path_factory, at_once)
+
+
+@pytest.fixture
+def ran_ahead(runs_ahead: dict[str, tuple[Future[Any], Path]], request: pytest.FixtureRequest) -> Any:
+    """What this test's run in its module's RUNS_AHEAD returned, once it has finished (or its exception)."""
+    return runs_ahead[request.node.originalname][0].result()
 
 
 def probe_mp4(path: Path) -> dict[str, object]:

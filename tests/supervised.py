@@ -21,6 +21,9 @@ from orchestrator.daemon.transport import DaemonAddress
 from protocol import jobs
 
 START_TIMEOUT_S = 30.0
+# How often a test asks the daemon for a job's state: one request from this process, a millisecond of
+# the daemon's time; tests wait for some forty job ends a session, each noticed half a poll late.
+STATUS_POLL_S = 0.1
 
 
 class Supervised:
@@ -92,7 +95,7 @@ def wait_for_job_state(
             job = connected.request(jobs.Status(job_id))["job"]
         if job["state"] in states:
             return job
-        time.sleep(0.3)
+        time.sleep(STATUS_POLL_S)
     raise TimeoutError(f"job {job_id} never reached {states}; daemon log:\n{log()[-3000:]}")
 
 

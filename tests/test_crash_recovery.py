@@ -17,9 +17,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module, submit_tiny
+from conftest import (
+    REPO_ROOT,
+    TINY_ARGS,
+    RunAhead,
+    daemon_environment,
+    ltx2_environment,
+    probe_mp4,
+    run_ltx2,
+    selected_in_module,
+    submit_tiny,
+)
 from daemon_process import DaemonProcess
-from supervised import wait_for_file
+from supervised import STATUS_POLL_S, wait_for_file
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress
@@ -41,12 +51,6 @@ def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         [sys.executable, "-m", "orchestrator.cli", *args],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-
-
-@pytest.fixture
-def fault_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "LTX2_FAULT_DIR": str(tmp_path / "faults"), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
 
 
 def files_of(folder: Path) -> dict[str, tuple[int, int]]:
@@ -233,22 +237,41 @@ def test_resume_without_a_daemon_finishes_the_job_and_explains_what_it_cannot_re
     assert "ltx2 jobs" in typo.stderr
 
 
-def test_ctrl_c_during_a_batch_stops_the_worker_and_a_rerun_finishes(fault_env: dict, tmp_path: Path):
-    batch = tmp_path / "clips.toml"
+def ctrl_c_during_a_batch(root: Path, hf_home: Path) -> dict[str, object]:
+    """A two-clip batch interrupted as Ctrl-C does while its first clip's diffusion is paused, then run
+    again: the interrupted run's exit and stderr, whether its worker lived on, the rerun, the MP4s."""
+    (root / "faults").mkdir()
+    env = {
+        **ltx2_environment(hf_home, root),
+        "LTX2_FAULT_DIR": str(root / "faults"),
+        "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2",
+    }
+    batch = root / "clips.toml"
     batch.write_text(
         '[defaults]\nwidth = 64\nheight = 64\nnum_frames = 17\n\n[[clips]]\nprompt = "one"\nseed = 1\n\n'
         '[[clips]]\nprompt = "two"\nseed = 2\n'
     )
-    cli = start_cli(["batch", str(batch), "--quiet"], fault_env)
-    worker = int(wait_for_file(tmp_path / "faults" / "paused-encode_diffuse.pid").read_text())
-    os.killpg(cli.pid, signal.SIGINT)
-    _, err = cli.communicate(timeout=60)
-    assert cli.returncode == 130, err
-    assert "Traceback" not in err
-    assert not is_running(worker)
-    rerun = run_ltx2(["batch", str(batch), "--quiet"], fault_env)
-    assert rerun.returncode == 0, rerun.stderr
-    assert sorted(p.name.split("_")[0] for p in (tmp_path / "outputs").glob("*.mp4")) == ["one", "two"]  # the prompts
+    cli = start_cli(["batch", str(batch), "--quiet"], env)
+    try:
+        worker = int(wait_for_file(root / "faults" / "paused-encode_diffuse.pid").read_text())
+        os.killpg(cli.pid, signal.SIGINT)
+        _, err = cli.communicate(timeout=60)
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait()
+    seen: dict[str, object] = {"exit": cli.returncode, "stderr": err, "worker_running": is_running(worker)}
+    seen["rerun"] = run_ltx2(["batch", str(batch), "--quiet"], env)
+    seen["outputs"] = sorted(p.name.split("_")[0] for p in (root / "outputs").glob("*.mp4"))  # the prompts
+    return seen
+
+
+def test_ctrl_c_during_a_batch_stops_the_worker_and_a_rerun_finishes(ran_ahead: dict):
+    assert ran_ahead["exit"] == 130, ran_ahead["stderr"]
+    assert "Traceback" not in ran_ahead["stderr"]
+    assert not ran_ahead["worker_running"]
+    assert ran_ahead["rerun"].returncode == 0, ran_ahead["rerun"].stderr
+    assert ran_ahead["outputs"] == ["one", "two"]
 
 
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -272,7 +295,7 @@ def wait_for_states(env: dict[str, str], wanted: set[str], count: int, timeout_s
             listed = []
         if len(listed) == count and all(job["state"] in wanted for job in listed):
             break
-        time.sleep(0.5)
+        time.sleep(STATUS_POLL_S)
     listed = run_ltx2(["jobs", "--json"], env)
     if listed.returncode == 0:
         jobs = json.loads(listed.stdout)
@@ -359,29 +382,38 @@ def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(corrupt_store_r
         assert list(run["store"].parent.glob("jobs.sqlite.corrupt-*"))
 
 
-def test_a_job_whose_directory_was_deleted_is_gone_from_the_store_after_a_restart(daemon_env: dict, tmp_path: Path):
-    with DaemonProcess(daemon_env, tmp_path / "first.log") as daemon:
-        ids = [submit_tiny(daemon_env, "a mill", "--num-frames", "9", "--seed", seed) for seed in ("1", "2")]
+def job_directory_deleted(root: Path, hf_home: Path) -> dict[str, object]:
+    """Two jobs cancelled, the daemon stopped, one job's directory deleted, a daemon started again:
+    the jobs, then what that daemon lists and says of the deleted one."""
+    env = daemon_environment(hf_home, root)
+    with DaemonProcess(env, root / "first.log") as daemon:
+        ids = [submit_tiny(env, "a mill", "--num-frames", "9", "--seed", seed) for seed in ("1", "2")]
         for job_id in ids:  # nothing needs to render: queued or running, each ends cancelled
-            assert run_ltx2(["cancel", job_id], daemon_env).returncode == 0
+            assert run_ltx2(["cancel", job_id], env).returncode == 0
             daemon.wait_for_state(job_id, {"cancelled"})
     kept, deleted = ids
-    shutil.rmtree(Path(daemon_env["LTX2_STATE_DIR"]) / "jobs" / deleted)
-    with DaemonProcess(daemon_env, tmp_path / "second.log"):
-        listed = json.loads(run_ltx2(["jobs", "--json"], daemon_env).stdout)
-        status = run_ltx2(["status", deleted], daemon_env)
-    assert [(job["id"], job["state"]) for job in listed] == [(kept, "cancelled")]
+    shutil.rmtree(Path(env["LTX2_STATE_DIR"]) / "jobs" / deleted)
+    with DaemonProcess(env, root / "second.log"):
+        listed = json.loads(run_ltx2(["jobs", "--json"], env).stdout)
+        status = run_ltx2(["status", deleted], env)
+    return {"kept": kept, "deleted": deleted, "listed": listed, "status": status}
+
+
+def test_a_job_whose_directory_was_deleted_is_gone_from_the_store_after_a_restart(ran_ahead: dict):
+    deleted, status = ran_ahead["deleted"], ran_ahead["status"]
+    assert [(job["id"], job["state"]) for job in ran_ahead["listed"]] == [(ran_ahead["kept"], "cancelled")]
     assert status.returncode == 1 and f"no job '{deleted}'" in status.stderr
 
 
-def test_a_store_overwritten_under_a_running_job_is_rebuilt_and_the_job_finishes(fault_env: dict, tmp_path: Path):
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-garbage")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    env = {**fault_env, "XDG_RUNTIME_DIR": str(runtime)}
-    store = tmp_path / "state" / "jobs.sqlite"
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+def store_overwritten_under_a_running_job(root: Path, hf_home: Path) -> dict[str, object]:
+    """A job paused in diffusion; the job store checkpointed and overwritten with garbage, the worker
+    SIGKILLed so that the job goes on (a retry) over the damaged store: the job as it ended, the
+    listing after it, the daemon's log and the store's path."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    store = root / "state" / "jobs.sqlite"
+    with DaemonProcess(env, root / "daemon.log") as daemon:
         job_id = submit_tiny(env, "a mill", "--num-frames", "9")
-        worker = int(wait_for_file(tmp_path / "faults" / "paused-encode_diffuse.pid").read_text())
+        worker = int(wait_for_file(root / "faults" / "paused-encode_diffuse.pid").read_text())
         # What a backup tool's checkpoint, then `cat garbage > jobs.sqlite`, does to the file.
         with sqlite3.connect(store) as external:
             assert external.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0  # not busy
@@ -390,8 +422,24 @@ def test_a_store_overwritten_under_a_running_job_is_rebuilt_and_the_job_finishes
         job = daemon.wait_for_state(job_id, {"done", "failed", "cancelled"})
         listed = json.loads(run_ltx2(["jobs", "--json"], env).stdout)
         log = daemon.log()
+    return {"job_id": job_id, "job": job, "listed": listed, "log": log, "store": store}
+
+
+def test_a_store_overwritten_under_a_running_job_is_rebuilt_and_the_job_finishes(ran_ahead: dict):
+    job, store = ran_ahead["job"], ran_ahead["store"]
     assert job["state"] == "done", job["error"]
     assert probe_mp4(Path(job["output"]))["frames"] == 9
-    assert [(row["id"], row["state"]) for row in listed] == [(job_id, "done")]
-    assert "damaged under the daemon" in log
+    assert [(row["id"], row["state"]) for row in ran_ahead["listed"]] == [(ran_ahead["job_id"], "done")]
+    assert "damaged under the daemon" in ran_ahead["log"]
     assert list(store.parent.glob("jobs.sqlite.corrupt-*"))  # the garbage is kept for a post-mortem
+
+
+# These scenes run ahead (conftest's `runs_ahead`), one at a time from the module's first test on, each
+# in a root of its own: beside the interrupted generate, which mostly waits on one core.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_ctrl_c_during_a_batch_stops_the_worker_and_a_rerun_finishes": ctrl_c_during_a_batch,
+    "test_a_job_whose_directory_was_deleted_is_gone_from_the_store_after_a_restart": job_directory_deleted,
+    "test_a_store_overwritten_under_a_running_job_is_rebuilt_and_the_job_finishes": (
+        store_overwritten_under_a_running_job
+    ),
+}

@@ -6,10 +6,11 @@ import json
 import os
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from conftest import TINY_ARGS, probe_mp4, run_ltx2, submit_tiny
+from conftest import TINY_ARGS, RunAhead, daemon_environment, job_dir_of, probe_mp4, run_ltx2, submit_tiny
 from safetensors.torch import load_file
 from supervised import Supervised, wait_for_file
 
@@ -72,12 +73,23 @@ def test_submit_with_bad_flag_is_rejected_with_exit_2(daemon_env: dict, tmp_path
 def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(daemon_env: dict, tmp_path: Path):
     pauses = "encode_diffuse:denoise:3,audio_decode:decode audio:0,video_decode:load video VAE:0"
     env = {**daemon_env, "LTX2_FAULT_PAUSE": pauses}
-    with Supervised(tmp_path / "run", env) as supervised:
-        job_id = submit(env)
-        for stage in ("encode_diffuse", "audio_decode", "video_decode"):
-            marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid")
-            os.kill(int(marker.read_text()), signal.SIGKILL)
-        job = supervised.wait_for_state(job_id, {"done", "failed"})
+    # The undisturbed run goes beside the killed one, in a state dir and output folder of its own: the
+    # daemon's run mostly waits (for a pause, a kill, a retry), leaving a core to it.
+    undisturbed_env = {
+        **daemon_env,
+        "LTX2_STATE_DIR": str(tmp_path / "undisturbed"),
+        "LTX2_OUTPUT_DIR": str(tmp_path / "undisturbed-outputs"),
+    }
+    request = ["generate", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS]
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        undisturbed_run = beside.submit(run_ltx2, request, undisturbed_env)
+        with Supervised(tmp_path / "run", env) as supervised:
+            job_id = submit(env)
+            for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+                marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / f"paused-{stage}.pid")
+                os.kill(int(marker.read_text()), signal.SIGKILL)
+            job = supervised.wait_for_state(job_id, {"done", "failed"})
+        reference = undisturbed_run.result()
     assert job["state"] == "done", job["error"]
     results = [(a["stage"], a["result"]) for a in job["attempts"]]
     assert results == [
@@ -88,9 +100,8 @@ def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(d
         ("video_decode", "host_oom"),
         ("video_decode", "ok"),
     ]
-    reference = run_ltx2(["generate", "--prompt", "a jib shot over a forge", "--seed", "11", *TINY_ARGS], daemon_env)
     assert reference.returncode == 0, reference.stderr
-    reference_dir = next(p for p in (Path(daemon_env["LTX2_STATE_DIR"]) / "jobs").iterdir() if p.name != job_id)
+    reference_dir = job_dir_of(reference)
     killed, undisturbed = load_file(Path(job["job_dir"]) / LATENTS_FILE), load_file(reference_dir / LATENTS_FILE)
     # Equal to the last bit in every run seen since MKL's reproducible mode is on for all our processes
     # (services/__init__.py), but two CPU processes with the same inputs still drifted by ~1e-6 once more on
@@ -104,9 +115,11 @@ def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(d
     assert not list(Path(job["job_dir"]).glob(".*.tmp-*"))
 
 
-def test_daemon_killed_mid_job_is_restarted_and_finishes_every_job(daemon_env: dict, tmp_path: Path):
-    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with Supervised(tmp_path, env) as supervised:
+def daemon_killed_mid_job(root: Path, hf_home: Path) -> dict[str, object]:
+    """Two jobs queued, the first paused in diffusion, the daemon SIGKILLed there; supervisord's next
+    daemon runs both to their end. The jobs as they ended, and whether the paused worker is gone."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with Supervised(root, env) as supervised:
         first, second = submit(env), submit(env)
         marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid")
         orphan = int(marker.read_text())
@@ -115,20 +128,33 @@ def test_daemon_killed_mid_job_is_restarted_and_finishes_every_job(daemon_env: d
         os.kill(old_pid, signal.SIGKILL)
         supervised.wait_until_serving(previous_pid=old_pid)
         done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in (first, second)]
+    orphan_gone = not Path(f"/proc/{orphan}").exists() or "Z" in Path(f"/proc/{orphan}/stat").read_text().split()[2]
+    return {"done": done, "orphan_gone": orphan_gone}
+
+
+def test_daemon_killed_mid_job_is_restarted_and_finishes_every_job(ran_ahead: dict):
+    done = ran_ahead["done"]
     assert [job["state"] for job in done] == ["done", "done"], [job["error"] for job in done]
-    assert not Path(f"/proc/{orphan}").exists() or "Z" in Path(f"/proc/{orphan}/stat").read_text().split()[2]
+    assert ran_ahead["orphan_gone"]
     record = json.loads((Path(done[0]["job_dir"]) / "job.json").read_text())
     assert [a["result"] for a in record["stages"]["encode_diffuse"]["attempts"]] == ["interrupted", "ok"]
     for job in done:
         assert probe_mp4(Path(job["output"]))["frames"] == 17
 
 
-def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(daemon_env: dict, tmp_path: Path):
-    env = {**daemon_env, "LTX2_FAULT_OOM": "video_decode:1", "LTX2_FAULT_KILL": "audio_decode:2"}
-    with Supervised(tmp_path, env) as supervised:
+def injected_faults(root: Path, hf_home: Path) -> dict[str, object]:
+    """A job whose audio worker is SIGKILLed twice and whose video decode runs out of CUDA memory once;
+    the job as it ended and what `ltx2 status` says of it."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_OOM": "video_decode:1", "LTX2_FAULT_KILL": "audio_decode:2"}
+    with Supervised(root, env) as supervised:
         job_id = submit(env)
         job = supervised.wait_for_state(job_id, {"done", "failed"})
         status = run_ltx2(["status", job_id], env).stdout
+    return {"job": job, "status": status}
+
+
+def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(ran_ahead: dict):
+    job, status = ran_ahead["job"], ran_ahead["status"]
     assert job["state"] == "done", job["error"]
     assert "audio_decode attempt 1 [device auto]: host_oom" in status
     assert "audio_decode attempt 2 [device auto]: host_oom" in status
@@ -140,15 +166,22 @@ def test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status(daemon_
     assert "(not reproducible: audio_decode ran on another plan than its request's (device cpu))" in status
 
 
-def test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group(daemon_env: dict, tmp_path: Path):
-    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    with Supervised(tmp_path, env) as supervised:
+def jobs_queued_behind_a_running_one(root: Path, hf_home: Path) -> dict[str, object]:
+    """A job paused in diffusion while two more queue up behind it, then its worker SIGKILLed; the three
+    jobs as they ended, and the ids of the two queued."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
+    with Supervised(root, env) as supervised:
         first = submit(env)
         marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid")
         # While the first job runs, two more queue up behind it; the executor then claims both.
         queued = [submit(env, "--seed", "12"), submit(env, "--seed", "13", "--name", "third")]
         os.kill(int(marker.read_text()), signal.SIGKILL)
         done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in (first, *queued)]
+    return {"done": done, "queued": queued}
+
+
+def test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group(ran_ahead: dict):
+    done, queued = ran_ahead["done"], ran_ahead["queued"]
     assert [job["state"] for job in done] == ["done"] * 3, [job["error"] for job in done]
     for job in done[1:]:
         record = json.loads((Path(job["job_dir"]) / "job.json").read_text())
@@ -157,3 +190,13 @@ def test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group(d
         assert probe_mp4(Path(job["output"]))["frames"] == 17
     first_record = json.loads((Path(done[0]["job_dir"]) / "job.json").read_text())
     assert all("group" not in a for a in first_record["stages"]["encode_diffuse"]["attempts"])
+
+
+# Each daemon scene above runs ahead (conftest's `runs_ahead`), one at a time from the module's first
+# test on, each with a supervised daemon of its own: a scene mostly waits (on a pause, a kill, a
+# restart), leaving a core to the tests before it.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_daemon_killed_mid_job_is_restarted_and_finishes_every_job": daemon_killed_mid_job,
+    "test_injected_oom_and_host_kills_walk_the_ladders_and_show_in_status": injected_faults,
+    "test_jobs_queued_behind_a_running_one_with_the_same_model_run_as_one_group": jobs_queued_behind_a_running_one,
+}

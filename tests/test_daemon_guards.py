@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import probe_mp4, run_ltx2, submit_tiny
+from conftest import RunAhead, daemon_environment, probe_mp4, run_ltx2, submit_tiny
 from daemon_process import (
     DaemonProcess,
     children_of,
@@ -81,36 +81,43 @@ def test_fork_server_killed_mid_stage_its_workers_die_and_the_job_is_retried_to_
         kill_workers_left_in(state_dir)
 
 
-def test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lock_is_taken_over(
-    daemon_env: dict, tmp_path: Path
-):
-    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    state_dir = Path(env["LTX2_STATE_DIR"])
+def second_daemon_on_the_same_state_dir(root: Path, hf_home: Path) -> dict[str, object]:
+    """A daemon with a job paused in diffusion; a second daemon started on its state dir; then the first
+    SIGKILLed and a third started there. What each daemon answered, and whether the worker ran on."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     try:
-        with DaemonProcess(env, tmp_path / "first.log") as first:
+        with DaemonProcess(env, root / "first.log") as first:
             submit(env)
             worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
             second = run_ltx2(["daemon"], env, timeout=60)
-            assert second.returncode != 0
-            lines = second.stderr.strip().splitlines()
-            assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr
             # The refused daemon touched nothing: the first's worker runs, its socket answers.
-            assert is_running(worker)
+            seen = {"first": first.pid, "second": second, "worker_running": is_running(worker)}
             with first.client() as client:
-                assert client.request(jobs.Ping(""))["pid"] == first.pid
+                seen["first_answered"] = client.request(jobs.Ping(""))["pid"]
             first.process.kill()
             first.process.wait()
-        with DaemonProcess(env, tmp_path / "third.log") as third, third.client() as client:
-            assert client.request(jobs.Ping(""))["pid"] == third.pid
+        with DaemonProcess(env, root / "third.log") as third, third.client() as client:
+            seen |= {"third": third.pid, "third_answered": client.request(jobs.Ping(""))["pid"]}
     finally:
-        kill_workers_left_in(state_dir)
+        kill_workers_left_in(Path(env["LTX2_STATE_DIR"]))
+    return seen
 
 
-def test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_run_the_job(
-    daemon_env: dict, tmp_path: Path
-):
-    env = {**daemon_env, "LTX2_FAULT_EXECUTOR": "1"}
-    with Supervised(tmp_path, env) as supervised:
+def test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lock_is_taken_over(ran_ahead: dict):
+    second = ran_ahead["second"]
+    assert second.returncode != 0
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {ran_ahead['first']}" in lines[0], second.stderr
+    assert ran_ahead["worker_running"]
+    assert ran_ahead["first_answered"] == ran_ahead["first"]
+    assert ran_ahead["third_answered"] == ran_ahead["third"]
+
+
+def executor_thread_dies(root: Path, hf_home: Path) -> dict[str, object]:
+    """A supervised daemon whose executor thread dies claiming the job (LTX2_FAULT_EXECUTOR), and the
+    daemon supervisord starts next: the job as it ended, `ltx2 daemon --check`, and the logs."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_EXECUTOR": "1"}
+    with Supervised(root, env) as supervised:
         with supervised.client() as client:
             first_pid = client.request(jobs.Ping(""))["pid"]
         job_id = submit(env)
@@ -118,13 +125,25 @@ def test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_
         restarted_pid = supervised.wait_until_serving(previous_pid=first_pid)
         job = supervised.wait_for_state(job_id, {"done", "failed"})
         check = run_ltx2(["daemon", "--check"], env)
-    assert (Path(env["LTX2_FAULT_DIR"]) / "executor-raised").exists()
+    return {
+        "raised": (Path(env["LTX2_FAULT_DIR"]) / "executor-raised").exists(),
+        "job": job,
+        "restarted": restarted_pid,
+        "check": check,
+        "daemon_log": supervised.daemon_log(),
+        "supervisord_log": (supervised.var / "supervisord.log").read_text(),
+    }
+
+
+def test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_run_the_job(ran_ahead: dict):
+    job, check = ran_ahead["job"], ran_ahead["check"]
+    assert ran_ahead["raised"]
     assert job["state"] == "done", job["error"]
     assert probe_mp4(Path(job["output"]))["frames"] == 17
-    assert "executor thread died" in supervised.daemon_log()
-    supervisord_log = (supervised.var / "supervisord.log").read_text()
+    assert "executor thread died" in ran_ahead["daemon_log"]
+    supervisord_log = ran_ahead["supervisord_log"]
     assert "exited: ltx2d (exit status 1; not expected)" in supervisord_log, supervisord_log
-    assert check.returncode == 0 and f"pid {restarted_pid}" in check.stdout, check.stderr
+    assert check.returncode == 0 and f"pid {ran_ahead['restarted']}" in check.stdout, check.stderr
 
 
 def test_daemon_check_exits_0_for_a_healthy_daemon_and_non_zero_without_one(daemon_env: dict, tmp_path: Path):
@@ -181,16 +200,14 @@ def test_worker_sockets_of_dead_processes_are_removed_at_start_and_live_ones_sta
         holder.wait()
 
 
-def test_a_worker_waiting_for_go_exits_when_its_daemon_dies_though_its_fork_server_lives_on(
-    daemon_env: dict, tmp_path: Path
-):
-    """A prestarted worker's parent is the fork server, not the daemon: it must also notice the
-    daemon itself is gone (here the server is stopped, so it cannot exit with the daemon)."""
-    env = {**daemon_env, "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
-    state_dir = Path(env["LTX2_STATE_DIR"])
+def daemon_dies_beside_a_waiting_worker(root: Path, hf_home: Path) -> dict[str, object]:
+    """A daemon SIGKILLed while its job's diffusion worker is paused and the audio worker started ahead
+    of it waits for GO, their fork server stopped (SIGSTOP) so that it cannot take them along: whether
+    the waiting worker still ran after FILE_WAIT_S, and the paused worker's parent then."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:2"}
     server = 0
     try:
-        with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+        with DaemonProcess(env, root / "daemon.log") as daemon:
             submit(env, "--num-frames", "9")
             worker = int(wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "paused-encode_diffuse.pid").read_text())
             server = parent_of(worker)
@@ -201,9 +218,34 @@ def test_a_worker_waiting_for_go_exits_when_its_daemon_dies_though_its_fork_serv
             deadline = time.monotonic() + FILE_WAIT_S
             while is_running(waiting) and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert not is_running(waiting), f"worker {waiting} still waits for a GO from a dead daemon"
-            assert parent_of(worker) == server  # the stopped server never let its children go
+            return {
+                "waiting": waiting,
+                "still_waits": is_running(waiting),
+                "server": server,
+                "parent": parent_of(worker),
+            }
     finally:
         if server:
             kill_group(server)
-        kill_workers_left_in(state_dir)
+        kill_workers_left_in(Path(env["LTX2_STATE_DIR"]))
+
+
+def test_a_worker_waiting_for_go_exits_when_its_daemon_dies_though_its_fork_server_lives_on(ran_ahead: dict):
+    """A prestarted worker's parent is the fork server, not the daemon: it must also notice the
+    daemon itself is gone (here the server is stopped, so it cannot exit with the daemon)."""
+    assert not ran_ahead["still_waits"], f"worker {ran_ahead['waiting']} still waits for a GO from a dead daemon"
+    assert ran_ahead["parent"] == ran_ahead["server"]  # the stopped server never let its children go
+
+
+# The daemon scenes above run ahead (conftest's `runs_ahead`), one at a time from the module's first test
+# on, each with daemons of its own: a scene mostly waits (on a pause, a refusal, a restart, a worker's
+# exit), leaving a core to the tests before it.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_second_daemon_on_the_same_state_dir_refuses_to_start_and_a_dead_ones_lock_is_taken_over": (
+        second_daemon_on_the_same_state_dir
+    ),
+    "test_daemon_whose_executor_thread_dies_exits_and_supervisord_restarts_it_to_run_the_job": executor_thread_dies,
+    "test_a_worker_waiting_for_go_exits_when_its_daemon_dies_though_its_fork_server_lives_on": (
+        daemon_dies_beside_a_waiting_worker
+    ),
+}

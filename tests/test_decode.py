@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2
+from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, RunAhead, ltx2_environment, probe_mp4, run_ltx2
 
 from orchestrator.run.pipeline import drop_page_cache
 from protocol.files import LATENTS_FILE, VIDEO_FILE
@@ -27,28 +28,34 @@ def frames(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+# The request the tests below recover videos of, and deliver cropped.
+REQUEST = ["generate", "--prompt", "recover me", "--seed", "8", *TINY_ARGS, "--model", TINY_REPO_ID]
+# The test whose cropped render of it starts ahead, beside the whole one.
+CROP_TEST = "test_a_crop_delivers_the_exact_centre_of_the_rendered_frames"
+
+
+def finished_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    return run_ltx2([*REQUEST, "--quiet", "--drop-caches"], ltx2_environment(hf_home, root))
+
+
+def cropped_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    return run_ltx2([*REQUEST, "--crop-width", "48", "--crop-height", "40", "--quiet"], ltx2_environment(hf_home, root))
+
+
+# Started ahead (conftest's `runs_ahead`), side by side as the first of them is needed: two
+# independent processes keep CI's two cores busy.
+RUNS_AHEAD: dict[str, RunAhead] = {"finished_job": finished_run, CROP_TEST: cropped_run}
+RUNS_AHEAD_AT_ONCE = 2
+
+
 @pytest.fixture(scope="module")
-def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def finished_job(runs_ahead: dict) -> dict:
     """One `ltx2 generate` run that the tests below recover videos from; they only read it (a test
     that changes the job directory changes its own copy, see `job_dir_copy`)."""
-    ltx2_env = ltx2_environment(hf_home, tmp_path_factory.mktemp("finished"))
-    result = run_ltx2(
-        [
-            "generate",
-            "--prompt",
-            "recover me",
-            "--seed",
-            "8",
-            "--quiet",
-            "--drop-caches",
-            *TINY_ARGS,
-            "--model",
-            "ltx2-stages/tiny-random-ltx2",
-        ],
-        ltx2_env,
-    )
+    future, root = runs_ahead["finished_job"]
+    result = future.result()
     assert result.returncode == 0, result.stderr
-    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    (job_dir,) = (root / "state" / "jobs").iterdir()
     return {"job_dir": job_dir, "video": Path(result.stdout.strip()), "stderr": result.stderr}
 
 
@@ -98,13 +105,14 @@ def test_decode_refuses_a_file_that_is_not_ltx2_latents(ltx2_env: dict, tmp_path
     assert "--input:" in result.stderr and "not a latents file" in result.stderr
 
 
-def test_a_crop_delivers_the_exact_centre_of_the_rendered_frames(finished_job: dict, ltx2_env: dict):
+def test_a_crop_delivers_the_exact_centre_of_the_rendered_frames(
+    finished_job: dict, ran_ahead: subprocess.CompletedProcess[str]
+):
     """--crop-width/--crop-height (how the gateway delivers OpenAI's 720-pixel sides): the same request
     cropped gives the same latents, and its lossless PNGs are exactly the centre of the uncropped ones."""
     from PIL import Image
 
-    request = ["generate", "--prompt", "recover me", "--seed", "8", *TINY_ARGS, "--model", TINY_REPO_ID]
-    result = run_ltx2([*request, "--crop-width", "48", "--crop-height", "40", "--quiet"], ltx2_env)
+    result = ran_ahead
     assert result.returncode == 0, result.stderr
     assert "48x40x17, centre of 64x64" in result.stderr
     video = Path(result.stdout.strip())

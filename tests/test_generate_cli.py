@@ -4,17 +4,55 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2
+from conftest import TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module
 
 from protocol.files import AUDIO_FILE, LATENTS_FILE, VIDEO_FILE
 
+# Each decode plan's flags and the phase its video decode shows.
+DECODE_PLANS = {"spatial tiling": ["--vae-tiling"], "temporal pieces of 3": ["--vae-chunk-frames", "3"]}
+
+
+def generate_with_decode_plan(root: Path, hf_home: Path, flags: list[str]) -> subprocess.CompletedProcess[str]:
+    """`ltx2 generate` of a tiny clip with `flags`, tiles and pieces small enough for its 64x64x17,
+    with state and outputs under `root`."""
+    config = root / "small-tiles.toml"
+    config.write_text("[decode]\ntile_size = 32\ntile_overlap = 8\nchunk_overlap_latent_frames = 1\n")
+    request = ["generate", "--prompt", "a jib up over ruins", "--seed", "3", "--model", "ltx2-stages/tiny-random-ltx2"]
+    return run_ltx2(["--config", str(config), *request, *TINY_ARGS, *flags], ltx2_environment(hf_home, root))
+
 
 @pytest.fixture(scope="module")
-def generated(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """One default-model run (no weights cached, so the tiny model) shared by the assertions below."""
+def decode_plan_runs(
+    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future, Path]]]:
+    """The run of each decode plan this session tests, started in the background one after the other
+    as the module's first run starts (`generated`): each is a process on one core most of the time
+    (its fork server's imports, the tiny stages), so two runs at a time keep CI's two cores busy."""
+    selected = {
+        item.callspec.params["label"]
+        for item in selected_in_module(request)
+        if item.originalname == "test_every_decode_plan_yields_exactly_the_requested_frames"
+    }
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        started = {}
+        for label in (label for label in DECODE_PLANS if label in selected):
+            root = tmp_path_factory.mktemp("decode-plan")
+            started[label] = (beside.submit(generate_with_decode_plan, root, hf_home, DECODE_PLANS[label]), root)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def generated(
+    hf_home: Path, tmp_path_factory: pytest.TempPathFactory, decode_plan_runs: dict[str, tuple[Future, Path]]
+) -> dict[str, object]:
+    """One default-model run (no weights cached, so the tiny model) shared by the assertions below; the
+    decode plans' runs go beside it (`decode_plan_runs`)."""
     root = tmp_path_factory.mktemp("generate")
     env = ltx2_environment(hf_home, root)
     result = run_ltx2(
@@ -98,36 +136,14 @@ def test_negative_prompt_without_cfg_warns(generated: dict):
     assert "--negative-prompt has no effect with --guidance-scale 1.0" in generated["result"].stderr
 
 
-@pytest.mark.parametrize(
-    ("flags", "label"),
-    [
-        (["--vae-tiling"], "spatial tiling"),
-        (["--vae-chunk-frames", "3"], "temporal pieces of 3"),
-    ],
-)
-def test_every_decode_plan_yields_exactly_the_requested_frames(ltx2_env: dict, tmp_path: Path, flags: list, label: str):
-    config = tmp_path / "small-tiles.toml"
-    config.write_text("[decode]\ntile_size = 32\ntile_overlap = 8\nchunk_overlap_latent_frames = 1\n")
-    result = run_ltx2(
-        [
-            "--config",
-            str(config),
-            "generate",
-            "--prompt",
-            "a jib up over ruins",
-            "--seed",
-            "3",
-            "--model",
-            "ltx2-stages/tiny-random-ltx2",
-            *TINY_ARGS,
-            *flags,
-        ],
-        ltx2_env,
-    )
+@pytest.mark.parametrize("label", DECODE_PLANS)
+def test_every_decode_plan_yields_exactly_the_requested_frames(decode_plan_runs: dict, label: str):
+    run, root = decode_plan_runs[label]
+    result = run.result()
     assert result.returncode == 0, result.stderr
     assert f"decode video ({label})" in result.stderr
     output = Path(result.stdout.strip())
-    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    (job_dir,) = (root / "state" / "jobs").iterdir()
     assert output.name == f"a-jib-up-over-ruins_{job_dir.name[:15]}.mp4"  # no --name: the prompt's first words
     info = probe_mp4(output)
     assert (info["frames"], info["width"], info["height"]) == (17, 64, 64)

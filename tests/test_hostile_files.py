@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY_ARGS, ltx2_environment, run_ltx2
+from conftest import TINY_ARGS, RunAhead, ltx2_environment, run_ltx2
 from safetensors.torch import save_file
 from test_loras import CAMERA_FILE, CAMERA_REPO, lora_tensors
 
@@ -171,11 +171,17 @@ def test_a_full_output_folder_fails_the_job_with_the_recovery_command_and_leaves
     assert JobDir.load(job.path).state.value == "done"
 
 
-def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ltx2_env: dict):
-    env = {**ltx2_env, "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
-    result = run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env)
+def full_state_disk_run(root: Path, hf_home: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """`generate` whose diffusion stage finds the state disk full (LTX2_FAULT_ENOSPC) in every attempt;
+    its result and environment."""
+    env = {**ltx2_environment(hf_home, root), "LTX2_FAULT_ENOSPC": "encode_diffuse:9"}
+    return run_ltx2(["generate", "--prompt", "x", "--quiet", *TINY_ARGS], env), env
+
+
+def test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan(ran_ahead: tuple):
+    result, env = ran_ahead
     assert result.returncode == 5, result.stderr
-    (job,) = jobs_of(ltx2_env)
+    (job,) = jobs_of(env)
     assert job.state.value == "failed"
     assert attempts_of(job) == {"encode_diffuse": 1}
     (attempt,) = job.stage_record(Stage.ENCODE_DIFFUSE).attempts
@@ -216,12 +222,17 @@ def test_a_full_state_dir_is_exit_5_in_one_line_never_a_retried_crash(ltx2_env: 
         subprocess.run(["umount", "-l", str(state)], check=False)
 
 
+def finished_job_run(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    return run_ltx2(
+        ["generate", "--prompt", "x", "--seed", "5", "--quiet", *TINY_ARGS], ltx2_environment(hf_home, root)
+    )
+
+
 @pytest.fixture(scope="module")
-def finished_job(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One finished tiny job (its latents are the raw material for the corrupt ones)."""
-    root = tmp_path_factory.mktemp("finished")
-    env = ltx2_environment(hf_home, root)
-    result = run_ltx2(["generate", "--prompt", "x", "--seed", "5", "--quiet", *TINY_ARGS], env)
+def finished_job(runs_ahead: dict) -> Path:
+    """One finished tiny job (its latents are the raw material for the corrupt ones), run ahead."""
+    future, root = runs_ahead["finished_job"]
+    result = future.result()
     assert result.returncode == 0, result.stderr
     (job_dir,) = (root / "state" / "jobs").iterdir()
     return job_dir
@@ -244,11 +255,17 @@ def assert_invalid_input_once(result: subprocess.CompletedProcess[str], env: dic
     assert line.endswith(f"; worker log: {log}") and "Traceback" in log.read_text()
 
 
-def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ltx2_env: dict, tmp_path: Path):
-    garbage = tmp_path / "garbage.safetensors"
+def garbage_lora_run(root: Path, hf_home: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, str], Path]:
+    """`generate` with a LoRA file of garbage; its result, environment and that file."""
+    garbage = root / "garbage.safetensors"
     garbage.write_bytes(bytes(range(256)) * 64)
-    result = run_ltx2(["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS], ltx2_env)
-    assert_invalid_input_once(result, ltx2_env, garbage, "encode_diffuse")
+    env = ltx2_environment(hf_home, root)
+    return run_ltx2(["generate", "--prompt", "x", "--lora", str(garbage), "--quiet", *TINY_ARGS], env), env, garbage
+
+
+def test_a_garbage_lora_file_is_invalid_input_after_one_attempt(ran_ahead: tuple):
+    result, env, garbage = ran_ahead
+    assert_invalid_input_once(result, env, garbage, "encode_diffuse")
 
 
 def cut_short(latents: Path, into: Path) -> Path:
@@ -303,3 +320,12 @@ def test_a_corrupt_job_file_given_to_decode_is_invalid_input_naming_it(
     assert "Traceback" not in result.stderr and "--model" not in result.stderr
     assert job_file.read_bytes() == before  # nothing ran, nothing was rewritten
     assert not (tmp_path / "out.mp4").exists()
+
+
+# The runs this module starts ahead (conftest's `runs_ahead`), by the name of the test or fixture that
+# checks each, in the order the tests need them.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_a_full_state_disk_in_a_stage_fails_once_without_lowering_the_plan": full_state_disk_run,
+    "finished_job": finished_job_run,
+    "test_a_garbage_lora_file_is_invalid_input_after_one_attempt": garbage_lora_run,
+}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import run_ltx2, submit_tiny
+from conftest import RunAhead, daemon_environment, run_ltx2, submit_tiny
 from daemon_process import DaemonProcess, children_of, cmdline, is_running
 from zmq.utils.monitor import recv_monitor_message
 
@@ -95,9 +95,13 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
         pytest.fail(f"`ltx2 {' '.join(args)}` did not refuse; it ran on:\n{exc.stderr}")
 
 
-def test_multipart_flood_never_reaches_the_daemon_and_the_cli_still_works(daemon_env: dict, tmp_path: Path):
-    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
-        fronts = client_fronts(daemon.pid)
+def multipart_flood(root: Path, hf_home: Path) -> dict[str, object]:
+    """A client sends FLOOD_FRAMES frames of almost 1 MiB as one message, then the CLI submits a job and
+    lists the jobs: what the flooding client got back, the daemon's peak RSS, the CLI's answers, the
+    daemon's client fronts before the flood and whether the first still runs, and the daemon's log."""
+    env = daemon_environment(hf_home, root)
+    with DaemonProcess(env, root / "daemon.log") as daemon:
+        seen: dict[str, object] = {"fronts": client_fronts(daemon.pid)}
         context = zmq.Context()
         dealer = context.socket(zmq.DEALER)
         dealer.setsockopt(zmq.LINGER, 0)
@@ -112,50 +116,78 @@ def test_multipart_flood_never_reaches_the_daemon_and_the_cli_still_works(daemon
         poller.register(dealer, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         events = dict(poller.poll(REPLY_WAIT_MS))
-        assert events, f"no reply and no disconnect after the flood; daemon log:\n{daemon.log()[-3000:]}"
-        if dealer in events:
-            reply = codec.decode(dealer.recv())
-            assert isinstance(reply, jobs.Error) and reply.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE)
-        else:
-            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_DISCONNECTED
+        seen["answered"] = bool(events)
+        seen["reply"] = codec.decode(dealer.recv()) if dealer in events else None
+        seen["monitor_event"] = recv_monitor_message(monitor)["event"] if monitor in events else None
         dealer.disable_monitor()
         monitor.close()
         dealer.close()
         context.term()
-        peak = peak_rss_bytes(daemon.pid)
-        assert peak < DAEMON_PEAK_LIMIT, f"daemon peak RSS {peak >> 20} MiB after a {FLOOD_FRAMES} MiB message"
-        job_id = submit_tiny(daemon_env, "after the flood")
-        listed = run_cli(["jobs"], daemon_env)
-        assert listed.returncode == 0 and job_id in listed.stdout, listed.stderr
+        seen["peak"] = peak_rss_bytes(daemon.pid)
+        seen["job_id"] = submit_tiny(env, "after the flood")
+        seen["listed"] = run_cli(["jobs"], env)
         with daemon.client() as client:
-            assert client.request(jobs.Ping(""))["pid"] == daemon.pid
-        assert len(fronts) == 1, f"daemon {daemon.pid} has client fronts {fronts}"
-        if not is_running(fronts[0]):  # it died of the flood (libzmq aborts where it cannot allocate)
-            assert "client front" in daemon.log() and "died" in daemon.log()
+            seen["pinged"] = client.request(jobs.Ping(""))["pid"]
+        seen |= {"daemon": daemon.pid, "log": daemon.log()}
+        seen["first_front_running"] = bool(seen["fronts"]) and is_running(seen["fronts"][0])
+    return seen
 
 
-def test_a_client_front_that_dies_is_replaced_and_none_outlives_the_daemon(daemon_env: dict, tmp_path: Path):
-    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+def test_multipart_flood_never_reaches_the_daemon_and_the_cli_still_works(ran_ahead: dict):
+    seen = ran_ahead
+    assert seen["answered"], f"no reply and no disconnect after the flood; daemon log:\n{seen['log'][-3000:]}"
+    if seen["reply"] is not None:
+        reply = seen["reply"]
+        assert isinstance(reply, jobs.Error) and reply.code in (ErrorCode.MALFORMED, ErrorCode.TOO_LARGE)
+    else:
+        assert seen["monitor_event"] == zmq.EVENT_DISCONNECTED
+    peak = seen["peak"]
+    assert peak < DAEMON_PEAK_LIMIT, f"daemon peak RSS {peak >> 20} MiB after a {FLOOD_FRAMES} MiB message"
+    listed = seen["listed"]
+    assert listed.returncode == 0 and seen["job_id"] in listed.stdout, listed.stderr
+    assert seen["pinged"] == seen["daemon"]
+    fronts = seen["fronts"]
+    assert len(fronts) == 1, f"daemon {seen['daemon']} has client fronts {fronts}"
+    if not seen["first_front_running"]:  # it died of the flood (libzmq aborts where it cannot allocate)
+        assert "client front" in seen["log"] and "died" in seen["log"]
+
+
+def client_fronts_that_die(root: Path, hf_home: Path) -> dict[str, object]:
+    """A daemon's client front SIGKILLed (as libzmq's abort would), the CLI then, the daemon stopped; a
+    second daemon SIGKILLed, leaving its front alone. Which fronts ran after what, the CLI's answer."""
+    env = daemon_environment(hf_home, root)
+    with DaemonProcess(env, root / "daemon.log") as daemon:
         first = front_of(daemon.pid)
         os.kill(first, signal.SIGKILL)  # as libzmq's abort would
         second = wait_for_front(daemon.pid, other_than=first)
-        listed = run_cli(["jobs"], daemon_env)
-        assert listed.returncode == 0, listed.stderr
+        listed = run_cli(["jobs"], env)
         died = [line for line in daemon.log().splitlines() if f"client front {first} died" in line]
-        assert len(died) == 1, daemon.log()
-    assert not is_running(second), f"client front {second} outlived its daemon"
-    with DaemonProcess(daemon_env, tmp_path / "daemon2.log") as daemon:
+        log = daemon.log()
+    seen: dict[str, object] = {"second": second, "listed": listed, "died": died, "log": log}
+    seen["second_running"] = is_running(second)
+    with DaemonProcess(env, root / "daemon2.log") as daemon:
         orphan = front_of(daemon.pid)
         daemon.process.kill()  # no chance to stop its front: the front notices on its own
         daemon.process.wait()
         deadline = time.monotonic() + FRONT_WAIT_S
         while is_running(orphan) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not is_running(orphan), f"client front {orphan} outlived its SIGKILLed daemon"
+    return seen | {"orphan": orphan, "orphan_running": is_running(orphan)}
 
 
-def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(daemon_env: dict, tmp_path: Path):
-    with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
+def test_a_client_front_that_dies_is_replaced_and_none_outlives_the_daemon(ran_ahead: dict):
+    seen = ran_ahead
+    assert seen["listed"].returncode == 0, seen["listed"].stderr
+    assert len(seen["died"]) == 1, seen["log"]
+    assert not seen["second_running"], f"client front {seen['second']} outlived its daemon"
+    assert not seen["orphan_running"], f"client front {seen['orphan']} outlived its SIGKILLed daemon"
+
+
+def jobs_with_long_prompts(root: Path, hf_home: Path) -> dict[str, object]:
+    """LONG_PROMPT_JOBS jobs of long prompts submitted and cancelled, then listed and shown by the CLI,
+    and a prompt over the byte limit submitted: the ids and the CLI's answers."""
+    env = daemon_environment(hf_home, root)
+    with DaemonProcess(env, root / "daemon.log") as daemon:
         ids = []
         with daemon.client(timeout_s=60) as client:
             for n in range(LONG_PROMPT_JOBS):
@@ -163,18 +195,25 @@ def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(daemon_en
                 ids.append(client.request(jobs.Submit("", spec))["id"])
             for job_id in ids:  # nothing here needs them to run
                 client.request(jobs.Cancel(job_id))
-        listed = run_ltx2(["jobs", "--limit", "100"], daemon_env)
-        assert listed.returncode == 0, listed.stderr
-        assert all(job_id in listed.stdout for job_id in ids)
-        as_json = run_ltx2(["jobs", "--limit", "100", "--json"], daemon_env)
-        assert as_json.returncode == 0, as_json.stderr
-        shown = run_ltx2(["status", ids[-1]], daemon_env)
-        assert shown.returncode == 0, shown.stderr
-        assert f"prompt: {LONG_PROMPT_JOBS - 1} \U0001f30a" in shown.stdout
-        too_long = run_ltx2(["submit", "--prompt", "\U0001f30a" * 20_000], daemon_env)
-        assert too_long.returncode == 2, too_long.stderr
-        assert "--prompt" in too_long.stderr and "bytes" in too_long.stderr
-        assert "Traceback" not in too_long.stderr
+        return {
+            "ids": ids,
+            "listed": run_ltx2(["jobs", "--limit", "100"], env),
+            "as_json": run_ltx2(["jobs", "--limit", "100", "--json"], env),
+            "shown": run_ltx2(["status", ids[-1]], env),
+            "too_long": run_ltx2(["submit", "--prompt", "\U0001f30a" * 20_000], env),
+        }
+
+
+def test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame(ran_ahead: dict):
+    listed, as_json, shown, too_long = (ran_ahead[key] for key in ("listed", "as_json", "shown", "too_long"))
+    assert listed.returncode == 0, listed.stderr
+    assert all(job_id in listed.stdout for job_id in ran_ahead["ids"])
+    assert as_json.returncode == 0, as_json.stderr
+    assert shown.returncode == 0, shown.stderr
+    assert f"prompt: {LONG_PROMPT_JOBS - 1} \U0001f30a" in shown.stdout
+    assert too_long.returncode == 2, too_long.stderr
+    assert "--prompt" in too_long.stderr and "bytes" in too_long.stderr
+    assert "Traceback" not in too_long.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another uid")
@@ -251,10 +290,12 @@ def test_a_reply_over_one_frame_becomes_a_too_large_error():
     assert isinstance(reply, jobs.Error) and reply.code == ErrorCode.TOO_LARGE and reply.id == "job-1"
 
 
-def test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on(daemon_env: dict, tmp_path: Path):
-    blocker = tmp_path / "front-refuses"
-    env = {**daemon_env, "LTX2_FAULT_FRONT_REFUSE": str(blocker)}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
+def client_front_that_cannot_restart(root: Path, hf_home: Path) -> dict[str, object]:
+    """A daemon's client front SIGKILLed while a starting front refuses (LTX2_FAULT_FRONT_REFUSE), until
+    two restarts failed; then the refusal lifted: the CLI's answer and whether the daemon lived on."""
+    blocker = root / "front-refuses"
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_FRONT_REFUSE": str(blocker)}
+    with DaemonProcess(env, root / "daemon.log") as daemon:
         first = front_of(daemon.pid)
         blocker.touch()  # from now on a starting front refuses, as if its port were taken
         os.kill(first, signal.SIGKILL)
@@ -266,8 +307,12 @@ def test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on(d
         blocker.unlink()
         wait_for_front(daemon.pid, other_than=first)
         listed = run_cli(["jobs"], env)
-        assert listed.returncode == 0, listed.stderr
-        assert daemon.process.poll() is None
+        return {"listed": listed, "daemon_alive": daemon.process.poll() is None}
+
+
+def test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on(ran_ahead: dict):
+    assert ran_ahead["listed"].returncode == 0, ran_ahead["listed"].stderr
+    assert ran_ahead["daemon_alive"]
 
 
 def test_another_process_on_the_daemons_private_socket_is_never_answered(daemon_env: dict, tmp_path: Path):
@@ -292,3 +337,14 @@ def test_another_process_on_the_daemons_private_socket_is_never_answered(daemon_
         finally:
             context.destroy(linger=0)
         assert "did not come from its client front" in daemon.log()
+
+
+# The daemon scenes above run ahead (conftest's `runs_ahead`), two at a time from the module's first test
+# on, each with a daemon of its own: a scene mostly waits (on a front's restart, on the CLI).
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_multipart_flood_never_reaches_the_daemon_and_the_cli_still_works": multipart_flood,
+    "test_a_client_front_that_dies_is_replaced_and_none_outlives_the_daemon": client_fronts_that_die,
+    "test_listing_and_status_of_jobs_with_long_prompts_fit_in_one_frame": jobs_with_long_prompts,
+    "test_a_client_front_that_cannot_restart_is_retried_and_the_daemon_lives_on": client_front_that_cannot_restart,
+}
+RUNS_AHEAD_AT_ONCE = 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from conftest import run_ltx2, run_ltx2_two_at_a_time
+from conftest import RunAhead, daemon_environment, run_ltx2, run_ltx2_two_at_a_time
 from daemon_process import DaemonProcess, children_of, cmdline, is_running, kill_group, running_writers_into
 from safetensors.torch import load_file
 from supervised import Supervised, wait_for_file
@@ -309,12 +309,19 @@ def test_daemon_refuses_lanes_it_cannot_see(daemon_env: dict):  # noqa: F811
     assert "cluster.devices names cuda:0, but only 0 CUDA devices are visible" in result.stderr
 
 
-def test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time(daemon_env: dict, tmp_path: Path):  # noqa: F811
-    env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu"}
-    with Supervised(tmp_path, env) as supervised:
+def daemon_with_two_cpu_lanes(root: Path, hf_home: Path) -> dict[str, object]:
+    """Four jobs queued on a supervised daemon of two CPU lanes: the jobs as they ended, and what
+    `ltx2 status` says of the first."""
+    env = {**daemon_environment(hf_home, root), "LTX2_DEVICES": "cpu,cpu"}
+    with Supervised(root, env) as supervised:
         ids = [submit(env, "--seed", str(seed)) for seed in range(21, 25)]
         done = [supervised.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
         status = run_ltx2(["status", ids[0]], env).stdout
+    return {"done": done, "status": status}
+
+
+def test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time(ran_ahead: dict):
+    done, status = ran_ahead["done"], ran_ahead["status"]
     assert [job["state"] for job in done] == ["done"] * 4, [job["error"] for job in done]
     assert "encode_diffuse attempt 1 [" in status and "] on cpu (lane " in status, status
     records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
@@ -337,22 +344,32 @@ def wait_for_fork_servers_of(pid: int, deadline_s: float = 30.0) -> list[int]:
     return servers
 
 
-def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(daemon_env: dict, tmp_path: Path):  # noqa: F811
+def daemon_whose_lanes_share_a_fork_server(root: Path, hf_home: Path) -> dict[str, object]:
+    """A daemon of two CPU lanes: its fork servers before any job, two jobs as they ended, its fork
+    servers after them, and whether the first still ran once the daemon had stopped."""
+    env = {**daemon_environment(hf_home, root), "LTX2_DEVICES": "cpu,cpu", "LTX2_FORK_SERVER": "true"}
+    with DaemonProcess(env, root / "daemon.log") as daemon:
+        seen: dict[str, object] = {"before": wait_for_fork_servers_of(daemon.pid)}  # no job submitted yet
+        seen["log"] = daemon.log()[-2000:]
+        ids = [submit(env, "--seed", str(seed)) for seed in (31, 32)]
+        seen["done"] = [daemon.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
+        seen["after"] = fork_servers_of(daemon.pid)
+    seen["still_running"] = [pid for pid in seen["before"] if is_running(pid)]
+    return seen
+
+
+def test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job(ran_ahead: dict):
     """The imports (10 s on a GPU host) overlap the daemon's idle start, once for all lanes, not
     per lane at its first job."""
-    env = {**daemon_env, "LTX2_DEVICES": "cpu,cpu", "LTX2_FORK_SERVER": "true"}
-    with DaemonProcess(env, tmp_path / "daemon.log") as daemon:
-        servers = wait_for_fork_servers_of(daemon.pid)  # no job submitted yet
-        assert len(servers) == 1, (servers, daemon.log()[-2000:])
-        ids = [submit(env, "--seed", str(seed)) for seed in (31, 32)]
-        done = [daemon.wait_for_state(job_id, {"done", "failed"}) for job_id in ids]
-        assert [job["state"] for job in done] == ["done"] * 2, [job["error"] for job in done]
-        records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
-        assert {a["lane"] for _, a in attempts_of(records)} == {0, 1}  # both lanes forked workers
-        # A forked worker's torch pool is sized in the child, for its lane (the server's is the host's).
-        assert {a["cpu_threads"] for _, a in attempts_of(records)} == {lane_share()}
-        assert fork_servers_of(daemon.pid) == servers  # from that one server
-    assert not is_running(servers[0])  # and it stopped with the daemon
+    servers, done = ran_ahead["before"], ran_ahead["done"]
+    assert len(servers) == 1, (servers, ran_ahead["log"])
+    assert [job["state"] for job in done] == ["done"] * 2, [job["error"] for job in done]
+    records = [json.loads((Path(job["job_dir"]) / "job.json").read_text()) for job in done]
+    assert {a["lane"] for _, a in attempts_of(records)} == {0, 1}  # both lanes forked workers
+    # A forked worker's torch pool is sized in the child, for its lane (the server's is the host's).
+    assert {a["cpu_threads"] for _, a in attempts_of(records)} == {lane_share()}
+    assert ran_ahead["after"] == servers  # from that one server
+    assert ran_ahead["still_running"] == []  # and it stopped with the daemon
 
 
 def test_a_worker_started_ahead_for_a_job_another_lane_claimed_is_stopped(daemon_env: dict, tmp_path: Path):  # noqa: F811
@@ -390,3 +407,11 @@ def test_a_worker_started_ahead_for_a_job_another_lane_claimed_is_stopped(daemon
                 (faults / f"release-{entry}").touch()
             for pid in running_writers_into(Path(env["LTX2_STATE_DIR"])):
                 kill_group(pid)
+
+
+# The two daemon scenes above run ahead (conftest's `runs_ahead`), one at a time from the module's first
+# test on, each with a daemon of its own: beside the tests before them, which mostly wait on a core.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time": daemon_with_two_cpu_lanes,
+    "test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job": daemon_whose_lanes_share_a_fork_server,
+}

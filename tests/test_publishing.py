@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, TINY_ARGS, probe_mp4, run_ltx2
+from conftest import REPO_ROOT, TINY_ARGS, RunAhead, daemon_environment, ltx2_environment, probe_mp4, run_ltx2
 from supervised import Supervised, wait_for_file
 
 from config.settings import load_settings
@@ -47,8 +47,13 @@ def assert_complete_set(video: Path) -> None:
 
 def assert_every_mp4_has_its_companions(folder: Path) -> None:
     """The invariant that holds at every moment: an MP4 in the output folder is never alone."""
-    for video in folder.glob("*.mp4"):
-        assert published_set(video) <= {p.name for p in folder.iterdir()}, f"{video.name} without PNGs/JSON"
+    assert mp4s_without_companions(folder) == [], "MP4s without PNGs/JSON"
+
+
+def mp4s_without_companions(folder: Path) -> list[str]:
+    """The MP4s of the output folder that are there without their PNGs and sidecar."""
+    names = {p.name for p in folder.iterdir()}
+    return [video.name for video in folder.glob("*.mp4") if not published_set(video) <= names]
 
 
 def settings_for(root: Path):  # noqa: ANN201 - Settings, as the CLI builds it from the environment
@@ -114,61 +119,72 @@ def test_publish_killed_at_each_point_then_run_again_leaves_one_set(finished_job
     assert JobDir.load(finished_job.path).record.status == "done"
 
 
-def test_generate_killed_as_its_first_output_lands_is_recovered_by_decode_to_one_set(ltx2_env: dict):
-    killed = run_ltx2(
-        ["generate", "--prompt", "a crane over a harbour", "--seed", "3", *TINY],
-        {
-            **ltx2_env,
-            "LTX2_FAULT_PUBLISH_KILL": "first-file",
-        },
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    outputs = Path(ltx2_env["LTX2_OUTPUT_DIR"])
-    assert_every_mp4_has_its_companions(outputs)
-    (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+def generate_killed_as_its_first_output_lands(root: Path, hf_home: Path) -> dict[str, object]:
+    """`generate` SIGKILLed as the first file of its publish gets its final name, then `ltx2 decode` of
+    its job directory to an exact target: both results, the output folder between them, the job."""
+    env = ltx2_environment(hf_home, root)
+    request = ["generate", "--prompt", "a crane over a harbour", "--seed", "3", *TINY]
+    killed = run_ltx2(request, {**env, "LTX2_FAULT_PUBLISH_KILL": "first-file"})
+    outputs = Path(env["LTX2_OUTPUT_DIR"])
+    alone = mp4s_without_companions(outputs)
+    (job_dir,) = (Path(env["LTX2_STATE_DIR"]) / "jobs").iterdir()
     target = outputs / "recovered.mp4"
-    rerun = run_ltx2(["decode", "--input", str(job_dir), "--output", str(target), "--quiet"], ltx2_env)
+    rerun = run_ltx2(["decode", "--input", str(job_dir), "--output", str(target), "--quiet"], env)
+    return {"killed": killed, "alone": alone, "job_dir": job_dir, "target": target, "rerun": rerun}
+
+
+def test_generate_killed_as_its_first_output_lands_is_recovered_by_decode_to_one_set(ran_ahead: dict):
+    killed, rerun, target = ran_ahead["killed"], ran_ahead["rerun"], ran_ahead["target"]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert ran_ahead["alone"] == [], "MP4s without PNGs/JSON"
     assert rerun.returncode == 0, rerun.stderr
     assert Path(rerun.stdout.strip()) == target.resolve()
-    assert {p.name for p in outputs.iterdir()} == published_set(target)  # nothing else, no `.*.tmp*`
+    assert {p.name for p in target.parent.iterdir()} == published_set(target)  # nothing else, no `.*.tmp*`
     assert_complete_set(target)
     assert probe_mp4(target)["frames"] == 17
-    record = json.loads((job_dir / "job.json").read_text())
+    record = json.loads((ran_ahead["job_dir"] / "job.json").read_text())
     assert (record["status"], record["output"]) == ("done", str(target.resolve()))
 
 
-@pytest.fixture
-def daemon_env(ltx2_env: dict, tmp_path: Path) -> dict[str, str]:
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{tmp_path.name[-12:]}")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    (tmp_path / "faults").mkdir()
-    return {**ltx2_env, "XDG_RUNTIME_DIR": str(runtime), "LTX2_FAULT_DIR": str(tmp_path / "faults")}
-
-
-def test_daemon_killed_as_the_mp4_lands_publishes_once_after_its_restart(daemon_env: dict, tmp_path: Path):
-    env = {**daemon_env, "LTX2_FAULT_PUBLISH_KILL": "video"}
-    with Supervised(tmp_path, env) as supervised:
+def daemon_killed_as_the_mp4_lands(root: Path, hf_home: Path) -> dict[str, object]:
+    """A supervised daemon that SIGKILLs itself as a job's MP4 gets its final name, and the daemon
+    supervisord starts next: the job as it ended and the output folder."""
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_PUBLISH_KILL": "video"}
+    with Supervised(root, env) as supervised:
         submitted = run_ltx2(["submit", "--prompt", "a forge at night", "--seed", "12", *TINY_ARGS], env)
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.strip()
         marker = wait_for_file(Path(env["LTX2_FAULT_DIR"]) / "publish-killed-video", timeout_s=300)
         supervised.wait_until_serving(previous_pid=int(marker.read_text()))
         job = supervised.wait_for_state(job_id, {"done", "failed"})
+    return {"job": job, "outputs": Path(env["LTX2_OUTPUT_DIR"])}
+
+
+def test_daemon_killed_as_the_mp4_lands_publishes_once_after_its_restart(ran_ahead: dict):
+    job = ran_ahead["job"]
     assert job["state"] == "done", job["error"]
     video = Path(job["output"])
-    outputs = Path(env["LTX2_OUTPUT_DIR"])
-    assert {p.name for p in outputs.iterdir()} == published_set(video)
+    assert {p.name for p in ran_ahead["outputs"].iterdir()} == published_set(video)
     assert_complete_set(video)
     assert probe_mp4(video)["frames"] == 17
 
 
-def test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip(ltx2_env: dict):
+def batch_killed_right_after_a_clip_publishes(root: Path, hf_home: Path) -> dict[str, object]:
+    """The tiny demo batch SIGKILLed as its first clip's publish is done, then run again: both results,
+    the MP4s between them, and the output folder."""
+    env = ltx2_environment(hf_home, root)
     demo = REPO_ROOT / "examples" / "batches" / "tiny-demo.toml"
-    killed = run_ltx2(["batch", str(demo), "--quiet"], {**ltx2_env, "LTX2_FAULT_PUBLISH_KILL": "done"})
+    killed = run_ltx2(["batch", str(demo), "--quiet"], {**env, "LTX2_FAULT_PUBLISH_KILL": "done"})
+    outputs = Path(env["LTX2_OUTPUT_DIR"])
+    published = [p.name.split("_")[0] for p in outputs.glob("*.mp4")]
+    rerun = run_ltx2(["batch", str(demo), "--quiet"], env)
+    return {"killed": killed, "published": published, "rerun": rerun, "outputs": outputs}
+
+
+def test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip(ran_ahead: dict):
+    killed, rerun, outputs = ran_ahead["killed"], ran_ahead["rerun"], ran_ahead["outputs"]
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    outputs = Path(ltx2_env["LTX2_OUTPUT_DIR"])
-    assert [p.name.split("_")[0] for p in outputs.glob("*.mp4")] == ["demo-one"]
-    rerun = run_ltx2(["batch", str(demo), "--quiet"], ltx2_env)
+    assert ran_ahead["published"] == ["demo-one"]
     assert rerun.returncode == 0, rerun.stderr
     videos = sorted(outputs.glob("*.mp4"))
     assert [v.name.split("_")[0] for v in videos] == ["demo-one", "demo-two"]
@@ -177,6 +193,20 @@ def test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip(lt
     for video in videos:
         assert_complete_set(video)
         assert str(video) in rerun.stdout
+
+
+# The three runs above that a publishing process is killed in start ahead (conftest's `runs_ahead`), two
+# at a time, each in a root of its own: the tests before them need no process of their own.
+RUNS_AHEAD: dict[str, RunAhead] = {
+    "test_generate_killed_as_its_first_output_lands_is_recovered_by_decode_to_one_set": (
+        generate_killed_as_its_first_output_lands
+    ),
+    "test_daemon_killed_as_the_mp4_lands_publishes_once_after_its_restart": daemon_killed_as_the_mp4_lands,
+    "test_batch_killed_right_after_a_clip_publishes_reruns_to_one_set_per_clip": (
+        batch_killed_right_after_a_clip_publishes
+    ),
+}
+RUNS_AHEAD_AT_ONCE = 2
 
 
 def test_two_jobs_in_the_same_second_get_their_own_names_and_a_target_is_replaced(tmp_path: Path):

@@ -8,12 +8,13 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
-from conftest import REPO_ROOT, probe_mp4, run_ltx2, run_ltx2_two_at_a_time
+from conftest import REPO_ROOT, probe_mp4, run_ltx2
 from supervised import wait_for_file
 from test_image_to_video import picture  # noqa: F401  (a module-scoped fixture)
 from test_loras import lora_files  # noqa: F401  (a module-scoped fixture)
@@ -73,7 +74,14 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
         {"name": "harbour", "prompt": "a harbour at dawn", "seed": 2, "image": str(picture)},
         {"name": "forest", "prompt": "fog in a pine forest", "seed": 3},
     ]
-    result = run_ltx2(["batch", str(write_batch(tmp_path / "three.toml", clips)), "--quiet"], ltx2_env)
+    # The second and third clips rendered on their own by `ltx2 generate`, one after the other beside the
+    # batch (each in a state dir of its own): the batch is one process at a time, leaving a core to them.
+    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in clips[1:]]
+    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in clips[1:]]
+    with ThreadPoolExecutor(max_workers=1) as beside:
+        singles_run = beside.submit(lambda: [run_ltx2(*run) for run in zip(commands, alone_envs, strict=True)])
+        result = run_ltx2(["batch", str(write_batch(tmp_path / "three.toml", clips)), "--quiet"], ltx2_env)
+        singles = singles_run.result()
     assert result.returncode == 0, result.stderr
     jobs = jobs_by_name(ltx2_env)
     order = [jobs[name].id for name in ("kite", "harbour", "forest")]
@@ -98,9 +106,6 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     assert "(9/9 clip stages, ETA for the rest 0 s)" in result.stderr
     # Same seed, same bits as each clip rendered on its own by `ltx2 generate` (the second and
     # third clips ran on a transformer that had already denoised another clip).
-    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in clips[1:]]
-    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in clips[1:]]
-    singles = run_ltx2_two_at_a_time(list(zip(commands, alone_envs, strict=True)))
     for clip, single, alone_env in zip(clips[1:], singles, alone_envs, strict=True):
         assert single.returncode == 0, single.stderr
         alone, _ = read_latents(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)

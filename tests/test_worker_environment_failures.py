@@ -12,12 +12,21 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from conftest import REPO_ROOT, TINY_ARGS, ltx2_environment, probe_mp4, run_ltx2, selected_in_module
+from conftest import (
+    REPO_ROOT,
+    TINY_ARGS,
+    RunAhead,
+    ltx2_environment,
+    probe_mp4,
+    run_ltx2,
+    selected_in_module,
+    start_runs_ahead,
+)
 
 from protocol.errors import ExitCode
 from protocol.files import JOB_FILE
@@ -33,10 +42,10 @@ def job_records(root: Path) -> list[dict]:
 GENERATE = ["generate", "--prompt", "a harbour", "--seed", "3", *TINY_ARGS, "--quiet"]
 # The `ltx2` run of each test below (a function of the run's root folder and the HF_HOME), by test name:
 # started ahead of the tests, two at a time (`started_runs`).
-RUNS: dict[str, Callable[[Path, Path], subprocess.CompletedProcess[str]]] = {}
+RUNS: dict[str, RunAhead] = {}
 
 
-def run_ahead(run: Callable[[Path, Path], subprocess.CompletedProcess[str]]) -> Callable[[T], T]:
+def run_ahead(run: RunAhead) -> Callable[[T], T]:
     """Register `run` as the decorated test's `ltx2` run; the test gets it as `finished`."""
 
     def register(test: T) -> T:
@@ -59,13 +68,8 @@ def started_runs(
     every stage imports torch anew, and a process importing holds one core, so two runs take little longer
     than one on CI's two cores. Each run has its own root folder (state, outputs)."""
     selected = {item.originalname for item in selected_in_module(request)}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        started = {}
-        for name, run in RUNS.items():
-            if name in selected:
-                root = tmp_path_factory.mktemp("run")
-                started[name] = (pool.submit(run, root, hf_home), root)
-        yield started
+    runs = {name: run for name, run in RUNS.items() if name in selected}
+    yield from start_runs_ahead(runs, hf_home, tmp_path_factory, workers=2)
 
 
 @pytest.fixture
