@@ -117,9 +117,11 @@ def write_batch(
     compile_: bool,
     fp8_matmul: bool = False,
     pipeline: str | None = None,
+    fp8_attention: bool = False,
 ) -> Path:
     """A batch TOML of `clips` clips (prompt i, seed i) at `size`; `pipeline` ("one-stage" /
-    "two-stage") is written only when given (else the family's preset decides)."""
+    "two-stage") is written only when given (else the family's preset decides), `fp8_attention` only
+    when on."""
     width, height, frames = size
     lines = [
         "[defaults]",
@@ -129,6 +131,7 @@ def write_batch(
         f"compile = {'true' if compile_ else 'false'}",
         f"fp8_matmul = {'true' if fp8_matmul else 'false'}",
         *([f"pipeline = {json.dumps(pipeline)}"] if pipeline else []),
+        *(["fp8_attention = true"] if fp8_attention else []),
         "",
     ]
     for index in range(clips):
@@ -218,7 +221,14 @@ HD_RUNS: dict[str, tuple[str, int | None, bool]] = {
     "hd_two_stage_det": ("two-stage", None, True),
     "hd_two_stage_det_again": ("two-stage", None, True),
     "hd_two_stage_nondet": ("two-stage", None, True),
+    "hd_two_stage_fp8attn": ("two-stage", None, True),
 }
+# Issue 28 item 2 on LTX-2.3 two-stage at --hd: FP8 self-attention against the same batch with bf16 attention
+# (a warm compile cache from the first; stage 2's 32,640 tokens are where the kernel gains):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_fp8mm,hd_two_stage_fp8attn
+HD_FP8_ATTENTION = {"hd_two_stage_fp8attn"}
+VERSUS["hd_two_stage_fp8attn"] = "hd_two_stage_fp8mm"
 # Version 10 (planned; numbers go to docs/benchmarks.md only after the run). Estimate for one H200, from
 # version 9's LTX-2.0 figures (the 2.3 transformer has 18.99 B parameters against 2.0's 18.88 B, plus
 # gated attention; 2.3's connectors grow to 3.17 B but run once per clip): build ~100-120 s (~70 GB);
@@ -501,7 +511,9 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
     if name in HD_RUNS:
         pipeline, clips, fast = HD_RUNS[name]
         size = parse_size(args.hd)
-        batch = write_batch(work / f"{name}.toml", str(root), size, clips or args.clips, fast, fast, pipeline)
+        batch = write_batch(
+            work / f"{name}.toml", str(root), size, clips or args.clips, fast, fast, pipeline, name in HD_FP8_ATTENTION
+        )
         return [*cli, "batch", str(batch), "--quiet"], size
     if name.startswith("batch"):
         size = parse_size(args.small)

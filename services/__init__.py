@@ -9,6 +9,9 @@ before any torch maths ran, covers every process of ours that computes: forked a
 workers, the fork server, Ray's workers and `ltx2 batch`'s prompt pre-encoding
 (services.prepare_prompts, which an environment-only default had missed: its GEMMs ran with CNR
 off). A value the user set (e.g. `AVX2` for the same bits across CPU generations) is kept.
+CNR's results repeat for a fixed number of threads, so `MKL_DYNAMIC=FALSE` keeps MKL from choosing
+fewer threads than the process's pool for a call (its default, `Dyn:1` in MKL_VERBOSE's lines), the
+other half of Intel's recipe for run-to-run equal results; again a user's value is kept.
 
 torchao is hidden from our processes. Where it is installed (NGC's PyTorch images ship it),
 transformers imports it as soon as its model code loads (`transformers.quantizers.quantizer_torchao`,
@@ -25,4 +28,5 @@ import os
 import sys
 
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 sys.modules.setdefault("torchao", None)  # type: ignore[arg-type]

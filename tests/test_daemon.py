@@ -103,15 +103,13 @@ def test_worker_killed_in_each_stage_is_retried_and_matches_an_undisturbed_run(d
     assert reference.returncode == 0, reference.stderr
     reference_dir = job_dir_of(reference)
     killed, undisturbed = load_file(Path(job["job_dir"]) / LATENTS_FILE), load_file(reference_dir / LATENTS_FILE)
-    # Equal to the last bit in every run seen since MKL's reproducible mode is on for all our processes
-    # (services/__init__.py), but two CPU processes with the same inputs still drifted by ~1e-6 once more on
-    # CI (test_compile, 2026-12-06): cause open (issue 23). A resume from the wrong point or the wrong noise
-    # differs by O(1), so 1e-5 still catches it.
+    # Bit-equal (DESIGN.md rule 6): every process of ours runs MKL in its reproducible mode on a fixed thread
+    # count (services/__init__.py); a resume from the wrong point or the wrong noise differs by O(1).
     differ = {k: float((killed[k] - undisturbed[k]).abs().max()) for k in ("video", "audio")}
-    assert max(differ.values()) <= 1e-5, (differ, job["attempts"], (reference_dir / "job.json").read_text())
+    assert max(differ.values()) == 0.0, (differ, job["attempts"], (reference_dir / "job.json").read_text())
     frames, expected = decoded_frames(Path(job["output"])), decoded_frames(Path(reference.stdout.strip()))
     assert frames.shape == expected.shape == (17, 64, 64, 3)
-    assert np.abs(frames.astype(np.int16) - expected).mean() <= 0.5  # equal unless a last bit moved a rounding
+    assert np.array_equal(frames, expected)
     assert not list(Path(job["job_dir"]).glob(".*.tmp-*"))
 
 

@@ -28,18 +28,22 @@ def test_workers_get_expandable_segments_by_default(monkeypatch: pytest.MonkeyPa
 
 def test_a_batchs_prompt_pre_encoding_computes_in_mkls_reproducible_mode(tiny_model_dir: Path, tmp_path: Path):
     """`ltx2 batch` starts services.prepare_prompts with the CLI's own environment; its GEMMs ran with MKL's
-    CNR off, so a clip's embeddings could differ in the last bits from those `generate` computes (issue 23).
+    CNR off, so a clip's embeddings could differ in the last bits from those `generate` computes (issue 23);
+    and MKL chose its thread count per call (MKL_DYNAMIC on), which CNR's guarantee does not cover.
     MKL_VERBOSE makes MKL name the mode of every call it makes, in the process itself."""
     spec = JobSpec.from_dict(
         {"prompt": "a forge", "model": TINY_REPO_ID, "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
     )
     job = JobDir.create(tmp_path / "jobs", spec, ResolvedModel(TINY_REPO_ID, tiny_model_dir, "tiny"))
-    env = {**{key: value for key, value in os.environ.items() if key != "MKL_CBWR"}, "MKL_VERBOSE": "1"}
+    mkl_settings = ("MKL_CBWR", "MKL_DYNAMIC")
+    env = {**{key: value for key, value in os.environ.items() if key not in mkl_settings}, "MKL_VERBOSE": "1"}
     command = [sys.executable, "-m", "services.prepare_prompts", str(job.path)]
     result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "encoded 1 prompt(s)" in result.stdout
     assert set(re.findall(r"CNR:(\S+)", result.stdout)) == {"AUTO,STRICT"}, result.stdout[-2000:]
+    # ... on a fixed number of threads (MKL_DYNAMIC off), which CNR's equal results assume.
+    assert set(re.findall(r"Dyn:(\d)", result.stdout)) == {"0"}, result.stdout[-2000:]
 
 
 def test_a_users_allocator_settings_win(monkeypatch: pytest.MonkeyPatch):
