@@ -229,6 +229,19 @@ HD_RUNS: dict[str, tuple[str, int | None, bool]] = {
 #       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_fp8mm,hd_two_stage_fp8attn
 HD_FP8_ATTENTION = {"hd_two_stage_fp8attn"}
 VERSUS["hd_two_stage_fp8attn"] = "hd_two_stage_fp8mm"
+# Issue 28 item 1: stage overlap on one lane. The same --clips clips in waves of OVERLAP_GROUP (group_size),
+# one after the other and then with each wave's diffusion beside the previous wave's decoders; the clips
+# must be identical (PSNR inf), the batch's wall time is what overlap changes. One call each, after a warm-up
+# that fills the compile cache (--clips 8 at --small; --clips 4 at --hd with --family 2.3):
+#   bash bench/run_on_device.sh batch --clips 8 --sequence batch_fp8mm_warmup,batch_fp8mm_waves,batch_fp8mm_overlap
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 4 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_waves,hd_two_stage_overlap
+OVERLAP_GROUP = "2"
+HD_RUNS.update({"hd_two_stage_waves": ("two-stage", None, True), "hd_two_stage_overlap": ("two-stage", None, True)})
+for waves, overlapped in (("batch_fp8mm_waves", "batch_fp8mm_overlap"), ("hd_two_stage_waves", "hd_two_stage_overlap")):
+    RUN_ENV[waves] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "off"}
+    RUN_ENV[overlapped] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "on"}
+    SAME_AS[overlapped] = waves
 # Version 10 (planned; numbers go to docs/benchmarks.md only after the run). Estimate for one H200, from
 # version 9's LTX-2.0 figures (the 2.3 transformer has 18.99 B parameters against 2.0's 18.88 B, plus
 # gated attention; 2.3's connectors grow to 3.17 B but run once per clip): build ~100-120 s (~70 GB);

@@ -29,6 +29,7 @@ ENV_OVERRIDES = {
     "LTX2_HUNG_AFTER_S": ("worker", "hung_after_s"),
     "LTX2_FORK_SERVER": ("worker", "fork_server"),
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
+    "LTX2_OVERLAP_STAGES": ("worker", "overlap_stages"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_DETERMINISTIC": ("worker", "deterministic"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
@@ -40,6 +41,7 @@ ENV_OVERRIDES = {
 }
 # Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.placement.ray_farm).
 CLUSTER_BACKENDS = ("local", "ray")
+OVERLAP_MODES = ("auto", "on", "off")
 # A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
 DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
 # `[http]` limits that are whole numbers of at least 1.
@@ -155,6 +157,8 @@ class Settings:
     #: Same request, same bits: compiled kernels in Inductor's deterministic mode, x264 on a fixed
     #: thread count (config/defaults.toml says why); recorded in each job at its creation.
     deterministic: bool = True
+    #: Diffuse the next group while the last group's decoders run ("auto", "on", "off"; defaults.toml says when).
+    overlap_stages: str = "auto"
 
     @property
     def jobs_dir(self) -> Path:
@@ -348,6 +352,9 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
     if not isinstance(worker["deterministic"], bool):
         raise ConfigError(f"worker.deterministic must be true or false, got {worker['deterministic']!r}")
+    if worker["overlap_stages"] not in OVERLAP_MODES:
+        allowed = ", ".join(OVERLAP_MODES)
+        raise ConfigError(f"worker.overlap_stages must be one of {allowed}; got {worker['overlap_stages']!r}")
     if decode["x264_preset"] not in X264_PRESETS:
         raise ConfigError(f"decode.x264_preset must be one of {', '.join(X264_PRESETS)}; got {decode['x264_preset']!r}")
     if decode["profile"] not in profiles:
@@ -396,6 +403,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         **_cluster_backend(data["cluster"]),
         http=_http(data["http"]),
         deterministic=worker["deterministic"],
+        overlap_stages=worker["overlap_stages"],
     )
 
 

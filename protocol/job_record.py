@@ -314,6 +314,7 @@ class AttemptRecord(RecordFields):
     waited_s: float | None = None  #: how long its worker waited for GO: imports, and the stage before it
     peak_gpu_bytes: int | None = None  #: the worker's peak accelerator memory, as it reported it
     peak_rss_bytes: int | None = None  #: the worker's peak resident host memory
+    device_memory_bytes: int | None = None  #: the memory its peaks count against: its GPU's, or the host's RAM
     group: list[str] | None = None  #: stage-major: the ids of every job its one process ran, in order
     lane: int | None = None  #: the lane that ran it, when its lane pins a device (orchestrator/placement/lanes.py)
     device: str | None = None  #: that lane's device ("cuda:1")

@@ -83,6 +83,8 @@ class Done(Message):
     seconds: float
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    #: what the peaks are measured against: the GPU's memory, or the host's RAM where no GPU was used
+    device_memory_bytes: int = 0
 
 
 @register

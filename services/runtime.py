@@ -150,6 +150,18 @@ def peak_memory() -> tuple[int, int]:
     return gpu, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device_memory() -> int:
+    """Bytes of the memory this process's peaks count against: the GPU's (torch's device 0, the lane's
+    device) once CUDA is in use, else the host's RAM. The orchestrator plans overlapped stages with it."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 0
+
+
 def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m {stage.module}", description=f"Run the {stage.value} stage.", allow_abbrev=False
@@ -274,7 +286,7 @@ class StartedJob:
             if error is None:
                 seconds = time.monotonic() - self.started
                 stage, rss = self.ctx.stage.value, peak_memory()[1]
-                done = stages.Done(self.job_id, stage, outputs.result(), seconds, self.peak_gpu, rss)
+                done = stages.Done(self.job_id, stage, outputs.result(), seconds, self.peak_gpu, rss, device_memory())
                 self.ctx.reporter.send(done)
             elif isinstance(error, InvalidInput) and self.grouped:
                 fail_alone(self.ctx, error)

@@ -99,3 +99,10 @@ def test_a_model_alias_of_a_model_without_a_preset_is_an_error(tmp_path: Path):
     config.write_text('[model_aliases]\nsora-2 = "someone/unknown"\n')
     with pytest.raises(ConfigError, match=re.escape("model_aliases.sora-2: 'someone/unknown' has no preset")):
         load_settings(environ={"LTX2_CONFIG": str(config), "HOME": str(tmp_path)})
+
+
+def test_stage_overlap_is_auto_by_default_and_a_bad_value_names_what_is_allowed(tmp_path: Path):
+    assert load_settings(environ={"HOME": str(tmp_path)}).overlap_stages == "auto"
+    assert load_settings(environ={"HOME": str(tmp_path), "LTX2_OVERLAP_STAGES": "off"}).overlap_stages == "off"
+    with pytest.raises(ConfigError, match=r"worker.overlap_stages must be one of auto, on, off; got 'yes'"):
+        load_settings(environ={"HOME": str(tmp_path), "LTX2_OVERLAP_STAGES": "yes"})

@@ -23,23 +23,25 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
-from orchestrator.placement.lane_links import LaneSource
+from orchestrator.placement.lane_links import LaneSource, LocalLanes
 from orchestrator.placement.lanes import Lane
 from orchestrator.placement.processes import kill_orphan
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_end import JobStopped, internal_error, requeue_orphan
-from orchestrator.run.job_hooks import JobHooks, StageEvent
+from orchestrator.run.job_hooks import HooksFor, JobHooks, StageEvent
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.pipeline import next_attempt
 from orchestrator.run.policy import describe_plan
 from orchestrator.run.runner import StageOutcome, spawn_worker
 from orchestrator.run.stage_major import run_job_stage_major, run_stage_major
+from orchestrator.run.stage_overlap import MeasuredPeaks, OverlappedLane
 from orchestrator.run.states import JobState, TransitionError
 from protocol import codec, stages
 from protocol.errors import Failure
@@ -127,31 +129,121 @@ class Executor(threading.Thread):
         # The next queued job's first worker, started while the current job's last stage runs.
         self.next_worker: SpawnedWorker | None = None
         self.stale_check_at = 0.0  #: when drop_stale_prestart looks at the next job's state again
+        self.peaks = MeasuredPeaks()  #: the GPU peaks of this lane's jobs, which "auto" overlap plans with
 
     def run(self) -> None:
         store = JobStore(self.store_path, self.settings.jobs_dir)
         link = self.lane_source.link(self.lane)
+        overlapped: OverlappedLane | None = None
         try:
             while not self.stop.is_set():
+                if overlapped is None and self.may_overlap():
+                    overlapped = self.overlapped_lane(store, link)
                 jobs = self.claim(store)
                 if not jobs:
                     # The job a worker was prestarted for went to another lane (or was cancelled).
                     discard_worker(self.next_worker, link)
                     self.next_worker = None
+                    if overlapped is not None and overlapped.decoded:
+                        self.log_results(overlapped.collect())
                     self.stop.wait(IDLE_POLL_S)
                     continue
                 try:
                     fault_point("executor.claimed")
-                    if len(jobs) == 1:
+                    if overlapped is not None:
+                        self.log_results(overlapped.run_wave(jobs))
+                    elif len(jobs) == 1:
                         self.run_one(store, link, jobs[0])
                     else:
                         self.run_group(store, link, jobs)
                 finally:
                     self.occupancy.release(self.lane.index)
+                    self.peaks.add(jobs)
         finally:
+            if overlapped is not None:  # the last claim's decoders (stopped by the stop, if it is set)
+                self.log_results(overlapped.close())
+                overlapped.links["decoders"].close()
             discard_worker(self.next_worker, link)
             link.close()
             store.close()
+
+    def may_overlap(self) -> bool:
+        """Whether this lane's claims go on overlapped (orchestrator.run.stage_overlap): `overlap_stages`
+        "on", or "auto" once the jobs run here measured GPU peaks that fit its GPU together. Never a
+        farm's lane (one slot of a GPU resource, whose second task would only queue behind the first).
+        Until then each claim runs stage-major, its next stages' workers started ahead."""
+        if not isinstance(self.lane_source, LocalLanes):
+            return False
+        return self.settings.overlap_stages == "on" or (self.settings.overlap_stages == "auto" and self.peaks.fit())
+
+    def overlapped_lane(self, store: JobStore, link: WorkerLink) -> OverlappedLane:
+        """This lane's diffusion beside its decoders, from the next claim on.
+
+        Each claim is a wave: its diffusion runs on this thread, its decoders on the lane's decoder
+        thread, beside the next claim's diffusion when the plan allows. The decoder thread has its own
+        worker link and its own store connection (sqlite's and ZeroMQ's objects stay on one thread), and
+        its jobs' hooks neither start nor stop the next job's worker, which this thread's link owns."""
+        log.info("lane %s: the next jobs' diffusion runs beside the last jobs' decoders", self.lane.index)
+        decoder_link = self.lane_source.link(self.lane, role="decoders")
+
+        def run_part(
+            jobs: list[JobDir], settings: Settings, part_link: WorkerLink, hooks_for: HooksFor, part: tuple[Stage, ...]
+        ) -> dict[str, Path | JobStopped]:
+            if part[0] is not STAGE_ORDER[0]:
+                return self.decode_part(jobs, part_link, hooks_for, part)
+            prestarted, self.next_worker = self.next_worker, None  # started for the first queued job
+            if len(jobs) > 1:
+                discard_worker(prestarted, part_link)
+                prestarted = None
+            started = prestarted
+
+            def diffuse() -> dict[str, Path | JobStopped]:
+                return run_stage_major(jobs, settings, part_link, hooks_for, started, stages=part)
+
+            return self.guarded(jobs, diffuse)
+
+        return OverlappedLane(
+            self.settings,
+            link,
+            decoder_link,
+            lambda job: self.hooks(store, link, job),
+            run_part,
+            decoder_hooks_for=lambda job: self.hooks(None, None, job),
+            peaks=self.peaks,
+        )
+
+    def decode_part(
+        self, jobs: list[JobDir], link: WorkerLink, hooks_for: HooksFor, part: tuple[Stage, ...]
+    ) -> dict[str, Path | JobStopped]:
+        """A claim's decoders on the decoder thread, whose job transitions go through its own store connection."""
+        store = JobStore(self.store_path, self.settings.jobs_dir)
+        try:
+            for job in jobs:
+                job.mirror = store.mirror
+            return self.guarded(jobs, lambda: run_stage_major(jobs, self.settings, link, hooks_for, stages=part))
+        finally:
+            store.close()
+
+    def guarded(
+        self, jobs: list[JobDir], run: Callable[[], dict[str, Path | JobStopped]]
+    ) -> dict[str, Path | JobStopped]:
+        """`run`'s results; an orchestration error fails its jobs instead of taking the executor down."""
+        try:
+            return run()
+        except Exception as exc:
+            ids = ", ".join(job.id for job in jobs)
+            log.exception("jobs %s: orchestration error", ids)
+            for job in jobs:
+                internal_error(job, f"orchestration error: {exc}")
+            return {}
+
+    def log_results(self, results: dict[str, Path | JobStopped]) -> None:
+        for job_id, result in results.items():
+            if isinstance(result, JobStopped):
+                log.info("job %s: %s: %s", job_id, result.job_state.value, result)
+            else:
+                log.info("job %s: done -> %s", job_id, result)
+            self.board.clear(job_id)
 
     def claim(self, store: JobStore) -> list[JobDir]:
         """Take the oldest queued job, and the jobs queued right behind it that use the same model
@@ -259,7 +351,9 @@ class Executor(threading.Thread):
         except (OSError, ValueError) as exc:
             log.warning("could not prestart job %s: %s", queued[0]["id"], exc)
 
-    def hooks(self, store: JobStore, link: WorkerLink, job: JobDir) -> JobHooks:
+    def hooks(self, store: JobStore | None, link: WorkerLink | None, job: JobDir) -> JobHooks:
+        """A job's hooks: progress to the board, stop requests, and (given this thread's `store` and
+        `link`) the worker started ahead for the next queued job, kept or dropped as the queue moves."""
         job_id = job.id
 
         def on_attempt(stage: Stage, attempt: int, plan: dict[str, Any], outcome: StageOutcome) -> None:
@@ -268,16 +362,21 @@ class Executor(threading.Thread):
                      describe_plan(stage, plan), result, outcome.reason)  # fmt: skip
 
         def should_stop() -> Failure | None:
-            self.drop_stale_prestart(store, link)
+            if store is not None and link is not None:
+                self.drop_stale_prestart(store, link)
             if self.stop.is_set():
                 return Failure.INTERRUPTED
             return Failure.CANCELLED if job.cancel_requested else None
+
+        def on_last_stage() -> None:
+            if store is not None and link is not None:
+                self.prestart_next_job(store, link)
 
         return JobHooks(
             listener=lambda event: self.board.update(job_id, event),
             should_stop=should_stop,
             on_attempt=on_attempt,
-            on_last_stage=lambda: self.prestart_next_job(store, link),
+            on_last_stage=on_last_stage,
         )
 
 

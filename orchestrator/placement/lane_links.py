@@ -42,9 +42,14 @@ class LocalLanes:
         if self.fork_server is not None:
             self.fork_server.warm()
 
-    def link(self, lane: Lane) -> WorkerLink:
+    def link(self, lane: Lane, role: str = "") -> WorkerLink:
+        """A link for `lane`'s workers; `role` names a second one of the same lane (its own socket)."""
         return WorkerLink(
-            self.context, fork_server=self.settings.fork_server, lane=lane, shared_fork_server=self.fork_server
+            self.context,
+            fork_server=self.settings.fork_server,
+            lane=lane,
+            shared_fork_server=self.fork_server,
+            role=role,
         )
 
     def close(self) -> None:

@@ -139,6 +139,7 @@ class WorkerLink:
         curve: tuple[bytes, bytes] | None = None,
         advertise_host: str = "",
         shared_fork_server: ForkServer | None = None,
+        role: str = "",
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.placement.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
@@ -155,7 +156,8 @@ class WorkerLink:
         if endpoint is None:
             directory = runtime_dir()
             remove_stale_worker_sockets(directory)  # those of orchestrators killed before they closed
-            suffix = f"-{self.lane.index}" if self.lane.index else ""
+            # A lane's second link (its decoders beside its diffusion: orchestrator.run.stage_overlap) has a role.
+            suffix = (f"-{self.lane.index}" if self.lane.index else "") + (f"-{role}" if role else "")
             endpoint = f"ipc://{directory}/workers-{os.getpid()}{suffix}.sock"
         self.socket.bind(endpoint)
         self.endpoint = endpoint

@@ -48,6 +48,9 @@ class JobHooks:
     on_attempt: Callable[[Stage, int, dict[str, Any], Any], None] = lambda *args: None
     #: called as the job's last stage starts; the daemon prestarts the next job's first worker
     on_last_stage: Callable[[], None] = lambda: None
+    #: called when the policy chose to try a stage again, before that attempt starts (its failure given);
+    #: an overlapped run (orchestrator.run.stage_overlap) waits there until the stage can run alone
+    before_retry: Callable[[Stage, Failure | None], None] = lambda *args: None
 
 
 #: A job's hooks, as the schedulers ask for them.

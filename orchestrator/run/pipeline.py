@@ -130,6 +130,7 @@ def run_stage_until_done(
                 return handed_over
             attempts.append(Attempt(plan, outcome.failure))
             plan = after_failed_attempt(job, stage, attempts, outcome, settings)
+            hooks.before_retry(stage, outcome.failure)
     finally:
         # The worker started ahead for this stage, if no attempt took it (the job was stopped
         # before the stage began), and the one started for the next stage, if this one never ended

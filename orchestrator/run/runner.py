@@ -48,6 +48,7 @@ class StageOutcome:
     seconds: float  #: from GO to the end: the stage's own time
     peak_gpu_bytes: int = 0
     peak_rss_bytes: int = 0
+    device_memory_bytes: int = 0  #: the memory the peaks count against (the worker's GPU, or the host's RAM)
     waited_s: float = 0.0  #: from the worker's start to GO (imports; for a prestarted one, its wait)
 
     @property

@@ -235,6 +235,7 @@ class AttemptFollower:
             seconds=done.seconds if done else time.monotonic() - max(started, self.go_at or started),
             peak_gpu_bytes=done.peak_gpu_bytes if done else 0,
             peak_rss_bytes=done.peak_rss_bytes if done else 0,
+            device_memory_bytes=done.device_memory_bytes if done else 0,
             waited_s=self.waited_s,
         )
         job.finish_attempt(
@@ -246,6 +247,7 @@ class AttemptFollower:
             waited_s=round(outcome.waited_s, 3),
             peak_gpu_bytes=outcome.peak_gpu_bytes,
             peak_rss_bytes=outcome.peak_rss_bytes,
+            device_memory_bytes=outcome.device_memory_bytes or None,
         )
         hooks = self.hooks_for(job)
         hooks.on_attempt(self.stage, attempt, self.plan, outcome)

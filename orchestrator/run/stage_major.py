@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.placement.lane_links import LaneSource
+from orchestrator.placement.lane_links import LaneSource, LocalLanes
 from orchestrator.placement.lanes import Lane, split_for_lanes
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_end import JobStopped, after_failed_attempt, take_job
@@ -41,6 +41,7 @@ from orchestrator.run.pipeline import finish_job, next_attempt, pending_stages, 
 from orchestrator.run.policy import Attempt
 from orchestrator.run.runner import StageOutcome
 from orchestrator.run.stage_attempt import STOPS, run_attempt
+from orchestrator.run.stage_overlap import overlapping, run_overlapped
 from orchestrator.run.states import JobState
 from protocol.files import STAGE_ORDER, Stage
 
@@ -110,8 +111,14 @@ def run_stage_major(
     hooks_for: HooksFor,
     prestarted: SpawnedWorker | None = None,
     target: Path | None = None,
+    stages: tuple[Stage, ...] = STAGE_ORDER,
 ) -> dict[str, Path | JobStopped]:
     """Run every job to its published MP4, stage by stage; returns each job's MP4 path or failure.
+
+    `stages`, a run of consecutive stages, limits it to part of the way (orchestrator.run.stage_overlap
+    runs diffusion and the decoders of different groups at the same time): jobs are taken and their
+    pending stages reported only by the part that begins with the first stage, published only by the
+    part that ends with the last; a job that got through its part is not in the result.
 
     Each job resumes at its first stage whose outputs do not verify. A group member that failed
     is given to the policy with that attempt; if it may try again, it runs the stage on its own.
@@ -120,15 +127,16 @@ def run_stage_major(
     the job before. Each job's last stage tells its hooks (`on_last_stage`) as it begins.
     """
     results: dict[str, Path | JobStopped] = {}
-    for job in jobs:
-        if job.state is not JobState.RUNNING:  # the daemon's executor claimed them already
-            take_job(job)
-        pending_stages(job, hooks_for(job))
+    if stages[0] is STAGE_ORDER[0]:
+        begin_jobs(jobs, hooks_for)
     handed = {jobs[0].id: prestarted} if prestarted is not None else {}
     active = list(jobs)
     try:
         for index, stage in enumerate(STAGE_ORDER):
+            if stage not in stages:
+                continue
             following = STAGE_ORDER[index + 1] if len(jobs) == 1 and index + 1 < len(STAGE_ORDER) else None
+            following = following if following in stages else None
             needing = [job for job in active if not job.has_outputs(stage)]
             if index == len(STAGE_ORDER) - 1:
                 for job in needing:
@@ -146,17 +154,35 @@ def run_stage_major(
                 if next_worker is not None:
                     handed[job.id] = next_worker
             active = [job for job in active if job.id not in results]
-        for job in active:
-            try:
-                results[job.id] = finish_job(job, settings, hooks_for(job), target)
-            except JobStopped as exc:  # publishing failed or a late cancel: the other clips still publish
-                results[job.id] = exc
+        if stages[-1] is STAGE_ORDER[-1]:
+            results.update(publish_jobs(active, settings, hooks_for, target))
     finally:
         for worker in handed.values():
             discard_worker(worker, link)
         # Every job of the run has ended (done, failed, cancelled or interrupted): none of its
         # workers may go on waiting for a GO, whichever path it ended by.
         link.stop_workers_of([job.id for job in jobs])
+    return results
+
+
+def begin_jobs(jobs: list[JobDir], hooks_for: HooksFor) -> None:
+    """Take each job (unless the daemon's executor did) and report the stages it skips."""
+    for job in jobs:
+        if job.state is not JobState.RUNNING:  # the daemon's executor claimed them already
+            take_job(job)
+        pending_stages(job, hooks_for(job))
+
+
+def publish_jobs(
+    jobs: list[JobDir], settings: Settings, hooks_for: HooksFor, target: Path | None
+) -> dict[str, Path | JobStopped]:
+    """Publish every job whose stages all succeeded; each one's MP4 path, or why it ended otherwise."""
+    results: dict[str, Path | JobStopped] = {}
+    for job in jobs:
+        try:
+            results[job.id] = finish_job(job, settings, hooks_for(job), target)
+        except JobStopped as exc:  # publishing failed or a late cancel: the other clips still publish
+            results[job.id] = exc
     return results
 
 
@@ -178,12 +204,21 @@ def run_across_lanes(
 
     def run_lane(lane: Lane, lane_jobs: list[JobDir]) -> None:
         link = source.link(lane)
+        # Locally a lane's decoders may run beside its diffusion (orchestrator.run.stage_overlap); a farm's
+        # lane is one slot of a GPU resource, whose second task would only queue behind the first.
+        overlapped = isinstance(source, LocalLanes) and overlapping(settings, lane_jobs)
+        decoder_link = source.link(lane, role="decoders") if overlapped else None
         try:
-            results.update(run_stage_major(lane_jobs, settings, link, hooks_for))
+            if decoder_link is not None:
+                results.update(run_overlapped(lane_jobs, settings, link, decoder_link, hooks_for, run_part))
+            else:
+                results.update(run_stage_major(lane_jobs, settings, link, hooks_for))
         except BaseException as exc:  # re-raised by the caller's thread below
             errors.append(exc)
         finally:
             link.close()
+            if decoder_link is not None:
+                decoder_link.close()
 
     threads = [
         threading.Thread(target=run_lane, args=(lane, lane_jobs), name=f"lane-{lane.device or lane.index}")
@@ -196,6 +231,13 @@ def run_across_lanes(
     if errors:
         raise errors[0]
     return results
+
+
+def run_part(
+    jobs: list[JobDir], settings: Settings, link: WorkerLink, hooks_for: HooksFor, stages: tuple[Stage, ...]
+) -> dict[str, Path | JobStopped]:
+    """`stages` of a stage-major run of `jobs` (the parts orchestrator.run.stage_overlap runs side by side)."""
+    return run_stage_major(jobs, settings, link, hooks_for, stages=stages)
 
 
 def run_outside_group(
@@ -231,6 +273,7 @@ def run_after_group(
     or run the stage alone from the plan it chose."""
     attempt, outcome = failed
     after_failed_attempt(job, stage, [attempt], outcome, settings)
+    hooks.before_retry(stage, outcome.failure)
     run_stage_until_done(job, stage, settings, link, hooks, history=(attempt,))
 
 
