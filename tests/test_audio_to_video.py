@@ -140,11 +140,13 @@ def test_resample_is_torchaudios_sinc_interpolation(orig: int, new: int):
 # -- the diffusion stage -----------------------------------------------------------------------------------
 
 
-def render(model_dir: Path, state: Path, track: Path) -> tuple[JobDir, dict[str, torch.Tensor], list[str]]:
+def render(
+    model_dir: Path, state: Path, track: Path, **request: object
+) -> tuple[JobDir, dict[str, torch.Tensor], list[str]]:
     """The encode_diffuse stage, in this process, on a fresh job built and created as `ltx2 generate` does."""
     settings = load_settings(environ={"LTX2_STATE_DIR": str(state), "HOME": str(state)})
     fields = {"prompt": "drums in the rain", "model": str(model_dir), "dtype": "float32", **CHEAP, **GUIDANCE_OFF}
-    built = build_spec({**fields, "audio": str(track)}, settings)
+    built = build_spec({**fields, "audio": str(track), **request}, settings)
     job = JobDir.create(settings.jobs_dir, built.spec, built.model, identity=built.identity, audio=built.audio)
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
     reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
@@ -173,6 +175,18 @@ def test_the_soundtracks_latents_are_held_and_steer_the_video(tiny_model_dir: Pa
     assert torch.equal(other["audio"], encoded(tiny_model_dir, tracks["other"]))  # mono 22.05 kHz: resampled
     assert not torch.equal(other["video"], latents["video"])  # the video attends to the held audio
     assert digest != other_digest  # the soundtrack's bytes are in the request digest
+
+
+def test_both_stages_of_a_two_stage_run_hold_the_soundtrack(tiny_model_dir: Path, tmp_path: Path, tracks: dict):
+    """The reference holds the encoded track in stage 1 and again in stage 2 (whose video starts noised at its
+    first sigma); with CFG on, the audio's guidance is off and the latents still are the encoding."""
+    guided = {"guidance_scale": 3.0, "audio_guidance_scale": 7.0, "guidance_rescale": 0.7}
+    _, latents, _ = render(
+        tiny_model_dir, tmp_path, tracks["song"], width=128, height=128, pipeline="two-stage", schedule="distilled",
+        steps=8, **guided,
+    )  # fmt: skip
+    assert latents["video"].shape[-2:] == (128 // 4, 128 // 4)  # the tiny VAE packs 4x4 pixels
+    assert torch.equal(latents["audio"], encoded(tiny_model_dir, tracks["song"]))
 
 
 # -- the command ---------------------------------------------------------------------------------------------

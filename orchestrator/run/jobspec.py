@@ -171,6 +171,10 @@ def unused_field_warnings(spec: JobSpec, request: dict[str, Any]) -> list[str]:
         warnings.append(
             "warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off) unless --nag-scale > 1"
         )
+    if spec.audio is not None and request.get("audio_guidance_scale") is not None:
+        warnings.append(
+            "warning: --audio-guidance-scale has no effect with --audio (the soundtrack is held, not generated)"
+        )
     unused_nag = [name for name in NAG_TUNING if name in request and request[name] is not None]
     if unused_nag and not spec.uses_nag:
         flags = ", ".join(map(flag_of, unused_nag))
