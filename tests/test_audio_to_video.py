@@ -163,6 +163,22 @@ def encoded(model_dir: Path, track: Path) -> torch.Tensor:
     return soundtrack.encode_track(audio_vae, waveform, rate, frames, torch.device("cpu"))
 
 
+def test_the_pipeline_sees_the_tokens_ltx_cores_encoder_makes(tiny_model_dir: Path, tracks: dict):
+    """ltx-core's AudioEncoder returns its posterior mean patchified ("b c t f -> b t (c f)"), normalized by
+    the per-channel statistics and unpatchified; diffusers' encoder returns the mean raw and the pipeline packs
+    and normalizes `audio_latents=` itself. The tokens the transformer starts from must be the reference's."""
+    from diffusers import LTX2Pipeline
+
+    latents = encoded(tiny_model_dir, tracks["song"])
+    audio_vae = AutoencoderKLLTX2Audio.from_pretrained(tiny_model_dir, subfolder="audio_vae", dtype=torch.float32)
+    mean, std = audio_vae.latents_mean, audio_vae.latents_std
+    assert not torch.equal(std, torch.ones_like(std))  # the tiny VAE's statistics are not the identity
+    batch, channels, frames, mels = latents.shape
+    reference = (latents.permute(0, 2, 1, 3).reshape(batch, frames, channels * mels) - mean) / std
+    tokens = LTX2Pipeline._normalize_audio_latents(LTX2Pipeline._pack_audio_latents(latents), mean, std)
+    assert torch.equal(tokens, reference)
+
+
 def test_the_soundtracks_latents_are_held_and_steer_the_video(tiny_model_dir: Path, tmp_path: Path, tracks: dict):
     job, latents, (digest,) = render(tiny_model_dir, tmp_path / "a", tracks["song"])
     held = encoded(tiny_model_dir, tracks["song"])
