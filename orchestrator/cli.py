@@ -393,6 +393,7 @@ def generate(args: argparse.Namespace, settings: Settings) -> int:
         extension=built.extension,
         reference=built.reference,
         retake=built.retake,
+        audio=built.audio,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="generate",

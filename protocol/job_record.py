@@ -287,6 +287,22 @@ def read_optional_reference(raw: object, where: str, at: str) -> ResolvedReferen
 
 
 @dataclasses.dataclass(frozen=True)
+class ResolvedAudio(RecordFields):
+    """The soundtrack of an audio-to-video job as the orchestrator checked and stored it
+    (orchestrator/run/soundtrack_lookup.py): the diffusion stage encodes and holds `file`'s first seconds, the
+    audio stage delivers them (protocol/soundtrack.py); the sidecar reports it."""
+
+    source: str  #: what the request named (a path inside the input roots, or the gateway's upload)
+    file: str  #: its copy inside the job directory (protocol.soundtrack.stored_audio_name)
+    sha256: str  #: the SHA-256 of its bytes, as the request digest holds it
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_optional_audio(raw: object, where: str, at: str) -> ResolvedAudio | None:
+    return None if raw is None else ResolvedAudio.from_json(raw, where, at)
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
     """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
@@ -442,6 +458,8 @@ class JobRecord(RecordFields):
     reference: ResolvedReference | None = None
     #: the clip it retakes (its latents copied into the job); None: not a retake (left out of job.json)
     retake: ResolvedRetake | None = None
+    #: the soundtrack of audio-to-video, copied into the job; None: none (left out of job.json)
+    audio: ResolvedAudio | None = None
     #: the prompt-embedding cache beside the jobs (services/embedding_cache.py); None: made before it existed
     embeddings_dir: str | None = None
     compile_cache_dir: str | None = None  #: where --compile's code is cached for later jobs; None: made before it
@@ -468,6 +486,7 @@ class JobRecord(RecordFields):
         "extension": read_extension,
         "reference": read_optional_reference,
         "retake": read_retake,
+        "audio": read_optional_audio,
         "publish": read_publish,
         "owner": read_owner,
     }

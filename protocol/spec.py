@@ -20,6 +20,7 @@ from protocol.control_video import MAX_DOWNSCALE, require_reference, require_ref
 from protocol.extension import AUDIO_NOTE, OVERLAP_FIELD
 from protocol.request_fields import Declared, declare, fields_of
 from protocol.retake import FROM_FIELD, RETAKE_AUDIO_NOTE, RETAKE_FIELD, TO_FIELD
+from protocol.soundtrack import AUDIO_FORMATS, require_audio, require_audio_fits_request
 from protocol.spec_rules import (
     DISTILLED_STEPS,
     DTYPES,
@@ -503,6 +504,27 @@ class JobSpec:
         default_doc="the IC-LoRA's metadata, else 1",
         metavar="N",
     )
+    #: audio-to-video (protocol/soundtrack.py): a soundtrack encoded by the audio VAE and held while the video is
+    #: generated to fit it; the MP4 carries the track itself
+    audio: str | None = declare(
+        None,
+        help="audio-to-video: a soundtrack (WAV, MP3, AAC in MP4, ...) the video is generated to fit; its first"
+        " --num-frames/--fps seconds are held as the audio and carried by the MP4 (a shorter track is refused)",
+        default_from="none",
+        rule=require_audio,
+        allowed="an audio file (" + AUDIO_FORMATS + ") at least as long as the clip, inside paths.input_roots;"
+        " not with --extend or --retake",
+        added_later=True,
+        doc="audio-to-video (Lightricks' ltx-pipelines `A2VidPipelineTwoStage`; see"
+        " [Audio-to-video](rendering.md#audio-to-video)): an audio file whose first `--num-frames / --fps` seconds"
+        " are resampled to the audio VAE's rate, encoded from their log-mel spectrogram and held fixed (audio"
+        " timestep 0) through every step of both stages while the video is denoised; the MP4 carries that stretch"
+        " of the original track, not the VAE's reconstruction; a track shorter than the clip is refused (exit code"
+        " 2); inside `paths.input_roots`, copied into the job and hashed into its digest;"
+        ' `audio = "song.wav"` in a batch file, a file part `audio` over HTTP; not with `--extend` or `--retake`',
+        default_doc="none",
+        metavar="PATH",
+    )
     loras: list[dict[str, Any]] = declare(
         factory=list,
         help="a LoRA (HF repo id in the cache, folder or .safetensors file); repeatable",
@@ -680,6 +702,7 @@ class JobSpec:
         self._require_valid_extension()
         self._require_valid_retake()
         require_reference_fits_request(self.reference_video, self.pipeline, self.loras)
+        require_audio_fits_request(self.audio, self.extend, self.retake)
         self._require_valid_nag()
         self._require_valid_pipeline()
 

@@ -18,6 +18,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import JOB_FILE
 from protocol.job_record import (
     JobRecord,
+    ResolvedAudio,
     ResolvedCondition,
     ResolvedExtension,
     ResolvedLora,
@@ -50,6 +51,8 @@ class StageRequest:
     reference: ResolvedReference | None = None
     #: the clip whose latents this one regenerates in part (None: not a retake)
     retake: ResolvedRetake | None = None
+    #: the soundtrack the clip is generated to fit, in the job directory (None: its audio is generated)
+    audio: ResolvedAudio | None = None
 
     @classmethod
     def of(cls, record: JobRecord) -> StageRequest:
@@ -69,6 +72,7 @@ class StageRequest:
             extension=record.extension,
             reference=record.reference,
             retake=record.retake,
+            audio=record.audio,
         )
 
 

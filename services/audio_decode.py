@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 import diffusers.pipelines.ltx2.vocoder  # noqa: F401
+import numpy as np
 import torch
 
 # Imported at module level on purpose: a prestarted worker pays this before READY.
@@ -21,6 +22,7 @@ from services import model_loading
 from services.latents import read_latents
 from services.media import write_wav
 from services.runtime import WorkerContext, run_worker
+from services.soundtrack import read_job_track
 
 
 def run(ctx: WorkerContext) -> list[str]:
@@ -28,6 +30,8 @@ def run(ctx: WorkerContext) -> list[str]:
     # The lower-memory plan moves this small decoder to the CPU.
     device = torch.device("cpu") if ctx.plan.get("device") == "cpu" else model_loading.resolve_device()
     dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
+    if ctx.request.audio is not None:  # audio-to-video: the soundtrack itself (protocol/soundtrack.py)
+        return deliver_soundtrack(ctx)
     tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["audio"]
     if latents.ndim != 4 or latents.shape[0] != 1:
@@ -42,6 +46,18 @@ def run(ctx: WorkerContext) -> list[str]:
         waveform = vocoder(mel)[0]
     ctx.progress("decode audio", 1, 1)
     write_wav(ctx.job_dir / AUDIO_FILE, waveform.float().cpu().numpy(), int(vocoder.config.output_sampling_rate))
+    return [AUDIO_FILE]
+
+
+def deliver_soundtrack(ctx: WorkerContext) -> list[str]:
+    """audio.wav as the given track's first `num_frames / fps` seconds at its own rate (at most two channels),
+    not the audio VAE's reconstruction of the held latents: ltx-pipelines' A2VidPipelineTwoStage returns "the
+    original input audio instead of VAE-decoded audio to preserve fidelity", and the latents were never
+    changed, so decoding them would only add the VAE's and the vocoder's losses."""
+    ctx.progress("deliver the soundtrack", 0, 1)
+    waveform, rate = read_job_track(ctx.job_dir, ctx.request.audio, ctx.spec.num_frames, ctx.spec.fps)
+    write_wav(ctx.job_dir / AUDIO_FILE, np.ascontiguousarray(waveform[:2]), rate)
+    ctx.progress("deliver the soundtrack", 1, 1)
     return [AUDIO_FILE]
 
 

@@ -27,7 +27,8 @@ from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import control_video, guidance, media, model_loading, nag
+from services import control_video, guidance, media, model_loading, nag, soundtrack
+from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.latents import read_latents
 from services.lora_fusing import fuse_loras
 from services.overlap_frames import load_overlap_frames
@@ -170,6 +171,10 @@ def denoise(
     scheduler, sigmas = guidance.resolve_schedule(run.schedule, fresh)
     pipeline_cls, video_stats, image_inputs = conditioning(ctx, device, dtype, parts["video_stats"], run)
     transformer = parts["transformer"]
+    held = soundtrack_latents(ctx, device, dtype) if ctx.request.audio is not None else None
+    if held is not None:  # audio-to-video: the soundtrack's latents held through the pass (services/held_audio.py)
+        pipeline_cls = held_audio_pipeline(pipeline_cls)
+        run = dataclasses.replace(run, audio_latents=held, guidance=held_guidance(run.guidance))
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
     calls = []
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -186,7 +191,8 @@ def denoise(
 
     ctx.progress(run.phase, 0, run.steps)
     embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag)
-    with torch.no_grad(), guided:
+    holding = audio_held(transformer) if held is not None else contextlib.nullcontext()
+    with torch.no_grad(), guided, holding:
         video, audio = pipe(
             **image_inputs,
             **embeddings,
@@ -204,7 +210,30 @@ def denoise(
             callback_on_step_end=on_step_end,
         )
     counter.remove()
+    if held is not None:  # the encoded values themselves, not their normalized-and-back copy (equal up to rounding)
+        audio = held.to(audio)
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The job's soundtrack encoded by the audio VAE (services/soundtrack.py), once per job: both passes of a
+    two-stage run hold the same latents, as the reference gives both stages `initial_latent=encoded`."""
+    kept = ctx.shared.get("soundtrack")
+    if kept is not None and kept[0] == ctx.request.job_id:
+        return kept[1]
+    if "audio_vae" not in ctx.shared:
+        ctx.progress("load audio VAE for the soundtrack")
+        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
+    audio_vae = ctx.shared["audio_vae"]
+    ctx.progress("encode the soundtrack")
+    spec = ctx.spec
+    waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
+    config = audio_vae.config
+    per_second = config.sample_rate / config.mel_hop_length / audio_vae.temporal_compression_ratio
+    frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
+    latents = soundtrack.encode_track(audio_vae, waveform, rate, frames, device)
+    ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
+    return latents
 
 
 def conditioning(

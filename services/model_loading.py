@@ -191,6 +191,14 @@ def load_latent_upsampler(root: Path, dtype: torch.dtype, device: torch.device) 
     return upsampler.to(device).eval()
 
 
+def load_audio_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:
+    """The audio VAE on `device` (audio-to-video encodes its soundtrack with it; no vocoder)."""
+    from diffusers import AutoencoderKLLTX2Audio
+
+    require_subfolder(root, "audio_vae")
+    return AutoencoderKLLTX2Audio.from_pretrained(root, subfolder="audio_vae", dtype=dtype).to(device).eval()
+
+
 def load_audio_decoder(root: Path, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
     """(audio VAE, vocoder) on `device`; the vocoder class follows model_index.json."""
     from diffusers import AutoencoderKLLTX2Audio

@@ -238,11 +238,12 @@ def build_ltx23_video_vae() -> AutoencoderKLLTX2Video:
 
 
 def build_audio_vae() -> AutoencoderKLLTX2Audio:
-    """8 mel bins at 16 kHz with a 160-sample hop (100 mel frames per second, as the real one)."""
+    """8 mel bins at 16 kHz with a 160-sample hop (100 mel frames per second, as the real one); its encoder
+    compresses 4x in time and mel like the real one, so audio-to-video can encode a soundtrack with it."""
     audio_vae = AutoencoderKLLTX2Audio(
         base_channels=4,
         output_channels=2,
-        ch_mult=(1,),
+        ch_mult=(1, 2, 4),  # two downsamplings: 4x in time and mel, as the real one (audio-to-video encodes)
         num_res_blocks=1,
         attn_resolutions=None,
         in_channels=2,

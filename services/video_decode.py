@@ -197,6 +197,10 @@ def clip_tags(ctx: WorkerContext) -> dict[str, str]:
     else:
         request.pop("reference_video", None)
         request.pop("reference_downscale", None)
+    if request.get("audio"):  # the soundtrack by file name; none: left out, as before audio-to-video existed
+        request["audio"] = Path(request["audio"]).name
+    else:
+        request.pop("audio", None)
     request["request_digest"] = ctx.request.request_digest
     return {"title": ctx.spec.prompt, "comment": json.dumps(request, sort_keys=True, ensure_ascii=False)}
 

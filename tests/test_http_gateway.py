@@ -419,6 +419,34 @@ def test_keyframes_are_file_parts_named_by_conditions(gateway):
     assert len(gateway.daemon_jobs()) == before and gateway.upload_files() == []
 
 
+def test_a_soundtrack_is_the_file_part_audio(gateway, tmp_path: Path):
+    """Audio-to-video over HTTP: the `audio` file part is stored, handed to the daemon as the spec's `audio`,
+    copied into the job; something else under that name, or `audio` in JSON, is refused naming the field."""
+    from test_audio_to_video import write_wav
+    from test_http_gateway_hostile import multipart, openai_error
+
+    write_wav(tmp_path / "song.wav", 1.0)
+    fields = {"prompt": b"a drummer", "model": TINY.encode(), "size": b"64x64", "num_frames": b"17"}
+    body, headers = multipart(fields, {"audio": (tmp_path / "song.wav").read_bytes()})
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    assert status == 200, answer
+    video_id = json.loads(answer)["id"]
+    job_dir = Path(gateway.daemon_job(video_id)["job_dir"])
+    record = json.loads((job_dir / "job.json").read_text())
+    assert record["audio"]["file"] == "input_audio.wav"
+    assert (job_dir / "input_audio.wav").read_bytes() == (tmp_path / "song.wav").read_bytes()
+    assert gateway.upload_files() == []
+    gateway.client("alice").videos.delete(video_id)
+
+    before = len(gateway.daemon_jobs())
+    body, headers = multipart(fields, {"audio": b"these are not sounds"})
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    assert status == 400 and openai_error(answer)["param"] == "audio", answer
+    status, _, answer = gateway.post_json("alice", {"prompt": "x", "audio": "/etc/passwd"})
+    assert status == 400 and answer["error"]["param"] == "audio"
+    assert len(gateway.daemon_jobs()) == before and gateway.upload_files() == []
+
+
 def test_oversized_upload_is_413_and_queues_nothing(gateway):
     before = len(gateway.daemon_jobs())
     big = png_bytes(512, 512, size_hint=1)

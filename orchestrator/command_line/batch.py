@@ -252,6 +252,7 @@ def resume_or_create(entry: dict[str, Any], clip: Clip, spec_digest: str, settin
         extension=built.extension,
         reference=built.reference,
         retake=built.retake,
+        audio=built.audio,
         stage2_lora=built.stage2_lora,
         identity=built.identity,
         owner="batch",

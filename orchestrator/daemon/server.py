@@ -209,6 +209,7 @@ class Daemon:
             extension=built.extension,
             reference=built.reference,
             retake=built.retake,
+            audio=built.audio,
             stage2_lora=built.stage2_lora,
             identity=built.identity,
             owner=DAEMON_OWNER,

@@ -63,6 +63,7 @@ from protocol.codec import ErrorCode
 from protocol.conditions import MAX_CONDITIONS
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS
+from protocol.soundtrack import AUDIO_FIELD, AUDIO_FORMATS, audio_suffix, looks_like_audio
 from protocol.spec_rules import SpecError, describe_duration
 
 log = logging.getLogger("ltx2.http")
@@ -285,6 +286,7 @@ class Gateway:
         upload: tuple[bytes, str] | None,
         idempotency_key: str = "",
         keyframes: Uploads | None = None,
+        soundtrack: tuple[bytes, str] | None = None,
     ) -> dict[str, Any]:
         """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
 
@@ -294,10 +296,11 @@ class Gateway:
         daemon therefore costs the client a slower reply, not a second job (a 5xx would make the official
         client send the create again, a new request), and a gateway killed mid-create leaves a video its
         key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
-        another request under a used key is refused (409). `keyframes` are the uploads `conditions` names.
+        another request under a used key is refused (409). `keyframes` are the uploads `conditions` names;
+        `soundtrack` the `audio` upload (audio-to-video).
         """
         keyframes = keyframes or {}
-        body = request_fingerprint(request, upload, keyframes)
+        body = request_fingerprint(request, upload, keyframes, soundtrack)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
@@ -309,7 +312,7 @@ class Gateway:
             elif (claimed := self.owned(owner, video_id))["state"] != SUBMITTING:
                 job = self.job(video_id)
                 return video_object({**claimed, "state": job["state"]}, job, request.seconds_note)
-            reply = self.submit(owner, video_id, request, upload, keyframes)
+            reply = self.submit(owner, video_id, request, upload, keyframes, soundtrack)
             if reply["id"] != video_id:  # reuse named this key's finished video of the same request
                 self.store.discard(video_id)
                 if idempotency_key:
@@ -364,10 +367,12 @@ class Gateway:
         request: VideoRequest,
         upload: tuple[bytes, str] | None,
         keyframes: Uploads | None = None,
+        soundtrack: tuple[bytes, str] | None = None,
     ) -> dict[str, Any]:
         """The daemon's answer to the video's submit (sent again while lost); with `reuse`, another key's
         render is never taken: the request is then submitted to render as this key's own. Each keyframe
-        upload is stored as the image is, and its stored path replaces its part name in `conditions`."""
+        upload is stored as the image is, and its stored path replaces its part name in `conditions`; the
+        soundtrack's stored path is the spec's `audio`."""
         spec = dict(request.spec)
         image = self.store_upload(*upload) if upload else None
         if image is not None:
@@ -375,6 +380,9 @@ class Gateway:
         stored = {name: self.store_upload(*data, field="conditions") for name, data in (keyframes or {}).items()}
         if stored:
             spec["conditions"] = [{**entry, "source": str(stored[entry["source"]])} for entry in spec["conditions"]]
+        if soundtrack is not None:
+            stored[AUDIO_FIELD] = self.store_upload(*soundtrack, field=AUDIO_FIELD)
+            spec[AUDIO_FIELD] = str(stored[AUDIO_FIELD])
         try:
             reply = self.submit_until_answered(jobs.Submit("", spec, reuse=request.reuse, job_id=video_id))
             if reply["id"] != video_id and self.store.get(owner, reply["id"]) is None:
@@ -524,7 +532,10 @@ def claim_record(video_id: str, owner: str, request: VideoRequest) -> dict[str, 
 
 
 def request_fingerprint(
-    request: VideoRequest, upload: tuple[bytes, str] | None, keyframes: Uploads | None = None
+    request: VideoRequest,
+    upload: tuple[bytes, str] | None,
+    keyframes: Uploads | None = None,
+    soundtrack: tuple[bytes, str] | None = None,
 ) -> str:
     """SHA-256 of everything a create asks for (the fields as parsed, the uploads' bytes), for Idempotency-Key."""
     parts = {"spec": request.spec, "seconds": request.seconds, "fps": request.fps, "reuse": request.reuse}
@@ -534,6 +545,8 @@ def request_fingerprint(
         parts["keyframes"] = {
             name: [hashlib.sha256(data).hexdigest(), suffix] for name, (data, suffix) in keyframes.items()
         }
+    if soundtrack is not None:  # likewise
+        parts[AUDIO_FIELD] = [hashlib.sha256(soundtrack[0]).hexdigest(), soundtrack[1]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -751,10 +764,12 @@ def build_app(settings: Settings) -> Starlette:
     async def create_video(request: Request) -> Response:
         owner = await authorized(request)
         fields, uploads = await read_fields(request, limits)
-        upload = uploads.pop("input_reference", None)
+        upload, soundtrack = uploads.pop("input_reference", None), uploads.pop(AUDIO_FIELD, None)
         parsed = parse_video_request(fields, settings, uploads.keys())
-        key = idempotency_key(request)
-        return JSONResponse(await run_in_threadpool(gateway.create, owner, parsed, upload, key, uploads))
+        created = await run_in_threadpool(
+            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, soundtrack
+        )
+        return JSONResponse(created)
 
     @endpoint
     async def list_videos(request: Request) -> Response:
@@ -915,7 +930,7 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
         parser: StrictMultiPartParser | StrictFormParser = StrictMultiPartParser(
             request.headers,
             replay(),
-            max_files=1 + MAX_CONDITIONS,
+            max_files=2 + MAX_CONDITIONS,  # input_reference, the keyframes, audio
             max_fields=MAX_FORM_FIELDS,
             max_part_size=limits.max_body_bytes,
         )
@@ -969,6 +984,8 @@ def json_fields(body: bytes) -> dict[str, Any]:
         )
     if fields.get("conditions") is not None:  # keyframes are files, and JSON carries none
         raise ApiError(400, "conditions name file uploads: send multipart/form-data", param="conditions")
+    if fields.get(AUDIO_FIELD) is not None:  # likewise a soundtrack
+        raise ApiError(400, "audio must be an audio file upload (multipart/form-data)", param=AUDIO_FIELD)
     return fields
 
 
@@ -1011,6 +1028,10 @@ async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, A
             if not isinstance(value, UploadFile):
                 raise ApiError(400, "input_reference must be an image file upload", param="input_reference")
             uploads[name] = await read_upload(value, limits, name)
+        elif name == AUDIO_FIELD:
+            if not isinstance(value, UploadFile):
+                raise ApiError(400, f"audio must be an audio file upload ({AUDIO_FORMATS})", param=AUDIO_FIELD)
+            uploads[name] = await read_audio_upload(value, limits)
         elif isinstance(value, UploadFile):
             if name in KNOWN_FIELDS or not UPLOAD_NAME_PATTERN.fullmatch(name):
                 raise ApiError(400, f"field {name!r} takes no file", param=name)
@@ -1035,6 +1056,16 @@ async def read_upload(upload: UploadFile, limits: HttpSettings, name: str, video
         return data, "mp4"
     kinds = "a PNG, JPEG, WebP, GIF or BMP image" + (", or an MP4 or QuickTime video" if videos else "")
     raise ApiError(400, f"{name} must be {kinds}", param=name)
+
+
+async def read_audio_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, str]:
+    """The soundtrack's bytes (at most the cap) and a suffix for its stored name, judged by its first bytes."""
+    data = await upload.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise too_large(AUDIO_FIELD, len(data), limits.max_upload_bytes, AUDIO_FIELD)
+    if not looks_like_audio(data[:16]):
+        raise ApiError(400, f"audio must be an audio file ({AUDIO_FORMATS})", param=AUDIO_FIELD)
+    return data, audio_suffix(data)
 
 
 def too_many(message: str, code: str, retry_after_s: int) -> ApiError:

@@ -69,6 +69,7 @@ from protocol.job_record import (
     JobRecord,
     OwnerRecord,
     PublishRecord,
+    ResolvedAudio,
     ResolvedCondition,
     ResolvedExtension,
     ResolvedLora,
@@ -218,6 +219,7 @@ class JobDir:
         extension: tuple[Path, ResolvedExtension] | None = None,
         reference: tuple[Path, ResolvedReference] | None = None,
         retake: tuple[Path, ResolvedRetake] | None = None,
+        audio: tuple[Path, ResolvedAudio] | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -233,6 +235,7 @@ class JobDir:
         (each file copied under its record's `file`, the image's by `image` already); `reference`
         orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise); `retake`
         orchestrator.run.retake_lookup's source latents and their record (linked under its `file`).
+        `audio` orchestrator.run.soundtrack_lookup.resolve_audio's soundtrack (copied under its record's `file`).
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -254,6 +257,7 @@ class JobDir:
             extension=extension[1] if extension is not None else None,
             reference=reference[1] if reference is not None else None,
             retake=retake[1] if retake is not None else None,
+            audio=audio[1] if audio is not None else None,
             # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
             embeddings_dir=str(jobs_dir.parent / "embeddings"),
             compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
@@ -274,6 +278,8 @@ class JobDir:
                 store_image(reference[0], path / reference[1].file)
             if retake is not None:
                 store_video(retake[0], path / retake[1].file)
+            if audio is not None:
+                store_image(audio[0], path / audio[1].file)
             job.save()
             job.log_event(EventKind.JOB_QUEUED)
         except OSError:  # a full state dir: no directory without a job.json is left behind

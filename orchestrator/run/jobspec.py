@@ -30,6 +30,7 @@ from orchestrator.run.model_lookup import ResolvedModel, ensure_tiny_model, is_c
 from orchestrator.run.reference_lookup import CheckedReference, resolve_reference
 from orchestrator.run.request_digest import FileHashes, RequestIdentity, identify
 from orchestrator.run.retake_lookup import RetakeSource, find_retake_source, resolve_retake, retake_defaults
+from orchestrator.run.soundtrack_lookup import CheckedAudio, resolve_audio
 from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
 from protocol.control_video import reference_request
@@ -85,6 +86,8 @@ class BuiltSpec:
     reference: CheckedReference | None = None
     #: the clip it retakes (its latents file, to link into the job, and what job.json records of it)
     retake: tuple[Path, ResolvedRetake] | None = None
+    #: the soundtrack of audio-to-video, checked: copied into the job
+    audio: CheckedAudio | None = None
 
 
 def resolve_requested_model(requested: str | None, settings: Settings) -> tuple[ResolvedModel, list[str]]:
@@ -168,6 +171,10 @@ def unused_field_warnings(spec: JobSpec, request: dict[str, Any]) -> list[str]:
         warnings.append(
             "warning: --negative-prompt has no effect with --guidance-scale 1.0 (CFG is off) unless --nag-scale > 1"
         )
+    if spec.audio is not None and request.get("audio_guidance_scale") is not None:
+        warnings.append(
+            "warning: --audio-guidance-scale has no effect with --audio (the soundtrack is held, not generated)"
+        )
     unused_nag = [name for name in NAG_TUNING if name in request and request[name] is not None]
     if unused_nag and not spec.uses_nag:
         flags = ", ".join(map(flag_of, unused_nag))
@@ -201,6 +208,7 @@ def resolve_files(
     if retaken is not None:
         retake = (retaken.latents, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
     spec, reference = resolve_reference(spec, model, loras, settings.input_roots, hashes, notices)
+    audio = resolve_audio(spec, settings.input_roots, hashes)
     identity = identify(
         spec,
         model,
@@ -212,9 +220,21 @@ def resolve_files(
         extension[1] if extension is not None else None,
         reference[1] if reference is not None else None,
         retake[1] if retake is not None else None,
+        audio[1] if audio is not None else None,
     )
     return BuiltSpec(
-        spec, model, tuple(notices), loras, image, stage2_lora, identity, conditions, extension, reference, retake
+        spec,
+        model,
+        tuple(notices),
+        loras,
+        image,
+        stage2_lora,
+        identity,
+        conditions,
+        extension,
+        reference,
+        retake,
+        audio,
     )
 
 

@@ -47,7 +47,7 @@ from config.settings import Settings
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.policy import initial_plan
 from protocol.files import Stage, publish, temp_path_for
-from protocol.job_record import ResolvedCondition, ResolvedExtension, ResolvedReference, ResolvedRetake
+from protocol.job_record import ResolvedAudio, ResolvedCondition, ResolvedExtension, ResolvedReference, ResolvedRetake
 from protocol.spec import SPEC_FIELDS, JobSpec
 
 # Packages whose code computes the latents, the waveform or the MP4's bytes (PyAV carries FFmpeg and x264).
@@ -56,7 +56,7 @@ NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft",
 UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
 FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "extend", "retake"})
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "reference_video"})
+FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "reference_video", "audio"})
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
@@ -89,6 +89,7 @@ def identify(
     extension: ResolvedExtension | None = None,
     reference: ResolvedReference | None = None,
     retake: ResolvedRetake | None = None,
+    audio: ResolvedAudio | None = None,
 ) -> RequestIdentity:
     """The identity of a validated request whose files were resolved (orchestrator.run.jobspec.BuiltSpec).
 
@@ -115,6 +116,8 @@ def identify(
         inputs["reference_video"] = {"sha256": reference.sha256, "strength": reference.strength}
     if retake is not None:  # the source's latents by their bytes (its id would name other bytes after a rerun)
         inputs["retake"] = {"sha256": retake.sha256, "from_frame": retake.from_frame, "to_frame": retake.to_frame}
+    if audio is not None:  # the soundtrack by its bytes; left out otherwise, so earlier digests stay
+        inputs["audio"] = {"sha256": audio.sha256}
     return RequestIdentity(sha256_json(inputs), inputs)
 
 

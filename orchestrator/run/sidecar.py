@@ -17,6 +17,7 @@ from orchestrator.run.reuse import reproducibility
 from protocol.extension import AUDIO_NOTE, joined_frames
 from protocol.files import Stage
 from protocol.job_record import (
+    ResolvedAudio,
     ResolvedCondition,
     ResolvedExtension,
     ResolvedLora,
@@ -86,6 +87,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "reference_video": reference_summary(record.reference) if record.reference else None,
         # The clip it retakes (only for a retake): the source job, its latents' hash, the range, the audio.
         **({"retake": retake_summary(record.retake)} if record.retake else {}),
+        # The soundtrack of audio-to-video (only then): the file it was, by name, and its bytes' SHA-256.
+        **({"audio": audio_summary(record.audio)} if record.audio else {}),
         "versions": package_versions(),
         # Same request, same bits (DESIGN.md rule 6): the digest of what decided these bits, the mode it ran in,
         # and whether the files are what a fresh render of the request makes (not after a lower-memory plan).
@@ -106,6 +109,12 @@ def size_summary(job: JobDir) -> dict[str, list[int]]:
 def lora_summary(lora: ResolvedLora) -> dict[str, Any]:
     """What the sidecar says of a LoRA: where it came from, which file, how strongly (not its local path)."""
     return {"source": lora.source, "weight_name": lora.weight_name, "scale": lora.scale, "revision": lora.revision}
+
+
+def audio_summary(audio: ResolvedAudio) -> dict[str, Any]:
+    """What the sidecar says of a soundtrack: the file it was (by name, not its local path), its copy in the job
+    and its bytes' SHA-256; the MP4's audio is its first seconds (protocol/soundtrack.py)."""
+    return {**audio.to_json(), "source": Path(audio.source).name}
 
 
 def reference_summary(reference: ResolvedReference) -> dict[str, Any]:
