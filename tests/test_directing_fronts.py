@@ -10,6 +10,8 @@ The tiny VAE packs 4 frames into a latent frame: a 17-frame clip has 5 latent fr
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,13 +19,13 @@ import av
 import numpy as np
 import pytest
 import torch
-from conftest import probe_mp4
+from conftest import TINY_ARGS, probe_mp4, run_ltx2
 from gateway_process import TINY, Gateway
 from test_http_gateway_hostile import multipart, openai_error
 from test_keyframes import gradient, write_video
 
 from protocol.files import JOB_FILE, LATENTS_FILE
-from protocol.model_ids import hub_cache_dir
+from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
 from services.latents import read_latents
 from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
 
@@ -241,3 +243,87 @@ def test_control_video_refusals_name_the_field_never_a_server_path(
     assert len(gateway.daemon_jobs()) == before and gateway.upload_files() == []
     status, answer = create(gateway, "carol", {"prompt": "p", "reference_video": "depth"})  # JSON carries no file
     assert status == 400 and answer["error"]["param"] == "reference_video"
+
+
+# --- the same directing through the daemon: `ltx2 submit` ---------------------------------------------------------
+
+CHEAP_FLAGS = ["--steps", "2", "--schedule", "default"]
+
+
+def submit_in(folder: Path, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    """`ltx2 submit FLAGS` run in `folder`, as a user in a project folder runs it (relative paths are theirs)."""
+    command = [sys.executable, "-m", "orchestrator.cli", "submit", "--prompt", "on", "--seed", "4", *flags]
+    return subprocess.run(command, env=env, cwd=folder, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def submitted(gateway: Gateway, source: dict, control_clip: bytes, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An extension, a retake and a controlled clip queued on the gateway's daemon by `ltx2 submit` (the HTTP
+    source is a daemon job like any other: the CLI is the operator's, it has no key); the control clip by a path
+    relative to the folder the command runs in."""
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "depth.mp4").write_bytes(control_clip)
+    runs = {
+        "extend": ["--extend", source["id"], "--overlap", str(OVERLAP), "--num-frames", "17"],
+        "retake": ["--retake", source["id"], "--from-frame", str(FIRST), "--to-frame", str(LAST)],
+        "control": [*TINY_ARGS, "--model", TINY_REPO_ID, "--reference-video", "depth.mp4:0.8", "--lora", IC_LORA],
+    }
+    ids = {}
+    for name, flags in runs.items():
+        result = submit_in(folder, gateway.env, *flags, *CHEAP_FLAGS)
+        assert result.returncode == 0, result.stderr
+        ids[name] = result.stdout.strip()
+    return {"ids": ids, "folder": folder}
+
+
+def watched(gateway: Gateway, job_id: str) -> Path:
+    """`ltx2 watch JOB_ID` until the job ends; the MP4 it prints."""
+    result = run_ltx2(["watch", job_id], gateway.env, timeout=RENDER_TIMEOUT_S)
+    assert result.returncode == 0, (result.stderr, gateway.daemon_job(job_id))
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def test_submit_extend_queues_an_extension_the_daemon_renders_joined(gateway: Gateway, source: dict, submitted: dict):
+    joined = watched(gateway, submitted["ids"]["extend"])
+    assert probe_mp4(joined)["frames"] == 17 + 17 - OVERLAP
+    assert np.array_equal(decoded(joined)[:17], decoded(source["mp4"]))
+    assert probe_mp4(joined.with_name(f"{joined.stem}_new.mp4"))["frames"] == 17
+
+
+def test_submit_retake_queues_a_retake_the_daemon_renders_on_the_sources_latents(
+    gateway: Gateway, source: dict, submitted: dict
+):
+    job_id = submitted["ids"]["retake"]
+    assert probe_mp4(watched(gateway, job_id))["frames"] == 17
+    before, _ = read_latents(job_dir(gateway, source["id"]) / LATENTS_FILE)
+    after, _ = read_latents(job_dir(gateway, job_id) / LATENTS_FILE)
+    assert torch.equal(after["video"][:, :, [0, 1, 3, 4]], before["video"][:, :, [0, 1, 3, 4]])
+    assert not torch.allclose(after["video"][:, :, 2], before["video"][:, :, 2])
+
+
+def test_submit_reference_video_sends_the_path_absolute_from_where_it_was_typed(gateway: Gateway, submitted: dict):
+    job_id = submitted["ids"]["control"]
+    assert probe_mp4(watched(gateway, job_id))["frames"] == 17
+    record = json.loads((job_dir(gateway, job_id) / JOB_FILE).read_text())
+    assert record["spec"]["reference_video"] == {"source": str(submitted["folder"] / "depth.mp4"), "strength": 0.8}
+    assert (record["reference"]["frames"], record["reference"]["frames_used"]) == (21, 17)
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--retake", "SOURCE", "--from-frame", "5", "--to-frame", "17"], "--to-frame: 17 is outside the source's 17"),
+        (["--extend", "SOURCE", "--overlap", "8", "--num-frames", "17"], "--overlap: 8 frames cannot be a video"),
+        (["--retake", "20991231-000000-abcdef", "--from-frame", "5", "--to-frame", "8"], "--retake: no job"),
+        ([*TINY_ARGS, "--reference-video", "missing.mp4", "--lora", IC_LORA], "{folder}/missing.mp4 does not exist"),
+    ],
+)
+def test_submit_refuses_directing_the_daemon_cannot_do_with_the_clis_message(
+    gateway: Gateway, source: dict, submitted: dict, flags: list[str], words: str
+):
+    before = len(gateway.daemon_jobs())
+    given = [source["id"] if flag == "SOURCE" else flag for flag in flags]
+    result = submit_in(submitted["folder"], gateway.env, *given)
+    words = words.format(folder=submitted["folder"])  # a relative path is looked for where it was typed
+    assert result.returncode == 2 and words in result.stderr and result.stdout == "", result.stderr
+    assert len(gateway.daemon_jobs()) == before
