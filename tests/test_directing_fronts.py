@@ -30,7 +30,9 @@ from services.latents import read_latents
 from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
 
 RENDER_TIMEOUT_S = 400.0
-SOURCE = {"prompt": "a red ball bounces", "model": TINY, "size": "64x64", "num_frames": 17, "seed": 3}
+# Two denoising steps of the default schedule: every render here is a cheap one.
+CHEAP = {"steps": 2, "schedule": "default"}
+SOURCE = {"prompt": "a red ball bounces", "model": TINY, "size": "64x64", "num_frames": 17, "seed": 3, **CHEAP}
 OVERLAP, FIRST, LAST = 5, 5, 8
 # An IC-LoRA for the control video, as a repo id in the Hugging Face cache (the gateway takes no paths).
 IC_LORA = "ltx2-stages/tiny-ic-lora-test"
@@ -91,7 +93,14 @@ def test_an_extension_of_a_finished_video_is_fetched_joined_to_its_source(gatewa
     status, video = create(
         gateway,
         "alice",
-        {"prompt": "the ball rolls away", "extend": source["id"], "overlap": OVERLAP, "num_frames": 17, "seed": 4},
+        {
+            "prompt": "the ball rolls away",
+            "extend": source["id"],
+            "overlap": OVERLAP,
+            "num_frames": 17,
+            "seed": 4,
+            **CHEAP,
+        },
     )
     assert status == 200, video
     assert video["num_frames"] == 17 + 17 - OVERLAP  # the source's model and size lent, then joined
@@ -110,7 +119,7 @@ def test_a_retake_of_a_finished_video_keeps_the_latent_frames_outside_its_range(
     """Bit for bit in the latents (the tiny VAE's decoder mixes every latent frame into each pixel frame, so the
     decoded pixels outside the range move too; Lightricks' retake keeps the latents, as here)."""
     fields = {"prompt": "the ball turns blue", "retake": source["id"], "from_frame": FIRST, "to_frame": LAST}
-    status, video = create(gateway, "alice", {**fields, "seed": 4})
+    status, video = create(gateway, "alice", {**fields, "seed": 4, **CHEAP})
     assert status == 200, video
     done = wait_done(gateway, "alice", video["id"])
     assert done["status"] == "completed", gateway.daemon_job(video["id"])
@@ -194,6 +203,8 @@ def test_a_control_video_is_a_file_part_named_by_reference_video(gateway: Gatewa
         "loras": json.dumps([IC_LORA]).encode(),
         "reference_video": b"depth:0.8",
         "reference_downscale": b"2",
+        "steps": b"2",
+        "schedule": b"default",
     }
     body, headers = multipart(fields, {"depth": control_clip})
     status, _, answer = gateway.request("POST", "/v1/videos", "carol", body, headers)
@@ -327,3 +338,33 @@ def test_submit_refuses_directing_the_daemon_cannot_do_with_the_clis_message(
     words = words.format(folder=submitted["folder"])  # a relative path is looked for where it was typed
     assert result.returncode == 2 and words in result.stderr and result.stdout == "", result.stderr
     assert len(gateway.daemon_jobs()) == before
+
+
+def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_path: Path):
+    """What `ltx2 submit` sends: paths from where they were typed; job ids and repo ids (naming nothing
+    here) as they were; a path field naming nothing here absolute anyway, so the refusal says where."""
+    from orchestrator.command_line.client_paths import with_absolute_paths
+
+    (tmp_path / "lora.safetensors").write_bytes(b"x")
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    request = {
+        "image": "first.png",
+        "conditions": [{"source": "key.png", "frame": 9}, {"source": "/abs/k.png"}],
+        "reference_video": "depth.mp4:0.5",
+        "extend": "clip.mp4",
+        "retake": "20261206-181500-a1b2c3",
+        "loras": [{"source": "lora.safetensors", "scale": 0.5}, {"source": "owner/repo"}],
+        "stage2_lora": {"source": "owner/distilled"},
+        "prompt": "first.png",
+    }
+    assert with_absolute_paths(request, tmp_path) == {
+        "image": str(tmp_path / "first.png"),
+        "conditions": [{"source": str(tmp_path / "key.png"), "frame": 9}, {"source": "/abs/k.png"}],
+        "reference_video": {"source": str(tmp_path / "depth.mp4"), "strength": 0.5},
+        "extend": str(tmp_path / "clip.mp4"),
+        "retake": "20261206-181500-a1b2c3",
+        "loras": [{"source": str(tmp_path / "lora.safetensors"), "scale": 0.5}, {"source": "owner/repo"}],
+        "stage2_lora": {"source": "owner/distilled"},
+        "prompt": "first.png",
+    }
+    assert with_absolute_paths({"extend": "20261206-181500-a1b2c3"}, tmp_path) == {"extend": "20261206-181500-a1b2c3"}
