@@ -368,3 +368,24 @@ def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_
         "prompt": "first.png",
     }
     assert with_absolute_paths({"extend": "20261206-181500-a1b2c3"}, tmp_path) == {"extend": "20261206-181500-a1b2c3"}
+
+
+def test_an_extension_sent_again_is_its_video_even_after_its_source_was_deleted(gateway: Gateway, source: dict):
+    """Last in the module: it deletes the source. A create sent again with its Idempotency-Key answers with
+    the video it made; a new request naming the deleted source is 404, as for any video the key does not have."""
+    fields = {"prompt": "the ball stops", "extend": source["id"], "overlap": OVERLAP, "num_frames": 17, **CHEAP}
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "extend-once"}
+
+    def send(given: dict) -> tuple[int, dict]:
+        status, _, body = gateway.request("POST", "/v1/videos", "alice", json.dumps(given).encode(), headers)
+        return status, json.loads(body)
+
+    status, first = send(fields)
+    assert status == 200, first
+    assert gateway.request("DELETE", f"/v1/videos/{source['id']}", "alice")[0] == 200
+    status, again = send(fields)
+    assert (status, again["id"]) == (200, first["id"]), again
+    headers["Idempotency-Key"] = "extend-twice"
+    status, refused = send(fields)
+    assert status == 404 and refused["error"]["param"] == "extend", refused
+    assert wait_done(gateway, "alice", first["id"])["status"] == "completed"  # its copy of the source was taken

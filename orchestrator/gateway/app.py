@@ -299,11 +299,12 @@ class Gateway:
         `reference_video` name.
         """
         parts = parts or {}
-        self.require_own_sources(owner, request)
         body = request_fingerprint(request, upload, parts)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
+                # Only a new video: a create sent again answers with its video, whatever became of its source.
+                self.require_own_sources(owner, request)
                 self.require_room(owner)
                 video_id = new_job_id()
                 self.store.add(claim_record(video_id, owner, request))
