@@ -16,7 +16,7 @@ import json
 from collections.abc import Collection
 from typing import Any
 
-from orchestrator.gateway.request_errors import RequestError
+from orchestrator.gateway.request_errors import RequestError, shown
 from orchestrator.run.jobdir import JOB_ID_PATTERN
 from protocol.control_video import parse_reference_flag
 from protocol.spec_rules import SpecError
@@ -43,7 +43,7 @@ def source_ids(fields: dict[str, Any]) -> dict[str, str]:
             raise RequestError(
                 name,
                 f"{name} must be the id of one of this key's completed videos (as POST /v1/videos answered it,"
-                f" e.g. 20261206-181500-a1b2c3); got {shown_value(value)} (files and paths are not accepted)",
+                f" e.g. 20261206-181500-a1b2c3); got {shown(value)} (files and paths are not accepted)",
             )
         found[name] = value.strip()
     return found
@@ -70,13 +70,7 @@ def parse_reference(raw: object, uploads: Collection[str]) -> dict[str, Any]:
     if not isinstance(entry["source"], str) or entry["source"] not in uploads:
         raise RequestError(
             REFERENCE_FIELD,
-            f"{shown_value(entry['source'])} names no file part of this form; upload the control video as one"
+            f"{shown(entry['source'])} names no file part of this form; upload the control video as one"
             " (paths are not accepted)",
         )
     return entry
-
-
-def shown_value(value: object) -> str:
-    """A client's value for a message, cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

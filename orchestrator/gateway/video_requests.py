@@ -21,7 +21,7 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.gateway.directing_fields import REFERENCE_FIELD, SOURCE_FIELDS, parse_reference, source_ids
-from orchestrator.gateway.request_errors import RequestError
+from orchestrator.gateway.request_errors import RequestError, shown
 from orchestrator.run.jobspec import spec_request
 from protocol.conditions import MAX_CONDITIONS, parse_condition_flag
 from protocol.request_fields import flag_of
@@ -183,14 +183,6 @@ def number(value: object, name: str, kind: type) -> int | float:
     if not math.isfinite(parsed):
         raise RequestError(name, f"{name} must be finite; got {shown(value)}")
     return parsed
-
-
-def shown(value: object) -> str:
-    """A client's value for an error message, cut short (a number may have thousands of digits)."""
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return f"a {math.floor(math.log10(abs(value))) + 1}-digit number"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def require_prompt_size(value: str, name: str) -> None:
