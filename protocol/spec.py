@@ -400,6 +400,7 @@ class JobSpec:
         default_from="none",
         rule=require_extend_source,
         allowed="a finished job's id, or an MP4/MOV file inside paths.input_roots",
+        http="own",
         added_later=True,
         doc="extension (`ltx2 extend SOURCE` is `generate --extend SOURCE`; see [Extension](rendering.md#extension)):"
         " a finished job's id (its video: the joined one of an extension) or an MP4/MOV file inside"
@@ -419,6 +420,7 @@ class JobSpec:
         low=1,
         high=MAX_FRAMES,
         allowed="r·m+1 (1, 9, 17, 25, ... for LTX-2), below --num-frames, at most the source's frames",
+        http="number",
         added_later=True,
         doc="with `--extend`: how many of the clip's first frames are the source's last; r·m+1 with r the VAE's"
         " temporal compression (LTX-2: 1, 9, 17, 25, …; refused with the nearest allowed otherwise), below"
@@ -435,6 +437,7 @@ class JobSpec:
         default_from="none",
         rule=require_extend_source,
         allowed="a finished job's id (not an extension's)",
+        http="own",
         added_later=True,
         doc="retake (`ltx2 retake SOURCE` is `generate --retake SOURCE`; see [Retake](rendering.md#retake)): a"
         " finished job's id; its latents are copied into the job and hashed into its digest, the latent frames"
@@ -452,6 +455,7 @@ class JobSpec:
         low=0,
         high=MAX_FRAMES,
         allowed="0 or r·m+1 (0, 1, 9, 17, ... for LTX-2), at most --to-frame",
+        http="number",
         added_later=True,
         doc="with `--retake`: the first pixel frame regenerated; where a latent frame starts (0, 1, 9, 17, … with"
         " r = 8; refused with the nearest allowed otherwise)",
@@ -466,6 +470,7 @@ class JobSpec:
         low=0,
         high=MAX_FRAMES,
         allowed="0 or r·m (0, 8, 16, 24, ... for LTX-2), inside the source",
+        http="number",
         added_later=True,
         doc="with `--retake`: the last pixel frame regenerated; where a latent frame ends (0, 8, 16, 24, … with"
         " r = 8; refused with the nearest allowed otherwise), inside the source's frames",
@@ -480,6 +485,7 @@ class JobSpec:
         rule=require_reference,
         allowed="an MP4/MOV video of at least --num-frames frames (its first ones are used, resized and"
         " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA; one-stage",
+        http="own",
         added_later=True,
         doc="IC-LoRA control video (diffusers' `LTX2InContextPipeline`): `PATH[:STRENGTH]`; its first"
         " `--num-frames` frames are resized and centre-cropped to the clip's size / `--reference-downscale` and"
@@ -496,6 +502,7 @@ class JobSpec:
         low=1,
         high=MAX_DOWNSCALE,
         allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N",
+        http="number",
         added_later=True,
         doc="the control video is encoded at the clip's width and height / N, its positions scaled back by N"
         " (diffusers' `reference_downscale_factor`); must match the IC-LoRA's training: when absent, its"

@@ -18,7 +18,7 @@ from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.policy import Attempt, decide, initial_plan
 from orchestrator.run.states import AttemptResult, JobState, TransitionError, render_markdown
 from protocol.errors import Failure
-from protocol.files import Stage
+from protocol.files import Stage, publish, temp_path_for
 from protocol.spec import JobSpec
 
 SETTINGS = load_settings(environ={})
@@ -105,6 +105,22 @@ def test_two_threads_of_one_process_saving_one_job_never_lose_each_others_file(t
     assert errors == []
     assert json.loads((created.path / "job.json").read_text())["status"] == "queued"
     assert list(created.path.glob(".*.tmp-*")) == []
+
+
+def test_cleaning_a_killed_workers_files_leaves_a_save_under_way_in_another_thread(tmp_path: Path):
+    """The executor cleans a job's partial files (before starting its worker ahead) while the request loop
+    saves the job (a cancel): the save's temp file is this process's, so it stays for its rename (CI,
+    2026-12-06, after the per-thread temp names: a gateway delete still answered 502 FileNotFoundError).
+    A dead process's temp file, another pid's, goes."""
+    created = make_job(tmp_path)
+    killed = created.path / ".video.tmp-999999999-1.mp4"  # a worker killed mid-write
+    killed.write_bytes(b"half")
+    under_way = temp_path_for(created.path / "job.json")  # written, not yet renamed, by another thread
+    under_way.write_text(created.record.to_text())
+    JobDir.load(created.path).clean_partial_files()
+    assert not killed.exists() and under_way.exists()
+    publish(under_way, created.path / "job.json")  # the save goes on as it would have
+    assert JobDir.load(created.path).state is JobState.QUEUED
 
 
 def test_an_attempt_result_is_set_once(tmp_path: Path):

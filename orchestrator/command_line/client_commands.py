@@ -15,9 +15,11 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 from config.settings import Settings
+from orchestrator.command_line.client_paths import with_absolute_paths
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.terminal import fail, notice
 from orchestrator.daemon.client import DaemonClient, DaemonError
@@ -155,7 +157,9 @@ def make_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def submit(client: Answerer, args: argparse.Namespace) -> int:
-    data = client.request(jobs.Submit("", spec_request(vars(args)), reuse=args.reuse))
+    """Queue the request; its files' relative paths are sent absolute, as the daemon runs elsewhere."""
+    request = with_absolute_paths(spec_request(vars(args)), Path.cwd())
+    data = client.request(jobs.Submit("", request, reuse=args.reuse))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")
     sys.stdout.write(f"{data['id']}\n")

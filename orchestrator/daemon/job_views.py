@@ -24,6 +24,7 @@ from orchestrator.run.jobdir import (
     unknown_job_message,
 )
 from orchestrator.run.policy import describe_plan
+from protocol.extension import joined_frames
 from protocol.files import EVENTS_FILE, JOB_FILE, Stage
 
 # The most jobs one listing shows (the protocol's frame bounds it further: replies.fit_listing).
@@ -103,6 +104,7 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
         result["prompt"] = spec.prompt
         _, _, width, height = spec.crop_box  # as delivered: a crop's size, not the rendered one
         result["size"] = f"{width}x{height}x{spec.num_frames}"
+        result["delivered_frames"] = delivered_frames(job)
         result["seed"] = spec.seed
         result["model"] = spec.model
         result["request_digest"] = record.request_digest
@@ -116,6 +118,15 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
         result["attempts"] = attempt_summaries(job) if job else []
         result["progress"] = progress
     return result
+
+
+def delivered_frames(job: JobDir) -> int:
+    """The frames of the video a job publishes: an extension's is the source joined to the new part's frames
+    after the overlap (protocol/extension.py), every other job's its spec's frame count."""
+    extension = job.record.extension
+    if extension is None:
+        return job.spec.num_frames
+    return joined_frames(extension.frames, job.spec.num_frames, extension.overlap)
 
 
 def reproducibility_if_judged(job: JobDir) -> dict[str, Any] | None:

@@ -39,6 +39,7 @@ from config.settings import HttpSettings, Settings
 from orchestrator.daemon.client import DaemonError
 from orchestrator.daemon.transport import TransportError, address_from_settings
 from orchestrator.gateway.daemon_pool import DaemonPool
+from orchestrator.gateway.directing_fields import REFERENCE_FIELD, SOURCE_FIELDS
 from orchestrator.gateway.forms import StrictFormParser, StrictMultiPartParser
 from orchestrator.gateway.keys import KeyRing
 from orchestrator.gateway.metrics import GatewayMetrics
@@ -285,7 +286,7 @@ class Gateway:
         request: VideoRequest,
         upload: tuple[bytes, str] | None,
         idempotency_key: str = "",
-        keyframes: Uploads | None = None,
+        parts: Uploads | None = None,
         soundtrack: tuple[bytes, str] | None = None,
     ) -> dict[str, Any]:
         """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
@@ -296,14 +297,16 @@ class Gateway:
         daemon therefore costs the client a slower reply, not a second job (a 5xx would make the official
         client send the create again, a new request), and a gateway killed mid-create leaves a video its
         key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
-        another request under a used key is refused (409). `keyframes` are the uploads `conditions` names;
-        `soundtrack` the `audio` upload (audio-to-video).
+        another request under a used key is refused (409). `parts` are the uploads `conditions` and
+        `reference_video` name; `soundtrack` the `audio` upload (audio-to-video).
         """
-        keyframes = keyframes or {}
-        body = request_fingerprint(request, upload, keyframes, soundtrack)
+        parts = parts or {}
+        body = request_fingerprint(request, upload, parts, soundtrack)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
+                # Only a new video: a create sent again answers with its video, whatever became of its source.
+                self.require_own_sources(owner, request)
                 self.require_room(owner)
                 video_id = new_job_id()
                 self.store.add(claim_record(video_id, owner, request))
@@ -312,7 +315,7 @@ class Gateway:
             elif (claimed := self.owned(owner, video_id))["state"] != SUBMITTING:
                 job = self.job(video_id)
                 return video_object({**claimed, "state": job["state"]}, job, request.seconds_note)
-            reply = self.submit(owner, video_id, request, upload, keyframes, soundtrack)
+            reply = self.submit(owner, video_id, request, upload, parts, soundtrack)
             if reply["id"] != video_id:  # reuse named this key's finished video of the same request
                 self.store.discard(video_id)
                 if idempotency_key:
@@ -323,6 +326,7 @@ class Gateway:
                 return video_object({**reused, "state": job["state"]}, job, notices=notices)
             job = self.job(video_id)
             width, height, frames = (int(part) for part in job["size"].split("x"))
+            frames = job.get("delivered_frames", frames)  # an extension's: the source joined to the new part
             record = {
                 **self.owned(owner, video_id),
                 "model": reply["model"],
@@ -334,6 +338,17 @@ class Gateway:
             }
             self.store.submitted(video_id, record)
         return video_object(record, job, request.seconds_note, reply.get("notices", []))
+
+    def require_own_sources(self, owner: str, request: VideoRequest) -> None:
+        """404 naming the field when `extend` or `retake` names no video of this key: another key's video, a
+        deleted one and an unknown one look alike, as on every route (the daemon would take any job's id).
+        Whether the video is completed, and the frame math against it, are the daemon's to check."""
+        for field in SOURCE_FIELDS:
+            video_id = request.spec.get(field)
+            if video_id is not None and self.store.get(owner, video_id) is None:
+                raise ApiError(
+                    404, f"{field}: no video {video_id!r} of this key to {field}", param=field, code="not_found"
+                )
 
     def video_of_key(self, owner: str, idempotency_key: str, body: str) -> str | None:
         """The video an earlier create with this `Idempotency-Key` made; 409 if its request was another."""
@@ -366,20 +381,22 @@ class Gateway:
         video_id: str,
         request: VideoRequest,
         upload: tuple[bytes, str] | None,
-        keyframes: Uploads | None = None,
+        parts: Uploads | None = None,
         soundtrack: tuple[bytes, str] | None = None,
     ) -> dict[str, Any]:
         """The daemon's answer to the video's submit (sent again while lost); with `reuse`, another key's
-        render is never taken: the request is then submitted to render as this key's own. Each keyframe
-        upload is stored as the image is, and its stored path replaces its part name in `conditions`; the
-        soundtrack's stored path is the spec's `audio`."""
+        render is never taken: the request is then submitted to render as this key's own. Each file part
+        (a keyframe, the control video) is stored as the image is, and its stored path replaces its part name
+        in `conditions` or `reference_video`; the soundtrack's stored path is the spec's `audio`."""
         spec = dict(request.spec)
         image = self.store_upload(*upload) if upload else None
         if image is not None:
             spec["image"] = str(image)
-        stored = {name: self.store_upload(*data, field="conditions") for name, data in (keyframes or {}).items()}
-        if stored:
+        stored = {name: self.store_upload(*data, field=part_field(spec, name)) for name, data in (parts or {}).items()}
+        if spec.get("conditions"):
             spec["conditions"] = [{**entry, "source": str(stored[entry["source"]])} for entry in spec["conditions"]]
+        if spec.get(REFERENCE_FIELD) is not None:
+            spec[REFERENCE_FIELD] = {**spec[REFERENCE_FIELD], "source": str(stored[spec[REFERENCE_FIELD]["source"]])}
         if soundtrack is not None:
             stored[AUDIO_FIELD] = self.store_upload(*soundtrack, field=AUDIO_FIELD)
             spec[AUDIO_FIELD] = str(stored[AUDIO_FIELD])
@@ -513,6 +530,12 @@ class Gateway:
             "worker_log_name": data["worker_log_name"],
             "worker_log": without_paths(data["worker_log"]),
         }
+
+
+def part_field(spec: dict[str, Any], name: str) -> str:
+    """The field that names the file part `name`: the control video's, or a keyframe's."""
+    reference = spec.get(REFERENCE_FIELD)
+    return REFERENCE_FIELD if reference is not None and reference["source"] == name else "conditions"
 
 
 def claim_record(video_id: str, owner: str, request: VideoRequest) -> dict[str, Any]:
@@ -912,7 +935,8 @@ def job_page_parts() -> tuple[str, dict[str, str]]:
 
 
 async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
-    """The request's fields (JSON or multipart form) and its uploads (input_reference, keyframes), within the caps."""
+    """The request's fields (JSON or multipart form) and its uploads (input_reference, keyframes, a control
+    video), within the caps."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise too_large("request body", int(declared), limits.max_body_bytes)
@@ -930,7 +954,7 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
         parser: StrictMultiPartParser | StrictFormParser = StrictMultiPartParser(
             request.headers,
             replay(),
-            max_files=2 + MAX_CONDITIONS,  # input_reference, the keyframes, audio
+            max_files=3 + MAX_CONDITIONS,  # input_reference, the keyframes, the control video, audio
             max_fields=MAX_FORM_FIELDS,
             max_part_size=limits.max_body_bytes,
         )
@@ -986,6 +1010,8 @@ def json_fields(body: bytes) -> dict[str, Any]:
         raise ApiError(400, "conditions name file uploads: send multipart/form-data", param="conditions")
     if fields.get(AUDIO_FIELD) is not None:  # likewise a soundtrack
         raise ApiError(400, "audio must be an audio file upload (multipart/form-data)", param=AUDIO_FIELD)
+    if fields.get(REFERENCE_FIELD) is not None:  # a control video is a file too
+        raise ApiError(400, "reference_video names a file upload: send multipart/form-data", param=REFERENCE_FIELD)
     return fields
 
 
@@ -1018,7 +1044,8 @@ def too_deep_field(body: bytes) -> str | None:
 
 
 async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
-    """A form's text fields, and its files: input_reference and the keyframes `conditions` names."""
+    """A form's text fields, and its files: input_reference, the keyframes `conditions` names and the control
+    video `reference_video` names."""
     fields: dict[str, Any] = {}
     uploads: Uploads = {}
     for name, value in form.multi_items():

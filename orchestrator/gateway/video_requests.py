@@ -20,6 +20,8 @@ from collections.abc import Collection
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.gateway.directing_fields import REFERENCE_FIELD, SOURCE_FIELDS, parse_reference, source_ids
+from orchestrator.gateway.request_errors import RequestError, shown
 from orchestrator.run.jobspec import spec_request
 from protocol.conditions import MAX_CONDITIONS, parse_condition_flag
 from protocol.request_fields import flag_of
@@ -49,6 +51,7 @@ TEXT_FIELDS = (*(declared.name for declared in DECLARED if declared.http == "tex
 NUMBER_FIELDS = {declared.name: declared.kind for declared in DECLARED if declared.http == "number"}
 KNOWN_FIELDS = frozenset(
     {*TEXT_FIELDS, *NUMBER_FIELDS, "loras", "stage2_lora", "input_reference", "conditions", "reuse"}
+    | {*SOURCE_FIELDS, REFERENCE_FIELD}
 )
 # The name of a form's file part holding a keyframe, as `conditions` refers to it.
 UPLOAD_NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -66,15 +69,6 @@ WHOLE_RANGE = (-(2**63), 2**63 - 1)
 NOT_UTF8 = "must be valid UTF-8 text (it holds bytes that are not UTF-8, or a lone surrogate)"
 
 
-class RequestError(ValueError):
-    """A field the gateway refuses before the daemon sees it; `param` names it as the client sent it."""
-
-    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
-
-
 @dataclasses.dataclass(frozen=True)
 class VideoRequest:
     """What one create request asks for: the daemon spec fields and what the video object reports."""
@@ -89,7 +83,8 @@ class VideoRequest:
 
 def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Collection[str] = ()) -> VideoRequest:
     """Check and translate the request's fields (already decoded from JSON or the form); `uploads` names the
-    form's keyframe file parts, which `conditions` must name (their paths are filled in at submit)."""
+    form's file parts (keyframes, a control video), which `conditions` and `reference_video` must name (their
+    paths are filled in at submit)."""
     values = typed_fields(fields)
     if "prompt" not in values or not values["prompt"].strip():
         raise RequestError("prompt", "prompt is required and must not be empty", "missing_required_parameter")
@@ -115,8 +110,8 @@ def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Col
         values["loras"] = parse_loras(fields["loras"])
     if fields.get("stage2_lora") is not None:
         values["stage2_lora"], values["stage2_lora_weight_name"] = parse_stage2_lora(fields["stage2_lora"])
-    if fields.get("conditions") is not None or uploads:
-        values["conditions"] = parse_conditions(fields.get("conditions", "[]"), uploads)
+    values.update(file_fields(fields, uploads))
+    values.update(source_ids(fields))
     return VideoRequest(spec_of(values), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
 
 
@@ -188,14 +183,6 @@ def number(value: object, name: str, kind: type) -> int | float:
     if not math.isfinite(parsed):
         raise RequestError(name, f"{name} must be finite; got {shown(value)}")
     return parsed
-
-
-def shown(value: object) -> str:
-    """A client's value for an error message, cut short (a number may have thousands of digits)."""
-    if isinstance(value, int) and abs(value) >= 10**30:
-        return f"a {math.floor(math.log10(abs(value))) + 1}-digit number"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def require_prompt_size(value: str, name: str) -> None:
@@ -334,9 +321,25 @@ def parse_conditions(raw: object, uploads: Collection[str]) -> list[dict[str, An
     named = {entry["source"] for entry in entries}
     if missing := sorted(named - set(uploads)):
         raise RequestError("conditions", f"{missing[0]!r} names no file part of this form; upload each keyframe as one")
-    if unnamed := sorted(set(uploads) - named):
-        raise RequestError(unnamed[0], f"the file part {unnamed[0]!r} is no keyframe named in conditions")
     return entries
+
+
+def file_fields(fields: dict[str, Any], uploads: Collection[str]) -> dict[str, Any]:
+    """`conditions` and `reference_video`, each naming file parts of the form. Every part must be named by
+    one of them: a part named by nothing would be a file uploaded for no purpose, most likely a typo."""
+    values: dict[str, Any] = {}
+    if fields.get("conditions") is not None:
+        values["conditions"] = parse_conditions(fields["conditions"], uploads)
+    if fields.get(REFERENCE_FIELD) is not None:
+        values[REFERENCE_FIELD] = parse_reference(fields[REFERENCE_FIELD], uploads)
+    named = {entry["source"] for entry in values.get("conditions", [])}
+    if REFERENCE_FIELD in values:
+        named.add(values[REFERENCE_FIELD]["source"])
+    if unnamed := sorted(set(uploads) - named):
+        raise RequestError(
+            unnamed[0], f"the file part {unnamed[0]!r} is no keyframe named in conditions and no reference_video"
+        )
+    return values
 
 
 def condition_entry(item: object) -> dict[str, Any]:

@@ -439,8 +439,17 @@ class JobDir:
         return all(matches_fingerprint(self.path / name, recorded[name]) for name in outputs)
 
     def clean_partial_files(self) -> None:
-        """Delete temp files a killed worker left behind (call only while no worker of the job runs)."""
+        """Delete temp files a killed worker left behind (call only while no worker of the job runs).
+
+        This process's own temp files are left alone: each is a save under way in another of its threads
+        (the daemon's request loop cancelling the job while the executor starts its worker ahead), whose
+        rename would find its file gone (CI: a gateway delete answered 502 FileNotFoundError). A dead
+        process's temp files carry its pid, never ours.
+        """
+        ours = f".tmp-{os.getpid()}-"
         for partial in self.path.glob(".*.tmp-*"):
+            if ours in partial.name:
+                continue
             partial.unlink(missing_ok=True)
             self.log_event(EventKind.PARTIAL_FILE_REMOVED, name=partial.name)
 
