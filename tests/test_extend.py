@@ -148,6 +148,7 @@ def test_job_and_sidecar_record_where_the_extension_came_from(extended: dict, so
         source.id, source.id, SOURCE_FRAMES, OVERLAP
     )  # fmt: skip
     assert job.record.digest_inputs["extension"] == {"sha256": extension.sha256, "frames": 17, "overlap": 5}
+    assert "extend" not in job.record.digest_inputs["request"]  # by its bytes, not by the id that named it
     recorded = extended["sidecar"]["extension"]
     assert recorded["source_job"] == source.id and recorded["sha256"] == extension.sha256
     assert (recorded["overlap"], recorded["joined_frames"], recorded["audio"]) == (5, 29, AUDIO_NOTE)

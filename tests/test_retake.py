@@ -139,6 +139,9 @@ def test_retake_digest_covers_the_source_latents_bytes_and_the_range(root: Path,
     assert recorded["sha256"] == hashlib.sha256((source.path / LATENTS_FILE).read_bytes()).hexdigest()
     other = build_spec({**request, "from_frame": 9, "to_frame": 12}, settings)
     assert other.identity.digest != built.identity.digest
+    # The source enters by its latents' bytes alone, never by the id or path that named it (a second
+    # definition of FILE_FIELDS once left `retake` and `extend` in the digested request).
+    assert "retake" not in built.identity.inputs["request"]
 
 
 def ltx_core_video_region(frames: int, ratio: int, first: int, last: int, fps: float) -> list[int]:

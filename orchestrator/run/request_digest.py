@@ -55,8 +55,9 @@ NUMERIC_PACKAGES = ("ltx2-stages", "torch", "diffusers", "transformers", "peft",
 # Spec fields that change no bit of the output (declared with digest=False in protocol/spec.py).
 UNDIGESTED_FIELDS = frozenset(declared.name for declared in SPEC_FIELDS if not declared.digest)
 # Spec fields that name files: the digest holds the files' identities instead of their names.
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "extend", "retake"})
-FILE_FIELDS = frozenset({"model", "image", "loras", "stage2_lora", "conditions", "reference_video", "audio"})
+FILE_FIELDS = frozenset(
+    {"model", "image", "loras", "stage2_lora", "conditions", "extend", "retake", "reference_video", "audio"}
+)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
