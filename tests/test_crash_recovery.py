@@ -32,7 +32,7 @@ from daemon_process import DaemonProcess
 from supervised import STATUS_POLL_S, wait_for_file
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
-from orchestrator.daemon.transport import DaemonAddress
+from orchestrator.daemon.transport import DaemonAddress, DaemonNotListening
 from orchestrator.placement.stale_sockets import accepts_connections
 from protocol.files import JOB_FILE
 from protocol.jobs import ListJobs
@@ -291,7 +291,7 @@ def wait_for_states(env: dict[str, str], wanted: set[str], count: int, timeout_s
         try:
             with DaemonClient(address, timeout_s=2.0) as client:
                 listed = client.request(ListJobs(""))["jobs"]
-        except DaemonError:  # not serving yet (restarting)
+        except (DaemonError, DaemonNotListening):  # not serving yet (restarting: its socket may not exist yet)
             listed = []
         if len(listed) == count and all(job["state"] in wanted for job in listed):
             break
