@@ -189,11 +189,13 @@ def test_worker_sockets_of_dead_processes_are_removed_at_start_and_live_ones_sta
         live = runtime / f"workers-{holder.pid}.sock"
         unrelated = runtime / "workers-notapid.sock"
         unrelated.touch()
+        stale_decoders = runtime / f"workers-{killed.pid}-1-decoders.sock"  # a lane's decoder link (stage overlap)
+        stale_decoders.touch()
         assert stale.exists() and live.exists()
         with DaemonProcess(daemon_env, tmp_path / "daemon.log") as daemon:
             own = runtime / f"workers-{daemon.pid}.sock"
             wait_until_exists(own)
-            assert not stale.exists()
+            assert not stale.exists() and not stale_decoders.exists()
             assert live.exists() and unrelated.exists()
     finally:
         holder.kill()

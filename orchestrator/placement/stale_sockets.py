@@ -21,11 +21,12 @@ from orchestrator.placement import processes
 
 log = logging.getLogger("ltx2.orchestrator")
 # -N: lane N's socket, for lanes after the first; daemon-core-PID: a daemon's link to its client front.
-WORKER_SOCKET = re.compile(r"(?:workers|daemon-core)-(\d+)(?:-\d+)?\.sock")
+WORKER_SOCKET = re.compile(r"(?:workers|daemon-core)-(\d+)(?:-\d+)?(?:-decoders)?\.sock")
 
 
 def remove_stale_worker_sockets(directory: Path) -> list[Path]:
-    """Remove `workers-<pid>[-<lane>].sock` files in `directory` whose process is gone; returns them."""
+    """Remove `workers-<pid>[-<lane>][-decoders].sock` files in `directory` whose process is gone (a lane's
+    second link, orchestrator.run.stage_overlap's, ends in -decoders); returns them."""
     removed = []
     for path in directory.iterdir():
         match = WORKER_SOCKET.fullmatch(path.name)
