@@ -355,6 +355,7 @@ def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_
         "retake": "20261206-181500-a1b2c3",
         "loras": [{"source": "lora.safetensors", "scale": 0.5}, {"source": "owner/repo"}],
         "stage2_lora": {"source": "owner/distilled"},
+        "audio": "drums.wav",
         "prompt": "first.png",
     }
     assert with_absolute_paths(request, tmp_path) == {
@@ -365,6 +366,7 @@ def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_
         "retake": "20261206-181500-a1b2c3",
         "loras": [{"source": str(tmp_path / "lora.safetensors"), "scale": 0.5}, {"source": "owner/repo"}],
         "stage2_lora": {"source": "owner/distilled"},
+        "audio": str(tmp_path / "drums.wav"),
         "prompt": "first.png",
     }
     assert with_absolute_paths({"extend": "20261206-181500-a1b2c3"}, tmp_path) == {"extend": "20261206-181500-a1b2c3"}

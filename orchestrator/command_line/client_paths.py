@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from protocol.control_video import REFERENCE_FIELD, reference_request
+from protocol.soundtrack import AUDIO_FIELD
 
 
 def with_absolute_paths(request: dict[str, Any], cwd: Path) -> dict[str, Any]:
     """`request` with its relative paths made absolute against `cwd` (nothing else changes)."""
     fixed = dict(request)
-    if isinstance(fixed.get("image"), str):
-        fixed["image"] = absolute(fixed["image"], cwd)
+    for field in ("image", AUDIO_FIELD):  # files only
+        if isinstance(fixed.get(field), str):
+            fixed[field] = absolute(fixed[field], cwd)
     if isinstance(fixed.get("extend"), str):
         fixed["extend"] = absolute(fixed["extend"], cwd, only_if_here=True)
     if isinstance(fixed.get("conditions"), list):
