@@ -16,6 +16,9 @@ from typing import Any
 from conftest import REPO_ROOT, ltx2_environment, probe_mp4
 from test_stage_overlap import CLIPS, side_by_side, span, write_batch
 
+from orchestrator.run.stage_overlap import OverlapGate
+from protocol.errors import Failure
+
 
 def read_jobs(root: Path) -> dict[str, dict[str, Any]]:
     jobs = {}
@@ -70,3 +73,13 @@ def test_a_memory_failure_of_a_wave_running_alone_leaves_the_run_overlapped(hf_h
     # ... so waves 2 and 3 still diffused beside the decoders of the wave before them.
     for clip in range(2, CLIPS + 1):
         assert side_by_side(run, clip), clip
+
+
+def test_a_memory_failure_with_the_other_side_idle_neither_waits_nor_ends_overlap():
+    gate = OverlapGate()
+    with gate.running("diffusion"):
+        gate.wait_alone("diffusion", lambda: None)  # returns at once: no decoders' wave runs
+    assert not gate.memory_failed
+    with gate.running("decoders"), gate.running("diffusion"):
+        gate.wait_alone("decoders", lambda: Failure.INTERRUPTED)
+    assert gate.memory_failed

@@ -81,9 +81,11 @@ class MeasuredPeaks:
 class OverlapGate:
     """Which side of a lane is running a wave, so an attempt that ran out of memory can wait to run alone.
 
-    A side waiting to retry alone waits until the other side's wave ended; if both sides wait, the
-    decoders go first (their worker is the smaller one, and diffusion's waiting worker already exited),
-    so neither waits for the other forever. A stop request (`should_stop`) ends the wait at once.
+    Only a failure while the other side's wave runs counts against overlapping (`memory_failed`); one
+    of a side running alone (the first wave's diffusion, say) is the OOM ladder's ordinary business and
+    is retried at once. A side waiting to retry alone waits until the other side's wave ended; if both
+    sides wait, the decoders go first (their worker is the smaller one, and diffusion's waiting worker
+    already exited), so neither waits for the other forever. A stop request (`should_stop`) ends the wait at once.
     """
 
     def __init__(self) -> None:
@@ -98,6 +100,8 @@ class OverlapGate:
     def wait_alone(self, side: str, should_stop: Callable[[], Failure | None]) -> None:
         other = "decoders" if side == "diffusion" else "diffusion"
         with self.condition:
+            if other not in self.busy:  # it failed alone: overlap had no part in it, and goes on
+                return
             self.memory_failed = True
             self.waiting.add(side)
             try:
