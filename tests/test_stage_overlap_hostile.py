@@ -83,3 +83,17 @@ def test_a_memory_failure_with_the_other_side_idle_neither_waits_nor_ends_overla
     with gate.running("decoders"), gate.running("diffusion"):
         gate.wait_alone("decoders", lambda: Failure.INTERRUPTED)
     assert gate.memory_failed
+
+
+def test_a_memory_failure_counts_as_overlapped_when_the_other_sides_wave_ended_during_the_attempt():
+    gate = OverlapGate()
+    started = time.time()
+    with gate.running("diffusion"):
+        pass  # the other side's wave ran, and ended, while the failed attempt ran
+    gate.wait_alone("decoders", lambda: None, since=started)
+    assert gate.memory_failed
+    later = OverlapGate()
+    with later.running("diffusion"):
+        pass
+    later.wait_alone("decoders", lambda: None, since=time.time() + 1)  # the attempt started after it ended
+    assert not later.memory_failed
