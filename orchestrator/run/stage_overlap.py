@@ -22,7 +22,9 @@ policy ends.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -81,9 +83,11 @@ class MeasuredPeaks:
 class OverlapGate:
     """Which side of a lane is running a wave, so an attempt that ran out of memory can wait to run alone.
 
-    A side waiting to retry alone waits until the other side's wave ended; if both sides wait, the
-    decoders go first (their worker is the smaller one, and diffusion's waiting worker already exited),
-    so neither waits for the other forever. A stop request (`should_stop`) ends the wait at once.
+    Only a failure while the other side's wave runs counts against overlapping (`memory_failed`); one
+    of a side running alone (the first wave's diffusion, say) is the OOM ladder's ordinary business and
+    is retried at once. A side waiting to retry alone waits until the other side's wave ended; if both
+    sides wait, the decoders go first (their worker is the smaller one, and diffusion's waiting worker
+    already exited), so neither waits for the other forever. A stop request (`should_stop`) ends the wait at once.
     """
 
     def __init__(self) -> None:
@@ -91,13 +95,19 @@ class OverlapGate:
         self.busy: set[str] = set()
         self.waiting: set[str] = set()
         self.memory_failed = False  #: an overlapped attempt ran out of memory: overlap no more in this run
+        self.ended: dict[str, float] = {}  #: when each side's last wave ended (time.time())
 
     def running(self, side: str) -> _Running:
         return _Running(self, side)
 
-    def wait_alone(self, side: str, should_stop: Callable[[], Failure | None]) -> None:
+    def wait_alone(self, side: str, should_stop: Callable[[], Failure | None], since: float | None = None) -> None:
+        """Wait until `side` may retry alone; `since` is when its failed attempt started (time.time()),
+        if known: the other side's wave that ended after it still ran beside the attempt."""
         other = "decoders" if side == "diffusion" else "diffusion"
         with self.condition:
+            beside = other in self.busy or (since is not None and self.ended.get(other, 0.0) > since)
+            if not beside:  # it failed alone: overlap had no part in it, and goes on
+                return
             self.memory_failed = True
             self.waiting.add(side)
             try:
@@ -123,7 +133,17 @@ class _Running:
     def __exit__(self, *exc_info: object) -> None:
         with self.gate.condition:
             self.gate.busy.discard(self.side)
+            self.gate.ended[self.side] = time.time()
             self.gate.condition.notify_all()
+
+
+def attempt_started(job: JobDir, stage: Stage) -> float | None:
+    """When the job's last attempt of `stage` started (time.time()), if it was recorded."""
+    attempts = job.stage_record(stage).attempts
+    try:
+        return dt.datetime.fromisoformat(attempts[-1].started).timestamp() if attempts else None
+    except (TypeError, ValueError):
+        return None
 
 
 def overlapping(settings: Settings, jobs: list[JobDir]) -> bool:
@@ -166,7 +186,7 @@ class OverlappedLane:
             def before_retry(stage: Stage, failure: Failure | None) -> None:
                 own.before_retry(stage, failure)
                 if failure in MEMORY_FAILURES:
-                    self.gate.wait_alone(side, own.should_stop)
+                    self.gate.wait_alone(side, own.should_stop, attempt_started(job, stage))
 
             return dataclasses.replace(own, before_retry=before_retry)
 
