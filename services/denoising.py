@@ -27,7 +27,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import control_video, guidance, media, model_loading, nag, soundtrack
+from services import context_parallel, control_video, guidance, media, model_loading, nag, soundtrack
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.latents import read_latents
 from services.lora_fusing import fuse_loras
@@ -99,6 +99,9 @@ def loaded_denoiser(
     )
     if ctx.plan.get("attention") == "fp8":
         use_fp8_attention(ctx, transformer)
+    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+        ctx.progress(f"shard the tokens over {ranks} processes (context parallel)")
+        context_parallel.parallelize(transformer, ranks, device)
     if ctx.plan.get("compile") == "regional":
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
@@ -176,6 +179,9 @@ def denoise(
         pipeline_cls = held_audio_pipeline(pipeline_cls)
         run = dataclasses.replace(run, audio_latents=held, guidance=held_guidance(run.guidance))
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
+    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+        tokens = video_tokens(pipe, run, ctx.spec)
+        context_parallel.require_shardable(transformer, tokens, guidance.MAX_SEQUENCE_LENGTH, ranks)
     calls = []
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
     starts = {"latents": run.latents, "audio_latents": run.audio_latents}
@@ -213,6 +219,13 @@ def denoise(
     if held is not None:  # the encoded values themselves, not their normalized-and-back copy (equal up to rounding)
         audio = held.to(audio)
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def video_tokens(pipe: Any, run: DenoisePass, spec: JobSpec) -> int:
+    """The transformer's video tokens in this pass: latent frames x latent rows x latent columns (patch size 1)."""
+    frames = (spec.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1
+    spatial = pipe.vae_spatial_compression_ratio
+    return frames * (run.height // spatial) * (run.width // spatial)
 
 
 def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
