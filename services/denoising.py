@@ -196,7 +196,8 @@ def denoise(
         return {}
 
     ctx.progress(run.phase, 0, run.steps)
-    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag)
+    shards = context_parallel.plan_ranks(ctx.plan)
+    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag, shards)
     holding = audio_held(transformer) if held is not None else contextlib.nullcontext()
     with torch.no_grad(), guided, holding:
         video, audio = pipe(
@@ -351,9 +352,15 @@ def image_crf(family: CheckpointFamily | None) -> int:
 
 
 def nag_context(
-    spec: JobSpec, embeddings: dict[str, Any], transformer: Any, connectors: Any, apply: bool = True
+    spec: JobSpec,
+    embeddings: dict[str, Any],
+    transformer: Any,
+    connectors: Any,
+    apply: bool = True,
+    shards: int = 1,
 ) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
-    """(the pipeline's embeddings, a context that applies NAG around its call).
+    """(the pipeline's embeddings, a context that applies NAG around its call); `shards`: the
+    context-parallel ranks the transformer's tokens are split between.
 
     With NAG the negative embeddings go to services/nag.py instead of the pipeline (which at CFG = 1
     would not use them); without it nothing changes, so such a run stays bit-equal to one before NAG.
@@ -369,7 +376,8 @@ def nag_context(
         raise RuntimeError("NAG needs the negative prompt's embeddings, but the prompt cache entry has none")
     settings = nag.NagSettings(scale=spec.nag_scale, tau=spec.nag_tau, alpha=spec.nag_alpha)
     # LTX2Pipeline passes its connectors padding_side "left" when it has no tokenizer, as here.
-    return prompt_only, nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count)
+    guided = nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count, shards=shards)
+    return prompt_only, guided
 
 
 def load_conditioning_image(path: Path, width: int, height: int) -> Any:

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LIGHTHOUSE_FLAGS, StartedRender, job_dir_of, ltx2_environment, run_ltx2
+from conftest import (
+    LIGHTHOUSE_FLAGS,
+    StartedRender,
+    job_dir_of,
+    ltx2_environment,
+    run_ltx2,
+    run_ltx2_two_at_a_time,
+)
 from safetensors.torch import load_file
 
 from config.settings import ConfigError, load_settings
@@ -29,6 +36,7 @@ from orchestrator.placement.worker_link import stop_process
 from orchestrator.run.policy import initial_plan, lower_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
+from protocol.model_ids import TINY_REPO_IDS
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
 from protocol.stages import CP_ADDRESS_ENV, CP_RANK_ENV, CP_SIZE_ENV
@@ -153,3 +161,23 @@ def test_a_count_that_does_not_divide_the_tokens_or_heads_is_invalid_input(tiny_
         require_shardable(transformer, 1280, 1024, 4)
     with pytest.raises(InvalidInput, match="1275 video tokens"):
         require_shardable(transformer, 1275, 1024, 2)
+
+
+def test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render(
+    hf_home: Path, tiny_23_model_dir: Path, tmp_path: Path
+) -> None:
+    """LTX-2.3's NAG appends the negative tokens to the split text context at every step (services/nag.py
+    `shard_pairs`), and two-stage denoises twice over the sharded transformer: both as one process."""
+    request = ["generate", "--model", TINY_REPO_IDS["2.3"], "--prompt", "a lighthouse in a gale", "--seed", "7"]
+    request += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage", "--quiet"]
+    request += ["--nag-scale", "11", "--negative-prompt", "blurry, static"]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "sharded").mkdir()
+    runs = [(request, ltx2_environment(hf_home, tmp_path / "plain"))]
+    runs.append(([*request, "--context-parallel", "2"], ltx2_environment(hf_home, tmp_path / "sharded")))
+    plain, sharded = run_ltx2_two_at_a_time(runs)
+    assert plain.returncode == 0 and sharded.returncode == 0, plain.stderr + sharded.stderr
+    expected = read_latents(job_dir_of(plain) / LATENTS_FILE)[0]
+    result = read_latents(job_dir_of(sharded) / LATENTS_FILE)[0]
+    for name in ("video", "audio"):
+        assert max_difference(result[name], expected[name]) <= TOLERANCE, name
