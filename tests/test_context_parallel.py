@@ -112,6 +112,7 @@ def test_generate_with_two_processes_gives_the_plain_render(
     record = json.loads((job / "job.json").read_text())
     (attempt,) = record["stages"]["encode_diffuse"]["attempts"]
     assert attempt["plan"]["context_parallel"] == 2
+    assert len(attempt["rank_pids"]) == 2 and attempt["rank_pids"][0] == attempt["pid"]  # for crash recovery
     logs = job / "logs"
     assert "shard the tokens over 2 processes" in (logs / "encode_diffuse-1.log").read_text()
     assert (logs / "encode_diffuse-1.rank1.log").is_file()
