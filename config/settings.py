@@ -17,7 +17,7 @@ from typing import Any
 
 from config.presets import FamilyPresets, Preset, build_family_presets, resolve_pipeline, resolve_preset_fields
 from protocol.families import FAMILIES
-from protocol.spec_rules import CROP_MULTIPLE, MAX_SIZE, MIN_CROP_SIZE
+from protocol.spec_rules import CONTEXT_PARALLEL_SIZES, CROP_MULTIPLE, MAX_SIZE, MIN_CROP_SIZE
 
 DEFAULTS_FILE = Path(__file__).with_name("defaults.toml")
 # Environment variables that override one setting each: name -> (section, key).
@@ -38,12 +38,14 @@ ENV_OVERRIDES = {
     "LTX2_RAY_ADDRESS": ("cluster", "address"),
     "LTX2_RAY_RESOURCE": ("cluster", "ray_resource"),
     "LTX2_LANE_THREADS": ("cluster", "lane_threads"),
+    "LTX2_CONTEXT_PARALLEL": ("cluster", "context_parallel"),
 }
 # Where stage processes run: this host's lanes, or tasks of a Ray cluster (orchestrator.placement.ray_farm).
 CLUSTER_BACKENDS = ("local", "ray")
 OVERLAP_MODES = ("auto", "on", "off")
-# A lane's device as `[cluster] devices` names it: a CUDA device index, or a CPU lane (tests).
-DEVICE_NAME = re.compile(r"cpu|cuda:\d+")
+# A lane's device as `[cluster] devices` names it: a CUDA device index, several joined by "+" (a lane of
+# N GPUs for one clip's context-parallel diffusion, DESIGN.md rule 8: "cuda:1+2"), or a CPU lane (tests).
+DEVICE_NAME = re.compile(r"cpu|cuda:\d+(\+\d+)*")
 # `[http]` limits that are whole numbers of at least 1.
 HTTP_WHOLE_LIMITS = (
     "max_upload_bytes",
@@ -147,6 +149,8 @@ class Settings:
     #: CPU threads of each local lane's stage processes: "auto" (the host's CPUs shared evenly when
     #: there are several lanes) or a number; orchestrator.placement.lanes applies it.
     lane_threads: str | int = "auto"
+    #: Processes of one clip's diffusion when a request leaves `context_parallel` out (1: one process).
+    context_parallel: int = 1
     #: "local" (this host's lanes) or "ray" (a lane per unit of `ray_resource` in the Ray cluster).
     backend: str = "local"
     #: The Ray cluster to join ("auto": RAY_ADDRESS or the cluster started on this host).
@@ -313,9 +317,9 @@ def _devices(value: object) -> str | int | tuple[str, ...]:
         bad = [name for name in value if not DEVICE_NAME.fullmatch(name)]
         if bad:
             raise ConfigError(f'cluster.devices: {bad[0]!r} is not a device; name them like "cuda:0" or "cpu"')
-        cuda = [name for name in value if name != "cpu"]
+        cuda = [number for name in value if name != "cpu" for number in name.removeprefix("cuda:").split("+")]
         if len(set(cuda)) != len(cuda):
-            raise ConfigError(f"cluster.devices names a device twice: {value!r}; a lane is a device")
+            raise ConfigError(f"cluster.devices names a device twice: {value!r}; a lane is a device or a group of them")
         return tuple(value)
     raise ConfigError(
         f'cluster.devices must be "auto", a number of lanes (1 = one lane, as before), or a list of '
@@ -332,6 +336,19 @@ def _lane_threads(value: object) -> str | int:
     raise ConfigError(
         f'cluster.lane_threads must be "auto" (the CPUs shared evenly between lanes) or a number of threads'
         f" of at least 1; got {value!r}"
+    )
+
+
+def _context_parallel(value: object) -> int:
+    """`[cluster] context_parallel`, checked: a number of processes of CONTEXT_PARALLEL_SIZES."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value in CONTEXT_PARALLEL_SIZES:
+        return value
+    sizes = ", ".join(map(str, CONTEXT_PARALLEL_SIZES))
+    raise ConfigError(
+        f"cluster.context_parallel must be the number of processes of one clip's diffusion, one of {sizes}"
+        f" (1 is off); got {value!r}"
     )
 
 
@@ -400,6 +417,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         daemon=DaemonSettings(**{**data["daemon"], "request_timeout_s": float(data["daemon"]["request_timeout_s"])}),
         devices=_devices(data["cluster"]["devices"]),
         lane_threads=_lane_threads(data["cluster"]["lane_threads"]),
+        context_parallel=_context_parallel(data["cluster"]["context_parallel"]),
         **_cluster_backend(data["cluster"]),
         http=_http(data["http"]),
         deterministic=worker["deterministic"],

@@ -335,6 +335,8 @@ class AttemptRecord(RecordFields):
     lane: int | None = None  #: the lane that ran it, when its lane pins a device (orchestrator/placement/lanes.py)
     device: str | None = None  #: that lane's device ("cuda:1")
     pid: int | None = None  #: the worker's pid on this host, 0 on a farm node; a restarted daemon stops an orphan by it
+    #: context parallel (orchestrator/placement/worker_gang.py): every rank's pid, rank 0's first (it is `pid`)
+    rank_pids: list[int] | None = None
     cpu_threads: int | None = None  #: torch's CPU threads in the worker (its lane's share), from its READY
     node: str | None = (
         None  #: Ray farm (orchestrator/placement/ray_farm.py): the node it ran on (its id's first 12 characters)

@@ -49,6 +49,7 @@ from protocol.spec_rules import (
     SpecError,
     describe,
     nearest_sizes,
+    require_context_parallel,
     require_crop_side,
     require_declared,
     require_extend_source,
@@ -580,6 +581,25 @@ class JobSpec:
         "cache is kept in `<state>/compile-cache`, or `LTX2_COMPILE_CACHE_DIR`, so later workers reuse it); "
         "eager again on lower-memory retries",
         default_doc="off",
+    )
+    # One clip's diffusion over N processes (issue 30). Not bit-equal to one process (the sharded matmuls and
+    # attention add in another order: within 1e-4 on the tiny model), so it shapes the latents and the digest.
+    context_parallel: int = declare(
+        1,
+        help="run the diffusion stage as N processes, each holding the model and 1/N of the video tokens "
+        "(N GPUs of the lane; gloo processes on the CPU); 1 is off (default: [cluster] context_parallel)",
+        default_from="settings",
+        rule=require_context_parallel,
+        allowed="1, 2, 4 or 8",
+        http="number",
+        added_later=True,
+        doc="context parallel (see [Context parallel](rendering.md#context-parallel)): the diffusion stage runs as"
+        " N processes joined in one `torch.distributed` group (NCCL on GPUs, gloo on the CPU), each holding the"
+        " whole model and 1/N of the video and text tokens (diffusers' Ulysses attention); one stage attempt,"
+        " stopped together; the latents match one process's within 1e-4, not bit for bit; N must also divide"
+        " the video tokens and the attention heads (exit 2 otherwise)",
+        default_doc="`[cluster] context_parallel` (1: off)",
+        metavar="N",
     )
     sequential_offload: bool = declare(
         False,

@@ -63,6 +63,9 @@ MAX_STG_SCALE = 10.0
 # An hour of video: far beyond what one clip can hold (MAX_FRAMES), so the frame limit gives the message.
 MAX_SECONDS = 3600.0
 MAX_MODALITY_SCALE = 10.0
+# Processes of one context-parallel diffusion: up to a host's GPUs (8 on the largest machines it runs on),
+# in powers of two, since each process takes an equal share of the prompt's 1024 tokens and of the heads.
+CONTEXT_PARALLEL_SIZES = (1, 2, 4, 8)
 # A delivered (cropped) side is even: H.264's 4:2:0 chroma covers 2x2 pixels, so x264 refuses an odd
 # side. At least one macroblock (16 px): nothing smaller is a picture anyone asked for.
 CROP_MULTIPLE = 2
@@ -238,6 +241,12 @@ def require_nag_tau(value: float, field: str) -> None:
 def require_nag_steps(value: int, field: str) -> None:
     if value < 0:
         raise SpecError(field, f"must be 0 or more (NAG applies in the first N steps); got {value}")
+
+
+def require_context_parallel(value: int, field: str) -> None:
+    if value not in CONTEXT_PARALLEL_SIZES:
+        sizes = ", ".join(map(str, CONTEXT_PARALLEL_SIZES))
+        raise SpecError(field, f"must be one of {sizes} (processes share the prompt's 1024 tokens evenly); got {value}")
 
 
 def require_declared(declared: Declared, value: Any) -> None:

@@ -23,6 +23,13 @@ JOB_STARTED_PHASE = "job started"
 #: (never its command line, which every user of the node can read): ephemeral keys the
 #: orchestrator made for its own workers (orchestrator.placement.ray_farm).
 WORKER_CURVE_ENV = "LTX2_WORKER_CURVE"
+#: A context-parallel rank's place in its group (orchestrator.placement.worker_gang sets them, the workers'
+#: services/context_parallel.py reads them): its rank, the group's size, and the rendezvous `host:port`.
+#: Names of our own rather than torch's RANK/WORLD_SIZE, which a daemon started under a cluster
+#: scheduler may have inherited and would pass on to every worker.
+CP_RANK_ENV = "LTX2_CP_RANK"
+CP_SIZE_ENV = "LTX2_CP_SIZE"
+CP_ADDRESS_ENV = "LTX2_CP_ADDRESS"
 
 
 @register

@@ -27,7 +27,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
-from services import control_video, guidance, media, model_loading, nag, soundtrack
+from services import context_parallel, control_video, guidance, media, model_loading, nag, soundtrack
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.latents import read_latents
 from services.lora_fusing import fuse_loras
@@ -99,6 +99,9 @@ def loaded_denoiser(
     )
     if ctx.plan.get("attention") == "fp8":
         use_fp8_attention(ctx, transformer)
+    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+        ctx.progress(f"shard the tokens over {ranks} processes (context parallel)")
+        context_parallel.parallelize(transformer, ranks, device)
     if ctx.plan.get("compile") == "regional":
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
@@ -176,6 +179,9 @@ def denoise(
         pipeline_cls = held_audio_pipeline(pipeline_cls)
         run = dataclasses.replace(run, audio_latents=held, guidance=held_guidance(run.guidance))
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
+    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+        tokens = video_tokens(pipe, run, ctx.spec)
+        context_parallel.require_shardable(transformer, tokens, guidance.MAX_SEQUENCE_LENGTH, ranks)
     calls = []
     counter = transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
     starts = {"latents": run.latents, "audio_latents": run.audio_latents}
@@ -190,7 +196,8 @@ def denoise(
         return {}
 
     ctx.progress(run.phase, 0, run.steps)
-    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag)
+    shards = context_parallel.plan_ranks(ctx.plan)
+    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag, shards)
     holding = audio_held(transformer) if held is not None else contextlib.nullcontext()
     with torch.no_grad(), guided, holding:
         video, audio = pipe(
@@ -213,6 +220,13 @@ def denoise(
     if held is not None:  # the encoded values themselves, not their normalized-and-back copy (equal up to rounding)
         audio = held.to(audio)
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def video_tokens(pipe: Any, run: DenoisePass, spec: JobSpec) -> int:
+    """The transformer's video tokens in this pass: latent frames x latent rows x latent columns (patch size 1)."""
+    frames = (spec.num_frames - 1) // pipe.vae_temporal_compression_ratio + 1
+    spatial = pipe.vae_spatial_compression_ratio
+    return frames * (run.height // spatial) * (run.width // spatial)
 
 
 def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -338,9 +352,15 @@ def image_crf(family: CheckpointFamily | None) -> int:
 
 
 def nag_context(
-    spec: JobSpec, embeddings: dict[str, Any], transformer: Any, connectors: Any, apply: bool = True
+    spec: JobSpec,
+    embeddings: dict[str, Any],
+    transformer: Any,
+    connectors: Any,
+    apply: bool = True,
+    shards: int = 1,
 ) -> tuple[dict[str, Any], contextlib.AbstractContextManager]:
-    """(the pipeline's embeddings, a context that applies NAG around its call).
+    """(the pipeline's embeddings, a context that applies NAG around its call); `shards`: the
+    context-parallel ranks the transformer's tokens are split between.
 
     With NAG the negative embeddings go to services/nag.py instead of the pipeline (which at CFG = 1
     would not use them); without it nothing changes, so such a run stays bit-equal to one before NAG.
@@ -356,7 +376,8 @@ def nag_context(
         raise RuntimeError("NAG needs the negative prompt's embeddings, but the prompt cache entry has none")
     settings = nag.NagSettings(scale=spec.nag_scale, tau=spec.nag_tau, alpha=spec.nag_alpha)
     # LTX2Pipeline passes its connectors padding_side "left" when it has no tokenizer, as here.
-    return prompt_only, nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count)
+    guided = nag.nag_guidance(transformer, connectors, negative, settings, spec.nag_step_count, shards=shards)
+    return prompt_only, guided
 
 
 def load_conditioning_image(path: Path, width: int, height: int) -> Any:

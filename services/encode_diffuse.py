@@ -25,7 +25,7 @@ import torch
 from protocol.files import LATENTS_FILE, Stage
 from protocol.spec import JobSpec
 from protocol.spec_rules import TWO_STAGE
-from services import embedding_cache, guidance, model_loading
+from services import context_parallel, embedding_cache, guidance, model_loading
 
 # Imported at module level on purpose (they import diffusers' LTX-2 pipelines): a prestarted worker
 # pays this before READY, overlapping the previous stage (DESIGN.md rule 5).
@@ -166,10 +166,14 @@ def run(ctx: WorkerContext) -> list[str]:
     """The stage: prompt -> embeddings -> latents file."""
     request = ctx.request
     device = model_loading.resolve_device()
+    # Context parallel: every rank joins its group before anything is loaded (its device is picked here).
+    context_parallel.join_for_plan(ctx.plan, device)
     dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     embeddings = cached_or_encoded_prompt(ctx, device, dtype)
     two_stage = ctx.spec.pipeline == TWO_STAGE
     result = (denoise_two_stage if two_stage else denoise_one_stage)(ctx, embeddings, device, dtype)
+    if context_parallel.group_rank() > 0:  # every rank holds the gathered latents; rank 0 writes them
+        return []
     ctx.progress("write latents")
     write_latents(
         ctx.job_dir / LATENTS_FILE,

@@ -193,6 +193,7 @@ def nag_processors(
     originals: list[Any],
     contexts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     per_step: bool,
+    shards: int = 1,
 ) -> list[NagAttnProcessor]:
     """One processor per module of `text_cross_attention`, holding that module's negative K/V unless
     `per_step`; the returned list and the modules are then their only holders.
@@ -201,11 +202,21 @@ def nag_processors(
     compiled block still meets one graph for all blocks and all jobs (tests/test_nag.py counts them).
     """
     video_context, audio_context, mask = contexts
-    if per_step:
-        return [NagAttnProcessor(settings, video_context.shape[1], original) for original in originals]
+    if per_step:  # each rank's video context holds its shard of the negative tokens (`shard_pairs`)
+        # text_cross_attention's order: each block's video-text, then its audio-text cross-attention.
+        counts = [video_context.shape[1] // shards, audio_context.shape[1]] * (len(originals) // 2)
+        return [NagAttnProcessor(settings, count, original) for count, original in zip(counts, originals, strict=True)]
     with torch.no_grad():
         cached = negative_key_values(transformer, video_context, audio_context, mask)
     return [NagAttnProcessor(settings, base=base, negative_kv=kv) for base, kv in zip(originals, cached, strict=True)]
+
+
+def shard_pairs(prompt: torch.Tensor, negative: torch.Tensor, shards: int) -> torch.Tensor:
+    """The prompt's and the negative prompt's tokens as one context: with one shard `[prompt, negative]`;
+    with N, `[prompt_0, negative_0, ..., prompt_N-1, negative_N-1]` of their N even slices, so that the
+    context-parallel split hands rank r `[prompt_r, negative_r]`."""
+    parts = zip(prompt.chunk(shards, dim=1), negative.chunk(shards, dim=1), strict=True)
+    return torch.cat([part for pair in parts for part in pair], dim=1)
 
 
 @contextlib.contextmanager
@@ -217,6 +228,7 @@ def nag_guidance(
     steps: int,
     padding_side: str = "left",
     reuse_negative_kv: bool = True,
+    shards: int = 1,
 ) -> Iterator[None]:
     """Guide the first `steps` transformer calls (one per denoising step at CFG = 1) with NAG.
 
@@ -227,6 +239,10 @@ def nag_guidance(
     and from step `steps` on, the transformer's own processors and inputs are back and the
     negative K/V are released, so the rest of the run (and the next job of a group, which reuses
     the transformer) is unguided.
+
+    `shards`: the context-parallel ranks the transformer's video text context is split between
+    (services/context_parallel.py); a per-step negative context is then appended shard by shard, so that
+    every rank's slice holds its share of the prompt's tokens followed by its share of the negative ones.
     """
     with torch.no_grad():
         video_context, audio_context, context_mask = connectors(
@@ -238,7 +254,7 @@ def nag_guidance(
     processors: list[NagAttnProcessor] = []
     if steps > 0:
         contexts = (video_context, audio_context, context_mask)
-        processors = nag_processors(transformer, settings, originals, contexts, per_step)
+        processors = nag_processors(transformer, settings, originals, contexts, per_step, shards)
     calls = 0
 
     def restore() -> None:
@@ -261,7 +277,8 @@ def nag_guidance(
             ("encoder_attention_mask", context_mask),
             ("audio_encoder_attention_mask", context_mask),
         ):
-            kwargs[key] = torch.cat([kwargs[key], extra.to(kwargs[key].dtype)], dim=1)
+            video = key in ("encoder_hidden_states", "encoder_attention_mask")  # the context the ranks split
+            kwargs[key] = shard_pairs(kwargs[key], extra.to(kwargs[key].dtype), shards if video else 1)
         return args, kwargs
 
     if processors:

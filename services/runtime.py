@@ -214,6 +214,8 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
             reporter.socket = socket
         if socket is not None:
             wait_for_go(reporter, socket, args.attempt, args.orchestrator_pid)
+            if not speaks_for_group():  # a context-parallel rank past 0: rank 0 reports for the group
+                reporter.socket = None
         # A stage's seconds count from GO: a worker started ahead of its turn may have waited through
         # a whole diffusion run, which is the orchestrator's to report (as the attempt's `waited_s`).
         started = time.monotonic()
@@ -238,6 +240,13 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code))  # skip interpreter teardown: the OS frees the memory faster than Python
+
+
+def speaks_for_group() -> bool:
+    """Whether this worker reports to the orchestrator after GO: every worker but the ranks past 0 of a
+    context-parallel attempt (orchestrator.placement.worker_gang), whose progress and Done would be rank
+    0's again (and a Done without the outputs rank 0 writes). Their exit status still speaks for them."""
+    return os.environ.get(stages.CP_RANK_ENV, "0") == "0"
 
 
 def log_cpu_kernels() -> None:

@@ -37,7 +37,7 @@ from protocol.families import CheckpointFamily
 from protocol.files import STAGE1_LATENTS_FILE
 from protocol.job_record import ResolvedLora
 from protocol.spec_rules import TWO_STAGE
-from services import guidance, model_loading
+from services import context_parallel, guidance, model_loading
 from services.denoising import DenoisePass, denoise, loaded_denoiser
 from services.latents import denoised_metadata, dtype_name, read_latents, write_latents
 from services.runtime import WorkerContext
@@ -190,7 +190,10 @@ def upsample(
 
 
 def write_stage1(ctx: WorkerContext, first: dict[str, Any], device: torch.device, dtype: torch.dtype) -> None:
-    """latents_stage1.safetensors: stage 1's latents and the generator's state after it."""
+    """latents_stage1.safetensors: stage 1's latents and the generator's state after it (by context-parallel
+    rank 0 alone: every rank holds the same gathered latents, and one writer keeps the file whole)."""
+    if context_parallel.group_rank() > 0:
+        return
     ctx.progress("write stage 1 latents")
     write_latents(
         ctx.job_dir / STAGE1_LATENTS_FILE,

@@ -60,6 +60,8 @@ def test_devices_setting_accepts_auto_a_count_a_list_and_the_environment():
         ("cuda", "cluster.devices must be"),
         (["gpu:1"], "cluster.devices: 'gpu:1' is not a device"),
         (["cuda:0", "cuda:0"], "cluster.devices names a device twice"),
+        (["cuda:0", "cuda:1+0"], "cluster.devices names a device twice"),
+        (["cuda:0+"], "cluster.devices: 'cuda:0\\+' is not a device"),
         ([0, 1], "cluster.devices must be"),
     ],
 )
@@ -87,6 +89,10 @@ def test_lanes_follow_cuda_visible_devices():
     assert lanes("auto", "") == [("", None)]  # no GPU: one lane, as before lanes existed
     assert lanes(1, "0,1") == [("", None)]  # one lane that sees every GPU
     assert lanes(["cpu", "cpu"], "0") == [("cpu", ""), ("cpu", "")]
+    # A lane of several GPUs (context parallel: one process per GPU) sees all of them.
+    assert lanes(["cuda:0", "cuda:1+2"], "4,5,6") == [("cuda:0", "4"), ("cuda:1+2", "5,6")]
+    with pytest.raises(ConfigError, match="cluster.devices names cuda:1\\+3, but only 3"):
+        lanes(["cuda:1+3"], "4,5,6")
     with pytest.raises(ConfigError, match="cluster.devices names cuda:2, but only 2 CUDA devices are visible"):
         lanes(["cuda:2"], "0,1")
     with pytest.raises(ConfigError, match="cluster.devices = 3, but only 2"):

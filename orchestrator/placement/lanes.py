@@ -1,7 +1,9 @@
 """Lanes (DESIGN.md rule 8): the devices stage processes run on, one stage process at a time each.
 
 `[cluster] devices` names them: "auto" is every CUDA device this process can see, a list picks
-them, 1 is a single lane that sees what the orchestrator sees (as before lanes existed). A worker
+them, 1 is a single lane that sees what the orchestrator sees (as before lanes existed). A list entry
+may join devices with "+" ("cuda:1+2"): one lane of N GPUs, whose context-parallel diffusion runs one
+process per GPU (orchestrator.placement.worker_gang; each rank takes `cuda:<rank>` of what it sees). A worker
 of lane `cuda:N` starts with `CUDA_VISIBLE_DEVICES` set to that one device (so it is `cuda:0`
 inside the worker); a CPU lane hides every GPU. The devices are counted without importing torch,
 which the orchestrator never does: `CUDA_VISIBLE_DEVICES`, else `nvidia-smi -L`, else the
@@ -36,7 +38,7 @@ class Lane:
     """One device: its name as the orchestrator sees it, and what its workers may see."""
 
     index: int  #: position among the lanes (names its worker socket)
-    device: str  #: "cuda:N" or "cpu"; "" for the single lane that pins nothing
+    device: str  #: "cuda:N", "cuda:N+M" (a group of devices) or "cpu"; "" for the single lane that pins nothing
     visible_devices: str | None  #: CUDA_VISIBLE_DEVICES of its workers; None leaves it as it is
     threads: int | None = None  #: CPU threads of its workers (OMP_NUM_THREADS); None leaves them as they are
 
@@ -109,10 +111,11 @@ def lanes_of_devices(settings: Settings, environ: Mapping[str, str] | None) -> l
         if name == "cpu":
             lanes.append(Lane(index, "cpu", ""))
             continue
-        number = int(name.removeprefix("cuda:"))
-        if number >= len(visible):
+        numbers = [int(number) for number in name.removeprefix("cuda:").split("+")]
+        if max(numbers) >= len(visible):
             raise ConfigError(f"cluster.devices names {name}, but only {len(visible)} CUDA devices are visible")
-        lanes.append(Lane(index, name, visible[number]))
+        # A group of devices ("cuda:1+2", for context parallel): its workers see all of them.
+        lanes.append(Lane(index, name, ",".join(visible[number] for number in numbers)))
     return lanes
 
 

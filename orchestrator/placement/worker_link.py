@@ -27,6 +27,7 @@ import zmq
 from orchestrator.placement.fork_client import ForkedProcess, ForkServer
 from orchestrator.placement.lanes import Lane
 from orchestrator.placement.stale_sockets import remove_stale_worker_sockets
+from orchestrator.placement.worker_gang import WorkerGang
 from protocol import codec
 from protocol.files import Stage
 
@@ -115,8 +116,8 @@ class RemoteSpawner(Protocol):
     def spawn(self, module: str, args: list[str], log_path: Path) -> RemoteProcess: ...
 
 
-#: A stage process as the runner follows it.
-WorkerProcess = subprocess.Popen[bytes] | ForkedProcess | RemoteProcess
+#: A stage process as the runner follows it (a context-parallel attempt's ranks as one: WorkerGang).
+WorkerProcess = subprocess.Popen[bytes] | ForkedProcess | RemoteProcess | WorkerGang
 
 
 class WorkerLink:
@@ -277,6 +278,8 @@ def stop_process(process: WorkerProcess) -> int:
     if (returncode := process.poll()) is not None:
         return returncode
     if isinstance(process, RemoteProcess):
+        return process.stop()
+    if isinstance(process, WorkerGang):
         return process.stop()
     for sig, wait_s in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
         try:

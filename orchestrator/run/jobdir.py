@@ -537,6 +537,7 @@ class JobDir:
             attempts = self.stage_record(stage).attempts
             if attempts and attempts[-1].result == AttemptResult.RUNNING:
                 pids.append(attempts[-1].pid or 0)
+                pids.extend((attempts[-1].rank_pids or [])[1:])  # a context-parallel attempt's other ranks
                 self.finish_attempt(stage, attempt_result(failure), reason=reason)
         if pids:
             self.log_event(EventKind.JOB_INTERRUPTED, reason=reason)

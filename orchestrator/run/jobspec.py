@@ -134,6 +134,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     family = model.family.name if model.family else LEGACY_FAMILY
     fields = settings.preset_fields(model.name, family, request.get("schedule"))
     fields["seed"] = secrets.randbelow(RANDOM_SEED_LIMIT)
+    fields["context_parallel"] = settings.context_parallel  # the request's own wins (below)
     fields.update({key: value for key, value in request.items() if value is not None})
     fields["model"] = model.name
     if fields.get("name") is None and isinstance(fields.get("prompt"), str):

@@ -71,6 +71,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
     if spec.fp8_attention:
         plan["attention"] = "fp8"
+    if spec.context_parallel > 1:  # N processes for the stage (orchestrator.placement.worker_gang), on every rung
+        plan["context_parallel"] = spec.context_parallel
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
         if deterministic:

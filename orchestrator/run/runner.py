@@ -9,6 +9,7 @@ kernel says nothing at all.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.placement.fork_client import ForkServerUnusable, worker_environment
+from orchestrator.placement.worker_gang import start_gang
 from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink, WorkerProcess, stop_process
 from orchestrator.run.jobdir import JobDir
 from protocol.errors import Failure
@@ -108,6 +110,10 @@ def start_process(
         return link.spawner.spawn(stage.module, args, log_path)
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid())
     visible, threads = link.lane.visible_devices, link.lane.threads
+    ranks = int(plan.get("context_parallel", 1))
+    if ranks > 1:  # one clip over N processes (orchestrator.placement.worker_gang): one attempt, stopped together
+        environment = functools.partial(worker_environment, visible)
+        return start_gang(stage.module, args, log_path, ranks, environment, threads, stop_process)
     if link.fork_server is not None:
         try:
             return link.fork_server.spawn(stage.value, args, log_path, visible, threads)

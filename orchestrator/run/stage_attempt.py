@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
+from orchestrator.placement.worker_gang import WorkerGang
 from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_hooks import HooksFor, StageEvent
 from orchestrator.run.jobdir import JobDir, tail
@@ -91,7 +92,7 @@ class AttemptFollower:
         else:
             discard_worker(prestarted, link)
             self.worker = spawn_worker(members, stage, attempt, plan, link, settings.heartbeat_s)
-        leader.note_worker(stage, self.worker.process.pid)
+        leader.note_worker(stage, self.worker.process.pid, **rank_pids(self.worker.process))
         self.where: dict[str, Any] = {}  #: a remote process's node and pids, once it is placed
         self.threads: dict[str, int] = {}  #: the worker's CPU threads, once it said READY
         self.last_heard = time.monotonic()
@@ -257,6 +258,12 @@ class AttemptFollower:
             event = StageEvent(self.stage.value, StageEventKind.FAILED, attempt, f"{failure.value}: {reason}")
         hooks.listener(event)
         self.outcomes[job_id] = outcome
+
+
+def rank_pids(process: object) -> dict[str, list[int]]:
+    """`rank_pids` for an attempt's record when its process is a context-parallel gang: a restarted daemon
+    stops every rank of an orphaned one, not only rank 0 (whose pid is the attempt's `pid`)."""
+    return {"rank_pids": [member.pid for member in process.members]} if isinstance(process, WorkerGang) else {}
 
 
 #: Failures the orchestrator causes by stopping a worker on purpose.

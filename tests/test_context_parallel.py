@@ -1,0 +1,184 @@
+"""Context parallel (issue 30) on the CPU: two gloo processes holding half the tokens each give the latents
+one process gives, within TOLERANCE.
+
+First diffusers alone: tests/context_parallel_render.py runs LTX2Pipeline on the tiny model (fp32, one
+thread per process) with the transformer sharded by diffusers' own context-parallel hooks
+(services/context_parallel.py). Then the stage: `ltx2 generate --context-parallel 2` runs the diffusion
+stage as two worker processes (orchestrator.placement.worker_gang) and must give the latents of the
+session's plain render of the same request. And the gang's fate: one rank that dies stops the other.
+Nothing is mocked: the ranks are real processes talking over gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    LIGHTHOUSE_FLAGS,
+    StartedRender,
+    job_dir_of,
+    ltx2_environment,
+    run_ltx2,
+    run_ltx2_two_at_a_time,
+)
+from safetensors.torch import load_file
+
+from config.settings import ConfigError, load_settings
+from orchestrator.placement.worker_gang import WorkerGang
+from orchestrator.placement.worker_link import stop_process
+from orchestrator.run.policy import initial_plan, lower_plan
+from protocol.errors import InvalidInput
+from protocol.files import LATENTS_FILE, Stage
+from protocol.model_ids import TINY_REPO_IDS
+from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
+from protocol.stages import CP_ADDRESS_ENV, CP_RANK_ENV, CP_SIZE_ENV
+from services.context_parallel import max_difference, require_shardable
+from services.latents import read_latents
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RENDER = REPO_ROOT / "tests" / "context_parallel_render.py"
+TOLERANCE = 1e-4
+# A render of two steps takes seconds; a group whose peer died waits in a collective far longer.
+TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now, for the group's rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def render(model_dir: Path, out: Path, size: int, *extra: str) -> dict[str, torch.Tensor]:
+    """The latents `size` processes render together (1: a plain single-process run)."""
+    base = {**os.environ, CP_ADDRESS_ENV: f"127.0.0.1:{free_port()}", CP_SIZE_ENV: str(size)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(RENDER), str(model_dir), str(out), *extra],
+            env={**base, CP_RANK_ENV: str(rank)},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(size)
+    ]
+    outputs = []
+    for process in ranks:
+        try:
+            output, _ = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in ranks:
+                other.kill()
+            raise
+        outputs.append(output)
+    for rank, (process, output) in enumerate(zip(ranks, outputs, strict=True)):
+        assert process.returncode == 0, f"rank {rank} of {size} exited {process.returncode}:\n{output[-4000:]}"
+    return load_file(str(out))
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_23_model_dir"])
+def test_two_gloo_ranks_give_one_process_latents(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """LTX-2.0 and 2.3, one stage, CFG on (a batch of two through every sharded layer)."""
+    model_dir = request.getfixturevalue(model)
+    alone = render(model_dir, tmp_path / "alone.safetensors", 1, "--cfg")
+    together = render(model_dir, tmp_path / "together.safetensors", 2, "--cfg")
+    for name in ("video", "audio"):
+        assert together[name].shape == alone[name].shape
+        assert max_difference(together[name], alone[name]) <= TOLERANCE, name
+    # The sharded run is a run of the model, not a copy of the input: the latents moved from the noise.
+    assert alone["video"].abs().max() > 0
+
+
+def test_generate_with_two_processes_gives_the_plain_render(
+    hf_home: Path, tmp_path: Path, eager_lighthouse: StartedRender
+) -> None:
+    """The stage end to end: one attempt of two ranks (rank 0 reports and writes), the latents of one process."""
+    result = run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"], ltx2_environment(hf_home, tmp_path))
+    assert result.returncode == 0, result.stderr
+    job = job_dir_of(result)
+    _, plain_job = eager_lighthouse.finished()
+    sharded, plain = read_latents(job / LATENTS_FILE)[0], read_latents(plain_job / LATENTS_FILE)[0]
+    for name in ("video", "audio"):
+        assert max_difference(sharded[name], plain[name]) <= TOLERANCE, name
+    record = json.loads((job / "job.json").read_text())
+    (attempt,) = record["stages"]["encode_diffuse"]["attempts"]
+    assert attempt["plan"]["context_parallel"] == 2
+    assert len(attempt["rank_pids"]) == 2 and attempt["rank_pids"][0] == attempt["pid"]  # for crash recovery
+    logs = job / "logs"
+    assert "shard the tokens over 2 processes" in (logs / "encode_diffuse-1.log").read_text()
+    assert (logs / "encode_diffuse-1.rank1.log").is_file()
+
+
+def test_a_rank_that_dies_stops_its_gang_with_its_exit_status() -> None:
+    """Rank 1 exits 3 (a CUDA OOM's code) while rank 0 would wait for it forever: the gang ends at once,
+    rank 0 stopped, with rank 1's status for the policy."""
+    members = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True),
+        subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], start_new_session=True),
+    ]
+    gang = WorkerGang(members, stop_process)
+    assert gang.wait(timeout=60) == 3
+    assert members[0].poll() is not None and members[0].returncode != 0
+    assert gang.poll() == 3 and stop_process(gang) == 3
+
+
+SPEC = {"prompt": "a harbour at dawn", "model": "m", "width": 64, "height": 64, "num_frames": 17, "steps": 8, "seed": 1}
+
+
+def test_the_request_takes_powers_of_two_and_the_plan_carries_them_down_every_rung() -> None:
+    with pytest.raises(SpecError, match="context-parallel.*one of 1, 2, 4, 8"):
+        JobSpec.from_dict({**SPEC, "context_parallel": 3})
+    spec = JobSpec.from_dict({**SPEC, "context_parallel": 2})
+    settings = load_settings(environ={"LTX2_CONFIG": "", "HOME": "/nonexistent"})
+    plan = initial_plan(Stage.ENCODE_DIFFUSE, spec, settings)
+    assert plan["context_parallel"] == 2
+    assert lower_plan(Stage.ENCODE_DIFFUSE, plan, spec, settings)["context_parallel"] == 2
+    assert "context_parallel" not in initial_plan(Stage.ENCODE_DIFFUSE, JobSpec.from_dict(SPEC), settings)
+    assert "context_parallel" not in initial_plan(Stage.VIDEO_DECODE, spec, settings)
+
+
+def test_the_setting_is_the_default_and_refuses_other_counts() -> None:
+    environ = {"LTX2_CONFIG": "", "HOME": "/nonexistent", "LTX2_CONTEXT_PARALLEL": "4"}
+    assert load_settings(environ=environ).context_parallel == 4
+    with pytest.raises(ConfigError, match="cluster.context_parallel must be"):
+        load_settings(environ={**environ, "LTX2_CONTEXT_PARALLEL": "3"})
+
+
+def test_a_count_that_does_not_divide_the_tokens_or_heads_is_invalid_input(tiny_model_dir: Path) -> None:
+    from diffusers import LTX2VideoTransformer3DModel
+
+    transformer = LTX2VideoTransformer3DModel.from_pretrained(tiny_model_dir / "transformer")
+    require_shardable(transformer, 1280, 1024, 2)  # the tiny model's 64x64x17: 2 heads each, 1280 video tokens
+    with pytest.raises(InvalidInput, match="--context-parallel 4: .*2 video attention heads"):
+        require_shardable(transformer, 1280, 1024, 4)
+    with pytest.raises(InvalidInput, match="1275 video tokens"):
+        require_shardable(transformer, 1275, 1024, 2)
+
+
+def test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render(
+    hf_home: Path, tiny_23_model_dir: Path, tmp_path: Path
+) -> None:
+    """LTX-2.3's NAG appends the negative tokens to the split text context at every step (services/nag.py
+    `shard_pairs`), and two-stage denoises twice over the sharded transformer: both as one process."""
+    request = ["generate", "--model", TINY_REPO_IDS["2.3"], "--prompt", "a lighthouse in a gale", "--seed", "7"]
+    request += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage", "--quiet"]
+    request += ["--nag-scale", "11", "--negative-prompt", "blurry, static"]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "sharded").mkdir()
+    runs = [(request, ltx2_environment(hf_home, tmp_path / "plain"))]
+    runs.append(([*request, "--context-parallel", "2"], ltx2_environment(hf_home, tmp_path / "sharded")))
+    plain, sharded = run_ltx2_two_at_a_time(runs)
+    assert plain.returncode == 0 and sharded.returncode == 0, plain.stderr + sharded.stderr
+    expected = read_latents(job_dir_of(plain) / LATENTS_FILE)[0]
+    result = read_latents(job_dir_of(sharded) / LATENTS_FILE)[0]
+    for name in ("video", "audio"):
+        assert max_difference(result[name], expected[name]) <= TOLERANCE, name
