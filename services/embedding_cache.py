@@ -50,7 +50,12 @@ def load(path: Path, device: torch.device) -> dict[str, torch.Tensor | None] | N
     except (OSError, ValueError, RuntimeError):
         return None
     path.touch()  # recently used files survive eviction
-    return {key: tensors.get(key) for key in KEYS}
+    # Copied into torch's own (64-byte aligned) memory: safetensors hands back views of its file buffer at
+    # whatever offset the header left (8-byte aligned here), so a process reading the cache computed on
+    # differently aligned inputs than the one that encoded the prompt. Every CPU run-to-run drift seen
+    # (issue 23: a compiled worker, a NAG run, a retried diffusion, a second render's WAV) was a process
+    # that read cached embeddings against one that had just encoded them.
+    return {key: None if tensors.get(key) is None else tensors[key].clone() for key in KEYS}
 
 
 def store(path: Path, embeddings: dict[str, torch.Tensor | None]) -> None:

@@ -195,3 +195,20 @@ def test_x264_on_the_fixed_thread_count_writes_the_same_file_on_one_cpu_and_on_t
         subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True)
         files.append(target.read_bytes())
     assert files[0] == files[1]
+
+
+def test_cached_prompt_embeddings_come_back_in_aligned_memory_like_fresh_ones(tmp_path: Path):
+    """A worker reading the prompt cache must compute on inputs laid out as the worker that encoded them:
+    safetensors' tensors sit at the file buffer's offset (8-byte aligned), torch's allocations at 64."""
+    import torch
+
+    from services import embedding_cache
+
+    fresh = {"prompt_embeds": torch.randn(1, 77, 96), "prompt_attention_mask": torch.ones(1, 77, dtype=torch.int64)}
+    path = tmp_path / "embeddings.safetensors"
+    embedding_cache.store(path, fresh)
+    loaded = embedding_cache.load(path, torch.device("cpu"))
+    assert loaded is not None and loaded["negative_prompt_embeds"] is None
+    for key, tensor in fresh.items():
+        assert torch.equal(loaded[key], tensor) and loaded[key].is_contiguous()
+        assert loaded[key].data_ptr() % 64 == 0 == tensor.data_ptr() % 64, key
