@@ -18,6 +18,8 @@ it) and hands back the JobStopped its caller raises or reports:
   `resume` through `release_orphaned` (its workers stopped), or the daemon's recovery through
   `requeue_orphan` (interrupted); QUEUED, or CANCELLED if a cancel was asked;
 - a person cancelled a job that was not running: `cancel_waiting` (cancelled);
+- a WAITING job can never be built, as the job it extends failed or was cancelled, or its request no
+  longer builds against that job's video: `fail_waiting` (invalid_input); FAILED;
 - every stage and the publish succeeded: `mark_done`; DONE.
 
 What does not end here: a daemon row whose job.json cannot be read is marked failed in sqlite alone
@@ -179,9 +181,9 @@ def requeue_orphan(job: JobDir, reason: str) -> list[int]:
 
 
 def cancel_waiting(job: JobDir) -> bool:
-    """Cancel a job that is not running (queued, or ended and waiting for a resume) at once; False if
-    it is running (or was claimed meanwhile: checked under the job's lock), which only its
-    orchestrator may end (JobDir.request_cancel asks it)."""
+    """Cancel a job that is not running (queued, waiting for the job it extends, or ended and waiting for
+    a resume) at once; False if it is running (or was claimed meanwhile: checked under the job's lock),
+    which only its orchestrator may end (JobDir.request_cancel asks it)."""
     if job.state is JobState.RUNNING:
         return False
     decision = decide_run_end(Failure.CANCELLED, CANCEL_REASON)
@@ -190,6 +192,14 @@ def cancel_waiting(job: JobDir) -> bool:
     except TransitionError:
         return False
     return True
+
+
+def fail_waiting(job: JobDir, reason: str, failure: Failure = Failure.INVALID_INPUT) -> None:
+    """A WAITING job whose input will never come (orchestrator/daemon/waiting_jobs.py says why): FAILED,
+    as invalid input since no run of it could succeed (or INTERNAL: building it broke the daemon's code),
+    with `reason` naming the job it waited for."""
+    decision = decide_run_end(failure, reason)
+    job.transition(decision.job_state or JobState.FAILED, error=decision.reason, failure=failure)
 
 
 def mark_done(job: JobDir, output: Path) -> None:
