@@ -67,12 +67,12 @@ def ltx2_ok(daemon: Supervised, *args: str) -> str:
     return result.stdout
 
 
-def held(daemon: Supervised, entry: str) -> str:
+def held_at(daemon: Supervised, entry: str) -> str:
     """Wait until the daemon holds a job at `entry`; its job id."""
     return wait_for_file(Path(daemon.env["LTX2_FAULT_DIR"]) / f"held-{entry}").read_text()
 
 
-def release(daemon: Supervised, entry: str) -> None:
+def release_hold(daemon: Supervised, entry: str) -> None:
     (Path(daemon.env["LTX2_FAULT_DIR"]) / f"release-{entry}").touch()
 
 
@@ -96,12 +96,12 @@ def test_a_two_segment_chain_on_the_daemon_ends_done_with_the_joined_video(daemo
 
 def test_a_segment_whose_source_is_cancelled_while_it_waits_fails_naming_the_source(daemon: Supervised):
     source = ltx2_ok(daemon, "submit", "--prompt", "a heron", *CHEAP, "--name", "cancelled-source").strip()
-    assert held(daemon, "before-encode_diffuse@cancelled-source") == source
+    assert held_at(daemon, "before-encode_diffuse@cancelled-source") == source
     waiting = ltx2_ok(daemon, "submit", "--prompt", "the heron flies", *CHEAP, "--after", source).strip()
     assert f"waits for: job {source}" in ltx2_ok(daemon, "status", waiting)
     assert f"waiting    64x64x17        (after {source})" in ltx2_ok(daemon, "jobs")
     assert ltx2_ok(daemon, "cancel", source).strip() == f"{source}: cancelling"
-    release(daemon, "before-encode_diffuse@cancelled-source")
+    release_hold(daemon, "before-encode_diffuse@cancelled-source")
     assert daemon.wait_for_state(source, {"done", "failed", "cancelled"})["state"] == "cancelled"
     job = daemon.wait_for_state(waiting, {"queued", "done", "failed", "cancelled"})
     assert (job["state"], job["failure"]) == ("failed", Failure.INVALID_INPUT)
@@ -118,7 +118,7 @@ def test_a_submit_after_an_unknown_job_is_refused_naming_the_nearest(daemon: Sup
 
 def test_a_segment_waiting_while_the_daemon_is_killed_is_built_after_supervisord_restarts_it(daemon: Supervised):
     source = ltx2_ok(daemon, "submit", "--prompt", "a lantern", *CHEAP, "--name", "restart-source").strip()
-    assert held(daemon, "before-encode_diffuse@restart-source") == source
+    assert held_at(daemon, "before-encode_diffuse@restart-source") == source
     waiting = ltx2_ok(daemon, "submit", "--prompt", "the lantern dims", *CHEAP, "--after", source).strip()
     with daemon.client() as client:
         old_pid = client.request(jobs.Ping(""))["pid"]

@@ -9,7 +9,7 @@ WAITING with the request kept in job.json (protocol.job_record.WaitRecord).
 
 `release_ready` then looks at every waiting job of the daemon's queue: once its source is done the request
 is built the normal way (orchestrator.run.jobspec.build_spec, `extend` = the source) and the job becomes
-QUEUED with the source's video copied in (JobDir.release); once its source failed or was cancelled, or is
+QUEUED with the source's video copied in (JobDir.queue_built); once its source failed or was cancelled, or is
 gone, it fails naming it (orchestrator.run.job_end.fail_waiting); otherwise it waits on. The daemon's
 main thread calls it at its start and on every turn of its loop, rather than when a job ends: it looks
 at the states on disk, not at an event, so a source that ended between a submit's check and the waiting
@@ -173,4 +173,4 @@ def build_and_queue(job: JobDir, waits: WaitRecord, settings: Settings) -> None:
         return
     for line in built.notices:
         log.info("job %s: %s", job.id, line)
-    job.release(built)
+    job.queue_built(built)

@@ -1,6 +1,6 @@
 """A job's first record (protocol.job_record.JobRecord) from a built request: what JobDir.create writes,
 and what a WAITING job's record becomes once the job it extends is done and its request is built
-(JobDir.release). One function for both, so a job built late holds exactly what one built at submit does.
+(JobDir.queue_built). One function for both, so a job built late holds exactly what one built at submit does.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def new_record(
     job_id: str, created: str, jobs_dir: Path, inputs: BuiltInputs, state: JobState, owner: OwnerRecord | None
 ) -> JobRecord:
     """A job's first record, every stage pending: what JobDir.create writes, and what a WAITING job
-    becomes once built (JobDir.release)."""
+    becomes once built (JobDir.queue_built)."""
     identity, stage2_lora = inputs.identity, inputs.stage2_lora
     return JobRecord(
         id=job_id,

@@ -240,7 +240,7 @@ class JobDir:
         `audio` orchestrator.run.soundtrack_lookup.resolve_audio's soundtrack (copied under its record's `file`).
 
         With `waits_for` the job is made WAITING, its `spec` provisional and no file copied: it is built
-        (`release`) once the job it waits for is done.
+        (`queue_built`) once the job it waits for is done.
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
@@ -278,7 +278,7 @@ class JobDir:
         if inputs.audio is not None:
             store_image(inputs.audio[0], path / inputs.audio[1].file)
 
-    def release(self, inputs: BuiltInputs) -> None:
+    def queue_built(self, inputs: BuiltInputs) -> None:
         """WAITING -> QUEUED, built: the job it waited for is done and its request was built into `inputs`
         (orchestrator/daemon/waiting_jobs.py). The files are stored first, so a crash before the state
         changes leaves the job WAITING, built again at the daemon's next start (the copies overwritten).
@@ -320,7 +320,7 @@ class JobDir:
         this process as the owner's (keeping the recorded command unless `owner` names one), since the
         process that takes a job runs it.
 
-        `built` is a WAITING job's whole record, its request built (`release`): it replaces the record as
+        `built` is a WAITING job's whole record, its request built (`queue_built`): it replaces the record as
         the job leaves WAITING. A job still waiting for another (`waits_for`) never enters QUEUED or
         RUNNING without it, since its spec is only provisional (TransitionError).
         """
