@@ -37,7 +37,9 @@ CHEAP = ["--width", "64", "--height", "64", "--num-frames", "17", "--steps", "2"
 FRAMES, OVERLAP = 17, 5
 # Sources held before their first stage, by --name: running, nothing rendered yet, until released.
 HOLDS = "before-encode_diffuse@cancelled-source,before-encode_diffuse@restart-source"
-SPEC = JobSpec.from_dict({"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "seed": 1})
+SPEC = JobSpec.from_dict(
+    {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 9, "steps": 8, "seed": 1}
+)
 
 
 @pytest.fixture(scope="module")
