@@ -102,15 +102,25 @@ def test_a_segment_whose_source_is_cancelled_while_it_waits_fails_naming_the_sou
     waiting = ltx2_ok(daemon, "submit", "--prompt", "the heron flies", *CHEAP, "--after", source).strip()
     assert f"waits for: job {source}" in ltx2_ok(daemon, "status", waiting)
     assert f"waiting    64x64x17        (after {source})" in ltx2_ok(daemon, "jobs")
+    behind = ltx2_ok(daemon, "submit", "--prompt", "dusk", *CHEAP, "--after", waiting).strip()  # waits on a waiter
+    dropped = ltx2_ok(daemon, "submit", "--prompt", "night", *CHEAP, "--after", waiting).strip()
+    assert ltx2_ok(daemon, "cancel", dropped).strip() == f"{dropped}: cancelled"  # a waiting job: at once
     assert ltx2_ok(daemon, "cancel", source).strip() == f"{source}: cancelling"
     release_hold(daemon, "before-encode_diffuse@cancelled-source")
     assert daemon.wait_for_state(source, {"done", "failed", "cancelled"})["state"] == "cancelled"
-    job = daemon.wait_for_state(waiting, {"queued", "done", "failed", "cancelled"})
+    job, last = (
+        daemon.wait_for_state(job_id, {"queued", "done", "failed", "cancelled"}) for job_id in (waiting, behind)
+    )
     assert (job["state"], job["failure"]) == ("failed", Failure.INVALID_INPUT)
     assert f"its source job {source} was cancelled" in job["error"]
     assert not (Path(job["job_dir"]) / "video.mp4").exists()
+    assert last["state"] == "failed" and f"its source job {waiting} failed: its source job {source}" in last["error"]
     refused = run_ltx2(["submit", "--prompt", "more", *CHEAP, "--after", source], daemon.env)
     assert refused.returncode == 1 and f"job {source} is cancelled: it has no video to extend" in refused.stderr
+    # A resume makes it wait again (never run unbuilt); its source still cancelled, it fails again at once.
+    assert ltx2_ok(daemon, "resume", waiting).strip() == f"{waiting}: waiting"
+    assert daemon.wait_for_state(waiting, {"queued", "done", "failed", "cancelled"})["state"] == "failed"
+    assert events_of(job).count(EventKind.JOB_WAITING) == 2
 
 
 def test_a_submit_after_an_unknown_job_is_refused_naming_the_nearest(daemon: Supervised):
