@@ -34,7 +34,7 @@ from orchestrator.command_line.terminal import fail, notice
 from orchestrator.placement.lane_links import open_lanes
 from orchestrator.placement.worker_link import UnsafeRuntimeDir, WorkerLink
 from orchestrator.run import reuse
-from orchestrator.run.job_end import JobBusy, JobStopped, take_job
+from orchestrator.run.job_end import JobBusy, JobStopped, JobWaiting, take_job
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec, spec_request
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except UnsafeRuntimeDir as exc:
         return fail(str(exc), ExitCode.OTHER)
-    except JobBusy as exc:
+    except (JobBusy, JobWaiting) as exc:
         return fail(str(exc), ExitCode.OTHER)
 
 
@@ -592,10 +592,7 @@ def resume_here(args: argparse.Namespace, settings: Settings, why: str) -> int:
     if job.live_runner() is not None:
         raise JobBusy(job)
     if job.record.waits_for is not None:
-        source = job.record.waits_for.job
-        return fail(
-            f"job {job.id} was never built: it waits for job {source}, which only the daemon does", ExitCode.OTHER
-        )
+        raise JobWaiting(job, job.record.waits_for.job)
     check_output_dir(settings.output_dir, "output_dir")
     done = [stage.value for stage in STAGE_ORDER if job.has_outputs(stage)]
     kept = f"; its finished stages are kept: {', '.join(done)}" if done else ""

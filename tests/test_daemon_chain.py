@@ -173,3 +173,11 @@ def test_a_waiting_job_fails_or_is_cancelled_through_job_end(tmp_path: Path):
     assert cancel_waiting(cancelled) and cancelled.state is JobState.CANCELLED
     failed.transition(JobState.WAITING)  # a person's resume: it waits again, still unbuilt
     assert JobDir.load(failed.path).record.waits_for is not None
+
+
+def test_resume_without_a_daemon_refuses_a_waiting_job_in_one_line(ltx2_env: dict[str, str]):
+    job = waiting_job(Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs")
+    result = run_ltx2(["resume", job.id], ltx2_env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"job {job.id} is not built yet: it extends job 20990101-000000-abcdef" in result.stderr
+    assert JobDir.load(job.path).state is JobState.WAITING

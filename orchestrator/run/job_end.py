@@ -139,16 +139,30 @@ class JobBusy(Exception):
         super().__init__(f"job {job.id} is running in {who}; wait for it to end, or stop it there first")
 
 
+class JobWaiting(Exception):
+    """The job still waits for the job it extends: its request is not built yet, and only the daemon
+    builds it (orchestrator/daemon/waiting_jobs.py), once that job is done."""
+
+    def __init__(self, job: JobDir, source: str) -> None:
+        super().__init__(
+            f"job {job.id} is not built yet: it extends job {source}, and the daemon builds and queues it once"
+            f" that job is done (start the daemon; `ltx2 resume {job.id}` there makes it wait again)"
+        )
+
+
 def take_job(job: JobDir, owner: str | None = None) -> None:
     """Move a job to RUNNING for this process, about to run it, whatever it was; `owner` (the `ltx2`
     command doing so) becomes its owner (None: the recorded one stays).
 
-    A job running in another live process is refused (JobBusy). A job found RUNNING otherwise was left
-    so by an orchestrator that died: that run ends first, as interrupted (`release_orphaned`). A
-    finished, failed or cancelled one is queued again (a re-run, a decode, a resume).
+    A job running in another live process is refused (JobBusy), and so is one whose request is not built
+    yet (JobWaiting). A job found RUNNING otherwise was left so by an orchestrator that died: that run
+    ends first, as interrupted (`release_orphaned`). A finished, failed or cancelled one is queued again
+    (a re-run, a decode, a resume).
     """
     if job.live_runner() is not None:
         raise JobBusy(job)
+    if job.record.waits_for is not None:
+        raise JobWaiting(job, job.record.waits_for.job)
     if job.state is JobState.RUNNING:
         release_orphaned(job)
     elif job.state is not JobState.QUEUED:
