@@ -334,6 +334,8 @@ class JobDir:
                 self.record = on_disk
             require_transition(JOB_TRANSITIONS, self.state, target)
             if built is not None:
+                if self.state is not JobState.WAITING:  # only a waiting job is built late
+                    raise TransitionError(f"job {self.id} is {self.state.value}: only a waiting job is built")
                 self.record = built
             elif self.record.waits_for is not None and target in (JobState.QUEUED, JobState.RUNNING):
                 raise TransitionError(
