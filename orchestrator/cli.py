@@ -34,7 +34,7 @@ from orchestrator.command_line.terminal import fail, notice
 from orchestrator.placement.lane_links import open_lanes
 from orchestrator.placement.worker_link import UnsafeRuntimeDir, WorkerLink
 from orchestrator.run import reuse
-from orchestrator.run.job_end import JobBusy, JobStopped, take_job
+from orchestrator.run.job_end import JobBusy, JobStopped, JobWaiting, take_job
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec, spec_request
@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit = add_command("submit", help="queue a clip on the daemon; prints its job id")
     add_spec_flags(submit)
     add_reuse_flag(submit, "print its job id")
+    submit.add_argument(
+        "--after",
+        metavar="JOB_ID",
+        help="extend this job's video (as --extend does) even before it is done: the new job waits (state waiting)"
+        " while it is queued, running or waiting, is queued once it is done, and fails if it fails or is cancelled",
+    )
     for name, text in (
         ("status", "a job's state, attempts and progress"),
         ("watch", "follow a job live until it ends"),
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), ExitCode.INVALID_INPUT)
     except UnsafeRuntimeDir as exc:
         return fail(str(exc), ExitCode.OTHER)
-    except JobBusy as exc:
+    except (JobBusy, JobWaiting) as exc:
         return fail(str(exc), ExitCode.OTHER)
 
 
@@ -437,8 +443,10 @@ def retake(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def extend_chain(args: argparse.Namespace, settings: Settings) -> int:
-    """`ltx2 extend [SOURCE] --chain PROMPTS_FILE` (orchestrator.command_line.chain): the segments one after
-    another in this process's embedded orchestrator, on one fork server; prints the last one's MP4."""
+    """`ltx2 extend [SOURCE] --chain PROMPTS_FILE` (orchestrator.command_line.chain): when a daemon answers,
+    one job a segment on its queue, each waiting for the one before (prints the job ids); else the segments
+    one after another in this process's embedded orchestrator, on one fork server (prints the last one's MP4)."""
+    from orchestrator.command_line import client_commands
     from orchestrator.command_line.chain import run_chain_here
 
     for given, why in (
@@ -448,8 +456,11 @@ def extend_chain(args: argparse.Namespace, settings: Settings) -> int:
     ):
         if getattr(args, given):
             raise SpecError(given, f"not with --chain: {why}")
-    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
     base = {key: value for key, value in spec_request(vars(args)).items() if key != EXTEND_FIELD}
+    queued = client_commands.chain_through_daemon(args, settings, base)
+    if queued is not None:
+        return queued
+    check_output_dir(settings.output_dir, "output" if args.output is not None else "output_dir")
     try:
         output = run_chain_here(args.chain.expanduser(), base, args.source, settings, args.quiet)
     except JobStopped as exc:
@@ -580,6 +591,8 @@ def resume_here(args: argparse.Namespace, settings: Settings, why: str) -> int:
         return fail(f"job {job.id} is already done; its video: {job.record.output}; nothing to resume", ExitCode.OTHER)
     if job.live_runner() is not None:
         raise JobBusy(job)
+    if job.record.waits_for is not None:
+        raise JobWaiting(job, job.record.waits_for.job)
     check_output_dir(settings.output_dir, "output_dir")
     done = [stage.value for stage in STAGE_ORDER if job.has_outputs(stage)]
     kept = f"; its finished stages are kept: {', '.join(done)}" if done else ""

@@ -19,7 +19,8 @@ before this module (`deterministic` absent: False, `revision`: "", `loras`: none
 no cache). Adding an optional field needs no new version, since an older reader keeps it (below). A
 change an older reader would misread (a key renamed, a meaning changed) raises SCHEMA_VERSION, and a
 record newer than this code knows is refused, naming the file and both versions, rather than half read
-and rewritten by a job that then runs on what it misread.
+and rewritten by a job that then runs on what it misread. Version 2 is written only where it is needed:
+by a job still waiting for the job it extends (`waits_for`, WAITING_SCHEMA_VERSION).
 
 Unknown keys are kept, not refused: each class holds the keys it does not know in `extra` and writes
 them back unchanged. The orchestrator rewrites job.json on every change, so a key it dropped would be
@@ -47,6 +48,11 @@ from protocol.spec import JobSpec
 #: The version `to_json` writes. 1: the shape job.json has had since the first release (fields added
 #: since then are optional and default to how jobs without them ran).
 SCHEMA_VERSION = 1
+#: The version of a record with `waits_for`, and the newest this code reads. A WAITING job's spec is
+#: provisional (WaitRecord): a reader of version 1 would take it for the job's and could run it as a plain
+#: clip, so such a record must be refused there. Every other record is still written as version 1, so
+#: builds from before waiting jobs keep reading them.
+WAITING_SCHEMA_VERSION = 2
 VERSION_KEY = "schema_version"
 #: `protocol.files.fingerprint_file`: {"size": bytes, "sha256": hex}.
 Fingerprint = dict[str, int | str]
@@ -303,6 +309,26 @@ def read_optional_audio(raw: object, where: str, at: str) -> ResolvedAudio | Non
 
 
 @dataclasses.dataclass(frozen=True)
+class WaitRecord(RecordFields):
+    """What a WAITING job waits for, and the request it is built from once that job is done.
+
+    An extension cannot be built before its source is done: the joined video's frames, size and the
+    digest come from the source's finished video (its header and its SHA-256). So the daemon keeps the
+    request as it was submitted (with the seed it drew, so the job renders what `ltx2 status` showed) and
+    builds it then (orchestrator/daemon/waiting_jobs.py). Until that, the record's `spec` is provisional:
+    the request checked without the video it extends. A built job has no `waits_for`.
+    """
+
+    job: str  #: the id of the job whose video this one extends (the daemon's, queued, running or waiting)
+    request: dict[str, Any]  #: the request as submitted, less `extend` (it is `job`), its seed drawn
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def read_wait(raw: object, where: str, at: str) -> WaitRecord | None:
+    return None if raw is None else WaitRecord.from_json(raw, where, at)
+
+
+@dataclasses.dataclass(frozen=True)
 class PublishRecord(RecordFields):
     """The publish step of orchestrator/run/publishing.py, recorded before the output folder is touched so a
     re-run finishes or undoes a publish cut short instead of copying the clip twice."""
@@ -476,6 +502,8 @@ class JobRecord(RecordFields):
     #: who runs it: set by JobDir.create and by each orchestrator that takes it to run or into its queue;
     #: None: recorded before owners were, a job of the daemon's queue (every daemon adopted them at its start)
     owner: OwnerRecord | None = None
+    #: WAITING: the job it waits for and its unbuilt request; None once built (or never waited)
+    waits_for: WaitRecord | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
     readers: ClassVar[Mapping[str, Reader]] = {
@@ -491,6 +519,7 @@ class JobRecord(RecordFields):
         "audio": read_optional_audio,
         "publish": read_publish,
         "owner": read_owner,
+        "waits_for": read_wait,
     }
 
     @classmethod
@@ -501,17 +530,18 @@ class JobRecord(RecordFields):
             version = raw.get(VERSION_KEY, 1)
             if not is_instance_of(version, int) or version < 1:
                 raise JobRecordError(where, f"{VERSION_KEY} must be a positive integer, got {shown(version)}")
-            if version > SCHEMA_VERSION:
+            if version > WAITING_SCHEMA_VERSION:
                 raise NewerRecordError(
                     where,
-                    f"job record schema version {version} is newer than this ltx2-stages reads"
-                    f" (up to {SCHEMA_VERSION}); open the job with the ltx2-stages that wrote it, or a newer one",
+                    f"job record schema version {version} is newer than this ltx2-stages reads (up to"
+                    f" {WAITING_SCHEMA_VERSION}); open the job with the ltx2-stages that wrote it, or a newer one",
                 )
             raw = {key: value for key, value in raw.items() if key != VERSION_KEY}
         return super().from_json(raw, where, at)
 
     def to_json(self) -> dict[str, Any]:
-        return {**super().to_json(), VERSION_KEY: SCHEMA_VERSION}
+        version = WAITING_SCHEMA_VERSION if self.waits_for is not None else SCHEMA_VERSION
+        return {**super().to_json(), VERSION_KEY: version}
 
     def to_text(self) -> str:
         """job.json's text, as it has always been written: sorted keys, two-space indent, no final newline."""

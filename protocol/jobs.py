@@ -24,12 +24,18 @@ class Submit(Message):
     `job_id`, when given, is the id the new job gets (the HTTP gateway records its key's claim to it
     before sending): a submit naming a job that exists answers with that job and queues nothing, so a
     submit sent again after a lost reply never makes a second job.
+
+    `after`, when given, is the id of a job of the daemon's queue whose video this request extends
+    (`spec` then names no other `extend`). A job that is not done yet (queued, running, or waiting itself)
+    is waited for: the new job is WAITING until it is done, then built and queued, or FAILED if it
+    failed or was cancelled; one that is done is extended at once, as `extend` does.
     """
 
     TYPE = "submit"
     spec: dict[str, Any]
     reuse: bool = False
     job_id: str = ""
+    after: str = ""
 
 
 @register

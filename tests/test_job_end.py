@@ -39,7 +39,11 @@ ORCHESTRATOR = REPO_ROOT / "orchestrator"
 THE_PLACE = ORCHESTRATOR / "run" / "job_end.py"
 # A job enters these states, and only these, outside job_end: RUNNING when an orchestrator claims it,
 # QUEUED when a person resumes it (the daemon's `resume`). Neither ends a run.
-STARTS = {"RUNNING": None, "QUEUED": ORCHESTRATOR / "daemon" / "server.py"}
+STARTS = {
+    "RUNNING": None,
+    "QUEUED": ORCHESTRATOR / "daemon" / "server.py",
+    "WAITING": ORCHESTRATOR / "daemon" / "server.py",
+}
 ENDING_CALLS = {"decide", "decide_run_end", "close_running_attempts"}
 
 

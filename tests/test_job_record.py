@@ -109,13 +109,13 @@ def test_a_first_release_job_json_keeps_its_keys_and_gains_only_what_its_run_set
 
 
 def test_a_record_of_a_newer_schema_version_is_refused_naming_the_file_and_the_version(tmp_path: Path):
-    job_dir = write_job_dir(tmp_path, {**raw(RECORDS / "done-one-stage.json"), "schema_version": 2})
+    job_dir = write_job_dir(tmp_path, {**raw(RECORDS / "done-one-stage.json"), "schema_version": 3})
     with pytest.raises(NewerRecordError) as refused:
         JobDir.load(job_dir)
     message = str(refused.value)
-    assert message.startswith(f"{job_dir / JOB_FILE}: job record schema version 2 is newer than this ltx2-stages")
-    assert "(up to 1)" in message
-    with pytest.raises(InvalidInput, match=r"cannot read .*job\.json: job record schema version 2 is newer"):
+    assert message.startswith(f"{job_dir / JOB_FILE}: job record schema version 3 is newer than this ltx2-stages")
+    assert "(up to 2)" in message  # 2: a job waiting for another (protocol.job_record.WAITING_SCHEMA_VERSION)
+    with pytest.raises(InvalidInput, match=r"cannot read .*job\.json: job record schema version 3 is newer"):
         read_request(job_dir)  # a worker refuses it too, as invalid input
 
 

@@ -14,7 +14,11 @@ whose request is unchanged: the same prompt, flags and source), goes on with an 
 first unfinished stage, and renders the rest; seeds drawn for segments are kept there too. A segment
 that fails stops the chain: the ones after it have nothing to extend.
 
-The daemon has no jobs that wait for other jobs, so a chain runs here, not on the daemon's queue.
+When a daemon answers, the chain goes to its queue instead (`submit_chain`): one job per segment, each
+submitted with `after` naming the segment before, so each waits (JobState.WAITING) until that one is done
+and is then built and queued by the daemon (orchestrator/daemon/waiting_jobs.py); a segment whose source
+failed or was cancelled fails, naming it. The command prints the job ids and returns at once; the last
+job's MP4 is the whole chain (`ltx2 watch LAST_ID`).
 """
 
 from __future__ import annotations
@@ -32,19 +36,23 @@ from config.settings import Settings
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.stop_signals import StopOnSignals
 from orchestrator.command_line.terminal import notice
+from orchestrator.daemon.client import DaemonError
 from orchestrator.placement.worker_link import WorkerLink
 from orchestrator.run.job_end import take_job
 from orchestrator.run.job_hooks import JobHooks
-from orchestrator.run.jobdir import JobDir
+from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir
 from orchestrator.run.jobspec import RANDOM_SEED_LIMIT, BuiltSpec, build_spec
 from orchestrator.run.stage_major import run_job_stage_major
 from orchestrator.run.states import JobState
+from protocol import jobs
 from protocol.extension import EXTEND_FIELD, OVERLAP_FIELD
 from protocol.files import JOB_FILE, publish, temp_path_for
 from protocol.spec_rules import SpecError
 
 #: Runs one segment's job to its published MP4 (raising JobStopped when it ends without one).
 RunJob = Callable[[JobDir], Path]
+#: Sends one request to the daemon and returns its reply's data (DaemonClient.request).
+Ask = Callable[[jobs.Submit], dict[str, Any]]
 # The flag a chain's errors name.
 CHAIN_FIELD = "chain"
 # Room for a two-digit segment number after a --name.
@@ -165,6 +173,34 @@ def segment_job(entry: dict[str, Any], built: BuiltSpec, digest: str, settings: 
         identity=built.identity,
         owner="extend",
     )
+
+
+def submit_chain(
+    prompts_file: Path, base: dict[str, Any], source: str | None, ask: Ask, report: Callable[[str], None]
+) -> list[str]:
+    """Queue every segment on the daemon, each after the one before; returns the job ids in order.
+
+    Segment 1 extends SOURCE: a job id is waited for like any segment (the daemon extends it at once when
+    it is done), a file is extended as `ltx2 submit --extend` does. Seeds are the daemon's to draw, and a
+    segment refused (its request is wrong) stops the submission there, the segments before it queued.
+    """
+    prompts = read_prompts(prompts_file)
+    ids: list[str] = []
+    after = source if source is not None and JOB_ID_PATTERN.fullmatch(source) else None
+    for number, prompt in enumerate(prompts, start=1):
+        extends = after or (source if number == 1 else None)
+        request = segment_request(base, prompt, number, extends)
+        try:
+            data = ask(jobs.Submit("", request, after=after or ""))
+        except DaemonError as exc:  # the segments before it stay queued: say which one was refused
+            raise DaemonError(f"segment {number} ({prompt[:40]!r}): {exc}", exc.code, exc.field) from None
+        for line in data["notices"]:
+            report(f"segment {number}: {line}")
+        waits = f", after job {data['waits_for']}" if data.get("waits_for") else ""
+        report(f"segment {number}/{len(prompts)}: job {data['id']}{waits} ({prompt[:60]})")
+        ids.append(data["id"])
+        after = data["id"]
+    return ids
 
 
 def run_chain_here(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from config.settings import Settings
-from orchestrator.command_line.client_paths import with_absolute_paths
+from orchestrator.command_line.client_paths import absolute, with_absolute_paths
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.terminal import fail, notice
 from orchestrator.daemon.client import DaemonClient, DaemonError
@@ -103,6 +103,29 @@ def resume_through_daemon(args: argparse.Namespace, settings: Settings) -> int |
     return 0
 
 
+def chain_through_daemon(args: argparse.Namespace, settings: Settings, base: dict[str, Any]) -> int | None:
+    """`ltx2 extend --chain` on the daemon's queue, one job a segment, each after the one before
+    (orchestrator.command_line.chain.submit_chain): its exit status, having printed the job ids, or None
+    when no daemon answers (the chain then runs in this process). A ping decides first, so a daemon that
+    stops answering half-way is an error, not a second chain run here."""
+    from orchestrator.command_line.chain import submit_chain
+
+    source = absolute(args.source, Path.cwd(), only_if_here=True) if args.source is not None else None
+    answered = False
+    try:
+        with DaemonClient(address_from_settings(settings.daemon), settings.daemon.request_timeout_s) as client:
+            client.request(jobs.Ping(""))
+            answered = True
+            if args.output_dir is not None:
+                notice("--output-dir is for a chain without a daemon; the daemon publishes into its own output folder")
+            request = with_absolute_paths(base, Path.cwd())
+            ids = submit_chain(args.chain.expanduser(), request, source, client.request, notice)
+    except (DaemonError, TransportError) as exc:
+        return None if not answered and no_daemon_answers(exc) else report_error(exc)
+    sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
+    return 0
+
+
 def run_daemon(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT (supervisord stops it with SIGTERM); exit non-zero if another
     daemon holds the state dir, or if the executor thread died (supervisord then restarts it)."""
@@ -157,9 +180,10 @@ def make_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def submit(client: Answerer, args: argparse.Namespace) -> int:
-    """Queue the request; its files' relative paths are sent absolute, as the daemon runs elsewhere."""
+    """Queue the request (with --after, waiting for that job); its files' relative paths are sent absolute,
+    as the daemon runs elsewhere."""
     request = with_absolute_paths(spec_request(vars(args)), Path.cwd())
-    data = client.request(jobs.Submit("", request, reuse=args.reuse))
+    data = client.request(jobs.Submit("", request, reuse=args.reuse, after=args.after or ""))
     for line in data["notices"]:
         sys.stderr.write(f"ltx2: {line}\n")
     sys.stdout.write(f"{data['id']}\n")
@@ -187,6 +211,8 @@ def status(client: Answerer, args: argparse.Namespace) -> int:
         f"  prompt: {job.get('prompt', '')}",
         f"  model: {job.get('model', '')}  size: {job.get('size', '')}  seed: {job.get('seed', '')}",
     ]
+    if job.get("waits_for"):
+        lines.append(waiting_line(job))
     if job.get("request_digest"):
         lines.append(f"  request digest: {job['request_digest']}{reproducible_note(job.get('reproducible'))}")
     for attempt in job["attempts"]:
@@ -204,6 +230,14 @@ def status(client: Answerer, args: argparse.Namespace) -> int:
         lines.append(f"  output: {job['output']}")
     sys.stdout.write("\n".join([*lines, *runner_lines(job)]) + "\n")
     return 0
+
+
+def waiting_line(job: dict[str, Any]) -> str:
+    """What a job made to extend another waits for, or waited for when it never got further."""
+    source = job["waits_for"]
+    if job["state"] == JobState.WAITING:
+        return f"  waits for: job {source}; it is built and queued once that job is done"
+    return f"  waited for: job {source} (ltx2 resume {job['id']} waits for it again)"
 
 
 def runner_lines(job: dict[str, Any]) -> list[str]:
@@ -258,6 +292,8 @@ def list_jobs(client: Answerer, args: argparse.Namespace) -> int:
     for job in listed:
         prompt = job.get("prompt", "")
         prompt = prompt if len(prompt) <= 50 else prompt[:47] + "..."
+        if job.get("waits_for") and job["state"] == JobState.WAITING:
+            prompt = f"(after {job['waits_for']}) {prompt}"
         sys.stdout.write(f"{job['id']}  {job['state']:<9}  {job.get('size', ''):<14}  {prompt}\n")
     return 0
 

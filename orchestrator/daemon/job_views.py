@@ -110,6 +110,7 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
         result["request_digest"] = record.request_digest
         result["failure"] = record.failure  # protocol.errors.Failure's value: the one vocabulary
         result["owner"] = job.owner_command
+        result["waits_for"] = record.waits_for.job if record.waits_for else None  # WAITING: the job it extends
         if detailed:
             result["reproducible"] = reproducibility_if_judged(job)
             result["runner"] = runner_summary(job)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import zmq
 
 from config.settings import Settings
-from orchestrator.daemon import job_views
+from orchestrator.daemon import job_views, waiting_jobs
 from orchestrator.daemon.executor import Executor, ProgressBoard, recover_interrupted
 from orchestrator.daemon.front_process import ClientFront
 from orchestrator.daemon.job_views import MAX_LIST, Listed, UnknownJob
@@ -57,6 +58,10 @@ log = logging.getLogger("ltx2.daemon")
 # Poll timeout of the main loop: how fast a stop request is noticed.
 POLL_MS = 500
 STORE_FILE = "jobs.sqlite"
+# How often the main loop looks at the waiting jobs' sources (orchestrator.daemon.waiting_jobs): a chain's
+# next segment is queued within this of its source's end, and a loop busy answering requests reads the
+# waiting jobs' records no more often than this.
+RELEASE_CHECK_S = 0.5
 
 
 class ExecutorDied(RuntimeError):
@@ -94,6 +99,7 @@ class Daemon:
         store = open_store(self.store_path, self.settings.jobs_dir)
         for job_id in recover_interrupted(store, self.settings.jobs_dir):
             log.warning("job %s was interrupted; re-queued to resume", job_id)
+        waiting_jobs.release_ready(self.settings, store)  # sources that ended while the daemon was down
         context = zmq.Context()
         endpoint = core_endpoint(os.getpid())
         socket = bind_core(context, endpoint)
@@ -113,6 +119,7 @@ class Daemon:
             log.info("lanes: %s", ", ".join(lane.device or "one lane, every device" for lane in lanes))
             log.info("listening on %s (pid %d, client front %d)", self.address.endpoint, os.getpid(), front.pid)
             self.ready.set()
+            release_at = 0.0
             while not self.stop.is_set():
                 if not all(executor.is_alive() for executor in self.executors) and not self.stop.is_set():
                     log.error("executor thread died; exiting so that supervisord restarts the daemon")
@@ -120,6 +127,9 @@ class Daemon:
                 front.keep_running()
                 if socket.poll(POLL_MS):
                     self.serve_one(socket, front.token, store)
+                if time.monotonic() >= release_at:
+                    waiting_jobs.release_ready(self.settings, store)
+                    release_at = time.monotonic() + RELEASE_CHECK_S
         finally:
             self.stop.set()
             for executor in self.executors:
@@ -179,8 +189,14 @@ class Daemon:
                 return jobs.Error("", ErrorCode.INVALID_SPEC, message, "job_id")
             if (self.settings.jobs_dir / request.job_id / JOB_FILE).is_file():
                 return self.submitted_before(request.job_id, store)
+        spec = dict(request.spec)
         try:
-            built = build_spec(dict(request.spec), self.settings)
+            if request.after:
+                spec = waiting_jobs.with_source(spec, request.after)
+                source = waiting_jobs.pending_source(request.after, self.settings)
+                if source is not None:
+                    return self.submit_waiting(spec, source, request.job_id, store)
+            built = build_spec(spec, self.settings)
         except SpecError as exc:
             return jobs.Error("", ErrorCode.INVALID_SPEC, str(exc), exc.field)
         except ModelNotFound as exc:
@@ -219,6 +235,14 @@ class Daemon:
         return jobs.Ok(
             job.id, {"id": job.id, "seed": built.spec.seed, "model": built.model.name, "notices": list(built.notices)}
         )
+
+    def submit_waiting(self, spec: dict[str, Any], source: JobDir, job_id: str, store: JobStore) -> codec.Message:
+        """A job that waits for `source`, which it extends, to be done (orchestrator.daemon.waiting_jobs)."""
+        job, built = waiting_jobs.create_waiting(spec, source, self.settings, job_id or None)
+        store.mirror(job)
+        log.info("job %s: waiting for job %s (%s)", job.id, source.id, built.spec.prompt[:60])
+        data = {"id": job.id, "seed": built.spec.seed, "model": built.model.name, "waits_for": source.id}
+        return jobs.Ok(job.id, {**data, "notices": list(built.notices)})
 
     def submitted_before(self, job_id: str, store: JobStore) -> codec.Message:
         """The answer to a submit whose job exists (a resend after a lost reply): that job, nothing queued."""
@@ -280,6 +304,8 @@ class Daemon:
             raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is running in {describe_owner(runner)}")
         if job.state is JobState.QUEUED and job.in_daemon_queue:
             raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id} is already queued")
+        if (waits := job.record.waits_for) is not None:
+            return self.wait_again(job, waits.job)
         try:
             if job.state is JobState.RUNNING:  # its orchestrator died: stop what it left, then queue it here
                 release_orphaned(job, owner=DAEMON_OWNER)
@@ -289,6 +315,18 @@ class Daemon:
             raise ProtocolError(ErrorCode.CONFLICT, f"job {request.id}: {exc}") from None
         log.info("job %s: queued again on request", job.id)
         return jobs.Ok(request.id, {"state": JobState.QUEUED.value})
+
+    def wait_again(self, job: JobDir, source: str) -> codec.Message:
+        """Resume a job that never got past waiting (its source failed or it was cancelled while it waited):
+        it waits for its source again, and is built once that is done (resume the source too)."""
+        if job.state is JobState.WAITING:
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {job.id} is already waiting for job {source}")
+        try:
+            job.transition(JobState.WAITING, owner=DAEMON_OWNER)
+        except TransitionError as exc:  # moved by another process since it was read
+            raise ProtocolError(ErrorCode.CONFLICT, f"job {job.id}: {exc}") from None
+        log.info("job %s: waiting again for job %s, on request", job.id, source)
+        return jobs.Ok(job.id, {"state": JobState.WAITING.value, "waits_for": source})
 
     def logs(self, request: jobs.Logs, store: JobStore) -> codec.Message:
         row, _ = self.find(request.id, store)

@@ -199,6 +199,15 @@ class JobStore:
         )
         return [dict(row) for row in rows]
 
+    def waiting(self) -> list[dict[str, Any]]:
+        """The jobs waiting for another (JobState.WAITING), in submission order: a chain's segments in order."""
+        rows = self._run(
+            lambda db: db.execute(
+                "SELECT * FROM jobs WHERE state = ? ORDER BY seq", (JobState.WAITING.value,)
+            ).fetchall()
+        )
+        return [dict(row) for row in rows]
+
     def mark_unreadable(self, job_id: str, error: str) -> None:
         """Fail a row whose job.json cannot be read: there is no job.json state to change, so
         the store records why the job can never run."""

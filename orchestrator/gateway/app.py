@@ -73,8 +73,10 @@ RESUBMIT_PAUSE_S = 0.5
 # How long past http.create_timeout_s a claimed video the daemon does not know still shows as queued.
 CLAIM_GRACE_S = 60.0
 IDEMPOTENCY_KEY_CHARS = 255
-# OpenAI's states, from the daemon's; a cancelled job is a failed video with code "cancelled".
+# OpenAI's states, from the daemon's; a cancelled job is a failed video with code "cancelled", and a job
+# waiting for the one it extends is queued (OpenAI's API has no other state before in_progress).
 STATUS = {
+    JobState.WAITING: "queued",
     JobState.QUEUED: "queued",
     JobState.RUNNING: "in_progress",
     JobState.DONE: "completed",
@@ -621,7 +623,7 @@ def progress_percent(job: dict[str, Any]) -> int:
     state = job["state"]
     if state == JobState.DONE:
         return 100
-    if state == JobState.QUEUED:
+    if state in (JobState.WAITING, JobState.QUEUED):
         return 0
     finished = {a["stage"] for a in job.get("attempts", []) if a.get("result") == "ok"}
     share = sum(STAGE_WEIGHTS.get(stage, 0.0) for stage in finished)

@@ -18,6 +18,8 @@ it) and hands back the JobStopped its caller raises or reports:
   `resume` through `release_orphaned` (its workers stopped), or the daemon's recovery through
   `requeue_orphan` (interrupted); QUEUED, or CANCELLED if a cancel was asked;
 - a person cancelled a job that was not running: `cancel_waiting` (cancelled);
+- a WAITING job can never be built, as the job it extends failed or was cancelled, or its request no
+  longer builds against that job's video: `fail_waiting` (invalid_input); FAILED;
 - every stage and the publish succeeded: `mark_done`; DONE.
 
 What does not end here: a daemon row whose job.json cannot be read is marked failed in sqlite alone
@@ -137,16 +139,30 @@ class JobBusy(Exception):
         super().__init__(f"job {job.id} is running in {who}; wait for it to end, or stop it there first")
 
 
+class JobWaiting(Exception):
+    """The job still waits for the job it extends: its request is not built yet, and only the daemon
+    builds it (orchestrator/daemon/waiting_jobs.py), once that job is done."""
+
+    def __init__(self, job: JobDir, source: str) -> None:
+        super().__init__(
+            f"job {job.id} is not built yet: it extends job {source}, and the daemon builds and queues it once"
+            f" that job is done (start the daemon; `ltx2 resume {job.id}` there makes it wait again)"
+        )
+
+
 def take_job(job: JobDir, owner: str | None = None) -> None:
     """Move a job to RUNNING for this process, about to run it, whatever it was; `owner` (the `ltx2`
     command doing so) becomes its owner (None: the recorded one stays).
 
-    A job running in another live process is refused (JobBusy). A job found RUNNING otherwise was left
-    so by an orchestrator that died: that run ends first, as interrupted (`release_orphaned`). A
-    finished, failed or cancelled one is queued again (a re-run, a decode, a resume).
+    A job running in another live process is refused (JobBusy), and so is one whose request is not built
+    yet (JobWaiting). A job found RUNNING otherwise was left so by an orchestrator that died: that run
+    ends first, as interrupted (`release_orphaned`). A finished, failed or cancelled one is queued again
+    (a re-run, a decode, a resume).
     """
     if job.live_runner() is not None:
         raise JobBusy(job)
+    if job.record.waits_for is not None:
+        raise JobWaiting(job, job.record.waits_for.job)
     if job.state is JobState.RUNNING:
         release_orphaned(job)
     elif job.state is not JobState.QUEUED:
@@ -179,9 +195,9 @@ def requeue_orphan(job: JobDir, reason: str) -> list[int]:
 
 
 def cancel_waiting(job: JobDir) -> bool:
-    """Cancel a job that is not running (queued, or ended and waiting for a resume) at once; False if
-    it is running (or was claimed meanwhile: checked under the job's lock), which only its
-    orchestrator may end (JobDir.request_cancel asks it)."""
+    """Cancel a job that is not running (queued, waiting for the job it extends, or ended and waiting for
+    a resume) at once; False if it is running (or was claimed meanwhile: checked under the job's lock),
+    which only its orchestrator may end (JobDir.request_cancel asks it)."""
     if job.state is JobState.RUNNING:
         return False
     decision = decide_run_end(Failure.CANCELLED, CANCEL_REASON)
@@ -190,6 +206,14 @@ def cancel_waiting(job: JobDir) -> bool:
     except TransitionError:
         return False
     return True
+
+
+def fail_waiting(job: JobDir, reason: str, failure: Failure = Failure.INVALID_INPUT) -> None:
+    """A WAITING job whose input will never come (orchestrator/daemon/waiting_jobs.py says why): FAILED,
+    as invalid input since no run of it could succeed (or INTERNAL: building it broke the daemon's code),
+    with `reason` naming the job it waited for."""
+    decision = decide_run_end(failure, reason)
+    job.transition(decision.job_state or JobState.FAILED, error=decision.reason, failure=failure)
 
 
 def mark_done(job: JobDir, output: Path) -> None:

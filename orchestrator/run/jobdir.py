@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.placement.processes import start_time
+from orchestrator.run.first_record import BuiltInputs, JobInputs, new_record
 from orchestrator.run.inputs import store_image, store_video
 from orchestrator.run.model_lookup import ResolvedModel
 from orchestrator.run.request_digest import RequestIdentity
@@ -48,6 +49,7 @@ from orchestrator.run.states import (
     EventKind,
     JobState,
     StageState,
+    TransitionError,
     attempt_result,
     require_transition,
 )
@@ -72,10 +74,10 @@ from protocol.job_record import (
     ResolvedAudio,
     ResolvedCondition,
     ResolvedExtension,
-    ResolvedLora,
     ResolvedReference,
     ResolvedRetake,
     StageRecord,
+    WaitRecord,
     load_record,
 )
 from protocol.spec import JobSpec
@@ -220,6 +222,7 @@ class JobDir:
         reference: tuple[Path, ResolvedReference] | None = None,
         retake: tuple[Path, ResolvedRetake] | None = None,
         audio: tuple[Path, ResolvedAudio] | None = None,
+        waits_for: WaitRecord | None = None,
     ) -> JobDir:
         """Make the directory, copy the conditioning image and the keyframes in, write the first job.json.
 
@@ -231,61 +234,58 @@ class JobDir:
         `loras` and `stage2_lora` are orchestrator.run.lora_lookup.resolve_lora's results, recorded as
         protocol.job_record.ResolvedLora; `conditions` orchestrator.run.condition_lookup.resolve_conditions's
         (each file copied under its record's `file`, the image's by `image` already); `extension`
-        orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`).
-        (each file copied under its record's `file`, the image's by `image` already); `reference`
-        orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise); `retake`
-        orchestrator.run.retake_lookup's source latents and their record (linked under its `file`).
+        orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`);
+        `reference` orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise);
+        `retake` orchestrator.run.retake_lookup's source latents and their record (linked under its `file`).
         `audio` orchestrator.run.soundtrack_lookup.resolve_audio's soundtrack (copied under its record's `file`).
+
+        With `waits_for` the job is made WAITING, its `spec` provisional and no file copied: it is built
+        (`queue_built`) once the job it waits for is done.
         """
         job_id = job_id or new_job_id()
         path = jobs_dir / job_id
         (path / "logs").mkdir(parents=True, exist_ok=False)
-        record = JobRecord(
-            id=job_id,
-            created=utc_now(),
-            spec=spec,
-            spec_digest=spec.digest(),
-            request_digest=identity.digest if identity else None,
-            digest_inputs=identity.inputs if identity else None,
-            deterministic=identity.deterministic if identity else True,
-            model_path=str(model.path),
-            revision=model.revision,
-            family=model.family,
-            loras=[ResolvedLora.from_json(lora, at=f"loras[{index}]") for index, lora in enumerate(loras)],
-            stage2_lora=ResolvedLora.from_json(stage2_lora, at="stage2_lora") if stage2_lora is not None else None,
-            conditions=[record for _, record in conditions] or None,
-            extension=extension[1] if extension is not None else None,
-            reference=reference[1] if reference is not None else None,
-            retake=retake[1] if retake is not None else None,
-            audio=audio[1] if audio is not None else None,
-            # Prompt embeddings and code compiled by --compile are cached beside the jobs, shared by later ones.
-            embeddings_dir=str(jobs_dir.parent / "embeddings"),
-            compile_cache_dir=str(jobs_dir.parent / "compile-cache"),
-            status=JobState.QUEUED.value,
-            stages={stage: StageRecord(status=StageState.PENDING.value) for stage in Stage},
-            owner=owner_here(owner),
+        inputs = JobInputs(
+            spec, model, loras, image, stage2_lora, identity, conditions, extension, reference, retake, audio
         )
+        state = JobState.QUEUED if waits_for is None else JobState.WAITING
+        record = new_record(job_id, utc_now(), jobs_dir, inputs, state, owner_here(owner))
+        record.waits_for = waits_for
         job = cls(path, record)
         try:
-            if image is not None:
-                store_image(image, path / INPUT_IMAGE_FILE)
-            for source, record in conditions:
-                if record.file != INPUT_IMAGE_FILE:
-                    store_image(source, path / record.file)
-            if extension is not None:
-                store_video(extension[0], path / extension[1].file)
-            if reference is not None:
-                store_image(reference[0], path / reference[1].file)
-            if retake is not None:
-                store_video(retake[0], path / retake[1].file)
-            if audio is not None:
-                store_image(audio[0], path / audio[1].file)
+            job.store_inputs(inputs)
             job.save()
-            job.log_event(EventKind.JOB_QUEUED)
+            job.log_event(EventKind.for_job(state), **({"waits_for": waits_for.job} if waits_for else {}))
         except OSError:  # a full state dir: no directory without a job.json is left behind
             shutil.rmtree(path, ignore_errors=True)
             raise
         return job
+
+    def store_inputs(self, inputs: BuiltInputs) -> None:
+        """Copy the request's files into the job directory, each under the name its record gives."""
+        path = self.path
+        if inputs.image is not None:
+            store_image(inputs.image, path / INPUT_IMAGE_FILE)
+        for source, condition in inputs.conditions:
+            if condition.file != INPUT_IMAGE_FILE:
+                store_image(source, path / condition.file)
+        if inputs.extension is not None:
+            store_video(inputs.extension[0], path / inputs.extension[1].file)
+        if inputs.reference is not None:
+            store_image(inputs.reference[0], path / inputs.reference[1].file)
+        if inputs.retake is not None:
+            store_video(inputs.retake[0], path / inputs.retake[1].file)
+        if inputs.audio is not None:
+            store_image(inputs.audio[0], path / inputs.audio[1].file)
+
+    def queue_built(self, inputs: BuiltInputs) -> None:
+        """WAITING -> QUEUED, built: the job it waited for is done and its request was built into `inputs`
+        (orchestrator/daemon/waiting_jobs.py). The files are stored first, so a crash before the state
+        changes leaves the job WAITING, built again at the daemon's next start (the copies overwritten).
+        Its id, creation time and owner stay; `waits_for` goes, as the record is whole now."""
+        self.store_inputs(inputs)
+        built = new_record(self.id, self.record.created, self.path.parent, inputs, JobState.WAITING, self.record.owner)
+        self.transition(JobState.QUEUED, built=built)
 
     @classmethod
     def load(cls, path: Path, mirror: Mirror | None = None) -> JobDir:
@@ -307,6 +307,7 @@ class JobDir:
         output: str | None = None,
         failure: Failure | None = None,
         owner: str | None = None,
+        built: JobRecord | None = None,
     ) -> None:
         """Move the job to `target`: checked against JOB_TRANSITIONS and the state on disk, saved
         atomically, logged, mirrored. The only code that changes a job's state; a run's end comes here
@@ -318,6 +319,10 @@ class JobDir:
         queueing a job a command left, a command taking a job to run it. Entering RUNNING always records
         this process as the owner's (keeping the recorded command unless `owner` names one), since the
         process that takes a job runs it.
+
+        `built` is a WAITING job's whole record, its request built (`queue_built`): it replaces the record as
+        the job leaves WAITING. A job still waiting for another (`waits_for`) never enters QUEUED or
+        RUNNING without it, since its spec is only provisional (TransitionError).
         """
         given = (("error", error), ("output", output), ("failure", failure and failure.value), ("owner", owner))
         details = {name: value for name, value in given if value is not None}
@@ -328,8 +333,16 @@ class JobDir:
                 # record is the truth (nothing else of a job that is not running changes).
                 self.record = on_disk
             require_transition(JOB_TRANSITIONS, self.state, target)
+            if built is not None:
+                if self.state is not JobState.WAITING:  # only a waiting job is built late
+                    raise TransitionError(f"job {self.id} is {self.state.value}: only a waiting job is built")
+                self.record = built
+            elif self.record.waits_for is not None and target in (JobState.QUEUED, JobState.RUNNING):
+                raise TransitionError(
+                    f"job {self.id} is not built yet: it waits for job {self.record.waits_for.job} to be done"
+                )
             self.record.status = target.value
-            if target in (JobState.QUEUED, JobState.RUNNING):
+            if target in (JobState.WAITING, JobState.QUEUED, JobState.RUNNING):
                 self.record.error = ""
                 self.record.failure = None
                 self.record.finishing = None  # a new run has its own point of no cancel

@@ -18,6 +18,7 @@ from protocol.errors import Failure
 
 
 class JobState(enum.StrEnum):
+    WAITING = "waiting"  #: made to extend a job not done yet (`submit --after`, `extend --chain`); queued once it is
     QUEUED = "queued"  #: `submit`/`generate` made it; a stop or crash put it back; a person resumed or handed it over
     RUNNING = "running"  #: an orchestrator (daemon executor, `generate`, `batch`, `decode`, `resume`) took it to run
     DONE = "done"  #: every stage succeeded and the MP4 with its PNGs and JSON was published
@@ -63,6 +64,7 @@ def attempt_result(failure: Failure | None) -> AttemptResult:
 class EventKind(enum.StrEnum):
     """The `event` field of each line of a job's events.log."""
 
+    JOB_WAITING = "job_waiting"  #: the job entered WAITING (`waits_for` names the job it waits for)
     JOB_QUEUED = "job_queued"  #: the job entered QUEUED
     JOB_RUNNING = "job_running"  #: the job entered RUNNING
     JOB_DONE = "job_done"  #: the job entered DONE
@@ -102,6 +104,9 @@ class StageEventKind(enum.StrEnum):
 TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
+    # WAITING -> QUEUED: the job it waits for is done and its request was built (orchestrator/daemon/
+    # waiting_jobs.py); -> FAILED: that job failed or was cancelled, or the request no longer builds.
+    JobState.WAITING: frozenset({JobState.QUEUED, JobState.FAILED, JobState.CANCELLED}),
     # QUEUED -> QUEUED: another owner takes the waiting job over (the daemon queueing a job that an
     # interrupted `ltx2 generate` left, when asked to resume it).
     JobState.QUEUED: frozenset({JobState.QUEUED, JobState.RUNNING, JobState.CANCELLED}),
@@ -109,8 +114,10 @@ JOB_TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     # DONE -> QUEUED: `ltx2 decode --input <job dir>` decodes a finished job again.
     JobState.DONE: frozenset({JobState.QUEUED}),
-    JobState.FAILED: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    # FAILED/CANCELLED -> WAITING: a person resumed a job that never got past waiting (its request is
+    # still unbuilt); it waits again for the job it extends.
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.WAITING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.WAITING}),
 }
 
 STAGE_TRANSITIONS: Mapping[StageState, frozenset[StageState]] = {
