@@ -22,14 +22,13 @@ from typing import Any
 
 from config.settings import Settings
 from orchestrator.run.inputs import require_file, require_pixels
-from orchestrator.run.jobdir import JOB_ID_PATTERN, unknown_job_message
+from orchestrator.run.jobdir import JOB_ID_PATTERN, finished_job_record
 from orchestrator.run.request_digest import FileHashes
-from orchestrator.run.states import JobState
 from orchestrator.run.video_header import VideoHeader, VideoHeaderError, read_video_header
 from protocol.conditions import describe_entry
 from protocol.extension import EXTEND_FIELD, default_overlap, require_overlap
-from protocol.files import EXTEND_SOURCE_FILE, JOB_FILE, JOINED_FILE, VIDEO_FILE
-from protocol.job_record import JobRecord, ResolvedCondition, ResolvedExtension, load_record
+from protocol.files import EXTEND_SOURCE_FILE, JOINED_FILE, VIDEO_FILE
+from protocol.job_record import JobRecord, ResolvedCondition, ResolvedExtension
 from protocol.spec import JobSpec
 from protocol.spec_rules import SIZE_MULTIPLE, SpecError
 
@@ -62,18 +61,7 @@ def find_source(source: object, settings: Settings) -> ExtensionSource:
 def job_source(job_id: str, jobs_dir: Path) -> ExtensionSource:
     """A finished job's video: the joined one of an extension, else its video.mp4."""
     folder = jobs_dir / job_id
-    if not (folder / JOB_FILE).is_file():
-        raise SpecError(EXTEND_FIELD, unknown_job_message(jobs_dir, job_id))
-    try:
-        record = load_record(folder / JOB_FILE)
-    except (OSError, ValueError) as exc:
-        raise SpecError(EXTEND_FIELD, f"job {job_id}'s {JOB_FILE} cannot be read ({exc})") from None
-    if record.status != JobState.DONE:
-        raise SpecError(
-            EXTEND_FIELD,
-            f"job {job_id} is {record.status}, not done: only a finished job's video can be extended"
-            f" (ltx2 watch {job_id} follows it; ltx2 resume {job_id} goes on with a stopped one)",
-        )
+    record = finished_job_record(jobs_dir, job_id, EXTEND_FIELD, "only a finished job's video can be extended")
     video = folder / (JOINED_FILE if record.extension is not None else VIDEO_FILE)
     if not video.is_file():
         raise SpecError(EXTEND_FIELD, f"job {job_id} is done but its video {video} is gone")

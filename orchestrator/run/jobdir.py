@@ -81,6 +81,7 @@ from protocol.job_record import (
     load_record,
 )
 from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 
 #: Told of every job state change after job.json is saved (the daemon's sqlite mirror).
 Mirror = Callable[["JobDir"], None]
@@ -134,6 +135,26 @@ def unknown_job_message(jobs_dir: Path, job_id: str) -> str:
     nearest = difflib.get_close_matches(job_id, job_ids(jobs_dir), n=NEAREST_IDS, cutoff=0.6)
     hint = f"; nearest: {', '.join(nearest)}" if nearest else ""
     return f"no job {job_id[:SHOWN_ID_CHARS]!r} in {jobs_dir}{hint} (`ltx2 jobs` lists them)"
+
+
+def finished_job_record(jobs_dir: Path, job_id: str, field: str, refused: str) -> JobRecord:
+    """The record of finished job `job_id`, for a request whose `field` names it as its source (extend,
+    retake); SpecError naming `field` when there is no such job, its job.json is unreadable, or it is not
+    done (`refused` says what only a finished job allows, e.g. "only a finished job can be retaken")."""
+    folder = jobs_dir / job_id
+    if not (folder / JOB_FILE).is_file():
+        raise SpecError(field, unknown_job_message(jobs_dir, job_id))
+    try:
+        record = load_record(folder / JOB_FILE)
+    except (OSError, ValueError) as exc:
+        raise SpecError(field, f"job {job_id}'s {JOB_FILE} cannot be read ({exc})") from None
+    if record.status != JobState.DONE:
+        raise SpecError(
+            field,
+            f"job {job_id} is {record.status}, not done: {refused}"
+            f" (ltx2 watch {job_id} follows it; ltx2 resume {job_id} goes on with a stopped one)",
+        )
+    return record
 
 
 def utc_now() -> str:

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings
-from orchestrator.run.jobdir import JOB_ID_PATTERN, unknown_job_message
+from orchestrator.run.jobdir import JOB_ID_PATTERN, finished_job_record
 from orchestrator.run.request_digest import FileHashes
-from orchestrator.run.states import JobState
-from protocol.files import JOB_FILE, LATENTS_FILE, RETAKE_SOURCE_FILE
-from protocol.job_record import JobRecord, ResolvedRetake, load_record
+from protocol.files import LATENTS_FILE, RETAKE_SOURCE_FILE
+from protocol.job_record import JobRecord, ResolvedRetake
 from protocol.retake import RETAKE_FIELD, latent_span, require_range
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
@@ -50,18 +49,7 @@ def find_retake_source(source: object, settings: Settings) -> RetakeSource:
             " supported yet: it would first have to be encoded with the VAE)",
         )
     folder = settings.jobs_dir / source
-    if not (folder / JOB_FILE).is_file():
-        raise SpecError(RETAKE_FIELD, unknown_job_message(settings.jobs_dir, source))
-    try:
-        record = load_record(folder / JOB_FILE)
-    except (OSError, ValueError) as exc:
-        raise SpecError(RETAKE_FIELD, f"job {source}'s {JOB_FILE} cannot be read ({exc})") from None
-    if record.status != JobState.DONE:
-        raise SpecError(
-            RETAKE_FIELD,
-            f"job {source} is {record.status}, not done: only a finished job can be retaken"
-            f" (ltx2 watch {source} follows it; ltx2 resume {source} goes on with a stopped one)",
-        )
+    record = finished_job_record(settings.jobs_dir, source, RETAKE_FIELD, "only a finished job can be retaken")
     if record.extension is not None:
         raise SpecError(
             RETAKE_FIELD,
