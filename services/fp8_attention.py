@@ -42,6 +42,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
+from services.attention_output import gated_output
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # The kernel needs head dimensions of multiples of 16 (LTX-2's are 128 for video and 64 for audio).
@@ -293,11 +295,7 @@ class Fp8SelfAttnProcessor:
             hidden_states = self.attend(query, key, heads_value, attention_mask).flatten(2, 3).to(query.dtype)
             if perturbation_mask is not None:
                 hidden_states = torch.lerp(value, hidden_states, perturbation_mask)
-        if gate_logits is not None:
-            gates = 2.0 * torch.sigmoid(gate_logits)  # as diffusers: zero logits give gates of 1
-            hidden_states = (hidden_states.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+        return gated_output(attn, hidden_states, gate_logits)
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None

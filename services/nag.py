@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+from services.attention_output import gated_output
 from services.nag_key_values import (
     NegativeKeyValue,
     attention_bias,
@@ -158,11 +159,7 @@ class NagAttnProcessor:
         positive = self.attend(query, key, value, attention_bias(attn, attention_mask, batch_size))
         negative = self.attend(query, negative_key, negative_value, negative_bias)
         hidden_states = nag_blend(positive, negative, self.settings)
-        if gate_logits is not None:
-            gates = 2.0 * torch.sigmoid(gate_logits)  # as diffusers: zero logits give gates of 1
-            hidden_states = (hidden_states.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
-        hidden_states = attn.to_out[0](hidden_states)
-        return attn.to_out[1](hidden_states)
+        return gated_output(attn, hidden_states, gate_logits)
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None
