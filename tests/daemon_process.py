@@ -5,15 +5,18 @@ Also small /proc readers the guard tests use to find the fork server and stray w
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from conftest import REPO_ROOT
-from supervised import wait_for_job_state
+from conftest import REPO_ROOT, ltx2_environment
+from supervised import Supervised, wait_for_job_state
 
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress, TransportError
@@ -159,3 +162,26 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+@contextlib.contextmanager
+def supervised_with_holds(hf_home: Path, root: Path, name: str, holds: str) -> Iterator[Supervised]:
+    """A supervised daemon of its own (state under `root`, runtime dir /tmp/ltx2-test-<pid>-<name>) whose
+    orchestrator holds where LTX2_FAULT_HOLD's `holds` say; on the way out every process still writing into
+    its state is killed with its group, and the runtime dir is removed."""
+    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-{name}")
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (root / "faults").mkdir()
+    env = {
+        **ltx2_environment(hf_home, root),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "LTX2_FAULT_DIR": str(root / "faults"),
+        "LTX2_FAULT_HOLD": holds,
+    }
+    try:
+        with Supervised(root, env) as supervised:
+            yield supervised
+    finally:
+        for pid in running_writers_into(root / "state"):
+            kill_group(pid)
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import run_ltx2, submit_tiny
-from daemon_process import kill_group, running_writers_into
+from daemon_process import running_writers_into, supervised_with_holds
 from supervised import Supervised, wait_for_file
 
 from protocol.files import JOB_FILE
@@ -32,25 +31,8 @@ HOLDS = "before-video_decode@between,publish@before,publishing@after"
 
 @pytest.fixture(scope="module")
 def daemon(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
-    from conftest import ltx2_environment
-
-    root = tmp_path_factory.mktemp("cancel")
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-cancel")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    (root / "faults").mkdir()
-    env = {
-        **ltx2_environment(hf_home, root),
-        "XDG_RUNTIME_DIR": str(runtime),
-        "LTX2_FAULT_DIR": str(root / "faults"),
-        "LTX2_FAULT_HOLD": HOLDS,
-    }
-    try:
-        with Supervised(root, env) as supervised:
-            yield supervised
-    finally:
-        for pid in running_writers_into(root / "state"):
-            kill_group(pid)
-        shutil.rmtree(runtime, ignore_errors=True)
+    with supervised_with_holds(hf_home, tmp_path_factory.mktemp("cancel"), "cancel", HOLDS) as supervised:
+        yield supervised
 
 
 def held(daemon: Supervised, entry: str) -> str:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ltx2_environment, probe_mp4, run_ltx2
-from daemon_process import kill_group, running_writers_into
+from conftest import probe_mp4, run_ltx2
+from daemon_process import supervised_with_holds
 from supervised import Supervised, wait_for_file
 
 from orchestrator.gateway.app import STATUS
@@ -44,23 +43,8 @@ SPEC = JobSpec.from_dict(
 
 @pytest.fixture(scope="module")
 def daemon(hf_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Supervised]:
-    root = tmp_path_factory.mktemp("chain")
-    runtime = Path(f"/tmp/ltx2-test-{os.getpid()}-chain")
-    runtime.mkdir(mode=0o700, exist_ok=True)
-    (root / "faults").mkdir()
-    env = {
-        **ltx2_environment(hf_home, root),
-        "XDG_RUNTIME_DIR": str(runtime),
-        "LTX2_FAULT_DIR": str(root / "faults"),
-        "LTX2_FAULT_HOLD": HOLDS,
-    }
-    try:
-        with Supervised(root, env) as supervised:
-            yield supervised
-    finally:
-        for pid in running_writers_into(root / "state"):
-            kill_group(pid)
-        shutil.rmtree(runtime, ignore_errors=True)
+    with supervised_with_holds(hf_home, tmp_path_factory.mktemp("chain"), "chain", HOLDS) as supervised:
+        yield supervised
 
 
 def ltx2_ok(daemon: Supervised, *args: str) -> str:
