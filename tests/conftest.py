@@ -131,6 +131,24 @@ def fork_server() -> Iterator[ForkServer]:
     server.close()
 
 
+def render_in_process(job: Any, settings: Any, fork_server: ForkServer) -> None:
+    """Run `job` (a JobDir) to its MP4 in this process, as `ltx2 generate` would, its workers forked
+    from the session's `fork_server`."""
+    import zmq
+
+    from orchestrator.placement.worker_link import WorkerLink
+    from orchestrator.run.job_hooks import JobHooks
+    from orchestrator.run.stage_major import run_job_stage_major
+
+    context = zmq.Context()
+    link = WorkerLink(context, shared_fork_server=fork_server)
+    try:
+        run_job_stage_major(job, settings, link, JobHooks())
+    finally:
+        link.close()
+        context.term()
+
+
 # The fixture holding each family's tiny model.
 FAMILY_MODEL_FIXTURES = {"2.0": "tiny_model_dir", "2.3": "tiny_23_model_dir", "2.5": "tiny_25_model_dir"}
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from conftest import ltx2_environment, probe_mp4, run_ltx2
+from conftest import ltx2_environment, probe_mp4, render_in_process, run_ltx2
 
 from config.settings import Settings, load_settings
 from orchestrator.placement.fork_client import ForkServer
@@ -55,13 +55,7 @@ def render(request: dict[str, object], settings: Settings, fork_server: ForkServ
         settings.jobs_dir, built.spec, built.model, conditions=built.conditions, extension=built.extension,
         identity=built.identity, owner="generate",
     )  # fmt: skip
-    context = zmq.Context()
-    link = WorkerLink(context, shared_fork_server=fork_server)
-    try:
-        run_job_stage_major(job, settings, link, JobHooks())
-    finally:
-        link.close()
-        context.term()
+    render_in_process(job, settings, fork_server)
     return JobDir.load(job.path)
 
 

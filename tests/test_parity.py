@@ -13,20 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zmq
-from conftest import FAMILY_MODEL_FIXTURES, probe_mp4
+from conftest import FAMILY_MODEL_FIXTURES, probe_mp4, render_in_process
 from diffusers import FlowMatchEulerDiscreteScheduler, LTX2Pipeline
 from diffusers.pipelines.ltx2.utils import DISTILLED_SIGMA_VALUES
 
 from config.settings import load_settings
 from orchestrator.placement.fork_client import ForkServer
-from orchestrator.placement.worker_link import WorkerLink
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.lora_lookup import resolve_lora
 from orchestrator.run.model_lookup import resolve_model
-from orchestrator.run.pipeline import JobHooks
 from orchestrator.run.policy import initial_plan
-from orchestrator.run.stage_major import run_job_stage_major
 from protocol.files import AUDIO_FILE, LATENTS_FILE, Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
@@ -76,13 +72,7 @@ def run_staged(
         resolved = resolve_lora({**fields["stage2_lora"], "scale": 1.0}, settings.input_roots, "stage2_lora")
     spec = JobSpec.from_dict(fields)
     job = JobDir.create(settings.jobs_dir, spec, resolve_model(str(model_dir)), stage2_lora=resolved)
-    context = zmq.Context()
-    link = WorkerLink(context, shared_fork_server=fork_server)
-    try:
-        run_job_stage_major(job, settings, link, JobHooks())
-    finally:
-        link.close()
-        context.term()
+    render_in_process(job, settings, fork_server)
     return job
 
 

@@ -14,16 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import zmq
-from conftest import ltx2_environment, probe_mp4, run_ltx2
+from conftest import ltx2_environment, probe_mp4, render_in_process, run_ltx2
 
 from config.settings import Settings, load_settings
 from orchestrator.placement.fork_client import ForkServer
-from orchestrator.placement.worker_link import WorkerLink
-from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec
-from orchestrator.run.stage_major import run_job_stage_major
 from protocol.files import LATENTS_FILE
 from protocol.retake import RETAKE_AUDIO_NOTE, audio_latent_span, latent_span
 from protocol.spec_rules import SpecError
@@ -53,13 +49,7 @@ def source(root: Path, tiny_model_dir: Path, fork_server: ForkServer) -> JobDir:
     settings = settings_for(root)
     built = build_spec({"prompt": "a red ball bounces", "model": str(tiny_model_dir), "seed": 3, **CHEAP}, settings)
     job = JobDir.create(settings.jobs_dir, built.spec, built.model, identity=built.identity, owner="generate")
-    context = zmq.Context()
-    link = WorkerLink(context, shared_fork_server=fork_server)
-    try:
-        run_job_stage_major(job, settings, link, JobHooks())
-    finally:
-        link.close()
-        context.term()
+    render_in_process(job, settings, fork_server)
     return JobDir.load(job.path)
 
 
