@@ -118,10 +118,11 @@ def write_batch(
     fp8_matmul: bool = False,
     pipeline: str | None = None,
     fp8_attention: bool = False,
+    clip_keys: list[list[str]] | None = None,
 ) -> Path:
     """A batch TOML of `clips` clips (prompt i, seed i) at `size`; `pipeline` ("one-stage" /
     "two-stage") is written only when given (else the family's preset decides), `fp8_attention` only
-    when on."""
+    when on; `clip_keys[i]`: more TOML lines for clip i (keyframes, an extension's source)."""
     width, height, frames = size
     lines = [
         "[defaults]",
@@ -136,7 +137,7 @@ def write_batch(
     ]
     for index in range(clips):
         lines += ["[[clips]]", f'name = "clip{index + 1}"', f"prompt = {json.dumps(PROMPTS[index % len(PROMPTS)])}"]
-        lines += [f"seed = {index + 1}", ""]
+        lines += [f"seed = {index + 1}", *(clip_keys[index] if clip_keys else []), ""]
     path.write_text("\n".join(lines))
     return path
 
@@ -242,6 +243,57 @@ for waves, overlapped in (("batch_fp8mm_waves", "batch_fp8mm_overlap"), ("hd_two
     RUN_ENV[waves] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "off"}
     RUN_ENV[overlapped] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "on"}
     SAME_AS[overlapped] = waves
+# Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
+# (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
+# three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
+# hd_two_stage_fp8mm extended by --hd's frame count (121: the joined MP4 has 121 + 121 - 25 frames, the default
+# overlap). Warm seconds per clip and the diffusion stage's peak (it VAE-encodes the conditions):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_fp8mm,hd_two_stage_keyframes,hd_two_stage_extend
+HD_RUNS.update({"hd_two_stage_keyframes": ("two-stage", None, True), "hd_two_stage_extend": ("two-stage", None, True)})
+# Files a job reads must lie inside paths.input_roots (~ and /tmp by default), so not in the work folder.
+DIRECTING_INPUTS = Path("/tmp/ltx2-bench-inputs")
+
+
+def keyframe_keys(size: tuple[int, int, int], clips: int) -> list[list[str]]:
+    """Three keyframe PNGs at `size` (smooth colour fields, different per keyframe) and each clip's
+    `conditions` line holding them at frame 0, the middle latent start and the last (-1)."""
+    import numpy as np
+    from PIL import Image
+
+    width, height, frames = size
+    DIRECTING_INPUTS.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    paths = []
+    for index in range(3):
+        phase = 2.0 * index
+        rgb = [np.sin(x / (97 + 13 * c) + y / (71 + 7 * c) + phase + c) for c in range(3)]
+        image = ((np.stack(rgb, axis=-1) + 1.0) * 127.5).astype(np.uint8)
+        path = DIRECTING_INPUTS / f"keyframe{index}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    middle = (frames - 1) // 2 // 8 * 8 + 1  # a latent frame's start (LTX-2's temporal compression: 8)
+    line = f'conditions = ["{paths[0]}@0", "{paths[1]}@{middle}", "{paths[2]}@-1"]'
+    return [[line] for _ in range(clips)]
+
+
+def extension_keys(work: Path, clips: int) -> list[list[str]]:
+    """Each clip's `extend` line: the MP4 of the same clip of hd_two_stage_fp8mm (this call's or an earlier
+    call's on the machine, from the work folder's results.json), copied under DIRECTING_INPUTS."""
+    results = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
+    jobs = results.get("runs", {}).get("hd_two_stage_fp8mm", {}).get("jobs", {})
+    DIRECTING_INPUTS.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for index in range(clips):
+        output = jobs.get(f"clip{index + 1}", {}).get("output")
+        if not output:
+            raise SystemExit("hd_two_stage_extend needs hd_two_stage_fp8mm's clips: run it first in the sequence")
+        source = DIRECTING_INPUTS / f"source{index + 1}.mp4"
+        shutil.copyfile(output, source)
+        keys.append([f'extend = "{source}"'])
+    return keys
+
+
 # Version 10 (planned; numbers go to docs/benchmarks.md only after the run). Estimate for one H200, from
 # version 9's LTX-2.0 figures (the 2.3 transformer has 18.99 B parameters against 2.0's 18.88 B, plus
 # gated attention; 2.3's connectors grow to 3.17 B but run once per clip): build ~100-120 s (~70 GB);
@@ -524,9 +576,15 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
     if name in HD_RUNS:
         pipeline, clips, fast = HD_RUNS[name]
         size = parse_size(args.hd)
+        count = clips or args.clips
+        keys = {
+            "hd_two_stage_keyframes": lambda: keyframe_keys(size, count),
+            "hd_two_stage_extend": lambda: extension_keys(work, count),
+        }
         batch = write_batch(
-            work / f"{name}.toml", str(root), size, clips or args.clips, fast, fast, pipeline, name in HD_FP8_ATTENTION
-        )
+            work / f"{name}.toml", str(root), size, count, fast, fast, pipeline, name in HD_FP8_ATTENTION,
+            keys[name]() if name in keys else None,
+        )  # fmt: skip
         return [*cli, "batch", str(batch), "--quiet"], size
     if name.startswith("batch"):
         size = parse_size(args.small)

@@ -231,7 +231,8 @@ class ResolvedExtension(RecordFields):
     where it came from."""
 
     source: str  #: what the request named: a job id, or a path inside the input roots
-    source_job: str | None  #: the job whose video it is (None: a file)
+    #: the job whose video it is (None: a file; written as null, as the field has no default to read back)
+    source_job: str | None = dataclasses.field(metadata=WRITTEN_AS_NULL)
     file: str  #: its copy inside the job directory (protocol.files.EXTEND_SOURCE_FILE)
     sha256: str  #: the SHA-256 of its bytes, as the request digest holds it
     frames: int  #: the source's frame count, from its header
