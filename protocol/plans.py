@@ -51,3 +51,19 @@ def piece_ranges(latent_frames: int, chunk: int | None, overlap: int) -> list[tu
         if end == latent_frames:
             return ranges
         start = end - overlap
+
+
+def parallel_piece_ranges(latent_frames: int, plan: DecodePlan, ranks: int) -> list[tuple[int, int]]:
+    """The temporal pieces a decode over `ranks` processes runs (issue 30): the plan's own when they are
+    at least `ranks`, else the clip cut into `ranks` pieces overlapping by the plan's overlap, the shortest
+    piece length that gives that many (so `--vae-chunk-frames` of that length in one process decodes the
+    same pieces: the parallel decode is that decode, spread). A clip too short to cut keeps the plan's
+    pieces; the ranks without a piece wait."""
+    ranges = piece_ranges(latent_frames, plan.chunk_latent_frames, plan.overlap_latent_frames)
+    if len(ranges) >= ranks:
+        return ranges
+    overlap = plan.overlap_latent_frames
+    chunk = -(-(latent_frames + (ranks - 1) * overlap) // ranks)  # ceil: `ranks` pieces cover the clip
+    if chunk <= overlap or chunk >= latent_frames:
+        return ranges
+    return piece_ranges(latent_frames, chunk, overlap)

@@ -113,6 +113,29 @@ def enable_on_cpu(transformer: Any, config: ContextParallelConfig, plan: dict[st
     apply_context_parallel(transformer, config, plan)
 
 
+def send_to_first(frames: torch.Tensor) -> None:
+    """Send a float tensor to rank 0: its shape first (4 int64s, the receiver cannot know a piece's frame
+    count before it is decoded), then its values (a parallel decode's pieces: services/video_decode.py)."""
+    shape = torch.tensor(frames.shape, dtype=torch.int64, device=frames.device)
+    dist.send(shape, dst=0)
+    dist.send(frames.contiguous(), dst=0)
+
+
+def receive_from(rank: int, device: torch.device) -> torch.Tensor:
+    """The float tensor `rank` sends with send_to_first, on `device`."""
+    shape = torch.empty(4, dtype=torch.int64, device=device)
+    dist.recv(shape, src=rank)
+    frames = torch.empty(tuple(int(n) for n in shape.tolist()), dtype=torch.float32, device=device)
+    dist.recv(frames, src=rank)
+    return frames
+
+
+def piece_exchange_done() -> None:
+    """Each rank of a parallel decode, after its last piece of a clip was sent or received: no rank leaves
+    (or starts the next clip of its group) while a send of this one may still be on its way."""
+    dist.barrier()
+
+
 def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """The largest absolute difference of two latents (how far a sharded run is from an unsharded one)."""
     return float((a.float() - b.float()).abs().max())

@@ -38,8 +38,8 @@ from protocol.files import (
     Stage,
 )
 from protocol.job_record import ResolvedExtension
-from protocol.plans import DecodePlan, piece_ranges
-from services import model_loading
+from protocol.plans import DecodePlan, parallel_piece_ranges, piece_ranges
+from services import context_parallel, model_loading
 from services.background_encode import BackgroundEncoder
 from services.color import rgb_to_yuv420
 from services.joined_video import open_joined
@@ -66,33 +66,72 @@ def configure_vae(vae: Any, plan: DecodePlan) -> None:
         )
 
 
-def decode_frames(vae: Any, latents: torch.Tensor, plan: DecodePlan) -> Iterator[torch.Tensor]:
+def decode_frames(
+    vae: Any, latents: torch.Tensor, plan: DecodePlan, ranks: int = 1, rank: int = 0
+) -> Iterator[torch.Tensor]:
     """Yield decoded frames `[n, 3, H, W]` in [0, 1] on the VAE's device, in order.
 
     `latents` are denormalized `[1, C, F, h, w]` (as LTX2Pipeline returns with output_type="latent").
     With temporal pieces, neighbours overlap by `plan.overlap_latent_frames` latent frames and
     the shared pixel frames are cross-faded linearly; a piece starting at latent frame `a` covers
     pixel frames `ratio*a` onwards, because the decoder turns its first latent into one frame.
+
+    Over `ranks` processes (a context-parallel decode, issue 30), piece i is decoded by rank i mod
+    `ranks` and sent to rank 0, which cross-fades and yields as one process would; the other ranks
+    yield nothing (run them to the end: that is their work).
     """
-    ratio = vae.temporal_compression_ratio
+    ranges = parallel_piece_ranges(latents.shape[2], plan, ranks) if ranks > 1 else None
+    ranges = ranges or piece_ranges(latents.shape[2], plan.chunk_latent_frames, plan.overlap_latent_frames)
+    pieces = decoded_pieces(vae, latents, ranges, ranks, rank)
+    if rank == 0:
+        yield from crossfaded(pieces, ranges, vae.temporal_compression_ratio)
+    else:
+        for _ in pieces:
+            pass
+
+
+def decode_piece(vae: Any, latents: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Latent frames [start, end) through the VAE: `[n, 3, H, W]` float frames in [0, 1]."""
     timestep = None
     if vae.config.timestep_conditioning:
         # The pipeline's default decode_timestep is 0: no decode noise, but the VAE wants the value.
         timestep = torch.zeros(latents.shape[0], device=latents.device, dtype=latents.dtype)
-    ranges = piece_ranges(latents.shape[2], plan.chunk_latent_frames, plan.overlap_latent_frames)
-    pending: torch.Tensor | None = None
+    with torch.no_grad():
+        video = vae.decode(latents[:, :, start:end].to(vae.dtype), timestep, return_dict=False)[0]
+    # Same order as diffusers' postprocess: denormalize in the VAE's dtype, then widen.
+    return (video[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1).float()
+
+
+def decoded_pieces(
+    vae: Any, latents: torch.Tensor, ranges: list[tuple[int, int]], ranks: int, rank: int
+) -> Iterator[torch.Tensor]:
+    """Each piece's frames in order on rank 0 (its own decoded here, the others received from their
+    ranks); a rank past 0 decodes its pieces and sends them, yielding nothing."""
     for index, (start, end) in enumerate(ranges):
-        with torch.no_grad():
-            video = vae.decode(latents[:, :, start:end].to(vae.dtype), timestep, return_dict=False)[0]
-        # Same order as diffusers' postprocess: denormalize in the VAE's dtype, then widen.
-        frames = (video[0].permute(1, 0, 2, 3) * 0.5 + 0.5).clamp(0, 1).float()
+        owner = index % ranks
+        if owner == rank:
+            frames = decode_piece(vae, latents, start, end)
+            if rank == 0:
+                yield frames
+            else:
+                context_parallel.send_to_first(frames)
+        elif rank == 0:
+            yield context_parallel.receive_from(owner, latents.device)
+
+
+def crossfaded(pieces: Iterator[torch.Tensor], ranges: list[tuple[int, int]], ratio: int) -> Iterator[torch.Tensor]:
+    """The pieces' frames as one clip: frames two pieces share are cross-faded linearly from the
+    earlier piece into the later; each yield is final."""
+    pending: torch.Tensor | None = None
+    for index, piece in enumerate(pieces):
+        frames = piece
         if pending is not None:
             shared = pending.shape[0]
             weight = torch.arange(1, shared + 1, device=frames.device, dtype=frames.dtype) / (shared + 1)
             weight = weight.view(-1, 1, 1, 1)
             frames[:shared] = pending * (1 - weight) + frames[:shared] * weight
         if index + 1 < len(ranges):
-            shared_next = ratio * (end - 1 - ranges[index + 1][0]) + 1
+            shared_next = ratio * (ranges[index][1] - 1 - ranges[index + 1][0]) + 1
             pending = frames[-shared_next:]
             frames = frames[:-shared_next]
         yield frames
@@ -118,13 +157,16 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     returned future is (the MP4 and both PNGs published).
     """
     device = model_loading.resolve_device()
+    # A decode over N processes (issue 30): every rank joins its group before the VAE is loaded (on a GPU
+    # its device is picked there), decodes its share of the pieces, and rank 0 alone writes the files.
+    context_parallel.join_for_plan(ctx.plan, device)
+    ranks, rank = context_parallel.plan_ranks(ctx.plan), context_parallel.group_rank()
     dtype = model_loading.resolve_dtype(ctx.spec.dtype, device)
     plan = DecodePlan.from_dict(ctx.plan["decode"])
     tensors, _ = read_latents(ctx.job_dir / LATENTS_FILE, ctx.spec.latents_digest())
     latents = tensors["video"]
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
-    waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
     if "video_vae" not in ctx.shared:
         ctx.progress("load video VAE")
         ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
@@ -133,6 +175,16 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     expected = ctx.spec.num_frames
     if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
+    # Read on every rank, though rank 0 alone muxes it: a clip one rank refuses, every rank refuses, so a
+    # group's ranks never disagree on which clip they are exchanging pieces of.
+    waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
+    if rank > 0:  # its pieces, sent to rank 0; nothing of its own to write
+        for _ in decode_frames(vae, latents.to(device), plan, ranks, rank):
+            pass
+        context_parallel.piece_exchange_done()
+        done: Future[list[str]] = Future()
+        done.set_result([])
+        return done
     encoder = ctx.shared.setdefault("encoder", BackgroundEncoder())
     stills: dict[str, np.ndarray] = {}
     box = ctx.spec.crop_box
@@ -140,10 +192,11 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
     threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
     feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
-    ctx.progress(f"decode video ({plan.label})", 0, expected)
+    label = plan.label + (f", over {ranks} processes" if ranks > 1 else "")
+    ctx.progress(f"decode video ({label})", 0, expected)
     try:
         decoded = 0
-        for decoded_frames in decode_frames(vae, latents.to(device), plan):
+        for decoded_frames in decode_frames(vae, latents.to(device), plan, ranks):
             frames = crop_frames(decoded_frames, box)
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
                 feed.put(rgb_to_yuv420(frames[start : start + FRAMES_PER_WRITE]).cpu().numpy())
@@ -151,13 +204,15 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
             if FIRST_FRAME_FILE not in stills:
                 stills[FIRST_FRAME_FILE] = to_uint8(frames[:1])[0]
             stills[LAST_FRAME_FILE] = to_uint8(frames[-1:])[0]
-            ctx.progress(f"decode video ({plan.label})", decoded, expected)
+            ctx.progress(f"decode video ({label})", decoded, expected)
         # Here rather than on the encode thread, which is the busier of the two.
         for name, rgb in stills.items():
             write_png(ctx.job_dir / name, rgb, clip.tags)
     except BaseException:
         feed.abort()
         raise
+    if ranks > 1:
+        context_parallel.piece_exchange_done()
     ctx.progress("encode H.264")
     return feed.close()
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import context_parallel_decode as decode_script
 import pytest
 import torch
 from conftest import (
@@ -25,6 +26,7 @@ from conftest import (
     StartedRender,
     job_dir_of,
     ltx2_environment,
+    probe_mp4,
     run_ltx2,
     run_ltx2_two_at_a_time,
 )
@@ -37,15 +39,20 @@ from orchestrator.run.policy import initial_plan, lower_plan
 from protocol.errors import InvalidInput
 from protocol.files import LATENTS_FILE, Stage
 from protocol.model_ids import TINY_REPO_IDS
+from protocol.plans import DecodePlan, parallel_piece_ranges, piece_ranges
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
 from protocol.stages import CP_ADDRESS_ENV, CP_RANK_ENV, CP_SIZE_ENV
 from services.context_parallel import max_difference, require_shardable
 from services.latents import read_latents
+from services.video_decode import decode_frames
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RENDER = REPO_ROOT / "tests" / "context_parallel_render.py"
+DECODE = REPO_ROOT / "tests" / "context_parallel_decode.py"
 TOLERANCE = 1e-4
+# A parallel decode against one process's decode of the same pieces: half of one 8-bit level (issue 30).
+HALF_A_LEVEL = 0.5 / 255
 # A render of two steps takes seconds; a group whose peer died waits in a collective far longer.
 TIMEOUT_S = 300
 
@@ -59,10 +66,16 @@ def free_port() -> int:
 
 def render(model_dir: Path, out: Path, size: int, *extra: str) -> dict[str, torch.Tensor]:
     """The latents `size` processes render together (1: a plain single-process run)."""
+    run_ranks(RENDER, model_dir, out, size, *extra)
+    return load_file(str(out))
+
+
+def run_ranks(script: Path, model_dir: Path, out: Path, size: int, *extra: str) -> None:
+    """`size` processes of `script` in one gloo group; each must exit 0 (rank 0 writes `out`)."""
     base = {**os.environ, CP_ADDRESS_ENV: f"127.0.0.1:{free_port()}", CP_SIZE_ENV: str(size)}
     ranks = [
         subprocess.Popen(
-            [sys.executable, str(RENDER), str(model_dir), str(out), *extra],
+            [sys.executable, str(script), str(model_dir), str(out), *extra],
             env={**base, CP_RANK_ENV: str(rank)},
             cwd=REPO_ROOT,
             stdout=subprocess.PIPE,
@@ -82,7 +95,6 @@ def render(model_dir: Path, out: Path, size: int, *extra: str) -> dict[str, torc
         outputs.append(output)
     for rank, (process, output) in enumerate(zip(ranks, outputs, strict=True)):
         assert process.returncode == 0, f"rank {rank} of {size} exited {process.returncode}:\n{output[-4000:]}"
-    return load_file(str(out))
 
 
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_23_model_dir"])
@@ -116,6 +128,13 @@ def test_generate_with_two_processes_gives_the_plain_render(
     logs = job / "logs"
     assert "shard the tokens over 2 processes" in (logs / "encode_diffuse-1.log").read_text()
     assert (logs / "encode_diffuse-1.rank1.log").is_file()
+    # The video decode ran over the two processes as well (one attempt; this 9-frame clip is one piece, so
+    # rank 1 only joins) and its MP4 holds every frame, with the audio.
+    (decode_attempt,) = record["stages"]["video_decode"]["attempts"]
+    assert decode_attempt["plan"]["context_parallel"] == 2 and len(decode_attempt["rank_pids"]) == 2
+    assert (logs / "video_decode-1.rank1.log").is_file()
+    video = probe_mp4(Path(record["output"]))
+    assert video["frames"] == 9 and video["audio_codec"], video
 
 
 def test_a_rank_that_dies_stops_its_gang_with_its_exit_status() -> None:
@@ -143,7 +162,41 @@ def test_the_request_takes_powers_of_two_and_the_plan_carries_them_down_every_ru
     assert plan["context_parallel"] == 2
     assert lower_plan(Stage.ENCODE_DIFFUSE, plan, spec, settings)["context_parallel"] == 2
     assert "context_parallel" not in initial_plan(Stage.ENCODE_DIFFUSE, JobSpec.from_dict(SPEC), settings)
-    assert "context_parallel" not in initial_plan(Stage.VIDEO_DECODE, spec, settings)
+    # The video decode runs over the same N processes, on every rung of its ladder too; the audio decode alone.
+    decode = initial_plan(Stage.VIDEO_DECODE, spec, settings)
+    assert decode["context_parallel"] == 2
+    assert lower_plan(Stage.VIDEO_DECODE, decode, spec, settings)["context_parallel"] == 2
+    assert "context_parallel" not in initial_plan(Stage.VIDEO_DECODE, JobSpec.from_dict(SPEC), settings)
+    assert "context_parallel" not in initial_plan(Stage.AUDIO_DECODE, spec, settings)
+
+
+def test_parallel_piece_ranges_cut_a_clip_into_one_piece_per_rank_unless_the_plan_has_more() -> None:
+    single = DecodePlan(False, None, 2, 512, 128)
+    assert parallel_piece_ranges(16, single, 2) == piece_ranges(16, 9, 2) == [(0, 9), (7, 16)]  # 1080p x 121
+    assert parallel_piece_ranges(16, single, 4) == [(0, 6), (4, 10), (8, 14), (12, 16)]
+    three = DecodePlan(True, 3, 2, 512, 128)
+    assert parallel_piece_ranges(5, three, 2) == piece_ranges(5, 3, 2)  # the plan's own pieces, dealt round robin
+    assert parallel_piece_ranges(3, single, 2) == [(0, 3)]  # too short to cut with an overlap of 2: one rank decodes
+
+
+def test_a_parallel_decode_gives_one_process_decode_of_the_same_pieces(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two gloo ranks each decode a share of the temporal pieces, rank 0 cross-fades them: the frames of one
+    process decoding the same pieces (issue 30: within half a level; equal here), exact frame count."""
+    from diffusers import AutoencoderKLLTX2Video
+
+    run_ranks(DECODE, tiny_model_dir, tmp_path / "parallel.safetensors", 2)
+    parallel = load_file(str(tmp_path / "parallel.safetensors"))
+    vae = AutoencoderKLLTX2Video.from_pretrained(tiny_model_dir / "vae", torch_dtype=torch.float32).eval()
+    clip = decode_script.latents(vae.config.latent_channels)
+    # What the parallel decode cut the single pass into (two pieces of 4 latent frames), as one process's plan.
+    same_pieces = {
+        "single_pass": DecodePlan(False, 4, 2, 512, 128),
+        "three_pieces": decode_script.PLANS["three_pieces"],
+    }
+    for name, plan in same_pieces.items():
+        alone = torch.cat(list(decode_frames(vae, clip, plan)))
+        assert parallel[name].shape == alone.shape == (17, 3, *alone.shape[2:]), name
+        assert max_difference(parallel[name], alone) <= HALF_A_LEVEL, name
 
 
 def test_the_setting_is_the_default_and_refuses_other_counts() -> None:

@@ -62,6 +62,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
             spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
         )
         decode = {"decode": plan.to_dict(), "x264_preset": settings.decode.x264_preset}
+        if spec.context_parallel > 1:  # the pieces over the lane's N devices too (protocol.plans.parallel_piece_ranges)
+            decode["context_parallel"] = spec.context_parallel
         return {**decode, "x264_threads": X264_THREADS} if deterministic else decode
     if stage is Stage.AUDIO_DECODE:
         return dict(AUDIO_LADDER[0])
