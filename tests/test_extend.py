@@ -169,6 +169,30 @@ def test_the_new_clip_holds_its_first_audio_latents_at_the_source_audio_under_th
     assert all(float((audio[:, :, index] - audio[:, :, held - 1]).abs().max()) > 1e-3 for index in range(held, 18))
 
 
+def test_the_overlap_audio_is_the_track_under_the_sources_last_frames_and_none_without_a_track(tmp_path: Path):
+    """A 1 kHz burst at 0.25 to 0.275 s of a 24-frame clip lands 0.25 - 4/24 s into the audio under frames 4 to
+    8 (AAC's priming is trimmed by the decoder: samples count from the track's start); a clip without audio
+    holds nothing."""
+    from services.media import Mp4Writer
+    from services.overlap_audio import read_overlap_track
+
+    rate, gray = 16000, np.full((24, 96, 64), 128, np.uint8)
+    burst = np.zeros((2, rate), np.float32)
+    burst[:, 4000:4400] = 0.8 * np.sin(2 * np.pi * 1000 * np.arange(400) / rate)
+    for name, audio in (("burst.mp4", burst), ("silent.mp4", None)):
+        with Mp4Writer(tmp_path / name, 64, 64, 24.0, threads=1) as writer:
+            if audio is not None:
+                writer.add_audio(audio, rate, 24)
+            writer.write(gray)
+            writer.close(24)
+    track, found_rate = read_overlap_track(tmp_path / "burst.mp4", 4, 5, 24.0)
+    start = round(4 / 24 * rate)
+    assert found_rate == rate and track.shape == (2, round(9 / 24 * rate) - start)
+    loud = np.flatnonzero(np.abs(track[0]) > 0.1)
+    assert abs(int(loud[0]) - (4000 - start)) <= 2 and abs(int(loud[-1]) - (4399 - start)) <= 2
+    assert read_overlap_track(tmp_path / "silent.mp4", 4, 5, 24.0) is None
+
+
 @pytest.mark.parametrize(
     ("overlap", "num_frames", "fps", "held"),
     [
