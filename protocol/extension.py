@@ -1,5 +1,5 @@
 """Extension: a new clip whose first K frames are the last K frames of a source video, and the frame
-math that says which K are allowed.
+math that says which K are allowed and which audio latents the overlap holds.
 
 The source's last K frames become a video condition at pixel frame 0 with strength 1 (diffusers'
 `LTX2VideoCondition(frames, index=0, strength=1.0)` in pipeline_ltx2_condition.py, 0.42.1; Lightricks'
@@ -9,12 +9,23 @@ whole denoising. The VAE packs frame 0 alone and then every r frames (its tempor
 LTX-2, 4 for the tiny test models) into one latent frame, so a video condition covers r * m + 1
 frames; an overlap that is no such count is refused with the nearest that are, never trimmed silently.
 
+The audio continues the same way. The source's audio under the overlap (K / fps seconds from its frame
+S - K) is encoded by the audio VAE, and the new clip's first audio latents hold that encoding while the
+rest are generated: ltx-pipelines has no extension pipeline, so this follows its nearest definition,
+`RetakePipeline` (packages/ltx-pipelines/src/ltx_pipelines/retake.py), whose audio `ModalitySpec` starts at
+the encoded track and takes ltx-core's `TemporalRegionMask` (conditioning/types/noise_mask_cond.py) over the
+window it regenerates. An extension regenerates the new part after the overlap, frames K to N - 1, so the
+window is [K / fps, N / fps): an audio latent whose time span meets it is generated (denoise mask 1), every
+one before it is held (mask 0). Audio latent l spans mel frames [max(0, 4l - 3), 4l + 1) (the audio
+patchifier's causal timing; 100 mel frames a second at 16 kHz with hop 160, so 25 latents a second), and it
+is held when (4l + 1) / 100 <= K / fps: the held count is rounded down to the latents wholly inside the
+overlap (held_audio_latents). A 25-frame overlap at 24 fps (1.042 s) holds 26 latents (1.01 s); the latent
+that straddles the overlap's end is generated.
+
 The new part renders N frames. The joined video is the source's S frames followed by the new part's
 frames after the overlap (K to N - 1): S + N - K frames. Its audio is the source's up to where the
 overlap starts, then an equal-power crossfade over the overlap from the source's audio into the new
-part's, then the new part's: diffusers 0.42.1 has no way to condition the new audio on the source's
-(AUDIO_NOTE), so the two soundtracks do not continue each other sample for sample and the crossfade
-hides the change.
+part's, then the new part's (AUDIO_NOTE says why the crossfade stays).
 
 Torch-free: the orchestrator checks an extension before any job exists; workers read the resolved
 one from job.json (protocol.job_record.ResolvedExtension).
@@ -22,6 +33,7 @@ one from job.json (protocol.job_record.ResolvedExtension).
 
 from __future__ import annotations
 
+from protocol.retake import audio_latent_span
 from protocol.spec_rules import SpecError
 
 # The fields' names: SpecError("extend") names `--extend` (`ltx2 extend SOURCE`), SpecError("overlap") `--overlap`.
@@ -32,10 +44,11 @@ OVERLAP_FIELD = "overlap"
 DEFAULT_OVERLAP_LATENTS = 3
 #: What the new part's audio is, said once for --help, the docs and the sidecar.
 AUDIO_NOTE = (
-    "the new audio is generated with the new video (its first frames held to the source's), not conditioned on the"
-    " source's audio: diffusers 0.42.1's LTX-2 pipelines take audio latents only as a whole starting point with one"
-    " noise level and no mask; the joined video keeps the source's audio up to the overlap, crossfades (equal power)"
-    " over the overlap into the new audio, then plays the new audio"
+    "the new audio continues the source's: the source's audio under the overlap is encoded by the audio VAE and"
+    " the new clip's audio latents wholly inside the overlap are held at that encoding while the rest are"
+    " generated (ltx-pipelines' retake mask over the new part); the joined video keeps the source's audio up to"
+    " the overlap, crossfades (equal power) over the overlap into the new audio, then plays the new audio: the held"
+    " latents decode to the vocoder's own waveform of the same sound, not the source's samples"
 )
 
 
@@ -83,3 +96,11 @@ def require_overlap(overlap: int, ratio: int, num_frames: int, source_frames: in
 def joined_frames(source_frames: int, num_frames: int, overlap: int) -> int:
     """Frames of the joined video: the whole source, then the new part after the overlap."""
     return source_frames + num_frames - overlap
+
+
+def held_audio_latents(overlap: int, num_frames: int, fps: float, audio_latents: int, mel_per_second: float) -> int:
+    """How many of the new clip's `audio_latents` (from its start) hold the source's audio: those before the
+    first whose time span meets the regenerated window [overlap / fps, num_frames / fps), as
+    TemporalRegionMask marks a retake of frames overlap..num_frames - 1 (`mel_per_second`: the audio VAE's
+    sample rate / hop length)."""
+    return audio_latent_span(overlap, num_frames - 1, fps, audio_latents, mel_per_second)[0]

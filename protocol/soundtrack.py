@@ -18,8 +18,9 @@ packages/ltx-pipelines/src/ltx_pipelines/utils/media_io/decode.py). What it does
   to them (services/held_audio.py).
 - **The MP4 carries the track itself**, trimmed, not the VAE's reconstruction: the reference returns
   "the original input audio instead of VAE-decoded audio to preserve fidelity".
-- **Not with --extend or --retake**: both already decide the clip's audio (a crossfade with the source's,
-  the source's own latents outside the range); combining them with a soundtrack is left for later.
+- **Not with --extend or --retake**: both already decide the clip's audio (the source's encoded audio held
+  over the overlap, the source's own latents outside the range); combining them with a soundtrack is left
+  for later.
 
 Torch-free: the orchestrator checks and copies the file; the worker reads protocol.job_record.ResolvedAudio.
 """

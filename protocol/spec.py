@@ -397,7 +397,7 @@ class JobSpec:
         None,
         help="continue a video: a finished job's id or an MP4/MOV file; the clip's first --overlap frames are its last"
         " (model, size and fps default to the source's); published joined to the source, and alone as _new.mp4;"
-        " the new audio is not conditioned on the source's (diffusers cannot), the two are crossfaded over the overlap",
+        " the new audio continues the source's (its first audio latents held at the source's audio under the overlap)",
         default_from="none",
         rule=require_extend_source,
         allowed="a finished job's id, or an MP4/MOV file inside paths.input_roots",

@@ -29,8 +29,10 @@ from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.spec import JobSpec
 from services import context_parallel, control_video, guidance, media, model_loading, nag, soundtrack
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
+from services.held_audio_tokens import HeldAudioTokens, held_tokens_pipeline
 from services.latents import read_latents
 from services.lora_fusing import fuse_loras
+from services.overlap_audio import overlap_audio_latents
 from services.overlap_frames import load_overlap_frames
 from services.retake_pipeline import LTX2RetakePipeline, RetakeRegion
 from services.runtime import WorkerContext
@@ -178,6 +180,10 @@ def denoise(
     if held is not None:  # audio-to-video: the soundtrack's latents held through the pass (services/held_audio.py)
         pipeline_cls = held_audio_pipeline(pipeline_cls)
         run = dataclasses.replace(run, audio_latents=held, guidance=held_guidance(run.guidance))
+    overlap_audio = extension_audio(ctx, device, dtype) if ctx.request.extension is not None else None
+    if overlap_audio is not None:  # extension: the first audio tokens held (services/held_audio_tokens.py)
+        pipeline_cls = held_tokens_pipeline(pipeline_cls)
+        image_inputs = {**image_inputs, "held_audio": HeldAudioTokens(overlap_audio)}
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
     if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
         tokens = video_tokens(pipe, run, ctx.spec)
@@ -235,10 +241,7 @@ def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dt
     kept = ctx.shared.get("soundtrack")
     if kept is not None and kept[0] == ctx.request.job_id:
         return kept[1]
-    if "audio_vae" not in ctx.shared:
-        ctx.progress("load audio VAE for the soundtrack")
-        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
-    audio_vae = ctx.shared["audio_vae"]
+    audio_vae = shared_audio_vae(ctx, device, dtype, "the soundtrack")
     ctx.progress("encode the soundtrack")
     spec = ctx.spec
     waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
@@ -248,6 +251,29 @@ def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dt
     latents = soundtrack.encode_track(audio_vae, waveform, rate, frames, device)
     ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
     return latents
+
+
+def extension_audio(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """The source's audio under an extension's overlap, encoded into the latents the clip's first audio tokens
+    hold (services/overlap_audio.py; None: the source has no audio), once per job: both passes of a two-stage
+    run hold them, as the reference conditions both stages."""
+    kept = ctx.shared.get("overlap_audio")
+    if kept is not None and kept[0] == ctx.request.job_id:
+        return kept[1]
+    audio_vae = shared_audio_vae(ctx, device, dtype, "the source's audio")
+    ctx.progress("encode the source's audio under the overlap")
+    spec = ctx.spec
+    latents = overlap_audio_latents(audio_vae, ctx.job_dir, ctx.request.extension, spec.num_frames, spec.fps, device)
+    ctx.shared["overlap_audio"] = (ctx.request.job_id, latents)
+    return latents
+
+
+def shared_audio_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
+    """The audio VAE, loaded once per process (a group's next job reuses it)."""
+    if "audio_vae" not in ctx.shared:
+        ctx.progress(f"load audio VAE for {purpose}")
+        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
+    return ctx.shared["audio_vae"]
 
 
 def conditioning(

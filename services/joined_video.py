@@ -11,8 +11,13 @@ H.264) is decoded and encoded again with the new frames instead: one more genera
 
 Audio. The source's track is decoded (resampled to the new part's rate and layout when they differ;
 silence when it has none), kept up to where the overlap starts, crossfaded with equal power into the new
-part's audio over the overlap (the two are not one signal: protocol.extension.AUDIO_NOTE), and the new
-part's audio follows; the result is encoded as one AAC track lasting as long as the joined video.
+part's audio over the overlap, and the new part's audio follows; the result is encoded as one AAC track
+lasting as long as the joined video. The new part's audio over the overlap holds the source's (its audio
+latents there are the source's encoded: services/overlap_audio.py), so both carry the same sound, but not
+the same samples: the latents hold log-mel magnitudes and the vocoder makes its own phase, it reads the
+generated mel frames after the held ones, and the overlap's last tens of milliseconds are generated. A cut
+would click where the two waveforms disagree; the crossfade does not, and equal power suits two signals
+whose phases do not line up.
 """
 
 from __future__ import annotations

@@ -160,16 +160,23 @@ def encode_track(
     audio_vae: torch.nn.Module, waveform: np.ndarray, rate: int, latent_frames: int, device: torch.device
 ) -> torch.Tensor:
     """The track's audio latents as diffusers' pipelines take `audio_latents=` (denormalized, `[1, C, L, M]`,
-    float32): the posterior's mean (`mode()`, ltx-core's encoder keeps the first half of its channels
-    likewise), cut to the clip's `latent_frames` (the reference's `[:, :, :frames]`)."""
-    config = audio_vae.config
-    samples = resample(torch.from_numpy(two_channels(waveform)), rate, config.sample_rate)
-    mel = log_mel(samples, config.sample_rate, config.mel_bins, config.mel_hop_length)
-    with torch.no_grad():
-        latents = audio_vae.encode(mel.to(device, audio_vae.dtype)).latent_dist.mode()
+    float32), cut to the clip's `latent_frames` (the reference's `[:, :, :frames]`)."""
+    latents = encode_waveform(audio_vae, waveform, rate, device)
     if latents.shape[2] < latent_frames:
         raise InvalidInput(
             f"--audio: the track encodes to {latents.shape[2]} audio latent frames, fewer than the clip's"
             f" {latent_frames}"
         )
-    return latents[:, :, :latent_frames].float()
+    return latents[:, :, :latent_frames]
+
+
+def encode_waveform(audio_vae: torch.nn.Module, waveform: np.ndarray, rate: int, device: torch.device) -> torch.Tensor:
+    """`[channels, samples]` at `rate` as the audio VAE encodes it (ltx-core's `encode_audio`): resampled to its
+    rate, a log-mel spectrogram, the posterior's mean (`mode()`, ltx-core's encoder keeps the first half of its
+    channels likewise); `[1, C, L, M]` float32, every latent the spectrogram gives."""
+    config = audio_vae.config
+    samples = resample(torch.from_numpy(two_channels(waveform)), rate, config.sample_rate)
+    mel = log_mel(samples, config.sample_rate, config.mel_bins, config.mel_hop_length)
+    with torch.no_grad():
+        latents = audio_vae.encode(mel.to(device, audio_vae.dtype)).latent_dist.mode()
+    return latents.float()

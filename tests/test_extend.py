@@ -4,7 +4,8 @@ joined to the source and alone.
 The source is rendered once in this process (the stages are real worker processes forked from the
 session's fork server); `ltx2 extend` runs once as a user runs it. The tiny VAE packs 4 frames into a
 latent frame, so overlaps are 4m+1 frames: with 17-frame clips, an overlap of 5 holds the new clip's
-first two latent frames at the encoding of the source's last 5 frames.
+first two latent frames at the encoding of the source's last 5 frames, and its first 5 audio latents (of
+18) at the encoding of the source's audio under those frames.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec
 from orchestrator.run.model_lookup import resolve_model
 from orchestrator.run.stage_major import run_job_stage_major
-from protocol.extension import AUDIO_NOTE
+from protocol.extension import AUDIO_NOTE, held_audio_latents
 from protocol.files import EXTEND_SOURCE_FILE, JOINED_FILE, LATENTS_FILE, VIDEO_FILE, Stage
 from protocol.spec_rules import SpecError
 from services.joined_video import joined_audio
@@ -95,6 +96,7 @@ def test_extend_publishes_the_joined_video_and_the_new_part_with_their_frame_cou
     assert (joined["width"], joined["height"], joined["fps"]) == (64, 64, 24.0)  # the source's, never given
     assert joined["audio_codec"] == new["audio_codec"] == "aac"
     assert 29 / 24 <= joined["audio_seconds"] <= 29 / 24 + AAC_FRAME_S
+    assert abs(joined["audio_seconds"] - joined["video_seconds"]) <= 1 / 24  # as long as its video within a frame
     assert 17 / 24 <= new["audio_seconds"] <= 17 / 24 + AAC_FRAME_S
 
 
@@ -131,6 +133,109 @@ def test_the_new_clip_holds_its_first_latent_frames_at_the_source_last_frames(ex
     assert encoded.shape[2] == held == 2
     assert float((latents[:, :, :held] - encoded).abs().max()) <= 1e-5
     assert float((latents[:, :, held] - encoded[:, :, -1]).abs().max()) > 1e-2
+
+
+def source_audio_under_the_overlap(path: Path) -> tuple[np.ndarray, int]:
+    """The source's audio track under its last OVERLAP frames, at its own rate, counted from its first sample."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        rate, planar = stream.rate, av.AudioResampler(format="fltp")
+        pieces = [out.to_ndarray() for frame in container.decode(stream) for out in planar.resample(frame)]
+    track = np.concatenate(pieces, axis=1)
+    start, stop = round((SOURCE_FRAMES - OVERLAP) / 24 * rate), round(SOURCE_FRAMES / 24 * rate)
+    return track[:, start:stop], rate
+
+
+def test_the_new_clip_holds_its_first_audio_latents_at_the_source_audio_under_the_overlap(
+    extended: dict, tiny_model_dir: Path
+):
+    """The source's audio under the overlap (its frames 12 to 16: 5/24 s), encoded by the audio VAE, is what the
+    new clip's first audio latents are after denoising, bit for bit: the 5 of its 18 (25 a second) wholly inside
+    the overlap, latent l spanning mel frames up to 4l + 1 at 100 a second, (4·4 + 1) / 100 <= 5/24 s. The 6th,
+    which straddles the overlap's end, and every later one are generated."""
+    from diffusers import AutoencoderKLLTX2Audio
+
+    from services.soundtrack import encode_waveform
+
+    job: JobDir = extended["job"]
+    audio = read_latents(job.path / LATENTS_FILE)[0]["audio"]
+    waveform, rate = source_audio_under_the_overlap(job.path / EXTEND_SOURCE_FILE)
+    audio_vae = AutoencoderKLLTX2Audio.from_pretrained(tiny_model_dir, subfolder="audio_vae").eval()
+    encoded = encode_waveform(audio_vae, waveform, rate, torch.device("cpu"))
+    held = held_audio_latents(OVERLAP, NEW_FRAMES, 24.0, audio.shape[2], 100.0)
+    assert (held, audio.shape[2], encoded.shape[2]) == (5, 18, 6)
+    assert torch.equal(audio[:, :, :held], encoded[:, :, :held])
+    assert float((audio[:, :, held] - encoded[:, :, held]).abs().max()) > 1e-2
+    assert all(float((audio[:, :, index] - audio[:, :, held - 1]).abs().max()) > 1e-3 for index in range(held, 18))
+
+
+def test_the_overlap_audio_is_the_track_under_the_sources_last_frames_and_none_without_a_track(tmp_path: Path):
+    """A 1 kHz burst at 0.25 to 0.275 s of a 24-frame clip lands 0.25 - 4/24 s into the audio under frames 4 to
+    8 (AAC's priming is trimmed by the decoder: samples count from the track's start); a clip without audio
+    holds nothing."""
+    from services.media import Mp4Writer
+    from services.overlap_audio import read_overlap_track
+
+    rate, gray = 16000, np.full((24, 96, 64), 128, np.uint8)
+    burst = np.zeros((2, rate), np.float32)
+    burst[:, 4000:4400] = 0.8 * np.sin(2 * np.pi * 1000 * np.arange(400) / rate)
+    for name, audio in (("burst.mp4", burst), ("silent.mp4", None)):
+        with Mp4Writer(tmp_path / name, 64, 64, 24.0, threads=1) as writer:
+            if audio is not None:
+                writer.add_audio(audio, rate, 24)
+            writer.write(gray)
+            writer.close(24)
+    track, found_rate = read_overlap_track(tmp_path / "burst.mp4", 4, 5, 24.0)
+    start = round(4 / 24 * rate)
+    assert found_rate == rate and track.shape == (2, round(9 / 24 * rate) - start)
+    loud = np.flatnonzero(np.abs(track[0]) > 0.1)
+    assert abs(int(loud[0]) - (4000 - start)) <= 2 and abs(int(loud[-1]) - (4399 - start)) <= 2
+    assert read_overlap_track(tmp_path / "silent.mp4", 4, 5, 24.0) is None
+
+
+@pytest.mark.parametrize(
+    ("overlap", "num_frames", "fps", "held"),
+    [
+        (5, 17, 24.0, 5),  # 0.208 s: latents 0-4 end by mel frame 17
+        (25, 121, 24.0, 26),  # 1.042 s: latent 25 ends at 1.01 s, latent 26 at 1.05 s
+        (9, 121, 25.0, 9),  # 0.36 s = mel frame 36: latent 8 ends at mel 33, latent 9 at 37
+        (1, 17, 24.0, 1),  # one frame (42 ms): latent 0 covers mel frame 0 alone
+        (17, 33, 30.0, 14),  # 0.567 s: latent 13 ends at 0.53 s
+    ],
+)
+def test_the_overlap_holds_the_audio_latents_wholly_inside_it(overlap: int, num_frames: int, fps: float, held: int):
+    total = round(num_frames / fps * 25)
+    assert held_audio_latents(overlap, num_frames, fps, total, 100.0) == held
+
+
+def test_held_audio_tokens_stay_at_their_latents_through_guided_denoising():
+    """In the loop itself, before the held latents are written back: with CFG, STG, modality guidance and
+    guidance rescale on the audio (whose rescale moves every token of the x0), the held tokens end where they
+    started (normalized and denormalized again: float32 rounding), and the rest are denoised."""
+    from diffusers import LTX2ConditionPipeline
+    from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
+
+    from services.held_audio_tokens import HeldAudioTokens, held_tokens_pipeline
+    from services.tiny_model import build_components
+
+    parts = build_components()
+    names = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+    pipe = held_tokens_pipeline(LTX2ConditionPipeline)(**{name: parts[name] for name in names})
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(1, 2, 5, 2, generator=torch.Generator().manual_seed(2))
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    guidance = {"guidance_scale": 3.0, "stg_scale": 1.0, "modality_scale": 3.0, "guidance_rescale": 0.7,
+                "audio_guidance_scale": 7.0, "audio_stg_scale": 1.0, "audio_modality_scale": 3.0,
+                "audio_guidance_rescale": 0.7, "spatio_temporal_guidance_blocks": [1]}  # fmt: skip
+    with torch.no_grad():
+        _, audio = pipe.call_holding(
+            HeldAudioTokens(latents), prompt="a ball", conditions=[LTX2VideoCondition(frames, index=0)], width=64,
+            height=64, num_frames=17, frame_rate=24.0, num_inference_steps=2, max_sequence_length=16,
+            generator=torch.Generator().manual_seed(1), output_type="latent", return_dict=False, **guidance,
+        )  # fmt: skip
+    assert audio.shape == (1, 2, 18, 2)
+    assert float((audio[:, :, :5] - latents).abs().max()) <= 1e-6
+    assert float((audio[:, :, 5] - latents[:, :, -1]).abs().max()) > 1e-2
 
 
 def test_job_and_sidecar_record_where_the_extension_came_from(extended: dict, source: JobDir):
