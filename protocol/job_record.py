@@ -373,6 +373,7 @@ class AttemptRecord(RecordFields):
     ray_worker_pid: int | None = None  #: Ray farm: the pid of the Ray task that started the stage
     remote_pid: int | None = None  #: Ray farm: the stage's pid on its node
     forked: bool | None = None  #: Ray farm: whether the node's fork server forked the stage (else a new process)
+    ranks: int | None = None  #: Ray farm: a context-parallel stage's processes on its node (remote_pid: rank 0's)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
 
 

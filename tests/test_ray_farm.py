@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ltx2_environment, probe_mp4, run_ltx2, submit_tiny
+from conftest import StartedRender, ltx2_environment, probe_mp4, run_ltx2, submit_tiny
 from daemon_process import DaemonProcess, cmdline, fork_servers, is_running, parent_of, proc_stat
 from safetensors.torch import load_file
 from supervised import wait_for_file
@@ -48,10 +48,10 @@ class Farm:
         )
         self.workers = [self.add_lane_node() for _ in range(2)]
 
-    def add_lane_node(self, **extra_env: str) -> object:
+    def add_lane_node(self, lanes: int = 1, **extra_env: str) -> object:
         node = self.cluster.add_node(
             num_cpus=1,
-            resources={RESOURCE: 1},
+            resources={RESOURCE: lanes},
             object_store_memory=OBJECT_STORE_BYTES,
             env_vars={**self.node_env, **extra_env},
         )
@@ -286,6 +286,38 @@ def test_batch_on_the_farm(farm_env: dict, tmp_path: Path):
     assert len(outputs) == 3 and all(probe_mp4(path)["frames"] == 9 for path in outputs)
     records = [json.loads(path.read_text()) for path in (Path(farm_env["LTX2_STATE_DIR"]) / "jobs").glob("*/job.json")]
     assert {a["device"] for r in records for stage in r["stages"] for a in attempts(r, stage)} == {"ray"}
+
+
+def test_a_context_parallel_clip_runs_its_ranks_on_one_node_that_holds_that_many_lanes(
+    farm: Farm, farm_env: dict, tmp_path: Path, eager_lighthouse: StartedRender
+):
+    """Issue 30 on a farm: a clip with context_parallel 2 is refused while no node holds 2 lanes (Ray would keep
+    its task pending for ever), then runs its diffusion and video decode each as one task holding both lanes of
+    the node that has them, ranks started there, latents as one process's (within 1e-4)."""
+    clip = {"name": "cp", "prompt": "a lighthouse in a gale", "seed": 7, "context_parallel": 2}
+    batch = write_batch(tmp_path / "clips.toml", [clip])
+    refused = run_ltx2(["batch", str(batch), "--quiet"], farm_env)
+    assert refused.returncode != 0
+    (job_dir,) = (Path(farm_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    stage_log = (job_dir / "logs" / "encode_diffuse-1.log").read_text()
+    assert "needs a node with 2 units of cluster.ray_resource" in stage_log, stage_log
+    wide = farm.add_lane_node(lanes=2)  # removed again below: the tests after this one count two lanes
+    try:
+        env = {**farm_env, "LTX2_STATE_DIR": str(tmp_path / "state-wide")}
+        result = run_ltx2(["batch", str(batch), "--quiet"], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        farm.cluster.remove_node(wide, allow_graceful=False)
+    (job_dir,) = (Path(env["LTX2_STATE_DIR"]) / "jobs").iterdir()
+    record = json.loads((job_dir / "job.json").read_text())
+    for stage in ("encode_diffuse", "video_decode"):
+        (attempt,) = attempts(record, stage)
+        assert attempt["plan"]["context_parallel"] == 2 and attempt["ranks"] == 2, attempt
+        assert (job_dir / "logs" / f"{stage}-1.rank1.log").is_file()
+    _, plain_job = eager_lighthouse.finished()
+    sharded, plain = load_file(str(job_dir / LATENTS_FILE)), load_file(str(plain_job / LATENTS_FILE))
+    assert max(float((sharded[k] - plain[k]).abs().max()) for k in ("video", "audio")) <= 1e-4
+    assert probe_mp4(Path(record["output"]))["frames"] == 9
 
 
 def test_a_node_without_a_usable_fork_server_starts_each_stage_as_a_new_process(farm_env: dict, tmp_path: Path):

@@ -84,13 +84,14 @@ def ray_module() -> ModuleType:
 
 
 def run_stage(
-    module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str], forkers: str
+    module: str, args: list[str], log_path: str, curve: str, forwarded: dict[str, str], forkers: str, ranks: int = 1
 ) -> Iterator[dict]:
     """The stage task, in a fresh Ray worker on some node: start the stage, say where, wait for it.
 
     The stage is forked by the node's fork server (orchestrator.placement.node_forker, the actor named
     `forkers` + node id) when the node has a usable one, else started as a new process that dies
-    with this one (services.parent_bound)."""
+    with this one (services.parent_bound). A context-parallel stage (`ranks` > 1) holds `ranks` units of
+    the resource on this one node and starts its ranks here (run_gang)."""
     ray = ray_module()
     where = {
         "node": ray.get_runtime_context().get_node_id()[:12],
@@ -98,6 +99,9 @@ def run_stage(
         "node_ip": ray.util.get_node_ip_address(),
         "ray_worker_pid": os.getpid(),
     }
+    if ranks > 1:
+        yield from run_gang(module, args, log_path, {**forwarded, WORKER_CURVE_ENV: curve}, ranks, where)
+        return
     forker = node_forker_of(forkers, ray.get_runtime_context().get_node_id()) if forkers else None
     if forker is not None:
         devices = os.environ.get("CUDA_VISIBLE_DEVICES")  # Ray's choice for this task, if it made one
@@ -125,6 +129,28 @@ def run_stage(
         )
     yield where | {"remote_pid": child.pid, "forked": False}
     yield {"returncode": child.wait()}
+
+
+def run_gang(
+    module: str, args: list[str], log_path: str, forwarded: dict[str, str], ranks: int, where: dict[str, Any]
+) -> Iterator[dict]:
+    """A context-parallel stage's `ranks` processes on this task's node, as a local lane starts them
+    (orchestrator.placement.worker_gang: rank 0's rendezvous on the loopback, the task's devices, which Ray
+    chose, visible to each rank), each bound to this Ray worker (services.parent_bound) so all die with it;
+    the first to fail stops the others. Never forked: the node's fork server gives its children no
+    per-process environment, and the ranks need theirs."""
+    from orchestrator.placement.worker_gang import start_gang
+    from orchestrator.placement.worker_link import stop_process
+
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")  # Ray's choice for this task, if it made one
+
+    def environment(threads: int | None) -> dict[str, str]:
+        return {**worker_environment(devices, threads), **forwarded}
+
+    bound = [str(os.getpid()), module, *args]
+    gang = start_gang("services.parent_bound", bound, Path(log_path), ranks, environment, None, stop_process)
+    yield where | {"remote_pid": gang.pid, "forked": False, "ranks": ranks}
+    yield {"returncode": gang.wait()}
 
 
 def why_no_forker(forker: ActorHandle | None) -> str:
@@ -249,6 +275,29 @@ class RayStageProcess:
             log.warning("%s: %s", self.log_path, line)
 
 
+class UnplacedStage:
+    """A stage the farm cannot place anywhere (a context-parallel stage wider than every node): it ends at once
+    as an environment failure, with the reason in its log (the attempt's error)."""
+
+    pid = 0
+    placement = None
+    queued = False
+
+    def __init__(self, log_path: Path, why: str) -> None:
+        with log_path.open("a") as log_file:
+            log_file.write(f"ltx2 farm: {why}\n")
+        self.returncode = int(ExitCode.ENVIRONMENT)
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+    def stop(self) -> int:
+        return self.returncode
+
+
 class RayFarm:
     """The lanes of a Ray cluster (one per unit of `ray_resource`) and the stage tasks they start."""
 
@@ -268,8 +317,7 @@ class RayFarm:
             ray.shutdown()
             raise FarmUnusable(f"cluster.ray_resource = {resource!r}: the Ray cluster has none of it")
         self.lanes = [Lane(index, "ray", None) for index in range(units)]
-        placement = {"num_gpus": 1} if resource == "GPU" else {"resources": {resource: 1}}
-        self.task = stage_task().options(**placement)
+        self.task = stage_task()
         # The head's test fault switches go on to its tasks; nothing else of its environment, which
         # describes the head, not the node.
         self.forwarded = fault_switches()
@@ -374,8 +422,21 @@ class RayFarm:
             advertise_host=self.head_ip,
         )
 
-    def spawn(self, module: str, args: list[str], log_path: Path) -> RayStageProcess:
-        generator = self.task.remote(module, args, str(log_path), self.worker_keys, self.forwarded, self.forkers)
+    def spawn(self, module: str, args: list[str], log_path: Path, ranks: int = 1) -> RayStageProcess | UnplacedStage:
+        """The stage as a task holding one unit of `ray_resource`; a context-parallel stage's task holds
+        `ranks` units, which Ray gives a task on one node only (DESIGN.md rule 8: a lane may be a group of
+        devices, never spread over hosts), and starts its ranks there (run_gang)."""
+        resource = self.settings.ray_resource
+        largest = max((node["Resources"].get(resource, 0) for node in self.lane_nodes()), default=0)
+        if ranks > largest:  # Ray would keep the task pending for ever
+            why = (
+                f"--context-parallel {ranks} needs a node with {ranks} units of cluster.ray_resource = {resource!r};"
+                f" the largest node of the farm has {largest:g}"
+            )
+            return UnplacedStage(log_path, why)
+        placement = {"num_gpus": ranks} if resource == "GPU" else {"resources": {resource: ranks}}
+        task = self.task.options(**placement)
+        generator = task.remote(module, args, str(log_path), self.worker_keys, self.forwarded, self.forkers, ranks)
         return RayStageProcess(generator, log_path)
 
     def close(self) -> None:

@@ -113,7 +113,7 @@ class RemoteProcess(Protocol):
 class RemoteSpawner(Protocol):
     """Starts stage processes elsewhere (orchestrator.placement.ray_farm.RayFarm)."""
 
-    def spawn(self, module: str, args: list[str], log_path: Path) -> RemoteProcess: ...
+    def spawn(self, module: str, args: list[str], log_path: Path, ranks: int = 1) -> RemoteProcess: ...
 
 
 #: A stage process as the runner follows it (a context-parallel attempt's ranks as one: WorkerGang).

@@ -105,12 +105,12 @@ def start_process(
 ) -> WorkerProcess:
     """The worker's process: on the link's farm, forked by its fork server, or exec'd."""
     log_path = jobs[0].log_path(stage, attempt)
+    ranks = int(plan.get("context_parallel", 1))
     if link.spawner is not None:  # another host: its scheduler, not a pid here, bounds its life
         args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
-        return link.spawner.spawn(stage.module, args, log_path)
+        return link.spawner.spawn(stage.module, args, log_path, ranks)
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid())
     visible, threads = link.lane.visible_devices, link.lane.threads
-    ranks = int(plan.get("context_parallel", 1))
     if ranks > 1:  # one clip over N processes (orchestrator.placement.worker_gang): one attempt, stopped together
         environment = functools.partial(worker_environment, visible)
         return start_gang(stage.module, args, log_path, ranks, environment, threads, stop_process)
