@@ -7,11 +7,14 @@ model, and the tiled decodes of the OOM ladder against the whole one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import probe_mp4, run_ltx2
 
+from protocol.model_ids import TINY_REPO_IDS
 from protocol.plans import DecodePlan
 from services.neighborhood_mask import Neighborhood, dense_neighborhood_mask, neighborhood_block_lists
 
@@ -145,3 +148,36 @@ def test_tiled_decode_equals_the_whole_decode_within_half_a_level(decoder_case: 
     spans = plan_tiles(decoder_case["model"], axes, plan)
     assert len(spans[1]) == len(spans[2]) == (2 if plan.tiling else 1)  # the tiles really are decoded apart
     assert (tiled - whole).abs().max().item() <= HALF_A_LEVEL
+
+
+# ---------------------------------------------------------------------------------------------
+# `--decoder`: a tiny 2.5 clip decoded by its diffusion decoder, and the flag's bad uses.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_2_5_clip_decodes_through_its_diffusion_decoder_with_exact_frames(ltx2_env: dict, tiny_25_model_dir: Path):
+    request = ["generate", "--prompt", "a lighthouse", "--seed", "4", "--model", TINY_REPO_IDS["2.5"], "--quiet"]
+    result = run_ltx2(
+        [*request, "--width", "64", "--height", "64", "--num-frames", "9", "--decoder", "diffusion"], ltx2_env
+    )
+    assert result.returncode == 0, result.stderr
+    video = Path(result.stdout.strip())
+    assert probe_mp4(video)["frames"] == 9
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar["decoder"] == sidecar["spec"]["decoder"] == "diffusion"
+
+
+@pytest.mark.parametrize(
+    ("family", "decoder", "message"),
+    [
+        ("2.0", "diffusion", "--decoder diffusion needs the checkpoint's diffusion video decoder"),
+        ("2.5", "convolution", "--decoder"),
+    ],
+)
+def test_bad_decoder_flags_exit_2_naming_the_flag_and_what_is_allowed(
+    ltx2_env: dict, tmp_path: Path, family: str, decoder: str, message: str
+):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", TINY_REPO_IDS[family], "--decoder", decoder], ltx2_env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "vae" in result.stderr and "diffusion" in result.stderr
+    assert not (tmp_path / "state" / "jobs").exists() or not any((tmp_path / "state" / "jobs").iterdir())
