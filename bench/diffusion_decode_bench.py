@@ -11,8 +11,11 @@ Per clip and decoder: the block-mask build time of the stage-5 grid, the first d
 included), `--repeats` warm decodes, the peak GPU memory above the resident weights, the frame count,
 and whether two runs gave equal frames. The diffusion decoder tries the VAE ladder's rungs in order
 (single pass, then spatial tiles, then temporal pieces) until one does not run out of memory, and
-records each failure; tiles are decoded without halos (`exact_tiles=False`, as diffusers does) unless
---exact-tiles. Writes `diffusion_decode.json` and a line per step to `progress.log` under --out as it goes.
+records each failure; tiles are decoded with their halos, as the stage does, unless --no-exact-tiles
+(seams blended only, as diffusers does). First, a parity check on the GPU: a small clip decoded by the
+stage and by diffusers' own LTX2VideoDiffusionDecodePipeline (its uncompiled FlexAttention, dense scores:
+small clips only), same weights and seed, the largest and mean difference of their frames. Writes
+`diffusion_decode.json` and a line per step to `progress.log` under --out as it goes.
 
     python3 bench/diffusion_decode_bench.py --out "$OUT" --budget-s 540
 """
@@ -151,6 +154,45 @@ def mask_build_seconds(model: Any, latent_shape: tuple[int, ...]) -> dict[str, A
     }
 
 
+def parity_check(clip: str, model: Any) -> dict[str, Any]:
+    """The stage's decode of a small clip against LTX2VideoDiffusionDecodePipeline's, same weights and noise."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, LTX2VideoDiffusionDecodePipeline
+    from diffusers.models.autoencoders.ltx2_diffusion_decoder import (
+        LTX2VideoVaeNeighborhoodAttention,
+        LTX2VideoVaeNeighborhoodAttnProcessor,
+    )
+
+    from protocol.plans import DecodePlan
+    from services.diffusion_decode import diffusion_decode_frames
+    from services.neighborhood_attention import use_block_sparse_attention
+
+    width, height, frames = (int(part) for part in clip.split("x"))
+    shape = (1, 128, (frames - 1) // 8 + 1, height // 32, width // 32)
+    latents = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    whole = DecodePlan(False, None, 1, 512, 128)
+    started = time.perf_counter()
+    ours = torch.cat(list(diffusion_decode_frames(model, latents, whole, torch.Generator("cuda").manual_seed(5))))
+    ours_s = time.perf_counter() - started
+    for module in model.modules():  # diffusers' own processor, as the pipeline ships
+        if isinstance(module, LTX2VideoVaeNeighborhoodAttention):
+            module.set_processor(LTX2VideoVaeNeighborhoodAttnProcessor())
+    try:
+        pipe = LTX2VideoDiffusionDecodePipeline(diffusion_decoder=model, scheduler=FlowMatchEulerDiscreteScheduler())
+        generator = torch.Generator("cuda").manual_seed(5)
+        reference = pipe(latents, generator=generator, output_type="pt", denormalize=False).frames[0].float()
+    finally:
+        use_block_sparse_attention(model)
+    difference = (ours - reference.to(ours.device)).abs()
+    return {
+        "parity_clip": clip,
+        "frames": [int(ours.shape[0]), int(reference.shape[0])],
+        "max_diff": float(f"{float(difference.max()):.3g}"),
+        "mean_diff": float(f"{float(difference.mean()):.3g}"),
+        "ours_first_s": round(ours_s, 2),
+    }
+
+
 def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argparse.Namespace) -> None:
     """The VAE decode, the mask build and the diffusion decoder's first rung that fits, of one clip."""
     import torch
@@ -198,7 +240,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--clips", default=",".join(CLIPS))
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--exact-tiles", action="store_true", help="decode tiles with their halos")
+    parser.add_argument(
+        "--exact-tiles",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="decode tiles with their halos, as the stage does (--no-exact-tiles: seams blended only, as diffusers)",
+    )
+    parser.add_argument("--parity-clip", default="256x256x9", help="clip of the GPU parity check ('' skips it)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what is left once this much time has gone")
     args = parser.parse_args()
 
@@ -210,6 +258,12 @@ def main() -> int:
     vae = build_vae()
     progress.result["diffusion_decoder_parameters"] = sum(p.numel() for p in model.parameters())
     progress.note(f"built both decoders in {time.monotonic() - progress.started:.1f} s")
+    if args.parity_clip:
+        try:
+            progress.record(parity_check(args.parity_clip, model))
+        except Exception as exc:  # a failure of the check is a result too; the clips still run
+            progress.record({"parity_clip": args.parity_clip, "error": repr(exc)[:600]})
+        torch.cuda.empty_cache()
     for clip in args.clips.split(","):
         if time.monotonic() - progress.started > args.budget_s:
             progress.record({"clip": clip, "skipped": "out of time"})
