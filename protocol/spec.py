@@ -633,6 +633,7 @@ class JobSpec:
         "vae",
         help="video decoder: vae, or diffusion (LTX-2.5's diffusion video decoder; the checkpoint must ship one)",
         choices=DECODERS,
+        http="text",
         latents=False,
         added_later=True,
         doc="the video decoder: `vae` (the video VAE), or `diffusion`, LTX-2.5's diffusion video decoder (a"
