@@ -126,16 +126,19 @@ class BlockSparseNeighborhoodProcessor:
     """Processor for diffusers' `LTX2VideoVaeNeighborhoodAttention` on the geometric block mask."""
 
     def __init__(self) -> None:
-        self.masks: dict[tuple[Neighborhood, str], Any] = {}
+        self.masks: dict[tuple[Neighborhood, str, bool], Any] = {}
+        #: the block lists are padded to every key block (neighborhood_block_mask's `full_width`): set
+        #: once a compile refused the narrow ones
+        self.full_width = False
 
-    def mask_for(self, grid: Neighborhood, device: torch.device) -> Any:
-        """The grid's BlockMask on CUDA, its block_sparse_passes elsewhere; built once per grid and device."""
-        cache_key = (grid, str(device))
+    def mask_for(self, grid: Neighborhood, device: torch.device, flex: bool) -> Any:
+        """The grid's BlockMask for flex_attention, else its block_sparse_passes; built once per grid."""
+        cache_key = (grid, str(device), flex)
         if cache_key not in self.masks:
             if len(self.masks) >= CACHED_GRIDS:
                 self.masks.pop(next(iter(self.masks)))
-            if device.type == "cuda":
-                self.masks[cache_key] = neighborhood_block_mask(grid, device=device)
+            if flex:
+                self.masks[cache_key] = neighborhood_block_mask(grid, device=device, full_width=self.full_width)
             else:
                 self.masks[cache_key] = block_sparse_passes(grid, neighborhood_block_lists(grid, device=device))
         return self.masks[cache_key]
@@ -149,13 +152,29 @@ class BlockSparseNeighborhoodProcessor:
             x.reshape(batch, tokens, attn.heads, attn.head_dim).transpose(1, 2) for x in (query, key, value)
         )
         grid = Neighborhood.of((frames, height, width), attn.kernel_size)
-        mask = self.mask_for(grid, hidden_states.device)
-        if hidden_states.device.type == "cuda":
-            out = compiled_flex_attention()(query, key, value, block_mask=mask, scale=1.0)
+        flex = hidden_states.device.type == "cuda"
+        mask = self.mask_for(grid, hidden_states.device, flex)
+        if flex:
+            out = self.flex(query, key, value, grid, mask)
         else:
             out = block_sparse_attention(query, key, value, mask)
         out = out.transpose(1, 2).reshape(batch, frames, height, width, attn.heads * attn.head_dim)
         return attn.to_out[0](out)
+
+    def flex(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, grid: Neighborhood, mask: Any
+    ) -> torch.Tensor:
+        """Compiled flex_attention on the mask; once, on a lowering that asserts the lists cover every key
+        block (older Inductor on GPUs, Inductor on CPUs), again on full-width lists from then on."""
+        try:
+            return compiled_flex_attention()(query, key, value, block_mask=mask, scale=1.0)
+        except Exception as error:
+            if self.full_width or "block_mask size" not in str(error):
+                raise
+        self.full_width = True
+        self.masks.clear()
+        mask = self.mask_for(grid, query.device, flex=True)
+        return compiled_flex_attention()(query, key, value, block_mask=mask, scale=1.0)
 
 
 def use_block_sparse_attention(decoder: Any) -> BlockSparseNeighborhoodProcessor:

@@ -237,13 +237,22 @@ def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tenso
 
 
 def neighborhood_block_mask(
-    grid: Neighborhood, block_size: int = BLOCK_SIZE, device: torch.device | str = "cpu"
+    grid: Neighborhood, block_size: int = BLOCK_SIZE, device: torch.device | str = "cpu", full_width: bool = False
 ) -> BlockMask:
-    """FlexAttention's BlockMask of the window, one (batch, head) shared by all (broadcast)."""
+    """FlexAttention's BlockMask of the window, one (batch, head) shared by all (broadcast).
+
+    `full_width` pads the partial lists to one place per key block, as `create_block_mask` makes them,
+    for a torch whose Inductor lowering asserts that width (torch 2.13 asserts it on CPU only): the
+    padding is never read, but it is query blocks x key blocks int32 (2.1 GB for a whole 768x512x121
+    stage 5), so it is only the fallback (services/neighborhood_attention.py).
+    """
     lists = neighborhood_block_lists(grid, block_size, device)
+    partial = lists.partial_indices
+    if full_width:
+        partial = torch.nn.functional.pad(partial, (0, partial.shape[0] - partial.shape[1]))
     return BlockMask.from_kv_blocks(
         lists.partial_counts[None, None],
-        lists.partial_indices[None, None],
+        partial[None, None],
         lists.full_counts[None, None],
         lists.full_indices[None, None],
         BLOCK_SIZE=block_size,
