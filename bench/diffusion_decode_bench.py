@@ -224,7 +224,13 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
             return diffusion_decode_frames(model, latents, plan, generator, exact_tiles=args.exact_tiles)
 
         try:
-            progress.record(measure("diffusion", clip, plan, frames_of, frames, args.repeats))
+            record = measure("diffusion", clip, plan, frames_of, frames, args.repeats)
+            # True: this torch's Inductor refused the narrow block lists (services/neighborhood_attention.py).
+            record["full_width_lists"] = any(
+                getattr(m, "processor", None) is not None and getattr(m.processor, "full_width", False)
+                for m in model.modules()
+            )
+            progress.record(record)
             return
         except torch.OutOfMemoryError as exc:
             progress.record({"decoder": "diffusion", "clip": clip, "plan": plan.label, "oom": str(exc)[:300]})
