@@ -181,3 +181,17 @@ def test_bad_decoder_flags_exit_2_naming_the_flag_and_what_is_allowed(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "vae" in result.stderr and "diffusion" in result.stderr
     assert not (tmp_path / "state" / "jobs").exists() or not any((tmp_path / "state" / "jobs").iterdir())
+
+
+def test_tiles_without_their_halos_differ_from_the_whole_decode(decoder_case: dict):
+    """The control of the test above: the halo is what makes the tiles equal (diffusers' seams-only tiles
+    differ by more than half a level at their borders)."""
+    from services.diffusion_decode import diffusion_decode_frames
+
+    plan, _ = TILED_PLANS["pieces"]
+    pieces = diffusion_decode_frames(
+        decoder_case["model"], decoder_case["latents"], plan, torch.Generator().manual_seed(5), exact_tiles=False
+    )
+    seams = torch.cat(list(pieces)).permute(0, 2, 3, 1)
+    assert seams.shape == decoder_case["whole"].shape
+    assert (seams - decoder_case["whole"]).abs().max().item() > HALF_A_LEVEL
