@@ -36,6 +36,10 @@ VAE_DEFAULT_SCALING = (True, True, True, True)
 # The latent upsampler of two-stage runs (LTX2LatentUpsamplerModel): a subfolder of the checkpoint that
 # model_index.json does not list (Lightricks/LTX-2 and diffusers' examples load it by subfolder).
 LATENT_UPSAMPLER = "latent_upsampler"
+# LTX-2.5's diffusion video decoder (diffusers' LTX2VideoDiffusionDecoderModel), a subfolder of the
+# checkpoint under the name diffusers' modular 2.5 pipeline gives the component; `--decoder diffusion`
+# decodes with it (services/diffusion_decode.py).
+DIFFUSION_DECODER = "diffusion_decoder"
 # The LTX2VideoTransformer3DModel.__init__ defaults (diffusers 0.42.1) of the flags FAMILIES look at:
 # a config written by an older converter leaves out flags that did not exist yet, and diffusers then
 # builds the model with these values (tests/test_families.py checks them against the signature).
@@ -62,6 +66,9 @@ class FamilySignature:
     transformer: Mapping[str, Any]  #: transformer/config.json flags that must hold (absent: TRANSFORMER_DEFAULTS)
     stg_blocks: tuple[int, ...]  #: `spatio_temporal_guidance_blocks`: the block STG perturbs
     cross_timestep: bool  #: `use_cross_timestep` of LTX2Pipeline.__call__
+    #: the family's checkpoints ship a diffusion video decoder (DIFFUSION_DECODER); a given checkpoint
+    #: may still lack the folder, which is what `--decoder diffusion` checks
+    diffusion_decoder: bool = False
 
 
 # Transformer flags: diffusers' LTX-2 conversion configs (get_ltx2_transformer_config, versions "2.0" and
@@ -124,6 +131,7 @@ FAMILIES: tuple[FamilySignature, ...] = (
         transformer={**LTX_2_3_TRANSFORMER, "ff_bias": False, "use_prompt_adaln_single": False},
         stg_blocks=(28,),
         cross_timestep=True,
+        diffusion_decoder=True,
     ),
 )
 # Jobs recorded before families existed ran LTX-2.0 (the only family then supported).

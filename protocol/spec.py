@@ -22,6 +22,7 @@ from protocol.request_fields import Declared, declare, fields_of
 from protocol.retake import FROM_FIELD, RETAKE_AUDIO_NOTE, RETAKE_FIELD, TO_FIELD
 from protocol.soundtrack import AUDIO_FORMATS, require_audio, require_audio_fits_request
 from protocol.spec_rules import (
+    DECODERS,
     DISTILLED_STEPS,
     DTYPES,
     FALLBACK_NAME,
@@ -627,6 +628,18 @@ class JobSpec:
         latents=False,
         doc="force spatial tiling of the VAE decode on or off",
         default_doc="auto",
+    )
+    decoder: str = declare(
+        "vae",
+        help="video decoder: vae, or diffusion (LTX-2.5's diffusion video decoder; the checkpoint must ship one)",
+        choices=DECODERS,
+        http="text",
+        latents=False,
+        added_later=True,
+        doc="the video decoder: `vae` (the video VAE), or `diffusion`, LTX-2.5's diffusion video decoder (a"
+        " one-step neighbourhood-attention model, seeded by `--seed`), for a checkpoint with a `diffusion_decoder`"
+        " folder (exit 2 otherwise)",
+        default_doc="vae",
     )
     # The frames delivered, centre-cropped from the rendered ones: how a size that is no multiple of 32
     # (OpenAI's 720x1280) is delivered exactly (see crop_box for why a crop and not a resize).

@@ -53,6 +53,11 @@ MAX_NAG_SCALE = 30.0
 # three steps run with the distilled LoRA `stage2_lora` fused into the transformer).
 ONE_STAGE, TWO_STAGE = "one-stage", "two-stage"
 PIPELINES = (ONE_STAGE, TWO_STAGE)
+# Video decoders (`--decoder`): the video VAE, or LTX-2.5's diffusion video decoder where the checkpoint
+# ships one (services/diffusion_decode.py).
+VAE_DECODER = "vae"
+DIFFUSION_DECODER_NAME = "diffusion"
+DECODERS = (VAE_DECODER, DIFFUSION_DECODER_NAME)
 # Two-stage runs stage 1 at half the width and height, which must itself be a multiple of 32 and
 # at least MIN_SIZE; so the full size is a multiple of 64 and at least 128.
 TWO_STAGE_SIZE_MULTIPLE = 2 * SIZE_MULTIPLE

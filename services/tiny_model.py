@@ -23,7 +23,9 @@ connectors and vocoder, and the transformer with 2.5's flags on top of 2.3's (fe
 the prompt's cross-attention modulation a static per-layer table instead of a timestep MLP).
 
 All carry a tiny `latent_upsampler` subfolder for two-stage runs, beside the pipeline's own folders
-(model_index.json does not list it, as in Lightricks/LTX-2).
+(model_index.json does not list it, as in Lightricks/LTX-2). 2.5's also carries its diffusion video
+decoder in `diffusion_decoder` (diffusers' `LTX2VideoDiffusionDecoderModel`, the component diffusers'
+modular 2.5 pipeline decodes with; LTX2Pipeline's model_index.json does not list it either).
 
 `write_tiny_stage2_lora_to_hf_cache` writes a tiny stand-in for a family's distilled LoRA, which dev
 two-stage fuses for stage 2, as a file in a snapshot of the real LoRA's repo id (a random rank-4 LoRA in
@@ -45,13 +47,14 @@ from diffusers import (
     AutoencoderKLLTX2Video,
     FlowMatchEulerDiscreteScheduler,
     LTX2Pipeline,
+    LTX2VideoDiffusionDecoderModel,
     LTX2VideoTransformer3DModel,
 )
 from diffusers.pipelines.ltx2 import LTX2TextConnectors
 from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.vocoder import LTX2Vocoder, LTX2VocoderWithBWE
 
-from protocol.families import LATENT_UPSAMPLER, family_named
+from protocol.families import DIFFUSION_DECODER, LATENT_UPSAMPLER, family_named
 from protocol.model_ids import TINY_REPO_IDS, TINY_REVISION, hub_cache_dir
 from services.tiny_text_encoder import TEXT_HIDDEN, TEXT_LAYERS, build_text_encoder, build_tokenizer
 
@@ -329,14 +332,48 @@ def build_latent_upsampler(family: str) -> LTX2LatentUpsamplerModel:
     )
 
 
+def build_diffusion_decoder() -> LTX2VideoDiffusionDecoderModel:
+    """LTX-2.5's diffusion video decoder at the tiny VAE's latent width and ratios (4x in space and time).
+
+    The real one (diffusers' defaults) has four upsampling stages, 8x in time and space times a patch of
+    4; this one has two: (2, 1, 1) then (2, 2, 2), times a patch of 2, so its frames and pixels match the
+    tiny VAE's and latents decode either way. Kernels of 3 and a stage-5 kernel of (3, 5, 5) still shift
+    windows inward at every border on a 32x32x9 clip (a stage-5 grid of 9x16x16, 18 blocks of 128 tokens).
+    The latent statistics are the tiny 2.5 VAE's, as the real decoder carries its VAE's.
+    """
+    decoder = LTX2VideoDiffusionDecoderModel(
+        out_channels=3,
+        latent_channels=4,
+        patch_size=2,
+        decoder_head_dim=8,
+        decoder_stage_channels=(32, 16, 16),
+        decoder_stage_depths=(1, 1, 2),
+        decoder_stage_kernels=((3, 3, 3), (3, 3, 3)),
+        decoder_upsample_strides=((2, 1, 1), (2, 2, 2)),
+        decoder_upsample_channel_reductions=(2, 1),
+        decoder_stage5_kernel=(3, 5, 5),
+        decoder_t_emb_dim=32,
+        spatial_compression_ratio=4,
+        temporal_compression_ratio=4,
+    )
+    vae = build_ltx23_video_vae()
+    decoder.latents_mean.copy_(vae.latents_mean)
+    decoder.latents_std.copy_(vae.latents_std)
+    return decoder
+
+
 def write_tiny_model(directory: Path, seed: int = 0, family: str = "2.0") -> Path:
     """Save the tiny pipeline of `family` with `save_pretrained` into `directory` (created if missing),
-    plus its latent upsampler in the `latent_upsampler` subfolder."""
+    plus its latent upsampler in the `latent_upsampler` subfolder and, for 2.5, its diffusion video
+    decoder in `diffusion_decoder`."""
     pipe = LTX2Pipeline(**build_components(seed, family))
     directory.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(directory)
     torch.manual_seed(seed)
     build_latent_upsampler(family).save_pretrained(directory / LATENT_UPSAMPLER)
+    if family_named(family).diffusion_decoder:
+        torch.manual_seed(seed)
+        build_diffusion_decoder().save_pretrained(directory / DIFFUSION_DECODER)
     return directory
 
 

@@ -1,7 +1,8 @@
 """video_decode -> video.mp4: latents through the video VAE, streamed into H.264, audio muxed (an
 extension's joined.mp4 beside it: services/joined_video.py).
 
-Loads only the video VAE. The decode plan (protocol.plans.DecodePlan, chosen by the orchestrator)
+Loads only the video VAE, or with `--decoder diffusion` only LTX-2.5's diffusion video decoder
+(services/diffusion_decode.py, the same plans). The decode plan (protocol.plans.DecodePlan, chosen by the orchestrator)
 says whether to tile spatially and whether to decode in temporal pieces; either way frames go to
 the encoder as soon as they are final, converted on the device to the encoder's YUV 4:2:0
 (services.color), so no float copy of the whole clip is ever made on the host. The file is
@@ -39,9 +40,11 @@ from protocol.files import (
 )
 from protocol.job_record import ResolvedExtension
 from protocol.plans import DecodePlan, parallel_piece_ranges, piece_ranges
+from protocol.spec_rules import DIFFUSION_DECODER_NAME
 from services import context_parallel, model_loading
 from services.background_encode import BackgroundEncoder
 from services.color import rgb_to_yuv420
+from services.diffusion_decode import diffusion_decode_frames, load_diffusion_decoder
 from services.joined_video import open_joined
 from services.latents import read_latents
 from services.media import DEFAULT_PRESET, Mp4Writer, read_wav, write_png
@@ -137,6 +140,36 @@ def crossfaded(pieces: Iterator[torch.Tensor], ranges: list[tuple[int, int]], ra
         yield frames
 
 
+def load_decoder(ctx: WorkerContext, dtype: torch.dtype, device: torch.device) -> Any:
+    """The spec's video decoder (`--decoder`), loaded once per process: the video VAE, or LTX-2.5's
+    diffusion video decoder (services/diffusion_decode.py)."""
+    if ctx.spec.decoder == DIFFUSION_DECODER_NAME:
+        if "diffusion_decoder" not in ctx.shared:
+            ctx.progress("load diffusion video decoder")
+            ctx.shared["diffusion_decoder"] = load_diffusion_decoder(ctx.model_root, dtype, device)
+        return ctx.shared["diffusion_decoder"]
+    if "video_vae" not in ctx.shared:
+        ctx.progress("load video VAE")
+        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
+    return ctx.shared["video_vae"]
+
+
+def frames_of(
+    ctx: WorkerContext, decoder: Any, latents: torch.Tensor, plan: DecodePlan, ranks: int = 1, rank: int = 0
+) -> Iterator[torch.Tensor]:
+    """Decoded frames `[n, 3, H, W]` in [0, 1], in order, from the spec's decoder. The diffusion decoder
+    denoises: its noise comes from the spec's seed, so a decode is repeatable. Over `ranks` processes the
+    VAE's pieces are shared (decode_frames); the diffusion decoder runs on rank 0 alone (its tiles are not
+    spread yet), the others yield nothing."""
+    if ctx.spec.decoder == DIFFUSION_DECODER_NAME:
+        if rank > 0:
+            return iter(())
+        generator = torch.Generator(latents.device).manual_seed(ctx.spec.seed)
+        return diffusion_decode_frames(decoder, latents, plan, generator)
+    configure_vae(decoder, plan)
+    return decode_frames(decoder, latents, plan, ranks, rank)
+
+
 def crop_frames(frames: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
     """`[n, 3, H, W]` frames cut to the spec's crop box (JobSpec.crop_box: left, top, width, height), a view
     on the device: the video and the PNGs hold the delivered size, never the rendered margin."""
@@ -167,19 +200,15 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     latents = tensors["video"]
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
-    if "video_vae" not in ctx.shared:
-        ctx.progress("load video VAE")
-        ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
-    vae = ctx.shared["video_vae"]
-    configure_vae(vae, plan)
+    decoder = load_decoder(ctx, dtype, device)
     expected = ctx.spec.num_frames
-    if (latents.shape[2] - 1) * vae.temporal_compression_ratio + 1 != expected:
+    if (latents.shape[2] - 1) * decoder.temporal_compression_ratio + 1 != expected:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
     # Read on every rank, though rank 0 alone muxes it: a clip one rank refuses, every rank refuses, so a
     # group's ranks never disagree on which clip they are exchanging pieces of.
     waveform, sample_rate = read_wav(ctx.job_dir / AUDIO_FILE)
     if rank > 0:  # its pieces, sent to rank 0; nothing of its own to write
-        for _ in decode_frames(vae, latents.to(device), plan, ranks, rank):
+        for _ in frames_of(ctx, decoder, latents.to(device), plan, ranks, rank):
             pass
         context_parallel.piece_exchange_done()
         done: Future[list[str]] = Future()
@@ -192,11 +221,12 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     preset = ctx.plan.get("x264_preset", DEFAULT_PRESET)
     threads = int(ctx.plan.get("x264_threads", 0))  # 0: x264 sizes its pool from the host's cores
     feed = encoder.start(functools.partial(encode_clip, clip, preset, threads, waveform, sample_rate))
-    label = plan.label + (f", over {ranks} processes" if ranks > 1 else "")
+    shared = ranks > 1 and ctx.spec.decoder != DIFFUSION_DECODER_NAME
+    label = plan.label + (f", over {ranks} processes" if shared else "")
     ctx.progress(f"decode video ({label})", 0, expected)
     try:
         decoded = 0
-        for decoded_frames in decode_frames(vae, latents.to(device), plan, ranks):
+        for decoded_frames in frames_of(ctx, decoder, latents.to(device), plan, ranks):
             frames = crop_frames(decoded_frames, box)
             for start in range(0, frames.shape[0], FRAMES_PER_WRITE):
                 feed.put(rgb_to_yuv420(frames[start : start + FRAMES_PER_WRITE]).cpu().numpy())

@@ -35,16 +35,19 @@ from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
 from protocol.control_video import reference_request
 from protocol.errors import ModelNotFound
-from protocol.families import LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
+from protocol.families import DIFFUSION_DECODER, LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
 from protocol.job_record import ResolvedExtension, ResolvedRetake
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
 from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import (
+    DECODERS,
+    DIFFUSION_DECODER_NAME,
     NOT_UTF8,
     ONE_STAGE,
     SCHEDULES,
     TWO_STAGE,
+    VAE_DECODER,
     SpecError,
     describe_duration,
     frames_lasting,
@@ -159,8 +162,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if needs_stage2_lora(fields) and fields.get("stage2_lora") is None:
         fields["stage2_lora"] = family_stage2_lora(settings, family, fields["schedule"])
     spec = JobSpec.from_dict(fields)
-    if spec.pipeline == TWO_STAGE:
-        require_latent_upsampler(model)
+    require_checkpoint_parts(spec, model)
     notices += unused_field_warnings(spec, request)
     return resolve_files(spec, model, settings, notices, found, retaken)
 
@@ -303,6 +305,15 @@ def family_stage2_lora(settings: Settings, family: str, schedule: object) -> dic
     return lora
 
 
+def require_checkpoint_parts(spec: JobSpec, model: ResolvedModel) -> None:
+    """The checkpoint holds what the spec runs beside the pipeline's own models: the latent upsampler of
+    a two-stage run, the diffusion video decoder of `--decoder diffusion`."""
+    if spec.pipeline == TWO_STAGE:
+        require_latent_upsampler(model)
+    if spec.decoder == DIFFUSION_DECODER_NAME:
+        require_diffusion_decoder(model)
+
+
 def require_latent_upsampler(model: ResolvedModel) -> None:
     """ModelNotFound (exit 4), in one line naming the folder looked for, when a two-stage run's
     checkpoint has no latent upsampler; checked before any stage runs, not after stage 1."""
@@ -317,6 +328,21 @@ def require_latent_upsampler(model: ResolvedModel) -> None:
     raise ModelNotFound(
         f"--pipeline two-stage needs the latent upsampler, but {folder} does not exist or holds no config.json;"
         f" {fetch} or use --pipeline one-stage"
+    )
+
+
+def require_diffusion_decoder(model: ResolvedModel) -> None:
+    """SpecError naming --decoder (exit 2, nothing queued) when the checkpoint ships no diffusion video
+    decoder: LTX-2.0 and 2.3 have none, and a 2.5 checkpoint may lack the folder."""
+    folder = model.path / DIFFUSION_DECODER
+    if (folder / "config.json").is_file():
+        return
+    label = f" ({model.family.label})" if model.family else ""
+    raise SpecError(
+        "decoder",
+        f"--decoder {DIFFUSION_DECODER_NAME} needs the checkpoint's diffusion video decoder, and {model.name}{label}"
+        f" has none ({folder} holds no config.json; LTX-2.5 checkpoints ship one); allowed: {', '.join(DECODERS)},"
+        f" use --decoder {VAE_DECODER}",
     )
 
 

@@ -74,6 +74,8 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "family": record.family.to_record() if record.family else None,
         # one-stage or two-stage (services/two_stage.py); jobs recorded before the field ran one-stage (its default).
         "pipeline": record.spec.pipeline,
+        # The video decoder (--decoder): the VAE, or LTX-2.5's diffusion decoder (seeded by `seed`).
+        "decoder": record.spec.decoder,
         # The frames as rendered and as delivered (centre-cropped: --crop-width/--crop-height, OpenAI's sizes).
         "size": size_summary(job),
         "loras": [lora_summary(lora) for lora in record.loras],

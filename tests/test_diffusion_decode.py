@@ -1,0 +1,197 @@
+"""LTX-2.5's diffusion video decoder (services/diffusion_decode.py) on the geometric block mask.
+
+The block lists against the dense mask they stand for, the block-sparse attention against dense
+attention, the whole decode against diffusers' own `LTX2VideoDiffusionDecodePipeline` on the tiny 2.5
+model, and the tiled decodes of the OOM ladder against the whole one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import probe_mp4, run_ltx2
+
+from protocol.model_ids import TINY_REPO_IDS
+from protocol.plans import DecodePlan
+from services.neighborhood_mask import Neighborhood, dense_neighborhood_mask, neighborhood_block_lists
+
+PARITY_TOLERANCE = 1e-5  # as tests/test_parity.py
+HALF_A_LEVEL = 0.5 / 255
+# Latents of a 9-frame 32x32 clip of the tiny 2.5 model (4x in space and time): a stage-5 grid of
+# 9x16x16 tokens, 18 blocks of 128.
+LATENT_SHAPE = (1, 4, 3, 8, 8)
+# (T, H, W), kernel, block size: raster blocks that start mid-row, rows shorter and longer than a
+# block, kernels clipped to the grid, a ragged last block, and diffusers' stage-5 kernel.
+GRIDS = [
+    ((9, 16, 16), (3, 5, 5), 128),
+    ((5, 7, 9), (3, 3, 3), 16),
+    ((9, 16, 16), (11, 11, 11), 128),
+    ((4, 10, 13), (3, 5, 5), 8),
+    ((17, 12, 40), (3, 7, 7), 32),
+    ((3, 4, 4), (3, 7, 7), 4),
+    ((3, 6, 150), (3, 5, 5), 128),
+]
+
+
+def block_matrices(sizes: tuple[int, int, int], kernel: tuple[int, int, int], block: int) -> dict[str, torch.Tensor]:
+    """The dense mask's blocks (any key allowed, all keys allowed) and the lists' (listed, full), each
+    `[query blocks, key blocks]`."""
+    grid = Neighborhood.of(sizes, kernel)
+    blocks = -(-grid.tokens // block)
+    pad = blocks * block - grid.tokens
+    dense = torch.nn.functional.pad(dense_neighborhood_mask(grid), (0, pad, 0, pad)).reshape(
+        blocks, block, blocks, block
+    )
+    real = torch.zeros(blocks * block, dtype=torch.bool)
+    real[: grid.tokens] = True
+    real = (real[:, None] & real[None, :]).reshape(blocks, block, blocks, block)
+    lists = neighborhood_block_lists(grid, block)
+    listed = torch.zeros(blocks, blocks, dtype=torch.bool)
+    full = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for row in range(blocks):
+        partial = lists.partial_indices[row, : lists.partial_counts[row]].long()
+        whole = lists.full_indices[row, : lists.full_counts[row]].long()
+        assert not set(partial.tolist()) & set(whole.tolist())
+        listed[row, partial] = True
+        listed[row, whole] = True
+        full[row, whole] = True
+    return {
+        "needed": dense.any(dim=(1, 3)),
+        "all": (dense | ~real).all(dim=(1, 3)),
+        "listed": listed,
+        "full": full,
+    }
+
+
+@pytest.mark.parametrize(("sizes", "kernel", "block"), GRIDS)
+def test_block_lists_hold_every_key_block_the_dense_mask_needs_and_no_other(
+    sizes: tuple[int, int, int], kernel: tuple[int, int, int], block: int
+):
+    m = block_matrices(sizes, kernel, block)
+    assert not (m["needed"] & ~m["listed"]).any()  # every key a window holds is in a listed block
+    assert not (m["listed"] & ~m["needed"]).any()  # the unions of windows are exact at block level
+    assert not (m["full"] & ~m["all"]).any()  # a block read without the mask holds only allowed keys
+
+
+def test_block_sparse_attention_equals_dense_masked_attention():
+    from services.neighborhood_attention import block_sparse_attention, block_sparse_passes
+
+    grid = Neighborhood.of((5, 12, 20), (3, 5, 5))
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(2, 3, grid.tokens, 8, generator=generator) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense_neighborhood_mask(grid), scale=1.0
+    )
+    sparse = block_sparse_attention(query, key, value, block_sparse_passes(grid, neighborhood_block_lists(grid)))
+    assert (sparse - dense).abs().max().item() <= PARITY_TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def decoder_case(tiny_25_model_dir: Path) -> dict:
+    """The tiny 2.5 model's diffusion decoder as the stage loads it, and seeded denormalized latents."""
+    from services.diffusion_decode import load_diffusion_decoder
+
+    case = {
+        "model": load_diffusion_decoder(tiny_25_model_dir, torch.float32, torch.device("cpu")),
+        "latents": torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(21)),
+    }
+    case["whole"], _ = staged(case, DecodePlan(False, None, 1, 16, 8))
+    return case
+
+
+def staged(case: dict, plan: DecodePlan) -> tuple[torch.Tensor, list[int]]:
+    """Our decode's frames `[n, H, W, 3]` and how many each yield held."""
+    from services.diffusion_decode import diffusion_decode_frames
+
+    pieces = list(diffusion_decode_frames(case["model"], case["latents"], plan, torch.Generator().manual_seed(5)))
+    return torch.cat(pieces).permute(0, 2, 3, 1), [piece.shape[0] for piece in pieces]
+
+
+def test_whole_decode_equals_diffusers_diffusion_decode_pipeline(decoder_case: dict, tiny_25_model_dir: Path):
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        LTX2VideoDiffusionDecodePipeline,
+        LTX2VideoDiffusionDecoderModel,
+    )
+
+    decoder = LTX2VideoDiffusionDecoderModel.from_pretrained(tiny_25_model_dir, subfolder="diffusion_decoder").eval()
+    pipe = LTX2VideoDiffusionDecodePipeline(diffusion_decoder=decoder, scheduler=FlowMatchEulerDiscreteScheduler())
+    reference = pipe(
+        decoder_case["latents"], generator=torch.Generator().manual_seed(5), output_type="pt", denormalize=False
+    ).frames[0]  # [F, 3, H, W] in [0, 1]
+    ours = decoder_case["whole"]
+    assert ours.shape == (9, 32, 32, 3)  # (3 - 1) * 4 + 1 frames
+    assert (ours - reference.permute(0, 2, 3, 1)).abs().max().item() <= PARITY_TOLERANCE
+
+
+# Temporal pieces of 2 latent frames sharing 1 (2 pieces over 3 latent frames), alone and with spatial
+# tiles of 24 px overlapping by 8 (2 x 2 tiles over 32 px).
+TILED_PLANS = {
+    "pieces": (DecodePlan(False, 2, 1, 24, 8), 2),
+    "pieces+tiled": (DecodePlan(True, 2, 1, 24, 8), 2),
+}
+
+
+@pytest.mark.parametrize("plan_name", tuple(TILED_PLANS))
+def test_tiled_decode_equals_the_whole_decode_within_half_a_level(decoder_case: dict, plan_name: str):
+    from services.diffusion_decode import Axis, plan_tiles
+
+    plan, pieces = TILED_PLANS[plan_name]
+    whole = decoder_case["whole"]
+    tiled, counts = staged(decoder_case, plan)
+    assert tiled.shape == whole.shape == (9, 32, 32, 3)
+    assert len(counts) == pieces
+    axes = (Axis(5, 2, True, 0), Axis(8, 4, False, 0), Axis(8, 4, False, 0))
+    spans = plan_tiles(decoder_case["model"], axes, plan)
+    assert len(spans[1]) == len(spans[2]) == (2 if plan.tiling else 1)  # the tiles really are decoded apart
+    assert (tiled - whole).abs().max().item() <= HALF_A_LEVEL
+
+
+# ---------------------------------------------------------------------------------------------
+# `--decoder`: a tiny 2.5 clip decoded by its diffusion decoder, and the flag's bad uses.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_2_5_clip_decodes_through_its_diffusion_decoder_with_exact_frames(ltx2_env: dict, tiny_25_model_dir: Path):
+    request = ["generate", "--prompt", "a lighthouse", "--seed", "4", "--model", TINY_REPO_IDS["2.5"], "--quiet"]
+    result = run_ltx2(
+        [*request, "--width", "64", "--height", "64", "--num-frames", "9", "--decoder", "diffusion"], ltx2_env
+    )
+    assert result.returncode == 0, result.stderr
+    video = Path(result.stdout.strip())
+    assert probe_mp4(video)["frames"] == 9
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar["decoder"] == sidecar["spec"]["decoder"] == "diffusion"
+
+
+@pytest.mark.parametrize(
+    ("family", "decoder", "message"),
+    [
+        ("2.0", "diffusion", "--decoder diffusion needs the checkpoint's diffusion video decoder"),
+        ("2.5", "convolution", "--decoder"),
+    ],
+)
+def test_bad_decoder_flags_exit_2_naming_the_flag_and_what_is_allowed(
+    ltx2_env: dict, tmp_path: Path, family: str, decoder: str, message: str
+):
+    result = run_ltx2(["generate", "--prompt", "x", "--model", TINY_REPO_IDS[family], "--decoder", decoder], ltx2_env)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "vae" in result.stderr and "diffusion" in result.stderr
+    assert not (tmp_path / "state" / "jobs").exists() or not any((tmp_path / "state" / "jobs").iterdir())
+
+
+def test_tiles_without_their_halos_differ_from_the_whole_decode(decoder_case: dict):
+    """The control of the test above: the halo is what makes the tiles equal (diffusers' seams-only tiles
+    differ by more than half a level at their borders)."""
+    from services.diffusion_decode import diffusion_decode_frames
+
+    plan, _ = TILED_PLANS["pieces"]
+    pieces = diffusion_decode_frames(
+        decoder_case["model"], decoder_case["latents"], plan, torch.Generator().manual_seed(5), exact_tiles=False
+    )
+    seams = torch.cat(list(pieces)).permute(0, 2, 3, 1)
+    assert seams.shape == decoder_case["whole"].shape
+    assert (seams - decoder_case["whole"]).abs().max().item() > HALF_A_LEVEL
