@@ -429,24 +429,29 @@ class JobSpec:
         default_doc="3r+1 (25 for LTX-2), or the longest that fits",
         metavar="K",
     )
-    #: retake (protocol/retake.py): a finished job's id whose frames from_frame..to_frame are regenerated, the
-    #: rest of its latents kept bit for bit
+    #: retake (protocol/retake.py): a finished job's id or a video file whose frames from_frame..to_frame are
+    #: regenerated, the rest of its latents (a file's: its VAE encoding) kept bit for bit
     retake: str | None = declare(
         None,
-        help="regenerate frames --from-frame..--to-frame of a finished job's clip (its id), keeping its other latent"
-        " frames bit for bit (model, size, frames and fps are the source's); " + RETAKE_AUDIO_NOTE,
+        help="regenerate frames --from-frame..--to-frame of a finished job's clip (its id) or of an MP4/MOV file"
+        " (8n+1 frames, sides multiples of 32), keeping its other latent frames bit for bit (size, frames and fps"
+        " are the source's, a job's model too); " + RETAKE_AUDIO_NOTE,
         default_from="none",
         rule=require_extend_source,
-        allowed="a finished job's id (not an extension's)",
+        allowed="a finished job's id (not an extension's), or an MP4/MOV file inside the input folders with 8n+1"
+        " frames and a width and height that are multiples of 32",
         http="own",
         added_later=True,
         doc="retake (`ltx2 retake SOURCE` is `generate --retake SOURCE`; see [Retake](rendering.md#retake)): a"
-        " finished job's id; its latents are copied into the job and hashed into its digest, the latent frames"
-        " of `--from-frame`..`--to-frame` are regenerated from noise and every other one is held at the"
-        " source's latents (ltx-pipelines' `TemporalRegionMask`), so the MP4 has the source's frame count;"
-        " `--model`, `--width`, `--height`, `--num-frames` and `--fps` are the source job's; " + RETAKE_AUDIO_NOTE,
+        " finished job's id, or an MP4/MOV file (8n+1 frames, width and height multiples of 32: encoded as it"
+        " is, never resampled); a job's latents, or the file, are copied into the job and hashed into its"
+        " digest, the diffusion stage encodes a file with the video VAE (and its audio track with the audio"
+        " VAE), the latent frames of `--from-frame`..`--to-frame` are regenerated from noise and every other one"
+        " is held at the source's latents (ltx-pipelines' `TemporalRegionMask`), so the MP4 has the source's"
+        " frame count; `--width`, `--height`, `--num-frames` and `--fps` are the source's (a job's `--model`"
+        " too); " + RETAKE_AUDIO_NOTE + " (a file without an audio stream: a new track throughout)",
         default_doc="none",
-        metavar="JOB_ID",
+        metavar="JOB_ID_OR_MP4",
     )
     from_frame: int | None = declare(
         None,

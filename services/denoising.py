@@ -26,8 +26,9 @@ from protocol.errors import InvalidInput
 from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
+from protocol.retake import VIDEO_SOURCE
 from protocol.spec import JobSpec
-from services import context_parallel, control_video, guidance, media, model_loading, nag, soundtrack
+from services import context_parallel, control_video, guidance, media, model_loading, nag, retake_source, soundtrack
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.latents import read_latents
 from services.lora_fusing import fuse_loras
@@ -235,17 +236,14 @@ def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dt
     kept = ctx.shared.get("soundtrack")
     if kept is not None and kept[0] == ctx.request.job_id:
         return kept[1]
-    if "audio_vae" not in ctx.shared:
-        ctx.progress("load audio VAE for the soundtrack")
-        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
-    audio_vae = ctx.shared["audio_vae"]
+    encoder = audio_vae(ctx, device, dtype, "the soundtrack")
     ctx.progress("encode the soundtrack")
     spec = ctx.spec
     waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
-    config = audio_vae.config
-    per_second = config.sample_rate / config.mel_hop_length / audio_vae.temporal_compression_ratio
+    config = encoder.config
+    per_second = config.sample_rate / config.mel_hop_length / encoder.temporal_compression_ratio
     frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
-    latents = soundtrack.encode_track(audio_vae, waveform, rate, frames, device)
+    latents = soundtrack.encode_track(encoder, waveform, rate, frames, device)
     ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
     return latents
 
@@ -265,7 +263,7 @@ def conditioning(
     normalizes: the VAE's statistics suffice.
     """
     if ctx.request.retake is not None:  # the source's latents, its frames outside the range held
-        return LTX2RetakePipeline, video_stats, {"retake": retake_region(ctx, device)}
+        return LTX2RetakePipeline, video_stats, {"retake": retake_region(ctx, device, dtype)}
     conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
     extension = ctx.request.extension
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
@@ -285,18 +283,43 @@ def conditioning(
     return LTX2ImageToVideoPipeline, vae, {"image": image, "image_crf": crf}
 
 
-def retake_region(ctx: WorkerContext, device: torch.device) -> RetakeRegion:
-    """The retaken job's source latents (the job's copy) and the range it regenerates."""
+def retake_region(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> RetakeRegion:
+    """The retaken source's latents (a job's, as the job holds them; a video file's, encoded now) and the range
+    it regenerates."""
     retake = ctx.request.retake
-    tensors, _ = read_latents(ctx.job_dir / retake.file)
+    if retake.kind == VIDEO_SOURCE:
+        video, audio = encoded_retake_file(ctx, device, dtype)
+    else:
+        tensors, _ = read_latents(ctx.job_dir / retake.file)
+        video, audio = tensors["video"].to(device), tensors["audio"].to(device)
     return RetakeRegion(
-        video=tensors["video"].to(device),
-        audio=tensors["audio"].to(device),
+        video=video,
+        audio=audio,
         start=retake.start,
         stop=retake.stop,
         first=retake.from_frame,
         last=retake.to_frame,
     )
+
+
+def encoded_retake_file(
+    ctx: WorkerContext, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The retaken video file's latents (services/retake_source.py): its frames through the video VAE, its audio
+    (None without an audio stream) through the audio VAE, written into the job as retake_encoded.safetensors."""
+    retake, spec = ctx.request.retake, ctx.spec
+    path = ctx.job_dir / retake.file
+    ctx.progress("encode the video to retake")
+    video = retake_source.encode_video_file(video_vae(ctx, device, dtype, "the video to retake"), path, device)
+    audio = None
+    if retake.has_audio:
+        vae = audio_vae(ctx, device, dtype, "the video to retake")
+        config = vae.config
+        per_second = config.sample_rate / config.mel_hop_length / vae.temporal_compression_ratio
+        frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
+        audio = retake_source.encode_audio_file(vae, path, spec.num_frames / spec.fps, frames, device)
+    retake_source.write_encoded(ctx.job_dir, retake, video, audio)
+    return video, audio
 
 
 def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
@@ -305,6 +328,14 @@ def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purp
         ctx.progress(f"load video VAE for {purpose}")
         ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
     return ctx.shared["video_vae"]
+
+
+def audio_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
+    """The audio VAE, loaded once per process (a group's next job reuses it)."""
+    if "audio_vae" not in ctx.shared:
+        ctx.progress(f"load audio VAE for {purpose}")
+        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
+    return ctx.shared["audio_vae"]
 
 
 def keyframe(ctx: WorkerContext, condition: ResolvedCondition) -> LTX2VideoCondition:

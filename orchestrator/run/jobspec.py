@@ -125,7 +125,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if found is not None:  # the source's model, size and frame rate unless the request gives its own
         request = {**request, **source_defaults(found, request)}
     retaken = find_retake_source(request["retake"], settings) if request.get("retake") is not None else None
-    if retaken is not None:  # the source's model, size, frames and frame rate: its latents have that shape
+    if retaken is not None:  # the source's size, frames and frame rate (a job's model too): its latents' shape
         request = {**request, **retake_defaults(retaken, request)}
     model_name = request.get("model")
     if model_name is not None and not isinstance(model_name, str):
@@ -207,7 +207,7 @@ def resolve_files(
         extension = (found.path, record)
     retake = None
     if retaken is not None:
-        retake = (retaken.latents, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
+        retake = (retaken.path, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
     spec, reference = resolve_reference(spec, model, loras, settings.input_roots, hashes, notices)
     audio = resolve_audio(spec, settings.input_roots, hashes)
     identity = identify(
