@@ -146,11 +146,9 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
     if fields.get("pipeline") is None:
-        size = (fields.get("width"), fields.get("height"))
-        fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
+        fields["pipeline"] = default_pipeline(fields, settings, family)
     if found is not None and fields.get("overlap") is None:
         fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
-        fields["pipeline"] = default_pipeline(fields, settings, family)
     if retaken is not None and request.get("pipeline") is None:
         fields["pipeline"] = ONE_STAGE  # the only pipeline a retake runs (protocol/spec.py)
     camera = fields.pop("camera", None)
