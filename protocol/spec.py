@@ -486,17 +486,20 @@ class JobSpec:
     #: IC-LoRA control video: {source, strength} (protocol/control_video.py); the flag writes PATH[:STRENGTH]
     reference_video: dict[str, Any] | None = declare(
         None,
-        help="control video for an IC-LoRA (--lora), PATH[:STRENGTH] (strength 0-1, default 1); one-stage only",
+        help="control video for an IC-LoRA (--lora), PATH[:STRENGTH] (strength 0-1, default 1); with --pipeline"
+        " two-stage it conditions stage 1, and stage 2 refines without it and without the LoRAs",
         default_from="none",
         rule=require_reference,
         allowed="an MP4/MOV video of at least --num-frames frames (its first ones are used, resized and"
-        " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA; one-stage",
+        " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA",
         http="own",
         added_later=True,
         doc="IC-LoRA control video (diffusers' `LTX2InContextPipeline`): `PATH[:STRENGTH]`; its first"
         " `--num-frames` frames are resized and centre-cropped to the clip's size / `--reference-downscale` and"
         " appended as clean tokens (STRENGTH 1: kept clean; lower: starts that far into the noise); a shorter"
-        " one is refused; needs `--lora` (the IC-LoRA); one-stage only; inside `paths.input_roots`, copied into"
+        " one is refused; needs `--lora` (the IC-LoRA); two-stage: it and the LoRAs act at stage 1 (half size,"
+        " the control at that size / N), stage 2 refines without either (ltx-pipelines' `ICLoraPipeline`);"
+        " inside `paths.input_roots`, copied into"
         ' the job and hashed into its digest; `reference_video = "depth.mp4:0.8"` in a batch file',
         default_doc="none",
         metavar="PATH[:STRENGTH]",
@@ -507,10 +510,11 @@ class JobSpec:
         default_from="none",
         low=1,
         high=MAX_DOWNSCALE,
-        allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N",
+        allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N (two-stage: 64·N)",
         http="number",
         added_later=True,
-        doc="the control video is encoded at the clip's width and height / N, its positions scaled back by N"
+        doc="the control video is encoded at the clip's width and height / N (two-stage: stage 1's, half the"
+        " clip's, / N), its positions scaled back by N"
         " (diffusers' `reference_downscale_factor`); must match the IC-LoRA's training: when absent, its"
         " `reference_downscale_factor` metadata (as ltx-pipelines reads it), else 1; a value the LoRA contradicts"
         " is refused",
@@ -733,7 +737,7 @@ class JobSpec:
         require_frames_inside(self.conditions, self.num_frames)
         self._require_valid_extension()
         self._require_valid_retake()
-        require_reference_fits_request(self.reference_video, self.pipeline, self.loras)
+        require_reference_fits_request(self.reference_video, self.loras)
         require_audio_fits_request(self.audio, self.extend, self.retake)
         self._require_valid_nag()
         self._require_valid_pipeline()

@@ -55,20 +55,29 @@ class DenoisePass:
     latents: torch.Tensor | None = None  #: video latents to start from (denormalized, 5-D), else noise
     audio_latents: torch.Tensor | None = None  #: audio latents to start from (denormalized, 4-D), else noise
     noise_scale: float = 0.0  #: how much fresh noise is mixed into given latents (the first sigma)
+    #: over the transformer with the job's LoRAs fused, and conditioned on its control video: all but the second
+    #: pass of a two-stage IC-LoRA run (ltx-pipelines' ICLoraPipeline refines without either; services/two_stage.py)
+    in_context: bool = True
 
 
 def loaded_denoiser(
-    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, stage2_lora: ResolvedLora | None = None
+    ctx: WorkerContext,
+    device: torch.device,
+    dtype: torch.dtype,
+    stage2_lora: ResolvedLora | None = None,
+    job_loras: bool = True,
 ) -> dict[str, Any]:
     """The placed, LoRA-fused denoiser components, loaded once per process and kept in
     `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
     dtype, LoRAs and plan are equal; anything else replaces them).
 
     `stage2_lora` (dev two-stage's stage 2) is fused on top of the job's LoRAs: another set of weights,
-    so another key. Only one denoiser is ever held: the old one is released before the next loads.
+    so another key; without `job_loras` (two-stage IC-LoRA's stage 2) the job's LoRAs are left out. Only one
+    denoiser is ever held: the old one is released before the next loads.
     """
     request = ctx.request
-    fields: list[Any] = [str(ctx.model_root), str(dtype), [lora.to_json() for lora in request.loras], ctx.plan]
+    own = list(request.loras) if job_loras else []
+    fields: list[Any] = [str(ctx.model_root), str(dtype), [lora.to_json() for lora in own], ctx.plan]
     if stage2_lora is not None:  # left out otherwise, so the key of every other run stays as it was
         fields.append(stage2_lora.to_json())
     key = json.dumps(fields, sort_keys=True)
@@ -83,7 +92,7 @@ def loaded_denoiser(
     connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
-    loras = [*request.loras, *([stage2_lora] if stage2_lora is not None else [])]
+    loras = [*own, *([stage2_lora] if stage2_lora is not None else [])]
     if loras:
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
@@ -169,7 +178,7 @@ def denoise(
     would pass one generator to both calls. `stage2_lora`: run over the transformer with that LoRA
     fused too (dev two-stage's stage 2).
     """
-    parts = loaded_denoiser(ctx, device, dtype, stage2_lora)
+    parts = loaded_denoiser(ctx, device, dtype, stage2_lora, job_loras=run.in_context)
     # A fresh scheduler per pass: set_timesteps mutates it, and a group reuses the loaded one.
     fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     scheduler, sigmas = guidance.resolve_schedule(run.schedule, fresh)
@@ -258,7 +267,8 @@ def conditioning(
     latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
-    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions.
+    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions;
+    two-stage's second pass runs without it (DenoisePass.in_context), those frame conditions alone.
     A retake runs services/retake_pipeline.py's LTX2RetakePipeline from the source's latents, which it only
     normalizes: the VAE's statistics suffice.
     """
@@ -269,7 +279,7 @@ def conditioning(
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
         frames = load_overlap_frames(ctx.job_dir, extension, ctx.spec)
         conditions.insert(0, LTX2VideoCondition(frames=frames, index=0, strength=1.0))
-    if ctx.request.reference is not None:  # the keyframes (and an extension's frames) are its frame conditions
+    if ctx.request.reference is not None and run.in_context:  # the keyframes (and image) are its frame conditions
         inputs = control_video.in_context_inputs(ctx.job_dir, ctx.request.reference, conditions)
         return LTX2InContextPipeline, video_vae(ctx, device, dtype, "the control video"), inputs
     if conditions:

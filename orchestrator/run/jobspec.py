@@ -146,7 +146,8 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
     if fields.get("pipeline") is None:
-        fields["pipeline"] = default_pipeline(fields, settings, family)
+        size = (fields.get("width"), fields.get("height"))
+        fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
     if found is not None and fields.get("overlap") is None:
         fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
     if retaken is not None and request.get("pipeline") is None:
@@ -257,14 +258,6 @@ def write_entries_as_maps(fields: dict[str, Any]) -> None:
         fields["conditions"] = conditions_request(fields["conditions"])
     if fields.get("reference_video") is not None:
         fields["reference_video"] = reference_request(fields["reference_video"])
-
-
-def default_pipeline(fields: dict[str, Any], settings: Settings, family: str) -> str:
-    """The family preset's pipeline for the size; one-stage with an IC-LoRA control video, the only one it runs
-    (protocol/control_video.py), so a large LTX-2.3 clip is not refused for a choice the user never made."""
-    if fields.get("reference_video") is not None:
-        return ONE_STAGE
-    return settings.preset_pipeline(family, fields["schedule"], fields.get("width"), fields.get("height"))
 
 
 def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:
