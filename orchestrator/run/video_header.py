@@ -39,7 +39,8 @@ class VideoHeader:
 
 
 def read_video_header(path: Path) -> VideoHeader:
-    """The frame count and size of the first video track of an MP4/M4V/MOV file."""
+    """The frame count, size and frame rate of the first video track of an MP4/M4V/MOV file, and whether the
+    file has an audio track (a retake of the file keeps its audio only then)."""
     with path.open("rb") as handle:
         moov = find_moov(handle, path.stat().st_size)
     tracks = children(moov, b"trak")
