@@ -197,13 +197,17 @@ def add_retake_command(add_command: Callable[..., argparse.ArgumentParser]) -> N
     """`ltx2 retake SOURCE --from-frame A --to-frame B`: `generate --retake SOURCE`, with generate's output flags."""
     retake = add_command(
         "retake",
-        help="regenerate frames A..B of a finished job's clip, keeping its other latent frames bit for bit",
-        description="Render SOURCE (a finished job's id) again with frames --from-frame A to --to-frame B (whole"
-        " latent frames) regenerated from the prompt and every other latent frame held at SOURCE's latents, as"
-        " ltx-pipelines' retake does; model, size, frames and fps are SOURCE's. Publishes one MP4 of SOURCE's"
-        f" length. Audio: {RETAKE_AUDIO_NOTE}.",
+        help="regenerate frames A..B of a finished job's clip or an MP4, keeping its other latent frames bit for bit",
+        description="Render SOURCE (a finished job's id, or an MP4/MOV file) again with frames --from-frame A to"
+        " --to-frame B (whole latent frames) regenerated from the prompt and every other latent frame held at"
+        " SOURCE's latents, as ltx-pipelines' retake does: a job's latents as they are, a file's as the VAEs"
+        " encode it (8n+1 frames, width and height multiples of 32; nothing is resampled). Size, frames and fps"
+        f" are SOURCE's (a job's model too). Publishes one MP4 of SOURCE's length. Audio: {RETAKE_AUDIO_NOTE}; a"
+        " file without audio gets a new track throughout.",
     )
-    retake.add_argument("source", metavar="JOB_ID", help="the finished job whose clip is retaken")
+    retake.add_argument(
+        "source", metavar="JOB_ID_OR_MP4", help="the finished job, or the MP4/MOV file, whose clip is retaken"
+    )
     add_spec_flags(retake, leave_out=(RETAKE_FIELD,))
     add_output_flags(retake)
     add_reuse_flag(retake, "print its MP4")

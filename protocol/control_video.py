@@ -23,11 +23,17 @@ does with the control clip decides what is checked here, before any job exists:
   another factor than a LoRA states, or LoRAs that disagree, are refused (ltx-pipelines refuses the latter).
 - **Needs a LoRA.** The base model was never trained to read appended control tokens; without an
   IC-LoRA they cost attention and steer nothing. Refused, so no GPU time is spent on a no-op.
-- **One-stage only.** Both references run a two-stage IC-LoRA clip as stage 1 with the IC-LoRA and
-  the control clip, then stage 2 on the transformer *without* the IC-LoRA and without the control
-  clip (ltx-pipelines' `ICLoraPipeline` builds stage 2 with `loras=()`). Here a job's LoRAs are fused
-  once for both stages, so stage 2 would run the IC-LoRA with no control tokens: refused, naming
-  `--pipeline`, until stage 2 can load a transformer without the job's LoRAs.
+- **Two-stage: the control at stage 1 only.** Lightricks' two-stage IC-LoRA recipe (ltx-pipelines'
+  `ICLoraPipeline`, packages/ltx-pipelines/src/ltx_pipelines/ic_lora.py) runs stage 1 at half the width
+  and height with the IC-LoRA and the control clip, encoded at stage 1's size divided by the factor (its
+  `_create_conditionings(height=stage_1 height, ...)`), beside the image and keyframes at that size; the
+  latent upsampler doubles the result; stage 2 refines it on the transformer *without* any of the job's
+  LoRAs (`stage_2 = DiffusionStage(..., loras=())`) and without the control clip, the image and keyframes
+  encoded again at the full size (`combined_image_conditionings`). diffusers 0.42.1 has no two-stage IC-LoRA
+  recipe; each stage here is one of its pipelines (`LTX2InContextPipeline` at stage 1, as one-stage runs
+  it; `LTX2ConditionPipeline` or `LTX2Pipeline` at stage 2, as two-stage runs them), and stage 2 loads the
+  transformer again without the LoRAs (services/two_stage.py). So the factor must put stage 1's control
+  size on the VAE's grid: the clip's size / 2 / factor.
 
 Torch-free: the orchestrator checks it; the worker reads protocol.job_record.ResolvedReference.
 """
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.files import read_safetensors_metadata
-from protocol.spec_rules import ONE_STAGE, SpecError, require_path_text
+from protocol.spec_rules import TWO_STAGE, SpecError, require_path_text
 
 REFERENCE_FIELD = "reference_video"
 DOWNSCALE_FIELD = "reference_downscale"
@@ -84,23 +90,15 @@ def require_reference(entry: dict[str, Any], field: str = REFERENCE_FIELD) -> No
         raise SpecError(REFERENCE_FIELD, f"{source}: the strength must be between 0.0 and 1.0; got {strength!r}")
 
 
-def require_reference_fits_request(entry: dict[str, Any] | None, pipeline: str, loras: list[Any]) -> None:
-    """The refusals that need other fields: no LoRA to read the control, or a two-stage run (see above)."""
+def require_reference_fits_request(entry: dict[str, Any] | None, loras: list[Any]) -> None:
+    """The refusal that needs another field: no LoRA to read the control (see above)."""
     if entry is None:
         return
-    shown = describe_reference(entry)
     if not loras:
         raise SpecError(
             REFERENCE_FIELD,
-            f"{shown}: a control video needs an IC-LoRA to read it (add --lora with one); the base model was not"
-            " trained on control tokens, so they would cost attention and steer nothing",
-        )
-    if pipeline != ONE_STAGE:
-        raise SpecError(
-            "pipeline",
-            f"--reference-video runs one-stage only (got --pipeline {pipeline}): an IC-LoRA's two-stage recipe"
-            " (Lightricks' ltx-pipelines ICLoraPipeline, diffusers' LTX2InContextPipeline) refines stage 2"
-            " without the IC-LoRA, and this project fuses a job's LoRAs into both stages; use --pipeline one-stage",
+            f"{describe_reference(entry)}: a control video needs an IC-LoRA to read it (add --lora with one); the"
+            " base model was not trained on control tokens, so they would cost attention and steer nothing",
         )
 
 
@@ -120,15 +118,25 @@ def require_reference_frames(entry: dict[str, Any], frames: int, num_frames: int
         )
 
 
-def require_downscale_fits(downscale: int, width: int, height: int, spatial_ratio: int) -> None:
-    """The control clip's size, the clip's divided by `downscale`, on the VAE's grid (see above)."""
+def control_size(width: int, height: int, pipeline: str, downscale: int) -> tuple[int, int]:
+    """The size the control clip is encoded at: the size of the pass it conditions (two-stage: stage 1, half the
+    clip's), divided by the factor."""
+    stage = 2 if pipeline == TWO_STAGE else 1
+    return width // stage // downscale, height // stage // downscale
+
+
+def require_downscale_fits(downscale: int, width: int, height: int, spatial_ratio: int, pipeline: str) -> None:
+    """The control clip's size, the conditioned pass's divided by `downscale`, on the VAE's grid (see above)."""
+    stage = 2 if pipeline == TWO_STAGE else 1
+    where = " (two-stage conditions stage 1, at half the size)" if stage == 2 else ""
     for side, value in (("--width", width), ("--height", height)):
-        if value % (downscale * spatial_ratio):
+        multiple = stage * downscale * spatial_ratio
+        if value % multiple:
             raise SpecError(
                 DOWNSCALE_FIELD,
-                f"{downscale} needs {side} to be a multiple of {downscale * spatial_ratio} (the control clip is"
-                f" encoded at {side} / {downscale}, which must be a multiple of the VAE's {spatial_ratio}); got"
-                f" {value}",
+                f"{downscale} needs {side} to be a multiple of {multiple} (the control clip is encoded at {side}"
+                f"{' / 2' if stage == 2 else ''} / {downscale}, which must be a multiple of the VAE's"
+                f" {spatial_ratio}{where}); got {value}",
             )
 
 

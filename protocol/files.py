@@ -28,8 +28,12 @@ INPUT_IMAGE_FILE = "input_image.png"
 # second output, the source followed by the new frames after the overlap.
 EXTEND_SOURCE_FILE = "extend_source.mp4"
 JOINED_FILE = "joined.mp4"
-# Retake jobs (protocol/retake.py): the source job's latents as the job holds them (hard-linked).
+# Retake jobs (protocol/retake.py): the source job's latents as the job holds them (hard-linked); or, retaking a
+# video file, the file as the job holds it and its VAE encoding, which the diffusion stage writes before it
+# denoises (an intermediate file of encode_diffuse, not one of its declared outputs: the latents it holds).
 RETAKE_SOURCE_FILE = "retake_source.safetensors"
+RETAKE_SOURCE_VIDEO_FILE = "retake_source.mp4"
+RETAKE_ENCODED_FILE = "retake_encoded.safetensors"
 FIRST_FRAME_FILE = "first.png"
 LAST_FRAME_FILE = "last.png"
 # Hashing reads files in pieces so a multi-GB MP4 never sits in memory.

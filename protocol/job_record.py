@@ -255,16 +255,21 @@ def read_extension(raw: object, where: str, at: str) -> ResolvedExtension | None
 @dataclasses.dataclass(frozen=True)
 class ResolvedRetake(RecordFields):
     """The clip a job retakes, as the orchestrator checked and stored it (orchestrator/run/retake_lookup.py): the
-    diffusion stage starts from `file`'s latents, regenerates latent frames [start, stop) and holds the rest."""
+    diffusion stage starts from `file`'s latents (a video file's: its VAE encoding), regenerates latent frames
+    [start, stop) and holds the rest."""
 
-    source: str  #: what the request named: the source job's id
-    file: str  #: the source's latents inside the job directory (protocol.files.RETAKE_SOURCE_FILE)
-    sha256: str  #: the SHA-256 of those latents' bytes, as the request digest holds it
+    source: str  #: what the request named: the source job's id, or a video file's path
+    file: str  #: the source inside the job directory (protocol.files.RETAKE_SOURCE_FILE or RETAKE_SOURCE_VIDEO_FILE)
+    sha256: str  #: the SHA-256 of its bytes (the latents', or the video file's), as the request digest holds it
     frames: int  #: the source's frame count (the retake's too)
     from_frame: int  #: the first pixel frame regenerated
     to_frame: int  #: the last pixel frame regenerated
     start: int  #: the first latent frame regenerated
     stop: int  #: one past the last latent frame regenerated
+    #: protocol.retake.LATENTS_SOURCE (a finished job's latents, held as they are) or VIDEO_SOURCE (a video file
+    #: the diffusion stage encodes with the VAEs first); absent in records made before files could be retaken
+    kind: str = "latents"
+    has_audio: bool = True  #: whether the source holds audio to keep (a video file without an audio stream: no)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 

@@ -10,6 +10,15 @@ compression, 8 for LTX-2, 4 on the tiny test models); audio latent l spans mel f
 [max(0, 4l - 3), 4l + 1) (the audio patchifier's causal offset). The window of frames A..B is
 [A / fps, (B + 1) / fps).
 
+SOURCE is a finished job's id (its latents are held as they are) or a video file, as ltx-pipelines' retake takes
+one (`RetakePipeline.__call__(video_path=...)`): the diffusion stage first encodes the file's frames with the
+video VAE and its audio with the audio VAE (ltx-pipelines' `video_latent_from_file` and `audio_latent_from_file`),
+then holds those latents as it holds a job's. The file must be what the VAE encodes as it is, which
+ltx-pipelines' `main()` checks too: 8n+1 frames and a size that is a multiple of 32 (nothing is resampled; it
+refuses the rest with the frame count to cut to), and the clip keeps its frame rate. A file without an audio
+stream has no audio to keep: as ltx-pipelines does then (no audio conditioning), the whole track is generated
+afresh with the retaken video.
+
 A range that is not whole latent frames is refused with the nearest ranges that are, as keyframes are: the
 tokens are latent frames, so regenerating frame 6 alone would regenerate frames 5 to 8, and widening the range
 silently would change frames the user asked to keep.
@@ -20,12 +29,26 @@ job.json (protocol.job_record.ResolvedRetake).
 
 from __future__ import annotations
 
-from protocol.spec_rules import SpecError
+from protocol.spec_rules import (
+    FRAME_MULTIPLE,
+    MAX_FRAMES,
+    MAX_SIZE,
+    MIN_FRAMES,
+    MIN_SIZE,
+    SIZE_MULTIPLE,
+    SpecError,
+    nearest_frames,
+    nearest_sizes,
+)
 
 # The fields' names: SpecError names `--retake` (`ltx2 retake SOURCE`), `--from-frame` and `--to-frame`.
 RETAKE_FIELD = "retake"
 FROM_FIELD = "from_frame"
 TO_FIELD = "to_frame"
+# What a retake's source is (protocol.job_record.ResolvedRetake.kind): a finished job's latents, or a video file
+# the diffusion stage encodes first.
+LATENTS_SOURCE = "latents"
+VIDEO_SOURCE = "video"
 # The audio VAE packs 4 mel frames into one latent (AutoencoderKLLTX2Audio's LATENT_DOWNSAMPLE_FACTOR in
 # diffusers 0.42.1; ltx-core's AudioPatchifier.audio_latent_downsample_factor).
 AUDIO_LATENT_MEL_FRAMES = 4
@@ -37,6 +60,33 @@ RETAKE_AUDIO_NOTE = (
     " and its latents over the range (ltx-pipelines' TemporalRegionMask for audio) are spliced between the"
     " source's; the audio decoder smooths the two seams over a few tens of milliseconds"
 )
+
+#: What the retake of a video file without an audio stream does with the audio.
+RETAKE_NO_AUDIO_NOTE = (
+    "the source file has no audio stream, so there is no audio to keep: the whole track is generated afresh with"
+    " the retaken video (as ltx-pipelines' retake does when its source has no audio)"
+)
+
+
+def require_retake_file(frames: int, width: int, height: int) -> None:
+    """SpecError naming --retake unless a video file is what the VAE encodes as it is and a clip may be: 8n+1
+    frames and sides that are multiples of 32, within the spec's bounds (ltx-pipelines' retake refuses the rest
+    likewise; nothing is resampled, since the frames outside the range must stay the file's)."""
+    if frames % FRAME_MULTIPLE != 1 or not MIN_FRAMES <= frames <= MAX_FRAMES:
+        raise SpecError(
+            RETAKE_FIELD,
+            f"the video has {frames} frames; a retake encodes the file as it is, so it needs {FRAME_MULTIPLE}n+1"
+            f" frames between {MIN_FRAMES} and {MAX_FRAMES} (the VAE packs frame 0 alone, then every"
+            f" {FRAME_MULTIPLE}): cut it to {' or '.join(map(str, nearest_frames(frames)))} frames",
+        )
+    for side, value in (("width", width), ("height", height)):
+        if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= MAX_SIZE:
+            raise SpecError(
+                RETAKE_FIELD,
+                f"the video is {width}x{height}; a retake encodes the file as it is, so its width and height must be"
+                f" multiples of {SIZE_MULTIPLE} between {MIN_SIZE} and {MAX_SIZE} (crop or scale its {side} to"
+                f" {' or '.join(map(str, nearest_sizes(value)))})",
+            )
 
 
 def latent_of(frame: int, ratio: int) -> int:

@@ -430,24 +430,29 @@ class JobSpec:
         default_doc="3r+1 (25 for LTX-2), or the longest that fits",
         metavar="K",
     )
-    #: retake (protocol/retake.py): a finished job's id whose frames from_frame..to_frame are regenerated, the
-    #: rest of its latents kept bit for bit
+    #: retake (protocol/retake.py): a finished job's id or a video file whose frames from_frame..to_frame are
+    #: regenerated, the rest of its latents (a file's: its VAE encoding) kept bit for bit
     retake: str | None = declare(
         None,
-        help="regenerate frames --from-frame..--to-frame of a finished job's clip (its id), keeping its other latent"
-        " frames bit for bit (model, size, frames and fps are the source's); " + RETAKE_AUDIO_NOTE,
+        help="regenerate frames --from-frame..--to-frame of a finished job's clip (its id) or of an MP4/MOV file"
+        " (8n+1 frames, sides multiples of 32), keeping its other latent frames bit for bit (size, frames and fps"
+        " are the source's, a job's model too); " + RETAKE_AUDIO_NOTE,
         default_from="none",
         rule=require_extend_source,
-        allowed="a finished job's id (not an extension's)",
+        allowed="a finished job's id (not an extension's), or an MP4/MOV file inside the input folders with 8n+1"
+        " frames and a width and height that are multiples of 32",
         http="own",
         added_later=True,
         doc="retake (`ltx2 retake SOURCE` is `generate --retake SOURCE`; see [Retake](rendering.md#retake)): a"
-        " finished job's id; its latents are copied into the job and hashed into its digest, the latent frames"
-        " of `--from-frame`..`--to-frame` are regenerated from noise and every other one is held at the"
-        " source's latents (ltx-pipelines' `TemporalRegionMask`), so the MP4 has the source's frame count;"
-        " `--model`, `--width`, `--height`, `--num-frames` and `--fps` are the source job's; " + RETAKE_AUDIO_NOTE,
+        " finished job's id, or an MP4/MOV file (8n+1 frames, width and height multiples of 32: encoded as it"
+        " is, never resampled); a job's latents, or the file, are copied into the job and hashed into its"
+        " digest, the diffusion stage encodes a file with the video VAE (and its audio track with the audio"
+        " VAE), the latent frames of `--from-frame`..`--to-frame` are regenerated from noise and every other one"
+        " is held at the source's latents (ltx-pipelines' `TemporalRegionMask`), so the MP4 has the source's"
+        " frame count; `--width`, `--height`, `--num-frames` and `--fps` are the source's (a job's `--model`"
+        " too); " + RETAKE_AUDIO_NOTE + " (a file without an audio stream: a new track throughout)",
         default_doc="none",
-        metavar="JOB_ID",
+        metavar="JOB_ID_OR_MP4",
     )
     from_frame: int | None = declare(
         None,
@@ -482,17 +487,20 @@ class JobSpec:
     #: IC-LoRA control video: {source, strength} (protocol/control_video.py); the flag writes PATH[:STRENGTH]
     reference_video: dict[str, Any] | None = declare(
         None,
-        help="control video for an IC-LoRA (--lora), PATH[:STRENGTH] (strength 0-1, default 1); one-stage only",
+        help="control video for an IC-LoRA (--lora), PATH[:STRENGTH] (strength 0-1, default 1); with --pipeline"
+        " two-stage it conditions stage 1, and stage 2 refines without it and without the LoRAs",
         default_from="none",
         rule=require_reference,
         allowed="an MP4/MOV video of at least --num-frames frames (its first ones are used, resized and"
-        " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA; one-stage",
+        " centre-cropped); STRENGTH 0.0 to 1.0; needs a LoRA",
         http="own",
         added_later=True,
         doc="IC-LoRA control video (diffusers' `LTX2InContextPipeline`): `PATH[:STRENGTH]`; its first"
         " `--num-frames` frames are resized and centre-cropped to the clip's size / `--reference-downscale` and"
         " appended as clean tokens (STRENGTH 1: kept clean; lower: starts that far into the noise); a shorter"
-        " one is refused; needs `--lora` (the IC-LoRA); one-stage only; inside `paths.input_roots`, copied into"
+        " one is refused; needs `--lora` (the IC-LoRA); two-stage: it and the LoRAs act at stage 1 (half size,"
+        " the control at that size / N), stage 2 refines without either (ltx-pipelines' `ICLoraPipeline`);"
+        " inside `paths.input_roots`, copied into"
         ' the job and hashed into its digest; `reference_video = "depth.mp4:0.8"` in a batch file',
         default_doc="none",
         metavar="PATH[:STRENGTH]",
@@ -503,10 +511,11 @@ class JobSpec:
         default_from="none",
         low=1,
         high=MAX_DOWNSCALE,
-        allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N",
+        allowed=f"1 to {MAX_DOWNSCALE}; --width and --height multiples of 32·N (two-stage: 64·N)",
         http="number",
         added_later=True,
-        doc="the control video is encoded at the clip's width and height / N, its positions scaled back by N"
+        doc="the control video is encoded at the clip's width and height / N (two-stage: stage 1's, half the"
+        " clip's, / N), its positions scaled back by N"
         " (diffusers' `reference_downscale_factor`); must match the IC-LoRA's training: when absent, its"
         " `reference_downscale_factor` metadata (as ltx-pipelines reads it), else 1; a value the LoRA contradicts"
         " is refused",
@@ -741,7 +750,7 @@ class JobSpec:
         require_frames_inside(self.conditions, self.num_frames)
         self._require_valid_extension()
         self._require_valid_retake()
-        require_reference_fits_request(self.reference_video, self.pipeline, self.loras)
+        require_reference_fits_request(self.reference_video, self.loras)
         require_audio_fits_request(self.audio, self.extend, self.retake)
         self._require_valid_nag()
         self._require_valid_pipeline()

@@ -26,8 +26,9 @@ from protocol.errors import InvalidInput
 from protocol.families import CheckpointFamily
 from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
+from protocol.retake import VIDEO_SOURCE
 from protocol.spec import JobSpec
-from services import context_parallel, control_video, guidance, media, model_loading, nag, soundtrack
+from services import context_parallel, control_video, guidance, media, model_loading, nag, retake_source, soundtrack
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.held_audio_tokens import HeldAudioTokens, held_tokens_pipeline
 from services.latents import read_latents
@@ -56,20 +57,29 @@ class DenoisePass:
     latents: torch.Tensor | None = None  #: video latents to start from (denormalized, 5-D), else noise
     audio_latents: torch.Tensor | None = None  #: audio latents to start from (denormalized, 4-D), else noise
     noise_scale: float = 0.0  #: how much fresh noise is mixed into given latents (the first sigma)
+    #: over the transformer with the job's LoRAs fused, and conditioned on its control video: all but the second
+    #: pass of a two-stage IC-LoRA run (ltx-pipelines' ICLoraPipeline refines without either; services/two_stage.py)
+    in_context: bool = True
 
 
 def loaded_denoiser(
-    ctx: WorkerContext, device: torch.device, dtype: torch.dtype, stage2_lora: ResolvedLora | None = None
+    ctx: WorkerContext,
+    device: torch.device,
+    dtype: torch.dtype,
+    stage2_lora: ResolvedLora | None = None,
+    job_loras: bool = True,
 ) -> dict[str, Any]:
     """The placed, LoRA-fused denoiser components, loaded once per process and kept in
     `ctx.shared` for the next job of a group (which the orchestrator only groups when model,
     dtype, LoRAs and plan are equal; anything else replaces them).
 
     `stage2_lora` (dev two-stage's stage 2) is fused on top of the job's LoRAs: another set of weights,
-    so another key. Only one denoiser is ever held: the old one is released before the next loads.
+    so another key; without `job_loras` (two-stage IC-LoRA's stage 2) the job's LoRAs are left out. Only one
+    denoiser is ever held: the old one is released before the next loads.
     """
     request = ctx.request
-    fields: list[Any] = [str(ctx.model_root), str(dtype), [lora.to_json() for lora in request.loras], ctx.plan]
+    own = list(request.loras) if job_loras else []
+    fields: list[Any] = [str(ctx.model_root), str(dtype), [lora.to_json() for lora in own], ctx.plan]
     if stage2_lora is not None:  # left out otherwise, so the key of every other run stays as it was
         fields.append(stage2_lora.to_json())
     key = json.dumps(fields, sort_keys=True)
@@ -84,7 +94,7 @@ def loaded_denoiser(
     connectors, transformer, scheduler = model_loading.load_denoiser(ctx.model_root, dtype, device)
     video_stats, audio_stats = model_loading.load_latent_statistics(ctx.model_root)
     # Order matters: base weights, then LoRAs fused, then FP8 storage / offload.
-    loras = [*request.loras, *([stage2_lora] if stage2_lora is not None else [])]
+    loras = [*own, *([stage2_lora] if stage2_lora is not None else [])]
     if loras:
         ctx.progress("fuse LoRAs")
         base = pipeline(LTX2Pipeline, scheduler, video_stats, audio_stats, connectors, transformer)
@@ -170,7 +180,7 @@ def denoise(
     would pass one generator to both calls. `stage2_lora`: run over the transformer with that LoRA
     fused too (dev two-stage's stage 2).
     """
-    parts = loaded_denoiser(ctx, device, dtype, stage2_lora)
+    parts = loaded_denoiser(ctx, device, dtype, stage2_lora, job_loras=run.in_context)
     # A fresh scheduler per pass: set_timesteps mutates it, and a group reuses the loaded one.
     fresh = type(parts["scheduler"]).from_config(parts["scheduler"].config)
     scheduler, sigmas = guidance.resolve_schedule(run.schedule, fresh)
@@ -241,14 +251,14 @@ def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dt
     kept = ctx.shared.get("soundtrack")
     if kept is not None and kept[0] == ctx.request.job_id:
         return kept[1]
-    audio_vae = shared_audio_vae(ctx, device, dtype, "the soundtrack")
+    encoder = audio_vae(ctx, device, dtype, "the soundtrack")
     ctx.progress("encode the soundtrack")
     spec = ctx.spec
     waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
-    config = audio_vae.config
-    per_second = config.sample_rate / config.mel_hop_length / audio_vae.temporal_compression_ratio
+    config = encoder.config
+    per_second = config.sample_rate / config.mel_hop_length / encoder.temporal_compression_ratio
     frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
-    latents = soundtrack.encode_track(audio_vae, waveform, rate, frames, device)
+    latents = soundtrack.encode_track(encoder, waveform, rate, frames, device)
     ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
     return latents
 
@@ -260,20 +270,12 @@ def extension_audio(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     kept = ctx.shared.get("overlap_audio")
     if kept is not None and kept[0] == ctx.request.job_id:
         return kept[1]
-    audio_vae = shared_audio_vae(ctx, device, dtype, "the source's audio")
+    encoder = audio_vae(ctx, device, dtype, "the source's audio")
     ctx.progress("encode the source's audio under the overlap")
     spec = ctx.spec
-    latents = overlap_audio_latents(audio_vae, ctx.job_dir, ctx.request.extension, spec.num_frames, spec.fps, device)
+    latents = overlap_audio_latents(encoder, ctx.job_dir, ctx.request.extension, spec.num_frames, spec.fps, device)
     ctx.shared["overlap_audio"] = (ctx.request.job_id, latents)
     return latents
-
-
-def shared_audio_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
-    """The audio VAE, loaded once per process (a group's next job reuses it)."""
-    if "audio_vae" not in ctx.shared:
-        ctx.progress(f"load audio VAE for {purpose}")
-        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
-    return ctx.shared["audio_vae"]
 
 
 def conditioning(
@@ -286,18 +288,19 @@ def conditioning(
     latent frame clean and unnoised, which is how diffusers conditions two-stage's second pass.
     LTX2ConditionPipeline encodes its conditions again at the pass's size and places them on the given
     latents, as it does on noise: two-stage conditions both passes.
-    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions.
+    An IC-LoRA control video runs LTX2InContextPipeline, the keyframes (and the image) as its frame conditions;
+    two-stage's second pass runs without it (DenoisePass.in_context), those frame conditions alone.
     A retake runs services/retake_pipeline.py's LTX2RetakePipeline from the source's latents, which it only
     normalizes: the VAE's statistics suffice.
     """
     if ctx.request.retake is not None:  # the source's latents, its frames outside the range held
-        return LTX2RetakePipeline, video_stats, {"retake": retake_region(ctx, device)}
+        return LTX2RetakePipeline, video_stats, {"retake": retake_region(ctx, device, dtype)}
     conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
     extension = ctx.request.extension
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
         frames = load_overlap_frames(ctx.job_dir, extension, ctx.spec)
         conditions.insert(0, LTX2VideoCondition(frames=frames, index=0, strength=1.0))
-    if ctx.request.reference is not None:  # the keyframes (and an extension's frames) are its frame conditions
+    if ctx.request.reference is not None and run.in_context:  # the keyframes (and image) are its frame conditions
         inputs = control_video.in_context_inputs(ctx.job_dir, ctx.request.reference, conditions)
         return LTX2InContextPipeline, video_vae(ctx, device, dtype, "the control video"), inputs
     if conditions:
@@ -311,18 +314,43 @@ def conditioning(
     return LTX2ImageToVideoPipeline, vae, {"image": image, "image_crf": crf}
 
 
-def retake_region(ctx: WorkerContext, device: torch.device) -> RetakeRegion:
-    """The retaken job's source latents (the job's copy) and the range it regenerates."""
+def retake_region(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> RetakeRegion:
+    """The retaken source's latents (a job's, as the job holds them; a video file's, encoded now) and the range
+    it regenerates."""
     retake = ctx.request.retake
-    tensors, _ = read_latents(ctx.job_dir / retake.file)
+    if retake.kind == VIDEO_SOURCE:
+        video, audio = encoded_retake_file(ctx, device, dtype)
+    else:
+        tensors, _ = read_latents(ctx.job_dir / retake.file)
+        video, audio = tensors["video"].to(device), tensors["audio"].to(device)
     return RetakeRegion(
-        video=tensors["video"].to(device),
-        audio=tensors["audio"].to(device),
+        video=video,
+        audio=audio,
         start=retake.start,
         stop=retake.stop,
         first=retake.from_frame,
         last=retake.to_frame,
     )
+
+
+def encoded_retake_file(
+    ctx: WorkerContext, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The retaken video file's latents (services/retake_source.py): its frames through the video VAE, its audio
+    (None without an audio stream) through the audio VAE, written into the job as retake_encoded.safetensors."""
+    retake, spec = ctx.request.retake, ctx.spec
+    path = ctx.job_dir / retake.file
+    ctx.progress("encode the video to retake")
+    video = retake_source.encode_video_file(video_vae(ctx, device, dtype, "the video to retake"), path, device)
+    audio = None
+    if retake.has_audio:
+        vae = audio_vae(ctx, device, dtype, "the video to retake")
+        config = vae.config
+        per_second = config.sample_rate / config.mel_hop_length / vae.temporal_compression_ratio
+        frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
+        audio = retake_source.encode_audio_file(vae, path, spec.num_frames / spec.fps, frames, device)
+    retake_source.write_encoded(ctx.job_dir, retake, video, audio)
+    return video, audio
 
 
 def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
@@ -331,6 +359,14 @@ def video_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purp
         ctx.progress(f"load video VAE for {purpose}")
         ctx.shared["video_vae"] = model_loading.load_video_vae(ctx.model_root, dtype, device)
     return ctx.shared["video_vae"]
+
+
+def audio_vae(ctx: WorkerContext, device: torch.device, dtype: torch.dtype, purpose: str) -> Any:
+    """The audio VAE, loaded once per process (a group's next job reuses it)."""
+    if "audio_vae" not in ctx.shared:
+        ctx.progress(f"load audio VAE for {purpose}")
+        ctx.shared["audio_vae"] = model_loading.load_audio_vae(ctx.model_root, dtype, device)
+    return ctx.shared["audio_vae"]
 
 
 def keyframe(ctx: WorkerContext, condition: ResolvedCondition) -> LTX2VideoCondition:

@@ -13,7 +13,8 @@ Two things stay outside the loop, applied to its result. The video latents it re
 normalized and denormalized again (equal up to float rounding), so the source's own values are written back
 into the held frames, which makes them bit for bit the source's. The audio cannot be masked in diffusers 0.42.1
 (its audio latents are one whole starting point), so the whole track is generated afresh and only its latents
-over the range (TemporalRegionMask's audio rule, protocol/retake.py) replace the source's.
+over the range (TemporalRegionMask's audio rule, protocol/retake.py) replace the source's; a source without
+audio (a video file with no audio stream) keeps the new track whole.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class RetakeRegion:
     frames first..last they cover (for the audio's window)."""
 
     video: torch.Tensor  #: the source's video latents, denormalized, [1, C, F, H, W]
-    audio: torch.Tensor  #: the source's audio latents, denormalized, [1, C, L, M]
+    audio: torch.Tensor | None  #: the source's audio latents, denormalized, [1, C, L, M]; None: it has no audio
     start: int
     stop: int
     first: int
@@ -54,12 +55,12 @@ class LTX2RetakePipeline(LTX2ConditionPipeline):
             video, audio = super().__call__(*args, **kwargs)
         finally:
             self._region = None
+        video = hold_outside(video, retake.video, retake.start, retake.stop, dim=2)
+        if retake.audio is None:  # nothing to keep: the new track throughout (ltx-pipelines: no audio conditioning)
+            return video, audio
         mel_per_second = self.audio_sampling_rate / self.audio_hop_length
-        fps = kwargs["frame_rate"]
-        span = audio_latent_span(retake.first, retake.last, fps, audio.shape[2], mel_per_second)
-        return hold_outside(video, retake.video, retake.start, retake.stop, dim=2), hold_outside(
-            audio, retake.audio, *span, dim=2
-        )
+        span = audio_latent_span(retake.first, retake.last, kwargs["frame_rate"], audio.shape[2], mel_per_second)
+        return video, hold_outside(audio, retake.audio, *span, dim=2)
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """The parent's noisy latents, mask and clean latents, with every token outside the region clean

@@ -18,6 +18,11 @@ the dev schedule with its guidance on the job's transformer, and stage 2 the sam
 sigmas with guidance off, but on the transformer with Lightricks' distilled LoRA (the job record's
 `stage2_lora`) fused at 1.0 on top of the job's own LoRAs. LoRAs are fused before any FP8 cast, so
 that is a second load of the transformer, made after the first is released (never two at once).
+With an IC-LoRA control video the recipe is Lightricks' ICLoraPipeline (ltx-pipelines' ic_lora.py): stage 1
+runs with the job's LoRAs and the control clip (LTX2InContextPipeline at half the size, the control encoded at
+that size / its factor), stage 2 on the transformer loaded again without the job's LoRAs (its `loras=()`) and
+without the control clip, the image and keyframes alone conditioning it at the full size.
+
 A group of such jobs (stage-major) runs every member's stage 1 first, from the group's `prepare`
 (`run_group_stage1`), each written to its latents_stage1.safetensors, then switches once: each
 job's own turn finds its stage 1 there and runs the upsampler and stage 2 on the LoRA'd transformer.
@@ -58,9 +63,10 @@ def denoise_two_stage(
     first, reused = stage1(ctx, embeddings, device, dtype)
     generator = torch.Generator(device=device)
     generator.set_state(first["generator_state"])
-    if lora is not None:  # switch before upsampling, which needs only the latent statistics
-        loaded_denoiser(ctx, device, dtype, lora)
-    upsampled = upsample(ctx, first["video"], device, dtype, lora)
+    job_loras = stage2_in_context(ctx)
+    if lora is not None or not job_loras:  # switch before upsampling, which needs only the latent statistics
+        loaded_denoiser(ctx, device, dtype, lora, job_loras)
+    upsampled = upsample(ctx, first["video"], device, dtype, lora, job_loras)
     run = stage2_pass(ctx, family, upsampled, first["audio"])
     second = denoise(ctx, embeddings, device, dtype, generator, run, lora)
     return {
@@ -100,17 +106,14 @@ def stage1(
 
 
 def run_group_stage1(contexts: list[WorkerContext], prompt_embeddings: Any) -> None:
-    """Before a group's first job: stage 1 of every dev two-stage member, on the base transformer.
+    """Before a group's first job: stage 1 of every member whose stage 2 runs on another transformer (dev
+    two-stage, two-stage IC-LoRA), on the job's.
 
     Each result goes to its latents_stage1.safetensors, so the members' own turns switch to the
-    transformer with the stage-2 LoRA once, for all of them. `prompt_embeddings(ctx, device, dtype)`
+    stage-2 transformer once, for all of them. `prompt_embeddings(ctx, device, dtype)`
     gives a member's embeddings. A member whose input is invalid is left to fail in its own turn.
     """
-    members = [
-        ctx
-        for ctx in contexts
-        if ctx.stage_request is not None and ctx.spec.pipeline == TWO_STAGE and ctx.spec.schedule != "distilled"
-    ]
+    members = [ctx for ctx in contexts if ctx.stage_request is not None and switches_transformer(ctx)]
     if not members:
         return
     device = model_loading.resolve_device()
@@ -125,6 +128,19 @@ def run_group_stage1(contexts: list[WorkerContext], prompt_embeddings: Any) -> N
             log.warning("%s: stage 1 left to the job's own turn: %s", ctx.job_dir.name, exc)
             continue
         made.add(str(ctx.job_dir))
+
+
+def stage2_in_context(ctx: WorkerContext) -> bool:
+    """Whether stage 2 runs with the job's LoRAs and control video: not with a control video, whose stage 2
+    Lightricks' ICLoraPipeline refines on the transformer without LoRAs (`loras=()`) and without the control."""
+    return ctx.request.reference is None
+
+
+def switches_transformer(ctx: WorkerContext) -> bool:
+    """Whether the job's stage 2 runs on another transformer than its stage 1: dev two-stage (the distilled LoRA
+    fused too) and two-stage IC-LoRA (without the job's LoRAs)."""
+    spec = ctx.spec
+    return spec.pipeline == TWO_STAGE and (spec.schedule != "distilled" or ctx.request.reference is not None)
 
 
 def stage1_pass(ctx: WorkerContext, family: CheckpointFamily | None) -> DenoisePass:
@@ -145,7 +161,8 @@ def stage2_pass(
     ctx: WorkerContext, family: CheckpointFamily | None, video: torch.Tensor, audio: torch.Tensor
 ) -> DenoisePass:
     """The full size from the upsampled video and stage 1's audio, re-noised to the first stage-2 sigma
-    (Lightricks' ti2vid_two_stages.py and distilled.py do the same), three steps, guidance off."""
+    (Lightricks' ti2vid_two_stages.py and distilled.py do the same), three steps, guidance off; with a control
+    video, on the transformer without the job's LoRAs and without the control (Lightricks' ic_lora.py)."""
     return DenoisePass(
         width=ctx.spec.width,
         height=ctx.spec.height,
@@ -157,6 +174,7 @@ def stage2_pass(
         latents=video,
         audio_latents=audio,
         noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0],
+        in_context=stage2_in_context(ctx),
     )
 
 
@@ -166,12 +184,14 @@ def upsample(
     device: torch.device,
     dtype: torch.dtype,
     lora: ResolvedLora | None = None,
+    job_loras: bool = True,
 ) -> torch.Tensor:
     """Stage 1's (denormalized) video latents at twice the width and height, still denormalized.
 
     The upsampler loads only now, after stage 1, and stays for a group's next job. The pipeline's
     `vae` serves only its compression ratios here, so the latent statistics stand in for it (taken
-    from the denoiser stage 2 runs on: `lora` names its stage-2 LoRA, if any).
+    from the denoiser stage 2 runs on: `lora` names its stage-2 LoRA, if any; without `job_loras`, the
+    job's own are left out).
     """
     ctx.progress("upsample latents")
     key = (str(ctx.model_root), str(dtype))
@@ -180,7 +200,7 @@ def upsample(
         ctx.progress("load latent upsampler")
         kept = (key, model_loading.load_latent_upsampler(ctx.model_root, dtype, device))
         ctx.shared["latent_upsampler"] = kept
-    video_stats = loaded_denoiser(ctx, device, dtype, lora)["video_stats"]
+    video_stats = loaded_denoiser(ctx, device, dtype, lora, job_loras)["video_stats"]
     pipe = LTX2LatentUpsamplePipeline(vae=video_stats, latent_upsampler=kept[1])
     pipe.set_progress_bar_config(disable=True)
     (upsampled,) = pipe(

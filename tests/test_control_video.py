@@ -16,9 +16,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILY_MODEL_FIXTURES, TINY_ARGS, run_ltx2
-from diffusers import LTX2InContextPipeline
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    LTX2ConditionPipeline,
+    LTX2InContextPipeline,
+    LTX2LatentUpsamplePipeline,
+)
+from diffusers.pipelines.ltx2.latent_upsampler import LTX2LatentUpsamplerModel
 from diffusers.pipelines.ltx2.pipeline_ltx2_condition import LTX2VideoCondition
 from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceCondition
+from diffusers.pipelines.ltx2.utils import STAGE_2_DISTILLED_SIGMA_VALUES
 from PIL import Image
 from safetensors.torch import save_file
 from test_keyframes import CHEAP, GUIDANCE_OFF, gradient, write_video
@@ -29,7 +36,7 @@ from orchestrator.run.jobspec import build_spec
 from orchestrator.run.policy import initial_plan
 from protocol.control_video import parse_reference_flag
 from protocol.families import detect_family
-from protocol.files import LATENTS_FILE, Stage
+from protocol.files import LATENTS_FILE, STAGE1_LATENTS_FILE, Stage
 from protocol.spec_rules import SpecError
 from protocol.stage_request import StageRequest
 from services import encode_diffuse
@@ -80,6 +87,7 @@ def render(model_dir: Path, state: Path, **request: object) -> tuple[JobDir, dic
     job = JobDir.create(
         settings.jobs_dir, built.spec, built.model, loras=built.loras, image=built.image,
         conditions=built.conditions, reference=built.reference, identity=built.identity,
+        stage2_lora=built.stage2_lora,
     )  # fmt: skip
     plan = initial_plan(Stage.ENCODE_DIFFUSE, built.spec, settings)
     reporter = Reporter(Stage.ENCODE_DIFFUSE, job.id, None)
@@ -94,24 +102,35 @@ def first_frames(path: Path, count: int) -> list[Image.Image]:
         return [frame.to_image() for _, frame in zip(range(count), container.decode(video=0), strict=False)]
 
 
-def in_context_reference(model_dir: Path, files: dict[str, Path], family: str) -> tuple[torch.Tensor, ...]:
-    """LTX2InContextPipeline with the LoRA loaded, scaled and fused as services/lora_fusing.py does."""
-    strength, half, image = CASES[family]
-    lora = files["lora_half" if half else "lora"]
-    pipe = LTX2InContextPipeline.from_pretrained(model_dir, dtype=torch.float32)
+def fused(pipe: object, lora: Path) -> object:
+    """`pipe` with the LoRA loaded, scaled and fused as services/lora_fusing.py does."""
     pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="ic")
-    pipe.set_adapters(["ic"], adapter_weights=[1.0])
-    pipe.fuse_lora(adapter_names=["ic"], lora_scale=1.0)
+    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="fused")
+    pipe.set_adapters(["fused"], adapter_weights=[1.0])
+    pipe.fuse_lora(adapter_names=["fused"], lora_scale=1.0)
     pipe.unload_lora_weights()
-    keyframes = [LTX2VideoCondition(frames=Image.open(files["first"]).convert("RGB"), index=0)] if image else None
+    return pipe
+
+
+def keyframes_of(files: dict[str, Path], family: str) -> list[LTX2VideoCondition] | None:
+    """The case's frame conditions: its --image at frame 0, if it has one."""
+    return [LTX2VideoCondition(frames=Image.open(files["first"]).convert("RGB"), index=0)] if CASES[family][2] else None
+
+
+def in_context_reference(model_dir: Path, files: dict[str, Path], family: str) -> tuple[torch.Tensor, ...]:
+    """LTX2InContextPipeline with the IC-LoRA fused, at CHEAP's size (two-stage's stage 1 of a clip twice as
+    large, too)."""
+    strength, half, _ = CASES[family]
+    pipe = fused(
+        LTX2InContextPipeline.from_pretrained(model_dir, dtype=torch.float32), files["lora_half" if half else "lora"]
+    )
     control = LTX2ReferenceCondition(frames=first_frames(files["clip"], CHEAP["num_frames"]), strength=strength)
     with torch.no_grad():
         return pipe(
             prompt="a bird takes off",
             negative_prompt="",
             reference_conditions=[control],
-            conditions=keyframes,
+            conditions=keyframes_of(files, family),
             reference_downscale_factor=2 if half else 1,
             width=CHEAP["width"],
             height=CHEAP["height"],
@@ -179,7 +198,18 @@ def test_the_digest_covers_the_control_files_bytes_and_strength(
         ({"num_frames": 25}, "--reference-video", "it has 21 frames and the clip 25"),
         ({"reference_video": "<first>"}, "--reference-video", "cannot read"),
         ({"reference_video": "<clip>:1.5"}, "--reference-video", "between 0.0 and 1.0; got 1.5"),
-        ({"pipeline": "two-stage", "width": 128, "height": 128}, "--pipeline", "runs one-stage only"),
+        (
+            {
+                "pipeline": "two-stage",
+                "width": 128,
+                "height": 128,
+                "schedule": "distilled",
+                "steps": 8,
+                "reference_downscale": 3,
+            },
+            "--reference-downscale",
+            "needs --width to be a multiple of 24 (the control clip is encoded at --width / 2 / 3",
+        ),
         ({"reference_downscale": 3}, "--reference-downscale", "needs --width to be a multiple of 12"),
         ({"reference_downscale": 9}, "--reference-downscale", "9"),
         ({"reference_downscale": 1, "loras": [{"source": "<lora_half>"}]}, "--reference-downscale", "differs from"),
@@ -228,3 +258,64 @@ def test_generate_with_a_control_video_publishes_the_clip_and_records_it(ltx2_en
     )  # fmt: skip
     (job_dir,) = (Path(ltx2_env["LTX2_STATE_DIR"]) / "jobs").iterdir()
     assert "load video VAE for the control video" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
+
+
+# Two-stage (Lightricks' ICLoraPipeline, ltx-pipelines' ic_lora.py), on LTX-2.0's case (a half-size control and
+# an image): stage 1 at half the size is the one-stage in-context run above, at CHEAP's size; stage 2 refines the
+# upsampled latents on the transformer without the IC-LoRA (here: with the dev recipe's stage-2 LoRA alone) and
+# without the control clip, the image alone conditioning it, as diffusers' LTX2ConditionPipeline runs two-stage's
+# stage 2. diffusers' stage 1 is control_render's reference; its stage 2 starts from the generator state the
+# staged stage 1 left (its latents equal the reference's, so it drew the same noise).
+
+
+@pytest.fixture(scope="module")
+def two_stage_control(
+    control_render: dict, control_files: dict, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> dict[str, object]:
+    """A dev two-stage controlled render of CHEAP twice as large, and diffusers' stage 2 of it."""
+    if control_render["family"] != "2.0":
+        pytest.skip("two-stage control is pinned on LTX-2.0's case (the in-context pipeline on both families above)")
+    stage2_lora = tmp_path_factory.mktemp("stage2") / "distilled.safetensors"
+    save_file(lora_tensors("diffusion_model.", seed=5), str(stage2_lora))
+    size = {"width": 2 * CHEAP["width"], "height": 2 * CHEAP["height"]}
+    fields = {**control_request(control_files, "2.0"), **size, "pipeline": "two-stage"}
+    state = control_render["job"].path.parents[1]  # the one-stage run's: its prompt embeddings are cached there
+    job, staged = render(tiny_model_dir, state, stage2_lora={"source": str(stage2_lora)}, **fields)
+    stage1, _ = read_latents(job.path / STAGE1_LATENTS_FILE)
+    generator = torch.Generator()
+    generator.set_state(stage1["generator_state"])
+    upsampler = LTX2LatentUpsamplerModel.from_pretrained(
+        tiny_model_dir, subfolder="latent_upsampler", dtype=torch.float32
+    )
+    pipe = fused(LTX2ConditionPipeline.from_pretrained(tiny_model_dir, dtype=torch.float32), stage2_lora)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_dynamic_shifting=False, shift_terminal=None
+    )
+    with torch.no_grad():
+        (upsampled,) = LTX2LatentUpsamplePipeline(vae=pipe.vae, latent_upsampler=upsampler)(
+            latents=control_render["video"], output_type="latent", return_dict=False
+        )
+        final = pipe(
+            prompt="a bird takes off", negative_prompt="", latents=upsampled, audio_latents=control_render["audio"],
+            conditions=keyframes_of(control_files, "2.0"), noise_scale=STAGE_2_DISTILLED_SIGMA_VALUES[0],
+            sigmas=list(STAGE_2_DISTILLED_SIGMA_VALUES), num_inference_steps=len(STAGE_2_DISTILLED_SIGMA_VALUES),
+            num_frames=CHEAP["num_frames"], frame_rate=24.0, generator=generator, output_type="latent",
+            return_dict=False, **size, **guidance_off(detect_family(tiny_model_dir)),
+        )  # fmt: skip
+    return {"job": job, "staged": staged, "stage1": stage1, "reference": final}
+
+
+def test_two_stage_control_stage_1_equals_ltx2_in_context_pipeline_at_half_size(
+    two_stage_control: dict, control_render: dict
+):
+    stage1 = two_stage_control["stage1"]
+    assert stage1["video"].shape == control_render["video"].shape == (1, 4, 5, 16, 16)
+    assert float((stage1["video"] - control_render["video"]).abs().max()) <= TOLERANCE
+    assert float((stage1["audio"] - control_render["audio"]).abs().max()) <= TOLERANCE
+
+
+def test_two_stage_control_stage_2_refines_without_the_ic_lora_or_the_control(two_stage_control: dict):
+    staged, (video, audio) = two_stage_control["staged"], two_stage_control["reference"]
+    assert staged["video"].shape == video.shape == (1, 4, 5, 32, 32)  # 17 frames at 128x128
+    assert float((staged["video"] - video).abs().max()) <= TOLERANCE
+    assert float((staged["audio"] - audio).abs().max()) <= TOLERANCE

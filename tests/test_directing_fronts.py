@@ -370,6 +370,8 @@ def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_
         "prompt": "first.png",
     }
     assert with_absolute_paths({"extend": "20261206-181500-a1b2c3"}, tmp_path) == {"extend": "20261206-181500-a1b2c3"}
+    # A retake of a file (ltx2 submit --retake clip.mp4): the file from where it was typed, as --extend's.
+    assert with_absolute_paths({"retake": "clip.mp4"}, tmp_path) == {"retake": str(tmp_path / "clip.mp4")}
 
 
 def test_an_extension_sent_again_is_its_video_even_after_its_source_was_deleted(gateway: Gateway, source: dict):

@@ -445,3 +445,13 @@ def test_a_source_from_other_x264_settings_is_encoded_again_into_the_joined_vide
     assert len(joined) == 9 + 9 - 5
     assert float(np.abs(joined[:9] - decoded(source)).mean()) <= 2.0
     assert float(np.abs(joined[9:] - new[5:]).mean()) <= 4.0
+
+
+def test_an_extension_without_overlap_keeps_the_pipeline_it_asks_for(root: Path, tmp_path: Path):
+    """The default overlap once re-set the pipeline to the preset's, dropping a --pipeline the request gave."""
+    from test_retake import write_mp4
+
+    clip = write_mp4(tmp_path / "wide.mp4", 17, width=128, height=128)
+    request = extend_request(str(clip), num_frames=25, pipeline="two-stage", schedule="distilled", steps=8)
+    built = build_spec(request, settings_for(root))
+    assert (built.spec.pipeline, built.spec.overlap) == ("two-stage", 13)

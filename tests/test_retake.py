@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ltx2_environment, probe_mp4, render_in_process, run_ltx2
@@ -20,8 +21,8 @@ from config.settings import Settings, load_settings
 from orchestrator.placement.fork_client import ForkServer
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.jobspec import build_spec
-from protocol.files import LATENTS_FILE
-from protocol.retake import RETAKE_AUDIO_NOTE, audio_latent_span, latent_span
+from protocol.files import LATENTS_FILE, RETAKE_ENCODED_FILE, RETAKE_SOURCE_VIDEO_FILE
+from protocol.retake import RETAKE_AUDIO_NOTE, RETAKE_NO_AUDIO_NOTE, audio_latent_span, latent_span
 from protocol.spec_rules import SpecError
 from services.latents import read_latents
 
@@ -163,3 +164,135 @@ def test_retake_regions_are_ltx_cores_temporal_region_mask(frames: int, ratio: i
             assert list(range(start, stop)) == ltx_core_video_region(frames, ratio, first, last, 24.0)
             begin, end = audio_latent_span(first, last, 24.0, audio_count, MEL_PER_SECOND)
             assert list(range(begin, end)) == ltx_core_audio_region(audio_count, first, last, 24.0)
+
+
+# Retake of a video file: the source's published MP4, encoded by the diffusion stage with the VAEs first.
+
+
+@pytest.fixture(scope="module")
+def retaken_file(root: Path, source: JobDir, tiny_model_dir: Path, fork_server: ForkServer) -> JobDir:
+    """`ltx2 retake <the source's MP4> --from-frame 5 --to-frame 8`, run in this process as generate would."""
+    settings = settings_for(root)
+    request = {"prompt": "the ball turns blue", "model": str(tiny_model_dir), "seed": 4, **CHEAP}
+    request = {k: v for k, v in request.items() if k not in ("width", "height", "num_frames")}  # the file's
+    request.update(retake=source.record.output, from_frame=FIRST, to_frame=LAST)
+    built = build_spec(request, settings)
+    job = JobDir.create(
+        settings.jobs_dir, built.spec, built.model, identity=built.identity, owner="generate", retake=built.retake
+    )
+    render_in_process(job, settings, fork_server)
+    return JobDir.load(job.path)
+
+
+def test_retake_of_an_mp4_holds_its_vae_encoding_outside_the_range_bit_for_bit(retaken_file: JobDir):
+    encoded, _ = read_latents(retaken_file.path / RETAKE_ENCODED_FILE)
+    after, _ = read_latents(retaken_file.path / LATENTS_FILE)
+    assert after["video"].shape == encoded["video"].shape
+    start, stop = latent_span(FIRST, LAST, 4)
+    held = [index for index in range(encoded["video"].shape[2]) if not start <= index < stop]
+    assert torch.equal(after["video"][:, :, held], encoded["video"][:, :, held])
+    assert not torch.allclose(after["video"][:, :, start:stop], encoded["video"][:, :, start:stop])
+    # The file's audio stream, encoded by the audio VAE, is held outside the range's span as a job's is.
+    first, last = audio_latent_span(FIRST, LAST, 24.0, after["audio"].shape[2], MEL_PER_SECOND)
+    assert after["audio"].shape == encoded["audio"].shape
+    assert torch.equal(after["audio"][:, :, :first], encoded["audio"][:, :, :first])
+    assert torch.equal(after["audio"][:, :, last:], encoded["audio"][:, :, last:])
+
+
+def test_retake_of_an_mp4_encodes_its_frames_as_ltx_pipelines_does(retaken_file: JobDir, tiny_model_dir: Path):
+    """ltx-pipelines' video_latent_from_file, written out on diffusers' VAE: the decoded frames / 127.5 - 1, the
+    posterior's mean (our latents files hold it unnormalized, as diffusers' pipelines return latents)."""
+    import av
+    from diffusers import AutoencoderKLLTX2Video
+
+    with av.open(str(retaken_file.path / RETAKE_SOURCE_VIDEO_FILE)) as container:
+        frames = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    pixels = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0
+    vae = AutoencoderKLLTX2Video.from_pretrained(tiny_model_dir, subfolder="vae", dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.mode()
+    encoded, _ = read_latents(retaken_file.path / RETAKE_ENCODED_FILE)
+    assert torch.allclose(encoded["video"], expected, atol=1e-5, rtol=0)
+
+
+def test_retake_of_an_mp4_publishes_its_frame_count_with_the_file_in_its_sidecar(retaken_file: JobDir, source: JobDir):
+    output = Path(retaken_file.record.output)
+    probe = probe_mp4(output)
+    assert (probe["frames"], probe["width"], probe["height"]) == (17, 64, 64)
+    summary = json.loads(output.with_suffix(".json").read_text())["retake"]
+    source_mp4 = Path(source.record.output)
+    assert summary["source_file"] == source_mp4.name and "source_job" not in summary
+    assert summary["sha256"] == hashlib.sha256(source_mp4.read_bytes()).hexdigest()
+    assert summary["encoded"] == RETAKE_ENCODED_FILE and summary["audio"] == RETAKE_AUDIO_NOTE
+    assert retaken_file.record.digest_inputs["retake"]["sha256"] == summary["sha256"]
+
+
+def write_mp4(path: Path, frames: int, width: int = 64, height: int = 64) -> Path:
+    """A small silent H.264 MP4 of grey frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 128, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda folder: folder / "missing.mp4", "does not exist or is not a file"),
+        (lambda folder: (folder / "notes.mp4").write_text("not a video") and folder / "notes.mp4", "as an MP4/MOV"),
+        (lambda folder: write_mp4(folder / "sixteen.mp4", 16), "has 16 frames; a retake encodes the file as it is"),
+        (lambda folder: write_mp4(folder / "wide.mp4", 17, width=80), "crop or scale its width to 64 or 96"),
+    ],
+    ids=["missing", "not-a-video", "16-frames", "80-wide"],
+)
+def test_retake_refuses_a_bad_video_file_naming_it_with_exit_2_and_nothing_queued(
+    tmp_path: Path, hf_home: Path, make: object, words: str
+):
+    path = make(tmp_path)
+    args = ["retake", str(path), "--prompt", "p", "--from-frame", "5", "--to-frame", "8", "--quiet"]
+    result = run_ltx2(args, ltx2_environment(hf_home, tmp_path))
+    assert result.returncode == 2 and f"retake: {path}: " in result.stderr and words in result.stderr, result.stderr
+    assert result.stdout == ""
+    jobs = tmp_path / "state" / "jobs"
+    assert not jobs.exists() or not any(jobs.iterdir())
+
+
+def test_a_short_audio_track_is_padded_with_what_normalizes_to_zero_as_ltx_pipelines_pads(tiny_model_dir: Path):
+    """ltx-pipelines' _conform_latent_length pads normalized latents with zeros; ours are unnormalized, so the
+    padding is the audio VAE's per-channel mean, which diffusers' normalization turns into zeros."""
+    from diffusers import AutoencoderKLLTX2Audio, LTX2Pipeline
+
+    from services.retake_source import conform_audio_length
+
+    stats = AutoencoderKLLTX2Audio.from_pretrained(tiny_model_dir, subfolder="audio_vae")
+    short = torch.randn(1, 2, 10, 2, generator=torch.Generator().manual_seed(0))
+    padded = conform_audio_length(short, 18, stats.latents_mean)
+    assert padded.shape == (1, 2, 18, 2) and torch.equal(padded[:, :, :10], short)
+    packed = LTX2Pipeline._pack_audio_latents(padded)  # [1, L, C * M]
+    normalized = LTX2Pipeline._normalize_audio_latents(packed, stats.latents_mean, stats.latents_std)
+    assert torch.allclose(normalized[:, 10:], torch.zeros_like(normalized[:, 10:]), atol=1e-6)
+    assert torch.equal(conform_audio_length(padded, 12, stats.latents_mean), padded[:, :, :12])
+
+
+def test_retake_of_a_silent_mp4_records_no_audio_to_keep_and_encodes_none(root: Path, tmp_path: Path):
+    """A file without an audio stream: nothing to hold, so the whole track is generated afresh (the pipeline
+    gets no source audio), as ltx-pipelines' retake does without audio; the sidecar says so."""
+    from orchestrator.run.sidecar import retake_summary
+    from services.retake_source import encode_audio_file
+
+    silent = write_mp4(tmp_path / "silent.mp4", 17)
+    built = build_spec({"prompt": "p", "retake": str(silent), "from_frame": 5, "to_frame": 8}, settings_for(root))
+    path, recorded = built.retake
+    assert (recorded.kind, recorded.has_audio, recorded.frames) == ("video", False, 17)
+    assert (
+        recorded.sha256 == hashlib.sha256(silent.read_bytes()).hexdigest() == built.identity.inputs["retake"]["sha256"]
+    )
+    assert (built.spec.width, built.spec.height, built.spec.num_frames) == (64, 64, 17)
+    assert retake_summary(recorded)["audio"] == RETAKE_NO_AUDIO_NOTE
+    assert encode_audio_file(None, path, 17 / 24, 18, torch.device("cpu")) is None

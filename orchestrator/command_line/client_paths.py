@@ -5,9 +5,9 @@ directory (supervisord's, or wherever `ltx2 daemon` was started), not the user's
 --reference-video depth.mp4` from a project folder was refused, or found another file of that name. So
 the client makes each relative path absolute before the request leaves; what the daemon checks of it
 (inside paths.input_roots, a file of the right kind) is unchanged, and a missing file is named where it
-was looked for. A field that may also hold a name (--extend a job id, --lora and --stage2-lora a Hugging
-Face repo id) is made absolute only when it names something here, else sent as typed, as `generate`
-would read it.
+was looked for. A field that may also hold a name (--extend and --retake a job id, --lora and
+--stage2-lora a Hugging Face repo id) is made absolute only when it names something here, else sent as
+typed, as `generate` would read it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ def with_absolute_paths(request: dict[str, Any], cwd: Path) -> dict[str, Any]:
     for field in ("image", AUDIO_FIELD):  # files only
         if isinstance(fixed.get(field), str):
             fixed[field] = absolute(fixed[field], cwd)
-    if isinstance(fixed.get("extend"), str):
-        fixed["extend"] = absolute(fixed["extend"], cwd, only_if_here=True)
+    for field in ("extend", "retake"):  # a job id or a file
+        if isinstance(fixed.get(field), str):
+            fixed[field] = absolute(fixed[field], cwd, only_if_here=True)
     if isinstance(fixed.get("conditions"), list):
         fixed["conditions"] = [with_absolute_source(entry, cwd) for entry in fixed["conditions"]]
     if isinstance(fixed.get("loras"), list):

@@ -80,6 +80,7 @@ from protocol.job_record import (
     WaitRecord,
     load_record,
 )
+from protocol.retake import LATENTS_SOURCE
 from protocol.spec import JobSpec
 from protocol.spec_rules import SpecError
 
@@ -257,7 +258,8 @@ class JobDir:
         (each file copied under its record's `file`, the image's by `image` already); `extension`
         orchestrator.run.extension_lookup's source video and its record (the video stored under its `file`);
         `reference` orchestrator.run.reference_lookup.resolve_reference's control video (copied likewise);
-        `retake` orchestrator.run.retake_lookup's source latents and their record (linked under its `file`).
+        `retake` orchestrator.run.retake_lookup's source (a job's latents, or a video file) and its record
+        (stored under its `file`).
         `audio` orchestrator.run.soundtrack_lookup.resolve_audio's soundtrack (copied under its record's `file`).
 
         With `waits_for` the job is made WAITING, its `spec` provisional and no file copied: it is built
@@ -294,8 +296,9 @@ class JobDir:
             store_video(inputs.extension[0], path / inputs.extension[1].file)
         if inputs.reference is not None:
             store_image(inputs.reference[0], path / inputs.reference[1].file)
-        if inputs.retake is not None:
-            store_video(inputs.retake[0], path / inputs.retake[1].file)
+        if inputs.retake is not None:  # a job's latents linked (never rewritten in place), a user's file copied
+            store = store_video if inputs.retake[1].kind == LATENTS_SOURCE else store_image
+            store(inputs.retake[0], path / inputs.retake[1].file)
         if inputs.audio is not None:
             store_image(inputs.audio[0], path / inputs.audio[1].file)
 

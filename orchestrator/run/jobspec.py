@@ -128,7 +128,7 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
     if found is not None:  # the source's model, size and frame rate unless the request gives its own
         request = {**request, **source_defaults(found, request)}
     retaken = find_retake_source(request["retake"], settings) if request.get("retake") is not None else None
-    if retaken is not None:  # the source's model, size, frames and frame rate: its latents have that shape
+    if retaken is not None:  # the source's size, frames and frame rate (a job's model too): its latents' shape
         request = {**request, **retake_defaults(retaken, request)}
     model_name = request.get("model")
     if model_name is not None and not isinstance(model_name, str):
@@ -153,7 +153,6 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         fields["pipeline"] = settings.preset_pipeline(family, fields["schedule"], *size)
     if found is not None and fields.get("overlap") is None:
         fields["overlap"] = extension_overlap(found, model, fields.get("num_frames"), notices)
-        fields["pipeline"] = default_pipeline(fields, settings, family)
     if retaken is not None and request.get("pipeline") is None:
         fields["pipeline"] = ONE_STAGE  # the only pipeline a retake runs (protocol/spec.py)
     camera = fields.pop("camera", None)
@@ -209,7 +208,7 @@ def resolve_files(
         extension = (found.path, record)
     retake = None
     if retaken is not None:
-        retake = (retaken.latents, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
+        retake = (retaken.path, resolve_retake(spec, retaken, vae_temporal_ratio(model.path), hashes))
     spec, reference = resolve_reference(spec, model, loras, settings.input_roots, hashes, notices)
     audio = resolve_audio(spec, settings.input_roots, hashes)
     identity = identify(
@@ -261,14 +260,6 @@ def write_entries_as_maps(fields: dict[str, Any]) -> None:
         fields["conditions"] = conditions_request(fields["conditions"])
     if fields.get("reference_video") is not None:
         fields["reference_video"] = reference_request(fields["reference_video"])
-
-
-def default_pipeline(fields: dict[str, Any], settings: Settings, family: str) -> str:
-    """The family preset's pipeline for the size; one-stage with an IC-LoRA control video, the only one it runs
-    (protocol/control_video.py), so a large LTX-2.3 clip is not refused for a choice the user never made."""
-    if fields.get("reference_video") is not None:
-        return ONE_STAGE
-    return settings.preset_pipeline(family, fields["schedule"], fields.get("width"), fields.get("height"))
 
 
 def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, notices: list[str]) -> int:

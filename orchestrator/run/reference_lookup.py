@@ -20,6 +20,7 @@ from orchestrator.run.request_digest import FileHashes
 from orchestrator.run.video_header import VideoHeaderError, read_video_header
 from protocol.control_video import (
     REFERENCE_FIELD,
+    control_size,
     describe_reference,
     lora_downscale,
     require_downscale_fits,
@@ -30,7 +31,7 @@ from protocol.control_video import (
 from protocol.families import vae_spatial_ratio
 from protocol.job_record import ResolvedReference
 from protocol.spec import JobSpec
-from protocol.spec_rules import SpecError
+from protocol.spec_rules import TWO_STAGE, SpecError
 
 #: A checked control video: its file (to copy into the job) and what job.json records of it.
 CheckedReference = tuple[Path, ResolvedReference]
@@ -50,7 +51,7 @@ def resolve_reference(
     if entry is None:
         return spec, None
     downscale = resolve_downscale(spec.reference_downscale, lora_downscale([Path(lora["path"]) for lora in loras]))
-    require_downscale_fits(downscale, spec.width, spec.height, vae_spatial_ratio(model.path))
+    require_downscale_fits(downscale, spec.width, spec.height, vae_spatial_ratio(model.path), spec.pipeline)
     path = require_file(Path(entry["source"]).expanduser(), roots, REFERENCE_FIELD)
     try:
         header = read_video_header(path)
@@ -68,11 +69,14 @@ def resolve_reference(
         strength=float(entry.get("strength", 1.0)),
         downscale=downscale,
     )
-    notices.extend(resampling_notices(entry, record, spec.width // downscale, spec.height // downscale))
+    size = control_size(spec.width, spec.height, spec.pipeline, downscale)
+    notices.extend(resampling_notices(entry, record, *size, spec.pipeline == TWO_STAGE))
     return spec.with_changes(reference_downscale=downscale), (path, record)
 
 
-def resampling_notices(entry: dict[str, Any], record: ResolvedReference, width: int, height: int) -> list[str]:
+def resampling_notices(
+    entry: dict[str, Any], record: ResolvedReference, width: int, height: int, two_stage: bool
+) -> list[str]:
     """What the pipeline does to the control clip that the user may not expect: trimming and resizing."""
     shown = f"--reference-video {describe_reference(entry)}"
     notices = []
@@ -81,6 +85,6 @@ def resampling_notices(entry: dict[str, Any], record: ResolvedReference, width: 
     if (record.width, record.height) != (width, height):
         notices.append(
             f"{shown}: its {record.width}x{record.height} frames are resized and centre-cropped to {width}x{height}"
-            f" (the clip's size / {record.downscale})"
+            f" ({'stage 1' if two_stage else 'the clip'}'s size / {record.downscale})"
         )
     return notices

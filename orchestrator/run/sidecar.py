@@ -15,7 +15,7 @@ from orchestrator.run.jobdir import JobDir
 from orchestrator.run.request_digest import installed_versions
 from orchestrator.run.reuse import reproducibility
 from protocol.extension import AUDIO_NOTE, joined_frames
-from protocol.files import Stage
+from protocol.files import RETAKE_ENCODED_FILE, Stage
 from protocol.job_record import (
     ResolvedAudio,
     ResolvedCondition,
@@ -24,7 +24,7 @@ from protocol.job_record import (
     ResolvedReference,
     ResolvedRetake,
 )
-from protocol.retake import RETAKE_AUDIO_NOTE
+from protocol.retake import RETAKE_AUDIO_NOTE, RETAKE_NO_AUDIO_NOTE, VIDEO_SOURCE
 
 PACKAGES = (
     "ltx2-stages",
@@ -87,7 +87,7 @@ def build_sidecar(job: JobDir, video: Path) -> dict[str, Any]:
         "extension": extension_summary(record.extension, record.spec.num_frames) if record.extension else None,
         # The IC-LoRA control video (by file name, not its local path); None without one.
         "reference_video": reference_summary(record.reference) if record.reference else None,
-        # The clip it retakes (only for a retake): the source job, its latents' hash, the range, the audio.
+        # The clip it retakes (only for a retake): the source job or file and its hash, the range, the audio.
         **({"retake": retake_summary(record.retake)} if record.retake else {}),
         # The soundtrack of audio-to-video (only then): the file it was, by name, and its bytes' SHA-256.
         **({"audio": audio_summary(record.audio)} if record.audio else {}),
@@ -141,16 +141,21 @@ def condition_summary(condition: ResolvedCondition) -> dict[str, Any]:
 
 
 def retake_summary(retake: ResolvedRetake) -> dict[str, Any]:
-    """What the sidecar says of the clip a job retakes: its job, its latents' SHA-256, the frames and latent
-    frames regenerated, and what became of the audio."""
+    """What the sidecar says of the clip a job retakes: its job and its latents' SHA-256, or its file (by name, not
+    its local path), the file's SHA-256 and where the job keeps its VAE encoding; the frames and latent frames
+    regenerated, and what became of the audio."""
+    if retake.kind == VIDEO_SOURCE:
+        where = {"source_file": Path(retake.source).name, "encoded": RETAKE_ENCODED_FILE}
+    else:
+        where = {"source_job": retake.source}
     return {
-        "source_job": retake.source,
+        **where,
         "sha256": retake.sha256,
         "frames": retake.frames,
         "from_frame": retake.from_frame,
         "to_frame": retake.to_frame,
         "latent_frames": [retake.start, retake.stop - 1],
-        "audio": RETAKE_AUDIO_NOTE,
+        "audio": RETAKE_AUDIO_NOTE if retake.has_audio else RETAKE_NO_AUDIO_NOTE,
     }
 
 

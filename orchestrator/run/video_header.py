@@ -34,17 +34,28 @@ class VideoHeader:
     height: int
     #: frames per second: the frame count over the track's sample durations (`stts`), in its time scale (`mdhd`)
     fps: float | None = None
+    #: whether the file has an audio track too (handler `soun`)
+    has_audio: bool = False
 
 
 def read_video_header(path: Path) -> VideoHeader:
-    """The frame count and size of the first video track of an MP4/M4V/MOV file."""
+    """The frame count, size and frame rate of the first video track of an MP4/M4V/MOV file, and whether the
+    file has an audio track (a retake of the file keeps its audio only then)."""
     with path.open("rb") as handle:
         moov = find_moov(handle, path.stat().st_size)
-    for trak in children(moov, b"trak"):
+    tracks = children(moov, b"trak")
+    has_audio = any(handler_of(trak) == b"soun" for trak in tracks)
+    for trak in tracks:
         header = video_track(trak)
         if header is not None:
-            return header
+            return dataclasses.replace(header, has_audio=has_audio)
     raise VideoHeaderError("it has no video track")
+
+
+def handler_of(trak: bytes) -> bytes | None:
+    """A track's handler type (`vide`, `soun`, ...), or None when it has none."""
+    handler = child(trak, (b"mdia", b"hdlr"))
+    return None if handler is None else handler[8:12]
 
 
 def find_moov(handle: BinaryIO, size: int) -> bytes:
@@ -112,8 +123,7 @@ def child(payload: bytes, path: tuple[bytes, ...]) -> bytes | None:
 
 def video_track(trak: bytes) -> VideoHeader | None:
     """The header of a `trak` if it is a video track (handler `vide`), else None."""
-    handler = child(trak, (b"mdia", b"hdlr"))
-    if handler is None or handler[8:12] != b"vide":
+    if handler_of(trak) != b"vide":
         return None
     sizes = child(trak, (b"mdia", b"minf", b"stbl", b"stsz"))
     tkhd = child(trak, (b"tkhd",))
