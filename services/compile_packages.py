@@ -17,9 +17,10 @@ Two things make it fit regional compilation:
   on the tiny model). Here one compiled function of the class's `forward` serves every block, the
   block being its argument, so the package loads once.
 - A package per key. Dynamo names a package by the function's qualified name and first line, the
-  same for every model, shape and setting; the guards it cannot save (identities of diffusers'
-  module-level functions) are dropped, and every shape seen adds an entry, up to Dynamo's
-  recompile limit. So the compiled function gets a name with `package_key` in it: the transformer's
+  same for every model, shape and setting; the guards it cannot save (identity and closure matches:
+  diffusers' module-level functions, the attention processors' `__call__`) are dropped, from the
+  running process's checks too, and every shape seen adds an entry, up to Dynamo's recompile limit.
+  So the compiled function gets a name with `package_key` in it: the transformer's
   config, dtype, device, the attempt's plan (weights, attention, deterministic mode, ...), the
   clip's size and NAG, and torch, diffusers and Python versions. Two settings never share a
   package, and a package holds the one or two shapes (two-stage) of its clips.
@@ -153,8 +154,8 @@ def compile_blocks(blocks: list[Any], key: str) -> bool:
 
 
 def save() -> None:
-    """Write what Dynamo compiled in this process to the cache (after the first compiled step: the
-    compilation happens there); a later process with the same key loads it."""
+    """Write what Dynamo compiled in this process to the cache (at the end of a pass: its graphs are
+    compiled by then, NAG's and the plain one's); a later process with the same key loads them."""
     from torch._dynamo.precompile_context import PrecompileContext
 
     if not PackagedForward.fell_back:

@@ -221,6 +221,9 @@ def denoise(
             callback_on_step_end=on_step_end,
         )
     counter.remove()
+    if ctx.plan.get("compile") == "regional" and compile_packages.wanted() and compile_packages.available():
+        # At the pass's end, not its first step: NAG's first steps and the rest are two graphs.
+        compile_packages.save()
     if held is not None:  # the encoded values themselves, not their normalized-and-back copy (equal up to rounding)
         audio = held.to(audio)
     return {"video": video, "audio": audio, "calls": len(calls)}
@@ -234,11 +237,8 @@ def compiled_shape(spec: JobSpec) -> dict[str, Any]:
 
 def first_compiled_step_done() -> None:
     """After a pass's first compiled step, where the blocks were compiled or loaded: say what the compile
-    caches served (tests and benchmarks read the line), and keep Dynamo's packages for later workers
-    (LTX2_COMPILE_PACKAGES)."""
+    caches served (tests and benchmarks read the line)."""
     logging.getLogger("ltx2.worker").info(compile_packages.cache_report())
-    if compile_packages.wanted() and compile_packages.available():
-        compile_packages.save()
 
 
 def video_tokens(pipe: Any, run: DenoisePass, spec: JobSpec) -> int:
