@@ -15,7 +15,10 @@ other half of Intel's recipe for run-to-run equal results; again a user's value 
 
 torchao is hidden from our processes. Where it is installed (NGC's PyTorch images ship it),
 transformers imports it as soon as its model code loads (`transformers.quantizers.quantizer_torchao`,
-and diffusers' own quantizer after it), and torchao initialises CUDA at import on a GPU host: the fork
+and diffusers' own quantizer after it), and torchao initialises CUDA at import on a GPU host (torchao
+0.18: quantizer_torchao imports `torchao.prototype.safetensors`, which imports `prototype.mx_formats`,
+whose `kernels.py` asks `is_sm_at_least_100()`, i.e. `torch.cuda.get_device_capability()`, at module
+level; diffusers 0.42.1 and transformers 5 have no switch to skip it): the fork
 server then finds CUDA initialised and turns itself off, so every stage pays its imports again
 (docs/benchmarks.md version 5: 44.9 s per job against 20.2 s). No stage uses torchao (FP8 matmuls are
 services/fp8_matmul.py), so `sys.modules["torchao"] = None` makes both libraries' availability checks

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,17 @@ from protocol.files import INPUT_IMAGE_FILE
 from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.retake import VIDEO_SOURCE
 from protocol.spec import JobSpec
-from services import context_parallel, control_video, guidance, media, model_loading, nag, retake_source, soundtrack
+from services import (
+    compile_packages,
+    context_parallel,
+    control_video,
+    guidance,
+    media,
+    model_loading,
+    nag,
+    retake_source,
+    soundtrack,
+)
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.held_audio_tokens import HeldAudioTokens, held_tokens_pipeline
 from services.latents import read_latents
@@ -117,7 +128,8 @@ def loaded_denoiser(
     if ctx.plan.get("compile") == "regional":
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
-        model_loading.compile_blocks(transformer, request.compile_cache_dir, deterministic)
+        package = compile_packages.package_key(transformer, ctx.plan, compiled_shape(ctx.spec))
+        model_loading.compile_blocks(transformer, request.compile_cache_dir, deterministic, package)
     kept = {
         "key": key,
         "connectors": connectors,
@@ -209,6 +221,8 @@ def denoise(
 
     def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
         ctx.progress(run.phase, step + 1, run.steps)
+        if step == 0 and ctx.plan.get("compile") == "regional":
+            first_compiled_step_done()
         return {}
 
     ctx.progress(run.phase, 0, run.steps)
@@ -233,9 +247,24 @@ def denoise(
             callback_on_step_end=on_step_end,
         )
     counter.remove()
+    if ctx.plan.get("compile") == "regional" and compile_packages.wanted() and compile_packages.available():
+        # At the pass's end, not its first step: NAG's first steps and the rest are two graphs.
+        compile_packages.save()
     if held is not None:  # the encoded values themselves, not their normalized-and-back copy (equal up to rounding)
         audio = held.to(audio)
     return {"video": video, "audio": audio, "calls": len(calls)}
+
+
+def compiled_shape(spec: JobSpec) -> dict[str, Any]:
+    """What of the clip decides the compiled blocks' graphs beyond the plan: its size (two-stage's half
+    size follows from it) and whether NAG's attention processor is in the blocks."""
+    return {"width": spec.width, "height": spec.height, "frames": spec.num_frames, "nag": spec.nag_scale > 1}
+
+
+def first_compiled_step_done() -> None:
+    """After a pass's first compiled step, where the blocks were compiled or loaded: say what the compile
+    caches served (tests and benchmarks read the line)."""
+    logging.getLogger("ltx2.worker").info(compile_packages.cache_report())
 
 
 def video_tokens(pipe: Any, run: DenoisePass, spec: JobSpec) -> int:

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER
 from protocol.fault_points import fault_point
+from services import compile_packages
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -137,7 +138,9 @@ def apply_memory_plan(
         transformer.to(device)
 
 
-def compile_blocks(transformer: Any, cache_dir: Path | None, deterministic: bool = False) -> None:
+def compile_blocks(
+    transformer: Any, cache_dir: Path | None, deterministic: bool = False, package_key: str | None = None
+) -> None:
     """Regional compile: torch.compile each of the transformer's repeated blocks (one graph,
     compiled once and reused by all 48 blocks) instead of the whole model, which compiles in a
     fraction of the time. The compilation itself happens at the first forward pass.
@@ -154,6 +157,10 @@ def compile_blocks(transformer: Any, cache_dir: Path | None, deterministic: bool
     latents). It is set on the config object, not through TORCHINDUCTOR_DETERMINISTIC, because a
     worker forked from the fork server imported Inductor's config before its job existed. Both values
     are set, so a group process never carries one job's mode into the next.
+
+    `package_key` (services.compile_packages.package_key), with `LTX2_COMPILE_PACKAGES=1` and a torch
+    that has Dynamo's precompile cache: the blocks compile through that cache, so a later worker
+    with the same key loads them instead of tracing them again.
     """
     import torch._inductor.config as inductor_config
 
@@ -167,6 +174,10 @@ def compile_blocks(transformer: Any, cache_dir: Path | None, deterministic: bool
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         logging.getLogger("ltx2.worker").info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
+    if package_key is not None and compile_packages.wanted() and compile_packages.available():
+        blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
+        if compile_packages.compile_blocks(blocks, package_key):
+            return
     transformer.compile_repeated_blocks(fullgraph=True)
 
 

@@ -3,11 +3,12 @@ tolerance, with inductor's caches kept under the state directory for later worke
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
 import torch
-from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, ltx2_environment, run_ltx2
 
 from protocol.files import LATENTS_FILE
 from services.latents import read_latents
@@ -51,7 +52,7 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
     assert graphs, "inductor wrote no compiled graph into the state directory's cache"
     # A new worker (a new job of the same request) loads the compiled graphs instead of compiling again,
     # and makes the same bits: bit-equal latents, a byte-identical MP4 (DESIGN.md rule 6).
-    again = run_ltx2(["generate", *FLAGS, "--compile"], env)
+    again = run_ltx2(["generate", *FLAGS, "--compile"], {**env, "LTX2_COMPILE_PACKAGES": ""})  # Inductor's cache alone
     assert again.returncode == 0, again.stderr
     assert cached_graphs(cache) == graphs
     repeated = latest_latents(state)
@@ -65,5 +66,41 @@ def test_compiled_run_matches_eager_and_a_later_worker_reuses_the_compiled_graph
         warnings.warn(f"compiled workers drifted {differ}: {worker_kernel_lines(state)}", stacklevel=1)
     if max(differ.values()) == 0.0:  # the same latents make the same file (x264 on fixed threads)
         assert Path(again.stdout.strip()).read_bytes() == Path(compiled.stdout.strip()).read_bytes()
-    log = max((state / "jobs").iterdir(), key=lambda path: path.name) / "logs" / "encode_diffuse-1.log"
-    assert "compile transformer blocks (on the first step, deterministic)" in log.read_text()
+    log = latest_diffusion_log(state)
+    assert "compile transformer blocks (on the first step, deterministic)" in log
+    # The worker says what the caches served at its first step: Inductor's graph came from the state dir.
+    assert "compile cache hits/misses: dynamo packages 0/0, inductor graphs 1/0" in log, log
+
+
+def latest_diffusion_log(state: Path, first: bool = False) -> str:
+    """The diffusion worker's log of the state dir's latest job (`first`: of its first job)."""
+    job = (min if first else max)((state / "jobs").iterdir(), key=lambda path: path.name)
+    return (job / "logs" / "encode_diffuse-1.log").read_text()
+
+
+def first_latents(state: Path) -> dict[str, torch.Tensor]:
+    job = min((state / "jobs").iterdir(), key=lambda path: path.name)
+    return read_latents(job / LATENTS_FILE)[0]
+
+
+def test_with_compile_packages_a_later_worker_loads_the_blocks_instead_of_tracing_them(
+    compiled_lighthouse: CompiledRender, hf_home: Path, tmp_path: Path
+):
+    """LTX2_COMPILE_PACKAGES=1 (services/compile_packages.py): the session's compiled run saved what Dynamo
+    made under its state dir's compile cache, keyed by model, plan, shape and software; a later worker with
+    the same request (here in a state dir that starts with a copy of that cache, as a later job finds it)
+    installs it: Dynamo's package cache hits, nothing is traced and no graph looked up, the same bits."""
+    first_log = latest_diffusion_log(Path(compiled_lighthouse.env["LTX2_STATE_DIR"]), first=True)
+    assert "compile cache hits/misses: dynamo packages 0/1" in first_log, first_log
+    packages = [path.parent.name for path in (compiled_lighthouse.compile_cache / "dynamo").glob("*/entry")]
+    assert len(packages) == 1, packages
+    env = {**ltx2_environment(hf_home, tmp_path), "LTX2_COMPILE_PACKAGES": "1"}
+    state = Path(env["LTX2_STATE_DIR"])
+    shutil.copytree(compiled_lighthouse.compile_cache, state / "compile-cache")
+    loaded = run_ltx2(["generate", *FLAGS, "--compile"], env)
+    assert loaded.returncode == 0, loaded.stderr
+    log = latest_diffusion_log(state)
+    assert "compile cache hits/misses: dynamo packages 1/0, inductor graphs 0/0, aot-autograd 0/0" in log, log
+    saved = first_latents(Path(compiled_lighthouse.env["LTX2_STATE_DIR"]))
+    again = latest_latents(state)
+    assert all(torch.equal(again[key], saved[key]) for key in ("video", "audio"))
