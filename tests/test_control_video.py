@@ -268,13 +268,17 @@ def test_generate_with_a_control_video_publishes_the_clip_and_records_it(ltx2_en
 # staged stage 1 left (its latents equal the reference's, so it drew the same noise).
 
 
+# Two-stage control is pinned on LTX-2.0's case (the in-context pipeline on both families above).
+TWO_STAGE_CASE = pytest.mark.parametrize("control_render", ["2.0"], indirect=True)
+
+
 @pytest.fixture(scope="module")
 def two_stage_control(
     control_render: dict, control_files: dict, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> dict[str, object]:
-    """A dev two-stage controlled render of CHEAP twice as large, and diffusers' stage 2 of it."""
-    if control_render["family"] != "2.0":
-        pytest.skip("two-stage control is pinned on LTX-2.0's case (the in-context pipeline on both families above)")
+    """A dev two-stage controlled render of CHEAP twice as large, and diffusers' stage 2 of it (its tests take
+    control_render's LTX-2.0 case only: TWO_STAGE_CASE)."""
+    assert control_render["family"] == "2.0"
     stage2_lora = tmp_path_factory.mktemp("stage2") / "distilled.safetensors"
     save_file(lora_tensors("diffusion_model.", seed=5), str(stage2_lora))
     size = {"width": 2 * CHEAP["width"], "height": 2 * CHEAP["height"]}
@@ -305,6 +309,7 @@ def two_stage_control(
     return {"job": job, "staged": staged, "stage1": stage1, "reference": final}
 
 
+@TWO_STAGE_CASE
 def test_two_stage_control_stage_1_equals_ltx2_in_context_pipeline_at_half_size(
     two_stage_control: dict, control_render: dict
 ):
@@ -314,6 +319,7 @@ def test_two_stage_control_stage_1_equals_ltx2_in_context_pipeline_at_half_size(
     assert float((stage1["audio"] - control_render["audio"]).abs().max()) <= TOLERANCE
 
 
+@TWO_STAGE_CASE
 def test_two_stage_control_stage_2_refines_without_the_ic_lora_or_the_control(two_stage_control: dict):
     staged, (video, audio) = two_stage_control["staged"], two_stage_control["reference"]
     assert staged["video"].shape == video.shape == (1, 4, 5, 32, 32)  # 17 frames at 128x128
