@@ -22,6 +22,13 @@ from orchestrator.placement.fork_client import ForkServer
 from protocol.model_ids import TINY_REPO_ID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Inductor compiles a graph's C++ kernels in a pool of processes when the host has more than one CPU: on
+# CI's two cores, starting that pool (a process importing torch, and its workers) for every compiling
+# process, this one included, costs more than the tiny model's few kernels take to compile in the process
+# itself. The kernels, and the bits they compute, are the same either way. (The environment of every
+# `ltx2` and stage process the tests start inherits it.)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
 
