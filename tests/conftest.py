@@ -22,6 +22,19 @@ from orchestrator.placement.fork_client import ForkServer
 from protocol.model_ids import TINY_REPO_ID
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Inductor compiles a graph's C++ kernels in a pool of processes when the host has more than one CPU: on
+# CI's two cores, starting that pool (a process importing torch, and its workers) for every compiling
+# process, this one included, costs more than the tiny model's few kernels take to compile in the process
+# itself. The kernels, and the bits they compute, are the same either way. (The environment of every
+# `ltx2` and stage process the tests start inherits it.)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# OpenMP's threads (torch's and MKL's intra-op pool, two on CI) spin for a while after every parallel
+# region before they sleep. The tiny model's ops are over in microseconds, so a worker's second thread
+# spent most of its time spinning, on the core the process beside it needed: an `ltx2 generate` of a tiny
+# clip took 6.5-6.9 s of CPU with the threads sleeping at once (`PASSIVE`) against 9.6-12.4 s. The maths,
+# and so the bits, are the same (the latents and the MP4 were identical).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
 

@@ -16,19 +16,25 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import context_parallel_decode as decode_script
 import pytest
 import torch
 from conftest import (
     LIGHTHOUSE_FLAGS,
+    RunAhead,
     StartedRender,
     job_dir_of,
     ltx2_environment,
     probe_mp4,
     run_ltx2,
     run_ltx2_two_at_a_time,
+    selected_in_module,
+    start_runs_ahead,
 )
 from safetensors.torch import load_file
 
@@ -97,12 +103,64 @@ def run_ranks(script: Path, model_dir: Path, out: Path, size: int, *extra: str) 
         assert process.returncode == 0, f"rank {rank} of {size} exited {process.returncode}:\n{output[-4000:]}"
 
 
+def one_and_two_ranks(model_dir: Path) -> RunAhead:
+    """The tiny clip with CFG rendered by one process and by a group of two, side by side (three processes
+    of one thread each on CI's two cores: the lone render no longer leaves a core idle before the group)."""
+
+    def run(root: Path, hf_home: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            alone = pool.submit(render, model_dir, root / "alone.safetensors", 1, "--cfg")
+            together = pool.submit(render, model_dir, root / "together.safetensors", 2, "--cfg")
+            return alone.result(), together.result()
+
+    return run
+
+
+def generate_with_two_processes(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
+    """`ltx2 generate --context-parallel 2` of the session's lighthouse request."""
+    return run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"], ltx2_environment(hf_home, root))
+
+
+# LTX-2.3, two stages, per-step NAG: the request rendered by one process and by two.
+NAG_TWO_STAGE = ["generate", "--model", TINY_REPO_IDS["2.3"], "--prompt", "a lighthouse in a gale", "--seed", "7"]
+NAG_TWO_STAGE += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage", "--quiet"]
+NAG_TWO_STAGE += ["--nag-scale", "11", "--negative-prompt", "blurry, static"]
+
+
+def two_stage_nag_plain_and_sharded(root: Path, hf_home: Path) -> list[subprocess.CompletedProcess[str]]:
+    """NAG_TWO_STAGE plain and with `--context-parallel 2`, two at a time, each in a state dir of its own."""
+    (root / "plain").mkdir()
+    (root / "sharded").mkdir()
+    runs = [(NAG_TWO_STAGE, ltx2_environment(hf_home, root / "plain"))]
+    runs.append(([*NAG_TWO_STAGE, "--context-parallel", "2"], ltx2_environment(hf_home, root / "sharded")))
+    return run_ltx2_two_at_a_time(runs)
+
+
+@pytest.fixture(scope="module")
+def renders(
+    request: pytest.FixtureRequest, hf_home: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, tuple[Future[Any], Path]]]:
+    """The module's renders that this session's tests check, started together from its first test on, two
+    at a time (start_runs_ahead): a group of ranks waits on its peers and an `ltx2 generate` on its fork
+    server's imports and its one-process stages, so one after the other they left a core idle for much of
+    the module. By the name of the test (or, for the gloo test, of its model's fixture) that checks each."""
+    runs: dict[str, RunAhead] = {}
+    for item in selected_in_module(request):
+        if item.originalname == "test_two_gloo_ranks_give_one_process_latents":
+            model = item.callspec.params["model"]
+            runs[model] = one_and_two_ranks(request.getfixturevalue(model))
+        elif item.originalname == "test_generate_with_two_processes_gives_the_plain_render":
+            runs[item.originalname] = generate_with_two_processes
+        elif item.originalname == "test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render":
+            request.getfixturevalue("tiny_23_model_dir")  # built before its runs start
+            runs[item.originalname] = two_stage_nag_plain_and_sharded
+    yield from start_runs_ahead(runs, hf_home, tmp_path_factory, workers=2)
+
+
 @pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_23_model_dir"])
-def test_two_gloo_ranks_give_one_process_latents(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+def test_two_gloo_ranks_give_one_process_latents(model: str, renders: dict) -> None:
     """LTX-2.0 and 2.3, one stage, CFG on (a batch of two through every sharded layer)."""
-    model_dir = request.getfixturevalue(model)
-    alone = render(model_dir, tmp_path / "alone.safetensors", 1, "--cfg")
-    together = render(model_dir, tmp_path / "together.safetensors", 2, "--cfg")
+    alone, together = renders[model][0].result()
     for name in ("video", "audio"):
         assert together[name].shape == alone[name].shape
         assert max_difference(together[name], alone[name]) <= TOLERANCE, name
@@ -110,11 +168,9 @@ def test_two_gloo_ranks_give_one_process_latents(model: str, request: pytest.Fix
     assert alone["video"].abs().max() > 0
 
 
-def test_generate_with_two_processes_gives_the_plain_render(
-    hf_home: Path, tmp_path: Path, eager_lighthouse: StartedRender
-) -> None:
+def test_generate_with_two_processes_gives_the_plain_render(renders: dict, eager_lighthouse: StartedRender) -> None:
     """The stage end to end: one attempt of two ranks (rank 0 reports and writes), the latents of one process."""
-    result = run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"], ltx2_environment(hf_home, tmp_path))
+    result = renders["test_generate_with_two_processes_gives_the_plain_render"][0].result()
     assert result.returncode == 0, result.stderr
     job = job_dir_of(result)
     _, plain_job = eager_lighthouse.finished()
@@ -217,19 +273,10 @@ def test_a_count_that_does_not_divide_the_tokens_or_heads_is_invalid_input(tiny_
         require_shardable(transformer, 1275, 1024, 2)
 
 
-def test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render(
-    hf_home: Path, tiny_23_model_dir: Path, tmp_path: Path
-) -> None:
+def test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render(renders: dict) -> None:
     """LTX-2.3's NAG appends the negative tokens to the split text context at every step (services/nag.py
     `shard_pairs`), and two-stage denoises twice over the sharded transformer: both as one process."""
-    request = ["generate", "--model", TINY_REPO_IDS["2.3"], "--prompt", "a lighthouse in a gale", "--seed", "7"]
-    request += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage", "--quiet"]
-    request += ["--nag-scale", "11", "--negative-prompt", "blurry, static"]
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "sharded").mkdir()
-    runs = [(request, ltx2_environment(hf_home, tmp_path / "plain"))]
-    runs.append(([*request, "--context-parallel", "2"], ltx2_environment(hf_home, tmp_path / "sharded")))
-    plain, sharded = run_ltx2_two_at_a_time(runs)
+    plain, sharded = renders["test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render"][0].result()
     assert plain.returncode == 0 and sharded.returncode == 0, plain.stderr + sharded.stderr
     expected = read_latents(job_dir_of(plain) / LATENTS_FILE)[0]
     result = read_latents(job_dir_of(sharded) / LATENTS_FILE)[0]

@@ -385,11 +385,17 @@ def test_a_corrupt_job_store_is_rebuilt_from_the_job_directories(corrupt_store_r
 def job_directory_deleted(root: Path, hf_home: Path) -> dict[str, object]:
     """Two jobs cancelled, the daemon stopped, one job's directory deleted, a daemon started again:
     the jobs, then what that daemon lists and says of the deleted one."""
-    env = daemon_environment(hf_home, root)
+    # The first job the daemon takes waits before its first stage until released, the other queued behind
+    # it: both are cancelled before anything renders (a tiny job once finished before its cancel came).
+    env = {**daemon_environment(hf_home, root), "LTX2_FAULT_HOLD": "before-encode_diffuse"}
+    faults = Path(env["LTX2_FAULT_DIR"])
     with DaemonProcess(env, root / "first.log") as daemon:
         ids = [submit_tiny(env, "a mill", "--num-frames", "9", "--seed", seed) for seed in ("1", "2")]
-        for job_id in ids:  # nothing needs to render: queued or running, each ends cancelled
+        wait_for_file(faults / "held-before-encode_diffuse")
+        for job_id in ids:
             assert run_ltx2(["cancel", job_id], env).returncode == 0
+        (faults / "release-before-encode_diffuse").touch()
+        for job_id in ids:
             daemon.wait_for_state(job_id, {"cancelled"})
     kept, deleted = ids
     shutil.rmtree(Path(env["LTX2_STATE_DIR"]) / "jobs" / deleted)
