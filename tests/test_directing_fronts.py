@@ -162,7 +162,7 @@ def test_a_retake_of_an_uploaded_mp4_holds_its_vae_encoding_outside_the_range(ga
     ("clip", "fields", "param", "words"),
     [
         ("png", {}, "retake", "or an MP4 or QuickTime video file"),
-        ("16", {}, "retake", "the video has 16 frames; a retake encodes the file as it is"),
+        ("16", {}, "retake", "retake: the video has 16 frames; a retake encodes the file as it is"),
         ("17", {"to_frame": b"17"}, "to_frame", "17 is outside the source's 17 frames"),
         ("17", {"extend": b"20261206-181500-a1b2c3"}, "extend", "no video"),
     ],
