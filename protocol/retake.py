@@ -54,11 +54,9 @@ VIDEO_SOURCE = "video"
 AUDIO_LATENT_MEL_FRAMES = 4
 #: What the retake's audio is, said once for --help, the docs and the sidecar.
 RETAKE_AUDIO_NOTE = (
-    "the audio outside the range keeps the source's audio latents bit for bit; inside it, the audio latents are"
-    " the new ones: diffusers 0.42.1 cannot hold audio tokens with a mask (its LTX-2 pipelines take audio"
-    " latents only as a whole starting point), so the whole track is generated afresh with the retaken video"
-    " and its latents over the range (ltx-pipelines' TemporalRegionMask for audio) are spliced between the"
-    " source's; the audio decoder smooths the two seams over a few tens of milliseconds"
+    "the audio is retaken as the video is (ltx-pipelines' TemporalRegionMask for audio): the audio latents whose"
+    " time span meets the range's window are generated afresh, denoised beside the source's audio latents around"
+    " them, which are held through the denoising and kept bit for bit"
 )
 
 #: What the retake of a video file without an audio stream does with the audio.

@@ -1,5 +1,8 @@
 """Some audio tokens held, the rest denoised: the per-token audio denoise mask diffusers 0.42.1 lacks.
 
+Which tokens is a boolean per token (True: held), as TemporalRegionMask's denoise mask is a value per token: an
+extension holds the first ones (the overlap), a retake every one outside its range.
+
 Followed: Lightricks' ltx-pipelines `RetakePipeline` (packages/ltx-pipelines/src/ltx_pipelines/retake.py), whose
 audio `ModalitySpec` starts at encoded latents and carries ltx-core's `TemporalRegionMask`
 (packages/ltx-core/src/ltx_core/conditioning/types/noise_mask_cond.py): a denoise mask per audio token, 0 on
@@ -37,13 +40,30 @@ _SUBCLASSES: dict[type, type] = {}
 
 @dataclasses.dataclass(frozen=True)
 class HeldAudioTokens:
-    """The first audio tokens of a clip, held at given latents (the rest denoised as usual)."""
+    """Audio tokens of a clip held at given latents (the rest denoised as usual).
 
-    latents: torch.Tensor  #: `[1, C, held, M]`, denormalized: what the clip's first `held` audio latents are
+    `latents` are the clip's first `L` audio latents (`L` at most the clip's); `held` says which of those are held
+    (None: all of them, the first `L` tokens of the clip). Tokens past `L` are denoised."""
 
-    @property
-    def count(self) -> int:
-        return self.latents.shape[2]
+    latents: torch.Tensor  #: `[1, C, L, M]`, denormalized: the clip's first `L` audio latents (the held ones count)
+    held: torch.Tensor | None = None  #: `[L]` bool, True where the token is held; None: every one of the `L`
+
+    def mask(self, tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """`[tokens]` bool, True on the held tokens of a clip of `tokens` audio tokens."""
+        length = self.latents.shape[2]
+        if length > tokens:
+            raise RuntimeError(f"{length} audio latents given to hold, but the clip has {tokens} audio tokens")
+        mask = torch.zeros(tokens, dtype=torch.bool, device=device)
+        mask[:length] = True if self.held is None else self.held.to(device=device, dtype=torch.bool)
+        return mask
+
+    def written_back(self, audio: torch.Tensor) -> torch.Tensor:
+        """`audio` (`[1, C, T, M]`) with the held latents themselves in place of the loop's normalized-and-back copy."""
+        audio = audio.clone()
+        mask = self.mask(audio.shape[2], audio.device)
+        length = self.latents.shape[2]
+        audio[:, :, mask] = self.latents.to(audio)[:, :, mask[:length]]
+        return audio
 
 
 def held_tokens_pipeline(cls: type) -> type:
@@ -57,43 +77,40 @@ class HeldTokensMixin:
     """The overrides held_tokens_pipeline puts before an LTX-2 pipeline class (module docstring)."""
 
     _held: HeldAudioTokens | None = None
-    _held_clean: torch.Tensor | None = None  #: the held latents normalized and packed, `[1, held, C * M]`
+    _held_mask: torch.Tensor | None = None  #: `[T]` bool over the clip's audio tokens, True where held
+    _held_clean: torch.Tensor | None = None  #: the given latents normalized and packed, `[1, T, C * M]` (held ones)
 
     def __call__(self, *args: Any, held_audio: HeldAudioTokens, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pipeline's call (return_dict=False, output_type="latent") with the first audio tokens held; the
+        """The pipeline's call (return_dict=False, output_type="latent") with the audio tokens held; the
         returned audio carries the held latents themselves."""
         video, audio = self.call_holding(held_audio, *args, **kwargs)
-        audio = audio.clone()
-        audio[:, :, : held_audio.count] = held_audio.latents.to(audio)
-        return video, audio
+        return video, held_audio.written_back(audio)
 
     def call_holding(self, held_audio: HeldAudioTokens, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The parent's call with the tokens held, its audio as the loop leaves it (the held tokens normalized
         and denormalized again)."""
         self._held = held_audio
         hook = self.transformer.register_forward_pre_hook(
-            functools.partial(per_token_audio_timestep, held_audio.count), with_kwargs=True
+            functools.partial(per_token_audio_timestep, self), with_kwargs=True
         )
         try:
             return super().__call__(*args, **kwargs)
         finally:
             hook.remove()
-            self._held, self._held_clean = None, None
+            self._held, self._held_mask, self._held_clean = None, None, None
 
     def prepare_audio_latents(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The parent's starting audio latents (noise, or given latents noised), the held tokens clean."""
         latents = super().prepare_audio_latents(*args, **kwargs)
         if self._held is None:
             return latents
-        count = self._held.count
-        if count > latents.shape[1]:
-            raise RuntimeError(f"{count} audio tokens to hold, but the clip has {latents.shape[1]}")
-        clean = self._pack_audio_latents(self._held.latents.to(latents.device, torch.float32))
-        clean = self._normalize_audio_latents(clean, self.audio_vae.latents_mean, self.audio_vae.latents_std)
-        self._held_clean = clean.to(latents.dtype)
-        latents = latents.clone()
-        latents[:, :count] = self._held_clean
-        return latents
+        mask = self._held.mask(latents.shape[1], latents.device)
+        given = self._pack_audio_latents(self._held.latents.to(latents.device, torch.float32))
+        given = self._normalize_audio_latents(given, self.audio_vae.latents_mean, self.audio_vae.latents_std)
+        clean = torch.zeros_like(latents)
+        clean[:, : given.shape[1]] = given.to(latents.dtype)
+        self._held_mask, self._held_clean = mask, clean
+        return torch.where(mask[None, :, None], clean, latents)
 
     def convert_velocity_to_x0(
         self, sample: torch.Tensor, denoised_output: torch.Tensor, step_idx: int, scheduler: Any | None = None
@@ -102,7 +119,7 @@ class HeldTokensMixin:
         if not self.is_held_audio(scheduler):
             return super().convert_velocity_to_x0(sample, denoised_output, step_idx, scheduler)
         sigma = torch.full(sample.shape[:2], float(scheduler.sigmas[step_idx]), device=sample.device)
-        sigma[:, : self._held.count] = 0.0
+        sigma[:, self._held_mask] = 0.0
         return sample - denoised_output * sigma[..., None].to(denoised_output.dtype)
 
     def convert_x0_to_velocity(
@@ -110,8 +127,8 @@ class HeldTokensMixin:
     ) -> torch.Tensor:
         """The parent's velocity after the held tokens' x0 is set back to their clean latent."""
         if self.is_held_audio(scheduler):
-            denoised_output = denoised_output.clone()
-            denoised_output[:, : self._held.count] = self._held_clean.to(denoised_output.dtype)
+            clean = self._held_clean.to(denoised_output.dtype)
+            denoised_output = torch.where(self._held_mask[None, :, None], clean, denoised_output)
         return super().convert_x0_to_velocity(sample, denoised_output, step_idx, scheduler)
 
     def is_held_audio(self, scheduler: Any | None) -> bool:
@@ -121,11 +138,11 @@ class HeldTokensMixin:
 
 
 def per_token_audio_timestep(
-    held: int, _module: Any, args: tuple, kwargs: dict[str, Any]
+    pipe: HeldTokensMixin, _module: Any, args: tuple, kwargs: dict[str, Any]
 ) -> tuple[tuple, dict[str, Any]]:
-    """The transformer's keywords with the audio timestep per token: 0 on the first `held`, the step's elsewhere
+    """The transformer's keywords with the audio timestep per token: 0 on the held ones, the step's elsewhere
     (the pipelines pass the step's as `audio_sigma` too, which stays)."""
     timestep = kwargs["audio_timestep"]
     per_token = timestep.reshape(-1, 1).expand(-1, kwargs["audio_hidden_states"].shape[1]).clone()
-    per_token[:, :held] = 0
+    per_token[:, pipe._held_mask.to(per_token.device)] = 0
     return args, {**kwargs, "audio_timestep": per_token}

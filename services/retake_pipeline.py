@@ -9,12 +9,17 @@ given latents (its conditions are pixels, and those at a latent index above 0 ar
 `prepare_latents` is extended by one step: after the parent has normalized and noised the given latents, the
 held frames' tokens are set back to the clean source with mask 1.
 
-Two things stay outside the loop, applied to its result. The video latents it returns are the held values
-normalized and denormalized again (equal up to float rounding), so the source's own values are written back
-into the held frames, which makes them bit for bit the source's. The audio cannot be masked in diffusers 0.42.1
-(its audio latents are one whole starting point), so the whole track is generated afresh and only its latents
-over the range (TemporalRegionMask's audio rule, protocol/retake.py) replace the source's; a source without
-audio (a video file with no audio stream) keeps the new track whole.
+The audio is held as ltx-pipelines holds it: its audio `ModalitySpec` starts at the source's audio latents with
+the same TemporalRegionMask, whose audio tokens are regenerated where their time span meets the window
+[A / fps, (B + 1) / fps) (protocol/retake.py's `audio_latent_span`) and held everywhere else. So the class also
+holds audio tokens (services/held_audio_tokens.py, the mask True outside that span): the new audio inside the
+range is denoised beside the source's clean audio around it, at timestep 0 on the held tokens, as the new video
+frames are beside the held ones. A source without audio (a video file with no audio stream) holds none, and
+the whole track is generated afresh (ltx-pipelines: no audio conditioning).
+
+The latents the loop returns for held tokens, video and audio, are the held values normalized and denormalized
+again (equal up to float rounding), so the source's own values are written back over them, which makes them bit
+for bit the source's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from diffusers import LTX2ConditionPipeline
 
 from protocol.retake import audio_latent_span
+from services.held_audio_tokens import HeldAudioTokens, HeldTokensMixin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,26 +47,45 @@ class RetakeRegion:
     last: int
 
 
-class LTX2RetakePipeline(LTX2ConditionPipeline):
-    """LTX2ConditionPipeline whose call takes `retake=RetakeRegion` and regenerates only its frames."""
+class LTX2RetakePipeline(HeldTokensMixin, LTX2ConditionPipeline):
+    """LTX2ConditionPipeline whose call takes `retake=RetakeRegion` and regenerates only its frames (and the
+    audio over their window)."""
 
     _region: RetakeRegion | None = None
 
     def __call__(self, *args: Any, retake: RetakeRegion, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The pipeline's call from the source's latents (return_dict=False, output_type="latent"), with the
-        held frames and the audio outside the range put back to the source's."""
+        source's own values written back over the held video frames and audio tokens."""
+        held = self.held_audio(retake, kwargs["frame_rate"])
+        video, audio = self.call_retake(retake, held, *args, **kwargs)
+        video = hold_outside(video, retake.video, retake.start, retake.stop, dim=2)
+        return video, audio if held is None else held.written_back(audio)
+
+    def call_retake(
+        self, retake: RetakeRegion, held: HeldAudioTokens | None, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loop's own result, the held video and audio normalized and denormalized again (nothing written
+        back); `held`: the audio tokens held (held_audio), None to generate the whole track."""
         kwargs["latents"] = retake.video
         self._region = retake
         try:
-            video, audio = super().__call__(*args, **kwargs)
+            if held is None:
+                return LTX2ConditionPipeline.__call__(self, *args, **kwargs)
+            return self.call_holding(held, *args, **kwargs)
         finally:
             self._region = None
-        video = hold_outside(video, retake.video, retake.start, retake.stop, dim=2)
-        if retake.audio is None:  # nothing to keep: the new track throughout (ltx-pipelines: no audio conditioning)
-            return video, audio
+
+    def held_audio(self, retake: RetakeRegion, fps: float) -> HeldAudioTokens | None:
+        """The source's audio latents, held everywhere but over the range's window (TemporalRegionMask's audio
+        rule, protocol/retake.py); None when the source has no audio."""
+        if retake.audio is None:
+            return None
+        count = retake.audio.shape[2]
         mel_per_second = self.audio_sampling_rate / self.audio_hop_length
-        span = audio_latent_span(retake.first, retake.last, kwargs["frame_rate"], audio.shape[2], mel_per_second)
-        return video, hold_outside(audio, retake.audio, *span, dim=2)
+        start, stop = audio_latent_span(retake.first, retake.last, fps, count, mel_per_second)
+        held = torch.ones(count, dtype=torch.bool)
+        held[start:stop] = False
+        return HeldAudioTokens(retake.audio, held)
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
         """The parent's noisy latents, mask and clean latents, with every token outside the region clean

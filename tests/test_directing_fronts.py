@@ -1,7 +1,8 @@
 """Issue 27's directing over HTTP and through the daemon: an extension of a finished video (`extend`,
 `overlap`), a retake of one (`retake`, `from_frame`, `to_frame`) and an IC-LoRA control video (a file part
 named by `reference_video`, `reference_downscale`), on a real `ltx2 serve` in front of a real daemon; and
-`ltx2 submit --extend/--retake/--reference-video` to that same daemon.
+`ltx2 submit --extend/--retake/--reference-video` to that same daemon. A video file to retake is the form's
+file part `retake` (as `ltx2 retake FILE.mp4`).
 
 The tiny VAE packs 4 frames into a latent frame: a 17-frame clip has 5 latent frames (frame 0; 1-4; 5-8;
 9-12; 13-16), overlaps are 4m+1 frames and frames 5..8 are latent frame 2 alone. Every clip is 64x64x17.
@@ -24,7 +25,7 @@ from gateway_process import TINY, Gateway
 from test_http_gateway_hostile import multipart, openai_error
 from test_keyframes import gradient, write_video
 
-from protocol.files import JOB_FILE, LATENTS_FILE
+from protocol.files import JOB_FILE, LATENTS_FILE, RETAKE_ENCODED_FILE
 from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
 from services.latents import read_latents
 from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
@@ -132,6 +133,62 @@ def test_a_retake_of_a_finished_video_keeps_the_latent_frames_outside_its_range(
     assert not torch.allclose(after["video"][:, :, 2], before["video"][:, :, 2])
 
 
+def retake_form(clip: bytes, **fields: bytes) -> tuple[bytes, dict[str, str]]:
+    """A multipart create retaking frames 5..8 of `clip`, the video file uploaded as the part `retake`."""
+    base = {"prompt": b"the ball turns blue", "model": TINY.encode(), "from_frame": b"5", "to_frame": b"8"}
+    return multipart({**base, "seed": b"4", "steps": b"2", "schedule": b"default", **fields}, {"retake": clip})
+
+
+def test_a_retake_of_an_uploaded_mp4_holds_its_vae_encoding_outside_the_range(gateway: Gateway, source: dict):
+    """The file part `retake` is what `ltx2 retake FILE.mp4` takes: the daemon copies it into the job, the
+    diffusion stage encodes it, and the latent frames outside the range are that encoding bit for bit."""
+    body, headers = retake_form(source["mp4"].read_bytes())
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    assert status == 200, answer
+    video = json.loads(answer)
+    assert gateway.upload_files() == []  # the daemon copied it into the job
+    record = json.loads((job_dir(gateway, video["id"]) / JOB_FILE).read_text())
+    assert (record["retake"]["kind"], record["retake"]["has_audio"], record["retake"]["frames"]) == ("video", True, 17)
+    done = wait_done(gateway, "alice", video["id"])
+    assert done["status"] == "completed", gateway.daemon_job(video["id"])
+    assert probe_mp4(download(gateway, "alice", video["id"], "retaken-file.mp4"))["frames"] == 17
+    encoded, _ = read_latents(job_dir(gateway, video["id"]) / RETAKE_ENCODED_FILE)
+    after, _ = read_latents(job_dir(gateway, video["id"]) / LATENTS_FILE)
+    held = [0, 1, 3, 4]  # every latent frame but 2, which holds frames 5..8
+    assert torch.equal(after["video"][:, :, held], encoded["video"][:, :, held])
+
+
+@pytest.mark.parametrize(
+    ("clip", "fields", "param", "words"),
+    [
+        ("png", {}, "retake", "or an MP4 or QuickTime video file"),
+        ("16", {}, "retake", "retake: the video has 16 frames; a retake encodes the file as it is"),
+        ("17", {"to_frame": b"17"}, "to_frame", "17 is outside the source's 17 frames"),
+        ("17", {"extend": b"20261206-181500-a1b2c3"}, "extend", "no video"),
+    ],
+    ids=["png", "16-frames", "to-frame", "with-extend"],
+)
+def test_an_uploaded_retake_is_refused_naming_the_field_never_a_server_path(
+    gateway: Gateway, source: dict, tmp_path: Path, clip: str, fields: dict, param: str, words: str
+):
+    from test_http_gateway import png_bytes
+
+    if clip == "png":
+        data = png_bytes(64, 64)
+    elif clip == "16":
+        write_video(tmp_path / "short.mp4", np.full((16, 64, 64, 3), 128, np.uint8))
+        data = (tmp_path / "short.mp4").read_bytes()
+    else:
+        data = source["mp4"].read_bytes()
+    before = len(gateway.daemon_jobs())
+    body, headers = retake_form(data, **fields)
+    status, _, answer = gateway.request("POST", "/v1/videos", "alice", body, headers)
+    error = openai_error(answer)
+    assert status in (400, 404) and error["param"] == param, answer
+    assert words in error["message"] and str(gateway.root) not in error["message"], error
+    assert len(gateway.daemon_jobs()) == before and gateway.upload_files() == []
+
+
 @pytest.mark.parametrize(
     ("fields", "param", "words"),
     [
@@ -144,7 +201,7 @@ def test_a_retake_of_a_finished_video_keeps_the_latent_frames_outside_its_range(
         ({"extend": "SOURCE", "overlap": 21, "num_frames": 25}, "overlap", "21 is more than the source's 17 frames"),
         ({"overlap": 5}, "overlap", "needs extend SOURCE"),
         ({"extend": "/etc/passwd"}, "extend", "must be the id of one of this key's completed videos"),
-        ({"retake": "../jobs/x"}, "retake", "files and paths are not accepted"),
+        ({"retake": "../jobs/x"}, "retake", "paths are not accepted; send a video file as the multipart file part"),
     ],
 )
 def test_directing_refusals_name_the_field_and_what_is_allowed(

@@ -94,6 +94,43 @@ def test_retake_publishes_one_mp4_of_the_sources_frame_count_with_the_range_in_i
     assert summary["audio"] == RETAKE_AUDIO_NOTE
 
 
+def test_retake_denoises_the_new_audio_beside_the_sources_held_audio_not_spliced_into_it(source: JobDir):
+    """In the loop itself, before anything is written back (ltx-pipelines' retake holds the audio outside the
+    window with TemporalRegionMask): with guidance on the audio, the audio latents outside the range's span end
+    where the source's are (normalized and denormalized again: float32 rounding), those inside are new, and the
+    write-back puts the source's own values there bit for bit. A source without audio gets a whole new track."""
+    from services.retake_pipeline import LTX2RetakePipeline, RetakeRegion
+    from services.tiny_model import build_components
+
+    parts = build_components()
+    names = ("scheduler", "vae", "audio_vae", "text_encoder", "tokenizer", "connectors", "transformer", "vocoder")
+    pipe = LTX2RetakePipeline(**{name: parts[name] for name in names})
+    pipe.set_progress_bar_config(disable=True)
+    tensors, _ = read_latents(source.path / LATENTS_FILE)
+    start, stop = latent_span(FIRST, LAST, 4)
+    region = RetakeRegion(tensors["video"], tensors["audio"], start, stop, FIRST, LAST)
+    first, last = audio_latent_span(FIRST, LAST, 24.0, tensors["audio"].shape[2], MEL_PER_SECOND)
+    assert 0 < first < last < tensors["audio"].shape[2]  # new audio between held audio on both sides
+    guidance = {"guidance_scale": 3.0, "audio_guidance_scale": 7.0, "audio_guidance_rescale": 0.7}
+    call = {"prompt": "the ball turns blue", "width": 64, "height": 64, "num_frames": 17, "frame_rate": 24.0,
+            "num_inference_steps": 2, "max_sequence_length": 16, "output_type": "latent", "return_dict": False,
+            **guidance}  # fmt: skip
+    held = pipe.held_audio(region, 24.0)
+    outside = [index for index in range(tensors["audio"].shape[2]) if not first <= index < last]
+    assert held.mask(tensors["audio"].shape[2]).nonzero().flatten().tolist() == outside
+    with torch.no_grad():
+        _, raw = pipe.call_retake(region, held, generator=torch.Generator().manual_seed(4), **call)
+        _, whole = pipe(retake=RetakeRegion(tensors["video"], None, start, stop, FIRST, LAST), **call)
+    audio = held.written_back(raw)  # what the call returns (its job's latents: the retake test above)
+    source_audio = tensors["audio"]
+    assert float((raw[:, :, outside] - source_audio[:, :, outside]).abs().max()) <= 1e-5
+    assert float((raw[:, :, first:last] - source_audio[:, :, first:last]).abs().amin(dim=(0, 1, 3)).min()) > 1e-3
+    assert torch.equal(audio[:, :, outside], source_audio[:, :, outside])
+    assert torch.equal(audio[:, :, first:last], raw[:, :, first:last])
+    assert whole.shape == source_audio.shape
+    assert float((whole[:, :, outside] - source_audio[:, :, outside]).abs().max()) > 1e-2
+
+
 @pytest.mark.parametrize(
     ("first", "last", "flag", "words"),
     [

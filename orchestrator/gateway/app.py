@@ -64,6 +64,7 @@ from protocol.codec import ErrorCode
 from protocol.conditions import MAX_CONDITIONS
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS
+from protocol.retake import RETAKE_FIELD
 from protocol.soundtrack import AUDIO_FIELD, AUDIO_FORMATS, audio_suffix, looks_like_audio
 from protocol.spec_rules import SpecError, describe_duration
 
@@ -89,6 +90,9 @@ STAGE_WEIGHTS = {Stage.ENCODE_DIFFUSE.value: 0.8, Stage.AUDIO_DECODE.value: 0.05
 IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
 # The first box types of an MP4 or QuickTime file (bytes 4-8): a keyframe may also be a video.
 VIDEO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
+# The spec fields a file part of their own name fills (its stored path becomes the field's value): the soundtrack
+# of audio-to-video, and a video file to retake (`retake` as text stays a video id of the key).
+FIELD_FILES = (AUDIO_FIELD, RETAKE_FIELD)
 #: A form's uploads: part name -> (bytes, the suffix its first bytes call for).
 Uploads = dict[str, tuple[bytes, str]]
 # How long DELETE waits for a running job's worker to stop (the daemon gives it 10 s before SIGKILL).
@@ -289,7 +293,7 @@ class Gateway:
         upload: tuple[bytes, str] | None,
         idempotency_key: str = "",
         parts: Uploads | None = None,
-        soundtrack: tuple[bytes, str] | None = None,
+        files: Uploads | None = None,
     ) -> dict[str, Any]:
         """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
 
@@ -300,10 +304,11 @@ class Gateway:
         client send the create again, a new request), and a gateway killed mid-create leaves a video its
         key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
         another request under a used key is refused (409). `parts` are the uploads `conditions` and
-        `reference_video` name; `soundtrack` the `audio` upload (audio-to-video).
+        `reference_video` name; `files` the uploads that fill a spec field of their own name (FIELD_FILES: the `audio`
+        of audio-to-video, a video file to `retake`).
         """
         parts = parts or {}
-        body = request_fingerprint(request, upload, parts, soundtrack)
+        body = request_fingerprint(request, upload, parts, files)
         with self._owner_locks[owner]:  # two creates of one key must not both pass the cap
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
@@ -317,7 +322,7 @@ class Gateway:
             elif (claimed := self.owned(owner, video_id))["state"] != SUBMITTING:
                 job = self.job(video_id)
                 return video_object({**claimed, "state": job["state"]}, job, request.seconds_note)
-            reply = self.submit(owner, video_id, request, upload, parts, soundtrack)
+            reply = self.submit(owner, video_id, request, upload, parts, files)
             if reply["id"] != video_id:  # reuse named this key's finished video of the same request
                 self.store.discard(video_id)
                 if idempotency_key:
@@ -384,12 +389,13 @@ class Gateway:
         request: VideoRequest,
         upload: tuple[bytes, str] | None,
         parts: Uploads | None = None,
-        soundtrack: tuple[bytes, str] | None = None,
+        files: Uploads | None = None,
     ) -> dict[str, Any]:
         """The daemon's answer to the video's submit (sent again while lost); with `reuse`, another key's
         render is never taken: the request is then submitted to render as this key's own. Each file part
         (a keyframe, the control video) is stored as the image is, and its stored path replaces its part name
-        in `conditions` or `reference_video`; the soundtrack's stored path is the spec's `audio`."""
+        in `conditions` or `reference_video`; each of `files` is stored and its path is the spec field it is named
+        after (`audio`, `retake`)."""
         spec = dict(request.spec)
         image = self.store_upload(*upload) if upload else None
         if image is not None:
@@ -399,9 +405,9 @@ class Gateway:
             spec["conditions"] = [{**entry, "source": str(stored[entry["source"]])} for entry in spec["conditions"]]
         if spec.get(REFERENCE_FIELD) is not None:
             spec[REFERENCE_FIELD] = {**spec[REFERENCE_FIELD], "source": str(stored[spec[REFERENCE_FIELD]["source"]])}
-        if soundtrack is not None:
-            stored[AUDIO_FIELD] = self.store_upload(*soundtrack, field=AUDIO_FIELD)
-            spec[AUDIO_FIELD] = str(stored[AUDIO_FIELD])
+        for field, data in (files or {}).items():
+            stored[field] = self.store_upload(*data, field=field)
+            spec[field] = str(stored[field])
         try:
             reply = self.submit_until_answered(jobs.Submit("", spec, reuse=request.reuse, job_id=video_id))
             if reply["id"] != video_id and self.store.get(owner, reply["id"]) is None:
@@ -560,7 +566,7 @@ def request_fingerprint(
     request: VideoRequest,
     upload: tuple[bytes, str] | None,
     keyframes: Uploads | None = None,
-    soundtrack: tuple[bytes, str] | None = None,
+    files: Uploads | None = None,
 ) -> str:
     """SHA-256 of everything a create asks for (the fields as parsed, the uploads' bytes), for Idempotency-Key."""
     parts = {"spec": request.spec, "seconds": request.seconds, "fps": request.fps, "reuse": request.reuse}
@@ -570,8 +576,8 @@ def request_fingerprint(
         parts["keyframes"] = {
             name: [hashlib.sha256(data).hexdigest(), suffix] for name, (data, suffix) in keyframes.items()
         }
-    if soundtrack is not None:  # likewise
-        parts[AUDIO_FIELD] = [hashlib.sha256(soundtrack[0]).hexdigest(), soundtrack[1]]
+    for field, (data, suffix) in (files or {}).items():  # likewise (an `audio` upload's entry as it always was)
+        parts[field] = [hashlib.sha256(data).hexdigest(), suffix]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -789,10 +795,10 @@ def build_app(settings: Settings) -> Starlette:
     async def create_video(request: Request) -> Response:
         owner = await authorized(request)
         fields, uploads = await read_fields(request, limits)
-        upload, soundtrack = uploads.pop("input_reference", None), uploads.pop(AUDIO_FIELD, None)
+        upload, files = uploads.pop("input_reference", None), field_files(uploads)
         parsed = parse_video_request(fields, settings, uploads.keys())
         created = await run_in_threadpool(
-            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, soundtrack
+            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, files
         )
         return JSONResponse(created)
 
@@ -956,7 +962,7 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
         parser: StrictMultiPartParser | StrictFormParser = StrictMultiPartParser(
             request.headers,
             replay(),
-            max_files=3 + MAX_CONDITIONS,  # input_reference, the keyframes, the control video, audio
+            max_files=4 + MAX_CONDITIONS,  # input_reference, the keyframes, the control video, audio, retake
             max_fields=MAX_FORM_FIELDS,
             max_part_size=limits.max_body_bytes,
         )
@@ -1046,8 +1052,8 @@ def too_deep_field(body: bytes) -> str | None:
 
 
 async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
-    """A form's text fields, and its files: input_reference, the keyframes `conditions` names and the control
-    video `reference_video` names."""
+    """A form's text fields, and its files: input_reference, the keyframes `conditions` names, the control
+    video `reference_video` names, the `audio` soundtrack and a video file to `retake`."""
     fields: dict[str, Any] = {}
     uploads: Uploads = {}
     for name, value in form.multi_items():
@@ -1061,6 +1067,8 @@ async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, A
             if not isinstance(value, UploadFile):
                 raise ApiError(400, f"audio must be an audio file upload ({AUDIO_FORMATS})", param=AUDIO_FIELD)
             uploads[name] = await read_audio_upload(value, limits)
+        elif name == RETAKE_FIELD and isinstance(value, UploadFile):  # as text, a video id of the key
+            uploads[name] = await read_retake_upload(value, limits)
         elif isinstance(value, UploadFile):
             if name in KNOWN_FIELDS or not UPLOAD_NAME_PATTERN.fullmatch(name):
                 raise ApiError(400, f"field {name!r} takes no file", param=name)
@@ -1095,6 +1103,24 @@ async def read_audio_upload(upload: UploadFile, limits: HttpSettings) -> tuple[b
     if not looks_like_audio(data[:16]):
         raise ApiError(400, f"audio must be an audio file ({AUDIO_FORMATS})", param=AUDIO_FIELD)
     return data, audio_suffix(data)
+
+
+async def read_retake_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, str]:
+    """A video file to retake: its bytes (at most the cap), an MP4 or QuickTime video by its first bytes (the
+    daemon checks its frames and size as `ltx2 retake FILE` does)."""
+    data = await upload.read(limits.max_upload_bytes + 1)
+    if len(data) > limits.max_upload_bytes:
+        raise too_large(RETAKE_FIELD, len(data), limits.max_upload_bytes, RETAKE_FIELD)
+    if data[4:8] not in VIDEO_BOXES:
+        message = "retake must be the id of one of this key's completed videos, or an MP4 or QuickTime video file"
+        raise ApiError(400, message, param=RETAKE_FIELD)
+    return data, "mp4"
+
+
+def field_files(uploads: Uploads) -> Uploads:
+    """The uploads that fill a spec field of their own name (FIELD_FILES), taken out of `uploads` (which keeps
+    the parts `conditions` and `reference_video` name)."""
+    return {field: uploads.pop(field) for field in FIELD_FILES if field in uploads}
 
 
 def too_many(message: str, code: str, retry_after_s: int) -> ApiError:

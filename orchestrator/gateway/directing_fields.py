@@ -1,6 +1,7 @@
 """The directing fields of `POST /v1/videos` that name something other than text: the video a request extends
-or retakes (`extend`, `retake`: a video id of the same key, never a path or a file) and the IC-LoRA control
-video (`reference_video`: a file part of the same form, never a path).
+or retakes (`extend`, `retake`: a video id of the same key, never a path) and the IC-LoRA control video
+(`reference_video`: a file part of the same form, never a path). A video file to retake is the form's file part
+`retake` itself (app.form_fields; its stored path becomes the spec's `retake`, as ltx2 retake FILE.mp4 takes it).
 
 The spec's own names are the HTTP fields (DESIGN.md rule 11): `extend` and `overlap`, `retake` with
 `from_frame` and `to_frame`, `reference_video` and `reference_downscale`. The numbers are checked as the
@@ -43,7 +44,9 @@ def source_ids(fields: dict[str, Any]) -> dict[str, str]:
             raise RequestError(
                 name,
                 f"{name} must be the id of one of this key's completed videos (as POST /v1/videos answered it,"
-                f" e.g. 20261206-181500-a1b2c3); got {shown(value)} (files and paths are not accepted)",
+                f" e.g. 20261206-181500-a1b2c3); got {shown(value)} (files and paths are not accepted"
+                + ("; send a video file as the multipart file part retake" if name == "retake" else "")
+                + ")",
             )
         found[name] = value.strip()
     return found
