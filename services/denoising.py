@@ -30,6 +30,7 @@ from protocol.job_record import ResolvedCondition, ResolvedLora
 from protocol.retake import VIDEO_SOURCE
 from protocol.spec import JobSpec
 from services import (
+    cfg_parallel,
     compile_packages,
     context_parallel,
     control_video,
@@ -40,6 +41,7 @@ from services import (
     retake_source,
     soundtrack,
 )
+from services.cfg_parallel import CFG_MODE
 from services.held_audio import audio_held, held_audio_pipeline, held_guidance
 from services.held_audio_tokens import HeldAudioTokens, held_tokens_pipeline
 from services.latents import read_latents
@@ -122,7 +124,10 @@ def loaded_denoiser(
     )
     if ctx.plan.get("attention") == "fp8":
         use_fp8_attention(ctx, transformer)
-    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1 and ctx.plan.get("context_parallel_mode") == CFG_MODE:
+        ctx.progress(f"split the guidance batch over {ranks} processes (CFG parallel)")
+        cfg_parallel.split_batches(transformer, ranks, context_parallel.group_rank())
+    elif ranks > 1:
         ctx.progress(f"shard the tokens over {ranks} processes (context parallel)")
         context_parallel.parallelize(transformer, ranks, device)
     if ctx.plan.get("compile") == "regional":
@@ -207,7 +212,8 @@ def denoise(
         pipeline_cls = held_tokens_pipeline(pipeline_cls)
         image_inputs = {**image_inputs, "held_audio": HeldAudioTokens(overlap_audio)}
     pipe = pipeline(pipeline_cls, scheduler, video_stats, parts["audio_stats"], parts["connectors"], transformer)
-    if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1:
+    ranks = context_parallel.plan_ranks(ctx.plan)
+    if ranks > 1 and ctx.plan.get("context_parallel_mode") != CFG_MODE:  # Ulysses shares the tokens and heads
         tokens = video_tokens(pipe, run, ctx.spec)
         context_parallel.require_shardable(transformer, tokens, guidance.MAX_SEQUENCE_LENGTH, ranks)
     calls = []

@@ -116,9 +116,31 @@ def one_and_two_ranks(model_dir: Path) -> RunAhead:
     return run
 
 
+def cfg_parallel_ranks(model_dir: Path) -> RunAhead:
+    """The tiny clip with CFG rendered by a group of two sharing the guidance batch (services/cfg_parallel.py)."""
+
+    def run(root: Path, hf_home: Path) -> dict[str, torch.Tensor]:
+        return render(model_dir, root / "cfg_parallel.safetensors", 2, "--cfg", "--cfg-parallel")
+
+    return run
+
+
 def generate_with_two_processes(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
     """`ltx2 generate --context-parallel 2` of the session's lighthouse request."""
     return run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"], ltx2_environment(hf_home, root))
+
+
+# A guided request (CFG, two steps of the default schedule): by one process and by two sharing the guidance batch.
+GUIDED = ["generate", *LIGHTHOUSE_FLAGS, "--guidance-scale", "3", "--schedule", "default", "--steps", "2"]
+
+
+def guided_plain_and_cfg_parallel(root: Path, hf_home: Path) -> list[subprocess.CompletedProcess[str]]:
+    """GUIDED plain and with `--context-parallel 2` (CFG parallel by the policy), two at a time."""
+    (root / "plain").mkdir()
+    (root / "shared").mkdir()
+    runs = [(GUIDED, ltx2_environment(hf_home, root / "plain"))]
+    runs.append(([*GUIDED, "--context-parallel", "2"], ltx2_environment(hf_home, root / "shared")))
+    return run_ltx2_two_at_a_time(runs)
 
 
 # LTX-2.3, two stages, per-step NAG: the request rendered by one process and by two.
@@ -149,6 +171,11 @@ def renders(
         if item.originalname == "test_two_gloo_ranks_give_one_process_latents":
             model = item.callspec.params["model"]
             runs[model] = one_and_two_ranks(request.getfixturevalue(model))
+        elif item.originalname == "test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents":
+            runs[item.originalname] = cfg_parallel_ranks(request.getfixturevalue("tiny_model_dir"))
+            runs.setdefault("tiny_model_dir", one_and_two_ranks(request.getfixturevalue("tiny_model_dir")))
+        elif item.originalname == "test_a_guided_generate_over_two_processes_shares_the_guidance_batch":
+            runs[item.originalname] = guided_plain_and_cfg_parallel
         elif item.originalname == "test_generate_with_two_processes_gives_the_plain_render":
             runs[item.originalname] = generate_with_two_processes
         elif item.originalname == "test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render":
@@ -166,6 +193,32 @@ def test_two_gloo_ranks_give_one_process_latents(model: str, renders: dict) -> N
         assert max_difference(together[name], alone[name]) <= TOLERANCE, name
     # The sharded run is a run of the model, not a copy of the input: the latents moved from the noise.
     assert alone["video"].abs().max() > 0
+
+
+def test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents(renders: dict) -> None:
+    """CFG parallel: each rank runs one row of the guidance batch (uncond, cond), the outputs gathered in batch
+    order; the latents of one process running the batch of two, within TOLERANCE."""
+    alone, _ = renders["tiny_model_dir"][0].result()
+    shared = renders["test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents"][0].result()
+    for name in ("video", "audio"):
+        assert shared[name].shape == alone[name].shape
+        assert max_difference(shared[name], alone[name]) <= TOLERANCE, name
+
+
+def test_a_guided_generate_over_two_processes_shares_the_guidance_batch(renders: dict) -> None:
+    """The stage's wiring of CFG parallel: the plan says "cfg", each rank runs one row of the guidance batch,
+    and the latents are one process's within TOLERANCE."""
+    plain, shared = renders["test_a_guided_generate_over_two_processes_shares_the_guidance_batch"][0].result()
+    assert plain.returncode == 0 and shared.returncode == 0, plain.stderr + shared.stderr
+    expected = read_latents(job_dir_of(plain) / LATENTS_FILE)[0]
+    job = job_dir_of(shared)
+    result = read_latents(job / LATENTS_FILE)[0]
+    for name in ("video", "audio"):
+        assert max_difference(result[name], expected[name]) <= TOLERANCE, name
+    (attempt,) = json.loads((job / "job.json").read_text())["stages"]["encode_diffuse"]["attempts"]
+    assert attempt["plan"]["context_parallel_mode"] == "cfg"
+    log = (job / "logs" / "encode_diffuse-1.log").read_text()
+    assert "split the guidance batch over 2 processes (CFG parallel)" in log
 
 
 def test_generate_with_two_processes_gives_the_plain_render(renders: dict, eager_lighthouse: StartedRender) -> None:
@@ -217,6 +270,13 @@ def test_the_request_takes_powers_of_two_and_the_plan_carries_them_down_every_ru
     plan = initial_plan(Stage.ENCODE_DIFFUSE, spec, settings)
     assert plan["context_parallel"] == 2
     assert lower_plan(Stage.ENCODE_DIFFUSE, plan, spec, settings)["context_parallel"] == 2
+    # How the two share the work: the guidance batch for a guided one-stage run, else the tokens.
+    guided = {**SPEC, "context_parallel": 2, "guidance_scale": 4.0}
+    assert initial_plan(Stage.ENCODE_DIFFUSE, JobSpec.from_dict(guided), settings)["context_parallel_mode"] == "cfg"
+    two_stage = {"pipeline": "two-stage", "width": 128, "height": 128}
+    for other in ({"guidance_scale": 1.0}, two_stage, {"context_parallel": 4}):
+        spec_other = JobSpec.from_dict({**guided, **other})
+        assert initial_plan(Stage.ENCODE_DIFFUSE, spec_other, settings)["context_parallel_mode"] == "ulysses", other
     assert "context_parallel" not in initial_plan(Stage.ENCODE_DIFFUSE, JobSpec.from_dict(SPEC), settings)
     # The video decode runs over the same N processes, on every rung of its ladder too; the audio decode alone.
     decode = initial_plan(Stage.VIDEO_DECODE, spec, settings)

@@ -29,6 +29,7 @@ from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.plans import DecodePlan
 from protocol.spec import JobSpec
+from protocol.spec_rules import TWO_STAGE
 
 AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"})
 # x264's output depends on its thread count, which it otherwise takes from the cores it may run on
@@ -75,11 +76,22 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
         plan["attention"] = "fp8"
     if spec.context_parallel > 1:  # N processes for the stage (orchestrator.placement.worker_gang), on every rung
         plan["context_parallel"] = spec.context_parallel
+        plan["context_parallel_mode"] = context_parallel_mode(spec)
     if spec.compile and not spec.fp8 and not spec.sequential_offload:
         plan["compile"] = "regional"
         if deterministic:
             plan["deterministic"] = True
     return plan
+
+
+def context_parallel_mode(spec: JobSpec) -> str:
+    """How a context-parallel diffusion shares its work: "cfg" (services/cfg_parallel.py: each of two processes runs
+    one of the guidance batch's two rows, one all-gather per call) for a guided one-stage run of two processes,
+    where every step's main call is that batch; else "ulysses" (services/context_parallel.py: the tokens and
+    heads shared, all-to-alls in every attention layer), which also shares two-stage's unguided stage 2, an
+    unguided (distilled or NAG) run's batch of one, and four or eight processes."""
+    cfg = spec.context_parallel == 2 and spec.uses_cfg and spec.pipeline != TWO_STAGE
+    return "cfg" if cfg else "ulysses"
 
 
 def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Settings) -> dict[str, Any] | None:
