@@ -8,10 +8,12 @@ Parameter counts at full size come from meta-device construction too (no memory,
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -21,6 +23,7 @@ from orchestrator.command_line.batch import validate_batch
 from protocol.families import LATENT_UPSAMPLER, detect_family, family_named
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
+import batch_bench  # noqa: E402
 from batch_bench import HD_RUNS, add_issue14, build_parser, run_command  # noqa: E402
 from gpu_build import component_factories, meta_param_counts, save_pipeline_files  # noqa: E402
 from gpu_configs import (  # noqa: E402
@@ -80,10 +83,31 @@ def test_full_size_parameter_counts_on_the_meta_device() -> None:
     assert 21.5e9 < two_three < 22.5e9
 
 
-def test_issue_14_batches_validate_against_a_2_3_folder(tmp_path: Path) -> None:
+def write_extension_sources(work: Path, clips: int) -> None:
+    """What hd_two_stage_extend reads in a call: hd_two_stage_fp8mm's clips in the work folder's results.json
+    (here one flat 1920x1088x121 MP4 for each: an extension delivers its source's size)."""
+    import av
+
+    source = work / "source.mp4"
+    with av.open(str(source), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 1920, 1088, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for index in range(121):
+            frame = av.VideoFrame.from_ndarray(np.full((1088, 1920, 3), index, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    jobs = {f"clip{index + 1}": {"output": str(source)} for index in range(clips)}
+    (work / "results.json").write_text(json.dumps({"runs": {"hd_two_stage_fp8mm": {"jobs": jobs}}}))
+
+
+def test_issue_14_batches_validate_against_a_2_3_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every hd_* run's batch file (issues 14, 27, 28) is a batch the CLI accepts, with its pipeline and flags."""
     root = write_config_folder(tmp_path / "ltx2-2.3", "2.3")
     args = build_parser().parse_args(["--family", "2.3", "--out", str(tmp_path / "out")])
     settings = load_settings(environ={"HOME": str(tmp_path), "LTX2_STATE_DIR": str(tmp_path / "state")})
+    monkeypatch.setattr(batch_bench, "DIRECTING_INPUTS", tmp_path / "inputs")  # not the device's /tmp folder
+    write_extension_sources(tmp_path, args.clips)
     for name, (pipeline, clips, fast) in HD_RUNS.items():
         command, size = run_command(name, args, root, tmp_path)
         assert size == (1920, 1088, 121)
