@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from conftest import (
     start_runs_ahead,
 )
 from safetensors.torch import load_file
+from supervised import wait_for_file
 
 from config.settings import ConfigError, load_settings
 from orchestrator.placement.worker_gang import WorkerGang
@@ -143,6 +145,30 @@ def guided_plain_and_cfg_parallel(root: Path, hf_home: Path) -> list[subprocess.
     return run_ltx2_two_at_a_time(runs)
 
 
+def killed_rank_mid_step(root: Path, hf_home: Path) -> dict[str, Any]:
+    """`ltx2 generate --context-parallel 2` of the lighthouse whose diffusion pauses after its first step (the first
+    rank to report it sleeps: LTX2_FAULT_PAUSE), then SIGKILL of the other rank, which waits for it inside a
+    collective; the command's result, the killed and paused pids, and the job directory."""
+    env = {**ltx2_environment(hf_home, root), "LTX2_FAULT_PAUSE": "encode_diffuse:denoise:1"}
+    (root / "faults").mkdir()
+    env["LTX2_FAULT_DIR"] = str(root / "faults")
+    command = [sys.executable, "-m", "orchestrator.cli", "generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, **pipes)
+    try:
+        paused = int(wait_for_file(root / "faults" / "paused-encode_diffuse.pid").read_text())
+        (record_path,) = (root / "state" / "jobs").glob("*/job.json")
+        (attempt,) = json.loads(record_path.read_text())["stages"]["encode_diffuse"]["attempts"]
+        (killed,) = [pid for pid in attempt["rank_pids"] if pid != paused]
+        os.kill(killed, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return {"returncode": process.returncode, "stderr": stderr, "killed": killed, "paused": paused,
+            "job": record_path.parent}  # fmt: skip
+
+
 # LTX-2.3, two stages, per-step NAG: the request rendered by one process and by two.
 NAG_TWO_STAGE = ["generate", "--model", TINY_REPO_IDS["2.3"], "--prompt", "a lighthouse in a gale", "--seed", "7"]
 NAG_TWO_STAGE += ["--width", "128", "--height", "128", "--num-frames", "9", "--pipeline", "two-stage", "--quiet"]
@@ -176,6 +202,8 @@ def renders(
             runs.setdefault("tiny_model_dir", one_and_two_ranks(request.getfixturevalue("tiny_model_dir")))
         elif item.originalname == "test_a_guided_generate_over_two_processes_shares_the_guidance_batch":
             runs[item.originalname] = guided_plain_and_cfg_parallel
+        elif item.originalname == "test_a_rank_killed_mid_step_stops_its_gang_and_one_retry_finishes_the_job":
+            runs[item.originalname] = killed_rank_mid_step
         elif item.originalname == "test_generate_with_two_processes_gives_the_plain_render":
             runs[item.originalname] = generate_with_two_processes
         elif item.originalname == "test_two_stage_with_per_step_nag_on_ltx23_gives_the_plain_render":
@@ -260,6 +288,24 @@ def test_a_rank_that_dies_stops_its_gang_with_its_exit_status() -> None:
 
 
 SPEC = {"prompt": "a harbour at dawn", "model": "m", "width": 64, "height": 64, "num_frames": 17, "steps": 8, "seed": 1}
+
+
+def test_a_rank_killed_mid_step_stops_its_gang_and_one_retry_finishes_the_job(
+    renders: dict, eager_lighthouse: StartedRender
+) -> None:
+    """kill -9 of one of the two ranks mid-step: both stopped (the paused one too), the policy retries once with
+    the same two processes, and the job finishes with the latents of an undisturbed run."""
+    run = renders["test_a_rank_killed_mid_step_stops_its_gang_and_one_retry_finishes_the_job"][0].result()
+    assert run["returncode"] == 0, run["stderr"][-3000:]
+    for pid in (run["killed"], run["paused"]):
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    first, second = json.loads((run["job"] / "job.json").read_text())["stages"]["encode_diffuse"]["attempts"]
+    assert first["result"] != "ok" and second["result"] == "ok"
+    assert first["plan"]["context_parallel"] == second["plan"]["context_parallel"] == 2
+    _, plain_job = eager_lighthouse.finished()
+    retried, plain = read_latents(run["job"] / LATENTS_FILE)[0], read_latents(plain_job / LATENTS_FILE)[0]
+    for name in ("video", "audio"):
+        assert max_difference(retried[name], plain[name]) <= TOLERANCE, name
 
 
 def test_the_request_takes_powers_of_two_and_the_plan_carries_them_down_every_rung() -> None:
