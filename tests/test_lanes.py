@@ -31,7 +31,7 @@ from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore
 from orchestrator.placement.fork_client import worker_environment
 from orchestrator.placement.lane_links import LocalLanes
-from orchestrator.placement.lanes import Lane, resolve_lanes, split_for_lanes
+from orchestrator.placement.lanes import Lane, lane_width, resolve_lanes, runs_here, split_for_lanes, widest_lane
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.states import JobState
 from protocol.files import LATENTS_FILE, Stage
@@ -421,3 +421,17 @@ RUNS_AHEAD: dict[str, RunAhead] = {
     "test_daemon_runs_queued_jobs_on_every_lane_one_process_at_a_time": daemon_with_two_cpu_lanes,
     "test_the_lanes_of_a_daemon_share_one_fork_server_started_before_any_job": daemon_whose_lanes_share_a_fork_server,
 }
+
+
+def test_a_context_parallel_job_goes_to_a_lane_wide_enough_and_waits_for_none_that_cannot_come():
+    """The daemon picks a lane per job (issue 30): a lane of one GPU leaves a two-process job to the daemon's
+    lane of two; where no lane is that wide, any lane takes it (its stage then fails naming the setting)
+    rather than leave it queued for ever; CPU lanes and the single lane that pins nothing set no bound."""
+    single, pair = Lane(0, "cuda:0", "4"), Lane(1, "cuda:1+2", "5,6")
+    assert [lane_width(lane) for lane in (single, pair, Lane(0, "cpu", ""), Lane(0, "", None))] == [1, 2, None, None]
+    assert widest_lane([single, pair]) == 2 and widest_lane([single, Lane(1, "cpu", "")]) is None
+    widest = widest_lane([single, pair])
+    assert runs_here(pair, widest, 2) and not runs_here(single, widest, 2)
+    assert runs_here(single, widest, 1) and runs_here(pair, widest, 1)  # the default stays throughput
+    assert runs_here(single, widest_lane([single, Lane(1, "cuda:1", "5")]), 2)  # no lane can: fail, not wait
+    assert not runs_here(single, None, 2)  # a CPU lane beside it can hold it

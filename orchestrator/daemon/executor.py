@@ -31,7 +31,7 @@ from config.settings import Settings
 from orchestrator.daemon.lane_occupancy import LaneOccupancy
 from orchestrator.daemon.store import JobStore, read_job_dirs
 from orchestrator.placement.lane_links import LaneSource, LocalLanes
-from orchestrator.placement.lanes import Lane
+from orchestrator.placement.lanes import Lane, lane_width, runs_here
 from orchestrator.placement.processes import kill_orphan
 from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink, discard_worker
 from orchestrator.run.job_end import JobStopped, internal_error, requeue_orphan
@@ -122,7 +122,8 @@ class Executor(threading.Thread):
         lane: Lane | None = None,
         occupancy: LaneOccupancy | None = None,
     ) -> None:
-        self.lane, self.occupancy = lane or Lane(0, "", None), occupancy or LaneOccupancy(1)
+        self.lane = lane or Lane(0, "", None)
+        self.occupancy = occupancy or LaneOccupancy(1, lane_width(self.lane))
         super().__init__(name=f"executor-{self.lane.device or self.lane.index}", daemon=True)
         self.settings, self.store_path, self.board, self.stop = settings, store_path, board, stop
         self.lane_source = lane_source
@@ -275,6 +276,10 @@ class Executor(threading.Thread):
                 continue
             if claimed and claim_key(job) != claim_key(claimed[0]):
                 break
+            if not runs_here(self.lane, self.occupancy.widest, job.spec.context_parallel):
+                if claimed:
+                    break
+                continue  # a wider lane's job (context parallel): left queued for it
             try:
                 job.transition(JobState.RUNNING)
             except TransitionError:

@@ -21,8 +21,11 @@ from contextlib import contextmanager
 class LaneOccupancy:
     """The busy lanes of one daemon (by lane index), shared by its executors."""
 
-    def __init__(self, lanes: int) -> None:
+    def __init__(self, lanes: int, widest: int | None = None) -> None:
         self.lanes = lanes
+        #: the widest lane's context-parallel width (orchestrator.placement.lanes.lane_width; None: a lane sets no
+        #: bound), so a narrow lane leaves a wider lane's job queued for it (lanes.runs_here)
+        self.widest = widest
         self._busy: set[int] = set()
         self._lock = threading.Lock()
 

@@ -42,6 +42,7 @@ from orchestrator.daemon.state_lock import lock_state_dir
 from orchestrator.daemon.store import JobStore, open_store
 from orchestrator.daemon.transport import DaemonAddress, bind_core, core_endpoint, receive_from_front
 from orchestrator.placement.lane_links import LaneSource, open_lanes
+from orchestrator.placement.lanes import widest_lane
 from orchestrator.run import reuse
 from orchestrator.run.job_end import cancel_waiting, release_orphaned
 from orchestrator.run.jobdir import JOB_ID_PATTERN, JobDir, describe_owner
@@ -109,7 +110,7 @@ class Daemon:
             front.start()  # TransportError if the public endpoint or its keys cannot be used
             source = open_lanes(self.settings, context)  # FarmUnusable if a Ray farm cannot run
             lanes = source.lanes
-            occupancy = LaneOccupancy(len(lanes))
+            occupancy = LaneOccupancy(len(lanes), widest_lane(lanes))
             self.executors = [
                 Executor(self.settings, self.store_path, source, self.board, self.stop, lane, occupancy)
                 for lane in lanes

@@ -43,6 +43,31 @@ class Lane:
     threads: int | None = None  #: CPU threads of its workers (OMP_NUM_THREADS); None leaves them as they are
 
 
+def lane_width(lane: Lane) -> int | None:
+    """How many context-parallel processes the lane can hold: its GPUs ("cuda:1+2": 2, "cuda:0": 1); None where
+    it sets no bound (a CPU lane's gloo processes, the single lane that pins nothing, a farm's lane)."""
+    if not lane.device.startswith("cuda:"):
+        return None
+    return len(lane.device.removeprefix("cuda:").split("+"))
+
+
+def widest_lane(lanes: list[Lane]) -> int | None:
+    """The widest of `lanes` (lane_width), None when one of them sets no bound."""
+    widths = [lane_width(lane) for lane in lanes]
+    return None if any(width is None for width in widths) else max(widths, default=None)
+
+
+def runs_here(lane: Lane, widest: int | None, processes: int) -> bool:
+    """Whether this lane should take a job of `processes` context-parallel processes, `widest` being the widest
+    lane's width among the daemon's lanes (None: one sets no bound). A lane too narrow leaves the job to a lane
+    that can hold it (the daemon picks per job, DESIGN.md rule 8); when none can, any lane takes it and its
+    stage fails at once naming the setting, instead of it waiting in the queue for ever."""
+    width = lane_width(lane)
+    if width is None or processes <= width:
+        return True
+    return widest is not None and widest < processes
+
+
 def visible_cuda_devices(environ: Mapping[str, str] | None = None) -> list[str]:
     """The CUDA devices this process can see, as `CUDA_VISIBLE_DEVICES` entries for its workers."""
     environ = os.environ if environ is None else environ
