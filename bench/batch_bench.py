@@ -255,6 +255,16 @@ HD_RUNS.update({"hd_two_stage_keyframes": ("two-stage", None, True), "hd_two_sta
 # beside hd_two_stage_bf16's plain clip; version 16 saw keyframes add 4.6 GiB with FP8 matmuls):
 #   bash bench/run_on_device.sh batch --family 2.3 --sequence hd_two_stage_bf16,hd_two_stage_keyframes_bf16
 HD_RUNS["hd_two_stage_keyframes_bf16"] = ("two-stage", 1, False)
+# Issue 30 (needs two GPUs: `nvidia-h200-x2`): one clip on one GPU against the same clip over a lane of both
+# (context parallel: Ulysses for these distilled clips, the video decode's pieces shared), in one call:
+#   bash bench/run_on_device.sh batch --clips 2 --sequence large_fp8mm,large_fp8mm_cp2
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_fp8mm,hd_two_stage_cp2
+LARGE_RUNS["large_fp8mm_cp2"] = ["--fp8-matmul", "--compile", "--context-parallel", "2"]
+HD_RUNS["hd_two_stage_cp2"] = ("two-stage", None, True)
+for name in ("large_fp8mm_cp2", "hd_two_stage_cp2"):
+    RUN_ENV[name] = {"LTX2_DEVICES": "cuda:0+1"}
+VERSUS.update({"large_fp8mm_cp2": "large_fp8mm", "hd_two_stage_cp2": "hd_two_stage_fp8mm"})
 # Files a job reads must lie inside paths.input_roots (~ and /tmp by default), so not in the work folder.
 DIRECTING_INPUTS = Path("/tmp/ltx2-bench-inputs")
 
@@ -585,6 +595,7 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
             "hd_two_stage_keyframes": lambda: keyframe_keys(size, count),
             "hd_two_stage_keyframes_bf16": lambda: keyframe_keys(size, count),
             "hd_two_stage_extend": lambda: extension_keys(work, count),
+            "hd_two_stage_cp2": lambda: [["context_parallel = 2"]] * count,
         }
         batch = write_batch(
             work / f"{name}.toml", str(root), size, count, fast, fast, pipeline, name in HD_FP8_ATTENTION,
