@@ -249,7 +249,10 @@ def test_retake_of_an_mp4_encodes_its_frames_as_ltx_pipelines_does(retaken_file:
     with torch.no_grad():
         expected = vae.encode(pixels).latent_dist.mode()
     encoded, _ = read_latents(retaken_file.path / RETAKE_ENCODED_FILE)
-    assert torch.allclose(encoded["video"], expected, atol=1e-5, rtol=0)
+    # 1e-4: the worker's CPU convolutions and this process's run with other thread counts, which CI measured
+    # ~1.2e-5 apart; another definition (a sampled latent, other pixel scaling) is off by far more than that.
+    assert torch.allclose(encoded["video"], expected, atol=1e-4, rtol=0)
+    assert not torch.allclose(encoded["video"], vae.encode(pixels).latent_dist.sample(), atol=1e-2, rtol=0)
 
 
 def test_retake_of_an_mp4_publishes_its_frame_count_with_the_file_in_its_sidecar(retaken_file: JobDir, source: JobDir):
