@@ -3,8 +3,7 @@
 `python tests/context_parallel_render.py MODEL_DIR OUT.safetensors [--cfg]`: with a group size above 1 in
 the environment (protocol.stages.CP_SIZE_ENV, with the rank and the rendezvous address) it joins the group
 over gloo and shards the
-transformer (services/context_parallel.py; `--cfg-parallel`: shares the guidance batch, services/cfg_parallel.py);
-rank 0 writes the latents. tests/test_context_parallel.py
+transformer (services/context_parallel.py); rank 0 writes the latents. tests/test_context_parallel.py
 compares a group's file with one process's.
 """
 
@@ -17,25 +16,20 @@ import torch
 from diffusers import LTX2Pipeline
 from safetensors.torch import save_file
 
-from services import cfg_parallel as cfg_parallel_hooks
 from services import context_parallel
 
 PROMPT = "a slow dolly in through a rainy neon alley"
 
 
-def render(model_dir: Path, cfg: bool, cfg_parallel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clip's (video, audio) latents; the group's when this process is one of several (the tokens shared,
-    or with `cfg_parallel` the guidance batch: services/cfg_parallel.py)."""
+def render(model_dir: Path, cfg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clip's (video, audio) latents; the group's when this process is one of several."""
     device = torch.device("cpu")
     pipe = LTX2Pipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     size = context_parallel.group_size()
     if size > 1:
         context_parallel.join_group(device)
-        if cfg_parallel:
-            cfg_parallel_hooks.split_batches(pipe.transformer, size, context_parallel.group_rank())
-        else:
-            context_parallel.parallelize(pipe.transformer, size, device)
+        context_parallel.parallelize(pipe.transformer, size, device)
     scale = 3.0 if cfg else 1.0
     with torch.no_grad():
         video, audio = pipe(
@@ -71,10 +65,9 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--cfg", action="store_true", help="classifier-free guidance on (a batch of two)")
-    parser.add_argument("--cfg-parallel", action="store_true", help="a group shares the guidance batch, not the tokens")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    video, audio = render(args.model_dir, args.cfg, args.cfg_parallel)
+    video, audio = render(args.model_dir, args.cfg)
     if context_parallel.group_rank() == 0:
         save_file({"video": video.contiguous(), "audio": audio.contiguous()}, str(args.out))
 

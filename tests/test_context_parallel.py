@@ -118,15 +118,6 @@ def one_and_two_ranks(model_dir: Path) -> RunAhead:
     return run
 
 
-def cfg_parallel_ranks(model_dir: Path) -> RunAhead:
-    """The tiny clip with CFG rendered by a group of two sharing the guidance batch (services/cfg_parallel.py)."""
-
-    def run(root: Path, hf_home: Path) -> dict[str, torch.Tensor]:
-        return render(model_dir, root / "cfg_parallel.safetensors", 2, "--cfg", "--cfg-parallel")
-
-    return run
-
-
 def generate_with_two_processes(root: Path, hf_home: Path) -> subprocess.CompletedProcess[str]:
     """`ltx2 generate --context-parallel 2` of the session's lighthouse request."""
     return run_ltx2(["generate", *LIGHTHOUSE_FLAGS, "--context-parallel", "2"], ltx2_environment(hf_home, root))
@@ -197,9 +188,6 @@ def renders(
         if item.originalname == "test_two_gloo_ranks_give_one_process_latents":
             model = item.callspec.params["model"]
             runs[model] = one_and_two_ranks(request.getfixturevalue(model))
-        elif item.originalname == "test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents":
-            runs[item.originalname] = cfg_parallel_ranks(request.getfixturevalue("tiny_model_dir"))
-            runs.setdefault("tiny_model_dir", one_and_two_ranks(request.getfixturevalue("tiny_model_dir")))
         elif item.originalname == "test_a_guided_generate_over_two_processes_shares_the_guidance_batch":
             runs[item.originalname] = guided_plain_and_cfg_parallel
         elif item.originalname == "test_a_rank_killed_mid_step_stops_its_gang_and_one_retry_finishes_the_job":
@@ -221,16 +209,6 @@ def test_two_gloo_ranks_give_one_process_latents(model: str, renders: dict) -> N
         assert max_difference(together[name], alone[name]) <= TOLERANCE, name
     # The sharded run is a run of the model, not a copy of the input: the latents moved from the noise.
     assert alone["video"].abs().max() > 0
-
-
-def test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents(renders: dict) -> None:
-    """CFG parallel: each rank runs one row of the guidance batch (uncond, cond), the outputs gathered in batch
-    order; the latents of one process running the batch of two, within TOLERANCE."""
-    alone, _ = renders["tiny_model_dir"][0].result()
-    shared = renders["test_two_gloo_ranks_sharing_the_guidance_batch_give_one_process_latents"][0].result()
-    for name in ("video", "audio"):
-        assert shared[name].shape == alone[name].shape
-        assert max_difference(shared[name], alone[name]) <= TOLERANCE, name
 
 
 def test_a_guided_generate_over_two_processes_shares_the_guidance_batch(renders: dict) -> None:
