@@ -290,9 +290,7 @@ def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dt
     ctx.progress("encode the soundtrack")
     spec = ctx.spec
     waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
-    config = encoder.config
-    per_second = config.sample_rate / config.mel_hop_length / encoder.temporal_compression_ratio
-    frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
+    frames = soundtrack.clip_audio_latents(encoder, spec.num_frames, spec.fps)
     latents = soundtrack.encode_track(encoder, waveform, rate, frames, device)
     ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
     return latents
@@ -380,9 +378,7 @@ def encoded_retake_file(
     audio = None
     if retake.has_audio:
         vae = audio_vae(ctx, device, dtype, "the video to retake")
-        config = vae.config
-        per_second = config.sample_rate / config.mel_hop_length / vae.temporal_compression_ratio
-        frames = round(spec.num_frames / spec.fps * per_second)  # LTX2Pipeline's audio_num_frames
+        frames = soundtrack.clip_audio_latents(vae, spec.num_frames, spec.fps)
         audio = retake_source.encode_audio_file(vae, path, spec.num_frames / spec.fps, frames, device)
     retake_source.write_encoded(ctx.job_dir, retake, video, audio)
     return video, audio

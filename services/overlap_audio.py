@@ -71,7 +71,7 @@ def overlap_audio_latents(
     waveform, rate = found
     config = audio_vae.config
     mel_per_second = config.sample_rate / config.mel_hop_length
-    total = round(num_frames / fps * mel_per_second / audio_vae.temporal_compression_ratio)  # the pipeline's
+    total = soundtrack.clip_audio_latents(audio_vae, num_frames, fps)
     held = held_audio_latents(extension.overlap, num_frames, fps, total, mel_per_second)
     latents = soundtrack.encode_waveform(audio_vae, waveform, rate, device)
     if latents.shape[2] < held:

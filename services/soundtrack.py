@@ -156,6 +156,15 @@ def log_mel(waveform: torch.Tensor, sample_rate: int, n_mels: int, hop: int, n_f
     return torch.log(torch.clamp(mel, min=LOG_FLOOR))[None]
 
 
+def clip_audio_latents(audio_vae: torch.nn.Module, num_frames: int, fps: float) -> int:
+    """How many audio latents a clip of `num_frames` at `fps` has: LTX2Pipeline's `audio_num_frames`, from the
+    audio VAE's sample rate, mel hop and temporal compression (the soundtrack, an extension's overlap and a
+    retaken file's audio are all encoded to this count)."""
+    config = audio_vae.config
+    per_second = config.sample_rate / config.mel_hop_length / audio_vae.temporal_compression_ratio
+    return round(num_frames / fps * per_second)
+
+
 def encode_track(
     audio_vae: torch.nn.Module, waveform: np.ndarray, rate: int, latent_frames: int, device: torch.device
 ) -> torch.Tensor:
