@@ -16,6 +16,7 @@ import dataclasses
 import gc
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -283,32 +284,41 @@ def video_tokens(pipe: Any, run: DenoisePass, spec: JobSpec) -> int:
 def soundtrack_latents(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The job's soundtrack encoded by the audio VAE (services/soundtrack.py), once per job: both passes of a
     two-stage run hold the same latents, as the reference gives both stages `initial_latent=encoded`."""
-    kept = ctx.shared.get("soundtrack")
-    if kept is not None and kept[0] == ctx.request.job_id:
-        return kept[1]
-    encoder = audio_vae(ctx, device, dtype, "the soundtrack")
-    ctx.progress("encode the soundtrack")
-    spec = ctx.spec
-    waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
-    frames = soundtrack.clip_audio_latents(encoder, spec.num_frames, spec.fps)
-    latents = soundtrack.encode_track(encoder, waveform, rate, frames, device)
-    ctx.shared["soundtrack"] = (ctx.request.job_id, latents)
-    return latents
+
+    def encoded() -> torch.Tensor:
+        encoder = audio_vae(ctx, device, dtype, "the soundtrack")
+        ctx.progress("encode the soundtrack")
+        spec = ctx.spec
+        waveform, rate = soundtrack.read_job_track(ctx.job_dir, ctx.request.audio, spec.num_frames, spec.fps)
+        frames = soundtrack.clip_audio_latents(encoder, spec.num_frames, spec.fps)
+        return soundtrack.encode_track(encoder, waveform, rate, frames, device)
+
+    return once_per_job(ctx, "soundtrack", encoded)
 
 
 def extension_audio(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """The source's audio under an extension's overlap, encoded into the latents the clip's first audio tokens
     hold (services/overlap_audio.py; None: the source has no audio), once per job: both passes of a two-stage
     run hold them, as the reference conditions both stages."""
-    kept = ctx.shared.get("overlap_audio")
+
+    def encoded() -> torch.Tensor | None:
+        encoder = audio_vae(ctx, device, dtype, "the source's audio")
+        ctx.progress("encode the source's audio under the overlap")
+        spec, extension = ctx.spec, ctx.request.extension
+        return overlap_audio_latents(encoder, ctx.job_dir, extension, spec.num_frames, spec.fps, device)
+
+    return once_per_job(ctx, "overlap_audio", encoded)
+
+
+def once_per_job(ctx: WorkerContext, key: str, make: Callable[[], Any]) -> Any:
+    """`make()`'s value for this job, kept in the process's `shared` under `key` so a two-stage run's second pass
+    (and nothing of a group's next job) reuses it."""
+    kept = ctx.shared.get(key)
     if kept is not None and kept[0] == ctx.request.job_id:
         return kept[1]
-    encoder = audio_vae(ctx, device, dtype, "the source's audio")
-    ctx.progress("encode the source's audio under the overlap")
-    spec = ctx.spec
-    latents = overlap_audio_latents(encoder, ctx.job_dir, ctx.request.extension, spec.num_frames, spec.fps, device)
-    ctx.shared["overlap_audio"] = (ctx.request.job_id, latents)
-    return latents
+    value = make()
+    ctx.shared[key] = (ctx.request.job_id, value)
+    return value
 
 
 def conditioning(
