@@ -47,6 +47,16 @@ def test_explicit_chunk_and_tiling_flags_win():
     assert choose_decode_plan(1920, 1088, 161, BIG, tiling=False).label == "temporal pieces of 11"
 
 
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_a_chunk_no_longer_than_the_overlap_shares_one_frame_less_than_it_holds(chunk: int):
+    """`--vae-chunk-frames 2` is allowed (2 to the clip's latent frames) but the configured overlap is 2: the
+    pieces must still advance (the decode crashed on `range(..., 0)` after the whole diffusion had run)."""
+    plan = choose_decode_plan(64, 64, 17, BIG, chunk_latent_frames=chunk)
+    assert plan.overlap_latent_frames == min(BIG.chunk_overlap_latent_frames, chunk - 1)
+    ranges = piece_ranges(3, plan.chunk_latent_frames, plan.overlap_latent_frames)
+    assert ranges[0] == (0, chunk) and ranges[-1][1] == 3 and len(ranges) == 4 - chunk
+
+
 def test_ladder_runs_from_single_pass_down_to_pieces_of_four():
     labels = [p.label for p in decode_ladder(21, BIG)]
     assert labels == [

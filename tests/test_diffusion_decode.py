@@ -8,14 +8,23 @@ model, and the tiled decodes of the OOM ladder against the whole one.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import probe_mp4, run_ltx2
+from conftest import REPO_ROOT, probe_mp4, run_ltx2
+from PIL import Image
 
+from protocol.files import LAST_FRAME_FILE, LATENTS_FILE
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.plans import DecodePlan
+from services.latents import read_latents
 from services.neighborhood_mask import Neighborhood, dense_neighborhood_mask, neighborhood_block_lists
 
 PARITY_TOLERANCE = 1e-5  # as tests/test_parity.py
@@ -155,16 +164,65 @@ def test_tiled_decode_equals_the_whole_decode_within_half_a_level(decoder_case: 
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_2_5_clip_decodes_through_its_diffusion_decoder_with_exact_frames(ltx2_env: dict, tiny_25_model_dir: Path):
+# A 17-frame clip decoded in temporal pieces of 2 latent frames (3 latent frames: two pieces sharing one); the
+# decoder yields its frames as its tiles end (3, 7, 11, 17 so far), and the worker is killed after 7 of them.
+KILLED_DECODE = ["--width", "64", "--height", "64", "--num-frames", "17", "--vae-chunk-frames", "2"]
+KILLED_AT = "video_decode:decode video (temporal pieces of 2):7"
+
+
+def wait_for_pause(path: Path, process: subprocess.Popen, timeout_s: float = 240) -> Path:
+    """`path` once the paused worker wrote it; fails at once if the command ended first (nothing paused)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists() or not path.read_text().strip():
+        if process.poll() is not None:
+            raise AssertionError(f"the command ended ({process.returncode}) before a worker paused: {path}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.1)
+    return path
+
+
+def test_a_2_5_clip_killed_mid_decode_retries_and_gives_the_frames_of_an_undisturbed_decode(
+    ltx2_env: dict, tmp_path: Path, tiny_25_model_dir: Path
+):
+    """`--decoder diffusion` end to end, its decode worker SIGKILLed after its first piece: the policy retries,
+    the MP4 has exactly the asked frames, the sidecar names the decoder, and the published last frame is the
+    one a decode of the job's latents in this process gives (the decoder's noise comes from the seed, so a
+    retried decode repeats itself; within one level: another process's CPU kernels)."""
+    from services.diffusion_decode import diffusion_decode_frames, load_diffusion_decoder
+    from services.video_decode import to_uint8
+
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    env = {**ltx2_env, "LTX2_FAULT_PAUSE": KILLED_AT, "LTX2_FAULT_DIR": str(faults)}
     request = ["generate", "--prompt", "a lighthouse", "--seed", "4", "--model", TINY_REPO_IDS["2.5"], "--quiet"]
-    result = run_ltx2(
-        [*request, "--width", "64", "--height", "64", "--num-frames", "9", "--decoder", "diffusion"], ltx2_env
-    )
-    assert result.returncode == 0, result.stderr
-    video = Path(result.stdout.strip())
-    assert probe_mp4(video)["frames"] == 9
+    command = [sys.executable, "-m", "orchestrator.cli", *request, *KILLED_DECODE, "--decoder", "diffusion"]
+    process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        paused = int(wait_for_pause(faults / "paused-video_decode.pid", process).read_text())
+        os.kill(paused, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, stderr.decode()[-3000:]
+    video = Path(stdout.decode().strip())
+    assert probe_mp4(video)["frames"] == 17
     sidecar = json.loads(video.with_suffix(".json").read_text())
     assert sidecar["decoder"] == sidecar["spec"]["decoder"] == "diffusion"
+    (job,) = (tmp_path / "state" / "jobs").iterdir()
+    first, second = json.loads((job / "job.json").read_text())["stages"]["video_decode"]["attempts"]
+    assert first["pid"] == paused and first["result"] != "ok" and second["result"] == "ok"
+    assert first["plan"] == second["plan"] and first["plan"]["decode"]["chunk_latent_frames"] == 2
+
+    decoder = load_diffusion_decoder(tiny_25_model_dir, torch.float32, torch.device("cpu"))
+    latents = read_latents(job / LATENTS_FILE)[0]["video"]
+    plan = DecodePlan.from_dict(first["plan"]["decode"])
+    frames = list(diffusion_decode_frames(decoder, latents, plan, torch.Generator().manual_seed(4)))
+    assert sum(piece.shape[0] for piece in frames) == 17
+    expected = to_uint8(frames[-1][-1:])[0].astype(int)
+    published = np.asarray(Image.open(job / LAST_FRAME_FILE).convert("RGB")).astype(int)
+    assert published.shape == expected.shape and np.abs(published - expected).max() <= 1
 
 
 @pytest.mark.parametrize(

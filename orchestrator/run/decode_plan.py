@@ -86,9 +86,10 @@ def choose_decode_plan(
     """
     latent_frames = (num_frames - 1) // 8 + 1
     if chunk_latent_frames is not None:
-        piece = DecodePlan(
-            False, chunk_latent_frames, settings.chunk_overlap_latent_frames, settings.tile_size, settings.tile_overlap
-        )
+        # `--vae-chunk-frames` takes 2 and up; pieces must share fewer frames than they hold, so a piece shorter
+        # than the configured overlap + 1 shares one less than its length (2 -> 1) rather than crash the decode.
+        overlap = min(settings.chunk_overlap_latent_frames, chunk_latent_frames - 1)
+        piece = DecodePlan(False, chunk_latent_frames, overlap, settings.tile_size, settings.tile_overlap)
         if tiling is not None:
             return dataclasses.replace(piece, tiling=tiling)
         if fits(piece, width, height, num_frames, settings.budget_gib):
