@@ -32,6 +32,7 @@ import numpy as np
 from protocol.extension import joined_frames
 from protocol.files import JOINED_FILE, publish, temp_path_for
 from protocol.job_record import ResolvedExtension
+from services import media
 from services.media import AVCOL_BT709, AVCOL_RANGE_MPEG, DEFAULT_CRF, Mp4Writer, add_aac_track
 
 # H.264 NAL unit types of the parameter sets (ITU-T H.264 table 7-1): compared, never copied in-band.
@@ -42,17 +43,8 @@ START_CODE = b"\x00\x00\x01"
 
 def read_source_audio(path: Path, rate: int, channels: int) -> np.ndarray:
     """The source's first audio track as `[channels, samples]` float32 at `rate` (empty when it has none)."""
-    layout = {1: "mono", 2: "stereo"}[channels]
-    with av.open(str(path)) as container:
-        if not container.streams.audio:
-            return np.zeros((channels, 0), np.float32)
-        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
-        pieces = []
-        for frame in container.decode(audio=0):
-            frame.pts = None  # the resampler counts samples itself; the decoder's pts may not start at 0
-            pieces += [out.to_ndarray() for out in resampler.resample(frame)]
-        pieces += [out.to_ndarray() for out in resampler.resample(None)]
-    return np.concatenate(pieces, axis=1).astype(np.float32) if pieces else np.zeros((channels, 0), np.float32)
+    found = media.read_audio(path, rate=rate, layout={1: "mono", 2: "stereo"}[channels])
+    return np.zeros((channels, 0), np.float32) if found is None else found[0]
 
 
 def joined_audio(

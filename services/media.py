@@ -56,6 +56,39 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(planar, axis=1).astype(np.float32), rate
 
 
+def read_audio(
+    path: Path, seconds: float | None = None, rate: int | None = None, layout: str | None = None
+) -> tuple[np.ndarray, int] | None:
+    """(`[channels, samples]` float32, sample rate) of a media file's first audio stream, from its first decoded
+    sample over its first `seconds` (None: all of it; less when the track is shorter), at the file's own rate and
+    layout unless `rate`/`layout` are given; None when the file has no audio stream. PyAV's errors pass through
+    for the caller to name its flag.
+
+    The one reader of a user's or a source clip's track (a soundtrack, an extension's overlap, a retaken file,
+    the joined video), so all of them count samples alike: from the first decoded one (a decoder's pts need not
+    start at 0; the joined video plays from there), the resampler drained at the end."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            return None
+        stream = container.streams.audio[0]
+        out_rate = rate or stream.rate
+        wanted = None if seconds is None else round(seconds * out_rate)
+        resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)  # float planes, one per channel
+        pieces: list[np.ndarray] = []
+        held = 0
+        for frame in container.decode(stream):
+            frame.pts = None
+            for converted in resampler.resample(frame):
+                pieces.append(converted.to_ndarray())
+                held += pieces[-1].shape[1]
+            if wanted is not None and held >= wanted:
+                break
+        pieces += [converted.to_ndarray() for converted in resampler.resample(None)]
+        channels = {"mono": 1, "stereo": 2}.get(layout or "", stream.codec_context.channels or 1)
+    track = np.concatenate(pieces, axis=1) if pieces else np.zeros((channels, 0), np.float32)
+    return (track if wanted is None else track[:, :wanted]).astype(np.float32), out_rate
+
+
 def read_video_frames(path: Path) -> np.ndarray:
     """Every frame of the first video stream as `[frames, H, W, 3]` uint8 RGB (a keyframe video: the
     orchestrator counted its frames from the header; diffusers takes the array as it is)."""

@@ -22,36 +22,23 @@ import torch
 from protocol.errors import InvalidInput
 from protocol.extension import held_audio_latents
 from protocol.job_record import ResolvedExtension
-from services import soundtrack
+from services import media, soundtrack
 
 
 def read_overlap_track(path: Path, first: int, frames: int, fps: float) -> tuple[np.ndarray, int] | None:
     """(`[channels, samples]` float32, sample rate) of the first audio stream under video frames
     first..first + frames - 1, at the file's own rate and layout, padded with silence past the track's end;
     None when the file has no audio stream."""
-    pieces: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            rate = stream.rate
-            start, stop = round(first / fps * rate), round((first + frames) / fps * rate)
-            planar = av.AudioResampler(format="fltp")  # the file's layout and rate, as float planes
-            for frame in container.decode(stream):
-                frame.pts = None  # counted from the first sample, as joined_video.read_source_audio counts
-                pieces += [converted.to_ndarray() for converted in planar.resample(frame)]
-                if sum(piece.shape[1] for piece in pieces) >= stop:
-                    break
-            pieces += [converted.to_ndarray() for converted in planar.resample(None)]
+        found = media.read_audio(path, (first + frames) / fps)
     except (av.error.FFmpegError, ValueError) as exc:
         raise InvalidInput(f"--extend: cannot decode the source video's audio: {exc}") from exc
-    channels = stream.codec_context.channels or 1
-    track = np.concatenate(pieces, axis=1) if pieces else np.zeros((channels, 0), np.float32)
+    if found is None:
+        return None
+    track, rate = found
+    start, stop = round(first / fps * rate), round((first + frames) / fps * rate)
     track = track[:, start:stop]
-    if track.shape[1] < stop - start:
-        track = np.pad(track, ((0, 0), (0, stop - start - track.shape[1])))
-    return track.astype(np.float32), rate
+    return np.pad(track, ((0, 0), (0, stop - start - track.shape[1]))), rate
 
 
 def overlap_audio_latents(

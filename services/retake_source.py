@@ -33,9 +33,6 @@ from protocol.retake import RETAKE_FIELD
 from services import media, soundtrack
 from services.latents import write_latents
 
-# Planar float, one row per channel, whatever the stream's sample format (as services/soundtrack.py reads a track).
-AUDIO_FORMAT = "fltp"
-
 
 def encode_video_file(vae: Any, path: Path, device: torch.device) -> torch.Tensor:
     """The file's frames as video latents (`[1, C, F, H, W]`, unnormalized, float32): the VAE posterior's mean of
@@ -52,27 +49,14 @@ def encode_video_file(vae: Any, path: Path, device: torch.device) -> torch.Tenso
 
 def read_file_track(path: Path, seconds: float) -> tuple[np.ndarray, int] | None:
     """(`[channels, samples]` float32, rate) of the file's first audio stream over its first `seconds` (all of it
-    when shorter, as ltx-pipelines' decode_audio_from_file reads it); None when it has no audio stream."""
+    when shorter, as ltx-pipelines' decode_audio_from_file reads it); None when it has no audio to read."""
     import av
 
-    pieces: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.audio:
-                return None
-            stream = container.streams.audio[0]
-            rate = stream.rate
-            wanted = round(seconds * rate)
-            planar = av.AudioResampler(format=AUDIO_FORMAT)
-            for frame in container.decode(stream):
-                pieces.extend(converted.to_ndarray() for converted in planar.resample(frame))
-                if sum(piece.shape[1] for piece in pieces) >= wanted:
-                    break
+        found = media.read_audio(path, seconds)
     except (av.error.FFmpegError, ValueError) as exc:
         raise InvalidInput(f"--{RETAKE_FIELD}: cannot decode the audio of {path.name}: {exc}") from exc
-    if not pieces:
-        return None
-    return np.concatenate(pieces, axis=1).astype(np.float32)[:, :wanted], rate
+    return found if found is not None and found[0].shape[1] > 0 else None
 
 
 def encode_audio_file(

@@ -23,6 +23,7 @@ import torch
 from protocol.errors import InvalidInput
 from protocol.job_record import ResolvedAudio
 from protocol.soundtrack import AUDIO_FORMATS, clip_samples
+from services import media
 
 # ltx-core's AudioEncoderConfigurator reads the FFT size from the checkpoint's stft `filter_length`,
 # default 1024, which LTX-2's audio VAEs use; diffusers' config does not carry it.
@@ -42,23 +43,16 @@ def read_track(path: Path, num_frames: int, fps: float, shown: str | None = None
     file when it does not decode or is shorter (ltx-pipelines' decode_audio_from_file: from 0 s, at most the
     clip's duration; shorter: refused). `shown`: the file as messages name it (the user's, not the job's copy)."""
     shown = shown or path.name
-    pieces: list[np.ndarray] = []
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.audio[0]
-            rate = stream.rate
-            wanted = clip_samples(num_frames, fps, rate)
-            planar = av.AudioResampler(format="fltp")  # the file's layout and rate, as float planes
-            for frame in container.decode(stream):
-                for converted in planar.resample(frame):
-                    pieces.append(converted.to_ndarray())
-                if sum(piece.shape[1] for piece in pieces) >= wanted:
-                    break
-    except (av.error.FFmpegError, IndexError, ValueError) as exc:  # IndexError: no audio stream at all
+        found = media.read_audio(path, num_frames / fps)
+    except (av.error.FFmpegError, ValueError) as exc:
         raise InvalidInput(f"--audio: cannot decode {shown} as audio ({AUDIO_FORMATS}): {exc}") from exc
-    if not pieces:
+    if found is None:
+        raise InvalidInput(f"--audio: {shown} has no audio stream ({AUDIO_FORMATS})")
+    if found[0].shape[1] == 0:
         raise InvalidInput(f"--audio: {shown} holds no decodable audio")
-    waveform = np.concatenate(pieces, axis=1).astype(np.float32)
+    waveform, rate = found
+    wanted = clip_samples(num_frames, fps, rate)
     if waveform.shape[1] < wanted:
         raise InvalidInput(
             f"--audio: {shown} lasts {waveform.shape[1] / rate:.3f} s, shorter than the clip's"
