@@ -389,6 +389,22 @@ def lead_in(rows: list[tuple[float, str, int]], started: float | None) -> list[l
     return marks
 
 
+def phase_spans(rows: list[tuple[float, str, int]], started: float | None) -> list[list[Any]]:
+    """Each run of one phase of a job's stage: [seconds since the attempt started, phase, seconds until the
+    next phase began]; the last run's span ends at its last report. Where the time outside the steps goes
+    (issue 27: an extension's 11 s between its two stages), for every job, not only a group's first."""
+    if started is None or not rows:
+        return []
+    spans: list[list[Any]] = []
+    for t, phase, _ in rows:
+        if not spans or spans[-1][1] != phase:
+            spans.append([round(t - started, 2), phase, 0.0])
+        spans[-1][2] = round(t - started - spans[-1][0], 2)
+    for this, following in zip(spans, spans[1:], strict=False):
+        this[2] = round(following[0] - this[0], 2)
+    return spans
+
+
 def summarize(state: Path) -> dict[str, Any]:
     """Per job: status, output, stage end times and attempts; per stage: processes and each job's
     start, end and seconds. All of it from the jobs' events.log and job.json."""
@@ -407,6 +423,7 @@ def summarize(state: Path) -> dict[str, Any]:
         per_job = [
             {"job": job.name, "start": t.started, "end": t.ended, "seconds": t.seconds}
             | (denoise_rate(progress_rows(events[job.job_id], stage)) if stage == "encode_diffuse" else {})
+            | {"phases": phase_spans(progress_rows(events[job.job_id], stage), t.started)}
             for job in timings
             if (t := job.stages.get(stage)) is not None and t.attempts
         ]
@@ -863,6 +880,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"{fmt(run.get('steady_per_clip_s'), 's', 3)} "
             f"{ {k: round(v, 3) for k, v in run.get('lane_stage_gap_s', {}).items()} }; "
             f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
+            f"last clip's diffusion phases of 0.5 s or more {[p for p in (diffusion[-1]['phases'] if diffusion else []) if p[2] >= 0.5]}; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
     if results.get("issue23"):

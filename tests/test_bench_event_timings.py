@@ -163,3 +163,19 @@ def test_a_process_lead_in_lists_its_loads_in_order_up_to_the_first_step(job_dir
     assert offsets == sorted(offsets) and offsets[0] >= 0
     audio = lead_in(progress_rows(events, "audio_decode"), read_job(job_dir).stages["audio_decode"].started)
     assert [phase for _, phase, _ in audio] == ["load audio decoder", "decode audio", "decode audio"]
+
+
+def test_phase_spans_cover_the_stage_one_span_per_phase_each_lasting_until_the_next(job_dir: Path) -> None:
+    from batch_bench import phase_spans
+    from event_timings import progress_rows
+
+    rows = progress_rows(read_events(job_dir), "encode_diffuse")
+    spans = phase_spans(rows, read_job(job_dir).stages["encode_diffuse"].started)
+    phases = [phase for _, phase, _ in spans]
+    assert phases[:4] == ["load text encoder", "encode 1 prompt(s)", "load transformer", "place transformer (native)"]
+    assert phases.count("denoise") == 1 and len(phases) == len({*phases})  # the steps are one span
+    for (start, _, seconds), (following, _, _) in zip(spans, spans[1:], strict=False):
+        assert seconds == pytest.approx(following - start, abs=0.011) and seconds >= 0
+    denoise = spans[phases.index("denoise")]
+    steps = [t for t, phase, _ in rows if phase == "denoise"]
+    assert denoise[2] >= round(steps[-1] - steps[0], 2) - 0.011
