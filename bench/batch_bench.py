@@ -863,6 +863,7 @@ def print_table(results: dict[str, Any]) -> None:
         }
         seconds = {stage: [fmt(j["seconds"], "", 2) for j in run["stages"][stage]["per_job"]] for stage in STAGES}
         diffusion = run["stages"]["encode_diffuse"]["per_job"]
+        long_phases = [span for span in (diffusion[-1]["phases"] if diffusion else []) if span[2] >= 0.5]
         sys.stdout.write(
             f"{name} [{run['size']}, {len(run['jobs'])} clip(s)]: rc {run['returncode']}, wall {run['wall_s']:.1f} s, "
             f"per clip {run['per_clip_wall_s']:.2f} s, warm per clip {fmt(run.get('warm_per_clip_s'), 's', 2)} "
@@ -880,7 +881,7 @@ def print_table(results: dict[str, Any]) -> None:
             f"{fmt(run.get('steady_per_clip_s'), 's', 3)} "
             f"{ {k: round(v, 3) for k, v in run.get('lane_stage_gap_s', {}).items()} }; "
             f"lead-in per process { {k: s.get('lead_in') for k, s in run['stages'].items()} }; "
-            f"last clip's diffusion phases of 0.5 s or more {[p for p in (diffusion[-1]['phases'] if diffusion else []) if p[2] >= 0.5]}; "
+            f"last clip's diffusion phases of 0.5 s or more {long_phases}; "
             f"PSNR vs eager {run.get('psnr_vs_eager_db')}, vs same settings {run.get('psnr_vs_same_settings_db')}\n"
         )
     if results.get("issue23"):
