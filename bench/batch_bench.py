@@ -243,6 +243,14 @@ for waves, overlapped in (("batch_fp8mm_waves", "batch_fp8mm_overlap"), ("hd_two
     RUN_ENV[waves] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "off"}
     RUN_ENV[overlapped] = {"LTX2_GROUP_SIZE": OVERLAP_GROUP, "LTX2_OVERLAP_STAGES": "on"}
     SAME_AS[overlapped] = waves
+# Issue 28's target at its size: the overlapped 4-clip batch again with FP8 self-attention, after it in one call (the
+# steady clip of a long batch is its diffusion, the decode hidden; FP8 attention shortens stage 2's steps):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 4 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap,hd_two_stage_overlap_fp8attn
+HD_RUNS["hd_two_stage_overlap_fp8attn"] = ("two-stage", None, True)
+HD_FP8_ATTENTION.add("hd_two_stage_overlap_fp8attn")
+RUN_ENV["hd_two_stage_overlap_fp8attn"] = RUN_ENV["hd_two_stage_overlap"]
+VERSUS["hd_two_stage_overlap_fp8attn"] = "hd_two_stage_overlap"
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
 # (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
 # three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
