@@ -11,15 +11,9 @@
 # to the first step's end, the first step alone, and the worker's cache line.
 #   bash bench/compile_cache_check.sh      # run call: carry [".whl"], timeout_s 600
 set -uo pipefail
-cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/compile-check-out}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/diffusers-*.whl .whl/pyzmq-*.whl .whl/av-*.whl || { echo "wheel install failed"; exit 3; }
-export PYTHONPATH="/tmp/site:$PWD" HF_HOME=/tmp/hf
-python3 -m services.tiny_model --hf-cache >"$OUT/tiny_model.log" 2>&1 || { tail "$OUT/tiny_model.log"; exit 4; }
+source "$(dirname "$0")/tiny_model_on_device.sh"
+export PYTHONPATH=$SITE_PATH
 
 run_job() {  # run_job LABEL ROOT PACKAGES: one compiled tiny job on the GPU, then its first-step spans
     local label=$1 root=$2

@@ -7,21 +7,10 @@
 # on a copy of the tree without services/__init__.py's torchao line (the behaviour before it).
 #   bash bench/fork_server_cuda_check.sh      # run call: carry [".whl"], timeout_s 600
 set -uo pipefail
-cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/fork-check-out}"
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-install() {  # install() TARGET WHEEL...
-    local target=$1
-    shift
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@"
-}
-install /tmp/site .whl/diffusers-*.whl .whl/pyzmq-*.whl .whl/av-*.whl || { echo "wheel install failed"; exit 3; }
-install /tmp/site-torchao .whl/torchao-*.whl || { echo "torchao install failed"; exit 3; }
-base="/tmp/site:$PWD"
-export HF_HOME=/tmp/hf
-PYTHONPATH=$base python3 -m services.tiny_model --hf-cache >"$OUT/tiny_model.log" 2>&1 || { tail "$OUT/tiny_model.log"; exit 4; }
+source "$(dirname "$0")/tiny_model_on_device.sh"
+install_wheels /tmp/site-torchao .whl/torchao-*.whl || { echo "torchao install failed"; exit 3; }
+base=$SITE_PATH
 
 probe() {  # probe LABEL PYTHONPATH: is CUDA initialised after importing what the fork server imports?
     PYTHONPATH=$2 PYTORCH_NVML_BASED_CUDA_CHECK=1 python3 - "$1" <<'EOF'
