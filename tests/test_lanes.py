@@ -295,11 +295,13 @@ def test_batch_on_two_cpu_lanes_runs_them_at_once_one_process_each_with_clips_eq
     # Every worker of a CPU lane saw no GPU.
     log = jobs["clip3"].log_path(Stage.VIDEO_DECODE, 1).read_text()
     assert "CUDA_VISIBLE_DEVICES=''" in log
-    # Each clip's latents are the bits `ltx2 generate` makes of it alone.
-    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in clips]
-    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in clips]
+    # A clip's latents are the bits `ltx2 generate` makes of it alone: the second clip of lane 0 (after another in
+    # its group process) and the first of lane 1 (two generates, not four: ~10 s of CI).
+    checked = [clips[1], clips[2]]
+    alone_envs = [{**ltx2_env, "LTX2_STATE_DIR": str(tmp_path / "alone" / clip["name"])} for clip in checked]
+    commands = [["generate", "--model", TINY, *TINY_FLAGS, *clip_flags(clip), "--quiet"] for clip in checked]
     singles = run_ltx2_two_at_a_time(list(zip(commands, alone_envs, strict=True)))
-    for clip, single, alone_env in zip(clips, singles, alone_envs, strict=True):
+    for clip, single, alone_env in zip(checked, singles, alone_envs, strict=True):
         assert single.returncode == 0, single.stderr
         alone = load_file(jobs_by_name(alone_env)[clip["name"]].path / LATENTS_FILE)
         laned = load_file(jobs[clip["name"]].path / LATENTS_FILE)
