@@ -7,15 +7,16 @@ one 2.5 shares, bench/gpu_configs.VAE_CONFIG_2_3). Random latents of each clip a
 stage's own code: services/diffusion_decode.diffusion_decode_frames and services/video_decode.decode_frames,
 then the YUV conversion and copy to the host the encoder is fed, as the stage does.
 
-Per clip and decoder: the block-mask build time of the stage-5 grid, the first decode (compiles
-included), `--repeats` warm decodes, the peak GPU memory above the resident weights, the frame count,
-and whether two runs gave equal frames. The diffusion decoder tries the VAE ladder's rungs in order
-(single pass, then spatial tiles, then temporal pieces) until one does not run out of memory, and
-records each failure; tiles are decoded with their halos, as the stage does, unless --no-exact-tiles
-(seams blended only, as diffusers does). First, a parity check on the GPU: a small clip decoded by the
-stage and by diffusers' own LTX2VideoDiffusionDecodePipeline (its uncompiled FlexAttention, dense scores:
-small clips only), same weights and seed, the largest and mean difference of their frames. Writes
-`diffusion_decode.json` and a line per step to `progress.log` under --out as it goes.
+Per clip and decoder, and for the diffusion decoder per token order of its attention (`--orders`: 3D bricks,
+services/brick_order.py, then raster rows): the block-mask build time of the stage-5 grid and the key blocks a
+query block reads there, the first decode (compiles included), `--repeats` warm decodes, the peak GPU
+memory above the resident weights, the frame count, and whether two runs gave equal frames. The diffusion
+decoder tries the VAE ladder's rungs in order (single pass, then spatial tiles, then temporal pieces) until
+one does not run out of memory, and records each failure; tiles are decoded with their halos, as the stage
+does, unless --no-exact-tiles (seams blended only, as diffusers does). First, a parity check on the GPU: a
+small clip decoded by the stage and by diffusers' own LTX2VideoDiffusionDecodePipeline (its uncompiled
+FlexAttention, dense scores: small clips only), same weights and seed, the largest and mean difference of
+their frames. Writes `diffusion_decode.json` and a line per step to `progress.log` under --out as it goes.
 
     python3 bench/diffusion_decode_bench.py --out "$OUT" --budget-s 540
 """
@@ -129,10 +130,12 @@ def measure(name: str, clip: str, plan: Any, frames_of: Any, expected: int, repe
     }
 
 
-def mask_build_seconds(model: Any, latent_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Seconds to build the block mask of the whole clip's stage-5 grid (the largest grid), and its size."""
+def mask_build_seconds(model: Any, latent_shape: tuple[int, ...], order: str) -> dict[str, Any]:
+    """Seconds to build the block mask of the whole clip's stage-5 grid (the largest grid) in `order`, its size
+    and the key blocks a query block reads (the most, and on average: the attention's work)."""
     import torch
 
+    from services.brick_order import BrickGrid, brick_block_mask
     from services.neighborhood_mask import Neighborhood, neighborhood_block_mask
 
     _, _, frames, height, width = latent_shape
@@ -144,12 +147,19 @@ def mask_build_seconds(model: Any, latent_shape: tuple[int, ...]) -> dict[str, A
     )
     torch.cuda.synchronize()
     started = time.perf_counter()
-    mask = neighborhood_block_mask(Neighborhood.of(grid, model.config.decoder_stage5_kernel), device="cuda")
+    neighborhood = Neighborhood.of(grid, model.config.decoder_stage5_kernel)
+    if order == "bricks":
+        mask = brick_block_mask(BrickGrid(neighborhood), device="cuda")
+    else:
+        mask = neighborhood_block_mask(neighborhood, device="cuda")
     torch.cuda.synchronize()
+    read = (mask.kv_num_blocks + mask.full_kv_num_blocks).float()
     return {
+        "order": order,
         "stage5_grid": list(grid),
         "mask_build_s": round(time.perf_counter() - started, 3),
-        "key_blocks_per_query_block": int(mask.kv_num_blocks.max()) + int(mask.full_kv_num_blocks.max()),
+        "key_blocks_per_query_block": int(read.max()),
+        "mean_key_blocks_per_query_block": round(float(read.mean()), 1),
         "query_blocks": int(mask.kv_num_blocks.shape[-1]),
     }
 
@@ -198,8 +208,8 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
     import torch
 
     from config.settings import load_settings
-    from orchestrator.run.decode_plan import choose_decode_plan, decode_ladder
-    from services.diffusion_decode import diffusion_decode_frames
+    from orchestrator.run.decode_plan import choose_decode_plan
+    from services.neighborhood_attention import use_block_sparse_attention
     from services.video_decode import configure_vae, decode_frames
 
     settings = load_settings(environ={}).decode
@@ -210,13 +220,31 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
     vae_plan = choose_decode_plan(width, height, frames, settings)
     configure_vae(vae, vae_plan)
     progress.record(measure("vae", clip, vae_plan, lambda: decode_frames(vae, latents, vae_plan), frames, args.repeats))
-    try:
-        progress.record({"clip": clip, **mask_build_seconds(model, shape)})
-    except Exception as exc:  # a failure to build is a result too
-        progress.record({"clip": clip, "mask_error": f"{type(exc).__name__}: {exc}"[:400]})
-    for plan in decode_ladder(latent_frames, settings):
+    for order in args.orders.split(","):
+        use_block_sparse_attention(model, order)
+        try:
+            progress.record({"clip": clip, **mask_build_seconds(model, shape, order)})
+        except Exception as exc:  # a failure to build is a result too
+            progress.record({"clip": clip, "order": order, "mask_error": f"{type(exc).__name__}: {exc}"[:400]})
+        measure_ladder(clip, model, latents, order, progress, args)
+        torch.cuda.empty_cache()
+
+
+def measure_ladder(
+    clip: str, model: Any, latents: Any, order: str, progress: Progress, args: argparse.Namespace
+) -> None:
+    """The diffusion decoder's first rung of the ladder that fits, its attention in `order`."""
+    import torch
+
+    from config.settings import load_settings
+    from orchestrator.run.decode_plan import decode_ladder
+    from services.diffusion_decode import diffusion_decode_frames
+
+    settings = load_settings(environ={}).decode
+    frames = (latents.shape[2] - 1) * 8 + 1
+    for plan in decode_ladder(latents.shape[2], settings):
         if time.monotonic() - progress.started > args.budget_s:
-            progress.record({"clip": clip, "plan": plan.label, "skipped": "out of time"})
+            progress.record({"clip": clip, "order": order, "plan": plan.label, "skipped": "out of time"})
             return
 
         def frames_of(plan: Any = plan) -> Any:
@@ -224,7 +252,7 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
             return diffusion_decode_frames(model, latents, plan, generator, exact_tiles=args.exact_tiles)
 
         try:
-            record = measure("diffusion", clip, plan, frames_of, frames, args.repeats)
+            record = {"order": order, **measure("diffusion", clip, plan, frames_of, frames, args.repeats)}
             # True: this torch's Inductor refused the narrow block lists (services/neighborhood_attention.py).
             record["full_width_lists"] = any(
                 getattr(m, "processor", None) is not None and getattr(m.processor, "full_width", False)
@@ -233,9 +261,11 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
             progress.record(record)
             return
         except torch.OutOfMemoryError as exc:
-            progress.record({"decoder": "diffusion", "clip": clip, "plan": plan.label, "oom": str(exc)[:300]})
+            progress.record({"decoder": "diffusion", "clip": clip, "order": order, "plan": plan.label,
+                             "oom": str(exc)[:300]})  # fmt: skip
         except Exception as exc:
-            progress.record({"decoder": "diffusion", "clip": clip, "plan": plan.label, "error": repr(exc)[:600]})
+            progress.record({"decoder": "diffusion", "clip": clip, "order": order, "plan": plan.label,
+                             "error": repr(exc)[:600]})  # fmt: skip
             return
         finally:
             torch.cuda.empty_cache()
@@ -251,6 +281,11 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="decode tiles with their halos, as the stage does (--no-exact-tiles: seams blended only, as diffusers)",
+    )
+    parser.add_argument(
+        "--orders",
+        default="bricks,raster",
+        help="token orders of the diffusion decoder's attention to measure, in turn (services/brick_order.py)",
     )
     parser.add_argument("--parity-clip", default="256x256x9", help="clip of the GPU parity check ('' skips it)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what is left once this much time has gone")

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from services.brick_order import BrickGrid, brick_block_lists, brick_block_mask, brick_mask_mod, from_bricks, to_bricks
 from services.neighborhood_mask import (
     BLOCK_SIZE,
     BlockLists,
@@ -39,6 +40,8 @@ from services.neighborhood_mask import (
 CACHED_GRIDS = 8
 #: Graphs of the compiled flex_attention (a stage's grid per tile shape: 5 stages x a few tile shapes).
 RECOMPILE_LIMIT = 64
+#: The token orders the attention runs in (BlockSparseNeighborhoodProcessor).
+ORDERS = ("raster", "bricks")
 #: Query x key scores `block_sparse_attention` forms at once, per batch and head.
 SCORES_PER_PASS = 1 << 22
 
@@ -70,12 +73,12 @@ class SparsePass:
     allowed: torch.Tensor  #: [blocks, BLOCK_SIZE, listed * BLOCK_SIZE] the rule inside partial blocks, all of full ones
 
 
-def block_sparse_passes(grid: Neighborhood, lists: BlockLists) -> list[SparsePass]:
+def block_sparse_passes(lists: BlockLists, mask_mod: Callable[..., torch.Tensor], tokens: int) -> list[SparsePass]:
     """The block lists laid out for `block_sparse_attention`, built once per grid (the rule's evaluation
-    is the expensive part)."""
+    is the expensive part): `mask_mod` is the rule in the lists' token order (raster or bricks), keys from
+    `tokens` on are padding."""
     device = lists.partial_counts.device
     blocks = lists.partial_counts.shape[0]
-    mask_mod = neighborhood_mask_mod(grid)
     indices = torch.cat([lists.partial_indices, lists.full_indices], dim=1).long()
     width = indices.shape[1]
     partial_width = lists.partial_indices.shape[1]
@@ -94,7 +97,7 @@ def block_sparse_passes(grid: Neighborhood, lists: BlockLists) -> list[SparsePas
         key_index = (indices[begin:end, :, None] * BLOCK_SIZE + offsets).reshape(end - begin, -1)
         query_index = (torch.arange(begin, end, device=device)[:, None] * BLOCK_SIZE + offsets)[:, :, None]
         seen = listed[begin:end, :, None].expand(-1, -1, BLOCK_SIZE).reshape(end - begin, 1, -1)
-        seen = seen & (key_index[:, None, :] < grid.tokens)
+        seen = seen & (key_index[:, None, :] < tokens)
         inside = mask_mod(None, None, query_index, key_index[:, None, :])
         passes.append(SparsePass(begin, end, key_index, seen & (inside | ~masked)))
     return passes
@@ -123,24 +126,41 @@ def block_sparse_attention(
 
 
 class BlockSparseNeighborhoodProcessor:
-    """Processor for diffusers' `LTX2VideoVaeNeighborhoodAttention` on the geometric block mask."""
+    """Processor for diffusers' `LTX2VideoVaeNeighborhoodAttention` on the geometric block mask.
 
-    def __init__(self) -> None:
+    `order`: the tokens' order in the attention, "raster" (diffusers', as the projections make them) or
+    "bricks" (services/brick_order.py: permuted into 4 x 4 x 8 bricks and back, about a seventh of the key
+    blocks at the last stage). Raster stays the default until a GPU measures what the permutations cost
+    against the blocks saved (bench/diffusion_decode_bench.py --orders)."""
+
+    def __init__(self, order: str = "raster") -> None:
+        if order not in ORDERS:
+            raise ValueError(f"token order {order!r}: one of {', '.join(ORDERS)}")
+        self.order = order
         self.masks: dict[tuple[Neighborhood, str, bool], Any] = {}
         #: the block lists are padded to every key block (neighborhood_block_mask's `full_width`): set
         #: once a compile refused the narrow ones
         self.full_width = False
 
     def mask_for(self, grid: Neighborhood, device: torch.device, flex: bool) -> Any:
-        """The grid's BlockMask for flex_attention, else its block_sparse_passes; built once per grid."""
+        """The grid's BlockMask for flex_attention, else its block_sparse_passes, in the processor's order;
+        built once per grid."""
         cache_key = (grid, str(device), flex)
         if cache_key not in self.masks:
             if len(self.masks) >= CACHED_GRIDS:
                 self.masks.pop(next(iter(self.masks)))
-            if flex:
+            if self.order == "bricks":
+                bricks = BrickGrid(grid)
+                if flex:
+                    self.masks[cache_key] = brick_block_mask(bricks, device=device, full_width=self.full_width)
+                else:
+                    lists = brick_block_lists(bricks, device=device)
+                    self.masks[cache_key] = block_sparse_passes(lists, brick_mask_mod(bricks), bricks.tokens)
+            elif flex:
                 self.masks[cache_key] = neighborhood_block_mask(grid, device=device, full_width=self.full_width)
             else:
-                self.masks[cache_key] = block_sparse_passes(grid, neighborhood_block_lists(grid, device=device))
+                lists = neighborhood_block_lists(grid, device=device)
+                self.masks[cache_key] = block_sparse_passes(lists, neighborhood_mask_mod(grid), grid.tokens)
         return self.masks[cache_key]
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, block_mask: Any = None) -> torch.Tensor:
@@ -154,10 +174,14 @@ class BlockSparseNeighborhoodProcessor:
         grid = Neighborhood.of((frames, height, width), attn.kernel_size)
         flex = hidden_states.device.type == "cuda"
         mask = self.mask_for(grid, hidden_states.device, flex)
+        if self.order == "bricks":
+            query, key, value = (to_bricks(x, BrickGrid(grid)) for x in (query, key, value))
         if flex:
             out = self.flex(query, key, value, grid, mask)
         else:
             out = block_sparse_attention(query, key, value, mask)
+        if self.order == "bricks":
+            out = from_bricks(out, BrickGrid(grid))
         out = out.transpose(1, 2).reshape(batch, frames, height, width, attn.heads * attn.head_dim)
         return attn.to_out[0](out)
 
@@ -177,11 +201,12 @@ class BlockSparseNeighborhoodProcessor:
         return compiled_flex_attention()(query, key, value, block_mask=mask, scale=1.0)
 
 
-def use_block_sparse_attention(decoder: Any) -> BlockSparseNeighborhoodProcessor:
-    """Give every neighbourhood attention of `decoder` one shared processor (one mask cache); returns it."""
+def use_block_sparse_attention(decoder: Any, order: str = "raster") -> BlockSparseNeighborhoodProcessor:
+    """Give every neighbourhood attention of `decoder` one shared processor (one mask cache) with its tokens in
+    `order` (BlockSparseNeighborhoodProcessor); returns it."""
     from diffusers.models.autoencoders.ltx2_diffusion_decoder import LTX2VideoVaeNeighborhoodAttention
 
-    processor = BlockSparseNeighborhoodProcessor()
+    processor = BlockSparseNeighborhoodProcessor(order)
     for module in decoder.modules():
         if isinstance(module, LTX2VideoVaeNeighborhoodAttention):
             module.set_processor(processor)

@@ -192,7 +192,7 @@ def _full(
     return full
 
 
-def _compact(listed: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_block_rows(listed: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The chosen entries of each row, sorted ascending, repeats dropped: (counts, `[rows, width]`), the
     width the longest row's, unused places 0."""
     big = torch.iinfo(torch.int64).max
@@ -223,13 +223,13 @@ def neighborhood_block_lists(
         blocks = torch.arange(begin, min(begin + QUERY_BLOCKS_PER_PASS, total), device=device)
         listed = _listed_blocks(grid, blocks, block_size)
         full = _full(grid, blocks, listed, boxes)
-        parts.append((_compact(listed, (listed >= 0) & ~full), _compact(listed, full)))
-    partial_counts, partial_indices = _joined([part[0] for part in parts])
-    full_counts, full_indices = _joined([part[1] for part in parts])
+        parts.append((compact_block_rows(listed, (listed >= 0) & ~full), compact_block_rows(listed, full)))
+    partial_counts, partial_indices = join_block_passes([part[0] for part in parts])
+    full_counts, full_indices = join_block_passes([part[1] for part in parts])
     return BlockLists(partial_counts, partial_indices, full_counts, full_indices)
 
 
-def _joined(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def join_block_passes(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Passes' (counts, indices) stacked, the indices padded with 0 to the widest pass."""
     width = max(indices.shape[1] for _, indices in parts)
     padded = [torch.nn.functional.pad(indices, (0, width - indices.shape[1])) for _, indices in parts]

@@ -25,7 +25,12 @@ from protocol.files import LAST_FRAME_FILE, LATENTS_FILE
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.plans import DecodePlan
 from services.latents import read_latents
-from services.neighborhood_mask import Neighborhood, dense_neighborhood_mask, neighborhood_block_lists
+from services.neighborhood_mask import (
+    Neighborhood,
+    dense_neighborhood_mask,
+    neighborhood_block_lists,
+    neighborhood_mask_mod,
+)
 
 PARITY_TOLERANCE = 1e-5  # as tests/test_parity.py
 HALF_A_LEVEL = 0.5 / 255
@@ -94,7 +99,8 @@ def test_block_sparse_attention_equals_dense_masked_attention():
     dense = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=dense_neighborhood_mask(grid), scale=1.0
     )
-    sparse = block_sparse_attention(query, key, value, block_sparse_passes(grid, neighborhood_block_lists(grid)))
+    passes = block_sparse_passes(neighborhood_block_lists(grid), neighborhood_mask_mod(grid), grid.tokens)
+    sparse = block_sparse_attention(query, key, value, passes)
     assert (sparse - dense).abs().max().item() <= PARITY_TOLERANCE
 
 
@@ -253,3 +259,118 @@ def test_tiles_without_their_halos_differ_from_the_whole_decode(decoder_case: di
     seams = torch.cat(list(pieces)).permute(0, 2, 3, 1)
     assert seams.shape == decoder_case["whole"].shape
     assert (seams - decoder_case["whole"]).abs().max().item() > HALF_A_LEVEL
+
+
+# ---------------------------------------------------------------------------------------------
+# Brick order (services/brick_order.py): the same attention with each block of 128 tokens a 4x4x8 brick.
+# ---------------------------------------------------------------------------------------------
+
+# (T, H, W), kernel: whole bricks, padding on every axis, kernels clipped to the grid, and the decoder's
+# stage-5 kernel on a grid whose windows shift at every border.
+BRICK_GRIDS = [
+    ((8, 16, 16), (3, 5, 5)),
+    ((5, 7, 9), (3, 3, 3)),
+    ((9, 16, 16), (11, 11, 11)),
+    ((17, 12, 40), (3, 7, 7)),
+    ((3, 4, 4), (3, 7, 7)),
+    ((6, 10, 13), (5, 3, 9)),
+]
+
+
+def brick_block_matrices(sizes: tuple[int, int, int], kernel: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """As block_matrices, in brick order: the dense rule over the padded grid's brick-order indices."""
+    from services.brick_order import BrickGrid, brick_block_lists, brick_mask_mod
+
+    bricks = BrickGrid(Neighborhood.of(sizes, kernel))
+    index = torch.arange(bricks.tokens)
+    dense = brick_mask_mod(bricks)(None, None, index[:, None], index[None, :])
+    real = torch.stack([axis < size for axis, size in zip(bricks.coordinates(index), sizes, strict=True)]).all(0)
+    blocks = bricks.tokens // 128
+    allowed = (dense & real[None, :]).reshape(blocks, 128, blocks, 128)
+    lists = brick_block_lists(bricks)
+    listed = torch.zeros(blocks, blocks, dtype=torch.bool)
+    full = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for row in range(blocks):
+        partial = lists.partial_indices[row, : lists.partial_counts[row]].long()
+        whole = lists.full_indices[row, : lists.full_counts[row]].long()
+        assert not set(partial.tolist()) & set(whole.tolist())
+        listed[row, partial] = True
+        listed[row, whole] = True
+        full[row, whole] = True
+    # Padded queries' rows are dropped: what a block needs is what its real queries need.
+    needed = (allowed & real.reshape(blocks, 128)[:, :, None, None]).any(dim=(1, 3))
+    everything = (dense & real[None, :]) | ~real[:, None]  # a full block: every real query sees every key
+    return {
+        "needed": needed,
+        "all": (everything.reshape(blocks, 128, blocks, 128) & real.reshape(1, 1, blocks, 128)).all(dim=(1, 3))
+        & real.reshape(blocks, 128).all(dim=1)[None, :],
+        "listed": listed,
+        "full": full,
+    }
+
+
+@pytest.mark.parametrize(("sizes", "kernel"), BRICK_GRIDS)
+def test_brick_lists_hold_every_key_block_the_dense_mask_needs_and_no_other(
+    sizes: tuple[int, int, int], kernel: tuple[int, int, int]
+):
+    m = brick_block_matrices(sizes, kernel)
+    assert not (m["needed"] & ~m["listed"]).any()
+    assert not (m["listed"] & ~m["needed"]).any()
+    assert not (m["full"] & ~m["all"]).any()
+
+
+def test_brick_order_is_a_reversible_permutation_matching_its_coordinates():
+    from services.brick_order import BrickGrid, from_bricks, to_bricks
+
+    bricks = BrickGrid(Neighborhood.of((6, 10, 13), (3, 3, 3)))
+    frames, height, width = bricks.grid.sizes
+    t, h, w = torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width), indexing="ij")
+    raster = torch.stack((t, h, w), dim=-1).reshape(1, 1, -1, 3).float() + 1  # padding comes out as zeros
+    ordered = to_bricks(raster, bricks)[0, 0]
+    expected = torch.stack(bricks.coordinates(torch.arange(bricks.tokens)), dim=-1).float() + 1
+    real = (expected - 1 < torch.tensor(bricks.grid.sizes)).all(dim=-1)
+    assert torch.equal(ordered[real], expected[real]) and not ordered[~real].any()
+    assert torch.equal(from_bricks(to_bricks(raster, bricks), bricks), raster)
+
+
+def test_attention_in_brick_order_equals_dense_masked_attention():
+    from services.brick_order import BrickGrid, brick_block_lists, brick_mask_mod, from_bricks, to_bricks
+    from services.neighborhood_attention import block_sparse_attention, block_sparse_passes
+
+    grid = Neighborhood.of((5, 12, 20), (3, 5, 5))
+    generator = torch.Generator().manual_seed(3)
+    query, key, value = (torch.randn(2, 3, grid.tokens, 8, generator=generator) for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense_neighborhood_mask(grid), scale=1.0
+    )
+    bricks = BrickGrid(grid)
+    passes = block_sparse_passes(brick_block_lists(bricks), brick_mask_mod(bricks), bricks.tokens)
+    ordered = block_sparse_attention(*(to_bricks(x, bricks) for x in (query, key, value)), passes)
+    assert (from_bricks(ordered, bricks) - dense).abs().max().item() <= PARITY_TOLERANCE
+
+
+def test_bricks_read_fewer_key_blocks_than_raster_rows_at_the_decoders_last_stage():
+    """The work a query block does, in key blocks read, on a slice of a 1080p clip's stage-5 grid (480 tokens
+    wide, kernel 11): a raster block, one row of 128 tokens, reads two or three blocks of each of its windows'
+    11 x 11 key rows (~271); a brick reads the few bricks a side of one box (~38)."""
+    from services.brick_order import BrickGrid, brick_block_lists, mean_key_blocks
+
+    grid = Neighborhood.of((12, 32, 480), (11, 11, 11))
+    raster = mean_key_blocks(neighborhood_block_lists(grid))
+    bricks = mean_key_blocks(brick_block_lists(BrickGrid(grid)))
+    assert raster > 250 and bricks < raster / 5, (raster, bricks)
+
+
+def test_the_decoder_in_brick_order_decodes_what_it_decodes_in_raster_order(decoder_case: dict):
+    """The whole tiny 2.5 decode with every neighbourhood attention in brick order: the raster decode's frames
+    (the same keys each query sees, summed in another order), and an order the processor does not know refused."""
+    from services.neighborhood_attention import use_block_sparse_attention
+
+    use_block_sparse_attention(decoder_case["model"], "bricks")
+    try:
+        bricks, _ = staged(decoder_case, DecodePlan(False, None, 1, 16, 8))
+    finally:
+        use_block_sparse_attention(decoder_case["model"])
+    assert (bricks - decoder_case["whole"]).abs().max().item() <= PARITY_TOLERANCE
+    with pytest.raises(ValueError, match="one of raster, bricks"):
+        use_block_sparse_attention(decoder_case["model"], "columns")
