@@ -4,10 +4,10 @@ FlexAttention skips work a block of 128 queries x 128 keys at a time. In raster 
 (services/neighborhood_mask.py) a query block is a run of one row, 128 tokens wide and one high and deep,
 so the union of its windows is `kernel_t x kernel_h x (128 + kernel_w - 1)` keys spread over
 `kernel_t * kernel_h` rows, each row touching two or three key blocks: at the decoder's last stage
-(kernel 11 x 11 x 11) a query block reads about 250 key blocks for the 1,331 keys a window holds.
+(kernel 11 x 11 x 11) a query block reads ~271 key blocks for the 1,331 keys a window holds.
 Reordered so that each block of 128 tokens is a brick, `BRICK` = 4 x 4 x 8 (t, h, w), the union of a
-brick's windows is a box of `(4 + 10) x (4 + 10) x (8 + 10)` keys, which a few dozen key bricks cover
-(`mean_key_blocks` says how many, for a grid, in both orders).
+brick's windows is a box of `(4 + 10) x (4 + 10) x (8 + 10)` keys, which ~38 key bricks cover (both on a
+12 x 32 x 480 slice of a 1080p clip's stage-5 grid: `mean_key_blocks`, tests/test_diffusion_decode.py).
 
 The grid is padded with empty tokens to whole bricks (at most a brick's side on each axis); a padded key is
 never seen and a padded query's output is dropped. `to_bricks`/`from_bricks` are a pad, a reshape and a
@@ -29,6 +29,7 @@ from services.neighborhood_mask import (
     QUERY_BLOCKS_PER_PASS,
     BlockLists,
     Neighborhood,
+    block_mask_of,
     compact_block_rows,
     join_block_passes,
     window_start,
@@ -169,19 +170,7 @@ def brick_block_lists(bricks: BrickGrid, device: torch.device | str = "cpu") -> 
 def brick_block_mask(bricks: BrickGrid, device: torch.device | str = "cpu", full_width: bool = False) -> BlockMask:
     """FlexAttention's BlockMask of the window in brick order (see neighborhood_block_mask for `full_width`)."""
     lists = brick_block_lists(bricks, device)
-    partial = lists.partial_indices
-    if full_width:
-        partial = torch.nn.functional.pad(partial, (0, partial.shape[0] - partial.shape[1]))
-    return BlockMask.from_kv_blocks(
-        lists.partial_counts[None, None],
-        partial[None, None],
-        lists.full_counts[None, None],
-        lists.full_indices[None, None],
-        BLOCK_SIZE=BLOCK_SIZE,
-        mask_mod=brick_mask_mod(bricks),
-        seq_lengths=(bricks.tokens, bricks.tokens),
-        compute_q_blocks=False,
-    )
+    return block_mask_of(lists, brick_mask_mod(bricks), bricks.tokens, BLOCK_SIZE, full_width)
 
 
 def mean_key_blocks(lists: BlockLists) -> float:

@@ -174,14 +174,15 @@ class BlockSparseNeighborhoodProcessor:
         grid = Neighborhood.of((frames, height, width), attn.kernel_size)
         flex = hidden_states.device.type == "cuda"
         mask = self.mask_for(grid, hidden_states.device, flex)
-        if self.order == "bricks":
-            query, key, value = (to_bricks(x, BrickGrid(grid)) for x in (query, key, value))
+        bricks = BrickGrid(grid) if self.order == "bricks" else None
+        if bricks is not None:
+            query, key, value = (to_bricks(x, bricks) for x in (query, key, value))
         if flex:
             out = self.flex(query, key, value, grid, mask)
         else:
             out = block_sparse_attention(query, key, value, mask)
-        if self.order == "bricks":
-            out = from_bricks(out, BrickGrid(grid))
+        if bricks is not None:
+            out = from_bricks(out, bricks)
         out = out.transpose(1, 2).reshape(batch, frames, height, width, attn.heads * attn.head_dim)
         return attn.to_out[0](out)
 

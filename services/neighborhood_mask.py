@@ -247,6 +247,14 @@ def neighborhood_block_mask(
     stage 5), so it is only the fallback (services/neighborhood_attention.py).
     """
     lists = neighborhood_block_lists(grid, block_size, device)
+    return block_mask_of(lists, neighborhood_mask_mod(grid), grid.tokens, block_size, full_width)
+
+
+def block_mask_of(
+    lists: BlockLists, mask_mod: Callable[..., torch.Tensor], tokens: int, block_size: int, full_width: bool
+) -> BlockMask:
+    """FlexAttention's BlockMask from block lists and the rule inside their partial blocks, over `tokens`
+    queries and keys (raster order here, bricks in services/brick_order.py)."""
     partial = lists.partial_indices
     if full_width:
         partial = torch.nn.functional.pad(partial, (0, partial.shape[0] - partial.shape[1]))
@@ -256,7 +264,7 @@ def neighborhood_block_mask(
         lists.full_counts[None, None],
         lists.full_indices[None, None],
         BLOCK_SIZE=block_size,
-        mask_mod=neighborhood_mask_mod(grid),
-        seq_lengths=(grid.tokens, grid.tokens),
+        mask_mod=mask_mod,
+        seq_lengths=(tokens, tokens),
         compute_q_blocks=False,
     )
