@@ -15,6 +15,7 @@ from diffusers.pipelines.ltx2.pipeline_ltx2_ic_lora import LTX2ReferenceConditio
 
 from protocol.errors import InvalidInput
 from protocol.job_record import ResolvedReference
+from services import media
 
 
 def in_context_inputs(job_dir: Path, reference: ResolvedReference, keyframes: list[Any]) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def read_first_frames(path: Path, count: int) -> list[Any]:
     frames: list[Any] = []
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(container.streams.video[0]):
+            for frame in container.decode(media.video_stream(container)):
                 frames.append(frame.to_image())
                 if len(frames) == count:
                     break

@@ -310,6 +310,18 @@ def extension_audio(ctx: WorkerContext, device: torch.device, dtype: torch.dtype
     return once_per_job(ctx, "overlap_audio", encoded)
 
 
+def overlap_frames(ctx: WorkerContext) -> Any:
+    """The extended source's last frames at the clip's size (services/overlap_frames.py), decoded once per job:
+    both passes of a two-stage run hold them (each resizes them to its own size), and a 1080p source decodes
+    in seconds."""
+
+    def decoded() -> Any:
+        ctx.progress("decode the source's last frames")
+        return load_overlap_frames(ctx.job_dir, ctx.request.extension, ctx.spec)
+
+    return once_per_job(ctx, "overlap_frames", decoded)
+
+
 def once_per_job(ctx: WorkerContext, key: str, make: Callable[[], Any]) -> Any:
     """`make()`'s value for this job, kept in the process's `shared` under `key` so a two-stage run's second pass
     (and nothing of a group's next job) reuses it."""
@@ -341,8 +353,7 @@ def conditioning(
     conditions = [keyframe(ctx, condition) for condition in ctx.request.conditions]
     extension = ctx.request.extension
     if extension is not None:  # the source's last frames, held at full strength from frame 0 (protocol/extension.py)
-        frames = load_overlap_frames(ctx.job_dir, extension, ctx.spec)
-        conditions.insert(0, LTX2VideoCondition(frames=frames, index=0, strength=1.0))
+        conditions.insert(0, LTX2VideoCondition(frames=overlap_frames(ctx), index=0, strength=1.0))
     if ctx.request.reference is not None and run.in_context:  # the keyframes (and image) are its frame conditions
         inputs = control_video.in_context_inputs(ctx.job_dir, ctx.request.reference, conditions)
         return LTX2InContextPipeline, video_vae(ctx, device, dtype, "the control video"), inputs

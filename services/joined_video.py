@@ -143,7 +143,7 @@ class JoinedWriter:
     def write_source(self) -> None:
         """The source's frames: its packets copied, or decoded and encoded again."""
         with av.open(str(self.source)) as container:
-            stream = container.streams.video[0]
+            stream = media.video_stream(container)
             if self.reencoded is None:
                 end = Fraction(0)
                 for packet in container.demux(stream):

@@ -89,13 +89,25 @@ def read_audio(
     return (track if wanted is None else track[:, :wanted]).astype(np.float32), out_rate
 
 
+def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The container's first video stream, decoded on FFmpeg's frame and slice threads.
+
+    PyAV decodes on slice threads alone by default, which an x264 stream of one slice per frame cannot use: a
+    1080p source of noise-like content (random-weight renders, grain) decoded at ~10 frames/s, 12 s of an
+    extension's diffusion stage before each pass on an H100 host (docs/benchmarks.md version 16). Frame threads
+    give the same frames (decoding is exact), as fast as the host's cores allow. IndexError without a video
+    stream, as `container.streams.video[0]` raises it."""
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
 def read_video_frames(path: Path) -> np.ndarray:
     """Every frame of the first video stream as `[frames, H, W, 3]` uint8 RGB (a keyframe video: the
     orchestrator counted its frames from the header; diffusers takes the array as it is)."""
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video_stream(container))]
     except (av.error.FFmpegError, IndexError) as exc:  # IndexError: no video stream at all
         raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc
     if not frames:
@@ -108,7 +120,7 @@ def read_video_tail(path: Path, start: int) -> np.ndarray:
     earlier ones are decoded and dropped as they come (a long source never sits in memory whole)."""
     try:
         with av.open(str(path)) as container:
-            decoded = container.decode(container.streams.video[0])
+            decoded = container.decode(video_stream(container))
             frames = [frame.to_ndarray(format="rgb24") for index, frame in enumerate(decoded) if index >= start]
     except (av.error.FFmpegError, IndexError) as exc:
         raise ValueError(f"{path.name} does not decode as a video: {exc}") from exc

@@ -455,3 +455,40 @@ def test_an_extension_without_overlap_keeps_the_pipeline_it_asks_for(root: Path,
     request = extend_request(str(clip), num_frames=25, pipeline="two-stage", schedule="distilled", steps=8)
     built = build_spec(request, settings_for(root))
     assert (built.spec.pipeline, built.spec.overlap) == ("two-stage", 13)
+
+
+def test_both_passes_of_an_extension_hold_the_frames_of_one_decode_of_its_source(tmp_path: Path):
+    """Two-stage conditions both passes on the source's last frames: the worker decodes the source once per job
+    (each decode of a 1080p source of random-weight renders took 12 s on an H100 host, docs/benchmarks.md
+    version 16) and a group's next job decodes its own."""
+    from types import SimpleNamespace
+
+    from protocol.job_record import ResolvedExtension
+    from protocol.spec import JobSpec
+    from services.denoising import conditioning
+
+    rng = np.random.default_rng(0)
+    with av.open(str(tmp_path / EXTEND_SOURCE_FILE), "w") as container:
+        stream = container.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(9):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    extension = ResolvedExtension(
+        source="clip.mp4", source_job=None, file=EXTEND_SOURCE_FILE, sha256="0" * 64, frames=9, width=64, height=64,
+        fps=24.0, overlap=5,
+    )  # fmt: skip
+    request = {"prompt": "p", "model": "m", "width": 64, "height": 64, "num_frames": 17, "steps": 8, "seed": 1}
+    spec = JobSpec.from_dict(request)
+    phases: list[str] = []
+
+    def context(job_id: str) -> SimpleNamespace:
+        request = SimpleNamespace(job_id=job_id, retake=None, conditions=[], extension=extension, reference=None)
+        return SimpleNamespace(request=request, job_dir=tmp_path, spec=spec, shared=shared, progress=phases.append)
+
+    shared: dict[str, object] = {"video_vae": object()}  # loaded: the frames are what this test reads
+    passes = [conditioning(context(job), torch.device("cpu"), torch.float32, None, None) for job in ("a", "a", "b")]
+    frames = [inputs["conditions"][0].frames for _, _, inputs in passes]
+    assert phases == ["decode the source's last frames"] * 2  # job a's two passes, then job b
+    assert frames[0] is frames[1] and np.array_equal(frames[0], frames[2]) and frames[0].shape == (5, 64, 64, 3)
