@@ -58,6 +58,10 @@ def socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
+#: The kernel's thread creator: it and its children (kernel threads) have no environment, for good.
+KTHREADD = 2
+
+
 def command_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -115,8 +119,11 @@ class NetworkWatch:
                 continue
             if self.marker in environ:
                 self.pids.add(pid)
-            else:
+            elif environ != [b""] or KTHREADD in (pid, parent):
                 parents[pid] = parent
+            # Else an empty environment of a process, not a kernel thread: it is inside its exec, which names it
+            # (comm) before it fills the new image's environment. Remembered now as unmarked under its final
+            # name, it would never be looked at again (a CI run lost chromedriver so): it is read next sample.
         while adopted := [pid for pid, parent in parents.items() if parent in self.pids]:
             for pid in adopted:
                 self.pids.add(pid)
