@@ -6,8 +6,10 @@ so the union of its windows is `kernel_t x kernel_h x (128 + kernel_w - 1)` keys
 `kernel_t * kernel_h` rows, each row touching two or three key blocks: at the decoder's last stage
 (kernel 11 x 11 x 11) a query block reads ~271 key blocks for the 1,331 keys a window holds.
 Reordered so that each block of 128 tokens is a brick, `BRICK` = 4 x 4 x 8 (t, h, w), the union of a
-brick's windows is a box of `(4 + 10) x (4 + 10) x (8 + 10)` keys, which ~38 key bricks cover (both on a
-12 x 32 x 480 slice of a 1080p clip's stage-5 grid: `mean_key_blocks`, tests/test_diffusion_decode.py).
+brick's windows is a box of `(4 + 10) x (4 + 10) x (8 + 10)` keys, which ~70 key bricks cover on a whole
+1080p clip's stage-5 grid (121 x 272 x 480 tokens; measured on an H100, docs/benchmarks.md version 17), fewer
+near the borders (`mean_key_blocks`: ~38 against ~271 on the 12 x 32 x 480 slice tests/test_diffusion_decode.py
+checks).
 
 The grid is padded with empty tokens to whole bricks (at most a brick's side on each axis); a padded key is
 never seen and a padded query's output is dropped. `to_bricks`/`from_bricks` are a pad, a reshape and a

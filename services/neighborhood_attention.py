@@ -129,8 +129,8 @@ class BlockSparseNeighborhoodProcessor:
     """Processor for diffusers' `LTX2VideoVaeNeighborhoodAttention` on the geometric block mask.
 
     `order`: the tokens' order in the attention, "raster" (diffusers', as the projections make them) or
-    "bricks" (services/brick_order.py: permuted into 4 x 4 x 8 bricks and back, about a seventh of the key
-    blocks at the last stage). Raster stays the default until a GPU measures what the permutations cost
+    "bricks" (services/brick_order.py: permuted into 4 x 4 x 8 bricks and back, about a quarter of the key
+    blocks at the last stage of a 1080p clip). Raster stays the default until a GPU measures what the permutations cost
     against the blocks saved (bench/diffusion_decode_bench.py --orders)."""
 
     def __init__(self, order: str = "raster") -> None:
