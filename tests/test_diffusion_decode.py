@@ -26,6 +26,7 @@ from protocol.model_ids import TINY_REPO_IDS
 from protocol.plans import DecodePlan
 from services.latents import read_latents
 from services.neighborhood_mask import (
+    BlockLists,
     Neighborhood,
     dense_neighborhood_mask,
     neighborhood_block_lists,
@@ -50,6 +51,21 @@ GRIDS = [
 ]
 
 
+def listed_and_full(lists: BlockLists, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lists as `[query blocks, key blocks]` matrices: every listed key block, and the full ones (a block is
+    never both partial and full)."""
+    listed = torch.zeros(blocks, blocks, dtype=torch.bool)
+    full = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for row in range(blocks):
+        partial = lists.partial_indices[row, : lists.partial_counts[row]].long()
+        whole = lists.full_indices[row, : lists.full_counts[row]].long()
+        assert not set(partial.tolist()) & set(whole.tolist())
+        listed[row, partial] = True
+        listed[row, whole] = True
+        full[row, whole] = True
+    return listed, full
+
+
 def block_matrices(sizes: tuple[int, int, int], kernel: tuple[int, int, int], block: int) -> dict[str, torch.Tensor]:
     """The dense mask's blocks (any key allowed, all keys allowed) and the lists' (listed, full), each
     `[query blocks, key blocks]`."""
@@ -63,15 +79,7 @@ def block_matrices(sizes: tuple[int, int, int], kernel: tuple[int, int, int], bl
     real[: grid.tokens] = True
     real = (real[:, None] & real[None, :]).reshape(blocks, block, blocks, block)
     lists = neighborhood_block_lists(grid, block)
-    listed = torch.zeros(blocks, blocks, dtype=torch.bool)
-    full = torch.zeros(blocks, blocks, dtype=torch.bool)
-    for row in range(blocks):
-        partial = lists.partial_indices[row, : lists.partial_counts[row]].long()
-        whole = lists.full_indices[row, : lists.full_counts[row]].long()
-        assert not set(partial.tolist()) & set(whole.tolist())
-        listed[row, partial] = True
-        listed[row, whole] = True
-        full[row, whole] = True
+    listed, full = listed_and_full(lists, blocks)
     return {
         "needed": dense.any(dim=(1, 3)),
         "all": (dense | ~real).all(dim=(1, 3)),
@@ -288,22 +296,13 @@ def brick_block_matrices(sizes: tuple[int, int, int], kernel: tuple[int, int, in
     blocks = bricks.tokens // 128
     allowed = (dense & real[None, :]).reshape(blocks, 128, blocks, 128)
     lists = brick_block_lists(bricks)
-    listed = torch.zeros(blocks, blocks, dtype=torch.bool)
-    full = torch.zeros(blocks, blocks, dtype=torch.bool)
-    for row in range(blocks):
-        partial = lists.partial_indices[row, : lists.partial_counts[row]].long()
-        whole = lists.full_indices[row, : lists.full_counts[row]].long()
-        assert not set(partial.tolist()) & set(whole.tolist())
-        listed[row, partial] = True
-        listed[row, whole] = True
-        full[row, whole] = True
+    listed, full = listed_and_full(lists, blocks)
     # Padded queries' rows are dropped: what a block needs is what its real queries need.
     needed = (allowed & real.reshape(blocks, 128)[:, :, None, None]).any(dim=(1, 3))
     everything = (dense & real[None, :]) | ~real[:, None]  # a full block: every real query sees every key
     return {
         "needed": needed,
-        "all": (everything.reshape(blocks, 128, blocks, 128) & real.reshape(1, 1, blocks, 128)).all(dim=(1, 3))
-        & real.reshape(blocks, 128).all(dim=1)[None, :],
+        "all": everything.reshape(blocks, 128, blocks, 128).all(dim=(1, 3)) & real.reshape(blocks, 128).all(dim=1),
         "listed": listed,
         "full": full,
     }
