@@ -64,13 +64,16 @@ class BrickGrid:
         frames, height, width = self.padded
         return frames * height * width
 
+    def positions(self, brick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t, h, w) of bricks (their indices in brick order) on the grid of bricks."""
+        _, count_h, count_w = self.counts
+        return brick // (count_h * count_w), (brick // count_w) % count_h, brick % count_w
+
     def coordinates(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(t, h, w) of brick-order token indices (padding included)."""
         side_t, side_h, side_w = self.brick
-        _, count_h, count_w = self.counts
-        brick, offset = index // BLOCK_SIZE, index % BLOCK_SIZE
-        brick_t, brick_rest = brick // (count_h * count_w), brick % (count_h * count_w)
-        brick_h, brick_w = brick_rest // count_w, brick_rest % count_w
+        brick_t, brick_h, brick_w = self.positions(index // BLOCK_SIZE)
+        offset = index % BLOCK_SIZE
         offset_t, offset_rest = offset // (side_h * side_w), offset % (side_h * side_w)
         offset_h, offset_w = offset_rest // side_w, offset_rest % side_w
         return brick_t * side_t + offset_t, brick_h * side_h + offset_h, brick_w * side_w + offset_w
@@ -105,10 +108,9 @@ def brick_mask_mod(bricks: BrickGrid) -> Callable[..., torch.Tensor]:
     sizes = grid.sizes
 
     def mask_mod(batch: torch.Tensor, head: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        (q_t, q_h, q_w), (k_t, k_h, k_w) = bricks.coordinates(q_idx), bricks.coordinates(kv_idx)
+        queries, keys = bricks.coordinates(q_idx), bricks.coordinates(kv_idx)
         inside = []
-        for query, key, size, kernel in ((q_t, k_t, sizes[0], grid.kernel[0]), (q_h, k_h, sizes[1], grid.kernel[1]),
-                                         (q_w, k_w, sizes[2], grid.kernel[2])):  # fmt: skip
+        for query, key, size, kernel in zip(queries, keys, sizes, grid.kernel, strict=True):
             start = window_start(torch.clamp(query, max=size - 1), size, kernel)
             inside.append((key >= start) & (key < start + kernel))
         return inside[0] & inside[1] & inside[2]
@@ -123,8 +125,7 @@ def axis_window_start(coordinate: torch.Tensor, sizes: torch.Tensor, kernel: tor
 
 def _brick_corners(bricks: BrickGrid, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[blocks, 3]` first and last real (t, h, w) of each brick (clipped to the grid)."""
-    _, count_h, count_w = bricks.counts
-    position = torch.stack((blocks // (count_h * count_w), (blocks // count_w) % count_h, blocks % count_w), dim=-1)
+    position = torch.stack(bricks.positions(blocks), dim=-1)
     side = torch.tensor(bricks.brick, device=blocks.device)
     sizes = torch.tensor(bricks.grid.sizes, device=blocks.device)
     low = position * side
