@@ -226,22 +226,27 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
             progress.record({"clip": clip, **mask_build_seconds(model, shape, order)})
         except Exception as exc:  # a failure to build is a result too
             progress.record({"clip": clip, "order": order, "mask_error": f"{type(exc).__name__}: {exc}"[:400]})
-        measure_ladder(clip, model, latents, order, progress, args)
+        measure_ladder(clip, frames, model, latents, order, settings, progress, args)
         torch.cuda.empty_cache()
 
 
 def measure_ladder(
-    clip: str, model: Any, latents: Any, order: str, progress: Progress, args: argparse.Namespace
+    clip: str,
+    frames: int,
+    model: Any,
+    latents: Any,
+    order: str,
+    settings: Any,
+    progress: Progress,
+    args: argparse.Namespace,
 ) -> None:
-    """The diffusion decoder's first rung of the ladder that fits, its attention in `order`."""
+    """The diffusion decoder's first rung of the ladder that fits (`settings`: the decode settings), its attention
+    in `order`; `frames`: the clip's frame count."""
     import torch
 
-    from config.settings import load_settings
     from orchestrator.run.decode_plan import decode_ladder
     from services.diffusion_decode import diffusion_decode_frames
 
-    settings = load_settings(environ={}).decode
-    frames = (latents.shape[2] - 1) * 8 + 1
     for plan in decode_ladder(latents.shape[2], settings):
         if time.monotonic() - progress.started > args.budget_s:
             progress.record({"clip": clip, "order": order, "plan": plan.label, "skipped": "out of time"})
