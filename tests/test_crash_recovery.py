@@ -34,7 +34,7 @@ from supervised import STATUS_POLL_S, wait_for_file
 from orchestrator.daemon.client import DaemonClient, DaemonError
 from orchestrator.daemon.transport import DaemonAddress, DaemonNotListening
 from orchestrator.placement.stale_sockets import accepts_connections
-from protocol.files import JOB_FILE
+from protocol.files import EVENTS_FILE, JOB_FILE
 from protocol.jobs import ListJobs
 
 
@@ -124,9 +124,21 @@ def beside_a_daemon(env: dict[str, str], job_dir: Path, cli: subprocess.Popen[st
         seen["cancel"] = run_ltx2(["cancel", job_id], env)
         (faults / "release-before-encode_diffuse").touch()
         daemon.wait_for_state(job_id, {"cancelled"})
+        # The cancel is saved in job.json, then appended to events.log: killed between the two, the daemon
+        # would leave the event out (CI saw it), and this test is of a daemon gone after its cancel.
+        wait_for_event(job_dir, "job_cancelled")
         daemon.process.kill()  # its socket file stays behind: nothing listens there any more
         daemon.process.wait()
     return seen
+
+
+def wait_for_event(job_dir: Path, event: str, timeout_s: float = 30.0) -> None:
+    """Block until the job's events.log holds an `event` line."""
+    deadline = time.monotonic() + timeout_s
+    while f'"event": "{event}"' not in (job_dir / EVENTS_FILE).read_text():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {event} in {job_dir / EVENTS_FILE} after {timeout_s} s")
+        time.sleep(0.05)
 
 
 def without_a_daemon(env: dict[str, str], job_dir: Path) -> dict[str, object]:
