@@ -37,6 +37,7 @@ CLIPS = ("768x512x121", "1920x1088x121")
 # issue 29's bar for making it LTX-2.5's default: the video stage's memory budget and vLLM-Omni's one-H200 time.
 BUDGET_GIB = 48.0
 TARGET_S = 6.5
+STAGE5_CHANNELS = 256  # the reference decoder's last stage (decoder_stage_channels[-1])
 
 
 class Progress:
@@ -247,7 +248,16 @@ def measure_ladder(
     from orchestrator.run.decode_plan import decode_ladder
     from services.diffusion_decode import diffusion_decode_frames
 
+    wanted = [label.strip() for label in args.plans.split(",")] if args.plans else None
+    tokens_of = stage5_tile_tokens(model, latents, args.exact_tiles)
     for plan in decode_ladder(latents.shape[2], settings):
+        if wanted is not None and plan.label not in wanted:
+            continue
+        tokens = tokens_of(plan)
+        progress.note(
+            f"{clip} {order} {plan.label}: largest stage-5 tile {tokens:,} tokens, "
+            f"{tokens * STAGE5_CHANNELS:,} elements per activation (int32 ends at {2**31 - 1:,})"
+        )
         if time.monotonic() - progress.started > args.budget_s:
             progress.record({"clip": clip, "order": order, "plan": plan.label, "skipped": "out of time"})
             return
@@ -258,6 +268,7 @@ def measure_ladder(
 
         try:
             record = {"order": order, **measure("diffusion", clip, plan, frames_of, frames, args.repeats)}
+            record["stage5_tile_tokens"] = tokens
             # True: this torch's Inductor refused the narrow block lists (services/neighborhood_attention.py).
             record["full_width_lists"] = any(
                 getattr(m, "processor", None) is not None and getattr(m.processor, "full_width", False)
@@ -276,6 +287,29 @@ def measure_ladder(
             torch.cuda.empty_cache()
 
 
+def stage5_tile_tokens(model: Any, latents: Any, exact_tiles: bool) -> Any:
+    """A function of a plan: the tokens of its largest tile at the decoder's last stage, halo included, as
+    services/diffusion_decode.diffusion_decode_frames cuts them (stages 1 to 3 run once here for their grid).
+    A stage-5 activation holds that many times STAGE5_CHANNELS elements: past 2**31 a kernel indexing it in
+    int32 would read out of bounds, one suspect of version 17's illegal memory access."""
+    import math
+
+    import torch
+
+    from services.diffusion_decode import last_stage_axes, plan_tiles
+
+    with torch.no_grad():
+        axes = last_stage_axes(model, model.decoder.forward_stages_1_to_3(latents.to(model.dtype)), exact_tiles)
+    stride = model.decoder.upsamples[-1].stride
+
+    def tokens(plan: Any) -> int:
+        spans = plan_tiles(model, axes, plan)
+        widest = (max(tile.decoded[1] - tile.decoded[0] for tile in axis) for axis in spans)
+        return math.prod(cells * side for cells, side in zip(widest, stride, strict=True))
+
+    return tokens
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -291,6 +325,11 @@ def main() -> int:
         "--orders",
         default="bricks,raster",
         help="token orders of the diffusion decoder's attention to measure, in turn (services/brick_order.py)",
+    )
+    parser.add_argument(
+        "--plans",
+        default="",
+        help="labels of the ladder's rungs to try, comma-separated (e.g. 'spatial tiling'); empty: every rung in order",
     )
     parser.add_argument("--parity-clip", default="256x256x9", help="clip of the GPU parity check ('' skips it)")
     parser.add_argument("--budget-s", type=float, default=540.0, help="skip what is left once this much time has gone")

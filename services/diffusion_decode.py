@@ -92,6 +92,20 @@ def halo_cells(model: Any) -> tuple[int, int, int]:
     )
 
 
+def last_stage_axes(model: Any, features: torch.Tensor, exact_tiles: bool) -> tuple[Axis, Axis, Axis]:
+    """The (t, h, w) axes of the grid `features` (stages 1 to 3's output) enters the last deterministic
+    stage with: its cells without the trailing ghost frames, the pixels (frames) per cell, the halo."""
+    decoder = model.decoder
+    patch, stride = decoder.patch_size, decoder.upsamples[-1].stride
+    halo = halo_cells(model) if exact_tiles else (0, 0, 0)
+    ghost = decoder.trailing_pad_latent_frames * math.prod(up.stride[0] for up in decoder.upsamples[:-1])
+    return (
+        Axis(features.shape[1] - ghost, stride[0], stride[0] == 2, halo[0]),
+        Axis(features.shape[2], stride[1] * patch, False, halo[1]),
+        Axis(features.shape[3], stride[2] * patch, False, halo[2]),
+    )
+
+
 def min_tile_cells(model: Any) -> tuple[int, int, int]:
     """(t, h, w): the smallest tile both remaining kernels accept (diffusers' `tiled_decode` rule)."""
     config = model.config
@@ -231,17 +245,9 @@ def diffusion_decode_frames(
 
     decoder = model.decoder
     latents = latents.to(model.dtype)
-    patch = decoder.patch_size
-    stride = decoder.upsamples[-1].stride
-    halo = halo_cells(model) if exact_tiles else (0, 0, 0)
     with torch.no_grad():
         features = decoder.forward_stages_1_to_3(latents)
-        ghost = decoder.trailing_pad_latent_frames * math.prod(up.stride[0] for up in decoder.upsamples[:-1])
-        axes = (
-            Axis(features.shape[1] - ghost, stride[0], stride[0] == 2, halo[0]),
-            Axis(features.shape[2], stride[1] * patch, False, halo[1]),
-            Axis(features.shape[3], stride[2] * patch, False, halo[2]),
-        )
+        axes = last_stage_axes(model, features, exact_tiles)
         shape = (latents.shape[0], decoder.out_channels, *(axis.pixel(axis.cells) for axis in axes))
         noise = randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
         spans_t, spans_h, spans_w = plan_tiles(model, axes, plan)
