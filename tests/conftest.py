@@ -35,47 +35,6 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # clip took 6.5-6.9 s of CPU with the threads sleeping at once (`PASSIVE`) against 9.6-12.4 s. The maths,
 # and so the bits, are the same (the latents and the MP4 were identical).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# README's test command runs two pytest-xdist workers (`-n 2 --dist loadgroup`): CI's two cores idled ~40 % of
-# a one-process run (23.2 min wall, 26.4 min of CPU), waiting on rank groups, daemons, Ray nodes and polls.
-# Each worker takes whole groups, so a module's fixtures are built once: a group is a module, except where
-# modules share a render too costly to make twice (test_nag's compiled run starts from a copy of
-# test_compile's Inductor cache: one compile, ~50 s). Groups go out heaviest first (seconds of a serial run
-# on two cores, 2026-12-07: Ray farm ~180, compile and NAG ~110, context parallel ~100, ...) and the many
-# small modules fill in after them, so the two workers end together.
-SHARED_GROUPS = {"test_nag": "test_compile"}
-HEAVY_FIRST = (
-    "test_ray_farm",
-    "test_compile",
-    "test_context_parallel",
-    "test_two_stage",
-    "test_crash_recovery",
-    "test_decode",
-    "test_daemon",
-    "test_daemon_guards",
-    "test_lanes",
-    "test_stage_major",
-    "test_stage_overlap",
-    "test_hostile_files",
-    "test_worker_environment_failures",
-    "test_soak",
-    "test_audio_to_video",
-)
-
-
-def test_group(item: pytest.Item) -> str:
-    """The xdist group of a test: its module's name, or the module whose session render it shares."""
-    module = item.module.__name__  # type: ignore[attr-defined]
-    return SHARED_GROUPS.get(module, module)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test with its group and put the heaviest groups first (each module's order kept)."""
-    rank = {name: place for place, name in enumerate(HEAVY_FIRST)}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(test_group(item)))
-    items.sort(key=lambda item: rank.get(test_group(item), len(HEAVY_FIRST)))
-
-
 # Small enough for two CPU cores, large enough to exercise every path (17 frames = 5 tiny latents).
 TINY_ARGS = ["--width", "64", "--height", "64", "--num-frames", "17"]
 
