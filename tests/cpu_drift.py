@@ -5,9 +5,10 @@ Every local run (AMD EPYC, AVX512) gives equal bits; CI's Intel host (AVX512, AM
 last-bit differences between two processes of the same request, the same threads and the same
 kernels: 1.0e-6 before MKL's thread count was fixed (services/__init__.py), 3.6e-7 in a compiled
 worker and a grouped two-stage run after it (2026-12-07). GPU runs are bit-equal (docs/benchmarks.md
-version 11). A wrong input (another seed, the wrong noise, a LoRA left fused) differs by O(1e-2) or
-more, so a bound of 1e-5 still catches every defect these tests look for; the warning names the
-kernels and what else the two runs shared, to find the drift's cause where it happens.
+version 11). Another input differs by far more (another seed or the wrong noise: O(1); the grouped
+two-stage test's two clips by more than 1e-3, which it asserts), so the bound of 1e-5 keeps these tests
+able to fail on a wrong render; the warning names the kernels and what else the two runs shared, to
+find the drift's cause where it happens.
 """
 
 from __future__ import annotations

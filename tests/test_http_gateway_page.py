@@ -36,6 +36,8 @@ from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_ID
 
 RENDER_TIMEOUT_S = 400.0
+# The page's answer to a click or a reload: instant on a quiet machine; a bound, not a delay, for a loaded one.
+UI_WAIT_S = 30
 KEY_ITEM = "ltx2-api-key"  # the sessionStorage item page.html keeps the key in
 ROWS_JS = """return [...document.querySelectorAll('#jobs tbody tr')].map((row) => ({
     id: row.dataset.id,
@@ -195,11 +197,11 @@ def test_the_first_screen_says_how_to_get_a_key_and_folds_away_naming_the_key_in
     assert "ltx2 keys --http" in browser.find_element("id", "key-section").text
     assert visible(browser, "key-section", "app") == {"key-section": True, "app": False}
     use_key(browser, "ltx2-not-a-key")  # refused before it is kept
-    WebDriverWait(browser, 10).until(lambda b: "does not know this key" in b.find_element("id", "message").text)
+    WebDriverWait(browser, UI_WAIT_S).until(lambda b: "does not know this key" in b.find_element("id", "message").text)
     assert browser.execute_script(f"return sessionStorage.getItem('{KEY_ITEM}')") is None
     browser.find_element("id", "key").clear()
     use_key(browser, key)
-    WebDriverWait(browser, 10).until(lambda b: b.find_element("id", "submit").is_displayed())
+    WebDriverWait(browser, UI_WAIT_S).until(lambda b: b.find_element("id", "submit").is_displayed())
     assert browser.execute_script(f"return sessionStorage.getItem('{KEY_ITEM}')") == key
     assert key not in browser.current_url
     # The key form folds away; the key in use is named (never shown), with a way to change it.
@@ -211,7 +213,7 @@ def test_the_first_screen_says_how_to_get_a_key_and_folds_away_naming_the_key_in
 def test_browser_submits_watches_and_plays_a_clip(gateway, browser):
     # Signed in as alice by the test above; a reload keeps the tab's key and names it again.
     browser.get(f"http://127.0.0.1:{gateway.port}/")
-    WebDriverWait(browser, 10).until(lambda b: b.find_element("id", "key-name").text == "alice")
+    WebDriverWait(browser, UI_WAIT_S).until(lambda b: b.find_element("id", "key-name").text == "alice")
 
     # A prompt full of markup is shown as text: no element injected, no script run.
     hostile = submit(browser, HOSTILE_PROMPT)
