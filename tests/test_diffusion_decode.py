@@ -98,15 +98,21 @@ def test_block_lists_hold_every_key_block_the_dense_mask_needs_and_no_other(
     assert not (m["full"] & ~m["all"]).any()  # a block read without the mask holds only allowed keys
 
 
-def test_block_sparse_attention_equals_dense_masked_attention():
-    from services.neighborhood_attention import block_sparse_attention, block_sparse_passes
-
+def dense_window_case() -> tuple[Neighborhood, tuple[torch.Tensor, ...], torch.Tensor]:
+    """A small grid, seeded queries, keys and values `[2, 3, tokens, 8]`, and their dense masked attention."""
     grid = Neighborhood.of((5, 12, 20), (3, 5, 5))
     generator = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(2, 3, grid.tokens, 8, generator=generator) for _ in range(3))
     dense = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=dense_neighborhood_mask(grid), scale=1.0
     )
+    return grid, (query, key, value), dense
+
+
+def test_block_sparse_attention_equals_dense_masked_attention():
+    from services.neighborhood_attention import block_sparse_attention, block_sparse_passes
+
+    grid, (query, key, value), dense = dense_window_case()
     passes = block_sparse_passes(neighborhood_block_lists(grid), neighborhood_mask_mod(grid), grid.tokens)
     sparse = block_sparse_attention(query, key, value, passes)
     assert (sparse - dense).abs().max().item() <= PARITY_TOLERANCE
@@ -336,12 +342,7 @@ def test_attention_in_brick_order_equals_dense_masked_attention():
     from services.brick_order import BrickGrid, brick_block_lists, brick_mask_mod, from_bricks, to_bricks
     from services.neighborhood_attention import block_sparse_attention, block_sparse_passes
 
-    grid = Neighborhood.of((5, 12, 20), (3, 5, 5))
-    generator = torch.Generator().manual_seed(3)
-    query, key, value = (torch.randn(2, 3, grid.tokens, 8, generator=generator) for _ in range(3))
-    dense = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=dense_neighborhood_mask(grid), scale=1.0
-    )
+    grid, (query, key, value), dense = dense_window_case()
     bricks = BrickGrid(grid)
     passes = block_sparse_passes(brick_block_lists(bricks), brick_mask_mod(bricks), bricks.tokens)
     ordered = block_sparse_attention(*(to_bricks(x, bricks) for x in (query, key, value)), passes)
