@@ -136,8 +136,8 @@ def mask_build_seconds(model: Any, latent_shape: tuple[int, ...], order: str) ->
     and the key blocks a query block reads (the most, and on average: the attention's work)."""
     import torch
 
-    from services.brick_order import BrickGrid, brick_block_mask
-    from services.neighborhood_mask import Neighborhood, neighborhood_block_mask
+    from services.neighborhood_attention import BlockSparseNeighborhoodProcessor
+    from services.neighborhood_mask import Neighborhood
 
     _, _, frames, height, width = latent_shape
     patch = model.decoder.patch_size
@@ -149,10 +149,7 @@ def mask_build_seconds(model: Any, latent_shape: tuple[int, ...], order: str) ->
     torch.cuda.synchronize()
     started = time.perf_counter()
     neighborhood = Neighborhood.of(grid, model.config.decoder_stage5_kernel)
-    if order == "bricks":
-        mask = brick_block_mask(BrickGrid(neighborhood), device="cuda")
-    else:
-        mask = neighborhood_block_mask(neighborhood, device="cuda")
+    mask = BlockSparseNeighborhoodProcessor(order).mask_for(neighborhood, torch.device("cuda"), flex=True)
     torch.cuda.synchronize()
     read = (mask.kv_num_blocks + mask.full_kv_num_blocks).float()
     return {
@@ -221,13 +218,14 @@ def measure_clip(clip: str, model: Any, vae: Any, progress: Progress, args: argp
     vae_plan = choose_decode_plan(width, height, frames, settings)
     configure_vae(vae, vae_plan)
     progress.record(measure("vae", clip, vae_plan, lambda: decode_frames(vae, latents, vae_plan), frames, args.repeats))
+    tokens_of = stage5_tile_tokens(model, latents, args.exact_tiles)
     for order in args.orders.split(","):
         use_block_sparse_attention(model, order)
         try:
             progress.record({"clip": clip, **mask_build_seconds(model, shape, order)})
         except Exception as exc:  # a failure to build is a result too
             progress.record({"clip": clip, "order": order, "mask_error": f"{type(exc).__name__}: {exc}"[:400]})
-        measure_ladder(clip, frames, model, latents, order, settings, progress, args)
+        measure_ladder(clip, frames, model, latents, order, settings, tokens_of, progress, args)
         torch.cuda.empty_cache()
 
 
@@ -238,18 +236,18 @@ def measure_ladder(
     latents: Any,
     order: str,
     settings: Any,
+    tokens_of: Any,
     progress: Progress,
     args: argparse.Namespace,
 ) -> None:
     """The diffusion decoder's first rung of the ladder that fits (`settings`: the decode settings), its attention
-    in `order`; `frames`: the clip's frame count."""
+    in `order`; `frames`: the clip's frame count; `tokens_of`: a rung's largest stage-5 tile (stage5_tile_tokens)."""
     import torch
 
     from orchestrator.run.decode_plan import decode_ladder
     from services.diffusion_decode import diffusion_decode_frames
 
     wanted = [label.strip() for label in args.plans.split(",")] if args.plans else None
-    tokens_of = stage5_tile_tokens(model, latents, args.exact_tiles)
     for plan in decode_ladder(latents.shape[2], settings):
         if wanted is not None and plan.label not in wanted:
             continue
