@@ -1,6 +1,7 @@
 """Hostile inputs and environments: names and models that slip past a loose check, size hints
 that suggest invalid sizes, missing LoRAs reported as models, file probing through error
-messages, a huge image decoded inside the daemon, and a cancel racing a worker's successful exit.
+messages, a huge image decoded inside the daemon, a cancel racing a worker's successful exit, and a farm
+stage that finishes before its placement is read.
 
 Real processes throughout: the CLI, a daemon as a child process, a real short-lived worker.
 """
@@ -23,7 +24,7 @@ from PIL import Image
 
 from config.settings import load_settings
 from orchestrator.daemon.client import DaemonError
-from orchestrator.placement.worker_link import SpawnedWorker, WorkerLink
+from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.model_lookup import ResolvedModel
@@ -254,3 +255,81 @@ def test_cancel_of_a_worker_that_had_not_finished_still_cancels(tmp_path: Path):
     assert outcomes[job.id].failure is Failure.CANCELLED
     attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
     assert attempt.result == AttemptResult.CANCELLED and attempt.returncode != 0, attempt
+
+
+# A stand-in worker that speaks the protocol: READY, waits for GO, opens the job, writes the audio, says
+# Done and exits 0, all in a few milliseconds.
+QUICK_WORKER = """
+import os, pathlib, sys, zmq
+from protocol import codec, stages
+job_id, job_dir, endpoint = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+socket = zmq.Context().socket(zmq.DEALER)
+socket.connect(endpoint)
+socket.send(codec.encode(stages.Ready(job_id, "audio_decode", 1, os.getpid())))
+assert isinstance(codec.decode(socket.recv()), stages.Go)
+socket.send(codec.encode(stages.Progress(job_id, "audio_decode", stages.JOB_STARTED_PHASE, 0, 0)))
+(job_dir / "audio.wav").write_bytes(b"RIFF")
+socket.send(codec.encode(stages.Done(job_id, "audio_decode", ["audio.wav"], 0.01)))
+socket.close(linger=5000)
+"""
+
+
+class PlacedAtExit:
+    """A farm stage whose placement (a Ray task's first yield) is read only with its exit status: the
+    order a loaded Ray owner can deliver them in, made certain (worker_link.RemoteProcess)."""
+
+    pid = 0
+    queued = False
+    WHERE = {"node": "node-a", "host": "gpu-07", "remote_pid": 4242, "forked": True}
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self._placement: dict | None = None
+
+    @property
+    def placement(self) -> dict | None:
+        return self._placement
+
+    def poll(self) -> int | None:
+        code = self.process.poll()
+        if code is not None:
+            self._placement = self.WHERE
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self.process.wait(timeout)
+        self._placement = self.WHERE
+        return code
+
+    def stop(self) -> int:
+        self.process.kill()
+        return self.wait()
+
+
+def test_a_farm_stage_that_finishes_before_its_placement_is_read_still_records_its_host(tmp_path: Path):
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
+    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
+    endpoint = f"ipc://{tmp_path}/w.sock"
+    context = zmq.Context()
+    link = WorkerLink(context, endpoint=endpoint, fork_server=False)
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen(
+        [sys.executable, "-c", QUICK_WORKER, job.id, str(job.path), endpoint],
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    remote = PlacedAtExit(process)
+    assert isinstance(remote, RemoteProcess)
+    plan: dict = {}
+    try:
+        hooks = JobHooks()
+        prestarted = SpawnedWorker(remote, Stage.AUDIO_DECODE, 1, plan, (job.id,))
+        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
+    finally:
+        link.close()
+        context.term()
+        if process.poll() is None:
+            process.kill()
+    assert outcomes[job.id].ok, outcomes
+    attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
+    assert attempt.result == AttemptResult.OK, attempt
+    assert (attempt.host, attempt.node, attempt.remote_pid) == ("gpu-07", "node-a", 4242), attempt

@@ -226,6 +226,7 @@ class RayStageProcess:
 
     @property
     def placement(self) -> dict[str, Any] | None:
+        self.poll()  # what the task has yielded so far: a worker's messages do not wait for this read
         return self._placement
 
     @property

@@ -516,6 +516,13 @@ class JobDir:
         if attempt.result == AttemptResult.RUNNING and attempt.note(pid=pid, **where):
             self.save()
 
+    def note_where(self, stage: Stage, attempt: int, **where: Any) -> None:
+        """Record where attempt `attempt` of the stage ran (a farm's node, host, pids there), whatever its
+        result: `ltx2 status` names the host of each attempt, also of one that ended before it was known."""
+        record = next(record for record in self.stage_record(stage).attempts if record.attempt == attempt)
+        if record.note(**where):
+            self.save()
+
     def finish_attempt(self, stage: Stage, result: AttemptResult, **details: Any) -> None:
         """Close the latest attempt with `result` and details; OK records the outputs' fingerprints."""
         record = self.stage_record(stage)

@@ -56,6 +56,8 @@ def run_attempt(
         settings.hung_after_s,
         follower.has_settled_all,
     )
+    # A farm stage can send its last word before its placement is read; its exit comes after it.
+    follower.note_placement()
     follower.settle_unfinished(returncode, forced)
     return follower.outcomes
 
@@ -76,6 +78,7 @@ class AttemptFollower:
         self.by_id = {job.id: job for job in members}
         self.stage, self.plan, self.settings, self.link, self.hooks_for = stage, plan, settings, link, hooks_for
         self.running: dict[str, tuple[int, float]] = {}  #: job id -> (attempt, start time)
+        self.attempt_of: dict[str, int] = {}  #: job id -> its attempt, settled or not
         self.outcomes: dict[str, StageOutcome] = {}
         self.done: dict[str, stages.Done] = {}
         self.worker: SpawnedWorker | None = None
@@ -108,6 +111,7 @@ class AttemptFollower:
             link_log(self.log, job.log_path(self.stage, attempt))
             job.note_worker(self.stage, self.worker.process.pid, **self.where, **self.threads)
         self.running[job_id] = (attempt, time.monotonic())
+        self.attempt_of[job_id] = attempt
         detail = describe_plan(self.stage, self.plan)
         if group:
             detail += f"; one process for {len(self.by_id)} jobs"
@@ -124,13 +128,15 @@ class AttemptFollower:
         return len(self.outcomes) == len(self.by_id)
 
     def note_placement(self) -> None:
-        """Record where a remote worker runs in its members' attempts, once, as soon as it is known."""
+        """Record where a remote worker runs in its members' attempts, once, as soon as it is known:
+        in every attempt it opened, also those it already settled (a short stage can finish before
+        its placement is read; run_attempt calls this again once the worker has exited)."""
         process = self.worker.process if self.worker else None
         if self.where or not isinstance(process, RemoteProcess) or not process.placement:
             return
         self.where = dict(process.placement)
-        for job_id in self.running:
-            self.by_id[job_id].note_worker(self.stage, 0, **self.where)
+        for job_id, attempt in self.attempt_of.items():
+            self.by_id[job_id].note_where(self.stage, attempt, **self.where)
 
     def pump(self, timeout_ms: int) -> bool:
         """Handle at most one message of the worker; False when none came in time."""
