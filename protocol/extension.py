@@ -33,8 +33,10 @@ one from job.json (protocol.job_record.ResolvedExtension).
 
 from __future__ import annotations
 
+import math
+
 from protocol.retake import audio_latent_span
-from protocol.spec_rules import SpecError
+from protocol.spec_rules import FRAME_MULTIPLE, MAX_FRAMES, MIN_FRAMES, SpecError, frames_lasting
 
 # The fields' names: SpecError("extend") names `--extend` (`ltx2 extend SOURCE`), SpecError("overlap") `--overlap`.
 EXTEND_FIELD = "extend"
@@ -71,6 +73,32 @@ def default_overlap(ratio: int, num_frames: int, source_frames: int) -> int | No
     if limit < 1:
         return None
     return (limit - 1) // ratio * ratio + 1
+
+
+def extension_frames_lasting(seconds: float, fps: float, overlap: int) -> int:
+    """The fewest valid frames (8n+1) an extension renders so that its part after the `overlap` lasts at least
+    `seconds` at `fps`: an extension's --seconds (and OpenAI's `seconds` of POST /v1/videos/extensions) is the
+    length of what it adds, as the joined video grows by the frames after the overlap. SpecError naming
+    `seconds` when no render can (frames_lasting's bounds, or more than MAX_FRAMES with the overlap)."""
+    frames_lasting(seconds, fps)  # the duration's own bounds, with their message
+    wanted = overlap + math.ceil(seconds * fps - 1e-9)
+    frames = max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
+    if frames > MAX_FRAMES:
+        raise SpecError(
+            "seconds",
+            f"{seconds:g} s at {fps:g} fps after the {overlap}-frame overlap needs {frames} frames; at most"
+            f" {MAX_FRAMES} are allowed",
+        )
+    return frames
+
+
+def describe_extension_duration(seconds: float, fps: float, overlap: int, frames: int) -> str:
+    """How an extension's requested duration became its render's frame count (a notice, the HTTP video object)."""
+    added = frames - overlap
+    return (
+        f"{seconds:g} s at {fps:g} fps after the {overlap}-frame overlap -> {frames} frames, {added} of them new"
+        f" ({added / fps:.3f} s)"
+    )
 
 
 def require_overlap(overlap: int, ratio: int, num_frames: int, source_frames: int) -> None:

@@ -941,13 +941,16 @@ REQUEST_ONLY = (
         name="seconds",
         kind=float,
         help="clip length in seconds instead of --num-frames: the fewest 8n+1 frames lasting at least that long"
-        " at the clip's fps (5 s at 24 fps: 121 frames, 5.042 s)",
+        " at the clip's fps (5 s at 24 fps: 121 frames, 5.042 s); with --extend, how long the new part after the"
+        " overlap lasts (4 s at 24 fps after 25 frames: 121 frames)",
         default_from="none",
         allowed=f"above 0, at most {MAX_FRAMES} frames at the clip's fps",
         metavar="S",
         doc="clip length in seconds instead of `--num-frames`: the fewest 8n+1 frames that last at least that"
-        " long at the clip's fps (`--seconds 5` at 24 fps: 121 frames, 5.042 s); a notice says what it became;"
-        " not with `--num-frames`",
+        " long at the clip's fps (`--seconds 5` at 24 fps: 121 frames, 5.042 s); with `--extend`, how long the"
+        " part after the overlap lasts, the length the joined video grows by (`--seconds 4` at 24 fps after the"
+        " default 25-frame overlap: 121 frames, 96 of them new, 4.000 s), as OpenAI's extensions count it; a"
+        " notice says what it became; not with `--num-frames`",
         default_doc="none",
         http="own",
     ),

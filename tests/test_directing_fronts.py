@@ -30,6 +30,7 @@ from protocol.model_ids import TINY_REPO_ID, hub_cache_dir
 from services.latents import read_latents
 from services.tiny_model import write_tiny_stage2_lora_to_hf_cache
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the client marks the Sora API deprecated
 RENDER_TIMEOUT_S = 400.0
 # Two denoising steps of the default schedule: every render here is a cheap one.
 CHEAP = {"steps": 2, "schedule": "default"}
@@ -429,6 +430,102 @@ def test_submit_makes_each_relative_path_absolute_and_leaves_names_as_typed(tmp_
     assert with_absolute_paths({"extend": "20261206-181500-a1b2c3"}, tmp_path) == {"extend": "20261206-181500-a1b2c3"}
     # A retake of a file (ltx2 submit --retake clip.mp4): the file from where it was typed, as --extend's.
     assert with_absolute_paths({"retake": "clip.mp4"}, tmp_path) == {"retake": str(tmp_path / "clip.mp4")}
+
+
+def post(gateway: Gateway, path: str, key: str, fields: dict) -> tuple[int, dict]:
+    status, _, body = gateway.request(
+        "POST", path, key, json.dumps(fields).encode(), {"Content-Type": "application/json"}
+    )
+    return status, json.loads(body)
+
+
+def test_openais_remix_retakes_the_whole_clip_unless_given_a_range_and_names_its_source(gateway: Gateway, source: dict):
+    """client.videos.remix sends only the prompt: a retake of every frame at the source's size, frames and fps."""
+    client = gateway.client("alice")
+    remix = client.videos.remix(source["id"], prompt="the ball turns green", extra_body={"seed": 5, **CHEAP})
+    assert remix.remixed_from_video_id == source["id"] and remix.model_extra["num_frames"] == 17, remix
+    record = json.loads((job_dir(gateway, remix.id) / JOB_FILE).read_text())
+    assert (record["retake"]["source"], record["retake"]["from_frame"], record["retake"]["to_frame"]) == (
+        source["id"],
+        0,
+        16,
+    )
+    ranged = client.videos.remix(source["id"], prompt="green", extra_body={"from_frame": FIRST, "to_frame": LAST})
+    record = json.loads((job_dir(gateway, ranged.id) / JOB_FILE).read_text())
+    assert (record["retake"]["from_frame"], record["retake"]["to_frame"]) == (FIRST, LAST)
+    assert gateway.request("DELETE", f"/v1/videos/{ranged.id}", "alice")[0] == 200
+    done = wait_done(gateway, "alice", remix.id)
+    assert done["status"] == "completed" and done["remixed_from_video_id"] == source["id"], done
+    assert probe_mp4(download(gateway, "alice", remix.id, "remix.mp4"))["frames"] == 17
+
+
+def test_openais_extension_of_an_uploaded_file_counts_seconds_after_the_overlap(gateway: Gateway, source: dict):
+    """client.videos.extend uploads the video (the client sends `video` as a file part); `seconds` is the new
+    part: 0.5 s at 24 fps after the tiny VAE's default 13-frame overlap (3 x 4 + 1) renders 25 frames."""
+    client = gateway.client("alice")
+    video = client.videos.extend(
+        prompt="the ball rolls on", seconds="0.5", video=("clip.mp4", source["mp4"].read_bytes(), "video/mp4")
+    )
+    assert gateway.upload_files() == []  # the daemon copied the file into the job
+    assert video.model_extra["num_frames"] == 17 + 25 - 13, video
+    assert (
+        video.model_extra["seconds_mapping"]
+        == "0.5 s at 24 fps after the 13-frame overlap -> 25 frames, 12 of them new (0.500 s)"
+    )
+    record = json.loads((job_dir(gateway, video.id) / JOB_FILE).read_text())
+    assert (record["extension"]["source_job"], record["extension"]["overlap"]) == (None, 13)
+    assert record["spec"]["num_frames"] == 25
+    done = wait_done(gateway, "alice", video.id)
+    assert done["status"] == "completed", gateway.daemon_job(video.id)
+    assert done["seconds_mapping"] == video.model_extra["seconds_mapping"]  # read back from the store and the job
+    assert probe_mp4(download(gateway, "alice", video.id, "extended-file.mp4"))["frames"] == 29
+
+
+@pytest.mark.parametrize("route", ["/v1/videos/extensions", "/v1/videos/SOURCE/extend"])
+def test_an_extension_by_id_on_either_route_extends_that_video(gateway: Gateway, source: dict, route: str):
+    fields = {"prompt": "the ball rolls on", "seconds": 0.5, "overlap": OVERLAP, "seed": 6, **CHEAP}
+    if route == "/v1/videos/extensions":
+        fields["video"] = {"id": source["id"]}
+    status, video = post(gateway, route.replace("SOURCE", source["id"]), "alice", fields)
+    assert status == 200, video
+    record = json.loads((job_dir(gateway, video["id"]) / JOB_FILE).read_text())
+    assert (record["extension"]["source_job"], record["extension"]["overlap"]) == (source["id"], OVERLAP)
+    assert record["spec"]["num_frames"] == 17  # 5 + 12 frames -> the next 8n+1
+    assert gateway.request("DELETE", f"/v1/videos/{video['id']}", "alice")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "key", "fields", "status", "param", "words"),
+    [
+        ("/v1/videos/SOURCE/extend", "alice", {"extend": "SOURCE"}, 400, "extend", "takes its video from the path"),
+        ("/v1/videos/SOURCE/remix", "alice", {"retake": "SOURCE"}, 400, "retake", "takes its video from the path"),
+        ("/v1/videos/SOURCE/remix", "bob", {}, 404, "video_id", "no video"),
+        ("/v1/videos/SOURCE/extend", "bob", {}, 404, "video_id", "no video"),
+        ("/v1/videos/extensions", "bob", {"video": "SOURCE"}, 404, "video", "no video"),
+        ("/v1/videos/extensions", "alice", {"video": "../jobs/x"}, 400, "video", "must be the id of one of this key"),
+        ("/v1/videos/extensions", "alice", {"video": {"id": "SOURCE", "x": 1}}, 400, "video", "must be the id"),
+        ("/v1/videos/extensions", "alice", {}, 400, "video", "give the video to extend once"),
+        (
+            "/v1/videos/SOURCE/remix",
+            "alice",
+            {"from_frame": 6, "to_frame": 8},
+            400,
+            "from_frame",
+            "nearest allowed: 5 or 9",
+        ),
+    ],
+)
+def test_the_source_routes_refuse_naming_the_field_as_the_route_takes_it(
+    gateway: Gateway, source: dict, path: str, key: str, fields: dict, status: int, param: str, words: str
+):
+    before = len(gateway.daemon_jobs())
+    given = {name: source["id"] if value == "SOURCE" else value for name, value in fields.items()}
+    if isinstance(given.get("video"), dict):
+        given["video"] = {name: source["id"] if value == "SOURCE" else value for name, value in given["video"].items()}
+    answer, body = post(gateway, path.replace("SOURCE", source["id"]), key, {"prompt": "p", **given})
+    assert answer == status and body["error"]["param"] == param, body
+    assert words in body["error"]["message"], body
+    assert len(gateway.daemon_jobs()) == before
 
 
 def test_an_extension_sent_again_is_its_video_even_after_its_source_was_deleted(gateway: Gateway, source: dict):

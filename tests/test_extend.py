@@ -296,6 +296,33 @@ def test_extension_refusals_name_the_flag_and_what_is_allowed(
     assert refused.value.flag == flag and message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    ("fields", "frames", "overlap", "notice"),
+    [
+        ({"seconds": 0.5}, 25, 13, "0.5 s at 24 fps after the 13-frame overlap -> 25 frames, 12 of them new (0.500 s)"),
+        ({"seconds": 0.5, "overlap": 5}, 17, 5, "after the 5-frame overlap -> 17 frames, 12 of them new (0.500 s)"),
+        ({"seconds": 1}, 41, 13, "1 s at 24 fps after the 13-frame overlap -> 41 frames, 28 of them new (1.167 s)"),
+    ],
+)
+def test_an_extensions_seconds_count_the_new_part_after_the_overlap(
+    source: JobDir, root: Path, fields: dict, frames: int, overlap: int, notice: str
+):
+    """As OpenAI's extensions count `seconds` (the joined video grows by that much): the tiny VAE's default overlap
+    is 3 x 4 + 1 = 13 frames of the 17-frame source; 0.5 s at 24 fps is 12 new frames, 13 + 12 -> 25 (8n+1)."""
+    built = build_spec(extend_request(source.id, **fields), settings_for(root))
+    assert (built.spec.num_frames, built.spec.overlap) == (frames, overlap)
+    assert any(line.startswith("--seconds: ") and notice in line for line in built.notices), built.notices
+
+
+def test_an_extensions_seconds_beyond_the_longest_clip_are_refused_naming_seconds(source: JobDir, root: Path):
+    with pytest.raises(SpecError) as refused:
+        build_spec(extend_request(source.id, seconds=42.5), settings_for(root))  # 13 + 1020 frames at 24 fps
+    assert refused.value.flag == "--seconds" and "after the 13-frame overlap needs 1033 frames" in str(refused.value)
+    with pytest.raises(SpecError) as doubled:
+        build_spec(extend_request(source.id, seconds=1, num_frames=17), settings_for(root))
+    assert doubled.value.flag == "--seconds" and "not both" in str(doubled.value)
+
+
 def test_extend_refuses_a_missing_source_or_an_unfinished_job_before_any_job(
     source: JobDir, root: Path, hf_home: Path, tmp_path: Path, tiny_model_dir: Path
 ):

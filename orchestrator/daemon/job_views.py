@@ -26,6 +26,7 @@ from orchestrator.run.jobdir import (
 from orchestrator.run.policy import describe_plan
 from protocol.extension import joined_frames
 from protocol.files import EVENTS_FILE, JOB_FILE, Stage
+from protocol.retake import LATENTS_SOURCE
 
 # The most jobs one listing shows (the protocol's frame bounds it further: replies.fit_listing).
 MAX_LIST = 1000
@@ -106,7 +107,12 @@ def summary(row: dict[str, Any], job: JobDir | None, detailed: bool, progress: d
         result["size"] = f"{width}x{height}x{spec.num_frames}"
         result["delivered_frames"] = delivered_frames(job)
         result["seed"] = spec.seed
+        result["fps"] = spec.fps
         result["model"] = spec.model
+        if record.extension is not None:  # what an extension's `seconds` counts: the frames after the overlap
+            result["extension"] = {"overlap": record.extension.overlap, "source_frames": record.extension.frames}
+        if record.retake is not None and record.retake.kind == LATENTS_SOURCE:  # the finished job it retakes
+            result["retake_of"] = record.retake.source
         result["request_digest"] = record.request_digest
         result["failure"] = record.failure  # protocol.errors.Failure's value: the one vocabulary
         result["owner"] = job.owner_command

@@ -43,6 +43,13 @@ from orchestrator.gateway.directing_fields import REFERENCE_FIELD, SOURCE_FIELDS
 from orchestrator.gateway.forms import StrictFormParser, StrictMultiPartParser
 from orchestrator.gateway.keys import KeyRing
 from orchestrator.gateway.metrics import GatewayMetrics
+from orchestrator.gateway.source_routes import (
+    VIDEO_FIELD,
+    extension_fields,
+    has_range,
+    path_source_fields,
+    whole_clip,
+)
 from orchestrator.gateway.store import FINAL_STATES, SUBMITTING, GatewayStore
 from orchestrator.gateway.uploads import UploadDir
 from orchestrator.gateway.video_requests import (
@@ -62,6 +69,7 @@ from orchestrator.run.states import JobState
 from protocol import jobs
 from protocol.codec import ErrorCode
 from protocol.conditions import MAX_CONDITIONS
+from protocol.extension import EXTEND_FIELD, describe_extension_duration
 from protocol.files import Stage
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.retake import RETAKE_FIELD
@@ -91,8 +99,10 @@ IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8"
 # The first box types of an MP4 or QuickTime file (bytes 4-8): a keyframe may also be a video.
 VIDEO_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free", b"skip")
 # The spec fields a file part of their own name fills (its stored path becomes the field's value): the soundtrack
-# of audio-to-video, and a video file to retake (`retake` as text stays a video id of the key).
-FIELD_FILES = (AUDIO_FIELD, RETAKE_FIELD)
+# of audio-to-video, and a video file to retake or to extend (`retake` and `extend` as text stay video ids of the key).
+FIELD_FILES = (AUDIO_FIELD, RETAKE_FIELD, EXTEND_FIELD)
+# The file parts that may be a video to extend or retake instead of a video id of the key (as text).
+SOURCE_FILES = (RETAKE_FIELD, EXTEND_FIELD)
 #: A form's uploads: part name -> (bytes, the suffix its first bytes call for).
 Uploads = dict[str, tuple[bytes, str]]
 # How long DELETE waits for a running job's worker to stop (the daemon gives it 10 s before SIGKILL).
@@ -334,17 +344,27 @@ class Gateway:
             job = self.job(video_id)
             width, height, frames = (int(part) for part in job["size"].split("x"))
             frames = job.get("delivered_frames", frames)  # an extension's: the source joined to the new part
+            fps = float(job.get("fps") or request.fps)  # the daemon's: an extension plays at its source's rate
             record = {
                 **self.owned(owner, video_id),
                 "model": reply["model"],
                 "size": f"{width}x{height}",
-                "seconds": request.seconds or f"{frames / request.fps:g}",
+                # As asked; else the clip's length, except an extension's, whose asked seconds count its new part.
+                "seconds": request.seconds or ("" if job.get("extension") else f"{frames / fps:g}"),
                 "num_frames": frames,
+                "fps": fps,
                 "prompt": job.get("prompt", ""),
                 "state": job["state"],
             }
             self.store.submitted(video_id, record)
         return video_object(record, job, request.seconds_note, reply.get("notices", []))
+
+    def source_frames(self, owner: str, video_id: str) -> int:
+        """The frame count of `video_id`, a remix's source (a whole-clip retake's range); 404 naming the path's
+        video unless it is a video of this key (another key's, a deleted one and an unknown one look alike)."""
+        if self.store.get(owner, video_id) is None:
+            raise ApiError(404, f"no video {video_id!r} of this key to remix", param="video_id", code="not_found")
+        return int(self.job(video_id)["size"].rsplit("x", 1)[1])
 
     def require_own_sources(self, owner: str, request: VideoRequest) -> None:
         """404 naming the field when `extend` or `retake` names no video of this key: another key's video, a
@@ -646,6 +666,16 @@ def as_number(text: str) -> float | None:
         return None
 
 
+def seconds_mapping(asked: float, record: dict[str, Any], job: dict[str, Any]) -> str:
+    """How the `seconds` asked became frames: a clip's frame count, or an extension's new part after its overlap
+    (what an extension's `seconds` counts: orchestrator.run.jobspec.extension_frames_for_seconds)."""
+    extension, size = job.get("extension"), job.get("size", "")
+    if extension and size.count("x") == 2:
+        rendered = int(size.rsplit("x", 1)[1])
+        return describe_extension_duration(asked, record["fps"], int(extension["overlap"]), rendered)
+    return describe_duration(asked, record["fps"], record["num_frames"])
+
+
 def clip_seconds(record: dict[str, Any]) -> str:
     """OpenAI's `seconds`: how long the clip lasts (97 frames at 24 fps: "4.042", where "4" was asked, since
     a clip has 8n+1 frames), to the millisecond as `seconds_mapping` says it; as asked until the frames are known."""
@@ -701,7 +731,7 @@ def video_object(
         "seconds": clip_seconds(record),
         "prompt": record["prompt"],
         "error": error,
-        "remixed_from_video_id": None,
+        "remixed_from_video_id": job.get("retake_of"),  # a retake's (a remix's) source video, else null
         "num_frames": record["num_frames"],
         "fps": record["fps"],
         "seed": job.get("seed"),  # the daemon's record of the job; null until it has taken the submit
@@ -710,7 +740,7 @@ def video_object(
     if seconds_note:
         result["seconds_mapping"] = seconds_note
     elif (asked := as_number(record["seconds"])) is not None:
-        result["seconds_mapping"] = describe_duration(asked, record["fps"], record["num_frames"])
+        result["seconds_mapping"] = seconds_mapping(asked, record, job)
     if notices:
         result["notices"] = notices
     return result
@@ -795,12 +825,7 @@ def build_app(settings: Settings) -> Starlette:
     async def create_video(request: Request) -> Response:
         owner = await authorized(request)
         fields, uploads = await read_fields(request, limits)
-        upload, files = uploads.pop("input_reference", None), field_files(uploads)
-        parsed = parse_video_request(fields, settings, uploads.keys())
-        created = await run_in_threadpool(
-            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, files
-        )
-        return JSONResponse(created)
+        return await create_from(gateway, request, owner, fields, uploads)
 
     @endpoint
     async def list_videos(request: Request) -> Response:
@@ -867,6 +892,7 @@ def build_app(settings: Settings) -> Starlette:
         *page_routes(),
         Route("/v1/key", key_name, methods=["GET"]),
         Route("/v1/videos", create_video, methods=["POST"]),
+        *source_routes(gateway, authorized),
         Route("/v1/videos", list_videos, methods=["GET"]),
         Route("/v1/videos/{video_id}", retrieve_video, methods=["GET"]),
         Route("/v1/videos/{video_id}", delete_video, methods=["DELETE"]),
@@ -884,6 +910,65 @@ def build_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error}, lifespan=lifespan
     )
+
+
+async def create_from(
+    gateway: Gateway,
+    request: Request,
+    owner: str,
+    fields: dict[str, Any],
+    uploads: Uploads,
+    renamed: dict[str, str] | None = None,
+) -> Response:
+    """The one create path: POST /v1/videos, and the routes that name their source elsewhere (source_routes), whose
+    refusals name the field as that route takes it (`renamed`: `extend` is `video` of POST /v1/videos/extensions)."""
+    upload, files = uploads.pop("input_reference", None), field_files(uploads)
+    try:
+        parsed = parse_video_request(fields, gateway.settings, uploads.keys(), files.keys())
+        created = await run_in_threadpool(
+            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, files
+        )
+    except (ApiError, RequestError) as exc:
+        if renamed and exc.param in renamed:
+            exc.param = renamed[exc.param]
+        raise
+    return JSONResponse(created)
+
+
+def source_routes(gateway: Gateway, authorized: Callable[[Request], Awaitable[str]]) -> list[Route]:
+    """OpenAI's remix and extensions and our /extend: creates whose source video is named outside the body's
+    directing fields (gateway.source_routes turns them into a create's fields)."""
+    limits = gateway.settings.http
+
+    @endpoint
+    async def extend_video(request: Request) -> Response:
+        owner = await authorized(request)
+        fields, uploads = await read_fields(request, limits)
+        video_id, route = request.path_params["video_id"], "POST /v1/videos/{video_id}/extend"
+        fields = path_source_fields(fields, uploads, EXTEND_FIELD, video_id, route)
+        return await create_from(gateway, request, owner, fields, uploads, {EXTEND_FIELD: "video_id"})
+
+    @endpoint
+    async def create_extension(request: Request) -> Response:
+        owner = await authorized(request)
+        fields, uploads = extension_fields(*await read_fields(request, limits))
+        return await create_from(gateway, request, owner, fields, uploads, {EXTEND_FIELD: VIDEO_FIELD})
+
+    @endpoint
+    async def remix_video(request: Request) -> Response:
+        owner = await authorized(request)
+        fields, uploads = await read_fields(request, limits)
+        video_id, route = request.path_params["video_id"], "POST /v1/videos/{video_id}/remix"
+        fields = path_source_fields(fields, uploads, RETAKE_FIELD, video_id, route)
+        if not has_range(fields):  # the whole clip: its frame count is the source's
+            fields = whole_clip(fields, await run_in_threadpool(gateway.source_frames, owner, video_id))
+        return await create_from(gateway, request, owner, fields, uploads, {RETAKE_FIELD: "video_id"})
+
+    return [
+        Route("/v1/videos/extensions", create_extension, methods=["POST"]),
+        Route("/v1/videos/{video_id}/extend", extend_video, methods=["POST"]),
+        Route("/v1/videos/{video_id}/remix", remix_video, methods=["POST"]),
+    ]
 
 
 def page_routes() -> list[Route]:
@@ -1053,7 +1138,7 @@ def too_deep_field(body: bytes) -> str | None:
 
 async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
     """A form's text fields, and its files: input_reference, the keyframes `conditions` names, the control
-    video `reference_video` names, the `audio` soundtrack and a video file to `retake`."""
+    video `reference_video` names, the `audio` soundtrack and a video file to `retake` or to `extend`."""
     fields: dict[str, Any] = {}
     uploads: Uploads = {}
     for name, value in form.multi_items():
@@ -1067,8 +1152,8 @@ async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, A
             if not isinstance(value, UploadFile):
                 raise ApiError(400, f"audio must be an audio file upload ({AUDIO_FORMATS})", param=AUDIO_FIELD)
             uploads[name] = await read_audio_upload(value, limits)
-        elif name == RETAKE_FIELD and isinstance(value, UploadFile):  # as text, a video id of the key
-            uploads[name] = await read_retake_upload(value, limits)
+        elif name in SOURCE_FILES and isinstance(value, UploadFile):  # as text, a video id of the key
+            uploads[name] = await read_source_upload(value, limits, name)
         elif isinstance(value, UploadFile):
             if name in KNOWN_FIELDS or not UPLOAD_NAME_PATTERN.fullmatch(name):
                 raise ApiError(400, f"field {name!r} takes no file", param=name)
@@ -1105,15 +1190,15 @@ async def read_audio_upload(upload: UploadFile, limits: HttpSettings) -> tuple[b
     return data, audio_suffix(data)
 
 
-async def read_retake_upload(upload: UploadFile, limits: HttpSettings) -> tuple[bytes, str]:
-    """A video file to retake: its bytes (at most the cap), an MP4 or QuickTime video by its first bytes (the
-    daemon checks its frames and size as `ltx2 retake FILE` does)."""
+async def read_source_upload(upload: UploadFile, limits: HttpSettings, field: str) -> tuple[bytes, str]:
+    """A video file to retake or extend (`field`): its bytes (at most the cap), an MP4 or QuickTime video by its
+    first bytes (the daemon checks its frames, size and frame rate as `ltx2 retake FILE` and `ltx2 extend FILE` do)."""
     data = await upload.read(limits.max_upload_bytes + 1)
     if len(data) > limits.max_upload_bytes:
-        raise too_large(RETAKE_FIELD, len(data), limits.max_upload_bytes, RETAKE_FIELD)
+        raise too_large(field, len(data), limits.max_upload_bytes, field)
     if data[4:8] not in VIDEO_BOXES:
-        message = "retake must be the id of one of this key's completed videos, or an MP4 or QuickTime video file"
-        raise ApiError(400, message, param=RETAKE_FIELD)
+        message = f"{field} must be the id of one of this key's completed videos, or an MP4 or QuickTime video file"
+        raise ApiError(400, message, param=field)
     return data, "mp4"
 
 

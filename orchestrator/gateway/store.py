@@ -72,8 +72,8 @@ class GatewayStore:
             )
 
     def submitted(self, video_id: str, record: dict[str, Any]) -> None:
-        """Fill in what the daemon resolved once it took the video's submit (model, size, frames, state)."""
-        columns = ("model", "size", "seconds", "num_frames", "prompt", "state")
+        """Fill in what the daemon resolved once it took the video's submit (model, size, frames, frame rate, state)."""
+        columns = ("model", "size", "seconds", "num_frames", "fps", "prompt", "state")
         with self._lock:
             self.db.execute(
                 f"UPDATE videos SET {', '.join(f'{column} = ?' for column in columns)} WHERE id = ?",

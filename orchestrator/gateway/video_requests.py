@@ -24,6 +24,7 @@ from orchestrator.gateway.directing_fields import REFERENCE_FIELD, SOURCE_FIELDS
 from orchestrator.gateway.request_errors import RequestError, shown
 from orchestrator.run.jobspec import spec_request
 from protocol.conditions import MAX_CONDITIONS, parse_condition_flag
+from protocol.extension import EXTEND_FIELD
 from protocol.request_fields import flag_of
 from protocol.spec import REQUEST_ONLY, SPEC_FIELDS
 from protocol.spec_rules import (
@@ -81,10 +82,13 @@ class VideoRequest:
     reuse: bool = False
 
 
-def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Collection[str] = ()) -> VideoRequest:
+def parse_video_request(
+    fields: dict[str, Any], settings: Settings, uploads: Collection[str] = (), file_parts: Collection[str] = ()
+) -> VideoRequest:
     """Check and translate the request's fields (already decoded from JSON or the form); `uploads` names the
     form's file parts (keyframes, a control video), which `conditions` and `reference_video` must name (their
-    paths are filled in at submit)."""
+    paths are filled in at submit); `file_parts` the uploads that fill a field of their own name (app.FIELD_FILES:
+    a video file to extend, or to retake, a soundtrack)."""
     values = typed_fields(fields)
     if "prompt" not in values or not values["prompt"].strip():
         raise RequestError("prompt", "prompt is required and must not be empty", "missing_required_parameter")
@@ -101,11 +105,9 @@ def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Col
     fps = float(values.get("fps", preset.fps))
     if fps <= 0 or not math.isfinite(fps):
         raise RequestError("fps", f"fps must be a positive number; got {fps}")
-    seconds, note = values.pop("seconds", None), ""
-    if seconds is not None:
-        if "num_frames" in values:
-            raise RequestError("seconds", "give seconds or num_frames, not both")
-        values["num_frames"], note = frames_for(seconds, fps)
+    seconds = values.pop("seconds", None)
+    extending = fields.get(EXTEND_FIELD) is not None or EXTEND_FIELD in file_parts
+    note = seconds_fields(values, seconds, fps, extending) if seconds is not None else ""
     if fields.get("loras") is not None:
         values["loras"] = parse_loras(fields["loras"])
     if fields.get("stage2_lora") is not None:
@@ -113,6 +115,19 @@ def parse_video_request(fields: dict[str, Any], settings: Settings, uploads: Col
     values.update(file_fields(fields, uploads))
     values.update(source_ids(fields))
     return VideoRequest(spec_of(values), seconds, fps, note, boolean(fields.get("reuse", False), "reuse"))
+
+
+def seconds_fields(values: dict[str, Any], seconds: str, fps: float, extending: bool) -> str:
+    """`seconds` into `values`: a clip's frame count, with the note saying how it was rounded; an extension's is
+    how long its new part after the overlap lasts, which the daemon counts knowing the source's frame rate and the
+    overlap (orchestrator.run.jobspec.extension_frames_for_seconds; the note then comes from its record)."""
+    if "num_frames" in values:
+        raise RequestError("seconds", "give seconds or num_frames, not both")
+    if extending:
+        values["seconds"] = number(seconds, "seconds", float)
+        return ""
+    values["num_frames"], note = frames_for(seconds, fps)
+    return note
 
 
 def spec_of(values: dict[str, Any]) -> dict[str, Any]:

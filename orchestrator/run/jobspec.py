@@ -35,6 +35,7 @@ from protocol.codec import is_instance_of
 from protocol.conditions import parse_condition_flag
 from protocol.control_video import reference_request
 from protocol.errors import ModelNotFound
+from protocol.extension import default_overlap, describe_extension_duration, extension_frames_lasting
 from protocol.families import DIFFUSION_DECODER, LATENT_UPSAMPLER, LEGACY_FAMILY, vae_temporal_ratio
 from protocol.job_record import ResolvedExtension, ResolvedRetake
 from protocol.model_ids import TINY_REPO_ID, TINY_REPO_IDS
@@ -43,6 +44,7 @@ from protocol.spec import REQUEST_ONLY, SPEC_FIELDS, JobSpec
 from protocol.spec_rules import (
     DECODERS,
     DIFFUSION_DECODER_NAME,
+    MAX_FRAMES,
     NOT_UTF8,
     ONE_STAGE,
     SCHEDULES,
@@ -146,7 +148,9 @@ def build_spec(request: dict[str, Any], settings: Settings) -> BuiltSpec:
         fields["name"] = name_from_prompt(fields["prompt"])
     write_entries_as_maps(fields)
     seconds = fields.pop("seconds", None)
-    if seconds is not None:
+    if seconds is not None and found is not None:  # the length of what the extension adds
+        fields["num_frames"] = extension_frames_for_seconds(found, model, seconds, request, fields, notices)
+    elif seconds is not None:
         fields["num_frames"] = frames_for_seconds(seconds, request, fields["fps"], notices)
     if fields.get("pipeline") is None:
         size = (fields.get("width"), fields.get("height"))
@@ -273,6 +277,28 @@ def frames_for_seconds(seconds: object, request: dict[str, Any], fps: object, no
         raise SpecError("fps", f"must be of type float, got {fps!r}")
     frames = frames_lasting(float(seconds), float(fps))  # type: ignore[arg-type]
     notices.append(f"--seconds: {describe_duration(float(seconds), float(fps), frames)}")  # type: ignore[arg-type]
+    return frames
+
+
+def extension_frames_for_seconds(
+    found: ExtensionSource,
+    model: ResolvedModel,
+    seconds: object,
+    request: dict[str, Any],
+    fields: dict[str, Any],
+    notices: list[str],
+) -> int:
+    """An extension's frame count for `seconds` of new video after its overlap (the request's --overlap, or the
+    default one, which a render this long always fits), with a notice; SpecError naming `seconds` as
+    frames_for_seconds gives it. A malformed --overlap counts as the default here and is refused by the spec."""
+    frames_for_seconds(seconds, request, fields["fps"], [])  # the same checks and messages as any clip's
+    overlap = fields.get("overlap")
+    if not isinstance(overlap, int) or isinstance(overlap, bool):
+        ratio = vae_temporal_ratio(model.path)
+        overlap = default_overlap(ratio, MAX_FRAMES, found.header.frames) or 0
+    frames = extension_frames_lasting(float(seconds), float(fields["fps"]), overlap)  # type: ignore[arg-type]
+    duration = describe_extension_duration(float(seconds), float(fields["fps"]), overlap, frames)  # type: ignore[arg-type]
+    notices.append(f"--seconds: {duration}")
     return frames
 
 
