@@ -81,7 +81,7 @@ def extension_frames_lasting(seconds: float, fps: float, overlap: int) -> int:
     length of what it adds, as the joined video grows by the frames after the overlap. SpecError naming
     `seconds` when no render can (frames_lasting's bounds, or more than MAX_FRAMES with the overlap)."""
     frames_lasting(seconds, fps)  # the duration's own bounds, with their message
-    wanted = overlap + math.ceil(seconds * fps - 1e-9)
+    wanted = overlap + max(1, math.ceil(seconds * fps - 1e-9))  # at least one frame of its own
     frames = max(MIN_FRAMES, math.ceil((wanted - 1) / FRAME_MULTIPLE) * FRAME_MULTIPLE + 1)
     if frames > MAX_FRAMES:
         raise SpecError(

@@ -500,6 +500,8 @@ def test_an_extension_by_id_on_either_route_extends_that_video(gateway: Gateway,
         ("/v1/videos/SOURCE/extend", "alice", {"extend": "SOURCE"}, 400, "extend", "takes its video from the path"),
         ("/v1/videos/SOURCE/remix", "alice", {"retake": "SOURCE"}, 400, "retake", "takes its video from the path"),
         ("/v1/videos/SOURCE/remix", "bob", {}, 404, "video_id", "no video"),
+        ("/v1/videos/not-a-video/remix", "alice", {}, 404, "video_id", "video_id: no video 'not-a-video'"),
+        ("/v1/videos/%20SOURCE/extend", "alice", {"extend": "SOURCE"}, 400, "extend", "takes its video from the path"),
         ("/v1/videos/SOURCE/extend", "bob", {}, 404, "video_id", "no video"),
         ("/v1/videos/extensions", "bob", {"video": "SOURCE"}, 404, "video", "no video"),
         ("/v1/videos/extensions", "alice", {"video": "../jobs/x"}, 400, "video", "must be the id of one of this key"),
@@ -528,22 +530,62 @@ def test_the_source_routes_refuse_naming_the_field_as_the_route_takes_it(
     assert len(gateway.daemon_jobs()) == before
 
 
+def test_a_remix_of_a_video_the_daemon_never_took_is_400_naming_video_id(gateway: Gateway):
+    """A claim whose submit never reached the daemon (a gateway that died mid-create) has no frames to remix:
+    400, where the whole-clip remix once read the missing size (500, KeyError)."""
+    from orchestrator.gateway.keys import hash_key
+    from orchestrator.gateway.store import SUBMITTING, GatewayStore
+
+    video_id = "20260101-000000-0c1a1e"
+    store = GatewayStore(Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "gateway.sqlite")
+    claim = {"id": video_id, "owner": hash_key(gateway.keys["alice"]), "created_at": 0, "model": TINY}
+    store.add({**claim, "size": "", "seconds": "", "num_frames": 0, "fps": 24.0, "prompt": "p", "state": SUBMITTING})
+    store.close()
+    status, body = post(gateway, f"/v1/videos/{video_id}/remix", "alice", {"prompt": "p"})
+    assert status == 400 and body["error"]["param"] == "video_id", body
+    assert "was never rendered" in body["error"]["message"], body
+
+
+def test_refusals_of_an_unknown_source_name_no_other_keys_video_ids(gateway: Gateway, source: dict):
+    """The daemon's "nearest: A, B" after an unknown job id lists every key's jobs; a client is told none."""
+    near = source["id"][:-1] + ("1" if source["id"].endswith("0") else "0")
+    from orchestrator.gateway.keys import hash_key
+    from orchestrator.gateway.store import SUBMITTING, GatewayStore
+
+    # bob's claim of an id one character off alice's video: the gateway lets it through, the daemon has no such job.
+    store = GatewayStore(Path(gateway.env["LTX2_STATE_DIR"]) / "http" / "gateway.sqlite")
+    claim = {"id": near, "owner": hash_key(gateway.keys["bob"]), "created_at": 0, "model": TINY, "size": ""}
+    store.add({**claim, "seconds": "", "num_frames": 0, "fps": 24.0, "prompt": "p", "state": SUBMITTING})
+    store.close()
+    status, body = post(gateway, "/v1/videos", "bob", {"prompt": "p", "extend": near})
+    assert status == 400 and body["error"]["param"] == "extend", body
+    assert source["id"] not in body["error"]["message"] and "nearest" not in body["error"]["message"], body
+
+
 def test_an_extension_sent_again_is_its_video_even_after_its_source_was_deleted(gateway: Gateway, source: dict):
     """Last in the module: it deletes the source. A create sent again with its Idempotency-Key answers with
-    the video it made; a new request naming the deleted source is 404, as for any video the key does not have."""
+    the video it made; a new request naming the deleted source is 404, as for any video the key does not have.
+    A whole-clip remix, whose range comes from its source, is its video when sent again too."""
     fields = {"prompt": "the ball stops", "extend": source["id"], "overlap": OVERLAP, "num_frames": 17, **CHEAP}
-    headers = {"Content-Type": "application/json", "Idempotency-Key": "extend-once"}
+    remix = f"/v1/videos/{source['id']}/remix"
 
-    def send(given: dict) -> tuple[int, dict]:
-        status, _, body = gateway.request("POST", "/v1/videos", "alice", json.dumps(given).encode(), headers)
+    def send(given: dict, key: str, path: str = "/v1/videos") -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json", "Idempotency-Key": key}
+        status, _, body = gateway.request("POST", path, "alice", json.dumps(given).encode(), headers)
         return status, json.loads(body)
 
-    status, first = send(fields)
+    status, first = send(fields, "extend-once")
     assert status == 200, first
+    status, remixed = send({"prompt": "night", **CHEAP}, "remix-once", remix)
+    assert status == 200, remixed
     assert gateway.request("DELETE", f"/v1/videos/{source['id']}", "alice")[0] == 200
-    status, again = send(fields)
+    status, again = send(fields, "extend-once")
     assert (status, again["id"]) == (200, first["id"]), again
-    headers["Idempotency-Key"] = "extend-twice"
-    status, refused = send(fields)
+    status, again = send({"prompt": "night", **CHEAP}, "remix-once", remix)
+    assert (status, again["id"]) == (200, remixed["id"]), again
+    status, refused = send(fields, "extend-twice")
     assert status == 404 and refused["error"]["param"] == "extend", refused
+    status, refused = send({"prompt": "night", **CHEAP}, "remix-twice", remix)
+    assert status == 404 and refused["error"]["param"] == "video_id", refused
     assert wait_done(gateway, "alice", first["id"])["status"] == "completed"  # its copy of the source was taken
+    assert gateway.request("DELETE", f"/v1/videos/{remixed['id']}", "alice")[0] == 200

@@ -302,6 +302,7 @@ def test_extension_refusals_name_the_flag_and_what_is_allowed(
         ({"seconds": 0.5}, 25, 13, "0.5 s at 24 fps after the 13-frame overlap -> 25 frames, 12 of them new (0.500 s)"),
         ({"seconds": 0.5, "overlap": 5}, 17, 5, "after the 5-frame overlap -> 17 frames, 12 of them new (0.500 s)"),
         ({"seconds": 1}, 41, 13, "1 s at 24 fps after the 13-frame overlap -> 41 frames, 28 of them new (1.167 s)"),
+        ({"seconds": 1e-11, "overlap": 9}, 17, 9, "after the 9-frame overlap -> 17 frames, 8 of them new"),  # not 9
     ],
 )
 def test_an_extensions_seconds_count_the_new_part_after_the_overlap(

@@ -13,7 +13,9 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -63,7 +65,7 @@ from orchestrator.gateway.video_requests import (
 )
 from orchestrator.run.event_lines import format_event_line
 from orchestrator.run.inputs import require_inside_roots
-from orchestrator.run.jobdir import new_job_id
+from orchestrator.run.jobdir import JOB_ID_PATTERN, new_job_id
 from orchestrator.run.publishing import companions
 from orchestrator.run.states import JobState
 from protocol import jobs
@@ -117,6 +119,8 @@ DEFAULT_LOG_LINES, MAX_LOG_LINES = 200, 1000
 MAX_FORM_FIELDS = 64
 # An absolute path (or a ~/ one, or an ipc:// socket path) in a daemon message: never shown to a client.
 # Not after a word, a dot or a colon, so `owner/name`, `1/2` and other URLs stay.
+# The daemon's "nearest: A, B" after an unknown job id: ids of every key's jobs, which no client may be told.
+NEAREST_IDS = re.compile(r"; nearest: [0-9a-f-]+(?:, [0-9a-f-]+)*| \(`ltx2 jobs` lists them\)")
 SERVER_PATH = re.compile(r"ipc://[^\s'\",;()\[\]{}<>]+|(?<![\w.~:/-])~?/[^\s'\",;:()\[\]{}<>]+")
 # Rolling-minute counters forget names not seen for a minute once they track this many.
 MAX_TRACKED_NAMES = 10_000
@@ -304,6 +308,7 @@ class Gateway:
         idempotency_key: str = "",
         parts: Uploads | None = None,
         files: Uploads | None = None,
+        complete: Callable[[VideoRequest], VideoRequest] | None = None,
     ) -> dict[str, Any]:
         """Submit the job exactly once (at most `max_active_jobs_per_key` queued or running per key).
 
@@ -315,7 +320,9 @@ class Gateway:
         key sees. With an `Idempotency-Key`, the same key and request answer with the same video, and
         another request under a used key is refused (409). `parts` are the uploads `conditions` and
         `reference_video` name; `files` the uploads that fill a spec field of their own name (FIELD_FILES: the `audio`
-        of audio-to-video, a video file to `retake`).
+        of audio-to-video, a video file to `retake` or `extend`). `complete` fills in what the request takes from its
+        source (a whole-clip remix's range), only for a new video: the Idempotency-Key's fingerprint is of the
+        request as sent, so a create sent again answers with its video whatever became of the source.
         """
         parts = parts or {}
         body = request_fingerprint(request, upload, parts, files)
@@ -323,6 +330,7 @@ class Gateway:
             video_id = self.video_of_key(owner, idempotency_key, body)
             if video_id is None:
                 # Only a new video: a create sent again answers with its video, whatever became of its source.
+                request = complete(request) if complete is not None else request
                 self.require_own_sources(owner, request)
                 self.require_room(owner)
                 video_id = new_job_id()
@@ -359,12 +367,20 @@ class Gateway:
             self.store.submitted(video_id, record)
         return video_object(record, job, request.seconds_note, reply.get("notices", []))
 
-    def source_frames(self, owner: str, video_id: str) -> int:
-        """The frame count of `video_id`, a remix's source (a whole-clip retake's range); 404 naming the path's
-        video unless it is a video of this key (another key's, a deleted one and an unknown one look alike)."""
+    def whole_clip_remix(self, owner: str, request: VideoRequest) -> VideoRequest:
+        """A remix without a range as the retake of every frame of its source; 404 naming `video_id` unless the
+        source is a video of this key (another key's, a deleted one and an unknown one look alike), 400 for one
+        the daemon never took (its frames are not known: it was never rendered)."""
+        video_id = request.spec[RETAKE_FIELD]
         if self.store.get(owner, video_id) is None:
-            raise ApiError(404, f"no video {video_id!r} of this key to remix", param="video_id", code="not_found")
-        return int(self.job(video_id)["size"].rsplit("x", 1)[1])
+            raise ApiError(
+                404, f"video_id: no video {video_id!r} of this key to remix", param="video_id", code="not_found"
+            )
+        size = self.job(video_id).get("size")
+        if size is None:
+            message = f"video_id: video {video_id!r} was never rendered (the daemon never took its request)"
+            raise ApiError(400, message, param="video_id")
+        return dataclasses.replace(request, spec=whole_clip(request.spec, int(size.rsplit("x", 1)[1])))
 
     def require_own_sources(self, owner: str, request: VideoRequest) -> None:
         """404 naming the field when `extend` or `retake` names no video of this key: another key's video, a
@@ -618,7 +634,7 @@ def daemon_spec_error(exc: DaemonError, request: VideoRequest, uploads: dict[str
         code = "model_not_found" if exc.code == ErrorCode.NOT_FOUND and param == "model" else "invalid_value"
         # The only path in an input_reference message is the upload's, named here as the field.
         named = "input_reference" if param == "input_reference" else "<path>"
-        text = str(exc)
+        text = NEAREST_IDS.sub("", str(exc))
         for path, name in (uploads or {}).items():
             text = text.replace(path, name)
         message = without_paths(http_message(exc.field or "", text, request), named)
@@ -919,20 +935,37 @@ async def create_from(
     fields: dict[str, Any],
     uploads: Uploads,
     renamed: dict[str, str] | None = None,
+    complete: Callable[[VideoRequest], VideoRequest] | None = None,
 ) -> Response:
     """The one create path: POST /v1/videos, and the routes that name their source elsewhere (source_routes), whose
-    refusals name the field as that route takes it (`renamed`: `extend` is `video` of POST /v1/videos/extensions)."""
+    refusals name the field as that route takes it (`renamed`: `extend` is `video` of POST /v1/videos/extensions);
+    `complete` as Gateway.create takes it."""
     upload, files = uploads.pop("input_reference", None), field_files(uploads)
     try:
         parsed = parse_video_request(fields, gateway.settings, uploads.keys(), files.keys())
         created = await run_in_threadpool(
-            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, files
+            gateway.create, owner, parsed, upload, idempotency_key(request), uploads, files, complete
         )
     except (ApiError, RequestError) as exc:
         if renamed and exc.param in renamed:
-            exc.param = renamed[exc.param]
+            raise renamed_error(exc, renamed[exc.param]) from None
         raise
     return JSONResponse(created)
+
+
+def renamed_error(exc: ApiError | RequestError, param: str) -> ApiError:
+    """`exc` naming `param` instead of its field, also where its message starts with the field's name."""
+    status, kind, code, headers = (
+        (exc.status, exc.kind, exc.code, exc.headers)
+        if isinstance(exc, ApiError)
+        else (400, "invalid_request_error", exc.code, None)
+    )
+    message = str(exc)
+    for separator in (": ", " "):
+        if message.startswith(f"{exc.param}{separator}"):
+            message = param + message[len(exc.param or "") :]
+            break
+    return ApiError(status, message, kind, param, code, headers)
 
 
 def source_routes(gateway: Gateway, authorized: Callable[[Request], Awaitable[str]]) -> list[Route]:
@@ -943,32 +976,40 @@ def source_routes(gateway: Gateway, authorized: Callable[[Request], Awaitable[st
     @endpoint
     async def extend_video(request: Request) -> Response:
         owner = await authorized(request)
+        video_id, route = path_video_id(request), "POST /v1/videos/{video_id}/extend"
         fields, uploads = await read_fields(request, limits)
-        video_id, route = request.path_params["video_id"], "POST /v1/videos/{video_id}/extend"
         fields = path_source_fields(fields, uploads, EXTEND_FIELD, video_id, route)
         return await create_from(gateway, request, owner, fields, uploads, {EXTEND_FIELD: "video_id"})
 
     @endpoint
     async def create_extension(request: Request) -> Response:
         owner = await authorized(request)
-        fields, uploads = extension_fields(*await read_fields(request, limits))
+        fields, uploads = extension_fields(*await read_fields(request, limits, (*SOURCE_FILES, VIDEO_FIELD)))
         return await create_from(gateway, request, owner, fields, uploads, {EXTEND_FIELD: VIDEO_FIELD})
 
     @endpoint
     async def remix_video(request: Request) -> Response:
         owner = await authorized(request)
+        video_id, route = path_video_id(request), "POST /v1/videos/{video_id}/remix"
         fields, uploads = await read_fields(request, limits)
-        video_id, route = request.path_params["video_id"], "POST /v1/videos/{video_id}/remix"
         fields = path_source_fields(fields, uploads, RETAKE_FIELD, video_id, route)
-        if not has_range(fields):  # the whole clip: its frame count is the source's
-            fields = whole_clip(fields, await run_in_threadpool(gateway.source_frames, owner, video_id))
-        return await create_from(gateway, request, owner, fields, uploads, {RETAKE_FIELD: "video_id"})
+        whole = None if has_range(fields) else functools.partial(gateway.whole_clip_remix, owner)
+        return await create_from(gateway, request, owner, fields, uploads, {RETAKE_FIELD: "video_id"}, whole)
 
     return [
         Route("/v1/videos/extensions", create_extension, methods=["POST"]),
         Route("/v1/videos/{video_id}/extend", extend_video, methods=["POST"]),
         Route("/v1/videos/{video_id}/remix", remix_video, methods=["POST"]),
     ]
+
+
+def path_video_id(request: Request) -> str:
+    """The video id of a route's path; anything no video id looks like (`..`, a name) is a video this key does
+    not have: 404, as for an unknown id."""
+    video_id = request.path_params["video_id"].strip()
+    if not JOB_ID_PATTERN.fullmatch(video_id):
+        raise ApiError(404, f"video_id: no video {video_id[:64]!r} of this key", param="video_id", code="not_found")
+    return video_id
 
 
 def page_routes() -> list[Route]:
@@ -1027,7 +1068,9 @@ def job_page_parts() -> tuple[str, dict[str, str]]:
     return html, headers
 
 
-async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
+async def read_fields(
+    request: Request, limits: HttpSettings, source_parts: tuple[str, ...] = SOURCE_FILES
+) -> tuple[dict[str, Any], Uploads]:
     """The request's fields (JSON or multipart form) and its uploads (input_reference, keyframes, a control
     video), within the caps."""
     declared = request.headers.get("content-length", "")
@@ -1060,7 +1103,7 @@ async def read_fields(request: Request, limits: HttpSettings) -> tuple[dict[str,
     except MultiPartException as exc:
         raise ApiError(400, f"unreadable form: {exc.message}", code="invalid_form") from None
     try:
-        return await form_fields(form, limits)
+        return await form_fields(form, limits, source_parts)
     finally:
         await form.close()
 
@@ -1136,7 +1179,9 @@ def too_deep_field(body: bytes) -> str | None:
         index += 1
 
 
-async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, Any], Uploads]:
+async def form_fields(
+    form: FormData, limits: HttpSettings, source_parts: tuple[str, ...] = SOURCE_FILES
+) -> tuple[dict[str, Any], Uploads]:
     """A form's text fields, and its files: input_reference, the keyframes `conditions` names, the control
     video `reference_video` names, the `audio` soundtrack and a video file to `retake` or to `extend`."""
     fields: dict[str, Any] = {}
@@ -1152,7 +1197,7 @@ async def form_fields(form: FormData, limits: HttpSettings) -> tuple[dict[str, A
             if not isinstance(value, UploadFile):
                 raise ApiError(400, f"audio must be an audio file upload ({AUDIO_FORMATS})", param=AUDIO_FIELD)
             uploads[name] = await read_audio_upload(value, limits)
-        elif name in SOURCE_FILES and isinstance(value, UploadFile):  # as text, a video id of the key
+        elif name in source_parts and isinstance(value, UploadFile):  # as text, a video id of the key
             uploads[name] = await read_source_upload(value, limits, name)
         elif isinstance(value, UploadFile):
             if name in KNOWN_FIELDS or not UPLOAD_NAME_PATTERN.fullmatch(name):
