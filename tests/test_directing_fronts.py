@@ -106,6 +106,7 @@ def test_an_extension_of_a_finished_video_is_fetched_joined_to_its_source(gatewa
     )
     assert status == 200, video
     assert video["num_frames"] == 17 + 17 - OVERLAP  # the source's model and size lent, then joined
+    assert "seconds_mapping" not in video, video  # no seconds asked: nothing to say how they became frames
     done = wait_done(gateway, "alice", video["id"])
     assert done["status"] == "completed", gateway.daemon_job(video["id"])
     assert (done["size"], done["seconds"]) == ("64x64", f"{29 / 24:.3f}".rstrip("0"))

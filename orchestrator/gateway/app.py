@@ -357,8 +357,7 @@ class Gateway:
                 **self.owned(owner, video_id),
                 "model": reply["model"],
                 "size": f"{width}x{height}",
-                # As asked; else the clip's length, except an extension's, whose asked seconds count its new part.
-                "seconds": request.seconds or ("" if job.get("extension") else f"{frames / fps:g}"),
+                "seconds": request.seconds or "",  # as asked: `seconds_mapping` says what it became, if asked
                 "num_frames": frames,
                 "fps": fps,
                 "prompt": job.get("prompt", ""),
