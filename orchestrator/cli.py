@@ -27,7 +27,7 @@ import zmq
 
 from config.settings import ConfigError, Settings, layered_config, load_settings
 from orchestrator.command_line.batch import BatchError, StageReport, run_batch, write_summary
-from orchestrator.command_line.cli_flags import add_spec_flags
+from orchestrator.command_line.cli_flags import add_declared_flag, add_spec_flags
 from orchestrator.command_line.progress import ProgressView
 from orchestrator.command_line.stop_signals import StopOnSignals
 from orchestrator.command_line.terminal import fail, notice
@@ -49,8 +49,11 @@ from protocol.files import JOB_FILE, LATENTS_FILE, STAGE_ORDER, Stage, read_safe
 from protocol.job_record import JobRecordError
 from protocol.model_ids import TINY_REPO_IDS
 from protocol.retake import RETAKE_AUDIO_NOTE, RETAKE_FIELD
-from protocol.spec import JobSpec
+from protocol.spec import SPEC_FIELDS, JobSpec
 from protocol.spec_rules import SpecError
+
+# The decode settings `ltx2 decode` takes, as their declarations describe them (protocol/spec.py).
+DECODE_FLAGS = ("vae_chunk_frames", "vae_tiling", "compile_decoder")
 
 
 class SuggestingParser(argparse.ArgumentParser):
@@ -231,13 +234,9 @@ def add_local_commands(add_command: Callable[..., argparse.ArgumentParser]) -> N
     decode = add_command("decode", help="decode saved latents (job dir or latents.safetensors) to an MP4")
     decode.add_argument("--input", type=Path, required=True, help="a job directory or a latents.safetensors file")
     decode.add_argument("--output", type=Path, required=True, help="the MP4 to write (PNGs and .json beside it)")
-    decode.add_argument("--vae-chunk-frames", type=int, help="decode in temporal pieces of N latent frames")
-    decode.add_argument(
-        "--vae-tiling",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="force spatial tiling on/off (default: chosen from the size)",
-    )
+    for declared in SPEC_FIELDS:  # the decode settings a saved job's latents may be decoded with anew
+        if declared.name in DECODE_FLAGS:
+            add_declared_flag(decode, declared)
     decode.add_argument("--quiet", action="store_true", help="no progress bars")
 
     batch = add_command("batch", help="render every clip of a TOML or JSONL batch file (resumable)")
@@ -562,8 +561,7 @@ def decode(args: argparse.Namespace, settings: Settings) -> int:
     """`ltx2 decode`: run the decode stages on saved latents (the crash-recovery path)."""
     check_output_dir(args.output.expanduser().absolute().parent, "output")
     job = recovery_job(args.input.expanduser(), settings)
-    overrides = {"vae_chunk_frames": args.vae_chunk_frames, "vae_tiling": args.vae_tiling}
-    overrides = {key: value for key, value in overrides.items() if value is not None}
+    overrides = {name: getattr(args, name) for name in DECODE_FLAGS if getattr(args, name) is not None}
     if overrides:
         job.replace_spec(job.spec.with_changes(**overrides))
     notice(f"decoding job {job.id} ({job.path})")

@@ -47,6 +47,7 @@ from protocol.spec_rules import (
     TWO_STAGE,
     TWO_STAGE_MIN_SIZE,
     TWO_STAGE_SIZE_MULTIPLE,
+    VAE_DECODER,
     SpecError,
     describe,
     nearest_sizes,
@@ -638,6 +639,23 @@ class JobSpec:
         doc="force spatial tiling of the VAE decode on or off",
         default_doc="auto",
     )
+    # Issue 28 item 3: the decoder compiled (Inductor, channels-last-3d) decoded 1080p x 121 in 1.11 s against the
+    # eager 1.60 on an H100 (docs/benchmarks.md version 12), but a process pays the compile (19-21 s cold, 3.7 s
+    # with Inductor's cache warm), so it is opt-in; its frames differ from eager's in the last levels, so it is a
+    # field of the request (and its digest), not a setting.
+    compile_decoder: bool = declare(
+        False,
+        help="compile the video VAE's decoder (torch.compile, channels-last-3d; the compiled code is cached on disk)",
+        cli="switch",
+        latents=False,
+        added_later=True,
+        doc="`torch.compile` of the video VAE's decoder with its weights and inputs in channels-last-3d (1.11 s"
+        " against 1.60 s eager per 1920x1088x121 decode on an H100, docs/benchmarks.md version 12; a process pays"
+        " the compile once: inductor's cache in `<state>/compile-cache` as `--compile`'s, and Dynamo's package"
+        " with `LTX2_COMPILE_PACKAGES=1`); frames within a few levels of the eager decode, equal run to run with"
+        " `[worker] deterministic`; eager again on lower-memory retries; not with `--decoder diffusion`",
+        default_doc="off",
+    )
     decoder: str = declare(
         "vae",
         help="video decoder: vae, or diffusion (LTX-2.5's diffusion video decoder; the checkpoint must ship one)",
@@ -754,6 +772,12 @@ class JobSpec:
         require_audio_fits_request(self.audio, self.extend, self.retake)
         self._require_valid_nag()
         self._require_valid_pipeline()
+        if self.compile_decoder and self.decoder != VAE_DECODER:
+            raise SpecError(
+                "compile_decoder",
+                f"compiles the video VAE's decoder; --decoder {self.decoder} runs another (its attention is compiled"
+                " on a GPU already)",
+            )
 
     def _require_valid_pipeline(self) -> None:
         """Two-stage's sizes and schedule, and the stage-2 LoRA a dev schedule needs.

@@ -162,23 +162,47 @@ def compile_blocks(
     that has Dynamo's precompile cache: the blocks compile through that cache, so a later worker
     with the same key loads them instead of tracing them again.
     """
+    prepare_inductor(cache_dir, deterministic, next(transformer.parameters()).device)
+    if package_key is not None and compile_packages.wanted() and compile_packages.available():
+        blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
+        if compile_packages.compile_blocks(blocks, package_key):
+            return
+    transformer.compile_repeated_blocks(fullgraph=True)
+
+
+def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.device) -> None:
+    """Inductor's settings for a compile of this process (compile_blocks says why each): its deterministic mode,
+    and its caches in `cache_dir` (LTX2_COMPILE_CACHE_DIR overrides it); on the CPU the vector ISA it picked,
+    logged."""
     import torch._inductor.config as inductor_config
 
     inductor_config.deterministic = deterministic
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
     if chosen:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
-    if next(transformer.parameters()).device.type == "cpu":
+    if device.type == "cpu":
         # The vector instruction set Inductor builds its CPU kernels for (it probes the host once per
         # process): a process that picked another would make other last bits (issue 23's open CPU drift).
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         logging.getLogger("ltx2.worker").info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
+
+
+def compile_vae_decoder(
+    vae: Any, cache_dir: Path | None, deterministic: bool = False, package_key: str | None = None
+) -> None:
+    """`--compile-decoder`: the video VAE's decoder compiled by Inductor (at its first decode), its weights in
+    channels-last-3d (NDHWC), the fastest of docs/benchmarks.md version 12's variants: 1.11 s against eager's
+    1.60 s per 1080p x 121 decode on an H100; channels-last alone was slower than eager (cuDNN's NDHWC 3D
+    convolutions), so the layout goes only with the compile. Inductor's caches as compile_blocks keeps them; with
+    `package_key` and `LTX2_COMPILE_PACKAGES=1` through Dynamo's precompile cache (services.compile_packages), so
+    a later process loads the decoder's code instead of tracing it again."""
+    prepare_inductor(cache_dir, deterministic, next(vae.parameters()).device)
+    vae.to(memory_format=torch.channels_last_3d)
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
-        blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
-        if compile_packages.compile_blocks(blocks, package_key):
+        if compile_packages.compile_blocks([vae.decoder], package_key):
             return
-    transformer.compile_repeated_blocks(fullgraph=True)
+    vae.decoder.compile(dynamic=False)
 
 
 def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:

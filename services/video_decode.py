@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -41,7 +42,7 @@ from protocol.files import (
 from protocol.job_record import ResolvedExtension
 from protocol.plans import DecodePlan, parallel_piece_ranges, piece_ranges
 from protocol.spec_rules import DIFFUSION_DECODER_NAME
-from services import context_parallel, model_loading
+from services import compile_packages, context_parallel, model_loading
 from services.background_encode import BackgroundEncoder
 from services.color import rgb_to_yuv420
 from services.diffusion_decode import diffusion_decode_frames, load_diffusion_decoder
@@ -154,6 +155,18 @@ def load_decoder(ctx: WorkerContext, dtype: torch.dtype, device: torch.device) -
     return ctx.shared["video_vae"]
 
 
+def compile_decoder(ctx: WorkerContext, vae: Any, latents: torch.Tensor) -> None:
+    """The plan's compiled decoder (`--compile-decoder`), once per process: a group's members share the plan
+    and the VAE (model_loading.compile_vae_decoder)."""
+    if ctx.plan.get("compile") != "decoder" or ctx.shared.get("video_vae_compiled"):
+        return
+    deterministic = bool(ctx.plan.get("deterministic"))
+    ctx.progress(f"compile the VAE decoder (at its first decode{', deterministic' if deterministic else ''})")
+    package = compile_packages.package_key(vae, ctx.plan, {"latents": list(latents.shape)})
+    model_loading.compile_vae_decoder(vae, ctx.request.compile_cache_dir, deterministic, package)
+    ctx.shared["video_vae_compiled"] = True
+
+
 def frames_of(
     ctx: WorkerContext, decoder: Any, latents: torch.Tensor, plan: DecodePlan, ranks: int = 1, rank: int = 0
 ) -> Iterator[torch.Tensor]:
@@ -167,6 +180,8 @@ def frames_of(
         generator = torch.Generator(latents.device).manual_seed(ctx.spec.seed)
         return diffusion_decode_frames(decoder, latents, plan, generator)
     configure_vae(decoder, plan)
+    if ctx.shared.get("video_vae_compiled"):  # the layout the compiled decoder was made for (compile_vae_decoder)
+        latents = latents.to(memory_format=torch.channels_last_3d)
     return decode_frames(decoder, latents, plan, ranks, rank)
 
 
@@ -201,6 +216,7 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     if latents.ndim != 5 or latents.shape[0] != 1:
         raise InvalidInput(f"video latents must be [1, C, F, h, w], got {list(latents.shape)}")
     decoder = load_decoder(ctx, dtype, device)
+    compile_decoder(ctx, decoder, latents)
     expected = ctx.spec.num_frames
     if (latents.shape[2] - 1) * decoder.temporal_compression_ratio + 1 != expected:
         raise InvalidInput(f"latents hold {latents.shape[2]} latent frames, which cannot decode to {expected} frames")
@@ -243,8 +259,18 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
         raise
     if ranks > 1:
         context_parallel.piece_exchange_done()
+    if ctx.shared.get("video_vae_compiled"):
+        compiled_decode_done()
     ctx.progress("encode H.264")
     return feed.close()
+
+
+def compiled_decode_done() -> None:
+    """After a compiled decode: keep what Dynamo compiled for a later process (LTX2_COMPILE_PACKAGES=1) and say
+    what the compile caches served (tests and benchmarks read the line)."""
+    if compile_packages.wanted() and compile_packages.available():
+        compile_packages.save()
+    logging.getLogger("ltx2.worker").info(compile_packages.cache_report())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,9 +3,12 @@ tolerance, with inductor's caches kept under the state directory for later worke
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
+import av
+import numpy as np
 import torch
 from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, ltx2_environment, run_ltx2
 from cpu_drift import check_equal_latents, kernel_lines
@@ -91,3 +94,44 @@ def test_with_compile_packages_a_later_worker_loads_the_blocks_instead_of_tracin
     saved = first_latents(Path(compiled_lighthouse.env["LTX2_STATE_DIR"]))
     again = latest_latents(state)
     assert all(torch.equal(again[key], saved[key]) for key in ("video", "audio"))
+
+
+def decoded_rgb(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]).astype(np.int16)
+
+
+def video_log(state: Path) -> str:
+    job = max((state / "jobs").iterdir(), key=lambda path: path.name)
+    return (job / "logs" / "video_decode-1.log").read_text()
+
+
+def test_a_compiled_decoder_decodes_within_levels_of_eager_and_a_later_process_reuses_its_graphs(
+    eager_lighthouse: StartedRender, hf_home: Path, tmp_path: Path
+):
+    """--compile-decoder (issue 28 item 3): `ltx2 decode` of the session's eager render's latents with the VAE's
+    decoder compiled (channels-last-3d) gives its frames within a few levels of the eager decode (another rounding
+    of the same model). A second process finds Inductor's graph in the state dir's cache, a third (with
+    LTX2_COMPILE_PACKAGES=1, as the first) installs the decoder's Dynamo package instead of tracing it; all three
+    write the same file (deterministic mode, x264's threads fixed)."""
+    eager, job = eager_lighthouse.finished()
+    env = ltx2_environment(hf_home, tmp_path)
+    state = Path(env["LTX2_STATE_DIR"])
+    made = []
+    for name, packages in (("first.mp4", "1"), ("second.mp4", ""), ("third.mp4", "1")):
+        command = ["decode", "--input", str(job / LATENTS_FILE), "--output", str(tmp_path / name), "--compile-decoder"]
+        decoded = run_ltx2(command, {**env, "LTX2_COMPILE_PACKAGES": packages})
+        assert decoded.returncode == 0, decoded.stderr
+        made.append((tmp_path / name, video_log(state)))
+    (first, first_log), (second, second_log), (third, third_log) = made
+    assert "compile the VAE decoder (at its first decode, deterministic)" in first_log, first_log
+    assert "dynamo packages 0/1, inductor graphs 0/1" in first_log, first_log
+    assert "dynamo packages 0/0, inductor graphs 1/0" in second_log, second_log  # Inductor's cache alone
+    assert "dynamo packages 1/0, inductor graphs 0/0" in third_log, third_log  # nothing traced or looked up
+    assert first.read_bytes() == second.read_bytes() == third.read_bytes()
+    compiled, reference = decoded_rgb(first), decoded_rgb(Path(eager.stdout.strip()))
+    assert compiled.shape == reference.shape and compiled.shape[0] == 9
+    assert float(np.abs(compiled - reference).mean()) <= 1.0, float(np.abs(compiled - reference).mean())
+    record = json.loads((max((state / "jobs").iterdir(), key=lambda path: path.name) / "job.json").read_text())
+    assert record["spec"]["compile_decoder"] is True
+    assert record["stages"]["video_decode"]["attempts"][-1]["plan"]["compile"] == "decoder"

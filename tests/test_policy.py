@@ -11,6 +11,7 @@ from orchestrator.run.policy import X264_THREADS, Attempt, initial_plan, next_pl
 from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec
+from protocol.spec_rules import SpecError
 
 SETTINGS = load_settings(environ={"HOME": "/nonexistent"})
 SPEC = JobSpec.from_dict(
@@ -78,6 +79,17 @@ def test_compile_runs_on_the_top_rung_only():
     assert following == {"weights": "fp8", "offload": "none"}
     # FP8 storage hooks and offloading are not compiled: --compile with them is plain eager.
     assert "compile" not in initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8=True), SETTINGS)
+
+
+def test_a_compiled_decoder_decodes_on_the_top_rung_only():
+    spec = SPEC.with_changes(compile_decoder=True)
+    top = initial_plan(Stage.VIDEO_DECODE, spec, SETTINGS)
+    assert (top["compile"], top["deterministic"]) == ("decoder", True)
+    following = next_plan(Stage.VIDEO_DECODE, [Attempt(top, Failure.CUDA_OOM)], spec, SETTINGS)
+    assert following is not None and "compile" not in following and "deterministic" not in following
+    assert "compile" not in initial_plan(Stage.VIDEO_DECODE, SPEC, SETTINGS)
+    with pytest.raises(SpecError, match="--decoder diffusion runs another"):
+        spec.with_changes(decoder="diffusion").require_valid()
 
 
 def test_video_plan_carries_the_configured_x264_preset_down_the_ladder(tmp_path):

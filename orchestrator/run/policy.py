@@ -63,6 +63,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
             spec.width, spec.height, spec.num_frames, settings.decode, spec.vae_chunk_frames, spec.vae_tiling
         )
         decode = {"decode": plan.to_dict(), "x264_preset": settings.decode.x264_preset}
+        if spec.compile_decoder:  # the VAE's decoder compiled, Inductor's deterministic mode with it (as the blocks')
+            decode.update({"compile": "decoder", **({"deterministic": True} if deterministic else {})})
         if spec.context_parallel > 1:  # the pieces over the lane's N devices too (protocol.plans.parallel_piece_ranges)
             decode["context_parallel"] = spec.context_parallel
         return {**decode, "x264_threads": X264_THREADS} if deterministic else decode
@@ -98,7 +100,8 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     """The next rung below `plan` on the stage's ladder, or None at the bottom."""
     if stage is Stage.VIDEO_DECODE:
         lower = next_decode_plan(DecodePlan.from_dict(plan["decode"]), spec.latent_frames, settings.decode)
-        return {**plan, "decode": lower.to_dict()} if lower else None
+        eager = {key: value for key, value in plan.items() if key not in ("compile", "deterministic")}
+        return {**eager, "decode": lower.to_dict()} if lower else None
     if stage is Stage.AUDIO_DECODE:
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
         return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None
@@ -166,5 +169,6 @@ def decide_run_end(failure: Failure, reason: str, cancel_requested: bool = False
 def describe_plan(stage: Stage, plan: dict[str, Any]) -> str:
     """A short human label for progress lines and `ltx2 status`."""
     if stage is Stage.VIDEO_DECODE:
-        return DecodePlan.from_dict(plan["decode"]).label
+        label = DecodePlan.from_dict(plan["decode"]).label
+        return f"{label}, decoder compiled" if plan.get("compile") else label
     return ", ".join(f"{key} {value}" for key, value in sorted(plan.items()))
