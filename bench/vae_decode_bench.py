@@ -10,6 +10,10 @@ the YUV conversion and copy to the host the encoder is fed), for each variant:
 - `channels_last`: the VAE's weights and inputs in channels-last-3d (NDHWC) memory format;
 - `compiled`: the decoder compiled by Inductor (`torch.compile`, deterministic mode on);
   `compiled_autotune` the same in mode max-autotune-no-cudagraphs (Triton and cuBLAS tried per shape);
+- `compile_decoder`: the video stage's own `--compile-decoder` (services.model_loading.compile_vae_decoder:
+  compiled, channels-last-3d, Inductor's cache where LTX2_COMPILE_CACHE_DIR says, Dynamo's package with
+  LTX2_COMPILE_PACKAGES=1); list it last (it compiles the VAE's decoder in place). Run the script again in new
+  processes on the same cache to measure what a later stage process pays at its first decode (`first_s`);
 - and their combinations as listed in --variants.
 
 Per variant: seconds of each of `--repeats` warm decodes (after one warm-up, whose time is kept as
@@ -34,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 VARIANTS = ("eager", "cudnn_benchmark", "channels_last", "channels_last+cudnn_benchmark", "compiled")
 # Inductor modes by variant name; `compiled` is its default mode.
 COMPILE_MODES = {"compiled": None, "compiled_autotune": "max-autotune-no-cudagraphs"}
+# The video stage's own compiled decoder (--compile-decoder).
+PRODUCT_VARIANT = "compile_decoder"
 
 
 def build_vae(family: str) -> Any:
@@ -54,6 +60,12 @@ def prepare(vae: Any, variant: str) -> Any:
 
     torch.backends.cudnn.benchmark = "cudnn_benchmark" in variant
     torch.backends.cudnn.deterministic = "cudnn_benchmark" in variant
+    if variant == PRODUCT_VARIANT:
+        from services import compile_packages, model_loading
+
+        key = compile_packages.package_key(vae, {"compile": "decoder", "deterministic": True}, {"bench": "vae"})
+        model_loading.compile_vae_decoder(vae, None, deterministic=True, package_key=key)
+        return vae
     memory_format = torch.channels_last_3d if "channels_last" in variant else torch.contiguous_format
     vae.to(memory_format=memory_format)
     mode = next((mode for name, mode in COMPILE_MODES.items() if name in variant.split("+")), "eager")
@@ -95,9 +107,11 @@ def measure(
     import torch
 
     vae = prepare(vae, variant)
-    memory_format = torch.channels_last_3d if "channels_last" in variant else torch.contiguous_format
+    channels_last = "channels_last" in variant or variant == PRODUCT_VARIANT
+    memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     torch.cuda.reset_peak_memory_stats()
     first_s, first = decode_once(vae, latents, plan, memory_format)
+    caches = product_decode_done() if variant == PRODUCT_VARIANT else None
     seconds, last = [], first
     for _ in range(repeats):
         elapsed, last = decode_once(vae, latents, plan, memory_format)
@@ -112,7 +126,19 @@ def measure(
     }
     if reference is not None:
         record["max_diff_vs_eager"] = float((last - reference).abs().max())
+    if caches is not None:
+        record["compile_caches"] = caches
     return record, last
+
+
+def product_decode_done() -> str:
+    """What the video stage does after its compiled decode: save Dynamo's package (when wanted) and report what
+    the compile caches served at this first decode."""
+    from services import compile_packages
+
+    if compile_packages.wanted() and compile_packages.available():
+        compile_packages.save()
+    return compile_packages.cache_report()
 
 
 def main() -> int:
