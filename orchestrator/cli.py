@@ -562,8 +562,10 @@ def decode(args: argparse.Namespace, settings: Settings) -> int:
     check_output_dir(args.output.expanduser().absolute().parent, "output")
     job = recovery_job(args.input.expanduser(), settings)
     overrides = {name: getattr(args, name) for name in DECODE_FLAGS if getattr(args, name) is not None}
-    if overrides:
-        job.replace_spec(job.spec.with_changes(**overrides))
+    changed = job.spec.with_changes(**overrides)
+    if changed != job.spec:
+        job.replace_spec(changed)
+        job.invalidate(Stage.VIDEO_DECODE)  # a video decoded with the old settings is not this request's
     notice(f"decoding job {job.id} ({job.path})")
     return run_embedded(job, settings, args.quiet, "decode", target=args.output.expanduser())
 

@@ -646,7 +646,7 @@ class JobSpec:
     compile_decoder: bool = declare(
         False,
         help="compile the video VAE's decoder (torch.compile, channels-last-3d; the compiled code is cached on disk)",
-        cli="switch",
+        cli="toggle",
         latents=False,
         added_later=True,
         doc="`torch.compile` of the video VAE's decoder with its weights and inputs in channels-last-3d (1.11 s"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER
 from protocol.fault_points import fault_point
 from services import compile_packages
+
+log = logging.getLogger("ltx2.worker")
+# The input shapes a compiled decoder may meet in one process (compile_vae_decoder): Dynamo's limit, raised.
+DECODER_SHAPES = 64
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -173,11 +178,19 @@ def compile_blocks(
 def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.device) -> None:
     """Inductor's settings for a compile of this process (compile_blocks says why each): its deterministic mode,
     and its caches in `cache_dir` (LTX2_COMPILE_CACHE_DIR overrides it); on the CPU the vector ISA it picked,
-    logged."""
+    logged. A cache folder this process cannot write (a read-only shared state dir) gives way to a private one,
+    with a warning: the same code is compiled, only not kept for later processes (Inductor would fail the attempt
+    on its lock files, and the failure policy would then step down to another plan)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.deterministic = deterministic
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
+    if chosen and not writable_folder(Path(chosen)):
+        private = tempfile.mkdtemp(prefix="ltx2-compile-cache-")
+        log.warning(
+            "compile cache %s cannot be written here; compiling into %s, kept for no later process", chosen, private
+        )
+        chosen = private
     if chosen:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = chosen
     if device.type == "cpu":
@@ -186,6 +199,15 @@ def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
         logging.getLogger("ltx2.worker").info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
+
+
+def writable_folder(path: Path) -> bool:
+    """Whether `path` is (or can be made) a folder this process may create files in."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def compile_vae_decoder(
@@ -197,12 +219,20 @@ def compile_vae_decoder(
     convolutions), so the layout goes only with the compile. Inductor's caches as compile_blocks keeps them; with
     `package_key` and `LTX2_COMPILE_PACKAGES=1` through Dynamo's precompile cache (services.compile_packages), so
     a later process loads the decoder's code instead of tracing it again."""
+    import torch._dynamo.config as dynamo_config
+
     prepare_inductor(cache_dir, deterministic, next(vae.parameters()).device)
+    # One graph per input shape (dynamic=False: never a dynamic graph whose kernels would depend on which shapes
+    # came first): a tiled or pieced decode meets up to ~10 shapes, a group more. Past Dynamo's limit (8) it
+    # would run the rest eager without a word, and a clip's frames would depend on its group: the limit is
+    # raised, and reaching it fails the attempt instead (the failure policy then decodes eager, recorded so).
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, DECODER_SHAPES)
+    dynamo_config.fail_on_recompile_limit_hit = True
     vae.to(memory_format=torch.channels_last_3d)
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
-        if compile_packages.compile_blocks([vae.decoder], package_key):
+        if compile_packages.compile_blocks([vae.decoder], package_key, dynamic=False):
             return
-    vae.decoder.compile(dynamic=False)
+    vae.decoder.compile(dynamic=False)  # as benchmarks v12 measured it (a graph break is allowed)
 
 
 def load_video_vae(root: Path, dtype: torch.dtype, device: torch.device) -> Any:

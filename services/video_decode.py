@@ -162,7 +162,9 @@ def compile_decoder(ctx: WorkerContext, vae: Any, latents: torch.Tensor) -> None
         return
     deterministic = bool(ctx.plan.get("deterministic"))
     ctx.progress(f"compile the VAE decoder (at its first decode{', deterministic' if deterministic else ''})")
-    package = compile_packages.package_key(vae, ctx.plan, {"latents": list(latents.shape)})
+    # Each rank of a context-parallel decode its own package: its pieces are not rank 0's.
+    shape = {"latents": list(latents.shape), "rank": context_parallel.group_rank()}
+    package = compile_packages.package_key(vae, ctx.plan, shape)
     model_loading.compile_vae_decoder(vae, ctx.request.compile_cache_dir, deterministic, package)
     ctx.shared["video_vae_compiled"] = True
 

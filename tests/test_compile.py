@@ -4,11 +4,13 @@ tolerance, with inductor's caches kept under the state directory for later worke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 import torch
 from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, ltx2_environment, run_ltx2
 from cpu_drift import check_equal_latents, kernel_lines
@@ -135,3 +137,56 @@ def test_a_compiled_decoder_decodes_within_levels_of_eager_and_a_later_process_r
     record = json.loads((max((state / "jobs").iterdir(), key=lambda path: path.name) / "job.json").read_text())
     assert record["spec"]["compile_decoder"] is True
     assert record["stages"]["video_decode"]["attempts"][-1]["plan"]["compile"] == "decoder"
+
+
+def test_a_compiled_decoder_past_its_shape_limit_fails_the_attempt_instead_of_decoding_eager(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A graph per input shape, and Dynamo's limit (8) on them: past it Dynamo ran the rest eager without a word,
+    so a tiled clip's frames depended on the shapes its process met before (a hostile test: a 352x224 clip's
+    ninth tile shape, a second size in a group). The limit is raised (model_loading.DECODER_SHAPES) and reaching
+    it raises; here it is lowered to 1 after the compile, so the second shape reaches it."""
+    import torch._dynamo.config as dynamo_config
+    from diffusers import AutoencoderKLLTX2Video
+
+    from services import model_loading
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))  # compile_vae_decoder sets it
+    for name in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
+        monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
+    vae = AutoencoderKLLTX2Video.from_pretrained(tiny_model_dir, subfolder="vae").eval()
+    model_loading.compile_vae_decoder(vae, tmp_path / "cache", deterministic=True)
+    assert dynamo_config.recompile_limit >= model_loading.DECODER_SHAPES and dynamo_config.fail_on_recompile_limit_hit
+    dynamo_config.recompile_limit = 1
+    channels = vae.config.latent_channels
+    try:
+        with torch.no_grad():
+            vae.decode(torch.randn(1, channels, 1, 2, 2).to(memory_format=torch.channels_last_3d), return_dict=False)
+            with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+                vae.decode(
+                    torch.randn(1, channels, 1, 2, 3).to(memory_format=torch.channels_last_3d), return_dict=False
+                )
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_compile_cache_that_cannot_be_written_gives_way_to_a_private_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A cache path that is a file (or on a read-only shared state dir) failed every compiled attempt on Inductor's
+    lock files, and the failure policy stepped down to eager on another decode plan (a hostile test): the process
+    compiles into a folder of its own instead, with a warning, on the plan it was given."""
+    from services import model_loading
+
+    monkeypatch.delenv("LTX2_COMPILE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "before"))  # restored after the test
+    blocked = tmp_path / "compile-cache"
+    blocked.write_text("not a folder")
+    with caplog.at_level("WARNING", logger="ltx2.worker"):
+        model_loading.prepare_inductor(blocked, False, torch.device("cpu"))
+    chosen = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    assert chosen != blocked and chosen.is_dir() and os.access(chosen, os.W_OK), chosen
+    assert f"compile cache {blocked} cannot be written" in caplog.text
+    fine = tmp_path / "writable"
+    model_loading.prepare_inductor(fine, False, torch.device("cpu"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(fine) and fine.is_dir()

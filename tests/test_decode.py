@@ -97,6 +97,27 @@ def test_decode_of_a_job_dir_reruns_only_the_missing_stage_with_a_new_plan(
     assert probe_mp4(target)["frames"] == 17
 
 
+def test_decode_of_a_finished_job_with_other_decode_settings_decodes_it_again_with_them(
+    finished_job: dict, ltx2_env: dict, tmp_path: Path
+):
+    """A finished job's video was decoded with its old settings: `ltx2 decode --vae-chunk-frames 3` once
+    republished that video unchanged while recording pieces of 3 in the job and its sidecar (a hostile test).
+    Now the video stage runs again with the new settings; the same command again republishes its result."""
+    job_dir = job_dir_copy(finished_job, ltx2_env)
+    target = tmp_path / "pieces.mp4"
+    command = ["decode", "--input", str(job_dir), "--output", str(target), "--vae-chunk-frames", "3", "--quiet"]
+    result = run_ltx2(command, ltx2_env)
+    assert result.returncode == 0, result.stderr
+    attempts = json.loads((job_dir / "job.json").read_text())["stages"]["video_decode"]["attempts"]
+    assert [attempt["plan"]["decode"]["chunk_latent_frames"] for attempt in attempts] == [None, 3], attempts
+    assert probe_mp4(target)["frames"] == 17
+    assert not np.array_equal(frames(target), frames(finished_job["video"]))  # cross-faded pieces, not one pass
+    again = run_ltx2([*command[:4], str(tmp_path / "again.mp4"), *command[5:]], ltx2_env)
+    assert again.returncode == 0, again.stderr
+    assert len(json.loads((job_dir / "job.json").read_text())["stages"]["video_decode"]["attempts"]) == 2
+    assert np.array_equal(frames(tmp_path / "again.mp4"), frames(target))
+
+
 def test_decode_refuses_a_file_that_is_not_ltx2_latents(ltx2_env: dict, tmp_path: Path):
     bogus = tmp_path / "notes.safetensors"
     bogus.write_bytes(b"not a safetensors file")
