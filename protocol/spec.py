@@ -640,9 +640,9 @@ class JobSpec:
         default_doc="auto",
     )
     # Issue 28 item 3: the decoder compiled (Inductor, channels-last-3d) decoded 1080p x 121 in 1.11 s against the
-    # eager 1.60 on an H100 (docs/benchmarks.md version 12), but a process pays the compile (19-21 s cold, 3.7 s
-    # with Inductor's cache warm), so it is opt-in; its frames differ from eager's in the last levels, so it is a
-    # field of the request (and its digest), not a setting.
+    # eager 1.60 on an H100 (docs/benchmarks.md version 12), but a process pays the compile per shape (19-21 s
+    # cold, 3.7 s with Inductor's cache warm), so it is opt-in; its frames differ from eager's in the last levels,
+    # so it is a field of the request (and its digest), not a setting.
     compile_decoder: bool = declare(
         False,
         help="compile the video VAE's decoder (torch.compile, channels-last-3d; the compiled code is cached on disk)",
@@ -651,9 +651,10 @@ class JobSpec:
         added_later=True,
         doc="`torch.compile` of the video VAE's decoder with its weights and inputs in channels-last-3d (1.11 s"
         " against 1.60 s eager per 1920x1088x121 decode on an H100, docs/benchmarks.md version 12; a process pays"
-        " the compile once: inductor's cache in `<state>/compile-cache` as `--compile`'s, and Dynamo's package"
-        " with `LTX2_COMPILE_PACKAGES=1`); frames within a few levels of the eager decode, equal run to run with"
-        " `[worker] deterministic`; eager again on lower-memory retries; not with `--decoder diffusion`",
+        " the compile once per input shape, one for a single pass, one per tile or piece shape otherwise: inductor's"
+        " cache in `<state>/compile-cache` as `--compile`'s, and Dynamo's package with `LTX2_COMPILE_PACKAGES=1`);"
+        " frames within a few levels of the eager decode, equal run to run with `[worker] deterministic`; eager"
+        " again on lower-memory retries; not with `--decoder diffusion`",
         default_doc="off",
     )
     decoder: str = declare(

@@ -117,10 +117,10 @@ MAX_LIST_LIMIT = 100
 DEFAULT_LOG_LINES, MAX_LOG_LINES = 200, 1000
 # Form fields a create may have at most (it knows about 25).
 MAX_FORM_FIELDS = 64
-# An absolute path (or a ~/ one, or an ipc:// socket path) in a daemon message: never shown to a client.
-# Not after a word, a dot or a colon, so `owner/name`, `1/2` and other URLs stay.
 # The daemon's "nearest: A, B" after an unknown job id: ids of every key's jobs, which no client may be told.
 NEAREST_IDS = re.compile(r"; nearest: [0-9a-f-]+(?:, [0-9a-f-]+)*| \(`ltx2 jobs` lists them\)")
+# An absolute path (or a ~/ one, or an ipc:// socket path) in a daemon message: never shown to a client.
+# Not after a word, a dot or a colon, so `owner/name`, `1/2` and other URLs stay.
 SERVER_PATH = re.compile(r"ipc://[^\s'\",;()\[\]{}<>]+|(?<![\w.~:/-])~?/[^\s'\",;:()\[\]{}<>]+")
 # Rolling-minute counters forget names not seen for a minute once they track this many.
 MAX_TRACKED_NAMES = 10_000
