@@ -198,7 +198,7 @@ def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.
         # process): a process that picked another would make other last bits (issue 23's open CPU drift).
         from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-        logging.getLogger("ltx2.worker").info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
+        log.info("inductor CPU vector ISA: %s", pick_vec_isa() or "none")
 
 
 def writable_folder(path: Path) -> bool:
