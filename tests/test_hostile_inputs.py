@@ -22,9 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from config.settings import load_settings
+from config.settings import Settings, load_settings
 from orchestrator.daemon.client import DaemonError
-from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink
+from orchestrator.placement.worker_link import RemoteProcess, SpawnedWorker, WorkerLink, WorkerProcess
 from orchestrator.run.job_hooks import JobHooks
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.model_lookup import ResolvedModel
@@ -198,6 +198,42 @@ def test_daemon_reads_only_the_header_of_a_huge_image_and_i2v_still_works(daemon
     assert "load video VAE for the conditioning image" in (job_dir / "logs" / "encode_diffuse-1.log").read_text()
 
 
+def audio_job(tmp_path: Path) -> tuple[Settings, JobDir]:
+    """Settings of a state dir under `tmp_path` and one job in it, for a stand-in audio-stage worker."""
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
+    return settings, JobDir.create(
+        settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc")
+    )
+
+
+def run_audio_attempt(
+    settings: Settings,
+    job: JobDir,
+    process: subprocess.Popen,
+    hooks: JobHooks,
+    endpoint: str,
+    worker: WorkerProcess | None = None,
+) -> dict:
+    """The audio stage's attempt followed on `endpoint`, `process` adopted as its prestarted worker (`worker`: as
+    the runner sees it, when not the process itself), killed if it outlives the attempt."""
+    plan: dict = {}
+    prestarted = SpawnedWorker(worker or process, Stage.AUDIO_DECODE, 1, plan, (job.id,))
+    context = zmq.Context()
+    link = WorkerLink(context, endpoint=endpoint, fork_server=False)
+    try:
+        return run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
+    finally:
+        link.close()
+        context.term()
+        if process.poll() is None:
+            process.kill()
+
+
+def worker_endpoint(tmp_path: Path) -> str:
+    """The socket a test's stand-in worker connects to (run_audio_attempt binds it): short, as ipc paths must be."""
+    return f"ipc://{tmp_path}/w.sock"
+
+
 # A stand-in worker: waits until released, writes the stage's output and exits 0. It never speaks
 # ZeroMQ, so its Done is "lost": only its exit status and its file say it finished.
 FINISHING_WORKER = """
@@ -210,12 +246,9 @@ while not release.exists():
 
 
 def test_cancel_arriving_as_the_worker_exits_0_with_its_outputs_does_not_relabel_the_attempt(tmp_path: Path):
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
-    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
+    settings, job = audio_job(tmp_path)
     release = tmp_path / "release"
     process = subprocess.Popen([sys.executable, "-c", FINISHING_WORKER, str(job.path), str(release)])
-    plan: dict = {}
-    prestarted = SpawnedWorker(process, Stage.AUDIO_DECODE, 1, plan, (job.id,))
 
     def cancel_as_it_exits() -> Failure | None:
         """The cancel request that is read just after the worker finished (the race, made certain)."""
@@ -223,35 +256,18 @@ def test_cancel_arriving_as_the_worker_exits_0_with_its_outputs_does_not_relabel
         process.wait()
         return Failure.CANCELLED
 
-    context = zmq.Context()
-    link = WorkerLink(context, endpoint=f"ipc://{tmp_path}/w.sock", fork_server=False)
-    try:
-        hooks = JobHooks(should_stop=cancel_as_it_exits)
-        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
-    finally:
-        link.close()
-        context.term()
+    hooks = JobHooks(should_stop=cancel_as_it_exits)
+    outcomes = run_audio_attempt(settings, job, process, hooks, worker_endpoint(tmp_path))
     attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
     assert (attempt.result, attempt.returncode) == (AttemptResult.OK, 0), attempt
     assert outcomes[job.id].ok and (job.path / AUDIO_FILE).is_file()
 
 
 def test_cancel_of_a_worker_that_had_not_finished_still_cancels(tmp_path: Path):
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
-    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
+    settings, job = audio_job(tmp_path)
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], start_new_session=True)
-    plan: dict = {}
-    prestarted = SpawnedWorker(process, Stage.AUDIO_DECODE, 1, plan, (job.id,))
-    context = zmq.Context()
-    link = WorkerLink(context, endpoint=f"ipc://{tmp_path}/w.sock", fork_server=False)
-    try:
-        hooks = JobHooks(should_stop=lambda: Failure.CANCELLED)
-        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
-    finally:
-        link.close()
-        context.term()
-        if process.poll() is None:
-            process.kill()
+    hooks = JobHooks(should_stop=lambda: Failure.CANCELLED)
+    outcomes = run_audio_attempt(settings, job, process, hooks, worker_endpoint(tmp_path))
     assert outcomes[job.id].failure is Failure.CANCELLED
     attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
     assert attempt.result == AttemptResult.CANCELLED and attempt.returncode != 0, attempt
@@ -307,28 +323,15 @@ class PlacedAtExit:
 
 
 def test_a_farm_stage_that_finishes_before_its_placement_is_read_still_records_its_host(tmp_path: Path):
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)})
-    job = JobDir.create(settings.jobs_dir, JobSpec.from_dict(SPEC), ResolvedModel("m", tmp_path / "model", "abc"))
-    endpoint = f"ipc://{tmp_path}/w.sock"
-    context = zmq.Context()
-    link = WorkerLink(context, endpoint=endpoint, fork_server=False)
+    settings, job = audio_job(tmp_path)
     root = Path(__file__).resolve().parents[1]
     process = subprocess.Popen(
-        [sys.executable, "-c", QUICK_WORKER, job.id, str(job.path), endpoint],
+        [sys.executable, "-c", QUICK_WORKER, job.id, str(job.path), worker_endpoint(tmp_path)],
         env={**os.environ, "PYTHONPATH": str(root)},
     )
     remote = PlacedAtExit(process)
     assert isinstance(remote, RemoteProcess)
-    plan: dict = {}
-    try:
-        hooks = JobHooks()
-        prestarted = SpawnedWorker(remote, Stage.AUDIO_DECODE, 1, plan, (job.id,))
-        outcomes = run_attempt([job], Stage.AUDIO_DECODE, plan, settings, link, lambda _: hooks, prestarted)
-    finally:
-        link.close()
-        context.term()
-        if process.poll() is None:
-            process.kill()
+    outcomes = run_audio_attempt(settings, job, process, JobHooks(), worker_endpoint(tmp_path), remote)
     assert outcomes[job.id].ok, outcomes
     attempt = JobDir.load(job.path).stage_record(Stage.AUDIO_DECODE).attempts[-1]
     assert attempt.result == AttemptResult.OK, attempt
