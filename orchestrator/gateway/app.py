@@ -972,12 +972,17 @@ def source_routes(gateway: Gateway, authorized: Callable[[Request], Awaitable[st
     directing fields (gateway.source_routes turns them into a create's fields)."""
     limits = gateway.settings.http
 
+    async def path_source_request(request: Request, field: str, verb: str) -> tuple[str, dict[str, Any], Uploads]:
+        """The key, the create's fields (`field` the path's video) and the uploads of POST /v1/videos/{id}/<verb>."""
+        owner = await authorized(request)
+        video_id = path_video_id(request)
+        fields, uploads = await read_fields(request, limits)
+        route = f"POST /v1/videos/{{video_id}}/{verb}"
+        return owner, path_source_fields(fields, uploads, field, video_id, route), uploads
+
     @endpoint
     async def extend_video(request: Request) -> Response:
-        owner = await authorized(request)
-        video_id, route = path_video_id(request), "POST /v1/videos/{video_id}/extend"
-        fields, uploads = await read_fields(request, limits)
-        fields = path_source_fields(fields, uploads, EXTEND_FIELD, video_id, route)
+        owner, fields, uploads = await path_source_request(request, EXTEND_FIELD, "extend")
         return await create_from(gateway, request, owner, fields, uploads, {EXTEND_FIELD: "video_id"})
 
     @endpoint
@@ -988,10 +993,7 @@ def source_routes(gateway: Gateway, authorized: Callable[[Request], Awaitable[st
 
     @endpoint
     async def remix_video(request: Request) -> Response:
-        owner = await authorized(request)
-        video_id, route = path_video_id(request), "POST /v1/videos/{video_id}/remix"
-        fields, uploads = await read_fields(request, limits)
-        fields = path_source_fields(fields, uploads, RETAKE_FIELD, video_id, route)
+        owner, fields, uploads = await path_source_request(request, RETAKE_FIELD, "remix")
         whole = None if has_range(fields) else functools.partial(gateway.whole_clip_remix, owner)
         return await create_from(gateway, request, owner, fields, uploads, {RETAKE_FIELD: "video_id"}, whole)
 
