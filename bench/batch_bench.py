@@ -251,6 +251,25 @@ HD_RUNS["hd_two_stage_overlap_fp8attn"] = ("two-stage", None, True)
 HD_FP8_ATTENTION.add("hd_two_stage_overlap_fp8attn")
 RUN_ENV["hd_two_stage_overlap_fp8attn"] = RUN_ENV["hd_two_stage_overlap"]
 VERSUS["hd_two_stage_overlap_fp8attn"] = "hd_two_stage_overlap"
+# Issue 28's steady clip (session 18): waves of 3 clips (--clips 6: two waves), overlapped, with bf16 and FP8
+# self-attention, so clips 2-3 of each wave give the warm spacing of the diffusion stage with the decoders of the
+# wave before beside it; then the same with every lever on (FP8 attention, the compiled decoder, and Dynamo's
+# packages: wave 2's workers load what wave 1's compiled):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 6 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3,hd_two_stage_overlap3_fp8attn
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 6 --sequence hd_two_stage_overlap3_all
+OVERLAP3 = {"LTX2_GROUP_SIZE": "3", "LTX2_OVERLAP_STAGES": "on"}
+for name in ("hd_two_stage_overlap3", "hd_two_stage_overlap3_fp8attn", "hd_two_stage_overlap3_all"):
+    HD_RUNS[name] = ("two-stage", None, True)
+    RUN_ENV[name] = dict(OVERLAP3)
+HD_FP8_ATTENTION.update({"hd_two_stage_overlap3_fp8attn", "hd_two_stage_overlap3_all"})
+RUN_ENV["hd_two_stage_overlap3_all"]["LTX2_COMPILE_PACKAGES"] = "1"
+VERSUS["hd_two_stage_overlap3_fp8attn"] = "hd_two_stage_overlap3"
+VERSUS["hd_two_stage_overlap3_all"] = "hd_two_stage_overlap3"
+# Issue 28's LTX-2.0 target (768x512x121 <= 2.3 s per warm clip on an H100): 8 clips in waves of 4, overlapped,
+# after the 2-clip warm-up that fills the compile cache:
+#   bash bench/run_on_device.sh batch --clips 8 --sequence batch_fp8mm_warmup,batch_fp8mm_overlap4
+RUN_ENV["batch_fp8mm_overlap4"] = {"LTX2_GROUP_SIZE": "4", "LTX2_OVERLAP_STAGES": "on"}
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
 # (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
 # three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
@@ -549,6 +568,9 @@ def psnr(first: Path, second: Path) -> float | None:
 
     squared, values = 0.0, 0
     with av.open(str(first)) as a, av.open(str(second)) as b:
+        # Frame threads: x264's one-slice streams give slice threads nothing to share, and 12 pairs of
+        # 1080p noise clips took 245 s of a device call decoded that way (session 18).
+        a.streams.video[0].thread_type = b.streams.video[0].thread_type = "AUTO"
         for frame_a, frame_b in itertools.zip_longest(a.decode(video=0), b.decode(video=0)):
             if frame_a is None or frame_b is None:
                 return None
@@ -621,6 +643,7 @@ def run_command(name: str, args: argparse.Namespace, root: Path, work: Path) -> 
             "hd_two_stage_keyframes_bf16": lambda: keyframe_keys(size, count),
             "hd_two_stage_extend": lambda: extension_keys(work, count),
             "hd_two_stage_cp2": lambda: [["context_parallel = 2"]] * count,
+            "hd_two_stage_overlap3_all": lambda: [["compile_decoder = true"]] * count,
         }
         batch = write_batch(
             work / f"{name}.toml", str(root), size, count, fast, fast, pipeline, name in HD_FP8_ATTENTION,
