@@ -270,6 +270,13 @@ VERSUS["hd_two_stage_overlap3_all"] = "hd_two_stage_overlap3"
 # after the 2-clip warm-up that fills the compile cache:
 #   bash bench/run_on_device.sh batch --clips 8 --sequence batch_fp8mm_warmup,batch_fp8mm_overlap4
 RUN_ENV["batch_fp8mm_overlap4"] = {"LTX2_GROUP_SIZE": "4", "LTX2_OVERLAP_STAGES": "on"}
+# Where a warm 1080p step's time goes (session 18: 2.30 s per stage-2 step, ~1.7 s of it matmuls and attention at
+# their kernels' rates): 2 clips with FP8 attention, step 1 of each pass profiled kernel by kernel (the reports land
+# in results.json "step_profiles"; clip 2's are the warm ones; the profiled steps themselves run slower):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_profile
+HD_RUNS["hd_two_stage_profile"] = ("two-stage", None, True)
+HD_FP8_ATTENTION.add("hd_two_stage_profile")
+RUN_ENV["hd_two_stage_profile"] = {"LTX2_PROFILE_STEP": "1"}
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
 # (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
 # three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
@@ -822,6 +829,13 @@ def finish_run(
     add_clip_numbers(run)
     add_stage_peaks(run)
     add_mfu(run, environment, family)
+    # LTX2_PROFILE_STEP runs: each job's per-kernel reports (services/step_profile.py), by job folder and file.
+    profiles = {
+        f"{report.parent.parent.name}/{report.name}": report.read_text()
+        for report in sorted(state.glob("jobs/*/logs/profile-*.txt"))
+    }
+    if profiles:
+        run["step_profiles"] = profiles
     return run
 
 

@@ -51,6 +51,7 @@ from services.overlap_audio import overlap_audio_latents
 from services.overlap_frames import load_overlap_frames
 from services.retake_pipeline import LTX2RetakePipeline, RetakeRegion
 from services.runtime import WorkerContext
+from services.step_profile import StepProfiler, profiled_step
 
 # Embedding keys of the negative prompt: only CFG and NAG read them.
 NEGATIVE_KEYS = ("negative_prompt_embeds", "negative_prompt_attention_mask")
@@ -226,17 +227,22 @@ def denoise(
         # the other pipelines ignore it then.
         starts["noise_scale"] = run.noise_scale
 
+    profiler = StepProfiler(profiled_step(), ctx.job_dir, run.phase, device)
+
     def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
+        profiler.after_step(step)
         ctx.progress(run.phase, step + 1, run.steps)
         if step == 0 and ctx.plan.get("compile") == "regional":
             first_compiled_step_done()
+        profiler.before_step(step + 1)
         return {}
 
     ctx.progress(run.phase, 0, run.steps)
+    profiler.before_step(0)  # step 0's span includes the pipeline's setup before its first model call
     shards = context_parallel.plan_ranks(ctx.plan)
     embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag, shards)
     holding = audio_held(transformer) if held is not None else contextlib.nullcontext()
-    with torch.no_grad(), guided, holding:
+    with torch.no_grad(), guided, holding, contextlib.closing(profiler):
         video, audio = pipe(
             **image_inputs,
             **embeddings,

@@ -1,0 +1,133 @@
+"""`LTX2_PROFILE_STEP=N`: where one denoising step's time goes, kernel by kernel, written beside the job's logs.
+
+Issue 28 needs the last seconds of a warm 1080p clip (benchmarks version 18: 10.20 s, of which a step of stage 2
+takes 2.30 s while its matmuls and attention account for roughly 1.7 s at the kernels' measured rates). A
+benchmark of one block rebuilt outside the pipeline would time what that bench builds; this profiles the step the
+worker itself runs, with its compile, FP8 layers, attention processors and inputs, so the table is the product's.
+
+With the variable set, step N (0-based) of every denoising pass of every job in the process runs under
+torch.profiler (CPU activity, and CUDA activity where the step runs on a GPU), between two device
+synchronisations, and `<job>/logs/profile-<pass>-step<N>.txt` gets the step's wall time, the time per kernel
+category (matmul, attention, Inductor's fused kernels, other) and the 40 most expensive operations or kernels.
+The profiled step itself is slower (the profiler's own overhead), so a benchmark reads the steady steps of the
+same pass, not this one, for speed. Unset (the default), nothing here runs and no step is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SWITCH = "LTX2_PROFILE_STEP"
+#: Rows of the per-kernel table.
+TABLE_ROWS = 40
+#: Kernel name patterns per category, first match wins (CUDA kernel names, or aten op names on a CPU).
+#: Inductor's kernels come first: their names list the ops they fused, attention's or a matmul's among them.
+CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("fused (Inductor)", re.compile(r"^(triton_|cpp_fused)")),
+    ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn.*(fprop|attn)", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|sm90_|scaled_mm|matmul|aten::mm\b|aten::addmm|aten::bmm", re.IGNORECASE)),
+)
+
+
+def profiled_step() -> int | None:
+    """The step index to profile from LTX2_PROFILE_STEP, or None when unset. A value that is no
+    non-negative integer is refused naming the variable, rather than silently profiling nothing."""
+    raw = os.environ.get(SWITCH, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{SWITCH} must be a step index (0, 1, 2, ...); got {raw!r}")
+    return int(raw)
+
+
+def category(name: str) -> str:
+    """The kernel category a profiler event's name falls in."""
+    for label, pattern in CATEGORIES:
+        if pattern.search(name):
+            return label
+    return "other"
+
+
+def _device_time_us(event: Any) -> float:
+    """An averaged event's own device time (µs); torch renamed the attribute from cuda to device."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value:
+            return float(value)
+    return 0.0
+
+
+def summarize(events: Iterable[Any], wall_s: float, on_device: bool) -> str:
+    """The report: wall time, time per category and the most expensive rows. On a GPU the rows are
+    kernels by their own device time; on a CPU, operators by their own CPU time."""
+    rows: list[tuple[float, str, int]] = []
+    for event in events:
+        spent = _device_time_us(event) if on_device else float(getattr(event, "self_cpu_time_total", 0.0))
+        if spent > 0:
+            rows.append((spent, event.key, int(getattr(event, "count", 1))))
+    rows.sort(reverse=True)
+    total = sum(spent for spent, _, _ in rows)
+    per_category: dict[str, float] = {}
+    for spent, name, _ in rows:
+        per_category[category(name)] = per_category.get(category(name), 0.0) + spent
+    clock = "device (self)" if on_device else "CPU (self)"
+    lines = [f"step wall {wall_s * 1000:.1f} ms; {clock} time of all rows {total / 1000:.1f} ms"]
+    for label, spent in sorted(per_category.items(), key=lambda item: -item[1]):
+        share = spent / total if total else 0.0
+        lines.append(f"category {label}: {spent / 1000:.1f} ms ({share:.1%})")
+    lines.append(f"{'ms':>10} {'calls':>6}  {'category':<17}  name")
+    for spent, name, count in rows[:TABLE_ROWS]:
+        lines.append(f"{spent / 1000:10.2f} {count:6d}  {category(name):<17}  {name[:160]}")
+    return "\n".join(lines) + "\n"
+
+
+class StepProfiler:
+    """Profiles one step of a pass: `before_step(i)` ahead of step i's model call (called from the
+    previous step's end, or the pass's start for step 0), `after_step(i)` at its end."""
+
+    def __init__(self, step: int | None, job_dir: Path, pass_name: str, device: torch.device) -> None:
+        self.step = step
+        self.path = job_dir / "logs" / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', pass_name).strip('-')}-step{step}.txt"
+        self.device = device
+        self._profile: Any = None
+        self._started = 0.0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def before_step(self, index: int) -> None:
+        """Start the profiler if step `index` is the one asked for."""
+        if self.step is None or index != self.step or self._profile is not None:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._synchronize()
+        self._profile = torch.profiler.profile(activities=activities)
+        self._profile.__enter__()
+        self._started = time.perf_counter()
+
+    def after_step(self, index: int) -> None:
+        """Stop the profiler after the profiled step and write the report (once per pass)."""
+        if self._profile is None or index != self.step:
+            return
+        self._synchronize()
+        wall = time.perf_counter() - self._started
+        profile, self._profile = self._profile, None
+        profile.__exit__(None, None, None)
+        self.path.write_text(summarize(profile.key_averages(), wall, self.device.type == "cuda"))
+        self.step = None  # one report per pass
+
+    def close(self) -> None:
+        """Stop a profiler a failed pass left running (nothing written: the step did not end)."""
+        if self._profile is not None:
+            profile, self._profile = self._profile, None
+            profile.__exit__(None, None, None)
