@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import platform
+import re
 import types
 from typing import Any, ClassVar
 
@@ -150,9 +152,36 @@ def compile_blocks(blocks: list[Any], key: str, dynamic: bool | None = None) -> 
     # the key is what stands in for them, so the worker's log keeps its own lines.
     logging.getLogger("torch._dynamo.guards").setLevel(logging.ERROR)
     compiled = {cls: PackagedForward(cls, forward, dynamic) for cls, forward in forwards.items()}
+    for forward in forwards.values():  # torch.compile, above, installed any package found for them
+        step_past_installed_names(forward.__globals__)
     for block in blocks:
         block.forward = types.MethodType(compiled[type(block)], block)
     return True
+
+
+#: The name under which Dynamo keeps a traced frame's builtins in its module's globals; n from a process-wide counter.
+BUILTINS_GLOBAL = re.compile(r"__builtins_dict___(\d+)")
+
+
+def step_past_installed_names(scope: dict[str, Any]) -> None:
+    """Move Dynamo's counter of generated names past those an installed package put in `scope`.
+
+    Each trace stores the frame's builtins in the module's globals as `__builtins_dict___<n>`, n from a counter
+    that starts at 0 in every process (torch/_dynamo/bytecode_transformation.py, `unique_id`), and a package keeps
+    that name in its guards. Installing a package writes the name back into the module's globals
+    (torch/_dynamo/package.py, `CompilePackage.install`) but leaves this process's counter at 0, so the next trace
+    here, of any shape the package lacks (stage 1 over a package a one-stage clip of the same size saved, a clip
+    size new to the package), takes the same name, and torch 2.13 refuses it: "Name '__builtins_dict___0' already
+    exists in scope" (torch/_dynamo/utils.py, `CleanupHook.create`). PackagedForward then compiled without the
+    package and saved nothing, so the package never gained that shape and every later process failed the same way.
+    The counter is a private global of torch's; where it is missing nothing is changed (the fallback stays)."""
+    from torch._dynamo import bytecode_transformation
+
+    counter = getattr(bytecode_transformation, "_unique_id_counter", None)
+    taken = [int(match[1]) for name in list(scope) if (match := BUILTINS_GLOBAL.fullmatch(name))]
+    if counter is None or not taken:
+        return
+    bytecode_transformation._unique_id_counter = itertools.count(max(next(counter), max(taken) + 1))
 
 
 def save() -> None:

@@ -23,8 +23,9 @@ from protocol.fault_points import fault_point
 from services import compile_packages
 
 log = logging.getLogger("ltx2.worker")
-# The input shapes a compiled decoder may meet in one process (compile_vae_decoder): Dynamo's limit, raised.
-DECODER_SHAPES = 64
+# The input shapes a compiled region (the blocks, the decoder) may meet in one process: Dynamo's limit, raised
+# (limit_recompiles).
+COMPILED_SHAPES = 64
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -168,11 +169,29 @@ def compile_blocks(
     with the same key loads them instead of tracing them again.
     """
     prepare_inductor(cache_dir, deterministic, next(transformer.parameters()).device)
+    limit_recompiles()
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
         blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
-        if compile_packages.compile_blocks(blocks, package_key):
+        if compile_packages.compile_blocks(blocks, package_key, dynamic=False):
             return
-    transformer.compile_repeated_blocks(fullgraph=True)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
+
+
+def limit_recompiles() -> None:
+    """One static graph per input shape for every compiled region (the blocks, the decoder), and a failure instead
+    of a silent eager run past Dynamo's limit on them.
+
+    Left to Dynamo (`dynamic=None`), the second shape a process meets recompiles as a dynamic graph: a two-stage
+    worker's stage 2 (8,160 then 32,640 tokens at 1080p) and every later clip size of a group ran symbolic-shape
+    kernels, so a clip's kernels depended on the shapes its process met before, and a package saved by one
+    process held other graphs than another's (services/compile_packages.py). Static graphs cost one compile per
+    shape on a cold cache; Inductor's cache serves each shape after that. Past `recompile_limit` (8 by default)
+    Dynamo would run further shapes eager without a word, changing their frames; it is raised to COMPILED_SHAPES,
+    and reaching it fails the attempt (the failure policy then runs the stage uncompiled, recorded so)."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_SHAPES)
+    dynamo_config.fail_on_recompile_limit_hit = True
 
 
 def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.device) -> None:
@@ -219,15 +238,9 @@ def compile_vae_decoder(
     convolutions), so the layout goes only with the compile. Inductor's caches as compile_blocks keeps them; with
     `package_key` and `LTX2_COMPILE_PACKAGES=1` through Dynamo's precompile cache (services.compile_packages), so
     a later process loads the decoder's code instead of tracing it again."""
-    import torch._dynamo.config as dynamo_config
-
     prepare_inductor(cache_dir, deterministic, next(vae.parameters()).device)
-    # One graph per input shape (dynamic=False: never a dynamic graph whose kernels would depend on which shapes
-    # came first): a tiled or pieced decode meets up to ~10 shapes, a group more. Past Dynamo's limit (8) it
-    # would run the rest eager without a word, and a clip's frames would depend on its group: the limit is
-    # raised, and reaching it fails the attempt instead (the failure policy then decodes eager, recorded so).
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, DECODER_SHAPES)
-    dynamo_config.fail_on_recompile_limit_hit = True
+    # A graph per input shape (limit_recompiles): a tiled or pieced decode meets up to ~10 shapes, a group more.
+    limit_recompiles()
     vae.to(memory_format=torch.channels_last_3d)
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
         if compile_packages.compile_blocks([vae.decoder], package_key, dynamic=False):

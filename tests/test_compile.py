@@ -144,7 +144,7 @@ def test_a_compiled_decoder_past_its_shape_limit_fails_the_attempt_instead_of_de
 ):
     """A graph per input shape, and Dynamo's limit (8) on them: past it Dynamo ran the rest eager without a word,
     so a tiled clip's frames depended on the shapes its process met before (a hostile test: a 352x224 clip's
-    ninth tile shape, a second size in a group). The limit is raised (model_loading.DECODER_SHAPES) and reaching
+    ninth tile shape, a second size in a group). The limit is raised (model_loading.COMPILED_SHAPES) and reaching
     it raises; here it is lowered to 1 after the compile, so the second shape reaches it."""
     import torch._dynamo.config as dynamo_config
     from diffusers import AutoencoderKLLTX2Video
@@ -156,7 +156,7 @@ def test_a_compiled_decoder_past_its_shape_limit_fails_the_attempt_instead_of_de
         monkeypatch.setattr(dynamo_config, name, getattr(dynamo_config, name))
     vae = AutoencoderKLLTX2Video.from_pretrained(tiny_model_dir, subfolder="vae").eval()
     model_loading.compile_vae_decoder(vae, tmp_path / "cache", deterministic=True)
-    assert dynamo_config.recompile_limit >= model_loading.DECODER_SHAPES and dynamo_config.fail_on_recompile_limit_hit
+    assert dynamo_config.recompile_limit >= model_loading.COMPILED_SHAPES and dynamo_config.fail_on_recompile_limit_hit
     dynamo_config.recompile_limit = 1
     channels = vae.config.latent_channels
     try:
