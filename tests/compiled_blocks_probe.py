@@ -78,4 +78,4 @@ if __name__ == "__main__":
     arguments = sys.argv[1:]
     key = arguments[3] if len(arguments) > 3 else None
     report = main(Path(arguments[0]), Path(arguments[1]), [int(t) for t in arguments[2].split(",")], key)
-    print(json.dumps(report))
+    sys.stdout.write(json.dumps(report) + "\n")
