@@ -362,9 +362,25 @@ def _cluster_backend(cluster: Mapping[str, Any]) -> dict[str, str]:
     return {"backend": cluster["backend"], "address": cluster["address"], "ray_resource": cluster["ray_resource"]}
 
 
+#: Not a setting: the denoising step the diffusion workers profile (services/step_profile.py). Checked with the
+#: settings, so a typo stops `ltx2` and the daemon before any job rather than every diffusion attempt after its loads.
+PROFILE_STEP = "LTX2_PROFILE_STEP"
+
+
+def profile_step(environ: Mapping[str, str]) -> int | None:
+    """The step index in LTX2_PROFILE_STEP (ASCII digits, blanks around them allowed), None when unset or blank."""
+    raw = environ.get(PROFILE_STEP, "").strip()
+    if not raw:
+        return None
+    if not re.fullmatch(r"[0-9]+", raw):
+        raise ConfigError(f"{PROFILE_STEP} must be a step index (0, 1, 2, ...; 0 is a pass's first step); got {raw!r}")
+    return int(raw)
+
+
 def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     paths, models, worker, decode = data["paths"], data["models"], data["worker"], data["decode"]
     profiles = data["profiles"]
+    profile_step(environ)
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
     if not isinstance(worker["deterministic"], bool):

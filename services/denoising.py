@@ -227,7 +227,8 @@ def denoise(
         # the other pipelines ignore it then.
         starts["noise_scale"] = run.noise_scale
 
-    profiler = StepProfiler(profiled_step(), ctx.job_dir, run.phase, device)
+    rank = context_parallel.group_rank() if ranks > 1 else None
+    profiler = StepProfiler(profiled_step(), ctx.job_dir, run.phase, device, rank)
 
     def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
         profiler.after_step(step)
@@ -238,11 +239,10 @@ def denoise(
         return {}
 
     ctx.progress(run.phase, 0, run.steps)
-    profiler.before_step(0)  # step 0's span includes the pipeline's setup before its first model call
-    shards = context_parallel.plan_ranks(ctx.plan)
-    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag, shards)
+    embeddings, guided = nag_context(ctx.spec, embeddings, transformer, parts["connectors"], run.nag, ranks)
     holding = audio_held(transformer) if held is not None else contextlib.nullcontext()
-    with torch.no_grad(), guided, holding, contextlib.closing(profiler):
+    with contextlib.closing(profiler), torch.no_grad(), guided, holding:
+        profiler.before_step(0)  # step 0's span includes the pipeline's setup before its first model call
         video, audio = pipe(
             **image_inputs,
             **embeddings,
@@ -260,6 +260,7 @@ def denoise(
             callback_on_step_end=on_step_end,
         )
     counter.remove()
+    profiler.finish(run.steps)
     if ctx.plan.get("compile") == "regional" and compile_packages.wanted() and compile_packages.available():
         # At the pass's end, not its first step: NAG's first steps and the rest are two graphs.
         compile_packages.save()

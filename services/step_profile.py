@@ -15,6 +15,7 @@ same pass, not this one, for speed. Unset (the default), nothing here runs and n
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -24,7 +25,9 @@ from typing import Any
 
 import torch
 
-SWITCH = "LTX2_PROFILE_STEP"
+from config.settings import PROFILE_STEP, profile_step
+
+log = logging.getLogger("ltx2.worker")
 #: Rows of the per-kernel table.
 TABLE_ROWS = 40
 #: Kernel name patterns per category, first match wins (CUDA kernel names, or aten op names on a CPU).
@@ -37,14 +40,9 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
 
 
 def profiled_step() -> int | None:
-    """The step index to profile from LTX2_PROFILE_STEP, or None when unset. A value that is no
-    non-negative integer is refused naming the variable, rather than silently profiling nothing."""
-    raw = os.environ.get(SWITCH, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise ValueError(f"{SWITCH} must be a step index (0, 1, 2, ...); got {raw!r}")
-    return int(raw)
+    """The step index to profile from LTX2_PROFILE_STEP, or None when unset (config.settings.profile_step, which
+    `ltx2` and the daemon check before any job: a worker never meets a value they refused)."""
+    return profile_step(os.environ)
 
 
 def category(name: str) -> str:
@@ -92,9 +90,14 @@ class StepProfiler:
     """Profiles one step of a pass: `before_step(i)` ahead of step i's model call (called from the
     previous step's end, or the pass's start for step 0), `after_step(i)` at its end."""
 
-    def __init__(self, step: int | None, job_dir: Path, pass_name: str, device: torch.device) -> None:
+    def __init__(
+        self, step: int | None, job_dir: Path, pass_name: str, device: torch.device, rank: int | None = None
+    ) -> None:
+        """`rank`: this process's rank where a pass runs over several (context parallel): a report each."""
         self.step = step
-        self.path = job_dir / "logs" / f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', pass_name).strip('-')}-step{step}.txt"
+        self.pass_name = pass_name
+        name = f"profile-{re.sub(r'[^A-Za-z0-9]+', '-', pass_name).strip('-')}-step{step}"
+        self.path = job_dir / "logs" / f"{name}{'' if rank is None else f'-rank{rank}'}.txt"
         self.device = device
         self._profile: Any = None
         self._started = 0.0
@@ -123,8 +126,19 @@ class StepProfiler:
         wall = time.perf_counter() - self._started
         profile, self._profile = self._profile, None
         profile.__exit__(None, None, None)
-        self.path.write_text(summarize(profile.key_averages(), wall, self.device.type == "cuda"))
         self.step = None  # one report per pass
+        try:
+            self.path.write_text(summarize(profile.key_averages(), wall, self.device.type == "cuda"))
+        except OSError as error:  # a diagnostic: the clip goes on without it
+            log.warning("%s: the step profile could not be written to %s (%s)", PROFILE_STEP, self.path, error)
+
+    def finish(self, steps: int) -> None:
+        """After a pass that ended: say so if its step count never reached the step asked for (no report)."""
+        if self.step is not None and self.step >= steps:
+            log.warning(
+                "%s=%d: the pass %r has %d steps (0-%d); no step of it profiled",
+                PROFILE_STEP, self.step, self.pass_name, steps, steps - 1,
+            )  # fmt: skip
 
     def close(self) -> None:
         """Stop a profiler a failed pass left running (nothing written: the step did not end)."""
