@@ -35,7 +35,7 @@ TABLE_ROWS = 40
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("fused (Inductor)", re.compile(r"^(triton_|cpp_fused)")),
     ("attention", re.compile(r"fmha|flash|attention|sdpa|cudnn.*(fprop|attn)", re.IGNORECASE)),
-    ("matmul", re.compile(r"gemm|xmma|cutlass|sm90_|scaled_mm|matmul|aten::mm\b|aten::addmm|aten::bmm", re.IGNORECASE)),
+    ("matmul", re.compile(r"gemm|xmma|cutlass|nvjet|sm90_|scaled_mm|matmul|aten::mm\b|aten::(add|b)mm", re.IGNORECASE)),
 )
 
 
@@ -53,8 +53,14 @@ def category(name: str) -> str:
     return "other"
 
 
-def _device_time_us(event: Any) -> float:
-    """An averaged event's own device time (µs); torch renamed the attribute from cuda to device."""
+def _spent_us(event: Any, on_device: bool) -> float:
+    """An averaged event's own time (µs) in the report: on a GPU only the kernels' (the operators that launched them
+    carry the same time as their device time, and counting both would count it twice), on a CPU the operators'
+    self time. torch renamed the device attribute from cuda to device."""
+    if not on_device:
+        return float(getattr(event, "self_cpu_time_total", 0.0))
+    if getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+        return 0.0
     for name in ("self_device_time_total", "self_cuda_time_total"):
         value = getattr(event, name, None)
         if value:
@@ -67,7 +73,7 @@ def summarize(events: Iterable[Any], wall_s: float, on_device: bool) -> str:
     kernels by their own device time; on a CPU, operators by their own CPU time."""
     rows: list[tuple[float, str, int]] = []
     for event in events:
-        spent = _device_time_us(event) if on_device else float(getattr(event, "self_cpu_time_total", 0.0))
+        spent = _spent_us(event, on_device)
         if spent > 0:
             rows.append((spent, event.key, int(getattr(event, "count", 1))))
     rows.sort(reverse=True)

@@ -23,6 +23,7 @@ from services.step_profile import StepProfiler, category, profiled_step
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_fp8_f32acc_128x128x128", "attention"),
         ("triton_poi_fused__scaled_mm_add_mul_0", "fused (Inductor)"),
         ("cpp_fused_add_mul_native_layer_norm_3", "fused (Inductor)"),
+        ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matmul"),
         ("aten::addmm", "matmul"),
         ("void at::native::elementwise_kernel<128, 4>", "other"),
     ],
