@@ -187,7 +187,7 @@ def limit_recompiles() -> None:
     process held other graphs than another's (services/compile_packages.py). Static graphs cost one compile per
     shape on a cold cache; Inductor's cache serves each shape after that. Past `recompile_limit` (8 by default)
     Dynamo would run further shapes eager without a word, changing their frames; it is raised to COMPILED_SHAPES,
-    and reaching it fails the attempt (the failure policy then runs the stage uncompiled, recorded so)."""
+    and reaching it fails the attempt (the failure policy retries it in a new process, uncompiled further down)."""
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_SHAPES)
