@@ -112,10 +112,9 @@ class PackagedForward:
     #: Whether a block's compile went around the cache in this process (then nothing is saved).
     fell_back: ClassVar[bool] = False
 
-    def __init__(self, cls: type, keyed: Any, dynamic: bool | None = None) -> None:
+    def __init__(self, cls: type, keyed: Any) -> None:
         self.cls = cls
-        self.dynamic = dynamic
-        self.compiled = torch.compile(keyed, fullgraph=True, dynamic=dynamic)
+        self.compiled = torch.compile(keyed, fullgraph=True, dynamic=False)
         self.packaged = True
         # Named like the function it stands for: Dynamo guards the block's `forward` attribute, and saving
         # that guard in a package needs the name.
@@ -132,16 +131,16 @@ class PackagedForward:
             log.warning("precompiled blocks unavailable (%s: %s); compiling without them", type(error).__name__, error)
             dynamo_config.caching_precompile = False
             PackagedForward.fell_back = True
-            self.compiled = torch.compile(self.cls.forward, fullgraph=True, dynamic=self.dynamic)
+            self.compiled = torch.compile(self.cls.forward, fullgraph=True, dynamic=False)
             self.packaged = False
             return self.compiled(block, *args, **kwargs)
 
 
-def compile_blocks(blocks: list[Any], key: str, dynamic: bool | None = None) -> bool:
+def compile_blocks(blocks: list[Any], key: str) -> bool:
     """Compile `blocks` with one compiled function per block class, through Dynamo's precompile cache:
     a package saved earlier under `key` is installed now (no tracing at the first step). False, with
-    nothing compiled, where a block class's forward cannot be keyed (keyed_forward). `dynamic` as torch.compile
-    takes it (the VAE decoder's False: as its plain compile, a graph per shape)."""
+    nothing compiled, where a block class's forward cannot be keyed (keyed_forward). A static graph per input
+    shape, as the plain compiles of the blocks and the decoder (services.model_loading.limit_recompiles says why)."""
     import torch._dynamo.config as dynamo_config
 
     forwards = {cls: keyed_forward(cls, key) for cls in {type(block) for block in blocks}}
@@ -151,7 +150,7 @@ def compile_blocks(blocks: list[Any], key: str, dynamic: bool | None = None) -> 
     # Dynamo warns once per guard it drops from a package (about 80 lines per compile on this model);
     # the key is what stands in for them, so the worker's log keeps its own lines.
     logging.getLogger("torch._dynamo.guards").setLevel(logging.ERROR)
-    compiled = {cls: PackagedForward(cls, forward, dynamic) for cls, forward in forwards.items()}
+    compiled = {cls: PackagedForward(cls, forward) for cls, forward in forwards.items()}
     for forward in forwards.values():  # torch.compile, above, installed any package found for them
         step_past_installed_names(forward.__globals__)
     for block in blocks:

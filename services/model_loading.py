@@ -172,7 +172,7 @@ def compile_blocks(
     limit_recompiles()
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
         blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
-        if compile_packages.compile_blocks(blocks, package_key, dynamic=False):
+        if compile_packages.compile_blocks(blocks, package_key):
             return
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
 
@@ -243,7 +243,7 @@ def compile_vae_decoder(
     limit_recompiles()
     vae.to(memory_format=torch.channels_last_3d)
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
-        if compile_packages.compile_blocks([vae.decoder], package_key, dynamic=False):
+        if compile_packages.compile_blocks([vae.decoder], package_key):
             return
     vae.decoder.compile(dynamic=False)  # as benchmarks v12 measured it (a graph break is allowed)
 
