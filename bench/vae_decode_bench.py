@@ -106,12 +106,14 @@ def measure(
     """One variant's record (see the module's docstring)."""
     import torch
 
+    from services.video_decode import compiled_decode_done
+
     vae = prepare(vae, variant)
     channels_last = "channels_last" in variant or variant == PRODUCT_VARIANT
     memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
     torch.cuda.reset_peak_memory_stats()
     first_s, first = decode_once(vae, latents, plan, memory_format)
-    caches = product_decode_done() if variant == PRODUCT_VARIANT else None
+    caches = compiled_decode_done() if variant == PRODUCT_VARIANT else None
     seconds, last = [], first
     for _ in range(repeats):
         elapsed, last = decode_once(vae, latents, plan, memory_format)
@@ -129,16 +131,6 @@ def measure(
     if caches is not None:
         record["compile_caches"] = caches
     return record, last
-
-
-def product_decode_done() -> str:
-    """What the video stage does after its compiled decode: save Dynamo's package (when wanted) and report what
-    the compile caches served at this first decode."""
-    from services import compile_packages
-
-    if compile_packages.wanted() and compile_packages.available():
-        compile_packages.save()
-    return compile_packages.cache_report()
 
 
 def main() -> int:

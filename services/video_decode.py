@@ -267,12 +267,14 @@ def run(ctx: WorkerContext) -> Future[list[str]]:
     return feed.close()
 
 
-def compiled_decode_done() -> None:
+def compiled_decode_done() -> str:
     """After a compiled decode: keep what Dynamo compiled for a later process (LTX2_COMPILE_PACKAGES=1) and say
-    what the compile caches served (tests and benchmarks read the line)."""
+    what the compile caches served (tests read the line; bench/vae_decode_bench.py records the returned one)."""
     if compile_packages.wanted() and compile_packages.available():
         compile_packages.save()
-    logging.getLogger("ltx2.worker").info(compile_packages.cache_report())
+    report = compile_packages.cache_report()
+    logging.getLogger("ltx2.worker").info(report)
+    return report
 
 
 @dataclasses.dataclass(frozen=True)
