@@ -273,8 +273,8 @@ RUN_ENV["batch_fp8mm_overlap4"] = {"LTX2_GROUP_SIZE": "4", "LTX2_OVERLAP_STAGES"
 # Where a warm 1080p step's time goes (session 18: 2.30 s per stage-2 step, ~1.7 s of it matmuls and attention at
 # their kernels' rates): 2 clips with FP8 attention, step 1 of each pass profiled kernel by kernel (the reports land
 # in results.json "step_profiles"; clip 2's are the warm ones; the profiled steps themselves run slower):
-#   bash bench/run_on_device.sh batch --family 2.3 --clips 2 --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_profile
-HD_RUNS["hd_two_stage_profile"] = ("two-stage", None, True)
+#   bash bench/run_on_device.sh batch --family 2.3 --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_profile
+HD_RUNS["hd_two_stage_profile"] = ("two-stage", 2, True)  # two clips whatever --clips says
 HD_FP8_ATTENTION.add("hd_two_stage_profile")
 RUN_ENV["hd_two_stage_profile"] = {"LTX2_PROFILE_STEP": "1"}
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from services.staged_transfer import StagedTransfer
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Dimensions the FP8 GEMM kernels accept must be multiples of this.
@@ -80,14 +82,21 @@ def convert_blocks(transformer: Any, device: torch.device, fast_accumulation: bo
     into an Fp8Linear on the way (one block at a time); returns how many were converted.
 
     `fast_accumulation` lets Hopper's tensor cores accumulate in their faster reduced-precision
-    mode instead of promoting every partial sum to fp32 (a no-op on CPUs)."""
+    mode instead of promoting every partial sum to fp32 (a no-op on CPUs).
+
+    The bf16 weights reach the device through services/staged_transfer.py: the next block's
+    weights are packed into pinned memory while this block's are copied and quantised."""
     converted = 0
-    for block in transformer.transformer_blocks:
-        block.to(device)
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if eligible(child):
-                    setattr(parent, name, Fp8Linear(child, fast_accumulation))
-                    converted += 1
-    transformer.to(device)
+    transfer = StagedTransfer(device)
+    try:
+        for block in transformer.transformer_blocks:
+            transfer.move(block)
+            for parent in list(block.modules()):
+                for name, child in list(parent.named_children()):
+                    if eligible(child):
+                        setattr(parent, name, Fp8Linear(child, fast_accumulation))
+                        converted += 1
+        transfer.move(transformer)
+    finally:
+        transfer.finish()
     return converted

@@ -21,6 +21,7 @@ from protocol.errors import ModelNotFound
 from protocol.families import LATENT_UPSAMPLER
 from protocol.fault_points import fault_point
 from services import compile_packages
+from services.staged_transfer import move_to_device
 
 log = logging.getLogger("ltx2.worker")
 # The input shapes a compiled region (the blocks, the decoder) may meet in one process: Dynamo's limit, raised
@@ -77,7 +78,7 @@ def load_prompt_encoder(root: Path, dtype: torch.dtype, device: torch.device) ->
     tokenizer_cls = getattr(transformers, component_class_name(root, "tokenizer"))
     encoder_cls = getattr(transformers, component_class_name(root, "text_encoder"))
     tokenizer = tokenizer_cls.from_pretrained(root, subfolder="tokenizer")
-    encoder = encoder_cls.from_pretrained(root, subfolder="text_encoder", dtype=dtype).to(device).eval()
+    encoder = move_to_device(encoder_cls.from_pretrained(root, subfolder="text_encoder", dtype=dtype), device).eval()
     return LTX2Pipeline(
         scheduler=None,
         vae=None,
@@ -141,7 +142,7 @@ def apply_memory_plan(
             onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level"
         )
     else:
-        transformer.to(device)
+        move_to_device(transformer, device)
 
 
 def compile_blocks(
