@@ -183,6 +183,12 @@ def parse_args(stage: Stage, argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="the orchestrator's pid on this host: a worker waiting for GO exits once it is gone (0: not watched)",
     )
+    parser.add_argument(
+        "--niceness",
+        type=int,
+        default=0,
+        help="added to this process's CPU niceness at start (decoders beside a diffusion: lane_links)",
+    )
     return parser.parse_args(argv)
 
 
@@ -206,6 +212,8 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
     try:
         request = read_request(args.job_dir[0])
         reporter.job_id = request.job_id
+        if args.niceness:  # decoders beside the lane's diffusion yield the cores to it (placement.lane_links)
+            logging.getLogger("ltx2.worker").info("CPU niceness %d", os.nice(args.niceness))
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         log_cpu_kernels()

@@ -16,6 +16,7 @@ from conftest import RunAhead, daemon_environment, ltx2_environment, probe_mp4, 
 from safetensors.torch import load_file
 from supervised import Supervised
 
+from orchestrator.placement.lane_links import DECODERS_BESIDE_NICENESS
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.stage_overlap import OVERLAP_MARGIN, MeasuredPeaks, OverlapGate
 from protocol.errors import Failure
@@ -123,6 +124,14 @@ def test_overlapped_waves_make_the_same_clips_as_waves_run_alone(overlapped: dic
         assert all(bool((beside[key] == alone[key]).all()) for key in ("video", "audio")), name
     for beside_mp4, alone_mp4 in zip(overlapped["outputs"], auto["outputs"], strict=True):
         assert beside_mp4.read_bytes() == alone_mp4.read_bytes(), beside_mp4.name
+    # Decoders run over the lane's decoder link ("on", and "auto" whether or not a wave overlaps) yield the CPU
+    # to the diffusion beside them (their x264 threads starved its weight placement); the diffusion keeps its own.
+    for run in (overlapped, auto):
+        for name, job in run["jobs"].items():
+            for stage in ("encode_diffuse", "audio_decode", "video_decode"):
+                log = (job["dir"] / "logs" / f"{stage}-1.log").read_text()
+                niced = f"CPU niceness {DECODERS_BESIDE_NICENESS}" in log
+                assert niced == (stage != "encode_diffuse"), (name, stage, niced)
     # Every attempt reports the memory its peaks count against (the host's RAM here), which "auto" plans with.
     stages = [stage for job in overlapped["jobs"].values() for stage in job["record"]["stages"].values()]
     attempts = [attempt for stage in stages for attempt in stage["attempts"]]
@@ -191,3 +200,7 @@ def test_the_daemon_diffuses_the_next_claim_beside_the_last_claims_decoders(ran_
     # Each claim's diffusion ran while the claim before it was decoded (claims of one job: group_size 1).
     for clip in (2, 3):
         assert side_by_side(ran_ahead, clip), clip
+    for name, job in jobs.items():  # the daemon's decoder link nices its workers as `ltx2 batch`'s does
+        logs = Path(job["job_dir"]) / "logs"
+        for stage in ("audio_decode", "video_decode"):
+            assert f"CPU niceness {DECODERS_BESIDE_NICENESS}" in (logs / f"{stage}-1.log").read_text(), (name, stage)

@@ -141,10 +141,12 @@ class WorkerLink:
         advertise_host: str = "",
         shared_fork_server: ForkServer | None = None,
         role: str = "",
+        niceness: int = 0,
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.placement.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
         # shared by all lanes of a host (orchestrator.placement.lane_links) is its owner's to close.
+        self.niceness = niceness  # added to each worker's CPU niceness as it starts (services.runtime)
         self.owns_fork_server = shared_fork_server is None
         self.fork_server = shared_fork_server or (ForkServer() if fork_server and spawner is None else None)
         self.spawner = spawner

@@ -66,10 +66,13 @@ def worker_args(
     endpoint: str,
     heartbeat_s: float,
     orchestrator_pid: int = 0,
+    niceness: int = 0,
 ) -> list[str]:
     """The arguments of one worker (after `python -m services.<stage>`); several jobs make a group.
-    `orchestrator_pid`, this process on this host, lets a waiting worker notice when it is gone."""
+    `orchestrator_pid`, this process on this host, lets a waiting worker notice when it is gone;
+    `niceness` is added to its CPU niceness as it starts (the link's: decoders beside a diffusion)."""
     watch = ["--orchestrator-pid", str(orchestrator_pid)] if orchestrator_pid else []
+    watch += ["--niceness", str(niceness)] if niceness else []
     return [
         *(arg for job in jobs for arg in ("--job-dir", str(job.path))),
         "--endpoint", endpoint,
@@ -107,9 +110,9 @@ def start_process(
     log_path = jobs[0].log_path(stage, attempt)
     ranks = int(plan.get("context_parallel", 1))
     if link.spawner is not None:  # another host: its scheduler, not a pid here, bounds its life
-        args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s)
+        args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, niceness=link.niceness)
         return link.spawner.spawn(stage.module, args, log_path, ranks)
-    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid())
+    args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid(), link.niceness)
     visible, threads = link.lane.visible_devices, link.lane.threads
     if ranks > 1:  # one clip over N processes (orchestrator.placement.worker_gang): one attempt, stopped together
         environment = functools.partial(worker_environment, visible)
