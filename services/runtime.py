@@ -40,7 +40,7 @@ from protocol.job_record import JobRecordError
 from protocol.spec import JobSpec
 from protocol.stage_request import StageRequest, read_stage_request
 from protocol.stages import WORKER_CURVE_ENV
-from services import parent_bound
+from services import gc_pauses, parent_bound
 
 log = logging.getLogger("ltx2.worker")
 # A prestarted worker may wait for GO through a whole diffusion run (15 min on a Thor at 1080p);
@@ -217,6 +217,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         log_cpu_kernels()
+        gc_pauses.watch()
         if args.endpoint:
             socket = connect(context, args.endpoint)
             reporter.socket = socket

@@ -1,0 +1,44 @@
+"""services/gc_pauses.py: the worker names the garbage collector's long pauses in its log."""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+from services import gc_pauses
+
+
+def collect_cycles(count: int) -> None:
+    """`count` self-referencing lists made garbage, then one full collection (none before it)."""
+    gc.disable()
+    try:
+        cycles: list[list] = [[] for _ in range(count)]
+        for cycle in cycles:
+            cycle.append(cycle)
+        del cycles
+    finally:
+        gc.enable()
+    gc.collect()
+
+
+def test_a_collection_past_the_threshold_is_logged_with_what_it_collected(monkeypatch, caplog):
+    monkeypatch.setattr(gc_pauses, "LOGGED_PAUSE_S", 0.0)
+    watch = gc_pauses.watch()
+    try:
+        with caplog.at_level(logging.INFO, logger="ltx2.worker"):
+            collect_cycles(50_000)
+    finally:
+        gc.callbacks.remove(watch)
+    assert any(generation == 2 and collected >= 50_000 for generation, _, collected in watch.pauses), watch.pauses
+    assert "gc: a generation-2 collection paused this process" in caplog.text
+
+
+def test_shorter_collections_are_not_logged(monkeypatch, caplog):
+    monkeypatch.setattr(gc_pauses, "LOGGED_PAUSE_S", 60.0)
+    watch = gc_pauses.watch()
+    try:
+        with caplog.at_level(logging.INFO, logger="ltx2.worker"):
+            collect_cycles(1_000)
+    finally:
+        gc.callbacks.remove(watch)
+    assert watch.pauses == [] and "gc:" not in caplog.text
