@@ -31,7 +31,7 @@ from typing import Any
 
 from protocol.fault_points import fault_point
 from protocol.files import Stage
-from services import parent_bound
+from services import gc_pauses, parent_bound
 
 # Stop-and-reap cadence of the single-threaded loop; also the exit-report latency.
 POLL_S = 0.05
@@ -52,6 +52,7 @@ def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
     """Fork a child that becomes the requested stage worker; returns its pid (in the parent)."""
     module = modules[request["stage"]]
     server = os.getpid()
+    gc_pauses.freeze_imports()  # the child's collections skip the imports' objects (services/gc_pauses.py)
     pid = os.fork()
     if pid:
         return pid

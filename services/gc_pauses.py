@@ -1,10 +1,15 @@
-"""Long pauses of Python's cyclic garbage collector, named in the worker's log.
+"""Python's cyclic garbage collector in a stage process: its long pauses named in the log, and the imports'
+objects kept out of its passes.
 
-Why: a stage process that compiled its blocks holds millions of Python objects (Dynamo's guards, Inductor's
-graphs), and the collector's full passes walk every one of them. While a denoising step runs, the GPU has
-work queued and such a pause costs nothing; between two jobs of a group, or before a pass's first step, the
-GPU waits for it. At LTX-2.3 1080p the second job of each group process started its first mark 0.17-0.25 s
-later than the third (session 19), which a collection would explain; this log line says whether it is.
+Why: a stage process holds millions of Python objects from its imports (torch, diffusers, transformers) and,
+once compiled, from Dynamo and Inductor; each full pass of the collector walks every one. While a denoising
+step runs the GPU has work queued and a pause costs nothing, but while the process loads, places and compiles
+its model the GPU waits for it: at LTX-2.3 1080p on an H100 a diffusion worker's start held nine full
+collections of 0.24-0.43 s (2.4 s in all), most of which found fewer than 25 objects to free (session 19,
+docs/benchmarks.md version 19). The imports' objects live as long as the process, so they are frozen
+(`gc.freeze`) before the work starts, and in the fork server before each fork, as Python's documentation
+advises for a process that forks without exec: a child's passes then skip them, and do not write to the
+pages it shares with the server.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ class PauseWatch:
                 seconds,
                 info.get("collected", 0),
             )
+
+
+def freeze_imports() -> int:
+    """Put every object alive now out of the collector's passes for the process's life; returns how many
+    objects are frozen (with those a fork server froze before forking this process)."""
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def watch() -> PauseWatch:

@@ -217,6 +217,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         log_cpu_kernels()
+        log.info("gc: %d objects of the imports frozen out of its passes", gc_pauses.freeze_imports())
         gc_pauses.watch()
         if args.endpoint:
             socket = connect(context, args.endpoint)

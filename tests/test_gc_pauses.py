@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 from services import gc_pauses
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def collect_cycles(count: int) -> None:
@@ -42,3 +47,18 @@ def test_shorter_collections_are_not_logged(monkeypatch, caplog):
     finally:
         gc.callbacks.remove(watch)
     assert watch.pauses == [] and "gc:" not in caplog.text
+
+
+def test_freezing_takes_the_imports_out_of_every_full_collection():
+    """In a fresh process that imported torch: the collector's generations shrink to a few objects and stay so."""
+    code = (
+        "import gc, sys, torch\n"
+        "from services import gc_pauses\n"
+        "before = len(gc.get_objects())\n"
+        "frozen = gc_pauses.freeze_imports()\n"
+        "gc.collect()\n"
+        "sys.stdout.write(f'{before} {frozen} {len(gc.get_objects())}')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    before, frozen, after = (int(word) for word in result.stdout.split())
+    assert before > 100_000 and frozen >= before and after < before // 100, (before, frozen, after)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -132,6 +133,9 @@ def test_overlapped_waves_make_the_same_clips_as_waves_run_alone(overlapped: dic
                 log = (job["dir"] / "logs" / f"{stage}-1.log").read_text()
                 niced = f"CPU niceness {DECODERS_BESIDE_NICENESS}" in log
                 assert niced == (stage != "encode_diffuse"), (name, stage, niced)
+                # and every worker starts with its imports' objects out of the collector's passes (gc_pauses)
+                frozen = re.search(r"gc: (\d+) objects of the imports frozen", log)
+                assert frozen is not None and int(frozen[1]) > 100_000, (name, stage)
     # Every attempt reports the memory its peaks count against (the host's RAM here), which "auto" plans with.
     stages = [stage for job in overlapped["jobs"].values() for stage in job["record"]["stages"].values()]
     attempts = [attempt for stage in stages for attempt in stage["attempts"]]
