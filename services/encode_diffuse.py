@@ -16,6 +16,7 @@ too (services/two_stage.py).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -33,6 +34,11 @@ from services.denoising import DenoisePass, denoise, release_memory
 from services.latents import denoised_metadata, write_latents
 from services.runtime import WorkerContext, run_worker
 from services.two_stage import denoise_two_stage, run_group_stage1
+
+log = logging.getLogger("ltx2.worker")
+# Keys of WorkerContext.shared: the group's contexts in order, and the read-ahead of the next one's embeddings.
+GROUP_KEY = "group"
+READ_AHEAD_KEY = "embeddings_read_ahead"
 
 
 def embeddings_path(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> Path | None:
@@ -52,7 +58,7 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
         if ctx.stage_request is None:
             continue
         path = embeddings_path(ctx, device, model_loading.resolve_dtype(ctx.spec.dtype, device))
-        if path is not None and not path.is_file():
+        if path is not None and not embedding_cache.readable(path):
             missing.setdefault(path, ctx)
     if not missing:
         return
@@ -64,6 +70,7 @@ def encode_group_prompts(contexts: list[WorkerContext]) -> None:
 
 def prepare_group(contexts: list[WorkerContext]) -> None:
     """Before a group's first job: its prompts into the cache, then dev two-stage members' stage 1."""
+    contexts[0].shared[GROUP_KEY] = contexts  # each job reads the next one's embeddings ahead
     encode_group_prompts(contexts)
     run_group_stage1(contexts, cached_or_encoded_prompt)
 
@@ -87,14 +94,32 @@ def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: to
     if path is None:
         ctx.progress("load text encoder")
         return encode_prompts(ctx.model_root, dtype, device, [ctx.spec], ctx.progress)[0]
-    cached = embedding_cache.load(path, device)
+    read_ahead: embedding_cache.ReadAhead | None = ctx.shared.get(READ_AHEAD_KEY)
+    cached = read_ahead.take(path, device) if read_ahead is not None else None
     if cached is not None:
+        log.info("%s: prompt embeddings read ahead", ctx.job_id)
+    else:
+        cached = embedding_cache.load(path, device)
+    if cached is not None:
+        read_next_prompt_ahead(ctx, device, dtype)
         ctx.progress("prompt embeddings from cache")
         return cached
     ctx.progress("load text encoder")
     (embeddings,) = encode_prompts(ctx.model_root, dtype, device, [ctx.spec], ctx.progress)
     embedding_cache.store(path, embeddings)
     return embeddings
+
+
+def read_next_prompt_ahead(ctx: WorkerContext, device: torch.device, dtype: torch.dtype) -> None:
+    """Start reading the cached embeddings of the group's job after `ctx` (embedding_cache.ReadAhead says why)."""
+    group: list[WorkerContext] = ctx.shared.get(GROUP_KEY, [])
+    following = next((group[i + 1] for i, member in enumerate(group[:-1]) if member is ctx), None)
+    if following is None or following.stage_request is None:
+        return
+    path = embeddings_path(following, device, dtype)
+    if path is not None and path.is_file():
+        read_ahead = ctx.shared.setdefault(READ_AHEAD_KEY, embedding_cache.ReadAhead())
+        read_ahead.start(path, pin=device.type == "cuda")
 
 
 def encode_prompts(

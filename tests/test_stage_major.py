@@ -97,6 +97,9 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     assert diffusion_log.count("load transformer") == 1
     assert diffusion_log.count("load video VAE for the conditioning image") == 1
     assert diffusion_log.count("job started") == 3
+    # Jobs 2 and 3 found their prompt's embeddings read ahead while the job before them denoised
+    # (services/embedding_cache.ReadAhead); their latents are checked against clips rendered alone below.
+    assert diffusion_log.count("prompt embeddings read ahead") == 2
     assert logs[Stage.AUDIO_DECODE].read_text().count("load audio decoder") == 1
     assert logs[Stage.VIDEO_DECODE].read_text().count("load video VAE") == 1
     for job in jobs.values():
