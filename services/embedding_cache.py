@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,13 +58,22 @@ def load(path: Path, device: torch.device) -> dict[str, torch.Tensor | None] | N
         tensors = load_file(str(path), device=str(device))
     except UNREADABLE:
         return None
-    path.touch()  # recently used files survive eviction
+    mark_used(path)
     # Copied into torch's own (64-byte aligned) memory: safetensors hands back views of its file buffer at
     # whatever offset the header left (8-byte aligned here), so a process reading the cache computed on
     # differently aligned inputs than the one that encoded the prompt. Every CPU run-to-run drift seen
     # (issue 23: a compiled worker, a NAG run, a retried diffusion, a second render's WAV) was a process
     # that read cached embeddings against one that had just encoded them.
     return {key: None if tensors.get(key) is None else tensors[key].clone() for key in KEYS}
+
+
+def mark_used(path: Path) -> None:
+    """Make `path` the most recently used file, so eviction spares it; one evicted meanwhile stays gone
+    (`touch` would make an empty file of it)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass
 
 
 def readable(path: Path) -> bool:
@@ -97,16 +107,17 @@ class ReadAhead:
         self._path, self._future = path, self._executor.submit(read_to_host, path, pin)
 
     def take(self, path: Path, device: torch.device) -> dict[str, torch.Tensor | None] | None:
-        """`path`'s embeddings on `device` if they were read ahead (and the read worked), else None."""
-        if path != self._path or self._future is None:
+        """`path`'s embeddings on `device` if they were read ahead (and the read worked), else None. A read of
+        another file is dropped either way: the job it was for is not next, and its memory is not kept."""
+        future, read_path, self._path, self._future = self._future, self._path, None, None
+        if future is None or path != read_path:
             return None
-        future, self._path, self._future = self._future, None, None
         try:
             tensors = future.result()
         except UNREADABLE as exc:  # the job then loads the file itself (or encodes the prompt again)
             log.warning("reading %s ahead failed (%s); loading it now", path.name, exc)
             return None
-        path.touch()  # recently used files survive eviction
+        mark_used(path)
         return {key: None if key not in tensors else tensors[key].to(device, non_blocking=True) for key in KEYS}
 
 

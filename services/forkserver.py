@@ -21,6 +21,7 @@ stdin stops the server.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -106,6 +107,7 @@ def reap() -> None:
 def main() -> None:
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     modules = {stage.value: importlib.import_module(stage.module) for stage in Stage}
+    gc.collect()  # once: the imports' cyclic garbage, which every fork's freeze would otherwise keep for good
     culprit = fault_point("forkserver.imported") or cuda_initialised_by()
     emit({"ready": True, "cuda_initialised_by": culprit})
     pending = b""

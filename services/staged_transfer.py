@@ -12,7 +12,8 @@ allocations of the same shapes and dtypes, so what later code sees is what `.to`
 
 A buffer is reused only after the device has finished reading it (a CUDA event per buffer), and the
 parameters keep their `Parameter` objects (`param.data` is replaced, as `Module.to` does), so hooks and
-tied weights (one tensor under two names, moved once) survive the move.
+tied weights (one tensor under two names, moved once) survive the move. Gradients are not moved (the stages
+only infer), and tensors a buffer cannot carry (strided views, empty or sparse ones) go by `Tensor.to`.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class StagedTransfer:
     """
 
     def __init__(self, device: torch.device, *, staged: bool | None = None, buffer_bytes: int = BUFFER_BYTES) -> None:
+        if device.type == "cuda" and device.index is None:  # what tensors on it report ("cuda:0" != "cuda")
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.staged = device.type == "cuda" if staged is None else staged
         self.pinned = device.type == "cuda"
@@ -78,6 +81,9 @@ class StagedTransfer:
             return module.to(self.device)
         batch = _Batch()
         for tensor, slots in self._tensors_to_move(module):
+            if not self._stageable(tensor):  # a strided view, an empty or sparse tensor: as Module.to would
+                self._place(tensor, tensor.to(self.device), slots)
+                continue
             nbytes = _aligned(tensor.numel() * tensor.element_size())
             if batch.tensors and batch.nbytes + nbytes > self.buffer_bytes:
                 self._send(batch)
@@ -94,9 +100,10 @@ class StagedTransfer:
         for event in self._events:
             if event is not None:
                 event.synchronize()
+        allocated = any(buffer is not None for buffer in self._buffers)
         self._buffers = [None, None]
         self._events = [None, None]
-        if self.pinned:
+        if self.pinned and allocated:
             # The caching host allocator would keep the pinned pages for the process's whole life.
             empty_host_cache = getattr(torch._C, "_host_emptyCache", None)
             if empty_host_cache is not None:
@@ -108,15 +115,37 @@ class StagedTransfer:
         for owner in module.modules():
             for table, is_parameter in ((owner._parameters, True), (owner._buffers, False)):
                 for name, tensor in table.items():
-                    if tensor is None or (tensor.numel() and tensor.untyped_storage().data_ptr() in self._placed):
-                        continue
-                    if tensor.device == self.device and self.device.type != "cpu":
+                    if tensor is None or self._placed_here(tensor):
                         continue
                     key = id(tensor)
                     if key not in found:
                         found[key] = (tensor, [])
                     found[key][1].append(_Slot(owner, name, is_parameter))
         return list(found.values())
+
+    def _placed_here(self, tensor: torch.Tensor) -> bool:
+        """Already where it should be: on the device (a CPU target: made by this transfer)."""
+        if self.device.type != "cpu":
+            return tensor.device == self.device
+        stored = tensor.layout == torch.strided and tensor.numel() > 0
+        return stored and tensor.untyped_storage().data_ptr() in self._placed
+
+    @staticmethod
+    def _stageable(tensor: torch.Tensor) -> bool:
+        """Whether the tensor's bytes can go through a buffer: a dense, contiguous, non-empty host tensor."""
+        return (
+            tensor.layout == torch.strided
+            and tensor.device.type == "cpu"
+            and tensor.is_contiguous()
+            and tensor.numel() > 0
+        )
+
+    def _place(self, tensor: torch.Tensor, moved: torch.Tensor, slots: list[_Slot]) -> None:
+        self.moved_bytes += tensor.numel() * tensor.element_size()
+        if self.device.type == "cpu" and moved.layout == torch.strided and moved.numel():
+            self._placed.add(moved.untyped_storage().data_ptr())  # every empty tensor's storage is at address 0
+        for slot in slots:
+            _put(slot, moved)
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """This turn's buffer, at least `nbytes` long, once the device has finished reading it."""
@@ -137,22 +166,15 @@ class StagedTransfer:
         offset = 0
         for tensor, slots in zip(batch.tensors, batch.slots, strict=True):
             nbytes = tensor.numel() * tensor.element_size()
-            if tensor.is_contiguous() and tensor.device.type == "cpu" and nbytes:
-                staged = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
-                staged.copy_(tensor)  # torch's intra-op threads: the page faults happen in parallel
-                moved = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
-                moved.copy_(staged, non_blocking=self.pinned)
-                offset += _aligned(nbytes)
-            else:  # a strided view, an empty tensor, or one on another device: as Module.to would
-                moved = tensor.to(self.device)
-            self.moved_bytes += nbytes
-            if nbytes:  # every empty tensor's storage is at address 0
-                self._placed.add(moved.untyped_storage().data_ptr())
-            for slot in slots:
-                _put(slot, moved)
-        if self.pinned:
+            staged = buffer[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)
+            staged.copy_(tensor)  # torch's intra-op threads: the page faults happen in parallel
+            moved = torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
+            moved.copy_(staged, non_blocking=self.pinned)
+            offset += _aligned(nbytes)
+            self._place(tensor, moved, slots)
+        if self.pinned:  # on the stream the copies went on: the destination device's
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             self._events[self._turn] = event
         self._turn = 1 - self._turn
 

@@ -31,7 +31,6 @@ def test_a_file_read_ahead_gives_the_tensors_a_load_gives_in_aligned_memory_of_i
     assert read_ahead.take(second, CPU) is None  # nothing started
     read_ahead.start(first, pin=False)
     read_ahead.start(second, pin=False)  # replaces the read of `first`
-    assert read_ahead.take(first, CPU) is None
     taken = read_ahead.take(second, CPU)
     loaded = embedding_cache.load(second, CPU)
     assert taken is not None and loaded is not None
@@ -61,3 +60,25 @@ def test_a_garbled_cache_file_is_a_miss_not_a_failed_job(tmp_path: Path):
     whole = tmp_path / "whole.safetensors"
     write_embeddings(whole, 3)
     assert embedding_cache.readable(whole)
+
+
+def test_a_file_evicted_between_read_and_take_is_not_brought_back_empty(tmp_path: Path):
+    path = tmp_path / "evicted.safetensors"
+    expected = write_embeddings(path, 4)
+    read_ahead = ReadAhead()
+    read_ahead.start(path, pin=False)
+    read_ahead._future.result()  # read, then evicted by another process while this job denoised
+    path.unlink()
+    taken = read_ahead.take(path, CPU)
+    assert taken is not None and torch.equal(taken["prompt_embeds"], expected["prompt_embeds"])
+    assert not path.exists()  # Path.touch made a 0-byte file of it
+
+
+def test_a_read_for_a_job_that_does_not_come_is_dropped_at_the_next_take(tmp_path: Path):
+    other, own = tmp_path / "other.safetensors", tmp_path / "own.safetensors"
+    write_embeddings(other, 5)
+    write_embeddings(own, 6)
+    read_ahead = ReadAhead()
+    read_ahead.start(other, pin=False)
+    assert read_ahead.take(own, CPU) is None  # the job loads its own file; the read of `other` is let go
+    assert read_ahead._future is None and read_ahead.take(other, CPU) is None

@@ -55,14 +55,22 @@ def test_tied_strided_empty_oversized_and_mixed_dtype_tensors_move_once_and_unch
     model.bf16 = nn.Parameter(torch.randn(5, 3).to(torch.bfloat16))  # an odd size: the next offset realigns
     model.register_buffer("steps", torch.arange(7, dtype=torch.int64))
     model.register_buffer("fp8", torch.randn(16).to(torch.float8_e4m3fn))
+    model.register_buffer("sparse", torch.eye(6).to_sparse())  # no storage to pack: goes by Tensor.to
+    model.wide_view = nn.Parameter(torch.randn(96, 64).t())  # 24 KiB, strided: must not size a buffer
     expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     transfer = StagedTransfer(torch.device("cpu"), staged=True, buffer_bytes=4096)
     transfer.move(model)
+    buffer_sizes = [buffer.numel() for buffer in transfer._buffers if buffer is not None]
     transfer.finish()
+    assert max(buffer_sizes) == 64 * 64 * 4  # the one contiguous tensor past 4 KiB, not the 24 KiB view
     assert model.second.weight is model.first.weight  # still tied after the move
     for name, tensor in model.state_dict().items():
         assert tensor.dtype == expected[name].dtype and tensor.shape == expected[name].shape, name
-        assert torch.equal(tensor.contiguous().view(torch.uint8), expected[name].contiguous().view(torch.uint8)), name
+        if tensor.layout == torch.strided:
+            bytes_now, bytes_before = (t.contiguous().view(torch.uint8) for t in (tensor, expected[name]))
+            assert torch.equal(bytes_now, bytes_before), name
+        else:
+            assert torch.equal(tensor.to_dense(), expected[name].to_dense()), name
     tied = model.first.weight.numel() * 4
     everything = sum(tensor.numel() * tensor.element_size() for tensor in expected.values())
     assert transfer.moved_bytes == everything - tied  # the tied weight once, not twice
