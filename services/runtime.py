@@ -213,7 +213,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         request = read_request(args.job_dir[0])
         reporter.job_id = request.job_id
         if args.niceness:  # decoders beside the lane's diffusion yield the cores to it (placement.lane_links)
-            logging.getLogger("ltx2.worker").info("CPU niceness %d", os.nice(args.niceness))
+            log.info("CPU niceness %d", os.nice(args.niceness))
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         log_cpu_kernels()

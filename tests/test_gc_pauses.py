@@ -26,26 +26,26 @@ def collect_cycles(count: int) -> None:
     gc.collect()
 
 
-def test_a_collection_past_the_threshold_is_logged_with_what_it_collected(monkeypatch, caplog):
-    monkeypatch.setattr(gc_pauses, "LOGGED_PAUSE_S", 0.0)
+def watched_collection(count: int, threshold_s: float, monkeypatch, caplog) -> gc_pauses.PauseWatch:
+    """collect_cycles(count) with the watch installed, logging pauses of `threshold_s` or more; the watch after."""
+    monkeypatch.setattr(gc_pauses, "LOGGED_PAUSE_S", threshold_s)
     watch = gc_pauses.watch()
     try:
         with caplog.at_level(logging.INFO, logger="ltx2.worker"):
-            collect_cycles(50_000)
+            collect_cycles(count)
     finally:
         gc.callbacks.remove(watch)
+    return watch
+
+
+def test_a_collection_past_the_threshold_is_logged_with_what_it_collected(monkeypatch, caplog):
+    watch = watched_collection(50_000, 0.0, monkeypatch, caplog)
     assert any(generation == 2 and collected >= 50_000 for generation, _, collected in watch.pauses), watch.pauses
     assert "gc: a generation-2 collection paused this process" in caplog.text
 
 
 def test_shorter_collections_are_not_logged(monkeypatch, caplog):
-    monkeypatch.setattr(gc_pauses, "LOGGED_PAUSE_S", 60.0)
-    watch = gc_pauses.watch()
-    try:
-        with caplog.at_level(logging.INFO, logger="ltx2.worker"):
-            collect_cycles(1_000)
-    finally:
-        gc.callbacks.remove(watch)
+    watch = watched_collection(1_000, 60.0, monkeypatch, caplog)
     assert watch.pauses == [] and "gc:" not in caplog.text
 
 
