@@ -31,6 +31,7 @@ ENV_OVERRIDES = {
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
     "LTX2_OVERLAP_STAGES": ("worker", "overlap_stages"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
+    "LTX2_FP8_GELU_KERNEL": ("worker", "fp8_gelu_kernel"),
     "LTX2_DETERMINISTIC": ("worker", "deterministic"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
     "LTX2_DEVICES": ("cluster", "devices"),
@@ -139,6 +140,8 @@ class Settings:
     stderr_tail_lines: int
     group_size: int
     fp8_fast_accumulation: bool
+    #: --fp8-matmul: the feed-forward's GELU and row quantisation in services/fp8_rows.py's kernel (CUDA + Triton)
+    fp8_gelu_kernel: bool
     max_attempts_per_stage: int
     same_plan_retries: int
     decode: DecodeSettings
@@ -383,8 +386,9 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     profile_step(environ)
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
-    if not isinstance(worker["deterministic"], bool):
-        raise ConfigError(f"worker.deterministic must be true or false, got {worker['deterministic']!r}")
+    for key in ("deterministic", "fp8_gelu_kernel"):
+        if not isinstance(worker[key], bool):
+            raise ConfigError(f"worker.{key} must be true or false, got {worker[key]!r}")
     if worker["overlap_stages"] not in OVERLAP_MODES:
         allowed = ", ".join(OVERLAP_MODES)
         raise ConfigError(f"worker.overlap_stages must be one of {allowed}; got {worker['overlap_stages']!r}")
@@ -420,6 +424,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         stderr_tail_lines=int(worker["stderr_tail_lines"]),
         group_size=int(worker["group_size"]),
         fp8_fast_accumulation=bool(worker["fp8_fast_accumulation"]),
+        fp8_gelu_kernel=worker["fp8_gelu_kernel"],
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
         same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(

@@ -123,6 +123,7 @@ def loaded_denoiser(
         sequential_offload=ctx.plan.get("offload") == "sequential",
         fp8_matmul=ctx.plan.get("weights") == "fp8-matmul",
         fp8_fast_accumulation=ctx.plan.get("fp8_accumulation") == "fast",
+        fp8_gelu_kernel=ctx.plan.get("fp8_gelu") == "kernel",
     )
     if ctx.plan.get("attention") == "fp8":
         use_fp8_attention(ctx, transformer)

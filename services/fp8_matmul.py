@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from services import fp8_rows
 from services.staged_transfer import StagedTransfer
 
 FP8 = torch.float8_e4m3fn
@@ -53,18 +54,21 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        quantized, scale = quantize_rows(rows)
-        out = torch._scaled_mm(
+        out = self.multiply(*quantize_rows(rows), x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def multiply(self, quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The FP8 product of already quantised input rows (and their scales) with the weight, in `dtype`, no bias."""
+        return torch._scaled_mm(
             quantized,
             self.weight.t(),
             scale_a=scale,
             scale_b=self.weight_scale,
-            out_dtype=x.dtype,
+            out_dtype=dtype,
             use_fast_accum=self.fast_accumulation,
         )
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         accumulation = "fast" if self.fast_accumulation else "exact"
@@ -72,14 +76,63 @@ class Fp8Linear(nn.Module):
         return f"{sizes}, fp8 rowwise, {accumulation} accumulation"
 
 
+class Fp8FeedForward(nn.Module):
+    """diffusers' FeedForward (linear, tanh GELU, linear) with both linears FP8, where the hidden activation's
+    bias, GELU and row quantisation for the second matmul run in services/fp8_rows.py's one-pass kernel instead
+    of Inductor's two-pass fusion (that module's docstring has the numbers). The first matmul's input is
+    quantised as in Fp8Linear, so Inductor still fuses it with the norm and modulation before it."""
+
+    def __init__(self, first: Fp8Linear, second: Fp8Linear) -> None:
+        super().__init__()
+        self.first, self.second = first, second
+        fp8_rows.operator()  # defined here, outside any compiled region (fp8_rows.gelu_quantize_rows says why)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.first.in_features)
+        hidden = self.first.multiply(*quantize_rows(rows), x.dtype)
+        out = self.second.multiply(*fp8_rows.gelu_quantize_rows(hidden, self.first.bias), x.dtype)
+        if self.second.bias is not None:
+            out = out + self.second.bias
+        return out.reshape(*x.shape[:-1], self.second.out_features)
+
+
+def fusable_feed_forward(module: nn.Module) -> tuple[Fp8Linear, Fp8Linear] | None:
+    """(first, second) FP8 linears of a diffusers FeedForward that is linear, tanh GELU, dropouts that do nothing
+    and linear; None for anything else (another activation, a live dropout, a layer left in bf16)."""
+    if type(module).__name__ != "FeedForward" or not isinstance(getattr(module, "net", None), nn.ModuleList):
+        return None
+    layers = list(module.net)
+    if len(layers) < 3 or type(layers[0]).__name__ != "GELU" or getattr(layers[0], "approximate", None) != "tanh":
+        return None
+    first, second = getattr(layers[0], "proj", None), layers[2]
+    idle = all(isinstance(layer, nn.Dropout) and layer.p == 0.0 for layer in [layers[1], *layers[3:]])
+    if not (idle and isinstance(first, Fp8Linear) and isinstance(second, Fp8Linear)):
+        return None
+    return first, second
+
+
+def fuse_feed_forwards(block: nn.Module) -> int:
+    """Turn each fusable FeedForward in `block` into an Fp8FeedForward; returns how many."""
+    fused = 0
+    for parent in list(block.modules()):
+        for name, child in list(parent.named_children()):
+            if (linears := fusable_feed_forward(child)) is not None:
+                setattr(parent, name, Fp8FeedForward(*linears))
+                fused += 1
+    return fused
+
+
 def eligible(module: nn.Module) -> bool:
     """A plain linear layer whose sizes the FP8 kernels accept."""
     return type(module) is nn.Linear and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
 
 
-def convert_blocks(transformer: Any, device: torch.device, fast_accumulation: bool = False) -> int:
+def convert_blocks(
+    transformer: Any, device: torch.device, fast_accumulation: bool = False, gelu_kernel: bool = False
+) -> int:
     """Move the transformer to `device`, turning each eligible linear layer of its repeated blocks
-    into an Fp8Linear on the way (one block at a time); returns how many were converted.
+    into an Fp8Linear on the way (one block at a time); returns how many were converted. With `gelu_kernel`
+    each block's feed-forwards become Fp8FeedForward (the GELU and quantisation in one kernel).
 
     `fast_accumulation` lets Hopper's tensor cores accumulate in their faster reduced-precision
     mode instead of promoting every partial sum to fp32 (a no-op on CPUs).
@@ -96,6 +149,8 @@ def convert_blocks(transformer: Any, device: torch.device, fast_accumulation: bo
                     if eligible(child):
                         setattr(parent, name, Fp8Linear(child, fast_accumulation))
                         converted += 1
+            if gelu_kernel:
+                fuse_feed_forwards(block)
         transfer.move(transformer)
     finally:
         transfer.finish()

@@ -117,12 +117,15 @@ def apply_memory_plan(
     sequential_offload: bool,
     fp8_matmul: bool = False,
     fp8_fast_accumulation: bool = False,
+    fp8_gelu_kernel: bool = False,
 ) -> None:
     """Place the transformer per the plan: FP8 storage and/or sequential offload, else all on `device`.
 
     `fp8` stores weights in float8_e4m3fn and computes in `dtype` (about half the weight memory).
     `fp8_matmul` also stores them in FP8 and multiplies in FP8 (services/fp8_matmul.py), with the
-    tensor cores' fast accumulation if `fp8_fast_accumulation`.
+    tensor cores' fast accumulation if `fp8_fast_accumulation`, and with `fp8_gelu_kernel` the feed-forwards'
+    GELU and quantisation in one kernel (services/fp8_rows.py) except under sequential offload, whose per-layer
+    hooks would not see the weights an Fp8FeedForward reads directly.
     `sequential_offload` keeps the layers in host memory and moves each to the accelerator only
     while it runs (slowest, smallest); on a CPU-only host it changes nothing. LoRAs must already
     be fused: casting first would merge adapters into quantised weights, so that order is refused.
@@ -134,7 +137,8 @@ def apply_memory_plan(
         from services.fp8_matmul import convert_blocks
 
         placement = device if not sequential_offload else torch.device("cpu")
-        convert_blocks(transformer, placement, fast_accumulation=fp8_fast_accumulation)
+        gelu_kernel = fp8_gelu_kernel and not sequential_offload
+        convert_blocks(transformer, placement, fast_accumulation=fp8_fast_accumulation, gelu_kernel=gelu_kernel)
     if fp8:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     if sequential_offload and device.type == "cuda":

@@ -73,11 +73,15 @@ def test_fp8_matmul_plan_and_its_ladder():
         "compile": "regional",
         "deterministic": True,  # Inductor's deterministic mode goes with the compile (and leaves with it below)
         "fp8_accumulation": "fast",
+        "fp8_gelu": "torch",  # services/fp8_rows.py's one-pass kernel is opt-in (LTX2_FP8_GELU_KERNEL)
     }
     lower = next_plan(Stage.ENCODE_DIFFUSE, [Attempt(top, Failure.CUDA_OOM)], spec, settings)
-    assert lower == {"weights": "fp8-matmul", "offload": "sequential", "fp8_accumulation": "fast"}
-    exact = load_settings(environ={"HOME": "/nonexistent", "LTX2_FP8_FAST_ACCUMULATION": "false"})
+    assert lower == {"weights": "fp8-matmul", "offload": "sequential", "fp8_accumulation": "fast", "fp8_gelu": "torch"}
+    environ = {"HOME": "/nonexistent", "LTX2_FP8_FAST_ACCUMULATION": "false", "LTX2_FP8_GELU_KERNEL": "true"}
+    exact = load_settings(environ=environ)
     assert initial_plan(Stage.ENCODE_DIFFUSE, spec, exact)["fp8_accumulation"] == "exact"
-    assert "fp8_accumulation" not in initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8_matmul=False), exact)
+    assert initial_plan(Stage.ENCODE_DIFFUSE, spec, exact)["fp8_gelu"] == "kernel"
+    without = initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(fp8_matmul=False), exact)
+    assert "fp8_accumulation" not in without and "fp8_gelu" not in without
     with pytest.raises(SpecError, match="--fp8-matmul: choose one of --fp8"):
         spec.with_changes(fp8=True)

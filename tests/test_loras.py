@@ -71,10 +71,16 @@ def encode(
 
 
 def encode_job(
-    tiny_model_dir: Path, tmp_path: Path, name: str, shared: dict | None, **request: object
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    name: str,
+    shared: dict | None,
+    environ: dict[str, str] | None = None,
+    **request: object,
 ) -> dict[str, torch.Tensor]:
-    """`encode` without the session's copy of the plain request: always a fresh job."""
-    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path)})
+    """`encode` without the session's copy of the plain request: always a fresh job (`environ`: settings'
+    variables beside the state dir, e.g. LTX2_FP8_GELU_KERNEL)."""
+    settings = load_settings(environ={"LTX2_STATE_DIR": str(tmp_path), "HOME": str(tmp_path), **(environ or {})})
     fields = {
         "prompt": "a dolly in",
         "model": str(tiny_model_dir),

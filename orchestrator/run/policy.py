@@ -74,6 +74,7 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
     plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
     if spec.fp8_matmul:
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
+        plan["fp8_gelu"] = "kernel" if settings.fp8_gelu_kernel else "torch"
     if spec.fp8_attention:
         plan["attention"] = "fp8"
     if spec.context_parallel > 1:  # N processes for the stage (orchestrator.placement.worker_gang), on every rung

@@ -1,0 +1,153 @@
+"""The feed-forward's hidden activation quantised for its second FP8 matmul in one pass over each row.
+
+Why a kernel of our own beside Inductor's. Between the two FP8 matmuls of a block's feed-forward the hidden
+activation (tokens x 16,384 at LTX-2's width) gets its bias, the tanh GELU and a rowwise FP8 quantisation
+(services/fp8_matmul.py). Compiled, Inductor fuses those into one reduction kernel that walks each row twice
+(once for the row's maximum, once for the scaled cast, computing the GELU both times): at 1080p that kernel took
+91.5 ms of a 2,257 ms stage-2 step on an H100 (benchmarks version 19), about four times what reading the bf16
+row once and writing its FP8 copy costs at the card's memory bandwidth. A row of 16,384 values fits one
+program's registers, so the kernel below loads it once, applies bias and GELU in fp32, takes the maximum and
+writes the FP8 row and its scale. The card is power-capped through a 1080p step, so fewer bytes moved and half
+the GELUs are energy, and energy is time there.
+
+It is a Triton kernel behind a torch custom operator, so `torch.compile` keeps it in the graph (no graph break),
+and it launches with its one fixed configuration: no autotuning, so the same request gives the same bits
+(DESIGN.md rule 6) with or without Inductor's deterministic mode. Where Triton or a
+CUDA device is missing (the CPU tests, a CPU worker) the same operator runs its torch implementation, which is
+also the reference the kernel is tested against (through Triton's interpreter on a CPU). The GELU is written as
+x * sigmoid(2u), which equals the tanh form 0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3); the two
+implementations differ by rounding only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+MIN_SCALE = 1e-12  # services/fp8_matmul.MIN_SCALE: a row of zeros keeps a usable scale
+# 2 * sqrt(2 / pi): the tanh GELU's inner factor, doubled for the sigmoid form.
+TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+#: Widest row the kernel holds in registers (LTX-2's feed-forward is 16,384 wide; its audio one 8,192).
+MAX_ROW = 32768
+
+
+def gelu_quantize_reference(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 rows, float32 scale per row as [rows, 1]) of gelu_tanh(hidden + bias), computed in fp32 with torch."""
+    values = hidden.float()
+    if bias is not None:
+        values = values + bias.float()
+    inner = TWO_SQRT_2_OVER_PI * (values + GELU_CUBIC * values * values * values)
+    values = values * torch.sigmoid(inner)
+    scale = values.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_SCALE) / FP8_MAX
+    quantized = (values / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return quantized, scale
+
+
+def triton_unavailable() -> str | None:
+    """Why the Triton kernel cannot be built in this process, or None when it can."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError as error:
+        return f"triton is not importable ({error})"
+    if not hasattr(torch.library, "triton_op"):
+        return f"torch {torch.__version__} has no torch.library.triton_op"
+    return None
+
+
+@functools.cache
+def operator() -> Any:
+    """`torch.ops.ltx2.gelu_quantize_rows`, defined once per process: the Triton kernel on CUDA tensors where
+    Triton is importable, the torch reference on every other device. An opaque custom operator rather than a
+    `triton_op`: Inductor then never traces the kernel into a graph of another device (a CPU worker on a GPU
+    host), and the price, one Python dispatch per call, is paid on the CPU while the GPU runs ahead."""
+
+    @torch.library.custom_op("ltx2::gelu_quantize_rows", mutates_args=())
+    def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return gelu_quantize_reference(hidden, bias)
+
+    @gelu_quantize_rows.register_fake
+    def _(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden.new_empty(hidden.shape, dtype=FP8), hidden.new_empty((hidden.shape[0], 1), dtype=torch.float32)
+
+    if triton_unavailable() is None:
+        gelu_quantize_rows.register_kernel("cuda")(triton_launcher())
+    return torch.ops.ltx2.gelu_quantize_rows
+
+
+@functools.cache
+def triton_launcher() -> Any:
+    """The function that launches the Triton kernel on 2-D `hidden` (and `bias`) and returns (FP8 rows, scales).
+    The operator's CUDA kernel (bench/row_kernels_bench.py checks it against gelu_quantize_reference on a GPU:
+    Triton's CPU interpreter casts to FP8 wrongly, 31.9 became 16, so it cannot stand in for a card)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gelu_quantize_kernel(  # noqa: ANN202 (Triton reads the annotations: tensors and ints go unannotated)
+        hidden_ptr,  # noqa: ANN001
+        bias_ptr,  # noqa: ANN001
+        out_ptr,  # noqa: ANN001
+        scale_ptr,  # noqa: ANN001
+        columns,  # noqa: ANN001
+        hidden_stride,  # noqa: ANN001
+        out_stride,  # noqa: ANN001
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < columns
+        values = tl.load(hidden_ptr + row * hidden_stride + offsets, mask=inside, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            values += tl.load(bias_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        # Triton reads no module globals: the constants are TWO_SQRT_2_OVER_PI, GELU_CUBIC, MIN_SCALE and FP8_MAX.
+        inner = 1.5957691216057308 * (values + 0.044715 * values * values * values)
+        values = values / (1.0 + tl.exp(-inner))
+        # Masked columns hold gelu(0) = 0, which never raises a row's maximum.
+        scale = tl.maximum(tl.max(tl.abs(values), axis=0), 1e-12) / 448.0
+        quantized = tl.clamp(values / scale, -448.0, 448.0)
+        tl.store(out_ptr + row * out_stride + offsets, quantized.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(scale_ptr + row, scale)
+
+    def launch(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, columns = hidden.shape
+        out = torch.empty((rows, columns), dtype=FP8, device=hidden.device)
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=hidden.device)
+        block = triton.next_power_of_2(columns)
+        gelu_quantize_kernel[(rows,)](
+            hidden,
+            bias if bias is not None else hidden,
+            out,
+            scale,
+            columns,
+            hidden.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=warps_for(block),
+        )
+        return out, scale
+
+    return launch
+
+
+def warps_for(block: int) -> int:
+    """Warps per row: enough threads that each holds at most 32 fp32 values of the row (16 warps at 16,384)."""
+    return max(4, min(32, block // (32 * 32)))
+
+
+def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(FP8 rows, float32 scale per row as [rows, 1]) of gelu_tanh(hidden + bias) for a contiguous 2-D `hidden`
+    at most MAX_ROW wide; the kernel on a CUDA device with Triton, torch elsewhere. `operator()` must have run
+    once in this process (Fp8FeedForward does it when it is made), outside any compiled region: Dynamo reads the
+    operator from torch.ops and never traces its definition."""
+    if hidden.dim() != 2 or hidden.shape[1] > MAX_ROW or hidden.stride(1) != 1:
+        return gelu_quantize_reference(hidden, bias)
+    return torch.ops.ltx2.gelu_quantize_rows(hidden, bias)
