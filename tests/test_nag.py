@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CompiledRender, run_ltx2
+from conftest import LIGHTHOUSE_FLAGS, CompiledRender, StartedRender, run_ltx2
 from diffusers import LTX2Pipeline, LTX2VideoTransformer3DModel
 from diffusers.models.transformers.transformer_ltx2 import LTX2Attention, LTX2AudioVideoAttnProcessor
 from safetensors.torch import save_file
@@ -26,8 +26,9 @@ from services.latents import read_latents
 from services.nag import NagAttnProcessor, NagSettings, nag_blend, nag_guidance
 from services.nag_key_values import is_text_context_step_invariant, negative_key_values, text_cross_attention
 
-FLAGS = ["--model", "ltx2-stages/tiny-random-ltx2", "--prompt", "a kite over a beach", "--seed", "3"]
-FLAGS += ["--width", "64", "--height", "64", "--num-frames", "9", "--quiet", "--negative-prompt", "blurry, dark"]
+# The session's plain lighthouse render (conftest.eager_lighthouse) is this request without NAG: its negative prompt
+# acts only through NAG here (no CFG), so the plain render needs no run of its own.
+FLAGS = [*LIGHTHOUSE_FLAGS, "--negative-prompt", "blurry, dark"]
 SETTINGS = NagSettings(scale=5.0, tau=2.5, alpha=0.25)
 # Transformer configs beside LTX-2.0's (the tiny model's): LTX-2.3's text context modulated per block by
 # a timestep embedding, and the same modulation from a static per-layer table (LTX-2.5, "KV-cacheable").
@@ -380,11 +381,15 @@ def latest(state: Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def runs(
-    hf_home: Path, tmp_path_factory: pytest.TempPathFactory, compiled_lighthouse: CompiledRender
+    hf_home: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    compiled_lighthouse: CompiledRender,
+    eager_lighthouse: StartedRender,
 ) -> dict[str, object]:
-    """Plain, --nag-scale 1, --nag-scale 5 twice and --nag-scale 5 --compile, each a real `ltx2 generate`.
+    """Plain (the session's eager lighthouse render, without the negative prompt), then --nag-scale 1, --nag-scale 5
+    twice and --nag-scale 5 --compile, each a real `ltx2 generate`.
 
-    The compiled run, the longest (inductor compiles the blocks), runs beside the other four, in a state
+    The compiled run, the longest (inductor compiles the blocks), runs beside the other three, in a state
     dir of its own: they are independent processes, and each spends seconds on one core (its fork
     server's imports, the tiny model's single-threaded steps), so two at a time keep CI's two cores busy.
     Its state dir starts with a copy of the inductor cache of test_compile's compiled run, as a later job
@@ -405,13 +410,14 @@ def runs(
     with ThreadPoolExecutor(max_workers=1) as beside:
         compiled = beside.submit(run_ltx2, ["generate", *FLAGS, "--nag-scale", "5", "--compile"], compiled_env)
         for label, extra in (
-            ("plain", []),
             ("off", ["--nag-scale", "1", "--nag-tau", "3"]),
             ("nag", ["--nag-scale", "5"]),
             ("again", ["--nag-scale", "5"]),
         ):
             record(label, run_ltx2(["generate", *FLAGS, *extra], env), env)
         record("compiled", compiled.result(), compiled_env)
+    plain, job = eager_lighthouse.finished()  # its state dir gets other tests' jobs: its own job, by its sidecar
+    results["plain"] = {"result": plain, "job": job, "latents": read_latents(job / LATENTS_FILE)[0]}
     return results
 
 
@@ -431,7 +437,7 @@ def test_the_same_nag_run_twice_is_bit_equal(runs: dict):
 def test_nag_makes_one_transformer_call_per_step_and_silences_the_negative_prompt_warning(runs: dict):
     assert int(runs["nag"]["metadata"]["transformer_calls"]) == 8
     assert "--negative-prompt has no effect" not in runs["nag"]["result"].stderr
-    assert "--negative-prompt has no effect" in runs["plain"]["result"].stderr
+    assert "--negative-prompt has no effect" in runs["off"]["result"].stderr
 
 
 def test_compiled_nag_equals_eager_nag(runs: dict):
