@@ -234,6 +234,8 @@ def denoise(
     def on_step_end(_pipe: Any, step: int, _t: Any, _kwargs: dict[str, Any]) -> dict[str, Any]:
         profiler.after_step(step)
         ctx.progress(run.phase, step + 1, run.steps)
+        if step == 0:
+            ctx.first_step_done()
         if step == 0 and ctx.plan.get("compile") == "regional":
             first_compiled_step_done()
         profiler.before_step(step + 1)

@@ -92,7 +92,9 @@ class ReadAhead:
     at full size, through the file's mapping and then to the GPU; the GPU waits through it (0.05-0.2 s per
     job at 1080p on an H100, session 19, against a warm clip of 10.1-10.3 s). Read ahead, the job finds the
     tensors already in (pinned, on CUDA) host memory and only copies them over. The bytes are the file's
-    either way, in torch's own aligned memory as `load` gives them, so the clip is the same.
+    either way, in torch's own aligned memory as `load` gives them, so the clip is the same. The read starts
+    after the current job's first step is queued (WorkerContext.first_step_done says why), by when the
+    pinned memory of the current job's copies is free again for torch's host allocator to hand out.
     """
 
     def __init__(self) -> None:

@@ -16,6 +16,7 @@ too (services/two_stage.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -101,7 +102,7 @@ def cached_or_encoded_prompt(ctx: WorkerContext, device: torch.device, dtype: to
     else:
         cached = embedding_cache.load(path, device)
     if cached is not None:
-        read_next_prompt_ahead(ctx, device, dtype)
+        ctx.after_first_step.append(functools.partial(read_next_prompt_ahead, ctx, device, dtype))
         ctx.progress("prompt embeddings from cache")
         return cached
     ctx.progress("load text encoder")
@@ -120,6 +121,7 @@ def read_next_prompt_ahead(ctx: WorkerContext, device: torch.device, dtype: torc
     if path is not None and path.is_file():
         read_ahead = ctx.shared.setdefault(READ_AHEAD_KEY, embedding_cache.ReadAhead())
         read_ahead.start(path, pin=device.type == "cuda")
+        log.info("%s: reading the next job's prompt embeddings ahead", ctx.job_id)
 
 
 def encode_prompts(

@@ -68,6 +68,8 @@ class WorkerContext:
     reporter: Reporter
     #: models loaded by an earlier job of the same group process, reused by the next (by name)
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: work that waits until this job's first denoising step is queued on the device (first_step_done)
+    after_first_step: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     @property
     def request(self) -> StageRequest:
@@ -87,6 +89,17 @@ class WorkerContext:
     def model_root(self) -> Path:
         """The diffusers-layout model folder the orchestrator resolved for this job."""
         return self.request.model_path
+
+    def first_step_done(self) -> None:
+        """Start what waited for this job's first denoising step (once; later calls find nothing).
+
+        Why wait: at a job's start the GPU is idle until the first step's kernels are launched, so anything
+        else the process does then delays the clip. The read-ahead of the next job's embeddings started
+        there made a group's second clip 0.2 s slower than its third on an H100 (its first stage-1 step took
+        0.56 s against 0.37 s, docs/benchmarks.md version 20); after the first step the GPU has work queued."""
+        waiting, self.after_first_step = self.after_first_step, []
+        for work in waiting:
+            work()
 
     def progress(self, phase: str, step: int = 0, total: int = 0) -> None:
         """Report that `phase` started (step 0) or finished `step` of `total`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,6 +101,14 @@ def test_batch_loads_each_model_once_per_stage_and_matches_clips_rendered_alone(
     # Jobs 2 and 3 found their prompt's embeddings read ahead while the job before them denoised
     # (services/embedding_cache.ReadAhead); their latents are checked against clips rendered alone below.
     assert diffusion_log.count("prompt embeddings read ahead") == 2
+    # ... a read each of jobs 1 and 2 started once its first step was queued, not beside the launches of that
+    # step, which the GPU waits for (WorkerContext.first_step_done).
+    jobs_logs = diffusion_log.split("job started")[1:]
+    for job_log in jobs_logs[:2]:
+        first_step = re.search(r": denoise[^\n]* 1/\d+", job_log)
+        assert first_step is not None and job_log.count("reading the next job's prompt embeddings ahead") == 1
+        assert job_log.index("reading the next job's prompt embeddings ahead") > first_step.start()
+    assert "reading the next job's prompt embeddings ahead" not in jobs_logs[2]
     assert logs[Stage.AUDIO_DECODE].read_text().count("load audio decoder") == 1
     assert logs[Stage.VIDEO_DECODE].read_text().count("load video VAE") == 1
     for job in jobs.values():
