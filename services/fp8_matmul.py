@@ -17,6 +17,7 @@ resident there: the peak is the FP8 weights plus one bf16 block.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from services import fp8_rows
 from services.staged_transfer import StagedTransfer
 
+log = logging.getLogger("ltx2.worker")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Dimensions the FP8 GEMM kernels accept must be multiples of this.
@@ -140,6 +142,9 @@ def convert_blocks(
     The bf16 weights reach the device through services/staged_transfer.py: the next block's
     weights are packed into pinned memory while this block's are copied and quantised."""
     converted = 0
+    if gelu_kernel and torch.device(device).type == "cuda" and (reason := fp8_rows.kernel_unavailable(str(device))):
+        log.warning("feed-forwards keep Inductor's GELU and quantisation: %s", reason)
+        gelu_kernel = False
     transfer = StagedTransfer(device)
     try:
         for block in transformer.transformer_blocks:

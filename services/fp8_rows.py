@@ -12,11 +12,17 @@ the GELUs are energy, and energy is time there.
 
 It is a Triton kernel behind a torch custom operator, so `torch.compile` keeps it in the graph (no graph break),
 and it launches with its one fixed configuration: no autotuning, so the same request gives the same bits
-(DESIGN.md rule 6) with or without Inductor's deterministic mode. Where Triton or a
-CUDA device is missing (the CPU tests, a CPU worker) the same operator runs its torch implementation, which is
-also the reference the kernel is tested against (through Triton's interpreter on a CPU). The GELU is written as
-x * sigmoid(2u), which equals the tanh form 0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3); the two
-implementations differ by rounding only.
+(DESIGN.md rule 6) with or without Inductor's deterministic mode. Where Triton or a CUDA device is missing (the
+CPU tests, a CPU worker) the same operator runs its torch implementation, the reference the kernel is measured
+against on a GPU (bench/row_kernels_bench.py; version 20 of docs/benchmarks.md: 5 in 10 million FP8 codes differ,
+by one step); a worker's first CUDA use launches the kernel once on a small input and keeps Inductor's fusion
+if that fails (kernel_unavailable). The GELU is written as x * sigmoid(2u), which equals the tanh form
+0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3); the two implementations differ by rounding only.
+
+Not yet like the reference: a NaN in a row. torch's maximum propagates it (the row's scale and codes become NaN);
+Triton's `tl.max` and `tl.clamp` skip NaN, so the kernel writes finite codes for such a row. A NaN there comes from
+an overflow of the first matmul's bf16 output, and the residual stream beside the feed-forward carries any NaN of
+its input on regardless; propagating it needs a device check first (the next benchmark call).
 """
 
 from __future__ import annotations
@@ -56,29 +62,59 @@ def triton_unavailable() -> str | None:
         import triton.language  # noqa: F401
     except ImportError as error:
         return f"triton is not importable ({error})"
-    if not hasattr(torch.library, "triton_op"):
-        return f"torch {torch.__version__} has no torch.library.triton_op"
     return None
+
+
+def _require_rows(hidden: torch.Tensor) -> None:
+    """The operator's inputs: 2-D with contiguous rows (gelu_quantize_rows sends anything else to the reference)."""
+    torch._check(hidden.dim() == 2, lambda: f"gelu_quantize_rows takes 2-D rows, got {hidden.dim()}-D")
+    torch._check(hidden.stride(-1) == 1, lambda: "gelu_quantize_rows takes rows with contiguous columns")
 
 
 @functools.cache
 def operator() -> Any:
-    """`torch.ops.ltx2.gelu_quantize_rows`, defined once per process: the Triton kernel on CUDA tensors where
-    Triton is importable, the torch reference on every other device. An opaque custom operator rather than a
-    `triton_op`: Inductor then never traces the kernel into a graph of another device (a CPU worker on a GPU
-    host), and the price, one Python dispatch per call, is paid on the CPU while the GPU runs ahead."""
+    """`torch.ops.ltx2.gelu_quantize_rows`, defined once per process with the torch reference on every device;
+    kernel_unavailable gives it the Triton kernel for CUDA tensors once a first launch succeeded. An opaque custom
+    operator rather than a `triton_op`: Inductor then never traces the kernel into a graph of another device (a CPU
+    worker on a GPU host), and the price, one Python dispatch per call, is paid on the CPU while the GPU runs ahead."""
 
     @torch.library.custom_op("ltx2::gelu_quantize_rows", mutates_args=())
     def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        _require_rows(hidden)
         return gelu_quantize_reference(hidden, bias)
 
     @gelu_quantize_rows.register_fake
     def _(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        _require_rows(hidden)
         return hidden.new_empty(hidden.shape, dtype=FP8), hidden.new_empty((hidden.shape[0], 1), dtype=torch.float32)
 
-    if triton_unavailable() is None:
-        gelu_quantize_rows.register_kernel("cuda")(triton_launcher())
-    return torch.ops.ltx2.gelu_quantize_rows
+    return gelu_quantize_rows
+
+
+@functools.cache
+def kernel_unavailable(device: str) -> str | None:
+    """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has: Triton imports,
+    and a first launch on a small input gives the reference's scales and codes within one FP8 step (a Triton that
+    imports but cannot compile for this card fails here, at load, not in a compiled step). On success the operator's
+    CUDA kernel is the Triton one from then on."""
+    if torch.device(device).type != "cuda":
+        return f"{device} is not a CUDA device"
+    if (reason := triton_unavailable()) is not None:
+        return reason
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(3, 160, device=device, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(160, device=device, generator=generator).to(torch.bfloat16)
+    try:
+        quantized, scale = triton_launcher()(hidden, bias)
+        torch.cuda.synchronize(device)
+    except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep Inductor's fusion)
+        return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
+    expected, expected_scale = gelu_quantize_reference(hidden, bias)
+    steps = (quantized.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs().max().item()
+    if steps > 1 or not torch.allclose(scale, expected_scale, rtol=1e-5, atol=0):
+        return f"the Triton kernel's first result is off the reference ({steps} FP8 steps)"
+    operator().register_kernel("cuda")(triton_launcher())
+    return None
 
 
 @functools.cache
@@ -120,19 +156,24 @@ def triton_launcher() -> Any:
         rows, columns = hidden.shape
         out = torch.empty((rows, columns), dtype=FP8, device=hidden.device)
         scale = torch.empty((rows, 1), dtype=torch.float32, device=hidden.device)
+        if rows == 0:
+            return out, scale
         block = triton.next_power_of_2(columns)
-        gelu_quantize_kernel[(rows,)](
-            hidden,
-            bias if bias is not None else hidden,
-            out,
-            scale,
-            columns,
-            hidden.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=warps_for(block),
-        )
+        # Triton launches on the current device's stream: make it the tensors' (a lane on cuda:1 of a process
+        # whose current device is cuda:0).
+        with torch.cuda.device(hidden.device):
+            gelu_quantize_kernel[(rows,)](
+                hidden,
+                bias if bias is not None else hidden,
+                out,
+                scale,
+                columns,
+                hidden.stride(0),
+                out.stride(0),
+                HAS_BIAS=bias is not None,
+                BLOCK=block,
+                num_warps=warps_for(block),
+            )
         return out, scale
 
     return launch
@@ -145,9 +186,9 @@ def warps_for(block: int) -> int:
 
 def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 rows, float32 scale per row as [rows, 1]) of gelu_tanh(hidden + bias) for a contiguous 2-D `hidden`
-    at most MAX_ROW wide; the kernel on a CUDA device with Triton, torch elsewhere. `operator()` must have run
-    once in this process (Fp8FeedForward does it when it is made), outside any compiled region: Dynamo reads the
-    operator from torch.ops and never traces its definition."""
+    at most MAX_ROW wide; the kernel on a CUDA device where kernel_unavailable found it working, torch elsewhere.
+    `operator()` must have run once in this process (Fp8FeedForward does it when it is made), outside any compiled
+    region: Dynamo reads the operator from torch.ops and never traces its definition."""
     if hidden.dim() != 2 or hidden.shape[1] > MAX_ROW or hidden.stride(1) != 1:
         return gelu_quantize_reference(hidden, bias)
     return torch.ops.ltx2.gelu_quantize_rows(hidden, bias)

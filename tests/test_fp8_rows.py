@@ -62,16 +62,35 @@ def test_the_operator_compiles_into_one_graph_with_the_same_bits_as_eager():
         assert torch.equal(got[1], reference[1])
 
 
-def test_rows_the_kernel_cannot_hold_take_the_reference():
+def test_rows_the_kernel_cannot_hold_take_the_reference_and_the_operator_refuses_them(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    fp8_rows.operator()
+    operator, reached = torch.ops.ltx2.gelu_quantize_rows, []
+
+    def spy(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        reached.append(tuple(hidden.shape))
+        return operator(hidden, bias)
+
+    monkeypatch.setattr(torch.ops.ltx2, "gelu_quantize_rows", spy)
     wide, bias = hidden_rows(2, fp8_rows.MAX_ROW + 16)
     strided = hidden_rows(4, 64)[0].t()  # a transposed view: its rows are not contiguous
-    for hidden, row_bias in ((wide, bias), (strided, None)):
+    three_d = hidden_rows(6, 64)[0].reshape(2, 3, 64)
+    for hidden, row_bias in ((wide, bias), (strided, None), (three_d, None)):
         got = fp8_rows.gelu_quantize_rows(hidden, row_bias)
         want = fp8_rows.gelu_quantize_reference(hidden, row_bias)
         assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)) and torch.equal(got[1], want[1])
+    assert reached == []  # none of them reached the operator (whose CUDA kernel would read them wrongly)
+    fp8_rows.gelu_quantize_rows(*hidden_rows(4, 64))
+    assert reached == [(4, 64)]
+    with pytest.raises(RuntimeError, match="2-D rows"):
+        operator(three_d, None)
+    with pytest.raises(RuntimeError, match="contiguous columns"):
+        operator(strided, None)
 
 
-def test_without_triton_the_reason_is_named(monkeypatch: pytest.MonkeyPatch):
+def test_without_triton_or_cuda_the_kernel_is_not_used_and_the_reason_is_named(monkeypatch: pytest.MonkeyPatch):
+    assert fp8_rows.kernel_unavailable("cpu") == "cpu is not a CUDA device"
     monkeypatch.setitem(sys.modules, "triton", None)
     assert "triton is not importable" in str(fp8_rows.triton_unavailable())
 

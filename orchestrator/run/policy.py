@@ -74,7 +74,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
     plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
     if spec.fp8_matmul:
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
-        plan["fp8_gelu"] = "kernel" if settings.fp8_gelu_kernel else "torch"
+        if settings.fp8_gelu_kernel:  # absent when off, so the plans (and keys) of such jobs stay as they were
+            plan["fp8_gelu"] = "kernel"
     if spec.fp8_attention:
         plan["attention"] = "fp8"
     if spec.context_parallel > 1:  # N processes for the stage (orchestrator.placement.worker_gang), on every rung
@@ -111,7 +112,9 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     if plan.get("weights") not in ("fp8", "fp8-matmul"):
         return {**plan, "weights": "fp8"}
     if plan.get("offload") != "sequential":
-        return {**plan, "offload": "sequential"}
+        # The one-pass feed-forward reads its weights past the offload's per-layer hooks: not on that rung.
+        kept = {key: value for key, value in plan.items() if key != "fp8_gelu"}
+        return {**kept, "offload": "sequential"}
     return None
 
 
