@@ -277,20 +277,27 @@ RUN_ENV["batch_fp8mm_overlap4"] = {"LTX2_GROUP_SIZE": "4", "LTX2_OVERLAP_STAGES"
 HD_RUNS["hd_two_stage_profile"] = ("two-stage", 2, True)  # two clips whatever --clips says
 HD_FP8_ATTENTION.add("hd_two_stage_profile")
 RUN_ENV["hd_two_stage_profile"] = {"LTX2_PROFILE_STEP": "1"}
-# Issue 28, the feed-forward's one-pass GELU (services/fp8_rows.py, `LTX2_FP8_GELU_KERNEL=true`) against the same
-# clips with Inductor's fusion, in one call. At --hd one wave of 3 (--clips 3) each, so both fit a call with their
-# cold compiles; on an H200 the one-stage 1080p x 161 step as well:
+# Issue 28, the feed-forward's one-pass GELU (services/fp8_rows.py, `[worker] fp8_gelu_kernel`) against the same
+# clips with Inductor's fusion, in one call; each run sets the setting, whatever its default. At --hd one wave of 3
+# (--clips 3) each, so both fit a call with their cold compiles; on an H200 the one-stage 1080p x 161 step as well:
 #   bash bench/run_on_device.sh batch --family 2.3 --clips 3 \
-#       --sequence hd_two_stage_overlap3_fp8attn,hd_two_stage_overlap3_gelukernel
-#   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn,large_fp8mm_fp8attn_gelukernel
-GELU_KERNEL = {"LTX2_FP8_GELU_KERNEL": "true"}
-HD_RUNS["hd_two_stage_overlap3_gelukernel"] = ("two-stage", None, True)
-HD_FP8_ATTENTION.add("hd_two_stage_overlap3_gelukernel")
-RUN_ENV["hd_two_stage_overlap3_gelukernel"] = {**OVERLAP3, **GELU_KERNEL}
-VERSUS["hd_two_stage_overlap3_gelukernel"] = "hd_two_stage_overlap3_fp8attn"
-LARGE_RUNS["large_fp8mm_fp8attn_gelukernel"] = LARGE_RUNS["large_fp8mm_fp8attn"]
-RUN_ENV["large_fp8mm_fp8attn_gelukernel"] = dict(GELU_KERNEL)
-VERSUS["large_fp8mm_fp8attn_gelukernel"] = "large_fp8mm_fp8attn"
+#       --sequence hd_two_stage_overlap3_inductorgelu,hd_two_stage_overlap3_gelukernel
+#   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn_inductorgelu,large_fp8mm_fp8attn_gelukernel
+# (Version 20 ran hd_two_stage_overlap3_fp8attn and large_fp8mm_fp8attn as the Inductor side, while the kernel was
+# opt-in; they take the default now.)
+for kernel, inductor in (
+    ("hd_two_stage_overlap3_gelukernel", "hd_two_stage_overlap3_inductorgelu"),
+    ("large_fp8mm_fp8attn_gelukernel", "large_fp8mm_fp8attn_inductorgelu"),
+):
+    for name, on in ((kernel, "true"), (inductor, "false")):
+        if kernel.startswith("hd_"):
+            HD_RUNS[name] = ("two-stage", None, True)
+            HD_FP8_ATTENTION.add(name)
+            RUN_ENV[name] = {**OVERLAP3, "LTX2_FP8_GELU_KERNEL": on}
+        else:
+            LARGE_RUNS[name] = LARGE_RUNS["large_fp8mm_fp8attn"]
+            RUN_ENV[name] = {"LTX2_FP8_GELU_KERNEL": on}
+    VERSUS[kernel] = inductor
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
 # (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
 # three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
