@@ -113,8 +113,14 @@ def kernel_unavailable(device: str) -> str | None:
     steps = (quantized.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs().max().item()
     if steps > 1 or not torch.allclose(scale, expected_scale, rtol=1e-5, atol=0):
         return f"the Triton kernel's first result is off the reference ({steps} FP8 steps)"
-    operator().register_kernel("cuda")(triton_launcher())
+    _serve_cuda_with_the_kernel()
     return None
+
+
+@functools.cache
+def _serve_cuda_with_the_kernel() -> None:
+    """The operator's CUDA kernel becomes the Triton one (once a process, whichever CUDA device checked first)."""
+    operator().register_kernel("cuda")(triton_launcher())
 
 
 @functools.cache
