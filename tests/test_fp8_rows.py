@@ -191,3 +191,45 @@ def test_a_job_with_the_kernel_setting_runs_one_pass_feed_forwards_and_stays_clo
     for key in ("video", "audio"):
         assert 0 < relative_error(latents["kernel"][key], reference[key]) < 0.02
         assert relative_error(latents["kernel"][key], latents["torch"][key]) < 0.01
+
+
+@torch.no_grad()
+def test_regionally_compiled_blocks_hold_the_one_pass_feed_forward_in_one_graph(tiny_model_dir: Path):
+    """compile_blocks' fullgraph regional compile over Fp8FeedForward: no graph break (fullgraph would raise), one
+    graph for both blocks, and the same bits as the eager blocks. Dynamo decides graphs and breaks before any
+    backend, so "aot_eager" (functionalisation and the operator's fake included) spares CI Inductor's codegen."""
+    from torch._dynamo.utils import counters
+
+    transformer = LTX2VideoTransformer3DModel.from_pretrained(tiny_model_dir, subfolder="transformer")
+    config = transformer.config
+    apply_memory_plan(
+        transformer,
+        torch.float32,
+        torch.device("cpu"),
+        fp8=False,
+        sequential_offload=False,
+        fp8_matmul=True,
+        fp8_gelu_kernel=True,
+    )
+    assert any(isinstance(module, Fp8FeedForward) for module in transformer.modules())
+    generator = torch.Generator().manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(1, 8, config.in_channels, generator=generator),
+        "audio_hidden_states": torch.randn(1, 4, config.audio_in_channels, generator=generator),
+        "encoder_hidden_states": torch.randn(1, 8, config.caption_channels, generator=generator),
+        "audio_encoder_hidden_states": torch.randn(1, 8, config.caption_channels, generator=generator),
+        "timestep": torch.tensor([500.0]),
+        "num_frames": 2,
+        "height": 2,
+        "width": 2,
+        "audio_num_frames": 4,
+        "return_dict": False,
+    }
+    eager = transformer(**inputs)
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=False, backend="aot_eager")
+    for _ in range(2):
+        compiled = transformer(**inputs)
+        assert all(torch.equal(got, want) for got, want in zip(compiled, eager, strict=True))
+    assert counters["stats"]["unique_graphs"] == 1
