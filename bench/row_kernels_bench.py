@@ -85,8 +85,8 @@ def kernel_part(out: Path) -> dict[str, Any]:
     from services.fp8_matmul import quantize_rows
 
     inductor_config.deterministic = True
-    fp8_rows.operator()
-    if (reason := fp8_rows.kernel_unavailable("cuda")) is not None:
+    fp8_rows.define_operator()
+    if (reason := fp8_rows.gelu_kernel_unavailable("cuda")) is not None:
         raise SystemExit(f"the kernel cannot run here: {reason}")
     results: dict[str, Any] = {}
     torch.manual_seed(0)

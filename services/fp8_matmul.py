@@ -24,15 +24,12 @@ import torch
 from torch import nn
 
 from services import fp8_rows
+from services.fp8_rows import FP8, FP8_MAX, MIN_SCALE
 from services.staged_transfer import StagedTransfer
 
 log = logging.getLogger("ltx2.worker")
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Dimensions the FP8 GEMM kernels accept must be multiples of this.
 ALIGNMENT = 16
-# Scales never reach zero, even for an all-zero row.
-MIN_SCALE = 1e-12
 
 
 def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +84,7 @@ class Fp8FeedForward(nn.Module):
     def __init__(self, first: Fp8Linear, second: Fp8Linear) -> None:
         super().__init__()
         self.first, self.second = first, second
-        fp8_rows.operator()  # defined here, outside any compiled region (fp8_rows.gelu_quantize_rows says why)
+        fp8_rows.define_operator()  # defined here, outside any compiled region (fp8_rows.gelu_quantize_rows says why)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.first.in_features)
@@ -142,7 +139,8 @@ def convert_blocks(
     The bf16 weights reach the device through services/staged_transfer.py: the next block's
     weights are packed into pinned memory while this block's are copied and quantised."""
     converted = 0
-    if gelu_kernel and torch.device(device).type == "cuda" and (reason := fp8_rows.kernel_unavailable(str(device))):
+    on_cuda = torch.device(device).type == "cuda"
+    if gelu_kernel and on_cuda and (reason := fp8_rows.gelu_kernel_unavailable(str(device))):
         log.warning("feed-forwards keep Inductor's GELU and quantisation: %s", reason)
         gelu_kernel = False
     transfer = StagedTransfer(device)

@@ -16,7 +16,7 @@ and it launches with its one fixed configuration: no autotuning, so the same req
 CPU tests, a CPU worker) the same operator runs its torch implementation, the reference the kernel is measured
 against on a GPU (bench/row_kernels_bench.py; version 20 of docs/benchmarks.md: 5 in 10 million FP8 codes differ,
 by one step); a worker's first CUDA use launches the kernel once on a small input and keeps Inductor's fusion
-if that fails (kernel_unavailable). The GELU is written as x * sigmoid(2u), which equals the tanh form
+if that fails (gelu_kernel_unavailable). The GELU is written as x * sigmoid(2u), which equals the tanh form
 0.5 x (1 + tanh u), u = sqrt(2/pi) (x + 0.044715 x^3); the two implementations differ by rounding only.
 
 Not yet like the reference: a NaN in a row. torch's maximum propagates it (the row's scale and codes become NaN);
@@ -35,7 +35,8 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-MIN_SCALE = 1e-12  # services/fp8_matmul.MIN_SCALE: a row of zeros keeps a usable scale
+# Scales never reach zero, even for an all-zero row (also fp8_matmul.quantize_rows').
+MIN_SCALE = 1e-12
 # 2 * sqrt(2 / pi): the tanh GELU's inner factor, doubled for the sigmoid form.
 TWO_SQRT_2_OVER_PI = 2.0 * math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
@@ -72,27 +73,27 @@ def _require_rows(hidden: torch.Tensor) -> None:
 
 
 @functools.cache
-def operator() -> Any:
+def define_operator() -> Any:
     """`torch.ops.ltx2.gelu_quantize_rows`, defined once per process with the torch reference on every device;
-    kernel_unavailable gives it the Triton kernel for CUDA tensors once a first launch succeeded. An opaque custom
+    gelu_kernel_unavailable gives it the Triton kernel for CUDA tensors once a first launch succeeded. An opaque custom
     operator rather than a `triton_op`: Inductor then never traces the kernel into a graph of another device (a CPU
     worker on a GPU host), and the price, one Python dispatch per call, is paid on the CPU while the GPU runs ahead."""
 
     @torch.library.custom_op("ltx2::gelu_quantize_rows", mutates_args=())
-    def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reference_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         _require_rows(hidden)
         return gelu_quantize_reference(hidden, bias)
 
-    @gelu_quantize_rows.register_fake
+    @reference_rows.register_fake
     def _(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         _require_rows(hidden)
         return hidden.new_empty(hidden.shape, dtype=FP8), hidden.new_empty((hidden.shape[0], 1), dtype=torch.float32)
 
-    return gelu_quantize_rows
+    return reference_rows
 
 
 @functools.cache
-def kernel_unavailable(device: str) -> str | None:
+def gelu_kernel_unavailable(device: str) -> str | None:
     """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has: Triton imports,
     and a first launch on a small input gives the reference's scales and codes within one FP8 step (a Triton that
     imports but cannot compile for this card fails here, at load, not in a compiled step). On success the operator's
@@ -120,7 +121,7 @@ def kernel_unavailable(device: str) -> str | None:
 @functools.cache
 def _serve_cuda_with_the_kernel() -> None:
     """The operator's CUDA kernel becomes the Triton one (once a process, whichever CUDA device checked first)."""
-    operator().register_kernel("cuda")(triton_launcher())
+    define_operator().register_kernel("cuda")(triton_launcher())
 
 
 @functools.cache
@@ -192,9 +193,9 @@ def warps_for(block: int) -> int:
 
 def gelu_quantize_rows(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(FP8 rows, float32 scale per row as [rows, 1]) of gelu_tanh(hidden + bias) for a contiguous 2-D `hidden`
-    at most MAX_ROW wide; the kernel on a CUDA device where kernel_unavailable found it working, torch elsewhere.
-    `operator()` must have run once in this process (Fp8FeedForward does it when it is made), outside any compiled
-    region: Dynamo reads the operator from torch.ops and never traces its definition."""
+    at most MAX_ROW wide; the kernel on a CUDA device where gelu_kernel_unavailable found it working, torch
+    elsewhere. `define_operator()` must have run once in this process (Fp8FeedForward does it when it is made),
+    outside any compiled region: Dynamo reads the operator from torch.ops and never traces its definition."""
     if hidden.dim() != 2 or hidden.shape[1] > MAX_ROW or hidden.stride(1) != 1:
         return gelu_quantize_reference(hidden, bias)
     return torch.ops.ltx2.gelu_quantize_rows(hidden, bias)

@@ -17,7 +17,8 @@ from test_loras import encode, encode_job
 from torch.nn import functional
 
 from services import fp8_rows
-from services.fp8_matmul import FP8_MAX, Fp8FeedForward, Fp8Linear, convert_blocks, fusable_feed_forward, quantize_rows
+from services.fp8_matmul import Fp8FeedForward, Fp8Linear, convert_blocks, fusable_feed_forward, quantize_rows
+from services.fp8_rows import FP8_MAX
 from services.model_loading import apply_memory_plan
 
 
@@ -53,7 +54,7 @@ def test_the_reference_is_the_tanh_gelu_of_hidden_plus_bias_quantised_per_row():
 
 def test_the_operator_compiles_into_one_graph_with_the_same_bits_as_eager():
     hidden, bias = hidden_rows(33, 256)
-    fp8_rows.operator()
+    fp8_rows.define_operator()
     eager = fp8_rows.gelu_quantize_rows(hidden, bias)
     compiled = torch.compile(fp8_rows.gelu_quantize_rows, fullgraph=True, dynamic=False)(hidden, bias)
     reference = fp8_rows.gelu_quantize_reference(hidden, bias)
@@ -65,7 +66,7 @@ def test_the_operator_compiles_into_one_graph_with_the_same_bits_as_eager():
 def test_rows_the_kernel_cannot_hold_take_the_reference_and_the_operator_refuses_them(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    fp8_rows.operator()
+    fp8_rows.define_operator()
     operator, reached = torch.ops.ltx2.gelu_quantize_rows, []
 
     def spy(hidden: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,7 @@ def test_rows_the_kernel_cannot_hold_take_the_reference_and_the_operator_refuses
 
 
 def test_without_triton_or_cuda_the_kernel_is_not_used_and_the_reason_is_named(monkeypatch: pytest.MonkeyPatch):
-    assert fp8_rows.kernel_unavailable("cpu") == "cpu is not a CUDA device"
+    assert fp8_rows.gelu_kernel_unavailable("cpu") == "cpu is not a CUDA device"
     monkeypatch.setitem(sys.modules, "triton", None)
     assert "triton is not importable" in str(fp8_rows.triton_unavailable())
 
