@@ -236,8 +236,8 @@ def denoise(
         ctx.progress(run.phase, step + 1, run.steps)
         if step == 0:
             ctx.first_step_done()
-        if step == 0 and ctx.plan.get("compile") == "regional":
-            first_compiled_step_done()
+            if ctx.plan.get("compile") == "regional":
+                first_compiled_step_done()
         profiler.before_step(step + 1)
         return {}
 

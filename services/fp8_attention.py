@@ -43,9 +43,8 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
 from services.attention_output import gated_output
+from services.fp8_rows import FP8, FP8_MAX
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # The kernel needs head dimensions of multiples of 16 (LTX-2's are 128 for video and 64 for audio).
 HEAD_ALIGNMENT = 16
 MIN_AMAX = 1e-6

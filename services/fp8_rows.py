@@ -56,6 +56,11 @@ def gelu_quantize_reference(hidden: torch.Tensor, bias: torch.Tensor | None) -> 
     return quantized, scale
 
 
+def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many representable FP8 values apart each pair of codes of `a` and `b` is (same sign)."""
+    return (a.view(torch.uint8).int() - b.view(torch.uint8).int()).abs()
+
+
 def triton_unavailable() -> str | None:
     """Why the Triton kernel cannot be built in this process, or None when it can."""
     try:
@@ -111,7 +116,7 @@ def gelu_kernel_unavailable(device: str) -> str | None:
     except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep Inductor's fusion)
         return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
     expected, expected_scale = gelu_quantize_reference(hidden, bias)
-    steps = (quantized.view(torch.uint8).int() - expected.view(torch.uint8).int()).abs().max().item()
+    steps = fp8_steps(quantized, expected).max().item()
     if steps > 1 or not torch.allclose(scale, expected_scale, rtol=1e-5, atol=0):
         return f"the Triton kernel's first result is off the reference ({steps} FP8 steps)"
     _serve_cuda_with_the_kernel()

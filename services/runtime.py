@@ -228,7 +228,7 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
         if args.niceness:  # decoders beside the lane's diffusion yield the cores to it (placement.lane_links)
             log.info("CPU niceness %d", os.nice(args.niceness))
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
-            logging.getLogger("ltx2.worker").info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
+            log.info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
         log_cpu_kernels()
         log.info("gc: %d objects of the imports frozen out of its passes", gc_pauses.freeze_imports())
         gc_pauses.watch()

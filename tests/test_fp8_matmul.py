@@ -78,6 +78,8 @@ def test_fp8_matmul_plan_and_its_ladder():
     lower = next_plan(Stage.ENCODE_DIFFUSE, [Attempt(top, Failure.CUDA_OOM)], spec, settings)
     # The offload's per-layer hooks would not see the weights the one-pass feed-forward reads: not on that rung.
     assert lower == {"weights": "fp8-matmul", "offload": "sequential", "fp8_accumulation": "fast"}
+    offloaded = initial_plan(Stage.ENCODE_DIFFUSE, spec.with_changes(sequential_offload=True), settings)
+    assert offloaded["offload"] == "sequential" and "fp8_gelu" not in offloaded  # the same from the top rung
     environ = {"HOME": "/nonexistent", "LTX2_FP8_FAST_ACCUMULATION": "false", "LTX2_FP8_GELU_KERNEL": "false"}
     exact = load_settings(environ=environ)
     assert initial_plan(Stage.ENCODE_DIFFUSE, spec, exact)["fp8_accumulation"] == "exact"

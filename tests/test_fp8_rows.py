@@ -18,13 +18,8 @@ from torch.nn import functional
 
 from services import fp8_rows
 from services.fp8_matmul import Fp8FeedForward, Fp8Linear, convert_blocks, fusable_feed_forward, quantize_rows
-from services.fp8_rows import FP8_MAX
+from services.fp8_rows import FP8_MAX, fp8_steps
 from services.model_loading import apply_memory_plan
-
-
-def fp8_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many representable FP8 values apart each pair of codes is (same sign assumed near zero)."""
-    return (a.view(torch.uint8).int() - b.view(torch.uint8).int()).abs()
 
 
 def hidden_rows(rows: int, columns: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -74,7 +74,9 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
     plan = {"weights": weights, "offload": "sequential" if spec.sequential_offload else "none"}
     if spec.fp8_matmul:
         plan["fp8_accumulation"] = "fast" if settings.fp8_fast_accumulation else "exact"
-        if settings.fp8_gelu_kernel:  # absent when off, so the plans (and keys) of such jobs stay as they were
+        # Absent when off (the plans and keys of such jobs stay as they were) and under sequential offload, whose
+        # per-layer hooks the one-pass feed-forward would bypass (lower_plan drops it on that rung too).
+        if settings.fp8_gelu_kernel and not spec.sequential_offload:
             plan["fp8_gelu"] = "kernel"
     if spec.fp8_attention:
         plan["attention"] = "fp8"
