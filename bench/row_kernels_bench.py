@@ -113,14 +113,16 @@ def kernel_part(out: Path) -> dict[str, Any]:
             }
         moved = rows * columns * 2 + rows * columns + rows * 4 + columns * 2
         record["kernel_GBps"] = moved / record["kernel_ms"] / 1e6
-        with torch.no_grad():  # no bias, and a row holding a NaN (fp8_rows' docstring: not yet propagated)
+        with torch.no_grad():  # no bias, and a row holding a NaN (its scale and codes NaN, its neighbour's not)
             record["no_bias_vs_reference"] = compare(
                 torch, fp8_rows.gelu_quantize_rows(hidden, None), fp8_rows.gelu_quantize_reference(hidden, None)
             )
             poisoned = hidden[:2].clone()
             poisoned[0, 5] = float("nan")
-            _, nan_scale = fp8_rows.gelu_quantize_rows(poisoned, bias)
+            nan_codes, nan_scale = fp8_rows.gelu_quantize_rows(poisoned, bias)
             record["nan_row_scale_is_nan"] = bool(nan_scale[0].isnan().item())
+            record["nan_row_codes_all_nan"] = bool(nan_codes[0].float().isnan().all().item())
+            record["clean_row_beside_it_finite"] = bool(nan_codes[1].float().isfinite().all().item())
         results[name] = record
         say(f"kernel {name}: {json.dumps(record)}")
         (out / "row-kernels-kernel.json").write_text(json.dumps(results, indent=2))
