@@ -205,7 +205,7 @@ def model_variant(out: Path, layers: int, gelu_kernel: bool, smoke: bool) -> int
     return 0
 
 
-def keep_kernel_sources(cache: Path, profile: Path, target: Path, count: int = 12) -> list[str]:
+def keep_kernel_sources(cache: Path, profile: Path, target: Path, count: int = 24) -> list[str]:
     """Copy the generated Triton source of the `count` most expensive fused kernels in `profile` out of `cache`."""
     names = []
     for line in profile.read_text().splitlines():
