@@ -298,6 +298,21 @@ for kernel, inductor in (
             LARGE_RUNS[name] = LARGE_RUNS["large_fp8mm_fp8attn"]
             RUN_ENV[name] = {"LTX2_FP8_GELU_KERNEL": on}
     VERSUS[kernel] = inductor
+# Issue 28, the self-attention's query/key norms and rotary embedding in one pass per token (services/qk_norm_rope.py,
+# `[worker] qk_norm_rope_kernel`) against the same clips with Inductor's kernels, after the runs they are compared
+# with (hd_two_stage_overlap3_fp8attn, large_fp8mm_fp8attn; each pair sets the setting, whatever its default):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 3 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3_fp8attn,hd_two_stage_overlap3_qknormrope
+#   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn,large_fp8mm_fp8attn_qknormrope
+HD_RUNS["hd_two_stage_overlap3_qknormrope"] = ("two-stage", None, True)
+HD_FP8_ATTENTION.add("hd_two_stage_overlap3_qknormrope")
+RUN_ENV["hd_two_stage_overlap3_qknormrope"] = {**OVERLAP3, "LTX2_QK_NORM_ROPE_KERNEL": "true"}
+RUN_ENV["hd_two_stage_overlap3_fp8attn"]["LTX2_QK_NORM_ROPE_KERNEL"] = "false"
+VERSUS["hd_two_stage_overlap3_qknormrope"] = "hd_two_stage_overlap3_fp8attn"
+LARGE_RUNS["large_fp8mm_fp8attn_qknormrope"] = LARGE_RUNS["large_fp8mm_fp8attn"]
+RUN_ENV["large_fp8mm_fp8attn_qknormrope"] = {"LTX2_QK_NORM_ROPE_KERNEL": "true"}
+RUN_ENV["large_fp8mm_fp8attn"] = {"LTX2_QK_NORM_ROPE_KERNEL": "false"}
+VERSUS["large_fp8mm_fp8attn_qknormrope"] = "large_fp8mm_fp8attn"
 # Issue 28's last target: run-to-run identical outputs with every lever of its steady clip on (FP8 attention, the
 # one-pass GELU, overlap, deterministic mode): the same 6 clips again on the warm machine, a later call of the same
 # --work folder; MP4, WAV and latents compared byte for byte with the first run's (results.json "issue23"):

@@ -1,23 +1,28 @@
-"""services/fp8_rows.py's one-pass GELU + FP8 row quantisation against what Inductor fuses for it, on a GPU.
+"""The one-pass kernels (services/fp8_rows.py, services/qk_norm_rope.py) against what Inductor fuses instead, on a GPU.
 
-Two parts, both on the card the call runs on, written to `--out` as they finish (a call cut short keeps them):
+Three parts, all on the card the call runs on, written to `--out` as they finish (a call cut short keeps them):
 - `kernel`: the feed-forward's hidden activation at LTX-2's sizes (1080p stage 2 and stage 1, the audio) through
   the project's kernel and through the compiled torch code it replaces (`quantize_rows(gelu(h + b))`, Inductor's
   deterministic mode as the worker sets it); median time of repeated launches, and both against the fp32 torch
   reference (FP8 codes that differ, largest dequantised error relative to the row's maximum).
+- `qk`: the self-attention's query and key RMS norms and split rotary embedding (services/qk_norm_rope.py) at
+  LTX-2.3's 1080p stage-2 and stage-1 token counts, LTX-2.0's 1080p x 161 and the audio's: the kernel, the torch
+  code eagerly and compiled by Inductor; time and difference from the eager torch code.
 - `model`: a full-width LTX-2.3 transformer of `--layers` random blocks with the worker's settings (`--fp8-matmul`
   with fast accumulation, FP8 self-attention, regional compile, deterministic), one forward at stage 2's and at
-  stage 1's token counts, once with the feed-forwards as before and once with Fp8FeedForward, each in its own process
-  with its own Inductor cache: forward time (median), a kernel-by-kernel profile of one forward (step_profile's
-  table), the outputs' difference between the two, and the Triton source of the most expensive fused kernels.
+  stage 1's token counts per `--variants` (Inductor's fusions only; the one-pass GELU; that and the query/key
+  kernel), each in its own process with its own Inductor cache: forward time (median), a kernel-by-kernel profile
+  of one forward (step_profile's table), each variant's outputs against the one before, and the Triton source of
+  the most expensive fused kernels.
 
-    python3 bench/row_kernels_bench.py --out "$OUT" [--parts kernel,model] [--layers 4]
+    python3 bench/row_kernels_bench.py --out "$OUT" [--parts kernel,qk,model] [--layers 4] [--variants kernel,qk]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -34,6 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KERNEL_SHAPES = (("stage2_video", 32640, 16384), ("stage1_video", 8160, 16384), ("audio", 126, 8192))
 #: (name, latent frames, latent height, latent width, audio latent frames) of the model part's forwards.
 MODEL_SHAPES = (("stage2", 16, 34, 60, 126), ("stage1", 16, 17, 30, 126))
+#: The model part's variants: name -> (the one-pass GELU kernel, the query/key norm and rotary embedding kernel).
+MODEL_VARIANTS = {"inductor": (False, False), "kernel": (True, False), "qk": (True, True)}
+#: (name, tokens, heads, half a head): LTX-2.3's self-attention at 1080p stage 2, at stage 1, LTX-2.0's one-stage
+#: 1920x1088x161 (21 latent frames), the audio.
+QK_SHAPES = (("stage2_video", 32640, 32, 64), ("stage1_video", 8160, 32, 64), ("large_video", 42840, 32, 64))
+QK_SHAPES += (("audio", 126, 32, 32),)
 #: `--smoke`: the same code on the CPU at a few tokens, to catch a mistake before a device call is spent on it.
 SMOKE_SHAPES = (("stage2", 2, 4, 4, 8), ("stage1", 2, 2, 2, 8))
 WORK = Path("/tmp/row-kernels-work")
@@ -129,6 +140,64 @@ def kernel_part(out: Path) -> dict[str, Any]:
     return results
 
 
+def query_key_difference(got: tuple[Any, Any], want: tuple[Any, Any]) -> dict[str, float]:
+    """Per tensor (query, key): the share of values of `got` unequal to `want`'s, and the largest difference
+    relative to `want`'s largest value."""
+    record = {}
+    for label, ours, theirs in zip(("query", "key"), got, want, strict=True):
+        record[f"{label}_differ"] = (ours != theirs).float().mean().item()
+        largest = theirs.float().abs().max()
+        record[f"{label}_max_error_of_max"] = ((ours.float() - theirs.float()).abs().max() / largest).item()
+    return record
+
+
+def qk_part(out: Path) -> dict[str, Any]:
+    """services/qk_norm_rope.py's kernel against the torch code it replaces, eager and compiled by Inductor, at
+    LTX-2.3's self-attention sizes: median time, and how far each is from the eager torch code (share of bf16
+    values that differ, largest difference relative to the tensor's largest value)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    from services import qk_norm_rope
+
+    inductor_config.deterministic = True
+    qk_norm_rope.define_qk_operator()
+    if (reason := qk_norm_rope.qk_kernel_unavailable("cuda")) is not None:
+        raise SystemExit(f"the kernel cannot run here: {reason}")
+    compiled = torch.compile(qk_norm_rope.norm_rope_reference, dynamic=False, fullgraph=True)
+    results: dict[str, Any] = {}
+    torch.manual_seed(0)
+    for name, tokens, heads, half_head in QK_SHAPES:
+        width = heads * half_head * 2
+        query, key = ((torch.randn(1, tokens, width, device="cuda") * 3).to(torch.bfloat16) for _ in range(2))
+        weights = [(1 + 0.1 * torch.randn(width, device="cuda")).to(torch.bfloat16) for _ in range(2)]
+        turns = torch.rand(1, tokens, heads, half_head, device="cuda", dtype=torch.float64) * 6.3
+        cos, sin = turns.cos().float().transpose(1, 2), turns.sin().float().transpose(1, 2)
+        args = (query, key, weights[0], weights[1], 1e-6, 1e-6, cos, sin)
+        with torch.no_grad():
+            reference = qk_norm_rope.norm_rope_reference(*args)
+            ours = torch.ops.ltx2.qk_norm_rope(*args)
+            theirs = compiled(*args)
+            again = torch.ops.ltx2.qk_norm_rope(*args)
+
+            record = {
+                "tokens": tokens,
+                "width": width,
+                "kernel_ms": median_ms(torch, functools.partial(torch.ops.ltx2.qk_norm_rope, *args), 30),
+                "inductor_ms": median_ms(torch, functools.partial(compiled, *args), 30),
+                "eager_ms": median_ms(torch, functools.partial(qk_norm_rope.norm_rope_reference, *args), 10),
+                "kernel_vs_torch": query_key_difference(ours, reference),
+                "inductor_vs_torch": query_key_difference(theirs, reference),
+                "kernel_repeats_bit_equal": all(torch.equal(a, b) for a, b in zip(ours, again, strict=True)),
+            }
+        moved = tokens * width * 2 * 4 + tokens * width * 4  # query and key read and written, the angles read
+        record["kernel_GBps"] = moved / record["kernel_ms"] / 1e6
+        results[name] = record
+        say(f"qk {name}: {json.dumps(record)}")
+        (out / "row-kernels-qk.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
 def model_forward_args(torch: Any, shape: tuple[str, int, int, int, int], device: str) -> dict[str, Any]:
     """The transformer's keywords for one distilled step (batch 1, no guidance) at `shape`'s token counts."""
     _, frames, height, width, audio_frames = shape
@@ -156,24 +225,26 @@ def model_forward_args(torch: Any, shape: tuple[str, int, int, int, int], device
     }
 
 
-def model_variant(out: Path, layers: int, gelu_kernel: bool, smoke: bool) -> int:
-    """One variant of the model part, in this process (the parent runs each in a fresh one)."""
+def model_variant(out: Path, layers: int, label: str, smoke: bool) -> int:
+    """One variant of the model part (MODEL_VARIANTS), in this process (the parent runs each in a fresh one)."""
     import torch
     from diffusers import LTX2VideoTransformer3DModel
     from gpu_configs import TRANSFORMER_CONFIG_2_3
 
-    from services import fp8_attention, model_loading
+    from services import fp8_attention, model_loading, qk_norm_rope
     from services.fp8_matmul import convert_blocks
     from services.step_profile import summarize
 
-    label = "kernel" if gelu_kernel else "inductor"
+    gelu_kernel, qk_kernel = MODEL_VARIANTS[label]
     device = "cpu" if smoke else "cuda"
     torch.manual_seed(0)
     with torch.device(device):
         transformer = LTX2VideoTransformer3DModel(**{**TRANSFORMER_CONFIG_2_3, "num_layers": layers})
     transformer = transformer.to(torch.bfloat16).eval().requires_grad_(False)
     convert_blocks(transformer, torch.device(device), fast_accumulation=True, gelu_kernel=gelu_kernel)
-    installed = fp8_attention.install(transformer)
+    if qk_kernel and not smoke and (reason := qk_norm_rope.qk_kernel_unavailable("cuda")) is not None:
+        raise SystemExit(f"the query/key kernel cannot run here: {reason}")
+    installed = fp8_attention.install(transformer, qk_kernel)
     model_loading.compile_blocks(transformer, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]), deterministic=True)
     record: dict[str, Any] = {"layers": layers, "fp8_attention_layers": installed}
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -227,15 +298,16 @@ def keep_kernel_sources(cache: Path, profile: Path, target: Path, count: int = 2
     return kept
 
 
-def model_part(out: Path, layers: int, smoke: bool) -> dict[str, Any]:
+def model_part(out: Path, layers: int, smoke: bool, variants: list[str]) -> dict[str, Any]:
+    """The model part's `variants` (MODEL_VARIANTS' names), each in its own process and Inductor cache; the outputs
+    of each against the one before it in `variants`."""
     import torch
 
     results: dict[str, Any] = {}
     work = WORK
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    for gelu_kernel in (False, True):
-        label = "kernel" if gelu_kernel else "inductor"
+    for label in variants:
         cache = work / f"cache-{label}"
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         command = [sys.executable, __file__, "--out", str(out), "--variant", label, "--layers", str(layers)]
@@ -250,10 +322,12 @@ def model_part(out: Path, layers: int, smoke: bool) -> dict[str, Any]:
                     cache, profile, out / f"kernels-{label}-{shape[0]}"
                 )
     for shape in MODEL_SHAPES:
-        files = [work / f"model-{label}-{shape[0]}.pt" for label in ("inductor", "kernel")]
-        if all(file.exists() for file in files):
+        for before_label, after_label in itertools.pairwise(variants):
+            files = [work / f"model-{label}-{shape[0]}.pt" for label in (before_label, after_label)]
+            if not all(file.exists() for file in files):
+                continue
             before, after = (torch.load(file) for file in files)
-            results[f"difference_{shape[0]}"] = {
+            results[f"difference_{shape[0]}_{before_label}_to_{after_label}"] = {
                 key: {
                     "max_abs": (after[key].float() - before[key].float()).abs().max().item(),
                     "rms": (after[key].float() - before[key].float()).pow(2).mean().sqrt().item(),
@@ -269,19 +343,22 @@ def model_part(out: Path, layers: int, smoke: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--parts", default="kernel,model")
+    parser.add_argument("--parts", default="kernel,qk,model")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--smoke", action="store_true", help="the model part on the CPU at a few tokens")
-    parser.add_argument("--variant", choices=("inductor", "kernel"), help=argparse.SUPPRESS)
+    parser.add_argument("--variants", default="inductor,kernel,qk", help="the model part's, in order")
+    parser.add_argument("--variant", choices=tuple(MODEL_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.variant:
-        return model_variant(args.out, args.layers, args.variant == "kernel", args.smoke)
+        return model_variant(args.out, args.layers, args.variant, args.smoke)
     parts = args.parts.split(",")
     if "kernel" in parts:
         kernel_part(args.out)
+    if "qk" in parts:
+        qk_part(args.out)
     if "model" in parts:
-        model_part(args.out, args.layers, args.smoke)
+        model_part(args.out, args.layers, args.smoke, args.variants.split(","))
     return 0
 
 

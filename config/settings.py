@@ -32,6 +32,7 @@ ENV_OVERRIDES = {
     "LTX2_OVERLAP_STAGES": ("worker", "overlap_stages"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_FP8_GELU_KERNEL": ("worker", "fp8_gelu_kernel"),
+    "LTX2_QK_NORM_ROPE_KERNEL": ("worker", "qk_norm_rope_kernel"),
     "LTX2_DETERMINISTIC": ("worker", "deterministic"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
     "LTX2_DEVICES": ("cluster", "devices"),
@@ -142,6 +143,8 @@ class Settings:
     fp8_fast_accumulation: bool
     #: --fp8-matmul: the feed-forward's GELU and row quantisation in services/fp8_rows.py's kernel (CUDA + Triton)
     fp8_gelu_kernel: bool
+    #: --fp8-attention: the query's and key's RMS norms and rotary embedding in services/qk_norm_rope.py's kernel
+    qk_norm_rope_kernel: bool
     max_attempts_per_stage: int
     same_plan_retries: int
     decode: DecodeSettings
@@ -386,7 +389,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     profile_step(environ)
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
-    for key in ("deterministic", "fp8_gelu_kernel"):
+    for key in ("deterministic", "fp8_gelu_kernel", "qk_norm_rope_kernel"):
         if not isinstance(worker[key], bool):
             raise ConfigError(f"worker.{key} must be true or false, got {worker[key]!r}")
     if worker["overlap_stages"] not in OVERLAP_MODES:
@@ -425,6 +428,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         group_size=int(worker["group_size"]),
         fp8_fast_accumulation=bool(worker["fp8_fast_accumulation"]),
         fp8_gelu_kernel=worker["fp8_gelu_kernel"],
+        qk_norm_rope_kernel=worker["qk_norm_rope_kernel"],
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
         same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(

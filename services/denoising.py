@@ -126,7 +126,7 @@ def loaded_denoiser(
         fp8_gelu_kernel=ctx.plan.get("fp8_gelu") == "kernel",
     )
     if ctx.plan.get("attention") == "fp8":
-        use_fp8_attention(ctx, transformer)
+        use_fp8_attention(ctx, transformer, device)
     if (ranks := context_parallel.plan_ranks(ctx.plan)) > 1 and ctx.plan.get("context_parallel_mode") == CFG_MODE:
         ctx.progress(f"split the guidance batch over {ranks} processes (CFG parallel)")
         cfg_parallel.split_batches(transformer, ranks, context_parallel.group_rank())
@@ -150,11 +150,17 @@ def loaded_denoiser(
     return kept
 
 
-def use_fp8_attention(ctx: WorkerContext, transformer: Any) -> None:
-    """Self-attention in FP8 (`--fp8-attention`), or a notice of why it stays bf16 on this machine."""
-    from services import fp8_attention
+def use_fp8_attention(ctx: WorkerContext, transformer: Any, device: torch.device) -> None:
+    """Self-attention in FP8 (`--fp8-attention`), or a notice of why it stays bf16 on this machine; with the plan's
+    "qk_norm_rope" the query's and key's norms and rotary embedding in one pass (services/qk_norm_rope.py), or a
+    notice of why Inductor's kernels stay."""
+    from services import fp8_attention, qk_norm_rope
 
-    count = fp8_attention.install(transformer)
+    qk_kernel = ctx.plan.get("qk_norm_rope") == "kernel"
+    if qk_kernel and device.type == "cuda" and (why := qk_norm_rope.qk_kernel_unavailable(str(device))) is not None:
+        ctx.progress(f"one-pass query/key norm and rotary embedding unavailable, Inductor's kernels instead: {why}")
+        qk_kernel = False
+    count = fp8_attention.install(transformer, qk_kernel)
     reason = fp8_attention.kernel_unavailable()
     if reason is None:
         ctx.progress(f"FP8 self-attention in {count} attention layers (cuDNN)")

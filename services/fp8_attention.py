@@ -42,6 +42,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_ltx2 import apply_interleaved_rotary_emb, apply_split_rotary_emb
 
+from services import qk_norm_rope
 from services.attention_output import gated_output
 from services.fp8_rows import FP8, FP8_MAX
 
@@ -246,7 +247,12 @@ def kernel_unavailable() -> str | None:
 class Fp8SelfAttnProcessor:
     """An LTX2Attention processor for self-attention that runs the attention itself in FP8."""
 
-    def __init__(self, base: Any) -> None:
+    def __init__(self, base: Any, qk_kernel: bool = False) -> None:
+        # With `qk_kernel`, the query's and key's norms and split rotary embedding go through
+        # services/qk_norm_rope.py's operator (one pass per token); defined here, outside any compiled region.
+        self.qk_kernel = qk_kernel
+        if qk_kernel:
+            qk_norm_rope.define_qk_operator()
         # The same attention backend as the processor it replaces, for the bf16 fallback.
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
@@ -281,6 +287,11 @@ class Fp8SelfAttnProcessor:
             all_perturbed = torch.all(perturbation_mask == 0) if perturbation_mask is not None else False
         if all_perturbed:
             hidden_states = value  # STG: the perturbed blocks skip attention (as diffusers does)
+        elif self.qk_kernel and query_rotary_emb is not None and key_rotary_emb is None and attn.rope_type == "split":
+            query, key = qk_norm_rope.norm_rope(
+                attn.to_q(hidden_states), attn.to_k(encoder_hidden_states), attn.norm_q, attn.norm_k, query_rotary_emb
+            )
+            hidden_states = self.attend_heads(attn, query, key, value, attention_mask, perturbation_mask)
         else:
             query = attn.norm_q(attn.to_q(hidden_states))
             key = attn.norm_k(attn.to_k(encoder_hidden_states))
@@ -289,12 +300,25 @@ class Fp8SelfAttnProcessor:
                 if attn.rope_type in ("interleaved", "split"):
                     query = rotate(query, query_rotary_emb)
                     key = rotate(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
-            query, key = query.unflatten(2, (attn.heads, -1)), key.unflatten(2, (attn.heads, -1))
-            heads_value = value.unflatten(2, (attn.heads, -1))
-            hidden_states = self.attend(query, key, heads_value, attention_mask).flatten(2, 3).to(query.dtype)
-            if perturbation_mask is not None:
-                hidden_states = torch.lerp(value, hidden_states, perturbation_mask)
+            hidden_states = self.attend_heads(attn, query, key, value, attention_mask, perturbation_mask)
         return gated_output(attn, hidden_states, gate_logits)
+
+    def attend_heads(
+        self,
+        attn: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        perturbation_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Attention of (B, S, H * D) query, key and value split into heads; STG's perturbed tokens take `value`."""
+        query, key = query.unflatten(2, (attn.heads, -1)), key.unflatten(2, (attn.heads, -1))
+        heads_value = value.unflatten(2, (attn.heads, -1))
+        hidden_states = self.attend(query, key, heads_value, mask).flatten(2, 3).to(query.dtype)
+        if perturbation_mask is not None:
+            hidden_states = torch.lerp(value, hidden_states, perturbation_mask)
+        return hidden_states
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
@@ -314,13 +338,14 @@ class Fp8SelfAttnProcessor:
         )
 
 
-def install(transformer: Any) -> int:
-    """Give every block's video and audio self-attention an Fp8SelfAttnProcessor; returns how many."""
+def install(transformer: Any, qk_kernel: bool = False) -> int:
+    """Give every block's video and audio self-attention an Fp8SelfAttnProcessor (with `qk_kernel`, the norms and
+    rotary embedding in one pass: services/qk_norm_rope.py); returns how many."""
     count = 0
     for block in transformer.transformer_blocks:
         for name in SELF_ATTENTION:
             module = getattr(block, name, None)
             if module is not None:
-                module.set_processor(Fp8SelfAttnProcessor(module.processor))
+                module.set_processor(Fp8SelfAttnProcessor(module.processor, qk_kernel))
                 count += 1
     return count

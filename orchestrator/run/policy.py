@@ -38,6 +38,8 @@ AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"
 # lent H100/H200 machines: 16 there cost 0.09 s of video stage per 768x512x121 clip (docs/benchmarks.md,
 # version 11). It caps the count further for small frames, identically everywhere.
 X264_THREADS = 24
+# Plan keys of the one-pass kernels (services/fp8_rows.py, services/qk_norm_rope.py): dropped on the offload rung.
+ONE_PASS_KERNELS = frozenset({"fp8_gelu", "qk_norm_rope"})
 # Failures that may not recur with the same plan.
 TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
 
@@ -80,6 +82,9 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
             plan["fp8_gelu"] = "kernel"
     if spec.fp8_attention:
         plan["attention"] = "fp8"
+        # Absent when off, and under sequential offload (the kernel reads the norms' weights past their hooks).
+        if settings.qk_norm_rope_kernel and not spec.sequential_offload:
+            plan["qk_norm_rope"] = "kernel"
     if spec.context_parallel > 1:  # N processes for the stage (orchestrator.placement.worker_gang), on every rung
         plan["context_parallel"] = spec.context_parallel
         plan["context_parallel_mode"] = context_parallel_mode(spec)
@@ -114,8 +119,8 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     if plan.get("weights") not in ("fp8", "fp8-matmul"):
         return {**plan, "weights": "fp8"}
     if plan.get("offload") != "sequential":
-        # The one-pass feed-forward reads its weights past the offload's per-layer hooks: not on that rung.
-        kept = {key: value for key, value in plan.items() if key != "fp8_gelu"}
+        # The one-pass kernels read their weights past the offload's per-layer hooks: not on that rung.
+        kept = {key: value for key, value in plan.items() if key not in ONE_PASS_KERNELS}
         return {**kept, "offload": "sequential"}
     return None
 
