@@ -313,6 +313,8 @@ LARGE_RUNS["large_fp8mm_fp8attn_qknormrope"] = LARGE_RUNS["large_fp8mm_fp8attn"]
 RUN_ENV["large_fp8mm_fp8attn_qknormrope"] = {"LTX2_QK_NORM_ROPE_KERNEL": "true"}
 RUN_ENV["large_fp8mm_fp8attn"] = {"LTX2_QK_NORM_ROPE_KERNEL": "false"}
 VERSUS["large_fp8mm_fp8attn_qknormrope"] = "large_fp8mm_fp8attn"
+# The repeat of issue 28's steady-clip run (below) takes that run's settings, whatever the defaults become.
+RUN_ENV["hd_two_stage_overlap3_fp8attn_again"] = dict(RUN_ENV["hd_two_stage_overlap3_fp8attn"])
 # Issue 28's last target: run-to-run identical outputs with every lever of its steady clip on (FP8 attention, the
 # one-pass GELU, overlap, deterministic mode): the same 6 clips again on the warm machine, a later call of the same
 # --work folder; MP4, WAV and latents compared byte for byte with the first run's (results.json "issue23"):
@@ -321,7 +323,7 @@ VERSUS["large_fp8mm_fp8attn_qknormrope"] = "large_fp8mm_fp8attn"
 #   bash bench/run_on_device.sh batch --family 2.3 --clips 6 --sequence hd_two_stage_overlap3_fp8attn_again   (call 2)
 HD_RUNS["hd_two_stage_overlap3_fp8attn_again"] = ("two-stage", None, True)
 HD_FP8_ATTENTION.add("hd_two_stage_overlap3_fp8attn_again")
-RUN_ENV["hd_two_stage_overlap3_fp8attn_again"] = dict(OVERLAP3)
+
 REPEAT_RUNS["hd_two_stage_overlap3_fp8attn"] = ("hd_two_stage_overlap3_fp8attn_again", "")
 SAME_AS["hd_two_stage_overlap3_fp8attn_again"] = "hd_two_stage_overlap3_fp8attn"
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call

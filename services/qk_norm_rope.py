@@ -30,7 +30,8 @@ from torch.nn import functional
 
 from services.fp8_rows import triton_unavailable
 
-#: Widest half-row the kernel holds in registers (LTX-2's video query is 4,096 wide: a half of 2,048).
+#: Most values of a half-row the kernel holds in registers: heads rounded up to a power of two times half a head
+#: (LTX-2's video query: 32 x 64 = 2,048).
 MAX_HALF = 4096
 
 
@@ -69,7 +70,7 @@ def define_qk_operator() -> Any:
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _require_tokens(query, key, cos, sin)
+        _require_tokens(query, key, query_weight, key_weight, cos, sin)
         return norm_rope_reference(query, key, query_weight, key_weight, query_eps, key_eps, cos, sin)
 
     @reference_norm_rope.register_fake
@@ -83,7 +84,7 @@ def define_qk_operator() -> Any:
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _require_tokens(query, key, cos, sin)
+        _require_tokens(query, key, query_weight, key_weight, cos, sin)
         return torch.empty_like(query, memory_format=torch.contiguous_format), torch.empty_like(
             key, memory_format=torch.contiguous_format
         )
@@ -95,7 +96,7 @@ def kernel_takes(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
     """Whether the kernel can read these tensors: query and key (batch, tokens, width) alike and contiguous, in
     bf16, fp16 or fp32; cos and sin float32 (batch, heads, tokens, half a head) laid out as (batch, tokens, heads,
     half a head) in memory (how diffusers' rotary module makes them), covering half the width, half a head a power
-    of two; a half-row within MAX_HALF."""
+    of two; its register tile within MAX_HALF."""
     if query.dim() != 3 or query.shape != key.shape or cos.dim() != 4 or cos.shape != sin.shape:
         return False
     if query.dtype not in (torch.bfloat16, torch.float16, torch.float32) or key.dtype != query.dtype:
@@ -107,7 +108,8 @@ def kernel_takes(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
         and half_head & (half_head - 1) == 0  # a power of two: the kernel's tl.arange over a head's half
         and (cos_batch, cos_tokens) == (batch, tokens)
         and heads * half_head * 2 == width
-        and width // 2 <= MAX_HALF
+        and (1 << (heads - 1).bit_length()) * half_head <= MAX_HALF  # the kernel's tile: heads rounded up to 2^n
+        and query.device == key.device == cos.device == sin.device
         and query.is_contiguous()
         and key.is_contiguous()
         and cos.transpose(1, 2).is_contiguous()
@@ -115,14 +117,38 @@ def kernel_takes(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin:
     )
 
 
-def _require_tokens(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """The operator's inputs are those kernel_takes accepts (norm_rope sends anything else to the reference)."""
+def _require_tokens(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    query_weight: torch.Tensor | None,
+    key_weight: torch.Tensor | None,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> None:
+    """The operator's inputs are those kernel_takes accepts, with weights (if any) that weight_fits (norm_rope sends
+    anything else to the reference)."""
     torch._check(
         kernel_takes(query, key, cos, sin),
         lambda: (
             "qk_norm_rope takes contiguous (batch, tokens, width) query and key and float32 angles laid out "
             "(batch, tokens, heads, half a head)"
         ),
+    )
+    torch._check(
+        weight_fits(query_weight, query) and weight_fits(key_weight, key),
+        lambda: "qk_norm_rope takes norm weights as wide as the query, contiguous, of its dtype and device",
+    )
+
+
+def weight_fits(weight: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+    """No weight, or one value per column of `tensor`, contiguous, of its dtype and device (what the kernel reads)."""
+    if weight is None:
+        return True
+    return (
+        weight.shape == (tensor.shape[-1],)
+        and weight.is_contiguous()
+        and weight.dtype == tensor.dtype
+        and weight.device == tensor.device
     )
 
 
@@ -151,38 +177,62 @@ def plain_rms_norm(norm: torch.nn.Module, tensor: torch.Tensor) -> bool:
     # torch's own hooks, accelerate's, and diffusers' (layerwise casting, group offload) each act on a module call.
     if norm._forward_hooks or norm._forward_pre_hooks or hasattr(norm, "_hf_hook") or hasattr(norm, "_diffusers_hook"):
         return False
-    weight = norm.weight
-    return weight is None or (weight.dtype == tensor.dtype and weight.device == tensor.device)
+    return weight_fits(norm.weight, tensor)
 
 
 @functools.cache
 def qk_kernel_unavailable(device: str) -> str | None:
     """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has: Triton imports,
-    and a first launch on a small input (two batches, a weighted and an unweighted norm) comes out within a rounding
-    step of the reference. On success the operator's CUDA kernel is the Triton one from then on."""
+    and a first launch of each of check_cases (LTX-2's video and audio head shapes) comes out within a rounding of
+    the reference, so a kernel this card cannot compile at those shapes fails here, at load, not in a step. On
+    success the operator's CUDA kernel is the Triton one from then on."""
     if torch.device(device).type != "cuda":
         return f"{device} is not a CUDA device"
     if (reason := triton_unavailable()) is not None:
         return reason
-    generator = torch.Generator(device=device).manual_seed(0)
-    batch, tokens, heads, half_head = 2, 5, 4, 8
-    width = heads * half_head * 2
-    query = torch.randn(batch, tokens, width, device=device, generator=generator).to(torch.bfloat16)
-    key = torch.randn(batch, tokens, width, device=device, generator=generator).to(torch.bfloat16)
-    weight = (1 + 0.1 * torch.randn(width, device=device, generator=generator)).to(torch.bfloat16)
-    angles = torch.rand(batch, tokens, heads, half_head, device=device, generator=generator) * 6.3
-    cos, sin = angles.cos().transpose(1, 2), angles.sin().transpose(1, 2)
-    try:
-        got = norm_rope_launcher()(query, key, weight, None, 1e-6, 1e-5, cos, sin)
-        torch.cuda.synchronize(device)
-    except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep the torch code)
-        return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
-    want = norm_rope_reference(query, key, weight, None, 1e-6, 1e-5, cos, sin)
-    for ours, theirs in zip(got, want, strict=True):
-        error = (ours.float() - theirs.float()).abs().max().item()
-        if ours.shape != theirs.shape or not error <= 2**-6 * theirs.float().abs().max().item():
-            return f"the Triton kernel's first result is off the reference (largest difference {error})"
+    for args in check_cases(device, torch.bfloat16):
+        try:
+            got = norm_rope_launcher()(*args)
+            torch.cuda.synchronize(device)
+        except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep the torch code)
+            return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
+        if (off := off_the_reference(got, norm_rope_reference(*args))) is not None:
+            return f"the Triton kernel's first result is off the reference ({off})"
     define_qk_operator().register_kernel("cuda")(norm_rope_launcher())
+    return None
+
+
+def check_cases(device: str, dtype: torch.dtype) -> list[tuple[Any, ...]]:
+    """The operator's arguments for the first-launch check (and the tests' run of the kernel in Triton's
+    interpreter): LTX-2's video heads (32 x 64 halves, batch 2) with both norms weighted and eps 1e-6 / 1e-5, a
+    token scaled by 1e-3 so that the two eps matter; its audio heads (32 x 32 halves) without weights."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    cases = []
+    for batch, heads, half_head, weighted in ((2, 32, 64, True), (1, 32, 32, False)):
+        width = heads * half_head * 2
+        query, key = (3 * torch.randn(2, batch, 3, width, device=device, generator=generator)).to(dtype).unbind(0)
+        query[0, 1] *= 1e-3
+        key[0, 1] *= 1e-3
+        weights = (1 + 0.1 * torch.randn(2, width, device=device, generator=generator)).to(dtype).unbind(0)
+        turns = torch.rand(batch, 3, heads, half_head, device=device, generator=generator) * 6.3
+        cos, sin = turns.cos().transpose(1, 2), turns.sin().transpose(1, 2)
+        query_weight, key_weight = weights if weighted else (None, None)
+        cases.append((query.contiguous(), key.contiguous(), query_weight, key_weight, 1e-6, 1e-5, cos, sin))
+    return cases
+
+
+def off_the_reference(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> str | None:
+    """None when each value of `got` is within a rounding of `want`'s (2^-6 of the value plus 2^-6: outputs are
+    normalised to about 1, and the norm's rounding moves a rotated value by a step of either half it mixes);
+    else what is off. A wrong index or eps moves values by their own size."""
+    for name, ours, theirs in zip(("query", "key"), got, want, strict=True):
+        if ours.shape != theirs.shape or ours.dtype != theirs.dtype:
+            return (
+                f"{name}: {tuple(ours.shape)} {ours.dtype} where the reference has {tuple(theirs.shape)} {theirs.dtype}"
+            )
+        error = (ours.float() - theirs.float()).abs()
+        if not bool((error <= 2**-6 * (theirs.float().abs() + 1)).all()):
+            return f"{name}: a value {error.max().item():.3g} away"
     return None
 
 

@@ -8,6 +8,11 @@ on a CPU; the operator must be reached where the kernel would serve, and never g
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,11 @@ from protocol.spec import JobSpec
 from services import fp8_attention, qk_norm_rope
 
 HEADS, HALF_HEAD, TOKENS = 4, 8, 10
+REPO = Path(__file__).resolve().parents[1]
+#: Triton for its CPU interpreter, apart from the project's environment (whose CPU torch would otherwise find a
+#: Triton it was not built with); .ci/run installs it there.
+TRITON_SITE = REPO / ".triton-interpreter"
+TRITON_PIN = "triton==3.5.0"
 WIDTH = HEADS * HALF_HEAD * 2
 
 
@@ -113,8 +123,43 @@ def test_tensors_the_kernel_cannot_read_take_the_torch_code_and_the_operator_ref
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), name
     assert operator_calls == []  # none reached the operator, whose CUDA kernel would read them wrongly
     layout = tuple(t.contiguous() for t in rotary)
-    with pytest.raises(RuntimeError, match="qk_norm_rope takes"):
+    with pytest.raises(RuntimeError, match="qk_norm_rope takes contiguous"):
         torch.ops.ltx2.qk_norm_rope(query, key, norm_q.weight, None, 1e-6, 1e-6, *layout)
+    with pytest.raises(RuntimeError, match="qk_norm_rope takes norm weights"):  # one the kernel would read past
+        torch.ops.ltx2.qk_norm_rope(query, key, norm_q.weight[:32], None, 1e-6, 1e-6, *rotary)
+
+
+def test_the_triton_kernel_run_by_tritons_interpreter_matches_the_torch_code():
+    """The kernel's indexing, norms, eps, weights and rotation, by Triton's CPU interpreter on the first-launch
+    check's cases (LTX-2's video and audio head shapes) in fp16 and fp32; bf16 is left to the GPU, as the
+    interpreter rounds to it by truncation. In a child process with TRITON_SITE's Triton."""
+    if not (TRITON_SITE / "triton").is_dir():
+        install = f".venv/bin/python -m pip install --target {TRITON_SITE} {TRITON_PIN}"
+        pytest.skip(f"no Triton for its interpreter (.ci/run installs it): {install}")
+    script = textwrap.dedent(
+        """
+        import contextlib, json, torch
+        torch.cuda.device = lambda device: contextlib.nullcontext()  # the launcher's device guard, on a CPU
+        from services import qk_norm_rope
+        report = {}
+        for dtype in (torch.float16, torch.float32):
+            for index, args in enumerate(qk_norm_rope.check_cases("cpu", dtype)):
+                got, want = qk_norm_rope.norm_rope_launcher()(*args), qk_norm_rope.norm_rope_reference(*args)
+                largest = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
+                report[f"{str(dtype)[6:]} case {index}"] = [qk_norm_rope.off_the_reference(got, want), largest]
+        print(json.dumps(report))
+        """
+    )
+    environ = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{TRITON_SITE}{os.pathsep}{REPO}"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=environ, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(report) == ["float16 case 0", "float16 case 1", "float32 case 0", "float32 case 1"]
+    for case, (off, largest) in report.items():
+        assert off is None, case
+        assert largest < (1e-5 if case.startswith("float32") else 4e-3), case  # a rounding, not a wrong value
 
 
 def test_without_cuda_the_kernel_is_not_used_and_the_reason_is_named():
