@@ -160,6 +160,9 @@ def use_fp8_attention(ctx: WorkerContext, transformer: Any, device: torch.device
     if qk_kernel and device.type == "cuda" and (why := qk_norm_rope.qk_kernel_unavailable(str(device))) is not None:
         ctx.progress(f"one-pass query/key norm and rotary embedding unavailable, Inductor's kernels instead: {why}")
         qk_kernel = False
+    elif qk_kernel:
+        runs = "Triton" if device.type == "cuda" else "torch"
+        ctx.progress(f"query/key norms and rotary embedding in one pass per token ({runs})")
     count = fp8_attention.install(transformer, qk_kernel)
     reason = fp8_attention.kernel_unavailable()
     if reason is None:

@@ -9,6 +9,7 @@ on a CPU; the operator must be reached where the kernel would serve, and never g
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -208,9 +209,10 @@ def test_a_compiled_attention_holds_the_operator_in_one_graph_with_the_same_bits
 
 
 def test_a_job_with_the_setting_on_renders_the_same_latents_through_the_operator(
-    tiny_23_model_dir: Path, tmp_path: Path, operator_calls: list
+    tiny_23_model_dir: Path, tmp_path: Path, operator_calls: list, caplog: pytest.LogCaptureFixture
 ):
     reference = encode(tiny_23_model_dir, tmp_path, "plain")
+    caplog.set_level(logging.INFO)
     result = encode_job(
         tiny_23_model_dir, tmp_path, "qk", None, {"LTX2_QK_NORM_ROPE_KERNEL": "true"}, fp8_attention=True
     )
@@ -218,6 +220,7 @@ def test_a_job_with_the_setting_on_renders_the_same_latents_through_the_operator
         assert torch.equal(result[stream], reference[stream]), stream
     video = [shape for shape in operator_calls if shape[-1] == operator_calls[0][-1]]
     assert operator_calls and len(video) < len(operator_calls)  # the video and the audio self-attention
+    assert "query/key norms and rotary embedding in one pass per token (torch)" in caplog.text
 
 
 def test_the_plan_names_the_kernel_with_fp8_attention_when_on_and_not_on_the_offload_rung():
