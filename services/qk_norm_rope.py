@@ -4,19 +4,20 @@ Why a kernel of our own. Before FP8 self-attention (services/fp8_attention.py) e
 key over their full width (`norm_q`, `norm_k`: RMS norms with a weight) and rotates them with LTX-2's split rotary
 embedding, whose cos and sin tables are float32 and as wide as half the query: per token, 8 KB of query, 8 KB of key
 and 16 KB of angles at 1080p. Compiled, Inductor spreads this over reduction and pointwise kernels that read the
-angles once for the query and once for the key, and some of them twice (the row's norm, then the rotated values);
-at 1080p those kernels took ~180 ms of a 2,257 ms stage-2 step on an H100 (benchmarks version 19's profile), where
-reading each byte once costs ~30 ms. The kernel below loads a token's query, key and angles once, takes both norms
-in registers, rotates both and writes both in the input's dtype, rounding where the torch code does (after the
-norm and after the rotation), so its outputs are the reference's within a rounding step of the norm. What follows
-(the per-tensor FP8 scales of the attention's operands) stays with Inductor: it reads the bf16 results, which are
-a quarter of these bytes.
+angles once for the query and once for the key, and some of them twice (the row's norm, then the rotated values):
+in benchmarks version 19's profile of a 2,257 ms 1080p stage-2 step on an H100, the kernels named for the norm and
+the rotation took ~183 ms, where reading and writing each byte once would cost ~30 ms. The kernel below loads a
+token's query, key and angles once, takes both norms in registers, rotates both and writes both in the input's
+dtype, rounding where the torch code does (after the norm and after the rotation), so its outputs are the
+reference's within a rounding step of the norm. What follows (the per-tensor FP8 scales of the attention's
+operands) stays with Inductor: it reads the bf16 results, which carry no angles.
 
 Like services/fp8_rows.py it is a Triton kernel behind an opaque torch custom operator: `torch.compile` keeps it in
 the graph, one fixed launch configuration (no autotuning, no atomics: the same request gives the same bits,
 DESIGN.md rule 6), the torch implementation on every other device (the CPU tests run it: it is the code the
 attention processor ran before, so their outputs are unchanged), and a worker's first CUDA use launches the kernel
-once on a small input and keeps the torch path if that fails (qk_kernel_unavailable).
+on LTX-2's head shapes and keeps the torch path if that fails (qk_kernel_unavailable). CI runs the kernel through
+Triton's CPU interpreter (tests/test_qk_norm_rope.py).
 """
 
 from __future__ import annotations
