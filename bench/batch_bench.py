@@ -323,7 +323,6 @@ RUN_ENV["hd_two_stage_overlap3_fp8attn_again"] = dict(RUN_ENV["hd_two_stage_over
 #   bash bench/run_on_device.sh batch --family 2.3 --clips 6 --sequence hd_two_stage_overlap3_fp8attn_again   (call 2)
 HD_RUNS["hd_two_stage_overlap3_fp8attn_again"] = ("two-stage", None, True)
 HD_FP8_ATTENTION.add("hd_two_stage_overlap3_fp8attn_again")
-
 REPEAT_RUNS["hd_two_stage_overlap3_fp8attn"] = ("hd_two_stage_overlap3_fp8attn_again", "")
 SAME_AS["hd_two_stage_overlap3_fp8attn_again"] = "hd_two_stage_overlap3_fp8attn"
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
