@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -97,33 +98,48 @@ def define_operator() -> Any:
     return reference_rows
 
 
-@functools.cache
-def gelu_kernel_unavailable(device: str) -> str | None:
-    """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has: Triton imports,
-    and a first launch on a small input gives the reference's scales and codes within one FP8 step (a Triton that
-    imports but cannot compile for this card fails here, at load, not in a compiled step). On success the operator's
-    CUDA kernel is the Triton one from then on."""
+def first_launch_failure(device: str, check: Callable[[], str | None], serve: Callable[[], None]) -> str | None:
+    """The first-launch protocol of the project's Triton kernels (this one, services/qk_norm_rope.py's): None once
+    `check()` (launch the kernel on the device, compare with the torch reference, say what is off or None) passed on
+    `device` and `serve()` gave the operator its CUDA kernel; else why the torch path stays: not a CUDA device, no
+    Triton, a launch that raised (a Triton that imports but cannot compile for this card fails here, at load, not in
+    a compiled step), or a result off the reference."""
     if torch.device(device).type != "cuda":
         return f"{device} is not a CUDA device"
     if (reason := triton_unavailable()) is not None:
         return reason
-    generator = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(4, 160, device=device, generator=generator).to(torch.bfloat16)
-    hidden[3, 7] = float("nan")  # the last row holds a NaN: its scale and codes must come out NaN
-    bias = torch.randn(160, device=device, generator=generator).to(torch.bfloat16)
     try:
-        quantized, scale = triton_launcher()(hidden, bias)
+        off = check()
         torch.cuda.synchronize(device)
-    except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep Inductor's fusion)
+    except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep the torch path)
         return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
-    expected, expected_scale = gelu_quantize_reference(hidden, bias)
-    steps = fp8_steps(quantized[:3], expected[:3]).max().item()
-    if steps > 1 or not torch.allclose(scale[:3], expected_scale[:3], rtol=1e-5, atol=0):
-        return f"the Triton kernel's first result is off the reference ({steps} FP8 steps)"
-    if not (scale[3].isnan().all() and quantized[3].float().isnan().all()):
-        return "the Triton kernel lost a NaN of its row (finite scale or codes where the reference has NaN)"
-    _serve_cuda_with_the_kernel()
+    if off is not None:
+        return f"the Triton kernel's first result is off the reference ({off})"
+    serve()
     return None
+
+
+@functools.cache
+def gelu_kernel_unavailable(device: str) -> str | None:
+    """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has
+    (first_launch_failure): a first launch on a small input gives the reference's scales and codes within one FP8
+    step, and a row holding a NaN comes out NaN. On success the operator's CUDA kernel is the Triton one."""
+
+    def check() -> str | None:
+        generator = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(4, 160, device=device, generator=generator).to(torch.bfloat16)
+        hidden[3, 7] = float("nan")  # the last row holds a NaN: its scale and codes must come out NaN
+        bias = torch.randn(160, device=device, generator=generator).to(torch.bfloat16)
+        quantized, scale = triton_launcher()(hidden, bias)
+        expected, expected_scale = gelu_quantize_reference(hidden, bias)
+        steps = fp8_steps(quantized[:3], expected[:3]).max().item()
+        if steps > 1 or not torch.allclose(scale[:3], expected_scale[:3], rtol=1e-5, atol=0):
+            return f"{steps} FP8 steps"
+        if not (scale[3].isnan().all() and quantized[3].float().isnan().all()):
+            return "it lost a NaN of its row: finite scale or codes where the reference has NaN"
+        return None
+
+    return first_launch_failure(device, check, _serve_cuda_with_the_kernel)
 
 
 @functools.cache

@@ -29,7 +29,7 @@ import torch
 from diffusers.models.transformers.transformer_ltx2 import apply_split_rotary_emb
 from torch.nn import functional
 
-from services.fp8_rows import triton_unavailable
+from services.fp8_rows import first_launch_failure
 
 #: Most values of a half-row the kernel holds in registers: heads rounded up to a power of two times half a head
 #: (LTX-2's video query: 32 x 64 = 2,048).
@@ -183,24 +183,24 @@ def plain_rms_norm(norm: torch.nn.Module, tensor: torch.Tensor) -> bool:
 
 @functools.cache
 def qk_kernel_unavailable(device: str) -> str | None:
-    """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has: Triton imports,
-    and a first launch of each of check_cases (LTX-2's video and audio head shapes) comes out within a rounding of
-    the reference, so a kernel this card cannot compile at those shapes fails here, at load, not in a step. On
-    success the operator's CUDA kernel is the Triton one from then on."""
-    if torch.device(device).type != "cuda":
-        return f"{device} is not a CUDA device"
-    if (reason := triton_unavailable()) is not None:
-        return reason
-    for args in check_cases(device, torch.bfloat16):
-        try:
-            got = norm_rope_launcher()(*args)
-            torch.cuda.synchronize(device)
-        except Exception as error:  # noqa: BLE001 (any failure of a compiler or driver means: keep the torch code)
-            return f"the Triton kernel failed its first launch ({type(error).__name__}: {error})"
-        if (off := off_the_reference(got, norm_rope_reference(*args))) is not None:
-            return f"the Triton kernel's first result is off the reference ({off})"
+    """Why the Triton kernel cannot serve tensors on `device` (e.g. "cuda:0"), or None once it has
+    (services/fp8_rows.first_launch_failure): a first launch of each of check_cases (LTX-2's video and audio head
+    shapes) comes out within a rounding of the reference, so a kernel this card cannot compile at those shapes fails
+    here, at load, not in a step. On success the operator's CUDA kernel is the Triton one from then on."""
+
+    def check() -> str | None:
+        for args in check_cases(device, torch.bfloat16):
+            if (off := off_the_reference(norm_rope_launcher()(*args), norm_rope_reference(*args))) is not None:
+                return off
+        return None
+
+    return first_launch_failure(device, check, _serve_cuda_with_the_qk_kernel)
+
+
+@functools.cache
+def _serve_cuda_with_the_qk_kernel() -> None:
+    """The operator's CUDA kernel becomes the Triton one (once a process, whichever CUDA device checked first)."""
     define_qk_operator().register_kernel("cuda")(norm_rope_launcher())
-    return None
 
 
 def check_cases(device: str, dtype: torch.dtype) -> list[tuple[Any, ...]]:
