@@ -97,6 +97,7 @@ from gpu_staged import kill_pids, worker_pids  # noqa: E402
 from gpu_storage import choose_root  # noqa: E402
 
 from orchestrator.placement.lanes import visible_cuda_devices  # noqa: E402
+from protocol.cuda_mps import control_daemon_pid  # noqa: E402
 
 STAGES = ("encode_diffuse", "audio_decode", "video_decode")
 PROMPTS = [
@@ -204,6 +205,8 @@ OWN_COMPILE_CACHE = {"batch_fp8mm_det", "batch_fp8mm_det_again", "batch_fp8mm_no
 # `ray start` of a one-host farm takes a few seconds; it runs before the measured batch, as a
 # farm is up before its jobs come.
 RAY_START_TIMEOUT_S = 120
+# NVIDIA's MPS control program (MPS_RUNS start a daemon of their own with it; the driver's utilities ship it).
+MPS_CONTROL = "nvidia-cuda-mps-control"
 # The compile warm-up batch needs only enough clips to compile every shape once.
 WARMUP_CLIPS = 2
 
@@ -325,6 +328,23 @@ HD_RUNS["hd_two_stage_overlap3_fp8attn_again"] = ("two-stage", None, True)
 HD_FP8_ATTENTION.add("hd_two_stage_overlap3_fp8attn_again")
 REPEAT_RUNS["hd_two_stage_overlap3_fp8attn"] = ("hd_two_stage_overlap3_fp8attn_again", "")
 SAME_AS["hd_two_stage_overlap3_fp8attn_again"] = "hd_two_stage_overlap3_fp8attn"
+# Issue 28 item 1, "optionally with CUDA MPS when present; measure with and without": the overlapped runs again
+# under an MPS control daemon this bench starts for the run (mps_daemon; `[worker] cuda_mps` names its pipe
+# directory, so decoders beside a diffusion join it at the below-normal client priority), after the same runs
+# without it in the same call; the same request, so the same bits (SAME_AS):
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 6 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3_fp8attn,hd_two_stage_overlap3_mps
+#   bash bench/run_on_device.sh batch --clips 8 \
+#       --sequence batch_fp8mm_warmup,batch_fp8mm_overlap4,batch_fp8mm_overlap4_mps
+MPS_RUNS = {
+    "hd_two_stage_overlap3_mps": "hd_two_stage_overlap3_fp8attn",
+    "batch_fp8mm_overlap4_mps": "batch_fp8mm_overlap4",
+}
+HD_RUNS["hd_two_stage_overlap3_mps"] = ("two-stage", None, True)
+HD_FP8_ATTENTION.add("hd_two_stage_overlap3_mps")
+for mps_run, without in MPS_RUNS.items():
+    RUN_ENV[mps_run] = dict(RUN_ENV[without])
+    SAME_AS[mps_run] = without
 # Issue 27: directing the clip on LTX-2.3 two-stage at --hd, against the plain two-stage batch of the same call
 # (hd_two_stage_fp8mm, which must run first in the call or an earlier one on the machine): every clip with
 # three keyframes (images at the first frame, the middle latent start and the last one), and every clip of
@@ -615,6 +635,49 @@ def ray_head(name: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
             subprocess.run([*ray_cli, "stop", "--force"], env=env, stdout=handle, stderr=handle, check=False)
 
 
+@contextlib.contextmanager
+def mps_daemon(name: str, env: dict[str, str], work: Path, log_path: Path) -> Iterator[dict[str, Any]]:
+    """For an MPS run (MPS_RUNS): an MPS control daemon of its own (pipe and log folders under `work`), named to
+    the run's workers through LTX2_CUDA_MPS in `env`; yields what it recorded (pid, server pids seen while the
+    run went on, the tails of its logs, which name the clients it served), and quits it after the run."""
+    if name not in MPS_RUNS:
+        yield {}
+        return
+    pipe, logs = work / "mps-pipe", work / "mps-log"
+    for folder in (pipe, logs):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    daemon_env = {**env, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    record: dict[str, Any] = {"pipe_directory": str(pipe)}
+
+    def control(command: str) -> str:
+        answer = subprocess.run(
+            [MPS_CONTROL], input=f"{command}\n", env=daemon_env, capture_output=True, text=True, timeout=30, check=False
+        )
+        return (answer.stdout + answer.stderr).strip()
+
+    with log_path.open("a") as handle:
+        subprocess.run([MPS_CONTROL, "-d"], env=daemon_env, stdout=handle, stderr=handle, timeout=30, check=True)
+    deadline = time.time() + 10
+    while (pid := control_daemon_pid(pipe)) is None and time.time() < deadline:
+        time.sleep(0.1)
+    if pid is None:
+        raise RuntimeError(f"the MPS control daemon wrote no live pid to {pipe} within 10 s (see {log_path})")
+    record["control_pid"] = pid
+    env["LTX2_CUDA_MPS"] = str(pipe)
+    try:
+        yield record
+    finally:
+        record["server_list"] = control("get_server_list")
+        record["quit"] = control("quit")
+        deadline = time.time() + 30
+        while control_daemon_pid(pipe) is not None and time.time() < deadline:
+            time.sleep(0.2)
+        for log_name in ("control.log", "server.log"):
+            path = logs / log_name
+            record[log_name] = path.read_text(errors="replace").splitlines()[-60:] if path.is_file() else None
+
+
 def psnr(first: Path, second: Path) -> float | None:
     """PSNR (dB) between two MP4s' decoded frames (8-bit RGB), over the whole clip; frame by frame,
     as whole clips in float64 took seconds and gigabytes each (a 16-clip comparison outlived a call)."""
@@ -887,6 +950,15 @@ def finish_run(
     return run
 
 
+def skip_reason(name: str, left: float) -> str | None:
+    """Why run `name` does not start, or None: under a minute left of the call, or an MPS run without MPS."""
+    if left < 60:
+        return f"only {left:.0f} s left"
+    if name in MPS_RUNS and shutil.which(MPS_CONTROL) is None:
+        return f"{MPS_CONTROL} is not on PATH (no CUDA MPS on this machine)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """1 folders and earlier results, 2 model folder, 3 environment, 4 the runs, 5 PSNR, 6 table."""
     args = build_parser().parse_args(argv)
@@ -920,17 +992,19 @@ def main(argv: list[str] | None = None) -> int:
     if not results.get("earlier_calls"):
         shutil.rmtree(cache, ignore_errors=True)
     for name in args.sequence.split(","):  # 4
-        left = deadline - time.time() - 20
-        if left < 60:
-            results["runs"][name] = {"skipped": f"only {left:.0f} s left"}
+        if (skip := skip_reason(name, deadline - time.time() - 20)) is not None:
+            results["runs"][name] = {"skipped": skip}
             continue
+        left = deadline - time.time() - 20
         state, outputs = work / f"state-{name}", work / f"outputs-{name}"
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(outputs, ignore_errors=True)
         command, size = run_command(name, args, root, work)
         environment = run_environment(name, state, outputs, cache)
-        with ray_head(name, environment, child_log):
+        with ray_head(name, environment, child_log), mps_daemon(name, environment, work, child_log) as mps:
             run = run_cli(name, command, environment, left, child_log)
+        if mps:
+            run["cuda_mps"] = mps
         run["gpu_peak_mib"] = sampler.peak_mib(run["t0"], run["t1"])
         results["runs"][name] = finish_run(run, name, size, state, results["environment"], args.family)
         save()

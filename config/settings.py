@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from config.presets import FamilyPresets, Preset, build_family_presets, resolve_pipeline, resolve_preset_fields
+from protocol import cuda_mps
 from protocol.families import FAMILIES
 from protocol.spec_rules import CONTEXT_PARALLEL_SIZES, CROP_MULTIPLE, MAX_SIZE, MIN_CROP_SIZE
 
@@ -30,6 +31,7 @@ ENV_OVERRIDES = {
     "LTX2_FORK_SERVER": ("worker", "fork_server"),
     "LTX2_GROUP_SIZE": ("worker", "group_size"),
     "LTX2_OVERLAP_STAGES": ("worker", "overlap_stages"),
+    "LTX2_CUDA_MPS": ("worker", "cuda_mps"),
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_FP8_GELU_KERNEL": ("worker", "fp8_gelu_kernel"),
     "LTX2_QK_NORM_ROPE_KERNEL": ("worker", "qk_norm_rope_kernel"),
@@ -169,6 +171,8 @@ class Settings:
     deterministic: bool = True
     #: Diffuse the next group while the last group's decoders run ("auto", "on", "off"; defaults.toml says when).
     overlap_stages: str = "auto"
+    #: Which CUDA MPS control daemon stage processes join: "auto", "off" or a pipe directory (protocol/cuda_mps.py).
+    cuda_mps: str = "auto"
 
     @property
     def jobs_dir(self) -> Path:
@@ -395,6 +399,8 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     if worker["overlap_stages"] not in OVERLAP_MODES:
         allowed = ", ".join(OVERLAP_MODES)
         raise ConfigError(f"worker.overlap_stages must be one of {allowed}; got {worker['overlap_stages']!r}")
+    if (problem := cuda_mps.setting_problem(worker["cuda_mps"])) is not None:
+        raise ConfigError(f"worker.cuda_mps {problem}")
     if decode["x264_preset"] not in X264_PRESETS:
         raise ConfigError(f"decode.x264_preset must be one of {', '.join(X264_PRESETS)}; got {decode['x264_preset']!r}")
     if decode["profile"] not in profiles:
@@ -447,6 +453,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         http=_http(data["http"]),
         deterministic=worker["deterministic"],
         overlap_stages=worker["overlap_stages"],
+        cuda_mps=worker["cuda_mps"],
     )
 
 

@@ -70,6 +70,7 @@ def fork_worker(modules: dict[str, Any], request: dict[str, Any]) -> int:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if "cuda_visible_devices" in request:
             os.environ["CUDA_VISIBLE_DEVICES"] = request["cuda_visible_devices"]
+        os.environ.update(request.get("environment", {}))  # CUDA MPS's variables, read when CUDA starts
         if "threads" in request:  # torch read OMP_NUM_THREADS when the server imported it: size the pool here
             os.environ["OMP_NUM_THREADS"] = str(request["threads"])
             sys.modules["torch"].set_num_threads(request["threads"])

@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 import zmq
 
-from protocol import codec, stages
+from protocol import codec, cuda_mps, stages
 from protocol.errors import EnvironmentFailure, ExitCode, InvalidInput, exit_code_of, is_no_space
 from protocol.fault_points import fault_point
 from protocol.files import JOB_FILE, Stage
@@ -229,6 +229,8 @@ def run_worker(stage: Stage, work: Work, argv: list[str] | None = None, prepare:
             log.info("CPU niceness %d", os.nice(args.niceness))
         if "CUDA_VISIBLE_DEVICES" in os.environ:  # its lane's device (orchestrator.placement.lanes), in its log
             log.info("CUDA_VISIBLE_DEVICES=%r", os.environ["CUDA_VISIBLE_DEVICES"])
+        if (mps := cuda_mps.describe_client(os.environ)) is not None:  # `[worker] cuda_mps` (WorkerLink)
+            log.info("%s", mps)
         log_cpu_kernels()
         log.info("gc: %d objects of the imports frozen out of its passes", gc_pauses.freeze_imports())
         gc_pauses.watch()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import re
 import threading
 import time
@@ -20,6 +21,7 @@ from supervised import Supervised
 from orchestrator.placement.lane_links import DECODERS_BESIDE_NICENESS
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.stage_overlap import OVERLAP_MARGIN, MeasuredPeaks, OverlapGate
+from protocol import cuda_mps
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE
 
@@ -35,17 +37,31 @@ def write_batch(path: Path) -> Path:
     return path
 
 
-def batch_run(overlap: str, **extra: str) -> RunAhead:
-    """`ltx2 batch` of the three clips, one clip per group, with `[worker] overlap_stages = overlap`."""
+def mps_pipe_directory(root: Path) -> Path:
+    """An MPS pipe directory whose pid file names a live process (this test process), as a running control
+    daemon's does. CUDA joins a daemon by itself, and no CPU worker starts CUDA; what the project decides, and
+    this checks, is which pipe directory and client priority each stage process gets (protocol/cuda_mps.py)."""
+    directory = root / "mps"
+    directory.mkdir()
+    (directory / cuda_mps.PID_FILE).write_text(f"{os.getpid()}\n")
+    return directory
+
+
+def batch_run(overlap: str, mps: str = "", **extra: str) -> RunAhead:
+    """`ltx2 batch` of the three clips, one clip per group, with `[worker] overlap_stages = overlap` and
+    `[worker] cuda_mps = mps` ("daemon": a pipe directory as a running daemon leaves it)."""
 
     def run(root: Path, hf_home: Path) -> dict[str, Any]:
         env = {**ltx2_environment(hf_home, root), "LTX2_GROUP_SIZE": "1", "LTX2_OVERLAP_STAGES": overlap, **extra}
+        if mps:
+            env["LTX2_CUDA_MPS"] = str(mps_pipe_directory(root)) if mps == "daemon" else mps
         result = run_ltx2(["batch", str(write_batch(root / "waves.toml")), "--quiet"], env)
         jobs = {}
         for job_dir in (root / "state" / "jobs").iterdir():
             record = json.loads((job_dir / "job.json").read_text())
             jobs[record["spec"]["name"]] = {"dir": job_dir, "record": record}
-        return {"result": result, "jobs": jobs, "outputs": sorted((root / "outputs").glob("wave*.mp4"))}
+        outputs = sorted((root / "outputs").glob("wave*.mp4"))
+        return {"result": result, "jobs": jobs, "outputs": outputs, "mps": env.get("LTX2_CUDA_MPS")}
 
     return run
 
@@ -64,8 +80,8 @@ def daemon_run(root: Path, hf_home: Path) -> dict[str, Any]:
 
 RUNS_AHEAD: dict[str, RunAhead] = {
     "test_the_daemon_diffuses_the_next_claim_beside_the_last_claims_decoders": daemon_run,
-    "overlapped": batch_run("on"),
-    "auto": batch_run("auto"),
+    "overlapped": batch_run("on", mps="daemon"),
+    "auto": batch_run("auto", mps="off"),
     "test_an_overlapped_attempt_out_of_memory_is_retried_alone": batch_run("on", LTX2_FAULT_OOM="video_decode:1"),
 }
 RUNS_AHEAD_AT_ONCE = 2
@@ -133,6 +149,14 @@ def test_overlapped_waves_make_the_same_clips_as_waves_run_alone(overlapped: dic
                 log = (job["dir"] / "logs" / f"{stage}-1.log").read_text()
                 niced = f"CPU niceness {DECODERS_BESIDE_NICENESS}" in log
                 assert niced == (stage != "encode_diffuse"), (name, stage, niced)
+                # Under a CUDA MPS daemon the decoders beside the diffusion are its clients at the below-normal
+                # priority, so the diffusion's kernels go first; with cuda_mps "off" no worker joins a daemon.
+                if run is overlapped:
+                    priority = "normal" if stage == "encode_diffuse" else "below normal"
+                    joined = f"CUDA MPS: client of the control daemon (pid {os.getpid()}) in {run['mps']}"
+                    assert f"{joined}, priority {priority}\n" in log, (name, stage)
+                else:
+                    assert re.search(r"CUDA MPS: none \(no control daemon in \S+/no-cuda-mps\)", log), (name, stage)
                 # and every worker starts with its imports' objects out of the collector's passes (gc_pauses)
                 frozen = re.search(r"gc: (\d+) objects of the imports frozen", log)
                 assert frozen is not None and int(frozen[1]) > 100_000, (name, stage)

@@ -36,7 +36,9 @@ DRAIN_TIMEOUT_S = 5.0
 LOST_EXIT = -signal.SIGKILL
 
 
-def worker_environment(visible_devices: str | None = None, threads: int | None = None) -> dict[str, str]:
+def worker_environment(
+    visible_devices: str | None = None, threads: int | None = None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     """The environment of stage workers (and of the fork server they come from).
 
     (Reproducible CPU maths, `MKL_CBWR=AUTO,STRICT`, is set by the workers' own package,
@@ -49,7 +51,8 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     newer, device-neutral name `PYTORCH_ALLOC_CONF`.
 
     `visible_devices`, a lane's device (orchestrator.placement.lanes), becomes `CUDA_VISIBLE_DEVICES`, and
-    `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it).
+    `threads`, the lane's share of the CPUs, `OMP_NUM_THREADS` (torch sizes its pool from it); `extra` (the
+    link's CUDA MPS variables: WorkerLink.mps_environment) is set last.
     """
     defaults: dict[str, str] = {}
     if "PYTORCH_ALLOC_CONF" not in os.environ:
@@ -57,7 +60,7 @@ def worker_environment(visible_devices: str | None = None, threads: int | None =
     lane = {} if visible_devices is None else {"CUDA_VISIBLE_DEVICES": visible_devices}
     if threads is not None:
         lane["OMP_NUM_THREADS"] = str(threads)
-    return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1", **lane}
+    return {**defaults, **os.environ, "PYTHONUNBUFFERED": "1", **lane, **(extra or {})}
 
 
 class ForkServerError(RuntimeError):
@@ -258,10 +261,12 @@ class ForkServer:
         log_path: Path,
         visible_devices: str | None = None,
         threads: int | None = None,
+        environment: dict[str, str] | None = None,
     ) -> ForkedProcess:
         """Fork a worker for `stage` with the worker's command-line `argv`; `visible_devices`
         (its lane's device) becomes its `CUDA_VISIBLE_DEVICES`, set in the child before CUDA starts,
-        and `threads` (its lane's share of the CPUs) the size of its torch thread pool."""
+        `threads` (its lane's share of the CPUs) the size of its torch thread pool, and `environment`
+        (CUDA MPS variables) is added to the child's environment, also before CUDA starts."""
         request: dict[str, Any] = {"stage": stage, "argv": argv, "log": str(log_path)}
         if self.die_with_server:
             request["die_with_server"] = True
@@ -269,6 +274,8 @@ class ForkServer:
             request["cuda_visible_devices"] = visible_devices
         if threads is not None:
             request["threads"] = threads
+        if environment:
+            request["environment"] = environment
         with self.lock:
             try:
                 server = self._running_server()

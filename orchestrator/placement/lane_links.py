@@ -52,7 +52,8 @@ class LocalLanes:
 
     def link(self, lane: Lane, role: str = "") -> WorkerLink:
         """A link for `lane`'s workers; `role` names a second one of the same lane (its own socket): "decoders",
-        whose workers run beside the lane's diffusion at DECODERS_BESIDE_NICENESS."""
+        whose workers run beside the lane's diffusion at DECODERS_BESIDE_NICENESS (and, under CUDA MPS, at the
+        below-normal client priority: WorkerLink.mps_environment)."""
         return WorkerLink(
             self.context,
             fork_server=self.settings.fork_server,
@@ -60,6 +61,7 @@ class LocalLanes:
             shared_fork_server=self.fork_server,
             role=role,
             niceness=DECODERS_BESIDE_NICENESS if role == "decoders" else 0,
+            cuda_mps=self.settings.cuda_mps,
         )
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from orchestrator.placement.fork_client import ForkedProcess, ForkServer
 from orchestrator.placement.lanes import Lane
 from orchestrator.placement.stale_sockets import remove_stale_worker_sockets
 from orchestrator.placement.worker_gang import WorkerGang
-from protocol import codec
+from protocol import codec, cuda_mps
 from protocol.files import Stage
 
 log = logging.getLogger("ltx2.orchestrator")
@@ -142,11 +142,13 @@ class WorkerLink:
         shared_fork_server: ForkServer | None = None,
         role: str = "",
         niceness: int = 0,
+        cuda_mps: str = "auto",
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.placement.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
         # shared by all lanes of a host (orchestrator.placement.lane_links) is its owner's to close.
         self.niceness = niceness  # added to each worker's CPU niceness as it starts (services.runtime)
+        self.role, self.cuda_mps = role, cuda_mps  # `[worker] cuda_mps`: which MPS daemon its workers join
         self.owns_fork_server = shared_fork_server is None
         self.fork_server = shared_fork_server or (ForkServer() if fork_server and spawner is None else None)
         self.spawner = spawner
@@ -172,6 +174,17 @@ class WorkerLink:
         # Every worker started over this link and not known to have ended: whatever path a job
         # ends by, `stop_workers_of` leaves none of its workers waiting for a GO that never comes.
         self.started: list[SpawnedWorker] = []
+
+    def mps_environment(self) -> dict[str, str]:
+        """What this link's next local worker adds to its environment for CUDA MPS (protocol/cuda_mps.py), looked
+        up at each start so a daemon started or stopped while the orchestrator runs is seen: the decoders' link
+        (role "decoders", beside the lane's diffusion) asks for the below-normal client priority."""
+        no_daemon = runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY
+        if self.cuda_mps == "off":
+            no_daemon.mkdir(mode=0o700, exist_ok=True)
+        return cuda_mps.client_environment(
+            self.cuda_mps, os.environ, no_daemon, beside_diffusion=self.role == "decoders"
+        )
 
     def receive_for(
         self, job_ids: str | Collection[str], stage: str, timeout_ms: int

@@ -114,12 +114,13 @@ def start_process(
         return link.spawner.spawn(stage.module, args, log_path, ranks)
     args = worker_args(jobs, stage, attempt, plan, link.endpoint, heartbeat_s, os.getpid(), link.niceness)
     visible, threads = link.lane.visible_devices, link.lane.threads
+    mps = link.mps_environment()
     if ranks > 1:  # one clip over N processes (orchestrator.placement.worker_gang): one attempt, stopped together
-        environment = functools.partial(worker_environment, visible)
+        environment = functools.partial(worker_environment, visible, extra=mps)
         return start_gang(stage.module, args, log_path, ranks, environment, threads, stop_process)
     if link.fork_server is not None:
         try:
-            return link.fork_server.spawn(stage.value, args, log_path, visible, threads)
+            return link.fork_server.spawn(stage.value, args, log_path, visible, threads, mps)
         except ForkServerUnusable as exc:  # said once: the link execs workers from now on
             log.warning("%s", exc)
             if link.owns_fork_server:
@@ -132,7 +133,7 @@ def start_process(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: a kill reaches any helpers it spawned
-            env=worker_environment(visible, threads),
+            env=worker_environment(visible, threads, mps),
         )
 
 
