@@ -207,6 +207,8 @@ OWN_COMPILE_CACHE = {"batch_fp8mm_det", "batch_fp8mm_det_again", "batch_fp8mm_no
 RAY_START_TIMEOUT_S = 120
 # NVIDIA's MPS control program (MPS_RUNS start a daemon of their own with it; the driver's utilities ship it).
 MPS_CONTROL = "nvidia-cuda-mps-control"
+# The most an MPS run's daemon takes after its run (two 10 s commands, 15 s for it to go): kept out of its timeout.
+MPS_TEARDOWN_S = 40
 # The compile warm-up batch needs only enough clips to compile every shape once.
 WARMUP_CLIPS = 2
 
@@ -638,8 +640,11 @@ def ray_head(name: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def mps_daemon(name: str, env: dict[str, str], work: Path, log_path: Path) -> Iterator[dict[str, Any]]:
     """For an MPS run (MPS_RUNS): an MPS control daemon of its own (pipe and log folders under `work`), named to
-    the run's workers through LTX2_CUDA_MPS in `env`; yields what it recorded (pid, server pids seen while the
-    run went on, the tails of its logs, which name the clients it served), and quits it after the run."""
+    the run's workers through LTX2_CUDA_MPS in `env`; yields what it recorded (pid, the servers it ran, the tails
+    of its logs, which name the clients it served), with "error" where it could not start (the run is then
+    skipped), and quits it after the run, killing it if it does not go. The daemon gets none of the run's LTX2_*
+    variables (a timed-out run's clean-up kills every process carrying its state folder) and sees every GPU (a
+    daemon started with CUDA_VISIBLE_DEVICES renumbers its clients' devices)."""
     if name not in MPS_RUNS:
         yield {}
         return
@@ -647,32 +652,51 @@ def mps_daemon(name: str, env: dict[str, str], work: Path, log_path: Path) -> It
     for folder in (pipe, logs):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-    daemon_env = {**env, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
+    kept = {key: value for key, value in env.items() if not key.startswith("LTX2_") and key != "CUDA_VISIBLE_DEVICES"}
+    daemon_env = {**kept, "CUDA_MPS_PIPE_DIRECTORY": str(pipe), "CUDA_MPS_LOG_DIRECTORY": str(logs)}
     record: dict[str, Any] = {"pipe_directory": str(pipe)}
 
     def control(command: str) -> str:
-        answer = subprocess.run(
-            [MPS_CONTROL], input=f"{command}\n", env=daemon_env, capture_output=True, text=True, timeout=30, check=False
-        )
+        try:
+            answer = subprocess.run(
+                [MPS_CONTROL],
+                input=f"{command}\n",
+                env=daemon_env,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            return f"{type(error).__name__}: {error}"
         return (answer.stdout + answer.stderr).strip()
 
-    with log_path.open("a") as handle:
-        subprocess.run([MPS_CONTROL, "-d"], env=daemon_env, stdout=handle, stderr=handle, timeout=30, check=True)
-    deadline = time.time() + 10
-    while (pid := control_daemon_pid(pipe)) is None and time.time() < deadline:
-        time.sleep(0.1)
-    if pid is None:
-        raise RuntimeError(f"the MPS control daemon wrote no live pid to {pipe} within 10 s (see {log_path})")
-    record["control_pid"] = pid
-    env["LTX2_CUDA_MPS"] = str(pipe)
+    try:
+        with log_path.open("a") as handle:
+            subprocess.run([MPS_CONTROL, "-d"], env=daemon_env, stdout=handle, stderr=handle, timeout=30, check=True)
+        deadline = time.time() + 10
+        while (pid := control_daemon_pid(pipe)) is None and time.time() < deadline:
+            time.sleep(0.1)
+        if pid is None:
+            record["error"] = f"the MPS control daemon wrote no live pid to {pipe} within 10 s (see {log_path})"
+    except (OSError, subprocess.SubprocessError) as error:
+        record["error"] = f"{MPS_CONTROL} -d failed: {type(error).__name__}: {error}"
+        pid = None
+    if pid is not None:
+        record["control_pid"] = pid
+        env["LTX2_CUDA_MPS"] = str(pipe)
     try:
         yield record
     finally:
-        record["server_list"] = control("get_server_list")
-        record["quit"] = control("quit")
-        deadline = time.time() + 30
-        while control_daemon_pid(pipe) is not None and time.time() < deadline:
-            time.sleep(0.2)
+        if pid is not None:
+            record["server_list"] = control("get_server_list")
+            record["quit"] = control("quit")
+            deadline = time.time() + 15
+            while control_daemon_pid(pipe) is not None and time.time() < deadline:
+                time.sleep(0.2)
+            if control_daemon_pid(pipe) is not None:
+                record["killed"] = True
+                kill_pids({pid: "nvidia-cuda-mps-control"})
         for log_name in ("control.log", "server.log"):
             path = logs / log_name
             record[log_name] = path.read_text(errors="replace").splitlines()[-60:] if path.is_file() else None
@@ -950,6 +974,20 @@ def finish_run(
     return run
 
 
+def measured_run(
+    name: str, command: list[str], environment: dict[str, str], left: float, work: Path, child_log: Path
+) -> dict[str, Any]:
+    """run_cli inside what run `name` needs around it (a Ray head for a farm run, an MPS daemon for an MPS run,
+    whose teardown comes out of its time), or {"skipped": why} where that could not start."""
+    with ray_head(name, environment, child_log), mps_daemon(name, environment, work, child_log) as mps:
+        if "error" in mps:
+            return {"skipped": f"CUDA MPS: {mps['error']}", "cuda_mps": mps}
+        run = run_cli(name, command, environment, left - (MPS_TEARDOWN_S if mps else 0), child_log)
+    if mps:
+        run["cuda_mps"] = mps
+    return run
+
+
 def skip_reason(name: str, left: float) -> str | None:
     """Why run `name` does not start, or None: under a minute left of the call, or an MPS run without MPS."""
     if left < 60:
@@ -1001,10 +1039,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(outputs, ignore_errors=True)
         command, size = run_command(name, args, root, work)
         environment = run_environment(name, state, outputs, cache)
-        with ray_head(name, environment, child_log), mps_daemon(name, environment, work, child_log) as mps:
-            run = run_cli(name, command, environment, left, child_log)
-        if mps:
-            run["cuda_mps"] = mps
+        run = measured_run(name, command, environment, left, work, child_log)
+        if "skipped" in run:
+            results["runs"][name] = run
+            continue
         run["gpu_peak_mib"] = sampler.peak_mib(run["t0"], run["t1"])
         results["runs"][name] = finish_run(run, name, size, state, results["environment"], args.family)
         save()

@@ -512,7 +512,7 @@ def run_embedded(
     """
     view = ProgressView(enabled=not quiet)
     context = zmq.Context()
-    link = WorkerLink(context, fork_server=settings.fork_server, cuda_mps=settings.cuda_mps)
+    link = WorkerLink(context, fork_server=settings.fork_server, mps_setting=settings.cuda_mps)
     with StopOnSignals() as stop:
         try:
             take_job(job, owner)

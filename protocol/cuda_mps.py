@@ -27,6 +27,9 @@ from pathlib import Path
 
 DEFAULT_PIPE_DIRECTORY = Path("/tmp/nvidia-mps")
 PID_FILE = "nvidia-cuda-mps-control.pid"
+#: The start of the control daemon's program name as /proc/<pid>/comm holds it (15 characters at most).
+DAEMON_PROGRAM = "nvidia-cuda-mps"
+PROC = Path("/proc")
 PIPE_DIRECTORY_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 CLIENT_PRIORITY_ENV = "CUDA_MPS_CLIENT_PRIORITY"
 #: MPS client priorities: the diffusion's, and the decoders' beside it.
@@ -46,11 +49,12 @@ def setting_problem(value: object) -> str | None:
     return f'must be "auto", "off" or the absolute path of an MPS pipe directory; got {value!r}'
 
 
-def control_daemon_pid(pipe_directory: Path) -> int | None:
-    """The pid of the MPS control daemon listening in `pipe_directory`, or None when none runs there (no pid
-    file, an unreadable one, or the pid of a process that has ended)."""
+def control_daemon_pid(directory: Path) -> int | None:
+    """The pid of the MPS control daemon listening in pipe directory `directory`, or None when none runs there:
+    no pid file, an unreadable one, or the pid of a process that has ended or is another program (a pid file
+    left by a daemon that died, its pid since reused; the program's name is checked where /proc has it)."""
     try:
-        pid = int((pipe_directory / PID_FILE).read_text().strip())
+        pid = int((directory / PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
     if pid <= 0:
@@ -58,10 +62,14 @@ def control_daemon_pid(pipe_directory: Path) -> int | None:
     try:
         os.kill(pid, 0)
     except PermissionError:  # alive, another user's (a daemon started by root, as NVIDIA's guide does)
-        return pid
-    except OSError:
+        pass
+    except (OSError, OverflowError):  # gone, or a number no process can have
         return None
-    return pid
+    try:
+        program = (PROC / str(pid) / "comm").read_text().strip()
+    except OSError:  # no /proc here: the live pid is all there is to go by
+        return pid
+    return pid if program.startswith(DAEMON_PROGRAM) else None
 
 
 def pipe_directory(setting: str, environ: Mapping[str, str], no_daemon: Path) -> Path:
@@ -74,23 +82,25 @@ def pipe_directory(setting: str, environ: Mapping[str, str], no_daemon: Path) ->
     return Path(setting)
 
 
-def client_environment(
-    setting: str, environ: Mapping[str, str], no_daemon: Path, beside_diffusion: bool
-) -> dict[str, str]:
+def client_environment(setting: str, environ: Mapping[str, str], no_daemon: Path, decoder_link: bool) -> dict[str, str]:
     """What a stage process adds to its environment for `[worker] cuda_mps = setting`. Where a daemon runs in
-    the pipe directory: that directory and the client priority, below normal for decoders that run beside a
-    diffusion, normal otherwise. Where none runs: the directory for "off" and a path given (CUDA must look
-    there, not in its default), nothing for "auto" (CUDA looks where it would anyway; no line in the log)."""
+    the pipe directory: that directory and the client priority, below normal for the processes of a lane's
+    decoder link (`decoder_link`: it runs every decoder of a lane that overlaps, beside a diffusion or, at a
+    run's end, alone, where the priority changes nothing), normal otherwise. Where none runs: the directory
+    for "off" and a path given (CUDA must look there, not in its default), nothing for "auto" (CUDA looks
+    where it would anyway; no line in the log)."""
     directory = pipe_directory(setting, environ, no_daemon)
     if control_daemon_pid(directory) is None:
         return {} if setting == "auto" else {PIPE_DIRECTORY_ENV: str(directory)}
-    priority = BELOW_NORMAL_PRIORITY if beside_diffusion else NORMAL_PRIORITY
+    priority = BELOW_NORMAL_PRIORITY if decoder_link else NORMAL_PRIORITY
     return {PIPE_DIRECTORY_ENV: str(directory), CLIENT_PRIORITY_ENV: priority}
 
 
 def describe_client(environ: Mapping[str, str]) -> str | None:
-    """One line for a worker's log on what its CUDA will do about MPS, from its environment; None where the
-    orchestrator set nothing ("auto" without a daemon; a farm's worker, whose node's CUDA decides)."""
+    """One line for a worker's log on what it was asked to do about MPS, from its environment: the pipe directory
+    it looks in, whether a daemon's live pid is there and the priority asked for (not what CUDA then did: a
+    daemon's permissions or a server of another user are not visible from here). None where no pipe directory
+    is set ("auto" without a daemon and none exported; a farm's worker unless its node exports one)."""
     if PIPE_DIRECTORY_ENV not in environ:
         return None
     directory = Path(environ[PIPE_DIRECTORY_ENV])

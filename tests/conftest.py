@@ -382,3 +382,20 @@ def probe_mp4(path: Path) -> dict[str, object]:
         }
         info["frames"] = sum(1 for _ in container.decode(video=0))
     return info
+
+
+def start_mps_stand_in(directory: Path) -> subprocess.Popen[bytes]:
+    """A process standing in for a running CUDA MPS control daemon (protocol/cuda_mps.py recognises one by the live
+    pid in `directory`'s pid file, named `nvidia-cuda-mps-control`): `sleep` started through a link of that name,
+    its pid written where the daemon writes its own. This machine has no GPU and no MPS; CUDA joins a daemon by
+    itself, and what the project decides (which pipe directory and priority each stage process gets) is what the
+    tests check. The caller kills it."""
+    from protocol import cuda_mps
+
+    directory.mkdir(parents=True, exist_ok=True)
+    program = directory / "bin" / "nvidia-cuda-mps-control"
+    program.parent.mkdir(exist_ok=True)
+    program.symlink_to("/bin/sleep")
+    stand_in = subprocess.Popen([str(program), "3600"])
+    (directory / cuda_mps.PID_FILE).write_text(f"{stand_in.pid}\n")
+    return stand_in

@@ -9,7 +9,9 @@ Parameter counts at full size come from meta-device construction too (no memory,
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +130,56 @@ def test_issue_14_verdicts() -> None:
     assert verdict["diffusion_speedup"] == pytest.approx(3.0) and verdict["diffusion_speedup_ok"]
     assert verdict["bf16_peaks_ok"] is True
     assert add_issue14({})["two_stage_ok"] is None
+
+
+STAND_IN_MPS_CONTROL = """#!/bin/sh
+# Stands in for NVIDIA's nvidia-cuda-mps-control in test_an_mps_run_starts_and_quits_a_daemon_of_its_own: -d
+# starts a process of this program's name and writes its pid where the daemon writes its own; the commands
+# arrive on stdin; "quit" ends it, as the real daemon does.
+case "$1" in
+    -d) "$0" serve >/dev/null 2>&1 &
+        echo $! > "$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid"
+        seen="LTX2_STATE_DIR=${LTX2_STATE_DIR:-unset} CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+        echo "started with $seen" > "$CUDA_MPS_LOG_DIRECTORY/control.log"
+        exit 0 ;;
+    serve) while :; do sleep 0.1; done ;;
+esac
+read -r command
+case "$command" in
+    get_server_list) echo 4242 ;;
+    quit) kill "$(cat "$CUDA_MPS_PIPE_DIRECTORY/nvidia-cuda-mps-control.pid")" ;;
+esac
+"""
+
+
+def test_an_mps_run_starts_and_quits_a_daemon_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/batch_bench.py's MPS runs (issue 28, "measure with and without"): the run's workers are told the
+    daemon's pipe directory; the daemon gets none of the run's LTX2_* variables (a timed-out run's clean-up kills
+    every process carrying its state folder) and every GPU; it is gone after the run. A stand-in for NVIDIA's
+    program (this machine has no MPS): what is checked is the bench's own lifecycle around it."""
+    program = tmp_path / "bin" / batch_bench.MPS_CONTROL
+    program.parent.mkdir()
+    program.write_text(STAND_IN_MPS_CONTROL)
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
+    work, log = tmp_path / "work", tmp_path / "children.log"
+    env = {**os.environ, "LTX2_STATE_DIR": str(work / "state"), "CUDA_VISIBLE_DEVICES": "1"}
+    name = next(iter(batch_bench.MPS_RUNS))
+    assert batch_bench.skip_reason(name, 600) is None
+    with batch_bench.mps_daemon(name, env, work, log) as record:
+        pid = record["control_pid"]
+        assert env["LTX2_CUDA_MPS"] == str(work / "mps-pipe") == record["pipe_directory"]
+        assert (Path("/proc") / str(pid)).exists()
+    assert record["server_list"] == "4242" and "killed" not in record
+    assert record["control.log"] == ["started with LTX2_STATE_DIR=unset CUDA_VISIBLE_DEVICES=unset"]
+    deadline = time.time() + 5
+    while (Path("/proc") / str(pid)).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not (Path("/proc") / str(pid)).exists() or "Z" in (Path("/proc") / str(pid) / "stat").read_text().split()[2]
+    # A daemon that never comes up: the run is skipped with the reason, nothing is left running.
+    program.write_text("#!/bin/sh\nexit 0\n")
+    with batch_bench.mps_daemon(name, dict(env), work, log) as record:
+        assert "no live pid" in record["error"]
+    # A machine without the program: the run is skipped before anything starts.
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert "not on PATH" in batch_bench.skip_reason(name, 600)

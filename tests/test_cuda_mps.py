@@ -1,7 +1,7 @@
 """`[worker] cuda_mps` (issue 28 item 1, "optionally with CUDA MPS when present"): which MPS control daemon a
-stage process joins and at which client priority. A daemon is recognised by the live pid in its pipe
-directory's pid file; here a `sleep` process stands in for it, since this machine has no GPU and no MPS (the
-end-to-end check of what each stage's worker gets is in test_stage_overlap)."""
+stage process joins and at which client priority. A daemon is recognised by the live pid of a program named
+nvidia-cuda-mps-control in its pipe directory's pid file; conftest.start_mps_stand_in stands in for it, since this
+machine has no GPU and no MPS (the end-to-end check of what each stage's worker gets is in test_stage_overlap)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import zmq
+from conftest import start_mps_stand_in
 
 from config.settings import ConfigError, load_settings
+from orchestrator.placement.fork_client import worker_environment
 from orchestrator.placement.lanes import Lane
 from orchestrator.placement.worker_link import WorkerLink, runtime_dir
 from protocol import cuda_mps
@@ -20,37 +22,43 @@ from protocol import cuda_mps
 
 @pytest.fixture
 def daemon_dir(tmp_path: Path) -> Iterator[Path]:
-    """A pipe directory whose pid file names a live process, as a running control daemon leaves it."""
-    stand_in = subprocess.Popen(["sleep", "600"])
-    directory = tmp_path / "mps"
-    directory.mkdir()
-    (directory / cuda_mps.PID_FILE).write_text(f"{stand_in.pid}\n")
-    yield directory
+    """A pipe directory as a running control daemon leaves it."""
+    stand_in = start_mps_stand_in(tmp_path / "mps")
+    yield tmp_path / "mps"
     stand_in.kill()
     stand_in.wait()
 
 
-def test_a_daemon_is_its_live_pid_in_the_pipe_directory(daemon_dir: Path, tmp_path: Path):
+def write_pid_file(directory: Path, content: str) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / cuda_mps.PID_FILE).write_text(content)
+    return directory
+
+
+def test_a_daemon_is_the_live_pid_of_its_program_in_the_pipe_directory(daemon_dir: Path, tmp_path: Path):
     pid = int((daemon_dir / cuda_mps.PID_FILE).read_text())
     assert cuda_mps.control_daemon_pid(daemon_dir) == pid
     assert cuda_mps.control_daemon_pid(tmp_path / "nothing-here") is None
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    for content in (f"{ended.pid}\n", "not a pid\n", "0\n", "-1\n", ""):
-        stale = tmp_path / "stale"
-        stale.mkdir(exist_ok=True)
-        (stale / cuda_mps.PID_FILE).write_text(content)
-        assert cuda_mps.control_daemon_pid(stale) is None, content
+    # A live process of another program (a dead daemon's pid, reused; init), a pid past any the kernel gives, a
+    # number no pid can be, and files that hold no pid: no daemon.
+    other = subprocess.Popen(["sleep", "600"])
+    try:
+        beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+        for content in (f"{other.pid}\n", "1\n", f"{beyond}\n", "99999999999999999999\n", "x\n", "0\n", "-1\n", ""):
+            assert cuda_mps.control_daemon_pid(write_pid_file(tmp_path / "stale", content)) is None, content
+    finally:
+        other.kill()
+        other.wait()
 
 
-def test_decoders_beside_a_diffusion_join_a_daemon_at_the_below_normal_priority(daemon_dir: Path, tmp_path: Path):
+def test_decoders_join_a_daemon_at_the_below_normal_priority(daemon_dir: Path, tmp_path: Path):
     no_daemon = tmp_path / "no-cuda-mps"
     given = str(daemon_dir)
-    assert cuda_mps.client_environment(given, {}, no_daemon, beside_diffusion=True) == {
+    assert cuda_mps.client_environment(given, {}, no_daemon, decoder_link=True) == {
         "CUDA_MPS_PIPE_DIRECTORY": given,
         "CUDA_MPS_CLIENT_PRIORITY": "1",
     }
-    assert cuda_mps.client_environment(given, {}, no_daemon, beside_diffusion=False) == {
+    assert cuda_mps.client_environment(given, {}, no_daemon, decoder_link=False) == {
         "CUDA_MPS_PIPE_DIRECTORY": given,
         "CUDA_MPS_CLIENT_PRIORITY": "0",
     }
@@ -79,20 +87,29 @@ def test_the_worker_log_line_says_which_daemon_and_priority(daemon_dir: Path, tm
     assert cuda_mps.describe_client({}) is None
 
 
-def test_a_link_looks_the_daemon_up_at_each_worker_start(daemon_dir: Path, tmp_path: Path):
+def test_a_link_looks_the_daemon_up_at_each_worker_start(
+    daemon_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the private runtime directory, here
     context = zmq.Context()
     links = [
-        WorkerLink(context, fork_server=False, lane=Lane(0, "", None), role=role, cuda_mps=setting)
+        WorkerLink(context, fork_server=False, lane=Lane(0, "", None), role=role, mps_setting=setting)
         for role, setting in (("decoders", str(daemon_dir)), ("", str(daemon_dir)), ("decoders", "off"))
     ]
     try:
         decoders, diffusion, off = links
         assert decoders.mps_environment()["CUDA_MPS_CLIENT_PRIORITY"] == "1"
         assert diffusion.mps_environment()["CUDA_MPS_CLIENT_PRIORITY"] == "0"
-        # "off": a private, empty directory under the sockets' runtime directory
+        # "off": a private, empty directory under the sockets' runtime directory, whatever the orchestrator exports
+        monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(daemon_dir))
         no_daemon = Path(off.mps_environment()["CUDA_MPS_PIPE_DIRECTORY"])
-        assert no_daemon == runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY
+        assert no_daemon == runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY and no_daemon.is_relative_to(tmp_path)
         assert no_daemon.is_dir() and not any(no_daemon.iterdir()) and no_daemon.stat().st_mode & 0o077 == 0
+        # An exec'd worker's (and a context-parallel rank's) environment: the link's variables win over exported ones.
+        environment = worker_environment("0", None, off.mps_environment())
+        assert (
+            environment["CUDA_MPS_PIPE_DIRECTORY"] == str(no_daemon) and "CUDA_MPS_CLIENT_PRIORITY" not in environment
+        )
         # The daemon stops while the orchestrator runs: the next worker starts without a priority.
         (daemon_dir / cuda_mps.PID_FILE).unlink()
         assert decoders.mps_environment() == {"CUDA_MPS_PIPE_DIRECTORY": str(daemon_dir)}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
 import threading
 import time
@@ -14,14 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RunAhead, daemon_environment, ltx2_environment, probe_mp4, run_ltx2, submit_tiny
+from conftest import (
+    RunAhead,
+    daemon_environment,
+    ltx2_environment,
+    probe_mp4,
+    run_ltx2,
+    start_mps_stand_in,
+    submit_tiny,
+)
 from safetensors.torch import load_file
 from supervised import Supervised
 
 from orchestrator.placement.lane_links import DECODERS_BESIDE_NICENESS
 from orchestrator.run.jobdir import JobDir
 from orchestrator.run.stage_overlap import OVERLAP_MARGIN, MeasuredPeaks, OverlapGate
-from protocol import cuda_mps
 from protocol.errors import Failure
 from protocol.files import LATENTS_FILE
 
@@ -37,31 +43,37 @@ def write_batch(path: Path) -> Path:
     return path
 
 
-def mps_pipe_directory(root: Path) -> Path:
-    """An MPS pipe directory whose pid file names a live process (this test process), as a running control
-    daemon's does. CUDA joins a daemon by itself, and no CPU worker starts CUDA; what the project decides, and
-    this checks, is which pipe directory and client priority each stage process gets (protocol/cuda_mps.py)."""
-    directory = root / "mps"
-    directory.mkdir()
-    (directory / cuda_mps.PID_FILE).write_text(f"{os.getpid()}\n")
-    return directory
-
-
 def batch_run(overlap: str, mps: str = "", **extra: str) -> RunAhead:
-    """`ltx2 batch` of the three clips, one clip per group, with `[worker] overlap_stages = overlap` and
-    `[worker] cuda_mps = mps` ("daemon": a pipe directory as a running daemon leaves it)."""
+    """`ltx2 batch` of the three clips, one clip per group, with `[worker] overlap_stages = overlap`, beside a stand-in
+    for a running CUDA MPS control daemon (conftest.start_mps_stand_in) whose pipe directory the orchestrator
+    exports; `mps` "daemon" leaves `[worker] cuda_mps` at its default, "auto" (which joins that daemon), "off" sets
+    it (which must keep every worker out of it)."""
 
     def run(root: Path, hf_home: Path) -> dict[str, Any]:
         env = {**ltx2_environment(hf_home, root), "LTX2_GROUP_SIZE": "1", "LTX2_OVERLAP_STAGES": overlap, **extra}
-        if mps:
-            env["LTX2_CUDA_MPS"] = str(mps_pipe_directory(root)) if mps == "daemon" else mps
-        result = run_ltx2(["batch", str(write_batch(root / "waves.toml")), "--quiet"], env)
+        stand_in = start_mps_stand_in(root / "mps") if mps else None
+        if stand_in is not None:
+            env["CUDA_MPS_PIPE_DIRECTORY"] = str(root / "mps")
+            if mps != "daemon":
+                env["LTX2_CUDA_MPS"] = mps
+        try:
+            result = run_ltx2(["batch", str(write_batch(root / "waves.toml")), "--quiet"], env)
+        finally:
+            if stand_in is not None:
+                stand_in.kill()
+                stand_in.wait()
         jobs = {}
         for job_dir in (root / "state" / "jobs").iterdir():
             record = json.loads((job_dir / "job.json").read_text())
             jobs[record["spec"]["name"]] = {"dir": job_dir, "record": record}
         outputs = sorted((root / "outputs").glob("wave*.mp4"))
-        return {"result": result, "jobs": jobs, "outputs": outputs, "mps": env.get("LTX2_CUDA_MPS")}
+        return {
+            "result": result,
+            "jobs": jobs,
+            "outputs": outputs,
+            "mps": root / "mps",
+            "mps_pid": stand_in.pid if stand_in is not None else None,
+        }
 
     return run
 
@@ -153,10 +165,11 @@ def test_overlapped_waves_make_the_same_clips_as_waves_run_alone(overlapped: dic
                 # priority, so the diffusion's kernels go first; with cuda_mps "off" no worker joins a daemon.
                 if run is overlapped:
                     priority = "normal" if stage == "encode_diffuse" else "below normal"
-                    joined = f"CUDA MPS: client of the control daemon (pid {os.getpid()}) in {run['mps']}"
+                    joined = f"CUDA MPS: client of the control daemon (pid {run['mps_pid']}) in {run['mps']}"
                     assert f"{joined}, priority {priority}\n" in log, (name, stage)
-                else:
-                    assert re.search(r"CUDA MPS: none \(no control daemon in \S+/no-cuda-mps\)", log), (name, stage)
+                else:  # "off", with the daemon's directory exported to the orchestrator
+                    assert re.search(r"CUDA MPS: none \(no control daemon in \S+/no-cuda-mps\)\n", log), (name, stage)
+                    assert str(run["mps"]) not in log, (name, stage)
                 # and every worker starts with its imports' objects out of the collector's passes (gc_pauses)
                 frozen = re.search(r"gc: (\d+) objects of the imports frozen", log)
                 assert frozen is not None and int(frozen[1]) > 100_000, (name, stage)

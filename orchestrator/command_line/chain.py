@@ -211,7 +211,7 @@ def run_chain_here(
     ends without its video."""
     view = ProgressView(enabled=not quiet)
     context = zmq.Context()
-    link = WorkerLink(context, fork_server=settings.fork_server, cuda_mps=settings.cuda_mps)
+    link = WorkerLink(context, fork_server=settings.fork_server, mps_setting=settings.cuda_mps)
     with StopOnSignals() as stop:
 
         def run_job(job: JobDir) -> Path:

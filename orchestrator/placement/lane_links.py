@@ -61,7 +61,7 @@ class LocalLanes:
             shared_fork_server=self.fork_server,
             role=role,
             niceness=DECODERS_BESIDE_NICENESS if role == "decoders" else 0,
-            cuda_mps=self.settings.cuda_mps,
+            mps_setting=self.settings.cuda_mps,
         )
 
     def close(self) -> None:

@@ -142,13 +142,13 @@ class WorkerLink:
         shared_fork_server: ForkServer | None = None,
         role: str = "",
         niceness: int = 0,
-        cuda_mps: str = "auto",
+        mps_setting: str = "auto",
     ) -> None:
         # Workers are forked from a server that imported torch once (orchestrator.placement.fork_client),
         # or, with fork_server=False, exec'd as `python -m services.<stage>` each time. A server
         # shared by all lanes of a host (orchestrator.placement.lane_links) is its owner's to close.
         self.niceness = niceness  # added to each worker's CPU niceness as it starts (services.runtime)
-        self.role, self.cuda_mps = role, cuda_mps  # `[worker] cuda_mps`: which MPS daemon its workers join
+        self.role, self.mps_setting = role, mps_setting  # `[worker] cuda_mps`: which MPS daemon its workers join
         self.owns_fork_server = shared_fork_server is None
         self.fork_server = shared_fork_server or (ForkServer() if fork_server and spawner is None else None)
         self.spawner = spawner
@@ -178,13 +178,12 @@ class WorkerLink:
     def mps_environment(self) -> dict[str, str]:
         """What this link's next local worker adds to its environment for CUDA MPS (protocol/cuda_mps.py), looked
         up at each start so a daemon started or stopped while the orchestrator runs is seen: the decoders' link
-        (role "decoders", beside the lane's diffusion) asks for the below-normal client priority."""
+        (role "decoders", which runs a lane's decoders beside its diffusion) asks for the below-normal priority."""
         no_daemon = runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY
-        if self.cuda_mps == "off":
+        if self.mps_setting == "off":
             no_daemon.mkdir(mode=0o700, exist_ok=True)
-        return cuda_mps.client_environment(
-            self.cuda_mps, os.environ, no_daemon, beside_diffusion=self.role == "decoders"
-        )
+        decoder_link = self.role == "decoders"
+        return cuda_mps.client_environment(self.mps_setting, os.environ, no_daemon, decoder_link)
 
     def receive_for(
         self, job_ids: str | Collection[str], stage: str, timeout_ms: int
