@@ -330,6 +330,24 @@ HD_RUNS["hd_two_stage_overlap3_fp8attn_again"] = ("two-stage", None, True)
 HD_FP8_ATTENTION.add("hd_two_stage_overlap3_fp8attn_again")
 REPEAT_RUNS["hd_two_stage_overlap3_fp8attn"] = ("hd_two_stage_overlap3_fp8attn_again", "")
 SAME_AS["hd_two_stage_overlap3_fp8attn_again"] = "hd_two_stage_overlap3_fp8attn"
+# Issue 28, Inductor's row reductions in registers up to 4,096 values (services/whole_row_reductions.py, `[worker]
+# whole_row_reductions`) against the same clips with its default (looped above 1,024), after the runs they are
+# compared with; each pair sets the setting, whatever its default:
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 3 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3_fp8attn,hd_two_stage_overlap3_wholerows
+#   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn,large_fp8mm_fp8attn_wholerows
+HD_RUNS["hd_two_stage_overlap3_wholerows"] = ("two-stage", None, True)
+HD_FP8_ATTENTION.add("hd_two_stage_overlap3_wholerows")
+RUN_ENV["hd_two_stage_overlap3_wholerows"] = {
+    **RUN_ENV["hd_two_stage_overlap3_fp8attn"],
+    "LTX2_WHOLE_ROW_REDUCTIONS": "true",
+}
+RUN_ENV["hd_two_stage_overlap3_fp8attn"]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"
+VERSUS["hd_two_stage_overlap3_wholerows"] = "hd_two_stage_overlap3_fp8attn"
+LARGE_RUNS["large_fp8mm_fp8attn_wholerows"] = LARGE_RUNS["large_fp8mm_fp8attn"]
+RUN_ENV["large_fp8mm_fp8attn_wholerows"] = {**RUN_ENV["large_fp8mm_fp8attn"], "LTX2_WHOLE_ROW_REDUCTIONS": "true"}
+RUN_ENV["large_fp8mm_fp8attn"]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"
+VERSUS["large_fp8mm_fp8attn_wholerows"] = "large_fp8mm_fp8attn"
 # Issue 28 item 1, "optionally with CUDA MPS when present; measure with and without": the overlapped runs again
 # under an MPS control daemon this bench starts for the run (mps_daemon; `[worker] cuda_mps` names its pipe
 # directory, so decoders beside a diffusion join it at the below-normal client priority), after the same runs

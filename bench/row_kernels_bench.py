@@ -11,11 +11,12 @@ Three parts, all on the card the call runs on, written to `--out` as they finish
 - `model`: a full-width LTX-2.3 transformer of `--layers` random blocks with the worker's settings (`--fp8-matmul`
   with fast accumulation, FP8 self-attention, regional compile, deterministic), one forward at stage 2's and at
   stage 1's token counts per `--variants` (Inductor's fusions only; the one-pass GELU; that and the query/key
-  kernel), each in its own process with its own Inductor cache: forward time (median), a kernel-by-kernel profile
-  of one forward (step_profile's table), each variant's outputs against the one before, and the Triton source of
-  the most expensive fused kernels.
+  kernel; the GELU kernel with Inductor's row reductions in registers), each in its own process with its own
+  Inductor cache (and how many of its generated reductions are persistent and looped): forward time (median), a
+  kernel-by-kernel profile of one forward (step_profile's table), each variant's outputs against the one before,
+  and the Triton source of the most expensive fused kernels.
 
-    python3 bench/row_kernels_bench.py --out "$OUT" [--parts kernel,qk,model] [--layers 4] [--variants kernel,qk]
+    python3 bench/row_kernels_bench.py --out "$OUT" [--parts kernel,qk,model] [--layers 4] [--variants kernel,wholerows]
 """
 
 from __future__ import annotations
@@ -39,8 +40,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 KERNEL_SHAPES = (("stage2_video", 32640, 16384), ("stage1_video", 8160, 16384), ("audio", 126, 8192))
 #: (name, latent frames, latent height, latent width, audio latent frames) of the model part's forwards.
 MODEL_SHAPES = (("stage2", 16, 34, 60, 126), ("stage1", 16, 17, 30, 126))
-#: The model part's variants: name -> (the one-pass GELU kernel, the query/key norm and rotary embedding kernel).
-MODEL_VARIANTS = {"inductor": (False, False), "kernel": (True, False), "qk": (True, True)}
+#: The model part's variants: name -> (the one-pass GELU kernel, the query/key norm and rotary embedding kernel,
+#: Inductor's row reductions in registers up to 4,096 wide: services/whole_row_reductions.py).
+MODEL_VARIANTS = {
+    "inductor": (False, False, False),
+    "kernel": (True, False, False),
+    "qk": (True, True, False),
+    "wholerows": (True, False, True),
+}
 #: (name, tokens, heads, half a head): LTX-2.3's self-attention at 1080p stage 2, at stage 1, LTX-2.0's one-stage
 #: 1920x1088x161 (21 latent frames), the audio.
 QK_SHAPES = (("stage2_video", 32640, 32, 64), ("stage1_video", 8160, 32, 64), ("large_video", 42840, 32, 64))
@@ -235,7 +242,7 @@ def model_variant(out: Path, layers: int, label: str, smoke: bool) -> int:
     from services.fp8_matmul import convert_blocks
     from services.step_profile import summarize
 
-    gelu_kernel, qk_kernel = MODEL_VARIANTS[label]
+    gelu_kernel, qk_kernel, whole_rows = MODEL_VARIANTS[label]
     device = "cpu" if smoke else "cuda"
     torch.manual_seed(0)
     with torch.device(device):
@@ -245,7 +252,8 @@ def model_variant(out: Path, layers: int, label: str, smoke: bool) -> int:
     if qk_kernel and not smoke and (reason := qk_norm_rope.qk_kernel_unavailable("cuda")) is not None:
         raise SystemExit(f"the query/key kernel cannot run here: {reason}")
     installed = fp8_attention.install(transformer, qk_kernel)
-    model_loading.compile_blocks(transformer, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]), deterministic=True)
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    model_loading.compile_blocks(transformer, cache, deterministic=True, whole_rows=whole_rows)
     record: dict[str, Any] = {"layers": layers, "fp8_attention_layers": installed}
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for shape in SMOKE_SHAPES if smoke else MODEL_SHAPES:
@@ -298,6 +306,17 @@ def keep_kernel_sources(cache: Path, profile: Path, target: Path, count: int = 2
     return kept
 
 
+def reduction_forms(cache: Path) -> dict[str, int]:
+    """How many of the Triton kernels Inductor generated into `cache` are persistent reductions (the row in
+    registers) and how many looped ones: what `[worker] whole_row_reductions` changes."""
+    counts = {"persistent_reductions": 0, "looped_reductions": 0}
+    for source in cache.rglob("*.py"):
+        text = source.read_text(errors="replace")
+        counts["persistent_reductions"] += text.count("@triton_heuristics.persistent_reduction(")
+        counts["looped_reductions"] += text.count("@triton_heuristics.reduction(")
+    return counts
+
+
 def model_part(out: Path, layers: int, smoke: bool, variants: list[str]) -> dict[str, Any]:
     """The model part's `variants` (MODEL_VARIANTS' names), each in its own process and Inductor cache; the outputs
     of each against the one before it in `variants`."""
@@ -314,7 +333,7 @@ def model_part(out: Path, layers: int, smoke: bool, variants: list[str]) -> dict
         command += ["--smoke"] if smoke else []
         started = time.time()
         done = subprocess.run(command, env=env, check=False)
-        results[label] = {"rc": done.returncode, "seconds": time.time() - started}
+        results[label] = {"rc": done.returncode, "seconds": time.time() - started, **reduction_forms(cache)}
         for shape in MODEL_SHAPES:
             profile = out / f"row-kernels-model-{label}-{shape[0]}-profile.txt"
             if profile.exists():

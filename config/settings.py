@@ -35,6 +35,7 @@ ENV_OVERRIDES = {
     "LTX2_FP8_FAST_ACCUMULATION": ("worker", "fp8_fast_accumulation"),
     "LTX2_FP8_GELU_KERNEL": ("worker", "fp8_gelu_kernel"),
     "LTX2_QK_NORM_ROPE_KERNEL": ("worker", "qk_norm_rope_kernel"),
+    "LTX2_WHOLE_ROW_REDUCTIONS": ("worker", "whole_row_reductions"),
     "LTX2_DETERMINISTIC": ("worker", "deterministic"),
     "LTX2_DAEMON_ENDPOINT": ("daemon", "endpoint"),
     "LTX2_DEVICES": ("cluster", "devices"),
@@ -147,6 +148,9 @@ class Settings:
     fp8_gelu_kernel: bool
     #: --fp8-attention: the query's and key's RMS norms and rotary embedding in services/qk_norm_rope.py's kernel
     qk_norm_rope_kernel: bool
+    #: --compile: Inductor's row reductions up to LTX-2's width keep the row in registers
+    #: (services/whole_row_reductions.py)
+    whole_row_reductions: bool
     max_attempts_per_stage: int
     same_plan_retries: int
     decode: DecodeSettings
@@ -393,7 +397,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
     profile_step(environ)
     if not isinstance(worker["group_size"], int) or worker["group_size"] < 1:
         raise ConfigError(f"worker.group_size must be a whole number >= 1, got {worker['group_size']!r}")
-    for key in ("deterministic", "fp8_gelu_kernel", "qk_norm_rope_kernel"):
+    for key in ("deterministic", "fp8_gelu_kernel", "qk_norm_rope_kernel", "whole_row_reductions"):
         if not isinstance(worker[key], bool):
             raise ConfigError(f"worker.{key} must be true or false, got {worker[key]!r}")
     if worker["overlap_stages"] not in OVERLAP_MODES:
@@ -435,6 +439,7 @@ def _build(data: dict[str, Any], environ: Mapping[str, str]) -> Settings:
         fp8_fast_accumulation=bool(worker["fp8_fast_accumulation"]),
         fp8_gelu_kernel=worker["fp8_gelu_kernel"],
         qk_norm_rope_kernel=worker["qk_norm_rope_kernel"],
+        whole_row_reductions=worker["whole_row_reductions"],
         max_attempts_per_stage=int(data["policy"]["max_attempts_per_stage"]),
         same_plan_retries=int(data["policy"]["same_plan_retries"]),
         decode=DecodeSettings(

@@ -137,7 +137,8 @@ def loaded_denoiser(
         deterministic = bool(ctx.plan.get("deterministic"))
         ctx.progress(f"compile transformer blocks (on the first step{', deterministic' if deterministic else ''})")
         package = compile_packages.package_key(transformer, ctx.plan, compiled_shape(ctx.spec))
-        model_loading.compile_blocks(transformer, request.compile_cache_dir, deterministic, package)
+        whole_rows = ctx.plan.get("row_reductions") == "whole"
+        model_loading.compile_blocks(transformer, request.compile_cache_dir, deterministic, package, whole_rows)
     kept = {
         "key": key,
         "connectors": connectors,

@@ -150,7 +150,11 @@ def apply_memory_plan(
 
 
 def compile_blocks(
-    transformer: Any, cache_dir: Path | None, deterministic: bool = False, package_key: str | None = None
+    transformer: Any,
+    cache_dir: Path | None,
+    deterministic: bool = False,
+    package_key: str | None = None,
+    whole_rows: bool = False,
 ) -> None:
     """Regional compile: torch.compile each of the transformer's repeated blocks (one graph,
     compiled once and reused by all 48 blocks) instead of the whole model, which compiles in a
@@ -172,8 +176,11 @@ def compile_blocks(
     `package_key` (services.compile_packages.package_key), with `LTX2_COMPILE_PACKAGES=1` and a torch
     that has Dynamo's precompile cache: the blocks compile through that cache, so a later worker
     with the same key loads them instead of tracing them again.
+
+    `whole_rows` (the plan's `"row_reductions": "whole"`, from `[worker] whole_row_reductions`): row reductions
+    up to services.whole_row_reductions.WHOLE_ROW_LIMIT wide keep the row in registers (that module says why).
     """
-    prepare_inductor(cache_dir, deterministic, next(transformer.parameters()).device)
+    prepare_inductor(cache_dir, deterministic, next(transformer.parameters()).device, whole_rows)
     limit_recompiles()
     if package_key is not None and compile_packages.wanted() and compile_packages.available():
         blocks = [block for block in transformer.modules() if type(block).__name__ in transformer._repeated_blocks]
@@ -199,16 +206,24 @@ def limit_recompiles() -> None:
     dynamo_config.fail_on_recompile_limit_hit = True
 
 
-def prepare_inductor(cache_dir: Path | None, deterministic: bool, device: torch.device) -> None:
+def prepare_inductor(
+    cache_dir: Path | None, deterministic: bool, device: torch.device, whole_rows: bool = False
+) -> None:
     """Inductor's settings for a compile of this process (compile_blocks says why each): its deterministic mode,
-    and its caches in `cache_dir` (LTX2_COMPILE_CACHE_DIR overrides it); on the CPU the vector ISA it picked,
-    logged. A cache folder this process cannot write (a read-only shared state dir) gives way to a private one,
-    with a warning: the same code is compiled, only not kept for later processes (Inductor would fail the attempt
-    on its lock files, and the failure policy would then step down to another plan)."""
+    its row reductions (`whole_rows`), and its caches in `cache_dir` (LTX2_COMPILE_CACHE_DIR overrides it; whole
+    rows in a folder of their own under it); on the CPU the vector ISA it picked, logged. A cache folder this
+    process cannot write (a read-only shared state dir) gives way to a private one, with a warning: the same code
+    is compiled, only not kept for later processes (Inductor would fail the attempt on its lock files, and the
+    failure policy would then step down to another plan)."""
     import torch._inductor.config as inductor_config
 
+    from services import whole_row_reductions
+
     inductor_config.deterministic = deterministic
+    whole_row_reductions.install(whole_rows)
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
+    if chosen and whole_rows:
+        chosen = str(Path(chosen) / whole_row_reductions.CACHE_FOLDER)
     if chosen and not writable_folder(Path(chosen)):
         private = tempfile.mkdtemp(prefix="ltx2-compile-cache-")
         log.warning(

@@ -40,6 +40,8 @@ AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"
 X264_THREADS = 24
 # Plan keys of the one-pass kernels (services/fp8_rows.py, services/qk_norm_rope.py): dropped on the offload rung.
 ONE_PASS_KERNELS = frozenset({"fp8_gelu", "qk_norm_rope"})
+# Plan keys that only a compiled diffusion reads: dropped with "compile" below the top rung.
+COMPILE_KEYS = frozenset({"compile", "deterministic", "row_reductions"})
 # Failures that may not recur with the same plan.
 TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
 
@@ -92,6 +94,8 @@ def initial_plan(stage: Stage, spec: JobSpec, settings: Settings, deterministic:
         plan["compile"] = "regional"
         if deterministic:
             plan["deterministic"] = True
+        if settings.whole_row_reductions:  # services/whole_row_reductions.py; absent when off, as the kernels' keys
+            plan["row_reductions"] = "whole"
     return plan
 
 
@@ -114,8 +118,8 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     if stage is Stage.AUDIO_DECODE:
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
         return dict(AUDIO_LADDER[rung + 1]) if rung + 1 < len(AUDIO_LADDER) else None
-    # Eager below the top rung (Inductor's deterministic mode goes with the compile).
-    plan = {key: value for key, value in plan.items() if key not in ("compile", "deterministic")}
+    # Eager below the top rung (Inductor's deterministic mode and its row reductions go with the compile).
+    plan = {key: value for key, value in plan.items() if key not in COMPILE_KEYS}
     if plan.get("weights") not in ("fp8", "fp8-matmul"):
         return {**plan, "weights": "fp8"}
     if plan.get("offload") != "sequential":

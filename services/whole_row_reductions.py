@@ -1,0 +1,78 @@
+"""`[worker] whole_row_reductions`: Inductor keeps each row of a compiled row reduction in registers (one read per
+row) for rows up to WHOLE_ROW_LIMIT values, where by default it does so only up to 1,024.
+
+Why. Most of a transformer block's fused elementwise kernels end in a reduction over a token's row: the RMS norms
+before each attention and the feed-forward (fused with the AdaLN modulation and, with `--fp8-matmul`, the FP8 row
+quantisation of the next matmul's input: the row's maximum, then the scaled cast), and the query's and key's RMS
+norms across heads. LTX-2's video rows are 4,096 wide (its audio rows 2,048). Above 1,024 values Inductor emits a
+"looped" reduction that walks the row once per reduction and once more for the output, so a norm with its
+modulation and quantisation reads each row three times: on an H100 such a kernel took 71.6 ms of a 2,257 ms 1080p
+stage-2 step (docs/benchmarks.md, version 19), where one read at the card's bandwidth would take about a third of
+it. Inductor's own persistent form (the row in registers) is what it already generates for these widths when its
+multi-kernel mode is on; that mode picks between the two forms by timing them on the device, which DESIGN.md rule 6
+forbids (a pick by timing can change the bits from run to run). Here the pick is fixed by the row's width instead,
+so the same request compiles to the same kernels every time.
+
+It works through Inductor's documented seam for heuristics, `torch._inductor.config.inductor_choices_class` (and
+the current thread's handler, which Inductor caches once it first compiled). The compiled kernels differ from the
+default ones, so they get a cache folder of their own (CACHE_FOLDER, under the worker's compile cache) and the plan
+key `"row_reductions": "whole"` (which also keys Dynamo's packages, services/compile_packages.py). Only CUDA's
+Triton code generation asks this question; on the CPU Inductor's C++ kernels are unchanged. Off until measured
+(bench/batch_bench.py's `*_wholerows` runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch._inductor import config as inductor_config
+from torch._inductor.choices import InductorChoices
+from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.virtualized import V
+
+log = logging.getLogger("ltx2.worker")
+#: Widest row kept in registers: LTX-2's video width (its audio rows, 2,048, and every narrower row included).
+WHOLE_ROW_LIMIT = 4096
+#: Under the worker's compile cache: the kernels compiled with whole rows, kept apart from the default ones.
+CACHE_FOLDER = f"whole-rows-{WHOLE_ROW_LIMIT}"
+
+
+class WholeRowChoices(InductorChoices):
+    """Inductor's heuristics, except that a row reduction (ReductionHint.INNER) over at most WHOLE_ROW_LIMIT values
+    is persistent. Cooperative (split) reductions and every other decision stay Inductor's."""
+
+    @staticmethod
+    def should_use_persistent_reduction(*args: Any, **kwargs: Any) -> bool:
+        """(features, cooperative_reduction), as InductorChoices takes them; passed on as given, so a torch whose
+        signature grew still gets its own answer for what this does not decide."""
+        features = args[0] if args else kwargs["features"]
+        cooperative = args[1] if len(args) > 1 else kwargs.get("cooperative_reduction", False)
+        if (
+            inductor_config.triton.persistent_reductions
+            and not cooperative
+            and features.get_reduction_hint() == ReductionHint.INNER
+            and V.graph.sizevars.statically_known_leq(features.reduction_numel, WHOLE_ROW_LIMIT)
+        ):
+            return True
+        return InductorChoices.should_use_persistent_reduction(*args, **kwargs)
+
+    def uuid(self) -> str:
+        """What Inductor's cache key holds for this handler (torch versions that key on `inductor_choices_class`)."""
+        return f"ltx2-{CACHE_FOLDER}"
+
+
+def install(whole_rows: bool) -> None:
+    """Make this process's next compiles use WholeRowChoices (`whole_rows`), or take it away again; a handler of
+    someone else's (torch's own on ROCm, a user's) is left as it is when this is off."""
+    seam = hasattr(inductor_config, "inductor_choices_class")
+    if whole_rows:
+        if seam:
+            inductor_config.inductor_choices_class = WholeRowChoices
+        V.set_choices_handler(WholeRowChoices())
+        log.info("inductor: row reductions of up to %d values keep the row in registers", WHOLE_ROW_LIMIT)
+        return
+    if seam and inductor_config.inductor_choices_class is WholeRowChoices:
+        inductor_config.inductor_choices_class = None
+    if isinstance(V.choices, WholeRowChoices):
+        V.set_choices_handler(InductorChoices())
