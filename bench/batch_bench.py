@@ -207,6 +207,8 @@ OWN_COMPILE_CACHE = {"batch_fp8mm_det", "batch_fp8mm_det_again", "batch_fp8mm_no
 RAY_START_TIMEOUT_S = 120
 # NVIDIA's MPS control program (MPS_RUNS start a daemon of their own with it; the driver's utilities ship it).
 MPS_CONTROL = "nvidia-cuda-mps-control"
+# How long an MPS run's daemon may take to write its pid file after `nvidia-cuda-mps-control -d` returned.
+MPS_START_S = 10.0
 # The most an MPS run's daemon takes after its run (two 10 s commands, 15 s for it to go): kept out of its timeout.
 MPS_TEARDOWN_S = 40
 # The compile warm-up batch needs only enough clips to compile every shape once.
@@ -332,7 +334,8 @@ REPEAT_RUNS["hd_two_stage_overlap3_fp8attn"] = ("hd_two_stage_overlap3_fp8attn_a
 SAME_AS["hd_two_stage_overlap3_fp8attn_again"] = "hd_two_stage_overlap3_fp8attn"
 # Issue 28, Inductor's row reductions in registers up to 4,096 values (services/whole_row_reductions.py, `[worker]
 # whole_row_reductions`) against the same clips with its default (looped above 1,024), after the runs they are
-# compared with; each pair sets the setting, whatever its default:
+# compared with; each pair sets the setting, whatever its default. The whole-row kernels compile into a cache folder
+# of their own, so a run's first clips compile cold: compare warm clips and steady steps:
 #   bash bench/run_on_device.sh batch --family 2.3 --clips 3 \
 #       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3_fp8attn,hd_two_stage_overlap3_wholerows
 #   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn,large_fp8mm_fp8attn_wholerows
@@ -343,6 +346,7 @@ RUN_ENV["hd_two_stage_overlap3_wholerows"] = {
     "LTX2_WHOLE_ROW_REDUCTIONS": "true",
 }
 RUN_ENV["hd_two_stage_overlap3_fp8attn"]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"
+RUN_ENV["hd_two_stage_overlap3_fp8attn_again"]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"  # the repeat keeps its pair's
 VERSUS["hd_two_stage_overlap3_wholerows"] = "hd_two_stage_overlap3_fp8attn"
 LARGE_RUNS["large_fp8mm_fp8attn_wholerows"] = LARGE_RUNS["large_fp8mm_fp8attn"]
 RUN_ENV["large_fp8mm_fp8attn_wholerows"] = {**RUN_ENV["large_fp8mm_fp8attn"], "LTX2_WHOLE_ROW_REDUCTIONS": "true"}
@@ -692,11 +696,11 @@ def mps_daemon(name: str, env: dict[str, str], work: Path, log_path: Path) -> It
     try:
         with log_path.open("a") as handle:
             subprocess.run([MPS_CONTROL, "-d"], env=daemon_env, stdout=handle, stderr=handle, timeout=30, check=True)
-        deadline = time.time() + 10
+        deadline = time.time() + MPS_START_S
         while (pid := control_daemon_pid(pipe)) is None and time.time() < deadline:
             time.sleep(0.1)
         if pid is None:
-            record["error"] = f"the MPS control daemon wrote no live pid to {pipe} within 10 s (see {log_path})"
+            record["error"] = f"the MPS control daemon wrote no live pid to {pipe} in {MPS_START_S} s (see {log_path})"
     except (OSError, subprocess.SubprocessError) as error:
         record["error"] = f"{MPS_CONTROL} -d failed: {type(error).__name__}: {error}"
         pid = None

@@ -7,16 +7,17 @@ kernel of one never runs beside a kernel of the other. Under NVIDIA's Multi-Proc
 clients of one server and their kernels share the SMs, and a client's `CUDA_MPS_CLIENT_PRIORITY` (0 normal,
 1 below normal) tells the server whose work goes first; the decoders get "below normal", the GPU's analogue of
 the CPU niceness they already run at (orchestrator.placement.lane_links), so the diffusion's steps, the long
-side of an overlapped wave, keep the card. Whether MPS makes a wave faster is a measurement
-(docs/benchmarks.md); the setting lets a box with a daemon run with it or without it.
+side of an overlapped wave, keep the card. Whether MPS makes a wave faster is a measurement still to make
+(bench/batch_bench.py's MPS_RUNS); the setting lets a box with a daemon run with it or without it.
 
 CUDA connects a process to MPS on its own when it initialises: if a control daemon answers in the pipe
 directory (`CUDA_MPS_PIPE_DIRECTORY`, default /tmp/nvidia-mps), the process becomes its client; if not, it
 runs as usual. So the project starts no daemon (an operator does: docs/operations.md, "CUDA MPS"); it
 decides which pipe directory each stage process looks in and at which priority, and says in the worker's log
 which it was. A daemon writes its pid to `nvidia-cuda-mps-control.pid` in its pipe directory
-(NVIDIA's MPS documentation, "Tools and Interface Reference"); a live pid there is how a daemon is recognised
-without talking to it. Torch-free: the orchestrator sets the environment, the worker logs it.
+(NVIDIA's MPS documentation, "Tools and Interface Reference"); a live process of the daemon's program at that
+pid is how a daemon is recognised without talking to it. Torch-free: the orchestrator sets the environment,
+the worker logs it.
 """
 
 from __future__ import annotations

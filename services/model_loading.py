@@ -216,14 +216,15 @@ def prepare_inductor(
     is compiled, only not kept for later processes (Inductor would fail the attempt on its lock files, and the
     failure policy would then step down to another plan)."""
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from services import whole_row_reductions
 
     inductor_config.deterministic = deterministic
-    whole_row_reductions.install(whole_rows)
+    whole_rows = whole_row_reductions.choose_row_reductions(whole_rows)
     chosen = os.environ.get("LTX2_COMPILE_CACHE_DIR") or (str(cache_dir) if cache_dir else "")
-    if chosen and whole_rows:
-        chosen = str(Path(chosen) / whole_row_reductions.CACHE_FOLDER)
+    if whole_rows:  # kernels of its own, in a folder of their own (also under Inductor's default folder)
+        chosen = str(Path(chosen or default_cache_dir()) / whole_row_reductions.CACHE_FOLDER)
     if chosen and not writable_folder(Path(chosen)):
         private = tempfile.mkdtemp(prefix="ltx2-compile-cache-")
         log.warning(

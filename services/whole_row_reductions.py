@@ -23,6 +23,7 @@ Triton code generation asks this question; on the CPU Inductor's C++ kernels are
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -34,8 +35,6 @@ from torch._inductor.virtualized import V
 log = logging.getLogger("ltx2.worker")
 #: Widest row kept in registers: LTX-2's video width (its audio rows, 2,048, and every narrower row included).
 WHOLE_ROW_LIMIT = 4096
-#: Under the worker's compile cache: the kernels compiled with whole rows, kept apart from the default ones.
-CACHE_FOLDER = f"whole-rows-{WHOLE_ROW_LIMIT}"
 
 
 class WholeRowChoices(InductorChoices):
@@ -62,17 +61,36 @@ class WholeRowChoices(InductorChoices):
         return f"ltx2-{CACHE_FOLDER}"
 
 
-def install(whole_rows: bool) -> None:
-    """Make this process's next compiles use WholeRowChoices (`whole_rows`), or take it away again; a handler of
-    someone else's (torch's own on ROCm, a user's) is left as it is when this is off."""
+def rule_digest() -> str:
+    """A digest of the rule's code and limit: a changed rule compiles into another folder and cache key, never
+    finding kernels the old one made (torch 2.11 may not key its caches on the handler at all)."""
+    code = WholeRowChoices.should_use_persistent_reduction.__code__
+    text = repr((code.co_code, code.co_consts, code.co_names, WHOLE_ROW_LIMIT))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+#: Under the worker's compile cache: the kernels compiled with whole rows, kept apart from the default ones.
+CACHE_FOLDER = f"whole-rows-{WHOLE_ROW_LIMIT}-{rule_digest()}"
+
+
+def choose_row_reductions(whole_rows: bool) -> bool:
+    """Make this thread's next compiles use WholeRowChoices (`whole_rows`), or take it away again; True when whole
+    rows are in force. Inductor's settings live per thread (torch 2.13 keeps its config in context variables, the
+    handler in a thread-local): call it on the thread that compiles, as prepare_inductor does. A handler of someone
+    else's (torch's own on ROCm, a user's) is never replaced: whole rows are then not used, with a warning."""
     seam = hasattr(inductor_config, "inductor_choices_class")
+    other = inductor_config.inductor_choices_class if seam else None
     if whole_rows:
+        if other not in (None, WholeRowChoices):
+            log.warning("inductor: whole_row_reductions not used: Inductor's heuristics are %r's", other)
+            return False
         if seam:
             inductor_config.inductor_choices_class = WholeRowChoices
         V.set_choices_handler(WholeRowChoices())
         log.info("inductor: row reductions of up to %d values keep the row in registers", WHOLE_ROW_LIMIT)
-        return
-    if seam and inductor_config.inductor_choices_class is WholeRowChoices:
+        return True
+    if other is WholeRowChoices:
         inductor_config.inductor_choices_class = None
     if isinstance(V.choices, WholeRowChoices):
         V.set_choices_handler(InductorChoices())
+    return False

@@ -178,6 +178,7 @@ def test_an_mps_run_starts_and_quits_a_daemon_of_its_own(tmp_path: Path, monkeyp
     assert not (Path("/proc") / str(pid)).exists() or "Z" in (Path("/proc") / str(pid) / "stat").read_text().split()[2]
     # A daemon that never comes up: the run is skipped with the reason, nothing is left running.
     program.write_text("#!/bin/sh\nexit 0\n")
+    monkeypatch.setattr(batch_bench, "MPS_START_S", 0.5)
     with batch_bench.mps_daemon(name, dict(env), work, log) as record:
         assert "no live pid" in record["error"]
     # A machine without the program: the run is skipped before anything starts.

@@ -6,17 +6,23 @@ is counted on a GPU (bench/row_kernels_bench.py's `wholerows` variant: persisten
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import sympy
 import torch
 from test_loras import encode_job
 from torch._inductor import config as inductor_config
 from torch._inductor.choices import InductorChoices
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+from torch._inductor.runtime.hints import ReductionHint
+from torch._inductor.sizevars import SizeVarAllocator
 from torch._inductor.virtualized import V
 
 from config.settings import ConfigError, load_settings
@@ -25,20 +31,36 @@ from protocol.errors import Failure
 from protocol.files import Stage
 from protocol.spec import JobSpec
 from services import model_loading, whole_row_reductions
-from services.whole_row_reductions import CACHE_FOLDER, WholeRowChoices
+from services.whole_row_reductions import CACHE_FOLDER, WHOLE_ROW_LIMIT, WholeRowChoices
 
 
 class SomeoneElsesChoices(InductorChoices):
     """A handler installed by someone else (torch's own on ROCm, a user's)."""
 
     def uuid(self) -> str:
+        """Its part of Inductor's cache key."""
         return "someone-else"
+
+
+@dataclasses.dataclass
+class Reduction:
+    """What Inductor hands the handler about a kernel's reduction (what SIMDKernelFeatures answers it and
+    Inductor's own rule): its shape, its values per row and its rows."""
+
+    hint: ReductionHint
+    reduction_numel: sympy.Expr
+    numel: sympy.Expr = sympy.Integer(32640)  # rows: LTX-2.3's 1080p stage-2 tokens
+
+    def get_reduction_hint(self) -> ReductionHint:
+        """The reduction's shape: INNER for a reduction over each row's contiguous values."""
+        return self.hint
 
 
 @pytest.fixture(autouse=True)
 def inductor_as_it_was(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test leaves Inductor's handler, its config and the cache variable as they were."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent"))
+    monkeypatch.delenv("LTX2_COMPILE_CACHE_DIR", raising=False)
     factory, deterministic = inductor_config.inductor_choices_class, inductor_config.deterministic
     yield
     inductor_config.inductor_choices_class, inductor_config.deterministic = factory, deterministic
@@ -62,15 +84,36 @@ def test_the_plan_asks_for_whole_rows_with_compile_and_drops_them_below_the_top_
         load_settings(environ={"HOME": "/nonexistent", "LTX2_WHOLE_ROW_REDUCTIONS": "wide"})
 
 
-def test_a_compile_gets_the_handler_and_gives_it_back_leaving_someone_elses_alone():
-    whole_row_reductions.install(True)
+def test_rows_up_to_the_limit_stay_in_registers_and_every_other_reduction_is_inductors_to_decide():
+    decide = WholeRowChoices.should_use_persistent_reduction
+    with V.set_graph_handler(types.SimpleNamespace(sizevars=SizeVarAllocator())):
+        for width in (2048, WHOLE_ROW_LIMIT):  # LTX-2's audio and video rows: above Inductor's 1,024
+            row = Reduction(ReductionHint.INNER, sympy.Integer(width))
+            assert decide(row, False) and decide(features=row, cooperative_reduction=False), width
+            assert not InductorChoices.should_use_persistent_reduction(row, False), width  # what it replaces
+        for other in (
+            Reduction(ReductionHint.INNER, sympy.Integer(2 * WHOLE_ROW_LIMIT)),  # wider than the limit
+            Reduction(ReductionHint.OUTER, sympy.Integer(WHOLE_ROW_LIMIT)),  # not a row
+            Reduction(ReductionHint.INNER, sympy.Symbol("s0", positive=True, integer=True)),  # a size not known
+        ):
+            assert decide(other, False) == InductorChoices.should_use_persistent_reduction(other, False), other
+        row = Reduction(ReductionHint.INNER, sympy.Integer(WHOLE_ROW_LIMIT))
+        assert decide(row, True) == InductorChoices.should_use_persistent_reduction(row, True)  # a split one
+
+
+def test_a_compile_gets_the_handler_and_gives_it_back_leaving_someone_elses_alone(caplog: pytest.LogCaptureFixture):
+    assert whole_row_reductions.choose_row_reductions(True)
     assert isinstance(V.choices, WholeRowChoices) and inductor_config.inductor_choices_class is WholeRowChoices
-    assert WholeRowChoices().uuid() == f"ltx2-{CACHE_FOLDER}"  # what Inductor's cache key holds for it
-    whole_row_reductions.install(False)
+    # What Inductor's caches key on (torch versions that key on the handler): the rule's own digest.
+    assert inductor_config.save_config_portable()["inductor_choices_class"] == f"ltx2-{CACHE_FOLDER}"
+    assert CACHE_FOLDER == f"whole-rows-{WHOLE_ROW_LIMIT}-{whole_row_reductions.rule_digest()}"
+    assert not whole_row_reductions.choose_row_reductions(False)
     assert type(V.choices) is InductorChoices and inductor_config.inductor_choices_class is None
     inductor_config.inductor_choices_class = SomeoneElsesChoices
     V.set_choices_handler(SomeoneElsesChoices())
-    whole_row_reductions.install(False)
+    assert not whole_row_reductions.choose_row_reductions(True)  # never replaces another's, and says so
+    assert "whole_row_reductions not used" in caplog.text
+    whole_row_reductions.choose_row_reductions(False)
     assert type(V.choices) is SomeoneElsesChoices and inductor_config.inductor_choices_class is SomeoneElsesChoices
 
 
@@ -83,6 +126,9 @@ def test_whole_row_kernels_go_to_a_cache_folder_of_their_own(tmp_path: Path, cap
     model_loading.prepare_inductor(tmp_path / "cache", True, torch.device("cpu"))
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
     assert not isinstance(V.choices, WholeRowChoices)
+    # No cache folder given: a folder of their own under Inductor's default one.
+    model_loading.prepare_inductor(None, True, torch.device("cpu"), whole_rows=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(Path(default_cache_dir()) / CACHE_FOLDER)
 
 
 def test_a_job_whose_plan_asks_for_whole_rows_compiles_with_them(

@@ -40,7 +40,7 @@ AUDIO_LADDER: tuple[dict[str, str], ...] = ({"device": "auto"}, {"device": "cpu"
 X264_THREADS = 24
 # Plan keys of the one-pass kernels (services/fp8_rows.py, services/qk_norm_rope.py): dropped on the offload rung.
 ONE_PASS_KERNELS = frozenset({"fp8_gelu", "qk_norm_rope"})
-# Plan keys that only a compiled diffusion reads: dropped with "compile" below the top rung.
+# Plan keys of a compiled stage (the blocks', the decoder's): dropped with "compile" below the top rung.
 COMPILE_KEYS = frozenset({"compile", "deterministic", "row_reductions"})
 # Failures that may not recur with the same plan.
 TRANSIENT = frozenset({Failure.HOST_OOM, Failure.CRASH, Failure.HUNG})
@@ -113,7 +113,7 @@ def lower_plan(stage: Stage, plan: dict[str, Any], spec: JobSpec, settings: Sett
     """The next rung below `plan` on the stage's ladder, or None at the bottom."""
     if stage is Stage.VIDEO_DECODE:
         lower = next_decode_plan(DecodePlan.from_dict(plan["decode"]), spec.latent_frames, settings.decode)
-        eager = {key: value for key, value in plan.items() if key not in ("compile", "deterministic")}
+        eager = {key: value for key, value in plan.items() if key not in COMPILE_KEYS}
         return {**eager, "decode": lower.to_dict()} if lower else None
     if stage is Stage.AUDIO_DECODE:
         rung = AUDIO_LADDER.index(plan) if plan in AUDIO_LADDER else 0
