@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -397,5 +398,9 @@ def start_mps_stand_in(directory: Path) -> subprocess.Popen[bytes]:
     program.parent.mkdir(exist_ok=True)
     program.symlink_to("/bin/sleep")
     stand_in = subprocess.Popen([str(program), "3600"])
+    comm, deadline = Path("/proc") / str(stand_in.pid) / "comm", time.monotonic() + 10
+    while not comm.read_text().startswith(cuda_mps.DAEMON_PROGRAM):  # forked, not yet exec'd: python's name
+        assert time.monotonic() < deadline, f"the stand-in never became {program.name}: {comm.read_text()!r}"
+        time.sleep(0.01)
     (directory / cuda_mps.PID_FILE).write_text(f"{stand_in.pid}\n")
     return stand_in

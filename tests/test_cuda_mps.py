@@ -5,7 +5,9 @@ machine has no GPU and no MPS (the end-to-end check of what each stage's worker 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,23 +89,22 @@ def test_the_worker_log_line_says_which_daemon_and_priority(daemon_dir: Path, tm
     assert cuda_mps.describe_client({}) is None
 
 
-def test_a_link_looks_the_daemon_up_at_each_worker_start(
-    daemon_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the private runtime directory, here
+def test_a_link_looks_the_daemon_up_at_each_worker_start(daemon_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    # The private runtime directory, here: a short path, as its ipc sockets' paths must stay under 108 bytes.
+    runtime = Path(tempfile.mkdtemp(prefix="mps-", dir="/tmp"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
     context = zmq.Context()
-    links = [
-        WorkerLink(context, fork_server=False, lane=Lane(0, "", None), role=role, mps_setting=setting)
-        for role, setting in (("decoders", str(daemon_dir)), ("", str(daemon_dir)), ("decoders", "off"))
-    ]
+    links: list[WorkerLink] = []
     try:
+        for role, setting in (("decoders", str(daemon_dir)), ("", str(daemon_dir)), ("decoders", "off")):
+            links.append(WorkerLink(context, fork_server=False, lane=Lane(0, "", None), role=role, mps_setting=setting))
         decoders, diffusion, off = links
         assert decoders.mps_environment()["CUDA_MPS_CLIENT_PRIORITY"] == "1"
         assert diffusion.mps_environment()["CUDA_MPS_CLIENT_PRIORITY"] == "0"
         # "off": a private, empty directory under the sockets' runtime directory, whatever the orchestrator exports
         monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(daemon_dir))
         no_daemon = Path(off.mps_environment()["CUDA_MPS_PIPE_DIRECTORY"])
-        assert no_daemon == runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY and no_daemon.is_relative_to(tmp_path)
+        assert no_daemon == runtime_dir() / cuda_mps.NO_DAEMON_DIRECTORY and no_daemon.is_relative_to(runtime)
         assert no_daemon.is_dir() and not any(no_daemon.iterdir()) and no_daemon.stat().st_mode & 0o077 == 0
         # An exec'd worker's (and a context-parallel rank's) environment: the link's variables win over exported ones.
         environment = worker_environment("0", None, off.mps_environment())
@@ -117,6 +118,7 @@ def test_a_link_looks_the_daemon_up_at_each_worker_start(
         for link in links:
             link.socket.close()
         context.term()
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def test_the_setting_takes_auto_off_or_an_absolute_path(tmp_path: Path):
