@@ -352,6 +352,23 @@ LARGE_RUNS["large_fp8mm_fp8attn_wholerows"] = LARGE_RUNS["large_fp8mm_fp8attn"]
 RUN_ENV["large_fp8mm_fp8attn_wholerows"] = {**RUN_ENV["large_fp8mm_fp8attn"], "LTX2_WHOLE_ROW_REDUCTIONS": "true"}
 RUN_ENV["large_fp8mm_fp8attn"]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"
 VERSUS["large_fp8mm_fp8attn_wholerows"] = "large_fp8mm_fp8attn"
+# The query/key kernel (on by default since benchmarks version 21) with whole-row reductions as well, against the
+# kernel alone (each run sets both settings, whatever their defaults):
+#   bash bench/run_on_device.sh batch --sequence large_fp8mm_fp8attn_qknormrope,large_fp8mm_fp8attn_qk_wholerows
+#   bash bench/run_on_device.sh batch --family 2.3 --clips 3 \
+#       --sequence hd_two_stage_fp8mm_warmup,hd_two_stage_overlap3_qknormrope,hd_two_stage_overlap3_qk_wholerows
+for alone, both in (
+    ("large_fp8mm_fp8attn_qknormrope", "large_fp8mm_fp8attn_qk_wholerows"),
+    ("hd_two_stage_overlap3_qknormrope", "hd_two_stage_overlap3_qk_wholerows"),
+):
+    if both.startswith("hd_"):
+        HD_RUNS[both] = HD_RUNS[alone]
+        HD_FP8_ATTENTION.add(both)
+    else:
+        LARGE_RUNS[both] = LARGE_RUNS[alone]
+    RUN_ENV[alone]["LTX2_WHOLE_ROW_REDUCTIONS"] = "false"
+    RUN_ENV[both] = {**RUN_ENV[alone], "LTX2_WHOLE_ROW_REDUCTIONS": "true"}
+    VERSUS[both] = alone
 # Issue 28 item 1, "optionally with CUDA MPS when present; measure with and without": the overlapped runs again
 # under an MPS control daemon this bench starts for the run (mps_daemon; `[worker] cuda_mps` names its pipe
 # directory, so decoders beside a diffusion join it at the below-normal client priority), after the same runs
