@@ -7,8 +7,8 @@ quantisation of the next matmul's input: the row's maximum, then the scaled cast
 norms across heads. LTX-2's video rows are 4,096 wide (its audio rows 2,048). Above 1,024 values Inductor emits a
 "looped" reduction that walks the row once per reduction and once more for the output, so a norm with its
 modulation and quantisation reads each row three times: on an H100 those kernels took 71.6 ms of
-a 2,257 ms 1080p stage-2 step (docs/benchmarks.md, version 19); one read per row is what this aims at, and what it
-saves is still to be measured. Inductor's own persistent form (the row in registers) is what it already generates
+a 2,257 ms 1080p stage-2 step (docs/benchmarks.md, version 19); one read per row is what this aims at (what it
+saved on a GPU: below). Inductor's own persistent form (the row in registers) is what it already generates
 for these widths when its multi-kernel mode is on; that mode picks between the two forms by timing them on the
 device, which DESIGN.md rule 6 forbids (a pick by timing can change the bits from run to run). Here the pick is
 fixed by the row's width instead, so the same request compiles to the same kernels every time.
